@@ -1,0 +1,144 @@
+"""One typed error hierarchy for sagellm-comm.
+
+Every error is a :class:`CommError` *and* the matching built-in exception (``ValueError`` for bad
+arguments, ``RuntimeError`` for bad state, ``TimeoutError`` for timeouts), so code written against
+plain Python exceptions keeps working.  Each carries a stable string ``code`` (the protocol's
+values), so callers and logs can match on it without parsing messages.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Stable error codes (string values are part of the public protocol)."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    COMM_TIMEOUT = "comm_timeout"
+    COMM_GROUP_INVALID = "comm_group_invalid"
+    COMM_GROUP_NOT_FOUND = "comm_group_not_found"
+    COMM_RANK_MISMATCH = "comm_rank_mismatch"
+    COMM_BACKEND_NOT_SUPPORTED = "comm_backend_not_supported"
+    COMM_COLLECTIVE_FAILED = "comm_collective_failed"
+    COMM_P2P_FAILED = "comm_p2p_failed"
+    COMM_NOT_INITIALIZED = "comm_not_initialized"
+    COMM_WORKSPACE_EXHAUSTED = "comm_workspace_exhausted"
+    UNAVAILABLE = "unavailable"
+    NOT_IMPLEMENTED = "not_implemented"
+
+
+class CommError(Exception):
+    """Root of every error raised by sagellm-comm.
+
+    Attributes:
+        code: the stable :class:`ErrorCode` of this error.
+        details: optional machine-readable context (ranks, sizes, backend names, ...).
+    """
+
+    code: ErrorCode = ErrorCode.COMM_COLLECTIVE_FAILED
+
+    def __init__(self, message: str, *, details: dict | None = None, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"[{self.code.value}] {self.message}"
+
+
+class InvalidArgumentError(CommError, ValueError):
+    """An argument is wrong: dtype, shape, device, size, op, rank, world size..."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class ShapeMismatchError(InvalidArgumentError):
+    """Tensors that must agree in shape or dtype do not."""
+
+
+class WorkspaceExhaustedError(InvalidArgumentError):
+    """The message does not fit the symmetric workspace."""
+
+    code = ErrorCode.COMM_WORKSPACE_EXHAUSTED
+
+
+class CommTimeoutError(CommError, TimeoutError):
+    """A blocking call or a device-side wait ran past its timeout."""
+
+    code = ErrorCode.COMM_TIMEOUT
+
+
+class NotInitializedError(CommError, RuntimeError):
+    """The backend or group is used before ``init`` or after ``destroy``."""
+
+    code = ErrorCode.COMM_NOT_INITIALIZED
+
+
+class GroupInvalidError(CommError, ValueError):
+    """A group is malformed: empty, duplicate or out-of-range ranks, invalid world size."""
+
+    code = ErrorCode.COMM_GROUP_INVALID
+
+
+class GroupNotFoundError(CommError, LookupError):
+    """A group id or name that does not exist (or was destroyed)."""
+
+    code = ErrorCode.COMM_GROUP_NOT_FOUND
+
+
+class RankMismatchError(CommError, ValueError):
+    """A rank argument is outside the group or does not match this process."""
+
+    code = ErrorCode.COMM_RANK_MISMATCH
+
+
+class BackendNotSupportedError(CommError, RuntimeError):
+    """The requested backend cannot run here (library missing, no device, unknown name)."""
+
+    code = ErrorCode.COMM_BACKEND_NOT_SUPPORTED
+
+
+class CollectiveFailedError(CommError, RuntimeError):
+    """The engine underneath failed while running a collective."""
+
+    code = ErrorCode.COMM_COLLECTIVE_FAILED
+
+
+class P2PFailedError(CommError, RuntimeError):
+    """A point-to-point transfer or peer-memory operation failed."""
+
+    code = ErrorCode.COMM_P2P_FAILED
+
+
+class UnavailableError(CommError, RuntimeError):
+    """A resource the call needs is not available right now."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class NotImplementedCommError(CommError, NotImplementedError):
+    """The operation exists in the interface but this backend does not provide it."""
+
+    code = ErrorCode.NOT_IMPLEMENTED
+
+
+__all__ = [
+    "BackendNotSupportedError",
+    "CollectiveFailedError",
+    "CommError",
+    "CommTimeoutError",
+    "ErrorCode",
+    "GroupInvalidError",
+    "GroupNotFoundError",
+    "InvalidArgumentError",
+    "NotImplementedCommError",
+    "NotInitializedError",
+    "P2PFailedError",
+    "RankMismatchError",
+    "ShapeMismatchError",
+    "UnavailableError",
+    "WorkspaceExhaustedError",
+]
