@@ -1,0 +1,272 @@
+"""Benchmark results: records, the nccl-tests-shaped table, JSON/CSV files, plots.
+
+Units: times in microseconds in the table and milliseconds in the files (``latency_ms``);
+bandwidths in GB/s = 10**9 bytes per second (not GiB/s).  ``bandwidth_gbps`` is the *algorithm*
+bandwidth (``bytes / time``), the same value as ``algo_bandwidth_gbps``; ``bus_bandwidth_gbps`` applies
+the nccl-tests factor of the op (see :mod:`sagellm_comm.benchmark.ops`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sagellm_comm.errors import InvalidArgumentError
+
+
+@dataclass
+class BenchmarkRecord:
+    """One (size, algo) point, after the reduction across ranks (the slowest rank's statistics).
+
+    ``algo_id`` and ``backend_kind`` are what actually ran (an ``auto`` request is recorded with the
+    algorithm the selector picked, and ``selection_rule_id``/``selection_reason`` say why).
+    """
+
+    bytes: int
+    count: int
+    op_type: str
+    data_type: str
+    redop: str
+    root: int
+    algo_id: str
+    algo_requested: str
+    backend_kind: str
+    world_size: int
+    latency_ms: float
+    latency_p10_ms: float
+    latency_p90_ms: float
+    latency_min_ms: float
+    latency_max_ms: float
+    latency_mean_ms: float
+    bandwidth_gbps: float
+    algo_bandwidth_gbps: float
+    bus_bandwidth_gbps: float
+    num_wrong: int
+    ratio_vs_first: float | None
+    selection_rule_id: str
+    selection_reason: str
+    topology_source: str
+    timing_method: str
+    launch_mode: str
+    warmup_iters: int
+    benchmark_iters: int
+    device_name: str
+    package_version: str
+    timestamp: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BenchmarkRecord))
+
+
+@dataclass
+class RunInfo:
+    """What describes a whole run (written once at the top of the JSON file)."""
+
+    command: str
+    op_type: str
+    data_type: str
+    backend_requested: str
+    backend_kind: str
+    world_size: int
+    launch_mode: str
+    timing_method: str
+    graph: bool
+    algos_requested: list[str]
+    warmup_iters: int
+    benchmark_iters: int
+    topology_source: str
+    device_name: str
+    package_version: str
+    torch_version: str
+    git_commit: str
+    hostname: str
+    timestamp: str
+    selector_config: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fill_ratios(records: Sequence[BenchmarkRecord], first_algo: str) -> None:
+    """Set ``ratio_vs_first = time(first algo) / time(this algo)`` at each size (> 1: faster than first).
+
+    Records whose size has no point of the first algo get ``None``.
+    """
+    reference = {r.bytes: r.latency_ms for r in records if r.algo_requested == first_algo}
+    for record in records:
+        base = reference.get(record.bytes)
+        if base is None or record.latency_ms <= 0:
+            record.ratio_vs_first = None
+        else:
+            record.ratio_vs_first = base / record.latency_ms
+
+
+def _fmt_time_us(ms: float) -> str:
+    us = ms * 1e3
+    return f"{us:.1f}" if us < 1e5 else f"{us:.0f}"
+
+
+def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
+    """The nccl-tests-shaped table (one row per size and algo), with a ratio column for several algos."""
+    with_ratio = len(info.algos_requested) > 1
+    first = info.algos_requested[0] if info.algos_requested else ""
+    lines = [
+        f"# sagellm-comm bench: {info.op_type}, {info.data_type}, world size {info.world_size}, "
+        f"backend {info.backend_kind} (requested {info.backend_requested}), launch {info.launch_mode}",
+        f"# device {info.device_name}, topology source {info.topology_source}, "
+        f"sagellm-comm {info.package_version}, torch {info.torch_version}",
+        f"# timing {info.timing_method}: {info.warmup_iters} warm-up + {info.benchmark_iters} timed "
+        "iterations; time = median (slowest rank), spread = p10-p90",
+        "# algbw = size / time, busbw = algbw * bus factor; GB/s = 10^9 bytes/s",
+    ]
+    if with_ratio:
+        lines.append(f"# ratio = time({first}) / time(algo): > 1 means faster than {first}")
+    for skip in info.skipped:
+        where = f" at {skip['bytes']} B" if "bytes" in skip else ""
+        lines.append(f"# skipped {skip.get('algo')}{where}: {skip.get('reason')}")
+    header = (
+        f"#{'size':>11} {'count':>12} {'type':>9} {'redop':>6} {'root':>5} {'algo':>10} {'time':>10} "
+        f"{'p10-p90':>17} {'algbw':>8} {'busbw':>8} {'#wrong':>7}"
+    )
+    units = (
+        f"#{'(B)':>11} {'(elements)':>12} {'':>9} {'':>6} {'':>5} {'':>10} {'(us)':>10} "
+        f"{'(us)':>17} {'(GB/s)':>8} {'(GB/s)':>8} {'':>7}"
+    )
+    if with_ratio:
+        header += f" {'ratio':>7}"
+        units += f" {'':>7}"
+    lines += [header, units.rstrip()]
+    for r in records:
+        spread = f"{_fmt_time_us(r.latency_p10_ms)}-{_fmt_time_us(r.latency_p90_ms)}"
+        row = (
+            f" {r.bytes:>11} {r.count:>12} {_short(r.data_type):>9} "
+            f"{r.redop:>6} {r.root:>5} {r.algo_id:>10} {_fmt_time_us(r.latency_ms):>10} {spread:>17} "
+            f"{r.algo_bandwidth_gbps:>8.2f} {r.bus_bandwidth_gbps:>8.2f} {r.num_wrong:>7}"
+        )
+        if with_ratio:
+            row += f" {r.ratio_vs_first:>7.2f}" if r.ratio_vs_first is not None else f" {'-':>7}"
+        lines.append(row)
+    total_wrong = sum(r.num_wrong for r in records)
+    lines.append(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}")
+    busbws = [r.bus_bandwidth_gbps for r in records if math.isfinite(r.bus_bandwidth_gbps)]
+    if busbws:
+        lines.append(f"# Avg bus bandwidth    : {sum(busbws) / len(busbws):.3f} GB/s")
+    return "\n".join(lines)
+
+
+_SHORT_TYPES = {"float32": "float", "float16": "half", "float64": "double"}
+
+
+def _short(data_type: str) -> str:
+    return _SHORT_TYPES.get(data_type, data_type)
+
+
+def output_stem(op: str, world_size: int, timestamp: str) -> str:
+    """``<op>_ws<N>_<timestamp>`` (timestamp as ``YYYYmmdd-HHMMSS``)."""
+    return f"{op}_ws{world_size}_{timestamp}"
+
+
+def _unique_stem(output_dir: Path, stem: str) -> str:
+    candidate, suffix = stem, 1
+    while (output_dir / f"{candidate}.json").exists() or (output_dir / f"{candidate}.csv").exists():
+        suffix += 1
+        candidate = f"{stem}_{suffix}"
+    return candidate
+
+
+def write_results(
+    records: Sequence[BenchmarkRecord], info: RunInfo, output_dir: str | Path, file_timestamp: str
+) -> tuple[Path, Path]:
+    """Write ``<op>_ws<N>_<timestamp>.json`` and ``.csv`` under ``output_dir``; return both paths.
+
+    The JSON file holds ``{"run": RunInfo, "results": [record, ...]}``; the CSV file one row per record
+    with the columns of :data:`RECORD_FIELDS`.
+    """
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = _unique_stem(directory, output_stem(info.op_type, info.world_size, file_timestamp))
+    json_path = directory / f"{stem}.json"
+    csv_path = directory / f"{stem}.csv"
+    payload = {"run": info.to_dict(), "results": [r.to_dict() for r in records]}
+    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RECORD_FIELDS))
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
+    return json_path, csv_path
+
+
+def _json_default(value: object) -> object:
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def load_results(path: str | Path) -> tuple[dict, list[dict]]:
+    """Read a JSON file written by :func:`write_results`: ``(run_info_dict, [record_dict, ...])``."""
+    payload = json.loads(Path(path).read_text())
+    return payload["run"], payload["results"]
+
+
+def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | Path) -> Path:
+    """Latency (median with p10-p90 band) and bus bandwidth against size, one line per algo, log axes.
+
+    Needs matplotlib (``pip install 'isagellm-comm[plot]'``); raises a clear error without it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InvalidArgumentError(
+            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]' "
+            "(or pip install matplotlib)"
+        ) from exc
+    if not records:
+        raise InvalidArgumentError("nothing to plot: the run produced no results")
+    fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for algo in info.algos_requested:
+        points = sorted((r for r in records if r.algo_requested == algo), key=lambda r: r.bytes)
+        if not points:
+            continue
+        ran = sorted({r.algo_id for r in points})
+        label = algo if ran == [algo] else f"{algo} ({', '.join(ran)})"
+        sizes = [r.bytes for r in points]
+        (line,) = ax_lat.plot(
+            sizes, [r.latency_ms * 1e3 for r in points], marker="o", markersize=3, label=label
+        )
+        ax_lat.fill_between(
+            sizes,
+            [r.latency_p10_ms * 1e3 for r in points],
+            [r.latency_p90_ms * 1e3 for r in points],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+        ax_bw.plot(sizes, [r.bus_bandwidth_gbps for r in points], marker="o", markersize=3, label=label)
+    for ax, ylabel in ((ax_lat, "latency, median (us)"), (ax_bw, "bus bandwidth (GB/s = 1e9 B/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        f"{info.op_type} {info.data_type}, world size {info.world_size}, backend {info.backend_kind}, "
+        f"{info.timing_method}, {info.device_name}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

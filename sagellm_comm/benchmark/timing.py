@@ -1,0 +1,169 @@
+"""Timing a collective: per-iteration samples, warm-up, statistics, CUDA graphs.
+
+How one (size, algo) point is timed (see :func:`time_iterations`):
+
+1. ``warmup`` untimed calls (compilation, lazy communicator set-up, caches).
+2. A barrier (``barrier()``, then a device synchronisation) so every rank starts the timed batch
+   together.
+3. ``iters`` timed calls back to back.  Before each call, ``reset()`` (if given) restores the inputs of
+   an in-place collective; it runs *outside* the timed interval.  On CUDA every call is bracketed by a
+   pair of pre-allocated CUDA events recorded on the current stream, so the host keeps running ahead
+   and the events measure device time; on CPU the interval is ``time.perf_counter_ns`` around the
+   (blocking) call.
+4. The samples (microseconds) are summarised by :func:`summarize`: median, p10/p90, min/max, mean.
+
+Nothing is allocated inside the timed loop: events are created before it, inputs are pre-allocated by
+the caller.  The cross-rank reduction (the slowest rank is the collective's time) is done by the
+runner, on the statistics, after the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+STAT_FIELDS = ("median_us", "p10_us", "p90_us", "min_us", "max_us", "mean_us")
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Summary of per-iteration times, in microseconds."""
+
+    median_us: float
+    p10_us: float
+    p90_us: float
+    min_us: float
+    max_us: float
+    mean_us: float
+    samples: int
+
+    def as_list(self) -> list[float]:
+        return [getattr(self, name) for name in STAT_FIELDS]
+
+    @classmethod
+    def from_list(cls, values: list[float], samples: int) -> TimingStats:
+        return cls(*[float(v) for v in values], samples=samples)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in [0, 100]) of an already sorted, non-empty list.
+
+    Same definition as ``numpy.percentile(..., method="linear")``.
+    """
+    if not sorted_values:
+        raise ValueError("percentile of an empty list")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    position = (len(sorted_values) - 1) * q / 100.0
+    lower = math.floor(position)
+    upper = min(lower + 1, len(sorted_values) - 1)
+    fraction = position - lower
+    return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * fraction
+
+
+def summarize(samples_us: list[float]) -> TimingStats:
+    """Median, p10, p90, min, max and mean of per-iteration times (microseconds)."""
+    if not samples_us:
+        raise ValueError("no timing samples to summarise")
+    ordered = sorted(samples_us)
+    return TimingStats(
+        median_us=percentile(ordered, 50.0),
+        p10_us=percentile(ordered, 10.0),
+        p90_us=percentile(ordered, 90.0),
+        min_us=ordered[0],
+        max_us=ordered[-1],
+        mean_us=sum(ordered) / len(ordered),
+        samples=len(ordered),
+    )
+
+
+def _is_cuda(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def time_iterations(
+    fn: Callable[[], object],
+    *,
+    iters: int,
+    warmup: int,
+    device: torch.device | str | None,
+    reset: Callable[[], object] | None = None,
+    barrier: Callable[[], object] | None = None,
+) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``iters`` timed times; return per-call microseconds.
+
+    Args:
+        fn: one collective call (or one CUDA-graph replay).  Must not allocate if you care about the
+            numbers; everything it touches should be pre-allocated.
+        iters: timed calls (>= 1).
+        warmup: untimed calls before the barrier (>= 0).
+        device: where ``fn`` runs; CUDA devices are timed with CUDA events on the current stream,
+            anything else with the wall clock around the blocking call.
+        reset: restores in-place inputs before every call (warm-up and timed), outside the interval.
+        barrier: host barrier across ranks, called once after warm-up, before the timed batch.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    cuda = _is_cuda(device)
+    for _ in range(warmup):
+        if reset is not None:
+            reset()
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    if barrier is not None:
+        barrier()
+    if cuda:
+        torch.cuda.synchronize(device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for start, end in zip(starts, ends, strict=True):
+            if reset is not None:
+                reset()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends, strict=True)]
+    samples_ns = [0] * iters
+    for i in range(iters):
+        if reset is not None:
+            reset()
+        begin = time.perf_counter_ns()
+        fn()
+        samples_ns[i] = time.perf_counter_ns() - begin
+    return [ns / 1e3 for ns in samples_ns]
+
+
+def capture_graph(
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3
+) -> torch.cuda.CUDAGraph:
+    """Capture one call of ``fn`` into a CUDA graph; replay it with ``graph.replay()``.
+
+    ``fn`` is run ``warmup`` times on a side stream first (as torch's documentation requires before
+    capture), then captured once.  Every tensor it touches must stay alive and at the same address for
+    as long as the graph is replayed.
+    """
+    if not _is_cuda(device):
+        raise ValueError(f"CUDA-graph capture needs a CUDA device, got {device}")
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph

@@ -1,0 +1,349 @@
+"""Unit tests of the benchmark's arithmetic: sizes, statistics, bus bandwidth, inputs, table, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from sagellm_comm.benchmark import ops, report, sizes, timing
+from sagellm_comm.errors import InvalidArgumentError
+
+# ---------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [
+        ("1", 1),
+        ("512", 512),
+        ("1K", 1024),
+        ("1k", 1024),
+        ("4KB", 4096),
+        ("256M", 256 << 20),
+        ("2GiB", 2 << 30),
+    ],
+)
+def test_parse_size(text, nbytes):
+    assert sizes.parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["1Q", "", "K", "-1K", "1.5M", "0", "1KK"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InvalidArgumentError):
+        sizes.parse_size(text)
+
+
+def test_parse_size_range_doubles_inclusive():
+    got = sizes.parse_size_range("1K:1M")
+    assert got[0] == 1024 and got[-1] == 1 << 20
+    assert len(got) == 11
+    assert all(b == 2 * a for a, b in zip(got, got[1:], strict=False))
+
+
+def test_parse_size_range_factor_and_single():
+    assert sizes.parse_size_range("1K:64K:4") == [1024, 4096, 16384, 65536]
+    assert sizes.parse_size_range("8K") == [8192]
+    # an upper bound that is not on the grid is not exceeded
+    assert sizes.parse_size_range("3:20") == [3, 6, 12]
+
+
+@pytest.mark.parametrize("text", ["1M:1K", "1K:1M:1", "1K:1M:x", "1K:2Q", "1:2:3:4"])
+def test_parse_size_range_rejects(text):
+    with pytest.raises(InvalidArgumentError):
+        sizes.parse_size_range(text)
+
+
+def test_parse_size_list_and_format():
+    assert sizes.parse_size_list(["1K,4K", "1M"]) == [1024, 4096, 1 << 20]
+    assert [sizes.format_size(n) for n in (1000, 1024, 3 << 20, 1 << 30)] == ["1000", "1K", "3M", "1G"]
+
+
+# ---------------------------------------------------------------------------------------- statistics
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    values = sorted([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0])
+    for q in (0, 10, 25, 50, 90, 100):
+        assert timing.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_summarize():
+    stats = timing.summarize([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert stats.median_us == 3.0
+    assert stats.min_us == 1.0 and stats.max_us == 100.0
+    assert stats.mean_us == pytest.approx(22.0)
+    assert stats.p10_us == pytest.approx(1.4)
+    assert stats.p90_us == pytest.approx(61.6)
+    assert stats.samples == 5
+    assert timing.TimingStats.from_list(stats.as_list(), 5) == stats
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+def test_time_iterations_cpu_resets_outside_interval_and_barriers_once():
+    calls = []
+    timed = timing.time_iterations(
+        lambda: calls.append("op"),
+        iters=4,
+        warmup=2,
+        device="cpu",
+        reset=lambda: calls.append("reset"),
+        barrier=lambda: calls.append("barrier"),
+    )
+    assert len(timed) == 4 and all(t >= 0 for t in timed)
+    assert calls == ["reset", "op"] * 2 + ["barrier"] + ["reset", "op"] * 4
+    with pytest.raises(ValueError):
+        timing.time_iterations(lambda: None, iters=0, warmup=0, device="cpu")
+
+
+def test_time_iterations_measures_the_call():
+    import time
+
+    samples = timing.time_iterations(lambda: time.sleep(0.002), iters=3, warmup=0, device="cpu")
+    assert min(samples) >= 2000.0
+
+
+# ---------------------------------------------------------------------------------------- bandwidth
+
+
+@pytest.mark.parametrize(
+    ("op", "n", "factor"),
+    [
+        ("all_reduce", 1, 0.0),
+        ("all_reduce", 2, 1.0),
+        ("all_reduce", 8, 1.75),
+        ("all_gather", 4, 0.75),
+        ("reduce_scatter", 8, 0.875),
+        ("broadcast", 8, 1.0),
+    ],
+)
+def test_bus_factor(op, n, factor):
+    assert ops.bus_factor(op, n) == pytest.approx(factor)
+
+
+def test_bandwidths_are_decimal_gigabytes():
+    # 1e9 bytes in 1 second: 1 GB/s algbw; all-reduce on 4 ranks: busbw = 1.5 GB/s
+    algbw, busbw = ops.bandwidths_gbps(10**9, 1e6, "all_reduce", 4)
+    assert algbw == pytest.approx(1.0)
+    assert busbw == pytest.approx(1.5)
+    # 1 MiB in 10 us
+    algbw, busbw = ops.bandwidths_gbps(1 << 20, 10.0, "all_gather", 2)
+    assert algbw == pytest.approx(104.8576)
+    assert busbw == pytest.approx(52.4288)
+
+
+def test_bus_factor_rejects():
+    with pytest.raises(InvalidArgumentError):
+        ops.bus_factor("all_to_all", 2)
+    with pytest.raises(InvalidArgumentError):
+        ops.bus_factor("all_reduce", 0)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def test_element_count_rounding():
+    assert ops.element_count("all_reduce", 1024, torch.float32, 3) == 256
+    assert ops.element_count("all_reduce", 2, torch.float32, 3) == 1
+    assert ops.element_count("all_gather", 1024, torch.float32, 3) == 255
+    assert ops.element_count("reduce_scatter", 4, torch.float32, 4) == 4
+
+
+def test_resolve_dtype():
+    assert ops.resolve_dtype("bf16") is torch.bfloat16
+    assert ops.resolve_dtype("float32") is torch.float32
+    with pytest.raises(InvalidArgumentError):
+        ops.resolve_dtype("float8")
+
+
+def _simulate(op, world_size, dtype):
+    """Run ``op`` by hand over every rank's buffers with plain torch (the collective's definition)."""
+    bufs = [ops.make_buffers(op, 1000, dtype, r, world_size, "cpu") for r in range(world_size)]
+    for b in bufs:
+        b.prepare_check()
+    if op == "all_reduce":
+        total = sum(b.work.double() for b in bufs)
+        for b in bufs:
+            b.output.copy_(total)
+    elif op == "broadcast":
+        for b in bufs:
+            b.output.copy_(bufs[ops.BROADCAST_ROOT].work)
+    elif op == "all_gather":
+        gathered = torch.cat([b.work for b in bufs])
+        for b in bufs:
+            b.output.copy_(gathered)
+    elif op == "reduce_scatter":
+        total = sum(b.work.double() for b in bufs)
+        shard = bufs[0].output.numel()
+        for b in bufs:
+            b.output.copy_(total[b.rank * shard : (b.rank + 1) * shard])
+    return bufs
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+def test_reference_agrees_with_a_hand_run_collective(op, dtype, world_size):
+    for b in _simulate(op, world_size, dtype):
+        assert b.num_wrong() == 0
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+def test_check_counts_wrong_elements(op):
+    bufs = _simulate(op, 4, torch.float16)
+    b = bufs[1]
+    b.output[3] += 1
+    b.output[-1] = float("nan")
+    assert b.num_wrong() == 2
+
+
+def test_out_of_place_output_is_poisoned_before_check():
+    b = ops.make_buffers("all_gather", 64, torch.float32, 0, 2, "cpu")
+    b.output.copy_(b.expected().float())
+    assert b.num_wrong() == 0
+    b.prepare_check()  # a stale correct result must not pass
+    assert b.num_wrong() == b.output.numel()
+
+
+def test_in_place_reset_restores_source():
+    b = ops.make_buffers("all_reduce", 64, torch.float32, 1, 2, "cpu")
+    assert b.in_place and b.nbytes == 64
+    b.work.mul_(3)
+    b.reset()
+    assert torch.equal(b.work, b.source)
+    assert b.work.data_ptr() != b.source.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _record(nbytes, algo, latency_ms, **kw):
+    algbw, busbw = ops.bandwidths_gbps(nbytes, latency_ms * 1e3, "all_reduce", 2)
+    base = dict(
+        bytes=nbytes,
+        count=nbytes // 4,
+        op_type="all_reduce",
+        data_type="float32",
+        redop="sum",
+        root=-1,
+        algo_id=algo,
+        algo_requested=algo,
+        backend_kind="gloo",
+        world_size=2,
+        latency_ms=latency_ms,
+        latency_p10_ms=latency_ms * 0.9,
+        latency_p90_ms=latency_ms * 1.2,
+        latency_min_ms=latency_ms * 0.8,
+        latency_max_ms=latency_ms * 1.5,
+        latency_mean_ms=latency_ms,
+        bandwidth_gbps=algbw,
+        algo_bandwidth_gbps=algbw,
+        bus_bandwidth_gbps=busbw,
+        num_wrong=0,
+        ratio_vs_first=None,
+        selection_rule_id="",
+        selection_reason="",
+        topology_source="cpu",
+        timing_method="wall_clock",
+        launch_mode="spawn",
+        warmup_iters=1,
+        benchmark_iters=3,
+        device_name="cpu",
+        package_version="0.1.0",
+        timestamp="2025-01-01T00:00:00+00:00",
+    )
+    base.update(kw)
+    return report.BenchmarkRecord(**base)
+
+
+def _info(algos):
+    return report.RunInfo(
+        command="sagellm-comm bench",
+        op_type="all_reduce",
+        data_type="float32",
+        backend_requested="auto",
+        backend_kind="gloo",
+        world_size=2,
+        launch_mode="spawn",
+        timing_method="wall_clock",
+        graph=False,
+        algos_requested=list(algos),
+        warmup_iters=1,
+        benchmark_iters=3,
+        topology_source="cpu",
+        device_name="cpu",
+        package_version="0.1.0",
+        torch_version=torch.__version__,
+        git_commit="unknown",
+        hostname="host",
+        timestamp="2025-01-01T00:00:00+00:00",
+    )
+
+
+def test_ratio_column():
+    records = [_record(1024, "a", 0.010), _record(1024, "b", 0.005), _record(2048, "b", 0.004)]
+    report.fill_ratios(records, "a")
+    assert records[0].ratio_vs_first == pytest.approx(1.0)
+    assert records[1].ratio_vs_first == pytest.approx(2.0)  # b is twice as fast as a
+    assert records[2].ratio_vs_first is None  # no point of a at 2048
+    table = report.format_table(records, _info(["a", "b"]))
+    assert header_line(table).split()[-1] == "ratio"
+    row = [line for line in table.splitlines() if line.startswith(" ") and " b " in line][0]
+    assert row.split()[-1] == "2.00"
+
+
+def header_line(table):
+    return [line for line in table.splitlines() if "#wrong" in line][0]
+
+
+def test_table_columns_and_arithmetic():
+    rec = _record(1 << 20, "gloo", 0.5)  # 1 MiB in 500 us on 2 ranks
+    table = report.format_table([rec], _info(["gloo"]))
+    assert " ratio" not in header_line(table)
+    header = [line for line in table.splitlines() if "#wrong" in line][0]
+    for column in ("size", "count", "type", "redop", "root", "algo", "time", "algbw", "busbw", "#wrong"):
+        assert column in header
+    row = [line for line in table.splitlines() if not line.startswith("#")][0].split()
+    assert row[:6] == ["1048576", "262144", "float", "sum", "-1", "gloo"]
+    assert float(row[6]) == pytest.approx(500.0)
+    assert float(row[8]) == pytest.approx(2.10, abs=0.01)  # 2**20 / 500e-6 / 1e9
+    assert float(row[9]) == pytest.approx(2.10, abs=0.01)  # x 2(n-1)/n = 1 for n = 2
+    assert row[10] == "0"
+    assert "Out of bounds values : 0 OK" in table
+
+
+def test_write_results_json_csv(tmp_path):
+    records = [_record(1024, "gloo", 0.01), _record(2048, "gloo", 0.02)]
+    info = _info(["gloo"])
+    json_path, csv_path = report.write_results(records, info, tmp_path / "out", "20250101-000000")
+    assert json_path.name == "all_reduce_ws2_20250101-000000.json"
+    assert csv_path.name == "all_reduce_ws2_20250101-000000.csv"
+    run, results = report.load_results(json_path)
+    assert run["backend_kind"] == "gloo" and run["command"] == "sagellm-comm bench"
+    assert [r["bytes"] for r in results] == [1024, 2048]
+    assert set(report.RECORD_FIELDS) <= set(results[0])
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["bytes"]) for r in rows] == [1024, 2048]
+    assert float(rows[1]["latency_ms"]) == pytest.approx(0.02)
+    assert rows[0]["ratio_vs_first"] == ""
+    # a second run in the same second does not overwrite the first
+    again, _ = report.write_results(records, info, tmp_path / "out", "20250101-000000")
+    assert again != json_path and json.loads(again.read_text())["results"]
+
+
+def test_write_results_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        report.write_results([_record(1024, "gloo", math.nan)], _info(["gloo"]), tmp_path, "t")
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]
+    path = report.plot_results(records, _info(["a", "b"]), tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
