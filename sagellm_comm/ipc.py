@@ -1,0 +1,147 @@
+"""Peer memory: allocate a rank's region, export a handle, open the peers' handles.
+
+Three implementations of one small interface, chosen by where the ranks live:
+
+* :class:`CudaIpcMemory`: one process per rank on CUDA devices (one GPU each, or several ranks sharing a
+  GPU under MPS).  Regions come from ``cudaMalloc`` directly (not torch's caching allocator, whose tensors
+  sit at offsets inside larger allocations), handles are ``cudaIpcMemHandle_t`` bytes, and peers open them
+  with ``cudaIpcOpenMemHandle`` (lazy peer access).  Uses CuPy's runtime bindings.
+* :class:`SharedFileMemory`: one process per rank on the CPU, for the Triton interpreter
+  (``TRITON_INTERPRET=1``).  Regions are files in ``/dev/shm`` mapped shared; the handle is the path.
+* Virtual ranks in one process need no handles at all: :mod:`sagellm_comm.virtual` builds the pointer
+  tables directly.
+
+A process cannot open its own CUDA IPC handle, so callers use the local pointer for their own rank.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .errors import BackendNotSupportedError, P2PFailedError
+
+
+class PeerMemory(ABC):
+    """Allocate this rank's region and map peers' regions into this process."""
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> int:
+        """Allocate ``nbytes`` of zeroed memory for this rank; return its address in this process."""
+
+    @abstractmethod
+    def export(self, ptr: int) -> Any:
+        """A picklable handle a peer process can open (only for regions from :meth:`allocate`)."""
+
+    @abstractmethod
+    def open(self, handle: Any, nbytes: int) -> int:
+        """Map a peer's region; return its address in this process."""
+
+    @abstractmethod
+    def close(self, ptr: int) -> None:
+        """Unmap a region opened with :meth:`open`."""
+
+    @abstractmethod
+    def free(self, ptr: int) -> None:
+        """Release a region from :meth:`allocate`."""
+
+
+def _cupy_runtime():
+    try:
+        import cupy  # noqa: F401
+        from cupy.cuda import runtime
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise BackendNotSupportedError(
+            "the custom all-reduce needs CuPy for CUDA IPC handles: pip install 'isagellm-comm[cuda12]' "
+            "(or [cuda13], matching your CUDA major version)"
+        ) from exc
+    return runtime
+
+
+class CudaIpcMemory(PeerMemory):
+    """CUDA IPC regions on ``device`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._rt = _cupy_runtime()
+
+    def _on_device(self):
+        import cupy
+
+        return cupy.cuda.Device(self.device.index if self.device.index is not None else 0)
+
+    def allocate(self, nbytes: int) -> int:
+        with self._on_device():
+            try:
+                ptr = self._rt.malloc(nbytes)
+                self._rt.memset(ptr, 0, nbytes)
+                self._rt.deviceSynchronize()
+            except Exception as exc:
+                raise P2PFailedError(f"cudaMalloc of {nbytes} bytes on {self.device} failed: {exc}") from exc
+        return int(ptr)
+
+    def export(self, ptr: int) -> bytes:
+        with self._on_device():
+            return bytes(self._rt.ipcGetMemHandle(ptr))
+
+    def open(self, handle: bytes, nbytes: int) -> int:
+        with self._on_device():
+            try:
+                return int(self._rt.ipcOpenMemHandle(handle, self._rt.cudaIpcMemLazyEnablePeerAccess))
+            except Exception as exc:
+                raise P2PFailedError(
+                    f"cudaIpcOpenMemHandle failed on {self.device}: {exc}. Peers must be on this node and "
+                    "have peer access (or share this GPU under MPS)."
+                ) from exc
+
+    def close(self, ptr: int) -> None:
+        with self._on_device():
+            self._rt.ipcCloseMemHandle(ptr)
+
+    def free(self, ptr: int) -> None:
+        with self._on_device():
+            self._rt.free(ptr)
+
+
+class SharedFileMemory(PeerMemory):
+    """Regions as shared files in ``directory`` (``/dev/shm``), for CPU processes under the interpreter."""
+
+    def __init__(self, directory: str = "/dev/shm"):
+        self.directory = directory if os.path.isdir(directory) else "/tmp"
+        self._maps: dict[int, tuple[torch.Tensor, str | None]] = {}
+
+    def _map(self, path: str, nbytes: int, owner: bool) -> int:
+        mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        ptr = mapped.data_ptr()
+        self._maps[ptr] = (mapped, path if owner else None)
+        return ptr
+
+    def allocate(self, nbytes: int) -> int:
+        path = os.path.join(self.directory, f"sagellm-comm-{os.getpid()}-{uuid.uuid4().hex}")
+        with open(path, "wb") as f:
+            f.truncate(nbytes)  # sparse file of zeros
+        return self._map(path, nbytes, owner=True)
+
+    def export(self, ptr: int) -> str:
+        return self._maps[ptr][1]
+
+    def open(self, handle: str, nbytes: int) -> int:
+        if not os.path.exists(handle):
+            raise P2PFailedError(f"peer region {handle} does not exist (peer exited or freed it)")
+        return self._map(handle, nbytes, owner=False)
+
+    def close(self, ptr: int) -> None:
+        self._maps.pop(ptr, None)
+
+    def free(self, ptr: int) -> None:
+        _, path = self._maps.pop(ptr, (None, None))
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
+
+    def tensor(self, ptr: int) -> torch.Tensor:
+        """The uint8 tensor that keeps the mapping at ``ptr`` alive."""
+        return self._maps[ptr][0]

@@ -1,0 +1,150 @@
+"""Algorithm policy for all-reduce: which algorithm for which message size and world size, and why.
+
+A policy is an ordered list of rules; the first rule whose conditions hold decides.  Every decision
+carries the rule's id and a human-readable reason (the benchmark prints both).  The default rules come
+from measurements recorded in ``bench/results/`` (see docs/custom_all_reduce.md); a JSON file with the same
+shape overrides them::
+
+    {"rules": [
+        {"id": "small-one-shot", "algo": "one_shot", "max_bytes": 262144,
+         "reason": "latency-bound: one barrier"},
+        {"id": "ws2", "algo": "one_shot", "world_sizes": [2], "max_bytes": 4194304},
+        {"id": "rest", "algo": "two_shot"}
+    ]}
+
+Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (list).  Algorithms:
+``one_shot``, ``two_shot``, ``nccl``.  Messages larger than the workspace always go to ``nccl`` (rule
+``over-workspace``), whatever the policy says.  The selector never touches tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+ALGOS = ("one_shot", "two_shot", "nccl")
+KERNEL_ALGOS = ("one_shot", "two_shot")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of a policy decision."""
+
+    algo: str
+    rule_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    algo: str
+    min_bytes: int = 0
+    max_bytes: int | None = None
+    world_sizes: tuple[int, ...] | None = None
+    reason: str = ""
+
+    def matches(self, nbytes: int, world_size: int) -> bool:
+        if nbytes < self.min_bytes:
+            return False
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return False
+        return self.world_sizes is None or world_size in self.world_sizes
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], index: int) -> Rule:
+        unknown = set(d) - {"id", "algo", "min_bytes", "max_bytes", "world_sizes", "reason"}
+        if unknown:
+            raise InvalidArgumentError(f"selector rule {index}: unknown keys {sorted(unknown)}")
+        algo = d.get("algo")
+        if algo not in ALGOS:
+            raise InvalidArgumentError(f"selector rule {index}: algo must be one of {ALGOS}, got {algo!r}")
+        ws = d.get("world_sizes")
+        if ws is not None and (not isinstance(ws, list) or not all(isinstance(w, int) and w > 0 for w in ws)):
+            raise InvalidArgumentError(f"selector rule {index}: world_sizes must be a list of positive ints")
+        for key in ("min_bytes", "max_bytes"):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise InvalidArgumentError(f"selector rule {index}: {key} must be a non-negative int")
+        return cls(
+            id=str(d.get("id", f"rule-{index}")),
+            algo=algo,
+            min_bytes=d.get("min_bytes", 0) or 0,
+            max_bytes=d.get("max_bytes"),
+            world_sizes=tuple(ws) if ws is not None else None,
+            reason=str(d.get("reason", "")),
+        )
+
+
+# Measured on one H100 with virtual ranks (bench/results/custom_all_reduce_h100_virtual.md): one-shot's
+# single barrier wins while latency dominates; two-shot's 2(W-1)/W traffic wins once bandwidth does.
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule("ws2-one-shot", "one_shot", max_bytes=1 << 20, world_sizes=(2,),
+         reason="2 ranks: one-shot moves as little as two-shot and needs one barrier"),
+    Rule("small-one-shot", "one_shot", max_bytes=256 << 10,
+         reason="latency-bound size: one barrier beats two-shot's two"),
+    Rule("large-two-shot", "two_shot",
+         reason="bandwidth-bound size: two-shot moves 2(W-1)/W of the message instead of (W-1)"),
+)  # fmt: skip
+
+
+class AlgoSelector:
+    """Ordered rules -> :class:`Selection`.  ``select`` is pure and cheap (called per all-reduce)."""
+
+    def __init__(self, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_RULES, source: str = "default"):
+        self.rules = tuple(rules)
+        self.source = source
+        self._cache: dict[tuple[int, int, int], Selection] = {}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "dict") -> AlgoSelector:
+        if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
+            raise InvalidArgumentError('a selector policy is a JSON object {"rules": [...]} with at least one rule')
+        return cls([Rule.from_dict(d, i) for i, d in enumerate(data["rules"])], source=source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AlgoSelector:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise InvalidArgumentError(f"selector config {path} does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"selector config {path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rules": [
+                {k: v for k, v in vars(r).items() if v is not None and v != "" and not (k == "min_bytes" and v == 0)}
+                for r in self.rules
+            ]
+        }
+
+    def select(self, nbytes: int, world_size: int, capacity_bytes: int | None = None) -> Selection:
+        """Pick the algorithm for an all-reduce of ``nbytes`` over ``world_size`` ranks."""
+        key = (nbytes, world_size, capacity_bytes or 0)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if capacity_bytes is not None and nbytes > capacity_bytes:
+            sel = Selection(
+                "nccl",
+                "over-workspace",
+                f"{nbytes} bytes exceed the {capacity_bytes}-byte workspace; NCCL runs it",
+            )
+        else:
+            sel = None
+            for rule in self.rules:
+                if rule.matches(nbytes, world_size):
+                    sel = Selection(rule.algo, rule.id, rule.reason or f"rule {rule.id} ({self.source})")
+                    break
+            if sel is None:
+                sel = Selection("nccl", "no-rule", f"no rule of {self.source} matches {nbytes} bytes, ws={world_size}")
+        if len(self._cache) < 4096:
+            self._cache[key] = sel
+        return sel
