@@ -1,0 +1,507 @@
+"""The one communication interface of sagellm-comm, and the registry that picks its engine.
+
+Every engine (Gloo, NCCL, RCCL, HCCL over ``torch.distributed``, the intra-node custom kernels, or a
+third party's) is a :class:`CommBackend`.  Code above this layer never names an engine: it asks the
+registry for a kind (``CommBackend.create("nccl")``, ``get_comm_backend()`` for the best one here)
+and calls the operations below, whose names and semantics are torch.distributed's.
+
+Kind -> engine has exactly one dispatch point, :func:`_lookup` over ``_REGISTRY``.  The built-in
+adapters register themselves when their module is imported; :func:`_ensure_builtins` imports them
+the first time the registry is consulted, so ``import sagellm_comm`` stays cheap.
+
+A third-party backend is one file::
+
+    from sagellm_comm import CommBackend, register_comm_backend
+
+    class MyBackend(CommBackend): ...
+
+    register_comm_backend("mine", MyBackend, is_available=lambda: True, priority=10)
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    CommError,
+    InvalidArgumentError,
+)
+
+if TYPE_CHECKING:  # torch is heavy; annotations only
+    import torch
+
+__all__ = [
+    "AUTO",
+    "CommBackend",
+    "CommOp",
+    "CompletedWork",
+    "GroupHandle",
+    "ReduceOp",
+    "Work",
+    "get_comm_backend",
+    "is_comm_backend_available",
+    "list_comm_backends",
+    "register_comm_backend",
+    "resolve_kind",
+    "unregister_comm_backend",
+]
+
+AUTO = "auto"
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class ReduceOp(str, enum.Enum):
+    """Reduction applied by ``all_reduce`` / ``reduce_scatter``.
+
+    String values are the protocol's (``"sum"``, ``"prod"``, ...), so ``ReduceOp("avg")`` and
+    ``ReduceOp.parse("AVG")`` both work.  ``AVG`` needs a floating-point dtype; the bitwise ops
+    (``BAND``, ``BOR``, ``BXOR``) need an integer or bool dtype and are not offered by every engine.
+    """
+
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+    MIN = "min"
+    PRODUCT = "prod"
+    BAND = "band"
+    BOR = "bor"
+    BXOR = "bxor"
+    PROD = "prod"  # alias of PRODUCT (torch spells it PRODUCT, the protocol "prod")
+
+    @classmethod
+    def parse(cls, op: ReduceOp | str | Any) -> ReduceOp:
+        """Return the :class:`ReduceOp` named by ``op``; never guesses.
+
+        Accepts a ``ReduceOp``, its value or name in any case (``"sum"``, ``"PRODUCT"``), or a
+        ``torch.distributed.ReduceOp``.  Anything else raises :class:`InvalidArgumentError` (an
+        unknown op is never silently turned into SUM).
+        """
+        if isinstance(op, cls):
+            return op
+        text = op if isinstance(op, str) else None
+        if text is None:
+            # torch.distributed.ReduceOp.SUM prints as "RedOpType.SUM" / has .name on newer torch
+            text = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
+        key = str(text).strip()
+        for member in cls:
+            if key.lower() == member.value or key.upper() == member.name:
+                return member
+        valid = ", ".join(m.name for m in cls if m.name != "PROD")
+        raise InvalidArgumentError(f"unsupported reduce op {op!r}; expected one of {valid}", details={"op": repr(op)})
+
+    @property
+    def is_bitwise(self) -> bool:
+        return self in (ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR)
+
+
+CommOp = ReduceOp
+"""Alias kept for users of the seed package, whose enum was called ``CommOp``."""
+
+
+class Work(ABC):
+    """Handle of an operation started with ``async_op=True``.
+
+    ``wait()`` returns once the operation's result may be used by the caller: on Gloo (CPU) the data
+    is in place; on device engines (NCCL/RCCL/HCCL) the caller's current stream is ordered after the
+    collective, as with torch.distributed.  ``wait`` raises :class:`~sagellm_comm.errors.CommTimeoutError`
+    (code ``comm_timeout``) when the operation does not finish within ``timeout`` seconds (the
+    backend's timeout when ``None``) and the engine's failure as a typed :class:`CommError`.
+    """
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until done (see class doc); returns the operation's result (tensor, list or None)."""
+
+    @abstractmethod
+    def is_completed(self) -> bool:
+        """Non-blocking: True once the operation finished (successfully or not)."""
+
+
+class CompletedWork(Work):
+    """A :class:`Work` that is already done (an operation that needed no communication)."""
+
+    def __init__(self, result: Any = None):
+        self._result = result
+
+    def wait(self, timeout: float | None = None) -> Any:
+        return self._result
+
+    def is_completed(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, eq=False)
+class GroupHandle:
+    """A sub-group made by :meth:`CommBackend.new_group`.
+
+    Attributes:
+        ranks: global ranks of the members, in group-rank order (``ranks[i]`` has group rank ``i``).
+        rank: this process's rank inside the group, or -1 when it is not a member.
+        engine_group: the engine's own group object (a ``torch.distributed.ProcessGroup`` for the
+            torch adapter), or None on non-members.
+        cpu_group: a Gloo group over the same ranks for host-side exchanges (None on non-members).
+    """
+
+    ranks: tuple[int, ...]
+    rank: int
+    engine_group: Any = field(default=None, repr=False)
+    cpu_group: Any = field(default=None, repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def is_member(self) -> bool:
+        return self.rank >= 0
+
+
+class CommBackend(ABC):
+    """One communication engine: collectives and point-to-point transfers on torch tensors.
+
+    Lifecycle: make one with :meth:`create` (or :func:`get_comm_backend`), call :meth:`init` (or
+    :meth:`init_process_group`) on every rank, run operations, then :meth:`destroy` (or use the
+    backend as a context manager).  Arguments left out of ``init`` come from torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``); the environment is
+    read, never written.
+
+    Semantics are torch.distributed's: tensors are contiguous and live on :attr:`device`;
+    ``all_reduce``/``broadcast``/``recv`` work in place and return the tensor they wrote;
+    ``async_op=True`` returns a :class:`Work` instead.  ``group`` is a :class:`GroupHandle` from
+    :meth:`new_group` (None: the whole world); ``src``/``dst`` are ranks *inside* ``group`` (equal
+    to global ranks when ``group`` is None).  Every argument is checked before the engine is called,
+    so a rejected call leaves tensors and groups untouched.  Every blocking call is bounded by the
+    backend's ``timeout`` and fails with ``comm_timeout`` instead of hanging.
+    """
+
+    #: the registry name this class answers to (set by subclasses)
+    kind: str = ""
+
+    # ------------------------------------------------------------------ registry entry points
+    @classmethod
+    def create(cls, kind: str = AUTO, **kwargs: Any) -> CommBackend:
+        """Build an *uninitialised* backend of ``kind`` (``"auto"``: the best one available here).
+
+        Raises :class:`BackendNotSupportedError` (code ``comm_backend_not_supported``) when the kind
+        is unknown or cannot run on this machine; the message says what is missing.
+        """
+        name = resolve_kind(kind)
+        entry = _lookup(name)
+        entry.check()
+        backend = entry.factory(**kwargs)
+        if not isinstance(backend, CommBackend):
+            raise BackendNotSupportedError(
+                f"factory of backend {name!r} returned {type(backend).__name__}, not a CommBackend",
+                details={"kind": name},
+            )
+        return backend
+
+    # ------------------------------------------------------------------ lifecycle
+    @abstractmethod
+    def init(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> CommBackend:
+        """Join the world (blocking rendezvous bounded by ``timeout`` seconds); returns ``self``."""
+
+    def init_process_group(
+        self,
+        world_size: int | None = None,
+        rank: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> CommBackend:
+        """Same as :meth:`init`, with torch.distributed's argument order."""
+        return self.init(
+            rank=rank,
+            world_size=world_size,
+            master_addr=master_addr,
+            master_port=master_port,
+            timeout=timeout,
+            **kwargs,
+        )
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """Release every group this backend created (idempotent). A world group the caller created
+        before :meth:`init` is left alone."""
+
+    def __enter__(self) -> CommBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The kind that really runs (``"gloo"``, ``"nccl"``, ...; never ``"auto"``)."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The device every tensor passed to this backend must live on."""
+
+    @property
+    @abstractmethod
+    def is_initialized(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def cpu_group(self) -> Any:
+        """A Gloo process group over the world for host-side exchanges (hostnames, IPC handles)."""
+
+    # ------------------------------------------------------------------ groups
+    @abstractmethod
+    def new_group(self, ranks: Sequence[int]) -> GroupHandle:
+        """Make a sub-group of the given global ranks. Collective: every rank of the world calls it
+        with the same ``ranks``, members or not."""
+
+    # ------------------------------------------------------------------ operations
+    @abstractmethod
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp | str = ReduceOp.SUM,
+        group: GroupHandle | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Work:
+        """Reduce ``tensor`` across the group, in place; every rank ends with the same values."""
+
+    @abstractmethod
+    def all_gather(
+        self,
+        output: list[torch.Tensor] | torch.Tensor,
+        tensor: torch.Tensor,
+        group: GroupHandle | None = None,
+        async_op: bool = False,
+    ) -> list[torch.Tensor] | torch.Tensor | Work:
+        """Gather ``tensor`` from every rank into ``output``: a list of ``world_size`` tensors shaped
+        like ``tensor``, or one tensor of ``world_size * tensor.numel()`` elements (rank-major)."""
+
+    @abstractmethod
+    def reduce_scatter(
+        self,
+        output: torch.Tensor,
+        input: list[torch.Tensor] | torch.Tensor,
+        op: ReduceOp | str = ReduceOp.SUM,
+        group: GroupHandle | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Work:
+        """Reduce ``input`` across ranks and leave chunk ``group.rank`` in ``output``. ``input`` is a
+        list of ``world_size`` tensors shaped like ``output`` or one tensor of
+        ``world_size * output.numel()`` elements."""
+
+    @abstractmethod
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, group: GroupHandle | None = None, async_op: bool = False
+    ) -> torch.Tensor | Work:
+        """Copy ``tensor`` of rank ``src`` into ``tensor`` on every rank, in place."""
+
+    @abstractmethod
+    def send(
+        self, tensor: torch.Tensor, dst: int, group: GroupHandle | None = None, async_op: bool = False
+    ) -> None | Work:
+        """Send ``tensor`` to rank ``dst``; the matching ``recv`` must be posted there."""
+
+    @abstractmethod
+    def recv(
+        self, tensor: torch.Tensor, src: int, group: GroupHandle | None = None, async_op: bool = False
+    ) -> torch.Tensor | Work:
+        """Receive into ``tensor`` (shape and dtype must match the sender's) from rank ``src``."""
+
+    @abstractmethod
+    def barrier(self, group: GroupHandle | None = None, timeout: float | None = None) -> None:
+        """Block until every rank of the group reached the barrier (or raise ``comm_timeout``)."""
+
+    @abstractmethod
+    def all_to_all(
+        self,
+        output: list[torch.Tensor] | torch.Tensor,
+        input: list[torch.Tensor] | torch.Tensor,
+        group: GroupHandle | None = None,
+        async_op: bool = False,
+    ) -> list[torch.Tensor] | torch.Tensor | Work:
+        """Rank ``i`` sends ``input[j]`` to rank ``j``, which stores it in ``output[i]``. Lists of
+        ``world_size`` tensors, or single tensors split evenly along dim 0."""
+
+    def __repr__(self) -> str:
+        state = f"rank={self.rank}/{self.world_size}" if self.is_initialized else "uninitialised"
+        return f"{type(self).__name__}(name={self.name!r}, {state})"
+
+
+# ====================================================================== registry
+
+
+@dataclass
+class _Entry:
+    name: str
+    factory: Callable[..., CommBackend]
+    is_available: Callable[[], bool] | None
+    priority: int
+    order: int
+
+    def check(self) -> None:
+        """Raise BackendNotSupportedError unless this backend can run here."""
+        if self.is_available is None:
+            return
+        try:
+            ok = bool(self.is_available())
+        except CommError:
+            raise
+        except Exception as exc:  # a probe that crashes means "not here", with the reason
+            raise BackendNotSupportedError(
+                f"backend {self.name!r} is not available: its availability check failed ({exc})",
+                details={"kind": self.name},
+            ) from exc
+        if not ok:
+            raise BackendNotSupportedError(
+                f"backend {self.name!r} is registered but not available on this machine",
+                details={"kind": self.name},
+            )
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_LOCK = threading.RLock()
+_BUILTINS_LOADED = False
+#: modules whose import registers built-in kinds; a missing optional one is skipped
+_BUILTIN_MODULES = ("sagellm_comm.backends.torch_distributed", "sagellm_comm.backends.custom")
+
+
+def _ensure_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    with _LOCK:
+        if _BUILTINS_LOADED:
+            return
+        _BUILTINS_LOADED = True
+        for module in _BUILTIN_MODULES:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:  # the module exists but something it needs does not
+                    raise
+
+
+def register_comm_backend(
+    name: str,
+    factory: Callable[..., CommBackend],
+    *,
+    is_available: Callable[[], bool] | None = None,
+    priority: int = 0,
+    replace: bool = False,
+) -> None:
+    """Register a backend kind.
+
+    Args:
+        name: the kind, lower case (``"mine"``); ``"auto"`` is reserved.
+        factory: ``factory(**kwargs) -> CommBackend`` building an uninitialised backend.
+        is_available: cheap probe; False (or raising :class:`BackendNotSupportedError` whose message
+            says what is missing) when the kind cannot run here. None: always available.
+        priority: ``"auto"`` picks the available kind with the highest priority (built-ins: custom
+            100, nccl/rccl 50, hccl 40, gloo 0).
+        replace: allow replacing an existing registration of ``name``.
+    """
+    key = _normalise(name)
+    if key == AUTO:
+        raise InvalidArgumentError("'auto' is reserved and cannot be registered as a backend")
+    if not callable(factory):
+        raise InvalidArgumentError(f"factory for backend {key!r} must be callable, got {factory!r}")
+    with _LOCK:
+        if key in _REGISTRY and not replace:
+            raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")
+        order = _REGISTRY[key].order if key in _REGISTRY else len(_REGISTRY)
+        _REGISTRY[key] = _Entry(key, factory, is_available, int(priority), order)
+
+
+def unregister_comm_backend(name: str) -> None:
+    """Remove a registered kind (no-op if absent). Mainly for tests and plugins."""
+    with _LOCK:
+        _REGISTRY.pop(_normalise(name), None)
+
+
+def list_comm_backends() -> list[str]:
+    """Every registered kind, available here or not, best ``auto`` candidate first."""
+    _ensure_builtins()
+    with _LOCK:
+        entries = sorted(_REGISTRY.values(), key=lambda e: (-e.priority, e.order))
+    return [e.name for e in entries]
+
+
+def is_comm_backend_available(name: str) -> bool:
+    """True if ``name`` is registered and can run on this machine (``"auto"``: if any can)."""
+    try:
+        resolve_kind(name)
+        if _normalise(name) != AUTO:
+            _lookup(_normalise(name)).check()
+    except CommError:
+        return False
+    return True
+
+
+def resolve_kind(kind: str | None) -> str:
+    """Map ``kind`` to a registered name; ``None``/``"auto"`` -> the best available kind."""
+    _ensure_builtins()
+    key = _normalise(kind or AUTO)
+    if key != AUTO:
+        _lookup(key)
+        return key
+    reasons = []
+    for name in list_comm_backends():
+        try:
+            _lookup(name).check()
+            return name
+        except BackendNotSupportedError as exc:
+            reasons.append(exc.message)
+    raise BackendNotSupportedError(
+        "no communication backend can run here: " + "; ".join(reasons or ["none registered"]),
+        details={"kind": AUTO},
+    )
+
+
+def get_comm_backend(kind: str | None = None, **kwargs: Any) -> CommBackend:
+    """Build an uninitialised backend of ``kind``; ``None`` or ``"auto"``: the best available."""
+    return CommBackend.create(kind or AUTO, **kwargs)
+
+
+def _lookup(name: str) -> _Entry:
+    _ensure_builtins()
+    with _LOCK:
+        entry = _REGISTRY.get(name)
+        known = sorted(_REGISTRY)
+    if entry is None:
+        raise BackendNotSupportedError(
+            f"unknown backend {name!r}; registered: {', '.join(known) or 'none'} (or 'auto')",
+            details={"kind": name, "registered": known},
+        )
+    return entry
+
+
+def _normalise(name: str | None) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgumentError(f"backend kind must be a non-empty string, got {name!r}")
+    return name.strip().lower()
