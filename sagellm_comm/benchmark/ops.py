@@ -150,9 +150,7 @@ class OpBuffers:
 
     def expected(self) -> torch.Tensor:
         """The correct ``output`` of this rank, computed locally from every rank's pattern."""
-        return reference_output(
-            self.op, self.count, self.rank, self.world_size, self.source.dtype, self.source.device
-        )
+        return reference_output(self.op, self.count, self.rank, self.world_size, self.source.dtype, self.source.device)
 
     def num_wrong(self) -> int:
         """Elements of ``output`` that differ from :meth:`expected` (beyond rounding of the dtype)."""

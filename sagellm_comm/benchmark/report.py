@@ -240,9 +240,7 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
         ran = sorted({r.algo_id for r in points})
         label = algo if ran == [algo] else f"{algo} ({', '.join(ran)})"
         sizes = [r.bytes for r in points]
-        (line,) = ax_lat.plot(
-            sizes, [r.latency_ms * 1e3 for r in points], marker="o", markersize=3, label=label
-        )
+        (line,) = ax_lat.plot(sizes, [r.latency_ms * 1e3 for r in points], marker="o", markersize=3, label=label)
         ax_lat.fill_between(
             sizes,
             [r.latency_p10_ms * 1e3 for r in points],

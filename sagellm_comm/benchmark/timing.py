@@ -144,9 +144,7 @@ def time_iterations(
     return [ns / 1e3 for ns in samples_ns]
 
 
-def capture_graph(
-    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3
-) -> torch.cuda.CUDAGraph:
+def capture_graph(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Capture one call of ``fn`` into a CUDA graph; replay it with ``graph.replay()``.
 
     ``fn`` is run ``warmup`` times on a side stream first (as torch's documentation requires before

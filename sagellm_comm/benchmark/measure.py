@@ -1,0 +1,266 @@
+"""The measurement loops: one rank of a distributed run, and a virtual-rank run on one GPU.
+
+Both loops follow the same order: for every size, allocate that size's inputs once (every algorithm of
+the run reads the same inputs), then for every algorithm: warm up, barrier, time a batch of iterations
+(:func:`~sagellm_comm.benchmark.timing.time_iterations`), then run one more, untimed call on freshly
+reset inputs and count wrong elements against the independent reference.  The statistics of a
+distributed run are reduced across ranks on the backend's CPU (Gloo) group: the maximum of every
+statistic (the slowest rank is the collective's time) and the sum of wrong elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sagellm_comm.benchmark import algos as algo_rules
+from sagellm_comm.benchmark.ops import BROADCAST_ROOT, OpBuffers, count_wrong, make_buffers
+from sagellm_comm.benchmark.progress import ProgressBar
+from sagellm_comm.benchmark.timing import TimingStats, capture_graph, summarize, time_iterations
+from sagellm_comm.errors import CommError
+
+
+@dataclass
+class Point:
+    """One measured (size, algo) point, before it becomes a report record."""
+
+    nbytes: int
+    count: int
+    algo_requested: str
+    algo_id: str
+    rule_id: str
+    reason: str
+    stats: TimingStats
+    num_wrong: int
+
+
+@dataclass
+class Measurement:
+    """What a loop returns: its points and the (size, algo) points it could not run, with why."""
+
+    points: list[Point] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    op: str
+    dtype: torch.dtype
+    sizes: list[int]
+    algos: list[str]
+    warmup: int
+    iters: int
+    graph: bool
+    progress: bool
+
+
+# ============================================================================ distributed ranks
+
+
+def _op_call(backend: Any, bufs: OpBuffers) -> Callable[[], object]:
+    """The plain backend call of ``bufs.op`` (the engine's own algorithm)."""
+    if bufs.op == "all_reduce":
+        return lambda: backend.all_reduce(bufs.work)
+    if bufs.op == "all_gather":
+        return lambda: backend.all_gather(bufs.output, bufs.work)
+    if bufs.op == "reduce_scatter":
+        return lambda: backend.reduce_scatter(bufs.output, bufs.work)
+    return lambda: backend.broadcast(bufs.work, src=BROADCAST_ROOT)
+
+
+def _custom_engine(backend: Any) -> Any:
+    """The backend's :class:`CustomAllReduce`, or None where it runs without one (NCCL fallback)."""
+    for attr in ("custom_all_reduce", "car"):
+        engine = getattr(backend, attr, None)
+        if engine is not None and hasattr(engine, "select") and hasattr(engine, "all_reduce"):
+            return engine
+    return None
+
+
+class DistributedAlgo:
+    """How one requested algorithm runs on an initialised backend, and what to record for it."""
+
+    def __init__(self, requested: str, backend: Any, op: str):
+        self.requested = requested
+        self.backend = backend
+        self.op = op
+        self.kind = backend.name
+        self.engine = _custom_engine(backend) if self.kind == algo_rules.CUSTOM_KIND else None
+        self.skip_reason = algo_rules.unsupported_reason(requested, self.kind, op)
+        if self.skip_reason is None and requested in algo_rules.KERNEL_ALGOS and self.engine is None:
+            self.skip_reason = f"backend 'custom' runs without its kernels here, so {requested} cannot run"
+
+    def call(self, bufs: OpBuffers) -> Callable[[], object]:
+        if self.engine is not None and self.op == "all_reduce" and self.requested in ("auto", *algo_rules.KERNEL_ALGOS):
+            algo, engine, work = self.requested, self.engine, bufs.work
+            return lambda: engine.all_reduce(work, algo=algo)
+        return _op_call(self.backend, bufs)
+
+    def label(self, nbytes: int) -> tuple[str, str, str]:
+        """``(algo_id, rule_id, reason)`` of what runs at ``nbytes``."""
+        if self.engine is not None and self.op == "all_reduce" and self.requested in ("auto", *algo_rules.KERNEL_ALGOS):
+            if self.requested != "auto":
+                return self.requested, "explicit", f"--algo {self.requested}"
+            selection = self.engine.select(nbytes)
+            if selection.algo == "nccl":
+                algo_id, _, nccl_reason = algo_rules.nccl_run_label()
+                return algo_id, selection.rule_id, f"{selection.reason}; {nccl_reason}"
+            return selection.algo, selection.rule_id, selection.reason
+        if self.kind in algo_rules.NCCL_KINDS or self.kind == algo_rules.CUSTOM_KIND:
+            return algo_rules.nccl_run_label()
+        return self.kind, "backend-default", f"{self.kind}'s own {self.op} through torch.distributed"
+
+
+def _reduce_across_ranks(backend: Any, values: list[float], op: Any) -> list[float]:
+    if backend.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=op, group=backend.cpu_group)
+    return tensor.tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Measurement:
+    """Run every (size, algo) point on this rank; every rank returns the same, cross-rank reduced points."""
+    device = backend.device
+    world_size = backend.world_size
+    result = Measurement()
+    plans = [DistributedAlgo(a, backend, settings.op) for a in settings.algos]
+    for plan in plans:
+        if plan.skip_reason is not None:
+            result.skipped.append({"algo": plan.requested, "reason": plan.skip_reason})
+    runnable = [p for p in plans if p.skip_reason is None]
+    bar = ProgressBar(len(settings.sizes) * len(runnable), enabled=settings.progress and rank == 0)
+    for nbytes in settings.sizes:
+        bufs = make_buffers(settings.op, nbytes, settings.dtype, rank, world_size, device)
+        for plan in runnable:
+            fn = plan.call(bufs)
+            algo_id, rule_id, reason = plan.label(bufs.nbytes)
+            error = None
+            stats_list = [0.0] * 6
+            wrong = 0
+            try:
+                timed = fn
+                if settings.graph:
+                    bufs.reset()
+                    timed = capture_graph(fn, device=device).replay
+                samples = time_iterations(
+                    timed,
+                    iters=settings.iters,
+                    warmup=settings.warmup,
+                    device=device,
+                    reset=bufs.reset if bufs.in_place else None,
+                    barrier=backend.barrier,
+                )
+                stats_list = summarize(samples).as_list()
+                bufs.prepare_check()
+                timed()
+                _sync(device)
+                wrong = bufs.num_wrong()
+            except (CommError, RuntimeError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            failed_anywhere = _reduce_across_ranks(backend, [1.0 if error else 0.0], dist.ReduceOp.MAX)[0]
+            if failed_anywhere:
+                result.failed = True
+                result.skipped.append(
+                    {
+                        "algo": plan.requested,
+                        "bytes": bufs.nbytes,
+                        "reason": error or "failed on another rank (see its stderr)",
+                    }
+                )
+                bar.step(f"{bufs.nbytes} B {plan.requested} FAILED")
+                continue
+            worst = _reduce_across_ranks(backend, stats_list, dist.ReduceOp.MAX)
+            total_wrong = int(_reduce_across_ranks(backend, [float(wrong)], dist.ReduceOp.SUM)[0])
+            result.points.append(
+                Point(
+                    bufs.nbytes,
+                    bufs.count,
+                    plan.requested,
+                    algo_id,
+                    rule_id,
+                    reason,
+                    TimingStats.from_list(worst, settings.iters),
+                    total_wrong,
+                )
+            )
+            bar.step(f"{bufs.nbytes} B {algo_id}")
+        del bufs
+    bar.close()
+    return result
+
+
+# ============================================================================ virtual ranks
+
+
+def measure_virtual(group: Any, settings: LoopSettings, zero_copy: bool = False) -> Measurement:
+    """Every (size, algo) point on a :class:`~sagellm_comm.virtual.VirtualRankGroup` (all-reduce only).
+
+    Each virtual rank has its own input (the pattern of its rank); the timed call reduces all of them
+    in place; one sample is the time of the whole group's call on the current stream.
+    """
+    device = group.device
+    world_size = group.world_size
+    result = Measurement()
+    bar = ProgressBar(len(settings.sizes) * len(settings.algos), enabled=settings.progress)
+    for nbytes in settings.sizes:
+        per_rank = [
+            make_buffers("all_reduce", nbytes, settings.dtype, r, world_size, device) for r in range(world_size)
+        ]
+        count = per_rank[0].count
+        works = group.get_buffers(count, settings.dtype) if zero_copy else [b.work for b in per_rank]
+        sources = [b.source for b in per_rank]
+        expected = per_rank[0].expected()
+
+        def reset(works=works, sources=sources) -> None:
+            for work, source in zip(works, sources, strict=True):
+                work.copy_(source)
+
+        for algo in settings.algos:
+            if algo == "auto":
+                selection = group.select(per_rank[0].nbytes)
+                algo_id, rule_id, reason = selection.algo, selection.rule_id, selection.reason
+            else:
+                algo_id, rule_id, reason = algo, "explicit", f"--algo {algo}"
+
+            def call(works=works, algo=algo) -> object:
+                return group.all_reduce(works, algo=algo)
+
+            try:
+                timed = call
+                if settings.graph:
+                    reset()
+                    timed = capture_graph(call, device=device).replay
+                samples = time_iterations(
+                    timed, iters=settings.iters, warmup=settings.warmup, device=device, reset=reset
+                )
+                group.check_errors()
+                reset()
+                timed()
+                torch.cuda.synchronize(device)
+                group.check_errors()
+                wrong = sum(count_wrong(work, expected) for work in works)
+            except (CommError, RuntimeError) as exc:
+                result.failed = True
+                result.skipped.append(
+                    {"algo": algo, "bytes": per_rank[0].nbytes, "reason": f"{type(exc).__name__}: {exc}"}
+                )
+                bar.step(f"{nbytes} B {algo} FAILED")
+                continue
+            result.points.append(
+                Point(per_rank[0].nbytes, count, algo, algo_id, rule_id, reason, summarize(samples), wrong)
+            )
+            bar.step(f"{nbytes} B {algo_id}")
+        del per_rank, works, sources, expected
+    bar.close()
+    return result
