@@ -182,7 +182,7 @@ def _reduce_tile(table, src_offset_bytes, offs, mask, DTYPE: tl.constexpr, W: tl
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "slot_bytes", "timeout"])
 def one_shot_all_reduce_kernel(
     inp,
     out,
@@ -196,6 +196,7 @@ def one_shot_all_reduce_kernel(
     BLOCK: tl.constexpr,
     ZERO_COPY: tl.constexpr,
     USE_PTX: tl.constexpr,
+    VIRTUAL: tl.constexpr,
 ):
     """One-shot all-reduce of ``numel`` elements.
 
@@ -204,6 +205,13 @@ def one_shot_all_reduce_kernel(
     Zero-copy path: ``inp`` is this rank's registered region; peers read it directly; the sum is staged in
     this rank's slot and copied to ``out`` after the end barrier (``out`` may be the registered region).
     """
+    if VIRTUAL:
+        # Virtual ranks in one launch: grid axis 1 is the rank; rows of ``table`` and of ``inp``/``out``
+        # (stacked [W, numel]) belong to one rank each.  The body below is the same as for real ranks.
+        rank = tl.program_id(1)
+        table += rank * (W + 2)
+        inp += rank * numel
+        out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -243,7 +251,7 @@ def one_shot_all_reduce_kernel(
     _finish(ctrl, epoch, num_programs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "slot_bytes", "timeout"])
 def two_shot_all_reduce_kernel(
     inp,
     out,
@@ -257,6 +265,7 @@ def two_shot_all_reduce_kernel(
     BLOCK: tl.constexpr,
     ZERO_COPY: tl.constexpr,
     USE_PTX: tl.constexpr,
+    VIRTUAL: tl.constexpr,
 ):
     """Two-shot all-reduce (reduce-scatter of W chunks, then all-gather) of ``numel`` elements.
 
@@ -266,6 +275,13 @@ def two_shot_all_reduce_kernel(
     chunk from its owner.  Zero-copy: the source region is the registered one, reduced in place, and an
     end barrier protects it; ``out`` must then be the registered region itself or a separate buffer.
     """
+    if VIRTUAL:
+        # Virtual ranks in one launch: grid axis 1 is the rank; rows of ``table`` and of ``inp``/``out``
+        # (stacked [W, numel]) belong to one rank each.  The body below is the same as for real ranks.
+        rank = tl.program_id(1)
+        table += rank * (W + 2)
+        inp += rank * numel
+        out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)

@@ -39,6 +39,68 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class KernelLauncher:
+    """Launches the all-reduce kernels with a per-specialisation cache of compiled binaries.
+
+    The first launch of a specialisation goes through ``kernel[grid](...)`` (compiles, binds, checks);
+    later ones call the compiled kernel's launcher directly with integer pointers.  The cache key holds
+    everything Triton specialises the binary on (dtype, 16-divisibility and ==1 of ``numel``, pointer
+    alignment, the constexprs), so a cached binary is only reused where Triton would pick the same one.
+    """
+
+    def __init__(self, world_size: int, slot_bytes: int, timeout_ticks: int, use_ptx: bool, device_index: int):
+        self.world_size = world_size
+        self.slot_bytes = slot_bytes
+        self.timeout_ticks = timeout_ticks
+        self.use_ptx = use_ptx
+        self.device_index = device_index
+        self.wp = triton.next_power_of_2(world_size)
+        self.cache: dict[tuple, object] = {}
+
+    def launch(
+        self,
+        algo: str,
+        tensor: torch.Tensor,
+        out: torch.Tensor,
+        numel: int,
+        itemsize: int,
+        zero_copy: bool,
+        table: torch.Tensor,
+        rank: int,
+        grid_y: int,
+        max_programs: int,
+        virtual: bool = False,
+    ) -> None:
+        """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch)."""
+        block = TILE_BYTES // itemsize
+        if algo == "one_shot":
+            kernel = _k.one_shot_all_reduce_kernel
+            tiles = triton.cdiv(numel, block)
+        elif algo == "two_shot":
+            kernel = _k.two_shot_all_reduce_kernel
+            tiles = triton.cdiv(triton.cdiv(numel, self.world_size), block)
+        else:
+            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot or nccl, got {algo!r}")
+        programs = tiles if tiles < max_programs else max_programs
+        in_ptr = tensor.data_ptr()
+        out_ptr = in_ptr if out is tensor else out.data_ptr()
+        key = (algo, tensor.dtype, zero_copy, virtual, numel % 16 == 0, numel == 1, in_ptr % 16 == 0, out_ptr % 16 == 0)
+        compiled = self.cache.get(key)
+        args = (
+            in_ptr, out_ptr, table.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
+            self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual,
+        )  # fmt: skip
+        if compiled is not None:
+            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+            compiled.run(
+                programs, grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args
+            )
+            return
+        compiled = kernel[(programs, grid_y)](tensor, out, table, *args[3:], num_warps=NUM_WARPS)
+        if self.use_ptx and getattr(compiled, "run", None) is not None and hasattr(compiled, "packed_metadata"):
+            self.cache[key] = compiled
+
+
 class CustomAllReduce:
     """All-reduce (SUM) of one rank over a :class:`SymmetricWorkspace`.
 
@@ -82,10 +144,10 @@ class CustomAllReduce:
         self._timeout_ticks = (
             int(timeout_s * 1e9) if self._use_ptx else max(1, int(timeout_s * INTERPRETER_SPINS_PER_SECOND))
         )
-        self._table_ptr = workspace.table.data_ptr()
-        self._wp = triton.next_power_of_2(self.world_size)
         self._error_view = workspace._error_view
-        self._launch_cache: dict[tuple, object] = {}
+        self._launcher = KernelLauncher(
+            self.world_size, workspace.slot_bytes, self._timeout_ticks, self._use_ptx, self._device_index
+        )
 
     # ------------------------------------------------------------------ policy
     def select(self, nbytes: int) -> Selection:
@@ -162,37 +224,11 @@ class CustomAllReduce:
         return out
 
     def _launch(self, algo: str, tensor: torch.Tensor, out: torch.Tensor, numel: int, itemsize: int, zc: bool):
-        block = TILE_BYTES // itemsize
-        if algo == "one_shot":
-            kernel = _k.one_shot_all_reduce_kernel
-            tiles = triton.cdiv(numel, block)
-        elif algo == "two_shot":
-            kernel = _k.two_shot_all_reduce_kernel
-            tiles = triton.cdiv(triton.cdiv(numel, self.world_size), block)
-        else:
-            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot or nccl, got {algo!r}")
-        programs = tiles if tiles < self.max_programs else self.max_programs
-        in_ptr = tensor.data_ptr()
-        out_ptr = in_ptr if out is tensor else out.data_ptr()
-        # Everything Triton specialises on, so a cached binary is only reused where it is valid.
-        key = (algo, tensor.dtype, zc, numel % 16 == 0, numel == 1, in_ptr % 16 == 0, out_ptr % 16 == 0)
-        compiled = self._launch_cache.get(key)
-        args = (
-            in_ptr, out_ptr, self._table_ptr, numel, self.rank, self.workspace.slot_bytes, self._timeout_ticks,
-            self.world_size, self._wp, block, zc, self._use_ptx,
-        )  # fmt: skip
-        if compiled is not None:
-            stream = torch._C._cuda_getCurrentRawStream(self._device_index)
-            compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
-            return
-        if self._use_ptx:
-            compiled = kernel[(programs,)](tensor, out, self.workspace.table, *args[3:], num_warps=NUM_WARPS)
-            if getattr(compiled, "run", None) is not None and hasattr(compiled, "packed_metadata"):
-                self._launch_cache[key] = compiled
-        else:
-            kernel[(programs,)](tensor, out, self.workspace.table, *args[3:], num_warps=NUM_WARPS)
+        self._launcher.launch(
+            algo, tensor, out, numel, itemsize, zc, self.workspace.table, self.rank, 1, self.max_programs
+        )
 
     def close(self) -> None:
         """Release the workspace (collective in spirit: every rank should close)."""
-        self._launch_cache.clear()
+        self._launcher.cache.clear()
         self.workspace.close()

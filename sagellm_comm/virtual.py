@@ -1,0 +1,153 @@
+"""Virtual ranks: N ranks of the custom all-reduce on one GPU, as N streams of one process.
+
+Only single-GPU machines may be at hand; this harness runs the very same kernels and workspace layout
+as N real GPUs would, with every rank's region on one device and every rank's kernel on its own stream,
+so the kernels of all ranks run concurrently and synchronise through the same flags.  (The multi-process
+form of the same thing, one process per rank under CUDA MPS, is ``SymmetricWorkspace.rendezvous`` with
+``CudaIpcMemory``; tests use both.)
+
+``VirtualRankGroup.all_reduce`` forks from the current stream to the rank streams and joins back, so
+it can be captured in a CUDA graph and replayed: the epochs live on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
+from .errors import BackendNotSupportedError, InvalidArgumentError, WorkspaceExhaustedError
+from .selector import KERNEL_ALGOS, AlgoSelector, Selection
+from .workspace import DEFAULT_SLOT_BYTES, local_workspaces
+
+
+class VirtualRankGroup:
+    """``world_size`` virtual ranks sharing ``device``.
+
+    Args:
+        world_size: number of virtual ranks (2..8).
+        device: the CUDA device all ranks live on.
+        max_bytes: workspace capacity per rank (largest message).
+        max_programs: programs per rank and launch; by default the SMs are divided between the ranks (all
+            ranks' programs must be resident at once).
+        selector: policy for ``algo="auto"``.
+        timeout_s: bound of every device-side wait.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        device: torch.device | str = "cuda:0",
+        max_bytes: int = DEFAULT_SLOT_BYTES,
+        max_programs: int | None = None,
+        selector: AlgoSelector | None = None,
+        timeout_s: float = 30.0,
+    ):
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendNotSupportedError("virtual ranks need a CUDA GPU (none is available here)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if max_programs is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            max_programs = max(1, min(32, sms // world_size))
+        self.world_size = world_size
+        self.device = device
+        self.workspaces = local_workspaces(world_size, max_bytes, device)
+        self.ranks = [
+            CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, max_programs=max_programs)
+            for ws in self.workspaces
+        ]
+        self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
+        self.max_bytes = self.workspaces[0].slot_bytes
+        self.max_programs = max_programs
+        # One launch for all ranks: the rows of every rank's pointer table, stacked.
+        self._stacked_table = torch.cat([ws.table for ws in self.workspaces])
+
+    def select(self, nbytes: int) -> Selection:
+        """The algorithm ``algo="auto"`` picks for ``nbytes`` (same on every rank)."""
+        return self.ranks[0].select(nbytes)
+
+    def get_buffers(self, numel: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+        """Every rank's registered (zero-copy) tensor of ``numel`` elements."""
+        return [r.get_buffer(numel, dtype) for r in self.ranks]
+
+    def all_reduce(
+        self, tensors: Sequence[torch.Tensor], algo: str = "auto", outs: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """All-reduce ``tensors[r]`` of every rank ``r`` (in place unless ``outs``), one stream per rank.
+
+        Work is ordered after what is already on the current stream and the current stream waits for all
+        ranks, so callers see ordinary stream semantics (and CUDA-graph capture works).
+        """
+        if len(tensors) != self.world_size:
+            raise InvalidArgumentError(f"expected {self.world_size} tensors (one per rank), got {len(tensors)}")
+        if outs is not None and len(outs) != self.world_size:
+            raise InvalidArgumentError(f"expected {self.world_size} outputs, got {len(outs)}")
+        shapes = {(t.numel(), t.dtype) for t in tensors}
+        if len(shapes) != 1:
+            raise InvalidArgumentError(
+                f"every rank must all-reduce the same numel and dtype, got {sorted(map(str, shapes))}"
+            )
+        current = torch.cuda.current_stream(self.device)
+        results = []
+        for r, (car, stream) in enumerate(zip(self.ranks, self.streams, strict=True)):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                results.append(car.all_reduce(tensors[r], out=None if outs is None else outs[r], algo=algo))
+        for stream in self.streams:
+            current.wait_stream(stream)
+        return results
+
+    def all_reduce_stacked(self, stacked: torch.Tensor, algo: str = "auto") -> torch.Tensor:
+        """All-reduce row ``r`` of ``stacked`` ([world_size, numel]) as rank ``r``'s tensor, in place.
+
+        All ranks run in *one* kernel launch (grid axis 1 is the rank), the way N GPUs each launch their
+        own kernel at the same moment; the kernel body is the one real ranks run.  This is the mode
+        device-time benchmarks use: N launches on N streams would be serialised by the one GPU's front end.
+        """
+        if stacked.dim() != 2 or stacked.shape[0] != self.world_size:
+            raise InvalidArgumentError(
+                f"stacked must have shape [world_size={self.world_size}, numel], got {tuple(stacked.shape)}"
+            )
+        car = self.ranks[0]
+        if car._error_view[0]:
+            self.check_errors()
+        itemsize = SUPPORTED_DTYPES.get(stacked.dtype)
+        if itemsize is None or not stacked.is_contiguous() or stacked.device != self.device:
+            raise InvalidArgumentError(
+                f"stacked must be a contiguous bf16/fp16/fp32 tensor on {self.device}, got {stacked.dtype} on "
+                f"{stacked.device} (contiguous={stacked.is_contiguous()})"
+            )
+        numel = stacked.shape[1]
+        if numel * itemsize > self.max_bytes:
+            raise WorkspaceExhaustedError(
+                f"{numel * itemsize} bytes per rank exceed the {self.max_bytes}-byte workspace"
+            )
+        if algo == "auto":
+            algo = self.select(numel * itemsize).algo
+        if algo not in KERNEL_ALGOS:
+            raise BackendNotSupportedError(f"virtual ranks run the custom kernels only ({KERNEL_ALGOS}), not {algo!r}")
+        if numel:
+            car._launcher.launch(
+                algo, stacked, stacked, numel, itemsize, False, self._stacked_table, 0, self.world_size,
+                self.max_programs, virtual=True,
+            )  # fmt: skip
+        return stacked
+
+    def check_errors(self) -> None:
+        """Raise ``CommTimeoutError`` if any rank's kernel timed out (no device sync)."""
+        for car in self.ranks:
+            car.check_errors()
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        for car in self.ranks:
+            car.close()
+
+    def __enter__(self) -> VirtualRankGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
