@@ -184,7 +184,7 @@ def main() -> None:
                 err = (stacked.float() - ref.float()).abs().max().item()
                 identical = bool((stacked == stacked[0]).all().item())
                 us = graph_time_us(
-                    lambda a=algo: vg.all_reduce_stacked(stacked, algo=a),
+                    lambda a=algo, g=vg, x=stacked: g.all_reduce_stacked(x, algo=a),
                     args.calls if nbytes < (16 << 20) else calls,
                     args.reps,
                 )
@@ -216,7 +216,7 @@ def main() -> None:
                 + f"  torch: {row['torch_us']:9.2f} us  auto={row['selected']}",
                 flush=True,
             )
-            del base, ref, stacked, out_t
+            del base, ref, out_t
         vg.close()
         torch.cuda.empty_cache()
     host = [] if args.no_host else [host_overhead(w) for w in worlds]
