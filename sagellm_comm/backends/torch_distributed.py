@@ -542,6 +542,8 @@ class TorchDistributedBackend(CommBackend):
         if group is None:
             return self._world
         handle = getattr(group, "handle", group)  # a CommGroup carries its GroupHandle
+        if handle is None:  # a CommGroup over the whole world
+            return self._world
         if not isinstance(handle, GroupHandle):
             raise InvalidArgumentError(f"group must come from new_group(), got {type(group).__name__}")
         if handle is not self._world and not any(handle is h for h in self._groups):

@@ -1,0 +1,321 @@
+"""Groups of ranks and the module-level collective entry points.
+
+A :class:`CommGroup` is a backend plus a set of ranks: the whole world (``CommGroup.create``) or a
+sub-group of it (``world.new_subgroup([0, 1])``, or ``world.split(tp_size)`` for tensor-parallel
+groups).  :class:`CollectiveOps` (and the functions of the same names here) run an operation on a
+group, or on the default group set by :func:`init` when ``group`` is None::
+
+    world = sagellm_comm.init(backend="gloo")            # torchrun env, or rank=/world_size=/...
+    tp = world.split(2)                                   # ranks {0,1}, {2,3}, ...
+    CollectiveOps.all_reduce(x, group=tp)                 # in place over this rank's TP group
+    sagellm_comm.destroy()
+
+Ranks passed to a group (``src``, ``dst``, ``new_subgroup`` members) are ranks *of that group*:
+``tp.ranks[i]`` is the global rank of group rank ``i``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sagellm_comm.backend import (
+    AUTO,
+    DEFAULT_TIMEOUT_S,
+    CommBackend,
+    GroupHandle,
+    ReduceOp,
+    Work,
+    get_comm_backend,
+)
+from sagellm_comm.errors import (
+    GroupInvalidError,
+    InvalidArgumentError,
+    NotInitializedError,
+    RankMismatchError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CollectiveOps",
+    "CommGroup",
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "destroy",
+    "get_default_backend",
+    "get_default_group",
+    "init",
+    "recv",
+    "reduce_scatter",
+    "send",
+]
+
+
+class CommGroup:
+    """A set of ranks served by one :class:`CommBackend`.
+
+    Attributes:
+        backend: the backend that runs this group's operations.
+        handle: the backend's :class:`GroupHandle`, or None for the whole world.
+    """
+
+    def __init__(self, backend: CommBackend, handle: GroupHandle | None = None, *, owns_backend: bool = False):
+        if not isinstance(backend, CommBackend):
+            raise InvalidArgumentError(f"backend must be a CommBackend, got {type(backend).__name__}")
+        self.backend = backend
+        self.handle = handle
+        self._owns_backend = owns_backend
+
+    @classmethod
+    def create(
+        cls,
+        world_size: int | None = None,
+        rank: int | None = None,
+        backend: str | CommBackend = AUTO,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> CommGroup:
+        """Initialise ``backend`` (a kind, ``"auto"``, or an uninitialised instance) and return the
+        world group; :meth:`destroy` then releases the backend too. Blocking rendezvous, bounded by
+        ``timeout`` seconds; omitted arguments come from torchrun's environment."""
+        engine = backend if isinstance(backend, CommBackend) else get_comm_backend(backend, **kwargs)
+        engine.init(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port, timeout=timeout)
+        return cls(engine, None, owns_backend=True)
+
+    # ------------------------------------------------------------------ membership
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Global ranks of the members; group rank ``i`` is ``ranks[i]``."""
+        if self.handle is None:
+            return tuple(range(self.backend.world_size))
+        return self.handle.ranks
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group (-1 if it is not a member)."""
+        return self.backend.rank if self.handle is None else self.handle.rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def is_member(self) -> bool:
+        return self.rank >= 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def global_rank(self, group_rank: int) -> int:
+        """Global rank of ``group_rank``."""
+        if isinstance(group_rank, bool) or not isinstance(group_rank, int):
+            raise InvalidArgumentError(f"group rank must be an int, got {group_rank!r}")
+        if not 0 <= group_rank < self.world_size:
+            raise GroupInvalidError(f"group rank {group_rank} is outside [0, {self.world_size - 1}]")
+        return self.ranks[group_rank]
+
+    # ------------------------------------------------------------------ sub-groups
+    def new_subgroup(self, ranks: Sequence[int]) -> CommGroup:
+        """Sub-group of this group's ``ranks`` (group ranks, not global ones).
+
+        Collective over the backend's whole world: every rank of the world calls it with the same
+        ``ranks``; non-members get a group with ``is_member == False``.
+        """
+        members = list(ranks) if not isinstance(ranks, int | str) else None
+        if not members:
+            raise GroupInvalidError(f"sub-group ranks must be a non-empty list of ints, got {ranks!r}")
+        if len(set(members)) != len(members):
+            raise GroupInvalidError(f"sub-group ranks {members} contain duplicates")
+        return CommGroup(self.backend, self.backend.new_group([self.global_rank(r) for r in members]))
+
+    def split(self, group_size: int) -> CommGroup:
+        """Cut this group into consecutive blocks of ``group_size`` ranks (tensor-parallel groups)
+        and return the block holding this rank. Collective: every rank of the world calls it."""
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise GroupInvalidError(f"group_size must be a positive int, got {group_size!r}")
+        if self.world_size % group_size:
+            raise GroupInvalidError(f"group of {self.world_size} ranks cannot be split into blocks of {group_size}")
+        mine = None
+        for start in range(0, self.world_size, group_size):  # every block is made on every rank
+            block = self.new_subgroup(range(start, start + group_size))
+            if block.is_member:
+                mine = block
+        return mine if mine is not None else block
+
+    # ------------------------------------------------------------------ operations (see CommBackend)
+    def all_reduce(self, tensor, op=ReduceOp.SUM, async_op=False):
+        return self.backend.all_reduce(tensor, op, self, async_op)
+
+    def all_gather(self, output, tensor, async_op=False):
+        return self.backend.all_gather(output, tensor, self, async_op)
+
+    def reduce_scatter(self, output, input, op=ReduceOp.SUM, async_op=False):
+        return self.backend.reduce_scatter(output, input, op, self, async_op)
+
+    def broadcast(self, tensor, src=0, async_op=False):
+        return self.backend.broadcast(tensor, src, self, async_op)
+
+    def send(self, tensor, dst, async_op=False):
+        return self.backend.send(tensor, dst, self, async_op)
+
+    def recv(self, tensor, src, async_op=False):
+        return self.backend.recv(tensor, src, self, async_op)
+
+    def barrier(self, timeout: float | None = None) -> None:
+        self.backend.barrier(self, timeout)
+
+    def all_to_all(self, output, input, async_op=False):
+        return self.backend.all_to_all(output, input, self, async_op)
+
+    # ------------------------------------------------------------------ lifecycle
+    def destroy(self) -> None:
+        """Release the backend if this group created it (``CommGroup.create``); else nothing."""
+        if self._owns_backend:
+            self.backend.destroy()
+
+    def __enter__(self) -> CommGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        if not self.backend.is_initialized:
+            return f"CommGroup(backend={self.backend.name!r}, destroyed)"
+        return f"CommGroup(backend={self.backend.name!r}, ranks={list(self.ranks)}, rank={self.rank})"
+
+
+# ====================================================================== default group
+
+_DEFAULT: CommGroup | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def init(
+    rank: int | None = None,
+    world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    backend: str | CommBackend = AUTO,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **kwargs: Any,
+) -> CommGroup:
+    """Initialise the process-wide default group (what ``group=None`` means in :class:`CollectiveOps`).
+
+    Returns the world :class:`CommGroup`. Calling it again while initialised returns the same group
+    when the arguments agree (and raises ``comm_rank_mismatch`` when they do not).
+    """
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is not None and _DEFAULT.backend.is_initialized:
+            have = (_DEFAULT.backend.rank, _DEFAULT.backend.world_size)
+            if (rank is not None and rank != have[0]) or (world_size is not None and world_size != have[1]):
+                raise RankMismatchError(
+                    f"default group already initialised as rank {have[0]}/{have[1]}, asked for "
+                    f"{rank}/{world_size}; call sagellm_comm.destroy() first"
+                )
+            return _DEFAULT
+        _DEFAULT = CommGroup.create(
+            world_size=world_size,
+            rank=rank,
+            backend=backend,
+            master_addr=master_addr,
+            master_port=master_port,
+            timeout=timeout,
+            **kwargs,
+        )
+        return _DEFAULT
+
+
+def get_default_group() -> CommGroup:
+    """The group set by :func:`init`; raises ``comm_not_initialized`` before it."""
+    if _DEFAULT is None or not _DEFAULT.backend.is_initialized:
+        raise NotInitializedError("no default group: call sagellm_comm.init(...) first")
+    return _DEFAULT
+
+
+def get_default_backend() -> CommBackend:
+    """The backend of the default group; raises ``comm_not_initialized`` before :func:`init`."""
+    return get_default_group().backend
+
+
+def destroy() -> None:
+    """Release the default group and its backend (idempotent)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        group, _DEFAULT = _DEFAULT, None
+    if group is not None:
+        group.destroy()
+
+
+def _resolve(group: CommGroup | None) -> CommGroup:
+    if group is None:
+        return get_default_group()
+    if not isinstance(group, CommGroup):
+        raise InvalidArgumentError(f"group must be a CommGroup or None, got {type(group).__name__}")
+    return group
+
+
+# ====================================================================== entry points
+
+
+def all_reduce(tensor, op=ReduceOp.SUM, group: CommGroup | None = None, async_op: bool = False):
+    """In place over ``group`` (default group if None); returns ``tensor`` or a :class:`Work`."""
+    return _resolve(group).all_reduce(tensor, op, async_op)
+
+
+def all_gather(output, tensor, group: CommGroup | None = None, async_op: bool = False):
+    """``output``: list of ``world_size`` tensors like ``tensor``, or one flat tensor (rank-major)."""
+    return _resolve(group).all_gather(output, tensor, async_op)
+
+
+def reduce_scatter(output, input, op=ReduceOp.SUM, group: CommGroup | None = None, async_op: bool = False):
+    """``output`` receives chunk ``group.rank`` of the reduction of every rank's ``input``."""
+    return _resolve(group).reduce_scatter(output, input, op, async_op)
+
+
+def broadcast(tensor, src: int = 0, group: CommGroup | None = None, async_op: bool = False):
+    """Copy group rank ``src``'s ``tensor`` to every rank, in place."""
+    return _resolve(group).broadcast(tensor, src, async_op)
+
+
+def send(tensor, dst: int, group: CommGroup | None = None, async_op: bool = False) -> None | Work:
+    """Send ``tensor`` to group rank ``dst``."""
+    return _resolve(group).send(tensor, dst, async_op)
+
+
+def recv(tensor, src: int, group: CommGroup | None = None, async_op: bool = False):
+    """Receive into ``tensor`` from group rank ``src``."""
+    return _resolve(group).recv(tensor, src, async_op)
+
+
+def barrier(group: CommGroup | None = None, timeout: float | None = None) -> None:
+    """Block until every rank of ``group`` arrives; ``comm_timeout`` names the ranks that did not."""
+    _resolve(group).barrier(timeout)
+
+
+def all_to_all(output, input, group: CommGroup | None = None, async_op: bool = False):
+    """Rank i's ``input[j]`` lands in rank j's ``output[i]`` (lists, or tensors split on dim 0)."""
+    return _resolve(group).all_to_all(output, input, async_op)
+
+
+class CollectiveOps:
+    """Namespace of the entry points above: ``CollectiveOps.all_reduce(t, op=..., group=g)``."""
+
+    all_reduce = staticmethod(all_reduce)
+    all_gather = staticmethod(all_gather)
+    reduce_scatter = staticmethod(reduce_scatter)
+    broadcast = staticmethod(broadcast)
+    send = staticmethod(send)
+    recv = staticmethod(recv)
+    barrier = staticmethod(barrier)
+    all_to_all = staticmethod(all_to_all)

@@ -1,0 +1,382 @@
+"""What the machine looks like to the communication layer: GPUs, the links between them, which ranks
+share a node.
+
+``Topology.discover(group=None)`` tries, in order:
+
+1. ``SAGELLM_COMM_TOPOLOGY``: a JSON object (the string itself, or a path to a file) describing the
+   GPUs; for tests and machines whose drivers misreport.  ``source == "env"``.
+2. NVML (``nvidia-ml-py``): names, PCI ids, NVLink (``NVML_P2P_CAPS_INDEX_NVLINK`` and link counts),
+   the PCIe level between every pair (``nvmlDeviceGetTopologyCommonAncestor``) and the driver's
+   peer-read capability.  ``source == "nvml"``.
+3. torch.cuda: names and ``can_device_access_peer``; the link kind is unknown.  ``source == "cuda"``.
+4. No GPU: an empty CPU-only topology.  ``source == "cpu"``.  Discovery never raises on a machine
+   without GPUs; only a malformed ``SAGELLM_COMM_TOPOLOGY`` is an error (it was asked for).
+
+Link labels follow ``nvidia-smi topo -m``: ``X`` (self), ``NV<n>`` (n NVLinks, direct or through
+NVSwitch), ``PIX`` (one PCIe switch), ``PXB`` (several PCIe switches), ``PHB`` (PCIe host bridge),
+``NODE`` (host bridges in one NUMA node), ``SYS`` (across NUMA nodes), ``none`` (no path known),
+``unknown`` (torch.cuda source: the path is not reported).  Peer access is what the driver *claims*;
+a real peer copy test decides before kernels rely on it.
+
+With a ``group`` (a :class:`~sagellm_comm.group.CommGroup` or an initialised
+:class:`~sagellm_comm.backend.CommBackend`), every rank's hostname is gathered over the backend's
+Gloo CPU group (collective: every member calls ``discover``), so :meth:`Topology.same_node` answers
+from facts, never guesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sagellm_comm.errors import InvalidArgumentError, UnavailableError
+
+__all__ = ["ENV_VAR", "GPUInfo", "Topology"]
+
+ENV_VAR = "SAGELLM_COMM_TOPOLOGY"
+PCIE_LEVELS = ("PIX", "PXB", "PHB", "NODE", "SYS")
+SOURCES = ("nvml", "cuda", "env", "cpu")
+
+
+@dataclass
+class GPUInfo:
+    """One GPU as this process sees it (``index`` is the CUDA device index)."""
+
+    index: int
+    name: str = "unknown"
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
+class Topology:
+    """GPUs of this node, their link matrix and, when discovered with a group, every rank's host.
+
+    Attributes:
+        source: where the GPU data came from: ``nvml``, ``cuda``, ``env`` or ``cpu``.
+        hostname: this process's host.
+        gpus: the GPUs visible to this process.
+        links: ``links[i][j]`` is the label of the path between GPU i and GPU j (see module doc).
+        peer_access: ``peer_access[i][j]``: the driver reports that GPU i can read GPU j's memory.
+        ranks: global ranks of the group given to ``discover`` (empty without one).
+        rank_hostnames: ``rank_hostnames[k]`` is the host of global rank ``ranks[k]``.
+    """
+
+    source: str
+    hostname: str
+    gpus: list[GPUInfo] = field(default_factory=list)
+    links: list[list[str]] = field(default_factory=list)
+    peer_access: list[list[bool]] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    rank_hostnames: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ discovery
+    @classmethod
+    def discover(cls, group: Any = None) -> Topology:
+        """Describe this node (see module doc); with ``group``, gather every member's hostname."""
+        override = os.environ.get(ENV_VAR)
+        if override:
+            topo = cls.from_dict(_load_override(override), source="env")
+        else:
+            topo = _from_nvml() or _from_cuda() or cls(source="cpu", hostname=socket.gethostname())
+        if group is not None and not topo.ranks:
+            topo.ranks, topo.rank_hostnames = _gather_hostnames(group, topo.hostname)
+        return topo
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "env") -> Topology:
+        """Build from :meth:`to_dict`'s form, or the short one: ``{"num_gpus": 8, "link": "NV18"}``.
+
+        Full form keys: ``gpus`` (list of GPUInfo dicts or names), ``links`` (n x n labels),
+        ``peer_access`` (n x n bools or one bool), ``hostname``, ``ranks`` and ``rank_hostnames``.
+        Unless given, peer access is assumed exactly where the link is NVLink.
+        """
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(f"{ENV_VAR} must describe a JSON object, got {type(data).__name__}")
+        try:
+            gpus = [
+                GPUInfo(**g) if isinstance(g, dict) else GPUInfo(index=i, name=str(g))
+                for i, g in enumerate(data.get("gpus") or [])
+            ]
+            if not gpus and data.get("num_gpus"):
+                gpus = [GPUInfo(index=i, name=str(data.get("gpu_name", "unknown"))) for i in range(data["num_gpus"])]
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{ENV_VAR}: bad 'gpus'/'num_gpus' entry: {exc}") from exc
+        n = len(gpus)
+        links = data.get("links")
+        if links is None:
+            uniform = str(data.get("link", "none"))
+            links = [["X" if i == j else uniform for j in range(n)] for i in range(n)]
+        _check_matrix(links, n, "links", str)
+        for i, row in enumerate(links):
+            for j, label in enumerate(row):
+                if (i == j) != (label == "X") or not _valid_label(label):
+                    raise InvalidArgumentError(
+                        f"{ENV_VAR}: links[{i}][{j}] = {label!r}; expected 'X' on the diagonal only, "
+                        f"else NV<n>, {', '.join(PCIE_LEVELS)}, none or unknown"
+                    )
+        peer = data.get("peer_access")
+        if peer is None or isinstance(peer, bool):
+            peer = [
+                [i != j and (peer if peer is not None else links[i][j].startswith("NV")) for j in range(n)]
+                for i in range(n)
+            ]
+        _check_matrix(peer, n, "peer_access", bool)
+        ranks = [int(r) for r in data.get("ranks", [])]
+        hosts = [str(h) for h in data.get("rank_hostnames", [])]
+        if hosts and not ranks:
+            ranks = list(range(len(hosts)))
+        if len(ranks) != len(hosts):
+            raise InvalidArgumentError(f"{ENV_VAR}: 'ranks' and 'rank_hostnames' differ in length")
+        if source not in SOURCES:
+            raise InvalidArgumentError(f"source must be one of {SOURCES}, got {source!r}")
+        hostname = str(data.get("hostname") or socket.gethostname())
+        return cls(source, hostname, gpus, [list(r) for r in links], [list(r) for r in peer], ranks, hosts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``Topology.from_dict(t.to_dict(), t.source)`` rebuilds ``t``."""
+        return asdict(self)
+
+    # ------------------------------------------------------------------ questions
+    @property
+    def num_gpus(self) -> int:
+        return len(self.gpus)
+
+    def link(self, i: int, j: int) -> str:
+        """Label of the path between GPU ``i`` and GPU ``j``."""
+        for k in (i, j):
+            if not 0 <= k < self.num_gpus:
+                raise InvalidArgumentError(f"GPU index {k} is outside [0, {self.num_gpus - 1}]")
+        return self.links[i][j]
+
+    def nvlink_count(self, i: int, j: int) -> int:
+        """Number of NVLinks between GPU ``i`` and GPU ``j`` (0 when none)."""
+        label = self.link(i, j)
+        return int(label[2:]) if label.startswith("NV") else 0
+
+    def all_pairs_p2p(self, devices: Sequence[int] | None = None, nvlink_only: bool = False) -> bool:
+        """True if every pair of ``devices`` (default: all GPUs) is NVLink-connected or, unless
+        ``nvlink_only``, peer-access capable. Fewer than two devices: True (nothing to connect)."""
+        devs = list(range(self.num_gpus)) if devices is None else list(devices)
+        for i in devs:
+            for j in devs:
+                if i == j:
+                    continue
+                nvlink = self.nvlink_count(i, j) > 0
+                if not (nvlink or (not nvlink_only and self.peer_access[i][j])):
+                    return False
+        return True
+
+    def hosts(self) -> dict[str, list[int]]:
+        """Host -> global ranks on it (needs ``discover(group)``)."""
+        self._need_group()
+        by_host: dict[str, list[int]] = {}
+        for rank, host in zip(self.ranks, self.rank_hostnames, strict=True):
+            by_host.setdefault(host, []).append(rank)
+        return by_host
+
+    def same_node(self, ranks: Sequence[int] | None = None) -> bool:
+        """True if all ``ranks`` (global; default: the whole group) run on one host."""
+        self._need_group()
+        wanted = list(self.ranks) if ranks is None else list(ranks)
+        unknown = [r for r in wanted if r not in self.ranks]
+        if unknown:
+            raise InvalidArgumentError(f"ranks {unknown} are not in the discovered group {self.ranks}")
+        return len({self.rank_hostnames[self.ranks.index(r)] for r in wanted}) <= 1
+
+    def _need_group(self) -> None:
+        if not self.ranks:
+            raise UnavailableError("this topology has no rank hostnames: call Topology.discover(group=...)")
+
+    # ------------------------------------------------------------------ text
+    def format_matrix(self, peer_access: bool = True) -> str:
+        """The link matrix as text, like ``nvidia-smi topo -m`` (plus the peer-access matrix)."""
+        lines = [f"host {self.hostname}, source {self.source}, {self.num_gpus} GPU(s)"]
+        if self.gpus:
+            names = [f"GPU{g.index}" for g in self.gpus]
+            width = max(6, *(len(x) for x in names), *(len(x) for row in self.links for x in row)) + 2
+            lines.append(" " * width + "".join(n.ljust(width) for n in names) + "Name")
+            for g, row in zip(self.gpus, self.links, strict=True):
+                lines.append(f"GPU{g.index}".ljust(width) + "".join(x.ljust(width) for x in row) + g.name)
+            if peer_access:
+                lines.append("")
+                lines.append("peer access (driver-reported):".ljust(width))
+                lines.append(" " * width + "".join(n.ljust(width) for n in names))
+                for i, g in enumerate(self.gpus):
+                    cells = ["X" if i == j else ("OK" if ok else "NS") for j, ok in enumerate(self.peer_access[i])]
+                    lines.append(f"GPU{g.index}".ljust(width) + "".join(c.ljust(width) for c in cells).rstrip())
+            lines += [
+                "",
+                "Legend: X = self, NV# = # NVLinks, PIX = one PCIe switch, PXB = several PCIe switches,",
+                "        PHB = PCIe host bridge, NODE = within a NUMA node, SYS = across NUMA nodes,",
+                "        none = no path, unknown = not reported; OK/NS = peer access supported/not",
+            ]
+        else:
+            lines.append("no GPU visible: CPU-only (Gloo) communication")
+        if self.ranks:
+            lines.append("")
+            for host, ranks in self.hosts().items():
+                lines.append(f"ranks on {host}: {', '.join(map(str, ranks))}")
+        return "\n".join(line.rstrip() for line in lines)
+
+    def __str__(self) -> str:
+        return self.format_matrix()
+
+
+# ====================================================================== sources
+
+
+def _load_override(value: str) -> dict[str, Any]:
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            with open(value, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise InvalidArgumentError(f"{ENV_VAR}={value!r} is neither a JSON object nor a readable file") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{ENV_VAR} is not valid JSON: {exc}") from exc
+
+
+def _check_matrix(matrix: Any, n: int, what: str, kind: type) -> None:
+    ok = isinstance(matrix, list) and len(matrix) == n
+    ok = ok and all(isinstance(row, list) and len(row) == n and all(isinstance(x, kind) for x in row) for row in matrix)
+    if not ok:
+        raise InvalidArgumentError(f"{ENV_VAR}: '{what}' must be a {n}x{n} matrix of {kind.__name__}")
+
+
+def _valid_label(label: str) -> bool:
+    if label.startswith("NV"):
+        return label[2:].isdigit() and int(label[2:]) > 0
+    return label in ("X", "none", "unknown", *PCIE_LEVELS)
+
+
+def _from_nvml() -> Topology | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, no GPU: not an error, try the next source
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        if count == 0:
+            return None
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        gpus = []
+        for i, h in enumerate(handles):
+            name = pynvml.nvmlDeviceGetName(h)
+            gpus.append(
+                GPUInfo(
+                    index=i,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
+                    pci_bus_id=_text(pynvml.nvmlDeviceGetPciInfo(h).busId).lower(),
+                    memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+                )
+            )
+        links = [["X"] * count for _ in range(count)]
+        peer = [[False] * count for _ in range(count)]
+        active = [_nvml_nvlinks(pynvml, h, gpus) for h in handles]
+        for i in range(count):
+            for j in range(count):
+                if i == j:
+                    continue
+                peer[i][j] = _p2p_ok(pynvml, handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_READ)
+                if _p2p_ok(pynvml, handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_NVLINK):
+                    direct, total = active[i]
+                    links[i][j] = f"NV{direct.get(j) or total or 1}"
+                else:
+                    links[i][j] = _pcie_level(pynvml, handles[i], handles[j])
+        return Topology("nvml", socket.gethostname(), gpus, links, peer)
+    except Exception:
+        return None  # a partial NVML (old driver) falls back to torch.cuda
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _nvml_nvlinks(pynvml: Any, handle: Any, gpus: list[GPUInfo]) -> tuple[dict[int, int], int]:
+    """(links going straight to each peer GPU, active links in total); NVSwitch links count only in total."""
+    by_bus = {g.pci_bus_id: g.index for g in gpus}
+    direct: dict[int, int] = {}
+    total = 0
+    for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+        try:
+            if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
+                continue
+        except Exception:
+            continue
+        total += 1
+        try:
+            remote = _text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId).lower()
+        except Exception:
+            continue
+        if remote in by_bus:
+            direct[by_bus[remote]] = direct.get(by_bus[remote], 0) + 1
+    return direct, total
+
+
+def _p2p_ok(pynvml: Any, a: Any, b: Any, caps: int) -> bool:
+    try:
+        return pynvml.nvmlDeviceGetP2PStatus(a, b, caps) == pynvml.NVML_P2P_STATUS_OK
+    except Exception:
+        return False
+
+
+def _pcie_level(pynvml: Any, a: Any, b: Any) -> str:
+    try:
+        level = pynvml.nvmlDeviceGetTopologyCommonAncestor(a, b)
+    except Exception:
+        return "none"
+    return {
+        pynvml.NVML_TOPOLOGY_INTERNAL: "PIX",
+        pynvml.NVML_TOPOLOGY_SINGLE: "PIX",
+        pynvml.NVML_TOPOLOGY_MULTIPLE: "PXB",
+        pynvml.NVML_TOPOLOGY_HOSTBRIDGE: "PHB",
+        pynvml.NVML_TOPOLOGY_NODE: "NODE",
+        pynvml.NVML_TOPOLOGY_SYSTEM: "SYS",
+    }.get(level, "none")
+
+
+def _from_cuda() -> Topology | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            return None
+        count = torch.cuda.device_count()
+        gpus = []
+        for i in range(count):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(GPUInfo(index=i, name=props.name, memory_bytes=int(props.total_memory)))
+        peer = [[i != j and torch.cuda.can_device_access_peer(i, j) for j in range(count)] for i in range(count)]
+    except Exception:
+        return None
+    links = [["X" if i == j else "unknown" for j in range(count)] for i in range(count)]
+    return Topology("cuda", socket.gethostname(), gpus, links, peer)
+
+
+def _gather_hostnames(group: Any, hostname: str) -> tuple[list[int], list[str]]:
+    """Every member's hostname, over the Gloo CPU group of ``group`` (collective)."""
+    import torch.distributed as dist
+
+    backend = getattr(group, "backend", group)  # CommGroup -> its backend; else a CommBackend
+    handle = getattr(group, "handle", None)
+    cpu_group = handle.cpu_group if handle is not None else backend.cpu_group
+    ranks = list(handle.ranks) if handle is not None else list(range(backend.world_size))
+    hostnames: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(hostnames, hostname, group=cpu_group)
+    return ranks, [str(h) for h in hostnames]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
