@@ -203,11 +203,16 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
 # ============================================================================ virtual ranks
 
 
-def measure_virtual(group: Any, settings: LoopSettings, zero_copy: bool = False) -> Measurement:
+def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", zero_copy: bool = False) -> Measurement:
     """Every (size, algo) point on a :class:`~sagellm_comm.virtual.VirtualRankGroup` (all-reduce only).
 
     Each virtual rank has its own input (the pattern of its rank); the timed call reduces all of them
     in place; one sample is the time of the whole group's call on the current stream.
+
+    ``mode="stacked"``: one launch for all ranks (``group.all_reduce_stacked``, rows of one
+    ``[world_size, numel]`` tensor), the way N GPUs launch at the same moment: device time.
+    ``mode="streams"``: one launch per rank on its own stream (``group.all_reduce``), the per-rank host
+    path; ``zero_copy`` then reduces the workspace's registered buffers instead of copying inputs in.
     """
     device = group.device
     world_size = group.world_size
@@ -217,24 +222,41 @@ def measure_virtual(group: Any, settings: LoopSettings, zero_copy: bool = False)
         per_rank = [
             make_buffers("all_reduce", nbytes, settings.dtype, r, world_size, device) for r in range(world_size)
         ]
-        count = per_rank[0].count
-        works = group.get_buffers(count, settings.dtype) if zero_copy else [b.work for b in per_rank]
-        sources = [b.source for b in per_rank]
+        count, point_bytes = per_rank[0].count, per_rank[0].nbytes
         expected = per_rank[0].expected()
+        if mode == "stacked":
+            source = torch.stack([b.source for b in per_rank])
+            work = source.clone()
+            works = list(work.unbind(0))
 
-        def reset(works=works, sources=sources) -> None:
-            for work, source in zip(works, sources, strict=True):
+            def reset(work=work, source=source) -> None:
                 work.copy_(source)
 
+        else:
+            sources = [b.source for b in per_rank]
+            works = group.get_buffers(count, settings.dtype) if zero_copy else [b.work for b in per_rank]
+
+            def reset(works=works, sources=sources) -> None:
+                for work, source in zip(works, sources, strict=True):
+                    work.copy_(source)
+
+        del per_rank
         for algo in settings.algos:
             if algo == "auto":
-                selection = group.select(per_rank[0].nbytes)
+                selection = group.select(point_bytes)
                 algo_id, rule_id, reason = selection.algo, selection.rule_id, selection.reason
             else:
                 algo_id, rule_id, reason = algo, "explicit", f"--algo {algo}"
 
-            def call(works=works, algo=algo) -> object:
-                return group.all_reduce(works, algo=algo)
+            if mode == "stacked":
+
+                def call(work=work, algo=algo) -> object:
+                    return group.all_reduce_stacked(work, algo=algo)
+
+            else:
+
+                def call(works=works, algo=algo) -> object:
+                    return group.all_reduce(works, algo=algo)
 
             try:
                 timed = call
@@ -249,18 +271,14 @@ def measure_virtual(group: Any, settings: LoopSettings, zero_copy: bool = False)
                 timed()
                 torch.cuda.synchronize(device)
                 group.check_errors()
-                wrong = sum(count_wrong(work, expected) for work in works)
+                wrong = sum(count_wrong(w, expected) for w in works)
             except (CommError, RuntimeError) as exc:
                 result.failed = True
-                result.skipped.append(
-                    {"algo": algo, "bytes": per_rank[0].nbytes, "reason": f"{type(exc).__name__}: {exc}"}
-                )
-                bar.step(f"{nbytes} B {algo} FAILED")
+                result.skipped.append({"algo": algo, "bytes": point_bytes, "reason": f"{type(exc).__name__}: {exc}"})
+                bar.step(f"{point_bytes} B {algo} FAILED")
                 continue
-            result.points.append(
-                Point(per_rank[0].nbytes, count, algo, algo_id, rule_id, reason, summarize(samples), wrong)
-            )
-            bar.step(f"{nbytes} B {algo_id}")
-        del per_rank, works, sources, expected
+            result.points.append(Point(point_bytes, count, algo, algo_id, rule_id, reason, summarize(samples), wrong))
+            bar.step(f"{point_bytes} B {algo_id}")
+        del works, expected, reset
     bar.close()
     return result

@@ -23,6 +23,7 @@ from sagellm_comm.benchmark.runner import (
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_WARMUP,
+    VIRTUAL_MODES,
     BenchConfig,
     command_line,
     plan_launch,
@@ -79,7 +80,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU")
     where.add_argument(
-        "--zero-copy", action="store_true", help="virtual ranks: reduce the workspace's own buffers (no copy-in)"
+        "--virtual-mode",
+        choices=VIRTUAL_MODES,
+        default="stacked",
+        help="virtual ranks: 'stacked' = one launch for all ranks (device time, as N GPUs launching at once; "
+        "default), 'streams' = one launch per rank on its own stream",
+    )
+    where.add_argument(
+        "--zero-copy",
+        action="store_true",
+        help="virtual ranks, streams mode: reduce the workspace's own buffers (no copy-in)",
     )
 
     out = parser.add_argument_group("output")
@@ -114,6 +124,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         plot=args.plot,
         world_size=args.world_size,
         virtual_ranks=args.virtual_ranks,
+        virtual_mode=args.virtual_mode,
         zero_copy=args.zero_copy,
         progress=not args.no_progress,
         timeout=args.timeout,

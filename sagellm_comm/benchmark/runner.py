@@ -50,6 +50,7 @@ DEFAULT_CPU_SIZES = "1K:1M"
 DEFAULT_WARMUP = 5
 DEFAULT_ITERS = 20
 DEFAULT_SPAWN_WORLD_SIZE = 2
+VIRTUAL_MODES = ("stacked", "streams")
 VIRTUAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDOPS = {"all_reduce": "sum", "reduce_scatter": "sum", "all_gather": "none", "broadcast": "none"}
 
@@ -71,6 +72,7 @@ class BenchConfig:
     plot: str | None = None
     world_size: int | None = None
     virtual_ranks: int | None = None
+    virtual_mode: str = "stacked"  # stacked: one launch for all ranks; streams: one launch per rank
     zero_copy: bool = False
     progress: bool = True
     timeout: float = 120.0
@@ -159,6 +161,12 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             ) from exc
     if config.zero_copy and config.virtual_ranks is None:
         raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
+    if config.virtual_mode not in VIRTUAL_MODES:
+        raise InvalidArgumentError(
+            f"--virtual-mode must be one of {', '.join(VIRTUAL_MODES)}, got {config.virtual_mode!r}"
+        )
+    if config.zero_copy and config.virtual_mode != "streams":
+        raise InvalidArgumentError("--zero-copy needs --virtual-mode streams (stacked mode reduces one stacked tensor)")
 
     if config.virtual_ranks is not None:
         if config.virtual_ranks < 1:
@@ -289,6 +297,7 @@ def build_result(
     algos = algo_rules.parse_algos(config.algos)
     dtype = resolve_dtype(config.dtype)
     cuda = device.type == "cuda"
+    launch_mode = f"virtual_{config.virtual_mode}" if plan.mode == "virtual" else plan.mode
     info = RunInfo(
         command=config.command,
         op_type=config.op,
@@ -296,7 +305,7 @@ def build_result(
         backend_requested=config.backend,
         backend_kind=backend_kind,
         world_size=plan.world_size,
-        launch_mode=plan.mode,
+        launch_mode=launch_mode,
         timing_method=_timing_method(config.graph, cuda),
         graph=config.graph,
         algos_requested=algos,
@@ -342,7 +351,7 @@ def build_result(
                 selection_reason=point.reason,
                 topology_source=info.topology_source,
                 timing_method=info.timing_method,
-                launch_mode=plan.mode,
+                launch_mode=launch_mode,
                 warmup_iters=config.warmup,
                 benchmark_iters=config.iters,
                 device_name=info.device_name,
@@ -401,7 +410,9 @@ def run_virtual(config: BenchConfig, plan: LaunchPlan) -> BenchmarkResult:
     device = torch.device("cuda", torch.cuda.current_device())
     group = VirtualRankGroup(plan.world_size, device=device, max_bytes=max(plan.sizes), selector=_load_selector(config))
     try:
-        measurement = measure_virtual(group, _settings(config, plan, 0), zero_copy=config.zero_copy)
+        measurement = measure_virtual(
+            group, _settings(config, plan, 0), mode=config.virtual_mode, zero_copy=config.zero_copy
+        )
     finally:
         group.close()
     return build_result(config, plan, measurement, "custom", device)

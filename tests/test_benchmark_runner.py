@@ -1,0 +1,236 @@
+"""The benchmark's runner: algo rules, launch planning, cross-rank reduction, the Python API."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, run_ranks
+from sagellm_comm.benchmark import BenchConfig, run_all_reduce_benchmark, run_benchmark
+from sagellm_comm.benchmark import algos as algo_rules
+from sagellm_comm.benchmark.ops import rank_pattern
+from sagellm_comm.benchmark.runner import LaunchPlan, plan_launch, run_rank
+from sagellm_comm.errors import InvalidArgumentError
+
+# ------------------------------------------------------------------------------------------ algo rules
+
+
+def test_parse_algos():
+    assert algo_rules.parse_algos(None) == ["auto"]
+    assert algo_rules.parse_algos(["one_shot,two_shot", "nccl", "one_shot"]) == ["one_shot", "two_shot", "nccl"]
+    with pytest.raises(InvalidArgumentError, match="unknown algo 'fast'"):
+        algo_rules.parse_algos("fast")
+
+
+@pytest.mark.parametrize(
+    ("algos", "kind", "op", "virtual"),
+    [
+        (["auto"], "gloo", "all_reduce", False),
+        (["auto", "one_shot", "two_shot", "nccl"], "custom", "all_reduce", False),
+        (["one_shot", "two_shot", "ring"], "custom", "all_reduce", False),
+        (["tree"], "nccl", "all_reduce", False),
+        (["ring"], "nccl", "all_gather", False),
+        (["auto", "one_shot", "two_shot"], "custom", "all_reduce", True),
+    ],
+)
+def test_check_algos_accepts(algos, kind, op, virtual):
+    algo_rules.check_algos(algos, kind, op, virtual)
+
+
+@pytest.mark.parametrize(
+    ("algos", "kind", "op", "virtual", "message"),
+    [
+        (["one_shot"], "gloo", "all_reduce", False, "custom-kernel algorithm"),
+        (["nccl"], "gloo", "all_reduce", False, "runs its own algorithm"),
+        (["one_shot"], "nccl", "all_reduce", False, "use --backend custom"),
+        (["tree"], "nccl", "reduce_scatter", False, "Tree for all_reduce only"),
+        (["one_shot"], "custom", "all_gather", False, "has no custom kernel"),
+        (["ring", "tree"], "nccl", "all_reduce", False, "NCCL_ALGO once per communicator"),
+        (["auto", "ring"], "nccl", "all_reduce", False, "NCCL_ALGO once per communicator"),
+        (["nccl", "tree"], "custom", "all_reduce", False, "NCCL_ALGO once per communicator"),
+        (["nccl"], "custom", "all_reduce", True, "needs NCCL"),
+        (["auto"], "custom", "broadcast", True, "custom all-reduce only"),
+    ],
+)
+def test_check_algos_rejects(algos, kind, op, virtual, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        algo_rules.check_algos(algos, kind, op, virtual)
+
+
+def test_nccl_algo_env_is_set_and_never_silently_overridden(monkeypatch):
+    monkeypatch.delenv("NCCL_ALGO", raising=False)
+    assert algo_rules.nccl_run_label()[0] == "nccl"
+    algo_rules.apply_nccl_algo_env(["one_shot", "tree"])
+    assert algo_rules.nccl_run_label() == (
+        "tree",
+        "nccl-algo-env",
+        "NCCL_ALGO=Tree set before the communicator was created",
+    )
+    with pytest.raises(InvalidArgumentError, match="NCCL_ALGO=Tree is set"):
+        algo_rules.apply_nccl_algo_env(["ring"])
+    monkeypatch.setenv("NCCL_ALGO", "Ring,Tree")  # a user's own setting is recorded as it is
+    assert algo_rules.nccl_run_label()[0] == "nccl"
+    assert "Ring,Tree" in algo_rules.nccl_run_label()[2]
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def test_plan_spawn_defaults_without_gpu(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    plan = plan_launch(BenchConfig(backend="gloo"))
+    assert plan.mode == "spawn" and plan.world_size == 2 and plan.backend_kind == "gloo"
+    assert plan.sizes[0] == 1024 and plan.sizes[-1] == 1 << 20
+
+
+def test_plan_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    plan = plan_launch(BenchConfig(backend="gloo", sizes=[64]))
+    assert (plan.mode, plan.world_size, plan.sizes) == ("torchrun", 3, (64,))
+    with pytest.raises(InvalidArgumentError, match="--virtual-ranks"):
+        plan_launch(BenchConfig(virtual_ranks=2))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks CPU-only refusals")
+def test_plan_refuses_gpu_only_requests_without_gpu(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(InvalidArgumentError, match="--graph"):
+        plan_launch(BenchConfig(graph=True))
+    with pytest.raises(InvalidArgumentError, match="needs a CUDA GPU"):
+        plan_launch(BenchConfig(virtual_ranks=2))
+
+
+# ------------------------------------------------------------------------------- cross-rank reduction
+
+
+class _SlowBrokenBackend:
+    """A real Gloo backend whose all_reduce does nothing and costs rank 1 an extra 20 ms.
+
+    The call never communicates, so rank 1's delay cannot leak into rank 0's samples: only the
+    cross-rank MAX can make rank 0 report it.  The data stay unreduced, so every element whose peer
+    contribution is non-zero must be counted wrong.
+    """
+
+    def __init__(self, backend, delay_s):
+        self._backend = backend
+        self._delay_s = delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        if self._backend.rank == 1:
+            time.sleep(self._delay_s)
+        return tensor
+
+
+def _slow_rank_child(rank, world_size, port):
+    from sagellm_comm.backend import get_comm_backend
+
+    backend = get_comm_backend("gloo").init()  # torchrun's environment from the spawn helper
+    try:
+        wrapped = _SlowBrokenBackend(backend, 0.02)
+        config = BenchConfig(backend="gloo", sizes=[4096], warmup=1, iters=3, progress=False, output_dir=None)
+        plan = LaunchPlan("in_process", world_size, "gloo", (4096,), False)
+        result = run_rank(config, plan, backend=wrapped)
+        rec = result.records[0]
+        return rec.latency_ms, rec.latency_min_ms, rec.num_wrong, rec.algo_id, rec.backend_kind
+    finally:
+        backend.destroy()
+
+
+def test_slowest_rank_and_wrong_elements_are_reduced_across_ranks():
+    results = run_ranks(_slow_rank_child, 2, timeout=90)
+    assert results[0] == results[1]  # every rank reports the same reduced point
+    median_ms, min_ms, wrong, algo_id, kind = results[0]
+    assert median_ms >= 20.0 and min_ms >= 20.0  # rank 1's 20 ms, though rank 0 itself was fast
+    count = 4096 // 4
+    # rank r keeps its own pattern; an element is right only where the other rank contributes 0
+    expected_wrong = sum(int((rank_pattern(count, 1 - r, torch.float64, "cpu") != 0).sum()) for r in range(2))
+    assert wrong == expected_wrong > 0
+    assert (algo_id, kind) == ("gloo", "gloo")
+
+
+def _torchrun_child(rank, world_size, port, output_dir):
+    config = BenchConfig(
+        backend="gloo", op="reduce_scatter", sizes=[96, 3072], warmup=1, iters=2, progress=False, output_dir=output_dir
+    )
+    result = run_benchmark(config)
+    return None if result is None else [(r.bytes, r.num_wrong, r.launch_mode, r.world_size) for r in result.records]
+
+
+def test_torchrun_mode_rank0_reports(tmp_path):
+    results = run_ranks(_torchrun_child, 3, str(tmp_path), timeout=90)
+    assert results[1] is None and results[2] is None
+    assert results[0] == [(96, 0, "torchrun", 3), (3072, 0, "torchrun", 3)]
+    assert len(list(tmp_path.glob("reduce_scatter_ws3_*.json"))) == 1
+
+
+# ------------------------------------------------------------------------------------------ Python API
+
+
+def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypatch):
+    from sagellm_comm.backend import get_comm_backend
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    backend = get_comm_backend("gloo").init(rank=0, world_size=1)
+    try:
+        result = run_all_reduce_benchmark(
+            backend=backend, message_sizes=["1K", 4096], output_dir=str(tmp_path), warmup_iters=1, benchmark_iters=3
+        )
+    finally:
+        backend.destroy()
+    assert result is not None and result.ok
+    assert [r.bytes for r in result.records] == [1024, 4096]
+    assert all(r.world_size == 1 and r.bus_bandwidth_gbps == 0.0 and r.num_wrong == 0 for r in result.records)
+    assert result.json_path.name.startswith("all_reduce_ws1_") and result.json_path.exists()
+    assert result.info.launch_mode == "in_process"
+
+
+def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    result = run_all_reduce_benchmark(
+        backend="gloo", message_sizes="1K:4K", output_dir=None, warmup_iters=1, benchmark_iters=2, world_size=2
+    )
+    assert result.json_path is None and result.ok
+    assert [(r.bytes, r.backend_kind, r.world_size) for r in result.records] == [
+        (1024, "gloo", 2),
+        (2048, "gloo", 2),
+        (4096, "gloo", 2),
+    ]
+    assert "Out of bounds values : 0 OK" in result.table
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_virtual_ranks_graph_plot(tmp_path):
+    """Virtual ranks on one GPU, timed under CUDA-graph replay, two algos side by side, with a plot."""
+    for mode in ("stacked", "streams"):
+        plot = tmp_path / f"virtual_{mode}.png"
+        result = run_all_reduce_benchmark(
+            message_sizes="1K:1M",
+            output_dir=str(tmp_path / mode),
+            warmup_iters=3,
+            benchmark_iters=10,
+            algos=("one_shot", "two_shot", "auto"),
+            dtype="bfloat16",
+            virtual_ranks=2,
+            graph=True,
+            plot=str(plot),
+        )
+        assert result.ok, result.info.skipped
+        assert result.info.timing_method == "cuda_graph_replay+cuda_events"
+        assert result.info.launch_mode == f"virtual_{mode}"
+        assert {r.algo_requested for r in result.records} == {"one_shot", "two_shot", "auto"}
+        assert all(r.algo_id in ("one_shot", "two_shot") for r in result.records)
+        assert all(r.ratio_vs_first is not None and r.latency_ms > 0 for r in result.records)
+        assert plot.read_bytes()[:4] == b"\x89PNG"
