@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA, run_ranks
+
 from sagellm_comm.benchmark import BenchConfig, run_all_reduce_benchmark, run_benchmark
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.ops import rank_pattern
