@@ -7,9 +7,11 @@ Memory each rank owns (one allocation per rank, mapped by every peer; see ``sage
     base + PAD_BYTES + slot_bytes * (1 + s)   staging slot s, s in {0, 1}
 
 The kernel receives one int64 *pointer table* per rank: ``table[0:W]`` the base of every rank's allocation
-(peer addresses as mapped in this process), ``table[W]`` this rank's control words (device memory:
-``ctrl[0]`` epoch, ``ctrl[1]`` blocks finished, ``ctrl[2]`` error latch), ``table[W + 1]`` this rank's
-error record (host-mapped memory the host reads without a device sync).
+(peer addresses as mapped in this process; loaded once per program as one vector) and ``table[W]`` this
+rank's error record (host-mapped memory the host reads without a device sync; only touched on timeout),
+and a pointer to this rank's control words (device int32: ``ctrl[0]`` epoch, ``ctrl[1]`` programs
+finished, ``ctrl[2]`` error latch).  Dependent loads cost a DRAM round trip each at small sizes, so the
+prologue issues exactly two independent ones (peer bases, epoch).
 
 Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank order 0..W-1):
 
@@ -66,6 +68,7 @@ ERR_PHASE = tl.constexpr(2)
 ERR_BLOCK = tl.constexpr(3)
 ERR_EPOCH = tl.constexpr(4)
 ERR_WORDS = tl.constexpr(8)
+CTRL_WORDS = tl.constexpr(4)  # ctrl[0] epoch, ctrl[1] finished programs, ctrl[2] error latch
 
 
 @triton.jit
@@ -107,10 +110,17 @@ def _load_acquire(ptrs, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _pick(bases, peers, r):
+    """Element ``r`` of the register vector ``bases`` (no memory access)."""
+    return tl.sum(tl.where(peers == r, bases, 0), axis=0)
+
+
+@triton.jit
 def _barrier(
-    table,
+    bases,
+    peers,
     ctrl,
-    err_record,
+    table,
     rank,
     phase,
     block,
@@ -121,43 +131,43 @@ def _barrier(
     USE_PTX: tl.constexpr,
 ):
     """Per-program barrier ``phase`` among the ``W`` ranks (invariant 1 of the module docstring)."""
-    peers = tl.arange(0, WP)
     valid = peers < W
     # 1. Everything this program stored before the barrier happens before the release below.
     tl.debug_barrier()
     flag_index = (phase * MAX_BLOCKS + block) * MAX_WORLD
-    peer_bases = tl.load(table + peers, mask=valid, other=0)
-    remote_flags = (peer_bases + (flag_index + rank) * 4).to(tl.pointer_type(tl.int32))
+    remote_flags = (bases + (flag_index + rank) * 4).to(tl.pointer_type(tl.int32))
     tl.atomic_xchg(remote_flags, tl.full([WP], 0, tl.int32) + target, mask=valid, sem="release", scope="sys")
     # 2. Wait until every peer has raised its flag for this epoch (or the deadline passes).
     #    Padding lanes (W not a power of two) read this rank's own first flag, a valid address.
-    my_base = tl.load(table + rank)
+    my_base = _pick(bases, peers, rank)
     my_flags = (my_base + (flag_index + tl.where(valid, peers, 0)) * 4).to(tl.pointer_type(tl.int32))
-    latched = tl.load(ctrl + 2, volatile=True)
     seen = _load_acquire(my_flags, USE_PTX)
     missing = valid & ((seen - target) < 0)
     n_missing = tl.sum(missing.to(tl.int32), axis=0)
-    start = _ticks(USE_PTX)
-    elapsed = tl.full([], 0, tl.int64)
-    while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
-        seen = _load_acquire(my_flags, USE_PTX)
-        missing = missing & ((seen - target) < 0)
-        n_missing = tl.sum(missing.to(tl.int32), axis=0)
-        if USE_PTX:
-            elapsed = _ticks(USE_PTX) - start
-        else:
-            elapsed += 1
+    if n_missing > 0:
         latched = tl.load(ctrl + 2, volatile=True)
-    if (n_missing > 0) & (latched == 0):
-        # 3. Timed out: the first program to get here records the missing peer for the host.
-        first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
-        if first == 0:
-            peer = tl.min(tl.where(missing, peers, WP), axis=0)
-            tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
-            tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
-            tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
-            tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
-            tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+        start = _ticks(USE_PTX)
+        elapsed = tl.full([], 0, tl.int64)
+        while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
+            seen = _load_acquire(my_flags, USE_PTX)
+            missing = missing & ((seen - target) < 0)
+            n_missing = tl.sum(missing.to(tl.int32), axis=0)
+            if USE_PTX:
+                elapsed = _ticks(USE_PTX) - start
+            else:
+                elapsed += 1
+            latched = tl.load(ctrl + 2, volatile=True)
+        if (n_missing > 0) & (latched == 0):
+            # 3. Timed out: the first program to get here records the missing peer for the host.
+            first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
+            if first == 0:
+                err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
+                peer = tl.min(tl.where(missing, peers, WP), axis=0)
+                tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
+                tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
     # 4. No thread of this program reads peer data before the acquire above.
     tl.debug_barrier()
 
@@ -173,13 +183,31 @@ def _finish(ctrl, epoch, num_programs):
 
 
 @triton.jit
-def _reduce_tile(table, src_offset_bytes, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
-    """Sum ``offs`` of the region at ``src_offset_bytes`` over every rank, in rank order, in fp32."""
+def _reduce_tile(bases, peers, src_offset_bytes, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
+    """Sum ``offs`` of the region at ``src_offset_bytes`` over every rank, in rank order, in fp32.
+
+    All ``W`` loads are issued before the first add, so the peers' reads overlap.
+    """
     acc = tl.zeros(offs.shape, tl.float32)
     for peer in tl.static_range(W):
-        src = (tl.load(table + peer) + src_offset_bytes).to(tl.pointer_type(DTYPE))
+        src = (_pick(bases, peers, peer) + src_offset_bytes).to(tl.pointer_type(DTYPE))
         acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     return acc
+
+
+@triton.jit
+def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
+    """Rank, control words, peer bases (one vector load) and this call's epoch."""
+    if VIRTUAL:
+        # Virtual ranks in one launch: grid axis 1 is the rank; each rank has its own table row and
+        # control words.  The kernel body after this is the one real ranks run.
+        rank = tl.program_id(1)
+        table += rank * (W + 1)
+        ctrl += rank * CTRL_WORDS
+    peers = tl.arange(0, WP)
+    bases = tl.load(table + peers, mask=peers < W, other=0)
+    epoch = tl.load(ctrl, volatile=True)
+    return rank, table, ctrl, peers, bases, epoch
 
 
 @triton.jit(do_not_specialize=["rank", "slot_bytes", "timeout"])
@@ -187,6 +215,7 @@ def one_shot_all_reduce_kernel(
     inp,
     out,
     table,
+    ctrl,
     numel,
     rank,
     slot_bytes,
@@ -204,22 +233,17 @@ def one_shot_all_reduce_kernel(
     slot ``epoch % 2``, peers read the slots, the sum goes to ``out`` (may alias ``inp``).
     Zero-copy path: ``inp`` is this rank's registered region; peers read it directly; the sum is staged in
     this rank's slot and copied to ``out`` after the end barrier (``out`` may be the registered region).
+    With ``VIRTUAL``, ``inp``/``out`` are ``[W, numel]`` and row ``r`` belongs to rank ``r``.
     """
+    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
-        # Virtual ranks in one launch: grid axis 1 is the rank; rows of ``table`` and of ``inp``/``out``
-        # (stacked [W, numel]) belong to one rank each.  The body below is the same as for real ranks.
-        rank = tl.program_id(1)
-        table += rank * (W + 2)
         inp += rank * numel
         out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    ctrl = tl.load(table + W).to(tl.pointer_type(tl.int32))
-    err_record = tl.load(table + W + 1).to(tl.pointer_type(tl.int64))
-    epoch = tl.load(ctrl, volatile=True)
     slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
-    my_slot = (tl.load(table + rank) + slot_offset).to(tl.pointer_type(DTYPE))
+    my_slot = (_pick(bases, peers, rank) + slot_offset).to(tl.pointer_type(DTYPE))
     num_tiles = tl.cdiv(numel, BLOCK)
     lane = tl.arange(0, BLOCK)
 
@@ -231,19 +255,19 @@ def one_shot_all_reduce_kernel(
             offs = tile * BLOCK + lane
             mask = offs < numel
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
-    _barrier(table, ctrl, err_record, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
     for tile in range(pid, num_tiles, num_programs):
         offs = tile * BLOCK + lane
         mask = offs < numel
-        acc = _reduce_tile(table, src_offset, offs, mask, DTYPE, W)
+        acc = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W)
         if ZERO_COPY:
             tl.store(my_slot + offs, acc.to(DTYPE), mask=mask)
         else:
             tl.store(out + offs, acc.to(DTYPE), mask=mask)
 
     if ZERO_COPY:
-        _barrier(table, ctrl, err_record, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
+        _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
         for tile in range(pid, num_tiles, num_programs):
             offs = tile * BLOCK + lane
             mask = offs < numel
@@ -256,6 +280,7 @@ def two_shot_all_reduce_kernel(
     inp,
     out,
     table,
+    ctrl,
     numel,
     rank,
     slot_bytes,
@@ -273,26 +298,21 @@ def two_shot_all_reduce_kernel(
     every chunk belongs to program ``t % num_programs``.  Rank ``r`` reduces chunk ``r`` into its own source
     region (nobody else reads chunk ``r`` of rank ``r``'s region in that phase), then every rank gathers each
     chunk from its owner.  Zero-copy: the source region is the registered one, reduced in place, and an
-    end barrier protects it; ``out`` must then be the registered region itself or a separate buffer.
+    end barrier protects it; the gathered chunks are staged in slot 0 until then.
     """
+    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
-        # Virtual ranks in one launch: grid axis 1 is the rank; rows of ``table`` and of ``inp``/``out``
-        # (stacked [W, numel]) belong to one rank each.  The body below is the same as for real ranks.
-        rank = tl.program_id(1)
-        table += rank * (W + 2)
         inp += rank * numel
         out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    ctrl = tl.load(table + W).to(tl.pointer_type(tl.int32))
-    err_record = tl.load(table + W + 1).to(tl.pointer_type(tl.int64))
-    epoch = tl.load(ctrl, volatile=True)
     if ZERO_COPY:
         src_offset = PAD_BYTES
     else:
         src_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
-    my_src = (tl.load(table + rank) + src_offset).to(tl.pointer_type(DTYPE))
+    my_base = _pick(bases, peers, rank)
+    my_src = (my_base + src_offset).to(tl.pointer_type(DTYPE))
     chunk = tl.cdiv(numel, W)
     tiles_per_chunk = tl.cdiv(chunk, BLOCK)
     lane = tl.arange(0, BLOCK)
@@ -304,36 +324,35 @@ def two_shot_all_reduce_kernel(
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)
                 tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
-    _barrier(table, ctrl, err_record, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
     # Reduce-scatter: this rank owns chunk ``rank``.
     for tile in range(pid, tiles_per_chunk, num_programs):
         in_chunk = tile * BLOCK + lane
         offs = rank * chunk + in_chunk
         mask = (in_chunk < chunk) & (offs < numel)
-        reduced = _reduce_tile(table, src_offset, offs, mask, DTYPE, W).to(DTYPE)
+        reduced = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
         if not ZERO_COPY:
             tl.store(out + offs, reduced, mask=mask)
-    _barrier(table, ctrl, err_record, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
     # All-gather: chunk ``c`` comes from rank ``c``.
+    stage = (my_base + PAD_BYTES + slot_bytes).to(tl.pointer_type(DTYPE))
     for c in tl.static_range(W):
         if (c != rank) | ZERO_COPY:
-            owner = (tl.load(table + c) + src_offset).to(tl.pointer_type(DTYPE))
+            owner = (_pick(bases, peers, c) + src_offset).to(tl.pointer_type(DTYPE))
             for tile in range(pid, tiles_per_chunk, num_programs):
                 in_chunk = tile * BLOCK + lane
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)
                 if ZERO_COPY:
-                    # Stage in the slot first: ``out`` may be the registered region peers still read.
-                    stage = (tl.load(table + rank) + PAD_BYTES + slot_bytes).to(tl.pointer_type(DTYPE))
+                    # Stage first: ``out`` may be the registered region that peers still read.
                     tl.store(stage + offs, tl.load(owner + offs, mask=mask, cache_modifier=".cg"), mask=mask)
                 else:
                     tl.store(out + offs, tl.load(owner + offs, mask=mask, cache_modifier=".cg"), mask=mask)
     if ZERO_COPY:
-        _barrier(table, ctrl, err_record, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
-        stage = (tl.load(table + rank) + PAD_BYTES + slot_bytes).to(tl.pointer_type(DTYPE))
+        _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
         for c in tl.static_range(W):
             for tile in range(pid, tiles_per_chunk, num_programs):
                 in_chunk = tile * BLOCK + lane

@@ -29,7 +29,11 @@ from .selector import AlgoSelector, Selection
 from .workspace import SymmetricWorkspace
 
 SUPPORTED_DTYPES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
-TILE_BYTES = 4096  # 16 bytes per thread x 256 threads
+# Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; 4 such vectors per thread
+# (more loads in flight) once bandwidth dominates.
+SMALL_TILE_BYTES = 4096
+LARGE_TILE_BYTES = 16384
+LARGE_TILE_THRESHOLD = 1 << 20
 NUM_WARPS = 8
 DEFAULT_MAX_PROGRAMS = 32
 INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
@@ -66,13 +70,15 @@ class KernelLauncher:
         itemsize: int,
         zero_copy: bool,
         table: torch.Tensor,
+        ctrl: torch.Tensor,
         rank: int,
         grid_y: int,
         max_programs: int,
         virtual: bool = False,
     ) -> None:
         """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch)."""
-        block = TILE_BYTES // itemsize
+        nbytes = numel * itemsize
+        block = (SMALL_TILE_BYTES if nbytes < LARGE_TILE_THRESHOLD else LARGE_TILE_BYTES) // itemsize
         if algo == "one_shot":
             kernel = _k.one_shot_all_reduce_kernel
             tiles = triton.cdiv(numel, block)
@@ -84,10 +90,13 @@ class KernelLauncher:
         programs = tiles if tiles < max_programs else max_programs
         in_ptr = tensor.data_ptr()
         out_ptr = in_ptr if out is tensor else out.data_ptr()
-        key = (algo, tensor.dtype, zero_copy, virtual, numel % 16 == 0, numel == 1, in_ptr % 16 == 0, out_ptr % 16 == 0)
+        key = (
+            algo, tensor.dtype, block, zero_copy, virtual, numel % 16 == 0, numel == 1, in_ptr % 16 == 0,
+            out_ptr % 16 == 0,
+        )  # fmt: skip
         compiled = self.cache.get(key)
         args = (
-            in_ptr, out_ptr, table.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
+            in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
             self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual,
         )  # fmt: skip
         if compiled is not None:
@@ -96,7 +105,7 @@ class KernelLauncher:
                 programs, grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args
             )
             return
-        compiled = kernel[(programs, grid_y)](tensor, out, table, *args[3:], num_warps=NUM_WARPS)
+        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *args[4:], num_warps=NUM_WARPS)
         if self.use_ptx and getattr(compiled, "run", None) is not None and hasattr(compiled, "packed_metadata"):
             self.cache[key] = compiled
 
@@ -225,7 +234,17 @@ class CustomAllReduce:
 
     def _launch(self, algo: str, tensor: torch.Tensor, out: torch.Tensor, numel: int, itemsize: int, zc: bool):
         self._launcher.launch(
-            algo, tensor, out, numel, itemsize, zc, self.workspace.table, self.rank, 1, self.max_programs
+            algo,
+            tensor,
+            out,
+            numel,
+            itemsize,
+            zc,
+            self.workspace.table,
+            self.workspace.control,
+            self.rank,
+            1,
+            self.max_programs,
         )
 
     def close(self) -> None:

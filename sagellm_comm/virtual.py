@@ -51,7 +51,7 @@ class VirtualRankGroup:
             device = torch.device("cuda", torch.cuda.current_device())
         if max_programs is None:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            max_programs = max(1, min(32, sms // world_size))
+            max_programs = max(1, min(64, 2 * sms // world_size))
         self.world_size = world_size
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device)
@@ -64,6 +64,7 @@ class VirtualRankGroup:
         self.max_programs = max_programs
         # One launch for all ranks: the rows of every rank's pointer table, stacked.
         self._stacked_table = torch.cat([ws.table for ws in self.workspaces])
+        self._stacked_control = self.workspaces[0].control  # row 0 of the [world_size, CTRL_WORDS] block
 
     def select(self, nbytes: int) -> Selection:
         """The algorithm ``algo="auto"`` picks for ``nbytes`` (same on every rank)."""
@@ -131,8 +132,8 @@ class VirtualRankGroup:
             raise BackendNotSupportedError(f"virtual ranks run the custom kernels only ({KERNEL_ALGOS}), not {algo!r}")
         if numel:
             car._launcher.launch(
-                algo, stacked, stacked, numel, itemsize, False, self._stacked_table, 0, self.world_size,
-                self.max_programs, virtual=True,
+                algo, stacked, stacked, numel, itemsize, False, self._stacked_table, self._stacked_control, 0,
+                self.world_size, self.max_programs, virtual=True,
             )  # fmt: skip
         return stacked
 

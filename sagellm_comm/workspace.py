@@ -4,10 +4,10 @@ Region layout (``kernels/all_reduce.py`` is the authority)::
 
     [ signal pad (PAD_BYTES) | registered region (slot_bytes) | staging slot 0 | staging slot 1 ]
 
-The kernels get everything through one int64 *pointer table* on the device, built once here:
-``table[0:W]`` every rank's region base as mapped in this process, ``table[W]`` this rank's control words
-(device int32[4]: epoch, finished programs, error latch), ``table[W + 1]`` this rank's error record
-(int64[8] in pinned host memory, read by the host without a device sync).
+The kernels get an int64 *pointer table* on the device, built once here: ``table[0:W]`` every rank's
+region base as mapped in this process, ``table[W]`` this rank's error record (int64[8] in pinned host
+memory, read by the host without a device sync); and this rank's control words (device int32[4]: epoch,
+finished programs, error latch).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class SymmetricWorkspace:
         device: torch.device,
         release: Callable[[], None] | None = None,
         local_region: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
+        error_record: torch.Tensor | None = None,
     ):
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
@@ -80,10 +82,14 @@ class SymmetricWorkspace:
         self._release = release
         self._local_region = local_region
         on_cuda = self.device.type == "cuda"
-        self.control = torch.zeros(4, dtype=torch.int32, device=self.device)
-        self.error_record = torch.zeros(_k.ERR_WORDS.value, dtype=torch.int64, pin_memory=on_cuda)
+        if control is None:
+            control = torch.zeros(_k.CTRL_WORDS.value, dtype=torch.int32, device=self.device)
+        if error_record is None:
+            error_record = torch.zeros(_k.ERR_WORDS.value, dtype=torch.int64, pin_memory=on_cuda)
+        self.control = control
+        self.error_record = error_record
         self._error_view = self.error_record.numpy()  # host view: reading it never syncs the device
-        table = self.peer_ptrs + [self.control.data_ptr(), self.error_record.data_ptr()]
+        table = self.peer_ptrs + [self.error_record.data_ptr()]
         self.table = torch.tensor(table, dtype=torch.int64, device=self.device)
         # The registered (zero-copy) region of this rank, as a flat byte tensor.
         self._registered_ptr = self.peer_ptrs[rank] + _k.PAD_BYTES.value
@@ -237,6 +243,10 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
     slot_bytes = _round_slot(slot_bytes)
     regions = [torch.zeros(region_bytes(slot_bytes), dtype=torch.uint8, device=device) for _ in range(world_size)]
     ptrs = [r.data_ptr() for r in regions]
+    # Control words and error records of all ranks in one allocation each: the one-launch mode of
+    # virtual ranks finds rank r's at row r.
+    control = torch.zeros(world_size, _k.CTRL_WORDS.value, dtype=torch.int32, device=device)
+    errors = torch.zeros(world_size, _k.ERR_WORDS.value, dtype=torch.int64, pin_memory=device.type == "cuda")
     open_count = [world_size]
 
     def release() -> None:
@@ -245,6 +255,8 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
             regions.clear()
 
     return [
-        SymmetricWorkspace(r, world_size, slot_bytes, ptrs, device, release, local_region=regions[r])
+        SymmetricWorkspace(
+            r, world_size, slot_bytes, ptrs, device, release, regions[r], control=control[r], error_record=errors[r]
+        )
         for r in range(world_size)
     ]
