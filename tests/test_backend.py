@@ -7,6 +7,7 @@ import torch
 from conftest import run_ranks
 
 from sagellm_comm.backend import CommBackend, ReduceOp, Work, get_comm_backend
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, RankMismatchError
 
 SIZES = (1, 7, 64, 1031)  # one element, odd, power of two, odd and larger than a page of floats
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int32, torch.int64)
@@ -166,3 +167,207 @@ def test_create_gloo_and_context_manager_single_rank() -> None:
         assert torch.equal(tensor, torch.arange(6, dtype=torch.float32))
     assert not backend.is_initialized
     assert not torch.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------------- HCCL / RCCL adapter wiring
+
+
+def _gloo_creator(store, rank, world_size, timeout):
+    """Stand-in for a vendor process group: torch registers it under the vendor's name."""
+    return torch.distributed.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def _hccl_standin(rank: int, world_size: int, port: int) -> list[int]:
+    import sys
+    import types
+
+    set_device_calls: list[int] = []
+    fake = types.ModuleType("torch_npu")  # what `import torch_npu` gives on an Ascend machine
+    fake.npu = types.SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 1, set_device=set_device_calls.append
+    )
+    sys.modules["torch_npu"] = fake
+    with pytest.raises(BackendNotSupportedError, match="register the 'hccl' process-group backend"):
+        CommBackend.create("hccl")
+    torch.distributed.Backend.register_backend("hccl", _gloo_creator, devices=["cpu"])
+    backend = CommBackend.create("hccl", device="cpu").init(rank=rank, world_size=world_size, master_port=port)
+    assert backend.name == "hccl" and torch.distributed.get_backend() == "hccl"
+    x = torch.full((5,), float(rank + 1))
+    backend.all_reduce(x, ReduceOp.AVG)  # HCCL path: SUM on the engine, then the adapter divides
+    assert torch.equal(x, torch.full((5,), (world_size + 1) / 2))
+    with pytest.raises(InvalidArgumentError, match="BAND is not supported by hccl"):
+        backend.all_reduce(torch.ones(2, dtype=torch.int32), ReduceOp.BAND)
+    sub = backend.new_group([0])
+    if rank == 0:
+        y = torch.ones(3)
+        assert torch.equal(backend.all_reduce(y, group=sub), torch.ones(3))
+    backend.destroy()
+    return set_device_calls
+
+
+def _rccl_standin(rank: int, world_size: int, port: int) -> str:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from sagellm_comm.backend import resolve_kind
+    from sagellm_comm.backends import torch_distributed as td
+
+    torch.version.hip = "6.2.0"  # pretend this is a ROCm build with one AMD GPU
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    dist.is_nccl_available = lambda: True
+    with pytest.raises(BackendNotSupportedError, match="ROCm build: use 'rccl'"):
+        CommBackend.create("nccl")
+    auto = resolve_kind("auto")
+    # torch names RCCL "nccl"; on this CPU build route that name to a Gloo stand-in
+    dist.Backend.register_backend("rccl_standin", _gloo_creator, devices=["cpu"])
+    td.ENGINES["rccl"] = dataclasses.replace(td.ENGINES["rccl"], torch_backend="rccl_standin")
+    backend = get_comm_backend("rccl", device="cpu").init(rank=rank, world_size=world_size, master_port=port)
+    assert backend.name == "rccl" and dist.get_backend() == "rccl_standin"
+    x = torch.arange(4, dtype=torch.float64) * (rank + 1)
+    backend.all_reduce(x, "avg")  # RCCL path: native AVG on the engine
+    torch.testing.assert_close(x, torch.arange(4, dtype=torch.float64) * (world_size + 1) / 2)
+    backend.destroy()
+    return auto
+
+
+def test_hccl_adapter_runs_on_registered_standin() -> None:
+    assert run_ranks(_hccl_standin, 2, timeout=60) == [[], []]  # explicit device: no set_device
+
+
+def test_rccl_adapter_runs_on_registered_standin_and_auto_prefers_it() -> None:
+    assert run_ranks(_rccl_standin, 2, timeout=60) == ["rccl", "rccl"]
+
+
+# ---------------------------------------------------------------------- ownership and environment
+
+
+def _ownership(rank: int, world_size: int, port: int, ports: list[int]) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    # 1. torchrun env only (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the helper)
+    with CommBackend.create("gloo").init() as backend:
+        assert (backend.rank, backend.world_size) == (rank, world_size)
+        assert torch.equal(backend.all_reduce(torch.ones(2)), torch.full((2,), 2.0))
+    assert not dist.is_initialized()
+
+    # 2. explicit address beats a different MASTER_PORT in the env, which is left untouched
+    os.environ["MASTER_PORT"] = str(ports[0])
+    backend = CommBackend.create("gloo").init(master_addr="127.0.0.1", master_port=ports[1])
+    assert os.environ["MASTER_PORT"] == str(ports[0]) and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    backend.destroy()
+
+    # 3. a default group the caller made is adopted, and survives destroy()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[2]}", rank=rank, world_size=world_size)
+    backend = CommBackend.create("gloo").init()
+    sub = backend.new_group([0, 1])
+    backend.all_reduce(torch.ones(1), group=sub)
+    with pytest.raises(RankMismatchError, match="already initialised as rank"):
+        CommBackend.create("gloo").init(rank=rank, world_size=world_size + 1)
+    backend.destroy()
+    assert dist.is_initialized()
+    x = torch.ones(3)
+    dist.all_reduce(x)
+    assert torch.equal(x, torch.full((3,), 2.0))
+    dist.destroy_process_group()
+
+
+def test_env_init_no_env_writes_and_caller_owned_world_survives_destroy() -> None:
+    from conftest import free_port
+
+    run_ranks(_ownership, 2, [free_port() for _ in range(3)], timeout=90)
+
+
+# ---------------------------------------------------------------------- registry: a backend in one file
+
+
+class LoopbackBackend(CommBackend):
+    """A third-party backend for a world of one: every collective is the identity."""
+
+    kind = "loopback"
+
+    def __init__(self, **kwargs):
+        self._up = False
+
+    def init(self, rank=None, world_size=None, master_addr=None, master_port=None, timeout=30.0, **kwargs):
+        if (rank or 0, world_size or 1) != (0, 1):
+            raise RankMismatchError("loopback runs a world of one")
+        self._up = True
+        return self
+
+    def destroy(self):
+        self._up = False
+
+    name = property(lambda self: "loopback")
+    rank = property(lambda self: 0)
+    world_size = property(lambda self: 1)
+    device = property(lambda self: torch.device("cpu"))
+    is_initialized = property(lambda self: self._up)
+    cpu_group = property(lambda self: None)
+
+    def new_group(self, ranks):
+        from sagellm_comm.backend import GroupHandle
+
+        return GroupHandle(tuple(ranks), 0)
+
+    def _done(self, value, async_op):
+        from sagellm_comm.backend import CompletedWork
+
+        return CompletedWork(value) if async_op else value
+
+    def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+        return self._done(tensor, async_op)
+
+    def all_gather(self, output, tensor, group=None, async_op=False):
+        (output[0] if isinstance(output, list) else output).copy_(tensor)
+        return self._done(output, async_op)
+
+    def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
+        output.copy_(input[0] if isinstance(input, list) else input)
+        return self._done(output, async_op)
+
+    def broadcast(self, tensor, src=0, group=None, async_op=False):
+        return self._done(tensor, async_op)
+
+    def send(self, tensor, dst, group=None, async_op=False):
+        raise RankMismatchError("a world of one has no peer")
+
+    recv = send
+
+    def barrier(self, group=None, timeout=None):
+        return None
+
+    def all_to_all(self, output, input, group=None, async_op=False):
+        return self.all_gather(output, input[0] if isinstance(input, list) else input, group, async_op)
+
+
+def test_third_party_backend_registry() -> None:
+    from sagellm_comm import is_comm_backend_available, list_comm_backends, register_comm_backend
+    from sagellm_comm.backend import unregister_comm_backend
+
+    assert {"gloo", "nccl", "rccl", "hccl"} <= set(list_comm_backends())
+    assert is_comm_backend_available("gloo") and not is_comm_backend_available("nccl")
+    assert get_comm_backend().name == "gloo"  # auto on a CPU machine
+    try:
+        register_comm_backend("loopback", LoopbackBackend, priority=1000)
+        assert list_comm_backends()[0] == "loopback"
+        backend = get_comm_backend("auto").init(rank=0, world_size=1)
+        assert isinstance(backend, LoopbackBackend) and backend.name == "loopback"
+        out = torch.empty(3)
+        assert backend.all_gather(out, torch.arange(3.0), async_op=True).wait() is out
+        assert torch.equal(out, torch.arange(3.0))
+        with pytest.raises(InvalidArgumentError, match="already registered"):
+            register_comm_backend("loopback", LoopbackBackend)
+        register_comm_backend("loopback", LoopbackBackend, is_available=lambda: False, priority=1000, replace=True)
+        assert not is_comm_backend_available("loopback")
+        assert get_comm_backend().name == "gloo"  # auto skips what cannot run here
+        with pytest.raises(BackendNotSupportedError, match="registered but not available"):
+            CommBackend.create("loopback")
+        with pytest.raises(InvalidArgumentError, match="reserved"):
+            register_comm_backend("auto", LoopbackBackend)
+    finally:
+        unregister_comm_backend("loopback")
+    assert "loopback" not in list_comm_backends()

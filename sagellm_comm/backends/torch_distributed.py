@@ -154,7 +154,8 @@ def _seconds(timeout: float) -> datetime.timedelta:
 
 def _is_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, TimeoutError) or "timed out" in text or "timeout" in text
+    waits = ("timed out", "timeout", "monitoredbarrier")  # the last: a rank missed the barrier
+    return isinstance(exc, TimeoutError) or any(word in text for word in waits)
 
 
 # ====================================================================== work handle
@@ -217,8 +218,8 @@ class TorchDistributedBackend(CommBackend):
         self._reset()
 
     def _reset(self) -> None:
-        self._initialized = False
         self._destroyed = getattr(self, "_initialized", False) or getattr(self, "_destroyed", False)
+        self._initialized = False
         self._rank = self._world_size = -1
         self._device: torch.device | None = None
         self._world: GroupHandle | None = None

@@ -1,0 +1,197 @@
+"""Bad input gives a typed error with the right code and a message naming the problem; nothing is
+corrupted and the group keeps working; a missing peer gives comm_timeout in bounded time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import run_ranks
+
+import sagellm_comm
+from sagellm_comm import (
+    BackendNotSupportedError,
+    CommBackend,
+    CommError,
+    CommTimeoutError,
+    ErrorCode,
+    GroupInvalidError,
+    InvalidArgumentError,
+    NotInitializedError,
+    RankMismatchError,
+    ShapeMismatchError,
+)
+
+
+def expect(fn, cls: type[CommError], code: ErrorCode, *words: str) -> CommError:
+    with pytest.raises(cls) as info:
+        fn()
+    err = info.value
+    assert err.code is code, f"{err!r} has code {err.code}, expected {code}"
+    text = str(err)
+    assert text.startswith(f"[{code.value}]")
+    for word in words:
+        assert word in text, f"{word!r} not in {text!r}"
+    return err
+
+
+# ---------------------------------------------------------------------- no rendezvous needed
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "cls", "code", "words"),
+    [
+        (-1, 2, RankMismatchError, ErrorCode.COMM_RANK_MISMATCH, ("rank must be in [0, 1]", "got -1")),
+        (2, 2, RankMismatchError, ErrorCode.COMM_RANK_MISMATCH, ("got 2",)),
+        (0, 0, GroupInvalidError, ErrorCode.COMM_GROUP_INVALID, ("world_size must be >= 1", "got 0")),
+        (0, -1, GroupInvalidError, ErrorCode.COMM_GROUP_INVALID, ("got -1",)),
+    ],
+)
+def test_init_rejects_bad_rank_and_world_size(rank, world_size, cls, code, words) -> None:
+    backend = CommBackend.create("gloo")
+    expect(lambda: backend.init(rank=rank, world_size=world_size, master_port=1), cls, code, *words)
+    assert not backend.is_initialized and not torch.distributed.is_initialized()
+
+
+def test_uninitialised_and_destroyed_backend() -> None:
+    backend = CommBackend.create("gloo")
+    expect(lambda: backend.all_reduce(torch.ones(2)), NotInitializedError, ErrorCode.COMM_NOT_INITIALIZED, "init(")
+    expect(lambda: backend.rank, NotInitializedError, ErrorCode.COMM_NOT_INITIALIZED, "not initialised")
+    backend.init(rank=0, world_size=1)
+    backend.destroy()
+    backend.destroy()  # idempotent
+    expect(lambda: backend.barrier(), NotInitializedError, ErrorCode.COMM_NOT_INITIALIZED, "was destroyed")
+    expect(sagellm_comm.get_default_backend, NotInitializedError, ErrorCode.COMM_NOT_INITIALIZED, "init(")
+
+
+def test_backend_not_available_names_what_is_missing() -> None:
+    expect(lambda: CommBackend.create("nccl"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED, "GPU")
+    expect(lambda: CommBackend.create("rccl"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED, "ROCm")
+    expect(
+        lambda: CommBackend.create("hccl"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED, "torch_npu"
+    )
+    err = expect(
+        lambda: CommBackend.create("mpi-magic"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED
+    )
+    assert "gloo" in str(err) and "unknown backend" in str(err)
+
+
+def test_errors_are_builtin_exceptions_too() -> None:
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(NotInitializedError, RuntimeError)
+    assert issubclass(CommTimeoutError, TimeoutError) and issubclass(ShapeMismatchError, InvalidArgumentError)
+    with pytest.raises(ValueError, match="unsupported reduce op"):
+        sagellm_comm.ReduceOp.parse("median")
+    assert sagellm_comm.CommOp is sagellm_comm.ReduceOp
+    assert [op.value for op in sagellm_comm.CommOp] == ["sum", "avg", "max", "min", "prod", "band", "bor", "bxor"]
+    assert sagellm_comm.ReduceOp.parse(torch.distributed.ReduceOp.MAX) is sagellm_comm.ReduceOp.MAX
+
+
+# ---------------------------------------------------------------------- on two ranks
+
+
+def _bad_inputs(rank: int, world_size: int, port: int) -> int:
+    backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=20)
+    x = torch.arange(8, dtype=torch.float32) + rank
+    before = x.clone()
+    ia, sm, rm, gi = (
+        (InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
+        (ShapeMismatchError, ErrorCode.INVALID_ARGUMENT),
+        (RankMismatchError, ErrorCode.COMM_RANK_MISMATCH),
+        (GroupInvalidError, ErrorCode.COMM_GROUP_INVALID),
+    )
+    cases = [
+        (lambda: backend.new_group([]), gi, "empty"),
+        (lambda: backend.new_group([0, 0]), gi, "repeat [0]"),
+        (lambda: backend.new_group([0, 5]), gi, "[5] are outside the world [0, 1]"),
+        (lambda: backend.broadcast(x, src=5), rm, "invalid src rank 5"),
+        (lambda: backend.broadcast(x, src=-1), rm, "invalid src rank -1"),
+        (lambda: backend.send(x, dst=rank), rm, "invalid dst rank", "it is this rank"),
+        (lambda: backend.recv(x, src=7), rm, "invalid src rank 7"),
+        (lambda: backend.all_reduce(x, op="median"), ia, "unsupported reduce op 'median'"),
+        (lambda: backend.all_reduce(x, op="band"), ia, "BAND needs an integer"),
+        (lambda: backend.all_reduce(torch.ones(2, dtype=torch.int32), op="avg"), ia, "AVG needs a floating"),
+        (lambda: backend.all_reduce([1.0, 2.0]), ia, "must be a torch.Tensor"),
+        (lambda: backend.all_reduce(torch.ones(4, device="meta")), ia, "is on meta", "needs tensors on cpu"),
+        (lambda: backend.all_reduce(torch.ones(4, 4).t()), ia, "contiguous"),
+        (lambda: backend.all_gather([torch.empty(8)], x), ia, "must hold 2 tensors"),
+        (lambda: backend.all_gather([torch.empty(8), torch.empty(9)], x), sm, "output[1] is (9,)"),
+        (lambda: backend.all_gather([torch.empty(8), torch.empty(8, dtype=torch.int64)], x), sm, "torch.int64"),
+        (lambda: backend.all_gather(torch.empty(15), x), sm, "expected 16 elements"),
+        (lambda: backend.reduce_scatter(torch.empty(4), [x, x]), sm, "input[0] is (8,)"),
+        (lambda: backend.reduce_scatter(torch.empty(4), torch.empty(9)), sm, "expected 8 elements"),
+        (lambda: backend.all_to_all(torch.empty(3), torch.empty(3)), sm, "split evenly into 2"),
+        (lambda: backend.all_to_all([torch.empty(4)], [x, x]), ia, "must hold 2 tensors"),
+        (lambda: backend.barrier(timeout=-1), ia, "timeout must be a positive"),
+        (lambda: backend.all_reduce(x, group="tp"), ia, "group must come from new_group()"),
+    ]
+    for fn, (cls, code), *words in cases:
+        expect(fn, cls, code, *words)
+        assert torch.equal(x, before), "a rejected call changed its tensor"
+    # a group this rank is not in: every rank creates it, only rank 0 is a member
+    only0 = backend.new_group([0])
+    if rank == 1:
+        expect(lambda: backend.all_reduce(x, group=only0), *rm, "not a member of the group over ranks [0]")
+    # the world still works after every rejection
+    backend.all_reduce(x)
+    assert torch.equal(x, torch.arange(8, dtype=torch.float32) * 2 + 1)
+    backend.destroy()
+    return len(cases)
+
+
+def test_bad_inputs_raise_typed_errors_and_leave_group_working() -> None:
+    counts = run_ranks(_bad_inputs, 2, timeout=60)
+    assert counts[0] == counts[1] > 20
+
+
+def _missing_peer(rank: int, world_size: int, port: int) -> dict[str, float]:
+    backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=20)
+    backend.timeout = 1.5
+    timings: dict[str, float] = {}
+    if rank == 0:  # each wait below is bounded although rank 1 never takes part
+        start = time.monotonic()
+        expect(lambda: backend.all_reduce(torch.ones(4)), CommTimeoutError, ErrorCode.COMM_TIMEOUT, "1.5s")
+        timings["all_reduce"] = time.monotonic() - start
+        start = time.monotonic()
+        work = backend.broadcast(torch.ones(4), src=1, async_op=True)
+        assert not work.is_completed()
+        expect(lambda: work.wait(timeout=0.5), CommTimeoutError, ErrorCode.COMM_TIMEOUT, "broadcast")
+        timings["async_wait"] = time.monotonic() - start
+        start = time.monotonic()
+        err = expect(lambda: backend.barrier(timeout=1.0), CommTimeoutError, ErrorCode.COMM_TIMEOUT, "barrier")
+        assert err.details.get("missing_ranks") == [1], err.details
+        assert "ranks [1] did not arrive" in str(err)
+        timings["barrier"] = time.monotonic() - start
+    else:
+        time.sleep(5)  # alive but absent: never joins rank 0's barrier or collectives
+    return timings
+
+
+def test_missing_peer_gives_comm_timeout_in_bounded_time() -> None:
+    timings = run_ranks(_missing_peer, 2, timeout=60)[0]
+    assert 0.9 <= timings["barrier"] < 4, timings
+    assert 1.4 <= timings["all_reduce"] < 5, timings
+    assert 0.4 <= timings["async_wait"] < 4, timings
+
+
+def _rendezvous_without_peers(rank: int, world_size: int, port: int) -> list[float]:
+    elapsed = []
+    for me in (0, 1):  # as master waiting for a worker, then as a worker with no master
+        backend = CommBackend.create("gloo")
+        start = time.monotonic()
+        expect(
+            lambda me=me, b=backend: b.init(
+                rank=me, world_size=2, master_addr="127.0.0.1", master_port=port, timeout=2
+            ),
+            CommTimeoutError,
+            ErrorCode.COMM_TIMEOUT,
+            f"127.0.0.1:{port}",
+        )
+        elapsed.append(time.monotonic() - start)
+        assert not backend.is_initialized
+    return elapsed
+
+
+def test_rendezvous_timeout_when_a_rank_never_starts() -> None:
+    elapsed = run_ranks(_rendezvous_without_peers, 1, timeout=60)[0]
+    assert all(1.5 <= t < 8 for t in elapsed), elapsed
