@@ -1,0 +1,88 @@
+"""CommGroup, sub-groups and the module-level CollectiveOps on four Gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_ranks
+
+import sagellm_comm
+from sagellm_comm import CollectiveOps, CommGroup, GroupInvalidError, RankMismatchError, ReduceOp
+
+
+def _tp_groups(rank: int, world_size: int, port: int) -> dict:
+    world = sagellm_comm.init(backend="gloo")  # torchrun env from the helper
+    assert sagellm_comm.get_default_group() is world and sagellm_comm.get_default_backend() is world.backend
+    assert world.ranks == (0, 1, 2, 3) and world.rank == rank
+
+    tp = world.split(2)  # {0,1} and {2,3}
+    first = 0 if rank < 2 else 2
+    assert tp.ranks == (first, first + 1) and tp.rank == rank - first and tp.world_size == 2
+
+    # each TP group reduces on its own: a collective that ignored `group` would sum 1+2+3+4
+    x = torch.full((9,), float(rank + 1))
+    CollectiveOps.all_reduce(x, group=tp)
+    assert torch.equal(x, torch.full((9,), float((first + 1) + (first + 2))))
+    y = torch.full((4,), float(rank + 1))
+    CollectiveOps.all_reduce(y, op=ReduceOp.MAX, group=tp)
+    assert torch.equal(y, torch.full((4,), float(first + 2)))
+
+    # src/dst are group ranks: group rank 1 is global rank first + 1
+    z = torch.full((3,), float(rank))
+    CollectiveOps.broadcast(z, src=1, group=tp)
+    assert torch.equal(z, torch.full((3,), float(first + 1)))
+    gathered = [torch.empty(2) for _ in range(2)]
+    CollectiveOps.all_gather(gathered, torch.full((2,), float(rank)), group=tp)
+    assert [g[0].item() for g in gathered] == [first, first + 1]
+    out = torch.empty(2)
+    CollectiveOps.reduce_scatter(out, torch.arange(4.0) * (rank + 1), group=tp)
+    chunk = torch.arange(4.0)[2 * tp.rank : 2 * tp.rank + 2] * ((first + 1) + (first + 2))
+    assert torch.equal(out, chunk)
+    peer = 1 - tp.rank
+    got = torch.empty(2)
+    work = CollectiveOps.send(torch.full((2,), float(rank)), dst=peer, group=tp, async_op=True)
+    CollectiveOps.recv(got, src=peer, group=tp)
+    work.wait()
+    assert torch.equal(got, torch.full((2,), float(tp.ranks[peer])))
+    CollectiveOps.barrier(group=tp)
+
+    # group-rank-addressed sub-group of the world; non-members are told so
+    odd = world.new_subgroup([1, 3])
+    assert odd.ranks == (1, 3) and odd.is_member == (rank % 2 == 1)
+    w = torch.ones(2)
+    if odd.is_member:
+        odd.all_reduce(w)
+        assert torch.equal(w, torch.full((2,), 2.0))
+    else:
+        with pytest.raises(RankMismatchError, match=r"not a member of the group over ranks \[1, 3\]"):
+            CollectiveOps.all_reduce(w, group=odd)
+    with pytest.raises(GroupInvalidError, match="cannot be split into blocks of 3"):
+        world.split(3)
+    with pytest.raises(GroupInvalidError, match="duplicates"):
+        world.new_subgroup([0, 0])
+    with pytest.raises(GroupInvalidError, match="outside"):
+        world.new_subgroup([4])
+
+    # default group: group=None means the world
+    v = torch.ones(1)
+    CollectiveOps.all_reduce(v)
+    assert v.item() == 4.0
+    assert sagellm_comm.init() is world  # same arguments: the same group
+    sagellm_comm.destroy()
+    with pytest.raises(sagellm_comm.NotInitializedError):
+        CollectiveOps.all_reduce(v)
+    return {"tp": list(tp.ranks)}
+
+
+def test_tp_subgroups_reduce_independently_and_default_group() -> None:
+    results = run_ranks(_tp_groups, 4, timeout=120)
+    assert [r["tp"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_comm_group_create_single_rank_context_manager() -> None:
+    with CommGroup.create(world_size=1, rank=0, backend="gloo") as group:
+        assert group.ranks == (0,) and group.device == torch.device("cpu")
+        t = torch.tensor([1.0, 2.0])
+        assert group.all_reduce(t, op="prod") is t
+        assert "ranks=[0]" in repr(group)
+    assert not group.backend.is_initialized

@@ -1,0 +1,130 @@
+"""Topology: CPU-only here, from an env override, from a fake NVML, and hostnames over a group."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import types
+
+import pytest
+from conftest import HAS_CUDA, run_ranks
+
+from sagellm_comm import CommBackend, InvalidArgumentError, Topology, UnavailableError
+from sagellm_comm.topology import ENV_VAR
+
+
+@pytest.fixture(autouse=True)
+def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only answer")
+def test_cpu_only_machine_gives_honest_empty_topology() -> None:
+    topo = Topology.discover()
+    assert topo.source == "cpu" and topo.gpus == [] and topo.links == []
+    assert topo.hostname == socket.gethostname()
+    assert topo.all_pairs_p2p()  # nothing to connect
+    assert "no GPU visible: CPU-only" in topo.format_matrix()
+    with pytest.raises(UnavailableError, match="discover\\(group=...\\)"):
+        topo.same_node([0])
+
+
+def test_env_override_eight_nvlink_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, json.dumps({"num_gpus": 8, "gpu_name": "NVIDIA H100 80GB HBM3", "link": "NV18"}))
+    topo = Topology.discover()
+    assert topo.source == "env" and topo.num_gpus == 8
+    assert topo.link(0, 7) == "NV18" and topo.nvlink_count(3, 4) == 18 and topo.link(5, 5) == "X"
+    assert topo.all_pairs_p2p(nvlink_only=True)
+    lines = topo.format_matrix().splitlines()
+    assert lines[1].split() == [f"GPU{i}" for i in range(8)] + ["Name"]
+    assert lines[2].split()[:9] == ["GPU0", "X"] + ["NV18"] * 7
+    assert lines[9].split()[:9] == ["GPU7"] + ["NV18"] * 7 + ["X"]
+    assert "peer access" in lines[11] and lines[13].split() == ["GPU0", "X"] + ["OK"] * 7
+    assert Topology.from_dict(topo.to_dict(), "env") == topo
+
+
+def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    links = [
+        ["X", "NV4", "SYS", "SYS"],
+        ["NV4", "X", "SYS", "SYS"],
+        ["SYS", "SYS", "X", "PIX"],
+        ["SYS", "SYS", "PIX", "X"],
+    ]
+    peer = [[False, True, False, False], [True, False, False, False], [False] * 4, [False] * 4]
+    spec = {"links": links, "peer_access": peer, "gpus": ["A100"] * 4, "rank_hostnames": ["n0", "n0", "n1", "n1"]}
+    path = tmp_path / "topo.json"
+    path.write_text(json.dumps(spec))
+    monkeypatch.setenv(ENV_VAR, str(path))
+    topo = Topology.discover()
+    assert topo.link(2, 3) == "PIX" and topo.nvlink_count(2, 3) == 0
+    assert topo.all_pairs_p2p([0, 1]) and not topo.all_pairs_p2p() and not topo.all_pairs_p2p([2, 3])
+    assert topo.same_node([0, 1]) and not topo.same_node([1, 2]) and not topo.same_node()
+    assert topo.hosts() == {"n0": [0, 1], "n1": [2, 3]}
+    assert "ranks on n1: 2, 3" in topo.format_matrix()
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("{not json", "not valid JSON"),
+        ("/no/such/topology.json", "neither a JSON object nor a readable file"),
+        (json.dumps({"num_gpus": 2, "links": [["X", "NVLINK"], ["NVLINK", "X"]]}), "links[0][1] = 'NVLINK'"),
+        (json.dumps({"num_gpus": 2, "links": [["X"]]}), "2x2 matrix"),
+    ],
+)
+def test_bad_override_is_an_invalid_argument(monkeypatch: pytest.MonkeyPatch, value: str, words: str) -> None:
+    monkeypatch.setenv(ENV_VAR, value)
+    with pytest.raises(InvalidArgumentError, match=ENV_VAR) as info:
+        Topology.discover()
+    assert words in str(info.value)
+
+
+def _fake_pynvml() -> types.ModuleType:
+    """4 GPUs: 0-1 joined by 4 direct NVLinks, 2-3 behind one PCIe switch, everything else SYS."""
+    nv = types.ModuleType("pynvml")
+    nv.NVML_FEATURE_ENABLED, nv.NVML_P2P_STATUS_OK, nv.NVML_NVLINK_MAX_LINKS = 1, 0, 18
+    nv.NVML_P2P_CAPS_INDEX_READ, nv.NVML_P2P_CAPS_INDEX_NVLINK = 0, 2
+    names = ("INTERNAL", "SINGLE", "MULTIPLE", "HOSTBRIDGE", "NODE", "SYSTEM")
+    for value, name in enumerate(names):
+        setattr(nv, f"NVML_TOPOLOGY_{name}", value * 10)
+    bus = [f"00000000:{0x18 + i:02x}:00.0" for i in range(4)]
+    nvlinked = {(0, 1), (1, 0)}
+    nv.nvmlInit = nv.nvmlShutdown = lambda: None
+    nv.nvmlDeviceGetCount = lambda: 4
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetName = lambda h: b"NVIDIA A100-SXM4-80GB"
+    nv.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
+    nv.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=bus[h].upper().encode())
+    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 << 30)
+    nv.nvmlDeviceGetNvLinkState = lambda h, link: int(h in (0, 1) and link < 4)
+    nv.nvmlDeviceGetNvLinkRemotePciInfo = lambda h, link: types.SimpleNamespace(busId=bus[1 - h].encode())
+    p2p = {0: lambda a, b: a in (0, 1) and b in (0, 1) or {a, b} == {2, 3}, 2: lambda a, b: (a, b) in nvlinked}
+    nv.nvmlDeviceGetP2PStatus = lambda a, b, caps: 0 if p2p[caps](a, b) else 4
+    nv.nvmlDeviceGetTopologyCommonAncestor = lambda a, b: 10 if {a, b} == {2, 3} else 50
+    return nv
+
+
+def test_nvml_source_checks_each_pair_instead_of_assuming_nvlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    topo = Topology.discover()
+    assert topo.source == "nvml" and topo.num_gpus == 4
+    assert topo.gpus[0].pci_bus_id == "00000000:18:00.0" and topo.gpus[0].name == "NVIDIA A100-SXM4-80GB"
+    assert topo.links[0] == ["X", "NV4", "SYS", "SYS"]
+    assert topo.links[2] == ["SYS", "SYS", "X", "PIX"]
+    assert topo.peer_access[2][3] and not topo.peer_access[0][2]
+    assert topo.all_pairs_p2p([0, 1], nvlink_only=True) and not topo.all_pairs_p2p([2, 3], nvlink_only=True)
+    assert topo.all_pairs_p2p([2, 3]) and not topo.all_pairs_p2p()
+
+
+def _hostnames(rank: int, world_size: int, port: int) -> dict:
+    backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port)
+    topo = Topology.discover(group=backend)
+    backend.destroy()
+    return {"ranks": topo.ranks, "hosts": topo.rank_hostnames, "same": topo.same_node()}
+
+
+def test_discover_with_group_gathers_real_hostnames() -> None:
+    results = run_ranks(_hostnames, 2, timeout=60, env={ENV_VAR: None})
+    me = socket.gethostname()
+    assert results == [{"ranks": [0, 1], "hosts": [me, me], "same": True}] * 2
