@@ -160,6 +160,7 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
                     device=device,
                     reset=bufs.reset if bufs.in_place else None,
                     barrier=backend.barrier,
+                    hold_device=settings.graph,
                 )
                 stats_list = summarize(samples).as_list()
                 bufs.prepare_check()
@@ -264,7 +265,12 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                     reset()
                     timed = capture_graph(call, device=device).replay
                 samples = time_iterations(
-                    timed, iters=settings.iters, warmup=settings.warmup, device=device, reset=reset
+                    timed,
+                    iters=settings.iters,
+                    warmup=settings.warmup,
+                    device=device,
+                    reset=reset,
+                    hold_device=settings.graph,
                 )
                 group.check_errors()
                 reset()

@@ -133,11 +133,11 @@ def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
         where = f" at {skip['bytes']} B" if "bytes" in skip else ""
         lines.append(f"# skipped {skip.get('algo')}{where}: {skip.get('reason')}")
     header = (
-        f"#{'size':>11} {'count':>12} {'type':>9} {'redop':>6} {'root':>5} {'algo':>10} {'time':>10} "
+        f"#{'size':>11} {'count':>12} {'type':>9} {'redop':>6} {'root':>5} {'algo':>14} {'time':>10} "
         f"{'p10-p90':>17} {'algbw':>8} {'busbw':>8} {'#wrong':>7}"
     )
     units = (
-        f"#{'(B)':>11} {'(elements)':>12} {'':>9} {'':>6} {'':>5} {'':>10} {'(us)':>10} "
+        f"#{'(B)':>11} {'(elements)':>12} {'':>9} {'':>6} {'':>5} {'':>14} {'(us)':>10} "
         f"{'(us)':>17} {'(GB/s)':>8} {'(GB/s)':>8} {'':>7}"
     )
     if with_ratio:
@@ -148,7 +148,7 @@ def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
         spread = f"{_fmt_time_us(r.latency_p10_ms)}-{_fmt_time_us(r.latency_p90_ms)}"
         row = (
             f" {r.bytes:>11} {r.count:>12} {_short(r.data_type):>9} "
-            f"{r.redop:>6} {r.root:>5} {r.algo_id:>10} {_fmt_time_us(r.latency_ms):>10} {spread:>17} "
+            f"{r.redop:>6} {r.root:>5} {_algo_cell(r):>14} {_fmt_time_us(r.latency_ms):>10} {spread:>17} "
             f"{r.algo_bandwidth_gbps:>8.2f} {r.bus_bandwidth_gbps:>8.2f} {r.num_wrong:>7}"
         )
         if with_ratio:
@@ -160,6 +160,13 @@ def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
     if busbws:
         lines.append(f"# Avg bus bandwidth    : {sum(busbws) / len(busbws):.3f} GB/s")
     return "\n".join(lines)
+
+
+def _algo_cell(record: BenchmarkRecord) -> str:
+    """``one_shot``, or ``auto>one_shot`` when the request resolved to another algorithm."""
+    if record.algo_requested == record.algo_id:
+        return record.algo_id
+    return f"{record.algo_requested}>{record.algo_id}"
 
 
 _SHORT_TYPES = {"float32": "float", "float16": "half", "float64": "double"}
@@ -250,9 +257,15 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
             linewidth=0,
         )
         ax_bw.plot(sizes, [r.bus_bandwidth_gbps for r in points], marker="o", markersize=3, label=label)
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+    from sagellm_comm.benchmark.sizes import format_size
+
     for ax, ylabel in ((ax_lat, "latency, median (us)"), (ax_bw, "bus bandwidth (GB/s = 1e9 B/s)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_size(int(round(x))) if x >= 1 else ""))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

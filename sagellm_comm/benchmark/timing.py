@@ -7,9 +7,14 @@ How one (size, algo) point is timed (see :func:`time_iterations`):
    together.
 3. ``iters`` timed calls back to back.  Before each call, ``reset()`` (if given) restores the inputs of
    an in-place collective; it runs *outside* the timed interval.  On CUDA every call is bracketed by a
-   pair of pre-allocated CUDA events recorded on the current stream, so the host keeps running ahead
-   and the events measure device time; on CPU the interval is ``time.perf_counter_ns`` around the
-   (blocking) call.
+   pair of pre-allocated CUDA events recorded on the current stream; on CPU the interval is
+   ``time.perf_counter_ns`` around the (blocking) call.
+
+   What a CUDA interval means depends on who is slower.  When the host submits slower than the GPU
+   runs (small messages, eager calls), the GPU drains its queue and each interval includes the host's
+   submission of the call: that is the eager latency a caller sees.  ``hold_device=True`` (used for
+   CUDA-graph replays) first enqueues a device-side spin (``torch.cuda._sleep``) long enough for the
+   host to queue the whole batch behind it, so the intervals are device time alone.
 4. The samples (microseconds) are summarised by :func:`summarize`: median, p10/p90, min/max, mean.
 
 Nothing is allocated inside the timed loop: events are created before it, inputs are pre-allocated by
@@ -26,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+DEFAULT_HOST_US_PER_CALL = 100.0  # host submission estimate when there was no warm-up to measure it
+MAX_HOLD_US = 2e6  # never hold the device longer than 2 s
 STAT_FIELDS = ("median_us", "p10_us", "p90_us", "min_us", "max_us", "mean_us")
 
 
@@ -84,6 +91,12 @@ def summarize(samples_us: list[float]) -> TimingStats:
     )
 
 
+def _cycles_per_us(device: torch.device | str) -> float:
+    """SM clock cycles per microsecond (for ``torch.cuda._sleep``); 2 GHz when the driver does not say."""
+    khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0
+    return khz / 1e3 if khz > 0 else 2000.0
+
+
 def _is_cuda(device: torch.device | str | None) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
@@ -96,6 +109,7 @@ def time_iterations(
     device: torch.device | str | None,
     reset: Callable[[], object] | None = None,
     barrier: Callable[[], object] | None = None,
+    hold_device: bool = False,
 ) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then ``iters`` timed times; return per-call microseconds.
 
@@ -108,16 +122,22 @@ def time_iterations(
             anything else with the wall clock around the blocking call.
         reset: restores in-place inputs before every call (warm-up and timed), outside the interval.
         barrier: host barrier across ranks, called once after warm-up, before the timed batch.
+        hold_device: CUDA only: keep the GPU busy while the host queues the batch, so the samples are
+            device time without host submission (see the module docstring).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     cuda = _is_cuda(device)
+    host_ns = []  # host time per warm-up call: sizes the device hold (the median skips compilation)
     for _ in range(warmup):
         if reset is not None:
             reset()
+        begin = time.perf_counter_ns()
         fn()
+        host_ns.append(time.perf_counter_ns() - begin)
+    host_us_per_call = percentile(sorted(host_ns), 50.0) / 1e3 if host_ns else DEFAULT_HOST_US_PER_CALL
     if cuda:
         torch.cuda.synchronize(device)
     if barrier is not None:
@@ -126,6 +146,9 @@ def time_iterations(
         torch.cuda.synchronize(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        if hold_device:
+            hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0))
+            torch.cuda._sleep(int(hold_us * _cycles_per_us(device)))
         for start, end in zip(starts, ends, strict=True):
             if reset is not None:
                 reset()
