@@ -1,0 +1,236 @@
+"""Custom all-reduce on the CPU: the Triton kernels under the interpreter, ranks as processes.
+
+Each rank is a process; the workspace regions are shared files mapped by every rank (the CPU stand-in for
+CUDA IPC), so the kernels' pointer tables, flags and epochs work exactly as on GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1"}
+SLOT_BYTES = 16384
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Rounding of one final conversion from the fp32 sum (the interpreter truncates instead of rounding).
+RTOL = {"float32": 1e-6, "bfloat16": 2**-7, "float16": 2**-10}
+
+
+def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, timeout_s: float = 60.0):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange)
+    return CustomAllReduce(ws, timeout_s=timeout_s, max_programs=3), exchange
+
+
+def _inputs(case: int, world_size: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * case + numel)
+    return [(torch.randn(numel, generator=g) * 4).to(dtype) for _ in range(world_size)]
+
+
+def _matrix_worker(rank, world_size, port, cases):
+    car, _ = _setup(rank, world_size, port)
+    results = []
+    for i, (algo, numel, dtype_name, mode) in enumerate(cases):
+        dtype = DTYPES[dtype_name]
+        ins = _inputs(i, world_size, numel, dtype)
+        if mode == "zero_copy":
+            x = car.get_buffer(numel, dtype)
+            x.copy_(ins[rank])
+            out = car.all_reduce(x, algo=algo)
+            assert out.data_ptr() == x.data_ptr()
+        elif mode == "out_of_place":
+            x = ins[rank].clone()
+            target = torch.full((numel,), float("nan"), dtype=dtype)
+            out = car.all_reduce(x, out=target, algo=algo)
+            assert out is target
+            assert torch.equal(x, ins[rank]), "out-of-place call modified its input"
+        else:
+            x = ins[rank].clone()
+            out = car.all_reduce(x, algo=algo)
+            assert out is x
+        car.check_errors()
+        ref = torch.zeros(numel, dtype=torch.float32)
+        for t in ins:  # fp32, rank order: what every rank must compute
+            ref += t.float()
+        torch.testing.assert_close(
+            out.float(),
+            ref.to(dtype).float(),
+            rtol=RTOL[dtype_name],
+            atol=1e-6,
+            msg=lambda m, c=(algo, numel): f"{c}: {m}",
+        )
+        results.append(hashlib.sha256(out.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest())
+    car.close()
+    return results
+
+
+def _matrix(world_size: int) -> list[tuple]:
+    max_bf16 = SLOT_BYTES // 2
+    max_fp32 = SLOT_BYTES // 4
+    cases = []
+    for algo in ("one_shot", "two_shot"):
+        for numel, dtype in [
+            (1, "bfloat16"),
+            (7, "float32"),
+            (1001, "bfloat16"),
+            (4096, "float16"),
+            (max_bf16, "bfloat16"),
+            (max_fp32, "float32"),
+            (world_size * 3 + 1, "float32"),
+        ]:
+            cases.append((algo, numel, dtype, "copy"))
+        cases.append((algo, 513, "float32", "out_of_place"))
+        cases.append((algo, 2049, "bfloat16", "zero_copy"))
+        cases.append((algo, max_bf16, "bfloat16", "zero_copy"))
+    return cases  # fmt: skip
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_kernels_match_reference_and_ranks_agree(world_size):
+    cases = _matrix(world_size)
+    per_rank = run_ranks(_matrix_worker, world_size, cases, env=INTERP, timeout=600)
+    for r in range(1, world_size):
+        assert per_rank[r] == per_rank[0], f"rank {r} differs bitwise from rank 0"
+
+
+def _back_to_back_worker(rank, world_size, port, calls):
+    car, _ = _setup(rank, world_size, port)
+    for i in range(calls):
+        algo = ("one_shot", "two_shot")[i % 2]
+        numel = 97 + 61 * (i % 5)
+        x = torch.full((numel,), float(i + rank), dtype=torch.float32)
+        car.all_reduce(x, algo=algo)
+        expected = world_size * i + world_size * (world_size - 1) / 2
+        assert torch.all(x == expected), f"call {i} ({algo}, {numel}): got {x[:4]}, expected {expected}"
+    epoch = int(car.workspace.control[0])
+    car.close()
+    return epoch
+
+
+def test_back_to_back_calls_reuse_buffers_safely():
+    # Alternating algorithms and sizes: slot parity and flag epochs must stay consistent across calls.
+    epochs = run_ranks(_back_to_back_worker, 2, 60, env=INTERP, timeout=600)
+    assert epochs == [60, 60]
+
+
+def _missing_peer_worker(rank, world_size, port):
+    import time
+
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommTimeoutError, ErrorCode
+
+    car, _ = _setup(rank, world_size, port, timeout_s=0.5)
+    if rank == 1:  # never calls all_reduce
+        dist.barrier()
+        return None
+    x = torch.ones(100)
+    t0 = time.monotonic()
+    car.all_reduce(x, algo="one_shot")
+    elapsed = time.monotonic() - t0
+    with pytest.raises(CommTimeoutError) as info:
+        car.check_errors()
+    assert info.value.code == ErrorCode.COMM_TIMEOUT
+    assert "peer rank 1 never arrived" in str(info.value)
+    assert info.value.details["peer"] == 1
+    with pytest.raises(CommTimeoutError):  # the workspace stays failed: the next call raises at once
+        car.all_reduce(torch.ones(100))
+    dist.barrier()
+    return elapsed
+
+
+def test_missing_rank_times_out_with_named_peer():
+    elapsed = run_ranks(_missing_peer_worker, 2, env=INTERP, timeout=300)[0]
+    assert elapsed < 120
+
+
+def _bad_input_worker(rank, world_size, port):
+    from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
+
+    car, _ = _setup(rank, world_size, port)
+    cases = {
+        "dtype": (torch.ones(8, dtype=torch.int32), "supports bfloat16, float16 and float32"),
+        "contiguous": (torch.ones(8, 2)[:, 0], "contiguous"),
+        "device": (torch.ones(8, device="meta"), "is on meta"),
+    }
+    messages = {}
+    for name, (tensor, needle) in cases.items():
+        with pytest.raises(InvalidArgumentError) as info:
+            car.all_reduce(tensor)
+        assert needle in str(info.value), str(info.value)
+        messages[name] = str(info.value)
+    with pytest.raises(WorkspaceExhaustedError, match="exceeds the custom all-reduce workspace"):
+        car.all_reduce(torch.ones(SLOT_BYTES // 4 + 1), algo="one_shot")
+    with pytest.raises(InvalidArgumentError, match="out must be"):
+        car.all_reduce(torch.ones(8), out=torch.ones(9))
+    with pytest.raises(InvalidArgumentError, match="algo must be"):
+        car.all_reduce(torch.ones(8), algo="ring")
+    # Nothing was corrupted: a valid call still works on both ranks afterwards.
+    x = torch.full((33,), float(rank + 1))
+    car.all_reduce(x, algo="two_shot")
+    assert torch.all(x == 3.0)
+    car.close()
+    return messages
+
+
+def test_bad_input_gives_typed_errors_and_corrupts_nothing():
+    run_ranks(_bad_input_worker, 2, env=INTERP, timeout=300)
+
+
+def _cycles_worker(rank, world_size, port, cycles):
+    import glob
+
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    car, exchange = _setup(rank, world_size, port)
+    car.close()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    files_before = len(glob.glob(f"/dev/shm/sagellm-comm-{os.getpid()}-*"))
+    for _ in range(cycles):
+        ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange)
+        ws.close()
+    return (
+        len(os.listdir("/proc/self/fd")) - fds_before,
+        len(glob.glob(f"/dev/shm/sagellm-comm-{os.getpid()}-*")) - files_before,
+    )
+
+
+def test_create_destroy_cycles_leak_nothing():
+    leaks = run_ranks(_cycles_worker, 2, 1000, env=INTERP, timeout=600)
+    assert leaks == [(0, 0), (0, 0)]
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import BackendNotSupportedError
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ws = SymmetricWorkspace(0, 2, 4096, [0, 0], "cpu")
+    with pytest.raises(BackendNotSupportedError, match="TRITON_INTERPRET=1"):
+        CustomAllReduce(ws)
+
+
+def test_workspace_rejects_bad_world_sizes():
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    for ws, rank in ((1, 0), (9, 0), (2, 2), (2, -1)):
+        with pytest.raises(InvalidArgumentError):
+            SymmetricWorkspace(rank, ws, 4096, [0] * ws, "cpu")
