@@ -371,3 +371,42 @@ def test_third_party_backend_registry() -> None:
     finally:
         unregister_comm_backend("loopback")
     assert "loopback" not in list_comm_backends()
+
+
+# ---------------------------------------------------------------------- NCCL on a real GPU
+
+
+@pytest.mark.gpu
+def test_nccl_world_of_one_on_gpu() -> None:
+    from sagellm_comm import Topology
+
+    with CommBackend.create("nccl").init(rank=0, world_size=1) as backend:
+        assert backend.name == "nccl" and backend.device == torch.device("cuda", 0)
+        assert get_comm_backend().name in ("nccl", "custom")  # auto prefers a GPU engine here
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for op in FLOAT_OPS:
+                x = make_input(0, 1031, dtype, op).cuda()
+                want = x.clone()
+                work = backend.all_reduce(x, op, async_op=True)
+                work.wait()
+                torch.cuda.synchronize()
+                assert torch.equal(x, want), f"{op.name} {dtype}"
+        x = torch.arange(6.0, device="cuda")
+        flat = torch.empty(6, device="cuda")
+        backend.all_gather(flat, x)
+        out = torch.empty(6, device="cuda")
+        backend.reduce_scatter(out, x, op="max")
+        backend.broadcast(x, src=0)
+        a2a = torch.empty(6, device="cuda")
+        backend.all_to_all(a2a, x)
+        backend.barrier()
+        torch.cuda.synchronize()
+        assert torch.equal(flat, x) and torch.equal(out, x) and torch.equal(a2a, x)
+        with pytest.raises(InvalidArgumentError, match="needs tensors on cuda:0"):
+            backend.all_reduce(torch.ones(2))
+        with pytest.raises(InvalidArgumentError, match="BAND is not supported by nccl"):
+            backend.all_reduce(torch.ones(2, dtype=torch.int32, device="cuda"), "band")
+        topo = Topology.discover(group=backend)
+        assert topo.source in ("nvml", "cuda") and topo.num_gpus >= 1 and topo.ranks == [0]
+        print(topo.format_matrix())
+    assert not torch.distributed.is_initialized()
