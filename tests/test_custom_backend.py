@@ -1,0 +1,98 @@
+"""The ``custom`` backend end to end on the CPU: Gloo engine + kernels under the Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1"}
+
+
+def _backend_worker(rank, world_size, port):
+    from sagellm_comm import CommBackend, ReduceOp
+    from sagellm_comm.errors import InvalidArgumentError
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    seen = {"name": backend.name, "engine": backend.engine_kind, "reason": backend.custom_reason}
+    assert backend.custom is not None, backend.custom_reason
+
+    # SUM on the world group: the kernels (one-shot at this size by the default policy).
+    x = torch.arange(100, dtype=torch.float32) + rank
+    out = backend.all_reduce(x)
+    assert out is x
+    assert torch.equal(x, (torch.arange(100, dtype=torch.float32) * world_size) + sum(range(world_size)))
+    seen["small"] = backend.last_selection.algo
+
+    # Forced algorithm, bf16.
+    y = torch.full((301,), float(rank + 1), dtype=torch.bfloat16)
+    backend.all_reduce(y, algo="two_shot")
+    assert torch.all(y == float(sum(range(1, world_size + 1))))
+    seen["forced"] = backend.last_selection.rule_id
+
+    # Over the workspace: the engine runs it (auto), a forced kernel algo is refused.
+    big = torch.ones(4096, dtype=torch.float32) * (rank + 1)
+    backend.all_reduce(big)
+    assert torch.all(big == float(sum(range(1, world_size + 1))))
+    seen["big"] = (backend.last_selection.algo, backend.last_selection.rule_id)
+    with pytest.raises(InvalidArgumentError, match="fit the 8192-byte workspace"):
+        backend.all_reduce(torch.ones(4096), algo="one_shot")
+
+    # Other ops go to the engine.
+    m = torch.tensor([float(rank)])
+    backend.all_reduce(m, op=ReduceOp.MAX)
+    assert m.item() == world_size - 1
+    seen["max"] = backend.last_selection.algo
+
+    # Async handle.
+    z = torch.ones(64) * 2
+    work = backend.all_reduce(z, async_op=True)
+    assert work.wait() is z
+    assert work.is_completed()
+    assert torch.all(z == 2.0 * world_size)
+    backend.destroy()
+    assert backend.custom is None
+    return seen
+
+
+def test_custom_backend_runs_kernels_and_falls_back():
+    seen = run_ranks(_backend_worker, 2, env=INTERP, timeout=300)
+    for s in seen:
+        assert s["name"] == "custom" and s["engine"] == "gloo"
+        assert "custom kernels on 2 ranks" in s["reason"]
+        assert s["small"] == "one_shot"
+        assert s["forced"] == "user"
+        assert s["big"] == ("nccl", "over-workspace")
+        assert s["max"] == "gloo"
+
+
+def _single_rank_worker(rank, world_size, port):
+    from sagellm_comm import CommBackend
+
+    backend = CommBackend.create("custom")
+    backend.init(rank=0, world_size=1)
+    reason = backend.custom_reason
+    x = torch.ones(8)
+    backend.all_reduce(x)
+    assert torch.all(x == 1.0)
+    backend.destroy()
+    return reason
+
+
+def test_custom_backend_records_why_it_falls_back():
+    reason = run_ranks(_single_rank_worker, 1, env=INTERP, timeout=120)[0]
+    assert "world size 1 is outside 2..8" in reason
+
+
+def test_custom_backend_unavailable_without_gpu_or_interpreter(monkeypatch):
+    from sagellm_comm import CommBackend, is_comm_backend_available
+    from sagellm_comm.errors import BackendNotSupportedError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not is_comm_backend_available("custom")
+    with pytest.raises(BackendNotSupportedError, match="custom needs a CUDA GPU"):
+        CommBackend.create("custom")
