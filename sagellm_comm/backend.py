@@ -389,6 +389,7 @@ _LOCK = threading.RLock()
 _BUILTINS_LOADED = False
 #: modules whose import registers built-in kinds; a missing optional one is skipped
 _BUILTIN_MODULES = ("sagellm_comm.backends.torch_distributed", "sagellm_comm.backends.custom")
+_IMPORT_FAILURES: dict[str, str] = {}
 
 
 def _ensure_builtins() -> None:
@@ -403,8 +404,11 @@ def _ensure_builtins() -> None:
             try:
                 importlib.import_module(module)
             except ModuleNotFoundError as exc:
-                if exc.name != module:  # the module exists but something it needs does not
+                if exc.name == module:  # an optional built-in that is not part of this install
+                    continue
+                if module == _BUILTIN_MODULES[0]:
                     raise
+                _IMPORT_FAILURES[module] = str(exc)  # reported by _lookup; the others stay usable
 
 
 def register_comm_backend(
@@ -494,9 +498,10 @@ def _lookup(name: str) -> _Entry:
         entry = _REGISTRY.get(name)
         known = sorted(_REGISTRY)
     if entry is None:
+        failed = "".join(f"; {m} failed to import: {why}" for m, why in _IMPORT_FAILURES.items())
         raise BackendNotSupportedError(
-            f"unknown backend {name!r}; registered: {', '.join(known) or 'none'} (or 'auto')",
-            details={"kind": name, "registered": known},
+            f"unknown backend {name!r}; registered: {', '.join(known) or 'none'} (or 'auto'){failed}",
+            details={"kind": name, "registered": known, "import_failures": dict(_IMPORT_FAILURES)},
         )
     return entry
 

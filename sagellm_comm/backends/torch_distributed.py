@@ -268,12 +268,13 @@ class TorchDistributedBackend(CommBackend):
         else:
             self._create_world(rank, world_size, master_addr, master_port)
         self._rank, self._world_size = rank, world_size
-        self._device = self._pick_device(_int_arg(local_rank, "LOCAL_RANK", "local_rank", default=rank))
-        try:
+        try:  # past this point the world exists: undo it if the rest fails
+            self._device = self._pick_device(_int_arg(local_rank, "LOCAL_RANK", "local_rank", default=rank))
             cpu = dist.group.WORLD if self.engine.host_blocking else self._gloo_group(range(world_size))
         except Exception as exc:
             self._teardown()
-            raise self._translate(exc, "init (cpu group)", timeout) from exc
+            self._reset()
+            raise self._translate(exc, "init (device, cpu group)", timeout) from exc
         self._world = GroupHandle(tuple(range(world_size)), rank, dist.group.WORLD, cpu)
         self._initialized, self._destroyed = True, False
         return self
