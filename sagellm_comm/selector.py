@@ -118,12 +118,20 @@ class AlgoSelector:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rules": [
-                {k: v for k, v in vars(r).items() if v is not None and v != "" and not (k == "min_bytes" and v == 0)}
-                for r in self.rules
-            ]
-        }
+        """The policy as JSON-ready data (``from_dict(to_dict())`` gives the same rules)."""
+        rules = []
+        for r in self.rules:
+            d: dict[str, Any] = {"id": r.id, "algo": r.algo}
+            if r.min_bytes:
+                d["min_bytes"] = r.min_bytes
+            if r.max_bytes is not None:
+                d["max_bytes"] = r.max_bytes
+            if r.world_sizes is not None:
+                d["world_sizes"] = list(r.world_sizes)
+            if r.reason:
+                d["reason"] = r.reason
+            rules.append(d)
+        return {"rules": rules}
 
     def select(self, nbytes: int, world_size: int, capacity_bytes: int | None = None) -> Selection:
         """Pick the algorithm for an all-reduce of ``nbytes`` over ``world_size`` ranks."""

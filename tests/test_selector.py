@@ -1,0 +1,83 @@
+"""Algorithm policy: default rules, JSON overrides, reasons, and bad policy files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector
+
+
+def test_default_policy_by_size_and_world_size():
+    sel = AlgoSelector()
+    small = sel.select(8 << 10, 8)
+    assert (small.algo, small.rule_id) == ("one_shot", "small-one-shot")
+    assert "latency" in small.reason
+    large = sel.select(16 << 20, 8)
+    assert (large.algo, large.rule_id) == ("two_shot", "large-two-shot")
+    two = sel.select(512 << 10, 2)
+    assert (two.algo, two.rule_id) == ("one_shot", "ws2-one-shot")
+    assert sel.select(4 << 20, 2).algo == "two_shot"
+
+
+def test_messages_over_the_workspace_go_to_nccl_whatever_the_policy():
+    sel = AlgoSelector.from_dict({"rules": [{"id": "always", "algo": "one_shot"}]})
+    assert sel.select(1 << 20, 4, capacity_bytes=1 << 20).algo == "one_shot"
+    over = sel.select((1 << 20) + 1, 4, capacity_bytes=1 << 20)
+    assert (over.algo, over.rule_id) == ("nccl", "over-workspace")
+    assert str((1 << 20) + 1) in over.reason
+
+
+def test_json_policy_overrides_and_first_match_wins(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {"id": "tiny", "algo": "two_shot", "max_bytes": 1024, "reason": "forced for a test"},
+                    {"id": "ws4", "algo": "nccl", "world_sizes": [4]},
+                    {"id": "mid", "algo": "one_shot", "min_bytes": 1025, "max_bytes": 4096},
+                ]
+            }
+        )
+    )
+    sel = AlgoSelector.from_file(path)
+    assert sel.select(512, 4).rule_id == "tiny"
+    assert sel.select(512, 4).reason == "forced for a test"
+    assert sel.select(2048, 4).algo == "nccl"
+    assert sel.select(2048, 8).rule_id == "mid"
+    nomatch = sel.select(1 << 20, 8)
+    assert (nomatch.algo, nomatch.rule_id) == ("nccl", "no-rule")
+    assert AlgoSelector.from_dict(sel.to_dict()).rules == sel.rules
+
+
+@pytest.mark.parametrize(
+    "policy, needle",
+    [
+        ({"rules": []}, "at least one rule"),
+        ({"rules": [{"algo": "ring"}]}, "algo must be one of"),
+        ({"rules": [{"algo": "one_shot", "max_bytes": -1}]}, "max_bytes must be a non-negative int"),
+        ({"rules": [{"algo": "one_shot", "world_sizes": 4}]}, "world_sizes must be a list"),
+        ({"rules": [{"algo": "one_shot", "max_byte": 10}]}, "unknown keys"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_policies_are_typed_errors(policy, needle):
+    with pytest.raises(InvalidArgumentError, match=needle):
+        AlgoSelector.from_dict(policy)
+
+
+def test_bad_policy_files(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        AlgoSelector.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match="not valid JSON"):
+        AlgoSelector.from_file(bad)
+
+
+def test_every_default_rule_has_an_id_and_reason():
+    assert all(r.id and r.reason for r in DEFAULT_RULES)
+    assert DEFAULT_RULES[-1].max_bytes is None  # the last rule catches every size
