@@ -224,6 +224,7 @@ def test_virtual_ranks_graph_plot(tmp_path):
             algos=("one_shot", "two_shot", "auto"),
             dtype="bfloat16",
             virtual_ranks=2,
+            virtual_mode=mode,
             graph=True,
             plot=str(plot),
         )

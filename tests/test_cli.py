@@ -124,6 +124,44 @@ def test_bench_other_ops_three_ranks(tmp_path, op, redop, root):
         assert rec["bus_bandwidth_gbps"] == pytest.approx(rec["algo_bandwidth_gbps"] * bus_factor(op, 3))
 
 
+def test_custom_backend_compares_algos_and_records_what_ran(tmp_path, monkeypatch):
+    """The custom kernels under the Triton interpreter on 2 CPU processes, 4 algos side by side."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        '{"rules": [{"id": "tiny-two-shot", "algo": "two_shot", "max_bytes": 2048, "reason": "test policy"},'
+        ' {"id": "rest-one-shot", "algo": "one_shot"}]}'
+    )
+    out = tmp_path / "out"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    proc = _run(
+        ["bench", "--backend", "custom", "--world-size", "2", "--algo", "auto,one_shot", "--algo", "two_shot,nccl",
+         "--message-sizes", "1K,4K", "--iters", "2", "--warmup", "1", "--dtype", "bf16",
+         "--selector-config", str(policy), "--output-dir", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = _table_rows(proc.stdout)
+    # auto resolves per the policy file; "nccl" is the custom backend's engine, which is Gloo on the CPU
+    assert [(int(r[0]), r[5]) for r in rows] == [
+        (1024, "auto>two_shot"), (1024, "one_shot"), (1024, "two_shot"), (1024, "nccl>gloo"),
+        (4096, "auto>one_shot"), (4096, "one_shot"), (4096, "two_shot"), (4096, "nccl>gloo"),
+    ]  # fmt: skip
+    assert all(r[10] == "0" for r in rows)
+    header = [line for line in proc.stdout.splitlines() if "#wrong" in line][0]
+    assert header.split()[-1] == "ratio"
+    for row in rows:  # ratio = time(auto) / time(this algo) at the same size
+        first = next(r for r in rows if r[0] == row[0])
+        assert float(row[11]) == pytest.approx(float(first[6]) / float(row[6]), rel=0.02)
+    run, results = report.load_results(_only(out, "all_reduce_ws2_*.json"))
+    assert run["algos_requested"] == ["auto", "one_shot", "two_shot", "nccl"]
+    assert run["selector_config"] == str(policy)
+    by_key = {(r["bytes"], r["algo_requested"]): r for r in results}
+    assert by_key[(1024, "auto")]["selection_rule_id"] == "tiny-two-shot"
+    assert by_key[(1024, "auto")]["selection_reason"] == "test policy"
+    assert by_key[(4096, "auto")]["selection_rule_id"] == "rest-one-shot"
+    assert by_key[(1024, "nccl")]["algo_id"] == "gloo" and by_key[(1024, "nccl")]["backend_kind"] == "custom"
+    assert by_key[(1024, "one_shot")]["selection_rule_id"] == "user"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only default")
 def test_plain_bench_without_gpu_defaults_to_gloo_two_processes(tmp_path):
     proc = _run(

@@ -50,6 +50,7 @@ def run_all_reduce_benchmark(
     dtype: str = "float32",
     world_size: int | None = None,
     virtual_ranks: int | None = None,
+    virtual_mode: str = "stacked",
     graph: bool = False,
     selector_config: str | None = None,
     plot: str | None = None,
@@ -66,6 +67,7 @@ def run_all_reduce_benchmark(
         output_dir: where the files go; None writes none.
         warmup_iters, benchmark_iters: untimed and timed calls per point.
         algos: algorithms to compare (see :mod:`sagellm_comm.benchmark.algos`).
+        virtual_ranks, virtual_mode: N ranks on one GPU, ``"stacked"`` (one launch) or ``"streams"``.
 
     Returns:
         The :class:`BenchmarkResult` (records, run info, file paths); None on non-zero ranks.
@@ -92,6 +94,7 @@ def run_all_reduce_benchmark(
         plot=plot,
         world_size=world_size,
         virtual_ranks=virtual_ranks,
+        virtual_mode=virtual_mode,
         progress=progress,
         command="run_all_reduce_benchmark(...)",
     )

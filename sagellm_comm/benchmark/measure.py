@@ -73,47 +73,55 @@ def _op_call(backend: Any, bufs: OpBuffers) -> Callable[[], object]:
     return lambda: backend.broadcast(bufs.work, src=BROADCAST_ROOT)
 
 
-def _custom_engine(backend: Any) -> Any:
-    """The backend's :class:`CustomAllReduce`, or None where it runs without one (NCCL fallback)."""
-    for attr in ("custom_all_reduce", "car"):
-        engine = getattr(backend, attr, None)
-        if engine is not None and hasattr(engine, "select") and hasattr(engine, "all_reduce"):
-            return engine
-    return None
-
-
 class DistributedAlgo:
-    """How one requested algorithm runs on an initialised backend, and what to record for it."""
+    """How one requested algorithm runs on an initialised backend, and what to record for it.
+
+    On the ``custom`` backend, all-reduce goes through ``backend.all_reduce(tensor, algo=...)`` and what
+    ran is read back from ``backend.last_selection`` after the call (kernel, or engine with the rule
+    that sent it there); ``ring``/``tree`` are its engine (NCCL) under ``NCCL_ALGO``.
+    """
 
     def __init__(self, requested: str, backend: Any, op: str):
         self.requested = requested
         self.backend = backend
         self.op = op
         self.kind = backend.name
-        self.engine = _custom_engine(backend) if self.kind == algo_rules.CUSTOM_KIND else None
+        self.engine_kind = getattr(backend, "engine_kind", self.kind)
+        self.custom_all_reduce = self.kind == algo_rules.CUSTOM_KIND and op == "all_reduce"
         self.skip_reason = algo_rules.unsupported_reason(requested, self.kind, op)
-        if self.skip_reason is None and requested in algo_rules.KERNEL_ALGOS and self.engine is None:
-            self.skip_reason = f"backend 'custom' runs without its kernels here, so {requested} cannot run"
+        if self.skip_reason is None and self.kind == algo_rules.CUSTOM_KIND:
+            if requested in algo_rules.KERNEL_ALGOS and getattr(backend, "custom", None) is None:
+                why = getattr(backend, "custom_reason", "unknown reason")
+                self.skip_reason = f"the custom kernels are off on this world ({why}), so {requested} cannot run"
+            elif requested in algo_rules.NCCL_ALGO_VALUES and self.engine_kind not in algo_rules.NCCL_KINDS:
+                self.skip_reason = (
+                    f"{requested} sets NCCL_ALGO, but the custom backend's engine here is {self.engine_kind}"
+                )
 
     def call(self, bufs: OpBuffers) -> Callable[[], object]:
-        if self.engine is not None and self.op == "all_reduce" and self.requested in ("auto", *algo_rules.KERNEL_ALGOS):
-            algo, engine, work = self.requested, self.engine, bufs.work
-            return lambda: engine.all_reduce(work, algo=algo)
+        if self.custom_all_reduce:
+            algo = self.requested if self.requested in ("auto", *algo_rules.KERNEL_ALGOS) else "nccl"
+            backend, work = self.backend, bufs.work
+            return lambda: backend.all_reduce(work, algo=algo)
         return _op_call(self.backend, bufs)
 
-    def label(self, nbytes: int) -> tuple[str, str, str]:
-        """``(algo_id, rule_id, reason)`` of what runs at ``nbytes``."""
-        if self.engine is not None and self.op == "all_reduce" and self.requested in ("auto", *algo_rules.KERNEL_ALGOS):
-            if self.requested != "auto":
-                return self.requested, "explicit", f"--algo {self.requested}"
-            selection = self.engine.select(nbytes)
-            if selection.algo == "nccl":
-                algo_id, _, nccl_reason = algo_rules.nccl_run_label()
-                return algo_id, selection.rule_id, f"{selection.reason}; {nccl_reason}"
-            return selection.algo, selection.rule_id, selection.reason
-        if self.kind in algo_rules.NCCL_KINDS or self.kind == algo_rules.CUSTOM_KIND:
-            return algo_rules.nccl_run_label()
-        return self.kind, "backend-default", f"{self.kind}'s own {self.op} through torch.distributed"
+    def _engine_label(self, rule_id: str | None = None, reason: str | None = None) -> tuple[str, str, str]:
+        if self.engine_kind in algo_rules.NCCL_KINDS:
+            algo_id, nccl_rule, nccl_reason = algo_rules.nccl_run_label()
+            return algo_id, rule_id or nccl_rule, f"{reason}; {nccl_reason}" if reason else nccl_reason
+        own = f"{self.engine_kind}'s own {self.op} through torch.distributed"
+        return self.engine_kind, rule_id or "backend-default", f"{reason}; {own}" if reason else own
+
+    def label(self) -> tuple[str, str, str]:
+        """``(algo_id, rule_id, reason)`` of the call that just ran (call it after one untimed call)."""
+        if self.custom_all_reduce:
+            selection = getattr(self.backend, "last_selection", None)
+            if selection is None:
+                return self._engine_label("unknown", "the custom backend did not record its choice")
+            if selection.algo in algo_rules.KERNEL_ALGOS:
+                return selection.algo, selection.rule_id, selection.reason
+            return self._engine_label(selection.rule_id, selection.reason)
+        return self._engine_label()
 
 
 def _reduce_across_ranks(backend: Any, values: list[float], op: Any) -> list[float]:
@@ -144,7 +152,7 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
         bufs = make_buffers(settings.op, nbytes, settings.dtype, rank, world_size, device)
         for plan in runnable:
             fn = plan.call(bufs)
-            algo_id, rule_id, reason = plan.label(bufs.nbytes)
+            algo_id = rule_id = reason = ""
             error = None
             stats_list = [0.0] * 6
             wrong = 0
@@ -164,9 +172,10 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
                 )
                 stats_list = summarize(samples).as_list()
                 bufs.prepare_check()
-                timed()
+                timed()  # the last host-side call (eager, or the capture) recorded what runs
                 _sync(device)
                 wrong = bufs.num_wrong()
+                algo_id, rule_id, reason = plan.label()
             except (CommError, RuntimeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             failed_anywhere = _reduce_across_ranks(backend, [1.0 if error else 0.0], dist.ReduceOp.MAX)[0]
