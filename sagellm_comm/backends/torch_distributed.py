@@ -487,10 +487,23 @@ class TorchDistributedBackend(CommBackend):
             for i, chunk in enumerate(input):
                 self._check_tensor(chunk, f"input[{i}]")
             outs = self._check_list(output, "output", n, None)
-            for i, (o, x) in enumerate(zip(outs, input, strict=True)):
-                if o.dtype != x.dtype:
-                    raise ShapeMismatchError(f"output[{i}] has dtype {o.dtype}, input[{i}] has {x.dtype}")
-            start = lambda: dist.all_to_all(outs, list(input), g.engine_group, True)
+            dtype = input[0].dtype
+            for i, t in enumerate([*input, *outs]):
+                if t.dtype != dtype:
+                    where = f"input[{i}]" if i < n else f"output[{i - n}]"
+                    raise ShapeMismatchError(f"{where} has dtype {t.dtype}; all_to_all needs one dtype ({dtype})")
+            # packed through all_to_all_single (every engine and torch version has it; Gloo before
+            # torch 2.13 lacks the list form): one flat send buffer, one flat receive buffer
+            send = torch.cat([t.reshape(-1) for t in input])
+            recv = torch.empty(sum(o.numel() for o in outs), dtype=dtype, device=send.device)
+            send_splits, recv_splits = [t.numel() for t in input], [o.numel() for o in outs]
+
+            def unpack() -> None:
+                for o, chunk in zip(outs, recv.split(recv_splits), strict=True):
+                    o.copy_(chunk.view(o.shape))
+
+            start = lambda: dist.all_to_all_single(recv, send, recv_splits, send_splits, g.engine_group, True)
+            return self._run("all_to_all", g, async_op, output, unpack, start)
         else:
             self._check_tensor(input, "input")
             self._check_flat(output, "output", input, input.numel())
