@@ -100,14 +100,48 @@ class KernelLauncher:
             self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual,
         )  # fmt: skip
         if compiled is not None:
-            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-            compiled.run(
-                programs, grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args
-            )
+            compiled(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), args)
             return
         compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *args[4:], num_warps=NUM_WARPS)
-        if self.use_ptx and getattr(compiled, "run", None) is not None and hasattr(compiled, "packed_metadata"):
-            self.cache[key] = compiled
+        if self.use_ptx:
+            fast = _direct_launch(compiled)
+            if fast is not None:
+                self.cache[key] = fast
+
+
+def _direct_launch(compiled) -> Callable | None:
+    """A launch function that skips Triton's Python launch path for an already compiled kernel.
+
+    Calls the generated C launcher (``CompiledKernel.run.launch``) with the kernel's function handle and
+    metadata bound once; falls back to ``CompiledKernel.run`` when this Triton's launcher does not have
+    that shape, or when the kernel needs scratch memory allocated per launch.  Returns None when neither
+    is available (e.g. under the interpreter).
+    """
+    run = getattr(compiled, "run", None)
+    function = getattr(compiled, "function", None)
+    metadata = getattr(compiled, "packed_metadata", None)
+    if run is None or function is None or metadata is None:
+        return None
+    launch = getattr(run, "launch", None)
+    simple = (
+        launch is not None
+        and getattr(run, "global_scratch_size", 1) == 0
+        and getattr(run, "profile_scratch_size", 1) == 0
+        and hasattr(run, "launch_cooperative_grid")
+        and hasattr(run, "launch_pdl")
+    )
+    if simple:
+        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+
+        def fast(grid_x: int, grid_y: int, stream: int, args: tuple) -> None:
+            launch(grid_x, grid_y, 1, stream, function, coop, pdl, None, None, metadata, None, None, None, *args)
+
+        return fast
+
+    def generic(grid_x: int, grid_y: int, stream: int, args: tuple) -> None:
+        run(grid_x, grid_y, 1, stream, function, metadata, None, None, None, *args)
+
+    return generic
 
 
 class CustomAllReduce:
