@@ -1,0 +1,374 @@
+"""Tensor-parallel linear layers: drop-in ``ColumnParallelLinear`` and ``RowParallelLinear``.
+
+Constructor arguments follow vLLM's and Megatron-LM's layers of the same names.  With ``tp`` ranks in
+the group and ``Y = X @ W.T + b`` the unsharded linear (``W``: ``[output_size, input_size]``):
+
+* **Column parallel** splits ``W`` by output features: rank ``r`` holds rows
+  ``r*output_size/tp .. (r+1)*output_size/tp - 1`` of ``W`` (and the same slice of ``b``) and computes
+  its slice of ``Y`` from the full ``X``.  ``gather_output=True`` all-gathers the slices into the full
+  ``Y`` on every rank; otherwise the output stays sharded (the usual input of a row-parallel layer).
+* **Row parallel** splits ``W`` by input features: rank ``r`` holds columns
+  ``r*input_size/tp .. (r+1)*input_size/tp - 1`` and multiplies them with its slice of ``X``
+  (``input_is_parallel=True``: the caller passes the slice; ``False``: the layer takes it from the full
+  ``X``).  The partial products are summed by an all-reduce; the bias is added once, after the reduce.
+
+Communication goes through the torch custom ops of :mod:`sagellm_comm.ops` (``torch.ops.sagellm_comm.*``),
+so a model built from these layers compiles with ``torch.compile(fullgraph=True)`` and captures in a
+CUDA graph; the group's backend decides what runs (custom kernels, NCCL, Gloo).  A group of one rank
+does no communication.  Forward-only (inference): the ops have no autograd formula.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sagellm_comm import ops
+from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    from sagellm_comm.group import CommGroup
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "divide"]
+
+
+def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    """``numerator // denominator``, raising :class:`InvalidArgumentError` unless it divides exactly."""
+    if isinstance(numerator, bool) or not isinstance(numerator, int) or numerator < 1:
+        raise InvalidArgumentError(f"{what} must be a positive int, got {numerator!r}")
+    if numerator % denominator:
+        raise InvalidArgumentError(
+            f"{what}={numerator} is not divisible by the tensor-parallel size {denominator}; "
+            f"pick a size that is a multiple of {denominator} or a smaller group",
+            details={what: numerator, "tp_size": denominator},
+        )
+    return numerator // denominator
+
+
+def _resolve_group(group: CommGroup | str | None) -> tuple[str, CommGroup]:
+    name = ops.group_name(group)
+    resolved = ops.resolve_group(name)
+    if not resolved.is_member:
+        raise InvalidArgumentError(
+            f"this rank is not a member of group {name!r} (ranks {list(resolved.ranks)}); build the layer "
+            "on the group's members only"
+        )
+    return name, resolved
+
+
+class _ParallelLinearBase(nn.Module):
+    """Shared set-up: the group, the parameters and the return convention."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        bias: bool,
+        skip_bias_add: bool,
+        params_dtype: torch.dtype | None,
+        group: CommGroup | str | None,
+        device: torch.device | str | None,
+        return_bias: bool,
+    ):
+        super().__init__()
+        self.group_name, comm_group = _resolve_group(group)
+        self.tp_size = comm_group.world_size
+        self.tp_rank = comm_group.rank
+        self.input_size = divide(input_size, 1, "input_size")
+        self.output_size = divide(output_size, 1, "output_size")
+        self.skip_bias_add = bool(skip_bias_add)
+        self.return_bias = bool(return_bias)
+        self.params_dtype = params_dtype if params_dtype is not None else torch.get_default_dtype()
+        self.device = torch.device(device) if device is not None else comm_group.device
+        self._has_bias = bool(bias)
+
+    def _make_params(self, weight_shape: tuple[int, int], bias_size: int) -> None:
+        kw = {"dtype": self.params_dtype, "device": self.device}
+        self.weight = nn.Parameter(torch.empty(weight_shape, **kw), requires_grad=False)
+        if self._has_bias:
+            self.bias = nn.Parameter(torch.zeros(bias_size, **kw), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of the local shard (use :meth:`load_weight` for real weights)."""
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _result(self, output: torch.Tensor, output_bias: torch.Tensor | None):
+        if self.skip_bias_add or self.return_bias:
+            return output, output_bias
+        return output
+
+    def _check_input(self, x: torch.Tensor, features: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != features:
+            raise ShapeMismatchError(
+                f"{type(self).__name__} expects input [..., {features}], got {tuple(x.shape)}",
+                details={"shape": tuple(x.shape), "expected_last_dim": features},
+            )
+
+    def _copy_shard(self, param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
+        if tuple(shard.shape) != tuple(param.shape):
+            raise ShapeMismatchError(
+                f"{what} shard is {tuple(shard.shape)}, the layer holds {tuple(param.shape)}",
+                details={"shard": tuple(shard.shape), "param": tuple(param.shape)},
+            )
+        with torch.no_grad():
+            param.copy_(shard.to(dtype=param.dtype, device=param.device))
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, bias={self.bias is not None}, "
+            f"tp_size={self.tp_size}, tp_rank={self.tp_rank}, group={self.group_name!r}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinearBase):
+    """``Y = X @ W.T + b`` with ``W`` (``[output_size, input_size]``) split by rows over the group.
+
+    Args:
+        input_size: features of ``X`` (the full size; every rank gets the whole ``X``).
+        output_size: features of ``Y``; must divide by the group size.
+        bias: hold this rank's slice of a bias (``[output_size / tp]``).
+        gather_output: all-gather the slices so every rank returns the full ``[..., output_size]``;
+            False returns this rank's ``[..., output_size / tp]``.
+        skip_bias_add: do not add the bias; return ``(output, bias_slice)`` for the caller to fuse.
+        params_dtype: dtype of the parameters (default: ``torch.get_default_dtype()``).
+        group: a :class:`CommGroup`, a name registered with :func:`sagellm_comm.ops.register_group`,
+            or None for the default group.
+        device: where the parameters live (default: the group's device).
+        return_bias: return ``(output, output_bias)`` like vLLM's layers (``output_bias`` is None
+            unless ``skip_bias_add``).
+
+    Forward: ``x`` ``[..., input_size]`` of ``params_dtype`` on the layer's device ->
+    ``[..., output_size]`` (gathered) or ``[..., output_size / tp]``; enqueued on the current stream.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        gather_output: bool = False,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype | None = None,
+        *,
+        group: CommGroup | str | None = None,
+        device: torch.device | str | None = None,
+        return_bias: bool = False,
+    ):
+        super().__init__(
+            input_size,
+            output_size,
+            bias=bias,
+            skip_bias_add=skip_bias_add,
+            params_dtype=params_dtype,
+            group=group,
+            device=device,
+            return_bias=return_bias,
+        )
+        self.output_size_per_partition = divide(output_size, self.tp_size, "output_size")
+        self.gather_output = bool(gather_output)
+        self._make_params((self.output_size_per_partition, self.input_size), self.output_size_per_partition)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        """vLLM-style loader: copy this rank's rows (output features) of the full ``loaded_weight``
+        (``[output_size, input_size]``, or the bias ``[output_size]``) into ``param``."""
+        if loaded_weight.shape[0] != self.output_size:
+            raise ShapeMismatchError(
+                f"full tensor has {loaded_weight.shape[0]} output features, the layer {self.output_size}",
+                details={"shape": tuple(loaded_weight.shape), "output_size": self.output_size},
+            )
+        shard = loaded_weight.narrow(0, self.tp_rank * self.output_size_per_partition, self.output_size_per_partition)
+        self._copy_shard(param, shard, "weight" if param is self.weight else "bias")
+
+    def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
+        """Shard an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
+        (``[output_size]``) into this rank's parameters."""
+        if tuple(full_weight.shape) != (self.output_size, self.input_size):
+            raise ShapeMismatchError(
+                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
+            )
+        self.weight_loader(self.weight, full_weight)
+        if full_bias is not None:
+            if self.bias is None:
+                raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
+            self.weight_loader(self.bias, full_bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs) -> ColumnParallelLinear:
+        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            params_dtype=kwargs.pop("params_dtype", linear.weight.dtype),
+            group=group,
+            **kwargs,
+        )
+        layer.load_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x, self.input_size)
+        bias = None if self.skip_bias_add else self.bias
+        output = F.linear(x, self.weight, bias)
+        if self.gather_output and self.tp_size > 1:
+            lead = output.shape[:-1]
+            local = output.reshape(-1, self.output_size_per_partition)
+            gathered = torch.ops.sagellm_comm.all_gather(local, self.group_name, self.tp_size)
+            # [tp * rows, n_local] rank-major -> [rows, tp * n_local]: rank r's slice at columns r*n_local
+            gathered = gathered.view(self.tp_size, -1, self.output_size_per_partition).transpose(0, 1)
+            output = gathered.reshape(*lead, self.output_size)
+        return self._result(output, self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gather_output={self.gather_output}"
+
+
+class RowParallelLinear(_ParallelLinearBase):
+    """``Y = X @ W.T + b`` with ``W`` (``[output_size, input_size]``) split by columns over the group.
+
+    Args:
+        input_size: features of the full ``X``; must divide by the group size.
+        output_size: features of ``Y`` (full on every rank after the all-reduce).
+        bias: hold the full bias ``[output_size]``; it is added once, after the all-reduce.
+        input_is_parallel: the caller passes this rank's slice ``[..., input_size / tp]`` (the output
+            of a ``ColumnParallelLinear(gather_output=False)``); False: pass the full ``X`` and the
+            layer takes the slice.
+        skip_bias_add: do not add the bias; return ``(output, bias)``.
+        params_dtype, group, device, return_bias: as for :class:`ColumnParallelLinear`.
+        reduce_results: all-reduce the partial products (default).  False returns this rank's partial
+            sum (the caller reduces, e.g. in a fused all-reduce + RMSNorm); then a bias must be
+            returned with ``skip_bias_add=True``, since adding it on every rank would count it ``tp``
+            times.
+        use_fused_gemm: run the matmul and the all-reduce as one ``sagellm_comm.fused.gemm_all_reduce``
+            call (tile-level overlap) instead of ``F.linear`` then the all-reduce op.  Eager only
+            (not traced by ``torch.compile``); needs ``sagellm_comm.fused``.
+
+    Forward: ``x`` ``[..., input_size / tp]`` (or ``[..., input_size]``) of ``params_dtype`` ->
+    ``[..., output_size]``, identical on every rank; enqueued on the current stream.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
+        *,
+        group: CommGroup | str | None = None,
+        device: torch.device | str | None = None,
+        return_bias: bool = False,
+        use_fused_gemm: bool = False,
+    ):
+        super().__init__(
+            input_size,
+            output_size,
+            bias=bias,
+            skip_bias_add=skip_bias_add,
+            params_dtype=params_dtype,
+            group=group,
+            device=device,
+            return_bias=return_bias,
+        )
+        self.input_size_per_partition = divide(input_size, self.tp_size, "input_size")
+        self.input_is_parallel = bool(input_is_parallel)
+        self.reduce_results = bool(reduce_results)
+        if not self.reduce_results and bias and not self.skip_bias_add:
+            raise InvalidArgumentError(
+                "reduce_results=False with a bias needs skip_bias_add=True (the caller adds the bias once, "
+                "after its own reduction)"
+            )
+        self.use_fused_gemm = bool(use_fused_gemm)
+        if self.use_fused_gemm:
+            _fused_gemm_all_reduce()  # fail at construction, not in the first forward
+        self._make_params((self.output_size, self.input_size_per_partition), self.output_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        """vLLM-style loader: the weight ``[output_size, input_size]`` gives this rank's columns; the
+        bias ``[output_size]`` is copied whole."""
+        if param is self.bias:
+            self._copy_shard(param, loaded_weight, "bias")
+            return
+        if loaded_weight.dim() != 2 or loaded_weight.shape[1] != self.input_size:
+            raise ShapeMismatchError(
+                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(loaded_weight.shape)}"
+            )
+        start = self.tp_rank * self.input_size_per_partition
+        self._copy_shard(param, loaded_weight.narrow(1, start, self.input_size_per_partition), "weight")
+
+    def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
+        """Shard an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``); copy its
+        ``bias`` (``[output_size]``) whole."""
+        if tuple(full_weight.shape) != (self.output_size, self.input_size):
+            raise ShapeMismatchError(
+                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
+            )
+        self.weight_loader(self.weight, full_weight)
+        if full_bias is not None:
+            if self.bias is None:
+                raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
+            self.weight_loader(self.bias, full_bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs) -> RowParallelLinear:
+        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            params_dtype=kwargs.pop("params_dtype", linear.weight.dtype),
+            group=group,
+            **kwargs,
+        )
+        layer.load_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor):
+        if self.input_is_parallel:
+            self._check_input(x, self.input_size_per_partition)
+            x_local = x
+        else:
+            self._check_input(x, self.input_size)
+            x_local = x.narrow(-1, self.tp_rank * self.input_size_per_partition, self.input_size_per_partition)
+        if self.use_fused_gemm and self.reduce_results and self.tp_size > 1:
+            lead = x_local.shape[:-1]
+            a = x_local.reshape(-1, self.input_size_per_partition).contiguous()
+            output = _fused_gemm_all_reduce()(a, self.weight.t(), group=ops.resolve_group(self.group_name))
+            output = output.reshape(*lead, self.output_size)
+        else:
+            output = F.linear(x_local, self.weight)
+            if self.reduce_results and self.tp_size > 1:
+                output = torch.ops.sagellm_comm.all_reduce(output, self.group_name, "sum")
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias  # once, on the reduced sum
+        return self._result(output, self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
+
+
+def _fused_gemm_all_reduce():
+    """``sagellm_comm.fused.gemm_all_reduce``, or a typed error when that module is not available."""
+    try:
+        from sagellm_comm.fused import gemm_all_reduce
+    except ImportError as exc:
+        from sagellm_comm.errors import BackendNotSupportedError
+
+        raise BackendNotSupportedError(
+            f"use_fused_gemm=True needs sagellm_comm.fused.gemm_all_reduce, which cannot be imported ({exc}); "
+            "use the default use_fused_gemm=False"
+        ) from exc
+    return gemm_all_reduce
