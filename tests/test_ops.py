@@ -1,0 +1,116 @@
+"""The collective custom ops: fake implementations, the group registry, dispatch to the custom kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from sagellm_comm import ops
+from sagellm_comm.errors import GroupNotFoundError, InvalidArgumentError, NotInitializedError
+from tests.conftest import run_ranks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 4, 8)])
+def test_all_reduce_fake_keeps_shape_and_dtype(shape, dtype) -> None:
+    with FakeTensorMode():
+        x = torch.empty(shape, dtype=dtype)
+        y = torch.ops.sagellm_comm.all_reduce(x, "never-registered", "sum")  # fake: no lookup, no traffic
+        assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+
+
+def test_all_reduce_fake_of_a_transposed_input_is_contiguous() -> None:
+    with FakeTensorMode():
+        x = torch.empty(4, 6).t()
+        y = torch.ops.sagellm_comm.all_reduce(x, "g", "sum")
+        assert y.shape == (6, 4) and y.is_contiguous()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape", [(1,), (5, 3), (2, 3, 4)])
+def test_all_gather_fake_stacks_rank_major_on_dim0(shape, world_size) -> None:
+    with FakeTensorMode():
+        x = torch.empty(shape, dtype=torch.bfloat16)
+        y = torch.ops.sagellm_comm.all_gather(x, "g", world_size)
+        assert y.shape == (world_size * shape[0], *shape[1:]) and y.dtype == torch.bfloat16
+
+
+def test_ops_have_schemas_of_functional_ops() -> None:
+    reduce_schema = torch.ops.sagellm_comm.all_reduce.default._schema
+    gather_schema = torch.ops.sagellm_comm.all_gather.default._schema
+    assert not reduce_schema.is_mutable and not gather_schema.is_mutable
+    assert [a.name for a in reduce_schema.arguments] == ["tensor", "group_name", "op"]
+    assert [a.name for a in gather_schema.arguments] == ["tensor", "group_name", "world_size"]
+
+
+def test_registry_errors_are_typed() -> None:
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+    from sagellm_comm.group import CommGroup
+
+    with pytest.raises(GroupNotFoundError, match="no group is registered as 'missing'") as info:
+        ops.resolve_group("missing")
+    assert info.value.code.value == "comm_group_not_found"
+    with pytest.raises(GroupNotFoundError):
+        torch.ops.sagellm_comm.all_reduce(torch.ones(2), "missing", "sum")
+    with pytest.raises(InvalidArgumentError, match="non-empty str"):
+        ops.resolve_group("")
+    with pytest.raises(InvalidArgumentError, match="needs a CommGroup"):
+        ops.register_group(object(), "x")  # type: ignore[arg-type]
+    with pytest.raises(NotInitializedError):
+        ops.resolve_group("default")  # before sagellm_comm.init
+    with pytest.raises(InvalidArgumentError, match="must be a torch.Tensor"):
+        ops.all_reduce([1.0], "x")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="at least one dimension"):
+        ops.all_gather(torch.tensor(1.0), "x", world_size=2)
+
+    group = CommGroup(TorchDistributedBackend("gloo"))  # never initialised: registering needs no traffic
+    assert ops.register_group(group, "unit") == "unit"
+    assert ops.resolve_group("unit") is group and ops.list_groups()["unit"] is group
+    assert ops.group_name("unit") == "unit" and ops.group_name(None) == "default"
+    ops.unregister_group("unit")
+    assert "unit" not in ops.list_groups()
+
+
+def test_unknown_reduce_op_is_rejected() -> None:
+    with pytest.raises(InvalidArgumentError, match="unsupported reduce op"):
+        ops.all_reduce(torch.ones(2), "x", op="median")
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def _custom_kernels_worker(rank: int, world_size: int, port: int) -> dict:
+    """Under the Triton interpreter: the op on a ``custom`` backend runs our kernels, not the engine."""
+    import sagellm_comm
+    from sagellm_comm.layers import RowParallelLinear
+    from sagellm_comm.selector import KERNEL_ALGOS
+
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, max_bytes=8192, kernel_timeout=60.0
+    )
+    try:
+        backend = world.backend
+        assert backend.custom is not None, backend.custom_reason
+        x = torch.full((3, 5), float(rank + 1))
+        y = ops.all_reduce(x, world)
+        kernel_algo = backend.last_selection.algo
+        torch.testing.assert_close(y, torch.full((3, 5), 3.0))
+        torch.testing.assert_close(x, torch.full((3, 5), float(rank + 1)))
+
+        torch.manual_seed(0)
+        full = torch.nn.Linear(8, 6)
+        layer = RowParallelLinear.from_linear(full, group=world)
+        inp = torch.randn(2, 8)
+        out = layer(inp[:, rank * 4 : rank * 4 + 4])
+        torch.testing.assert_close(out, full(inp).detach(), atol=1e-5, rtol=1e-5)
+        layer_algo = backend.last_selection.algo
+        assert kernel_algo in KERNEL_ALGOS and layer_algo in KERNEL_ALGOS, (kernel_algo, layer_algo)
+        return {"op": kernel_algo, "layer": layer_algo}
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_op_dispatches_to_custom_kernels_under_interpreter() -> None:
+    results = run_ranks(_custom_kernels_worker, 2, timeout=180.0, env={"TRITON_INTERPRET": "1"})
+    assert results[0] == results[1]
