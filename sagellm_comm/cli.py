@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "topo":
         return _topo()
-    full = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    program = "python -m sagellm_comm.cli" if sys.argv[0].endswith("cli.py") else "sagellm-comm"
+    full = [program, *(sys.argv[1:] if argv is None else argv)]
     return run_from_args(args.subparser, args, full)
 
 

@@ -217,7 +217,7 @@ def test_virtual_ranks_graph_plot(tmp_path):
     for mode in ("stacked", "streams"):
         plot = tmp_path / f"virtual_{mode}.png"
         result = run_all_reduce_benchmark(
-            message_sizes="1K:1M",
+            message_sizes="1K:256K",
             output_dir=str(tmp_path / mode),
             warmup_iters=3,
             benchmark_iters=10,

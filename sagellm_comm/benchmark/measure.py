@@ -256,7 +256,7 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                 selection = group.select(point_bytes)
                 algo_id, rule_id, reason = selection.algo, selection.rule_id, selection.reason
             else:
-                algo_id, rule_id, reason = algo, "explicit", f"--algo {algo}"
+                algo_id, rule_id, reason = algo, "user", f"algo={algo} requested"
 
             if mode == "stacked":
 
