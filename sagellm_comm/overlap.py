@@ -1,0 +1,151 @@
+"""Compute/communication overlap: an all-reduce started now, waited for later.
+
+::
+
+    handle = all_reduce_async(partial, group=tp)   # the all-reduce starts on a side stream
+    y = mlp(x)                                      # runs on the current stream meanwhile
+    reduced = handle.wait()                         # the current stream waits for the all-reduce
+
+Semantics by device:
+
+* **CUDA** (NCCL, custom kernels): :func:`all_reduce_async` makes a side stream (one per device,
+  shared by all calls, or ``stream=``) wait for the work already queued on the current stream (so the
+  all-reduce sees the finished ``tensor``), enqueues the in-place all-reduce on the side stream and
+  records an event there.  It returns as soon as the work is enqueued.  ``wait()`` makes the stream
+  that is current *at the time of the call* wait for that event; the host does not block.  The tensor
+  is marked with ``record_stream(side)``, so the caching allocator does not hand its memory to another
+  tensor before the side stream is done with it, even if the caller drops it early.  The fork (side
+  waits for current) and the join (current waits for the event) are both stream operations, so the
+  pattern can be captured in a CUDA graph, as long as ``wait()`` is called inside the capture.
+* **CPU** (Gloo): the engine runs the all-reduce on its own thread (``async_op=True``); ``wait()``
+  blocks the host until the data is reduced, bounded by ``timeout`` (the backend's by default).
+
+Until ``wait()`` returns, neither read nor write ``tensor``: it is being reduced in place.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sagellm_comm.backend import ReduceOp, Work
+from sagellm_comm.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from sagellm_comm.group import CommGroup
+
+__all__ = ["AsyncAllReduce", "all_reduce_async", "comm_stream"]
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.Stream:
+    """The side stream :func:`all_reduce_async` uses on ``device`` (created once per device)."""
+    index = torch.cuda._utils._get_device_index(device, optional=True)
+    with _STREAMS_LOCK:
+        stream = _STREAMS.get(index)
+        if stream is None:
+            stream = _STREAMS[index] = torch.cuda.Stream(device=index)
+        return stream
+
+
+def _group(group: CommGroup | str | None) -> CommGroup:
+    from sagellm_comm import ops
+    from sagellm_comm.group import CommGroup
+
+    if isinstance(group, CommGroup):
+        return group
+    if group is None or isinstance(group, str):
+        return ops.resolve_group(ops.group_name(group))
+    raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
+
+
+class AsyncAllReduce(Work):
+    """Handle of :func:`all_reduce_async` (see the module docstring for the stream semantics).
+
+    Attributes:
+        tensor: the tensor being reduced in place (valid once :meth:`wait` returned).
+        stream: the side stream the all-reduce was enqueued on (None on CPU).
+    """
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        *,
+        event: torch.cuda.Event | None = None,
+        stream: torch.cuda.Stream | None = None,
+        work: Work | None = None,
+    ):
+        self.tensor = tensor
+        self.stream = stream
+        self._event = event
+        self._work = work
+        self._waited = False
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """CUDA: order the current stream after the all-reduce (no host block; ``timeout`` unused).
+        CPU: block until reduced, at most ``timeout`` seconds (``comm_timeout`` past it).
+        Returns :attr:`tensor`.  Calling it again is allowed (and orders the then-current stream)."""
+        if self._event is not None:
+            torch.cuda.current_stream(self.tensor.device).wait_event(self._event)
+        elif self._work is not None and not self._waited:
+            self._work.wait(timeout)
+        self._waited = True
+        return self.tensor
+
+    def is_completed(self) -> bool:
+        """Non-blocking: True once the all-reduce finished on the device (CUDA) or the host (CPU)."""
+        if self._event is not None:
+            return bool(self._event.query())
+        return self._waited or self._work is None or bool(self._work.is_completed())
+
+    def synchronize(self) -> torch.Tensor:
+        """Block the host until the all-reduce is done (CUDA: event sync; CPU: :meth:`wait`)."""
+        if self._event is not None:
+            self._event.synchronize()
+            return self.tensor
+        return self.wait()
+
+
+def all_reduce_async(
+    tensor: torch.Tensor,
+    group: CommGroup | str | None = None,
+    op: ReduceOp | str = ReduceOp.SUM,
+    *,
+    stream: torch.cuda.Stream | None = None,
+) -> AsyncAllReduce:
+    """Start an in-place all-reduce of ``tensor`` over ``group`` and return its handle at once.
+
+    Args:
+        tensor: contiguous, on the group's device; any dtype its backend reduces.  Reduced in place.
+        group: a :class:`CommGroup`, a name registered with :mod:`sagellm_comm.ops`, or None (the
+            default group).
+        op: the reduction.
+        stream: CUDA only: the side stream to run on (default :func:`comm_stream` of the device).
+
+    Returns:
+        An :class:`AsyncAllReduce`; call ``wait()`` before using ``tensor``.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    comm_group = _group(group)
+    reduce_op = ReduceOp.parse(op)
+    if tensor.device.type != "cuda":
+        if stream is not None:
+            raise InvalidArgumentError(f"stream= is for CUDA tensors; this tensor is on {tensor.device}")
+        work: Any = comm_group.all_reduce(tensor, reduce_op, async_op=True)
+        return AsyncAllReduce(tensor, work=work)
+    side = stream if stream is not None else comm_stream(tensor.device)
+    current = torch.cuda.current_stream(tensor.device)
+    if side == current:
+        raise InvalidArgumentError("stream= must differ from the current stream, or nothing can overlap")
+    side.wait_stream(current)  # the producer of `tensor` has finished before the reduce reads it
+    with torch.cuda.stream(side):
+        comm_group.all_reduce(tensor, reduce_op)
+        event = torch.cuda.Event()
+        event.record(side)
+    tensor.record_stream(side)  # its memory stays reserved until the side stream's work is done
+    return AsyncAllReduce(tensor, event=event, stream=side)

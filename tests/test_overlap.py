@@ -1,0 +1,212 @@
+"""Async all-reduce handles and the overlap benchmark (Gloo on CPU; CUDA parts marked gpu)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+
+from sagellm_comm.benchmark.run_overlap_bench import OVERLAP_FIELDS, derive, main, run_overlap_benchmark
+from tests.conftest import HAS_CUDA, run_ranks
+
+# ---------------------------------------------------------------------------------------------- handles
+
+
+def _handle_worker(rank: int, world_size: int, port: int) -> dict:
+    import sagellm_comm
+    from sagellm_comm import ops
+    from sagellm_comm.errors import GroupNotFoundError, InvalidArgumentError
+    from sagellm_comm.overlap import AsyncAllReduce, all_reduce_async
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    seen: dict = {}
+    try:
+        # The handle comes back before the peer has even started: rank 1 joins 1 s late.
+        x = torch.full((1000,), float(rank + 1))
+        if rank == 1:
+            time.sleep(1.0)
+        handle = all_reduce_async(x, world)
+        assert isinstance(handle, AsyncAllReduce) and handle.stream is None
+        seen["pending_after_submit"] = not handle.is_completed()
+        assert handle.wait() is x
+        assert handle.is_completed() and handle.wait() is x  # waiting twice is fine
+        torch.testing.assert_close(x, torch.full((1000,), 3.0))
+
+        # Work overlapped with the pending all-reduce: the matmul result is unaffected, the sum is right.
+        y = torch.arange(4096, dtype=torch.float32) * (rank + 1)
+        ops.register_group(world, "w")
+        handle = all_reduce_async(y, "w", op="max")
+        a = torch.randn(64, 64)
+        product = a @ a
+        torch.testing.assert_close(product, a @ a)
+        torch.testing.assert_close(handle.wait(), torch.arange(4096, dtype=torch.float32) * 2)
+        z = torch.ones(3)
+        sagellm_comm.overlap.all_reduce_async(z).wait()  # group=None: the default group
+        torch.testing.assert_close(z, torch.full((3,), 2.0))
+
+        with pytest.raises(InvalidArgumentError, match="must be a torch.Tensor"):
+            all_reduce_async([1.0], world)
+        with pytest.raises(InvalidArgumentError, match="stream= is for CUDA tensors"):
+            all_reduce_async(torch.ones(2), world, stream=object())
+        with pytest.raises(GroupNotFoundError, match="no group is registered as 'nope'"):
+            all_reduce_async(torch.ones(2), "nope")
+        with pytest.raises(InvalidArgumentError, match="group must be a CommGroup"):
+            all_reduce_async(torch.ones(2), 3)
+        return seen
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_async_all_reduce_handle_on_gloo() -> None:
+    seen = run_ranks(_handle_worker, 2, timeout=90.0)
+    assert seen[0]["pending_after_submit"]  # rank 0 submitted while rank 1 was still asleep
+
+
+def _timeout_worker(rank: int, world_size: int, port: int) -> str:
+    import sagellm_comm
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.overlap import all_reduce_async
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    if rank == 1:
+        time.sleep(1.5)  # never joins: rank 0's bounded wait must give up on its own
+        return "absent"
+    handle = all_reduce_async(torch.ones(4), world)
+    with pytest.raises(CommTimeoutError) as info:
+        handle.wait(timeout=0.3)
+    return info.value.code.value  # no destroy: the group is undefined after a timeout (the helper exits)
+
+
+def test_async_wait_is_bounded_by_timeout() -> None:
+    assert run_ranks(_timeout_worker, 2, timeout=60.0)[0] == "comm_timeout"
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def test_derived_fields_arithmetic() -> None:
+    got = derive(compute_duration_ms=10.0, comm_duration_ms=4.0, total_ms=11.0)
+    assert got["theoretical_sequential_ms"] == 14.0 and got["theoretical_overlap_ms"] == 10.0
+    assert got["overlap_ratio"] == pytest.approx(0.75)  # 3 of the 4 hideable ms hidden
+    assert got["overlap_efficiency"] == pytest.approx(10.0 / 11.0)
+    assert derive(10.0, 4.0, 14.5)["overlap_ratio"] == 0.0  # slower than sequential: nothing hidden
+    assert derive(10.0, 4.0, 9.5)["overlap_ratio"] == 1.0  # below the ideal (noise): clamped
+    assert derive(2.0, 8.0, 8.0)["overlap_ratio"] == 1.0 and derive(2.0, 8.0, 8.0)["overlap_efficiency"] == 1.0
+
+
+def test_overlap_benchmark_end_to_end_on_gloo(tmp_path) -> None:
+    result = run_overlap_benchmark(
+        "gloo",
+        "4K,256K",
+        compute_duration_ms=5.0,
+        gemm_size=48,
+        world_size=2,
+        warmup_iters=1,
+        benchmark_iters=4,
+        output_dir=str(tmp_path),
+    )
+    assert [r.comm_bytes for r in result.records] == [4096, 262144]
+    for r in result.records:
+        assert r.backend_kind == "gloo" and r.world_size == 2 and r.data_type == "float32"
+        assert r.timing_method.startswith("wall_clock + real matmul on CPU")
+        assert r.num_wrong == 0 and r.gemm_iters >= 1 and r.gemm_shape == "48x48x48"
+        assert r.benchmark_iters == 4 and r.compute_target_ms == 5.0
+        assert r.compute_duration_ms > 0 and r.comm_duration_ms > 0 and r.comm_submit_ms >= 0
+        # per iteration total >= compute and >= wait, so their medians (and rank maxima) keep the order
+        assert r.total_ms >= r.compute_ms and r.total_ms >= r.comm_wait_ms
+        expected = derive(r.compute_duration_ms, r.comm_duration_ms, r.total_ms)
+        for name, value in expected.items():
+            assert getattr(r, name) == pytest.approx(value), name
+    payload = json.loads(result.json_path.read_text())
+    assert payload["run"]["backend_kind"] == "gloo" and payload["run"]["world_size"] == 2
+    assert result.json_path.name.startswith("overlap_ws2_")
+    assert set(OVERLAP_FIELDS) <= set(payload["results"][0])
+    with result.csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and set(OVERLAP_FIELDS) <= set(rows[0])
+    assert float(rows[1]["total_ms"]) == pytest.approx(result.records[1].total_ms)
+    assert "comp|ovl" in result.table and "wall_clock + real matmul" in result.table
+
+
+def test_overlap_cli_prints_table(capsys) -> None:
+    code = main(
+        ["--backend", "gloo", "--comm-sizes", "8K", "--compute-ms", "2", "--gemm-size", "32", "--iters", "2"]
+        + ["--warmup", "1", "--no-output"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "overlap bench: backend gloo, world size 2" in out and "8K" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--iters", "0"], "iters >= 1"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--comm-sizes", "12Q"], "bad message size"),
+        (["--compute-ms", "-1"], "compute_duration_ms must be > 0"),
+        (["--gemm-size", "0"], "gemm_size must be >= 1"),
+    ],
+)
+def test_overlap_cli_usage_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--backend", "gloo", "--no-output", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def nccl_world():
+    import sagellm_comm
+
+    world = sagellm_comm.CommGroup.create(world_size=1, rank=0, backend="nccl")
+    yield world
+    world.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_async_all_reduce_orders_streams_on_cuda(nccl_world) -> None:
+    from sagellm_comm.overlap import all_reduce_async, comm_stream
+
+    x = torch.zeros(1 << 20, device="cuda")
+    torch.cuda._sleep(50_000_000)  # the producer is slow: the side stream must wait for it
+    x.fill_(3.0)
+    handle = all_reduce_async(x, nccl_world)
+    assert handle.stream == comm_stream(x.device) and handle.stream != torch.cuda.current_stream()
+    a = torch.randn(1024, 1024, device="cuda")
+    b = a @ a  # overlapped work on the current stream
+    out = handle.wait()
+    total = out.sum()  # ordered after the all-reduce by wait()
+    torch.cuda.synchronize()
+    assert handle.is_completed() and float(total) == 3.0 * (1 << 20)
+    torch.testing.assert_close(b, a @ a)
+
+    # fork/join is capturable: the side stream joins the capture and is waited inside it
+    y = torch.ones(4096, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = all_reduce_async(y, nccl_world, stream=torch.cuda.Stream()).wait() * 2
+    y.fill_(5.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, torch.full((4096,), 10.0, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_overlap_benchmark_on_cuda(nccl_world, tmp_path) -> None:
+    result = run_overlap_benchmark(
+        nccl_world.backend, "1M,16M", compute_duration_ms=1.0, gemm_size=2048, output_dir=str(tmp_path)
+    )
+    for r in result.records:
+        assert r.timing_method.startswith("cuda_events") and r.num_wrong == 0 and r.data_type == "bfloat16"
+        assert r.total_ms >= r.compute_ms > 0
+        assert 0.0 <= r.overlap_ratio <= 1.0
+    print(result.table)
