@@ -32,8 +32,9 @@ SUPPORTED_DTYPES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 # Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; 4 such vectors per thread
 # (more loads in flight) once bandwidth dominates.
 SMALL_TILE_BYTES = 4096
-LARGE_TILE_BYTES = 16384
+LARGE_TILE_BYTES = int(os.environ.get("SAGELLM_COMM_LARGE_TILE_BYTES", 16384))
 LARGE_TILE_THRESHOLD = 1 << 20
+LARGE_NUM_WARPS = int(os.environ.get("SAGELLM_COMM_LARGE_NUM_WARPS", 8))
 NUM_WARPS = 8
 DEFAULT_MAX_PROGRAMS = 32
 INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
@@ -78,7 +79,8 @@ class KernelLauncher:
     ) -> None:
         """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch)."""
         nbytes = numel * itemsize
-        block = (SMALL_TILE_BYTES if nbytes < LARGE_TILE_THRESHOLD else LARGE_TILE_BYTES) // itemsize
+        large = nbytes >= LARGE_TILE_THRESHOLD
+        block = (LARGE_TILE_BYTES if large else SMALL_TILE_BYTES) // itemsize
         if algo == "one_shot":
             kernel = _k.one_shot_all_reduce_kernel
             tiles = triton.cdiv(numel, block)
@@ -102,7 +104,8 @@ class KernelLauncher:
         if compiled is not None:
             compiled(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), args)
             return
-        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *args[4:], num_warps=NUM_WARPS)
+        warps = LARGE_NUM_WARPS if large else NUM_WARPS
+        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *args[4:], num_warps=warps)
         if self.use_ptx:
             fast = _direct_launch(compiled)
             if fast is not None:

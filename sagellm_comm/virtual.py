@@ -51,7 +51,8 @@ class VirtualRankGroup:
             device = torch.device("cuda", torch.cuda.current_device())
         if max_programs is None:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            max_programs = max(1, min(64, 2 * sms // world_size))
+            # One program per SM and rank: every program of every rank must be resident at once.
+            max_programs = max(1, min(64, sms // world_size))
         self.world_size = world_size
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device)
