@@ -196,6 +196,11 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             f"--selector-config is the custom all-reduce's policy; backend {kind!r} does not use it"
         )
     algo_rules.check_algos(algos, kind, config.op)
+    wanted, existing = algo_rules.nccl_algo_env(algos), os.environ.get("NCCL_ALGO", "").strip()
+    if wanted and existing and existing.lower() != wanted.lower():
+        raise InvalidArgumentError(
+            f"NCCL_ALGO={existing} is set in the environment but --algo asks for {wanted}; unset one of them"
+        )
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
     env = _torchrun_env()
     if env is not None:
