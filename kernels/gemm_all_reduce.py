@@ -1,0 +1,291 @@
+"""Row-parallel GEMM fused with its all-reduce at tile level: ``out = sum over ranks of a_r @ b_r (+ bias)``.
+
+Two kernels run concurrently on every rank (the producer on the caller's stream, the consumer on a side
+stream launched first, so its few programs are resident before the GEMM fills the GPU):
+
+* ``gemm_publish_kernel`` (producer, one program per output tile, never waits): computes tile ``t`` of
+  ``a_r @ b_r`` in fp32, stores it (rounded to the dtype) into this rank's tile buffer, then, after a block
+  barrier, one release store (system scope) of ``epoch + 1`` into ``produced[t]`` of its *own* flag area.
+  Peers read the flag remotely with acquire loads: one store per tile instead of ``W`` remote ones.
+* ``tile_all_reduce_kernel`` (consumer, ``C`` programs, C * W small enough to leave the producer SMs):
+  program ``p`` walks tiles ``p, p + C, ...`` in launch order, so it meets early tiles first.  Tile ``t``
+  (step ``j`` of program ``p``) is owned by rank ``(p + j) % W``.  The owner waits until every rank's
+  ``produced[t]`` reached ``epoch + 1`` (acquire), sums the ``W`` partial tiles in rank order in fp32, adds
+  the bias once, writes the result to its output and over its own partial tile (nobody else reads its
+  partial of a tile it owns), then raises ``reduced[t]``; the other ranks wait for the owner's
+  ``reduced[t]`` and copy the tile (a step behind, so the owner has time).  Each tile is reduced exactly
+  once, so every rank gets identical bits.  ``ONE_SHOT``: every rank reduces every tile itself (no second
+  flag; ``W - 1`` times the traffic, one flag round trip fewer, for small outputs).
+
+Region of each rank (a dedicated :class:`SymmetricWorkspace`, so all-reduce staging never touches the
+tile flags)::
+
+    base + 0                         signal pad (PAD_BYTES; kernels/all_reduce.py layout, end barrier only)
+    base + PAD_BYTES                 produced: int32[MAX_TILES]
+    base + PAD_BYTES + 4 MAX_TILES   reduced:  int32[MAX_TILES]
+    base + DATA_OFFSET + parity * buffer_bytes   the [M, N] tile buffer of calls with epoch % 2 == parity
+
+Invariants:
+
+1. *Flags carry epochs, never reset.*  ``produced[t]``/``reduced[t]`` hold ``epoch + 1`` of the last call
+   that published tile ``t``; a waiter of call ``epoch`` accepts any value ``>= epoch + 1`` (wrap-around
+   compare).  Shapes may change between calls: a tile index only ever grows in epoch.
+2. *Buffer reuse.*  Call ``epoch`` writes buffer ``epoch % 2``.  Consumer program 0 ends with a barrier
+   among the ranks (``PHASE_END``), so a rank's call ``e + 1`` completes only after every peer started
+   its consumer of call ``e + 1``, i.e. finished call ``e`` (stream order).  The producer of call ``e + 2``
+   (ordered after this rank's consumer of ``e + 1``) may therefore overwrite buffer ``e % 2``.
+3. *Epochs on the device.*  Both kernels read ``ctrl[0]``; the consumer's last program advances it; the
+   host joins the side stream before the next call, so the next producer sees the new epoch.
+4. *Bounded waits* as in ``kernels/all_reduce.py``: on expiry the error latch and the host-mapped error
+   record name the missing peer (phase ``start``: a partial tile, ``mid``: a reduced tile, ``end``: the end
+   barrier), and later waits return at once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.all_reduce import (
+    ERR_BLOCK,
+    ERR_EPOCH,
+    ERR_PEER,
+    ERR_PHASE,
+    ERR_STATUS,
+    PAD_BYTES,
+    PHASE_END,
+    PHASE_MID,
+    PHASE_START,
+    _barrier,
+    _finish,
+    _load_acquire,
+    _pick,
+    _prologue,
+    _ticks,
+)
+
+MAX_TILES = tl.constexpr(32768)
+PRODUCED_OFFSET = tl.constexpr(PAD_BYTES.value)
+REDUCED_OFFSET = tl.constexpr(PAD_BYTES.value + 4 * MAX_TILES.value)
+DATA_OFFSET = tl.constexpr(PAD_BYTES.value + 8 * MAX_TILES.value)
+
+
+@triton.jit
+def _tile_coords(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index (launch order) -> (tile row, tile column), grouped for L2 reuse of ``b``."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = t // per_group
+    first_m = group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (t % per_group) % group_m
+    tile_n = (t % per_group) // group_m
+    return tile_m, tile_n
+
+
+@triton.jit
+def _wait_flags(
+    flag_ptrs,
+    valid,
+    target,
+    ctrl,
+    table,
+    peers,
+    phase,
+    block,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):
+    """Spin (acquire, system scope) until every ``valid`` lane's flag reached ``target``; bounded.
+
+    ``flag_ptrs``: one int32 flag per peer lane.  On timeout the first waiter latches ``ctrl[2]`` and
+    records the missing peer in the error record (same record and latch as ``_barrier``).
+    """
+    seen = _load_acquire(flag_ptrs, USE_PTX)
+    missing = valid & ((seen - target) < 0)
+    n_missing = tl.sum(missing.to(tl.int32), axis=0)
+    if n_missing > 0:
+        latched = tl.load(ctrl + 2, volatile=True)
+        start = _ticks(USE_PTX)
+        elapsed = tl.full([], 0, tl.int64)
+        while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
+            seen = _load_acquire(flag_ptrs, USE_PTX)
+            missing = missing & ((seen - target) < 0)
+            n_missing = tl.sum(missing.to(tl.int32), axis=0)
+            if USE_PTX:
+                elapsed = _ticks(USE_PTX) - start
+            else:
+                elapsed += 1
+            latched = tl.load(ctrl + 2, volatile=True)
+        if (n_missing > 0) & (latched == 0):
+            first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
+            if first == 0:
+                err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
+                peer = tl.min(tl.where(missing, peers, WP), axis=0)
+                tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
+                tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
+                tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+    # No thread reads the peers' tiles before the acquire above.
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["rank", "buffer_bytes"])
+def gemm_publish_kernel(
+    a,
+    b,
+    table,
+    ctrl,
+    M,
+    N,
+    K,
+    stride_aw,
+    stride_am,
+    stride_ak,
+    stride_bw,
+    stride_bk,
+    stride_bn,
+    rank,
+    buffer_bytes,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    VIRTUAL: tl.constexpr,
+):
+    """Producer: tile ``program_id(0)`` of ``a @ b`` ([M, K] @ [K, N]) into this rank's buffer, then its flag.
+
+    With ``VIRTUAL`` rank ``program_id(1)`` uses ``a + rank * stride_aw`` and ``b + rank * stride_bw``.
+    """
+    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    if VIRTUAL:
+        a += rank * stride_aw
+        b += rank * stride_bw
+    DTYPE: tl.constexpr = a.dtype.element_ty
+    t = tl.program_id(0)
+    tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a_tile = tl.load(a_ptrs, mask=(rows[:, None] < M) & (ks[None, :] + k0 < K), other=0.0)
+        b_tile = tl.load(b_ptrs, mask=(ks[:, None] + k0 < K) & (cols[None, :] < N), other=0.0)
+        if not USE_PTX:
+            # The interpreter's dot multiplies bf16 operands as integers; fp32 operands are exact copies.
+            a_tile = a_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
+        acc = tl.dot(a_tile, b_tile, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    my_base = _pick(bases, peers, rank)
+    buf = (my_base + DATA_OFFSET + (epoch % 2) * buffer_bytes).to(tl.pointer_type(DTYPE))
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(buf + rows[:, None] * N + cols[None, :], acc.to(DTYPE), mask=mask)
+    # Every thread's stores happen before the one release store of the flag (FIELD pitfall 1).
+    tl.debug_barrier()
+    flag = (my_base + PRODUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
+    tl.atomic_xchg(flag, epoch + 1, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["rank", "buffer_bytes", "timeout"])
+def tile_all_reduce_kernel(
+    out,
+    bias,
+    table,
+    ctrl,
+    M,
+    N,
+    rank,
+    buffer_bytes,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ONE_SHOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    VIRTUAL: tl.constexpr,
+):
+    """Consumer: reduce (or gather) every tile as soon as its flags say so; ``out`` is ``[M, N]``.
+
+    ``bias``: ``[N]`` (read only when ``HAS_BIAS``), added once, by the tile's reducer.  With ``VIRTUAL``
+    ``out`` is ``[W, M, N]`` and rank ``program_id(1)`` writes block ``rank``.
+    """
+    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    if VIRTUAL:
+        out += rank * M * N
+    DTYPE: tl.constexpr = out.dtype.element_ty
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    steps = tl.cdiv(num_tiles - pid, num_programs)
+    data_offset = DATA_OFFSET + (epoch % 2) * buffer_bytes
+    target = epoch + 1
+    valid = peers < W
+    my_base = _pick(bases, peers, rank)
+    my_buf = (my_base + data_offset).to(tl.pointer_type(DTYPE))
+    # Padding lanes (W not a power of two) poll this rank's own flag: a valid address, never awaited.
+    flag_bases = tl.where(valid, bases, my_base)
+
+    for j in range(0, steps + 1):
+        if ONE_SHOT:
+            reduce_here = j < steps
+        else:
+            reduce_here = (j < steps) & ((pid + j) % W == rank)
+        if reduce_here:
+            t = pid + j * num_programs
+            # Reduce tile t: wait for every rank's partial, sum in rank order.
+            produced = (flag_bases + PRODUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
+            _wait_flags(produced, valid, target, ctrl, table, peers, PHASE_START, pid, timeout, W, WP, USE_PTX)
+            tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = (rows[:, None] < M) & (cols[None, :] < N)
+            offs = rows[:, None] * N + cols[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for peer in tl.static_range(W):
+                src = (_pick(bases, peers, peer) + data_offset).to(tl.pointer_type(DTYPE))
+                acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if HAS_BIAS:
+                acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            result = acc.to(DTYPE)
+            tl.store(out + offs, result, mask=mask)
+            if not ONE_SHOT:
+                tl.store(my_buf + offs, result, mask=mask, cache_modifier=".cg")
+                tl.debug_barrier()
+                flag = (my_base + REDUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
+                tl.atomic_xchg(flag, target, sem="release", scope="sys")
+        if not ONE_SHOT:  # noqa: SIM102 (a constexpr branch, resolved at compile time)
+            if j >= 1:
+                t = pid + (j - 1) * num_programs
+                owner = (pid + j - 1) % W
+                if owner != rank:
+                    # Gather tile t (a step behind) from its owner once the owner's flag says it is reduced.
+                    reduced = (flag_bases + REDUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
+                    owner_lane = peers == owner
+                    _wait_flags(
+                        reduced, owner_lane, target, ctrl, table, peers, PHASE_MID, pid, timeout, W, WP, USE_PTX
+                    )
+                    tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                    mask = (rows[:, None] < M) & (cols[None, :] < N)
+                    offs = rows[:, None] * N + cols[None, :]
+                    src = (_pick(bases, peers, owner) + data_offset).to(tl.pointer_type(DTYPE))
+                    tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+    if pid == 0:
+        # Invariant 2: nobody starts call epoch + 2 while a peer may still read call epoch's buffer.
+        _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, target, timeout, W, WP, USE_PTX)
+    _finish(ctrl, epoch, num_programs)

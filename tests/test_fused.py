@@ -1,0 +1,281 @@
+"""Fused kernels on the CPU: all-reduce + RMSNorm and GEMM + all-reduce under the Triton interpreter.
+
+Ranks are processes whose workspaces are shared files (as in ``test_custom_all_reduce.py``), so flags,
+epochs and the tile protocol run as on GPUs.  Shapes are tiny: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1"}
+SLOT_BYTES = 16384
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# One rounding of the output plus the interpreter's truncating conversions.
+TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2), "float16": (4e-3, 4e-3)}
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _setup(rank, world_size, port, gemm=False, timeout_s=60.0):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.fused import FusedAllReduceRMSNorm, GemmAllReduce, gemm_workspace_bytes
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange)
+    car = CustomAllReduce(ws, timeout_s=timeout_s, max_programs=2)
+    fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s, max_programs=2)
+    if not gemm:
+        return car, fused, None
+    gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange)
+    return car, fused, GemmAllReduce(gws, car, timeout_s=timeout_s, consumer_programs=2)
+
+
+def _rms_inputs(case, world_size, rows, hidden, dtype):
+    g = torch.Generator().manual_seed(7919 * case + rows * 31 + hidden)
+    xs = [(torch.randn(rows, hidden, generator=g)).to(dtype) for _ in range(world_size)]
+    residual = torch.randn(rows, hidden, generator=g).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    return xs, residual, weight
+
+
+def _rms_reference(xs, residual, weight, eps):
+    reduced = torch.zeros(xs[0].shape, dtype=torch.float32)
+    for x in xs:  # rank order, fp32: the all-reduce's result
+        reduced += x.float()
+    new_res = (reduced.to(xs[0].dtype).float() + residual.float()).to(xs[0].dtype)
+    v = new_res.float()
+    normed = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(xs[0].dtype)
+    return normed, new_res
+
+
+def _rmsnorm_worker(rank, world_size, port, cases):
+    car, fused, _ = _setup(rank, world_size, port)
+    digests = []
+    for i, (algo, rows, hidden, dtype_name) in enumerate(cases):
+        dtype = DTYPES[dtype_name]
+        xs, residual, weight = _rms_inputs(i, world_size, rows, hidden, dtype)
+        x = xs[rank].clone()
+        res_in = residual.clone()
+        normed, new_res = fused(x, res_in, weight, eps=1e-5, algo=algo)
+        fused.check_errors()
+        assert torch.equal(x, xs[rank]) and torch.equal(res_in, residual), "inputs were modified"
+        ref_normed, ref_res = _rms_reference(xs, residual, weight, 1e-5)
+        rtol, atol = TOL[dtype_name]
+        tag = f"{algo} rows={rows} hidden={hidden} {dtype_name}"
+        for got, want in ((new_res, ref_res), (normed, ref_normed)):
+            torch.testing.assert_close(
+                got.float(), want.float(), rtol=rtol, atol=atol, msg=lambda m, tag=tag: f"{tag}: {m}"
+            )
+        digests.append(_digest(normed, new_res))
+    # The plain all-reduce still works on the shared workspace after the fused calls (same epochs).
+    y = torch.full((37,), float(rank + 1))
+    car.all_reduce(y, algo="two_shot")
+    assert torch.all(y == world_size * (world_size + 1) / 2)
+    return digests, int(car.workspace.control[0])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_reduce_rmsnorm_matches_reference_and_ranks_agree(world_size):
+    cases = [
+        ("one_shot", 1, 8, "float32"),
+        ("one_shot", 5, 33, "bfloat16"),
+        ("two_shot", 5, 33, "bfloat16"),  # 5 rows over 4 ranks: a rank with no rows
+        ("two_shot", world_size * 2 + 1, 64, "float16"),
+        ("one_shot", 3, 64, "float16"),
+    ]
+    per_rank = run_ranks(_rmsnorm_worker, world_size, cases, env=INTERP, timeout=300)
+    digests = [d for d, _ in per_rank]
+    for r in range(1, world_size):
+        assert digests[r] == digests[0], f"rank {r} differs bitwise from rank 0"
+    assert {e for _, e in per_rank} == {len(cases) + 1}  # every call advanced the shared epoch once
+
+
+def _gemm_worker(rank, world_size, port, cases):
+    _, _, gemm = _setup(rank, world_size, port, gemm=True)
+    digests = []
+    for i, (path, m, k, n, dtype_name, with_bias) in enumerate(cases):
+        dtype = DTYPES[dtype_name]
+        g = torch.Generator().manual_seed(104729 * i + m)
+        a_all = [torch.randn(m, k, generator=g).to(dtype) for _ in range(world_size)]
+        b_all = [(torch.randn(k, n, generator=g) / k**0.5).to(dtype) for _ in range(world_size)]
+        bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+        b = b_all[rank] if i % 2 == 0 else b_all[rank].t().contiguous().t()  # strided b (weight.t()) too
+        out = gemm(a_all[rank], b, bias=bias, path=path)
+        gemm.check_errors()
+        ref = torch.zeros(m, n)
+        for a_r, b_r in zip(a_all, b_all, strict=True):
+            ref += (a_r.float() @ b_r.float()).to(dtype).float()  # each rank's partial is rounded once
+        if bias is not None:
+            ref += bias.float()
+        rtol, atol = TOL[dtype_name]
+        torch.testing.assert_close(
+            out.float(), ref, rtol=rtol, atol=atol * 4, msg=lambda msg, c=(path, m, k, n): f"{c}: {msg}"
+        )
+        digests.append(_digest(out))
+    return digests, int(gemm.workspace.control[0])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
+    cases = [
+        ("fused", 1, 16, 16, "bfloat16", False),  # decode: one tile (one-shot consumer)
+        ("fused", 37, 24, 40, "float16", True),  # ragged tiles, two-shot consumer, bias once
+        ("fused", 48, 16, 32, "bfloat16", False),  # back-to-back on the other buffer parity
+        ("chunked", 19, 16, 24, "bfloat16", True),
+        ("sequential", 9, 16, 24, "float16", True),
+    ]
+    per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=400)
+    for r in range(1, world_size):
+        assert per_rank[r][0] == per_rank[0][0], f"rank {r} differs bitwise from rank 0"
+    assert {e for _, e in per_rank} == {3}  # three fused calls, one epoch each
+
+
+def _timeout_worker(rank, world_size, port, kind):
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommTimeoutError
+
+    _, fused, gemm = _setup(rank, world_size, port, gemm=True, timeout_s=0.3)
+    if rank == 1:  # never joins
+        dist.barrier()
+        return None
+    if kind == "rmsnorm":
+        fused(torch.ones(2, 8), torch.ones(2, 8), torch.ones(8), algo="one_shot")
+        target = fused
+    else:
+        gemm(torch.ones(16, 16, dtype=torch.bfloat16), torch.ones(16, 16, dtype=torch.bfloat16), path="fused")
+        target = gemm
+    with pytest.raises(CommTimeoutError) as info:
+        target.check_errors()
+    assert info.value.details["peer"] == 1, info.value.details
+    dist.barrier()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "gemm"])
+def test_missing_peer_is_named(kind):
+    msg = run_ranks(_timeout_worker, 2, kind, env=INTERP, timeout=300)[0]
+    assert "peer rank 1 never arrived" in msg
+
+
+def _bad_input_worker(rank, world_size, port):
+    from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError, WorkspaceExhaustedError
+    from sagellm_comm.fused import GemmPathSelector, GemmRule
+
+    _, fused, gemm = _setup(rank, world_size, port, gemm=True)
+    x, w = torch.ones(2, 8), torch.ones(8)
+    with pytest.raises(ShapeMismatchError, match="residual"):
+        fused(x, torch.ones(2, 9), w)
+    with pytest.raises(ShapeMismatchError, match="weight"):
+        fused(x, x, torch.ones(9))
+    with pytest.raises(InvalidArgumentError, match="must be one of"):
+        fused(x.to(torch.int32), x.to(torch.int32), w.to(torch.int32))
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        fused(torch.ones(8, 2).t(), x, w)
+    with pytest.raises(WorkspaceExhaustedError, match="two_shot stages"):
+        fused(torch.ones(SLOT_BYTES // 8 + 8, 1), torch.ones(SLOT_BYTES // 8 + 8, 1), torch.ones(1), algo="two_shot")
+    with pytest.raises(InvalidArgumentError, match="algo must be"):
+        fused(x, x, w, algo="ring")
+    a16, b16 = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(16, 8, dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgumentError, match="must be one of"):
+        gemm(torch.ones(4, 16), torch.ones(16, 8))  # fp32 is not a fused dtype
+    with pytest.raises(ShapeMismatchError, match="do not chain"):
+        gemm(a16, torch.ones(15, 8, dtype=torch.bfloat16))
+    with pytest.raises(ShapeMismatchError, match="bias"):
+        gemm(a16, b16, bias=torch.ones(9, dtype=torch.bfloat16))
+    with pytest.raises(WorkspaceExhaustedError, match="GEMM workspace"):
+        gemm(torch.ones(128, 16, dtype=torch.bfloat16), torch.ones(16, 64, dtype=torch.bfloat16), path="fused")
+    with pytest.raises(InvalidArgumentError, match="path must be"):
+        gemm(a16, b16, path="magic")
+    with pytest.raises(InvalidArgumentError, match="path must be one of"):
+        GemmPathSelector([GemmRule("x", "warp-speed")])
+    # Policy: capacity overrides a fused rule, reasons and ids are recorded.
+    sel = gemm.select(512, 64)
+    assert (sel.algo, sel.rule_id) == ("chunked", "fused-capacity"), sel
+    assert gemm.select(1, 64).rule_id == "decode-sequential"
+    # Nothing is corrupted: a valid call still works on both ranks.
+    normed, new_res = fused(torch.full((2, 8), float(rank + 1)), torch.zeros(2, 8), torch.ones(8), eps=0.0)
+    assert torch.all(new_res == 3.0) and torch.allclose(normed, torch.ones(2, 8))
+    return True
+
+
+def test_bad_inputs_raise_typed_errors():
+    run_ranks(_bad_input_worker, 2, env=INTERP, timeout=300)
+
+
+def _group_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port)
+    try:
+        assert world.backend.custom is not None, world.backend.custom_reason
+        g = torch.Generator().manual_seed(5)
+        xs = [torch.randn(3, 16, generator=g) for _ in range(world_size)]
+        residual, weight = torch.randn(3, 16, generator=g), torch.rand(16, generator=g) + 0.5
+        normed, new_res = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 1e-6, group=world)
+        assert last_selection(world).algo == "one_shot", last_selection(world)
+        ref_normed, ref_res = _rms_reference(xs, residual, weight, 1e-6)
+        torch.testing.assert_close(new_res, ref_res, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(normed, ref_normed, rtol=1e-5, atol=1e-5)
+        a = torch.randn(5, 16, generator=g).to(torch.bfloat16)
+        b = torch.randn(16, 16, generator=g).to(torch.bfloat16) * (rank + 1)
+        out = gemm_all_reduce(a, b, group=world)
+        sel = last_selection(world)
+        assert (sel.algo, sel.rule_id) == ("sequential", "decode-sequential"), sel
+        b_of = [b.float() / (rank + 1) * (r + 1) for r in range(world_size)]
+        ref = sum((a.float() @ b_r).to(torch.bfloat16).float() for b_r in b_of)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        # fp32 is not a fused GEMM dtype: the group falls back and says why.
+        gemm_all_reduce(a.float(), b.float(), group=world)
+        assert last_selection(world).rule_id == "custom-unavailable" and "not fused" in last_selection(world).reason
+        return _digest(normed, new_res, out)
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_group_level_functions_use_the_custom_workspace():
+    digests = run_ranks(_group_worker, 2, env=INTERP, timeout=300)
+    assert digests[0] == digests[1]
+
+
+def _gloo_group_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        x = torch.full((2, 4), float(rank + 1))
+        normed, new_res = all_reduce_residual_rmsnorm(x, torch.ones(2, 4), torch.ones(4), 0.0, group=world)
+        sel = last_selection(world)
+        assert sel.algo == "unfused" and sel.rule_id == "custom-unavailable", sel
+        assert torch.all(new_res == 4.0) and torch.allclose(normed, torch.ones(2, 4))
+        out = gemm_all_reduce(torch.ones(2, 3), torch.ones(3, 4), group=world, bias=torch.ones(4))
+        assert torch.all(out == 2 * 3 + 1)  # bias added once
+        return True
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_group_level_functions_fall_back_without_custom():
+    run_ranks(_gloo_group_worker, 2, timeout=120)
