@@ -16,8 +16,7 @@ import argparse
 import sys
 
 from sagellm_comm.benchmark import algos as algo_rules
-from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
-from sagellm_comm.benchmark.runner import (
+from sagellm_comm.benchmark.config import (
     DEFAULT_CPU_SIZES,
     DEFAULT_GPU_SIZES,
     DEFAULT_ITERS,
@@ -25,10 +24,9 @@ from sagellm_comm.benchmark.runner import (
     DEFAULT_WARMUP,
     VIRTUAL_MODES,
     BenchConfig,
-    command_line,
-    plan_launch,
-    run_benchmark,
 )
+from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
+from sagellm_comm.benchmark.runner import command_line, plan_launch, run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
 from sagellm_comm.errors import CommError, InvalidArgumentError
 

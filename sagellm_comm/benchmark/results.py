@@ -1,0 +1,204 @@
+"""A finished run: the records and run description built from measured points, files, plot, table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sagellm_comm.benchmark import algos as algo_rules
+from sagellm_comm.benchmark.config import BenchConfig, LaunchPlan
+from sagellm_comm.benchmark.measure import Measurement
+from sagellm_comm.benchmark.ops import bandwidths_gbps, dtype_name, resolve_dtype
+from sagellm_comm.benchmark.report import (
+    BenchmarkRecord,
+    RunInfo,
+    fill_ratios,
+    format_table,
+    plot_results,
+    write_results,
+)
+
+REDOPS = {"all_reduce": "sum", "reduce_scatter": "sum", "all_gather": "none", "broadcast": "none"}
+
+
+@dataclass
+class BenchmarkResult:
+    """A finished run: its description, one record per (size, algo), and the files written."""
+
+    info: RunInfo
+    records: list[BenchmarkRecord]
+    json_path: Path | None = None
+    csv_path: Path | None = None
+    plot_path: Path | None = None
+
+    @property
+    def table(self) -> str:
+        return format_table(self.records, self.info)
+
+    @property
+    def ok(self) -> bool:
+        """No wrong element and no point that failed to run."""
+        return all(r.num_wrong == 0 for r in self.records) and not any("bytes" in s for s in self.info.skipped)
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("isagellm-comm")
+    except metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        import tomllib
+
+        return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
+    except (ImportError, OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def topology_source() -> str:
+    """``Topology.discover().source`` (nvml / cuda / env / cpu), or why it is unknown."""
+    try:
+        from sagellm_comm.topology import Topology
+
+        topo = Topology.discover()
+    except Exception as exc:  # topology is informative here; never fail a benchmark on it
+        return f"unavailable ({type(exc).__name__})"
+    return str(getattr(topo, "source", "unknown"))
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _timing_method(graph: bool, cuda: bool) -> str:
+    if graph:
+        return "cuda_graph_replay+cuda_events"
+    return "cuda_events" if cuda else "wall_clock"
+
+
+def build_result(
+    config: BenchConfig, plan: LaunchPlan, measurement: Measurement, backend_kind: str, device: torch.device
+) -> BenchmarkResult:
+    """Turn the (already cross-rank reduced) points into records and a :class:`RunInfo`."""
+    now = _now()
+    stamp = now.isoformat(timespec="seconds")
+    algos = algo_rules.parse_algos(config.algos)
+    dtype = resolve_dtype(config.dtype)
+    cuda = device.type == "cuda"
+    launch_mode = f"virtual_{config.virtual_mode}" if plan.mode == "virtual" else plan.mode
+    info = RunInfo(
+        command=config.command,
+        op_type=config.op,
+        data_type=dtype_name(dtype),
+        backend_requested=config.backend,
+        backend_kind=backend_kind,
+        world_size=plan.world_size,
+        launch_mode=launch_mode,
+        timing_method=_timing_method(config.graph, cuda),
+        graph=config.graph,
+        algos_requested=algos,
+        warmup_iters=config.warmup,
+        benchmark_iters=config.iters,
+        topology_source=topology_source(),
+        device_name=device_name(device),
+        package_version=package_version(),
+        torch_version=torch.__version__,
+        git_commit=git_commit(),
+        hostname=socket.gethostname(),
+        timestamp=stamp,
+        selector_config=config.selector_config,
+        skipped=measurement.skipped,
+    )
+    records = []
+    for point in measurement.points:
+        algbw, busbw = bandwidths_gbps(point.nbytes, point.stats.median_us, config.op, plan.world_size)
+        records.append(
+            BenchmarkRecord(
+                bytes=point.nbytes,
+                count=point.count,
+                op_type=config.op,
+                data_type=info.data_type,
+                redop=REDOPS[config.op],
+                root=0 if config.op == "broadcast" else -1,
+                algo_id=point.algo_id,
+                algo_requested=point.algo_requested,
+                backend_kind=backend_kind,
+                world_size=plan.world_size,
+                latency_ms=point.stats.median_us / 1e3,
+                latency_p10_ms=point.stats.p10_us / 1e3,
+                latency_p90_ms=point.stats.p90_us / 1e3,
+                latency_min_ms=point.stats.min_us / 1e3,
+                latency_max_ms=point.stats.max_us / 1e3,
+                latency_mean_ms=point.stats.mean_us / 1e3,
+                bandwidth_gbps=algbw,
+                algo_bandwidth_gbps=algbw,
+                bus_bandwidth_gbps=busbw,
+                num_wrong=point.num_wrong,
+                ratio_vs_first=None,
+                selection_rule_id=point.rule_id,
+                selection_reason=point.reason,
+                topology_source=info.topology_source,
+                timing_method=info.timing_method,
+                launch_mode=launch_mode,
+                warmup_iters=config.warmup,
+                benchmark_iters=config.iters,
+                device_name=info.device_name,
+                package_version=info.package_version,
+                timestamp=stamp,
+            )
+        )
+    if len(algos) > 1:
+        fill_ratios(records, algos[0])
+    return BenchmarkResult(info, records)
+
+
+def finish(result: BenchmarkResult, config: BenchConfig, *, print_table: bool) -> BenchmarkResult:
+    """Write the JSON/CSV files and the plot (as configured) and print the table to stdout."""
+    if config.output_dir is not None:
+        file_stamp = _dt.datetime.fromisoformat(result.info.timestamp).strftime("%Y%m%d-%H%M%S")
+        result.json_path, result.csv_path = write_results(result.records, result.info, config.output_dir, file_stamp)
+    if config.plot is not None:
+        result.plot_path = plot_results(result.records, result.info, config.plot)
+    if print_table:
+        print(result.table)
+        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
+        if written:
+            print("# wrote " + ", ".join(str(p) for p in written))
+        sys.stdout.flush()
+    return result
