@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 
 import pytest
@@ -65,23 +66,28 @@ def test_async_all_reduce_handle_on_gloo() -> None:
     assert seen[0]["pending_after_submit"]  # rank 0 submitted while rank 1 was still asleep
 
 
-def _timeout_worker(rank: int, world_size: int, port: int) -> str:
+def _timeout_worker(rank: int, world_size: int, port: int, done_path: str) -> str:
     import sagellm_comm
     from sagellm_comm.errors import CommTimeoutError
     from sagellm_comm.overlap import all_reduce_async
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
-    if rank == 1:
-        time.sleep(1.5)  # never joins: rank 0's bounded wait must give up on its own
+    if rank == 1:  # never joins; stays alive (a closed connection would be another error) until rank 0 is done
+        deadline = time.monotonic() + 30.0
+        while not os.path.exists(done_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return "absent"
     handle = all_reduce_async(torch.ones(4), world)
-    with pytest.raises(CommTimeoutError) as info:
-        handle.wait(timeout=0.3)
+    try:
+        with pytest.raises(CommTimeoutError) as info:
+            handle.wait(timeout=0.3)
+    finally:
+        open(done_path, "w").close()
     return info.value.code.value  # no destroy: the group is undefined after a timeout (the helper exits)
 
 
-def test_async_wait_is_bounded_by_timeout() -> None:
-    assert run_ranks(_timeout_worker, 2, timeout=60.0)[0] == "comm_timeout"
+def test_async_wait_is_bounded_by_timeout(tmp_path) -> None:
+    assert run_ranks(_timeout_worker, 2, str(tmp_path / "rank0-done"), timeout=60.0)[0] == "comm_timeout"
 
 
 # ---------------------------------------------------------------------------------------------- benchmark

@@ -38,7 +38,7 @@ import torch
 
 from sagellm_comm.benchmark.ops import dtype_name, resolve_dtype
 from sagellm_comm.benchmark.sizes import format_size, parse_size, parse_size_list
-from sagellm_comm.benchmark.timing import _cycles_per_us, percentile, time_iterations
+from sagellm_comm.benchmark.timing import _cycles_per_us, percentile
 from sagellm_comm.errors import CollectiveFailedError, CommError, InvalidArgumentError
 
 DEFAULT_OUTPUT_DIR = ".benchmarks/overlap"
@@ -47,6 +47,8 @@ DEFAULT_ITERS = 10
 GPU_DEFAULTS = {"comm_sizes": "1M,16M,64M", "compute_duration_ms": 2.0, "gemm_size": 4096, "dtype": "bfloat16"}
 CPU_DEFAULTS = {"comm_sizes": "64K,1M", "compute_duration_ms": 20.0, "gemm_size": 128, "dtype": "float32"}
 MAX_HOLD_US = 50_000.0
+MAX_MARKS = 4
+CALIBRATION_GEMMS = 8
 OVERLAP_FIELDS = (
     "comm_bytes",
     "compute_duration_ms",
@@ -187,14 +189,63 @@ class _RankBench:
         for _ in range(self.gemm_iters):
             torch.matmul(self.a, self.b, out=self.c)
 
+    def _iterations(self, body, iters: int, warmup: int, reset=None) -> list[list[float]]:
+        """Run ``body(mark)`` ``warmup`` + ``iters`` times; return each timed run's intervals (ms).
+
+        ``body`` calls ``mark()`` at its timing points; interval ``j`` is mark ``j`` -> mark ``j + 1``
+        (CUDA: events on the current stream; CPU: wall clock).  Every iteration starts with ``reset``
+        and a barrier, so rank skew from the previous iteration is not timed; on CUDA a device-side
+        spin (sized from the warm-up's host time) is queued first so the host's submission is off the
+        device timeline.  Nothing is allocated between the marks by this loop.
+        """
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(MAX_MARKS)] if self.cuda else []
+        stamps = [0] * MAX_MARKS
+        count = 0
+
+        def mark() -> None:
+            nonlocal count
+            if self.cuda:
+                events[count].record()
+            else:
+                stamps[count] = time.perf_counter_ns()
+            count += 1
+
+        host_us, samples = [], []
+        for i in range(warmup + iters):
+            if reset is not None:
+                reset()
+            self.barrier()
+            if self.cuda and i >= warmup:
+                hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * (_median(host_us) if host_us else 1000.0))
+                torch.cuda._sleep(int(hold_us * _cycles_per_us(self.device)))
+            count = 0
+            begin = time.perf_counter_ns()
+            body(mark)
+            host_us.append((time.perf_counter_ns() - begin) / 1e3)
+            self.sync()
+            if i >= warmup:
+                if self.cuda:
+                    samples.append([events[j].elapsed_time(events[j + 1]) for j in range(count - 1)])
+                else:
+                    samples.append([(stamps[j + 1] - stamps[j]) / 1e6 for j in range(count - 1)])
+        return samples
+
     def calibrate(self, target_ms: float) -> None:
-        """Same GEMM count on every rank: from the slowest rank's time of one GEMM."""
-        self.gemm_iters = 1
-        one_us = _median(time_iterations(self.compute, iters=5, warmup=2, device=self.device, barrier=self.barrier))
-        (slowest_us,) = _max_over_ranks(self.backend, [one_us])
-        self.gemm_iters = max(1, round(target_ms * 1e3 / max(slowest_us, 1e-3)))
+        """Same GEMM count on every rank: from the slowest rank's time per GEMM in a loop of
+        ``CALIBRATION_GEMMS`` (a single GEMM is dominated by launch and cache effects)."""
+        self.gemm_iters = CALIBRATION_GEMMS
+        loop_ms = _median([s[0] for s in self._iterations(self._timed_compute, iters=5, warmup=2)])
+        (slowest_ms,) = _max_over_ranks(self.backend, [loop_ms / CALIBRATION_GEMMS])
+        self.gemm_iters = max(1, round(target_ms / max(slowest_ms, 1e-6)))
+
+    def _timed_compute(self, mark) -> None:
+        mark()
+        self.compute()
+        mark()
 
     def measure(self, nbytes: int, warmup: int, iters: int) -> list[float]:
+        """Medians (then maxima over ranks) of: compute alone, comm alone, submit, wait, compute
+        overlapped, total, and the number of wrong elements after the overlapped all-reduce."""
         from sagellm_comm.overlap import all_reduce_async
 
         numel = max(1, nbytes // self.dtype.itemsize)
@@ -203,77 +254,49 @@ class _RankBench:
         expected = float(world_size * (world_size + 1) // 2)
         fill = lambda: comm.fill_(float(rank + 1))  # noqa: E731 - a one-line reset
 
-        compute_us = time_iterations(self.compute, iters=iters, warmup=warmup, device=self.device, barrier=self.barrier)
-        comm_us = time_iterations(
-            lambda: all_reduce_async(comm, self.group).wait(),
-            iters=iters,
-            warmup=warmup,
-            device=self.device,
-            reset=fill,
-            barrier=self.barrier,
-        )
+        def comm_alone(mark) -> None:
+            mark()
+            all_reduce_async(comm, self.group).wait()
+            mark()
 
-        host_us = []
-        for _ in range(max(1, warmup)):  # warm-up of the overlapped pattern; sizes the device hold
-            fill()
-            self.barrier()
+        submit_ms: list[float] = []
+        wrong = 0
+
+        def overlapped(mark) -> None:
+            nonlocal wrong
+            mark()
             begin = time.perf_counter_ns()
             handle = all_reduce_async(comm, self.group)
+            submit_ms.append((time.perf_counter_ns() - begin) / 1e6)
+            mark()
             self.compute()
+            mark()
             handle.wait()
-            host_us.append((time.perf_counter_ns() - begin) / 1e3)
-        if self.cuda:
-            hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * _median(host_us))
-            hold_cycles = int(hold_us * _cycles_per_us(self.device))
-            marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
-        submit, compute, wait, total, wrong = [], [], [], [], 0
-        for i in range(iters):
-            fill()
-            self.barrier()
-            if self.cuda:
-                torch.cuda._sleep(hold_cycles)  # the host queues the iteration while the device spins
-                marks[i][0].record()
-                t0 = time.perf_counter_ns()
-                handle = all_reduce_async(comm, self.group)
-                submit.append((time.perf_counter_ns() - t0) / 1e6)
-                self.compute()
-                marks[i][1].record()
-                handle.wait()
-                marks[i][2].record()
-            else:
-                t0 = time.perf_counter_ns()
-                handle = all_reduce_async(comm, self.group)
-                t1 = time.perf_counter_ns()
-                self.compute()
-                t2 = time.perf_counter_ns()
-                handle.wait()
-                t3 = time.perf_counter_ns()
-                submit.append((t1 - t0) / 1e6)
-                compute.append((t2 - t1) / 1e6)
-                wait.append((t3 - t2) / 1e6)
-                total.append((t3 - t0) / 1e6)
-            self.sync()
-            wrong = max(wrong, int((comm != expected).sum()))
-        if self.cuda:
-            compute = [m[0].elapsed_time(m[1]) for m in marks]
-            wait = [m[1].elapsed_time(m[2]) for m in marks]
-            total = [m[0].elapsed_time(m[2]) for m in marks]
+            mark()
+
+        compute_alone = self._iterations(self._timed_compute, iters, warmup)
+        comm_only = self._iterations(comm_alone, iters, warmup, reset=fill)
+        both = self._iterations(overlapped, iters, warmup, reset=fill)
+        self.sync()
+        wrong = int((comm != expected).sum())  # the last overlapped iteration's result
         medians = [
-            _median(compute_us) / 1e3,
-            _median(comm_us) / 1e3,
-            _median(submit),
-            _median(wait),
-            _median(compute),
-            _median(total),
+            _median([s[0] for s in compute_alone]),
+            _median([s[0] for s in comm_only]),
+            _median(submit_ms[warmup:]),
+            _median([s[2] for s in both]),  # wait: compute done -> all-reduce joined
+            _median([s[1] for s in both]),  # compute while the all-reduce runs
+            _median([sum(s) for s in both]),  # submit + compute + wait (device: submit ~ 0)
             float(wrong),
         ]
         return _max_over_ranks(self.backend, medians)
 
 
 def _device_name(device: torch.device) -> str:
-    from sagellm_comm.benchmark.runner import device_name
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
 
-    return device_name(device)
+    return f"{device.type}: {platform.processor() or platform.machine()}"
 
 
 def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
@@ -347,8 +370,8 @@ def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
 
 def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None:
     """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv``."""
+    from sagellm_comm import __version__
     from sagellm_comm.benchmark.report import output_stem
-    from sagellm_comm.benchmark.runner import git_commit, package_version
 
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -358,7 +381,7 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
     while (directory / f"{stem}.json").exists():
         suffix += 1
         stem = f"{output_stem('overlap', int(result.run.get('world_size', 0)), stamp)}_{suffix}"
-    result.run.update(package_version=package_version(), git_commit=git_commit(), torch_version=torch.__version__)
+    result.run.update(package_version=__version__, torch_version=torch.__version__)
     result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
     result.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
