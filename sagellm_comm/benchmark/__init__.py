@@ -35,6 +35,7 @@ __all__ = [
     "parse_size_range",
     "run_all_reduce_benchmark",
     "run_benchmark",
+    "run_overlap_benchmark",
 ]
 
 
@@ -99,3 +100,11 @@ def run_all_reduce_benchmark(
         command="run_all_reduce_benchmark(...)",
     )
     return run_benchmark(config, print_table=print_table, backend=None if isinstance(backend, str) else backend)
+
+
+def run_overlap_benchmark(*args: Any, **kwargs: Any) -> Any:
+    """:func:`sagellm_comm.benchmark.run_overlap_bench.run_overlap_benchmark` (imported on first call,
+    so ``python -m sagellm_comm.benchmark.run_overlap_bench`` does not find its module pre-imported)."""
+    from sagellm_comm.benchmark.run_overlap_bench import run_overlap_benchmark as run
+
+    return run(*args, **kwargs)
