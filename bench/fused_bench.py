@@ -1,0 +1,208 @@
+"""Fused TP operations with N virtual ranks on one GPU: device time under CUDA graphs.
+
+GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shard = 14336 / N_ranks), bf16:
+
+* ``gemm_us``: cuBLAS GEMM alone (``torch.bmm`` over the ranks' shards, the way N GPUs run it at once);
+* ``ar_us``: our all-reduce of the [M, N] output alone (best of one-shot/two-shot);
+* ``seq_us``: GEMM then our all-reduce (policy's algo); ``seq_best_us``: GEMM then the best all-reduce algo;
+* ``chunked_us``: the chunked pipeline; ``fused_us``: tile-level fused kernel (two-shot consumer);
+  ``fused1_us``: one-shot consumer (small M only); ``auto_us``: what the policy runs (``auto`` column);
+* ``ratio`` = fused_us / max(gemm_us, ar_us) (target <= 1.15 at large M).
+
+AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfused_us`` (our all-reduce, torch
+add, ``torch.nn.functional.rms_norm``).
+
+Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--calls`` calls, divided by
+``--calls``.  All ranks share one GPU, so compute and memory traffic are N times one rank's; compare the
+columns with each other, not with multi-GPU figures.  Writes ``<out>.json`` and ``<out>.md``::
+
+    python bench/fused_bench.py --out bench/results/fused_h100_virtual
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sagellm_comm.fused import VirtualFused  # noqa: E402
+from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
+
+
+def graph_us(fn, calls: int, reps: int) -> float:
+    """Median device time of one ``fn()``, from replays of a CUDA graph of ``calls`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1000.0 / calls)
+    del g
+    return statistics.median(times)
+
+
+def bench_gemm(vf: VirtualFused, m: int, n: int, calls: int, reps: int) -> dict:
+    w = vf.world_size
+    k = 14336 // w
+    a = torch.randn(w, m, k, device="cuda", dtype=torch.bfloat16)
+    b = (torch.randn(w, k, n, device="cuda") / k**0.5).to(torch.bfloat16)
+    prod = torch.empty(w, m, n, device="cuda", dtype=torch.bfloat16)
+    vg = vf.group
+    calls = max(1, min(calls, int(2e9 // max(1, w * m * n * k))))  # keep one graph under ~1 s of work
+    row = {"world_size": w, "M": m, "N": n, "K_shard": k}
+    row["gemm_us"] = graph_us(lambda: torch.bmm(a, b, out=prod), calls, reps)
+    flat = prod.view(w, -1)
+    ar = {algo: graph_us(lambda algo=algo: vg.all_reduce_stacked(flat, algo=algo), calls, reps)
+          for algo in ("one_shot", "two_shot")}  # fmt: skip
+    row["ar_us"] = min(ar.values())
+    row["ar_algo"] = min(ar, key=ar.get)
+
+    def seq(algo="auto"):
+        torch.bmm(a, b, out=prod)
+        vg.all_reduce_stacked(flat, algo=algo)
+
+    row["seq_us"] = graph_us(seq, calls, reps)
+    row["seq_best_us"] = graph_us(lambda: seq(row["ar_algo"]), calls, reps)
+    row["chunked_us"] = graph_us(lambda: vf.gemm_all_reduce(a, b, path="chunked"), calls, reps)
+    row["fused_us"] = graph_us(lambda: vf.gemm_all_reduce(a, b, path="fused", one_shot=False), calls, reps)
+    if m <= 256:
+        row["fused1_us"] = graph_us(lambda: vf.gemm_all_reduce(a, b, path="fused", one_shot=True), calls, reps)
+    sel = vf.gemm.select(m, n)
+    row["auto"] = f"{sel.algo} ({sel.rule_id})"
+    row["auto_us"] = graph_us(lambda: vf.gemm_all_reduce(a, b), calls, reps)
+    row["ratio"] = row["fused_us"] / max(row["gemm_us"], row["ar_us"])
+    # correctness spot check of the fused output against the sequential one
+    fused_out = vf.gemm_all_reduce(a, b, path="fused")
+    seq()
+    torch.cuda.synchronize()
+    row["fused_max_abs_err"] = float((fused_out[0].float() - prod[0].float()).abs().max())
+    return row
+
+
+def bench_rmsnorm(vf: VirtualFused, tokens: int, hidden: int, calls: int, reps: int) -> dict:
+    w = vf.world_size
+    x = torch.randn(w, tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).expand(w, -1, -1).contiguous()
+    weight = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    work = x.clone()
+    row = {"world_size": w, "tokens": tokens, "hidden": hidden}
+
+    def unfused():
+        work.copy_(x)  # our all-reduce is in place; the fused kernel does not modify x (its copy-in is inside)
+        vf.group.all_reduce_stacked(work.view(w, -1))
+        new_res = work + res
+        return F.rms_norm(new_res, (hidden,), weight, 1e-6), new_res
+
+    def unfused_no_copy():
+        vf.group.all_reduce_stacked(work.view(w, -1))
+        new_res = work + res
+        return F.rms_norm(new_res, (hidden,), weight, 1e-6), new_res
+
+    row["fused_us"] = graph_us(lambda: vf.all_reduce_residual_rmsnorm(x, res, weight), calls, reps)
+    row["unfused_us"] = graph_us(unfused_no_copy, calls, reps)
+    row["unfused_with_copy_us"] = graph_us(unfused, calls, reps)
+    sel = vf.rmsnorm.select(tokens * hidden * 2)
+    row["algo"] = f"{sel.algo} ({sel.rule_id})"
+    row["speedup"] = row["unfused_us"] / row["fused_us"]
+    return row
+
+
+def _md_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.1f}" if isinstance(v, float) and abs(v) >= 10 else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/fused_h100_virtual")
+    p.add_argument("--world-sizes", default="2,4,8")
+    p.add_argument("--m", default="1,16,128,512,2048,8192,16384")
+    p.add_argument("--n", default="4096,8192")
+    p.add_argument("--tokens", default="1,16,128,1024,4096")
+    p.add_argument("--hidden", default="4096,8192")
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--skip-gemm", action="store_true")
+    p.add_argument("--skip-rmsnorm", action="store_true")
+    args = p.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
+    ns = [int(v) for v in args.n.split(",")]
+    gemm_rows, rms_rows = [], []
+    t0 = time.time()
+    for w in (int(v) for v in args.world_sizes.split(",")):
+        max_out = max(ms) * max(ns) * 2
+        vg = VirtualRankGroup(w, max_bytes=max(max_out, 64 << 20), timeout_s=20.0)
+        vf = VirtualFused(vg, gemm_max_output_bytes=max_out)
+        if not args.skip_rmsnorm:
+            for hidden in (int(v) for v in args.hidden.split(",")):
+                for tokens in (int(v) for v in args.tokens.split(",")):
+                    rms_rows.append(bench_rmsnorm(vf, tokens, hidden, args.calls, args.reps))
+                    print(json.dumps(rms_rows[-1]), flush=True)
+        if not args.skip_gemm:
+            for n in ns:
+                for m in ms:
+                    gemm_rows.append(bench_gemm(vf, m, n, args.calls, args.reps))
+                    print(json.dumps(gemm_rows[-1]), flush=True)
+        vg.check_errors()
+        vf.gemm.check_errors()
+        vf.close()
+        vg.close()
+        torch.cuda.empty_cache()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "torch": torch.__version__,
+        "seconds": round(time.time() - t0, 1),
+        "timing": f"median of {args.reps} CUDA-graph replays of {args.calls} calls (fewer for the largest GEMMs)",
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "gemm_all_reduce": gemm_rows, "all_reduce_rmsnorm": rms_rows}, f, indent=1)
+    gcols = ["world_size", "M", "N", "K_shard", "gemm_us", "ar_us", "seq_us", "seq_best_us", "chunked_us",
+             "fused_us", "fused1_us", "ratio", "auto", "auto_us"]  # fmt: skip
+    rcols = ["world_size", "tokens", "hidden", "algo", "fused_us", "unfused_us", "speedup"]
+    with open(args.out + ".md", "w") as f:
+        f.write(f"# Fused TP ops, virtual ranks on one GPU\n\n{json.dumps(meta, indent=1)}\n\n")
+        f.write("## GEMM + all-reduce (bf16, microseconds per call, all ranks on one GPU)\n\n")
+        f.write(_md_table(gemm_rows, gcols) + "\n\n## AR + residual + RMSNorm (bf16)\n\n")
+        f.write(_md_table(rms_rows, rcols) + "\n")
+    with open(args.out + ".md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()
