@@ -156,6 +156,21 @@ def check_default_group(rank: int, world) -> None:
     torch.testing.assert_close(layer(x), ref(x).detach(), **_tol(torch.float32))
 
 
+def check_fused_gemm_option(rank: int, world) -> str | None:
+    """use_fused_gemm=True: sagellm_comm.fused.gemm_all_reduce (its engine path on Gloo) == nn.Linear."""
+    from sagellm_comm.layers import RowParallelLinear
+
+    try:
+        import sagellm_comm.fused  # noqa: F401
+    except ImportError as exc:
+        return f"skip: sagellm_comm.fused is not importable ({exc})"
+    ref = _reference(8, 6, True, torch.float32, 70)
+    layer = RowParallelLinear.from_linear(ref, group=world, use_fused_gemm=True)
+    x = _input((2, 3, 8), torch.float32, 71)
+    torch.testing.assert_close(layer(x[..., rank * 4 : rank * 4 + 4]), ref(x).detach(), **_tol(torch.float32))
+    return None
+
+
 def check_bad_input(rank: int, world) -> None:
     from sagellm_comm import ops
     from sagellm_comm.errors import (
@@ -237,8 +252,7 @@ def _layers_worker(rank: int, world_size: int, port: int) -> dict[str, str | Non
     try:
         for name, check in CHECKS.items():
             try:
-                check(rank, world)
-                outcomes[name] = None
+                outcomes[name] = check(rank, world)  # None: passed; "skip: why": not applicable here
             except Exception:  # recorded per check; a failing check must not hide the others
                 outcomes[name] = traceback.format_exc()
                 break  # the ranks may now disagree on the next collective: stop here
@@ -256,6 +270,8 @@ def outcomes() -> list[dict[str, str | None]]:
 def test_layers_on_two_gloo_ranks(outcomes, check: str) -> None:
     for rank, result in enumerate(outcomes):
         assert check in result, f"rank {rank} did not reach {check} (an earlier check failed)"
+        if isinstance(result[check], str) and result[check].startswith("skip: "):
+            pytest.skip(result[check][len("skip: ") :])
         assert result[check] is None, f"rank {rank}:\n{result[check]}"
 
 
@@ -309,6 +325,15 @@ def test_compile_tp_block_fullgraph_on_cpu() -> None:
 # ---------------------------------------------------------------------------------------------- GPU
 
 
+@pytest.fixture
+def nccl_world_of_one():
+    import sagellm_comm
+
+    world = sagellm_comm.CommGroup.create(world_size=1, rank=0, backend="nccl")
+    yield world
+    world.destroy()
+
+
 def _cuda_graph_block(world) -> tuple[float, float]:
     """Capture a TP block (with the custom op) in a CUDA graph; replay on new input; compare to eager."""
     torch.manual_seed(0)
@@ -333,41 +358,37 @@ def _cuda_graph_block(world) -> tuple[float, float]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_cuda_graph_capture_of_tp_block_nccl_world_of_one() -> None:
+def test_cuda_graph_capture_of_tp_block_nccl_world_of_one(nccl_world_of_one) -> None:
     """NCCL world of one: the op path (clone + engine all-reduce) captured and replayed."""
-    import sagellm_comm
     from sagellm_comm import ops
 
-    world = sagellm_comm.CommGroup.create(world_size=1, rank=0, backend="nccl")
-    try:
-        name = ops.register_group(world, "gpu-world-of-one")
-        # a group of one skips communication in the layers; call the op directly inside the capture too
-        x = torch.randn(64, device="cuda")
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.ops.sagellm_comm.all_reduce(x, name, "sum")
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            y = torch.ops.sagellm_comm.all_reduce(x, name, "sum")
-        x.mul_(2)
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(y, x)
-        diff, scale = _cuda_graph_block(world)
-        assert diff <= 1e-2 * max(scale, 1.0)
-        ops.unregister_group(name)
-    finally:
-        world.destroy()
+    world = nccl_world_of_one
+    name = ops.register_group(world, "gpu-world-of-one")
+    # a group of one skips communication in the layers; call the op directly inside the capture too
+    x = torch.randn(64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.sagellm_comm.all_reduce(x, name, "sum")
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        y = torch.ops.sagellm_comm.all_reduce(x, name, "sum")
+    x.mul_(2)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, x)
+    diff, scale = _cuda_graph_block(world)
+    assert diff <= 1e-2 * max(scale, 1.0)
+    ops.unregister_group(name)
 
 
 def _custom_graph_worker(rank: int, world_size: int, port: int) -> tuple[str, float, float]:
     import sagellm_comm
 
-    torch.cuda.set_device(0)
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=60)
     try:
+        assert world.backend.custom is not None, world.backend.custom_reason  # the kernels, not NCCL
         diff, scale = _cuda_graph_block(world)
         return world.backend.custom_reason, diff, scale
     finally:
@@ -376,8 +397,26 @@ def _custom_graph_worker(rank: int, world_size: int, port: int) -> tuple[str, fl
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_compiled_op_under_inductor_and_cuda_graphs(nccl_world_of_one) -> None:
+    """torch.compile (inductor, fullgraph, mode="reduce-overhead": CUDA graphs) of a function with the op."""
+    from sagellm_comm import ops
+
+    name = ops.register_group(nccl_world_of_one, "compiled-world-of-one")
+    try:
+        fn = torch.compile(
+            lambda x: torch.ops.sagellm_comm.all_reduce(x * 2, name, "sum") + 1, fullgraph=True, mode="reduce-overhead"
+        )
+        for value in (1.0, 3.0, 5.0):  # replays of the recorded graph see new inputs
+            x = torch.full((2048,), value, device="cuda")
+            torch.testing.assert_close(fn(x), x * 2 + 1)
+    finally:
+        ops.unregister_group(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (two processes spinning on one GPU time-slice)")
 def test_cuda_graph_capture_of_tp_block_custom_backend() -> None:
-    """Two ranks of the custom backend (one GPU each, or both on one GPU): capture, replay, compare."""
+    """Two ranks of the custom backend, one GPU each: capture the TP block, replay, compare with eager."""
     results = run_ranks(_custom_graph_worker, 2, timeout=240.0)
     for reason, diff, scale in results:
         assert diff <= 1e-2 * max(scale, 1.0), reason
