@@ -226,6 +226,7 @@ def one_shot_all_reduce_kernel(
     ZERO_COPY: tl.constexpr,
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One-shot all-reduce of ``numel`` elements.
 
@@ -251,13 +252,13 @@ def one_shot_all_reduce_kernel(
         src_offset = PAD_BYTES
     else:
         src_offset = slot_offset
-        for tile in range(pid, num_tiles, num_programs):
+        for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
             offs = tile * BLOCK + lane
             mask = offs < numel
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
-    for tile in range(pid, num_tiles, num_programs):
+    for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         offs = tile * BLOCK + lane
         mask = offs < numel
         acc = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W)
@@ -268,7 +269,7 @@ def one_shot_all_reduce_kernel(
 
     if ZERO_COPY:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
-        for tile in range(pid, num_tiles, num_programs):
+        for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
             offs = tile * BLOCK + lane
             mask = offs < numel
             tl.store(out + offs, tl.load(my_slot + offs, mask=mask), mask=mask)
@@ -291,6 +292,7 @@ def two_shot_all_reduce_kernel(
     ZERO_COPY: tl.constexpr,
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Two-shot all-reduce (reduce-scatter of W chunks, then all-gather) of ``numel`` elements.
 
@@ -319,7 +321,7 @@ def two_shot_all_reduce_kernel(
 
     if not ZERO_COPY:
         for c in tl.static_range(W):
-            for tile in range(pid, tiles_per_chunk, num_programs):
+            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
                 in_chunk = tile * BLOCK + lane
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)
@@ -327,7 +329,7 @@ def two_shot_all_reduce_kernel(
     _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
     # Reduce-scatter: this rank owns chunk ``rank``.
-    for tile in range(pid, tiles_per_chunk, num_programs):
+    for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
         in_chunk = tile * BLOCK + lane
         offs = rank * chunk + in_chunk
         mask = (in_chunk < chunk) & (offs < numel)
@@ -342,7 +344,7 @@ def two_shot_all_reduce_kernel(
     for c in tl.static_range(W):
         if (c != rank) | ZERO_COPY:
             owner = (_pick(bases, peers, c) + src_offset).to(tl.pointer_type(DTYPE))
-            for tile in range(pid, tiles_per_chunk, num_programs):
+            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
                 in_chunk = tile * BLOCK + lane
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)
@@ -354,7 +356,7 @@ def two_shot_all_reduce_kernel(
     if ZERO_COPY:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
         for c in tl.static_range(W):
-            for tile in range(pid, tiles_per_chunk, num_programs):
+            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
                 in_chunk = tile * BLOCK + lane
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)

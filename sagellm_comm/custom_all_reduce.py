@@ -35,6 +35,7 @@ SMALL_TILE_BYTES = 4096
 LARGE_TILE_BYTES = int(os.environ.get("SAGELLM_COMM_LARGE_TILE_BYTES", 16384))
 LARGE_TILE_THRESHOLD = 1 << 20
 LARGE_NUM_WARPS = int(os.environ.get("SAGELLM_COMM_LARGE_NUM_WARPS", 8))
+LARGE_STAGES = int(os.environ.get("SAGELLM_COMM_LARGE_STAGES", 1))
 NUM_WARPS = 8
 DEFAULT_MAX_PROGRAMS = 32
 INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
@@ -99,7 +100,7 @@ class KernelLauncher:
         compiled = self.cache.get(key)
         args = (
             in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
-            self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual,
+            self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual, LARGE_STAGES if large else 1,
         )  # fmt: skip
         if compiled is not None:
             compiled(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), args)
