@@ -78,6 +78,7 @@ class OverlapConfig:
     iters: int = DEFAULT_ITERS
     output_dir: str | None = DEFAULT_OUTPUT_DIR
     timeout: float = 120.0
+    virtual_ranks: int | None = None  # N ranks of the custom kernels on one GPU, one process
 
 
 @dataclass
@@ -162,7 +163,8 @@ class _RankBench:
         from sagellm_comm.group import CommGroup
 
         self.backend = backend
-        self.group = CommGroup(backend)
+        self.virtual = getattr(backend, "virtual_group", None)
+        self.group = CommGroup(backend) if self.virtual is None else None
         self.device = backend.device
         self.cuda = self.device.type == "cuda"
         self.config = config
@@ -243,20 +245,42 @@ class _RankBench:
         self.compute()
         mark()
 
+    def _submit(self, buffers: list[torch.Tensor]) -> Any:
+        """Start the all-reduce of ``buffers`` (one per rank of this process) on the side stream."""
+        from sagellm_comm.overlap import AsyncAllReduce, all_reduce_async, comm_stream
+
+        if self.virtual is None:
+            return all_reduce_async(buffers[0], self.group)
+        side = comm_stream(self.device)  # as all_reduce_async does, for the N ranks of this process
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.virtual.all_reduce(buffers)  # forks to the rank streams and joins back into `side`
+            event = torch.cuda.Event()
+            event.record(side)
+        for buffer in buffers:
+            buffer.record_stream(side)
+        return AsyncAllReduce(buffers[0], event=event, stream=side)
+
     def measure(self, nbytes: int, warmup: int, iters: int) -> list[float]:
         """Medians (then maxima over ranks) of: compute alone, comm alone, submit, wait, compute
         overlapped, total, and the number of wrong elements after the overlapped all-reduce."""
-        from sagellm_comm.overlap import all_reduce_async
-
         numel = max(1, nbytes // self.dtype.itemsize)
-        comm = torch.empty(numel, device=self.device, dtype=self.dtype)
-        rank, world_size = self.backend.rank, self.backend.world_size
-        expected = float(world_size * (world_size + 1) // 2)
-        fill = lambda: comm.fill_(float(rank + 1))  # noqa: E731 - a one-line reset
+        if self.virtual is None:  # this process's rank
+            buffers, values = [torch.empty(numel, device=self.device, dtype=self.dtype)], [self.backend.rank + 1]
+            ranks = self.backend.world_size
+        else:  # every virtual rank's buffer lives in this process
+            ranks = self.virtual.world_size
+            buffers = [torch.empty(numel, device=self.device, dtype=self.dtype) for _ in range(ranks)]
+            values = list(range(1, ranks + 1))
+        expected = float(ranks * (ranks + 1) // 2)
+
+        def fill() -> None:
+            for buffer, value in zip(buffers, values, strict=True):
+                buffer.fill_(float(value))
 
         def comm_alone(mark) -> None:
             mark()
-            all_reduce_async(comm, self.group).wait()
+            self._submit(buffers).wait()
             mark()
 
         submit_ms: list[float] = []
@@ -266,7 +290,7 @@ class _RankBench:
             nonlocal wrong
             mark()
             begin = time.perf_counter_ns()
-            handle = all_reduce_async(comm, self.group)
+            handle = self._submit(buffers)
             submit_ms.append((time.perf_counter_ns() - begin) / 1e6)
             mark()
             self.compute()
@@ -278,7 +302,7 @@ class _RankBench:
         comm_only = self._iterations(comm_alone, iters, warmup, reset=fill)
         both = self._iterations(overlapped, iters, warmup, reset=fill)
         self.sync()
-        wrong = int((comm != expected).sum())  # the last overlapped iteration's result
+        wrong = sum(int((b != expected).sum()) for b in buffers)  # the last overlapped iteration's result
         medians = [
             _median([s[0] for s in compute_alone]),
             _median([s[0] for s in comm_only]),
@@ -289,6 +313,32 @@ class _RankBench:
             float(wrong),
         ]
         return _max_over_ranks(self.backend, medians)
+
+
+class _VirtualWorld:
+    """N virtual ranks (the custom kernels, one stream per rank, one GPU) seen as the benchmark's backend.
+
+    One process holds every rank, so there is nothing to reduce across processes and no host barrier;
+    ``virtual_group`` is the :class:`~sagellm_comm.virtual.VirtualRankGroup` that runs the all-reduce.
+    """
+
+    rank = 0
+    world_size = 1  # processes
+    is_initialized = True
+
+    def __init__(self, virtual_ranks: int, max_bytes: int):
+        from sagellm_comm.virtual import VirtualRankGroup
+
+        self.virtual_group = VirtualRankGroup(virtual_ranks, max_bytes=max_bytes)
+        self.virtual_ranks = virtual_ranks
+        self.device = self.virtual_group.device
+        self.name = f"custom ({virtual_ranks} virtual ranks on one GPU)"
+
+    def barrier(self) -> None:
+        return None
+
+    def destroy(self) -> None:
+        self.virtual_group.close()
 
 
 def _device_name(device: torch.device) -> str:
@@ -306,6 +356,7 @@ def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
     sizes = config.comm_sizes or parse_size_list(defaults["comm_sizes"])
     target = float(config.compute_duration_ms or defaults["compute_duration_ms"])
     bench = _RankBench(backend, config, defaults)
+    ranks = getattr(backend, "virtual_ranks", backend.world_size)
     bench.calibrate(target)
     timing = (
         "cuda_events (GEMM loop on the current stream, all-reduce on a side stream)"
@@ -333,7 +384,7 @@ def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
                 total_ms=total,
                 num_wrong=int(wrong),
                 backend_kind=backend.name,
-                world_size=backend.world_size,
+                world_size=ranks,
                 timing_method=timing,
                 device_name=_device_name(backend.device),
                 warmup_iters=config.warmup,
@@ -342,7 +393,7 @@ def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
                 **derive(compute_alone, comm_alone, total),
             )
         )
-    run = {"backend_kind": backend.name, "world_size": backend.world_size, "timing_method": timing}
+    run = {"backend_kind": backend.name, "world_size": ranks, "timing_method": timing}
     return OverlapResult(records, run)
 
 
@@ -423,6 +474,8 @@ def _check(config: OverlapConfig) -> None:
         raise InvalidArgumentError(f"compute_duration_ms must be > 0, got {config.compute_duration_ms}")
     if config.gemm_size is not None and config.gemm_size < 1:
         raise InvalidArgumentError(f"gemm_size must be >= 1, got {config.gemm_size}")
+    if config.virtual_ranks is not None and not 2 <= config.virtual_ranks <= 8:
+        raise InvalidArgumentError(f"virtual_ranks must be in 2..8, got {config.virtual_ranks}")
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"world_size must be >= 1, got {config.world_size}")
     if config.dtype is not None:
@@ -437,6 +490,7 @@ def run_overlap_benchmark(
     *,
     dtype: str | None = None,
     world_size: int | None = None,
+    virtual_ranks: int | None = None,
     warmup_iters: int = DEFAULT_WARMUP,
     benchmark_iters: int = DEFAULT_ITERS,
     output_dir: str | None = DEFAULT_OUTPUT_DIR,
@@ -450,6 +504,8 @@ def run_overlap_benchmark(
         comm_sizes: all-reduce sizes in bytes (ints, ``"1M"``, or ``"64K,1M"``).
         compute_duration_ms: target duration of the GEMM loop alone (calibrated once).
         gemm_size: ``g`` of the ``[g, g] @ [g, g]`` GEMMs.
+        virtual_ranks: run the all-reduce on N virtual ranks of the custom kernels on this process's
+            GPU (``backend`` is then ignored): a real multi-rank collective with one GPU.
         dtype: of the GEMM and the message (default bfloat16 on GPUs, float32 on CPU).
         output_dir: where rank 0 writes ``overlap_ws<N>_<timestamp>.json/.csv``; None writes nothing.
 
@@ -472,9 +528,20 @@ def run_overlap_benchmark(
         warmup=warmup_iters,
         iters=benchmark_iters,
         output_dir=output_dir,
+        virtual_ranks=virtual_ranks,
     )
     _check(config)
-    if not isinstance(backend, str):
+    if config.virtual_ranks is not None:
+        if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+            raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU (the custom kernels run on it)")
+        world = _VirtualWorld(
+            config.virtual_ranks, max(config.comm_sizes or parse_size_list(GPU_DEFAULTS["comm_sizes"]))
+        )
+        try:
+            result, is_rank0 = measure_overlap(world, config), True
+        finally:
+            world.destroy()
+    elif not isinstance(backend, str):
         if not getattr(backend, "is_initialized", False):
             raise InvalidArgumentError("run_overlap_benchmark(backend=...) needs an initialised CommBackend")
         result, is_rank0 = measure_overlap(backend, config), backend.rank == 0
@@ -524,6 +591,7 @@ def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_overlap_bench
     parser.add_argument(
         "--comm-sizes", metavar="SIZE[,SIZE...]", help="all-reduce sizes (default: 1M,16M,64M GPU; 64K,1M CPU)"
     )
+    parser.add_argument("--virtual-ranks", type=int, help="N ranks of the custom kernels on one GPU (2..8)")
     parser.add_argument("--compute-ms", type=float, dest="compute_duration_ms", help="target GEMM loop time")
     parser.add_argument("--gemm-size", type=int, help="g of the [g,g]@[g,g] GEMMs (default 4096 GPU, 128 CPU)")
     parser.add_argument("--dtype", help="bfloat16/float16/float32 (default bfloat16 GPU, float32 CPU)")
@@ -545,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             args.gemm_size,
             dtype=args.dtype,
             world_size=args.world_size,
+            virtual_ranks=args.virtual_ranks,
             warmup_iters=args.warmup,
             benchmark_iters=args.iters,
             output_dir=None if args.no_output else args.output_dir,
