@@ -1,0 +1,264 @@
+"""Custom all-reduce on a GPU: virtual ranks (streams and one launch) and real processes over CUDA IPC.
+
+Run on the device machine: ``python -m pytest -m gpu tests/test_custom_all_reduce_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA, run_ranks
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_BYTES = 1 << 20
+
+
+def _reference(inputs: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.zeros_like(inputs[0], dtype=torch.float32)
+    for t in inputs:  # rank order, fp32: what every rank computes
+        acc += t.float()
+    return acc.to(inputs[0].dtype)
+
+
+def _check(outs: list[torch.Tensor], inputs: list[torch.Tensor], what: str) -> None:
+    ref = _reference(inputs)
+    for r, out in enumerate(outs):
+        assert torch.equal(out, outs[0]), f"{what}: rank {r} differs bitwise from rank 0"
+    torch.testing.assert_close(outs[0].float(), ref.float(), rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    made = {w: VirtualRankGroup(w, "cuda:0", max_bytes=MAX_BYTES, timeout_s=20.0) for w in (2, 4, 8)}
+    yield made
+    for g in made.values():
+        g.close()
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("algo", ["one_shot", "two_shot"])
+def test_virtual_matrix(groups, world_size, algo):
+    vg = groups[world_size]
+    for dtype in DTYPES:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        for numel in (1, 7, 1001, 4096, 65_537, MAX_BYTES // itemsize):
+            inputs = [torch.randn(numel, device="cuda").to(dtype) for _ in range(world_size)]
+            # streams mode: one kernel per rank on its own stream
+            outs = [t.clone() for t in inputs]
+            vg.all_reduce(outs, algo=algo)
+            torch.cuda.synchronize()
+            vg.check_errors()
+            _check(outs, inputs, f"streams W={world_size} {algo} {dtype} n={numel}")
+            # one launch for all ranks
+            stacked = torch.stack(inputs)
+            vg.all_reduce_stacked(stacked, algo=algo)
+            torch.cuda.synchronize()
+            vg.check_errors()
+            _check(list(stacked), inputs, f"stacked W={world_size} {algo} {dtype} n={numel}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_zero_copy_and_out_of_place(groups, world_size):
+    vg = groups[world_size]
+    for algo in ("one_shot", "two_shot"):
+        for numel in (3, 4097, MAX_BYTES // 2):
+            inputs = [torch.randn(numel, device="cuda", dtype=torch.bfloat16) for _ in range(world_size)]
+            bufs = vg.get_buffers(numel, torch.bfloat16)
+            for b, x in zip(bufs, inputs, strict=True):
+                b.copy_(x)
+            outs = vg.all_reduce(bufs, algo=algo)
+            torch.cuda.synchronize()
+            vg.check_errors()
+            assert all(o.data_ptr() == b.data_ptr() for o, b in zip(outs, bufs, strict=True))
+            _check(outs, inputs, f"zero-copy {algo} n={numel}")
+            targets = [torch.full_like(x, float("nan")) for x in inputs]
+            srcs = [x.clone() for x in inputs]
+            vg.all_reduce(srcs, algo=algo, outs=targets)
+            torch.cuda.synchronize()
+            _check(targets, inputs, f"out-of-place {algo} n={numel}")
+            for s, x in zip(srcs, inputs, strict=True):
+                assert torch.equal(s, x), "out-of-place call modified its input"
+
+
+def test_ten_thousand_back_to_back_calls(groups):
+    """Changing data, alternating algorithms and sizes, checked on the device after every call."""
+    vg = groups[4]
+    world = 4
+    sizes = (17, 4096, 70_001, MAX_BYTES // 4)
+    bases = {n: torch.randint(-8, 8, (world, n), device="cuda").float() for n in sizes}
+    stacked = {n: torch.empty(world, n, device="cuda") for n in sizes}
+    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+    for i in range(10_000):
+        n = sizes[i % len(sizes)]
+        scale = float(i % 7 + 1)
+        x = stacked[n]
+        x.copy_(bases[n]).mul_(scale)
+        vg.all_reduce_stacked(x, algo="one_shot" if (i // 4) % 2 == 0 else "two_shot")
+        wrong += (x != bases[n].sum(0) * scale).sum()
+    torch.cuda.synchronize()
+    vg.check_errors()
+    assert int(wrong) == 0
+    # streams mode, too (one kernel per rank, concurrent streams)
+    xs = [torch.empty(4099, device="cuda") for _ in range(world)]
+    for i in range(1000):
+        for r in range(world):
+            xs[r].fill_(float(i + r))
+        vg.all_reduce(xs, algo=("one_shot", "two_shot")[i % 2])
+        wrong += sum((x != float(world * i + 6)).sum() for x in xs)
+    torch.cuda.synchronize()
+    vg.check_errors()
+    assert int(wrong) == 0
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_cuda_graph_replays_with_new_inputs(groups, world_size):
+    vg = groups[world_size]
+    numel = 4096  # the TP decode case: small, latency-bound
+    src = torch.empty(world_size, numel, device="cuda", dtype=torch.bfloat16)
+    stacked = torch.empty_like(src)
+    streams_in = [torch.empty(numel, device="cuda", dtype=torch.bfloat16) for _ in range(world_size)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles) outside capture
+        for algo in ("one_shot", "two_shot"):
+            vg.all_reduce_stacked(stacked, algo=algo)
+            vg.all_reduce(streams_in, algo=algo)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stacked.copy_(src)
+        vg.all_reduce_stacked(stacked, algo="one_shot")
+        vg.all_reduce_stacked(stacked, algo="two_shot")  # sum of sums: W * sum
+        for r in range(world_size):
+            streams_in[r].copy_(src[r])
+        vg.all_reduce(streams_in, algo="one_shot")
+    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+    for i in range(1000):
+        src.copy_(torch.randint(-4, 4, (world_size, numel), device="cuda").to(torch.bfloat16) * (i % 3 + 1))
+        graph.replay()
+        expected = src.float().sum(0)
+        wrong += (stacked.float() != expected * world_size).sum()
+        wrong += sum((t.float() != expected).sum() for t in streams_in)
+    torch.cuda.synchronize()
+    vg.check_errors()
+    assert int(wrong) == 0
+
+
+def test_missing_rank_times_out_naming_the_peer():
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 16, "cuda:0")
+    rank0 = CustomAllReduce(workspaces[0], timeout_s=0.2)
+    x = torch.ones(1000, device="cuda")
+    t0 = time.monotonic()
+    rank0.all_reduce(x, algo="two_shot")  # rank 1 never calls
+    with pytest.raises(CommTimeoutError) as info:
+        rank0.synchronize()
+    elapsed = time.monotonic() - t0
+    assert "peer rank 1 never arrived at the start barrier" in str(info.value)
+    assert info.value.details["peer"] == 1
+    assert elapsed < 10.0
+    with pytest.raises(CommTimeoutError):  # poisoned: fails fast afterwards
+        rank0.all_reduce(x)
+    for ws in workspaces:
+        ws.close()
+
+
+def test_workspace_limits_are_typed_errors(groups):
+    from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
+
+    car = groups[2].ranks[0]
+    with pytest.raises(WorkspaceExhaustedError):
+        car.all_reduce(torch.ones(MAX_BYTES // 4 + 1, device="cuda"), algo="one_shot")
+    with pytest.raises(InvalidArgumentError, match="is on cpu"):
+        car.all_reduce(torch.ones(8))
+    with pytest.raises(InvalidArgumentError, match="supports bfloat16"):
+        car.all_reduce(torch.ones(8, device="cuda", dtype=torch.float64))
+    assert car.select(8 << 10).algo == "one_shot"
+    assert car.select(MAX_BYTES + 1).rule_id == "over-workspace"
+
+
+# ---------------------------------------------------------------------- real processes over CUDA IPC
+
+
+@pytest.fixture(scope="module")
+def mps():
+    """CUDA MPS lets the ranks' kernels run concurrently on the one GPU (else they time-slice)."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    started = False
+    # Opt-in: an MPS server cannot serve a GPU that already has non-MPS contexts (this pytest process
+    # has one as soon as another GPU test ran), so run these tests in their own pytest invocation.
+    if control and os.geteuid() == 0 and os.environ.get("SAGELLM_TEST_MPS") == "1":
+        started = subprocess.run([control, "-d"], capture_output=True).returncode == 0
+        time.sleep(1.0)
+    yield started
+    if started:
+        subprocess.run([control], input=b"quit\n", capture_output=True)
+        time.sleep(1.0)
+
+
+def _ipc_worker(rank, world_size, port, calls, cycles):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.ipc import CudaIpcMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"))
+    car = CustomAllReduce(ws, timeout_s=30.0, max_programs=8)
+    digests = []
+    for i in range(calls):
+        algo = ("one_shot", "two_shot")[i % 2]
+        numel = (1, 333, 4096, 100_003, (1 << 20) // 2)[i % 5]
+        g = torch.Generator(device="cuda").manual_seed(i)
+        inputs = [torch.randn(numel, device="cuda", generator=g).to(torch.bfloat16) for _ in range(world_size)]
+        x = inputs[rank].clone()
+        car.all_reduce(x, algo=algo)
+        car.synchronize()
+        assert torch.equal(x, _reference(inputs)), f"call {i} ({algo}, n={numel}) wrong on rank {rank}"
+        digests.append(float(x.float().sum()))
+    car.close()
+    # create/destroy cycles: IPC handles closed and memory freed every time
+    torch.cuda.synchronize()
+    dist.barrier()  # free memory is device-wide: measure when no rank is mid-cycle
+    free_before = torch.cuda.mem_get_info(0)[0]
+    for _ in range(cycles):
+        w = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"))
+        w.close()
+    torch.cuda.synchronize()
+    dist.barrier()
+    leaked = free_before - torch.cuda.mem_get_info(0)[0]
+    dist.barrier()
+    return digests, leaked
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ipc_processes_on_one_gpu(mps, world_size):
+    pytest.importorskip("cupy")
+    cycles = 1000 if world_size == 2 else 20
+    results = run_ranks(_ipc_worker, world_size, 40, cycles, timeout=600)
+    for r, (digests, leaked) in enumerate(results):
+        assert digests == results[0][0], f"rank {r} got different results"
+        assert leaked <= 2 << 20, f"rank {r}: {leaked} bytes of device memory not returned after {cycles} cycles"
