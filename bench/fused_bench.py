@@ -3,6 +3,7 @@
 GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shard = 14336 / N_ranks), bf16:
 
 * ``gemm_us``: cuBLAS GEMM alone (``torch.bmm`` over the ranks' shards, the way N GPUs run it at once);
+  ``triton_gemm_us``: the fused path's Triton GEMM alone (its producer kernel, flags into a scratch workspace);
 * ``ar_us``: our all-reduce of the [M, N] output alone (best of one-shot/two-shot);
 * ``seq_us``: GEMM then our all-reduce (policy's algo); ``seq_best_us``: GEMM then the best all-reduce algo;
 * ``chunked_us``: the chunked pipeline; ``fused_us``: tile-level fused kernel (two-shot consumer);
@@ -35,8 +36,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sagellm_comm.fused import VirtualFused  # noqa: E402
+import triton  # noqa: E402
+
+from kernels import gemm_all_reduce as _gk  # noqa: E402
+from sagellm_comm.fused import VirtualFused, _gemm_config  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
+from sagellm_comm.workspace import local_workspaces  # noqa: E402
 
 
 def graph_us(fn, calls: int, reps: int) -> float:
@@ -66,6 +71,22 @@ def graph_us(fn, calls: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _triton_gemm_only(vf: VirtualFused, a, b, m: int, n: int) -> None:
+    """The fused path's producer GEMM alone, on scratch workspaces (its flags are never consumed there)."""
+    w = vf.world_size
+    if not hasattr(vf, "_scratch"):
+        vf._scratch = local_workspaces(w, vf.gemm_workspaces[0].slot_bytes, vf.device)
+        vf._scratch_table = torch.cat([ws.table for ws in vf._scratch])
+    cfg = dict(_gemm_config(m, True))
+    bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    _gk.gemm_publish_kernel[(tiles, w)](
+        a, b, vf._scratch_table, vf._scratch[0].control, m, n, a.shape[-1], a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2), 0, vf.gemm.buffer_bytes, w, triton.next_power_of_2(w), bm, bn, bk, gm,
+        True, True, **cfg,
+    )  # fmt: skip
+
+
 def bench_gemm(vf: VirtualFused, m: int, n: int, calls: int, reps: int) -> dict:
     w = vf.world_size
     k = 14336 // w
@@ -76,6 +97,7 @@ def bench_gemm(vf: VirtualFused, m: int, n: int, calls: int, reps: int) -> dict:
     calls = max(1, min(calls, int(2e9 // max(1, w * m * n * k))))  # keep one graph under ~1 s of work
     row = {"world_size": w, "M": m, "N": n, "K_shard": k}
     row["gemm_us"] = graph_us(lambda: torch.bmm(a, b, out=prod), calls, reps)
+    row["triton_gemm_us"] = graph_us(lambda: _triton_gemm_only(vf, a, b, m, n), calls, reps)
     flat = prod.view(w, -1)
     ar = {algo: graph_us(lambda algo=algo: vg.all_reduce_stacked(flat, algo=algo), calls, reps)
           for algo in ("one_shot", "two_shot")}  # fmt: skip
@@ -192,8 +214,8 @@ def main() -> None:
     }
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "gemm_all_reduce": gemm_rows, "all_reduce_rmsnorm": rms_rows}, f, indent=1)
-    gcols = ["world_size", "M", "N", "K_shard", "gemm_us", "ar_us", "seq_us", "seq_best_us", "chunked_us",
-             "fused_us", "fused1_us", "ratio", "auto", "auto_us"]  # fmt: skip
+    gcols = ["world_size", "M", "N", "K_shard", "gemm_us", "triton_gemm_us", "ar_us", "seq_us", "seq_best_us",
+             "chunked_us", "fused_us", "fused1_us", "ratio", "auto", "auto_us"]  # fmt: skip
     rcols = ["world_size", "tokens", "hidden", "algo", "fused_us", "unfused_us", "speedup"]
     with open(args.out + ".md", "w") as f:
         f.write(f"# Fused TP ops, virtual ranks on one GPU\n\n{json.dumps(meta, indent=1)}\n\n")

@@ -82,8 +82,9 @@ class _Launcher:
         self.options = options
         self.cache: dict[tuple, object] = {}
 
-    def __call__(self, grid: tuple[int, int], args: Sequence, constexprs: Sequence) -> None:
-        key = tuple(
+    @staticmethod
+    def key(args: Sequence, constexprs: Sequence) -> tuple:
+        return tuple(
             (a.dtype, a.data_ptr() % 16 == 0)
             if isinstance(a, torch.Tensor)
             else (a % 16 == 0, a == 1)
@@ -91,6 +92,13 @@ class _Launcher:
             else type(a)
             for a in args
         ) + tuple(constexprs)
+
+    def is_loaded(self, args: Sequence, constexprs: Sequence) -> bool:
+        """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""
+        return self.key(args, constexprs) in self.cache
+
+    def __call__(self, grid: tuple[int, int], args: Sequence, constexprs: Sequence) -> None:
+        key = self.key(args, constexprs)
         compiled = self.cache.get(key)
         if compiled is not None:
             raw = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
@@ -371,7 +379,7 @@ def _gemm_config(m: int, use_ptx: bool) -> dict:
             "num_warps": 4,
             "num_stages": 4,
         }
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 class GemmAllReduce:
@@ -577,8 +585,14 @@ class GemmAllReduce:
             self._timeout,
         )
         consumer_constexprs = (w, wp, bm, bn, gm, bool(one_shot), bias is not None, self.use_ptx, virtual)
-        if self._side is None:
-            # The interpreter runs one launch to completion before the next: producer first.
+        loaded = producer.is_loaded(producer_args, producer_constexprs) and self._consumer.is_loaded(
+            consumer_args, consumer_constexprs
+        )
+        if self._side is None or not loaded:
+            # Producer first, then the consumer, on the current stream (correct, no overlap).  The interpreter
+            # runs one launch to completion before the next; on GPUs the first launch of a specialisation
+            # compiles and loads a module, which may wait for the device to go idle -- never while a consumer
+            # spins for tiles of a producer that is not launched yet.
             producer((tiles, virtual_ranks), producer_args, producer_constexprs)
             self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
             return
@@ -622,10 +636,11 @@ class VirtualFused:
         self.rmsnorm = FusedAllReduceRMSNorm(group.workspaces[0], max_programs=group.max_programs)
         self._ar_table = torch.cat([ws.table for ws in group.workspaces])
         self._ar_ctrl = group.workspaces[0].control  # row 0 of every rank's [world_size, CTRL_WORDS] block
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._overlap_programs = max(1, sms // (4 * w))
         self.gemm_workspaces = local_workspaces(w, gemm_workspace_bytes(gemm_max_output_bytes), self.device)
         if consumer_programs is None:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            consumer_programs = max(1, sms // (4 * w))
+            consumer_programs = self._overlap_programs
         self.gemm = GemmAllReduce(
             self.gemm_workspaces[0],
             self._all_reduce_stacked,
@@ -638,6 +653,19 @@ class VirtualFused:
 
     def _all_reduce_stacked(self, t: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce_stacked(t.view(self.world_size, -1))
+
+    def _all_reduce_beside_gemm(self, t: torch.Tensor) -> None:
+        """The chunked path's all-reduce: few programs, so that it becomes resident while a GEMM holds SMs."""
+        flat = t.view(self.world_size, -1)
+        numel, itemsize = flat.shape[1], flat.element_size()
+        algo = self.group.select(numel * itemsize).algo
+        if algo not in ("one_shot", "two_shot"):
+            self.group.all_reduce_stacked(flat)  # raises the group's typed error for what it cannot run
+            return
+        self.group.ranks[0]._launcher.launch(
+            algo, flat, flat, numel, itemsize, False, self._ar_table, self._ar_ctrl, 0, self.world_size,
+            self._overlap_programs, virtual=True,
+        )  # fmt: skip
 
     def all_reduce_residual_rmsnorm(self, x, residual, weight, eps: float = 1e-6, algo: str = "auto"):
         """``x``, ``residual``: ``[world_size, rows, hidden]`` (row block r = rank r); ``weight``: ``[hidden]``.
@@ -688,18 +716,18 @@ class VirtualFused:
             self._all_reduce_stacked(out)
         else:
             chunk = triton.cdiv(m, g.num_chunks)
-            stage = torch.empty((g.num_chunks, w, chunk, n), dtype=a.dtype, device=self.device)
+            stage = torch.empty((g.num_chunks, w * chunk * n), dtype=a.dtype, device=self.device)
             current = torch.cuda.current_stream(self.device)
             g._side.wait_stream(current)
             for i, start in enumerate(range(0, m, chunk)):
                 rows = slice(start, start + chunk)
-                part = stage[i, :, : min(chunk, m - start)]
+                part = stage[i, : w * min(chunk, m - start) * n].view(w, -1, n)  # contiguous per chunk
                 self._bmm(a[:, rows], b, bias, part)
                 done = torch.cuda.Event()
                 done.record(current)
                 g._side.wait_event(done)
                 with torch.cuda.stream(g._side):
-                    self._all_reduce_stacked(part)
+                    self._all_reduce_beside_gemm(part)
                     out[:, rows].copy_(part)  # virtual ranks only: rank blocks are not contiguous per chunk
             current.wait_stream(g._side)
             stage.record_stream(g._side)

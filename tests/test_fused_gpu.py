@@ -27,7 +27,10 @@ def fused(request):
 
 
 def _rms_ref(x, residual, weight, eps):
-    reduced = x.float().sum(0).to(x.dtype)  # the all-reduce: fp32, rounded once
+    acc = x[0].float()
+    for r in range(1, x.shape[0]):  # the all-reduce: fp32 in rank order (torch's sum(0) may reorder), rounded once
+        acc = acc + x[r].float()
+    reduced = acc.to(x.dtype)
     new_res = (reduced.float() + residual[0].float()).to(x.dtype)
     v = new_res.float()
     normed = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
