@@ -80,7 +80,7 @@ def _triton_gemm_only(vf: VirtualFused, a, b, m: int, n: int) -> None:
     cfg = dict(_gemm_config(m, True))
     bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    _gk.gemm_publish_kernel[(tiles, w)](
+    _gk.gemm_publish_kernel[(tiles * w, 1)](
         a, b, vf._scratch_table, vf._scratch[0].control, m, n, a.shape[-1], a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2), 0, vf.gemm.buffer_bytes, w, triton.next_power_of_2(w), bm, bn, bk, gm,
         True, True, **cfg,

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels.all_reduce import (
+    CTRL_WORDS,
     ERR_BLOCK,
     ERR_EPOCH,
     ERR_PEER,
@@ -85,6 +86,16 @@ def _tile_coords(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M:
 
 
 @triton.jit
+def _sleep(USE_PTX: tl.constexpr):
+    """Back off ~100 ns between polls (nothing under the interpreter)."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "nanosleep.u32 100; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
 def _wait_flags(
     flag_ptrs,
     valid,
@@ -99,12 +110,16 @@ def _wait_flags(
     WP: tl.constexpr,
     USE_PTX: tl.constexpr,
 ):
-    """Spin (acquire, system scope) until every ``valid`` lane's flag reached ``target``; bounded.
+    """Wait until every ``valid`` lane's flag reached ``target``; bounded.
 
-    ``flag_ptrs``: one int32 flag per peer lane.  On timeout the first waiter latches ``ctrl[2]`` and
-    records the missing peer in the error record (same record and latch as ``_barrier``).
+    ``flag_ptrs``: one int32 flag per peer lane.  The consumer may wait for a whole GEMM, so it polls with
+    volatile loads and a short sleep (system-scope acquires in a tight loop from every thread slow the GEMM
+    beside it), then does one acquire load (system scope): flags only grow, so the acquire reads a value
+    at least as new as the one that ended the poll and orders every later read after the producer's
+    release.  On timeout the first waiter latches ``ctrl[2]`` and records the missing peer in the error
+    record (same record and latch as ``_barrier``).
     """
-    seen = _load_acquire(flag_ptrs, USE_PTX)
+    seen = tl.load(flag_ptrs, volatile=True)
     missing = valid & ((seen - target) < 0)
     n_missing = tl.sum(missing.to(tl.int32), axis=0)
     if n_missing > 0:
@@ -112,7 +127,8 @@ def _wait_flags(
         start = _ticks(USE_PTX)
         elapsed = tl.full([], 0, tl.int64)
         while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
-            seen = _load_acquire(flag_ptrs, USE_PTX)
+            _sleep(USE_PTX)
+            seen = tl.load(flag_ptrs, volatile=True)
             missing = missing & ((seen - target) < 0)
             n_missing = tl.sum(missing.to(tl.int32), axis=0)
             if USE_PTX:
@@ -130,6 +146,7 @@ def _wait_flags(
                 tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
                 tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
                 tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+    _load_acquire(flag_ptrs, USE_PTX)
     # No thread reads the peers' tiles before the acquire above.
     tl.debug_barrier()
 
@@ -160,16 +177,24 @@ def gemm_publish_kernel(
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
 ):
-    """Producer: tile ``program_id(0)`` of ``a @ b`` ([M, K] @ [K, N]) into this rank's buffer, then its flag.
+    """Producer: tile ``t`` of ``a @ b`` ([M, K] @ [K, N]) into this rank's buffer, then its flag.
 
-    With ``VIRTUAL`` rank ``program_id(1)`` uses ``a + rank * stride_aw`` and ``b + rank * stride_bw``.
+    ``t = program_id(0)``.  With ``VIRTUAL`` the grid is one axis of ``tiles * W`` programs, program ``i``
+    being tile ``i // W`` of rank ``i % W`` (rank ``r`` uses ``a + r * stride_aw``, ``b + r * stride_bw`` and
+    row ``r`` of the stacked table and control words): the GPU dispatches programs in index order, so
+    every rank's tile ``t`` is finished at about the same time, as on N GPUs, and consumers can start early.
     """
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
+        t = tl.program_id(0) // W
+        rank = tl.program_id(0) % W
+        table += rank * (W + 1)
+        ctrl += rank * CTRL_WORDS
         a += rank * stride_aw
         b += rank * stride_bw
+    else:
+        t = tl.program_id(0)
+    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, False)
     DTYPE: tl.constexpr = a.dtype.element_ty
-    t = tl.program_id(0)
     tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -213,6 +238,7 @@ def tile_all_reduce_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SUB_M: tl.constexpr,
     ONE_SHOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_PTX: tl.constexpr,
@@ -250,20 +276,24 @@ def tile_all_reduce_kernel(
             produced = (flag_bases + PRODUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
             _wait_flags(produced, valid, target, ctrl, table, peers, PHASE_START, pid, timeout, W, WP, USE_PTX)
             tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask = (rows[:, None] < M) & (cols[None, :] < N)
-            offs = rows[:, None] * N + cols[None, :]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for peer in tl.static_range(W):
-                src = (_pick(bases, peers, peer) + data_offset).to(tl.pointer_type(DTYPE))
-                acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
             if HAS_BIAS:
-                acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            result = acc.to(DTYPE)
-            tl.store(out + offs, result, mask=mask)
+                bias_f32 = tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)
+            for sub in tl.static_range(BLOCK_M // SUB_M):
+                rows = tile_m * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+                mask = (rows[:, None] < M) & (cols[None, :] < N)
+                offs = rows[:, None] * N + cols[None, :]
+                acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+                for peer in tl.static_range(W):
+                    src = (_pick(bases, peers, peer) + data_offset).to(tl.pointer_type(DTYPE))
+                    acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                if HAS_BIAS:
+                    acc += bias_f32[None, :]
+                result = acc.to(DTYPE)
+                tl.store(out + offs, result, mask=mask)
+                if not ONE_SHOT:
+                    tl.store(my_buf + offs, result, mask=mask, cache_modifier=".cg")
             if not ONE_SHOT:
-                tl.store(my_buf + offs, result, mask=mask, cache_modifier=".cg")
                 tl.debug_barrier()
                 flag = (my_base + REDUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
                 tl.atomic_xchg(flag, target, sem="release", scope="sys")
@@ -279,12 +309,13 @@ def tile_all_reduce_kernel(
                         reduced, owner_lane, target, ctrl, table, peers, PHASE_MID, pid, timeout, W, WP, USE_PTX
                     )
                     tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-                    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
                     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                    mask = (rows[:, None] < M) & (cols[None, :] < N)
-                    offs = rows[:, None] * N + cols[None, :]
                     src = (_pick(bases, peers, owner) + data_offset).to(tl.pointer_type(DTYPE))
-                    tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+                    for sub in tl.static_range(BLOCK_M // SUB_M):
+                        rows = tile_m * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+                        mask = (rows[:, None] < M) & (cols[None, :] < N)
+                        offs = rows[:, None] * N + cols[None, :]
+                        tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
     if pid == 0:
         # Invariant 2: nobody starts call epoch + 2 while a peer may still read call epoch's buffer.
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, target, timeout, W, WP, USE_PTX)

@@ -584,16 +584,18 @@ class GemmAllReduce:
             self.buffer_bytes,
             self._timeout,
         )
-        consumer_constexprs = (w, wp, bm, bn, gm, bool(one_shot), bias is not None, self.use_ptx, virtual)
+        sub_m = min(bm, max(16, 8192 // bn))  # rows per slice: W slices of 8K elements in flight per program
+        consumer_constexprs = (w, wp, bm, bn, gm, sub_m, bool(one_shot), bias is not None, self.use_ptx, virtual)
         loaded = producer.is_loaded(producer_args, producer_constexprs) and self._consumer.is_loaded(
             consumer_args, consumer_constexprs
         )
+        producer_grid = (tiles * virtual_ranks, 1)  # virtual ranks interleaved (see gemm_publish_kernel)
         if self._side is None or not loaded:
             # Producer first, then the consumer, on the current stream (correct, no overlap).  The interpreter
             # runs one launch to completion before the next; on GPUs the first launch of a specialisation
             # compiles and loads a module, which may wait for the device to go idle -- never while a consumer
             # spins for tiles of a producer that is not launched yet.
-            producer((tiles, virtual_ranks), producer_args, producer_constexprs)
+            producer(producer_grid, producer_args, producer_constexprs)
             self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
             return
         current = torch.cuda.current_stream(self.device)
@@ -602,7 +604,7 @@ class GemmAllReduce:
             # Launched first: its consumers * ranks programs are resident before the GEMM fills the GPU, and
             # the GEMM never waits, so it always has the remaining SMs (no co-residency deadlock).
             self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
-        producer((tiles, virtual_ranks), producer_args, producer_constexprs)
+        producer(producer_grid, producer_args, producer_constexprs)
         current.wait_stream(self._side)
         out.record_stream(self._side)
 
