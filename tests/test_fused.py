@@ -178,9 +178,14 @@ def test_missing_peer_is_named(kind):
     assert "peer rank 1 never arrived" in msg
 
 
+def _pair(sel) -> tuple[str, str]:
+    return sel.algo, sel.rule_id
+
+
 def _bad_input_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError, WorkspaceExhaustedError
     from sagellm_comm.fused import GemmPathSelector, GemmRule
+    from sagellm_comm.selector import Selection
 
     _, fused, gemm = _setup(rank, world_size, port, gemm=True)
     x, w = torch.ones(2, 8), torch.ones(8)
@@ -209,10 +214,19 @@ def _bad_input_worker(rank, world_size, port):
         gemm(a16, b16, path="magic")
     with pytest.raises(InvalidArgumentError, match="path must be one of"):
         GemmPathSelector([GemmRule("x", "warp-speed")])
-    # Policy: capacity overrides a fused rule, reasons and ids are recorded.
-    sel = gemm.select(512, 64)
-    assert (sel.algo, sel.rule_id) == ("chunked", "fused-capacity"), sel
-    assert gemm.select(1, 64).rule_id == "decode-sequential"
+    # Policy: the first matching rule decides; capacity overrides a fused rule; ids and reasons are recorded.
+    policy = GemmPathSelector(
+        [GemmRule("small", "sequential", max_m=64), GemmRule("mid", "chunked", max_m=256, world_sizes=(4,)),
+         GemmRule("big", "fused", reason="overlap")]
+    )  # fmt: skip
+    assert policy.select(64, 2) == Selection("sequential", "small", "rule small")
+    assert policy.select(200, 2) == Selection("fused", "big", "overlap")
+    assert policy.select(200, 4).rule_id == "mid"
+    assert _pair(policy.select(9000, 2, fused_fits=False)) == ("chunked", "fused-capacity")
+    gemm.selector = policy
+    assert _pair(gemm.select(512, 64)) == ("chunked", "fused-capacity")  # 64 KB output > this workspace
+    assert _pair(gemm.select(16, 16)) == ("sequential", "small")
+    assert _pair(GemmPathSelector().select(16384, 8)) == ("sequential", "measured-sequential")
     # Nothing is corrupted: a valid call still works on both ranks.
     normed, new_res = fused(torch.full((2, 8), float(rank + 1)), torch.zeros(2, 8), torch.ones(8), eps=0.0)
     assert torch.all(new_res == 3.0) and torch.allclose(normed, torch.ones(2, 8))
@@ -242,7 +256,7 @@ def _group_worker(rank, world_size, port):
         b = torch.randn(16, 16, generator=g).to(torch.bfloat16) * (rank + 1)
         out = gemm_all_reduce(a, b, group=world)
         sel = last_selection(world)
-        assert (sel.algo, sel.rule_id) == ("sequential", "decode-sequential"), sel
+        assert (sel.algo, sel.rule_id) == ("sequential", "measured-sequential"), sel
         b_of = [b.float() / (rank + 1) * (r + 1) for r in range(world_size)]
         ref = sum((a.float() @ b_r).to(torch.bfloat16).float() for b_r in b_of)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
