@@ -68,7 +68,7 @@ ERR_PHASE = tl.constexpr(2)
 ERR_BLOCK = tl.constexpr(3)
 ERR_EPOCH = tl.constexpr(4)
 ERR_WORDS = tl.constexpr(8)
-CTRL_WORDS = tl.constexpr(4)  # ctrl[0] epoch, ctrl[1] finished programs, ctrl[2] error latch
+CTRL_WORDS = tl.constexpr(8)  # [0] epoch [1] finished programs [2] error latch [3..5] Lamport (its kernel)
 
 
 @triton.jit

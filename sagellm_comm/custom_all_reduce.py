@@ -18,6 +18,7 @@ import torch
 import triton
 
 from kernels import all_reduce as _k
+from kernels import lamport_all_reduce as _lk
 
 from .errors import (
     BackendNotSupportedError,
@@ -26,7 +27,7 @@ from .errors import (
     WorkspaceExhaustedError,
 )
 from .selector import AlgoSelector, Selection
-from .workspace import SymmetricWorkspace
+from .workspace import SymmetricWorkspace, lamport_capacity, lamport_offset
 
 SUPPORTED_DTYPES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 # Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; 4 such vectors per thread
@@ -61,6 +62,8 @@ class KernelLauncher:
         self.use_ptx = use_ptx
         self.device_index = device_index
         self.wp = triton.next_power_of_2(world_size)
+        self.lamport_offset = lamport_offset(slot_bytes)
+        self.lamport_capacity = lamport_capacity(slot_bytes)
         self.cache: dict[tuple, object] = {}
 
     def launch(
@@ -82,14 +85,19 @@ class KernelLauncher:
         nbytes = numel * itemsize
         large = nbytes >= LARGE_TILE_THRESHOLD
         block = (LARGE_TILE_BYTES if large else SMALL_TILE_BYTES) // itemsize
+        stages = LARGE_STAGES if large else 1
         if algo == "one_shot":
             kernel = _k.one_shot_all_reduce_kernel
             tiles = triton.cdiv(numel, block)
         elif algo == "two_shot":
             kernel = _k.two_shot_all_reduce_kernel
             tiles = triton.cdiv(triton.cdiv(numel, self.world_size), block)
+        elif algo == "lamport":
+            kernel = _lk.lamport_all_reduce_kernel
+            block = SMALL_TILE_BYTES // 4  # pushed as fp32
+            tiles = triton.cdiv(numel, block)
         else:
-            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot or nccl, got {algo!r}")
+            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot, lamport or nccl, got {algo!r}")
         programs = tiles if tiles < max_programs else max_programs
         in_ptr = tensor.data_ptr()
         out_ptr = in_ptr if out is tensor else out.data_ptr()
@@ -98,10 +106,16 @@ class KernelLauncher:
             out_ptr % 16 == 0,
         )  # fmt: skip
         compiled = self.cache.get(key)
-        args = (
-            in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
-            self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual, LARGE_STAGES if large else 1,
-        )  # fmt: skip
+        if algo == "lamport":
+            args = (
+                in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.lamport_offset,
+                self.lamport_capacity, self.timeout_ticks, self.world_size, self.wp, block, self.use_ptx, virtual,
+            )  # fmt: skip
+        else:
+            args = (
+                in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
+                self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual, stages,
+            )  # fmt: skip
         if compiled is not None:
             compiled(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), args)
             return
@@ -227,7 +241,8 @@ class CustomAllReduce:
 
         ``tensor``: contiguous bf16/fp16/fp32 on the workspace's device, at most ``slot_bytes`` bytes (or
         a tensor from :meth:`get_buffer`: zero-copy).  Enqueued on the current stream; returns before
-        completion.  ``algo``: ``auto``, ``one_shot``, ``two_shot`` or ``nccl``.  Every rank must make the
+        completion.  ``algo``: ``auto``, ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot for
+        small messages) or ``nccl``.  Every rank must make the
         same sequence of calls with the same sizes and algorithms.
         """
         if self._error_view[0]:
@@ -250,8 +265,7 @@ class CustomAllReduce:
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
-        if algo == "auto":
-            algo = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes).algo
+        algo = self.resolve_algo(algo, numel, nbytes)
         if algo == "nccl":
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
@@ -259,16 +273,28 @@ class CustomAllReduce:
             if out is not tensor:
                 out.copy_(result)
             return out
-        if nbytes > self.workspace.slot_bytes:
-            raise WorkspaceExhaustedError(
-                f"message of {nbytes} bytes exceeds the custom all-reduce workspace ({self.workspace.slot_bytes}"
-                " bytes); use algo='auto' (falls back to NCCL) or a larger workspace"
-            )
         if numel == 0:
             return out
         zero_copy = self.workspace.is_registered(tensor)
         self._launch(algo, tensor, out, numel, itemsize, zero_copy)
         return out
+
+    def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
+        """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced."""
+        if algo == "auto":
+            algo = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes).algo
+            if algo == "lamport" and numel > self.workspace.lamport_capacity:
+                algo = "one_shot"
+        elif algo == "lamport" and numel > self.workspace.lamport_capacity:
+            raise WorkspaceExhaustedError(
+                f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"
+            )
+        if algo != "nccl" and nbytes > self.workspace.slot_bytes:
+            raise WorkspaceExhaustedError(
+                f"message of {nbytes} bytes exceeds the custom all-reduce workspace ({self.workspace.slot_bytes}"
+                " bytes); use algo='auto' (falls back to NCCL) or a larger workspace"
+            )
+        return algo
 
     def _launch(self, algo: str, tensor: torch.Tensor, out: torch.Tensor, numel: int, itemsize: int, zc: bool):
         self._launcher.launch(

@@ -34,6 +34,10 @@ class PeerMemory(ABC):
         """Allocate ``nbytes`` of zeroed memory for this rank; return its address in this process."""
 
     @abstractmethod
+    def fill(self, ptr: int, nbytes: int, value: int) -> None:
+        """Set ``nbytes`` bytes at ``ptr`` (inside a region from :meth:`allocate`) to ``value``."""
+
+    @abstractmethod
     def export(self, ptr: int) -> Any:
         """A picklable handle a peer process can open (only for regions from :meth:`allocate`)."""
 
@@ -84,6 +88,11 @@ class CudaIpcMemory(PeerMemory):
                 raise P2PFailedError(f"cudaMalloc of {nbytes} bytes on {self.device} failed: {exc}") from exc
         return int(ptr)
 
+    def fill(self, ptr: int, nbytes: int, value: int) -> None:
+        with self._on_device():
+            self._rt.memset(ptr, value, nbytes)
+            self._rt.deviceSynchronize()
+
     def export(self, ptr: int) -> bytes:
         with self._on_device():
             return bytes(self._rt.ipcGetMemHandle(ptr))
@@ -125,6 +134,13 @@ class SharedFileMemory(PeerMemory):
         with open(path, "wb") as f:
             f.truncate(nbytes)  # sparse file of zeros
         return self._map(path, nbytes, owner=True)
+
+    def fill(self, ptr: int, nbytes: int, value: int) -> None:
+        for base, (mapped, _) in self._maps.items():
+            if base <= ptr and ptr + nbytes <= base + mapped.numel():
+                mapped[ptr - base : ptr - base + nbytes].fill_(value)
+                return
+        raise ValueError(f"address {ptr:#x} (+{nbytes}) is not inside a region of this process")
 
     def export(self, ptr: int) -> str:
         return self._maps[ptr][1]

@@ -13,7 +13,8 @@ shape overrides them::
     ]}
 
 Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (list).  Algorithms:
-``one_shot``, ``two_shot``, ``nccl``.  Messages larger than the workspace always go to ``nccl`` (rule
+``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot; larger messages than its buffers take run
+one-shot), ``nccl``.  Messages larger than the workspace always go to ``nccl`` (rule
 ``over-workspace``), whatever the policy says.  The selector never touches tensors.
 """
 
@@ -26,8 +27,8 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
-ALGOS = ("one_shot", "two_shot", "nccl")
-KERNEL_ALGOS = ("one_shot", "two_shot")
+ALGOS = ("one_shot", "two_shot", "lamport", "nccl")
+KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
 
 
 @dataclass(frozen=True)

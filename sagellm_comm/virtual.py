@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
-from .errors import BackendNotSupportedError, InvalidArgumentError, WorkspaceExhaustedError
+from .errors import BackendNotSupportedError, InvalidArgumentError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, local_workspaces
 
@@ -123,12 +123,7 @@ class VirtualRankGroup:
                 f"{stacked.device} (contiguous={stacked.is_contiguous()})"
             )
         numel = stacked.shape[1]
-        if numel * itemsize > self.max_bytes:
-            raise WorkspaceExhaustedError(
-                f"{numel * itemsize} bytes per rank exceed the {self.max_bytes}-byte workspace"
-            )
-        if algo == "auto":
-            algo = self.select(numel * itemsize).algo
+        algo = car.resolve_algo(algo, numel, numel * itemsize)
         if algo not in KERNEL_ALGOS:
             raise BackendNotSupportedError(f"virtual ranks run the custom kernels only ({KERNEL_ALGOS}), not {algo!r}")
         if numel:

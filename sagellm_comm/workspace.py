@@ -1,8 +1,9 @@
 """Symmetric workspace: one region per rank, mapped by every peer, plus this rank's control words.
 
-Region layout (``kernels/all_reduce.py`` is the authority)::
+Region layout (``kernels/all_reduce.py`` and ``kernels/lamport_all_reduce.py`` are the authority)::
 
-    [ signal pad (PAD_BYTES) | registered region (slot_bytes) | staging slot 0 | staging slot 1 ]
+    [ signal pad (PAD_BYTES) | registered region (slot_bytes) | staging slot 0 | staging slot 1 |
+      Lamport buffers: 3 x world_size x capacity fp32, initialised to the sentinel 0xFF bytes ]
 
 The kernels get an int64 *pointer table* on the device, built once here: ``table[0:W]`` every rank's
 region base as mapped in this process, ``table[W]`` this rank's error record (int64[8] in pinned host
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from kernels import all_reduce as _k
+from kernels import lamport_all_reduce as _lk
 
 from .errors import CommTimeoutError, InvalidArgumentError, NotInitializedError
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
@@ -29,9 +31,22 @@ ALIGN_BYTES = 256
 DEFAULT_SLOT_BYTES = 64 * 1024 * 1024
 
 
-def region_bytes(slot_bytes: int) -> int:
-    """Bytes of one rank's region for ``slot_bytes`` of message capacity."""
+LAMPORT_MAX_ELEMS = 128 * 1024  # latency-bound messages only: 256 KB of bf16, 512 KB of fp32
+
+
+def lamport_capacity(slot_bytes: int) -> int:
+    """Elements per (buffer, source) of the Lamport area (never more than the slot holds in bf16)."""
+    return min(slot_bytes // 2, LAMPORT_MAX_ELEMS)
+
+
+def lamport_offset(slot_bytes: int) -> int:
+    """Byte offset of the Lamport area in a region (after the signal pad, registered region, 2 slots)."""
     return _k.PAD_BYTES.value + 3 * slot_bytes
+
+
+def region_bytes(slot_bytes: int, world_size: int) -> int:
+    """Bytes of one rank's region for ``slot_bytes`` of message capacity and ``world_size`` ranks."""
+    return lamport_offset(slot_bytes) + _lk.lamport_bytes(world_size, lamport_capacity(slot_bytes))
 
 
 def _round_slot(slot_bytes: int) -> int:
@@ -93,6 +108,8 @@ class SymmetricWorkspace:
         self.table = torch.tensor(table, dtype=torch.int64, device=self.device)
         # The registered (zero-copy) region of this rank, as a flat byte tensor.
         self._registered_ptr = self.peer_ptrs[rank] + _k.PAD_BYTES.value
+        self.lamport_offset = lamport_offset(slot_bytes)
+        self.lamport_capacity = lamport_capacity(slot_bytes)
         self.closed = False
 
     # ------------------------------------------------------------------ construction
@@ -116,10 +133,12 @@ class SymmetricWorkspace:
         slot_bytes = _round_slot(slot_bytes)
         if memory is None:
             memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
-        nbytes = region_bytes(slot_bytes)
+        nbytes = region_bytes(slot_bytes, world_size)
         local = memory.allocate(nbytes)
         opened: list[int] = []
         try:
+            # Before any peer can push: the Lamport area starts as all sentinels.
+            memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
             handles = exchange((memory.export(local), slot_bytes))
             sizes = {h[1] for h in handles}
             if len(handles) != world_size or sizes != {slot_bytes}:
@@ -180,7 +199,7 @@ class SymmetricWorkspace:
         v = self._error_view
         return {
             "peer": int(v[_k.ERR_PEER.value]),
-            "phase": ("start", "mid", "end")[int(v[_k.ERR_PHASE.value])],
+            "phase": ("start", "mid", "end", "lamport")[int(v[_k.ERR_PHASE.value])],
             "block": int(v[_k.ERR_BLOCK.value]),
             "epoch": int(v[_k.ERR_EPOCH.value]),
         }
@@ -241,7 +260,10 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
     """
     device = torch.device(device)
     slot_bytes = _round_slot(slot_bytes)
-    regions = [torch.zeros(region_bytes(slot_bytes), dtype=torch.uint8, device=device) for _ in range(world_size)]
+    nbytes = region_bytes(slot_bytes, world_size)
+    regions = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    for region in regions:
+        region[lamport_offset(slot_bytes) :].fill_(_lk.SENTINEL_BYTE)
     ptrs = [r.data_ptr() for r in regions]
     # Control words and error records of all ranks in one allocation each: the one-launch mode of
     # virtual ranks finds rank r's at row r.

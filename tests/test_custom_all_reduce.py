@@ -84,7 +84,7 @@ def _matrix(world_size: int) -> list[tuple]:
     max_bf16 = SLOT_BYTES // 2
     max_fp32 = SLOT_BYTES // 4
     cases = []
-    for algo in ("one_shot", "two_shot"):
+    for algo in ("one_shot", "two_shot", "lamport"):
         for numel, dtype in [
             (1, "bfloat16"),
             (7, "float32"),
@@ -112,24 +112,25 @@ def test_kernels_match_reference_and_ranks_agree(world_size):
 def _back_to_back_worker(rank, world_size, port, calls):
     car, _ = _setup(rank, world_size, port)
     for i in range(calls):
-        algo = ("one_shot", "two_shot")[i % 2]
+        algo = ("one_shot", "two_shot", "lamport")[i % 3]
         numel = 97 + 61 * (i % 5)
         x = torch.full((numel,), float(i + rank), dtype=torch.float32)
         car.all_reduce(x, algo=algo)
         expected = world_size * i + world_size * (world_size - 1) / 2
         assert torch.all(x == expected), f"call {i} ({algo}, {numel}): got {x[:4]}, expected {expected}"
-    epoch = int(car.workspace.control[0])
+    epochs = (int(car.workspace.control[0]), int(car.workspace.control[3]))
     car.close()
-    return epoch
+    return epochs
 
 
 def test_back_to_back_calls_reuse_buffers_safely():
     # Alternating algorithms and sizes: slot parity and flag epochs must stay consistent across calls.
+    # (flag-protocol calls, Lamport calls) as counted by the kernels themselves
     epochs = run_ranks(_back_to_back_worker, 2, 60, env=INTERP, timeout=600)
-    assert epochs == [60, 60]
+    assert epochs == [(40, 20), (40, 20)]
 
 
-def _missing_peer_worker(rank, world_size, port):
+def _missing_peer_worker(rank, world_size, port, algo):
     import time
 
     import torch.distributed as dist
@@ -142,7 +143,7 @@ def _missing_peer_worker(rank, world_size, port):
         return None
     x = torch.ones(100)
     t0 = time.monotonic()
-    car.all_reduce(x, algo="one_shot")
+    car.all_reduce(x, algo=algo)
     elapsed = time.monotonic() - t0
     with pytest.raises(CommTimeoutError) as info:
         car.check_errors()
@@ -155,8 +156,9 @@ def _missing_peer_worker(rank, world_size, port):
     return elapsed
 
 
-def test_missing_rank_times_out_with_named_peer():
-    elapsed = run_ranks(_missing_peer_worker, 2, env=INTERP, timeout=300)[0]
+@pytest.mark.parametrize("algo", ["one_shot", "lamport"])
+def test_missing_rank_times_out_with_named_peer(algo):
+    elapsed = run_ranks(_missing_peer_worker, 2, algo, env=INTERP, timeout=300)[0]
     assert elapsed < 120
 
 
