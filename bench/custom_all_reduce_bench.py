@@ -75,6 +75,8 @@ def copy_roofline_gbps(nbytes: int = 1 << 30) -> float:
 
 def traffic_bytes(algo: str, world: int, nbytes: int) -> int:
     """HBM bytes all virtual ranks move together for one call (reads + writes)."""
+    if algo == "lamport":  # read input, push W fp32 copies, poll W fp32 tiles, write output, clear W
+        return world * (nbytes + 3 * world * 2 * nbytes + nbytes)
     if algo == "one_shot":  # read input, write slot, read W slots, write output
         return world * (3 + world) * nbytes
     # read input, write slot, read W chunks, write own chunk twice, read W-1 chunks, write them
@@ -151,7 +153,7 @@ def main() -> None:
     ap.add_argument("--max-size", default="256M")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--algos", default="one_shot,two_shot")
+    ap.add_argument("--algos", default="lamport,one_shot,two_shot")
     ap.add_argument("--out", default="bench/results/custom_all_reduce.json")
     ap.add_argument("--no-host", action="store_true")
     args = ap.parse_args()
@@ -178,6 +180,8 @@ def main() -> None:
             calls = max(2, min(args.calls, int(2e9 // max(1, traffic_bytes("one_shot", world, nbytes)))))
             row = {"world_size": world, "bytes": nbytes, "numel": numel, "dtype": "bfloat16"}
             for algo in args.algos.split(","):
+                if algo == "lamport" and numel > vg.workspaces[0].lamport_capacity:
+                    continue
                 stacked.copy_(base)
                 vg.all_reduce_stacked(stacked, algo=algo)
                 torch.cuda.synchronize()
@@ -214,6 +218,7 @@ def main() -> None:
                 + "  ".join(
                     f"{a}: {row[a]['graph_us']:9.2f} us {row[a]['roofline_fraction'] * 100:5.1f}%roof"
                     for a in args.algos.split(",")
+                    if a in row
                 )
                 + f"  torch: {row['torch_us']:9.2f} us  auto={row['selected']}",
                 flush=True,

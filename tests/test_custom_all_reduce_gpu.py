@@ -46,12 +46,15 @@ def groups():
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-@pytest.mark.parametrize("algo", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("algo", ["one_shot", "two_shot", "lamport"])
 def test_virtual_matrix(groups, world_size, algo):
     vg = groups[world_size]
+    cap = vg.workspaces[0].lamport_capacity
     for dtype in DTYPES:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        for numel in (1, 7, 1001, 4096, 65_537, MAX_BYTES // itemsize):
+        for numel in (1, 7, 1001, 4096, 65_537, cap, MAX_BYTES // itemsize):
+            if algo == "lamport" and numel > cap:
+                continue
             inputs = [torch.randn(numel, device="cuda").to(dtype) for _ in range(world_size)]
             # streams mode: one kernel per rank on its own stream
             outs = [t.clone() for t in inputs]
@@ -103,7 +106,10 @@ def test_ten_thousand_back_to_back_calls(groups):
         scale = float(i % 7 + 1)
         x = stacked[n]
         x.copy_(bases[n]).mul_(scale)
-        vg.all_reduce_stacked(x, algo="one_shot" if (i // 4) % 2 == 0 else "two_shot")
+        algo = ("one_shot", "two_shot", "lamport")[(i // 4) % 3]
+        if algo == "lamport" and n > vg.workspaces[0].lamport_capacity:
+            algo = "one_shot"
+        vg.all_reduce_stacked(x, algo=algo)
         wrong += (x != bases[n].sum(0) * scale).sum()
     torch.cuda.synchronize()
     vg.check_errors()
@@ -113,7 +119,7 @@ def test_ten_thousand_back_to_back_calls(groups):
     for i in range(1000):
         for r in range(world):
             xs[r].fill_(float(i + r))
-        vg.all_reduce(xs, algo=("one_shot", "two_shot")[i % 2])
+        vg.all_reduce(xs, algo=("one_shot", "two_shot", "lamport")[i % 3])
         wrong += sum((x != float(world * i + 6)).sum() for x in xs)
     torch.cuda.synchronize()
     vg.check_errors()
@@ -130,7 +136,7 @@ def test_cuda_graph_replays_with_new_inputs(groups, world_size):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm up (compiles) outside capture
-        for algo in ("one_shot", "two_shot"):
+        for algo in ("one_shot", "two_shot", "lamport"):
             vg.all_reduce_stacked(stacked, algo=algo)
             vg.all_reduce(streams_in, algo=algo)
     torch.cuda.current_stream().wait_stream(s)
@@ -138,7 +144,7 @@ def test_cuda_graph_replays_with_new_inputs(groups, world_size):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         stacked.copy_(src)
-        vg.all_reduce_stacked(stacked, algo="one_shot")
+        vg.all_reduce_stacked(stacked, algo="lamport")
         vg.all_reduce_stacked(stacked, algo="two_shot")  # sum of sums: W * sum
         for r in range(world_size):
             streams_in[r].copy_(src[r])
@@ -155,7 +161,8 @@ def test_cuda_graph_replays_with_new_inputs(groups, world_size):
     assert int(wrong) == 0
 
 
-def test_missing_rank_times_out_naming_the_peer():
+@pytest.mark.parametrize("algo", ["two_shot", "lamport"])
+def test_missing_rank_times_out_naming_the_peer(algo):
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.errors import CommTimeoutError
     from sagellm_comm.workspace import local_workspaces
@@ -164,11 +171,11 @@ def test_missing_rank_times_out_naming_the_peer():
     rank0 = CustomAllReduce(workspaces[0], timeout_s=0.2)
     x = torch.ones(1000, device="cuda")
     t0 = time.monotonic()
-    rank0.all_reduce(x, algo="two_shot")  # rank 1 never calls
+    rank0.all_reduce(x, algo=algo)  # rank 1 never calls
     with pytest.raises(CommTimeoutError) as info:
         rank0.synchronize()
     elapsed = time.monotonic() - t0
-    assert "peer rank 1 never arrived at the start barrier" in str(info.value)
+    assert "peer rank 1 never arrived at the" in str(info.value)
     assert info.value.details["peer"] == 1
     assert elapsed < 10.0
     with pytest.raises(CommTimeoutError):  # poisoned: fails fast afterwards
@@ -229,8 +236,10 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
     car = CustomAllReduce(ws, timeout_s=30.0, max_programs=8)
     digests = []
     for i in range(calls):
-        algo = ("one_shot", "two_shot")[i % 2]
+        algo = ("one_shot", "two_shot", "lamport")[i % 3]
         numel = (1, 333, 4096, 100_003, (1 << 20) // 2)[i % 5]
+        if algo == "lamport" and numel > ws.lamport_capacity:
+            algo = "one_shot"
         g = torch.Generator(device="cuda").manual_seed(i)
         inputs = [torch.randn(numel, device="cuda", generator=g).to(torch.bfloat16) for _ in range(world_size)]
         x = inputs[rank].clone()
