@@ -62,7 +62,7 @@ def test_custom_backend_runs_kernels_and_falls_back():
     for s in seen:
         assert s["name"] == "custom" and s["engine"] == "gloo"
         assert "custom kernels on 2 ranks" in s["reason"]
-        assert s["small"] == "one_shot"
+        assert s["small"] == "lamport"  # 400 bytes on 2 ranks: the barrier-free kernel
         assert s["forced"] == "user"
         assert s["big"] == ("nccl", "over-workspace")
         assert s["max"] == "gloo"

@@ -19,7 +19,12 @@ def test_default_policy_by_size_and_world_size():
     assert (large.algo, large.rule_id) == ("two_shot", "large-two-shot")
     two = sel.select(512 << 10, 2)
     assert (two.algo, two.rule_id) == ("one_shot", "ws2-one-shot")
-    assert sel.select(4 << 20, 2).algo == "two_shot"
+    assert sel.select(64 << 20, 2).algo == "two_shot"
+    assert sel.select(4 << 10, 2).algo == "lamport"
+    assert sel.select(4 << 10, 4).algo == "lamport"
+    assert sel.select(64 << 10, 4).algo == "one_shot"
+    assert sel.select(512 << 10, 4).algo == "two_shot"
+    assert sel.select(256 << 10, 8).algo == "two_shot"
 
 
 def test_messages_over_the_workspace_go_to_nccl_whatever_the_policy():

@@ -4,7 +4,7 @@ Algorithms:
 
 * ``auto``: the backend's own choice.  Gloo runs its allreduce, NCCL its tuner's choice, the custom
   backend its selector's (recorded per size with the rule id and reason).
-* ``one_shot``, ``two_shot``: the custom intra-node kernels (``custom`` backend or ``--virtual-ranks``),
+* ``one_shot``, ``two_shot``, ``lamport``: the custom intra-node kernels (``custom`` backend or ``--virtual-ranks``),
   all-reduce only.
 * ``nccl``: the NCCL path (on the custom backend: its NCCL fallback).
 * ``ring``, ``tree``: NCCL with ``NCCL_ALGO=Ring`` / ``Tree``, set in the environment before the
@@ -23,8 +23,8 @@ from collections.abc import Iterable
 
 from sagellm_comm.errors import InvalidArgumentError
 
-ALGOS = ("auto", "one_shot", "two_shot", "ring", "tree", "nccl")
-KERNEL_ALGOS = ("one_shot", "two_shot")
+ALGOS = ("auto", "one_shot", "two_shot", "lamport", "ring", "tree", "nccl")
+KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
 NCCL_PATH_ALGOS = ("nccl", "ring", "tree")
 NCCL_ALGO_VALUES = {"ring": "Ring", "tree": "Tree"}
 NCCL_KINDS = ("nccl", "rccl")
@@ -71,7 +71,9 @@ def unsupported_reason(algo: str, backend_kind: str, op: str, virtual: bool = Fa
     if virtual:
         if op != "all_reduce":
             return f"--virtual-ranks runs the custom all-reduce only, not {op}"
-        return f"--virtual-ranks runs one process on one GPU: {algo!r} needs NCCL; use auto, one_shot or two_shot"
+        return (
+            f"--virtual-ranks runs one process on one GPU: {algo!r} needs NCCL; use auto, one_shot, two_shot or lamport"
+        )
     if algo in KERNEL_ALGOS:
         if op != "all_reduce":
             return f"{algo} is an all-reduce kernel; {op} has no custom kernel (use --algo auto or nccl)"
