@@ -1,0 +1,58 @@
+"""Markdown table from custom_all_reduce_bench.py JSON files (ours vs torch vs copy roofline).
+
+    python bench/custom_all_reduce_table.py bench/results/custom_all_reduce_h100_*.json \
+        > bench/results/custom_all_reduce_h100.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sagellm_comm.selector import AlgoSelector  # noqa: E402
+
+ALGOS = ("lamport", "one_shot", "two_shot")
+
+
+def main(paths: list[str]) -> None:
+    runs = [json.load(open(p)) for p in paths]  # noqa: SIM115
+    print("# Custom all-reduce, virtual ranks on one GPU (bf16, CUDA-graph replay, all ranks in one launch)\n")
+    for path, run in zip(paths, runs, strict=True):
+        m = run["meta"]
+        print(
+            f"- `{path}`: {m['device']}, {m['date']}, commit {m['commit']}, torch {m['torch']}, "
+            f"triton {m['triton']}, copy roofline {m['copy_roofline_gbps']:.0f} GB/s; command `{m['command']}`"
+        )
+    print(
+        "\nTimes in us per call (device time). `roof` = the emulated HBM traffic of the best kernel over the "
+        "measured copy bandwidth. `vs torch` = torch time / best kernel time (>1: ours faster). `auto picks`: "
+        "what the current default policy (sagellm_comm/selector.py) selects.\n"
+    )
+    print("| W | bytes | lamport | one_shot | two_shot | torch ref | best | vs torch | roof | auto picks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    policy = AlgoSelector()
+    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["world_size"], r["bytes"]))
+    for r in rows:
+        cells = [f"{r[a]['graph_us']:.2f}" if a in r else "-" for a in ALGOS]
+        best = min((a for a in ALGOS if a in r), key=lambda a: r[a]["graph_us"])
+        print(
+            f"| {r['world_size']} | {r['bytes']} | " + " | ".join(cells) + f" | {r['torch_us']:.2f} | {best} | "
+            f"{r['torch_us'] / r[best]['graph_us']:.2f} | {r[best]['roofline_fraction'] * 100:.0f}% | "
+            f"{policy.select(r['bytes'], r['world_size']).algo} |"
+        )
+    hosts = [h for run in runs for h in run.get("host", [])]
+    if hosts:
+        print("\n## Eager host time per call (8 KB, one rank's `CustomAllReduce.all_reduce`, launch cached)\n")
+        print("| W | custom all_reduce | of which Python | torch op (`add_`) | plain Triton launch |")
+        print("|---|---|---|---|---|")
+        for h in hosts:
+            print(
+                f"| {h['world_size']} | {h['custom_all_reduce_us']:.2f} | {h['custom_python_side_us']:.2f} | "
+                f"{h['torch_op_us']:.2f} | {h['triton_plain_launch_us']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
