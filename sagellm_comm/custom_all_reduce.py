@@ -211,9 +211,21 @@ class CustomAllReduce:
         )
 
     # ------------------------------------------------------------------ policy
-    def select(self, nbytes: int) -> Selection:
-        """The algorithm ``algo="auto"`` would run for ``nbytes`` (with rule id and reason)."""
-        return self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
+    def select(self, nbytes: int, itemsize: int = 2) -> Selection:
+        """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements, with rule id and reason.
+
+        The policy's choice, except that a Lamport choice over the Lamport buffers' capacity runs one-shot
+        (rule id suffixed ``+lamport-capacity``).
+        """
+        sel = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
+        if sel.algo == "lamport" and nbytes // itemsize > self.workspace.lamport_capacity:
+            return Selection(
+                "one_shot",
+                f"{sel.rule_id}+lamport-capacity",
+                f"{sel.reason}; but {nbytes // itemsize} elements exceed the Lamport buffers "
+                f"({self.workspace.lamport_capacity}), so one-shot runs",
+            )
+        return sel
 
     def get_buffer(self, numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """A tensor in this rank's registered region: fill it and all-reduce it without a copy-in.
@@ -282,9 +294,7 @@ class CustomAllReduce:
     def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
         """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced."""
         if algo == "auto":
-            algo = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes).algo
-            if algo == "lamport" and numel > self.workspace.lamport_capacity:
-                algo = "one_shot"
+            algo = self.select(nbytes, nbytes // numel if numel else 2).algo
         elif algo == "lamport" and numel > self.workspace.lamport_capacity:
             raise WorkspaceExhaustedError(
                 f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"

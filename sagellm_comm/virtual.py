@@ -67,9 +67,9 @@ class VirtualRankGroup:
         self._stacked_table = torch.cat([ws.table for ws in self.workspaces])
         self._stacked_control = self.workspaces[0].control  # row 0 of the [world_size, CTRL_WORDS] block
 
-    def select(self, nbytes: int) -> Selection:
-        """The algorithm ``algo="auto"`` picks for ``nbytes`` (same on every rank)."""
-        return self.ranks[0].select(nbytes)
+    def select(self, nbytes: int, itemsize: int = 2) -> Selection:
+        """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements (same on every rank)."""
+        return self.ranks[0].select(nbytes, itemsize)
 
     def get_buffers(self, numel: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
         """Every rank's registered (zero-copy) tensor of ``numel`` elements."""

@@ -86,3 +86,19 @@ def test_bad_policy_files(tmp_path):
 def test_every_default_rule_has_an_id_and_reason():
     assert all(r.id and r.reason for r in DEFAULT_RULES)
     assert DEFAULT_RULES[-1].max_bytes is None  # the last rule catches every size
+
+
+def test_lamport_choices_over_its_buffers_run_one_shot(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    ws = SymmetricWorkspace(0, 2, 1 << 20, [0, 0], "cpu")  # a view only: nothing is launched
+    car = CustomAllReduce(ws, selector=AlgoSelector.from_dict({"rules": [{"id": "all", "algo": "lamport"}]}))
+    assert ws.lamport_capacity == 128 * 1024
+    assert car.select(256 << 10, 2).algo == "lamport"  # 128K bf16 elements fit
+    over = car.select(512 << 10, 2)
+    assert (over.algo, over.rule_id) == ("one_shot", "all+lamport-capacity")
+    assert "exceed the Lamport buffers" in over.reason
+    assert car.select(512 << 10, 4).algo == "lamport"  # the same bytes in fp32 are 128K elements
+    assert car.resolve_algo("auto", 256 * 1024, 512 << 10) == "one_shot"

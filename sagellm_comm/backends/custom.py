@@ -211,11 +211,11 @@ class CustomBackend(TorchDistributedBackend):
         super().destroy()
 
     # ------------------------------------------------------------------ all-reduce
-    def select(self, nbytes: int) -> Selection:
-        """What ``all_reduce`` of ``nbytes`` on the world group runs, with the rule id and reason."""
+    def select(self, nbytes: int, itemsize: int = 2) -> Selection:
+        """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on the world group runs, and why."""
         if self.custom is None:
             return Selection(self.engine_kind, "custom-unavailable", self.custom_reason)
-        return self.custom.select(nbytes)
+        return self.custom.select(nbytes, itemsize)
 
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto"):
         """As :meth:`CommBackend.all_reduce`; SUM on the world group runs the kernels when they can.
@@ -241,7 +241,10 @@ class CustomBackend(TorchDistributedBackend):
         self._group(None)
         self._check_tensor(tensor, "tensor")
         nbytes = tensor.numel() * tensor.element_size()
-        sel = car.select(nbytes) if algo == "auto" else Selection(algo, "user", f"algo={algo} requested")
+        if algo == "auto":
+            sel = car.select(nbytes, tensor.element_size())
+        else:
+            sel = Selection(algo, "user", f"algo={algo} requested")
         if sel.algo not in KERNEL_ALGOS or nbytes > car.workspace.slot_bytes:
             if nbytes > car.workspace.slot_bytes and algo != "auto":
                 raise InvalidArgumentError(

@@ -253,7 +253,7 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
         del per_rank
         for algo in settings.algos:
             if algo == "auto":
-                selection = group.select(point_bytes)
+                selection = group.select(point_bytes, point_bytes // max(count, 1))
                 algo_id, rule_id, reason = selection.algo, selection.rule_id, selection.reason
             else:
                 algo_id, rule_id, reason = algo, "user", f"algo={algo} requested"
