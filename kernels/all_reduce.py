@@ -116,6 +116,23 @@ def _pick(bases, peers, r):
 
 
 @triton.jit
+def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target):
+    """Latch the error on this rank; the first program to get here records who never arrived, where and when.
+
+    ``ctrl[2]`` is the latch (every later wait of this rank returns at once); ``table[W]`` points to the
+    host-mapped error record the host reads without a device sync.
+    """
+    first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
+    if first == 0:
+        err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
+        tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
+        tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
+        tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
+        tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
+        tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+
+
+@triton.jit
 def _barrier(
     bases,
     peers,
@@ -159,15 +176,7 @@ def _barrier(
             latched = tl.load(ctrl + 2, volatile=True)
         if (n_missing > 0) & (latched == 0):
             # 3. Timed out: the first program to get here records the missing peer for the host.
-            first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
-            if first == 0:
-                err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
-                peer = tl.min(tl.where(missing, peers, WP), axis=0)
-                tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
-                tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
     # 4. No thread of this program reads peer data before the acquire above.
     tl.debug_barrier()
 

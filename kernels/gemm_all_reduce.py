@@ -48,11 +48,6 @@ import triton.language as tl
 
 from kernels.all_reduce import (
     CTRL_WORDS,
-    ERR_BLOCK,
-    ERR_EPOCH,
-    ERR_PEER,
-    ERR_PHASE,
-    ERR_STATUS,
     PAD_BYTES,
     PHASE_END,
     PHASE_MID,
@@ -62,6 +57,7 @@ from kernels.all_reduce import (
     _load_acquire,
     _pick,
     _prologue,
+    _record_timeout,
     _ticks,
 )
 
@@ -137,15 +133,7 @@ def _wait_flags(
                 elapsed += 1
             latched = tl.load(ctrl + 2, volatile=True)
         if (n_missing > 0) & (latched == 0):
-            first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
-            if first == 0:
-                err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
-                peer = tl.min(tl.where(missing, peers, WP), axis=0)
-                tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
-                tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
-                tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
     _load_acquire(flag_ptrs, USE_PTX)
     # No thread reads the peers' tiles before the acquire above.
     tl.debug_barrier()

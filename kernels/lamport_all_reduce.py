@@ -32,13 +32,9 @@ import triton.language as tl
 
 from kernels.all_reduce import (
     CTRL_WORDS,
-    ERR_BLOCK,
-    ERR_EPOCH,
-    ERR_PEER,
-    ERR_PHASE,
-    ERR_STATUS,
     PAD_BYTES,
     _pick,
+    _record_timeout,
     _ticks,
 )
 
@@ -54,18 +50,6 @@ BUFFERS = 3
 def lamport_bytes(world_size: int, cap_elems: int) -> int:
     """Bytes of the Lamport area of one rank's region."""
     return BUFFERS * world_size * cap_elems * 4
-
-
-@triton.jit
-def _record_timeout(ctrl, table, W: tl.constexpr, peer, block, target):
-    first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
-    if first == 0:
-        err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
-        tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
-        tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + PHASE_LAMPORT, cache_modifier=".wt")
-        tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
-        tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
-        tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
 
 
 @triton.jit(do_not_specialize=["rank", "lamport_offset", "cap", "timeout"])
@@ -142,7 +126,7 @@ def lamport_all_reduce_kernel(
                         elapsed += 1
                     latched = tl.load(ctrl + 2, volatile=True)
                 if (pending > 0) & (latched == 0):
-                    _record_timeout(ctrl, table, W, tl.full([], p, tl.int32), pid, lepoch + 1)
+                    _record_timeout(ctrl, table, W, tl.full([], p, tl.int32), PHASE_LAMPORT, pid, lepoch + 1)
                     latched = tl.full([], 1, tl.int32)
             acc += bits.to(tl.float32, bitcast=True)
         tl.store(out + offs, acc.to(DTYPE), mask=mask)
