@@ -124,6 +124,34 @@ class _ParallelLinearBase(nn.Module):
         with torch.no_grad():
             param.copy_(shard.to(dtype=param.dtype, device=param.device))
 
+    def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
+        """Load an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
+        (``[output_size]``) into this rank's parameters through :meth:`weight_loader` (column-parallel:
+        both sharded by output rows; row-parallel: weight sharded by input columns, bias whole)."""
+        if tuple(full_weight.shape) != (self.output_size, self.input_size):
+            raise ShapeMismatchError(
+                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
+            )
+        self.weight_loader(self.weight, full_weight)
+        if full_bias is not None:
+            if self.bias is None:
+                raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
+            self.weight_loader(self.bias, full_bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs):
+        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            params_dtype=kwargs.pop("params_dtype", linear.weight.dtype),
+            group=group,
+            **kwargs,
+        )
+        layer.load_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+        return layer
+
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, output_size={self.output_size}, bias={self.bias is not None}, "
@@ -189,33 +217,6 @@ class ColumnParallelLinear(_ParallelLinearBase):
             )
         shard = loaded_weight.narrow(0, self.tp_rank * self.output_size_per_partition, self.output_size_per_partition)
         self._copy_shard(param, shard, "weight" if param is self.weight else "bias")
-
-    def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
-        """Shard an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
-        (``[output_size]``) into this rank's parameters."""
-        if tuple(full_weight.shape) != (self.output_size, self.input_size):
-            raise ShapeMismatchError(
-                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
-            )
-        self.weight_loader(self.weight, full_weight)
-        if full_bias is not None:
-            if self.bias is None:
-                raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
-            self.weight_loader(self.bias, full_bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs) -> ColumnParallelLinear:
-        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            params_dtype=kwargs.pop("params_dtype", linear.weight.dtype),
-            group=group,
-            **kwargs,
-        )
-        layer.load_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
-        return layer
 
     def forward(self, x: torch.Tensor):
         self._check_input(x, self.input_size)
@@ -308,33 +309,6 @@ class RowParallelLinear(_ParallelLinearBase):
             )
         start = self.tp_rank * self.input_size_per_partition
         self._copy_shard(param, loaded_weight.narrow(1, start, self.input_size_per_partition), "weight")
-
-    def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
-        """Shard an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``); copy its
-        ``bias`` (``[output_size]``) whole."""
-        if tuple(full_weight.shape) != (self.output_size, self.input_size):
-            raise ShapeMismatchError(
-                f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
-            )
-        self.weight_loader(self.weight, full_weight)
-        if full_bias is not None:
-            if self.bias is None:
-                raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
-            self.weight_loader(self.bias, full_bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs) -> RowParallelLinear:
-        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            params_dtype=kwargs.pop("params_dtype", linear.weight.dtype),
-            group=group,
-            **kwargs,
-        )
-        layer.load_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
-        return layer
 
     def forward(self, x: torch.Tensor):
         if self.input_is_parallel:
