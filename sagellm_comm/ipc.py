@@ -158,6 +158,13 @@ class SharedFileMemory(PeerMemory):
         if path is not None and os.path.exists(path):
             os.unlink(path)
 
+    def unlink(self, ptr: int) -> None:
+        """Remove the file behind this process's region once every peer has mapped it (mappings stay valid)."""
+        mapped, path = self._maps[ptr]
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
+        self._maps[ptr] = (mapped, None)
+
     def tensor(self, ptr: int) -> torch.Tensor:
         """The uint8 tensor that keeps the mapping at ``ptr`` alive."""
         return self._maps[ptr][0]

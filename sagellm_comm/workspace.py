@@ -14,7 +14,6 @@ finished programs, error latch).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,8 +156,7 @@ class SymmetricWorkspace:
             # Every rank has mapped every region: shared files can go from the file system now.
             exchange(None)
             if isinstance(memory, SharedFileMemory):
-                os.unlink(memory.export(local))
-                memory._maps[local] = (memory.tensor(local), None)
+                memory.unlink(local)
         except BaseException:
             for ptr in opened:
                 memory.close(ptr)
