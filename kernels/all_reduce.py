@@ -10,8 +10,8 @@ The kernel receives one int64 *pointer table* per rank: ``table[0:W]`` the base 
 (peer addresses as mapped in this process; loaded once per program as one vector) and ``table[W]`` this
 rank's error record (host-mapped memory the host reads without a device sync; only touched on timeout),
 and a pointer to this rank's control words (device int32: ``ctrl[0]`` epoch, ``ctrl[1]`` programs
-finished, ``ctrl[2]`` error latch).  Dependent loads cost a DRAM round trip each at small sizes, so the
-prologue issues exactly two independent ones (peer bases, epoch).
+finished, ``ctrl[2]`` error latch; ``ctrl[8:]`` belongs to the Lamport kernel).  Dependent loads cost a
+DRAM round trip each at small sizes, so the prologue issues exactly two independent ones (peer bases, epoch).
 
 Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank order 0..W-1):
 
@@ -68,7 +68,7 @@ ERR_PHASE = tl.constexpr(2)
 ERR_BLOCK = tl.constexpr(3)
 ERR_EPOCH = tl.constexpr(4)
 ERR_WORDS = tl.constexpr(8)
-CTRL_WORDS = tl.constexpr(8)  # [0] epoch [1] finished programs [2] error latch [3..5] Lamport (its kernel)
+CTRL_WORDS = tl.constexpr(136)  # [0] epoch [1] finished programs [2] error latch [8..136) Lamport per-program state
 
 
 @triton.jit

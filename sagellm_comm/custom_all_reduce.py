@@ -98,7 +98,8 @@ class KernelLauncher:
             tiles = triton.cdiv(numel, block)
         else:
             raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot, lamport or nccl, got {algo!r}")
-        programs = tiles if tiles < max_programs else max_programs
+        # Lamport keeps per-program state: every launch on a workspace uses the same grid.
+        programs = max_programs if algo == "lamport" or tiles >= max_programs else tiles
         in_ptr = tensor.data_ptr()
         out_ptr = in_ptr if out is tensor else out.data_ptr()
         key = (

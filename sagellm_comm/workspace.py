@@ -7,8 +7,8 @@ Region layout (``kernels/all_reduce.py`` and ``kernels/lamport_all_reduce.py`` a
 
 The kernels get an int64 *pointer table* on the device, built once here: ``table[0:W]`` every rank's
 region base as mapped in this process, ``table[W]`` this rank's error record (int64[8] in pinned host
-memory, read by the host without a device sync); and this rank's control words (device int32[4]: epoch,
-finished programs, error latch).
+memory, read by the host without a device sync); and this rank's control words (device
+int32[CTRL_WORDS]: epoch, finished programs, error latch, the Lamport kernel's per-program state).
 """
 
 from __future__ import annotations

@@ -118,7 +118,10 @@ def _back_to_back_worker(rank, world_size, port, calls):
         car.all_reduce(x, algo=algo)
         expected = world_size * i + world_size * (world_size - 1) / 2
         assert torch.all(x == expected), f"call {i} ({algo}, {numel}): got {x[:4]}, expected {expected}"
-    epochs = (int(car.workspace.control[0]), int(car.workspace.control[3]))
+    from kernels.lamport_all_reduce import LAMPORT_STATE
+
+    # program 0's Lamport call counter (every program keeps its own; all run every call)
+    epochs = (int(car.workspace.control[0]), int(car.workspace.control[LAMPORT_STATE.value]))
     car.close()
     return epochs
 
