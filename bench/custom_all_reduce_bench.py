@@ -75,12 +75,14 @@ def copy_roofline_gbps(nbytes: int = 1 << 30) -> float:
 
 def traffic_bytes(algo: str, world: int, nbytes: int) -> int:
     """HBM bytes all virtual ranks move together for one call (reads + writes)."""
-    if algo == "lamport":  # read input, push W fp32 copies, poll W fp32 tiles, write output, clear W
-        return world * (nbytes + 3 * world * 2 * nbytes + nbytes)
+    if algo == "lamport":  # read input, push W copies (input dtype), poll W tiles, write output, clear W
+        return world * (nbytes + 3 * world * nbytes + nbytes)
     if algo == "one_shot":  # read input, write slot, read W slots, write output
         return world * (3 + world) * nbytes
-    # read input, write slot, read W chunks, write own chunk twice, read W-1 chunks, write them
-    return world * (nbytes + nbytes + nbytes + 2 * nbytes // world + 2 * (world - 1) * nbytes // world)
+    # stage W-1 chunks (read + write), read W chunks (own from the input), write own chunk twice,
+    # read W-1 chunks, write them
+    chunk = nbytes // world
+    return world * (2 * (world - 1) * chunk + nbytes + 2 * chunk + 2 * (world - 1) * chunk)
 
 
 def host_overhead(world: int, reps: int = 2000) -> dict:

@@ -19,7 +19,8 @@ Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank
   message from every peer and reduces it.  Latency: one barrier; traffic into each GPU: (W-1) * n.
 * two-shot: the message is cut into W chunks; rank r reduces chunk r from every peer into its own slot
   (each chunk is reduced exactly once, so all ranks end with identical bits); barrier; every rank
-  gathers chunk c from rank c.  Two barriers; traffic 2 (W-1)/W * n.
+  gathers chunk c from rank c.  Two barriers; traffic 2 (W-1)/W * n.  Only the W-1 chunks peers read are
+  staged; the own chunk is reduced straight from the input.
 
 Synchronisation invariants (docs/protocol.md has the long form):
 
@@ -205,6 +206,17 @@ def _reduce_tile(bases, peers, src_offset_bytes, offs, mask, DTYPE: tl.constexpr
 
 
 @triton.jit
+def _reduce_tile_own(bases, peers, src_offset_bytes, own, rank, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
+    """:func:`_reduce_tile`, except that this rank's term is read from ``own`` (its input) instead of its region."""
+    acc = tl.zeros(offs.shape, tl.float32)
+    for peer in tl.static_range(W):
+        src = (_pick(bases, peers, peer) + src_offset_bytes).to(tl.pointer_type(DTYPE))
+        src = tl.where(peer == rank, own, src)
+        acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
     """Rank, control words, peer bases (one vector load) and this call's epoch."""
     if VIRTUAL:
@@ -308,7 +320,9 @@ def two_shot_all_reduce_kernel(
     Chunk ``c`` is ``[c * chunk, min((c + 1) * chunk, numel))`` with ``chunk = cdiv(numel, W)``; tile ``t`` of
     every chunk belongs to program ``t % num_programs``.  Rank ``r`` reduces chunk ``r`` into its own source
     region (nobody else reads chunk ``r`` of rank ``r``'s region in that phase), then every rank gathers each
-    chunk from its owner.  Zero-copy: the source region is the registered one, reduced in place, and an
+    chunk from its owner.  Copy path: only the ``W - 1`` chunks peers reduce are staged; this rank's term of
+    chunk ``r`` is read straight from ``inp`` (read before ``out``, which may alias it, is written).
+    Zero-copy: the source region is the registered one, reduced in place, and an
     end barrier protects it; the gathered chunks are staged in slot 0 until then.
     """
     rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
@@ -329,12 +343,14 @@ def two_shot_all_reduce_kernel(
     lane = tl.arange(0, BLOCK)
 
     if not ZERO_COPY:
+        # Stage the chunks peers will reduce; chunk ``rank`` is only ever read by this rank, from ``inp``.
         for c in tl.static_range(W):
-            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                in_chunk = tile * BLOCK + lane
-                offs = c * chunk + in_chunk
-                mask = (in_chunk < chunk) & (offs < numel)
-                tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
+            if c != rank:
+                for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                    in_chunk = tile * BLOCK + lane
+                    offs = c * chunk + in_chunk
+                    mask = (in_chunk < chunk) & (offs < numel)
+                    tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
 
     # Reduce-scatter: this rank owns chunk ``rank``.
@@ -342,7 +358,10 @@ def two_shot_all_reduce_kernel(
         in_chunk = tile * BLOCK + lane
         offs = rank * chunk + in_chunk
         mask = (in_chunk < chunk) & (offs < numel)
-        reduced = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W).to(DTYPE)
+        if ZERO_COPY:
+            reduced = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W).to(DTYPE)
+        else:
+            reduced = _reduce_tile_own(bases, peers, src_offset, inp, rank, offs, mask, DTYPE, W).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
         if not ZERO_COPY:
             tl.store(out + offs, reduced, mask=mask)
