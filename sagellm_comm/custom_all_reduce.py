@@ -18,7 +18,7 @@ import torch
 import triton
 
 from kernels import all_reduce as _k
-from kernels import lamport_all_reduce as _lk
+from kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 
 from .errors import (
     BackendNotSupportedError,
@@ -38,6 +38,9 @@ LARGE_TILE_THRESHOLD = 1 << 20
 LARGE_NUM_WARPS = int(os.environ.get("SAGELLM_COMM_LARGE_NUM_WARPS", 8))
 LARGE_STAGES = int(os.environ.get("SAGELLM_COMM_LARGE_STAGES", 1))
 NUM_WARPS = 8
+LAMPORT_MIN_BLOCK = 256
+LAMPORT_MAX_BLOCK = 2048
+MAX_CACHED_PLANS = 4096
 DEFAULT_MAX_PROGRAMS = 32
 INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
 
@@ -64,7 +67,7 @@ class KernelLauncher:
         self.wp = triton.next_power_of_2(world_size)
         self.lamport_offset = lamport_offset(slot_bytes)
         self.lamport_capacity = lamport_capacity(slot_bytes)
-        self.cache: dict[tuple, object] = {}
+        self.cache: dict[tuple, tuple] = {}
 
     def launch(
         self,
@@ -81,11 +84,30 @@ class KernelLauncher:
         max_programs: int,
         virtual: bool = False,
     ) -> None:
-        """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch)."""
+        """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch).
+
+        A call whose shape was seen before costs one dictionary lookup and the C launcher: the key holds
+        every argument except the data pointers, and the pointers' 16-byte alignment (Triton specialises
+        the binary on it).
+        """
+        in_ptr = tensor.data_ptr()
+        out_ptr = in_ptr if out is tensor else out.data_ptr()
+        table_ptr = table.data_ptr()
+        ctrl_ptr = ctrl.data_ptr()
+        key = (
+            algo, tensor.dtype, numel, zero_copy, virtual, grid_y, max_programs, rank, table_ptr, ctrl_ptr,
+            in_ptr % 16 == 0, out_ptr % 16 == 0,
+        )  # fmt: skip
+        plan = self.cache.get(key)
+        if plan is not None:
+            fast, programs, tail = plan
+            fast(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), (in_ptr, out_ptr, *tail))
+            return
         nbytes = numel * itemsize
         large = nbytes >= LARGE_TILE_THRESHOLD
         block = (LARGE_TILE_BYTES if large else SMALL_TILE_BYTES) // itemsize
         stages = LARGE_STAGES if large else 1
+        warps = LARGE_NUM_WARPS if large else NUM_WARPS
         if algo == "one_shot":
             kernel = _k.one_shot_all_reduce_kernel
             tiles = triton.cdiv(numel, block)
@@ -93,39 +115,35 @@ class KernelLauncher:
             kernel = _k.two_shot_all_reduce_kernel
             tiles = triton.cdiv(triton.cdiv(numel, self.world_size), block)
         elif algo == "lamport":
-            kernel = _lk.lamport_all_reduce_kernel
-            block = SMALL_TILE_BYTES // 4  # pushed as fp32
+            kernel = _k_lamport
+            # Latency-bound: spread the message over every program (one round trip each), one warp per
+            # 256 elements (16-byte accesses for 16-bit types).
+            block = min(
+                LAMPORT_MAX_BLOCK, max(LAMPORT_MIN_BLOCK, triton.next_power_of_2(triton.cdiv(numel, max_programs)))
+            )
+            warps = block // LAMPORT_MIN_BLOCK
             tiles = triton.cdiv(numel, block)
         else:
             raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot, lamport or nccl, got {algo!r}")
         # Lamport keeps per-program state: every launch on a workspace uses the same grid.
         programs = max_programs if algo == "lamport" or tiles >= max_programs else tiles
-        in_ptr = tensor.data_ptr()
-        out_ptr = in_ptr if out is tensor else out.data_ptr()
-        key = (
-            algo, tensor.dtype, block, zero_copy, virtual, numel % 16 == 0, numel == 1, in_ptr % 16 == 0,
-            out_ptr % 16 == 0,
-        )  # fmt: skip
-        compiled = self.cache.get(key)
         if algo == "lamport":
-            args = (
-                in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.lamport_offset,
-                self.lamport_capacity, self.timeout_ticks, self.world_size, self.wp, block, self.use_ptx, virtual,
+            tail = (
+                table_ptr, ctrl_ptr, numel, rank, self.lamport_offset, self.lamport_capacity, self.timeout_ticks,
+                self.world_size, self.wp, block, self.use_ptx, virtual,
             )  # fmt: skip
         else:
-            args = (
-                in_ptr, out_ptr, table.data_ptr(), ctrl.data_ptr(), numel, rank, self.slot_bytes, self.timeout_ticks,
-                self.world_size, self.wp, block, zero_copy, self.use_ptx, virtual, stages,
+            tail = (
+                table_ptr, ctrl_ptr, numel, rank, self.slot_bytes, self.timeout_ticks, self.world_size, self.wp, block,
+                zero_copy, self.use_ptx, virtual, stages,
             )  # fmt: skip
-        if compiled is not None:
-            compiled(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), args)
-            return
-        warps = LARGE_NUM_WARPS if large else NUM_WARPS
-        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *args[4:], num_warps=warps)
+        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *tail[2:], num_warps=warps)
         if self.use_ptx:
             fast = _direct_launch(compiled)
             if fast is not None:
-                self.cache[key] = fast
+                if len(self.cache) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
+                    self.cache.clear()
+                self.cache[key] = (fast, programs, tail)
 
 
 def _direct_launch(compiled) -> Callable | None:
@@ -193,6 +211,7 @@ class CustomAllReduce:
             raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
         if timeout_s <= 0:
             raise InvalidArgumentError(f"timeout_s must be positive, got {timeout_s}")
+        self._resolved: dict[tuple, str] = {}
         self.workspace = workspace
         self.selector = selector or AlgoSelector()
         self.fallback = fallback
@@ -210,8 +229,20 @@ class CustomAllReduce:
         self._launcher = KernelLauncher(
             self.world_size, workspace.slot_bytes, self._timeout_ticks, self._use_ptx, self._device_index
         )
+        self._table = workspace.table
+        self._control = workspace.control
 
     # ------------------------------------------------------------------ policy
+    @property
+    def selector(self) -> AlgoSelector:
+        """The policy for ``algo="auto"``; assigning a new one drops the per-shape decisions made so far."""
+        return self._selector
+
+    @selector.setter
+    def selector(self, selector: AlgoSelector) -> None:
+        self._selector = selector
+        self._resolved.clear()
+
     def select(self, nbytes: int, itemsize: int = 2) -> Selection:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements, with rule id and reason.
 
@@ -267,18 +298,25 @@ class CustomAllReduce:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
         if not tensor.is_contiguous():
             raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
-        if tensor.device != self.device:
+        if self._wrong_device(tensor):
             raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
         numel = tensor.numel()
-        nbytes = numel * itemsize
         if out is None:
             out = tensor
-        elif out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or out.device != self.device:
+        elif out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
             raise InvalidArgumentError(
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
-        algo = self.resolve_algo(algo, numel, nbytes)
+        # The policy and the capacity checks depend on (algo, dtype, numel) only: decided once per shape.
+        shape_key = (algo, tensor.dtype, numel)
+        resolved = self._resolved.get(shape_key)
+        if resolved is None:
+            resolved = self.resolve_algo(algo, numel, numel * itemsize)
+            if len(self._resolved) >= 4096:
+                self._resolved.clear()
+            self._resolved[shape_key] = resolved
+        algo = resolved
         if algo == "nccl":
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
@@ -288,9 +326,16 @@ class CustomAllReduce:
             return out
         if numel == 0:
             return out
-        zero_copy = self.workspace.is_registered(tensor)
-        self._launch(algo, tensor, out, numel, itemsize, zero_copy)
+        self._launcher.launch(
+            algo, tensor, out, numel, itemsize, self.workspace.is_registered(tensor), self._table, self._control,
+            self.rank, 1, self.max_programs,
+        )  # fmt: skip
         return out
+
+    def _wrong_device(self, tensor: torch.Tensor) -> bool:
+        if self._use_ptx:
+            return not tensor.is_cuda or tensor.get_device() != self._device_index
+        return tensor.device.type != "cpu"
 
     def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
         """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced."""
@@ -307,22 +352,9 @@ class CustomAllReduce:
             )
         return algo
 
-    def _launch(self, algo: str, tensor: torch.Tensor, out: torch.Tensor, numel: int, itemsize: int, zc: bool):
-        self._launcher.launch(
-            algo,
-            tensor,
-            out,
-            numel,
-            itemsize,
-            zc,
-            self.workspace.table,
-            self.workspace.control,
-            self.rank,
-            1,
-            self.max_programs,
-        )
-
     def close(self) -> None:
         """Release the workspace (collective in spirit: every rank should close)."""
         self._launcher.cache.clear()
+        self._resolved.clear()
+        self._table = self._control = None
         self.workspace.close()
