@@ -2,9 +2,14 @@
 
 Times, per call (median of ``--reps``, host clock around the call; nothing synchronises inside the loop):
 
-* ``all_reduce``: ``CustomAllReduce.all_reduce`` of 8 KB bf16, one rank of a virtual group (every rank's
-  kernel is launched, rank after rank, so no kernel waits forever);
-* ``python_side``: the same call with the driver launch stubbed out (validation, policy, argument packing);
+* ``all_reduce_<algo>``: ``CustomAllReduce.all_reduce`` of 8 KB bf16, one rank of a virtual group (every
+  rank's kernel is launched, rank after rank, so no kernel waits forever), each call on a rank stream that
+  was just made to wait for the main stream (``wait_stream``: an event record and wait per call);
+* ``all_reduce_<algo>_no_stream_waits``: the same, each rank issuing on its own stream with no cross-stream
+  waits (what a real rank does on its current stream);
+* ``all_reduce_stacked_<algo>``: ``VirtualRankGroup.all_reduce_stacked`` (all ranks, one launch);
+* ``python_side``: ``all_reduce`` with the cached C launcher replaced by a no-op (validation, policy lookup,
+  argument packing);
 * ``triton_direct``: our cached launcher (Triton's generated C launcher) on a trivial Triton kernel;
 * ``triton_plain``: ``kernel[grid](...)`` on the same trivial kernel (Triton's Python launch path);
 * ``cuLaunchKernel_ctypes``: the CUDA driver's ``cuLaunchKernel`` called through ctypes with pre-built
@@ -102,11 +107,32 @@ def main() -> None:
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
         res["all_reduce_auto"] = statistics.median(auto) / 1e3
-    launcher = vg.ranks[0]._launcher
-    real = launcher.launch
-    launcher.launch = lambda *a, **k: None
+        # Each rank issues a batch on its own stream with no cross-stream waits (as a real rank does on its
+        # current stream); call i of every rank pairs up on the GPU.
+        batch = []
+        for i in range(args.reps // args.world):
+            for r in range(args.world):
+                with torch.cuda.stream(vg.streams[r]):
+                    t0 = time.perf_counter_ns()
+                    vg.ranks[r].all_reduce(xs[r], algo=algo)
+                    batch.append(time.perf_counter_ns() - t0)
+            if i % 128 == 0:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        vg.check_errors()
+        res[f"all_reduce_{algo}_no_stream_waits"] = statistics.median(batch) / 1e3
+        stacked = torch.stack(xs)
+        call = lambda a=algo, x=stacked: vg.all_reduce_stacked(x, algo=a)  # noqa: E731
+        res[f"all_reduce_stacked_{algo}"] = _median_us(call, args.reps)
+        vg.check_errors()
+    # Python alone: the cached plans' C launcher replaced by a no-op.
+    cache = vg.ranks[0]._launcher.cache
+    saved = dict(cache)
+    for key, (_, programs, tail) in saved.items():
+        cache[key] = (lambda *a: None, programs, tail)
     res["python_side"] = _median_us(lambda: vg.ranks[0].all_reduce(xs[0], algo="one_shot"), args.reps)
-    launcher.launch = real
+    res["python_side_auto"] = _median_us(lambda: vg.ranks[0].all_reduce(xs[0]), args.reps)
+    cache.update(saved)
     vg.close()
 
     a = torch.randn(numel, device="cuda", dtype=torch.float32)

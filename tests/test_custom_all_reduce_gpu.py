@@ -194,7 +194,7 @@ def test_workspace_limits_are_typed_errors(groups):
         car.all_reduce(torch.ones(8))
     with pytest.raises(InvalidArgumentError, match="supports bfloat16"):
         car.all_reduce(torch.ones(8, device="cuda", dtype=torch.float64))
-    assert car.select(8 << 10).algo == "one_shot"
+    assert car.select(8 << 10).algo in ("lamport", "one_shot")  # latency-bound: a one-barrier-or-less kernel
     assert car.select(MAX_BYTES + 1).rule_id == "over-workspace"
 
 
