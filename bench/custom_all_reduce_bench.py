@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sagellm_comm import custom_all_reduce as car_mod  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 
 
@@ -249,6 +250,9 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "torch": torch.__version__,
         "copy_roofline_gbps": roof,
+        "large_tile_bytes": car_mod.LARGE_TILE_BYTES,
+        "large_num_warps": car_mod.LARGE_NUM_WARPS,
+        "large_stages": car_mod.LARGE_STAGES,
     }
     import triton
 

@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--configs", default="", help="explicit tile:warps:stages list (overrides the product)")
+    ap.add_argument("--pick-env", default="", help="write shell exports of the best configuration to this file")
     ap.add_argument("--out", default="bench/results/tune.json")
     args = ap.parse_args()
     nbytes = parse_size(args.size)
@@ -51,11 +53,15 @@ def main() -> None:
         ref = ref.to(torch.bfloat16)
         stacked = torch.empty_like(base)
         for algo in args.algos.split(","):
-            for tile, warps, stages in itertools.product(
-                (int(t) for t in args.tiles.split(",")),
-                (int(w) for w in args.warps.split(",")),
-                (int(s) for s in args.stages.split(",")),
-            ):
+            if args.configs:
+                configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+            else:
+                configs = itertools.product(
+                    (int(t) for t in args.tiles.split(",")),
+                    (int(w) for w in args.warps.split(",")),
+                    (int(s) for s in args.stages.split(",")),
+                )
+            for tile, warps, stages in configs:
                 car_mod.LARGE_TILE_BYTES, car_mod.LARGE_NUM_WARPS, car_mod.LARGE_STAGES = tile, warps, stages
                 row = {"world_size": world, "algo": algo, "tile_bytes": tile, "num_warps": warps, "stages": stages}
                 try:
@@ -93,6 +99,28 @@ def main() -> None:
             print(
                 f"W={world} {algo:8s} tile={b['tile_bytes']} warps={b['num_warps']} stages={b['stages']} "
                 f"{b['us']:.1f} us {b['roofline_fraction'] * 100:.1f}% roof"
+            )
+    if args.pick_env:
+        # The configuration whose time, relative to the best of each (world, algo), has the lowest geometric
+        # mean over every (world, algo) case where it ran correctly.
+        import math
+
+        cases = sorted({(r["world_size"], r["algo"]) for r in rows})
+        best = {c: min((r["us"] for r in rows if (r["world_size"], r["algo"]) == c and "us" in r), default=None)
+                for c in cases}  # fmt: skip
+        scores = {}
+        for cfg in sorted({(r["tile_bytes"], r["num_warps"], r["stages"]) for r in rows}):
+            mine = [r for r in rows if (r["tile_bytes"], r["num_warps"], r["stages"]) == cfg]
+            if len(mine) != len(cases) or any("us" not in r or r["wrong_rows"] for r in mine):
+                continue
+            c_of = lambda r: (r["world_size"], r["algo"])  # noqa: E731
+            scores[cfg] = math.exp(sum(math.log(r["us"] / best[c_of(r)]) for r in mine) / len(mine))
+        tile, warps, stages = min(scores, key=scores.get)
+        print(f"# picked tile={tile} warps={warps} stages={stages} (geomean {scores[(tile, warps, stages)]:.3f})")
+        with open(args.pick_env, "w") as f:
+            f.write(
+                f"export SAGELLM_COMM_LARGE_TILE_BYTES={tile} SAGELLM_COMM_LARGE_NUM_WARPS={warps} "
+                f"SAGELLM_COMM_LARGE_STAGES={stages}\n"
             )
     meta = {
         "device": torch.cuda.get_device_name(),
