@@ -82,20 +82,18 @@ class Rule:
 
 
 # Measured on one H100 with virtual ranks, all ranks in one launch under CUDA-graph replay
-# (bench/results/custom_all_reduce_h100.md, commit 54d2985): the barrier-free Lamport kernel wins the
-# smallest sizes at 2 and 4 ranks; one-shot's single barrier wins while latency dominates; two-shot's
-# 2(W-1)/W traffic wins once bandwidth does, earlier the more ranks there are.
+# (bench/results/custom_all_reduce_h100.md, commit 8eda472): the barrier-free Lamport kernel wins every
+# size its buffers take up to 256 KB at 2-4 ranks and 128 KB at 8; one-shot's single barrier then wins up
+# to 4 MB at 2 ranks; two-shot's 2(W-1)/W traffic wins everything larger.
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule("ws2-lamport", "lamport", max_bytes=128 << 10, world_sizes=(2,),
-         reason="2 ranks, <=128 KB: no barrier at all (data is the flag); 3.8-5.6 us vs one-shot's 4.6-5.7"),
-    Rule("ws34-lamport", "lamport", max_bytes=32 << 10, world_sizes=(3, 4),
-         reason="3-4 ranks, <=32 KB: no barrier; beyond that its W fp32 pushes cost more than a barrier"),
-    Rule("ws2-one-shot", "one_shot", max_bytes=32 << 20, world_sizes=(2,),
-         reason="2 ranks: one-shot moves as little as two-shot and needs one barrier"),
-    Rule("ws34-one-shot", "one_shot", max_bytes=256 << 10, world_sizes=(3, 4),
-         reason="3-4 ranks, <=256 KB: latency-bound, one barrier beats two-shot's two"),
-    Rule("small-one-shot", "one_shot", max_bytes=128 << 10,
-         reason="latency-bound size: one barrier beats two-shot's two"),
+    Rule("ws2-lamport", "lamport", max_bytes=256 << 10, world_sizes=(2,),
+         reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 3.0-4.3 us vs one-shot's 4.8-6.4"),
+    Rule("ws34-lamport", "lamport", max_bytes=256 << 10, world_sizes=(3, 4),
+         reason="3-4 ranks, <=256 KB: no barrier; 2.9-8.0 us vs one-shot's 5.6-10.7"),
+    Rule("lamport", "lamport", max_bytes=128 << 10,
+         reason="<=128 KB, latency-bound: no barrier; 3.3-12.6 us at 8 ranks vs one-shot's 6.6-16.2"),
+    Rule("ws2-one-shot", "one_shot", max_bytes=4 << 20, world_sizes=(2,),
+         reason="2 ranks, <=4 MB: one barrier; two-shot's second barrier costs more than the traffic it saves"),
     Rule("large-two-shot", "two_shot",
          reason="bandwidth-bound size: two-shot moves 2(W-1)/W of the message instead of (W-1)"),
 )  # fmt: skip

@@ -13,17 +13,19 @@ from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector
 def test_default_policy_by_size_and_world_size():
     sel = AlgoSelector()
     small = sel.select(8 << 10, 8)
-    assert (small.algo, small.rule_id) == ("one_shot", "small-one-shot")
+    assert (small.algo, small.rule_id) == ("lamport", "lamport")
     assert "latency" in small.reason
     large = sel.select(16 << 20, 8)
     assert (large.algo, large.rule_id) == ("two_shot", "large-two-shot")
     two = sel.select(512 << 10, 2)
     assert (two.algo, two.rule_id) == ("one_shot", "ws2-one-shot")
-    assert sel.select(64 << 20, 2).algo == "two_shot"
+    assert sel.select(4 << 20, 2).algo == "one_shot"
+    assert sel.select((4 << 20) + 1, 2).algo == "two_shot"
     assert sel.select(4 << 10, 2).algo == "lamport"
-    assert sel.select(4 << 10, 4).algo == "lamport"
-    assert sel.select(64 << 10, 4).algo == "one_shot"
+    assert sel.select(256 << 10, 2).algo == "lamport"
+    assert sel.select(256 << 10, 4).algo == "lamport"
     assert sel.select(512 << 10, 4).algo == "two_shot"
+    assert sel.select(128 << 10, 8).algo == "lamport"
     assert sel.select(256 << 10, 8).algo == "two_shot"
 
 
