@@ -1,7 +1,9 @@
 """Markdown table from custom_all_reduce_bench.py JSON files (ours vs torch vs copy roofline).
 
-    python bench/custom_all_reduce_table.py bench/results/custom_all_reduce_h100_*.json \
-        > bench/results/custom_all_reduce_h100.md
+    python bench/custom_all_reduce_table.py bench/results/custom_all_reduce_h100.json \
+        bench/results/launch_cost_h100*.json > bench/results/custom_all_reduce_h100.md
+
+Files from ``bench/launch_cost.py`` (they hold ``us_per_call``) become the eager host-time table.
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ from sagellm_comm.selector import AlgoSelector  # noqa: E402
 ALGOS = ("lamport", "one_shot", "two_shot")
 
 
+EAGER_ROWS = (
+    ("all_reduce_one_shot_no_stream_waits", "our all_reduce, one_shot, each rank on its own stream"),
+    ("all_reduce_lamport_no_stream_waits", "our all_reduce, lamport, each rank on its own stream"),
+    ("all_reduce_one_shot", "our all_reduce, one_shot, after a cross-stream wait per call"),
+    ("all_reduce_auto", "our all_reduce, algo=auto, after a cross-stream wait per call"),
+    ("python_side", "of which Python (C launcher stubbed)"),
+    ("triton_direct", "trivial Triton kernel through the same cached C launcher"),
+    ("cuLaunchKernel_ctypes", "trivial kernel, cuLaunchKernel through ctypes"),
+    ("torch_add", "torch op (`add_`)"),
+    ("triton_plain", "trivial Triton kernel, `kernel[grid](...)`"),
+    ("graph_replay", "`CUDAGraph.replay()` of one kernel"),
+)
+
+
 def main(paths: list[str]) -> None:
-    runs = [json.load(open(p)) for p in paths]  # noqa: SIM115
+    loaded = [(p, json.load(open(p))) for p in paths]  # noqa: SIM115
+    eager = [(p, d) for p, d in loaded if "us_per_call" in d]
+    paths = [p for p, d in loaded if "us_per_call" not in d]
+    runs = [d for p, d in loaded if "us_per_call" not in d]
     print("# Custom all-reduce, virtual ranks on one GPU (bf16, CUDA-graph replay, all ranks in one launch)\n")
     for path, run in zip(paths, runs, strict=True):
         m = run["meta"]
@@ -52,6 +71,16 @@ def main(paths: list[str]) -> None:
                 f"| {h['world_size']} | {h['custom_all_reduce_us']:.2f} | {h['custom_python_side_us']:.2f} | "
                 f"{h['torch_op_us']:.2f} | {h['triton_plain_launch_us']:.2f} |"
             )
+    if eager:
+        print("\n## Eager host time per call (8 KB bf16, host clock around the call, median)\n")
+        for path, d in eager:
+            m = d["meta"]
+            print(f"- `{path}`: {m['device']}, {m['date']}, commit {m['commit']}; command `{m['command']}`")
+        print("\n| what | " + " | ".join(f"run {i + 1} (us)" for i in range(len(eager))) + " |")
+        print("|---|" + "---|" * len(eager))
+        for key, label in EAGER_ROWS:
+            cells = [f"{d['us_per_call'][key]:.2f}" if key in d["us_per_call"] else "-" for _, d in eager]
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
