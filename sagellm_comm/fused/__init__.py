@@ -1,0 +1,47 @@
+"""Fused tensor-parallel operations: all-reduce + residual + RMSNorm, and GEMM + all-reduce.
+
+Per rank (one process per GPU, or the Triton interpreter with ranks as processes):
+
+* :class:`FusedAllReduceRMSNorm` ``(workspace)`` -- on the custom all-reduce's own workspace (the kernels
+  share its flags, epochs and staging slots; see ``kernels/fused_all_reduce_rmsnorm.py``).
+* :class:`GemmAllReduce` ``(gemm_workspace, all_reduce)`` -- the row-parallel linear; paths ``fused`` (tile-level
+  overlap, ``kernels/gemm_all_reduce.py``, on a dedicated workspace from :func:`gemm_workspace_bytes`),
+  ``chunked`` (cuBLAS GEMM of row chunk i on the caller's stream while chunk i-1 is all-reduced on a side
+  stream) and ``sequential`` (cuBLAS GEMM, then one all-reduce); :class:`GemmPathSelector` picks by M.
+
+Group level: :func:`all_reduce_residual_rmsnorm` and :func:`gemm_all_reduce` use the ``custom`` backend's
+workspace when it is active on the whole group, and otherwise fall back to ``backend.all_reduce`` plus torch
+ops; :func:`last_selection` says which path ran and why.  Virtual ranks (N ranks on one GPU, for tests and
+benchmarks): :class:`VirtualFused`.
+
+Modules: ``rmsnorm`` (AR + residual + RMSNorm), ``gemm`` (GEMM + all-reduce and its path policy),
+``virtual`` (virtual ranks), ``group`` (group-level functions), ``_common`` (shared launcher and checks).
+
+Stream semantics everywhere: work is enqueued on the caller's current stream (side streams fork from it
+and join back, so CUDA-graph capture works); calls return before completion; every rank must make the
+same sequence of calls with the same shapes.  Errors: :class:`InvalidArgumentError` for bad inputs,
+:class:`CommTimeoutError` (from ``check_errors`` or the next call) naming a peer that never arrived.
+"""
+
+from ._common import FUSED_DTYPES, GEMM_PATHS, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
+from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, gemm_workspace_bytes
+from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection
+from .rmsnorm import FusedAllReduceRMSNorm
+from .virtual import VirtualFused
+
+__all__ = [
+    "FUSED_DTYPES",
+    "GEMM_PATHS",
+    "MAX_HIDDEN",
+    "RMSNORM_DTYPES",
+    "FusedAllReduceRMSNorm",
+    "GemmAllReduce",
+    "GemmPathSelector",
+    "GemmRule",
+    "VirtualFused",
+    "all_reduce_residual_rmsnorm",
+    "gemm_all_reduce",
+    "gemm_workspace_bytes",
+    "last_selection",
+    "rmsnorm_reference",
+]

@@ -1,0 +1,331 @@
+"""GEMM + all-reduce, the row-parallel linear: its path policy and the per-rank fused / chunked / sequential paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kernels import all_reduce as _ark
+from kernels import gemm_all_reduce as _gk
+
+from ..custom_all_reduce import CustomAllReduce
+from ..errors import (
+    BackendNotSupportedError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    WorkspaceExhaustedError,
+)
+from ..selector import Selection
+from ..workspace import SymmetricWorkspace
+from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d, _interpreting, _Launcher, _timeout_ticks
+
+
+@dataclass(frozen=True)
+class GemmRule:
+    """Use ``path`` when ``min_m <= M <= max_m`` (and the world size is listed, if a list is given)."""
+
+    id: str
+    path: str
+    min_m: int = 1
+    max_m: int | None = None
+    world_sizes: tuple[int, ...] | None = None
+    reason: str = ""
+
+
+# Measured on one H100 with virtual ranks (bench/results/fused_h100_virtual.md, docs/fused.md): cuBLAS then our
+# all-reduce was the fastest path, or within 1% of it, at every M, N and world size; the fused Triton GEMM alone
+# is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and the chunked pipeline loses to
+# contention.  So the default never picks a path measured slower than sequential; a rule override (or
+# path="fused") selects the others where real multi-GPU measurements say they pay.
+DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
+    GemmRule(
+        "measured-sequential",
+        "sequential",
+        reason="measured fastest at every M on H100 (virtual ranks): cuBLAS GEMM, then one all-reduce",
+    ),
+)
+
+
+class GemmPathSelector:
+    """Ordered :class:`GemmRule` list -> :class:`Selection` (``algo`` is the path).  Never touches tensors.
+
+    Capacity overrides every rule: a fused call whose output does not fit the GEMM workspace (or has more
+    tiles than the flag area) runs ``chunked`` (rule ``fused-capacity``), and paths without a kernel
+    workspace run ``sequential``.
+    """
+
+    def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES):
+        for r in rules:
+            if r.path not in GEMM_PATHS:
+                raise InvalidArgumentError(f"rule {r.id}: path must be one of {GEMM_PATHS}, got {r.path!r}")
+        self.rules = tuple(rules)
+
+    def select(self, m: int, world_size: int, fused_fits: bool = True) -> Selection:
+        sel = Selection("sequential", "no-rule", f"no rule matches M={m}, world_size={world_size}")
+        for r in self.rules:
+            if (
+                m >= r.min_m
+                and (r.max_m is None or m <= r.max_m)
+                and (r.world_sizes is None or world_size in r.world_sizes)
+            ):
+                sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
+                break
+        if sel.algo == "fused" and not fused_fits:
+            sel = Selection("chunked", "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
+        return sel
+
+
+# ====================================================================== GEMM + all-reduce: one rank
+def gemm_workspace_bytes(max_output_bytes: int) -> int:
+    """``slot_bytes`` to ask a :class:`SymmetricWorkspace` for, so it holds two ``[M, N]`` tile buffers of
+    ``max_output_bytes`` each plus the tile flags (the region is ``PAD_BYTES + 3 * slot_bytes``)."""
+    return triton.cdiv(8 * _gk.MAX_TILES.value + 2 * int(max_output_bytes), 3)
+
+
+def _gemm_config(m: int, use_ptx: bool) -> dict:
+    if not use_ptx:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 1}
+    if m <= 64:
+        return {
+            "BLOCK_M": max(16, triton.next_power_of_2(m)),
+            "BLOCK_N": 64,
+            "BLOCK_K": 128,
+            "GROUP_M": 1,
+            "num_warps": 4,
+            "num_stages": 4,
+        }
+    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+class GemmAllReduce:
+    """Row-parallel linear of one rank: ``out = sum over ranks of a @ b (+ bias, added once)``.
+
+    Args:
+        gemm_workspace: a dedicated :class:`SymmetricWorkspace` (sized with :func:`gemm_workspace_bytes`)
+            for the fused path's tile buffers and flags; None disables the fused path.
+        all_reduce: the rank's :class:`CustomAllReduce` for the chunked and sequential paths (or a callable
+            ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's).
+        selector: path policy (:class:`GemmPathSelector`).
+        consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
+        num_chunks: row chunks of the chunked path.
+    """
+
+    def __init__(
+        self,
+        gemm_workspace: SymmetricWorkspace | None,
+        all_reduce: CustomAllReduce | Callable[[torch.Tensor], torch.Tensor],
+        selector: GemmPathSelector | None = None,
+        timeout_s: float = 30.0,
+        consumer_programs: int | None = None,
+        num_chunks: int = 4,
+        world_size: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        ws = gemm_workspace
+        self.workspace = ws
+        self.all_reduce = all_reduce
+        self.selector = selector or GemmPathSelector()
+        self.world_size = ws.world_size if ws is not None else int(world_size or 0)
+        self.device = ws.device if ws is not None else torch.device(device or "cpu")
+        self.use_ptx = self.device.type == "cuda"
+        if ws is not None and ws.device.type == "cpu" and not _interpreting():
+            raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
+        self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
+        if consumer_programs is None:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_ptx else 8
+            consumer_programs = max(1, min(_ark.MAX_BLOCKS.value, sms // 4))
+        self.consumer_programs = consumer_programs
+        self.num_chunks = num_chunks
+        # Tile buffer of one parity (see kernels/gemm_all_reduce.py): what is left after the flags, halved.
+        self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
+        index = self.device.index or 0
+        self._producers: dict[tuple, _Launcher] = {}
+        self._consumer = _Launcher(
+            _gk.tile_all_reduce_kernel, self.use_ptx, index, num_warps=4 if not self.use_ptx else 8
+        )
+        self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
+        self.last_selection: Selection | None = None
+
+    # ------------------------------------------------------------------ policy
+    def fused_fits(self, m: int, n: int, itemsize: int) -> bool:
+        if self.workspace is None:
+            return False
+        cfg = _gemm_config(m, self.use_ptx)
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
+
+    def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
+        """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
+        return self.selector.select(m, self.world_size, self.fused_fits(m, n, itemsize))
+
+    def _validate(self, a, b, bias, batch: int | None = None) -> tuple[int, int, int]:
+        for name, t in (("a", a), ("b", b)):
+            _check_2d(name, t, self.device, FUSED_DTYPES)
+        dims = 2 if batch is None else 3
+        if a.dim() != dims or b.dim() != dims or b.dtype != a.dtype:
+            raise ShapeMismatchError(
+                f"a and b must be {dims}-d tensors of one dtype, got {tuple(a.shape)} {a.dtype}, "
+                f"{tuple(b.shape)} {b.dtype}"
+            )
+        m, k = a.shape[-2:]
+        k2, n = b.shape[-2:]
+        if k != k2 or (batch is not None and (a.shape[0] != batch or b.shape[0] != batch)):
+            raise ShapeMismatchError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain (a: [M, K], b: [K, N])")
+        if bias is not None:
+            _check_2d("bias", bias, self.device, FUSED_DTYPES)
+            if bias.shape != (n,) or bias.dtype != a.dtype or not bias.is_contiguous():
+                raise ShapeMismatchError(f"bias must be a contiguous [{n}] {a.dtype} tensor, got {tuple(bias.shape)}")
+        if m == 0 or n == 0 or k == 0:
+            raise InvalidArgumentError(f"empty GEMM: M={m}, K={k}, N={n}")
+        return m, n, k
+
+    def _pick(self, path: str, m: int, n: int, itemsize: int) -> Selection:
+        if path == "auto":
+            sel = self.select(m, n, itemsize)
+        elif path in GEMM_PATHS:
+            if path == "fused" and not self.fused_fits(m, n, itemsize):
+                raise WorkspaceExhaustedError(
+                    f"fused path: a [{m}, {n}] output needs {m * n * itemsize} bytes (and tiles <= "
+                    f"{_gk.MAX_TILES.value}); the GEMM workspace holds {self.buffer_bytes}"
+                )
+            sel = Selection(path, "user", f"path={path} requested")
+        else:
+            raise InvalidArgumentError(f"path must be auto or one of {GEMM_PATHS}, got {path!r}")
+        self.last_selection = sel
+        return sel
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, path: str = "auto"):
+        """``[M, N]`` = all-reduce of ``a @ b`` over the ranks (+ ``bias``); a new tensor.
+
+        ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` (any strides; e.g. ``weight.t()``), bf16 or fp16.
+        ``path``: ``auto`` (the selector), ``fused``, ``chunked`` or ``sequential``.
+        """
+        if self.workspace is not None and self.workspace._error_view[0]:
+            self.workspace.raise_if_failed()
+        m, n, _ = self._validate(a, b, bias)
+        sel = self._pick(path, m, n, a.element_size())
+        out = torch.empty((m, n), dtype=a.dtype, device=self.device)
+        if sel.algo == "fused":
+            self.launch_fused(a, b, bias, out, m, n)
+        elif sel.algo == "chunked":
+            self._chunked(a, b, bias, out, m)
+        else:
+            self._matmul(a, b, bias, out)
+            self._reduce(out)
+        return out
+
+    def _rank(self) -> int:
+        if self.workspace is not None:
+            return self.workspace.rank
+        return getattr(getattr(self.all_reduce, "workspace", None), "rank", 0)
+
+    def _matmul(self, a, b, bias, out) -> None:
+        if bias is not None and self._rank() == 0:  # the bias is added once: rank 0's partial carries it
+            torch.addmm(bias, a, b, out=out)
+        else:
+            torch.matmul(a, b, out=out)
+
+    def _reduce(self, t: torch.Tensor) -> None:
+        reduce = self.all_reduce.all_reduce if isinstance(self.all_reduce, CustomAllReduce) else self.all_reduce
+        reduce(t)
+
+    def _chunked(self, a, b, bias, out, m) -> None:
+        chunk = triton.cdiv(m, self.num_chunks)
+        if self._side is None:  # interpreter: no streams, same data path
+            for start in range(0, m, chunk):
+                self._matmul(a[start : start + chunk], b, bias, out[start : start + chunk])
+                self._reduce(out[start : start + chunk])
+            return
+        current = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(current)
+        for start in range(0, m, chunk):
+            rows = slice(start, start + chunk)
+            self._matmul(a[rows], b, bias, out[rows])
+            done = torch.cuda.Event()
+            done.record(current)
+            self._side.wait_event(done)
+            with torch.cuda.stream(self._side):
+                self._reduce(out[rows])
+        current.wait_stream(self._side)
+
+    def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
+        """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
+        ws = self.workspace
+        cfg = dict(_gemm_config(m, self.use_ptx))
+        bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        k = a.shape[-1]
+        w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
+        table = ws.table if table is None else table
+        ctrl = ws.control if ctrl is None else ctrl
+        if one_shot is None:
+            one_shot = tiles < 2 * w  # tiny outputs: skip the second flag round trip
+        consumers = max(1, min(self.consumer_programs, tiles))
+        virtual = virtual_ranks > 1
+        sa = a.stride()
+        sb = b.stride()
+        producer_args = (
+            a,
+            b,
+            table,
+            ctrl,
+            m,
+            n,
+            k,
+            sa[0] if virtual else 0,
+            sa[-2],
+            sa[-1],
+            sb[0] if virtual else 0,
+            sb[-2],
+            sb[-1],
+            ws.rank,
+            self.buffer_bytes,
+        )
+        producer_constexprs = (w, wp, bm, bn, bk, gm, self.use_ptx, virtual)
+        pkey = tuple(sorted(cfg.items()))
+        producer = self._producers.get(pkey)
+        if producer is None:
+            producer = _Launcher(_gk.gemm_publish_kernel, self.use_ptx, self.device.index or 0, **cfg)
+            self._producers[pkey] = producer
+        consumer_args = (
+            out,
+            out if bias is None else bias,
+            table,
+            ctrl,
+            m,
+            n,
+            ws.rank,
+            self.buffer_bytes,
+            self._timeout,
+        )
+        sub_m = min(bm, max(16, 8192 // bn))  # rows per slice: W slices of 8K elements in flight per program
+        consumer_constexprs = (w, wp, bm, bn, gm, sub_m, bool(one_shot), bias is not None, self.use_ptx, virtual)
+        loaded = producer.is_loaded(producer_args, producer_constexprs) and self._consumer.is_loaded(
+            consumer_args, consumer_constexprs
+        )
+        producer_grid = (tiles * virtual_ranks, 1)  # virtual ranks interleaved (see gemm_publish_kernel)
+        if self._side is None or not loaded:
+            # Producer first, then the consumer, on the current stream (correct, no overlap).  The interpreter
+            # runs one launch to completion before the next; on GPUs the first launch of a specialisation
+            # compiles and loads a module, which may wait for the device to go idle -- never while a consumer
+            # spins for tiles of a producer that is not launched yet.
+            producer(producer_grid, producer_args, producer_constexprs)
+            self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
+            return
+        current = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(current)
+        with torch.cuda.stream(self._side):
+            # Launched first: its consumers * ranks programs are resident before the GEMM fills the GPU, and
+            # the GEMM never waits, so it always has the remaining SMs (no co-residency deadlock).
+            self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
+        producer(producer_grid, producer_args, producer_constexprs)
+        current.wait_stream(self._side)
+        out.record_stream(self._side)
+
+    def check_errors(self) -> None:
+        if self.workspace is not None:
+            self.workspace.raise_if_failed()

@@ -1,0 +1,121 @@
+"""Group-level fused operations: the ``custom`` backend's workspace when it is active, else the engine."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..errors import (
+    ShapeMismatchError,
+)
+from ..selector import Selection
+from ..workspace import SymmetricWorkspace
+from ._common import FUSED_DTYPES, RMSNORM_DTYPES, rmsnorm_reference
+from .gemm import GemmAllReduce, gemm_workspace_bytes
+from .rmsnorm import FusedAllReduceRMSNorm
+
+
+class _GroupState:
+    def __init__(self):
+        self.rmsnorm: FusedAllReduceRMSNorm | None = None
+        self.gemm: GemmAllReduce | None = None
+        self.last: Selection | None = None
+
+
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _group_state(group):
+    from ..group import _resolve
+
+    g = _resolve(group)
+    backend = g.backend
+    state = _STATE.get(backend)
+    if state is None:
+        state = _STATE[backend] = _GroupState()
+    car = getattr(backend, "custom", None)
+    if car is None:
+        why = getattr(backend, "custom_reason", None) or f"backend {backend.name!r} has no custom workspace"
+        return g, backend, state, None, why
+    if g.handle is not None:
+        return g, backend, state, None, "sub-group: the custom workspace spans the whole world only"
+    return g, backend, state, car, ""
+
+
+def last_selection(group=None) -> Selection | None:
+    """What the last group-level fused call on ``group``'s backend ran (path, rule id, reason)."""
+    from ..group import _resolve
+
+    state = _STATE.get(_resolve(group).backend)
+    return None if state is None else state.last
+
+
+def all_reduce_residual_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed, new_residual)``: ``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual)
+    * weight`` over ``group`` (default group if None).
+
+    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  With the ``custom`` backend
+    active on the whole group, one fused kernel (:class:`FusedAllReduceRMSNorm`); otherwise the group's
+    all-reduce then torch add and RMSNorm (fp32 math), the reason recorded in :func:`last_selection`.
+    Enqueued on the current stream; inputs are not modified.
+    """
+    g, backend, state, car, why = _group_state(group)
+    if car is not None and x.dtype in RMSNORM_DTYPES:
+        if state.rmsnorm is None:
+            state.rmsnorm = FusedAllReduceRMSNorm(
+                car.workspace,
+                selector=car.selector,
+                timeout_s=car.timeout_s,
+                max_programs=car.max_programs,
+                fallback=car.fallback,
+            )
+        out = state.rmsnorm(x, residual, weight, eps)
+        state.last = state.rmsnorm.last_selection
+        return out
+    if car is not None:
+        why = f"dtype {x.dtype} is not fused"
+    if residual.shape != x.shape or weight.shape != (x.shape[-1],):
+        raise ShapeMismatchError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    reduced = x.clone()
+    g.all_reduce(reduced)
+    new_residual = residual + reduced
+    state.last = Selection("unfused", "custom-unavailable", f"{why}; all-reduce then torch add + RMSNorm")
+    return rmsnorm_reference(new_residual, weight, eps), new_residual
+
+
+def gemm_all_reduce(
+    a: torch.Tensor, b: torch.Tensor, group=None, bias: torch.Tensor | None = None, path: str = "auto"
+) -> torch.Tensor:
+    """Row-parallel linear over ``group``: ``sum over ranks of a @ b`` (+ ``bias`` once), ``[M, N]``.
+
+    ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the ``custom`` backend active on the
+    whole group, :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
+    call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
+    """
+    g, backend, state, car, why = _group_state(group)
+    if car is not None and a.dtype in FUSED_DTYPES:
+        if state.gemm is None:
+            ws = SymmetricWorkspace.rendezvous(
+                backend.rank,
+                backend.world_size,
+                gemm_workspace_bytes(backend.max_bytes),
+                backend.device,
+                backend._exchange,
+            )
+            state.gemm = GemmAllReduce(
+                ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
+            )
+        out = state.gemm(a, b, bias, path=path)
+        state.last = state.gemm.last_selection
+        return out
+    if car is not None:
+        why = f"dtype {a.dtype} is not fused"
+    out = torch.matmul(a, b)
+    if bias is not None and g.rank == 0:
+        out += bias
+    g.all_reduce(out)
+    state.last = Selection("sequential", "custom-unavailable", f"{why}; matmul then all-reduce")
+    return out

@@ -1,0 +1,147 @@
+"""The fused operations for N virtual ranks on one GPU (tests and benchmarks), one launch for all ranks."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..errors import (
+    InvalidArgumentError,
+    WorkspaceExhaustedError,
+)
+from ..workspace import local_workspaces
+from .gemm import GemmAllReduce, GemmPathSelector, gemm_workspace_bytes
+from .rmsnorm import FusedAllReduceRMSNorm
+
+
+class VirtualFused:
+    """The fused operations for the ``world_size`` virtual ranks of a :class:`VirtualRankGroup`, each call
+    one launch per kernel for all ranks (grid axis 1 = rank), tensors stacked as ``[world_size, ...]``.
+
+    Args:
+        group: the virtual ranks (their all-reduce workspaces carry the AR + RMSNorm kernel).
+        gemm_max_output_bytes: per-rank capacity of the fused GEMM's tile buffer (a dedicated workspace).
+        consumer_programs: programs per rank of the fused GEMM's reduction (default: SMs / (4 * ranks)).
+    """
+
+    def __init__(
+        self,
+        group,
+        gemm_max_output_bytes: int = 64 << 20,
+        consumer_programs: int | None = None,
+        selector: GemmPathSelector | None = None,
+        num_chunks: int = 4,
+    ):
+        self.group = group
+        self.world_size = w = group.world_size
+        self.device = group.device
+        self.rmsnorm = FusedAllReduceRMSNorm(group.workspaces[0], max_programs=group.max_programs)
+        self._ar_table = torch.cat([ws.table for ws in group.workspaces])
+        self._ar_ctrl = group.workspaces[0].control  # row 0 of every rank's [world_size, CTRL_WORDS] block
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._overlap_programs = max(1, sms // (4 * w))
+        self.gemm_workspaces = local_workspaces(w, gemm_workspace_bytes(gemm_max_output_bytes), self.device)
+        if consumer_programs is None:
+            consumer_programs = self._overlap_programs
+        self.gemm = GemmAllReduce(
+            self.gemm_workspaces[0],
+            self._all_reduce_stacked,
+            selector=selector,
+            consumer_programs=consumer_programs,
+            num_chunks=num_chunks,
+        )
+        self._gemm_table = torch.cat([ws.table for ws in self.gemm_workspaces])
+        self._gemm_ctrl = self.gemm_workspaces[0].control
+
+    def _all_reduce_stacked(self, t: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce_stacked(t.view(self.world_size, -1))
+
+    def _all_reduce_beside_gemm(self, t: torch.Tensor) -> None:
+        """The chunked path's all-reduce: few programs, so that it becomes resident while a GEMM holds SMs."""
+        flat = t.view(self.world_size, -1)
+        numel, itemsize = flat.shape[1], flat.element_size()
+        algo = self.group.select(numel * itemsize).algo
+        if algo not in ("one_shot", "two_shot"):
+            self.group.all_reduce_stacked(flat)  # raises the group's typed error for what it cannot run
+            return
+        self.group.ranks[0]._launcher.launch(
+            algo, flat, flat, numel, itemsize, False, self._ar_table, self._ar_ctrl, 0, self.world_size,
+            self._overlap_programs, virtual=True,
+        )  # fmt: skip
+
+    def all_reduce_residual_rmsnorm(self, x, residual, weight, eps: float = 1e-6, algo: str = "auto"):
+        """``x``, ``residual``: ``[world_size, rows, hidden]`` (row block r = rank r); ``weight``: ``[hidden]``.
+
+        Returns ``(normed, new_residual)``, both ``[world_size, rows, hidden]``, one launch.
+        """
+        if x.dim() != 3 or x.shape[0] != self.world_size:
+            raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
+        self.group.check_errors()
+        rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
+        sel = self.rmsnorm._pick(algo, x[0].numel() * x.element_size())
+        if sel.algo == "unfused":
+            raise WorkspaceExhaustedError(f"{x[0].numel() * x.element_size()} bytes per rank exceed the workspace")
+        normed, new_residual = torch.empty_like(x), torch.empty_like(x)
+        if rows:
+            self.rmsnorm.launch(
+                sel.algo,
+                x,
+                residual,
+                weight,
+                normed,
+                new_residual,
+                rows,
+                hidden,
+                eps,
+                table=self._ar_table,
+                ctrl=self._ar_ctrl,
+                virtual_ranks=self.world_size,
+            )
+        return normed, new_residual
+
+    def gemm_all_reduce(self, a, b, bias=None, path: str = "auto", one_shot: bool | None = None):
+        """``a``: ``[world_size, M, K]``, ``b``: ``[world_size, K, N]`` -> ``[world_size, M, N]``, every block the
+        sum over ranks of ``a[r] @ b[r]`` (+ ``bias`` once)."""
+        g = self.gemm
+        for ws in self.gemm_workspaces:
+            ws.raise_if_failed()
+        m, n, _ = g._validate(a, b, bias, batch=self.world_size)
+        sel = g._pick(path, m, n, a.element_size())
+        w = self.world_size
+        out = torch.empty((w, m, n), dtype=a.dtype, device=self.device)
+        if sel.algo == "fused":
+            g.launch_fused(
+                a, b, bias, out, m, n, table=self._gemm_table, ctrl=self._gemm_ctrl, virtual_ranks=w, one_shot=one_shot
+            )
+        elif sel.algo == "sequential":
+            self._bmm(a, b, bias, out)
+            self._all_reduce_stacked(out)
+        else:
+            chunk = triton.cdiv(m, g.num_chunks)
+            stage = torch.empty((g.num_chunks, w * chunk * n), dtype=a.dtype, device=self.device)
+            current = torch.cuda.current_stream(self.device)
+            g._side.wait_stream(current)
+            for i, start in enumerate(range(0, m, chunk)):
+                rows = slice(start, start + chunk)
+                part = stage[i, : w * min(chunk, m - start) * n].view(w, -1, n)  # contiguous per chunk
+                self._bmm(a[:, rows], b, bias, part)
+                done = torch.cuda.Event()
+                done.record(current)
+                g._side.wait_event(done)
+                with torch.cuda.stream(g._side):
+                    self._all_reduce_beside_gemm(part)
+                    out[:, rows].copy_(part)  # virtual ranks only: rank blocks are not contiguous per chunk
+            current.wait_stream(g._side)
+            stage.record_stream(g._side)
+        return out
+
+    @staticmethod
+    def _bmm(a, b, bias, out) -> None:
+        torch.bmm(a, b, out=out)
+        if bias is not None:
+            out[0] += bias  # once: rank 0's partial carries the bias
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        for ws in self.gemm_workspaces:
+            ws.close()
