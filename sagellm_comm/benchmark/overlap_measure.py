@@ -1,0 +1,283 @@
+"""One rank of the overlap benchmark: compute alone, communication alone, both overlapped.
+
+The timing method is described in ``run_overlap_bench``'s docstring."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+
+import torch
+
+from sagellm_comm.benchmark.ops import dtype_name, resolve_dtype
+from sagellm_comm.benchmark.overlap_results import (
+    CPU_DEFAULTS,
+    GPU_DEFAULTS,
+    OverlapConfig,
+    OverlapRecord,
+    OverlapResult,
+    derive,
+)
+from sagellm_comm.benchmark.sizes import parse_size_list
+from sagellm_comm.benchmark.timing import _cycles_per_us, percentile
+from sagellm_comm.errors import InvalidArgumentError
+
+MAX_HOLD_US = 50_000.0
+MAX_MARKS = 4
+CALIBRATION_GEMMS = 8
+
+
+def _median(values: list[float]) -> float:
+    return percentile(sorted(values), 50.0)
+
+
+def _max_over_ranks(backend: Any, values: list[float]) -> list[float]:
+    if backend.world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=backend.cpu_group)
+    return tensor.tolist()
+
+
+class _RankBench:
+    """The measurement on one rank (every rank runs the same calls in the same order)."""
+
+    def __init__(self, backend: Any, config: OverlapConfig, defaults: dict):
+        from sagellm_comm.group import CommGroup
+
+        self.backend = backend
+        self.virtual = getattr(backend, "virtual_group", None)
+        self.group = CommGroup(backend) if self.virtual is None else None
+        self.device = backend.device
+        self.cuda = self.device.type == "cuda"
+        self.config = config
+        self.dtype = resolve_dtype(config.dtype or defaults["dtype"])
+        if not self.dtype.is_floating_point:
+            raise InvalidArgumentError(f"the GEMM needs a floating-point dtype, got {self.dtype}")
+        size = config.gemm_size or defaults["gemm_size"]
+        generator = torch.Generator(device="cpu").manual_seed(1234 + backend.rank)
+        self.a = torch.randn(size, size, generator=generator).to(self.device, self.dtype)
+        self.b = torch.randn(size, size, generator=generator).to(self.device, self.dtype) / size**0.5
+        self.c = torch.empty(size, size, device=self.device, dtype=self.dtype)
+        self.gemm_shape = f"{size}x{size}x{size}"
+        self.gemm_iters = 1
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        self.sync()
+        self.backend.barrier()
+
+    def compute(self) -> None:
+        for _ in range(self.gemm_iters):
+            torch.matmul(self.a, self.b, out=self.c)
+
+    def _iterations(self, body, iters: int, warmup: int, reset=None) -> list[list[float]]:
+        """Run ``body(mark)`` ``warmup`` + ``iters`` times; return each timed run's intervals (ms).
+
+        ``body`` calls ``mark()`` at its timing points; interval ``j`` is mark ``j`` -> mark ``j + 1``
+        (CUDA: events on the current stream; CPU: wall clock).  Every iteration starts with ``reset``
+        and a barrier, so rank skew from the previous iteration is not timed; on CUDA a device-side
+        spin (sized from the warm-up's host time) is queued first so the host's submission is off the
+        device timeline.  Nothing is allocated between the marks by this loop.
+        """
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(MAX_MARKS)] if self.cuda else []
+        stamps = [0] * MAX_MARKS
+        count = 0
+
+        def mark() -> None:
+            nonlocal count
+            if self.cuda:
+                events[count].record()
+            else:
+                stamps[count] = time.perf_counter_ns()
+            count += 1
+
+        host_us, samples = [], []
+        for i in range(warmup + iters):
+            if reset is not None:
+                reset()
+            self.barrier()
+            if self.cuda and i >= warmup:
+                hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * (_median(host_us) if host_us else 1000.0))
+                torch.cuda._sleep(int(hold_us * _cycles_per_us(self.device)))
+            count = 0
+            begin = time.perf_counter_ns()
+            body(mark)
+            host_us.append((time.perf_counter_ns() - begin) / 1e3)
+            self.sync()
+            if i >= warmup:
+                if self.cuda:
+                    samples.append([events[j].elapsed_time(events[j + 1]) for j in range(count - 1)])
+                else:
+                    samples.append([(stamps[j + 1] - stamps[j]) / 1e6 for j in range(count - 1)])
+        return samples
+
+    def calibrate(self, target_ms: float) -> None:
+        """Same GEMM count on every rank: from the slowest rank's time per GEMM in a loop of
+        ``CALIBRATION_GEMMS`` (a single GEMM is dominated by launch and cache effects)."""
+        self.gemm_iters = CALIBRATION_GEMMS
+        loop_ms = _median([s[0] for s in self._iterations(self._timed_compute, iters=5, warmup=2)])
+        (slowest_ms,) = _max_over_ranks(self.backend, [loop_ms / CALIBRATION_GEMMS])
+        self.gemm_iters = max(1, round(target_ms / max(slowest_ms, 1e-6)))
+
+    def _timed_compute(self, mark) -> None:
+        mark()
+        self.compute()
+        mark()
+
+    def _submit(self, buffers: list[torch.Tensor]) -> Any:
+        """Start the all-reduce of ``buffers`` (one per rank of this process) on the side stream."""
+        from sagellm_comm.overlap import AsyncAllReduce, all_reduce_async, comm_stream
+
+        if self.virtual is None:
+            return all_reduce_async(buffers[0], self.group)
+        side = comm_stream(self.device)  # as all_reduce_async does, for the N ranks of this process
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.virtual.all_reduce(buffers)  # forks to the rank streams and joins back into `side`
+            event = torch.cuda.Event()
+            event.record(side)
+        for buffer in buffers:
+            buffer.record_stream(side)
+        return AsyncAllReduce(buffers[0], event=event, stream=side)
+
+    def measure(self, nbytes: int, warmup: int, iters: int) -> list[float]:
+        """Medians (then maxima over ranks) of: compute alone, comm alone, submit, wait, compute
+        overlapped, total, and the number of wrong elements after the overlapped all-reduce."""
+        numel = max(1, nbytes // self.dtype.itemsize)
+        if self.virtual is None:  # this process's rank
+            buffers, values = [torch.empty(numel, device=self.device, dtype=self.dtype)], [self.backend.rank + 1]
+            ranks = self.backend.world_size
+        else:  # every virtual rank's buffer lives in this process
+            ranks = self.virtual.world_size
+            buffers = [torch.empty(numel, device=self.device, dtype=self.dtype) for _ in range(ranks)]
+            values = list(range(1, ranks + 1))
+        expected = float(ranks * (ranks + 1) // 2)
+
+        def fill() -> None:
+            for buffer, value in zip(buffers, values, strict=True):
+                buffer.fill_(float(value))
+
+        def comm_alone(mark) -> None:
+            mark()
+            self._submit(buffers).wait()
+            mark()
+
+        submit_ms: list[float] = []
+        wrong = 0
+
+        def overlapped(mark) -> None:
+            nonlocal wrong
+            mark()
+            begin = time.perf_counter_ns()
+            handle = self._submit(buffers)
+            submit_ms.append((time.perf_counter_ns() - begin) / 1e6)
+            mark()
+            self.compute()
+            mark()
+            handle.wait()
+            mark()
+
+        compute_alone = self._iterations(self._timed_compute, iters, warmup)
+        comm_only = self._iterations(comm_alone, iters, warmup, reset=fill)
+        both = self._iterations(overlapped, iters, warmup, reset=fill)
+        self.sync()
+        wrong = sum(int((b != expected).sum()) for b in buffers)  # the last overlapped iteration's result
+        medians = [
+            _median([s[0] for s in compute_alone]),
+            _median([s[0] for s in comm_only]),
+            _median(submit_ms[warmup:]),
+            _median([s[2] for s in both]),  # wait: compute done -> all-reduce joined
+            _median([s[1] for s in both]),  # compute while the all-reduce runs
+            _median([sum(s) for s in both]),  # submit + compute + wait (device: submit ~ 0)
+            float(wrong),
+        ]
+        return _max_over_ranks(self.backend, medians)
+
+
+class _VirtualWorld:
+    """N virtual ranks (the custom kernels, one stream per rank, one GPU) seen as the benchmark's backend.
+
+    One process holds every rank, so there is nothing to reduce across processes and no host barrier;
+    ``virtual_group`` is the :class:`~sagellm_comm.virtual.VirtualRankGroup` that runs the all-reduce.
+    """
+
+    rank = 0
+    world_size = 1  # processes
+    is_initialized = True
+
+    def __init__(self, virtual_ranks: int, max_bytes: int):
+        from sagellm_comm.virtual import VirtualRankGroup
+
+        self.virtual_group = VirtualRankGroup(virtual_ranks, max_bytes=max_bytes)
+        self.virtual_ranks = virtual_ranks
+        self.device = self.virtual_group.device
+        self.name = f"custom ({virtual_ranks} virtual ranks on one GPU)"
+
+    def barrier(self) -> None:
+        return None
+
+    def destroy(self) -> None:
+        self.virtual_group.close()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{device.type}: {platform.processor() or platform.machine()}"
+
+
+def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
+    """Run the benchmark on this rank of an initialised ``backend`` (every rank calls it)."""
+    cuda = backend.device.type == "cuda"
+    defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
+    sizes = config.comm_sizes or parse_size_list(defaults["comm_sizes"])
+    target = float(config.compute_duration_ms or defaults["compute_duration_ms"])
+    bench = _RankBench(backend, config, defaults)
+    ranks = getattr(backend, "virtual_ranks", backend.world_size)
+    bench.calibrate(target)
+    timing = (
+        "cuda_events (GEMM loop on the current stream, all-reduce on a side stream)"
+        if cuda
+        else f"wall_clock + real matmul on CPU ({backend.name} all-reduce on its engine thread)"
+    )
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    records = []
+    for nbytes in sizes:
+        compute_alone, comm_alone, submit, wait, compute, total, wrong = bench.measure(
+            nbytes, config.warmup, config.iters
+        )
+        records.append(
+            OverlapRecord(
+                comm_bytes=nbytes,
+                data_type=dtype_name(bench.dtype),
+                gemm_shape=bench.gemm_shape,
+                gemm_iters=bench.gemm_iters,
+                compute_target_ms=target,
+                compute_duration_ms=compute_alone,
+                comm_duration_ms=comm_alone,
+                comm_submit_ms=submit,
+                comm_wait_ms=wait,
+                compute_ms=compute,
+                total_ms=total,
+                num_wrong=int(wrong),
+                backend_kind=backend.name,
+                world_size=ranks,
+                timing_method=timing,
+                device_name=_device_name(backend.device),
+                warmup_iters=config.warmup,
+                benchmark_iters=config.iters,
+                timestamp=stamp,
+                **derive(compute_alone, comm_alone, total),
+            )
+        )
+    run = {"backend_kind": backend.name, "world_size": ranks, "timing_method": timing}
+    return OverlapResult(records, run)

@@ -1,0 +1,150 @@
+"""The overlap benchmark's request, records and output files (fields: docs/layers.md)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from sagellm_comm.benchmark.sizes import format_size
+
+DEFAULT_OUTPUT_DIR = ".benchmarks/overlap"
+DEFAULT_WARMUP = 3
+DEFAULT_ITERS = 10
+GPU_DEFAULTS = {"comm_sizes": "1M,16M,64M", "compute_duration_ms": 2.0, "gemm_size": 4096, "dtype": "bfloat16"}
+CPU_DEFAULTS = {"comm_sizes": "64K,1M", "compute_duration_ms": 20.0, "gemm_size": 128, "dtype": "float32"}
+OVERLAP_FIELDS = (
+    "comm_bytes",
+    "compute_duration_ms",
+    "comm_duration_ms",
+    "comm_submit_ms",
+    "comm_wait_ms",
+    "compute_ms",
+    "total_ms",
+    "overlap_ratio",
+    "overlap_efficiency",
+    "theoretical_sequential_ms",
+    "theoretical_overlap_ms",
+)
+
+
+@dataclass
+class OverlapConfig:
+    """A run's request (the CLI's options, same names)."""
+
+    backend: str = "auto"
+    world_size: int | None = None
+    comm_sizes: list[int] | None = None  # None: GPU_DEFAULTS / CPU_DEFAULTS
+    compute_duration_ms: float | None = None  # target of the GEMM loop alone
+    gemm_size: int | None = None
+    dtype: str | None = None
+    warmup: int = DEFAULT_WARMUP
+    iters: int = DEFAULT_ITERS
+    output_dir: str | None = DEFAULT_OUTPUT_DIR
+    timeout: float = 120.0
+    virtual_ranks: int | None = None  # N ranks of the custom kernels on one GPU, one process
+
+
+@dataclass
+class OverlapRecord:
+    """One message size (definitions in docs/layers.md; times in milliseconds)."""
+
+    comm_bytes: int
+    data_type: str
+    gemm_shape: str
+    gemm_iters: int
+    compute_target_ms: float
+    compute_duration_ms: float
+    comm_duration_ms: float
+    comm_submit_ms: float
+    comm_wait_ms: float
+    compute_ms: float
+    total_ms: float
+    overlap_ratio: float
+    overlap_efficiency: float
+    theoretical_sequential_ms: float
+    theoretical_overlap_ms: float
+    num_wrong: int
+    backend_kind: str
+    world_size: int
+    timing_method: str
+    device_name: str
+    warmup_iters: int
+    benchmark_iters: int
+    timestamp: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OverlapResult:
+    records: list[OverlapRecord]
+    run: dict = field(default_factory=dict)
+    json_path: Path | None = None
+    csv_path: Path | None = None
+
+    @property
+    def table(self) -> str:
+        return format_overlap_table(self.records, self.run)
+
+
+def derive(compute_duration_ms: float, comm_duration_ms: float, total_ms: float) -> dict[str, float]:
+    """The derived fields from the measured ones (see docs/layers.md)."""
+    sequential = compute_duration_ms + comm_duration_ms
+    ideal = max(compute_duration_ms, comm_duration_ms)
+    hideable = min(compute_duration_ms, comm_duration_ms)
+    ratio = (sequential - total_ms) / hideable if hideable > 0 else 0.0
+    return {
+        "theoretical_sequential_ms": sequential,
+        "theoretical_overlap_ms": ideal,
+        "overlap_ratio": min(1.0, max(0.0, ratio)),
+        "overlap_efficiency": ideal / total_ms if total_ms > 0 else 0.0,
+    }
+
+
+def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
+    lines = [
+        f"# sagellm-comm overlap bench: backend {run.get('backend_kind')}, world size {run.get('world_size')}",
+        f"# timing: {run.get('timing_method')}; median over iterations, slowest rank; times in ms",
+        "# seq = compute alone + comm alone; ideal = max of the two; ratio = hidden / min of the two; "
+        "eff = ideal / total",
+        f"#{'size':>8} {'gemm':>14} {'n':>5} {'compute':>9} {'comm':>9} {'submit':>8} {'comp|ovl':>9} "
+        f"{'wait':>8} {'total':>9} {'seq':>9} {'ideal':>9} {'ratio':>6} {'eff':>6} {'#wrong':>7}",
+    ]
+    for r in records:
+        lines.append(
+            f" {format_size(r.comm_bytes):>8} {r.gemm_shape:>14} {r.gemm_iters:>5} {r.compute_duration_ms:>9.3f} "
+            f"{r.comm_duration_ms:>9.3f} {r.comm_submit_ms:>8.3f} {r.compute_ms:>9.3f} {r.comm_wait_ms:>8.3f} "
+            f"{r.total_ms:>9.3f} {r.theoretical_sequential_ms:>9.3f} {r.theoretical_overlap_ms:>9.3f} "
+            f"{r.overlap_ratio:>6.2f} {r.overlap_efficiency:>6.2f} {r.num_wrong:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None:
+    """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv``."""
+    from sagellm_comm import __version__
+    from sagellm_comm.benchmark.report import output_stem
+
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stem = output_stem("overlap", int(result.run.get("world_size", 0)), stamp)
+    suffix = 1
+    while (directory / f"{stem}.json").exists():
+        suffix += 1
+        stem = f"{output_stem('overlap', int(result.run.get('world_size', 0)), stamp)}_{suffix}"
+    result.run.update(package_version=__version__, torch_version=torch.__version__)
+    result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
+    payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
+    result.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    with result.csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(OverlapRecord)])
+        writer.writeheader()
+        for r in result.records:
+            writer.writerow(r.to_dict())
