@@ -153,7 +153,8 @@ def lamport_all_reduce_kernel(
         offs = tile * BLOCK + lane
         mask = offs < numel
         v = tl.load(inp + offs, mask=mask, other=0.0)
-        v = tl.where(v != v, float("nan"), v)  # canonical NaN: never the sentinel
+        v_f32 = v.to(tl.float32)  # NaN test in fp32: the interpreter compares 16-bit floats as raw bits
+        v = tl.where(v_f32 != v_f32, float("nan"), v)  # canonical NaN: never the sentinel
         for p in tl.static_range(W):
             dst = (_pick(bases, peers, p) + slot_in_peer).to(tl.pointer_type(DTYPE))
             tl.store(dst + offs, v, mask=mask)

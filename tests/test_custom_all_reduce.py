@@ -239,3 +239,28 @@ def test_workspace_rejects_bad_world_sizes():
     for ws, rank in ((1, 0), (9, 0), (2, 2), (2, -1)):
         with pytest.raises(InvalidArgumentError):
             SymmetricWorkspace(rank, ws, 4096, [0] * ws, "cpu")
+
+
+def _sentinel_nan_worker(rank, world_size, port):
+    car, _ = _setup(rank, world_size, port, timeout_s=20.0)
+    results = {}
+    for dtype, bits_dtype, sentinel in (
+        (torch.bfloat16, torch.int16, -1),  # 0xFFFF: a bf16 NaN with the Lamport sentinel's bit pattern
+        (torch.float32, torch.int32, -1),  # 0xFFFFFFFF
+    ):
+        x = torch.full((37,), float(rank + 1), dtype=dtype)
+        x.view(bits_dtype)[5] = sentinel  # real data that looks like "not arrived yet" unless canonicalised
+        x[9] = float("nan")
+        car.all_reduce(x, algo="lamport")
+        car.check_errors()  # a sentinel pushed as data would leave the peer polling until the timeout
+        results[str(dtype)] = (bool(torch.isnan(x[5])), bool(torch.isnan(x[9])), x[0].item(), x[36].item())
+    car.close()
+    return results
+
+
+def test_lamport_nan_inputs_with_the_sentinel_bit_pattern_arrive():
+    per_rank = run_ranks(_sentinel_nan_worker, 2, env=INTERP, timeout=300)
+    for res in per_rank:
+        for dtype_name, (nan5, nan9, first, last) in res.items():
+            assert nan5 and nan9, f"{dtype_name}: NaN inputs must give NaN sums"
+            assert first == last == 3.0, f"{dtype_name}: other elements must be summed (got {first}, {last})"
