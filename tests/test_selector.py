@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector
@@ -104,3 +105,24 @@ def test_lamport_choices_over_its_buffers_run_one_shot(monkeypatch):
     assert "exceed the Lamport buffers" in over.reason
     assert car.select(512 << 10, 4).algo == "lamport"  # the same bytes in fp32 are 128K elements
     assert car.resolve_algo("auto", 256 * 1024, 512 << 10) == "one_shot"
+
+
+def test_a_new_selector_drops_the_per_shape_decisions(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    calls = []
+    ws = SymmetricWorkspace(0, 2, 1 << 20, [0, 0], "cpu")  # a view only: no kernel is launched below
+    car = CustomAllReduce(
+        ws,
+        selector=AlgoSelector.from_dict({"rules": [{"id": "all", "algo": "nccl"}]}),
+        fallback=lambda t: calls.append(t.numel()) or t,
+    )
+    empty = torch.empty(0)
+    car.all_reduce(empty)
+    car.all_reduce(empty)  # the cached decision: the engine again
+    assert calls == [0, 0]
+    car.selector = AlgoSelector.from_dict({"rules": [{"id": "all", "algo": "one_shot"}]})
+    car.all_reduce(empty)  # decided anew: one-shot, and an empty tensor launches nothing
+    assert calls == [0, 0]
