@@ -65,6 +65,17 @@ def lamport_bytes(world_size: int, cap_elems: int) -> int:
 
 
 @triton.jit
+def _load_slot(area, slot_stride, buf, p, offs, mask, W: tl.constexpr, WIDE: tl.constexpr):
+    """Volatile load of tile ``offs`` of source ``p``'s slot of buffer ``buf``, as raw bits (int32 or int16)."""
+    src = area + (buf * W + p) * slot_stride
+    if WIDE:
+        bits = tl.load(src.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0, volatile=True)
+    else:
+        bits = tl.load(src.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0, volatile=True)
+    return bits
+
+
+@triton.jit
 def _gather_tile(area, slot_stride, buf, offs, mask, W: tl.constexpr, WIDE: tl.constexpr, DTYPE: tl.constexpr):
     """Load tile ``offs`` of every source's slot of buffer ``buf`` in ``area`` (all loads issued first).
 
@@ -74,12 +85,10 @@ def _gather_tile(area, slot_stride, buf, offs, mask, W: tl.constexpr, WIDE: tl.c
     acc = tl.zeros(offs.shape, tl.float32)
     pending = tl.zeros(offs.shape, tl.int32)
     for p in tl.static_range(W):
-        src = area + (buf * W + p) * slot_stride
+        bits = _load_slot(area, slot_stride, buf, p, offs, mask, W, WIDE)
         if WIDE:
-            bits = tl.load(src.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0, volatile=True)
             val = bits.to(tl.float32, bitcast=True)
         else:
-            bits = tl.load(src.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0, volatile=True)
             val = bits.to(DTYPE, bitcast=True).to(tl.float32)
         pending += (bits == -1).to(tl.int32)
         acc += val
@@ -91,12 +100,7 @@ def _first_missing(area, slot_stride, buf, offs, mask, W: tl.constexpr, WP: tl.c
     """The lowest source rank whose slot still holds a sentinel in tile ``offs`` (``WP`` if none)."""
     first = tl.full([], WP, tl.int32)
     for p in tl.static_range(W):
-        src = area + (buf * W + p) * slot_stride
-        if WIDE:
-            bits = tl.load(src.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0, volatile=True)
-        else:
-            bits = tl.load(src.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0, volatile=True)
-        n = tl.sum((bits == -1).to(tl.int32), axis=0)
+        n = tl.sum((_load_slot(area, slot_stride, buf, p, offs, mask, W, WIDE) == -1).to(tl.int32), axis=0)
         first = tl.where((n > 0) & (first == WP), p, first)
     return first
 
