@@ -308,15 +308,7 @@ class CustomAllReduce:
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
-        # The policy and the capacity checks depend on (algo, dtype, numel) only: decided once per shape.
-        shape_key = (algo, tensor.dtype, numel)
-        resolved = self._resolved.get(shape_key)
-        if resolved is None:
-            resolved = self.resolve_algo(algo, numel, numel * itemsize)
-            if len(self._resolved) >= 4096:
-                self._resolved.clear()
-            self._resolved[shape_key] = resolved
-        algo = resolved
+        algo = self.resolve_algo(algo, numel, numel * itemsize)
         if algo == "nccl":
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
@@ -338,19 +330,32 @@ class CustomAllReduce:
         return tensor.device.type != "cpu"
 
     def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
-        """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced."""
+        """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced.
+
+        Depends on its arguments only (the workspace and the policy are fixed; a new ``selector`` clears
+        the memo), so each (algo, numel, nbytes) is decided once; a refusal raises every time.
+        """
+        key = (algo, numel, nbytes)
+        resolved = self._resolved.get(key)
+        if resolved is not None:
+            return resolved
         if algo == "auto":
-            algo = self.select(nbytes, nbytes // numel if numel else 2).algo
+            resolved = self.select(nbytes, nbytes // numel if numel else 2).algo
         elif algo == "lamport" and numel > self.workspace.lamport_capacity:
             raise WorkspaceExhaustedError(
                 f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"
             )
-        if algo != "nccl" and nbytes > self.workspace.slot_bytes:
+        else:
+            resolved = algo
+        if resolved != "nccl" and nbytes > self.workspace.slot_bytes:
             raise WorkspaceExhaustedError(
                 f"message of {nbytes} bytes exceeds the custom all-reduce workspace ({self.workspace.slot_bytes}"
                 " bytes); use algo='auto' (falls back to NCCL) or a larger workspace"
             )
-        return algo
+        if len(self._resolved) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
+            self._resolved.clear()
+        self._resolved[key] = resolved
+        return resolved
 
     def close(self) -> None:
         """Release the workspace (collective in spirit: every rank should close)."""
