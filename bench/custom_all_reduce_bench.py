@@ -33,6 +33,33 @@ from sagellm_comm import custom_all_reduce as car_mod  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 
 
+def run_meta(**extra) -> dict:
+    """What every result file of these scripts records: device, date, commit, command, versions, ``extra``."""
+    import triton
+
+    commit = os.environ.get("SAGELLM_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        except OSError:
+            commit = ""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit.strip() or "unknown",
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        **extra,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
 def parse_size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
@@ -239,27 +266,13 @@ def main() -> None:
             f"(python side {h['custom_python_side_us']:.2f} us), torch op "
             f"{h['torch_op_us']:.2f} us, plain triton launch {h['triton_plain_launch_us']:.2f} us"
         )
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("SAGELLM_COMMIT") or commit or "unknown",
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "copy_roofline_gbps": roof,
-        "large_tile_bytes": car_mod.LARGE_TILE_BYTES,
-        "large_num_warps": car_mod.LARGE_NUM_WARPS,
-        "large_stages": car_mod.LARGE_STAGES,
-    }
-    import triton
-
-    meta["triton"] = triton.__version__
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "host": host}, f, indent=1)
+    meta = run_meta(
+        copy_roofline_gbps=roof,
+        large_tile_bytes=car_mod.LARGE_TILE_BYTES,
+        large_num_warps=car_mod.LARGE_NUM_WARPS,
+        large_stages=car_mod.LARGE_STAGES,
+    )
+    write_json(args.out, {"meta": meta, "rows": rows, "host": host})
     print(f"# wrote {args.out}")
 
 

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 
@@ -39,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from bench.custom_all_reduce_bench import run_meta, write_json  # noqa: E402
 from sagellm_comm.custom_all_reduce import _direct_launch  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 
@@ -61,6 +60,32 @@ def _median_us(fn, reps: int) -> float:
     return statistics.median(times) / 1e3
 
 
+def _per_rank_us(vg: VirtualRankGroup, xs: list, algo: str, reps: int, cross_wait: bool) -> float:
+    """Median host time of one rank's ``all_reduce`` call, every rank calling in turn on its own stream.
+
+    ``cross_wait``: each rank's stream first waits for the main stream (an event record and wait per call)
+    and the main stream joins all ranks after each round; otherwise each rank just issues on its stream.
+    """
+    cur = torch.cuda.current_stream()
+    times = []
+    for i in range(reps // vg.world_size):
+        for r in range(vg.world_size):
+            if cross_wait:
+                vg.streams[r].wait_stream(cur)
+            with torch.cuda.stream(vg.streams[r]):
+                t0 = time.perf_counter_ns()
+                vg.ranks[r].all_reduce(xs[r], algo=algo)
+                times.append(time.perf_counter_ns() - t0)
+        if cross_wait:
+            for r in range(vg.world_size):
+                cur.wait_stream(vg.streams[r])
+        if i % 128 == 0:
+            torch.cuda.synchronize()  # keep the launch queue from filling
+    torch.cuda.synchronize()
+    vg.check_errors()
+    return statistics.median(times) / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=4000)
@@ -73,58 +98,19 @@ def main() -> None:
 
     vg = VirtualRankGroup(args.world, "cuda:0", max_bytes=1 << 20)
     xs = [torch.randn(numel, device="cuda", dtype=torch.bfloat16) for _ in range(args.world)]
-    cur = torch.cuda.current_stream()
     for algo in args.algos.split(","):
         for _ in range(10):
             vg.all_reduce(xs, algo=algo)
         torch.cuda.synchronize()
-        per_call = []
-        for i in range(args.reps // args.world):
-            for r in range(args.world):
-                vg.streams[r].wait_stream(cur)
-                with torch.cuda.stream(vg.streams[r]):
-                    t0 = time.perf_counter_ns()
-                    vg.ranks[r].all_reduce(xs[r], algo=algo)
-                    per_call.append(time.perf_counter_ns() - t0)
-            for r in range(args.world):
-                cur.wait_stream(vg.streams[r])
-            if i % 128 == 0:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
-        vg.check_errors()
-        res[f"all_reduce_{algo}"] = statistics.median(per_call) / 1e3
-        auto = []
-        for i in range(args.reps // args.world):
-            for r in range(args.world):
-                vg.streams[r].wait_stream(cur)
-                with torch.cuda.stream(vg.streams[r]):
-                    t0 = time.perf_counter_ns()
-                    vg.ranks[r].all_reduce(xs[r])
-                    auto.append(time.perf_counter_ns() - t0)
-            for r in range(args.world):
-                cur.wait_stream(vg.streams[r])
-            if i % 128 == 0:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
-        res["all_reduce_auto"] = statistics.median(auto) / 1e3
+        res[f"all_reduce_{algo}"] = _per_rank_us(vg, xs, algo, args.reps, cross_wait=True)
         # Each rank issues a batch on its own stream with no cross-stream waits (as a real rank does on its
         # current stream); call i of every rank pairs up on the GPU.
-        batch = []
-        for i in range(args.reps // args.world):
-            for r in range(args.world):
-                with torch.cuda.stream(vg.streams[r]):
-                    t0 = time.perf_counter_ns()
-                    vg.ranks[r].all_reduce(xs[r], algo=algo)
-                    batch.append(time.perf_counter_ns() - t0)
-            if i % 128 == 0:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
-        vg.check_errors()
-        res[f"all_reduce_{algo}_no_stream_waits"] = statistics.median(batch) / 1e3
+        res[f"all_reduce_{algo}_no_stream_waits"] = _per_rank_us(vg, xs, algo, args.reps, cross_wait=False)
         stacked = torch.stack(xs)
         call = lambda a=algo, x=stacked: vg.all_reduce_stacked(x, algo=a)  # noqa: E731
         res[f"all_reduce_stacked_{algo}"] = _median_us(call, args.reps)
         vg.check_errors()
+    res["all_reduce_auto"] = _per_rank_us(vg, xs, "auto", args.reps, cross_wait=True)
     # Python alone: the cached plans' C launcher replaced by a no-op.
     cache = vg.ranks[0]._launcher.cache
     saved = dict(cache)
@@ -193,19 +179,7 @@ def main() -> None:
 
     for k, v in res.items():
         print(f"{k:24s} {v:8.2f} us" if isinstance(v, float) else f"{k:24s} {v}")
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("SAGELLM_COMMIT", "unknown"),
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "world_size": args.world,
-        "bytes": numel * 2,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "us_per_call": res}, f, indent=1)
+    write_json(args.out, {"meta": run_meta(world_size=args.world, bytes=numel * 2), "us_per_call": res})
 
 
 if __name__ == "__main__":

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
-from datetime import datetime, timezone
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.custom_all_reduce_bench import copy_roofline_gbps, graph_time_us, parse_size, traffic_bytes  # noqa: E402
+from bench.custom_all_reduce_bench import (  # noqa: E402
+    copy_roofline_gbps,
+    graph_time_us,
+    parse_size,
+    run_meta,
+    traffic_bytes,
+    write_json,
+)
 from sagellm_comm import custom_all_reduce as car_mod  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 
@@ -122,17 +127,7 @@ def main() -> None:
                 f"export SAGELLM_COMM_LARGE_TILE_BYTES={tile} SAGELLM_COMM_LARGE_NUM_WARPS={warps} "
                 f"SAGELLM_COMM_LARGE_STAGES={stages}\n"
             )
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("SAGELLM_COMMIT", "unknown"),
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "copy_roofline_gbps": roof,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_json(args.out, {"meta": run_meta(copy_roofline_gbps=roof), "rows": rows})
 
 
 if __name__ == "__main__":
