@@ -32,7 +32,7 @@ from ..workspace import SymmetricWorkspace
 from .torch_distributed import TorchDistributedBackend
 
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
-ALGO_CHOICES = ("auto", "one_shot", "two_shot", "nccl")
+ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
 
 
 def _interpreting() -> bool:
@@ -220,7 +220,7 @@ class CustomBackend(TorchDistributedBackend):
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto"):
         """As :meth:`CommBackend.all_reduce`; SUM on the world group runs the kernels when they can.
 
-        ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot`` or ``nccl`` (the engine).
+        ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot``, ``lamport`` or ``nccl`` (the engine).
         """
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
