@@ -46,6 +46,7 @@ from kernels.all_reduce import (
     _finish,
     _pick,
     _prologue,
+    _ptr,
     _reduce_tile,
 )
 
@@ -105,7 +106,7 @@ def all_reduce_rmsnorm_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
-    my_slot = (_pick(bases, peers, rank) + slot_offset).to(tl.pointer_type(DTYPE))
+    my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < hidden
     weight_f32 = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -136,7 +137,7 @@ def all_reduce_rmsnorm_kernel(
         # Gather chunk c's two results from rank c.
         for c in tl.static_range(W):
             if c != rank:
-                owner = (_pick(bases, peers, c) + slot_offset).to(tl.pointer_type(DTYPE))
+                owner = _ptr(_pick(bases, peers, c) + slot_offset, DTYPE)
                 rows_in_chunk = tl.minimum(chunk, num_rows - c * chunk)
                 for i in range(pid, rows_in_chunk, num_programs):
                     offs = (c * chunk + i) * hidden + cols

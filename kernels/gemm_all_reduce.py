@@ -57,6 +57,7 @@ from kernels.all_reduce import (
     _load_acquire,
     _pick,
     _prologue,
+    _ptr,
     _record_timeout,
     _ticks,
 )
@@ -201,7 +202,7 @@ def gemm_publish_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     my_base = _pick(bases, peers, rank)
-    buf = (my_base + DATA_OFFSET + (epoch % 2) * buffer_bytes).to(tl.pointer_type(DTYPE))
+    buf = _ptr(my_base + DATA_OFFSET + (epoch % 2) * buffer_bytes, DTYPE)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(buf + rows[:, None] * N + cols[None, :], acc.to(DTYPE), mask=mask)
     # Every thread's stores happen before the one release store of the flag (FIELD pitfall 1).
@@ -249,7 +250,7 @@ def tile_all_reduce_kernel(
     target = epoch + 1
     valid = peers < W
     my_base = _pick(bases, peers, rank)
-    my_buf = (my_base + data_offset).to(tl.pointer_type(DTYPE))
+    my_buf = _ptr(my_base + data_offset, DTYPE)
     # Padding lanes (W not a power of two) poll this rank's own flag: a valid address, never awaited.
     flag_bases = tl.where(valid, bases, my_base)
 
@@ -273,7 +274,7 @@ def tile_all_reduce_kernel(
                 offs = rows[:, None] * N + cols[None, :]
                 acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
                 for peer in tl.static_range(W):
-                    src = (_pick(bases, peers, peer) + data_offset).to(tl.pointer_type(DTYPE))
+                    src = _ptr(_pick(bases, peers, peer) + data_offset, DTYPE)
                     acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
                 if HAS_BIAS:
                     acc += bias_f32[None, :]
@@ -298,7 +299,7 @@ def tile_all_reduce_kernel(
                     )
                     tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
                     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                    src = (_pick(bases, peers, owner) + data_offset).to(tl.pointer_type(DTYPE))
+                    src = _ptr(_pick(bases, peers, owner) + data_offset, DTYPE)
                     for sub in tl.static_range(BLOCK_M // SUB_M):
                         rows = tile_m * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
                         mask = (rows[:, None] < M) & (cols[None, :] < N)

@@ -48,6 +48,7 @@ from kernels.all_reduce import (
     MAX_BLOCKS,
     PAD_BYTES,
     _pick,
+    _ptr,
     _record_timeout,
     _ticks,
 )
@@ -69,9 +70,9 @@ def _load_slot(area, slot_stride, buf, p, offs, mask, W: tl.constexpr, WIDE: tl.
     """Volatile load of tile ``offs`` of source ``p``'s slot of buffer ``buf``, as raw bits (int32 or int16)."""
     src = area + (buf * W + p) * slot_stride
     if WIDE:
-        bits = tl.load(src.to(tl.pointer_type(tl.int32)) + offs, mask=mask, other=0, volatile=True)
+        bits = tl.load(_ptr(src, tl.int32) + offs, mask=mask, other=0, volatile=True)
     else:
-        bits = tl.load(src.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0, volatile=True)
+        bits = tl.load(_ptr(src, tl.int16) + offs, mask=mask, other=0, volatile=True)
     return bits
 
 
@@ -160,7 +161,7 @@ def lamport_all_reduce_kernel(
         v_f32 = v.to(tl.float32)  # NaN test in fp32: the interpreter compares 16-bit floats as raw bits
         v = tl.where(v_f32 != v_f32, float("nan"), v)  # canonical NaN: never the sentinel
         for p in tl.static_range(W):
-            dst = (_pick(bases, peers, p) + slot_in_peer).to(tl.pointer_type(DTYPE))
+            dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
             tl.store(dst + offs, v, mask=mask)
 
     # 2. Poll this rank's buffer: all sources of a tile at once; again only while a sentinel remains.
@@ -190,7 +191,7 @@ def lamport_all_reduce_kernel(
         offs = tile * BLOCK + lane
         mask = offs < prev_words
         for p in tl.static_range(W):
-            dst = (my_area + (prev_buf * W + p) * slot_stride).to(tl.pointer_type(tl.int32))
+            dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
             tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
 
     # 4. This program's state for the next call: plain stores, read only by this program's next launch.

@@ -113,7 +113,7 @@ class KernelLauncher:
             tiles = triton.cdiv(numel, block)
         elif algo == "two_shot":
             kernel = _k.two_shot_all_reduce_kernel
-            tiles = triton.cdiv(triton.cdiv(numel, self.world_size), block)
+            tiles = triton.cdiv(_k.two_shot_chunk(numel, self.world_size), block)
         elif algo == "lamport":
             kernel = _k_lamport
             # Latency-bound: spread the message over every program (one round trip each), 4 elements a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import socket
 import subprocess
@@ -65,6 +66,9 @@ def package_version() -> str:
 
 
 def git_commit() -> str:
+    """``SAGELLM_COMMIT`` if set (a copied tree whose .git is not the source), else git's short HEAD."""
+    if os.environ.get("SAGELLM_COMMIT"):
+        return os.environ["SAGELLM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
