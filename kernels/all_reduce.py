@@ -53,9 +53,9 @@ import triton.language as tl
 
 # Layout constants, usable both from host code (ints) and inside kernels (constexpr).
 MAX_WORLD = tl.constexpr(8)
-MAX_BLOCKS = tl.constexpr(64)
+MAX_BLOCKS = tl.constexpr(128)  # programs per launch: one per SM of an H100 (132) for one rank per GPU
 NUM_PHASES = tl.constexpr(3)
-PAD_BYTES = tl.constexpr(8192)  # >= NUM_PHASES * MAX_BLOCKS * MAX_WORLD * 4; keeps data 16-byte aligned
+PAD_BYTES = tl.constexpr(16384)  # >= NUM_PHASES * MAX_BLOCKS * MAX_WORLD * 4; keeps data 16-byte aligned
 assert NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value * 4 <= PAD_BYTES.value
 
 PHASE_START = tl.constexpr(0)
@@ -70,7 +70,7 @@ ERR_BLOCK = tl.constexpr(3)
 ERR_EPOCH = tl.constexpr(4)
 ERR_WORDS = tl.constexpr(8)
 CHUNK_ALIGN = tl.constexpr(8)  # two-shot chunk granularity in elements: 16 bytes of bf16/fp16
-CTRL_WORDS = tl.constexpr(136)  # [0] epoch [1] finished programs [2] error latch [8..136) Lamport per-program state
+CTRL_WORDS = tl.constexpr(264)  # [0] epoch [1] finished programs [2] error latch [8..264) Lamport per-program state
 
 
 def two_shot_chunk(numel: int, world_size: int) -> int:

@@ -41,7 +41,24 @@ NUM_WARPS = 8
 LAMPORT_MIN_BLOCK = 256
 LAMPORT_MAX_BLOCK = 1024
 MAX_CACHED_PLANS = 4096
-DEFAULT_MAX_PROGRAMS = 32
+DEFAULT_MAX_PROGRAMS = 32  # CPU / interpreter; on a GPU see default_max_programs
+
+
+def default_max_programs(device: torch.device, ranks_on_device: int = 1) -> int:
+    """Programs per launch: one per SM and rank sharing the GPU, at most ``MAX_BLOCKS``.
+
+    All programs of a launch must be resident at once (they wait for each other at barriers), so ranks
+    sharing one GPU (virtual ranks, MPS) divide its SMs.  ``SAGELLM_COMM_MAX_PROGRAMS`` overrides.
+    """
+    override = os.environ.get("SAGELLM_COMM_MAX_PROGRAMS")
+    if override:
+        return max(1, min(_k.MAX_BLOCKS.value, int(override)))
+    if device.type != "cuda":
+        return DEFAULT_MAX_PROGRAMS
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(_k.MAX_BLOCKS.value, sms // max(1, ranks_on_device)))
+
+
 INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
 
 
@@ -190,7 +207,8 @@ class CustomAllReduce:
         timeout_s: bound of every device-side wait; a peer that does not arrive in time is reported by
             :meth:`check_errors` (and by the next call) as ``CommTimeoutError`` naming that peer.
         max_programs: most programs (thread blocks) per launch; all of them, on every rank, must be able to
-            run at once (they wait for each other).  Virtual ranks on one GPU divide the SMs between them.
+            run at once (they wait for each other).  Default: :func:`default_max_programs` (one per SM);
+            ranks sharing one GPU must divide its SMs between them.
         fallback: callable ``fallback(tensor) -> tensor`` used when the policy picks ``nccl``.
     """
 
@@ -199,7 +217,7 @@ class CustomAllReduce:
         workspace: SymmetricWorkspace,
         selector: AlgoSelector | None = None,
         timeout_s: float = 30.0,
-        max_programs: int = DEFAULT_MAX_PROGRAMS,
+        max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if workspace.device.type == "cpu" and not _interpreting():
@@ -207,6 +225,8 @@ class CustomAllReduce:
                 "the custom all-reduce on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1); "
                 "on GPUs use CUDA tensors"
             )
+        if max_programs is None:
+            max_programs = default_max_programs(workspace.device)
         if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
             raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
         if timeout_s <= 0:

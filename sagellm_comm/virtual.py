@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
+from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce, default_max_programs
 from .errors import BackendNotSupportedError, InvalidArgumentError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, local_workspaces
@@ -50,9 +50,8 @@ class VirtualRankGroup:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if max_programs is None:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
             # One program per SM and rank: every program of every rank must be resident at once.
-            max_programs = max(1, min(64, sms // world_size))
+            max_programs = default_max_programs(device, world_size)
         self.world_size = world_size
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device)

@@ -347,3 +347,17 @@ def test_plot(tmp_path):
     records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]
     path = report.plot_results(records, _info(["a", "b"]), tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_graph_replays_eager_is_the_call_itself():
+    from sagellm_comm.benchmark.measure import LoopSettings, graph_replays
+
+    settings = LoopSettings("all_reduce", torch.float32, [64], ["auto"], 1, 1, graph=False, progress=False)
+    calls = []
+
+    def fn():
+        calls.append(1)
+
+    timed, check, per_sample = graph_replays(fn, settings, torch.device("cpu"), reset=lambda: None)
+    assert timed is fn and check is fn and per_sample == 1
+    assert calls == []  # nothing runs before the timed loop

@@ -186,6 +186,7 @@ BAD_OPTIONS = [
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),
     (["--world-size", "0"], "--world-size must be >= 1"),
     (["--iters", "0"], "--iters must be >= 1"),
+    (["--graph-calls", "0"], "--graph-calls must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--algo", "bogus"], "unknown algo 'bogus'"),

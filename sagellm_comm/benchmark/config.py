@@ -11,6 +11,7 @@ DEFAULT_GPU_SIZES = "1K:256M"
 DEFAULT_CPU_SIZES = "1K:1M"
 DEFAULT_WARMUP = 5
 DEFAULT_ITERS = 20
+DEFAULT_GRAPH_CALLS = 10
 DEFAULT_SPAWN_WORLD_SIZE = 2
 VIRTUAL_MODES = ("stacked", "streams")
 VIRTUAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,6 +29,7 @@ class BenchConfig:
     warmup: int = DEFAULT_WARMUP
     iters: int = DEFAULT_ITERS
     graph: bool = False
+    graph_calls: int = DEFAULT_GRAPH_CALLS  # calls captured back to back in the timed graph
     selector_config: str | None = None
     output_dir: str | None = DEFAULT_OUTPUT_DIR  # None: write no files
     plot: str | None = None

@@ -57,6 +57,7 @@ class LoopSettings:
     iters: int
     graph: bool
     progress: bool
+    graph_calls: int = 1
 
 
 # ============================================================================ distributed ranks
@@ -132,6 +133,25 @@ def _reduce_across_ranks(backend: Any, values: list[float], op: Any) -> list[flo
     return tensor.tolist()
 
 
+def graph_replays(
+    fn: Callable[[], object], settings: LoopSettings, device: torch.device, reset: Callable[[], object]
+) -> tuple[Callable[[], object], Callable[[], object], int]:
+    """``(timed, check, calls_per_sample)`` for one point.
+
+    Eager: ``fn`` itself, one call a sample.  ``--graph``: ``timed`` replays a graph of ``graph_calls``
+    back-to-back calls (a sample is divided by that count: ranks that start a replay a little apart pay
+    the skew once per replay, not once per call, and the launch queue holds fewer entries), ``check``
+    replays a graph of one call (its result is what the correctness check compares).
+    """
+    if not settings.graph:
+        return fn, fn, 1
+    reset()
+    check = capture_graph(fn, device=device).replay
+    if settings.graph_calls <= 1:
+        return check, check, 1
+    return capture_graph(fn, device=device, calls=settings.graph_calls).replay, check, settings.graph_calls
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,10 +177,7 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
             stats_list = [0.0] * 6
             wrong = 0
             try:
-                timed = fn
-                if settings.graph:
-                    bufs.reset()
-                    timed = capture_graph(fn, device=device).replay
+                timed, check, per_sample = graph_replays(fn, settings, device, bufs.reset)
                 samples = time_iterations(
                     timed,
                     iters=settings.iters,
@@ -170,9 +187,9 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
                     barrier=backend.barrier,
                     hold_device=settings.graph,
                 )
-                stats_list = summarize(samples).as_list()
+                stats_list = summarize([s / per_sample for s in samples]).as_list()
                 bufs.prepare_check()
-                timed()  # the last host-side call (eager, or the capture) recorded what runs
+                check()  # the last host-side call (eager, or the capture) recorded what runs
                 _sync(device)
                 wrong = bufs.num_wrong()
                 algo_id, rule_id, reason = plan.label()
@@ -269,10 +286,7 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                     return group.all_reduce(works, algo=algo)
 
             try:
-                timed = call
-                if settings.graph:
-                    reset()
-                    timed = capture_graph(call, device=device).replay
+                timed, check, per_sample = graph_replays(call, settings, device, reset)
                 samples = time_iterations(
                     timed,
                     iters=settings.iters,
@@ -283,7 +297,7 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                 )
                 group.check_errors()
                 reset()
-                timed()
+                check()
                 torch.cuda.synchronize(device)
                 group.check_errors()
                 wrong = sum(count_wrong(w, expected) for w in works)
@@ -292,7 +306,8 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                 result.skipped.append({"algo": algo, "bytes": point_bytes, "reason": f"{type(exc).__name__}: {exc}"})
                 bar.step(f"{point_bytes} B {algo} FAILED")
                 continue
-            result.points.append(Point(point_bytes, count, algo, algo_id, rule_id, reason, summarize(samples), wrong))
+            stats = summarize([s / per_sample for s in samples])
+            result.points.append(Point(point_bytes, count, algo, algo_id, rule_id, reason, stats, wrong))
             bar.step(f"{point_bytes} B {algo_id}")
         del works, expected, reset
     bar.close()

@@ -110,9 +110,9 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def _timing_method(graph: bool, cuda: bool) -> str:
+def _timing_method(graph: bool, cuda: bool, graph_calls: int = 1) -> str:
     if graph:
-        return "cuda_graph_replay+cuda_events"
+        return "cuda_graph_replay+cuda_events" + (f" ({graph_calls} calls per graph)" if graph_calls > 1 else "")
     return "cuda_events" if cuda else "wall_clock"
 
 
@@ -134,7 +134,7 @@ def build_result(
         backend_kind=backend_kind,
         world_size=plan.world_size,
         launch_mode=launch_mode,
-        timing_method=_timing_method(config.graph, cuda),
+        timing_method=_timing_method(config.graph, cuda, config.graph_calls),
         graph=config.graph,
         algos_requested=algos,
         warmup_iters=config.warmup,

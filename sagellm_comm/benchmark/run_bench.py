@@ -19,6 +19,7 @@ from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
     DEFAULT_CPU_SIZES,
     DEFAULT_GPU_SIZES,
+    DEFAULT_GRAPH_CALLS,
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_WARMUP,
@@ -66,7 +67,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     how = parser.add_argument_group("how to time")
     how.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed calls (default: {DEFAULT_WARMUP})")
     how.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed calls (default: {DEFAULT_ITERS})")
-    how.add_argument("--graph", action="store_true", help="time CUDA-graph replays of one captured call")
+    how.add_argument("--graph", action="store_true", help="time CUDA-graph replays (device time; see --graph-calls)")
+    how.add_argument(
+        "--graph-calls",
+        type=int,
+        default=DEFAULT_GRAPH_CALLS,
+        metavar="K",
+        help=f"--graph: calls captured back to back in the timed graph; a sample is one replay / K "
+        f"(default: {DEFAULT_GRAPH_CALLS}; 1 = one call per replay)",
+    )
     how.add_argument("--selector-config", metavar="FILE", help="JSON policy for the custom all-reduce's auto choice")
     how.add_argument("--timeout", type=float, default=120.0, help="rendezvous/collective timeout in s (default 120)")
 
@@ -117,6 +126,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         warmup=args.warmup,
         iters=args.iters,
         graph=args.graph,
+        graph_calls=args.graph_calls,
         selector_config=args.selector_config,
         output_dir=None if args.no_save else args.output_dir,
         plot=args.plot,

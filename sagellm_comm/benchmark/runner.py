@@ -94,6 +94,8 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
     if config.iters < 1:
         raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    if config.graph_calls < 1:
+        raise InvalidArgumentError(f"--graph-calls must be >= 1, got {config.graph_calls}")
     if config.timeout <= 0:
         raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
     if config.world_size is not None and config.world_size < 1:
@@ -191,6 +193,7 @@ def _settings(config: BenchConfig, plan: LaunchPlan, rank: int) -> LoopSettings:
         warmup=config.warmup,
         iters=config.iters,
         graph=config.graph,
+        graph_calls=config.graph_calls,
         progress=config.progress and rank == 0,
     )
 

@@ -167,8 +167,10 @@ def time_iterations(
     return [ns / 1e3 for ns in samples_ns]
 
 
-def capture_graph(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """Capture one call of ``fn`` into a CUDA graph; replay it with ``graph.replay()``.
+def capture_graph(
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, calls: int = 1
+) -> torch.cuda.CUDAGraph:
+    """Capture ``calls`` back-to-back calls of ``fn`` into a CUDA graph; replay it with ``graph.replay()``.
 
     ``fn`` is run ``warmup`` times on a side stream first (as torch's documentation requires before
     capture), then captured once.  Every tensor it touches must stay alive and at the same address for
@@ -185,6 +187,7 @@ def capture_graph(fn: Callable[[], object], *, device: torch.device | str, warmu
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     torch.cuda.synchronize(device)
     return graph
