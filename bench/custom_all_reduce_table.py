@@ -45,9 +45,12 @@ def main(paths: list[str]) -> None:
             f"triton {m['triton']}, copy roofline {m['copy_roofline_gbps']:.0f} GB/s; command `{m['command']}`"
         )
     print(
-        "\nTimes in us per call (device time). `roof` = the emulated HBM traffic of the best kernel over the "
-        "measured copy bandwidth. `vs torch` = torch time / best kernel time (>1: ours faster). `auto picks`: "
-        "what the current default policy (sagellm_comm/selector.py) selects.\n"
+        "\nTimes in us per call (device time). `roof` = the emulated traffic of the best kernel (every rank's "
+        "reads and writes as if each went to HBM) over the measured copy bandwidth. Above 100% it is no longer "
+        "an HBM fraction: the W virtual ranks read each staged buffer at about the same time, so L2 serves "
+        "all but the first read. Real GPUs read peers over NVLink instead; see "
+        "`bench/results/2xh100/` for two H100s against NCCL. `vs torch` = torch time / best kernel time (>1: "
+        "ours faster). `auto picks`: what the current default policy (sagellm_comm/selector.py) selects.\n"
     )
     print("| W | bytes | lamport | one_shot | two_shot | torch ref | best | vs torch | roof | auto picks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
