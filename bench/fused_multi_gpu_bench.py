@@ -1,0 +1,247 @@
+"""Fused TP operations on real GPUs, one process per GPU (the ``custom`` backend over CUDA IPC).
+
+GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shard = 14336 / W), bf16:
+
+* ``gemm_us``: cuBLAS GEMM alone; ``ar_us``: our all-reduce of the [M, N] output alone (policy's algo);
+  ``nccl_ar_us``: NCCL's all-reduce of it;
+* ``seq_us``: cuBLAS GEMM then our all-reduce (``gemm_all_reduce(path="sequential")``);
+  ``seq_nccl_us``: cuBLAS GEMM then NCCL (what a plain TP layer runs);
+* ``chunked_us``, ``fused_us``: the two overlapped paths; ``auto_us``: what the policy runs;
+* ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M).
+
+AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfused_us`` (our all-reduce,
+torch add, ``torch.nn.functional.rms_norm``) and ``unfused_nccl_us`` (NCCL instead of ours).
+
+Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--calls`` calls, divided by
+``--calls``, of the slowest rank.  Writes ``<out>.json`` and ``<out>.md``::
+
+    python bench/fused_multi_gpu_bench.py --out bench/results/2xh100/fused_2xh100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.custom_all_reduce_bench import run_meta, write_json  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+
+def graph_us(fn, calls: int, reps: int, barrier) -> float:
+    """Median device time of one ``fn()`` on this rank: replays of a graph of ``calls`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    barrier()
+    g.replay()  # the first replay absorbs the ranks' start skew
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for e0, e1 in events:
+        e0.record()
+        g.replay()
+        e1.record()
+    torch.cuda.synchronize()
+    del g
+    return statistics.median(e0.elapsed_time(e1) * 1000.0 / calls for e0, e1 in events)
+
+
+def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
+    try:
+        row[key] = graph_us(fn, calls, reps, barrier)
+    except Exception as exc:  # a path the shape does not fit: recorded, the others still run
+        row[key] = None
+        row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"[:300]
+        torch.cuda.synchronize()
+
+
+def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier) -> dict:
+    from sagellm_comm.fused import gemm_all_reduce, last_selection
+
+    w = backend.world_size
+    k = 14336 // w
+    g = torch.Generator(device=backend.device).manual_seed(backend.rank)
+    a = torch.randn(m, k, device=backend.device, generator=g).to(torch.bfloat16)
+    b = (torch.randn(k, n, device=backend.device, generator=g) / k**0.5).to(torch.bfloat16)
+    prod = torch.empty(m, n, device=backend.device, dtype=torch.bfloat16)
+    calls = max(1, min(calls, int(4e11 // max(1, 2 * m * n * k))))  # a graph holds well under 1 s of GEMM
+    row = {"world_size": w, "M": m, "N": n, "K_shard": k, "calls": calls}
+    _timed(row, "gemm_us", lambda: torch.matmul(a, b, out=prod), calls, reps, barrier)
+    _timed(row, "ar_us", lambda: backend.all_reduce(prod), calls, reps, barrier)
+    row["ar_algo"] = backend.last_selection.algo
+    _timed(row, "nccl_ar_us", lambda: backend.all_reduce(prod, algo="nccl"), calls, reps, barrier)
+
+    def seq_nccl():
+        torch.matmul(a, b, out=prod)
+        backend.all_reduce(prod, algo="nccl")
+
+    _timed(row, "seq_nccl_us", seq_nccl, calls, reps, barrier)
+    for path in ("sequential", "chunked", "fused", "auto"):
+        key = "seq_us" if path == "sequential" else f"{path}_us"
+        _timed(row, key, lambda path=path: gemm_all_reduce(a, b, path=path), calls, reps, barrier)
+        if path == "auto" and row[key] is not None:
+            row["auto"] = last_selection().algo
+    overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
+    if overlapped and row.get("gemm_us") and row.get("ar_us"):
+        row["ratio"] = min(overlapped) / max(row["gemm_us"], row["ar_us"])
+    return row
+
+
+def bench_rmsnorm(backend, tokens: int, hidden: int, calls: int, reps: int, barrier) -> dict:
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    dev = backend.device
+    x = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
+    residual = torch.randn(tokens, hidden, device=dev).to(torch.bfloat16)
+    weight = torch.ones(hidden, device=dev, dtype=torch.bfloat16)
+    work = torch.empty_like(x)
+    row = {"world_size": backend.world_size, "tokens": tokens, "hidden": hidden}
+    _timed(row, "fused_us", lambda: all_reduce_residual_rmsnorm(x, residual, weight, 1e-6), calls, reps, barrier)
+
+    def unfused(algo="auto"):
+        work.copy_(x)
+        backend.all_reduce(work, algo=algo)
+        new_res = work + residual
+        return F.rms_norm(new_res, (hidden,), weight, 1e-6), new_res
+
+    _timed(row, "unfused_us", unfused, calls, reps, barrier)
+    _timed(row, "unfused_nccl_us", lambda: unfused("nccl"), calls, reps, barrier)
+    return row
+
+
+def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    import sagellm_comm
+
+    try:
+        world = sagellm_comm.init(backend="custom", timeout=300)
+        backend = world.backend
+        assert backend.custom is not None, backend.custom_reason
+        barrier = lambda: backend._exchange(None)  # noqa: E731  (CPU group: does not touch the streams)
+        gemm_rows, norm_rows = [], []
+        for n in args.n:
+            for m in args.m:
+                gemm_rows.append(bench_gemm(backend, m, n, args.calls, args.reps, barrier))
+        for hidden in args.hidden:
+            for tokens in args.tokens:
+                norm_rows.append(bench_rmsnorm(backend, tokens, hidden, args.calls, args.reps, barrier))
+        every = backend._exchange((gemm_rows, norm_rows))
+        sagellm_comm.destroy()
+        if rank == 0:
+            out_queue.put(("ok", every))
+    except Exception:
+        out_queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+
+
+def _slowest(rank_rows: list[list[dict]]) -> list[dict]:
+    """Row-wise: every ``*_us`` figure is the slowest rank's."""
+    merged = []
+    for rows in zip(*rank_rows, strict=True):
+        row = dict(rows[0])
+        for key, value in row.items():
+            if key.endswith("_us") and value is not None:
+                values = [r[key] for r in rows if r.get(key) is not None]
+                row[key] = max(values)
+        if row.get("ratio") is not None:
+            overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
+            row["ratio"] = min(overlapped) / max(row["gemm_us"], row["ar_us"])
+        merged.append(row)
+    return merged
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
+    lines = [
+        f"# Fused TP operations on {meta['world_size']} real GPUs ({meta['device']})\n",
+        f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
+        f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
+        "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
+        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | fused | auto (path) "
+        "| best overlapped / max(GEMM, AR) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in gemm:
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
+            f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
+            f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
+            f"{ratio} |"
+        )
+    lines += [
+        "\n## All-reduce + residual + RMSNorm (bf16)\n",
+        "| tokens | hidden | fused | ours unfused | NCCL unfused | unfused / fused | NCCL unfused / fused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in norm:
+        f, u, un = r["fused_us"], r["unfused_us"], r["unfused_nccl_us"]
+        ratio = "-" if not (f and u) else f"{u / f:.2f}"
+        ratio_n = "-" if not (f and un) else f"{un / f:.2f}"
+        lines.append(f"| {r['tokens']} | {r['hidden']} | {_fmt(f)} | {_fmt(u)} | {_fmt(un)} | {ratio} | {ratio_n} |")
+    failed = [r for r in gemm + norm if "errors" in r]
+    if failed:
+        lines.append("\nPaths that did not run (shape over the workspace, ...):\n")
+        for r in failed:
+            shape = {k: r[k] for k in ("M", "N", "tokens", "hidden") if k in r}
+            lines.append(f"- {shape}: {r['errors']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/results/2xh100/fused_2xh100")
+    p.add_argument("--world-size", type=int, default=torch.cuda.device_count())
+    p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 512, 2048, 8192])
+    p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 1024, 4096])
+    p.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    if args.world_size < 2:
+        raise SystemExit("needs at least 2 GPUs (one process per GPU)")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    for proc in procs:
+        proc.start()
+    status, payload = queue.get(timeout=1800)
+    for proc in procs:
+        proc.join(timeout=60 if status == "ok" else 1)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise SystemExit(payload)
+    gemm = _slowest([rows[0] for rows in payload])
+    norm = _slowest([rows[1] for rows in payload])
+    meta = run_meta(world_size=args.world_size)
+    write_json(args.out + ".json", {"meta": meta, "gemm": gemm, "rmsnorm": norm})
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(meta, gemm, norm))
+    print(markdown(meta, gemm, norm))
+
+
+if __name__ == "__main__":
+    main()
