@@ -35,7 +35,8 @@ def main(paths: list[str]) -> None:
             f"command `{run['command']}`\n"
         )
         kernels = [a for a in KERNELS if any(a in p for p in points.values())]
-        print("| size | " + " | ".join(kernels) + " | auto (picked) | NCCL | NCCL / auto | busbw auto | busbw NCCL |")
+        head = ["size", *kernels, "auto (picked)", "NCCL", "NCCL / auto", "busbw auto", "busbw NCCL"]
+        print("| " + " | ".join(head) + " |")
         print("|---|" + "---|" * (len(kernels) + 5))
         for nbytes in sorted(points):
             p = points[nbytes]
@@ -44,10 +45,9 @@ def main(paths: list[str]) -> None:
             if auto is None or nccl is None:
                 continue
             a_us, n_us = auto["latency_ms"] * 1e3, nccl["latency_ms"] * 1e3
-            print(
-                f"| {_size(nbytes)} | " + " | ".join(cells) + f" | {a_us:.1f} ({auto['algo_id']}) | {n_us:.1f} | "
-                f"{n_us / a_us:.2f} | {auto['bus_bandwidth_gbps']:.0f} | {nccl['bus_bandwidth_gbps']:.0f} |"
-            )
+            row = [_size(nbytes), *cells, f"{a_us:.1f} ({auto['algo_id']})", f"{n_us:.1f}", f"{n_us / a_us:.2f}"]
+            row += [f"{auto['bus_bandwidth_gbps']:.0f}", f"{nccl['bus_bandwidth_gbps']:.0f}"]
+            print("| " + " | ".join(row) + " |")
         print()
 
 
