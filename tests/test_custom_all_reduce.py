@@ -264,3 +264,35 @@ def test_lamport_nan_inputs_with_the_sentinel_bit_pattern_arrive():
         for dtype_name, (nan5, nan9, first, last) in res.items():
             assert nan5 and nan9, f"{dtype_name}: NaN inputs must give NaN sums"
             assert first == last == 3.0, f"{dtype_name}: other elements must be summed (got {first}, {last})"
+
+
+def test_two_shot_chunks_are_aligned_and_cover_the_message():
+    from kernels.all_reduce import CHUNK_ALIGN, two_shot_chunk
+
+    for world_size in (2, 3, 4, 5, 8):
+        for numel in (1, 7, 8, 9, 100, 1001, 4096, 65_537, 1 << 20):
+            chunk = two_shot_chunk(numel, world_size)
+            assert chunk % CHUNK_ALIGN.value == 0  # every chunk starts on a 16-byte boundary (bf16)
+            assert chunk * world_size >= numel  # the W chunks cover the message
+            assert chunk - CHUNK_ALIGN.value < -(-numel // world_size)  # and are no larger than needed
+
+
+def test_default_program_count(monkeypatch):
+    from kernels.all_reduce import MAX_BLOCKS
+    from sagellm_comm import custom_all_reduce as car_mod
+
+    monkeypatch.delenv("SAGELLM_COMM_MAX_PROGRAMS", raising=False)
+    assert car_mod.default_max_programs(torch.device("cpu")) == car_mod.DEFAULT_MAX_PROGRAMS
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cuda = torch.device("cuda", 0)
+    assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value  # one per SM, capped by the flag layout
+    assert car_mod.default_max_programs(cuda, ranks_on_device=2) == 66  # ranks sharing a GPU divide its SMs
+    assert car_mod.default_max_programs(cuda, ranks_on_device=8) == 16
+    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "24")
+    assert car_mod.default_max_programs(cuda) == 24
+    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "100000")
+    assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value

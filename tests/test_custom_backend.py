@@ -31,6 +31,12 @@ def _backend_worker(rank, world_size, port):
     backend.all_reduce(y, algo="two_shot")
     assert torch.all(y == float(sum(range(1, world_size + 1))))
     seen["forced"] = backend.last_selection.rule_id
+    y = torch.full((301,), float(rank + 1), dtype=torch.bfloat16)
+    backend.all_reduce(y, algo="lamport")
+    assert torch.all(y == float(sum(range(1, world_size + 1))))
+    assert backend.last_selection.algo == "lamport"
+    with pytest.raises(InvalidArgumentError, match="algo must be one of"):
+        backend.all_reduce(y, algo="ring")
 
     # Over the workspace: the engine runs it (auto), a forced kernel algo is refused.
     big = torch.ones(4096, dtype=torch.float32) * (rank + 1)
