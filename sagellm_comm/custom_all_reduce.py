@@ -207,8 +207,8 @@ class CustomAllReduce:
         timeout_s: bound of every device-side wait; a peer that does not arrive in time is reported by
             :meth:`check_errors` (and by the next call) as ``CommTimeoutError`` naming that peer.
         max_programs: most programs (thread blocks) per launch; all of them, on every rank, must be able to
-            run at once (they wait for each other).  Default: :func:`default_max_programs` (one per SM);
-            ranks sharing one GPU must divide its SMs between them.
+            run at once (they wait for each other).  Default: :func:`default_max_programs`, one per SM
+            divided by the workspace's ``ranks_on_device`` (virtual ranks and MPS share one GPU).
         fallback: callable ``fallback(tensor) -> tensor`` used when the policy picks ``nccl``.
     """
 
@@ -226,7 +226,7 @@ class CustomAllReduce:
                 "on GPUs use CUDA tensors"
             )
         if max_programs is None:
-            max_programs = default_max_programs(workspace.device)
+            max_programs = default_max_programs(workspace.device, workspace.ranks_on_device)
         if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
             raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
         if timeout_s <= 0:

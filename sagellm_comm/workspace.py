@@ -14,6 +14,7 @@ int32[CTRL_WORDS]: epoch, finished programs, error latch, the Lamport kernel's p
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,16 @@ def region_bytes(slot_bytes: int, world_size: int) -> int:
     return lamport_offset(slot_bytes) + _lk.lamport_bytes(world_size, lamport_capacity(slot_bytes))
 
 
+def _device_identity(device: torch.device) -> str:
+    """What makes two ranks' devices the same chip: the GPU's UUID (robust to per-process
+    ``CUDA_VISIBLE_DEVICES``), else the device string."""
+    if device.type == "cuda":
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        if uuid is not None:
+            return str(uuid)
+    return str(device)
+
+
 def _round_slot(slot_bytes: int) -> int:
     if slot_bytes <= 0:
         raise InvalidArgumentError(f"workspace size must be positive, got {slot_bytes} bytes")
@@ -66,6 +77,8 @@ class SymmetricWorkspace:
         peer_ptrs: base address of every rank's region in this process.
         device: where the data lives (``cuda:i``, or ``cpu`` under the Triton interpreter).
         release: called by :meth:`close` to unmap peers and free the local region.
+        ranks_on_device: how many ranks of the group share this rank's device (virtual ranks, MPS): the
+            kernels' programs of all of them must be resident at once, so they divide its SMs.
     """
 
     def __init__(
@@ -79,6 +92,7 @@ class SymmetricWorkspace:
         local_region: torch.Tensor | None = None,
         control: torch.Tensor | None = None,
         error_record: torch.Tensor | None = None,
+        ranks_on_device: int = 1,
     ):
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
@@ -90,6 +104,7 @@ class SymmetricWorkspace:
             raise InvalidArgumentError(f"expected {world_size} peer pointers, got {len(peer_ptrs)}")
         self.rank = rank
         self.world_size = world_size
+        self.ranks_on_device = max(1, int(ranks_on_device))
         self.slot_bytes = slot_bytes
         self.device = torch.device(device)
         self.peer_ptrs = [int(p) for p in peer_ptrs]
@@ -138,7 +153,8 @@ class SymmetricWorkspace:
         try:
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
-            handles = exchange((memory.export(local), slot_bytes))
+            where = (socket.gethostname(), _device_identity(device))
+            handles = exchange((memory.export(local), slot_bytes, where))
             sizes = {h[1] for h in handles}
             if len(handles) != world_size or sizes != {slot_bytes}:
                 raise InvalidArgumentError(
@@ -146,7 +162,7 @@ class SymmetricWorkspace:
                     f"slot sizes {sorted(sizes)} (every rank must ask for the same size)"
                 )
             ptrs = []
-            for r, (handle, _) in enumerate(handles):
+            for r, (handle, *_) in enumerate(handles):
                 if r == rank:
                     ptrs.append(local)
                 else:
@@ -168,7 +184,8 @@ class SymmetricWorkspace:
                 memory.close(ptr)
             memory.free(local)
 
-        return cls(rank, world_size, slot_bytes, ptrs, device, release)
+        sharing = sum(1 for *_, other in handles if other == where)
+        return cls(rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing)
 
     # ------------------------------------------------------------------ use
     def registered_tensor(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -276,7 +293,16 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
 
     return [
         SymmetricWorkspace(
-            r, world_size, slot_bytes, ptrs, device, release, regions[r], control=control[r], error_record=errors[r]
+            r,
+            world_size,
+            slot_bytes,
+            ptrs,
+            device,
+            release,
+            regions[r],
+            control=control[r],
+            error_record=errors[r],
+            ranks_on_device=world_size,
         )
         for r in range(world_size)
     ]

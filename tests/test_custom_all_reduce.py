@@ -296,3 +296,14 @@ def test_default_program_count(monkeypatch):
     assert car_mod.default_max_programs(cuda) == 24
     monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "100000")
     assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value
+
+
+def test_virtual_workspaces_share_one_device():
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(4, 4096, "cpu")
+    try:
+        assert [ws.ranks_on_device for ws in workspaces] == [4, 4, 4, 4]
+    finally:
+        for ws in workspaces:
+            ws.close()

@@ -18,6 +18,7 @@ def _backend_worker(rank, world_size, port):
     backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
     seen = {"name": backend.name, "engine": backend.engine_kind, "reason": backend.custom_reason}
     assert backend.custom is not None, backend.custom_reason
+    seen["sharing"] = backend.custom.workspace.ranks_on_device  # both ranks on this host's CPU
 
     # SUM on the world group: the kernels (one-shot at this size by the default policy).
     x = torch.arange(100, dtype=torch.float32) + rank
@@ -72,6 +73,7 @@ def test_custom_backend_runs_kernels_and_falls_back():
         assert s["forced"] == "user"
         assert s["big"] == ("nccl", "over-workspace")
         assert s["max"] == "gloo"
+        assert s["sharing"] == 2
 
 
 def _single_rank_worker(rank, world_size, port):

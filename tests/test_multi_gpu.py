@@ -52,6 +52,9 @@ def _matrix_worker(rank: int, world_size: int, port: int) -> dict:
     dev = backend.device
     car = backend.custom
     cap = car.workspace.lamport_capacity
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    assert car.workspace.ranks_on_device == 1  # one GPU per rank: every SM (up to 128) runs a program
+    assert car.max_programs == min(128, sms), car.max_programs
     wrong, digests, nccl_far = [], [], []
     seed = 0
     try:

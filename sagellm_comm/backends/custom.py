@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..backend import ReduceOp, Work, register_comm_backend
-from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce, default_max_programs
+from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from ..errors import BackendNotSupportedError, CommError, InvalidArgumentError
 from ..selector import KERNEL_ALGOS, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace
@@ -153,14 +153,8 @@ class CustomBackend(TorchDistributedBackend):
         except CommError as exc:
             verdicts = self._exchange(str(exc))
             return None, f"workspace setup failed: {verdicts}"
-        sharing = sum(1 for _, device_index, *_ in facts if device_index == self.device.index)  # MPS: >1
-        car = CustomAllReduce(
-            ws,
-            selector=self.selector,
-            timeout_s=self.kernel_timeout,
-            max_programs=default_max_programs(self.device, sharing),
-            fallback=self._engine_sum,
-        )
+        # one program per SM, divided between ranks that share a GPU (MPS): ws.ranks_on_device
+        car = CustomAllReduce(ws, selector=self.selector, timeout_s=self.kernel_timeout, fallback=self._engine_sum)
         ok = self._self_test(car)
         verdicts = self._exchange(ok)
         if not all(verdicts):
