@@ -33,23 +33,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.custom_all_reduce_bench import run_meta, write_json  # noqa: E402
+from sagellm_comm.benchmark.timing import capture_graph  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 
 def graph_us(fn, calls: int, reps: int, barrier) -> float:
     """Median device time of one ``fn()`` on this rank: replays of a graph of ``calls`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
+    g = capture_graph(fn, device=torch.cuda.current_device(), warmup=2, calls=calls)
     barrier()
     g.replay()  # the first replay absorbs the ranks' start skew
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
