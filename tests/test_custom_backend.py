@@ -38,6 +38,8 @@ def _backend_worker(rank, world_size, port):
     assert backend.last_selection.algo == "lamport"
     with pytest.raises(InvalidArgumentError, match="algo must be one of"):
         backend.all_reduce(y, algo="ring")
+    with pytest.raises(InvalidArgumentError, match="is on meta"):  # the kernel path checks the device
+        backend.all_reduce(torch.ones(8, device="meta"))
 
     # Over the workspace: the engine runs it (auto), a forced kernel algo is refused.
     big = torch.ones(4096, dtype=torch.float32) * (rank + 1)

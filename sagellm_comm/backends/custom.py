@@ -33,6 +33,7 @@ from .torch_distributed import TorchDistributedBackend
 
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
 ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
+_USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
 def _interpreting() -> bool:
@@ -239,13 +240,11 @@ class CustomBackend(TorchDistributedBackend):
                 self.engine_kind, "engine", "not a kernel case (custom off, op, group, dtype or layout)"
             )
             return super().all_reduce(tensor, op, group, async_op)
-        self._group(None)
-        self._check_tensor(tensor, "tensor")
-        nbytes = tensor.numel() * tensor.element_size()
-        if algo == "auto":
-            sel = car.select(nbytes, tensor.element_size())
-        else:
-            sel = Selection(algo, "user", f"algo={algo} requested")
+        # The kernel path: ``car.all_reduce`` checks the device (typed error) and dtype/layout were checked
+        # above, so nothing is validated twice; a live ``car`` means the backend is initialised.
+        itemsize = tensor.element_size()
+        nbytes = tensor.numel() * itemsize
+        sel = car.select(nbytes, itemsize) if algo == "auto" else _USER_SELECTIONS[algo]
         if sel.algo not in KERNEL_ALGOS or nbytes > car.workspace.slot_bytes:
             if nbytes > car.workspace.slot_bytes and algo != "auto":
                 raise InvalidArgumentError(
