@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sagellm_comm import custom_all_reduce as car_mod  # noqa: E402
+from sagellm_comm.benchmark.results import git_commit  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 
 
@@ -37,16 +37,10 @@ def run_meta(**extra) -> dict:
     """What every result file of these scripts records: device, date, commit, command, versions, ``extra``."""
     import triton
 
-    commit = os.environ.get("SAGELLM_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-        except OSError:
-            commit = ""
     return {
         "device": torch.cuda.get_device_name(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit.strip() or "unknown",
+        "commit": git_commit(),  # SAGELLM_COMMIT if set, else git
         "command": " ".join(sys.argv),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -87,10 +87,16 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier) -> dict:
         _timed(row, key, lambda path=path: gemm_all_reduce(a, b, path=path), calls, reps, barrier)
         if path == "auto" and row[key] is not None:
             row["auto"] = last_selection().algo
-    overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
-    if overlapped and row.get("gemm_us") and row.get("ar_us"):
-        row["ratio"] = min(overlapped) / max(row["gemm_us"], row["ar_us"])
+    row["ratio"] = _ratio(row)
     return row
+
+
+def _ratio(row: dict) -> float | None:
+    """Best overlapped path over max(GEMM alone, all-reduce alone); None where a figure is missing."""
+    overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
+    if not overlapped or not row.get("gemm_us") or not row.get("ar_us"):
+        return None
+    return min(overlapped) / max(row["gemm_us"], row["ar_us"])
 
 
 def bench_rmsnorm(backend, tokens: int, hidden: int, calls: int, reps: int, barrier) -> dict:
@@ -150,9 +156,8 @@ def _slowest(rank_rows: list[list[dict]]) -> list[dict]:
             if key.endswith("_us") and value is not None:
                 values = [r[key] for r in rows if r.get(key) is not None]
                 row[key] = max(values)
-        if row.get("ratio") is not None:
-            overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
-            row["ratio"] = min(overlapped) / max(row["gemm_us"], row["ar_us"])
+        if "ratio" in row:
+            row["ratio"] = _ratio(row)
         merged.append(row)
     return merged
 

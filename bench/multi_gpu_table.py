@@ -10,16 +10,13 @@ and the bus bandwidth of both.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sagellm_comm.benchmark.sizes import format_size  # noqa: E402
+
 KERNELS = ("lamport", "one_shot", "two_shot")
-
-
-def _size(nbytes: int) -> str:
-    for unit, shift in (("M", 20), ("K", 10)):
-        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
-            return f"{nbytes >> shift} {unit}B"
-    return f"{nbytes} B"
 
 
 def main(paths: list[str]) -> None:
@@ -45,7 +42,7 @@ def main(paths: list[str]) -> None:
             if auto is None or nccl is None:
                 continue
             a_us, n_us = auto["latency_ms"] * 1e3, nccl["latency_ms"] * 1e3
-            row = [_size(nbytes), *cells, f"{a_us:.1f} ({auto['algo_id']})", f"{n_us:.1f}", f"{n_us / a_us:.2f}"]
+            row = [format_size(nbytes), *cells, f"{a_us:.1f} ({auto['algo_id']})", f"{n_us:.1f}", f"{n_us / a_us:.2f}"]
             row += [f"{auto['bus_bandwidth_gbps']:.0f}", f"{nccl['bus_bandwidth_gbps']:.0f}"]
             print("| " + " | ".join(row) + " |")
         print()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce, default_max_programs
+from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from .errors import BackendNotSupportedError, InvalidArgumentError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, local_workspaces
@@ -49,9 +49,6 @@ class VirtualRankGroup:
             raise BackendNotSupportedError("virtual ranks need a CUDA GPU (none is available here)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if max_programs is None:
-            # One program per SM and rank: every program of every rank must be resident at once.
-            max_programs = default_max_programs(device, world_size)
         self.world_size = world_size
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device)
@@ -61,7 +58,9 @@ class VirtualRankGroup:
         ]
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         self.max_bytes = self.workspaces[0].slot_bytes
-        self.max_programs = max_programs
+        # Default: one program per SM and rank (the workspaces know all ranks share this GPU), so every
+        # program of every rank can be resident at once.
+        self.max_programs = self.ranks[0].max_programs
         # One launch for all ranks: the rows of every rank's pointer table, stacked.
         self._stacked_table = torch.cat([ws.table for ws in self.workspaces])
         self._stacked_control = self.workspaces[0].control  # row 0 of the [world_size, CTRL_WORDS] block

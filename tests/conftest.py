@@ -132,6 +132,14 @@ def run_ranks(
     return [outcomes[r][1] for r in range(world_size)]
 
 
+def rank_order_sum(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The custom kernels' all-reduce result: the ranks' inputs summed in rank order in fp32, then cast."""
+    acc = torch.zeros_like(inputs[0], dtype=torch.float32)
+    for t in inputs:
+        acc += t.float()
+    return acc.to(inputs[0].dtype)
+
+
 @pytest.fixture
 def spawn() -> Callable[..., list[Any]]:
     """Fixture form of :func:`run_ranks`."""

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, run_ranks
+from tests.conftest import HAS_CUDA, rank_order_sum, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -21,15 +21,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BYTES = 1 << 20
 
 
-def _reference(inputs: list[torch.Tensor]) -> torch.Tensor:
-    acc = torch.zeros_like(inputs[0], dtype=torch.float32)
-    for t in inputs:  # rank order, fp32: what every rank computes
-        acc += t.float()
-    return acc.to(inputs[0].dtype)
-
-
 def _check(outs: list[torch.Tensor], inputs: list[torch.Tensor], what: str) -> None:
-    ref = _reference(inputs)
+    ref = rank_order_sum(inputs)
     for r, out in enumerate(outs):
         assert torch.equal(out, outs[0]), f"{what}: rank {r} differs bitwise from rank 0"
     torch.testing.assert_close(outs[0].float(), ref.float(), rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
@@ -245,7 +238,7 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
         x = inputs[rank].clone()
         car.all_reduce(x, algo=algo)
         car.synchronize()
-        assert torch.equal(x, _reference(inputs)), f"call {i} ({algo}, n={numel}) wrong on rank {rank}"
+        assert torch.equal(x, rank_order_sum(inputs)), f"call {i} ({algo}, n={numel}) wrong on rank {rank}"
         digests.append(float(x.float().sum()))
     car.close()
     # create/destroy cycles: IPC handles closed and memory freed every time

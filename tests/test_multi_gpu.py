@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import rank_order_sum, run_ranks
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 WORLDS = [w for w in (2, 4, 8) if w <= NGPU]
@@ -23,13 +23,6 @@ pytestmark = [
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 MAX_BYTES = 4 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _reference(inputs: list[torch.Tensor]) -> torch.Tensor:
-    acc = torch.zeros_like(inputs[0], dtype=torch.float32)
-    for t in inputs:  # rank order, fp32: what every rank's kernel computes
-        acc += t.float()
-    return acc.to(inputs[0].dtype)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -71,7 +64,7 @@ def _matrix_worker(rank: int, world_size: int, port: int) -> dict:
                     backend.all_reduce(x, algo=algo)
                     car.synchronize()
                     what = f"{dtype} n={numel} {algo} ({backend.last_selection.algo})"
-                    if not torch.equal(x, _reference(inputs)):
+                    if not torch.equal(x, rank_order_sum(inputs)):
                         wrong.append(what)
                     digests.append(_digest(x))
                     if algo == "auto":  # NCCL on the same data: close (its own order and precision)
@@ -88,7 +81,7 @@ def _matrix_worker(rank: int, world_size: int, port: int) -> dict:
                     buf.copy_(inputs[rank])
                     car.all_reduce(buf, algo="one_shot")
                     car.synchronize()
-                    if not torch.equal(buf, _reference(inputs)):
+                    if not torch.equal(buf, rank_order_sum(inputs)):
                         wrong.append(f"zero-copy {dtype} n={numel}")
         return {"wrong": wrong, "digests": digests, "nccl_far": nccl_far, "reason": backend.custom_reason}
     finally:
@@ -224,7 +217,7 @@ def _fused_worker(rank: int, world_size: int, port: int) -> dict:
                 weight = torch.rand(hidden, device=dev, generator=g).to(dtype) + 0.5
                 normed, new_res = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 1e-6)
                 torch.cuda.synchronize(dev)
-                ref_res = (_reference(xs).float() + residual.float()).to(dtype)
+                ref_res = (rank_order_sum(xs).float() + residual.float()).to(dtype)
                 ref_norm = rmsnorm_reference(ref_res, weight, 1e-6)
                 ok = torch.allclose(new_res.float(), ref_res.float(), rtol=1e-2, atol=1e-2) and torch.allclose(
                     normed.float(), ref_norm.float(), rtol=2e-2, atol=2e-2
