@@ -52,7 +52,10 @@ def default_max_programs(device: torch.device, ranks_on_device: int = 1) -> int:
     """
     override = os.environ.get("SAGELLM_COMM_MAX_PROGRAMS")
     if override:
-        return max(1, min(_k.MAX_BLOCKS.value, int(override)))
+        try:
+            return max(1, min(_k.MAX_BLOCKS.value, int(override)))
+        except ValueError:
+            raise InvalidArgumentError(f"SAGELLM_COMM_MAX_PROGRAMS must be an integer, got {override!r}") from None
     if device.type != "cuda":
         return DEFAULT_MAX_PROGRAMS
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -280,6 +280,7 @@ def test_two_shot_chunks_are_aligned_and_cover_the_message():
 def test_default_program_count(monkeypatch):
     from kernels.all_reduce import MAX_BLOCKS
     from sagellm_comm import custom_all_reduce as car_mod
+    from sagellm_comm.errors import InvalidArgumentError
 
     monkeypatch.delenv("SAGELLM_COMM_MAX_PROGRAMS", raising=False)
     assert car_mod.default_max_programs(torch.device("cpu")) == car_mod.DEFAULT_MAX_PROGRAMS
@@ -296,6 +297,9 @@ def test_default_program_count(monkeypatch):
     assert car_mod.default_max_programs(cuda) == 24
     monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "100000")
     assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value
+    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "lots")
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_MAX_PROGRAMS must be an integer"):
+        car_mod.default_max_programs(cuda)
 
 
 def test_virtual_workspaces_share_one_device():
