@@ -61,7 +61,7 @@ def _worker(rank: int, world_size: int, port: int, sizes_mb, m: int, n: int, rep
         dist.barrier()
 
     def slowest(v: float) -> float:
-        t = torch.tensor([v], dtype=torch.float64)
+        t = torch.tensor([v], dtype=torch.float64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 

@@ -6,7 +6,8 @@ GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shar
   ``nccl_ar_us``: NCCL's all-reduce of it;
 * ``seq_us``: cuBLAS GEMM then our all-reduce (``gemm_all_reduce(path="sequential")``);
   ``seq_nccl_us``: cuBLAS GEMM then NCCL (what a plain TP layer runs);
-* ``chunked_us``, ``fused_us``: the two overlapped paths; ``auto_us``: what the policy runs;
+* ``chunked_us``, ``copy_engine_us``, ``fused_us``: the overlapped paths; ``auto_us``: what the policy runs;
+  ``ce<C>_us``: the copy-engine path with ``C`` row chunks (``--ce-chunks``; ``copy_engine_us`` is the default);
 * ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M).
 
 AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfused_us`` (our all-reduce,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import traceback
@@ -61,8 +63,9 @@ def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
         torch.cuda.synchronize()
 
 
-def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier) -> dict:
+def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunks=()) -> dict:
     from sagellm_comm.fused import gemm_all_reduce, last_selection
+    from sagellm_comm.fused.group import _group_state
 
     w = backend.world_size
     k = 14336 // w
@@ -82,18 +85,25 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier) -> dict:
         backend.all_reduce(prod, algo="nccl")
 
     _timed(row, "seq_nccl_us", seq_nccl, calls, reps, barrier)
-    for path in ("sequential", "chunked", "fused", "auto"):
+    for path in ("sequential", "chunked", "copy_engine", "fused", "auto"):
         key = "seq_us" if path == "sequential" else f"{path}_us"
         _timed(row, key, lambda path=path: gemm_all_reduce(a, b, path=path), calls, reps, barrier)
         if path == "auto" and row[key] is not None:
             row["auto"] = last_selection().algo
+    state = _group_state(None)[2]  # the group's GemmAllReduce, built by the calls above
+    default_chunks = state.gemm.num_chunks
+    for chunks in ce_chunks:
+        state.gemm.num_chunks = chunks
+        _timed(row, f"ce{chunks}_us", lambda: gemm_all_reduce(a, b, path="copy_engine"), calls, reps, barrier)
+    state.gemm.num_chunks = default_chunks
     row["ratio"] = _ratio(row)
     return row
 
 
 def _ratio(row: dict) -> float | None:
     """Best overlapped path over max(GEMM alone, all-reduce alone); None where a figure is missing."""
-    overlapped = [row[k] for k in ("chunked_us", "fused_us") if row.get(k) is not None]
+    paths = ("chunked_us", "copy_engine_us", "fused_us")
+    overlapped = [v for k, v in row.items() if (k in paths or re.fullmatch(r"ce\d+_us", k)) and v is not None]
     if not overlapped or not row.get("gemm_us") or not row.get("ar_us"):
         return None
     return min(overlapped) / max(row["gemm_us"], row["ar_us"])
@@ -135,7 +145,7 @@ def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
         gemm_rows, norm_rows = [], []
         for n in args.n:
             for m in args.m:
-                gemm_rows.append(bench_gemm(backend, m, n, args.calls, args.reps, barrier))
+                gemm_rows.append(bench_gemm(backend, m, n, args.calls, args.reps, barrier, args.ce_chunks))
         for hidden in args.hidden:
             for tokens in args.tokens:
                 norm_rows.append(bench_rmsnorm(backend, tokens, hidden, args.calls, args.reps, barrier))
@@ -172,15 +182,16 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
         f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
         "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
-        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | fused | auto (path) "
-        "| best overlapped / max(GEMM, AR) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (C=2/4/8) | fused "
+        "| auto (path) | best overlapped / max(GEMM, AR) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in gemm:
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
             f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
+            f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('copy_engine_us'))} / {_fmt(r.get('ce8_us'))} | "
             f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
             f"{ratio} |"
         )
@@ -211,6 +222,7 @@ def main() -> None:
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 1024, 4096])
     p.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
+    p.add_argument("--ce-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 8])
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()

@@ -30,10 +30,11 @@ Invariants:
 1. *Flags carry epochs, never reset.*  ``produced[t]``/``reduced[t]`` hold ``epoch + 1`` of the last call
    that published tile ``t``; a waiter of call ``epoch`` accepts any value ``>= epoch + 1`` (wrap-around
    compare).  Shapes may change between calls: a tile index only ever grows in epoch.
-2. *Buffer reuse.*  Call ``epoch`` writes buffer ``epoch % 2``.  Consumer program 0 ends with a barrier
-   among the ranks (``PHASE_END``), so a rank's call ``e + 1`` completes only after every peer started
-   its consumer of call ``e + 1``, i.e. finished call ``e`` (stream order).  The producer of call ``e + 2``
-   (ordered after this rank's consumer of ``e + 1``) may therefore overwrite buffer ``e % 2``.
+2. *Buffer reuse.*  Call ``epoch`` writes buffer ``epoch % 2``.  The last consumer program of every rank
+   to finish ends with a barrier among the ranks (``PHASE_END``): a rank's consumer completes only after
+   every peer's consumer has finished all its reads of call ``epoch``.  Anything ordered after it on this
+   rank (the next call, on any path of this workspace, e.g. ``kernels/copy_engine.py``) may overwrite
+   either buffer.
 3. *Epochs on the device.*  Both kernels read ``ctrl[0]``; the consumer's last program advances it; the
    host joins the side stream before the next call, so the next producer sees the new epoch.
 4. *Bounded waits* as in ``kernels/all_reduce.py``: on expiry the error latch and the host-mapped error
@@ -53,7 +54,6 @@ from kernels.all_reduce import (
     PHASE_MID,
     PHASE_START,
     _barrier,
-    _finish,
     _load_acquire,
     _pick,
     _prologue,
@@ -305,7 +305,11 @@ def tile_all_reduce_kernel(
                         mask = (rows[:, None] < M) & (cols[None, :] < N)
                         offs = rows[:, None] * N + cols[None, :]
                         tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
-    if pid == 0:
-        # Invariant 2: nobody starts call epoch + 2 while a peer may still read call epoch's buffer.
-        _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, target, timeout, W, WP, USE_PTX)
-    _finish(ctrl, epoch, num_programs)
+    # Invariant 2: the last program of this rank to finish meets the peers' last programs, so when a
+    # rank's consumer has completed, no peer reads its buffers any more.
+    tl.debug_barrier()
+    done = tl.atomic_add(ctrl + 1, 1, sem="acq_rel", scope="gpu")
+    if done == num_programs - 1:
+        _barrier(bases, peers, ctrl, table, rank, PHASE_END, 0, target, timeout, W, WP, USE_PTX)
+        tl.atomic_xchg(ctrl + 1, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(ctrl + 0, epoch + 1, sem="release", scope="gpu")

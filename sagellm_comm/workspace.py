@@ -214,7 +214,7 @@ class SymmetricWorkspace:
         v = self._error_view
         return {
             "peer": int(v[_k.ERR_PEER.value]),
-            "phase": ("start", "mid", "end", "lamport")[int(v[_k.ERR_PHASE.value])],
+            "phase": ("start", "mid", "end", "lamport", "copy-engine")[int(v[_k.ERR_PHASE.value])],
             "block": int(v[_k.ERR_BLOCK.value]),
             "epoch": int(v[_k.ERR_EPOCH.value]),
         }
@@ -223,9 +223,10 @@ class SymmetricWorkspace:
         """Raise :class:`CommTimeoutError` naming the peer that never arrived, if a kernel timed out."""
         err = self.error()
         if err is not None:
+            where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
             raise CommTimeoutError(
                 f"custom all-reduce on rank {self.rank}: peer rank {err['peer']} never arrived at the "
-                f"{err['phase']} barrier of call {err['epoch']} (program {err['block']}); the workspace is "
+                f"{err['phase']} barrier of call {err['epoch']} ({where}); the workspace is "
                 "unusable now: destroy the backend and create it again",
                 details={"rank": self.rank, **err},
             )

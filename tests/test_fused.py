@@ -132,7 +132,10 @@ def _gemm_worker(rank, world_size, port, cases):
             out.float(), ref, rtol=rtol, atol=atol * 4, msg=lambda msg, c=(path, m, k, n): f"{c}: {msg}"
         )
         digests.append(_digest(out))
-    return digests, int(gemm.workspace.control[0])
+    from kernels.copy_engine import CE_EPOCH  # in the worker: kernels are imported under the interpreter
+
+    ctrl = gemm.workspace.control
+    return digests, (int(ctrl[0]), int(ctrl[CE_EPOCH.value]))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -142,12 +145,16 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("fused", 37, 24, 40, "float16", True),  # ragged tiles, two-shot consumer, bias once
         ("fused", 48, 16, 32, "bfloat16", False),  # back-to-back on the other buffer parity
         ("chunked", 19, 16, 24, "bfloat16", True),
+        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 3 chunks of 8, 8, 3 rows; bias once
+        ("copy_engine", 5, 16, 8, "float16", False),  # 40 elements: a rank with an empty part at W=4
+        ("fused", 40, 16, 24, "bfloat16", False),  # the fused path right after the copy engines' ...
+        ("copy_engine", 64, 32, 40, "bfloat16", False),  # ... and back: one workspace, both paths
         ("sequential", 9, 16, 24, "float16", True),
     ]
-    per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=400)
+    per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=600)
     for r in range(1, world_size):
         assert per_rank[r][0] == per_rank[0][0], f"rank {r} differs bitwise from rank 0"
-    assert {e for _, e in per_rank} == {3}  # three fused calls, one epoch each
+    assert {e for _, e in per_rank} == {(4, 3)}  # four fused and three copy-engine calls, one epoch each
 
 
 def _timeout_worker(rank, world_size, port, kind):
@@ -163,7 +170,8 @@ def _timeout_worker(rank, world_size, port, kind):
         fused(torch.ones(2, 8), torch.ones(2, 8), torch.ones(8), algo="one_shot")
         target = fused
     else:
-        gemm(torch.ones(16, 16, dtype=torch.bfloat16), torch.ones(16, 16, dtype=torch.bfloat16), path="fused")
+        ones = torch.ones(16, 16, dtype=torch.bfloat16)
+        gemm(ones, ones, path="fused" if kind == "gemm" else "copy_engine")
         target = gemm
     with pytest.raises(CommTimeoutError) as info:
         target.check_errors()
@@ -172,10 +180,12 @@ def _timeout_worker(rank, world_size, port, kind):
     return str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["rmsnorm", "gemm"])
+@pytest.mark.parametrize("kind", ["rmsnorm", "gemm", "copy_engine"])
 def test_missing_peer_is_named(kind):
     msg = run_ranks(_timeout_worker, 2, kind, env=INTERP, timeout=300)[0]
     assert "peer rank 1 never arrived" in msg
+    if kind == "copy_engine":
+        assert "copy-engine barrier" in msg and "(step 0)" in msg, msg
 
 
 def _pair(sel) -> tuple[str, str]:

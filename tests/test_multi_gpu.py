@@ -197,6 +197,96 @@ def test_missing_rank_gives_timeout_naming_the_peer_on_real_gpus(algo):
     assert elapsed < 15.0
 
 
+# ---------------------------------------------------------------------- copy-engine GEMM + all-reduce
+
+CE_SHAPES = ((64, 4096), (300, 1000), (1, 8))  # (M, N); K = 16: small-integer partials and sums are exact
+
+
+def _copy_engine_stress_worker(rank: int, world_size: int, port: int, calls: int, replays: int) -> tuple[int, int]:
+    import sagellm_comm
+    from sagellm_comm.fused import gemm_all_reduce, last_selection
+
+    sagellm_comm.init(backend="custom", timeout=120)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    try:
+        g = torch.Generator(device=dev).manual_seed(11)
+        a = {s: torch.randint(-2, 3, (s[0], 16), device=dev, generator=g).to(torch.bfloat16) for s in CE_SHAPES}
+        b = {s: torch.randint(-2, 3, (16, s[1]), device=dev, generator=g).to(torch.bfloat16) for s in CE_SHAPES}
+        tri = world_size * (world_size + 1) // 2
+        expected = {s: (a[s].float() @ b[s].float() * tri).to(torch.bfloat16) for s in CE_SHAPES}
+        wrong = torch.zeros((), dtype=torch.int64, device=dev)
+        for i in range(calls):  # back to back, changing shapes, no host sync
+            s = CE_SHAPES[i % len(CE_SHAPES)]
+            y = gemm_all_reduce(a[s] * (rank + 1), b[s], path="copy_engine")
+            wrong += (y != expected[s]).sum()
+        assert last_selection().algo == "copy_engine"
+        torch.cuda.synchronize(dev)
+        eager_wrong = int(wrong)
+        wrong.zero_()
+        s = CE_SHAPES[0]
+        x = torch.empty_like(a[s])
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            gemm_all_reduce(x, b[s], path="copy_engine")  # warm-up on the capture stream
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                y = gemm_all_reduce(x, b[s], path="copy_engine")
+        torch.cuda.current_stream(dev).wait_stream(side)
+        for j in range(replays):  # new input every replay
+            k = j % 3 + 1
+            torch.mul(a[s], k * (rank + 1), out=x)
+            graph.replay()
+            wrong += (y != (expected[s].float() * k).to(torch.bfloat16)).sum()
+        torch.cuda.synchronize(dev)
+        return eager_wrong, int(wrong)
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_copy_engine_gemm_all_reduce_back_to_back_and_graphs_on_real_gpus():
+    world_size = WORLDS[-1]
+    results = run_ranks(_copy_engine_stress_worker, world_size, 3000, 1000, env=ENV, timeout=400)
+    for r, (eager_wrong, graph_wrong) in enumerate(results):
+        assert eager_wrong == 0, f"rank {r}: {eager_wrong} wrong elements over 3,000 back-to-back calls"
+        assert graph_wrong == 0, f"rank {r}: {graph_wrong} wrong elements over 1,000 graph replays"
+
+
+def _copy_engine_missing_rank_worker(rank: int, world_size: int, port: int) -> str:
+    import sagellm_comm
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.fused import GemmAllReduce, gemm_workspace_bytes
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    world = sagellm_comm.init(backend="custom", timeout=120)
+    backend = world.backend
+    nbytes = gemm_workspace_bytes(1 << 20)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, nbytes, backend.device, backend._exchange)
+    gemm = GemmAllReduce(ws, backend.custom, timeout_s=1.0)
+    message = ""
+    try:
+        if rank == 0:  # the other ranks never call
+            ones = torch.ones(64, 64, dtype=torch.bfloat16, device=backend.device)
+            t0 = time.monotonic()
+            gemm(ones, ones, path="copy_engine")
+            torch.cuda.synchronize()
+            try:
+                gemm.check_errors()
+            except CommTimeoutError as exc:
+                message = f"{exc} | {time.monotonic() - t0:.1f} s"
+        backend._exchange(None)
+        return message
+    finally:
+        ws.close()
+        sagellm_comm.destroy()
+
+
+def test_copy_engine_missing_rank_gives_timeout_naming_the_peer_on_real_gpus():
+    message = run_ranks(_copy_engine_missing_rank_worker, 2, env=ENV, timeout=240)[0]
+    assert "peer rank 1 never arrived at the copy-engine barrier" in message, message
+    assert float(message.rsplit("| ", 1)[1].split()[0]) < 15.0, message
+
+
 # ---------------------------------------------------------------------- fused operations
 
 
@@ -231,7 +321,7 @@ def _fused_worker(rank: int, world_size: int, port: int) -> dict:
                 b_all = [torch.randn(k_shard, n, device=dev, generator=g).to(dtype) * 0.1 for _ in range(world_size)]
                 bias = torch.randn(n, device=dev, generator=g).to(dtype)
                 ref = sum(a.float() @ b.float() for a, b in zip(a_all, b_all, strict=True)) + bias.float()
-                for path in ("auto", "fused", "chunked", "sequential"):
+                for path in ("auto", "fused", "chunked", "copy_engine", "sequential"):
                     y = gemm_all_reduce(a_all[rank], b_all[rank], bias=bias, path=path)
                     torch.cuda.synchronize(dev)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())

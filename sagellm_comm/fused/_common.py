@@ -14,7 +14,7 @@ from ..errors import (
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 RMSNORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-GEMM_PATHS = ("fused", "chunked", "sequential")
+GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")
 MAX_HIDDEN = 16384
 
 
@@ -59,6 +59,19 @@ class _Launcher:
             else type(a)
             for a in args
         ) + tuple(constexprs)
+
+    def preload(self, args: Sequence, constexprs: Sequence) -> None:
+        """Compile and load this specialisation without launching it (nothing under the interpreter).
+
+        Loading a module may wait for the device to go idle; a kernel that spins for a peer must not be
+        running on this device then (virtual ranks), so such kernels are loaded before the first spin.
+        """
+        key = self.key(args, constexprs)
+        if not self.use_ptx or key in self.cache:
+            return
+        compiled = self.kernel.warmup(*args, *constexprs, grid=(1,), **self.options)
+        compiled._init_handles()
+        self.cache[key] = compiled
 
     def is_loaded(self, args: Sequence, constexprs: Sequence) -> bool:
         """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""

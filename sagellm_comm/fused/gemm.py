@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from kernels import all_reduce as _ark
+from kernels import copy_engine as _ce
 from kernels import gemm_all_reduce as _gk
 
 from ..custom_all_reduce import CustomAllReduce
@@ -19,7 +21,7 @@ from ..errors import (
     WorkspaceExhaustedError,
 )
 from ..selector import Selection
-from ..workspace import SymmetricWorkspace
+from ..workspace import SymmetricWorkspace, _tensor_at
 from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d, _interpreting, _Launcher, _timeout_ticks
 
 
@@ -110,7 +112,8 @@ class GemmAllReduce:
             ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's).
         selector: path policy (:class:`GemmPathSelector`).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
-        num_chunks: row chunks of the chunked path.
+        num_chunks: row chunks of the chunked and copy-engine paths.
+        reduce_programs: programs of the copy-engine path's local reduction (default: a quarter of the SMs).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class GemmAllReduce:
         num_chunks: int = 4,
         world_size: int | None = None,
         device: torch.device | str | None = None,
+        reduce_programs: int | None = None,
     ):
         ws = gemm_workspace
         self.workspace = ws
@@ -138,7 +142,10 @@ class GemmAllReduce:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_ptx else 8
             consumer_programs = max(1, min(_ark.MAX_BLOCKS.value, sms // 4))
         self.consumer_programs = consumer_programs
+        if not 1 <= num_chunks <= (_ce.MAX_STEPS.value - 1) // 2:
+            raise InvalidArgumentError(f"num_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {num_chunks}")
         self.num_chunks = num_chunks
+        self.reduce_programs = reduce_programs or (consumer_programs if self.use_ptx else 2)
         # Tile buffer of one parity (see kernels/gemm_all_reduce.py): what is left after the flags, halved.
         self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
         index = self.device.index or 0
@@ -148,6 +155,10 @@ class GemmAllReduce:
         )
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
+        self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
+        self._ce_reduce = _Launcher(_ce.ce_reduce_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
+        self._ce_block = 4096 if self.use_ptx else 64  # elements per step of the local reduction's programs
+        self._ce_views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ policy
     def fused_fits(self, m: int, n: int, itemsize: int) -> bool:
@@ -156,6 +167,10 @@ class GemmAllReduce:
         cfg = _gemm_config(m, self.use_ptx)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
+
+    def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
+        """The copy-engine path holds the ``[M, N]`` partial in tile buffer 0 and its scratch in buffer 1."""
+        return self.workspace is not None and m * n * itemsize <= self.buffer_bytes
 
     def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
         """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
@@ -191,6 +206,11 @@ class GemmAllReduce:
                     f"fused path: a [{m}, {n}] output needs {m * n * itemsize} bytes (and tiles <= "
                     f"{_gk.MAX_TILES.value}); the GEMM workspace holds {self.buffer_bytes}"
                 )
+            if path == "copy_engine" and not self.copy_engine_fits(m, n, itemsize):
+                raise WorkspaceExhaustedError(
+                    f"copy_engine path: a [{m}, {n}] output needs {m * n * itemsize} bytes; the GEMM workspace "
+                    f"holds {self.buffer_bytes}" + ("" if self.workspace is not None else " (no GEMM workspace)")
+                )
             sel = Selection(path, "user", f"path={path} requested")
         else:
             raise InvalidArgumentError(f"path must be auto or one of {GEMM_PATHS}, got {path!r}")
@@ -213,6 +233,8 @@ class GemmAllReduce:
             self.launch_fused(a, b, bias, out, m, n)
         elif sel.algo == "chunked":
             self._chunked(a, b, bias, out, m)
+        elif sel.algo == "copy_engine":
+            self._copy_engine(a, b, bias, out, m, n)
         else:
             self._matmul(a, b, bias, out)
             self._reduce(out)
@@ -251,6 +273,85 @@ class GemmAllReduce:
             with torch.cuda.stream(self._side):
                 self._reduce(out[rows])
         current.wait_stream(self._side)
+
+    # ------------------------------------------------------------------ copy-engine pipeline
+    def _copy_engine_views(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every rank's tile buffer 0 as mapped here (flat ``dtype``), and this rank's buffer 1 (scratch)."""
+        views = self._ce_views.get(dtype)
+        if views is None:
+            ws = self.workspace
+            elems = self.buffer_bytes // torch.empty((), dtype=dtype).element_size()
+            bufs = [_tensor_at(p + _gk.DATA_OFFSET.value, elems, dtype, ws.device, ws) for p in ws.peer_ptrs]
+            scratch = _tensor_at(
+                ws.peer_ptrs[ws.rank] + _gk.DATA_OFFSET.value + self.buffer_bytes, elems, dtype, ws.device, ws
+            )
+            views = self._ce_views[dtype] = (bufs, scratch)
+        return views
+
+    def _ce_step(self, step: int, last: bool = False) -> None:
+        ws = self.workspace
+        w = ws.world_size
+        args = (ws.table, ws.control, ws.rank, step, self._timeout)
+        self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx))
+
+    def _ce_preload(self, scratch: torch.Tensor, out: torch.Tensor) -> None:
+        """Load both pipeline kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
+        ws = self.workspace
+        w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
+        for last in (False, True):
+            self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
+        self._ce_reduce.preload((out, scratch, scratch, 0, 0, ws.rank), (w, self._ce_block))
+
+    def _copy_engine(self, a, b, bias, out, m, n) -> None:
+        """Row chunks: cuBLAS GEMM of chunk i into this rank's buffer P on the current stream; on the side
+        stream, the copy engines pull the peers' partials of this rank's part, a local kernel reduces it, and
+        the copy engines gather the other parts (``kernels/copy_engine.py`` has the protocol)."""
+        ws = self.workspace
+        w, rank = ws.world_size, ws.rank
+        bufs, scratch = self._copy_engine_views(a.dtype)
+        mine, flat_out = bufs[rank], out.view(-1)
+        self._ce_preload(scratch, flat_out)
+        # Chunk rows are multiples of 8 and parts multiples of 8 elements: every part starts 16-byte aligned.
+        chunk = -(-triton.cdiv(m, self.num_chunks) // 8) * 8
+        starts = range(0, m, chunk)
+        side = self._side
+        if side is not None:
+            current = torch.cuda.current_stream(self.device)
+            side.wait_stream(current)
+        for i, start in enumerate(starts):
+            rows = min(chunk, m - start)
+            first, count = start * n, rows * n
+            part = _ark.two_shot_chunk(count, w)
+            self._matmul(a[start : start + rows], b, bias, mine[first : first + count].view(rows, n))
+            if side is not None:
+                done = torch.cuda.Event()
+                done.record(current)
+                side.wait_event(done)
+            with torch.cuda.stream(side) if side is not None else _nullcontext():
+                self._ce_step(2 * i)
+                lo = first + min(rank * part, count)
+                hi = first + min((rank + 1) * part, count)
+                slot = 0
+                for p in range(w):
+                    if p != rank:
+                        if hi > lo:
+                            scratch[slot * part : slot * part + hi - lo].copy_(bufs[p][lo:hi])
+                        slot += 1
+                if hi > lo:
+                    programs = max(1, min(self.reduce_programs, triton.cdiv(hi - lo, self._ce_block)))
+                    self._ce_reduce(
+                        (programs, 1), (flat_out[lo:hi], mine[lo:hi], scratch, hi - lo, part, rank), (w, self._ce_block)
+                    )
+                self._ce_step(2 * i + 1)
+                for p in range(w):
+                    plo, phi = first + min(p * part, count), first + min((p + 1) * part, count)
+                    if p != rank and phi > plo:
+                        flat_out[plo:phi].copy_(bufs[p][plo:phi])
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            self._ce_step(2 * len(starts), last=True)
+        if side is not None:
+            current.wait_stream(side)
+            out.record_stream(side)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
