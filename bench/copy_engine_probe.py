@@ -21,11 +21,25 @@ import statistics
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.custom_all_reduce_bench import run_meta, write_json  # noqa: E402
 from tests.conftest import run_ranks  # noqa: E402
+
+
+@triton.jit
+def _spin_kernel(ns):
+    start = tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l,r", [tl.full([], 0, tl.int32)], dtype=tl.int64, is_pure=False, pack=1
+    )
+    now = start
+    while now - start < ns:
+        now = tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l,r", [tl.full([], 0, tl.int32)], dtype=tl.int64, is_pure=False, pack=1
+        )
 
 
 def _time_us(fn, reps: int, barrier) -> float:
@@ -112,6 +126,72 @@ def _worker(rank: int, world_size: int, port: int, sizes_mb, m: int, n: int, rep
         cur.wait_stream(side)
 
     both = slowest(_time_us(together, reps, barrier))
+    local_src = torch.empty_like(dst)
+
+    def beside(copy):
+        def fn():
+            cur = torch.cuda.current_stream()
+            side.wait_stream(cur)
+            torch.matmul(a, b, out=out)  # enqueued first: the copies start while it runs
+            with torch.cuda.stream(side):
+                copy()
+            cur.wait_stream(side)
+
+        return fn
+
+    after = slowest(_time_us(beside(lambda: dst.copy_(src)), reps, barrier))
+    local = slowest(_time_us(beside(lambda: dst.copy_(local_src)), reps, barrier))
+    sm = slowest(_time_us(beside(lambda: torch.add(src, 0, out=dst)), reps, barrier))
+
+    # Chunked GEMM, each chunk's peer partial pulled by the copy engines once it is done (the pipeline's
+    # data movement with no SM work on the side stream).
+    chunks = 8
+    rows_c = m // chunks
+
+    def chunked(pull: bool):
+        cur = torch.cuda.current_stream()
+        side.wait_stream(cur)
+        for c in range(chunks):
+            torch.matmul(a[c * rows_c : (c + 1) * rows_c], b, out=out[c * rows_c : (c + 1) * rows_c])
+            if pull:
+                ev = torch.cuda.Event()
+                ev.record(cur)
+                side.wait_event(ev)
+                q = 2 * numel // chunks
+                with torch.cuda.stream(side):
+                    big_dst[c * q : (c + 1) * q].copy_(big_src[c * q : (c + 1) * q])
+        cur.wait_stream(side)
+
+    big_src = _tensor_at(ws.peer_ptrs[peer] + PAD_BYTES.value, 2 * numel, torch.bfloat16, dev, owner=ws)
+    big_dst = torch.empty(2 * numel, dtype=torch.bfloat16, device=dev)
+    gemm_chunks = slowest(_time_us(lambda: chunked(False), reps, barrier))
+    gemm_chunks_pull = slowest(_time_us(lambda: chunked(True), reps, barrier))
+
+    # Do the copies need SMs?  Fill every SM with spinning programs for ~2 ms, pull 16 MB beside them.
+    spin_ns = 2_000_000
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    small = 8 << 20
+    e0, e_pull, e_spin = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    _spin_kernel[(sms * 16,)](spin_ns, num_warps=4)  # compile outside the timing
+    torch.cuda.synchronize()
+    cur = torch.cuda.current_stream()
+    e0.record(cur)
+    side.wait_stream(cur)
+    _spin_kernel[(sms * 16,)](spin_ns, num_warps=4)
+    with torch.cuda.stream(side):
+        dst[:small].copy_(src[:small])
+        e_pull.record(side)
+    e_spin.record(cur)
+    cur.wait_stream(side)
+    torch.cuda.synchronize()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.matmul(a, b, out=out)
+        dst.copy_(src)
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if e.device_type.name == "CUDA"})
     rows.append(
         {
             "M": m,
@@ -121,6 +201,14 @@ def _worker(rank: int, world_size: int, port: int, sizes_mb, m: int, n: int, rep
             "pull_out_share_us": pulls,
             "gemm_with_2x_pulls_us": both,
             "gemm_slowdown": both / gemm,
+            "gemm_then_pull_beside_us": after,
+            "gemm_then_local_copy_beside_us": local,
+            "gemm_then_sm_pull_beside_us": sm,
+            "gemm_8_chunks_us": gemm_chunks,
+            "gemm_8_chunks_with_pulls_us": gemm_chunks_pull,
+            "pull_16MB_during_spin_done_at_us": e0.elapsed_time(e_pull) * 1000.0,
+            "spin_done_at_us": e0.elapsed_time(e_spin) * 1000.0,
+            "cuda_kernels": names,
         }
     )
     backend.destroy()

@@ -310,6 +310,6 @@ def tile_all_reduce_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(ctrl + 1, 1, sem="acq_rel", scope="gpu")
     if done == num_programs - 1:
-        _barrier(bases, peers, ctrl, table, rank, PHASE_END, 0, target, timeout, W, WP, USE_PTX)
+        _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid * 0, target, timeout, W, WP, USE_PTX)
         tl.atomic_xchg(ctrl + 1, 0, sem="relaxed", scope="gpu")
         tl.atomic_xchg(ctrl + 0, epoch + 1, sem="release", scope="gpu")
