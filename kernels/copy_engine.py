@@ -1,19 +1,26 @@
-"""The SM side of the copy-engine GEMM + all-reduce pipeline: a one-program barrier and a local reduction.
+"""The SM side of the copy-engine GEMM + all-reduce pipeline: a one-program barrier and a row sum.
 
 The pipeline (``sagellm_comm/fused/gemm.py``, path ``copy_engine``) moves every byte between GPUs with DMA
-copy engines (``cudaMemcpyAsync`` on IPC-mapped peer addresses), so the all-reduce of GEMM chunk ``c``
-runs beside the GEMM of chunk ``c + 1`` while taking almost no SM time from it.  Per chunk, on a side
-stream of every rank::
+copy engines (``cudaMemcpyAsync`` on IPC-mapped peer addresses: "Memcpy PtoP", no SM), and folds the
+reduction into cuBLAS: the rank that owns a part computes its own GEMM of it with the peers' partials as
+the ``C`` operand (``addmm``, beta = 1), so no reduction kernel competes with the GEMM for SMs.  The
+output rows are cut into ``C`` chunks, every chunk into ``W`` parts (part ``p`` belongs to rank ``p``).
+Rank ``r``, caller's stream::
 
-    barrier(2c)       every rank's partial of chunk c is in its buffer P (the GEMM wrote it there)
-    copy engines      pull part ``rank`` of chunk c from every peer's P into local scratch
-    reduce            out[part rank] = P[part rank] = sum of the W partials in rank order (fp32 math)
-    barrier(2c + 1)   every rank's reduced part of chunk c is in its P
-    copy engines      pull part p of chunk c from peer p's P into out, for every peer p
+    GEMM of the peers' parts of chunk 0 -> P;  GEMM of the peers' parts of chunk 1 -> P;
+    own part of chunk 0:  P[part r] = addmm(S(0), a[part r], b);  peers' parts of chunk 2;  own part of 1; ...
+
+side stream (waits for the caller's stream by events)::
+
+    barrier(2c)       every rank's partials of chunk c for its peers are in its P
+    copy engines      pull part r of chunk c from every peer's P into S(c)   (W > 2: ``ce_sum_rows_kernel``)
+    barrier(2c + 1)   every rank's reduced own part of chunk c is in its P
+    copy engines      pull part p of chunk c from peer p's P into out; copy P[part r] into out
     ...
     barrier(2C, LAST) after the last pulls: no peer reads this rank's P any more; advances the epoch
 
-Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits.
+Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
+(the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
 
 Barrier flags live in the fourth slot of the signal pad of the GEMM workspace (``kernels/all_reduce.py``
 uses three phases of ``MAX_BLOCKS * MAX_WORLD`` words; the fourth fills the pad): flag
@@ -72,37 +79,20 @@ def ce_barrier_kernel(
         tl.store(ctrl + CE_EPOCH, target)
 
 
-@triton.jit(do_not_specialize=["numel", "scratch_stride", "rank"])
-def ce_reduce_kernel(
-    out,
-    own,
-    scratch,
-    numel,
-    scratch_stride,
-    rank,
-    W: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``out[i] = own[i] = sum over ranks r (in order) of partial_r[i]``, fp32 math, ``i < numel``.
+@triton.jit(do_not_specialize=["numel", "stride"])
+def ce_sum_rows_kernel(scratch, numel, stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``scratch[0, i] = sum over rows j (in order) of scratch[j, i]``, fp32 math, ``i < numel``.
 
-    ``own``: this rank's partial (in its buffer P), overwritten with the result for the peers to pull;
-    ``scratch``: the ``W - 1`` peers' partials, peer ``r`` at row ``r - (r > rank)`` of stride
-    ``scratch_stride`` elements.  Local memory only: the copy engines brought the peers' data.
+    The ``W - 1`` peers' partials of this rank's part, pulled by the copy engines in rank order; their sum
+    becomes the ``C`` operand of the owner's GEMM (only for ``W > 2``).
     """
-    DTYPE: tl.constexpr = out.dtype.element_ty
+    DTYPE: tl.constexpr = scratch.dtype.element_ty
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK
     for start in range(pid * BLOCK, numel, step):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(W):
-            if r == rank:
-                v = tl.load(own + offs, mask=mask, other=0.0)
-            else:
-                slot = r - (r > rank).to(tl.int32)
-                v = tl.load(scratch + slot * scratch_stride + offs, mask=mask, other=0.0)
-            acc += v.to(tl.float32)
-        result = acc.to(DTYPE)
-        tl.store(out + offs, result, mask=mask)
-        tl.store(own + offs, result, mask=mask)
+        for j in tl.static_range(ROWS):
+            acc += tl.load(scratch + j * stride + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(scratch + offs, acc.to(DTYPE), mask=mask)

@@ -156,8 +156,8 @@ class GemmAllReduce:
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
         self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
-        self._ce_reduce = _Launcher(_ce.ce_reduce_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
-        self._ce_block = 4096 if self.use_ptx else 64  # elements per step of the local reduction's programs
+        self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
+        self._ce_block = 4096 if self.use_ptx else 64  # elements per program step of the row sum (W > 2)
         self._ce_views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ policy
@@ -169,8 +169,14 @@ class GemmAllReduce:
         return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
 
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
-        """The copy-engine path holds the ``[M, N]`` partial in tile buffer 0 and its scratch in buffer 1."""
-        return self.workspace is not None and m * n * itemsize <= self.buffer_bytes
+        """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, in buffer 1, ``W - 1``
+        pulled parts per row chunk."""
+        if self.workspace is None:
+            return False
+        chunk = triton.cdiv(m, min(self.num_chunks, m))
+        w = self.world_size
+        scratch = triton.cdiv(m, chunk) * (w - 1) * triton.cdiv(chunk, w) * n
+        return max(m * n, scratch) * itemsize <= self.buffer_bytes
 
     def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
         """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
@@ -294,62 +300,104 @@ class GemmAllReduce:
         args = (ws.table, ws.control, ws.rank, step, self._timeout)
         self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx))
 
-    def _ce_preload(self, scratch: torch.Tensor, out: torch.Tensor) -> None:
-        """Load both pipeline kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
+    def _ce_preload(self, scratch: torch.Tensor) -> None:
+        """Load the pipeline's kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
         ws = self.workspace
         w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
         for last in (False, True):
             self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
-        self._ce_reduce.preload((out, scratch, scratch, 0, 0, ws.rank), (w, self._ce_block))
+        if w > 2:
+            self._ce_sum.preload((scratch, 0, 0), (w - 1, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> None:
-        """Row chunks: cuBLAS GEMM of chunk i into this rank's buffer P on the current stream; on the side
-        stream, the copy engines pull the peers' partials of this rank's part, a local kernel reduces it, and
-        the copy engines gather the other parts (``kernels/copy_engine.py`` has the protocol)."""
+        """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
+        peers' parts of each row chunk into this rank's buffer P, then its own part with the peers' partials
+        (pulled by the copy engines on the side stream) as the ``C`` operand; the copy engines gather."""
         ws = self.workspace
         w, rank = ws.world_size, ws.rank
         bufs, scratch = self._copy_engine_views(a.dtype)
         mine, flat_out = bufs[rank], out.view(-1)
-        self._ce_preload(scratch, flat_out)
-        # Chunk rows are multiples of 8 and parts multiples of 8 elements: every part starts 16-byte aligned.
-        chunk = -(-triton.cdiv(m, self.num_chunks) // 8) * 8
-        starts = range(0, m, chunk)
+        self._ce_preload(scratch)
+        chunk = triton.cdiv(m, min(self.num_chunks, m))
+        starts = list(range(0, m, chunk))
         side = self._side
-        if side is not None:
-            current = torch.cuda.current_stream(self.device)
+        on_gpu = side is not None
+        current = torch.cuda.current_stream(self.device) if on_gpu else None
+        if on_gpu:
             side.wait_stream(current)
-        for i, start in enumerate(starts):
-            rows = min(chunk, m - start)
-            first, count = start * n, rows * n
-            part = _ark.two_shot_chunk(count, w)
-            self._matmul(a[start : start + rows], b, bias, mine[first : first + count].view(rows, n))
-            if side is not None:
+
+        def part(c: int, p: int) -> tuple[int, int]:  # rows [lo, hi) of part p of chunk c
+            start, rows = starts[c], min(chunk, m - starts[c])
+            each = triton.cdiv(rows, w)
+            return start + min(p * each, rows), start + min((p + 1) * each, rows)
+
+        per = triton.cdiv(chunk, w) * n  # elements of the largest part
+
+        def scratch_rows(c: int) -> tuple[torch.Tensor, int]:  # S(c): W - 1 rows of ``per`` elements
+            return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per], per
+
+        def handoff() -> None:  # the side stream continues after what the caller's stream enqueued so far
+            if on_gpu:
                 done = torch.cuda.Event()
                 done.record(current)
                 side.wait_event(done)
-            with torch.cuda.stream(side) if side is not None else _nullcontext():
-                self._ce_step(2 * i)
-                lo = first + min(rank * part, count)
-                hi = first + min((rank + 1) * part, count)
+
+        def on_side():
+            return torch.cuda.stream(side) if on_gpu else _nullcontext()
+
+        pulled: dict[int, torch.cuda.Event] = {}
+
+        def peers_parts(c: int) -> None:
+            for p in range(w):
+                lo, hi = part(c, p)
+                if p != rank and hi > lo:
+                    torch.matmul(a[lo:hi], b, out=mine[lo * n : hi * n].view(hi - lo, n))
+            handoff()
+            with on_side():
+                self._ce_step(2 * c)
+                lo, hi = part(c, rank)
+                s, _ = scratch_rows(c)
                 slot = 0
                 for p in range(w):
                     if p != rank:
                         if hi > lo:
-                            scratch[slot * part : slot * part + hi - lo].copy_(bufs[p][lo:hi])
+                            s[slot * per : slot * per + (hi - lo) * n].copy_(bufs[p][lo * n : hi * n])
                         slot += 1
-                if hi > lo:
-                    programs = max(1, min(self.reduce_programs, triton.cdiv(hi - lo, self._ce_block)))
-                    self._ce_reduce(
-                        (programs, 1), (flat_out[lo:hi], mine[lo:hi], scratch, hi - lo, part, rank), (w, self._ce_block)
-                    )
-                self._ce_step(2 * i + 1)
+                if w > 2 and hi > lo:
+                    count = (hi - lo) * n
+                    programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
+                    self._ce_sum((programs, 1), (s, count, per), (w - 1, self._ce_block))
+                if on_gpu:
+                    pulled[c] = torch.cuda.Event()
+                    pulled[c].record(side)
+
+        def own_part(c: int) -> None:
+            lo, hi = part(c, rank)
+            if hi > lo:
+                if on_gpu:
+                    current.wait_event(pulled[c])
+                s, _ = scratch_rows(c)
+                target = mine[lo * n : hi * n].view(hi - lo, n)
+                torch.addmm(s[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
+                if bias is not None:
+                    target += bias
+            handoff()
+            with on_side():
+                self._ce_step(2 * c + 1)
                 for p in range(w):
-                    plo, phi = first + min(p * part, count), first + min((p + 1) * part, count)
-                    if p != rank and phi > plo:
-                        flat_out[plo:phi].copy_(bufs[p][plo:phi])
-        with torch.cuda.stream(side) if side is not None else _nullcontext():
+                    plo, phi = part(c, p)
+                    if phi > plo:
+                        flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
+
+        # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
+        peers_parts(0)
+        for c in range(1, len(starts)):
+            peers_parts(c)
+            own_part(c - 1)
+        own_part(len(starts) - 1)
+        with on_side():
             self._ce_step(2 * len(starts), last=True)
-        if side is not None:
+        if on_gpu:
             current.wait_stream(side)
             out.record_stream(side)
 
