@@ -7,7 +7,8 @@ GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shar
 * ``seq_us``: cuBLAS GEMM then our all-reduce (``gemm_all_reduce(path="sequential")``);
   ``seq_nccl_us``: cuBLAS GEMM then NCCL (what a plain TP layer runs);
 * ``chunked_us``, ``copy_engine_us``, ``fused_us``: the overlapped paths; ``auto_us``: what the policy runs;
-  ``ce<C>_us``: the copy-engine path with ``C`` row chunks (``--ce-chunks``; ``copy_engine_us`` is the default);
+  ``ce<C>_us``: the copy-engine path with ``C`` row chunks (``--ce-chunks``; ``copy_engine_us``: the default
+  count, ``ce_chunks``);
 * ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M).
 
 AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfused_us`` (our all-reduce,
@@ -91,11 +92,11 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
         if path == "auto" and row[key] is not None:
             row["auto"] = last_selection().algo
     state = _group_state(None)[2]  # the group's GemmAllReduce, built by the calls above
-    default_chunks = state.gemm.num_chunks
+    row["ce_chunks"] = len(state.gemm.copy_engine_chunks(m))
     for chunks in ce_chunks:
-        state.gemm.num_chunks = chunks
+        state.gemm.ce_chunks = chunks
         _timed(row, f"ce{chunks}_us", lambda: gemm_all_reduce(a, b, path="copy_engine"), calls, reps, barrier)
-    state.gemm.num_chunks = default_chunks
+    state.gemm.ce_chunks = None
     row["ratio"] = _ratio(row)
     return row
 
@@ -182,16 +183,18 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
         f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
         "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
-        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (C=2/4/8) | fused "
+        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (default C) "
+        "| copy engines C=2/4/8 | fused "
         "| auto (path) | best overlapped / max(GEMM, AR) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in gemm:
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
             f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
-            f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('copy_engine_us'))} / {_fmt(r.get('ce8_us'))} | "
+            f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | "
+            f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('ce4_us'))} / {_fmt(r.get('ce8_us'))} | "
             f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
             f"{ratio} |"
         )
@@ -222,7 +225,7 @@ def main() -> None:
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 1024, 4096])
     p.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
-    p.add_argument("--ce-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 8])
+    p.add_argument("--ce-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()

@@ -113,7 +113,8 @@ class GemmAllReduce:
         selector: path policy (:class:`GemmPathSelector`).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
         num_chunks: row chunks of the chunked and copy-engine paths.
-        reduce_programs: programs of the copy-engine path's local reduction (default: a quarter of the SMs).
+        reduce_programs: programs of the copy-engine path's row sum at W > 2 (default: a quarter of the SMs).
+        ce_chunks: row chunks of the copy-engine path (default: by M, see :meth:`copy_engine_chunks`).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class GemmAllReduce:
         world_size: int | None = None,
         device: torch.device | str | None = None,
         reduce_programs: int | None = None,
+        ce_chunks: int | None = None,
     ):
         ws = gemm_workspace
         self.workspace = ws
@@ -142,9 +144,12 @@ class GemmAllReduce:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_ptx else 8
             consumer_programs = max(1, min(_ark.MAX_BLOCKS.value, sms // 4))
         self.consumer_programs = consumer_programs
-        if not 1 <= num_chunks <= (_ce.MAX_STEPS.value - 1) // 2:
-            raise InvalidArgumentError(f"num_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {num_chunks}")
+        if num_chunks < 1:
+            raise InvalidArgumentError(f"num_chunks must be >= 1, got {num_chunks}")
         self.num_chunks = num_chunks
+        if ce_chunks is not None and not 1 <= ce_chunks <= (_ce.MAX_STEPS.value - 1) // 2:
+            raise InvalidArgumentError(f"ce_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {ce_chunks}")
+        self.ce_chunks = ce_chunks
         self.reduce_programs = reduce_programs or (consumer_programs if self.use_ptx else 2)
         # Tile buffer of one parity (see kernels/gemm_all_reduce.py): what is left after the flags, halved.
         self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
@@ -154,6 +159,7 @@ class GemmAllReduce:
             _gk.tile_all_reduce_kernel, self.use_ptx, index, num_warps=4 if not self.use_ptx else 8
         )
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
+        self._side2 = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
         self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
         self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
@@ -168,15 +174,34 @@ class GemmAllReduce:
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
 
+    def copy_engine_chunks(self, m: int) -> list[tuple[int, int]]:
+        """Row chunks ``(start, rows)`` of the copy-engine path for ``M = m``.
+
+        Only the last chunk's gather is exposed (every other transfer hides under a later GEMM), so the last
+        chunk is half the size of the others.  Default count (``ce_chunks=None``), measured on 2 x H100
+        (``bench/results/2xh100/``): 2 up to M = 4096, 4 above.
+        """
+        count = self.ce_chunks or (2 if m <= 4096 else 4)
+        count = max(1, min(count, m))
+        unit = triton.cdiv(2 * m, 2 * count - 1) if count > 1 else m
+        if unit >= 256:
+            unit = triton.cdiv(unit, 128) * 128  # whole GEMM tiles
+        chunks, start = [], 0
+        while start < m:
+            rows = min(unit, m - start)
+            chunks.append((start, rows))
+            start += rows
+        return chunks
+
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
         """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, in buffer 1, ``W - 1``
         pulled parts per row chunk."""
         if self.workspace is None:
             return False
-        chunk = triton.cdiv(m, min(self.num_chunks, m))
+        chunks = self.copy_engine_chunks(m)
         w = self.world_size
-        scratch = triton.cdiv(m, chunk) * (w - 1) * triton.cdiv(chunk, w) * n
-        return max(m * n, scratch) * itemsize <= self.buffer_bytes
+        scratch = len(chunks) * (w - 1) * triton.cdiv(chunks[0][1], w) * n
+        return max(m * n, scratch) * itemsize <= self.buffer_bytes and 2 * len(chunks) < _ce.MAX_STEPS.value
 
     def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
         """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
@@ -318,29 +343,30 @@ class GemmAllReduce:
         bufs, scratch = self._copy_engine_views(a.dtype)
         mine, flat_out = bufs[rank], out.view(-1)
         self._ce_preload(scratch)
-        chunk = triton.cdiv(m, min(self.num_chunks, m))
-        starts = list(range(0, m, chunk))
-        side = self._side
+        chunks = self.copy_engine_chunks(m)
+        side, side2 = self._side, self._side2
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
         if on_gpu:
             side.wait_stream(current)
+            side2.wait_stream(current)
 
         def part(c: int, p: int) -> tuple[int, int]:  # rows [lo, hi) of part p of chunk c
-            start, rows = starts[c], min(chunk, m - starts[c])
+            start, rows = chunks[c]
             each = triton.cdiv(rows, w)
             return start + min(p * each, rows), start + min((p + 1) * each, rows)
 
-        per = triton.cdiv(chunk, w) * n  # elements of the largest part
+        per = triton.cdiv(chunks[0][1], w) * n  # elements of the largest part
 
         def scratch_rows(c: int) -> tuple[torch.Tensor, int]:  # S(c): W - 1 rows of ``per`` elements
             return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per], per
 
-        def handoff() -> None:  # the side stream continues after what the caller's stream enqueued so far
+        def handoff(*streams) -> None:  # the side streams continue after what the caller's stream enqueued so far
             if on_gpu:
                 done = torch.cuda.Event()
                 done.record(current)
-                side.wait_event(done)
+                for stream in streams:
+                    stream.wait_event(done)
 
         def on_side():
             return torch.cuda.stream(side) if on_gpu else _nullcontext()
@@ -352,7 +378,7 @@ class GemmAllReduce:
                 lo, hi = part(c, p)
                 if p != rank and hi > lo:
                     torch.matmul(a[lo:hi], b, out=mine[lo * n : hi * n].view(hi - lo, n))
-            handoff()
+            handoff(side)
             with on_side():
                 self._ce_step(2 * c)
                 lo, hi = part(c, rank)
@@ -381,25 +407,30 @@ class GemmAllReduce:
                 torch.addmm(s[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
                 if bias is not None:
                     target += bias
-            handoff()
+            handoff(side, side2)
+            if hi > lo:  # this rank's reduced part: a local copy on the second side stream, beside the pulls
+                with torch.cuda.stream(side2) if on_gpu else _nullcontext():
+                    flat_out[lo * n : hi * n].copy_(mine[lo * n : hi * n])
             with on_side():
                 self._ce_step(2 * c + 1)
                 for p in range(w):
                     plo, phi = part(c, p)
-                    if phi > plo:
+                    if p != rank and phi > plo:
                         flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
 
         # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
         peers_parts(0)
-        for c in range(1, len(starts)):
+        for c in range(1, len(chunks)):
             peers_parts(c)
             own_part(c - 1)
-        own_part(len(starts) - 1)
+        own_part(len(chunks) - 1)
         with on_side():
-            self._ce_step(2 * len(starts), last=True)
+            self._ce_step(2 * len(chunks), last=True)
         if on_gpu:
             current.wait_stream(side)
+            current.wait_stream(side2)
             out.record_stream(side)
+            out.record_stream(side2)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
