@@ -120,7 +120,7 @@ def _gemm_worker(rank, world_size, port, cases):
         b_all = [(torch.randn(k, n, generator=g) / k**0.5).to(dtype) for _ in range(world_size)]
         bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         b = b_all[rank] if i % 2 == 0 else b_all[rank].t().contiguous().t()  # strided b (weight.t()) too
-        gemm.ce_chunks = 4 if m > 40 else None  # 4 uneven chunks (19, 19, 19, 7 rows at M = 64), else 2
+        gemm.ce_chunks = 3 if m > 40 else None  # 3 chunks of 22, 22, 20 rows at M = 64, else 2
         out = gemm(a_all[rank], b, bias=bias, path=path)
         gemm.check_errors()
         ref = torch.zeros(m, n)
@@ -238,6 +238,17 @@ def _bad_input_worker(rank, world_size, port):
     assert _pair(gemm.select(512, 64)) == ("chunked", "fused-capacity")  # 64 KB output > this workspace
     assert _pair(gemm.select(16, 16)) == ("sequential", "small")
     assert _pair(GemmPathSelector().select(16384, 8)) == ("sequential", "measured-sequential")
+    default = GemmPathSelector()  # copy engines: measured at 2 ranks, M >= 4096, outputs >= 32 MB
+    assert _pair(default.select(8192, 2, output_bytes=128 << 20)) == ("copy_engine", "measured-copy-engine-2")
+    assert _pair(default.select(8192, 2, output_bytes=16 << 20)) == ("sequential", "measured-sequential")
+    assert _pair(default.select(2048, 2, output_bytes=128 << 20)) == ("sequential", "measured-sequential")
+    assert _pair(default.select(8192, 4, output_bytes=128 << 20)) == ("sequential", "measured-sequential")
+    assert _pair(default.select(8192, 2, output_bytes=128 << 20, copy_engine_fits=False)) == (
+        "sequential",
+        "copy-engine-capacity",
+    )
+    with pytest.raises(WorkspaceExhaustedError, match="copy_engine path"):
+        gemm(torch.ones(128, 16, dtype=torch.bfloat16), torch.ones(16, 64, dtype=torch.bfloat16), path="copy_engine")
     # Nothing is corrupted: a valid call still works on both ranks.
     normed, new_res = fused(torch.full((2, 8), float(rank + 1)), torch.zeros(2, 8), torch.ones(8), eps=0.0)
     assert torch.all(new_res == 3.0) and torch.allclose(normed, torch.ones(2, 8))

@@ -27,7 +27,8 @@ from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d, _interpreting, _Launch
 
 @dataclass(frozen=True)
 class GemmRule:
-    """Use ``path`` when ``min_m <= M <= max_m`` (and the world size is listed, if a list is given)."""
+    """Use ``path`` when ``min_m <= M <= max_m``, the ``[M, N]`` output has at least ``min_bytes`` bytes, and
+    the world size is listed (if a list is given)."""
 
     id: str
     path: str
@@ -35,6 +36,7 @@ class GemmRule:
     max_m: int | None = None
     world_sizes: tuple[int, ...] | None = None
     reason: str = ""
+    min_bytes: int = 0
 
 
 # Measured on one H100 with virtual ranks (bench/results/fused_h100_virtual.md, docs/fused.md): cuBLAS then our
@@ -43,6 +45,15 @@ class GemmRule:
 # contention.  So the default never picks a path measured slower than sequential; a rule override (or
 # path="fused") selects the others where real multi-GPU measurements say they pay.
 DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
+    GemmRule(
+        "measured-copy-engine-2",
+        "copy_engine",
+        min_m=4096,
+        world_sizes=(2,),
+        min_bytes=32 << 20,
+        reason="measured on 2 x H100 (NVLink): 1.10-1.19x faster than cuBLAS then our all-reduce at M >= 4096 with "
+        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_*.md)",
+    ),
     GemmRule(
         "measured-sequential",
         "sequential",
@@ -65,18 +76,28 @@ class GemmPathSelector:
                 raise InvalidArgumentError(f"rule {r.id}: path must be one of {GEMM_PATHS}, got {r.path!r}")
         self.rules = tuple(rules)
 
-    def select(self, m: int, world_size: int, fused_fits: bool = True) -> Selection:
+    def select(
+        self,
+        m: int,
+        world_size: int,
+        fused_fits: bool = True,
+        output_bytes: int = 0,
+        copy_engine_fits: bool = True,
+    ) -> Selection:
         sel = Selection("sequential", "no-rule", f"no rule matches M={m}, world_size={world_size}")
         for r in self.rules:
             if (
                 m >= r.min_m
                 and (r.max_m is None or m <= r.max_m)
                 and (r.world_sizes is None or world_size in r.world_sizes)
+                and output_bytes >= r.min_bytes
             ):
                 sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
                 break
         if sel.algo == "fused" and not fused_fits:
             sel = Selection("chunked", "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
+        if sel.algo == "copy_engine" and not copy_engine_fits:
+            sel = Selection("sequential", "copy-engine-capacity", "output over the GEMM workspace: sequential instead")
         return sel
 
 
@@ -159,7 +180,6 @@ class GemmAllReduce:
             _gk.tile_all_reduce_kernel, self.use_ptx, index, num_warps=4 if not self.use_ptx else 8
         )
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
-        self._side2 = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
         self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
         self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
@@ -175,23 +195,14 @@ class GemmAllReduce:
         return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
 
     def copy_engine_chunks(self, m: int) -> list[tuple[int, int]]:
-        """Row chunks ``(start, rows)`` of the copy-engine path for ``M = m``.
+        """Row chunks ``(start, rows)`` of the copy-engine path for ``M = m``, of equal size.
 
-        Only the last chunk's gather is exposed (every other transfer hides under a later GEMM), so the last
-        chunk is half the size of the others.  Default count (``ce_chunks=None``), measured on 2 x H100
-        (``bench/results/2xh100/``): 2 up to M = 4096, 4 above.
+        Default count (``ce_chunks=None``), measured on 2 x H100 (``bench/results/2xh100/``): 2 up to
+        M = 4096, 4 above.  (A half-size last chunk, to shorten the one exposed gather, measured slower.)
         """
-        count = self.ce_chunks or (2 if m <= 4096 else 4)
-        count = max(1, min(count, m))
-        unit = triton.cdiv(2 * m, 2 * count - 1) if count > 1 else m
-        if unit >= 256:
-            unit = triton.cdiv(unit, 128) * 128  # whole GEMM tiles
-        chunks, start = [], 0
-        while start < m:
-            rows = min(unit, m - start)
-            chunks.append((start, rows))
-            start += rows
-        return chunks
+        count = max(1, min(self.ce_chunks or (2 if m <= 4096 else 4), m))
+        unit = triton.cdiv(m, count)
+        return [(start, min(unit, m - start)) for start in range(0, m, unit)]
 
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
         """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, in buffer 1, ``W - 1``
@@ -205,7 +216,9 @@ class GemmAllReduce:
 
     def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
         """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
-        return self.selector.select(m, self.world_size, self.fused_fits(m, n, itemsize))
+        return self.selector.select(
+            m, self.world_size, self.fused_fits(m, n, itemsize), m * n * itemsize, self.copy_engine_fits(m, n, itemsize)
+        )
 
     def _validate(self, a, b, bias, batch: int | None = None) -> tuple[int, int, int]:
         for name, t in (("a", a), ("b", b)):
@@ -344,12 +357,11 @@ class GemmAllReduce:
         mine, flat_out = bufs[rank], out.view(-1)
         self._ce_preload(scratch)
         chunks = self.copy_engine_chunks(m)
-        side, side2 = self._side, self._side2
+        side = self._side
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
         if on_gpu:
             side.wait_stream(current)
-            side2.wait_stream(current)
 
         def part(c: int, p: int) -> tuple[int, int]:  # rows [lo, hi) of part p of chunk c
             start, rows = chunks[c]
@@ -407,15 +419,12 @@ class GemmAllReduce:
                 torch.addmm(s[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
                 if bias is not None:
                     target += bias
-            handoff(side, side2)
-            if hi > lo:  # this rank's reduced part: a local copy on the second side stream, beside the pulls
-                with torch.cuda.stream(side2) if on_gpu else _nullcontext():
-                    flat_out[lo * n : hi * n].copy_(mine[lo * n : hi * n])
+            handoff(side)
             with on_side():
                 self._ce_step(2 * c + 1)
-                for p in range(w):
+                for p in range(w):  # the peers' reduced parts, and this rank's own (a local copy)
                     plo, phi = part(c, p)
-                    if p != rank and phi > plo:
+                    if phi > plo:
                         flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
 
         # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
@@ -428,9 +437,7 @@ class GemmAllReduce:
             self._ce_step(2 * len(chunks), last=True)
         if on_gpu:
             current.wait_stream(side)
-            current.wait_stream(side2)
             out.record_stream(side)
-            out.record_stream(side2)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""

@@ -6,9 +6,11 @@ import torch
 import triton
 
 from ..errors import (
+    BackendNotSupportedError,
     InvalidArgumentError,
     WorkspaceExhaustedError,
 )
+from ..selector import Selection
 from ..workspace import local_workspaces
 from .gemm import GemmAllReduce, GemmPathSelector, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -107,6 +109,13 @@ class VirtualFused:
             ws.raise_if_failed()
         m, n, _ = g._validate(a, b, bias, batch=self.world_size)
         sel = g._pick(path, m, n, a.element_size())
+        if sel.algo == "copy_engine":  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
+            if path != "auto":
+                raise BackendNotSupportedError(
+                    "path='copy_engine' needs one GemmAllReduce per rank (real ranks, or one per virtual rank); "
+                    "the stacked virtual-rank layout runs fused, chunked or sequential"
+                )
+            sel = g.last_selection = Selection("sequential", "virtual-no-copy-engine", f"{sel.reason}; virtual ranks")
         w = self.world_size
         out = torch.empty((w, m, n), dtype=a.dtype, device=self.device)
         if sel.algo == "fused":
