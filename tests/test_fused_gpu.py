@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sagellm_comm.errors import BackendNotSupportedError
+
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -89,11 +91,15 @@ def test_gemm_all_reduce_largest_m(fused):
     k = 14336 // w
     a = torch.randn(w, m, k, device="cuda", dtype=torch.bfloat16)
     b = (torch.randn(w, k, n, device="cuda") / k**0.5).to(torch.bfloat16)
-    sel = fused.gemm.select(m, n)
     out = fused.gemm_all_reduce(a, b)
+    sel = fused.gemm.last_selection  # what ran (the stacked layout turns a copy-engine choice into sequential)
     torch.cuda.synchronize()
     torch.testing.assert_close(out[0].float(), _gemm_ref(a, b, None), rtol=2e-2, atol=5e-2)
     assert sel.algo in ("fused", "chunked", "sequential") and sel.rule_id
+    if w == 2:
+        assert sel.rule_id == "virtual-no-copy-engine", sel
+    with pytest.raises(BackendNotSupportedError, match="copy_engine"):
+        fused.gemm_all_reduce(a[:, :64], b, path="copy_engine")
 
 
 def test_one_shot_consumer_and_back_to_back_calls(fused):
