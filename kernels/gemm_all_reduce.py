@@ -20,7 +20,7 @@ stream launched first, so its few programs are resident before the GEMM fills th
 Region of each rank (a dedicated :class:`SymmetricWorkspace`, so all-reduce staging never touches the
 tile flags)::
 
-    base + 0                         signal pad (PAD_BYTES; kernels/all_reduce.py layout, end barrier only)
+    base + 0                         signal pad (PAD_BYTES; end barrier; slot 3: kernels/copy_engine.py)
     base + PAD_BYTES                 produced: int32[MAX_TILES]
     base + PAD_BYTES + 4 MAX_TILES   reduced:  int32[MAX_TILES]
     base + DATA_OFFSET + parity * buffer_bytes   the [M, N] tile buffer of calls with epoch % 2 == parity
