@@ -315,3 +315,22 @@ def _gloo_group_worker(rank, world_size, port):
 
 def test_group_level_functions_fall_back_without_custom():
     run_ranks(_gloo_group_worker, 2, timeout=120)
+
+
+def test_copy_engine_chunking_and_arguments():
+    """Host-side plan of the copy-engine path: equal row chunks, the measured default count, typed errors."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmAllReduce
+
+    g = GemmAllReduce(None, lambda t: t, world_size=2)
+    assert g.copy_engine_chunks(4096) == [(0, 2048), (2048, 2048)]  # default: 2 chunks up to M = 4096
+    assert g.copy_engine_chunks(8192) == [(i * 2048, 2048) for i in range(4)]  # 4 above
+    assert g.copy_engine_chunks(1) == [(0, 1)]
+    g.ce_chunks = 3
+    assert g.copy_engine_chunks(10) == [(0, 4), (4, 4), (8, 2)]
+    assert not g.copy_engine_fits(64, 64, 2)  # no GEMM workspace, no copy-engine path
+    for bad in (0, 64):
+        with pytest.raises(InvalidArgumentError, match="ce_chunks"):
+            GemmAllReduce(None, lambda t: t, world_size=2, ce_chunks=bad)
+    with pytest.raises(InvalidArgumentError, match="num_chunks"):
+        GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=0)
