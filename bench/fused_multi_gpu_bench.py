@@ -7,6 +7,7 @@ GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shar
 * ``seq_us``: cuBLAS GEMM then our all-reduce (``gemm_all_reduce(path="sequential")``);
   ``seq_nccl_us``: cuBLAS GEMM then NCCL (what a plain TP layer runs);
 * ``chunked_us``, ``copy_engine_us``, ``fused_us``: the overlapped paths; ``auto_us``: what the policy runs;
+  ``copy_engine_zc_us``: the copy-engine path with ``zero_copy=True`` (result left in the workspace);
   ``ce<C>_us``: the copy-engine path with ``C`` row chunks (``--ce-chunks``; ``copy_engine_us``: the default
   count, ``ce_chunks``);
 * ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M).
@@ -92,6 +93,8 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
         if path == "auto" and row[key] is not None:
             row["auto"] = last_selection().algo
     state = _group_state(None)[2]  # the group's GemmAllReduce, built by the calls above
+    _timed(row, "copy_engine_zc_us", lambda: gemm_all_reduce(a, b, path="copy_engine", zero_copy=True), calls, reps,
+           barrier)  # fmt: skip
     row["ce_chunks"] = len(state.gemm.copy_engine_chunks(m))
     for chunks in ce_chunks:
         state.gemm.ce_chunks = chunks
@@ -103,7 +106,7 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
 
 def _ratio(row: dict) -> float | None:
     """Best overlapped path over max(GEMM alone, all-reduce alone); None where a figure is missing."""
-    paths = ("chunked_us", "copy_engine_us", "fused_us")
+    paths = ("chunked_us", "copy_engine_us", "copy_engine_zc_us", "fused_us")
     overlapped = [v for k, v in row.items() if (k in paths or re.fullmatch(r"ce\d+_us", k)) and v is not None]
     if not overlapped or not row.get("gemm_us") or not row.get("ar_us"):
         return None
@@ -184,16 +187,16 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
         f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
         "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
         "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (default C) "
-        "| copy engines C=2/4/8 | fused "
+        "| zero-copy | copy engines C=2/4/8 | fused "
         "| auto (path) | best overlapped / max(GEMM, AR) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in gemm:
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
             f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
-            f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | "
+            f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | {_fmt(r.get('copy_engine_zc_us'))} | "
             f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('ce4_us'))} / {_fmt(r.get('ce8_us'))} | "
             f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
             f"{ratio} |"

@@ -111,6 +111,8 @@ def test_all_reduce_rmsnorm_matches_reference_and_ranks_agree(world_size):
 
 
 def _gemm_worker(rank, world_size, port, cases):
+    from kernels.gemm_all_reduce import DATA_OFFSET  # in the worker: kernels are imported under the interpreter
+
     _, _, gemm = _setup(rank, world_size, port, gemm=True)
     digests = []
     for i, (path, m, k, n, dtype_name, with_bias) in enumerate(cases):
@@ -121,8 +123,11 @@ def _gemm_worker(rank, world_size, port, cases):
         bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         b = b_all[rank] if i % 2 == 0 else b_all[rank].t().contiguous().t()  # strided b (weight.t()) too
         gemm.ce_chunks = 3 if m > 40 else None  # 3 chunks of 22, 22, 20 rows at M = 64, else 2
-        out = gemm(a_all[rank], b, bias=bias, path=path)
+        zero_copy = path == "copy_engine" and i % 2 == 1  # every other copy-engine case: result in the workspace
+        out = gemm(a_all[rank], b, bias=bias, path=path, zero_copy=zero_copy)
         gemm.check_errors()
+        if zero_copy:
+            assert out.data_ptr() == gemm.workspace.peer_ptrs[rank] + DATA_OFFSET.value
         ref = torch.zeros(m, n)
         for a_r, b_r in zip(a_all, b_all, strict=True):
             ref += (a_r.float() @ b_r.float()).to(dtype).float()  # each rank's partial is rounded once
@@ -146,8 +151,8 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("fused", 37, 24, 40, "float16", True),  # ragged tiles, two-shot consumer, bias once
         ("fused", 48, 16, 32, "bfloat16", False),  # back-to-back on the other buffer parity
         ("chunked", 19, 16, 24, "bfloat16", True),
-        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 3 chunks of 8, 8, 3 rows; bias once
-        ("copy_engine", 5, 16, 8, "float16", False),  # 40 elements: a rank with an empty part at W=4
+        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 2 chunks of 10 and 9 rows; bias once by each owner
+        ("copy_engine", 5, 16, 8, "float16", False),  # zero-copy; a rank with an empty part at W=4
         ("fused", 40, 16, 24, "bfloat16", False),  # the fused path right after the copy engines' ...
         ("copy_engine", 64, 32, 40, "bfloat16", False),  # ... and back: one workspace, both paths
         ("sequential", 9, 16, 24, "float16", True),

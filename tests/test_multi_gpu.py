@@ -321,8 +321,10 @@ def _fused_worker(rank: int, world_size: int, port: int) -> dict:
                 b_all = [torch.randn(k_shard, n, device=dev, generator=g).to(dtype) * 0.1 for _ in range(world_size)]
                 bias = torch.randn(n, device=dev, generator=g).to(dtype)
                 ref = sum(a.float() @ b.float() for a, b in zip(a_all, b_all, strict=True)) + bias.float()
-                for path in ("auto", "fused", "chunked", "copy_engine", "sequential"):
-                    y = gemm_all_reduce(a_all[rank], b_all[rank], bias=bias, path=path)
+                for path in ("auto", "fused", "chunked", "copy_engine", "copy_engine_zc", "sequential"):
+                    zero_copy = path.endswith("_zc")  # the result as a workspace view: same bits
+                    path = path.removesuffix("_zc")
+                    y = gemm_all_reduce(a_all[rank], b_all[rank], bias=bias, path=path, zero_copy=zero_copy)
                     torch.cuda.synchronize(dev)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
                     out["gemm"].append((str(dtype), m, n, path, last_selection().algo, err))

@@ -262,23 +262,35 @@ class GemmAllReduce:
         return sel
 
     # ------------------------------------------------------------------ the call
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, path: str = "auto"):
+    def __call__(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        path: str = "auto",
+        zero_copy: bool = False,
+    ):
         """``[M, N]`` = all-reduce of ``a @ b`` over the ranks (+ ``bias``); a new tensor.
 
         ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` (any strides; e.g. ``weight.t()``), bf16 or fp16.
-        ``path``: ``auto`` (the selector), ``fused``, ``chunked`` or ``sequential``.
+        ``path``: ``auto`` (the selector), ``fused``, ``chunked``, ``copy_engine`` or ``sequential``.
+        ``zero_copy``: where the copy-engine path runs, return the result as a view of this rank's GEMM
+        workspace instead of a new tensor (saves the local copy of this rank's part: 1/W of the output).  The
+        view is overwritten by the next call on this workspace: consume or copy it before then.  Other paths
+        ignore it.
         """
         if self.workspace is not None and self.workspace._error_view[0]:
             self.workspace.raise_if_failed()
         m, n, _ = self._validate(a, b, bias)
         sel = self._pick(path, m, n, a.element_size())
+        if sel.algo == "copy_engine":
+            out = None if zero_copy else torch.empty((m, n), dtype=a.dtype, device=self.device)
+            return self._copy_engine(a, b, bias, out, m, n)
         out = torch.empty((m, n), dtype=a.dtype, device=self.device)
         if sel.algo == "fused":
             self.launch_fused(a, b, bias, out, m, n)
         elif sel.algo == "chunked":
             self._chunked(a, b, bias, out, m)
-        elif sel.algo == "copy_engine":
-            self._copy_engine(a, b, bias, out, m, n)
         else:
             self._matmul(a, b, bias, out)
             self._reduce(out)
@@ -347,14 +359,19 @@ class GemmAllReduce:
         if w > 2:
             self._ce_sum.preload((scratch, 0, 0), (w - 1, self._ce_block))
 
-    def _copy_engine(self, a, b, bias, out, m, n) -> None:
+    def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
         peers' parts of each row chunk into this rank's buffer P, then its own part with the peers' partials
-        (pulled by the copy engines on the side stream) as the ``C`` operand; the copy engines gather."""
+        (pulled by the copy engines on the side stream) as the ``C`` operand; the copy engines gather.
+
+        ``out`` None: the result is left in P (zero-copy; the gather overwrites this rank's partials of the
+        peers' parts, which the peers pulled before they signalled the barrier that precedes it)."""
         ws = self.workspace
         w, rank = ws.world_size, ws.rank
         bufs, scratch = self._copy_engine_views(a.dtype)
-        mine, flat_out = bufs[rank], out.view(-1)
+        mine = bufs[rank]
+        zero_copy = out is None
+        flat_out = mine[: m * n] if zero_copy else out.view(-1)
         self._ce_preload(scratch)
         chunks = self.copy_engine_chunks(m)
         side = self._side
@@ -424,7 +441,7 @@ class GemmAllReduce:
                 self._ce_step(2 * c + 1)
                 for p in range(w):  # the peers' reduced parts, and this rank's own (a local copy)
                     plo, phi = part(c, p)
-                    if phi > plo:
+                    if phi > plo and not (zero_copy and p == rank):
                         flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
 
         # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
@@ -437,7 +454,9 @@ class GemmAllReduce:
             self._ce_step(2 * len(chunks), last=True)
         if on_gpu:
             current.wait_stream(side)
-            out.record_stream(side)
+            if not zero_copy:
+                out.record_stream(side)
+        return flat_out.view(m, n)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""

@@ -87,13 +87,19 @@ def all_reduce_residual_rmsnorm(
 
 
 def gemm_all_reduce(
-    a: torch.Tensor, b: torch.Tensor, group=None, bias: torch.Tensor | None = None, path: str = "auto"
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group=None,
+    bias: torch.Tensor | None = None,
+    path: str = "auto",
+    zero_copy: bool = False,
 ) -> torch.Tensor:
     """Row-parallel linear over ``group``: ``sum over ranks of a @ b`` (+ ``bias`` once), ``[M, N]``.
 
     ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the ``custom`` backend active on the
     whole group, :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
     call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
+    ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).
     """
     g, backend, state, car, why = _group_state(group)
     if car is not None and a.dtype in FUSED_DTYPES:
@@ -108,7 +114,7 @@ def gemm_all_reduce(
             state.gemm = GemmAllReduce(
                 ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
             )
-        out = state.gemm(a, b, bias, path=path)
+        out = state.gemm(a, b, bias, path=path, zero_copy=zero_copy)
         state.last = state.gemm.last_selection
         return out
     if car is not None:
