@@ -7,7 +7,9 @@ Per rank (one process per GPU, or the Triton interpreter with ranks as processes
 * :class:`GemmAllReduce` ``(gemm_workspace, all_reduce)`` -- the row-parallel linear; paths ``fused`` (tile-level
   overlap, ``kernels/gemm_all_reduce.py``, on a dedicated workspace from :func:`gemm_workspace_bytes`),
   ``chunked`` (cuBLAS GEMM of row chunk i on the caller's stream while chunk i-1 is all-reduced on a side
-  stream) and ``sequential`` (cuBLAS GEMM, then one all-reduce); :class:`GemmPathSelector` picks by M.
+  stream), ``copy_engine`` (cuBLAS per row part, the reduction folded into the owner's ``addmm``, every
+  transfer by DMA copy engines; ``kernels/copy_engine.py``) and ``sequential`` (cuBLAS GEMM, then one
+  all-reduce); :class:`GemmPathSelector` picks by M, output size and world size.
 
 Group level: :func:`all_reduce_residual_rmsnorm` and :func:`gemm_all_reduce` use the ``custom`` backend's
 workspace when it is active on the whole group, and otherwise fall back to ``backend.all_reduce`` plus torch
