@@ -51,7 +51,7 @@ DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
         min_m=4096,
         world_sizes=(2,),
         min_bytes=32 << 20,
-        reason="measured on 2 x H100 (NVLink): 1.10-1.19x faster than cuBLAS then our all-reduce at M >= 4096 with "
+        reason="measured on 2 x H100 (NVLink): 1.05-1.20x faster than cuBLAS then our all-reduce at M >= 4096 with "
         "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_*.md)",
     ),
     GemmRule(
@@ -133,7 +133,7 @@ class GemmAllReduce:
             ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's).
         selector: path policy (:class:`GemmPathSelector`).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
-        num_chunks: row chunks of the chunked and copy-engine paths.
+        num_chunks: row chunks of the chunked path.
         reduce_programs: programs of the copy-engine path's row sum at W > 2 (default: a quarter of the SMs).
         ce_chunks: row chunks of the copy-engine path (default: by M, see :meth:`copy_engine_chunks`).
     """
