@@ -112,7 +112,7 @@ class VirtualFused:
         if sel.algo == "copy_engine":  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
             if path != "auto":
                 raise BackendNotSupportedError(
-                    "path='copy_engine' needs one GemmAllReduce per rank (real ranks, or one per virtual rank); "
+                    "path='copy_engine' needs one GemmAllReduce and stream pair per rank (one process per rank); "
                     "the stacked virtual-rank layout runs fused, chunked or sequential"
                 )
             sel = g.last_selection = Selection("sequential", "virtual-no-copy-engine", f"{sel.reason}; virtual ranks")
