@@ -387,8 +387,8 @@ class GemmAllReduce:
 
         per = triton.cdiv(chunks[0][1], w) * n  # elements of the largest part
 
-        def scratch_rows(c: int) -> tuple[torch.Tensor, int]:  # S(c): W - 1 rows of ``per`` elements
-            return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per], per
+        def scratch_rows(c: int) -> torch.Tensor:  # S(c): W - 1 rows of ``per`` elements
+            return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per]
 
         def handoff(*streams) -> None:  # the side streams continue after what the caller's stream enqueued so far
             if on_gpu:
@@ -411,7 +411,7 @@ class GemmAllReduce:
             with on_side():
                 self._ce_step(2 * c)
                 lo, hi = part(c, rank)
-                s, _ = scratch_rows(c)
+                s = scratch_rows(c)
                 slot = 0
                 for p in range(w):
                     if p != rank:
@@ -431,7 +431,7 @@ class GemmAllReduce:
             if hi > lo:
                 if on_gpu:
                     current.wait_event(pulled[c])
-                s, _ = scratch_rows(c)
+                s = scratch_rows(c)
                 target = mine[lo * n : hi * n].view(hi - lo, n)
                 torch.addmm(s[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
                 if bias is not None:
