@@ -34,7 +34,11 @@ Invariants:
 4. *One round trip when peers are on time.*  A program issues the loads of all ``W`` sources of a tile
    before it looks at any of them, and checks them with one reduction; only a tile that still holds a
    sentinel is polled again (all sources reloaded).
-5. *Bounded waits* as in ``kernels/all_reduce.py``: on timeout the missing peer is recorded and the error
+5. *Programmatic dependent launch* (``PDL``, Hopper and later): the launch may start while the previous
+   kernel on the stream still runs; the kernel reads only the peer table (written once at set-up) before
+   ``griddepcontrol.wait``, which returns once that kernel has finished and its writes are visible.  So
+   invariant 2 holds unchanged: every push of call ``l + 2`` is issued after the clearing of call ``l + 1``.
+6. *Bounded waits* as in ``kernels/all_reduce.py``: on timeout the missing peer is recorded and the error
    latched; every later wait of that rank returns at once.
 """
 
@@ -106,6 +110,29 @@ def _first_missing(area, slot_stride, buf, offs, mask, W: tl.constexpr, WP: tl.c
     return first
 
 
+@triton.jit
+def _clear_previous(
+    my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Clear (as 32-bit words) what peers pushed to this rank at the previous Lamport call (invariant 2)."""
+    lane = tl.arange(0, BLOCK)
+    prev_tiles = tl.cdiv(prev_words, BLOCK)
+    for tile in range(pid, prev_tiles, num_programs):
+        offs = tile * BLOCK + lane
+        mask = offs < prev_words
+        for p in tl.static_range(W):
+            dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
+            tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
+
+
+@triton.jit
+def _save_state(ctrl, pid, numel, lepoch, DTYPE: tl.constexpr):
+    """This program's state for the next call: plain stores, read only by this program's next launch."""
+    words = tl.cdiv(numel * (DTYPE.primitive_bitwidth // 8), 4)
+    tl.store(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, words)
+    tl.store(ctrl + LAMPORT_STATE + pid, lepoch + 1)
+
+
 @triton.jit(do_not_specialize=["rank", "lamport_offset", "cap", "timeout"])
 def lamport_all_reduce_kernel(
     inp,
@@ -122,12 +149,16 @@ def lamport_all_reduce_kernel(
     BLOCK: tl.constexpr,
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Barrier-free one-shot all-reduce of ``numel`` (<= ``cap``) elements; ``out`` may alias ``inp``.
 
     ``lamport_offset``: byte offset of the Lamport area in every region; ``cap``: its capacity in elements
     per (buffer, source).  With ``VIRTUAL``, grid axis 1 is the rank and ``inp``/``out`` are ``[W, numel]``.
     Every launch on one workspace must use the same grid (per-program state, see the module docstring).
+    With ``PDL`` (launched with programmatic dependent launch, Hopper and later) only the peer table, written
+    once at set-up, is read before ``griddepcontrol.wait``; everything the previous kernel on the stream may
+    have written (input, call counters, buffers) is touched after it.
     """
     if VIRTUAL:
         rank = tl.program_id(1)
@@ -142,6 +173,11 @@ def lamport_all_reduce_kernel(
     # Independent loads, one round trip: peer bases, this program's state, the error latch.
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
+    if PDL:
+        # Launched beside the previous kernel: wait until it has finished and its writes are visible, then
+        # let the next kernel be scheduled (its programs wait in this same instruction).
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     lepoch = tl.load(ctrl + LAMPORT_STATE + pid, volatile=True)
     prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True)
     latched = tl.load(ctrl + 2, volatile=True)
@@ -164,7 +200,12 @@ def lamport_all_reduce_kernel(
             dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
             tl.store(dst + offs, v, mask=mask)
 
-    # 2. Poll this rank's buffer: all sources of a tile at once; again only while a sentinel remains.
+    # 2. Clear what peers pushed to this rank at the previous call, and save this program's state, before
+    #    polling: the stores drain while the peers' pushes are still on their way.
+    _clear_previous(my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W, BLOCK)
+    _save_state(ctrl, pid, numel, lepoch, DTYPE)
+
+    # 3. Poll this rank's buffer: all sources of a tile at once; again only while a sentinel remains.
     for tile in range(pid, num_tiles, num_programs):
         offs = tile * BLOCK + lane
         mask = offs < numel
@@ -184,20 +225,6 @@ def lamport_all_reduce_kernel(
                 _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, pid, lepoch + 1)
                 latched = tl.full([], 1, tl.int32)
         tl.store(out + offs, acc.to(DTYPE), mask=mask)
-
-    # 3. Clear (as 32-bit words) what peers pushed to this rank at the previous Lamport call (invariant 2).
-    prev_tiles = tl.cdiv(prev_words, BLOCK)
-    for tile in range(pid, prev_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < prev_words
-        for p in tl.static_range(W):
-            dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
-            tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
-
-    # 4. This program's state for the next call: plain stores, read only by this program's next launch.
-    words = tl.cdiv(numel * (DTYPE.primitive_bitwidth // 8), 4)
-    tl.store(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, words)
-    tl.store(ctrl + LAMPORT_STATE + pid, lepoch + 1)
 
 
 __all__ = ["PAD_BYTES", "lamport_all_reduce_kernel", "lamport_bytes"]

@@ -302,6 +302,31 @@ def test_default_program_count(monkeypatch):
         car_mod.default_max_programs(cuda)
 
 
+def test_programmatic_dependent_launch_choice(monkeypatch):
+    from sagellm_comm import custom_all_reduce as car_mod
+    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+
+    monkeypatch.delenv("SAGELLM_COMM_PDL", raising=False)
+    assert car_mod.pdl_enabled(torch.device("cpu")) is False  # the interpreter has no griddepcontrol
+    cuda = torch.device("cuda", 0)
+    for major, expected in ((8, False), (9, True), (10, True)):  # Hopper and later
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, m=major: (m, 0))
+        assert car_mod.pdl_enabled(cuda) is expected
+    monkeypatch.setenv("SAGELLM_COMM_PDL", "0")
+    assert car_mod.pdl_enabled(cuda) is False
+    monkeypatch.setenv("SAGELLM_COMM_PDL", "1")
+    assert car_mod.pdl_enabled(cuda) is True
+    assert car_mod.pdl_enabled(torch.device("cpu")) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(BackendNotSupportedError, match="SAGELLM_COMM_PDL=1 needs compute capability 9.0"):
+        car_mod.pdl_enabled(cuda)
+    monkeypatch.setenv("SAGELLM_COMM_PDL", "yes")
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_PDL must be 0 or 1"):
+        car_mod.pdl_enabled(cuda)
+    # A launcher on a CPU device never passes PDL to the kernel, whatever it was asked for.
+    assert car_mod.KernelLauncher(2, 1 << 16, 1, False, 0, pdl=True).pdl is False
+
+
 def test_virtual_workspaces_share_one_device():
     from sagellm_comm.workspace import local_workspaces
 
