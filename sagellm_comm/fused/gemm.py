@@ -416,7 +416,9 @@ class GemmAllReduce:
                 for p in range(w):
                     if p != rank:
                         if hi > lo:
-                            s[slot * per : slot * per + (hi - lo) * n].copy_(bufs[p][lo * n : hi * n])
+                            # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
+                            dst = mine[lo * n : hi * n] if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
+                            dst.copy_(bufs[p][lo * n : hi * n])
                         slot += 1
                 if w > 2 and hi > lo:
                     count = (hi - lo) * n
@@ -431,9 +433,11 @@ class GemmAllReduce:
             if hi > lo:
                 if on_gpu:
                     current.wait_event(pulled[c])
-                s = scratch_rows(c)
                 target = mine[lo * n : hi * n].view(hi - lo, n)
-                torch.addmm(s[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
+                if w == 2:  # in place (beta = 1): no copy of the partial into the output first
+                    target.addmm_(a[lo:hi], b)
+                else:
+                    torch.addmm(scratch_rows(c)[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
                 if bias is not None:
                     target += bias
             handoff(side)
