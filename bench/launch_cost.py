@@ -8,6 +8,8 @@ Times, per call (median of ``--reps``, host clock around the call; nothing synch
 * ``all_reduce_<algo>_no_stream_waits``: the same, each rank issuing on its own stream with no cross-stream
   waits (what a real rank does on its current stream);
 * ``all_reduce_stacked_<algo>``: ``VirtualRankGroup.all_reduce_stacked`` (all ranks, one launch);
+* ``all_reduce_lamport_[no_]pdl_interleaved``: the Lamport call with and without programmatic dependent
+  launch (Hopper), in alternating blocks, median of the block medians;
 * ``python_side``: ``all_reduce`` with the cached C launcher replaced by a no-op (validation, policy lookup,
   argument packing);
 * ``triton_direct``: our cached launcher (Triton's generated C launcher) on a trivial Triton kernel;
@@ -111,6 +113,22 @@ def main() -> None:
         res[f"all_reduce_stacked_{algo}"] = _median_us(call, args.reps)
         vg.check_errors()
     res["all_reduce_auto"] = _per_rank_us(vg, xs, "auto", args.reps, cross_wait=True)
+    if any(r._launcher.pdl for r in vg.ranks):
+        # The Lamport call with and without programmatic dependent launch, interleaved in blocks so that
+        # both see the same host noise (each launcher keeps one plan cache per setting).
+        on = [dict(r._launcher.cache) for r in vg.ranks]
+        off = [{} for _ in vg.ranks]
+        pairs = {True: [], False: []}
+        for _ in range(10):
+            for pdl in (True, False):
+                for r, rank in enumerate(vg.ranks):
+                    rank._launcher.pdl = pdl
+                    rank._launcher.cache = on[r] if pdl else off[r]
+                pairs[pdl].append(_per_rank_us(vg, xs, "lamport", max(vg.world_size, args.reps // 10), True))
+        for r, rank in enumerate(vg.ranks):
+            rank._launcher.pdl, rank._launcher.cache = True, on[r]
+        res["all_reduce_lamport_pdl_interleaved"] = statistics.median(pairs[True])
+        res["all_reduce_lamport_no_pdl_interleaved"] = statistics.median(pairs[False])
     # Python alone: the cached plans' C launcher replaced by a no-op.
     cache = vg.ranks[0]._launcher.cache
     saved = dict(cache)
