@@ -23,6 +23,8 @@ EAGER_ROWS = (
     ("all_reduce_lamport_no_stream_waits", "our all_reduce, lamport, each rank on its own stream"),
     ("all_reduce_one_shot", "our all_reduce, one_shot, after a cross-stream wait per call"),
     ("all_reduce_auto", "our all_reduce, algo=auto, after a cross-stream wait per call"),
+    ("all_reduce_lamport_pdl_interleaved", "our all_reduce, lamport with PDL, blocks interleaved with the next row"),
+    ("all_reduce_lamport_no_pdl_interleaved", "our all_reduce, lamport without PDL (SAGELLM_COMM_PDL=0)"),
     ("python_side", "of which Python (C launcher stubbed)"),
     ("triton_direct", "trivial Triton kernel through the same cached C launcher"),
     ("cuLaunchKernel_ctypes", "trivial kernel, cuLaunchKernel through ctypes"),

@@ -81,7 +81,8 @@ class Rule:
         )
 
 
-# Measured on H100, bf16, CUDA-graph replay (bench/results/custom_all_reduce_h100.md, commit dd41bf9):
+# Measured on H100, bf16, CUDA-graph replay (bench/results/custom_all_reduce_h100_dd41bf9.md, commit dd41bf9;
+# the c852ddd table, custom_all_reduce_h100.md, picks the same best kernel at every size):
 # virtual ranks (all ranks in one launch on one GPU) for 2, 4 and 8 ranks, and two real GPUs over NVLink
 # (bench/results/all_reduce_2xh100_*.json), which agree on every 2-rank boundary.  The barrier-free
 # Lamport kernel wins up to 256 KB at 2-4 ranks and 64 KB at 8; one-shot's single barrier then wins up to
