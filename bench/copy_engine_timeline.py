@@ -18,12 +18,11 @@ import tempfile
 import traceback
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.custom_all_reduce_bench import run_meta  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from bench.fused_multi_gpu_bench import init_rank, run_workers  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -65,18 +64,13 @@ def timeline(trace_path: str, calls: int) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
     import sagellm_comm
     from sagellm_comm.benchmark.timing import capture_graph
     from sagellm_comm.fused import gemm_all_reduce
     from sagellm_comm.fused.group import _group_state
 
     try:
-        world = sagellm_comm.init(backend="custom", timeout=300)
-        backend = world.backend
-        barrier = lambda: backend._exchange(None)  # noqa: E731
+        backend, barrier = init_rank(rank, world_size, port)
         w = backend.world_size
         k = 14336 // w
         g = torch.Generator(device=backend.device).manual_seed(rank)
@@ -126,17 +120,7 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=torch.cuda.device_count())
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, args.world_size, port, args, q)) for r in range(args.world_size)]
-    for proc in procs:
-        proc.start()
-    status, payload = q.get(timeout=900)
-    for proc in procs:
-        proc.join(timeout=60)
-    if status != "ok":
-        raise SystemExit(payload)
+    payload = run_workers(worker, args.world_size, args, timeout_s=900)
     for rank, result in enumerate(payload):
         for label, tl_ in result.items():
             print(f"== rank {rank} {label}: span {tl_['span_us']} us")

@@ -135,17 +135,44 @@ def bench_rmsnorm(backend, tokens: int, hidden: int, calls: int, reps: int, barr
     return row
 
 
-def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
+def init_rank(rank: int, world_size: int, port: int):
+    """In a spawned worker: join the group on the ``custom`` backend; returns (backend, barrier)."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     import sagellm_comm
 
+    backend = sagellm_comm.init(backend="custom", timeout=300).backend
+    assert backend.custom is not None, backend.custom_reason
+    return backend, lambda: backend._exchange(None)  # the barrier: CPU group, does not touch the streams
+
+
+def run_workers(target, world_size: int, args, timeout_s: float = 1800):
+    """Spawn ``target(rank, world_size, port, args, queue)`` per rank; the payload rank 0 puts on the queue.
+
+    A worker puts ``("ok", payload)`` or ``("error", traceback)``; an error exits with its text.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, args, queue)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    status, payload = queue.get(timeout=timeout_s)
+    for proc in procs:
+        proc.join(timeout=60 if status == "ok" else 1)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise SystemExit(payload)
+    return payload
+
+
+def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
+    import sagellm_comm
+
     try:
-        world = sagellm_comm.init(backend="custom", timeout=300)
-        backend = world.backend
-        assert backend.custom is not None, backend.custom_reason
-        barrier = lambda: backend._exchange(None)  # noqa: E731  (CPU group: does not touch the streams)
+        backend, barrier = init_rank(rank, world_size, port)
         gemm_rows, norm_rows = [], []
         for n in args.n:
             for m in args.m:
@@ -234,19 +261,7 @@ def main() -> None:
     args = p.parse_args()
     if args.world_size < 2:
         raise SystemExit("needs at least 2 GPUs (one process per GPU)")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
-    for proc in procs:
-        proc.start()
-    status, payload = queue.get(timeout=1800)
-    for proc in procs:
-        proc.join(timeout=60 if status == "ok" else 1)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise SystemExit(payload)
+    payload = run_workers(worker, args.world_size, args)
     gemm = _slowest([rows[0] for rows in payload])
     norm = _slowest([rows[1] for rows in payload])
     meta = run_meta(world_size=args.world_size)

@@ -16,38 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.custom_all_reduce_bench import run_meta  # noqa: E402
-
-
-def graph_us(fn, reps: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1_000_000)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000.0)
-    return statistics.median(times)
+from bench.custom_all_reduce_bench import graph_time_us, run_meta  # noqa: E402
 
 
 def schedule_fn(spec: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, acc: torch.Tensor):
@@ -140,7 +115,7 @@ def main() -> None:
         schedules = args.schedules.split(";") if args.schedules else DEFAULT_SCHEDULES.get(m, [f"rows:{m}"])
         base = None
         for spec in schedules:
-            us = graph_us(schedule_fn(spec, a, b, out, acc), args.reps)
+            us = graph_time_us(schedule_fn(spec, a, b, out, acc), calls=1, reps=args.reps)
             base = base or us
             rows.append({"M": m, "N": n, "K": k, "schedule": spec, "us": us, "vs_whole": us / base})
             print(f"{m}x{n}x{k} {spec:60s} {us:9.1f} us  {us / base:5.3f}", flush=True)
