@@ -8,12 +8,13 @@ output rows are cut into ``C`` chunks, every chunk into ``W`` parts (part ``p`` 
 Rank ``r``, caller's stream::
 
     GEMM of the peers' parts of chunk 0 -> P;  GEMM of the peers' parts of chunk 1 -> P;
-    own part of chunk 0:  P[part r] = addmm(S(0), a[part r], b);  peers' parts of chunk 2;  own part of 1; ...
+    own part of chunk 0:  P[part r] += a[part r] @ b (addmm_);  peers' parts of chunk 2;  own part of 1; ...
 
 side stream (waits for the caller's stream by events)::
 
     barrier(2c)       every rank's partials of chunk c for its peers are in its P
-    copy engines      pull part r of chunk c from every peer's P into S(c)   (W > 2: ``ce_sum_rows_kernel``)
+    copy engines      pull part r of chunk c from the peer's P straight into P[part r] (W = 2), or from
+                      every peer into scratch S(c), summed into P[part r] by ``ce_sum_rows_kernel`` (W > 2)
     barrier(2c + 1)   every rank's reduced own part of chunk c is in its P
     copy engines      pull part p of chunk c from peer p's P into out; copy P[part r] into out
     ...
@@ -80,11 +81,11 @@ def ce_barrier_kernel(
 
 
 @triton.jit(do_not_specialize=["numel", "stride"])
-def ce_sum_rows_kernel(scratch, numel, stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``scratch[0, i] = sum over rows j (in order) of scratch[j, i]``, fp32 math, ``i < numel``.
+def ce_sum_rows_kernel(scratch, out, numel, stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[i] = sum over rows j (in order) of scratch[j, i]``, fp32 math, ``i < numel``.
 
     The ``W - 1`` peers' partials of this rank's part, pulled by the copy engines in rank order; their sum
-    becomes the ``C`` operand of the owner's GEMM (only for ``W > 2``).
+    lands in the part's rows of P, which the owner's GEMM then accumulates onto (only for ``W > 2``).
     """
     DTYPE: tl.constexpr = scratch.dtype.element_ty
     pid = tl.program_id(0)
@@ -95,4 +96,4 @@ def ce_sum_rows_kernel(scratch, numel, stride, ROWS: tl.constexpr, BLOCK: tl.con
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(ROWS):
             acc += tl.load(scratch + j * stride + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(scratch + offs, acc.to(DTYPE), mask=mask)
+        tl.store(out + offs, acc.to(DTYPE), mask=mask)

@@ -357,7 +357,7 @@ class GemmAllReduce:
         for last in (False, True):
             self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
         if w > 2:
-            self._ce_sum.preload((scratch, 0, 0), (w - 1, self._ce_block))
+            self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
@@ -420,10 +420,10 @@ class GemmAllReduce:
                             dst = mine[lo * n : hi * n] if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
                             dst.copy_(bufs[p][lo * n : hi * n])
                         slot += 1
-                if w > 2 and hi > lo:
+                if w > 2 and hi > lo:  # the W - 1 partials, summed in rank order into the own part's rows
                     count = (hi - lo) * n
                     programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
-                    self._ce_sum((programs, 1), (s, count, per), (w - 1, self._ce_block))
+                    self._ce_sum((programs, 1), (s, mine[lo * n : hi * n], count, per), (w - 1, self._ce_block))
                 if on_gpu:
                     pulled[c] = torch.cuda.Event()
                     pulled[c].record(side)
@@ -433,11 +433,10 @@ class GemmAllReduce:
             if hi > lo:
                 if on_gpu:
                     current.wait_event(pulled[c])
+                # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
+                # copy S into ``other`` on this stream.
                 target = mine[lo * n : hi * n].view(hi - lo, n)
-                if w == 2:  # in place (beta = 1): no copy of the partial into the output first
-                    target.addmm_(a[lo:hi], b)
-                else:
-                    torch.addmm(scratch_rows(c)[: (hi - lo) * n].view(hi - lo, n), a[lo:hi], b, out=target)
+                target.addmm_(a[lo:hi], b)
                 if bias is not None:
                     target += bias
             handoff(side)
