@@ -81,25 +81,26 @@ class Rule:
         )
 
 
-# Measured on H100, bf16, CUDA-graph replay (bench/results/custom_all_reduce_h100_dd41bf9.md, commit dd41bf9;
-# the c852ddd table, custom_all_reduce_h100.md, picks the same best kernel at every size):
+# Measured on H100, bf16, CUDA-graph replay: the boundaries at dd41bf9 (bench/results/
+# custom_all_reduce_h100_dd41bf9.md), the figures in the reasons at c852ddd (custom_all_reduce_h100.md, the
+# same best kernel at every size):
 # virtual ranks (all ranks in one launch on one GPU) for 2, 4 and 8 ranks, and two real GPUs over NVLink
 # (bench/results/all_reduce_2xh100_*.json), which agree on every 2-rank boundary.  The barrier-free
 # Lamport kernel wins up to 256 KB at 2-4 ranks and 64 KB at 8; one-shot's single barrier then wins up to
 # 4 MB at 2 ranks, 1 MB at 4 and 256 KB at 8; two-shot's 2(W-1)/W traffic wins everything larger.
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("ws2-lamport", "lamport", max_bytes=256 << 10, world_sizes=(2,),
-         reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 2.6-4.7 us vs one-shot's 5.3-6.9"),
+         reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 1.9-4.4 us vs one-shot's 4.5-5.3"),
     Rule("ws34-lamport", "lamport", max_bytes=256 << 10, world_sizes=(3, 4),
-         reason="3-4 ranks, <=256 KB: no barrier; 2.9-7.5 us vs one-shot's 5.6-8.0"),
+         reason="3-4 ranks, <=256 KB: no barrier; 2.2-5.8 us at 4 ranks vs one-shot's 4.7-6.7"),
     Rule("lamport", "lamport", max_bytes=64 << 10,
-         reason="<=64 KB, latency-bound: no barrier; 3.3-7.6 us at 8 ranks vs one-shot's 6.4-7.9"),
+         reason="<=64 KB, latency-bound: no barrier; 2.4-6.1 us at 8 ranks vs one-shot's 5.5-6.3"),
     Rule("ws2-one-shot", "one_shot", max_bytes=4 << 20, world_sizes=(2,),
          reason="2 ranks, <=4 MB: one barrier; two-shot's second barrier costs more than the traffic it saves"),
     Rule("ws34-one-shot", "one_shot", max_bytes=1 << 20, world_sizes=(3, 4),
-         reason="3-4 ranks, <=1 MB: one barrier; 10.0-12.3 us vs two-shot's 11.6-14.1"),
+         reason="3-4 ranks, <=1 MB: one barrier; 8.4-10.7 us at 4 ranks vs two-shot's 8.9-11.2"),
     Rule("small-one-shot", "one_shot", max_bytes=256 << 10,
-         reason="<=256 KB: one barrier; 9.1-11.3 us at 8 ranks vs two-shot's 12.7-13.6"),
+         reason="<=256 KB: one barrier; 7.4-9.9 us at 8 ranks vs two-shot's 10.7-10.8"),
     Rule("large-two-shot", "two_shot",
          reason="bandwidth-bound size: two-shot moves 2(W-1)/W of the message instead of (W-1)"),
 )  # fmt: skip
