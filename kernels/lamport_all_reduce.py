@@ -170,7 +170,7 @@ def lamport_all_reduce_kernel(
     WIDE: tl.constexpr = DTYPE.primitive_bitwidth == 32
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    # Independent loads, one round trip: peer bases, this program's state, the error latch.
+    # Peer bases; then (after the PDL wait) this program's state and the error latch, one round trip.
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
     if PDL:

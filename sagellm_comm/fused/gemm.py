@@ -205,8 +205,8 @@ class GemmAllReduce:
         return [(start, min(unit, m - start)) for start in range(0, m, unit)]
 
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
-        """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, in buffer 1, ``W - 1``
-        pulled parts per row chunk."""
+        """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, at W > 2, in buffer 1,
+        ``W - 1`` pulled parts per row chunk (at W = 2 that term is at most half of ``M * N``)."""
         if self.workspace is None:
             return False
         chunks = self.copy_engine_chunks(m)
