@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -358,6 +359,7 @@ class GemmAllReduce:
             self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
         if w > 2:
             self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
+        self._ce_sum.preload((scratch, scratch, 0, 0), (1, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
@@ -402,14 +404,35 @@ class GemmAllReduce:
 
         pulled: dict[int, torch.cuda.Event] = {}
 
+        layout = os.environ.get("SAGELLM_COMM_CE_LAYOUT", "side")  # EXPERIMENT: side|caller|caller_sm|caller_end
+        caller = layout != "side"
+        own_copy = "ce" if layout in ("side", "caller") else ("sm" if layout == "caller_sm" else "end")
+
+        def sm_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+            count = src.numel()
+            programs = max(1, min(8 * self.consumer_programs, triton.cdiv(count, self._ce_block)))
+            self._ce_sum((programs, 1), (src, dst, count, 0), (1, self._ce_block))
+
+        def sum_peers(c: int) -> None:
+            lo, hi = part(c, rank)
+            if w > 2 and hi > lo:  # the W - 1 partials, summed in rank order into the own part's rows
+                count = (hi - lo) * n
+                programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
+                self._ce_sum(
+                    (programs, 1), (scratch_rows(c), mine[lo * n : hi * n], count, per), (w - 1, self._ce_block)
+                )
+
         def peers_parts(c: int) -> None:
             for p in range(w):
                 lo, hi = part(c, p)
                 if p != rank and hi > lo:
                     torch.matmul(a[lo:hi], b, out=mine[lo * n : hi * n].view(hi - lo, n))
+            if caller:
+                self._ce_step(2 * c)
             handoff(side)
             with on_side():
-                self._ce_step(2 * c)
+                if not caller:
+                    self._ce_step(2 * c)
                 lo, hi = part(c, rank)
                 s = scratch_rows(c)
                 slot = 0
@@ -420,10 +443,8 @@ class GemmAllReduce:
                             dst = mine[lo * n : hi * n] if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
                             dst.copy_(bufs[p][lo * n : hi * n])
                         slot += 1
-                if w > 2 and hi > lo:  # the W - 1 partials, summed in rank order into the own part's rows
-                    count = (hi - lo) * n
-                    programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
-                    self._ce_sum((programs, 1), (s, mine[lo * n : hi * n], count, per), (w - 1, self._ce_block))
+                if not caller:
+                    sum_peers(c)
                 if on_gpu:
                     pulled[c] = torch.cuda.Event()
                     pulled[c].record(side)
@@ -433,18 +454,25 @@ class GemmAllReduce:
             if hi > lo:
                 if on_gpu:
                     current.wait_event(pulled[c])
+                if caller:
+                    sum_peers(c)
                 # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
                 # copy S into ``other`` on this stream.
                 target = mine[lo * n : hi * n].view(hi - lo, n)
                 target.addmm_(a[lo:hi], b)
                 if bias is not None:
                     target += bias
+            if caller:
+                self._ce_step(2 * c + 1)
+                if own_copy == "sm" and not zero_copy and hi > lo:
+                    sm_copy(flat_out[lo * n : hi * n], mine[lo * n : hi * n])
             handoff(side)
             with on_side():
-                self._ce_step(2 * c + 1)
+                if not caller:
+                    self._ce_step(2 * c + 1)
                 for p in range(w):  # the peers' reduced parts, and this rank's own (a local copy)
                     plo, phi = part(c, p)
-                    if phi > plo and not (zero_copy and p == rank):
+                    if phi > plo and not (p == rank and (zero_copy or own_copy != "ce")):
                         flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
 
         # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
@@ -453,6 +481,11 @@ class GemmAllReduce:
             peers_parts(c)
             own_part(c - 1)
         own_part(len(chunks) - 1)
+        if own_copy == "end" and not zero_copy:
+            for c in range(len(chunks)):
+                lo, hi = part(c, rank)
+                if hi > lo:
+                    sm_copy(flat_out[lo * n : hi * n], mine[lo * n : hi * n])
         with on_side():
             self._ce_step(2 * len(chunks), last=True)
         if on_gpu:
