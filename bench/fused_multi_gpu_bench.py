@@ -10,13 +10,17 @@ GEMM + all-reduce (row-parallel linear, a: [M, K_shard], b: [K_shard, N], K_shar
   ``copy_engine_zc_us``: the copy-engine path with ``zero_copy=True`` (result left in the workspace);
   ``ce<C>_us``: the copy-engine path with ``C`` row chunks (``--ce-chunks``; ``copy_engine_us``: the default
   count, ``ce_chunks``);
-* ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M).
+* ``ratio`` = best overlapped path / max(gemm_us, ar_us) (target <= 1.15 at large M); ``auto_ratio`` =
+  ``auto_us`` / max(gemm_us, ar_us): the default call's.
 
 AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfused_us`` (our all-reduce,
 torch add, ``torch.nn.functional.rms_norm``) and ``unfused_nccl_us`` (NCCL instead of ours).
 
-Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--calls`` calls, divided by
-``--calls``, of the slowest rank.  Writes ``<out>.json`` and ``<out>.md``::
+Every figure is the median over ``--reps`` replays of a CUDA graph holding ``calls`` calls, divided by
+``calls``, of the slowest rank: ``calls`` is ``--calls``, capped so that one graph holds at most
+``--graph-gflop`` GFLOP of GEMM (default 400: one call per graph from 8192 x 4096 up, so a collective's
+first barrier also absorbs the ranks' replay skew; a larger cap measures back-to-back calls, as consecutive
+layers run).  Writes ``<out>.json`` and ``<out>.md``::
 
     python bench/fused_multi_gpu_bench.py --out bench/results/2xh100/fused_2xh100
 """
@@ -65,7 +69,7 @@ def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
         torch.cuda.synchronize()
 
 
-def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunks=()) -> dict:
+def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunks=(), graph_gflop=400.0) -> dict:
     from sagellm_comm.fused import gemm_all_reduce, last_selection
     from sagellm_comm.fused.group import _group_state
 
@@ -75,7 +79,7 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
     a = torch.randn(m, k, device=backend.device, generator=g).to(torch.bfloat16)
     b = (torch.randn(k, n, device=backend.device, generator=g) / k**0.5).to(torch.bfloat16)
     prod = torch.empty(m, n, device=backend.device, dtype=torch.bfloat16)
-    calls = max(1, min(calls, int(4e11 // max(1, 2 * m * n * k))))  # a graph holds well under 1 s of GEMM
+    calls = max(1, min(calls, int(graph_gflop * 1e9 // max(1, 2 * m * n * k))))
     row = {"world_size": w, "M": m, "N": n, "K_shard": k, "calls": calls}
     _timed(row, "gemm_us", lambda: torch.matmul(a, b, out=prod), calls, reps, barrier)
     _timed(row, "ar_us", lambda: backend.all_reduce(prod), calls, reps, barrier)
@@ -101,6 +105,7 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
         _timed(row, f"ce{chunks}_us", lambda: gemm_all_reduce(a, b, path="copy_engine"), calls, reps, barrier)
     state.gemm.ce_chunks = None
     row["ratio"] = _ratio(row)
+    row["auto_ratio"] = _auto_ratio(row)
     return row
 
 
@@ -176,7 +181,9 @@ def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
         gemm_rows, norm_rows = [], []
         for n in args.n:
             for m in args.m:
-                gemm_rows.append(bench_gemm(backend, m, n, args.calls, args.reps, barrier, args.ce_chunks))
+                gemm_rows.append(
+                    bench_gemm(backend, m, n, args.calls, args.reps, barrier, args.ce_chunks, args.graph_gflop)
+                )
         for hidden in args.hidden:
             for tokens in args.tokens:
                 norm_rows.append(bench_rmsnorm(backend, tokens, hidden, args.calls, args.reps, barrier))
@@ -199,6 +206,7 @@ def _slowest(rank_rows: list[list[dict]]) -> list[dict]:
                 row[key] = max(values)
         if "ratio" in row:
             row["ratio"] = _ratio(row)
+            row["auto_ratio"] = _auto_ratio(row)
         merged.append(row)
     return merged
 
@@ -215,18 +223,19 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
         "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
         "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (default C) "
         "| zero-copy | copy engines C=2/4/8 | fused "
-        "| auto (path) | best overlapped / max(GEMM, AR) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| auto (path) | auto / max(GEMM, AR) | best overlapped / max(GEMM, AR) | calls per graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in gemm:
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        auto_ratio = "-" if r.get("auto_ratio") is None else f"{r['auto_ratio']:.2f}"
         lines.append(
             f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
             f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
             f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | {_fmt(r.get('copy_engine_zc_us'))} | "
             f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('ce4_us'))} / {_fmt(r.get('ce8_us'))} | "
             f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
-            f"{ratio} |"
+            f"{auto_ratio} | {ratio} | {r['calls']} |"
         )
     lines += [
         "\n## All-reduce + residual + RMSNorm (bf16)\n",
@@ -247,6 +256,13 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _auto_ratio(row: dict) -> float | None:
+    """The default call (``auto``) over max(GEMM alone, all-reduce alone)."""
+    if not row.get("auto_us") or not row.get("gemm_us") or not row.get("ar_us"):
+        return None
+    return row["auto_us"] / max(row["gemm_us"], row["ar_us"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/results/2xh100/fused_2xh100")
@@ -258,6 +274,7 @@ def main() -> None:
     p.add_argument("--ce-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--graph-gflop", type=float, default=400.0, help="GEMM GFLOP one graph may hold (caps --calls)")
     args = p.parse_args()
     if args.world_size < 2:
         raise SystemExit("needs at least 2 GPUs (one process per GPU)")

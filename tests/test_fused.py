@@ -122,7 +122,8 @@ def _gemm_worker(rank, world_size, port, cases):
         b_all = [(torch.randn(k, n, generator=g) / k**0.5).to(dtype) for _ in range(world_size)]
         bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         b = b_all[rank] if i % 2 == 0 else b_all[rank].t().contiguous().t()  # strided b (weight.t()) too
-        gemm.ce_chunks = 3 if m > 40 else None  # 3 chunks of 22, 22, 20 rows at M = 64, else 2
+        # 3 chunks of 22, 22, 20 rows at M = 64; 5 chunks of 7 (the last 5) at M = 33; 1 chunk at M = 7; else 2
+        gemm.ce_chunks = {64: 3, 33: 5, 7: 1}.get(m)
         zero_copy = path == "copy_engine" and i % 2 == 1  # every other copy-engine case: result in the workspace
         out = gemm(a_all[rank], b, bias=bias, path=path, zero_copy=zero_copy)
         gemm.check_errors()
@@ -155,12 +156,14 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("copy_engine", 5, 16, 8, "float16", False),  # zero-copy; a rank with an empty part at W=4
         ("fused", 40, 16, 24, "bfloat16", False),  # the fused path right after the copy engines' ...
         ("copy_engine", 64, 32, 40, "bfloat16", False),  # ... and back: one workspace, both paths
+        ("copy_engine", 33, 16, 24, "float16", True),  # 5 chunks: units of one own part and one peers' part
+        ("copy_engine", 7, 16, 8, "bfloat16", False),  # 1 chunk (zero-copy)
         ("sequential", 9, 16, 24, "float16", True),
     ]
     per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=600)
     for r in range(1, world_size):
         assert per_rank[r][0] == per_rank[0][0], f"rank {r} differs bitwise from rank 0"
-    assert {e for _, e in per_rank} == {(4, 3)}  # four fused and three copy-engine calls, one epoch each
+    assert {e for _, e in per_rank} == {(4, 5)}  # four fused and five copy-engine calls, one epoch each
 
 
 def _timeout_worker(rank, world_size, port, kind):

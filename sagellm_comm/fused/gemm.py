@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -135,7 +134,8 @@ class GemmAllReduce:
         selector: path policy (:class:`GemmPathSelector`).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
         num_chunks: row chunks of the chunked path.
-        reduce_programs: programs of the copy-engine path's row sum at W > 2 (default: a quarter of the SMs).
+        reduce_programs: programs of the copy-engine path's row sum at W > 2, which runs on the caller's
+            stream between GEMMs (default: two per SM).
         ce_chunks: row chunks of the copy-engine path (default: by M, see :meth:`copy_engine_chunks`).
     """
 
@@ -162,8 +162,8 @@ class GemmAllReduce:
         if ws is not None and ws.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_ptx else 8
         if consumer_programs is None:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_ptx else 8
             consumer_programs = max(1, min(_ark.MAX_BLOCKS.value, sms // 4))
         self.consumer_programs = consumer_programs
         if num_chunks < 1:
@@ -172,7 +172,7 @@ class GemmAllReduce:
         if ce_chunks is not None and not 1 <= ce_chunks <= (_ce.MAX_STEPS.value - 1) // 2:
             raise InvalidArgumentError(f"ce_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {ce_chunks}")
         self.ce_chunks = ce_chunks
-        self.reduce_programs = reduce_programs or (consumer_programs if self.use_ptx else 2)
+        self.reduce_programs = reduce_programs or (2 * sms if self.use_ptx else 2)
         # Tile buffer of one parity (see kernels/gemm_all_reduce.py): what is left after the flags, halved.
         self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
         index = self.device.index or 0
@@ -359,12 +359,11 @@ class GemmAllReduce:
             self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
         if w > 2:
             self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
-        self._ce_sum.preload((scratch, scratch, 0, 0), (1, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
-        peers' parts of each row chunk into this rank's buffer P, then its own part with the peers' partials
-        (pulled by the copy engines on the side stream) as the ``C`` operand; the copy engines gather.
+        peers' parts of each row chunk into this rank's buffer P, then its own part onto the peers' partials
+        (pulled by the copy engines on the side stream); the copy engines gather the reduced parts.
 
         ``out`` None: the result is left in P (zero-copy; the gather overwrites this rank's partials of the
         peers' parts, which the peers pulled before they signalled the barrier that precedes it)."""
@@ -392,102 +391,85 @@ class GemmAllReduce:
         def scratch_rows(c: int) -> torch.Tensor:  # S(c): W - 1 rows of ``per`` elements
             return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per]
 
-        def handoff(*streams) -> None:  # the side streams continue after what the caller's stream enqueued so far
-            if on_gpu:
-                done = torch.cuda.Event()
-                done.record(current)
-                for stream in streams:
-                    stream.wait_event(done)
-
-        def on_side():
-            return torch.cuda.stream(side) if on_gpu else _nullcontext()
+        def rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            return t[lo * n : hi * n]
 
         pulled: dict[int, torch.cuda.Event] = {}
 
-        layout = os.environ.get("SAGELLM_COMM_CE_LAYOUT", "side")  # EXPERIMENT: side|caller|caller_sm|caller_end
-        caller = layout != "side"
-        own_copy = "ce" if layout in ("side", "caller") else ("sm" if layout == "caller_sm" else "end")
-
-        def sm_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-            count = src.numel()
-            programs = max(1, min(8 * self.consumer_programs, triton.cdiv(count, self._ce_block)))
-            self._ce_sum((programs, 1), (src, dst, count, 0), (1, self._ce_block))
-
-        def sum_peers(c: int) -> None:
-            lo, hi = part(c, rank)
-            if w > 2 and hi > lo:  # the W - 1 partials, summed in rank order into the own part's rows
-                count = (hi - lo) * n
-                programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
-                self._ce_sum(
-                    (programs, 1), (scratch_rows(c), mine[lo * n : hi * n], count, per), (w - 1, self._ce_block)
-                )
-
-        def peers_parts(c: int) -> None:
+        def peers_parts(c: int) -> None:  # caller's stream
             for p in range(w):
                 lo, hi = part(c, p)
                 if p != rank and hi > lo:
-                    torch.matmul(a[lo:hi], b, out=mine[lo * n : hi * n].view(hi - lo, n))
-            if caller:
-                self._ce_step(2 * c)
-            handoff(side)
-            with on_side():
-                if not caller:
-                    self._ce_step(2 * c)
-                lo, hi = part(c, rank)
-                s = scratch_rows(c)
-                slot = 0
-                for p in range(w):
-                    if p != rank:
-                        if hi > lo:
-                            # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
-                            dst = mine[lo * n : hi * n] if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
-                            dst.copy_(bufs[p][lo * n : hi * n])
-                        slot += 1
-                if not caller:
-                    sum_peers(c)
-                if on_gpu:
-                    pulled[c] = torch.cuda.Event()
-                    pulled[c].record(side)
+                    torch.matmul(a[lo:hi], b, out=rows(mine, lo, hi).view(hi - lo, n))
 
-        def own_part(c: int) -> None:
+        def pull(c: int) -> None:  # side stream, after a barrier that follows every rank's peers_parts(c)
+            lo, hi = part(c, rank)
+            s = scratch_rows(c)
+            slot = 0
+            for p in range(w):
+                if p != rank:
+                    if hi > lo:
+                        # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
+                        dst = rows(mine, lo, hi) if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
+                        dst.copy_(rows(bufs[p], lo, hi))
+                    slot += 1
+            if on_gpu:
+                pulled[c] = torch.cuda.Event()
+                pulled[c].record(side)
+
+        def own_part(c: int) -> None:  # caller's stream
             lo, hi = part(c, rank)
             if hi > lo:
                 if on_gpu:
                     current.wait_event(pulled[c])
-                if caller:
-                    sum_peers(c)
+                if w > 2:  # the W - 1 partials, summed in rank order into the own part's rows
+                    count = (hi - lo) * n
+                    programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
+                    self._ce_sum(
+                        (programs, 1), (scratch_rows(c), rows(mine, lo, hi), count, per), (w - 1, self._ce_block)
+                    )
                 # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
                 # copy S into ``other`` on this stream.
-                target = mine[lo * n : hi * n].view(hi - lo, n)
+                target = rows(mine, lo, hi).view(hi - lo, n)
                 target.addmm_(a[lo:hi], b)
                 if bias is not None:
                     target += bias
-            if caller:
-                self._ce_step(2 * c + 1)
-                if own_copy == "sm" and not zero_copy and hi > lo:
-                    sm_copy(flat_out[lo * n : hi * n], mine[lo * n : hi * n])
-            handoff(side)
-            with on_side():
-                if not caller:
-                    self._ce_step(2 * c + 1)
-                for p in range(w):  # the peers' reduced parts, and this rank's own (a local copy)
-                    plo, phi = part(c, p)
-                    if phi > plo and not (p == rank and (zero_copy or own_copy != "ce")):
-                        flat_out[plo * n : phi * n].copy_(bufs[p][plo * n : phi * n])
 
-        # Caller's stream: peers' parts run one chunk ahead of the own parts, so each pull has a GEMM to hide under.
-        peers_parts(0)
-        for c in range(1, len(chunks)):
-            peers_parts(c)
-            own_part(c - 1)
-        own_part(len(chunks) - 1)
-        if own_copy == "end" and not zero_copy:
-            for c in range(len(chunks)):
+        def gather(c: int) -> None:  # side stream, after a barrier that follows every rank's own_part(c)
+            for p in range(w):
+                lo, hi = part(c, p)
+                if p != rank and hi > lo:
+                    rows(flat_out, lo, hi).copy_(rows(bufs[p], lo, hi))
+
+        # Caller's stream: units of GEMMs, each followed by a barrier (on this stream, where the GEMMs leave
+        # the SMs free); after it the side stream pulls the partials of the chunks whose peers' parts the
+        # unit computed and gathers the chunks whose own parts it computed.  Peers' parts run ahead of the
+        # own parts, so each pull has a GEMM to hide under.
+        count = len(chunks)
+        units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
+        units += [([], [c]) for c in range(max(0, count - 2), count)]
+        for step, (peers_of, own_of) in enumerate(units):
+            for c in own_of:
+                own_part(c)
+            for c in peers_of:
+                peers_parts(c)
+            self._ce_step(step)
+            if on_gpu:
+                done = torch.cuda.Event()
+                done.record(current)
+                side.wait_event(done)
+            with torch.cuda.stream(side) if on_gpu else _nullcontext():
+                for c in peers_of:
+                    pull(c)
+                for c in own_of:
+                    gather(c)
+        if not zero_copy:  # this rank's own parts, a local copy beside the last gather
+            for c in range(count):
                 lo, hi = part(c, rank)
                 if hi > lo:
-                    sm_copy(flat_out[lo * n : hi * n], mine[lo * n : hi * n])
-        with on_side():
-            self._ce_step(2 * len(chunks), last=True)
+                    rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
+        with torch.cuda.stream(side) if on_gpu else _nullcontext():
+            self._ce_step(len(units), last=True)
         if on_gpu:
             current.wait_stream(side)
             if not zero_copy:
