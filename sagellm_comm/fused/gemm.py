@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -204,10 +203,6 @@ class GemmAllReduce:
         """
         count = max(1, min(self.ce_chunks or (2 if m <= 4096 else 4), m))
         unit = triton.cdiv(m, count)
-        tail = float(os.environ.get("SAGELLM_COMM_CE_TAIL", "1"))  # EXPERIMENT: last chunk / other chunks
-        if count > 1 and tail != 1:
-            unit = int(-(-m // (count - 1 + tail)))
-            unit = -(-unit // 128) * 128 if unit > 128 else unit
         return [(start, min(unit, m - start)) for start in range(0, m, unit)]
 
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
@@ -451,16 +446,13 @@ class GemmAllReduce:
         # unit computed and gathers the chunks whose own parts it computed.  Peers' parts run ahead of the
         # own parts, so each pull has a GEMM to hide under.
         count = len(chunks)
-        if os.environ.get("SAGELLM_COMM_CE_LOOKAHEAD") == "2" and count > 2:  # EXPERIMENT
-            units = [([0, 1], [])] + [([c], [c - 2]) for c in range(2, count)]
-        else:
-            units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
+        units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
         units += [([], [c]) for c in range(max(0, count - 2), count)]
         for step, (peers_of, own_of) in enumerate(units):
-            for c in peers_of:
-                peers_parts(c)
             for c in own_of:
                 own_part(c)
+            for c in peers_of:
+                peers_parts(c)
             self._ce_step(step)
             if on_gpu:
                 done = torch.cuda.Event()
