@@ -216,13 +216,14 @@ def _fmt(v) -> str:
 
 
 def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
+    counts = sorted({int(k[2:-3]) for r in gemm for k in r if re.fullmatch(r"ce\d+_us", k)})
     lines = [
         f"# Fused TP operations on {meta['world_size']} real GPUs ({meta['device']})\n",
         f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
         "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
         "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (default C) "
-        "| zero-copy | copy engines C=2/4/8 | fused "
+        f"| zero-copy | copy engines C={'/'.join(map(str, counts)) or '-'} | fused "
         "| auto (path) | auto / max(GEMM, AR) | best overlapped / max(GEMM, AR) | calls per graph |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -233,7 +234,7 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
             f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
             f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
             f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | {_fmt(r.get('copy_engine_zc_us'))} | "
-            f"{_fmt(r.get('ce2_us'))} / {_fmt(r.get('ce4_us'))} / {_fmt(r.get('ce8_us'))} | "
+            f"{' / '.join(_fmt(r.get(f'ce{c}_us')) for c in counts) or '-'} | "
             f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
             f"{auto_ratio} | {ratio} | {r['calls']} |"
         )
