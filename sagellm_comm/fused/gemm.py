@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
@@ -449,31 +448,21 @@ class GemmAllReduce:
         count = len(chunks)
         units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
         units += [([], [c]) for c in range(max(0, count - 2), count)]
-        carve = int(os.environ.get("SAGELLM_COMM_CE_CARVEOUT", "0"))  # EXPERIMENT
-        barrier_side = os.environ.get("SAGELLM_COMM_CE_BARRIER_SIDE") == "1"  # EXPERIMENT
-        previous = torch._C._get_sm_carveout_experimental()
-        if carve:
-            torch._C._set_sm_carveout_experimental(carve)
         for step, (peers_of, own_of) in enumerate(units):
             for c in own_of:
                 own_part(c)
             for c in peers_of:
                 peers_parts(c)
-            if not barrier_side:
-                self._ce_step(step)
+            self._ce_step(step)
             if on_gpu:
                 done = torch.cuda.Event()
                 done.record(current)
                 side.wait_event(done)
             with torch.cuda.stream(side) if on_gpu else _nullcontext():
-                if barrier_side:
-                    self._ce_step(step)
                 for c in peers_of:
                     pull(c)
                 for c in own_of:
                     gather(c)
-        if carve:
-            torch._C._set_sm_carveout_experimental(previous)
         if not zero_copy:  # this rank's own parts, a local copy beside the last gather
             for c in range(count):
                 lo, hi = part(c, rank)
