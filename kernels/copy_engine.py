@@ -5,20 +5,25 @@ copy engines (``cudaMemcpyAsync`` on IPC-mapped peer addresses: "Memcpy PtoP", n
 reduction into cuBLAS: the rank that owns a part computes its own GEMM of it with the peers' partials as
 the ``C`` operand (``addmm``, beta = 1), so no reduction kernel competes with the GEMM for SMs.  The
 output rows are cut into ``C`` chunks, every chunk into ``W`` parts (part ``p`` belongs to rank ``p``).
-Rank ``r``, caller's stream::
+Rank ``r``'s caller stream runs the GEMMs in *units*, each followed by one barrier (a one-program kernel on
+that stream, where the GEMM before it has left the SMs free)::
 
-    GEMM of the peers' parts of chunk 0 -> P;  GEMM of the peers' parts of chunk 1 -> P;
-    own part of chunk 0:  P[part r] += a[part r] @ b (addmm_);  peers' parts of chunk 2;  own part of 1; ...
+    P(0) | B0 | P(1) | B1 | O(0) P(2) | B2 | O(1) P(3) | B3 | ... | O(C-2) | B | O(C-1) | B
 
-side stream (waits for the caller's stream by events)::
+``P(c)``: cuBLAS computes the peers' parts of chunk ``c`` into this rank's buffer P.  ``O(c)``: it waits
+for the pull of chunk ``c`` and computes its own part onto the peers' partials already in P's own rows
+(``addmm_``, beta = 1; at ``W > 2`` ``ce_sum_rows_kernel`` first sums the ``W - 1`` pulled partials there).
+After each barrier the side stream (waiting for it by an event) pulls, by copy engine, the own part's
+partials of every chunk whose ``P`` the unit ran (from each peer's P: straight into P's own rows at
+``W = 2``, into scratch ``S(c)`` at ``W > 2``), and gathers every chunk whose ``O`` it ran (each peer's
+reduced part, from its P into ``out``).  Each pull has a GEMM to hide under before the ``O`` that needs it.
+After the last unit the caller's stream copies this rank's own parts from P into ``out`` (beside the last
+gather) and the side stream runs a ``LAST`` barrier: no peer reads this rank's P any more; the epoch
+advances.  ``C + 2`` barriers for ``C >= 2``.
 
-    barrier(2c)       every rank's partials of chunk c for its peers are in its P
-    copy engines      pull part r of chunk c from the peer's P straight into P[part r] (W = 2), or from
-                      every peer into scratch S(c), summed into P[part r] by ``ce_sum_rows_kernel`` (W > 2)
-    barrier(2c + 1)   every rank's reduced own part of chunk c is in its P
-    copy engines      pull part p of chunk c from peer p's P into out; copy P[part r] into out
-    ...
-    barrier(2C, LAST) after the last pulls: no peer reads this rank's P any more; advances the epoch
+The barriers ride the caller's stream because a barrier on the side stream needs an SM while cuBLAS's
+persistent GEMM holds all of them: on 2 x H100 such barriers waited 30-160 us for the GEMM to end, and the
+GEMM stream then idled for the pull (``bench/results/2xh100/ce_schedule/``).
 
 Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
 (the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
