@@ -246,10 +246,12 @@ def _bad_input_worker(rank, world_size, port):
     assert _pair(gemm.select(512, 64)) == ("chunked", "fused-capacity")  # 64 KB output > this workspace
     assert _pair(gemm.select(16, 16)) == ("sequential", "small")
     assert _pair(GemmPathSelector().select(16384, 8)) == ("sequential", "measured-sequential")
-    default = GemmPathSelector()  # copy engines: measured at 2 ranks, M >= 4096, outputs >= 32 MB
+    default = GemmPathSelector()  # copy engines: measured at 2 ranks, M >= 2048, outputs >= 32 MB
     assert _pair(default.select(8192, 2, output_bytes=128 << 20)) == ("copy_engine", "measured-copy-engine-2")
+    assert _pair(default.select(2048, 2, output_bytes=32 << 20)) == ("copy_engine", "measured-copy-engine-2")
     assert _pair(default.select(8192, 2, output_bytes=16 << 20)) == ("sequential", "measured-sequential")
-    assert _pair(default.select(2048, 2, output_bytes=128 << 20)) == ("sequential", "measured-sequential")
+    assert _pair(default.select(2048, 2, output_bytes=16 << 20)) == ("sequential", "measured-sequential")
+    assert _pair(default.select(1024, 2, output_bytes=128 << 20)) == ("sequential", "measured-sequential")
     assert _pair(default.select(8192, 4, output_bytes=128 << 20)) == ("sequential", "measured-sequential")
     assert _pair(default.select(8192, 2, output_bytes=128 << 20, copy_engine_fits=False)) == (
         "sequential",

@@ -48,11 +48,11 @@ DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
     GemmRule(
         "measured-copy-engine-2",
         "copy_engine",
-        min_m=4096,
+        min_m=2048,
         world_sizes=(2,),
         min_bytes=32 << 20,
-        reason="measured on 2 x H100 (NVLink): 1.05-1.20x faster than cuBLAS then our all-reduce at M >= 4096 with "
-        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_*.md)",
+        reason="measured on 2 x H100 (NVLink): 1.10-1.25x faster than cuBLAS then our all-reduce at M >= 2048 with "
+        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_1ca0b43.md)",
     ),
     GemmRule(
         "measured-sequential",
