@@ -169,10 +169,31 @@ def _barrier(
     USE_PTX: tl.constexpr,
 ):
     """Per-program barrier ``phase`` among the ``W`` ranks (invariant 1 of the module docstring)."""
+    flag_index = (phase * MAX_BLOCKS + block) * MAX_WORLD
+    _barrier_at(bases, peers, ctrl, table, rank, flag_index, phase, block, target, timeout, W, WP, USE_PTX)
+
+
+@triton.jit
+def _barrier_at(
+    bases,
+    peers,
+    ctrl,
+    table,
+    rank,
+    flag_index,
+    phase,
+    block,
+    target,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):
+    """The barrier on flags ``flag_index + src`` (``src`` < ``W``) of every rank's pad; a timeout is recorded
+    as ``phase`` / ``block``.  ``_barrier`` and the copy-engine pipeline's barrier (its own pad slot) use it."""
     valid = peers < W
     # 1. Everything this program stored before the barrier happens before the release below.
     tl.debug_barrier()
-    flag_index = (phase * MAX_BLOCKS + block) * MAX_WORLD
     remote_flags = (bases + (flag_index + rank) * 4).to(tl.pointer_type(tl.int32))
     tl.atomic_xchg(remote_flags, tl.full([WP], 0, tl.int32) + target, mask=valid, sem="release", scope="sys")
     # 2. Wait until every peer has raised its flag for this epoch (or the deadline passes).

@@ -32,10 +32,11 @@ Barrier flags live in the fourth slot of the signal pad of the GEMM workspace (`
 uses three phases of ``MAX_BLOCKS * MAX_WORLD`` words; the fourth fills the pad): flag
 ``CE_FLAG_WORD + step * MAX_WORLD + src`` of rank ``r``'s pad holds the epoch + 1 that rank ``src`` reached
 at ``step``.  Steps ``0 .. MAX_BLOCKS - 1`` exist, so a call has at most ``(MAX_BLOCKS - 1) // 2`` chunks.
-Invariants are those of ``kernels/all_reduce.py``: a barrier is one release store (system scope) per peer,
-then bounded polls and one acquire load; the epoch (``ctrl[CE_EPOCH]``) lives on the device and only the
-``LAST`` barrier of a call advances it, so CUDA-graph replays use fresh epochs; flags only grow; on timeout
-the error latch and the host-mapped record name the missing peer (phase ``copy-engine``, block = step).
+Invariants are those of ``kernels/all_reduce.py``, whose ``_barrier_at`` the barrier runs on this slot:
+one release store (system scope) per peer, then bounded acquire polls; the epoch (``ctrl[CE_EPOCH]``) lives
+on the device and only the ``LAST`` barrier of a call advances it, so CUDA-graph replays use fresh epochs;
+flags only grow; on timeout the error latch and the host-mapped record name the missing peer (phase
+``copy-engine``, block = step).
 Kernel boundaries order the GEMM's stores and the copy engines' transfers against the flags: a barrier
 runs after the work before it in its stream has completed, and a pull starts after the barrier before it.
 """
@@ -45,8 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _pick
-from kernels.gemm_all_reduce import _wait_flags
+from kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at
 
 CE_EPOCH = tl.constexpr(3)  # control word of the pipeline's epoch (ctrl[0..2] belong to the fused path)
 CE_FLAG_WORD = tl.constexpr(NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value)
@@ -69,17 +69,10 @@ def ce_barrier_kernel(
 ):
     """Barrier ``step`` of this call among the ``W`` ranks; one program (launch with grid ``(1,)``)."""
     peers = tl.arange(0, WP)
-    valid = peers < W
-    bases = tl.load(table + peers, mask=valid, other=0)
-    epoch = tl.load(ctrl + CE_EPOCH, volatile=True)
-    target = epoch + 1
-    word = CE_FLAG_WORD + step * MAX_WORLD
-    remote = (bases + (word + rank) * 4).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(remote, tl.full([WP], 0, tl.int32) + target, mask=valid, sem="release", scope="sys")
-    my_base = _pick(bases, peers, rank)
-    # Padding lanes (W not a power of two) poll this rank's own first flag, a valid address, never awaited.
-    mine = (my_base + (word + tl.where(valid, peers, 0)) * 4).to(tl.pointer_type(tl.int32))
-    _wait_flags(mine, valid, target, ctrl, table, peers, PHASE_COPY_ENGINE, step, timeout, W, WP, USE_PTX)
+    bases = tl.load(table + peers, mask=peers < W, other=0)
+    target = tl.load(ctrl + CE_EPOCH, volatile=True) + 1
+    flag_index = CE_FLAG_WORD + step * MAX_WORLD
+    _barrier_at(bases, peers, ctrl, table, rank, flag_index, PHASE_COPY_ENGINE, step, target, timeout, W, WP, USE_PTX)
     if LAST:
         # Only this rank's later barriers read the word, in stream order after this kernel.
         tl.store(ctrl + CE_EPOCH, target)
