@@ -327,6 +327,23 @@ def test_group_level_functions_fall_back_without_custom():
     run_ranks(_gloo_group_worker, 2, timeout=120)
 
 
+@pytest.mark.parametrize("count", range(1, 9))
+def test_copy_engine_units_order_the_pulls(count):
+    """Every chunk's peers' parts run once, before its own part; each pull has a unit of GEMMs to hide under."""
+    from sagellm_comm.fused.gemm import copy_engine_units
+
+    units = copy_engine_units(count)
+    peers_at = {c: i for i, (peers_of, _) in enumerate(units) for c in peers_of}
+    own_at = {c: i for i, (_, own_of) in enumerate(units) for c in own_of}
+    assert sorted(peers_at) == sorted(own_at) == list(range(count))
+    assert sum(len(p) for p, _ in units) == sum(len(o) for _, o in units) == count  # each exactly once
+    assert all(p or o for p, o in units)  # no empty unit (a barrier with nothing before it)
+    gap = 1 if count == 1 else 2  # one chunk: nothing to hide the pull under
+    assert all(own_at[c] - peers_at[c] >= gap for c in range(count))
+    assert units[-1] == ([], [count - 1])  # the last unit: the last own part, then only the gather is left
+    assert len(units) == (2 if count == 1 else count + 2)
+
+
 def test_copy_engine_chunking_and_arguments():
     """Host-side plan of the copy-engine path: equal row chunks, the measured default count, typed errors."""
     from sagellm_comm.errors import InvalidArgumentError

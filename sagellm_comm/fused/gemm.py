@@ -101,6 +101,19 @@ class GemmPathSelector:
         return sel
 
 
+def copy_engine_units(count: int) -> list[tuple[list[int], list[int]]]:
+    """The copy-engine path's units for ``count`` row chunks: ``(peers_of, own_of)`` per unit, in order.
+
+    Each unit runs the GEMMs of the peers' parts of the chunks in ``peers_of`` and of the own parts of the
+    chunks in ``own_of`` on the caller's stream, then one barrier (``kernels/copy_engine.py``):
+    ``P(0) | P(1) | O(0) P(2) | O(1) P(3) | ... | O(C-2) | O(C-1)``.  From two chunks on, a whole unit lies
+    between the barrier after ``P(c)`` and ``O(c)``, so the pull ``O(c)`` waits for runs under a GEMM;
+    ``C + 2`` units (barriers).
+    """
+    units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
+    return units + [([], [c]) for c in range(max(0, count - 2), count)]
+
+
 # ====================================================================== GEMM + all-reduce: one rank
 def gemm_workspace_bytes(max_output_bytes: int) -> int:
     """``slot_bytes`` to ask a :class:`SymmetricWorkspace` for, so it holds two ``[M, N]`` tile buffers of
@@ -445,9 +458,7 @@ class GemmAllReduce:
         # the SMs free); after it the side stream pulls the partials of the chunks whose peers' parts the
         # unit computed and gathers the chunks whose own parts it computed.  Peers' parts run ahead of the
         # own parts, so each pull has a GEMM to hide under.
-        count = len(chunks)
-        units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
-        units += [([], [c]) for c in range(max(0, count - 2), count)]
+        units = copy_engine_units(len(chunks))
         for step, (peers_of, own_of) in enumerate(units):
             for c in own_of:
                 own_part(c)
@@ -464,7 +475,7 @@ class GemmAllReduce:
                 for c in own_of:
                     gather(c)
         if not zero_copy:  # this rank's own parts, a local copy beside the last gather
-            for c in range(count):
+            for c in range(len(chunks)):
                 lo, hi = part(c, rank)
                 if hi > lo:
                     rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
