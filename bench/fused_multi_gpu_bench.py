@@ -109,13 +109,18 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
     return row
 
 
+def _over_alone(row: dict, value: float | None) -> float | None:
+    """``value`` over max(GEMM alone, all-reduce alone); None where a figure is missing."""
+    if not value or not row.get("gemm_us") or not row.get("ar_us"):
+        return None
+    return value / max(row["gemm_us"], row["ar_us"])
+
+
 def _ratio(row: dict) -> float | None:
     """Best overlapped path over max(GEMM alone, all-reduce alone); None where a figure is missing."""
     paths = ("chunked_us", "copy_engine_us", "copy_engine_zc_us", "fused_us")
     overlapped = [v for k, v in row.items() if (k in paths or re.fullmatch(r"ce\d+_us", k)) and v is not None]
-    if not overlapped or not row.get("gemm_us") or not row.get("ar_us"):
-        return None
-    return min(overlapped) / max(row["gemm_us"], row["ar_us"])
+    return _over_alone(row, min(overlapped, default=None))
 
 
 def bench_rmsnorm(backend, tokens: int, hidden: int, calls: int, reps: int, barrier) -> dict:
@@ -259,9 +264,7 @@ def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
 
 def _auto_ratio(row: dict) -> float | None:
     """The default call (``auto``) over max(GEMM alone, all-reduce alone)."""
-    if not row.get("auto_us") or not row.get("gemm_us") or not row.get("ar_us"):
-        return None
-    return row["auto_us"] / max(row["gemm_us"], row["ar_us"])
+    return _over_alone(row, row.get("auto_us"))
 
 
 def main() -> None:
