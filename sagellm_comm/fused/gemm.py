@@ -407,6 +407,9 @@ class GemmAllReduce:
         def rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
             return t[lo * n : hi * n]
 
+        def on_side():
+            return torch.cuda.stream(side) if on_gpu else _nullcontext()
+
         pulled: dict[int, torch.cuda.Event] = {}
 
         def peers_parts(c: int) -> None:  # caller's stream
@@ -469,7 +472,7 @@ class GemmAllReduce:
                 done = torch.cuda.Event()
                 done.record(current)
                 side.wait_event(done)
-            with torch.cuda.stream(side) if on_gpu else _nullcontext():
+            with on_side():
                 for c in peers_of:
                     pull(c)
                 for c in own_of:
@@ -479,7 +482,7 @@ class GemmAllReduce:
                 lo, hi = part(c, rank)
                 if hi > lo:
                     rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
-        with torch.cuda.stream(side) if on_gpu else _nullcontext():
+        with on_side():
             self._ce_step(len(units), last=True)
         if on_gpu:
             current.wait_stream(side)
