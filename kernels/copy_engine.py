@@ -46,7 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at
+from kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at, _ptr
+from kernels.gemm_all_reduce import DATA_OFFSET
 
 CE_EPOCH = tl.constexpr(3)  # control word of the pipeline's epoch (ctrl[0..2] belong to the fused path)
 CE_FLAG_WORD = tl.constexpr(NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value)
@@ -95,3 +96,28 @@ def ce_sum_rows_kernel(scratch, out, numel, stride, ROWS: tl.constexpr, BLOCK: t
         for j in tl.static_range(ROWS):
             acc += tl.load(scratch + j * stride + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out + offs, acc.to(DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rank"])
+def ce_gather_kernel(table, out, rank, start, part, end, W: tl.constexpr, BLOCK: tl.constexpr):
+    """The last chunk's gather, by the SMs: ``out[e] = P_p[e]`` for every peer ``p`` of this rank and every
+    element ``e`` of its part, ``[start + p * part, min(start + (p + 1) * part, end))`` (element offsets into
+    each rank's buffer P, which starts at ``DATA_OFFSET`` of its region).
+
+    Grid ``(programs, W - 1)``: axis 1 picks the peer.  It runs on the caller's stream after the last unit's
+    barrier, when the GEMMs have left every SM free; there the SMs' loads over NVLink move a part faster than
+    one copy-engine transfer (8 MB: 30 vs 38 us on 2 x H100, ``bench/results/2xh100/ce_tail/``).
+    ``start``, ``part`` and ``end`` are specialised on divisibility by 16, so parts of rows of a multiple of
+    8 elements move in 16-byte accesses.
+    """
+    DTYPE: tl.constexpr = out.dtype.element_ty
+    j = tl.program_id(1)
+    p = j + (j >= rank).to(tl.int32)
+    lo = start + p * part
+    hi = tl.minimum(lo + part, end)
+    src = _ptr(tl.load(table + p) + DATA_OFFSET, DTYPE)
+    step = tl.num_programs(0) * BLOCK
+    for first in range(lo + tl.program_id(0) * BLOCK, hi, step):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < hi
+        tl.store(out + offs, tl.load(src + offs, mask=mask), mask=mask)
