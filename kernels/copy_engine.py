@@ -99,25 +99,25 @@ def ce_sum_rows_kernel(scratch, out, numel, stride, ROWS: tl.constexpr, BLOCK: t
 
 
 @triton.jit(do_not_specialize=["rank"])
-def ce_push_kernel(table, mine, rank, start, part, end, W: tl.constexpr, BLOCK: tl.constexpr):
-    """The last chunk's exchange, by the SMs: this rank's reduced part of it, elements
-    ``[start + rank * part, min(start + (rank + 1) * part, end))`` of its buffer P (``mine``), stored at the
-    same offsets into every peer's P (which starts at ``DATA_OFFSET`` of the peer's region).
+def ce_gather_kernel(table, out, rank, start, part, end, W: tl.constexpr, BLOCK: tl.constexpr):
+    """The last chunk's gather, by the SMs: ``out[e] = P_p[e]`` for every peer ``p`` of this rank and every
+    element ``e`` of its part, ``[start + p * part, min(start + (p + 1) * part, end))`` (element offsets into
+    each rank's buffer P, which starts at ``DATA_OFFSET`` of its region).
 
-    Grid ``(programs, W - 1)``: axis 1 picks the peer.  It runs on the caller's stream right after this
-    rank's last GEMM, when the SMs are free and no barrier is needed first: the rows it overwrites in a
-    peer's P held that peer's partial of this part, which this rank pulled before its last GEMM.
+    Grid ``(programs, W - 1)``: axis 1 picks the peer.  It runs on the caller's stream after the last unit's
+    barrier, when the GEMMs have left every SM free; there the SMs' loads over NVLink move a part faster than
+    one copy-engine transfer (8 MB: 30 vs 38 us on 2 x H100, ``bench/results/2xh100/ce_tail/``).
     ``start``, ``part`` and ``end`` are specialised on divisibility by 16, so parts of rows of a multiple of
     8 elements move in 16-byte accesses.
     """
-    DTYPE: tl.constexpr = mine.dtype.element_ty
+    DTYPE: tl.constexpr = out.dtype.element_ty
     j = tl.program_id(1)
     p = j + (j >= rank).to(tl.int32)
-    lo = start + rank * part
+    lo = start + p * part
     hi = tl.minimum(lo + part, end)
-    dst = _ptr(tl.load(table + p) + DATA_OFFSET, DTYPE)
+    src = _ptr(tl.load(table + p) + DATA_OFFSET, DTYPE)
     step = tl.num_programs(0) * BLOCK
     for first in range(lo + tl.program_id(0) * BLOCK, hi, step):
         offs = first + tl.arange(0, BLOCK)
         mask = offs < hi
-        tl.store(dst + offs, tl.load(mine + offs, mask=mask), mask=mask)
+        tl.store(out + offs, tl.load(src + offs, mask=mask), mask=mask)

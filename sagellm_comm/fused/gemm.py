@@ -197,7 +197,7 @@ class GemmAllReduce:
         self.last_selection: Selection | None = None
         self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
         self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
-        self._ce_push = _Launcher(_ce.ce_push_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
+        self._ce_gather = _Launcher(_ce.ce_gather_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
         self._ce_block = 4096 if self.use_ptx else 64  # elements per program step of the row sum and the gather
         self._sms = sms
         self._ce_views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
@@ -366,7 +366,7 @@ class GemmAllReduce:
         args = (ws.table, ws.control, ws.rank, step, self._timeout)
         self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx))
 
-    def _ce_preload(self, scratch: torch.Tensor, push_args: tuple) -> None:
+    def _ce_preload(self, scratch: torch.Tensor, gather_args: tuple) -> None:
         """Load the pipeline's kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
         ws = self.workspace
         w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
@@ -374,7 +374,7 @@ class GemmAllReduce:
             self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
         if w > 2:
             self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
-        self._ce_push.preload(push_args, (w, self._ce_block))
+        self._ce_gather.preload(gather_args, (w, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
@@ -392,8 +392,8 @@ class GemmAllReduce:
         chunks = self.copy_engine_chunks(m)
         last_start, last_rows = chunks[-1]
         each = triton.cdiv(last_rows, w)  # rows of a part of the last chunk (see ``part``)
-        push_args = (ws.table, mine, rank, last_start * n, each * n, (last_start + last_rows) * n)
-        self._ce_preload(scratch, push_args)
+        gather_args = (ws.table, flat_out, rank, last_start * n, each * n, (last_start + last_rows) * n)
+        self._ce_preload(scratch, gather_args)
         side = self._side
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
@@ -466,11 +466,10 @@ class GemmAllReduce:
         # Caller's stream: units of GEMMs, each followed by a barrier (on this stream, where the GEMMs leave
         # the SMs free); after it the side stream pulls the partials of the chunks whose peers' parts the
         # unit computed and gathers the chunks whose own parts it computed.  Peers' parts run ahead of the
-        # own parts, so each pull has a GEMM to hide under.  The last unit has no barrier: its own part,
-        # which nothing hides, is pushed to the peers by the SMs (free once the GEMMs are done), then the
-        # closing barrier.
+        # own parts, so each pull has a GEMM to hide under.  The last chunk's gather, which nothing hides,
+        # runs on the SMs instead (the caller's stream), where the GEMMs are done.
         units = copy_engine_units(len(chunks))
-        for step, (peers_of, own_of) in enumerate(units[:-1]):
+        for step, (peers_of, own_of) in enumerate(units):
             for c in own_of:
                 own_part(c)
             for c in peers_of:
@@ -484,33 +483,20 @@ class GemmAllReduce:
                 for c in peers_of:
                     pull(c)
                 for c in own_of:
-                    gather(c)
-        last = len(chunks) - 1
-        own_part(last)  # the last unit: the own part of the last chunk
-        if on_gpu:
-            gathered = torch.cuda.Event()
-            gathered.record(side)
-            done = torch.cuda.Event()
-            done.record(current)
-            side.wait_event(done)
-        with on_side():  # this rank's own parts, a local copy beside the push
+                    if c != len(chunks) - 1:
+                        gather(c)
+        if w > 1:
+            programs = max(1, min(self._sms // (w - 1), triton.cdiv(each * n, self._ce_block)))
+            self._ce_gather((programs, w - 1), gather_args, (w, self._ce_block))
+        with on_side():  # after the last barrier: this rank's own parts, a local copy beside the SMs' gather
             if not zero_copy:
                 for c in range(len(chunks)):
                     lo, hi = part(c, rank)
                     if hi > lo:
                         rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
-        if w > 1:
-            programs = max(1, min(self._sms // (w - 1), triton.cdiv(each * n, self._ce_block)))
-            self._ce_push((programs, w - 1), push_args, (w, self._ce_block))
-        if on_gpu:
-            current.wait_event(gathered)  # no peer's P is read any more: every gather is done
-        # Closing barrier: every peer's push into this rank's P is complete, and no peer reads it any more.
-        self._ce_step(len(units) - 1, last=True)
-        if not zero_copy:  # the peers' parts of the last chunk, pushed into P: a local copy
-            for p in range(w):
-                lo, hi = part(last, p)
-                if p != rank and hi > lo:
-                    rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
+            if on_gpu:
+                side.wait_stream(current)  # the SMs' gather: read from the peers before the closing barrier
+            self._ce_step(len(units), last=True)
         if on_gpu:
             current.wait_stream(side)
             if not zero_copy:
