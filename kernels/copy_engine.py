@@ -16,10 +16,12 @@ for the pull of chunk ``c`` and computes its own part onto the peers' partials a
 After each barrier the side stream (waiting for it by an event) pulls, by copy engine, the own part's
 partials of every chunk whose ``P`` the unit ran (from each peer's P: straight into P's own rows at
 ``W = 2``, into scratch ``S(c)`` at ``W > 2``), and gathers every chunk whose ``O`` it ran (each peer's
-reduced part, from its P into ``out``).  Each pull has a GEMM to hide under before the ``O`` that needs it.
-After the last unit the caller's stream copies this rank's own parts from P into ``out`` (beside the last
-gather) and the side stream runs a ``LAST`` barrier: no peer reads this rank's P any more; the epoch
-advances.  ``C + 2`` barriers for ``C >= 2``.
+reduced part, from its P into ``out``) but the last.  Each pull has a GEMM to hide under before the ``O``
+that needs it.  The last chunk's gather has nothing to hide under, so it runs on the SMs, which the GEMMs
+have left free: ``ce_gather_kernel`` on the caller's stream after the last unit's barrier (8 MB in 30 us
+against 38 us by one copy-engine transfer on 2 x H100).  Beside it the side stream copies this rank's own
+parts from P into ``out`` (copy engines, DtoD), then runs a ``LAST`` barrier after the gather kernel: no
+peer reads this rank's P any more; the epoch advances.  ``C + 2`` barriers for ``C >= 2``.
 
 The barriers ride the caller's stream because a barrier on the side stream needs an SM while cuBLAS's
 persistent GEMM holds all of them: on 2 x H100 such barriers waited 30-160 us for the GEMM to end, and the

@@ -51,8 +51,8 @@ DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
         min_m=2048,
         world_sizes=(2,),
         min_bytes=32 << 20,
-        reason="measured on 2 x H100 (NVLink): 1.10-1.25x faster than cuBLAS then our all-reduce at M >= 2048 with "
-        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_1ca0b43.md)",
+        reason="measured on 2 x H100 (NVLink): 1.14-1.30x faster than cuBLAS then our all-reduce at M >= 2048 with "
+        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_077d3da.md)",
     ),
     GemmRule(
         "measured-sequential",
