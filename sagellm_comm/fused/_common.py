@@ -70,7 +70,7 @@ class _Launcher:
         if not self.use_ptx or key in self.cache:
             return
         compiled = self.kernel.warmup(*args, *constexprs, grid=(1,), **self.options)
-        compiled._init_handles()
+        _ = compiled.run  # the binary's launcher, a lazy property: reading it loads the module now
         self.cache[key] = compiled
 
     def is_loaded(self, args: Sequence, constexprs: Sequence) -> bool:
