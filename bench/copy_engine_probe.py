@@ -60,8 +60,8 @@ def _time_us(fn, reps: int, barrier) -> float:
 def _worker(rank: int, world_size: int, port: int, sizes_mb, m: int, n: int, reps: int) -> list[dict]:
     import torch.distributed as dist
 
-    from kernels.all_reduce import PAD_BYTES
     from sagellm_comm import CommBackend
+    from sagellm_comm.kernels.all_reduce import PAD_BYTES
     from sagellm_comm.workspace import _tensor_at
 
     max_bytes = max(max(sizes_mb) << 20, m * n * 2)

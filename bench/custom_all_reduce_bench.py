@@ -109,7 +109,7 @@ def traffic_bytes(algo: str, world: int, nbytes: int) -> int:
 
 def host_overhead(world: int, reps: int = 2000) -> dict:
     """Eager host time per call of one rank (launch cached), a torch op and a plain Triton launch."""
-    from kernels.all_reduce import one_shot_all_reduce_kernel  # noqa: F401
+    from sagellm_comm.kernels.all_reduce import one_shot_all_reduce_kernel  # noqa: F401
 
     vg = VirtualRankGroup(world, "cuda:0", max_bytes=1 << 20)
     xs = [torch.randn(4096, device="cuda", dtype=torch.bfloat16) for _ in range(world)]

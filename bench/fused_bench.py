@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
-from kernels import gemm_all_reduce as _gk  # noqa: E402
 from sagellm_comm.fused import VirtualFused  # noqa: E402
 from sagellm_comm.fused.gemm import _gemm_config  # noqa: E402
+from sagellm_comm.kernels import gemm_all_reduce as _gk  # noqa: E402
 from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
 from sagellm_comm.workspace import local_workspaces  # noqa: E402
 

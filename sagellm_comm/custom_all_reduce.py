@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import triton
 
-from kernels import all_reduce as _k
-from kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
+from sagellm_comm.kernels import all_reduce as _k
+from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 
 from .errors import (
     BackendNotSupportedError,

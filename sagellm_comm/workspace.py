@@ -1,6 +1,7 @@
 """Symmetric workspace: one region per rank, mapped by every peer, plus this rank's control words.
 
-Region layout (``kernels/all_reduce.py`` and ``kernels/lamport_all_reduce.py`` are the authority)::
+Region layout (``kernels/all_reduce.py`` and ``kernels/lamport_all_reduce.py`` in this package are the
+authority)::
 
     [ signal pad (PAD_BYTES) | registered region (slot_bytes) | staging slot 0 | staging slot 1 |
       Lamport buffers: 3 x world_size x capacity fp32, initialised to the sentinel 0xFF bytes ]
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import all_reduce as _k
-from kernels import lamport_all_reduce as _lk
+from sagellm_comm.kernels import all_reduce as _k
+from sagellm_comm.kernels import lamport_all_reduce as _lk
 
 from .errors import CommTimeoutError, InvalidArgumentError, NotInitializedError
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory

@@ -118,7 +118,7 @@ def _back_to_back_worker(rank, world_size, port, calls):
         car.all_reduce(x, algo=algo)
         expected = world_size * i + world_size * (world_size - 1) / 2
         assert torch.all(x == expected), f"call {i} ({algo}, {numel}): got {x[:4]}, expected {expected}"
-    from kernels.lamport_all_reduce import LAMPORT_STATE
+    from sagellm_comm.kernels.lamport_all_reduce import LAMPORT_STATE
 
     # program 0's Lamport call counter (every program keeps its own; all run every call)
     epochs = (int(car.workspace.control[0]), int(car.workspace.control[LAMPORT_STATE.value]))
@@ -267,7 +267,7 @@ def test_lamport_nan_inputs_with_the_sentinel_bit_pattern_arrive():
 
 
 def test_two_shot_chunks_are_aligned_and_cover_the_message():
-    from kernels.all_reduce import CHUNK_ALIGN, two_shot_chunk
+    from sagellm_comm.kernels.all_reduce import CHUNK_ALIGN, two_shot_chunk
 
     for world_size in (2, 3, 4, 5, 8):
         for numel in (1, 7, 8, 9, 100, 1001, 4096, 65_537, 1 << 20):
@@ -278,9 +278,9 @@ def test_two_shot_chunks_are_aligned_and_cover_the_message():
 
 
 def test_default_program_count(monkeypatch):
-    from kernels.all_reduce import MAX_BLOCKS
     from sagellm_comm import custom_all_reduce as car_mod
     from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.kernels.all_reduce import MAX_BLOCKS
 
     monkeypatch.delenv("SAGELLM_COMM_MAX_PROGRAMS", raising=False)
     assert car_mod.default_max_programs(torch.device("cpu")) == car_mod.DEFAULT_MAX_PROGRAMS

@@ -111,7 +111,8 @@ def test_all_reduce_rmsnorm_matches_reference_and_ranks_agree(world_size):
 
 
 def _gemm_worker(rank, world_size, port, cases):
-    from kernels.gemm_all_reduce import DATA_OFFSET  # in the worker: kernels are imported under the interpreter
+    # in the worker: kernels are imported under the interpreter
+    from sagellm_comm.kernels.gemm_all_reduce import DATA_OFFSET
 
     _, _, gemm = _setup(rank, world_size, port, gemm=True)
     digests = []
@@ -139,7 +140,7 @@ def _gemm_worker(rank, world_size, port, cases):
             out.float(), ref, rtol=rtol, atol=atol * 4, msg=lambda msg, c=(path, m, k, n): f"{c}: {msg}"
         )
         digests.append(_digest(out))
-    from kernels.copy_engine import CE_EPOCH  # in the worker: kernels are imported under the interpreter
+    from sagellm_comm.kernels.copy_engine import CE_EPOCH  # in the worker: kernels are imported under the interpreter
 
     ctrl = gemm.workspace.control
     return digests, (int(ctrl[0]), int(ctrl[CE_EPOCH.value]))

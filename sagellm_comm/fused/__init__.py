@@ -3,12 +3,12 @@
 Per rank (one process per GPU, or the Triton interpreter with ranks as processes):
 
 * :class:`FusedAllReduceRMSNorm` ``(workspace)`` -- on the custom all-reduce's own workspace (the kernels
-  share its flags, epochs and staging slots; see ``kernels/fused_all_reduce_rmsnorm.py``).
+  share its flags, epochs and staging slots; see ``sagellm_comm/kernels/fused_all_reduce_rmsnorm.py``).
 * :class:`GemmAllReduce` ``(gemm_workspace, all_reduce)`` -- the row-parallel linear; paths ``fused`` (tile-level
-  overlap, ``kernels/gemm_all_reduce.py``, on a dedicated workspace from :func:`gemm_workspace_bytes`),
+  overlap, ``sagellm_comm/kernels/gemm_all_reduce.py``, on a dedicated workspace from :func:`gemm_workspace_bytes`),
   ``chunked`` (cuBLAS GEMM of row chunk i on the caller's stream while chunk i-1 is all-reduced on a side
   stream), ``copy_engine`` (cuBLAS per row part, the reduction folded into the owner's ``addmm``, every
-  transfer by DMA copy engines; ``kernels/copy_engine.py``) and ``sequential`` (cuBLAS GEMM, then one
+  transfer by DMA copy engines; ``sagellm_comm/kernels/copy_engine.py``) and ``sequential`` (cuBLAS GEMM, then one
   all-reduce); :class:`GemmPathSelector` picks by M, output size and world size.
 
 Group level: :func:`all_reduce_residual_rmsnorm` and :func:`gemm_all_reduce` use the ``custom`` backend's

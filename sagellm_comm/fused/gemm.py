@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels import all_reduce as _ark
-from kernels import copy_engine as _ce
-from kernels import gemm_all_reduce as _gk
+from sagellm_comm.kernels import all_reduce as _ark
+from sagellm_comm.kernels import copy_engine as _ce
+from sagellm_comm.kernels import gemm_all_reduce as _gk
 
 from ..custom_all_reduce import CustomAllReduce
 from ..errors import (
@@ -105,7 +105,7 @@ def copy_engine_units(count: int) -> list[tuple[list[int], list[int]]]:
     """The copy-engine path's units for ``count`` row chunks: ``(peers_of, own_of)`` per unit, in order.
 
     Each unit runs the GEMMs of the peers' parts of the chunks in ``peers_of`` and of the own parts of the
-    chunks in ``own_of`` on the caller's stream, then one barrier (``kernels/copy_engine.py``):
+    chunks in ``own_of`` on the caller's stream, then one barrier (``sagellm_comm/kernels/copy_engine.py``):
     ``P(0) | P(1) | O(0) P(2) | O(1) P(3) | ... | O(C-2) | O(C-1)``.  From two chunks on, a whole unit lies
     between the barrier after ``P(c)`` and ``O(c)``, so the pull ``O(c)`` waits for runs under a GEMM;
     ``C + 2`` units (barriers).
@@ -186,7 +186,7 @@ class GemmAllReduce:
             raise InvalidArgumentError(f"ce_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {ce_chunks}")
         self.ce_chunks = ce_chunks
         self.reduce_programs = reduce_programs or (2 * sms if self.use_ptx else 2)
-        # Tile buffer of one parity (see kernels/gemm_all_reduce.py): what is left after the flags, halved.
+        # Tile buffer of one parity (see sagellm_comm/kernels/gemm_all_reduce.py): what is left after the flags, halved.
         self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
         index = self.device.index or 0
         self._producers: dict[tuple, _Launcher] = {}
@@ -377,9 +377,9 @@ class GemmAllReduce:
         self._ce_gather.preload(gather_args, (w, self._ce_block))
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
-        """The copy-engine pipeline of ``kernels/copy_engine.py``: cuBLAS on the caller's stream computes the
-        peers' parts of each row chunk into this rank's buffer P, then its own part onto the peers' partials
-        (pulled by the copy engines on the side stream); the copy engines gather the reduced parts.
+        """The copy-engine pipeline of ``sagellm_comm/kernels/copy_engine.py``: cuBLAS on the caller's stream
+        computes the peers' parts of each row chunk into this rank's buffer P, then its own part onto the peers'
+        partials (pulled by the copy engines on the side stream); the copy engines gather the reduced parts.
 
         ``out`` None: the result is left in P (zero-copy; the gather overwrites this rank's partials of the
         peers' parts, which the peers pulled before they signalled the barrier that precedes it)."""

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 import triton
 
-from kernels import all_reduce as _ark
-from kernels import fused_all_reduce_rmsnorm as _rmk
+from sagellm_comm.kernels import all_reduce as _ark
+from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 
 from ..errors import (
     BackendNotSupportedError,

@@ -1,6 +1,6 @@
 """One-shot all-reduce without a barrier: data-as-flag ("Lamport") buffers for latency-bound sizes.
 
-The flag barrier of ``kernels/all_reduce.py`` costs a system-scope release, a spin and a block barrier per
+The flag barrier of ``sagellm_comm/kernels/all_reduce.py`` costs a system-scope release, a spin and a block barrier per
 phase.  For small messages this kernel has none: every rank *pushes* its input, in its own dtype, into a
 per-source slot of every peer's Lamport buffer, and every rank *polls* its own buffer until no element of
 the tile it needs still holds the sentinel bit pattern, then reduces in rank order in fp32.  The data is
@@ -38,7 +38,7 @@ Invariants:
    kernel on the stream still runs; the kernel reads only the peer table (written once at set-up) before
    ``griddepcontrol.wait``, which returns once that kernel has finished and its writes are visible.  So
    invariant 2 holds unchanged: every push of call ``l + 2`` is issued after the clearing of call ``l + 1``.
-6. *Bounded waits* as in ``kernels/all_reduce.py``: on timeout the missing peer is recorded and the error
+6. *Bounded waits* as in ``sagellm_comm/kernels/all_reduce.py``: on timeout the missing peer is recorded and the error
    latched; every later wait of that rank returns at once.
 """
 
@@ -47,7 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import (
+from sagellm_comm.kernels.all_reduce import (
     CTRL_WORDS,
     MAX_BLOCKS,
     PAD_BYTES,

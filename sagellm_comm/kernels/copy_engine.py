@@ -30,11 +30,11 @@ GEMM stream then idled for the pull (``bench/results/2xh100/ce_schedule/``).
 Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
 (the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
 
-Barrier flags live in the fourth slot of the signal pad of the GEMM workspace (``kernels/all_reduce.py``
+Barrier flags live in the fourth slot of the signal pad of the GEMM workspace (``sagellm_comm/kernels/all_reduce.py``
 uses three phases of ``MAX_BLOCKS * MAX_WORLD`` words; the fourth fills the pad): flag
 ``CE_FLAG_WORD + step * MAX_WORLD + src`` of rank ``r``'s pad holds the epoch + 1 that rank ``src`` reached
 at ``step``.  Steps ``0 .. MAX_BLOCKS - 1`` exist, so a call has at most ``(MAX_BLOCKS - 1) // 2`` chunks.
-Invariants are those of ``kernels/all_reduce.py``, whose ``_barrier_at`` the barrier runs on this slot:
+Invariants are those of ``sagellm_comm/kernels/all_reduce.py``, whose ``_barrier_at`` the barrier runs on this slot:
 one release store (system scope) per peer, then bounded acquire polls; the epoch (``ctrl[CE_EPOCH]``) lives
 on the device and only the ``LAST`` barrier of a call advances it, so CUDA-graph replays use fresh epochs;
 flags only grow; on timeout the error latch and the host-mapped record name the missing peer (phase
@@ -48,8 +48,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at, _ptr
-from kernels.gemm_all_reduce import DATA_OFFSET
+from sagellm_comm.kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at, _ptr
+from sagellm_comm.kernels.gemm_all_reduce import DATA_OFFSET
 
 CE_EPOCH = tl.constexpr(3)  # control word of the pipeline's epoch (ctrl[0..2] belong to the fused path)
 CE_FLAG_WORD = tl.constexpr(NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value)

@@ -12,7 +12,7 @@ Rounding ``reduced`` to the dtype first makes ``new_residual`` bit-identical to 
 (all-reduce, then add).
 
 The workspace, flags, epochs, staging slots, bounded waits and error record are those of
-``kernels/all_reduce.py`` (its docstring states the invariants; its helpers are imported, not copied), so
+``sagellm_comm/kernels/all_reduce.py`` (its docstring states the invariants; its helpers are imported, not copied), so
 these kernels and the plain all-reduce kernels can be called in any order on one workspace: each call
 advances the same device-side epoch and uses staging slot ``epoch % 2``.
 
@@ -29,7 +29,7 @@ Algorithms (``W`` ranks; a *row* is the unit of work, so the norm's reduction st
   the residuals differ.  The staged message takes twice its size of the slot.
 
 Row ``i`` of chunk ``c`` belongs to program ``i % P`` on every rank and in every phase, so program ``b``
-only waits for program ``b`` of its peers (invariant 1 of ``kernels/all_reduce.py``).  No end barrier is
+only waits for program ``b`` of its peers (invariant 1 of ``sagellm_comm/kernels/all_reduce.py``).  No end barrier is
 needed: only staging slots are read by peers, and they are double-buffered by epoch parity (invariant 3).
 """
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import (
+from sagellm_comm.kernels.all_reduce import (
     PAD_BYTES,
     PHASE_MID,
     PHASE_START,

@@ -20,7 +20,7 @@ stream launched first, so its few programs are resident before the GEMM fills th
 Region of each rank (a dedicated :class:`SymmetricWorkspace`, so all-reduce staging never touches the
 tile flags)::
 
-    base + 0                         signal pad (PAD_BYTES; end barrier; slot 3: kernels/copy_engine.py)
+    base + 0                         signal pad (PAD_BYTES; end barrier; slot 3: sagellm_comm/kernels/copy_engine.py)
     base + PAD_BYTES                 produced: int32[MAX_TILES]
     base + PAD_BYTES + 4 MAX_TILES   reduced:  int32[MAX_TILES]
     base + DATA_OFFSET + parity * buffer_bytes   the [M, N] tile buffer of calls with epoch % 2 == parity
@@ -33,11 +33,11 @@ Invariants:
 2. *Buffer reuse.*  Call ``epoch`` writes buffer ``epoch % 2``.  The last consumer program of every rank
    to finish ends with a barrier among the ranks (``PHASE_END``): a rank's consumer completes only after
    every peer's consumer has finished all its reads of call ``epoch``.  Anything ordered after it on this
-   rank (the next call, on any path of this workspace, e.g. ``kernels/copy_engine.py``) may overwrite
+   rank (the next call, on any path of this workspace, e.g. ``sagellm_comm/kernels/copy_engine.py``) may overwrite
    either buffer.
 3. *Epochs on the device.*  Both kernels read ``ctrl[0]``; the consumer's last program advances it; the
    host joins the side stream before the next call, so the next producer sees the new epoch.
-4. *Bounded waits* as in ``kernels/all_reduce.py``: on expiry the error latch and the host-mapped error
+4. *Bounded waits* as in ``sagellm_comm/kernels/all_reduce.py``: on expiry the error latch and the host-mapped error
    record name the missing peer (phase ``start``: a partial tile, ``mid``: a reduced tile, ``end``: the end
    barrier), and later waits return at once.
 """
@@ -47,7 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.all_reduce import (
+from sagellm_comm.kernels.all_reduce import (
     CTRL_WORDS,
     PAD_BYTES,
     PHASE_END,

@@ -1,0 +1,108 @@
+"""The built wheel installs one top-level package, ``sagellm_comm``, and coexists with a foreign ``kernels``.
+
+Hugging Face's ``kernels`` (common next to transformers and vLLM) owns the top-level name ``kernels``; a wheel
+of ours that also installed ``kernels/`` would merge into its directory.  This test builds our wheel, installs
+it into a fresh virtual environment beside a stand-in package that owns a top-level ``kernels`` module, and
+runs a two-rank Gloo all-reduce through ``sagellm_comm`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+FOREIGN_KERNELS = {
+    "pyproject.toml": textwrap.dedent(
+        """
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "foreign-kernels"
+        version = "1.0"
+
+        [tool.setuptools]
+        packages = ["kernels"]
+        """
+    ),
+    "kernels/__init__.py": "OWNER = 'foreign-kernels'\n",
+}
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.multiprocessing as mp
+    import kernels, sagellm_comm
+    assert kernels.OWNER == "foreign-kernels", kernels.__file__
+    assert sagellm_comm.__file__.startswith(sys.prefix), (sagellm_comm.__file__, sys.prefix)
+    from sagellm_comm import get_comm_backend
+    import sagellm_comm.kernels.all_reduce  # our kernels live under our own name
+
+    def rank_main(rank, port):
+        b = get_comm_backend("gloo").init(rank=rank, world_size=2, master_addr="127.0.0.1",
+                                          master_port=port, timeout=30)
+        x = torch.full((5,), float(rank + 1))
+        b.all_reduce(x)
+        assert torch.equal(x, torch.full((5,), 3.0)), x
+        b.destroy()
+
+    if __name__ == "__main__":
+        mp.spawn(rank_main, args=(int(sys.argv[1]),), nprocs=2)
+        print("ALL-REDUCE OK")
+    """
+)
+
+
+def _wheel(source, dest) -> None:
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    _run([*cmd, "-w", str(dest), str(source)])
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_wheel_has_one_top_level_package_and_coexists_with_foreign_kernels(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    wheels = tmp_path / "wheels"
+    _wheel(REPO, wheels)
+    (ours,) = list(wheels.glob("*.whl"))
+    with zipfile.ZipFile(ours) as wheel:
+        tops = {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
+    assert tops == {"sagellm_comm"}, f"the wheel installs top-level names {sorted(tops)}"
+
+    foreign = tmp_path / "foreign"
+    for rel, text in FOREIGN_KERNELS.items():
+        (foreign / rel).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / rel).write_text(text)
+    # torch and triton come from this interpreter's site-packages; ours and the foreign package from the venv.
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    python = str(venv / "bin" / "python")
+    _wheel(foreign, foreign)
+    (theirs,) = list(foreign.glob("*.whl"))
+    _run([python, "-m", "pip", "install", "-q", "--no-deps", str(theirs), str(ours)])
+    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    assert (site / "kernels" / "__init__.py").read_text() == FOREIGN_KERNELS["kernels/__init__.py"]
+    assert not (site / "kernels" / "all_reduce.py").exists(), "our kernels were merged into the foreign package"
+
+    script = tmp_path / "run_all_reduce.py"
+    script.write_text(SCRIPT)
+    # Outside the repository, and without the editable install's path entries shadowing the venv's copy.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
+    proc = _run([python, "-s", str(script), str(free_port())], cwd=tmp_path, env=env)
+    assert "ALL-REDUCE OK" in proc.stdout
+
+    # Uninstalling ours leaves the foreign package whole.
+    _run([python, "-m", "pip", "uninstall", "-y", "-q", "isagellm-comm"])
+    assert (site / "kernels" / "__init__.py").exists()
