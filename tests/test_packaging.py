@@ -9,6 +9,7 @@ runs a two-rank Gloo all-reduce through ``sagellm_comm`` there.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -73,8 +74,11 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def test_wheel_has_one_top_level_package_and_coexists_with_foreign_kernels(tmp_path: Path) -> None:
     from conftest import free_port
 
+    # Build from a copy: a wheel build writes build/ beside its source, and a stale build/ could leak files.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".*"))
     wheels = tmp_path / "wheels"
-    _wheel(REPO, wheels)
+    _wheel(source, wheels)
     (ours,) = list(wheels.glob("*.whl"))
     with zipfile.ZipFile(ours) as wheel:
         tops = {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
