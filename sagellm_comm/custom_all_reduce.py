@@ -18,6 +18,7 @@ import torch
 import triton
 
 from sagellm_comm.kernels import all_reduce as _k
+from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 
 from .errors import (
@@ -26,8 +27,25 @@ from .errors import (
     NotInitializedError,
     WorkspaceExhaustedError,
 )
+from .launch import Launcher, direct_launch, interpreting, timeout_ticks
 from .selector import AlgoSelector, Selection
-from .workspace import SymmetricWorkspace, lamport_capacity, lamport_offset
+from .workspace import (
+    DEFAULT_MAX_PROGRAMS,
+    SymmetricWorkspace,
+    default_max_programs,
+    lamport_capacity,
+    lamport_offset,
+)
+
+# Re-exported: they were defined here before the workspace took over the group's program count.
+__all__ = [
+    "DEFAULT_MAX_PROGRAMS",
+    "SUPPORTED_DTYPES",
+    "CustomAllReduce",
+    "KernelLauncher",
+    "default_max_programs",
+    "pdl_enabled",
+]
 
 SUPPORTED_DTYPES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 # Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; 4 such vectors per thread
@@ -41,7 +59,7 @@ NUM_WARPS = 8
 LAMPORT_MIN_BLOCK = 256
 LAMPORT_MAX_BLOCK = 1024
 MAX_CACHED_PLANS = 4096
-DEFAULT_MAX_PROGRAMS = 32  # CPU / interpreter; on a GPU see default_max_programs
+DTYPE_CODES = {dtype: _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")] for dtype in SUPPORTED_DTYPES}
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -61,31 +79,6 @@ def pdl_enabled(device: torch.device) -> bool:
             f"SAGELLM_COMM_PDL=1 needs compute capability 9.0 or later, {device} has {major}.x"
         )
     return major >= 9
-
-
-def default_max_programs(device: torch.device, ranks_on_device: int = 1) -> int:
-    """Programs per launch: one per SM and rank sharing the GPU, at most ``MAX_BLOCKS``.
-
-    All programs of a launch must be resident at once (they wait for each other at barriers), so ranks
-    sharing one GPU (virtual ranks, MPS) divide its SMs.  ``SAGELLM_COMM_MAX_PROGRAMS`` overrides.
-    """
-    override = os.environ.get("SAGELLM_COMM_MAX_PROGRAMS")
-    if override:
-        try:
-            return max(1, min(_k.MAX_BLOCKS.value, int(override)))
-        except ValueError:
-            raise InvalidArgumentError(f"SAGELLM_COMM_MAX_PROGRAMS must be an integer, got {override!r}") from None
-    if device.type != "cuda":
-        return DEFAULT_MAX_PROGRAMS
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_k.MAX_BLOCKS.value, sms // max(1, ranks_on_device)))
-
-
-INTERPRETER_SPINS_PER_SECOND = 20_000  # interpreter spins are slower than 50 us each
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class KernelLauncher:
@@ -182,46 +175,11 @@ class KernelLauncher:
         launch_options = {"launch_pdl": True} if algo == "lamport" and self.pdl else {}
         compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *tail[2:], num_warps=warps, **launch_options)
         if self.use_ptx:
-            fast = _direct_launch(compiled)
+            fast = direct_launch(compiled)
             if fast is not None:
                 if len(self.cache) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
                     self.cache.clear()
                 self.cache[key] = (fast, programs, tail)
-
-
-def _direct_launch(compiled) -> Callable | None:
-    """A launch function that skips Triton's Python launch path for an already compiled kernel.
-
-    Calls the generated C launcher (``CompiledKernel.run.launch``) with the kernel's function handle and
-    metadata bound once; falls back to ``CompiledKernel.run`` when this Triton's launcher does not have
-    that shape, or when the kernel needs scratch memory allocated per launch.  Returns None when neither
-    is available (e.g. under the interpreter).
-    """
-    run = getattr(compiled, "run", None)
-    function = getattr(compiled, "function", None)
-    metadata = getattr(compiled, "packed_metadata", None)
-    if run is None or function is None or metadata is None:
-        return None
-    launch = getattr(run, "launch", None)
-    simple = (
-        launch is not None
-        and getattr(run, "global_scratch_size", 1) == 0
-        and getattr(run, "profile_scratch_size", 1) == 0
-        and hasattr(run, "launch_cooperative_grid")
-        and hasattr(run, "launch_pdl")
-    )
-    if simple:
-        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
-
-        def fast(grid_x: int, grid_y: int, stream: int, args: tuple) -> None:
-            launch(grid_x, grid_y, 1, stream, function, coop, pdl, None, None, metadata, None, None, None, *args)
-
-        return fast
-
-    def generic(grid_x: int, grid_y: int, stream: int, args: tuple) -> None:
-        run(grid_x, grid_y, 1, stream, function, metadata, None, None, None, *args)
-
-    return generic
 
 
 class CustomAllReduce:
@@ -232,9 +190,9 @@ class CustomAllReduce:
         selector: policy for ``algo="auto"`` (default rules when omitted).
         timeout_s: bound of every device-side wait; a peer that does not arrive in time is reported by
             :meth:`check_errors` (and by the next call) as ``CommTimeoutError`` naming that peer.
-        max_programs: most programs (thread blocks) per launch; all of them, on every rank, must be able to
-            run at once (they wait for each other).  Default: :func:`default_max_programs`, one per SM
-            divided by the workspace's ``ranks_on_device`` (virtual ranks and MPS share one GPU).
+        max_programs: programs (thread blocks) per launch.  It is agreed by the group when the workspace is
+            made (``workspace.max_programs``: every rank's launches must use the same grid); passing any
+            other value raises.  Kept for explicitness; leave it None.
         fallback: callable ``fallback(tensor) -> tensor`` used when the policy picks ``nccl``.
     """
 
@@ -246,17 +204,18 @@ class CustomAllReduce:
         max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        if workspace.device.type == "cpu" and not _interpreting():
+        if workspace.device.type == "cpu" and not interpreting():
             raise BackendNotSupportedError(
                 "the custom all-reduce on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1); "
                 "on GPUs use CUDA tensors"
             )
-        if max_programs is None:
-            max_programs = default_max_programs(workspace.device, workspace.ranks_on_device)
-        if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
-            raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
-        if timeout_s <= 0:
-            raise InvalidArgumentError(f"timeout_s must be positive, got {timeout_s}")
+        if max_programs is not None and max_programs != workspace.max_programs:
+            raise InvalidArgumentError(
+                f"max_programs={max_programs} differs from the {workspace.max_programs} programs this workspace's "
+                "group agreed on; every rank must launch the same grid: pass max_programs to "
+                "SymmetricWorkspace.rendezvous / local_workspaces instead"
+            )
+        max_programs = workspace.max_programs
         self._resolved: dict[tuple, str] = {}
         self.workspace = workspace
         self.selector = selector or AlgoSelector()
@@ -268,9 +227,7 @@ class CustomAllReduce:
         self.device = workspace.device
         self._use_ptx = workspace.device.type == "cuda"
         self._device_index = workspace.device.index if workspace.device.index is not None else 0
-        self._timeout_ticks = (
-            int(timeout_s * 1e9) if self._use_ptx else max(1, int(timeout_s * INTERPRETER_SPINS_PER_SECOND))
-        )
+        self._timeout_ticks = timeout_ticks(timeout_s, self._use_ptx)
         self._error_view = workspace._error_view
         self._launcher = KernelLauncher(
             self.world_size, workspace.slot_bytes, self._timeout_ticks, self._use_ptx, self._device_index,
@@ -278,6 +235,8 @@ class CustomAllReduce:
         )  # fmt: skip
         self._table = workspace.table
         self._control = workspace.control
+        self.check = workspace.check
+        self._check = Launcher(_fp.fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
 
     # ------------------------------------------------------------------ policy
     @property
@@ -316,8 +275,21 @@ class CustomAllReduce:
             raise InvalidArgumentError(f"dtype {dtype} is not supported; use one of {list(SUPPORTED_DTYPES)}")
         return self.workspace.registered_tensor(numel, dtype)
 
+    @property
+    def epoch(self) -> int:
+        """Calls of the barrier kernels (one-shot, two-shot, fused RMSNorm) made on this workspace so far,
+        plus ``SAGELLM_COMM_INITIAL_EPOCH``.  Read from the device: synchronizes with it."""
+        return self.workspace.counter(_k.CTRL_EPOCH.value)
+
+    @property
+    def lamport_epoch(self) -> int:
+        """Lamport calls made on this workspace so far (program 0's counter; every program's is the same),
+        plus ``SAGELLM_COMM_INITIAL_EPOCH``.  Synchronizes with the device."""
+        return self.workspace.counter(_k.CTRL_LAMPORT.value)
+
     def check_errors(self) -> None:
-        """Raise ``CommTimeoutError`` if a kernel of this rank timed out waiting for a peer (no sync)."""
+        """Raise ``CommTimeoutError`` if a kernel of this rank timed out waiting for a peer, or (check mode)
+        ``CollectiveMismatchError`` if a peer's call differed (no sync)."""
         self.workspace.raise_if_failed()
 
     def synchronize(self) -> None:
@@ -365,11 +337,25 @@ class CustomAllReduce:
             return out
         if numel == 0:
             return out
+        if self._use_ptx:
+            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self._device_index))
+        if self.check:
+            self.launch_check(algo, numel, tensor.dtype)
         self._launcher.launch(
             algo, tensor, out, numel, itemsize, self.workspace.is_registered(tensor), self._table, self._control,
             self.rank, 1, self.max_programs,
         )  # fmt: skip
         return out
+
+    def launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, grid_y: int = 1) -> None:
+        """Check mode: enqueue the fingerprint comparison of this call (``kernels/fingerprint.py``) on the
+        current stream, before the collective kernel it describes (``grid_y`` > 1: virtual ranks)."""
+        w = self.world_size
+        args = (
+            self._table if table is None else table, self._control if ctrl is None else ctrl, self.rank,
+            _fp.ALGO_CODES[algo], numel, DTYPE_CODES[dtype], self._timeout_ticks,
+        )  # fmt: skip
+        self._check((1, grid_y), args, (w, triton.next_power_of_2(w), self._use_ptx, grid_y > 1))
 
     def _wrong_device(self, tensor: torch.Tensor) -> bool:
         if self._use_ptx:

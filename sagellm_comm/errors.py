@@ -125,9 +125,17 @@ class NotImplementedCommError(CommError, NotImplementedError):
     code = ErrorCode.NOT_IMPLEMENTED
 
 
+class CollectiveMismatchError(CollectiveFailedError):
+    """Ranks issued different collectives (algorithm, size, dtype or call order), found by check mode
+    (``SAGELLM_COMM_CHECK=1``) before any data was combined.  ``details`` names both fingerprints."""
+
+    code = ErrorCode.COMM_COLLECTIVE_FAILED
+
+
 __all__ = [
     "BackendNotSupportedError",
     "CollectiveFailedError",
+    "CollectiveMismatchError",
     "CommError",
     "CommTimeoutError",
     "ErrorCode",

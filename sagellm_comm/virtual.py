@@ -51,11 +51,8 @@ class VirtualRankGroup:
             device = torch.device("cuda", torch.cuda.current_device())
         self.world_size = world_size
         self.device = device
-        self.workspaces = local_workspaces(world_size, max_bytes, device)
-        self.ranks = [
-            CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, max_programs=max_programs)
-            for ws in self.workspaces
-        ]
+        self.workspaces = local_workspaces(world_size, max_bytes, device, max_programs=max_programs)
+        self.ranks = [CustomAllReduce(ws, selector=selector, timeout_s=timeout_s) for ws in self.workspaces]
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         self.max_bytes = self.workspaces[0].slot_bytes
         # Default: one program per SM and rank (the workspaces know all ranks share this GPU), so every
@@ -125,6 +122,13 @@ class VirtualRankGroup:
         if algo not in KERNEL_ALGOS:
             raise BackendNotSupportedError(f"virtual ranks run the custom kernels only ({KERNEL_ALGOS}), not {algo!r}")
         if numel:
+            raw = torch._C._cuda_getCurrentRawStream(self.device.index)
+            for ws in self.workspaces:
+                ws.enter_stream(raw)
+            if car.check:
+                car.launch_check(
+                    algo, numel, stacked.dtype, self._stacked_table, self._stacked_control, grid_y=self.world_size
+                )
             car._launcher.launch(
                 algo, stacked, stacked, numel, itemsize, False, self._stacked_table, self._stacked_control, 0,
                 self.world_size, self.max_programs, virtual=True,

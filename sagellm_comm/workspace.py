@@ -7,14 +7,21 @@ authority)::
       Lamport buffers: 3 x world_size x capacity fp32, initialised to the sentinel 0xFF bytes ]
 
 The kernels get an int64 *pointer table* on the device, built once here: ``table[0:W]`` every rank's
-region base as mapped in this process, ``table[W]`` this rank's error record (int64[8] in pinned host
-memory, read by the host without a device sync); and this rank's control words (device
-int32[CTRL_WORDS]: epoch, finished programs, error latch, the Lamport kernel's per-program state).
+region base as mapped in this process, ``table[W]`` this rank's error record (int64[ERR_WORDS] in pinned
+host memory, read by the host without a device sync); and this rank's control words (device
+int64[CTRL_WORDS]: epoch, finished programs, error latch, the copy-engine and check counters, the Lamport
+kernel's per-program state).
+
+What shapes what peers read or wait for is settled here, for the whole group, when the workspace is made:
+the program count of every launch (``max_programs``, the smallest proposal of any rank) and check mode
+(``SAGELLM_COMM_CHECK``, which must be the same everywhere).  ``SAGELLM_COMM_INITIAL_EPOCH=N`` starts every
+call counter of a new workspace at ``N`` (a test hook: counters are 64-bit and never wrap in practice).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,9 +30,16 @@ import numpy as np
 import torch
 
 from sagellm_comm.kernels import all_reduce as _k
+from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import lamport_all_reduce as _lk
 
-from .errors import CommTimeoutError, InvalidArgumentError, NotInitializedError
+from .errors import (
+    CollectiveMismatchError,
+    CommTimeoutError,
+    InvalidArgumentError,
+    NotInitializedError,
+    WorkspaceExhaustedError,
+)
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
 
 ALIGN_BYTES = 256
@@ -48,6 +62,57 @@ def lamport_offset(slot_bytes: int) -> int:
 def region_bytes(slot_bytes: int, world_size: int) -> int:
     """Bytes of one rank's region for ``slot_bytes`` of message capacity and ``world_size`` ranks."""
     return lamport_offset(slot_bytes) + _lk.lamport_bytes(world_size, lamport_capacity(slot_bytes))
+
+
+DEFAULT_MAX_PROGRAMS = 32  # CPU / interpreter; on a GPU see default_max_programs
+MAX_COUNTER = 1 << 62  # SAGELLM_COMM_INITIAL_EPOCH bound: 2 * (epoch + 1) + 1 (start flags) stays in int64
+
+
+def default_max_programs(device: torch.device, ranks_on_device: int = 1) -> int:
+    """This rank's proposal for the programs per launch: one per SM and rank sharing the GPU, at most
+    ``MAX_BLOCKS``.  The group takes the smallest proposal (see :meth:`SymmetricWorkspace.rendezvous`).
+
+    All programs of a launch must be resident at once (they wait for each other at barriers), so ranks
+    sharing one GPU (virtual ranks, MPS) divide its SMs.  ``SAGELLM_COMM_MAX_PROGRAMS`` overrides.
+    """
+    override = os.environ.get("SAGELLM_COMM_MAX_PROGRAMS")
+    if override:
+        try:
+            return max(1, min(_k.MAX_BLOCKS.value, int(override)))
+        except ValueError:
+            raise InvalidArgumentError(f"SAGELLM_COMM_MAX_PROGRAMS must be an integer, got {override!r}") from None
+    if device.type != "cuda":
+        return DEFAULT_MAX_PROGRAMS
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(_k.MAX_BLOCKS.value, sms // max(1, ranks_on_device)))
+
+
+def check_mode_from_env() -> bool:
+    """``SAGELLM_COMM_CHECK``: 1 compares a per-call fingerprint across ranks on the device, 0 (default) not."""
+    flag = os.environ.get("SAGELLM_COMM_CHECK", "0")
+    if flag not in ("0", "1"):
+        raise InvalidArgumentError(f"SAGELLM_COMM_CHECK must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
+def initial_epoch_from_env() -> int:
+    """``SAGELLM_COMM_INITIAL_EPOCH`` (default 0): where every call counter of a new workspace starts."""
+    text = os.environ.get("SAGELLM_COMM_INITIAL_EPOCH", "0")
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise InvalidArgumentError(f"SAGELLM_COMM_INITIAL_EPOCH must be an integer, got {text!r}") from None
+    if not 0 <= value < MAX_COUNTER:
+        raise InvalidArgumentError(f"SAGELLM_COMM_INITIAL_EPOCH must be in [0, 2**62), got {value}")
+    return value
+
+
+def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: int) -> torch.Tensor:
+    """Control words (int64) with every call counter at ``initial_epoch``."""
+    control = torch.zeros(*shape, _k.CTRL_WORDS.value, dtype=torch.int64, device=device)
+    counters = [*_k.COUNTER_WORDS, *range(_k.CTRL_LAMPORT.value, _k.CTRL_LAMPORT.value + _k.MAX_BLOCKS.value)]
+    control[..., counters] = initial_epoch
+    return control
 
 
 def _device_identity(device: torch.device) -> str:
@@ -80,6 +145,9 @@ class SymmetricWorkspace:
         release: called by :meth:`close` to unmap peers and free the local region.
         ranks_on_device: how many ranks of the group share this rank's device (virtual ranks, MPS): the
             kernels' programs of all of them must be resident at once, so they divide its SMs.
+        max_programs: programs of every launch on this workspace, the same on every rank (agreed by
+            :meth:`rendezvous`); default: :func:`default_max_programs`.
+        check: check mode (a per-call fingerprint compared on the device), the same on every rank.
     """
 
     def __init__(
@@ -94,6 +162,8 @@ class SymmetricWorkspace:
         control: torch.Tensor | None = None,
         error_record: torch.Tensor | None = None,
         ranks_on_device: int = 1,
+        max_programs: int | None = None,
+        check: bool = False,
     ):
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
@@ -112,8 +182,14 @@ class SymmetricWorkspace:
         self._release = release
         self._local_region = local_region
         on_cuda = self.device.type == "cuda"
+        if max_programs is None:
+            max_programs = default_max_programs(self.device, self.ranks_on_device)
+        if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
+            raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
+        self.max_programs = int(max_programs)
+        self.check = bool(check)
         if control is None:
-            control = torch.zeros(_k.CTRL_WORDS.value, dtype=torch.int32, device=self.device)
+            control = _new_control((), self.device, initial_epoch_from_env())
         if error_record is None:
             error_record = torch.zeros(_k.ERR_WORDS.value, dtype=torch.int64, pin_memory=on_cuda)
         self.control = control
@@ -126,6 +202,13 @@ class SymmetricWorkspace:
         self.lamport_offset = lamport_offset(slot_bytes)
         self.lamport_capacity = lamport_capacity(slot_bytes)
         self.closed = False
+        # One workspace, one stream at a time: the raw stream of the last launch, and its Stream object.
+        self._last_raw_stream: int | None = None
+        self._last_stream: Any = None
+        self.async_error: BaseException | None = None  # set by the watchdog (sagellm_comm/watchdog.py)
+        from .watchdog import watch
+
+        watch(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,13 +220,19 @@ class SymmetricWorkspace:
         device: torch.device | str,
         exchange: Callable[[Any], list[Any]],
         memory: PeerMemory | None = None,
+        max_programs: int | None = None,
+        check: bool | None = None,
     ) -> SymmetricWorkspace:
         """Collective: allocate this rank's region, exchange handles with ``exchange``, open the peers.
 
         ``exchange(obj)`` must return the list of every rank's ``obj`` in rank order (e.g. an
         ``all_gather_object`` over the group's CPU side).  Every rank must call this with the same
-        ``world_size`` and ``slot_bytes``.
+        ``world_size`` and ``slot_bytes``.  The group agrees on the program count (the smallest of every
+        rank's ``max_programs``, default :func:`default_max_programs`) and on check mode (``check``, default
+        ``SAGELLM_COMM_CHECK``; ranks that differ raise ``InvalidArgumentError``).
         """
+        if check is None:
+            check = check_mode_from_env()
         device = torch.device(device)
         slot_bytes = _round_slot(slot_bytes)
         if memory is None:
@@ -170,10 +259,20 @@ class SymmetricWorkspace:
                     ptr = memory.open(handle, nbytes)
                     opened.append(ptr)
                     ptrs.append(ptr)
-            # Every rank has mapped every region: shared files can go from the file system now.
-            exchange(None)
+            sharing = sum(1 for *_, other in handles if other == where)
+            proposal = max_programs if max_programs is not None else default_max_programs(device, sharing)
+            # Every rank has mapped every region (shared files can go from the file system now); the group's
+            # program count and check mode are agreed in the same round.
+            settings = exchange((int(proposal), bool(check)))
             if isinstance(memory, SharedFileMemory):
                 memory.unlink(local)
+            modes = {c for _, c in settings}
+            if len(modes) != 1:
+                on = [r for r, (_, c) in enumerate(settings) if c]
+                raise InvalidArgumentError(
+                    f"check mode (SAGELLM_COMM_CHECK) must be the same on every rank; it is on for ranks {on} only"
+                )
+            agreed_programs = min(p for p, _ in settings)
         except BaseException:
             for ptr in opened:
                 memory.close(ptr)
@@ -185,8 +284,10 @@ class SymmetricWorkspace:
                 memory.close(ptr)
             memory.free(local)
 
-        sharing = sum(1 for *_, other in handles if other == where)
-        return cls(rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing)
+        return cls(
+            rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
+            max_programs=agreed_programs, check=check,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ use
     def registered_tensor(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -194,8 +295,6 @@ class SymmetricWorkspace:
         self._check_open()
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if nbytes > self.slot_bytes:
-            from .errors import WorkspaceExhaustedError
-
             raise WorkspaceExhaustedError(
                 f"{numel} x {dtype} is {nbytes} bytes, over the workspace's {self.slot_bytes} bytes"
             )
@@ -209,28 +308,86 @@ class SymmetricWorkspace:
         return tensor.data_ptr() == self._registered_ptr
 
     def error(self) -> dict | None:
-        """The first device-side error recorded by a kernel, or None (no device sync)."""
-        if self._error_view[_k.ERR_STATUS.value] == 0:
-            return None
+        """The first device-side error recorded by a kernel, or None (no device sync).
+
+        ``kind`` is ``timeout`` (a peer never arrived) or ``mismatch`` (check mode: a peer's fingerprint
+        differs; ``mine``/``theirs`` hold both as ``(algo, numel, dtype, call)``).
+        """
         v = self._error_view
-        return {
+        status = int(v[_k.ERR_STATUS.value])
+        if status == 0:
+            return None
+        err = {
+            "kind": "mismatch" if status == _k.ERR_MISMATCH.value else "timeout",
             "peer": int(v[_k.ERR_PEER.value]),
-            "phase": ("start", "mid", "end", "lamport", "copy-engine")[int(v[_k.ERR_PHASE.value])],
+            "phase": _k.PHASE_NAMES[int(v[_k.ERR_PHASE.value])],
             "block": int(v[_k.ERR_BLOCK.value]),
             "epoch": int(v[_k.ERR_EPOCH.value]),
         }
+        if err["kind"] == "mismatch":
+            err["mine"] = _decode_fingerprint(v[_k.ERR_MINE.value : _k.ERR_MINE.value + 4])
+            err["theirs"] = _decode_fingerprint(v[_k.ERR_THEIRS.value : _k.ERR_THEIRS.value + 4])
+        return err
 
-    def raise_if_failed(self) -> None:
-        """Raise :class:`CommTimeoutError` naming the peer that never arrived, if a kernel timed out."""
+    def failure(self) -> CommTimeoutError | CollectiveMismatchError | None:
+        """The typed error for :meth:`error` (not raised), or None."""
         err = self.error()
-        if err is not None:
-            where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
-            raise CommTimeoutError(
-                f"custom all-reduce on rank {self.rank}: peer rank {err['peer']} never arrived at the "
-                f"{err['phase']} barrier of call {err['epoch']} ({where}); the workspace is "
-                "unusable now: destroy the backend and create it again",
+        if err is None:
+            return None
+        if err["kind"] == "mismatch":
+            return CollectiveMismatchError(
+                f"rank {self.rank} and rank {err['peer']} disagree on collective call {err['epoch']} of this "
+                f"workspace: rank {self.rank} ran {_describe(err['mine'])}, rank {err['peer']} ran "
+                f"{_describe(err['theirs'])}; every rank must make the same calls with the same algorithm, "
+                "size and dtype.  Outputs of this and later calls are NaN; call reset() on every rank (or "
+                "recreate the backend) after fixing the call sites",
                 details={"rank": self.rank, **err},
             )
+        where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
+        return CommTimeoutError(
+            f"custom all-reduce on rank {self.rank}: peer rank {err['peer']} never arrived at the "
+            f"{err['phase']} barrier of call {err['epoch']} ({where}); the output of that call and of every "
+            "later call on this workspace is NaN: call reset() on every rank, or destroy the backend and "
+            "create it again",
+            details={"rank": self.rank, **err},
+        )
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`CommTimeoutError` naming the peer that never arrived (or, in check mode,
+        :class:`CollectiveMismatchError` naming the disagreeing rank), if a kernel recorded a failure."""
+        exc = self.failure()
+        if exc is not None:
+            raise exc
+
+    # ------------------------------------------------------------------ streams and counters
+    def enter_stream(self, raw_stream: int) -> None:
+        """Order this launch after the previous one on this workspace when it came from another stream.
+
+        Every protocol assumes a workspace's calls run one after another in issue order (the same order on
+        every rank).  Calls on one stream are; a call on another stream (an async side stream, a user stream)
+        is made to wait for the previous stream's work with an event.  ``raw_stream`` is the current stream's
+        handle (``torch._C._cuda_getCurrentRawStream``); the common case (same stream) costs one comparison.
+        """
+        if raw_stream == self._last_raw_stream:
+            return
+        current = torch.cuda.current_stream(self.device)
+        last = self._last_stream
+        if last is not None:
+            with torch.cuda.stream(last):
+                last_capturing = torch.cuda.is_current_stream_capturing()
+            if last_capturing == torch.cuda.is_current_stream_capturing():
+                event = torch.cuda.Event()
+                event.record(last)
+                current.wait_event(event)
+            # Else one side is inside a graph capture and the other is not: events cannot cross that line.
+            # torch.cuda.graph synchronizes the device before capture begins, so eager work is done by then.
+        self._last_raw_stream = raw_stream
+        self._last_stream = current
+
+    def counter(self, word: int) -> int:
+        """Control word ``word`` (a call counter, see ``kernels/all_reduce.py``), read from the device (syncs)."""
+        self._check_open()
+        return int(self.control[word].item())
 
     def _check_open(self) -> None:
         if self.closed:
@@ -241,11 +398,32 @@ class SymmetricWorkspace:
         if self.closed:
             return
         self.closed = True
+        from .watchdog import unwatch
+
+        unwatch(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self._release is not None:
             self._release()
         self.table = self.control = self._local_region = None  # type: ignore[assignment]
+
+
+_DTYPE_NAMES = {code: name for name, code in _fp.DTYPE_CODES.items()}
+_ALGO_NAMES = {code: name for name, code in _fp.ALGO_CODES.items()}
+
+
+def _decode_fingerprint(words) -> dict:
+    algo, numel, dtype, call = (int(w) for w in words)
+    return {
+        "algo": _ALGO_NAMES.get(algo, f"algo#{algo}"),
+        "numel": numel,
+        "dtype": _DTYPE_NAMES.get(dtype, f"dtype#{dtype}"),
+        "call": call,
+    }
+
+
+def _describe(fp: dict) -> str:
+    return f"{fp['algo']} of {fp['numel']} x {fp['dtype']} (check call {fp['call']})"
 
 
 class _RawStorageOwner:
@@ -270,12 +448,24 @@ def _tensor_at(ptr: int, numel: int, dtype: torch.dtype, device: torch.device, o
     return flat.view(dtype)
 
 
-def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | str) -> list[SymmetricWorkspace]:
+def local_workspaces(
+    world_size: int,
+    slot_bytes: int,
+    device: torch.device | str,
+    max_programs: int | None = None,
+    check: bool | None = None,
+) -> list[SymmetricWorkspace]:
     """Virtual ranks: ``world_size`` workspaces in this process, regions allocated on one device.
 
-    The regions are freed when the last of the returned workspaces is closed.
+    Every rank gets the same program count (default :func:`default_max_programs` with the device's SMs
+    divided among the ranks) and check mode (default ``SAGELLM_COMM_CHECK``).  The regions are freed when
+    the last of the returned workspaces is closed.
     """
     device = torch.device(device)
+    if max_programs is None:
+        max_programs = default_max_programs(device, world_size)
+    if check is None:
+        check = check_mode_from_env()
     slot_bytes = _round_slot(slot_bytes)
     nbytes = region_bytes(slot_bytes, world_size)
     regions = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
@@ -284,7 +474,7 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
     ptrs = [r.data_ptr() for r in regions]
     # Control words and error records of all ranks in one allocation each: the one-launch mode of
     # virtual ranks finds rank r's at row r.
-    control = torch.zeros(world_size, _k.CTRL_WORDS.value, dtype=torch.int32, device=device)
+    control = _new_control((world_size,), device, initial_epoch_from_env())
     errors = torch.zeros(world_size, _k.ERR_WORDS.value, dtype=torch.int64, pin_memory=device.type == "cuda")
     open_count = [world_size]
 
@@ -305,6 +495,8 @@ def local_workspaces(world_size: int, slot_bytes: int, device: torch.device | st
             control=control[r],
             error_record=errors[r],
             ranks_on_device=world_size,
+            max_programs=max_programs,
+            check=check,
         )
         for r in range(world_size)
     ]

@@ -78,9 +78,13 @@ def run_ranks(
     timeout: float = 60.0,
     env: dict[str, str | None] | None = None,
     torchrun_env: bool = True,
+    expect_dead: frozenset[int] | set[int] = frozenset(),
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, port, *args, **kwargs)`` on ``world_size`` processes (see module doc)."""
+    """Run ``fn(rank, world_size, port, *args, **kwargs)`` on ``world_size`` processes (see module doc).
+
+    ``expect_dead``: ranks that are meant to die without reporting (fault injection, e.g. SIGKILL); their
+    result is None, and the test fails if one of them reports instead."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -115,7 +119,9 @@ def run_ranks(
         for rank, proc in enumerate(procs):  # a child that died without reporting (segfault, kill)
             if rank not in outcomes and proc.exitcode is not None:
                 first = dead_since.setdefault(rank, time.monotonic())
-                if time.monotonic() - first > 2.0:
+                if rank in expect_dead:
+                    outcomes[rank] = (True, None)
+                elif time.monotonic() - first > 2.0:
                     outcomes[rank] = (False, f"rank {rank} died with exit code {proc.exitcode} and no report")
     hung = [rank for rank in range(world_size) if rank not in outcomes]
     for proc in procs:
@@ -125,6 +131,14 @@ def run_ranks(
     results.close()
 
     failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
+    failures += [
+        f"--- rank {r} ---\nexpected to die, but reported {outcomes[r][1]!r}"
+        for r in expect_dead
+        if r in outcomes and outcomes[r][1] is not None
+    ]
+    orphans = [r for r, proc in enumerate(procs) if proc.is_alive()]
+    if orphans:
+        failures.append(f"ranks {orphans} survived kill() (orphans)")
     if hung:
         failures.insert(0, f"ranks {hung} did not finish within {timeout:g}s and were killed")
     if failures:

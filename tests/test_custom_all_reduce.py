@@ -34,8 +34,8 @@ def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, 
         dist.all_gather_object(out, obj)
         return out
 
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange)
-    return CustomAllReduce(ws, timeout_s=timeout_s, max_programs=3), exchange
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=3)
+    return CustomAllReduce(ws, timeout_s=timeout_s), exchange
 
 
 def _inputs(case: int, world_size: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -121,17 +121,20 @@ def test_ten_thousand_back_to_back_calls(groups):
 
 @pytest.mark.parametrize("world_size", [2, 8])
 def test_cuda_graph_replays_with_new_inputs(groups, world_size):
+    # Every rank in one launch (stacked mode): the ranks' programs are co-resident by construction.  Streams
+    # mode (one kernel per rank and stream) needs CUDA to run W kernels of W streams at once, which it does
+    # not promise (streams share CUDA_DEVICE_MAX_CONNECTIONS hardware queues): a graph test built on it
+    # depends on scheduling, not on the protocol.
     vg = groups[world_size]
     numel = 4096  # the TP decode case: small, latency-bound
     src = torch.empty(world_size, numel, device="cuda", dtype=torch.bfloat16)
     stacked = torch.empty_like(src)
-    streams_in = [torch.empty(numel, device="cuda", dtype=torch.bfloat16) for _ in range(world_size)]
+    second = torch.empty_like(src)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm up (compiles) outside capture
         for algo in ("one_shot", "two_shot", "lamport"):
             vg.all_reduce_stacked(stacked, algo=algo)
-            vg.all_reduce(streams_in, algo=algo)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -139,16 +142,15 @@ def test_cuda_graph_replays_with_new_inputs(groups, world_size):
         stacked.copy_(src)
         vg.all_reduce_stacked(stacked, algo="lamport")
         vg.all_reduce_stacked(stacked, algo="two_shot")  # sum of sums: W * sum
-        for r in range(world_size):
-            streams_in[r].copy_(src[r])
-        vg.all_reduce(streams_in, algo="one_shot")
+        second.copy_(src)
+        vg.all_reduce_stacked(second, algo="one_shot")
     wrong = torch.zeros((), dtype=torch.int64, device="cuda")
     for i in range(1000):
         src.copy_(torch.randint(-4, 4, (world_size, numel), device="cuda").to(torch.bfloat16) * (i % 3 + 1))
         graph.replay()
         expected = src.float().sum(0)
         wrong += (stacked.float() != expected * world_size).sum()
-        wrong += sum((t.float() != expected).sum() for t in streams_in)
+        wrong += (second.float() != expected).sum()
     torch.cuda.synchronize()
     vg.check_errors()
     assert int(wrong) == 0
@@ -225,8 +227,10 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
         dist.all_gather_object(out, obj)
         return out
 
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"))
-    car = CustomAllReduce(ws, timeout_s=30.0, max_programs=8)
+    ws = SymmetricWorkspace.rendezvous(
+        rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"), max_programs=8
+    )
+    car = CustomAllReduce(ws, timeout_s=30.0)
     digests = []
     for i in range(calls):
         algo = ("one_shot", "two_shot", "lamport")[i % 3]

@@ -41,9 +41,9 @@ def _setup(rank, world_size, port, gemm=False, timeout_s=60.0):
         dist.all_gather_object(out, obj)
         return out
 
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange)
-    car = CustomAllReduce(ws, timeout_s=timeout_s, max_programs=2)
-    fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s, max_programs=2)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2)
+    car = CustomAllReduce(ws, timeout_s=timeout_s)
+    fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
     if not gemm:
         return car, fused, None
     gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange)

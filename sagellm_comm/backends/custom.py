@@ -18,26 +18,34 @@ groups, larger messages, unsupported dtypes).  :attr:`CustomBackend.last_selecti
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from typing import Any
 
 import torch
 
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
-from ..errors import BackendNotSupportedError, CommError, InvalidArgumentError
+from ..errors import (
+    BackendNotSupportedError,
+    CommError,
+    CommTimeoutError,
+    InvalidArgumentError,
+    NotInitializedError,
+)
+from ..kernels.all_reduce import MAX_WORLD
+from ..launch import interpreting as _interpreting
 from ..selector import KERNEL_ALGOS, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace
 from .torch_distributed import TorchDistributedBackend
 
+log = logging.getLogger("sagellm_comm")
+
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
 ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cupy_present() -> bool:
@@ -73,8 +81,21 @@ class _EventWork(Work):
             self._event.record()
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """Block until the kernel finished; raise ``CommTimeoutError`` (or ``CollectiveMismatchError``) if it
+        failed, or ``CommTimeoutError`` if it is still running after ``timeout`` seconds."""
         if self._event is not None:
-            self._event.synchronize()
+            if timeout is None:
+                self._event.synchronize()
+            else:
+                deadline = time.monotonic() + timeout
+                while not self._event.query():
+                    self._car.check_errors()  # a failure recorded by the kernel is reported at once
+                    if time.monotonic() > deadline:
+                        raise CommTimeoutError(
+                            f"custom all-reduce on rank {self._car.rank} did not complete within {timeout:g}s",
+                            details={"rank": self._car.rank, "timeout_s": timeout},
+                        )
+                    time.sleep(0.0002)
         self._car.check_errors()
         return self._tensor
 
@@ -165,8 +186,8 @@ class CustomBackend(TorchDistributedBackend):
         return car, f"custom kernels on {self.world_size} ranks of one node ({self.device.type})"
 
     def _local_checks(self) -> tuple[bool, str]:
-        if not 2 <= self.world_size <= 8:
-            return False, f"world size {self.world_size} is outside 2..8"
+        if not 2 <= self.world_size <= MAX_WORLD.value:
+            return False, f"world size {self.world_size} is outside 2..{MAX_WORLD.value}"
         if self.device.type == "cuda" and not _cupy_present():
             return False, "CuPy is not installed (needed for CUDA IPC handles)"
         return True, ""
@@ -199,6 +220,32 @@ class CustomBackend(TorchDistributedBackend):
         except CommError:
             return False
         return True
+
+    def reset(self) -> str:
+        """Collective: rebuild the custom path on every rank together, after a device-side failure.
+
+        A timed-out or mismatched call latches its workspace (every later call raises, every later output
+        of a replayed graph is NaN).  Call ``reset()`` on every rank: the old workspace is released and a
+        new one is made and self-tested exactly as at ``init``.  If that fails (a rank is gone, a peer
+        mapping or the self-test fails), the backend keeps serving every call on the engine and
+        :attr:`custom_reason` records why.  Returns :attr:`custom_reason`.  CUDA graphs captured before the
+        reset hold the old workspace's addresses: capture them again.
+        """
+        if not self.is_initialized:
+            raise NotInitializedError("reset() needs an initialised backend: call init() first")
+        old, self.custom = self.custom, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception as exc:  # an unusable device must not stop the fallback
+                log.warning("sagellm-comm reset: closing the old workspace failed: %s", exc)
+        try:
+            self.custom, reason = self._setup_custom()
+        except Exception as exc:
+            self.custom, reason = None, f"reset failed on rank {self.rank}: {exc}; the engine runs every call"
+        self.custom_reason = reason
+        log.info("sagellm-comm reset on rank %d: %s", self.rank, reason)
+        return reason
 
     def _engine_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return TorchDistributedBackend.all_reduce(self, tensor, ReduceOp.SUM)

@@ -11,6 +11,7 @@ import triton
 
 from sagellm_comm.kernels import all_reduce as _ark
 from sagellm_comm.kernels import copy_engine as _ce
+from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 
 from ..custom_all_reduce import CustomAllReduce
@@ -20,9 +21,12 @@ from ..errors import (
     ShapeMismatchError,
     WorkspaceExhaustedError,
 )
+from ..launch import Launcher as _Launcher
+from ..launch import interpreting as _interpreting
+from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import Selection
 from ..workspace import SymmetricWorkspace, _tensor_at
-from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d, _interpreting, _Launcher, _timeout_ticks
+from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,13 @@ def copy_engine_units(count: int) -> list[tuple[list[int], list[int]]]:
 
 
 # ====================================================================== GEMM + all-reduce: one rank
+_FLAG_AREA_BYTES = _gk.DATA_OFFSET.value - _ark.PAD_BYTES.value  # produced + reduced tile flags (int64)
+
+
 def gemm_workspace_bytes(max_output_bytes: int) -> int:
     """``slot_bytes`` to ask a :class:`SymmetricWorkspace` for, so it holds two ``[M, N]`` tile buffers of
     ``max_output_bytes`` each plus the tile flags (the region is ``PAD_BYTES + 3 * slot_bytes``)."""
-    return triton.cdiv(8 * _gk.MAX_TILES.value + 2 * int(max_output_bytes), 3)
+    return triton.cdiv(_FLAG_AREA_BYTES + 2 * int(max_output_bytes), 3)
 
 
 def _gemm_config(m: int, use_ptx: bool) -> dict:
@@ -187,7 +194,7 @@ class GemmAllReduce:
         self.ce_chunks = ce_chunks
         self.reduce_programs = reduce_programs or (2 * sms if self.use_ptx else 2)
         # Tile buffer of one parity (see sagellm_comm/kernels/gemm_all_reduce.py): what is left after the flags, halved.
-        self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - 8 * _gk.MAX_TILES.value) // 2 // 256 * 256
+        self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - _FLAG_AREA_BYTES) // 2 // 256 * 256
         index = self.device.index or 0
         self._producers: dict[tuple, _Launcher] = {}
         self._consumer = _Launcher(
@@ -196,6 +203,7 @@ class GemmAllReduce:
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
         self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
+        self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, index, num_warps=1)
         self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
         self._ce_gather = _Launcher(_ce.ce_gather_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
         self._ce_block = 4096 if self.use_ptx else 64  # elements per program step of the row sum and the gather
@@ -295,10 +303,16 @@ class GemmAllReduce:
         view is overwritten by the next call on this workspace: consume or copy it before then.  Other paths
         ignore it.
         """
-        if self.workspace is not None and self.workspace._error_view[0]:
-            self.workspace.raise_if_failed()
+        ws = self.workspace
+        if ws is not None and ws._error_view[0]:
+            ws.raise_if_failed()
         m, n, _ = self._validate(a, b, bias)
         sel = self._pick(path, m, n, a.element_size())
+        if ws is not None and sel.algo in ("fused", "copy_engine"):
+            if self.use_ptx:
+                ws.enter_stream(torch._C._cuda_getCurrentRawStream(self.device.index or 0))
+            if ws.check:
+                self._launch_check(f"gemm_{sel.algo}", m * n, a.dtype)
         if sel.algo == "copy_engine":
             out = None if zero_copy else torch.empty((m, n), dtype=a.dtype, device=self.device)
             return self._copy_engine(a, b, bias, out, m, n)
@@ -311,6 +325,16 @@ class GemmAllReduce:
             self._matmul(a, b, bias, out)
             self._reduce(out)
         return out
+
+    def _launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, ranks: int = 1):
+        """Check mode: the fingerprint comparison of this call (``kernels/fingerprint.py``), before its kernels."""
+        ws = self.workspace
+        w = ws.world_size
+        args = (
+            ws.table if table is None else table, ws.control if ctrl is None else ctrl, ws.rank,
+            _fp.ALGO_CODES[algo], numel, _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")], self._timeout,
+        )  # fmt: skip
+        self._check((1, ranks), args, (w, triton.next_power_of_2(w), self.use_ptx, ranks > 1))
 
     def _rank(self) -> int:
         if self.workspace is not None:
@@ -360,18 +384,20 @@ class GemmAllReduce:
             views = self._ce_views[dtype] = (bufs, scratch)
         return views
 
-    def _ce_step(self, step: int, last: bool = False) -> None:
+    def _ce_step(self, step: int, out: torch.Tensor, last: bool = False) -> None:
+        """Barrier ``step``; the ``last`` one fills ``out`` with NaN if this rank's error latch is set."""
         ws = self.workspace
         w = ws.world_size
-        args = (ws.table, ws.control, ws.rank, step, self._timeout)
-        self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx))
+        args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, step, self._timeout)
+        self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx, 1024))
 
-    def _ce_preload(self, scratch: torch.Tensor, gather_args: tuple) -> None:
+    def _ce_preload(self, scratch: torch.Tensor, gather_args: tuple, out: torch.Tensor) -> None:
         """Load the pipeline's kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
         ws = self.workspace
         w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
         for last in (False, True):
-            self._ce_barrier.preload((ws.table, ws.control, ws.rank, 0, self._timeout), (w, wp, last, self.use_ptx))
+            args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, 0, self._timeout)
+            self._ce_barrier.preload(args, (w, wp, last, self.use_ptx, 1024))
         if w > 2:
             self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
         self._ce_gather.preload(gather_args, (w, self._ce_block))
@@ -393,7 +419,7 @@ class GemmAllReduce:
         last_start, last_rows = chunks[-1]
         each = triton.cdiv(last_rows, w)  # rows of a part of the last chunk (see ``part``)
         gather_args = (ws.table, flat_out, rank, last_start * n, each * n, (last_start + last_rows) * n)
-        self._ce_preload(scratch, gather_args)
+        self._ce_preload(scratch, gather_args, flat_out)
         side = self._side
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
@@ -474,7 +500,7 @@ class GemmAllReduce:
                 own_part(c)
             for c in peers_of:
                 peers_parts(c)
-            self._ce_step(step)
+            self._ce_step(step, flat_out)
             if on_gpu:
                 done = torch.cuda.Event()
                 done.record(current)
@@ -496,7 +522,7 @@ class GemmAllReduce:
                         rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
             if on_gpu:
                 side.wait_stream(current)  # the SMs' gather: read from the peers before the closing barrier
-            self._ce_step(len(units), last=True)
+            self._ce_step(len(units), flat_out, last=True)
         if on_gpu:
             current.wait_stream(side)
             if not zero_copy:

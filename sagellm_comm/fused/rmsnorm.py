@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import triton
 
-from sagellm_comm.kernels import all_reduce as _ark
+from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 
 from ..errors import (
@@ -17,9 +17,12 @@ from ..errors import (
     ShapeMismatchError,
     WorkspaceExhaustedError,
 )
+from ..launch import Launcher as _Launcher
+from ..launch import interpreting as _interpreting
+from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d, _interpreting, _Launcher, _timeout_ticks, rmsnorm_reference
+from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d, rmsnorm_reference
 
 
 class FusedAllReduceRMSNorm:
@@ -29,7 +32,8 @@ class FusedAllReduceRMSNorm:
         workspace: the rank's :class:`SymmetricWorkspace` (the one its :class:`CustomAllReduce` uses).
         selector: one-shot/two-shot policy by bytes (the all-reduce's default rules when omitted).
         timeout_s: bound of every device-side wait.
-        max_programs: programs per launch (rows are spread over them); all must be co-resident.
+        max_programs: programs per launch (rows are spread over them); all must be co-resident.  Agreed by
+            the group with the workspace (``workspace.max_programs``); any other value raises.
         fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce used when the fused kernels cannot
             run the call (message over the workspace); without it such calls raise.
     """
@@ -39,13 +43,17 @@ class FusedAllReduceRMSNorm:
         workspace: SymmetricWorkspace,
         selector: AlgoSelector | None = None,
         timeout_s: float = 30.0,
-        max_programs: int = 32,
+        max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if workspace.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
-        if not 1 <= max_programs <= _ark.MAX_BLOCKS.value:
-            raise InvalidArgumentError(f"max_programs must be in 1..{_ark.MAX_BLOCKS.value}, got {max_programs}")
+        if max_programs is not None and max_programs != workspace.max_programs:
+            raise InvalidArgumentError(
+                f"max_programs={max_programs} differs from the {workspace.max_programs} programs this workspace's "
+                "group agreed on (every rank must launch the same grid)"
+            )
+        max_programs = workspace.max_programs
         self.workspace = workspace
         self.selector = selector or AlgoSelector()
         self.max_programs = max_programs
@@ -53,6 +61,7 @@ class FusedAllReduceRMSNorm:
         self.use_ptx = workspace.device.type == "cuda"
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
         self._launchers: dict[int, _Launcher] = {}
+        self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, workspace.device.index or 0, num_warps=1)
         self.last_selection: Selection | None = None
 
     def select(self, nbytes: int) -> Selection:
@@ -168,14 +177,25 @@ class FusedAllReduceRMSNorm:
         num_warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
         work = triton.cdiv(rows, ws.world_size) if algo == "two_shot" else rows
         programs = max(1, min(work, self.max_programs))
+        table = ws.table if table is None else table
+        ctrl = ws.control if ctrl is None else ctrl
+        if self.use_ptx:
+            ws.enter_stream(torch._C._cuda_getCurrentRawStream(ws.device.index or 0))
+        if ws.check:
+            w = ws.world_size
+            check_args = (
+                table, ctrl, ws.rank, _fp.ALGO_CODES[f"rmsnorm_{algo}"], rows * hidden,
+                _fp.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], self._timeout,
+            )  # fmt: skip
+            self._check((1, virtual_ranks), check_args, (w, triton.next_power_of_2(w), self.use_ptx, virtual_ranks > 1))
         args = (
             x,
             residual,
             weight,
             normed,
             new_residual,
-            ws.table if table is None else table,
-            ws.control if ctrl is None else ctrl,
+            table,
+            ctrl,
             rows,
             hidden,
             float(eps),

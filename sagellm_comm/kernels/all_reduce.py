@@ -2,16 +2,17 @@
 
 Memory each rank owns (one allocation per rank, mapped by every peer; see ``sagellm_comm/workspace.py``)::
 
-    base + 0                      signal pad: int32 flags[NUM_PHASES][MAX_BLOCKS][MAX_WORLD]
+    base + 0                      signal pad: int64 flags[NUM_SLOTS][MAX_BLOCKS][MAX_WORLD]
     base + PAD_BYTES              registered region (zero-copy inputs), ``slot_bytes`` long
     base + PAD_BYTES + slot_bytes * (1 + s)   staging slot s, s in {0, 1}
 
 The kernel receives one int64 *pointer table* per rank: ``table[0:W]`` the base of every rank's allocation
 (peer addresses as mapped in this process; loaded once per program as one vector) and ``table[W]`` this
-rank's error record (host-mapped memory the host reads without a device sync; only touched on timeout),
-and a pointer to this rank's control words (device int32: ``ctrl[0]`` epoch, ``ctrl[1]`` programs
-finished, ``ctrl[2]`` error latch; ``ctrl[8:]`` belongs to the Lamport kernel).  Dependent loads cost a
-DRAM round trip each at small sizes, so the prologue issues exactly two independent ones (peer bases, epoch).
+rank's error record (host-mapped memory the host reads without a device sync; only touched on failure),
+and a pointer to this rank's control words (device int64, ``CTRL_*`` below: epoch, programs finished,
+error latch, the copy-engine and fingerprint counters, the Lamport kernel's per-program state).  Dependent
+loads cost a DRAM round trip each at small sizes, so the prologue issues only independent ones (peer
+bases, epoch, latch).
 
 Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank order 0..W-1):
 
@@ -26,27 +27,34 @@ Synchronisation invariants (docs/protocol.md has the long form):
 
 1. *Per-block barriers.*  Work is cut into tiles of ``BLOCK`` elements and tile ``t`` always belongs to
    program ``t % num_programs`` on every rank, so program ``b`` only ever waits for program ``b`` of its
-   peers.  A barrier of program ``b`` in phase ``p``: all threads finish their stores; the block
-   synchronises; one release (system scope) store of ``epoch + 1`` into
-   ``flags[p][b][rank]`` of every peer's pad; then acquire (system scope) loads of ``flags[p][b][peer]`` in
-   its own pad until every peer's value has reached ``epoch + 1``; the block synchronises again before
-   any thread reads peer data.
-2. *Epochs live on the device.*  Every program reads ``ctrl[0]`` at start; the last program to finish
-   (counted in ``ctrl[1]``) advances it.  CUDA-graph replays therefore use fresh epochs.  Flags only
-   grow (compared in wrap-around arithmetic), so they are never reset.
-3. *Buffer reuse.*  Staging slot ``epoch % 2`` is written at call ``epoch``.  A rank writes that slot
+   peers; ``num_programs`` is agreed by the group when the workspace is made.  A barrier of program ``b``:
+   all threads finish their stores; the block synchronises; one release (system scope) store of this
+   call's flag value into ``flags[slot][b][rank]`` of every rank's pad; then acquire (system scope) loads
+   of ``flags[slot][b][peer]`` in its own pad until every peer's value has reached this call's target; the
+   block synchronises again before any thread reads peer data.
+2. *64-bit epochs live on the device.*  Every program reads ``ctrl[CTRL_EPOCH]`` at start; the last
+   program to finish (counted in ``ctrl[CTRL_DONE]``) advances it.  CUDA-graph replays therefore use fresh
+   epochs.  Flags only grow and never wrap (int64), so they are never reset and ``>=`` is exact.
+3. *Agreement on where data is.*  The start flag is ``2 * (epoch + 1) + zero_copy``: every rank learns
+   each peer's choice (staging slot or registered region) for this very call from the flag it waits for,
+   so a rank that passed a registered tensor while its peer did not cannot make anyone read the wrong
+   place.  Start flags alternate between two slots by epoch parity so that value is not overwritten early.
+4. *Buffer reuse.*  Staging slot ``epoch % 2`` is written at call ``epoch``.  A rank writes that slot
    again at ``epoch + 2`` only after passing a barrier of call ``epoch + 1``, which every peer reaches only
    after its kernel for call ``epoch`` has finished reading (stream order).  The registered region is not
-   double-buffered, so the zero-copy path ends with a third barrier: nobody returns (and lets the caller
-   overwrite its region) while a peer may still read it.
-4. *Bounded waits.*  Every spin has a deadline (``%globaltimer`` nanoseconds on the GPU, spin counts
-   under the interpreter).  On expiry the program latches ``ctrl[2]`` and records which peer never
-   arrived, in which phase and epoch, in the host-mapped error record, then stops waiting.  A latched
-   error makes every later wait a no-op, so a dead peer costs one timeout, not one per call; the host
-   raises ``CommTimeoutError`` naming the peer.
+   double-buffered, so when any rank is zero-copy every rank ends with a third barrier: nobody returns
+   (and lets its caller overwrite its region) while a peer may still read it.
+5. *Bounded waits, and a failure is never a result.*  Every spin has a deadline (``%globaltimer``
+   nanoseconds on the GPU, the host clock under the interpreter), measured by one helper (``_wait_flags``).
+   On expiry the program latches ``ctrl[CTRL_LATCH]`` and records which peer never arrived, in which phase
+   and epoch, in the host-mapped error record.  A latched error makes every later wait a no-op, and every
+   value a program writes after a failed wait, or on a latched workspace, is NaN: the output of a failed
+   call cannot pass for a sum.  The host raises ``CommTimeoutError`` naming the peer.
 """
 
 from __future__ import annotations
+
+import time
 
 import triton
 import triton.language as tl
@@ -54,23 +62,53 @@ import triton.language as tl
 # Layout constants, usable both from host code (ints) and inside kernels (constexpr).
 MAX_WORLD = tl.constexpr(8)
 MAX_BLOCKS = tl.constexpr(128)  # programs per launch: one per SM of an H100 (132) for one rank per GPU
-NUM_PHASES = tl.constexpr(3)
-PAD_BYTES = tl.constexpr(16384)  # >= NUM_PHASES * MAX_BLOCKS * MAX_WORLD * 4; keeps data 16-byte aligned
-assert NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value * 4 <= PAD_BYTES.value
+# Every counter and flag is int64: at 10k calls a second a 64-bit counter wraps after ~29 million years, so
+# flags compare with a plain ``>=`` and buffer indices (``epoch % 2``, ``% 3``) are never negative.
+FLAG_BYTES = tl.constexpr(8)
+SLOT_WORDS = tl.constexpr(MAX_BLOCKS.value * MAX_WORLD.value)  # one flag slot: int64 [MAX_BLOCKS][MAX_WORLD]
+# Flag slots of the signal pad.  The start barrier alternates between two slots by epoch parity: its flag
+# also carries the rank's zero-copy bit, which a peer must read for *this* call (see ``_start_barrier``).
+SLOT_START_EVEN = tl.constexpr(0)
+SLOT_MID = tl.constexpr(1)
+SLOT_END = tl.constexpr(2)
+SLOT_START_ODD = tl.constexpr(3)
+SLOT_COPY_ENGINE = tl.constexpr(4)  # sagellm_comm/kernels/copy_engine.py
+SLOT_CHECK = tl.constexpr(5)  # sagellm_comm/kernels/fingerprint.py
+NUM_SLOTS = tl.constexpr(6)
+PAD_BYTES = tl.constexpr(NUM_SLOTS.value * SLOT_WORDS.value * FLAG_BYTES.value)  # 48 KB; data stays 16-B aligned
+NUM_PHASES = tl.constexpr(3)  # start, mid, end (error-record phases of this file's barriers)
 
+# Error-record phases (what the host reports as where a wait timed out).
 PHASE_START = tl.constexpr(0)
 PHASE_MID = tl.constexpr(1)
 PHASE_END = tl.constexpr(2)
+PHASE_LAMPORT = tl.constexpr(3)
+PHASE_COPY_ENGINE = tl.constexpr(4)
+PHASE_CHECK = tl.constexpr(5)
+PHASE_NAMES = ("start", "mid", "end", "lamport", "copy-engine", "check")
 
 # Layout of the host-mapped error record (int64 words).
-ERR_STATUS = tl.constexpr(0)  # 0 ok, 1 timeout
+ERR_STATUS = tl.constexpr(0)  # 0 ok, ERR_TIMEOUT, ERR_MISMATCH
 ERR_PEER = tl.constexpr(1)
 ERR_PHASE = tl.constexpr(2)
 ERR_BLOCK = tl.constexpr(3)
 ERR_EPOCH = tl.constexpr(4)
-ERR_WORDS = tl.constexpr(8)
+ERR_MINE = tl.constexpr(8)  # [8, 12): this rank's fingerprint (mismatch only)
+ERR_THEIRS = tl.constexpr(12)  # [12, 16): the disagreeing peer's fingerprint
+ERR_WORDS = tl.constexpr(16)
+ERR_TIMEOUT = tl.constexpr(1)
+ERR_MISMATCH = tl.constexpr(2)
 CHUNK_ALIGN = tl.constexpr(8)  # two-shot chunk granularity in elements: 16 bytes of bf16/fp16
-CTRL_WORDS = tl.constexpr(264)  # [0] epoch [1] finished programs [2] error latch [8..264) Lamport per-program state
+
+# Control words (int64, this rank's device memory).
+CTRL_EPOCH = tl.constexpr(0)  # calls of the barrier kernels (one-shot, two-shot, fused RMSNorm, GEMM tiles)
+CTRL_DONE = tl.constexpr(1)  # programs finished in the current call
+CTRL_LATCH = tl.constexpr(2)  # error latch: non-zero once any wait of this rank failed
+CTRL_CE_EPOCH = tl.constexpr(3)  # copy-engine pipeline calls
+CTRL_CHECK = tl.constexpr(4)  # fingerprint checks
+CTRL_LAMPORT = tl.constexpr(8)  # [8, 8 + 2 * MAX_BLOCKS): the Lamport kernel's per-program state
+CTRL_WORDS = tl.constexpr(CTRL_LAMPORT.value + 2 * MAX_BLOCKS.value)
+COUNTER_WORDS = (CTRL_EPOCH.value, CTRL_CE_EPOCH.value, CTRL_CHECK.value)  # + the Lamport call counters
 
 
 def two_shot_chunk(numel: int, world_size: int) -> int:
@@ -80,9 +118,20 @@ def two_shot_chunk(numel: int, world_size: int) -> int:
     return (per_rank + align - 1) // align * align
 
 
+def _host_clock_ns() -> int:
+    """The host's monotonic clock, for the interpreter's deadlines (the kernel body runs as Python there)."""
+    return time.monotonic_ns()
+
+
+# Triton's JIT hashes every global a kernel references and refuses plain Python callables; this one is only
+# reachable from a branch on a constexpr that compiled (GPU) code never takes.
+_host_clock_ns.__triton_builtin__ = True
+
+
 @triton.jit
 def _ticks(USE_PTX: tl.constexpr):
-    """Nanoseconds from the GPU's global timer (0 under the interpreter, which counts spins instead)."""
+    """Nanoseconds: the GPU's global timer, or the host's monotonic clock under the interpreter (where the
+    kernel body runs as Python; the branch is resolved at compile time, so GPU code never sees it)."""
     if USE_PTX:
         t = tl.inline_asm_elementwise(
             "mov.u64 $0, %globaltimer;",
@@ -93,29 +142,39 @@ def _ticks(USE_PTX: tl.constexpr):
             pack=1,
         )
     else:
-        t = tl.full([], 0, tl.int64)
+        t = tl.full([], _host_clock_ns(), tl.int64)
     return t
 
 
 @triton.jit
 def _load_acquire(ptrs, USE_PTX: tl.constexpr):
-    """Acquire (system scope) loads of int32 flags; a plain volatile load under the interpreter.
+    """Acquire (system scope) loads of int64 flags; a plain volatile load under the interpreter.
 
     No read-modify-write is used to read a flag: under the interpreter an atomic RMW is a separate read
     and write, which could erase a peer's concurrent store.
     """
     if USE_PTX:
         vals = tl.inline_asm_elementwise(
-            "ld.acquire.sys.global.b32 $0, [$1];",
-            "=r,l",
+            "ld.acquire.sys.global.b64 $0, [$1];",
+            "=l,l",
             [ptrs],
-            dtype=tl.int32,
+            dtype=tl.int64,
             is_pure=False,
             pack=1,
         )
     else:
         vals = tl.load(ptrs, volatile=True)
     return vals
+
+
+@triton.jit
+def _sleep(USE_PTX: tl.constexpr):
+    """Back off ~100 ns between polls (nothing under the interpreter)."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "nanosleep.u32 100; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -137,20 +196,128 @@ def _ptr(addr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _flag_ptrs(base, word):
+    """int64 flag pointers at ``word`` (an int64 word index) of the region at ``base``."""
+    return (base + word * FLAG_BYTES).to(tl.pointer_type(tl.int64))
+
+
+@triton.jit
 def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target):
     """Latch the error on this rank; the first program to get here records who never arrived, where and when.
 
-    ``ctrl[2]`` is the latch (every later wait of this rank returns at once); ``table[W]`` points to the
-    host-mapped error record the host reads without a device sync.
+    ``ctrl[CTRL_LATCH]`` is the latch (every later wait of this rank returns at once and every later output
+    of a latched workspace is NaN); ``table[W]`` points to the host-mapped error record the host reads
+    without a device sync.
     """
-    first = tl.atomic_cas(ctrl + 2, 0, 1, sem="acq_rel", scope="gpu")
+    first = tl.atomic_cas(ctrl + CTRL_LATCH, 0, 1, sem="acq_rel", scope="gpu")
     if first == 0:
         err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
         tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")
         tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
         tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
         tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
-        tl.store(err_record + ERR_STATUS, tl.full([], 1, tl.int64), cache_modifier=".wt")
+        tl.store(err_record + ERR_STATUS, tl.full([], ERR_TIMEOUT, tl.int64), cache_modifier=".wt")
+
+
+@triton.jit
+def _deadline_passed(start, elapsed, timeout, USE_PTX: tl.constexpr):
+    """``(passed, elapsed)`` of a bounded wait begun at ``start``, in nanoseconds (:func:`_ticks`).  Every
+    bounded wait of every kernel measures its deadline with this."""
+    elapsed = _ticks(USE_PTX) - start
+    return elapsed >= timeout, elapsed
+
+
+@triton.jit
+def _wait_flags(
+    flag_ptrs,
+    valid,
+    target,
+    ctrl,
+    table,
+    peers,
+    phase,
+    block,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    RELAXED_POLL: tl.constexpr,
+):
+    """The bounded wait: until every ``valid`` lane's int64 flag reached ``target``.  Returns ``(ok, seen)``.
+
+    ``ok`` is False when a flag did not arrive: the deadline passed (this program latches the error and
+    records the first missing peer, phase and block) or the rank's latch was already set (a wait of an
+    earlier call or another program failed: return at once).  ``seen`` holds the last value read per lane.
+    Flags only grow (64-bit, never wrap), so ``seen >= target`` means "arrived for this call or later".
+
+    Polls are system-scope acquire loads; with ``RELAXED_POLL`` (a consumer that may wait for a whole GEMM
+    beside it) they are volatile loads with a short sleep, then one acquire load: flags only grow, so the
+    acquire reads a value at least as new and orders every later read after the writer's release.
+    """
+    if RELAXED_POLL:
+        seen = tl.load(flag_ptrs, volatile=True)
+    else:
+        seen = _load_acquire(flag_ptrs, USE_PTX)
+    missing = valid & (seen < target)
+    n_missing = tl.sum(missing.to(tl.int32), axis=0)
+    if n_missing > 0:
+        latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+        start = _ticks(USE_PTX)
+        elapsed = tl.full([], 0, tl.int64)
+        passed = elapsed >= timeout
+        while (n_missing > 0) & (latched == 0) & (passed == 0):
+            if RELAXED_POLL:
+                _sleep(USE_PTX)
+                seen = tl.load(flag_ptrs, volatile=True)
+            else:
+                seen = _load_acquire(flag_ptrs, USE_PTX)
+            missing = missing & (seen < target)
+            n_missing = tl.sum(missing.to(tl.int32), axis=0)
+            passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
+            latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+        if (n_missing > 0) & (latched == 0):
+            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
+    if RELAXED_POLL:
+        seen = _load_acquire(flag_ptrs, USE_PTX)
+    # No thread of this program reads peer data before the acquire above.
+    tl.debug_barrier()
+    return n_missing == 0, seen
+
+
+@triton.jit
+def _barrier_at(
+    bases,
+    peers,
+    ctrl,
+    table,
+    rank,
+    flag_word,
+    phase,
+    block,
+    target,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    value,
+):
+    """The barrier on flags ``flag_word + src`` (``src`` < ``W``) of every rank's pad.  Returns ``(ok, seen)``.
+
+    Stores ``value`` (``target`` unless the flag carries more, see ``_start_barrier``) into
+    ``flags[flag_word + rank]`` of every rank, then waits (:func:`_wait_flags`) until every rank's flag
+    reached ``target``; a timeout is recorded as ``phase`` / ``block``.  ``_barrier``, ``_start_barrier`` and the
+    copy-engine pipeline's barrier use it.
+    """
+    valid = peers < W
+    # 1. Everything this program stored before the barrier happens before the release below.
+    tl.debug_barrier()
+    remote_flags = _flag_ptrs(bases, flag_word + rank)
+    tl.atomic_xchg(remote_flags, tl.full([WP], 0, tl.int64) + value, mask=valid, sem="release", scope="sys")
+    # 2. Wait until every peer has raised its flag for this epoch (or the deadline passes).
+    #    Padding lanes (W not a power of two) read this rank's own first flag, a valid address.
+    my_base = _pick(bases, peers, rank)
+    my_flags = _flag_ptrs(my_base, flag_word + tl.where(valid, peers, 0))
+    return _wait_flags(my_flags, valid, target, ctrl, table, peers, phase, block, timeout, W, WP, USE_PTX, False)
 
 
 @triton.jit
@@ -168,90 +335,85 @@ def _barrier(
     WP: tl.constexpr,
     USE_PTX: tl.constexpr,
 ):
-    """Per-program barrier ``phase`` among the ``W`` ranks (invariant 1 of the module docstring)."""
-    flag_index = (phase * MAX_BLOCKS + block) * MAX_WORLD
-    _barrier_at(bases, peers, ctrl, table, rank, flag_index, phase, block, target, timeout, W, WP, USE_PTX)
+    """Per-program barrier ``phase`` (``PHASE_MID`` or ``PHASE_END``) among the ``W`` ranks; returns ok."""
+    if phase == PHASE_MID:
+        slot = SLOT_MID
+    else:
+        slot = SLOT_END
+    ok, _ = _barrier_at(
+        bases, peers, ctrl, table, rank, slot * SLOT_WORDS + block * MAX_WORLD, phase, block, target, timeout,
+        W, WP, USE_PTX, target,
+    )  # fmt: skip
+    return ok
 
 
 @triton.jit
-def _barrier_at(
+def _start_barrier(
     bases,
     peers,
     ctrl,
     table,
     rank,
-    flag_index,
-    phase,
     block,
-    target,
+    epoch,
+    zero_copy,
     timeout,
     W: tl.constexpr,
     WP: tl.constexpr,
     USE_PTX: tl.constexpr,
 ):
-    """The barrier on flags ``flag_index + src`` (``src`` < ``W``) of every rank's pad; a timeout is recorded
-    as ``phase`` / ``block``.  ``_barrier`` and the copy-engine pipeline's barrier (its own pad slot) use it."""
-    valid = peers < W
-    # 1. Everything this program stored before the barrier happens before the release below.
-    tl.debug_barrier()
-    remote_flags = (bases + (flag_index + rank) * 4).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(remote_flags, tl.full([WP], 0, tl.int32) + target, mask=valid, sem="release", scope="sys")
-    # 2. Wait until every peer has raised its flag for this epoch (or the deadline passes).
-    #    Padding lanes (W not a power of two) read this rank's own first flag, a valid address.
-    my_base = _pick(bases, peers, rank)
-    my_flags = (my_base + (flag_index + tl.where(valid, peers, 0)) * 4).to(tl.pointer_type(tl.int32))
-    seen = _load_acquire(my_flags, USE_PTX)
-    missing = valid & ((seen - target) < 0)
-    n_missing = tl.sum(missing.to(tl.int32), axis=0)
-    if n_missing > 0:
-        latched = tl.load(ctrl + 2, volatile=True)
-        start = _ticks(USE_PTX)
-        elapsed = tl.full([], 0, tl.int64)
-        while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
-            seen = _load_acquire(my_flags, USE_PTX)
-            missing = missing & ((seen - target) < 0)
-            n_missing = tl.sum(missing.to(tl.int32), axis=0)
-            if USE_PTX:
-                elapsed = _ticks(USE_PTX) - start
-            else:
-                elapsed += 1
-            latched = tl.load(ctrl + 2, volatile=True)
-        if (n_missing > 0) & (latched == 0):
-            # 3. Timed out: the first program to get here records the missing peer for the host.
-            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
-    # 4. No thread of this program reads peer data before the acquire above.
-    tl.debug_barrier()
+    """The start barrier of call ``epoch``: every rank announces arrival *and* where its input lies.
+
+    Rank ``r`` stores ``2 * (epoch + 1) + zero_copy`` (its input is in its registered region: 1, in its
+    staging slot: 0) and waits for every flag to reach ``2 * (epoch + 1)``.  Returns ``(ok, peer_zero_copy)``,
+    the per-lane zero-copy bit of every rank for this call, so no rank assumes where a peer's data is.
+    The flags alternate between two slots by epoch parity: a fast peer may already store its flag of call
+    ``epoch + 1`` while this rank still polls (it passed this barrier), but not of ``epoch + 2`` (that needs
+    this rank's flag of ``epoch + 1``), so the value read for call ``epoch`` is never overwritten too early.
+    """
+    if epoch % 2 == 0:
+        slot = SLOT_START_EVEN
+    else:
+        slot = SLOT_START_ODD
+    target = 2 * (epoch + 1)
+    ok, seen = _barrier_at(
+        bases, peers, ctrl, table, rank, slot * SLOT_WORDS + block * MAX_WORLD, PHASE_START, block, target, timeout,
+        W, WP, USE_PTX, target + zero_copy,
+    )  # fmt: skip
+    return ok, (seen & 1) != 0
 
 
 @triton.jit
 def _finish(ctrl, epoch, num_programs):
     """The last program to finish advances the epoch (invariant 2)."""
     tl.debug_barrier()
-    done = tl.atomic_add(ctrl + 1, 1, sem="acq_rel", scope="gpu")
+    done = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="acq_rel", scope="gpu")
     if done == num_programs - 1:
-        tl.atomic_xchg(ctrl + 1, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(ctrl + 0, epoch + 1, sem="release", scope="gpu")
+        tl.atomic_xchg(ctrl + CTRL_DONE, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(ctrl + CTRL_EPOCH, epoch + 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _reduce_tile(bases, peers, src_offset_bytes, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
-    """Sum ``offs`` of the region at ``src_offset_bytes`` over every rank, in rank order, in fp32.
+def _reduce_tile(bases, peers, src_offsets, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
+    """Sum ``offs`` of every rank's region at that rank's ``src_offsets`` (bytes, per lane), in rank order, fp32.
 
     All ``W`` loads are issued before the first add, so the peers' reads overlap.
     """
+    srcs = bases + src_offsets
     acc = tl.zeros(offs.shape, tl.float32)
     for peer in tl.static_range(W):
-        src = _ptr(_pick(bases, peers, peer) + src_offset_bytes, DTYPE)
+        src = _ptr(_pick(srcs, peers, peer), DTYPE)
         acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     return acc
 
 
 @triton.jit
-def _reduce_tile_own(bases, peers, src_offset_bytes, own, rank, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
+def _reduce_tile_own(bases, peers, src_offsets, own, rank, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
     """:func:`_reduce_tile`, except that this rank's term is read from ``own`` (its input) instead of its region."""
+    srcs = bases + src_offsets
     acc = tl.zeros(offs.shape, tl.float32)
     for peer in tl.static_range(W):
-        src = _ptr(_pick(bases, peers, peer) + src_offset_bytes, DTYPE)
+        src = _ptr(_pick(srcs, peers, peer), DTYPE)
         src = tl.where(peer == rank, own, src)
         acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     return acc
@@ -259,7 +421,11 @@ def _reduce_tile_own(bases, peers, src_offset_bytes, own, rank, offs, mask, DTYP
 
 @triton.jit
 def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
-    """Rank, control words, peer bases (one vector load) and this call's epoch."""
+    """Rank, control words, peer bases (one vector load), this call's epoch and the error latch.
+
+    The three loads are independent (one round trip).  A latched workspace (an earlier wait failed) makes
+    every output of the call NaN: its buffers and counters may be out of step with the peers.
+    """
     if VIRTUAL:
         # Virtual ranks in one launch: grid axis 1 is the rank; each rank has its own table row and
         # control words.  The kernel body after this is the one real ranks run.
@@ -268,8 +434,15 @@ def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.
         ctrl += rank * CTRL_WORDS
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
-    epoch = tl.load(ctrl, volatile=True)
-    return rank, table, ctrl, peers, bases, epoch
+    epoch = tl.load(ctrl + CTRL_EPOCH, volatile=True)
+    healthy = tl.load(ctrl + CTRL_LATCH, volatile=True) == 0
+    return rank, table, ctrl, peers, bases, epoch, healthy
+
+
+@triton.jit
+def _nan_unless(ok, acc):
+    """``acc`` where the waits before it succeeded, else NaN: a failed call's output never passes for a sum."""
+    return tl.where(ok, acc, float("nan"))
 
 
 @triton.jit(do_not_specialize=["rank", "slot_bytes", "timeout"])
@@ -293,12 +466,14 @@ def one_shot_all_reduce_kernel(
     """One-shot all-reduce of ``numel`` elements.
 
     Copy path (``ZERO_COPY=False``): ``inp`` is any device buffer of this rank; it is copied into staging
-    slot ``epoch % 2``, peers read the slots, the sum goes to ``out`` (may alias ``inp``).
-    Zero-copy path: ``inp`` is this rank's registered region; peers read it directly; the sum is staged in
-    this rank's slot and copied to ``out`` after the end barrier (``out`` may be the registered region).
+    slot ``epoch % 2``.  Zero-copy path: ``inp`` is this rank's registered region and is read there.  Which
+    one each rank took travels in its start flag, so peers read every rank's data where it really is, and
+    the end barrier (which protects registered regions) runs on every rank when any rank is zero-copy.  A
+    zero-copy rank stages its sum in its slot and copies it to ``out`` after the end barrier (``out`` may be
+    the registered region); a copy-path rank writes ``out`` directly (``out`` may alias ``inp``).
     With ``VIRTUAL``, ``inp``/``out`` are ``[W, numel]`` and row ``r`` belongs to rank ``r``.
     """
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
         inp += rank * numel
         out += rank * numel
@@ -310,27 +485,28 @@ def one_shot_all_reduce_kernel(
     num_tiles = tl.cdiv(numel, BLOCK)
     lane = tl.arange(0, BLOCK)
 
-    if ZERO_COPY:
-        src_offset = PAD_BYTES
-    else:
-        src_offset = slot_offset
+    if not ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
             offs = tile * BLOCK + lane
             mask = offs < numel
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
-    _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
+    ok = ok & healthy
+    src_offsets = tl.where(peer_zc, PAD_BYTES, slot_offset)
+    any_zc = tl.max((peer_zc & (peers < W)).to(tl.int32), axis=0) > 0
 
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         offs = tile * BLOCK + lane
         mask = offs < numel
-        acc = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W)
+        acc = _nan_unless(ok, _reduce_tile(bases, peers, src_offsets, offs, mask, DTYPE, W))
         if ZERO_COPY:
             tl.store(my_slot + offs, acc.to(DTYPE), mask=mask)
         else:
             tl.store(out + offs, acc.to(DTYPE), mask=mask)
 
-    if ZERO_COPY:
+    if any_zc:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    if ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
             offs = tile * BLOCK + lane
             mask = offs < numel
@@ -362,24 +538,26 @@ def two_shot_all_reduce_kernel(
     multiple of ``CHUNK_ALIGN`` elements (trailing chunks may be short or empty); tile ``t`` of
     every chunk belongs to program ``t % num_programs``.  Rank ``r`` reduces chunk ``r`` into its own source
     region (nobody else reads chunk ``r`` of rank ``r``'s region in that phase), then every rank gathers each
-    chunk from its owner.  Copy path: only the ``W - 1`` chunks peers reduce are staged; this rank's term of
-    chunk ``r`` is read straight from ``inp`` (read before ``out``, which may alias it, is written).
-    Zero-copy: the source region is the registered one, reduced in place, and an
-    end barrier protects it; the gathered chunks are staged in slot 0 until then.
+    chunk from its owner's source region.  A rank's source region is its staging slot (copy path: only the
+    ``W - 1`` chunks peers reduce are staged; its own term of chunk ``r`` is read from ``inp``) or its
+    registered region (zero-copy: ``inp`` is that region, reduced in place); each rank's choice travels in
+    its start flag, and the end barrier protecting registered regions runs when any rank is zero-copy.  A
+    zero-copy rank stages the gathered chunks in slot 0 and copies them to ``out`` after the end barrier.
     """
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
         inp += rank * numel
         out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
     if ZERO_COPY:
-        src_offset = PAD_BYTES
+        my_offset = PAD_BYTES
     else:
-        src_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+        my_offset = slot_offset
     my_base = _pick(bases, peers, rank)
-    my_src = _ptr(my_base + src_offset, DTYPE)
+    my_src = _ptr(my_base + my_offset, DTYPE)
     # Chunks start at multiples of CHUNK_ALIGN elements so every chunk's accesses stay 16-byte vectors.
     chunk = tl.multiple_of(tl.cdiv(tl.cdiv(numel, W), CHUNK_ALIGN) * CHUNK_ALIGN, CHUNK_ALIGN)
     tiles_per_chunk = tl.cdiv(chunk, BLOCK)
@@ -394,38 +572,42 @@ def two_shot_all_reduce_kernel(
                     offs = c * chunk + in_chunk
                     mask = (in_chunk < chunk) & (offs < numel)
                     tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
-    _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
+    ok = ok & healthy
+    src_offsets = tl.where(peer_zc, PAD_BYTES, slot_offset)
+    any_zc = tl.max((peer_zc & (peers < W)).to(tl.int32), axis=0) > 0
 
-    # Reduce-scatter: this rank owns chunk ``rank``.
+    # Reduce-scatter: this rank owns chunk ``rank``; its own term is ``inp`` on both paths.
     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
         in_chunk = tile * BLOCK + lane
         offs = rank * chunk + in_chunk
         mask = (in_chunk < chunk) & (offs < numel)
-        if ZERO_COPY:
-            reduced = _reduce_tile(bases, peers, src_offset, offs, mask, DTYPE, W).to(DTYPE)
-        else:
-            reduced = _reduce_tile_own(bases, peers, src_offset, inp, rank, offs, mask, DTYPE, W).to(DTYPE)
+        acc = _reduce_tile_own(bases, peers, src_offsets, inp, rank, offs, mask, DTYPE, W)
+        reduced = _nan_unless(ok, acc).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
         if not ZERO_COPY:
             tl.store(out + offs, reduced, mask=mask)
-    _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
 
-    # All-gather: chunk ``c`` comes from rank ``c``.
+    # All-gather: chunk ``c`` comes from rank ``c``'s source region.
     stage = _ptr(my_base + PAD_BYTES + slot_bytes, DTYPE)
     for c in tl.static_range(W):
         if (c != rank) | ZERO_COPY:
-            owner = _ptr(_pick(bases, peers, c) + src_offset, DTYPE)
+            owner = _ptr(_pick(bases + src_offsets, peers, c), DTYPE)
             for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
                 in_chunk = tile * BLOCK + lane
                 offs = c * chunk + in_chunk
                 mask = (in_chunk < chunk) & (offs < numel)
+                vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
+                vals = _nan_unless(ok, vals)
                 if ZERO_COPY:
                     # Stage first: ``out`` may be the registered region that peers still read.
-                    tl.store(stage + offs, tl.load(owner + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+                    tl.store(stage + offs, vals, mask=mask)
                 else:
-                    tl.store(out + offs, tl.load(owner + offs, mask=mask, cache_modifier=".cg"), mask=mask)
-    if ZERO_COPY:
+                    tl.store(out + offs, vals, mask=mask)
+    if any_zc:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
+    if ZERO_COPY:
         for c in tl.static_range(W):
             for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
                 in_chunk = tile * BLOCK + lane

@@ -30,14 +30,14 @@ GEMM stream then idled for the pull (``bench/results/2xh100/ce_schedule/``).
 Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
 (the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
 
-Barrier flags live in the fourth slot of the signal pad of the GEMM workspace (``sagellm_comm/kernels/all_reduce.py``
-uses three phases of ``MAX_BLOCKS * MAX_WORLD`` words; the fourth fills the pad): flag
+Barrier flags live in slot ``SLOT_COPY_ENGINE`` of the signal pad of the GEMM workspace (int64 words, see
+``sagellm_comm/kernels/all_reduce.py``): flag
 ``CE_FLAG_WORD + step * MAX_WORLD + src`` of rank ``r``'s pad holds the epoch + 1 that rank ``src`` reached
 at ``step``.  Steps ``0 .. MAX_BLOCKS - 1`` exist, so a call has at most ``(MAX_BLOCKS - 1) // 2`` chunks.
 Invariants are those of ``sagellm_comm/kernels/all_reduce.py``, whose ``_barrier_at`` the barrier runs on this slot:
 one release store (system scope) per peer, then bounded acquire polls; the epoch (``ctrl[CE_EPOCH]``) lives
 on the device and only the ``LAST`` barrier of a call advances it, so CUDA-graph replays use fresh epochs;
-flags only grow; on timeout the error latch and the host-mapped record name the missing peer (phase
+flags only grow (64-bit, never wrap); on timeout the error latch and the host-mapped record name the missing peer (phase
 ``copy-engine``, block = step).
 Kernel boundaries order the GEMM's stores and the copy engines' transfers against the flags: a barrier
 runs after the work before it in its stream has completed, and a pull starts after the barrier before it.
@@ -48,20 +48,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sagellm_comm.kernels.all_reduce import MAX_BLOCKS, MAX_WORLD, NUM_PHASES, PAD_BYTES, _barrier_at, _ptr
+from sagellm_comm.kernels.all_reduce import (
+    CTRL_CE_EPOCH,
+    CTRL_LATCH,
+    MAX_BLOCKS,
+    MAX_WORLD,
+    PHASE_COPY_ENGINE,
+    SLOT_COPY_ENGINE,
+    SLOT_WORDS,
+    _barrier_at,
+    _ptr,
+)
 from sagellm_comm.kernels.gemm_all_reduce import DATA_OFFSET
 
-CE_EPOCH = tl.constexpr(3)  # control word of the pipeline's epoch (ctrl[0..2] belong to the fused path)
-CE_FLAG_WORD = tl.constexpr(NUM_PHASES.value * MAX_BLOCKS.value * MAX_WORLD.value)
+CE_EPOCH = CTRL_CE_EPOCH  # control word of the pipeline's epoch (ctrl[0..2] belong to the fused path)
+CE_FLAG_WORD = tl.constexpr(SLOT_COPY_ENGINE.value * SLOT_WORDS.value)  # int64 word of flags[step 0][rank 0]
 MAX_STEPS = tl.constexpr(MAX_BLOCKS.value)
-PHASE_COPY_ENGINE = tl.constexpr(4)  # error-record phase of a timed-out pipeline barrier
-assert (CE_FLAG_WORD.value + MAX_STEPS.value * MAX_WORLD.value) * 4 <= PAD_BYTES.value
 
 
-@triton.jit(do_not_specialize=["rank", "step", "timeout"])
+@triton.jit(do_not_specialize=["numel", "rank", "step", "timeout"])
 def ce_barrier_kernel(
     table,
     ctrl,
+    out,
+    numel,
     rank,
     step,
     timeout,
@@ -69,16 +79,28 @@ def ce_barrier_kernel(
     WP: tl.constexpr,
     LAST: tl.constexpr,
     USE_PTX: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Barrier ``step`` of this call among the ``W`` ranks; one program (launch with grid ``(1,)``)."""
+    """Barrier ``step`` of this call among the ``W`` ranks; one program (launch with grid ``(1,)``).
+
+    The ``LAST`` barrier, the last writer of the call's ``numel``-element output ``out`` on every stream,
+    fills ``out`` with NaN when this rank's error latch is set (a wait of this call or an earlier one failed):
+    a failed call's output never passes for a sum.
+    """
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
     target = tl.load(ctrl + CE_EPOCH, volatile=True) + 1
     flag_index = CE_FLAG_WORD + step * MAX_WORLD
-    _barrier_at(bases, peers, ctrl, table, rank, flag_index, PHASE_COPY_ENGINE, step, target, timeout, W, WP, USE_PTX)
+    _barrier_at(
+        bases, peers, ctrl, table, rank, flag_index, PHASE_COPY_ENGINE, step, target, timeout, W, WP, USE_PTX, target
+    )
     if LAST:
         # Only this rank's later barriers read the word, in stream order after this kernel.
         tl.store(ctrl + CE_EPOCH, target)
+        if tl.load(ctrl + CTRL_LATCH, volatile=True) != 0:
+            for first in range(0, numel, BLOCK):
+                offs = first + tl.arange(0, BLOCK)
+                tl.store(out + offs, tl.full([BLOCK], float("nan"), out.dtype.element_ty), mask=offs < numel)
 
 
 @triton.jit(do_not_specialize=["numel", "stride"])

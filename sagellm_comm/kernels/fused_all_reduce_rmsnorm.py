@@ -41,22 +41,36 @@ import triton.language as tl
 from sagellm_comm.kernels.all_reduce import (
     PAD_BYTES,
     PHASE_MID,
-    PHASE_START,
     _barrier,
     _finish,
+    _nan_unless,
     _pick,
     _prologue,
     _ptr,
     _reduce_tile,
+    _start_barrier,
 )
 
 
 @triton.jit
 def _add_norm_row(
-    bases, peers, slot_offset, offs, cmask, residual, weight_f32, hidden, eps, DTYPE: tl.constexpr, W: tl.constexpr
+    bases,
+    peers,
+    src_offsets,
+    offs,
+    cmask,
+    residual,
+    weight_f32,
+    hidden,
+    eps,
+    ok,
+    DTYPE: tl.constexpr,
+    W: tl.constexpr,
 ):
-    """Reduce one row from every rank's slot, add the residual, RMS-normalise: (new_residual, normed)."""
-    reduced = _reduce_tile(bases, peers, slot_offset, offs, cmask, DTYPE, W).to(DTYPE)
+    """Reduce one row from every rank's slot, add the residual, RMS-normalise: (new_residual, normed).
+
+    NaN when ``ok`` is False (a wait before it failed): a failed call's outputs never pass for results."""
+    reduced = _nan_unless(ok, _reduce_tile(bases, peers, src_offsets, offs, cmask, DTYPE, W)).to(DTYPE)
     res = tl.load(residual + offs, mask=cmask, other=0.0)
     new_res = (reduced.to(tl.float32) + res.to(tl.float32)).to(DTYPE)
     v = new_res.to(tl.float32)
@@ -95,7 +109,7 @@ def all_reduce_rmsnorm_kernel(
     ``BLOCK_H >= hidden``: a program holds one whole row.  With ``VIRTUAL`` every tensor but ``weight`` is
     ``[W, num_rows, hidden]`` and rank ``r`` (grid axis 1) uses row block ``r``.
     """
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
         shift = rank * num_rows * hidden
         inp += shift
@@ -106,6 +120,7 @@ def all_reduce_rmsnorm_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    src_offsets = tl.full([WP], 0, tl.int64) + slot_offset  # every rank's staged rows: no zero-copy here
     my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < hidden
@@ -119,20 +134,21 @@ def all_reduce_rmsnorm_kernel(
             for i in range(pid, rows_in_chunk, num_programs):
                 offs = (c * chunk + i) * hidden + cols
                 tl.store(my_slot + offs, tl.load(inp + offs, mask=cmask), mask=cmask, cache_modifier=".cg")
-        _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+        ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
+        ok = ok & healthy
 
         # This rank's chunk: reduce, add, normalise; publish both results in its own slot.
         rows_mine = tl.minimum(chunk, num_rows - rank * chunk)
         for i in range(pid, rows_mine, num_programs):
             offs = (rank * chunk + i) * hidden + cols
             new_res, normed = _add_norm_row(
-                bases, peers, slot_offset, offs, cmask, residual, weight_f32, hidden, eps, DTYPE, W
+                bases, peers, src_offsets, offs, cmask, residual, weight_f32, hidden, eps, ok, DTYPE, W
             )
             tl.store(my_slot + offs, new_res, mask=cmask, cache_modifier=".cg")
             tl.store(my_slot + normed_stage + offs, normed, mask=cmask, cache_modifier=".cg")
             tl.store(residual_out + offs, new_res, mask=cmask)
             tl.store(normed_out + offs, normed, mask=cmask)
-        _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX)
+        ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
 
         # Gather chunk c's two results from rank c.
         for c in tl.static_range(W):
@@ -141,19 +157,20 @@ def all_reduce_rmsnorm_kernel(
                 rows_in_chunk = tl.minimum(chunk, num_rows - c * chunk)
                 for i in range(pid, rows_in_chunk, num_programs):
                     offs = (c * chunk + i) * hidden + cols
-                    new_res = tl.load(owner + offs, mask=cmask, cache_modifier=".cg")
-                    normed = tl.load(owner + normed_stage + offs, mask=cmask, cache_modifier=".cg")
+                    new_res = _nan_unless(ok, tl.load(owner + offs, mask=cmask, cache_modifier=".cg"))
+                    normed = _nan_unless(ok, tl.load(owner + normed_stage + offs, mask=cmask, cache_modifier=".cg"))
                     tl.store(residual_out + offs, new_res, mask=cmask)
                     tl.store(normed_out + offs, normed, mask=cmask)
     else:
         for row in range(pid, num_rows, num_programs):
             offs = row * hidden + cols
             tl.store(my_slot + offs, tl.load(inp + offs, mask=cmask), mask=cmask, cache_modifier=".cg")
-        _barrier(bases, peers, ctrl, table, rank, PHASE_START, pid, epoch + 1, timeout, W, WP, USE_PTX)
+        ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
+        ok = ok & healthy
         for row in range(pid, num_rows, num_programs):
             offs = row * hidden + cols
             new_res, normed = _add_norm_row(
-                bases, peers, slot_offset, offs, cmask, residual, weight_f32, hidden, eps, DTYPE, W
+                bases, peers, src_offsets, offs, cmask, residual, weight_f32, hidden, eps, ok, DTYPE, W
             )
             tl.store(residual_out + offs, new_res, mask=cmask)
             tl.store(normed_out + offs, normed, mask=cmask)

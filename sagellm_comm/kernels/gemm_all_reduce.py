@@ -21,15 +21,15 @@ Region of each rank (a dedicated :class:`SymmetricWorkspace`, so all-reduce stag
 tile flags)::
 
     base + 0                         signal pad (PAD_BYTES; end barrier; slot 3: sagellm_comm/kernels/copy_engine.py)
-    base + PAD_BYTES                 produced: int32[MAX_TILES]
-    base + PAD_BYTES + 4 MAX_TILES   reduced:  int32[MAX_TILES]
+    base + PAD_BYTES                 produced: int64[MAX_TILES]
+    base + PAD_BYTES + 8 MAX_TILES   reduced:  int64[MAX_TILES]
     base + DATA_OFFSET + parity * buffer_bytes   the [M, N] tile buffer of calls with epoch % 2 == parity
 
 Invariants:
 
 1. *Flags carry epochs, never reset.*  ``produced[t]``/``reduced[t]`` hold ``epoch + 1`` of the last call
-   that published tile ``t``; a waiter of call ``epoch`` accepts any value ``>= epoch + 1`` (wrap-around
-   compare).  Shapes may change between calls: a tile index only ever grows in epoch.
+   that published tile ``t``; a waiter of call ``epoch`` accepts any value ``>= epoch + 1`` (64-bit, never
+   wraps).  Shapes may change between calls: a tile index only ever grows in epoch.
 2. *Buffer reuse.*  Call ``epoch`` writes buffer ``epoch % 2``.  The last consumer program of every rank
    to finish ends with a barrier among the ranks (``PHASE_END``): a rank's consumer completes only after
    every peer's consumer has finished all its reads of call ``epoch``.  Anything ordered after it on this
@@ -39,7 +39,8 @@ Invariants:
    host joins the side stream before the next call, so the next producer sees the new epoch.
 4. *Bounded waits* as in ``sagellm_comm/kernels/all_reduce.py``: on expiry the error latch and the host-mapped error
    record name the missing peer (phase ``start``: a partial tile, ``mid``: a reduced tile, ``end``: the end
-   barrier), and later waits return at once.
+   barrier), and later waits return at once; a tile whose wait failed, or any tile of a latched workspace,
+   is written as NaN.
 """
 
 from __future__ import annotations
@@ -48,24 +49,29 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
+    CTRL_DONE,
+    CTRL_EPOCH,
     CTRL_WORDS,
+    FLAG_BYTES,
     PAD_BYTES,
     PHASE_END,
     PHASE_MID,
     PHASE_START,
     _barrier,
-    _load_acquire,
+    _flag_ptrs,
+    _nan_unless,
     _pick,
     _prologue,
     _ptr,
-    _record_timeout,
-    _ticks,
+    _wait_flags,
 )
 
 MAX_TILES = tl.constexpr(32768)
-PRODUCED_OFFSET = tl.constexpr(PAD_BYTES.value)
-REDUCED_OFFSET = tl.constexpr(PAD_BYTES.value + 4 * MAX_TILES.value)
-DATA_OFFSET = tl.constexpr(PAD_BYTES.value + 8 * MAX_TILES.value)
+PRODUCED_WORD = tl.constexpr(PAD_BYTES.value // FLAG_BYTES.value)  # int64 word index of produced[0]
+REDUCED_WORD = tl.constexpr(PRODUCED_WORD.value + MAX_TILES.value)
+DATA_OFFSET = tl.constexpr(PAD_BYTES.value + 2 * FLAG_BYTES.value * MAX_TILES.value)
+PRODUCED_OFFSET = tl.constexpr(PAD_BYTES.value)  # bytes (host-side views)
+REDUCED_OFFSET = tl.constexpr(PAD_BYTES.value + FLAG_BYTES.value * MAX_TILES.value)
 
 
 @triton.jit
@@ -80,64 +86,6 @@ def _tile_coords(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M:
     tile_m = first_m + (t % per_group) % group_m
     tile_n = (t % per_group) // group_m
     return tile_m, tile_n
-
-
-@triton.jit
-def _sleep(USE_PTX: tl.constexpr):
-    """Back off ~100 ns between polls (nothing under the interpreter)."""
-    if USE_PTX:
-        tl.inline_asm_elementwise(
-            "nanosleep.u32 100; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
-def _wait_flags(
-    flag_ptrs,
-    valid,
-    target,
-    ctrl,
-    table,
-    peers,
-    phase,
-    block,
-    timeout,
-    W: tl.constexpr,
-    WP: tl.constexpr,
-    USE_PTX: tl.constexpr,
-):
-    """Wait until every ``valid`` lane's flag reached ``target``; bounded.
-
-    ``flag_ptrs``: one int32 flag per peer lane.  The consumer may wait for a whole GEMM, so it polls with
-    volatile loads and a short sleep (system-scope acquires in a tight loop from every thread slow the GEMM
-    beside it), then does one acquire load (system scope): flags only grow, so the acquire reads a value
-    at least as new as the one that ended the poll and orders every later read after the producer's
-    release.  On timeout the first waiter latches ``ctrl[2]`` and records the missing peer in the error
-    record (same record and latch as ``_barrier``).
-    """
-    seen = tl.load(flag_ptrs, volatile=True)
-    missing = valid & ((seen - target) < 0)
-    n_missing = tl.sum(missing.to(tl.int32), axis=0)
-    if n_missing > 0:
-        latched = tl.load(ctrl + 2, volatile=True)
-        start = _ticks(USE_PTX)
-        elapsed = tl.full([], 0, tl.int64)
-        while (n_missing > 0) & (elapsed < timeout) & (latched == 0):
-            _sleep(USE_PTX)
-            seen = tl.load(flag_ptrs, volatile=True)
-            missing = missing & ((seen - target) < 0)
-            n_missing = tl.sum(missing.to(tl.int32), axis=0)
-            if USE_PTX:
-                elapsed = _ticks(USE_PTX) - start
-            else:
-                elapsed += 1
-            latched = tl.load(ctrl + 2, volatile=True)
-        if (n_missing > 0) & (latched == 0):
-            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
-    _load_acquire(flag_ptrs, USE_PTX)
-    # No thread reads the peers' tiles before the acquire above.
-    tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["rank", "buffer_bytes"])
@@ -182,7 +130,7 @@ def gemm_publish_kernel(
         b += rank * stride_bw
     else:
         t = tl.program_id(0)
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, False)
+    rank, table, ctrl, peers, bases, epoch, _ = _prologue(table, ctrl, rank, W, WP, False)
     DTYPE: tl.constexpr = a.dtype.element_ty
     tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,8 +155,7 @@ def gemm_publish_kernel(
     tl.store(buf + rows[:, None] * N + cols[None, :], acc.to(DTYPE), mask=mask)
     # Every thread's stores happen before the one release store of the flag (FIELD pitfall 1).
     tl.debug_barrier()
-    flag = (my_base + PRODUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(flag, epoch + 1, sem="release", scope="sys")
+    tl.atomic_xchg(_flag_ptrs(my_base, PRODUCED_WORD + t), epoch + 1, sem="release", scope="sys")
 
 
 @triton.jit(do_not_specialize=["rank", "buffer_bytes", "timeout"])
@@ -238,7 +185,7 @@ def tile_all_reduce_kernel(
     ``bias``: ``[N]`` (read only when ``HAS_BIAS``), added once, by the tile's reducer.  With ``VIRTUAL``
     ``out`` is ``[W, M, N]`` and rank ``program_id(1)`` writes block ``rank``.
     """
-    rank, table, ctrl, peers, bases, epoch = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
         out += rank * M * N
     DTYPE: tl.constexpr = out.dtype.element_ty
@@ -262,8 +209,11 @@ def tile_all_reduce_kernel(
         if reduce_here:
             t = pid + j * num_programs
             # Reduce tile t: wait for every rank's partial, sum in rank order.
-            produced = (flag_bases + PRODUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
-            _wait_flags(produced, valid, target, ctrl, table, peers, PHASE_START, pid, timeout, W, WP, USE_PTX)
+            produced = _flag_ptrs(flag_bases, PRODUCED_WORD + t)
+            ok, _ = _wait_flags(
+                produced, valid, target, ctrl, table, peers, PHASE_START, pid, timeout, W, WP, USE_PTX, True
+            )
+            ok = ok & healthy
             tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if HAS_BIAS:
@@ -278,25 +228,25 @@ def tile_all_reduce_kernel(
                     acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
                 if HAS_BIAS:
                     acc += bias_f32[None, :]
-                result = acc.to(DTYPE)
+                result = _nan_unless(ok, acc).to(DTYPE)
                 tl.store(out + offs, result, mask=mask)
                 if not ONE_SHOT:
                     tl.store(my_buf + offs, result, mask=mask, cache_modifier=".cg")
             if not ONE_SHOT:
                 tl.debug_barrier()
-                flag = (my_base + REDUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(flag, target, sem="release", scope="sys")
+                tl.atomic_xchg(_flag_ptrs(my_base, REDUCED_WORD + t), target, sem="release", scope="sys")
         if not ONE_SHOT:  # noqa: SIM102 (a constexpr branch, resolved at compile time)
             if j >= 1:
                 t = pid + (j - 1) * num_programs
                 owner = (pid + j - 1) % W
                 if owner != rank:
                     # Gather tile t (a step behind) from its owner once the owner's flag says it is reduced.
-                    reduced = (flag_bases + REDUCED_OFFSET + t * 4).to(tl.pointer_type(tl.int32))
+                    reduced = _flag_ptrs(flag_bases, REDUCED_WORD + t)
                     owner_lane = peers == owner
-                    _wait_flags(
-                        reduced, owner_lane, target, ctrl, table, peers, PHASE_MID, pid, timeout, W, WP, USE_PTX
+                    got, _ = _wait_flags(
+                        reduced, owner_lane, target, ctrl, table, peers, PHASE_MID, pid, timeout, W, WP, USE_PTX, True
                     )
+                    got = got & healthy
                     tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
                     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
                     src = _ptr(_pick(bases, peers, owner) + data_offset, DTYPE)
@@ -304,12 +254,13 @@ def tile_all_reduce_kernel(
                         rows = tile_m * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
                         mask = (rows[:, None] < M) & (cols[None, :] < N)
                         offs = rows[:, None] * N + cols[None, :]
-                        tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+                        tile = tl.load(src + offs, mask=mask, cache_modifier=".cg")
+                        tl.store(out + offs, _nan_unless(got, tile), mask=mask)
     # Invariant 2: the last program of this rank to finish meets the peers' last programs, so when a
     # rank's consumer has completed, no peer reads its buffers any more.
     tl.debug_barrier()
-    done = tl.atomic_add(ctrl + 1, 1, sem="acq_rel", scope="gpu")
+    done = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="acq_rel", scope="gpu")
     if done == num_programs - 1:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid * 0, target, timeout, W, WP, USE_PTX)
-        tl.atomic_xchg(ctrl + 1, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(ctrl + 0, epoch + 1, sem="release", scope="gpu")
+        tl.atomic_xchg(ctrl + CTRL_DONE, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(ctrl + CTRL_EPOCH, epoch + 1, sem="release", scope="gpu")

@@ -12,9 +12,10 @@ Layout (this rank's region, after the staging slots; see ``sagellm_comm/workspac
 
 A 16-bit payload uses the first ``cap * 2`` bytes of a slot, an fp32 payload all of it.
 
-Per-program state lives in this rank's control words: ``ctrl[LAMPORT_STATE + pid]`` is program ``pid``'s
-Lamport call counter and ``ctrl[LAMPORT_STATE + MAX_BLOCKS + pid]`` the number of 32-bit words per source
-pushed to this rank at its previous call.  Each program reads and writes only its own words, so the kernel
+Per-program state lives in this rank's control words (int64): ``ctrl[LAMPORT_STATE + pid]`` is program
+``pid``'s Lamport call counter (64-bit: ``% 3`` never sees a negative or wrapped value) and
+``ctrl[LAMPORT_STATE + MAX_BLOCKS + pid]`` the number of 32-bit words per source pushed to this rank at its previous
+call.  Each program reads and writes only its own words, so the kernel
 ends without a cross-program atomic; this needs every Lamport launch on a workspace to use the same number
 of programs (the launcher always launches its ``max_programs``).
 
@@ -38,8 +39,10 @@ Invariants:
    kernel on the stream still runs; the kernel reads only the peer table (written once at set-up) before
    ``griddepcontrol.wait``, which returns once that kernel has finished and its writes are visible.  So
    invariant 2 holds unchanged: every push of call ``l + 2`` is issued after the clearing of call ``l + 1``.
-6. *Bounded waits* as in ``sagellm_comm/kernels/all_reduce.py``: on timeout the missing peer is recorded and the error
-   latched; every later wait of that rank returns at once.
+6. *Bounded waits* as in ``sagellm_comm/kernels/all_reduce.py``: on timeout the missing peer is recorded and
+   the error latched; every later wait of that rank returns at once.  A failed call's output is NaN: an
+   element that never arrived still holds the sentinel, a NaN, and NaN propagates through the sum; on a
+   workspace latched before the call (buffers out of step with the peers) every output is NaN.
 """
 
 from __future__ import annotations
@@ -48,17 +51,21 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
+    CTRL_LAMPORT,
+    CTRL_LATCH,
     CTRL_WORDS,
     MAX_BLOCKS,
     PAD_BYTES,
+    PHASE_LAMPORT,
+    _deadline_passed,
+    _nan_unless,
     _pick,
     _ptr,
     _record_timeout,
     _ticks,
 )
 
-LAMPORT_STATE = tl.constexpr(8)  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
-PHASE_LAMPORT = tl.constexpr(3)
+LAMPORT_STATE = CTRL_LAMPORT  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
 SENTINEL_BYTE = 0xFF
 BUFFERS = 3
 assert LAMPORT_STATE.value + 2 * MAX_BLOCKS.value <= CTRL_WORDS.value
@@ -180,7 +187,8 @@ def lamport_all_reduce_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     lepoch = tl.load(ctrl + LAMPORT_STATE + pid, volatile=True)
     prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True)
-    latched = tl.load(ctrl + 2, volatile=True)
+    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+    healthy = latched == 0
     buf = lepoch % 3
     prev_buf = (lepoch + 2) % 3
     lane = tl.arange(0, BLOCK)
@@ -213,18 +221,16 @@ def lamport_all_reduce_kernel(
         if (pending > 0) & (latched == 0):
             start = _ticks(USE_PTX)
             elapsed = tl.full([], 0, tl.int64)
-            while (pending > 0) & (elapsed < timeout) & (latched == 0):
+            passed = elapsed >= timeout
+            while (pending > 0) & (passed == 0) & (latched == 0):
                 acc, pending = _gather_tile(my_area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-                if USE_PTX:
-                    elapsed = _ticks(USE_PTX) - start
-                else:
-                    elapsed += 1
-                latched = tl.load(ctrl + 2, volatile=True)
+                passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
+                latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
             if (pending > 0) & (latched == 0):
                 missing = _first_missing(my_area, slot_stride, buf, offs, mask, W, WP, WIDE)
                 _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, pid, lepoch + 1)
-                latched = tl.full([], 1, tl.int32)
-        tl.store(out + offs, acc.to(DTYPE), mask=mask)
+                latched = tl.full([], 1, tl.int64)
+        tl.store(out + offs, _nan_unless(healthy, acc).to(DTYPE), mask=mask)
 
 
 __all__ = ["PAD_BYTES", "lamport_all_reduce_kernel", "lamport_bytes"]

@@ -1,0 +1,104 @@
+"""A watchdog thread that reports device-side failures of the custom kernels without being asked.
+
+A kernel that times out (or, in check mode, finds ranks disagreeing) latches the error on the device and
+writes it into a host-mapped error record; every later call on that workspace raises at once, and
+``Work.wait`` / ``synchronize`` raise too.  A program that only replays CUDA graphs never makes such a
+call, so, like NCCL's watchdog, this thread polls the error records of every live workspace every
+``SAGELLM_COMM_WATCHDOG_MS`` milliseconds (default 200; 0 turns it off).  The first time it sees a
+workspace's error it logs it (logger ``sagellm_comm``, level ERROR), stores it as
+``workspace.async_error`` and calls every handler registered with :func:`add_error_handler`.  Reading the
+record is a host memory read: no device synchronisation, no CUDA call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+log = logging.getLogger("sagellm_comm")
+
+_lock = threading.Lock()
+_workspaces: weakref.WeakSet = weakref.WeakSet()
+_handlers: list[Callable[[Any, BaseException], None]] = []
+_thread: threading.Thread | None = None
+_wake = threading.Event()
+
+
+def interval_s() -> float:
+    """The polling interval in seconds from ``SAGELLM_COMM_WATCHDOG_MS`` (0: no watchdog)."""
+    text = os.environ.get("SAGELLM_COMM_WATCHDOG_MS", "200")
+    try:
+        ms = float(text)
+    except ValueError:
+        raise InvalidArgumentError(f"SAGELLM_COMM_WATCHDOG_MS must be a number of milliseconds, got {text!r}") from None
+    if ms < 0:
+        raise InvalidArgumentError(f"SAGELLM_COMM_WATCHDOG_MS must be >= 0, got {text!r}")
+    return ms / 1000.0
+
+
+def add_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
+    """Call ``handler(workspace, error)`` (from the watchdog thread) when a workspace first reports a failure."""
+    with _lock:
+        _handlers.append(handler)
+
+
+def remove_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
+    with _lock:
+        if handler in _handlers:
+            _handlers.remove(handler)
+
+
+def watch(workspace: Any) -> None:
+    """Poll ``workspace`` (it must have ``failure()`` and ``async_error``) until :func:`unwatch` or its end."""
+    global _thread
+    period = interval_s()
+    if period == 0:
+        return
+    with _lock:
+        _workspaces.add(workspace)
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_run, args=(period,), name="sagellm-comm-watchdog", daemon=True)
+            _thread.start()
+
+
+def unwatch(workspace: Any) -> None:
+    with _lock:
+        _workspaces.discard(workspace)
+
+
+def poll_once() -> list[tuple[Any, BaseException]]:
+    """One pass over the live workspaces; returns the failures reported for the first time."""
+    with _lock:
+        live = list(_workspaces)
+        handlers = list(_handlers)
+    found = []
+    for ws in live:
+        if ws.async_error is not None:
+            continue
+        exc = ws.failure()
+        if exc is None:
+            continue
+        ws.async_error = exc
+        found.append((ws, exc))
+        log.error("sagellm-comm watchdog: %s", exc)
+        for handler in handlers:
+            try:
+                handler(ws, exc)
+            except Exception:  # a handler's bug must not stop the watchdog
+                log.exception("sagellm-comm watchdog: error handler %r failed", handler)
+    return found
+
+
+def _run(period: float) -> None:
+    while True:
+        _wake.wait(period)
+        with _lock:
+            if not _workspaces:
+                continue
+        poll_once()

@@ -1,0 +1,362 @@
+"""Fault injection on the CPU: the custom kernels under the Triton interpreter, ranks as processes.
+
+Every case a long-running server meets must end in the exact result or a typed error, never a wrong sum:
+counters across 2^31 and 2^32 (every kernel family), a zero-copy input on one rank only, ranks that disagree
+on size / algorithm / dtype (check mode), a rank late by less than the timeout, a rank killed mid-call,
+a timeout (NaN output, every later call raises, the watchdog reports it, ``reset()`` recovers), Lamport
+payloads that look like its sentinel, and world sizes that are not powers of two.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None}
+SLOT_BYTES = 16384
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _exchange_fn(world_size):
+    import torch.distributed as dist
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return exchange
+
+
+def _setup(rank, world_size, port, timeout_s=60.0, check=None, gemm=False):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.fused import FusedAllReduceRMSNorm, GemmAllReduce, gemm_workspace_bytes
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    exchange = _exchange_fn(world_size)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2, check=check)
+    car = CustomAllReduce(ws, timeout_s=timeout_s)
+    if not gemm:
+        return car, None, None
+    fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
+    gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange, check=check)
+    return car, fused, GemmAllReduce(gws, car, timeout_s=timeout_s, consumer_programs=2)
+
+
+def _full(rank: int, i: int, numel: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.full((numel,), float(rank + 1 + i), dtype=dtype)
+
+
+def _expected(world_size: int, i: int) -> float:
+    return float(sum(r + 1 + i for r in range(world_size)))
+
+
+# ---------------------------------------------------------------------------------------------- counter wrap
+def _wrap_worker(rank, world_size, port, start):
+    from sagellm_comm.fused import rmsnorm_reference
+
+    os.environ["SAGELLM_COMM_INITIAL_EPOCH"] = str(start)
+    car, fused, gemm = _setup(rank, world_size, port, gemm=True)
+    gemm.ce_chunks = 2
+    assert car.epoch == start and car.lamport_epoch == start, (car.epoch, car.lamport_epoch)
+    # A registered tensor the copy path must never touch.
+    guard = car.get_buffer(64, torch.float32)
+    guard.fill_(12345.0)
+    barrier_calls = lamport_calls = 0
+    g = torch.Generator().manual_seed(5)
+    a_all = [torch.randint(-2, 3, (12, 8), generator=g).to(torch.bfloat16) for _ in range(world_size)]
+    b_all = [torch.randint(-2, 3, (8, 16), generator=g).to(torch.bfloat16) for _ in range(world_size)]
+    gemm_ref = sum(a.float() @ b.float() for a, b in zip(a_all, b_all, strict=True))
+    for i in range(5):  # 5 calls of every family: each counter crosses start + 3
+        for algo in ("one_shot", "two_shot", "lamport"):
+            x = _full(rank, i, 37 + i)
+            car.all_reduce(x, algo=algo)
+            assert torch.all(x == _expected(world_size, i)), f"{algo} call {i} after {start}: {x[:4]}"
+            if algo == "lamport":
+                lamport_calls += 1
+            else:
+                barrier_calls += 1
+        x = torch.full((3, 8), float(rank + 1 + i))
+        residual = torch.ones(3, 8)
+        weight = torch.ones(8)
+        normed, new_res = fused(x, residual, weight, algo=("one_shot", "two_shot")[i % 2])
+        want_res = torch.full((3, 8), _expected(world_size, i) + 1)
+        assert torch.equal(new_res, want_res), f"rmsnorm call {i}: {new_res[0]}"
+        torch.testing.assert_close(normed, rmsnorm_reference(want_res, weight, 1e-6), rtol=1e-6, atol=1e-6)
+        barrier_calls += 1
+        for path in ("fused", "copy_engine"):
+            out = gemm(a_all[rank], b_all[rank], path=path)
+            assert torch.equal(out.float(), gemm_ref), f"gemm {path} call {i} after {start}"
+        assert torch.all(guard == 12345.0), "a copy-path call overwrote the registered region"
+    car.check_errors()
+    gemm.check_errors()
+    # Zero-copy across the wrap too (the registered region is the input now).
+    for algo in ("one_shot", "two_shot"):
+        buf = car.get_buffer(29, torch.float32)
+        buf.copy_(_full(rank, 7, 29))
+        car.all_reduce(buf, algo=algo)
+        assert torch.all(buf == _expected(world_size, 7)), f"zero-copy {algo}"
+        barrier_calls += 1
+    from sagellm_comm.kernels.all_reduce import CTRL_CE_EPOCH, CTRL_EPOCH
+
+    return (
+        car.epoch - start,
+        car.lamport_epoch - start,
+        gemm.workspace.counter(CTRL_EPOCH.value) - start,
+        gemm.workspace.counter(CTRL_CE_EPOCH.value) - start,
+        barrier_calls,
+        lamport_calls,
+    )
+
+
+@pytest.mark.parametrize("start", [2**31 - 3, 2**32 - 3], ids=["2^31", "2^32"])
+def test_every_family_is_exact_across_counter_wrap(start):
+    per_rank = run_ranks(_wrap_worker, 2, start, env=INTERP, timeout=600)
+    for epoch, lamport_epoch, gemm_epoch, ce_epoch, barrier_calls, lamport_calls in per_rank:
+        assert (epoch, lamport_epoch) == (barrier_calls, lamport_calls)
+        assert (gemm_epoch, ce_epoch) == (5, 5)
+
+
+def test_initial_epoch_hook_is_validated(monkeypatch):
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import initial_epoch_from_env
+
+    monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", "0x80000000")
+    assert initial_epoch_from_env() == 2**31
+    for bad in ("-1", "lots", str(2**62)):
+        monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", bad)
+        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_INITIAL_EPOCH"):
+            initial_epoch_from_env()
+
+
+# ---------------------------------------------------------------------------------- per-rank choices
+def _one_rank_zero_copy_worker(rank, world_size, port):
+    car, _, _ = _setup(rank, world_size, port)
+    results = []
+    for i, (algo, zero_copy_rank) in enumerate(
+        [("one_shot", 0), ("two_shot", 0), ("one_shot", 1), ("two_shot", 1), ("one_shot", None)]
+    ):
+        numel = 41 + 8 * i
+        if rank == zero_copy_rank:
+            x = car.get_buffer(numel, torch.float32)
+            x.copy_(_full(rank, i, numel))
+        else:
+            x = _full(rank, i, numel)
+        car.all_reduce(x, algo=algo)
+        car.check_errors()
+        results.append(bool(torch.all(x == _expected(world_size, i))))
+    return results
+
+
+def test_zero_copy_on_one_rank_only_gives_the_exact_sum():
+    for per_rank in run_ranks(_one_rank_zero_copy_worker, 2, env=INTERP, timeout=300):
+        assert all(per_rank), per_rank
+
+
+def _mismatch_worker(rank, world_size, port, what):
+    from sagellm_comm.errors import CollectiveMismatchError
+
+    car, _, _ = _setup(rank, world_size, port, timeout_s=30.0, check=True)
+    # Agreeing calls run exactly in check mode.
+    x = _full(rank, 0, 50)
+    car.all_reduce(x, algo="one_shot")
+    assert torch.all(x == _expected(world_size, 0))
+    numel, algo, dtype = 64, "one_shot", torch.float32
+    if rank == 1:
+        numel, algo, dtype = {
+            "size": (65, algo, dtype),
+            "algo": (numel, "lamport", dtype),
+            "dtype": (numel, algo, torch.bfloat16),
+        }[what]
+    x = _full(rank, 1, numel, dtype)
+    car.all_reduce(x, algo=algo)
+    with pytest.raises(CollectiveMismatchError) as info:
+        car.check_errors()
+    assert torch.all(torch.isnan(x)), "a mismatched call's output must not pass for a sum"
+    with pytest.raises(CollectiveMismatchError):  # later calls refuse at once
+        car.all_reduce(_full(rank, 2, 8))
+    return str(info.value), info.value.details
+
+
+@pytest.mark.parametrize("what", ["size", "algo", "dtype"])
+def test_check_mode_names_the_disagreeing_rank_and_both_fingerprints(what):
+    per_rank = run_ranks(_mismatch_worker, 2, what, env=INTERP, timeout=300)
+    for rank, (message, details) in enumerate(per_rank):
+        other = 1 - rank
+        assert details["peer"] == other and details["kind"] == "mismatch", details
+        assert f"rank {other} ran" in message, message
+        mine, theirs = details["mine"], details["theirs"]
+        assert mine["call"] == theirs["call"] == 1
+        key, r0, r1 = {
+            "size": ("numel", 64, 65),
+            "algo": ("algo", "one_shot", "lamport"),
+            "dtype": ("dtype", "float32", "bfloat16"),
+        }[what]
+        assert (mine[key], theirs[key]) == ((r0, r1) if rank == 0 else (r1, r0)), details
+
+
+def _check_mode_agreement_worker(rank, world_size, port):
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    exchange = _exchange_fn(world_size)
+    with pytest.raises(InvalidArgumentError, match="check mode"):
+        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, check=rank == 0)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, max_programs=5 + rank)
+    programs = ws.max_programs
+    ws.close()
+    return programs
+
+
+def test_program_count_and_check_mode_are_agreed_at_set_up():
+    assert run_ranks(_check_mode_agreement_worker, 2, env=INTERP, timeout=300) == [5, 5]
+
+
+# ------------------------------------------------------------------------------------- late and dead ranks
+def _late_worker(rank, world_size, port):
+    car, _, _ = _setup(rank, world_size, port, timeout_s=30.0)
+    results = []
+    for i, algo in enumerate(("one_shot", "two_shot", "lamport")):
+        if rank == world_size - 1:
+            time.sleep(1.5)
+        x = _full(rank, i, 33)
+        car.all_reduce(x, algo=algo)
+        car.check_errors()
+        results.append(bool(torch.all(x == _expected(world_size, i))))
+    return results
+
+
+def test_a_rank_late_by_less_than_the_timeout_gives_the_exact_sum():
+    for per_rank in run_ranks(_late_worker, 3, env=INTERP, timeout=300):
+        assert all(per_rank)
+
+
+def _killed_worker(rank, world_size, port, algo):
+    from sagellm_comm.errors import CommTimeoutError
+
+    car, _, _ = _setup(rank, world_size, port, timeout_s=3.0)
+    x = _full(rank, 0, 40)
+    car.all_reduce(x, algo=algo)  # one good call
+    assert torch.all(x == _expected(world_size, 0))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies between calls, with its peers already waiting
+    t0 = time.monotonic()
+    x = _full(rank, 1, 40)
+    car.all_reduce(x, algo=algo)
+    with pytest.raises(CommTimeoutError) as info:
+        car.check_errors()
+    assert torch.all(torch.isnan(x)), f"a timed-out call's output passed for a sum: {x[:4]}"
+    return time.monotonic() - t0, info.value.details["peer"]
+
+
+@pytest.mark.parametrize("algo", ["one_shot", "lamport"])
+def test_a_killed_rank_is_named_by_the_survivors_without_a_hang(algo):
+    results = run_ranks(_killed_worker, 3, algo, env=INTERP, timeout=300, expect_dead={1})
+    for rank in (0, 2):
+        elapsed, peer = results[rank]
+        assert peer == 1 and elapsed < 60, results[rank]
+
+
+# ------------------------------------------------------------------ timeouts: NaN, latch, watchdog, reset
+def _timeout_recovery_worker(rank, world_size, port, calls, marker):
+    from sagellm_comm import CommBackend, watchdog
+    from sagellm_comm.errors import CommTimeoutError
+
+    seen = []
+    watchdog.add_error_handler(lambda ws, exc: seen.append(type(exc).__name__))
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=1.0).init(
+        rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=60
+    )
+    assert backend.custom is not None, backend.custom_reason
+    x = _full(rank, 0, 16)
+    if rank == 1:  # late past the kernel timeout: arrives once rank 0 has timed out waiting for it
+        deadline = time.monotonic() + 240
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    backend.all_reduce(x, algo="one_shot")
+    failed = False
+    try:
+        backend.custom.check_errors()
+    except CommTimeoutError:
+        failed = True
+    if rank == 0:
+        open(marker, "w").close()
+        assert failed and torch.all(torch.isnan(x)), x
+        with pytest.raises(CommTimeoutError):  # every later call raises at once
+            backend.all_reduce(_full(rank, 1, 16), algo="one_shot")
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:  # the watchdog reports without being asked
+            time.sleep(0.05)
+        assert seen == ["CommTimeoutError"], seen
+    reason = backend.reset()
+    assert backend.custom is not None, reason
+    wrong = 0
+    for i in range(calls):
+        algo = ("one_shot", "two_shot", "lamport")[i % 3]
+        y = _full(rank, i, 5 + i % 7)
+        backend.all_reduce(y, algo=algo)
+        wrong += int(not torch.all(y == _expected(world_size, i)))
+    backend.custom.check_errors()
+    backend.destroy()
+    return wrong
+
+
+def test_timeout_gives_nan_latches_reports_and_reset_recovers(tmp_path):
+    marker = str(tmp_path / "rank0-timed-out")
+    assert run_ranks(_timeout_recovery_worker, 2, 1000, marker, env=INTERP, timeout=900) == [0, 0]
+
+
+# ------------------------------------------------------------------------ payloads and world sizes
+def _payload_worker(rank, world_size, port):
+    car, _, _ = _setup(rank, world_size, port)
+    specials = torch.tensor([-0.0, float("nan"), float("inf"), float("-inf"), 1.5, -0.0, 0.0, float("inf")])
+    per_rank = [specials.roll(r) for r in range(world_size)]
+    out = {}
+    for name, dtype in DTYPES.items():
+        x = per_rank[rank].to(dtype).clone()
+        car.all_reduce(x, algo="lamport")
+        car.check_errors()
+        acc = torch.zeros(len(specials))
+        for t in per_rank:
+            acc += t.to(dtype).float()
+        out[name] = (x.float().tolist(), acc.to(dtype).float().tolist())
+    return out
+
+
+def test_lamport_special_payloads_in_every_dtype():
+    for per_rank in run_ranks(_payload_worker, 2, env=INTERP, timeout=300):
+        for name, (got, want) in per_rank.items():
+            torch.testing.assert_close(
+                torch.tensor(got), torch.tensor(want), equal_nan=True, msg=f"{name}: {got} vs {want}"
+            )
+            assert [str(v) for v in got] == [str(v) for v in want], (name, got, want)  # -0.0 vs 0.0 too
+
+
+def _odd_world_worker(rank, world_size, port):
+    car, _, _ = _setup(rank, world_size, port)
+    ok = []
+    for i, algo in enumerate(("one_shot", "two_shot", "lamport")):
+        for numel in (1, 13, 3 * world_size + 1):
+            x = _full(rank, i, numel, torch.bfloat16)
+            car.all_reduce(x, algo=algo)
+            ok.append(bool(torch.all(x.float() == _expected(world_size, i))))
+    car.check_errors()
+    return ok
+
+
+@pytest.mark.parametrize("world_size", [3, 5, 6, 7])
+def test_world_sizes_that_are_not_powers_of_two(world_size):
+    for per_rank in run_ranks(_odd_world_worker, world_size, env=INTERP, timeout=600):
+        assert all(per_rank)
