@@ -288,6 +288,35 @@ def test_env_init_no_env_writes_and_caller_owned_world_survives_destroy() -> Non
     run_ranks(_ownership, 2, [free_port() for _ in range(3)], timeout=90)
 
 
+def _under_torchrun_agent_store(rank: int, world_size: int, port: int) -> list[float]:
+    with CommBackend.create("gloo").init() as backend:  # torchrun's variables only
+        x = torch.full((3,), float(rank + 1))
+        return backend.all_reduce(x).tolist()
+
+
+def test_torchrun_agent_store_init_prints_no_bind_error(capfd) -> None:
+    """Under torchrun the agent already hosts the store at MASTER_PORT: every rank joins it as a client.
+
+    Before, rank 0 tried to host a store on the agent's port and torch logged an error-level
+    "TCPStore ... failed to bind" line (then ignored it because TORCHELASTIC_USE_AGENT_STORE was set).
+    """
+    import datetime
+
+    import torch.distributed as dist
+    from conftest import free_port
+
+    agent_port = free_port()
+    agent = dist.TCPStore(  # what torchrun's agent runs before it starts the workers
+        "127.0.0.1", agent_port, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
+    )
+    env = {"MASTER_PORT": str(agent_port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert run_ranks(_under_torchrun_agent_store, 2, env=env, timeout=90) == [[3.0, 3.0, 3.0]] * 2
+    err = capfd.readouterr().err
+    assert "failed to bind" not in err, err[-2000:]
+    assert agent.num_keys() > 0  # the ranks did meet on the agent's store
+    del agent
+
+
 # ---------------------------------------------------------------------- registry: a backend in one file
 
 
