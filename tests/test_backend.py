@@ -380,9 +380,10 @@ class LoopbackBackend(CommBackend):
         return self.all_gather(output, input[0] if isinstance(input, list) else input, group, async_op)
 
 
-def test_third_party_backend_registry() -> None:
+def test_third_party_backend_registry(caplog) -> None:
     from sagellm_comm import is_comm_backend_available, list_comm_backends, register_comm_backend
     from sagellm_comm.backend import unregister_comm_backend
+    from sagellm_comm.registry import last_auto_choice
 
     assert {"gloo", "nccl", "rccl", "hccl"} <= set(list_comm_backends())
     assert is_comm_backend_available("gloo") and is_comm_backend_available("nccl") == HAS_CUDA
@@ -400,7 +401,16 @@ def test_third_party_backend_registry() -> None:
             register_comm_backend("loopback", LoopbackBackend)
         register_comm_backend("loopback", LoopbackBackend, is_available=lambda: False, priority=1000, replace=True)
         assert not is_comm_backend_available("loopback")
-        assert get_comm_backend().name == baseline  # auto skips what cannot run here
+        with caplog.at_level("WARNING", logger="sagellm_comm.registry"):
+            fallback = get_comm_backend()  # auto skips what cannot run here, and says why
+            assert get_comm_backend().auto_choice == fallback.auto_choice  # the same outcome is logged once
+        assert fallback.name == baseline
+        assert fallback.auto_choice == last_auto_choice() and fallback.auto_choice.kind == baseline
+        assert list(fallback.auto_choice.skipped)[0] == "loopback"
+        assert "registered but not available" in fallback.auto_choice.skipped["loopback"]
+        logged = [r.getMessage() for r in caplog.records if "loopback" in r.getMessage()]
+        assert len(logged) == 1 and f"chose {baseline!r}" in logged[0], logged
+        assert CommBackend.create("gloo").auto_choice is None  # a named kind skips nothing
         with pytest.raises(BackendNotSupportedError, match="registered but not available"):
             CommBackend.create("loopback")
         with pytest.raises(InvalidArgumentError, match="reserved"):
