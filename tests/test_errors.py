@@ -87,6 +87,17 @@ def test_backend_not_available_names_what_is_missing() -> None:
     assert "gloo" in str(err) and "unknown backend" in str(err)
 
 
+def test_missing_cupy_is_one_typed_error_with_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sagellm_comm.cupy_probe import cupy_present, require_cupy
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    assert not cupy_present()
+    err = expect(lambda: require_cupy("custom"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED)
+    assert str(err).startswith("[comm_backend_not_supported] custom needs CuPy for CUDA IPC handles: ")
+    assert "isagellm-comm[cuda13]" in str(err) and "isagellm-comm[cuda12]" in str(err)
+    assert err.details == {"missing": "cupy"}
+
+
 def test_errors_are_builtin_exceptions_too() -> None:
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(NotInitializedError, RuntimeError)
     assert issubclass(CommTimeoutError, TimeoutError) and issubclass(ShapeMismatchError, InvalidArgumentError)
