@@ -5,9 +5,8 @@ third party's) is a :class:`CommBackend`.  Code above this layer never names an 
 registry for a kind (``CommBackend.create("nccl")``, ``get_comm_backend()`` for the best one here)
 and calls the operations below, whose names and semantics are torch.distributed's.
 
-Kind -> engine has exactly one dispatch point, :func:`_lookup` over ``_REGISTRY``.  The built-in
-adapters register themselves when their module is imported; :func:`_ensure_builtins` imports them
-the first time the registry is consulted, so ``import sagellm_comm`` stays cheap.
+The registry (kind -> factory, the ``auto`` choice, lazy import of the built-in adapters) is
+:mod:`sagellm_comm.registry`; its public functions are re-exported here.
 
 A third-party backend is one file::
 
@@ -21,21 +20,28 @@ A third-party backend is one file::
 from __future__ import annotations
 
 import enum
-import importlib
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagellm_comm.errors import (
-    BackendNotSupportedError,
-    CommError,
-    InvalidArgumentError,
+from sagellm_comm.errors import InvalidArgumentError
+
+# The registry (its own module, which needs nothing from this one at import) is re-exported here.
+from sagellm_comm.registry import (
+    AUTO,
+    get_comm_backend,
+    is_comm_backend_available,
+    list_comm_backends,
+    register_comm_backend,
+    resolve_kind,
+    unregister_comm_backend,
 )
 
 if TYPE_CHECKING:  # torch is heavy; annotations only
     import torch
+
+    from sagellm_comm.registry import AutoChoice
 
 __all__ = [
     "AUTO",
@@ -53,7 +59,6 @@ __all__ = [
     "unregister_comm_backend",
 ]
 
-AUTO = "auto"
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -183,25 +188,21 @@ class CommBackend(ABC):
 
     #: the registry name this class answers to (set by subclasses)
     kind: str = ""
+    #: set by ``create("auto")``: the kind chosen and why better ones were skipped (None otherwise)
+    auto_choice: AutoChoice | None = None
 
     # ------------------------------------------------------------------ registry entry points
     @classmethod
     def create(cls, kind: str = AUTO, **kwargs: Any) -> CommBackend:
         """Build an *uninitialised* backend of ``kind`` (``"auto"``: the best one available here).
 
-        Raises :class:`BackendNotSupportedError` (code ``comm_backend_not_supported``) when the kind
-        is unknown or cannot run on this machine; the message says what is missing.
+        Raises :class:`~sagellm_comm.errors.BackendNotSupportedError` (code ``comm_backend_not_supported``)
+        when the kind is unknown or cannot run on this machine; the message says what is missing.  With
+        ``"auto"``, :attr:`auto_choice` records why better kinds were skipped (also logged once).
         """
-        name = resolve_kind(kind)
-        entry = _lookup(name)
-        entry.check()
-        backend = entry.factory(**kwargs)
-        if not isinstance(backend, CommBackend):
-            raise BackendNotSupportedError(
-                f"factory of backend {name!r} returned {type(backend).__name__}, not a CommBackend",
-                details={"kind": name},
-            )
-        return backend
+        from sagellm_comm.registry import create_backend
+
+        return create_backend(kind, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     @abstractmethod
@@ -351,162 +352,3 @@ class CommBackend(ABC):
     def __repr__(self) -> str:
         state = f"rank={self.rank}/{self.world_size}" if self.is_initialized else "uninitialised"
         return f"{type(self).__name__}(name={self.name!r}, {state})"
-
-
-# ====================================================================== registry
-
-
-@dataclass
-class _Entry:
-    name: str
-    factory: Callable[..., CommBackend]
-    is_available: Callable[[], bool] | None
-    priority: int
-    order: int
-
-    def check(self) -> None:
-        """Raise BackendNotSupportedError unless this backend can run here."""
-        if self.is_available is None:
-            return
-        try:
-            ok = bool(self.is_available())
-        except CommError:
-            raise
-        except Exception as exc:  # a probe that crashes means "not here", with the reason
-            raise BackendNotSupportedError(
-                f"backend {self.name!r} is not available: its availability check failed ({exc})",
-                details={"kind": self.name},
-            ) from exc
-        if not ok:
-            raise BackendNotSupportedError(
-                f"backend {self.name!r} is registered but not available on this machine",
-                details={"kind": self.name},
-            )
-
-
-_REGISTRY: dict[str, _Entry] = {}
-_LOCK = threading.RLock()
-_BUILTINS_LOADED = False
-#: modules whose import registers built-in kinds; a missing optional one is skipped
-_BUILTIN_MODULES = ("sagellm_comm.backends.torch_distributed", "sagellm_comm.backends.custom")
-_IMPORT_FAILURES: dict[str, str] = {}
-
-
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    with _LOCK:
-        if _BUILTINS_LOADED:
-            return
-        _BUILTINS_LOADED = True
-        for module in _BUILTIN_MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name == module:  # an optional built-in that is not part of this install
-                    continue
-                if module == _BUILTIN_MODULES[0]:
-                    raise
-                _IMPORT_FAILURES[module] = str(exc)  # reported by _lookup; the others stay usable
-
-
-def register_comm_backend(
-    name: str,
-    factory: Callable[..., CommBackend],
-    *,
-    is_available: Callable[[], bool] | None = None,
-    priority: int = 0,
-    replace: bool = False,
-) -> None:
-    """Register a backend kind.
-
-    Args:
-        name: the kind, lower case (``"mine"``); ``"auto"`` is reserved.
-        factory: ``factory(**kwargs) -> CommBackend`` building an uninitialised backend.
-        is_available: cheap probe; False (or raising :class:`BackendNotSupportedError` whose message
-            says what is missing) when the kind cannot run here. None: always available.
-        priority: ``"auto"`` picks the available kind with the highest priority (built-ins: custom
-            100, nccl/rccl 50, hccl 40, gloo 0).
-        replace: allow replacing an existing registration of ``name``.
-    """
-    key = _normalise(name)
-    if key == AUTO:
-        raise InvalidArgumentError("'auto' is reserved and cannot be registered as a backend")
-    if not callable(factory):
-        raise InvalidArgumentError(f"factory for backend {key!r} must be callable, got {factory!r}")
-    with _LOCK:
-        if key in _REGISTRY and not replace:
-            raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")
-        order = _REGISTRY[key].order if key in _REGISTRY else len(_REGISTRY)
-        _REGISTRY[key] = _Entry(key, factory, is_available, int(priority), order)
-
-
-def unregister_comm_backend(name: str) -> None:
-    """Remove a registered kind (no-op if absent). Mainly for tests and plugins."""
-    with _LOCK:
-        _REGISTRY.pop(_normalise(name), None)
-
-
-def list_comm_backends() -> list[str]:
-    """Every registered kind, available here or not, best ``auto`` candidate first."""
-    _ensure_builtins()
-    with _LOCK:
-        entries = sorted(_REGISTRY.values(), key=lambda e: (-e.priority, e.order))
-    return [e.name for e in entries]
-
-
-def is_comm_backend_available(name: str) -> bool:
-    """True if ``name`` is registered and can run on this machine (``"auto"``: if any can)."""
-    try:
-        resolve_kind(name)
-        if _normalise(name) != AUTO:
-            _lookup(_normalise(name)).check()
-    except CommError:
-        return False
-    return True
-
-
-def resolve_kind(kind: str | None) -> str:
-    """Map ``kind`` to a registered name; ``None``/``"auto"`` -> the best available kind."""
-    _ensure_builtins()
-    key = _normalise(kind or AUTO)
-    if key != AUTO:
-        _lookup(key)
-        return key
-    reasons = []
-    for name in list_comm_backends():
-        try:
-            _lookup(name).check()
-            return name
-        except BackendNotSupportedError as exc:
-            reasons.append(exc.message)
-    raise BackendNotSupportedError(
-        "no communication backend can run here: " + "; ".join(reasons or ["none registered"]),
-        details={"kind": AUTO},
-    )
-
-
-def get_comm_backend(kind: str | None = None, **kwargs: Any) -> CommBackend:
-    """Build an uninitialised backend of ``kind``; ``None`` or ``"auto"``: the best available."""
-    return CommBackend.create(kind or AUTO, **kwargs)
-
-
-def _lookup(name: str) -> _Entry:
-    _ensure_builtins()
-    with _LOCK:
-        entry = _REGISTRY.get(name)
-        known = sorted(_REGISTRY)
-    if entry is None:
-        failed = "".join(f"; {m} failed to import: {why}" for m, why in _IMPORT_FAILURES.items())
-        raise BackendNotSupportedError(
-            f"unknown backend {name!r}; registered: {', '.join(known) or 'none'} (or 'auto'){failed}",
-            details={"kind": name, "registered": known, "import_failures": dict(_IMPORT_FAILURES)},
-        )
-    return entry
-
-
-def _normalise(name: str | None) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgumentError(f"backend kind must be a non-empty string, got {name!r}")
-    return name.strip().lower()

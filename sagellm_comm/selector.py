@@ -14,30 +14,41 @@ shape overrides them::
 
 Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (list).  Algorithms:
 ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot; larger messages than its buffers take run
-one-shot), ``nccl``.  Messages larger than the workspace always go to ``nccl`` (rule
-``over-workspace``), whatever the policy says.  The selector never touches tensors.
+one-shot), and ``nccl``, the policy's name for *the engine* the backend runs beside the kernels (NCCL on
+CUDA, Gloo on the CPU under the interpreter).  Messages larger than the workspace always go to the engine
+(rule ``over-workspace``), whatever the policy says.  The selector does not know which engine that is: a
+backend records what ran with :meth:`Selection.ran_on` (``"gloo"`` rather than ``"nccl"`` on the CPU).
+The selector never touches tensors.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError
 
-ALGOS = ("one_shot", "two_shot", "lamport", "nccl")
+ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
 KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
+ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The outcome of a policy decision."""
+    """The outcome of a policy decision: the algorithm, the id of the rule that chose it, and why."""
 
     algo: str
     rule_id: str
     reason: str
+
+    def ran_on(self, engine_kind: str) -> Selection:
+        """This selection labelled with what runs it: a kernel algorithm stays; the engine path
+        (:data:`ENGINE_ALGO`) becomes ``engine_kind`` (``"gloo"``, ``"nccl"``, ``"rccl"``...)."""
+        if self.algo in KERNEL_ALGOS or self.algo == engine_kind:
+            return self
+        return replace(self, algo=engine_kind)
 
 
 @dataclass(frozen=True)
@@ -155,9 +166,9 @@ class AlgoSelector:
             return hit
         if capacity_bytes is not None and nbytes > capacity_bytes:
             sel = Selection(
-                "nccl",
+                ENGINE_ALGO,
                 "over-workspace",
-                f"{nbytes} bytes exceed the {capacity_bytes}-byte workspace; NCCL runs it",
+                f"{nbytes} bytes exceed the {capacity_bytes}-byte workspace; the engine runs it",
             )
         else:
             sel = None
@@ -166,7 +177,8 @@ class AlgoSelector:
                     sel = Selection(rule.algo, rule.id, rule.reason or f"rule {rule.id} ({self.source})")
                     break
             if sel is None:
-                sel = Selection("nccl", "no-rule", f"no rule of {self.source} matches {nbytes} bytes, ws={world_size}")
+                why = f"no rule of {self.source} matches {nbytes} bytes, ws={world_size}; the engine runs it"
+                sel = Selection(ENGINE_ALGO, "no-rule", why)
         if len(self._cache) < 4096:
             self._cache[key] = sel
         return sel

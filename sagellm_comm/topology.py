@@ -82,7 +82,7 @@ class Topology:
         """Describe this node (see module doc); with ``group``, gather every member's hostname."""
         override = os.environ.get(ENV_VAR)
         if override:
-            topo = cls.from_dict(_load_override(override), source="env")
+            topo = _from_override(override)
         else:
             topo = _from_nvml() or _from_cuda() or cls(source="cpu", hostname=socket.gethostname())
         if group is not None and not topo.ranks:
@@ -162,8 +162,17 @@ class Topology:
 
     def all_pairs_p2p(self, devices: Sequence[int] | None = None, nvlink_only: bool = False) -> bool:
         """True if every pair of ``devices`` (default: all GPUs) is NVLink-connected or, unless
-        ``nvlink_only``, peer-access capable. Fewer than two devices: True (nothing to connect)."""
+        ``nvlink_only``, peer-access capable.
+
+        No device (a machine without GPUs, or an empty list): False, there is no peer to reach.  One
+        device: True (ranks that share one GPU need no peer access).  An index outside the GPUs raises
+        :class:`InvalidArgumentError`.
+        """
         devs = list(range(self.num_gpus)) if devices is None else list(devices)
+        if not devs:
+            return False
+        for i in devs:
+            self.link(i, i)  # checks the index, also for a single device
         for i in devs:
             for j in devs:
                 if i == j:
@@ -232,6 +241,27 @@ class Topology:
 # ====================================================================== sources
 
 
+#: what SAGELLM_COMM_TOPOLOGY accepts, quoted by every refusal
+_OVERRIDE_FORMS = (
+    'a JSON object or the path of a JSON file, short form {"num_gpus": 2, "link": "NV18"} or the form of '
+    "Topology.to_dict() (gpus, links, peer_access, hostname, ranks, rank_hostnames)"
+)
+
+
+def _from_override(value: str) -> Topology:
+    """The topology ``SAGELLM_COMM_TOPOLOGY=value`` describes, or one line saying why it is refused."""
+    try:
+        return Topology.from_dict(_load_override(value), source="env")
+    except (InvalidArgumentError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        why = exc.message if isinstance(exc, InvalidArgumentError) else f"{type(exc).__name__}: {exc}"
+        why = " ".join(why.replace(f"{ENV_VAR}: ", "").split())  # one line
+        shown = value if len(value) <= 120 else value[:117] + "..."
+        raise InvalidArgumentError(
+            f"{ENV_VAR}={shown!r} is refused: {why}; accepted: {_OVERRIDE_FORMS}",
+            details={"variable": ENV_VAR, "value": value},
+        ) from exc
+
+
 def _load_override(value: str) -> dict[str, Any]:
     text = value
     if not value.lstrip().startswith("{"):
@@ -239,11 +269,11 @@ def _load_override(value: str) -> dict[str, Any]:
             with open(value, encoding="utf-8") as fh:
                 text = fh.read()
         except OSError as exc:
-            raise InvalidArgumentError(f"{ENV_VAR}={value!r} is neither a JSON object nor a readable file") from exc
+            raise InvalidArgumentError(f"neither a JSON object nor a readable file ({exc.strerror})") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"{ENV_VAR} is not valid JSON: {exc}") from exc
+        raise InvalidArgumentError(f"not valid JSON ({exc})") from exc
 
 
 def _check_matrix(matrix: Any, n: int, what: str, kind: type) -> None:

@@ -288,6 +288,35 @@ def test_env_init_no_env_writes_and_caller_owned_world_survives_destroy() -> Non
     run_ranks(_ownership, 2, [free_port() for _ in range(3)], timeout=90)
 
 
+def _under_torchrun_agent_store(rank: int, world_size: int, port: int) -> list[float]:
+    with CommBackend.create("gloo").init() as backend:  # torchrun's variables only
+        x = torch.full((3,), float(rank + 1))
+        return backend.all_reduce(x).tolist()
+
+
+def test_torchrun_agent_store_init_prints_no_bind_error(capfd) -> None:
+    """Under torchrun the agent already hosts the store at MASTER_PORT: every rank joins it as a client.
+
+    Before, rank 0 tried to host a store on the agent's port and torch logged an error-level
+    "TCPStore ... failed to bind" line (then ignored it because TORCHELASTIC_USE_AGENT_STORE was set).
+    """
+    import datetime
+
+    import torch.distributed as dist
+    from conftest import free_port
+
+    agent_port = free_port()
+    agent = dist.TCPStore(  # what torchrun's agent runs before it starts the workers
+        "127.0.0.1", agent_port, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
+    )
+    env = {"MASTER_PORT": str(agent_port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert run_ranks(_under_torchrun_agent_store, 2, env=env, timeout=90) == [[3.0, 3.0, 3.0]] * 2
+    err = capfd.readouterr().err
+    assert "failed to bind" not in err, err[-2000:]
+    assert agent.num_keys() > 0  # the ranks did meet on the agent's store
+    del agent
+
+
 # ---------------------------------------------------------------------- registry: a backend in one file
 
 
@@ -351,9 +380,10 @@ class LoopbackBackend(CommBackend):
         return self.all_gather(output, input[0] if isinstance(input, list) else input, group, async_op)
 
 
-def test_third_party_backend_registry() -> None:
+def test_third_party_backend_registry(caplog) -> None:
     from sagellm_comm import is_comm_backend_available, list_comm_backends, register_comm_backend
     from sagellm_comm.backend import unregister_comm_backend
+    from sagellm_comm.registry import last_auto_choice
 
     assert {"gloo", "nccl", "rccl", "hccl"} <= set(list_comm_backends())
     assert is_comm_backend_available("gloo") and is_comm_backend_available("nccl") == HAS_CUDA
@@ -371,7 +401,16 @@ def test_third_party_backend_registry() -> None:
             register_comm_backend("loopback", LoopbackBackend)
         register_comm_backend("loopback", LoopbackBackend, is_available=lambda: False, priority=1000, replace=True)
         assert not is_comm_backend_available("loopback")
-        assert get_comm_backend().name == baseline  # auto skips what cannot run here
+        with caplog.at_level("WARNING", logger="sagellm_comm.registry"):
+            fallback = get_comm_backend()  # auto skips what cannot run here, and says why
+            assert get_comm_backend().auto_choice == fallback.auto_choice  # the same outcome is logged once
+        assert fallback.name == baseline
+        assert fallback.auto_choice == last_auto_choice() and fallback.auto_choice.kind == baseline
+        assert list(fallback.auto_choice.skipped)[0] == "loopback"
+        assert "registered but not available" in fallback.auto_choice.skipped["loopback"]
+        logged = [r.getMessage() for r in caplog.records if "loopback" in r.getMessage()]
+        assert len(logged) == 1 and f"chose {baseline!r}" in logged[0], logged
+        assert CommBackend.create("gloo").auto_choice is None  # a named kind skips nothing
         with pytest.raises(BackendNotSupportedError, match="registered but not available"):
             CommBackend.create("loopback")
         with pytest.raises(InvalidArgumentError, match="reserved"):

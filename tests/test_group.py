@@ -84,5 +84,6 @@ def test_comm_group_create_single_rank_context_manager() -> None:
         assert group.ranks == (0,) and group.device == torch.device("cpu")
         t = torch.tensor([1.0, 2.0])
         assert group.all_reduce(t, op="prod") is t
+        assert torch.equal(t, torch.tensor([1.0, 2.0]))  # a product over one rank is the input itself
         assert "ranks=[0]" in repr(group)
     assert not group.backend.is_initialized

@@ -16,7 +16,7 @@ from tests.conftest import HAS_CUDA, run_ranks
 # ---------------------------------------------------------------------------------------------- handles
 
 
-def _handle_worker(rank: int, world_size: int, port: int) -> dict:
+def _handle_worker(rank: int, world_size: int, port: int, computed_path: str) -> dict:
     import sagellm_comm
     from sagellm_comm import ops
     from sagellm_comm.errors import GroupNotFoundError, InvalidArgumentError
@@ -36,13 +36,22 @@ def _handle_worker(rank: int, world_size: int, port: int) -> dict:
         assert handle.is_completed() and handle.wait() is x  # waiting twice is fine
         torch.testing.assert_close(x, torch.full((1000,), 3.0))
 
-        # Work overlapped with the pending all-reduce: the matmul result is unaffected, the sum is right.
+        # Work overlapped with the pending all-reduce: rank 1 submits only once rank 0 has computed, so
+        # rank 0's matmul surely runs while the all-reduce is pending; it matches a float64 reference.
         y = torch.arange(4096, dtype=torch.float32) * (rank + 1)
         ops.register_group(world, "w")
+        a = torch.randn(64, 64, generator=torch.Generator().manual_seed(rank))
+        expected = (a.double() @ a.double()).float()
+        if rank == 1:
+            deadline = time.monotonic() + 30.0
+            while not os.path.exists(computed_path) and time.monotonic() < deadline:
+                time.sleep(0.01)
         handle = all_reduce_async(y, "w", op="max")
-        a = torch.randn(64, 64)
         product = a @ a
-        torch.testing.assert_close(product, a @ a)
+        seen["pending_during_compute"] = not handle.is_completed()
+        if rank == 0:
+            open(computed_path, "w").close()
+        torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(handle.wait(), torch.arange(4096, dtype=torch.float32) * 2)
         z = torch.ones(3)
         sagellm_comm.overlap.all_reduce_async(z).wait()  # group=None: the default group
@@ -61,9 +70,10 @@ def _handle_worker(rank: int, world_size: int, port: int) -> dict:
         sagellm_comm.destroy()
 
 
-def test_async_all_reduce_handle_on_gloo() -> None:
-    seen = run_ranks(_handle_worker, 2, timeout=90.0)
+def test_async_all_reduce_handle_on_gloo(tmp_path) -> None:
+    seen = run_ranks(_handle_worker, 2, str(tmp_path / "computed"), timeout=90.0)
     assert seen[0]["pending_after_submit"]  # rank 0 submitted while rank 1 was still asleep
+    assert seen[0]["pending_during_compute"]  # rank 0's matmul overlapped the all-reduce rank 1 had not joined
 
 
 def _timeout_worker(rank: int, world_size: int, port: int, done_path: str) -> str:
@@ -187,12 +197,13 @@ def test_async_all_reduce_orders_streams_on_cuda(nccl_world) -> None:
     handle = all_reduce_async(x, nccl_world)
     assert handle.stream == comm_stream(x.device) and handle.stream != torch.cuda.current_stream()
     a = torch.randn(1024, 1024, device="cuda")
+    reference = (a.double() @ a.double()).float()  # an independent float64 reference
     b = a @ a  # overlapped work on the current stream
     out = handle.wait()
     total = out.sum()  # ordered after the all-reduce by wait()
     torch.cuda.synchronize()
     assert handle.is_completed() and float(total) == 3.0 * (1 << 20)
-    torch.testing.assert_close(b, a @ a)
+    torch.testing.assert_close(b, reference, rtol=1e-4, atol=1e-3)  # fp32 accumulation vs float64
 
     # fork/join is capturable: the side stream joins the capture and is waited inside it
     y = torch.ones(4096, device="cuda")

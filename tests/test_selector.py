@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sagellm_comm.errors import InvalidArgumentError
-from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector
+from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector, Selection
 
 
 def test_default_policy_by_size_and_world_size():
@@ -40,6 +40,17 @@ def test_messages_over_the_workspace_go_to_nccl_whatever_the_policy():
     over = sel.select((1 << 20) + 1, 4, capacity_bytes=1 << 20)
     assert (over.algo, over.rule_id) == ("nccl", "over-workspace")
     assert str((1 << 20) + 1) in over.reason
+
+
+def test_the_engine_path_is_labelled_with_the_engine_that_runs_it():
+    sel = AlgoSelector.from_dict({"rules": [{"id": "small", "algo": "one_shot", "max_bytes": 1024}]})
+    over = sel.select(4096, 2, capacity_bytes=2048)
+    assert "the engine runs it" in over.reason and "NCCL" not in over.reason  # NCCL or Gloo: not known here
+    assert over.ran_on("gloo") == Selection("gloo", "over-workspace", over.reason)
+    nomatch = sel.select(1500, 2)
+    assert (nomatch.ran_on("rccl").algo, nomatch.ran_on("rccl").rule_id) == ("rccl", "no-rule")
+    kernel = sel.select(512, 2)
+    assert kernel.ran_on("gloo") == Selection("one_shot", "small", kernel.reason)  # a kernel keeps its name
 
 
 def test_json_policy_overrides_and_first_match_wins(tmp_path):

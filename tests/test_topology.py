@@ -24,7 +24,8 @@ def test_cpu_only_machine_gives_honest_empty_topology() -> None:
     topo = Topology.discover()
     assert topo.source == "cpu" and topo.gpus == [] and topo.links == []
     assert topo.hostname == socket.gethostname()
-    assert topo.all_pairs_p2p()  # nothing to connect
+    assert not topo.all_pairs_p2p()  # no GPU: no peer to reach
+    assert not topo.all_pairs_p2p([], nvlink_only=True)
     assert "no GPU visible: CPU-only" in topo.format_matrix()
     with pytest.raises(UnavailableError, match="discover\\(group=...\\)"):
         topo.same_node([0])
@@ -36,6 +37,9 @@ def test_env_override_eight_nvlink_gpus(monkeypatch: pytest.MonkeyPatch) -> None
     assert topo.source == "env" and topo.num_gpus == 8
     assert topo.link(0, 7) == "NV18" and topo.nvlink_count(3, 4) == 18 and topo.link(5, 5) == "X"
     assert topo.all_pairs_p2p(nvlink_only=True)
+    assert topo.all_pairs_p2p([3]) and not topo.all_pairs_p2p([])  # one GPU needs no peer; none has none
+    with pytest.raises(InvalidArgumentError, match="GPU index 8 is outside"):
+        topo.all_pairs_p2p([8])
     lines = topo.format_matrix().splitlines()
     assert lines[1].split() == [f"GPU{i}" for i in range(8)] + ["Name"]
     assert lines[2].split()[:9] == ["GPU0", "X"] + ["NV18"] * 7
@@ -69,15 +73,25 @@ def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pyt
     [
         ("{not json", "not valid JSON"),
         ("/no/such/topology.json", "neither a JSON object nor a readable file"),
+        ("[1, 2]", "neither a JSON object"),
         (json.dumps({"num_gpus": 2, "links": [["X", "NVLINK"], ["NVLINK", "X"]]}), "links[0][1] = 'NVLINK'"),
         (json.dumps({"num_gpus": 2, "links": [["X"]]}), "2x2 matrix"),
+        (json.dumps({"num_gpus": "2"}), "bad 'gpus'/'num_gpus' entry"),
+        (json.dumps({"ranks": ["a"], "rank_hostnames": ["h"]}), "invalid literal for int()"),  # was a raw ValueError
+        (json.dumps({"rank_hostnames": 5}), "not iterable"),  # was a raw TypeError
     ],
 )
-def test_bad_override_is_an_invalid_argument(monkeypatch: pytest.MonkeyPatch, value: str, words: str) -> None:
+def test_bad_override_is_one_line_naming_variable_value_and_forms(
+    monkeypatch: pytest.MonkeyPatch, value: str, words: str
+) -> None:
     monkeypatch.setenv(ENV_VAR, value)
-    with pytest.raises(InvalidArgumentError, match=ENV_VAR) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         Topology.discover()
-    assert words in str(info.value)
+    text = str(info.value)
+    assert "\n" not in text and words in text, text
+    assert text.startswith(f"[invalid_argument] {ENV_VAR}={value!r} is refused: "), text
+    assert 'accepted: a JSON object or the path of a JSON file, short form {"num_gpus": 2' in text
+    assert info.value.details == {"variable": ENV_VAR, "value": value}
 
 
 def _fake_pynvml() -> types.ModuleType:

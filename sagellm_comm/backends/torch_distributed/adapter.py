@@ -1,0 +1,410 @@
+"""The torch.distributed adapter: one :class:`CommBackend` for Gloo, NCCL, RCCL and HCCL.
+
+What differs between the four kinds is data (:mod:`.engines`).  The adapter's own concerns live beside it:
+argument checks and torchrun's variables (:mod:`.checks`), the rendezvous store (:mod:`.rendezvous`),
+torch's exceptions as typed errors (:mod:`.translate`), and AVG / list all_to_all on engines that lack
+them plus the work handle (:mod:`.emulation`).
+
+Every argument is checked on this rank *before* torch is called, so a rejected call raises a typed error and
+leaves tensors and groups untouched (torch does not compare shapes across ranks: see docs/backends.md).
+Every blocking step is bounded by the backend's ``timeout``: the rendezvous on every rank, each process
+group, and on Gloo each operation (started async, then ``work.wait(timeout)``); device engines enqueue on
+the current stream and torch's watchdog applies the same bound.  After ``comm_timeout`` destroy the backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sagellm_comm.backend import (
+    DEFAULT_TIMEOUT_S,
+    CommBackend,
+    GroupHandle,
+    ReduceOp,
+    register_comm_backend,
+)
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    CommError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    NotInitializedError,
+    RankMismatchError,
+    ShapeMismatchError,
+)
+
+from .checks import (
+    check_all_to_all_lists,
+    check_flat,
+    check_group_ranks,
+    check_list,
+    check_op,
+    check_peer,
+    check_tensor,
+    check_timeout,
+    check_world,
+    int_arg,
+    seconds,
+)
+from .emulation import TorchWork, packed_all_to_all, reduction
+from .engines import ALL_GATHER_FLAT, ENGINES, REDUCE_SCATTER_FLAT, pick_device
+from .rendezvous import init_world
+from .translate import translate
+
+__all__ = ["TorchDistributedBackend"]
+
+
+class TorchDistributedBackend(CommBackend):
+    """:class:`CommBackend` on torch.distributed for the kinds in :data:`ENGINES`.
+
+    Args:
+        kind: ``"gloo"``, ``"nccl"``, ``"rccl"`` or ``"hccl"``.
+        device: override the device tensors must live on (default: CPU for Gloo, else
+            ``<type>:<LOCAL_RANK % device_count>``, made current at init).
+    """
+
+    def __init__(self, kind: str = "gloo", *, device: str | torch.device | None = None):
+        if kind not in ENGINES:
+            raise BackendNotSupportedError(
+                f"TorchDistributedBackend runs {', '.join(ENGINES)}, not {kind!r}", details={"kind": kind}
+            )
+        self.engine = ENGINES[kind]
+        self.engine.require()
+        self.kind = kind
+        self._device_override = torch.device(device) if device is not None else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._destroyed = getattr(self, "_initialized", False) or getattr(self, "_destroyed", False)
+        self._initialized = False
+        self._rank = self._world_size = -1
+        self._device: torch.device | None = None
+        self._world: GroupHandle | None = None
+        self._groups: list[GroupHandle] = []
+        self._owns_world = False
+        self._store: Any = None
+        self.timeout = DEFAULT_TIMEOUT_S
+
+    # ------------------------------------------------------------------ lifecycle
+    def init(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        local_rank: int | None = None,
+    ) -> TorchDistributedBackend:
+        """Join the world; missing arguments come from torchrun's env (read, never written).
+
+        If torch.distributed's default group already exists (the caller made it), it is adopted
+        after checking rank and world size, and :meth:`destroy` leaves it alone.  A world of one
+        needs no address.  Raises ``comm_timeout`` when not every rank joins within ``timeout``.
+        """
+        timeout = check_timeout(timeout)
+        rank, world_size = check_world(rank, world_size)
+        if self._initialized:
+            if (rank, world_size) != (self._rank, self._world_size):
+                raise RankMismatchError(
+                    f"backend already initialised as rank {self._rank}/{self._world_size}, "
+                    f"asked for {rank}/{world_size}; destroy() it first"
+                )
+            return self
+        self.timeout = timeout
+        if dist.is_initialized():
+            self._adopt_world(rank, world_size)
+        else:
+            self._create_world(rank, world_size, master_addr, master_port)
+        self._rank, self._world_size = rank, world_size
+        try:  # past this point the world exists: undo it if the rest fails
+            local_rank = int_arg(local_rank, "LOCAL_RANK", "local_rank", default=rank)
+            self._device = self._device_override
+            if self._device is None:
+                self._device = pick_device(self.engine, local_rank)
+            cpu = dist.group.WORLD if self.engine.host_blocking else self._gloo_group(range(world_size))
+        except Exception as exc:
+            self._teardown()
+            self._reset()
+            raise self._translate(exc, "init (device, cpu group)", timeout) from exc
+        self._world = GroupHandle(tuple(range(world_size)), rank, dist.group.WORLD, cpu)
+        self._initialized, self._destroyed = True, False
+        return self
+
+    def _adopt_world(self, rank: int, world_size: int) -> None:
+        have = (dist.get_rank(), dist.get_world_size())
+        if have != (rank, world_size):
+            raise RankMismatchError(
+                f"torch.distributed is already initialised as rank {have[0]}/{have[1]}, "
+                f"but init was asked for rank {rank}/{world_size}",
+                details={"existing": have, "requested": (rank, world_size)},
+            )
+        running = str(dist.get_backend())
+        if self.engine.torch_backend not in running:
+            raise BackendNotSupportedError(
+                f"the existing default process group runs {running!r}; backend {self.kind!r} "
+                f"needs {self.engine.torch_backend!r}"
+            )
+        self._owns_world = False
+
+    def _create_world(self, rank: int, world_size: int, addr: str | None, port: int | None) -> None:
+        self._store = init_world(self.engine.torch_backend, rank, world_size, addr, port, self.timeout, self._translate)
+        self._owns_world = True
+
+    def _gloo_group(self, ranks: Sequence[int]) -> Any:
+        return dist.new_group(list(ranks), timeout=seconds(self.timeout), backend="gloo")
+
+    def destroy(self) -> None:
+        if not self._initialized:
+            return
+        self._teardown()
+        self._reset()
+
+    def _teardown(self) -> None:
+        for handle in reversed(self._groups):
+            for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
+                if not self._owns_world and _is_live(pg):
+                    dist.destroy_process_group(pg)
+        world_cpu = self._world.cpu_group if self._world is not None else None
+        if world_cpu is not dist.group.WORLD and not self._owns_world and _is_live(world_cpu):
+            dist.destroy_process_group(world_cpu)
+        if self._owns_world and dist.is_initialized():
+            dist.destroy_process_group()  # also frees every sub-group made on it
+        self._groups.clear()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def rank(self) -> int:
+        self._check_ready()
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        self._check_ready()
+        return self._world_size
+
+    @property
+    def device(self) -> torch.device:
+        self._check_ready()
+        return self._device
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def cpu_group(self) -> Any:
+        self._check_ready()
+        return self._world.cpu_group
+
+    @property
+    def world(self) -> GroupHandle:
+        """The handle of the whole world (what ``group=None`` means)."""
+        self._check_ready()
+        return self._world
+
+    # ------------------------------------------------------------------ groups
+    def new_group(self, ranks: Sequence[int]) -> GroupHandle:
+        """Sub-group of global ``ranks`` (sorted: group rank i is the i-th smallest). Every rank of
+        the world must call it with the same ranks; non-members get a handle with ``rank == -1``."""
+        self._check_ready()
+        members = check_group_ranks(ranks, self._world_size)
+        try:
+            engine_pg = dist.new_group(list(members), timeout=seconds(self.timeout))
+            cpu_pg = engine_pg if self.engine.host_blocking else self._gloo_group(members)
+        except Exception as exc:
+            raise self._translate(exc, f"new_group({list(members)})", self.timeout) from exc
+        is_member = self._rank in members
+        handle = GroupHandle(
+            members,
+            members.index(self._rank) if is_member else -1,
+            engine_pg if is_member else None,
+            cpu_pg if is_member else None,
+        )
+        self._groups.append(handle)
+        return handle
+
+    # ------------------------------------------------------------------ operations
+    def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(tensor, "tensor")
+        rop = self._check_op(op, tensor.dtype)
+        torch_op, post = self._reduction(rop, g, [tensor])
+        start = lambda: dist.all_reduce(tensor, torch_op, g.engine_group, True)
+        return self._run("all_reduce", g, async_op, tensor, post, start)
+
+    def all_gather(self, output, tensor, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(tensor, "tensor")
+        if isinstance(output, list | tuple):
+            out = self._check_list(output, "output", g.world_size, tensor)
+            start = lambda: dist.all_gather(out, tensor, g.engine_group, True)
+        else:
+            self._check_flat(output, "output", tensor, g.world_size * tensor.numel())
+            flat_out, flat_in = output.view(-1), tensor.view(-1)
+            start = lambda: ALL_GATHER_FLAT(flat_out, flat_in, g.engine_group, True)
+        return self._run("all_gather", g, async_op, output, None, start)
+
+    def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(output, "output")
+        rop = self._check_op(op, output.dtype)
+        if isinstance(input, list | tuple):
+            chunks = self._check_list(input, "input", g.world_size, output)
+            torch_op, post = self._reduction(rop, g, [output])
+            start = lambda: dist.reduce_scatter(output, chunks, torch_op, g.engine_group, True)
+        else:
+            self._check_flat(input, "input", output, g.world_size * output.numel())
+            torch_op, post = self._reduction(rop, g, [output])
+            start = lambda: REDUCE_SCATTER_FLAT(output.view(-1), input.view(-1), torch_op, g.engine_group, True)
+        return self._run("reduce_scatter", g, async_op, output, post, start)
+
+    def broadcast(self, tensor, src=0, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(tensor, "tensor")
+        root = g.ranks[check_peer(src, g, "src", allow_self=True)]
+        return self._run(
+            "broadcast", g, async_op, tensor, None, lambda: dist.broadcast(tensor, root, g.engine_group, True)
+        )
+
+    def send(self, tensor, dst, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(tensor, "tensor")
+        peer = g.ranks[check_peer(dst, g, "dst")]
+        work = self._run("send", g, True, None, None, lambda: dist.isend(tensor, peer, g.engine_group))
+        return work if async_op else work.wait()
+
+    def recv(self, tensor, src, group=None, async_op=False):
+        g = self._group(group)
+        self._check_tensor(tensor, "tensor")
+        peer = g.ranks[check_peer(src, g, "src")]
+        work = self._run("recv", g, True, tensor, None, lambda: dist.irecv(tensor, peer, g.engine_group))
+        return work if async_op else work.wait()
+
+    def barrier(self, group=None, timeout=None):
+        g = self._group(group)
+        limit = self.timeout if timeout is None else check_timeout(timeout)
+        try:  # Gloo's monitored barrier names the ranks that did not arrive
+            dist.monitored_barrier(g.cpu_group, timeout=seconds(limit), wait_all_ranks=True)
+        except Exception as exc:
+            raise self._translate(exc, f"barrier over ranks {list(g.ranks)}", limit) from exc
+
+    def all_to_all(self, output, input, group=None, async_op=False):
+        g = self._group(group)
+        n = g.world_size
+        if isinstance(input, list | tuple) or isinstance(output, list | tuple):
+            if not (isinstance(input, list | tuple) and isinstance(output, list | tuple)):
+                raise InvalidArgumentError("all_to_all takes two lists or two tensors, not one of each")
+            outs = check_all_to_all_lists(output, input, n, self._device, self.kind)
+            start, unpack = packed_all_to_all(outs, input, g.engine_group)
+            return self._run("all_to_all", g, async_op, output, unpack, start)
+        else:
+            self._check_tensor(input, "input")
+            self._check_flat(output, "output", input, input.numel())
+            if input.dim() == 0 or input.shape[0] % n:
+                raise ShapeMismatchError(
+                    f"input dim 0 ({tuple(input.shape)}) must split evenly into {n} ranks",
+                    details={"shape": tuple(input.shape), "world_size": n},
+                )
+            start = lambda: dist.all_to_all_single(output, input, group=g.engine_group, async_op=True)
+        return self._run("all_to_all", g, async_op, output, None, start)
+
+    # ------------------------------------------------------------------ machinery
+    def _run(self, what: str, g: GroupHandle, async_op: bool, result: Any, post, start) -> Any:
+        try:
+            work = start()
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{what} rejected by {self.kind}: {exc}") from exc
+        except Exception as exc:
+            raise self._translate(exc, what, self.timeout) from exc
+        handle = TorchWork(
+            work,
+            f"{what} over ranks {list(g.ranks)}",
+            result,
+            post,
+            host_blocking=self.engine.host_blocking,
+            timeout=self.timeout,
+            translate=self._translate,
+        )
+        return handle if async_op else handle.wait()
+
+    def _translate(self, exc: BaseException, what: str, timeout: float) -> CommError:
+        return translate(exc, what, timeout, self.kind)
+
+    def _check_ready(self) -> None:
+        if not self._initialized:
+            state = "was destroyed" if self._destroyed else "is not initialised"
+            raise NotInitializedError(
+                f"backend {self.kind!r} {state}: call init(rank=, world_size=, master_addr=, master_port=) first"
+            )
+
+    def _group(self, group: Any) -> GroupHandle:
+        self._check_ready()
+        if group is None:
+            return self._world
+        handle = getattr(group, "handle", group)  # a CommGroup carries its GroupHandle
+        if handle is None:  # a CommGroup over the whole world
+            return self._world
+        if not isinstance(handle, GroupHandle):
+            raise InvalidArgumentError(f"group must come from new_group(), got {type(group).__name__}")
+        if handle is not self._world and not any(handle is h for h in self._groups):
+            raise GroupNotFoundError(
+                f"group over ranks {list(handle.ranks)} does not belong to this backend (or was destroyed)"
+            )
+        if not handle.is_member:
+            raise RankMismatchError(
+                f"rank {self._rank} is not a member of the group over ranks {list(handle.ranks)}",
+                details={"rank": self._rank, "group_ranks": list(handle.ranks)},
+            )
+        return handle
+
+    def _check_tensor(self, tensor: Any, what: str) -> None:
+        check_tensor(tensor, what, self._device, self.kind)
+
+    def _check_list(self, tensors: Any, what: str, n: int, like: torch.Tensor | None) -> list[torch.Tensor]:
+        return check_list(tensors, what, n, like, self._device, self.kind)
+
+    def _check_flat(self, tensor: Any, what: str, like: torch.Tensor, numel: int) -> None:
+        check_flat(tensor, what, like, numel, self._device, self.kind)
+
+    def _check_op(self, op: Any, dtype: torch.dtype) -> ReduceOp:
+        return check_op(op, dtype, self.kind, self.engine.bitwise_ops)
+
+    def _reduction(self, rop: ReduceOp, g: GroupHandle, outputs: list[torch.Tensor]):
+        """torch op to run and a post-step (AVG as SUM then divide where the engine lacks it)."""
+        return reduction(rop, self.engine, g.world_size, outputs)
+
+
+def _is_live(pg: Any) -> bool:
+    """True while ``pg`` is still registered with torch.distributed (not yet destroyed)."""
+    if pg is None or not dist.is_initialized():
+        return False
+    try:
+        dist.get_world_size(pg)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _available(kind: str) -> bool:
+    ENGINES[kind].require()  # raises BackendNotSupportedError naming what is missing
+    return True
+
+
+for _kind, _engine in ENGINES.items():
+    register_comm_backend(
+        _kind,
+        functools.partial(TorchDistributedBackend, _kind),
+        is_available=functools.partial(_available, _kind),
+        priority=_engine.priority,
+        replace=True,
+    )

@@ -1,0 +1,176 @@
+"""Argument checks of the torch.distributed adapter, run before torch is called.
+
+Every function raises a typed error that says what was expected and what was given, so a rejected call
+leaves tensors and groups untouched.  :func:`int_arg` also reads torchrun's variables (``RANK``,
+``WORLD_SIZE``, ``MASTER_PORT``, ``LOCAL_RANK``) for arguments the caller left out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+
+from sagellm_comm.backend import GroupHandle, ReduceOp
+from sagellm_comm.errors import (
+    GroupInvalidError,
+    InvalidArgumentError,
+    RankMismatchError,
+    ShapeMismatchError,
+)
+
+
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as float seconds; a positive finite number or :class:`InvalidArgumentError`."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (0 < timeout < float("inf")):
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def seconds(timeout: float) -> datetime.timedelta:
+    """``timeout`` seconds as the ``timedelta`` torch.distributed takes."""
+    return datetime.timedelta(seconds=timeout)
+
+
+def int_arg(value: Any, env: str, what: str, default: int | None = None) -> int:
+    """``value`` if given, else the integer in ``$env``, else ``default``; typed error otherwise."""
+    if value is None:
+        text = os.environ.get(env)
+        if text is None:
+            if default is not None:
+                return default
+            raise InvalidArgumentError(f"{what} not given and ${env} is not set (run under torchrun or pass {what}=)")
+        try:
+            return int(text)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"${env}={text!r} is not an integer") from exc
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{what} must be an int, got {value!r}")
+    return value
+
+
+def check_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` from the arguments or ``$RANK``/``$WORLD_SIZE``, with ``0 <= rank < world_size``."""
+    rank = int_arg(rank, "RANK", "rank")
+    world_size = int_arg(world_size, "WORLD_SIZE", "world_size")
+    if world_size < 1:
+        raise GroupInvalidError(f"world_size must be >= 1, got {world_size}", details={"world_size": world_size})
+    if not 0 <= rank < world_size:
+        raise RankMismatchError(
+            f"rank must be in [0, {world_size - 1}] for world_size={world_size}, got {rank}",
+            details={"rank": rank, "world_size": world_size},
+        )
+    return rank, world_size
+
+
+def check_group_ranks(ranks: Any, world_size: int) -> tuple[int, ...]:
+    """The sorted members of a new group: non-empty, ints, no repeats, inside the world."""
+    try:
+        members = list(ranks)
+    except TypeError as exc:
+        raise GroupInvalidError(f"group ranks must be a list of ints, got {ranks!r}") from exc
+    if not members:
+        raise GroupInvalidError("group ranks are empty; a group needs at least one rank")
+    bad = [r for r in members if isinstance(r, bool) or not isinstance(r, int)]
+    if bad:
+        raise GroupInvalidError(f"group ranks must be ints, got {bad}")
+    dups = sorted({r for r in members if members.count(r) > 1})
+    if dups:
+        raise GroupInvalidError(f"group ranks {members} repeat {dups}", details={"duplicates": dups})
+    outside = [r for r in members if not 0 <= r < world_size]
+    if outside:
+        raise GroupInvalidError(
+            f"group ranks {outside} are outside the world [0, {world_size - 1}]",
+            details={"out_of_range": outside},
+        )
+    return tuple(sorted(members))
+
+
+def check_peer(peer: Any, g: GroupHandle, what: str, allow_self: bool = False) -> int:
+    """A rank inside group ``g`` (``src``/``dst``); not this rank unless ``allow_self``."""
+    if isinstance(peer, bool) or not isinstance(peer, int):
+        raise InvalidArgumentError(f"{what} must be an int rank, got {peer!r}")
+    if not 0 <= peer < g.world_size:
+        raise RankMismatchError(
+            f"invalid {what} rank {peer}: the group has {g.world_size} ranks (valid 0..{g.world_size - 1})",
+            details={what: peer, "group_size": g.world_size},
+        )
+    if peer == g.rank and not allow_self:
+        raise RankMismatchError(f"invalid {what} rank {peer}: it is this rank; send/recv need another rank")
+    return peer
+
+
+def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> None:
+    """A dense contiguous tensor on ``device`` (the backend ``kind``'s)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgumentError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != device.type or (
+        device.index is not None and tensor.device.index not in (device.index, None)
+    ):
+        raise InvalidArgumentError(
+            f"{what} is on {tensor.device}, but backend {kind!r} needs tensors on {device}; "
+            f"move it with .to({str(device)!r})",
+            details={"given": str(tensor.device), "expected": str(device)},
+        )
+    if tensor.is_sparse or not tensor.is_contiguous():
+        raise InvalidArgumentError(f"{what} must be a dense contiguous tensor; call .contiguous() first")
+
+
+def check_list(
+    tensors: Any, what: str, n: int, like: torch.Tensor | None, device: torch.device, kind: str
+) -> list[torch.Tensor]:
+    """``n`` tensors (one per rank), each valid and, if ``like`` is given, of its shape and dtype."""
+    tensors = list(tensors)
+    if len(tensors) != n:
+        raise InvalidArgumentError(f"{what} must hold {n} tensors (one per rank), got {len(tensors)}")
+    for i, t in enumerate(tensors):
+        check_tensor(t, f"{what}[{i}]", device, kind)
+        if like is not None and (t.shape != like.shape or t.dtype != like.dtype):
+            raise ShapeMismatchError(
+                f"{what}[{i}] is {tuple(t.shape)} {t.dtype}, expected {tuple(like.shape)} {like.dtype}",
+                details={"index": i, "shape": tuple(t.shape), "expected": tuple(like.shape)},
+            )
+    return tensors
+
+
+def check_flat(tensor: Any, what: str, like: torch.Tensor, numel: int, device: torch.device, kind: str) -> None:
+    """A valid tensor of ``numel`` elements of ``like``'s dtype (the flat form of a list argument)."""
+    check_tensor(tensor, what, device, kind)
+    if tensor.dtype != like.dtype or tensor.numel() != numel:
+        raise ShapeMismatchError(
+            f"{what} is {tuple(tensor.shape)} {tensor.dtype}; expected {numel} elements of {like.dtype}",
+            details={"numel": tensor.numel(), "expected_numel": numel},
+        )
+
+
+def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> ReduceOp:
+    """The :class:`ReduceOp` named by ``op``, if it is defined for ``dtype`` and offered by ``kind``."""
+    rop = ReduceOp.parse(op)
+    floating = dtype.is_floating_point or dtype.is_complex
+    if rop is ReduceOp.AVG and not floating:
+        raise InvalidArgumentError(f"ReduceOp.AVG needs a floating-point dtype, got {dtype}")
+    if rop.is_bitwise and floating:
+        raise InvalidArgumentError(f"ReduceOp.{rop.name} needs an integer or bool dtype, got {dtype}")
+    if rop.is_bitwise and not bitwise_ops:
+        raise InvalidArgumentError(f"ReduceOp.{rop.name} is not supported by {kind}")
+    if rop in (ReduceOp.MAX, ReduceOp.MIN) and dtype.is_complex:
+        raise InvalidArgumentError(f"ReduceOp.{rop.name} is undefined for complex dtype {dtype}")
+    return rop
+
+
+def check_all_to_all_lists(outputs: Any, inputs: Any, n: int, device: torch.device, kind: str) -> list[torch.Tensor]:
+    """The list form of all_to_all: ``n`` valid inputs and ``n`` valid outputs, all of one dtype (shapes may
+    differ per peer).  Returns the outputs as a list."""
+    if len(inputs) != n:
+        raise InvalidArgumentError(f"input must hold {n} tensors (one per rank), got {len(inputs)}")
+    for i, chunk in enumerate(inputs):
+        check_tensor(chunk, f"input[{i}]", device, kind)
+    outs = check_list(outputs, "output", n, None, device, kind)
+    dtype = inputs[0].dtype
+    for i, t in enumerate([*inputs, *outs]):
+        if t.dtype != dtype:
+            where = f"input[{i}]" if i < n else f"output[{i - n}]"
+            raise ShapeMismatchError(f"{where} has dtype {t.dtype}; all_to_all needs one dtype ({dtype})")
+    return outs

@@ -1,0 +1,99 @@
+"""What some engines lack, built from what all of them have, and the handle that finishes it.
+
+* AVG: engines without a native average (Gloo, HCCL) run SUM, then divide in place (exact for floats).
+* all_to_all of tensor lists: packed into one flat send and one flat receive buffer and run through
+  ``all_to_all_single`` (every engine and torch version has it; Gloo before torch 2.13 lacks the list form),
+  then unpacked into the caller's output tensors.
+
+Both are a torch op plus a *post-step* run once, by :class:`TorchWork.wait`, after the engine finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sagellm_comm.backend import ReduceOp, Work
+
+from .checks import check_timeout, seconds
+from .engines import TORCH_OPS, Engine
+
+PostStep = Callable[[], None] | None
+
+
+def reduction(rop: ReduceOp, engine: Engine, world_size: int, outputs: Sequence[torch.Tensor]) -> tuple[Any, PostStep]:
+    """The torch op to run for ``rop`` and a post-step: AVG is SUM then an in-place divide where not native."""
+    if rop is ReduceOp.AVG and not engine.native_avg:
+
+        def divide() -> None:
+            for t in outputs:
+                t.div_(world_size)
+
+        return dist.ReduceOp.SUM, divide
+    return getattr(dist.ReduceOp, TORCH_OPS[rop]), None
+
+
+def packed_all_to_all(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], engine_group: Any
+) -> tuple[Callable[[], Any], PostStep]:
+    """Start function and unpack step of a list all_to_all run as one ``all_to_all_single``.
+
+    ``inputs[j]`` goes to rank ``j``; rank ``i``'s chunk lands in ``outputs[i]``.  One dtype throughout
+    (checked by the caller); shapes may differ per peer.
+    """
+    send = torch.cat([t.reshape(-1) for t in inputs])
+    recv = torch.empty(sum(o.numel() for o in outputs), dtype=send.dtype, device=send.device)
+    send_splits, recv_splits = [t.numel() for t in inputs], [o.numel() for o in outputs]
+
+    def start() -> Any:
+        return dist.all_to_all_single(recv, send, recv_splits, send_splits, engine_group, True)
+
+    def unpack() -> None:
+        for o, chunk in zip(outputs, recv.split(recv_splits), strict=True):
+            o.copy_(chunk.view(o.shape))
+
+    return start, unpack
+
+
+class TorchWork(Work):
+    """Wraps a torch Work: bounded wait on host-blocking engines, the post-step run once, typed errors.
+
+    ``translate(exc, what, limit)`` turns torch's exception into the library's typed error.
+    """
+
+    def __init__(
+        self,
+        work: Any,
+        what: str,
+        result: Any,
+        post: PostStep,
+        *,
+        host_blocking: bool,
+        timeout: float,
+        translate: Callable[[BaseException, str, float], Exception],
+    ):
+        self._work, self._what, self._result, self._post = work, what, result, post
+        self._host_blocking, self._timeout, self._translate = host_blocking, timeout, translate
+        self._done = False
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if self._done:
+            return self._result
+        limit = self._timeout if timeout is None else check_timeout(timeout)
+        try:
+            if self._host_blocking:
+                self._work.wait(seconds(limit))
+            else:  # stream semantics: the current stream waits, the host does not
+                self._work.wait()
+        except Exception as exc:
+            raise self._translate(exc, self._what, limit) from exc
+        if self._post is not None:
+            self._post()
+        self._done = True
+        return self._result
+
+    def is_completed(self) -> bool:
+        return self._done or bool(self._work.is_completed())
