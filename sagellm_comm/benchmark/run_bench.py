@@ -29,7 +29,8 @@ from sagellm_comm.benchmark.config import (
 )
 from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
 from sagellm_comm.benchmark.plan import plan_launch
-from sagellm_comm.benchmark.runner import command_line, run_benchmark
+from sagellm_comm.benchmark.provenance import command_line
+from sagellm_comm.benchmark.runner import run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
 from sagellm_comm.errors import CommError, InvalidArgumentError
 

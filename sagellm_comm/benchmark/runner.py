@@ -10,8 +10,6 @@ it started before re-raising ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 from typing import Any
 
 import torch
@@ -158,9 +156,3 @@ def run_benchmark(config: BenchConfig, *, print_table: bool = False, backend: An
         is_rank0 = int(os.environ["RANK"]) == 0
         return finish(result, config, print_table=print_table) if is_rank0 else None
     return finish(run_spawn(config, plan), config, print_table=print_table)
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (program name and arguments), shell-quoted, for the results' metadata."""
-    args = sys.argv if argv is None else argv
-    return " ".join([args[0], shlex.join(args[1:])]) if args else ""
