@@ -10,6 +10,7 @@ so (``commit_source``) with the dirty flag unknown (None).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shlex
 import subprocess
@@ -89,3 +90,11 @@ def provenance(device: str, **extra: Any) -> dict:
         pass
     meta.update(extra)
     return meta
+
+
+def write_record(path: str | Path, meta: dict, **sections: Any) -> Path:
+    """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **sections}, indent=1) + "\n")
+    return out

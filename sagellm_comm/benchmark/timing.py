@@ -225,3 +225,10 @@ def time_graph(
     finally:
         del graph
     return [sample / calls for sample in samples]
+
+
+def median_graph_us(fn: Callable[[], object], *, calls: int = 1, iters: int = 10, device=None) -> float:
+    """Median of :func:`time_graph`'s per-call samples on ``device`` (default: the current CUDA device)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return summarize(time_graph(fn, device=device, calls=calls, iters=iters)).median_us
