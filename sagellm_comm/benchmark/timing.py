@@ -103,6 +103,12 @@ def _cycles_per_us(device: torch.device | str) -> float:
     return khz / 1e3 if khz > 0 else 2000.0
 
 
+def hold(us: float, device: torch.device | str) -> None:
+    """Enqueue a device-side spin of about ``us`` microseconds on the current stream (returns at once), so
+    that what the host queues behind it starts back to back: the intervals after it are device time."""
+    torch.cuda._sleep(int(us * _cycles_per_us(device)))
+
+
 def _is_cuda(device: torch.device | str | None) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
@@ -153,8 +159,7 @@ def time_iterations(
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         if hold_device:
-            hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0))
-            torch.cuda._sleep(int(hold_us * _cycles_per_us(device)))
+            hold(min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0)), device)
         for start, end in zip(starts, ends, strict=True):
             if reset is not None:
                 reset()
