@@ -360,6 +360,21 @@ def virtual_fused() -> str:
     return f"From {cite(VIRTUAL_FUSED)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
 
 
+VIRTUAL_RMSNORM = "h100/fused_rmsnorm_virtual.json"
+
+
+def virtual_rmsnorm() -> str:
+    rows = {(r["world_size"], r["tokens"], r["hidden"]): r for r in load(VIRTUAL_RMSNORM)["all_reduce_rmsnorm"]}
+    speedups = [r["speedup"] for r in rows.values()]
+    a, b = rows[(8, 128, 8192)], rows[(2, 1, 8192)]
+    return (
+        f"**AR + residual + RMSNorm**: the fused kernel beats all-reduce + torch add + `F.rms_norm` at every shape, "
+        f"{min(speedups):.2f}x-{max(speedups):.2f}x (e.g. N=8, 128 x 8192: {a['fused_us']:.0f} vs "
+        f"{a['unfused_us']:.0f} us; N=2, 1 x 8192: {b['fused_us']:.1f} vs {b['unfused_us']:.1f} us; "
+        f"{cite(VIRTUAL_RMSNORM)})."
+    )
+
+
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
@@ -406,6 +421,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "2xh100-fused": two_gpu_fused,
     "2xh100-fused-repeats": fused_repeats,
     "h100-virtual-fused": virtual_fused,
+    "h100-virtual-rmsnorm": virtual_rmsnorm,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
