@@ -32,10 +32,10 @@ from sagellm_comm.benchmark.plan import plan_launch
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.runner import run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
+from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
-INTERRUPTED_EXIT = 130  # the shell's convention for a process ended by SIGINT (128 + 2)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -22,6 +22,7 @@ from typing import Any
 from sagellm_comm.errors import CollectiveFailedError
 
 MASTER_ADDR = "127.0.0.1"
+INTERRUPTED_EXIT = 130  # a rank stopped by Ctrl-C exits with this status (128 + SIGINT)
 
 
 def free_port() -> int:
@@ -39,7 +40,10 @@ def _rank_entry(index: int, fn: Callable[..., Any], args: tuple, world_size: int
     os.environ["LOCAL_RANK"] = str(index)
     os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    result = fn(index, world_size, port, *args)
+    try:
+        result = fn(index, world_size, port, *args)
+    except KeyboardInterrupt:
+        raise SystemExit(INTERRUPTED_EXIT) from None  # the parent reads this status as an interruption
     if index == 0:
         with open(path, "wb") as handle:
             pickle.dump(result, handle)
@@ -93,6 +97,8 @@ def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str 
         except mp.ProcessRaisedException as exc:
             raise CollectiveFailedError(f"a {what} rank failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:
+            if exc.exit_code in (INTERRUPTED_EXIT, -signal.SIGINT):
+                raise KeyboardInterrupt from None  # Ctrl-C reached a rank before (or instead of) this process
             raise CollectiveFailedError(f"a {what} rank died: {exc}") from None
         finally:
             stop(context.processes)
