@@ -370,3 +370,13 @@ def test_help_lists_the_options(capsys):
     options = "--op --backend --algo --sizes --message-sizes --dtype --warmup --iters --graph --selector-config"
     for option in (*options.split(), "--output-dir", "--plot", "--world-size", "--virtual-ranks"):
         assert option in text
+
+
+def test_overlap_benchmark_refusals_are_one_line_too(capsys):
+    from sagellm_comm.benchmark import run_overlap_bench
+
+    with pytest.raises(SystemExit) as excinfo:
+        run_overlap_bench.main(["--warmup", "-1", "--no-output"])
+    assert excinfo.value.code == 2
+    line = _one_line_refusal(capsys.readouterr().err, prog="python -m sagellm_comm.benchmark.run_overlap_bench")
+    assert "warmup >= 0" in line
