@@ -404,6 +404,17 @@ def test_git_state_falls_back_to_the_environment_and_says_so(tmp_path, monkeypat
     assert state.commit == "unknown" and state.dirty is None and "unset" in state.source
 
 
+def test_git_state_ignores_a_repository_that_merely_encloses_the_tree(tmp_path, monkeypatch):
+    """An installed package inside some other project's checkout must not record that project's commit."""
+    from sagellm_comm.benchmark.provenance import git_state
+
+    monkeypatch.delenv("SAGELLM_COMMIT", raising=False)
+    _git_repo(tmp_path, "a.py")
+    (tmp_path / "site-packages").mkdir()
+    state = git_state(tmp_path / "site-packages")
+    assert state.commit == "unknown" and state.dirty is None
+
+
 def test_table_header_names_the_commit_and_dirty_flag():
     info = _info(["a"])
     info.git_commit, info.git_dirty = "0123456789abcdef0123", True

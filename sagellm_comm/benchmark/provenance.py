@@ -3,8 +3,9 @@
 Every result file (``sagellm-comm bench`` and the scripts under ``bench/``) records :func:`provenance`.
 The commit is read from ``git rev-parse HEAD`` in the source tree of this package and the dirty flag from
 ``git status --porcelain --untracked-files=no`` (a modified or staged tracked file).  Only where git cannot
-answer (a copied tree without ``.git``, no git installed) is ``SAGELLM_COMMIT`` used, and the record says
-so (``commit_source``) with the dirty flag unknown (None).
+answer (a copied tree without ``.git``, no git installed, an installed package whose directory is not the
+root of a checkout) is ``SAGELLM_COMMIT`` used, and the record says so (``commit_source``) with the dirty
+flag unknown (None).
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def _git(*args: str, cwd: Path) -> str | None:
 
 def git_state(tree: Path | str = SOURCE_TREE) -> GitState:
     """The commit of ``tree`` and its dirty flag, from git; the ``SAGELLM_COMMIT`` fallback only without git."""
-    head = _git("rev-parse", "HEAD", cwd=Path(tree))
-    status = _git("status", "--porcelain", "--untracked-files=no", cwd=Path(tree)) if head else None
+    tree = Path(tree)
+    top = _git("rev-parse", "--show-toplevel", cwd=tree) if tree.is_dir() else None
+    ours = top is not None and Path(top.strip()).resolve() == tree.resolve()  # not an enclosing repo's commit
+    head = _git("rev-parse", "HEAD", cwd=tree) if ours else None
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=tree) if head else None
     if head and head.strip() and status is not None:
         return GitState(head.strip(), bool(status.strip()), "git")
     if os.environ.get(COMMIT_ENV):
