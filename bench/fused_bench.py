@@ -14,81 +14,58 @@ AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfuse
 add, ``torch.nn.functional.rms_norm``).
 
 Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--calls`` calls, divided by
-``--calls``.  All ranks share one GPU, so compute and memory traffic are N times one rank's; compare the
-columns with each other, not with multi-GPU figures.  Writes ``<out>.json`` and ``<out>.md``::
+``--calls`` (:func:`sagellm_comm.benchmark.timing.time_graph`).  All ranks share one GPU, so compute and
+memory traffic are N times one rank's; compare the columns with each other, not with multi-GPU figures.
+Needs a CUDA GPU.  Writes ``<out>.json`` (``bench/make_docs_tables.py`` makes the tables)::
 
-    python bench/fused_bench.py --out bench/results/fused_h100_virtual
+    python -m bench.fused_bench --out bench/results/h100/fused_virtual
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import triton  # noqa: E402
-
-from sagellm_comm.fused import VirtualFused  # noqa: E402
-from sagellm_comm.fused.gemm import _gemm_config  # noqa: E402
-from sagellm_comm.kernels import gemm_all_reduce as _gk  # noqa: E402
-from sagellm_comm.virtual import VirtualRankGroup  # noqa: E402
-from sagellm_comm.workspace import local_workspaces  # noqa: E402
+from sagellm_comm.benchmark.plan import cuda_available
+from sagellm_comm.benchmark.provenance import provenance, write_record
+from sagellm_comm.benchmark.timing import median_graph_us
 
 
 def graph_us(fn, calls: int, reps: int) -> float:
-    """Median device time of one ``fn()``, from replays of a CUDA graph of ``calls`` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000.0 / calls)
-    del g
-    return statistics.median(times)
+    return median_graph_us(fn, calls=calls, iters=reps)
 
 
-def _triton_gemm_only(vf: VirtualFused, a, b, m: int, n: int) -> None:
+_SCRATCH: dict = {}  # VirtualFused id -> (workspaces, peer table) the producer GEMM writes into
+
+
+def _triton_gemm_only(vf, a, b, m: int, n: int) -> None:
     """The fused path's producer GEMM alone, on scratch workspaces (its flags are never consumed there)."""
+    import triton
+
+    from sagellm_comm.fused.gemm import _gemm_config  # private: no public accessor of the GEMM config yet
+    from sagellm_comm.kernels import gemm_all_reduce as gemm_kernels
+    from sagellm_comm.workspace import local_workspaces
+
     w = vf.world_size
-    if not hasattr(vf, "_scratch"):
-        vf._scratch = local_workspaces(w, vf.gemm_workspaces[0].slot_bytes, vf.device)
-        vf._scratch_table = torch.cat([ws.table for ws in vf._scratch])
+    if id(vf) not in _SCRATCH:
+        scratch = local_workspaces(w, vf.gemm_workspaces[0].slot_bytes, vf.device)
+        _SCRATCH[id(vf)] = (scratch, torch.cat([ws.table for ws in scratch]))
+    scratch, table = _SCRATCH[id(vf)]
     cfg = dict(_gemm_config(m, True))
     bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    _gk.gemm_publish_kernel[(tiles * w, 1)](
-        a, b, vf._scratch_table, vf._scratch[0].control, m, n, a.shape[-1], a.stride(0), a.stride(1), a.stride(2),
+    gemm_kernels.gemm_publish_kernel[(tiles * w, 1)](
+        a, b, table, scratch[0].control, m, n, a.shape[-1], a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2), 0, vf.gemm.buffer_bytes, w, triton.next_power_of_2(w), bm, bn, bk, gm,
         True, True, **cfg,
     )  # fmt: skip
 
 
-def bench_gemm(vf: VirtualFused, m: int, n: int, calls: int, reps: int) -> dict:
+def bench_gemm(vf, m: int, n: int, calls: int, reps: int) -> dict:
     w = vf.world_size
     k = 14336 // w
     a = torch.randn(w, m, k, device="cuda", dtype=torch.bfloat16)
@@ -127,7 +104,7 @@ def bench_gemm(vf: VirtualFused, m: int, n: int, calls: int, reps: int) -> dict:
     return row
 
 
-def bench_rmsnorm(vf: VirtualFused, tokens: int, hidden: int, calls: int, reps: int) -> dict:
+def bench_rmsnorm(vf, tokens: int, hidden: int, calls: int, reps: int) -> dict:
     w = vf.world_size
     x = torch.randn(w, tokens, hidden, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).expand(w, -1, -1).contiguous()
@@ -155,18 +132,9 @@ def bench_rmsnorm(vf: VirtualFused, tokens: int, hidden: int, calls: int, reps: 
     return row
 
 
-def _md_table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.1f}" if isinstance(v, float) and abs(v) >= 10 else f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results/fused_h100_virtual")
+    p.add_argument("--out", default="bench/results/h100/fused_virtual")
     p.add_argument("--world-sizes", default="2,4,8")
     p.add_argument("--m", default="1,16,128,512,2048,8192,16384")
     p.add_argument("--n", default="4096,8192")
@@ -177,6 +145,11 @@ def main() -> None:
     p.add_argument("--skip-gemm", action="store_true")
     p.add_argument("--skip-rmsnorm", action="store_true")
     args = p.parse_args()
+    if not cuda_available():
+        raise SystemExit("bench/fused_bench.py: needs a CUDA GPU (the virtual ranks run on one)")
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
     ms = [int(v) for v in args.m.split(",")]
     ns = [int(v) for v in args.n.split(",")]
     gemm_rows, rms_rows = [], []
@@ -200,31 +173,14 @@ def main() -> None:
         vf.close()
         vg.close()
         torch.cuda.empty_cache()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("GIT_COMMIT", "unknown")
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "torch": torch.__version__,
-        "seconds": round(time.time() - t0, 1),
-        "timing": f"median of {args.reps} CUDA-graph replays of {args.calls} calls (fewer for the largest GEMMs)",
-    }
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "gemm_all_reduce": gemm_rows, "all_reduce_rmsnorm": rms_rows}, f, indent=1)
-    gcols = ["world_size", "M", "N", "K_shard", "gemm_us", "triton_gemm_us", "ar_us", "seq_us", "seq_best_us",
-             "chunked_us", "fused_us", "fused1_us", "ratio", "auto", "auto_us"]  # fmt: skip
-    rcols = ["world_size", "tokens", "hidden", "algo", "fused_us", "unfused_us", "speedup"]
-    with open(args.out + ".md", "w") as f:
-        f.write(f"# Fused TP ops, virtual ranks on one GPU\n\n{json.dumps(meta, indent=1)}\n\n")
-        f.write("## GEMM + all-reduce (bf16, microseconds per call, all ranks on one GPU)\n\n")
-        f.write(_md_table(gemm_rows, gcols) + "\n\n## AR + residual + RMSNorm (bf16)\n\n")
-        f.write(_md_table(rms_rows, rcols) + "\n")
-    with open(args.out + ".md") as f:
-        print(f.read())
+    meta = provenance(
+        torch.cuda.get_device_name(),
+        seconds=round(time.time() - t0, 1),
+        timing=f"time_graph: median of {args.reps} CUDA-graph replays of {args.calls} calls (fewer for the "
+        "largest GEMMs), per call",
+    )
+    write_record(args.out + ".json", meta, gemm_all_reduce=gemm_rows, all_reduce_rmsnorm=rms_rows)
+    print(f"# wrote {args.out}.json")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ AR + residual + RMSNorm, [tokens, hidden]: ``fused_us`` (one kernel) vs ``unfuse
 torch add, ``torch.nn.functional.rms_norm``) and ``unfused_nccl_us`` (NCCL instead of ours).
 
 Every figure is the median over ``--reps`` replays of a CUDA graph holding ``calls`` calls, divided by
-``calls``, of the slowest rank: ``calls`` is ``--calls``, capped so that one graph holds at most
+``calls`` (:func:`sagellm_comm.benchmark.timing.time_graph`, ranks aligned by a barrier before each
+batch), of the slowest rank: ``calls`` is ``--calls``, capped so that one graph holds at most
 ``--graph-gflop`` GFLOP of GEMM (default 400: one call per graph from 8192 x 4096 up, so a collective's
 first barrier also absorbs the ranks' replay skew; a larger cap measures back-to-back calls, as consecutive
-layers run).  Writes ``<out>.json`` and ``<out>.md``::
+layers run).  Needs 2+ CUDA GPUs (one process each).  Writes ``<out>.json`` (``bench/make_docs_tables.py``
+makes ``<out>.md`` and the docs' tables)::
 
-    python bench/fused_multi_gpu_bench.py --out bench/results/2xh100/fused_2xh100
+    python -m bench.fused_multi_gpu_bench --out bench/results/2xh100/fused
 """
 
 from __future__ import annotations
@@ -30,34 +32,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
-import sys
-import traceback
 
 import torch
-import torch.multiprocessing as mp
+import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.custom_all_reduce_bench import run_meta, write_json  # noqa: E402
-from sagellm_comm.benchmark.timing import capture_graph  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from sagellm_comm.benchmark.plan import cuda_available
+from sagellm_comm.benchmark.provenance import provenance, write_record
+from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
+from sagellm_comm.benchmark.timing import summarize, time_graph
 
 
 def graph_us(fn, calls: int, reps: int, barrier) -> float:
-    """Median device time of one ``fn()`` on this rank: replays of a graph of ``calls`` calls."""
-    g = capture_graph(fn, device=torch.cuda.current_device(), warmup=2, calls=calls)
-    barrier()
-    g.replay()  # the first replay absorbs the ranks' start skew
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for e0, e1 in events:
-        e0.record()
-        g.replay()
-        e1.record()
-    torch.cuda.synchronize()
-    del g
-    return statistics.median(e0.elapsed_time(e1) * 1000.0 / calls for e0, e1 in events)
+    """Median device time of one ``fn()`` on this rank under graph replay; ``barrier`` aligns the ranks."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    return summarize(time_graph(fn, device=device, calls=calls, iters=reps, barrier=barrier)).median_us
 
 
 def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
@@ -71,7 +60,7 @@ def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
 
 def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunks=(), graph_gflop=400.0) -> dict:
     from sagellm_comm.fused import gemm_all_reduce, last_selection
-    from sagellm_comm.fused.group import _group_state
+    from sagellm_comm.fused.group import _group_state  # private: no public accessor of the group's GEMM yet
 
     w = backend.world_size
     k = 14336 // w
@@ -146,58 +135,34 @@ def bench_rmsnorm(backend, tokens: int, hidden: int, calls: int, reps: int, barr
 
 
 def init_rank(rank: int, world_size: int, port: int):
-    """In a spawned worker: join the group on the ``custom`` backend; returns (backend, barrier)."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    """In a spawned rank: join the group on the ``custom`` backend; returns (backend, barrier)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=MASTER_ADDR, MASTER_PORT=str(port))
     import sagellm_comm
 
     backend = sagellm_comm.init(backend="custom", timeout=300).backend
-    assert backend.custom is not None, backend.custom_reason
-    return backend, lambda: backend._exchange(None)  # the barrier: CPU group, does not touch the streams
+    if backend.custom is None:
+        raise RuntimeError(f"the custom kernels are off on this world: {backend.custom_reason}")
+    return backend, lambda: dist.barrier(group=backend.cpu_group)  # CPU group: does not touch the streams
 
 
-def run_workers(target, world_size: int, args, timeout_s: float = 1800):
-    """Spawn ``target(rank, world_size, port, args, queue)`` per rank; the payload rank 0 puts on the queue.
-
-    A worker puts ``("ok", payload)`` or ``("error", traceback)``; an error exits with its text.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world_size, port, args, queue)) for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    status, payload = queue.get(timeout=timeout_s)
-    for proc in procs:
-        proc.join(timeout=60 if status == "ok" else 1)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise SystemExit(payload)
-    return payload
-
-
-def worker(rank: int, world_size: int, port: int, args, out_queue) -> None:
+def rank_main(rank: int, world_size: int, port: int, args) -> list:
+    """One rank's rows; rank 0 returns every rank's ``(gemm_rows, norm_rows)``."""
     import sagellm_comm
 
-    try:
-        backend, barrier = init_rank(rank, world_size, port)
-        gemm_rows, norm_rows = [], []
-        for n in args.n:
-            for m in args.m:
-                gemm_rows.append(
-                    bench_gemm(backend, m, n, args.calls, args.reps, barrier, args.ce_chunks, args.graph_gflop)
-                )
-        for hidden in args.hidden:
-            for tokens in args.tokens:
-                norm_rows.append(bench_rmsnorm(backend, tokens, hidden, args.calls, args.reps, barrier))
-        every = backend._exchange((gemm_rows, norm_rows))
-        sagellm_comm.destroy()
-        if rank == 0:
-            out_queue.put(("ok", every))
-    except Exception:
-        out_queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+    backend, barrier = init_rank(rank, world_size, port)
+    gemm_rows, norm_rows = [], []
+    for n in args.n:
+        for m in args.m:
+            gemm_rows.append(
+                bench_gemm(backend, m, n, args.calls, args.reps, barrier, args.ce_chunks, args.graph_gflop)
+            )
+    for hidden in args.hidden:
+        for tokens in args.tokens:
+            norm_rows.append(bench_rmsnorm(backend, tokens, hidden, args.calls, args.reps, barrier))
+    every: list = [None] * world_size
+    dist.all_gather_object(every, (gemm_rows, norm_rows), group=backend.cpu_group)
+    sagellm_comm.destroy()
+    return every
 
 
 def _slowest(rank_rows: list[list[dict]]) -> list[dict]:
@@ -216,52 +181,6 @@ def _slowest(rank_rows: list[list[dict]]) -> list[dict]:
     return merged
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
-def markdown(meta: dict, gemm: list[dict], norm: list[dict]) -> str:
-    counts = sorted({int(k[2:-3]) for r in gemm for k in r if re.fullmatch(r"ce\d+_us", k)})
-    lines = [
-        f"# Fused TP operations on {meta['world_size']} real GPUs ({meta['device']})\n",
-        f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
-        f"command `{meta['command']}`. Times in us per call (CUDA-graph replay, slowest rank).\n",
-        "## GEMM + all-reduce (bf16, K_shard = 14336 / W)\n",
-        "| M | N | GEMM | our AR (algo) | NCCL AR | GEMM+NCCL | sequential | chunked | copy engines (default C) "
-        f"| zero-copy | copy engines C={'/'.join(map(str, counts)) or '-'} | fused "
-        "| auto (path) | auto / max(GEMM, AR) | best overlapped / max(GEMM, AR) | calls per graph |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in gemm:
-        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
-        auto_ratio = "-" if r.get("auto_ratio") is None else f"{r['auto_ratio']:.2f}"
-        lines.append(
-            f"| {r['M']} | {r['N']} | {_fmt(r['gemm_us'])} | {_fmt(r['ar_us'])} ({r.get('ar_algo', '-')}) | "
-            f"{_fmt(r['nccl_ar_us'])} | {_fmt(r['seq_nccl_us'])} | {_fmt(r['seq_us'])} | {_fmt(r['chunked_us'])} | "
-            f"{_fmt(r.get('copy_engine_us'))} ({r.get('ce_chunks', '-')}) | {_fmt(r.get('copy_engine_zc_us'))} | "
-            f"{' / '.join(_fmt(r.get(f'ce{c}_us')) for c in counts) or '-'} | "
-            f"{_fmt(r['fused_us'])} | {_fmt(r['auto_us'])} ({r.get('auto', '-')}) | "
-            f"{auto_ratio} | {ratio} | {r['calls']} |"
-        )
-    lines += [
-        "\n## All-reduce + residual + RMSNorm (bf16)\n",
-        "| tokens | hidden | fused | ours unfused | NCCL unfused | unfused / fused | NCCL unfused / fused |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in norm:
-        f, u, un = r["fused_us"], r["unfused_us"], r["unfused_nccl_us"]
-        ratio = "-" if not (f and u) else f"{u / f:.2f}"
-        ratio_n = "-" if not (f and un) else f"{un / f:.2f}"
-        lines.append(f"| {r['tokens']} | {r['hidden']} | {_fmt(f)} | {_fmt(u)} | {_fmt(un)} | {ratio} | {ratio_n} |")
-    failed = [r for r in gemm + norm if "errors" in r]
-    if failed:
-        lines.append("\nPaths that did not run (shape over the workspace, ...):\n")
-        for r in failed:
-            shape = {k: r[k] for k in ("M", "N", "tokens", "hidden") if k in r}
-            lines.append(f"- {shape}: {r['errors']}")
-    return "\n".join(lines) + "\n"
-
-
 def _auto_ratio(row: dict) -> float | None:
     """The default call (``auto``) over max(GEMM alone, all-reduce alone)."""
     return _over_alone(row, row.get("auto_us"))
@@ -269,8 +188,8 @@ def _auto_ratio(row: dict) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="bench/results/2xh100/fused_2xh100")
-    p.add_argument("--world-size", type=int, default=torch.cuda.device_count())
+    p.add_argument("--out", default="bench/results/2xh100/fused")
+    p.add_argument("--world-size", type=int, default=torch.cuda.device_count() if cuda_available() else 0)
     p.add_argument("--m", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 512, 2048, 8192])
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 128, 1024, 4096])
@@ -280,16 +199,22 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--graph-gflop", type=float, default=400.0, help="GEMM GFLOP one graph may hold (caps --calls)")
     args = p.parse_args()
-    if args.world_size < 2:
-        raise SystemExit("needs at least 2 GPUs (one process per GPU)")
-    payload = run_workers(worker, args.world_size, args)
+    visible = torch.cuda.device_count() if cuda_available() else 0
+    if args.world_size < 2 or args.world_size > visible:
+        raise SystemExit(
+            f"bench/fused_multi_gpu_bench.py: needs 2+ CUDA GPUs, one process each (--world-size {args.world_size}, "
+            f"{visible} visible)"
+        )
+    payload = spawn_ranks(rank_main, (args,), args.world_size, what="fused benchmark")
     gemm = _slowest([rows[0] for rows in payload])
     norm = _slowest([rows[1] for rows in payload])
-    meta = run_meta(world_size=args.world_size)
-    write_json(args.out + ".json", {"meta": meta, "gemm": gemm, "rmsnorm": norm})
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(meta, gemm, norm))
-    print(markdown(meta, gemm, norm))
+    meta = provenance(
+        torch.cuda.get_device_name(),
+        world_size=args.world_size,
+        timing="time_graph per rank, slowest rank's median, per call",
+    )
+    write_record(args.out + ".json", meta, gemm=gemm, rmsnorm=norm)
+    print(f"# wrote {args.out}.json")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,19 @@ import argparse
 import sys
 
 from sagellm_comm.benchmark.run_bench import DESCRIPTION as BENCH_DESCRIPTION
-from sagellm_comm.benchmark.run_bench import add_bench_arguments, run_from_args
+from sagellm_comm.benchmark.run_bench import (
+    INTERRUPTED_EXIT,
+    OneLineParser,
+    add_bench_arguments,
+    one_line,
+    run_from_args,
+)
+from sagellm_comm.errors import CommError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sagellm-comm", description="sagellm-comm command-line tools")
+    """The parser of ``sagellm-comm``; its usage errors (and its subcommands') are one line, exit 2."""
+    parser = OneLineParser(prog="sagellm-comm", description="sagellm-comm command-line tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = sub.add_parser(
         "bench", help="time collectives (nccl-tests-style table, JSON/CSV, plot)", description=BENCH_DESCRIPTION
@@ -35,11 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _topo() -> int:
     from sagellm_comm.topology import Topology
 
-    print(Topology.discover().format_matrix())
+    try:
+        text = Topology.discover().format_matrix()
+    except CommError as exc:  # e.g. a malformed SAGELLM_COMM_TOPOLOGY
+        print(f"sagellm-comm topo: error: {one_line(exc.message)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sagellm-comm topo: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    print(text)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; exit status 0 ok, 1 failed run, 2 usage/environment error, 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "topo":

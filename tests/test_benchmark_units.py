@@ -361,3 +361,79 @@ def test_graph_replays_eager_is_the_call_itself():
     timed, check, per_sample = graph_replays(fn, settings, torch.device("cpu"), reset=lambda: None)
     assert timed is fn and check is fn and per_sample == 1
     assert calls == []  # nothing runs before the timed loop
+
+
+# ------------------------------------------------------------------------------------- provenance
+
+
+def _git_repo(path, *files):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in files:
+        (path / name).write_text("v1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_state_reads_commit_and_dirty_flag_from_git(tmp_path, monkeypatch):
+    from sagellm_comm.benchmark.provenance import git_state
+
+    monkeypatch.setenv("SAGELLM_COMMIT", "from-the-environment")  # git wins where it can answer
+    head = _git_repo(tmp_path, "a.py")
+    assert git_state(tmp_path) == git_state(tmp_path).__class__(head, False, "git")
+    (tmp_path / "untracked.json").write_text("{}")  # a result file written by a run: still clean
+    assert git_state(tmp_path).dirty is False
+    (tmp_path / "a.py").write_text("v2\n")
+    state = git_state(tmp_path)
+    assert state.commit == head and len(head) == 40 and state.dirty is True
+
+
+def test_git_state_falls_back_to_the_environment_and_says_so(tmp_path, monkeypatch):
+    from sagellm_comm.benchmark.provenance import git_state
+
+    monkeypatch.setenv("SAGELLM_COMMIT", "abc1234")
+    state = git_state(tmp_path)  # not a repository: git cannot answer
+    assert state.commit == "abc1234" and state.dirty is None and "SAGELLM_COMMIT" in state.source
+    monkeypatch.delenv("SAGELLM_COMMIT")
+    state = git_state(tmp_path)
+    assert state.commit == "unknown" and state.dirty is None and "unset" in state.source
+
+
+def test_git_state_ignores_a_repository_that_merely_encloses_the_tree(tmp_path, monkeypatch):
+    """An installed package inside some other project's checkout must not record that project's commit."""
+    from sagellm_comm.benchmark.provenance import git_state
+
+    monkeypatch.delenv("SAGELLM_COMMIT", raising=False)
+    _git_repo(tmp_path, "a.py")
+    (tmp_path / "site-packages").mkdir()
+    state = git_state(tmp_path / "site-packages")
+    assert state.commit == "unknown" and state.dirty is None
+
+
+def test_table_header_names_the_commit_and_dirty_flag():
+    info = _info(["a"])
+    info.git_commit, info.git_dirty = "0123456789abcdef0123", True
+    assert "commit 0123456789ab + dirty" in report.format_table([], info)
+    info.git_dirty = None
+    assert "commit 0123456789ab (dirty unknown)" in report.format_table([], info)
+
+
+def test_time_graph_needs_a_cuda_device_and_a_positive_call_count():
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        timing.time_graph(lambda: None, device="cpu", calls=0, iters=1)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        timing.time_graph(lambda: None, device="cpu", iters=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu test: no CUDA GPU visible")
+def test_time_graph_divides_by_the_calls_per_graph():
+    x = torch.zeros(1 << 24, device="cuda")
+    one = timing.summarize(timing.time_graph(lambda: x.add_(1), device="cuda", calls=1, iters=10)).median_us
+    ten = timing.summarize(timing.time_graph(lambda: x.add_(1), device="cuda", calls=10, iters=10)).median_us
+    assert ten == pytest.approx(one, rel=0.3)  # per call, not per replay

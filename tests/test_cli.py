@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +207,14 @@ if not HAS_CUDA:
     ]
 
 
+def _one_line_refusal(err: str, prog: str = "sagellm-comm bench") -> str:
+    """The single stderr line of a refusal (asserts there is exactly one, and no traceback)."""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
+    return lines[0]
+
+
 @pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
 def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp_path):
     for key in ("RANK", "WORLD_SIZE"):
@@ -212,10 +222,114 @@ def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench", "--output-dir", str(tmp_path), *options])
     assert excinfo.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage: sagellm-comm bench" in err
-    assert message in err
+    captured = capsys.readouterr()
+    assert message in _one_line_refusal(captured.err) and captured.out == ""
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def _refused(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["bench", *args])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return _one_line_refusal(captured.err)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
+@pytest.mark.parametrize("kind", ["nccl", "custom"])
+def test_gpu_backend_without_gpu_is_refused_before_any_process_starts(kind, capsys, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET"):
+        monkeypatch.delenv(key, raising=False)
+    import torch.multiprocessing as mp
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(mp, "start_processes", no_spawn)
+    line = _refused(["--backend", kind, "--no-save"], capsys)
+    assert f"--backend {kind}: " in line and "needs a CUDA" in line and "use --backend gloo" in line
+
+
+def test_gpu_backend_refusal_from_the_real_process():
+    if HAS_CUDA:
+        pytest.skip("checks the refusal on a machine without GPUs")
+    proc = _run(["bench", "--backend", "nccl", "--no-save"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "nccl needs a CUDA build of torch" in _one_line_refusal(proc.stderr)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    line = _refused(["--backend", "gloo", "--output-dir", str(a_file)], capsys)
+    assert f"--output-dir {a_file}: exists and is not a directory" in line
+    line = _refused(["--backend", "gloo", "--output-dir", str(a_file / "sub")], capsys)
+    assert f"cannot be created, {a_file} is not a directory" in line
+    assert a_file.read_text() == "x" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+@pytest.mark.parametrize(("name", "message"), [("plot.foo", "'.foo' is not a format"), ("plot", "no extension")])
+def test_plot_with_an_unknown_extension_is_refused(tmp_path, capsys, name, message):
+    pytest.importorskip("matplotlib")
+    line = _refused(["--backend", "gloo", "--no-save", "--plot", str(tmp_path / name)], capsys)
+    assert message in line and "png" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["[1]", '{"num_gpus": "two"}', "{not json"])
+def test_malformed_topology_variable_is_one_line_and_exit_2(value, capsys, monkeypatch):
+    monkeypatch.setenv("SAGELLM_COMM_TOPOLOGY", value)
+    line = _refused(["--backend", "gloo", "--no-save"], capsys)
+    assert line.count("SAGELLM_COMM_TOPOLOGY") >= 1
+    assert cli.main(["topo"]) == 2
+    assert "SAGELLM_COMM_TOPOLOGY" in _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm topo")
+
+
+def _live_members(pgid: int) -> list[str]:
+    """``pid state`` of the processes of group ``pgid`` that are not zombies (already dead)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(f"{stat.parent.name} {fields[0]}")
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("target", ["terminal", "parent"])
+def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or to the CLI process alone."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sagellm_comm.cli", "bench", "--backend", "gloo", "--world-size", "2",
+         "--sizes", "1K:1M", "--iters", "2000", "--warmup", "1", "--no-save"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = proc.stderr.readline()  # the progress bar's first point: both ranks are running
+        assert first.startswith("[1/11]"), first
+        if target == "terminal":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.splitlines() == ["sagellm-comm bench: interrupted"], err
+    assert "Out of bounds" not in out  # no table: the run did not finish
+    deadline = time.monotonic() + 20
+    while _live_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _live_members(proc.pid) == []  # the ranks it started were stopped
 
 
 def test_world_size_disagreeing_with_torchrun_env(capsys, monkeypatch):
@@ -224,19 +338,20 @@ def test_world_size_disagreeing_with_torchrun_env(capsys, monkeypatch):
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench", "--backend", "gloo", "--world-size", "2"])
     assert excinfo.value.code == 2
-    assert "disagrees with torchrun's WORLD_SIZE=4" in capsys.readouterr().err
+    assert "disagrees with torchrun's WORLD_SIZE=4" in _one_line_refusal(capsys.readouterr().err)
 
 
 def test_usage_error_exit_code_from_the_real_process():
     proc = _run(["bench", "--sizes", "1Q"])
-    assert proc.returncode == 2
-    assert "bad message size '1Q'" in proc.stderr and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "bad message size '1Q'" in _one_line_refusal(proc.stderr)
 
 
 def test_cli_needs_a_subcommand(capsys):
     with pytest.raises(SystemExit) as excinfo:
         cli.main([])
     assert excinfo.value.code == 2
+    assert "required: COMMAND" in _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm")
 
 
 def test_topo_prints_the_matrix(capsys):
@@ -255,3 +370,13 @@ def test_help_lists_the_options(capsys):
     options = "--op --backend --algo --sizes --message-sizes --dtype --warmup --iters --graph --selector-config"
     for option in (*options.split(), "--output-dir", "--plot", "--world-size", "--virtual-ranks"):
         assert option in text
+
+
+def test_overlap_benchmark_refusals_are_one_line_too(capsys):
+    from sagellm_comm.benchmark import run_overlap_bench
+
+    with pytest.raises(SystemExit) as excinfo:
+        run_overlap_bench.main(["--warmup", "-1", "--no-output"])
+    assert excinfo.value.code == 2
+    line = _one_line_refusal(capsys.readouterr().err, prog="python -m sagellm_comm.benchmark.run_overlap_bench")
+    assert "warmup >= 0" in line

@@ -20,7 +20,7 @@ from sagellm_comm.benchmark.overlap_results import (
     derive,
 )
 from sagellm_comm.benchmark.sizes import parse_size_list
-from sagellm_comm.benchmark.timing import _cycles_per_us, percentile
+from sagellm_comm.benchmark.timing import hold, percentile
 from sagellm_comm.errors import InvalidArgumentError
 
 MAX_HOLD_US = 50_000.0
@@ -104,8 +104,7 @@ class _RankBench:
                 reset()
             self.barrier()
             if self.cuda and i >= warmup:
-                hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * (_median(host_us) if host_us else 1000.0))
-                torch.cuda._sleep(int(hold_us * _cycles_per_us(self.device)))
+                hold(min(MAX_HOLD_US, 100.0 + 2.0 * (_median(host_us) if host_us else 1000.0)), self.device)
             count = 0
             begin = time.perf_counter_ns()
             body(mark)

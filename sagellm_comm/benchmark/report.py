@@ -89,6 +89,8 @@ class RunInfo:
     hostname: str
     timestamp: str
     selector_config: str | None = None
+    git_dirty: bool | None = None  # tracked files modified at run time; None: unknown (see commit_source)
+    commit_source: str = "git"
     skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -114,6 +116,14 @@ def _fmt_time_us(ms: float) -> str:
     return f"{us:.1f}" if us < 1e5 else f"{us:.0f}"
 
 
+def commit_label(info: RunInfo) -> str:
+    """``<12-hex commit>``, ``+ dirty`` when tracked files were modified, ``(dirty unknown)`` without git."""
+    short = info.git_commit[:12]
+    if info.git_dirty is None:
+        return f"{short} (dirty unknown)"
+    return f"{short} + dirty" if info.git_dirty else short
+
+
 def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
     """The nccl-tests-shaped table (one row per size and algo), with a ratio column for several algos."""
     with_ratio = len(info.algos_requested) > 1
@@ -122,7 +132,7 @@ def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
         f"# sagellm-comm bench: {info.op_type}, {info.data_type}, world size {info.world_size}, "
         f"backend {info.backend_kind} (requested {info.backend_requested}), launch {info.launch_mode}",
         f"# device {info.device_name}, topology source {info.topology_source}, "
-        f"sagellm-comm {info.package_version}, torch {info.torch_version}",
+        f"sagellm-comm {info.package_version}, torch {info.torch_version}, commit {commit_label(info)}",
         f"# timing {info.timing_method}: {info.warmup_iters} warm-up + {info.benchmark_iters} timed "
         "iterations; time = median (slowest rank), spread = p10-p90",
         "# algbw = size / time, busbw = algbw * bus factor; GB/s = 10^9 bytes/s",

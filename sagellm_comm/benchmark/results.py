@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import BenchConfig, LaunchPlan
 from sagellm_comm.benchmark.measure import Measurement
 from sagellm_comm.benchmark.ops import bandwidths_gbps, dtype_name, resolve_dtype
+from sagellm_comm.benchmark.provenance import git_state
 from sagellm_comm.benchmark.report import (
     BenchmarkRecord,
     RunInfo,
@@ -65,24 +64,6 @@ def package_version() -> str:
         return "unknown"
 
 
-def git_commit() -> str:
-    """``SAGELLM_COMMIT`` if set (a copied tree whose .git is not the source), else git's short HEAD."""
-    if os.environ.get("SAGELLM_COMMIT"):
-        return os.environ["SAGELLM_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -121,6 +102,7 @@ def build_result(
 ) -> BenchmarkResult:
     """Turn the (already cross-rank reduced) points into records and a :class:`RunInfo`."""
     now = _now()
+    state = git_state()
     stamp = now.isoformat(timespec="seconds")
     algos = algo_rules.parse_algos(config.algos)
     dtype = resolve_dtype(config.dtype)
@@ -143,7 +125,9 @@ def build_result(
         device_name=device_name(device),
         package_version=package_version(),
         torch_version=torch.__version__,
-        git_commit=git_commit(),
+        git_commit=state.commit,
+        git_dirty=state.dirty,
+        commit_source=state.source,
         hostname=socket.gethostname(),
         timestamp=stamp,
         selector_config=config.selector_config,

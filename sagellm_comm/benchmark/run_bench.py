@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
@@ -27,11 +28,26 @@ from sagellm_comm.benchmark.config import (
     BenchConfig,
 )
 from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
-from sagellm_comm.benchmark.runner import command_line, plan_launch, run_benchmark
+from sagellm_comm.benchmark.plan import plan_launch
+from sagellm_comm.benchmark.provenance import command_line
+from sagellm_comm.benchmark.runner import run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
+from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, ``PROG: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks and runs of blanks folded into single spaces."""
+    return " ".join(message.split())
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -141,29 +157,36 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """Validate, run and report; usage problems exit 2 through ``parser.error``.
+    """Validate, run and report.
 
-    Exit status: 0 when every point ran and every result was correct, 1 otherwise.
+    Exit status: 0 when every point ran and every result was correct; 1 when a point failed or a
+    result was wrong; 2 (through ``parser.error``, one line on stderr) for a request or environment
+    problem, found before any process starts; 130 when interrupted (Ctrl-C), after the ranks it
+    started were stopped.
     """
     try:
-        config = config_from_args(args, argv)
-        plan_launch(config)  # every request problem surfaces here, before any process starts
-    except InvalidArgumentError as exc:
-        parser.error(exc.message)
-    try:
-        result = run_benchmark(config, print_table=True)
-    except InvalidArgumentError as exc:
-        parser.error(exc.message)
-    except CommError as exc:
-        print(f"sagellm-comm bench: error: {exc}", file=sys.stderr)
-        return 1
+        try:
+            config = config_from_args(args, argv)
+            plan_launch(config)  # every request problem surfaces here, before any process starts
+        except CommError as exc:
+            parser.error(exc.message)
+        try:
+            result = run_benchmark(config, print_table=True)
+        except InvalidArgumentError as exc:
+            parser.error(exc.message)
+        except CommError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return 0
     return 0 if result.ok else 1
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser = OneLineParser(prog=prog, description=DESCRIPTION)
     return add_bench_arguments(parser)
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
-import tempfile
 from typing import Any
 
 import torch
@@ -45,15 +43,17 @@ from sagellm_comm.benchmark.overlap_results import (
     format_overlap_table,
     write_overlap_results,
 )
+from sagellm_comm.benchmark.run_bench import INTERRUPTED_EXIT, OneLineParser
 from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
-from sagellm_comm.errors import CollectiveFailedError, CommError, InvalidArgumentError
+from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
+from sagellm_comm.errors import CommError, InvalidArgumentError
 
 
 def _run_rank(config: OverlapConfig, rank: int | None, world_size: int | None, port: int | None) -> OverlapResult:
     from sagellm_comm.backend import get_comm_backend
 
     backend = get_comm_backend(config.backend)
-    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1" if port else None, master_port=port,
+    backend.init(rank=rank, world_size=world_size, master_addr=MASTER_ADDR if port else None, master_port=port,
                  timeout=config.timeout)  # fmt: skip
     try:
         return measure_overlap(backend, config)
@@ -61,13 +61,8 @@ def _run_rank(config: OverlapConfig, rank: int | None, world_size: int | None, p
         backend.destroy()
 
 
-def _spawn_entry(index: int, config: OverlapConfig, world_size: int, port: int, path: str) -> None:
-    os.environ["LOCAL_RANK"] = str(index)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    result = _run_rank(config, index, world_size, port)
-    if index == 0:
-        with open(path, "wb") as handle:
-            pickle.dump(result, handle)
+def _spawned_rank(index: int, world_size: int, port: int, config: OverlapConfig) -> OverlapResult:
+    return _run_rank(config, index, world_size, port)
 
 
 def _check(config: OverlapConfig) -> None:
@@ -162,31 +157,14 @@ def run_overlap_benchmark(
 
 
 def _spawn(config: OverlapConfig) -> OverlapResult:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    world_size = config.world_size or 2
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="sagellm-overlap-") as tmp:
-        path = os.path.join(tmp, "rank0.pkl")
-        try:
-            mp.start_processes(
-                _spawn_entry, args=(config, world_size, port, path), nprocs=world_size, start_method="spawn"
-            )
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            raise CollectiveFailedError(f"an overlap benchmark rank failed:\n{exc}") from None
-        with open(path, "rb") as handle:
-            return pickle.load(handle)
+    return spawn_ranks(_spawned_rank, (config,), config.world_size or 2, what="overlap benchmark")
 
 
 # ============================================================================ CLI
 
 
 def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_overlap_bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog, description="Time a GEMM loop against an all-reduce, alone and overlapped (docs/layers.md)."
     )
     parser.add_argument("--backend", default="auto", help="backend kind (default: auto; Gloo without a GPU)")
@@ -225,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgumentError as exc:
         parser.error(exc.message)
     except CommError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     if result is not None and result.json_path is not None:
         print(f"# wrote {result.json_path} and {result.csv_path}")
     return 0 if result is None or all(r.num_wrong == 0 for r in result.records) else 1

@@ -20,6 +20,11 @@ How one (size, algo) point is timed (see :func:`time_iterations`):
 Nothing is allocated inside the timed loop: events are created before it, inputs are pre-allocated by
 the caller.  The cross-rank reduction (the slowest rank is the collective's time) is done by the
 runner, on the statistics, after the batch.
+
+CUDA graphs (:func:`time_graph`, used by ``--graph`` and by every script under ``bench/``): ``fn`` is
+run ``CAPTURE_WARMUP`` times eagerly on a side stream, ``calls`` back-to-back calls are captured into one
+graph, then the graph's replays are timed as above (``warmup`` untimed replays, barrier, device held)
+and each sample is divided by ``calls``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+CAPTURE_WARMUP = 3  # eager calls on a side stream before a graph is captured
 DEFAULT_HOST_US_PER_CALL = 100.0  # host submission estimate when there was no warm-up to measure it
 MAX_HOLD_US = 2e6  # never hold the device longer than 2 s
 STAT_FIELDS = ("median_us", "p10_us", "p90_us", "min_us", "max_us", "mean_us")
@@ -97,6 +103,12 @@ def _cycles_per_us(device: torch.device | str) -> float:
     return khz / 1e3 if khz > 0 else 2000.0
 
 
+def hold(us: float, device: torch.device | str) -> None:
+    """Enqueue a device-side spin of about ``us`` microseconds on the current stream (returns at once), so
+    that what the host queues behind it starts back to back: the intervals after it are device time."""
+    torch.cuda._sleep(int(us * _cycles_per_us(device)))
+
+
 def _is_cuda(device: torch.device | str | None) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
@@ -147,8 +159,7 @@ def time_iterations(
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         if hold_device:
-            hold_us = min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0))
-            torch.cuda._sleep(int(hold_us * _cycles_per_us(device)))
+            hold(min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0)), device)
         for start, end in zip(starts, ends, strict=True):
             if reset is not None:
                 reset()
@@ -168,7 +179,7 @@ def time_iterations(
 
 
 def capture_graph(
-    fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, calls: int = 1
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int = CAPTURE_WARMUP, calls: int = 1
 ) -> torch.cuda.CUDAGraph:
     """Capture ``calls`` back-to-back calls of ``fn`` into a CUDA graph; replay it with ``graph.replay()``.
 
@@ -191,3 +202,38 @@ def capture_graph(
             fn()
     torch.cuda.synchronize(device)
     return graph
+
+
+def time_graph(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str,
+    calls: int = 1,
+    iters: int,
+    warmup: int = 1,
+    barrier: Callable[[], object] | None = None,
+) -> list[float]:
+    """Device time of one ``fn()`` call under CUDA-graph replay, in microseconds, one sample per replay.
+
+    ``calls`` back-to-back calls are captured into one graph (:func:`capture_graph`); its replays are
+    timed by :func:`time_iterations` with the device held (``warmup`` untimed replays, then ``barrier``,
+    then ``iters`` timed ones), and each sample is divided by ``calls``.  Summarise with
+    :func:`summarize`; across ranks, the slowest rank's statistic is the collective's time.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    graph = capture_graph(fn, device=device, calls=calls)
+    try:
+        samples = time_iterations(
+            graph.replay, iters=iters, warmup=warmup, device=device, barrier=barrier, hold_device=True
+        )
+    finally:
+        del graph
+    return [sample / calls for sample in samples]
+
+
+def median_graph_us(fn: Callable[[], object], *, calls: int = 1, iters: int = 10, device=None) -> float:
+    """Median of :func:`time_graph`'s per-call samples on ``device`` (default: the current CUDA device)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return summarize(time_graph(fn, device=device, calls=calls, iters=iters)).median_us

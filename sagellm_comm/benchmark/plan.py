@@ -1,0 +1,211 @@
+"""Checking a benchmark request and deciding how it runs (:func:`plan_launch`), before any process starts.
+
+Launch modes:
+
+* ``virtual``: ``--virtual-ranks N``: N ranks of the custom all-reduce on one GPU, one process.
+* ``torchrun``: ``RANK`` and ``WORLD_SIZE`` are in the environment: this process is one rank.
+* ``spawn``: otherwise the benchmark starts ``world_size`` processes itself on this host (Gloo on CPU
+  by default; one process per GPU for device backends).
+
+Every problem with the request or the environment (an option, a backend this machine cannot run, an
+output path that cannot be written, a malformed ``SAGELLM_COMM_TOPOLOGY``) is an
+:class:`~sagellm_comm.errors.InvalidArgumentError` whose message names it; the CLI prints it as one
+line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sagellm_comm.benchmark import algos as algo_rules
+from sagellm_comm.benchmark.config import (
+    DEFAULT_CPU_SIZES,
+    DEFAULT_GPU_SIZES,
+    DEFAULT_SPAWN_WORLD_SIZE,
+    VIRTUAL_DTYPES,
+    VIRTUAL_MODES,
+    BenchConfig,
+    LaunchPlan,
+)
+from sagellm_comm.benchmark.ops import OPS, resolve_dtype
+from sagellm_comm.benchmark.sizes import parse_size_range
+from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def torchrun_env() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` when both are in the environment (a torchrun rank), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except ValueError as exc:
+            raise InvalidArgumentError(
+                f"RANK={os.environ['RANK']!r} / WORLD_SIZE={os.environ['WORLD_SIZE']!r} are not integers"
+            ) from exc
+    return None
+
+
+def _available_kind(name: str) -> str:
+    """The registered kind ``name`` resolves to, refused unless it can run on this machine."""
+    from sagellm_comm.backend import get_comm_backend, is_comm_backend_available, resolve_kind
+
+    try:
+        kind = resolve_kind(name)
+        if is_comm_backend_available(kind):
+            return kind
+        get_comm_backend(kind)  # not available: raises the registry's reason (the factory never runs)
+    except BackendNotSupportedError as exc:
+        raise InvalidArgumentError(f"--backend {name}: {_without_gpu_hint(exc.message)}") from exc
+    raise InvalidArgumentError(f"--backend {name}: backend {kind!r} is not available on this machine")
+
+
+def _without_gpu_hint(message: str) -> str:
+    if cuda_available():
+        return message
+    return f"{message}; on a machine without GPUs use --backend gloo"
+
+
+def _check_writable_dir(path: str | Path, what: str) -> None:
+    """Refuse a directory that exists as something else or cannot be created (nothing is created here)."""
+    target = Path(path)
+    if target.exists():
+        if not target.is_dir():
+            raise InvalidArgumentError(f"{what} {path}: exists and is not a directory")
+        nearest = target
+    else:
+        nearest = next((parent for parent in target.parents if parent.exists()), Path("."))
+        if not nearest.is_dir():
+            raise InvalidArgumentError(f"{what} {path}: cannot be created, {nearest} is not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{what} {path}: {nearest} is not writable")
+
+
+def _plot_formats() -> tuple[str, ...]:
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise InvalidArgumentError(
+            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]'"
+        ) from exc
+    return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
+
+
+def _check_outputs(config: BenchConfig) -> None:
+    if config.output_dir is not None:
+        _check_writable_dir(config.output_dir, "--output-dir")
+    if config.plot is not None:
+        suffix = Path(config.plot).suffix.lower().lstrip(".")
+        formats = _plot_formats()
+        if suffix not in formats:
+            found = f"'.{suffix}' is not a format matplotlib writes" if suffix else "the file name has no extension"
+            raise InvalidArgumentError(f"--plot {config.plot}: {found}; use one of: {', '.join(formats)}")
+        if Path(config.plot).is_dir():
+            raise InvalidArgumentError(f"--plot {config.plot}: is a directory")
+        _check_writable_dir(Path(config.plot).parent, "--plot's directory")
+
+
+def _check_topology_env() -> None:
+    """A malformed ``SAGELLM_COMM_TOPOLOGY`` is refused here rather than in every rank."""
+    from sagellm_comm.topology import ENV_VAR, Topology
+
+    if not os.environ.get(ENV_VAR):
+        return
+    try:
+        Topology.discover()  # with the variable set, it only parses it
+    except CommError as exc:
+        message = exc.message if ENV_VAR in exc.message else f"{ENV_VAR}: {exc.message}"
+        raise InvalidArgumentError(message) from exc
+
+
+def plan_launch(config: BenchConfig) -> LaunchPlan:
+    """Check ``config`` and decide how to run it; raises InvalidArgumentError naming the problem."""
+    if config.op not in OPS:
+        raise InvalidArgumentError(f"unknown op {config.op!r}; choose one of: {', '.join(OPS)}")
+    dtype = resolve_dtype(config.dtype)
+    if config.warmup < 0:
+        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
+    if config.iters < 1:
+        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    if config.graph_calls < 1:
+        raise InvalidArgumentError(f"--graph-calls must be >= 1, got {config.graph_calls}")
+    if config.timeout <= 0:
+        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
+    if config.world_size is not None and config.world_size < 1:
+        raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
+    algos = algo_rules.parse_algos(config.algos)
+    cuda = cuda_available()
+    if config.selector_config is not None and not Path(config.selector_config).is_file():
+        raise InvalidArgumentError(f"--selector-config {config.selector_config}: no such file")
+    _check_outputs(config)
+    _check_topology_env()
+    if config.zero_copy and config.virtual_ranks is None:
+        raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
+    if config.virtual_mode not in VIRTUAL_MODES:
+        raise InvalidArgumentError(
+            f"--virtual-mode must be one of {', '.join(VIRTUAL_MODES)}, got {config.virtual_mode!r}"
+        )
+    if config.zero_copy and config.virtual_mode != "streams":
+        raise InvalidArgumentError("--zero-copy needs --virtual-mode streams (stacked mode reduces one stacked tensor)")
+
+    if config.virtual_ranks is not None:
+        if config.virtual_ranks < 1:
+            raise InvalidArgumentError(f"--virtual-ranks must be >= 1, got {config.virtual_ranks}")
+        if not cuda:
+            raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU, and none is available here")
+        if config.world_size is not None:
+            raise InvalidArgumentError("give either --virtual-ranks or --world-size, not both")
+        if torchrun_env() is not None:
+            raise InvalidArgumentError("--virtual-ranks runs in one process; do not start it under torchrun")
+        if config.backend not in ("auto", "custom"):
+            raise InvalidArgumentError(f"--virtual-ranks runs the custom kernels; --backend {config.backend} cannot")
+        if dtype not in VIRTUAL_DTYPES:
+            raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
+        algo_rules.check_algos(algos, "custom", config.op, virtual=True)
+        sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
+        return LaunchPlan("virtual", config.virtual_ranks, "custom", sizes, True)
+
+    kind = _available_kind(config.backend)
+    uses_cuda = kind not in ("gloo",) and cuda
+    if config.graph and not cuda:
+        raise InvalidArgumentError("--graph times CUDA-graph replays and needs a CUDA GPU; none is available here")
+    if config.graph and not uses_cuda:
+        raise InvalidArgumentError(f"--graph times CUDA-graph replays; backend {kind!r} runs on the CPU")
+    if config.selector_config is not None and kind != "custom":
+        raise InvalidArgumentError(
+            f"--selector-config is the custom all-reduce's policy; backend {kind!r} does not use it"
+        )
+    algo_rules.check_algos(algos, kind, config.op)
+    wanted, existing = algo_rules.nccl_algo_env(algos), os.environ.get("NCCL_ALGO", "").strip()
+    if wanted and existing and existing.lower() != wanted.lower():
+        raise InvalidArgumentError(
+            f"NCCL_ALGO={existing} is set in the environment but --algo asks for {wanted}; unset one of them"
+        )
+    sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
+    env = torchrun_env()
+    if env is not None:
+        rank, world_size = env
+        if config.world_size is not None and config.world_size != world_size:
+            raise InvalidArgumentError(
+                f"--world-size {config.world_size} disagrees with torchrun's WORLD_SIZE={world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        return LaunchPlan("torchrun", world_size, kind, sizes, uses_cuda)
+    if config.world_size is not None:
+        world_size = config.world_size
+    elif uses_cuda:
+        world_size = torch.cuda.device_count()
+    else:
+        world_size = DEFAULT_SPAWN_WORLD_SIZE
+    if uses_cuda and world_size > torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
+            "GPU(s); use --virtual-ranks N to emulate N ranks on one GPU, or --backend gloo"
+        )
+    return LaunchPlan("spawn", world_size, kind, sizes, uses_cuda)

@@ -1,0 +1,104 @@
+"""Where a result came from: the commit and whether the tree was dirty (read from git), device, date, command.
+
+Every result file (``sagellm-comm bench`` and the scripts under ``bench/``) records :func:`provenance`.
+The commit is read from ``git rev-parse HEAD`` in the source tree of this package and the dirty flag from
+``git status --porcelain --untracked-files=no`` (a modified or staged tracked file).  Only where git cannot
+answer (a copied tree without ``.git``, no git installed, an installed package whose directory is not the
+root of a checkout) is ``SAGELLM_COMMIT`` used, and the record says so (``commit_source``) with the dirty
+flag unknown (None).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+COMMIT_ENV = "SAGELLM_COMMIT"
+SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout this package was imported from
+
+
+@dataclass(frozen=True)
+class GitState:
+    """``commit``: full hash or ``"unknown"``; ``dirty``: True/False, None when unknown; ``source``: how."""
+
+    commit: str
+    dirty: bool | None
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state(tree: Path | str = SOURCE_TREE) -> GitState:
+    """The commit of ``tree`` and its dirty flag, from git; the ``SAGELLM_COMMIT`` fallback only without git."""
+    tree = Path(tree)
+    top = _git("rev-parse", "--show-toplevel", cwd=tree) if tree.is_dir() else None
+    ours = top is not None and Path(top.strip()).resolve() == tree.resolve()  # not an enclosing repo's commit
+    head = _git("rev-parse", "HEAD", cwd=tree) if ours else None
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=tree) if head else None
+    if head and head.strip() and status is not None:
+        return GitState(head.strip(), bool(status.strip()), "git")
+    if os.environ.get(COMMIT_ENV):
+        return GitState(
+            os.environ[COMMIT_ENV].strip(),
+            None,
+            f"environment variable {COMMIT_ENV} (git unavailable in {tree}; dirty state unknown)",
+        )
+    return GitState("unknown", None, f"none (git unavailable in {tree} and {COMMIT_ENV} unset)")
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed (program name and arguments), shell-quoted."""
+    args = sys.argv if argv is None else argv
+    return " ".join([args[0], shlex.join(args[1:])]) if args else ""
+
+
+def provenance(device: str, **extra: Any) -> dict:
+    """The ``meta`` block of a script's result file: device, date, command, commit, dirty flag, versions."""
+    import torch
+
+    state = git_state()
+    meta = {
+        "device": device,
+        "date": now_utc(),
+        "command": command_line([os.path.basename(sys.executable), *sys.argv]),
+        "commit": state.commit,
+        "dirty": state.dirty,
+        "commit_source": state.source,
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    meta.update(extra)
+    return meta
+
+
+def write_record(path: str | Path, meta: dict, **sections: Any) -> Path:
+    """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **sections}, indent=1) + "\n")
+    return out

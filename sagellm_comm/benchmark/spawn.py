@@ -1,0 +1,108 @@
+"""Start the ranks of a benchmark as processes on this host, collect rank 0's result, stop them cleanly.
+
+Used by every benchmark that launches itself (``sagellm-comm bench``, the overlap benchmark).  Ranks
+are fresh interpreters (``spawn``), rendezvous on a free local port, and rank 0 hands its result back
+through a pickle file.  A rank that raises stops the others and surfaces as
+:class:`~sagellm_comm.errors.CollectiveFailedError`; ``KeyboardInterrupt`` (Ctrl-C) in the parent stops
+every rank (SIGTERM, then SIGKILL) before it propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sagellm_comm.errors import CollectiveFailedError
+
+MASTER_ADDR = "127.0.0.1"
+INTERRUPTED_EXIT = 130  # a rank stopped by Ctrl-C exits with this status (128 + SIGINT)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((MASTER_ADDR, 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(index: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int, path: str) -> None:
+    """One spawned rank: ``fn(index, world_size, port, *args)``; rank 0 pickles the return value to ``path``."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring Ctrl-C; from here it stops quietly
+    import torch
+
+    os.environ["LOCAL_RANK"] = str(index)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        result = fn(index, world_size, port, *args)
+    except KeyboardInterrupt:
+        raise SystemExit(INTERRUPTED_EXIT) from None  # the parent reads this status as an interruption
+    if index == 0:
+        with open(path, "wb") as handle:
+            pickle.dump(result, handle)
+
+
+@contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT, so a Ctrl-C while they import torch prints no
+    traceback of theirs; each rank restores it once its code runs (:func:`_rank_entry`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop(processes: list[Any], grace_s: float = 5.0) -> None:
+    """Terminate the processes still running (SIGTERM, then SIGKILL after ``grace_s``) and reap them all."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str = "benchmark") -> Any:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` new processes; return rank 0's value.
+
+    ``fn`` must be a module-level function (it is pickled) that initialises its backend with
+    ``master_addr=MASTER_ADDR, master_port=port``.  ``what`` names the run in error messages.
+    """
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="sagellm-bench-") as tmp:
+        path = os.path.join(tmp, "rank0.pkl")
+        with _children_ignore_ctrl_c():
+            context = mp.start_processes(
+                _rank_entry, args=(fn, args, world_size, port, path), nprocs=world_size, join=False,
+                start_method="spawn",
+            )  # fmt: skip
+        try:
+            while not context.join():
+                pass
+        except mp.ProcessRaisedException as exc:
+            raise CollectiveFailedError(f"a {what} rank failed:\n{exc}") from None
+        except mp.ProcessExitedException as exc:
+            if exc.exit_code in (INTERRUPTED_EXIT, -signal.SIGINT):
+                raise KeyboardInterrupt from None  # Ctrl-C reached a rank before (or instead of) this process
+            raise CollectiveFailedError(f"a {what} rank died: {exc}") from None
+        finally:
+            stop(context.processes)
+        if not os.path.exists(path):  # a rank stopped by SIGINT exits 0 without a result
+            raise CollectiveFailedError(f"the {what} ranks ended without a result (a rank was interrupted)")
+        with open(path, "rb") as handle:
+            return pickle.load(handle)

@@ -1,0 +1,137 @@
+"""bench/: the docs agree with the records, every record has provenance, every script runs or refuses in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
+GPU_SCRIPTS = ("custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench")
+HAS_CUDA = __import__("torch").cuda.is_available()
+
+
+def _tables(repo: Path = REPO):
+    """bench/make_docs_tables.py loaded as a module, pointed at ``repo``."""
+    spec = importlib.util.spec_from_file_location("make_docs_tables", BENCH / "make_docs_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.REPO, module.RESULTS = repo, repo / "bench" / "results"
+    return module
+
+
+def test_docs_and_index_are_in_sync_with_the_records(capsys):
+    assert _tables().main(["--check"]) == 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def copy_of_the_tree(tmp_path):
+    for rel in ("README.md", "docs", "bench/results"):
+        source, target = REPO / rel, tmp_path / rel
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    return tmp_path
+
+
+def test_a_figure_edited_in_the_docs_alone_is_caught(copy_of_the_tree, capsys):
+    tables = _tables(copy_of_the_tree)
+    readme = copy_of_the_tree / "README.md"
+    text = readme.read_text()
+    assert "it took 3.3 us at 8 KB" in text
+    readme.write_text(text.replace("it took 3.3 us at 8 KB", "it took 2.9 us at 8 KB"))
+    assert tables.main(["--check"]) == 1
+    assert "README.md" in capsys.readouterr().err
+    assert tables.main([]) == 0  # regenerating restores the recorded figure
+    assert readme.read_text() == text
+
+
+def test_a_record_changed_without_its_docs_is_caught(copy_of_the_tree, capsys):
+    tables = _tables(copy_of_the_tree)
+    record = copy_of_the_tree / "bench/results/2xh100/fused_repeats/run1.json"
+    data = json.loads(record.read_text())
+    row = next(r for r in data["gemm"] if (r["M"], r["N"]) == (8192, 4096))
+    row["auto_us"] *= 1.05  # this run's ratio goes from 1.144 to 1.201
+    record.write_text(json.dumps(data))
+    assert tables.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "docs/fused.md" in err and "README.md" in err
+
+
+def test_the_1_15_statement_is_what_the_nine_runs_give():
+    ratios = _tables().repeat_ratios()[(8192, 4096)]
+    assert len(ratios) == 9
+    assert sorted(ratios)[4] == pytest.approx(1.1465, abs=5e-4)  # the median
+    assert sum(r > 1.15 for r in ratios) == 3
+    assert "3 of the 9 runs above 1.15" in (REPO / "docs/fused.md").read_text()
+
+
+def test_every_record_has_device_date_command_commit_and_dirty_flag():
+    records = sorted(RESULTS.rglob("*.json"))
+    assert 0 < len(list(RESULTS.rglob("*.*"))) <= 36  # a record, not a notebook
+    for path in records:
+        data = json.loads(path.read_text())
+        block = data.get("meta") or data["run"]
+        keys = (
+            ("device", "date", "command", "commit", "dirty")
+            if "meta" in data
+            else ("device_name", "timestamp", "command", "git_commit", "git_dirty", "commit_source")
+        )
+        assert all(block.get(k) not in (None, "") for k in keys), (path, keys)
+        assert not re.search(r"_[0-9a-f]{7}\b", path.stem), path  # no commit hashes in names
+    assert sorted(p.name for p in RESULTS.rglob("README.md")) == ["README.md"]  # one index, no nested notes
+
+
+def test_every_bench_path_in_the_docs_exists_or_is_dated():
+    for rel in ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md"):
+        for line in (REPO / rel).read_text().splitlines():
+            for path in re.findall(r"bench/[\w./-]*\w", line):
+                assert (REPO / path).exists() or "in git at" in line or "git show" in line, (rel, path)
+
+
+def test_bench_readme_lists_every_script_with_its_command():
+    readme = (BENCH / "README.md").read_text()
+    for script in SCRIPTS:
+        assert f"python -m bench.{script}" in readme, script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_use_the_benchmark_package_not_private_paths(script):
+    source = (BENCH / f"{script}.py").read_text()
+    assert "sys.path" not in source and "tests.conftest" not in source
+    assert not re.search(r"^\s*(from|import) bench\b", source, re.MULTILINE)  # no script imports another
+    if script != "make_docs_tables":
+        assert "sagellm_comm.benchmark" in source
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = _run(f"bench.{script}", "--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_refuse_in_one_line_without_a_gpu(script, tmp_path):
+    proc = _run(f"bench.{script}", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and "needs" in proc.stderr and "GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
