@@ -237,8 +237,12 @@ def check_tp_llama(
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
-    config = config or small_llama_config()
     device = group.device
+    if mode == "cuda-graph" and device.type != "cuda":
+        raise InvalidArgumentError(
+            f"mode 'cuda-graph' needs the group on a CUDA device, it is on {device}; use a GPU backend (custom, nccl)"
+        )
+    config = config or small_llama_config()
     reference = build_llama(config, seed=seed, dtype=dtype, device=device)
     tp_model = shard_llama(copy.deepcopy(reference), group)
     prompt, next_tokens = make_batch(
