@@ -187,7 +187,8 @@ def test_tp_size_must_divide_the_key_value_heads(cpu_outcomes) -> None:
 
 
 def _init_custom_on_one_gpu(rank: int, world_size: int, port: int):
-    """The ``custom`` backend with every rank's tensors on ``cuda:0`` (N processes sharing one GPU)."""
+    """The ``custom`` backend with every rank's tensors on ``cuda:0`` (N processes sharing one GPU, issue 15
+    item 4).  The one place these tests start a backend: an option that mode needs goes here."""
     import sagellm_comm
 
     return sagellm_comm.init(
