@@ -1,63 +1,52 @@
 """What the protocol costs at latency-bound sizes: 8 KB all-reduce under CUDA-graph replay and eager host time.
 
-Measures whichever ``sagellm_comm`` is first on ``sys.path``, so one device call can run it on two trees
-(``PYTHONPATH=<tree> python bench/protocol_cost.py --label before``) and compare them side by side:
+Measures this checkout's ``sagellm_comm`` and, with ``--baseline PACKAGE``, an older tree of the library
+imported under another package name, interleaved in the same process (same GPU state, same timer), so a
+change's cost is read side by side.  Make the baseline from a commit with::
 
-* ``graph_us[W][algo]``: device time per call, virtual ranks ``W`` on one GPU, every rank in one launch
-  (``all_reduce_stacked``), ``--calls`` calls captured in one CUDA graph; median over ``--reps`` replays
-  timed with CUDA events, divided by the calls per graph.
-* ``eager_host_us[algo]``: host time of one ``CustomAllReduce.all_reduce`` call (8 KB bf16, W = 2, each rank
-  on its own stream, nothing synchronised inside the loop), median of ``--host-reps`` calls.
-* ``check_graph_us`` (trees that have check mode): the same graph figure with ``SAGELLM_COMM_CHECK=1``.
+    git archive <commit> sagellm_comm kernels | tar -x -C /tmp/base && mv /tmp/base/sagellm_comm /tmp/base/base_comm
 
-    PYTHONPATH=. python bench/protocol_cost.py --label after --out $OUT/after.json
+(trees from before the kernels moved into the package have a top-level ``kernels/``, which ``/tmp/base`` on
+``PYTHONPATH`` provides).  Figures, each the median over ``--rounds`` interleaved rounds:
+
+* ``graph_us``: device time per call, virtual ranks ``W`` on one GPU, every rank in one launch
+  (``all_reduce_stacked``), ``--calls`` calls captured in one graph, timed by
+  ``sagellm_comm.benchmark.timing.time_graph``;
+* ``eager_host_us``: host time of one ``CustomAllReduce.all_reduce`` call (8 KB bf16, W = 2, each rank on
+  its own stream, nothing synchronised inside the loop), median of ``--host-reps`` calls;
+* ``check_graph_us`` (this checkout only): ``graph_us`` with check mode on (``SAGELLM_COMM_CHECK=1``).
+
+    PYTHONPATH=/tmp/base python -m bench.protocol_cost --baseline base_comm --baseline-commit <commit> \\
+        --out bench/results/h200/protocol_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+from sagellm_comm.benchmark.provenance import provenance, write_record
+from sagellm_comm.benchmark.timing import time_graph
 
 NBYTES = 8 << 10
 ALGOS = ("lamport", "one_shot", "two_shot")
 
 
-def _graph_us(vg, algo: str, calls: int, reps: int) -> float:
-    numel = NBYTES // 2
-    x = torch.randn(vg.world_size, numel, device=vg.device).to(torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            vg.all_reduce_stacked(x, algo=algo)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            vg.all_reduce_stacked(x, algo=algo)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
+def _graph_us(vg, algo: str, calls: int, iters: int) -> float:
+    x = torch.randn(vg.world_size, NBYTES // 2, device=vg.device).to(torch.bfloat16)
+    samples = time_graph(lambda: vg.all_reduce_stacked(x, algo=algo), device=vg.device, calls=calls, iters=iters)
     vg.check_errors()
-    return statistics.median(times)
+    return statistics.median(samples)
 
 
 def _eager_host_us(vg, algo: str, reps: int) -> float:
-    numel = NBYTES // 2
-    xs = [torch.randn(numel, device=vg.device).to(torch.bfloat16) for _ in range(vg.world_size)]
+    xs = [torch.randn(NBYTES // 2, device=vg.device).to(torch.bfloat16) for _ in range(vg.world_size)]
     streams = [torch.cuda.Stream() for _ in range(vg.world_size)]
     times = []
     for i in range(reps + 50):
@@ -75,49 +64,57 @@ def _eager_host_us(vg, algo: str, reps: int) -> float:
     return statistics.median(times)
 
 
+def _measure(package: str, worlds: list[int], args, check: bool = False) -> dict:
+    virtual = importlib.import_module(f"{package}.virtual")
+    os.environ["SAGELLM_COMM_CHECK"] = "1" if check else "0"
+    try:
+        out = {"graph_us": {}, "eager_host_us": {}}
+        for world in worlds:
+            with virtual.VirtualRankGroup(world, max_bytes=1 << 20) as vg:
+                out["graph_us"][str(world)] = {a: _graph_us(vg, a, args.calls, args.iters) for a in ALGOS}
+                if world == 2 and not check:
+                    out["eager_host_us"] = {a: _eager_host_us(vg, a, args.host_reps) for a in ALGOS}
+        return out
+    finally:
+        os.environ.pop("SAGELLM_COMM_CHECK", None)
+
+
+def _median_of(rounds: list[dict]) -> dict:
+    """Element-wise median of nested dicts of floats."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {k: _median_of([r[k] for r in rounds]) for k in first}
+    return round(statistics.median(rounds), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--label", required=True, help="what tree this is (e.g. before / after)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--calls", type=int, default=100, help="all-reduces per captured graph")
-    parser.add_argument("--reps", type=int, default=25, help="graph replays timed")
-    parser.add_argument("--host-reps", type=int, default=3000, help="eager calls timed")
+    parser.add_argument("--out", required=True, help="record to write (JSON)")
+    parser.add_argument("--baseline", help="package name of an older tree to measure beside this checkout")
+    parser.add_argument("--baseline-commit", default="unknown", help="the commit that tree was made from")
     parser.add_argument("--worlds", default="2,8")
+    parser.add_argument("--calls", type=int, default=100, help="all-reduces per captured graph")
+    parser.add_argument("--iters", type=int, default=20, help="graph replays timed per round")
+    parser.add_argument("--host-reps", type=int, default=2000, help="eager calls timed per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (baseline, current, ...)")
     args = parser.parse_args()
-
-    import sagellm_comm
-    from sagellm_comm.virtual import VirtualRankGroup
-
-    result = {
-        "label": args.label,
-        "tree": os.path.dirname(os.path.abspath(sagellm_comm.__file__)),
-        "device": torch.cuda.get_device_name(0),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch": torch.__version__,
-        "nbytes": NBYTES,
-        "graph_us": {},
-        "eager_host_us": {},
-    }
-    for world in (int(w) for w in args.worlds.split(",")):
-        with VirtualRankGroup(world, max_bytes=1 << 20) as vg:
-            result["graph_us"][world] = {a: _graph_us(vg, a, args.calls, args.reps) for a in ALGOS}
-            if world == 2:
-                result["eager_host_us"] = {a: _eager_host_us(vg, a, args.host_reps) for a in ALGOS}
-    try:
-        from sagellm_comm.workspace import check_mode_from_env  # noqa: F401  (trees with check mode)
-    except ImportError:
-        pass
-    else:
-        os.environ["SAGELLM_COMM_CHECK"] = "1"
-        result["check_graph_us"] = {}
-        for world in (int(w) for w in args.worlds.split(",")):
-            with VirtualRankGroup(world, max_bytes=1 << 20) as vg:
-                assert vg.workspaces[0].check
-                result["check_graph_us"][world] = {a: _graph_us(vg, a, args.calls, args.reps) for a in ALGOS}
-        del os.environ["SAGELLM_COMM_CHECK"]
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    if not torch.cuda.is_available():
+        print("bench/protocol_cost.py: needs a CUDA GPU (the virtual ranks run on one)", file=sys.stderr)
+        sys.exit(1)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    current, baseline, check = [], [], []
+    for _ in range(args.rounds):
+        if args.baseline:
+            baseline.append(_measure(args.baseline, worlds, args))
+        current.append(_measure("sagellm_comm", worlds, args))
+        check.append(_measure("sagellm_comm", worlds, args, check=True)["graph_us"])
+    result = {"nbytes": NBYTES, "rounds": args.rounds, "current": _median_of(current)}
+    result["current"]["check_graph_us"] = _median_of(check)
+    if args.baseline:
+        result["baseline"] = {"commit": args.baseline_commit, **_median_of(baseline)}
+    meta = provenance(torch.cuda.get_device_name(0), timing="sagellm_comm.benchmark.timing.time_graph")
+    write_record(args.out, meta, **result)
+    print(result)
 
 
 if __name__ == "__main__":

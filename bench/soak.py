@@ -8,7 +8,7 @@ rank with the reference on the device (a running count of wrong elements; the ho
 ``--sync-every`` calls).  Counters start at ``SAGELLM_COMM_INITIAL_EPOCH`` (default here 2^31 - 50000, so
 the run crosses 2^31).  Writes a JSON record (device, date, command, commit, calls, wrong elements, seconds).
 
-    python bench/soak.py --calls 1000000 --out bench/results/h200/soak.json --commit $(git rev-parse HEAD)
+    python -m bench.soak --calls 1000000 --out bench/results/h200/soak.json
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from sagellm_comm.benchmark.provenance import provenance, write_record
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALGOS = ("auto", "one_shot", "two_shot", "lamport")
 
@@ -35,9 +37,11 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16, help="pre-generated inputs per (world, dtype)")
     parser.add_argument("--sync-every", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--commit", default=os.environ.get("SAGELLM_COMM_COMMIT", "unknown"))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="record to write (JSON)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/soak.py: needs a CUDA GPU (the virtual ranks run on one)", file=sys.stderr)
+        sys.exit(1)
     os.environ.setdefault("SAGELLM_COMM_INITIAL_EPOCH", str(2**31 - 50_000))
 
     from sagellm_comm.virtual import VirtualRankGroup
@@ -84,11 +88,6 @@ def main() -> None:
     for g in groups.values():
         g.check_errors()
     record = {
-        "benchmark": "soak",
-        "device": torch.cuda.get_device_name(0),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": args.commit,
-        "command": "python " + " ".join(sys.argv),
         "initial_epoch": int(os.environ["SAGELLM_COMM_INITIAL_EPOCH"]),
         "final_epoch_w2": groups[worlds[0]].ranks[0].epoch,
         "calls": args.calls,
@@ -98,8 +97,7 @@ def main() -> None:
     }
     for g in groups.values():
         g.close()
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_record(args.out, provenance(torch.cuda.get_device_name(0)), soak=record)
     print(json.dumps(record))
     if record["wrong_elements"]:
         sys.exit(1)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import BackendNotSupportedError, P2PFailedError
+from .cupy_probe import require_cupy
+from .errors import P2PFailedError
 
 
 class PeerMemory(ABC):
@@ -55,14 +56,9 @@ class PeerMemory(ABC):
 
 
 def _cupy_runtime():
-    try:
-        import cupy  # noqa: F401
-        from cupy.cuda import runtime
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise BackendNotSupportedError(
-            "the custom all-reduce needs CuPy for CUDA IPC handles: pip install 'isagellm-comm[cuda12]' "
-            "(or [cuda13], matching your CUDA major version)"
-        ) from exc
+    require_cupy("the custom all-reduce")
+    from cupy.cuda import runtime
+
     return runtime
 
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
-GPU_SCRIPTS = ("custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench")
+GPU_SCRIPTS = ("custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench", "protocol_cost", "soak")
 HAS_CUDA = __import__("torch").cuda.is_available()
 
 

@@ -76,11 +76,8 @@ def test_custom_backend_runs_kernels_and_falls_back():
         assert s["big"][1] == "over-workspace"
         assert s["max"] == "gloo"
         assert s["sharing"] == 2
-    # The engine ran the over-workspace call: Gloo here, so the label must say "gloo" (it said "nccl").
-    # The selector offers Selection.ran_on(engine_kind); backends/custom.py must record
-    # sel.ran_on(self.engine_kind) for the engine path.  Until it does, this last check is an expected failure.
-    if any(s["big"][0] != "gloo" for s in seen):
-        pytest.xfail(f"the over-workspace call is labelled {seen[0]['big'][0]!r}, not 'gloo' (custom.py change)")
+        # The engine ran the over-workspace call: Gloo here, so the label says "gloo" (it used to say "nccl").
+        assert s["big"][0] == "gloo", s["big"]
 
 
 def _single_rank_worker(rank, world_size, port):

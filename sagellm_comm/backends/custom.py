@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..backend import ReduceOp, Work, register_comm_backend
+from ..cupy_probe import cupy_present, require_cupy
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from ..errors import (
     BackendNotSupportedError,
@@ -48,21 +49,10 @@ ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
-def _cupy_present() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def custom_available() -> bool:
     """The custom kernels can run here: CUDA with CuPy, or the CPU under the Triton interpreter."""
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        if not _cupy_present():
-            raise BackendNotSupportedError(
-                "custom needs CuPy for CUDA IPC handles: pip install 'isagellm-comm[cuda12]' (or [cuda13])"
-            )
+        require_cupy("custom")
         return True
     if _interpreting():
         return True
@@ -188,7 +178,7 @@ class CustomBackend(TorchDistributedBackend):
     def _local_checks(self) -> tuple[bool, str]:
         if not 2 <= self.world_size <= MAX_WORLD.value:
             return False, f"world size {self.world_size} is outside 2..{MAX_WORLD.value}"
-        if self.device.type == "cuda" and not _cupy_present():
+        if self.device.type == "cuda" and not cupy_present():
             return False, "CuPy is not installed (needed for CUDA IPC handles)"
         return True, ""
 
@@ -264,7 +254,7 @@ class CustomBackend(TorchDistributedBackend):
         """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on the world group runs, and why."""
         if self.custom is None:
             return Selection(self.engine_kind, "custom-unavailable", self.custom_reason)
-        return self.custom.select(nbytes, itemsize)
+        return self.custom.select(nbytes, itemsize).ran_on(self.engine_kind)
 
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto"):
         """As :meth:`CommBackend.all_reduce`; SUM on the world group runs the kernels when they can.
@@ -298,7 +288,7 @@ class CustomBackend(TorchDistributedBackend):
                     f"algo={algo} needs the message ({nbytes} bytes) to fit the {car.workspace.slot_bytes}-byte "
                     "workspace; use algo='auto' to fall back to the engine"
                 )
-            self.last_selection = sel
+            self.last_selection = sel.ran_on(self.engine_kind)
             return super().all_reduce(tensor, op, group, async_op)
         self.last_selection = sel
         car.all_reduce(tensor, algo=sel.algo)
