@@ -115,6 +115,12 @@ def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: in
     return control
 
 
+def node_name() -> str:
+    """This process's node, for deciding which ranks share one: ``SAGELLM_COMM_HOSTNAME`` if set (tests
+    simulate several nodes on one machine with it), else the host name."""
+    return os.environ.get("SAGELLM_COMM_HOSTNAME") or socket.gethostname()
+
+
 def _device_identity(device: torch.device) -> str:
     """What makes two ranks' devices the same chip: the GPU's UUID (robust to per-process
     ``CUDA_VISIBLE_DEVICES``), else the device string."""
@@ -243,7 +249,7 @@ class SymmetricWorkspace:
         try:
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
-            where = (socket.gethostname(), _device_identity(device))
+            where = (node_name(), _device_identity(device))
             handles = exchange((memory.export(local), slot_bytes, where))
             sizes = {h[1] for h in handles}
             if len(handles) != world_size or sizes != {slot_bytes}:

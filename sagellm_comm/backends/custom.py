@@ -1,50 +1,45 @@
 """The ``custom`` backend: intra-node all-reduce on our Triton kernels, everything else on the engine.
 
 ``CommBackend.create("custom")`` is a :class:`TorchDistributedBackend` (NCCL on CUDA; Gloo on the CPU under
-the Triton interpreter, for tests) that, after ``init``, tries to set up the symmetric workspace over the
-whole world.  It is used only when every check passes on every rank:
+the Triton interpreter, for tests; ``engine="gloo"`` for N processes sharing one GPU, which NCCL refuses)
+that sets up the custom kernels for every group it can: the world at ``init``, and every sub-group made with
+``new_group`` (``CommGroup.split`` / ``new_subgroup``) by its members when it is made, each group with its
+own symmetric workspace (see :mod:`sagellm_comm.backends.custom_setup` for the checks).  A tensor-parallel
+group inside one node gets the kernels even when the world spans nodes.
 
-1. 2..8 ranks, all on one host (hostnames gathered over the CPU group);
-2. CUDA: every pair of the ranks' GPUs reports peer access (ranks sharing one GPU need none), CuPy is
-   installed for IPC handles;
-3. a real self-test all-reduce through the opened peer mappings gives the exact expected sum on every rank
-   (``canAccessPeer`` has lied before).
-
-Otherwise every call goes to the engine and :attr:`CustomBackend.custom_reason` says why.  When active,
-``all_reduce(tensor, op=SUM)`` on the world group runs the kernels for sizes up to the workspace (the
-selector picks one-shot or two-shot; ``algo=`` overrides) and the engine for the rest (other ops, other
-groups, larger messages, unsupported dtypes).  :attr:`CustomBackend.last_selection` records what ran.
+``all_reduce(tensor, op=SUM, group=g)`` runs the kernels of ``g`` for sizes up to its workspace (the
+selector picks the algorithm; ``algo=`` overrides) and the engine for the rest (other ops, groups without
+kernels, larger messages, unsupported dtypes).  :attr:`CustomBackend.last_selection` records what ran and
+why; :meth:`CustomBackend.kernels_reason` says why a group has (no) kernels.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from typing import Any
 
 import torch
 
 from ..backend import ReduceOp, Work, register_comm_backend
-from ..cupy_probe import cupy_present, require_cupy
+from ..cupy_probe import require_cupy
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from ..errors import (
     BackendNotSupportedError,
-    CommError,
     CommTimeoutError,
     InvalidArgumentError,
     NotInitializedError,
 )
-from ..kernels.all_reduce import MAX_WORLD
 from ..launch import interpreting as _interpreting
 from ..selector import KERNEL_ALGOS, AlgoSelector, Selection
-from ..workspace import SymmetricWorkspace
+from .custom_setup import KernelGroup
 from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
+GROUP_MAX_BYTES_ENV = "SAGELLM_COMM_GROUP_MAX_BYTES"
 ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
@@ -94,13 +89,18 @@ class _EventWork(Work):
 
 
 class CustomBackend(TorchDistributedBackend):
-    """Intra-node custom all-reduce with engine fallback (see the module docstring).
+    """Intra-node custom all-reduce with engine fallback, per group (see the module docstring).
 
     Args:
         device: as for :class:`TorchDistributedBackend`.
-        max_bytes: workspace capacity per rank (largest message the kernels take).
+        max_bytes: the world group's workspace capacity per rank (largest message its kernels take).
+        group_max_bytes: each sub-group's workspace capacity per rank (default ``SAGELLM_COMM_GROUP_MAX_BYTES``,
+            else ``max_bytes``).  A rank's device memory per group is about ``3 * capacity`` plus the Lamport
+            buffers (``region_bytes``; ``kernels_for(g).workspace`` and ``kernels_reason(g)`` state it).
         selector: algorithm policy (default rules), or a path to a JSON policy file.
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
+        engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
+            one GPU under MPS, where NCCL refuses two ranks on one device).
     """
 
     kind = "custom"
@@ -110,21 +110,36 @@ class CustomBackend(TorchDistributedBackend):
         *,
         device: str | torch.device | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        group_max_bytes: int | None = None,
         selector: AlgoSelector | str | None = None,
         kernel_timeout: float = 30.0,
+        engine: str | None = None,
     ):
-        engine = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
-        if engine == "gloo" and not _interpreting():
+        has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        if engine is None:
+            engine = "nccl" if has_cuda else "gloo"
+        if engine not in ("nccl", "gloo"):
+            raise InvalidArgumentError(f"engine must be 'nccl' or 'gloo', got {engine!r}")
+        if not has_cuda and not _interpreting():
             raise BackendNotSupportedError("custom needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+        if engine == "gloo" and has_cuda and device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(engine, device=device)
         if isinstance(selector, str | os.PathLike):
             selector = AlgoSelector.from_file(selector)
         self.selector = selector or AlgoSelector()
         self.max_bytes = int(max_bytes)
+        if group_max_bytes is None:
+            group_max_bytes = int(os.environ.get(GROUP_MAX_BYTES_ENV, self.max_bytes))
+        if group_max_bytes <= 0:
+            raise InvalidArgumentError(f"group_max_bytes must be positive, got {group_max_bytes}")
+        self.group_max_bytes = int(group_max_bytes)
         self.kernel_timeout = kernel_timeout
-        self.custom: CustomAllReduce | None = None
+        self.custom: CustomAllReduce | None = None  # the world group's kernels
         self.custom_reason = "not initialised"
         self.last_selection: Selection | None = None
+        self._world_kernels: KernelGroup | None = None
+        self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
 
     @property
     def name(self) -> str:
@@ -138,144 +153,136 @@ class CustomBackend(TorchDistributedBackend):
     # ------------------------------------------------------------------ lifecycle
     def init(self, *args: Any, **kwargs: Any) -> CustomBackend:
         super().init(*args, **kwargs)
-        if self.custom is None:
+        if self._world_kernels is None:
             try:
-                self.custom, self.custom_reason = self._setup_custom()
+                self._world_kernels = self._make_kernels(None)
             except BaseException:
                 self.destroy()
                 raise
+            self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
         return self
 
-    def _exchange(self, obj: Any) -> list[Any]:
+    def _exchange(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every member's ``obj`` in group-rank order, over the Gloo side of ``group`` (None: the world)."""
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.cpu_group)
+        cpu_group = self.cpu_group if group is None else group.cpu_group
+        out: list[Any] = [None] * (self.world_size if group is None else group.world_size)
+        dist.all_gather_object(out, obj, group=cpu_group)
         return out
 
-    def _setup_custom(self) -> tuple[CustomAllReduce | None, str]:
-        """Collective: decide on every rank together whether the kernels can run, and set them up."""
-        local_ok, local_reason = self._local_checks()
-        facts = self._exchange((socket.gethostname(), self.device.index, local_ok, local_reason))
-        reason = self._group_verdict(facts)
-        if reason is not None:
-            return None, reason
-        try:
-            ws = SymmetricWorkspace.rendezvous(self.rank, self.world_size, self.max_bytes, self.device, self._exchange)
-        except CommError as exc:
-            verdicts = self._exchange(str(exc))
-            return None, f"workspace setup failed: {verdicts}"
-        # one program per SM, divided between ranks that share a GPU (MPS): ws.ranks_on_device
-        car = CustomAllReduce(ws, selector=self.selector, timeout_s=self.kernel_timeout, fallback=self._engine_sum)
-        ok = self._self_test(car)
-        verdicts = self._exchange(ok)
-        if not all(verdicts):
-            car.close()
-            bad = [r for r, v in enumerate(verdicts) if not v]
-            return None, f"self-test all-reduce through peer mappings gave wrong results on ranks {bad}"
-        return car, f"custom kernels on {self.world_size} ranks of one node ({self.device.type})"
+    def _make_kernels(self, handle: Any) -> KernelGroup:
+        """Collective over the members of ``handle`` (None: the world): set up that group's kernels."""
+        if handle is None:
+            rank, size, ranks, capacity = self.rank, self.world_size, tuple(range(self.world_size)), self.max_bytes
+        else:
+            rank, size, ranks, capacity = handle.rank, handle.world_size, handle.ranks, self.group_max_bytes
 
-    def _local_checks(self) -> tuple[bool, str]:
-        if not 2 <= self.world_size <= MAX_WORLD.value:
-            return False, f"world size {self.world_size} is outside 2..{MAX_WORLD.value}"
-        if self.device.type == "cuda" and not cupy_present():
-            return False, "CuPy is not installed (needed for CUDA IPC handles)"
-        return True, ""
+        def engine_sum(tensor: torch.Tensor) -> torch.Tensor:
+            return TorchDistributedBackend.all_reduce(self, tensor, ReduceOp.SUM, handle)
 
-    def _group_verdict(self, facts: list[tuple]) -> str | None:
-        bad = [(r, why) for r, (_, _, ok, why) in enumerate(facts) if not ok]
-        if bad:
-            return "; ".join(f"rank {r}: {why}" for r, why in bad)
-        hosts = {h for h, *_ in facts}
-        if len(hosts) > 1:
-            return f"ranks span {len(hosts)} hosts ({sorted(hosts)}); the kernels need one node"
-        if self.device.type == "cuda":
-            devices = sorted({d for _, d, *_ in facts})
-            for a in devices:
-                for b in devices:
-                    if a != b and not torch.cuda.can_device_access_peer(a, b):
-                        return f"GPU {a} cannot access GPU {b} (no peer access): PCIe without P2P?"
-        return None
+        return KernelGroup(
+            rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
+            self.kernel_timeout, engine_sum,
+        )  # fmt: skip
 
-    def _self_test(self, car: CustomAllReduce) -> bool:
-        numel = min(4099, car.workspace.slot_bytes // 4)  # odd, and fits any workspace
-        expected = float(sum(range(1, self.world_size + 1)))
-        try:
-            for algo in KERNEL_ALGOS:
-                x = torch.full((numel,), float(self.rank + 1), dtype=torch.float32, device=self.device)
-                car.all_reduce(x, algo=algo)
-                car.synchronize()
-                if not bool(torch.all(x == expected)):
-                    return False
-        except CommError:
-            return False
-        return True
+    def new_group(self, ranks):
+        """As :meth:`TorchDistributedBackend.new_group`; the members then set up the group's kernels together
+        (every rank of the world calls this; only members take part in the set-up)."""
+        handle = super().new_group(ranks)
+        if handle.is_member:
+            self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
+        return handle
+
+    def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
+        """The custom all-reduce of ``group`` (a ``CommGroup``, a ``GroupHandle`` or None for the world) on
+        this rank, or None when that group runs on the engine (:meth:`kernels_reason` says why)."""
+        handle = getattr(group, "handle", group)
+        if handle is None or handle is self._world:
+            return self.custom
+        entry = self._group_kernels.get(id(handle))
+        return None if entry is None or entry[0] is not handle else entry[1].kernels
+
+    def kernels_reason(self, group: Any = None) -> str:
+        """Why ``group`` has (or has not) the custom kernels on this rank, with its workspace size."""
+        handle = getattr(group, "handle", group)
+        if handle is None or handle is self._world:
+            return self.custom_reason
+        entry = self._group_kernels.get(id(handle))
+        if entry is None or entry[0] is not handle:
+            return "not a member of this group, or the group was not made by this backend"
+        return entry[1].reason
 
     def reset(self) -> str:
-        """Collective: rebuild the custom path on every rank together, after a device-side failure.
+        """Collective: rebuild the custom path of the world group on every rank, after a device-side failure.
 
         A timed-out or mismatched call latches its workspace (every later call raises, every later output
         of a replayed graph is NaN).  Call ``reset()`` on every rank: the old workspace is released and a
         new one is made and self-tested exactly as at ``init``.  If that fails (a rank is gone, a peer
         mapping or the self-test fails), the backend keeps serving every call on the engine and
         :attr:`custom_reason` records why.  Returns :attr:`custom_reason`.  CUDA graphs captured before the
-        reset hold the old workspace's addresses: capture them again.
+        reset hold the old workspace's addresses: capture them again.  Sub-groups: make them again.
         """
         if not self.is_initialized:
             raise NotInitializedError("reset() needs an initialised backend: call init() first")
-        old, self.custom = self.custom, None
+        old, self._world_kernels, self.custom = self._world_kernels, None, None
         if old is not None:
             try:
                 old.close()
             except Exception as exc:  # an unusable device must not stop the fallback
                 log.warning("sagellm-comm reset: closing the old workspace failed: %s", exc)
         try:
-            self.custom, reason = self._setup_custom()
+            self._world_kernels = self._make_kernels(None)
+            self.custom, reason = self._world_kernels.kernels, self._world_kernels.reason
         except Exception as exc:
             self.custom, reason = None, f"reset failed on rank {self.rank}: {exc}; the engine runs every call"
         self.custom_reason = reason
         log.info("sagellm-comm reset on rank %d: %s", self.rank, reason)
         return reason
 
-    def _engine_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return TorchDistributedBackend.all_reduce(self, tensor, ReduceOp.SUM)
-
     def destroy(self) -> None:
-        if self.custom is not None:
-            try:
-                self.custom.close()
-            finally:
-                self.custom = None
+        kernel_groups = [k for _, k in self._group_kernels.values()] + [self._world_kernels]
+        self._group_kernels.clear()
+        self._world_kernels = self.custom = None
+        try:
+            for kernels in kernel_groups:
+                if kernels is not None:
+                    kernels.close()
+        finally:
+            if self.custom_reason != "not initialised":
                 self.custom_reason = "destroyed"
-        super().destroy()
+            super().destroy()
 
     # ------------------------------------------------------------------ all-reduce
-    def select(self, nbytes: int, itemsize: int = 2) -> Selection:
-        """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on the world group runs, and why."""
-        if self.custom is None:
-            return Selection(self.engine_kind, "custom-unavailable", self.custom_reason)
-        return self.custom.select(nbytes, itemsize).ran_on(self.engine_kind)
+    def select(self, nbytes: int, itemsize: int = 2, group: Any = None) -> Selection:
+        """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
+        car = self.kernels_for(group)
+        if car is None:
+            return Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
+        return car.select(nbytes, itemsize).ran_on(self.engine_kind)
 
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto"):
-        """As :meth:`CommBackend.all_reduce`; SUM on the world group runs the kernels when they can.
+        """As :meth:`CommBackend.all_reduce`; SUM on a group with kernels runs them when they can.
 
         ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot``, ``lamport`` or ``nccl`` (the engine).
         """
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
-        car = self.custom
+        car = self.custom if group is None else self.kernels_for(group)
         if (
             car is None
             or algo == "nccl"
-            or (group is not None and getattr(group, "handle", group) not in (None, self._world))
             or ReduceOp.parse(op) is not ReduceOp.SUM
             or not isinstance(tensor, torch.Tensor)
             or tensor.dtype not in SUPPORTED_DTYPES
             or not tensor.is_contiguous()
         ):
-            self.last_selection = Selection(
-                self.engine_kind, "engine", "not a kernel case (custom off, op, group, dtype or layout)"
+            why = (
+                "algo=nccl requested"
+                if algo == "nccl"
+                else "not a kernel case (no kernels for this group, op, dtype or layout)"
             )
+            self.last_selection = Selection(self.engine_kind, "engine", why)
             return super().all_reduce(tensor, op, group, async_op)
         # The kernel path: ``car.all_reduce`` checks the device (typed error) and dtype/layout were checked
         # above, so nothing is validated twice; a live ``car`` means the backend is initialised.

@@ -1,4 +1,9 @@
-"""Group-level fused operations: the ``custom`` backend's workspace when it is active, else the engine."""
+"""Group-level fused operations: the group's custom kernels when it has them, else the engine.
+
+Every group with custom kernels (the world, or a sub-group from ``split`` / ``new_subgroup`` on one node)
+runs the fused kernels on its own workspace; the GEMM path's dedicated workspace is made collectively by
+the group's members on their first ``gemm_all_reduce``.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,18 @@ class _GroupState:
         self.last: Selection | None = None
 
 
-_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> {id(group handle): _GroupState}
+
+
+def _state_of(g) -> _GroupState:
+    per_backend = _STATE.get(g.backend)
+    if per_backend is None:
+        per_backend = _STATE[g.backend] = {}
+    key = id(g.handle)  # the world's CommGroup has handle None
+    state = per_backend.get(key)
+    if state is None:
+        state = per_backend[key] = _GroupState()
+    return state
 
 
 def _group_state(group):
@@ -31,23 +47,28 @@ def _group_state(group):
 
     g = _resolve(group)
     backend = g.backend
-    state = _STATE.get(backend)
-    if state is None:
-        state = _STATE[backend] = _GroupState()
-    car = getattr(backend, "custom", None)
+    state = _state_of(g)
+    kernels_for = getattr(backend, "kernels_for", None)
+    if kernels_for is None:
+        return g, backend, state, None, f"backend {backend.name!r} has no custom kernels"
+    car = kernels_for(g.handle)
     if car is None:
-        why = getattr(backend, "custom_reason", None) or f"backend {backend.name!r} has no custom workspace"
-        return g, backend, state, None, why
-    if g.handle is not None:
-        return g, backend, state, None, "sub-group: the custom workspace spans the whole world only"
+        return g, backend, state, None, backend.kernels_reason(g.handle)
+    if state.rmsnorm is not None and state.rmsnorm.workspace is not car.workspace:  # rebuilt by reset()
+        state.rmsnorm = None
+    if state.gemm is not None and state.gemm.all_reduce is not car:
+        state.gemm.workspace.close()
+        state.gemm = None
     return g, backend, state, car, ""
 
 
 def last_selection(group=None) -> Selection | None:
-    """What the last group-level fused call on ``group``'s backend ran (path, rule id, reason)."""
+    """What the last group-level fused call on ``group`` ran (path, rule id, reason)."""
     from ..group import _resolve
 
-    state = _STATE.get(_resolve(group).backend)
+    g = _resolve(group)
+    per_backend = _STATE.get(g.backend)
+    state = None if per_backend is None else per_backend.get(id(g.handle))
     return None if state is None else state.last
 
 
@@ -57,8 +78,8 @@ def all_reduce_residual_rmsnorm(
     """``(normed, new_residual)``: ``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual)
     * weight`` over ``group`` (default group if None).
 
-    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  With the ``custom`` backend
-    active on the whole group, one fused kernel (:class:`FusedAllReduceRMSNorm`); otherwise the group's
+    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  With the group's custom
+    kernels, one fused kernel (:class:`FusedAllReduceRMSNorm`); otherwise the group's
     all-reduce then torch add and RMSNorm (fp32 math), the reason recorded in :func:`last_selection`.
     Enqueued on the current stream; inputs are not modified.
     """
@@ -96,20 +117,21 @@ def gemm_all_reduce(
 ) -> torch.Tensor:
     """Row-parallel linear over ``group``: ``sum over ranks of a @ b`` (+ ``bias`` once), ``[M, N]``.
 
-    ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the ``custom`` backend active on the
-    whole group, :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
+    ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the group's custom kernels,
+    :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
     call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
     ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).
     """
     g, backend, state, car, why = _group_state(group)
     if car is not None and a.dtype in FUSED_DTYPES:
         if state.gemm is None:
+            capacity = backend.max_bytes if g.handle is None else backend.group_max_bytes
             ws = SymmetricWorkspace.rendezvous(
-                backend.rank,
-                backend.world_size,
-                gemm_workspace_bytes(backend.max_bytes),
+                g.rank,
+                g.world_size,
+                gemm_workspace_bytes(capacity),
                 backend.device,
-                backend._exchange,
+                lambda obj: backend._exchange(obj, g.handle),
             )
             state.gemm = GemmAllReduce(
                 ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None

@@ -1,0 +1,135 @@
+"""The custom kernels of one group: the collective decision, the workspace, the self-test.
+
+A :class:`KernelGroup` is made collectively by the members of one group (the world, or a sub-group from
+``new_group`` / ``split``), over that group's CPU (Gloo) side.  It is used only when every check passes on
+every member:
+
+1. 2..8 members, all on one node (node names gathered over the group: the host name, or
+   ``SAGELLM_COMM_HOSTNAME`` where a test simulates nodes);
+2. CUDA: every pair of the members' GPUs reports peer access (members sharing one GPU need none), and CuPy
+   is installed for IPC handles;
+3. a real self-test all-reduce through the opened peer mappings gives the exact expected sum on every
+   member (``canAccessPeer`` has lied before).
+
+Otherwise :attr:`KernelGroup.kernels` is None and :attr:`KernelGroup.reason` says why; the backend then
+runs that group's calls on the engine.  Each group has its own symmetric workspace of
+``region_bytes(slot_bytes, members)`` per member (``slot_bytes`` = the backend's ``max_bytes`` for the
+world, ``group_max_bytes`` for sub-groups), released by :meth:`KernelGroup.close`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..cupy_probe import cupy_present
+from ..custom_all_reduce import CustomAllReduce
+from ..errors import CommError
+from ..kernels.all_reduce import MAX_WORLD
+from ..selector import KERNEL_ALGOS, AlgoSelector
+from ..workspace import SymmetricWorkspace, node_name, region_bytes
+
+
+class KernelGroup:
+    """The custom all-reduce of one group on this rank (see the module docstring).
+
+    Args:
+        rank, world_size: this rank's index in the group and the group's size.
+        ranks: the members' global ranks (for messages).
+        exchange: ``exchange(obj)`` -> every member's ``obj`` in group-rank order (over the group's Gloo side).
+        device: this rank's device.
+        slot_bytes: the workspace's message capacity.
+        selector, timeout_s: as for :class:`CustomAllReduce`.
+        fallback: the engine's in-place SUM all-reduce over this group (``algo="nccl"`` and over-size calls).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        ranks: tuple[int, ...],
+        exchange: Callable[[Any], list[Any]],
+        device: torch.device,
+        slot_bytes: int,
+        selector: AlgoSelector,
+        timeout_s: float,
+        fallback: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
+        self.device = device
+        self.kernels: CustomAllReduce | None = None
+        self.reason = "not set up"
+        self.nbytes = 0  # device memory of this rank's region
+        self._exchange = exchange
+        self.kernels, self.reason = self._setup(slot_bytes, selector, timeout_s, fallback)
+        if self.kernels is not None:
+            self.nbytes = region_bytes(self.kernels.workspace.slot_bytes, world_size)
+
+    def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
+        local_ok, local_reason = self._local_checks()
+        facts = self._exchange((node_name(), self.device.index, local_ok, local_reason))
+        reason = self._verdict(facts)
+        if reason is not None:
+            return None, reason
+        try:
+            ws = SymmetricWorkspace.rendezvous(self.rank, self.world_size, slot_bytes, self.device, self._exchange)
+        except CommError as exc:
+            verdicts = self._exchange(str(exc))
+            return None, f"workspace setup failed: {verdicts}"
+        car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
+        ok = self._self_test(car)
+        verdicts = self._exchange(ok)
+        if not all(verdicts):
+            car.close()
+            bad = [self.ranks[r] for r, v in enumerate(verdicts) if not v]
+            return None, f"self-test all-reduce through peer mappings gave wrong results on ranks {bad}"
+        return car, (
+            f"custom kernels on {self.world_size} ranks of one node ({self.device.type}; ranks "
+            f"{list(self.ranks)}; {region_bytes(ws.slot_bytes, self.world_size) >> 20} MiB of workspace per rank)"
+        )
+
+    def _local_checks(self) -> tuple[bool, str]:
+        if not 2 <= self.world_size <= MAX_WORLD.value:
+            return False, f"group size {self.world_size} is outside 2..{MAX_WORLD.value}"
+        if self.device.type == "cuda" and not cupy_present():
+            return False, "CuPy is not installed (needed for CUDA IPC handles)"
+        return True, ""
+
+    def _verdict(self, facts: list[tuple]) -> str | None:
+        bad = [(self.ranks[r], why) for r, (_, _, ok, why) in enumerate(facts) if not ok]
+        if bad:
+            return "; ".join(f"rank {r}: {why}" for r, why in bad)
+        nodes = {h for h, *_ in facts}
+        if len(nodes) > 1:
+            return f"ranks {list(self.ranks)} span {len(nodes)} nodes ({sorted(nodes)}); the kernels need one node"
+        if self.device.type == "cuda":
+            devices = sorted({d for _, d, *_ in facts})
+            for a in devices:
+                for b in devices:
+                    if a != b and not torch.cuda.can_device_access_peer(a, b):
+                        return f"GPU {a} cannot access GPU {b} (no peer access): PCIe without P2P?"
+        return None
+
+    def _self_test(self, car: CustomAllReduce) -> bool:
+        numel = min(4099, car.workspace.slot_bytes // 4)  # odd, and fits any workspace
+        expected = float(sum(range(1, self.world_size + 1)))
+        try:
+            for algo in KERNEL_ALGOS:
+                x = torch.full((numel,), float(self.rank + 1), dtype=torch.float32, device=self.device)
+                car.all_reduce(x, algo=algo)
+                car.synchronize()
+                if not bool(torch.all(x == expected)):
+                    return False
+        except CommError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release this rank's workspace (idempotent).  Every member should close (it is collective in spirit)."""
+        if self.kernels is not None:
+            try:
+                self.kernels.close()
+            finally:
+                self.kernels = None

@@ -1,0 +1,115 @@
+"""The custom kernels on sub-groups (TP x DP, TP x PP) and on simulated nodes: CPU, interpreter, processes.
+
+Every group from ``split`` / ``new_subgroup`` inside one node gets its own symmetric workspace and runs the
+kernels; groups of one world run at the same time (each process is in one TP group and the world).  Nodes
+are simulated with ``SAGELLM_COMM_HOSTNAME``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
+          "SAGELLM_COMM_MAX_PROGRAMS": "2"}  # fmt: skip
+KERNELS = ("one_shot", "two_shot", "lamport")
+
+
+def _tp_worker(rank, world_size, port, tp_sizes, nodes):
+    import os
+
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, last_selection
+
+    if nodes:
+        os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank * nodes // world_size}"
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384
+    )
+    backend = world.backend
+    out = {"world_kernels": backend.kernels_for(None) is not None, "world_reason": backend.custom_reason}
+    try:
+        for tp_size in tp_sizes:
+            tp = world.split(tp_size)
+            members = tp.ranks
+            got = {"members": members, "kernels": backend.kernels_for(tp) is not None}
+            got["reason"] = backend.kernels_reason(tp)
+            results = []
+            for i, algo in enumerate(("auto", *KERNELS)):
+                x = torch.full((37 + i,), float(rank + 1 + i))
+                tp.all_reduce(x) if algo == "auto" else backend.all_reduce(x, group=tp, algo=algo)
+                want = float(sum(r + 1 + i for r in members))
+                results.append(
+                    (bool(torch.all(x == want)), backend.last_selection.algo, backend.last_selection.rule_id)
+                )
+            got["results"] = results
+            # the fused AR + RMSNorm on the same group's workspace
+            xs = torch.full((2, 8), float(rank + 1))
+            residual = torch.ones(2, 8)
+            _, new_res = all_reduce_residual_rmsnorm(xs, residual, torch.ones(8), group=tp)
+            got["fused"] = (bool(torch.all(new_res == 1 + sum(r + 1 for r in members))), last_selection(tp).algo)
+            # the world group still works, interleaved with the sub-group's calls
+            y = torch.full((5,), float(rank))
+            world.all_reduce(y)
+            got["world_sum_ok"] = bool(torch.all(y == world_size * (world_size - 1) / 2))
+            out[tp_size] = got
+    finally:
+        sagellm_comm.destroy()
+    return out
+
+
+def _check_tp(per_rank, tp_sizes, world_kernels=True):
+    for rank, out in enumerate(per_rank):
+        assert out["world_kernels"] is world_kernels, out["world_reason"]
+        for tp_size in tp_sizes:
+            got = out[tp_size]
+            assert rank in got["members"] and len(got["members"]) == tp_size
+            assert got["kernels"], got["reason"]
+            assert f"ranks {list(got['members'])}" in got["reason"] and "MiB of workspace" in got["reason"]
+            for ok, algo, rule in got["results"]:
+                assert ok and algo in KERNELS, (algo, rule)
+            assert got["results"][0][2] not in ("engine", "user")  # auto: a selector rule ran
+            assert got["fused"] == (True, got["fused"][1]) and got["fused"][1] in ("one_shot", "two_shot")
+            assert got["world_sum_ok"]
+
+
+def test_two_tp_groups_of_two_in_a_world_of_four():
+    _check_tp(run_ranks(_tp_worker, 4, (2,), 0, env=INTERP, timeout=600), (2,))
+
+
+@pytest.mark.parametrize("tp_sizes", [(4, 2)], ids=["tp4x2-then-tp2x4"])
+def test_tp_groups_in_a_world_of_eight(tp_sizes):
+    _check_tp(run_ranks(_tp_worker, 8, tp_sizes, 0, env=INTERP, timeout=900), tp_sizes)
+
+
+def test_tp_groups_inside_simulated_nodes_get_the_kernels_while_the_world_does_not():
+    per_rank = run_ranks(_tp_worker, 4, (2,), 2, env=INTERP, timeout=600)
+    _check_tp(per_rank, (2,), world_kernels=False)
+    assert "span 2 nodes" in per_rank[0]["world_reason"], per_rank[0]["world_reason"]
+
+
+def _capped_worker(rank, world_size, port):
+    import sagellm_comm
+
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384,
+        group_max_bytes=4096,
+    )  # fmt: skip
+    try:
+        tp = world.split(2)
+        car = world.backend.kernels_for(tp)
+        assert (
+            car is not None and car.workspace.slot_bytes == 4096 and world.backend.custom.workspace.slot_bytes == 16384
+        )
+        x = torch.ones(2048)  # 8 KB: over the group's 4 KB workspace, so the engine runs it
+        tp.all_reduce(x)
+        sel = world.backend.last_selection
+        assert torch.all(x == 2.0) and sel.algo == "gloo" and sel.rule_id == "over-workspace", sel
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_user_caps_the_group_workspace():
+    run_ranks(_capped_worker, 4, env=INTERP, timeout=600)
