@@ -212,6 +212,8 @@ class SymmetricWorkspace:
         self._last_raw_stream: int | None = None
         self._last_stream: Any = None
         self.async_error: BaseException | None = None  # set by the watchdog (sagellm_comm/watchdog.py)
+        # The members' global ranks, where the workspace serves a sub-group (messages name those).
+        self.global_ranks: tuple[int, ...] | None = None
         from .watchdog import watch
 
         watch(self)
@@ -330,6 +332,8 @@ class SymmetricWorkspace:
             "block": int(v[_k.ERR_BLOCK.value]),
             "epoch": int(v[_k.ERR_EPOCH.value]),
         }
+        if self.global_ranks is not None:
+            err["global_peer"] = self.global_ranks[err["peer"]]
         if err["kind"] == "mismatch":
             err["mine"] = _decode_fingerprint(v[_k.ERR_MINE.value : _k.ERR_MINE.value + 4])
             err["theirs"] = _decode_fingerprint(v[_k.ERR_THEIRS.value : _k.ERR_THEIRS.value + 4])
@@ -340,10 +344,11 @@ class SymmetricWorkspace:
         err = self.error()
         if err is None:
             return None
+        me, peer = self._name(self.rank), self._name(err["peer"])
         if err["kind"] == "mismatch":
             return CollectiveMismatchError(
-                f"rank {self.rank} and rank {err['peer']} disagree on collective call {err['epoch']} of this "
-                f"workspace: rank {self.rank} ran {_describe(err['mine'])}, rank {err['peer']} ran "
+                f"rank {me} and rank {peer} disagree on collective call {err['epoch']} of this "
+                f"workspace: rank {me} ran {_describe(err['mine'])}, rank {peer} ran "
                 f"{_describe(err['theirs'])}; every rank must make the same calls with the same algorithm, "
                 "size and dtype.  Outputs of this and later calls are NaN; call reset() on every rank (or "
                 "recreate the backend) after fixing the call sites",
@@ -351,12 +356,18 @@ class SymmetricWorkspace:
             )
         where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
         return CommTimeoutError(
-            f"custom all-reduce on rank {self.rank}: peer rank {err['peer']} never arrived at the "
+            f"custom all-reduce on rank {me}: peer rank {peer} never arrived at the "
             f"{err['phase']} barrier of call {err['epoch']} ({where}); the output of that call and of every "
             "later call on this workspace is NaN: call reset() on every rank, or destroy the backend and "
             "create it again",
             details={"rank": self.rank, **err},
         )
+
+    def _name(self, rank: int) -> str:
+        """``rank`` (an index in this workspace's group) as messages name it: the global rank where known."""
+        if self.global_ranks is None:
+            return str(rank)
+        return f"{self.global_ranks[rank]} (rank {rank} of the group {list(self.global_ranks)})"
 
     def raise_if_failed(self) -> None:
         """Raise :class:`CommTimeoutError` naming the peer that never arrived (or, in check mode,

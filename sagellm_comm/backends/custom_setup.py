@@ -78,6 +78,8 @@ class KernelGroup:
         except CommError as exc:
             verdicts = self._exchange(str(exc))
             return None, f"workspace setup failed: {verdicts}"
+        if self.ranks != tuple(range(self.world_size)):
+            ws.global_ranks = self.ranks
         car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
         ok = self._self_test(car)
         verdicts = self._exchange(ok)
