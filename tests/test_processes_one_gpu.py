@@ -1,0 +1,84 @@
+"""The whole ``custom`` backend with N processes sharing one GPU: world, TP sub-groups, simulated nodes.
+
+N ranks on one GPU need CUDA MPS (without it the processes' kernels time-slice and a rank spinning at a
+barrier never sees its peers) and Gloo as the host engine (NCCL refuses two ranks on one device):
+``CommBackend.create("custom", engine="gloo", device="cuda:0")``.  Start MPS before any CUDA process, run
+this file in its own pytest invocation, stop MPS after::
+
+    nvidia-cuda-mps-control -d
+    SAGELLM_TEST_MPS=1 python -m pytest -m gpu tests/test_processes_one_gpu.py
+    echo quit | nvidia-cuda-mps-control
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA, run_ranks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not HAS_CUDA or os.environ.get("SAGELLM_TEST_MPS") != "1",
+        reason="N processes on one GPU: needs a CUDA GPU with MPS started (SAGELLM_TEST_MPS=1, see the docstring)",
+    ),
+]
+
+ENV = {"SAGELLM_COMM_HIER_MIN_BYTES": "0"}
+
+
+def _worker(rank, world_size, port, nodes):
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    pytest.importorskip("cupy")
+    if nodes:
+        os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank * nodes // world_size}"
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, engine="gloo",
+        device="cuda:0", max_bytes=1 << 20, group_max_bytes=1 << 20,
+    )  # fmt: skip
+    backend = world.backend
+    seen = []
+    try:
+        want_world_kernels = not nodes
+        assert (backend.custom is not None) == want_world_kernels, backend.custom_reason
+        for i, numel in enumerate((1, 4097, 100_003)):
+            x = torch.full((numel,), float(rank + 1 + i), device="cuda", dtype=torch.bfloat16)
+            world.all_reduce(x)
+            torch.cuda.synchronize()
+            seen.append(
+                (backend.last_selection.algo, bool(torch.all(x.float() == sum(r + 1 + i for r in range(world_size)))))
+            )
+        tp = world.split(2)
+        assert backend.kernels_for(tp) is not None, backend.kernels_reason(tp)
+        for algo in ("one_shot", "two_shot", "lamport"):
+            x = torch.full((333,), float(rank + 1), device="cuda")
+            backend.all_reduce(x, group=tp, algo=algo)
+            torch.cuda.synchronize()
+            seen.append((algo, bool(torch.all(x == sum(r + 1 for r in tp.ranks)))))
+        xs = torch.full((4, 256), float(rank + 1), device="cuda", dtype=torch.bfloat16)
+        _, new_res = all_reduce_residual_rmsnorm(xs, torch.ones_like(xs), torch.ones(256, device="cuda",
+                                                 dtype=torch.bfloat16), group=tp)  # fmt: skip
+        torch.cuda.synchronize()
+        seen.append(("rmsnorm", bool(torch.all(new_res.float() == 1 + sum(r + 1 for r in tp.ranks)))))
+    finally:
+        sagellm_comm.destroy()
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_custom_backend_in_n_processes_on_one_gpu(world_size):
+    for seen in run_ranks(_worker, world_size, 0, env=ENV, timeout=600):
+        assert all(ok for _, ok in seen), seen
+        assert all(algo in ("one_shot", "two_shot", "lamport", "rmsnorm") for algo, _ in seen), seen
+
+
+def test_hierarchical_on_two_simulated_nodes_on_one_gpu():
+    for seen in run_ranks(_worker, 4, 2, env=ENV, timeout=600):
+        assert all(ok for _, ok in seen), seen
+        assert [algo for algo, _ in seen[:3]] == ["hierarchical"] * 3, seen
