@@ -64,6 +64,8 @@ ALGO_CODES = {
     "gemm_fused": 6,
     "gemm_fused_one_shot": 7,
     "gemm_copy_engine": 8,
+    "all_gather": 9,
+    "reduce_scatter": 10,
 }
 DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
 

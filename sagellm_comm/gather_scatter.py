@@ -1,0 +1,270 @@
+"""All-gather and reduce-scatter on the custom all-reduce's workspace (host side of
+``sagellm_comm/kernels/gather_scatter.py``).
+
+``all_gather(car, tensor, out)`` and ``reduce_scatter(car, tensor, out)`` run on the workspace of a
+:class:`~sagellm_comm.custom_all_reduce.CustomAllReduce` and share its epoch, check mode and error state,
+so they can be mixed in any order with its all-reduce calls (every rank making the same sequence of calls
+with the same sizes).  Both are enqueued on the current stream and return before completion, like
+``torch.distributed.all_gather_into_tensor`` / ``reduce_scatter_tensor``.  ``all_gather_stacked`` and
+``reduce_scatter_stacked`` run every virtual rank of a :class:`~sagellm_comm.virtual.VirtualRankGroup` in
+one launch.
+
+Arguments are checked before anything is enqueued: a wrong dtype, layout, device or shape raises
+``InvalidArgumentError``, a message whose staged bytes exceed the workspace's ``slot_bytes``
+``WorkspaceExhaustedError`` (:func:`max_numel` says what fits), a workspace whose earlier call failed
+``CommTimeoutError`` / ``CollectiveMismatchError``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .custom_all_reduce import (
+    LARGE_NUM_WARPS,
+    LARGE_STAGES,
+    LARGE_TILE_BYTES,
+    LARGE_TILE_THRESHOLD,
+    NUM_WARPS,
+    SMALL_TILE_BYTES,
+    SUPPORTED_DTYPES,
+)
+from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
+from .kernels import gather_scatter as _k
+from .launch import Launcher
+
+__all__ = [
+    "OPS",
+    "all_gather",
+    "all_gather_stacked",
+    "max_numel",
+    "reduce_scatter",
+    "reduce_scatter_stacked",
+    "staged_bytes",
+]
+
+OPS = ("all_gather", "reduce_scatter")
+_KERNELS = {"all_gather": _k.all_gather_kernel, "reduce_scatter": _k.reduce_scatter_kernel}
+# One launcher per (op, device, warps), shared by every workspace: a compiled binary does not depend on it.
+_LAUNCHERS: dict[tuple, Launcher] = {}
+
+
+def staged_bytes(op: str, numel: int, world_size: int, itemsize: int) -> int:
+    """Bytes ``op`` stages in a staging slot for ``numel`` elements per rank's block (all-gather: the
+    input) or per chunk (reduce-scatter: the output); must not exceed the workspace's ``slot_bytes``."""
+    if op == "all_gather":
+        return numel * itemsize
+    if op == "reduce_scatter":
+        return (world_size - 1) * _k.reduce_scatter_stride(numel) * itemsize
+    raise InvalidArgumentError(f"op must be one of {OPS}, got {op!r}")
+
+
+def max_numel(op: str, world_size: int, slot_bytes: int, itemsize: int) -> int:
+    """The largest per-rank block (all-gather input) or chunk (reduce-scatter output) that fits ``slot_bytes``."""
+    if op == "all_gather":
+        return slot_bytes // itemsize
+    if op == "reduce_scatter":
+        align = _k.CHUNK_ALIGN.value
+        return slot_bytes // ((world_size - 1) * itemsize) // align * align
+    raise InvalidArgumentError(f"op must be one of {OPS}, got {op!r}")
+
+
+def _tile(nbytes: int, itemsize: int) -> tuple[int, int, int]:
+    """``(BLOCK, num_warps, stages)`` for ``nbytes`` moved per rank: the all-reduce's tile rule."""
+    if nbytes >= LARGE_TILE_THRESHOLD:
+        return LARGE_TILE_BYTES // itemsize, LARGE_NUM_WARPS, LARGE_STAGES
+    return SMALL_TILE_BYTES // itemsize, NUM_WARPS, 1
+
+
+def _launcher(op: str, use_ptx: bool, device_index: int, num_warps: int) -> Launcher:
+    key = (op, use_ptx, device_index, num_warps)
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        launcher = _LAUNCHERS[key] = Launcher(_KERNELS[op], use_ptx, device_index, num_warps=num_warps)
+    return launcher
+
+
+def _on_device(tensor: torch.Tensor, use_ptx: bool, device_index: int) -> bool:
+    if use_ptx:
+        return tensor.is_cuda and tensor.get_device() == device_index
+    return tensor.device.type == "cpu"
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int, rows: int, slot_bytes: int, where):
+    """Check one call of ``op`` (``rows`` ranks stacked, 1 for a real rank); return ``(numel, itemsize)``,
+    ``numel`` the per-rank block (all-gather) or chunk (reduce-scatter).  ``where = (use_ptx, device_index,
+    device)``; ``rank`` of the aliasing rule is implied by the caller (see the kernels: ``inp`` may be this
+    rank's block / chunk of the other tensor, nothing else may overlap)."""
+    use_ptx, device_index, device = where
+    itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
+    if itemsize is None:
+        raise InvalidArgumentError(f"custom {op} supports bfloat16, float16 and float32, got {tensor.dtype}")
+    for name, t in (("tensor", tensor), ("out", out)):
+        if not t.is_contiguous():
+            raise InvalidArgumentError(f"custom {op} needs a contiguous {name} (call .contiguous())")
+        if not _on_device(t, use_ptx, device_index):
+            raise InvalidArgumentError(f"{name} is on {t.device}, this rank's workspace is on {device}")
+    if out.dtype != tensor.dtype:
+        raise InvalidArgumentError(f"out must have the input's dtype {tensor.dtype}, got {out.dtype}")
+    per_rank_in, per_rank_out = tensor.numel() // rows, out.numel() // rows
+    if op == "all_gather":
+        numel, want_out = per_rank_in, world_size * per_rank_in
+        got_out = per_rank_out
+        shape_rule = f"out must hold world_size * tensor.numel() = {want_out} elements"
+    else:
+        numel = per_rank_out
+        want_out, got_out = per_rank_in, world_size * per_rank_out
+        shape_rule = (
+            f"tensor must hold world_size * out.numel() elements (world_size={world_size}): got "
+            f"{per_rank_in} and out {per_rank_out}"
+        )
+    if got_out != want_out or out.numel() % rows or tensor.numel() % rows:
+        raise InvalidArgumentError(
+            f"{op}: {shape_rule}, got tensor of {tuple(tensor.shape)} and out of {tuple(out.shape)}"
+        )
+    need = staged_bytes(op, numel, world_size, itemsize)
+    if need > slot_bytes:
+        fits = max_numel(op, world_size, slot_bytes, itemsize)
+        what = "input" if op == "all_gather" else "output chunk"
+        raise WorkspaceExhaustedError(
+            f"{op} of {numel} elements per rank's {what} ({tensor.dtype}) stages {need} bytes, over the "
+            f"workspace's {slot_bytes}-byte slot; at most {fits} elements fit: split the call or make the "
+            "workspace larger"
+        )
+    return numel, itemsize
+
+
+def _check_aliasing(op: str, tensor: torch.Tensor, out: torch.Tensor, rank: int, numel: int) -> None:
+    """The kernels allow ``inp`` = this rank's block of ``out`` (all-gather) or ``out`` = this rank's
+    chunk of ``inp`` (reduce-scatter), and no other overlap."""
+    if not _overlaps(tensor, out):
+        return
+    whole, part = (out, tensor) if op == "all_gather" else (tensor, out)
+    if part.data_ptr() != whole.data_ptr() + rank * numel * whole.element_size():
+        allowed = "tensor = out" if op == "all_gather" else "out = tensor"
+        allowed += "[rank * n:(rank + 1) * n]"
+        raise InvalidArgumentError(f"{op}: tensor and out overlap; the only overlap allowed is {allowed} (in place)")
+
+
+def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, virtual) -> None:
+    """Enqueue the check (check mode) and the kernel on the current stream; ``ranks`` > 1: virtual ranks."""
+    ws = car.workspace
+    world_size = car.world_size
+    block, num_warps, stages = _tile(world_size * numel * itemsize, itemsize)
+    programs = min(triton.cdiv(numel, block), ws.max_programs)
+    if car.check:
+        car.launch_check(op, tensor.numel() // ranks, tensor.dtype, table, ctrl, grid_y=ranks)
+    args = (tensor, out, table, ctrl, numel, rank, ws.slot_bytes, car._timeout_ticks)
+    constexprs = (world_size, triton.next_power_of_2(world_size), block, car._use_ptx, virtual, stages)
+    _launcher(op, car._use_ptx, car._device_index, num_warps)((programs, ranks), args, constexprs)
+
+
+def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    ws = car.workspace
+    if ws._error_view[0]:
+        ws.raise_if_failed()
+    if ws.closed:
+        raise NotInitializedError(f"custom {op}: the workspace was closed (destroy() was called)")
+    numel, itemsize = _validate(
+        op, tensor, out, car.world_size, 1, ws.slot_bytes, (car._use_ptx, car._device_index, ws.device)
+    )
+    _check_aliasing(op, tensor, out, car.rank, numel)
+    if numel == 0:
+        return out
+    if car._use_ptx:
+        ws.enter_stream(torch._C._cuda_getCurrentRawStream(car._device_index))
+    _launch(op, car, tensor, out, numel, itemsize, ws.table, ws.control, car.rank, 1, False)
+    return out
+
+
+def all_gather(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Gather every rank's ``tensor`` into ``out`` in rank order: ``out[r * n:(r + 1) * n]`` is rank ``r``'s.
+
+    Args:
+        car: this rank's ``CustomAllReduce`` (its workspace, rank and timeout are used).
+        tensor: ``n`` elements, contiguous bf16/fp16/fp32 on the workspace's device, ``n * itemsize`` at
+            most ``slot_bytes``.  May be this rank's block of ``out`` (in place).
+        out: ``world_size * n`` contiguous elements of the same dtype and device (any shape).
+
+    Returns ``out``.  Enqueued on the current stream; returns before completion.  Every rank's ``out`` has
+    the same bits.  Every rank must make the same sequence of calls on the workspace with the same ``n``.
+    """
+    return _collective("all_gather", car, tensor, out)
+
+
+def reduce_scatter(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Sum chunk ``rank`` of every rank's ``tensor`` into ``out``: ``out = sum_q tensor_q[rank * n:(rank + 1) * n]``.
+
+    Args:
+        car: this rank's ``CustomAllReduce``.
+        tensor: ``world_size * n`` contiguous bf16/fp16/fp32 elements on the workspace's device (any shape).
+        out: ``n`` contiguous elements of the same dtype and device; may be this rank's chunk of ``tensor``.
+            ``(world_size - 1) * n`` elements (``n`` rounded up to 8) are staged: see :func:`max_numel`.
+
+    Returns ``out``: the ranks' chunks summed in rank order in fp32 and rounded once to the dtype (the
+    same bits as chunk ``rank`` of a two-shot all-reduce).  Enqueued on the current stream; returns before
+    completion.  Every rank must make the same sequence of calls with the same ``n``.
+    """
+    return _collective("reduce_scatter", car, tensor, out)
+
+
+def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    world_size = vg.world_size
+    if x.dim() != 2 or x.shape[0] != world_size:
+        raise InvalidArgumentError(
+            f"{op}_stacked: x must have shape [world_size={world_size}, numel], got {tuple(x.shape)}"
+        )
+    if op == "all_gather":
+        shape = (world_size, world_size * x.shape[1])
+    else:
+        if x.shape[1] % world_size:
+            raise InvalidArgumentError(
+                f"reduce_scatter_stacked: each rank's row must hold world_size={world_size} equal chunks, got "
+                f"{x.shape[1]} elements"
+            )
+        shape = (world_size, x.shape[1] // world_size)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape:
+        raise InvalidArgumentError(f"{op}_stacked: out must have shape {shape}, got {tuple(out.shape)}")
+    car = vg.ranks[0]
+    if any(c.workspace._error_view[0] for c in vg.ranks):
+        vg.check_errors()
+    if car.workspace.closed:
+        raise NotInitializedError(f"custom {op}: the virtual ranks' workspaces were closed")
+    numel, itemsize = _validate(
+        op, x, out, world_size, world_size, car.workspace.slot_bytes, (True, vg.device.index, vg.device)
+    )
+    if _overlaps(x, out):
+        raise InvalidArgumentError(f"{op}_stacked: x and out overlap")
+    if numel:
+        raw = torch._C._cuda_getCurrentRawStream(vg.device.index)
+        for ws in vg.workspaces:
+            ws.enter_stream(raw)
+        _launch(op, car, x, out, numel, itemsize, vg._stacked_table, vg._stacked_control, 0, world_size, True)
+    return out
+
+
+def all_gather_stacked(vg, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """All-gather for the virtual ranks of ``vg`` (a ``VirtualRankGroup``) in one launch.
+
+    ``x``: ``[world_size, n]``, row ``r`` is rank ``r``'s input.  Returns ``out`` ``[world_size,
+    world_size * n]`` (new unless given), every row the rows of ``x`` concatenated.  Enqueued on the current
+    stream (graph-capturable); returns before completion.
+    """
+    return _stacked("all_gather", vg, x, out)
+
+
+def reduce_scatter_stacked(vg, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce-scatter for the virtual ranks of ``vg`` in one launch.
+
+    ``x``: ``[world_size, world_size * n]``, row ``q`` is rank ``q``'s input.  Returns ``out``
+    ``[world_size, n]`` (new unless given): row ``r`` is ``sum_q x[q, r * n:(r + 1) * n]`` (rank order, fp32,
+    rounded once).  Enqueued on the current stream (graph-capturable); returns before completion.
+    """
+    return _stacked("reduce_scatter", vg, x, out)
