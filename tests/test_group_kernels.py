@@ -50,6 +50,20 @@ def _tp_worker(rank, world_size, port, tp_sizes, nodes):
             residual = torch.ones(2, 8)
             _, new_res = all_reduce_residual_rmsnorm(xs, residual, torch.ones(8), group=tp)
             got["fused"] = (bool(torch.all(new_res == 1 + sum(r + 1 for r in members))), last_selection(tp).algo)
+            # all-gather and reduce-scatter on the group's kernels, through the backend
+            n = len(members)
+            gathered = torch.empty(n * 3)
+            backend.all_gather(gathered, torch.full((3,), float(rank)), group=tp)
+            ag = (bool(torch.equal(gathered, torch.tensor([float(r) for r in members]).repeat_interleave(3))),
+                  backend.last_selection.algo)  # fmt: skip
+            shard = torch.empty(5)
+            backend.reduce_scatter(shard, torch.arange(n * 5, dtype=torch.float32) + rank, group=tp)
+            me = members.index(rank)
+            want = torch.arange(me * 5, me * 5 + 5, dtype=torch.float32) * n + sum(members)
+            rs = (bool(torch.equal(shard, want)), backend.last_selection.algo)
+            listed = [torch.empty(3) for _ in members]  # a list output: the engine's all-gather
+            backend.all_gather(listed, torch.full((3,), float(rank)), group=tp)
+            got["gather_scatter"] = (ag, rs, backend.last_selection.algo)
             # the world group still works, interleaved with the sub-group's calls
             y = torch.full((5,), float(rank))
             world.all_reduce(y)
@@ -73,6 +87,7 @@ def _check_tp(per_rank, tp_sizes, world_kernels=True):
             assert got["results"][0][2] not in ("engine", "user")  # auto: a selector rule ran
             assert got["fused"] == (True, got["fused"][1]) and got["fused"][1] in ("one_shot", "two_shot")
             assert got["world_sum_ok"]
+            assert got["gather_scatter"] == ((True, "kernel"), (True, "kernel"), "gloo"), got["gather_scatter"]
 
 
 def test_two_tp_groups_of_two_in_a_world_of_four():

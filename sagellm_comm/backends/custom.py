@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import gather_scatter
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..cupy_probe import require_cupy
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
@@ -33,14 +34,17 @@ from ..errors import (
 )
 from ..launch import interpreting as _interpreting
 from ..selector import KERNEL_ALGOS, AlgoSelector, Selection
+from ..workspace import node_name
 from .custom_setup import KernelGroup
+from .hierarchical import HIER_MIN_BYTES_ENV, HierarchicalPlan, capacity_bytes, min_bytes_from_env, node_layout
+from .hierarchical import all_reduce as hierarchical_all_reduce
 from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
 GROUP_MAX_BYTES_ENV = "SAGELLM_COMM_GROUP_MAX_BYTES"
-ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "nccl")
+ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "hierarchical", "nccl")
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
@@ -140,6 +144,8 @@ class CustomBackend(TorchDistributedBackend):
         self.last_selection: Selection | None = None
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
+        self._nodes: list[str] = []  # every global rank's node name
+        self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
     @property
     def name(self) -> str:
@@ -155,11 +161,13 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
+                self._nodes = self._exchange(node_name())
                 self._world_kernels = self._make_kernels(None)
+                self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
+                self._plan_hierarchical(None, tuple(range(self.world_size)))
             except BaseException:
                 self.destroy()
                 raise
-            self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
         return self
 
     def _exchange(self, obj: Any, group: Any = None) -> list[Any]:
@@ -192,7 +200,25 @@ class CustomBackend(TorchDistributedBackend):
         handle = super().new_group(ranks)
         if handle.is_member:
             self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
+        self._plan_hierarchical(handle, handle.ranks)
         return handle
+
+    def _plan_hierarchical(self, handle: Any, members: tuple[int, ...]) -> None:
+        """Every rank of the world: for a group spanning nodes, make its node-local groups (with kernels) and
+        cross groups (engine only) in one agreed order; members keep their plan (see ``hierarchical.py``)."""
+        locals_, cross = node_layout(members, self._nodes)
+        if not locals_:
+            return
+        mine_local = mine_cross = None
+        for ranks in locals_:
+            local = self.new_group(ranks)
+            mine_local = local if local.is_member else mine_local
+        for ranks in cross:
+            group = TorchDistributedBackend.new_group(self, ranks)
+            mine_cross = group if group.is_member else mine_cross
+        if mine_local is not None and mine_cross is not None:
+            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), min_bytes_from_env())
+            self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
         """The custom all-reduce of ``group`` (a ``CommGroup``, a ``GroupHandle`` or None for the world) on
@@ -243,6 +269,7 @@ class CustomBackend(TorchDistributedBackend):
     def destroy(self) -> None:
         kernel_groups = [k for _, k in self._group_kernels.values()] + [self._world_kernels]
         self._group_kernels.clear()
+        self._hierarchical.clear()
         self._world_kernels = self.custom = None
         try:
             for kernels in kernel_groups:
@@ -254,6 +281,38 @@ class CustomBackend(TorchDistributedBackend):
             super().destroy()
 
     # ------------------------------------------------------------------ all-reduce
+    def _try_hierarchical(self, tensor, op, group, algo):
+        """The hierarchical path for a node-spanning group, or None when it does not apply to this call."""
+        handle = getattr(group, "handle", group)
+        key = None if handle is None or handle is self._world else id(handle)
+        entry = self._hierarchical.get(key)
+        if entry is None or (key is not None and entry[0] is not handle):
+            return None
+        plan = entry[1]
+        car = self.kernels_for(plan.local)
+        if (
+            car is None
+            or ReduceOp.parse(op) is not ReduceOp.SUM
+            or not isinstance(tensor, torch.Tensor)
+            or tensor.dtype not in SUPPORTED_DTYPES
+            or not tensor.is_contiguous()
+        ):
+            return None
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > capacity_bytes(plan, car, tensor.element_size()):
+            return None
+        if algo == "auto" and nbytes < plan.min_bytes:
+            return None
+        self.last_selection = Selection(
+            "hierarchical",
+            "user" if algo == "hierarchical" else "hierarchical-span-nodes",
+            f"group spans {plan.nodes} nodes x {plan.local_size} ranks: kernels reduce-scatter and all-gather "
+            f"inside each node, the {self.engine_kind} engine all-reduces 1/{plan.local_size} between nodes "
+            f"(from {plan.min_bytes} bytes: {HIER_MIN_BYTES_ENV}; model in backends/hierarchical.py, unmeasured)",
+        )
+        hierarchical_all_reduce(self, plan, car, tensor)
+        return tensor
+
     def select(self, nbytes: int, itemsize: int = 2, group: Any = None) -> Selection:
         """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
         car = self.kernels_for(group)
@@ -269,6 +328,15 @@ class CustomBackend(TorchDistributedBackend):
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         car = self.custom if group is None else self.kernels_for(group)
+        if car is None and self._hierarchical and algo in ("auto", "hierarchical"):
+            done = self._try_hierarchical(tensor, op, group, algo)
+            if done is not None:
+                return done
+        if algo == "hierarchical":
+            raise InvalidArgumentError(
+                "algo='hierarchical' needs a group that spans nodes with the same number (>= 2) of members on "
+                "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
+            )
         if (
             car is None
             or algo == "nccl"
@@ -302,6 +370,59 @@ class CustomBackend(TorchDistributedBackend):
         if async_op:
             return _EventWork(car, tensor)
         return tensor
+
+    # ------------------------------------------------------------------ all-gather / reduce-scatter
+    def _gather_scatter_kernels(self, op: str, flat, shard, group) -> CustomAllReduce | None:
+        """The group's kernels when ``op`` of this call can run on them (``flat``: the all-gather output or
+        the reduce-scatter input, ``shard``: the other), else None (the engine runs it)."""
+        car = self.custom if group is None else self.kernels_for(group)
+        if (
+            car is None
+            or not isinstance(flat, torch.Tensor)
+            or not isinstance(shard, torch.Tensor)
+            or shard.dtype not in SUPPORTED_DTYPES
+            or flat.dtype != shard.dtype
+            or not (flat.is_contiguous() and shard.is_contiguous())
+            or flat.numel() != car.world_size * shard.numel()
+        ):
+            return None
+        if (
+            gather_scatter.staged_bytes(op, shard.numel(), car.world_size, shard.element_size())
+            > car.workspace.slot_bytes
+        ):
+            return None
+        return car
+
+    def _kernel_selection(self, op: str, car: CustomAllReduce) -> Selection:
+        return Selection(
+            "kernel", f"custom-{op.replace('_', '-')}", f"the custom {op} kernel on {car.world_size} ranks of one node"
+        )
+
+    def all_gather(self, output, tensor, group=None, async_op=False):
+        """As :meth:`CommBackend.all_gather`; a flat ``output`` of a group with kernels runs the custom
+        all-gather (``sagellm_comm/kernels/gather_scatter.py``) when the input fits its workspace."""
+        car = self._gather_scatter_kernels("all_gather", output, tensor, group)
+        if car is None:
+            self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
+            return super().all_gather(output, tensor, group, async_op)
+        self.last_selection = self._kernel_selection("all_gather", car)
+        gather_scatter.all_gather(car, tensor, output)
+        return _EventWork(car, output) if async_op else output
+
+    def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
+        """As :meth:`CommBackend.reduce_scatter`; SUM of a flat ``input`` on a group with kernels runs the
+        custom reduce-scatter when it fits its workspace."""
+        car = (
+            None
+            if ReduceOp.parse(op) is not ReduceOp.SUM
+            else self._gather_scatter_kernels("reduce_scatter", input, output, group)
+        )
+        if car is None:
+            self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (op, group, layout or size)")
+            return super().reduce_scatter(output, input, op, group, async_op)
+        self.last_selection = self._kernel_selection("reduce_scatter", car)
+        gather_scatter.reduce_scatter(car, input, output)
+        return _EventWork(car, output) if async_op else output
 
 
 register_comm_backend(

@@ -29,6 +29,9 @@ NCCL_PATH_ALGOS = ("nccl", "ring", "tree")
 NCCL_ALGO_VALUES = {"ring": "Ring", "tree": "Tree"}
 NCCL_KINDS = ("nccl", "rccl")
 CUSTOM_KIND = "custom"
+# What else the custom backend records as having run: its all-gather / reduce-scatter kernel, and the
+# hierarchical all-reduce of a group spanning nodes.
+CUSTOM_PATHS = ("kernel", "hierarchical")
 
 
 def parse_algos(items: Iterable[str] | str | None) -> list[str]:

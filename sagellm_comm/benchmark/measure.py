@@ -63,6 +63,9 @@ class LoopSettings:
 # ============================================================================ distributed ranks
 
 
+CUSTOM_OPS = ("all_gather", "reduce_scatter")  # ops the custom backend also runs on its kernels
+
+
 def _op_call(backend: Any, bufs: OpBuffers) -> Callable[[], object]:
     """The plain backend call of ``bufs.op`` (the engine's own algorithm)."""
     if bufs.op == "all_reduce":
@@ -89,6 +92,12 @@ class DistributedAlgo:
         self.kind = backend.name
         self.engine_kind = getattr(backend, "engine_kind", self.kind)
         self.custom_all_reduce = self.kind == algo_rules.CUSTOM_KIND and op == "all_reduce"
+        # all-gather / reduce-scatter on the custom backend: the kernels when they can, read back per call
+        self.custom_labelled = self.kind == algo_rules.CUSTOM_KIND and op in (
+            "all_reduce",
+            "all_gather",
+            "reduce_scatter",
+        )
         self.skip_reason = algo_rules.unsupported_reason(requested, self.kind, op)
         if self.skip_reason is None and self.kind == algo_rules.CUSTOM_KIND:
             if requested in algo_rules.KERNEL_ALGOS and getattr(backend, "custom", None) is None:
@@ -115,11 +124,11 @@ class DistributedAlgo:
 
     def label(self) -> tuple[str, str, str]:
         """``(algo_id, rule_id, reason)`` of the call that just ran (call it after one untimed call)."""
-        if self.custom_all_reduce:
+        if self.custom_labelled:
             selection = getattr(self.backend, "last_selection", None)
             if selection is None:
                 return self._engine_label("unknown", "the custom backend did not record its choice")
-            if selection.algo in algo_rules.KERNEL_ALGOS:
+            if selection.algo in (*algo_rules.KERNEL_ALGOS, *algo_rules.CUSTOM_PATHS):
                 return selection.algo, selection.rule_id, selection.reason
             return self._engine_label(selection.rule_id, selection.reason)
         return self._engine_label()

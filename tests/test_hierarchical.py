@@ -1,0 +1,123 @@
+"""Hierarchical all-reduce on simulated nodes (``SAGELLM_COMM_HOSTNAME``): CPU, interpreter, processes.
+
+Four processes as 2 nodes x 2: the world spans both nodes, so its kernels are off; its all-reduce runs
+the kernels' reduce-scatter and all-gather inside each node and the engine (Gloo here, NCCL on GPUs)
+between nodes.  Results must be exact and identical on every rank; a missing rank is named.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
+          "SAGELLM_COMM_MAX_PROGRAMS": "2", "SAGELLM_COMM_HIER_MIN_BYTES": "0"}  # fmt: skip
+
+
+def test_node_layout():
+    from sagellm_comm.backends.hierarchical import node_layout
+
+    nodes = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    assert node_layout(tuple(range(8)), nodes) == ([(0, 1), (2, 3), (4, 5), (6, 7)], [(0, 2, 4, 6), (1, 3, 5, 7)])
+    assert node_layout((0, 1), nodes) == ([], [])  # one node: the plain kernels
+    assert node_layout((0, 1, 2), nodes) == ([], [])  # 2 + 1: not uniform
+    assert node_layout((0, 2), nodes) == ([], [])  # one member per node: nothing for the kernels to do
+
+
+def _hier_worker(rank, world_size, port, sizes):
+    import sagellm_comm
+    from sagellm_comm.errors import InvalidArgumentError
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384
+    )
+    backend = world.backend
+    out = {"world_kernels": backend.custom is not None, "reason": backend.custom_reason, "calls": []}
+    try:
+        for i, (numel, dtype) in enumerate(sizes):
+            x = torch.full((numel,), float(rank + 1 + i), dtype=getattr(torch, dtype))
+            x[::3] = -float(rank)  # not all equal: a wrong shard placement shows
+            want = sum(torch.full((numel,), float(r + 1 + i)).index_fill_(0, torch.arange(0, numel, 3),
+                       -float(r)) for r in range(world_size))  # fmt: skip
+            world.all_reduce(x)
+            sel = backend.last_selection
+            out["calls"].append((bool(torch.equal(x.float(), want)), sel.algo, sel.rule_id, x.float().sum().item()))
+        with pytest.raises(InvalidArgumentError, match="hierarchical"):  # a forced choice that cannot run
+            backend.all_reduce(torch.ones(5), group=world.split(2), algo="hierarchical")
+    finally:
+        sagellm_comm.destroy()
+    return out
+
+
+def test_hierarchical_all_reduce_on_two_simulated_nodes():
+    sizes = [(1, "float32"), (37, "float32"), (1000, "bfloat16"), (2048, "float16")]
+    per_rank = run_ranks(_hier_worker, 4, sizes, env=INTERP, timeout=600)
+    for out in per_rank:
+        assert not out["world_kernels"] and "span 2 nodes" in out["reason"], out["reason"]
+        for ok, algo, rule, _ in out["calls"]:
+            assert ok and algo == "hierarchical" and rule == "hierarchical-span-nodes", out["calls"]
+    digests = [[c[3] for c in out["calls"]] for out in per_rank]
+    assert all(d == digests[0] for d in digests)
+
+
+def _below_threshold_worker(rank, world_size, port):
+    import sagellm_comm
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = "4096"
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              max_bytes=16384)  # fmt: skip
+    try:
+        x = torch.ones(16)
+        world.all_reduce(x)  # 64 bytes: under the threshold, flat engine
+        small = (bool(torch.all(x == 4)), world.backend.last_selection.algo)
+        y = torch.ones(2048)  # 8 KB: hierarchical
+        world.all_reduce(y)
+        large = (bool(torch.all(y == 4)), world.backend.last_selection.algo)
+    finally:
+        sagellm_comm.destroy()
+    return small, large
+
+
+def test_small_messages_stay_on_the_engine():
+    for small, large in run_ranks(_below_threshold_worker, 4, env=INTERP, timeout=600):
+        assert small == (True, "gloo") and large == (True, "hierarchical")
+
+
+def _missing_worker(rank, world_size, port, marker):
+    import time
+
+    import sagellm_comm
+    from sagellm_comm.errors import CommError
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=20,
+                              max_bytes=16384, kernel_timeout=2.0)  # fmt: skip
+    if rank == 3:  # never calls; waits until its node peer has reported, then leaves
+        deadline = time.monotonic() + 200
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    x = torch.ones(64)
+    try:
+        world.all_reduce(x)
+        world.backend.kernels_for(world.backend._hierarchical[None][1].local).check_errors()
+    except CommError as exc:  # rank 2: the kernels name rank 3; ranks 0 and 1: their node or engine stage fails
+        if rank == 2:
+            open(marker, "w").close()
+        return type(exc).__name__, exc.details.get("peer"), str(exc)
+    return "no error", None, str(x[:4])
+
+
+def test_a_rank_missing_in_the_node_stage_is_named(tmp_path):
+    results = run_ranks(_missing_worker, 4, str(tmp_path / "reported"), env=INTERP, timeout=600)
+    kind, peer, message = results[2]
+    assert kind == "CommTimeoutError" and peer == 1, message  # rank 3 is local rank 1 of node1
+    assert "peer rank 3 (rank 1 of the group [2, 3])" in message, message
+    for rank in (0, 1):  # no rank hangs, none returns a result
+        assert results[rank][0] != "no error", results[rank]
