@@ -96,10 +96,9 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int, rows: int, slot_bytes: int, where):
-    """Check one call of ``op`` (``rows`` ranks stacked, 1 for a real rank); return ``(numel, itemsize)``,
-    ``numel`` the per-rank block (all-gather) or chunk (reduce-scatter).  ``where = (use_ptx, device_index,
-    device)``; ``rank`` of the aliasing rule is implied by the caller (see the kernels: ``inp`` may be this
-    rank's block / chunk of the other tensor, nothing else may overlap)."""
+    """Check dtype, layout, device, shapes and capacity of one call of ``op`` (``rows`` ranks stacked in each
+    tensor, 1 for a real rank); return ``(numel, itemsize)``, ``numel`` the per-rank block (all-gather) or
+    chunk (reduce-scatter).  ``where``: ``(use_ptx, device_index, device)`` of the workspace."""
     use_ptx, device_index, device = where
     itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
     if itemsize is None:
@@ -113,19 +112,16 @@ def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int,
         raise InvalidArgumentError(f"out must have the input's dtype {tensor.dtype}, got {out.dtype}")
     per_rank_in, per_rank_out = tensor.numel() // rows, out.numel() // rows
     if op == "all_gather":
-        numel, want_out = per_rank_in, world_size * per_rank_in
-        got_out = per_rank_out
-        shape_rule = f"out must hold world_size * tensor.numel() = {want_out} elements"
+        numel = per_rank_in
+        agree = per_rank_out == world_size * per_rank_in
+        rule = "out must hold world_size * tensor.numel() elements"
     else:
         numel = per_rank_out
-        want_out, got_out = per_rank_in, world_size * per_rank_out
-        shape_rule = (
-            f"tensor must hold world_size * out.numel() elements (world_size={world_size}): got "
-            f"{per_rank_in} and out {per_rank_out}"
-        )
-    if got_out != want_out or out.numel() % rows or tensor.numel() % rows:
+        agree = per_rank_in == world_size * per_rank_out
+        rule = "tensor must hold world_size * out.numel() elements"
+    if not agree or out.numel() % rows or tensor.numel() % rows:
         raise InvalidArgumentError(
-            f"{op}: {shape_rule}, got tensor of {tuple(tensor.shape)} and out of {tuple(out.shape)}"
+            f"{op}: {rule} (world_size={world_size}), got tensor of {tuple(tensor.shape)} and out of {tuple(out.shape)}"
         )
     need = staged_bytes(op, numel, world_size, itemsize)
     if need > slot_bytes:

@@ -92,9 +92,10 @@ def all_gather_kernel(
     ``VIRTUAL``, ``inp`` is ``[W, numel]``, ``out`` ``[W, W * numel]``, and row ``r`` belongs to rank ``r``.
     """
     rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    wide = tl.cast(numel, tl.int64)  # block offsets: up to W * W * numel elements in VIRTUAL mode
     if VIRTUAL:
-        inp += rank * numel
-        out += rank * (W * numel)
+        inp += rank * wide
+        out += rank * (W * wide)
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -113,7 +114,7 @@ def all_gather_kernel(
     # Block ``p`` from rank ``p``'s slot; this rank's own block from ``inp`` (same bits, no peer read).
     for p in tl.static_range(W):
         src = tl.where(p == rank, inp, _ptr(_pick(bases, peers, p) + slot_offset, DTYPE))
-        dst = out + p * numel
+        dst = out + p * wide
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
             offs = tile * BLOCK + lane
             mask = offs < numel
@@ -146,9 +147,10 @@ def reduce_scatter_kernel(
     ``out`` ``[W, numel]``, and row ``r`` belongs to rank ``r``.
     """
     rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    wide = tl.cast(numel, tl.int64)  # chunk offsets: up to W * W * numel elements in VIRTUAL mode
     if VIRTUAL:
-        inp += rank * (W * numel)
-        out += rank * numel
+        inp += rank * (W * wide)
+        out += rank * wide
     DTYPE: tl.constexpr = inp.dtype.element_ty
     ITEMSIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
@@ -156,7 +158,7 @@ def reduce_scatter_kernel(
     slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
     my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     # Staged chunks start at multiples of CHUNK_ALIGN elements: 16-byte vectors for the peers' reads.
-    stride = tl.multiple_of(tl.cdiv(numel, CHUNK_ALIGN) * CHUNK_ALIGN, CHUNK_ALIGN)
+    stride = tl.multiple_of(tl.cdiv(wide, CHUNK_ALIGN) * CHUNK_ALIGN, CHUNK_ALIGN)
     num_tiles = tl.cdiv(numel, BLOCK)
     lane = tl.arange(0, BLOCK)
 
@@ -164,7 +166,7 @@ def reduce_scatter_kernel(
     for c in tl.static_range(W):
         if c != rank:
             dst = my_slot + tl.where(c > rank, c - 1, c) * stride
-            src = inp + c * numel
+            src = inp + c * wide
             for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
                 offs = tile * BLOCK + lane
                 mask = offs < numel
@@ -173,8 +175,8 @@ def reduce_scatter_kernel(
     ok = ok & healthy
 
     # Chunk ``rank`` of peer ``q`` is at index ``rank - (rank > q)`` of ``q``'s slot (bytes, per lane).
-    src_offsets = slot_offset + tl.where(peers < rank, rank - 1, rank).to(tl.int64) * (stride * ITEMSIZE)
-    own = inp + rank * numel
+    src_offsets = slot_offset + tl.where(peers < rank, rank - 1, rank) * (stride * ITEMSIZE)
+    own = inp + rank * wide
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         offs = tile * BLOCK + lane
         mask = offs < numel
