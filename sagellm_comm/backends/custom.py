@@ -382,6 +382,8 @@ class CustomBackend(TorchDistributedBackend):
             or not isinstance(shard, torch.Tensor)
             or shard.dtype not in SUPPORTED_DTYPES
             or flat.dtype != shard.dtype
+            or flat.device != car.device
+            or shard.device != car.device
             or not (flat.is_contiguous() and shard.is_contiguous())
             or flat.numel() != car.world_size * shard.numel()
         ):

@@ -90,10 +90,11 @@ class HierarchicalPlan:
 
 
 def capacity_bytes(plan: HierarchicalPlan, car, itemsize: int) -> int:
-    """The largest message (bytes) the plan takes: the reduce-scatter stages the whole, padded input."""
-    local = plan.local_size
-    elems = car.workspace.slot_bytes // itemsize // local * local
-    return elems * itemsize
+    """The largest message (bytes) the plan takes: ``local`` shards of the largest reduce-scatter chunk the
+    node-local workspace stages (the all-gather of one shard stages less)."""
+    from ..gather_scatter import max_numel
+
+    return max_numel("reduce_scatter", plan.local_size, car.workspace.slot_bytes, itemsize) * plan.local_size * itemsize
 
 
 def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,9 @@ def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target):
     of a latched workspace is NaN); ``table[W]`` points to the host-mapped error record the host reads
     without a device sync.
     """
-    first = tl.atomic_cas(ctrl + CTRL_LATCH, 0, 1, sem="acq_rel", scope="gpu")
+    first = tl.atomic_cas(
+        ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
+    )
     if first == 0:
         err_record = tl.load(table + W).to(tl.pointer_type(tl.int64))
         tl.store(err_record + ERR_PEER, peer.to(tl.int64), cache_modifier=".wt")

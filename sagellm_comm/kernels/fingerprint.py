@@ -122,7 +122,9 @@ def fingerprint_check_kernel(
         differs = tl.sum(((theirs != mine[None, :]) & valid[:, None]).to(tl.int32), axis=1) > 0
         first = tl.min(tl.where(differs, peers, WP), axis=0)
         if first < W:
-            was = tl.atomic_cas(ctrl + CTRL_LATCH, 0, 1, sem="acq_rel", scope="gpu")
+            was = tl.atomic_cas(
+                ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
+            )
             if was == 0:
                 err = tl.load(table + W).to(tl.pointer_type(tl.int64))
                 their_print = tl.sum(tl.where(peers[:, None] == first, theirs, 0), axis=0)

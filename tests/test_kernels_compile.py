@@ -1,0 +1,194 @@
+"""Every device kernel compiles for Hopper (sm_90) on this CPU machine, with the memory operations the
+protocol relies on.
+
+The interpreter runs the kernels' Python, not the compiler: a kernel can pass every CPU test and still fail
+to compile (an int32 constant where an int64 atomic needs one, say).  Triton's CUDA backend and its bundled
+``ptxas`` compile without a GPU, so each kernel family is compiled here once, and the PTX is checked for
+what docs/protocol.md promises: 64-bit system-scope acquire loads of the flags, release exchanges, and
+16-byte vector accesses to the peers' data.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - a Triton without the CUDA backend
+    pytest.skip("this Triton has no CUDA backend to compile with", allow_module_level=True)
+
+TARGET = GPUTarget("cuda", 90, 32)
+UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code"}
+
+
+def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 8):
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constexprs else types[p] for p in params}
+    # As a launch specialises them: pointers 16-byte aligned, sizes and offsets multiples of 16.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in types and p not in UNALIGNED}
+    src = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in constexprs.items()}, attrs=aligned)
+    try:
+        return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    except RuntimeError as exc:  # no ptxas / no CUDA toolchain in this Triton wheel
+        if "ptxas" in str(exc).lower():
+            pytest.skip(f"Triton cannot compile for CUDA here: {exc}")
+        raise
+
+
+COLLECTIVE = dict(inp="*bf16", out="*bf16", table="*i64", ctrl="*i64", numel="i32", rank="i32", slot_bytes="i64",
+                  timeout="i64")  # fmt: skip
+
+
+def _cases():
+    from sagellm_comm.kernels import all_reduce as ar
+    from sagellm_comm.kernels import copy_engine as ce
+    from sagellm_comm.kernels import fingerprint as fp
+    from sagellm_comm.kernels import fused_all_reduce_rmsnorm as rm
+    from sagellm_comm.kernels import gather_scatter as gs
+    from sagellm_comm.kernels import gemm_all_reduce as gk
+    from sagellm_comm.kernels import lamport_all_reduce as la
+
+    flags = ("ld.acquire.sys.global.b64", "atom.global.sys.release.exch.b64")
+    vectors = ("ld.global.cg.v4",)
+    cases = []
+    for kernel in (ar.one_shot_all_reduce_kernel, ar.two_shot_all_reduce_kernel):
+        for zero_copy in (False, True):
+            cx = dict(W=4, WP=4, BLOCK=2048, ZERO_COPY=zero_copy, USE_PTX=True, VIRTUAL=False, STAGES=1)
+            cases.append((kernel, COLLECTIVE, cx, flags + vectors))
+    for kernel in (gs.all_gather_kernel, gs.reduce_scatter_kernel):
+        cases.append((kernel, COLLECTIVE, dict(W=3, WP=4, BLOCK=2048, USE_PTX=True, VIRTUAL=True, STAGES=1), flags))
+    cases.append(
+        (
+            la.lamport_all_reduce_kernel,
+            dict(COLLECTIVE, lamport_offset="i64", cap="i32"),
+            dict(W=8, WP=8, BLOCK=256, USE_PTX=True, VIRTUAL=True, PDL=True),
+            ("griddepcontrol.wait",),
+        )
+    )
+    cases.append(
+        (
+            fp.fingerprint_check_kernel,
+            dict(table="*i64", ctrl="*i64", rank="i32", algo="i32", numel="i64", dtype_code="i32", timeout="i64"),
+            dict(W=3, WP=4, USE_PTX=True, VIRTUAL=False),
+            flags,
+        )
+    )
+    rms_types = dict(
+        inp="*fp16",
+        residual="*fp16",
+        weight="*fp16",
+        normed_out="*fp16",
+        residual_out="*fp16",
+        table="*i64",
+        ctrl="*i64",
+        num_rows="i32",
+        hidden="i32",
+        eps="fp32",
+        rank="i32",
+        slot_bytes="i64",
+        timeout="i64",
+    )
+    for two_shot in (False, True):
+        cases.append(
+            (
+                rm.all_reduce_rmsnorm_kernel,
+                rms_types,
+                dict(W=2, WP=2, BLOCK_H=4096, TWO_SHOT=two_shot, USE_PTX=True, VIRTUAL=False),
+                flags,
+            )
+        )
+    cases.append(
+        (
+            gk.gemm_publish_kernel,
+            dict(
+                a="*bf16",
+                b="*bf16",
+                table="*i64",
+                ctrl="*i64",
+                M="i32",
+                N="i32",
+                K="i32",
+                stride_aw="i64",
+                stride_am="i32",
+                stride_ak="i32",
+                stride_bw="i64",
+                stride_bk="i32",
+                stride_bn="i32",
+                rank="i32",
+                buffer_bytes="i64",
+            ),
+            dict(W=2, WP=2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, USE_PTX=True, VIRTUAL=False),
+            ("atom.global.sys.release.exch.b64",),
+        )
+    )
+    cases.append(
+        (
+            gk.tile_all_reduce_kernel,
+            dict(
+                out="*bf16",
+                bias="*bf16",
+                table="*i64",
+                ctrl="*i64",
+                M="i32",
+                N="i32",
+                rank="i32",
+                buffer_bytes="i64",
+                timeout="i64",
+            ),
+            dict(
+                W=4,
+                WP=4,
+                BLOCK_M=128,
+                BLOCK_N=128,
+                GROUP_M=8,
+                SUB_M=32,
+                ONE_SHOT=False,
+                HAS_BIAS=True,
+                USE_PTX=True,
+                VIRTUAL=False,
+            ),
+            flags,
+        )
+    )
+    cases.append(
+        (
+            ce.ce_barrier_kernel,
+            dict(table="*i64", ctrl="*i64", out="*bf16", numel="i64", rank="i32", step="i32", timeout="i64"),
+            dict(W=2, WP=2, LAST=True, USE_PTX=True, BLOCK=1024),
+            flags,
+        )
+    )
+    cases.append(
+        (
+            ce.ce_gather_kernel,
+            dict(table="*i64", out="*bf16", rank="i32", start="i64", part="i64", end="i64"),
+            dict(W=2, BLOCK=4096),
+            (),
+        )
+    )
+    cases.append(
+        (
+            ce.ce_sum_rows_kernel,
+            dict(scratch="*bf16", out="*bf16", numel="i64", stride="i64"),
+            dict(ROWS=3, BLOCK=4096),
+            (),
+        )
+    )
+    return cases  # fmt: skip
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{k.fn.__name__}-{i}" for i, (k, *_) in enumerate(CASES)])
+def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
+    kernel, types, constexprs, needles = case
+    compiled = _compile(kernel, types, constexprs, num_warps=1 if kernel.fn.__name__.startswith("ce_barrier") else 8)
+    ptx = compiled.asm["ptx"]
+    for needle in needles:
+        assert needle in ptx, f"{kernel.fn.__name__} {constexprs}: no {needle!r} in its PTX"
