@@ -95,7 +95,7 @@ def _single_rank_worker(rank, world_size, port):
 
 def test_custom_backend_records_why_it_falls_back():
     reason = run_ranks(_single_rank_worker, 1, env=INTERP, timeout=120)[0]
-    assert "world size 1 is outside 2..8" in reason
+    assert "group size 1 is outside 2..8" in reason
 
 
 def test_custom_backend_unavailable_without_gpu_or_interpreter(monkeypatch):
