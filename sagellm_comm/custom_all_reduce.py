@@ -118,8 +118,13 @@ class KernelLauncher:
         grid_y: int,
         max_programs: int,
         virtual: bool = False,
+        preload: bool = False,
     ) -> None:
         """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch).
+
+        ``preload``: only compile and load this call's binary (nothing is enqueued).  Loading a module may
+        wait for the device to go idle, so a kernel that something already enqueued may spin for (check
+        mode's fingerprint kernel, another virtual rank) must be loaded before that.
 
         A call whose shape was seen before costs one dictionary lookup and the C launcher: the key holds
         every argument except the data pointers, and the pointers' 16-byte alignment (Triton specialises
@@ -134,6 +139,8 @@ class KernelLauncher:
             in_ptr % 16 == 0, out_ptr % 16 == 0,
         )  # fmt: skip
         plan = self.cache.get(key)
+        if plan is not None and preload:
+            return
         if plan is not None:
             fast, programs, tail = plan
             fast(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), (in_ptr, out_ptr, *tail))
@@ -173,7 +180,14 @@ class KernelLauncher:
                 zero_copy, self.use_ptx, virtual, stages,
             )  # fmt: skip
         launch_options = {"launch_pdl": True} if algo == "lamport" and self.pdl else {}
-        compiled = kernel[(programs, grid_y)](tensor, out, table, ctrl, *tail[2:], num_warps=warps, **launch_options)
+        args = (tensor, out, table, ctrl, *tail[2:])
+        if preload:
+            if not self.use_ptx:
+                return
+            compiled = kernel.warmup(*args, grid=(programs, grid_y), num_warps=warps, **launch_options)
+            _ = compiled.run  # the binary's launcher, a lazy property: reading it loads the module now
+        else:
+            compiled = kernel[(programs, grid_y)](*args, num_warps=warps, **launch_options)
         if self.use_ptx:
             fast = direct_launch(compiled)
             if fast is not None:
@@ -339,12 +353,16 @@ class CustomAllReduce:
             return out
         if self._use_ptx:
             self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self._device_index))
+        zero_copy = self.workspace.is_registered(tensor)
         if self.check:
+            self._launcher.launch(
+                algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
+                self.max_programs, preload=True,
+            )  # fmt: skip
             self.launch_check(algo, numel, tensor.dtype)
         self._launcher.launch(
-            algo, tensor, out, numel, itemsize, self.workspace.is_registered(tensor), self._table, self._control,
-            self.rank, 1, self.max_programs,
-        )  # fmt: skip
+            algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
+        )
         return out
 
     def launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, grid_y: int = 1) -> None:

@@ -40,26 +40,27 @@ def test_counter_wrap_every_family_virtual_ranks(monkeypatch, world_size, start)
         guard = vg.get_buffers(256, torch.float32)
         for g in guard:
             g.fill_(12345.0)
-        wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+        wrong = {k: torch.zeros((), dtype=torch.int64, device="cuda") for k in ("one_shot", "two_shot", "lamport",
+                 "rmsnorm", "gemm")}  # fmt: skip
         for i in range(6):
             for algo in ("one_shot", "two_shot", "lamport"):
                 x = _ints((world_size, 4099 + i), i)
                 want = x.float().sum(0)
                 vg.all_reduce_stacked(x, algo=algo)
-                wrong += (x.float() != want).sum()
+                wrong[algo] += (x.float() != want).sum()
             xs = _ints((world_size, 3, 512), 100 + i)
             residual = _ints((world_size, 3, 512), 200 + i)
             weight = torch.ones(512, device="cuda", dtype=torch.bfloat16)
             _, new_res = vf.all_reduce_residual_rmsnorm(xs, residual, weight, algo=("one_shot", "two_shot")[i % 2])
             want_res = (xs.float().sum(0) + residual[0].float()).to(torch.bfloat16)
-            wrong += (new_res != want_res).sum()
+            wrong["rmsnorm"] += (new_res != want_res).sum()
             a = _ints((world_size, 64, 16), 300 + i, hi=1)
             b = _ints((world_size, 16, 128), 400 + i, hi=1)
             out = vf.gemm_all_reduce(a, b, path="fused")
-            wrong += (out.float() != torch.bmm(a.float(), b.float()).sum(0)).sum()
+            wrong["gemm"] += (out.float() != torch.bmm(a.float(), b.float()).sum(0)).sum()
         torch.cuda.synchronize()
         vg.check_errors()
-        assert int(wrong) == 0
+        assert {k: int(v) for k, v in wrong.items()} == dict.fromkeys(wrong, 0)
         assert all(bool(torch.all(g == 12345.0)) for g in guard), "a copy-path call wrote the registered region"
         assert vg.ranks[0].epoch == start + 6 * 3  # one-shot, two-shot, RMSNorm
         assert vg.ranks[0].lamport_epoch == start + 6
