@@ -52,7 +52,7 @@ def test_counter_wrap_every_family_virtual_ranks(monkeypatch, world_size, start)
             residual = _ints((world_size, 3, 512), 200 + i)
             weight = torch.ones(512, device="cuda", dtype=torch.bfloat16)
             _, new_res = vf.all_reduce_residual_rmsnorm(xs, residual, weight, algo=("one_shot", "two_shot")[i % 2])
-            want_res = (xs.float().sum(0) + residual[0].float()).to(torch.bfloat16)
+            want_res = (xs.float().sum(0)[None] + residual.float()).to(torch.bfloat16)  # each rank's own residual
             wrong["rmsnorm"] += (new_res != want_res).sum()
             a = _ints((world_size, 64, 16), 300 + i, hi=1)
             b = _ints((world_size, 16, 128), 400 + i, hi=1)
