@@ -112,6 +112,8 @@ def test_scripts_use_the_benchmark_package_not_private_paths(script):
     source = (BENCH / f"{script}.py").read_text()
     assert "sys.path" not in source and "tests.conftest" not in source
     assert not re.search(r"^\s*(from|import) bench\b", source, re.MULTILINE)  # no script imports another
+    private = re.findall(r"^\s*from sagellm_comm[\w.]* import .*\b_\w+", source, re.MULTILINE)
+    assert not private, f"{script} imports private names: {private}"
     if script != "make_docs_tables":
         assert "sagellm_comm.benchmark" in source
 

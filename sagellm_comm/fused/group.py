@@ -42,6 +42,15 @@ def _state_of(g) -> _GroupState:
     return state
 
 
+def _known_state(group) -> _GroupState | None:
+    """The state of ``group`` (None: the default group) if a group-level fused call made one, else None."""
+    from ..group import _resolve
+
+    g = _resolve(group)
+    per_backend = _STATE.get(g.backend)
+    return None if per_backend is None else per_backend.get(id(g.handle))
+
+
 def _group_state(group):
     from ..group import _resolve
 
@@ -64,12 +73,19 @@ def _group_state(group):
 
 def last_selection(group=None) -> Selection | None:
     """What the last group-level fused call on ``group`` ran (path, rule id, reason)."""
-    from ..group import _resolve
-
-    g = _resolve(group)
-    per_backend = _STATE.get(g.backend)
-    state = None if per_backend is None else per_backend.get(id(g.handle))
+    state = _known_state(group)
     return None if state is None else state.last
+
+
+def group_gemm(group=None) -> GemmAllReduce | None:
+    """The :class:`GemmAllReduce` that :func:`gemm_all_reduce` runs on ``group`` (default group if None), or None
+    before the group's first call with custom kernels (or where the group has none).
+
+    For benchmarks and tuning: its ``copy_engine_chunks(m)`` says how a call of M rows is pipelined, and setting
+    ``ce_chunks`` (None: by M) changes it for the next calls of every rank -- set it alike on all of them.
+    """
+    state = _known_state(group)
+    return None if state is None else state.gemm
 
 
 def all_reduce_residual_rmsnorm(
