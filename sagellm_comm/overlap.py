@@ -32,6 +32,7 @@ import torch
 
 from sagellm_comm.backend import ReduceOp, Work
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
@@ -50,17 +51,6 @@ def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.St
         if stream is None:
             stream = _STREAMS[index] = torch.cuda.Stream(device=index)
         return stream
-
-
-def _group(group: CommGroup | str | None) -> CommGroup:
-    from sagellm_comm import ops
-    from sagellm_comm.group import CommGroup
-
-    if isinstance(group, CommGroup):
-        return group
-    if group is None or isinstance(group, str):
-        return ops.resolve_group(ops.group_name(group))
-    raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
 
 
 class AsyncAllReduce(Work):
@@ -131,7 +121,7 @@ def all_reduce_async(
     """
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    comm_group = _group(group)
+    comm_group = resolve_group(group)
     reduce_op = ReduceOp.parse(op)
     if tensor.device.type != "cuda":
         if stream is not None:

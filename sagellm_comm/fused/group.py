@@ -14,6 +14,7 @@ import torch
 from ..errors import (
     ShapeMismatchError,
 )
+from ..group import resolve_group
 from ..selector import Selection
 from ..workspace import SymmetricWorkspace
 from ._common import FUSED_DTYPES, RMSNORM_DTYPES, rmsnorm_reference
@@ -44,17 +45,13 @@ def _state_of(g) -> _GroupState:
 
 def _known_state(group) -> _GroupState | None:
     """The state of ``group`` (None: the default group) if a group-level fused call made one, else None."""
-    from ..group import _resolve
-
-    g = _resolve(group)
+    g = resolve_group(group)
     per_backend = _STATE.get(g.backend)
     return None if per_backend is None else per_backend.get(id(g.handle))
 
 
 def _group_state(group):
-    from ..group import _resolve
-
-    g = _resolve(group)
+    g = resolve_group(group)
     backend = g.backend
     state = _state_of(g)
     kernels_for = getattr(backend, "kernels_for", None)
