@@ -30,9 +30,13 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
+# The one list of algorithm names: everything else imports these.
 ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
-KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
-ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)
+KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")  # the custom all-reduce kernels
+ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)  # what a policy rule may name
+ALGO_CHOICES = ("auto", *ALGOS)  # what an all-reduce call's ``algo=`` may be
+NCCL_ALGO_NAMES = ("ring", "tree")  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
+GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")  # paths of the GEMM + all-reduce (sagellm_comm.fused)
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,16 @@ def test_a_new_selector_drops_the_per_shape_decisions(monkeypatch):
     car.selector = AlgoSelector.from_dict({"rules": [{"id": "all", "algo": "one_shot"}]})
     car.all_reduce(empty)  # decided anew: one-shot, and an empty tensor launches nothing
     assert calls == [0, 0]
+
+
+def test_algorithm_names_have_one_source():
+    """selector.py holds the names; the backend's choices, the benchmark's and the fused paths are the same objects."""
+    from sagellm_comm import selector
+    from sagellm_comm.backends import custom
+    from sagellm_comm.benchmark import algos
+    from sagellm_comm.fused import GEMM_PATHS
+
+    assert selector.ALGO_CHOICES == ("auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO)
+    assert custom.ALGO_CHOICES == selector.ALGO_CHOICES
+    assert algos.KERNEL_ALGOS is selector.KERNEL_ALGOS and GEMM_PATHS is selector.GEMM_PATHS
+    assert set(algos.ALGOS) == {*selector.ALGO_CHOICES, *selector.NCCL_ALGO_NAMES}

@@ -22,10 +22,10 @@ import os
 from collections.abc import Iterable
 
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.selector import ENGINE_ALGO, KERNEL_ALGOS, NCCL_ALGO_NAMES
 
-ALGOS = ("auto", "one_shot", "two_shot", "lamport", "ring", "tree", "nccl")
-KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
-NCCL_PATH_ALGOS = ("nccl", "ring", "tree")
+ALGOS = ("auto", *KERNEL_ALGOS, *NCCL_ALGO_NAMES, ENGINE_ALGO)
+NCCL_PATH_ALGOS = (ENGINE_ALGO, *NCCL_ALGO_NAMES)
 NCCL_ALGO_VALUES = {"ring": "Ring", "tree": "Tree"}
 NCCL_KINDS = ("nccl", "rccl")
 CUSTOM_KIND = "custom"

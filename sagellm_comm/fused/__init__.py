@@ -28,7 +28,8 @@ same sequence of calls with the same shapes.  Errors: :class:`InvalidArgumentErr
 :class:`CommTimeoutError` (from ``check_errors`` or the next call) naming a peer that never arrived.
 """
 
-from ._common import FUSED_DTYPES, GEMM_PATHS, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
+from ..selector import GEMM_PATHS
+from ._common import FUSED_DTYPES, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
 from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, copy_engine_units, gemm_tile_config, gemm_workspace_bytes
 from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 from .rmsnorm import FusedAllReduceRMSNorm

@@ -24,9 +24,9 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import Selection
+from ..selector import GEMM_PATHS, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d
+from ._common import FUSED_DTYPES, _check_2d
 from .gemm_config import FLAG_AREA_BYTES, gemm_tile_config, gemm_workspace_bytes
 from .gemm_copy_engine import CopyEnginePath, copy_engine_units
 from .gemm_policy import DEFAULT_GEMM_RULES, GemmPathSelector, GemmRule

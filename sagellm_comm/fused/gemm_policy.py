@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError
-from ..selector import Selection
-from ._common import GEMM_PATHS
+from ..selector import GEMM_PATHS, Selection
 
 
 @dataclass(frozen=True)
