@@ -150,7 +150,7 @@ def test_algorithm_names_have_one_source():
     from sagellm_comm.benchmark import algos
     from sagellm_comm.fused import GEMM_PATHS
 
-    assert selector.ALGO_CHOICES == ("auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO)
+    assert ("auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO) == selector.ALGO_CHOICES
     assert custom.ALGO_CHOICES == selector.ALGO_CHOICES
     assert algos.KERNEL_ALGOS is selector.KERNEL_ALGOS and GEMM_PATHS is selector.GEMM_PATHS
     assert set(algos.ALGOS) == {*selector.ALGO_CHOICES, *selector.NCCL_ALGO_NAMES}

@@ -24,11 +24,11 @@ class GemmRule:
     min_bytes: int = 0
 
 
-# Measured on one H100 with virtual ranks (bench/results/fused_h100_virtual.md, docs/fused.md): cuBLAS then our
-# all-reduce was the fastest path, or within 1% of it, at every M, N and world size; the fused Triton GEMM alone
-# is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and the chunked pipeline loses to
-# contention.  So the default never picks a path measured slower than sequential; a rule override (or
-# path="fused") selects the others where real multi-GPU measurements say they pay.
+# Measured with virtual ranks, one H100 (bench/results/h100/fused_gemm_all_reduce_virtual.json at 5aac79e,
+# docs/fused.md): cuBLAS then our all-reduce was the fastest path, or within 1% of it, at every M, N and world
+# size; the fused Triton GEMM alone is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and
+# the chunked pipeline loses to contention.  So the default never picks a path measured slower than sequential;
+# a rule override (or path="fused") selects the others where real multi-GPU measurements say they pay.
 DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
     GemmRule(
         "measured-copy-engine-2",
@@ -37,12 +37,12 @@ DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
         world_sizes=(2,),
         min_bytes=32 << 20,
         reason="measured on 2 x H100 (NVLink): 1.14-1.30x faster than cuBLAS then our all-reduce at M >= 2048 with "
-        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_077d3da.md)",
+        "outputs >= 32 MB (the default call against sequential, bench/results/2xh100/fused.json at 077d3da)",
     ),
     GemmRule(
         "measured-sequential",
         "sequential",
-        reason="measured fastest at every M on H100 (virtual ranks): cuBLAS GEMM, then one all-reduce",
+        reason="measured fastest at every M with virtual ranks, one H100: cuBLAS GEMM, then one all-reduce",
     ),
 )
 
