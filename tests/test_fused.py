@@ -362,3 +362,27 @@ def test_copy_engine_chunking_and_arguments():
             GemmAllReduce(None, lambda t: t, world_size=2, ce_chunks=bad)
     with pytest.raises(InvalidArgumentError, match="num_chunks"):
         GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=0)
+
+
+def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
+    """The chunked path's schedule (shared by GemmAllReduce and VirtualFused): chunks of ceil(M / num_chunks)
+    rows, the last one short; on one stream (no CUDA) each chunk is produced, then reduced, in order."""
+    from sagellm_comm.fused import GemmAllReduce
+
+    g = GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=3)
+    events: list[tuple[str, int, int, int]] = []
+    m = 7
+    g.chunk_pipeline(
+        m,
+        lambda i, rows: events.append(("produce", i, rows.start, min(rows.stop, m))),
+        lambda i, rows: events.append(("reduce", i, rows.start, min(rows.stop, m))),
+    )
+    chunks = [(0, 0, 3), (1, 3, 6), (2, 6, 7)]
+    assert events == [(what, *c) for c in chunks for what in ("produce", "reduce")]
+
+    # And the chunked path's result over those chunks: every row reduced once (here: doubled once).
+    g = GemmAllReduce(None, lambda t: t.mul_(2), world_size=2, num_chunks=3)
+    a, b = torch.randn(m, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    out = torch.empty(m, 4, dtype=torch.float64)
+    g._chunked(a, b, None, out, m)
+    torch.testing.assert_close(out, 2 * (a @ b))

@@ -226,22 +226,35 @@ class GemmAllReduce(CopyEnginePath):
         reduce(t)
 
     def _chunked(self, a, b, bias, out, m) -> None:
+        self.chunk_pipeline(
+            m,
+            lambda i, rows: self._matmul(a[rows], b, bias, out[rows]),
+            lambda i, rows: self._reduce(out[rows]),
+        )
+
+    def chunk_pipeline(
+        self, m: int, produce: Callable[[int, slice], None], reduce: Callable[[int, slice], None]
+    ) -> None:
+        """The chunked path's schedule over ``num_chunks`` row chunks of ``m`` rows: ``produce(i, rows)`` on the
+        caller's stream, then ``reduce(i, rows)`` on the side stream once chunk ``i`` is produced, while chunk
+        ``i + 1`` is produced; the side stream forks from the caller's stream and joins back (graph capture
+        works).  Interpreter (no streams): produce and reduce alternate on the one stream, same data path."""
         chunk = triton.cdiv(m, self.num_chunks)
-        if self._side is None:  # interpreter: no streams, same data path
-            for start in range(0, m, chunk):
-                self._matmul(a[start : start + chunk], b, bias, out[start : start + chunk])
-                self._reduce(out[start : start + chunk])
+        if self._side is None:
+            for i, start in enumerate(range(0, m, chunk)):
+                produce(i, slice(start, start + chunk))
+                reduce(i, slice(start, start + chunk))
             return
         current = torch.cuda.current_stream(self.device)
         self._side.wait_stream(current)
-        for start in range(0, m, chunk):
+        for i, start in enumerate(range(0, m, chunk)):
             rows = slice(start, start + chunk)
-            self._matmul(a[rows], b, bias, out[rows])
+            produce(i, rows)
             done = torch.cuda.Event()
             done.record(current)
             self._side.wait_event(done)
             with torch.cuda.stream(self._side):
-                self._reduce(out[rows])
+                reduce(i, rows)
         current.wait_stream(self._side)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
