@@ -260,9 +260,14 @@ def _bad_input_worker(rank, world_size, port):
     )
     with pytest.raises(WorkspaceExhaustedError, match="copy_engine path"):
         gemm(torch.ones(128, 16, dtype=torch.bfloat16), torch.ones(16, 64, dtype=torch.bfloat16), path="copy_engine")
-    # Nothing is corrupted: a valid call still works on both ranks.
-    normed, new_res = fused(torch.full((2, 8), float(rank + 1)), torch.zeros(2, 8), torch.ones(8), eps=0.0)
-    assert torch.all(new_res == 3.0) and torch.allclose(normed, torch.ones(2, 8))
+    # Nothing is corrupted: a valid call still works on both ranks (rows that differ, so that the norm of the
+    # wrong row, or of the input instead of the sum, would not pass).
+    x = torch.arange(1.0, 17.0).view(2, 8) * (rank + 1)
+    residual, weight = torch.linspace(-1.0, 1.0, 16).view(2, 8), torch.linspace(0.5, 2.0, 8)
+    normed, new_res = fused(x, residual, weight, eps=0.0)
+    expected = torch.arange(1.0, 17.0).view(2, 8) * 3 + residual
+    assert torch.equal(new_res, expected)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(expected, (8,), weight, eps=0.0))
     return True
 
 
@@ -312,13 +317,17 @@ def _gloo_group_worker(rank, world_size, port):
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
     try:
-        x = torch.full((2, 4), float(rank + 1))
-        normed, new_res = all_reduce_residual_rmsnorm(x, torch.ones(2, 4), torch.ones(4), 0.0, group=world)
+        x = torch.arange(1.0, 9.0).view(2, 4) * (rank + 1)
+        residual, weight = torch.linspace(-1.0, 1.0, 8).view(2, 4), torch.tensor([0.5, 1.0, 1.5, 2.0])
+        normed, new_res = all_reduce_residual_rmsnorm(x, residual, weight, 0.0, group=world)
         sel = last_selection(world)
         assert sel.algo == "unfused" and sel.rule_id == "custom-unavailable", sel
-        assert torch.all(new_res == 4.0) and torch.allclose(normed, torch.ones(2, 4))
-        out = gemm_all_reduce(torch.ones(2, 3), torch.ones(3, 4), group=world, bias=torch.ones(4))
-        assert torch.all(out == 2 * 3 + 1)  # bias added once
+        expected = torch.arange(1.0, 9.0).view(2, 4) * 3 + residual
+        assert torch.equal(new_res, expected)
+        torch.testing.assert_close(normed, torch.nn.functional.rms_norm(expected, (4,), weight, eps=0.0))
+        a, b = torch.arange(6.0).view(2, 3) + rank, torch.arange(12.0).view(3, 4)
+        out = gemm_all_reduce(a, b, group=world, bias=torch.ones(4))
+        assert torch.equal(out, (torch.arange(6.0).view(2, 3) * 2 + 1) @ b + 1)  # bias added once
         return True
     finally:
         sagellm_comm.destroy()
