@@ -34,7 +34,9 @@ from .errors import InvalidArgumentError
 ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
 KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")  # the custom all-reduce kernels
 ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)  # what a policy rule may name
-ALGO_CHOICES = ("auto", *ALGOS)  # what an all-reduce call's ``algo=`` may be
+HIERARCHICAL_ALGO = "hierarchical"  # the custom backend's all-reduce of a group spanning nodes (no policy rule)
+ALGO_CHOICES = ("auto", *KERNEL_ALGOS, HIERARCHICAL_ALGO, ENGINE_ALGO)  # what an all-reduce call's ``algo=`` may be
+COLLECTIVE_KERNEL_ALGO = "kernel"  # the label of the custom all-gather / reduce-scatter kernel when it ran
 NCCL_ALGO_NAMES = ("ring", "tree")  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
 GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")  # paths of the GEMM + all-reduce (sagellm_comm.fused)
 

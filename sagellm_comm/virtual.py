@@ -66,7 +66,7 @@ class VirtualRankGroup:
         # program of every rank can be resident at once.
         self.max_programs = self.ranks[0].max_programs
         # One launch for all ranks: the rows of every rank's pointer table, stacked.
-        self.stacked_table, self.stacked_control = stacked_rows(self.workspaces)
+        self._stacked_table, self._stacked_control = stacked_rows(self.workspaces)
 
     def select(self, nbytes: int, itemsize: int = 2) -> Selection:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements (same on every rank)."""
@@ -133,7 +133,7 @@ class VirtualRankGroup:
                 ws.enter_stream(raw)
             if car.check:
                 car.launch_check(
-                    algo, numel, stacked.dtype, self.stacked_table, self.stacked_control, grid_y=self.world_size
+                    algo, numel, stacked.dtype, self._stacked_table, self._stacked_control, grid_y=self.world_size
                 )
             self.launch_stacked(algo, stacked, self.max_programs)
         return stacked
@@ -145,7 +145,7 @@ class VirtualRankGroup:
         callers that size the grid themselves (the fused chunked path runs beside a GEMM on few programs)."""
         numel = stacked.shape[1]
         self.ranks[0]._launcher.launch(
-            algo, stacked, stacked, numel, stacked.element_size(), False, self.stacked_table, self.stacked_control, 0,
+            algo, stacked, stacked, numel, stacked.element_size(), False, self._stacked_table, self._stacked_control, 0,
             self.world_size, programs, virtual=True,
         )  # fmt: skip
 

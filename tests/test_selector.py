@@ -150,7 +150,9 @@ def test_algorithm_names_have_one_source():
     from sagellm_comm.benchmark import algos
     from sagellm_comm.fused import GEMM_PATHS
 
-    assert ("auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO) == selector.ALGO_CHOICES
+    assert ("auto", *selector.KERNEL_ALGOS, selector.HIERARCHICAL_ALGO, selector.ENGINE_ALGO) == selector.ALGO_CHOICES
     assert custom.ALGO_CHOICES == selector.ALGO_CHOICES
     assert algos.KERNEL_ALGOS is selector.KERNEL_ALGOS and GEMM_PATHS is selector.GEMM_PATHS
-    assert set(algos.ALGOS) == {*selector.ALGO_CHOICES, *selector.NCCL_ALGO_NAMES}
+    # the benchmark's --algo: the call's choices but the node-spanning path, plus NCCL's own algorithms
+    assert set(algos.ALGOS) == {"auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO, *selector.NCCL_ALGO_NAMES}
+    assert set(algos.CUSTOM_PATHS) == {selector.COLLECTIVE_KERNEL_ALGO, selector.HIERARCHICAL_ALGO}

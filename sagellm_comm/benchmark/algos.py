@@ -22,7 +22,13 @@ import os
 from collections.abc import Iterable
 
 from sagellm_comm.errors import InvalidArgumentError
-from sagellm_comm.selector import ENGINE_ALGO, KERNEL_ALGOS, NCCL_ALGO_NAMES
+from sagellm_comm.selector import (
+    COLLECTIVE_KERNEL_ALGO,
+    ENGINE_ALGO,
+    HIERARCHICAL_ALGO,
+    KERNEL_ALGOS,
+    NCCL_ALGO_NAMES,
+)
 
 ALGOS = ("auto", *KERNEL_ALGOS, *NCCL_ALGO_NAMES, ENGINE_ALGO)
 NCCL_PATH_ALGOS = (ENGINE_ALGO, *NCCL_ALGO_NAMES)
@@ -31,7 +37,7 @@ NCCL_KINDS = ("nccl", "rccl")
 CUSTOM_KIND = "custom"
 # What else the custom backend records as having run: its all-gather / reduce-scatter kernel, and the
 # hierarchical all-reduce of a group spanning nodes.
-CUSTOM_PATHS = ("kernel", "hierarchical")
+CUSTOM_PATHS = (COLLECTIVE_KERNEL_ALGO, HIERARCHICAL_ALGO)
 
 
 def parse_algos(items: Iterable[str] | str | None) -> list[str]:

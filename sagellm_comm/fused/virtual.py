@@ -90,8 +90,8 @@ class VirtualFused:
                 rows,
                 hidden,
                 eps,
-                table=self.group.stacked_table,
-                ctrl=self.group.stacked_control,
+                table=self.group._stacked_table,
+                ctrl=self.group._stacked_control,
                 virtual_ranks=self.world_size,
             )
         return normed, new_residual
