@@ -46,16 +46,17 @@ def _triton_gemm_only(vf, a, b, m: int, n: int) -> None:
     """The fused path's producer GEMM alone, on scratch workspaces (its flags are never consumed there)."""
     import triton
 
-    from sagellm_comm.fused.gemm import _gemm_config  # private: no public accessor of the GEMM config yet
+    from sagellm_comm.fused import gemm_tile_config
     from sagellm_comm.kernels import gemm_all_reduce as gemm_kernels
+    from sagellm_comm.virtual import stacked_rows
     from sagellm_comm.workspace import local_workspaces
 
     w = vf.world_size
     if id(vf) not in _SCRATCH:
         scratch = local_workspaces(w, vf.gemm_workspaces[0].slot_bytes, vf.device)
-        _SCRATCH[id(vf)] = (scratch, torch.cat([ws.table for ws in scratch]))
+        _SCRATCH[id(vf)] = (scratch, stacked_rows(scratch)[0])
     scratch, table = _SCRATCH[id(vf)]
-    cfg = dict(_gemm_config(m, True))
+    cfg = dict(gemm_tile_config(m, True))
     bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     gemm_kernels.gemm_publish_kernel[(tiles * w, 1)](

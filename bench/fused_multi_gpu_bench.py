@@ -59,8 +59,7 @@ def _timed(row: dict, key: str, fn, calls: int, reps: int, barrier) -> None:
 
 
 def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunks=(), graph_gflop=400.0) -> dict:
-    from sagellm_comm.fused import gemm_all_reduce, last_selection
-    from sagellm_comm.fused.group import _group_state  # private: no public accessor of the group's GEMM yet
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm, last_selection
 
     w = backend.world_size
     k = 14336 // w
@@ -85,14 +84,14 @@ def bench_gemm(backend, m: int, n: int, calls: int, reps: int, barrier, ce_chunk
         _timed(row, key, lambda path=path: gemm_all_reduce(a, b, path=path), calls, reps, barrier)
         if path == "auto" and row[key] is not None:
             row["auto"] = last_selection().algo
-    state = _group_state(None)[2]  # the group's GemmAllReduce, built by the calls above
+    gemm = group_gemm()  # the group's GemmAllReduce, built by the calls above
     _timed(row, "copy_engine_zc_us", lambda: gemm_all_reduce(a, b, path="copy_engine", zero_copy=True), calls, reps,
            barrier)  # fmt: skip
-    row["ce_chunks"] = len(state.gemm.copy_engine_chunks(m))
+    row["ce_chunks"] = len(gemm.copy_engine_chunks(m))
     for chunks in ce_chunks:
-        state.gemm.ce_chunks = chunks
+        gemm.ce_chunks = chunks
         _timed(row, f"ce{chunks}_us", lambda: gemm_all_reduce(a, b, path="copy_engine"), calls, reps, barrier)
-    state.gemm.ce_chunks = None
+    gemm.ce_chunks = None
     row["ratio"] = _ratio(row)
     row["auto_ratio"] = _auto_ratio(row)
     return row

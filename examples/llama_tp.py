@@ -45,6 +45,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 import sagellm_comm
 from sagellm_comm import ops
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.group import resolve_group
 from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +109,7 @@ def shard_llama(model: LlamaForCausalLM, group: sagellm_comm.CommGroup | str | N
     ``group`` (a :class:`CommGroup`, a registered group name, or None for the default group); returns
     ``model``.  The model must already be on the group's device."""
     config = model.config
-    tp_size = ops.resolve_group(ops.group_name(group)).world_size
+    tp_size = resolve_group(group).world_size
     for what in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if getattr(config, what) % tp_size:
             raise InvalidArgumentError(

@@ -53,6 +53,7 @@ __all__ = [
     "init",
     "recv",
     "reduce_scatter",
+    "resolve_group",
     "send",
 ]
 
@@ -257,12 +258,24 @@ def destroy() -> None:
         group.destroy()
 
 
-def _resolve(group: CommGroup | None) -> CommGroup:
+def resolve_group(group: CommGroup | str | None = None) -> CommGroup:
+    """The one place that turns a ``group`` argument into a :class:`CommGroup`.
+
+    ``None``: the default group (:func:`init`; ``comm_not_initialized`` before it); a :class:`CommGroup`:
+    itself; a ``str``: the group registered under that name with :func:`sagellm_comm.ops.register_group`
+    (``"default"``: the default group; :class:`GroupNotFoundError` for an unknown name).  Anything else raises
+    :class:`InvalidArgumentError`.
+    """
     if group is None:
         return get_default_group()
-    if not isinstance(group, CommGroup):
-        raise InvalidArgumentError(f"group must be a CommGroup or None, got {type(group).__name__}")
-    return group
+    if isinstance(group, CommGroup):
+        return group
+    if isinstance(group, str):
+        from sagellm_comm.ops import registered_group
+
+        found = registered_group(group)
+        return get_default_group() if found is None else found
+    raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
 
 
 # ====================================================================== entry points
@@ -270,42 +283,42 @@ def _resolve(group: CommGroup | None) -> CommGroup:
 
 def all_reduce(tensor, op=ReduceOp.SUM, group: CommGroup | None = None, async_op: bool = False):
     """In place over ``group`` (default group if None); returns ``tensor`` or a :class:`Work`."""
-    return _resolve(group).all_reduce(tensor, op, async_op)
+    return resolve_group(group).all_reduce(tensor, op, async_op)
 
 
 def all_gather(output, tensor, group: CommGroup | None = None, async_op: bool = False):
     """``output``: list of ``world_size`` tensors like ``tensor``, or one flat tensor (rank-major)."""
-    return _resolve(group).all_gather(output, tensor, async_op)
+    return resolve_group(group).all_gather(output, tensor, async_op)
 
 
 def reduce_scatter(output, input, op=ReduceOp.SUM, group: CommGroup | None = None, async_op: bool = False):
     """``output`` receives chunk ``group.rank`` of the reduction of every rank's ``input``."""
-    return _resolve(group).reduce_scatter(output, input, op, async_op)
+    return resolve_group(group).reduce_scatter(output, input, op, async_op)
 
 
 def broadcast(tensor, src: int = 0, group: CommGroup | None = None, async_op: bool = False):
     """Copy group rank ``src``'s ``tensor`` to every rank, in place."""
-    return _resolve(group).broadcast(tensor, src, async_op)
+    return resolve_group(group).broadcast(tensor, src, async_op)
 
 
 def send(tensor, dst: int, group: CommGroup | None = None, async_op: bool = False) -> None | Work:
     """Send ``tensor`` to group rank ``dst``."""
-    return _resolve(group).send(tensor, dst, async_op)
+    return resolve_group(group).send(tensor, dst, async_op)
 
 
 def recv(tensor, src: int, group: CommGroup | None = None, async_op: bool = False):
     """Receive into ``tensor`` from group rank ``src``."""
-    return _resolve(group).recv(tensor, src, async_op)
+    return resolve_group(group).recv(tensor, src, async_op)
 
 
 def barrier(group: CommGroup | None = None, timeout: float | None = None) -> None:
     """Block until every rank of ``group`` arrives; ``comm_timeout`` names the ranks that did not."""
-    _resolve(group).barrier(timeout)
+    resolve_group(group).barrier(timeout)
 
 
 def all_to_all(output, input, group: CommGroup | None = None, async_op: bool = False):
     """Rank i's ``input[j]`` lands in rank j's ``output[i]`` (lists, or tensors split on dim 0)."""
-    return _resolve(group).all_to_all(output, input, async_op)
+    return resolve_group(group).all_to_all(output, input, async_op)
 
 
 class CollectiveOps:

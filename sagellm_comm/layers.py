@@ -28,6 +28,7 @@ from torch import nn
 
 from sagellm_comm import ops
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
@@ -50,7 +51,7 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
 
 def _resolve_group(group: CommGroup | str | None) -> tuple[str, CommGroup]:
     name = ops.group_name(group)
-    resolved = ops.resolve_group(name)
+    resolved = resolve_group(name)
     if not resolved.is_member:
         raise InvalidArgumentError(
             f"this rank is not a member of group {name!r} (ranks {list(resolved.ranks)}); build the layer "
@@ -320,7 +321,7 @@ class RowParallelLinear(_ParallelLinearBase):
         if self.use_fused_gemm and self.reduce_results and self.tp_size > 1:
             lead = x_local.shape[:-1]
             a = x_local.reshape(-1, self.input_size_per_partition).contiguous()
-            output = _fused_gemm_all_reduce()(a, self.weight.t(), group=ops.resolve_group(self.group_name))
+            output = _fused_gemm_all_reduce()(a, self.weight.t(), group=resolve_group(self.group_name))
             output = output.reshape(*lead, self.output_size)
         else:
             output = F.linear(x_local, self.weight)

@@ -116,17 +116,16 @@ def list_groups() -> dict[str, CommGroup]:
         return dict(_GROUPS)
 
 
-def resolve_group(name: str) -> CommGroup:
-    """The group registered as ``name`` (``"default"``: the default group).
+def registered_group(name: str) -> CommGroup | None:
+    """The group registered as ``name``; None for ``"default"`` (the default group, resolved by the caller).
 
-    Raises :class:`GroupNotFoundError` (code ``comm_group_not_found``) for an unknown name, and
-    ``comm_not_initialized`` for ``"default"`` before :func:`sagellm_comm.init`.
+    Raises :class:`InvalidArgumentError` for a name that is not a non-empty str and :class:`GroupNotFoundError`
+    (code ``comm_group_not_found``) for an unknown one.  Callers resolve through
+    :func:`sagellm_comm.group.resolve_group`.
     """
     _check_name(name)
     if name == DEFAULT_GROUP_NAME:
-        from sagellm_comm.group import get_default_group
-
-        return get_default_group()
+        return None
     with _LOCK:
         group = _GROUPS.get(name)
         known = sorted(_GROUPS)
@@ -137,6 +136,18 @@ def resolve_group(name: str) -> CommGroup:
             details={"name": name, "registered": known},
         )
     return group
+
+
+def resolve_group(name: str) -> CommGroup:
+    """The group registered as ``name`` (``"default"``: the default group).
+
+    Raises :class:`GroupNotFoundError` (code ``comm_group_not_found``) for an unknown name, and
+    ``comm_not_initialized`` for ``"default"`` before :func:`sagellm_comm.init`.  (A name only: the ops
+    pass names; :func:`sagellm_comm.group.resolve_group` also takes a group or None.)
+    """
+    from sagellm_comm.group import resolve_group as resolve
+
+    return resolve(_check_name(name))
 
 
 def group_name(group: CommGroup | str | None) -> str:

@@ -26,17 +26,19 @@ Until ``wait()`` returns, neither read nor write ``tensor``: it is being reduced
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sagellm_comm.backend import ReduceOp, Work
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
 
-__all__ = ["AsyncAllReduce", "all_reduce_async", "comm_stream"]
+__all__ = ["AsyncAllReduce", "all_reduce_async", "comm_stream", "start_on_side_stream"]
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _STREAMS_LOCK = threading.Lock()
@@ -50,17 +52,6 @@ def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.St
         if stream is None:
             stream = _STREAMS[index] = torch.cuda.Stream(device=index)
         return stream
-
-
-def _group(group: CommGroup | str | None) -> CommGroup:
-    from sagellm_comm import ops
-    from sagellm_comm.group import CommGroup
-
-    if isinstance(group, CommGroup):
-        return group
-    if group is None or isinstance(group, str):
-        return ops.resolve_group(ops.group_name(group))
-    raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
 
 
 class AsyncAllReduce(Work):
@@ -131,7 +122,7 @@ def all_reduce_async(
     """
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    comm_group = _group(group)
+    comm_group = resolve_group(group)
     reduce_op = ReduceOp.parse(op)
     if tensor.device.type != "cuda":
         if stream is not None:
@@ -142,10 +133,23 @@ def all_reduce_async(
     current = torch.cuda.current_stream(tensor.device)
     if side == current:
         raise InvalidArgumentError("stream= must differ from the current stream, or nothing can overlap")
-    side.wait_stream(current)  # the producer of `tensor` has finished before the reduce reads it
+    return start_on_side_stream(lambda: comm_group.all_reduce(tensor, reduce_op), [tensor], side)
+
+
+def start_on_side_stream(
+    reduce: Callable[[], object], tensors: Sequence[torch.Tensor], side: torch.cuda.Stream
+) -> AsyncAllReduce:
+    """The fork of :func:`all_reduce_async`: ``side`` waits for what the current stream has queued, ``reduce()``
+    is enqueued on ``side`` and an event recorded after it; every tensor of ``tensors`` (reduced in place by
+    ``reduce``) is marked ``record_stream(side)``.  Returns the handle on ``tensors[0]``, whose ``wait()`` joins.
+
+    For callers that reduce several tensors of this process at once (virtual ranks: one per rank)."""
+    current = torch.cuda.current_stream(side.device)
+    side.wait_stream(current)  # the producers of `tensors` have finished before the reduce reads them
     with torch.cuda.stream(side):
-        comm_group.all_reduce(tensor, reduce_op)
+        reduce()
         event = torch.cuda.Event()
         event.record(side)
-    tensor.record_stream(side)  # its memory stays reserved until the side stream's work is done
-    return AsyncAllReduce(tensor, event=event, stream=side)
+    for tensor in tensors:
+        tensor.record_stream(side)  # its memory stays reserved until the side stream's work is done
+    return AsyncAllReduce(tensors[0], event=event, stream=side)

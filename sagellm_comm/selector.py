@@ -30,9 +30,15 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
+# The one list of algorithm names: everything else imports these.
 ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
-KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
-ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)
+KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")  # the custom all-reduce kernels
+ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)  # what a policy rule may name
+HIERARCHICAL_ALGO = "hierarchical"  # the custom backend's all-reduce of a group spanning nodes (no policy rule)
+ALGO_CHOICES = ("auto", *KERNEL_ALGOS, HIERARCHICAL_ALGO, ENGINE_ALGO)  # what an all-reduce call's ``algo=`` may be
+COLLECTIVE_KERNEL_ALGO = "kernel"  # the label of the custom all-gather / reduce-scatter kernel when it ran
+NCCL_ALGO_NAMES = ("ring", "tree")  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
+GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")  # paths of the GEMM + all-reduce (sagellm_comm.fused)
 
 
 @dataclass(frozen=True)
@@ -92,26 +98,32 @@ class Rule:
         )
 
 
-# Measured on H100, bf16, CUDA-graph replay: the boundaries at dd41bf9 (bench/results/
-# custom_all_reduce_h100_dd41bf9.md), the figures in the reasons at c852ddd (custom_all_reduce_h100.md, the
-# same best kernel at every size):
-# virtual ranks (all ranks in one launch on one GPU) for 2, 4 and 8 ranks, and two real GPUs over NVLink
-# (bench/results/all_reduce_2xh100_*.json), which agree on every 2-rank boundary.  The barrier-free
+# Measured on H100, bf16, CUDA-graph replay.  Virtual ranks, one H100 (all ranks in one launch), for 2, 4 and 8
+# ranks: bench/results/h100/custom_all_reduce_virtual.json at c852ddd, which gives every boundary below and the
+# figures in the reasons (the boundaries were first drawn from the virtual-rank record at dd41bf9, in git at
+# 55a2a51, which has the same best kernel at every size).  Two real H100s over NVLink:
+# bench/results/2xh100/all_reduce_graph.json at dd41bf9, which agrees on every 2-rank boundary.  The barrier-free
 # Lamport kernel wins up to 256 KB at 2-4 ranks and 64 KB at 8; one-shot's single barrier then wins up to
 # 4 MB at 2 ranks, 1 MB at 4 and 256 KB at 8; two-shot's 2(W-1)/W traffic wins everything larger.
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("ws2-lamport", "lamport", max_bytes=256 << 10, world_sizes=(2,),
-         reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 1.9-4.4 us vs one-shot's 4.5-5.3"),
+         reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 1.9-4.4 us vs one-shot's 4.5-5.3 "
+                "(virtual ranks, one H100)"),
     Rule("ws34-lamport", "lamport", max_bytes=256 << 10, world_sizes=(3, 4),
-         reason="3-4 ranks, <=256 KB: no barrier; 2.2-5.8 us at 4 ranks vs one-shot's 4.7-6.7"),
+         reason="3-4 ranks, <=256 KB: no barrier; 2.2-5.8 us at 4 ranks vs one-shot's 4.7-6.7 "
+                "(virtual ranks, one H100)"),
     Rule("lamport", "lamport", max_bytes=64 << 10,
-         reason="<=64 KB, latency-bound: no barrier; 2.4-6.1 us at 8 ranks vs one-shot's 5.5-6.3"),
+         reason="<=64 KB, latency-bound: no barrier; 2.4-6.1 us at 8 ranks vs one-shot's 5.5-6.3 "
+                "(virtual ranks, one H100)"),
     Rule("ws2-one-shot", "one_shot", max_bytes=4 << 20, world_sizes=(2,),
-         reason="2 ranks, <=4 MB: one barrier; two-shot's second barrier costs more than the traffic it saves"),
+         reason="2 ranks, <=4 MB: one barrier; two-shot's second barrier costs more than the traffic it saves "
+                "(2 x H100 and virtual ranks)"),
     Rule("ws34-one-shot", "one_shot", max_bytes=1 << 20, world_sizes=(3, 4),
-         reason="3-4 ranks, <=1 MB: one barrier; 8.4-10.7 us at 4 ranks vs two-shot's 8.9-11.2"),
+         reason="3-4 ranks, <=1 MB: one barrier; 8.4-10.7 us at 4 ranks vs two-shot's 8.9-11.2 "
+                "(virtual ranks, one H100)"),
     Rule("small-one-shot", "one_shot", max_bytes=256 << 10,
-         reason="<=256 KB: one barrier; 7.4-9.9 us at 8 ranks vs two-shot's 10.7-10.8"),
+         reason="<=256 KB: one barrier; 7.4-9.9 us at 8 ranks vs two-shot's 10.7-10.8 "
+                "(virtual ranks, one H100)"),
     Rule("large-two-shot", "two_shot",
          reason="bandwidth-bound size: two-shot moves 2(W-1)/W of the message instead of (W-1)"),
 )  # fmt: skip

@@ -19,7 +19,14 @@ import torch
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from .errors import BackendNotSupportedError, InvalidArgumentError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
-from .workspace import DEFAULT_SLOT_BYTES, local_workspaces
+from .workspace import DEFAULT_SLOT_BYTES, SymmetricWorkspace, local_workspaces
+
+
+def stacked_rows(workspaces: Sequence[SymmetricWorkspace]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arguments that let one launch serve every virtual rank (grid axis 1 = rank): every rank's row of the
+    peer pointer table, stacked (row ``r`` = rank ``r``'s), and rank 0's control words, the first row of the
+    ``[world_size, CTRL_WORDS]`` block that :func:`~sagellm_comm.workspace.local_workspaces` allocates."""
+    return torch.cat([ws.table for ws in workspaces]), workspaces[0].control
 
 
 class VirtualRankGroup:
@@ -59,8 +66,7 @@ class VirtualRankGroup:
         # program of every rank can be resident at once.
         self.max_programs = self.ranks[0].max_programs
         # One launch for all ranks: the rows of every rank's pointer table, stacked.
-        self._stacked_table = torch.cat([ws.table for ws in self.workspaces])
-        self._stacked_control = self.workspaces[0].control  # row 0 of the [world_size, CTRL_WORDS] block
+        self._stacked_table, self._stacked_control = stacked_rows(self.workspaces)
 
     def select(self, nbytes: int, itemsize: int = 2) -> Selection:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements (same on every rank)."""
@@ -129,11 +135,19 @@ class VirtualRankGroup:
                 car.launch_check(
                     algo, numel, stacked.dtype, self._stacked_table, self._stacked_control, grid_y=self.world_size
                 )
-            car._launcher.launch(
-                algo, stacked, stacked, numel, itemsize, False, self._stacked_table, self._stacked_control, 0,
-                self.world_size, self.max_programs, virtual=True,
-            )  # fmt: skip
+            self.launch_stacked(algo, stacked, self.max_programs)
         return stacked
+
+    def launch_stacked(self, algo: str, stacked: torch.Tensor, programs: int) -> None:
+        """Enqueue kernel ``algo`` on the current stream for every rank at once, in place on the rows of the
+        contiguous ``[world_size, numel]`` tensor ``stacked``, with ``programs`` programs per rank.  No checks,
+        no stream ordering: :meth:`all_reduce_stacked` is the checked call; this is its launch, shared with
+        callers that size the grid themselves (the fused chunked path runs beside a GEMM on few programs)."""
+        numel = stacked.shape[1]
+        self.ranks[0]._launcher.launch(
+            algo, stacked, stacked, numel, stacked.element_size(), False, self._stacked_table, self._stacked_control, 0,
+            self.world_size, programs, virtual=True,
+        )  # fmt: skip
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` if any rank's kernel timed out (no device sync)."""

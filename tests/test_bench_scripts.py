@@ -101,6 +101,28 @@ def test_every_bench_path_in_the_docs_exists_or_is_dated():
                 assert (REPO / path).exists() or "in git at" in line or "git show" in line, (rel, path)
 
 
+# Sources whose stale citations wait for their owner (the exact edit is in the hand-over of the change that added
+# this test); once fixed, the assertion below says to drop them from here.
+_STALE_CITATIONS_PENDING = {"sagellm_comm/kernels/copy_engine.py"}
+
+
+def test_every_bench_path_in_the_package_exists_or_is_dated():
+    """Comments and selector reasons cite records that exist (or say where git keeps them)."""
+    for source in sorted((REPO / "sagellm_comm").rglob("*.py")):
+        rel = source.relative_to(REPO).as_posix()
+        lines = source.read_text().splitlines()
+        stale = [
+            (i + 1, path)
+            for i, line in enumerate(lines)
+            for path in re.findall(r"bench/[\w./-]*\w", line)
+            if not (REPO / path).exists() and "in git at" not in line and "git show" not in line
+        ]
+        if rel in _STALE_CITATIONS_PENDING:
+            assert stale, f"{rel} cites only existing records now: remove it from _STALE_CITATIONS_PENDING"
+        else:
+            assert not stale, (rel, stale)
+
+
 def test_bench_readme_lists_every_script_with_its_command():
     readme = (BENCH / "README.md").read_text()
     for script in SCRIPTS:
@@ -112,6 +134,8 @@ def test_scripts_use_the_benchmark_package_not_private_paths(script):
     source = (BENCH / f"{script}.py").read_text()
     assert "sys.path" not in source and "tests.conftest" not in source
     assert not re.search(r"^\s*(from|import) bench\b", source, re.MULTILINE)  # no script imports another
+    private = re.findall(r"^\s*from sagellm_comm[\w.]* import .*\b_\w+", source, re.MULTILINE)
+    assert not private, f"{script} imports private names: {private}"
     if script != "make_docs_tables":
         assert "sagellm_comm.benchmark" in source
 

@@ -234,6 +234,7 @@ def test_virtual_ranks_graph_plot(tmp_path):
         assert {r.algo_requested for r in result.records} == {"one_shot", "two_shot", "auto"}
         # auto resolves to what ran (the default policy picks lamport for small messages on 2 ranks)
         assert all(r.algo_id in ("one_shot", "two_shot", "lamport") for r in result.records)
+        assert all(r.algo_id == r.algo_requested for r in result.records if r.algo_requested != "auto")
         assert any(r.algo_requested == "auto" and r.algo_id == "lamport" for r in result.records)
         assert all(r.ratio_vs_first is not None and r.latency_ms > 0 for r in result.records)
         assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -20,7 +20,7 @@ def _backend_worker(rank, world_size, port):
     assert backend.custom is not None, backend.custom_reason
     seen["sharing"] = backend.custom.workspace.ranks_on_device  # both ranks on this host's CPU
 
-    # SUM on the world group: the kernels (one-shot at this size by the default policy).
+    # SUM on the world group: the kernels (Lamport at this size by the default policy).
     x = torch.arange(100, dtype=torch.float32) + rank
     out = backend.all_reduce(x)
     assert out is x

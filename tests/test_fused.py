@@ -260,9 +260,14 @@ def _bad_input_worker(rank, world_size, port):
     )
     with pytest.raises(WorkspaceExhaustedError, match="copy_engine path"):
         gemm(torch.ones(128, 16, dtype=torch.bfloat16), torch.ones(16, 64, dtype=torch.bfloat16), path="copy_engine")
-    # Nothing is corrupted: a valid call still works on both ranks.
-    normed, new_res = fused(torch.full((2, 8), float(rank + 1)), torch.zeros(2, 8), torch.ones(8), eps=0.0)
-    assert torch.all(new_res == 3.0) and torch.allclose(normed, torch.ones(2, 8))
+    # Nothing is corrupted: a valid call still works on both ranks (rows that differ, so that the norm of the
+    # wrong row, or of the input instead of the sum, would not pass).
+    x = torch.arange(1.0, 17.0).view(2, 8) * (rank + 1)
+    residual, weight = torch.linspace(-1.0, 1.0, 16).view(2, 8), torch.linspace(0.5, 2.0, 8)
+    normed, new_res = fused(x, residual, weight, eps=0.0)
+    expected = torch.arange(1.0, 17.0).view(2, 8) * 3 + residual
+    assert torch.equal(new_res, expected)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(expected, (8,), weight, eps=0.0))
     return True
 
 
@@ -312,13 +317,17 @@ def _gloo_group_worker(rank, world_size, port):
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
     try:
-        x = torch.full((2, 4), float(rank + 1))
-        normed, new_res = all_reduce_residual_rmsnorm(x, torch.ones(2, 4), torch.ones(4), 0.0, group=world)
+        x = torch.arange(1.0, 9.0).view(2, 4) * (rank + 1)
+        residual, weight = torch.linspace(-1.0, 1.0, 8).view(2, 4), torch.tensor([0.5, 1.0, 1.5, 2.0])
+        normed, new_res = all_reduce_residual_rmsnorm(x, residual, weight, 0.0, group=world)
         sel = last_selection(world)
         assert sel.algo == "unfused" and sel.rule_id == "custom-unavailable", sel
-        assert torch.all(new_res == 4.0) and torch.allclose(normed, torch.ones(2, 4))
-        out = gemm_all_reduce(torch.ones(2, 3), torch.ones(3, 4), group=world, bias=torch.ones(4))
-        assert torch.all(out == 2 * 3 + 1)  # bias added once
+        expected = torch.arange(1.0, 9.0).view(2, 4) * 3 + residual
+        assert torch.equal(new_res, expected)
+        torch.testing.assert_close(normed, torch.nn.functional.rms_norm(expected, (4,), weight, eps=0.0))
+        a, b = torch.arange(6.0).view(2, 3) + rank, torch.arange(12.0).view(3, 4)
+        out = gemm_all_reduce(a, b, group=world, bias=torch.ones(4))
+        assert torch.equal(out, (torch.arange(6.0).view(2, 3) * 2 + 1) @ b + 1)  # bias added once
         return True
     finally:
         sagellm_comm.destroy()
@@ -362,3 +371,27 @@ def test_copy_engine_chunking_and_arguments():
             GemmAllReduce(None, lambda t: t, world_size=2, ce_chunks=bad)
     with pytest.raises(InvalidArgumentError, match="num_chunks"):
         GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=0)
+
+
+def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
+    """The chunked path's schedule (shared by GemmAllReduce and VirtualFused): chunks of ceil(M / num_chunks)
+    rows, the last one short; on one stream (no CUDA) each chunk is produced, then reduced, in order."""
+    from sagellm_comm.fused import GemmAllReduce
+
+    g = GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=3)
+    events: list[tuple[str, int, int, int]] = []
+    m = 7
+    g.chunk_pipeline(
+        m,
+        lambda i, rows: events.append(("produce", i, rows.start, min(rows.stop, m))),
+        lambda i, rows: events.append(("reduce", i, rows.start, min(rows.stop, m))),
+    )
+    chunks = [(0, 0, 3), (1, 3, 6), (2, 6, 7)]
+    assert events == [(what, *c) for c in chunks for what in ("produce", "reduce")]
+
+    # And the chunked path's result over those chunks: every row reduced once (here: doubled once).
+    g = GemmAllReduce(None, lambda t: t.mul_(2), world_size=2, num_chunks=3)
+    a, b = torch.randn(m, 5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    out = torch.empty(m, 4, dtype=torch.float64)
+    g._chunked(a, b, None, out, m)
+    torch.testing.assert_close(out, 2 * (a @ b))

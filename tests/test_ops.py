@@ -72,6 +72,29 @@ def test_registry_errors_are_typed() -> None:
     assert "unit" not in ops.list_groups()
 
 
+def test_resolve_group_takes_a_group_a_name_or_none() -> None:
+    """The one resolver (sagellm_comm.group.resolve_group) behind the ops, the overlap and the fused functions."""
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+    from sagellm_comm.group import CommGroup, resolve_group
+
+    group = CommGroup(TorchDistributedBackend("gloo"))
+    assert resolve_group(group) is group
+    ops.register_group(group, "unit-resolve")
+    try:
+        assert resolve_group("unit-resolve") is group
+    finally:
+        ops.unregister_group("unit-resolve")
+    with pytest.raises(GroupNotFoundError, match="'unit-resolve'"):
+        resolve_group("unit-resolve")
+    for default in (None, "default"):
+        with pytest.raises(NotInitializedError):
+            resolve_group(default)
+    with pytest.raises(InvalidArgumentError, match="a registered name or None, got int"):
+        resolve_group(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="non-empty str"):
+        resolve_group("")
+
+
 def test_unknown_reduce_op_is_rejected() -> None:
     with pytest.raises(InvalidArgumentError, match="unsupported reduce op"):
         ops.all_reduce(torch.ones(2), "x", op="median")

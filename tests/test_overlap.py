@@ -218,6 +218,33 @@ def test_async_all_reduce_orders_streams_on_cuda(nccl_world) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_side_stream_fork_waits_for_the_producer_of_a_real_collective() -> None:
+    """The fork of all_reduce_async (start_on_side_stream) on a real 2-rank all-reduce: virtual ranks on one GPU.
+
+    A slow producer on the current stream fills the inputs; the sums are right only if the side stream waited
+    for it before the kernels read them.  (The one-rank NCCL world above cannot show this: its all-reduce
+    leaves the tensor as it is, whenever it runs.)
+    """
+    from sagellm_comm.overlap import comm_stream, start_on_side_stream
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    numel = 1 << 16
+    with VirtualRankGroup(2, max_bytes=1 << 20) as group:
+        xs = [torch.zeros(numel, device=group.device) for _ in range(2)]
+        torch.cuda._sleep(50_000_000)  # the producer is slow: the side stream must wait for it
+        for r, x in enumerate(xs):
+            x.fill_(float(r + 1))
+        handle = start_on_side_stream(lambda: group.all_reduce(xs), xs, comm_stream(group.device))
+        assert handle.stream != torch.cuda.current_stream(group.device)
+        assert handle.wait() is xs[0]
+        totals = [x.sum() for x in xs]  # ordered after the all-reduce by wait()
+        torch.cuda.synchronize()
+        group.check_errors()
+        assert [float(t) for t in totals] == [3.0 * numel] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_overlap_benchmark_on_cuda(nccl_world, tmp_path) -> None:
     result = run_overlap_benchmark(
         nccl_world.backend, "1M,16M", compute_duration_ms=1.0, gemm_size=2048, output_dir=str(tmp_path)

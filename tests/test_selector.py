@@ -141,3 +141,18 @@ def test_a_new_selector_drops_the_per_shape_decisions(monkeypatch):
     car.selector = AlgoSelector.from_dict({"rules": [{"id": "all", "algo": "one_shot"}]})
     car.all_reduce(empty)  # decided anew: one-shot, and an empty tensor launches nothing
     assert calls == [0, 0]
+
+
+def test_algorithm_names_have_one_source():
+    """selector.py holds the names; the backend's choices, the benchmark's and the fused paths are the same objects."""
+    from sagellm_comm import selector
+    from sagellm_comm.backends import custom
+    from sagellm_comm.benchmark import algos
+    from sagellm_comm.fused import GEMM_PATHS
+
+    assert ("auto", *selector.KERNEL_ALGOS, selector.HIERARCHICAL_ALGO, selector.ENGINE_ALGO) == selector.ALGO_CHOICES
+    assert custom.ALGO_CHOICES == selector.ALGO_CHOICES
+    assert algos.KERNEL_ALGOS is selector.KERNEL_ALGOS and GEMM_PATHS is selector.GEMM_PATHS
+    # the benchmark's --algo: the call's choices but the node-spanning path, plus NCCL's own algorithms
+    assert set(algos.ALGOS) == {"auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO, *selector.NCCL_ALGO_NAMES}
+    assert set(algos.CUSTOM_PATHS) == {selector.COLLECTIVE_KERNEL_ALGO, selector.HIERARCHICAL_ALGO}

@@ -22,16 +22,22 @@ import os
 from collections.abc import Iterable
 
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.selector import (
+    COLLECTIVE_KERNEL_ALGO,
+    ENGINE_ALGO,
+    HIERARCHICAL_ALGO,
+    KERNEL_ALGOS,
+    NCCL_ALGO_NAMES,
+)
 
-ALGOS = ("auto", "one_shot", "two_shot", "lamport", "ring", "tree", "nccl")
-KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")
-NCCL_PATH_ALGOS = ("nccl", "ring", "tree")
+ALGOS = ("auto", *KERNEL_ALGOS, *NCCL_ALGO_NAMES, ENGINE_ALGO)
+NCCL_PATH_ALGOS = (ENGINE_ALGO, *NCCL_ALGO_NAMES)
 NCCL_ALGO_VALUES = {"ring": "Ring", "tree": "Tree"}
 NCCL_KINDS = ("nccl", "rccl")
 CUSTOM_KIND = "custom"
 # What else the custom backend records as having run: its all-gather / reduce-scatter kernel, and the
 # hierarchical all-reduce of a group spanning nodes.
-CUSTOM_PATHS = ("kernel", "hierarchical")
+CUSTOM_PATHS = (COLLECTIVE_KERNEL_ALGO, HIERARCHICAL_ALGO)
 
 
 def parse_algos(items: Iterable[str] | str | None) -> list[str]:

@@ -110,7 +110,7 @@ class DistributedAlgo:
 
     def call(self, bufs: OpBuffers) -> Callable[[], object]:
         if self.custom_all_reduce:
-            algo = self.requested if self.requested in ("auto", *algo_rules.KERNEL_ALGOS) else "nccl"
+            algo = self.requested if self.requested in ("auto", *algo_rules.KERNEL_ALGOS) else algo_rules.ENGINE_ALGO
             backend, work = self.backend, bufs.work
             return lambda: backend.all_reduce(work, algo=algo)
         return _op_call(self.backend, bufs)

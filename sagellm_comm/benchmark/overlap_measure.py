@@ -132,19 +132,13 @@ class _RankBench:
 
     def _submit(self, buffers: list[torch.Tensor]) -> Any:
         """Start the all-reduce of ``buffers`` (one per rank of this process) on the side stream."""
-        from sagellm_comm.overlap import AsyncAllReduce, all_reduce_async, comm_stream
+        from sagellm_comm.overlap import all_reduce_async, comm_stream, start_on_side_stream
 
         if self.virtual is None:
             return all_reduce_async(buffers[0], self.group)
-        side = comm_stream(self.device)  # as all_reduce_async does, for the N ranks of this process
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.virtual.all_reduce(buffers)  # forks to the rank streams and joins back into `side`
-            event = torch.cuda.Event()
-            event.record(side)
-        for buffer in buffers:
-            buffer.record_stream(side)
-        return AsyncAllReduce(buffers[0], event=event, stream=side)
+        # As all_reduce_async does, for the N ranks of this process; the group forks to the rank streams and
+        # joins back into the side stream.
+        return start_on_side_stream(lambda: self.virtual.all_reduce(buffers), buffers, comm_stream(self.device))
 
     def measure(self, nbytes: int, warmup: int, iters: int) -> list[float]:
         """Medians (then maxima over ranks) of: compute alone, comm alone, submit, wait, compute

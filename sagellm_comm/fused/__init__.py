@@ -16,8 +16,11 @@ workspace when it is active on the whole group, and otherwise fall back to ``bac
 ops; :func:`last_selection` says which path ran and why.  Virtual ranks (N ranks on one GPU, for tests and
 benchmarks): :class:`VirtualFused`.
 
-Modules: ``rmsnorm`` (AR + residual + RMSNorm), ``gemm`` (GEMM + all-reduce and its path policy),
-``virtual`` (virtual ranks), ``group`` (group-level functions), ``_common`` (shared launcher and checks).
+Modules: ``rmsnorm`` (AR + residual + RMSNorm), ``gemm`` (GEMM + all-reduce of one rank: fused, chunked and
+sequential paths), ``gemm_copy_engine`` (its copy-engine path), ``gemm_policy`` (:class:`GemmPathSelector` and its
+rules), ``gemm_config`` (GEMM workspace size, Triton tile configuration), ``virtual`` (virtual ranks), ``group``
+(group-level functions; :func:`group_gemm` gives a group's :class:`GemmAllReduce`), ``_common`` (dtypes, limits,
+input checks).
 
 Stream semantics everywhere: work is enqueued on the caller's current stream (side streams fork from it
 and join back, so CUDA-graph capture works); calls return before completion; every rank must make the
@@ -25,9 +28,10 @@ same sequence of calls with the same shapes.  Errors: :class:`InvalidArgumentErr
 :class:`CommTimeoutError` (from ``check_errors`` or the next call) naming a peer that never arrived.
 """
 
-from ._common import FUSED_DTYPES, GEMM_PATHS, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
-from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, gemm_workspace_bytes
-from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection
+from ..selector import GEMM_PATHS
+from ._common import FUSED_DTYPES, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
+from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, copy_engine_units, gemm_tile_config, gemm_workspace_bytes
+from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 from .rmsnorm import FusedAllReduceRMSNorm
 from .virtual import VirtualFused
 
@@ -42,8 +46,11 @@ __all__ = [
     "GemmRule",
     "VirtualFused",
     "all_reduce_residual_rmsnorm",
+    "copy_engine_units",
     "gemm_all_reduce",
+    "gemm_tile_config",
     "gemm_workspace_bytes",
+    "group_gemm",
     "last_selection",
     "rmsnorm_reference",
 ]

@@ -8,7 +8,6 @@ from ..errors import InvalidArgumentError
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 RMSNORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")
 MAX_HIDDEN = 16384
 
 

@@ -1,10 +1,10 @@
-"""GEMM + all-reduce, the row-parallel linear: its path policy and the per-rank fused / chunked / sequential paths."""
+"""GEMM + all-reduce, the row-parallel linear of one rank: :class:`GemmAllReduce` and its fused, chunked and
+sequential paths (the copy-engine path is in ``gemm_copy_engine``, the path policy in ``gemm_policy``, the
+workspace size and tile configuration in ``gemm_config``; their public names are importable from here too)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext as _nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import triton
@@ -24,126 +24,25 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import Selection
-from ..workspace import SymmetricWorkspace, _tensor_at
-from ._common import FUSED_DTYPES, GEMM_PATHS, _check_2d
+from ..selector import GEMM_PATHS, Selection
+from ..workspace import SymmetricWorkspace
+from ._common import FUSED_DTYPES, _check_2d
+from .gemm_config import FLAG_AREA_BYTES, gemm_tile_config, gemm_workspace_bytes
+from .gemm_copy_engine import CopyEnginePath, copy_engine_units
+from .gemm_policy import DEFAULT_GEMM_RULES, GemmPathSelector, GemmRule
+
+__all__ = [
+    "DEFAULT_GEMM_RULES",
+    "GemmAllReduce",
+    "GemmPathSelector",
+    "GemmRule",
+    "copy_engine_units",
+    "gemm_tile_config",
+    "gemm_workspace_bytes",
+]
 
 
-@dataclass(frozen=True)
-class GemmRule:
-    """Use ``path`` when ``min_m <= M <= max_m``, the ``[M, N]`` output has at least ``min_bytes`` bytes, and
-    the world size is listed (if a list is given)."""
-
-    id: str
-    path: str
-    min_m: int = 1
-    max_m: int | None = None
-    world_sizes: tuple[int, ...] | None = None
-    reason: str = ""
-    min_bytes: int = 0
-
-
-# Measured on one H100 with virtual ranks (bench/results/fused_h100_virtual.md, docs/fused.md): cuBLAS then our
-# all-reduce was the fastest path, or within 1% of it, at every M, N and world size; the fused Triton GEMM alone
-# is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and the chunked pipeline loses to
-# contention.  So the default never picks a path measured slower than sequential; a rule override (or
-# path="fused") selects the others where real multi-GPU measurements say they pay.
-DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
-    GemmRule(
-        "measured-copy-engine-2",
-        "copy_engine",
-        min_m=2048,
-        world_sizes=(2,),
-        min_bytes=32 << 20,
-        reason="measured on 2 x H100 (NVLink): 1.14-1.30x faster than cuBLAS then our all-reduce at M >= 2048 with "
-        "outputs >= 32 MB (bench/results/2xh100/fused_2xh100_077d3da.md)",
-    ),
-    GemmRule(
-        "measured-sequential",
-        "sequential",
-        reason="measured fastest at every M on H100 (virtual ranks): cuBLAS GEMM, then one all-reduce",
-    ),
-)
-
-
-class GemmPathSelector:
-    """Ordered :class:`GemmRule` list -> :class:`Selection` (``algo`` is the path).  Never touches tensors.
-
-    Capacity overrides every rule: a fused call whose output does not fit the GEMM workspace (or has more
-    tiles than the flag area) runs ``chunked`` (rule ``fused-capacity``), and paths without a kernel
-    workspace run ``sequential``.
-    """
-
-    def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES):
-        for r in rules:
-            if r.path not in GEMM_PATHS:
-                raise InvalidArgumentError(f"rule {r.id}: path must be one of {GEMM_PATHS}, got {r.path!r}")
-        self.rules = tuple(rules)
-
-    def select(
-        self,
-        m: int,
-        world_size: int,
-        fused_fits: bool = True,
-        output_bytes: int = 0,
-        copy_engine_fits: bool = True,
-    ) -> Selection:
-        sel = Selection("sequential", "no-rule", f"no rule matches M={m}, world_size={world_size}")
-        for r in self.rules:
-            if (
-                m >= r.min_m
-                and (r.max_m is None or m <= r.max_m)
-                and (r.world_sizes is None or world_size in r.world_sizes)
-                and output_bytes >= r.min_bytes
-            ):
-                sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
-                break
-        if sel.algo == "fused" and not fused_fits:
-            sel = Selection("chunked", "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
-        if sel.algo == "copy_engine" and not copy_engine_fits:
-            sel = Selection("sequential", "copy-engine-capacity", "output over the GEMM workspace: sequential instead")
-        return sel
-
-
-def copy_engine_units(count: int) -> list[tuple[list[int], list[int]]]:
-    """The copy-engine path's units for ``count`` row chunks: ``(peers_of, own_of)`` per unit, in order.
-
-    Each unit runs the GEMMs of the peers' parts of the chunks in ``peers_of`` and of the own parts of the
-    chunks in ``own_of`` on the caller's stream, then one barrier (``sagellm_comm/kernels/copy_engine.py``):
-    ``P(0) | P(1) | O(0) P(2) | O(1) P(3) | ... | O(C-2) | O(C-1)``.  From two chunks on, a whole unit lies
-    between the barrier after ``P(c)`` and ``O(c)``, so the pull ``O(c)`` waits for runs under a GEMM;
-    ``C + 2`` units (barriers).
-    """
-    units = [([0], [])] + [([c], [c - 2] if c >= 2 else []) for c in range(1, count)]
-    return units + [([], [c]) for c in range(max(0, count - 2), count)]
-
-
-# ====================================================================== GEMM + all-reduce: one rank
-_FLAG_AREA_BYTES = _gk.DATA_OFFSET.value - _ark.PAD_BYTES.value  # produced + reduced tile flags (int64)
-
-
-def gemm_workspace_bytes(max_output_bytes: int) -> int:
-    """``slot_bytes`` to ask a :class:`SymmetricWorkspace` for, so it holds two ``[M, N]`` tile buffers of
-    ``max_output_bytes`` each plus the tile flags (the region is ``PAD_BYTES + 3 * slot_bytes``)."""
-    return triton.cdiv(_FLAG_AREA_BYTES + 2 * int(max_output_bytes), 3)
-
-
-def _gemm_config(m: int, use_ptx: bool) -> dict:
-    if not use_ptx:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 1}
-    if m <= 64:
-        return {
-            "BLOCK_M": max(16, triton.next_power_of_2(m)),
-            "BLOCK_N": 64,
-            "BLOCK_K": 128,
-            "GROUP_M": 1,
-            "num_warps": 4,
-            "num_stages": 4,
-        }
-    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-
-
-class GemmAllReduce:
+class GemmAllReduce(CopyEnginePath):
     """Row-parallel linear of one rank: ``out = sum over ranks of a @ b (+ bias, added once)``.
 
     Args:
@@ -194,7 +93,7 @@ class GemmAllReduce:
         self.ce_chunks = ce_chunks
         self.reduce_programs = reduce_programs or (2 * sms if self.use_ptx else 2)
         # Tile buffer of one parity (see sagellm_comm/kernels/gemm_all_reduce.py): what is left after the flags, halved.
-        self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - _FLAG_AREA_BYTES) // 2 // 256 * 256
+        self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - FLAG_AREA_BYTES) // 2 // 256 * 256
         index = self.device.index or 0
         self._producers: dict[tuple, _Launcher] = {}
         self._consumer = _Launcher(
@@ -202,41 +101,16 @@ class GemmAllReduce:
         )
         self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
-        self._ce_barrier = _Launcher(_ce.ce_barrier_kernel, self.use_ptx, index, num_warps=1)
         self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, index, num_warps=1)
-        self._ce_sum = _Launcher(_ce.ce_sum_rows_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
-        self._ce_gather = _Launcher(_ce.ce_gather_kernel, self.use_ptx, index, num_warps=8 if self.use_ptx else 4)
-        self._ce_block = 4096 if self.use_ptx else 64  # elements per program step of the row sum and the gather
-        self._sms = sms
-        self._ce_views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._init_copy_engine(index, sms)
 
     # ------------------------------------------------------------------ policy
     def fused_fits(self, m: int, n: int, itemsize: int) -> bool:
         if self.workspace is None:
             return False
-        cfg = _gemm_config(m, self.use_ptx)
+        cfg = gemm_tile_config(m, self.use_ptx)
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         return m * n * itemsize <= self.buffer_bytes and tiles <= _gk.MAX_TILES.value
-
-    def copy_engine_chunks(self, m: int) -> list[tuple[int, int]]:
-        """Row chunks ``(start, rows)`` of the copy-engine path for ``M = m``, of equal size.
-
-        Default count (``ce_chunks=None``), measured on 2 x H100 (``bench/results/2xh100/``): 2 up to
-        M = 4096, 4 above.  (A half-size last chunk, to shorten the one exposed gather, measured slower.)
-        """
-        count = max(1, min(self.ce_chunks or (2 if m <= 4096 else 4), m))
-        unit = triton.cdiv(m, count)
-        return [(start, min(unit, m - start)) for start in range(0, m, unit)]
-
-    def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
-        """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, at W > 2, in buffer 1,
-        ``W - 1`` pulled parts per row chunk (at W = 2 that term is at most half of ``M * N``)."""
-        if self.workspace is None:
-            return False
-        chunks = self.copy_engine_chunks(m)
-        w = self.world_size
-        scratch = len(chunks) * (w - 1) * triton.cdiv(chunks[0][1], w) * n
-        return max(m * n, scratch) * itemsize <= self.buffer_bytes and 2 * len(chunks) < _ce.MAX_STEPS.value
 
     def select(self, m: int, n: int, itemsize: int = 2) -> Selection:
         """The path ``path="auto"`` runs for an ``[m, n]`` output, with rule id and reason."""
@@ -352,187 +226,41 @@ class GemmAllReduce:
         reduce(t)
 
     def _chunked(self, a, b, bias, out, m) -> None:
+        self.chunk_pipeline(
+            m,
+            lambda i, rows: self._matmul(a[rows], b, bias, out[rows]),
+            lambda i, rows: self._reduce(out[rows]),
+        )
+
+    def chunk_pipeline(
+        self, m: int, produce: Callable[[int, slice], None], reduce: Callable[[int, slice], None]
+    ) -> None:
+        """The chunked path's schedule over ``num_chunks`` row chunks of ``m`` rows: ``produce(i, rows)`` on the
+        caller's stream, then ``reduce(i, rows)`` on the side stream once chunk ``i`` is produced, while chunk
+        ``i + 1`` is produced; the side stream forks from the caller's stream and joins back (graph capture
+        works).  Interpreter (no streams): produce and reduce alternate on the one stream, same data path."""
         chunk = triton.cdiv(m, self.num_chunks)
-        if self._side is None:  # interpreter: no streams, same data path
-            for start in range(0, m, chunk):
-                self._matmul(a[start : start + chunk], b, bias, out[start : start + chunk])
-                self._reduce(out[start : start + chunk])
+        if self._side is None:
+            for i, start in enumerate(range(0, m, chunk)):
+                produce(i, slice(start, start + chunk))
+                reduce(i, slice(start, start + chunk))
             return
         current = torch.cuda.current_stream(self.device)
         self._side.wait_stream(current)
-        for start in range(0, m, chunk):
+        for i, start in enumerate(range(0, m, chunk)):
             rows = slice(start, start + chunk)
-            self._matmul(a[rows], b, bias, out[rows])
+            produce(i, rows)
             done = torch.cuda.Event()
             done.record(current)
             self._side.wait_event(done)
             with torch.cuda.stream(self._side):
-                self._reduce(out[rows])
+                reduce(i, rows)
         current.wait_stream(self._side)
-
-    # ------------------------------------------------------------------ copy-engine pipeline
-    def _copy_engine_views(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every rank's tile buffer 0 as mapped here (flat ``dtype``), and this rank's buffer 1 (scratch)."""
-        views = self._ce_views.get(dtype)
-        if views is None:
-            ws = self.workspace
-            elems = self.buffer_bytes // torch.empty((), dtype=dtype).element_size()
-            bufs = [_tensor_at(p + _gk.DATA_OFFSET.value, elems, dtype, ws.device, ws) for p in ws.peer_ptrs]
-            scratch = _tensor_at(
-                ws.peer_ptrs[ws.rank] + _gk.DATA_OFFSET.value + self.buffer_bytes, elems, dtype, ws.device, ws
-            )
-            views = self._ce_views[dtype] = (bufs, scratch)
-        return views
-
-    def _ce_step(self, step: int, out: torch.Tensor, last: bool = False) -> None:
-        """Barrier ``step``; the ``last`` one fills ``out`` with NaN if this rank's error latch is set."""
-        ws = self.workspace
-        w = ws.world_size
-        args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, step, self._timeout)
-        self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx, 1024))
-
-    def _ce_preload(self, scratch: torch.Tensor, gather_args: tuple, out: torch.Tensor) -> None:
-        """Load the pipeline's kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
-        ws = self.workspace
-        w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
-        for last in (False, True):
-            args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, 0, self._timeout)
-            self._ce_barrier.preload(args, (w, wp, last, self.use_ptx, 1024))
-        if w > 2:
-            self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
-        self._ce_gather.preload(gather_args, (w, self._ce_block))
-
-    def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
-        """The copy-engine pipeline of ``sagellm_comm/kernels/copy_engine.py``: cuBLAS on the caller's stream
-        computes the peers' parts of each row chunk into this rank's buffer P, then its own part onto the peers'
-        partials (pulled by the copy engines on the side stream); the copy engines gather the reduced parts.
-
-        ``out`` None: the result is left in P (zero-copy; the gather overwrites this rank's partials of the
-        peers' parts, which the peers pulled before they signalled the barrier that precedes it)."""
-        ws = self.workspace
-        w, rank = ws.world_size, ws.rank
-        bufs, scratch = self._copy_engine_views(a.dtype)
-        mine = bufs[rank]
-        zero_copy = out is None
-        flat_out = mine[: m * n] if zero_copy else out.view(-1)
-        chunks = self.copy_engine_chunks(m)
-        last_start, last_rows = chunks[-1]
-        each = triton.cdiv(last_rows, w)  # rows of a part of the last chunk (see ``part``)
-        gather_args = (ws.table, flat_out, rank, last_start * n, each * n, (last_start + last_rows) * n)
-        self._ce_preload(scratch, gather_args, flat_out)
-        side = self._side
-        on_gpu = side is not None
-        current = torch.cuda.current_stream(self.device) if on_gpu else None
-        if on_gpu:
-            side.wait_stream(current)
-
-        def part(c: int, p: int) -> tuple[int, int]:  # rows [lo, hi) of part p of chunk c
-            start, rows = chunks[c]
-            each = triton.cdiv(rows, w)
-            return start + min(p * each, rows), start + min((p + 1) * each, rows)
-
-        per = triton.cdiv(chunks[0][1], w) * n  # elements of the largest part
-
-        def scratch_rows(c: int) -> torch.Tensor:  # S(c): W - 1 rows of ``per`` elements
-            return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per]
-
-        def rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-            return t[lo * n : hi * n]
-
-        def on_side():
-            return torch.cuda.stream(side) if on_gpu else _nullcontext()
-
-        pulled: dict[int, torch.cuda.Event] = {}
-
-        def peers_parts(c: int) -> None:  # caller's stream
-            for p in range(w):
-                lo, hi = part(c, p)
-                if p != rank and hi > lo:
-                    torch.matmul(a[lo:hi], b, out=rows(mine, lo, hi).view(hi - lo, n))
-
-        def pull(c: int) -> None:  # side stream, after a barrier that follows every rank's peers_parts(c)
-            lo, hi = part(c, rank)
-            s = scratch_rows(c)
-            slot = 0
-            for p in range(w):
-                if p != rank:
-                    if hi > lo:
-                        # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
-                        dst = rows(mine, lo, hi) if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
-                        dst.copy_(rows(bufs[p], lo, hi))
-                    slot += 1
-            if on_gpu:
-                pulled[c] = torch.cuda.Event()
-                pulled[c].record(side)
-
-        def own_part(c: int) -> None:  # caller's stream
-            lo, hi = part(c, rank)
-            if hi > lo:
-                if on_gpu:
-                    current.wait_event(pulled[c])
-                if w > 2:  # the W - 1 partials, summed in rank order into the own part's rows
-                    count = (hi - lo) * n
-                    programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
-                    self._ce_sum(
-                        (programs, 1), (scratch_rows(c), rows(mine, lo, hi), count, per), (w - 1, self._ce_block)
-                    )
-                # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
-                # copy S into ``other`` on this stream.
-                target = rows(mine, lo, hi).view(hi - lo, n)
-                target.addmm_(a[lo:hi], b)
-                if bias is not None:
-                    target += bias
-
-        def gather(c: int) -> None:  # side stream, after a barrier that follows every rank's own_part(c)
-            for p in range(w):
-                lo, hi = part(c, p)
-                if p != rank and hi > lo:
-                    rows(flat_out, lo, hi).copy_(rows(bufs[p], lo, hi))
-
-        # Caller's stream: units of GEMMs, each followed by a barrier (on this stream, where the GEMMs leave
-        # the SMs free); after it the side stream pulls the partials of the chunks whose peers' parts the
-        # unit computed and gathers the chunks whose own parts it computed.  Peers' parts run ahead of the
-        # own parts, so each pull has a GEMM to hide under.  The last chunk's gather, which nothing hides,
-        # runs on the SMs instead (the caller's stream), where the GEMMs are done.
-        units = copy_engine_units(len(chunks))
-        for step, (peers_of, own_of) in enumerate(units):
-            for c in own_of:
-                own_part(c)
-            for c in peers_of:
-                peers_parts(c)
-            self._ce_step(step, flat_out)
-            if on_gpu:
-                done = torch.cuda.Event()
-                done.record(current)
-                side.wait_event(done)
-            with on_side():
-                for c in peers_of:
-                    pull(c)
-                for c in own_of:
-                    if c != len(chunks) - 1:
-                        gather(c)
-        if w > 1:
-            programs = max(1, min(self._sms // (w - 1), triton.cdiv(each * n, self._ce_block)))
-            self._ce_gather((programs, w - 1), gather_args, (w, self._ce_block))
-        with on_side():  # after the last barrier: this rank's own parts, a local copy beside the SMs' gather
-            if not zero_copy:
-                for c in range(len(chunks)):
-                    lo, hi = part(c, rank)
-                    if hi > lo:
-                        rows(flat_out, lo, hi).copy_(rows(mine, lo, hi))
-            if on_gpu:
-                side.wait_stream(current)  # the SMs' gather: read from the peers before the closing barrier
-            self._ce_step(len(units), flat_out, last=True)
-        if on_gpu:
-            current.wait_stream(side)
-            if not zero_copy:
-                out.record_stream(side)
-        return flat_out.view(m, n)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
         ws = self.workspace
-        cfg = dict(_gemm_config(m, self.use_ptx))
+        cfg = dict(gemm_tile_config(m, self.use_ptx))
         bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         k = a.shape[-1]

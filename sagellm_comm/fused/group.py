@@ -14,6 +14,7 @@ import torch
 from ..errors import (
     ShapeMismatchError,
 )
+from ..group import resolve_group
 from ..selector import Selection
 from ..workspace import SymmetricWorkspace
 from ._common import FUSED_DTYPES, RMSNORM_DTYPES, rmsnorm_reference
@@ -42,10 +43,15 @@ def _state_of(g) -> _GroupState:
     return state
 
 
-def _group_state(group):
-    from ..group import _resolve
+def _known_state(group) -> _GroupState | None:
+    """The state of ``group`` (None: the default group) if a group-level fused call made one, else None."""
+    g = resolve_group(group)
+    per_backend = _STATE.get(g.backend)
+    return None if per_backend is None else per_backend.get(id(g.handle))
 
-    g = _resolve(group)
+
+def _group_state(group):
+    g = resolve_group(group)
     backend = g.backend
     state = _state_of(g)
     kernels_for = getattr(backend, "kernels_for", None)
@@ -64,12 +70,19 @@ def _group_state(group):
 
 def last_selection(group=None) -> Selection | None:
     """What the last group-level fused call on ``group`` ran (path, rule id, reason)."""
-    from ..group import _resolve
-
-    g = _resolve(group)
-    per_backend = _STATE.get(g.backend)
-    state = None if per_backend is None else per_backend.get(id(g.handle))
+    state = _known_state(group)
     return None if state is None else state.last
+
+
+def group_gemm(group=None) -> GemmAllReduce | None:
+    """The :class:`GemmAllReduce` that :func:`gemm_all_reduce` runs on ``group`` (default group if None), or None
+    before the group's first call with custom kernels (or where the group has none).
+
+    For benchmarks and tuning: its ``copy_engine_chunks(m)`` says how a call of M rows is pipelined, and setting
+    ``ce_chunks`` (None: by M) changes it for the next calls of every rank -- set it alike on all of them.
+    """
+    state = _known_state(group)
+    return None if state is None else state.gemm
 
 
 def all_reduce_residual_rmsnorm(

@@ -20,7 +20,7 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import AlgoSelector, Selection
+from ..selector import ENGINE_ALGO, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace
 from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d, rmsnorm_reference
 
@@ -68,15 +68,15 @@ class FusedAllReduceRMSNorm:
         """``one_shot``, ``two_shot`` or ``unfused`` for a message of ``nbytes``, with rule id and reason."""
         slot = self.workspace.slot_bytes
         sel = self.selector.select(nbytes, self.workspace.world_size, slot)
-        if sel.algo not in ("one_shot", "two_shot", "nccl"):
+        if sel.algo not in ("one_shot", "two_shot", ENGINE_ALGO):
             # The all-reduce policy may name kernels the fused pass does not implement (e.g. lamport, a
             # latency-bound choice): one-shot has the same single-barrier latency profile.
             sel = Selection("one_shot", f"fused-{sel.rule_id}", f"{sel.algo} is not fused; one-shot instead")
         if sel.algo == "two_shot" and 2 * nbytes > slot:
             if nbytes <= slot:
                 return Selection("one_shot", "fused-two-shot-capacity", "two-shot stages 2x the message; one-shot fits")
-            sel = Selection("nccl", "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
-        if sel.algo == "nccl":
+            sel = Selection(ENGINE_ALGO, "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
+        if sel.algo == ENGINE_ALGO:
             return Selection("unfused", sel.rule_id, f"{sel.reason}; all-reduce then torch add + RMSNorm")
         return sel
 

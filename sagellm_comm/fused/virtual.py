@@ -11,6 +11,7 @@ from ..errors import (
     WorkspaceExhaustedError,
 )
 from ..selector import Selection
+from ..virtual import stacked_rows
 from ..workspace import local_workspaces
 from .gemm import GemmAllReduce, GemmPathSelector, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -38,8 +39,6 @@ class VirtualFused:
         self.world_size = w = group.world_size
         self.device = group.device
         self.rmsnorm = FusedAllReduceRMSNorm(group.workspaces[0], max_programs=group.max_programs)
-        self._ar_table = torch.cat([ws.table for ws in group.workspaces])
-        self._ar_ctrl = group.workspaces[0].control  # row 0 of every rank's [world_size, CTRL_WORDS] block
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._overlap_programs = max(1, sms // (4 * w))
         self.gemm_workspaces = local_workspaces(w, gemm_workspace_bytes(gemm_max_output_bytes), self.device)
@@ -52,8 +51,7 @@ class VirtualFused:
             consumer_programs=consumer_programs,
             num_chunks=num_chunks,
         )
-        self._gemm_table = torch.cat([ws.table for ws in self.gemm_workspaces])
-        self._gemm_ctrl = self.gemm_workspaces[0].control
+        self._gemm_table, self._gemm_ctrl = stacked_rows(self.gemm_workspaces)
 
     def _all_reduce_stacked(self, t: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce_stacked(t.view(self.world_size, -1))
@@ -66,10 +64,7 @@ class VirtualFused:
         if algo not in ("one_shot", "two_shot"):
             self.group.all_reduce_stacked(flat)  # raises the group's typed error for what it cannot run
             return
-        self.group.ranks[0]._launcher.launch(
-            algo, flat, flat, numel, itemsize, False, self._ar_table, self._ar_ctrl, 0, self.world_size,
-            self._overlap_programs, virtual=True,
-        )  # fmt: skip
+        self.group.launch_stacked(algo, flat, self._overlap_programs)
 
     def all_reduce_residual_rmsnorm(self, x, residual, weight, eps: float = 1e-6, algo: str = "auto"):
         """``x``, ``residual``: ``[world_size, rows, hidden]`` (row block r = rank r); ``weight``: ``[hidden]``.
@@ -95,8 +90,8 @@ class VirtualFused:
                 rows,
                 hidden,
                 eps,
-                table=self._ar_table,
-                ctrl=self._ar_ctrl,
+                table=self.group._stacked_table,
+                ctrl=self.group._stacked_control,
                 virtual_ranks=self.world_size,
             )
         return normed, new_residual
@@ -128,19 +123,18 @@ class VirtualFused:
         else:
             chunk = triton.cdiv(m, g.num_chunks)
             stage = torch.empty((g.num_chunks, w * chunk * n), dtype=a.dtype, device=self.device)
-            current = torch.cuda.current_stream(self.device)
-            g._side.wait_stream(current)
-            for i, start in enumerate(range(0, m, chunk)):
-                rows = slice(start, start + chunk)
-                part = stage[i, : w * min(chunk, m - start) * n].view(w, -1, n)  # contiguous per chunk
-                self._bmm(a[:, rows], b, bias, part)
-                done = torch.cuda.Event()
-                done.record(current)
-                g._side.wait_event(done)
-                with torch.cuda.stream(g._side):
-                    self._all_reduce_beside_gemm(part)
-                    out[:, rows].copy_(part)  # virtual ranks only: rank blocks are not contiguous per chunk
-            current.wait_stream(g._side)
+
+            def part(i: int, rows: slice) -> torch.Tensor:  # contiguous per chunk
+                return stage[i, : w * (min(rows.stop, m) - rows.start) * n].view(w, -1, n)
+
+            def produce(i: int, rows: slice) -> None:
+                self._bmm(a[:, rows], b, bias, part(i, rows))
+
+            def reduce(i: int, rows: slice) -> None:
+                self._all_reduce_beside_gemm(part(i, rows))
+                out[:, rows].copy_(part(i, rows))  # virtual ranks only: rank blocks are not contiguous per chunk
+
+            g.chunk_pipeline(m, produce, reduce)
             stage.record_stream(g._side)
         return out
 
