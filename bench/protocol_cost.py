@@ -14,7 +14,8 @@ change's cost is read side by side.  Make the baseline from a commit with::
   ``sagellm_comm.benchmark.timing.time_graph``;
 * ``eager_host_us``: host time of one ``CustomAllReduce.all_reduce`` call (8 KB bf16, W = 2, each rank on
   its own stream, nothing synchronised inside the loop), median of ``--host-reps`` calls;
-* ``check_graph_us`` (this checkout only): ``graph_us`` with check mode on (``SAGELLM_COMM_CHECK=1``).
+* ``check_graph_us`` (this checkout only): ``graph_us`` with check mode on (``SAGELLM_COMM_CHECK=1``);
+* ``large_graph_us``: the same timer at ``--large-bytes`` (256 MB bf16 per rank, W = 8, ``auto``).
 
     PYTHONPATH=/tmp/base python -m bench.protocol_cost --baseline base_comm --baseline-commit <commit> \\
         --out bench/results/h200/protocol_cost.json
@@ -42,6 +43,16 @@ def _graph_us(vg, algo: str, calls: int, iters: int) -> float:
     x = torch.randn(vg.world_size, NBYTES // 2, device=vg.device).to(torch.bfloat16)
     samples = time_graph(lambda: vg.all_reduce_stacked(x, algo=algo), device=vg.device, calls=calls, iters=iters)
     vg.check_errors()
+    return statistics.median(samples)
+
+
+def _large_graph_us(package: str, nbytes: int) -> float:
+    virtual = importlib.import_module(f"{package}.virtual")
+    with virtual.VirtualRankGroup(8, max_bytes=nbytes) as vg:
+        x = torch.randn(8, nbytes // 2, device=vg.device).to(torch.bfloat16)
+        samples = time_graph(lambda: vg.all_reduce_stacked(x, algo="auto"), device=vg.device, calls=2, iters=5)
+        vg.check_errors()
+    torch.cuda.empty_cache()
     return statistics.median(samples)
 
 
@@ -97,6 +108,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="graph replays timed per round")
     parser.add_argument("--host-reps", type=int, default=2000, help="eager calls timed per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (baseline, current, ...)")
+    parser.add_argument("--large-bytes", type=int, default=256 << 20, help="the large size (0: skip it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/protocol_cost.py: needs a CUDA GPU (the virtual ranks run on one)", file=sys.stderr)
@@ -112,6 +124,11 @@ def main() -> None:
     result["current"]["check_graph_us"] = _median_of(check)
     if args.baseline:
         result["baseline"] = {"commit": args.baseline_commit, **_median_of(baseline)}
+    if args.large_bytes:
+        result["large_bytes"] = args.large_bytes
+        for name, package in (("baseline", args.baseline), ("current", "sagellm_comm")):
+            if package:
+                result[name]["large_graph_us"] = round(_large_graph_us(package, args.large_bytes), 1)
     meta = provenance(torch.cuda.get_device_name(0), timing="sagellm_comm.benchmark.timing.time_graph")
     write_record(args.out, meta, **result)
     print(result)

@@ -33,7 +33,14 @@ from ..errors import (
     NotInitializedError,
 )
 from ..launch import interpreting as _interpreting
-from ..selector import KERNEL_ALGOS, AlgoSelector, Selection
+from ..selector import (
+    ALGO_CHOICES,
+    COLLECTIVE_KERNEL_ALGO,
+    HIERARCHICAL_ALGO,
+    KERNEL_ALGOS,
+    AlgoSelector,
+    Selection,
+)
 from ..workspace import node_name
 from .custom_setup import KernelGroup
 from .hierarchical import HIER_MIN_BYTES_ENV, HierarchicalPlan, capacity_bytes, min_bytes_from_env, node_layout
@@ -44,7 +51,6 @@ log = logging.getLogger("sagellm_comm")
 
 DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
 GROUP_MAX_BYTES_ENV = "SAGELLM_COMM_GROUP_MAX_BYTES"
-ALGO_CHOICES = ("auto", "one_shot", "two_shot", "lamport", "hierarchical", "nccl")
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
@@ -304,8 +310,8 @@ class CustomBackend(TorchDistributedBackend):
         if algo == "auto" and nbytes < plan.min_bytes:
             return None
         self.last_selection = Selection(
-            "hierarchical",
-            "user" if algo == "hierarchical" else "hierarchical-span-nodes",
+            HIERARCHICAL_ALGO,
+            "user" if algo == HIERARCHICAL_ALGO else "hierarchical-span-nodes",
             f"group spans {plan.nodes} nodes x {plan.local_size} ranks: kernels reduce-scatter and all-gather "
             f"inside each node, the {self.engine_kind} engine all-reduces 1/{plan.local_size} between nodes "
             f"(from {plan.min_bytes} bytes: {HIER_MIN_BYTES_ENV}; model in backends/hierarchical.py, unmeasured)",
@@ -328,11 +334,11 @@ class CustomBackend(TorchDistributedBackend):
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         car = self.custom if group is None else self.kernels_for(group)
-        if car is None and self._hierarchical and algo in ("auto", "hierarchical"):
+        if car is None and self._hierarchical and algo in ("auto", HIERARCHICAL_ALGO):
             done = self._try_hierarchical(tensor, op, group, algo)
             if done is not None:
                 return done
-        if algo == "hierarchical":
+        if algo == HIERARCHICAL_ALGO:
             raise InvalidArgumentError(
                 "algo='hierarchical' needs a group that spans nodes with the same number (>= 2) of members on "
                 "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
@@ -397,7 +403,9 @@ class CustomBackend(TorchDistributedBackend):
 
     def _kernel_selection(self, op: str, car: CustomAllReduce) -> Selection:
         return Selection(
-            "kernel", f"custom-{op.replace('_', '-')}", f"the custom {op} kernel on {car.world_size} ranks of one node"
+            COLLECTIVE_KERNEL_ALGO,
+            f"custom-{op.replace('_', '-')}",
+            f"the custom {op} kernel on {car.world_size} ranks of one node",
         )
 
     def all_gather(self, output, tensor, group=None, async_op=False):

@@ -1,6 +1,6 @@
 """The SM side of the copy-engine GEMM + all-reduce pipeline: a one-program barrier and a row sum.
 
-The pipeline (``sagellm_comm/fused/gemm.py``, path ``copy_engine``) moves every byte between GPUs with DMA
+The pipeline (``sagellm_comm/fused/gemm_copy_engine.py``, path ``copy_engine``) moves every byte between GPUs with DMA
 copy engines (``cudaMemcpyAsync`` on IPC-mapped peer addresses: "Memcpy PtoP", no SM), and folds the
 reduction into cuBLAS: the rank that owns a part computes its own GEMM of it with the peers' partials as
 the ``C`` operand (``addmm``, beta = 1), so no reduction kernel competes with the GEMM for SMs.  The
@@ -25,7 +25,7 @@ peer reads this rank's P any more; the epoch advances.  ``C + 2`` barriers for `
 
 The barriers ride the caller's stream because a barrier on the side stream needs an SM while cuBLAS's
 persistent GEMM holds all of them: on 2 x H100 such barriers waited 30-160 us for the GEMM to end, and the
-GEMM stream then idled for the pull (``bench/results/2xh100/ce_schedule/``).
+GEMM stream then idled for the pull (the ce_schedule A/B records, in git at 55a2a51).
 
 Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
 (the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
@@ -130,7 +130,7 @@ def ce_gather_kernel(table, out, rank, start, part, end, W: tl.constexpr, BLOCK:
 
     Grid ``(programs, W - 1)``: axis 1 picks the peer.  It runs on the caller's stream after the last unit's
     barrier, when the GEMMs have left every SM free; there the SMs' loads over NVLink move a part faster than
-    one copy-engine transfer (8 MB: 30 vs 38 us on 2 x H100, ``bench/results/2xh100/ce_tail/``).
+    one copy-engine transfer (8 MB: 30 vs 38 us on 2 x H100; the ce_tail records, in git at 55a2a51).
     ``start``, ``part`` and ``end`` are specialised on divisibility by 16, so parts of rows of a multiple of
     8 elements move in 16-byte accesses.
     """
