@@ -121,3 +121,34 @@ def test_a_rank_missing_in_the_node_stage_is_named(tmp_path):
     assert "peer rank 3 (rank 1 of the group [2, 3])" in message, message
     for rank in (0, 1):  # no rank hangs, none returns a result
         assert results[rank][0] != "no error", results[rank]
+
+
+def test_bad_knobs_are_typed_errors(monkeypatch):
+    from sagellm_comm import watchdog
+    from sagellm_comm.backends.hierarchical import min_bytes_from_env
+    from sagellm_comm.errors import InvalidArgumentError
+
+    for bad in ("-1", "1MB"):
+        monkeypatch.setenv("SAGELLM_COMM_HIER_MIN_BYTES", bad)
+        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_MIN_BYTES"):
+            min_bytes_from_env()
+    for bad in ("-5", "soon"):
+        monkeypatch.setenv("SAGELLM_COMM_WATCHDOG_MS", bad)
+        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_WATCHDOG_MS"):
+            watchdog.interval_s()
+    monkeypatch.setenv("SAGELLM_COMM_CHECK", "yes")
+    from sagellm_comm.workspace import check_mode_from_env
+
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_CHECK"):
+        check_mode_from_env()
+
+
+def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import InvalidArgumentError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(InvalidArgumentError, match="engine must be"):
+        CommBackend.create("custom", engine="mpi")
+    with pytest.raises(InvalidArgumentError, match="group_max_bytes"):
+        CommBackend.create("custom", group_max_bytes=0)
