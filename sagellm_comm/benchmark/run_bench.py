@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
@@ -156,6 +157,26 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     )
 
 
+def run_reporting(
+    parser: argparse.ArgumentParser, fn: Callable[[], Any], usage_errors: tuple = (InvalidArgumentError,)
+):
+    """``(fn(), None)`` for a command-line entry point, or ``(None, exit status)`` after one line on stderr.
+
+    ``usage_errors`` (a request or environment problem) go through ``parser.error``: one line, exit 2.
+    Another :class:`CommError` is one line and status 1; Ctrl-C is one line and status 130.
+    """
+    try:
+        return fn(), None
+    except usage_errors as exc:
+        parser.error(exc.message)
+    except CommError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return None, 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return None, INTERRUPTED_EXIT
+
+
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Validate, run and report.
 
@@ -164,22 +185,18 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     problem, found before any process starts; 130 when interrupted (Ctrl-C), after the ranks it
     started were stopped.
     """
-    try:
-        try:
-            config = config_from_args(args, argv)
-            plan_launch(config)  # every request problem surfaces here, before any process starts
-        except CommError as exc:
-            parser.error(exc.message)
-        try:
-            result = run_benchmark(config, print_table=True)
-        except InvalidArgumentError as exc:
-            parser.error(exc.message)
-        except CommError as exc:
-            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
+
+    def planned():
+        config = config_from_args(args, argv)
+        plan_launch(config)  # every request problem surfaces here, before any process starts
+        return config
+
+    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
+    if status is not None:
+        return status
+    result, status = run_reporting(parser, lambda: run_benchmark(config, print_table=True))
+    if status is not None:
+        return status
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return 0
     return 0 if result.ok else 1

@@ -43,10 +43,10 @@ from sagellm_comm.benchmark.overlap_results import (
     format_overlap_table,
     write_overlap_results,
 )
-from sagellm_comm.benchmark.run_bench import INTERRUPTED_EXIT, OneLineParser
+from sagellm_comm.benchmark.run_bench import OneLineParser, run_reporting
 from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError
 
 
 def _run_rank(config: OverlapConfig, rank: int | None, world_size: int | None, port: int | None) -> OverlapResult:
@@ -186,8 +186,9 @@ def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_overlap_bench
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        result = run_overlap_benchmark(
+    result, status = run_reporting(
+        parser,
+        lambda: run_overlap_benchmark(
             args.backend,
             args.comm_sizes,
             args.compute_duration_ms,
@@ -199,15 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             benchmark_iters=args.iters,
             output_dir=None if args.no_output else args.output_dir,
             print_table=True,
-        )
-    except InvalidArgumentError as exc:
-        parser.error(exc.message)
-    except CommError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        ),
+    )
+    if status is not None:
+        return status
     if result is not None and result.json_path is not None:
         print(f"# wrote {result.json_path} and {result.csv_path}")
     return 0 if result is None or all(r.num_wrong == 0 for r in result.records) else 1
