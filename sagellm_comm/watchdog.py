@@ -13,13 +13,13 @@ record is a host memory read: no device synchronisation, no CUDA call.
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .knobs import env_number
 
 log = logging.getLogger("sagellm_comm")
 
@@ -27,19 +27,11 @@ _lock = threading.Lock()
 _workspaces: weakref.WeakSet = weakref.WeakSet()
 _handlers: list[Callable[[Any, BaseException], None]] = []
 _thread: threading.Thread | None = None
-_wake = threading.Event()
 
 
 def interval_s() -> float:
     """The polling interval in seconds from ``SAGELLM_COMM_WATCHDOG_MS`` (0: no watchdog)."""
-    text = os.environ.get("SAGELLM_COMM_WATCHDOG_MS", "200")
-    try:
-        ms = float(text)
-    except ValueError:
-        raise InvalidArgumentError(f"SAGELLM_COMM_WATCHDOG_MS must be a number of milliseconds, got {text!r}") from None
-    if ms < 0:
-        raise InvalidArgumentError(f"SAGELLM_COMM_WATCHDOG_MS must be >= 0, got {text!r}")
-    return ms / 1000.0
+    return env_number("SAGELLM_COMM_WATCHDOG_MS", 200, parse=float, unit="a number of milliseconds") / 1000.0
 
 
 def add_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
@@ -97,7 +89,7 @@ def poll_once() -> list[tuple[Any, BaseException]]:
 
 def _run(period: float) -> None:
     while True:
-        _wake.wait(period)
+        time.sleep(period)
         with _lock:
             if not _workspaces:
                 continue

@@ -41,6 +41,7 @@ from .errors import (
     WorkspaceExhaustedError,
 )
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
+from .knobs import env_number
 
 ALIGN_BYTES = 256
 DEFAULT_SLOT_BYTES = 64 * 1024 * 1024
@@ -97,14 +98,7 @@ def check_mode_from_env() -> bool:
 
 def initial_epoch_from_env() -> int:
     """``SAGELLM_COMM_INITIAL_EPOCH`` (default 0): where every call counter of a new workspace starts."""
-    text = os.environ.get("SAGELLM_COMM_INITIAL_EPOCH", "0")
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise InvalidArgumentError(f"SAGELLM_COMM_INITIAL_EPOCH must be an integer, got {text!r}") from None
-    if not 0 <= value < MAX_COUNTER:
-        raise InvalidArgumentError(f"SAGELLM_COMM_INITIAL_EPOCH must be in [0, 2**62), got {value}")
-    return value
+    return int(env_number("SAGELLM_COMM_INITIAL_EPOCH", 0, parse=lambda t: int(t, 0), below=MAX_COUNTER))
 
 
 def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: int) -> torch.Tensor:

@@ -33,27 +33,20 @@ the node-local workspace takes, and flat NCCL otherwise.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..knobs import env_number
 
 HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"
 DEFAULT_HIER_MIN_BYTES = 1 << 20
 
 
 def min_bytes_from_env() -> int:
-    text = os.environ.get(HIER_MIN_BYTES_ENV, str(DEFAULT_HIER_MIN_BYTES))
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidArgumentError(f"{HIER_MIN_BYTES_ENV} must be an integer number of bytes, got {text!r}") from None
-    if value < 0:
-        raise InvalidArgumentError(f"{HIER_MIN_BYTES_ENV} must be >= 0, got {value}")
-    return value
+    """``SAGELLM_COMM_HIER_MIN_BYTES``: the smallest message ``auto`` runs hierarchically (default 1 MB)."""
+    return int(env_number(HIER_MIN_BYTES_ENV, DEFAULT_HIER_MIN_BYTES, unit="an integer number of bytes"))
 
 
 def node_layout(members: tuple[int, ...], nodes: list[str]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:

@@ -76,7 +76,6 @@ SLOT_COPY_ENGINE = tl.constexpr(4)  # sagellm_comm/kernels/copy_engine.py
 SLOT_CHECK = tl.constexpr(5)  # sagellm_comm/kernels/fingerprint.py
 NUM_SLOTS = tl.constexpr(6)
 PAD_BYTES = tl.constexpr(NUM_SLOTS.value * SLOT_WORDS.value * FLAG_BYTES.value)  # 48 KB; data stays 16-B aligned
-NUM_PHASES = tl.constexpr(3)  # start, mid, end (error-record phases of this file's barriers)
 
 # Error-record phases (what the host reports as where a wait timed out).
 PHASE_START = tl.constexpr(0)

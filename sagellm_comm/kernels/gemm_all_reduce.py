@@ -70,8 +70,6 @@ MAX_TILES = tl.constexpr(32768)
 PRODUCED_WORD = tl.constexpr(PAD_BYTES.value // FLAG_BYTES.value)  # int64 word index of produced[0]
 REDUCED_WORD = tl.constexpr(PRODUCED_WORD.value + MAX_TILES.value)
 DATA_OFFSET = tl.constexpr(PAD_BYTES.value + 2 * FLAG_BYTES.value * MAX_TILES.value)
-PRODUCED_OFFSET = tl.constexpr(PAD_BYTES.value)  # bytes (host-side views)
-REDUCED_OFFSET = tl.constexpr(PAD_BYTES.value + FLAG_BYTES.value * MAX_TILES.value)
 
 
 @triton.jit
