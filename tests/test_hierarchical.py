@@ -152,3 +152,18 @@ def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
         CommBackend.create("custom", engine="mpi")
     with pytest.raises(InvalidArgumentError, match="group_max_bytes"):
         CommBackend.create("custom", group_max_bytes=0)
+
+
+def _threshold_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import InvalidArgumentError
+
+    os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = str(4096 * (rank + 1))
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_MIN_BYTES must be the same on every rank"):
+        sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=60,
+                          max_bytes=16384)  # fmt: skip
+    return True
+
+
+def test_ranks_that_disagree_on_the_hierarchical_threshold_fail_at_init():
+    assert run_ranks(_threshold_worker, 2, env=INTERP, timeout=300) == [True, True]

@@ -151,6 +151,7 @@ class CustomBackend(TorchDistributedBackend):
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
         self._nodes: list[str] = []  # every global rank's node name
+        self._hier_min_bytes = 0  # SAGELLM_COMM_HIER_MIN_BYTES, agreed by every rank at init
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
     @property
@@ -167,7 +168,14 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
-                self._nodes = self._exchange(node_name())
+                facts = self._exchange((node_name(), min_bytes_from_env()))
+                self._nodes = [node for node, _ in facts]
+                thresholds = {t for _, t in facts}
+                if len(thresholds) != 1:  # a per-rank choice would send ranks down different paths
+                    raise InvalidArgumentError(
+                        f"{HIER_MIN_BYTES_ENV} must be the same on every rank, got {[t for _, t in facts]} by rank"
+                    )
+                self._hier_min_bytes = thresholds.pop()
                 self._world_kernels = self._make_kernels(None)
                 self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
                 self._plan_hierarchical(None, tuple(range(self.world_size)))
@@ -223,7 +231,7 @@ class CustomBackend(TorchDistributedBackend):
             group = TorchDistributedBackend.new_group(self, ranks)
             mine_cross = group if group.is_member else mine_cross
         if mine_local is not None and mine_cross is not None:
-            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), min_bytes_from_env())
+            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self._hier_min_bytes)
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
