@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
-GPU_SCRIPTS = ("custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench", "protocol_cost", "soak")
+GPU_SCRIPTS = (
+    "custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench", "group_bench", "protocol_cost", "soak",
+)  # fmt: skip
 HAS_CUDA = __import__("torch").cuda.is_available()
 
 

@@ -15,7 +15,8 @@ import torch
 from tests.conftest import run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
-          "SAGELLM_COMM_MAX_PROGRAMS": "2", "SAGELLM_COMM_HIER_MIN_BYTES": "0"}  # fmt: skip
+          "SAGELLM_COMM_MAX_PROGRAMS": "2", "SAGELLM_COMM_HIER_MIN_BYTES": "0",
+          "SAGELLM_COMM_HIER_CROSS": None}  # fmt: skip
 
 
 def test_node_layout():
@@ -28,11 +29,12 @@ def test_node_layout():
     assert node_layout((0, 2), nodes) == ([], [])  # one member per node: nothing for the kernels to do
 
 
-def _hier_worker(rank, world_size, port, sizes):
+def _hier_worker(rank, world_size, port, sizes, cross):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError
 
     os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    os.environ["SAGELLM_COMM_HIER_CROSS"] = cross
     world = sagellm_comm.init(
         backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384
     )
@@ -44,9 +46,13 @@ def _hier_worker(rank, world_size, port, sizes):
             x[::3] = -float(rank)  # not all equal: a wrong shard placement shows
             want = sum(torch.full((numel,), float(r + 1 + i)).index_fill_(0, torch.arange(0, numel, 3),
                        -float(r)) for r in range(world_size))  # fmt: skip
-            world.all_reduce(x)
+            work = world.all_reduce(x, async_op=i % 2 == 1)  # async: a Work whose wait() gives the tensor
+            if i % 2 == 1:
+                assert work.wait() is x
             sel = backend.last_selection
             out["calls"].append((bool(torch.equal(x.float(), want)), sel.algo, sel.rule_id, x.float().sum().item()))
+        out["between"] = sel.reason
+        out["cross_kernels"] = backend._hierarchical[None][1].cross_kernels is not None
         with pytest.raises(InvalidArgumentError, match="hierarchical"):  # a forced choice that cannot run
             backend.all_reduce(torch.ones(5), group=world.split(2), algo="hierarchical")
     finally:
@@ -54,11 +60,15 @@ def _hier_worker(rank, world_size, port, sizes):
     return out
 
 
-def test_hierarchical_all_reduce_on_two_simulated_nodes():
+@pytest.mark.parametrize("cross", ["engine", "kernels"])
+def test_hierarchical_all_reduce_on_two_simulated_nodes(cross):
+    """Stage 2 on the engine (Gloo), or on the kernels of the cross groups (simulated nodes only)."""
     sizes = [(1, "float32"), (37, "float32"), (1000, "bfloat16"), (2048, "float16")]
-    per_rank = run_ranks(_hier_worker, 4, sizes, env=INTERP, timeout=600)
+    per_rank = run_ranks(_hier_worker, 4, sizes, cross, env=INTERP, timeout=600)
     for out in per_rank:
         assert not out["world_kernels"] and "span 2 nodes" in out["reason"], out["reason"]
+        assert out["cross_kernels"] == (cross == "kernels"), out
+        assert ("gloo engine" in out["between"]) == (cross == "engine"), out["between"]
         for ok, algo, rule, _ in out["calls"]:
             assert ok and algo == "hierarchical" and rule == "hierarchical-span-nodes", out["calls"]
     digests = [[c[3] for c in out["calls"]] for out in per_rank]
@@ -136,6 +146,11 @@ def test_bad_knobs_are_typed_errors(monkeypatch):
         monkeypatch.setenv("SAGELLM_COMM_WATCHDOG_MS", bad)
         with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_WATCHDOG_MS"):
             watchdog.interval_s()
+    from sagellm_comm.backends.hierarchical import cross_mode_from_env
+
+    monkeypatch.setenv("SAGELLM_COMM_HIER_CROSS", "nvlink")
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_CROSS"):
+        cross_mode_from_env()
     monkeypatch.setenv("SAGELLM_COMM_CHECK", "yes")
     from sagellm_comm.workspace import check_mode_from_env
 
@@ -154,16 +169,20 @@ def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
         CommBackend.create("custom", group_max_bytes=0)
 
 
-def _threshold_worker(rank, world_size, port):
+def _disagree_worker(rank, world_size, port, env, values):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError
 
-    os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = str(4096 * (rank + 1))
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_MIN_BYTES must be the same on every rank"):
+    os.environ[env] = values[rank]
+    with pytest.raises(InvalidArgumentError, match=f"{env} must be the same on every rank"):
         sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=60,
                           max_bytes=16384)  # fmt: skip
     return True
 
 
-def test_ranks_that_disagree_on_the_hierarchical_threshold_fail_at_init():
-    assert run_ranks(_threshold_worker, 2, env=INTERP, timeout=300) == [True, True]
+KNOBS = [("SAGELLM_COMM_HIER_MIN_BYTES", ("4096", "8192")), ("SAGELLM_COMM_HIER_CROSS", ("engine", "kernels"))]
+
+
+@pytest.mark.parametrize("env,values", KNOBS)
+def test_ranks_that_disagree_on_a_hierarchical_knob_fail_at_init(env, values):
+    assert run_ranks(_disagree_worker, 2, env, values, env=INTERP, timeout=300) == [True, True]

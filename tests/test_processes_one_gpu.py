@@ -82,3 +82,89 @@ def test_hierarchical_on_two_simulated_nodes_on_one_gpu():
     for seen in run_ranks(_worker, 4, 2, env=ENV, timeout=600):
         assert all(ok for _, ok in seen), seen
         assert [algo for algo, _ in seen[:3]] == ["hierarchical"] * 3, seen
+
+
+def _hier_graph_worker(rank, world_size, port):
+    """2 simulated nodes x 2: capture the world's hierarchical all-reduce, replay with new inputs."""
+    import sagellm_comm
+
+    pytest.importorskip("cupy")
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              engine="gloo", device="cuda:0", max_bytes=1 << 20, group_max_bytes=1 << 20)  # fmt: skip
+    backend = world.backend
+    out = {"replays": [], "digest": []}
+    try:
+        plan = backend._hierarchical[None][1]
+        out["cross_kernels"] = plan.cross_kernels is not None
+        for numel in (1, 4097, 65_537):  # odd sizes: padded shards
+            x = torch.zeros(numel, device="cuda", dtype=torch.bfloat16)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                world.all_reduce(x)  # warm-up outside the capture (compiles, allocates)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                world.all_reduce(x)
+            out["algo"] = backend.last_selection.algo
+            for step in range(20):
+                base = torch.arange(numel, device="cuda", dtype=torch.float32) % 17
+                x.copy_(base * (rank + 1) + step)
+                graph.replay()
+                torch.cuda.synchronize()
+                want = base * sum(r + 1 for r in range(world_size)) + step * world_size
+                out["replays"].append(bool(torch.equal(x.float(), want.to(torch.bfloat16).float())))
+            out["digest"].append(x.float().sum().item())
+            del graph
+    finally:
+        sagellm_comm.destroy()
+    return out
+
+
+def test_hierarchical_all_reduce_captured_in_a_cuda_graph():
+    """Stage 2 on the cross groups' kernels (SAGELLM_COMM_HIER_CROSS=kernels): Gloo cannot be captured and
+    NCCL refuses two ranks on one GPU; on real nodes stage 2 is NCCL, which captures."""
+    env = dict(ENV, SAGELLM_COMM_HIER_CROSS="kernels")
+    results = run_ranks(_hier_graph_worker, 4, env=env, timeout=600)
+    for out in results:
+        assert out["cross_kernels"] and out["algo"] == "hierarchical", out
+        assert len(out["replays"]) == 60 and all(out["replays"]), out["replays"]
+    assert all(out["digest"] == results[0]["digest"] for out in results)
+
+
+def _hier_gloo_capture_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import BackendNotSupportedError
+
+    pytest.importorskip("cupy")
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              engine="gloo", device="cuda:0", max_bytes=1 << 20, group_max_bytes=1 << 20)  # fmt: skip
+    try:
+        x = torch.full((4097,), float(rank + 1), device="cuda")
+        world.all_reduce(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        message = ""
+        try:
+            with torch.cuda.graph(graph):
+                world.all_reduce(x)
+        except BackendNotSupportedError as exc:
+            message = str(exc)
+        torch.cuda.synchronize()
+        x.fill_(float(rank + 1))
+        world.all_reduce(x)  # nothing was enqueued by the refused call: the next eager call is exact
+        torch.cuda.synchronize()
+        return message, bool(torch.all(x == 10.0))
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_hierarchical_capture_on_gloo_is_a_typed_error_and_harms_nothing():
+    for message, exact in run_ranks(_hier_gloo_capture_worker, 4, env=ENV, timeout=600):
+        assert "cannot capture" in message and "gloo" in message, message
+        assert exact

@@ -43,7 +43,15 @@ from ..selector import (
 )
 from ..workspace import node_name
 from .custom_setup import KernelGroup
-from .hierarchical import HIER_MIN_BYTES_ENV, HierarchicalPlan, capacity_bytes, min_bytes_from_env, node_layout
+from .hierarchical import (
+    HIER_CROSS_ENV,
+    HIER_MIN_BYTES_ENV,
+    HierarchicalPlan,
+    capacity_bytes,
+    cross_mode_from_env,
+    min_bytes_from_env,
+    node_layout,
+)
 from .hierarchical import all_reduce as hierarchical_all_reduce
 from .torch_distributed import TorchDistributedBackend
 
@@ -152,6 +160,7 @@ class CustomBackend(TorchDistributedBackend):
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
         self._nodes: list[str] = []  # every global rank's node name
         self._hier_min_bytes = 0  # SAGELLM_COMM_HIER_MIN_BYTES, agreed by every rank at init
+        self._hier_cross = "engine"  # SAGELLM_COMM_HIER_CROSS, agreed by every rank at init
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
     @property
@@ -168,14 +177,14 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
-                facts = self._exchange((node_name(), min_bytes_from_env()))
-                self._nodes = [node for node, _ in facts]
-                thresholds = {t for _, t in facts}
-                if len(thresholds) != 1:  # a per-rank choice would send ranks down different paths
-                    raise InvalidArgumentError(
-                        f"{HIER_MIN_BYTES_ENV} must be the same on every rank, got {[t for _, t in facts]} by rank"
-                    )
-                self._hier_min_bytes = thresholds.pop()
+                facts = self._exchange((node_name(), min_bytes_from_env(), cross_mode_from_env()))
+                self._nodes = [node for node, *_ in facts]
+                for index, env in ((1, HIER_MIN_BYTES_ENV), (2, HIER_CROSS_ENV)):
+                    if len({f[index] for f in facts}) != 1:  # per-rank choices would split the ranks' paths
+                        raise InvalidArgumentError(
+                            f"{env} must be the same on every rank, got {[f[index] for f in facts]} by rank"
+                        )
+                self._hier_min_bytes, self._hier_cross = facts[0][1], facts[0][2]
                 self._world_kernels = self._make_kernels(None)
                 self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
                 self._plan_hierarchical(None, tuple(range(self.world_size)))
@@ -193,8 +202,9 @@ class CustomBackend(TorchDistributedBackend):
         dist.all_gather_object(out, obj, group=cpu_group)
         return out
 
-    def _make_kernels(self, handle: Any) -> KernelGroup:
-        """Collective over the members of ``handle`` (None: the world): set up that group's kernels."""
+    def _make_kernels(self, handle: Any, one_node: bool = True) -> KernelGroup:
+        """Collective over the members of ``handle`` (None: the world): set up that group's kernels
+        (``one_node=False``: without the one-node check, for the cross groups of simulated nodes only)."""
         if handle is None:
             rank, size, ranks, capacity = self.rank, self.world_size, tuple(range(self.world_size)), self.max_bytes
         else:
@@ -205,7 +215,7 @@ class CustomBackend(TorchDistributedBackend):
 
         return KernelGroup(
             rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
-            self.kernel_timeout, engine_sum,
+            self.kernel_timeout, engine_sum, one_node=one_node,
         )  # fmt: skip
 
     def new_group(self, ranks):
@@ -219,7 +229,8 @@ class CustomBackend(TorchDistributedBackend):
 
     def _plan_hierarchical(self, handle: Any, members: tuple[int, ...]) -> None:
         """Every rank of the world: for a group spanning nodes, make its node-local groups (with kernels) and
-        cross groups (engine only) in one agreed order; members keep their plan (see ``hierarchical.py``)."""
+        cross groups (engine only, or kernels too with ``SAGELLM_COMM_HIER_CROSS=kernels``) in one agreed
+        order; members keep their plan (see ``hierarchical.py``)."""
         locals_, cross = node_layout(members, self._nodes)
         if not locals_:
             return
@@ -230,8 +241,15 @@ class CustomBackend(TorchDistributedBackend):
         for ranks in cross:
             group = TorchDistributedBackend.new_group(self, ranks)
             mine_cross = group if group.is_member else mine_cross
+        cross_kernels = None
+        if self._hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
+            kernels = self._make_kernels(mine_cross, one_node=False)
+            self._group_kernels[id(mine_cross)] = (mine_cross, kernels)
+            cross_kernels = kernels.kernels
+            if cross_kernels is None:
+                log.warning("sagellm-comm %s=kernels: stage 2 stays on the engine: %s", HIER_CROSS_ENV, kernels.reason)
         if mine_local is not None and mine_cross is not None:
-            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self._hier_min_bytes)
+            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self._hier_min_bytes, cross_kernels)
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
@@ -295,8 +313,9 @@ class CustomBackend(TorchDistributedBackend):
             super().destroy()
 
     # ------------------------------------------------------------------ all-reduce
-    def _try_hierarchical(self, tensor, op, group, algo):
-        """The hierarchical path for a node-spanning group, or None when it does not apply to this call."""
+    def _try_hierarchical(self, tensor, op, group, algo) -> CustomAllReduce | None:
+        """Run the hierarchical path for a node-spanning group and return its node-local kernels, or None
+        when it does not apply to this call."""
         handle = getattr(group, "handle", group)
         key = None if handle is None or handle is self._world else id(handle)
         entry = self._hierarchical.get(key)
@@ -317,15 +336,20 @@ class CustomBackend(TorchDistributedBackend):
             return None
         if algo == "auto" and nbytes < plan.min_bytes:
             return None
+        between = (
+            f"the {self.engine_kind} engine"
+            if plan.cross_kernels is None
+            else f"the kernels ({HIER_CROSS_ENV}=kernels: simulated nodes)"
+        )
         self.last_selection = Selection(
             HIERARCHICAL_ALGO,
             "user" if algo == HIERARCHICAL_ALGO else "hierarchical-span-nodes",
             f"group spans {plan.nodes} nodes x {plan.local_size} ranks: kernels reduce-scatter and all-gather "
-            f"inside each node, the {self.engine_kind} engine all-reduces 1/{plan.local_size} between nodes "
+            f"inside each node, {between} all-reduces 1/{plan.local_size} between nodes "
             f"(from {plan.min_bytes} bytes: {HIER_MIN_BYTES_ENV}; model in backends/hierarchical.py, unmeasured)",
         )
         hierarchical_all_reduce(self, plan, car, tensor)
-        return tensor
+        return car
 
     def select(self, nbytes: int, itemsize: int = 2, group: Any = None) -> Selection:
         """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
@@ -345,7 +369,7 @@ class CustomBackend(TorchDistributedBackend):
         if car is None and self._hierarchical and algo in ("auto", HIERARCHICAL_ALGO):
             done = self._try_hierarchical(tensor, op, group, algo)
             if done is not None:
-                return done
+                return _EventWork(done, tensor) if async_op else tensor
         if algo == HIERARCHICAL_ALGO:
             raise InvalidArgumentError(
                 "algo='hierarchical' needs a group that spans nodes with the same number (>= 2) of members on "

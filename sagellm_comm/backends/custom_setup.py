@@ -43,6 +43,8 @@ class KernelGroup:
         slot_bytes: the workspace's message capacity.
         selector, timeout_s: as for :class:`CustomAllReduce`.
         fallback: the engine's in-place SUM all-reduce over this group (``algo="nccl"`` and over-size calls).
+        one_node: refuse members on different nodes (False only for the cross groups of *simulated* nodes,
+            ``SAGELLM_COMM_HIER_CROSS=kernels``: the peer mappings and the self-test still decide).
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class KernelGroup:
         selector: AlgoSelector,
         timeout_s: float,
         fallback: Callable[[torch.Tensor], torch.Tensor],
+        one_node: bool = True,
     ):
         self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
+        self.one_node = one_node
         self.device = device
         self.kernels: CustomAllReduce | None = None
         self.reason = "not set up"
@@ -104,7 +108,7 @@ class KernelGroup:
         if bad:
             return "; ".join(f"rank {r}: {why}" for r, why in bad)
         nodes = {h for h, *_ in facts}
-        if len(nodes) > 1:
+        if len(nodes) > 1 and self.one_node:
             return f"ranks {list(self.ranks)} span {len(nodes)} nodes ({sorted(nodes)}); the kernels need one node"
         if self.device.type == "cuda":
             devices = sorted({d for _, d, *_ in facts})

@@ -12,8 +12,10 @@ A group of ``N = L * M`` ranks on ``M`` nodes with ``L`` members each (node memb
 Every rank ends with identical bits: each shard is summed once per node by its owner (rank order, fp32),
 the engine's all-reduce gives all cross ranks one result, and the all-gather copies.  The stages are
 stream-ordered on the caller's stream, so the whole is capturable in a CUDA graph when the engine is
-(NCCL is; Gloo, the CPU stand-in, is not).  A rank missing in stage 1 or 3 is named by the kernels'
-bounded waits (``CommTimeoutError``, global rank); in stage 2 by the engine's timeout.
+(NCCL is; Gloo, the stand-in on one machine, is not and raises a typed error under capture; with
+``SAGELLM_COMM_HIER_CROSS=kernels`` simulated nodes run stage 2 on the kernels and capture on one GPU).
+A rank missing in stage 1 or 3 is named by the kernels' bounded waits (``CommTimeoutError``, global
+rank); in stage 2 by the engine's timeout (or, on the kernels, their bounded wait).
 
 When it pays (a model, unmeasured here: these machines have one node).  Per GPU, NVLink 4 moves about
 ``B_intra = 450`` GB/s each way; a node's NICs give each GPU about ``B_inter = 50`` GB/s (one 400 Gb/s NIC
@@ -33,20 +35,39 @@ the node-local workspace takes, and flat NCCL otherwise.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..errors import BackendNotSupportedError, InvalidArgumentError
 from ..knobs import env_number
+from .torch_distributed.engines import capturing
 
 HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"
 DEFAULT_HIER_MIN_BYTES = 1 << 20
+HIER_CROSS_ENV = "SAGELLM_COMM_HIER_CROSS"
+CROSS_MODES = ("engine", "kernels")
 
 
 def min_bytes_from_env() -> int:
     """``SAGELLM_COMM_HIER_MIN_BYTES``: the smallest message ``auto`` runs hierarchically (default 1 MB)."""
     return int(env_number(HIER_MIN_BYTES_ENV, DEFAULT_HIER_MIN_BYTES, unit="an integer number of bytes"))
+
+
+def cross_mode_from_env() -> str:
+    """``SAGELLM_COMM_HIER_CROSS``: what runs stage 2, ``engine`` (default) or ``kernels``.
+
+    ``kernels`` is for *simulated* nodes only (``SAGELLM_COMM_HOSTNAME`` on one machine): the cross groups
+    then get custom kernels too, without the one-node check, so the whole path runs in a CUDA graph on one
+    GPU, where Gloo (the stand-in engine there) cannot be captured and NCCL refuses two ranks.  On real
+    nodes the cross members cannot map each other's memory: their set-up fails and stage 2 stays on the
+    engine (NCCL, which is capturable)."""
+    mode = os.environ.get(HIER_CROSS_ENV, "engine").strip().lower() or "engine"
+    if mode not in CROSS_MODES:
+        raise InvalidArgumentError(f"{HIER_CROSS_ENV} must be one of {CROSS_MODES}, got {mode!r}")
+    return mode
 
 
 def node_layout(members: tuple[int, ...], nodes: list[str]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -76,6 +97,7 @@ class HierarchicalPlan:
     cross: Any  # GroupHandle of the ranks with this rank's local index
     nodes: int
     min_bytes: int
+    cross_kernels: Any = None  # CustomAllReduce of ``cross`` (SAGELLM_COMM_HIER_CROSS=kernels), else None
 
     @property
     def local_size(self) -> int:
@@ -95,6 +117,13 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     from .. import gather_scatter
     from .torch_distributed import TorchDistributedBackend
 
+    if plan.cross_kernels is None and backend.engine.host_blocking and capturing():  # before any stage runs
+        raise BackendNotSupportedError(
+            f"hierarchical all-reduce: its inter-node stage runs on {backend.engine_kind}, which a CUDA graph "
+            "cannot capture; run it eagerly, or capture with the nccl engine "
+            f"({HIER_CROSS_ENV}=kernels for simulated nodes on one machine)",
+            details={"kind": backend.engine_kind, "op": "all_reduce"},
+        )
     local = plan.local_size
     flat = tensor.view(-1)
     numel = flat.numel()
@@ -105,7 +134,10 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
         staged[:numel].copy_(flat)
     shard = torch.empty(shard_numel, dtype=tensor.dtype, device=tensor.device)
     gather_scatter.reduce_scatter(car, staged, shard)
-    TorchDistributedBackend.all_reduce(backend, shard, "sum", plan.cross)
+    if plan.cross_kernels is not None:  # simulated nodes (see cross_mode_from_env)
+        plan.cross_kernels.all_reduce(shard)
+    else:
+        TorchDistributedBackend.all_reduce(backend, shard, "sum", plan.cross)
     gather_scatter.all_gather(car, shard, staged)
     if staged is not flat:
         flat.copy_(staged[:numel])

@@ -52,7 +52,7 @@ from .checks import (
     seconds,
 )
 from .emulation import TorchWork, packed_all_to_all, reduction
-from .engines import ALL_GATHER_FLAT, ENGINES, REDUCE_SCATTER_FLAT, pick_device
+from .engines import ALL_GATHER_FLAT, ENGINES, REDUCE_SCATTER_FLAT, capturing, pick_device
 from .rendezvous import init_world
 from .translate import translate
 
@@ -320,6 +320,12 @@ class TorchDistributedBackend(CommBackend):
 
     # ------------------------------------------------------------------ machinery
     def _run(self, what: str, g: GroupHandle, async_op: bool, result: Any, post, start) -> Any:
+        if self.engine.host_blocking and capturing():
+            raise BackendNotSupportedError(
+                f"{what} on {self.kind} cannot be captured in a CUDA graph ({self.kind} completes on the host); "
+                "run it eagerly, or capture with a device engine (nccl)",
+                details={"kind": self.kind, "op": what},
+            )
         try:
             work = start()
         except (TypeError, ValueError) as exc:

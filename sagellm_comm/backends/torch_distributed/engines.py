@@ -122,3 +122,9 @@ def pick_device(engine: Engine, local_rank: int) -> torch.device:
     device = torch.device(engine.device_type, local_rank % api.device_count())
     api.set_device(device.index)
     return device
+
+
+def capturing() -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph (False without CUDA): a host-blocking
+    engine (Gloo) must refuse then, before it enqueues anything."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
