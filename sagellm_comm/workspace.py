@@ -115,7 +115,7 @@ def node_name() -> str:
     return os.environ.get("SAGELLM_COMM_HOSTNAME") or socket.gethostname()
 
 
-def _device_identity(device: torch.device) -> str:
+def device_identity(device: torch.device) -> str:
     """What makes two ranks' devices the same chip: the GPU's UUID (robust to per-process
     ``CUDA_VISIBLE_DEVICES``), else the device string."""
     if device.type == "cuda":
@@ -224,6 +224,7 @@ class SymmetricWorkspace:
         memory: PeerMemory | None = None,
         max_programs: int | None = None,
         check: bool | None = None,
+        processes_on_device: int = 1,
     ) -> SymmetricWorkspace:
         """Collective: allocate this rank's region, exchange handles with ``exchange``, open the peers.
 
@@ -232,6 +233,11 @@ class SymmetricWorkspace:
         ``world_size`` and ``slot_bytes``.  The group agrees on the program count (the smallest of every
         rank's ``max_programs``, default :func:`default_max_programs`) and on check mode (``check``, default
         ``SAGELLM_COMM_CHECK``; ranks that differ raise ``InvalidArgumentError``).
+
+        ``processes_on_device``: how many processes of the whole job share this rank's GPU (N processes
+        under MPS).  Each may run a collective of *another* group at the same moment, and every program of
+        every one of those launches must be resident at once, so the default proposal divides the SMs by
+        this count when it exceeds the group's own members on the device.
         """
         if check is None:
             check = check_mode_from_env()
@@ -245,7 +251,7 @@ class SymmetricWorkspace:
         try:
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
-            where = (node_name(), _device_identity(device))
+            where = (node_name(), device_identity(device))
             handles = exchange((memory.export(local), slot_bytes, where))
             sizes = {h[1] for h in handles}
             if len(handles) != world_size or sizes != {slot_bytes}:
@@ -262,7 +268,10 @@ class SymmetricWorkspace:
                     opened.append(ptr)
                     ptrs.append(ptr)
             sharing = sum(1 for *_, other in handles if other == where)
-            proposal = max_programs if max_programs is not None else default_max_programs(device, sharing)
+            if max_programs is not None:
+                proposal = max_programs
+            else:
+                proposal = default_max_programs(device, max(sharing, int(processes_on_device)))
             # Every rank has mapped every region (shared files can go from the file system now); the group's
             # program count and check mode are agreed in the same round.
             settings = exchange((int(proposal), bool(check)))

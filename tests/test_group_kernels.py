@@ -107,7 +107,11 @@ def test_tp_groups_inside_simulated_nodes_get_the_kernels_while_the_world_does_n
 
 def _capped_worker(rank, world_size, port):
     import sagellm_comm
+    from sagellm_comm import workspace
 
+    # Program counts as a GPU would propose them (8 "SMs" here): a group of 2 on a device shared by the 4
+    # processes of the world must take 8 // 4, not 8 // 2, since the other group runs on the same SMs.
+    workspace.default_max_programs = lambda device, ranks_on_device=1: 8 // ranks_on_device
     world = sagellm_comm.init(
         backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384,
         group_max_bytes=4096,
@@ -118,6 +122,8 @@ def _capped_worker(rank, world_size, port):
         assert (
             car is not None and car.workspace.slot_bytes == 4096 and world.backend.custom.workspace.slot_bytes == 16384
         )
+        assert world.backend._processes_on_device == 4
+        assert car.workspace.max_programs == 2 and world.backend.custom.workspace.max_programs == 2
         x = torch.ones(2048)  # 8 KB: over the group's 4 KB workspace, so the engine runs it
         tp.all_reduce(x)
         sel = world.backend.last_selection
@@ -126,5 +132,5 @@ def _capped_worker(rank, world_size, port):
         sagellm_comm.destroy()
 
 
-def test_a_user_caps_the_group_workspace():
+def test_a_user_caps_the_group_workspace_and_groups_sharing_a_device_divide_its_sms():
     run_ranks(_capped_worker, 4, env=INTERP, timeout=600)

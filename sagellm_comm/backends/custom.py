@@ -41,7 +41,7 @@ from ..selector import (
     AlgoSelector,
     Selection,
 )
-from ..workspace import node_name
+from ..workspace import device_identity, node_name
 from .custom_setup import KernelGroup
 from .hierarchical import (
     HIER_CROSS_ENV,
@@ -161,6 +161,7 @@ class CustomBackend(TorchDistributedBackend):
         self._nodes: list[str] = []  # every global rank's node name
         self._hier_min_bytes = 0  # SAGELLM_COMM_HIER_MIN_BYTES, agreed by every rank at init
         self._hier_cross = "engine"  # SAGELLM_COMM_HIER_CROSS, agreed by every rank at init
+        self._processes_on_device = 1  # world ranks on this rank's GPU (N processes under MPS)
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
     @property
@@ -177,8 +178,10 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
-                facts = self._exchange((node_name(), min_bytes_from_env(), cross_mode_from_env()))
+                where = (node_name(), device_identity(self.device))
+                facts = self._exchange((where[0], min_bytes_from_env(), cross_mode_from_env(), where[1]))
                 self._nodes = [node for node, *_ in facts]
+                self._processes_on_device = sum(1 for f in facts if (f[0], f[3]) == where)
                 for index, env in ((1, HIER_MIN_BYTES_ENV), (2, HIER_CROSS_ENV)):
                     if len({f[index] for f in facts}) != 1:  # per-rank choices would split the ranks' paths
                         raise InvalidArgumentError(
@@ -215,7 +218,7 @@ class CustomBackend(TorchDistributedBackend):
 
         return KernelGroup(
             rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
-            self.kernel_timeout, engine_sum, one_node=one_node,
+            self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
         )  # fmt: skip
 
     def new_group(self, ranks):

@@ -45,6 +45,8 @@ class KernelGroup:
         fallback: the engine's in-place SUM all-reduce over this group (``algo="nccl"`` and over-size calls).
         one_node: refuse members on different nodes (False only for the cross groups of *simulated* nodes,
             ``SAGELLM_COMM_HIER_CROSS=kernels``: the peer mappings and the self-test still decide).
+        processes_on_device: processes of the whole world on this rank's GPU (see
+            :meth:`SymmetricWorkspace.rendezvous`: groups running at once on one GPU share its SMs).
     """
 
     def __init__(
@@ -59,9 +61,11 @@ class KernelGroup:
         timeout_s: float,
         fallback: Callable[[torch.Tensor], torch.Tensor],
         one_node: bool = True,
+        processes_on_device: int = 1,
     ):
         self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
         self.one_node = one_node
+        self.processes_on_device = processes_on_device
         self.device = device
         self.kernels: CustomAllReduce | None = None
         self.reason = "not set up"
@@ -78,7 +82,10 @@ class KernelGroup:
         if reason is not None:
             return None, reason
         try:
-            ws = SymmetricWorkspace.rendezvous(self.rank, self.world_size, slot_bytes, self.device, self._exchange)
+            ws = SymmetricWorkspace.rendezvous(
+                self.rank, self.world_size, slot_bytes, self.device, self._exchange,
+                processes_on_device=self.processes_on_device,
+            )  # fmt: skip
         except CommError as exc:
             verdicts = self._exchange(str(exc))
             return None, f"workspace setup failed: {verdicts}"
