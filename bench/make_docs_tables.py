@@ -375,6 +375,46 @@ def virtual_rmsnorm() -> str:
     )
 
 
+# ============================================================================ groups (N processes on one GPU)
+
+GROUPS_MPS = "h200/groups_mps.json"
+
+
+def groups_mps() -> str:
+    data = load(GROUPS_MPS)
+    world = data["config"]["world"]
+    rows = []
+    for r in data["groups"]["table"]:
+        ok = r["exact_on_every_rank"] and r["same_bits_in_each_group"] and r["kernels_on_every_rank"]
+        rows.append([
+            f"{r['tp']} x {r['groups']}" if r["tp"] < world else f"{world} (world)", size_label(r["bytes"]),
+            "/".join(r["algo"]), _us(r["kernel_graph_us"]), _us(r["kernel_eager_us"]), _us(r["engine_eager_us"]),
+            f"{r['engine_over_kernel_eager']:.0f}x", "yes" if ok else "NO",
+        ])  # fmt: skip
+    groups = table(
+        ["TP x groups", "size", "kernel", "kernels, graph (us)", "kernels, eager (us)", "Gloo engine, eager (us)",
+         "engine / kernels, eager", "exact, same bits"],
+        rows,
+    )  # fmt: skip
+    hier_rows = []
+    for key in ("hierarchical_engine", "hierarchical_kernels"):
+        h = data[key]
+        ok = h["exact_on_every_rank"] and h["same_bits_on_every_rank"]
+        for r in h["table"]:
+            graph = _us(r["hier_graph_us"]) if "hier_graph_us" in r else "cannot capture (typed error)"
+            hier_rows.append([
+                h["stage2"], size_label(r["bytes"]), _us(r["hier_eager_us"]), graph, _us(r["flat_engine_eager_us"]),
+                f"{r['flat_over_hier_eager']:.1f}x", f"{'yes' if ok else 'NO'} ({h['cases_checked']} cases)",
+            ])  # fmt: skip
+    nodes = data["config"]["nodes"]
+    hier = table(
+        [f"stage 2 ({nodes} nodes x {world // nodes})", "size", "hierarchical, eager (us)", "hierarchical, graph (us)",
+         "flat Gloo, eager (us)", "flat / hierarchical", "exact, same bits on every rank"],
+        hier_rows,
+    )  # fmt: skip
+    return f"{groups}\n\n{hier}\n\n{data['meta']['mode']}, {data['config']['dtype']}; {cite(GROUPS_MPS)}."
+
+
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
@@ -382,6 +422,9 @@ SCRIPT_OF = {
     "h100/fused_gemm_all_reduce_virtual.json": "bench/fused_bench.py --skip-rmsnorm",
     "h100/fused_rmsnorm_virtual.json": "bench/fused_bench.py --skip-gemm",
     "2xh100/fused.json": "bench/fused_multi_gpu_bench.py",
+    "h200/groups_mps.json": "bench/group_bench.py",
+    "h200/protocol_cost.json": "bench/protocol_cost.py",
+    "h200/soak.json": "bench/soak.py",
 }
 
 
@@ -422,6 +465,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "2xh100-fused-repeats": fused_repeats,
     "h100-virtual-fused": virtual_fused,
     "h100-virtual-rmsnorm": virtual_rmsnorm,
+    "h200-groups-mps": groups_mps,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)

@@ -197,6 +197,7 @@ BAD_OPTIONS = [
     (["--backend", "nosuch"], "unknown backend 'nosuch'"),
     (["--backend", "gloo", "--selector-config", "missing.json"], "no such file"),
     (["--backend", "gloo", "--zero-copy"], "--zero-copy applies to --virtual-ranks"),
+    (["--virtual-ranks", "2", "--virtual-mode", "streams", "--graph"], "--graph needs --virtual-mode stacked"),
     (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
 ]
 if not HAS_CUDA:

@@ -152,6 +152,14 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         )
     if config.zero_copy and config.virtual_mode != "streams":
         raise InvalidArgumentError("--zero-copy needs --virtual-mode streams (stacked mode reduces one stacked tensor)")
+    if config.graph and config.virtual_ranks is not None and config.virtual_mode == "streams":
+        # The ranks' kernels on N streams wait for each other; CUDA does not promise to run a graph's parallel
+        # branches at the same time, and on an H200 one replay in a few thousand ran them one after another:
+        # rank 0 spun until the timeout (docs/benchmark.md).  Stacked mode is one launch: nothing to co-schedule.
+        raise InvalidArgumentError(
+            "--graph needs --virtual-mode stacked: a CUDA graph may run the rank streams' kernels one after "
+            "another, and each waits for the others until the timeout"
+        )
 
     if config.virtual_ranks is not None:
         if config.virtual_ranks < 1:

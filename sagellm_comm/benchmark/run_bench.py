@@ -108,7 +108,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         choices=VIRTUAL_MODES,
         default="stacked",
         help="virtual ranks: 'stacked' = one launch for all ranks (device time, as N GPUs launching at once; "
-        "default), 'streams' = one launch per rank on its own stream",
+        "default), 'streams' = one launch per rank on its own stream (eager only: --graph needs stacked)",
     )
     where.add_argument(
         "--zero-copy",
