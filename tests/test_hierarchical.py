@@ -131,6 +131,8 @@ def test_a_rank_missing_in_the_node_stage_is_named(tmp_path):
     assert "peer rank 3 (rank 1 of the group [2, 3])" in message, message
     for rank in (0, 1):  # no rank hangs, none returns a result
         assert results[rank][0] != "no error", results[rank]
+    # Rank 1 waits in stage 2 for rank 3 (its cross partner): the error says the stage and the ranks.
+    assert "stage 2" in results[1][2] and "global ranks [1, 3]" in results[1][2], results[1]
 
 
 def test_bad_knobs_are_typed_errors(monkeypatch):

@@ -15,7 +15,8 @@ stream-ordered on the caller's stream, so the whole is capturable in a CUDA grap
 (NCCL is; Gloo, the stand-in on one machine, is not and raises a typed error under capture; with
 ``SAGELLM_COMM_HIER_CROSS=kernels`` simulated nodes run stage 2 on the kernels and capture on one GPU).
 A rank missing in stage 1 or 3 is named by the kernels' bounded waits (``CommTimeoutError``, global
-rank); in stage 2 by the engine's timeout (or, on the kernels, their bounded wait).
+rank); in stage 2 by the engine's error (its timeout, or a closed connection), re-raised as the same type
+with the stage and the cross group's global ranks (or, on the kernels, their bounded wait).
 
 When it pays (a model, unmeasured here: these machines have one node).  Per GPU, NVLink 4 moves about
 ``B_intra = 450`` GB/s each way; a node's NICs give each GPU about ``B_inter = 50`` GB/s (one 400 Gb/s NIC
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BackendNotSupportedError, InvalidArgumentError
+from ..errors import BackendNotSupportedError, CommError, InvalidArgumentError
 from ..knobs import env_number
 from .torch_distributed.engines import capturing
 
@@ -137,7 +138,15 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     if plan.cross_kernels is not None:  # simulated nodes (see cross_mode_from_env)
         plan.cross_kernels.all_reduce(shard)
     else:
-        TorchDistributedBackend.all_reduce(backend, shard, "sum", plan.cross)
+        try:
+            TorchDistributedBackend.all_reduce(backend, shard, "sum", plan.cross)
+        except CommError as exc:  # say which stage, and which ranks it waited for
+            raise type(exc)(
+                f"hierarchical all-reduce, stage 2 (inter-node, {backend.engine_kind} over global ranks "
+                f"{list(plan.cross.ranks)}, one per node; one of them failed or never arrived): {exc.message}",
+                details={**exc.details, "stage": 2, "cross_ranks": list(plan.cross.ranks)},
+                code=exc.code,
+            ) from exc
     gather_scatter.all_gather(car, shard, staged)
     if staged is not flat:
         flat.copy_(staged[:numel])
