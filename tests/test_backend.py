@@ -457,3 +457,19 @@ def test_nccl_world_of_one_on_gpu() -> None:
         assert topo.source in ("nvml", "cuda") and topo.num_gpus >= 1 and topo.ranks == [0]
         print(topo.format_matrix())
     assert not torch.distributed.is_initialized()
+
+
+def test_gloo_refuses_a_cuda_graph_capture_before_enqueuing(monkeypatch):
+    """Under capture (simulated here: no GPU) a host-blocking engine raises a typed error and leaves the tensor."""
+    from sagellm_comm.backends.torch_distributed import adapter
+    from sagellm_comm.errors import BackendNotSupportedError
+
+    with CommBackend.create("gloo").init(rank=0, world_size=1) as backend:
+        monkeypatch.setattr(adapter, "capturing", lambda: True)
+        x = torch.arange(4.0)
+        with pytest.raises(BackendNotSupportedError, match="a CUDA graph cannot capture all_reduce on gloo"):
+            backend.all_reduce(x)
+        assert torch.equal(x, torch.arange(4.0))
+        monkeypatch.setattr(adapter, "capturing", lambda: False)
+        backend.all_reduce(x)  # outside a capture the same call runs
+        assert torch.equal(x, torch.arange(4.0))

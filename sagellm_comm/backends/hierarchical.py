@@ -42,9 +42,8 @@ from typing import Any
 
 import torch
 
-from ..errors import BackendNotSupportedError, CommError, InvalidArgumentError
+from ..errors import CommError, InvalidArgumentError
 from ..knobs import env_number
-from .torch_distributed.engines import capturing
 
 HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"
 DEFAULT_HIER_MIN_BYTES = 1 << 20
@@ -118,12 +117,10 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     from .. import gather_scatter
     from .torch_distributed import TorchDistributedBackend
 
-    if plan.cross_kernels is None and backend.engine.host_blocking and capturing():  # before any stage runs
-        raise BackendNotSupportedError(
-            f"hierarchical all-reduce: its inter-node stage runs on {backend.engine_kind}, which a CUDA graph "
-            "cannot capture; run it eagerly, or capture with the nccl engine "
-            f"({HIER_CROSS_ENV}=kernels for simulated nodes on one machine)",
-            details={"kind": backend.engine_kind, "op": "all_reduce"},
+    if plan.cross_kernels is None:  # stage 2 on the engine: refuse a capture before stage 1 is enqueued
+        backend.check_capturable(
+            "the inter-node stage of a hierarchical all-reduce",
+            f"capture with the nccl engine ({HIER_CROSS_ENV}=kernels for simulated nodes on one machine)",
         )
     local = plan.local_size
     flat = tensor.view(-1)

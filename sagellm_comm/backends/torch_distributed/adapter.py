@@ -319,13 +319,18 @@ class TorchDistributedBackend(CommBackend):
         return self._run("all_to_all", g, async_op, output, None, start)
 
     # ------------------------------------------------------------------ machinery
-    def _run(self, what: str, g: GroupHandle, async_op: bool, result: Any, post, start) -> Any:
+    def check_capturable(self, what: str, instead: str = "capture with a device engine (nccl)") -> None:
+        """Raise :class:`BackendNotSupportedError` if the current stream is capturing a CUDA graph and this
+        engine completes on the host (Gloo): before anything is enqueued, so nothing is half-captured."""
         if self.engine.host_blocking and capturing():
             raise BackendNotSupportedError(
-                f"{what} on {self.kind} cannot be captured in a CUDA graph ({self.kind} completes on the host); "
-                "run it eagerly, or capture with a device engine (nccl)",
+                f"a CUDA graph cannot capture {what} on {self.kind} ({self.kind} completes on the host); "
+                f"run it eagerly, or {instead}",
                 details={"kind": self.kind, "op": what},
             )
+
+    def _run(self, what: str, g: GroupHandle, async_op: bool, result: Any, post, start) -> Any:
+        self.check_capturable(what)
         try:
             work = start()
         except (TypeError, ValueError) as exc:
