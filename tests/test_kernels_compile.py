@@ -82,7 +82,8 @@ def _cases():
         inp="*fp16",
         residual="*fp16",
         weight="*fp16",
-        normed_out="*fp16",
+        out="*fp16",
+        scales="*fp16",
         residual_out="*fp16",
         table="*i64",
         ctrl="*i64",
@@ -98,9 +99,25 @@ def _cases():
             (
                 rm.all_reduce_rmsnorm_kernel,
                 rms_types,
-                dict(W=2, WP=2, BLOCK_H=4096, TWO_SHOT=two_shot, USE_PTX=True, VIRTUAL=False),
+                dict(W=2, WP=2, BLOCK_H=4096, TWO_SHOT=two_shot, QUANT=0, USE_PTX=True, VIRTUAL=False),
                 flags,
             )
+        )
+    # FP8 outputs: a round-to-nearest division and one saturating round-to-nearest conversion (kernels/fp8.py).
+    fp8_types = dict(rms_types, inp="*bf16", residual="*bf16", weight="*bf16", residual_out="*bf16", out="*fp8e4nv",
+                     scales="*fp32")  # fmt: skip
+    fp8_ops = ("div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32")
+    for two_shot, quant, w in ((False, 1, 4), (True, 2, 3), (True, 3, 8), (False, 3, 2)):
+        cx = dict(W=w, WP=triton.next_power_of_2(w), BLOCK_H=8192, TWO_SHOT=two_shot, QUANT=quant, USE_PTX=True,
+                  VIRTUAL=two_shot)  # fmt: skip
+        cases.append((rm.all_reduce_rmsnorm_kernel, fp8_types, cx, flags + fp8_ops))
+    lamport_rms = {k: v for k, v in fp8_types.items() if k != "slot_bytes"}
+    lamport_rms.update(lamport_offset="i64", cap="i32")
+    for quant, w in ((0, 2), (2, 8), (3, 4)):
+        types = dict(lamport_rms, out="*bf16") if quant == 0 else lamport_rms
+        cx = dict(W=w, WP=w, BLOCK_H=4096, QUANT=quant, USE_PTX=True, VIRTUAL=quant == 2, PDL=True)
+        cases.append(
+            (rm.lamport_all_reduce_rmsnorm_kernel, types, cx, ("griddepcontrol.wait", *(fp8_ops if quant else ())))
         )
     cases.append(
         (

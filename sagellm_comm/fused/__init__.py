@@ -30,17 +30,25 @@ same sequence of calls with the same shapes.  Errors: :class:`InvalidArgumentErr
 
 from ..selector import GEMM_PATHS
 from ._common import FUSED_DTYPES, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
+from .fp8 import FP8_MAX, FP8_QUANT_MODES, FP8_SCALE_FLOOR, quantize_fp8_reference
 from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, copy_engine_units, gemm_tile_config, gemm_workspace_bytes
 from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 from .rmsnorm import FusedAllReduceRMSNorm
+from .rmsnorm_policy import DEFAULT_FUSION_RULES, FusionPolicy, FusionRule
 from .virtual import VirtualFused
 
 __all__ = [
+    "DEFAULT_FUSION_RULES",
+    "FP8_MAX",
+    "FP8_QUANT_MODES",
+    "FP8_SCALE_FLOOR",
     "FUSED_DTYPES",
     "GEMM_PATHS",
     "MAX_HIDDEN",
     "RMSNORM_DTYPES",
     "FusedAllReduceRMSNorm",
+    "FusionPolicy",
+    "FusionRule",
     "GemmAllReduce",
     "GemmPathSelector",
     "GemmRule",
@@ -52,5 +60,6 @@ __all__ = [
     "gemm_workspace_bytes",
     "group_gemm",
     "last_selection",
+    "quantize_fp8_reference",
     "rmsnorm_reference",
 ]
