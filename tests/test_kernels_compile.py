@@ -48,6 +48,7 @@ def _cases():
     from sagellm_comm.kernels import all_reduce as ar
     from sagellm_comm.kernels import copy_engine as ce
     from sagellm_comm.kernels import fingerprint as fp
+    from sagellm_comm.kernels import fp8_payload_all_reduce as pay
     from sagellm_comm.kernels import fused_all_reduce_rmsnorm as rm
     from sagellm_comm.kernels import gather_scatter as gs
     from sagellm_comm.kernels import gemm_all_reduce as gk
@@ -68,6 +69,14 @@ def _cases():
             dict(COLLECTIVE, lamport_offset="i64", cap="i32"),
             dict(W=8, WP=8, BLOCK=256, USE_PTX=True, VIRTUAL=True, PDL=True),
             ("griddepcontrol.wait",),
+        )
+    )
+    cases.append(
+        (
+            pay.two_shot_fp8_all_reduce_kernel,
+            COLLECTIVE,
+            dict(W=4, WP=4, BLOCK=4096, USE_PTX=True, VIRTUAL=False),
+            flags + ("div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32", "ld.global.cg.v4"),
         )
     )
     cases.append(
