@@ -415,6 +415,92 @@ def groups_mps() -> str:
     return f"{groups}\n\n{hier}\n\n{data['meta']['mode']}, {data['config']['dtype']}; {cite(GROUPS_MPS)}."
 
 
+# ============================================================================ FP8: fused quantisation, FP8 payload
+
+FP8_FUSED = "h200/fp8_fused.json"
+FP8_PAYLOAD = "h200/fp8_payload.json"
+FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
+
+
+def _not_yet(rel: str, script: str) -> str:
+    """What a block says before its record exists (the path is spelled so that no link points nowhere)."""
+    return (
+        f"No H200 record yet (`{rel}` under `bench/results/`): `python -m bench.{script}` writes it (commands in "
+        "`bench/README.md`), then `python -m bench.make_docs_tables` fills this in."
+    )
+
+
+def _fp8_rows(rows: list[dict], tokens: tuple[int, ...]) -> list[list[str]]:
+    out = []
+    for r in sorted(rows, key=lambda r: (r["world_size"], r["hidden"], r["tokens"])):
+        if r["tokens"] not in tokens:
+            continue
+        out.append([
+            str(r["world_size"]), str(r["hidden"]), str(r["tokens"]), _us(r["ar_us"]), _us(r["fused_us"]),
+            *(_us(r[f"fused_{m}_us"]) for m in FP8_MODES), _us(r["unfused_fp8_per_token_us"]),
+            "/".join(f"{r[f'unfused_{m}_us'] / r[f'fused_{m}_us']:.2f}" for m in FP8_MODES),
+            r["path_fp8_per_token"].split()[0],
+        ])  # fmt: skip
+    return out
+
+
+def _fp8_targets(targets: dict) -> str:
+    parts = []
+    for mode in FP8_MODES:
+        t = targets[mode]
+        over = next(v for k, v in t.items() if k.startswith("max_over_ar"))
+        speedup = next(v for k, v in t.items() if k.startswith("min_speedup"))
+        slower = next(v for k, v in t.items() if k.startswith("slower_than"))
+        parts.append(
+            f"`{mode}`: at most {over:+.2f} us over the plain all-reduce at <= 64 KB "
+            f"({'met' if over <= 0.5 else 'NOT met'}: target 0.5), at least {speedup:.2f}x the unfused chain at "
+            f"<= 128 tokens ({'met' if speedup >= 1.3 else 'NOT met'}: target 1.3), slower than it at "
+            f"{len(slower)} shapes{': ' + ', '.join(str(tuple(x)) for x in slower) if slower else ''}"
+        )
+    return "; ".join(parts)
+
+
+def fp8_fused() -> str:
+    if not (RESULTS / FP8_FUSED).exists():
+        return _not_yet("h200/fp8_fused.json", "fp8_fused_bench")
+    data = load(FP8_FUSED)
+    head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
+            "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
+    text = (
+        f"Virtual ranks on one GPU, bf16 in, us per call under CUDA-graph replay (from {cite(FP8_FUSED)}, "
+        f"`{data['meta']['command']}`):\n\n"
+        + table(head, _fp8_rows(data["virtual"], (1, 8, 64, 128, 512)))
+        + "\n\nTargets, virtual ranks: "
+        + _fp8_targets(data["targets_virtual"])
+        + "."
+    )
+    if "mps" in data:
+        text += (
+            "\n\nProcesses under MPS (one per rank, the group-level call, the slowest rank):\n\n"
+            + table(head, _fp8_rows(data["mps"], (1, 16, 64, 128, 512)))
+            + "\n\nTargets, processes: "
+            + _fp8_targets(data["targets_mps"])
+            + "."
+        )
+    return text
+
+
+def fp8_payload() -> str:
+    if not (RESULTS / FP8_PAYLOAD).exists():
+        return _not_yet("h200/fp8_payload.json", "fp8_payload_error")
+    data = load(FP8_PAYLOAD)
+    rows = []
+    for r in data["rows"]:
+        rows.append([
+            str(r["world_size"]), r["distribution"], f"{r['tokens']} x {r['hidden']}", f"{r['fp8_rel_l2']:.4f}",
+            f"{r['fp8_max_rel_to_amax']:.4f}", f"{r['bf16_rel_l2']:.5f}",
+            "yes" if r["fp8_identical_ranks"] else "NO", f"{r['bytes_ratio']:.3f}", _us(r["fp8_us"]), _us(r["bf16_us"]),
+        ])  # fmt: skip
+    head = ["W", "activations", "tokens x hidden", "FP8 rel. L2", "FP8 max err / max", "bf16 rel. L2",
+            "same bits on every rank", "bytes FP8 / bf16", "FP8 kernel (us)", "bf16 kernel (us)"]  # fmt: skip
+    return f"From {cite(FP8_PAYLOAD)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
+
+
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
@@ -425,6 +511,8 @@ SCRIPT_OF = {
     "h200/groups_mps.json": "bench/group_bench.py",
     "h200/protocol_cost.json": "bench/protocol_cost.py",
     "h200/soak.json": "bench/soak.py",
+    "h200/fp8_fused.json": "bench/fp8_fused_bench.py",
+    "h200/fp8_payload.json": "bench/fp8_payload_error.py",
 }
 
 
@@ -466,6 +554,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "h100-virtual-fused": virtual_fused,
     "h100-virtual-rmsnorm": virtual_rmsnorm,
     "h200-groups-mps": groups_mps,
+    "h200-fp8-fused": fp8_fused,
+    "h200-fp8-payload": fp8_payload,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)

@@ -45,3 +45,22 @@ def assert_within_one_step(q, scales, q_ref, scales_ref, what: str = "", slack: 
     excess = (got - want).abs() / step
     worst = float(excess.max()) if excess.numel() else 0.0
     assert worst <= 1.0 + slack, f"{what}: an element is {worst:.3f} FP8 steps from the reference"
+
+
+def block_scales(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Per element, the FP8 scale (amax / 448) of its 128-element block as the kernel cuts blocks: chunks of
+    cdiv(numel, W) rounded up to 128, blocks of 128 from each chunk's start (written out independently)."""
+    flat = x.float().reshape(-1)
+    n = flat.numel()
+    chunk = ((n + world_size - 1) // world_size + 127) // 128 * 128
+    padded = torch.zeros(world_size * chunk, device=flat.device)
+    padded[:n] = flat.abs()
+    amax = padded.view(-1, 128).amax(-1) / 448.0
+    return amax.repeat_interleave(128)[:n].view(x.shape)
+
+
+def payload_bound(inputs, ref, world_size):
+    """Per element, the error bound of the FP8-payload all-reduce (tests/test_fp8_payload.py derives it)."""
+    terms = sum(x.float().abs() for x in inputs) + ref.abs()
+    scales = sum(block_scales(x, world_size) for x in inputs) + block_scales(ref, world_size)
+    return 1.1 * (2.0**-4 * terms + 2.0**-10 * scales) + 2.0**-7 * ref.abs()

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import run_ranks
+from tests.fp8_checks import payload_bound
 
 INTERP = {"TRITON_INTERPRET": "1"}
 SLOT_BYTES = 65536
@@ -47,24 +48,6 @@ def _setup(rank, world_size, port, slot_bytes=SLOT_BYTES, fallback=None):
     return CustomAllReduce(ws, timeout_s=60.0, fallback=fallback)
 
 
-def _block_scales(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Per element, the FP8 scale (amax / 448) of its 128-element block as the kernel cuts blocks: chunks of
-    cdiv(numel, W) rounded up to 128, blocks of 128 from each chunk's start (written out independently)."""
-    flat = x.float().reshape(-1)
-    n = flat.numel()
-    chunk = ((n + world_size - 1) // world_size + 127) // 128 * 128
-    padded = torch.zeros(world_size * chunk)
-    padded[:n] = flat.abs()
-    amax = padded.view(-1, 128).amax(-1) / 448.0
-    return amax.repeat_interleave(128)[:n].view(x.shape)
-
-
-def _bound(inputs, ref, world_size):
-    terms = sum(x.float().abs() for x in inputs) + ref.abs()
-    scales = sum(_block_scales(x, world_size) for x in inputs) + _block_scales(ref, world_size)
-    return 1.1 * (2.0**-4 * terms + 2.0**-10 * scales) + 2.0**-7 * ref.abs()
-
-
 def _payload_worker(rank, world_size, port, cases):
     from sagellm_comm.benchmark.payload_error import activations, error_stats, fp32_reference
 
@@ -82,7 +65,7 @@ def _payload_worker(rank, world_size, port, cases):
         if not in_place:
             assert torch.equal(x, inputs[rank]), "the input was modified"
         ref = fp32_reference(inputs)
-        excess = (result.float() - ref).abs() / _bound(inputs, ref, world_size)
+        excess = (result.float() - ref).abs() / payload_bound(inputs, ref, world_size)
         assert float(excess.max()) <= 1.0, f"{kind} {dtype_name}: {float(excess.max()):.3f} of the per-element bound"
         stats = error_stats(result, inputs)
         assert stats["rel_l2"] <= REL_L2_BOUND, (kind, dtype_name, stats)
