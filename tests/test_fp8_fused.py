@@ -83,7 +83,7 @@ def _check(outs, xs, residual, weight, eps, quant, scale, tag):
     assert_within_one_step(q, scales, q_ref, s_ref, tag)
 
 
-def _setup(rank, world_size, port, timeout_s=60.0):
+def _setup(rank, world_size, port, timeout_s=60.0, slot_bytes=SLOT_BYTES):
     import torch.distributed as dist
 
     from sagellm_comm.custom_all_reduce import CustomAllReduce
@@ -97,7 +97,7 @@ def _setup(rank, world_size, port, timeout_s=60.0):
         dist.all_gather_object(out, obj)
         return out
 
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=2)
     return CustomAllReduce(ws, timeout_s=timeout_s), FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
 
 
@@ -332,3 +332,87 @@ def test_math_of_the_bounds():
     q = torch.tensor([1.0, 1.125, 15.0, 16.0, 2.0**-9, 448.0]).to(E4M3)
     assert fp8_step(q).tolist() == [0.125, 0.125, 1.0, 2.0, 2.0**-9, 32.0]
     assert math.isclose(float(q[1]) - float(q[0]), float(fp8_step(q)[0]))
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+
+
+def _policy_worker(rank, world_size, port):
+    from sagellm_comm.errors import BackendNotSupportedError
+    from sagellm_comm.fused import (
+        FusedAllReduceRMSNorm,
+        FusionPolicy,
+        FusionRule,
+        quantize_fp8_reference,
+        rmsnorm_reference,
+    )
+
+    slot = 1 << 20  # over the Lamport buffers' 128 K elements: messages the Lamport kernel cannot take fit
+    car, fused = _setup(rank, world_size, port, slot_bytes=slot)
+
+    def pair(sel):
+        return sel.algo, sel.rule_id
+
+    cap = car.workspace.lamport_capacity
+    assert cap < slot // 2
+    # The default follows the all-reduce policy (Lamport for small messages at 2 ranks), capacities apply.
+    assert pair(fused.select(2 * 64 * 8, "fp8_per_token", 8, 64)) == ("lamport", "ws2-lamport")
+    assert pair(fused.select(4 << 20, None, 8, 1 << 18)) == ("unfused", "over-workspace")
+
+    def forced(path):
+        return FusedAllReduceRMSNorm(car.workspace, policy=FusionPolicy([FusionRule("f", path)]))
+
+    n = cap + 64  # over the Lamport buffers, in the slot
+    assert pair(forced("lamport").select(2 * n, "fp8", n // 64, 64)) == ("one_shot", "f+lamport-capacity")
+    n = 3 * slot // 8  # bf16 fits (0.75 MB), but two-shot stages 3 bytes an element (1.1 MB)
+    assert pair(forced("two_shot").select(2 * n, "fp8_group128", n // 256, 256)) == (
+        "one_shot",
+        "fused-two-shot-capacity",
+    )
+    assert pair(forced("two_shot").select(2 * n, None, n // 256, 256)) == ("one_shot", "fused-two-shot-capacity")
+    assert pair(forced("two_shot").select(2 * slot // 5, None, slot // 5 // 256, 256)) == ("two_shot", "f")
+    policy = FusionPolicy.from_dict(
+        {"rules": [
+            {"id": "big-unfused", "path": "unfused", "quant": ["fp8_per_token"], "min_tokens": 4},
+            {"id": "small-two-shot", "path": "two_shot", "world_sizes": [2], "max_tokens": 3},
+            {"id": "rest", "path": "all_reduce_policy"},
+        ]}
+    )  # fmt: skip
+    assert FusionPolicy.from_dict(policy.to_dict()).rules == policy.rules
+    mine = FusedAllReduceRMSNorm(car.workspace, fallback=lambda t: car.all_reduce(t, algo="one_shot"), policy=policy)
+    assert pair(mine.select(2 * 5 * 256, "fp8_per_token", 5, 256)) == ("unfused", "big-unfused")
+    assert pair(mine.select(2 * 5 * 256, "fp8_group128", 5, 256)) == ("lamport", "ws2-lamport")
+    assert pair(mine.select(2 * 2 * 256, None, 2, 256)) == ("two_shot", "small-two-shot")
+    xs, residual, weight = _inputs(0, world_size, 5, 256, torch.float32)
+    epoch = car.epoch
+    q, s, new_res = mine(xs[rank], residual, weight, quant="fp8_per_token")
+    assert (mine.last_selection.algo, car.epoch) == ("unfused", epoch + 1)  # the all-reduce ran, then torch ops
+    q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(new_res, weight, 1e-6), "fp8_per_token")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    # Unfused by policy without a fallback: a typed error, nothing run.
+    bare = FusedAllReduceRMSNorm(car.workspace, policy=policy)
+    with pytest.raises(BackendNotSupportedError, match="big-unfused|no fallback"):
+        bare(xs[rank], residual, weight, quant="fp8_per_token")
+    assert car.epoch == epoch + 1
+    return _digest(q, s, new_res)
+
+
+def test_fusion_policy_rules_and_capacities():
+    digests = run_ranks(_policy_worker, 2, env=INTERP, timeout=300)
+    assert digests[0] == digests[1]
+
+
+def test_fusion_policy_refuses_bad_rules():
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+
+    with pytest.raises(InvalidArgumentError, match="path must be one of"):
+        FusionPolicy([FusionRule("x", "ring")])
+    with pytest.raises(InvalidArgumentError, match="quant must name"):
+        FusionPolicy([FusionRule("x", "unfused", quant=("int8",))])
+    with pytest.raises(InvalidArgumentError, match="unknown keys"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "tokens": 3}]})
+    with pytest.raises(InvalidArgumentError, match="must be a list"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
+    with pytest.raises(InvalidArgumentError, match="at least one rule"):
+        FusionPolicy.from_dict({"rules": []})
