@@ -416,3 +416,27 @@ def test_fusion_policy_refuses_bad_rules():
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
     with pytest.raises(InvalidArgumentError, match="at least one rule"):
         FusionPolicy.from_dict({"rules": []})
+
+
+def _timeout_worker(rank, world_size, port, algo):
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommTimeoutError
+
+    _, fused = _setup(rank, world_size, port, timeout_s=0.3)
+    if rank == 1:  # never joins
+        dist.barrier()
+        return None
+    q, s, _ = fused(torch.ones(3, 128), torch.ones(3, 128), torch.ones(128), algo=algo, quant="fp8_group128")
+    with pytest.raises(CommTimeoutError) as info:
+        fused.check_errors()
+    assert info.value.details["peer"] == 1, info.value.details
+    assert torch.all(q.view(torch.uint8) & 0x7F == 0x7F) and torch.all(s.isnan()), "a failed call's output is NaN"
+    dist.barrier()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("algo", ["lamport", "two_shot"])
+def test_missing_peer_is_named_and_the_output_is_nan(algo):
+    msg = run_ranks(_timeout_worker, 2, algo, env=INTERP, timeout=300)[0]
+    assert "peer rank 1 never arrived" in msg
