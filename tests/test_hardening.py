@@ -120,7 +120,7 @@ def _wrap_worker(rank, world_size, port, start):
 
 @pytest.mark.parametrize("start", [2**31 - 3, 2**32 - 3], ids=["2^31", "2^32"])
 def test_every_family_is_exact_across_counter_wrap(start):
-    per_rank = run_ranks(_wrap_worker, 2, start, env=INTERP, timeout=600)
+    per_rank = run_ranks(_wrap_worker, 2, start, env=INTERP, timeout=540)
     for epoch, lamport_epoch, gemm_epoch, ce_epoch, barrier_calls, lamport_calls in per_rank:
         assert (epoch, lamport_epoch) == (barrier_calls, lamport_calls)
         assert (gemm_epoch, ce_epoch) == (5, 5)
@@ -315,7 +315,7 @@ def _timeout_recovery_worker(rank, world_size, port, calls, marker):
 
 def test_timeout_gives_nan_latches_reports_and_reset_recovers(tmp_path):
     marker = str(tmp_path / "rank0-timed-out")
-    assert run_ranks(_timeout_recovery_worker, 2, 1000, marker, env=INTERP, timeout=900) == [0, 0]
+    assert run_ranks(_timeout_recovery_worker, 2, 1000, marker, env=INTERP, timeout=540) == [0, 0]
 
 
 # ------------------------------------------------------------------------ payloads and world sizes
@@ -358,5 +358,5 @@ def _odd_world_worker(rank, world_size, port):
 
 @pytest.mark.parametrize("world_size", [3, 5, 6, 7])
 def test_world_sizes_that_are_not_powers_of_two(world_size):
-    for per_rank in run_ranks(_odd_world_worker, world_size, env=INTERP, timeout=600):
+    for per_rank in run_ranks(_odd_world_worker, world_size, env=INTERP, timeout=540):
         assert all(per_rank)
