@@ -301,9 +301,10 @@ def _live_members(pgid: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-@pytest.mark.parametrize("target", ["terminal", "parent"])
+@pytest.mark.parametrize("target", ["terminal", "parent", "sigkill"])
 def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
-    """Ctrl-C in a terminal (SIGINT to the whole process group) or to the CLI process alone."""
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or to the CLI process alone; and the CLI
+    killed outright (SIGKILL: it cannot clean up, its ranks die with it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -318,19 +319,22 @@ def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
         if target == "terminal":
             os.killpg(proc.pid, signal.SIGINT)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, signal.SIGKILL if target == "sigkill" else signal.SIGINT)
         out, err = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 20
+        while _live_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _live_members(proc.pid) == []  # the ranks it started were stopped
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None or _live_members(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130
-    assert err.splitlines() == ["sagellm-comm bench: interrupted"], err
     assert "Out of bounds" not in out  # no table: the run did not finish
-    deadline = time.monotonic() + 20
-    while _live_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _live_members(proc.pid) == []  # the ranks it started were stopped
+    if target == "sigkill":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130
+        assert err.splitlines() == ["sagellm-comm bench: interrupted"], err
 
 
 def test_world_size_disagreeing_with_torchrun_env(capsys, monkeypatch):

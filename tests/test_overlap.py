@@ -16,7 +16,7 @@ from tests.conftest import HAS_CUDA, run_ranks
 # ---------------------------------------------------------------------------------------------- handles
 
 
-def _handle_worker(rank: int, world_size: int, port: int, computed_path: str) -> dict:
+def _handle_worker(rank: int, world_size: int, port: int, submitted_path: str, computed_path: str) -> dict:
     import sagellm_comm
     from sagellm_comm import ops
     from sagellm_comm.errors import GroupNotFoundError, InvalidArgumentError
@@ -25,13 +25,15 @@ def _handle_worker(rank: int, world_size: int, port: int, computed_path: str) ->
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
     seen: dict = {}
     try:
-        # The handle comes back before the peer has even started: rank 1 joins 1 s late.
+        # The handle comes back before the peer has even started: rank 1 joins once rank 0 has looked at it.
         x = torch.full((1000,), float(rank + 1))
         if rank == 1:
-            time.sleep(1.0)
+            _wait_for(submitted_path)
         handle = all_reduce_async(x, world)
         assert isinstance(handle, AsyncAllReduce) and handle.stream is None
         seen["pending_after_submit"] = not handle.is_completed()
+        if rank == 0:
+            open(submitted_path, "w").close()
         assert handle.wait() is x
         assert handle.is_completed() and handle.wait() is x  # waiting twice is fine
         torch.testing.assert_close(x, torch.full((1000,), 3.0))
@@ -43,9 +45,7 @@ def _handle_worker(rank: int, world_size: int, port: int, computed_path: str) ->
         a = torch.randn(64, 64, generator=torch.Generator().manual_seed(rank))
         expected = (a.double() @ a.double()).float()
         if rank == 1:
-            deadline = time.monotonic() + 30.0
-            while not os.path.exists(computed_path) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            _wait_for(computed_path)
         handle = all_reduce_async(y, "w", op="max")
         product = a @ a
         seen["pending_during_compute"] = not handle.is_completed()
@@ -70,8 +70,15 @@ def _handle_worker(rank: int, world_size: int, port: int, computed_path: str) ->
         sagellm_comm.destroy()
 
 
+def _wait_for(path: str, limit_s: float = 60.0) -> None:
+    """Until the peer creates ``path``; bounded (the peer's own checks then fail the test)."""
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_async_all_reduce_handle_on_gloo(tmp_path) -> None:
-    seen = run_ranks(_handle_worker, 2, str(tmp_path / "computed"), timeout=90.0)
+    seen = run_ranks(_handle_worker, 2, str(tmp_path / "submitted"), str(tmp_path / "computed"), timeout=150.0)
     assert seen[0]["pending_after_submit"]  # rank 0 submitted while rank 1 was still asleep
     assert seen[0]["pending_during_compute"]  # rank 0's matmul overlapped the all-reduce rank 1 had not joined
 
@@ -83,9 +90,7 @@ def _timeout_worker(rank: int, world_size: int, port: int, done_path: str) -> st
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
     if rank == 1:  # never joins; stays alive (a closed connection would be another error) until rank 0 is done
-        deadline = time.monotonic() + 30.0
-        while not os.path.exists(done_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(done_path)
         return "absent"
     handle = all_reduce_async(torch.ones(4), world)
     try:
