@@ -101,7 +101,7 @@ def _matrix(world_size: int) -> list[tuple]:
     return cases  # fmt: skip
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_kernels_match_reference_and_ranks_agree(world_size):
     cases = _matrix(world_size)
     per_rank = run_ranks(_matrix_worker, world_size, cases, env=INTERP, timeout=540)

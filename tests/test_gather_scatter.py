@@ -131,6 +131,7 @@ def test_matches_torch_reference_mixed_with_all_reduce(world_size, sizes, start)
     _check_matrix(run_ranks(_matrix_worker, world_size, cases, start, env=env, timeout=540), world_size)
 
 
+@pytest.mark.slow
 def test_eight_ranks():
     cases = [("all_gather", 5, "bfloat16"), ("reduce_scatter", 3, "float32")]
     _check_matrix(run_ranks(_matrix_worker, 8, cases, 0, env=INTERP, timeout=540), 8)

@@ -94,6 +94,7 @@ def test_two_tp_groups_of_two_in_a_world_of_four():
     _check_tp(run_ranks(_tp_worker, 4, (2,), 0, env=INTERP, timeout=540), (2,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp_sizes", [(4, 2)], ids=["tp4x2-then-tp2x4"])
 def test_tp_groups_in_a_world_of_eight(tp_sizes):
     _check_tp(run_ranks(_tp_worker, 8, tp_sizes, 0, env=INTERP, timeout=540), tp_sizes)

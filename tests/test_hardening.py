@@ -361,7 +361,7 @@ def _odd_world_worker(rank, world_size, port):
     return ok
 
 
-@pytest.mark.parametrize("world_size", [3, 5, 6, 7])
+@pytest.mark.parametrize("world_size", [3, *(pytest.param(n, marks=pytest.mark.slow) for n in (5, 6, 7))])
 def test_world_sizes_that_are_not_powers_of_two(world_size):
     for per_rank in run_ranks(_odd_world_worker, world_size, env=INTERP, timeout=540):
         assert all(per_rank)
