@@ -137,3 +137,22 @@ def test_a_timeout_that_pytest_would_cut_short_is_refused() -> None:
         pytest.skip("pytest-timeout is not installed")
     with pytest.raises(pytest.fail.Exception, match="leaves less than"):
         run_ranks(_spin, 1, "/nonexistent", timeout=limit - CLEANUP_S + 1)
+
+
+#: files allowed to bind a socket themselves: each holds it for as long as it names the port
+_HOLDS_ITS_SOCKET = {"tests/test_errors.py"}
+
+
+def test_no_port_is_picked_and_released() -> None:
+    """Ranks meet on a store their launcher hosts on port 0 (rendezvous.host_store); nothing else binds a
+    socket to learn a free port and close it again (the port could be taken before the ranks bind it)."""
+    offenders = []
+    for folder in ("sagellm_comm", "tests", "examples", "bench"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            text = path.read_text()
+            if rel in _HOLDS_ITS_SOCKET or path == Path(__file__).resolve():  # this test names them to forbid them
+                continue
+            if "getsockname" in text or "free_port" in text:
+                offenders.append(rel)
+    assert offenders == [], f"pick-and-release port helpers in {offenders}: host a store instead (host_store)"
