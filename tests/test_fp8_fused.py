@@ -146,7 +146,7 @@ def _cases(world_size: int) -> list[tuple]:
 
 def _run_kernels(world_size: int) -> None:
     cases = _cases(world_size)
-    per_rank = run_ranks(_kernel_worker, world_size, cases, env=INTERP, timeout=600)
+    per_rank = run_ranks(_kernel_worker, world_size, cases, env=INTERP, timeout=540)
     for r in range(1, world_size):
         for c, (a, b) in enumerate(zip(per_rank[0], per_rank[r], strict=True)):
             assert a == b, f"rank {r} differs bitwise from rank 0 in {cases[c]}"

@@ -89,7 +89,7 @@ def _cases(world_size):
 
 
 def _run(world_size):
-    per_rank = run_ranks(_payload_worker, world_size, _cases(world_size), env=INTERP, timeout=600)
+    per_rank = run_ranks(_payload_worker, world_size, _cases(world_size), env=INTERP, timeout=540)
     for r in range(1, world_size):
         assert [d for d, _ in per_rank[r]] == [d for d, _ in per_rank[0]], f"rank {r} differs bitwise from rank 0"
 
