@@ -43,9 +43,10 @@ from sagellm_comm.benchmark.plan import cuda_available
 from sagellm_comm.benchmark.provenance import provenance, write_record
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.benchmark.timing import summarize, time_graph
+from sagellm_comm.fused import FP8_QUANT_MODES as MODES
+from sagellm_comm.selector import FOLLOW_ALL_REDUCE, UNFUSED_PATH
+from sagellm_comm.selector import KERNEL_ALGOS as ALGOS
 
-MODES = ("fp8", "fp8_per_token", "fp8_group128")
-ALGOS = ("one_shot", "two_shot", "lamport")
 EPS = 1e-6
 STATIC_SCALE = 0.05
 AR_TARGET_BYTES = 64 << 10
@@ -236,7 +237,7 @@ def derive_rules(rows: list[dict]) -> dict:
                     kernels = {r[f"path_{mode}"].split()[0]: r[f"fused_{mode}_us"]}
                 best = min(kernels, key=kernels.get)
                 if kernels[best] >= r[f"unfused_{mode}_us"]:
-                    path, why = "unfused", f"unfused {r[f'unfused_{mode}_us']} us <= fused {kernels[best]} us"
+                    path, why = UNFUSED_PATH, f"unfused {r[f'unfused_{mode}_us']} us <= fused {kernels[best]} us"
                 else:
                     path, why = best, f"{best} {kernels[best]} us vs unfused {r[f'unfused_{mode}_us']} us"
                 decisions.append((r["tokens"], path, why))
@@ -250,7 +251,7 @@ def derive_rules(rows: list[dict]) -> dict:
                     "reason": f"measured at {tokens} tokens: {why}",
                 })  # fmt: skip
                 low = tokens + 1
-    rules.append({"id": "default", "path": "all_reduce_policy", "reason": "outside the measured shapes"})
+    rules.append({"id": "default", "path": FOLLOW_ALL_REDUCE, "reason": "outside the measured shapes"})
     return {"rules": rules}
 
 
