@@ -6,7 +6,9 @@ every post-grad graph (aten ops, functionalised, after its own pattern passes) a
 
 1. finds the graph's SUM all-reduces (``torch.ops.sagellm_comm.all_reduce``) and, for each (group name, fp32 or
    16-bit dtype, device type) not seen before, registers the patterns of :mod:`.patterns` for it (traced once
-   per process, on fake tensors, with ``eps`` a free scalar);
+   per process, on fake tensors, with ``eps`` a free scalar); an add of an all-reduce result and another
+   tensor gets the other tensor first (``residual + all_reduced``, the patterns' order: exact, addition
+   commutes);
 2. runs Inductor's pattern matcher (``torch._inductor.pattern_matcher.PatternMatcherPass``): each match is
    re-traced at its real shapes and dtypes, checked (:func:`_fusable`), and replaced by
    ``torch.ops.sagellm_comm.all_reduce_residual_rmsnorm`` with the group name, ``eps`` and the quantisation mode
@@ -127,6 +129,16 @@ def _group_name(node: torch.fx.Node) -> str:
 def _sum_all_reduces(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     nodes = graph.find_nodes(op="call_function", target=_ALL_REDUCE)
     return [n for n in nodes if _reduce_op(n) == ReduceOp.SUM.value]
+
+
+def _residual_first(sites: list[torch.fx.Node]) -> None:
+    """``add(all_reduced, other)`` -> ``add(other, all_reduced)`` (no ``alpha``: that add does not commute)."""
+    for node in sites:
+        for user in list(node.users):
+            if user.target is torch.ops.aten.add.Tensor and not user.kwargs and len(user.args) == 2:
+                first, second = user.args
+                if first is node and second is not node:
+                    user.args = (second, first)
 
 
 def _value(arg):
@@ -282,6 +294,7 @@ class AllReduceFusionPass(CustomGraphPass):
                 if isinstance(value, torch.Tensor) and value.dtype in _PATTERN_DTYPE:
                     _REGISTRY.ensure(_group_name(node), _PATTERN_DTYPE[value.dtype], value.device.type)
             if sites:
+                _residual_first(sites)
                 replaced = _REGISTRY.apply(graph)
         if replaced:
             pm.stable_topological_sort(graph)

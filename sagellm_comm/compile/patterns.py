@@ -6,7 +6,8 @@ call) and its residual add; then an RMSNorm, optionally followed by an FP8 quant
 * **RMSNorm** (``NORMS``): ``rmsnorm``, the decomposed math of ``transformers``' ``LlamaRMSNorm`` (and the many
   models that copy it: ``v = h.to(float32)``, ``v * rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)``, cast back,
   times the weight on either side); ``rms_norm``, :func:`torch.nn.functional.rms_norm` (and ``nn.RMSNorm``).
-* **residual add**: ``residual + all_reduced`` or ``all_reduced + residual``, same shape and dtype.
+* **residual add**: ``residual + all_reduced``, same shape and dtype (the pass first rewrites
+  ``all_reduced + residual`` into this order: addition commutes bit for bit).
 * **quantisation** (``QUANTS``): none; ``fp8_static``, the decomposed static per-tensor form
   ``(y.to(float32) / scale).clamp(-448, 448).to(float8_e4m3fn)`` (``y / scale`` with a float32 ``scale`` is the
   same division); ``quantize_fp8(<mode>)``, the custom op ``torch.ops.sagellm_comm.quantize_fp8`` in any mode
@@ -60,17 +61,6 @@ NORMS: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
 }
 
 
-def _residual_first(residual: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
-    return residual + reduced
-
-
-def _residual_last(residual: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
-    return reduced + residual
-
-
-RESIDUAL_ADDS = (_residual_first, _residual_last)
-
-
 @dataclass(frozen=True)
 class FusionPattern:
     """One registered rewrite: ``search`` is replaced by ``replace`` (see the module docstring).
@@ -121,21 +111,17 @@ def build_patterns(group_name: str, fp8_max: float | None, fp8_modes: tuple[str,
     for suffix, mode, takes_scale, quantise, returns_scales in forms:
         for norm_name, norms in NORMS.items():
             for norm in norms:
-                for residual_add in RESIDUAL_ADDS:
-                    patterns.append(
-                        _quantised(group_name, norm_name + suffix, mode, takes_scale, norm, residual_add, quantise,
-                                   returns_scales)
-                    )  # fmt: skip
+                name = norm_name + suffix
+                patterns.append(_quantised(group_name, name, mode, takes_scale, norm, quantise, returns_scales))
     for norm_name, norms in NORMS.items():
         for norm in norms:
-            for residual_add in RESIDUAL_ADDS:
-                patterns.append(_plain(group_name, norm_name, norm, residual_add))
+            patterns.append(_plain(group_name, norm_name, norm))
     return patterns
 
 
-def _plain(group_name: str, name: str, norm, residual_add) -> FusionPattern:
+def _plain(group_name: str, name: str, norm) -> FusionPattern:
     def search(x, residual, weight, eps):
-        new_residual = residual_add(residual, torch.ops.sagellm_comm.all_reduce(x, group_name))
+        new_residual = residual + torch.ops.sagellm_comm.all_reduce(x, group_name)
         return new_residual, norm(new_residual, weight, eps)
 
     def replace(x, residual, weight, eps):
@@ -147,9 +133,9 @@ def _plain(group_name: str, name: str, norm, residual_add) -> FusionPattern:
     return FusionPattern(name, QUANT_NONE, False, search, replace)
 
 
-def _quantised(group_name, name, mode, takes_scale, norm, residual_add, quantise, returns_scales) -> FusionPattern:
+def _quantised(group_name, name, mode, takes_scale, norm, quantise, returns_scales) -> FusionPattern:
     def chain(x, residual, weight, scale, eps):
-        new_residual = residual_add(residual, torch.ops.sagellm_comm.all_reduce(x, group_name))
+        new_residual = residual + torch.ops.sagellm_comm.all_reduce(x, group_name)
         return (new_residual, *quantise(norm(new_residual, weight, eps), scale))
 
     def fused(x, residual, weight, scale, eps):
