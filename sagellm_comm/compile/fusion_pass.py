@@ -16,7 +16,9 @@ every post-grad graph (aten ops, functionalised, after its own pattern passes) a
 3. restores a topological order (the fused node is inserted at the residual add, and may use a weight or
    scale defined later in the graph) and records what it replaced (:func:`stats`).
 
-A chain is left alone when an intermediate value of it has a use outside the chain (the all-reduce result, the
+A chain is left alone when one of its ops has a keyword argument the pattern does not have (``alpha`` of an
+add, ``dtype`` of a mean: Inductor's matcher does not look at them), when an intermediate value of it has a use
+outside the chain (the all-reduce result, the
 fp32 upcast, the un-quantised RMSNorm output of a quantised chain: the fused op does not return them), when its
 tensors differ in dtype, shape or device (a broadcast residual, an fp32 weight on bf16 activations), when the
 hidden size is over the fused kernels' limit (``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
@@ -167,6 +169,11 @@ def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     hidden = x.shape[-1]
     if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and hidden <= MAX_HIDDEN):
         return False
+    for expr, node in match.ctx.pattern_to_node.items():
+        # Inductor's matcher ignores keyword arguments a pattern does not name: ``add(r, a, alpha=2)`` would
+        # match ``r + a``, ``mean(v, -1, dtype=float64)`` would match ``mean(v, -1)``.
+        if isinstance(node, torch.fx.Node) and set(node.kwargs) - set(getattr(expr, "kwargs", None) or {}):
+            return False
     eps = match.kwargs.get("eps")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return False  # eps is a graph input (dynamic=True unspecialises floats): the op takes a number
