@@ -18,7 +18,6 @@ are skipped, with that reason, where it does not.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import operator
@@ -32,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import sagellm_comm.compile as fusion
 from sagellm_comm.compile import fusion_pass
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
-from tests.conftest import run_ranks
+from tests.conftest import no_compile_caches, run_ranks
 
 FUSED_OP = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm.default
 ALL_REDUCE = torch.ops.sagellm_comm.all_reduce.default
@@ -106,15 +105,24 @@ def decoder_stack(h, w_attn, w_mlp, norm_w, layers=2):
     return h
 
 
+def fp8_decoder_stack(h, w_attn, w_mlp, norm_w, scale, layers=2):
+    """:func:`decoder_stack` with FP8 linear layers: the attention input quantised with a static scale (the
+    decomposed form), the MLP input per token (``quantize_fp8``), each dequantised before its matmul."""
+    residual = h
+    h = llama_rmsnorm(h, norm_w)
+    for _ in range(layers):
+        h = all_reduce((static_fp8(h, scale).float() * scale).to(h.dtype) @ w_attn)
+        h = residual + h
+        residual = h
+        q, scales = torch.ops.sagellm_comm.quantize_fp8(llama_rmsnorm(h, norm_w), "fp8_per_token")
+        h = all_reduce(torch.tanh((q.float() * scales).to(h.dtype) @ w_mlp))
+        h = residual + h
+        residual = h
+        h = llama_rmsnorm(h, norm_w)
+    return h
+
+
 # ============================================================================ graph helpers
-
-
-@contextlib.contextmanager
-def no_compile_caches():
-    """Inductor's FX-graph and AOTAutograd caches off: every graph is compiled, so the pass runs (a cached graph
-    was rewritten when first compiled and is only counted as a cache hit)."""
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
 
 
 def _trace(fn, *specs):
@@ -562,6 +570,13 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
             compiled = torch.compile(_small_model, options={"post_grad_custom_post_pass": fusion.passes()})
             got = compiled(*inputs)
         results["inductor"] = ("ok", (_portable(_small_model(*inputs)), _portable(got), fusion.stats()))
+        if FP8_MAX is not None:  # an FP8 model through sagellm_comm.compile.compile
+            inputs = _decoder_inputs(rank, torch.bfloat16) + [torch.tensor([0.02])]
+            fusion.reset_stats()
+            with no_compile_caches():
+                got = fusion.compile(fp8_decoder_stack, fullgraph=True)(*inputs)
+            expected = [fp8_decoder_stack(*inputs), decoder_stack(*inputs[:4])]  # FP8 unfused; unquantised
+            results["inductor fp8"] = ("ok", (_portable(expected), _portable(got), fusion.stats()))
     finally:
         sagellm_comm.destroy()
     return results
@@ -658,3 +673,27 @@ def test_fp8_rewrites_match_the_unfused_quantisation(gloo_outcomes, form) -> Non
         for got, expected in zip(scales, scales_ref, strict=True):  # dynamic scales: amax / 448 of y
             assert torch.allclose(got, expected, rtol=2**-7)
     assert all(torch.equal(a, b) for a, b in zip(per_rank[0][1], per_rank[1][1], strict=True))
+
+
+@needs_fp8
+def test_an_fp8_model_compiled_with_the_pass(gloo_outcomes) -> None:
+    """Per layer: the post-attention norm's per-token quantisation and the next input norm's static one are
+    fused; the final norm is fused unquantised; the first input norm has no all-reduce before it."""
+    for rank, (expected, got, done) in enumerate(_case(gloo_outcomes, "inductor fp8")):
+        assert done.replaced == {
+            "rmsnorm+quantize_fp8(fp8_per_token)": 2,
+            "rmsnorm+fp8_static": 1,
+            "rmsnorm": 1,
+        }, f"rank {rank}: {done}"
+        assert done.all_reduces_left == 0
+        (fused,), (unfused, unquantised) = got, expected
+        # The fused op rounds the RMSNorm output once (fp32 math), the model's code twice: some elements land on
+        # the other side of an FP8 rounding boundary.  The fused model must be as close to the unquantised one
+        # as the unfused FP8 model is, and differ from it by no more than FP8's own error.
+        fp8_error = _relative_l2(unfused, unquantised)
+        assert _relative_l2(fused, unquantised) <= 1.25 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
+        assert _relative_l2(fused, unfused) <= 1.5 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
+
+
+def _relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
