@@ -24,13 +24,15 @@ the dtype (:data:`TOLERANCES`; docs/layers.md says why these values).
 
 Run::
 
-    python examples/llama_tp.py --spawn 2                       # 2 local processes on Gloo (CPU)
+    python examples/llama_tp.py --spawn 2                       # 2 local processes on Gloo (CPU); 1, 2 or 4
     torchrun --nproc-per-node 4 examples/llama_tp.py            # torchrun's rendezvous, TP 4
     torchrun --nproc-per-node 4 examples/llama_tp.py --tp 2     # TP 2 x 2 replicas (world.split(2))
     torchrun --nproc-per-node 2 examples/llama_tp.py --backend custom --dtype bfloat16 --mode cuda-graph
     python examples/llama_tp.py --spawn 2 --dtype bfloat16 --mode fused   # the automatic fusion on Gloo
 
-Needs ``transformers`` (``pip install -e ".[examples]"``).
+Needs ``transformers`` (``pip install -e ".[examples]"``).  A request that cannot run (a ``--spawn`` or
+``--tp`` that does not divide the model's heads, neither ``--spawn`` nor torchrun's environment, a backend
+this machine cannot run) is refused in one line with exit status 2 before any process starts.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import math
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -48,7 +50,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import sagellm_comm
 from sagellm_comm import ops
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser
+from sagellm_comm.errors import CommError, InvalidArgumentError
 from sagellm_comm.group import resolve_group
 from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -336,22 +339,25 @@ def _run(rank: int | None, world_size: int | None, port: int | None, args: argpa
         sagellm_comm.destroy()
 
 
-def _spawned(index: int, world_size: int, port: int, args: argparse.Namespace) -> None:
-    os.environ["LOCAL_RANK"] = str(index)
+def _spawned(index: int, world_size: int, port: int, args: argparse.Namespace) -> bool:
     torch.set_num_threads(1)
-    if not _run(index, world_size, port, args):
-        sys.exit(1)
+    ok = _run(index, world_size, port, args)
+    if index != 0 and not ok:
+        sys.exit(1)  # rank 0's verdict is the result; another rank's mismatch ends the run as a failure
+    return ok
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def tp_sizes(config: LlamaConfig | None = None) -> list[int]:
+    """The tensor-parallel sizes the model allows: those dividing its query heads, key/value heads and MLP."""
+    config = config or small_llama_config()
+    common = math.gcd(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+    return [size for size in range(1, common + 1) if common % size == 0]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="A small transformers Llama with sagellm_comm's TP layers, checked against the unsharded model."
+    parser = OneLineParser(
+        prog="llama_tp.py",
+        description="A small transformers Llama with sagellm_comm's TP layers, checked against the unsharded model.",
     )
     parser.add_argument("--spawn", type=int, metavar="N", help="start N local processes (else: torchrun's env)")
     parser.add_argument("--backend", default="gloo", help="gloo (default), custom, nccl or auto")
@@ -366,20 +372,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.spawn is None:
-        return 0 if _run(None, None, None, args) else 1
-    import torch.multiprocessing as mp
+def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, in one line (exit 2), what cannot run, before any process starts."""
+    allowed = tp_sizes()
+    names = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+    config = small_llama_config()
+    model = (
+        f"the model's {config.num_attention_heads} heads, {config.num_key_value_heads} key/value heads and "
+        f"MLP width {config.intermediate_size}"
+    )
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.spawn is None and not under_torchrun:
+        parser.error(f"give --spawn N to start N local processes ({names}), or start it under torchrun")
+    if args.spawn is not None and under_torchrun:
+        parser.error("--spawn starts its own processes; under torchrun leave it out")
+    if args.spawn is not None and args.spawn < 1:
+        parser.error(f"--spawn must be >= 1 (got {args.spawn}): {names} processes, or a multiple of --tp")
+    world_size = args.spawn if args.spawn is not None else int(os.environ["WORLD_SIZE"])
+    tp = args.tp if args.tp is not None else world_size
+    if args.tp is not None and tp not in allowed:
+        parser.error(f"--tp {tp} does not divide {model}: use --tp {names}")
+    if tp not in allowed:
+        where = f"--spawn {world_size}" if args.spawn is not None else f"WORLD_SIZE={world_size}"
+        parser.error(
+            f"{where}: without --tp the TP size is the world size, and {tp} does not divide {model}: "
+            f"use {names} processes, or --tp T with a multiple of T processes"
+        )
+    if world_size % tp:
+        parser.error(f"--tp {tp} does not divide the world size {world_size}: give a multiple of {tp} processes")
+    from sagellm_comm.benchmark.plan import available_kind
 
     try:
-        mp.start_processes(
-            _spawned, args=(args.spawn, _free_port(), args), nprocs=args.spawn, join=True, start_method="spawn"
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        print(f"a rank failed: {exc}", file=sys.stderr)
+        available_kind(args.backend)
+    except InvalidArgumentError as exc:
+        parser.error(exc.message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_request(parser, args)
+    try:
+        if args.spawn is None:
+            return 0 if _run(None, None, None, args) else 1
+        from sagellm_comm.benchmark.spawn import spawn_ranks
+
+        return 0 if spawn_ranks(_spawned, (args,), args.spawn, what="Llama TP example") else 1
+    except CommError as exc:  # a rank failed (CollectiveFailedError), a rendezvous timed out, ...
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,69 +1,109 @@
-"""The ``sagellm-comm`` console script.
+"""The ``sagellm-comm`` console script: one registration per subcommand.
 
-Subcommands:
-
-* ``sagellm-comm bench [options]``: the collective microbenchmark (same options as
-  ``python -m sagellm_comm.benchmark.run_bench``; see docs/benchmark.md).
+* ``sagellm-comm bench [options]``: the collective microbenchmark (docs/benchmark.md).
+* ``sagellm-comm overlap [options]``: a GEMM loop against an all-reduce, alone and overlapped (docs/layers.md).
 * ``sagellm-comm topo``: the GPU interconnect matrix of this host (``Topology.discover()``).
+* ``sagellm-comm --version``: the installed package's version.
+
+A subcommand is a :class:`Subcommand` in :data:`SUBCOMMANDS`: its name, a help line, a description, a
+function that adds its options to its parser, and one that runs it from the parsed options and returns the
+exit status.  Usage errors are one line on stderr and exit 2 (:class:`~sagellm_comm.cli_support.OneLineParser`,
+:func:`~sagellm_comm.cli_support.run_reporting`), as are refusals found before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from sagellm_comm.benchmark.run_bench import DESCRIPTION as BENCH_DESCRIPTION
-from sagellm_comm.benchmark.run_bench import (
-    INTERRUPTED_EXIT,
-    OneLineParser,
-    add_bench_arguments,
-    one_line,
-    run_from_args,
-)
+from sagellm_comm.benchmark import run_bench, run_overlap_bench
+from sagellm_comm.benchmark.provenance import package_version
+from sagellm_comm.cli_support import INTERRUPTED_EXIT, OneLineParser, one_line
 from sagellm_comm.errors import CommError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``sagellm-comm``; its usage errors (and its subcommands') are one line, exit 2."""
-    parser = OneLineParser(prog="sagellm-comm", description="sagellm-comm command-line tools")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench = sub.add_parser(
-        "bench", help="time collectives (nccl-tests-style table, JSON/CSV, plot)", description=BENCH_DESCRIPTION
-    )
-    add_bench_arguments(bench)
-    bench.set_defaults(subparser=bench)  # usage errors then name "sagellm-comm bench"
-    sub.add_parser(
-        "topo",
-        help="print the GPU interconnect matrix and where it came from",
-        description="Print Topology.discover().format_matrix() for this host.",
-    )
-    return parser
+PROG = "sagellm-comm"
 
 
-def _topo() -> int:
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``sagellm-comm`` subcommand.
+
+    ``add_arguments(parser)`` adds its options; ``run(parser, args, argv)`` runs it and returns the exit
+    status (``parser`` is the subcommand's, for one-line errors; ``argv`` the full command line, for the
+    records' provenance).
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], object]
+    run: Callable[[argparse.ArgumentParser, argparse.Namespace, list[str]], int]
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _topo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     from sagellm_comm.topology import Topology
 
     try:
         text = Topology.discover().format_matrix()
     except CommError as exc:  # e.g. a malformed SAGELLM_COMM_TOPOLOGY
-        print(f"sagellm-comm topo: error: {one_line(exc.message)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc.message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sagellm-comm topo: interrupted", file=sys.stderr)
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     print(text)
     return 0
 
 
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "bench",
+        "time collectives (nccl-tests-style table, JSON/CSV, plot)",
+        run_bench.DESCRIPTION,
+        run_bench.add_bench_arguments,
+        run_bench.run_from_args,
+    ),
+    Subcommand(
+        "overlap",
+        "time a GEMM loop against an all-reduce, alone and overlapped (table, JSON/CSV, plot)",
+        run_overlap_bench.DESCRIPTION,
+        run_overlap_bench.add_overlap_arguments,
+        run_overlap_bench.run_from_args,
+    ),
+    Subcommand(
+        "topo",
+        "print the GPU interconnect matrix and where it came from",
+        "Print Topology.discover().format_matrix() for this host.",
+        _no_arguments,
+        _topo,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``sagellm-comm``; its usage errors (and its subcommands') are one line, exit 2."""
+    parser = OneLineParser(prog=PROG, description="sagellm-comm command-line tools")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
+    for command in SUBCOMMANDS:
+        subparser = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(subparser)
+        subparser.set_defaults(subcommand=command, subparser=subparser)  # errors then name "sagellm-comm NAME"
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; exit status 0 ok, 1 failed run, 2 usage/environment error, 130 interrupted."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "topo":
-        return _topo()
-    program = "python -m sagellm_comm.cli" if sys.argv[0].endswith("cli.py") else "sagellm-comm"
+    args = build_parser().parse_args(argv)
+    program = "python -m sagellm_comm.cli" if sys.argv[0].endswith("cli.py") else PROG
     full = [program, *(sys.argv[1:] if argv is None else argv)]
-    return run_from_args(args.subparser, args, full)
+    return args.subcommand.run(args.subparser, args, full)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,22 @@ runs ``fn(rank, world_size, port, *args, **kwargs)`` in ``world_size`` fresh pro
 start method) and returns their results in rank order.
 
 * ``fn`` must be a module-level function of a test module (it is pickled by name) and its result
-  must be picklable.  ``port`` is a free TCP port on 127.0.0.1 for the rendezvous.
-* With ``torchrun_env=True`` each child gets torchrun's variables (``RANK``, ``WORLD_SIZE``,
-  ``LOCAL_RANK``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT=port``); ``env`` adds or overrides
-  variables (a value of None removes one).  The parent's environment is not changed.
+  must be picklable.
+* The rendezvous: this process hosts a ``TCPStore`` on a port the operating system picks (port 0) for
+  the whole call, and ``port`` is where it listens.  Every child gets ``MASTER_ADDR=127.0.0.1``,
+  ``MASTER_PORT=port`` and ``TORCHELASTIC_USE_AGENT_STORE=True``, so every rank (rank 0 included)
+  joins that store as a client, as under torchrun's agent: ``sagellm_comm.init(..., master_port=port)``,
+  ``backend.init()`` and ``dist.init_process_group(init_method=f"tcp://127.0.0.1:{port}")`` all work,
+  and no port is ever picked, released and raced for.
+* With ``torchrun_env=True`` each child also gets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``env``
+  adds or overrides variables (a value of None removes one).  The parent's environment is not changed.
 * If any rank raises, the test fails with every failing rank's traceback.  If the ranks have not
-  all finished after ``timeout`` seconds, the survivors are killed and the test fails naming the
-  hung ranks, so a hang costs ``timeout`` seconds, never the whole CI job.
+  all finished after ``timeout`` seconds, the test fails naming the hung ranks, so a hang costs
+  ``timeout`` seconds, never the whole CI job.  ``timeout`` must stay below pytest's own timeout
+  (``timeout`` in pyproject) by :data:`CLEANUP_S`, so the helper, not pytest, reports a hang.
+* The ranks never outlive the call: whatever ends it (a result, a failure, pytest's timeout, Ctrl-C)
+  kills the survivors, and a child dies with this process if it is killed outright
+  (``die_with_parent``).
 * Children run with ``OMP_NUM_THREADS=1`` so several ranks share few cores politely.
 
 ``requires_cuda`` is a skip marker for tests that need a CUDA GPU; tests marked ``gpu`` are skipped
@@ -27,7 +36,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -36,8 +45,24 @@ from typing import Any
 import pytest
 import torch
 
+from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
+from sagellm_comm.benchmark.spawn import die_with_parent
+
+#: seconds between a run_ranks timeout and pytest's own: killing and reaping the ranks, reporting
+CLEANUP_S = 30.0
+_pytest_timeout_s: float | None = None  # set in the copy pytest loads (see _session_timeout)
+
 HAS_CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _pytest_timeout_s
+    try:  # pytest-timeout's --timeout, else its ini value (pyproject)
+        value = config.getoption("timeout", None) or config.getini("timeout")
+    except ValueError:  # pytest-timeout is not installed
+        value = None
+    _pytest_timeout_s = float(value) if value else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,14 +84,15 @@ def no_compile_caches():
         yield
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _session_timeout() -> float | None:
+    """pytest's per-test timeout in seconds, or None.  Tests import this file as ``conftest`` and as
+    ``tests.conftest`` (two module objects); only the one pytest loaded, ``conftest``, saw the config."""
+    loaded = sys.modules.get("conftest")
+    return getattr(loaded, "_pytest_timeout_s", None)
 
 
-def _child(fn, rank, world_size, port, env, results, args, kwargs) -> None:
+def _child(fn, rank, world_size, port, env, results, args, kwargs, parent_pid) -> None:
+    die_with_parent(parent_pid)
     for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -99,50 +125,42 @@ def run_ranks(
 
     ``expect_dead``: ranks that are meant to die without reporting (fault injection, e.g. SIGKILL); their
     result is None, and the test fails if one of them reports instead."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        child_env: dict[str, str | None] = {"OMP_NUM_THREADS": "1"}
-        if torchrun_env:
-            child_env.update(
-                RANK=str(rank),
-                WORLD_SIZE=str(world_size),
-                LOCAL_RANK=str(rank),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            )
-        child_env.update(env or {})
-        proc = ctx.Process(
-            target=_child, args=(fn, rank, world_size, port, child_env, results, args, kwargs), daemon=True
+    limit = _session_timeout()
+    if limit is not None and timeout + CLEANUP_S > limit:
+        pytest.fail(
+            f"run_ranks(timeout={timeout:g}) leaves less than {CLEANUP_S:g}s before pytest's timeout of "
+            f"{limit:g}s: give at most {limit - CLEANUP_S:g}s",
+            pytrace=False,
         )
-        proc.start()
-        procs.append(proc)
-
+    ctx = mp.get_context("spawn")
+    store = host_store("127.0.0.1", timeout=timeout)  # the ranks' rendezvous, until they are all gone
+    port = store.port
+    results = ctx.Queue()
+    procs: list[Any] = []
     outcomes: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout
-    dead_since: dict[int, float] = {}
-    while len(outcomes) < world_size and time.monotonic() < deadline:
-        try:
-            rank, ok, value = results.get(timeout=0.05)
-            outcomes[rank] = (ok, value)
-            continue
-        except queue.Empty:
-            pass
-        for rank, proc in enumerate(procs):  # a child that died without reporting (segfault, kill)
-            if rank not in outcomes and proc.exitcode is not None:
-                first = dead_since.setdefault(rank, time.monotonic())
-                if rank in expect_dead:
-                    outcomes[rank] = (True, None)
-                elif time.monotonic() - first > 2.0:
-                    outcomes[rank] = (False, f"rank {rank} died with exit code {proc.exitcode} and no report")
+    try:
+        for rank in range(world_size):
+            child_env: dict[str, str | None] = {"OMP_NUM_THREADS": "1", **client_env("127.0.0.1", port)}
+            if torchrun_env:
+                child_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+            child_env.update(env or {})
+            proc = ctx.Process(
+                target=_child,
+                args=(fn, rank, world_size, port, child_env, results, args, kwargs, os.getpid()),
+                daemon=True,
+            )
+            proc.start()
+            procs.append(proc)
+        _collect(procs, results, outcomes, timeout, expect_dead)
+    finally:  # on every exit, pytest's timeout and Ctrl-C included: no rank outlives the call
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(timeout=5)
+        results.close()
+        del store
     hung = [rank for rank in range(world_size) if rank not in outcomes]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(timeout=5)
-    results.close()
 
     failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
     failures += [
@@ -158,6 +176,26 @@ def run_ranks(
     if failures:
         pytest.fail(f"{fn.__name__} failed on {world_size} ranks:\n" + "\n".join(failures), pytrace=False)
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def _collect(procs, results, outcomes: dict, timeout: float, expect_dead) -> None:
+    """Fill ``outcomes`` (rank -> (ok, value)) until every rank has reported or died, or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    dead_since: dict[int, float] = {}
+    while len(outcomes) < len(procs) and time.monotonic() < deadline:
+        try:
+            rank, ok, value = results.get(timeout=0.05)
+            outcomes[rank] = (ok, value)
+            continue
+        except queue.Empty:
+            pass
+        for rank, proc in enumerate(procs):  # a child that died without reporting (segfault, kill)
+            if rank not in outcomes and proc.exitcode is not None:
+                first = dead_since.setdefault(rank, time.monotonic())
+                if rank in expect_dead:
+                    outcomes[rank] = (True, None)
+                elif time.monotonic() - first > 2.0:
+                    outcomes[rank] = (False, f"rank {rank} died with exit code {proc.exitcode} and no report")
 
 
 def rank_order_sum(inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import HAS_CUDA, run_ranks
@@ -250,25 +252,21 @@ def test_rccl_adapter_runs_on_registered_standin_and_auto_prefers_it() -> None:
 # ---------------------------------------------------------------------- ownership and environment
 
 
-def _ownership(rank: int, world_size: int, port: int, ports: list[int]) -> None:
+def _ownership(rank: int, world_size: int, port: int) -> None:
     import os
 
     import torch.distributed as dist
 
-    # 1. torchrun env only (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the helper)
+    # 1. torchrun env only (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the helper), left untouched
+    before = dict(os.environ)
     with CommBackend.create("gloo").init() as backend:
         assert (backend.rank, backend.world_size) == (rank, world_size)
         assert torch.equal(backend.all_reduce(torch.ones(2)), torch.full((2,), 2.0))
     assert not dist.is_initialized()
+    assert dict(os.environ) == before
 
-    # 2. explicit address beats a different MASTER_PORT in the env, which is left untouched
-    os.environ["MASTER_PORT"] = str(ports[0])
-    backend = CommBackend.create("gloo").init(master_addr="127.0.0.1", master_port=ports[1])
-    assert os.environ["MASTER_PORT"] == str(ports[0]) and os.environ["MASTER_ADDR"] == "127.0.0.1"
-    backend.destroy()
-
-    # 3. a default group the caller made is adopted, and survives destroy()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[2]}", rank=rank, world_size=world_size)
+    # 2. a default group the caller made is adopted, and survives destroy()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     backend = CommBackend.create("gloo").init()
     sub = backend.new_group([0, 1])
     backend.all_reduce(torch.ones(1), group=sub)
@@ -283,9 +281,23 @@ def _ownership(rank: int, world_size: int, port: int, ports: list[int]) -> None:
 
 
 def test_env_init_no_env_writes_and_caller_owned_world_survives_destroy() -> None:
-    from conftest import free_port
+    run_ranks(_ownership, 2, timeout=90)
 
-    run_ranks(_ownership, 2, [free_port() for _ in range(3)], timeout=90)
+
+def test_explicit_address_beats_the_environment(monkeypatch) -> None:
+    from sagellm_comm.backends.torch_distributed.rendezvous import store_address
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    assert store_address(2, "127.0.0.1", 29500) == ("127.0.0.1", 29500)
+    assert store_address(2, None, 29500) == ("10.0.0.1", 29500)
+    assert store_address(2, None, None) == ("10.0.0.1", 29400)
+    monkeypatch.delenv("MASTER_ADDR")
+    assert store_address(2, None, None) == ("127.0.0.1", 29400)
+    monkeypatch.delenv("MASTER_PORT")
+    assert store_address(1, None, None) is None  # a world of one needs no address
+    with pytest.raises(InvalidArgumentError, match="MASTER_PORT"):
+        store_address(2, None, None)
 
 
 def _under_torchrun_agent_store(rank: int, world_size: int, port: int) -> list[float]:
@@ -297,24 +309,34 @@ def _under_torchrun_agent_store(rank: int, world_size: int, port: int) -> list[f
 def test_torchrun_agent_store_init_prints_no_bind_error(capfd) -> None:
     """Under torchrun the agent already hosts the store at MASTER_PORT: every rank joins it as a client.
 
-    Before, rank 0 tried to host a store on the agent's port and torch logged an error-level
-    "TCPStore ... failed to bind" line (then ignored it because TORCHELASTIC_USE_AGENT_STORE was set).
+    Were rank 0 to try to host a store on the agent's port, torch would log an error-level
+    "TCPStore ... failed to bind" line (then ignore it because TORCHELASTIC_USE_AGENT_STORE is set).
     """
-    import datetime
+    from sagellm_comm.backends.torch_distributed.rendezvous import host_store
 
-    import torch.distributed as dist
-    from conftest import free_port
-
-    agent_port = free_port()
-    agent = dist.TCPStore(  # what torchrun's agent runs before it starts the workers
-        "127.0.0.1", agent_port, None, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
-    )
-    env = {"MASTER_PORT": str(agent_port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    agent = host_store("127.0.0.1", timeout=30)  # what torchrun's agent runs before it starts the workers
+    env = {"MASTER_PORT": str(agent.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     assert run_ranks(_under_torchrun_agent_store, 2, env=env, timeout=90) == [[3.0, 3.0, 3.0]] * 2
     err = capfd.readouterr().err
     assert "failed to bind" not in err, err[-2000:]
     assert agent.num_keys() > 0  # the ranks did meet on the agent's store
     del agent
+
+
+def _worlds_one_after_another(rank: int, world_size: int, port: int) -> list[float]:
+    """Three worlds in a row on the launcher's store; rank 1 comes late to each new one, so rank 0 would read
+    the address rank 1 left there for the previous world if the worlds shared their keys."""
+    sums = []
+    for world in range(3):
+        if rank == 1 and world:
+            time.sleep(1.0)
+        with CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=60) as b:
+            sums.append(b.all_reduce(torch.full((2,), float(world + rank))).tolist()[0])
+    return sums
+
+
+def test_successive_worlds_on_a_launcher_store_do_not_read_each_others_keys() -> None:
+    assert run_ranks(_worlds_one_after_another, 2, timeout=240) == [[1.0, 3.0, 5.0]] * 2
 
 
 # ---------------------------------------------------------------------- registry: a backend in one file

@@ -184,6 +184,12 @@ def test_plain_bench_without_gpu_defaults_to_gloo_two_processes(tmp_path):
 BAD_OPTIONS = [
     (["--op", "all_to_all"], "invalid choice"),
     (["--sizes", "1Q"], "bad message size '1Q'"),
+    (["--sizes", "-1K"], "bad message size '-1K': sizes are positive"),
+    (["--message-sizes", "-1K"], "bad message size '-1K': sizes are positive"),
+    (["--message-sizes", "3", "6"], "message size 3 B is not a whole number of float32 elements (4 bytes each)"),
+    (["--sizes", "6:12", "--dtype", "fp64"], "message size 6 B is not a whole number of float64 elements"),
+    (["--message-sizes", "1K", "1025", "--dtype", "bf16"], "1025 B is not a whole number of bfloat16"),
+    (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--sizes", "1M:1K"], "lower bound"),
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),
     (["--world-size", "0"], "--world-size must be >= 1"),
@@ -216,16 +222,121 @@ def _one_line_refusal(err: str, prog: str = "sagellm-comm bench") -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
-def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp_path):
+def _no_process_may_start(monkeypatch) -> None:
+    import torch.multiprocessing as mp
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(mp, "start_processes", no_spawn)
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp_path):
+    _no_process_may_start(monkeypatch)
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench", "--output-dir", str(tmp_path), *options])
     assert excinfo.value.code == 2
     captured = capsys.readouterr()
     assert message in _one_line_refusal(captured.err) and captured.out == ""
-    assert not list(tmp_path.iterdir())  # nothing ran
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+OVERLAP_BAD_OPTIONS = [
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--dtype", "int32"], "the GEMM needs a floating-point dtype"),
+    (["--message-sizes", "12Q"], "bad message size '12Q'"),
+    (["--sizes", "-1K"], "bad message size '-1K': sizes are positive"),
+    (["--message-sizes", "3", "6"], "message size 3 B is not a whole number of float32 elements (4 bytes each)"),
+    (["--compute-ms", "-1"], "--compute-ms must be > 0"),
+    (["--gemm-size", "0"], "--gemm-size must be >= 1"),
+    (["--world-size", "0"], "--world-size must be >= 1"),
+    (["--virtual-ranks", "9"], "--virtual-ranks must be in 2..8"),
+    (["--backend", "nosuch"], "unknown backend 'nosuch'"),
+    (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
+    (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
+]
+if not HAS_CUDA:
+    OVERLAP_BAD_OPTIONS += [
+        (["--backend", "nccl"], "--backend nccl: nccl needs a CUDA build of torch"),
+        (["--backend", "custom"], "--backend custom: "),
+        (["--virtual-ranks", "2"], "--virtual-ranks needs a CUDA GPU"),
+    ]
+
+
+@pytest.mark.parametrize(("options", "message"), OVERLAP_BAD_OPTIONS, ids=[" ".join(o) for o, _ in OVERLAP_BAD_OPTIONS])
+def test_overlap_refusals_are_one_line_before_any_process_starts(options, message, capsys, monkeypatch, tmp_path):
+    _no_process_may_start(monkeypatch)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["overlap", "--output-dir", str(tmp_path), *options])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert message in _one_line_refusal(captured.err, prog="sagellm-comm overlap") and captured.out == ""
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
+def test_overlap_nccl_without_gpu_from_the_real_process():
+    proc = _run(["overlap", "--backend", "nccl"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    line = _one_line_refusal(proc.stderr, prog="sagellm-comm overlap")
+    assert "nccl needs a CUDA build of torch" in line and "use --backend gloo" in line
+
+
+def test_overlap_subcommand_end_to_end(tmp_path):
+    """The bench's conventions: table on stdout, progress on stderr, JSON/CSV with provenance, a plot."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    proc = _run(
+        ["overlap", "--backend", "gloo", "--world-size", "2", "--message-sizes", "4K", "64K", "--compute-ms", "2",
+         "--gemm-size", "32", "--iters", "2", "--warmup", "1", "--output-dir", str(out),
+         "--plot", str(tmp_path / "overlap.png")]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "# sagellm-comm overlap bench: backend gloo, world size 2" in proc.stdout
+    assert "commit " in proc.stdout and "# wrote " in proc.stdout
+    rows = _table_rows(proc.stdout)
+    assert [r[0] for r in rows] == ["4K", "64K"] and all(r[-1] == "0" for r in rows)
+    assert "[2/2]" in proc.stderr  # the progress bar reached the end
+    payload = __import__("json").loads(_only(out, "overlap_ws2_*.json").read_text())
+    run = payload["run"]
+    assert run["command"].startswith("python -m sagellm_comm.cli overlap --backend gloo")
+    assert run["git_commit"] and "git_dirty" in run and run["commit_source"]
+    assert [r["comm_bytes"] for r in payload["results"]] == [4096, 65536]
+    with _only(out, "overlap_ws2_*.csv").open() as handle:
+        assert [int(r["comm_bytes"]) for r in csv.DictReader(handle)] == [4096, 65536]
+    assert (tmp_path / "overlap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["--version"])
+    assert excinfo.value.code == 0
+    try:
+        expected = metadata.version("isagellm-comm")
+    except metadata.PackageNotFoundError:  # a source tree that is not installed
+        expected = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]["version"] + "+source"
+    assert capsys.readouterr().out.strip() == f"sagellm-comm {expected}"
+
+
+def test_every_registered_subcommand_is_listed_and_documented(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    names = [command.name for command in cli.SUBCOMMANDS]
+    assert {"bench", "overlap", "topo"} <= set(names) and len(names) == len(set(names))
+    for command in cli.SUBCOMMANDS:
+        assert command.name in text and command.help in text
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([command.name, "--help"])
+        assert excinfo.value.code == 0
+        assert f"usage: sagellm-comm {command.name}" in capsys.readouterr().out
 
 
 def _refused(args: list[str], capsys) -> str:
@@ -240,14 +351,8 @@ def _refused(args: list[str], capsys) -> str:
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
 @pytest.mark.parametrize("kind", ["nccl", "custom"])
 def test_gpu_backend_without_gpu_is_refused_before_any_process_starts(kind, capsys, monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET"):
-        monkeypatch.delenv(key, raising=False)
-    import torch.multiprocessing as mp
-
-    def no_spawn(*args, **kwargs):
-        raise AssertionError("a process was started")
-
-    monkeypatch.setattr(mp, "start_processes", no_spawn)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_process_may_start(monkeypatch)
     line = _refused(["--backend", kind, "--no-save"], capsys)
     assert f"--backend {kind}: " in line and "needs a CUDA" in line and "use --backend gloo" in line
 
@@ -301,9 +406,10 @@ def _live_members(pgid: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-@pytest.mark.parametrize("target", ["terminal", "parent"])
+@pytest.mark.parametrize("target", ["terminal", "parent", "sigkill"])
 def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
-    """Ctrl-C in a terminal (SIGINT to the whole process group) or to the CLI process alone."""
+    """Ctrl-C in a terminal (SIGINT to the whole process group) or to the CLI process alone; and the CLI
+    killed outright (SIGKILL: it cannot clean up, its ranks die with it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -318,19 +424,22 @@ def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
         if target == "terminal":
             os.killpg(proc.pid, signal.SIGINT)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, signal.SIGKILL if target == "sigkill" else signal.SIGINT)
         out, err = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 20
+        while _live_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _live_members(proc.pid) == []  # the ranks it started were stopped
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None or _live_members(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130
-    assert err.splitlines() == ["sagellm-comm bench: interrupted"], err
     assert "Out of bounds" not in out  # no table: the run did not finish
-    deadline = time.monotonic() + 20
-    while _live_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _live_members(proc.pid) == []  # the ranks it started were stopped
+    if target == "sigkill":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130
+        assert err.splitlines() == ["sagellm-comm bench: interrupted"], err
 
 
 def test_world_size_disagreeing_with_torchrun_env(capsys, monkeypatch):
@@ -381,11 +490,11 @@ def test_help_lists_the_options(capsys):
         assert option in text
 
 
-def test_overlap_benchmark_refusals_are_one_line_too(capsys):
+def test_overlap_module_refusals_are_one_line_too(capsys):
     from sagellm_comm.benchmark import run_overlap_bench
 
     with pytest.raises(SystemExit) as excinfo:
         run_overlap_bench.main(["--warmup", "-1", "--no-output"])
     assert excinfo.value.code == 2
     line = _one_line_refusal(capsys.readouterr().err, prog="python -m sagellm_comm.benchmark.run_overlap_bench")
-    assert "warmup >= 0" in line
+    assert "--warmup must be >= 0" in line

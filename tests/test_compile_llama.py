@@ -106,7 +106,7 @@ CPU_CASES = [("fused", "bfloat16", 1), pytest.param(("fused", "float32", 1), mar
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-decode{c[2]}")
 def test_fused_llama_on_gloo_tp2(case) -> None:
-    outcomes = run_ranks(_worker, 2, [case], False, timeout=900.0)
+    outcomes = run_ranks(_worker, 2, [case], False, timeout=540.0)
     for rank, result in enumerate(_results(outcomes, case)):
         _assert_fused_and_right(result, rank, case[2])
         assert result["algo"] == "unfused"  # Gloo: the engine's all-reduce, then torch ops
@@ -126,7 +126,7 @@ def test_fused_llama_custom_backend_on_one_gpu(tp_size: int) -> None:
     from sagellm_comm.selector import KERNEL_ALGOS
 
     cases = GPU_CASES[tp_size]
-    outcomes = run_ranks(_worker, tp_size, cases, True, timeout=600.0)
+    outcomes = run_ranks(_worker, tp_size, cases, True, timeout=540.0)
     for case in cases:
         for rank, result in enumerate(_results(outcomes, case)):
             _assert_fused_and_right(result, rank, case[2])

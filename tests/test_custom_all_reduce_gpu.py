@@ -264,7 +264,7 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
 def test_ipc_processes_on_one_gpu(mps, world_size):
     pytest.importorskip("cupy")
     cycles = 1000 if world_size == 2 else 20
-    results = run_ranks(_ipc_worker, world_size, 40, cycles, timeout=600)
+    results = run_ranks(_ipc_worker, world_size, 40, cycles, timeout=540)
     for r, (digests, leaked) in enumerate(results):
         assert digests == results[0][0], f"rank {r} got different results"
         assert leaked <= 2 << 20, f"rank {r}: {leaked} bytes of device memory not returned after {cycles} cycles"

@@ -161,7 +161,7 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("copy_engine", 7, 16, 8, "bfloat16", False),  # 1 chunk (zero-copy)
         ("sequential", 9, 16, 24, "float16", True),
     ]
-    per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=600)
+    per_rank = run_ranks(_gemm_worker, world_size, cases, env=INTERP, timeout=540)
     for r in range(1, world_size):
         assert per_rank[r][0] == per_rank[0][0], f"rank {r} differs bitwise from rank 0"
     assert {e for _, e in per_rank} == {(4, 5)}  # four fused and five copy-engine calls, one epoch each

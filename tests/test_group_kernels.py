@@ -91,16 +91,17 @@ def _check_tp(per_rank, tp_sizes, world_kernels=True):
 
 
 def test_two_tp_groups_of_two_in_a_world_of_four():
-    _check_tp(run_ranks(_tp_worker, 4, (2,), 0, env=INTERP, timeout=600), (2,))
+    _check_tp(run_ranks(_tp_worker, 4, (2,), 0, env=INTERP, timeout=540), (2,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp_sizes", [(4, 2)], ids=["tp4x2-then-tp2x4"])
 def test_tp_groups_in_a_world_of_eight(tp_sizes):
-    _check_tp(run_ranks(_tp_worker, 8, tp_sizes, 0, env=INTERP, timeout=900), tp_sizes)
+    _check_tp(run_ranks(_tp_worker, 8, tp_sizes, 0, env=INTERP, timeout=540), tp_sizes)
 
 
 def test_tp_groups_inside_simulated_nodes_get_the_kernels_while_the_world_does_not():
-    per_rank = run_ranks(_tp_worker, 4, (2,), 2, env=INTERP, timeout=600)
+    per_rank = run_ranks(_tp_worker, 4, (2,), 2, env=INTERP, timeout=540)
     _check_tp(per_rank, (2,), world_kernels=False)
     assert "span 2 nodes" in per_rank[0]["world_reason"], per_rank[0]["world_reason"]
 
@@ -133,4 +134,4 @@ def _capped_worker(rank, world_size, port):
 
 
 def test_a_user_caps_the_group_workspace_and_groups_sharing_a_device_divide_its_sms():
-    run_ranks(_capped_worker, 4, env=INTERP, timeout=600)
+    run_ranks(_capped_worker, 4, env=INTERP, timeout=540)

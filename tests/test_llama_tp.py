@@ -184,6 +184,61 @@ def test_tp_size_must_divide_the_key_value_heads(cpu_outcomes) -> None:
         assert "num_key_value_heads=2 is not divisible by the tensor-parallel size 4" in message
 
 
+# ---------------------------------------------------------------------------------------------- the script
+
+
+REFUSALS = [
+    (["--spawn", "0"], "--spawn must be >= 1 (got 0): 1, 2 or 4 processes"),
+    (["--spawn", "3"], "--spawn 3: without --tp the TP size is the world size, and 3 does not divide"),
+    (["--spawn", "-2"], "--spawn must be >= 1 (got -2)"),
+    ([], "give --spawn N to start N local processes (1, 2 or 4), or start it under torchrun"),
+    (["--spawn", "4", "--tp", "3"], "--tp 3 does not divide the model's 8 heads, 4 key/value heads"),
+    (["--spawn", "3", "--tp", "2"], "--tp 2 does not divide the world size 3"),
+    (["--spawn", "2", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), REFUSALS, ids=[" ".join(a) or "no-spawn" for a, _ in REFUSALS])
+def test_the_script_refuses_bad_requests_in_one_line(argv, message, capsys, monkeypatch) -> None:
+    import torch.multiprocessing as mp
+
+    from examples import llama_tp
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(mp, "start_processes", no_spawn)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit) as info:
+        llama_tp.main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama_tp.py: error: ") and message in lines[0], captured.err
+    assert captured.out == ""
+
+
+def test_the_script_as_documented_spawns_two_processes() -> None:
+    """``python examples/llama_tp.py --spawn 2``, the command README.md and docs/layers.md give."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "examples/llama_tp.py", "--spawn", "2"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Llama TP 2 of 2 ranks, backend gloo on cpu, float32, eager")
+    assert [line.split()[2] for line in lines[1:]] == ["prefill", "decode1", "decode2"]
+    assert all(line.endswith("ok") for line in lines[1:]), proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 

@@ -8,6 +8,7 @@ runs a two-rank Gloo all-reduce through ``sagellm_comm`` there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -38,23 +39,24 @@ FOREIGN_KERNELS = {
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, torch, torch.multiprocessing as mp
+    import os, sys, torch
     import kernels, sagellm_comm
     assert kernels.OWNER == "foreign-kernels", kernels.__file__
     assert sagellm_comm.__file__.startswith(sys.prefix), (sagellm_comm.__file__, sys.prefix)
     from sagellm_comm import get_comm_backend
+    from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
     import sagellm_comm.kernels.all_reduce  # our kernels live under our own name
 
-    def rank_main(rank, port):
-        b = get_comm_backend("gloo").init(rank=rank, world_size=2, master_addr="127.0.0.1",
-                                          master_port=port, timeout=30)
+    def rank_main(rank, world_size, port):
+        b = get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_addr=MASTER_ADDR,
+                                          master_port=port, timeout=60)
         x = torch.full((5,), float(rank + 1))
         b.all_reduce(x)
-        assert torch.equal(x, torch.full((5,), 3.0)), x
         b.destroy()
+        return x.tolist()
 
     if __name__ == "__main__":
-        mp.spawn(rank_main, args=(int(sys.argv[1]),), nprocs=2)
+        assert spawn_ranks(rank_main, (), 2, what="all-reduce") == [3.0] * 5
         print("ALL-REDUCE OK")
     """
 )
@@ -66,14 +68,21 @@ def _wheel(source, dest) -> None:
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kw)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
-def test_wheel_has_one_top_level_package_and_coexists_with_foreign_kernels(tmp_path: Path) -> None:
-    from conftest import free_port
+def _site_dirs() -> list[str]:
+    """Where this interpreter finds its installed packages (torch among them): a virtual environment's
+    site-packages, or a plain interpreter's system and user ones."""
+    dirs = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    torch_home = str(Path(importlib.util.find_spec("torch").origin).parents[1])
+    assert torch_home in dirs, (torch_home, dirs)
+    return dirs
 
+
+def test_wheel_has_one_top_level_package_and_coexists_with_foreign_kernels(tmp_path: Path) -> None:
     # Build from a copy: a wheel build writes build/ beside its source, and a stale build/ could leak files.
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".*"))
@@ -88,25 +97,34 @@ def test_wheel_has_one_top_level_package_and_coexists_with_foreign_kernels(tmp_p
     for rel, text in FOREIGN_KERNELS.items():
         (foreign / rel).parent.mkdir(parents=True, exist_ok=True)
         (foreign / rel).write_text(text)
-    # torch and triton come from this interpreter's site-packages; ours and the foreign package from the venv.
+    # Ours and the foreign package are installed in a new venv; torch and triton come from the packages this
+    # interpreter sees (see _site_dirs).  --system-site-packages would give the base interpreter's packages,
+    # not those of a venv running this test.
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    _run([sys.executable, "-m", "venv", str(venv)])
     python = str(venv / "bin" / "python")
+    # Outside the repository, and without PYTHONPATH or user packages: what the venv sees is what it holds
+    # (pip would take a checkout on PYTHONPATH with its egg-info for an installed copy and skip ours).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
     _wheel(foreign, foreign)
     (theirs,) = list(foreign.glob("*.whl"))
-    _run([python, "-m", "pip", "install", "-q", "--no-deps", str(theirs), str(ours)])
+    _run([python, "-m", "pip", "install", "-q", "--no-deps", str(theirs), str(ours)], cwd=tmp_path, env=env)
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    assert (site / "sagellm_comm" / "__init__.py").exists(), "our wheel was not installed in the venv"
     assert (site / "kernels" / "__init__.py").read_text() == FOREIGN_KERNELS["kernels/__init__.py"]
     assert not (site / "kernels" / "all_reduce.py").exists(), "our kernels were merged into the foreign package"
+    # This interpreter's packages, after the venv's own, for the run only (pip above and below sees the venv
+    # alone).  Path lines: the .pth files of those directories (the editable install's finder) are not run.
+    outer = site / "outer-site-packages.pth"
+    outer.write_text("".join(f"{d}\n" for d in _site_dirs()))
 
     script = tmp_path / "run_all_reduce.py"
     script.write_text(SCRIPT)
-    # Outside the repository, and without the editable install's path entries shadowing the venv's copy.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONNOUSERSITE"] = "1"
-    proc = _run([python, "-s", str(script), str(free_port())], cwd=tmp_path, env=env)
+    proc = _run([python, "-s", str(script)], cwd=tmp_path, env=env)
     assert "ALL-REDUCE OK" in proc.stdout
+    outer.unlink()
 
     # Uninstalling ours leaves the foreign package whole.
-    _run([python, "-m", "pip", "uninstall", "-y", "-q", "isagellm-comm"])
+    _run([python, "-m", "pip", "uninstall", "-y", "-q", "isagellm-comm"], cwd=tmp_path, env=env)
     assert (site / "kernels" / "__init__.py").exists()

@@ -73,13 +73,13 @@ def _worker(rank, world_size, port, nodes):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_custom_backend_in_n_processes_on_one_gpu(world_size):
-    for seen in run_ranks(_worker, world_size, 0, env=ENV, timeout=600):
+    for seen in run_ranks(_worker, world_size, 0, env=ENV, timeout=540):
         assert all(ok for _, ok in seen), seen
         assert all(algo in ("one_shot", "two_shot", "lamport", "rmsnorm") for algo, _ in seen), seen
 
 
 def test_hierarchical_on_two_simulated_nodes_on_one_gpu():
-    for seen in run_ranks(_worker, 4, 2, env=ENV, timeout=600):
+    for seen in run_ranks(_worker, 4, 2, env=ENV, timeout=540):
         assert all(ok for _, ok in seen), seen
         assert [algo for algo, _ in seen[:3]] == ["hierarchical"] * 3, seen
 
@@ -128,7 +128,7 @@ def test_hierarchical_all_reduce_captured_in_a_cuda_graph():
     """Stage 2 on the cross groups' kernels (SAGELLM_COMM_HIER_CROSS=kernels): Gloo cannot be captured and
     NCCL refuses two ranks on one GPU; on real nodes stage 2 is NCCL, which captures."""
     env = dict(ENV, SAGELLM_COMM_HIER_CROSS="kernels")
-    results = run_ranks(_hier_graph_worker, 4, env=env, timeout=600)
+    results = run_ranks(_hier_graph_worker, 4, env=env, timeout=540)
     for out in results:
         assert out["cross_kernels"] and out["algo"] == "hierarchical", out
         assert len(out["replays"]) == 60 and all(out["replays"]), out["replays"]
@@ -165,6 +165,6 @@ def _hier_gloo_capture_worker(rank, world_size, port):
 
 
 def test_hierarchical_capture_on_gloo_is_a_typed_error_and_harms_nothing():
-    for message, exact in run_ranks(_hier_gloo_capture_worker, 4, env=ENV, timeout=600):
+    for message, exact in run_ranks(_hier_gloo_capture_worker, 4, env=ENV, timeout=540):
         assert "cannot capture" in message and "gloo" in message, message
         assert exact

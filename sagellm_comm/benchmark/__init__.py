@@ -1,4 +1,5 @@
-"""Collective microbenchmarks: timing, nccl-tests-style tables, JSON/CSV, plots, the ``bench`` CLI.
+"""Collective microbenchmarks: timing, nccl-tests-style tables, JSON/CSV, plots, the ``bench`` and ``overlap``
+commands.
 
 Python entry point::
 
@@ -7,7 +8,8 @@ Python entry point::
     result = run_all_reduce_benchmark(backend="gloo", message_sizes=[1024, 1 << 20], world_size=2)
     print(result.table)
 
-Command line: ``sagellm-comm bench`` or ``python -m sagellm_comm.benchmark.run_bench`` (docs/benchmark.md).
+Command line: ``sagellm-comm bench`` or ``python -m sagellm_comm.benchmark.run_bench`` (docs/benchmark.md);
+``sagellm-comm overlap`` or ``python -m sagellm_comm.benchmark.run_overlap_bench`` (docs/layers.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from sagellm_comm.benchmark.overlap_results import (
     OverlapResult,
     derive,
 )
-from sagellm_comm.benchmark.sizes import parse_size_list
+from sagellm_comm.benchmark.progress import ProgressBar
+from sagellm_comm.benchmark.sizes import format_size, parse_size_list
 from sagellm_comm.benchmark.timing import hold, percentile
 from sagellm_comm.errors import InvalidArgumentError
 
@@ -244,10 +245,12 @@ def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
     )
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     records = []
+    bar = ProgressBar(len(sizes), enabled=config.progress and backend.rank == 0)
     for nbytes in sizes:
         compute_alone, comm_alone, submit, wait, compute, total, wrong = bench.measure(
             nbytes, config.warmup, config.iters
         )
+        bar.step(format_size(nbytes))
         records.append(
             OverlapRecord(
                 comm_bytes=nbytes,
@@ -272,5 +275,6 @@ def measure_overlap(backend: Any, config: OverlapConfig) -> OverlapResult:
                 **derive(compute_alone, comm_alone, total),
             )
         )
+    bar.close()
     run = {"backend_kind": backend.name, "world_size": ranks, "timing_method": timing}
     return OverlapResult(records, run)

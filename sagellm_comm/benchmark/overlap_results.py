@@ -1,4 +1,9 @@
-"""The overlap benchmark's request, records and output files (fields: docs/layers.md)."""
+"""The overlap benchmark's request, records, table, output files and plot (fields: docs/layers.md).
+
+The files follow ``sagellm-comm bench``'s: ``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results":
+[...]}``, the run with its provenance: command, commit and dirty flag read from git, versions, host, date)
+and a ``.csv`` of the records.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ class OverlapConfig:
     output_dir: str | None = DEFAULT_OUTPUT_DIR
     timeout: float = 120.0
     virtual_ranks: int | None = None  # N ranks of the custom kernels on one GPU, one process
+    plot: str | None = None
+    progress: bool = False
+    command: str = ""
 
 
 @dataclass
@@ -87,6 +95,7 @@ class OverlapResult:
     run: dict = field(default_factory=dict)
     json_path: Path | None = None
     csv_path: Path | None = None
+    plot_path: Path | None = None
 
     @property
     def table(self) -> str:
@@ -107,9 +116,36 @@ def derive(compute_duration_ms: float, comm_duration_ms: float, total_ms: float)
     }
 
 
+def describe_run(result: OverlapResult, config: OverlapConfig) -> None:
+    """Add the run's provenance to ``result.run``: the command, commit and dirty flag (from git), versions,
+    host and date."""
+    import socket
+
+    from sagellm_comm.benchmark.provenance import git_state, now_utc, package_version
+
+    state = git_state()
+    result.run.update(
+        command=config.command,
+        package_version=package_version(),
+        torch_version=torch.__version__,
+        git_commit=state.commit,
+        git_dirty=state.dirty,
+        commit_source=state.source,
+        hostname=socket.gethostname(),
+        timestamp=now_utc(),
+    )
+
+
 def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
-    lines = [
-        f"# sagellm-comm overlap bench: backend {run.get('backend_kind')}, world size {run.get('world_size')}",
+    from sagellm_comm.benchmark.provenance import commit_label
+
+    lines = [f"# sagellm-comm overlap bench: backend {run.get('backend_kind')}, world size {run.get('world_size')}"]
+    if "git_commit" in run:
+        lines.append(
+            f"# sagellm-comm {run.get('package_version')}, torch {run.get('torch_version')}, "
+            f"commit {commit_label(run['git_commit'], run.get('git_dirty'))}"
+        )
+    lines += [
         f"# timing: {run.get('timing_method')}; median over iterations, slowest rank; times in ms",
         "# seq = compute alone + comm alone; ideal = max of the two; ratio = hidden / min of the two; "
         "eff = ideal / total",
@@ -128,7 +164,6 @@ def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
 
 def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None:
     """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv``."""
-    from sagellm_comm import __version__
     from sagellm_comm.benchmark.report import output_stem
 
     directory = Path(output_dir)
@@ -139,7 +174,6 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
     while (directory / f"{stem}.json").exists():
         suffix += 1
         stem = f"{output_stem('overlap', int(result.run.get('world_size', 0)), stamp)}_{suffix}"
-    result.run.update(package_version=__version__, torch_version=torch.__version__)
     result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
     result.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
@@ -148,3 +182,45 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
         writer.writeheader()
         for r in result.records:
             writer.writerow(r.to_dict())
+
+
+def plot_overlap(result: OverlapResult, path: str | Path) -> Path:
+    """Per message size: the GEMM loop alone, the all-reduce alone, both overlapped, and the ideal (the
+    longer of the two) and sequential (their sum) bounds; log-2 size axis.  Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    records = sorted(result.records, key=lambda r: r.comm_bytes)
+    sizes = [r.comm_bytes for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label, style in (
+        ("compute_duration_ms", "compute alone", "o-"),
+        ("comm_duration_ms", "all-reduce alone", "s-"),
+        ("total_ms", "overlapped (total)", "D-"),
+        ("theoretical_overlap_ms", "ideal: max of the two", ":"),
+        ("theoretical_sequential_ms", "sequential: their sum", "--"),
+    ):
+        ax.plot(sizes, [getattr(r, name) for r in records], style, markersize=4, label=label)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_size(int(round(x))) if x >= 1 else ""))
+    ax.set_xlabel("all-reduce message size (bytes)")
+    ax.set_ylabel("time, median of the slowest rank (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    run = result.run
+    ax.set_title(
+        f"overlap: backend {run.get('backend_kind')}, world size {run.get('world_size')}, {records[0].gemm_shape} GEMMs"
+        if records
+        else "overlap",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

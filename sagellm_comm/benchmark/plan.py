@@ -15,7 +15,10 @@ line and exits 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,7 +54,7 @@ def torchrun_env() -> tuple[int, int] | None:
     return None
 
 
-def _available_kind(name: str) -> str:
+def available_kind(name: str) -> str:
     """The registered kind ``name`` resolves to, refused unless it can run on this machine."""
     from sagellm_comm.backend import get_comm_backend, is_comm_backend_available, resolve_kind
 
@@ -71,19 +74,40 @@ def _without_gpu_hint(message: str) -> str:
     return f"{message}; on a machine without GPUs use --backend gloo"
 
 
-def _check_writable_dir(path: str | Path, what: str) -> None:
-    """Refuse a directory that exists as something else or cannot be created (nothing is created here)."""
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Refuse a directory this process cannot write files in; leave nothing behind either way.
+
+    The directory (and any missing parents) is made, a file is created in it and removed, and the
+    directories made here are removed again: permissions alone do not say (root passes every access
+    check, and still cannot write under ``/proc``).
+    """
     target = Path(path)
-    if target.exists():
-        if not target.is_dir():
-            raise InvalidArgumentError(f"{what} {path}: exists and is not a directory")
-        nearest = target
-    else:
-        nearest = next((parent for parent in target.parents if parent.exists()), Path("."))
-        if not nearest.is_dir():
-            raise InvalidArgumentError(f"{what} {path}: cannot be created, {nearest} is not a directory")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"{what} {path}: {nearest} is not writable")
+    if target.exists() and not target.is_dir():
+        raise InvalidArgumentError(f"{what} {path}: exists and is not a directory")
+    missing = []  # innermost first
+    nearest = target
+    while not nearest.exists():
+        missing.append(nearest)
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise InvalidArgumentError(f"{what} {path}: cannot be created, {nearest} is not a directory")
+    made: list[Path] = []
+    step = ""
+    try:
+        for directory in reversed(missing):
+            step = f"cannot create {directory}"
+            directory.mkdir()
+            made.append(directory)
+        step = "cannot create a file there"
+        handle, probe = tempfile.mkstemp(prefix=".sagellm-comm-write-test-", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidArgumentError(f"{what} {path}: {step} ({exc.strerror or exc})") from exc
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):  # something else wrote there meanwhile: leave it
+                directory.rmdir()
 
 
 def _plot_formats() -> tuple[str, ...]:
@@ -96,21 +120,36 @@ def _plot_formats() -> tuple[str, ...]:
     return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
 
 
-def _check_outputs(config: BenchConfig) -> None:
-    if config.output_dir is not None:
-        _check_writable_dir(config.output_dir, "--output-dir")
-    if config.plot is not None:
-        suffix = Path(config.plot).suffix.lower().lstrip(".")
+def check_outputs(output_dir: str | None, plot: str | None) -> None:
+    """Refuse an output directory or a plot file that cannot be written (see :func:`check_writable_dir`)."""
+    if output_dir is not None:
+        check_writable_dir(output_dir, "--output-dir")
+    if plot is not None:
+        suffix = Path(plot).suffix.lower().lstrip(".")
         formats = _plot_formats()
         if suffix not in formats:
             found = f"'.{suffix}' is not a format matplotlib writes" if suffix else "the file name has no extension"
-            raise InvalidArgumentError(f"--plot {config.plot}: {found}; use one of: {', '.join(formats)}")
-        if Path(config.plot).is_dir():
-            raise InvalidArgumentError(f"--plot {config.plot}: is a directory")
-        _check_writable_dir(Path(config.plot).parent, "--plot's directory")
+            raise InvalidArgumentError(f"--plot {plot}: {found}; use one of: {', '.join(formats)}")
+        if Path(plot).is_dir():
+            raise InvalidArgumentError(f"--plot {plot}: is a directory")
+        check_writable_dir(Path(plot).parent, "--plot's directory")
 
 
-def _check_topology_env() -> None:
+def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuse a message size that is not a whole number of ``dtype`` elements (it would be rounded)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    partial = [nbytes for nbytes in sizes if nbytes % itemsize]
+    if partial:
+        name = str(dtype).removeprefix("torch.")
+        below = partial[0] // itemsize * itemsize
+        examples = f"{below} or {below + itemsize}" if below else str(itemsize)
+        raise InvalidArgumentError(
+            f"message size {partial[0]} B is not a whole number of {name} elements ({itemsize} bytes each): "
+            f"give sizes that are multiples of {itemsize} bytes (e.g. {examples})"
+        )
+
+
+def check_topology_env() -> None:
     """A malformed ``SAGELLM_COMM_TOPOLOGY`` is refused here rather than in every rank."""
     from sagellm_comm.topology import ENV_VAR, Topology
 
@@ -142,8 +181,8 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     cuda = cuda_available()
     if config.selector_config is not None and not Path(config.selector_config).is_file():
         raise InvalidArgumentError(f"--selector-config {config.selector_config}: no such file")
-    _check_outputs(config)
-    _check_topology_env()
+    check_outputs(config.output_dir, config.plot)
+    check_topology_env()
     if config.zero_copy and config.virtual_ranks is None:
         raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
     if config.virtual_mode not in VIRTUAL_MODES:
@@ -176,9 +215,10 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
         sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
+        check_whole_elements(sizes, dtype)
         return LaunchPlan("virtual", config.virtual_ranks, "custom", sizes, True)
 
-    kind = _available_kind(config.backend)
+    kind = available_kind(config.backend)
     uses_cuda = kind not in ("gloo",) and cuda
     if config.graph and not cuda:
         raise InvalidArgumentError("--graph times CUDA-graph replays and needs a CUDA GPU; none is available here")
@@ -195,6 +235,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             f"NCCL_ALGO={existing} is set in the environment but --algo asks for {wanted}; unset one of them"
         )
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
+    check_whole_elements(sizes, dtype)
     env = torchrun_env()
     if env is not None:
         rank, world_size = env

@@ -22,6 +22,7 @@ from typing import Any
 
 COMMIT_ENV = "SAGELLM_COMMIT"
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout this package was imported from
+DISTRIBUTION = "isagellm-comm"  # the name pip knows this package by
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,31 @@ def git_state(tree: Path | str = SOURCE_TREE) -> GitState:
             f"environment variable {COMMIT_ENV} (git unavailable in {tree}; dirty state unknown)",
         )
     return GitState("unknown", None, f"none (git unavailable in {tree} and {COMMIT_ENV} unset)")
+
+
+def commit_label(commit: str, dirty: bool | None) -> str:
+    """``<12-hex commit>``, ``+ dirty`` when tracked files were modified, ``(dirty unknown)`` without git."""
+    short = commit[:12]
+    if dirty is None:
+        return f"{short} (dirty unknown)"
+    return f"{short} + dirty" if dirty else short
+
+
+def package_version() -> str:
+    """The installed distribution's version (its metadata); ``<pyproject version>+source`` for a source tree
+    that is not installed; ``unknown`` when neither can be read."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        return tomllib.loads((SOURCE_TREE / "pyproject.toml").read_text())["project"]["version"] + "+source"
+    except (ImportError, OSError, KeyError, ValueError):
+        return "unknown"
 
 
 def now_utc() -> str:

@@ -117,11 +117,10 @@ def _fmt_time_us(ms: float) -> str:
 
 
 def commit_label(info: RunInfo) -> str:
-    """``<12-hex commit>``, ``+ dirty`` when tracked files were modified, ``(dirty unknown)`` without git."""
-    short = info.git_commit[:12]
-    if info.git_dirty is None:
-        return f"{short} (dirty unknown)"
-    return f"{short} + dirty" if info.git_dirty else short
+    """The run's commit as the table prints it (:func:`~sagellm_comm.benchmark.provenance.commit_label`)."""
+    from sagellm_comm.benchmark.provenance import commit_label as label
+
+    return label(info.git_commit, info.git_dirty)
 
 
 def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:

@@ -15,7 +15,7 @@ from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import BenchConfig, LaunchPlan
 from sagellm_comm.benchmark.measure import Measurement
 from sagellm_comm.benchmark.ops import bandwidths_gbps, dtype_name, resolve_dtype
-from sagellm_comm.benchmark.provenance import git_state
+from sagellm_comm.benchmark.provenance import git_state, package_version
 from sagellm_comm.benchmark.report import (
     BenchmarkRecord,
     RunInfo,
@@ -46,22 +46,6 @@ class BenchmarkResult:
     def ok(self) -> bool:
         """No wrong element and no point that failed to run."""
         return all(r.num_wrong == 0 for r in self.records) and not any("bytes" in s for s in self.info.skipped)
-
-
-def package_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("isagellm-comm")
-    except metadata.PackageNotFoundError:
-        pass
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    try:
-        import tomllib
-
-        return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
-    except (ImportError, OSError, KeyError, ValueError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

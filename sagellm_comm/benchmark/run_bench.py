@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn
 
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
@@ -33,22 +31,10 @@ from sagellm_comm.benchmark.plan import plan_launch
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.runner import run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
-from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
-from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.errors import CommError
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line on stderr, ``PROG: error: ...``, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def one_line(message: str) -> str:
-    """``message`` with its line breaks and runs of blanks folded into single spaces."""
-    return " ".join(message.split())
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -155,26 +141,6 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         timeout=args.timeout,
         command=command_line(argv),
     )
-
-
-def run_reporting(
-    parser: argparse.ArgumentParser, fn: Callable[[], Any], usage_errors: tuple = (InvalidArgumentError,)
-):
-    """``(fn(), None)`` for a command-line entry point, or ``(None, exit status)`` after one line on stderr.
-
-    ``usage_errors`` (a request or environment problem) go through ``parser.error``: one line, exit 2.
-    Another :class:`CommError` is one line and status 1; Ctrl-C is one line and status 130.
-    """
-    try:
-        return fn(), None
-    except usage_errors as exc:
-        parser.error(exc.message)
-    except CommError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return None, 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return None, INTERRUPTED_EXIT
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None) -> int:

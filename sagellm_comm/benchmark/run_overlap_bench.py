@@ -1,7 +1,7 @@
 """The compute/communication overlap benchmark: a real GEMM loop against a real all-reduce.
 
-``python -m sagellm_comm.benchmark.run_overlap_bench`` or :func:`run_overlap_benchmark`.  For each
-message size, on every rank:
+``sagellm-comm overlap`` (``python -m sagellm_comm.benchmark.run_overlap_bench``) or
+:func:`run_overlap_benchmark`.  For each message size, on every rank:
 
 1. **compute alone**: a loop of ``gemm_iters`` matmuls ``[g, g] @ [g, g]`` (``g = gemm_size``; the
    count is calibrated once so the loop takes about ``compute_duration_ms``, the same count on every
@@ -17,6 +17,12 @@ off the device timeline.  On CPU (Gloo), the wall clock around real ``torch.matm
 reduces on its own thread.  Every phase has warm-up, a barrier before each timed batch (and before each
 overlapped iteration), and per-iteration samples; a field is the median over iterations, then the
 maximum over ranks.  Field definitions: docs/layers.md.
+
+The command follows ``sagellm-comm bench``'s conventions: the same launch modes and options where they
+mean the same (``--sizes`` / ``--message-sizes``, ``--world-size``, ``--virtual-ranks``, ``--output-dir``,
+``--no-save``, ``--plot``, ``--no-progress``, ``--timeout``), the request checked before any process
+starts (:func:`~sagellm_comm.benchmark.overlap_plan.plan_overlap`: one line on stderr, exit 2), a table
+on stdout, JSON/CSV with the run's provenance, a progress bar on stderr; exit 1 when a result was wrong.
 """
 
 from __future__ import annotations
@@ -24,35 +30,47 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
-import torch
-
-from sagellm_comm.benchmark.ops import resolve_dtype
+from sagellm_comm.benchmark.ops import dtype_name
 from sagellm_comm.benchmark.overlap_measure import _VirtualWorld, measure_overlap
+from sagellm_comm.benchmark.overlap_plan import OverlapPlan, check_numbers, plan_overlap, resolve_payload
 from sagellm_comm.benchmark.overlap_results import (
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_WARMUP,
-    GPU_DEFAULTS,
     OVERLAP_FIELDS,
     OverlapConfig,
     OverlapRecord,
     OverlapResult,
     derive,
+    describe_run,
     format_overlap_table,
+    plot_overlap,
     write_overlap_results,
 )
-from sagellm_comm.benchmark.run_bench import OneLineParser, run_reporting
-from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
+from sagellm_comm.benchmark.plan import check_outputs
+from sagellm_comm.benchmark.provenance import command_line
+from sagellm_comm.benchmark.sizes import parse_size, parse_size_list, parse_size_range
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.errors import CommError, InvalidArgumentError
+
+DESCRIPTION = (
+    "Time a GEMM loop against an all-reduce, alone and overlapped; print a table, write JSON/CSV "
+    "(fields: docs/layers.md)."
+)
 
 
-def _run_rank(config: OverlapConfig, rank: int | None, world_size: int | None, port: int | None) -> OverlapResult:
+# ============================================================================ running
+
+
+def _run_rank(config: OverlapConfig, plan: OverlapPlan, rank: int | None, world_size: int | None,
+              port: int | None) -> OverlapResult:  # fmt: skip
     from sagellm_comm.backend import get_comm_backend
 
-    backend = get_comm_backend(config.backend)
+    backend = get_comm_backend(plan.backend_kind)
     backend.init(rank=rank, world_size=world_size, master_addr=MASTER_ADDR if port else None, master_port=port,
                  timeout=config.timeout)  # fmt: skip
     try:
@@ -61,23 +79,54 @@ def _run_rank(config: OverlapConfig, rank: int | None, world_size: int | None, p
         backend.destroy()
 
 
-def _spawned_rank(index: int, world_size: int, port: int, config: OverlapConfig) -> OverlapResult:
-    return _run_rank(config, index, world_size, port)
+def _spawned_rank(index: int, world_size: int, port: int, config: OverlapConfig, plan: OverlapPlan) -> OverlapResult:
+    return _run_rank(config, plan, index, world_size, port)
 
 
-def _check(config: OverlapConfig) -> None:
-    if config.warmup < 0 or config.iters < 1:
-        raise InvalidArgumentError(f"need warmup >= 0 and iters >= 1, got {config.warmup} and {config.iters}")
-    if config.compute_duration_ms is not None and not config.compute_duration_ms > 0:
-        raise InvalidArgumentError(f"compute_duration_ms must be > 0, got {config.compute_duration_ms}")
-    if config.gemm_size is not None and config.gemm_size < 1:
-        raise InvalidArgumentError(f"gemm_size must be >= 1, got {config.gemm_size}")
-    if config.virtual_ranks is not None and not 2 <= config.virtual_ranks <= 8:
-        raise InvalidArgumentError(f"virtual_ranks must be in 2..8, got {config.virtual_ranks}")
-    if config.world_size is not None and config.world_size < 1:
-        raise InvalidArgumentError(f"world_size must be >= 1, got {config.world_size}")
-    if config.dtype is not None:
-        resolve_dtype(config.dtype)
+def run_overlap(config: OverlapConfig, *, print_table: bool = False, backend: Any = None) -> OverlapResult | None:
+    """Check ``config`` (:func:`plan_overlap`, before any process starts), run it in the planned mode (virtual
+    ranks, this torchrun rank, processes it spawns, or the initialised ``backend`` given) and finish it on the
+    process that owns the result (:func:`finish_overlap`); None on the other ranks."""
+    if backend is not None:
+        check_numbers(config)
+        if not getattr(backend, "is_initialized", False):
+            raise InvalidArgumentError("run_overlap_benchmark(backend=...) needs an initialised CommBackend")
+        check_outputs(config.output_dir, config.plot)
+        sizes, dtype = resolve_payload(config, backend.device.type == "cuda")
+        resolved = replace(config, comm_sizes=list(sizes), dtype=dtype_name(dtype))
+        result = measure_overlap(backend, resolved)
+        return finish_overlap(result, resolved, print_table=print_table) if backend.rank == 0 else None
+    plan = plan_overlap(config)
+    resolved = replace(config, comm_sizes=list(plan.sizes), dtype=dtype_name(plan.dtype))
+    if plan.mode == "virtual":
+        world = _VirtualWorld(plan.world_size, max(plan.sizes))
+        try:
+            result = measure_overlap(world, resolved)
+        finally:
+            world.destroy()
+    elif plan.mode == "torchrun":
+        result = _run_rank(resolved, plan, None, None, None)
+        if int(os.environ["RANK"]) != 0:
+            return None
+    else:
+        result = spawn_ranks(_spawned_rank, (resolved, plan), plan.world_size, what="overlap benchmark")
+    return finish_overlap(result, resolved, print_table=print_table)
+
+
+def finish_overlap(result: OverlapResult, config: OverlapConfig, *, print_table: bool) -> OverlapResult:
+    """Provenance, then the JSON/CSV files and the plot (as configured), then the table on stdout."""
+    describe_run(result, config)
+    if config.output_dir is not None:
+        write_overlap_results(result, config.output_dir)
+    if config.plot is not None:
+        result.plot_path = plot_overlap(result, config.plot)
+    if print_table:
+        print(result.table)
+        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
+        if written:
+            print("# wrote " + ", ".join(str(p) for p in written))
+        sys.stdout.flush()
+    return result
 
 
 def run_overlap_benchmark(
@@ -92,23 +141,30 @@ def run_overlap_benchmark(
     warmup_iters: int = DEFAULT_WARMUP,
     benchmark_iters: int = DEFAULT_ITERS,
     output_dir: str | None = DEFAULT_OUTPUT_DIR,
+    plot: str | None = None,
+    progress: bool = False,
+    timeout: float = 120.0,
     print_table: bool = False,
 ) -> OverlapResult | None:
     """Time a GEMM loop against an all-reduce, alone and overlapped (see the module docstring).
 
     Args:
-        backend: a kind (spawns ``world_size`` processes, default 2, or joins torchrun's world), or
-            an initialised :class:`~sagellm_comm.backend.CommBackend` (every rank calls; all get the result).
-        comm_sizes: all-reduce sizes in bytes (ints, ``"1M"``, or ``"64K,1M"``).
+        backend: a kind (spawns ``world_size`` processes, default 2 on CPU and one per GPU, or joins
+            torchrun's world), or an initialised :class:`~sagellm_comm.backend.CommBackend` (every rank
+            calls; rank 0 gets the result).
+        comm_sizes: all-reduce sizes in bytes (ints, ``"1M"``, or ``"64K,1M"``), whole elements of ``dtype``.
         compute_duration_ms: target duration of the GEMM loop alone (calibrated once).
         gemm_size: ``g`` of the ``[g, g] @ [g, g]`` GEMMs.
         virtual_ranks: run the all-reduce on N virtual ranks of the custom kernels on this process's
             GPU (``backend`` is then ignored): a real multi-rank collective with one GPU.
         dtype: of the GEMM and the message (default bfloat16 on GPUs, float32 on CPU).
-        output_dir: where rank 0 writes ``overlap_ws<N>_<timestamp>.json/.csv``; None writes nothing.
+        output_dir: where ``overlap_ws<N>_<timestamp>.json/.csv`` go; None writes nothing.
+        plot: a PNG (or any format matplotlib writes) of the times against the size.
 
     Returns:
-        The :class:`OverlapResult` (None on non-zero torchrun ranks).
+        The :class:`OverlapResult` (None on the ranks that are not rank 0).
+    Raises:
+        InvalidArgumentError: a request that cannot run here (the message says why), before any process starts.
     """
     if isinstance(comm_sizes, str):
         sizes = parse_size_list(comm_sizes)
@@ -126,99 +182,127 @@ def run_overlap_benchmark(
         warmup=warmup_iters,
         iters=benchmark_iters,
         output_dir=output_dir,
+        timeout=timeout,
         virtual_ranks=virtual_ranks,
+        plot=plot,
+        progress=progress,
+        command="run_overlap_benchmark(...)",
     )
-    _check(config)
-    if config.virtual_ranks is not None:
-        if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
-            raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU (the custom kernels run on it)")
-        world = _VirtualWorld(
-            config.virtual_ranks, max(config.comm_sizes or parse_size_list(GPU_DEFAULTS["comm_sizes"]))
-        )
-        try:
-            result, is_rank0 = measure_overlap(world, config), True
-        finally:
-            world.destroy()
-    elif not isinstance(backend, str):
-        if not getattr(backend, "is_initialized", False):
-            raise InvalidArgumentError("run_overlap_benchmark(backend=...) needs an initialised CommBackend")
-        result, is_rank0 = measure_overlap(backend, config), backend.rank == 0
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        result, is_rank0 = _run_rank(config, None, None, None), int(os.environ["RANK"]) == 0
-        if not is_rank0:
-            return None
-    else:
-        result, is_rank0 = _spawn(config), True
-    if is_rank0 and output_dir is not None:
-        write_overlap_results(result, output_dir)
-    if is_rank0 and print_table:
-        print(result.table)
-    return result
-
-
-def _spawn(config: OverlapConfig) -> OverlapResult:
-    return spawn_ranks(_spawned_rank, (config,), config.world_size or 2, what="overlap benchmark")
+    return run_overlap(config, print_table=print_table, backend=None if isinstance(backend, str) else backend)
 
 
 # ============================================================================ CLI
 
 
-def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_overlap_bench") -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=prog, description="Time a GEMM loop against an all-reduce, alone and overlapped (docs/layers.md)."
+def add_overlap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the overlap benchmark's options to ``parser`` (``sagellm-comm overlap`` and this module's CLI)."""
+    what = parser.add_argument_group("what to time")
+    what.add_argument("--backend", default="auto", help="backend kind (default: auto; Gloo without a GPU)")
+    sizes = what.add_mutually_exclusive_group()
+    sizes.add_argument("--sizes", metavar="LO:HI[:FACTOR]", help="all-reduce size range in bytes, x2 steps")
+    sizes.add_argument(
+        "--message-sizes",
+        "--comm-sizes",
+        nargs="+",
+        metavar="SIZE",
+        help="explicit all-reduce sizes, e.g. --message-sizes 1M 16M (default: 1M,16M,64M GPU; 64K,1M CPU)",
     )
-    parser.add_argument("--backend", default="auto", help="backend kind (default: auto; Gloo without a GPU)")
-    parser.add_argument("--world-size", type=int, help="processes to spawn when not under torchrun (default 2)")
-    parser.add_argument(
-        "--comm-sizes", metavar="SIZE[,SIZE...]", help="all-reduce sizes (default: 1M,16M,64M GPU; 64K,1M CPU)"
+    what.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on GPUs, float32 on CPU)")
+    what.add_argument("--compute-ms", type=float, dest="compute_duration_ms", help="target GEMM loop time in ms")
+    what.add_argument("--gemm-size", type=int, help="g of the [g,g]@[g,g] GEMMs (default 4096 GPU, 128 CPU)")
+
+    how = parser.add_argument_group("how to time")
+    how.add_argument(
+        "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed iterations (default {DEFAULT_WARMUP})"
     )
-    parser.add_argument("--virtual-ranks", type=int, help="N ranks of the custom kernels on one GPU (2..8)")
-    parser.add_argument("--compute-ms", type=float, dest="compute_duration_ms", help="target GEMM loop time")
-    parser.add_argument("--gemm-size", type=int, help="g of the [g,g]@[g,g] GEMMs (default 4096 GPU, 128 CPU)")
-    parser.add_argument("--dtype", help="bfloat16/float16/float32 (default bfloat16 GPU, float32 CPU)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
-    parser.add_argument("--iters", type=int, default=DEFAULT_ITERS)
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"default {DEFAULT_OUTPUT_DIR}")
-    parser.add_argument("--no-output", action="store_true", help="write no JSON/CSV files")
+    how.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed iterations (default {DEFAULT_ITERS})")
+    how.add_argument("--timeout", type=float, default=120.0, help="rendezvous/collective timeout in s (default 120)")
+
+    where = parser.add_argument_group("where to run")
+    where.add_argument(
+        "--world-size", type=int, help="processes to start when not under torchrun (default: 2 on CPU, one per GPU)"
+    )
+    where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU (2..8)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the JSON/CSV go (default {DEFAULT_OUTPUT_DIR}/)"
+    )
+    out.add_argument("--no-save", "--no-output", action="store_true", help="write no JSON/CSV files")
+    out.add_argument("--plot", metavar="FILE.png", help="plot the times against the size (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> OverlapConfig:
+    """Build an :class:`OverlapConfig` from parsed options; raises InvalidArgumentError on a bad value."""
+    if args.message_sizes:
+        sizes = parse_size_list(args.message_sizes)
+    elif args.sizes:
+        sizes = parse_size_range(args.sizes)
+    else:
+        sizes = None
+    return OverlapConfig(
+        backend=args.backend,
+        world_size=args.world_size,
+        comm_sizes=sizes,
+        compute_duration_ms=args.compute_duration_ms,
+        gemm_size=args.gemm_size,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        iters=args.iters,
+        output_dir=None if args.no_save else args.output_dir,
+        timeout=args.timeout,
+        virtual_ranks=args.virtual_ranks,
+        plot=args.plot,
+        progress=not args.no_progress,
+        command=command_line(argv),
+    )
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Check, run and report; exit status as ``sagellm-comm bench``'s (0 ok, 1 a wrong result or a failed run,
+    2 a request or environment problem found before any process starts, 130 interrupted)."""
+
+    def planned() -> OverlapConfig:
+        config = config_from_args(args, argv)
+        plan_overlap(config)  # every request problem surfaces here, before any process starts
+        return config
+
+    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
+    if status is not None:
+        return status
+    result, status = run_reporting(parser, lambda: run_overlap(config, print_table=True))
+    if status is not None:
+        return status
+    return 0 if result is None or all(r.num_wrong == 0 for r in result.records) else 1
+
+
+def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_overlap_bench") -> argparse.ArgumentParser:
+    return add_overlap_arguments(OneLineParser(prog=prog, description=DESCRIPTION))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result, status = run_reporting(
-        parser,
-        lambda: run_overlap_benchmark(
-            args.backend,
-            args.comm_sizes,
-            args.compute_duration_ms,
-            args.gemm_size,
-            dtype=args.dtype,
-            world_size=args.world_size,
-            virtual_ranks=args.virtual_ranks,
-            warmup_iters=args.warmup,
-            benchmark_iters=args.iters,
-            output_dir=None if args.no_output else args.output_dir,
-            print_table=True,
-        ),
-    )
-    if status is not None:
-        return status
-    if result is not None and result.json_path is not None:
-        print(f"# wrote {result.json_path} and {result.csv_path}")
-    return 0 if result is None or all(r.num_wrong == 0 for r in result.records) else 1
+    program = "python -m sagellm_comm.benchmark.run_overlap_bench"
+    return run_from_args(parser, args, [program, *(sys.argv[1:] if argv is None else argv)])
 
 
 __all__ = [
+    "DESCRIPTION",
     "OVERLAP_FIELDS",
     "OverlapConfig",
     "OverlapRecord",
     "OverlapResult",
+    "add_overlap_arguments",
     "build_parser",
     "derive",
     "format_overlap_table",
     "main",
     "measure_overlap",
+    "run_from_args",
+    "run_overlap",
     "run_overlap_benchmark",
     "write_overlap_results",
 ]

@@ -17,6 +17,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 def parse_size(text: str) -> int:
     """Parse one size such as ``"4096"``, ``"1K"``, ``"256M"``, ``"1GiB"`` into bytes (> 0)."""
+    if text.strip().startswith("-"):
+        raise InvalidArgumentError(f"bad message size {text!r}: sizes are positive byte counts, e.g. 512, 1K, 256M")
     match = _SIZE_RE.match(text)
     if match is None:
         raise InvalidArgumentError(

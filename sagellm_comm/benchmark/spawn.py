@@ -1,10 +1,13 @@
 """Start the ranks of a benchmark as processes on this host, collect rank 0's result, stop them cleanly.
 
-Used by every benchmark that launches itself (``sagellm-comm bench``, the overlap benchmark).  Ranks
-are fresh interpreters (``spawn``), rendezvous on a free local port, and rank 0 hands its result back
-through a pickle file.  A rank that raises stops the others and surfaces as
+Used by everything that launches its own ranks (``sagellm-comm bench`` and ``overlap``, the Llama
+example).  Ranks are fresh interpreters (``spawn``).  This process hosts their rendezvous store on a port
+the operating system picks (:func:`~sagellm_comm.backends.torch_distributed.rendezvous.host_store`) and
+every rank joins it as a client, so no port is picked, released and raced for.  Rank 0 hands its result
+back through a pickle file.  A rank that raises stops the others and surfaces as
 :class:`~sagellm_comm.errors.CollectiveFailedError`; ``KeyboardInterrupt`` (Ctrl-C) in the parent stops
-every rank (SIGTERM, then SIGKILL) before it propagates.
+every rank (SIGTERM, then SIGKILL) before it propagates, and a rank dies with this process whatever ends
+it (:func:`die_with_parent`: SIGKILL and timeouts included).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -25,16 +28,35 @@ MASTER_ADDR = "127.0.0.1"
 INTERRUPTED_EXIT = 130  # a rank stopped by Ctrl-C exits with this status (128 + SIGINT)
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((MASTER_ADDR, 0))
-        return sock.getsockname()[1]
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _rank_entry(index: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int, path: str) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Have Linux SIGKILL this process as soon as ``parent_pid``, the process that started it, ends.
+
+    Call it first thing in a child.  A launcher stops its children on every exit it survives (an
+    exception, Ctrl-C, a test timeout); this covers the exits it does not (SIGKILL, a crash).  If the
+    parent is already gone, the child exits at once.  Elsewhere than Linux it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return  # not permitted here: the launcher's own clean-up still applies
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
+
+
+def _rank_entry(
+    index: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int, path: str, env: dict[str, str],
+    parent_pid: int,
+) -> None:  # fmt: skip
     """One spawned rank: ``fn(index, world_size, port, *args)``; rank 0 pickles the return value to ``path``."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring Ctrl-C; from here it stops quietly
+    os.environ.update(env)
     import torch
 
     os.environ["LOCAL_RANK"] = str(index)
@@ -79,27 +101,33 @@ def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str 
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` new processes; return rank 0's value.
 
     ``fn`` must be a module-level function (it is pickled) that initialises its backend with
-    ``master_addr=MASTER_ADDR, master_port=port``.  ``what`` names the run in error messages.
+    ``master_addr=MASTER_ADDR, master_port=port`` (or with no address: ``MASTER_ADDR``/``MASTER_PORT``
+    are set); ``port`` is where this process hosts the store, and every rank joins it as a client.
+    ``what`` names the run in error messages.
     """
     import torch.multiprocessing as mp
 
-    port = free_port()
+    from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
+
+    store = host_store(MASTER_ADDR)  # lives until the ranks are stopped
+    port = store.port
+    env = client_env(MASTER_ADDR, port)
     with tempfile.TemporaryDirectory(prefix="sagellm-bench-") as tmp:
         path = os.path.join(tmp, "rank0.pkl")
         with _children_ignore_ctrl_c():
             context = mp.start_processes(
-                _rank_entry, args=(fn, args, world_size, port, path), nprocs=world_size, join=False,
-                start_method="spawn",
+                _rank_entry, args=(fn, args, world_size, port, path, env, os.getpid()), nprocs=world_size,
+                join=False, start_method="spawn",
             )  # fmt: skip
         try:
             while not context.join():
                 pass
         except mp.ProcessRaisedException as exc:
-            raise CollectiveFailedError(f"a {what} rank failed:\n{exc}") from None
+            raise CollectiveFailedError(f"a rank of the {what} failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:
             if exc.exit_code in (INTERRUPTED_EXIT, -signal.SIGINT):
                 raise KeyboardInterrupt from None  # Ctrl-C reached a rank before (or instead of) this process
-            raise CollectiveFailedError(f"a {what} rank died: {exc}") from None
+            raise CollectiveFailedError(f"a rank of the {what} died: {exc}") from None
         finally:
             stop(context.processes)
         if not os.path.exists(path):  # a rank stopped by SIGINT exits 0 without a result

@@ -2,10 +2,16 @@
 
 * A world of one with no address: a local ``HashStore``.
 * Otherwise a ``TCPStore`` at ``master_addr:master_port`` (``$MASTER_ADDR``/``$MASTER_PORT``).  Rank 0
-  hosts it, as ``torch.distributed``'s ``env://`` does; under torchrun with the agent's store
-  (``TORCHELASTIC_USE_AGENT_STORE=True``, the agent already listens on ``MASTER_PORT``) every rank is a
-  client, so rank 0 does not try to bind a port that is taken (torch would log an error-level
-  "failed to bind" line and carry on).
+  hosts it, as ``torch.distributed``'s ``env://`` does.
+* Client-only mode: when the process that starts the ranks already hosts the store
+  (``TORCHELASTIC_USE_AGENT_STORE=True`` and the address is ``$MASTER_ADDR:$MASTER_PORT``), every rank
+  is a client, rank 0 included.  torchrun's agent works this way, and so do :func:`host_store` /
+  :func:`client_env` for any launcher that starts its own ranks (``sagellm-comm bench``, the test
+  helper): the launcher binds port 0, so no port is ever picked, released and raced for.  Rank 0 never
+  tries to bind a port that is taken (torch would log an error-level "failed to bind" line).  Such a
+  store outlives one world, so each ``init`` of a rank works under its own key prefix, the rank's
+  count of inits on that store (``sagellm_comm/<n>/``): the n-th world of every rank meets in the same
+  prefix and never reads a key an earlier world left behind (Gloo would connect to a dead address).
 * A client first waits, in Python, until something accepts a TCP connection at the address, for at most
   ``timeout`` seconds.  torch's own connect loop retries each attempt with the full timeout plus a
   back-off (a lone rank 1 gave up after about twice the timeout) and logs every failed attempt with a C++
@@ -29,6 +35,8 @@ from .checks import int_arg, seconds
 
 #: first and largest pause between two connection attempts, seconds
 _FIRST_PAUSE_S, _MAX_PAUSE_S = 0.05, 0.5
+#: torch's variable (torchrun sets it): the launcher hosts the store at MASTER_ADDR:MASTER_PORT, ranks are clients
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
 def init_world(
@@ -77,19 +85,42 @@ def create_store(rank: int, world_size: int, address: tuple[str, int] | None, ti
     if address is None:
         return dist.HashStore()
     addr, port = address
-    host = rank == 0 and not _agent_store_at(addr, port)
+    launcher_hosts = _agent_store_at(addr, port)
+    host = rank == 0 and not launcher_hosts
     if not host:
         wait_for_listener(addr, port, timeout)
     # wait_for_workers=True on every rank: a client adds itself to the join count only then, and the
     # host waits (bounded by ``timeout``) until the count reaches world_size
-    return dist.TCPStore(addr, port, world_size, host, timeout=seconds(timeout), wait_for_workers=True)
+    store = dist.TCPStore(addr, port, world_size, host, timeout=seconds(timeout), wait_for_workers=True)
+    if not launcher_hosts:
+        return store  # a store of its own: nothing earlier lives in it
+    generation = store.add(f"sagellm_comm/inits/rank{rank}", 1)
+    return dist.PrefixStore(f"sagellm_comm/{generation}", store)
 
 
 def _agent_store_at(addr: str, port: int) -> bool:
-    """True under torchrun when its agent hosts the store at exactly this address (torch's env:// rule)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    """True when the launcher hosts the store at exactly this address (torch's env:// rule)."""
+    if os.environ.get(AGENT_STORE_ENV) != "True":
         return False
     return (addr, str(port)) == (os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT"))
+
+
+def host_store(addr: str = "127.0.0.1", timeout: float = 300.0) -> Any:
+    """Host a rendezvous store for ranks this process is about to start; returns the ``TCPStore``.
+
+    It listens on a port the operating system picks (port 0; ``store.port`` says which), so no port is
+    picked, released and then taken by someone else before the ranks bind it.  Start each rank with
+    :func:`client_env` ``(addr, store.port)`` in its environment: every rank then joins as a client
+    (rank 0 included), whether it calls ``init`` with that address or none, or ``torch.distributed``'s
+    ``env://`` / ``tcp://`` init (which honour the same variable).  Keep the object alive while the
+    ranks run; the store stops when it is released.  ``timeout`` bounds the store's own waits.
+    """
+    return dist.TCPStore(addr, 0, None, True, timeout=seconds(timeout), wait_for_workers=False)
+
+
+def client_env(addr: str, port: int) -> dict[str, str]:
+    """The variables that make a rank join the store its launcher hosts at ``addr:port`` as a client."""
+    return {"MASTER_ADDR": addr, "MASTER_PORT": str(port), AGENT_STORE_ENV: "True"}
 
 
 def wait_for_listener(addr: str, port: int, timeout: float) -> float:

@@ -1,0 +1,118 @@
+"""Checking an overlap benchmark request and deciding how it runs (:func:`plan_overlap`), before any process
+starts; the overlap benchmark's counterpart of :mod:`sagellm_comm.benchmark.plan`, with the same launch modes
+(``virtual``, ``torchrun``, ``spawn``) and the same checks where the options are the same.
+
+Every problem is an :class:`~sagellm_comm.errors.InvalidArgumentError` naming it; the CLI prints it as one
+line and exits 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sagellm_comm.benchmark.config import DEFAULT_SPAWN_WORLD_SIZE
+from sagellm_comm.benchmark.ops import resolve_dtype
+from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
+from sagellm_comm.benchmark.plan import (
+    available_kind,
+    check_outputs,
+    check_topology_env,
+    check_whole_elements,
+    cuda_available,
+    torchrun_env,
+)
+from sagellm_comm.benchmark.sizes import parse_size_list
+from sagellm_comm.errors import InvalidArgumentError
+
+#: virtual ranks the overlap benchmark runs (the custom kernels' group sizes)
+VIRTUAL_RANKS = range(2, 9)
+
+
+@dataclass(frozen=True)
+class OverlapPlan:
+    mode: str  # virtual | torchrun | spawn | in_process
+    world_size: int  # ranks (virtual ones included)
+    backend_kind: str
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    uses_cuda: bool
+
+    @property
+    def defaults(self) -> dict:
+        return GPU_DEFAULTS if self.uses_cuda else CPU_DEFAULTS
+
+
+def check_numbers(config: OverlapConfig) -> None:
+    """The options that need no machine: counts, times, sizes."""
+    if config.warmup < 0:
+        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
+    if config.iters < 1:
+        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    if config.compute_duration_ms is not None and not config.compute_duration_ms > 0:
+        raise InvalidArgumentError(f"--compute-ms must be > 0, got {config.compute_duration_ms}")
+    if config.gemm_size is not None and config.gemm_size < 1:
+        raise InvalidArgumentError(f"--gemm-size must be >= 1, got {config.gemm_size}")
+    if not config.timeout > 0:
+        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
+    if config.world_size is not None and config.world_size < 1:
+        raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
+    if config.virtual_ranks is not None and config.virtual_ranks not in VIRTUAL_RANKS:
+        raise InvalidArgumentError(f"--virtual-ranks must be in 2..8, got {config.virtual_ranks}")
+
+
+def resolve_payload(config: OverlapConfig, uses_cuda: bool) -> tuple[tuple[int, ...], torch.dtype]:
+    """The sizes and dtype of the run (the defaults of a GPU or a CPU run where not given), checked."""
+    defaults = GPU_DEFAULTS if uses_cuda else CPU_DEFAULTS
+    dtype = resolve_dtype(config.dtype or defaults["dtype"])
+    if not dtype.is_floating_point:
+        raise InvalidArgumentError(f"--dtype: the GEMM needs a floating-point dtype, got {config.dtype}")
+    sizes = tuple(config.comm_sizes or parse_size_list(defaults["comm_sizes"]))
+    check_whole_elements(sizes, dtype)
+    return sizes, dtype
+
+
+def plan_overlap(config: OverlapConfig) -> OverlapPlan:
+    """Check ``config`` and decide how to run it; raises InvalidArgumentError naming the problem."""
+    check_numbers(config)
+    if config.dtype is not None:
+        resolve_dtype(config.dtype)  # an unknown name is refused before the machine is looked at
+    check_outputs(config.output_dir, config.plot)
+    check_topology_env()
+    cuda = cuda_available()
+    env = torchrun_env()
+    if config.virtual_ranks is not None:
+        if not cuda:
+            raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU, and none is available here")
+        if config.world_size is not None:
+            raise InvalidArgumentError("give either --virtual-ranks or --world-size, not both")
+        if env is not None:
+            raise InvalidArgumentError("--virtual-ranks runs in one process; do not start it under torchrun")
+        if config.backend not in ("auto", "custom"):
+            raise InvalidArgumentError(f"--virtual-ranks runs the custom kernels; --backend {config.backend} cannot")
+        sizes, dtype = resolve_payload(config, True)
+        return OverlapPlan("virtual", config.virtual_ranks, "custom", sizes, dtype, True)
+
+    kind = available_kind(config.backend)
+    uses_cuda = kind != "gloo" and cuda
+    sizes, dtype = resolve_payload(config, uses_cuda)
+    if env is not None:
+        rank, world_size = env
+        if config.world_size is not None and config.world_size != world_size:
+            raise InvalidArgumentError(
+                f"--world-size {config.world_size} disagrees with torchrun's WORLD_SIZE={world_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        return OverlapPlan("torchrun", world_size, kind, sizes, dtype, uses_cuda)
+    if config.world_size is not None:
+        world_size = config.world_size
+    else:
+        world_size = torch.cuda.device_count() if uses_cuda else DEFAULT_SPAWN_WORLD_SIZE
+    if uses_cuda and world_size > torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
+            "GPU(s); use --virtual-ranks N to run N ranks on one GPU, or --backend gloo"
+        )
+    return OverlapPlan("spawn", world_size, kind, sizes, dtype, uses_cuda)

@@ -1,0 +1,62 @@
+"""What every command-line entry point shares: one-line usage errors (exit 2) and the exit statuses.
+
+Exit statuses: 0 done, 1 a run that failed or gave a wrong result, 2 a request or environment problem
+(one line on stderr, found before any work starts), 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
+from sagellm_comm.errors import CommError, InvalidArgumentError
+
+__all__ = ["INTERRUPTED_EXIT", "OneLineParser", "one_line", "run_reporting"]
+
+#: ``-1K``, ``-5``: a (bad) value, never one of our options (they all start with two dashes and a letter)
+_NEGATIVE_VALUE = re.compile(r"^-\d")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, ``PROG: error: ...``, exit 2.
+
+    A value that starts with a dash and a digit (``--sizes -1K``) is taken as the option's value, so the
+    option's own check refuses it by name, instead of argparse's "expected one argument".
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        if _NEGATIVE_VALUE.match(arg_string):
+            return None  # a value: argparse's rule for negative numbers, extended to sizes such as -1K
+        return super()._parse_optional(arg_string)
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks and runs of blanks folded into single spaces."""
+    return " ".join(message.split())
+
+
+def run_reporting(
+    parser: argparse.ArgumentParser, fn: Callable[[], Any], usage_errors: tuple = (InvalidArgumentError,)
+) -> tuple[Any, int | None]:
+    """``(fn(), None)`` for a command-line entry point, or ``(None, exit status)`` after one line on stderr.
+
+    ``usage_errors`` (a request or environment problem) go through ``parser.error``: one line, exit 2.
+    Another :class:`CommError` is one line and status 1; Ctrl-C is one line and status 130.
+    """
+    try:
+        return fn(), None
+    except usage_errors as exc:
+        parser.error(exc.message)
+    except CommError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)  # a failed run: a rank's traceback may follow
+        return None, 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return None, INTERRUPTED_EXIT

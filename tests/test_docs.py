@@ -1,0 +1,171 @@
+"""The documentation keeps its word: every Python snippet of README.md and docs/*.md runs as written, and
+``.ci/run`` runs exactly the README's test command.
+
+Snippets: every fenced ``python`` block is a case, named ``FILE:LINE``.  An HTML comment on the line just
+before the fence says how it runs (it is invisible on a rendered page):
+
+* no comment: a script, one process, on the CPU;
+* ``<!-- snippet: processes N -->``: N processes of the script, each given its rank as its argument and
+  torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, and ``MASTER_ADDR``/``MASTER_PORT`` of a
+  store this test hosts, which every rank joins as a client);
+* ``<!-- snippet: skip REASON -->``: not run here (it needs GPUs, for instance); reported as skipped with
+  REASON.
+
+Any other ``snippet:`` comment fails, so a typo cannot silently skip a snippet.  Each script runs in a
+temporary directory (files it writes land there) with this checkout first on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sagellm_comm.benchmark.spawn import die_with_parent
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SNIPPET_TIMEOUT_S = 180.0
+_MARK = re.compile(r"^<!--\s*snippet:\s*(.*?)\s*-->\s*$")
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    path: Path
+    line: int  # of the opening fence, 1-based
+    code: str
+    how: str  # "", "processes N" or "skip REASON"
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def snippets(path: Path) -> list[Snippet]:
+    """The fenced ``python`` blocks of ``path`` with the ``snippet:`` comment just before each (if any)."""
+    lines = path.read_text().splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start, end = i, i + 1
+            while end < len(lines) and lines[end].strip() != "```":
+                end += 1
+            mark = _MARK.match(lines[start - 1].strip()) if start else None
+            code = "\n".join(lines[start + 1 : end]) + "\n"
+            found.append(Snippet(path, start + 1, code, mark.group(1) if mark else ""))
+            i = end
+        i += 1
+    return found
+
+
+ALL = [s for path in DOCS for s in snippets(path)]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _start(script: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    parent = os.getpid()
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], cwd=script.parent, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: die_with_parent(parent),
+    )  # fmt: skip
+
+
+def _run_processes(script: Path, count: int) -> list[tuple[int, str, str]]:
+    """``count`` processes of ``script`` meeting on a store hosted here; (status, stdout, stderr) of each."""
+    from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
+
+    store = host_store("127.0.0.1", timeout=SNIPPET_TIMEOUT_S)
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(count):
+            env = {**_env(), **client_env("127.0.0.1", store.port)}
+            env.update(RANK=str(rank), WORLD_SIZE=str(count), LOCAL_RANK=str(rank))
+            procs.append(_start(script, [str(rank)], env))
+        deadline = time.monotonic() + SNIPPET_TIMEOUT_S
+        outcomes = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outcomes.append((proc.returncode, out, err))
+        return outcomes
+    finally:  # a failure or a timeout leaves no process behind
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        del store
+
+
+@pytest.mark.parametrize("snippet", ALL, ids=[s.name for s in ALL])
+def test_snippet_runs_as_written(snippet: Snippet, tmp_path: Path) -> None:
+    how = snippet.how.split(maxsplit=1)
+    if how and how[0] == "skip":
+        assert len(how) == 2, f"{snippet.name}: 'snippet: skip' needs a reason"
+        pytest.skip(f"{snippet.name}: {how[1]}")
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.code)
+    if not how:
+        proc = _start(script, [], _env())
+        try:
+            out, err = proc.communicate(timeout=SNIPPET_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        outcomes = [(proc.returncode, out, err)]
+    elif how[0] == "processes" and len(how) == 2 and how[1].isdigit():
+        outcomes = _run_processes(script, int(how[1]))
+    else:
+        pytest.fail(f"{snippet.name}: unknown '<!-- snippet: {snippet.how} -->' (see tests/test_docs.py)")
+    for rank, (status, out, err) in enumerate(outcomes):
+        assert status == 0, f"{snippet.name}, process {rank} exited {status}:\n{out[-2000:]}\n{err[-3000:]}"
+        assert "Traceback" not in err, f"{snippet.name}, process {rank}:\n{err[-3000:]}"
+
+
+def test_every_python_fence_is_found() -> None:
+    """The parser sees every ```python fence (an indented or misspelt fence would escape the test)."""
+    for path in DOCS:
+        text = path.read_text()
+        fences = [line for line in text.splitlines() if re.match(r"^[ \t]*```[ \t]*py", line, re.IGNORECASE)]
+        assert all(line == "```python" for line in fences), f"{path}: a Python fence the test would not run: {fences}"
+        assert len(snippets(path)) == len(fences), path
+
+
+# ------------------------------------------------------------------------------------- README and CI
+
+
+def _readme_command(intro: str) -> str:
+    """The one command line of the bash block that follows the README paragraph ending in ``intro``."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(re.escape(intro) + r"\s*```bash\n(.*?)\n```", text, re.DOTALL)
+    assert block is not None, f"README.md has no bash block after {intro!r}"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0].strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command_in_a_fresh_venv() -> None:
+    command = _readme_command("Install and run the tests:")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert command in [line.strip() for line in ci.splitlines()], f".ci/run does not run {command!r}"
+    assert "-m venv" in ci and "/bin/activate" in ci  # a fresh virtual environment, not the caller's
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+
+
+def test_readme_names_the_examples_and_their_extra() -> None:
+    text = (REPO / "README.md").read_text()
+    assert "examples/llama_tp.py" in text and '".[examples]"' in text
+    for example in (REPO / "examples").glob("*.py"):
+        assert f"examples/{example.name}" in text, f"README.md does not mention examples/{example.name}"
