@@ -285,6 +285,8 @@ def _all_reduce_residual_rmsnorm_fake(
     _check_rows(x, residual)
     new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
     if quant == QUANT_NONE:
+        if scale is not None:
+            raise InvalidArgumentError("scale is only taken with an FP8 quant mode; quant is 'none'")
         normed = torch.empty_like(x, memory_format=torch.contiguous_format)
         return normed, x.new_empty((0,), dtype=torch.float32), new_residual
     q, scales = _quantize_fp8_fake(x, quant, scale)

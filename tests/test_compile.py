@@ -178,6 +178,24 @@ def test_each_rmsnorm_form_is_fused(form, residual_first, dtype) -> None:
     assert [o.args for o in outputs] == [(node, 0), (node, 2)]  # normed, new_residual
 
 
+@pytest.mark.parametrize("form", sorted(NORM_FORMS))
+def test_cuda_graphs_get_patterns_traced_on_cuda(form) -> None:
+    """The patterns are traced per device type (torch decomposes some ops per device): on fake CUDA tensors
+    here, so the CUDA patterns are checked without a GPU."""
+    norm, name = NORM_FORMS[form]
+
+    def chain(x, residual, weight):
+        new_residual = residual + all_reduce(x)
+        return norm(new_residual, weight), new_residual
+
+    with FakeTensorMode():
+        args = [torch.empty(2, 3, HIDDEN, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        gm = fusion_pass._functional_trace(chain, [*args, torch.empty(HIDDEN, dtype=torch.bfloat16, device="cuda")])
+    assert _rewrite(gm).replaced == {name: 1}
+    (node,) = _fused(gm)
+    assert node.meta["val"][0].device.type == "cuda"
+
+
 def test_a_decoder_stack_gets_two_fusions_per_layer_and_the_final_norm() -> None:
     specs = [((2, 5, HIDDEN), torch.bfloat16), ((HIDDEN, HIDDEN), torch.bfloat16)]
     specs += [((HIDDEN, HIDDEN), torch.bfloat16), ((HIDDEN,), torch.bfloat16)]
@@ -402,6 +420,9 @@ def test_fused_op_fake_gives_shapes_and_dtypes(shape) -> None:
         )
         assert normed.shape == shape and normed.dtype == torch.bfloat16 and new_residual.shape == shape
         assert scales.shape == (0,) and scales.dtype == torch.float32
+        with pytest.raises(InvalidArgumentError, match="scale is only taken"):
+            scale = torch.ones(1)
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, x, torch.empty(64), "g", 1e-6, "none", scale)
         with pytest.raises(ShapeMismatchError):
             wrong = torch.empty(3, *shape, dtype=torch.bfloat16)
             torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, wrong, torch.empty(64), "g", 1e-6)
@@ -417,6 +438,11 @@ def test_fp8_ops_fake_give_the_reference_shapes(mode) -> None:
             x, torch.empty_like(x), torch.empty(256, dtype=torch.bfloat16), "g", 1e-6, mode, scale
         )
         q2, scales2 = torch.ops.sagellm_comm.quantize_fp8(x, mode, scale)
+        with pytest.raises(InvalidArgumentError):
+            torch.ops.sagellm_comm.quantize_fp8(x, "int4", scale)
+        with pytest.raises(InvalidArgumentError):
+            weight = torch.empty(256, dtype=torch.bfloat16)
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, x, weight, "g", 1e-6, "int4", scale)
     expected = {"fp8": (1,), "fp8_per_token": (2, 3, 1), "fp8_group128": (2, 3, 2)}[mode]
     for got_q, got_scales in ((q, scales), (q2, scales2)):
         assert got_q.shape == x.shape and got_q.dtype == torch.float8_e4m3fn
@@ -563,6 +589,7 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
             except Exception:
                 results[name] = ("raised", traceback.format_exc())
                 return results
+        results["ops"] = ("ok", _ops_against_the_fused_function(rank))
         # The user's own torch.compile configuration, through Inductor (C++ code on the CPU).
         inputs = _chain_inputs(rank, torch.float32)
         fusion.reset_stats()
@@ -580,6 +607,29 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
     finally:
         sagellm_comm.destroy()
     return results
+
+
+def _ops_against_the_fused_function(rank: int):
+    """The op wrappers on 3-d inputs against ``sagellm_comm.fused``'s function on the flattened rows (eager)."""
+    from sagellm_comm import fused, ops
+
+    x, residual, weight = _chain_inputs(rank, torch.bfloat16)
+    rows = (x.reshape(-1, HIDDEN), residual.reshape(-1, HIDDEN))
+    expected = [t.reshape(x.shape) for t in fused.all_reduce_residual_rmsnorm(*rows, weight, 1e-5, group="tp")]
+    got = list(ops.all_reduce_residual_rmsnorm(x, residual, weight, 1e-5, group="tp"))
+    if FP8_MAX is not None:
+        scale = torch.tensor([0.02])
+        for mode in FP8_MODES:
+            mode_scale = scale if mode == "fp8" else None
+            q, scales, new_residual = fused.all_reduce_residual_rmsnorm(
+                *rows, weight, 1e-5, group="tp", quant=mode, scale=mode_scale
+            )
+            scales = scales if mode == "fp8" else scales.reshape(*x.shape[:-1], -1)
+            expected += [q.reshape(x.shape), scales, new_residual.reshape(x.shape)]
+            got += list(ops.all_reduce_residual_rmsnorm(x, residual, weight, 1e-5, "tp", mode, mode_scale))
+            expected += list(fused.quantize_fp8_reference(got[-1], mode, mode_scale))
+            got += list(ops.quantize_fp8(got[-1], mode, mode_scale))
+    return _portable(expected), _portable(got), fusion.FusionStats()
 
 
 def _normed_chain(norm, x, residual, weight):
@@ -651,6 +701,13 @@ def test_an_all_reduce_used_elsewhere_is_left_and_every_output_is_right(gloo_out
     for unfused, fused, done in _case(gloo_outcomes, "all-reduce used elsewhere"):
         assert done.total == 0 and done.all_reduces_left == 1
         assert all(torch.equal(a, b) for a, b in zip(fused, unfused, strict=True))
+
+
+def test_the_op_wrappers_give_the_fused_functions_results(gloo_outcomes) -> None:
+    for expected, got, _ in _case(gloo_outcomes, "ops"):
+        assert len(got) == len(expected) == (2 if FP8_MAX is None else 2 + 5 * len(FP8_MODES))
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.float(), b.float())
 
 
 def test_the_pass_in_a_users_own_torch_compile_options(gloo_outcomes) -> None:
