@@ -114,21 +114,20 @@ def test_fused_llama_on_gloo_tp2(case) -> None:
 
 # ---------------------------------------------------------------------------------------------- GPU
 
-GPU_CASES = {2: [("fused-cuda-graph", "bfloat16", 2), ("fused-reduce-overhead", "bfloat16", 3)],
-             4: [("fused-cuda-graph", "bfloat16", 2)]}  # fmt: skip
+GPU_CASES = [(2, "fused-cuda-graph", "bfloat16", 2), (4, "fused-cuda-graph", "bfloat16", 2),
+             (2, "fused-reduce-overhead", "bfloat16", 3)]  # fmt: skip
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.skipif(os.environ.get("SAGELLM_TEST_MPS") != "1", reason="N processes on one GPU need MPS started")
-@pytest.mark.parametrize("tp_size", sorted(GPU_CASES))
-def test_fused_llama_custom_backend_on_one_gpu(tp_size: int) -> None:
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"tp{c[0]}-{c[1]}")
+def test_fused_llama_custom_backend_on_one_gpu(case) -> None:
     from sagellm_comm.selector import KERNEL_ALGOS
 
-    cases = GPU_CASES[tp_size]
-    outcomes = run_ranks(_worker, tp_size, cases, True, timeout=540.0)
-    for case in cases:
-        for rank, result in enumerate(_results(outcomes, case)):
-            _assert_fused_and_right(result, rank, case[2])
-            assert result["algo"] in KERNEL_ALGOS, f"rank {rank} {case}: the fused op ran {result['algo']!r}"
-            assert result["cudagraph_skips"] == 0, f"rank {rank} {case}: Inductor skipped its CUDA graphs"
+    tp_size, config = case[0], case[1:]
+    outcomes = run_ranks(_worker, tp_size, [config], True, timeout=540.0)
+    for rank, result in enumerate(_results(outcomes, config)):
+        _assert_fused_and_right(result, rank, config[2])
+        assert result["algo"] in KERNEL_ALGOS, f"rank {rank} {case}: the fused op ran {result['algo']!r}"
+        assert result["cudagraph_skips"] == 0, f"rank {rank} {case}: Inductor skipped its CUDA graphs"

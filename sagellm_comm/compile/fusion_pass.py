@@ -18,13 +18,14 @@ every post-grad graph (aten ops, functionalised, after its own pattern passes) a
 
 A chain is left alone when one of its ops has a keyword argument the pattern does not have (``alpha`` of an
 add, ``dtype`` of a mean: Inductor's matcher does not look at them), when an intermediate value of it has a use
-outside the chain (the all-reduce result, the
-fp32 upcast, the un-quantised RMSNorm output of a quantised chain: the fused op does not return them), when its
-tensors differ in dtype, shape or device (a broadcast residual, an fp32 weight on bf16 activations), when the
-hidden size is over the fused kernels' limit (``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
-constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
-default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``), or when the static
-FP8 division is not an fp32 division.  What is left is counted in :attr:`FusionStats.all_reduces_left`.
+outside the chain (the all-reduce result, the fp32 upcast, the un-quantised RMSNorm output of a quantised
+chain: the fused op does not return them), when its tensors differ in dtype, shape or device (a broadcast
+residual, an fp32 weight on bf16 activations), when the hidden size is over the fused kernels' limit
+(``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a constant of the graph (``torch.compile(dynamic=True)``
+turns Python floats into graph inputs; compile with the default ``dynamic=None``, or mark dimensions dynamic
+with ``torch._dynamo.mark_dynamic``), or when the static FP8 division is not an fp32 division.  What is left is
+counted in :attr:`FusionStats.all_reduces_left`.
+Where :mod:`sagellm_comm.fused` cannot be imported (no Triton), the pass rewrites nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ _PATTERN_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, 
 # some paths), so the traced constant is found again and becomes the free scalar ``eps``.
 _EPS_PLACEHOLDER = 2.0**-17
 _EXAMPLE_TOKENS, _EXAMPLE_HIDDEN = 4, 256  # hidden: a multiple of the FP8 group of 128
+
+
+@functools.cache
+def _fused_limits() -> tuple[int, tuple[torch.dtype, ...]] | None:
+    """``(MAX_HIDDEN, RMSNORM_DTYPES)`` of :mod:`sagellm_comm.fused`, or None where it cannot be imported."""
+    try:
+        from sagellm_comm.fused import MAX_HIDDEN, RMSNORM_DTYPES
+    except ImportError:
+        return None
+    return MAX_HIDDEN, tuple(RMSNORM_DTYPES)
 
 
 def fp8_quantisation() -> tuple[float | None, tuple[str, ...]]:
@@ -155,19 +166,21 @@ def _same_size(a, b) -> bool:
 
 def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     """The checks a structural match must pass before it is rewritten (see the module docstring)."""
-    from sagellm_comm.fused import MAX_HIDDEN, RMSNORM_DTYPES
-
+    limits = _fused_limits()
+    if limits is None:
+        return False
+    max_hidden, dtypes = limits
     x, residual, weight = (_value(match.kwargs.get(name)) for name in ("x", "residual", "weight"))
     if not all(isinstance(t, torch.Tensor) for t in (x, residual, weight)):
         return False
-    if x.dtype not in RMSNORM_DTYPES or residual.dtype != x.dtype or weight.dtype != x.dtype:
+    if x.dtype not in dtypes or residual.dtype != x.dtype or weight.dtype != x.dtype:
         return False
     if x.device != residual.device or weight.device != x.device or x.dim() < 1 or weight.dim() != 1:
         return False
     if x.dim() != residual.dim() or not all(_same_size(a, b) for a, b in zip(x.shape, residual.shape, strict=True)):
         return False
     hidden = x.shape[-1]
-    if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and hidden <= MAX_HIDDEN):
+    if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and hidden <= max_hidden):
         return False
     for expr, node in match.ctx.pattern_to_node.items():
         # Inductor's matcher ignores keyword arguments a pattern does not name: ``add(r, a, alpha=2)`` would
@@ -295,6 +308,8 @@ class AllReduceFusionPass(CustomGraphPass):
         global _GRAPHS, _LEFT
         sites = _sum_all_reduces(graph)
         replaced: collections.Counter[str] = collections.Counter()
+        if _fused_limits() is None:
+            sites = []  # nothing could run the fused op
         with _REGISTRY.lock:
             for node in sites:
                 value = node.meta.get("val")
