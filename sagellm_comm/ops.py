@@ -231,13 +231,16 @@ def _fp8_reference():
     return FP8_QUANT_MODES, quantize_fp8_reference
 
 
-def _check_rows(x: torch.Tensor, residual: torch.Tensor) -> None:
+def _check_fused_call(x: torch.Tensor, residual: torch.Tensor, quant: str, scale: torch.Tensor | None) -> None:
+    """What the fused op checks itself (the fused function checks the rest, the FP8 modes included)."""
     if x.dim() < 1 or tuple(residual.shape) != tuple(x.shape):
         raise ShapeMismatchError(
             f"x and residual must have one shape [..., hidden], got x {tuple(x.shape)}, residual "
             f"{tuple(residual.shape)}",
             details={"x": tuple(x.shape), "residual": tuple(residual.shape)},
         )
+    if quant == QUANT_NONE and scale is not None:
+        raise InvalidArgumentError(f"scale is only taken with an FP8 quant mode; quant is {QUANT_NONE!r}")
 
 
 @torch.library.custom_op("sagellm_comm::all_reduce_residual_rmsnorm", mutates_args=())
@@ -252,15 +255,13 @@ def _all_reduce_residual_rmsnorm_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from sagellm_comm.fused import all_reduce_residual_rmsnorm as fused
 
-    _check_rows(x, residual)
+    _check_fused_call(x, residual, quant, scale)
     group = resolve_group(group_name)
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
     residual_rows = residual.reshape(-1, hidden).contiguous()
     weight = weight.contiguous()
     if quant == QUANT_NONE:
-        if scale is not None:
-            raise InvalidArgumentError("scale is only taken with an FP8 quant mode; quant is 'none'")
         normed, new_residual = fused(rows, residual_rows, weight, eps, group=group)
         return normed.view(x.shape), x.new_empty((0,), dtype=torch.float32), new_residual.view(x.shape)
     _fp8_reference()  # a typed error where the FP8 modes are not available
@@ -282,11 +283,9 @@ def _all_reduce_residual_rmsnorm_fake(
     quant: str = QUANT_NONE,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_rows(x, residual)
+    _check_fused_call(x, residual, quant, scale)
     new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
     if quant == QUANT_NONE:
-        if scale is not None:
-            raise InvalidArgumentError("scale is only taken with an FP8 quant mode; quant is 'none'")
         normed = torch.empty_like(x, memory_format=torch.contiguous_format)
         return normed, x.new_empty((0,), dtype=torch.float32), new_residual
     q, scales = _quantize_fp8_fake(x, quant, scale)
