@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="gloo", help="gloo (default), custom, nccl or auto")
     parser.add_argument("--device", help="device of every rank's tensors (default: the backend's choice)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--mode", default="eager", choices=MODES, help="how the TP model runs (the CUDA-graph modes need a GPU)")
+    parser.add_argument("--mode", default="eager", choices=MODES, help="how the TP model runs (graph modes: a GPU)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2)
