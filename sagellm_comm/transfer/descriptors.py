@@ -128,12 +128,12 @@ def block_table(blocks: Any) -> np.ndarray:
             raise InvalidArgumentError(
                 f"blocks must be (local_offset, remote_offset, nbytes) triples of integers: {exc}"
             ) from None
+    if table.ndim >= 1 and table.shape[0] == 0:
+        raise InvalidArgumentError("blocks is empty: a transfer moves at least one block")
     if table.ndim != 2 or table.shape[1] != 3:
         raise InvalidArgumentError(
             f"blocks must be (local_offset, remote_offset, nbytes) triples: got an array of shape {table.shape}"
         )
-    if table.shape[0] == 0:
-        raise InvalidArgumentError("blocks is empty: a transfer moves at least one block")
     return table
 
 

@@ -182,6 +182,13 @@ class NixlBackend(TransferBackend):
                 raise
             raise BackendNotSupportedError(f"NIXL cannot load peer {peer.name!r}'s metadata: {exc!r}") from None
         name = name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            self.agent.make_connection(name)  # connection set-up now, not in the first transfer
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            self.agent.remove_remote_agent(name)
+            raise BackendNotSupportedError(f"NIXL cannot connect to peer {peer.name!r}: {exc!r}") from None
         link = NixlLink(peer, nixl_name=name, regions={k: tuple(v) for k, v in blob["regions"].items()})
         self.links.append(link)
         return link
