@@ -5,6 +5,8 @@ Subcommands:
 * ``sagellm-comm bench [options]``: the collective microbenchmark (same options as
   ``python -m sagellm_comm.benchmark.run_bench``; see docs/benchmark.md).
 * ``sagellm-comm topo``: the GPU interconnect matrix of this host (``Topology.discover()``).
+* ``sagellm-comm transfer [options]``: one-sided block transfers between two processes (same options as
+  ``python -m sagellm_comm.benchmark.run_transfer_bench``; see docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(subparser=bench)  # usage errors then name "sagellm-comm bench"
+    # transfer: block transfers between two processes (sagellm_comm/benchmark/run_transfer_bench.py)
+    from sagellm_comm.benchmark import run_transfer_bench
+
+    transfer = sub.add_parser("transfer", help="time block transfers (ipc, NIXL, torch references) between two "
+                              "processes", description=run_transfer_bench.DESCRIPTION)  # fmt: skip
+    run_transfer_bench.add_transfer_arguments(transfer)
+    transfer.set_defaults(subparser=transfer, run=run_transfer_bench.run_from_args)
     sub.add_parser(
         "topo",
         help="print the GPU interconnect matrix and where it came from",
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return _topo()
     program = "python -m sagellm_comm.cli" if sys.argv[0].endswith("cli.py") else "sagellm-comm"
     full = [program, *(sys.argv[1:] if argv is None else argv)]
-    return run_from_args(args.subparser, args, full)
+    return getattr(args, "run", run_from_args)(args.subparser, args, full)
 
 
 if __name__ == "__main__":

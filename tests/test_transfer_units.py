@@ -64,10 +64,13 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         ([(0, 0, 64), (32, 64, 64)], "read", "overlap in the destination"),
     ],
 )
-def test_check_blocks_refuses_blocks_outside_regions_misaligned_or_overlapping(blocks, op, words):
+@pytest.mark.parametrize("pad", [0, 40], ids=["few", "many"])  # Python-int and numpy paths
+def test_check_blocks_refuses_blocks_outside_regions_misaligned_or_overlapping(blocks, op, words, pad):
+    padding = [(2048 + 8 * i, 2048 + 8 * i, 4) for i in range(pad)]  # valid, disjoint from the tested blocks
     with pytest.raises(InvalidArgumentError, match=words) as info:
-        d.check_blocks(d.block_table(blocks), F32, F32, op, "peer 'p'")
+        d.check_blocks(d.block_table(padding + blocks), F32, F32, op, "peer 'p'")
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert f"block {pad}" in str(info.value) or f"blocks {pad}" in str(info.value)  # names the first bad one
 
 
 def test_check_blocks_accepts_source_overlap_and_adjacent_destinations():

@@ -303,9 +303,9 @@ class TransferAgent:
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
             message = _message(notify)
-            check_blocks(table, local.info, remote, op, f"peer {peer!r}")
+            nbytes = check_blocks(table, local.info, remote, op, f"peer {peer!r}")
             request = entry.backend.post(entry.link, op, local, remote, table, message)
-        return TransferHandle(self, peer, op, entry.backend.name, request, int(table[:, 2].sum()), len(table))
+        return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(table))
 
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated

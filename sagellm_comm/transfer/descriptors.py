@@ -155,46 +155,68 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> None:
+SMALL = 16  # up to this many blocks, checks run on Python ints (numpy's per-call cost dominates below)
+
+
+def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:
+    """Raise the error of the first failed check of block ``i`` (``row``: its three ints)."""
+    lo, ro, n = (int(v) for v in row)
+    if n <= 0:
+        raise InvalidArgumentError(f"block {i} {(lo, ro, n)}: nbytes must be positive")
+    for offset, info, side in ((lo, local, "local"), (ro, remote, "remote")):
+        if offset < 0 or offset + n > info.nbytes:
+            raise InvalidArgumentError(
+                f"block {i} {(lo, ro, n)} runs outside the {side} region {info.name!r} ({info.nbytes} bytes): its "
+                f"{side} bytes [{offset}, {offset + n}) must lie inside [0, nbytes)"
+            )
+    raise InvalidArgumentError(
+        f"block {i} {(lo, ro, n)}: offsets and lengths must be multiples of the element size of {local.dtype} "
+        f"({local.itemsize} bytes)"
+    )
+
+
+def _refuse_overlap(a: int, b: int, table: np.ndarray, op: str) -> None:
+    a, b = sorted((a, b))
+    side = "remote" if op == "write" else "local"
+    raise InvalidArgumentError(
+        f"blocks {a} {tuple(table[a].tolist())} and {b} {tuple(table[b].tolist())} overlap in the destination "
+        f"({side} region of a {op}): the result would depend on the copy order"
+    )
+
+
+def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> int:
     """Refuse ``table`` (from :func:`block_table`) unless every block lies inside both regions, offsets and
-    lengths are whole elements, and no two destination blocks overlap (module docstring)."""
+    lengths are whole elements, and no two destination blocks overlap (module docstring).  Returns the total
+    bytes."""
     check_pair(local, remote, peer)
+    itemsize, column = local.itemsize, 1 if op == "write" else 0
+    if len(table) <= SMALL:
+        rows = table.tolist()
+        for i, (lo, ro, n) in enumerate(rows):
+            inside = n > 0 and lo >= 0 and ro >= 0 and lo + n <= local.nbytes and ro + n <= remote.nbytes
+            if not inside or (lo | ro | n) % itemsize:
+                _refuse_block(i, rows[i], local, remote)
+        spans = sorted((row[column], row[column] + row[2], i) for i, row in enumerate(rows))
+        for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                _refuse_overlap(i, j, table, op)
+        return sum(row[2] for row in rows)
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
-    bad = nbytes <= 0
+    bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
+    bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
+    if itemsize > 1:
+        bad |= ((local_offset | remote_offset | nbytes) % itemsize) != 0
     if bad.any():
         i = _first(bad)
-        raise InvalidArgumentError(f"block {i} {tuple(table[i].tolist())}: nbytes must be positive")
-    for offsets, info, side in ((local_offset, local, "local"), (remote_offset, remote, "remote")):
-        bad = (offsets < 0) | (offsets > info.nbytes - nbytes)
-        if bad.any():
-            i = _first(bad)
-            raise InvalidArgumentError(
-                f"block {i} {tuple(table[i].tolist())} runs outside the {side} region {info.name!r} "
-                f"({info.nbytes} bytes): its {side} bytes [{int(offsets[i])}, {int(offsets[i] + nbytes[i])}) "
-                "must lie inside [0, nbytes)"
-            )
-    itemsize = local.itemsize
-    if itemsize > 1:
-        bad = ((local_offset | remote_offset | nbytes) % itemsize) != 0
-        if bad.any():
-            i = _first(bad)
-            raise InvalidArgumentError(
-                f"block {i} {tuple(table[i].tolist())}: offsets and lengths must be multiples of the element size "
-                f"of {local.dtype} ({itemsize} bytes)"
-            )
-    destination = remote_offset if op == "write" else local_offset
-    if len(destination) > 1:
-        order = np.argsort(destination, kind="stable")
-        starts, ends = destination[order], destination[order] + nbytes[order]
-        bad = starts[1:] < ends[:-1]
-        if bad.any():
-            j = _first(bad)
-            a, b = sorted((int(order[j]), int(order[j + 1])))
-            side = "remote" if op == "write" else "local"
-            raise InvalidArgumentError(
-                f"blocks {a} {tuple(table[a].tolist())} and {b} {tuple(table[b].tolist())} overlap in the "
-                f"destination ({side} region of a {op}): the result would depend on the copy order"
-            )
+        _refuse_block(i, table[i].tolist(), local, remote)
+    destination = table[:, column]
+    order = np.argsort(destination, kind="stable")
+    starts = destination[order]
+    overlap = starts[1:] < starts[:-1] + nbytes[order][:-1]
+    if overlap.any():
+        j = _first(overlap)
+        _refuse_overlap(int(order[j]), int(order[j + 1]), table, op)
+    return int(nbytes.sum())
 
 
 @dataclass(frozen=True)
@@ -228,6 +250,12 @@ def make_layout(local: RegionInfo, remote: RegionInfo, block_bytes: int, peer: s
 
 def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
     """``(local_blocks, remote_blocks)`` (two equal-length integer sequences or arrays) as an int64 ``[n, 2]``."""
+    small = isinstance(local_blocks, list) and isinstance(remote_blocks, list) and 0 < len(local_blocks) <= SMALL
+    if small and len(local_blocks) == len(remote_blocks):
+        try:
+            return np.array([local_blocks, remote_blocks], dtype=np.int64).T.copy()
+        except (TypeError, ValueError, OverflowError):
+            pass  # the general path names the problem
     try:
         local = np.asarray(local_blocks, dtype=np.int64).reshape(-1)
         remote = np.asarray(remote_blocks, dtype=np.int64).reshape(-1)
@@ -244,6 +272,14 @@ def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
 
 def check_block_ids(ids: np.ndarray, layout: BlockLayout, op: str) -> None:
     """Every id inside its pool; no destination block named twice."""
+    if len(ids) <= SMALL:
+        rows = ids.tolist()
+        column = 1 if op == "write" else 0
+        destinations = [row[column] for row in rows]
+        if all(0 <= a < layout.local_blocks and 0 <= b < layout.remote_blocks for a, b in rows) and len(
+            set(destinations)
+        ) == len(destinations):
+            return
     for column, count, side in ((0, layout.local_blocks, "local"), (1, layout.remote_blocks, "remote")):
         bad = (ids[:, column] < 0) | (ids[:, column] >= count)
         if bad.any():

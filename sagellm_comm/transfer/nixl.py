@@ -29,7 +29,7 @@ import numpy as np
 from sagellm_comm.errors import BackendNotSupportedError, CommError, PeerLostError, TransferError
 from sagellm_comm.transfer import ucx_log
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
-from sagellm_comm.transfer.descriptors import BlockLayout, Region, RegionInfo
+from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo
 from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
 from sagellm_comm.transfer.registry import register_transfer_backend
 
@@ -204,7 +204,12 @@ class NixlBackend(TransferBackend):
                 raise
             logger.debug("NIXL remove_remote_agent(%r): %r", link.nixl_name, exc)
 
-    def _descs(self, address: int, device_index: int, offsets: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _descs(address: int, device_index: int, offsets: np.ndarray, nbytes: np.ndarray | int):
+        """NIXL descriptors ``(address, bytes, device)``: a list of tuples for a few blocks (cheaper to build),
+        an ``[n, 3]`` uint64 array otherwise."""
+        if len(offsets) <= SMALL and not isinstance(nbytes, int):
+            return [(address + o, n, device_index) for o, n in zip(offsets.tolist(), nbytes.tolist(), strict=True)]
         descs = np.empty((len(offsets), 3), dtype=np.uint64)
         descs[:, 0] = offsets + address
         descs[:, 1] = nbytes
@@ -213,8 +218,13 @@ class NixlBackend(TransferBackend):
 
     def post(self, link: NixlLink, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> NixlRequest:
         address, _, device_index = link.regions[remote.name]
-        local_descs = self._descs(local.ptr, local.info.device_index, table[:, 0], table[:, 2])
-        remote_descs = self._descs(address, device_index, table[:, 1], table[:, 2])
+        if len(table) <= SMALL:
+            rows = table.tolist()
+            local_descs = [(local.ptr + lo, n, local.info.device_index) for lo, _, n in rows]
+            remote_descs = [(address + ro, n, device_index) for _, ro, n in rows]
+        else:
+            local_descs = self._descs(local.ptr, local.info.device_index, table[:, 0], table[:, 2])
+            remote_descs = self._descs(address, device_index, table[:, 1], table[:, 2])
         try:
             handle = self.agent.initialize_xfer(
                 _OPS[op],
@@ -244,8 +254,7 @@ class NixlBackend(TransferBackend):
         size = layout.block_bytes
 
         def side(base: int, dev: int, count: int) -> np.ndarray:
-            offsets = np.arange(count, dtype=np.int64) * size
-            return self._descs(base, dev, offsets, np.full(count, size, dtype=np.int64))
+            return self._descs(base, dev, np.arange(count, dtype=np.int64) * size, size)
 
         try:
             local_descs = side(local.ptr, local.info.device_index, layout.local_blocks)
