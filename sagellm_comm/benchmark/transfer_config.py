@@ -115,8 +115,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
         raise InvalidArgumentError("--ops names no operation")
     try:
         device = torch.device(config.device or ("cuda" if cuda_available() else "cpu"))
-    except RuntimeError as exc:
-        raise InvalidArgumentError(f"--device {config.device}: {exc}") from None
+    except RuntimeError:
+        raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device!r}") from None
     if device.type == "cuda":
         if not cuda_available():
             raise InvalidArgumentError(f"--device {config.device}: no CUDA GPU is available here")
