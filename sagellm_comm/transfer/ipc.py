@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,7 @@ class IpcLink(Link):
     maps: PeerMaps | None = None
     outbox: Outbox | None = None
     registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
-    pending: list = field(default_factory=list)  # events of launches still possibly running
+    pending: deque = field(default_factory=deque)  # events of launches still possibly running, oldest first
 
 
 class IpcRequest(Request):
@@ -133,6 +134,7 @@ class IpcBackend(TransferBackend):
         self.scratch = torch.zeros(TOKEN_BYTES, dtype=torch.uint8, device=device)
         self.staging = Staging(pinned=cuda)
         self.stream = torch.cuda.Stream(device) if cuda else None
+        self.fork = torch.cuda.Event() if cuda else None  # the caller's stream, as the transfer stream waits on it
         self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
         if cuda:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -322,14 +324,17 @@ class IpcBackend(TransferBackend):
         grid = (max(1, min(items, self.max_programs)), 1)
         if self.stream is None:
             self.launcher(grid, args, constexprs)  # the interpreter runs it to completion here
+            self.staging.release(index)
             return IpcRequest(link, None)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.fork.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self.fork)
         with torch.cuda.stream(self.stream):
             self.launcher(grid, args, constexprs)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.staging.busy(index, event)
-        link.pending = [e for e in link.pending if not e.query()]
+        while link.pending and link.pending[0].query():
+            link.pending.popleft()
         link.pending.append(event)
         return IpcRequest(link, event)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,43 +69,45 @@ class PeerMaps:
 
 
 class Staging:
-    """Host buffers for launches; ``acquire(nbytes)`` gives a free one, ``busy(index, event)`` ties it to a launch."""
+    """Host buffers for launches: ``acquire(nbytes)`` gives one no launch reads, ``busy(index, event)`` ties it to
+    a launch.  Launches on one stream complete in order, so only the oldest busy buffer is ever queried."""
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
         self.buffers: list[torch.Tensor] = []
-        self.events: list = []
+        self.free: list[int] = []
+        self.busy_queue: deque = deque()  # (index, event), oldest first
 
     def acquire(self, nbytes: int) -> tuple[int, np.ndarray, int]:
         """``(index, uint8 numpy view of at least nbytes, address)`` of a buffer no launch is reading."""
-        nbytes = max(4096, (nbytes + 4095) // 4096 * 4096)
-        for index, event in enumerate(self.events):
-            if event is None or event.query():
-                self.events[index] = None
-                if self.buffers[index].numel() < nbytes:
-                    self.buffers[index] = self._new(nbytes)
-                buffer = self.buffers[index]
-                return index, buffer.numpy(), buffer.data_ptr()
-        if len(self.buffers) >= 4096:  # thousands of launches queued and none done: wait for the oldest
-            self.events[0].synchronize()
-            return self.acquire(nbytes)
-        self.buffers.append(self._new(nbytes))
-        self.events.append(None)
-        buffer = self.buffers[-1]
-        return len(self.buffers) - 1, buffer.numpy(), buffer.data_ptr()
+        while self.busy_queue and self.busy_queue[0][1].query():
+            self.free.append(self.busy_queue.popleft()[0])
+        if self.free:
+            index = self.free.pop()
+            if self.buffers[index].numel() < nbytes:
+                self.buffers[index] = self._new(nbytes)
+        else:
+            index = len(self.buffers)
+            self.buffers.append(self._new(nbytes))
+        buffer = self.buffers[index]
+        return index, buffer.numpy(), buffer.data_ptr()
+
+    def release(self, index: int) -> None:
+        """The launch that used buffer ``index`` already completed (it ran on the host)."""
+        self.free.append(index)
 
     def busy(self, index: int, event) -> None:
-        self.events[index] = event
+        self.busy_queue.append((index, event))
 
     def _new(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return torch.empty(max(4096, -(-nbytes // 4096) * 4096), dtype=torch.uint8, pin_memory=self.pinned)
 
     def close(self) -> None:
-        for event in self.events:
-            if event is not None:
-                event.synchronize()
+        for _, event in self.busy_queue:
+            event.synchronize()
+        self.busy_queue.clear()
         self.buffers.clear()
-        self.events.clear()
+        self.free.clear()
 
 
 def device_memory(device: torch.device) -> PeerMemory:

@@ -127,18 +127,18 @@ class Inbox:
         self._tokens = [0] * SLOTS
         self._next = [1] * SLOTS
         self._names = [""] * SLOTS
+        self._token_words = np.array([_Mapped.slot_word(s, TOKEN) for s in range(SLOTS)])
 
     def drain(self) -> list[tuple[str, bytes]]:
         """Every record published since the last drain, ``(sender name, message)``, oldest first per slot."""
         m = self._mapped
         words, data = m.words, m.bytes
         out: list[tuple[str, bytes]] = []
-        for slot in range(SLOTS):
-            base = m.slot_word(slot, 0)
-            token = int(words[base + TOKEN])
+        for slot, token in enumerate(words[self._token_words].tolist()):  # one read of every slot's token
             if token == 0:
                 self._tokens[slot] = 0
                 continue
+            base = m.slot_word(slot, 0)
             if token != self._tokens[slot]:
                 fence()
                 self._tokens[slot] = token
