@@ -35,7 +35,8 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     assert "backends nixl, nixl-raw, torch" in table and "Wrong bytes: 0, failed points: 0: OK" in table
     assert "UCX RMA:" in table and "notification latency, nixl" in table
     record = json.loads(stem.with_suffix(".json").read_text())
-    assert record["meta"]["commit"] and record["meta"]["device"] == "cpu" and "command" in record["meta"]
+    assert record["meta"]["commit"] and "2 processes" in record["meta"]["device"] and "command" in record["meta"]
+    assert record["setup"]["backends"] == ["nixl", "nixl-raw", "torch"]
     results = record["results"]
     assert len(results) == 2 * 2 * 2 * 3  # sizes x counts x ops x backends
     assert {r["backend"] for r in results} == {"nixl", "nixl-raw", "torch"}

@@ -145,8 +145,8 @@ def format_table(result: TransferBenchResult) -> str:
 
 
 def write_files(result: TransferBenchResult, output_dir: str | None, out: str | None) -> None:
-    """``STEM.json`` (``{"meta", "run", "results", "notify"}``) and ``STEM.csv``: ``out`` as the stem, else
-    ``output_dir/transfer_<timestamp>``."""
+    """``STEM.json`` (``{"meta", "setup", "results", "notify"}``; ``meta`` is the provenance block every record
+    under bench/results has) and ``STEM.csv``: ``out`` as the stem, else ``output_dir/transfer_<timestamp>``."""
     from sagellm_comm.benchmark.provenance import write_record
 
     if out is not None:
@@ -155,10 +155,11 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         stem = Path(output_dir) / f"transfer_{stamp}"
     stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
-    meta = {k: result.run[k] for k in ("device", "date", "command", "commit", "dirty", "commit_source", "torch")
+    meta = {k: result.run[k] for k in ("date", "command", "commit", "dirty", "commit_source", "torch", "triton")
             if k in result.run}  # fmt: skip
+    meta["device"] = f"{result.run['device_name']} ({result.run['device']}, 2 processes)"
     result.json_path = write_record(
-        stem.with_name(stem.name + ".json"), meta, run=result.run, results=[r.to_dict() for r in result.records],
+        stem.with_name(stem.name + ".json"), meta, setup=result.run, results=[r.to_dict() for r in result.records],
         notify=result.notify,
     )  # fmt: skip
     result.csv_path = stem.with_name(stem.name + ".csv")
