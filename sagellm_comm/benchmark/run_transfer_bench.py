@@ -5,7 +5,7 @@ Examples::
 
     sagellm-comm transfer                                       # CPU: nixl, nixl-raw, torch; 4K..256K x 1,10,100
     sagellm-comm transfer --backend ipc,torch,copy-engine,nixl  # one GPU, two processes
-    sagellm-comm transfer --block-sizes 16K --block-counts 1000 --ops write --prepared --out bench/results/x
+    sagellm-comm transfer --block-sizes 16K --block-counts 1000 --ops write --prepared --out /tmp/transfer
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"JSON/CSV directory ({DEFAULT_OUTPUT_DIR})")
-    out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. bench/results/h200/transfer)")
+    out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. --out /tmp/transfer)")
     out.add_argument("--no-save", action="store_true", help="write no JSON/CSV files")
     out.add_argument("--plot", metavar="FILE.png", help="plot GB/s against block size (needs matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -202,20 +202,24 @@ def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: s
                 _refuse_overlap(i, j, table, op)
         return sum(row[2] for row in rows)
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
-    bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
-    bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
-    if itemsize > 1:
+    # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
+    fits = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0
+    fits = fits and int((local_offset + nbytes).max()) <= local.nbytes and int((remote_offset + nbytes).max()) <= (
+        remote.nbytes)  # fmt: skip
+    if not fits or (itemsize > 1 and int(np.bitwise_or.reduce(table, axis=None)) % itemsize):
+        bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
+        bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
         bad |= ((local_offset | remote_offset | nbytes) % itemsize) != 0
-    if bad.any():
         i = _first(bad)
         _refuse_block(i, table[i].tolist(), local, remote)
     destination = table[:, column]
-    order = np.argsort(destination, kind="stable")
-    starts = destination[order]
-    overlap = starts[1:] < starts[:-1] + nbytes[order][:-1]
-    if overlap.any():
-        j = _first(overlap)
-        _refuse_overlap(int(order[j]), int(order[j + 1]), table, op)
+    ends = destination + nbytes
+    if not (destination[1:] >= ends[:-1]).all():  # not ascending without overlap: sort, then look
+        order = np.argsort(destination, kind="stable")
+        overlap = destination[order][1:] < ends[order][:-1]
+        if overlap.any():
+            j = _first(overlap)
+            _refuse_overlap(int(order[j]), int(order[j + 1]), table, op)
     return int(nbytes.sum())
 
 

@@ -19,8 +19,9 @@ from sagellm_comm.transfer.base import Prepared, Request
 if TYPE_CHECKING:
     from sagellm_comm.transfer.agent import TransferAgent
 
-SPIN_S = 1e-3  # poll without sleeping for the first millisecond of a wait
-MAX_SLEEP_S = 1e-3
+SPIN_S = 2e-3  # poll without sleeping for the first 2 ms of a wait
+FIRST_SLEEP_S = 2e-5  # then sleep between polls, doubling up to MAX_SLEEP_S (completion seen within ~0.2 ms)
+MAX_SLEEP_S = 2e-4
 
 
 class TransferHandle:
@@ -77,7 +78,7 @@ class TransferHandle:
             raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
         start = time.monotonic()
         deadline = start + limit
-        sleep = 5e-5
+        sleep = FIRST_SLEEP_S
         while not self.done():
             now = time.monotonic()
             if now >= deadline:
