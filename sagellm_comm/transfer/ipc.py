@@ -28,7 +28,7 @@ from sagellm_comm.errors import BackendNotSupportedError, CommError, P2PFailedEr
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
-from sagellm_comm.transfer.descriptors import BlockLayout, Region, RegionInfo, split_rows
+from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
 from sagellm_comm.transfer.ipc_memory import PeerMaps, Staging, device_memory
 from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox, record_image
@@ -238,7 +238,7 @@ class IpcBackend(TransferBackend):
         """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
         self.scratch.zero_()
         table = np.array([[0, 0, TOKEN_BYTES]], dtype=np.int64)
-        self._launch(link, link.addresses["\0probe"], self.scratch.data_ptr(), table, None, fixed=None)
+        self._launch(link, link.addresses["\0probe"], self.scratch.data_ptr(), table, None, None, TOKEN_BYTES)
         if self.stream is not None:
             self.stream.synchronize()
         got = bytes(self.scratch.cpu().numpy())
@@ -276,7 +276,17 @@ class IpcBackend(TransferBackend):
             src, dst, rows = local.ptr, remote_address, table
         else:
             src, dst, rows = remote_address, local.ptr, table[:, [1, 0, 2]]
-        return self._launch(link, src, dst, split_rows(rows, PART_BYTES), notify, fixed=None)
+        if len(rows) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
+            listed = rows.tolist()
+            longest, bits = max(r[2] for r in listed), 0
+            for r in listed:
+                bits |= r[0] | r[1] | r[2]
+        else:
+            longest, bits = int(rows[:, 2].max()), int(np.bitwise_or.reduce(rows, axis=None))
+        if longest > PART_BYTES:
+            rows = split_rows(rows, PART_BYTES)
+            bits |= PART_BYTES
+        return self._launch(link, src, dst, rows, notify, None, bits)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -289,7 +299,8 @@ class IpcBackend(TransferBackend):
             src, dst, rows = prepared.local.ptr, remote_address, ids
         else:
             src, dst, rows = remote_address, prepared.local.ptr, ids[:, ::-1]
-        return self._launch(link, src, dst, np.ascontiguousarray(rows), notify, fixed=prepared.layout.block_bytes)
+        block_bytes = prepared.layout.block_bytes
+        return self._launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
 
     def _check_alive(self, link: IpcLink) -> None:
         if not link.outbox.liveness.alive():
@@ -298,9 +309,11 @@ class IpcBackend(TransferBackend):
                 f"peer {name!r} exited (its inbox lock is free): nothing was sent", details={"peer": name}
             )
 
-    def _launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None) -> IpcRequest:
+    def _launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None, bits: int
+                ) -> IpcRequest:  # fmt: skip
         """One launch of the block-copy kernel: ``rows`` (listed ``[n, 3]`` or, with ``fixed`` block bytes, block
-        ids ``[n, 2]``) from ``src`` to ``dst``; ``notify`` goes to the peer's ring."""
+        ids ``[n, 2]``) from ``src`` to ``dst``; ``notify`` goes to the peer's ring.  ``bits``: every offset and
+        length OR-ed together (the vector path needs them all 16-byte aligned)."""
         header = _bc.RECORD_BYTES.value
         index, buffer, address = self.staging.acquire(header + rows.nbytes)
         buffer[header : header + rows.nbytes] = rows.reshape(-1).view(np.uint8)
@@ -308,12 +321,10 @@ class IpcBackend(TransferBackend):
         if notify is not None:
             seq, notify_dst = link.outbox.reserve()
             record_image(seq, notify, buffer[:header])
+        vec = not ((bits | src | dst) % _bc.VEC_BYTES)
         if fixed is None:
-            lengths = rows[:, :3]
-            vec = not ((int(np.bitwise_or.reduce(lengths, axis=None)) | src | dst) % _bc.VEC_BYTES)
             n_items, items, block_bytes, parts, part_bytes = len(rows), len(rows), 0, 1, 0
         else:
-            vec = not ((fixed | src | dst) % _bc.VEC_BYTES)
             part_bytes = min(fixed, PART_BYTES)
             parts = -(-fixed // part_bytes)
             n_items, items, block_bytes = len(rows), len(rows) * parts, fixed
@@ -328,10 +339,13 @@ class IpcBackend(TransferBackend):
             return IpcRequest(link, None)
         self.fork.record(torch.cuda.current_stream(self.device))
         self.stream.wait_event(self.fork)
-        with torch.cuda.stream(self.stream):
-            self.launcher(grid, args, constexprs)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        if self.launcher.is_loaded(args, constexprs):
+            self.launcher(grid, args, constexprs, stream=self.stream.cuda_stream)
+        else:
+            with torch.cuda.stream(self.stream):  # the first launch compiles through Triton's own path
+                self.launcher(grid, args, constexprs)
+        event = torch.cuda.Event()
+        event.record(self.stream)
         self.staging.busy(index, event)
         while link.pending and link.pending[0].query():
             link.pending.popleft()

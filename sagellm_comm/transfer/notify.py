@@ -45,6 +45,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import struct
 import threading
 import time
 
@@ -291,9 +292,8 @@ class Outbox:
 def record_image(seq: int, message: bytes, out: np.ndarray) -> None:
     """Write the 512-byte record ``seq | len(message) | message`` into the uint8 array ``out`` (the kernel copies
     bytes 8.. and then publishes ``seq``)."""
-    words = out[:16].view(np.int64)
-    words[0], words[1] = seq, len(message)
-    out[16 : 16 + len(message)] = np.frombuffer(message, dtype=np.uint8)
+    image = struct.pack("<qq", seq, len(message)) + message
+    out[: len(image)] = np.frombuffer(image, dtype=np.uint8)
 
 
 __all__ = ["Inbox", "Outbox", "fence", "record_image", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]
