@@ -333,6 +333,19 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     meta.name, meta.regions["kv"] = "b-gpu", type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
     gpu_peer = a.add_peer(meta.encode())
     expect("device", ShapeMismatchError, "same kind of device", lambda: a.write(gpu_peer, "kv", "kv", blocks))
+    # A peer removed with a transfer in flight: its wait names the peer; re-adding the same agent works.
+    from sagellm_comm.errors import PeerLostError
+
+    in_flight = a.write(peer, "kv", "kv", [(1024, 2048, 64)])
+    a.remove_peer(peer)
+    try:
+        in_flight.wait(10)
+    except PeerLostError as exc:
+        refused["removed in flight"] = exc.details["peer"]
+    peer = a.add_peer(b.metadata())
+    a.write(peer, "kv", "kv", [(1024, 2048, 64)]).wait(10)
+    assert torch.equal(dst[512:528], src[256:272])
+    dst[512:528] = 0
     # Nothing above moved a byte or sent a notification (but the one valid write, of a prepared block).
     time.sleep(0.5)
     notes = b.notifications()
@@ -353,8 +366,9 @@ def _bad_inputs_worker(rank, world_size, port, backend):
 @pytest.mark.parametrize("backend", ["nixl", "ipc"])
 def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
     (refused,) = run_ranks(_bad_inputs_worker, 1, backend, timeout=120.0, env=ENVS[backend])
-    assert len(refused) == 23, sorted(refused)
+    assert len(refused) == 24, sorted(refused)
     assert refused.pop("closed") == "comm_not_initialized"
+    assert refused.pop("removed in flight") == "b"
     assert set(refused.values()) == {"invalid_argument"}, refused
 
 

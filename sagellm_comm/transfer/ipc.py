@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -255,10 +256,20 @@ class IpcBackend(TransferBackend):
         self._release(link)
 
     def _release(self, link: IpcLink) -> None:
-        """Unmap the peer once no launch of this agent may still touch its memory."""
-        for event in link.pending:
-            event.synchronize()  # copy kernels never wait on anything: they finish
-        link.pending.clear()
+        """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
+        behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it)."""
+        deadline = time.monotonic() + self.context.timeout_s
+        while link.pending and time.monotonic() < deadline:
+            if link.pending[0].query():
+                link.pending.popleft()
+            else:
+                time.sleep(1e-4)
+        if link.pending:
+            logger.warning(
+                "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
+                self.context.name, link.peer.name, self.context.timeout_s,
+            )  # fmt: skip
+            return
         if link.registered is not None:
             self.memory.host_unregister(link.registered[0])
             link.registered = None
@@ -368,7 +379,7 @@ class IpcBackend(TransferBackend):
             self.disconnect(link)
         self.inbox.close()
         if self.device is not None:
-            self.staging.close()
+            self.staging.close(self.context.timeout_s)
             if self.device.type == "cuda":
                 self.memory.free(self.probe)
             self._probe_tensor = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from sagellm_comm.ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
 
 _OPEN_LOCK = threading.Lock()
 _OPENED: dict[tuple, list] = {}  # (kind, device, key) -> [base address, references, memory]
+_LEAKED: list = []  # staging buffers a launch may still read when their agent closed (kept, never freed)
 
 
 def open_shared(memory: PeerMemory, key: str | bytes, device_index: int) -> int:
@@ -102,11 +104,19 @@ class Staging:
     def _new(self, nbytes: int) -> torch.Tensor:
         return torch.empty(max(4096, -(-nbytes // 4096) * 4096), dtype=torch.uint8, pin_memory=self.pinned)
 
-    def close(self) -> None:
-        for _, event in self.busy_queue:
-            event.synchronize()
+    def close(self, timeout_s: float) -> None:
+        """Drop the buffers once no launch reads them; after ``timeout_s`` the busy ones are left to the garbage
+        collector's owner (leaked rather than freed under a running kernel)."""
+        deadline = time.monotonic() + timeout_s
+        while self.busy_queue and time.monotonic() < deadline:
+            if self.busy_queue[0][1].query():
+                self.busy_queue.popleft()
+            else:
+                time.sleep(1e-4)
+        if self.busy_queue:
+            _LEAKED.append(self.buffers)
         self.busy_queue.clear()
-        self.buffers.clear()
+        self.buffers = []
         self.free.clear()
 
 
