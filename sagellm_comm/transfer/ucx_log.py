@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import re
 import socket
@@ -125,14 +126,30 @@ def install() -> UcxLog:
     elif _ucx_loaded():
         _INSTALLED = UcxLog(None, "UCX was loaded before the first transfer agent, so its log could not be redirected")
     else:
-        path = os.path.join(tempfile.gettempdir(), f"sagellm-ucx-{os.getpid()}.log")
+        _sweep()
+        path = os.path.join(tempfile.gettempdir(), f"{LOG_PREFIX}{os.getpid()}.log")
         os.environ["UCX_PROTO_INFO"] = "y"
         os.environ["UCX_LOG_FILE"] = path
         atexit.register(_remove, path)
+        # multiprocessing children leave through os._exit, skipping atexit; its own exit hook runs there
+        multiprocessing.util.Finalize(None, _remove, args=(path,), exitpriority=0)
         _INSTALLED = UcxLog(path)
     return _INSTALLED
+
+
+LOG_PREFIX = "sagellm-ucx-"
 
 
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _sweep() -> None:
+    """Remove the logs of processes that are gone (killed ones never ran their exit hooks)."""
+    directory = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            pid = name[len(LOG_PREFIX) : -len(".log")] if name.startswith(LOG_PREFIX) and name.endswith(".log") else ""
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _remove(os.path.join(directory, name))
