@@ -501,6 +501,70 @@ def fp8_payload() -> str:
     return f"From {cite(FP8_PAYLOAD)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
 
 
+# ============================================================================ block transfers (sagellm-comm transfer)
+
+TRANSFER_CPU = "cpu/transfer.json"
+TRANSFER_H200 = "h200/transfer.json"
+
+
+def _transfer_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per (block, count, op): each backend's median time and GB/s, wrong bytes summed."""
+    backends = data["setup"]["backends"]
+    rows: dict[tuple, dict] = {}
+    for r in data["results"]:
+        rows.setdefault((r["block_bytes"], r["count"], r["op"]), {})[r["backend"]] = r
+    head = ["block", "count", "op", *[f"{b} (us, GB/s)" for b in backends], "wrong bytes"]
+    body = []
+    for (block, count, op), by in sorted(rows.items()):
+        cells = [f"{_us(by[b]['latency_us'])}, {by[b]['gbps']:.2f}" if by.get(b, {}).get("latency_us") else "-"
+                 for b in backends]  # fmt: skip
+        body.append([size_label(block), str(count), op, *cells, str(sum(r.get("num_wrong") or 0 for r in by.values()))])
+    return head, body
+
+
+def _notify_line(data: dict) -> str:
+    parts = [f"{b}: median {n['median_us']:.1f} us (p10-p90 {n['p10_us']:.1f}-{n['p90_us']:.1f})"
+             for b, n in data.get("notify", {}).items() if n.get("samples")]  # fmt: skip
+    return ("Notification latency, one 16 KB block, from the initiator's call to the receiver's `notifications()` "
+            "returning it: " + "; ".join(parts) + ".") if parts else ""  # fmt: skip
+
+
+def transfer_cpu() -> str:
+    data = load(TRANSFER_CPU)
+    head, body = _transfer_rows(data)
+    pairs = [r for r in data["results"] if r["backend"] in ("nixl", "nixl-raw") and r["latency_us"]]
+    ours = {(r["block_bytes"], r["count"], r["op"]): r["latency_us"] for r in pairs if r["backend"] == "nixl"}
+    raw = {(r["block_bytes"], r["count"], r["op"]): r["latency_us"] for r in pairs if r["backend"] == "nixl-raw"}
+    overheads = sorted(ours[k] / raw[k] - 1 for k in ours if k in raw)
+    summary = (
+        f"Our agent over NIXL against NIXL's own API, same descriptors: median overhead "
+        f"{statistics.median(overheads) * 100:+.0f}% over {len(overheads)} points (range "
+        f"{overheads[0] * 100:+.0f}% to {overheads[-1] * 100:+.0f}%)."
+    )
+    return "\n\n".join(x for x in (table(head, body), summary, _notify_line(data), cite(TRANSFER_CPU) + ".") if x)
+
+
+def transfer_h200() -> str:
+    if not (RESULTS / TRANSFER_H200).exists():
+        return "No H200 record yet: `bench/README.md` has the command that makes `bench/results/h200/transfer.json`."
+    data = load(TRANSFER_H200)
+    head, body = _transfer_rows(data)
+    by = {(r["backend"], r["block_bytes"], r["count"], r["op"]): r for r in data["results"]}
+    checks = []
+    for block, count, reference, target in ((16 * KB, 1000, "torch", 3.0), (64 * MB, 1, "torch", 0.9)):
+        ours, ref = by.get(("ipc", block, count, "write")), by.get((reference, block, count, "write"))
+        if ours and ref and ours["latency_us"] and ref["latency_us"]:
+            speedup = ref["latency_us"] / ours["latency_us"]
+            checks.append(f"{count} x {size_label(block)} write: ipc {ours['gbps']:.0f} GB/s, {reference} "
+                          f"{ref['gbps']:.0f} GB/s: {speedup:.2f}x (target >= {target}x)")  # fmt: skip
+    notify = data.get("notify", {}).get("ipc", {})
+    if notify.get("samples"):
+        checks.append(f"one 16 KB block with its notification: {notify['median_us']:.1f} us median (target <= 15 us)")
+    lines = [table(head, body), "Targets: " + "; ".join(checks) + "." if checks else "", _notify_line(data),
+             cite(TRANSFER_H200) + "."]  # fmt: skip
+    return "\n\n".join(x for x in lines if x)
+
+
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
@@ -513,6 +577,8 @@ SCRIPT_OF = {
     "h200/soak.json": "bench/soak.py",
     "h200/fp8_fused.json": "bench/fp8_fused_bench.py",
     "h200/fp8_payload.json": "bench/fp8_payload_error.py",
+    TRANSFER_CPU: "sagellm-comm transfer",
+    TRANSFER_H200: "sagellm-comm transfer",
 }
 
 
@@ -556,8 +622,10 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "h200-groups-mps": groups_mps,
     "h200-fp8-fused": fp8_fused,
     "h200-fp8-payload": fp8_payload,
+    "transfer-cpu": transfer_cpu,
+    "transfer-h200": transfer_h200,
 }
-DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md")
+DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
 
 

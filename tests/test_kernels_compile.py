@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - a Triton without the CUDA backend
     pytest.skip("this Triton has no CUDA backend to compile with", allow_module_level=True)
 
 TARGET = GPUTarget("cuda", 90, 32)
-UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code"}
+UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "n_items", "parts"}
 
 
 def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 8):
@@ -46,6 +46,7 @@ COLLECTIVE = dict(inp="*bf16", out="*bf16", table="*i64", ctrl="*i64", numel="i3
 
 def _cases():
     from sagellm_comm.kernels import all_reduce as ar
+    from sagellm_comm.kernels import block_copy as bc
     from sagellm_comm.kernels import copy_engine as ce
     from sagellm_comm.kernels import fingerprint as fp
     from sagellm_comm.kernels import fp8_payload_all_reduce as pay
@@ -205,6 +206,29 @@ def _cases():
             (),
         )
     )
+    copy_types = dict(
+        table_addr="i64",
+        src_base="i64",
+        dst_base="i64",
+        n_items="i32",
+        block_bytes="i32",
+        parts="i32",
+        part_bytes="i32",
+        counter_addr="i64",
+        notify_src="i64",
+        notify_dst="i64",
+    )
+    counted = ("atom.global.sys.acq_rel.add.u64",)  # every program's stores released before its count
+    for fixed in (False, True):
+        cases.append(
+            (
+                bc.block_copy_kernel,
+                copy_types,
+                dict(FIXED=fixed, VEC=True, NOTIFY=True, TILE=2048),
+                ("ld.global.cg.v4.b32", "st.global.v4.b32", *counted, "atom.global.sys.release.exch.b64"),
+            )
+        )
+    cases.append((bc.block_copy_kernel, copy_types, dict(FIXED=False, VEC=False, NOTIFY=False, TILE=4096), counted))
     return cases  # fmt: skip
 
 
@@ -214,7 +238,8 @@ CASES = _cases()
 @pytest.mark.parametrize("case", CASES, ids=[f"{k.fn.__name__}-{i}" for i, (k, *_) in enumerate(CASES)])
 def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     kernel, types, constexprs, needles = case
-    compiled = _compile(kernel, types, constexprs, num_warps=1 if kernel.fn.__name__.startswith("ce_barrier") else 8)
+    warps = 1 if kernel.fn.__name__.startswith("ce_barrier") else 4 if kernel.fn.__name__ == "block_copy_kernel" else 8
+    compiled = _compile(kernel, types, constexprs, num_warps=warps)
     ptx = compiled.asm["ptx"]
     for needle in needles:
         assert needle in ptx, f"{kernel.fn.__name__} {constexprs}: no {needle!r} in its PTX"
