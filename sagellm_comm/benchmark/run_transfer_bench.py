@@ -17,7 +17,6 @@ import sys
 
 import torch
 
-from sagellm_comm.cli_support import OneLineParser, run_reporting
 from sagellm_comm.benchmark.sizes import parse_size_list
 from sagellm_comm.benchmark.transfer_config import (
     BACKENDS,
@@ -29,6 +28,7 @@ from sagellm_comm.benchmark.transfer_config import (
     TransferBenchConfig,
     plan_transfer,
 )
+from sagellm_comm.cli_support import OneLineParser, run_reporting
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
 DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
