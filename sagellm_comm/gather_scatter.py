@@ -20,15 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .custom_all_reduce import (
-    LARGE_NUM_WARPS,
-    LARGE_STAGES,
-    LARGE_TILE_BYTES,
-    LARGE_TILE_THRESHOLD,
-    NUM_WARPS,
-    SMALL_TILE_BYTES,
-    SUPPORTED_DTYPES,
-)
+from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
 from .launch import Launcher
@@ -67,13 +59,6 @@ def max_numel(op: str, world_size: int, slot_bytes: int, itemsize: int) -> int:
         align = _k.CHUNK_ALIGN.value
         return slot_bytes // ((world_size - 1) * itemsize) // align * align
     raise InvalidArgumentError(f"op must be one of {OPS}, got {op!r}")
-
-
-def _tile(nbytes: int, itemsize: int) -> tuple[int, int, int]:
-    """``(BLOCK, num_warps, stages)`` for ``nbytes`` moved per rank: the all-reduce's tile rule."""
-    if nbytes >= LARGE_TILE_THRESHOLD:
-        return LARGE_TILE_BYTES // itemsize, LARGE_NUM_WARPS, LARGE_STAGES
-    return SMALL_TILE_BYTES // itemsize, NUM_WARPS, 1
 
 
 def _launcher(op: str, use_ptx: bool, device_index: int, num_warps: int) -> Launcher:
@@ -151,7 +136,7 @@ def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, vir
     """Enqueue the check (check mode) and the kernel on the current stream; ``ranks`` > 1: virtual ranks."""
     ws = car.workspace
     world_size = car.world_size
-    block, num_warps, stages = _tile(world_size * numel * itemsize, itemsize)
+    block, num_warps, stages = tile_shape(world_size * numel * itemsize, itemsize, ws.config)
     programs = min(triton.cdiv(numel, block), ws.max_programs)
     if car.check:
         car.launch_check(op, tensor.numel() // ranks, tensor.dtype, table, ctrl, grid_y=ranks)

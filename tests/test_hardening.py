@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from sagellm_comm.config import MAX_INITIAL_EPOCH
 from tests.conftest import run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None}
@@ -126,16 +127,38 @@ def test_every_family_is_exact_across_counter_wrap(start):
         assert (gemm_epoch, ce_epoch) == (5, 5)
 
 
-def test_initial_epoch_hook_is_validated(monkeypatch):
-    from sagellm_comm.errors import InvalidArgumentError
-    from sagellm_comm.workspace import initial_epoch_from_env
+def _epoch_limit_worker(rank, world_size, port, start, marker):
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import CommTimeoutError
 
-    monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", "0x80000000")
-    assert initial_epoch_from_env() == 2**31
-    for bad in ("-1", "lots", str(2**62)):
-        monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", bad)
-        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_INITIAL_EPOCH"):
-            initial_epoch_from_env()
+    os.environ["SAGELLM_COMM_INITIAL_EPOCH"] = str(start)
+    car, _, _ = _setup(rank, world_size, port)
+    for i, algo in enumerate(("one_shot", "two_shot", "lamport") * 2):
+        x = _full(rank, i, 19 + i)
+        car.all_reduce(x, algo=algo)
+        assert torch.all(x == _expected(world_size, i)), f"{algo} call {i} from {start}: {x[:4]}"
+    car.check_errors()
+    if rank == 1:  # makes no further call: its peer times out in barrier call start + 4
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    late = CustomAllReduce(car.workspace, timeout_s=2.0)  # the same workspace, a short wait
+    late.all_reduce(_full(rank, 0, 8), algo="one_shot")
+    with pytest.raises(CommTimeoutError) as info:
+        late.check_errors()
+    open(marker, "w").close()
+    return str(info.value), info.value.details
+
+
+def test_the_largest_initial_epoch_is_exact_and_timeouts_name_the_call(tmp_path):
+    """From the largest accepted initial epoch (2^40 calls before any flag could overflow) every family is exact;
+    a timeout names the call number (4 barrier calls made: the fifth is number start + 4), not the flag value it
+    waited for (2 * (start + 5))."""
+    start = MAX_INITIAL_EPOCH
+    message, details = run_ranks(_epoch_limit_worker, 2, start, str(tmp_path / "m"), env=INTERP, timeout=300)[0]
+    assert details["call"] == start + 4 and details["flag_target"] == 2 * (start + 5), details
+    assert f"start barrier of barrier-kernel call {start + 4} (counted from {start}" in message, message
 
 
 # ---------------------------------------------------------------------------------- per-rank choices
@@ -212,7 +235,7 @@ def _check_mode_agreement_worker(rank, world_size, port):
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
     exchange = _exchange_fn(world_size)
-    with pytest.raises(InvalidArgumentError, match="check mode"):
+    with pytest.raises(InvalidArgumentError, match=r"SAGELLM_COMM_CHECK \(check mode\) differs: 1 on ranks \[0\]"):
         SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, check=rank == 0)
     ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, max_programs=5 + rank)
     programs = ws.max_programs

@@ -24,6 +24,7 @@ import torch
 
 from .. import gather_scatter
 from ..backend import ReduceOp, Work, register_comm_backend
+from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from ..errors import (
@@ -48,8 +49,6 @@ from .hierarchical import (
     HIER_MIN_BYTES_ENV,
     HierarchicalPlan,
     capacity_bytes,
-    cross_mode_from_env,
-    min_bytes_from_env,
     node_layout,
 )
 from .hierarchical import all_reduce as hierarchical_all_reduce
@@ -57,8 +56,6 @@ from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
-DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
-GROUP_MAX_BYTES_ENV = "SAGELLM_COMM_GROUP_MAX_BYTES"
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
@@ -111,14 +108,20 @@ class CustomBackend(TorchDistributedBackend):
 
     Args:
         device: as for :class:`TorchDistributedBackend`.
-        max_bytes: the world group's workspace capacity per rank (largest message its kernels take).
-        group_max_bytes: each sub-group's workspace capacity per rank (default ``SAGELLM_COMM_GROUP_MAX_BYTES``,
-            else ``max_bytes``).  A rank's device memory per group is about ``3 * capacity`` plus the Lamport
-            buffers (``region_bytes``; ``kernels_for(g).workspace`` and ``kernels_reason(g)`` state it).
+        max_bytes: the world group's workspace capacity per rank (largest message its kernels take); default
+            ``config.custom_max_bytes`` (``SAGELLM_COMM_CUSTOM_MAX_BYTES``, 64 MiB).
+        group_max_bytes: each sub-group's workspace capacity per rank (default ``config.group_max_bytes``,
+            ``SAGELLM_COMM_GROUP_MAX_BYTES``, else ``max_bytes``).  A rank's device memory per group is about
+            ``3 * capacity`` plus the Lamport buffers (``region_bytes``; ``kernels_for(g).workspace`` and
+            ``kernels_reason(g)`` state it).
         selector: algorithm policy (default rules), or a path to a JSON policy file.
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
         engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
             one GPU under MPS, where NCCL refuses two ranks on one device).
+        config: the configuration (default: read from the environment now, once); ``max_bytes`` and
+            ``group_max_bytes`` given here replace its capacities.  :attr:`config` is what every group,
+            workspace and kernel of this backend uses, and what ranks compare at ``init`` and at every group's
+            set-up (a difference in an agreed setting raises ``ConfigMismatchError``).
     """
 
     kind = "custom"
@@ -127,11 +130,12 @@ class CustomBackend(TorchDistributedBackend):
         self,
         *,
         device: str | torch.device | None = None,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int | None = None,
         group_max_bytes: int | None = None,
         selector: AlgoSelector | str | None = None,
         kernel_timeout: float = 30.0,
         engine: str | None = None,
+        config: CommConfig | None = None,
     ):
         has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
         if engine is None:
@@ -146,12 +150,14 @@ class CustomBackend(TorchDistributedBackend):
         if isinstance(selector, str | os.PathLike):
             selector = AlgoSelector.from_file(selector)
         self.selector = selector or AlgoSelector()
-        self.max_bytes = int(max_bytes)
-        if group_max_bytes is None:
-            group_max_bytes = int(os.environ.get(GROUP_MAX_BYTES_ENV, self.max_bytes))
-        if group_max_bytes <= 0:
-            raise InvalidArgumentError(f"group_max_bytes must be positive, got {group_max_bytes}")
-        self.group_max_bytes = int(group_max_bytes)
+        config = CommConfig.from_env() if config is None else config
+        if max_bytes is not None:
+            config = config.replace(custom_max_bytes=max_bytes)
+        if group_max_bytes is not None:
+            config = config.replace(group_max_bytes=group_max_bytes)
+        self.config = config
+        self.max_bytes = config.custom_max_bytes
+        self.group_max_bytes = config.group_capacity()
         self.kernel_timeout = kernel_timeout
         self.custom: CustomAllReduce | None = None  # the world group's kernels
         self.custom_reason = "not initialised"
@@ -159,8 +165,6 @@ class CustomBackend(TorchDistributedBackend):
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
         self._nodes: list[str] = []  # every global rank's node name
-        self._hier_min_bytes = 0  # SAGELLM_COMM_HIER_MIN_BYTES, agreed by every rank at init
-        self._hier_cross = "engine"  # SAGELLM_COMM_HIER_CROSS, agreed by every rank at init
         self._processes_on_device = 1  # world ranks on this rank's GPU (N processes under MPS)
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
@@ -178,16 +182,13 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
-                where = (node_name(), device_identity(self.device))
-                facts = self._exchange((where[0], min_bytes_from_env(), cross_mode_from_env(), where[1]))
+                where = (node_name(self.config), device_identity(self.device))
+                facts = self._exchange((*where, self.config.agreement()))
+                # Before anything depends on them: every rank's agreed settings (the groups made later by this
+                # backend use the same configuration, and their set-ups compare it again).
+                check_agreement([f[2] for f in facts], range(self.world_size), "the custom backend's init")
                 self._nodes = [node for node, *_ in facts]
-                self._processes_on_device = sum(1 for f in facts if (f[0], f[3]) == where)
-                for index, env in ((1, HIER_MIN_BYTES_ENV), (2, HIER_CROSS_ENV)):
-                    if len({f[index] for f in facts}) != 1:  # per-rank choices would split the ranks' paths
-                        raise InvalidArgumentError(
-                            f"{env} must be the same on every rank, got {[f[index] for f in facts]} by rank"
-                        )
-                self._hier_min_bytes, self._hier_cross = facts[0][1], facts[0][2]
+                self._processes_on_device = sum(1 for f in facts if (f[0], f[1]) == where)
                 self._world_kernels = self._make_kernels(None)
                 self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
                 self._plan_hierarchical(None, tuple(range(self.world_size)))
@@ -219,6 +220,7 @@ class CustomBackend(TorchDistributedBackend):
         return KernelGroup(
             rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
+            config=self.config,
         )  # fmt: skip
 
     def new_group(self, ranks):
@@ -245,14 +247,14 @@ class CustomBackend(TorchDistributedBackend):
             group = TorchDistributedBackend.new_group(self, ranks)
             mine_cross = group if group.is_member else mine_cross
         cross_kernels = None
-        if self._hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
+        if self.config.hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
             kernels = self._make_kernels(mine_cross, one_node=False)
             self._group_kernels[id(mine_cross)] = (mine_cross, kernels)
             cross_kernels = kernels.kernels
             if cross_kernels is None:
                 log.warning("sagellm-comm %s=kernels: stage 2 stays on the engine: %s", HIER_CROSS_ENV, kernels.reason)
         if mine_local is not None and mine_cross is not None:
-            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self._hier_min_bytes, cross_kernels)
+            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self.config.hier_min_bytes, cross_kernels)
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:

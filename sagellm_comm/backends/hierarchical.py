@@ -36,38 +36,20 @@ the node-local workspace takes, and flat NCCL otherwise.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import CommError, InvalidArgumentError
-from ..knobs import env_number
+from ..errors import CommError
 
-HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"
-DEFAULT_HIER_MIN_BYTES = 1 << 20
+HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"  # CommConfig.hier_min_bytes
+#: CommConfig.hier_cross: what runs stage 2, ``engine`` (default) or ``kernels``.  ``kernels`` is for
+#: *simulated* nodes only (``SAGELLM_COMM_HOSTNAME`` on one machine): the cross groups then get custom kernels
+#: too, without the one-node check, so the whole path runs in a CUDA graph on one GPU, where Gloo (the
+#: stand-in engine there) cannot be captured and NCCL refuses two ranks.  On real nodes the cross members
+#: cannot map each other's memory: their set-up fails and stage 2 stays on the engine (NCCL, capturable).
 HIER_CROSS_ENV = "SAGELLM_COMM_HIER_CROSS"
-CROSS_MODES = ("engine", "kernels")
-
-
-def min_bytes_from_env() -> int:
-    """``SAGELLM_COMM_HIER_MIN_BYTES``: the smallest message ``auto`` runs hierarchically (default 1 MB)."""
-    return int(env_number(HIER_MIN_BYTES_ENV, DEFAULT_HIER_MIN_BYTES, unit="an integer number of bytes"))
-
-
-def cross_mode_from_env() -> str:
-    """``SAGELLM_COMM_HIER_CROSS``: what runs stage 2, ``engine`` (default) or ``kernels``.
-
-    ``kernels`` is for *simulated* nodes only (``SAGELLM_COMM_HOSTNAME`` on one machine): the cross groups
-    then get custom kernels too, without the one-node check, so the whole path runs in a CUDA graph on one
-    GPU, where Gloo (the stand-in engine there) cannot be captured and NCCL refuses two ranks.  On real
-    nodes the cross members cannot map each other's memory: their set-up fails and stage 2 stays on the
-    engine (NCCL, which is capturable)."""
-    mode = os.environ.get(HIER_CROSS_ENV, "engine").strip().lower() or "engine"
-    if mode not in CROSS_MODES:
-        raise InvalidArgumentError(f"{HIER_CROSS_ENV} must be one of {CROSS_MODES}, got {mode!r}")
-    return mode
 
 
 def node_layout(members: tuple[int, ...], nodes: list[str]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -132,7 +114,7 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
         staged[:numel].copy_(flat)
     shard = torch.empty(shard_numel, dtype=tensor.dtype, device=tensor.device)
     gather_scatter.reduce_scatter(car, staged, shard)
-    if plan.cross_kernels is not None:  # simulated nodes (see cross_mode_from_env)
+    if plan.cross_kernels is not None:  # simulated nodes (see HIER_CROSS_ENV)
         plan.cross_kernels.all_reduce(shard)
     else:
         try:
