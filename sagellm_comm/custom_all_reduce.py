@@ -263,6 +263,7 @@ class CustomAllReduce:
         self._control = workspace.control
         self.check = workspace.check
         self._check = Launcher(_fp.fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
+        self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
 
     # ------------------------------------------------------------------ policy
     @property
@@ -325,14 +326,22 @@ class CustomAllReduce:
         self.check_errors()
 
     # ------------------------------------------------------------------ the call
-    def all_reduce(self, tensor: torch.Tensor, out: torch.Tensor | None = None, algo: str = "auto") -> torch.Tensor:
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        out: torch.Tensor | None = None,
+        algo: str = "auto",
+        fingerprint: tuple[str, int] | None = None,
+    ) -> torch.Tensor:
         """Sum ``tensor`` over all ranks; in place unless ``out`` is given.  Returns the result tensor.
 
         ``tensor``: contiguous bf16/fp16/fp32 on the workspace's device, at most ``slot_bytes`` bytes (or
         a tensor from :meth:`get_buffer`: zero-copy).  Enqueued on the current stream; returns before
         completion.  ``algo``: ``auto``, ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot for
         small messages) or ``nccl``.  Every rank must make the
-        same sequence of calls with the same sizes and algorithms.
+        same sequence of calls with the same sizes and algorithms.  ``fingerprint``: what check mode compares
+        for this call, ``(operation, element count)`` (default: this algorithm and ``tensor``'s count); a caller
+        running this as one stage of a larger operation passes that operation's.
         """
         if self._error_view[0]:
             self.workspace.raise_if_failed()
@@ -371,7 +380,7 @@ class CustomAllReduce:
                 algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
                 self.max_programs, preload=True,
             )  # fmt: skip
-            self.launch_check(algo, numel, tensor.dtype)
+            self.launch_check(*(fingerprint or (algo, numel)), tensor.dtype)
         self._launcher.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
@@ -386,6 +395,16 @@ class CustomAllReduce:
             _fp.ALGO_CODES[algo], numel, DTYPE_CODES[dtype], self._timeout_ticks,
         )  # fmt: skip
         self._check((1, grid_y), args, (w, triton.next_power_of_2(w), self._use_ptx, grid_y > 1))
+
+    def launch_group_check(self, prints: torch.Tensor, me: int) -> None:
+        """Check mode across a group that spans nodes: enqueue the comparison of row ``me`` of ``prints`` (int64
+        ``[n, 4]``: every member's ``(algo code, numel, dtype code, global rank)``, all-gathered by the engine)
+        with every row; a difference latches this workspace and records the first differing member's global
+        rank (``kernels/fingerprint.py``).  On the current stream; nothing waits."""
+        n = prints.shape[0]
+        self._group_check(
+            (1, 1), (self._table, self._control, prints, me, n), (self.world_size, triton.next_power_of_2(n))
+        )
 
     def _wrong_device(self, tensor: torch.Tensor) -> bool:
         if self._use_ptx:

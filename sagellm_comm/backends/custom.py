@@ -254,7 +254,10 @@ class CustomBackend(TorchDistributedBackend):
             if cross_kernels is None:
                 log.warning("sagellm-comm %s=kernels: stage 2 stays on the engine: %s", HIER_CROSS_ENV, kernels.reason)
         if mine_local is not None and mine_cross is not None:
-            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self.config.hier_min_bytes, cross_kernels)
+            plan = HierarchicalPlan(
+                mine_local, mine_cross, len(locals_), self.config.hier_min_bytes, cross_kernels, handle,
+                members.index(self.rank), len(members),
+            )  # fmt: skip
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
