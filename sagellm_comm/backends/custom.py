@@ -164,6 +164,7 @@ class CustomBackend(TorchDistributedBackend):
         self.last_selection: Selection | None = None
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
+        self._group_roles: dict[int, str] = {}  # id(handle) -> what the group serves (reset's reason names it)
         self._nodes: list[str] = []  # every global rank's node name
         self._processes_on_device = 1  # world ranks on this rank's GPU (N processes under MPS)
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
@@ -229,6 +230,7 @@ class CustomBackend(TorchDistributedBackend):
         handle = super().new_group(ranks)
         if handle.is_member:
             self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
+            self._group_roles[id(handle)] = f"group {list(handle.ranks)}"
         self._plan_hierarchical(handle, handle.ranks)
         return handle
 
@@ -240,9 +242,14 @@ class CustomBackend(TorchDistributedBackend):
         if not locals_:
             return
         mine_local = mine_cross = None
+        spanning = "the world" if handle is None else f"group {list(members)}"
         for ranks in locals_:
             local = self.new_group(ranks)
             mine_local = local if local.is_member else mine_local
+            if local.is_member:
+                self._group_roles[id(local)] = (
+                    f"node-local group {list(ranks)} of the hierarchical all-reduce of {spanning}"
+                )
         for ranks in cross:
             group = TorchDistributedBackend.new_group(self, ranks)
             mine_cross = group if group.is_member else mine_cross
@@ -250,6 +257,9 @@ class CustomBackend(TorchDistributedBackend):
         if self.config.hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
             kernels = self._make_kernels(mine_cross, one_node=False)
             self._group_kernels[id(mine_cross)] = (mine_cross, kernels)
+            self._group_roles[id(mine_cross)] = (
+                f"cross group {list(mine_cross.ranks)} of the hierarchical all-reduce of {spanning}"
+            )
             cross_kernels = kernels.kernels
             if cross_kernels is None:
                 log.warning("sagellm-comm %s=kernels: stage 2 stays on the engine: %s", HIER_CROSS_ENV, kernels.reason)
@@ -280,35 +290,66 @@ class CustomBackend(TorchDistributedBackend):
         return entry[1].reason
 
     def reset(self) -> str:
-        """Collective: rebuild the custom path of the world group on every rank, after a device-side failure.
+        """Collective (every rank of the world): rebuild every custom path of this backend after a device-side
+        failure, and return what each path runs now.
 
-        A timed-out or mismatched call latches its workspace (every later call raises, every later output
-        of a replayed graph is NaN).  Call ``reset()`` on every rank: the old workspace is released and a
-        new one is made and self-tested exactly as at ``init``.  If that fails (a rank is gone, a peer
-        mapping or the self-test fails), the backend keeps serving every call on the engine and
-        :attr:`custom_reason` records why.  Returns :attr:`custom_reason`.  CUDA graphs captured before the
-        reset hold the old workspace's addresses: capture them again.  Sub-groups: make them again.
+        A timed-out or mismatched call latches its workspace (every later call raises, every later output of a
+        replayed graph is NaN).  ``reset()`` releases every workspace of this rank and makes each group's again,
+        self-tested exactly as when the group was made, in the order the groups were made: the world, every
+        sub-group from ``new_group`` / ``split`` / ``new_subgroup``, and the node-local (and, with
+        ``SAGELLM_COMM_HIER_CROSS=kernels``, cross) groups of every hierarchical plan; the plans, the fused
+        operations and all-gather / reduce-scatter then use the new workspaces.  Existing group objects stay valid.
+
+        A group whose set-up fails again keeps running on the engine: a peer mapping or the self-test failing
+        (the reason says which), or a member that does not answer (gone or stuck; the engine needs every member
+        too, so that group's calls fail with a typed error until the job is restarted: the reason says so).
+        :attr:`custom_reason` is the world's reason.  CUDA graphs captured before the reset hold the old
+        workspaces' addresses: capture them again.
         """
         if not self.is_initialized:
             raise NotInitializedError("reset() needs an initialised backend: call init() first")
-        old, self._world_kernels, self.custom = self._world_kernels, None, None
-        if old is not None:
+        old = [self._world_kernels] + [kernels for _, kernels in self._group_kernels.values()]
+        self._world_kernels, self.custom = None, None
+        for kernels in old:
+            if kernels is None:
+                continue
             try:
-                old.close()
-            except Exception as exc:  # an unusable device must not stop the fallback
-                log.warning("sagellm-comm reset: closing the old workspace failed: %s", exc)
-        try:
-            self._world_kernels = self._make_kernels(None)
-            self.custom, reason = self._world_kernels.kernels, self._world_kernels.reason
-        except Exception as exc:
-            self.custom, reason = None, f"reset failed on rank {self.rank}: {exc}; the engine runs every call"
-        self.custom_reason = reason
-        log.info("sagellm-comm reset on rank %d: %s", self.rank, reason)
+                kernels.close()
+            except Exception as exc:  # an unusable device must not stop the rebuild or the fallback
+                log.warning("sagellm-comm reset: closing the old workspace of ranks %s failed: %s", kernels.ranks, exc)
+        self._world_kernels = self._remake(None, True)
+        self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
+        reasons = [f"the world: {self.custom_reason}"]
+        for key, (handle, kernels) in list(self._group_kernels.items()):
+            remade = self._remake(handle, kernels.one_node)
+            self._group_kernels[key] = (handle, remade)
+            reasons.append(f"{self._group_roles.get(key, f'group {list(handle.ranks)}')}: {remade.reason}")
+        for _, plan in self._hierarchical.values():  # the plans' stage 2 on the cross groups' new kernels
+            if plan.cross_kernels is not None:
+                plan.cross_kernels = self.kernels_for(plan.cross)
+        reason = f"reset on rank {self.rank}: " + "; ".join(reasons)
+        log.info("sagellm-comm %s", reason)
         return reason
+
+    def _remake(self, handle: Any, one_node: bool) -> KernelGroup:
+        """``_make_kernels`` for reset: a member that does not answer leaves the group on the engine, said so."""
+        try:
+            return self._make_kernels(handle, one_node=one_node)
+        except Exception as exc:
+            ranks = tuple(range(self.world_size)) if handle is None else handle.ranks
+            rank = self.rank if handle is None else handle.rank
+            why = " ".join(str(exc).split())
+            reason = (
+                f"reset failed: a member of ranks {list(ranks)} did not answer ({why}); this group's calls now go to "
+                f"the {self.engine_kind} engine, which needs every member too: they will fail with a typed error "
+                "until the missing rank is back (destroy the backend and init again)"
+            )
+            return KernelGroup.unavailable(rank, len(ranks), ranks, reason, one_node)
 
     def destroy(self) -> None:
         kernel_groups = [k for _, k in self._group_kernels.values()] + [self._world_kernels]
         self._group_kernels.clear()
+        self._group_roles.clear()
         self._hierarchical.clear()
         self._world_kernels = self.custom = None
         try:

@@ -149,6 +149,14 @@ class KernelGroup:
             return False
         return True
 
+    @classmethod
+    def unavailable(cls, rank: int, world_size: int, ranks: tuple[int, ...], reason: str, one_node: bool = True):
+        """A group whose set-up could not finish (a member did not answer): no kernels, ``reason`` says why."""
+        group = cls.__new__(cls)
+        group.rank, group.world_size, group.ranks, group.one_node = rank, world_size, tuple(ranks), one_node
+        group.kernels, group.reason, group.nbytes = None, reason, 0
+        return group
+
     def close(self) -> None:
         """Release this rank's workspace (idempotent).  Every member should close (it is collective in spirit)."""
         if self.kernels is not None:
