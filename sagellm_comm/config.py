@@ -41,7 +41,10 @@ __all__ = [
     "CommConfig",
     "Setting",
     "check_agreement",
+    "describe",
+    "env_text",
     "settings_table",
+    "update_document",
 ]
 
 #: calls a workspace must be able to make after the largest initial epoch without any counter or flag
@@ -428,7 +431,7 @@ class CommConfig:
     pdl: bool | None = _BY_FIELD["pdl"].default
 
     def __post_init__(self) -> None:
-        bad = []
+        bad: dict[str, str] = {}
         for setting in SETTINGS:
             value = getattr(self, setting.field)
             if value is None and setting.default is None:
@@ -436,11 +439,11 @@ class CommConfig:
             try:
                 object.__setattr__(self, setting.field, setting.check(value))
             except InvalidArgumentError as exc:
-                bad.append(f"{setting.field}: {exc.message}")
+                bad[setting.field] = f"{setting.field}: {exc.message}"
             except ValueError:
-                bad.append(f"{setting.field}={value!r} ({setting.name}) must be {setting.accepted}")
+                bad[setting.field] = f"{setting.field}={value!r} ({setting.name}) must be {setting.accepted}"
         if bad:
-            raise InvalidArgumentError("; ".join(bad), details={"fields": [b.split("=")[0] for b in bad]})
+            raise InvalidArgumentError("; ".join(bad.values()), details={"fields": list(bad)})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CommConfig:

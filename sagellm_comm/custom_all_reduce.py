@@ -107,7 +107,7 @@ class KernelLauncher:
         pdl: bool = False,
         config: CommConfig | None = None,
     ):
-        self.config = CommConfig() if config is None else config  # the tile shapes (tile_shape)
+        self.config = CommConfig.from_env() if config is None else config  # the tile shapes (tile_shape)
         self.world_size = world_size
         self.pdl = pdl and use_ptx  # the Lamport kernel only: see pdl_enabled
         self.slot_bytes = slot_bytes
