@@ -415,6 +415,156 @@ def groups_mps() -> str:
     return f"{groups}\n\n{hier}\n\n{data['meta']['mode']}, {data['config']['dtype']}; {cite(GROUPS_MPS)}."
 
 
+# ============================================================================ FP8: fused quantisation, FP8 payload
+
+FP8_FUSED = "h200/fp8_fused.json"
+FP8_PAYLOAD = "h200/fp8_payload.json"
+FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
+
+
+def _not_yet(rel: str, script: str) -> str:
+    """What a block says before its record exists (the path is spelled so that no link points nowhere)."""
+    return (
+        f"No H200 record yet (`{rel}` under `bench/results/`): `python -m bench.{script}` writes it (commands in "
+        "`bench/README.md`), then `python -m bench.make_docs_tables` fills this in."
+    )
+
+
+def _fp8_rows(rows: list[dict], tokens: tuple[int, ...]) -> list[list[str]]:
+    out = []
+    for r in sorted(rows, key=lambda r: (r["world_size"], r["hidden"], r["tokens"])):
+        if r["tokens"] not in tokens:
+            continue
+        out.append([
+            str(r["world_size"]), str(r["hidden"]), str(r["tokens"]), _us(r["ar_us"]), _us(r["fused_us"]),
+            *(_us(r[f"fused_{m}_us"]) for m in FP8_MODES), _us(r["unfused_fp8_per_token_us"]),
+            "/".join(f"{r[f'unfused_{m}_us'] / r[f'fused_{m}_us']:.2f}" for m in FP8_MODES),
+            r["path_fp8_per_token"].split()[0],
+        ])  # fmt: skip
+    return out
+
+
+def _fp8_targets(targets: dict) -> str:
+    parts = []
+    for mode in FP8_MODES:
+        t = targets[mode]
+        over = next(v for k, v in t.items() if k.startswith("max_over_ar"))
+        speedup = next(v for k, v in t.items() if k.startswith("min_speedup"))
+        slower = next(v for k, v in t.items() if k.startswith("slower_than"))
+        parts.append(
+            f"`{mode}`: at most {over:+.2f} us over the plain all-reduce at <= 64 KB "
+            f"({'met' if over <= 0.5 else 'NOT met'}: target 0.5), at least {speedup:.2f}x the unfused chain at "
+            f"<= 128 tokens ({'met' if speedup >= 1.3 else 'NOT met'}: target 1.3), slower than it at "
+            f"{len(slower)} shapes{': ' + ', '.join(str(tuple(x)) for x in slower) if slower else ''}"
+        )
+    return "; ".join(parts)
+
+
+def fp8_fused() -> str:
+    if not (RESULTS / FP8_FUSED).exists():
+        return _not_yet("h200/fp8_fused.json", "fp8_fused_bench")
+    data = load(FP8_FUSED)
+    head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
+            "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
+    text = (
+        f"Virtual ranks on one GPU, bf16 in, us per call under CUDA-graph replay (from {cite(FP8_FUSED)}, "
+        f"`{data['meta']['command']}`):\n\n"
+        + table(head, _fp8_rows(data["virtual"], (1, 8, 64, 128, 512)))
+        + "\n\nTargets, virtual ranks: "
+        + _fp8_targets(data["targets_virtual"])
+        + "."
+    )
+    if "mps" in data:
+        text += (
+            "\n\nProcesses under MPS (one per rank, the group-level call, the slowest rank):\n\n"
+            + table(head, _fp8_rows(data["mps"], (1, 16, 64, 128, 512)))
+            + "\n\nTargets, processes: "
+            + _fp8_targets(data["targets_mps"])
+            + "."
+        )
+    return text
+
+
+def fp8_payload() -> str:
+    if not (RESULTS / FP8_PAYLOAD).exists():
+        return _not_yet("h200/fp8_payload.json", "fp8_payload_error")
+    data = load(FP8_PAYLOAD)
+    rows = []
+    for r in data["rows"]:
+        rows.append([
+            str(r["world_size"]), r["distribution"], f"{r['tokens']} x {r['hidden']}", f"{r['fp8_rel_l2']:.4f}",
+            f"{r['fp8_max_rel_to_amax']:.4f}", f"{r['bf16_rel_l2']:.5f}",
+            "yes" if r["fp8_identical_ranks"] else "NO", f"{r['bytes_ratio']:.3f}", _us(r["fp8_us"]), _us(r["bf16_us"]),
+        ])  # fmt: skip
+    head = ["W", "activations", "tokens x hidden", "FP8 rel. L2", "FP8 max err / max", "bf16 rel. L2",
+            "same bits on every rank", "bytes FP8 / bf16", "FP8 kernel (us)", "bf16 kernel (us)"]  # fmt: skip
+    return f"From {cite(FP8_PAYLOAD)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
+
+
+# ============================================================================ block transfers (sagellm-comm transfer)
+
+TRANSFER_CPU = "cpu/transfer.json"
+TRANSFER_H200 = "h200/transfer.json"
+
+
+def _transfer_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per (block, count, op): each backend's median time and GB/s, wrong bytes summed."""
+    backends = data["setup"]["backends"]
+    rows: dict[tuple, dict] = {}
+    for r in data["results"]:
+        rows.setdefault((r["block_bytes"], r["count"], r["op"]), {})[r["backend"]] = r
+    head = ["block", "count", "op", *[f"{b} (us, GB/s)" for b in backends], "wrong bytes"]
+    body = []
+    for (block, count, op), by in sorted(rows.items()):
+        cells = [f"{_us(by[b]['latency_us'])}, {by[b]['gbps']:.2f}" if by.get(b, {}).get("latency_us") else "-"
+                 for b in backends]  # fmt: skip
+        body.append([size_label(block), str(count), op, *cells, str(sum(r.get("num_wrong") or 0 for r in by.values()))])
+    return head, body
+
+
+def _notify_line(data: dict) -> str:
+    parts = [f"{b}: median {n['median_us']:.1f} us (p10-p90 {n['p10_us']:.1f}-{n['p90_us']:.1f})"
+             for b, n in data.get("notify", {}).items() if n.get("samples")]  # fmt: skip
+    return ("Notification latency, one 16 KB block, from the initiator's call to the receiver's `notifications()` "
+            "returning it: " + "; ".join(parts) + ".") if parts else ""  # fmt: skip
+
+
+def transfer_cpu() -> str:
+    data = load(TRANSFER_CPU)
+    head, body = _transfer_rows(data)
+    pairs = [r for r in data["results"] if r["backend"] in ("nixl", "nixl-raw") and r["latency_us"]]
+    ours = {(r["block_bytes"], r["count"], r["op"]): r["latency_us"] for r in pairs if r["backend"] == "nixl"}
+    raw = {(r["block_bytes"], r["count"], r["op"]): r["latency_us"] for r in pairs if r["backend"] == "nixl-raw"}
+    overheads = sorted(ours[k] / raw[k] - 1 for k in ours if k in raw)
+    summary = (
+        f"Our agent over NIXL against NIXL's own API, same descriptors: median overhead "
+        f"{statistics.median(overheads) * 100:+.0f}% over {len(overheads)} points (range "
+        f"{overheads[0] * 100:+.0f}% to {overheads[-1] * 100:+.0f}%)."
+    )
+    return "\n\n".join(x for x in (table(head, body), summary, _notify_line(data), cite(TRANSFER_CPU) + ".") if x)
+
+
+def transfer_h200() -> str:
+    if not (RESULTS / TRANSFER_H200).exists():
+        return "No H200 record yet: `bench/README.md` has the command that makes `bench/results/h200/transfer.json`."
+    data = load(TRANSFER_H200)
+    head, body = _transfer_rows(data)
+    by = {(r["backend"], r["block_bytes"], r["count"], r["op"]): r for r in data["results"]}
+    checks = []
+    for block, count, reference, target in ((16 * KB, 1000, "torch", 3.0), (64 * MB, 1, "torch", 0.9)):
+        ours, ref = by.get(("ipc", block, count, "write")), by.get((reference, block, count, "write"))
+        if ours and ref and ours["latency_us"] and ref["latency_us"]:
+            speedup = ref["latency_us"] / ours["latency_us"]
+            checks.append(f"{count} x {size_label(block)} write: ipc {ours['gbps']:.0f} GB/s, {reference} "
+                          f"{ref['gbps']:.0f} GB/s: {speedup:.2f}x (target >= {target}x)")  # fmt: skip
+    notify = data.get("notify", {}).get("ipc", {})
+    if notify.get("samples"):
+        checks.append(f"one 16 KB block with its notification: {notify['median_us']:.1f} us median (target <= 15 us)")
+    lines = [table(head, body), "Targets: " + "; ".join(checks) + "." if checks else "", _notify_line(data),
+             cite(TRANSFER_H200) + "."]  # fmt: skip
+    return "\n\n".join(x for x in lines if x)
+
+
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
@@ -425,6 +575,10 @@ SCRIPT_OF = {
     "h200/groups_mps.json": "bench/group_bench.py",
     "h200/protocol_cost.json": "bench/protocol_cost.py",
     "h200/soak.json": "bench/soak.py",
+    "h200/fp8_fused.json": "bench/fp8_fused_bench.py",
+    "h200/fp8_payload.json": "bench/fp8_payload_error.py",
+    TRANSFER_CPU: "sagellm-comm transfer",
+    TRANSFER_H200: "sagellm-comm transfer",
 }
 
 
@@ -466,8 +620,12 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "h100-virtual-fused": virtual_fused,
     "h100-virtual-rmsnorm": virtual_rmsnorm,
     "h200-groups-mps": groups_mps,
+    "h200-fp8-fused": fp8_fused,
+    "h200-fp8-payload": fp8_payload,
+    "transfer-cpu": transfer_cpu,
+    "transfer-h200": transfer_h200,
 }
-DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md")
+DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
 
 

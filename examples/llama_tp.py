@@ -16,6 +16,9 @@ reads head counts from it (caches, attention back-ends) sees the rank's share.
 
 Then a fixed batch runs through both models: a prefill, then two decode steps on a KV cache; the TP model
 runs eagerly, under ``torch.compile`` or (GPU) with its decode step replayed from a CUDA graph (``--mode``).
+The ``fused*`` modes compile it with :func:`sagellm_comm.compile.compile`, which rewrites each decoder layer's
+two all-reduce + residual add + RMSNorm chains into the fused op (the last one feeds the final norm), and
+print how many chains were rewritten.
 The script prints the largest logit error of each step and exits 1 when one is outside the tolerance of
 the dtype (:data:`TOLERANCES`; docs/layers.md says why these values).
 
@@ -25,6 +28,7 @@ Run::
     torchrun --nproc-per-node 4 examples/llama_tp.py            # torchrun's rendezvous, TP 4
     torchrun --nproc-per-node 4 examples/llama_tp.py --tp 2     # TP 2 x 2 replicas (world.split(2))
     torchrun --nproc-per-node 2 examples/llama_tp.py --backend custom --dtype bfloat16 --mode cuda-graph
+    python examples/llama_tp.py --spawn 2 --dtype bfloat16 --mode fused   # the automatic fusion on Gloo
 
 Needs ``transformers`` (``pip install -e ".[examples]"``).  A request that cannot run (a ``--spawn`` or
 ``--tp`` that does not divide the model's heads, neither ``--spawn`` nor torchrun's environment, a backend
@@ -166,10 +170,13 @@ def run_steps(model, prompt: torch.Tensor, next_tokens: torch.Tensor, cache=None
     ``next_tokens`` (``"decode1"``, ...: ``[batch, 1, vocab]``), each reading the keys and values cached by
     the steps before it in ``cache`` (a new :class:`DynamicCache` when None).  ``model`` may be compiled."""
     cache = DynamicCache() if cache is None else cache
-    logits = {"prefill": model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache}).logits}
-    for step in range(next_tokens.shape[1]):
-        tokens = next_tokens[:, step : step + 1]
-        logits[f"decode{step + 1}"] = model(input_ids=tokens, use_cache=True, **{CACHE_KWARG: cache}).logits
+    steps = [("prefill", prompt)] + [(f"decode{i + 1}", next_tokens[:, i : i + 1]) for i in range(next_tokens.shape[1])]
+    logits = {}
+    for name, tokens in steps:
+        # A model compiled with mode="reduce-overhead" replays Inductor's CUDA graphs into the same output
+        # buffers: each step is a new iteration, and its logits are copied out before the next one.
+        torch.compiler.cudagraph_mark_step_begin()
+        logits[name] = model(input_ids=tokens, use_cache=True, **{CACHE_KWARG: cache}).logits.clone()
     return logits
 
 
@@ -191,7 +198,9 @@ def run_steps_cuda_graph(model, prompt: torch.Tensor, next_tokens: torch.Tensor)
     logits = {"prefill": model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache}).logits}
     static_tokens = torch.zeros_like(next_tokens[:, :1])
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # recorded, not run: the cache is untouched until the first replay
+    # A compiled model must not recompile under capture (the warm-up compiled every step): fail loudly if it would.
+    with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph):
+        # recorded, not run: the cache is untouched until the first replay
         static_logits = model(input_ids=static_tokens, use_cache=True, **{CACHE_KWARG: cache}).logits
     for step in range(next_tokens.shape[1]):
         static_tokens.copy_(next_tokens[:, step : step + 1])
@@ -219,7 +228,11 @@ def logit_error(
     return result
 
 
-MODES = ("eager", "compile", "cuda-graph")
+MODES = ("eager", "compile", "cuda-graph", "fused", "fused-cuda-graph", "fused-reduce-overhead")
+#: the modes that compile with sagellm_comm.compile (the fusion pass)
+FUSED_MODES = ("fused", "fused-cuda-graph", "fused-reduce-overhead")
+#: the modes that need the group on a CUDA device (CUDA graphs)
+CUDA_MODES = ("cuda-graph", "fused-cuda-graph", "fused-reduce-overhead")
 
 
 def check_tp_llama(
@@ -237,14 +250,18 @@ def check_tp_llama(
     eager), step by step: ``{"prefill": logit_error(...), "decode1": ..., ...}``.
 
     ``mode``: ``eager``; ``compile`` (the TP model under ``torch.compile(fullgraph=True)``); ``cuda-graph``
-    (the TP model's decode step captured in a CUDA graph and replayed, :func:`run_steps_cuda_graph`).
+    (the TP model's decode step captured in a CUDA graph and replayed, :func:`run_steps_cuda_graph`);
+    ``fused`` (:func:`sagellm_comm.compile.compile` with ``fullgraph=True``: the all-reduce + residual + RMSNorm
+    fusion); ``fused-cuda-graph`` (that compiled model, its decode step captured and replayed as in
+    ``cuda-graph``); ``fused-reduce-overhead`` (compiled with ``mode="reduce-overhead"``, Inductor's CUDA graphs,
+    on a :class:`StaticCache`).  :func:`sagellm_comm.compile.stats` says what the fused modes rewrote.
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     device = group.device
-    if mode == "cuda-graph" and device.type != "cuda":
+    if mode in CUDA_MODES and device.type != "cuda":
         raise InvalidArgumentError(
-            f"mode 'cuda-graph' needs the group on a CUDA device, it is on {device}; use a GPU backend (custom, nccl)"
+            f"mode {mode!r} needs the group on a CUDA device, it is on {device}; use a GPU backend (custom, nccl)"
         )
     config = config or small_llama_config()
     reference = build_llama(config, seed=seed, dtype=dtype, device=device)
@@ -253,10 +270,20 @@ def check_tp_llama(
         config, batch_size=batch_size, seq_len=seq_len, decode_steps=decode_steps, seed=seed + 1, device=device
     )
     expected = run_steps(reference, prompt, next_tokens)
-    if mode == "cuda-graph":
+    if mode in FUSED_MODES:
+        import sagellm_comm.compile as fusion
+
+        compile_mode = "reduce-overhead" if mode == "fused-reduce-overhead" else None
+        tp_model = fusion.compile(tp_model, fullgraph=True, mode=compile_mode)
+    if mode in ("cuda-graph", "fused-cuda-graph"):
         given = run_steps_cuda_graph(tp_model, prompt, next_tokens)
     elif mode == "compile":
         given = run_steps(torch.compile(tp_model, fullgraph=True), prompt, next_tokens)
+    elif mode == "fused-reduce-overhead":
+        max_cache_len = prompt.shape[1] + next_tokens.shape[1]
+        given = run_steps(
+            tp_model, prompt, next_tokens, StaticCache(config=tp_model.config, max_cache_len=max_cache_len)
+        )
     else:
         given = run_steps(tp_model, prompt, next_tokens)
     exact = {}
@@ -288,6 +315,14 @@ def _run(rank: int | None, world_size: int | None, port: int | None, args: argpa
                 f"Llama TP {tp_size} of {world.world_size} ranks, backend {world.backend.name} on {group.device}, "
                 f"{args.dtype}, {args.mode}; tolerance rtol {tol.rtol:g} atol {tol.atol:g}"
             )
+            if args.mode in FUSED_MODES:
+                import sagellm_comm.compile as fusion
+
+                done = fusion.stats()
+                print(
+                    f"fused chains {done.replaced} in {done.graphs} graphs ({done.cache_hits} from Inductor's cache); "
+                    f"SUM all-reduces left unfused: {done.all_reduces_left}"
+                )
         for step, result in errors.items():
             if world.rank == 0 or not result["ok"]:
                 drift = ""
@@ -328,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="gloo", help="gloo (default), custom, nccl or auto")
     parser.add_argument("--device", help="device of every rank's tensors (default: the backend's choice)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--mode", default="eager", choices=MODES, help="how the TP model runs (cuda-graph: a GPU)")
+    parser.add_argument("--mode", default="eager", choices=MODES, help="how the TP model runs (graph modes: a GPU)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -348,6 +348,26 @@ class CommBackend(ABC):
     ) -> list[torch.Tensor] | torch.Tensor | Work:
         """Rank ``i`` sends ``input[j]`` to rank ``j``, which stores it in ``output[i]``. Lists of
         ``world_size`` tensors, or single tensors split evenly along dim 0."""
+
+    def transfer_agent(
+        self,
+        name: str | None = None,
+        regions: Mapping[str, torch.Tensor] | None = None,
+        *,
+        backend: str = "auto",
+        group: GroupHandle | None = None,
+        timeout: float = 30.0,
+        options: dict[str, dict] | None = None,
+    ) -> Any:
+        """Collective: this rank's :class:`~sagellm_comm.transfer.TransferAgent` (one-sided block transfers, e.g.
+        KV-cache blocks), with ``regions`` registered and every other rank of ``group`` (default: the world)
+        already added as a peer; metadata is exchanged over :attr:`cpu_group`.  ``backend`` is the transfer
+        backend (``"auto"``, ``"ipc"``, ``"nixl"``); see ``sagellm_comm/transfer/world.py`` and docs/transfer.md.
+        """
+        from sagellm_comm.transfer.world import connect_world
+
+        return connect_world(self, regions, name=name, transfer_backend=backend, group=group, timeout=timeout,
+                             options=options)  # fmt: skip
 
     def __repr__(self) -> str:
         state = f"rank={self.rank}/{self.world_size}" if self.is_initialized else "uninitialised"

@@ -3,6 +3,7 @@
 * ``sagellm-comm bench [options]``: the collective microbenchmark (docs/benchmark.md).
 * ``sagellm-comm overlap [options]``: a GEMM loop against an all-reduce, alone and overlapped (docs/layers.md).
 * ``sagellm-comm topo``: the GPU interconnect matrix of this host (``Topology.discover()``).
+* ``sagellm-comm transfer [options]``: one-sided block transfers between two processes (docs/transfer.md).
 * ``sagellm-comm config``: every ``SAGELLM_COMM_*`` setting's value here (``--markdown``: the documentation's
   table; ``--update PATH``: rewrite that table in PATH).
 * ``sagellm-comm --version``: the installed package's version.
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sagellm_comm.benchmark import run_bench, run_overlap_bench
+from sagellm_comm.benchmark import run_bench, run_overlap_bench, run_transfer_bench
 from sagellm_comm.benchmark.provenance import package_version
 from sagellm_comm.cli_support import INTERRUPTED_EXIT, OneLineParser, one_line
 from sagellm_comm.errors import CommError
@@ -102,6 +103,13 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         run_overlap_bench.DESCRIPTION,
         run_overlap_bench.add_overlap_arguments,
         run_overlap_bench.run_from_args,
+    ),
+    Subcommand(
+        "transfer",
+        "time one-sided block transfers between two processes (ipc, NIXL, torch references)",
+        run_transfer_bench.DESCRIPTION,
+        run_transfer_bench.add_transfer_arguments,
+        run_transfer_bench.run_from_args,
     ),
     Subcommand(
         "topo",

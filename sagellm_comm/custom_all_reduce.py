@@ -18,6 +18,7 @@ import triton
 
 from sagellm_comm.kernels import all_reduce as _k
 from sagellm_comm.kernels import fingerprint as _fp
+from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 
 from .config import CommConfig
@@ -28,7 +29,7 @@ from .errors import (
     WorkspaceExhaustedError,
 )
 from .launch import Launcher, direct_launch, interpreting, timeout_ticks
-from .selector import AlgoSelector, Selection
+from .selector import PAYLOADS, AlgoSelector, Selection
 from .workspace import (
     DEFAULT_MAX_PROGRAMS,
     SymmetricWorkspace,
@@ -134,8 +135,11 @@ class KernelLauncher:
         max_programs: int,
         virtual: bool = False,
         preload: bool = False,
+        payload: str | None = None,
     ) -> None:
         """Enqueue one all-reduce kernel on the current stream (``grid_y`` > 1: virtual ranks, one launch).
+
+        ``payload="fp8"``: the two-shot kernel whose shards travel as FP8 (``algo`` must be ``two_shot``).
 
         ``preload``: only compile and load this call's binary (nothing is enqueued).  Loading a module may
         wait for the device to go idle, so a kernel that something already enqueued may spin for (check
@@ -151,7 +155,7 @@ class KernelLauncher:
         ctrl_ptr = ctrl.data_ptr()
         key = (
             algo, tensor.dtype, numel, zero_copy, virtual, grid_y, max_programs, rank, table_ptr, ctrl_ptr,
-            in_ptr % 16 == 0, out_ptr % 16 == 0,
+            in_ptr % 16 == 0, out_ptr % 16 == 0, payload,
         )  # fmt: skip
         plan = self.cache.get(key)
         if plan is not None and preload:
@@ -161,7 +165,13 @@ class KernelLauncher:
             fast(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), (in_ptr, out_ptr, *tail))
             return
         block, warps, stages = tile_shape(numel * itemsize, itemsize, self.config)
-        if algo == "one_shot":
+        if payload is not None:
+            if algo != "two_shot" or payload not in PAYLOADS:
+                raise InvalidArgumentError(f"payload {payload!r} runs on two_shot only, got algo={algo!r}")
+            kernel = _k8.two_shot_fp8_all_reduce_kernel
+            block = max(block, _k8.FP8_GROUP.value)  # whole 128-element blocks (both are powers of two)
+            tiles = triton.cdiv(_k8.chunk_elements(numel, self.world_size), block)
+        elif algo == "one_shot":
             kernel = _k.one_shot_all_reduce_kernel
             tiles = triton.cdiv(numel, block)
         elif algo == "two_shot":
@@ -180,7 +190,12 @@ class KernelLauncher:
             raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot, lamport or nccl, got {algo!r}")
         # Lamport keeps per-program state: every launch on a workspace uses the same grid.
         programs = max_programs if algo == "lamport" or tiles >= max_programs else tiles
-        if algo == "lamport":
+        if payload is not None:
+            tail = (
+                table_ptr, ctrl_ptr, numel, rank, self.slot_bytes, self.timeout_ticks, self.world_size, self.wp, block,
+                self.use_ptx, virtual,
+            )  # fmt: skip
+        elif algo == "lamport":
             tail = (
                 table_ptr, ctrl_ptr, numel, rank, self.lamport_offset, self.lamport_capacity, self.timeout_ticks,
                 self.world_size, self.wp, block, self.use_ptx, virtual, self.pdl,
@@ -331,6 +346,7 @@ class CustomAllReduce:
         tensor: torch.Tensor,
         out: torch.Tensor | None = None,
         algo: str = "auto",
+        payload: str | None = None,
         fingerprint: tuple[str, int] | None = None,
     ) -> torch.Tensor:
         """Sum ``tensor`` over all ranks; in place unless ``out`` is given.  Returns the result tensor.
@@ -339,10 +355,20 @@ class CustomAllReduce:
         a tensor from :meth:`get_buffer`: zero-copy).  Enqueued on the current stream; returns before
         completion.  ``algo``: ``auto``, ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot for
         small messages) or ``nccl``.  Every rank must make the
-        same sequence of calls with the same sizes and algorithms.  ``fingerprint``: what check mode compares
-        for this call, ``(operation, element count)`` (default: this algorithm and ``tensor``'s count); a caller
-        running this as one stage of a larger operation passes that operation's.
+        same sequence of calls with the same sizes and algorithms.
+
+        ``payload="fp8"`` (opt-in, never chosen by ``auto``): two-shot with every shard travelling as FP8 with one
+        fp32 scale per 128 elements, reduced in fp32, returned in the input dtype, the same bits on every rank
+        (``sagellm_comm/kernels/fp8_payload_all_reduce.py``; lossy: docs/custom_all_reduce.md gives the error).
+        ``algo`` must be ``auto`` or ``two_shot``; a message whose FP8 staging does not fit the workspace runs on
+        the engine at full precision with ``auto`` (raises with ``two_shot``).
+
+        ``fingerprint``: what check mode compares for this call, ``(operation, element count)`` (default: this
+        algorithm and ``tensor``'s count); a caller running this as one stage of a larger operation passes that
+        operation's.
         """
+        if payload is not None:
+            return self._all_reduce_payload(tensor, out, algo, payload)
         if self._error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
@@ -384,6 +410,62 @@ class CustomAllReduce:
         self._launcher.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
+        return out
+
+    def check_payload(self, tensor: torch.Tensor, algo: str, payload: str) -> str:
+        """``two_shot`` if the kernels run ``payload`` for ``tensor`` with ``algo``, ``nccl`` if the engine does (full
+        precision: ``algo="auto"`` and a message over the workspace); typed errors for the rest."""
+        if payload not in PAYLOADS:
+            raise InvalidArgumentError(f"payload must be None or one of {PAYLOADS}, got {payload!r}")
+        if algo not in ("auto", "two_shot"):
+            raise InvalidArgumentError(f"payload={payload!r} runs on two_shot only; got algo={algo!r}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
+        need = _k8.stage_bytes(tensor.numel(), self.world_size)
+        if need <= self.workspace.slot_bytes:
+            return "two_shot"
+        if algo == "two_shot" or self.fallback is None:
+            raise WorkspaceExhaustedError(
+                f"payload={payload!r} stages {need} bytes for {tensor.numel()} elements, over the "
+                f"{self.workspace.slot_bytes}-byte workspace; use algo='auto' with an engine, or a larger workspace"
+            )
+        return "nccl"
+
+    def _all_reduce_payload(self, tensor, out, algo: str, payload: str) -> torch.Tensor:
+        if self._error_view[0]:
+            self.workspace.raise_if_failed()
+        if self.workspace.closed:
+            raise NotInitializedError("the custom all-reduce was destroyed")
+        if not tensor.is_contiguous() or self._wrong_device(tensor):
+            raise InvalidArgumentError(f"tensor must be contiguous on {self.device}, got {tensor.device}")
+        numel = tensor.numel()
+        if out is None:
+            out = tensor
+        elif out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
+            raise InvalidArgumentError(
+                f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
+                f"{out.dtype} x {out.numel()} on {out.device}"
+            )
+        if self.check_payload(tensor, algo, payload) == "nccl":
+            result = self.fallback(tensor)
+            if out is not tensor:
+                out.copy_(result)
+            return out
+        if numel == 0:
+            return out
+        if self._use_ptx:
+            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self._device_index))
+        itemsize = tensor.element_size()
+        if self.check:
+            self._launcher.launch(
+                "two_shot", tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
+                self.max_programs, preload=True, payload=payload,
+            )  # fmt: skip
+            self.launch_check(f"two_shot_{payload}", numel, tensor.dtype)
+        self._launcher.launch(
+            "two_shot", tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
+            self.max_programs, payload=payload,
+        )  # fmt: skip
         return out
 
     def launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, grid_y: int = 1) -> None:

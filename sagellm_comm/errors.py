@@ -26,6 +26,8 @@ class ErrorCode(str, Enum):
     COMM_WORKSPACE_EXHAUSTED = "comm_workspace_exhausted"
     UNAVAILABLE = "unavailable"
     NOT_IMPLEMENTED = "not_implemented"
+    TRANSFER_FAILED = "transfer_failed"
+    TRANSFER_PEER_LOST = "transfer_peer_lost"
 
 
 class CommError(Exception):
@@ -138,6 +140,20 @@ class CollectiveMismatchError(CollectiveFailedError):
     code = ErrorCode.COMM_COLLECTIVE_FAILED
 
 
+class TransferError(CommError, RuntimeError):
+    """A one-sided block transfer (``sagellm_comm.transfer``) failed after it was accepted; ``details`` names
+    the peer, the operation and the transport."""
+
+    code = ErrorCode.TRANSFER_FAILED
+
+
+class PeerLostError(TransferError):
+    """The transfer's peer exited, restarted or was removed before the transfer completed; ``details["peer"]``
+    names it.  Other peers' transfers are not affected."""
+
+    code = ErrorCode.TRANSFER_PEER_LOST
+
+
 __all__ = [
     "BackendNotSupportedError",
     "CollectiveFailedError",
@@ -152,8 +168,10 @@ __all__ = [
     "NotImplementedCommError",
     "NotInitializedError",
     "P2PFailedError",
+    "PeerLostError",
     "RankMismatchError",
     "ShapeMismatchError",
+    "TransferError",
     "UnavailableError",
     "WorkspaceExhaustedError",
 ]

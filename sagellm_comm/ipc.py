@@ -12,19 +12,29 @@ Three implementations of one small interface, chosen by where the ranks live:
   tables directly.
 
 A process cannot open its own CUDA IPC handle, so callers use the local pointer for their own rank.
+
+Also here: :func:`tensor_at` (a torch view of raw peer memory mapped in this process) and
+:func:`cuda_allocation` (the allocation that holds a device address: a tensor from torch's caching allocator sits
+at an offset inside a larger ``cudaMalloc``, and IPC handles name whole allocations).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import uuid
 from abc import ABC, abstractmethod
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cupy_probe import require_cupy
 from .errors import P2PFailedError
+
+HOST_REGISTER_PORTABLE_MAPPED = 0x3  # cudaHostRegisterPortable | cudaHostRegisterMapped
+CAN_USE_HOST_POINTER = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
 
 
 class PeerMemory(ABC):
@@ -93,6 +103,21 @@ class CudaIpcMemory(PeerMemory):
         with self._on_device():
             return bytes(self._rt.ipcGetMemHandle(ptr))
 
+    def export_range(self, ptr: int) -> tuple[bytes, int]:
+        """``(handle, offset)`` for any device address ``ptr``: the IPC handle of the allocation that holds it
+        (e.g. a caching-allocator segment) and ``ptr``'s offset in it; a peer adds the offset to the address
+        :meth:`open` gives it."""
+        with self._on_device():
+            base, _ = cuda_allocation(ptr)
+            try:
+                return bytes(self._rt.ipcGetMemHandle(base)), ptr - base
+            except Exception as exc:
+                raise P2PFailedError(
+                    f"cudaIpcGetMemHandle failed for the allocation at {base:#x} on {self.device}: {exc}. Memory "
+                    "from cuMemCreate (PyTorch's expandable_segments:True) has no legacy IPC handle; allocate the "
+                    "pool without expandable segments"
+                ) from exc
+
     def open(self, handle: bytes, nbytes: int) -> int:
         with self._on_device():
             try:
@@ -110,6 +135,23 @@ class CudaIpcMemory(PeerMemory):
     def free(self, ptr: int) -> None:
         with self._on_device():
             self._rt.free(ptr)
+
+    def host_register(self, ptr: int, nbytes: int) -> None:
+        """Pin and map host memory (a shared file's pages) so kernels on this device write it at address ``ptr``
+        (``cudaHostRegister``, portable + mapped; needs :meth:`host_pointer_usable`)."""
+        with self._on_device():
+            try:
+                self._rt.hostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE_MAPPED)
+            except Exception as exc:
+                raise P2PFailedError(f"cudaHostRegister of {nbytes} bytes at {ptr:#x} failed: {exc}") from exc
+
+    def host_unregister(self, ptr: int) -> None:
+        with self._on_device():
+            self._rt.hostUnregister(ptr)
+
+    def host_pointer_usable(self) -> bool:
+        """Registered host memory has the same address on this device (UVA; true on x86-64 and Grace hosts)."""
+        return bool(self._rt.deviceGetAttribute(CAN_USE_HOST_POINTER, self.device.index or 0))
 
 
 class SharedFileMemory(PeerMemory):
@@ -164,3 +206,48 @@ class SharedFileMemory(PeerMemory):
     def tensor(self, ptr: int) -> torch.Tensor:
         """The uint8 tensor that keeps the mapping at ``ptr`` alive."""
         return self._maps[ptr][0]
+
+
+@lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise P2PFailedError(f"the CUDA driver library (libcuda.so.1) cannot be loaded: {exc}") from None
+    lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.c_uint64]  # fmt: skip
+    lib.cuMemGetAddressRange_v2.restype = ctypes.c_int
+    return lib
+
+
+def cuda_allocation(ptr: int) -> tuple[int, int]:
+    """``(base, nbytes)`` of the CUDA allocation holding device address ``ptr`` (``cuMemGetAddressRange``; the
+    device's context must be current, as it is inside :class:`CudaIpcMemory` or after torch touched it)."""
+    base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
+    status = _libcuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if status != 0:
+        raise P2PFailedError(f"cuMemGetAddressRange failed for address {ptr:#x} (CUresult {status})")
+    return int(base.value), int(size.value)
+
+
+class _RawStorageOwner:
+    """Keeps ``owner`` alive while a tensor built on memory it manages exists."""
+
+    def __init__(self, owner: Any):
+        self.owner = owner
+
+
+def tensor_at(ptr: int, numel: int, dtype: torch.dtype, device: torch.device, owner: Any) -> torch.Tensor:
+    """A tensor view of ``numel`` elements at raw address ``ptr`` on ``device`` (memory this process mapped:
+    a peer's region, a shared file); ``owner`` is kept alive as long as the tensor."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        import cupy
+
+        mem = cupy.cuda.UnownedMemory(ptr, numel * itemsize, _RawStorageOwner(owner), device.index or 0)
+        arr = cupy.ndarray((numel * itemsize,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        flat = torch.as_tensor(arr, device=device)
+    else:
+        buf = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (numel * itemsize)).from_address(ptr))
+        flat = torch.from_numpy(buf)
+    return flat.view(dtype)

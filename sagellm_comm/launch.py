@@ -115,12 +115,16 @@ class Launcher:
         """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""
         return self.key(args, constexprs) in self.cache
 
-    def __call__(self, grid: tuple[int, int], args: Sequence, constexprs: Sequence) -> None:
+    def __call__(self, grid: tuple[int, int], args: Sequence, constexprs: Sequence, stream: int | None = None) -> None:
+        """Launch on the current stream, or on raw stream handle ``stream`` once this specialisation is loaded
+        (:meth:`is_loaded`; the first launch compiles through Triton and uses the current stream)."""
         key = self.key(args, constexprs)
         fast = self.cache.get(key)
         if fast is not None:
             raw = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-            fast(grid[0], grid[1], torch._C._cuda_getCurrentRawStream(self.device_index), (*raw, *constexprs))
+            if stream is None:
+                stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+            fast(grid[0], grid[1], stream, (*raw, *constexprs))
             return
         compiled = self.kernel[grid](*args, *constexprs, **self.options)
         if self.use_ptx:

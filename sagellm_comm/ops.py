@@ -11,7 +11,7 @@ process-local registry at run time::
 
 The registry name ``"default"`` always means the group set by :func:`sagellm_comm.init`.
 
-Ops (namespace ``sagellm_comm``; both functional: they return a new tensor and never modify their input):
+Ops (namespace ``sagellm_comm``; all functional: they return new tensors and never modify their inputs):
 
 * ``all_reduce(Tensor tensor, str group_name, str op="sum") -> Tensor``: same shape and dtype as
   ``tensor``, contiguous; every rank of the group gets the reduction.
@@ -19,12 +19,24 @@ Ops (namespace ``sagellm_comm``; both functional: they return a new tensor and n
   stacked rank-major along dim 0: shape ``[world_size * tensor.shape[0], *tensor.shape[1:]]``.
   ``world_size`` is an argument (checked against the group at run time) so the fake implementation
   can compute the output shape without touching the registry.
+* ``all_reduce_residual_rmsnorm(Tensor x, Tensor residual, Tensor weight, str group_name, float eps,
+  str quant="none", Tensor? scale=None) -> (Tensor out, Tensor scales, Tensor new_residual)``:
+  :func:`sagellm_comm.fused.all_reduce_residual_rmsnorm` over the group, for ``x`` and ``residual`` of
+  any shape ``[..., hidden]`` (the leading dimensions are flattened into tokens).  ``quant="none"``:
+  ``out`` is the RMSNorm output in ``x``'s dtype and ``scales`` an empty fp32 tensor; an FP8 mode
+  (``"fp8"``, ``"fp8_per_token"``, ``"fp8_group128"``): ``out`` is ``float8_e4m3fn`` and ``scales`` the
+  fp32 scales (``"fp8"``: a copy of ``scale``; per token ``[..., 1]``; per group ``[..., hidden // 128]``).
+  What :mod:`sagellm_comm.compile` puts in place of an all-reduce, residual add and RMSNorm.
+* ``quantize_fp8(Tensor y, str quant, Tensor? scale=None) -> (Tensor q, Tensor scales)``: the FP8
+  quantisation of :func:`sagellm_comm.fused.quantize_fp8_reference` (same modes, same scales shapes).  An
+  FP8 linear layer that quantises its input with this op lets :mod:`sagellm_comm.compile` fold the
+  quantisation into the fused op above when the input comes from an all-reduce + residual + RMSNorm.
 
-Both dispatch to the group's backend: the custom Triton kernels where the backend is ``custom`` and
-they are active (SUM on the world group), the engine otherwise.  On device engines the result is
-enqueued on the current stream and the call returns before completion (stream semantics); on Gloo it
-returns once the data is reduced.  Each op has a fake (meta) implementation, so FakeTensor tracing,
-AOTAutograd and ``torch.compile(fullgraph=True)`` see shapes without communicating.
+The collectives dispatch to the group's backend: the custom Triton kernels where the backend is
+``custom`` and they are active (SUM on the world group), the engine otherwise.  On device engines the
+result is enqueued on the current stream and the call returns before completion (stream semantics); on
+Gloo it returns once the data is reduced.  Each op has a fake (meta) implementation, so FakeTensor
+tracing, AOTAutograd and ``torch.compile(fullgraph=True)`` see shapes without communicating.
 
 The ops are forward-only (inference): no autograd formula is registered, and a backward through
 them raises torch's "no autograd" error.
@@ -39,17 +51,25 @@ from typing import TYPE_CHECKING
 import torch
 
 from sagellm_comm.backend import ReduceOp
-from sagellm_comm.errors import GroupNotFoundError, InvalidArgumentError, ShapeMismatchError
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+)
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
 
 __all__ = [
     "DEFAULT_GROUP_NAME",
+    "QUANT_NONE",
     "all_gather",
     "all_reduce",
+    "all_reduce_residual_rmsnorm",
     "group_name",
     "list_groups",
+    "quantize_fp8",
     "register_group",
     "resolve_group",
     "unregister_group",
@@ -195,6 +215,107 @@ def _all_gather_fake(tensor: torch.Tensor, group_name: str, world_size: int) -> 
     return tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
 
 
+QUANT_NONE = "none"
+"""``quant`` of the fused op for the RMSNorm output in ``x``'s dtype; the FP8 modes are
+``sagellm_comm.fused.FP8_QUANT_MODES``."""
+
+
+def _fp8_reference():
+    """``(FP8_QUANT_MODES, quantize_fp8_reference)`` of :mod:`sagellm_comm.fused`, or a typed error."""
+    try:
+        from sagellm_comm.fused import FP8_QUANT_MODES, quantize_fp8_reference
+    except ImportError as exc:
+        raise BackendNotSupportedError(
+            f"FP8 quantisation needs sagellm_comm.fused.quantize_fp8_reference, which cannot be imported ({exc})"
+        ) from exc
+    return FP8_QUANT_MODES, quantize_fp8_reference
+
+
+def _check_fused_call(x: torch.Tensor, residual: torch.Tensor, quant: str, scale: torch.Tensor | None) -> None:
+    """What the fused op checks itself (the fused function checks the rest, the FP8 modes included)."""
+    if x.dim() < 1 or tuple(residual.shape) != tuple(x.shape):
+        raise ShapeMismatchError(
+            f"x and residual must have one shape [..., hidden], got x {tuple(x.shape)}, residual "
+            f"{tuple(residual.shape)}",
+            details={"x": tuple(x.shape), "residual": tuple(residual.shape)},
+        )
+    if quant == QUANT_NONE and scale is not None:
+        raise InvalidArgumentError(f"scale is only taken with an FP8 quant mode; quant is {QUANT_NONE!r}")
+
+
+@torch.library.custom_op("sagellm_comm::all_reduce_residual_rmsnorm", mutates_args=())
+def _all_reduce_residual_rmsnorm_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    eps: float,
+    quant: str = QUANT_NONE,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm as fused
+
+    _check_fused_call(x, residual, quant, scale)
+    group = resolve_group(group_name)
+    hidden = x.shape[-1]
+    rows = x.reshape(-1, hidden).contiguous()
+    residual_rows = residual.reshape(-1, hidden).contiguous()
+    weight = weight.contiguous()
+    if quant == QUANT_NONE:
+        normed, new_residual = fused(rows, residual_rows, weight, eps, group=group)
+        return normed.view(x.shape), x.new_empty((0,), dtype=torch.float32), new_residual.view(x.shape)
+    _fp8_reference()  # a typed error where the FP8 modes are not available
+    q, scales, new_residual = fused(rows, residual_rows, weight, eps, group=group, quant=quant, scale=scale)
+    if scale is not None and scales.data_ptr() == scale.data_ptr():
+        scales = scales.clone()  # static mode returns the caller's scale; an op output must not alias an input
+    else:
+        scales = scales.reshape(*x.shape[:-1], scales.shape[-1]).contiguous()
+    return q.view(x.shape), scales, new_residual.view(x.shape)
+
+
+@_all_reduce_residual_rmsnorm_op.register_fake
+def _all_reduce_residual_rmsnorm_fake(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    eps: float,
+    quant: str = QUANT_NONE,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_fused_call(x, residual, quant, scale)
+    new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if quant == QUANT_NONE:
+        normed = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return normed, x.new_empty((0,), dtype=torch.float32), new_residual
+    q, scales = _quantize_fp8_fake(x, quant, scale)
+    return q, scales, new_residual
+
+
+@torch.library.custom_op("sagellm_comm::quantize_fp8", mutates_args=())
+def _quantize_fp8_op(
+    y: torch.Tensor, quant: str, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, reference = _fp8_reference()
+    q, scales = reference(y, quant, scale)
+    if scales is scale:
+        scales = scale.clone()  # static mode returns the caller's scale; an op output must not alias an input
+    return q.contiguous(), scales.contiguous()
+
+
+@_quantize_fp8_op.register_fake
+def _quantize_fp8_fake(
+    y: torch.Tensor, quant: str, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The reference itself, run on fake tensors: the same argument checks and the same output shapes.
+    _, reference = _fp8_reference()
+    q, scales = reference(y, quant, scale)
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=y.device),
+        torch.empty(scales.shape, dtype=torch.float32, device=y.device),
+    )
+
+
 def all_reduce(tensor: torch.Tensor, group: CommGroup | str | None = None, op: ReduceOp | str = "sum") -> torch.Tensor:
     """Functional all-reduce through ``torch.ops.sagellm_comm.all_reduce``.
 
@@ -232,3 +353,54 @@ def all_gather(tensor: torch.Tensor, group: CommGroup | str | None = None, world
     if world_size is None:
         world_size = resolve_group(name).world_size
     return torch.ops.sagellm_comm.all_gather(tensor, name, world_size)
+
+
+def _check_tensor(name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def all_reduce_residual_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    group: CommGroup | str | None = None,
+    quant: str | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The fused all-reduce + residual + RMSNorm (+ FP8) through its custom op (traced by ``torch.compile``).
+
+    Args:
+        x: this rank's partial sums ``[..., hidden]`` (any leading shape); not modified.
+        residual: ``[..., hidden]`` like ``x``; not modified.
+        weight: the RMSNorm weight ``[hidden]``.
+        eps: added to the mean square.
+        group: a :class:`CommGroup`, a registered name, or None (the default group).
+        quant: None, or an FP8 mode of ``sagellm_comm.fused.FP8_QUANT_MODES``.
+        scale: the static FP8 scale (``quant="fp8"``), a one-element fp32 tensor.
+
+    Returns:
+        ``(normed, new_residual)`` for ``quant=None``, else ``(q, scales, new_residual)`` (static mode:
+        ``scales`` is a copy of ``scale``), the fused function's convention, shaped like ``x``.
+    """
+    for name, value in (("x", x), ("residual", residual), ("weight", weight)):
+        _check_tensor(name, value)
+    mode = QUANT_NONE if quant is None else quant
+    out, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
+        x, residual, weight, group_name(group), float(eps), mode, scale
+    )
+    return (out, new_residual) if quant is None else (out, scales, new_residual)
+
+
+def quantize_fp8(y: torch.Tensor, quant: str, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)`` of ``y`` (``[..., hidden]``) through ``torch.ops.sagellm_comm.quantize_fp8``.
+
+    The quantisation of :func:`sagellm_comm.fused.quantize_fp8_reference`: ``quant`` an FP8 mode (``"fp8"``
+    with ``scale``, ``"fp8_per_token"``, ``"fp8_group128"``); ``q`` ``float8_e4m3fn`` shaped like ``y``;
+    ``scales`` fp32 (a copy of ``scale``, ``[..., 1]`` or ``[..., hidden // 128]``).  FP8 linear layers that
+    quantise their input through this op are what :mod:`sagellm_comm.compile` folds into the fused
+    all-reduce + residual + RMSNorm.
+    """
+    _check_tensor("y", y)
+    return torch.ops.sagellm_comm.quantize_fp8(y, quant, scale)

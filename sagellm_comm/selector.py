@@ -39,6 +39,11 @@ ALGO_CHOICES = ("auto", *KERNEL_ALGOS, HIERARCHICAL_ALGO, ENGINE_ALGO)  # what a
 COLLECTIVE_KERNEL_ALGO = "kernel"  # the label of the custom all-gather / reduce-scatter kernel when it ran
 NCCL_ALGO_NAMES = ("ring", "tree")  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
 GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")  # paths of the GEMM + all-reduce (sagellm_comm.fused)
+# The all-reduce + residual + RMSNorm (+ FP8) of sagellm_comm.fused: one of its kernels, or the fusion off.
+UNFUSED_PATH = "unfused"  # the all-reduce, then torch add + RMSNorm (+ quantisation)
+RMSNORM_PATHS = (*KERNEL_ALGOS, UNFUSED_PATH)
+FOLLOW_ALL_REDUCE = "all_reduce_policy"  # a fusion rule's "the kernel the all-reduce policy picks for this size"
+PAYLOADS = ("fp8",)  # the all-reduce's opt-in low-precision payloads (two-shot only)
 
 
 @dataclass(frozen=True)

@@ -107,12 +107,13 @@ class VirtualRankGroup:
             current.wait_stream(stream)
         return results
 
-    def all_reduce_stacked(self, stacked: torch.Tensor, algo: str = "auto") -> torch.Tensor:
+    def all_reduce_stacked(self, stacked: torch.Tensor, algo: str = "auto", payload: str | None = None) -> torch.Tensor:
         """All-reduce row ``r`` of ``stacked`` ([world_size, numel]) as rank ``r``'s tensor, in place.
 
         All ranks run in *one* kernel launch (grid axis 1 is the rank), the way N GPUs each launch their
         own kernel at the same moment; the kernel body is the one real ranks run.  This is the mode
         device-time benchmarks use: N launches on N streams would be serialised by the one GPU's front end.
+        ``payload="fp8"``: the two-shot kernel with FP8 shards (:meth:`CustomAllReduce.all_reduce`).
         """
         if stacked.dim() != 2 or stacked.shape[0] != self.world_size:
             raise InvalidArgumentError(
@@ -128,7 +129,10 @@ class VirtualRankGroup:
                 f"{stacked.device} (contiguous={stacked.is_contiguous()})"
             )
         numel = stacked.shape[1]
-        algo = car.resolve_algo(algo, numel, numel * itemsize)
+        if payload is not None:
+            algo = car.check_payload(stacked[0], algo, payload)
+        else:
+            algo = car.resolve_algo(algo, numel, numel * itemsize)
         if algo not in KERNEL_ALGOS:
             raise BackendNotSupportedError(f"virtual ranks run the custom kernels only ({KERNEL_ALGOS}), not {algo!r}")
         if numel:
@@ -137,12 +141,13 @@ class VirtualRankGroup:
                 ws.enter_stream(raw)
             if car.check:
                 car.launch_check(
-                    algo, numel, stacked.dtype, self._stacked_table, self._stacked_control, grid_y=self.world_size
-                )
-            self.launch_stacked(algo, stacked, self.max_programs)
+                    algo if payload is None else f"{algo}_{payload}", numel, stacked.dtype, self._stacked_table,
+                    self._stacked_control, grid_y=self.world_size,
+                )  # fmt: skip
+            self.launch_stacked(algo, stacked, self.max_programs, payload)
         return stacked
 
-    def launch_stacked(self, algo: str, stacked: torch.Tensor, programs: int) -> None:
+    def launch_stacked(self, algo: str, stacked: torch.Tensor, programs: int, payload: str | None = None) -> None:
         """Enqueue kernel ``algo`` on the current stream for every rank at once, in place on the rows of the
         contiguous ``[world_size, numel]`` tensor ``stacked``, with ``programs`` programs per rank.  No checks,
         no stream ordering: :meth:`all_reduce_stacked` is the checked call; this is its launch, shared with
@@ -150,7 +155,7 @@ class VirtualRankGroup:
         numel = stacked.shape[1]
         self.ranks[0]._launcher.launch(
             algo, stacked, stacked, numel, stacked.element_size(), False, self._stacked_table, self._stacked_control, 0,
-            self.world_size, programs, virtual=True,
+            self.world_size, programs, virtual=True, payload=payload,
         )  # fmt: skip
 
     def check_errors(self) -> None:

@@ -27,7 +27,6 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from sagellm_comm.kernels import all_reduce as _k
@@ -43,6 +42,7 @@ from .errors import (
     WorkspaceExhaustedError,
 )
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
+from .ipc import tensor_at as _tensor_at
 
 ALIGN_BYTES = 256
 DEFAULT_SLOT_BYTES = 64 * 1024 * 1024
@@ -459,28 +459,6 @@ def _decode_fingerprint(words) -> dict:
 
 def _describe(fp: dict) -> str:
     return f"{fp['algo']} of {fp['numel']} x {fp['dtype']} (check call {fp['call']})"
-
-
-class _RawStorageOwner:
-    """Keeps the workspace alive while a tensor built on its memory exists."""
-
-    def __init__(self, owner: Any):
-        self.owner = owner
-
-
-def _tensor_at(ptr: int, numel: int, dtype: torch.dtype, device: torch.device, owner: Any) -> torch.Tensor:
-    """A tensor view of ``numel`` elements at raw address ``ptr`` on ``device``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        import cupy
-
-        mem = cupy.cuda.UnownedMemory(ptr, numel * itemsize, _RawStorageOwner(owner), device.index or 0)
-        arr = cupy.ndarray((numel * itemsize,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-        flat = torch.as_tensor(arr, device=device)
-    else:
-        buf = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (numel * itemsize)).from_address(ptr))
-        flat = torch.from_numpy(buf)
-    return flat.view(dtype)
 
 
 def local_workspaces(

@@ -25,10 +25,14 @@ start method) and returns their results in rank order.
 
 ``requires_cuda`` is a skip marker for tests that need a CUDA GPU; tests marked ``gpu`` are skipped
 cleanly when no GPU is visible (run them with ``pytest -m gpu`` on a GPU machine).
+
+``no_compile_caches()`` turns Inductor's FX-graph and AOTAutograd caches off for a block, so that every graph
+``torch.compile`` makes there is compiled (and its post-grad passes run) rather than loaded from disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -68,6 +72,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def no_compile_caches():
+    """Inductor's FX-graph cache and AOTAutograd's cache off inside the block (see the module docstring)."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 
 
 def _session_timeout() -> float | None:

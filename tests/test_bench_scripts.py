@@ -18,7 +18,8 @@ BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
 GPU_SCRIPTS = (
-    "custom_all_reduce_bench", "fused_bench", "fused_multi_gpu_bench", "group_bench", "protocol_cost", "soak",
+    "custom_all_reduce_bench", "fp8_fused_bench", "fp8_payload_error", "fused_bench", "fused_multi_gpu_bench",
+    "group_bench", "protocol_cost", "soak",
 )  # fmt: skip
 HAS_CUDA = __import__("torch").cuda.is_available()
 

@@ -85,7 +85,7 @@ def _check_tp(per_rank, tp_sizes, world_kernels=True):
             for ok, algo, rule in got["results"]:
                 assert ok and algo in KERNELS, (algo, rule)
             assert got["results"][0][2] not in ("engine", "user")  # auto: a selector rule ran
-            assert got["fused"] == (True, got["fused"][1]) and got["fused"][1] in ("one_shot", "two_shot")
+            assert got["fused"] == (True, got["fused"][1]) and got["fused"][1] in ("lamport", "one_shot", "two_shot")
             assert got["world_sum_ok"]
             assert got["gather_scatter"] == ((True, "kernel"), (True, "kernel"), "gloo"), got["gather_scatter"]
 

@@ -94,6 +94,9 @@ def _wrap_worker(rank, world_size, port, start):
         assert torch.equal(new_res, want_res), f"rmsnorm call {i}: {new_res[0]}"
         torch.testing.assert_close(normed, rmsnorm_reference(want_res, weight, 1e-6), rtol=1e-6, atol=1e-6)
         barrier_calls += 1
+        q, scales, new_res = fused(x, residual, weight, algo="lamport", quant="fp8_per_token")  # the Lamport form
+        assert torch.equal(new_res, want_res) and torch.all(q.float() * scales == 1.0), f"fused lamport call {i}"
+        lamport_calls += 1
         for path in ("fused", "copy_engine"):
             out = gemm(a_all[rank], b_all[rank], path=path)
             assert torch.equal(out.float(), gemm_ref), f"gemm {path} call {i} after {start}"

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - a Triton without the CUDA backend
     pytest.skip("this Triton has no CUDA backend to compile with", allow_module_level=True)
 
 TARGET = GPUTarget("cuda", 90, 32)
-UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "me", "n"}
+UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "n_items", "parts", "me", "n"}
 
 
 def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 8):
@@ -46,8 +46,10 @@ COLLECTIVE = dict(inp="*bf16", out="*bf16", table="*i64", ctrl="*i64", numel="i3
 
 def _cases():
     from sagellm_comm.kernels import all_reduce as ar
+    from sagellm_comm.kernels import block_copy as bc
     from sagellm_comm.kernels import copy_engine as ce
     from sagellm_comm.kernels import fingerprint as fp
+    from sagellm_comm.kernels import fp8_payload_all_reduce as pay
     from sagellm_comm.kernels import fused_all_reduce_rmsnorm as rm
     from sagellm_comm.kernels import gather_scatter as gs
     from sagellm_comm.kernels import gemm_all_reduce as gk
@@ -72,6 +74,14 @@ def _cases():
     )
     cases.append(
         (
+            pay.two_shot_fp8_all_reduce_kernel,
+            COLLECTIVE,
+            dict(W=4, WP=4, BLOCK=4096, USE_PTX=True, VIRTUAL=False),
+            flags + ("div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32", "ld.global.cg.v4"),
+        )
+    )
+    cases.append(
+        (
             fp.fingerprint_check_kernel,
             dict(table="*i64", ctrl="*i64", rank="i32", algo="i32", numel="i64", dtype_code="i32", timeout="i64"),
             dict(W=3, WP=4, USE_PTX=True, VIRTUAL=False),
@@ -90,7 +100,8 @@ def _cases():
         inp="*fp16",
         residual="*fp16",
         weight="*fp16",
-        normed_out="*fp16",
+        out="*fp16",
+        scales="*fp16",
         residual_out="*fp16",
         table="*i64",
         ctrl="*i64",
@@ -106,9 +117,25 @@ def _cases():
             (
                 rm.all_reduce_rmsnorm_kernel,
                 rms_types,
-                dict(W=2, WP=2, BLOCK_H=4096, TWO_SHOT=two_shot, USE_PTX=True, VIRTUAL=False),
+                dict(W=2, WP=2, BLOCK_H=4096, TWO_SHOT=two_shot, QUANT=0, USE_PTX=True, VIRTUAL=False),
                 flags,
             )
+        )
+    # FP8 outputs: a round-to-nearest division and one saturating round-to-nearest conversion (kernels/fp8.py).
+    fp8_types = dict(rms_types, inp="*bf16", residual="*bf16", weight="*bf16", residual_out="*bf16", out="*fp8e4nv",
+                     scales="*fp32")  # fmt: skip
+    fp8_ops = ("div.rn.f32", "cvt.rn.satfinite.e4m3x2.f32")
+    for two_shot, quant, w in ((False, 1, 4), (True, 2, 3), (True, 3, 8), (False, 3, 2)):
+        cx = dict(W=w, WP=triton.next_power_of_2(w), BLOCK_H=8192, TWO_SHOT=two_shot, QUANT=quant, USE_PTX=True,
+                  VIRTUAL=two_shot)  # fmt: skip
+        cases.append((rm.all_reduce_rmsnorm_kernel, fp8_types, cx, flags + fp8_ops))
+    lamport_rms = {k: v for k, v in fp8_types.items() if k != "slot_bytes"}
+    lamport_rms.update(lamport_offset="i64", cap="i32")
+    for quant, w in ((0, 2), (2, 8), (3, 4)):
+        types = dict(lamport_rms, out="*bf16") if quant == 0 else lamport_rms
+        cx = dict(W=w, WP=w, BLOCK_H=4096, QUANT=quant, USE_PTX=True, VIRTUAL=quant == 2, PDL=True)
+        cases.append(
+            (rm.lamport_all_reduce_rmsnorm_kernel, types, cx, ("griddepcontrol.wait", *(fp8_ops if quant else ())))
         )
     cases.append(
         (
@@ -187,6 +214,29 @@ def _cases():
             (),
         )
     )
+    copy_types = dict(
+        table_addr="i64",
+        src_base="i64",
+        dst_base="i64",
+        n_items="i32",
+        block_bytes="i32",
+        parts="i32",
+        part_bytes="i32",
+        counter_addr="i64",
+        notify_src="i64",
+        notify_dst="i64",
+    )
+    counted = ("atom.global.sys.acq_rel.add.u64",)  # every program's stores released before its count
+    for fixed in (False, True):
+        cases.append(
+            (
+                bc.block_copy_kernel,
+                copy_types,
+                dict(FIXED=fixed, VEC=True, NOTIFY=True, TILE=2048),
+                ("ld.global.cg.v4.b32", "st.global.v4.b32", *counted, "atom.global.sys.release.exch.b64"),
+            )
+        )
+    cases.append((bc.block_copy_kernel, copy_types, dict(FIXED=False, VEC=False, NOTIFY=False, TILE=4096), counted))
     return cases  # fmt: skip
 
 
@@ -196,7 +246,8 @@ CASES = _cases()
 @pytest.mark.parametrize("case", CASES, ids=[f"{k.fn.__name__}-{i}" for i, (k, *_) in enumerate(CASES)])
 def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     kernel, types, constexprs, needles = case
-    compiled = _compile(kernel, types, constexprs, num_warps=1 if kernel.fn.__name__.startswith("ce_barrier") else 8)
+    warps = 1 if kernel.fn.__name__.startswith("ce_barrier") else 4 if kernel.fn.__name__ == "block_copy_kernel" else 8
+    compiled = _compile(kernel, types, constexprs, num_warps=warps)
     ptx = compiled.asm["ptx"]
     for needle in needles:
         assert needle in ptx, f"{kernel.fn.__name__} {constexprs}: no {needle!r} in its PTX"

@@ -39,6 +39,7 @@ from ..selector import (
     COLLECTIVE_KERNEL_ALGO,
     HIERARCHICAL_ALGO,
     KERNEL_ALGOS,
+    PAYLOADS,
     AlgoSelector,
     Selection,
 )
@@ -407,13 +408,20 @@ class CustomBackend(TorchDistributedBackend):
             return Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
         return car.select(nbytes, itemsize).ran_on(self.engine_kind)
 
-    def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto"):
+    def all_reduce(
+        self, tensor, op=ReduceOp.SUM, group=None, async_op=False, algo: str = "auto", payload: str | None = None
+    ):
         """As :meth:`CommBackend.all_reduce`; SUM on a group with kernels runs them when they can.
 
         ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot``, ``lamport`` or ``nccl`` (the engine).
+        ``payload="fp8"`` (opt-in, lossy): the kernels' two-shot with FP8 shards (:meth:`CustomAllReduce.all_reduce`);
+        where the engine runs the call (no kernels for the group, another op or dtype, over the workspace) it
+        runs at full precision, and :attr:`last_selection` says so.
         """
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
+        if payload is not None:
+            return self._all_reduce_payload(tensor, op, group, async_op, algo, payload)
         car = self.custom if group is None else self.kernels_for(group)
         if car is None and self._hierarchical and algo in ("auto", HIERARCHICAL_ALGO):
             done = self._try_hierarchical(tensor, op, group, algo)
@@ -457,6 +465,33 @@ class CustomBackend(TorchDistributedBackend):
         if async_op:
             return _EventWork(car, tensor)
         return tensor
+
+    def _all_reduce_payload(self, tensor, op, group, async_op, algo: str, payload: str):
+        """:meth:`all_reduce` with ``payload``: the kernels' FP8 two-shot where they run the call, else the engine."""
+        if payload not in PAYLOADS:
+            raise InvalidArgumentError(f"payload must be None or one of {PAYLOADS}, got {payload!r}")
+        if algo not in ("auto", "two_shot"):
+            raise InvalidArgumentError(f"payload={payload!r} runs on two_shot only; got algo={algo!r}")
+        car = self.custom if group is None else self.kernels_for(group)
+        kernel_case = (
+            car is not None
+            and ReduceOp.parse(op) is ReduceOp.SUM
+            and isinstance(tensor, torch.Tensor)
+            and tensor.dtype in SUPPORTED_DTYPES
+            and tensor.is_contiguous()
+        )
+        ran = car.check_payload(tensor, algo, payload) if kernel_case else self.engine_kind
+        if ran != "two_shot":
+            why = "over the workspace" if kernel_case else "not a kernel case (group, op, dtype or layout)"
+            self.last_selection = Selection(self.engine_kind, "engine", f"payload={payload!r} {why}: full precision")
+            return super().all_reduce(tensor, op, group, async_op)
+        self.last_selection = Selection(
+            "two_shot",
+            f"{payload}-payload",
+            f"payload={payload!r} requested: shards travel as FP8 with a scale per 128",
+        )
+        car.all_reduce(tensor, algo="two_shot", payload=payload)
+        return _EventWork(car, tensor) if async_op else tensor
 
     # ------------------------------------------------------------------ all-gather / reduce-scatter
     def _gather_scatter_kernels(self, op: str, flat, shard, group) -> CustomAllReduce | None:

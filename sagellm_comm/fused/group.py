@@ -15,9 +15,10 @@ from ..errors import (
     ShapeMismatchError,
 )
 from ..group import resolve_group
-from ..selector import Selection
+from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, RMSNORM_DTYPES, rmsnorm_reference
+from ._common import FUSED_DTYPES, RMSNORM_DTYPES
+from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
 
@@ -86,16 +87,31 @@ def group_gemm(group=None) -> GemmAllReduce | None:
 
 
 def all_reduce_residual_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, group=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(normed, new_residual)``: ``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual)
-    * weight`` over ``group`` (default group if None).
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    group=None,
+    quant: str | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual) * weight`` over ``group``
+    (default group if None), optionally quantised to FP8.
 
-    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  With the group's custom
-    kernels, one fused kernel (:class:`FusedAllReduceRMSNorm`); otherwise the group's
-    all-reduce then torch add and RMSNorm (fp32 math), the reason recorded in :func:`last_selection`.
-    Enqueued on the current stream; inputs are not modified.
+    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  Returns:
+
+    * ``quant=None``: ``(normed, new_residual)``;
+    * ``quant="fp8"``: ``(q, scale, new_residual)``, ``scale`` the caller's one-element fp32 tensor (static);
+    * ``quant="fp8_per_token"``: ``(q, scales [tokens, 1] fp32, new_residual)``;
+    * ``quant="fp8_group128"``: ``(q, scales [tokens, hidden // 128] fp32, new_residual)``;
+
+    ``q`` is ``torch.float8_e4m3fn`` ``[tokens, hidden]`` (numerics: ``sagellm_comm/fused/fp8.py``,
+    :func:`quantize_fp8_reference`).  With the group's custom kernels, one fused kernel
+    (:class:`FusedAllReduceRMSNorm`, its fusion policy may run the chain unfused); otherwise the group's
+    all-reduce then torch ops computing the same outputs, the reason recorded in :func:`last_selection`.  Bad
+    arguments raise before anything runs.  Enqueued on the current stream; inputs are not modified.
     """
+    check_quant(quant, scale, x)
     g, backend, state, car, why = _group_state(group)
     if car is not None and x.dtype in RMSNORM_DTYPES:
         if state.rmsnorm is None:
@@ -106,7 +122,7 @@ def all_reduce_residual_rmsnorm(
                 max_programs=car.max_programs,
                 fallback=car.fallback,
             )
-        out = state.rmsnorm(x, residual, weight, eps)
+        out = state.rmsnorm(x, residual, weight, eps, quant=quant, scale=scale)
         state.last = state.rmsnorm.last_selection
         return out
     if car is not None:
@@ -115,9 +131,8 @@ def all_reduce_residual_rmsnorm(
         raise ShapeMismatchError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}")
     reduced = x.clone()
     g.all_reduce(reduced)
-    new_residual = residual + reduced
-    state.last = Selection("unfused", "custom-unavailable", f"{why}; all-reduce then torch add + RMSNorm")
-    return rmsnorm_reference(new_residual, weight, eps), new_residual
+    state.last = Selection(UNFUSED_PATH, "custom-unavailable", f"{why}; all-reduce then torch add + RMSNorm")
+    return unfused_tail(reduced, residual, weight, eps, quant, scale)
 
 
 def gemm_all_reduce(

@@ -1,4 +1,4 @@
-"""All-reduce + residual add + RMSNorm in one kernel (``kernels/fused_all_reduce_rmsnorm.py``), per rank."""
+"""All-reduce + residual add + RMSNorm (+ FP8) in one kernel (``kernels/fused_all_reduce_rmsnorm.py``), per rank."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import triton
 from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 
+from ..custom_all_reduce import pdl_enabled
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -20,22 +21,26 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import ENGINE_ALGO, AlgoSelector, Selection
-from ..workspace import SymmetricWorkspace
-from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d, rmsnorm_reference
+from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, UNFUSED_PATH, AlgoSelector, Selection
+from ..workspace import SymmetricWorkspace, lamport_offset
+from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d
+from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
+from .rmsnorm_policy import FusionPolicy
 
 
 class FusedAllReduceRMSNorm:
-    """All-reduce + residual add + RMSNorm of one rank, on the custom all-reduce's workspace.
+    """All-reduce + residual add + RMSNorm (+ FP8 quantisation) of one rank, on the custom all-reduce's workspace.
 
     Args:
         workspace: the rank's :class:`SymmetricWorkspace` (the one its :class:`CustomAllReduce` uses).
-        selector: one-shot/two-shot policy by bytes (the all-reduce's default rules when omitted).
+        selector: the all-reduce's algorithm policy by bytes (the all-reduce's default rules when omitted); a
+            fusion rule with path ``all_reduce_policy`` runs the fused form of the kernel it picks.
         timeout_s: bound of every device-side wait.
         max_programs: programs per launch (rows are spread over them); all must be co-resident.  Agreed by
             the group with the workspace (``workspace.max_programs``); any other value raises.
-        fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce used when the fused kernels cannot
-            run the call (message over the workspace); without it such calls raise.
+        fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce used when the fused kernels do not run
+            the call (fusion off by policy, message over the workspace); without it such calls raise.
+        policy: the fusion rules (:class:`FusionPolicy`; default :data:`DEFAULT_FUSION_RULES`).
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class FusedAllReduceRMSNorm:
         timeout_s: float = 30.0,
         max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        policy: FusionPolicy | None = None,
     ):
         if workspace.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
@@ -56,38 +62,73 @@ class FusedAllReduceRMSNorm:
         max_programs = workspace.max_programs
         self.workspace = workspace
         self.selector = selector or AlgoSelector()
+        self.policy = policy or FusionPolicy()
         self.max_programs = max_programs
         self.fallback = fallback
         self.use_ptx = workspace.device.type == "cuda"
+        self.pdl = pdl_enabled(workspace.device)  # the Lamport form, as the plain Lamport kernel
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
-        self._launchers: dict[int, _Launcher] = {}
+        self._launchers: dict[tuple[bool, int], _Launcher] = {}
         self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, workspace.device.index or 0, num_warps=1)
         self.last_selection: Selection | None = None
 
-    def select(self, nbytes: int) -> Selection:
-        """``one_shot``, ``two_shot`` or ``unfused`` for a message of ``nbytes``, with rule id and reason."""
+    # ------------------------------------------------------------------ policy
+    def select(
+        self, nbytes: int, quant: str | None = None, rows: int | None = None, hidden: int | None = None,
+        itemsize: int = 2,
+    ) -> Selection:  # fmt: skip
+        """``one_shot``, ``two_shot``, ``lamport`` or ``unfused`` for ``rows`` x ``hidden`` elements (``nbytes`` in
+        all; one row when the shape is not given) in mode ``quant``, with rule id and reason."""
+        if hidden is None:
+            rows, hidden = 1, max(1, nbytes // itemsize)
+        rows = 1 if rows is None else rows
+        rule = self.policy.select(rows, hidden, self.workspace.world_size, quant)
+        sel = rule
+        if rule.algo == FOLLOW_ALL_REDUCE:
+            sel = self.selector.select(nbytes, self.workspace.world_size, self.workspace.slot_bytes)
+            if sel.algo == ENGINE_ALGO:
+                return Selection(UNFUSED_PATH, sel.rule_id, f"{sel.reason}; all-reduce then torch ops")
+        if sel.algo == UNFUSED_PATH:
+            return sel
+        return self._fit(sel, nbytes, rows, hidden, itemsize, quant)
+
+    def _fit(self, sel: Selection, nbytes: int, rows: int, hidden: int, itemsize: int, quant) -> Selection:
+        """``sel`` where its kernel takes the message, else the next one that does (rule id says why)."""
         slot = self.workspace.slot_bytes
-        sel = self.selector.select(nbytes, self.workspace.world_size, slot)
-        if sel.algo not in ("one_shot", "two_shot", ENGINE_ALGO):
-            # The all-reduce policy may name kernels the fused pass does not implement (e.g. lamport, a
-            # latency-bound choice): one-shot has the same single-barrier latency profile.
-            sel = Selection("one_shot", f"fused-{sel.rule_id}", f"{sel.algo} is not fused; one-shot instead")
-        if sel.algo == "two_shot" and 2 * nbytes > slot:
-            if nbytes <= slot:
-                return Selection("one_shot", "fused-two-shot-capacity", "two-shot stages 2x the message; one-shot fits")
-            sel = Selection(ENGINE_ALGO, "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
-        if sel.algo == ENGINE_ALGO:
-            return Selection("unfused", sel.rule_id, f"{sel.reason}; all-reduce then torch add + RMSNorm")
+        if sel.algo == "lamport" and rows * hidden > self.workspace.lamport_capacity:
+            sel = Selection(
+                "one_shot", f"{sel.rule_id}+lamport-capacity",
+                f"{sel.reason}; but {rows * hidden} elements exceed the Lamport buffers "
+                f"({self.workspace.lamport_capacity}), so one-shot runs",
+            )  # fmt: skip
+        if sel.algo == "two_shot" and _rmk.stage_bytes(rows, hidden, itemsize, QUANT_CODES[quant]) > slot:
+            sel = Selection("one_shot", "fused-two-shot-capacity", "two-shot stages its outputs too; one-shot fits")
+        if sel.algo == "one_shot" and nbytes > slot:
+            sel = Selection(UNFUSED_PATH, "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
         return sel
 
-    def _launcher(self, num_warps: int) -> _Launcher:
-        launcher = self._launchers.get(num_warps)
-        if launcher is None:
-            index = self.workspace.device.index or 0
-            launcher = _Launcher(_rmk.all_reduce_rmsnorm_kernel, self.use_ptx, index, num_warps=num_warps)
-            self._launchers[num_warps] = launcher
-        return launcher
+    def _pick(self, algo: str, x: torch.Tensor, rows: int, hidden: int, quant: str | None) -> Selection:
+        nbytes = x.numel() * x.element_size()
+        if algo == "auto":
+            sel = self.select(nbytes, quant, rows, hidden, x.element_size())
+        elif algo in RMSNORM_PATHS:
+            sel = Selection(algo, "user", f"algo={algo} requested")
+            if algo != UNFUSED_PATH and self._fit(sel, nbytes, rows, hidden, x.element_size(), quant) != sel:
+                if algo == "lamport":
+                    need = f"takes at most {self.workspace.lamport_capacity} elements, got {rows * hidden}"
+                else:
+                    staged = _rmk.stage_bytes(rows, hidden, x.element_size(), QUANT_CODES[quant])
+                    need = f"stages {staged if algo == 'two_shot' else nbytes} bytes"
+                raise WorkspaceExhaustedError(
+                    f"algo={algo} {need} (quant={quant}), over this workspace ({self.workspace.slot_bytes}-byte "
+                    "slots); use algo='auto'"
+                )
+        else:
+            raise InvalidArgumentError(f"algo must be auto or one of {RMSNORM_PATHS}, got {algo!r}")
+        self.last_selection = sel
+        return sel
 
+    # ------------------------------------------------------------------ the call
     def validate(self, x, residual, weight, rows_dims: int = 2) -> tuple[int, int]:
         """Check shapes/dtypes/devices; return ``(rows, hidden)`` of one rank."""
         dev = self.workspace.device
@@ -109,52 +150,65 @@ class FusedAllReduceRMSNorm:
             raise InvalidArgumentError(f"hidden size must be in 1..{MAX_HIDDEN}, got {hidden}")
         return x.shape[-2], hidden
 
+    @staticmethod
+    def new_outputs(x: torch.Tensor, quant: str | None, scale: torch.Tensor | None):
+        """``(out, scales, new_residual)`` for ``x`` (``[..., rows, hidden]``): ``out`` in x's dtype or FP8; ``scales``
+        the caller's static scale, new dynamic scales (``[..., rows, 1 or hidden // 128]``), or None."""
+        new_residual = torch.empty_like(x)
+        if quant is None:
+            return torch.empty_like(x), None, new_residual
+        q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        if quant == "fp8":
+            return q, scale, new_residual
+        shape = (*x.shape[:-2], *scales_shape(x.shape[-2], x.shape[-1], quant))
+        return q, torch.empty(shape, dtype=torch.float32, device=x.device), new_residual
+
     def __call__(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, algo: str = "auto"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(normed, new_residual)`` for this rank's partial sums ``x`` ([rows, hidden]).
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float = 1e-6,
+        algo: str = "auto",
+        quant: str | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """For this rank's partial sums ``x`` ([rows, hidden]): ``(normed, new_residual)``, or with ``quant``
+        ``(q, scale(s), new_residual)`` (``sagellm_comm/fused/fp8.py``).
 
         ``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual) * weight`` (fp32 math,
-        outputs in x's dtype, identical bits on every rank).  ``x`` and ``residual`` are not modified; two
-        new tensors are returned.  ``algo``: ``auto``, ``one_shot``, ``two_shot`` or ``unfused``.
+        outputs in x's dtype, identical bits on every rank).  ``x`` and ``residual`` are not modified; new tensors
+        are returned.  ``algo``: ``auto``, ``one_shot``, ``two_shot``, ``lamport`` or ``unfused``.
         """
         if self.workspace._error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
             raise NotInitializedError("the workspace of the fused all-reduce was closed")
+        check_quant(quant, scale, x)
         rows, hidden = self.validate(x, residual, weight)
-        nbytes = x.numel() * x.element_size()
-        sel = self._pick(algo, nbytes)
-        normed = torch.empty_like(x)
-        new_residual = torch.empty_like(x)
-        if sel.algo == "unfused":
+        sel = self._pick(algo, x, rows, hidden, quant)
+        if sel.algo == UNFUSED_PATH:
             if self.fallback is None:
-                raise WorkspaceExhaustedError(
-                    f"{nbytes} bytes do not fit the fused kernels' workspace ({self.workspace.slot_bytes} bytes) "
-                    "and no fallback all-reduce is attached"
-                )
-            reduced = self.fallback(x.clone())
-            torch.add(residual, reduced, out=new_residual)
-            normed.copy_(rmsnorm_reference(new_residual, weight, eps))
-            return normed, new_residual
+                error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
+                raise error(f"{sel.reason}: the call runs unfused, and no fallback all-reduce is attached here")
+            return unfused_tail(self.fallback(x.clone()), residual, weight, eps, quant, scale)
+        out, scales, new_residual = self.new_outputs(x, quant, scale)
         if rows:
-            self.launch(sel.algo, x, residual, weight, normed, new_residual, rows, hidden, eps)
-        return normed, new_residual
+            self.launch(sel.algo, x, residual, weight, out, scales, new_residual, rows, hidden, eps, quant)
+        return (out, new_residual) if quant is None else (out, scales, new_residual)
 
-    def _pick(self, algo: str, nbytes: int) -> Selection:
-        if algo == "auto":
-            sel = self.select(nbytes)
-        elif algo in ("one_shot", "two_shot", "unfused"):
-            need = nbytes * (2 if algo == "two_shot" else 1)
-            if algo != "unfused" and need > self.workspace.slot_bytes:
-                raise WorkspaceExhaustedError(
-                    f"algo={algo} stages {need} bytes, over the {self.workspace.slot_bytes}-byte workspace"
-                )
-            sel = Selection(algo, "user", f"algo={algo} requested")
-        else:
-            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot or unfused, got {algo!r}")
-        self.last_selection = sel
-        return sel
+    def _launcher(self, lamport: bool, num_warps: int) -> _Launcher:
+        launcher = self._launchers.get((lamport, num_warps))
+        if launcher is None:
+            index = self.workspace.device.index or 0
+            if lamport:
+                options = {"launch_pdl": True} if self.pdl else {}
+                kernel = _rmk.lamport_all_reduce_rmsnorm_kernel
+            else:
+                options, kernel = {}, _rmk.all_reduce_rmsnorm_kernel
+            launcher = _Launcher(kernel, self.use_ptx, index, num_warps=num_warps, **options)
+            self._launchers[(lamport, num_warps)] = launcher
+        return launcher
 
     def launch(
         self,
@@ -162,56 +216,52 @@ class FusedAllReduceRMSNorm:
         x,
         residual,
         weight,
-        normed,
+        out,
+        scales,
         new_residual,
         rows,
         hidden,
         eps,
+        quant=None,
         table=None,
         ctrl=None,
         virtual_ranks: int = 1,
     ) -> None:
-        """Enqueue the kernel on the current stream (``virtual_ranks`` > 1: all ranks in one launch)."""
+        """Enqueue the kernel of ``algo`` on the current stream (``virtual_ranks`` > 1: all ranks in one launch).
+
+        ``scales``: the static scale, the dynamic scales' output, or None (no quantisation)."""
         ws = self.workspace
+        w = ws.world_size
         block_h = triton.next_power_of_2(hidden)
         num_warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
-        work = triton.cdiv(rows, ws.world_size) if algo == "two_shot" else rows
-        programs = max(1, min(work, self.max_programs))
+        lamport = algo == "lamport"
+        if lamport:
+            programs = self.max_programs  # every Lamport launch on a workspace uses the same grid
+        else:
+            programs = max(1, min(triton.cdiv(rows, w) if algo == "two_shot" else rows, self.max_programs))
         table = ws.table if table is None else table
         ctrl = ws.control if ctrl is None else ctrl
         if self.use_ptx:
             ws.enter_stream(torch._C._cuda_getCurrentRawStream(ws.device.index or 0))
         if ws.check:
-            w = ws.world_size
+            name = f"rmsnorm_{algo}" if quant is None else f"rmsnorm_{algo}_{quant}"
             check_args = (
-                table, ctrl, ws.rank, _fp.ALGO_CODES[f"rmsnorm_{algo}"], rows * hidden,
+                table, ctrl, ws.rank, _fp.ALGO_CODES[name], rows * hidden,
                 _fp.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], self._timeout,
             )  # fmt: skip
             self._check((1, virtual_ranks), check_args, (w, triton.next_power_of_2(w), self.use_ptx, virtual_ranks > 1))
-        args = (
-            x,
-            residual,
-            weight,
-            normed,
-            new_residual,
-            table,
-            ctrl,
-            rows,
-            hidden,
-            float(eps),
-            ws.rank,
-            ws.slot_bytes,
-            self._timeout,
-        )
-        constexprs = (
-            ws.world_size,
-            triton.next_power_of_2(ws.world_size),
-            block_h,
-            algo == "two_shot",
-            self.use_ptx,
-            virtual_ranks > 1,
-        )
-        self._launcher(num_warps)((programs, virtual_ranks), args, constexprs)
+        qcode = QUANT_CODES[quant]
+        tensors = (x, residual, weight, out, weight if scales is None else scales, new_residual, table, ctrl)
+        if lamport:
+            args = (*tensors, rows, hidden, float(eps), ws.rank, lamport_offset(ws.slot_bytes), ws.lamport_capacity,
+                    self._timeout)  # fmt: skip
+            constexprs = (w, triton.next_power_of_2(w), block_h, qcode, self.use_ptx, virtual_ranks > 1, self.pdl)
+        else:
+            args = (*tensors, rows, hidden, float(eps), ws.rank, ws.slot_bytes, self._timeout)
+            constexprs = (
+                w, triton.next_power_of_2(w), block_h, algo == "two_shot", qcode, self.use_ptx, virtual_ranks > 1,
+            )  # fmt: skip
+        self._launcher(lamport, num_warps)((programs, virtual_ranks), args, constexprs)
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` naming the missing peer if a kernel timed out (no device sync)."""

@@ -10,9 +10,10 @@ from ..errors import (
     InvalidArgumentError,
     WorkspaceExhaustedError,
 )
-from ..selector import Selection
+from ..selector import UNFUSED_PATH, Selection
 from ..virtual import stacked_rows
 from ..workspace import local_workspaces
+from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, GemmPathSelector, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
 
@@ -68,35 +69,47 @@ class VirtualFused:
             return
         self.group.launch_stacked(algo, flat, self._overlap_programs)
 
-    def all_reduce_residual_rmsnorm(self, x, residual, weight, eps: float = 1e-6, algo: str = "auto"):
+    def all_reduce_residual_rmsnorm(
+        self, x, residual, weight, eps: float = 1e-6, algo: str = "auto", quant: str | None = None, scale=None
+    ):
         """``x``, ``residual``: ``[world_size, rows, hidden]`` (row block r = rank r); ``weight``: ``[hidden]``.
 
-        Returns ``(normed, new_residual)``, both ``[world_size, rows, hidden]``, one launch.
+        Returns ``(normed, new_residual)``, or with ``quant`` ``(q, scale(s), new_residual)``, each with a leading
+        ``[world_size]`` dimension (a static ``scale`` is shared by every rank and returned as given); one launch.
+        ``algo="unfused"`` (or a fusion rule saying so) runs the unfused chain: the virtual ranks' all-reduce, then
+        torch ops.
         """
         if x.dim() != 3 or x.shape[0] != self.world_size:
             raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
         self.group.check_errors()
+        check_quant(quant, scale, x)
         rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
-        sel = self.rmsnorm._pick(algo, x[0].numel() * x.element_size())
-        if sel.algo == "unfused":
-            raise WorkspaceExhaustedError(f"{x[0].numel() * x.element_size()} bytes per rank exceed the workspace")
-        normed, new_residual = torch.empty_like(x), torch.empty_like(x)
+        sel = self.rmsnorm._pick(algo, x[0], rows, hidden, quant)
+        if sel.algo == UNFUSED_PATH:
+            if sel.rule_id == "over-workspace":
+                raise WorkspaceExhaustedError(f"{x[0].numel() * x.element_size()} bytes per rank exceed the workspace")
+            reduced = x.clone()
+            self._all_reduce_stacked(reduced)
+            return unfused_tail(reduced, residual, weight, eps, quant, scale)
+        out, scales, new_residual = self.rmsnorm.new_outputs(x, quant, scale)
         if rows:
             self.rmsnorm.launch(
                 sel.algo,
                 x,
                 residual,
                 weight,
-                normed,
+                out,
+                scales,
                 new_residual,
                 rows,
                 hidden,
                 eps,
+                quant,
                 table=self.group._stacked_table,
                 ctrl=self.group._stacked_control,
                 virtual_ranks=self.world_size,
             )
-        return normed, new_residual
+        return (out, new_residual) if quant is None else (out, scales, new_residual)
 
     def gemm_all_reduce(self, a, b, bias=None, path: str = "auto", one_shot: bool | None = None):
         """``a``: ``[world_size, M, K]``, ``b``: ``[world_size, K, N]`` -> ``[world_size, M, N]``, every block the

@@ -75,8 +75,18 @@ ALGO_CODES = {
     "gemm_copy_engine": 8,
     "all_gather": 9,
     "reduce_scatter": 10,
-    "hierarchical": 11,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
+    "rmsnorm_lamport": 11,
+    "two_shot_fp8": 12,  # the all-reduce with an FP8 payload
+    "hierarchical": 13,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
 }
+# The fused RMSNorm with an FP8 output: ``rmsnorm_<algo>_<mode>`` (the mode changes what every rank stages).
+ALGO_CODES.update(
+    {
+        f"rmsnorm_{algo}_{mode}": 16 + 4 * i + j
+        for i, algo in enumerate(("one_shot", "two_shot", "lamport"))
+        for j, mode in enumerate(("fp8", "fp8_per_token", "fp8_group128"))
+    }
+)
 DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
 
 

@@ -1,4 +1,4 @@
-"""All-reduce fused with the residual add and RMSNorm that end every tensor-parallel block.
+"""All-reduce fused with the residual add, RMSNorm and (optionally) FP8 quantisation that end every TP block.
 
 Given on every rank ``x`` ([rows, hidden], this rank's partial sums), ``residual`` ([rows, hidden]) and
 ``weight`` ([hidden]), every rank gets::
@@ -9,28 +9,46 @@ Given on every rank ``x`` ([rows, hidden], this rank's partial sums), ``residual
 
 in one pass over the reduced data: the reduced row never goes back to memory before it is normalised.
 Rounding ``reduced`` to the dtype first makes ``new_residual`` bit-identical to the unfused sequence
-(all-reduce, then add).
+(all-reduce, then add).  ``QUANT`` (a constexpr, ``sagellm_comm/kernels/fp8.py``) says what leaves as ``out``:
+
+* ``QUANT_NONE``: ``normed`` itself;
+* ``QUANT_STATIC``: ``e4m3(clamp(normed / s, -448, 448))`` with the caller's scale ``s`` (``scales[0]``);
+* ``QUANT_PER_TOKEN``: the same with ``s = max(amax(|normed row|) / 448, FP8_SCALE_FLOOR)``, stored in
+  ``scales[row]``;
+* ``QUANT_GROUP``: one such scale per 128 elements of a row, ``scales[row, g]``.
+
+``normed`` is quantised as the unfused chain would hold it (rounded to the dtype), so the quantiser sees the
+same values as ``sagellm_comm.fused.quantize_fp8_reference`` applied to the unfused RMSNorm output.
 
 The workspace, flags, epochs, staging slots, bounded waits and error record are those of
-``sagellm_comm/kernels/all_reduce.py`` (its docstring states the invariants; its helpers are imported, not copied), so
-these kernels and the plain all-reduce kernels can be called in any order on one workspace: each call
-advances the same device-side epoch and uses staging slot ``epoch % 2``.
+``sagellm_comm/kernels/all_reduce.py`` (its docstring states the invariants; its helpers are imported, not
+copied), and the Lamport buffers, per-program state and sentinel those of
+``sagellm_comm/kernels/lamport_all_reduce.py``, so these kernels and the plain all-reduce kernels can be
+called in any order on one workspace: the barrier kernels advance the same device-side epoch and use staging
+slot ``epoch % 2``, the Lamport kernels the same per-program Lamport counters.
 
-Algorithms (``W`` ranks; a *row* is the unit of work, so the norm's reduction stays inside one program):
+Algorithms (``W`` ranks; a *row* is the unit of work, so the norm's reduction stays inside one program; row
+``i`` belongs to program ``i % P`` on every rank and in every phase, so program ``b`` only waits for program
+``b`` of its peers, invariant 1 of ``all_reduce.py``):
 
 * one-shot: each rank copies ``x`` into its staging slot; barrier; program ``b`` owns rows
-  ``b, b + P, ...``: reads each of its rows from every rank's slot, reduces, adds the residual, normalises
-  and writes both outputs.  Every rank computes every row from the same data in the same order, so the
-  outputs are bit-identical when the residuals are (as they are in tensor parallelism).
-* two-shot: rows are cut into ``W`` chunks of ``cdiv(rows, W)``; rank ``r`` reduces and normalises chunk
-  ``r`` only, writes ``new_residual`` over its own staged ``x`` rows (nobody else reads chunk ``r`` of rank
-  ``r``'s slot) and ``normed`` into the slot's second half; barrier; every rank gathers both outputs of
-  chunk ``c`` from rank ``c``.  Each row is computed exactly once, so every rank gets identical bits even if
-  the residuals differ.  The staged message takes twice its size of the slot.
+  ``b, b + P, ...``: reads each of its rows from every rank's slot, reduces, adds the residual, normalises,
+  quantises and writes the outputs.  Every rank computes every row from the same data in the same order, so
+  the outputs are bit-identical when the residuals are (as they are in tensor parallelism).
+* two-shot: rows are cut into ``W`` chunks of ``cdiv(rows, W)``; rank ``r`` computes chunk ``r`` only and
+  publishes it in its own slot: ``new_residual`` over its staged ``x`` rows (nobody else reads chunk ``r`` of
+  rank ``r``'s slot), ``out`` and the scales behind them (:func:`_stage_regions`); barrier; every rank gathers
+  chunk ``c``'s outputs from rank ``c``.  Each row is computed exactly once, so every rank gets identical bits
+  even if the residuals differ.  No end barrier: only staging slots are read by peers, and they are
+  double-buffered by epoch parity (invariant 3).
+* Lamport (small messages): no barrier.  Each program pushes its rows of ``x`` into slot ``rank`` of the
+  current Lamport buffer of every rank, clears what was pushed to it at the previous Lamport call, then polls
+  its rows until no element holds the sentinel and finishes them as one-shot does.  Same buffers, rotation,
+  per-program counters and bounded waits as the plain Lamport all-reduce (every launch uses the group's
+  ``max_programs`` programs).
 
-Row ``i`` of chunk ``c`` belongs to program ``i % P`` on every rank and in every phase, so program ``b``
-only waits for program ``b`` of its peers (invariant 1 of ``sagellm_comm/kernels/all_reduce.py``).  No end barrier is
-needed: only staging slots are read by peers, and they are double-buffered by epoch parity (invariant 3).
+A failed wait (or a workspace latched before the call) makes every value the call writes NaN, the scales
+included (FP8 NaN is ``0x7F``): a failed call's outputs never pass for results.
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
+    CTRL_WORDS,
     PAD_BYTES,
     PHASE_MID,
     _barrier,
@@ -50,27 +69,60 @@ from sagellm_comm.kernels.all_reduce import (
     _reduce_tile,
     _start_barrier,
 )
+from sagellm_comm.kernels.fp8 import (
+    FP8_GROUP,
+    QUANT_GROUP,
+    QUANT_NONE,
+    QUANT_PER_TOKEN,
+    QUANT_STATIC,
+    _dynamic_scale,
+    _quantize_blocks,
+    _to_e4m3,
+)
+from sagellm_comm.kernels.lamport_all_reduce import (
+    _clear_previous,
+    _load_state,
+    _push_tile,
+    _save_state,
+    _wait_tile,
+)
+
+LAMPORT_CLEAR_BLOCK = tl.constexpr(1024)  # 32-bit words per program and step when clearing Lamport buffers
+
+
+def stage_bytes(rows: int, hidden: int, itemsize: int, quant: int) -> int:
+    """Bytes of the staging slot a two-shot call uses (host side of :func:`_stage_regions`)."""
+    first = (rows * hidden * itemsize + 15) // 16 * 16
+    out_itemsize = itemsize if quant == QUANT_NONE.value else 1
+    second = (rows * hidden * out_itemsize + 15) // 16 * 16
+    return first + second + rows * scale_columns(hidden, quant) * 4
+
+
+def scale_columns(hidden: int, quant: int) -> int:
+    """fp32 scales per row that ``quant`` produces (0: none, or the caller's one)."""
+    if quant == QUANT_PER_TOKEN.value:
+        return 1
+    if quant == QUANT_GROUP.value:
+        return hidden // FP8_GROUP.value
+    return 0
 
 
 @triton.jit
-def _add_norm_row(
-    bases,
-    peers,
-    src_offsets,
-    offs,
-    cmask,
-    residual,
-    weight_f32,
-    hidden,
-    eps,
-    ok,
-    DTYPE: tl.constexpr,
-    W: tl.constexpr,
-):
-    """Reduce one row from every rank's slot, add the residual, RMS-normalise: (new_residual, normed).
+def _stage_regions(num_rows, hidden, ITEMSIZE: tl.constexpr, OUT_ITEMSIZE: tl.constexpr):
+    """Byte offsets in a two-shot staging slot of the ``out`` rows and of their scales, 16-byte aligned.
 
-    NaN when ``ok`` is False (a wait before it failed): a failed call's outputs never pass for results."""
-    reduced = _nan_unless(ok, _reduce_tile(bases, peers, src_offsets, offs, cmask, DTYPE, W)).to(DTYPE)
+    ``[0, rows * hidden * ITEMSIZE)``: the staged ``x`` (the owner's chunk overwritten by ``new_residual``);
+    then ``out`` (``OUT_ITEMSIZE`` bytes an element); then the dynamic scales (fp32, ``rows * columns``).
+    """
+    elems = num_rows.to(tl.int64) * hidden
+    out_offset = tl.cdiv(elems * ITEMSIZE, 16) * 16
+    scale_offset = out_offset + tl.cdiv(elems * OUT_ITEMSIZE, 16) * 16
+    return out_offset, scale_offset
+
+
+@triton.jit
+def _residual_norm(reduced, residual, offs, cmask, weight_f32, hidden, eps, DTYPE: tl.constexpr):
+    """``(new_residual, normed)`` of one row from its all-reduced values (``DTYPE``)."""
     res = tl.load(residual + offs, mask=cmask, other=0.0)
     new_res = (reduced.to(tl.float32) + res.to(tl.float32)).to(DTYPE)
     v = new_res.to(tl.float32)
@@ -80,12 +132,103 @@ def _add_norm_row(
     return new_res, normed
 
 
-@triton.jit(do_not_specialize=["rank", "slot_bytes", "timeout"])
+@triton.jit
+def _quantize_row(normed, static_scale, ok, QUANT: tl.constexpr, BLOCK_H: tl.constexpr, USE_PTX: tl.constexpr):
+    """``(out, scale)`` of one row: ``normed`` itself (``QUANT_NONE``) or its FP8 values and scale(s): a scalar
+    (static, per-token) or ``[BLOCK_H // FP8_GROUP]`` (group).  Padding lanes of ``normed`` hold 0.
+
+    Both are NaN where ``ok`` is False (a wait before them failed)."""
+    if QUANT == QUANT_NONE:
+        out = normed
+        scale = static_scale
+    else:
+        y = _nan_unless(ok, normed.to(tl.float32))
+        if QUANT == QUANT_GROUP:
+            q, scale = _quantize_blocks(tl.reshape(y, [BLOCK_H // FP8_GROUP, FP8_GROUP]), USE_PTX)
+            out = tl.reshape(q, [BLOCK_H])
+        else:
+            if QUANT == QUANT_PER_TOKEN:
+                scale = _dynamic_scale(tl.max(tl.abs(y), axis=0))
+            else:
+                scale = static_scale
+            out = _to_e4m3(tl.div_rn(y, scale), USE_PTX)
+        scale = _nan_unless(ok, scale)
+    return out, scale
+
+
+@triton.jit
+def _finish_row(
+    reduced,
+    ok,
+    residual,
+    offs,
+    cmask,
+    weight_f32,
+    static_scale,
+    hidden,
+    eps,
+    QUANT: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DTYPE: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):
+    """The epilogue every algorithm runs on a reduced row: ``(new_residual, out, scale)``."""
+    new_res, normed = _residual_norm(_nan_unless(ok, reduced).to(DTYPE), residual, offs, cmask, weight_f32, hidden,
+                                     eps, DTYPE)  # fmt: skip
+    out, scale = _quantize_row(normed, static_scale, ok, QUANT, BLOCK_H, USE_PTX)
+    return new_res, out, scale
+
+
+@triton.jit
+def _store_scales(scales, row, scale, hidden, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row ``row``'s dynamic scale(s) into ``scales`` (``[rows, 1]`` or ``[rows, hidden // FP8_GROUP]`` fp32)."""
+    if QUANT == QUANT_PER_TOKEN:
+        tl.store(scales + row, scale)
+    elif QUANT == QUANT_GROUP:
+        groups = hidden // FP8_GROUP
+        g = tl.arange(0, BLOCK_H // FP8_GROUP)
+        tl.store(scales + row * groups + g, scale, mask=g < groups)
+
+
+@triton.jit
+def _load_scales(scales, row, hidden, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row ``row``'s dynamic scale(s) from ``scales`` (the layout of :func:`_store_scales`)."""
+    if QUANT == QUANT_GROUP:
+        groups = hidden // FP8_GROUP
+        g = tl.arange(0, BLOCK_H // FP8_GROUP)
+        scale = tl.load(scales + row * groups + g, mask=g < groups, other=0.0, cache_modifier=".cg")
+    else:
+        scale = tl.load(scales + row, cache_modifier=".cg")
+    return scale
+
+
+@triton.jit
+def _fp8_nan_unless(ok, q):
+    """``q`` (e4m3fn) where ``ok``, else FP8 NaN (``0x7F``); selected on the bits."""
+    bits = tl.where(ok, q.to(tl.uint8, bitcast=True), 0x7F)
+    return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _setup(weight, scales, hidden, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Columns, their mask, the weight in fp32 and the static scale (1.0 unless ``QUANT_STATIC``)."""
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < hidden
+    weight_f32 = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)
+    if QUANT == QUANT_STATIC:
+        static_scale = tl.load(scales)
+    else:
+        static_scale = tl.full([], 1.0, tl.float32)
+    return cols, cmask, weight_f32, static_scale
+
+
+@triton.jit(do_not_specialize=["num_rows", "rank", "slot_bytes", "timeout"])
 def all_reduce_rmsnorm_kernel(
     inp,
     residual,
     weight,
-    normed_out,
+    out,
+    scales,
     residual_out,
     table,
     ctrl,
@@ -99,36 +242,45 @@ def all_reduce_rmsnorm_kernel(
     WP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TWO_SHOT: tl.constexpr,
+    QUANT: tl.constexpr,
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
 ):
-    """Fused all-reduce + residual add + RMSNorm of ``[num_rows, hidden]`` (see the module docstring).
+    """Fused all-reduce + residual add + RMSNorm (+ FP8) of ``[num_rows, hidden]``, one-shot or two-shot.
 
-    ``inp``, ``residual``, ``normed_out``, ``residual_out``: contiguous ``[num_rows, hidden]`` of one dtype
-    (``residual_out`` may alias ``residual``, ``normed_out`` may alias ``inp``); ``weight``: ``[hidden]``.
-    ``BLOCK_H >= hidden``: a program holds one whole row.  With ``VIRTUAL`` every tensor but ``weight`` is
-    ``[W, num_rows, hidden]`` and rank ``r`` (grid axis 1) uses row block ``r``.
+    ``inp``, ``residual``, ``residual_out``: contiguous ``[num_rows, hidden]`` of one dtype (``residual_out`` may
+    alias ``residual``); ``weight``: ``[hidden]``; ``out``: ``[num_rows, hidden]``, the dtype (``QUANT_NONE``, may
+    alias ``inp``) or e4m3fn; ``scales``: the caller's one-element fp32 scale (static), the ``[num_rows, 1]`` /
+    ``[num_rows, hidden // 128]`` fp32 output (dynamic), any tensor (none).  ``BLOCK_H >= hidden``: a program
+    holds one whole row.  With ``VIRTUAL`` every per-rank tensor gains a leading ``[W]`` dimension (the static
+    scale is shared) and rank ``r`` (grid axis 1) uses block ``r``.
     """
     rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
         shift = rank * num_rows * hidden
         inp += shift
         residual += shift
-        normed_out += shift
+        out += shift
         residual_out += shift
+        if QUANT == QUANT_PER_TOKEN:
+            scales += rank * num_rows
+        if QUANT == QUANT_GROUP:
+            scales += rank * num_rows * (hidden // FP8_GROUP)
     DTYPE: tl.constexpr = inp.dtype.element_ty
+    OUT_DTYPE: tl.constexpr = out.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
     src_offsets = tl.full([WP], 0, tl.int64) + slot_offset  # every rank's staged rows: no zero-copy here
-    my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
-    cols = tl.arange(0, BLOCK_H)
-    cmask = cols < hidden
-    weight_f32 = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)
+    my_slot_base = _pick(bases, peers, rank) + slot_offset
+    my_slot = _ptr(my_slot_base, DTYPE)
+    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
 
     if TWO_SHOT:
         chunk = tl.cdiv(num_rows, W)
-        normed_stage = num_rows * hidden  # element offset of the slot's second half
+        out_offset, scale_offset = _stage_regions(
+            num_rows, hidden, DTYPE.primitive_bitwidth // 8, OUT_DTYPE.primitive_bitwidth // 8
+        )
         for c in tl.static_range(W):
             rows_in_chunk = tl.minimum(chunk, num_rows - c * chunk)
             for i in range(pid, rows_in_chunk, num_programs):
@@ -137,30 +289,47 @@ def all_reduce_rmsnorm_kernel(
         ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
         ok = ok & healthy
 
-        # This rank's chunk: reduce, add, normalise; publish both results in its own slot.
+        # This rank's chunk: reduce, add, normalise, quantise; publish the results in its own slot.
+        my_out = _ptr(my_slot_base + out_offset, OUT_DTYPE)
+        my_scales = _ptr(my_slot_base + scale_offset, tl.float32)
         rows_mine = tl.minimum(chunk, num_rows - rank * chunk)
         for i in range(pid, rows_mine, num_programs):
-            offs = (rank * chunk + i) * hidden + cols
-            new_res, normed = _add_norm_row(
-                bases, peers, src_offsets, offs, cmask, residual, weight_f32, hidden, eps, ok, DTYPE, W
-            )
+            row = rank * chunk + i
+            offs = row * hidden + cols
+            reduced = _reduce_tile(bases, peers, src_offsets, offs, cmask, DTYPE, W)
+            new_res, row_out, scale = _finish_row(
+                reduced, ok, residual, offs, cmask, weight_f32, static_scale, hidden, eps, QUANT, BLOCK_H, DTYPE,
+                USE_PTX,
+            )  # fmt: skip
             tl.store(my_slot + offs, new_res, mask=cmask, cache_modifier=".cg")
-            tl.store(my_slot + normed_stage + offs, normed, mask=cmask, cache_modifier=".cg")
+            tl.store(my_out + offs, row_out, mask=cmask, cache_modifier=".cg")
+            _store_scales(my_scales, row, scale, hidden, QUANT, BLOCK_H)
             tl.store(residual_out + offs, new_res, mask=cmask)
-            tl.store(normed_out + offs, normed, mask=cmask)
+            tl.store(out + offs, row_out, mask=cmask)
+            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
         ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
 
-        # Gather chunk c's two results from rank c.
+        # Gather chunk c's results from rank c.
         for c in tl.static_range(W):
             if c != rank:
-                owner = _ptr(_pick(bases, peers, c) + slot_offset, DTYPE)
+                owner_base = _pick(bases, peers, c) + slot_offset
+                owner = _ptr(owner_base, DTYPE)
+                owner_out = _ptr(owner_base + out_offset, OUT_DTYPE)
+                owner_scales = _ptr(owner_base + scale_offset, tl.float32)
                 rows_in_chunk = tl.minimum(chunk, num_rows - c * chunk)
                 for i in range(pid, rows_in_chunk, num_programs):
-                    offs = (c * chunk + i) * hidden + cols
+                    row = c * chunk + i
+                    offs = row * hidden + cols
                     new_res = _nan_unless(ok, tl.load(owner + offs, mask=cmask, cache_modifier=".cg"))
-                    normed = _nan_unless(ok, tl.load(owner + normed_stage + offs, mask=cmask, cache_modifier=".cg"))
+                    row_out = tl.load(owner_out + offs, mask=cmask, cache_modifier=".cg")
                     tl.store(residual_out + offs, new_res, mask=cmask)
-                    tl.store(normed_out + offs, normed, mask=cmask)
+                    if QUANT == QUANT_NONE:
+                        tl.store(out + offs, _nan_unless(ok, row_out), mask=cmask)
+                    else:
+                        tl.store(out + offs, _fp8_nan_unless(ok, row_out), mask=cmask)
+                        if QUANT != QUANT_STATIC:
+                            scale = _nan_unless(ok, _load_scales(owner_scales, row, hidden, QUANT, BLOCK_H))
+                            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
     else:
         for row in range(pid, num_rows, num_programs):
             offs = row * hidden + cols
@@ -169,9 +338,99 @@ def all_reduce_rmsnorm_kernel(
         ok = ok & healthy
         for row in range(pid, num_rows, num_programs):
             offs = row * hidden + cols
-            new_res, normed = _add_norm_row(
-                bases, peers, src_offsets, offs, cmask, residual, weight_f32, hidden, eps, ok, DTYPE, W
-            )
+            reduced = _reduce_tile(bases, peers, src_offsets, offs, cmask, DTYPE, W)
+            new_res, row_out, scale = _finish_row(
+                reduced, ok, residual, offs, cmask, weight_f32, static_scale, hidden, eps, QUANT, BLOCK_H, DTYPE,
+                USE_PTX,
+            )  # fmt: skip
             tl.store(residual_out + offs, new_res, mask=cmask)
-            tl.store(normed_out + offs, normed, mask=cmask)
+            tl.store(out + offs, row_out, mask=cmask)
+            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
     _finish(ctrl, epoch, num_programs)
+
+
+@triton.jit(do_not_specialize=["num_rows", "rank", "lamport_offset", "cap", "timeout"])
+def lamport_all_reduce_rmsnorm_kernel(
+    inp,
+    residual,
+    weight,
+    out,
+    scales,
+    residual_out,
+    table,
+    ctrl,
+    num_rows,
+    hidden,
+    eps,
+    rank,
+    lamport_offset,
+    cap,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    QUANT: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    VIRTUAL: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Barrier-free fused all-reduce + residual add + RMSNorm (+ FP8) of ``num_rows * hidden <= cap`` elements.
+
+    Tensors as for :func:`all_reduce_rmsnorm_kernel`; ``lamport_offset`` and ``cap`` as for the plain Lamport
+    kernel (``sagellm_comm/kernels/lamport_all_reduce.py``), whose buffers, per-program state and grid (every
+    launch on a workspace uses the same number of programs) this kernel shares.  With ``PDL`` only the peer
+    table is read before ``griddepcontrol.wait``.
+    """
+    if VIRTUAL:
+        rank = tl.program_id(1)
+        table += rank * (W + 1)
+        ctrl += rank * CTRL_WORDS
+        shift = rank * num_rows * hidden
+        inp += shift
+        residual += shift
+        out += shift
+        residual_out += shift
+        if QUANT == QUANT_PER_TOKEN:
+            scales += rank * num_rows
+        if QUANT == QUANT_GROUP:
+            scales += rank * num_rows * (hidden // FP8_GROUP)
+    DTYPE: tl.constexpr = inp.dtype.element_ty
+    WIDE: tl.constexpr = DTYPE.primitive_bitwidth == 32
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    peers = tl.arange(0, WP)
+    bases = tl.load(table + peers, mask=peers < W, other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    lepoch, prev_words, latched = _load_state(ctrl, pid)
+    healthy = latched == 0
+    buf = lepoch % 3
+    slot_stride = cap * 4
+    my_area = _pick(bases, peers, rank) + lamport_offset
+    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
+
+    # 1. Push this program's rows into slot ``rank`` of buffer ``buf`` of every rank.
+    slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
+    for row in range(pid, num_rows, num_programs):
+        offs = row * hidden + cols
+        _push_tile(tl.load(inp + offs, mask=cmask, other=0.0), bases, peers, slot_in_peer, offs, cmask, W, DTYPE)
+
+    # 2. Clear the previous call's pushes to this rank and save this program's state (as the plain kernel).
+    _clear_previous(my_area, slot_stride, (lepoch + 2) % 3, prev_words, pid, num_programs, W, LAMPORT_CLEAR_BLOCK)
+    _save_state(ctrl, pid, num_rows * hidden, lepoch, DTYPE)
+
+    # 3. Poll each row until every source arrived, then finish it as one-shot does.
+    for row in range(pid, num_rows, num_programs):
+        offs = row * hidden + cols
+        reduced, pending, latched = _wait_tile(
+            my_area, slot_stride, buf, offs, cmask, ctrl, table, pid, lepoch, latched, timeout, W, WP, WIDE, DTYPE,
+            USE_PTX,
+        )  # fmt: skip
+        new_res, row_out, scale = _finish_row(
+            reduced, healthy & (pending == 0), residual, offs, cmask, weight_f32, static_scale, hidden, eps, QUANT,
+            BLOCK_H, DTYPE, USE_PTX,
+        )  # fmt: skip
+        tl.store(residual_out + offs, new_res, mask=cmask)
+        tl.store(out + offs, row_out, mask=cmask)
+        _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)

@@ -133,6 +133,71 @@ def _clear_previous(
 
 
 @triton.jit
+def _push_tile(v, bases, peers, slot_in_peer, offs, mask, W: tl.constexpr, DTYPE: tl.constexpr):
+    """Store tile ``v`` (``DTYPE``, this rank's input at ``offs``) at ``slot_in_peer`` (bytes) of every rank's region.
+
+    Every NaN becomes the dtype's canonical NaN first, so real data never equals the sentinel (invariant 1)."""
+    v_f32 = v.to(tl.float32)  # NaN test in fp32: the interpreter compares 16-bit floats as raw bits
+    v = tl.where(v_f32 != v_f32, float("nan"), v)
+    for p in tl.static_range(W):
+        dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
+        tl.store(dst + offs, v, mask=mask)
+
+
+@triton.jit
+def _wait_tile(
+    area,
+    slot_stride,
+    buf,
+    offs,
+    mask,
+    ctrl,
+    table,
+    block,
+    lepoch,
+    latched,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    WIDE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):
+    """Poll tile ``offs`` of buffer ``buf`` of this rank's ``area`` until no source holds the sentinel: the bounded
+    wait of invariant 6.  Returns ``(acc, pending, latched)``: the fp32 sum in rank order, the elements still
+    holding a sentinel (0 unless the wait failed) and the latch after the wait.
+
+    All sources are loaded at once and checked with one reduction (invariant 4); only a tile that still holds a
+    sentinel is polled again.  On expiry the first missing source is recorded (phase ``lamport``, block
+    ``block``) and the latch set, so every later wait of this rank returns at once.
+    """
+    acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
+    if (pending > 0) & (latched == 0):
+        start = _ticks(USE_PTX)
+        elapsed = tl.full([], 0, tl.int64)
+        passed = elapsed >= timeout
+        while (pending > 0) & (passed == 0) & (latched == 0):
+            acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
+            passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
+            latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+        if (pending > 0) & (latched == 0):
+            missing = _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
+            _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, block, lepoch + 1)
+            latched = tl.full([], 1, tl.int64)
+    return acc, pending, latched
+
+
+@triton.jit
+def _load_state(ctrl, pid):
+    """This program's Lamport call counter, the words pushed to this rank at its previous call, and the error
+    latch: independent loads (one round trip).  Returns ``(lepoch, prev_words, latched)``."""
+    lepoch = tl.load(ctrl + LAMPORT_STATE + pid, volatile=True)
+    prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True)
+    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+    return lepoch, prev_words, latched
+
+
+@triton.jit
 def _save_state(ctrl, pid, numel, lepoch, DTYPE: tl.constexpr):
     """This program's state for the next call: plain stores, read only by this program's next launch."""
     words = tl.cdiv(numel * (DTYPE.primitive_bitwidth // 8), 4)
@@ -185,9 +250,7 @@ def lamport_all_reduce_kernel(
         # let the next kernel be scheduled (its programs wait in this same instruction).
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    lepoch = tl.load(ctrl + LAMPORT_STATE + pid, volatile=True)
-    prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True)
-    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+    lepoch, prev_words, latched = _load_state(ctrl, pid)
     healthy = latched == 0
     buf = lepoch % 3
     prev_buf = (lepoch + 2) % 3
@@ -201,12 +264,7 @@ def lamport_all_reduce_kernel(
     for tile in range(pid, num_tiles, num_programs):
         offs = tile * BLOCK + lane
         mask = offs < numel
-        v = tl.load(inp + offs, mask=mask, other=0.0)
-        v_f32 = v.to(tl.float32)  # NaN test in fp32: the interpreter compares 16-bit floats as raw bits
-        v = tl.where(v_f32 != v_f32, float("nan"), v)  # canonical NaN: never the sentinel
-        for p in tl.static_range(W):
-            dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
-            tl.store(dst + offs, v, mask=mask)
+        _push_tile(tl.load(inp + offs, mask=mask, other=0.0), bases, peers, slot_in_peer, offs, mask, W, DTYPE)
 
     # 2. Clear what peers pushed to this rank at the previous call, and save this program's state, before
     #    polling: the stores drain while the peers' pushes are still on their way.
@@ -217,19 +275,10 @@ def lamport_all_reduce_kernel(
     for tile in range(pid, num_tiles, num_programs):
         offs = tile * BLOCK + lane
         mask = offs < numel
-        acc, pending = _gather_tile(my_area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-        if (pending > 0) & (latched == 0):
-            start = _ticks(USE_PTX)
-            elapsed = tl.full([], 0, tl.int64)
-            passed = elapsed >= timeout
-            while (pending > 0) & (passed == 0) & (latched == 0):
-                acc, pending = _gather_tile(my_area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-                passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
-                latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
-            if (pending > 0) & (latched == 0):
-                missing = _first_missing(my_area, slot_stride, buf, offs, mask, W, WP, WIDE)
-                _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, pid, lepoch + 1)
-                latched = tl.full([], 1, tl.int64)
+        acc, _, latched = _wait_tile(
+            my_area, slot_stride, buf, offs, mask, ctrl, table, pid, lepoch, latched, timeout, W, WP, WIDE, DTYPE,
+            USE_PTX,
+        )  # fmt: skip
         tl.store(out + offs, _nan_unless(healthy, acc).to(DTYPE), mask=mask)
 
 

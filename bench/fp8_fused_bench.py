@@ -1,0 +1,300 @@
+"""All-reduce + residual + RMSNorm + FP8 quantisation: the fused kernels against the unfused chain, side by side.
+
+For every world size W, hidden size and token count (bf16 in), microseconds per call under CUDA-graph replay
+(:func:`sagellm_comm.benchmark.timing.time_graph`: the median of ``--reps`` replays of a graph of ``--calls``
+calls, per call):
+
+* ``ar_us``: our plain all-reduce of ``x`` (the policy's algorithm);
+* ``fused_us``: our fused op without quantisation (``quant=None``, the policy's path);
+* per mode ``m`` of ``fp8``, ``fp8_per_token``, ``fp8_group128``: ``fused_<m>_us`` (the policy's path, what a
+  call runs), ``<m>_<algo>_us`` (each fused kernel forced: ``one_shot``, ``two_shot``, and ``lamport`` where the
+  message fits its buffers), ``unfused_<m>_us`` (our all-reduce, torch add + ``F.rms_norm``, the torch
+  quantisation ``quantize_fp8_reference``), ``speedup_<m>`` (unfused over fused) and ``over_ar_<m>_us`` (fused
+  minus the plain all-reduce).
+
+Two settings: **virtual ranks** (default): W ranks on one GPU, every rank in one launch (``VirtualFused``), as in
+``bench/fused_bench.py``; **processes under MPS** (``--mps``): W processes on one GPU, the ``custom`` backend with
+Gloo as its engine, the group-level ``all_reduce_residual_rmsnorm`` (each figure the slowest rank's median; the
+policy's paths only).  All ranks share one GPU's SMs and HBM: compare the columns with each other, not with
+NVLink figures.
+
+The record also holds ``targets`` (fused within 0.5 us of the plain all-reduce at <= 64 KB; >= 1.3x the unfused
+chain at 1-128 tokens; never slower than it) as measured, and ``derived_rules``: the fusion policy these
+figures give (:class:`sagellm_comm.fused.FusionPolicy` JSON: per W, hidden and mode, the fastest kernel for each
+token range, ``unfused`` where the chain wins; ``FusionPolicy.from_dict(record["derived_rules"])``).  Needs a
+CUDA GPU.  About 2 minutes on one H200 (most of it compiling kernels; ``--quick``: under a minute)::
+
+    python -m bench.fp8_fused_bench --out bench/results/h200/fp8_fused.json
+    nvidia-cuda-mps-control -d; python -m bench.fp8_fused_bench --mps --out bench/results/h200/fp8_fused.json; \\
+        echo quit | nvidia-cuda-mps-control
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sagellm_comm.benchmark.plan import cuda_available
+from sagellm_comm.benchmark.provenance import provenance, write_record
+from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
+from sagellm_comm.benchmark.timing import summarize, time_graph
+from sagellm_comm.fused import FP8_QUANT_MODES as MODES
+from sagellm_comm.selector import FOLLOW_ALL_REDUCE, UNFUSED_PATH
+from sagellm_comm.selector import KERNEL_ALGOS as ALGOS
+
+EPS = 1e-6
+STATIC_SCALE = 0.05
+AR_TARGET_BYTES = 64 << 10
+AR_TARGET_US = 0.5
+SPEEDUP_TARGET = 1.3
+SPEEDUP_TOKENS = 128
+
+
+def _us(fn, calls: int, reps: int, barrier=None) -> float:
+    device = torch.device("cuda", torch.cuda.current_device())
+    return round(summarize(time_graph(fn, device=device, calls=calls, iters=reps, barrier=barrier)).median_us, 3)
+
+
+def _quantize(y: torch.Tensor, mode: str, scale: torch.Tensor):
+    from sagellm_comm.fused import quantize_fp8_reference
+
+    return quantize_fp8_reference(y, mode, scale if mode == "fp8" else None)
+
+
+# ---------------------------------------------------------------------------------------------- virtual ranks
+
+
+def bench_virtual(vf, tokens: int, hidden: int, algos: tuple[str, ...], calls: int, reps: int) -> dict:
+    w = vf.world_size
+    x = torch.randn(w, tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).expand(w, -1, -1).contiguous()
+    weight = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    scale = torch.tensor([STATIC_SCALE], device="cuda")
+    work = x.clone()
+    flat = work.view(w, -1)
+    nbytes = tokens * hidden * 2
+    row = {"world_size": w, "hidden": hidden, "tokens": tokens, "bytes": nbytes}
+    row["ar_algo"] = vf.group.select(nbytes).algo
+    row["ar_us"] = _us(lambda: vf.group.all_reduce_stacked(flat), calls, reps)
+    row["fused_us"] = _us(lambda: vf.all_reduce_residual_rmsnorm(x, res, weight, EPS), calls, reps)
+    lamport_fits = tokens * hidden <= vf.group.workspaces[0].lamport_capacity
+    for mode in MODES:
+        sel = vf.rmsnorm.select(nbytes, mode, tokens, hidden)
+        row[f"path_{mode}"] = f"{sel.algo} ({sel.rule_id})"
+
+        def fused(mode=mode, algo="auto"):
+            vf.all_reduce_residual_rmsnorm(x, res, weight, EPS, algo=algo, quant=mode, scale=scale)
+
+        def unfused(mode=mode):
+            vf.group.all_reduce_stacked(flat)  # in place on a copy of x: the fused op leaves x as it is
+            new_res = work + res
+            _quantize(F.rms_norm(new_res, (hidden,), weight, EPS), mode, scale)
+
+        row[f"fused_{mode}_us"] = _us(fused, calls, reps)
+        for algo in algos:
+            if algo != "lamport" or lamport_fits:
+                row[f"{mode}_{algo}_us"] = _us(lambda mode=mode, algo=algo: fused(mode, algo), calls, reps)
+        row[f"unfused_{mode}_us"] = _us(unfused, calls, reps)
+        row[f"speedup_{mode}"] = round(row[f"unfused_{mode}_us"] / row[f"fused_{mode}_us"], 3)
+        row[f"over_ar_{mode}_us"] = round(row[f"fused_{mode}_us"] - row["ar_us"], 3)
+    return row
+
+
+def run_virtual(args) -> list[dict]:
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    rows = []
+    algos = () if args.quick else ALGOS
+    for w in args.world_sizes:
+        vg = VirtualRankGroup(w, max_bytes=max(args.tokens) * max(args.hidden) * 4, timeout_s=20.0)
+        vf = VirtualFused(vg, gemm_max_output_bytes=1 << 20)
+        for hidden in args.hidden:
+            for tokens in args.tokens:
+                rows.append(bench_virtual(vf, tokens, hidden, algos, args.calls, args.reps))
+                print(json.dumps(rows[-1]), flush=True)
+        vg.check_errors()
+        vf.close()
+        vg.close()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- MPS processes
+
+
+def _mps_row(world, rank: int, tokens: int, hidden: int, cfg: dict) -> dict:
+    """One shape on this rank: every figure of the row (the group-level calls, timed with a barrier)."""
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, last_selection
+
+    backend = world.backend
+    g = torch.Generator(device="cuda").manual_seed(tokens * hidden + rank)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+    res = torch.ones(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    scale = torch.tensor([STATIC_SCALE], device="cuda")
+    work = x.clone()
+
+    def timed(fn) -> float:
+        return _us(fn, cfg["calls"], cfg["reps"], backend.barrier)
+
+    row = {"world_size": world.world_size, "hidden": hidden, "tokens": tokens, "bytes": tokens * hidden * 2}
+    row["ar_us"] = timed(lambda: backend.all_reduce(work))
+    row["fused_us"] = timed(lambda: all_reduce_residual_rmsnorm(x, res, weight, EPS, world))
+    for mode in MODES:
+        static = scale if mode == "fp8" else None
+
+        def unfused(mode=mode):
+            backend.all_reduce(work)
+            _quantize(F.rms_norm(work + res, (hidden,), weight, EPS), mode, scale)
+
+        row[f"fused_{mode}_us"] = timed(
+            lambda mode=mode, static=static: all_reduce_residual_rmsnorm(x, res, weight, EPS, world, mode, static)
+        )
+        sel = last_selection(world)
+        row[f"path_{mode}"] = f"{sel.algo} ({sel.rule_id})"
+        row[f"unfused_{mode}_us"] = timed(unfused)
+    return row
+
+
+def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dict]]:
+    import torch.distributed as dist
+
+    import sagellm_comm
+
+    torch.cuda.set_device(0)
+    capacity = max(cfg["tokens"]) * max(cfg["hidden"]) * 4
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_addr=MASTER_ADDR, master_port=port, timeout=300,
+        engine="gloo", device="cuda:0", max_bytes=capacity,
+    )  # fmt: skip
+    try:
+        rows = [_mps_row(world, rank, t, h, cfg) for h in cfg["hidden"] for t in cfg["tokens"]]
+        out = [None] * world_size
+        dist.all_gather_object(out, rows, group=world.backend.cpu_group)
+        return out
+    finally:
+        sagellm_comm.destroy()
+
+
+def run_mps(args) -> list[dict]:
+    table = []
+    for w in args.mps_world_sizes:
+        cfg = {"hidden": args.hidden, "tokens": args.mps_tokens, "calls": args.calls, "reps": args.reps}
+        per_rank = spawn_ranks(_mps_rank, (cfg,), w, "FP8 fused benchmark (MPS)")
+        for i, row in enumerate(per_rank[0]):
+            slowest = dict(row)
+            for key in row:
+                if key.endswith("_us"):
+                    slowest[key] = max(ranks[i][key] for ranks in per_rank)
+            for mode in MODES:
+                slowest[f"speedup_{mode}"] = round(slowest[f"unfused_{mode}_us"] / slowest[f"fused_{mode}_us"], 3)
+                slowest[f"over_ar_{mode}_us"] = round(slowest[f"fused_{mode}_us"] - slowest["ar_us"], 3)
+            table.append(slowest)
+            print(json.dumps(slowest), flush=True)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- what it says
+
+
+def targets(rows: list[dict]) -> dict:
+    """The three speed targets, per mode, as these rows measure them."""
+    out = {}
+    for mode in MODES:
+        small = [r for r in rows if r["bytes"] <= AR_TARGET_BYTES]
+        few = [r for r in rows if r["tokens"] <= SPEEDUP_TOKENS]
+        worst_over = max((r[f"over_ar_{mode}_us"] for r in small), default=None)
+        worst_speedup = min((r[f"speedup_{mode}"] for r in few), default=None)
+        slower = [(r["world_size"], r["hidden"], r["tokens"]) for r in rows if r[f"speedup_{mode}"] < 1.0]
+        out[mode] = {
+            f"max_over_ar_us_at_most_{AR_TARGET_BYTES >> 10}KB": worst_over,
+            f"within_{AR_TARGET_US}us_of_ar": worst_over is not None and worst_over <= AR_TARGET_US,
+            f"min_speedup_at_most_{SPEEDUP_TOKENS}_tokens": worst_speedup,
+            f"at_least_{SPEEDUP_TARGET}x": worst_speedup is not None and worst_speedup >= SPEEDUP_TARGET,
+            "slower_than_unfused_at (W, hidden, tokens)": slower,
+        }
+    return out
+
+
+def derive_rules(rows: list[dict]) -> dict:
+    """The :class:`~sagellm_comm.fused.FusionPolicy` these rows give: per (W, hidden, mode), token ranges of the
+    fastest fused kernel, ``unfused`` where the chain beats every kernel; then the default rule."""
+    rules = []
+    keys = sorted({(r["world_size"], r["hidden"]) for r in rows})
+    for w, hidden in keys:
+        mine = sorted((r for r in rows if (r["world_size"], r["hidden"]) == (w, hidden)), key=lambda r: r["tokens"])
+        for mode in MODES:
+            decisions = []  # (max_tokens, path, why)
+            for r in mine:
+                kernels = {a: r[f"{mode}_{a}_us"] for a in ALGOS if f"{mode}_{a}_us" in r}
+                if not kernels:
+                    kernels = {r[f"path_{mode}"].split()[0]: r[f"fused_{mode}_us"]}
+                best = min(kernels, key=kernels.get)
+                if kernels[best] >= r[f"unfused_{mode}_us"]:
+                    path, why = UNFUSED_PATH, f"unfused {r[f'unfused_{mode}_us']} us <= fused {kernels[best]} us"
+                else:
+                    path, why = best, f"{best} {kernels[best]} us vs unfused {r[f'unfused_{mode}_us']} us"
+                decisions.append((r["tokens"], path, why))
+            low = 1
+            for i, (tokens, path, why) in enumerate(decisions):
+                if i + 1 < len(decisions) and decisions[i + 1][1] == path:
+                    continue  # merge with the next measured token count
+                rules.append({
+                    "id": f"w{w}-h{hidden}-{mode}-{low}-{tokens}", "path": path, "quant": [mode], "world_sizes": [w],
+                    "hidden": [hidden], "min_tokens": low, "max_tokens": tokens,
+                    "reason": f"measured at {tokens} tokens: {why}",
+                })  # fmt: skip
+                low = tokens + 1
+    rules.append({"id": "default", "path": FOLLOW_ALL_REDUCE, "reason": "outside the measured shapes"})
+    return {"rules": rules}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="record to write (JSON)")
+    p.add_argument("--world-sizes", default="2,4,8")
+    p.add_argument("--hidden", default="4096,8192")
+    p.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512")
+    p.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
+    p.add_argument("--reps", type=int, default=10, help="timed replays per figure")
+    p.add_argument("--quick", action="store_true", help="the policy's paths only (no forced kernels): fewer compiles")
+    p.add_argument("--mps", action="store_true", help="also W processes on the GPU (start MPS first)")
+    p.add_argument("--mps-world-sizes", default="2,4,8")
+    p.add_argument("--mps-tokens", default="1,16,64,128,512")
+    args = p.parse_args(argv)
+    if not cuda_available():
+        print("bench/fp8_fused_bench.py: needs a CUDA GPU (the ranks run on one)", file=sys.stderr)
+        return 1
+    args.world_sizes = [int(v) for v in args.world_sizes.split(",")]
+    args.hidden = [int(v) for v in args.hidden.split(",")]
+    args.tokens = [int(v) for v in args.tokens.split(",")]
+    args.mps_world_sizes = [int(v) for v in args.mps_world_sizes.split(",")]
+    args.mps_tokens = [int(v) for v in args.mps_tokens.split(",")]
+    t0 = time.time()
+    virtual = run_virtual(args)
+    record = {"virtual": virtual, "targets_virtual": targets(virtual), "derived_rules": derive_rules(virtual)}
+    if args.mps:
+        record["mps"] = run_mps(args)
+        record["targets_mps"] = targets(record["mps"])
+    meta = provenance(
+        torch.cuda.get_device_name(),
+        seconds=round(time.time() - t0, 1),
+        timing=f"time_graph: median of {args.reps} CUDA-graph replays of {args.calls} calls, per call; MPS rows: "
+        "the slowest rank",
+        dtype="bfloat16",
+        static_scale=STATIC_SCALE,
+    )
+    write_record(args.out, meta, **record)
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("targets")}))
+    print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""``sagellm-comm transfer`` / ``python -m sagellm_comm.benchmark.run_transfer_bench``: block transfers between
+two processes it starts itself, per backend, block size, block count and op (docs/transfer.md, "Benchmark").
+
+Examples::
+
+    sagellm-comm transfer                                       # CPU: nixl, nixl-raw, torch; 4K..256K x 1,10,100
+    sagellm-comm transfer --backend ipc,torch,copy-engine,nixl  # one GPU, two processes
+    sagellm-comm transfer --block-sizes 16K --block-counts 1000 --ops write --prepared --out /tmp/transfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import torch
+
+from sagellm_comm.benchmark.sizes import parse_size_list
+from sagellm_comm.benchmark.transfer_config import (
+    BACKENDS,
+    DEFAULT_ITERS,
+    DEFAULT_NOTIFY_ITERS,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_WARMUP,
+    OPS,
+    TransferBenchConfig,
+    plan_transfer,
+)
+from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.errors import CommError, InvalidArgumentError
+
+DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
+
+
+def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    what = parser.add_argument_group("what to time")
+    what.add_argument("--backend", metavar="B[,B...]",
+                      help=f"backends side by side, the first is the ratio's reference: {', '.join(BACKENDS)} "
+                      "(default: ipc,torch,copy-engine,nixl on a GPU; nixl,nixl-raw,torch on the CPU)")  # fmt: skip
+    what.add_argument("--ops", default="write,read", help=f"{', '.join(OPS)} (default: both)")
+    what.add_argument("--block-sizes", metavar="SIZE[,SIZE...]", help="block sizes (default 4K,16K,64K,256K,1M GPU; "
+                      "4K..256K CPU); multiples of 16 bytes")  # fmt: skip
+    what.add_argument("--block-counts", metavar="N[,N...]", help="blocks per request (default 1,100,1000 GPU; "
+                      "1,10,100 CPU)")  # fmt: skip
+    what.add_argument("--max-bytes", metavar="SIZE", help="skip points moving more per request (default 1G / 64M CPU)")
+    what.add_argument("--prepared", action="store_true", help="prepared form: block ids (NIXL: prepped lists)")
+    what.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); both processes use it")
+    how = parser.add_argument_group("how to time")
+    how.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed requests (default {DEFAULT_WARMUP})")
+    how.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed requests (default {DEFAULT_ITERS})")
+    how.add_argument(
+        "--notify-iters",
+        type=int,
+        default=DEFAULT_NOTIFY_ITERS,
+        help=f"notification latency samples per backend, 0: none (default {DEFAULT_NOTIFY_ITERS})",
+    )
+    how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"JSON/CSV directory ({DEFAULT_OUTPUT_DIR})")
+    out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. --out /tmp/transfer)")
+    out.add_argument("--no-save", action="store_true", help="write no JSON/CSV files")
+    out.add_argument("--plot", metavar="FILE.png", help="plot GB/s against block size (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchConfig:
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    counts = None
+    if args.block_counts is not None:
+        try:
+            counts = [int(c) for c in names(args.block_counts)]
+        except ValueError:
+            raise InvalidArgumentError(f"--block-counts must be integers, got {args.block_counts!r}") from None
+    return TransferBenchConfig(
+        backends=names(args.backend),
+        ops=names(args.ops) or [],
+        block_sizes=parse_size_list(args.block_sizes) if args.block_sizes else None,
+        block_counts=counts,
+        max_bytes=parse_size_list(args.max_bytes)[0] if args.max_bytes else None,
+        device=args.device,
+        prepared=args.prepared,
+        warmup=args.warmup,
+        iters=args.iters,
+        notify_iters=args.notify_iters,
+        timeout=args.timeout,
+        output_dir=None if args.no_save else args.output_dir,
+        out=None if args.no_save else args.out,
+        plot=args.plot,
+        progress=not args.no_progress,
+        command=command,
+    )
+
+
+def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = False):
+    """Plan (refusing bad requests), spawn the two processes, build, write and print the result."""
+    from sagellm_comm.benchmark.provenance import provenance
+    from sagellm_comm.benchmark.results import device_name
+    from sagellm_comm.benchmark.spawn import spawn_ranks
+    from sagellm_comm.benchmark.transfer_measure import transfer_rank
+    from sagellm_comm.benchmark.transfer_results import build_result, plot, write_files
+
+    plan = plan_transfer(config)
+    measured = spawn_ranks(transfer_rank, (config, plan), 2, what="transfer benchmark")
+    meta = provenance(str(plan.device))
+    if config.command:
+        meta["command"] = config.command
+    run = {
+        **meta,
+        "device_name": device_name(plan.device),
+        "hostname": socket.gethostname(),
+        "backends": list(plan.backends),
+        "ops": list(config.ops),
+        "prepared": config.prepared,
+        "warmup": config.warmup,
+        "iters": config.iters,
+        "notify_iters": config.notify_iters,
+        "pool_bytes": plan.pool_bytes,
+        "skipped": list(plan.skipped),
+        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    result = build_result(measured, run, config.prepared)
+    if config.output_dir is not None or config.out is not None:
+        write_files(result, config.output_dir, config.out)
+    if config.plot is not None:
+        result.plot_path = plot(result, config.plot)
+    if print_table:
+        print(result.table)
+        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
+        if written:
+            print("# wrote " + ", ".join(str(p) for p in written))
+        sys.stdout.flush()
+    return result
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """Exit status: 0 all points ran and every byte was right, 1 otherwise, 2 a refused request, 130 Ctrl-C."""
+    from sagellm_comm.benchmark.provenance import command_line
+
+    def planned():
+        config = config_from_args(args, command_line(argv))
+        plan_transfer(config)
+        return config
+
+    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
+    if status is not None:
+        return status
+    result, status = run_reporting(parser, lambda: run_transfer_benchmark(config, print_table=True))
+    if status is not None:
+        return status
+    return 0 if result.ok else 1
+
+
+def build_parser(prog: str = "python -m sagellm_comm.benchmark.run_transfer_bench") -> argparse.ArgumentParser:
+    return add_transfer_arguments(OneLineParser(prog=prog, description=DESCRIPTION))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    full = [parser.prog, *(sys.argv[1:] if argv is None else argv)]
+    return run_from_args(parser, args, full)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())

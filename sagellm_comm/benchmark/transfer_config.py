@@ -1,0 +1,175 @@
+"""What a ``sagellm-comm transfer`` run is asked to do (:class:`TransferBenchConfig`) and its checks
+(:func:`plan_transfer`), made before any process starts; every problem is one
+:class:`~sagellm_comm.errors.InvalidArgumentError` naming it (the CLI prints one line and exits 2).
+
+Backends measured side by side (each over the same two processes and pools):
+
+* ``ipc``: ``TransferAgent(backend="ipc")``: one block-copy kernel launch per request over CUDA IPC mappings
+  (under the Triton interpreter on the CPU: correctness, not speed).
+* ``nixl``: ``TransferAgent(backend="nixl")``: our agent over NIXL.
+* ``nixl-raw``: NIXL's own API with the same descriptors (the reference for our agent's overhead).
+* ``torch``: torch ops over a mapping of the peer's pool: ``index_select`` + ``index_copy_`` for scattered
+  blocks, ``copy_`` for one block (the CUDA IPC mapping on GPUs, the shared file on the CPU).
+* ``copy-engine``: one ``cudaMemcpyAsync`` per block over the same CUDA IPC mapping (DMA copy engines).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from sagellm_comm.benchmark.plan import _plot_formats, check_writable_dir
+from sagellm_comm.benchmark.sizes import format_size
+from sagellm_comm.errors import InvalidArgumentError
+
+BACKENDS = ("ipc", "nixl", "nixl-raw", "torch", "copy-engine")
+OPS = ("write", "read")
+DEFAULT_GPU_BACKENDS = ("ipc", "torch", "copy-engine", "nixl")
+DEFAULT_CPU_BACKENDS = ("nixl", "nixl-raw", "torch")
+DEFAULT_GPU_SIZES = "4K,16K,64K,256K,1M"
+DEFAULT_CPU_SIZES = "4K,16K,64K,256K"
+DEFAULT_COUNTS = "1,100,1000"
+DEFAULT_CPU_COUNTS = "1,10,100"
+DEFAULT_GPU_MAX_BYTES = 1 << 30
+DEFAULT_CPU_MAX_BYTES = 64 << 20
+DEFAULT_OUTPUT_DIR = ".benchmarks/transfer"
+DEFAULT_WARMUP = 5
+DEFAULT_ITERS = 20
+DEFAULT_NOTIFY_ITERS = 50
+NOTIFY_BLOCK = 16 * 1024  # the notification latency is measured with one block of this size
+
+
+@dataclass
+class TransferBenchConfig:
+    """A run's request (the CLI's options, same names)."""
+
+    backends: list[str] | None = None  # None: DEFAULT_GPU_BACKENDS / DEFAULT_CPU_BACKENDS (those available)
+    ops: list[str] = field(default_factory=lambda: list(OPS))
+    block_sizes: list[int] | None = None
+    block_counts: list[int] | None = None
+    max_bytes: int | None = None  # points moving more than this per request are skipped
+    device: str | None = None  # "cuda", "cuda:1", "cpu"; None: cuda when available
+    prepared: bool = False  # our agent's prepared form (block ids) instead of byte triples
+    warmup: int = DEFAULT_WARMUP
+    iters: int = DEFAULT_ITERS
+    notify_iters: int = DEFAULT_NOTIFY_ITERS  # 0: no notification latency
+    timeout: float = 120.0
+    output_dir: str | None = DEFAULT_OUTPUT_DIR
+    out: str | None = None  # a file stem: STEM.json / STEM.csv instead of a timestamped name in output_dir
+    plot: str | None = None
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    device: torch.device
+    backends: tuple[str, ...]
+    points: tuple[tuple[int, int], ...]  # (block bytes, block count)
+    skipped: tuple[str, ...]  # why some requested points or default backends are left out
+    pool_bytes: int
+
+
+def _available(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device`` here, else why not."""
+    from sagellm_comm.launch import interpreting
+    from sagellm_comm.transfer.registry import transfer_backend_unavailable
+
+    if backend in ("nixl", "nixl-raw"):
+        return transfer_backend_unavailable("nixl")
+    if backend == "ipc":
+        if device.type == "cpu" and not interpreting():
+            return "ipc runs CPU memory only under the Triton interpreter (TRITON_INTERPRET=1): a correctness path"
+        return transfer_backend_unavailable("ipc")
+    if backend == "copy-engine":
+        if device.type != "cuda":
+            return "copy-engine copies need a CUDA device"
+        from sagellm_comm.cupy_probe import cupy_present
+
+        return None if cupy_present() else "copy-engine copies need CuPy for the IPC mapping"
+    if backend == "torch" and device.type == "cuda":
+        from sagellm_comm.cupy_probe import cupy_present
+
+        return None if cupy_present() else "the torch reference needs CuPy for the IPC mapping"
+    return None
+
+
+def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
+    """Check ``config`` and decide the device, backends and points (see the module docstring)."""
+    from sagellm_comm.benchmark.plan import cuda_available
+
+    if config.warmup < 0:
+        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
+    if config.iters < 1:
+        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    if config.notify_iters < 0:
+        raise InvalidArgumentError(f"--notify-iters must be >= 0, got {config.notify_iters}")
+    if not config.timeout > 0:
+        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
+    for op in config.ops:
+        if op not in OPS:
+            raise InvalidArgumentError(f"unknown op {op!r}; choose from: {', '.join(OPS)}")
+    if not config.ops:
+        raise InvalidArgumentError("--ops names no operation")
+    try:
+        device = torch.device(config.device or ("cuda" if cuda_available() else "cpu"))
+    except RuntimeError:
+        raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device!r}") from None
+    if device.type == "cuda":
+        if not cuda_available():
+            raise InvalidArgumentError(f"--device {config.device}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device}")
+    gpu = device.type == "cuda"
+    skipped: list[str] = []
+    if config.backends is None:
+        backends = []
+        for name in DEFAULT_GPU_BACKENDS if gpu else DEFAULT_CPU_BACKENDS:
+            reason = _available(name, device)
+            if reason is None:
+                backends.append(name)
+            else:
+                skipped.append(f"backend {name}: {reason}")
+        if not backends:
+            raise InvalidArgumentError("no transfer backend can run here: " + "; ".join(skipped))
+    else:
+        backends = list(dict.fromkeys(config.backends))
+        for name in backends:
+            if name not in BACKENDS:
+                raise InvalidArgumentError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
+            reason = _available(name, device)
+            if reason is not None:
+                raise InvalidArgumentError(f"--backend {name}: {reason}")
+    from sagellm_comm.benchmark.sizes import parse_size_list
+
+    sizes = config.block_sizes or parse_size_list(DEFAULT_GPU_SIZES if gpu else DEFAULT_CPU_SIZES)
+    counts = config.block_counts or [int(c) for c in (DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS).split(",")]
+    if any(c < 1 for c in counts):
+        raise InvalidArgumentError(f"--block-counts must be >= 1, got {counts}")
+    cap = config.max_bytes or (DEFAULT_GPU_MAX_BYTES if gpu else DEFAULT_CPU_MAX_BYTES)
+    points = []
+    for size in sizes:
+        if size % 16:
+            raise InvalidArgumentError(f"block size {size} is not a multiple of 16 bytes")
+        for count in counts:
+            if size * count > cap:
+                skipped.append(f"{count} x {format_size(size)}: over --max-bytes {format_size(cap)}")
+            else:
+                points.append((size, count))
+    if not points:
+        raise InvalidArgumentError(f"every point moves more than --max-bytes {format_size(cap)} per request")
+    if config.output_dir is not None and config.out is None:
+        check_writable_dir(config.output_dir, "--output-dir")
+    if config.out is not None:
+        check_writable_dir(os.path.dirname(os.path.abspath(config.out)), "--out's directory")
+    if config.plot is not None:
+        suffix = os.path.splitext(config.plot)[1].lower().lstrip(".")
+        if suffix not in _plot_formats():
+            raise InvalidArgumentError(f"--plot {config.plot}: use one of: {', '.join(_plot_formats())}")
+        check_writable_dir(os.path.dirname(os.path.abspath(config.plot)), "--plot's directory")
+    pool_bytes = 2 * max(size * count for size, count in points)  # scattered: half the pool's blocks are used
+    return TransferPlan(device, tuple(backends), tuple(points), tuple(skipped), pool_bytes)

@@ -1,0 +1,335 @@
+"""The two processes of ``sagellm-comm transfer``: rank 0 initiates and measures, rank 1 is the passive peer.
+
+Both register one pool of ``plan.pool_bytes`` (device memory, or a shared CPU file) with one agent per measured
+backend, and exchange metadata, IPC handles and commands through a ``TCPStore`` on the spawn's port.  For every
+(block size, count) point the initiator picks ``count`` distinct random blocks in each pool; per backend and op:
+
+1. *time*: ``warmup`` untimed then ``iters`` timed requests (``benchmark/timing.py``): CUDA events with the device
+   held for the device-timed backends (``ipc``, ``torch``, ``copy-engine`` on a GPU: what the copies take on the
+   device), the wall clock around request + completion for the host-driven ones (``nixl``, ``nixl-raw``, and
+   everything on the CPU).  For ``ipc`` on a GPU, also the host cost of ``write()`` and the wall time of
+   ``write()`` + ``wait()`` per request, eagerly.
+2. *check*: one more request with a seeded pattern in the source blocks; the destination side compares
+   (the peer for a write, the initiator for a read) and the count of wrong bytes is the record's ``num_wrong``.
+
+Notification latency (``ipc`` and ``nixl``): one 16 KB block written with the initiator's monotonic clock in its
+message, ``notify_iters`` times, one at a time; the peer polls ``notifications()`` and records the clock when it
+sees each one (both processes share the host's ``CLOCK_MONOTONIC``).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from sagellm_comm.benchmark.timing import summarize, time_iterations
+from sagellm_comm.benchmark.transfer_config import NOTIFY_BLOCK, TransferBenchConfig, TransferPlan
+from sagellm_comm.benchmark.transfer_movers import AgentMover, CopyEngineMover, Point, RawNixlMover, TorchMover
+from sagellm_comm.errors import CommError, CommTimeoutError
+
+NAMES = ("init", "peer")
+
+
+def _pattern(seed: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), generator=generator, dtype=torch.uint8, device=device)
+
+
+def _pool(plan: TransferPlan) -> torch.Tensor:
+    if plan.device.type == "cuda":
+        return torch.zeros(plan.pool_bytes, dtype=torch.uint8, device=plan.device)
+    from sagellm_comm.transfer.shared import shared_cpu_tensor
+
+    return shared_cpu_tensor(plan.pool_bytes, torch.uint8)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Side:
+    """One process: its pool, the store, and the agent of the backend being measured (one at a time, so that no
+    other transport's threads run beside it)."""
+
+    def __init__(self, rank: int, port: int, config: TransferBenchConfig, plan: TransferPlan):
+        from torch.distributed import TCPStore
+
+        self.rank, self.config, self.plan = rank, config, plan
+        if plan.device.type == "cuda":
+            torch.cuda.set_device(plan.device)
+        # spawn_ranks hosts the store on ``port``: both processes are its clients, under a prefix of their own
+        store = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=config.timeout))
+        self.store = torch.distributed.PrefixStore("transfer-bench/", store)
+        self.pool = _pool(plan)
+        self.agents: dict[str, object] = {}
+        if rank == 1:
+            self.store.set("mapping", json.dumps(self._mapping()))
+
+    def open(self, backend: str) -> bytes:
+        """Start this process's agent of ``backend`` with the pool registered; its metadata (empty: none needed)."""
+        name = f"{NAMES[self.rank]}-{backend}"
+        if backend in ("ipc", "nixl"):
+            from sagellm_comm.transfer import TransferAgent
+
+            agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout)
+            self.agents[backend] = agent
+            agent.register("pool", self.pool)
+            return agent.metadata()
+        if backend == "nixl-raw":
+            from sagellm_comm.transfer.nixl import nixl_api
+
+            api = nixl_api()
+            agent = self.agents[backend] = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+            agent.register_memory(self.pool)
+            return agent.get_agent_metadata()
+        return b""
+
+    def close(self, backend: str) -> None:
+        agent = self.agents.pop(backend, None)
+        if hasattr(agent, "close"):
+            agent.close()
+
+    def _mapping(self) -> dict:
+        """How the other process maps this pool for the torch / copy-engine references."""
+        ptr = self.pool.data_ptr()
+        if self.plan.device.type == "cuda":
+            if not {"torch", "copy-engine"} & set(self.plan.backends):
+                return {"address": ptr}
+            from sagellm_comm.ipc import CudaIpcMemory
+            from sagellm_comm.transfer.metadata import b64
+
+            handle, offset = CudaIpcMemory(self.plan.device).export_range(ptr)
+            return {"address": ptr, "handle": b64(handle), "offset": offset}
+        from sagellm_comm.transfer.shared import shared_file_of
+
+        path, offset = shared_file_of(ptr, self.plan.pool_bytes)
+        return {"address": ptr, "path": path, "offset": offset}
+
+    def close_all(self) -> None:
+        for backend in list(self.agents):
+            self.close(backend)
+
+
+# ============================================================================ the passive peer
+def _serve(side: _Side) -> None:
+    store, device, step = side.store, side.plan.device, 0
+    while True:
+        command = json.loads(store.get(f"cmd/{step}"))
+        reply: dict = {}
+        if command["do"] == "exit":
+            store.set(f"reply/{step}", b"{}")
+            return
+        if command["do"] == "open":
+            try:
+                store.set(f"meta/{step}", side.open(command["backend"]))
+            except CommError as exc:
+                reply["error"] = exc.message
+        elif command["do"] == "close":
+            side.close(command["backend"])
+        elif command["do"] in ("fill", "check"):
+            blocks = side.pool.view(-1, command["block"])
+            ids = torch.as_tensor(command["ids"], device=device)
+            expected = _pattern(command["seed"], len(command["ids"]) * command["block"], device)
+            if command["do"] == "fill":
+                blocks[ids] = expected.view(len(command["ids"]), -1)
+            else:
+                reply["wrong"] = int((blocks[ids].reshape(-1) != expected).sum())
+            _sync(device)
+        elif command["do"] == "notify":
+            agent = side.agents[command["backend"]]
+            # Polling a NIXL agent without pause starves its progress thread (notifications then take
+            # milliseconds); the ipc inbox is host memory and is polled without pause.
+            pause = 1e-4 if command["backend"] == "nixl" else 0.0
+            store.set(f"ready/{step}", b"1")
+            seen: list[int] = []
+            deadline = time.monotonic() + side.config.timeout
+            while len(seen) < command["iters"] and time.monotonic() < deadline:
+                notes = agent.notifications()
+                now = time.monotonic_ns()
+                seen.extend(now - struct.unpack("<q", message[:8])[0] for _, message in notes)
+                if pause and not notes:
+                    time.sleep(pause)
+            reply["latencies_ns"] = seen
+        store.set(f"reply/{step}", json.dumps(reply))
+        step += 1
+
+
+# ============================================================================ the initiator
+class _Initiator:
+    def __init__(self, side: _Side):
+        self.side, self.store, self.step = side, side.store, 0
+        self.device = side.plan.device
+
+    def call(self, command: dict, wait_ready: bool = False) -> dict:
+        step, self.step = self.step, self.step + 1
+        self.store.set(f"cmd/{step}", json.dumps(command))
+        if wait_ready:
+            self.store.wait([f"ready/{step}"])
+            return {"step": step}
+        return json.loads(self.store.get(f"reply/{step}"))
+
+    def reply(self, step: int) -> dict:
+        return json.loads(self.store.get(f"reply/{step}"))
+
+    def open(self, backend: str):
+        """This backend's mover, with the peer's agent started and added (raises CommError when it cannot run)."""
+        side, config, plan = self.side, self.side.config, self.side.plan
+        step = self.step
+        answer = self.call({"do": "open", "backend": backend})
+        if "error" in answer:
+            raise CommTimeoutError(f"the peer could not start its {backend} agent: {answer['error']}")
+        remote_meta = self.store.get(f"meta/{step}")
+        side.open(backend)
+        mapping = json.loads(self.store.get("mapping"))
+        if backend in ("ipc", "nixl"):
+            agent = side.agents[backend]
+            return AgentMover(agent, agent.add_peer(remote_meta), config.prepared, config.timeout)
+        if backend == "nixl-raw":
+            agent = side.agents[backend]
+            remote = agent.add_remote_agent(remote_meta)
+            remote = remote.decode() if isinstance(remote, bytes) else remote
+            return RawNixlMover(agent, remote, side.pool, mapping["address"], self.device.index or 0, config.prepared,
+                                config.timeout)  # fmt: skip
+        remote_address = self._map(mapping)
+        if backend == "torch":
+            from sagellm_comm.ipc import tensor_at
+
+            return TorchMover(side.pool, tensor_at(remote_address, plan.pool_bytes, torch.uint8, self.device, self))
+        return CopyEngineMover(side.pool, remote_address)
+
+    def close(self, backend: str) -> None:
+        self.side.close(backend)
+        self.call({"do": "close", "backend": backend})
+
+    def _map(self, mapping: dict) -> int:
+        if not hasattr(self, "_remote_address"):
+            from sagellm_comm.transfer.ipc_memory import PeerMaps, device_memory
+            from sagellm_comm.transfer.metadata import unb64
+
+            self._maps = PeerMaps(device_memory(self.device), self.device.index or 0, [])
+            key = unb64(mapping["handle"]) if "handle" in mapping else mapping["path"]
+            self._remote_address = self._maps.open(key) + mapping["offset"]
+        return self._remote_address
+
+    def check(self, mover, op: str, point: Point, seed: int) -> int:
+        """One request with a seeded pattern; the number of wrong bytes at the destination."""
+        pattern = _pattern(seed, point.nbytes, self.device)
+        local = self.side.pool.view(-1, point.block)
+        local_ids = torch.as_tensor(point.local_ids, device=self.device)
+        remote = {"block": point.block, "ids": point.remote_ids.tolist(), "seed": seed}
+        if op == "write":
+            local[local_ids] = pattern.view(point.count, -1)
+            _sync(self.device)
+        else:
+            self.call({"do": "fill", **remote})
+            local[local_ids] = 0
+        self.run_once(mover, op, point)
+        if op == "write":
+            return self.call({"do": "check", **remote})["wrong"]
+        return int((local[local_ids].reshape(-1) != pattern).sum())
+
+    def run_once(self, mover, op: str, point: Point) -> None:
+        if mover.device_timed:
+            mover.enqueue(op, point)
+            _sync(self.device)
+        else:
+            mover.blocking(op, point)
+
+    def time(self, mover, op: str, point: Point) -> dict:
+        config = self.side.config
+        if mover.device_timed:
+            samples = time_iterations(lambda: mover.enqueue(op, point), iters=config.iters, warmup=config.warmup,
+                                      device=self.device, hold_device=True)  # fmt: skip
+            out = {"stats": summarize(samples), "timing": "device"}
+        else:
+            samples = time_iterations(lambda: mover.blocking(op, point), iters=config.iters, warmup=config.warmup,
+                                      device=None)  # fmt: skip
+            out = {"stats": summarize(samples), "timing": "wall"}
+        if isinstance(mover, AgentMover) and mover.device_timed:
+            host, total = [], []
+            for _ in range(config.iters):
+                begin = time.perf_counter_ns()
+                handle = mover.start(op, point)
+                submitted = time.perf_counter_ns()
+                handle.wait(config.timeout)
+                host.append((submitted - begin) / 1e3)
+                total.append((time.perf_counter_ns() - begin) / 1e3)
+            out["host_us"], out["e2e_us"] = summarize(host).median_us, summarize(total).median_us
+        return out
+
+    def notify_latency(self, mover: AgentMover, backend: str, iters: int, pool_blocks: int) -> list[float]:
+        """Receiver-seen latency of one 16 KB block with its notification, microseconds per request."""
+        rng = np.random.default_rng(99)
+        point = Point(NOTIFY_BLOCK, 1, rng.choice(pool_blocks, 1), rng.choice(pool_blocks, 1))
+        warm = min(5, iters)
+        step = self.call({"do": "notify", "backend": backend, "iters": iters + warm}, wait_ready=True)["step"]
+        for _ in range(iters + warm):
+            mover.start("write", point, notify=struct.pack("<q", time.monotonic_ns()) + b"ping").wait(
+                self.side.config.timeout
+            )
+            time.sleep(2e-4)  # one at a time: the peer has seen this one before the next starts
+        return [ns / 1e3 for ns in self.reply(step)["latencies_ns"][warm:]]
+
+
+def transfer_rank(index: int, world_size: int, port: int, config: TransferBenchConfig, plan: TransferPlan):
+    """One process of the benchmark (``spawn.spawn_ranks``); rank 0 returns the measurements."""
+    side = _Side(index, port, config, plan)
+    try:
+        if index == 1:
+            _serve(side)
+            return None
+        return _measure(_Initiator(side))
+    finally:
+        side.close_all()
+
+
+def _measure(init: _Initiator) -> dict:
+    from sagellm_comm.benchmark.progress import ProgressBar
+
+    config, plan = init.side.config, init.side.plan
+    points = []
+    rng = np.random.default_rng(0)
+    for block, count in plan.points:
+        blocks = plan.pool_bytes // block
+        points.append(Point(block, count, rng.choice(blocks, count, replace=False),
+                            rng.choice(blocks, count, replace=False)))  # fmt: skip
+    bar = ProgressBar(len(points) * len(plan.backends) * len(config.ops), enabled=config.progress)
+    measured, notify, failed, transports, seed = [], {}, {}, {}, 1
+    try:
+        for backend in plan.backends:
+            try:
+                mover = init.open(backend)
+            except CommError as exc:
+                failed[backend] = exc.message
+                init.close(backend)
+                continue
+            try:
+                for point in points:
+                    for op in config.ops:
+                        entry = {"backend": backend, "op": op, "block": point.block, "count": point.count}
+                        try:
+                            entry.update(init.time(mover, op, point))
+                            entry["num_wrong"] = init.check(mover, op, point, seed)
+                        except CommError as exc:
+                            entry["error"] = exc.message
+                        seed += 1
+                        measured.append(entry)
+                        bar.step(f"{backend} {op} {point.count}x{point.block}")
+                if config.notify_iters and backend in ("ipc", "nixl"):
+                    notify[backend] = init.notify_latency(mover, backend, config.notify_iters,
+                                                          plan.pool_bytes // NOTIFY_BLOCK)  # fmt: skip
+                transports[backend] = mover.transport()
+            finally:
+                init.close(backend)
+    finally:
+        bar.close()
+        init.call({"do": "exit"})
+    order = {backend: i for i, backend in enumerate(plan.backends)}
+    measured.sort(key=lambda e: (e["block"], e["count"], config.ops.index(e["op"]), order[e["backend"]]))
+    return {"points": measured, "notify": notify, "failed": failed, "transports": transports}

@@ -1,0 +1,207 @@
+"""The transfer benchmark's records, table (nccl-tests-shaped), JSON/CSV files with provenance, and plot.
+
+Units: times in microseconds, bandwidth in GB/s = 10**9 bytes per second of the request's total bytes
+(``count * block``) over its median time.  ``ratio`` is time(first backend) / time(this backend) at the same
+point and op (> 1: faster than the first backend).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from sagellm_comm.benchmark.sizes import format_size
+
+
+@dataclass
+class TransferRecord:
+    backend: str
+    op: str
+    block_bytes: int
+    count: int
+    total_bytes: int
+    prepared: bool
+    timing: str  # "device" (CUDA events, device held) or "wall"
+    latency_us: float | None
+    latency_p10_us: float | None
+    latency_p90_us: float | None
+    latency_min_us: float | None
+    gbps: float | None
+    host_us: float | None  # ipc on a GPU: median host time of write()/read() (submission)
+    e2e_us: float | None  # ipc on a GPU: median wall time of a request and its wait()
+    num_wrong: int | None
+    ratio_vs_first: float | None
+    error: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = tuple(f.name for f in fields(TransferRecord))
+
+
+@dataclass
+class TransferBenchResult:
+    run: dict
+    records: list[TransferRecord]
+    notify: dict  # backend -> latency statistics (microseconds)
+    json_path: Path | None = None
+    csv_path: Path | None = None
+    plot_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.error is None and not r.num_wrong for r in self.records)
+
+    @property
+    def table(self) -> str:
+        return format_table(self)
+
+
+def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResult:
+    from sagellm_comm.benchmark.timing import summarize
+
+    records, first = [], {}
+    for entry in measured["points"]:
+        stats = entry.get("stats")
+        total = entry["block"] * entry["count"]
+        record = TransferRecord(
+            backend=entry["backend"], op=entry["op"], block_bytes=entry["block"], count=entry["count"],
+            total_bytes=total, prepared=prepared, timing=entry.get("timing", ""),
+            latency_us=stats.median_us if stats else None, latency_p10_us=stats.p10_us if stats else None,
+            latency_p90_us=stats.p90_us if stats else None, latency_min_us=stats.min_us if stats else None,
+            gbps=total / stats.median_us / 1e3 if stats else None, host_us=entry.get("host_us"),
+            e2e_us=entry.get("e2e_us"), num_wrong=entry.get("num_wrong"), ratio_vs_first=None,
+            error=entry.get("error"),
+        )  # fmt: skip
+        key = (record.op, record.block_bytes, record.count)
+        if record.latency_us:
+            base = first.setdefault(key, record.latency_us)
+            record.ratio_vs_first = base / record.latency_us
+        records.append(record)
+    notify = {}
+    for backend, samples in measured["notify"].items():
+        if samples:
+            stats = summarize(samples)
+            notify[backend] = {"block_bytes": 16 * 1024, **stats.to_dict()}
+        else:
+            notify[backend] = {"block_bytes": 16 * 1024, "samples": 0, "error": "no notification arrived"}
+    run = {**run, "transports": measured["transports"], "failed_backends": measured["failed"]}
+    return TransferBenchResult(run, records, notify)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 1e5 else f"{value:.0f}"
+
+
+def format_table(result: TransferBenchResult) -> str:
+    run = result.run
+    lines = [
+        f"# sagellm-comm transfer: 2 processes on {run['device']} ({run['device_name']}), backends "
+        f"{', '.join(run['backends'])}{' (prepared block ids)' if run['prepared'] else ''}",
+        f"# commit {run['commit'][:12]}{' + dirty' if run.get('dirty') else ''}, torch {run['torch']}; "
+        f"{run['warmup']} warm-up + {run['iters']} timed requests, time = median, spread = p10-p90",
+        "# timing: device = CUDA events with the device held (what the copies take on the GPU); wall = the host "
+        "clock around request + completion",
+        "# GB/s = total bytes / time (10^9 B/s); ratio = time(first backend) / time(backend)",
+    ]
+    for backend, transport in run.get("transports", {}).items():
+        lines.append(f"# {backend}: {transport}")
+    for backend, why in run.get("failed_backends", {}).items():
+        lines.append(f"# {backend}: not measured: {why}")
+    for why in run.get("skipped", []):
+        lines.append(f"# skipped {why}")
+    lines.append(
+        f"#{'block':>8} {'count':>6} {'total':>8} {'op':>6} {'backend':>12} {'timing':>7} {'time(us)':>10} "
+        f"{'p10-p90':>17} {'GB/s':>8} {'host(us)':>9} {'e2e(us)':>9} {'#wrong':>7} {'ratio':>6}"
+    )
+    for r in result.records:
+        if r.error is not None:
+            lines.append(f" {format_size(r.block_bytes):>8} {r.count:>6} {format_size(r.total_bytes):>8} {r.op:>6} "
+                         f"{r.backend:>12} failed: {r.error}")  # fmt: skip
+            continue
+        spread = f"{_us(r.latency_p10_us)}-{_us(r.latency_p90_us)}"
+        lines.append(
+            f" {format_size(r.block_bytes):>8} {r.count:>6} {format_size(r.total_bytes):>8} {r.op:>6} {r.backend:>12} "
+            f"{r.timing:>7} {_us(r.latency_us):>10} {spread:>17} {r.gbps:>8.2f} {_us(r.host_us):>9} "
+            f"{_us(r.e2e_us):>9} {r.num_wrong:>7} {r.ratio_vs_first:>6.2f}"
+        )
+    for backend, stats in result.notify.items():
+        if stats.get("samples"):
+            lines.append(
+                f"# notification latency, {backend}: one 16K block, write() call to the peer's notifications() "
+                f"returning it: median {stats['median_us']:.1f} us, p10-p90 {stats['p10_us']:.1f}-"
+                f"{stats['p90_us']:.1f} us, min {stats['min_us']:.1f} us ({stats['samples']} requests)"
+            )
+        else:
+            lines.append(f"# notification latency, {backend}: {stats.get('error')}")
+    wrong = sum(r.num_wrong or 0 for r in result.records)
+    failed = sum(r.error is not None for r in result.records)
+    lines.append(f"# Wrong bytes: {wrong}, failed points: {failed}: {'OK' if result.ok else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def write_files(result: TransferBenchResult, output_dir: str | None, out: str | None) -> None:
+    """``STEM.json`` (``{"meta", "setup", "results", "notify"}``; ``meta`` is the provenance block every record
+    under bench/results has) and ``STEM.csv``: ``out`` as the stem, else ``output_dir/transfer_<timestamp>``."""
+    from sagellm_comm.benchmark.provenance import write_record
+
+    if out is not None:
+        stem = Path(out)
+    else:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stem = Path(output_dir) / f"transfer_{stamp}"
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
+    meta = {k: result.run[k] for k in ("date", "command", "commit", "dirty", "commit_source", "torch", "triton")
+            if k in result.run}  # fmt: skip
+    meta["device"] = f"{result.run['device_name']} ({result.run['device']}, 2 processes)"
+    result.json_path = write_record(
+        stem.with_name(stem.name + ".json"), meta, setup=result.run, results=[r.to_dict() for r in result.records],
+        notify=result.notify,
+    )  # fmt: skip
+    result.csv_path = stem.with_name(stem.name + ".csv")
+    with result.csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
+        writer.writeheader()
+        for r in result.records:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def plot(result: TransferBenchResult, path: str) -> Path:
+    """GB/s against block size, one panel per op, one line per backend and block count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({r.op for r in result.records})
+    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops, strict=True):
+        lines = sorted({(r.backend, r.count) for r in result.records if r.op == op})
+        for backend, count in lines:
+            points = sorted((r for r in result.records if (r.op, r.backend, r.count) == (op, backend, count)
+                             and r.gbps), key=lambda r: r.block_bytes)  # fmt: skip
+            if points:
+                ax.plot([r.block_bytes for r in points], [r.gbps for r in points], marker="o", markersize=3,
+                        label=f"{backend}, {count} block(s)")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("block size (bytes)")
+        ax.set_ylabel("GB/s (1e9 B/s)")
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sagellm-comm transfer, {result.run['device_name']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

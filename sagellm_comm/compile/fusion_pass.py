@@ -1,0 +1,331 @@
+"""The Inductor post-grad pass that puts the fused all-reduce + residual + RMSNorm (+ FP8) op in place of the chain.
+
+:class:`AllReduceFusionPass` is a ``torch._inductor.custom_graph_pass.CustomGraphPass``: Inductor calls it on
+every post-grad graph (aten ops, functionalised, after its own pattern passes) and keys its FX-graph cache on
+:meth:`~AllReduceFusionPass.uuid`.  A call:
+
+1. finds the graph's SUM all-reduces (``torch.ops.sagellm_comm.all_reduce``) and, for each (group name, fp32 or
+   16-bit dtype, device type) not seen before, registers the patterns of :mod:`.patterns` for it (traced once
+   per process, on fake tensors, with ``eps`` a free scalar); an add of an all-reduce result and another
+   tensor gets the other tensor first (``residual + all_reduced``, the patterns' order: exact, addition
+   commutes);
+2. runs Inductor's pattern matcher (``torch._inductor.pattern_matcher.PatternMatcherPass``): each match is
+   re-traced at its real shapes and dtypes, checked (:func:`_fusable`), and replaced by
+   ``torch.ops.sagellm_comm.all_reduce_residual_rmsnorm`` with the group name, ``eps`` and the quantisation mode
+   read from the graph;
+3. restores a topological order (the fused node is inserted at the residual add, and may use a weight or
+   scale defined later in the graph) and records what it replaced (:func:`stats`).
+
+A chain is left alone when one of its ops has a keyword argument the pattern does not have (``alpha`` of an
+add, ``dtype`` of a mean: Inductor's matcher does not look at them), when an intermediate value of it has a use
+outside the chain (the all-reduce result, the fp32 upcast, the un-quantised RMSNorm output of a quantised
+chain: the fused op does not return them), when its tensors differ in dtype, shape or device (a broadcast
+residual, an fp32 weight on bf16 activations), when the hidden size is over the fused kernels' limit
+(``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a constant of the graph (``torch.compile(dynamic=True)``
+turns Python floats into graph inputs; compile with the default ``dynamic=None``, or mark dimensions dynamic
+with ``torch._dynamo.mark_dynamic``), or when the static FP8 division is not an fp32 division.  What is left is
+counted in :attr:`FusionStats.all_reduces_left`.
+Where :mod:`sagellm_comm.fused` cannot be imported (no Triton), the pass rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch._inductor import pattern_matcher as pm
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from sagellm_comm.backend import ReduceOp
+
+from . import patterns as _patterns
+
+__all__ = ["AllReduceFusionPass", "FusionStats", "fp8_quantisation", "reset_stats", "stats"]
+
+_ALL_REDUCE = torch.ops.sagellm_comm.all_reduce.default
+# The dtypes the fused op takes; bf16 and fp16 chains trace alike (dtypes are checked per match).
+_PATTERN_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.bfloat16}
+# A pattern's eps while it is traced: exactly representable in fp32 (torch.rms_norm rounds eps to fp32 on
+# some paths), so the traced constant is found again and becomes the free scalar ``eps``.
+_EPS_PLACEHOLDER = 2.0**-17
+_EXAMPLE_TOKENS, _EXAMPLE_HIDDEN = 4, 256  # hidden: a multiple of the FP8 group of 128
+
+
+@functools.cache
+def _fused_limits() -> tuple[int, tuple[torch.dtype, ...]] | None:
+    """``(MAX_HIDDEN, RMSNORM_DTYPES)`` of :mod:`sagellm_comm.fused`, or None where it cannot be imported."""
+    try:
+        from sagellm_comm.fused import MAX_HIDDEN, RMSNORM_DTYPES
+    except ImportError:
+        return None
+    return MAX_HIDDEN, tuple(RMSNORM_DTYPES)
+
+
+def fp8_quantisation() -> tuple[float | None, tuple[str, ...]]:
+    """``(FP8_MAX, FP8_QUANT_MODES)`` of :mod:`sagellm_comm.fused`, or ``(None, ())`` where it has no FP8
+    quantisation (then only unquantised chains are fused)."""
+    try:
+        from sagellm_comm.fused import FP8_MAX, FP8_QUANT_MODES
+    except ImportError:
+        return None, ()
+    return float(FP8_MAX), tuple(FP8_QUANT_MODES)
+
+
+# ============================================================================ stats
+
+
+@dataclass(frozen=True)
+class FusionStats:
+    """What the pass did in this process since the last :func:`reset_stats`.
+
+    ``replaced``: pattern name -> chains rewritten (only names that were); ``graphs``: graphs the pass ran on;
+    ``all_reduces_left``: SUM all-reduces of those graphs it left as they were; ``cache_hits``: graphs Inductor
+    loaded from its FX-graph cache instead of compiling (rewritten when first compiled, not counted again)."""
+
+    replaced: dict[str, int] = field(default_factory=dict)
+    graphs: int = 0
+    all_reduces_left: int = 0
+    cache_hits: int = 0
+
+    @property
+    def total(self) -> int:
+        """Chains rewritten, all patterns together."""
+        return sum(self.replaced.values())
+
+
+_STATS_LOCK = threading.Lock()
+_REPLACED: collections.Counter[str] = collections.Counter()
+_GRAPHS = 0
+_LEFT = 0
+_CACHE_BASE = 0
+
+
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"])
+
+
+def stats() -> FusionStats:
+    """The rewrites of every :class:`AllReduceFusionPass` of this process since :func:`reset_stats`."""
+    with _STATS_LOCK:
+        return FusionStats(dict(_REPLACED), _GRAPHS, _LEFT, _cache_hits() - _CACHE_BASE)
+
+
+def reset_stats() -> None:
+    """Zero :func:`stats`."""
+    global _GRAPHS, _LEFT, _CACHE_BASE
+    with _STATS_LOCK:
+        _REPLACED.clear()
+        _GRAPHS = _LEFT = 0
+        _CACHE_BASE = _cache_hits()
+
+
+# ============================================================================ matching
+
+
+def _reduce_op(node: torch.fx.Node) -> str:
+    if len(node.args) > 2:
+        return str(node.args[2])
+    return str(node.kwargs.get("op", ReduceOp.SUM.value))
+
+
+def _group_name(node: torch.fx.Node) -> str:
+    return str(node.args[1] if len(node.args) > 1 else node.kwargs["group_name"])
+
+
+def _sum_all_reduces(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    nodes = graph.find_nodes(op="call_function", target=_ALL_REDUCE)
+    return [n for n in nodes if _reduce_op(n) == ReduceOp.SUM.value]
+
+
+def _residual_first(sites: list[torch.fx.Node]) -> None:
+    """``add(all_reduced, other)`` -> ``add(other, all_reduced)`` (no ``alpha``: that add does not commute)."""
+    for node in sites:
+        for user in list(node.users):
+            if user.target is torch.ops.aten.add.Tensor and not user.kwargs and len(user.args) == 2:
+                first, second = user.args
+                if first is node and second is not node:
+                    user.args = (second, first)
+
+
+def _value(arg):
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+def _same_size(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
+def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
+    """The checks a structural match must pass before it is rewritten (see the module docstring)."""
+    limits = _fused_limits()
+    if limits is None:
+        return False
+    max_hidden, dtypes = limits
+    x, residual, weight = (_value(match.kwargs.get(name)) for name in ("x", "residual", "weight"))
+    if not all(isinstance(t, torch.Tensor) for t in (x, residual, weight)):
+        return False
+    if x.dtype not in dtypes or residual.dtype != x.dtype or weight.dtype != x.dtype:
+        return False
+    if x.device != residual.device or weight.device != x.device or x.dim() < 1 or weight.dim() != 1:
+        return False
+    if x.dim() != residual.dim() or not all(_same_size(a, b) for a, b in zip(x.shape, residual.shape, strict=True)):
+        return False
+    hidden = x.shape[-1]
+    if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and hidden <= max_hidden):
+        return False
+    for expr, node in match.ctx.pattern_to_node.items():
+        # Inductor's matcher ignores keyword arguments a pattern does not name: ``add(r, a, alpha=2)`` would
+        # match ``r + a``, ``mean(v, -1, dtype=float64)`` would match ``mean(v, -1)``.
+        if isinstance(node, torch.fx.Node) and set(node.kwargs) - set(getattr(expr, "kwargs", None) or {}):
+            return False
+    eps = match.kwargs.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return False  # eps is a graph input (dynamic=True unspecialises floats): the op takes a number
+    inputs = [match.kwargs.get(name) for name in ("x", "residual", "weight", "scale")]
+    if any(isinstance(arg, torch.fx.Node) and arg in match.nodes for arg in inputs):
+        return False  # an input computed inside the chain (e.g. residual = the all-reduce itself)
+    if pattern.takes_scale:
+        scale = _value(match.kwargs.get("scale"))
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.device != x.device:
+            return False
+        if not _same_size(scale.numel(), 1):
+            return False
+        for node in match.nodes:  # the static division must be fp32 (a 0-d scale keeps y's dtype)
+            if node.target is torch.ops.aten.div.Tensor and _value(node).dtype != torch.float32:
+                return False
+    return True
+
+
+# ============================================================================ the pass
+
+
+def _functional_trace(fn, args, **kwargs) -> torch.fx.GraphModule:
+    """``pattern_matcher.fwd_only`` with functionalisation, as AOTAutograd does for the graphs Inductor sees
+    (``torch.rms_norm``'s C++ decomposition adds ``eps`` in place; the post-grad graph has the functional
+    add)."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.traceback import preserve_node_meta
+
+    get_decomp_fn = kwargs.get("get_decomp_fn") or pm.select_decomp_table
+    with enable_python_dispatcher(), preserve_node_meta():
+        gm = make_fx(dispatch_functionalize(fn, FunctionalTensorMode()), get_decomp_fn(), tracing_mode="real")(*args)
+    remove_noop_ops(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class _Registry:
+    """The process's patterns: one ``PatternMatcherPass`` holding the patterns of every key seen so far."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.matcher = pm.PatternMatcherPass(pass_name="sagellm_comm_all_reduce_fusion")
+        self.keys: set[tuple[str, torch.dtype, str]] = set()
+        self.applying: collections.Counter[str] | None = None  # rewrites of the graph being processed
+
+    def ensure(self, group_name: str, dtype: torch.dtype, device_type: str) -> None:
+        key = (group_name, dtype, device_type)
+        if key in self.keys:
+            return
+        from torch._guards import tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+        fp8_max, modes = fp8_quantisation()
+        # Out of the compilation's own fake mode and tracing context: the examples are fresh fake tensors.
+        with unset_fake_temporarily(), tracing(None), FakeTensorMode():
+            x = torch.empty(_EXAMPLE_TOKENS, _EXAMPLE_HIDDEN, dtype=dtype, device=device_type)
+            weight = torch.empty(_EXAMPLE_HIDDEN, dtype=dtype, device=device_type)
+            scale = torch.empty(1, dtype=torch.float32, device=device_type)
+            for pattern in _patterns.build_patterns(group_name, fp8_max, modes):
+                examples = [x, torch.empty_like(x), weight] + ([scale] if pattern.takes_scale else [])
+                pm.register_replacement(
+                    pattern.search,
+                    self._counted(pattern),
+                    examples,
+                    _functional_trace,
+                    self.matcher,
+                    extra_check=functools.partial(_fusable, pattern),
+                    scalar_workaround={"eps": _EPS_PLACEHOLDER},
+                    skip_duplicates=True,  # in fp32 some forms trace alike (no casts)
+                )
+        self.keys.add(key)
+
+    def _counted(self, pattern: _patterns.FusionPattern):
+        """``pattern.replace``, counting one rewrite each time the matcher traces it for an accepted match."""
+
+        def replace(*args):
+            if self.applying is not None:
+                self.applying[pattern.name] += 1
+            return pattern.replace(*args)
+
+        return replace
+
+    def apply(self, graph: torch.fx.Graph) -> collections.Counter[str]:
+        with self.lock:
+            self.applying = collections.Counter()
+            try:
+                self.matcher.apply(graph)
+                return self.applying
+            finally:
+                self.applying = None
+
+
+_REGISTRY = _Registry()
+
+
+@functools.cache
+def _source_hash() -> str:
+    package = Path(__file__).resolve().parent
+    files = sorted(package.glob("*.py")) + [package.parent / "ops.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(repr(fp8_quantisation()).encode())
+    return f"sagellm_comm.compile:{digest.hexdigest()}"
+
+
+class AllReduceFusionPass(CustomGraphPass):
+    """The post-grad pass (module docstring); one instance serves any number of compilations.
+
+    Install it as ``torch._inductor.config.post_grad_custom_post_pass`` (or in ``torch.compile(options=...)``),
+    or through :func:`sagellm_comm.compile.compile` / :func:`sagellm_comm.compile.install`."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        global _GRAPHS, _LEFT
+        sites = _sum_all_reduces(graph)
+        replaced: collections.Counter[str] = collections.Counter()
+        if _fused_limits() is None:
+            sites = []  # nothing could run the fused op
+        with _REGISTRY.lock:
+            for node in sites:
+                value = node.meta.get("val")
+                if isinstance(value, torch.Tensor) and value.dtype in _PATTERN_DTYPE:
+                    _REGISTRY.ensure(_group_name(node), _PATTERN_DTYPE[value.dtype], value.device.type)
+            if sites:
+                _residual_first(sites)
+                replaced = _REGISTRY.apply(graph)
+        if replaced:
+            pm.stable_topological_sort(graph)
+            graph.lint()
+        with _STATS_LOCK:
+            _REPLACED.update(replaced)
+            _GRAPHS += 1
+            _LEFT += len(_sum_all_reduces(graph))
+
+    def uuid(self) -> str:
+        """Changes with this package's pattern sources, the ops' schemas and the FP8 modes available."""
+        return _source_hash()

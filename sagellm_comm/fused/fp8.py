@@ -1,0 +1,137 @@
+"""FP8 output of the fused all-reduce + residual + RMSNorm: modes, constants, argument checks, the reference.
+
+Modes (``quant=`` of :func:`~sagellm_comm.fused.all_reduce_residual_rmsnorm`):
+
+* ``"fp8"``: static per-tensor scale, a one-element fp32 tensor the caller gives -> ``(q, scale, new_residual)``;
+* ``"fp8_per_token"``: one dynamic fp32 scale per row -> ``(q, scales [tokens, 1], new_residual)``;
+* ``"fp8_group128"``: one per 128 elements of a row -> ``(q, scales [tokens, hidden // 128], new_residual)``.
+
+``q`` is ``torch.float8_e4m3fn`` ``[tokens, hidden]``, saturated at +-448, and ``q * scale`` (broadcast per row or
+per group) approximates the RMSNorm output: the operands ``torch._scaled_mm`` takes (``scale_a`` a one-element
+tensor, or ``[tokens, 1]`` for row-wise scaling).
+
+The numerics (:func:`quantize_fp8_reference`, computed identically by the kernels of
+``sagellm_comm/kernels/fp8.py``): with ``y`` the RMSNorm output as the unfused chain holds it (rounded to
+``x``'s dtype) and fp32 math,
+
+* static: ``q = e4m3(clamp(y / scale, -448, 448))``;
+* dynamic: ``s = max(amax(|y|) / 448, FP8_SCALE_FLOOR)`` over the row (or group), ``q = e4m3(clamp(y / s, ...))``;
+
+every division an IEEE fp32 division (rounded to nearest, never a multiplication by a reciprocal, which would
+round twice), the conversion round-to-nearest-even.  ``FP8_SCALE_FLOOR = 2**-117``: the smallest scale for
+which every non-zero ``q * s`` is a normal fp32 number (an all-zero row gets it instead of a division by zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sagellm_comm.kernels import fp8 as _k8
+
+from ..errors import InvalidArgumentError, ShapeMismatchError
+from ._common import RMSNORM_DTYPES, rmsnorm_reference
+
+FP8_MAX = float(_k8.FP8_MAX.value)
+FP8_SCALE_FLOOR = float(_k8.FP8_SCALE_FLOOR.value)
+FP8_GROUP_SIZE = int(_k8.FP8_GROUP.value)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_QUANT_MODES = ("fp8", "fp8_per_token", "fp8_group128")
+# The kernels' constexpr for each mode (None: the RMSNorm output in x's dtype).
+QUANT_CODES = {
+    None: _k8.QUANT_NONE.value,
+    "fp8": _k8.QUANT_STATIC.value,
+    "fp8_per_token": _k8.QUANT_PER_TOKEN.value,
+    "fp8_group128": _k8.QUANT_GROUP.value,
+}
+
+
+def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) -> None:
+    """Typed errors for a bad ``quant`` / ``scale`` / input dtype combination, before anything runs.
+
+    ``quant`` must be None or one of :data:`FP8_QUANT_MODES`; ``"fp8"`` needs ``scale``, a one-element fp32
+    tensor on ``x``'s device; the dynamic modes take no ``scale``; ``"fp8_group128"`` needs a hidden size
+    divisible by 128; a quantised call needs ``x`` in bf16, fp16 or fp32.
+    """
+    if quant is None:
+        if scale is not None:
+            raise InvalidArgumentError("scale is only taken with quant='fp8' (a static FP8 scale); quant is None")
+        return
+    if quant not in FP8_QUANT_MODES:
+        raise InvalidArgumentError(f"quant must be None or one of {FP8_QUANT_MODES}, got {quant!r}")
+    if not isinstance(x, torch.Tensor):
+        raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in RMSNORM_DTYPES:
+        raise InvalidArgumentError(
+            f"quant={quant!r} takes x in {[str(d) for d in RMSNORM_DTYPES]}, got {x.dtype}; cast x first"
+        )
+    if quant == "fp8":
+        if not isinstance(scale, torch.Tensor):
+            raise InvalidArgumentError(
+                f"quant='fp8' needs scale, a one-element torch.float32 tensor (the static FP8 scale), got "
+                f"{type(scale).__name__}"
+            )
+        if scale.numel() != 1:
+            raise ShapeMismatchError(
+                f"quant='fp8' needs a one-element scale (shape () or (1,)), got shape {tuple(scale.shape)}"
+            )
+        if scale.dtype != torch.float32:
+            raise InvalidArgumentError(f"the FP8 scale must be torch.float32, got {scale.dtype}; pass scale.float()")
+        if scale.device != x.device:
+            raise InvalidArgumentError(f"the FP8 scale is on {scale.device}, x is on {x.device}; move it there")
+        return
+    if scale is not None:
+        raise InvalidArgumentError(
+            f"quant={quant!r} computes its scales from the data; scale must be None (use quant='fp8' for a static one)"
+        )
+    if quant == "fp8_group128" and x.shape[-1] % FP8_GROUP_SIZE:
+        raise ShapeMismatchError(
+            f"quant='fp8_group128' needs hidden divisible by {FP8_GROUP_SIZE}, got hidden={x.shape[-1]}; "
+            "use quant='fp8_per_token'"
+        )
+
+
+def scales_shape(tokens: int, hidden: int, quant: str) -> tuple[int, int]:
+    """Shape of the dynamic scales ``quant`` returns for a ``[tokens, hidden]`` input."""
+    return (tokens, 1) if quant == "fp8_per_token" else (tokens, hidden // FP8_GROUP_SIZE)
+
+
+def quantize_fp8_reference(
+    y: torch.Tensor, quant: str, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)``: the documented FP8 quantisation of ``y`` (``[..., hidden]``) in torch ops.
+
+    ``q`` is ``float8_e4m3fn`` like ``y``; ``scales`` is ``scale`` itself (``"fp8"``), ``[..., 1]``
+    (``"fp8_per_token"``) or ``[..., hidden // 128]`` (``"fp8_group128"``), fp32.  See the module docstring for
+    the arithmetic; the fused kernels produce the same bits from the same ``y``.
+    """
+    check_quant(quant, scale, y)
+    v = y.float()
+    if quant == "fp8":
+        return (v / scale.reshape(())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    # A tensor divisor: torch divides a CUDA tensor by a Python number as a multiplication by its reciprocal.
+    fp8_max = torch.full((), FP8_MAX, dtype=torch.float32, device=v.device)
+    if quant == "fp8_per_token":
+        s = (v.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
+        return (v / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
+    groups = v.reshape(*v.shape[:-1], v.shape[-1] // FP8_GROUP_SIZE, FP8_GROUP_SIZE)
+    s = (groups.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
+    q = (groups / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.reshape(v.shape), s.squeeze(-1)
+
+
+def unfused_tail(
+    reduced: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    quant: str | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """What follows the all-reduce in the unfused chain, in torch ops: ``(normed, new_residual)`` or
+    ``(q, scales, new_residual)``.  ``reduced`` is the all-reduced ``x``; nothing is modified."""
+    new_residual = residual + reduced
+    normed = rmsnorm_reference(new_residual, weight, eps)
+    if quant is None:
+        return normed, new_residual
+    q, scales = quantize_fp8_reference(normed, quant, scale)
+    return q, scales, new_residual

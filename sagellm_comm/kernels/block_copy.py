@@ -1,0 +1,147 @@
+"""Block copy: a whole list of byte blocks moved between two regions in one launch, then one notification.
+
+This is the device side of the ``ipc`` transfer path (``sagellm_comm/transfer/ipc.py``): the initiator maps a
+peer's registered pools once through CUDA IPC (a shared file under the Triton interpreter), and a write or read
+of any number of blocks is this one kernel over the two mappings.  Gather and scatter are the same thing here:
+every block names its own source and destination offset.
+
+Descriptor table (int64, read once per work item; pinned host memory for a one-off request, device memory
+when prepared), two forms chosen by ``FIXED``:
+
+* listed (``FIXED=False``): ``n_items`` rows ``(src_offset, dst_offset, nbytes)``, byte offsets into the
+  source and destination regions.  The host cuts every block longer than ``part_bytes`` into pieces of at
+  most ``part_bytes``, so that one long block is spread over many programs like many short ones.
+* fixed-size blocks (``FIXED=True``): ``n_items`` rows ``(src_block, dst_block)``, block indices into pools
+  of ``block_bytes``-long blocks (a KV cache's layout); block ``i`` is ``parts`` work items of
+  ``part_bytes`` (the last one shorter).
+
+Work: item ``w`` belongs to program ``w % num_programs`` (a grid-stride loop); programs never wait for each
+other, so the grid can be as large as the work (no co-residency assumption).  An item is copied in tiles of
+``TILE`` elements: full tiles unmasked, then one masked tail.  With ``VEC`` every address and length is a
+multiple of 16 bytes (the host checks) and elements are int32 under a 16-byte alignment hint, so each thread
+moves 16-byte vectors (``ld.global.cg.v4`` / ``st.global.v4``: what NVLink and HBM need); without it,
+elements are bytes and any offset or length works.
+
+Completion and the notification (the invariant the receiver relies on: it learns of a transfer only after
+every byte of it is visible):
+
+1. Every program stores its tiles, then the block synchronises (all its threads' stores precede step 2).
+2. One thread adds 1 to ``counter`` with an acquire-release atomic at *system* scope: the release makes this
+   program's stores visible (to the host and to peer GPUs too) before the count, the acquire makes the
+   stores of every program counted before it visible to this one.
+3. The program that brings the count to ``num_programs`` (the last) resets the counter to 0 for the next
+   launch (launches sharing a counter run on one stream, so they never overlap) and, with ``NOTIFY``, copies
+   the prepared 512-byte record from ``notify_src`` (bytes 8..511: length and message) into the receiver's
+   ring entry at ``notify_dst``, synchronises its block, and publishes the record with one release store
+   (system scope) of its sequence number (word 0, read from ``notify_src``).  Release is cumulative, so
+   every program's data (acquired in step 2) is visible before the sequence number is.  The receiver's host
+   reads the sequence number first, then the record (``sagellm_comm/transfer/notify.py``).
+
+The sequence number travels in memory, not as a launch argument: an integer argument is compiled as int32
+or int64 by its value, and a counter must not change the kernel's signature as it grows.  Every address
+argument is a real address (never 0), so it is always int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sagellm_comm.kernels.all_reduce import _ptr
+
+RECORD_BYTES = tl.constexpr(512)  # one notification: int64 seq | int64 nbytes | message (up to 496 bytes)
+RECORD_HEADER_BYTES = tl.constexpr(16)
+MAX_MESSAGE_BYTES = RECORD_BYTES.value - RECORD_HEADER_BYTES.value
+VEC_BYTES = 16  # the alignment of every address and length on the vector path
+
+
+@triton.jit
+def _copy_bytes(src_addr, dst_addr, nbytes, VEC: tl.constexpr, TILE: tl.constexpr):
+    """Copy ``nbytes`` from address ``src_addr`` to ``dst_addr``: full tiles unmasked, one masked tail."""
+    offs = tl.arange(0, TILE)
+    if VEC:
+        src = _ptr(src_addr, tl.int32)
+        dst = _ptr(dst_addr, tl.int32)
+        nelem = tl.multiple_of(nbytes // 4, 4)
+    else:
+        src = src_addr.to(tl.pointer_type(tl.uint8))
+        dst = dst_addr.to(tl.pointer_type(tl.uint8))
+        nelem = nbytes
+    full = nelem // TILE * TILE
+    for start in tl.range(0, full, TILE):
+        at = tl.multiple_of(start, TILE)
+        vals = tl.load(src + at + offs, cache_modifier=".cg")
+        tl.store(dst + at + offs, vals)
+    if full < nelem:
+        mask = full + offs < nelem
+        vals = tl.load(src + full + offs, mask=mask, cache_modifier=".cg")
+        tl.store(dst + full + offs, vals, mask=mask)
+
+
+@triton.jit
+def _publish(notify_src, notify_dst):
+    """Copy the record's length and message, then release-store its sequence number (step 3 above)."""
+    offs = tl.arange(0, RECORD_BYTES) + 8
+    mask = offs < RECORD_BYTES
+    src = notify_src.to(tl.pointer_type(tl.uint8))
+    dst = notify_dst.to(tl.pointer_type(tl.uint8))
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+    seq = tl.load(notify_src.to(tl.pointer_type(tl.int64)))
+    # Every thread's stores of the record precede the release below.
+    tl.debug_barrier()
+    tl.atomic_xchg(notify_dst.to(tl.pointer_type(tl.int64)), seq, sem="release", scope="sys")
+
+
+@triton.jit
+def block_copy_kernel(
+    table_addr,
+    src_base,
+    dst_base,
+    n_items,
+    block_bytes,
+    parts,
+    part_bytes,
+    counter_addr,
+    notify_src,
+    notify_dst,
+    FIXED: tl.constexpr,
+    VEC: tl.constexpr,
+    NOTIFY: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Copy every block of the table from the source region to the destination region; the last program
+    publishes the notification (see the module docstring).
+
+    ``table_addr``, ``src_base``, ``dst_base``, ``counter_addr`` (int64, this launch's stream's counter),
+    ``notify_src`` / ``notify_dst`` (the prepared record and the ring entry; ignored without ``NOTIFY``) are
+    addresses as mapped in this process.  Listed form: ``n_items`` rows of 3; fixed form: ``n_items`` rows
+    of 2, each block ``block_bytes`` long and cut into ``parts`` items of ``part_bytes``.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    table = table_addr.to(tl.pointer_type(tl.int64))
+    if FIXED:
+        for w in tl.range(pid, n_items * parts, num_programs):
+            row = w // parts
+            start = (w % parts).to(tl.int64) * part_bytes
+            src_block = tl.load(table + 2 * row)
+            dst_block = tl.load(table + 2 * row + 1)
+            nbytes = tl.minimum(block_bytes - start, part_bytes)
+            _copy_bytes(
+                src_base + src_block * block_bytes + start, dst_base + dst_block * block_bytes + start, nbytes,
+                VEC, TILE,
+            )  # fmt: skip
+    else:
+        for row in tl.range(pid, n_items, num_programs):
+            src_offset = tl.load(table + 3 * row)
+            dst_offset = tl.load(table + 3 * row + 1)
+            nbytes = tl.load(table + 3 * row + 2)
+            _copy_bytes(src_base + src_offset, dst_base + dst_offset, nbytes, VEC, TILE)
+    # Steps 1-2: this program's stores, then its count (release + acquire, system scope).
+    tl.debug_barrier()
+    counter = counter_addr.to(tl.pointer_type(tl.int64))
+    done = tl.atomic_add(counter, 1, sem="acq_rel", scope="sys")
+    if done == num_programs - 1:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if NOTIFY:
+            _publish(notify_src, notify_dst)

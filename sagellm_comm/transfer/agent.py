@@ -1,0 +1,429 @@
+"""TransferAgent: one engine instance's end of one-sided block transfers (see docs/transfer.md).
+
+Lifecycle::
+
+    agent = TransferAgent("decode-0")                 # backend="auto": every transport that can run here
+    agent.register("kv", kv_pool)                     # contiguous CPU or CUDA tensor, once per pool
+    meta = agent.metadata()                           # bytes for the peers, handed over out of band
+    peer = agent.add_peer(other_meta)                 # per peer, the best transport that reaches it
+    h = agent.write(peer, "kv", "kv", [(local_offset, remote_offset, nbytes), ...], notify=b"req-17")
+    h.wait(timeout=5.0)
+    agent.notifications()                             # on the receiving side: [(sender, b"req-17"), ...]
+    agent.remove_peer(peer); agent.close()
+
+Every argument is checked before a byte moves (``descriptors.py``); peers join and leave at any time (a peer
+re-added with new metadata, e.g. after a restart, replaces the old one).  The agent serialises its own calls
+with a lock, so it may be shared between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
+from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
+from sagellm_comm.transfer import registry
+from sagellm_comm.transfer.base import AgentContext, Link, TransferBackend
+from sagellm_comm.transfer.descriptors import (
+    OPS,
+    Region,
+    block_ids,
+    block_table,
+    check_block_ids,
+    check_blocks,
+    make_layout,
+    make_region,
+)
+from sagellm_comm.transfer.handle import PreparedBlocks, TransferHandle
+from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
+
+logger = logging.getLogger("sagellm_comm.transfer")
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Peer:
+    meta: AgentMetadata
+    backend: TransferBackend
+    link: Link
+    reason: str
+    prepared: list[PreparedBlocks] = field(default_factory=list)
+
+
+class TransferAgent:
+    """One named endpoint of block transfers (see the module docstring and docs/transfer.md).
+
+    Args:
+        name: unique among the agents that will peer with this one (NIXL identifies agents by name).
+        backend: ``"auto"`` (every transport that can run here; per peer the best that reaches it: ``ipc``
+            between GPUs of one host, ``nixl`` otherwise) or one registered name (``"nixl"``, ``"ipc"``).
+        device: the CUDA device of this agent's GPU regions (default: the first CUDA region's device).
+        timeout: the default deadline of :meth:`TransferHandle.wait`, in seconds.
+        options: transport options, e.g. ``{"nixl": {"num_threads": 2}}`` (docs/transfer.md lists them).
+
+    Attributes:
+        skipped: ``{backend: why}`` for the transports ``auto`` could not start in this process.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backend: str = "auto",
+        *,
+        device: torch.device | str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        options: dict[str, dict] | None = None,
+    ):
+        if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
+            raise InvalidArgumentError(f"agent name must be a printable string of 1..128 characters, got {name!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.name = name
+        self.incarnation = uuid.uuid4().hex
+        self.timeout = float(timeout)
+        self.requested_backend = backend
+        self._lock = threading.RLock()
+        self._closed = False
+        self._regions: dict[str, Region] = {}
+        self._peers: dict[str, _Peer] = {}
+        entries, self.skipped = registry.resolve(backend)
+        context = AgentContext(
+            name, self.incarnation, local_identity(name, self.incarnation),
+            torch.device(device) if device is not None else None, self.timeout, dict(options or {}),
+        )  # fmt: skip
+        self._backends: dict[str, TransferBackend] = {}
+        for entry in entries:
+            try:
+                self._backends[entry.name] = entry.factory(context)
+            except BackendNotSupportedError as exc:
+                if len(entries) == 1:
+                    raise
+                self.skipped[entry.name] = exc.message
+        if not self._backends:
+            why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+            raise BackendNotSupportedError(f"no transfer backend could start here ({why})")
+        # Per backend, the regions it could not make reachable and why (auto keeps going without them).
+        self._unreachable: dict[str, dict[str, str]] = {name: {} for name in self._backends}
+
+    # ------------------------------------------------------------------ regions
+    @property
+    def backends(self) -> list[str]:
+        """The transports this agent runs, best first."""
+        return list(self._backends)
+
+    @property
+    def regions(self) -> list[str]:
+        return list(self._regions)
+
+    def register(self, name: str, tensor: torch.Tensor) -> None:
+        """Register ``tensor`` (contiguous, CPU or CUDA) as region ``name``; the agent keeps it alive.
+
+        Register every region before :meth:`metadata`: peers see the regions of the metadata they were given.
+        The memory must stay valid until every peer has removed this agent (one-sided transfers write into it
+        at any time).
+        """
+        with self._lock:
+            self._check_open()
+            if name in self._regions:
+                raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
+            region = make_region(name, tensor)
+            cuda = [r for r in self._regions.values() if r.info.device == "cuda"]
+            if region.info.device == "cuda" and cuda and cuda[0].info.device_index != region.info.device_index:
+                raise InvalidArgumentError(
+                    f"region {name!r} is on cuda:{region.info.device_index} but this agent's GPU regions are on "
+                    f"cuda:{cuda[0].info.device_index}: use one agent per GPU"
+                )
+            done: list[TransferBackend] = []
+            try:
+                for backend in self._backends.values():
+                    try:
+                        backend.register(region)
+                    except BackendNotSupportedError as exc:
+                        if len(self._backends) == 1:
+                            raise
+                        self._unreachable[backend.name][name] = exc.message
+                        continue
+                    done.append(backend)
+                if not done:
+                    why = "; ".join(f"{b}: {r[name]}" for b, r in self._unreachable.items())
+                    raise BackendNotSupportedError(f"region {name!r} cannot be registered with any transport: {why}")
+            except BaseException:
+                for backend in done:
+                    backend.deregister(region)
+                for reasons in self._unreachable.values():
+                    reasons.pop(name, None)
+                raise
+            self._regions[name] = region
+
+    def allocate(
+        self, name: str, shape: int | tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A new zeroed tensor registered as region ``name``: on CUDA, device memory; on the CPU, a shared
+        memory file mapping, which the ``ipc`` transport can map into peers (a private CPU tensor moves
+        through NIXL only)."""
+        from sagellm_comm.transfer.shared import shared_cpu_tensor
+
+        device = torch.device(device)
+        if device.type == "cpu":
+            tensor = shared_cpu_tensor(shape, dtype)
+        else:
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.register(name, tensor)
+        return tensor
+
+    def deregister(self, name: str) -> None:
+        """Forget region ``name`` (peers that still hold old metadata must not use it any more)."""
+        with self._lock:
+            self._check_open()
+            region = self._region(name)
+            for backend in self._backends.values():
+                if name not in self._unreachable[backend.name]:
+                    backend.deregister(region)
+                self._unreachable[backend.name].pop(name, None)
+            del self._regions[name]
+
+    def metadata(self) -> bytes:
+        """This agent's description for peers (JSON bytes: identity, regions, each transport's part)."""
+        with self._lock:
+            self._check_open()
+            meta = local_identity(self.name, self.incarnation)
+            meta.regions = {name: region.info for name, region in self._regions.items()}
+            for name, backend in self._backends.items():
+                part = backend.local_metadata()
+                part["unreachable"] = dict(self._unreachable[name])
+                meta.transports[name] = part
+            return meta.encode()
+
+    # ------------------------------------------------------------------ peers
+    @property
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Connect to the agent described by ``metadata``; returns its name.
+
+        Each transport this agent runs is tried, best first, and the first that reaches the peer is used for
+        every transfer with it; :meth:`peer_backend` and :meth:`backend_reason` say which and why.  A peer of
+        that name already known (a restarted peer, or new regions) is removed first.
+        """
+        meta = AgentMetadata.decode(metadata)
+        with self._lock:
+            self._check_open()
+            if meta.name == self.name:
+                raise InvalidArgumentError(
+                    f"the metadata is of an agent named {meta.name!r}, this agent's own name: names must be unique"
+                )
+            if meta.name in self._peers:
+                self.remove_peer(meta.name)
+            failures: dict[str, str] = {}
+            for name, backend in self._backends.items():
+                if name not in meta.transports:
+                    failures[name] = f"peer {meta.name!r} does not run it"
+                    continue
+                try:
+                    link = backend.connect(meta)
+                except BackendNotSupportedError as exc:
+                    failures[name] = exc.message
+                    continue
+                reason = self._reason(name, failures)
+                self._peers[meta.name] = _Peer(meta, backend, link, reason)
+                same_gpu_host = meta.same_host(local_identity(self.name, self.incarnation)) and any(
+                    r.device == "cuda" for r in meta.regions.values()
+                )
+                level = logging.WARNING if failures and same_gpu_host else logging.INFO
+                logger.log(level, "transfer agent %r: peer %r (%s) via %s", self.name, meta.name, meta.host, reason)
+                return meta.name
+            why = "; ".join(f"{k}: {v}" for k, v in {**failures, **self.skipped}.items())
+            raise BackendNotSupportedError(
+                f"no transfer backend of agent {self.name!r} reaches peer {meta.name!r} ({why})",
+                details={"peer": meta.name, "failures": failures},
+            )
+
+    def _reason(self, chosen: str, failures: dict[str, str]) -> str:
+        skipped = {**failures, **{k: v for k, v in self.skipped.items() if k not in self._backends}}
+        if not skipped:
+            return f"{chosen}, the best transport available"
+        return f"{chosen}; better transports skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+
+    def remove_peer(self, peer: str) -> None:
+        """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError``; its prepared pools are
+        released.  Unknown peers raise ``InvalidArgumentError``."""
+        with self._lock:
+            entry = self._peer(peer)
+            for prepared in list(entry.prepared):
+                self._release_prepared(prepared)
+            entry.link.removed = True
+            entry.backend.disconnect(entry.link)
+            del self._peers[peer]
+
+    def peer_backend(self, peer: str) -> str:
+        """The transport moving this agent's transfers with ``peer``."""
+        return self._peer(peer).backend.name
+
+    def backend_reason(self, peer: str) -> str:
+        """Why :meth:`peer_backend` is what it is (which better transports could not reach the peer, and why)."""
+        return self._peer(peer).reason
+
+    def peer_transport(self, peer: str) -> str | None:
+        """What the backend uses underneath for ``peer`` once known (UCX's transports after the first transfer)."""
+        entry = self._peer(peer)
+        with self._lock:
+            return entry.backend.transport(entry.link)
+
+    def peer_regions(self, peer: str) -> dict[str, Any]:
+        """The regions ``peer`` registered (as its metadata describes them)."""
+        return dict(self._peer(peer).meta.regions)
+
+    # ------------------------------------------------------------------ transfers
+    def write(self, peer: str, local_region: str, remote_region: str, blocks: Any, notify: bytes | None = None
+              ) -> TransferHandle:  # fmt: skip
+        """Copy local bytes ``[lo, lo + n)`` of ``local_region`` to ``[ro, ro + n)`` of the peer's ``remote_region``
+        for every block ``(lo, ro, n)``; returns at once.  ``notify`` (up to 496 bytes) reaches the peer's
+        :meth:`notifications` after every byte is visible there."""
+        return self._post(peer, "write", local_region, remote_region, blocks, notify)
+
+    def read(self, peer: str, local_region: str, remote_region: str, blocks: Any, notify: bytes | None = None
+             ) -> TransferHandle:  # fmt: skip
+        """Copy the peer's ``[ro, ro + n)`` of ``remote_region`` into ``[lo, lo + n)`` of ``local_region`` for every
+        block ``(lo, ro, n)``; ``notify`` tells the peer its blocks were read (it may reuse them)."""
+        return self._post(peer, "read", local_region, remote_region, blocks, notify)
+
+    def _post(self, peer: str, op: str, local_region: str, remote_region: str, blocks: Any, notify: bytes | None):
+        table = block_table(blocks)
+        with self._lock:
+            self._check_open()
+            entry = self._peer(peer)
+            local, remote = self._region(local_region), self._remote_region(entry, remote_region)
+            message = _message(notify)
+            nbytes = check_blocks(table, local.info, remote, op, f"peer {peer!r}")
+            request = entry.backend.post(entry.link, op, local, remote, table, message)
+        return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(table))
+
+    def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
+        """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated
+        transfers named by block index (:class:`PreparedBlocks`); the transport's descriptors are built once."""
+        with self._lock:
+            self._check_open()
+            entry = self._peer(peer)
+            local, remote = self._region(local_region), self._remote_region(entry, remote_region)
+            layout = make_layout(local.info, remote, block_bytes, f"peer {peer!r}")
+            prepared = PreparedBlocks(
+                self, peer, entry.backend.name, entry.backend.prepare(entry.link, local, remote, layout)
+            )
+            entry.prepared.append(prepared)
+            return prepared
+
+    def _post_blocks(self, prepared: PreparedBlocks, op: str, local_blocks: Any, remote_blocks: Any,
+                     notify: bytes | None) -> TransferHandle:  # fmt: skip
+        ids = block_ids(local_blocks, remote_blocks)
+        with self._lock:
+            self._check_open()
+            if prepared.released:
+                raise InvalidArgumentError(f"{prepared!r} was released (remove_peer, close or release())")
+            entry = self._peer(prepared.peer)
+            message = _message(notify)
+            check_block_ids(ids, prepared.layout, op)
+            request = entry.backend.post_blocks(prepared._state, op, ids, message)
+        nbytes = len(ids) * prepared.layout.block_bytes
+        return TransferHandle(self, prepared.peer, op, entry.backend.name, request, nbytes, len(ids))
+
+    def _release_prepared(self, prepared: PreparedBlocks) -> None:
+        with self._lock:
+            if prepared.released:
+                return
+            prepared.released = True
+            entry = self._peers.get(prepared.peer)
+            if entry is not None and prepared in entry.prepared:
+                entry.prepared.remove(prepared)
+            self._backends[prepared.backend].release_prepared(prepared._state)
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """Notifications that arrived since the last call: ``(sender name, message)``, oldest first per sender.
+        A message arrives only after every byte of its transfer is visible here."""
+        with self._lock:
+            self._check_open()
+            out: list[tuple[str, bytes]] = []
+            for backend in self._backends.values():
+                out.extend(backend.notifications())
+            return out
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Remove every peer, deregister every region, stop every transport (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            for peer in list(self._peers):
+                self.remove_peer(peer)
+            for name in list(self._regions):
+                self.deregister(name)
+            self._closed = True
+            for backend in self._backends.values():
+                backend.close()
+
+    def __enter__(self) -> TransferAgent:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TransferAgent({self.name!r}, backends {self.backends}, {len(self._peers)} peer(s))"
+
+    # ------------------------------------------------------------------ lookups
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotInitializedError(f"transfer agent {self.name!r} was closed")
+
+    def _peer(self, peer: str) -> _Peer:
+        entry = self._peers.get(peer)
+        if entry is None:
+            raise InvalidArgumentError(
+                f"unknown peer {peer!r} of agent {self.name!r}; known peers: {sorted(self._peers) or 'none'} "
+                "(add_peer(metadata) first)",
+                details={"peer": peer},
+            )
+        return entry
+
+    def _region(self, name: str) -> Region:
+        region = self._regions.get(name)
+        if region is None:
+            raise InvalidArgumentError(
+                f"unknown local region {name!r} of agent {self.name!r}; registered: {sorted(self._regions) or 'none'}"
+            )
+        return region
+
+    @staticmethod
+    def _remote_region(entry: _Peer, name: str):
+        info = entry.meta.regions.get(name)
+        if info is None:
+            raise InvalidArgumentError(
+                f"peer {entry.meta.name!r} has no region {name!r} in the metadata it was added with; its regions: "
+                f"{sorted(entry.meta.regions) or 'none'} (a region registered later needs add_peer(new metadata))",
+                details={"peer": entry.meta.name},
+            )
+        return info
+
+
+def _message(notify: Any) -> bytes | None:
+    if notify is None:
+        return None
+    if isinstance(notify, str):
+        notify = notify.encode()
+    if not isinstance(notify, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"notify must be bytes (or str), got {type(notify).__name__}")
+    notify = bytes(notify)
+    if not 0 < len(notify) <= MAX_MESSAGE_BYTES:
+        raise InvalidArgumentError(f"notify must be 1..{MAX_MESSAGE_BYTES} bytes, got {len(notify)}")
+    return notify
+
+
+__all__ = ["OPS", "TransferAgent"]

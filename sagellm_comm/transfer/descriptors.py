@@ -1,0 +1,331 @@
+"""Regions and block lists: what a transfer names, and every check made before a byte moves.
+
+A *region* is a contiguous tensor registered under a name; peers know it by its :class:`RegionInfo` (size,
+dtype, device kind) from the agent's metadata.  A transfer is a list of *blocks* ``(local_offset,
+remote_offset, nbytes)``, byte offsets into one local and one remote region, held as an int64 ``[n, 3]``
+array (:func:`block_table`).  :func:`check_blocks` refuses, naming the first bad block, anything that could
+touch memory outside the two regions or make the result depend on the order blocks are copied in:
+
+* a block that is empty, negative, or runs past the end of either region;
+* destination blocks that overlap (the remote side of a write, the local side of a read);
+* offsets or lengths that are not multiples of the element size, regions of different dtypes, or regions on
+  different kinds of device (CPU memory and GPU memory).
+
+Fixed-size blocks (a KV cache's layout, :class:`BlockLayout`) are named by index instead, in pairs
+``(local_block, remote_block)``; :func:`check_block_ids` is their check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+
+OPS = ("write", "read")
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    """A registered region as every agent sees it (local or from a peer's metadata).
+
+    Attributes:
+        name: the name it was registered under.
+        nbytes: its length in bytes.
+        dtype: the tensor's dtype name (``"bfloat16"``).
+        itemsize: bytes per element.
+        device: ``"cpu"`` or ``"cuda"`` (the kind of memory).
+        device_index: the CUDA ordinal in the owner's process (0 on the CPU).
+    """
+
+    name: str
+    nbytes: int
+    dtype: str
+    itemsize: int
+    device: str
+    device_index: int = 0
+
+    def to_json(self) -> dict:
+        return {"nbytes": self.nbytes, "dtype": self.dtype, "itemsize": self.itemsize, "device": self.device,
+                "device_index": self.device_index}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, name: str, data: dict) -> RegionInfo:
+        return cls(name, int(data["nbytes"]), str(data["dtype"]), int(data["itemsize"]), str(data["device"]),
+                   int(data.get("device_index", 0)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Region:
+    """A local registered region: the tensor (kept alive by the agent), its address and its :class:`RegionInfo`."""
+
+    info: RegionInfo
+    tensor: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+
+def make_region(name: str, tensor: Any) -> Region:
+    """Check ``tensor`` can be registered as region ``name`` and describe it."""
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise InvalidArgumentError(f"a region name must be a non-empty string of at most 128 characters, got {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgumentError(f"region {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_contiguous():
+        raise InvalidArgumentError(
+            f"region {name!r}: the tensor is not contiguous (shape {tuple(tensor.shape)}, strides "
+            f"{tuple(tensor.stride())}); register the contiguous pool it is a view of, or .contiguous() a copy once"
+        )
+    if tensor.numel() == 0:
+        raise InvalidArgumentError(f"region {name!r}: the tensor is empty")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"region {name!r}: tensors on {tensor.device} cannot be registered (cpu or cuda)")
+    itemsize = tensor.element_size()
+    info = RegionInfo(
+        name, tensor.numel() * itemsize, str(tensor.dtype).removeprefix("torch."), itemsize, tensor.device.type,
+        tensor.device.index or 0,
+    )  # fmt: skip
+    return Region(info, tensor)
+
+
+def block_table(blocks: Any) -> np.ndarray:
+    """``blocks`` as a C-contiguous int64 ``[n, 3]`` array of ``(local_offset, remote_offset, nbytes)``.
+
+    Accepts a sequence of 3-tuples, an ``[n, 3]`` integer numpy array or an ``[n, 3]`` integer CPU tensor (the
+    last two without a copy when already int64 and contiguous).
+    """
+    if isinstance(blocks, torch.Tensor):
+        if blocks.device.type != "cpu":
+            raise InvalidArgumentError(f"blocks must be on the CPU, got a tensor on {blocks.device}")
+        blocks = blocks.numpy()
+    if isinstance(blocks, np.ndarray):
+        if blocks.dtype.kind not in "iu":
+            raise InvalidArgumentError(f"blocks must hold integers, got dtype {blocks.dtype}")
+        table = np.ascontiguousarray(blocks, dtype=np.int64)
+    else:
+        if not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes)):
+            raise InvalidArgumentError(
+                f"blocks must be a list of (local_offset, remote_offset, nbytes) or an [n, 3] array, got "
+                f"{type(blocks).__name__}"
+            )
+        try:
+            table = np.array(blocks, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidArgumentError(
+                f"blocks must be (local_offset, remote_offset, nbytes) triples of integers: {exc}"
+            ) from None
+    if table.ndim >= 1 and table.shape[0] == 0:
+        raise InvalidArgumentError("blocks is empty: a transfer moves at least one block")
+    if table.ndim != 2 or table.shape[1] != 3:
+        raise InvalidArgumentError(
+            f"blocks must be (local_offset, remote_offset, nbytes) triples: got an array of shape {table.shape}"
+        )
+    return table
+
+
+def check_pair(local: RegionInfo, remote: RegionInfo, peer: str) -> None:
+    """The two regions of one transfer hold the same dtype on the same kind of device."""
+    if local.dtype != remote.dtype:
+        raise ShapeMismatchError(
+            f"local region {local.name!r} holds {local.dtype} and {peer}'s region {remote.name!r} holds "
+            f"{remote.dtype}: a transfer copies bytes between regions of one dtype"
+        )
+    if local.device != remote.device:
+        raise ShapeMismatchError(
+            f"local region {local.name!r} is {local.device} memory and {peer}'s region {remote.name!r} is "
+            f"{remote.device} memory: both sides of a transfer must be on the same kind of device"
+        )
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+SMALL = 16  # up to this many blocks, checks run on Python ints (numpy's per-call cost dominates below)
+
+
+def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:
+    """Raise the error of the first failed check of block ``i`` (``row``: its three ints)."""
+    lo, ro, n = (int(v) for v in row)
+    if n <= 0:
+        raise InvalidArgumentError(f"block {i} {(lo, ro, n)}: nbytes must be positive")
+    for offset, info, side in ((lo, local, "local"), (ro, remote, "remote")):
+        if offset < 0 or offset + n > info.nbytes:
+            raise InvalidArgumentError(
+                f"block {i} {(lo, ro, n)} runs outside the {side} region {info.name!r} ({info.nbytes} bytes): its "
+                f"{side} bytes [{offset}, {offset + n}) must lie inside [0, nbytes)"
+            )
+    raise InvalidArgumentError(
+        f"block {i} {(lo, ro, n)}: offsets and lengths must be multiples of the element size of {local.dtype} "
+        f"({local.itemsize} bytes)"
+    )
+
+
+def _refuse_overlap(a: int, b: int, table: np.ndarray, op: str) -> None:
+    a, b = sorted((a, b))
+    side = "remote" if op == "write" else "local"
+    raise InvalidArgumentError(
+        f"blocks {a} {tuple(table[a].tolist())} and {b} {tuple(table[b].tolist())} overlap in the destination "
+        f"({side} region of a {op}): the result would depend on the copy order"
+    )
+
+
+def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> int:
+    """Refuse ``table`` (from :func:`block_table`) unless every block lies inside both regions, offsets and
+    lengths are whole elements, and no two destination blocks overlap (module docstring).  Returns the total
+    bytes."""
+    check_pair(local, remote, peer)
+    itemsize, column = local.itemsize, 1 if op == "write" else 0
+    if len(table) <= SMALL:
+        rows = table.tolist()
+        for i, (lo, ro, n) in enumerate(rows):
+            inside = n > 0 and lo >= 0 and ro >= 0 and lo + n <= local.nbytes and ro + n <= remote.nbytes
+            if not inside or (lo | ro | n) % itemsize:
+                _refuse_block(i, rows[i], local, remote)
+        spans = sorted((row[column], row[column] + row[2], i) for i, row in enumerate(rows))
+        for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                _refuse_overlap(i, j, table, op)
+        return sum(row[2] for row in rows)
+    local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
+    # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
+    fits = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0
+    fits = fits and int((local_offset + nbytes).max()) <= local.nbytes and int((remote_offset + nbytes).max()) <= (
+        remote.nbytes)  # fmt: skip
+    if not fits or (itemsize > 1 and int(np.bitwise_or.reduce(table, axis=None)) % itemsize):
+        bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
+        bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
+        bad |= ((local_offset | remote_offset | nbytes) % itemsize) != 0
+        i = _first(bad)
+        _refuse_block(i, table[i].tolist(), local, remote)
+    destination = table[:, column]
+    ends = destination + nbytes
+    if not (destination[1:] >= ends[:-1]).all():  # not ascending without overlap: sort, then look
+        order = np.argsort(destination, kind="stable")
+        overlap = destination[order][1:] < ends[order][:-1]
+        if overlap.any():
+            j = _first(overlap)
+            _refuse_overlap(int(order[j]), int(order[j + 1]), table, op)
+    return int(nbytes.sum())
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Two regions seen as pools of ``block_bytes``-long blocks: ``local_blocks`` and ``remote_blocks`` of them."""
+
+    block_bytes: int
+    local_blocks: int
+    remote_blocks: int
+
+
+def make_layout(local: RegionInfo, remote: RegionInfo, block_bytes: int, peer: str) -> BlockLayout:
+    check_pair(local, remote, peer)
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, (int, np.integer)) or block_bytes <= 0:
+        raise InvalidArgumentError(f"block_bytes must be a positive integer, got {block_bytes!r}")
+    block_bytes = int(block_bytes)
+    if block_bytes % local.itemsize:
+        raise InvalidArgumentError(
+            f"block_bytes {block_bytes} is not a multiple of the element size of {local.dtype} ({local.itemsize})"
+        )
+    if block_bytes >= 1 << 31:
+        raise InvalidArgumentError(f"block_bytes must be below 2 GiB, got {block_bytes}")
+    layout = BlockLayout(block_bytes, local.nbytes // block_bytes, remote.nbytes // block_bytes)
+    if layout.local_blocks == 0 or layout.remote_blocks == 0:
+        raise InvalidArgumentError(
+            f"block_bytes {block_bytes} is larger than region {local.name!r} ({local.nbytes} bytes) or {peer}'s "
+            f"region {remote.name!r} ({remote.nbytes} bytes)"
+        )
+    return layout
+
+
+def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
+    """``(local_blocks, remote_blocks)`` (two equal-length integer sequences or arrays) as an int64 ``[n, 2]``."""
+    small = isinstance(local_blocks, list) and isinstance(remote_blocks, list) and 0 < len(local_blocks) <= SMALL
+    if small and len(local_blocks) == len(remote_blocks):
+        try:
+            return np.array([local_blocks, remote_blocks], dtype=np.int64).T.copy()
+        except (TypeError, ValueError, OverflowError):
+            pass  # the general path names the problem
+    try:
+        local = np.asarray(local_blocks, dtype=np.int64).reshape(-1)
+        remote = np.asarray(remote_blocks, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgumentError(f"block ids must be integers: {exc}") from None
+    if local.shape != remote.shape:
+        raise InvalidArgumentError(
+            f"{local.shape[0]} local block ids but {remote.shape[0]} remote block ids: give one of each per block"
+        )
+    if local.shape[0] == 0:
+        raise InvalidArgumentError("no block ids: a transfer moves at least one block")
+    return np.ascontiguousarray(np.stack([local, remote], axis=1))
+
+
+def check_block_ids(ids: np.ndarray, layout: BlockLayout, op: str) -> None:
+    """Every id inside its pool; no destination block named twice."""
+    if len(ids) <= SMALL:
+        rows = ids.tolist()
+        column = 1 if op == "write" else 0
+        destinations = [row[column] for row in rows]
+        if all(0 <= a < layout.local_blocks and 0 <= b < layout.remote_blocks for a, b in rows) and len(
+            set(destinations)
+        ) == len(destinations):
+            return
+    for column, count, side in ((0, layout.local_blocks, "local"), (1, layout.remote_blocks, "remote")):
+        bad = (ids[:, column] < 0) | (ids[:, column] >= count)
+        if bad.any():
+            i = _first(bad)
+            raise InvalidArgumentError(
+                f"block pair {i} {tuple(ids[i].tolist())}: {side} block id {int(ids[i, column])} is outside the "
+                f"{side} pool of {count} blocks of {layout.block_bytes} bytes"
+            )
+    destination = ids[:, 1] if op == "write" else ids[:, 0]
+    if len(destination) > 1:
+        ordered = np.sort(destination)
+        dup = ordered[1:] == ordered[:-1]
+        if dup.any():
+            block = int(ordered[1:][dup][0])
+            side = "remote" if op == "write" else "local"
+            raise InvalidArgumentError(
+                f"{side} block {block} is named twice as a destination of one {op}: the result would depend on "
+                "the copy order"
+            )
+
+
+def ids_to_table(ids: np.ndarray, block_bytes: int) -> np.ndarray:
+    """Block ids ``[n, 2]`` as the byte-offset table of :func:`block_table`."""
+    table = np.empty((ids.shape[0], 3), dtype=np.int64)
+    np.multiply(ids, block_bytes, out=table[:, :2])
+    table[:, 2] = block_bytes
+    return table
+
+
+def split_rows(table: np.ndarray, part_bytes: int) -> np.ndarray:
+    """``(src, dst, nbytes)`` rows with every block longer than ``part_bytes`` cut into pieces of at most
+    ``part_bytes`` (the listed form of the block-copy kernel)."""
+    nbytes = table[:, 2]
+    if int(nbytes.max()) <= part_bytes:
+        return table
+    pieces = (nbytes + part_bytes - 1) // part_bytes
+    rows = np.repeat(np.arange(table.shape[0]), pieces)
+    first = np.cumsum(pieces) - pieces
+    within = np.arange(rows.shape[0]) - np.repeat(first, pieces)
+    start = within * part_bytes
+    out = np.empty((rows.shape[0], 3), dtype=np.int64)
+    out[:, 0] = table[rows, 0] + start
+    out[:, 1] = table[rows, 1] + start
+    out[:, 2] = np.minimum(nbytes[rows] - start, part_bytes)
+    return out

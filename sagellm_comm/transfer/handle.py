@@ -1,0 +1,150 @@
+"""Handles of posted transfers (:class:`TransferHandle`) and prepared block pools (:class:`PreparedBlocks`).
+
+A handle's :meth:`~TransferHandle.wait` never blocks past its deadline: a transport can stay "in progress"
+forever (a peer that stopped answering), so every wait is bounded by our own clock, and on expiry the
+transport's request is aborted (released) and :class:`~sagellm_comm.errors.CommTimeoutError` names the peer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
+from sagellm_comm.transfer.base import Prepared, Request
+
+if TYPE_CHECKING:
+    from sagellm_comm.transfer.agent import TransferAgent
+
+SPIN_S = 2e-3  # poll without sleeping for the first 2 ms of a wait
+FIRST_SLEEP_S = 2e-5  # then sleep between polls, doubling up to MAX_SLEEP_S (completion seen within ~0.2 ms)
+MAX_SLEEP_S = 2e-4
+
+
+class TransferHandle:
+    """One posted write or read.  ``done()`` polls, ``wait(timeout)`` blocks up to a deadline.
+
+    Attributes: ``peer``, ``op`` (``"write"`` / ``"read"``), ``backend`` (the transport that moves it),
+    ``nbytes`` and ``nblocks`` (what the request asked for), ``state`` (``"pending"``, ``"done"``, ``"failed"``)
+    and ``error`` (the typed error once failed).
+    """
+
+    def __init__(self, agent: TransferAgent, peer: str, op: str, backend: str, request: Request, nbytes: int,
+                 nblocks: int):  # fmt: skip
+        self._agent = agent
+        self._request = request
+        self.peer = peer
+        self.op = op
+        self.backend = backend
+        self.nbytes = nbytes
+        self.nblocks = nblocks
+        self.state = "pending"
+        self.error: CommError | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TransferHandle({self.op} {self.nblocks} blocks / {self.nbytes} B, peer {self.peer!r}, "
+            f"{self.backend}, {self.state})"
+        )
+
+    def done(self) -> bool:
+        """True once every byte arrived (polls the transport once); raises the typed error if it failed."""
+        if self.state == "done":
+            return True
+        if self.state == "failed":
+            raise self.error
+        try:
+            with self._agent._lock:
+                finished = self._request.poll()
+        except CommError as exc:
+            self._fail(exc)
+            raise
+        if finished:
+            self.state = "done"
+        return finished
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the transfer completed, for at most ``timeout`` seconds (default: the agent's).
+
+        Raises :class:`CommTimeoutError` (the request is aborted: its destination blocks hold undefined data,
+        blocks outside it are untouched), :class:`~sagellm_comm.errors.PeerLostError` (the peer exited,
+        restarted or was removed) or :class:`~sagellm_comm.errors.TransferError`, each naming the peer.
+        """
+        limit = self._agent.timeout if timeout is None else timeout
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (0 < limit < math.inf):
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        start = time.monotonic()
+        deadline = start + limit
+        sleep = FIRST_SLEEP_S
+        while not self.done():
+            now = time.monotonic()
+            if now >= deadline:
+                self._timed_out(limit)
+            if now - start > SPIN_S:
+                time.sleep(min(sleep, max(0.0, deadline - now)))
+                sleep = min(sleep * 2, MAX_SLEEP_S)
+
+    def wait_on_stream(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Make ``stream`` (default: the current one) wait for this transfer on the device, without blocking the
+        host: kernels queued there afterwards see every byte.  ``ipc`` transfers only (their completion is a
+        CUDA event); other transports raise ``NotImplementedCommError``: use :meth:`wait`."""
+        if self.state == "failed":
+            raise self.error
+        self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream())
+
+    def _fail(self, exc: CommError) -> None:
+        self.state, self.error = "failed", exc
+        with self._agent._lock:
+            self._request.abort()
+
+    def _timed_out(self, limit: float) -> None:
+        direction = "to" if self.op == "write" else "from"
+        self._fail(
+            CommTimeoutError(
+                f"{self.op} of {self.nblocks} block(s), {self.nbytes} bytes, {direction} peer {self.peer!r} over "
+                f"{self.backend} did not complete within {limit:g} s and was aborted: its destination blocks hold "
+                "undefined data (blocks outside the request are untouched); check that the peer is alive and "
+                "progressing, or wait longer",
+                details={"peer": self.peer, "op": self.op, "backend": self.backend, "timeout_s": limit},
+            )
+        )
+        raise self.error
+
+
+class PreparedBlocks:
+    """Two regions seen as pools of fixed-size blocks, prepared once for repeated transfers with one peer.
+
+    ``prepared.write(local_blocks, remote_blocks, notify=...)`` / ``read(...)`` take block indices (two
+    equal-length integer sequences or arrays) instead of byte triples; the transport's descriptors were
+    built once (NIXL's prepared descriptor lists).  Made by :meth:`TransferAgent.prepare`; released by
+    :meth:`release`, by ``remove_peer`` and by ``close``.
+    """
+
+    def __init__(self, agent: TransferAgent, peer: str, backend: str, state: Prepared):
+        self._agent = agent
+        self._state = state
+        self.peer = peer
+        self.backend = backend
+        self.layout = state.layout
+        self.released = False
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedBlocks(peer {self.peer!r}, {self._state.local.name!r} <-> {self._state.remote.name!r}, "
+            f"{self.layout.block_bytes} B blocks, {self.backend})"
+        )
+
+    def write(self, local_blocks: Any, remote_blocks: Any, notify: bytes | None = None) -> TransferHandle:
+        """Copy local block ``local_blocks[i]`` into the peer's block ``remote_blocks[i]`` for every ``i``."""
+        return self._agent._post_blocks(self, "write", local_blocks, remote_blocks, notify)
+
+    def read(self, local_blocks: Any, remote_blocks: Any, notify: bytes | None = None) -> TransferHandle:
+        """Copy the peer's block ``remote_blocks[i]`` into local block ``local_blocks[i]`` for every ``i``."""
+        return self._agent._post_blocks(self, "read", local_blocks, remote_blocks, notify)
+
+    def release(self) -> None:
+        """Free the transport's prepared descriptors (idempotent)."""
+        self._agent._release_prepared(self)

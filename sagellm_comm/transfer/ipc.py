@@ -1,0 +1,388 @@
+"""The ``ipc`` transfer backend: GPU to GPU inside one host, one kernel launch per block list.
+
+Each peer's registered pools are mapped into this process once, at ``add_peer`` (CUDA IPC handles of the
+allocations that hold them; shared files under the Triton interpreter, where the same path runs on CPU
+tensors).  A write or read of any number of blocks is one launch of ``kernels/block_copy.py`` over the two
+mappings, on this agent's transfer stream (which first waits for the caller's current stream, so the copy
+sees what the caller's kernels wrote).  Its last program publishes the notification into the peer's inbox ring
+(``notify.py``) after every byte, so the receiver's host learns of it without a round trip per block; the
+initiator's handle completes on a CUDA event recorded after the launch.
+
+Whether a peer is reachable is decided by a real copy: at ``add_peer`` the kernel reads the peer's 16-byte
+probe token through the mapping and compares it with the token in the peer's metadata.  A peer that exited is
+detected by its inbox lock (``shared.py``): a transfer to it is refused before any byte moves, and a handle
+whose peer died before the completion was observed fails with ``PeerLostError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sagellm_comm.errors import BackendNotSupportedError, CommError, P2PFailedError, PeerLostError
+from sagellm_comm.kernels import block_copy as _bc
+from sagellm_comm.launch import Launcher, interpreting
+from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
+from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
+from sagellm_comm.transfer.ipc_memory import PeerMaps, Staging, device_memory
+from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
+from sagellm_comm.transfer.notify import Inbox, Outbox, record_image
+from sagellm_comm.transfer.registry import register_transfer_backend
+from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of
+
+logger = logging.getLogger("sagellm_comm.transfer")
+
+PART_BYTES = 64 * 1024  # longest work item: longer blocks are cut (kernels/block_copy.py)
+PROBE_BYTES = 256
+TOKEN_BYTES = 16
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 4
+
+
+def ipc_available() -> bool:
+    """The copy kernel can run here: under the Triton interpreter (CPU), or on a CUDA GPU with CuPy."""
+    if interpreting():
+        return True
+    if not (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+        raise BackendNotSupportedError("no CUDA GPU here (and not under the Triton interpreter, TRITON_INTERPRET=1)")
+    from sagellm_comm.cupy_probe import require_cupy
+
+    require_cupy("the ipc transfer backend")
+    return True
+
+
+@dataclass
+class IpcLink(Link):
+    addresses: dict[str, int] = field(default_factory=dict)  # peer region -> address in this process
+    maps: PeerMaps | None = None
+    outbox: Outbox | None = None
+    registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
+    pending: deque = field(default_factory=deque)  # events of launches still possibly running, oldest first
+
+
+class IpcRequest(Request):
+    def __init__(self, link: IpcLink, event):
+        self.link = link
+        self.event = event
+
+    def poll(self) -> bool:
+        name = self.link.peer.name
+        if self.link.removed:
+            raise PeerLostError(
+                f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
+            )
+        if self.event is not None and not self.event.query():
+            return False
+        if not self.link.outbox.liveness.alive():
+            raise PeerLostError(
+                f"peer {name!r} exited before the transfer was seen complete; treat its blocks as not delivered",
+                details={"peer": name},
+            )
+        return True
+
+    def abort(self) -> None:
+        pass  # a launched kernel cannot be stopped; its staging buffer is reused once its event completes
+
+    def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+
+class IpcBackend(TransferBackend):
+    """See the module docstring."""
+
+    name = "ipc"
+
+    def __init__(self, context: AgentContext):
+        super().__init__(context)
+        ipc_available()
+        self.device: torch.device | None = None
+        self.inbox = Inbox()
+        self.exports: dict[str, dict] = {}
+        self.links: list[IpcLink] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ device state
+    def _setup(self, device: torch.device) -> None:
+        """Bind to ``device`` (the first GPU region's, or the CPU under the interpreter): probe, counter, stream."""
+        if self.device is not None:
+            return
+        cuda = device.type == "cuda"
+        if cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.memory = device_memory(device)
+        self.use_ptx = cuda
+        self.index = device.index or 0
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        if cuda:
+            self.probe = self.memory.allocate(PROBE_BYTES)
+            probe = {"handle": b64(self.memory.export(self.probe))}
+        else:
+            self._probe_tensor = shared_cpu_tensor(PROBE_BYTES, torch.uint8)
+            self.probe = self._probe_tensor.data_ptr()
+            path, offset = shared_file_of(self.probe, PROBE_BYTES)
+            probe = {"path": path, "offset": offset}
+        self.probe_export = {"address": self.probe, "token": self.token.hex(), **probe}
+        self._bytes_at(self.probe, TOKEN_BYTES).copy_(torch.frombuffer(bytearray(self.token), dtype=torch.uint8))
+        self.counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self.scratch = torch.zeros(TOKEN_BYTES, dtype=torch.uint8, device=device)
+        self.staging = Staging(pinned=cuda)
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.fork = torch.cuda.Event() if cuda else None  # the caller's stream, as the transfer stream waits on it
+        self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
+        if cuda:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self.max_programs = int(self.context.options.get("ipc", {}).get("max_programs", sms * PROGRAMS_PER_SM))
+            if not self.memory.host_pointer_usable():
+                raise BackendNotSupportedError(f"{device} cannot use host pointers of registered host memory")
+        else:
+            self.max_programs = INTERPRETER_PROGRAMS
+
+    def _bytes_at(self, ptr: int, nbytes: int) -> torch.Tensor:
+        from sagellm_comm.ipc import tensor_at
+
+        return tensor_at(ptr, nbytes, torch.uint8, self.device, owner=self)
+
+    def _default_device(self) -> torch.device:
+        if self.context.device is not None:
+            return self.context.device
+        if interpreting():
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+
+    # ------------------------------------------------------------------ regions and metadata
+    def register(self, region: Region) -> None:
+        info = region.info
+        if interpreting() and info.device != "cpu":
+            raise BackendNotSupportedError("under the Triton interpreter the ipc transport moves CPU regions only")
+        if not interpreting() and info.device != "cuda":
+            raise BackendNotSupportedError(
+                "the ipc transport moves GPU memory (CPU regions go through NIXL; the ipc path runs CPU regions "
+                "only under the Triton interpreter, TRITON_INTERPRET=1)"
+            )
+        self._setup(region.tensor.device)
+        if info.device == "cuda" and info.device_index != self.index:
+            raise BackendNotSupportedError(f"region {info.name!r} is on cuda:{info.device_index}, not {self.device}")
+        export = {"address": region.ptr}
+        try:
+            if info.device == "cuda":
+                handle, offset = self.memory.export_range(region.ptr)
+                export.update(handle=b64(handle), offset=offset)
+            else:
+                path, offset = shared_file_of(region.ptr, info.nbytes)
+                export.update(path=path, offset=offset)
+        except P2PFailedError as exc:
+            raise BackendNotSupportedError(exc.message) from None
+        self.exports[info.name] = export
+
+    def deregister(self, region: Region) -> None:
+        self.exports.pop(region.name, None)
+
+    def local_metadata(self) -> dict:
+        self._setup(self._default_device())
+        return {
+            "inbox": self.inbox.path,
+            "device": self.device.type,
+            "probe": dict(self.probe_export),
+            "regions": {name: dict(export) for name, export in self.exports.items()},
+        }
+
+    # ------------------------------------------------------------------ peers
+    def connect(self, peer: AgentMetadata) -> IpcLink:
+        me, blob = self.context.identity, peer.transports["ipc"]
+        if not peer.same_host(me):
+            raise BackendNotSupportedError(
+                f"peer {peer.name!r} runs on host {peer.host!r} and this agent on {me.host!r}: CUDA IPC maps memory "
+                "inside one host"
+            )
+        self._setup(self._default_device())
+        if blob["device"] != self.device.type:
+            raise BackendNotSupportedError(
+                f"peer {peer.name!r} moves {blob['device']} memory, this agent {self.device} memory"
+            )
+        if blob.get("unreachable"):
+            raise BackendNotSupportedError(
+                f"peer {peer.name!r} could not share region(s) through ipc: "
+                + "; ".join(f"{k}: {v}" for k, v in blob["unreachable"].items())
+            )
+        link = IpcLink(peer, maps=PeerMaps(self.memory, self.index, []))
+        try:
+            in_process = peer.same_process(me)
+            for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
+                link.addresses[name] = export["address"] if in_process else self._open(link.maps, export)
+            link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
+            if self.device.type == "cuda":
+                address, nbytes = link.outbox.slot_range
+                self.memory.host_register(address, nbytes)
+                link.registered = (address, nbytes)
+            self._probe(link, bytes.fromhex(blob["probe"]["token"]))
+        except (CommError, OSError, KeyError, RuntimeError) as exc:
+            self._release(link)
+            if isinstance(exc, BackendNotSupportedError):
+                raise
+            raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc}") from None
+        self.links.append(link)
+        return link
+
+    def _open(self, maps: PeerMaps, export: dict) -> int:
+        key = unb64(export["handle"]) if "handle" in export else export["path"]
+        return maps.open(key) + int(export.get("offset", 0))
+
+    def _probe(self, link: IpcLink, token: bytes) -> None:
+        """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
+        self.scratch.zero_()
+        table = np.array([[0, 0, TOKEN_BYTES]], dtype=np.int64)
+        self._launch(link, link.addresses["\0probe"], self.scratch.data_ptr(), table, None, None, TOKEN_BYTES)
+        if self.stream is not None:
+            self.stream.synchronize()
+        got = bytes(self.scratch.cpu().numpy())
+        if got != token:
+            raise BackendNotSupportedError(
+                f"peer access test failed: read {got.hex()} from peer {link.peer.name!r}'s probe through the "
+                f"mapping, expected {token.hex()}"
+            )
+
+    def disconnect(self, link: IpcLink) -> None:
+        link.removed = True
+        if link in self.links:
+            self.links.remove(link)
+        self._release(link)
+
+    def _release(self, link: IpcLink) -> None:
+        """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
+        behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it)."""
+        deadline = time.monotonic() + self.context.timeout_s
+        while link.pending and time.monotonic() < deadline:
+            if link.pending[0].query():
+                link.pending.popleft()
+            else:
+                time.sleep(1e-4)
+        if link.pending:
+            logger.warning(
+                "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
+                self.context.name, link.peer.name, self.context.timeout_s,
+            )  # fmt: skip
+            return
+        if link.registered is not None:
+            self.memory.host_unregister(link.registered[0])
+            link.registered = None
+        if link.outbox is not None:
+            link.outbox.release()
+            link.outbox = None
+        if link.maps is not None:
+            link.maps.close()
+
+    # ------------------------------------------------------------------ transfers
+    def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> IpcRequest:
+        self._check_alive(link)
+        remote_address = link.addresses[remote.name]
+        if op == "write":
+            src, dst, rows = local.ptr, remote_address, table
+        else:
+            src, dst, rows = remote_address, local.ptr, table[:, [1, 0, 2]]
+        if len(rows) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
+            listed = rows.tolist()
+            longest, bits = max(r[2] for r in listed), 0
+            for r in listed:
+                bits |= r[0] | r[1] | r[2]
+        else:
+            longest, bits = int(rows[:, 2].max()), int(np.bitwise_or.reduce(rows, axis=None))
+        if longest > PART_BYTES:
+            rows = split_rows(rows, PART_BYTES)
+            bits |= PART_BYTES
+        return self._launch(link, src, dst, rows, notify, None, bits)
+
+    def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
+        return Prepared(link, local, remote, layout)
+
+    def post_blocks(self, prepared: Prepared, op: str, ids: np.ndarray, notify) -> IpcRequest:
+        link = prepared.link
+        self._check_alive(link)
+        remote_address = link.addresses[prepared.remote.name]
+        if op == "write":
+            src, dst, rows = prepared.local.ptr, remote_address, ids
+        else:
+            src, dst, rows = remote_address, prepared.local.ptr, ids[:, ::-1]
+        block_bytes = prepared.layout.block_bytes
+        return self._launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
+
+    def _check_alive(self, link: IpcLink) -> None:
+        if not link.outbox.liveness.alive():
+            name = link.peer.name
+            raise PeerLostError(
+                f"peer {name!r} exited (its inbox lock is free): nothing was sent", details={"peer": name}
+            )
+
+    def _launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None, bits: int
+                ) -> IpcRequest:  # fmt: skip
+        """One launch of the block-copy kernel: ``rows`` (listed ``[n, 3]`` or, with ``fixed`` block bytes, block
+        ids ``[n, 2]``) from ``src`` to ``dst``; ``notify`` goes to the peer's ring.  ``bits``: every offset and
+        length OR-ed together (the vector path needs them all 16-byte aligned)."""
+        header = _bc.RECORD_BYTES.value
+        index, buffer, address = self.staging.acquire(header + rows.nbytes)
+        buffer[header : header + rows.nbytes] = rows.reshape(-1).view(np.uint8)
+        notify_dst = address  # a valid address when there is no notification (never written)
+        if notify is not None:
+            seq, notify_dst = link.outbox.reserve()
+            record_image(seq, notify, buffer[:header])
+        vec = not ((bits | src | dst) % _bc.VEC_BYTES)
+        if fixed is None:
+            n_items, items, block_bytes, parts, part_bytes = len(rows), len(rows), 0, 1, 0
+        else:
+            part_bytes = min(fixed, PART_BYTES)
+            parts = -(-fixed // part_bytes)
+            n_items, items, block_bytes = len(rows), len(rows) * parts, fixed
+        tile = (2048 if vec else 4096) if self.use_ptx else 16384
+        args = (address + header, src, dst, n_items, block_bytes, parts, part_bytes, self.counter.data_ptr(), address,
+                notify_dst)  # fmt: skip
+        constexprs = (fixed is not None, vec, notify is not None, tile)
+        grid = (max(1, min(items, self.max_programs)), 1)
+        if self.stream is None:
+            self.launcher(grid, args, constexprs)  # the interpreter runs it to completion here
+            self.staging.release(index)
+            return IpcRequest(link, None)
+        self.fork.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self.fork)
+        if self.launcher.is_loaded(args, constexprs):
+            self.launcher(grid, args, constexprs, stream=self.stream.cuda_stream)
+        else:
+            with torch.cuda.stream(self.stream):  # the first launch compiles through Triton's own path
+                self.launcher(grid, args, constexprs)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.staging.busy(index, event)
+        while link.pending and link.pending[0].query():
+            link.pending.popleft()
+        link.pending.append(event)
+        return IpcRequest(link, event)
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        return self.inbox.drain()
+
+    def transport(self, link: Link) -> str:
+        if self.device is not None and self.device.type == "cuda":
+            return f"block-copy kernel on {self.device} over CUDA IPC mappings"
+        return "block-copy kernel (Triton interpreter) over shared-memory file mappings"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for link in list(self.links):
+            self.disconnect(link)
+        self.inbox.close()
+        if self.device is not None:
+            self.staging.close(self.context.timeout_s)
+            if self.device.type == "cuda":
+                self.memory.free(self.probe)
+            self._probe_tensor = None
+
+
+register_transfer_backend("ipc", IpcBackend, is_available=ipc_available, priority=100)

@@ -1,0 +1,331 @@
+"""The ``nixl`` transfer backend: NIXL (UCX inside) for peers on other hosts and for CPU memory.
+
+One NIXL agent per :class:`~sagellm_comm.transfer.TransferAgent`, of the same name.  Regions are registered
+with NIXL once; their addresses travel in our metadata beside NIXL's own.  A listed transfer is
+``initialize_xfer`` + ``transfer`` over descriptor lists built from the block table; a prepared pool
+(``TransferAgent.prepare``) is two ``prep_xfer_dlist`` handles built once, and each transfer is
+``make_prepped_xfer`` with block indices.  Completion is polled with ``check_xfer_state``; the agent's handle puts
+its own deadline around that, since a request to a peer that stopped answering stays "in progress" forever.  A
+peer that disconnects surfaces as ``nixlRemoteDisconnectError`` and becomes ``PeerLostError`` naming it.
+
+Which transports UCX chose (``ucx_log.py``) is logged once per peer after its first completed transfer, and is
+``TransferAgent.peer_transport(peer)``.  NIXL's own Python INFO lines are quieted unless ``NIXL_LOG_LEVEL`` is set.
+
+Install: ``pip install 'isagellm-comm[transfer]'`` (``nixl-cu13``, pinned; ``[transfer-cu12]`` for CUDA 12).
+Never the ``nixl`` meta-package, which pulls both CUDA builds and an unpinned torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from types import ModuleType
+
+import numpy as np
+
+from sagellm_comm.errors import BackendNotSupportedError, CommError, PeerLostError, TransferError
+from sagellm_comm.transfer import ucx_log
+from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
+from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo
+from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
+from sagellm_comm.transfer.registry import register_transfer_backend
+
+logger = logging.getLogger("sagellm_comm.transfer")
+
+NIXL_MODULES = ("nixl_cu13", "nixl_cu12")
+NIXL_INSTALL_HINT = "pip install 'isagellm-comm[transfer]' (nixl-cu13==1.5.1; '[transfer-cu12]' for CUDA 12)"
+_MEM = {"cpu": "DRAM", "cuda": "VRAM"}
+_OPS = {"write": "WRITE", "read": "READ"}
+
+
+@lru_cache(maxsize=1)
+def nixl_api() -> ModuleType:
+    """The installed NIXL Python package (``nixl_cu13`` or ``nixl_cu12``)."""
+    failures = []
+    for name in NIXL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            failures.append(f"{name}: {exc}")
+            continue
+        if "NIXL_LOG_LEVEL" not in os.environ:
+            logging.getLogger("nixl").setLevel(logging.WARNING)
+        return module
+    raise BackendNotSupportedError(f"NIXL is not installed: {NIXL_INSTALL_HINT} ({'; '.join(failures)})")
+
+
+def nixl_available() -> bool:
+    nixl_api()
+    return True
+
+
+def _is_nixl_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith(NIXL_MODULES)
+
+
+def _translate(exc: BaseException, peer: str, what: str) -> CommError:
+    kind = type(exc).__name__
+    details = {"peer": peer, "nixl_error": kind}
+    if kind == "nixlRemoteDisconnectError":
+        return PeerLostError(f"peer {peer!r} disconnected while NIXL tried to {what} ({kind})", details=details)
+    return TransferError(f"NIXL failed to {what} with peer {peer!r}: {kind}: {exc}", details=details)
+
+
+@dataclass
+class NixlLink(Link):
+    nixl_name: str = ""
+    regions: dict = field(default_factory=dict)  # peer region -> (address, nbytes, device index)
+    transport: str | None = None
+
+
+@dataclass
+class NixlPrepared(Prepared):
+    local_side: object = None
+    remote_side: object = None
+
+
+class NixlRequest(Request):
+    def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str):
+        self.backend, self.link, self.handle = backend, link, handle
+        self.finished = status == "DONE"
+        if status == "ERR":
+            self._fail(TransferError(f"NIXL refused the transfer to peer {link.peer.name!r} (status ERR)"))
+
+    def poll(self) -> bool:
+        if self.link.removed:
+            raise PeerLostError(
+                f"peer {self.link.peer.name!r} was removed while the transfer was in flight",
+                details={"peer": self.link.peer.name},
+            )
+        if not self.finished:
+            try:
+                status = self.backend.agent.check_xfer_state(self.handle)
+            except Exception as exc:
+                if not _is_nixl_error(exc):
+                    raise
+                self._fail(_translate(exc, self.link.peer.name, "complete a transfer"))
+            if status == "ERR":
+                self._fail(TransferError(f"NIXL reports the transfer to peer {self.link.peer.name!r} failed (ERR)"))
+            self.finished = status == "DONE"
+        if self.finished:
+            self.abort()  # released: the handle is done
+            self.backend.note_transport(self.link)
+        return self.finished
+
+    def _fail(self, exc: CommError) -> None:
+        self.abort()
+        raise exc
+
+    def abort(self) -> None:
+        if self.handle is None:
+            return
+        handle, self.handle = self.handle, None
+        try:
+            handle.release()  # cancels it if still active
+        except Exception as exc:  # NIXL could not cancel it: retried when the backend closes
+            logger.debug("NIXL could not release a transfer handle yet: %r", exc)
+            self.backend.leaked.append(handle)
+
+
+class NixlBackend(TransferBackend):
+    """See the module docstring."""
+
+    name = "nixl"
+
+    def __init__(self, context: AgentContext):
+        super().__init__(context)
+        api = nixl_api()
+        self.ucx = ucx_log.install()
+        options = dict(context.options.get("nixl", {}))
+        try:
+            config = api.nixl_agent_config(
+                backends=list(options.pop("backends", ["UCX"])), num_threads=int(options.pop("num_threads", 0))
+            )
+            self.agent = api.nixl_agent(context.name, config)
+        except Exception as exc:
+            raise BackendNotSupportedError(f"NIXL could not create agent {context.name!r}: {exc!r}") from None
+        if options:
+            raise BackendNotSupportedError(f"unknown NIXL options {sorted(options)} (known: backends, num_threads)")
+        self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
+        self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
+        self.links: list[NixlLink] = []
+        self.leaked: list = []
+
+    def register(self, region: Region) -> None:
+        try:
+            self.registered[region.name] = self.agent.register_memory(region.tensor)
+        except Exception as exc:
+            raise BackendNotSupportedError(f"NIXL cannot register region {region.name!r}: {exc!r}") from None
+        self.addresses[region.name] = [region.ptr, region.nbytes, region.info.device_index]
+
+    def deregister(self, region: Region) -> None:
+        descs = self.registered.pop(region.name, None)
+        self.addresses.pop(region.name, None)
+        if descs is not None:
+            self.agent.deregister_memory(descs)
+
+    def local_metadata(self) -> dict:
+        return {"agent": b64(self.agent.get_agent_metadata()), "regions": dict(self.addresses)}
+
+    def connect(self, peer: AgentMetadata) -> NixlLink:
+        blob = peer.transports["nixl"]
+        missing = sorted(set(peer.regions) - set(blob["regions"]))
+        if missing:
+            raise BackendNotSupportedError(f"peer {peer.name!r} did not register {missing} with NIXL")
+        try:
+            name = self.agent.add_remote_agent(unb64(blob["agent"]))
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            raise BackendNotSupportedError(f"NIXL cannot load peer {peer.name!r}'s metadata: {exc!r}") from None
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            self.agent.make_connection(name)  # connection set-up now, not in the first transfer
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            self.agent.remove_remote_agent(name)
+            raise BackendNotSupportedError(f"NIXL cannot connect to peer {peer.name!r}: {exc!r}") from None
+        link = NixlLink(peer, nixl_name=name, regions={k: tuple(v) for k, v in blob["regions"].items()})
+        self.links.append(link)
+        return link
+
+    def disconnect(self, link: NixlLink) -> None:
+        link.removed = True
+        if link in self.links:
+            self.links.remove(link)
+        try:
+            self.agent.remove_remote_agent(link.nixl_name)
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            logger.debug("NIXL remove_remote_agent(%r): %r", link.nixl_name, exc)
+
+    @staticmethod
+    def _descs(address: int, device_index: int, offsets: np.ndarray, nbytes: np.ndarray | int):
+        """NIXL descriptors ``(address, bytes, device)``: a list of tuples for a few blocks (cheaper to build),
+        an ``[n, 3]`` uint64 array otherwise."""
+        if len(offsets) <= SMALL and not isinstance(nbytes, int):
+            return [(address + o, n, device_index) for o, n in zip(offsets.tolist(), nbytes.tolist(), strict=True)]
+        descs = np.empty((len(offsets), 3), dtype=np.uint64)
+        descs[:, 0] = offsets + address
+        descs[:, 1] = nbytes
+        descs[:, 2] = device_index
+        return descs
+
+    def post(self, link: NixlLink, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> NixlRequest:
+        address, _, device_index = link.regions[remote.name]
+        if len(table) <= SMALL:
+            rows = table.tolist()
+            local_descs = [(local.ptr + lo, n, local.info.device_index) for lo, _, n in rows]
+            remote_descs = [(address + ro, n, device_index) for _, ro, n in rows]
+        else:
+            local_descs = self._descs(local.ptr, local.info.device_index, table[:, 0], table[:, 2])
+            remote_descs = self._descs(address, device_index, table[:, 1], table[:, 2])
+        try:
+            handle = self.agent.initialize_xfer(
+                _OPS[op],
+                self.agent.get_xfer_descs(local_descs, _MEM[local.info.device]),
+                self.agent.get_xfer_descs(remote_descs, _MEM[remote.device]),
+                link.nixl_name,
+                notify or b"",
+            )
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            raise _translate(exc, link.peer.name, f"create a {op}") from None
+        return self._start(link, handle, op)
+
+    def _start(self, link: NixlLink, handle, op: str) -> NixlRequest:
+        try:
+            status = self.agent.transfer(handle)
+        except Exception as exc:
+            handle.release()
+            if not _is_nixl_error(exc):
+                raise
+            raise _translate(exc, link.peer.name, f"post a {op}") from None
+        return NixlRequest(self, link, handle, status)
+
+    def prepare(self, link: NixlLink, local: Region, remote: RegionInfo, layout: BlockLayout) -> NixlPrepared:
+        address, _, device_index = link.regions[remote.name]
+        size = layout.block_bytes
+
+        def side(base: int, dev: int, count: int) -> np.ndarray:
+            return self._descs(base, dev, np.arange(count, dtype=np.int64) * size, size)
+
+        try:
+            local_descs = side(local.ptr, local.info.device_index, layout.local_blocks)
+            local_side = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_descs, _MEM[local.info.device])
+            remote_side = self.agent.prep_xfer_dlist(
+                link.nixl_name, side(address, device_index, layout.remote_blocks), _MEM[remote.device]
+            )
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            raise _translate(exc, link.peer.name, "prepare descriptor lists") from None
+        return NixlPrepared(link, local, remote, layout, local_side, remote_side)
+
+    def post_blocks(self, prepared: NixlPrepared, op: str, ids: np.ndarray, notify) -> NixlRequest:
+        link = prepared.link
+        try:
+            handle = self.agent.make_prepped_xfer(
+                _OPS[op], prepared.local_side, ids[:, 0].astype(np.int32), prepared.remote_side,
+                ids[:, 1].astype(np.int32), notify or b"",
+            )  # fmt: skip
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            raise _translate(exc, link.peer.name, f"create a prepared {op}") from None
+        return self._start(link, handle, op)
+
+    def release_prepared(self, prepared: NixlPrepared) -> None:
+        for side in (prepared.local_side, prepared.remote_side):
+            if side is not None:
+                side.release()
+        prepared.local_side = prepared.remote_side = None
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        out = []
+        for sender, messages in self.agent.get_new_notifs().items():
+            name = sender.decode() if isinstance(sender, bytes) else str(sender)
+            out.extend((name, bytes(message)) for message in messages)
+        return out
+
+    def note_transport(self, link: NixlLink) -> None:
+        """After the first completed transfer with ``link``'s peer: log the transports UCX chose, once."""
+        if link.transport is not None:
+            return
+        locality = "intra-node" if link.peer.same_host(self.context.identity) else "inter-node"
+        self.ucx.forward_warnings()
+        link.transport = self.ucx.describe(self.context.name, locality)
+        rma = self.ucx.transports(self.context.name, locality).get("rma", [])
+        gpu = any(info.device == "cuda" for info in link.peer.regions.values())
+        slow = gpu and rma and all(t.startswith("tcp") for t in rma)
+        level = logging.WARNING if slow else logging.INFO
+        logger.log(level, "transfer agent %r: peer %r over NIXL: %s", self.context.name, link.peer.name, link.transport)
+
+    def transport(self, link: NixlLink) -> str | None:
+        return link.transport
+
+    def close(self) -> None:
+        for link in list(self.links):
+            self.disconnect(link)
+        for name in list(self.registered):
+            descs = self.registered.pop(name)
+            try:
+                self.agent.deregister_memory(descs)
+            except Exception as exc:
+                logger.debug("NIXL deregister_memory(%r): %r", name, exc)
+        for handle in self.leaked:
+            try:
+                handle.release()
+            except Exception as exc:
+                logger.debug("NIXL could not release a transfer handle at close: %r", exc)
+        self.leaked.clear()
+        self.agent = None
+
+
+register_transfer_backend("nixl", NixlBackend, is_available=nixl_available, priority=50)

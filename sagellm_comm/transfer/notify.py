@@ -1,0 +1,299 @@
+"""Notification rings of the ``ipc`` transport: how a receiver learns, without a host round trip per block,
+that a transfer into (or out of) its memory finished.
+
+Every agent owns an *inbox*: a file in shared host memory (``/dev/shm``) holding ``SLOTS`` single-producer,
+single-consumer rings.  A sender that adds the agent as a peer claims one slot (:class:`Outbox`) and becomes
+its only producer; the inbox's owner is its only consumer (:meth:`Inbox.drain`, called by
+``TransferAgent.notifications``).  On a GPU the sender registers its slot's pages with
+``cudaHostRegister`` (mapped), so the block-copy kernel itself writes the record after the data
+(``sagellm_comm/kernels/block_copy.py``); under the interpreter the kernel writes it through the same mapping.
+
+Layout (int64 words unless said otherwise)::
+
+    file header (4 KB): MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES
+    slot s at 4 KB + s * SLOT_BYTES:
+        header (4 KB): token (0: free), consumed, released, produced_final, name length, path length,
+                       sender name (bytes 64..), sender's inbox path (bytes 512..)
+        ENTRIES records of RECORD_BYTES: seq | nbytes | message
+
+Protocol:
+
+1. *Claim* (sender, once per peer): under an exclusive ``flock`` of the inbox's ``-claim`` file, pick a slot
+   that is free, released by its sender and fully consumed, or whose sender died with nothing left visible;
+   zero its records, write ``consumed = 0``, the sender's name and path, then (after a fence) a fresh
+   random ``token``.  The token is written last: a reader that sees it sees the rest.
+2. *Produce*: the sender numbers its notifications 1, 2, ... (``seq``); record ``seq`` lives in entry
+   ``(seq - 1) % ENTRIES``.  It may produce ``seq`` only while ``seq - consumed <= ENTRIES`` (else the ring is
+   full: the receiver is not reading, and the transfer is refused before any byte moves).  The record's
+   ``nbytes`` and message are written first and ``seq`` last, with release semantics (the kernel's system
+   scope release; on the host a fence).
+3. *Consume* (receiver): per slot, read ``token``; if it changed since the last drain, start again at
+   ``seq = consumed + 1`` with the new sender's name.  While entry ``seq``'s word equals ``seq``: fence, read
+   the message, advance.  Read ``token`` again: if it changed meanwhile (the slot was claimed by a new sender),
+   discard this pass.  Then (fence) publish ``consumed``.
+4. *Release* (sender's ``remove_peer`` / ``close``): under the claim lock, ``produced_final = last seq`` and
+   ``released = 1``; the slot is reused only once ``consumed`` reached it.
+
+Host-side fences are an uncontended lock acquire/release (a full barrier in C), so the order holds on weakly
+ordered CPUs too.  Sequence numbers and counters are int64 and never wrap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import secrets
+import struct
+import threading
+import time
+
+import numpy as np
+
+from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
+from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
+from sagellm_comm.transfer.shared import LivenessProbe, OwnerLock, new_path, sweep_stale
+
+MAGIC = 0x5341474C58464552  # "SAGLXFER"
+VERSION = 1
+SLOTS = 32
+ENTRIES = 64
+RECORD_BYTES = _RECORD_BYTES.value
+PAGE = 4096
+SLOT_BYTES = PAGE + ENTRIES * RECORD_BYTES
+FILE_BYTES = PAGE + SLOTS * SLOT_BYTES
+# slot header words
+TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN = range(6)
+NAME_AT, PATH_AT, MAX_NAME, MAX_PATH = 64, 512, 256, 1024
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier on the host (an uncontended lock round trip)."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class _Mapped:
+    """A mapping of an inbox file with int64 and byte views."""
+
+    def __init__(self, path: str, create: bool):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        if create:
+            os.ftruncate(self.fd, FILE_BYTES)
+        elif os.fstat(self.fd).st_size != FILE_BYTES:
+            os.close(self.fd)
+            raise BackendNotSupportedError(f"{path} is not an inbox of this version ({FILE_BYTES} bytes expected)")
+        self.map = mmap.mmap(self.fd, FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = np.frombuffer(self.map, dtype=np.uint8)
+        self.words = self.bytes.view(np.int64)
+        self.address = self.bytes.ctypes.data
+
+    @staticmethod
+    def slot_word(slot: int, word: int) -> int:
+        return (PAGE + slot * SLOT_BYTES) // 8 + word
+
+    @staticmethod
+    def record_offset(slot: int, seq: int) -> int:
+        return PAGE + slot * SLOT_BYTES + PAGE + ((seq - 1) % ENTRIES) * RECORD_BYTES
+
+    def text(self, slot: int, at: int, length: int) -> str:
+        start = PAGE + slot * SLOT_BYTES + at
+        return bytes(self.bytes[start : start + max(0, min(length, MAX_PATH))]).decode(errors="replace")
+
+    def close(self) -> None:
+        self.bytes = self.words = None  # type: ignore[assignment]
+        with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with it
+            self.map.close()
+        os.close(self.fd)
+
+
+class Inbox:
+    """This agent's inbox (the consumer side; see the module docstring)."""
+
+    def __init__(self):
+        sweep_stale()
+        self.path = new_path("-inbox")
+        self.claim_path = self.path + "-claim"
+        self._mapped = _Mapped(self.path, create=True)
+        open(self.claim_path, "wb").close()
+        self._lock = OwnerLock(self.path)  # liveness: held until close() or exit
+        words = self._mapped.words
+        words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
+        fence()
+        words[0] = MAGIC
+        self._tokens = [0] * SLOTS
+        self._next = [1] * SLOTS
+        self._names = [""] * SLOTS
+        self._token_words = np.array([_Mapped.slot_word(s, TOKEN) for s in range(SLOTS)])
+
+    def drain(self) -> list[tuple[str, bytes]]:
+        """Every record published since the last drain, ``(sender name, message)``, oldest first per slot."""
+        m = self._mapped
+        words, data = m.words, m.bytes
+        out: list[tuple[str, bytes]] = []
+        for slot, token in enumerate(words[self._token_words].tolist()):  # one read of every slot's token
+            if token == 0:
+                self._tokens[slot] = 0
+                continue
+            base = m.slot_word(slot, 0)
+            if token != self._tokens[slot]:
+                fence()
+                self._tokens[slot] = token
+                self._next[slot] = int(words[base + CONSUMED]) + 1
+                self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]))
+            seq, found = self._next[slot], []
+            while True:
+                at = m.record_offset(slot, seq)
+                if int(words[at // 8]) != seq:
+                    break
+                fence()
+                nbytes = int(words[at // 8 + 1])
+                found.append(bytes(data[at + 16 : at + 16 + max(0, min(nbytes, RECORD_BYTES - 16))]))
+                seq += 1
+            if not found:
+                continue
+            fence()
+            if int(words[base + TOKEN]) != token:
+                continue  # claimed by a new sender meanwhile: its records are read with its name next time
+            out.extend((self._names[slot], message) for message in found)
+            self._next[slot] = seq
+            words[base + CONSUMED] = seq - 1
+        return out
+
+    def close(self) -> None:
+        for path in (self.path, self.claim_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._lock.release()
+        self._mapped.close()
+
+
+class Outbox:
+    """One slot of a peer's inbox, claimed by this agent (the producer side; see the module docstring)."""
+
+    def __init__(self, inbox_path: str, sender_name: str, sender_inbox: str, timeout_s: float):
+        self.peer_path = inbox_path
+        self.liveness = LivenessProbe(inbox_path)
+        try:
+            self._mapped = _Mapped(inbox_path, create=False)
+        except OSError as exc:
+            self.liveness.close()
+            raise BackendNotSupportedError(f"cannot open the peer's notification inbox {inbox_path}: {exc}") from None
+        words = self._mapped.words
+        geometry = tuple(int(w) for w in words[:5])
+        if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
+            self._close_files()
+            raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
+        self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
+        self.produced = 0
+        base = _Mapped.record_offset(self.slot, 1)
+        self.ring_address = self._mapped.address + base  # entry 0
+        self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
+
+    def _claim(self, claim_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
+        m = self._mapped
+        if len(name) > MAX_NAME or len(path) > MAX_PATH:
+            raise BackendNotSupportedError(f"agent name or inbox path too long for the ring ({len(name)}, {len(path)})")
+        fd = os.open(claim_path, os.O_RDWR)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise CommTimeoutError(
+                            f"could not lock {claim_path} within {timeout_s:g} s to claim a notification slot"
+                        ) from None
+                    time.sleep(1e-3)
+            slot = next((s for s in range(SLOTS) if self._reclaimable(s)), None)
+            if slot is None:
+                raise UnavailableError(
+                    f"the peer's notification inbox has no free slot: {SLOTS} live senders already hold one"
+                )
+            base = m.slot_word(slot, 0)
+            words = m.words
+            words[base + TOKEN] = 0
+            fence()
+            start = m.record_offset(slot, 1)
+            m.words[start // 8 : (start + ENTRIES * RECORD_BYTES) // 8 : RECORD_BYTES // 8] = 0
+            words[base + CONSUMED] = 0
+            words[base + RELEASED] = 0
+            words[base + PRODUCED_FINAL] = 0
+            words[base + NAME_LEN], words[base + PATH_LEN] = len(name), len(path)
+            at = PAGE + slot * SLOT_BYTES
+            m.bytes[at + NAME_AT : at + NAME_AT + len(name)] = np.frombuffer(name, dtype=np.uint8)
+            m.bytes[at + PATH_AT : at + PATH_AT + len(path)] = np.frombuffer(path, dtype=np.uint8)
+            fence()
+            words[base + TOKEN] = secrets.randbits(62) + 1
+            return slot
+        finally:
+            os.close(fd)  # drops the claim lock
+
+    def _reclaimable(self, slot: int) -> bool:
+        m = self._mapped
+        words, base = m.words, m.slot_word(slot, 0)
+        if int(words[base + TOKEN]) == 0:
+            return True
+        consumed = int(words[base + CONSUMED])
+        if int(words[base + RELEASED]) == 1:
+            return consumed >= int(words[base + PRODUCED_FINAL])
+        sender = m.text(slot, PATH_AT, int(words[base + PATH_LEN]))
+        probe = LivenessProbe(sender)
+        try:
+            alive = probe.alive()
+        finally:
+            probe.close()
+        # A dead sender's slot is reused once nothing it published is left unread.
+        return not alive and int(words[m.record_offset(slot, consumed + 1) // 8]) != consumed + 1
+
+    def reserve(self) -> tuple[int, int]:
+        """``(seq, address of its ring entry)`` for the next notification; ``UnavailableError`` when the ring is
+        full (the receiver has ``ENTRIES`` unread notifications from this sender)."""
+        seq = self.produced + 1
+        consumed = int(self._mapped.words[self._mapped.slot_word(self.slot, CONSUMED)])
+        if seq - consumed > ENTRIES:
+            raise UnavailableError(
+                f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
+                "must call notifications() before more can be sent"
+            )
+        self.produced = seq
+        return seq, self.ring_address + ((seq - 1) % ENTRIES) * RECORD_BYTES
+
+    def release(self) -> None:
+        """Give the slot back (the receiver still drains what was published)."""
+        m = self._mapped
+        try:
+            fd = os.open(self.peer_path + "-claim", os.O_RDWR)
+        except OSError:
+            fd = -1  # the receiver is gone: nothing to give back
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            base = m.slot_word(self.slot, 0)
+            m.words[base + PRODUCED_FINAL] = self.produced
+            fence()
+            m.words[base + RELEASED] = 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self.liveness.close()
+        self._mapped.close()
+
+
+def record_image(seq: int, message: bytes, out: np.ndarray) -> None:
+    """Write the 512-byte record ``seq | len(message) | message`` into the uint8 array ``out`` (the kernel copies
+    bytes 8.. and then publishes ``seq``)."""
+    image = struct.pack("<qq", seq, len(message)) + message
+    out[: len(image)] = np.frombuffer(image, dtype=np.uint8)
+
+
+__all__ = ["Inbox", "Outbox", "fence", "record_image", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]

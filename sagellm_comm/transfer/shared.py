@@ -1,0 +1,166 @@
+"""Host shared memory for transfers: the files every same-host peer can map, and whether their owner is alive.
+
+* :func:`shared_cpu_tensor`: a zeroed CPU tensor backed by a file in ``/dev/shm`` mapped shared (what
+  ``TransferAgent.allocate`` returns on the CPU).  The ``ipc`` transport maps such regions into its peers; a
+  process-private CPU tensor moves through NIXL only.  :func:`shared_file_of` finds the file behind any CPU
+  address (``/proc/self/maps``), so tensors mapped from files by other means work too.
+* :class:`OwnerLock`: an exclusive ``flock`` held on a file for the owner's lifetime.  The kernel drops it
+  when the process exits, however it exits, so :func:`owner_alive` (a non-blocking shared-lock attempt) tells
+  a live owner from a dead one, also for two agents in one process (``flock`` locks belong to open files).
+* :func:`sweep_stale`: files of this package's prefix left by processes that died are removed (their
+  owner lock is free and they are older than a minute).
+
+Every file is named ``sagellm-xfer-<pid>-<random>[-suffix]`` in :func:`shared_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+import uuid
+import weakref
+from functools import lru_cache
+
+import torch
+
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+
+PREFIX = "sagellm-xfer-"
+STALE_AFTER_S = 60.0
+
+
+@lru_cache(maxsize=1)
+def shared_dir() -> str:
+    """``/dev/shm`` where it exists (every process of the host sees it), else the temporary directory."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def new_path(suffix: str = "") -> str:
+    return os.path.join(shared_dir(), f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}{suffix}")
+
+
+class OwnerLock:
+    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the lock
+            self.fd = -1
+
+
+class LivenessProbe:
+    """Whether the owner of ``path`` (an :class:`OwnerLock` holder) is still alive; one syscall per check."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.fd = -1  # the owner already removed it: gone
+
+    def alive(self) -> bool:
+        if self.fd < 0:
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # the owner holds its exclusive lock
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def owner_alive(path: str) -> bool:
+    probe = LivenessProbe(path)
+    try:
+        return probe.alive()
+    finally:
+        probe.close()
+
+
+def sweep_stale() -> int:
+    """Remove files of this package whose owner died (lock free, older than a minute); returns how many."""
+    directory, removed = shared_dir(), 0
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < STALE_AFTER_S or owner_alive(path):
+                continue
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor of ``shape`` and ``dtype`` in a shared ``/dev/shm`` file (see the module docstring).
+
+    The file is locked by this process and removed when the returned tensor object is freed (keep it, not only
+    views of it, while peers may still map it: a registered tensor is kept by its agent); mappings stay valid.
+    """
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel <= 0:
+        raise InvalidArgumentError(f"a shared tensor needs at least one element, got shape {shape}")
+    path = new_path()
+    with open(path, "wb") as handle:
+        handle.truncate(numel * itemsize)  # sparse: zeros
+    lock = OwnerLock(path)
+    tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
+    weakref.finalize(tensor, _remove, path, lock)
+    return tensor
+
+
+def _remove(path: str, lock: OwnerLock) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    lock.release()
+
+
+def shared_file_of(ptr: int, nbytes: int) -> tuple[str, int]:
+    """``(path, offset)``: the shared file mapping that holds CPU bytes ``[ptr, ptr + nbytes)`` and where they
+    start in it; :class:`BackendNotSupportedError` when the memory is process-private."""
+    try:
+        with open("/proc/self/maps") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise BackendNotSupportedError(f"cannot read /proc/self/maps to find shared CPU memory: {exc}") from None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if not start <= ptr < end:
+            continue
+        path = fields[5].strip() if len(fields) > 5 else ""
+        if fields[1][3] != "s" or not path.startswith("/") or path.endswith("(deleted)"):
+            break
+        if ptr + nbytes > end:
+            raise BackendNotSupportedError(f"CPU bytes [{ptr:#x}, +{nbytes}) span more than one mapping of {path}")
+        return path, int(fields[2], 16) + (ptr - start)
+    raise BackendNotSupportedError(
+        "the CPU tensor is process-private memory, which the ipc transport cannot map into a peer; allocate it "
+        "with TransferAgent.allocate (a shared /dev/shm mapping), or let NIXL move it (backend 'nixl' or 'auto')"
+    )

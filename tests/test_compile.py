@@ -1,0 +1,756 @@
+"""The automatic fusion (``sagellm_comm.compile``): what the pass rewrites, what it leaves, and the numbers.
+
+Graph tests (this process, fake tensors, no communication): model code is traced into the functionalised aten
+graph Inductor's post-grad passes see (``fusion_pass._functional_trace``: the same decompositions), the pass runs
+on it, and the test reads the graph: which chains became ``torch.ops.sagellm_comm.all_reduce_residual_rmsnorm``,
+with which group name, ``eps`` and quantisation mode, and which were left alone (the negative cases: another
+operand than the all-reduce, another eps placement or norm, an all-reduce result used elsewhere, a MAX
+reduction, a broadcast residual, mixed dtypes, a hidden size over the kernels' limit, ``eps`` a graph input).
+
+Process tests (2 Gloo ranks, one spawn): the rewritten graphs run against the unrewritten ones on real
+tensors (the fused op's engine fallback: the group's all-reduce, then torch ops), a chain on a one-rank group
+beside one on the world keeps its own group, and a small function compiled by ``torch.compile`` with the pass
+in the user's own Inductor options.  The ``transformers`` Llama: tests/test_compile_llama.py.
+
+FP8 (``quant=``) cases run where ``sagellm_comm.fused`` has the FP8 quantisation (``FP8_QUANT_MODES``); they
+are skipped, with that reason, where it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import sagellm_comm.compile as fusion
+from sagellm_comm.compile import fusion_pass
+from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+from tests.conftest import no_compile_caches, run_ranks
+
+FUSED_OP = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm.default
+ALL_REDUCE = torch.ops.sagellm_comm.all_reduce.default
+FP8_MAX, FP8_MODES = fusion_pass.fp8_quantisation()
+needs_fp8 = pytest.mark.skipif(
+    FP8_MAX is None, reason="needs the FP8 quantisation of sagellm_comm.fused (FP8_QUANT_MODES, quant=)"
+)
+HIDDEN = 256
+EPS = 1e-6
+
+
+# ============================================================================ model code (as models write it)
+
+
+def llama_rmsnorm(h, weight, eps=EPS):
+    """transformers' LlamaRMSNorm.forward."""
+    input_dtype = h.dtype
+    h = h.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def meta_rmsnorm(h, weight, eps=EPS):
+    """The weight on the right, ``type_as`` for the cast (Meta's reference Llama)."""
+    v = h.float()
+    return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).type_as(h) * weight
+
+
+def functional_rmsnorm(h, weight, eps=EPS):
+    return F.rms_norm(h, (h.shape[-1],), weight, eps)
+
+
+def module_rmsnorm(h, weight, eps=EPS):
+    norm = torch.nn.RMSNorm(h.shape[-1], eps=eps, device=h.device, dtype=h.dtype)
+    return torch.func.functional_call(norm, {"weight": weight}, (h,))
+
+
+NORM_FORMS = {
+    "llama": (llama_rmsnorm, "rmsnorm"),
+    "meta": (meta_rmsnorm, "rmsnorm"),
+    "F.rms_norm": (functional_rmsnorm, "rms_norm"),
+    "nn.RMSNorm": (module_rmsnorm, "rms_norm"),
+}
+
+
+def all_reduce(x, group="tp", op="sum"):
+    return torch.ops.sagellm_comm.all_reduce(x, group, op)
+
+
+def static_fp8(y, scale):
+    """The decomposed static per-tensor quantisation (fp32 division, saturating cast)."""
+    return (y.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def decoder_stack(h, w_attn, w_mlp, norm_w, layers=2):
+    """LlamaDecoderLayer's residual structure over ``layers`` layers, projections replaced by one partial
+    matmul each, then the final norm: the attention output's all-reduce feeds the post-attention norm, the
+    MLP's feeds the next layer's input norm (the last: the final norm)."""
+    residual = h
+    h = llama_rmsnorm(h, norm_w)
+    for _ in range(layers):
+        h = all_reduce(h @ w_attn)
+        h = residual + h
+        residual = h
+        h = llama_rmsnorm(h, norm_w)
+        h = all_reduce(torch.tanh(h @ w_mlp))
+        h = residual + h
+        residual = h
+        h = llama_rmsnorm(h, norm_w)
+    return h
+
+
+def fp8_decoder_stack(h, w_attn, w_mlp, norm_w, scale, layers=2):
+    """:func:`decoder_stack` with FP8 linear layers: the attention input quantised with a static scale (the
+    decomposed form), the MLP input per token (``quantize_fp8``), each dequantised before its matmul."""
+    residual = h
+    h = llama_rmsnorm(h, norm_w)
+    for _ in range(layers):
+        h = all_reduce((static_fp8(h, scale).float() * scale).to(h.dtype) @ w_attn)
+        h = residual + h
+        residual = h
+        q, scales = torch.ops.sagellm_comm.quantize_fp8(llama_rmsnorm(h, norm_w), "fp8_per_token")
+        h = all_reduce(torch.tanh((q.float() * scales).to(h.dtype) @ w_mlp))
+        h = residual + h
+        residual = h
+        h = llama_rmsnorm(h, norm_w)
+    return h
+
+
+# ============================================================================ graph helpers
+
+
+def _trace(fn, *specs):
+    """The post-grad-like graph of ``fn`` on fake tensors: ``specs`` are ``(shape, dtype)`` or Python values."""
+    with FakeTensorMode():
+        args = [torch.empty(s[0], dtype=s[1]) if isinstance(s, tuple) else s for s in specs]
+        return fusion_pass._functional_trace(fn, args)
+
+
+def _rewrite(gm):
+    """Run the pass on ``gm`` (in place); return its stats."""
+    fusion.reset_stats()
+    fusion.passes()(gm.graph)
+    gm.recompile()
+    return fusion.stats()
+
+
+def _fused(gm) -> list[torch.fx.Node]:
+    return list(gm.graph.find_nodes(op="call_function", target=FUSED_OP))
+
+
+def _quant(node: torch.fx.Node) -> str:
+    return node.args[5] if len(node.args) > 5 else node.kwargs.get("quant", "none")
+
+
+def _chain_specs(dtype=torch.bfloat16, hidden=HIDDEN, rows=(2, 3)):
+    return [((*rows, hidden), dtype), ((*rows, hidden), dtype), ((hidden,), dtype)]
+
+
+# ============================================================================ what is rewritten
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("residual_first", [True, False], ids=["residual+ar", "ar+residual"])
+@pytest.mark.parametrize("form", sorted(NORM_FORMS))
+def test_each_rmsnorm_form_is_fused(form, residual_first, dtype) -> None:
+    norm, name = NORM_FORMS[form]
+
+    def chain(x, residual, weight):
+        reduced = all_reduce(x)
+        new_residual = residual + reduced if residual_first else reduced + residual
+        return norm(new_residual, weight, 1e-5), new_residual
+
+    gm = _trace(chain, *_chain_specs(dtype))
+    done = _rewrite(gm)
+    assert done.replaced == {name: 1} and done.graphs == 1 and done.all_reduces_left == 0
+    (node,) = _fused(gm)
+    x, residual, weight = (n for n in gm.graph.nodes if n.op == "placeholder")
+    assert node.args[:4] == (x, residual, weight, "tp") and _quant(node) == "none"
+    assert node.args[4] == pytest.approx(1e-5, rel=1e-6)  # F.rms_norm rounds eps to fp32
+    assert not gm.graph.find_nodes(op="call_function", target=ALL_REDUCE)
+    outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    assert [o.args for o in outputs] == [(node, 0), (node, 2)]  # normed, new_residual
+
+
+@pytest.mark.parametrize("form", sorted(NORM_FORMS))
+def test_cuda_graphs_get_patterns_traced_on_cuda(form) -> None:
+    """The patterns are traced per device type (torch decomposes some ops per device): on fake CUDA tensors
+    here, so the CUDA patterns are checked without a GPU."""
+    norm, name = NORM_FORMS[form]
+
+    def chain(x, residual, weight):
+        new_residual = residual + all_reduce(x)
+        return norm(new_residual, weight), new_residual
+
+    with FakeTensorMode():
+        args = [torch.empty(2, 3, HIDDEN, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        gm = fusion_pass._functional_trace(chain, [*args, torch.empty(HIDDEN, dtype=torch.bfloat16, device="cuda")])
+    assert _rewrite(gm).replaced == {name: 1}
+    (node,) = _fused(gm)
+    assert node.meta["val"][0].device.type == "cuda"
+
+
+def test_a_decoder_stack_gets_two_fusions_per_layer_and_the_final_norm() -> None:
+    specs = [((2, 5, HIDDEN), torch.bfloat16), ((HIDDEN, HIDDEN), torch.bfloat16)]
+    specs += [((HIDDEN, HIDDEN), torch.bfloat16), ((HIDDEN,), torch.bfloat16)]
+    gm = _trace(functools.partial(decoder_stack, layers=3), *specs)
+    done = _rewrite(gm)
+    assert done.replaced == {"rmsnorm": 6} and done.all_reduces_left == 0
+    # each fused op's new_residual feeds the next fused op as its residual
+    nodes = _fused(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes.sort(key=order.__getitem__)
+    for before, after in zip(nodes, nodes[1:], strict=False):
+        residual = after.args[1]
+        assert residual.target is operator.getitem and residual.args == (before, 2)
+
+
+def test_each_all_reduce_keeps_its_group() -> None:
+    def two_groups(x, residual, weight):
+        first = residual + all_reduce(x, "tpA")
+        second = first + all_reduce(llama_rmsnorm(first, weight), "tpB")
+        return llama_rmsnorm(second, weight), second
+
+    gm = _trace(two_groups, *_chain_specs())
+    assert _rewrite(gm).replaced == {"rmsnorm": 2}
+    assert sorted(n.args[3] for n in _fused(gm)) == ["tpA", "tpB"]
+
+
+# ============================================================================ what is left alone
+
+
+def _residual_plus_twice(x, residual, weight):
+    return llama_rmsnorm(residual + all_reduce(x) * 2.0, weight)
+
+
+def _all_reduce_twice(x, residual, weight):
+    reduced = all_reduce(x)
+    return llama_rmsnorm(reduced + reduced, weight)
+
+
+def _eps_after_rsqrt(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True)) + EPS).to(x.dtype)
+
+
+def _eps_inside_mean(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v * torch.rsqrt((v.pow(2) + EPS).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def _eps_after_sqrt(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v / (torch.sqrt(v.pow(2).mean(-1, keepdim=True)) + EPS)).to(x.dtype)
+
+
+def _cube_mean(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v * torch.rsqrt(v.pow(3).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+def _mean_over_tokens(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(0, keepdim=True) + EPS)).to(x.dtype)
+
+
+def _all_reduce_used_elsewhere(x, residual, weight):
+    reduced = all_reduce(x)
+    return llama_rmsnorm(residual + reduced, weight), reduced
+
+
+def _variance_used_elsewhere(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    variance = v.pow(2).mean(-1, keepdim=True)
+    return weight * (v * torch.rsqrt(variance + EPS)).to(x.dtype), variance
+
+
+def _max_reduction(x, residual, weight):
+    return llama_rmsnorm(residual + all_reduce(x, op="max"), weight)
+
+
+def _add_with_alpha(x, residual, weight):
+    return llama_rmsnorm(torch.add(residual, all_reduce(x), alpha=2), weight), llama_rmsnorm(
+        torch.add(all_reduce(x * 3), residual, alpha=2), weight
+    )
+
+
+def _plain_chain(x, residual, weight):
+    return F.rms_norm(residual + all_reduce(x), (x.shape[-1],), weight)
+
+
+def _mean_in_fp64(x, residual, weight):
+    v = (residual + all_reduce(x)).float()
+    variance = v.pow(2).mean(-1, keepdim=True, dtype=torch.float64).float()
+    return weight * (v * torch.rsqrt(variance + EPS)).to(x.dtype)
+
+
+def _eps_as_input(x, residual, weight, eps):
+    v = (residual + all_reduce(x)).float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+LEFT_ALONE = {
+    "other operand than the all-reduce": (_residual_plus_twice, _chain_specs()),
+    "the all-reduce added to itself": (_all_reduce_twice, _chain_specs()),
+    "eps after the rsqrt": (_eps_after_rsqrt, _chain_specs()),
+    "eps inside the mean": (_eps_inside_mean, _chain_specs()),
+    "eps after a sqrt": (_eps_after_sqrt, _chain_specs()),
+    "pow 3": (_cube_mean, _chain_specs()),
+    "mean over tokens": (_mean_over_tokens, _chain_specs()),
+    "all-reduce result used elsewhere": (_all_reduce_used_elsewhere, _chain_specs()),
+    "variance used elsewhere": (_variance_used_elsewhere, _chain_specs()),
+    "MAX reduction": (_max_reduction, _chain_specs()),
+    "add with alpha": (_add_with_alpha, _chain_specs()),
+    "broadcast residual": (_plain_chain, _chain_specs()[:1] + _chain_specs()[2:] * 2),
+    "fp32 weight on bf16": (_plain_chain, _chain_specs()[:2] + [((HIDDEN,), torch.float32)]),
+    "mean with a dtype": (_mean_in_fp64, _chain_specs()),
+    "hidden over the kernels' limit": (_plain_chain, _chain_specs(hidden=16512)),
+    "eps a graph input": (_eps_as_input, _chain_specs() + [((), torch.float64)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(LEFT_ALONE))
+def test_chains_that_must_not_be_fused_are_left_alone(case) -> None:
+    fn, specs = LEFT_ALONE[case]
+    gm = _trace(fn, *specs)
+    before = len(gm.graph.find_nodes(op="call_function", target=ALL_REDUCE))
+    done = _rewrite(gm)
+    assert done.total == 0 and not _fused(gm), f"{case}: {done}"
+    assert len(gm.graph.find_nodes(op="call_function", target=ALL_REDUCE)) == before
+    sums = 0 if case == "MAX reduction" else before
+    assert done.all_reduces_left == sums
+
+
+def test_a_graph_without_all_reduces_is_untouched() -> None:
+    gm = _trace(lambda x, r, w: llama_rmsnorm(x + r, w), *_chain_specs())
+    code = gm.code
+    done = _rewrite(gm)
+    assert done == fusion.FusionStats(graphs=1) and gm.code == code
+
+
+# ============================================================================ FP8
+
+
+def _quantised_chain(quantise, norm=llama_rmsnorm):
+    def chain(x, residual, weight, scale):
+        new_residual = residual + all_reduce(x)
+        return (*quantise(norm(new_residual, weight), scale), new_residual)
+
+    return chain
+
+
+FP8_FORMS = {
+    "static decomposed": (lambda y, s: (static_fp8(y, s),), "+fp8_static", "fp8"),
+    "static promoted": (
+        lambda y, s: ((y / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),),
+        "+fp8_static",
+        "fp8",
+    ),
+    "op static": (lambda y, s: torch.ops.sagellm_comm.quantize_fp8(y, "fp8", s), "+quantize_fp8(fp8)", "fp8"),
+    "op static, scale unused": (
+        lambda y, s: (torch.ops.sagellm_comm.quantize_fp8(y, "fp8", s)[0],),
+        "+quantize_fp8(fp8)",
+        "fp8",
+    ),
+    "op per token": (
+        lambda y, s: torch.ops.sagellm_comm.quantize_fp8(y, "fp8_per_token"),
+        "+quantize_fp8(fp8_per_token)",
+        "fp8_per_token",
+    ),
+    "op group128": (
+        lambda y, s: torch.ops.sagellm_comm.quantize_fp8(y, "fp8_group128"),
+        "+quantize_fp8(fp8_group128)",
+        "fp8_group128",
+    ),
+}
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("norm", ["llama", "F.rms_norm"])
+@pytest.mark.parametrize("form", sorted(FP8_FORMS))
+def test_each_fp8_quantisation_form_is_fused(form, norm, dtype) -> None:
+    quantise, suffix, mode = FP8_FORMS[form]
+    norm_fn, norm_name = NORM_FORMS[norm]
+    gm = _trace(_quantised_chain(quantise, norm_fn), *_chain_specs(dtype), ((1,), torch.float32))
+    done = _rewrite(gm)
+    assert done.replaced == {norm_name + suffix: 1}, done
+    (node,) = _fused(gm)
+    assert _quant(node) == mode
+    assert (node.args[6].op == "placeholder") if mode == "fp8" else len(node.args) <= 6
+    assert not gm.graph.find_nodes(op="call_function", target=torch.ops.sagellm_comm.quantize_fp8.default)
+
+
+@needs_fp8
+def test_fp8_chains_that_cannot_take_the_quantisation_keep_it_and_fuse_the_rest() -> None:
+    def two_quantisations(x, residual, weight, scale):  # q, k, v projections quantising one input each
+        y = llama_rmsnorm(residual + all_reduce(x), weight)
+        return static_fp8(y, scale), static_fp8(y, scale * 2)
+
+    def normed_used_too(x, residual, weight, scale):
+        y = llama_rmsnorm(residual + all_reduce(x), weight)
+        return static_fp8(y, scale), y
+
+    def bf16_division(x, residual, weight, scale):  # a 0-d scale keeps the division in bf16
+        y = llama_rmsnorm(residual + all_reduce(x), weight)
+        return (y / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+    for fn, scale_shape in ((two_quantisations, (1,)), (normed_used_too, (1,)), (bf16_division, ())):
+        gm = _trace(fn, *_chain_specs(), (scale_shape, torch.float32))
+        done = _rewrite(gm)
+        assert done.replaced == {"rmsnorm": 1}, (fn.__name__, done)
+        assert [_quant(n) for n in _fused(gm)] == ["none"]
+
+
+# ============================================================================ the ops
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (1, 64)])
+def test_fused_op_fake_gives_shapes_and_dtypes(shape) -> None:
+    with FakeTensorMode():
+        x = torch.empty(shape, dtype=torch.bfloat16)
+        normed, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
+            x, torch.empty_like(x), torch.empty(64, dtype=torch.bfloat16), "g", 1e-6
+        )
+        assert normed.shape == shape and normed.dtype == torch.bfloat16 and new_residual.shape == shape
+        assert scales.shape == (0,) and scales.dtype == torch.float32
+        with pytest.raises(InvalidArgumentError, match="scale is only taken"):
+            scale = torch.ones(1)
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, x, torch.empty(64), "g", 1e-6, "none", scale)
+        with pytest.raises(ShapeMismatchError):
+            wrong = torch.empty(3, *shape, dtype=torch.bfloat16)
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, wrong, torch.empty(64), "g", 1e-6)
+
+
+@needs_fp8
+@pytest.mark.parametrize("mode", ["fp8", "fp8_per_token", "fp8_group128"])
+def test_fp8_ops_fake_give_the_reference_shapes(mode) -> None:
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 256, dtype=torch.bfloat16)
+        scale = torch.empty(1, dtype=torch.float32) if mode == "fp8" else None
+        q, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
+            x, torch.empty_like(x), torch.empty(256, dtype=torch.bfloat16), "g", 1e-6, mode, scale
+        )
+        q2, scales2 = torch.ops.sagellm_comm.quantize_fp8(x, mode, scale)
+        with pytest.raises(InvalidArgumentError):
+            torch.ops.sagellm_comm.quantize_fp8(x, "int4", scale)
+        with pytest.raises(InvalidArgumentError):
+            weight = torch.empty(256, dtype=torch.bfloat16)
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, x, weight, "g", 1e-6, "int4", scale)
+    expected = {"fp8": (1,), "fp8_per_token": (2, 3, 1), "fp8_group128": (2, 3, 2)}[mode]
+    for got_q, got_scales in ((q, scales), (q2, scales2)):
+        assert got_q.shape == x.shape and got_q.dtype == torch.float8_e4m3fn
+        assert got_scales.shape == expected and got_scales.dtype == torch.float32
+    assert new_residual.shape == x.shape and new_residual.dtype == torch.bfloat16
+
+
+def test_fused_op_schema() -> None:
+    schema = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm.default._schema
+    assert not schema.is_mutable
+    assert [a.name for a in schema.arguments] == ["x", "residual", "weight", "group_name", "eps", "quant", "scale"]
+    assert len(schema.returns) == 3
+
+
+# ============================================================================ the API
+
+
+def test_passes_is_one_custom_graph_pass_with_a_uuid() -> None:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    assert fusion.passes() is fusion.passes() and isinstance(fusion.passes(), CustomGraphPass)
+    uuid = fusion.passes().uuid()
+    assert isinstance(uuid, str) and uuid == fusion.passes().uuid()
+
+
+def test_install_keeps_a_pass_already_there_and_uninstall_restores_it() -> None:
+    from torch._inductor import config
+
+    seen = []
+
+    def theirs(graph):
+        seen.append(graph)
+
+    with config.patch(post_grad_custom_post_pass=theirs):
+        fusion.install()
+        fusion.install()  # idempotent
+        chain = config.post_grad_custom_post_pass
+        assert isinstance(chain, fusion.PassChain) and chain.passes == (theirs, fusion.passes())
+        assert chain.uuid() is None  # a plain callable: Inductor bypasses its cache
+        gm = _trace(lambda x, r, w: llama_rmsnorm(r + all_reduce(x), w), *_chain_specs())
+        fusion.reset_stats()
+        chain(gm.graph)
+        assert seen == [gm.graph] and fusion.stats().total == 1
+        fusion.uninstall()
+        assert config.post_grad_custom_post_pass is theirs
+    with config.patch(post_grad_custom_post_pass=None):
+        fusion.install()
+        assert config.post_grad_custom_post_pass is fusion.passes()
+        fusion.uninstall()
+        assert config.post_grad_custom_post_pass is None
+
+
+def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append((model, kw)) or model)
+    model = torch.nn.Linear(2, 2)
+    assert fusion.compile(model, fullgraph=True) is model
+    assert calls[-1][1] == {
+        "backend": "inductor",
+        "options": {"post_grad_custom_post_pass": fusion.passes()},
+        "fullgraph": True,
+    }
+
+    def mine(graph):
+        pass
+
+    fusion.compile(model, mode="reduce-overhead", options={"post_grad_custom_post_pass": mine, "max_autotune": False})
+    options = calls[-1][1]["options"]
+    assert options["triton.cudagraphs"] is True and options["max_autotune"] is False
+    assert options["post_grad_custom_post_pass"].passes == (mine, fusion.passes())  # mine first
+    decorated = fusion.compile(dynamic=False)(model)
+    assert decorated is model and calls[-1][1]["dynamic"] is False
+    with pytest.raises(InvalidArgumentError, match="backend='inductor'"):
+        fusion.compile(model, backend="eager")
+    with pytest.raises(InvalidArgumentError, match="mode must be one of"):
+        fusion.compile(model, mode="fastest")
+
+
+# ============================================================================ on two Gloo ranks
+
+
+def _decoder_inputs(rank: int, dtype):
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 5, HIDDEN, generator=gen).to(dtype)
+    w_attn = (torch.randn(HIDDEN, HIDDEN, generator=gen) / HIDDEN**0.5 * (rank + 1)).to(dtype)
+    w_mlp = (torch.randn(HIDDEN, HIDDEN, generator=gen) / HIDDEN**0.5 * (2 - rank)).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)
+    return [h, w_attn, w_mlp, norm_w]
+
+
+def _chain_inputs(rank: int, dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 7, HIDDEN, generator=gen) * (rank + 1)).to(dtype)
+    residual = torch.randn(3, 7, HIDDEN, generator=gen).to(dtype)
+    return [x, residual, (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)]
+
+
+def _both(fn, inputs):
+    """``fn``'s graph unrewritten and rewritten, both run on ``inputs``: (outputs, outputs, stats)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gm = fusion_pass._functional_trace(fn, [torch.empty_like(t) for t in inputs])
+    rewritten = copy.deepcopy(gm)
+    done = _rewrite(rewritten)
+    return gm(*inputs), rewritten(*inputs), done
+
+
+def _two_groups(x, residual, weight):
+    first = residual + all_reduce(x, "tp")
+    second = first + all_reduce(llama_rmsnorm(first, weight), "solo")
+    return llama_rmsnorm(second, weight), second
+
+
+def _small_model(x, residual, weight):
+    new_residual = all_reduce(x) + residual
+    return F.rms_norm(new_residual, (HIDDEN,), weight, 1e-5), new_residual
+
+
+def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
+    import sagellm_comm
+    from sagellm_comm import ops
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=120)
+    results: dict = {}
+    try:
+        ops.register_group(world, "tp")
+        ops.register_group(world.split(1), "solo")
+        cases = {
+            "decoder bf16": (decoder_stack, _decoder_inputs(rank, torch.bfloat16)),
+            "decoder fp32": (decoder_stack, _decoder_inputs(rank, torch.float32)),
+            "all-reduce used elsewhere": (_all_reduce_used_elsewhere, _chain_inputs(rank, torch.bfloat16)),
+            "two groups": (_two_groups, _chain_inputs(rank, torch.bfloat16)),
+        }
+        for form, (norm, _) in NORM_FORMS.items():
+            chain = functools.partial(_normed_chain, norm)
+            cases[f"norm {form}"] = (chain, _chain_inputs(rank, torch.bfloat16))
+        if FP8_MAX is not None:
+            for form, (quantise, _, _) in FP8_FORMS.items():
+                inputs = _chain_inputs(rank, torch.bfloat16) + [torch.tensor([0.02])]
+                cases[f"fp8 {form}"] = (_quantised_chain(quantise), inputs)
+        for name, (fn, inputs) in cases.items():
+            try:
+                unfused, fused, done = _both(fn, inputs)
+                results[name] = ("ok", (_portable(unfused), _portable(fused), done))
+            except Exception:
+                results[name] = ("raised", traceback.format_exc())
+                return results
+        results["ops"] = ("ok", _ops_against_the_fused_function(rank))
+        # The user's own torch.compile configuration, through Inductor (C++ code on the CPU).
+        inputs = _chain_inputs(rank, torch.float32)
+        fusion.reset_stats()
+        with no_compile_caches():
+            compiled = torch.compile(_small_model, options={"post_grad_custom_post_pass": fusion.passes()})
+            got = compiled(*inputs)
+        results["inductor"] = ("ok", (_portable(_small_model(*inputs)), _portable(got), fusion.stats()))
+        if FP8_MAX is not None:  # an FP8 model through sagellm_comm.compile.compile
+            inputs = _decoder_inputs(rank, torch.bfloat16) + [torch.tensor([0.02])]
+            fusion.reset_stats()
+            with no_compile_caches():
+                got = fusion.compile(fp8_decoder_stack, fullgraph=True)(*inputs)
+            expected = [fp8_decoder_stack(*inputs), decoder_stack(*inputs[:4])]  # FP8 unfused; unquantised
+            results["inductor fp8"] = ("ok", (_portable(expected), _portable(got), fusion.stats()))
+    finally:
+        sagellm_comm.destroy()
+    return results
+
+
+def _ops_against_the_fused_function(rank: int):
+    """The op wrappers on 3-d inputs against ``sagellm_comm.fused``'s function on the flattened rows (eager)."""
+    from sagellm_comm import fused, ops
+
+    x, residual, weight = _chain_inputs(rank, torch.bfloat16)
+    rows = (x.reshape(-1, HIDDEN), residual.reshape(-1, HIDDEN))
+    expected = [t.reshape(x.shape) for t in fused.all_reduce_residual_rmsnorm(*rows, weight, 1e-5, group="tp")]
+    got = list(ops.all_reduce_residual_rmsnorm(x, residual, weight, 1e-5, group="tp"))
+    if FP8_MAX is not None:
+        scale = torch.tensor([0.02])
+        for mode in FP8_MODES:
+            mode_scale = scale if mode == "fp8" else None
+            q, scales, new_residual = fused.all_reduce_residual_rmsnorm(
+                *rows, weight, 1e-5, group="tp", quant=mode, scale=mode_scale
+            )
+            scales = scales if mode == "fp8" else scales.reshape(*x.shape[:-1], -1)
+            expected += [q.reshape(x.shape), scales, new_residual.reshape(x.shape)]
+            got += list(ops.all_reduce_residual_rmsnorm(x, residual, weight, 1e-5, "tp", mode, mode_scale))
+            expected += list(fused.quantize_fp8_reference(got[-1], mode, mode_scale))
+            got += list(ops.quantize_fp8(got[-1], mode, mode_scale))
+    return _portable(expected), _portable(got), fusion.FusionStats()
+
+
+def _normed_chain(norm, x, residual, weight):
+    new_residual = residual + all_reduce(x)
+    return norm(new_residual, weight), new_residual
+
+
+def _portable(outputs) -> list[tuple[str, object]]:
+    """Tensors as (dtype name, fp32 numpy array): pickled by value to the test process (the values of bf16 and
+    FP8 tensors are exact in fp32)."""
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    return [(str(t.dtype).removeprefix("torch."), t.detach().float().numpy().copy()) for t in outputs]
+
+
+def _tensors(portable) -> list[torch.Tensor]:
+    return [torch.from_numpy(array).to(getattr(torch, dtype)) for dtype, array in portable]
+
+
+@pytest.fixture(scope="module")
+def gloo_outcomes() -> list[dict]:
+    return run_ranks(_gloo_worker, 2, timeout=420.0)
+
+
+def _case(outcomes, name):
+    values = []
+    for rank, result in enumerate(outcomes):
+        assert name in result, f"rank {rank} did not reach {name!r} (an earlier case raised)"
+        status, value = result[name]
+        assert status == "ok", f"rank {rank}:\n{value}"
+        unfused, fused, done = value
+        values.append((_tensors(unfused), _tensors(fused), done))
+    return values
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within one rounding of the dtype (the fused op rounds the RMSNorm once, in fp32, before the weight
+    multiply of some model code)."""
+    if expected.dtype == torch.float8_e4m3fn:
+        return _within_one_fp8_step(got, expected)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-20}[expected.dtype]
+    return bool(torch.allclose(got.float(), expected.float(), rtol=2 * ulp, atol=2 * ulp))
+
+
+def _within_one_fp8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    a, b = got.float(), expected.float()
+    step = torch.maximum(a.abs(), b.abs()) * 2**-3 + 2**-9  # e4m3: 3 mantissa bits; subnormal step 2^-9
+    return bool(((a - b).abs() <= step).all())
+
+
+GLOO_CASES = ["decoder bf16", "decoder fp32", "two groups"] + [f"norm {form}" for form in sorted(NORM_FORMS)]
+
+
+@pytest.mark.parametrize("name", GLOO_CASES)
+def test_rewritten_graphs_compute_what_the_model_does(gloo_outcomes, name) -> None:
+    per_rank = _case(gloo_outcomes, name)
+    expected_fusions = {"decoder bf16": 4, "decoder fp32": 4, "two groups": 2}.get(name, 1)
+    for rank, (unfused, fused, done) in enumerate(per_rank):
+        assert done.total == expected_fusions and done.all_reduces_left == 0, f"rank {rank}: {done}"
+        assert len(unfused) == len(fused)
+        for index, (got, expected) in enumerate(zip(fused, unfused, strict=True)):
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert _close(got, expected), f"rank {rank} output {index}: {(got.float() - expected.float()).abs().max()}"
+    for index in range(len(per_rank[0][1])):  # every rank gets the same bits where every rank reduced the same
+        if name != "two groups":
+            assert torch.equal(per_rank[0][1][index], per_rank[1][1][index])
+
+
+def test_an_all_reduce_used_elsewhere_is_left_and_every_output_is_right(gloo_outcomes) -> None:
+    for unfused, fused, done in _case(gloo_outcomes, "all-reduce used elsewhere"):
+        assert done.total == 0 and done.all_reduces_left == 1
+        assert all(torch.equal(a, b) for a, b in zip(fused, unfused, strict=True))
+
+
+def test_the_op_wrappers_give_the_fused_functions_results(gloo_outcomes) -> None:
+    for expected, got, _ in _case(gloo_outcomes, "ops"):
+        assert len(got) == len(expected) == (2 if FP8_MAX is None else 2 + 5 * len(FP8_MODES))
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.float(), b.float())
+
+
+def test_the_pass_in_a_users_own_torch_compile_options(gloo_outcomes) -> None:
+    for expected, got, done in _case(gloo_outcomes, "inductor"):
+        assert done.replaced == {"rms_norm": 1} and done.all_reduces_left == 0
+        for a, b in zip(got, expected, strict=True):
+            assert _close(a, b)
+
+
+@needs_fp8
+@pytest.mark.parametrize("form", sorted(FP8_FORMS))
+def test_fp8_rewrites_match_the_unfused_quantisation(gloo_outcomes, form) -> None:
+    per_rank = _case(gloo_outcomes, f"fp8 {form}")
+    for rank, (unfused, fused, done) in enumerate(per_rank):
+        assert done.total == 1, f"rank {rank}: {done}"
+        q, *scales, new_residual = fused
+        q_ref, *scales_ref, new_residual_ref = unfused
+        assert q.dtype == torch.float8_e4m3fn and _within_one_fp8_step(q, q_ref)
+        assert torch.equal(new_residual, new_residual_ref)
+        for got, expected in zip(scales, scales_ref, strict=True):  # dynamic scales: amax / 448 of y
+            assert torch.allclose(got, expected, rtol=2**-7)
+    assert all(torch.equal(a, b) for a, b in zip(per_rank[0][1], per_rank[1][1], strict=True))
+
+
+@needs_fp8
+def test_an_fp8_model_compiled_with_the_pass(gloo_outcomes) -> None:
+    """Per layer: the post-attention norm's per-token quantisation and the next input norm's static one are
+    fused; the final norm is fused unquantised; the first input norm has no all-reduce before it."""
+    for rank, (expected, got, done) in enumerate(_case(gloo_outcomes, "inductor fp8")):
+        assert done.replaced == {
+            "rmsnorm+quantize_fp8(fp8_per_token)": 2,
+            "rmsnorm+fp8_static": 1,
+            "rmsnorm": 1,
+        }, f"rank {rank}: {done}"
+        assert done.all_reduces_left == 0
+        (fused,), (unfused, unquantised) = got, expected
+        # The fused op rounds the RMSNorm output once (fp32 math), the model's code twice: some elements land on
+        # the other side of an FP8 rounding boundary.  The fused model must be as close to the unquantised one
+        # as the unfused FP8 model is, and differ from it by no more than FP8's own error.
+        fp8_error = _relative_l2(unfused, unquantised)
+        assert _relative_l2(fused, unquantised) <= 1.25 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
+        assert _relative_l2(fused, unfused) <= 1.5 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
+
+
+def _relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())

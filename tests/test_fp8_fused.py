@@ -1,0 +1,442 @@
+"""FP8 output of the fused all-reduce + residual + RMSNorm on the CPU: the kernels under the Triton interpreter
+(ranks as processes sharing a file-backed workspace), the Gloo fallback, the reference quantiser, bad input.
+
+The default run takes a few representative combinations (every mode and algorithm at W = 2, odd token counts,
+an odd world size); the sweep over W = 2..8 is ``slow``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+from tests.fp8_checks import assert_within_one_step, fp8_step
+
+INTERP = {"TRITON_INTERPRET": "1"}
+SLOT_BYTES = 32768
+MODES = ("fp8", "fp8_per_token", "fp8_group128")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+E4M3 = torch.float8_e4m3fn
+
+
+def _digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _inputs(case: int, world_size: int, rows: int, hidden: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(104729 * case + 31 * rows + hidden)
+    xs = [torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(world_size)]
+    residual = torch.randn(rows, hidden, generator=g).to(dtype)
+    if rows > 1:  # an all-zero row: its dynamic scales are the floor, its q zero
+        residual[rows // 2] = 0
+        for x in xs:
+            x[rows // 2] = 0
+    weight = (1.0 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    return xs, residual, weight
+
+
+def _reference(xs, residual, weight, eps, quant, scale):
+    """The unfused chain in torch ops, written out here: all-reduce (rank order, fp32, rounded), add, RMSNorm,
+    then the documented quantiser."""
+    from sagellm_comm.fused import quantize_fp8_reference
+
+    acc = torch.zeros(xs[0].shape, dtype=torch.float32)
+    for x in xs:
+        acc += x.float()
+    new_res = (acc.to(xs[0].dtype).float() + residual.float()).to(xs[0].dtype)
+    v = new_res.float()
+    y = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(xs[0].dtype)
+    q, s = quantize_fp8_reference(y, quant, scale)
+    return q, s, new_res
+
+
+def _check(outs, xs, residual, weight, eps, quant, scale, tag):
+    from sagellm_comm.fused import quantize_fp8_reference, rmsnorm_reference
+
+    q, scales, new_res = outs
+    q_ref, s_ref, res_ref = _reference(xs, residual, weight, eps, quant, scale)
+    rows, hidden = q_ref.shape
+    assert q.dtype == E4M3 and q.shape == (rows, hidden), (tag, q.dtype, q.shape)
+    if quant == "fp8":
+        assert scales is scale, f"{tag}: the static scale is returned as given"
+    else:
+        want = (rows, 1) if quant == "fp8_per_token" else (rows, hidden // 128)
+        assert scales.dtype == torch.float32 and scales.shape == want, (tag, scales.dtype, scales.shape)
+    if new_res.dtype == torch.float32:  # no conversion anywhere: the whole chain is the reference's
+        assert torch.equal(new_res, res_ref), tag
+        assert_within_one_step(q, scales, q_ref, s_ref, tag)
+        return
+    # 16-bit dtypes: the interpreter truncates fp32 -> 16-bit conversions (the GPU rounds: bit-equal there), so
+    # the reduced sum can differ by one ulp, which cancellation against the residual makes large.  Check the
+    # residual within that rounding, and the quantised output against the reference applied to it.
+    torch.testing.assert_close(new_res.float(), res_ref.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{tag}: {m}")
+    q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(new_res, weight, eps), quant, scale)
+    if quant != "fp8":
+        torch.testing.assert_close(scales, s_ref, rtol=2**-6, atol=0, msg=lambda m: f"{tag}: scales: {m}")
+    assert_within_one_step(q, scales, q_ref, s_ref, tag)
+
+
+def _setup(rank, world_size, port, timeout_s=60.0, slot_bytes=SLOT_BYTES):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=2)
+    return CustomAllReduce(ws, timeout_s=timeout_s), FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
+
+
+def _kernel_worker(rank, world_size, port, cases):
+    car, fused = _setup(rank, world_size, port)
+    digests = []
+    for i, (algo, quant, rows, hidden, dtype_name) in enumerate(cases):
+        dtype = DTYPES[dtype_name]
+        xs, residual, weight = _inputs(i, world_size, rows, hidden, dtype)
+        scale = torch.tensor([0.02 + 0.01 * i]) if quant == "fp8" else None
+        x, res_in = xs[rank].clone(), residual.clone()
+        outs = fused(x, res_in, weight, eps=1e-5, algo=algo, quant=quant, scale=scale)
+        fused.check_errors()
+        assert fused.last_selection.algo == algo
+        assert torch.equal(x, xs[rank]) and torch.equal(res_in, residual), "inputs were modified"
+        tag = f"{algo} {quant} {rows}x{hidden} {dtype_name}"
+        if quant is None:
+            from sagellm_comm.fused import rmsnorm_reference
+
+            normed, new_res = outs
+            *_, res_ref = _reference(xs, residual, weight, 1e-5, "fp8_per_token", None)
+            torch.testing.assert_close(new_res.float(), res_ref.float(), rtol=2e-2, atol=2e-2)
+            want = rmsnorm_reference(new_res, weight, 1e-5).float()
+            torch.testing.assert_close(normed.float(), want, rtol=2e-2, atol=2e-2, msg=lambda m, tag=tag: f"{tag}: {m}")
+        else:
+            _check(outs, xs, residual, weight, 1e-5, quant, scale, tag)
+        digests.append(_digest(*outs))
+    # The plain all-reduces, Lamport included, still work on the shared workspace after the fused calls.
+    for algo in ("lamport", "two_shot"):
+        y = torch.full((37,), float(rank + 1))
+        car.all_reduce(y, algo=algo)
+        assert torch.all(y == world_size * (world_size + 1) / 2), algo
+    return digests
+
+
+def _cases(world_size: int) -> list[tuple]:
+    """Every mode on every algorithm, odd token counts, all three dtypes across them."""
+    cases = []
+    for i, (algo, quant) in enumerate((a, q) for a in ("one_shot", "two_shot", "lamport") for q in MODES):
+        rows = (1, 3, 5, 2 * world_size + 1)[i % 4]
+        hidden = 256 if quant == "fp8_group128" else (200, 64, 256)[i % 3]
+        cases.append((algo, quant, rows, hidden, ("bfloat16", "float16", "float32")[i % 3]))
+    cases.append(("lamport", None, 3, 72, "bfloat16"))  # the unquantised op on the Lamport kernel too
+    return cases
+
+
+def _run_kernels(world_size: int) -> None:
+    cases = _cases(world_size)
+    per_rank = run_ranks(_kernel_worker, world_size, cases, env=INTERP, timeout=540)
+    for r in range(1, world_size):
+        for c, (a, b) in enumerate(zip(per_rank[0], per_rank[r], strict=True)):
+            assert a == b, f"rank {r} differs bitwise from rank 0 in {cases[c]}"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_mode_and_algorithm_matches_the_reference_and_ranks_agree(world_size):
+    _run_kernels(world_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [4, 5, 6, 7, 8])
+def test_every_mode_and_algorithm_at_every_world_size(world_size):
+    _run_kernels(world_size)
+
+
+def _gloo_worker(rank, world_size, port, token_counts):
+    import sagellm_comm
+    from sagellm_comm.fused import (
+        all_reduce_residual_rmsnorm,
+        last_selection,
+        quantize_fp8_reference,
+        rmsnorm_reference,
+    )
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    digests = []
+    try:
+        for i, tokens in enumerate(token_counts):
+            for quant in MODES:
+                xs, residual, weight = _inputs(i, world_size, tokens, 256, torch.bfloat16)
+                scale = torch.tensor(0.03) if quant == "fp8" else None  # shape () is accepted too
+                outs = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 1e-6, group=world, quant=quant,
+                                                   scale=scale)  # fmt: skip
+                sel = last_selection(world)
+                assert (sel.algo, sel.rule_id) == ("unfused", "custom-unavailable"), sel
+                # Gloo sums in its own order and precision: the residual within its rounding, the quantised output
+                # within a step of the reference quantiser applied to the RMSNorm of that residual.
+                *_, res_ref = _reference(xs, residual, weight, 1e-6, quant, scale)
+                tol = 2.0**-7 * (world_size + 1)  # Gloo adds bf16 in bf16: up to a rounding per addition
+                torch.testing.assert_close(outs[2].float(), res_ref.float(), rtol=tol, atol=4 * tol)
+                q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(outs[2], weight, 1e-6), quant, scale)
+                assert_within_one_step(outs[0], outs[1], q_ref, s_ref, f"gloo {quant} {tokens}")
+                digests.append(_digest(*outs))
+        return digests
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_gloo_fallback_every_mode():
+    per_rank = run_ranks(_gloo_worker, 2, (1, 7), timeout=120)
+    assert per_rank[0] == per_rank[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [3, 8])
+def test_gloo_fallback_larger_worlds(world_size):
+    per_rank = run_ranks(_gloo_worker, world_size, (1, 5, 33), timeout=300)
+    assert all(d == per_rank[0] for d in per_rank)
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+
+
+def test_reference_quantiser_by_hand():
+    from sagellm_comm.fused import FP8_MAX, FP8_SCALE_FLOOR, quantize_fp8_reference
+
+    assert FP8_MAX == 448.0 and FP8_SCALE_FLOOR == 2.0**-117
+    assert FP8_SCALE_FLOOR * 2.0**-9 == 2.0**-126  # the smallest non-zero q * s is the smallest normal fp32
+    y = torch.tensor([[448.0, -896.0, 1.0, 0.0, 3.0, 1000.0, -0.75, 17.0]], dtype=torch.bfloat16)
+    q, s = quantize_fp8_reference(y, "fp8", torch.tensor([2.0]))
+    assert q.float().tolist() == [[224.0, -448.0, 0.5, 0.0, 1.5, 448.0, -0.375, 8.0]]  # saturates at 448
+    q, s = quantize_fp8_reference(y, "fp8_per_token")
+    assert s.shape == (1, 1) and s.item() == pytest.approx(1000.0 / 448.0)
+    assert q.float()[0, 5] == 448.0
+    assert torch.equal(q.float()[0, :2], torch.tensor([448.0 * 448 / 1000, -448.0 * 896 / 1000]).to(E4M3).float())
+    # An all-zero row: the floor, not a division by zero.
+    q, s = quantize_fp8_reference(torch.zeros(2, 256), "fp8_group128")
+    assert s.shape == (2, 2) and torch.all(s == FP8_SCALE_FLOOR) and torch.all(q.float() == 0)
+    # Groups are independent: a large group does not coarsen a small one.
+    y = torch.cat([torch.full((128,), 1000.0), torch.linspace(-1e-3, 1e-3, 128)]).view(1, 256)
+    q, s = quantize_fp8_reference(y, "fp8_group128")
+    assert s[0, 0] == pytest.approx(1000.0 / 448.0) and s[0, 1] == pytest.approx(1e-3 / 448.0)
+    assert (q.float()[0, 128:] * s[0, 1] - y[0, 128:]).abs().max() <= 1e-3 / 16
+
+
+@pytest.mark.parametrize("quant", MODES)
+def test_reference_is_within_half_a_step_of_y(quant):
+    """Independently: |q * s - y| <= half the FP8 spacing at q (round to nearest), scales as documented."""
+    from sagellm_comm.fused import FP8_MAX, quantize_fp8_reference
+
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randn(9, 384, generator=g) * torch.logspace(-3, 2, 9).view(9, 1)).to(torch.bfloat16)
+    scale = torch.tensor([0.01]) if quant == "fp8" else None
+    q, s = quantize_fp8_reference(y, quant, scale)
+    per = s.float().reshape(()) if quant == "fp8" else s.repeat_interleave(384 // s.shape[-1], dim=-1)
+    if quant != "fp8":
+        groups = y.float().abs().view(9, s.shape[-1], -1).amax(-1)
+        assert torch.equal(s, groups / FP8_MAX)
+    target = (y.float() / per).clamp(-448, 448)
+    err = (q.float() - target).abs()
+    assert torch.all(err <= fp8_step(q) / 2 + 1e-6), float((err / fp8_step(q)).max())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _bad_input_worker(rank, world_size, port):
+    from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError, WorkspaceExhaustedError
+    from sagellm_comm.fused import quantize_fp8_reference
+
+    car, fused = _setup(rank, world_size, port)
+    x, w = torch.randn(3, 256), torch.ones(256)
+    ok_scale = torch.tensor([0.1])
+    epoch = car.epoch
+    bad = [
+        (ShapeMismatchError, "one-element", dict(quant="fp8", scale=torch.ones(2))),
+        (InvalidArgumentError, "float32", dict(quant="fp8", scale=torch.ones(1, dtype=torch.float16))),
+        (InvalidArgumentError, "scale, a one-element", dict(quant="fp8", scale=None)),
+        (InvalidArgumentError, "scale must be None", dict(quant="fp8_per_token", scale=ok_scale)),
+        (InvalidArgumentError, "scale must be None", dict(quant="fp8_group128", scale=ok_scale)),
+        (InvalidArgumentError, "quant must be None or one of", dict(quant="int8")),
+        (InvalidArgumentError, "quant must be None or one of", dict(quant="FP8")),
+        (InvalidArgumentError, "only taken with quant='fp8'", dict(scale=ok_scale)),
+    ]
+    for error, match, kwargs in bad:
+        with pytest.raises(error, match=match):
+            fused(x, x, w, **kwargs)
+    with pytest.raises(ShapeMismatchError, match="divisible by 128"):
+        fused(torch.randn(3, 200), torch.randn(3, 200), torch.ones(200), quant="fp8_group128")
+    with pytest.raises(InvalidArgumentError, match="takes x in"):
+        fused(x.double(), x.double(), w.double(), quant="fp8_per_token")
+    with pytest.raises(InvalidArgumentError, match="takes x in"):
+        quantize_fp8_reference(x.to(torch.int32), "fp8_per_token")
+    with pytest.raises(WorkspaceExhaustedError, match="algo=lamport takes at most"):
+        big = torch.ones(SLOT_BYTES // 2 // 64 + 1, 64)  # over the Lamport buffers' SLOT_BYTES // 2 elements
+        fused(big, big, torch.ones(64), algo="lamport", quant="fp8_per_token")
+    with pytest.raises(InvalidArgumentError, match="algo must be"):
+        fused(x, x, w, algo="ring", quant="fp8_per_token")
+    assert car.epoch == epoch, "a rejected call must not have run anything"
+    # The ranks are still in step: a valid call of every mode works.
+    for quant in MODES:
+        outs = fused(x * (rank + 1), x, w, quant=quant, scale=ok_scale if quant == "fp8" else None)
+        fused.check_errors()
+        assert outs[0].dtype == E4M3
+    return True
+
+
+def test_bad_inputs_raise_typed_errors_before_anything_runs():
+    run_ranks(_bad_input_worker, 2, env=INTERP, timeout=300)
+
+
+def _gloo_bad_input_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        x, w = torch.randn(2, 200), torch.ones(200)
+        # Only rank 0 passes bad input: it must raise without entering the all-reduce, or rank 1 (which does
+        # enter it) would pair its all-reduce with rank 0's next one and get a wrong sum.
+        if rank == 0:
+            with pytest.raises(ShapeMismatchError, match="divisible by 128"):
+                all_reduce_residual_rmsnorm(x, x, w, group=world, quant="fp8_group128")
+            with pytest.raises(InvalidArgumentError, match="scale is on meta"):
+                all_reduce_residual_rmsnorm(x, x, w, group=world, quant="fp8", scale=torch.ones(1, device="meta"))
+        ones = torch.ones(2, 200)
+        q, s, res = all_reduce_residual_rmsnorm(ones * (rank + 1), torch.zeros(2, 200), w, 0.0, world, "fp8_per_token")
+        assert torch.equal(res, torch.full((2, 200), 3.0))  # 1 + 2: the two ranks' calls paired up
+        assert torch.all(q.float() == 448.0) and torch.all(s == 1.0 / 448.0)
+        return True
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_bad_input_on_the_fallback_raises_before_the_all_reduce():
+    run_ranks(_gloo_bad_input_worker, 2, timeout=120)
+
+
+def test_math_of_the_bounds():
+    """The bound the tests use is one FP8 step: adjacent e4m3 values are one step apart."""
+    q = torch.tensor([1.0, 1.125, 15.0, 16.0, 2.0**-9, 448.0]).to(E4M3)
+    assert fp8_step(q).tolist() == [0.125, 0.125, 1.0, 2.0, 2.0**-9, 32.0]
+    assert math.isclose(float(q[1]) - float(q[0]), float(fp8_step(q)[0]))
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+
+
+def _policy_worker(rank, world_size, port):
+    from sagellm_comm.errors import BackendNotSupportedError
+    from sagellm_comm.fused import (
+        FusedAllReduceRMSNorm,
+        FusionPolicy,
+        FusionRule,
+        quantize_fp8_reference,
+        rmsnorm_reference,
+    )
+
+    slot = 1 << 20  # over the Lamport buffers' 128 K elements: messages the Lamport kernel cannot take fit
+    car, fused = _setup(rank, world_size, port, slot_bytes=slot)
+
+    def pair(sel):
+        return sel.algo, sel.rule_id
+
+    cap = car.workspace.lamport_capacity
+    assert cap < slot // 2
+    # The default follows the all-reduce policy (Lamport for small messages at 2 ranks), capacities apply.
+    assert pair(fused.select(2 * 64 * 8, "fp8_per_token", 8, 64)) == ("lamport", "ws2-lamport")
+    assert pair(fused.select(4 << 20, None, 8, 1 << 18)) == ("unfused", "over-workspace")
+
+    def forced(path):
+        return FusedAllReduceRMSNorm(car.workspace, policy=FusionPolicy([FusionRule("f", path)]))
+
+    n = cap + 64  # over the Lamport buffers, in the slot
+    assert pair(forced("lamport").select(2 * n, "fp8", n // 64, 64)) == ("one_shot", "f+lamport-capacity")
+    n = 3 * slot // 8  # bf16 fits (0.75 MB), but two-shot stages 3 bytes an element (1.1 MB)
+    assert pair(forced("two_shot").select(2 * n, "fp8_group128", n // 256, 256)) == (
+        "one_shot",
+        "fused-two-shot-capacity",
+    )
+    assert pair(forced("two_shot").select(2 * n, None, n // 256, 256)) == ("one_shot", "fused-two-shot-capacity")
+    assert pair(forced("two_shot").select(2 * slot // 5, None, slot // 5 // 256, 256)) == ("two_shot", "f")
+    policy = FusionPolicy.from_dict(
+        {"rules": [
+            {"id": "big-unfused", "path": "unfused", "quant": ["fp8_per_token"], "min_tokens": 4},
+            {"id": "small-two-shot", "path": "two_shot", "world_sizes": [2], "max_tokens": 3},
+            {"id": "rest", "path": "all_reduce_policy"},
+        ]}
+    )  # fmt: skip
+    assert FusionPolicy.from_dict(policy.to_dict()).rules == policy.rules
+    mine = FusedAllReduceRMSNorm(car.workspace, fallback=lambda t: car.all_reduce(t, algo="one_shot"), policy=policy)
+    assert pair(mine.select(2 * 5 * 256, "fp8_per_token", 5, 256)) == ("unfused", "big-unfused")
+    assert pair(mine.select(2 * 5 * 256, "fp8_group128", 5, 256)) == ("lamport", "ws2-lamport")
+    assert pair(mine.select(2 * 2 * 256, None, 2, 256)) == ("two_shot", "small-two-shot")
+    xs, residual, weight = _inputs(0, world_size, 5, 256, torch.float32)
+    epoch = car.epoch
+    q, s, new_res = mine(xs[rank], residual, weight, quant="fp8_per_token")
+    assert (mine.last_selection.algo, car.epoch) == ("unfused", epoch + 1)  # the all-reduce ran, then torch ops
+    q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(new_res, weight, 1e-6), "fp8_per_token")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    # Unfused by policy without a fallback: a typed error, nothing run.
+    bare = FusedAllReduceRMSNorm(car.workspace, policy=policy)
+    with pytest.raises(BackendNotSupportedError, match="big-unfused|no fallback"):
+        bare(xs[rank], residual, weight, quant="fp8_per_token")
+    assert car.epoch == epoch + 1
+    return _digest(q, s, new_res)
+
+
+def test_fusion_policy_rules_and_capacities():
+    digests = run_ranks(_policy_worker, 2, env=INTERP, timeout=300)
+    assert digests[0] == digests[1]
+
+
+def test_fusion_policy_refuses_bad_rules():
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+
+    with pytest.raises(InvalidArgumentError, match="path must be one of"):
+        FusionPolicy([FusionRule("x", "ring")])
+    with pytest.raises(InvalidArgumentError, match="quant must name"):
+        FusionPolicy([FusionRule("x", "unfused", quant=("int8",))])
+    with pytest.raises(InvalidArgumentError, match="unknown keys"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "tokens": 3}]})
+    with pytest.raises(InvalidArgumentError, match="must be a list"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
+    with pytest.raises(InvalidArgumentError, match="at least one rule"):
+        FusionPolicy.from_dict({"rules": []})
+
+
+def _timeout_worker(rank, world_size, port, algo):
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommTimeoutError
+
+    _, fused = _setup(rank, world_size, port, timeout_s=0.3)
+    if rank == 1:  # never joins
+        dist.barrier()
+        return None
+    q, s, _ = fused(torch.ones(3, 128), torch.ones(3, 128), torch.ones(128), algo=algo, quant="fp8_group128")
+    with pytest.raises(CommTimeoutError) as info:
+        fused.check_errors()
+    assert info.value.details["peer"] == 1, info.value.details
+    assert torch.all(q.view(torch.uint8) & 0x7F == 0x7F) and torch.all(s.isnan()), "a failed call's output is NaN"
+    dist.barrier()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("algo", ["lamport", "two_shot"])
+def test_missing_peer_is_named_and_the_output_is_nan(algo):
+    msg = run_ranks(_timeout_worker, 2, algo, env=INTERP, timeout=300)[0]
+    assert "peer rank 1 never arrived" in msg

@@ -1,0 +1,120 @@
+"""``examples/llama_disaggregated.py``: a Llama's prefill in one process, its KV-cache blocks moved to another
+with a transfer agent, and the decode steps there compared with decoding in the first.
+
+CPU: the example itself in two processes over NIXL (loopback); under the Triton interpreter over the ipc path
+(slow); the block layout helpers with a negative control (blocks of the wrong sequence give different logits);
+every bad argument refused in one line.  GPU (``-m gpu``): two processes on one GPU, ``auto`` choosing ipc, and
+NIXL over VRAM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason='needs transformers: pip install -e ".[examples]"'
+)
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "llama_disaggregated.py"
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 600.0) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def _check_output(proc: subprocess.CompletedProcess, backend: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    steps = [line for line in proc.stdout.splitlines() if " max |decode - prefill| " in line]
+    assert len(steps) == 6 and all(line.endswith("ok") for line in steps), out
+    assert f"via {backend}" in proc.stdout and "decode read req-0's blocks" in proc.stdout
+
+
+def test_prefill_and_decode_in_two_processes_over_nixl_give_the_same_logits():
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    proc = _run("--spawn", "2")
+    _check_output(proc, "nixl")
+    assert proc.stdout.count("bit-exact") == 6  # the same bytes on the same kind of device
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_over_the_ipc_path_under_the_interpreter():
+    proc = _run("--spawn", "2", "--backend", "ipc", env={"TRITON_INTERPRET": "1"})
+    _check_output(proc, "ipc")
+
+
+def test_blocks_round_trip_and_the_wrong_blocks_give_different_logits():
+    from examples import llama_disaggregated as ex
+    from examples import llama_tp
+
+    config = llama_tp.small_llama_config()
+    model = llama_tp.build_llama(config)
+    prompt, next_tokens = llama_tp.make_batch(config, batch_size=2, seq_len=7, decode_steps=2, seed=5)
+    cache = ex.DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True, **{llama_tp.CACHE_KWARG: cache})
+    pool = torch.zeros(16, *ex.block_shape(config, 3))
+    ids = [[9, 2, 14], [0, 7, 5]]  # 3 blocks of 3 tokens per sequence, the last one partial
+    ex.store_blocks(cache, pool, ids, 3)
+    rebuilt = ex.load_cache(pool, ids, 7)
+    for layer, entry in enumerate(cache.layers):
+        assert torch.equal(rebuilt.layers[layer].keys, entry.keys)
+        assert torch.equal(rebuilt.layers[layer].values, entry.values)
+    with torch.no_grad():
+        expected = ex._decode_steps(model, next_tokens, cache)
+        swapped = ex._decode_steps(model, next_tokens, ex.load_cache(pool, ids[::-1], 7))
+    for step in expected:
+        assert not llama_tp.logit_error(swapped[step], expected[step], torch.float32)["ok"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ([], "either --spawn 2 or --role"),
+        (["--spawn", "3"], "--spawn must be 2"),
+        (["--spawn", "2", "--role", "decode"], "either --spawn 2 or --role"),
+        (["--role", "decode"], "--role needs --store"),
+        (["--role", "decode", "--store", "nowhere"], "HOST:PORT"),
+        (["--spawn", "2", "--block-tokens", "0"], "--block-tokens must be >= 1"),
+        (["--spawn", "2", "--seq-len", "300"], "pool's 64 blocks"),
+        (["--spawn", "2", "--device", "tpu"], "cpu or cuda"),
+        (["--spawn", "2", "--backend", "carrier-pigeon"], "unknown transfer backend"),
+        (["--spawn", "2", "--timeout", "0"], "--timeout must be positive"),
+        (["--spawn", "2", "--dtype", "int8"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
+    from examples import llama_disaggregated as ex
+
+    with pytest.raises(SystemExit) as info:
+        ex.main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_processes_on_one_gpu_pick_ipc_and_match(dtype):
+    proc = _run("--spawn", "2", "--device", "cuda", "--dtype", dtype)
+    _check_output(proc, "ipc")
+    assert "CUDA IPC" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_two_processes_on_one_gpu_over_nixl_vram():
+    pytest.importorskip("nixl_cu13", reason="needs NIXL")
+    proc = _run("--spawn", "2", "--device", "cuda", "--backend", "nixl")
+    _check_output(proc, "nixl")

@@ -1,0 +1,447 @@
+"""Transfer agents moving real bytes between processes on the CPU, on both transports:
+
+* ``nixl``: NIXL over UCX on loopback (DRAM; UCX picks shared-memory / CMA copies and TCP for notifications);
+* ``ipc``: our block-copy kernel under the Triton interpreter over shared-file mappings of CPU tensors (the
+  same descriptors, kernel, notification rings and liveness checks as on GPUs).
+
+Every check compares against bytes computed independently (a seeded generator both sides rebuild), including
+blocks the request did not name (untouched), and every failure is a typed error naming the peer within its
+deadline.  Metadata goes between processes through a ``TCPStore``, as an engine's control plane would carry it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_ranks
+
+pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+
+INTERP = {"TRITON_INTERPRET": "1"}
+ENVS = {"nixl": {}, "ipc": INTERP}
+BLOCK = 1024  # bytes of one float32 block of the "kv" pools
+BLOCKS = 48
+
+
+def _store(rank: int, port: int):
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", port, is_master=rank == 0, timeout=timedelta(seconds=60), wait_for_workers=False)
+
+
+def _source(seed: int, numel: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=g).to(dtype) if dtype.is_floating_point else torch.randint(
+        0, 255, (numel,), generator=g, dtype=dtype)  # fmt: skip
+
+
+def _wait_notes(agent, count: int, timeout: float = 30.0) -> list[tuple[str, bytes]]:
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got += agent.notifications()
+    assert len(got) >= count, f"only {got} of {count} notifications within {timeout}s"
+    return got
+
+
+# ============================================================================ scattered write / read / prepared
+def _pair_worker(rank, world_size, port, backend):
+    from sagellm_comm.transfer import TransferAgent
+
+    store = _store(rank, port)
+    name = ("prefill", "decode")[rank]
+    agent = TransferAgent(name, backend)
+    kv = agent.allocate("kv", BLOCKS * BLOCK // 4, torch.float32)
+    raw = agent.allocate("raw", 5001, torch.uint8)
+    if rank == 0:
+        kv.copy_(_source(1, kv.numel()))
+        raw.copy_(_source(2, raw.numel(), torch.uint8))
+    store.set(f"meta/{rank}", agent.metadata())
+    peer = agent.add_peer(store.get(f"meta/{1 - rank}"))
+    assert agent.peer_backend(peer) == backend, agent.backend_reason(peer)
+    rng = np.random.default_rng(7)
+    perm = rng.permutation(BLOCKS)
+    kv_blocks = [(int(i) * BLOCK, int(perm[i]) * BLOCK, BLOCK) for i in range(0, BLOCKS, 3)]
+    # odd offsets and sizes in a byte region; destinations disjoint
+    raw_blocks = [(0, 4000, 1), (1, 3, 17), (100, 3001, 999), (2000, 20, 333), (4999, 5000, 1)]
+    result = {}
+    if rank == 0:
+        handles = [agent.write(peer, "kv", "kv", kv_blocks, notify=b"kv-1"),
+                   agent.write(peer, "raw", "raw", np.array(raw_blocks), notify=b"raw-1")]  # fmt: skip
+        for h in handles:
+            h.wait(30)
+            assert h.state == "done" and h.done()
+        result["transport"] = agent.peer_transport(peer)
+        # Ordering: each round's notification arrives only after its bytes (the decode side checks).
+        for k in range(1, 6):
+            kv[:256].fill_(float(k))
+            agent.write(peer, "kv", "kv", [(0, (BLOCKS - 1) * BLOCK, BLOCK)], notify=f"round-{k}".encode()).wait(30)
+        # Prepared pools: block ids instead of byte triples.
+        prepared = agent.prepare(peer, "kv", "kv", BLOCK)
+        prepared.write([5, 6, 7], [1, 0, 2], notify=b"prepared").wait(30)
+        store.set("written", b"1")
+        store.wait(["pulled"])
+        result["notes"] = _wait_notes(agent, 2)
+        prepared.release()
+    else:
+        notes = []
+        deadline = time.monotonic() + 60
+        while len(notes) < 8 and time.monotonic() < deadline:
+            for sender, message in agent.notifications():
+                notes.append((sender, message))
+                if message.startswith(b"round-"):
+                    k = int(message.split(b"-")[1])
+                    last = kv[(BLOCKS - 1) * 256 :]
+                    assert bool((last >= k).all()) and bool((last == last[0]).all()), (k, last[:4])
+        result["notes"] = notes
+        store.wait(["written"])
+        src_kv, src_raw = _source(1, kv.numel()), _source(2, raw.numel(), torch.uint8)
+        expected = torch.zeros_like(kv)
+        for lo, ro, n in kv_blocks:
+            expected[ro // 4 : (ro + n) // 4] = src_kv[lo // 4 : (lo + n) // 4]
+        src_kv[:256] = 5.0  # the rounds changed source block 0; the last round wrote 5.0
+        expected[(BLOCKS - 1) * 256 :] = 5.0
+        for lb, rb in zip([5, 6, 7], [1, 0, 2], strict=True):
+            expected[rb * 256 : (rb + 1) * 256] = src_kv[lb * 256 : (lb + 1) * 256]
+        assert torch.equal(kv, expected), "kv pool differs (touched or untouched blocks)"
+        expected_raw = torch.zeros_like(raw)
+        for lo, ro, n in raw_blocks:
+            expected_raw[ro : ro + n] = src_raw[lo : lo + n]
+        assert torch.equal(raw, expected_raw)
+        # Pull (read) scattered blocks back from the prefill side, with a notification to it.
+        pulled = agent.allocate("pulled", BLOCKS * BLOCK // 4, torch.float32)
+        reads = [(i * BLOCK, (BLOCKS - 1 - i) * BLOCK, BLOCK) for i in range(0, BLOCKS, 5)]
+        agent.read(peer, "pulled", "kv", reads, notify=b"pulled-1").wait(30)
+        prepared = agent.prepare(peer, "pulled", "kv", BLOCK)
+        prepared.read([1, 2], [40, 41], notify=b"pulled-2").wait(30)
+        expected_pull = torch.zeros_like(pulled)
+        for lo, ro, n in reads:
+            expected_pull[lo // 4 : (lo + n) // 4] = src_kv[ro // 4 : (ro + n) // 4]
+        for lb, rb in ((1, 40), (2, 41)):
+            expected_pull[lb * 256 : (lb + 1) * 256] = src_kv[rb * 256 : (rb + 1) * 256]
+        assert torch.equal(pulled, expected_pull)
+        store.set("pulled", b"1")
+    if rank == 0:  # the store's server: the last to leave
+        store.wait(["done/1"])
+    else:
+        store.set("done/1", b"1")
+    agent.close()
+    return result
+
+
+@pytest.mark.parametrize("backend", ["nixl", "ipc"])
+def test_scattered_write_read_prepared_and_notifications_between_two_processes(backend):
+    prefill, decode = run_ranks(_pair_worker, 2, backend, timeout=180.0, env=ENVS[backend])
+    assert decode["notes"][:2] == [("prefill", b"kv-1"), ("prefill", b"raw-1")] or sorted(decode["notes"][:2]) == [
+        ("prefill", b"kv-1"), ("prefill", b"raw-1")]  # fmt: skip
+    assert [m for _, m in decode["notes"] if m.startswith(b"round-")] == [f"round-{k}".encode() for k in range(1, 6)]
+    assert decode["notes"][-1] == ("prefill", b"prepared")
+    assert sorted(prefill["notes"]) == [("decode", b"pulled-1"), ("decode", b"pulled-2")]
+    assert ("UCX" if backend == "nixl" else "interpreter") in prefill["transport"]
+
+
+# ============================================================================ peers joining, leaving, dying
+def _state(pid: int | str) -> str:
+    """The state letter of a process (or ``pid/task/tid``): ``T`` stopped, ``Z`` exited, ``X`` gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def _exited(pid: int) -> bool:
+    """Every thread of ``pid`` has exited (its files, and the locks on them, are released).  The main thread
+    shows ``Z`` as soon as it exits; the others may still be tearing down, holding the process's files."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    return all(_state(f"{pid}/task/{tid}") in "ZX" for tid in threads)
+
+
+def _faults_worker(rank, world_size, port, backend):
+    from sagellm_comm.errors import CommTimeoutError, InvalidArgumentError, PeerLostError
+    from sagellm_comm.transfer import TransferAgent
+
+    store = _store(rank, port)
+    name = ("A", "B", "C", "C")[rank]
+    if rank == 3:
+        store.wait(["c-dead"], timedelta(seconds=90))  # a restarted C: same name, new process
+    agent = TransferAgent(name, backend, timeout=30.0)
+    pool = agent.allocate("kv", 16 * BLOCK // 4, torch.float32)
+    if rank == 0:
+        pool.copy_(_source(3, pool.numel()))
+    store.set(f"meta/{rank}", agent.metadata())
+    store.set(f"pid/{rank}", str(os.getpid()))
+    out = {}
+    if rank == 0:
+        b = agent.add_peer(store.get("meta/1"))
+        c = agent.add_peer(store.get("meta/2"))
+        agent.write(c, "kv", "kv", [(0, 0, BLOCK)]).wait(30)
+        store.set("stop-c", b"1")
+        c_pid = int(store.get("pid/2"))
+        deadline = time.monotonic() + 30
+        while _state(c_pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stuck = agent.write(c, "kv", "kv", [(i * BLOCK, i * BLOCK, BLOCK) for i in range(1, 16)])
+        to_b = agent.write(b, "kv", "kv", [(2 * BLOCK, 5 * BLOCK, 2 * BLOCK)], notify=b"to-b")
+        to_b.wait(30)  # the other peer is not affected by C's state
+        start = time.monotonic()
+        try:
+            stuck.wait(timeout=1.0)
+            out["stopped"] = "completed"  # one-sided ipc writes land in a stopped process's memory
+        except CommTimeoutError as exc:
+            out["stopped"] = ("timeout", exc.details["peer"], time.monotonic() - start)
+        os.kill(c_pid, signal.SIGKILL)
+        while not _exited(c_pid):
+            time.sleep(0.01)
+        start = time.monotonic()
+        try:
+            agent.write(c, "kv", "kv", [(0, 0, BLOCK)], notify=b"to-dead").wait(timeout=10.0)
+            out["dead"] = "completed"
+        except PeerLostError as exc:
+            out["dead"] = ("lost", exc.details["peer"], time.monotonic() - start, exc.code.value)
+        agent.write(b, "kv", "kv", [(7 * BLOCK, 9 * BLOCK, BLOCK)], notify=b"to-b-2").wait(30)
+        agent.remove_peer(c)
+        try:
+            agent.write(c, "kv", "kv", [(0, 0, BLOCK)])
+        except InvalidArgumentError as exc:
+            out["removed"] = "unknown peer" in str(exc)
+        store.set("c-dead", b"1")
+        c2 = agent.add_peer(store.get("meta/3"))  # the restarted C
+        agent.write(c2, "kv", "kv", [(3 * BLOCK, 4 * BLOCK, BLOCK)], notify=b"hello-again").wait(30)
+        out["restart_backend"] = agent.peer_backend(c2)
+        store.wait(["b-checked", "c2-checked"])
+        agent.remove_peer(b)  # B leaves; A keeps running
+        out["peers"] = agent.peers
+    elif rank == 1:
+        notes = _wait_notes(agent, 2, 60)
+        src = _source(3, pool.numel())
+        expected = torch.zeros_like(pool)
+        expected[5 * 256 : 7 * 256] = src[2 * 256 : 4 * 256]
+        expected[9 * 256 : 10 * 256] = src[7 * 256 : 8 * 256]
+        assert torch.equal(pool, expected), "B's blocks differ (touched or untouched)"
+        out["notes"] = notes
+        store.set("b-checked", b"1")
+    elif rank == 2:
+        store.wait(["stop-c"])
+        os.kill(os.getpid(), signal.SIGSTOP)  # A kills it while stopped
+        time.sleep(60)
+    else:
+        notes = _wait_notes(agent, 1, 60)
+        expected = torch.zeros_like(pool)
+        expected[4 * 256 : 5 * 256] = _source(3, pool.numel())[3 * 256 : 4 * 256]
+        assert torch.equal(pool, expected)
+        out["notes"] = notes
+        store.set("c2-checked", b"1")
+    store.set(f"done/{rank}", b"1")
+    if rank == 0:
+        store.wait(["done/1", "done/3"])
+    agent.close()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["nixl", "ipc"])
+def test_a_stopped_then_killed_peer_fails_in_time_others_unaffected_and_a_restarted_peer_rejoins(backend):
+    env = {**ENVS[backend], "UCX_TLS": "tcp"}  # TCP: a stopped peer's memory is not written without it
+    a, b, _, c2 = run_ranks(_faults_worker, 4, backend, timeout=240.0, env=env, expect_dead={2})
+    if backend == "nixl":
+        kind, peer, elapsed = a["stopped"]
+        assert (kind, peer) == ("timeout", "C") and 0.9 < elapsed < 3.0, a["stopped"]
+    else:
+        assert a["stopped"] == "completed"
+    kind, peer, elapsed, code = a["dead"]
+    assert (kind, peer, code) == ("lost", "C", "transfer_peer_lost") and elapsed < 10.0, a["dead"]
+    assert a["removed"] and a["restart_backend"] == backend and a["peers"] == ["C"]
+    assert b["notes"] == [("A", b"to-b"), ("A", b"to-b-2")]
+    assert c2["notes"] == [("A", b"hello-again")]
+
+
+# ============================================================================ bad input, in one process
+def _bad_inputs_worker(rank, world_size, port, backend):
+    from sagellm_comm.errors import (
+        CommError,
+        CommTimeoutError,
+        InvalidArgumentError,
+        NotInitializedError,
+        ShapeMismatchError,
+    )
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import AgentMetadata
+
+    a, b = TransferAgent("a", backend), TransferAgent("b", backend)
+    src = a.allocate("kv", 1024, torch.float32)
+    src.copy_(_source(4, 1024))
+    a.allocate("bytes", 64, torch.uint8)
+    dst = b.allocate("kv", 1024, torch.float32)
+    b.allocate("bytes", 64, torch.uint8)
+    b.allocate("half", 64, torch.float16)
+    # a peer whose "gpu" region claims device memory: a device mismatch for a CPU region
+    meta = AgentMetadata.decode(b.metadata())
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    refused = {}
+
+    def expect(label, cls, words, fn):
+        try:
+            fn()
+        except cls as exc:
+            assert isinstance(exc, CommError) and words in str(exc), (label, str(exc))
+            refused[label] = exc.code.value
+            return
+        raise AssertionError(f"{label}: no {cls.__name__}")
+
+    blocks = [(0, 0, 64)]
+    expect("unknown peer", InvalidArgumentError, "unknown peer 'z'", lambda: a.write("z", "kv", "kv", blocks))
+    expect("unknown local region", InvalidArgumentError, "unknown local region 'nope'",
+           lambda: a.write(peer, "nope", "kv", blocks))  # fmt: skip
+    expect("unknown remote region", InvalidArgumentError, "has no region 'nope'",
+           lambda: a.write(peer, "kv", "nope", blocks))  # fmt: skip
+    expect("past the end", InvalidArgumentError, "outside the remote region",
+           lambda: a.write(peer, "kv", "kv", [(0, 4096 - 60, 64)]))  # fmt: skip
+    expect("past the local end", InvalidArgumentError, "outside the local region",
+           lambda: a.read(peer, "kv", "kv", [(4095, 0, 4)]))  # fmt: skip
+    expect("negative", InvalidArgumentError, "outside", lambda: a.write(peer, "kv", "kv", [(-4, 0, 4)]))
+    expect("empty block", InvalidArgumentError, "positive", lambda: a.write(peer, "kv", "kv", [(0, 0, 0)]))
+    expect("no blocks", InvalidArgumentError, "empty", lambda: a.write(peer, "kv", "kv", []))
+    expect("overlap", InvalidArgumentError, "overlap", lambda: a.write(peer, "kv", "kv", [(0, 0, 64), (64, 32, 64)]))
+    expect("misaligned", InvalidArgumentError, "element size", lambda: a.write(peer, "kv", "kv", [(2, 0, 4)]))
+    expect("dtype", ShapeMismatchError, "holds float32", lambda: a.write(peer, "kv", "half", [(0, 0, 4)]))
+    expect("notify too long", InvalidArgumentError, "notify must be 1..496",
+           lambda: a.write(peer, "kv", "kv", blocks, notify=b"x" * 497))  # fmt: skip
+    expect("notify type", InvalidArgumentError, "notify must be bytes", lambda: a.write(peer, "kv", "kv", blocks,
+                                                                                         notify=17))  # fmt: skip
+    expect("non-contiguous", InvalidArgumentError, "not contiguous",
+           lambda: a.register("t", torch.zeros(8, 8).t()))  # fmt: skip
+    expect("registered twice", InvalidArgumentError, "already registered", lambda: a.register("kv", torch.zeros(4)))
+    expect("own metadata", InvalidArgumentError, "own name", lambda: a.add_peer(a.metadata()))
+    expect("garbage metadata", InvalidArgumentError, "metadata", lambda: a.add_peer(b"{}"))
+    prepared = a.prepare(peer, "kv", "kv", 256)
+    expect("block id", InvalidArgumentError, "outside", lambda: prepared.write([0], [16]))
+    expect("duplicate id", InvalidArgumentError, "named twice", lambda: prepared.write([0, 1], [3, 3]))
+    expect("bad wait timeout", InvalidArgumentError, "timeout", lambda: prepared.write([0], [1]).wait(timeout=-1))
+    prepared.release()
+    expect("released", InvalidArgumentError, "released", lambda: prepared.write([0], [1]))
+    # A device mismatch: a peer that says its region is GPU memory.
+    meta.name, meta.regions["kv"] = "b-gpu", type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
+    gpu_peer = a.add_peer(meta.encode())
+    expect("device", ShapeMismatchError, "same kind of device", lambda: a.write(gpu_peer, "kv", "kv", blocks))
+    # A peer removed with a transfer in flight: its wait names the peer; re-adding the same agent works.
+    from sagellm_comm.errors import PeerLostError
+
+    in_flight = a.write(peer, "kv", "kv", [(1024, 2048, 64)])
+    a.remove_peer(peer)
+    try:
+        in_flight.wait(10)
+    except PeerLostError as exc:
+        refused["removed in flight"] = exc.details["peer"]
+    peer = a.add_peer(b.metadata())
+    a.write(peer, "kv", "kv", [(1024, 2048, 64)]).wait(10)
+    assert torch.equal(dst[512:528], src[256:272])
+    dst[512:528] = 0
+    # Nothing above moved a byte or sent a notification (but the one valid write, of a prepared block).
+    time.sleep(0.5)
+    notes = b.notifications()
+    untouched = dst.clone()
+    untouched[64:128] = 0  # the valid prepared write: block 1 of 256 bytes
+    assert not untouched.any(), "a refused transfer wrote into the destination"
+    assert notes == [], notes
+    # A handle waited past its deadline with a peer that does not progress is covered by the fault test; here a
+    # closed agent refuses everything.
+    a.close()
+    expect("closed", NotInitializedError, "was closed", lambda: a.write(peer, "kv", "kv", blocks))
+    a.close()  # idempotent
+    b.close()
+    assert CommTimeoutError.code.value == "comm_timeout"
+    return refused
+
+
+@pytest.mark.parametrize("backend", ["nixl", "ipc"])
+def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
+    (refused,) = run_ranks(_bad_inputs_worker, 1, backend, timeout=120.0, env=ENVS[backend])
+    assert len(refused) == 24, sorted(refused)
+    assert refused.pop("closed") == "comm_not_initialized"
+    assert refused.pop("removed in flight") == "b"
+    assert set(refused.values()) == {"invalid_argument"}, refused
+
+
+# ============================================================================ auto: which transport, and why
+def _auto_worker(rank, world_size, port):
+    from sagellm_comm.errors import BackendNotSupportedError
+    from sagellm_comm.transfer import TransferAgent
+
+    out = {}
+    # Same host, both CPU regions in shared memory, the interpreter on: the ipc path.
+    a, b = TransferAgent("a"), TransferAgent("b")
+    assert a.backends == ["ipc", "nixl"]
+    a.allocate("kv", 256, torch.float32)
+    b.allocate("kv", 256, torch.float32)
+    out["same_host"] = (a.add_peer(b.metadata()), a.peer_backend("b"), a.backend_reason("b"))
+    # A private CPU tensor cannot be mapped by a peer: auto reaches that peer through NIXL and says why.
+    c = TransferAgent("c")
+    c.register("kv", torch.zeros(256))
+    a.add_peer(c.metadata())
+    out["private"] = (a.peer_backend("c"), a.backend_reason("c"))
+    try:
+        TransferAgent("d", "ipc").register("kv", torch.zeros(256))
+    except BackendNotSupportedError as exc:
+        out["explicit_ipc_private"] = str(exc)
+    # Another host (simulated by the host name): NIXL.
+    os.environ["SAGELLM_COMM_HOSTNAME"] = "node-b"
+    e = TransferAgent("e")
+    e.allocate("kv", 256, torch.float32)
+    meta_e = e.metadata()
+    del os.environ["SAGELLM_COMM_HOSTNAME"]
+    a.add_peer(meta_e)
+    out["other_host"] = (a.peer_backend("e"), a.backend_reason("e"))
+    for agent in (a, b, c, e):
+        agent.close()
+    return out
+
+
+def test_auto_picks_ipc_on_one_host_and_nixl_otherwise_and_says_why():
+    (out,) = run_ranks(_auto_worker, 1, timeout=120.0, env=INTERP)
+    assert out["same_host"][:2] == ("b", "ipc") and "best transport" in out["same_host"][2]
+    assert out["private"][0] == "nixl" and "process-private" in out["private"][1], out["private"]
+    assert "process-private" in out["explicit_ipc_private"]
+    assert out["other_host"][0] == "nixl" and "runs on host 'node-b'" in out["other_host"][1], out["other_host"]
+
+
+# ============================================================================ a CommBackend world's agents
+def _world_worker(rank, world_size, port):
+    import sagellm_comm
+
+    backend = sagellm_comm.get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_addr="127.0.0.1",
+                                                         master_port=port, timeout=60)  # fmt: skip
+    pool = torch.full((world_size, 64), -1.0)
+    agent = backend.transfer_agent(f"rank{rank}", {"kv": pool}, backend="nixl")
+    peers = sorted(agent.peers)
+    row = torch.full((64,), float(rank))
+    pool[rank] = row
+    nbytes = 64 * 4
+    handles = [agent.write(f"rank{p}", "kv", "kv", [(rank * nbytes, rank * nbytes, nbytes)], notify=f"{rank}".encode())
+               for p in range(world_size) if p != rank]  # fmt: skip
+    for h in handles:
+        h.wait(30)
+    notes = _wait_notes(agent, world_size - 1)
+    x = torch.ones(4)
+    backend.all_reduce(x)  # the world still works beside the agents
+    backend.barrier()
+    agent.close()
+    backend.destroy()
+    return peers, sorted(notes), pool.tolist(), x.tolist()
+
+
+def test_comm_backend_transfer_agent_connects_the_world_in_one_call():
+    results = run_ranks(_world_worker, 3, timeout=120.0, torchrun_env=False)
+    for rank, (peers, notes, pool, x) in enumerate(results):
+        assert peers == [f"rank{p}" for p in range(3) if p != rank]
+        assert notes == [(f"rank{p}", str(p).encode()) for p in range(3) if p != rank]
+        assert pool == [[float(p)] * 64 for p in range(3)] and x == [3.0] * 4

@@ -1,0 +1,93 @@
+"""``sagellm-comm transfer``: a short real run on the CPU (NIXL, raw NIXL and the torch reference; the ipc path
+under the interpreter), its files, and every refused request: one line, exit status 2, before any process starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sagellm_comm.cli", "transfer", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    stem = tmp_path / "transfer"
+    plot = str(tmp_path / "t.png")
+    proc = _cli("--block-sizes", "4K,64K", "--block-counts", "1,5", "--iters", "3", "--warmup", "1",
+                "--notify-iters", "4", "--out", str(stem), "--plot", plot, "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout
+    assert "backends nixl, nixl-raw, torch" in table and "Wrong bytes: 0, failed points: 0: OK" in table
+    assert "UCX RMA:" in table and "notification latency, nixl" in table
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["meta"]["commit"] and "2 processes" in record["meta"]["device"] and "command" in record["meta"]
+    assert record["setup"]["backends"] == ["nixl", "nixl-raw", "torch"]
+    results = record["results"]
+    assert len(results) == 2 * 2 * 2 * 3  # sizes x counts x ops x backends
+    assert {r["backend"] for r in results} == {"nixl", "nixl-raw", "torch"}
+    assert all(r["num_wrong"] == 0 and r["gbps"] > 0 and r["timing"] == "wall" for r in results)
+    assert record["notify"]["nixl"]["samples"] == 4
+    with stem.with_suffix(".csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(results)
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_the_ipc_path_under_the_interpreter_moves_exact_bytes_and_notifies():
+    proc = _cli("--backend", "ipc,nixl", "--block-sizes", "4K", "--block-counts", "1,3", "--iters", "2",
+                "--warmup", "1", "--notify-iters", "3", "--prepared", "--no-save", "--no-progress",
+                env={"TRITON_INTERPRET": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ipc: block-copy kernel (Triton interpreter)" in proc.stdout
+    assert "notification latency, ipc" in proc.stdout and "(prepared block ids)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--backend", "nope"], "unknown backend 'nope'"),
+        (["--backend", "ipc"], "Triton interpreter"),
+        (["--backend", "copy-engine"], "CUDA device"),
+        (["--block-sizes", "17"], "multiple of 16"),
+        (["--block-sizes", "4X"], "bad message size"),
+        (["--block-counts", "0"], "must be >= 1"),
+        (["--block-counts", "two"], "must be integers"),
+        (["--ops", "send"], "unknown op 'send'"),
+        (["--iters", "0"], "--iters must be >= 1"),
+        (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
+        (["--timeout", "0"], "--timeout must be positive"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "tpu"], "cpu or cuda"),
+        (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),
+        (["--plot", "x.nope"], "--plot x.nope"),
+        (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),
+    ],
+)
+def test_bad_requests_are_refused_in_one_line_with_exit_2(args, words, capsys, monkeypatch):
+    from sagellm_comm.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if "--device" in args and "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as info:
+        main(["transfer", *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.count("\n") == 1 and words in err and err.startswith("sagellm-comm transfer: error:"), err

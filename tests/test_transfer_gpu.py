@@ -1,0 +1,213 @@
+"""The ipc transfer path on a GPU (``-m gpu``): two processes on one GPU, the block-copy kernel over CUDA IPC
+mappings, exact bytes against a reference computed on the receiving side, notifications after every byte,
+peers that die.  Skipped without a CUDA GPU.
+
+Commands for the device machine (python3 3.12, torch 2.11+cu130, cupy-cuda13x; NIXL from the wheel)::
+
+    PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -m gpu tests/test_transfer_gpu.py tests/test_llama_disaggregated.py
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA, run_ranks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+GPU_ENV = {"TRITON_INTERPRET": None, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
+MB = 1 << 20
+
+
+def _store(rank: int, port: int):
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", port, is_master=rank == 0, timeout=timedelta(seconds=120), wait_for_workers=False)
+
+
+def _pattern(seed: int, nbytes: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8, device="cuda")
+
+
+def _notes(agent, count: int, timeout: float = 60.0) -> list:
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got += agent.notifications()
+    assert len(got) >= count, got
+    return got
+
+
+# (local_offset, remote_offset, nbytes) cases: 16-byte aligned (vector path), odd (byte path), one long block
+# (cut into 64 KB work items), 1000 scattered 16 KB blocks
+def _cases(rng) -> dict[str, np.ndarray]:
+    scattered = rng.permutation(2048)[:1000]
+    return {
+        "aligned": np.array([[0, 16 * MB, 4096], [8192, 20 * MB, 48], [MB, 5 * MB, 65536 + 16]]),
+        "odd": np.array([[1, 30 * MB + 3, 1], [17, 31 * MB + 1, 12345], [33 * MB + 7, 90, 999]]),
+        "long": np.array([[40 * MB, 64 * MB, 64 * MB]]),
+        "scattered": np.stack([np.arange(1000) * 16384, 130 * MB + scattered * 16384, np.full(1000, 16384)], 1),
+    }
+
+
+def _pair_worker(rank, world_size, port):
+    from sagellm_comm.transfer import TransferAgent
+
+    torch.cuda.set_device(0)
+    store = _store(rank, port)
+    agent = TransferAgent(("sender", "receiver")[rank])
+    # The pool is a slice of a larger caching-allocator block: its IPC handle names the whole allocation.
+    backing = torch.zeros(200 * MB + 4096, dtype=torch.uint8, device="cuda")
+    pool = backing[4096:]
+    agent.register("pool", pool)
+    store.set(f"meta/{rank}", agent.metadata())
+    peer = agent.add_peer(store.get(f"meta/{1 - rank}"))
+    out = {"backend": agent.peer_backend(peer), "reason": agent.backend_reason(peer)}
+    cases = _cases(np.random.default_rng(3))
+    if rank == 0:
+        pool[: 100 * MB].copy_(_pattern(1, 100 * MB))
+        for name, table in cases.items():
+            agent.write(peer, "pool", "pool", table, notify=name.encode()).wait(60)
+        # 200 writes queued back to back (each from its own source block)
+        for k in range(200):
+            pool[150 * MB + k * 4096 : 150 * MB + (k + 1) * 4096].fill_(k % 251)
+            agent.write(peer, "pool", "pool", [(150 * MB + k * 4096, 180 * MB + k * 4096, 4096)],
+                        notify=f"v{k}".encode())  # fmt: skip
+        torch.cuda.synchronize()
+        # prepared pools: 1000 x 16 KB by block ids, then a read back into a fresh region checked on the device
+        prepared = agent.prepare(peer, "pool", "pool", 16384)
+        prepared.write(list(range(1000)), list(range(6000, 7000)), notify=b"prepared").wait(60)
+        store.set("written", b"1")
+        store.wait(["checked"])
+        back = torch.zeros(16 * MB, dtype=torch.uint8, device="cuda")
+        agent.register("back", back)
+        handle = agent.read(peer, "back", "pool", cases["scattered"], notify=b"read")
+        handle.wait_on_stream()  # the comparison below is queued behind the copy, no host wait
+        out["read_wrong"] = int((back[: 1000 * 16384] != _pattern(1, 100 * MB)[: 1000 * 16384]).sum())
+    else:
+        notes = _notes(agent, 4 + 200 + 1)
+        out["notes"] = [m for _, m in notes]
+        store.wait(["written"])
+        source = _pattern(1, 100 * MB)
+        expected = torch.zeros_like(pool)
+        for table in cases.values():
+            for lo, ro, n in table.tolist():
+                expected[ro : ro + n] = source[lo : lo + n]
+        for k in range(200):
+            expected[180 * MB + k * 4096 : 180 * MB + (k + 1) * 4096] = k % 251
+        for i in range(1000):
+            expected[(6000 + i) * 16384 : (6001 + i) * 16384] = source[i * 16384 : (i + 1) * 16384]
+        out["wrong"] = int((pool != expected).sum())  # touched and untouched bytes alike
+        out["front_untouched"] = bool((backing[:4096] == 0).all())
+        store.set("checked", b"1")
+        out["read_note"] = _notes(agent, 1)
+    store.set(f"done/{rank}", b"1")
+    if rank == 0:
+        store.wait(["done/1"])
+    agent.close()
+    return out
+
+
+def test_ipc_between_two_processes_on_one_gpu_moves_exact_bytes_and_notifies_after_them():
+    sender, receiver = run_ranks(_pair_worker, 2, timeout=300.0, env=GPU_ENV)
+    assert sender["backend"] == receiver["backend"] == "ipc", sender["reason"]
+    assert receiver["wrong"] == 0 and receiver["front_untouched"] and sender["read_wrong"] == 0
+    notes = receiver["notes"]
+    assert notes[:4] == [b"aligned", b"odd", b"long", b"scattered"]
+    assert notes[4:204] == [f"v{k}".encode() for k in range(200)] and notes[204] == b"prepared"
+    assert receiver["read_note"] == [("sender", b"read")]
+
+
+def _ordering_worker(rank, world_size, port):
+    """Every notification's block already holds its bytes when the notification is seen (checked on arrival)."""
+    from sagellm_comm.transfer import TransferAgent
+
+    torch.cuda.set_device(0)
+    store = _store(rank, port)
+    agent = TransferAgent(("sender", "receiver")[rank], "ipc")
+    block = 64 * 1024
+    pool = agent.allocate("pool", 2 * 300 * block, torch.uint8, "cuda")
+    store.set(f"meta/{rank}", agent.metadata())
+    bad = 0
+    if rank == 0:
+        peer = agent.add_peer(store.get("meta/1"))
+        for k in range(300):  # queued back to back, each from its own source block into its own block
+            pool[k * block : (k + 1) * block].fill_(k % 256)
+            agent.write(peer, "pool", "pool", [(k * block, (300 + k) * block, block)], notify=k.to_bytes(4, "little"))
+            if k % 50 == 49:  # the ring to the peer holds 64 unread notifications
+                store.wait([f"seen/{k}"])
+        torch.cuda.synchronize()
+    else:
+        seen = 0
+        deadline = time.monotonic() + 120
+        host = torch.empty(16, dtype=torch.uint8, pin_memory=True)
+        while seen < 300 and time.monotonic() < deadline:
+            for _, message in agent.notifications():
+                k = int.from_bytes(message, "little")
+                host.copy_(pool[(301 + k) * block - 16 : (301 + k) * block])  # the block's last bytes, after the note
+                bad += not bool((host == k % 256).all())
+                seen += 1
+                if k % 50 == 49:
+                    store.set(f"seen/{k}", b"1")
+        assert seen == 300, seen
+    agent.close()
+    return bad
+
+
+def test_a_notification_is_never_seen_before_its_bytes():
+    assert run_ranks(_ordering_worker, 2, timeout=300.0, env=GPU_ENV) == [0, 0]
+
+
+def _death_worker(rank, world_size, port):
+    from sagellm_comm.errors import PeerLostError
+    from sagellm_comm.transfer import TransferAgent
+
+    torch.cuda.set_device(0)
+    store = _store(rank, port)
+    agent = TransferAgent(f"r{rank}")
+    agent.allocate("pool", 4 * MB, torch.uint8, "cuda")
+    store.set(f"meta/{rank}", agent.metadata())
+    store.set(f"pid/{rank}", str(os.getpid()))
+    if rank == 1:
+        time.sleep(120)  # killed by rank 0
+        return None
+    peer = agent.add_peer(store.get("meta/1"))
+    agent.write(peer, "pool", "pool", [(0, 0, MB)]).wait(30)
+    os.kill(int(store.get("pid/1")), signal.SIGKILL)
+    start = time.monotonic()
+    while True:
+        try:
+            agent.write(peer, "pool", "pool", [(0, 0, MB)]).wait(10)
+        except PeerLostError as exc:
+            elapsed = time.monotonic() - start
+            agent.close()
+            return exc.details["peer"], elapsed
+        if time.monotonic() - start > 30:
+            return "never failed", None
+        time.sleep(0.05)  # the process exits over a few milliseconds
+
+
+def test_a_killed_peer_on_the_same_gpu_fails_the_next_transfer_naming_it():
+    result, _ = run_ranks(_death_worker, 2, timeout=200.0, env=GPU_ENV, expect_dead={1})
+    peer, elapsed = result
+    assert peer == "r1" and elapsed < 10.0, result
+
+
+def test_the_transfer_benchmark_runs_on_one_gpu_with_every_byte_right():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "sagellm_comm.cli", "transfer", "--block-sizes", "16K", "--block-counts", "1,100",
+           "--iters", "5", "--warmup", "2", "--notify-iters", "10", "--no-save", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(repo)]))}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Wrong bytes: 0" in proc.stdout and "notification latency, ipc" in proc.stdout

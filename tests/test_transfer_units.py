@@ -1,0 +1,314 @@
+"""The transfer package's parts on their own, in this process: block tables and their checks, metadata, the
+registry, shared memory and owner locks, and the notification rings (records written by the host the way the
+block-copy kernel writes them: message first, sequence number last).
+
+Transfers between agents (NIXL over loopback, the ipc path under the Triton interpreter) are in
+tests/test_transfer.py; the kernel's PTX is checked in tests/test_kernels_compile.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    ErrorCode,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnavailableError,
+)
+from sagellm_comm.transfer import descriptors as d
+from sagellm_comm.transfer import notify, registry, shared
+from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
+
+F32 = d.RegionInfo("kv", 4096, "float32", 4, "cpu")
+U8 = d.RegionInfo("raw", 1000, "uint8", 1, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- block tables
+def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_input():
+    triples = [(0, 16, 32), (64, 128, 16)]
+    for given in (triples, np.array(triples, dtype=np.int32), torch.tensor(triples)):
+        table = d.block_table(given)
+        assert table.dtype == np.int64 and table.flags.c_contiguous and table.tolist() == [list(t) for t in triples]
+    for bad, words in (
+        ([], "empty"),
+        ([(1, 2)], "shape"),
+        ([(1, 2, "x")], "integers"),
+        (np.zeros((2, 3), dtype=np.float32), "integers"),
+        ("0,0,4", "list"),
+        (torch.zeros(2, 3, dtype=torch.int64, device="meta"), "CPU"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=words):
+            d.block_table(bad)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "op", "words"),
+    [
+        ([(0, 0, 0)], "write", "positive"),
+        ([(0, 0, -4)], "write", "positive"),
+        ([(-4, 0, 4)], "write", "outside the local region"),
+        ([(4092, 0, 8)], "write", "outside the local region"),
+        ([(0, 4096, 4)], "write", "outside the remote region"),
+        ([(0, 2, 4)], "write", "multiples of the element size"),
+        ([(0, 0, 6)], "write", "multiples of the element size"),
+        ([(0, 0, 64), (64, 60, 8)], "write", "overlap in the destination"),
+        ([(0, 0, 64), (32, 64, 64)], "read", "overlap in the destination"),
+    ],
+)
+@pytest.mark.parametrize("pad", [0, 40], ids=["few", "many"])  # Python-int and numpy paths
+def test_check_blocks_refuses_blocks_outside_regions_misaligned_or_overlapping(blocks, op, words, pad):
+    padding = [(2048 + 8 * i, 2048 + 8 * i, 4) for i in range(pad)]  # valid, disjoint from the tested blocks
+    with pytest.raises(InvalidArgumentError, match=words) as info:
+        d.check_blocks(d.block_table(padding + blocks), F32, F32, op, "peer 'p'")
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert f"block {pad}" in str(info.value) or f"blocks {pad}" in str(info.value)  # names the first bad one
+
+
+def test_check_blocks_accepts_source_overlap_and_adjacent_destinations():
+    # The same source block twice (a gather may repeat a source) into adjacent destinations: fine for a write,
+    # but the read of the same table has overlapping destinations (the local side).
+    table = d.block_table([(0, 0, 64), (0, 64, 64), (128, 128, 4)])
+    d.check_blocks(table, F32, F32, "write", "peer 'p'")
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        d.check_blocks(table, F32, F32, "read", "peer 'p'")
+    d.check_blocks(d.block_table([(999, 0, 1), (0, 999, 1)]), U8, U8, "write", "peer 'p'")  # bytes: any offset
+
+
+def test_check_pair_refuses_dtype_and_device_mismatch():
+    with pytest.raises(ShapeMismatchError, match="holds float32.*holds uint8"):
+        d.check_blocks(d.block_table([(0, 0, 4)]), F32, U8, "write", "peer 'p'")
+    gpu = d.RegionInfo("kv", 4096, "float32", 4, "cuda")
+    with pytest.raises(ShapeMismatchError, match="same kind of device"):
+        d.check_blocks(d.block_table([(0, 0, 4)]), F32, gpu, "write", "peer 'p'")
+
+
+@pytest.mark.parametrize("part", [1, 16, 100, 4096])
+def test_split_rows_cuts_long_blocks_and_covers_every_byte_once(part):
+    rng = np.random.default_rng(part)
+    table = np.stack([rng.integers(0, 10_000, 50), rng.integers(0, 10_000, 50), rng.integers(1, 9000, 50)], 1)
+    rows = d.split_rows(table.astype(np.int64), part)
+    assert (rows[:, 2] <= part).all() and (rows[:, 2] > 0).all()
+    expected = {(s + k, t + k) for s, t, n in table.tolist() for k in range(n)}
+    got = {(s + k, t + k) for s, t, n in rows.tolist() for k in range(n)}
+    assert got == expected and rows[:, 2].sum() == table[:, 2].sum()
+
+
+def test_block_ids_layout_and_their_checks():
+    layout = d.make_layout(F32, d.RegionInfo("kv", 1000, "float32", 4, "cpu"), 256, "peer 'p'")
+    assert (layout.local_blocks, layout.remote_blocks) == (16, 3)
+    ids = d.block_ids([0, 15, 3], np.array([2, 0, 1]))
+    d.check_block_ids(ids, layout, "write")
+    assert d.ids_to_table(ids, 256).tolist() == [[0, 512, 256], [3840, 0, 256], [768, 256, 256]]
+    for local, remote, op, words in (
+        ([16], [0], "write", "local block id 16 is outside"),
+        ([0], [-1], "write", "remote block id -1"),
+        ([0, 1], [2, 2], "write", "remote block 2 is named twice"),
+        ([1, 1], [0, 2], "read", "local block 1 is named twice"),
+        ([0, 1], [0], "write", "2 local block ids but 1"),
+        ([], [], "write", "no block ids"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=words):
+            d.check_block_ids(d.block_ids(local, remote), layout, op)
+    d.check_block_ids(d.block_ids([1, 1], [0, 2]), layout, "write")  # repeated source: fine
+    for bad, words in ((0, "positive"), (6, "multiple of the element size"), (8192, "larger than")):
+        with pytest.raises(InvalidArgumentError, match=words):
+            d.make_layout(F32, F32, bad, "peer 'p'")
+
+
+def test_make_region_refuses_what_cannot_be_registered():
+    with pytest.raises(InvalidArgumentError, match="not contiguous"):
+        d.make_region("kv", torch.zeros(4, 4).t())
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        d.make_region("kv", torch.zeros(0))
+    with pytest.raises(InvalidArgumentError, match="torch.Tensor"):
+        d.make_region("kv", np.zeros(4))
+    with pytest.raises(InvalidArgumentError, match="region name"):
+        d.make_region("", torch.zeros(4))
+    region = d.make_region("kv", torch.zeros(3, 5, dtype=torch.bfloat16))
+    assert region.info == d.RegionInfo("kv", 30, "bfloat16", 2, "cpu", 0)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+def test_metadata_round_trips_and_refuses_foreign_bytes():
+    meta = local_identity("decode-0", "abc")
+    meta.regions = {"kv": F32}
+    meta.transports = {"nixl": {"agent": "AAEC", "regions": {"kv": [1, 2, 0]}}}
+    again = AgentMetadata.decode(meta.encode())
+    assert again == meta and again.same_process(meta) and again.same_host(meta)
+    other = AgentMetadata("x", "y", meta.host, "another-boot", 1)
+    assert not other.same_host(meta)
+    for bad in (b"", b"hello", meta.encode()[:-5], 17, b"sagellm-transfer-agent/1\n{}"):
+        with pytest.raises(InvalidArgumentError, match="metadata"):
+            AgentMetadata.decode(bad)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_lists_builtins_best_first_and_registers_third_party_backends():
+    names = registry.list_transfer_backends()
+    assert names.index("ipc") < names.index("nixl")
+    with pytest.raises(InvalidArgumentError, match="reserved"):
+        registry.register_transfer_backend("auto", object)
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        registry.register_transfer_backend("nixl", object)
+    with pytest.raises(BackendNotSupportedError, match="unknown transfer backend 'nope'"):
+        registry.resolve("nope")
+
+    def missing() -> bool:
+        raise BackendNotSupportedError("the mooncake package is not installed")
+
+    registry.register_transfer_backend("mooncake-test", object, is_available=missing, priority=1000)
+    try:
+        assert registry.list_transfer_backends()[0] == "mooncake-test"
+        assert "not installed" in registry.transfer_backend_unavailable("mooncake-test")
+        with pytest.raises(BackendNotSupportedError, match="not installed"):
+            registry.resolve("mooncake-test")
+        entries, skipped = registry.resolve("auto")
+        assert "mooncake-test" in skipped and "mooncake-test" not in [e.name for e in entries]
+    finally:
+        registry.unregister_transfer_backend("mooncake-test")
+
+
+# ---------------------------------------------------------------------------------------------- shared memory
+def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
+    tensor = shared.shared_cpu_tensor((3, 5), torch.float16)
+    assert tensor.shape == (3, 5) and tensor.dtype == torch.float16 and not tensor.any()
+    path, offset = shared.shared_file_of(tensor.data_ptr() + 4, 8)
+    assert offset == 4 and os.path.exists(path) and shared.owner_alive(path)
+    mapped = torch.from_file(path, shared=True, size=30, dtype=torch.uint8)
+    tensor.view(-1).view(torch.uint8)[7] = 42
+    assert int(mapped[7]) == 42  # one memory
+    del tensor
+    assert not os.path.exists(path)
+    with pytest.raises(BackendNotSupportedError, match="process-private"):
+        shared.shared_file_of(torch.zeros(1024).data_ptr(), 16)
+
+
+def test_owner_lock_tells_a_live_owner_from_a_dead_one():
+    path = shared.new_path("-test")
+    open(path, "wb").close()
+    try:
+        lock = shared.OwnerLock(path)
+        probe = shared.LivenessProbe(path)
+        assert probe.alive()
+        lock.release()
+        assert not probe.alive()
+        probe.close()
+        # A process that held the lock and was killed: the kernel released it.
+        code = f"import fcntl, os, signal; fd = os.open({path!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); " \
+               "print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)"  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert "locked" in out.stdout and out.returncode == -9
+        assert not shared.owner_alive(path)
+        assert not shared.owner_alive(path + "-never-created")
+    finally:
+        os.unlink(path)
+
+
+# ---------------------------------------------------------------------------------------------- rings
+def _publish(outbox: notify.Outbox, message: bytes) -> int:
+    """What the kernel does: write length and message, then the sequence number."""
+    seq, address = outbox.reserve()
+    record = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * notify.RECORD_BYTES).from_address(address))
+    image = np.zeros(notify.RECORD_BYTES, dtype=np.uint8)
+    notify.record_image(seq, message, image)
+    record[8:] = image[8:]
+    notify.fence()
+    record[:8] = image[:8]
+    return seq
+
+
+@pytest.fixture
+def live_sender():
+    """The inbox path of a sender that is alive (its owner lock is held)."""
+    path = shared.new_path("-sender")
+    open(path, "wb").close()
+    lock = shared.OwnerLock(path)
+    yield path
+    lock.release()
+    os.unlink(path)
+
+
+def test_ring_delivers_in_order_across_wrap_refuses_when_full_and_survives_a_new_sender(live_sender):
+    inbox = notify.Inbox()
+    try:
+        first = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        second = notify.Outbox(inbox.path, "prefill-1", live_sender, 5.0)
+        assert first.slot != second.slot
+        sent = []
+        for i in range(3 * notify.ENTRIES + 5):  # wraps the ring three times
+            message = f"req-{i}".encode() * (1 + i % 7)
+            _publish(first, message)
+            sent.append(("prefill-0", message))
+            if i % 10 == 9:
+                assert inbox.drain() == sent
+                sent = []
+        _publish(second, b"y" * 496)
+        assert inbox.drain() == [*sent, ("prefill-1", b"y" * 496)]
+        for _ in range(notify.ENTRIES):
+            _publish(first, b"z")
+        with pytest.raises(UnavailableError, match="unread notifications"):
+            first.reserve()
+        assert len(inbox.drain()) == notify.ENTRIES
+        _publish(first, b"after")  # room again
+        first.release()
+        # The released slot still drains, then is reused by a new sender whose numbering starts at 1.
+        third = notify.Outbox(inbox.path, "prefill-2", live_sender, 5.0)
+        assert third.slot != first.slot  # "after" was not consumed yet
+        assert inbox.drain() == [("prefill-0", b"after")]
+        fourth = notify.Outbox(inbox.path, "prefill-3", live_sender, 5.0)
+        assert fourth.slot == first.slot
+        _publish(fourth, b"new")
+        assert inbox.drain() == [("prefill-3", b"new")]
+        for outbox in (second, third, fourth):
+            outbox.release()
+    finally:
+        inbox.close()
+    assert not os.path.exists(inbox.path)
+
+
+def test_ring_slot_of_a_dead_sender_is_reused_once_drained(live_sender):
+    inbox = notify.Inbox()
+    try:
+        # Senders whose inbox path does not exist count as dead: a slot is reclaimable once drained.
+        boxes = [notify.Outbox(inbox.path, f"s{i}", live_sender, 5.0) for i in range(1, notify.SLOTS)]
+        dead = notify.Outbox(inbox.path, "dead", "/nonexistent/0", 5.0)
+        _publish(dead, b"last words")
+        with pytest.raises(UnavailableError, match="no free slot"):
+            notify.Outbox(inbox.path, "late", live_sender, 5.0)  # the dead sender's record is unread
+        assert inbox.drain() == [("dead", b"last words")]
+        assert notify.Outbox(inbox.path, "late", live_sender, 5.0).slot == dead.slot
+        assert len(boxes) == notify.SLOTS - 1
+    finally:
+        inbox.close()
+
+
+def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender):
+    inbox = notify.Inbox()
+    try:
+        boxes = [notify.Outbox(inbox.path, f"s{i}", live_sender, 5.0) for i in range(notify.SLOTS)]
+        with pytest.raises(UnavailableError, match="no free slot"):
+            notify.Outbox(inbox.path, "one too many", live_sender, 5.0)
+        boxes[3].release()
+        assert notify.Outbox(inbox.path, "now", live_sender, 5.0).slot == boxes[3].slot
+    finally:
+        inbox.close()
+
+
+def test_reading_a_ring_never_runs_code_from_the_file():
+    # A name or message is data: drain returns bytes and str, nothing is evaluated.
+    inbox = notify.Inbox()
+    try:
+        box = notify.Outbox(inbox.path, "__import__('os').system('false')", "/nonexistent/x", 5.0)
+        _publish(box, textwrap.dedent("print('x')").encode())
+        assert inbox.drain() == [("__import__('os').system('false')", b"print('x')")]
+    finally:
+        inbox.close()
