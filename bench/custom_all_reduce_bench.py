@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from sagellm_comm import custom_all_reduce as car_mod
+from sagellm_comm import CommConfig
 from sagellm_comm.benchmark import parse_size_range
 from sagellm_comm.benchmark.plan import cuda_available
 from sagellm_comm.benchmark.provenance import provenance, write_record
@@ -65,6 +65,8 @@ def main() -> None:
         raise SystemExit("bench/custom_all_reduce_bench.py: needs a CUDA GPU (the virtual ranks run on one)")
     from sagellm_comm.virtual import VirtualRankGroup
 
+    config = CommConfig.from_env()  # every group of the run uses it; the record states its tile shapes
+
     dtype = torch.bfloat16
     worlds = [int(w) for w in args.worlds.split(",")]
     sizes = parse_size_range(args.sizes)
@@ -73,7 +75,7 @@ def main() -> None:
     rows = []
     for world in worlds:
         max_bytes = min(sizes[-1], (64 << 30) // (4 * world))
-        vg = VirtualRankGroup(world, "cuda:0", max_bytes=max_bytes)
+        vg = VirtualRankGroup(world, "cuda:0", max_bytes=max_bytes, config=config)
         for nbytes in sizes:
             numel = nbytes // 2
             if nbytes > vg.max_bytes:
@@ -137,9 +139,9 @@ def main() -> None:
         torch.cuda.get_device_name(),
         timing="sagellm_comm.benchmark.timing.time_graph: median of --reps replays, per call",
         copy_roofline_gbps=roof,
-        large_tile_bytes=car_mod.LARGE_TILE_BYTES,
-        large_num_warps=car_mod.LARGE_NUM_WARPS,
-        large_stages=car_mod.LARGE_STAGES,
+        large_tile_bytes=config.large_tile_bytes,
+        large_num_warps=config.large_num_warps,
+        large_stages=config.large_stages,
     )
     write_record(args.out, meta, rows=rows)
     print(f"# wrote {args.out}")

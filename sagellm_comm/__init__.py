@@ -26,11 +26,13 @@ from sagellm_comm.backend import (
     register_comm_backend,
     unregister_comm_backend,
 )
+from sagellm_comm.config import CommConfig
 from sagellm_comm.errors import (
     BackendNotSupportedError,
     CollectiveFailedError,
     CommError,
     CommTimeoutError,
+    ConfigMismatchError,
     ErrorCode,
     GroupInvalidError,
     GroupNotFoundError,
@@ -79,11 +81,13 @@ __all__ = [
     "CollectiveFailedError",
     "CollectiveOps",
     "CommBackend",
+    "CommConfig",
     "CommError",
     "CommGroup",
     "CommOp",
     "CommTimeoutError",
     "CompletedWork",
+    "ConfigMismatchError",
     "ErrorCode",
     "GPUInfo",
     "GroupHandle",

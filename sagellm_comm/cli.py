@@ -4,6 +4,8 @@
 * ``sagellm-comm overlap [options]``: a GEMM loop against an all-reduce, alone and overlapped (docs/layers.md).
 * ``sagellm-comm topo``: the GPU interconnect matrix of this host (``Topology.discover()``).
 * ``sagellm-comm transfer [options]``: one-sided block transfers between two processes (docs/transfer.md).
+* ``sagellm-comm config``: every ``SAGELLM_COMM_*`` setting's value here (``--markdown``: the documentation's
+  table; ``--update PATH``: rewrite that table in PATH).
 * ``sagellm-comm --version``: the installed package's version.
 
 A subcommand is a :class:`Subcommand` in :data:`SUBCOMMANDS`: its name, a help line, a description, a
@@ -62,6 +64,31 @@ def _topo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--markdown", action="store_true", help="print the settings table of docs/configuration.md")
+    parser.add_argument("--update", metavar="PATH", help="rewrite the settings table between the markers of PATH")
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    from sagellm_comm import config
+
+    try:
+        if args.update:
+            changed = config.update_document(args.update)
+            print(f"{args.update}: {'updated' if changed else 'up to date'}")
+        elif args.markdown:
+            print(config.settings_table())
+        else:
+            print(config.describe(config.CommConfig.from_env()))
+    except CommError as exc:  # a refused value, a file without the markers
+        print(f"{parser.prog}: error: {one_line(exc.message)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{parser.prog}: error: {args.update}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "bench",
@@ -90,6 +117,14 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "Print Topology.discover().format_matrix() for this host.",
         _no_arguments,
         _topo,
+    ),
+    Subcommand(
+        "config",
+        "print every SAGELLM_COMM_* setting's value here, and whether ranks must agree on it",
+        "Print the value of every SAGELLM_COMM_* setting in this environment (docs/configuration.md); a refused "
+        "value is one line and exit 2.",
+        _config_arguments,
+        _config,
     ),
 )
 

@@ -11,7 +11,6 @@ few attribute checks, one dictionary lookup and the driver launch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 
+from .config import CommConfig
 from .errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -46,16 +46,15 @@ __all__ = [
     "KernelLauncher",
     "default_max_programs",
     "pdl_enabled",
+    "tile_shape",
 ]
 
 SUPPORTED_DTYPES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
-# Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; 4 such vectors per thread
-# (more loads in flight) once bandwidth dominates.
+# Bytes per tile: 16 bytes per thread x 256 threads for latency-bound sizes; from LARGE_TILE_THRESHOLD bytes
+# the configuration's large tiles (default 4 such vectors per thread: more loads in flight) once bandwidth
+# dominates (see tile_shape).
 SMALL_TILE_BYTES = 4096
-LARGE_TILE_BYTES = int(os.environ.get("SAGELLM_COMM_LARGE_TILE_BYTES", 16384))
 LARGE_TILE_THRESHOLD = 1 << 20
-LARGE_NUM_WARPS = int(os.environ.get("SAGELLM_COMM_LARGE_NUM_WARPS", 8))
-LARGE_STAGES = int(os.environ.get("SAGELLM_COMM_LARGE_STAGES", 1))
 NUM_WARPS = 8
 LAMPORT_MIN_BLOCK = 256
 LAMPORT_MAX_BLOCK = 1024
@@ -63,19 +62,27 @@ MAX_CACHED_PLANS = 4096
 DTYPE_CODES = {dtype: _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")] for dtype in SUPPORTED_DTYPES}
 
 
-def pdl_enabled(device: torch.device) -> bool:
+def tile_shape(nbytes: int, itemsize: int, config: CommConfig) -> tuple[int, int, int]:
+    """``(BLOCK, num_warps, stages)`` of the tile loops of the all-reduce, all-gather and reduce-scatter
+    kernels for ``nbytes`` moved per rank: 4096-byte tiles of 8 warps below ``LARGE_TILE_THRESHOLD``, the
+    configuration's large tiles from there.  ``BLOCK`` decides which program moves which bytes, so every rank
+    of a group must use the same configuration (its tile settings are agreed when the workspace is made)."""
+    if nbytes >= LARGE_TILE_THRESHOLD:
+        return config.large_tile_bytes // itemsize, config.large_num_warps, config.large_stages
+    return SMALL_TILE_BYTES // itemsize, NUM_WARPS, 1
+
+
+def pdl_enabled(device: torch.device, config: CommConfig) -> bool:
     """Whether the Lamport kernel is launched with programmatic dependent launch (PDL).
 
-    On by default on Hopper and later (``griddepcontrol``); ``SAGELLM_COMM_PDL=0`` turns it off, ``1``
-    insists on it (an error on older GPUs).  Never under the interpreter.
+    On by default on Hopper and later (``griddepcontrol``); ``config.pdl`` False (``SAGELLM_COMM_PDL=0``)
+    turns it off, True insists on it (an error on older GPUs).  Never under the interpreter.
     """
-    flag = os.environ.get("SAGELLM_COMM_PDL", "")
-    if flag not in ("", "0", "1"):
-        raise InvalidArgumentError(f"SAGELLM_COMM_PDL must be 0 or 1, got {flag!r}")
-    if device.type != "cuda" or flag == "0":
+    flag = config.pdl
+    if device.type != "cuda" or flag is False:
         return False
     major = torch.cuda.get_device_capability(device)[0]
-    if flag == "1" and major < 9:
+    if flag and major < 9:
         raise BackendNotSupportedError(
             f"SAGELLM_COMM_PDL=1 needs compute capability 9.0 or later, {device} has {major}.x"
         )
@@ -92,8 +99,16 @@ class KernelLauncher:
     """
 
     def __init__(
-        self, world_size: int, slot_bytes: int, timeout_ticks: int, use_ptx: bool, device_index: int, pdl: bool = False
+        self,
+        world_size: int,
+        slot_bytes: int,
+        timeout_ticks: int,
+        use_ptx: bool,
+        device_index: int,
+        pdl: bool = False,
+        config: CommConfig | None = None,
     ):
+        self.config = CommConfig.from_env() if config is None else config  # the tile shapes (tile_shape)
         self.world_size = world_size
         self.pdl = pdl and use_ptx  # the Lamport kernel only: see pdl_enabled
         self.slot_bytes = slot_bytes
@@ -149,11 +164,7 @@ class KernelLauncher:
             fast, programs, tail = plan
             fast(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), (in_ptr, out_ptr, *tail))
             return
-        nbytes = numel * itemsize
-        large = nbytes >= LARGE_TILE_THRESHOLD
-        block = (LARGE_TILE_BYTES if large else SMALL_TILE_BYTES) // itemsize
-        stages = LARGE_STAGES if large else 1
-        warps = LARGE_NUM_WARPS if large else NUM_WARPS
+        block, warps, stages = tile_shape(numel * itemsize, itemsize, self.config)
         if payload is not None:
             if algo != "two_shot" or payload not in PAYLOADS:
                 raise InvalidArgumentError(f"payload {payload!r} runs on two_shot only, got algo={algo!r}")
@@ -258,14 +269,16 @@ class CustomAllReduce:
         self._device_index = workspace.device.index if workspace.device.index is not None else 0
         self._timeout_ticks = timeout_ticks(timeout_s, self._use_ptx)
         self._error_view = workspace._error_view
+        self.config = workspace.config
         self._launcher = KernelLauncher(
             self.world_size, workspace.slot_bytes, self._timeout_ticks, self._use_ptx, self._device_index,
-            pdl_enabled(workspace.device),
+            pdl_enabled(workspace.device, workspace.config), workspace.config,
         )  # fmt: skip
         self._table = workspace.table
         self._control = workspace.control
         self.check = workspace.check
         self._check = Launcher(_fp.fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
+        self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
 
     # ------------------------------------------------------------------ policy
     @property
@@ -307,13 +320,13 @@ class CustomAllReduce:
     @property
     def epoch(self) -> int:
         """Calls of the barrier kernels (one-shot, two-shot, fused RMSNorm) made on this workspace so far,
-        plus ``SAGELLM_COMM_INITIAL_EPOCH``.  Read from the device: synchronizes with it."""
+        plus its initial epoch (``SAGELLM_COMM_INITIAL_EPOCH``).  Read from the device: synchronizes with it."""
         return self.workspace.counter(_k.CTRL_EPOCH.value)
 
     @property
     def lamport_epoch(self) -> int:
         """Lamport calls made on this workspace so far (program 0's counter; every program's is the same),
-        plus ``SAGELLM_COMM_INITIAL_EPOCH``.  Synchronizes with the device."""
+        plus its initial epoch.  Synchronizes with the device."""
         return self.workspace.counter(_k.CTRL_LAMPORT.value)
 
     def check_errors(self) -> None:
@@ -329,7 +342,12 @@ class CustomAllReduce:
 
     # ------------------------------------------------------------------ the call
     def all_reduce(
-        self, tensor: torch.Tensor, out: torch.Tensor | None = None, algo: str = "auto", payload: str | None = None
+        self,
+        tensor: torch.Tensor,
+        out: torch.Tensor | None = None,
+        algo: str = "auto",
+        payload: str | None = None,
+        fingerprint: tuple[str, int] | None = None,
     ) -> torch.Tensor:
         """Sum ``tensor`` over all ranks; in place unless ``out`` is given.  Returns the result tensor.
 
@@ -344,6 +362,10 @@ class CustomAllReduce:
         (``sagellm_comm/kernels/fp8_payload_all_reduce.py``; lossy: docs/custom_all_reduce.md gives the error).
         ``algo`` must be ``auto`` or ``two_shot``; a message whose FP8 staging does not fit the workspace runs on
         the engine at full precision with ``auto`` (raises with ``two_shot``).
+
+        ``fingerprint``: what check mode compares for this call, ``(operation, element count)`` (default: this
+        algorithm and ``tensor``'s count); a caller running this as one stage of a larger operation passes that
+        operation's.
         """
         if payload is not None:
             return self._all_reduce_payload(tensor, out, algo, payload)
@@ -384,7 +406,7 @@ class CustomAllReduce:
                 algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
                 self.max_programs, preload=True,
             )  # fmt: skip
-            self.launch_check(algo, numel, tensor.dtype)
+            self.launch_check(*(fingerprint or (algo, numel)), tensor.dtype)
         self._launcher.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
@@ -455,6 +477,16 @@ class CustomAllReduce:
             _fp.ALGO_CODES[algo], numel, DTYPE_CODES[dtype], self._timeout_ticks,
         )  # fmt: skip
         self._check((1, grid_y), args, (w, triton.next_power_of_2(w), self._use_ptx, grid_y > 1))
+
+    def launch_group_check(self, prints: torch.Tensor, me: int) -> None:
+        """Check mode across a group that spans nodes: enqueue the comparison of row ``me`` of ``prints`` (int64
+        ``[n, 4]``: every member's ``(algo code, numel, dtype code, global rank)``, all-gathered by the engine)
+        with every row; a difference latches this workspace and records the first differing member's global
+        rank (``kernels/fingerprint.py``).  On the current stream; nothing waits."""
+        n = prints.shape[0]
+        self._group_check(
+            (1, 1), (self._table, self._control, prints, me, n), (self.world_size, triton.next_power_of_2(n))
+        )
 
     def _wrong_device(self, tensor: torch.Tensor) -> bool:
         if self._use_ptx:

@@ -61,6 +61,12 @@ class ShapeMismatchError(InvalidArgumentError):
     """Tensors that must agree in shape or dtype do not."""
 
 
+class ConfigMismatchError(InvalidArgumentError):
+    """Ranks of one group were configured differently in a setting they must agree on (``docs/configuration.md``),
+    found when the group was set up.  ``details["settings"]`` maps each differing setting to its values and
+    the ranks that hold them."""
+
+
 class WorkspaceExhaustedError(InvalidArgumentError):
     """The message does not fit the symmetric workspace."""
 
@@ -154,6 +160,7 @@ __all__ = [
     "CollectiveMismatchError",
     "CommError",
     "CommTimeoutError",
+    "ConfigMismatchError",
     "ErrorCode",
     "GroupInvalidError",
     "GroupNotFoundError",

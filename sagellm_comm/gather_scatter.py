@@ -20,15 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .custom_all_reduce import (
-    LARGE_NUM_WARPS,
-    LARGE_STAGES,
-    LARGE_TILE_BYTES,
-    LARGE_TILE_THRESHOLD,
-    NUM_WARPS,
-    SMALL_TILE_BYTES,
-    SUPPORTED_DTYPES,
-)
+from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
 from .launch import Launcher
@@ -67,13 +59,6 @@ def max_numel(op: str, world_size: int, slot_bytes: int, itemsize: int) -> int:
         align = _k.CHUNK_ALIGN.value
         return slot_bytes // ((world_size - 1) * itemsize) // align * align
     raise InvalidArgumentError(f"op must be one of {OPS}, got {op!r}")
-
-
-def _tile(nbytes: int, itemsize: int) -> tuple[int, int, int]:
-    """``(BLOCK, num_warps, stages)`` for ``nbytes`` moved per rank: the all-reduce's tile rule."""
-    if nbytes >= LARGE_TILE_THRESHOLD:
-        return LARGE_TILE_BYTES // itemsize, LARGE_NUM_WARPS, LARGE_STAGES
-    return SMALL_TILE_BYTES // itemsize, NUM_WARPS, 1
 
 
 def _launcher(op: str, use_ptx: bool, device_index: int, num_warps: int) -> Launcher:
@@ -147,20 +132,22 @@ def _check_aliasing(op: str, tensor: torch.Tensor, out: torch.Tensor, rank: int,
         raise InvalidArgumentError(f"{op}: tensor and out overlap; the only overlap allowed is {allowed} (in place)")
 
 
-def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, virtual) -> None:
-    """Enqueue the check (check mode) and the kernel on the current stream; ``ranks`` > 1: virtual ranks."""
+def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, virtual, fingerprint=None) -> None:
+    """Enqueue the check (check mode: ``fingerprint``, default this op and the input's count per rank) and the
+    kernel on the current stream; ``ranks`` > 1: virtual ranks."""
     ws = car.workspace
     world_size = car.world_size
-    block, num_warps, stages = _tile(world_size * numel * itemsize, itemsize)
+    block, num_warps, stages = tile_shape(world_size * numel * itemsize, itemsize, ws.config)
     programs = min(triton.cdiv(numel, block), ws.max_programs)
     if car.check:
-        car.launch_check(op, tensor.numel() // ranks, tensor.dtype, table, ctrl, grid_y=ranks)
+        what = fingerprint or (op, tensor.numel() // ranks)
+        car.launch_check(*what, tensor.dtype, table, ctrl, grid_y=ranks)
     args = (tensor, out, table, ctrl, numel, rank, ws.slot_bytes, car._timeout_ticks)
     constexprs = (world_size, triton.next_power_of_2(world_size), block, car._use_ptx, virtual, stages)
     _launcher(op, car._use_ptx, car._device_index, num_warps)((programs, ranks), args, constexprs)
 
 
-def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor, fingerprint=None) -> torch.Tensor:
     ws = car.workspace
     if ws._error_view[0]:
         ws.raise_if_failed()
@@ -174,11 +161,13 @@ def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor) -> torch.
         return out
     if car._use_ptx:
         ws.enter_stream(torch._C._cuda_getCurrentRawStream(car._device_index))
-    _launch(op, car, tensor, out, numel, itemsize, ws.table, ws.control, car.rank, 1, False)
+    _launch(op, car, tensor, out, numel, itemsize, ws.table, ws.control, car.rank, 1, False, fingerprint)
     return out
 
 
-def all_gather(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def all_gather(
+    car, tensor: torch.Tensor, out: torch.Tensor, *, fingerprint: tuple[str, int] | None = None
+) -> torch.Tensor:
     """Gather every rank's ``tensor`` into ``out`` in rank order: ``out[r * n:(r + 1) * n]`` is rank ``r``'s.
 
     Args:
@@ -189,11 +178,15 @@ def all_gather(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
     Returns ``out``.  Enqueued on the current stream; returns before completion.  Every rank's ``out`` has
     the same bits.  Every rank must make the same sequence of calls on the workspace with the same ``n``.
+    ``fingerprint``: what check mode compares, ``(operation, element count)`` (default ``("all_gather", n)``;
+    a stage of a larger operation passes that operation's).
     """
-    return _collective("all_gather", car, tensor, out)
+    return _collective("all_gather", car, tensor, out, fingerprint)
 
 
-def reduce_scatter(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def reduce_scatter(
+    car, tensor: torch.Tensor, out: torch.Tensor, *, fingerprint: tuple[str, int] | None = None
+) -> torch.Tensor:
     """Sum chunk ``rank`` of every rank's ``tensor`` into ``out``: ``out = sum_q tensor_q[rank * n:(rank + 1) * n]``.
 
     Args:
@@ -204,9 +197,10 @@ def reduce_scatter(car, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor
 
     Returns ``out``: the ranks' chunks summed in rank order in fp32 and rounded once to the dtype (the
     same bits as chunk ``rank`` of a two-shot all-reduce).  Enqueued on the current stream; returns before
-    completion.  Every rank must make the same sequence of calls with the same ``n``.
+    completion.  Every rank must make the same sequence of calls with the same ``n``.  ``fingerprint``: as for
+    :func:`all_gather` (default ``("reduce_scatter", world_size * n)``).
     """
-    return _collective("reduce_scatter", car, tensor, out)
+    return _collective("reduce_scatter", car, tensor, out, fingerprint)
 
 
 def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

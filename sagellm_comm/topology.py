@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,11 +77,17 @@ class Topology:
 
     # ------------------------------------------------------------------ discovery
     @classmethod
-    def discover(cls, group: Any = None) -> Topology:
-        """Describe this node (see module doc); with ``group``, gather every member's hostname."""
-        override = os.environ.get(ENV_VAR)
-        if override:
-            topo = _from_override(override)
+    def discover(cls, group: Any = None, config: Any = None) -> Topology:
+        """Describe this node (see module doc); with ``group``, gather every member's hostname.
+
+        ``config``: a :class:`~sagellm_comm.config.CommConfig` (default: read from the environment, which
+        raises ``InvalidArgumentError`` for a malformed setting)."""
+        if config is None:
+            from .config import CommConfig
+
+            config = CommConfig.from_env()
+        if config.topology:
+            topo = parse_override(config.topology)
         else:
             topo = _from_nvml() or _from_cuda() or cls(source="cpu", hostname=socket.gethostname())
         if group is not None and not topo.ranks:
@@ -248,7 +253,7 @@ _OVERRIDE_FORMS = (
 )
 
 
-def _from_override(value: str) -> Topology:
+def parse_override(value: str) -> Topology:
     """The topology ``SAGELLM_COMM_TOPOLOGY=value`` describes, or one line saying why it is refused."""
     try:
         return Topology.from_dict(_load_override(value), source="env")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from .errors import BackendNotSupportedError, InvalidArgumentError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
@@ -40,6 +41,7 @@ class VirtualRankGroup:
             ranks' programs must be resident at once).
         selector: policy for ``algo="auto"``.
         timeout_s: bound of every device-side wait.
+        config: the ranks' configuration (default: read from the environment); :attr:`config` keeps it.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class VirtualRankGroup:
         max_programs: int | None = None,
         selector: AlgoSelector | None = None,
         timeout_s: float = 30.0,
+        config: CommConfig | None = None,
     ):
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -58,7 +61,8 @@ class VirtualRankGroup:
             device = torch.device("cuda", torch.cuda.current_device())
         self.world_size = world_size
         self.device = device
-        self.workspaces = local_workspaces(world_size, max_bytes, device, max_programs=max_programs)
+        self.workspaces = local_workspaces(world_size, max_bytes, device, max_programs=max_programs, config=config)
+        self.config = self.workspaces[0].config
         self.ranks = [CustomAllReduce(ws, selector=selector, timeout_s=timeout_s) for ws in self.workspaces]
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         self.max_bytes = self.workspaces[0].slot_bytes

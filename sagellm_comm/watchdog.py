@@ -4,7 +4,8 @@ A kernel that times out (or, in check mode, finds ranks disagreeing) latches the
 writes it into a host-mapped error record; every later call on that workspace raises at once, and
 ``Work.wait`` / ``synchronize`` raise too.  A program that only replays CUDA graphs never makes such a
 call, so, like NCCL's watchdog, this thread polls the error records of every live workspace every
-``SAGELLM_COMM_WATCHDOG_MS`` milliseconds (default 200; 0 turns it off).  The first time it sees a
+``SAGELLM_COMM_WATCHDOG_MS`` milliseconds (``CommConfig.watchdog_ms``: default 200; 0 turns it off; the
+thread polls at the shortest period any watched workspace asked for).  The first time it sees a
 workspace's error it logs it (logger ``sagellm_comm``, level ERROR), stores it as
 ``workspace.async_error`` and calls every handler registered with :func:`add_error_handler`.  Reading the
 record is a host memory read: no device synchronisation, no CUDA call.
@@ -19,19 +20,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .knobs import env_number
-
 log = logging.getLogger("sagellm_comm")
 
 _lock = threading.Lock()
 _workspaces: weakref.WeakSet = weakref.WeakSet()
 _handlers: list[Callable[[Any, BaseException], None]] = []
 _thread: threading.Thread | None = None
-
-
-def interval_s() -> float:
-    """The polling interval in seconds from ``SAGELLM_COMM_WATCHDOG_MS`` (0: no watchdog)."""
-    return env_number("SAGELLM_COMM_WATCHDOG_MS", 200, parse=float, unit="a number of milliseconds") / 1000.0
+_period_s: list[float] = []  # the polling period: the shortest any watched workspace asked for
 
 
 def add_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
@@ -46,16 +41,17 @@ def remove_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
             _handlers.remove(handler)
 
 
-def watch(workspace: Any) -> None:
-    """Poll ``workspace`` (it must have ``failure()`` and ``async_error``) until :func:`unwatch` or its end."""
+def watch(workspace: Any, period_ms: float) -> None:
+    """Poll ``workspace`` (it must have ``failure()`` and ``async_error``) every ``period_ms`` milliseconds (or
+    more often, if another workspace asked for that) until :func:`unwatch` or its end; 0: never."""
     global _thread
-    period = interval_s()
-    if period == 0:
+    if period_ms <= 0:
         return
     with _lock:
         _workspaces.add(workspace)
+        _period_s[:] = [min([period_ms / 1000.0, *_period_s])]
         if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_run, args=(period,), name="sagellm-comm-watchdog", daemon=True)
+            _thread = threading.Thread(target=_run, name="sagellm-comm-watchdog", daemon=True)
             _thread.start()
 
 
@@ -87,9 +83,9 @@ def poll_once() -> list[tuple[Any, BaseException]]:
     return found
 
 
-def _run(period: float) -> None:
+def _run() -> None:
     while True:
-        time.sleep(period)
+        time.sleep(_period_s[0])
         with _lock:
             if not _workspaces:
                 continue

@@ -13,15 +13,16 @@ int64[CTRL_WORDS]: epoch, finished programs, error latch, the copy-engine and ch
 kernel's per-program state).
 
 What shapes what peers read or wait for is settled here, for the whole group, when the workspace is made:
-the program count of every launch (``max_programs``, the smallest proposal of any rank) and check mode
-(``SAGELLM_COMM_CHECK``, which must be the same everywhere).  ``SAGELLM_COMM_INITIAL_EPOCH=N`` starts every
-call counter of a new workspace at ``N`` (a test hook: counters are 64-bit and never wrap in practice).
+every member's agreed settings (``docs/configuration.md``: tile shapes, check mode, initial epoch, ...) must be
+equal (:func:`~sagellm_comm.config.check_agreement`), and the program count of every launch is the smallest
+proposal of any rank.  The workspace keeps the :class:`~sagellm_comm.config.CommConfig` it was made with
+(``workspace.config``); the kernels' launchers read their tile shapes from it.  Its ``initial_epoch`` starts
+every call counter of a new workspace (a test hook: counters are 64-bit and never wrap in practice).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from sagellm_comm.kernels import all_reduce as _k
 from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import lamport_all_reduce as _lk
 
+from .config import CommConfig, check_agreement
 from .errors import (
     CollectiveMismatchError,
     CommTimeoutError,
@@ -41,7 +43,6 @@ from .errors import (
 )
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
 from .ipc import tensor_at as _tensor_at
-from .knobs import env_number
 
 ALIGN_BYTES = 256
 DEFAULT_SLOT_BYTES = 64 * 1024 * 1024
@@ -66,39 +67,24 @@ def region_bytes(slot_bytes: int, world_size: int) -> int:
 
 
 DEFAULT_MAX_PROGRAMS = 32  # CPU / interpreter; on a GPU see default_max_programs
-MAX_COUNTER = 1 << 62  # SAGELLM_COMM_INITIAL_EPOCH bound: 2 * (epoch + 1) + 1 (start flags) stays in int64
 
 
-def default_max_programs(device: torch.device, ranks_on_device: int = 1) -> int:
+def default_max_programs(device: torch.device, ranks_on_device: int = 1, override: int | None = None) -> int:
     """This rank's proposal for the programs per launch: one per SM and rank sharing the GPU, at most
     ``MAX_BLOCKS``.  The group takes the smallest proposal (see :meth:`SymmetricWorkspace.rendezvous`).
 
     All programs of a launch must be resident at once (they wait for each other at barriers), so ranks
-    sharing one GPU (virtual ranks, MPS) divide its SMs.  ``SAGELLM_COMM_MAX_PROGRAMS`` overrides.
+    sharing one GPU (virtual ranks, MPS) divide its SMs.  ``override`` (``CommConfig.max_programs``,
+    ``SAGELLM_COMM_MAX_PROGRAMS``) replaces the rule.
     """
-    override = os.environ.get("SAGELLM_COMM_MAX_PROGRAMS")
-    if override:
-        try:
-            return max(1, min(_k.MAX_BLOCKS.value, int(override)))
-        except ValueError:
-            raise InvalidArgumentError(f"SAGELLM_COMM_MAX_PROGRAMS must be an integer, got {override!r}") from None
+    if override is not None:
+        if not 1 <= override <= _k.MAX_BLOCKS.value:
+            raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {override}")
+        return int(override)
     if device.type != "cuda":
         return DEFAULT_MAX_PROGRAMS
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(_k.MAX_BLOCKS.value, sms // max(1, ranks_on_device)))
-
-
-def check_mode_from_env() -> bool:
-    """``SAGELLM_COMM_CHECK``: 1 compares a per-call fingerprint across ranks on the device, 0 (default) not."""
-    flag = os.environ.get("SAGELLM_COMM_CHECK", "0")
-    if flag not in ("0", "1"):
-        raise InvalidArgumentError(f"SAGELLM_COMM_CHECK must be 0 or 1, got {flag!r}")
-    return flag == "1"
-
-
-def initial_epoch_from_env() -> int:
-    """``SAGELLM_COMM_INITIAL_EPOCH`` (default 0): where every call counter of a new workspace starts."""
-    return int(env_number("SAGELLM_COMM_INITIAL_EPOCH", 0, parse=lambda t: int(t, 0), below=MAX_COUNTER))
 
 
 def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: int) -> torch.Tensor:
@@ -109,10 +95,10 @@ def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: in
     return control
 
 
-def node_name() -> str:
-    """This process's node, for deciding which ranks share one: ``SAGELLM_COMM_HOSTNAME`` if set (tests
-    simulate several nodes on one machine with it), else the host name."""
-    return os.environ.get("SAGELLM_COMM_HOSTNAME") or socket.gethostname()
+def node_name(config: CommConfig) -> str:
+    """This process's node, for deciding which ranks share one: ``config.hostname``
+    (``SAGELLM_COMM_HOSTNAME``; tests simulate several nodes on one machine with it), else the host name."""
+    return config.hostname or socket.gethostname()
 
 
 def device_identity(device: torch.device) -> str:
@@ -147,7 +133,10 @@ class SymmetricWorkspace:
             kernels' programs of all of them must be resident at once, so they divide its SMs.
         max_programs: programs of every launch on this workspace, the same on every rank (agreed by
             :meth:`rendezvous`); default: :func:`default_max_programs`.
-        check: check mode (a per-call fingerprint compared on the device), the same on every rank.
+        check: check mode (a per-call fingerprint compared on the device), the same on every rank; default
+            ``config.check``.
+        config: the configuration the group agreed on (default: read from the environment); its tile shapes,
+            initial epoch and watchdog period apply to this workspace.
     """
 
     def __init__(
@@ -163,8 +152,13 @@ class SymmetricWorkspace:
         error_record: torch.Tensor | None = None,
         ranks_on_device: int = 1,
         max_programs: int | None = None,
-        check: bool = False,
+        check: bool | None = None,
+        config: CommConfig | None = None,
     ):
+        if config is None:
+            config = CommConfig.from_env()
+        if check is not None and check != config.check:
+            config = config.replace(check=bool(check))
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
                 f"the custom all-reduce supports 2..{_k.MAX_WORLD.value} ranks, got world_size={world_size}"
@@ -183,13 +177,15 @@ class SymmetricWorkspace:
         self._local_region = local_region
         on_cuda = self.device.type == "cuda"
         if max_programs is None:
-            max_programs = default_max_programs(self.device, self.ranks_on_device)
+            max_programs = default_max_programs(self.device, self.ranks_on_device, config.max_programs)
         if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
             raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
         self.max_programs = int(max_programs)
-        self.check = bool(check)
+        self.config = config
+        self.check = config.check
+        self.initial_epoch = config.initial_epoch
         if control is None:
-            control = _new_control((), self.device, initial_epoch_from_env())
+            control = _new_control((), self.device, config.initial_epoch)
         if error_record is None:
             error_record = torch.zeros(_k.ERR_WORDS.value, dtype=torch.int64, pin_memory=on_cuda)
         self.control = control
@@ -210,7 +206,7 @@ class SymmetricWorkspace:
         self.global_ranks: tuple[int, ...] | None = None
         from .watchdog import watch
 
-        watch(self)
+        watch(self, config.watchdog_ms)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -225,22 +221,29 @@ class SymmetricWorkspace:
         max_programs: int | None = None,
         check: bool | None = None,
         processes_on_device: int = 1,
+        config: CommConfig | None = None,
+        ranks: Sequence[int] | None = None,
     ) -> SymmetricWorkspace:
         """Collective: allocate this rank's region, exchange handles with ``exchange``, open the peers.
 
         ``exchange(obj)`` must return the list of every rank's ``obj`` in rank order (e.g. an
         ``all_gather_object`` over the group's CPU side).  Every rank must call this with the same
-        ``world_size`` and ``slot_bytes``.  The group agrees on the program count (the smallest of every
-        rank's ``max_programs``, default :func:`default_max_programs`) and on check mode (``check``, default
-        ``SAGELLM_COMM_CHECK``; ranks that differ raise ``InvalidArgumentError``).
+        ``world_size`` and ``slot_bytes``.  The members must agree on every agreed setting of ``config``
+        (default: read from the environment; ``check`` replaces its check mode), else
+        :class:`~sagellm_comm.errors.ConfigMismatchError` names the setting and the ranks (``ranks``: the
+        members' global ranks, for messages; default their group ranks).  The group launches the smallest
+        of every rank's ``max_programs`` (default :func:`default_max_programs`).
 
         ``processes_on_device``: how many processes of the whole job share this rank's GPU (N processes
         under MPS).  Each may run a collective of *another* group at the same moment, and every program of
         every one of those launches must be resident at once, so the default proposal divides the SMs by
         this count when it exceeds the group's own members on the device.
         """
-        if check is None:
-            check = check_mode_from_env()
+        if config is None:
+            config = CommConfig.from_env()
+        if check is not None and check != config.check:
+            config = config.replace(check=bool(check))
+        ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
         device = torch.device(device)
         slot_bytes = _round_slot(slot_bytes)
         if memory is None:
@@ -251,8 +254,10 @@ class SymmetricWorkspace:
         try:
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
-            where = (node_name(), device_identity(device))
-            handles = exchange((memory.export(local), slot_bytes, where))
+            where = (node_name(config), device_identity(device))
+            handles = exchange((memory.export(local), slot_bytes, where, config.agreement()))
+            if len(handles) == world_size:
+                check_agreement([h[3] for h in handles], ranks, "the workspace rendezvous")
             sizes = {h[1] for h in handles}
             if len(handles) != world_size or sizes != {slot_bytes}:
                 raise InvalidArgumentError(
@@ -267,23 +272,17 @@ class SymmetricWorkspace:
                     ptr = memory.open(handle, nbytes)
                     opened.append(ptr)
                     ptrs.append(ptr)
-            sharing = sum(1 for *_, other in handles if other == where)
+            sharing = sum(1 for _, _, other, _ in handles if other == where)
             if max_programs is not None:
                 proposal = max_programs
             else:
-                proposal = default_max_programs(device, max(sharing, int(processes_on_device)))
+                proposal = default_max_programs(device, max(sharing, int(processes_on_device)), config.max_programs)
             # Every rank has mapped every region (shared files can go from the file system now); the group's
-            # program count and check mode are agreed in the same round.
-            settings = exchange((int(proposal), bool(check)))
+            # program count is agreed in the same round.
+            proposals = exchange(int(proposal))
             if isinstance(memory, SharedFileMemory):
                 memory.unlink(local)
-            modes = {c for _, c in settings}
-            if len(modes) != 1:
-                on = [r for r, (_, c) in enumerate(settings) if c]
-                raise InvalidArgumentError(
-                    f"check mode (SAGELLM_COMM_CHECK) must be the same on every rank; it is on for ranks {on} only"
-                )
-            agreed_programs = min(p for p, _ in settings)
+            agreed_programs = min(proposals)
         except BaseException:
             for ptr in opened:
                 memory.close(ptr)
@@ -297,7 +296,7 @@ class SymmetricWorkspace:
 
         return cls(
             rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
-            max_programs=agreed_programs, check=check,
+            max_programs=agreed_programs, config=config,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ use
@@ -322,22 +321,33 @@ class SymmetricWorkspace:
         """The first device-side error recorded by a kernel, or None (no device sync).
 
         ``kind`` is ``timeout`` (a peer never arrived) or ``mismatch`` (check mode: a peer's fingerprint
-        differs; ``mine``/``theirs`` hold both as ``(algo, numel, dtype, call)``).
+        differs; ``mine``/``theirs`` hold both as ``(algo, numel, dtype, call)``).  ``call`` is the call number
+        (the value of that kernel family's call counter, which starts at the workspace's initial epoch);
+        ``flag_target`` the flag value the wait expected.  ``peer`` is a rank of this workspace's group, except
+        in phase ``group check`` (a hierarchical all-reduce compared through the engine), where it is global.
         """
         v = self._error_view
         status = int(v[_k.ERR_STATUS.value])
         if status == 0:
             return None
+        phase = int(v[_k.ERR_PHASE.value])
+        recorded = int(v[_k.ERR_EPOCH.value])
+        mismatch = status == _k.ERR_MISMATCH.value
         err = {
-            "kind": "mismatch" if status == _k.ERR_MISMATCH.value else "timeout",
+            "kind": "mismatch" if mismatch else "timeout",
             "peer": int(v[_k.ERR_PEER.value]),
-            "phase": _k.PHASE_NAMES[int(v[_k.ERR_PHASE.value])],
+            "phase": _k.PHASE_NAMES[phase],
             "block": int(v[_k.ERR_BLOCK.value]),
-            "epoch": int(v[_k.ERR_EPOCH.value]),
+            "call": recorded if mismatch else _k.call_of_target(phase, recorded),
+            "initial_epoch": self.initial_epoch,
         }
-        if self.global_ranks is not None:
+        if not mismatch:
+            err["flag_target"] = recorded
+        if phase == _k.PHASE_GROUP_CHECK.value:
+            err["global_peer"] = err["peer"]
+        elif self.global_ranks is not None:
             err["global_peer"] = self.global_ranks[err["peer"]]
-        if err["kind"] == "mismatch":
+        if mismatch:
             err["mine"] = _decode_fingerprint(v[_k.ERR_MINE.value : _k.ERR_MINE.value + 4])
             err["theirs"] = _decode_fingerprint(v[_k.ERR_THEIRS.value : _k.ERR_THEIRS.value + 4])
         return err
@@ -347,22 +357,25 @@ class SymmetricWorkspace:
         err = self.error()
         if err is None:
             return None
-        me, peer = self._name(self.rank), self._name(err["peer"])
+        me = self._name(self.rank)
+        peer = str(err["peer"]) if err["phase"] == "group check" else self._name(err["peer"])
+        counted = f" (counted from {self.initial_epoch}, the initial epoch)" if self.initial_epoch else ""
         if err["kind"] == "mismatch":
+            across = " (compared across the whole group through the engine)" if err["phase"] == "group check" else ""
             return CollectiveMismatchError(
-                f"rank {me} and rank {peer} disagree on collective call {err['epoch']} of this "
-                f"workspace: rank {me} ran {_describe(err['mine'])}, rank {peer} ran "
+                f"rank {me} and rank {peer} disagree on checked call {err['call']}{counted} of this "
+                f"workspace{across}: rank {me} ran {_describe(err['mine'])}, rank {peer} ran "
                 f"{_describe(err['theirs'])}; every rank must make the same calls with the same algorithm, "
                 "size and dtype.  Outputs of this and later calls are NaN; call reset() on every rank (or "
                 "recreate the backend) after fixing the call sites",
                 details={"rank": self.rank, **err},
             )
         where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
+        family = _CALL_FAMILIES.get(err["phase"], "barrier-kernel")
         return CommTimeoutError(
-            f"custom all-reduce on rank {me}: peer rank {peer} never arrived at the "
-            f"{err['phase']} barrier of call {err['epoch']} ({where}); the output of that call and of every "
-            "later call on this workspace is NaN: call reset() on every rank, or destroy the backend and "
-            "create it again",
+            f"custom all-reduce on rank {me}: peer rank {peer} never arrived at the {err['phase']} barrier of "
+            f"{family} call {err['call']}{counted} ({where}); the output of that call and of every later call on "
+            "this workspace is NaN: call reset() on every rank, or destroy the backend and create it again",
             details={"rank": self.rank, **err},
         )
 
@@ -428,6 +441,8 @@ class SymmetricWorkspace:
         self.table = self.control = self._local_region = None  # type: ignore[assignment]
 
 
+#: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)
+_CALL_FAMILIES = {"lamport": "Lamport", "copy-engine": "copy-engine", "check": "checked", "tile": "GEMM"}
 _DTYPE_NAMES = {code: name for name, code in _fp.DTYPE_CODES.items()}
 _ALGO_NAMES = {code: name for name, code in _fp.ALGO_CODES.items()}
 
@@ -452,18 +467,21 @@ def local_workspaces(
     device: torch.device | str,
     max_programs: int | None = None,
     check: bool | None = None,
+    config: CommConfig | None = None,
 ) -> list[SymmetricWorkspace]:
     """Virtual ranks: ``world_size`` workspaces in this process, regions allocated on one device.
 
-    Every rank gets the same program count (default :func:`default_max_programs` with the device's SMs
-    divided among the ranks) and check mode (default ``SAGELLM_COMM_CHECK``).  The regions are freed when
-    the last of the returned workspaces is closed.
+    Every rank gets the same configuration (default: read from the environment; ``check`` replaces its
+    check mode) and program count (default :func:`default_max_programs` with the device's SMs divided among
+    the ranks).  The regions are freed when the last of the returned workspaces is closed.
     """
     device = torch.device(device)
+    if config is None:
+        config = CommConfig.from_env()
+    if check is not None and check != config.check:
+        config = config.replace(check=bool(check))
     if max_programs is None:
-        max_programs = default_max_programs(device, world_size)
-    if check is None:
-        check = check_mode_from_env()
+        max_programs = default_max_programs(device, world_size, config.max_programs)
     slot_bytes = _round_slot(slot_bytes)
     nbytes = region_bytes(slot_bytes, world_size)
     regions = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
@@ -472,7 +490,7 @@ def local_workspaces(
     ptrs = [r.data_ptr() for r in regions]
     # Control words and error records of all ranks in one allocation each: the one-launch mode of
     # virtual ranks finds rank r's at row r.
-    control = _new_control((world_size,), device, initial_epoch_from_env())
+    control = _new_control((world_size,), device, config.initial_epoch)
     errors = torch.zeros(world_size, _k.ERR_WORDS.value, dtype=torch.int64, pin_memory=device.type == "cuda")
     open_count = [world_size]
 
@@ -494,7 +512,7 @@ def local_workspaces(
             error_record=errors[r],
             ranks_on_device=world_size,
             max_programs=max_programs,
-            check=check,
+            config=config,
         )
         for r in range(world_size)
     ]

@@ -282,7 +282,6 @@ def test_default_program_count(monkeypatch):
     from sagellm_comm.errors import InvalidArgumentError
     from sagellm_comm.kernels.all_reduce import MAX_BLOCKS
 
-    monkeypatch.delenv("SAGELLM_COMM_MAX_PROGRAMS", raising=False)
     assert car_mod.default_max_programs(torch.device("cpu")) == car_mod.DEFAULT_MAX_PROGRAMS
 
     class Props:
@@ -293,36 +292,28 @@ def test_default_program_count(monkeypatch):
     assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value  # one per SM, capped by the flag layout
     assert car_mod.default_max_programs(cuda, ranks_on_device=2) == 66  # ranks sharing a GPU divide its SMs
     assert car_mod.default_max_programs(cuda, ranks_on_device=8) == 16
-    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "24")
-    assert car_mod.default_max_programs(cuda) == 24
-    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "100000")
-    assert car_mod.default_max_programs(cuda) == MAX_BLOCKS.value
-    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "lots")
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_MAX_PROGRAMS must be an integer"):
-        car_mod.default_max_programs(cuda)
+    assert car_mod.default_max_programs(cuda, override=24) == 24  # CommConfig.max_programs
+    with pytest.raises(InvalidArgumentError, match="max_programs must be in 1..128"):
+        car_mod.default_max_programs(cuda, override=100000)
 
 
 def test_programmatic_dependent_launch_choice(monkeypatch):
     from sagellm_comm import custom_all_reduce as car_mod
-    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.errors import BackendNotSupportedError
 
-    monkeypatch.delenv("SAGELLM_COMM_PDL", raising=False)
-    assert car_mod.pdl_enabled(torch.device("cpu")) is False  # the interpreter has no griddepcontrol
+    auto, off, on = CommConfig(), CommConfig(pdl=False), CommConfig(pdl=True)
+    assert car_mod.pdl_enabled(torch.device("cpu"), auto) is False  # the interpreter has no griddepcontrol
     cuda = torch.device("cuda", 0)
     for major, expected in ((8, False), (9, True), (10, True)):  # Hopper and later
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, m=major: (m, 0))
-        assert car_mod.pdl_enabled(cuda) is expected
-    monkeypatch.setenv("SAGELLM_COMM_PDL", "0")
-    assert car_mod.pdl_enabled(cuda) is False
-    monkeypatch.setenv("SAGELLM_COMM_PDL", "1")
-    assert car_mod.pdl_enabled(cuda) is True
-    assert car_mod.pdl_enabled(torch.device("cpu")) is False
+        assert car_mod.pdl_enabled(cuda, auto) is expected
+    assert car_mod.pdl_enabled(cuda, off) is False
+    assert car_mod.pdl_enabled(cuda, on) is True
+    assert car_mod.pdl_enabled(torch.device("cpu"), on) is False
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     with pytest.raises(BackendNotSupportedError, match="SAGELLM_COMM_PDL=1 needs compute capability 9.0"):
-        car_mod.pdl_enabled(cuda)
-    monkeypatch.setenv("SAGELLM_COMM_PDL", "yes")
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_PDL must be 0 or 1"):
-        car_mod.pdl_enabled(cuda)
+        car_mod.pdl_enabled(cuda, on)
     # A launcher on a CPU device never passes PDL to the kernel, whatever it was asked for.
     assert car_mod.KernelLauncher(2, 1 << 16, 1, False, 0, pdl=True).pdl is False
 

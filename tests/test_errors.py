@@ -264,3 +264,94 @@ def _lone_rank(rank: int, port: int, timeout: float | None, limit: float) -> tup
     )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+class _Listener:
+    """Something other than a rendezvous store on a port of 127.0.0.1, held (and served) by this process.
+
+    ``silent``: accepts and never reads or answers (a stopped process); ``close``: accepts and closes at once;
+    ``half-open``: accepts and shuts its sending side, keeping the connection; ``garbage``: answers bytes that
+    are not the store's protocol.
+    """
+
+    def __init__(self, mode: str):
+        import threading
+
+        self.mode, self.held = mode, []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed: the test is over
+                return
+            if self.mode == "close":
+                conn.close()
+                continue
+            if self.mode == "half-open":
+                conn.shutdown(socket.SHUT_WR)
+            elif self.mode == "garbage":
+                conn.sendall(b"\xff" * 64)
+            self.held.append(conn)
+
+    def close(self) -> None:
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def _stale_store(earlier_world: bool):
+    """A real store nobody of this world hosts: a launcher's store that outlived its world, with (or without)
+    the keys an earlier world of two ranks left in it."""
+    from datetime import timedelta
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60),
+                                       wait_for_workers=False)  # fmt: skip
+    if earlier_world:
+        for rank in (0, 1):
+            store.add(f"sagellm_comm/inits/rank{rank}", 1)
+            store.set(f"sagellm_comm/1/arrived/{rank}", "1")
+    return store
+
+
+def test_init_keeps_its_deadline_whatever_sits_on_the_port():
+    """A listener that accepts and never answers held init past any timeout; a half-open or closing one, or one
+    answering garbage, took twice the timeout; a stale store handed out a dead world's addresses.  Every rank
+    must get comm_timeout within its timeout + 2 s (measured in the rank, from its init call), and exit."""
+    timeout = 3.0
+    holders = {mode: _Listener(mode) for mode in ("silent", "close", "half-open", "garbage")}
+    stores = {"stale store": _stale_store(False), "stale store of an earlier world": _stale_store(True)}
+    cases = [(1, mode, h.port) for mode, h in holders.items()] + [(1, m, s.port) for m, s in stores.items()]
+    cases.append((0, "rank 0, the port held by a silent listener", holders["silent"].port))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                           "TORCHELASTIC_USE_AGENT_STORE")}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LONE_RANK, str(rank), str(port), str(timeout)],
+            cwd=ROOT,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank, _, port in cases
+    ]
+    try:
+        outputs = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        for holder in holders.values():
+            holder.close()
+    for (_, what, port), proc, (stdout, stderr) in zip(cases, procs, outputs, strict=True):
+        assert proc.returncode == 0 and stdout.strip(), (what, stderr[-3000:])
+        seen = json.loads(stdout.strip().splitlines()[-1])
+        assert seen["code"] == "comm_timeout", (what, seen)
+        assert timeout - 0.2 <= seen["elapsed"] < timeout + 2.0, (what, seen)
+        assert f"{timeout:g}s" in seen["message"] and f"127.0.0.1:{port}" in seen["message"], (what, seen)
+        assert not seen["initialized"], (what, seen)

@@ -112,7 +112,7 @@ def _capped_worker(rank, world_size, port):
 
     # Program counts as a GPU would propose them (8 "SMs" here): a group of 2 on a device shared by the 4
     # processes of the world must take 8 // 4, not 8 // 2, since the other group runs on the same SMs.
-    workspace.default_max_programs = lambda device, ranks_on_device=1: 8 // ranks_on_device
+    workspace.default_max_programs = lambda device, ranks_on_device=1, override=None: 8 // ranks_on_device
     world = sagellm_comm.init(
         backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, max_bytes=16384,
         group_max_bytes=4096,

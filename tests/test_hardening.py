@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from sagellm_comm.config import MAX_INITIAL_EPOCH
 from tests.conftest import run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None}
@@ -129,16 +130,38 @@ def test_every_family_is_exact_across_counter_wrap(start):
         assert (gemm_epoch, ce_epoch) == (5, 5)
 
 
-def test_initial_epoch_hook_is_validated(monkeypatch):
-    from sagellm_comm.errors import InvalidArgumentError
-    from sagellm_comm.workspace import initial_epoch_from_env
+def _epoch_limit_worker(rank, world_size, port, start, marker):
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import CommTimeoutError
 
-    monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", "0x80000000")
-    assert initial_epoch_from_env() == 2**31
-    for bad in ("-1", "lots", str(2**62)):
-        monkeypatch.setenv("SAGELLM_COMM_INITIAL_EPOCH", bad)
-        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_INITIAL_EPOCH"):
-            initial_epoch_from_env()
+    os.environ["SAGELLM_COMM_INITIAL_EPOCH"] = str(start)
+    car, _, _ = _setup(rank, world_size, port)
+    for i, algo in enumerate(("one_shot", "two_shot", "lamport") * 2):
+        x = _full(rank, i, 19 + i)
+        car.all_reduce(x, algo=algo)
+        assert torch.all(x == _expected(world_size, i)), f"{algo} call {i} from {start}: {x[:4]}"
+    car.check_errors()
+    if rank == 1:  # makes no further call: its peer times out in barrier call start + 4
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    late = CustomAllReduce(car.workspace, timeout_s=2.0)  # the same workspace, a short wait
+    late.all_reduce(_full(rank, 0, 8), algo="one_shot")
+    with pytest.raises(CommTimeoutError) as info:
+        late.check_errors()
+    open(marker, "w").close()
+    return str(info.value), info.value.details
+
+
+def test_the_largest_initial_epoch_is_exact_and_timeouts_name_the_call(tmp_path):
+    """From the largest accepted initial epoch (2^40 calls before any flag could overflow) every family is exact;
+    a timeout names the call number (4 barrier calls made: the fifth is number start + 4), not the flag value it
+    waited for (2 * (start + 5))."""
+    start = MAX_INITIAL_EPOCH
+    message, details = run_ranks(_epoch_limit_worker, 2, start, str(tmp_path / "m"), env=INTERP, timeout=300)[0]
+    assert details["call"] == start + 4 and details["flag_target"] == 2 * (start + 5), details
+    assert f"start barrier of barrier-kernel call {start + 4} (counted from {start}" in message, message
 
 
 # ---------------------------------------------------------------------------------- per-rank choices
@@ -215,7 +238,7 @@ def _check_mode_agreement_worker(rank, world_size, port):
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
     exchange = _exchange_fn(world_size)
-    with pytest.raises(InvalidArgumentError, match="check mode"):
+    with pytest.raises(InvalidArgumentError, match=r"SAGELLM_COMM_CHECK \(check mode\) differs: 1 on ranks \[0\]"):
         SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, check=rank == 0)
     ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, max_programs=5 + rank)
     programs = ws.max_programs
@@ -324,6 +347,109 @@ def test_timeout_gives_nan_latches_reports_and_reset_recovers(tmp_path):
     marker = str(tmp_path / "rank0-timed-out")
     # 60 calls after the reset: 20 of each algorithm, odd sizes, every Lamport buffer parity many times
     assert run_ranks(_timeout_recovery_worker, 2, 60, marker, env=INTERP, timeout=300) == [0, 0]
+
+
+def _reset_every_path_worker(rank, world_size, port, marker, calls):
+    """2 simulated nodes x 2 ranks: the world runs hierarchically, split(2) gives one TP group per node."""
+    import sagellm_comm
+    from sagellm_comm.errors import CommTimeoutError
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = "0"
+    # 10 s: the set-up's self-tests hold on a loaded machine; the fault below waits it out twice
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              max_bytes=16384, kernel_timeout=10.0)  # fmt: skip
+    backend = world.backend
+    tp = world.split(2)
+    plan = backend._hierarchical[None][1]
+    paths = {"tp": lambda: backend.kernels_for(tp), "node-local": lambda: backend.kernels_for(plan.local)}
+    errors = []
+    # The fault: rank 3 is late past the kernel timeout for a TP call and a hierarchical call (the issue's case).
+    if rank == 3:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        tp.all_reduce(_full(rank, 0, 16))
+        world.all_reduce(_full(rank, 0, 64))
+        for path in paths.values():
+            path().check_errors()
+    except CommTimeoutError as exc:
+        errors.append(type(exc).__name__)
+    if rank == 2:
+        open(marker, "w").close()
+    world.barrier()
+    backend.kernel_timeout = 60.0  # the rebuilt workspaces wait this long: only the fault above times out
+    before = {name: path().workspace for name, path in paths.items()}
+    reason = backend.reset()
+    rebuilt = {name: path() is not None and path().workspace is not before[name] for name, path in paths.items()}
+    wrong = 0
+    for i in range(calls):
+        n = 5 + i % 13
+        x = _full(rank, i, n)
+        world.all_reduce(x)  # hierarchical: node-local kernels, Gloo between nodes
+        wrong += int(backend.last_selection.algo != "hierarchical" or not torch.all(x == _expected(world_size, i)))
+        y = _full(rank, i, n)
+        backend.all_reduce(y, group=tp, algo=("one_shot", "two_shot", "lamport")[i % 3])
+        wrong += int(not torch.all(y == _expected(2, i + 2 * (rank // 2))))
+        gathered = torch.empty(2 * n)
+        backend.all_gather(gathered, _full(rank, i, n), group=tp)
+        first = 2 * (rank // 2)
+        wrong += int(not torch.equal(gathered, torch.cat([_full(first, i, n), _full(first + 1, i, n)])))
+    for path in paths.values():
+        path().check_errors()
+    sagellm_comm.destroy()
+    return errors, reason, rebuilt, wrong
+
+
+def test_reset_recovers_the_hierarchical_and_sub_group_paths(tmp_path):
+    """After a late rank latched node 1's workspaces, reset() on every rank rebuilds every path it serves (the
+    world's node-local groups, the TP groups) and every later call is exact (1,000 calls of each path: the GPU
+    test in test_hardening_gpu.py)."""
+    per_rank = run_ranks(_reset_every_path_worker, 4, str(tmp_path / "m"), 8, env=INTERP, timeout=540)
+    assert per_rank[2][0] == ["CommTimeoutError"] and per_rank[3][0] == ["CommTimeoutError"], per_rank
+    for rank, (_, reason, rebuilt, wrong) in enumerate(per_rank):
+        assert wrong == 0 and all(rebuilt.values()), (rank, rebuilt, wrong)
+        node = [0, 1] if rank < 2 else [2, 3]
+        assert f"node-local group {node} of the hierarchical all-reduce of the world: custom kernels" in reason, reason
+        assert f"group {node}: custom kernels on 2 ranks" in reason, reason
+
+
+def _reset_with_a_rank_gone_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import CommError
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=30,
+                              max_bytes=8192, kernel_timeout=10.0)  # fmt: skip
+    backend = world.backend
+    pair = world.new_subgroup([0, 1])
+    x = _full(rank, 0, 16)
+    world.all_reduce(x)
+    assert torch.all(x == _expected(world_size, 0))
+    world.barrier()
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # gone for good
+    time.sleep(1.0)  # its connections are closed by now
+    reason = backend.reset()
+    y = _full(rank, 1, 16)
+    pair.all_reduce(y)  # the group without the dead rank recovered
+    pair_ok = bool(torch.all(y == _expected(2, 1))) and backend.kernels_for(pair) is not None
+    try:
+        world.all_reduce(_full(rank, 2, 16))
+        world_call = "no error"
+    except CommError as exc:
+        world_call = type(exc).__name__
+    return reason, pair_ok, world_call, backend.custom is None
+
+
+def test_reset_with_a_rank_gone_says_what_will_not_work():
+    results = run_ranks(_reset_with_a_rank_gone_worker, 3, env=INTERP, timeout=300, expect_dead={2})
+    for rank in (0, 1):
+        reason, pair_ok, world_call, world_on_engine = results[rank]
+        assert pair_ok and world_on_engine and world_call != "no error", results[rank]
+        world_reason = reason.split("; group")[0]
+        assert "did not answer" in world_reason and "will fail with a typed error" in world_reason, reason
+        assert "group [0, 1]: custom kernels on 2 ranks" in reason, reason
 
 
 # ------------------------------------------------------------------------ payloads and world sizes

@@ -136,29 +136,47 @@ def test_a_rank_missing_in_the_node_stage_is_named(tmp_path):
     assert "stage 2" in results[1][2] and "global ranks [1, 3]" in results[1][2], results[1]
 
 
-def test_bad_knobs_are_typed_errors(monkeypatch):
-    from sagellm_comm import watchdog
-    from sagellm_comm.backends.hierarchical import min_bytes_from_env
-    from sagellm_comm.errors import InvalidArgumentError
+def _check_mode_worker(rank, world_size, port, cases):
+    import sagellm_comm
+    from sagellm_comm.errors import CollectiveMismatchError
 
-    for bad in ("-1", "1MB"):
-        monkeypatch.setenv("SAGELLM_COMM_HIER_MIN_BYTES", bad)
-        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_MIN_BYTES"):
-            min_bytes_from_env()
-    for bad in ("-5", "soon"):
-        monkeypatch.setenv("SAGELLM_COMM_WATCHDOG_MS", bad)
-        with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_WATCHDOG_MS"):
-            watchdog.interval_s()
-    from sagellm_comm.backends.hierarchical import cross_mode_from_env
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    os.environ["SAGELLM_COMM_CHECK"] = "1"
+    seen = []
+    for counts, cross in cases:
+        os.environ["SAGELLM_COMM_HIER_CROSS"] = cross
+        world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                                  max_bytes=16384)  # fmt: skip
+        try:
+            x = torch.full((38,), float(rank + 1))
+            world.all_reduce(x)  # agreeing calls run exactly in check mode
+            assert torch.all(x == 10) and world.backend.last_selection.algo == "hierarchical", x
+            x = torch.full((counts[rank],), float(rank + 1))
+            try:
+                world.all_reduce(x)
+                world.backend.kernels_for(world.backend._hierarchical[None][1].local).synchronize()
+                seen.append(("no error", x.tolist()))
+            except CollectiveMismatchError as exc:
+                seen.append((str(exc), exc.details))
+        finally:
+            sagellm_comm.destroy()
+    return seen
 
-    monkeypatch.setenv("SAGELLM_COMM_HIER_CROSS", "nvlink")
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_HIER_CROSS"):
-        cross_mode_from_env()
-    monkeypatch.setenv("SAGELLM_COMM_CHECK", "yes")
-    from sagellm_comm.workspace import check_mode_from_env
 
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_CHECK"):
-        check_mode_from_env()
+def test_check_mode_compares_what_each_rank_passed_across_nodes():
+    """37 and 38 elements pad to the same shards (19 a node-local rank): check mode must compare the counts the
+    callers passed, on every rank, whether the ranks of one node disagree or two nodes do."""
+    cases = [((38, 38, 38, 37), "engine"), ((37, 37, 38, 38), "kernels")]
+    per_rank = run_ranks(_check_mode_worker, 4, cases, env=INTERP, timeout=540)
+    for case, (counts, _) in enumerate(cases):
+        for rank, seen in enumerate(per_rank):
+            message, details = seen[case]
+            assert message != "no error", (case, rank, details)
+            peer = next(r for r in range(4) if counts[r] != counts[rank])  # the first that differs
+            assert details["kind"] == "mismatch" and details["global_peer"] == peer, (case, rank, details)
+            assert (details["mine"]["numel"], details["theirs"]["numel"]) == (counts[rank], counts[peer])
+            assert details["mine"]["algo"] == "hierarchical", details
+            assert f"rank {peer} ran hierarchical of {counts[peer]} x float32" in message, message
 
 
 def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
@@ -174,10 +192,10 @@ def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
 
 def _disagree_worker(rank, world_size, port, env, values):
     import sagellm_comm
-    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.errors import ConfigMismatchError
 
     os.environ[env] = values[rank]
-    with pytest.raises(InvalidArgumentError, match=f"{env} must be the same on every rank"):
+    with pytest.raises(ConfigMismatchError, match=f"{env} .*differs: .* on ranks \\[0\\]; .* on ranks \\[1\\]"):
         sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=60,
                           max_bytes=16384)  # fmt: skip
     return True

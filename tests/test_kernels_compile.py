@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - a Triton without the CUDA backend
     pytest.skip("this Triton has no CUDA backend to compile with", allow_module_level=True)
 
 TARGET = GPUTarget("cuda", 90, 32)
-UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "n_items", "parts"}
+UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "n_items", "parts", "me", "n"}
 
 
 def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 8):
@@ -86,6 +86,14 @@ def _cases():
             dict(table="*i64", ctrl="*i64", rank="i32", algo="i32", numel="i64", dtype_code="i32", timeout="i64"),
             dict(W=3, WP=4, USE_PTX=True, VIRTUAL=False),
             flags,
+        )
+    )
+    cases.append(  # check mode across a hierarchical group: compares, latches with a CAS, waits for nothing
+        (
+            fp.group_fingerprint_check_kernel,
+            dict(table="*i64", ctrl="*i64", prints="*i64", me="i32", n="i32"),
+            dict(W=4, NP=16),
+            ("atom.global.acq_rel.gpu.cas.b64",),
         )
     )
     rms_types = dict(

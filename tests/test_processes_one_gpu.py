@@ -168,3 +168,135 @@ def test_hierarchical_capture_on_gloo_is_a_typed_error_and_harms_nothing():
     for message, exact in run_ranks(_hier_gloo_capture_worker, 4, env=ENV, timeout=540):
         assert "cannot capture" in message and "gloo" in message, message
         assert exact
+
+
+def _reset_worker(rank, world_size, port, nodes, marker, calls):
+    """A rank late past the kernel timeout latches the TP group and the world's path (its kernels, or its
+    node-local groups when the world spans two simulated nodes); reset() on every rank, then ``calls`` exact
+    calls of every path."""
+    import time
+
+    import sagellm_comm
+    from sagellm_comm.errors import CommTimeoutError
+
+    pytest.importorskip("cupy")
+    if nodes > 1:
+        os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank * nodes // world_size}"
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              engine="gloo", device="cuda:0", max_bytes=1 << 20, group_max_bytes=1 << 20,
+                              kernel_timeout=2.0)  # fmt: skip
+    backend = world.backend
+    tp = world.split(2)
+    full = lambda i, n, r=rank: torch.full((n,), float(r + 1 + i), device="cuda")  # noqa: E731
+    errors = []
+    if rank == world_size - 1:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        tp.all_reduce(full(0, 1000))
+        world.all_reduce(full(0, 4096))
+        torch.cuda.synchronize()
+        for car in (backend.kernels_for(tp), backend.custom):
+            if car is not None:
+                car.check_errors()
+        if nodes > 1:
+            backend.kernels_for(backend._hierarchical[None][1].local).check_errors()
+    except CommTimeoutError:
+        errors.append(rank)
+    if rank == world_size - 2:
+        open(marker, "w").close()
+    world.barrier()
+    backend.kernel_timeout = 30.0
+    reason = backend.reset()
+    wrong = {"world": 0, "tp all_reduce": 0, "tp all_gather": 0, "tp reduce_scatter": 0}
+    first = tp.ranks[0]
+    algos = set()
+    for i in range(calls):
+        n = 1 + (i * 7919) % 20_000
+        x = full(i, n)
+        world.all_reduce(x)
+        algos.add(backend.last_selection.algo)
+        torch.cuda.synchronize()
+        wrong["world"] += int(not torch.all(x == sum(r + 1 + i for r in range(world_size))))
+        y = full(i, n)
+        backend.all_reduce(y, group=tp, algo=("one_shot", "two_shot", "lamport")[i % 3] if n <= 65536 else "auto")
+        gathered = torch.empty(2 * n, device="cuda")
+        backend.all_gather(gathered, full(i, n), group=tp)
+        shard = torch.empty(n, device="cuda")
+        backend.reduce_scatter(shard, torch.cat([full(i, n), full(i + 1, n)]), group=tp)
+        torch.cuda.synchronize()
+        wrong["tp all_reduce"] += int(not torch.all(y == sum(r + 1 + i for r in tp.ranks)))
+        wrong["tp all_gather"] += int(not torch.equal(gathered, torch.cat([full(i, n, first), full(i, n, first + 1)])))
+        wrong["tp reduce_scatter"] += int(not torch.all(shard == sum(r + 1 + i + tp.rank for r in tp.ranks)))
+    sagellm_comm.destroy()
+    return errors, reason, wrong, sorted(algos)
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-simulated-nodes"])
+def test_reset_recovers_every_path_for_1000_calls(nodes, tmp_path):
+    """The world on one node (its kernels) or on two simulated nodes (hierarchical: node-local kernels, Gloo
+    between), and the TP groups of split(2): after a fault and reset() on every rank, 1,000 exact calls each."""
+    results = run_ranks(_reset_worker, 4, nodes, str(tmp_path / "m"), 1000, env=ENV, timeout=540)
+    assert any(errors for errors, *_ in results), "the fault did not latch anything"
+    for _, reason, wrong, algos in results:
+        assert not any(wrong.values()), (wrong, reason)
+        kernels = {"hierarchical"} if nodes > 1 else {"one_shot", "two_shot", "lamport"}
+        assert set(algos) <= kernels, algos  # the custom path served every world call, never the engine alone
+        assert "did not answer" not in reason and "failed" not in reason, reason
+
+
+def _per_rank_setting_worker(rank, world_size, port, name, value):
+    """Rank 1 alone sets ``name`` (a per-rank setting, docs/configuration.md): every path stays exact."""
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    pytest.importorskip("cupy")
+    if rank == 1:
+        os.environ[name] = value
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              engine="gloo", device="cuda:0", max_bytes=4 << 20)  # fmt: skip
+    backend = world.backend
+    ok = {}
+    try:
+        for numel in (1000, 300_000, 1 << 20):  # 4 KB .. 4 MB of fp32: small and large tiles
+            for algo in ("one_shot", "two_shot", "lamport") if backend.custom is not None else ("auto",):
+                if algo == "lamport" and numel > backend.custom.workspace.lamport_capacity:
+                    continue
+                x = (torch.arange(numel, device="cuda") % 1000).float() + rank
+                backend.all_reduce(x, algo=algo)
+                torch.cuda.synchronize()
+                want = (torch.arange(numel, device="cuda") % 1000).float() * world_size + sum(range(world_size))
+                ok[f"{algo} {numel}"] = bool(torch.equal(x, want))
+        gathered = torch.empty(world_size * 70_000, device="cuda")
+        backend.all_gather(gathered, torch.full((70_000,), float(rank), device="cuda"))
+        shard = torch.empty(70_000, device="cuda")
+        backend.reduce_scatter(shard, torch.ones(world_size * 70_000, device="cuda") * (rank + 1))
+        xs = torch.full((4, 256), float(rank + 1), device="cuda", dtype=torch.bfloat16)
+        _, new_res = all_reduce_residual_rmsnorm(xs, torch.ones_like(xs), torch.ones(256, device="cuda",
+                                                 dtype=torch.bfloat16))  # fmt: skip
+        torch.cuda.synchronize()
+        ok["all_gather"] = bool(
+            torch.equal(gathered, torch.arange(world_size, device="cuda").float().repeat_interleave(70_000))
+        )
+        ok["reduce_scatter"] = bool(torch.all(shard == sum(r + 1 for r in range(world_size))))
+        ok["fused"] = bool(torch.all(new_res.float() == 1 + sum(r + 1 for r in range(world_size))))
+        ok["kernels"] = backend.custom is not None or name == "SAGELLM_COMM_HOSTNAME"
+    finally:
+        sagellm_comm.destroy()
+    return ok
+
+
+def _per_rank_settings():
+    from sagellm_comm.config import SETTINGS
+
+    return [s for s in SETTINGS if not s.agreed]
+
+
+@pytest.mark.parametrize("setting", _per_rank_settings(), ids=lambda s: s.name)
+def test_a_per_rank_setting_on_one_process_keeps_every_path_exact(setting):
+    """The GPU side of tests/test_config.py (programmatic dependent launch exists only here)."""
+    for ok in run_ranks(_per_rank_setting_worker, 2, setting.name, setting.example, env={}, timeout=300):
+        assert all(ok.values()), ok

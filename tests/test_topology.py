@@ -91,7 +91,7 @@ def test_bad_override_is_one_line_naming_variable_value_and_forms(
     assert "\n" not in text and words in text, text
     assert text.startswith(f"[invalid_argument] {ENV_VAR}={value!r} is refused: "), text
     assert 'accepted: a JSON object or the path of a JSON file, short form {"num_gpus": 2' in text
-    assert info.value.details == {"variable": ENV_VAR, "value": value}
+    assert (info.value.details["variable"], info.value.details["value"]) == (ENV_VAR, value)
 
 
 def _fake_pynvml() -> types.ModuleType:

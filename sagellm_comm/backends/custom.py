@@ -24,6 +24,7 @@ import torch
 
 from .. import gather_scatter
 from ..backend import ReduceOp, Work, register_comm_backend
+from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
 from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from ..errors import (
@@ -49,8 +50,6 @@ from .hierarchical import (
     HIER_MIN_BYTES_ENV,
     HierarchicalPlan,
     capacity_bytes,
-    cross_mode_from_env,
-    min_bytes_from_env,
     node_layout,
 )
 from .hierarchical import all_reduce as hierarchical_all_reduce
@@ -58,8 +57,6 @@ from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
-DEFAULT_MAX_BYTES = int(os.environ.get("SAGELLM_COMM_CUSTOM_MAX_BYTES", 64 << 20))
-GROUP_MAX_BYTES_ENV = "SAGELLM_COMM_GROUP_MAX_BYTES"
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
@@ -112,14 +109,20 @@ class CustomBackend(TorchDistributedBackend):
 
     Args:
         device: as for :class:`TorchDistributedBackend`.
-        max_bytes: the world group's workspace capacity per rank (largest message its kernels take).
-        group_max_bytes: each sub-group's workspace capacity per rank (default ``SAGELLM_COMM_GROUP_MAX_BYTES``,
-            else ``max_bytes``).  A rank's device memory per group is about ``3 * capacity`` plus the Lamport
-            buffers (``region_bytes``; ``kernels_for(g).workspace`` and ``kernels_reason(g)`` state it).
+        max_bytes: the world group's workspace capacity per rank (largest message its kernels take); default
+            ``config.custom_max_bytes`` (``SAGELLM_COMM_CUSTOM_MAX_BYTES``, 64 MiB).
+        group_max_bytes: each sub-group's workspace capacity per rank (default ``config.group_max_bytes``,
+            ``SAGELLM_COMM_GROUP_MAX_BYTES``, else ``max_bytes``).  A rank's device memory per group is about
+            ``3 * capacity`` plus the Lamport buffers (``region_bytes``; ``kernels_for(g).workspace`` and
+            ``kernels_reason(g)`` state it).
         selector: algorithm policy (default rules), or a path to a JSON policy file.
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
         engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
             one GPU under MPS, where NCCL refuses two ranks on one device).
+        config: the configuration (default: read from the environment now, once); ``max_bytes`` and
+            ``group_max_bytes`` given here replace its capacities.  :attr:`config` is what every group,
+            workspace and kernel of this backend uses, and what ranks compare at ``init`` and at every group's
+            set-up (a difference in an agreed setting raises ``ConfigMismatchError``).
     """
 
     kind = "custom"
@@ -128,11 +131,12 @@ class CustomBackend(TorchDistributedBackend):
         self,
         *,
         device: str | torch.device | None = None,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int | None = None,
         group_max_bytes: int | None = None,
         selector: AlgoSelector | str | None = None,
         kernel_timeout: float = 30.0,
         engine: str | None = None,
+        config: CommConfig | None = None,
     ):
         has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
         if engine is None:
@@ -147,21 +151,22 @@ class CustomBackend(TorchDistributedBackend):
         if isinstance(selector, str | os.PathLike):
             selector = AlgoSelector.from_file(selector)
         self.selector = selector or AlgoSelector()
-        self.max_bytes = int(max_bytes)
-        if group_max_bytes is None:
-            group_max_bytes = int(os.environ.get(GROUP_MAX_BYTES_ENV, self.max_bytes))
-        if group_max_bytes <= 0:
-            raise InvalidArgumentError(f"group_max_bytes must be positive, got {group_max_bytes}")
-        self.group_max_bytes = int(group_max_bytes)
+        config = CommConfig.from_env() if config is None else config
+        if max_bytes is not None:
+            config = config.replace(custom_max_bytes=max_bytes)
+        if group_max_bytes is not None:
+            config = config.replace(group_max_bytes=group_max_bytes)
+        self.config = config
+        self.max_bytes = config.custom_max_bytes
+        self.group_max_bytes = config.group_capacity()
         self.kernel_timeout = kernel_timeout
         self.custom: CustomAllReduce | None = None  # the world group's kernels
         self.custom_reason = "not initialised"
         self.last_selection: Selection | None = None
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
+        self._group_roles: dict[int, str] = {}  # id(handle) -> what the group serves (reset's reason names it)
         self._nodes: list[str] = []  # every global rank's node name
-        self._hier_min_bytes = 0  # SAGELLM_COMM_HIER_MIN_BYTES, agreed by every rank at init
-        self._hier_cross = "engine"  # SAGELLM_COMM_HIER_CROSS, agreed by every rank at init
         self._processes_on_device = 1  # world ranks on this rank's GPU (N processes under MPS)
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
 
@@ -179,16 +184,13 @@ class CustomBackend(TorchDistributedBackend):
         super().init(*args, **kwargs)
         if self._world_kernels is None:
             try:
-                where = (node_name(), device_identity(self.device))
-                facts = self._exchange((where[0], min_bytes_from_env(), cross_mode_from_env(), where[1]))
+                where = (node_name(self.config), device_identity(self.device))
+                facts = self._exchange((*where, self.config.agreement()))
+                # Before anything depends on them: every rank's agreed settings (the groups made later by this
+                # backend use the same configuration, and their set-ups compare it again).
+                check_agreement([f[2] for f in facts], range(self.world_size), "the custom backend's init")
                 self._nodes = [node for node, *_ in facts]
-                self._processes_on_device = sum(1 for f in facts if (f[0], f[3]) == where)
-                for index, env in ((1, HIER_MIN_BYTES_ENV), (2, HIER_CROSS_ENV)):
-                    if len({f[index] for f in facts}) != 1:  # per-rank choices would split the ranks' paths
-                        raise InvalidArgumentError(
-                            f"{env} must be the same on every rank, got {[f[index] for f in facts]} by rank"
-                        )
-                self._hier_min_bytes, self._hier_cross = facts[0][1], facts[0][2]
+                self._processes_on_device = sum(1 for f in facts if (f[0], f[1]) == where)
                 self._world_kernels = self._make_kernels(None)
                 self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
                 self._plan_hierarchical(None, tuple(range(self.world_size)))
@@ -220,6 +222,7 @@ class CustomBackend(TorchDistributedBackend):
         return KernelGroup(
             rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
+            config=self.config,
         )  # fmt: skip
 
     def new_group(self, ranks):
@@ -228,6 +231,7 @@ class CustomBackend(TorchDistributedBackend):
         handle = super().new_group(ranks)
         if handle.is_member:
             self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
+            self._group_roles[id(handle)] = f"group {list(handle.ranks)}"
         self._plan_hierarchical(handle, handle.ranks)
         return handle
 
@@ -239,21 +243,32 @@ class CustomBackend(TorchDistributedBackend):
         if not locals_:
             return
         mine_local = mine_cross = None
+        spanning = "the world" if handle is None else f"group {list(members)}"
         for ranks in locals_:
             local = self.new_group(ranks)
             mine_local = local if local.is_member else mine_local
+            if local.is_member:
+                self._group_roles[id(local)] = (
+                    f"node-local group {list(ranks)} of the hierarchical all-reduce of {spanning}"
+                )
         for ranks in cross:
             group = TorchDistributedBackend.new_group(self, ranks)
             mine_cross = group if group.is_member else mine_cross
         cross_kernels = None
-        if self._hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
+        if self.config.hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
             kernels = self._make_kernels(mine_cross, one_node=False)
             self._group_kernels[id(mine_cross)] = (mine_cross, kernels)
+            self._group_roles[id(mine_cross)] = (
+                f"cross group {list(mine_cross.ranks)} of the hierarchical all-reduce of {spanning}"
+            )
             cross_kernels = kernels.kernels
             if cross_kernels is None:
                 log.warning("sagellm-comm %s=kernels: stage 2 stays on the engine: %s", HIER_CROSS_ENV, kernels.reason)
         if mine_local is not None and mine_cross is not None:
-            plan = HierarchicalPlan(mine_local, mine_cross, len(locals_), self._hier_min_bytes, cross_kernels)
+            plan = HierarchicalPlan(
+                mine_local, mine_cross, len(locals_), self.config.hier_min_bytes, cross_kernels, handle,
+                members.index(self.rank), len(members),
+            )  # fmt: skip
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
@@ -276,35 +291,66 @@ class CustomBackend(TorchDistributedBackend):
         return entry[1].reason
 
     def reset(self) -> str:
-        """Collective: rebuild the custom path of the world group on every rank, after a device-side failure.
+        """Collective (every rank of the world): rebuild every custom path of this backend after a device-side
+        failure, and return what each path runs now.
 
-        A timed-out or mismatched call latches its workspace (every later call raises, every later output
-        of a replayed graph is NaN).  Call ``reset()`` on every rank: the old workspace is released and a
-        new one is made and self-tested exactly as at ``init``.  If that fails (a rank is gone, a peer
-        mapping or the self-test fails), the backend keeps serving every call on the engine and
-        :attr:`custom_reason` records why.  Returns :attr:`custom_reason`.  CUDA graphs captured before the
-        reset hold the old workspace's addresses: capture them again.  Sub-groups: make them again.
+        A timed-out or mismatched call latches its workspace (every later call raises, every later output of a
+        replayed graph is NaN).  ``reset()`` releases every workspace of this rank and makes each group's again,
+        self-tested exactly as when the group was made, in the order the groups were made: the world, every
+        sub-group from ``new_group`` / ``split`` / ``new_subgroup``, and the node-local (and, with
+        ``SAGELLM_COMM_HIER_CROSS=kernels``, cross) groups of every hierarchical plan; the plans, the fused
+        operations and all-gather / reduce-scatter then use the new workspaces.  Existing group objects stay valid.
+
+        A group whose set-up fails again keeps running on the engine: a peer mapping or the self-test failing
+        (the reason says which), or a member that does not answer (gone or stuck; the engine needs every member
+        too, so that group's calls fail with a typed error until the job is restarted: the reason says so).
+        :attr:`custom_reason` is the world's reason.  CUDA graphs captured before the reset hold the old
+        workspaces' addresses: capture them again.
         """
         if not self.is_initialized:
             raise NotInitializedError("reset() needs an initialised backend: call init() first")
-        old, self._world_kernels, self.custom = self._world_kernels, None, None
-        if old is not None:
+        old = [self._world_kernels] + [kernels for _, kernels in self._group_kernels.values()]
+        self._world_kernels, self.custom = None, None
+        for kernels in old:
+            if kernels is None:
+                continue
             try:
-                old.close()
-            except Exception as exc:  # an unusable device must not stop the fallback
-                log.warning("sagellm-comm reset: closing the old workspace failed: %s", exc)
-        try:
-            self._world_kernels = self._make_kernels(None)
-            self.custom, reason = self._world_kernels.kernels, self._world_kernels.reason
-        except Exception as exc:
-            self.custom, reason = None, f"reset failed on rank {self.rank}: {exc}; the engine runs every call"
-        self.custom_reason = reason
-        log.info("sagellm-comm reset on rank %d: %s", self.rank, reason)
+                kernels.close()
+            except Exception as exc:  # an unusable device must not stop the rebuild or the fallback
+                log.warning("sagellm-comm reset: closing the old workspace of ranks %s failed: %s", kernels.ranks, exc)
+        self._world_kernels = self._remake(None, True)
+        self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
+        reasons = [f"the world: {self.custom_reason}"]
+        for key, (handle, kernels) in list(self._group_kernels.items()):
+            remade = self._remake(handle, kernels.one_node)
+            self._group_kernels[key] = (handle, remade)
+            reasons.append(f"{self._group_roles.get(key, f'group {list(handle.ranks)}')}: {remade.reason}")
+        for _, plan in self._hierarchical.values():  # the plans' stage 2 on the cross groups' new kernels
+            if plan.cross_kernels is not None:
+                plan.cross_kernels = self.kernels_for(plan.cross)
+        reason = f"reset on rank {self.rank}: " + "; ".join(reasons)
+        log.info("sagellm-comm %s", reason)
         return reason
+
+    def _remake(self, handle: Any, one_node: bool) -> KernelGroup:
+        """``_make_kernels`` for reset: a member that does not answer leaves the group on the engine, said so."""
+        try:
+            return self._make_kernels(handle, one_node=one_node)
+        except Exception as exc:
+            ranks = tuple(range(self.world_size)) if handle is None else handle.ranks
+            rank = self.rank if handle is None else handle.rank
+            why = " ".join(str(exc).split())
+            reason = (
+                f"reset failed: a member of ranks {list(ranks)} did not answer ({why}); this group's calls now go to "
+                f"the {self.engine_kind} engine, which needs every member too: they will fail with a typed error "
+                "until the missing rank is back (destroy the backend and init again)"
+            )
+            return KernelGroup.unavailable(rank, len(ranks), ranks, reason, one_node)
 
     def destroy(self) -> None:
         kernel_groups = [k for _, k in self._group_kernels.values()] + [self._world_kernels]
         self._group_kernels.clear()
+        self._group_roles.clear()
         self._hierarchical.clear()
         self._world_kernels = self.custom = None
         try:

@@ -1,8 +1,11 @@
 """The custom kernels of one group: the collective decision, the workspace, the self-test.
 
 A :class:`KernelGroup` is made collectively by the members of one group (the world, or a sub-group from
-``new_group`` / ``split``), over that group's CPU (Gloo) side.  It is used only when every check passes on
-every member:
+``new_group`` / ``split``), over that group's CPU (Gloo) side.  The members first compare the agreed part of
+their configuration (``docs/configuration.md``): a difference raises
+:class:`~sagellm_comm.errors.ConfigMismatchError` naming the setting and the ranks (it is an error, not a
+reason to fall back: the engine would run, but the job is misconfigured).  The kernels are used only when
+every check passes on every member:
 
 1. 2..8 members, all on one node (node names gathered over the group: the host name, or
    ``SAGELLM_COMM_HOSTNAME`` where a test simulates nodes);
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..config import CommConfig, check_agreement
 from ..cupy_probe import cupy_present
 from ..custom_all_reduce import CustomAllReduce
 from ..errors import CommError
@@ -47,6 +51,7 @@ class KernelGroup:
             ``SAGELLM_COMM_HIER_CROSS=kernels``: the peer mappings and the self-test still decide).
         processes_on_device: processes of the whole world on this rank's GPU (see
             :meth:`SymmetricWorkspace.rendezvous`: groups running at once on one GPU share its SMs).
+        config: the backend's configuration (tile shapes, check mode, initial epoch, ... of the workspace).
     """
 
     def __init__(
@@ -62,7 +67,9 @@ class KernelGroup:
         fallback: Callable[[torch.Tensor], torch.Tensor],
         one_node: bool = True,
         processes_on_device: int = 1,
+        config: CommConfig | None = None,
     ):
+        self.config = CommConfig.from_env() if config is None else config
         self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
         self.one_node = one_node
         self.processes_on_device = processes_on_device
@@ -77,14 +84,17 @@ class KernelGroup:
 
     def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
         local_ok, local_reason = self._local_checks()
-        facts = self._exchange((node_name(), self.device.index, local_ok, local_reason))
+        facts = self._exchange(
+            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement())
+        )
+        check_agreement([f[4] for f in facts], self.ranks, f"the set-up of the group of ranks {list(self.ranks)}")
         reason = self._verdict(facts)
         if reason is not None:
             return None, reason
         try:
             ws = SymmetricWorkspace.rendezvous(
                 self.rank, self.world_size, slot_bytes, self.device, self._exchange,
-                processes_on_device=self.processes_on_device,
+                processes_on_device=self.processes_on_device, config=self.config, ranks=self.ranks,
             )  # fmt: skip
         except CommError as exc:
             verdicts = self._exchange(str(exc))
@@ -111,7 +121,7 @@ class KernelGroup:
         return True, ""
 
     def _verdict(self, facts: list[tuple]) -> str | None:
-        bad = [(self.ranks[r], why) for r, (_, _, ok, why) in enumerate(facts) if not ok]
+        bad = [(self.ranks[r], why) for r, (_, _, ok, why, _) in enumerate(facts) if not ok]
         if bad:
             return "; ".join(f"rank {r}: {why}" for r, why in bad)
         nodes = {h for h, *_ in facts}
@@ -138,6 +148,14 @@ class KernelGroup:
         except CommError:
             return False
         return True
+
+    @classmethod
+    def unavailable(cls, rank: int, world_size: int, ranks: tuple[int, ...], reason: str, one_node: bool = True):
+        """A group whose set-up could not finish (a member did not answer): no kernels, ``reason`` says why."""
+        group = cls.__new__(cls)
+        group.rank, group.world_size, group.ranks, group.one_node = rank, world_size, tuple(ranks), one_node
+        group.kernels, group.reason, group.nbytes = None, reason, 0
+        return group
 
     def close(self) -> None:
         """Release this rank's workspace (idempotent).  Every member should close (it is collective in spirit)."""

@@ -36,38 +36,20 @@ the node-local workspace takes, and flat NCCL otherwise.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import CommError, InvalidArgumentError
-from ..knobs import env_number
+from ..errors import CommError
 
-HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"
-DEFAULT_HIER_MIN_BYTES = 1 << 20
+HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"  # CommConfig.hier_min_bytes
+#: CommConfig.hier_cross: what runs stage 2, ``engine`` (default) or ``kernels``.  ``kernels`` is for
+#: *simulated* nodes only (``SAGELLM_COMM_HOSTNAME`` on one machine): the cross groups then get custom kernels
+#: too, without the one-node check, so the whole path runs in a CUDA graph on one GPU, where Gloo (the
+#: stand-in engine there) cannot be captured and NCCL refuses two ranks.  On real nodes the cross members
+#: cannot map each other's memory: their set-up fails and stage 2 stays on the engine (NCCL, capturable).
 HIER_CROSS_ENV = "SAGELLM_COMM_HIER_CROSS"
-CROSS_MODES = ("engine", "kernels")
-
-
-def min_bytes_from_env() -> int:
-    """``SAGELLM_COMM_HIER_MIN_BYTES``: the smallest message ``auto`` runs hierarchically (default 1 MB)."""
-    return int(env_number(HIER_MIN_BYTES_ENV, DEFAULT_HIER_MIN_BYTES, unit="an integer number of bytes"))
-
-
-def cross_mode_from_env() -> str:
-    """``SAGELLM_COMM_HIER_CROSS``: what runs stage 2, ``engine`` (default) or ``kernels``.
-
-    ``kernels`` is for *simulated* nodes only (``SAGELLM_COMM_HOSTNAME`` on one machine): the cross groups
-    then get custom kernels too, without the one-node check, so the whole path runs in a CUDA graph on one
-    GPU, where Gloo (the stand-in engine there) cannot be captured and NCCL refuses two ranks.  On real
-    nodes the cross members cannot map each other's memory: their set-up fails and stage 2 stays on the
-    engine (NCCL, which is capturable)."""
-    mode = os.environ.get(HIER_CROSS_ENV, "engine").strip().lower() or "engine"
-    if mode not in CROSS_MODES:
-        raise InvalidArgumentError(f"{HIER_CROSS_ENV} must be one of {CROSS_MODES}, got {mode!r}")
-    return mode
 
 
 def node_layout(members: tuple[int, ...], nodes: list[str]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -98,6 +80,9 @@ class HierarchicalPlan:
     nodes: int
     min_bytes: int
     cross_kernels: Any = None  # CustomAllReduce of ``cross`` (SAGELLM_COMM_HIER_CROSS=kernels), else None
+    group: Any = None  # the node-spanning group's handle (None: the world)
+    group_rank: int = 0  # this rank's index in it
+    group_size: int = 0
 
     @property
     def local_size(self) -> int:
@@ -112,9 +97,35 @@ def capacity_bytes(plan: HierarchicalPlan, car, itemsize: int) -> int:
     return max_numel("reduce_scatter", plan.local_size, car.workspace.slot_bytes, itemsize) * plan.local_size * itemsize
 
 
+def group_check(backend, plan: HierarchicalPlan, car, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Check mode: every member of the node-spanning group compares ``(hierarchical, numel, dtype)`` with every
+    other member's, through one engine all-gather and a one-program kernel that latches ``car``'s workspace
+    on a difference (``kernels/fingerprint.py``).  Enqueued on the current stream (NCCL: capturable).
+
+    The node-local and cross groups each compare only their own members: ranks of one node that agree with
+    each other but not with another node's would pass both, and a rank whose node-local peers all failed would
+    be the only one of its node to go on.  Every member sees every row here, so every member latches."""
+    from ..kernels.fingerprint import ALGO_CODES, DTYPE_CODES
+    from ..selector import HIERARCHICAL_ALGO
+    from .torch_distributed import TorchDistributedBackend
+
+    mine = torch.empty(4, dtype=torch.int64, device=device)
+    words = (ALGO_CODES[HIERARCHICAL_ALGO], numel, DTYPE_CODES[str(dtype).removeprefix("torch.")], backend.rank)
+    for i, word in enumerate(words):  # one fill each: no host-to-device copy, so a graph can capture it
+        mine[i] = word
+    everyone = torch.empty(plan.group_size * 4, dtype=torch.int64, device=device)
+    TorchDistributedBackend.all_gather(backend, everyone, mine, plan.group)
+    car.launch_group_check(everyone.view(plan.group_size, 4), plan.group_rank)
+
+
 def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> torch.Tensor:
-    """The three stages on ``tensor`` (contiguous, in place), enqueued on the current stream."""
+    """The three stages on ``tensor`` (contiguous, in place), enqueued on the current stream.
+
+    In check mode (the node-local workspace's, agreed by the group) the whole group first compares what each
+    member was asked for (:func:`group_check`), and every stage's own check compares the caller's operation and
+    element count (``hierarchical``, ``tensor.numel()``), not the padded shards the stages move."""
     from .. import gather_scatter
+    from ..selector import HIERARCHICAL_ALGO
     from .torch_distributed import TorchDistributedBackend
 
     if plan.cross_kernels is None:  # stage 2 on the engine: refuse a capture before stage 1 is enqueued
@@ -122,18 +133,28 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
             "the inter-node stage of a hierarchical all-reduce",
             f"capture with the nccl engine ({HIER_CROSS_ENV}=kernels for simulated nodes on one machine)",
         )
+    if car.check:
+        backend.check_capturable(
+            "the check-mode comparison of a hierarchical all-reduce (an engine all-gather)",
+            "capture with the nccl engine, or without check mode (SAGELLM_COMM_CHECK=0)",
+        )
     local = plan.local_size
     flat = tensor.view(-1)
     numel = flat.numel()
+    what = (HIERARCHICAL_ALGO, numel)  # what check mode fingerprints in every stage: the caller's call
+    if car.check:
+        group_check(backend, plan, car, numel, tensor.dtype, tensor.device)
+        if backend.engine.host_blocking:  # the engine waits on the host anyway: report before any stage runs
+            car.synchronize()
     shard_numel = -(-numel // local)
     padded = shard_numel * local
     staged = flat if padded == numel else torch.zeros(padded, dtype=tensor.dtype, device=tensor.device)
     if staged is not flat:
         staged[:numel].copy_(flat)
     shard = torch.empty(shard_numel, dtype=tensor.dtype, device=tensor.device)
-    gather_scatter.reduce_scatter(car, staged, shard)
-    if plan.cross_kernels is not None:  # simulated nodes (see cross_mode_from_env)
-        plan.cross_kernels.all_reduce(shard)
+    gather_scatter.reduce_scatter(car, staged, shard, fingerprint=what)
+    if plan.cross_kernels is not None:  # simulated nodes (see HIER_CROSS_ENV)
+        plan.cross_kernels.all_reduce(shard, fingerprint=what)
     else:
         try:
             TorchDistributedBackend.all_reduce(backend, shard, "sum", plan.cross)
@@ -144,7 +165,7 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
                 details={**exc.details, "stage": 2, "cross_ranks": list(plan.cross.ranks)},
                 code=exc.code,
             ) from exc
-    gather_scatter.all_gather(car, shard, staged)
+    gather_scatter.all_gather(car, shard, staged, fingerprint=what)
     if staged is not flat:
         flat.copy_(staged[:numel])
     return tensor

@@ -18,7 +18,7 @@ from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, O
 from sagellm_comm.benchmark.plan import (
     available_kind,
     check_outputs,
-    check_topology_env,
+    check_settings,
     check_whole_elements,
     cuda_available,
     torchrun_env,
@@ -79,7 +79,7 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     if config.dtype is not None:
         resolve_dtype(config.dtype)  # an unknown name is refused before the machine is looked at
     check_outputs(config.output_dir, config.plot)
-    check_topology_env()
+    check_settings()
     cuda = cuda_available()
     env = torchrun_env()
     if config.virtual_ranks is not None:

@@ -35,7 +35,7 @@ from sagellm_comm.benchmark.config import (
 )
 from sagellm_comm.benchmark.ops import OPS, resolve_dtype
 from sagellm_comm.benchmark.sizes import parse_size_range
-from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 
 
 def cuda_available() -> bool:
@@ -149,17 +149,12 @@ def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
         )
 
 
-def check_topology_env() -> None:
-    """A malformed ``SAGELLM_COMM_TOPOLOGY`` is refused here rather than in every rank."""
-    from sagellm_comm.topology import ENV_VAR, Topology
+def check_settings() -> None:
+    """A malformed ``SAGELLM_COMM_*`` setting (``docs/configuration.md``; e.g. ``SAGELLM_COMM_TOPOLOGY``) is
+    refused here, naming the variable, rather than in every rank."""
+    from sagellm_comm.config import CommConfig
 
-    if not os.environ.get(ENV_VAR):
-        return
-    try:
-        Topology.discover()  # with the variable set, it only parses it
-    except CommError as exc:
-        message = exc.message if ENV_VAR in exc.message else f"{ENV_VAR}: {exc.message}"
-        raise InvalidArgumentError(message) from exc
+    CommConfig.from_env()
 
 
 def plan_launch(config: BenchConfig) -> LaunchPlan:
@@ -182,7 +177,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     if config.selector_config is not None and not Path(config.selector_config).is_file():
         raise InvalidArgumentError(f"--selector-config {config.selector_config}: no such file")
     check_outputs(config.output_dir, config.plot)
-    check_topology_env()
+    check_settings()
     if config.zero_copy and config.virtual_ranks is None:
         raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
     if config.virtual_mode not in VIRTUAL_MODES:

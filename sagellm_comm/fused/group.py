@@ -160,6 +160,8 @@ def gemm_all_reduce(
                 gemm_workspace_bytes(capacity),
                 backend.device,
                 lambda obj: backend._exchange(obj, g.handle),
+                config=car.config,
+                ranks=g.ranks,
             )
             state.gemm = GemmAllReduce(
                 ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None

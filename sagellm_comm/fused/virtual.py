@@ -42,7 +42,9 @@ class VirtualFused:
         self.rmsnorm = FusedAllReduceRMSNorm(group.workspaces[0], max_programs=group.max_programs)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._overlap_programs = max(1, sms // (4 * w))
-        self.gemm_workspaces = local_workspaces(w, gemm_workspace_bytes(gemm_max_output_bytes), self.device)
+        self.gemm_workspaces = local_workspaces(
+            w, gemm_workspace_bytes(gemm_max_output_bytes), self.device, config=group.config
+        )
         if consumer_programs is None:
             consumer_programs = self._overlap_programs
         self.gemm = GemmAllReduce(

@@ -84,7 +84,19 @@ PHASE_END = tl.constexpr(2)
 PHASE_LAMPORT = tl.constexpr(3)
 PHASE_COPY_ENGINE = tl.constexpr(4)
 PHASE_CHECK = tl.constexpr(5)
-PHASE_NAMES = ("start", "mid", "end", "lamport", "copy-engine", "check")
+PHASE_TILE = tl.constexpr(6)  # a GEMM tile flag (kernels/gemm_all_reduce.py)
+PHASE_GROUP_CHECK = tl.constexpr(7)  # check mode across a whole group through the engine (kernels/fingerprint.py)
+PHASE_NAMES = ("start", "mid", "end", "lamport", "copy-engine", "check", "tile", "group check")
+
+
+def call_of_target(phase: int, target: int) -> int:
+    """The call number (the value of the call's counter) of a timed-out wait whose error record holds flag
+    ``target``: a start flag is ``2 * (call + 1)`` (its low bit carries the zero-copy choice), every other
+    flag ``call + 1``."""
+    if phase == PHASE_START.value:
+        return target // 2 - 1
+    return target - 1
+
 
 # Layout of the host-mapped error record (int64 words).
 ERR_STATUS = tl.constexpr(0)  # 0 ok, ERR_TIMEOUT, ERR_MISMATCH

@@ -17,6 +17,14 @@ one-program kernel on the same stream right before each collective kernel:
    computing anything, and the host raises ``CollectiveMismatchError`` naming the rank and both fingerprints.
 4. It advances the check counter.
 
+**Across a whole group, through the engine** (``group_fingerprint_check_kernel``).  A hierarchical all-reduce
+spans nodes: its node-local and cross groups each compare only their own members, so two nodes whose ranks
+agree among themselves but not with each other would pass both.  In check mode its host first all-gathers every
+member's fingerprint ``(algo, numel, dtype, global rank)`` through the engine (a complete exchange, stream-ordered
+like the rest); this one-program kernel then compares every row with its own and, at the first differing one,
+latches the node-local workspace and records the mismatch like step 3 (phase ``PHASE_GROUP_CHECK``, the peer as a
+global rank).  Every member sees every row, so every member latches: nobody waits for a rank that stopped.
+
 Why the parity slots: a peer that passed the barrier may already write its fingerprint of ``call + 1``
 while this rank still compares, but not of ``call + 2`` (that needs this rank's flag of ``call + 1``), so
 ``prints[call % 2]`` holds call ``call``'s fingerprints while they are read.  The counter is 64-bit and
@@ -42,6 +50,7 @@ from sagellm_comm.kernels.all_reduce import (
     ERR_THEIRS,
     MAX_WORLD,
     PHASE_CHECK,
+    PHASE_GROUP_CHECK,
     SLOT_CHECK,
     SLOT_WORDS,
     _barrier_at,
@@ -68,6 +77,7 @@ ALGO_CODES = {
     "reduce_scatter": 10,
     "rmsnorm_lamport": 11,
     "two_shot_fp8": 12,  # the all-reduce with an FP8 payload
+    "hierarchical": 13,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
 }
 # The fused RMSNorm with an FP8 output: ``rmsnorm_<algo>_<mode>`` (the mode changes what every rank stages).
 ALGO_CODES.update(
@@ -78,6 +88,24 @@ ALGO_CODES.update(
     }
 )
 DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
+
+
+@triton.jit
+def _record_mismatch(ctrl, table, W: tl.constexpr, peer, words, mine, theirs, call, PHASE: tl.constexpr):
+    """Latch this rank's workspace; the first to latch records the mismatch: ``peer``, both fingerprints
+    ``(algo, numel, dtype, call)`` (``words`` indexes them), the check call, ``PHASE``."""
+    was = tl.atomic_cas(
+        ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
+    )
+    if was == 0:
+        err = tl.load(table + W).to(tl.pointer_type(tl.int64))
+        tl.store(err + ERR_MINE + words, mine, cache_modifier=".wt")
+        tl.store(err + ERR_THEIRS + words, theirs, cache_modifier=".wt")
+        tl.store(err + ERR_PEER, peer, cache_modifier=".wt")
+        tl.store(err + ERR_PHASE, tl.full([], PHASE, tl.int64), cache_modifier=".wt")
+        tl.store(err + ERR_BLOCK, tl.full([], 0, tl.int64), cache_modifier=".wt")
+        tl.store(err + ERR_EPOCH, call, cache_modifier=".wt")
+        tl.store(err + ERR_STATUS, tl.full([], ERR_MISMATCH, tl.int64), cache_modifier=".wt")
 
 
 @triton.jit(do_not_specialize=["rank", "algo", "numel", "dtype_code", "timeout"])
@@ -132,18 +160,31 @@ def fingerprint_check_kernel(
         differs = tl.sum(((theirs != mine[None, :]) & valid[:, None]).to(tl.int32), axis=1) > 0
         first = tl.min(tl.where(differs, peers, WP), axis=0)
         if first < W:
-            was = tl.atomic_cas(
-                ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
-            )
-            if was == 0:
-                err = tl.load(table + W).to(tl.pointer_type(tl.int64))
-                their_print = tl.sum(tl.where(peers[:, None] == first, theirs, 0), axis=0)
-                tl.store(err + ERR_MINE + words, mine, cache_modifier=".wt")
-                tl.store(err + ERR_THEIRS + words, their_print, cache_modifier=".wt")
-                tl.store(err + ERR_PEER, first.to(tl.int64), cache_modifier=".wt")
-                tl.store(err + ERR_PHASE, tl.full([], PHASE_CHECK, tl.int64), cache_modifier=".wt")
-                tl.store(err + ERR_BLOCK, tl.full([], 0, tl.int64), cache_modifier=".wt")
-                tl.store(err + ERR_EPOCH, call, cache_modifier=".wt")
-                tl.store(err + ERR_STATUS, tl.full([], ERR_MISMATCH, tl.int64), cache_modifier=".wt")
+            their_print = tl.sum(tl.where(peers[:, None] == first, theirs, 0), axis=0)
+            _record_mismatch(ctrl, table, W, first.to(tl.int64), words, mine, their_print, call, PHASE_CHECK)
     # 4. Only this rank's next check reads the counter, in stream order after this kernel.
     tl.store(ctrl + CTRL_CHECK, call + 1)
+
+
+@triton.jit(do_not_specialize=["me", "n"])
+def group_fingerprint_check_kernel(table, ctrl, prints, me, n, W: tl.constexpr, NP: tl.constexpr):
+    """Compare row ``me`` of ``prints`` (int64 ``[n, FP_WORDS]``: ``algo, numel, dtype, global rank`` of every
+    member of a group, as the engine all-gathered them) with every row; at the first that differs in
+    ``algo, numel, dtype``, latch this rank's workspace (``table``, ``ctrl``: ``W`` ranks) and record the
+    mismatch, the peer as its global rank (module docstring).  Grid ``(1, 1)``; waits for nothing.
+    """
+    rows = tl.arange(0, NP)
+    valid = rows < n
+    words = tl.arange(0, FP_WORDS)
+    everyone = tl.load(prints + rows[:, None] * FP_WORDS + words[None, :], mask=valid[:, None], other=0)
+    own = tl.load(prints + me * FP_WORDS + words)
+    compared = (words < 3)[None, :] & valid[:, None]  # word 3 is the global rank
+    differs = tl.sum(((everyone != own[None, :]) & compared).to(tl.int32), axis=1) > 0
+    first = tl.min(tl.where(differs, rows, NP), axis=0)
+    if first < n:
+        call = tl.load(ctrl + CTRL_CHECK, volatile=True)
+        theirs = tl.sum(tl.where(rows[:, None] == first, everyone, 0), axis=0)
+        peer = tl.sum(tl.where(words == 3, theirs, 0), axis=0)
+        mine = tl.where(words == 3, call, own)
+        theirs = tl.where(words == 3, call, theirs)
+        _record_mismatch(ctrl, table, W, peer, words, mine, theirs, call, PHASE_GROUP_CHECK)

@@ -56,7 +56,7 @@ from sagellm_comm.kernels.all_reduce import (
     PAD_BYTES,
     PHASE_END,
     PHASE_MID,
-    PHASE_START,
+    PHASE_TILE,
     _barrier,
     _flag_ptrs,
     _nan_unless,
@@ -209,7 +209,7 @@ def tile_all_reduce_kernel(
             # Reduce tile t: wait for every rank's partial, sum in rank order.
             produced = _flag_ptrs(flag_bases, PRODUCED_WORD + t)
             ok, _ = _wait_flags(
-                produced, valid, target, ctrl, table, peers, PHASE_START, pid, timeout, W, WP, USE_PTX, True
+                produced, valid, target, ctrl, table, peers, PHASE_TILE, pid, timeout, W, WP, USE_PTX, True
             )
             ok = ok & healthy
             tile_m, tile_n = _tile_coords(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)

@@ -34,11 +34,13 @@ def boot_id() -> str:
         return ""
 
 
-def host_name() -> str:
-    """The node this process runs on (``SAGELLM_COMM_HOSTNAME`` overrides, as for the collectives)."""
+def host_name(config=None) -> str:
+    """The node this process runs on (``config.hostname``, ``SAGELLM_COMM_HOSTNAME``, overrides, as for the
+    collectives; default: the configuration the environment describes now)."""
+    from sagellm_comm.config import CommConfig
     from sagellm_comm.workspace import node_name
 
-    return node_name()
+    return node_name(CommConfig.from_env() if config is None else config)
 
 
 @dataclass

@@ -12,24 +12,41 @@
   store outlives one world, so each ``init`` of a rank works under its own key prefix, the rank's
   count of inits on that store (``sagellm_comm/<n>/``): the n-th world of every rank meets in the same
   prefix and never reads a key an earlier world left behind (Gloo would connect to a dead address).
-* A client first waits, in Python, until something accepts a TCP connection at the address, for at most
-  ``timeout`` seconds.  torch's own connect loop retries each attempt with the full timeout plus a
-  back-off (a lone rank 1 gave up after about twice the timeout) and logs every failed attempt with a C++
-  stack trace; waiting here keeps the bound and keeps stderr clean.  A rank whose rank 0 never starts
-  gets ``comm_timeout`` naming the address, the configured timeout and the time it waited.
+* One deadline, ``timeout`` seconds from the call, bounds the whole rendezvous on every rank, whatever sits
+  at the address (:func:`init_world`):
+
+  - a client first waits, in Python, until something accepts a TCP connection there.  torch's own connect
+    loop retries each attempt with the full timeout plus a back-off (a lone rank 1 gave up after about twice
+    the timeout) and logs every failed attempt with a C++ stack trace; waiting here keeps the bound and keeps
+    stderr clean;
+  - then it joins the store in a helper thread and waits for it at most until the deadline: torch's
+    handshake has no bound of its own, and a listener that accepts and never answers (a silent or stopped
+    process, a half-open connection) held a rank forever.  A handshake that fails (something that is not a
+    store answered) is retried until the deadline;
+  - rank 0 retries binding a port that is taken (a previous run's store still closing) until the deadline;
+  - every rank joins under its own key prefix, the rank's count of inits on that store
+    (``sagellm_comm/<n>/``), and announces its arrival there; the ranks wait, bounded by the deadline, until
+    all have arrived before torch's process group starts.  A stale store (an earlier world's rank 0 still
+    alive, or a launcher's store that outlived a world) therefore never hands out an address of a dead
+    process: its keys live under another prefix, and the missing ranks are named when the deadline passes.
+
+  Each failure is ``comm_timeout`` naming the address, the configured timeout, the time waited and what was
+  found there.  Only what comes after every rank has arrived (torch's process group, bounded by its own
+  timeout) can take longer, and only when a rank dies in between.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 
-from sagellm_comm.errors import CommTimeoutError, InvalidArgumentError
+from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
 
 from .checks import int_arg, seconds
 
@@ -50,12 +67,19 @@ def init_world(
 ) -> Any:
     """Create torch.distributed's default group on a new store; returns the store.
 
-    ``translate(exc, what, timeout)`` makes torch's failures typed errors naming the step and address.
+    ``translate(exc, what, timeout)`` makes torch's failures typed errors naming the step and address.  The
+    store and the arrival of every rank are bounded by one deadline, ``timeout`` seconds from now (module
+    docstring).
     """
+    deadline = time.monotonic() + timeout
     address = store_address(world_size, addr, port)
     where = "a local store" if address is None else "{}:{}".format(*address)
     try:
-        store = create_store(rank, world_size, address, timeout)
+        store = create_store(rank, world_size, address, timeout, deadline)
+        if address is not None:
+            wait_for_ranks(store, rank, world_size, timeout, deadline, where)
+    except CommError:
+        raise
     except Exception as exc:
         raise translate(exc, f"rendezvous at {where}", timeout) from exc
     try:
@@ -76,26 +100,147 @@ def store_address(world_size: int, addr: str | None, port: int | None) -> tuple[
     return addr or os.environ.get("MASTER_ADDR") or "127.0.0.1", port
 
 
-def create_store(rank: int, world_size: int, address: tuple[str, int] | None, timeout: float) -> Any:
-    """Make (or join) the rendezvous store at ``address`` (from :func:`store_address`).
+def create_store(
+    rank: int, world_size: int, address: tuple[str, int] | None, timeout: float, deadline: float | None = None
+) -> Any:
+    """Make (or join) the rendezvous store at ``address`` (from :func:`store_address`), under this rank's key
+    prefix for this init (module docstring).
 
-    Raises ``comm_timeout`` when a client finds nobody listening within ``timeout`` seconds; torch's own
-    failures propagate for the caller to translate.
+    Raises ``comm_timeout`` when no store could be reached (or, rank 0, bound) before ``deadline`` (default
+    ``timeout`` seconds from now); torch's other failures propagate for the caller to translate.
     """
     if address is None:
         return dist.HashStore()
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     addr, port = address
-    launcher_hosts = _agent_store_at(addr, port)
-    host = rank == 0 and not launcher_hosts
-    if not host:
-        wait_for_listener(addr, port, timeout)
-    # wait_for_workers=True on every rank: a client adds itself to the join count only then, and the
-    # host waits (bounded by ``timeout``) until the count reaches world_size
-    store = dist.TCPStore(addr, port, world_size, host, timeout=seconds(timeout), wait_for_workers=True)
-    if not launcher_hosts:
-        return store  # a store of its own: nothing earlier lives in it
+    if rank == 0 and not _agent_store_at(addr, port):
+        store = _bind_store(addr, port, timeout, deadline)
+    else:
+        store = _join_store(addr, port, timeout, deadline)
     generation = store.add(f"sagellm_comm/inits/rank{rank}", 1)
     return dist.PrefixStore(f"sagellm_comm/{generation}", store)
+
+
+def wait_for_ranks(store: Any, rank: int, world_size: int, timeout: float, deadline: float, where: str) -> None:
+    """Announce this rank in ``store`` (its prefix for this init) and wait, until ``deadline``, for every rank."""
+    store.set(f"arrived/{rank}", "1")
+    keys = [f"arrived/{r}" for r in range(world_size)]
+    try:
+        store.wait(keys, seconds(max(deadline - time.monotonic(), 0.001)))
+    except Exception as exc:
+        if not isinstance(exc, dist.DistStoreError) and "timeout" not in str(exc).lower():
+            raise
+        missing = _missing(store, keys)
+        waited = timeout - (deadline - time.monotonic())
+        raise CommTimeoutError(
+            f"rendezvous at {where}: ranks {missing} did not arrive within the configured timeout of {timeout:g}s "
+            f"(waited {waited:.1f}s for all {world_size} ranks).  Start every rank with the same MASTER_ADDR/"
+            "MASTER_PORT and world size, or pass a larger timeout=",
+            details={"op": "rendezvous", "address": where, "timeout_s": timeout, "missing_ranks": missing},
+        ) from exc
+
+
+def _missing(store: Any, keys: Sequence[str]) -> list[int]:
+    try:
+        return [r for r, key in enumerate(keys) if not store.check([key])]
+    except Exception:  # the store went away: say nothing rather than guess
+        return []
+
+
+def _bind_store(addr: str, port: int, timeout: float, deadline: float) -> Any:
+    """Rank 0: host the store at ``addr:port``; a port in use is retried until ``deadline``."""
+    pause, last = _FIRST_PAUSE_S, None
+    while True:
+        if _port_free(addr, port):
+            try:
+                return dist.TCPStore(addr, port, None, True, timeout=seconds(timeout), wait_for_workers=False)
+            except Exception as exc:  # taken between the probe and the bind: retried like a busy port
+                if "in use" not in str(exc).lower():
+                    raise
+                last = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CommTimeoutError(
+                f"rendezvous at {addr}:{port}: rank 0 could not listen there within the configured timeout of "
+                f"{timeout:g}s: the address is in use (another process holds the port: an earlier run's rank 0, "
+                f"another job){f'; last error: {last}' if last else ''}.  Stop it, or give every rank another "
+                "MASTER_PORT",
+                details={"op": "rendezvous", "address": f"{addr}:{port}", "timeout_s": timeout},
+            )
+        time.sleep(min(pause, remaining))
+        pause = min(2 * pause, _MAX_PAUSE_S)
+
+
+def _port_free(addr: str, port: int) -> bool:
+    """True when ``addr:port`` can be bound now (probed without torch, which logs a failed bind as an error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
+def _join_store(addr: str, port: int, timeout: float, deadline: float) -> Any:
+    """A client of the store at ``addr:port``, reached before ``deadline`` (module docstring)."""
+    pause, last = _FIRST_PAUSE_S, "no attempt finished in time"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            wait_for_listener(addr, port, remaining, total=timeout)
+            remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        store, error, stuck = _join_once(addr, port, remaining)
+        if store is not None:
+            store.set_timeout(seconds(timeout))
+            return store
+        if stuck:  # accepted, never answered: the helper stays blocked until the peer closes
+            last = "it accepted the connection and never answered"
+            break
+        last = " ".join(str(error).split())
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        pause = min(2 * pause, _MAX_PAUSE_S)
+    raise CommTimeoutError(
+        f"rendezvous at {addr}:{port}: something accepts connections there but did not answer as a rendezvous "
+        f"store within the configured timeout of {timeout:g}s ({last}).  Rank 0 (or torchrun's agent) hosts the "
+        "store there: check that nothing else holds that port and that every rank uses the same MASTER_ADDR/"
+        "MASTER_PORT, or pass a larger timeout=",
+        details={"op": "rendezvous", "address": f"{addr}:{port}", "timeout_s": timeout, "last_error": last},
+    )
+
+
+#: longest single attempt to join a store, and how long after its own bound torch may still take to give up
+_ATTEMPT_S, _ATTEMPT_SLACK_S = 1.0, 1.0
+
+
+def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseException | None, bool]:
+    """One attempt to join the store, in a helper thread, waited for ``remaining`` seconds at most:
+    ``(store, error, stuck)``.
+
+    torch bounds an attempt's connection retries by the attempt's timeout (then gives up within about a
+    second more) but not its handshake: a peer that accepts and never answers blocks it for good.  So each
+    attempt is short, and when ``remaining`` runs out first the attempt still gets the time torch may take to
+    give up (at most about a second), so that no helper is left to end while the interpreter shuts down (a
+    thread returning into Python then aborts the process).  A helper blocked in the handshake is left behind
+    (``stuck``): a daemon thread that ends when the peer closes the connection."""
+    outcome: dict[str, Any] = {}
+    attempt = max(0.1, min(_ATTEMPT_S, remaining))
+
+    def join() -> None:
+        try:
+            outcome["store"] = dist.TCPStore(addr, port, None, False, timeout=seconds(attempt))
+        except Exception as exc:  # reported by the waiting thread
+            outcome["error"] = exc
+
+    began = time.monotonic()
+    helper = threading.Thread(target=join, name="sagellm-comm-store-join", daemon=True)
+    helper.start()
+    helper.join(remaining)
+    if helper.is_alive():
+        helper.join(max(0.0, began + attempt + _ATTEMPT_SLACK_S - time.monotonic()))
+    return outcome.get("store"), outcome.get("error"), helper.is_alive()
 
 
 def _agent_store_at(addr: str, port: int) -> bool:
@@ -123,12 +268,14 @@ def client_env(addr: str, port: int) -> dict[str, str]:
     return {"MASTER_ADDR": addr, "MASTER_PORT": str(port), AGENT_STORE_ENV: "True"}
 
 
-def wait_for_listener(addr: str, port: int, timeout: float) -> float:
+def wait_for_listener(addr: str, port: int, timeout: float, total: float | None = None) -> float:
     """Block until a TCP connection to ``addr:port`` succeeds; returns the seconds waited.
 
     Retries refused connections and unresolved names (the host of rank 0 may not be up yet) with a
-    growing pause, and raises :class:`CommTimeoutError` once ``timeout`` seconds have passed.
+    growing pause, and raises :class:`CommTimeoutError` once ``timeout`` seconds have passed (``total``: the
+    configured timeout the message names, when ``timeout`` is what is left of it).
     """
+    total = timeout if total is None else total
     start = time.monotonic()
     deadline = start + timeout
     pause, last = _FIRST_PAUSE_S, None
@@ -143,8 +290,8 @@ def wait_for_listener(addr: str, port: int, timeout: float) -> float:
     waited = time.monotonic() - start
     raise CommTimeoutError(
         f"rendezvous at {addr}:{port}: nothing accepted a connection within the configured timeout of "
-        f"{timeout:g}s (waited {waited:.1f}s; last error: {last}). Rank 0 (or torchrun's agent) hosts the "
+        f"{total:g}s (waited {waited:.1f}s; last error: {last}). Rank 0 (or torchrun's agent) hosts the "
         "store there: start it, check that every rank uses the same MASTER_ADDR/MASTER_PORT, or pass a "
         "larger timeout=",
-        details={"op": "rendezvous", "address": f"{addr}:{port}", "timeout_s": timeout, "waited_s": waited},
+        details={"op": "rendezvous", "address": f"{addr}:{port}", "timeout_s": total, "waited_s": waited},
     )
