@@ -196,8 +196,9 @@ def _one_rank_zero_copy_worker(rank, world_size, port):
     return results
 
 
-def test_zero_copy_on_one_rank_only_gives_the_exact_sum():
-    for per_rank in run_ranks(_one_rank_zero_copy_worker, 2, env=INTERP, timeout=300):
+@pytest.mark.parametrize("world_size", [2, 3])  # 3: two-shot copies all chunks' tiles in one access
+def test_zero_copy_on_one_rank_only_gives_the_exact_sum(world_size):
+    for per_rank in run_ranks(_one_rank_zero_copy_worker, world_size, env=INTERP, timeout=300):
         assert all(per_rank), per_rank
 
 

@@ -21,7 +21,8 @@ Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank
 * two-shot: the message is cut into W chunks; rank r reduces chunk r from every peer into its own slot
   (each chunk is reduced exactly once, so all ranks end with identical bits); barrier; every rank
   gathers chunk c from rank c.  Two barriers; traffic 2 (W-1)/W * n.  Only the W-1 chunks peers read are
-  staged; the own chunk is reduced straight from the input.
+  staged; the own chunk is reduced straight from the input.  With small tiles a program stages, and
+  gathers, tile t of every chunk in one [W, tile] access (one round trip, not one per chunk).
 
 Synchronisation invariants (docs/protocol.md has the long form):
 
@@ -98,6 +99,10 @@ ERR_WORDS = tl.constexpr(16)
 ERR_TIMEOUT = tl.constexpr(1)
 ERR_MISMATCH = tl.constexpr(2)
 CHUNK_ALIGN = tl.constexpr(8)  # two-shot chunk granularity in elements: 16 bytes of bf16/fp16
+# Two-shot copies every chunk's tile in one [ranks, tile] access up to this many elements (64 per thread at
+# 8 warps): the small tiles of latency-bound sizes.  Larger tiles keep one loop per chunk, and so does
+# W = 2, where the staging copy and the gather move one chunk each (nothing to batch).
+BATCH_ELEMS = tl.constexpr(16384)
 
 # Control words (int64, this rank's device memory).
 CTRL_EPOCH = tl.constexpr(0)  # calls of the barrier kernels (one-shot, two-shot, fused RMSNorm, GEMM tiles)
@@ -192,6 +197,12 @@ def _ptr(addr, DTYPE: tl.constexpr):
     peer reads at ~40 GB/s on H100 (16-byte vector accesses are what the link needs).
     """
     return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
+def _row_ptrs(addr, DTYPE: tl.constexpr):
+    """:func:`_ptr` for a ``[rows, 1]`` column of int64 addresses (one region per row), each 16-byte aligned."""
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), [16, 16])
 
 
 @triton.jit
@@ -564,15 +575,31 @@ def two_shot_all_reduce_kernel(
     tiles_per_chunk = tl.cdiv(chunk, BLOCK)
     lane = tl.arange(0, BLOCK)
 
+    # Small tiles and more than two ranks: tile ``t`` of every chunk in one ``[WP, BLOCK]`` access (row ``c`` =
+    # chunk ``c``), so the copies of all chunks are one round trip, not one per chunk.  Same tile-to-program
+    # map as the per-chunk loops.
+    BATCH: tl.constexpr = (WP * BLOCK <= BATCH_ELEMS) & (W > 2)
+    rows = tl.arange(0, WP)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    if BATCH:
+        # Every rank's base again, as a column (loaded with the prologue's, no layout conversion).
+        row_bases = tl.load(table + rows, mask=rows < W, other=0)
     if not ZERO_COPY:
         # Stage the chunks peers will reduce; chunk ``rank`` is only ever read by this rank, from ``inp``.
-        for c in tl.static_range(W):
-            if c != rank:
-                for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                    in_chunk = tile * BLOCK + lane
-                    offs = c * chunk + in_chunk
-                    mask = (in_chunk < chunk) & (offs < numel)
-                    tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
+        if BATCH:
+            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                in_chunk = tile * BLOCK + cols
+                offs = rows * chunk + in_chunk
+                mask = (rows < W) & (rows != rank) & (in_chunk < chunk) & (offs < numel)
+                tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
+        else:
+            for c in tl.static_range(W):
+                if c != rank:
+                    for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                        in_chunk = tile * BLOCK + lane
+                        offs = c * chunk + in_chunk
+                        mask = (in_chunk < chunk) & (offs < numel)
+                        tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
     src_offsets = tl.where(peer_zc, PAD_BYTES, slot_offset)
@@ -592,20 +619,35 @@ def two_shot_all_reduce_kernel(
 
     # All-gather: chunk ``c`` comes from rank ``c``'s source region.
     stage = _ptr(my_base + PAD_BYTES + slot_bytes, DTYPE)
-    for c in tl.static_range(W):
-        if (c != rank) | ZERO_COPY:
-            owner = _ptr(_pick(bases + src_offsets, peers, c), DTYPE)
-            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                in_chunk = tile * BLOCK + lane
-                offs = c * chunk + in_chunk
-                mask = (in_chunk < chunk) & (offs < numel)
-                vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
-                vals = _nan_unless(ok, vals)
-                if ZERO_COPY:
-                    # Stage first: ``out`` may be the registered region that peers still read.
-                    tl.store(stage + offs, vals, mask=mask)
-                else:
-                    tl.store(out + offs, vals, mask=mask)
+    if BATCH:
+        # Row ``c``'s source: rank ``c``'s region at the offset its start flag named.
+        zc_rows = tl.sum(tl.where(peer_zc & (peers < W), 1 << peers, 0), axis=0)
+        owners = _row_ptrs(row_bases + tl.where(((zc_rows >> rows) & 1) != 0, PAD_BYTES, slot_offset), DTYPE)
+        for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+            in_chunk = tile * BLOCK + cols
+            offs = rows * chunk + in_chunk
+            mask = (rows < W) & ((rows != rank) | ZERO_COPY) & (in_chunk < chunk) & (offs < numel)
+            vals = _nan_unless(ok, tl.load(owners + offs, mask=mask, cache_modifier=".cg"))
+            if ZERO_COPY:
+                # Stage first: ``out`` may be the registered region that peers still read.
+                tl.store(stage + offs, vals, mask=mask)
+            else:
+                tl.store(out + offs, vals, mask=mask)
+    else:
+        for c in tl.static_range(W):
+            if (c != rank) | ZERO_COPY:
+                owner = _ptr(_pick(bases + src_offsets, peers, c), DTYPE)
+                for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                    in_chunk = tile * BLOCK + lane
+                    offs = c * chunk + in_chunk
+                    mask = (in_chunk < chunk) & (offs < numel)
+                    vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
+                    vals = _nan_unless(ok, vals)
+                    if ZERO_COPY:
+                        # Stage first: ``out`` may be the registered region that peers still read.
+                        tl.store(stage + offs, vals, mask=mask)
+                    else:
+                        tl.store(out + offs, vals, mask=mask)
     if any_zc:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
     if ZERO_COPY:
