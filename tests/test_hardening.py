@@ -130,6 +130,42 @@ def test_every_family_is_exact_across_counter_wrap(start):
         assert (gemm_epoch, ce_epoch) == (5, 5)
 
 
+COUNTERS = [0, 1, 2, 3, 4, 5, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 2**32, 2**32 + 1, 2**33 + 5, 3 * 2**32 + 2,
+            2**40 + 11, 2**62 + 7, 2**63 - 2, 2**63 - 1, 12345678901234567, 9 * 10**18]  # fmt: skip
+
+
+lamport_kernels = None  # the kernel module, imported by _buffer_index_worker once the interpreter is on
+
+
+def _buffer_index_worker(rank, world_size, port, counters):
+    import triton
+    import triton.language as tl
+
+    from sagellm_comm.kernels import lamport_all_reduce
+
+    # The interpreter resolves a kernel's names in its module's globals.
+    global lamport_kernels
+    lamport_kernels = lamport_all_reduce
+
+    @triton.jit
+    def buffer_kernel(counts, out, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out + offs, lamport_kernels._buffer_of(tl.load(counts + offs)))
+
+    n = triton.next_power_of_2(len(counters))
+    counts = torch.tensor(counters + [0] * (n - len(counters)), dtype=torch.int64)
+    out = torch.full((n,), -1, dtype=torch.int32)
+    buffer_kernel[(1,)](counts, out, N=n)
+    return out[: len(counters)].tolist()
+
+
+def test_lamport_buffer_index_is_the_counter_mod_3_at_every_magnitude():
+    # The kernel derives ``count % 3`` from the counter's 32-bit halves; a wrong carry between them shows at
+    # 2^32 and beyond.
+    (got,) = run_ranks(_buffer_index_worker, 1, COUNTERS, env=INTERP, timeout=120)
+    assert got == [c % 3 for c in COUNTERS]
+
+
 def _epoch_limit_worker(rank, world_size, port, start, marker):
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.errors import CommTimeoutError
@@ -183,8 +219,9 @@ def _one_rank_zero_copy_worker(rank, world_size, port):
     return results
 
 
-def test_zero_copy_on_one_rank_only_gives_the_exact_sum():
-    for per_rank in run_ranks(_one_rank_zero_copy_worker, 2, env=INTERP, timeout=300):
+@pytest.mark.parametrize("world_size", [2, 3])  # 3: two-shot copies all chunks' tiles in one access
+def test_zero_copy_on_one_rank_only_gives_the_exact_sum(world_size):
+    for per_rank in run_ranks(_one_rank_zero_copy_worker, world_size, env=INTERP, timeout=300):
         assert all(per_rank), per_rank
 
 

@@ -251,3 +251,27 @@ def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     ptx = compiled.asm["ptx"]
     for needle in needles:
         assert needle in ptx, f"{kernel.fn.__name__} {constexprs}: no {needle!r} in its PTX"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["all_reduce", "rmsnorm"])
+def test_lamport_critical_path_has_no_64_bit_division_and_clears_in_vectors(fused):
+    # As the launcher runs 8 KB of bf16 on 8 ranks: 256-element tiles (one 4096-wide row fused), byte offsets
+    # that fit 32 bits.
+    from sagellm_comm.kernels import fused_all_reduce_rmsnorm as rm
+    from sagellm_comm.kernels import lamport_all_reduce as la
+
+    if fused:
+        types = dict(inp="*bf16", residual="*bf16", weight="*bf16", out="*bf16", scales="*fp32",
+                     residual_out="*bf16", table="*i64", ctrl="*i64", num_rows="i32", hidden="i32", eps="fp32",
+                     rank="i32", lamport_offset="i32", cap="i32", timeout="i64")  # fmt: skip
+        constexprs = dict(W=8, WP=8, BLOCK_H=4096, QUANT=0, USE_PTX=True, VIRTUAL=True, PDL=True)
+        compiled = _compile(rm.lamport_all_reduce_rmsnorm_kernel, types, constexprs, num_warps=8)
+    else:
+        types = dict(COLLECTIVE, lamport_offset="i32", cap="i32")
+        constexprs = dict(W=8, WP=8, BLOCK=256, USE_PTX=True, VIRTUAL=True, PDL=True)
+        compiled = _compile(la.lamport_all_reduce_kernel, types, constexprs, num_warps=2)
+    ptx = compiled.asm["ptx"]
+    # ``lepoch % 3`` on an int64 lowers to a 64-bit multiply-high chain between the state load and the pushes.
+    for division in ("mul.hi.s64", "mul.hi.u64", "rem.s64", "rem.u64", "div.s64", "div.u64"):
+        assert division not in ptx, f"the Lamport kernel does 64-bit division ({division})"
+    assert "st.global.v4.b32" in ptx, "the Lamport clear is not in 16-byte vector stores"

@@ -21,7 +21,8 @@ Algorithms (``W`` ranks, ``n`` elements, fp32 accumulation, peers summed in rank
 * two-shot: the message is cut into W chunks; rank r reduces chunk r from every peer into its own slot
   (each chunk is reduced exactly once, so all ranks end with identical bits); barrier; every rank
   gathers chunk c from rank c.  Two barriers; traffic 2 (W-1)/W * n.  Only the W-1 chunks peers read are
-  staged; the own chunk is reduced straight from the input.
+  staged; the own chunk is reduced straight from the input.  With small tiles a program stages, and
+  gathers, tile t of every chunk in one [W, tile] access (one round trip, not one per chunk).
 
 Synchronisation invariants (docs/protocol.md has the long form):
 
@@ -110,6 +111,10 @@ ERR_WORDS = tl.constexpr(16)
 ERR_TIMEOUT = tl.constexpr(1)
 ERR_MISMATCH = tl.constexpr(2)
 CHUNK_ALIGN = tl.constexpr(8)  # two-shot chunk granularity in elements: 16 bytes of bf16/fp16
+# Two-shot copies every chunk's tile in one [ranks, tile] access up to this many elements (64 per thread at
+# 8 warps): the small tiles of latency-bound sizes.  Larger tiles keep one loop per chunk, and so does
+# W = 2, where the staging copy and the gather move one chunk each (nothing to batch).
+BATCH_ELEMS = tl.constexpr(16384)
 
 # Control words (int64, this rank's device memory).
 CTRL_EPOCH = tl.constexpr(0)  # calls of the barrier kernels (one-shot, two-shot, fused RMSNorm, GEMM tiles)
@@ -204,6 +209,12 @@ def _ptr(addr, DTYPE: tl.constexpr):
     peer reads at ~40 GB/s on H100 (16-byte vector accesses are what the link needs).
     """
     return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
+def _row_ptrs(addr, DTYPE: tl.constexpr):
+    """:func:`_ptr` for a ``[rows, 1]`` column of int64 addresses (one region per row), each 16-byte aligned."""
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), [16, 16])
 
 
 @triton.jit
@@ -407,29 +418,70 @@ def _finish(ctrl, epoch, num_programs):
 
 
 @triton.jit
-def _reduce_tile(bases, peers, src_offsets, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
-    """Sum ``offs`` of every rank's region at that rank's ``src_offsets`` (bytes, per lane), in rank order, fp32.
+def _sum_sources(srcs, own, rank, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr, OWN: tl.constexpr):
+    """Sum ``offs`` at every rank's address ``srcs[p]`` (a tuple of ``W`` int64 addresses), in rank order, fp32.
 
-    All ``W`` loads are issued before the first add, so the peers' reads overlap.
+    With ``OWN`` this rank's term is read from the pointer ``own`` (its input) instead.  All ``W`` loads are
+    issued before the first add, so the peers' reads overlap.
     """
-    srcs = bases + src_offsets
     acc = tl.zeros(offs.shape, tl.float32)
     for peer in tl.static_range(W):
-        src = _ptr(_pick(srcs, peers, peer), DTYPE)
+        src = _ptr(srcs[peer], DTYPE)
+        if OWN:
+            src = tl.where(peer == rank, own, src)
         acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
     return acc
 
 
 @triton.jit
+def _picked(vector, peers, W: tl.constexpr):
+    """The first ``W`` lanes of a register vector as a tuple of scalars (one cross-lane pick each)."""
+    out = ()
+    for p in tl.static_range(W):
+        out = out + (_pick(vector, peers, p),)
+    return out
+
+
+@triton.jit
+def _reduce_tile(bases, peers, src_offsets, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
+    """Sum ``offs`` of every rank's region at that rank's ``src_offsets`` (bytes, per lane), in rank order, fp32.
+
+    All ``W`` loads are issued before the first add, so the peers' reads overlap.
+    """
+    return _sum_sources(_picked(bases + src_offsets, peers, W), None, 0, offs, mask, DTYPE, W, False)
+
+
+@triton.jit
 def _reduce_tile_own(bases, peers, src_offsets, own, rank, offs, mask, DTYPE: tl.constexpr, W: tl.constexpr):
     """:func:`_reduce_tile`, except that this rank's term is read from ``own`` (its input) instead of its region."""
-    srcs = bases + src_offsets
-    acc = tl.zeros(offs.shape, tl.float32)
-    for peer in tl.static_range(W):
-        src = _ptr(_pick(srcs, peers, peer), DTYPE)
-        src = tl.where(peer == rank, own, src)
-        acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    return acc
+    return _sum_sources(_picked(bases + src_offsets, peers, W), own, rank, offs, mask, DTYPE, W, True)
+
+
+@triton.jit
+def _peer_bases(table, W: tl.constexpr):
+    """Every rank's region base as ``W`` scalars (a tuple), loaded from the pointer table with the prologue's
+    loads (same round trip): a data loop then needs no cross-lane pick per peer after a barrier."""
+    bases = ()
+    for p in tl.static_range(W):
+        bases = bases + (tl.load(table + p),)
+    return bases
+
+
+@triton.jit
+def _zero_copy_bits(peer_zc, peers, W: tl.constexpr):
+    """The start flags' zero-copy bits (one per lane) as one int32 mask: bit ``p`` set when rank ``p``'s data is
+    in its registered region for this call.  One reduction, where per-peer offsets cost a pick each."""
+    return tl.sum(tl.where(peer_zc & (peers < W), 1 << peers, 0), axis=0)
+
+
+@triton.jit
+def _sources(peer_bases, zc_bits, slot_offset, W: tl.constexpr):
+    """Where rank ``p``'s data is for this call (a tuple of ``W`` addresses): its registered region when bit ``p``
+    of ``zc_bits`` is set, else its staging slot at ``slot_offset``."""
+    srcs = ()
+    for p in tl.static_range(W):
+        srcs = srcs + (peer_bases[p] + tl.where(((zc_bits >> p) & 1) != 0, PAD_BYTES, slot_offset),)
+    return srcs
 
 
 @triton.jit
@@ -487,6 +539,7 @@ def one_shot_all_reduce_kernel(
     With ``VIRTUAL``, ``inp``/``out`` are ``[W, numel]`` and row ``r`` belongs to rank ``r``.
     """
     rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    peer_bases = _peer_bases(table, W)
     if VIRTUAL:
         inp += rank * numel
         out += rank * numel
@@ -505,13 +558,14 @@ def one_shot_all_reduce_kernel(
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
-    src_offsets = tl.where(peer_zc, PAD_BYTES, slot_offset)
-    any_zc = tl.max((peer_zc & (peers < W)).to(tl.int32), axis=0) > 0
+    zc_bits = _zero_copy_bits(peer_zc, peers, W)
+    any_zc = zc_bits != 0
+    srcs = _sources(peer_bases, zc_bits, slot_offset, W)
 
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
         offs = tile * BLOCK + lane
         mask = offs < numel
-        acc = _nan_unless(ok, _reduce_tile(bases, peers, src_offsets, offs, mask, DTYPE, W))
+        acc = _nan_unless(ok, _sum_sources(srcs, None, rank, offs, mask, DTYPE, W, False))
         if ZERO_COPY:
             tl.store(my_slot + offs, acc.to(DTYPE), mask=mask)
         else:
@@ -558,6 +612,7 @@ def two_shot_all_reduce_kernel(
     zero-copy rank stages the gathered chunks in slot 0 and copies them to ``out`` after the end barrier.
     """
     rank, table, ctrl, peers, bases, epoch, healthy = _prologue(table, ctrl, rank, W, WP, VIRTUAL)
+    peer_bases = _peer_bases(table, W)
     if VIRTUAL:
         inp += rank * numel
         out += rank * numel
@@ -576,26 +631,43 @@ def two_shot_all_reduce_kernel(
     tiles_per_chunk = tl.cdiv(chunk, BLOCK)
     lane = tl.arange(0, BLOCK)
 
+    # Small tiles and more than two ranks: tile ``t`` of every chunk in one ``[WP, BLOCK]`` access (row ``c`` =
+    # chunk ``c``), so the copies of all chunks are one round trip, not one per chunk.  Same tile-to-program
+    # map as the per-chunk loops.
+    BATCH: tl.constexpr = (WP * BLOCK <= BATCH_ELEMS) & (W > 2)
+    rows = tl.arange(0, WP)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    if BATCH:
+        # Every rank's base again, as a column (loaded with the prologue's, no layout conversion).
+        row_bases = tl.load(table + rows, mask=rows < W, other=0)
     if not ZERO_COPY:
         # Stage the chunks peers will reduce; chunk ``rank`` is only ever read by this rank, from ``inp``.
-        for c in tl.static_range(W):
-            if c != rank:
-                for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                    in_chunk = tile * BLOCK + lane
-                    offs = c * chunk + in_chunk
-                    mask = (in_chunk < chunk) & (offs < numel)
-                    tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
+        if BATCH:
+            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                in_chunk = tile * BLOCK + cols
+                offs = rows * chunk + in_chunk
+                mask = (rows < W) & (rows != rank) & (in_chunk < chunk) & (offs < numel)
+                tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
+        else:
+            for c in tl.static_range(W):
+                if c != rank:
+                    for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                        in_chunk = tile * BLOCK + lane
+                        offs = c * chunk + in_chunk
+                        mask = (in_chunk < chunk) & (offs < numel)
+                        tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
-    src_offsets = tl.where(peer_zc, PAD_BYTES, slot_offset)
-    any_zc = tl.max((peer_zc & (peers < W)).to(tl.int32), axis=0) > 0
+    zc_bits = _zero_copy_bits(peer_zc, peers, W)
+    any_zc = zc_bits != 0
+    srcs = _sources(peer_bases, zc_bits, slot_offset, W)
 
     # Reduce-scatter: this rank owns chunk ``rank``; its own term is ``inp`` on both paths.
     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
         in_chunk = tile * BLOCK + lane
         offs = rank * chunk + in_chunk
         mask = (in_chunk < chunk) & (offs < numel)
-        acc = _reduce_tile_own(bases, peers, src_offsets, inp, rank, offs, mask, DTYPE, W)
+        acc = _sum_sources(srcs, inp, rank, offs, mask, DTYPE, W, True)
         reduced = _nan_unless(ok, acc).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
         if not ZERO_COPY:
@@ -604,20 +676,34 @@ def two_shot_all_reduce_kernel(
 
     # All-gather: chunk ``c`` comes from rank ``c``'s source region.
     stage = _ptr(my_base + PAD_BYTES + slot_bytes, DTYPE)
-    for c in tl.static_range(W):
-        if (c != rank) | ZERO_COPY:
-            owner = _ptr(_pick(bases + src_offsets, peers, c), DTYPE)
-            for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                in_chunk = tile * BLOCK + lane
-                offs = c * chunk + in_chunk
-                mask = (in_chunk < chunk) & (offs < numel)
-                vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
-                vals = _nan_unless(ok, vals)
-                if ZERO_COPY:
-                    # Stage first: ``out`` may be the registered region that peers still read.
-                    tl.store(stage + offs, vals, mask=mask)
-                else:
-                    tl.store(out + offs, vals, mask=mask)
+    if BATCH:
+        # Row ``c``'s source: rank ``c``'s region at the offset its start flag named.
+        owners = _row_ptrs(row_bases + tl.where(((zc_bits >> rows) & 1) != 0, PAD_BYTES, slot_offset), DTYPE)
+        for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+            in_chunk = tile * BLOCK + cols
+            offs = rows * chunk + in_chunk
+            mask = (rows < W) & ((rows != rank) | ZERO_COPY) & (in_chunk < chunk) & (offs < numel)
+            vals = _nan_unless(ok, tl.load(owners + offs, mask=mask, cache_modifier=".cg"))
+            if ZERO_COPY:
+                # Stage first: ``out`` may be the registered region that peers still read.
+                tl.store(stage + offs, vals, mask=mask)
+            else:
+                tl.store(out + offs, vals, mask=mask)
+    else:
+        for c in tl.static_range(W):
+            if (c != rank) | ZERO_COPY:
+                owner = _ptr(srcs[c], DTYPE)
+                for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
+                    in_chunk = tile * BLOCK + lane
+                    offs = c * chunk + in_chunk
+                    mask = (in_chunk < chunk) & (offs < numel)
+                    vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
+                    vals = _nan_unless(ok, vals)
+                    if ZERO_COPY:
+                        # Stage first: ``out`` may be the registered region that peers still read.
+                        tl.store(stage + offs, vals, mask=mask)
+                    else:
+                        tl.store(out + offs, vals, mask=mask)
     if any_zc:
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
     if ZERO_COPY:

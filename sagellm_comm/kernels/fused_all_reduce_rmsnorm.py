@@ -403,21 +403,26 @@ def lamport_all_reduce_rmsnorm_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    lepoch, prev_words, latched = _load_state(ctrl, pid)
+    # This program's first row, the weight, the Lamport state and the latch: one round trip (as the plain kernel).
+    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
+    first_offs = pid * hidden + cols
+    first_mask = cmask & (first_offs < num_rows * hidden)  # row ``pid`` exists
+    first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
+    lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
     healthy = latched == 0
-    buf = lepoch % 3
     slot_stride = cap * 4
     my_area = _pick(bases, peers, rank) + lamport_offset
-    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
 
-    # 1. Push this program's rows into slot ``rank`` of buffer ``buf`` of every rank.
+    # 1. Push this program's rows into slot ``rank`` of buffer ``buf`` of every rank (a program without a row
+    #    has an all-false mask: it stores nothing).
     slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
-    for row in range(pid, num_rows, num_programs):
+    _push_tile(first, bases, peers, slot_in_peer, first_offs, first_mask, W, DTYPE)
+    for row in range(pid + num_programs, num_rows, num_programs):
         offs = row * hidden + cols
         _push_tile(tl.load(inp + offs, mask=cmask, other=0.0), bases, peers, slot_in_peer, offs, cmask, W, DTYPE)
 
     # 2. Clear the previous call's pushes to this rank and save this program's state (as the plain kernel).
-    _clear_previous(my_area, slot_stride, (lepoch + 2) % 3, prev_words, pid, num_programs, W, LAMPORT_CLEAR_BLOCK)
+    _clear_previous(my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W, LAMPORT_CLEAR_BLOCK)
     _save_state(ctrl, pid, num_rows * hidden, lepoch, DTYPE)
 
     # 3. Poll each row until every source arrived, then finish it as one-shot does.

@@ -77,6 +77,20 @@ def lamport_bytes(world_size: int, cap_elems: int) -> int:
 
 
 @triton.jit
+def _buffer_of(count):
+    """``count % 3`` (the Lamport buffer of call ``count``, a non-negative int64) in 32-bit arithmetic.
+
+    ``2**32 % 3 == 1``, so the residue is that of the sum of the counter's two 32-bit halves; each half's
+    ``% 3`` is a 32-bit multiply-high, where a 64-bit ``%`` is a software division on the critical path
+    (between the state load and the first push).
+    """
+    low = (count & 0xFFFFFFFF).to(tl.uint32)
+    high = (count >> 32).to(tl.uint32)
+    residue = (low % 3 + high % 3).to(tl.int32)
+    return tl.where(residue >= 3, residue - 3, residue)
+
+
+@triton.jit
 def _load_slot(area, slot_stride, buf, p, offs, mask, W: tl.constexpr, WIDE: tl.constexpr):
     """Volatile load of tile ``offs`` of source ``p``'s slot of buffer ``buf``, as raw bits (int32 or int16)."""
     src = area + (buf * W + p) * slot_stride
@@ -121,12 +135,19 @@ def _first_missing(area, slot_stride, buf, offs, mask, W: tl.constexpr, WP: tl.c
 def _clear_previous(
     my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Clear (as 32-bit words) what peers pushed to this rank at the previous Lamport call (invariant 2)."""
+    """Clear (as 32-bit words) what peers pushed to this rank at the previous Lamport call (invariant 2).
+
+    ``prev_words`` (int32) is rounded up to whole 16-byte vectors: the words past it are sentinels already
+    (everything pushed to this buffer was cleared after its call, and nobody pushes into it before call
+    ``l + 3``), and a slot holds a multiple of 4 words (``cap`` is a multiple of 128), so the masked
+    stores are 16-byte vectors instead of one store per word.
+    """
     lane = tl.arange(0, BLOCK)
-    prev_tiles = tl.cdiv(prev_words, BLOCK)
+    clear_words = tl.cdiv(prev_words, 4) * 4
+    prev_tiles = tl.cdiv(clear_words, BLOCK)
     for tile in range(pid, prev_tiles, num_programs):
         offs = tile * BLOCK + lane
-        mask = offs < prev_words
+        mask = offs < clear_words
         for p in tl.static_range(W):
             dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
             tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
@@ -189,12 +210,17 @@ def _wait_tile(
 
 @triton.jit
 def _load_state(ctrl, pid):
-    """This program's Lamport call counter, the words pushed to this rank at its previous call, and the error
-    latch: independent loads (one round trip).  Returns ``(lepoch, prev_words, latched)``."""
+    """This program's Lamport state and the error latch: independent loads (one round trip).
+
+    Returns ``(lepoch, buf, prev_buf, prev_words, latched)``: the call counter, this call's buffer
+    (``lepoch % 3``), the previous call's (``(lepoch + 2) % 3``), the 32-bit words per source pushed to this
+    rank at the previous call (int32: at most ``cap``) and the latch."""
     lepoch = tl.load(ctrl + LAMPORT_STATE + pid, volatile=True)
-    prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True)
+    prev_words = tl.load(ctrl + LAMPORT_STATE + MAX_BLOCKS + pid, volatile=True).to(tl.int32)
     latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
-    return lepoch, prev_words, latched
+    buf = _buffer_of(lepoch)
+    prev_buf = tl.where(buf == 0, 2, buf - 1)
+    return lepoch, buf, prev_buf, prev_words, latched
 
 
 @triton.jit
@@ -242,7 +268,9 @@ def lamport_all_reduce_kernel(
     WIDE: tl.constexpr = DTYPE.primitive_bitwidth == 32
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    # Peer bases; then (after the PDL wait) this program's state and the error latch, one round trip.
+    # Peer bases; then (after the PDL wait) this program's first input tile, its state and the error latch:
+    # one round trip (the first tile's load does not wait for the state, so the pushes start one round
+    # trip earlier than if it were loaded after the buffer index is known).
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
     if PDL:
@@ -250,18 +278,21 @@ def lamport_all_reduce_kernel(
         # let the next kernel be scheduled (its programs wait in this same instruction).
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    lepoch, prev_words, latched = _load_state(ctrl, pid)
-    healthy = latched == 0
-    buf = lepoch % 3
-    prev_buf = (lepoch + 2) % 3
     lane = tl.arange(0, BLOCK)
+    first_offs = pid * BLOCK + lane
+    first_mask = first_offs < numel
+    first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
+    lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
+    healthy = latched == 0
     num_tiles = tl.cdiv(numel, BLOCK)
     slot_stride = cap * 4
     my_area = _pick(bases, peers, rank) + lamport_offset
 
-    # 1. Push this rank's tiles into slot ``rank`` of buffer ``buf`` of every peer.
+    # 1. Push this rank's tiles into slot ``rank`` of buffer ``buf`` of every peer (a program without a
+    #    tile has an all-false mask: it stores nothing).
     slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
-    for tile in range(pid, num_tiles, num_programs):
+    _push_tile(first, bases, peers, slot_in_peer, first_offs, first_mask, W, DTYPE)
+    for tile in range(pid + num_programs, num_tiles, num_programs):
         offs = tile * BLOCK + lane
         mask = offs < numel
         _push_tile(tl.load(inp + offs, mask=mask, other=0.0), bases, peers, slot_in_peer, offs, mask, W, DTYPE)
