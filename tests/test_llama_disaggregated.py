@@ -28,7 +28,8 @@ SCRIPT = REPO / "examples" / "llama_disaggregated.py"
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 600.0) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # NIXL may sit on the path
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 

@@ -28,7 +28,8 @@ MB = 1 << 20
 def _store(rank: int, port: int):
     from torch.distributed import TCPStore
 
-    return TCPStore("127.0.0.1", port, is_master=rank == 0, timeout=timedelta(seconds=120), wait_for_workers=False)
+    # run_ranks hosts the store on ``port``: every rank is a client
+    return TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
 
 
 def _pattern(seed: int, nbytes: int) -> torch.Tensor:
@@ -94,7 +95,8 @@ def _pair_worker(rank, world_size, port):
         notes = _notes(agent, 4 + 200 + 1)
         out["notes"] = [m for _, m in notes]
         store.wait(["written"])
-        source = _pattern(1, 100 * MB)
+        source = torch.zeros_like(pool)  # the sender's pool when the cases were written: the pattern, then zeros
+        source[: 100 * MB] = _pattern(1, 100 * MB)
         expected = torch.zeros_like(pool)
         for table in cases.values():
             for lo, ro, n in table.tolist():

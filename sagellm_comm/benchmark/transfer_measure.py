@@ -61,8 +61,8 @@ class _Side:
         from torch.distributed import TCPStore
 
         self.rank, self.config, self.plan = rank, config, plan
-        if plan.device.type == "cuda":
-            torch.cuda.set_device(plan.device)
+        if plan.device.type == "cuda":  # "cuda" without an index: this process's current device
+            torch.cuda.set_device(torch.cuda.current_device() if plan.device.index is None else plan.device.index)
         # spawn_ranks hosts the store on ``port``: both processes are its clients, under a prefix of their own
         store = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=config.timeout))
         self.store = torch.distributed.PrefixStore("transfer-bench/", store)

@@ -66,7 +66,7 @@ class FusedAllReduceRMSNorm:
         self.max_programs = max_programs
         self.fallback = fallback
         self.use_ptx = workspace.device.type == "cuda"
-        self.pdl = pdl_enabled(workspace.device)  # the Lamport form, as the plain Lamport kernel
+        self.pdl = pdl_enabled(workspace.device, workspace.config)  # the Lamport form, as the plain Lamport kernel
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
         self._launchers: dict[tuple[bool, int], _Launcher] = {}
         self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, workspace.device.index or 0, num_warps=1)
