@@ -422,10 +422,10 @@ FP8_PAYLOAD = "h200/fp8_payload.json"
 FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
 
 
-def _not_yet(rel: str, script: str) -> str:
+def not_yet(rel: str) -> str:
     """What a block says before its record exists (the path is spelled so that no link points nowhere)."""
     return (
-        f"No H200 record yet (`{rel}` under `bench/results/`): `python -m bench.{script}` writes it (commands in "
+        f"No H200 record yet (`{rel}` under `bench/results/`): `{SCRIPT_OF[rel]}` writes it (commands in "
         "`bench/README.md`), then `python -m bench.make_docs_tables` fills this in."
     )
 
@@ -462,7 +462,7 @@ def _fp8_targets(targets: dict) -> str:
 
 def fp8_fused() -> str:
     if not (RESULTS / FP8_FUSED).exists():
-        return _not_yet("h200/fp8_fused.json", "fp8_fused_bench")
+        return not_yet(FP8_FUSED)
     data = load(FP8_FUSED)
     head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
             "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
@@ -487,7 +487,7 @@ def fp8_fused() -> str:
 
 def fp8_payload() -> str:
     if not (RESULTS / FP8_PAYLOAD).exists():
-        return _not_yet("h200/fp8_payload.json", "fp8_payload_error")
+        return not_yet(FP8_PAYLOAD)
     data = load(FP8_PAYLOAD)
     rows = []
     for r in data["rows"]:
@@ -546,7 +546,7 @@ def transfer_cpu() -> str:
 
 def transfer_h200() -> str:
     if not (RESULTS / TRANSFER_H200).exists():
-        return "No H200 record yet: `bench/README.md` has the command that makes `bench/results/h200/transfer.json`."
+        return not_yet(TRANSFER_H200)
     data = load(TRANSFER_H200)
     head, body = _transfer_rows(data)
     by = {(r["backend"], r["block_bytes"], r["count"], r["op"]): r for r in data["results"]}

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
-__all__ = ["INTERRUPTED_EXIT", "OneLineParser", "one_line", "run_reporting"]
+__all__ = ["INTERRUPTED_EXIT", "OneLineParser", "check_then_run", "one_line", "run_reporting"]
 
 #: ``-1K``, ``-5``: a (bad) value, never one of our options (they all start with two dashes and a letter)
 _NEGATIVE_VALUE = re.compile(r"^-\d")
@@ -60,3 +60,15 @@ def run_reporting(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return None, INTERRUPTED_EXIT
+
+
+def check_then_run(
+    parser: argparse.ArgumentParser, check: Callable[[], Any], run: Callable[[Any], Any]
+) -> tuple[Any, int | None]:
+    """A benchmark command's two steps: ``config = check()``, where any :class:`CommError` is a refused request
+    (one line, exit 2, before any process starts), then ``run(config)`` under :func:`run_reporting`'s rules
+    (a failed run: exit 1; Ctrl-C: 130).  Returns ``(run's value, None)`` or ``(None, exit status)``."""
+    config, status = run_reporting(parser, check, usage_errors=(CommError,))
+    if status is not None:
+        return None, status
+    return run_reporting(parser, lambda: run(config))

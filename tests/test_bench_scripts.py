@@ -37,16 +37,21 @@ def test_docs_and_index_are_in_sync_with_the_records(capsys):
     assert _tables().main(["--check"]) == 0, capsys.readouterr().err
 
 
-@pytest.fixture
-def copy_of_the_tree(tmp_path):
+def copy_tree(target_root: Path) -> Path:
+    """README.md, docs/ and bench/results/ copied under ``target_root`` (what make_docs_tables reads and writes)."""
     for rel in ("README.md", "docs", "bench/results"):
-        source, target = REPO / rel, tmp_path / rel
+        source, target = REPO / rel, target_root / rel
         if source.is_dir():
             shutil.copytree(source, target)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, target)
-    return tmp_path
+    return target_root
+
+
+@pytest.fixture
+def copy_of_the_tree(tmp_path):
+    return copy_tree(tmp_path)
 
 
 def test_a_figure_edited_in_the_docs_alone_is_caught(copy_of_the_tree, capsys):

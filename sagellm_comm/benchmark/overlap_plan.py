@@ -18,6 +18,7 @@ from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, O
 from sagellm_comm.benchmark.plan import (
     available_kind,
     check_outputs,
+    check_repetitions,
     check_settings,
     check_whole_elements,
     cuda_available,
@@ -46,16 +47,11 @@ class OverlapPlan:
 
 def check_numbers(config: OverlapConfig) -> None:
     """The options that need no machine: counts, times, sizes."""
-    if config.warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
-    if config.iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    check_repetitions(config.warmup, config.iters, config.timeout)
     if config.compute_duration_ms is not None and not config.compute_duration_ms > 0:
         raise InvalidArgumentError(f"--compute-ms must be > 0, got {config.compute_duration_ms}")
     if config.gemm_size is not None and config.gemm_size < 1:
         raise InvalidArgumentError(f"--gemm-size must be >= 1, got {config.gemm_size}")
-    if not config.timeout > 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     if config.virtual_ranks is not None and config.virtual_ranks not in VIRTUAL_RANKS:

@@ -149,6 +149,16 @@ def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
         )
 
 
+def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
+    """The options every benchmark has: ``--warmup`` >= 0, ``--iters`` >= 1, ``--timeout`` > 0."""
+    if warmup < 0:
+        raise InvalidArgumentError(f"--warmup must be >= 0, got {warmup}")
+    if iters < 1:
+        raise InvalidArgumentError(f"--iters must be >= 1, got {iters}")
+    if not timeout > 0:
+        raise InvalidArgumentError(f"--timeout must be positive, got {timeout}")
+
+
 def check_settings() -> None:
     """A malformed ``SAGELLM_COMM_*`` setting (``docs/configuration.md``; e.g. ``SAGELLM_COMM_TOPOLOGY``) is
     refused here, naming the variable, rather than in every rank."""
@@ -162,14 +172,9 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     if config.op not in OPS:
         raise InvalidArgumentError(f"unknown op {config.op!r}; choose one of: {', '.join(OPS)}")
     dtype = resolve_dtype(config.dtype)
-    if config.warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
-    if config.iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    check_repetitions(config.warmup, config.iters, config.timeout)
     if config.graph_calls < 1:
         raise InvalidArgumentError(f"--graph-calls must be >= 1, got {config.graph_calls}")
-    if config.timeout <= 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     algos = algo_rules.parse_algos(config.algos)

@@ -31,8 +31,7 @@ from sagellm_comm.benchmark.plan import plan_launch
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.runner import run_benchmark
 from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
-from sagellm_comm.cli_support import OneLineParser, run_reporting
-from sagellm_comm.errors import CommError
+from sagellm_comm.cli_support import OneLineParser, check_then_run
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
 
@@ -157,10 +156,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         plan_launch(config)  # every request problem surfaces here, before any process starts
         return config
 
-    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
-    if status is not None:
-        return status
-    result, status = run_reporting(parser, lambda: run_benchmark(config, print_table=True))
+    result, status = check_then_run(parser, planned, lambda config: run_benchmark(config, print_table=True))
     if status is not None:
         return status
     if result is None:  # a non-zero torchrun rank: rank 0 reports
