@@ -109,11 +109,6 @@ def test_every_bench_path_in_the_docs_exists_or_is_dated():
                 assert (REPO / path).exists() or "in git at" in line or "git show" in line, (rel, path)
 
 
-# Sources whose stale citations wait for their owner (the exact edit is in the hand-over of the change that added
-# this test); once fixed, the assertion below says to drop them from here.
-_STALE_CITATIONS_PENDING: set[str] = set()
-
-
 def test_every_bench_path_in_the_package_exists_or_is_dated():
     """Comments and selector reasons cite records that exist (or say where git keeps them)."""
     for source in sorted((REPO / "sagellm_comm").rglob("*.py")):
@@ -125,10 +120,7 @@ def test_every_bench_path_in_the_package_exists_or_is_dated():
             for path in re.findall(r"bench/[\w./-]*\w", line)
             if not (REPO / path).exists() and "in git at" not in line and "git show" not in line
         ]
-        if rel in _STALE_CITATIONS_PENDING:
-            assert stale, f"{rel} cites only existing records now: remove it from _STALE_CITATIONS_PENDING"
-        else:
-            assert not stale, (rel, stale)
+        assert not stale, (rel, stale)
 
 
 def test_bench_readme_lists_every_script_with_its_command():
