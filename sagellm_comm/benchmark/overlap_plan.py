@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm_comm.benchmark.config import DEFAULT_SPAWN_WORLD_SIZE
 from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
 from sagellm_comm.benchmark.plan import (
@@ -22,6 +21,7 @@ from sagellm_comm.benchmark.plan import (
     check_settings,
     check_whole_elements,
     cuda_available,
+    launch_world,
     torchrun_env,
 )
 from sagellm_comm.benchmark.sizes import parse_size_list
@@ -93,22 +93,5 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     kind = available_kind(config.backend)
     uses_cuda = kind != "gloo" and cuda
     sizes, dtype = resolve_payload(config, uses_cuda)
-    if env is not None:
-        rank, world_size = env
-        if config.world_size is not None and config.world_size != world_size:
-            raise InvalidArgumentError(
-                f"--world-size {config.world_size} disagrees with torchrun's WORLD_SIZE={world_size}"
-            )
-        if not 0 <= rank < world_size:
-            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-        return OverlapPlan("torchrun", world_size, kind, sizes, dtype, uses_cuda)
-    if config.world_size is not None:
-        world_size = config.world_size
-    else:
-        world_size = torch.cuda.device_count() if uses_cuda else DEFAULT_SPAWN_WORLD_SIZE
-    if uses_cuda and world_size > torch.cuda.device_count():
-        raise InvalidArgumentError(
-            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
-            "GPU(s); use --virtual-ranks N to run N ranks on one GPU, or --backend gloo"
-        )
-    return OverlapPlan("spawn", world_size, kind, sizes, dtype, uses_cuda)
+    mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
+    return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)

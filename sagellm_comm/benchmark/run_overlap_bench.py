@@ -53,9 +53,9 @@ from sagellm_comm.benchmark.overlap_results import (
 from sagellm_comm.benchmark.plan import check_outputs
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.report import print_report
-from sagellm_comm.benchmark.sizes import parse_size, parse_size_list, parse_size_range
+from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.cli_support import OneLineParser, check_then_run
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
 from sagellm_comm.errors import InvalidArgumentError
 
 DESCRIPTION = (
@@ -221,24 +221,13 @@ def add_overlap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU (2..8)")
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the JSON/CSV go (default {DEFAULT_OUTPUT_DIR}/)"
-    )
-    out.add_argument("--no-save", "--no-output", action="store_true", help="write no JSON/CSV files")
-    out.add_argument("--plot", metavar="FILE.png", help="plot the times against the size (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(parser, DEFAULT_OUTPUT_DIR, "the times against the size", aliases=("--no-output",))
     return parser
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> OverlapConfig:
     """Build an :class:`OverlapConfig` from parsed options; raises InvalidArgumentError on a bad value."""
-    if args.message_sizes:
-        sizes = parse_size_list(args.message_sizes)
-    elif args.sizes:
-        sizes = parse_size_range(args.sizes)
-    else:
-        sizes = None
+    sizes = sizes_from_args(args)
     return OverlapConfig(
         backend=args.backend,
         world_size=args.world_size,

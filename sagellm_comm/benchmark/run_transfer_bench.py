@@ -28,7 +28,7 @@ from sagellm_comm.benchmark.transfer_config import (
     TransferBenchConfig,
     plan_transfer,
 )
-from sagellm_comm.cli_support import OneLineParser, check_then_run
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run
 
 DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
 
@@ -56,12 +56,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help=f"notification latency samples per backend, 0: none (default {DEFAULT_NOTIFY_ITERS})",
     )
     how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"JSON/CSV directory ({DEFAULT_OUTPUT_DIR})")
-    out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. --out /tmp/transfer)")
-    out.add_argument("--no-save", action="store_true", help="write no JSON/CSV files")
-    out.add_argument("--plot", metavar="FILE.png", help="plot GB/s against block size (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(parser, DEFAULT_OUTPUT_DIR, "GB/s against block size", stem=True)
     return parser
 
 
