@@ -13,7 +13,7 @@ For N = 2, 4, 8 and sizes 1 KB .. 256 MB (per rank, bf16):
 Every row is checked against the rank-order fp32 reference.  Needs a CUDA GPU.  Writes one JSON file
 (``bench/make_docs_tables.py`` turns it into ``<out>.md`` and the docs' tables)::
 
-    python bench/custom_all_reduce_bench.py --out bench/results/h100/custom_all_reduce_virtual.json
+    python bench/custom_all_reduce_bench.py --out bench/results/h200/custom_all_reduce_virtual.json
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import argparse
 import torch
 
 from sagellm_comm import CommConfig
-from sagellm_comm.benchmark import parse_size_range
 from sagellm_comm.benchmark.plan import cuda_available
 from sagellm_comm.benchmark.provenance import provenance, write_record
+from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
 from sagellm_comm.benchmark.timing import median_graph_us
 
 
@@ -55,11 +55,13 @@ def traffic_bytes(algo: str, world: int, nbytes: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="2,4,8")
-    ap.add_argument("--sizes", default="1K:256M", help="per-rank bytes, LO:HI in x2 steps (default 1K:256M)")
+    ap.add_argument(
+        "--sizes", default="1K:256M", help="per-rank bytes: LO:HI in x2 steps, or a list 8K,128K,16M (default 1K:256M)"
+    )
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--algos", default="lamport,one_shot,two_shot")
-    ap.add_argument("--out", default="bench/results/h100/custom_all_reduce_virtual.json")
+    ap.add_argument("--out", default="bench/results/h200/custom_all_reduce_virtual.json")
     args = ap.parse_args()
     if not cuda_available():
         raise SystemExit("bench/custom_all_reduce_bench.py: needs a CUDA GPU (the virtual ranks run on one)")
@@ -69,7 +71,7 @@ def main() -> None:
 
     dtype = torch.bfloat16
     worlds = [int(w) for w in args.worlds.split(",")]
-    sizes = parse_size_range(args.sizes)
+    sizes = parse_size_range(args.sizes) if ":" in args.sizes else sorted(set(parse_size_list(args.sizes)))
     roof = copy_roofline_gbps()
     print(f"# device {torch.cuda.get_device_name()}  copy roofline {roof:.0f} GB/s (read+write)", flush=True)
     rows = []

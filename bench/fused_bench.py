@@ -18,7 +18,7 @@ Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--c
 memory traffic are N times one rank's; compare the columns with each other, not with multi-GPU figures.
 Needs a CUDA GPU.  Writes ``<out>.json`` (``bench/make_docs_tables.py`` makes the tables)::
 
-    python -m bench.fused_bench --out bench/results/h100/fused_virtual
+    python -m bench.fused_bench --out bench/results/h200/fused_virtual
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def bench_rmsnorm(vf, tokens: int, hidden: int, calls: int, reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results/h100/fused_virtual")
+    p.add_argument("--out", default="bench/results/h200/fused_virtual")
     p.add_argument("--world-sizes", default="2,4,8")
     p.add_argument("--m", default="1,16,128,512,2048,8192,16384")
     p.add_argument("--n", default="4096,8192")

@@ -74,6 +74,24 @@ def cite(rel: str) -> str:
     return f"`bench/results/{rel}`, commit {p['commit']}, {p['date']}, {dirty}"
 
 
+#: the one-GPU records (virtual ranks): ``bench/remeasure_h200.sh`` writes each under ``h200/``; until it has,
+#: the ``h100/`` record of the same name is the current one
+ONE_GPU_DEVICES = ("h200", "h100")
+
+
+def current(name: str) -> str:
+    """``h200/<name>`` where that record exists, else ``h100/<name>`` (the record it replaces)."""
+    for device in ONE_GPU_DEVICES:
+        if (RESULTS / device / name).exists():
+            return f"{device}/{name}"
+    return f"{ONE_GPU_DEVICES[0]}/{name}"
+
+
+def device_of(rel: str) -> str:
+    """The device a record was measured on, as it recorded it."""
+    return provenance(rel)["device"]
+
+
 def size_label(nbytes: int) -> str:
     return f"{nbytes // MB} MB" if nbytes >= MB else f"{nbytes // KB} KB"
 
@@ -100,7 +118,7 @@ def cli_points(rel: str) -> dict[int, dict[str, dict]]:
 
 
 TWO_GPU_AR = "2xh100/all_reduce_graph.json"
-VIRTUAL_AR = "h100/custom_all_reduce_virtual.json"
+VIRTUAL_AR = "custom_all_reduce_virtual.json"  # under h200/ or h100/: current()
 
 
 def two_gpu_all_reduce() -> str:
@@ -139,7 +157,8 @@ VIRTUAL_ROWS = (
 
 
 def virtual_all_reduce() -> str:
-    data = load(VIRTUAL_AR)
+    rel = current(VIRTUAL_AR)
+    data = load(rel)
     by_key = {(r["world_size"], r["bytes"]): r for r in data["rows"]}
     rows = []
     for world, nbytes in VIRTUAL_ROWS:
@@ -159,7 +178,7 @@ def virtual_all_reduce() -> str:
             ]
         )
     head = ["W", "size", "best kernel", "us", "torch reference (same reduction, one GPU)", "ours vs torch", "roof"]
-    return f"From {cite(VIRTUAL_AR)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
+    return f"One {device_of(rel)}. From {cite(rel)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
 
 
 def readme_all_reduce() -> str:
@@ -169,21 +188,40 @@ def readme_all_reduce() -> str:
         return tuple(_us(points[nbytes][a]["latency_ms"] * 1e3) for a in ("auto", "nccl"))  # type: ignore[return-value]
 
     (a8, n8), (a4, n4), (a256, n256) = pair(8 * KB), pair(4 * MB), pair(256 * MB)
-    virtual = {(r["world_size"], r["bytes"]): r for r in load(VIRTUAL_AR)["rows"]}[(8, 8 * KB)]
+    rel = current(VIRTUAL_AR)
+    virtual = {(r["world_size"], r["bytes"]): r for r in load(rel)["rows"]}[(8, 8 * KB)]
     lamport = virtual["lamport"]["graph_us"]
     p = provenance(TWO_GPU_AR)
     return (
-        f"On two H100s over NVLink (CUDA graphs, bf16) it took {a8} us at 8 KB against NCCL's {n8}, {a4} us at 4 MB "
-        f"against {n4}, and {a256} us at 256 MB against {n256} ({cite(TWO_GPU_AR)}). That run predates later "
-        f"changes to the all-reduce kernels (after {p['commit']}: cab7033, programmatic dependent launch and "
-        "earlier clearing in the Lamport kernel; f7f855a, the barrier factored into a helper the copy-engine path "
-        f"shares); the two-GPU run has not been repeated since. With 8 virtual ranks on one H100 the Lamport kernel "
-        f"takes {lamport:.1f} us at 8 KB under graph replay ({cite(VIRTUAL_AR)})."
+        f"Two-GPU figures, measured at commit {p['commit']} on two H100s over NVLink (CUDA graphs, bf16): "
+        f"{a8} us at 8 KB against NCCL's {n8}, {a4} us at 4 MB against {n4}, and {a256} us at 256 MB against "
+        f"{n256} ({cite(TWO_GPU_AR)}); the kernels of later commits have not run on two GPUs. One-GPU figure, "
+        f"8 virtual ranks on one {device_of(rel)}: the Lamport kernel takes {lamport:.2f} us at 8 KB under graph "
+        f"replay ({cite(rel)})."
     )
 
 
+def _cli_files(rel: str, what: str) -> str:
+    """Links to a CLI record, its CSV where there is one, and its plot (links relative to docs/)."""
+    stem = rel.removesuffix(".json")
+    links = [f"[{rel}](../bench/results/{rel})"]
+    if (RESULTS / f"{stem}.csv").exists():
+        links.append(f"[.csv](../bench/results/{stem}.csv)")
+    text = f"`{provenance(rel)['command']}` on one {device_of(rel)}. Files: {', '.join(links)}."
+    if (RESULTS / f"{stem}.png").exists():
+        text += f"\n\n![latency and bus bandwidth, {what}, CUDA graphs](../bench/results/{stem}.png)"
+    return text
+
+
+VR2_CLI, VR8_CLI = "all_reduce_vr2_graph.json", "all_reduce_vr8_graph.json"  # under h200/ or h100/: current()
+
+
+def virtual_eight_rank_cli() -> str:
+    return _cli_files(current(VR8_CLI), "8 virtual ranks")
+
+
 def virtual_two_rank_cli() -> str:
-    rel = "h100/all_reduce_vr2_graph.json"
+    rel = current(VR2_CLI)
     points = cli_points(rel)
     rows = []
     for nbytes in (KB, 8 * KB, 256 * KB, MB, 2 * MB, 16 * MB):
@@ -195,7 +233,7 @@ def virtual_two_rank_cli() -> str:
                 p["auto"]["algo_id"],
             ]
         )
-    return f"From {cite(rel)}:\n\n" + table(
+    return f"{_cli_files(rel, '2 virtual ranks')}\n\nFrom {cite(rel)}:\n\n" + table(
         ["size", "one_shot (us)", "two_shot (us)", "auto (us)", "auto picked"], rows
     )
 
@@ -204,7 +242,7 @@ def virtual_two_rank_cli() -> str:
 
 TWO_GPU_FUSED = "2xh100/fused.json"
 REPEATS = ["2xh100/fused.json"] + [f"2xh100/fused_repeats/run{i}.json" for i in range(1, 9)]
-VIRTUAL_FUSED = "h100/fused_gemm_all_reduce_virtual.json"
+VIRTUAL_FUSED = "fused_gemm_all_reduce_virtual.json"  # under h200/ or h100/: current()
 
 
 def over_alone(row: dict) -> float:
@@ -321,7 +359,8 @@ def readme_fused() -> str:
 
 
 def virtual_fused() -> str:
-    data = load(VIRTUAL_FUSED)
+    rel = current(VIRTUAL_FUSED)
+    data = load(rel)
     by_key = {(r["world_size"], r["M"], r["N"]): r for r in data["gemm_all_reduce"]}
     shapes = (
         (2, 1, 8192),
@@ -357,21 +396,22 @@ def virtual_fused() -> str:
         "fused",
         "fused / max(GEMM, AR)",
     ]
-    return f"From {cite(VIRTUAL_FUSED)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
+    return f"One {device_of(rel)}. From {cite(rel)}, `{data['meta']['command']}`:\n\n" + table(head, rows)
 
 
-VIRTUAL_RMSNORM = "h100/fused_rmsnorm_virtual.json"
+VIRTUAL_RMSNORM = "fused_rmsnorm_virtual.json"  # under h200/ or h100/: current()
 
 
 def virtual_rmsnorm() -> str:
-    rows = {(r["world_size"], r["tokens"], r["hidden"]): r for r in load(VIRTUAL_RMSNORM)["all_reduce_rmsnorm"]}
+    rel = current(VIRTUAL_RMSNORM)
+    rows = {(r["world_size"], r["tokens"], r["hidden"]): r for r in load(rel)["all_reduce_rmsnorm"]}
     speedups = [r["speedup"] for r in rows.values()]
     a, b = rows[(8, 128, 8192)], rows[(2, 1, 8192)]
     return (
         f"**AR + residual + RMSNorm**: the fused kernel beats all-reduce + torch add + `F.rms_norm` at every shape, "
         f"{min(speedups):.2f}x-{max(speedups):.2f}x (e.g. N=8, 128 x 8192: {a['fused_us']:.0f} vs "
         f"{a['unfused_us']:.0f} us; N=2, 1 x 8192: {b['fused_us']:.1f} vs {b['unfused_us']:.1f} us; "
-        f"{cite(VIRTUAL_RMSNORM)})."
+        f"one {device_of(rel)}, {cite(rel)})."
     )
 
 
@@ -422,10 +462,10 @@ FP8_PAYLOAD = "h200/fp8_payload.json"
 FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
 
 
-def _not_yet(rel: str, script: str) -> str:
+def not_yet(rel: str) -> str:
     """What a block says before its record exists (the path is spelled so that no link points nowhere)."""
     return (
-        f"No H200 record yet (`{rel}` under `bench/results/`): `python -m bench.{script}` writes it (commands in "
+        f"No H200 record yet (`{rel}` under `bench/results/`): `{SCRIPT_OF[rel]}` writes it (commands in "
         "`bench/README.md`), then `python -m bench.make_docs_tables` fills this in."
     )
 
@@ -462,7 +502,7 @@ def _fp8_targets(targets: dict) -> str:
 
 def fp8_fused() -> str:
     if not (RESULTS / FP8_FUSED).exists():
-        return _not_yet("h200/fp8_fused.json", "fp8_fused_bench")
+        return not_yet(FP8_FUSED)
     data = load(FP8_FUSED)
     head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
             "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
@@ -487,7 +527,7 @@ def fp8_fused() -> str:
 
 def fp8_payload() -> str:
     if not (RESULTS / FP8_PAYLOAD).exists():
-        return _not_yet("h200/fp8_payload.json", "fp8_payload_error")
+        return not_yet(FP8_PAYLOAD)
     data = load(FP8_PAYLOAD)
     rows = []
     for r in data["rows"]:
@@ -546,7 +586,7 @@ def transfer_cpu() -> str:
 
 def transfer_h200() -> str:
     if not (RESULTS / TRANSFER_H200).exists():
-        return "No H200 record yet: `bench/README.md` has the command that makes `bench/results/h200/transfer.json`."
+        return not_yet(TRANSFER_H200)
     data = load(TRANSFER_H200)
     head, body = _transfer_rows(data)
     by = {(r["backend"], r["block_bytes"], r["count"], r["op"]): r for r in data["results"]}
@@ -568,9 +608,9 @@ def transfer_h200() -> str:
 # ============================================================================ the index of bench/results
 
 SCRIPT_OF = {
-    "h100/custom_all_reduce_virtual.json": "bench/custom_all_reduce_bench.py",
-    "h100/fused_gemm_all_reduce_virtual.json": "bench/fused_bench.py --skip-rmsnorm",
-    "h100/fused_rmsnorm_virtual.json": "bench/fused_bench.py --skip-gemm",
+    **{f"{device}/{VIRTUAL_AR}": "bench/custom_all_reduce_bench.py" for device in ONE_GPU_DEVICES},
+    **{f"{device}/{VIRTUAL_FUSED}": "bench/fused_bench.py --skip-rmsnorm" for device in ONE_GPU_DEVICES},
+    **{f"{device}/{VIRTUAL_RMSNORM}": "bench/fused_bench.py --skip-gemm" for device in ONE_GPU_DEVICES},
     "2xh100/fused.json": "bench/fused_multi_gpu_bench.py",
     "h200/groups_mps.json": "bench/group_bench.py",
     "h200/protocol_cost.json": "bench/protocol_cost.py",
@@ -613,12 +653,13 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "readme-all-reduce": readme_all_reduce,
     "readme-fused": readme_fused,
     "2xh100-all-reduce": two_gpu_all_reduce,
-    "h100-virtual-all-reduce": virtual_all_reduce,
-    "h100-virtual-2-ranks-cli": virtual_two_rank_cli,
+    "virtual-all-reduce": virtual_all_reduce,
+    "virtual-2-ranks-cli": virtual_two_rank_cli,
+    "virtual-8-ranks-cli": virtual_eight_rank_cli,
     "2xh100-fused": two_gpu_fused,
     "2xh100-fused-repeats": fused_repeats,
-    "h100-virtual-fused": virtual_fused,
-    "h100-virtual-rmsnorm": virtual_rmsnorm,
+    "virtual-fused": virtual_fused,
+    "virtual-rmsnorm": virtual_rmsnorm,
     "h200-groups-mps": groups_mps,
     "h200-fp8-fused": fp8_fused,
     "h200-fp8-payload": fp8_payload,

@@ -47,9 +47,11 @@ except ImportError:  # run as a script: examples/ is on sys.path
 
 from transformers import DynamicCache
 
-from sagellm_comm.benchmark.run_bench import OneLineParser
+from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
+from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.errors import CommError
 
-ROLES = ("decode", "prefill")  # spawn index 0 hosts the store and reports
+ROLES = ("decode", "prefill")  # decode (index 0) reports, and hosts the store under --role
 POOL_BLOCKS = 64
 
 
@@ -200,18 +202,18 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
         agent.close()
 
 
-def _store(host: str, port: int, master: bool, timeout: float):
-    from torch.distributed import TCPStore
+def _store(role: str, host: str, port: int, timeout: float):
+    """The store both sides meet on: under ``--spawn`` the one ``spawn_ranks`` hosts (both sides are clients);
+    with ``--role``, decode hosts it at ``--store`` and prefill joins (each wait bounded by ``timeout``)."""
+    from sagellm_comm.backends.torch_distributed.rendezvous import create_store
 
-    return TCPStore(host, port, is_master=master, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    return create_store(ROLES.index(role), len(ROLES), (host, port), timeout)
 
 
 def _spawned(index: int, world_size: int, port: int, args: argparse.Namespace) -> bool:
     role = ROLES[index]
-    ok = run_role(role, _store("127.0.0.1", port, index == 0, args.timeout), args)
-    if index == 0:
-        return ok
-    return True
+    ok = run_role(role, _store(role, MASTER_ADDR, port, args.timeout), args)
+    return ok if index == 0 else True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a bad request in one line (exit 2) before any process starts."""
-    from sagellm_comm.errors import CommError
     from sagellm_comm.transfer.registry import resolve
 
     if (args.spawn is None) == (args.role is None):
@@ -270,21 +271,21 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when every decode step matched, 1 a mismatch or a failed run, 2 a refused request, 130
+    interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    if args.role is not None:
-        host, _, port = args.store.rpartition(":")
-        ok = run_role(args.role, _store(host, int(port), args.role == "decode", args.timeout), args)
-        return 0 if ok else 1
-    from sagellm_comm.benchmark.spawn import spawn_ranks
-    from sagellm_comm.errors import CommError
 
-    try:
-        ok = spawn_ranks(_spawned, (args,), 2, what="disaggregated Llama")
-    except CommError as exc:
-        print(f"llama_disaggregated.py: {exc.message}", file=sys.stderr)
-        return 1
+    def run() -> bool:
+        if args.role is None:
+            return spawn_ranks(_spawned, (args,), 2, what="disaggregated Llama")
+        host, _, port = args.store.rpartition(":")
+        return run_role(args.role, _store(args.role, host, int(port), args.timeout), args)
+
+    ok, status = run_reporting(parser, run, usage_errors=())  # a failed run: one line, exit 1; Ctrl-C: 130
+    if status is not None:
+        return status
     return 0 if ok else 1
 
 

@@ -50,8 +50,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import sagellm_comm
 from sagellm_comm import ops
-from sagellm_comm.cli_support import OneLineParser
-from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.group import resolve_group
 from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -412,18 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_request(parser, args)
-    try:
+
+    def run() -> bool:
         if args.spawn is None:
-            return 0 if _run(None, None, None, args) else 1
+            return _run(None, None, None, args)
         from sagellm_comm.benchmark.spawn import spawn_ranks
 
-        return 0 if spawn_ranks(_spawned, (args,), args.spawn, what="Llama TP example") else 1
-    except CommError as exc:  # a rank failed (CollectiveFailedError), a rendezvous timed out, ...
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+        return spawn_ranks(_spawned, (args,), args.spawn, what="Llama TP example")
+
+    # a rank failed (CollectiveFailedError), a rendezvous timed out, ...: one line, exit 1; Ctrl-C: exit 130
+    ok, status = run_reporting(parser, run, usage_errors=())
+    if status is not None:
+        return status
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ from typing import Any, NoReturn
 from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
-__all__ = ["INTERRUPTED_EXIT", "OneLineParser", "one_line", "run_reporting"]
+__all__ = [
+    "INTERRUPTED_EXIT",
+    "OneLineParser",
+    "add_output_options",
+    "check_then_run",
+    "one_line",
+    "run_reporting",
+    "sizes_from_args",
+]
 
 #: ``-1K``, ``-5``: a (bad) value, never one of our options (they all start with two dashes and a letter)
 _NEGATIVE_VALUE = re.compile(r"^-\d")
@@ -60,3 +68,43 @@ def run_reporting(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return None, INTERRUPTED_EXIT
+
+
+def check_then_run(
+    parser: argparse.ArgumentParser, check: Callable[[], Any], run: Callable[[Any], Any]
+) -> tuple[Any, int | None]:
+    """A benchmark command's two steps: ``config = check()``, where any :class:`CommError` is a refused request
+    (one line, exit 2, before any process starts), then ``run(config)`` under :func:`run_reporting`'s rules
+    (a failed run: exit 1; Ctrl-C: 130).  Returns ``(run's value, None)`` or ``(None, exit status)``."""
+    config, status = run_reporting(parser, check, usage_errors=(CommError,))
+    if status is not None:
+        return None, status
+    return run_reporting(parser, lambda: run(config))
+
+
+def add_output_options(
+    parser: argparse.ArgumentParser, default_dir: str, plot_help: str, *, stem: bool = False, aliases: tuple = ()
+) -> argparse._ArgumentGroup:
+    """The ``output`` options every benchmark command has: ``--output-dir`` (default ``default_dir``),
+    ``--out STEM`` where ``stem``, ``--no-save`` (and ``aliases``), ``--plot FILE.png`` (``plot_help``, which
+    says what is plotted) and ``--no-progress``."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default=default_dir, help=f"where the JSON/CSV go (default: {default_dir}/)")
+    if stem:
+        out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. --out /tmp/transfer)")
+    out.add_argument("--no-save", *aliases, action="store_true", help="write no JSON/CSV files")
+    out.add_argument("--plot", metavar="FILE.png", help=f"plot {plot_help} (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return out
+
+
+def sizes_from_args(args: argparse.Namespace) -> list[int] | None:
+    """The sizes of ``--message-sizes`` (a list) or ``--sizes`` (a range), or None for the default; a bad size
+    is an :class:`InvalidArgumentError`."""
+    from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
+
+    if args.message_sizes:
+        return parse_size_list(args.message_sizes)
+    if args.sizes:
+        return parse_size_range(args.sizes)
+    return None

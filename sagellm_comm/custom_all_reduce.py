@@ -4,7 +4,7 @@
 enqueued on the current stream, returning before completion (like ``torch.distributed.all_reduce``).
 
 Host cost matters more than kernel time at small sizes (a Triton launch through ``kernel[grid](...)``
-costs ~19 us on the lent H100 VM).  After the first call of a given specialisation the compiled kernel is
+costs ~19 us on a single-GPU H100 host).  After the first call of a given specialisation the compiled kernel is
 cached and launched directly through its launcher with precomputed integer arguments, so a call costs a
 few attribute checks, one dictionary lookup and the driver launch.
 """

@@ -1,6 +1,6 @@
 """The one place that launches Triton kernels through the compiled binary's launcher.
 
-A Triton launch through ``kernel[grid](...)`` costs ~19 us of host time on the lent H100 VM; a collective
+A Triton launch through ``kernel[grid](...)`` costs ~19 us of host time on a single-GPU H100 host; a collective
 that takes 3 us on the device cannot afford that.  After the first launch of a specialisation has
 compiled and bound the kernel, later launches call the binary's generated C launcher directly with
 integer pointers.  Every kernel of the package goes through :class:`Launcher` (or, for the all-reduce's

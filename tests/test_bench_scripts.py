@@ -37,24 +37,29 @@ def test_docs_and_index_are_in_sync_with_the_records(capsys):
     assert _tables().main(["--check"]) == 0, capsys.readouterr().err
 
 
-@pytest.fixture
-def copy_of_the_tree(tmp_path):
+def copy_tree(target_root: Path) -> Path:
+    """README.md, docs/ and bench/results/ copied under ``target_root`` (what make_docs_tables reads and writes)."""
     for rel in ("README.md", "docs", "bench/results"):
-        source, target = REPO / rel, tmp_path / rel
+        source, target = REPO / rel, target_root / rel
         if source.is_dir():
             shutil.copytree(source, target)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, target)
-    return tmp_path
+    return target_root
+
+
+@pytest.fixture
+def copy_of_the_tree(tmp_path):
+    return copy_tree(tmp_path)
 
 
 def test_a_figure_edited_in_the_docs_alone_is_caught(copy_of_the_tree, capsys):
     tables = _tables(copy_of_the_tree)
     readme = copy_of_the_tree / "README.md"
     text = readme.read_text()
-    assert "it took 3.3 us at 8 KB" in text
-    readme.write_text(text.replace("it took 3.3 us at 8 KB", "it took 2.9 us at 8 KB"))
+    assert "(CUDA graphs, bf16): 3.3 us at 8 KB" in text
+    readme.write_text(text.replace("(CUDA graphs, bf16): 3.3 us at 8 KB", "(CUDA graphs, bf16): 2.9 us at 8 KB"))
     assert tables.main(["--check"]) == 1
     assert "README.md" in capsys.readouterr().err
     assert tables.main([]) == 0  # regenerating restores the recorded figure
@@ -97,16 +102,51 @@ def test_every_record_has_device_date_command_commit_and_dirty_flag():
     assert sorted(p.name for p in RESULTS.rglob("README.md")) == ["README.md"]  # one index, no nested notes
 
 
-def test_every_bench_path_in_the_docs_exists_or_is_dated():
-    for rel in ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md"):
-        for line in (REPO / rel).read_text().splitlines():
-            for path in re.findall(r"bench/[\w./-]*\w", line):
-                assert (REPO / path).exists() or "in git at" in line or "git show" in line, (rel, path)
+#: ``bench/...`` in prose; ``<commit>:bench/...`` (a git object, what ``git show`` prints) names history instead
+_BENCH_PATH = re.compile(r"(?<![0-9a-f]:)\bbench/[\w./-]*\w")
+_DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
 
 
-# Sources whose stale citations wait for their owner (the exact edit is in the hand-over of the change that added
-# this test); once fixed, the assertion below says to drop them from here.
-_STALE_CITATIONS_PENDING: set[str] = set()
+@pytest.mark.parametrize("rel", _DOCS)
+def test_every_bench_path_in_the_docs_exists(rel):
+    """README.md and docs/*.md cite only files in the tree (a record of the past is named as a git object)."""
+    text = (REPO / rel).read_text()
+    missing = sorted({path for path in _BENCH_PATH.findall(text) if not (REPO / path).exists()})
+    assert not missing, f"{rel} cites files that are not in the tree: {missing}"
+
+
+def test_every_generated_block_cites_an_existing_record_or_says_none_yet():
+    tables = _tables()
+    for rel in tables.DOCS:
+        for match in tables.BLOCK_RE.finditer((REPO / rel).read_text()):
+            body = match.group("body")
+            records = re.findall(r"bench/results/([\w./-]+\.json)", body)
+            assert records or "No H200 record yet" in body, f"{rel}: block {match.group('name')} cites no record"
+            for record in records:
+                assert (RESULTS / record).is_file(), f"{rel}: block {match.group('name')} cites {record}"
+
+
+def test_one_gpu_records_prefer_h200_and_fall_back_to_h100(tmp_path):
+    tables = _tables(copy_tree(tmp_path))
+    h100 = tables.current(tables.VIRTUAL_AR)
+    assert h100 == f"h100/{tables.VIRTUAL_AR}"
+    shutil.copy(tables.RESULTS / h100, tables.RESULTS / "h200" / tables.VIRTUAL_AR)
+    assert tables.current(tables.VIRTUAL_AR) == f"h200/{tables.VIRTUAL_AR}"
+    (tables.RESULTS / h100).unlink()  # the replaced record deleted: the docs still render, from h200/
+    assert f"bench/results/h200/{tables.VIRTUAL_AR}" in tables.virtual_all_reduce()
+
+
+def test_remeasure_script_writes_every_one_gpu_record_under_h200():
+    script = (BENCH / "remeasure_h200.sh").read_text()
+    assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
+    assert subprocess.run(["bash", "-n", str(BENCH / "remeasure_h200.sh")], timeout=30).returncode == 0
+    tables = _tables()
+    names = [tables.VIRTUAL_AR, tables.VR2_CLI, tables.VR8_CLI, tables.VIRTUAL_FUSED, tables.VIRTUAL_RMSNORM]
+    for name in names:
+        stem = name.removesuffix(".json")
+        assert stem in script, f"bench/remeasure_h200.sh does not write h200/{name}"
+    for name in ("protocol_cost.json", "fp8_fused.json", "fp8_payload.json", "transfer"):
+        assert f'"$OUT/{name}' in script, name
 
 
 def test_every_bench_path_in_the_package_exists_or_is_dated():
@@ -120,10 +160,7 @@ def test_every_bench_path_in_the_package_exists_or_is_dated():
             for path in re.findall(r"bench/[\w./-]*\w", line)
             if not (REPO / path).exists() and "in git at" not in line and "git show" not in line
         ]
-        if rel in _STALE_CITATIONS_PENDING:
-            assert stale, f"{rel} cites only existing records now: remove it from _STALE_CITATIONS_PENDING"
-        else:
-            assert not stale, (rel, stale)
+        assert not stale, (rel, stale)
 
 
 def test_bench_readme_lists_every_script_with_its_command():

@@ -279,6 +279,44 @@ def test_overlap_refusals_are_one_line_before_any_process_starts(options, messag
     assert not list(tmp_path.iterdir())
 
 
+TRANSFER_BAD_OPTIONS = [
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--backend", "ipc"], "Triton interpreter"),
+    (["--backend", "copy-engine"], "CUDA device"),
+    (["--block-sizes", "17"], "multiple of 16"),
+    (["--block-sizes", "4X"], "bad message size '4X'"),
+    (["--block-sizes", "-4K"], "bad message size '-4K': sizes are positive"),
+    (["--block-counts", "0"], "--block-counts must be >= 1"),
+    (["--block-counts", "1,two"], "--block-counts must be integers"),
+    (["--ops", "send"], "unknown op 'send'"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--device", "tpu"], "cpu or cuda"),
+    (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),
+    (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
+    (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),
+    (["--out", "/proc/x/transfer"], "--out's directory /proc/x: cannot create /proc/x"),
+]
+if not HAS_CUDA:
+    TRANSFER_BAD_OPTIONS += [(["--device", "cuda"], "no CUDA GPU")]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), TRANSFER_BAD_OPTIONS, ids=[" ".join(o) for o, _ in TRANSFER_BAD_OPTIONS]
+)
+def test_transfer_refusals_are_one_line_before_any_process_starts(options, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_process_may_start(monkeypatch)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["transfer", "--output-dir", str(tmp_path), *options])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert message in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
 def test_overlap_nccl_without_gpu_from_the_real_process():
     proc = _run(["overlap", "--backend", "nccl"])
@@ -330,9 +368,12 @@ def test_every_registered_subcommand_is_listed_and_documented(capsys):
         cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
     names = [command.name for command in cli.SUBCOMMANDS]
-    assert {"bench", "overlap", "topo"} <= set(names) and len(names) == len(set(names))
+    assert {"bench", "overlap", "topo", "transfer"} <= set(names) and len(names) == len(set(names))
+    readme = (REPO / "README.md").read_text()
     for command in cli.SUBCOMMANDS:
         assert command.name in text and command.help in text
+        assert f"\nsagellm-comm {command.name}" in readme, f"README's command list lacks sagellm-comm {command.name}"
+        assert f"``sagellm-comm {command.name}" in cli.__doc__, f"cli.py's docstring lacks {command.name}"
         with pytest.raises(SystemExit) as excinfo:
             cli.main([command.name, "--help"])
         assert excinfo.value.code == 0
@@ -375,11 +416,21 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert a_file.read_text() == "x" and sorted(tmp_path.iterdir()) == [a_file]
 
 
+#: a request of each plotting subcommand that would run here but for its --plot
+PLOT_REQUESTS = {"bench": ["--backend", "gloo"], "overlap": ["--backend", "gloo"], "transfer": []}
+
+
+@pytest.mark.parametrize("command", sorted(PLOT_REQUESTS))
 @pytest.mark.parametrize(("name", "message"), [("plot.foo", "'.foo' is not a format"), ("plot", "no extension")])
-def test_plot_with_an_unknown_extension_is_refused(tmp_path, capsys, name, message):
+def test_plot_with_an_unknown_extension_is_refused(tmp_path, capsys, monkeypatch, command, name, message):
     pytest.importorskip("matplotlib")
-    line = _refused(["--backend", "gloo", "--no-save", "--plot", str(tmp_path / name)], capsys)
-    assert message in line and "png" in line
+    _no_process_may_start(monkeypatch)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / name)])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    line = _one_line_refusal(captured.err, prog=f"sagellm-comm {command}")
+    assert message in line and "png" in line and captured.out == ""
     assert not list(tmp_path.iterdir())
 
 

@@ -68,10 +68,13 @@ def snippets(path: Path) -> list[Snippet]:
 ALL = [s for path in DOCS for s in snippets(path)]
 
 
-def _env() -> dict[str, str]:
+def _env(script: Path) -> dict[str, str]:
+    """The environment of a snippet's processes: no launcher variables, this checkout first on the path, and an
+    Inductor cache of the snippet's own (a compile snippet then runs its cold path, as on a first run)."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(script.parent / "inductor-cache")
     return env
 
 
@@ -91,7 +94,7 @@ def _run_processes(script: Path, count: int) -> list[tuple[int, str, str]]:
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(count):
-            env = {**_env(), **client_env("127.0.0.1", store.port)}
+            env = {**_env(script), **client_env("127.0.0.1", store.port)}
             env.update(RANK=str(rank), WORLD_SIZE=str(count), LOCAL_RANK=str(rank))
             procs.append(_start(script, [str(rank)], env))
         deadline = time.monotonic() + SNIPPET_TIMEOUT_S
@@ -117,7 +120,7 @@ def test_snippet_runs_as_written(snippet: Snippet, tmp_path: Path) -> None:
     script = tmp_path / "snippet.py"
     script.write_text(snippet.code)
     if not how:
-        proc = _start(script, [], _env())
+        proc = _start(script, [], _env(script))
         try:
             out, err = proc.communicate(timeout=SNIPPET_TIMEOUT_S)
         finally:

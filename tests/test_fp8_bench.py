@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 
 import pytest
 
-from tests.test_bench_scripts import REPO, _tables
+from tests.test_bench_scripts import _tables, copy_tree
 
 MODES = ("fp8", "fp8_per_token", "fp8_group128")
 
@@ -66,14 +65,7 @@ def test_targets_are_read_as_measured():
 
 
 def test_docs_tables_render_from_the_records(tmp_path):
-    for rel in ("README.md", "docs", "bench/results"):
-        source, target = REPO / rel, tmp_path / rel
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
-    tables = _tables(tmp_path)
+    tables = _tables(copy_tree(tmp_path))
     assert "No H200 record yet" in tables.fp8_fused() and "No H200 record yet" in tables.fp8_payload()
     bench = importlib.import_module("bench.fp8_fused_bench")
     meta = {"device": "NVIDIA H200", "date": "2026-12-20T00:00:00+00:00", "command": "python -m bench.x",

@@ -401,7 +401,7 @@ def _reset_every_path_worker(rank, world_size, port, marker, calls):
     plan = backend._hierarchical[None][1]
     paths = {"tp": lambda: backend.kernels_for(tp), "node-local": lambda: backend.kernels_for(plan.local)}
     errors = []
-    # The fault: rank 3 is late past the kernel timeout for a TP call and a hierarchical call (the case).
+    # The fault: rank 3 is late past the kernel timeout for a TP call and a hierarchical call.
     if rank == 3:
         deadline = time.monotonic() + 240
         while not os.path.exists(marker) and time.monotonic() < deadline:

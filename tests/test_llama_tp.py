@@ -243,8 +243,8 @@ def test_the_script_as_documented_spawns_two_processes() -> None:
 
 
 def _init_custom_on_one_gpu(rank: int, world_size: int, port: int):
-    """The ``custom`` backend with every rank's tensors on ``cuda:0`` (N processes sharing one GPU, issue 15
-    item 4).  The one place these tests start a backend: an option that mode needs goes here."""
+    """The ``custom`` backend with every rank's tensors on ``cuda:0`` (N processes sharing one GPU).
+    The one place these tests start a backend: an option that mode needs goes here."""
     import sagellm_comm
 
     torch.cuda.set_device(0)

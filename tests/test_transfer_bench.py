@@ -1,5 +1,6 @@
 """``sagellm-comm transfer``: a short real run on the CPU (NIXL, raw NIXL and the torch reference; the ipc path
-under the interpreter), its files, and every refused request: one line, exit status 2, before any process starts.
+under the interpreter) and its files.  Its refusals (one line, exit status 2, before any process starts) are
+tested with the other subcommands' in tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -54,40 +55,3 @@ def test_the_ipc_path_under_the_interpreter_moves_exact_bytes_and_notifies():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ipc: block-copy kernel (Triton interpreter)" in proc.stdout
     assert "notification latency, ipc" in proc.stdout and "(prepared block ids)" in proc.stdout
-
-
-@pytest.mark.parametrize(
-    ("args", "words"),
-    [
-        (["--backend", "nope"], "unknown backend 'nope'"),
-        (["--backend", "ipc"], "Triton interpreter"),
-        (["--backend", "copy-engine"], "CUDA device"),
-        (["--block-sizes", "17"], "multiple of 16"),
-        (["--block-sizes", "4X"], "bad message size"),
-        (["--block-counts", "0"], "must be >= 1"),
-        (["--block-counts", "two"], "must be integers"),
-        (["--ops", "send"], "unknown op 'send'"),
-        (["--iters", "0"], "--iters must be >= 1"),
-        (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
-        (["--timeout", "0"], "--timeout must be positive"),
-        (["--device", "cuda"], "no CUDA GPU"),
-        (["--device", "tpu"], "cpu or cuda"),
-        (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),
-        (["--plot", "x.nope"], "--plot x.nope"),
-        (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),
-    ],
-)
-def test_bad_requests_are_refused_in_one_line_with_exit_2(args, words, capsys, monkeypatch):
-    from sagellm_comm.cli import main
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if "--device" in args and "cuda" in args:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is visible")
-    with pytest.raises(SystemExit) as info:
-        main(["transfer", *args])
-    err = capsys.readouterr().err
-    assert info.value.code == 2
-    assert err.count("\n") == 1 and words in err and err.startswith("sagellm-comm transfer: error:"), err

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm_comm.benchmark.config import DEFAULT_SPAWN_WORLD_SIZE
 from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
 from sagellm_comm.benchmark.plan import (
     available_kind,
     check_outputs,
+    check_repetitions,
     check_settings,
     check_whole_elements,
     cuda_available,
+    launch_world,
     torchrun_env,
 )
 from sagellm_comm.benchmark.sizes import parse_size_list
@@ -46,16 +47,11 @@ class OverlapPlan:
 
 def check_numbers(config: OverlapConfig) -> None:
     """The options that need no machine: counts, times, sizes."""
-    if config.warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
-    if config.iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    check_repetitions(config.warmup, config.iters, config.timeout)
     if config.compute_duration_ms is not None and not config.compute_duration_ms > 0:
         raise InvalidArgumentError(f"--compute-ms must be > 0, got {config.compute_duration_ms}")
     if config.gemm_size is not None and config.gemm_size < 1:
         raise InvalidArgumentError(f"--gemm-size must be >= 1, got {config.gemm_size}")
-    if not config.timeout > 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     if config.virtual_ranks is not None and config.virtual_ranks not in VIRTUAL_RANKS:
@@ -97,22 +93,5 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     kind = available_kind(config.backend)
     uses_cuda = kind != "gloo" and cuda
     sizes, dtype = resolve_payload(config, uses_cuda)
-    if env is not None:
-        rank, world_size = env
-        if config.world_size is not None and config.world_size != world_size:
-            raise InvalidArgumentError(
-                f"--world-size {config.world_size} disagrees with torchrun's WORLD_SIZE={world_size}"
-            )
-        if not 0 <= rank < world_size:
-            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-        return OverlapPlan("torchrun", world_size, kind, sizes, dtype, uses_cuda)
-    if config.world_size is not None:
-        world_size = config.world_size
-    else:
-        world_size = torch.cuda.device_count() if uses_cuda else DEFAULT_SPAWN_WORLD_SIZE
-    if uses_cuda and world_size > torch.cuda.device_count():
-        raise InvalidArgumentError(
-            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
-            "GPU(s); use --virtual-ranks N to run N ranks on one GPU, or --backend gloo"
-        )
-    return OverlapPlan("spawn", world_size, kind, sizes, dtype, uses_cuda)
+    mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
+    return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)

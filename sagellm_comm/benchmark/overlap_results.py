@@ -8,7 +8,6 @@ and a ``.csv`` of the records.
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -164,16 +163,11 @@ def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
 
 def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None:
     """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv``."""
-    from sagellm_comm.benchmark.report import output_stem
+    from sagellm_comm.benchmark.report import file_stamp, output_stem, unique_stem
 
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    stem = output_stem("overlap", int(result.run.get("world_size", 0)), stamp)
-    suffix = 1
-    while (directory / f"{stem}.json").exists():
-        suffix += 1
-        stem = f"{output_stem('overlap', int(result.run.get('world_size', 0)), stamp)}_{suffix}"
+    stem = unique_stem(directory, output_stem("overlap", int(result.run.get("world_size", 0)), file_stamp()))
     result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
     result.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
@@ -187,10 +181,9 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
 def plot_overlap(result: OverlapResult, path: str | Path) -> Path:
     """Per message size: the GEMM loop alone, the all-reduce alone, both overlapped, and the ideal (the
     longer of the two) and sequential (their sum) bounds; log-2 size axis.  Needs matplotlib."""
-    import matplotlib
+    from sagellm_comm.benchmark.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     records = sorted(result.records, key=lambda r: r.comm_bytes)
@@ -218,9 +211,4 @@ def plot_overlap(result: OverlapResult, path: str | Path) -> Path:
         else "overlap",
         fontsize=10,
     )
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

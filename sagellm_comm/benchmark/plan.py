@@ -149,6 +149,39 @@ def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
         )
 
 
+def launch_world(kind: str, uses_cuda: bool, requested: int | None, env: tuple[int, int] | None) -> tuple[str, int]:
+    """``("torchrun", WORLD_SIZE)`` under torchrun (``env`` from :func:`torchrun_env`; ``--world-size``, when
+    given, must agree), else ``("spawn", N)``: ``--world-size``, or one rank per GPU, or
+    ``DEFAULT_SPAWN_WORLD_SIZE`` on the CPU; a GPU backend needs one GPU per rank."""
+    if env is not None:
+        rank, world_size = env
+        if requested is not None and requested != world_size:
+            raise InvalidArgumentError(f"--world-size {requested} disagrees with torchrun's WORLD_SIZE={world_size}")
+        if not 0 <= rank < world_size:
+            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        return "torchrun", world_size
+    if requested is not None:
+        world_size = requested
+    else:
+        world_size = torch.cuda.device_count() if uses_cuda else DEFAULT_SPAWN_WORLD_SIZE
+    if uses_cuda and world_size > torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
+            "GPU(s); use --virtual-ranks N to run N ranks on one GPU, or --backend gloo"
+        )
+    return "spawn", world_size
+
+
+def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
+    """The options every benchmark has: ``--warmup`` >= 0, ``--iters`` >= 1, ``--timeout`` > 0."""
+    if warmup < 0:
+        raise InvalidArgumentError(f"--warmup must be >= 0, got {warmup}")
+    if iters < 1:
+        raise InvalidArgumentError(f"--iters must be >= 1, got {iters}")
+    if not timeout > 0:
+        raise InvalidArgumentError(f"--timeout must be positive, got {timeout}")
+
+
 def check_settings() -> None:
     """A malformed ``SAGELLM_COMM_*`` setting (``docs/configuration.md``; e.g. ``SAGELLM_COMM_TOPOLOGY``) is
     refused here, naming the variable, rather than in every rank."""
@@ -162,14 +195,9 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     if config.op not in OPS:
         raise InvalidArgumentError(f"unknown op {config.op!r}; choose one of: {', '.join(OPS)}")
     dtype = resolve_dtype(config.dtype)
-    if config.warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
-    if config.iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    check_repetitions(config.warmup, config.iters, config.timeout)
     if config.graph_calls < 1:
         raise InvalidArgumentError(f"--graph-calls must be >= 1, got {config.graph_calls}")
-    if config.timeout <= 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     algos = algo_rules.parse_algos(config.algos)
@@ -231,25 +259,5 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         )
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
     check_whole_elements(sizes, dtype)
-    env = torchrun_env()
-    if env is not None:
-        rank, world_size = env
-        if config.world_size is not None and config.world_size != world_size:
-            raise InvalidArgumentError(
-                f"--world-size {config.world_size} disagrees with torchrun's WORLD_SIZE={world_size}"
-            )
-        if not 0 <= rank < world_size:
-            raise InvalidArgumentError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-        return LaunchPlan("torchrun", world_size, kind, sizes, uses_cuda)
-    if config.world_size is not None:
-        world_size = config.world_size
-    elif uses_cuda:
-        world_size = torch.cuda.device_count()
-    else:
-        world_size = DEFAULT_SPAWN_WORLD_SIZE
-    if uses_cuda and world_size > torch.cuda.device_count():
-        raise InvalidArgumentError(
-            f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
-            "GPU(s); use --virtual-ranks N to emulate N ranks on one GPU, or --backend gloo"
-        )
-    return LaunchPlan("spawn", world_size, kind, sizes, uses_cuda)
+    mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
+    return LaunchPlan(mode, world_size, kind, sizes, uses_cuda)

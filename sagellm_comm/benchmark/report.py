@@ -9,8 +9,10 @@ the nccl-tests factor of the op (see :mod:`sagellm_comm.benchmark.ops`).
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -190,7 +192,13 @@ def output_stem(op: str, world_size: int, timestamp: str) -> str:
     return f"{op}_ws{world_size}_{timestamp}"
 
 
-def _unique_stem(output_dir: Path, stem: str) -> str:
+def file_stamp() -> str:
+    """Now in UTC as ``YYYYmmdd-HHMMSS``, the timestamp of result file names."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def unique_stem(output_dir: Path, stem: str) -> str:
+    """``stem``, else ``stem_2``, ``stem_3``, ...: the first with no ``.json`` or ``.csv`` in ``output_dir``."""
     candidate, suffix = stem, 1
     while (output_dir / f"{candidate}.json").exists() or (output_dir / f"{candidate}.csv").exists():
         suffix += 1
@@ -208,7 +216,7 @@ def write_results(
     """
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = _unique_stem(directory, output_stem(info.op_type, info.world_size, file_timestamp))
+    stem = unique_stem(directory, output_stem(info.op_type, info.world_size, file_timestamp))
     json_path = directory / f"{stem}.json"
     csv_path = directory / f"{stem}.csv"
     payload = {"run": info.to_dict(), "results": [r.to_dict() for r in records]}
@@ -236,16 +244,7 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
 
     Needs matplotlib (``pip install 'isagellm-comm[plot]'``); raises a clear error without it.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InvalidArgumentError(
-            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]' "
-            "(or pip install matplotlib)"
-        ) from exc
+    plt = pyplot()
     if not records:
         raise InvalidArgumentError("nothing to plot: the run produced no results")
     fig, (ax_lat, ax_bw) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -284,9 +283,39 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
         f"{info.timing_method}, {info.device_name}",
         fontsize=10,
     )
+    return save_figure(fig, path)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only); a clear error where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InvalidArgumentError(
+            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]' "
+            "(or pip install matplotlib)"
+        ) from exc
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (parents made; the format from the suffix), close it."""
+    plt = pyplot()
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def print_report(table: str, *paths: Path | None) -> None:
+    """The table on stdout, then ``# wrote`` and the files written (those not None), flushed."""
+    print(table)
+    written = [str(p) for p in paths if p is not None]
+    if written:
+        print("# wrote " + ", ".join(written))
+    sys.stdout.flush()

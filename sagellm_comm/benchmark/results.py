@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from sagellm_comm.benchmark.report import (
     fill_ratios,
     format_table,
     plot_results,
+    print_report,
     write_results,
 )
 
@@ -168,9 +168,5 @@ def finish(result: BenchmarkResult, config: BenchConfig, *, print_table: bool) -
     if config.plot is not None:
         result.plot_path = plot_results(result.records, result.info, config.plot)
     if print_table:
-        print(result.table)
-        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
-        if written:
-            print("# wrote " + ", ".join(str(p) for p in written))
-        sys.stdout.flush()
+        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
     return result

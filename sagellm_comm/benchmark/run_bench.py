@@ -30,9 +30,7 @@ from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
 from sagellm_comm.benchmark.plan import plan_launch
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.runner import run_benchmark
-from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
-from sagellm_comm.cli_support import OneLineParser, run_reporting
-from sagellm_comm.errors import CommError
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
 
@@ -102,24 +100,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="virtual ranks, streams mode: reduce the workspace's own buffers (no copy-in)",
     )
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the JSON/CSV go (default: {DEFAULT_OUTPUT_DIR}/)"
-    )
-    out.add_argument("--no-save", action="store_true", help="write no JSON/CSV files")
-    out.add_argument("--plot", metavar="FILE.png", help="plot latency and bus bandwidth vs size (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(parser, DEFAULT_OUTPUT_DIR, "latency and bus bandwidth vs size")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> BenchConfig:
     """Build a :class:`BenchConfig` from parsed options; raises InvalidArgumentError on a bad value."""
-    if args.message_sizes:
-        sizes = parse_size_list(args.message_sizes)
-    elif args.sizes:
-        sizes = parse_size_range(args.sizes)
-    else:
-        sizes = None
+    sizes = sizes_from_args(args)
     return BenchConfig(
         op=args.op,
         backend=args.backend,
@@ -157,10 +144,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         plan_launch(config)  # every request problem surfaces here, before any process starts
         return config
 
-    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
-    if status is not None:
-        return status
-    result, status = run_reporting(parser, lambda: run_benchmark(config, print_table=True))
+    result, status = check_then_run(parser, planned, lambda config: run_benchmark(config, print_table=True))
     if status is not None:
         return status
     if result is None:  # a non-zero torchrun rank: rank 0 reports

@@ -52,10 +52,11 @@ from sagellm_comm.benchmark.overlap_results import (
 )
 from sagellm_comm.benchmark.plan import check_outputs
 from sagellm_comm.benchmark.provenance import command_line
-from sagellm_comm.benchmark.sizes import parse_size, parse_size_list, parse_size_range
+from sagellm_comm.benchmark.report import print_report
+from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.cli_support import OneLineParser, run_reporting
-from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
+from sagellm_comm.errors import InvalidArgumentError
 
 DESCRIPTION = (
     "Time a GEMM loop against an all-reduce, alone and overlapped; print a table, write JSON/CSV "
@@ -121,11 +122,7 @@ def finish_overlap(result: OverlapResult, config: OverlapConfig, *, print_table:
     if config.plot is not None:
         result.plot_path = plot_overlap(result, config.plot)
     if print_table:
-        print(result.table)
-        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
-        if written:
-            print("# wrote " + ", ".join(str(p) for p in written))
-        sys.stdout.flush()
+        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
     return result
 
 
@@ -224,24 +221,13 @@ def add_overlap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU (2..8)")
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the JSON/CSV go (default {DEFAULT_OUTPUT_DIR}/)"
-    )
-    out.add_argument("--no-save", "--no-output", action="store_true", help="write no JSON/CSV files")
-    out.add_argument("--plot", metavar="FILE.png", help="plot the times against the size (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(parser, DEFAULT_OUTPUT_DIR, "the times against the size", aliases=("--no-output",))
     return parser
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> OverlapConfig:
     """Build an :class:`OverlapConfig` from parsed options; raises InvalidArgumentError on a bad value."""
-    if args.message_sizes:
-        sizes = parse_size_list(args.message_sizes)
-    elif args.sizes:
-        sizes = parse_size_range(args.sizes)
-    else:
-        sizes = None
+    sizes = sizes_from_args(args)
     return OverlapConfig(
         backend=args.backend,
         world_size=args.world_size,
@@ -269,10 +255,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         plan_overlap(config)  # every request problem surfaces here, before any process starts
         return config
 
-    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
-    if status is not None:
-        return status
-    result, status = run_reporting(parser, lambda: run_overlap(config, print_table=True))
+    result, status = check_then_run(parser, planned, lambda config: run_overlap(config, print_table=True))
     if status is not None:
         return status
     return 0 if result is None or all(r.num_wrong == 0 for r in result.records) else 1

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from sagellm_comm.benchmark.sizes import parse_size_list
+from sagellm_comm.benchmark.sizes import parse_count_list, parse_size, parse_size_list
 from sagellm_comm.benchmark.transfer_config import (
     BACKENDS,
     DEFAULT_ITERS,
@@ -28,8 +28,7 @@ from sagellm_comm.benchmark.transfer_config import (
     TransferBenchConfig,
     plan_transfer,
 )
-from sagellm_comm.cli_support import OneLineParser, run_reporting
-from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run
 
 DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
 
@@ -57,12 +56,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help=f"notification latency samples per backend, 0: none (default {DEFAULT_NOTIFY_ITERS})",
     )
     how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"JSON/CSV directory ({DEFAULT_OUTPUT_DIR})")
-    out.add_argument("--out", metavar="STEM", help="write STEM.json and STEM.csv (e.g. --out /tmp/transfer)")
-    out.add_argument("--no-save", action="store_true", help="write no JSON/CSV files")
-    out.add_argument("--plot", metavar="FILE.png", help="plot GB/s against block size (needs matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_options(parser, DEFAULT_OUTPUT_DIR, "GB/s against block size", stem=True)
     return parser
 
 
@@ -70,18 +64,12 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
-    counts = None
-    if args.block_counts is not None:
-        try:
-            counts = [int(c) for c in names(args.block_counts)]
-        except ValueError:
-            raise InvalidArgumentError(f"--block-counts must be integers, got {args.block_counts!r}") from None
     return TransferBenchConfig(
         backends=names(args.backend),
         ops=names(args.ops) or [],
         block_sizes=parse_size_list(args.block_sizes) if args.block_sizes else None,
-        block_counts=counts,
-        max_bytes=parse_size_list(args.max_bytes)[0] if args.max_bytes else None,
+        block_counts=parse_count_list(args.block_counts, "--block-counts") if args.block_counts else None,
+        max_bytes=parse_size(args.max_bytes) if args.max_bytes else None,
         device=args.device,
         prepared=args.prepared,
         warmup=args.warmup,
@@ -99,6 +87,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
 def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = False):
     """Plan (refusing bad requests), spawn the two processes, build, write and print the result."""
     from sagellm_comm.benchmark.provenance import provenance
+    from sagellm_comm.benchmark.report import print_report
     from sagellm_comm.benchmark.results import device_name
     from sagellm_comm.benchmark.spawn import spawn_ranks
     from sagellm_comm.benchmark.transfer_measure import transfer_rank
@@ -129,11 +118,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
     if config.plot is not None:
         result.plot_path = plot(result, config.plot)
     if print_table:
-        print(result.table)
-        written = [p for p in (result.json_path, result.csv_path, result.plot_path) if p is not None]
-        if written:
-            print("# wrote " + ", ".join(str(p) for p in written))
-        sys.stdout.flush()
+        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
     return result
 
 
@@ -146,10 +131,7 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         plan_transfer(config)
         return config
 
-    config, status = run_reporting(parser, planned, usage_errors=(CommError,))
-    if status is not None:
-        return status
-    result, status = run_reporting(parser, lambda: run_transfer_benchmark(config, print_table=True))
+    result, status = check_then_run(parser, planned, lambda config: run_transfer_benchmark(config, print_table=True))
     if status is not None:
         return status
     return 0 if result.ok else 1

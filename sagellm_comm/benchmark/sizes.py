@@ -72,6 +72,18 @@ def parse_size_list(items: list[str] | str) -> list[int]:
     return sizes
 
 
+def parse_count_list(text: str, what: str) -> list[int]:
+    """Parse comma-separated integers (``"1,10,100"``) given for option ``what``; the range is the caller's."""
+    tokens = [tok.strip() for tok in text.split(",") if tok.strip()]
+    try:
+        counts = [int(tok) for tok in tokens]
+    except ValueError:
+        raise InvalidArgumentError(f"{what} must be integers, e.g. 1,10,100, got {text!r}") from None
+    if not counts:
+        raise InvalidArgumentError(f"{what} names no number")
+    return counts
+
+
 def format_size(nbytes: int) -> str:
     """Short binary form: ``1024 -> "1K"``, ``3 * 2**20 -> "3M"``, ``1000 -> "1000"``."""
     for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):

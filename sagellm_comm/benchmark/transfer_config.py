@@ -15,13 +15,13 @@ Backends measured side by side (each over the same two processes and pools):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from sagellm_comm.benchmark.plan import _plot_formats, check_writable_dir
-from sagellm_comm.benchmark.sizes import format_size
+from sagellm_comm.benchmark.plan import check_outputs, check_repetitions, check_writable_dir, cuda_available
+from sagellm_comm.benchmark.sizes import format_size, parse_count_list, parse_size_list
 from sagellm_comm.errors import InvalidArgumentError
 
 BACKENDS = ("ipc", "nixl", "nixl-raw", "torch", "copy-engine")
@@ -98,16 +98,12 @@ def _available(backend: str, device: torch.device) -> str | None:
 
 def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     """Check ``config`` and decide the device, backends and points (see the module docstring)."""
-    from sagellm_comm.benchmark.plan import cuda_available
-
-    if config.warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {config.warmup}")
-    if config.iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {config.iters}")
+    check_repetitions(config.warmup, config.iters, config.timeout)
     if config.notify_iters < 0:
         raise InvalidArgumentError(f"--notify-iters must be >= 0, got {config.notify_iters}")
-    if not config.timeout > 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {config.timeout}")
+    check_outputs(config.output_dir if config.out is None else None, config.plot)
+    if config.out is not None:
+        check_writable_dir(Path(config.out).absolute().parent, "--out's directory")
     for op in config.ops:
         if op not in OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; choose from: {', '.join(OPS)}")
@@ -144,10 +140,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             reason = _available(name, device)
             if reason is not None:
                 raise InvalidArgumentError(f"--backend {name}: {reason}")
-    from sagellm_comm.benchmark.sizes import parse_size_list
-
     sizes = config.block_sizes or parse_size_list(DEFAULT_GPU_SIZES if gpu else DEFAULT_CPU_SIZES)
-    counts = config.block_counts or [int(c) for c in (DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS).split(",")]
+    counts = config.block_counts or parse_count_list(DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS, "--block-counts")
     if any(c < 1 for c in counts):
         raise InvalidArgumentError(f"--block-counts must be >= 1, got {counts}")
     cap = config.max_bytes or (DEFAULT_GPU_MAX_BYTES if gpu else DEFAULT_CPU_MAX_BYTES)
@@ -162,14 +156,5 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
                 points.append((size, count))
     if not points:
         raise InvalidArgumentError(f"every point moves more than --max-bytes {format_size(cap)} per request")
-    if config.output_dir is not None and config.out is None:
-        check_writable_dir(config.output_dir, "--output-dir")
-    if config.out is not None:
-        check_writable_dir(os.path.dirname(os.path.abspath(config.out)), "--out's directory")
-    if config.plot is not None:
-        suffix = os.path.splitext(config.plot)[1].lower().lstrip(".")
-        if suffix not in _plot_formats():
-            raise InvalidArgumentError(f"--plot {config.plot}: use one of: {', '.join(_plot_formats())}")
-        check_writable_dir(os.path.dirname(os.path.abspath(config.plot)), "--plot's directory")
     pool_bytes = 2 * max(size * count for size, count in points)  # scattered: half the pool's blocks are used
     return TransferPlan(device, tuple(backends), tuple(points), tuple(skipped), pool_bytes)

@@ -1,7 +1,7 @@
 """The two processes of ``sagellm-comm transfer``: rank 0 initiates and measures, rank 1 is the passive peer.
 
 Both register one pool of ``plan.pool_bytes`` (device memory, or a shared CPU file) with one agent per measured
-backend, and exchange metadata, IPC handles and commands through a ``TCPStore`` on the spawn's port.  For every
+backend, and exchange metadata, IPC handles and commands through the store ``spawn_ranks`` hosts.  For every
 (block size, count) point the initiator picks ``count`` distinct random blocks in each pool; per backend and op:
 
 1. *time*: ``warmup`` untimed then ``iters`` timed requests (``benchmark/timing.py``): CUDA events with the device
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -58,14 +57,14 @@ class _Side:
     other transport's threads run beside it)."""
 
     def __init__(self, rank: int, port: int, config: TransferBenchConfig, plan: TransferPlan):
-        from torch.distributed import TCPStore
+        from sagellm_comm.backends.torch_distributed.rendezvous import create_store
+        from sagellm_comm.benchmark.spawn import MASTER_ADDR
 
         self.rank, self.config, self.plan = rank, config, plan
         if plan.device.type == "cuda":  # "cuda" without an index: this process's current device
             torch.cuda.set_device(torch.cuda.current_device() if plan.device.index is None else plan.device.index)
-        # spawn_ranks hosts the store on ``port``: both processes are its clients, under a prefix of their own
-        store = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=config.timeout))
-        self.store = torch.distributed.PrefixStore("transfer-bench/", store)
+        # spawn_ranks hosts the store on ``port``: both processes join it as clients, under a prefix of their own
+        self.store = create_store(rank, 2, (MASTER_ADDR, port), config.timeout)
         self.pool = _pool(plan)
         self.agents: dict[str, object] = {}
         if rank == 1:

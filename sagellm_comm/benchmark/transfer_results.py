@@ -8,7 +8,6 @@ point and op (> 1: faster than the first backend).
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -148,12 +147,12 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
     """``STEM.json`` (``{"meta", "setup", "results", "notify"}``; ``meta`` is the provenance block every record
     under bench/results has) and ``STEM.csv``: ``out`` as the stem, else ``output_dir/transfer_<timestamp>``."""
     from sagellm_comm.benchmark.provenance import write_record
+    from sagellm_comm.benchmark.report import file_stamp, unique_stem
 
     if out is not None:
         stem = Path(out)
     else:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        stem = Path(output_dir) / f"transfer_{stamp}"
+        stem = Path(output_dir) / unique_stem(Path(output_dir), f"transfer_{file_stamp()}")
     stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
     meta = {k: result.run[k] for k in ("date", "command", "commit", "dirty", "commit_source", "torch", "triton")
             if k in result.run}  # fmt: skip
@@ -176,10 +175,9 @@ def load(path: str | Path) -> dict:
 
 def plot(result: TransferBenchResult, path: str) -> Path:
     """GB/s against block size, one panel per op, one line per backend and block count."""
-    import matplotlib
+    from sagellm_comm.benchmark.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ops = sorted({r.op for r in result.records})
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
@@ -199,9 +197,4 @@ def plot(result: TransferBenchResult, path: str) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"sagellm-comm transfer, {result.run['device_name']}", fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
