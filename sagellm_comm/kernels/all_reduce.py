@@ -60,6 +60,8 @@ import time
 import triton
 import triton.language as tl
 
+from sagellm_comm.selector import LAMPORT
+
 # Layout constants, usable both from host code (ints) and inside kernels (constexpr).
 MAX_WORLD = tl.constexpr(8)
 MAX_BLOCKS = tl.constexpr(128)  # programs per launch: one per SM of an H100 (132) for one rank per GPU
@@ -87,7 +89,7 @@ PHASE_COPY_ENGINE = tl.constexpr(4)
 PHASE_CHECK = tl.constexpr(5)
 PHASE_TILE = tl.constexpr(6)  # a GEMM tile flag (kernels/gemm_all_reduce.py)
 PHASE_GROUP_CHECK = tl.constexpr(7)  # check mode across a whole group through the engine (kernels/fingerprint.py)
-PHASE_NAMES = ("start", "mid", "end", "lamport", "copy-engine", "check", "tile", "group check")
+PHASE_NAMES = ("start", "mid", "end", LAMPORT, "copy-engine", "check", "tile", "group check")
 
 
 def call_of_target(phase: int, target: int) -> int:
