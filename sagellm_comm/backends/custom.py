@@ -431,7 +431,7 @@ class CustomBackend(TorchDistributedBackend):
                 return _EventWork(done, tensor) if async_op else tensor
         if algo == HIERARCHICAL_ALGO:
             raise InvalidArgumentError(
-                "algo=HIERARCHICAL_ALGO needs a group that spans nodes with the same number (>= 2) of members on "
+                f"algo={HIERARCHICAL_ALGO!r} needs a group that spans nodes with the same number (>= 2) of members on "
                 "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
             )
         if (

@@ -43,7 +43,7 @@ CUSTOM_PATHS = (COLLECTIVE_KERNEL_ALGO, HIERARCHICAL_ALGO)
 
 
 def parse_algos(items: Iterable[str] | str | None) -> list[str]:
-    """``["one_shot,two_shot", "nccl"]`` -> ``[ONE_SHOT, TWO_SHOT, "nccl"]`` (order kept, no repeats)."""
+    """``["one_shot,two_shot", "nccl"]`` -> ``["one_shot", "two_shot", "nccl"]`` (order kept, no repeats)."""
     if items is None:
         return ["auto"]
     if isinstance(items, str):

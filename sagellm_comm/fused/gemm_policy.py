@@ -30,7 +30,7 @@ class GemmRule:
 # docs/fused.md): cuBLAS then our all-reduce was the fastest path, or within 1% of it, at every M, N and world
 # size; the fused Triton GEMM alone is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and
 # the chunked pipeline loses to contention.  So the default never picks a path measured slower than sequential;
-# a rule override (or path=FUSED_PATH) selects the others where real multi-GPU measurements say they pay.
+# a rule override (or path="fused") selects the others where real multi-GPU measurements say they pay.
 DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
     GemmRule(
         "measured-copy-engine-2",

@@ -124,8 +124,8 @@ class VirtualFused:
         if sel.algo == COPY_ENGINE_PATH:  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
             if path != AUTO:
                 raise BackendNotSupportedError(
-                    "path=COPY_ENGINE_PATH needs one GemmAllReduce and stream pair per rank (one process per rank); "
-                    "the stacked virtual-rank layout runs fused, chunked or sequential"
+                    f"path={COPY_ENGINE_PATH!r} needs one GemmAllReduce and stream pair per rank (one process per "
+                    "rank); the stacked virtual-rank layout runs fused, chunked or sequential"
                 )
             sel = g.last_selection = Selection(
                 SEQUENTIAL_PATH, "virtual-no-copy-engine", f"{sel.reason}; virtual ranks"
