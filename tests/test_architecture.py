@@ -138,3 +138,38 @@ def test_the_algorithm_name_scan_sees_what_it_should():
     tree = ast.parse('"""one_shot"""\nx = "two_shot"\ny = f"rmsnorm_{x}"\nz = "one_shot_fp8"\nif x == "fused": pass')
     found = [line.split(": ")[1] for line in algorithm_literals("m.py", tree, _algorithm_names())]
     assert found == ["'two_shot'", "'fused'"]
+
+
+def _kernel_modules():
+    return [(path, tree) for path, tree in _modules() if path.startswith("sagellm_comm/kernels/")]
+
+
+def test_every_spin_of_every_kernel_is_bounded_by_the_one_wait_step():
+    """Each ``while`` loop in a kernel is a spin for a peer; each keeps its deadline and latch through
+    ``_wait_step`` (kernels/all_reduce.py), the Lamport tile wait included."""
+    loops = []
+    for path, tree in _kernel_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.While):
+                calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+                loops.append((f"{path}:{node.lineno}", "_wait_step" in calls))
+    assert {where.split(":")[0] for where, _ in loops} >= {
+        "sagellm_comm/kernels/all_reduce.py",
+        "sagellm_comm/kernels/lamport_all_reduce.py",
+    }
+    assert all(bounded for _, bounded in loops), f"spins without _wait_step: {[w for w, b in loops if not b]}"
+
+
+def test_collective_kernels_share_the_rank_view_and_the_slot_address():
+    """The virtual-rank prologue (``tl.program_id(1)`` as the rank, the table row and control words) is written
+    once, in ``_rank_view``, and the staging-slot address once, in ``_slot_offset``."""
+    prologues, slot_formulas = [], []
+    for path, tree in _kernel_modules():
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            source = ast.unparse(fn)
+            if "tl.program_id(1)" in source and "rank * CTRL_WORDS" in source and fn.name != "_rank_view":
+                prologues.append(f"{path}:{fn.name}")
+            if "slot_bytes * (1 + epoch % 2)" in source and fn.name != "_slot_offset":
+                slot_formulas.append(f"{path}:{fn.name}")
+    assert not prologues, f"kernels rebuilding the rank view: {prologues}"
+    assert not slot_formulas, f"the slot address written out again: {slot_formulas}"

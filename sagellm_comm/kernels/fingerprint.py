@@ -39,7 +39,6 @@ import triton.language as tl
 from sagellm_comm.kernels.all_reduce import (
     CTRL_CHECK,
     CTRL_LATCH,
-    CTRL_WORDS,
     ERR_BLOCK,
     ERR_EPOCH,
     ERR_MINE,
@@ -56,6 +55,7 @@ from sagellm_comm.kernels.all_reduce import (
     _barrier_at,
     _flag_ptrs,
     _pick,
+    _rank_view,
 )
 from sagellm_comm.selector import HIERARCHICAL_ALGO, LAMPORT, ONE_SHOT, TWO_SHOT
 
@@ -127,13 +127,8 @@ def fingerprint_check_kernel(
 
     With ``VIRTUAL`` the grid is ``(1, W)`` and axis 1 is the rank (its own table row and control words).
     """
-    if VIRTUAL:
-        rank = tl.program_id(1)
-        table += rank * (W + 1)
-        ctrl += rank * CTRL_WORDS
-    peers = tl.arange(0, WP)
+    rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     valid = peers < W
-    bases = tl.load(table + peers, mask=valid, other=0)
     call = tl.load(ctrl + CTRL_CHECK, volatile=True)
     parity = call % 2
     words = tl.arange(0, FP_WORDS)
