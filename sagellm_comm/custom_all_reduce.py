@@ -3,10 +3,10 @@
 ``CustomAllReduce(workspace).all_reduce(tensor)`` sums ``tensor`` over the workspace's ranks in place,
 enqueued on the current stream, returning before completion (like ``torch.distributed.all_reduce``).
 
-Host cost matters more than kernel time at small sizes (a Triton launch through ``kernel[grid](...)``
-costs ~19 us on a single-GPU H100 host).  After the first call of a given specialisation the compiled kernel is
-cached and launched directly through its launcher with precomputed integer arguments, so a call costs a
-few attribute checks, one dictionary lookup and the driver launch.
+Host cost matters more than kernel time at small sizes (Triton's Python launch path costs tens of
+microseconds).  After the first call of a given shape the compiled kernel's direct launch and its bound
+arguments are kept (:class:`AllReduceKernels`), so a call costs a few attribute checks, one dictionary
+lookup and the driver launch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sagellm_comm.kernels import all_reduce as _k
 from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
+from sagellm_comm.selector import AUTO, ENGINE_ALGO
 
 from .config import CommConfig
 from .errors import (
@@ -28,8 +29,8 @@ from .errors import (
     NotInitializedError,
     WorkspaceExhaustedError,
 )
-from .launch import Launcher, direct_launch, interpreting, timeout_ticks
-from .selector import PAYLOADS, AlgoSelector, Selection
+from .launch import Launcher, interpreting, timeout_ticks
+from .selector import ALGO_CHOICES, LAMPORT, ONE_SHOT, PAYLOADS, TWO_SHOT, AlgoSelector, Selection
 from .workspace import (
     DEFAULT_MAX_PROGRAMS,
     SymmetricWorkspace,
@@ -38,12 +39,12 @@ from .workspace import (
     lamport_offset,
 )
 
-# Re-exported: they were defined here before the workspace took over the group's program count.
+# DEFAULT_MAX_PROGRAMS and default_max_programs (the workspace's program count) are re-exported for callers here.
 __all__ = [
     "DEFAULT_MAX_PROGRAMS",
     "SUPPORTED_DTYPES",
+    "AllReduceKernels",
     "CustomAllReduce",
-    "KernelLauncher",
     "default_max_programs",
     "pdl_enabled",
     "tile_shape",
@@ -89,13 +90,15 @@ def pdl_enabled(device: torch.device, config: CommConfig) -> bool:
     return major >= 9
 
 
-class KernelLauncher:
-    """Launches the all-reduce kernels with a per-specialisation cache of compiled binaries.
+class AllReduceKernels:
+    """The all-reduce family's launches (one-shot, two-shot, Lamport, FP8-payload two-shot): which kernel,
+    grid, tile and named arguments each call gets, launched through :class:`~sagellm_comm.launch.Launcher`.
 
-    The first launch of a specialisation goes through ``kernel[grid](...)`` (compiles, binds, checks);
-    later ones call the compiled kernel's launcher directly with integer pointers.  The cache key holds
-    everything Triton specialises the binary on (dtype, 16-divisibility and ==1 of ``numel``, pointer
-    alignment, the constexprs), so a cached binary is only reused where Triton would pick the same one.
+    The first call of a shape binds the kernel's arguments by name and compiles (or only loads, with
+    ``preload``) through the launcher; it keeps a *plan*: the binary's direct launch, the grid and the bound
+    values after ``inp`` and ``out``.  A later call of that shape costs one dictionary lookup and the C
+    launcher.  The plan key holds every argument except the data pointers, and the pointers' 16-byte
+    alignment (Triton specialises the binary on it).
     """
 
     def __init__(
@@ -119,6 +122,17 @@ class KernelLauncher:
         self.lamport_offset = lamport_offset(slot_bytes)
         self.lamport_capacity = lamport_capacity(slot_bytes)
         self.cache: dict[tuple, tuple] = {}
+        self.launchers: dict[tuple, Launcher] = {}
+
+    def launcher(self, kernel, num_warps: int, pdl: bool) -> Launcher:
+        """The launcher of ``kernel`` with ``num_warps`` warps (and programmatic dependent launch)."""
+        key = (kernel, num_warps, pdl)
+        launcher = self.launchers.get(key)
+        if launcher is None:
+            options = {"launch_pdl": True} if pdl else {}
+            launcher = self.launchers[key] = Launcher(kernel, self.use_ptx, self.device_index, num_warps=num_warps,
+                                                      **options)  # fmt: skip
+        return launcher
 
     def launch(
         self,
@@ -144,10 +158,6 @@ class KernelLauncher:
         ``preload``: only compile and load this call's binary (nothing is enqueued).  Loading a module may
         wait for the device to go idle, so a kernel that something already enqueued may spin for (check
         mode's fingerprint kernel, another virtual rank) must be loaded before that.
-
-        A call whose shape was seen before costs one dictionary lookup and the C launcher: the key holds
-        every argument except the data pointers, and the pointers' 16-byte alignment (Triton specialises
-        the binary on it).
         """
         in_ptr = tensor.data_ptr()
         out_ptr = in_ptr if out is tensor else out.data_ptr()
@@ -164,20 +174,45 @@ class KernelLauncher:
             fast, programs, tail = plan
             fast(programs, grid_y, torch._C._cuda_getCurrentRawStream(self.device_index), (in_ptr, out_ptr, *tail))
             return
+        launcher, programs, named = self.arguments(
+            algo, numel, itemsize, zero_copy, rank, max_programs, virtual, payload
+        )
+        values = launcher.bind(inp=tensor, out=out, table=table, ctrl=ctrl, **named)
+        if launcher.names[:2] != ("inp", "out"):  # a plan passes the data pointers first
+            name = launcher.kernel.fn.__name__
+            raise InvalidArgumentError(f"{name} must take inp, out first (per call in a plan): {launcher.names}")
+        fast = launcher.compile((programs, grid_y), values, launch=not preload)
+        if fast is not None:
+            if len(self.cache) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
+                self.cache.clear()
+            tail = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values[2:])
+            self.cache[key] = (fast, programs, tail)
+
+    def arguments(
+        self, algo: str, numel: int, itemsize: int, zero_copy: bool, rank: int, max_programs: int, virtual: bool,
+        payload: str | None,
+    ) -> tuple[Launcher, int, dict]:  # fmt: skip
+        """``(launcher, programs, named)``: the kernel's launcher, the programs per rank and every argument
+        after ``inp``, ``out``, ``table`` and ``ctrl``, by name."""
         block, warps, stages = tile_shape(numel * itemsize, itemsize, self.config)
+        common = dict(numel=numel, rank=rank, timeout=self.timeout_ticks, W=self.world_size, WP=self.wp,
+                      USE_PTX=self.use_ptx, VIRTUAL=virtual)  # fmt: skip
         if payload is not None:
-            if algo != "two_shot" or payload not in PAYLOADS:
-                raise InvalidArgumentError(f"payload {payload!r} runs on two_shot only, got algo={algo!r}")
+            if algo != TWO_SHOT or payload not in PAYLOADS:
+                raise InvalidArgumentError(f"payload {payload!r} runs on {TWO_SHOT} only, got algo={algo!r}")
             kernel = _k8.two_shot_fp8_all_reduce_kernel
             block = max(block, _k8.FP8_GROUP.value)  # whole 128-element blocks (both are powers of two)
             tiles = triton.cdiv(_k8.chunk_elements(numel, self.world_size), block)
-        elif algo == "one_shot":
-            kernel = _k.one_shot_all_reduce_kernel
-            tiles = triton.cdiv(numel, block)
-        elif algo == "two_shot":
-            kernel = _k.two_shot_all_reduce_kernel
-            tiles = triton.cdiv(_k.two_shot_chunk(numel, self.world_size), block)
-        elif algo == "lamport":
+            named = dict(common, slot_bytes=self.slot_bytes, BLOCK=block)
+        elif algo in (ONE_SHOT, TWO_SHOT):
+            if algo == ONE_SHOT:
+                kernel = _k.one_shot_all_reduce_kernel
+                tiles = triton.cdiv(numel, block)
+            else:
+                kernel = _k.two_shot_all_reduce_kernel
+                tiles = triton.cdiv(_k.two_shot_chunk(numel, self.world_size), block)
+            named = dict(common, slot_bytes=self.slot_bytes, BLOCK=block, ZERO_COPY=zero_copy, STAGES=stages)
+        elif algo == LAMPORT:
             kernel = _k_lamport
             # Latency-bound: spread the message over every program (one round trip each), 4 elements a
             # thread.  Measured on H100 virtual ranks: 1024-element tiles with 4 warps or 2048 with 8 were
@@ -186,40 +221,32 @@ class KernelLauncher:
             block = min(LAMPORT_MAX_BLOCK, max(LAMPORT_MIN_BLOCK, per_program))
             warps = block // 128  # 256 elements a warp measured no better at W = 2 and 4, worse at 8 (8 KB)
             tiles = triton.cdiv(numel, block)
+            named = dict(common, lamport_offset=self.lamport_offset, cap=self.lamport_capacity, BLOCK=block,
+                         PDL=self.pdl)  # fmt: skip
         else:
-            raise InvalidArgumentError(f"algo must be auto, one_shot, two_shot, lamport or nccl, got {algo!r}")
+            raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         # Lamport keeps per-program state: every launch on a workspace uses the same grid.
-        programs = max_programs if algo == "lamport" or tiles >= max_programs else tiles
-        if payload is not None:
-            tail = (
-                table_ptr, ctrl_ptr, numel, rank, self.slot_bytes, self.timeout_ticks, self.world_size, self.wp, block,
-                self.use_ptx, virtual,
-            )  # fmt: skip
-        elif algo == "lamport":
-            tail = (
-                table_ptr, ctrl_ptr, numel, rank, self.lamport_offset, self.lamport_capacity, self.timeout_ticks,
-                self.world_size, self.wp, block, self.use_ptx, virtual, self.pdl,
-            )  # fmt: skip
-        else:
-            tail = (
-                table_ptr, ctrl_ptr, numel, rank, self.slot_bytes, self.timeout_ticks, self.world_size, self.wp, block,
-                zero_copy, self.use_ptx, virtual, stages,
-            )  # fmt: skip
-        launch_options = {"launch_pdl": True} if algo == "lamport" and self.pdl else {}
-        args = (tensor, out, table, ctrl, *tail[2:])
-        if preload:
-            if not self.use_ptx:
-                return
-            compiled = kernel.warmup(*args, grid=(programs, grid_y), num_warps=warps, **launch_options)
-            _ = compiled.run  # the binary's launcher, a lazy property: reading it loads the module now
-        else:
-            compiled = kernel[(programs, grid_y)](*args, num_warps=warps, **launch_options)
-        if self.use_ptx:
-            fast = direct_launch(compiled)
-            if fast is not None:
-                if len(self.cache) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
-                    self.cache.clear()
-                self.cache[key] = (fast, programs, tail)
+        programs = max_programs if algo == LAMPORT or tiles >= max_programs else tiles
+        return self.launcher(kernel, warps, algo == LAMPORT and self.pdl), programs, named
+
+
+def fingerprint_launcher(use_ptx: bool, device_index: int) -> Launcher:
+    """The launcher of check mode's fingerprint comparison (``kernels/fingerprint.py``)."""
+    return Launcher(_fp.fingerprint_check_kernel, use_ptx, device_index, num_warps=1)
+
+
+def launch_fingerprint_check(
+    launcher: Launcher, table, ctrl, rank: int, world_size: int, operation: str, numel: int, dtype: torch.dtype,
+    timeout: int, ranks: int = 1,
+) -> None:  # fmt: skip
+    """Check mode: enqueue the comparison of this call's fingerprint ``(operation, numel, dtype)`` with every
+    peer's on the current stream (``ranks`` > 1: virtual ranks in one launch), before the collective kernel it
+    describes.  Every kernel family's check goes through here."""
+    launcher.launch(
+        (1, ranks), table=table, ctrl=ctrl, rank=rank, algo=_fp.ALGO_CODES[operation], numel=numel,
+        dtype_code=DTYPE_CODES[dtype], timeout=timeout, W=world_size, WP=triton.next_power_of_2(world_size),
+        USE_PTX=launcher.use_ptx, VIRTUAL=ranks > 1,
+    )  # fmt: skip
 
 
 class CustomAllReduce:
@@ -265,20 +292,20 @@ class CustomAllReduce:
         self.rank = workspace.rank
         self.world_size = workspace.world_size
         self.device = workspace.device
-        self._use_ptx = workspace.device.type == "cuda"
-        self._device_index = workspace.device.index if workspace.device.index is not None else 0
-        self._timeout_ticks = timeout_ticks(timeout_s, self._use_ptx)
-        self._error_view = workspace._error_view
+        self.use_ptx = workspace.device.type == "cuda"
+        self.device_index = workspace.device.index if workspace.device.index is not None else 0
+        self.timeout_ticks = timeout_ticks(timeout_s, self.use_ptx)
+        self.error_view = workspace.error_view
         self.config = workspace.config
-        self._launcher = KernelLauncher(
-            self.world_size, workspace.slot_bytes, self._timeout_ticks, self._use_ptx, self._device_index,
+        self.kernels = AllReduceKernels(
+            self.world_size, workspace.slot_bytes, self.timeout_ticks, self.use_ptx, self.device_index,
             pdl_enabled(workspace.device, workspace.config), workspace.config,
         )  # fmt: skip
         self._table = workspace.table
         self._control = workspace.control
         self.check = workspace.check
-        self._check = Launcher(_fp.fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
-        self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self._use_ptx, self._device_index, num_warps=1)
+        self._check = fingerprint_launcher(self.use_ptx, self.device_index)
+        self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self.use_ptx, self.device_index, num_warps=1)
 
     # ------------------------------------------------------------------ policy
     @property
@@ -298,9 +325,9 @@ class CustomAllReduce:
         (rule id suffixed ``+lamport-capacity``).
         """
         sel = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
-        if sel.algo == "lamport" and nbytes // itemsize > self.workspace.lamport_capacity:
+        if sel.algo == LAMPORT and nbytes // itemsize > self.workspace.lamport_capacity:
             return Selection(
-                "one_shot",
+                ONE_SHOT,
                 f"{sel.rule_id}+lamport-capacity",
                 f"{sel.reason}; but {nbytes // itemsize} elements exceed the Lamport buffers "
                 f"({self.workspace.lamport_capacity}), so one-shot runs",
@@ -336,7 +363,7 @@ class CustomAllReduce:
 
     def synchronize(self) -> None:
         """Wait for this rank's enqueued work, then :meth:`check_errors`."""
-        if self._use_ptx:
+        if self.use_ptx:
             torch.cuda.synchronize(self.device)
         self.check_errors()
 
@@ -369,7 +396,7 @@ class CustomAllReduce:
         """
         if payload is not None:
             return self._all_reduce_payload(tensor, out, algo, payload)
-        if self._error_view[0]:
+        if self.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
             raise NotInitializedError("the custom all-reduce was destroyed")
@@ -389,7 +416,7 @@ class CustomAllReduce:
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
         algo = self.resolve_algo(algo, numel, numel * itemsize)
-        if algo == "nccl":
+        if algo == ENGINE_ALGO:
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
             result = self.fallback(tensor)
@@ -398,16 +425,16 @@ class CustomAllReduce:
             return out
         if numel == 0:
             return out
-        if self._use_ptx:
-            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self._device_index))
+        if self.use_ptx:
+            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         zero_copy = self.workspace.is_registered(tensor)
         if self.check:
-            self._launcher.launch(
+            self.kernels.launch(
                 algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
                 self.max_programs, preload=True,
             )  # fmt: skip
             self.launch_check(*(fingerprint or (algo, numel)), tensor.dtype)
-        self._launcher.launch(
+        self.kernels.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
         return out
@@ -417,22 +444,22 @@ class CustomAllReduce:
         precision: ``algo="auto"`` and a message over the workspace); typed errors for the rest."""
         if payload not in PAYLOADS:
             raise InvalidArgumentError(f"payload must be None or one of {PAYLOADS}, got {payload!r}")
-        if algo not in ("auto", "two_shot"):
+        if algo not in (AUTO, TWO_SHOT):
             raise InvalidArgumentError(f"payload={payload!r} runs on two_shot only; got algo={algo!r}")
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
         need = _k8.stage_bytes(tensor.numel(), self.world_size)
         if need <= self.workspace.slot_bytes:
-            return "two_shot"
-        if algo == "two_shot" or self.fallback is None:
+            return TWO_SHOT
+        if algo == TWO_SHOT or self.fallback is None:
             raise WorkspaceExhaustedError(
                 f"payload={payload!r} stages {need} bytes for {tensor.numel()} elements, over the "
                 f"{self.workspace.slot_bytes}-byte workspace; use algo='auto' with an engine, or a larger workspace"
             )
-        return "nccl"
+        return ENGINE_ALGO
 
     def _all_reduce_payload(self, tensor, out, algo: str, payload: str) -> torch.Tensor:
-        if self._error_view[0]:
+        if self.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
             raise NotInitializedError("the custom all-reduce was destroyed")
@@ -446,24 +473,24 @@ class CustomAllReduce:
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
-        if self.check_payload(tensor, algo, payload) == "nccl":
+        if self.check_payload(tensor, algo, payload) == ENGINE_ALGO:
             result = self.fallback(tensor)
             if out is not tensor:
                 out.copy_(result)
             return out
         if numel == 0:
             return out
-        if self._use_ptx:
-            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self._device_index))
+        if self.use_ptx:
+            self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         itemsize = tensor.element_size()
         if self.check:
-            self._launcher.launch(
-                "two_shot", tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
+            self.kernels.launch(
+                TWO_SHOT, tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
                 self.max_programs, preload=True, payload=payload,
             )  # fmt: skip
             self.launch_check(f"two_shot_{payload}", numel, tensor.dtype)
-        self._launcher.launch(
-            "two_shot", tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
+        self.kernels.launch(
+            TWO_SHOT, tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
             self.max_programs, payload=payload,
         )  # fmt: skip
         return out
@@ -471,12 +498,10 @@ class CustomAllReduce:
     def launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, grid_y: int = 1) -> None:
         """Check mode: enqueue the fingerprint comparison of this call (``kernels/fingerprint.py``) on the
         current stream, before the collective kernel it describes (``grid_y`` > 1: virtual ranks)."""
-        w = self.world_size
-        args = (
-            self._table if table is None else table, self._control if ctrl is None else ctrl, self.rank,
-            _fp.ALGO_CODES[algo], numel, DTYPE_CODES[dtype], self._timeout_ticks,
+        launch_fingerprint_check(
+            self._check, self._table if table is None else table, self._control if ctrl is None else ctrl, self.rank,
+            self.world_size, algo, numel, dtype, self.timeout_ticks, grid_y,
         )  # fmt: skip
-        self._check((1, grid_y), args, (w, triton.next_power_of_2(w), self._use_ptx, grid_y > 1))
 
     def launch_group_check(self, prints: torch.Tensor, me: int) -> None:
         """Check mode across a group that spans nodes: enqueue the comparison of row ``me`` of ``prints`` (int64
@@ -484,13 +509,14 @@ class CustomAllReduce:
         with every row; a difference latches this workspace and records the first differing member's global
         rank (``kernels/fingerprint.py``).  On the current stream; nothing waits."""
         n = prints.shape[0]
-        self._group_check(
-            (1, 1), (self._table, self._control, prints, me, n), (self.world_size, triton.next_power_of_2(n))
-        )
+        self._group_check.launch(
+            (1, 1), table=self._table, ctrl=self._control, prints=prints, me=me, n=n, W=self.world_size,
+            NP=triton.next_power_of_2(n),
+        )  # fmt: skip
 
     def _wrong_device(self, tensor: torch.Tensor) -> bool:
-        if self._use_ptx:
-            return not tensor.is_cuda or tensor.get_device() != self._device_index
+        if self.use_ptx:
+            return not tensor.is_cuda or tensor.get_device() != self.device_index
         return tensor.device.type != "cpu"
 
     def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
@@ -503,15 +529,15 @@ class CustomAllReduce:
         resolved = self._resolved.get(key)
         if resolved is not None:
             return resolved
-        if algo == "auto":
+        if algo == AUTO:
             resolved = self.select(nbytes, nbytes // numel if numel else 2).algo
-        elif algo == "lamport" and numel > self.workspace.lamport_capacity:
+        elif algo == LAMPORT and numel > self.workspace.lamport_capacity:
             raise WorkspaceExhaustedError(
                 f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"
             )
         else:
             resolved = algo
-        if resolved != "nccl" and nbytes > self.workspace.slot_bytes:
+        if resolved != ENGINE_ALGO and nbytes > self.workspace.slot_bytes:
             raise WorkspaceExhaustedError(
                 f"message of {nbytes} bytes exceeds the custom all-reduce workspace ({self.workspace.slot_bytes}"
                 " bytes); use algo='auto' (falls back to NCCL) or a larger workspace"
@@ -523,7 +549,7 @@ class CustomAllReduce:
 
     def close(self) -> None:
         """Release the workspace (collective in spirit: every rank should close)."""
-        self._launcher.cache.clear()
+        self.kernels.cache.clear()
         self._resolved.clear()
         self._table = self._control = None
         self.workspace.close()

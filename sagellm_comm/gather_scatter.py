@@ -142,25 +142,27 @@ def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, vir
     if car.check:
         what = fingerprint or (op, tensor.numel() // ranks)
         car.launch_check(*what, tensor.dtype, table, ctrl, grid_y=ranks)
-    args = (tensor, out, table, ctrl, numel, rank, ws.slot_bytes, car._timeout_ticks)
-    constexprs = (world_size, triton.next_power_of_2(world_size), block, car._use_ptx, virtual, stages)
-    _launcher(op, car._use_ptx, car._device_index, num_warps)((programs, ranks), args, constexprs)
+    _launcher(op, car.use_ptx, car.device_index, num_warps).launch(
+        (programs, ranks), inp=tensor, out=out, table=table, ctrl=ctrl, numel=numel, rank=rank,
+        slot_bytes=ws.slot_bytes, timeout=car.timeout_ticks, W=world_size, WP=triton.next_power_of_2(world_size),
+        BLOCK=block, USE_PTX=car.use_ptx, VIRTUAL=virtual, STAGES=stages,
+    )  # fmt: skip
 
 
 def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor, fingerprint=None) -> torch.Tensor:
     ws = car.workspace
-    if ws._error_view[0]:
+    if ws.error_view[0]:
         ws.raise_if_failed()
     if ws.closed:
         raise NotInitializedError(f"custom {op}: the workspace was closed (destroy() was called)")
     numel, itemsize = _validate(
-        op, tensor, out, car.world_size, 1, ws.slot_bytes, (car._use_ptx, car._device_index, ws.device)
+        op, tensor, out, car.world_size, 1, ws.slot_bytes, (car.use_ptx, car.device_index, ws.device)
     )
     _check_aliasing(op, tensor, out, car.rank, numel)
     if numel == 0:
         return out
-    if car._use_ptx:
-        ws.enter_stream(torch._C._cuda_getCurrentRawStream(car._device_index))
+    if car.use_ptx:
+        ws.enter_stream(torch._C._cuda_getCurrentRawStream(car.device_index))
     _launch(op, car, tensor, out, numel, itemsize, ws.table, ws.control, car.rank, 1, False, fingerprint)
     return out
 
@@ -223,7 +225,7 @@ def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
     elif tuple(out.shape) != shape:
         raise InvalidArgumentError(f"{op}_stacked: out must have shape {shape}, got {tuple(out.shape)}")
     car = vg.ranks[0]
-    if any(c.workspace._error_view[0] for c in vg.ranks):
+    if any(c.workspace.error_view[0] for c in vg.ranks):
         vg.check_errors()
     if car.workspace.closed:
         raise NotInitializedError(f"custom {op}: the virtual ranks' workspaces were closed")
@@ -236,7 +238,7 @@ def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
         raw = torch._C._cuda_getCurrentRawStream(vg.device.index)
         for ws in vg.workspaces:
             ws.enter_stream(raw)
-        _launch(op, car, x, out, numel, itemsize, vg._stacked_table, vg._stacked_control, 0, world_size, True)
+        _launch(op, car, x, out, numel, itemsize, vg.stacked_table, vg.stacked_control, 0, world_size, True)
     return out
 
 

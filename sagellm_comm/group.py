@@ -258,24 +258,32 @@ def destroy() -> None:
         group.destroy()
 
 
-def resolve_group(group: CommGroup | str | None = None) -> CommGroup:
+def resolve_group(group: CommGroup | str | None = None, member: bool = False) -> CommGroup:
     """The one place that turns a ``group`` argument into a :class:`CommGroup`.
 
     ``None``: the default group (:func:`init`; ``comm_not_initialized`` before it); a :class:`CommGroup`:
     itself; a ``str``: the group registered under that name with :func:`sagellm_comm.ops.register_group`
     (``"default"``: the default group; :class:`GroupNotFoundError` for an unknown name).  Anything else raises
-    :class:`InvalidArgumentError`.
+    :class:`InvalidArgumentError`.  ``member``: this rank must be one of the group's ranks
+    (:class:`InvalidArgumentError` otherwise), as everything built on the group's members only requires.
     """
     if group is None:
-        return get_default_group()
-    if isinstance(group, CommGroup):
-        return group
-    if isinstance(group, str):
+        resolved = get_default_group()
+    elif isinstance(group, CommGroup):
+        resolved = group
+    elif isinstance(group, str):
         from sagellm_comm.ops import registered_group
 
         found = registered_group(group)
-        return get_default_group() if found is None else found
-    raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
+        resolved = get_default_group() if found is None else found
+    else:
+        raise InvalidArgumentError(f"group must be a CommGroup, a registered name or None, got {type(group).__name__}")
+    if member and not resolved.is_member:
+        raise InvalidArgumentError(
+            f"this rank is not a member of group {group!r} (ranks {list(resolved.ranks)}); build it on the group's "
+            "members only"
+        )
+    return resolved
 
 
 # ====================================================================== entry points

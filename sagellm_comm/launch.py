@@ -1,10 +1,15 @@
-"""The one place that launches Triton kernels through the compiled binary's launcher.
+"""The one place that launches Triton kernels: named arguments, cached binaries, direct launches.
 
-A Triton launch through ``kernel[grid](...)`` costs ~19 us of host time on a single-GPU H100 host; a collective
-that takes 3 us on the device cannot afford that.  After the first launch of a specialisation has
-compiled and bound the kernel, later launches call the binary's generated C launcher directly with
-integer pointers.  Every kernel of the package goes through :class:`Launcher` (or, for the all-reduce's
-per-shape plans, :func:`direct_launch`), so Triton's launch internals are touched here only.
+A launch through ``kernel[grid](...)`` runs Triton's Python launch path (binding, specialisation, checks):
+tens of microseconds of host time, where a small collective takes a few on the device.  After the first
+launch of a specialisation has compiled and loaded the binary, later launches call the binary's generated
+C launcher directly with integer pointers.
+
+Arguments are given by name (:meth:`Launcher.bind`): the kernel's own signature orders them, so a kernel
+whose parameters are reordered or renamed fails at the first launch with a typed error instead of reading
+one argument as another.  Hot paths bind once at set-up (or once per shape) and launch the bound tuple.
+Every kernel of the package is launched through :class:`Launcher`; no other module calls Triton's launch
+API (``kernel[grid]``, ``kernel.warmup``, a compiled kernel's ``run``).
 
 Also here: whether kernels run under the Triton interpreter, and the device-side timeout in the unit the
 kernels' bounded waits count (nanoseconds).
@@ -12,10 +17,12 @@ kernels' bounded waits count (nanoseconds).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 
 import torch
+import triton.language as tl
 
 from .errors import InvalidArgumentError
 
@@ -69,13 +76,21 @@ def direct_launch(compiled) -> Callable | None:
     return generic
 
 
-class Launcher:
-    """Direct launches of one Triton kernel with cached binaries.
+def _is_constexpr(annotation) -> bool:
+    """Whether a kernel parameter's annotation is ``tl.constexpr`` (a string under postponed annotations)."""
+    return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
 
-    The first launch of a specialisation goes through ``kernel[grid](...)``; later ones call the compiled
-    binary's launcher with integer pointers (:func:`direct_launch`).  The key holds what Triton specialises
-    on: tensor dtypes and 16-byte alignment, integers' divisibility by 16 and equality to 1, and the
-    constexpr values.
+
+class Launcher:
+    """Launches of one Triton kernel with named arguments and cached binaries.
+
+    ``Launcher(kernel, use_ptx, device_index, **options)``: ``options`` are Triton's launch options
+    (``num_warps``, ``launch_pdl``...), fixed for this launcher.  :meth:`bind` turns named arguments into
+    the tuple of every parameter's value in signature order; :meth:`__call__` launches such a tuple.  The
+    first launch of a specialisation goes through ``kernel[grid](...)``; later ones call the compiled binary's
+    launcher with integer pointers (:func:`direct_launch`).  The cache key holds what Triton specialises on:
+    tensor dtypes and 16-byte alignment, integers' divisibility by 16 and equality to 1, and the constexpr
+    values.
     """
 
     def __init__(self, kernel, use_ptx: bool, device_index: int, **options):
@@ -83,51 +98,90 @@ class Launcher:
         self.use_ptx = use_ptx
         self.device_index = device_index
         self.options = options
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        self.names: tuple[str, ...] = tuple(p.name for p in params)
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self.constexpr_positions = frozenset(i for i, p in enumerate(params) if _is_constexpr(p.annotation))
         self.cache: dict[tuple, Callable] = {}
 
-    @staticmethod
-    def key(args: Sequence, constexprs: Sequence) -> tuple:
+    def bind(self, **named) -> tuple:
+        """Every parameter's value in the kernel's signature order, from ``named`` (a parameter with a default
+        may be left out).  Raises ``InvalidArgumentError`` naming what is missing or unknown."""
+        if len(named) != len(self.names):
+            named = {**self.defaults, **named}
+        try:
+            values = tuple(map(named.__getitem__, self.names))
+        except KeyError:
+            values = None
+        if values is None or len(named) != len(self.names):
+            missing = [n for n in self.names if n not in named]
+            unknown = [n for n in named if n not in self.names]
+            raise InvalidArgumentError(
+                f"{self.kernel.fn.__name__} takes {list(self.names)}; missing {missing}, unknown {unknown}"
+            )
+        return values
+
+    def key(self, values: Sequence) -> tuple:
+        constexprs = self.constexpr_positions
         return tuple(
-            (a.dtype, a.data_ptr() % 16 == 0)
+            a
+            if i in constexprs
+            else (a.dtype, a.data_ptr() % 16 == 0)
             if isinstance(a, torch.Tensor)
             else (a % 16 == 0, a == 1)
             if isinstance(a, int)
             else type(a)
-            for a in args
-        ) + tuple(constexprs)
+            for i, a in enumerate(values)
+        )
 
-    def preload(self, args: Sequence, constexprs: Sequence) -> None:
-        """Compile and load this specialisation without launching it (nothing under the interpreter).
+    def compile(self, grid: tuple[int, int], values: Sequence, launch: bool = True) -> Callable | None:
+        """Launch ``values`` (from :meth:`bind`) through Triton on the current stream (``launch`` False: only
+        compile and load the binary), and return its direct launch ``fast(grid_x, grid_y, stream, raw)``
+        (``raw``: ``values`` with tensors as integer addresses), or None (the interpreter, or a binary this
+        Triton cannot launch directly).  Callers that cache per-shape plans keep what this returns.
 
         Loading a module may wait for the device to go idle; a kernel that spins for a peer must not be
         running on this device then (virtual ranks), so such kernels are loaded before the first spin.
         """
-        key = self.key(args, constexprs)
+        if launch:
+            compiled = self.kernel[grid](*values, **self.options)
+        elif self.use_ptx:
+            compiled = self.kernel.warmup(*values, grid=grid, **self.options)
+            _ = compiled.run  # the binary's launcher, a lazy property: reading it loads the module now
+        else:
+            return None
+        return direct_launch(compiled) if self.use_ptx else None
+
+    def preload(self, values: Sequence) -> None:
+        """Compile and load this specialisation without launching it (nothing under the interpreter); see
+        :meth:`compile`."""
+        key = self.key(values)
         if not self.use_ptx or key in self.cache:
             return
-        compiled = self.kernel.warmup(*args, *constexprs, grid=(1,), **self.options)
-        _ = compiled.run  # the binary's launcher, a lazy property: reading it loads the module now
-        fast = direct_launch(compiled)
+        fast = self.compile((1, 1), values, launch=False)
         if fast is not None:
             self.cache[key] = fast
 
-    def is_loaded(self, args: Sequence, constexprs: Sequence) -> bool:
+    def is_loaded(self, values: Sequence) -> bool:
         """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""
-        return self.key(args, constexprs) in self.cache
+        return self.key(values) in self.cache
 
-    def __call__(self, grid: tuple[int, int], args: Sequence, constexprs: Sequence, stream: int | None = None) -> None:
-        """Launch on the current stream, or on raw stream handle ``stream`` once this specialisation is loaded
-        (:meth:`is_loaded`; the first launch compiles through Triton and uses the current stream)."""
-        key = self.key(args, constexprs)
+    def __call__(self, grid: tuple[int, int], values: Sequence, stream: int | None = None) -> None:
+        """Launch ``values`` (from :meth:`bind`) on the current stream, or on raw stream handle ``stream`` once
+        this specialisation is loaded (:meth:`is_loaded`; the first launch compiles through Triton and uses
+        the current stream)."""
+        key = self.key(values)
         fast = self.cache.get(key)
         if fast is not None:
-            raw = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+            raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in values)
             if stream is None:
                 stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-            fast(grid[0], grid[1], stream, (*raw, *constexprs))
+            fast(grid[0], grid[1], stream, raw)
             return
-        compiled = self.kernel[grid](*args, *constexprs, **self.options)
-        if self.use_ptx:
-            fast = direct_launch(compiled)
-            if fast is not None:
-                self.cache[key] = fast
+        fast = self.compile(grid, values)
+        if fast is not None:
+            self.cache[key] = fast
+
+    def launch(self, grid: tuple[int, int], stream: int | None = None, **named) -> None:
+        """:meth:`bind` then launch: the form for launches off the hot path."""
+        self(grid, self.bind(**named), stream)

@@ -49,17 +49,6 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
-def _resolve_group(group: CommGroup | str | None) -> tuple[str, CommGroup]:
-    name = ops.group_name(group)
-    resolved = resolve_group(name)
-    if not resolved.is_member:
-        raise InvalidArgumentError(
-            f"this rank is not a member of group {name!r} (ranks {list(resolved.ranks)}); build the layer "
-            "on the group's members only"
-        )
-    return name, resolved
-
-
 class _ParallelLinearBase(nn.Module):
     """Shared set-up: the group, the parameters and the return convention."""
 
@@ -76,7 +65,8 @@ class _ParallelLinearBase(nn.Module):
         return_bias: bool,
     ):
         super().__init__()
-        self.group_name, comm_group = _resolve_group(group)
+        self.group_name = ops.group_name(group)
+        comm_group = resolve_group(self.group_name, member=True)
         self.tp_size = comm_group.world_size
         self.tp_rank = comm_group.rank
         self.input_size = divide(input_size, 1, "input_size")

@@ -71,7 +71,6 @@ __all__ = [
     "list_groups",
     "quantize_fp8",
     "register_group",
-    "resolve_group",
     "unregister_group",
 ]
 
@@ -158,16 +157,11 @@ def registered_group(name: str) -> CommGroup | None:
     return group
 
 
-def resolve_group(name: str) -> CommGroup:
-    """The group registered as ``name`` (``"default"``: the default group).
+def _group(name: str) -> CommGroup:
+    """The group the ops' ``group_name`` names, through :func:`sagellm_comm.group.resolve_group` (the one resolver)."""
+    from sagellm_comm.group import resolve_group
 
-    Raises :class:`GroupNotFoundError` (code ``comm_group_not_found``) for an unknown name, and
-    ``comm_not_initialized`` for ``"default"`` before :func:`sagellm_comm.init`.  (A name only: the ops
-    pass names; :func:`sagellm_comm.group.resolve_group` also takes a group or None.)
-    """
-    from sagellm_comm.group import resolve_group as resolve
-
-    return resolve(_check_name(name))
+    return resolve_group(_check_name(name))
 
 
 def group_name(group: CommGroup | str | None) -> str:
@@ -185,7 +179,7 @@ def group_name(group: CommGroup | str | None) -> str:
 
 @torch.library.custom_op("sagellm_comm::all_reduce", mutates_args=())
 def _all_reduce_op(tensor: torch.Tensor, group_name: str, op: str = "sum") -> torch.Tensor:
-    group = resolve_group(group_name)
+    group = _group(group_name)
     result = tensor.clone(memory_format=torch.contiguous_format)
     group.all_reduce(result, ReduceOp.parse(op))
     return result
@@ -198,7 +192,7 @@ def _all_reduce_fake(tensor: torch.Tensor, group_name: str, op: str = "sum") -> 
 
 @torch.library.custom_op("sagellm_comm::all_gather", mutates_args=())
 def _all_gather_op(tensor: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
-    group = resolve_group(group_name)
+    group = _group(group_name)
     if world_size != group.world_size:
         raise ShapeMismatchError(
             f"all_gather was traced for world_size={world_size}, but group {group_name!r} has {group.world_size} ranks",
@@ -256,7 +250,7 @@ def _all_reduce_residual_rmsnorm_op(
     from sagellm_comm.fused import all_reduce_residual_rmsnorm as fused
 
     _check_fused_call(x, residual, quant, scale)
-    group = resolve_group(group_name)
+    group = _group(group_name)
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
     residual_rows = residual.reshape(-1, hidden).contiguous()
@@ -351,7 +345,7 @@ def all_gather(tensor: torch.Tensor, group: CommGroup | str | None = None, world
         raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
     name = group_name(group)
     if world_size is None:
-        world_size = resolve_group(name).world_size
+        world_size = _group(name).world_size
     return torch.ops.sagellm_comm.all_gather(tensor, name, world_size)
 
 

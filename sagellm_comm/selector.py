@@ -32,13 +32,25 @@ from .errors import InvalidArgumentError
 
 # The one list of algorithm names: everything else imports these.
 ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
-KERNEL_ALGOS = ("one_shot", "two_shot", "lamport")  # the custom all-reduce kernels
+ONE_SHOT = "one_shot"  # every rank reads every peer's whole message: one barrier
+TWO_SHOT = "two_shot"  # reduce-scatter then all-gather: two barriers, 2 (W - 1) / W of the traffic
+LAMPORT = "lamport"  # barrier-free one-shot over data-as-flag buffers (small messages)
+KERNEL_ALGOS = (ONE_SHOT, TWO_SHOT, LAMPORT)  # the custom all-reduce kernels
 ALGOS = (*KERNEL_ALGOS, ENGINE_ALGO)  # what a policy rule may name
 HIERARCHICAL_ALGO = "hierarchical"  # the custom backend's all-reduce of a group spanning nodes (no policy rule)
-ALGO_CHOICES = ("auto", *KERNEL_ALGOS, HIERARCHICAL_ALGO, ENGINE_ALGO)  # what an all-reduce call's ``algo=`` may be
+AUTO = "auto"  # the policy decides
+ALGO_CHOICES = (AUTO, *KERNEL_ALGOS, HIERARCHICAL_ALGO, ENGINE_ALGO)  # what an all-reduce call's ``algo=`` may be
 COLLECTIVE_KERNEL_ALGO = "kernel"  # the label of the custom all-gather / reduce-scatter kernel when it ran
-NCCL_ALGO_NAMES = ("ring", "tree")  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
-GEMM_PATHS = ("fused", "chunked", "copy_engine", "sequential")  # paths of the GEMM + all-reduce (sagellm_comm.fused)
+NCCL_RING = "ring"
+NCCL_TREE = "tree"
+NCCL_ALGO_NAMES = (NCCL_RING, NCCL_TREE)  # NCCL's own algorithms (NCCL_ALGO), selectable in the benchmark only
+# Paths of the GEMM + all-reduce (sagellm_comm.fused): one fused kernel pair, a chunked pipeline, the copy engines,
+# or the matmul then the all-reduce.
+FUSED_PATH = "fused"
+CHUNKED_PATH = "chunked"
+COPY_ENGINE_PATH = "copy_engine"
+SEQUENTIAL_PATH = "sequential"
+GEMM_PATHS = (FUSED_PATH, CHUNKED_PATH, COPY_ENGINE_PATH, SEQUENTIAL_PATH)
 # The all-reduce + residual + RMSNorm (+ FP8) of sagellm_comm.fused: one of its kernels, or the fusion off.
 UNFUSED_PATH = "unfused"  # the all-reduce, then torch add + RMSNorm (+ quantisation)
 RMSNORM_PATHS = (*KERNEL_ALGOS, UNFUSED_PATH)

@@ -70,7 +70,7 @@ class VirtualRankGroup:
         # program of every rank can be resident at once.
         self.max_programs = self.ranks[0].max_programs
         # One launch for all ranks: the rows of every rank's pointer table, stacked.
-        self._stacked_table, self._stacked_control = stacked_rows(self.workspaces)
+        self.stacked_table, self.stacked_control = stacked_rows(self.workspaces)
 
     def select(self, nbytes: int, itemsize: int = 2) -> Selection:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements (same on every rank)."""
@@ -120,7 +120,7 @@ class VirtualRankGroup:
                 f"stacked must have shape [world_size={self.world_size}, numel], got {tuple(stacked.shape)}"
             )
         car = self.ranks[0]
-        if car._error_view[0]:
+        if car.error_view[0]:
             self.check_errors()
         itemsize = SUPPORTED_DTYPES.get(stacked.dtype)
         if itemsize is None or not stacked.is_contiguous() or stacked.device != self.device:
@@ -141,8 +141,8 @@ class VirtualRankGroup:
                 ws.enter_stream(raw)
             if car.check:
                 car.launch_check(
-                    algo if payload is None else f"{algo}_{payload}", numel, stacked.dtype, self._stacked_table,
-                    self._stacked_control, grid_y=self.world_size,
+                    algo if payload is None else f"{algo}_{payload}", numel, stacked.dtype, self.stacked_table,
+                    self.stacked_control, grid_y=self.world_size,
                 )  # fmt: skip
             self.launch_stacked(algo, stacked, self.max_programs, payload)
         return stacked
@@ -153,8 +153,8 @@ class VirtualRankGroup:
         no stream ordering: :meth:`all_reduce_stacked` is the checked call; this is its launch, shared with
         callers that size the grid themselves (the fused chunked path runs beside a GEMM on few programs)."""
         numel = stacked.shape[1]
-        self.ranks[0]._launcher.launch(
-            algo, stacked, stacked, numel, stacked.element_size(), False, self._stacked_table, self._stacked_control, 0,
+        self.ranks[0].kernels.launch(
+            algo, stacked, stacked, numel, stacked.element_size(), False, self.stacked_table, self.stacked_control, 0,
             self.world_size, programs, virtual=True, payload=payload,
         )  # fmt: skip
 

@@ -32,6 +32,7 @@ import torch
 from sagellm_comm.kernels import all_reduce as _k
 from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import lamport_all_reduce as _lk
+from sagellm_comm.selector import LAMPORT
 
 from .config import CommConfig, check_agreement
 from .errors import (
@@ -190,7 +191,7 @@ class SymmetricWorkspace:
             error_record = torch.zeros(_k.ERR_WORDS.value, dtype=torch.int64, pin_memory=on_cuda)
         self.control = control
         self.error_record = error_record
-        self._error_view = self.error_record.numpy()  # host view: reading it never syncs the device
+        self.error_view = self.error_record.numpy()  # host view: reading it never syncs the device
         table = self.peer_ptrs + [self.error_record.data_ptr()]
         self.table = torch.tensor(table, dtype=torch.int64, device=self.device)
         # The registered (zero-copy) region of this rank, as a flat byte tensor.
@@ -326,7 +327,7 @@ class SymmetricWorkspace:
         ``flag_target`` the flag value the wait expected.  ``peer`` is a rank of this workspace's group, except
         in phase ``group check`` (a hierarchical all-reduce compared through the engine), where it is global.
         """
-        v = self._error_view
+        v = self.error_view
         status = int(v[_k.ERR_STATUS.value])
         if status == 0:
             return None
@@ -442,7 +443,7 @@ class SymmetricWorkspace:
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)
-_CALL_FAMILIES = {"lamport": "Lamport", "copy-engine": "copy-engine", "check": "checked", "tile": "GEMM"}
+_CALL_FAMILIES = {LAMPORT: "Lamport", "copy-engine": "copy-engine", "check": "checked", "tile": "GEMM"}
 _DTYPE_NAMES = {code: name for name, code in _fp.DTYPE_CODES.items()}
 _ALGO_NAMES = {code: name for name, code in _fp.ALGO_CODES.items()}
 

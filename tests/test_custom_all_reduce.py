@@ -315,7 +315,7 @@ def test_programmatic_dependent_launch_choice(monkeypatch):
     with pytest.raises(BackendNotSupportedError, match="SAGELLM_COMM_PDL=1 needs compute capability 9.0"):
         car_mod.pdl_enabled(cuda, on)
     # A launcher on a CPU device never passes PDL to the kernel, whatever it was asked for.
-    assert car_mod.KernelLauncher(2, 1 << 16, 1, False, 0, pdl=True).pdl is False
+    assert car_mod.AllReduceKernels(2, 1 << 16, 1, False, 0, pdl=True).pdl is False
 
 
 def test_virtual_workspaces_share_one_device():

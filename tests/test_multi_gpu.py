@@ -182,7 +182,7 @@ def _missing_rank_worker(rank: int, world_size: int, port: int, algo: str) -> tu
                 backend.all_reduce(x, algo=algo)
             except CommTimeoutError:
                 message += " | poisoned"
-        backend._exchange(None)  # keep every rank's memory mapped until rank 0 is done
+        backend.exchange(None)  # keep every rank's memory mapped until rank 0 is done
         return message, elapsed, peer
     finally:
         backend.destroy()
@@ -261,7 +261,7 @@ def _copy_engine_missing_rank_worker(rank: int, world_size: int, port: int) -> s
     world = sagellm_comm.init(backend="custom", timeout=120)
     backend = world.backend
     nbytes = gemm_workspace_bytes(1 << 20)
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, nbytes, backend.device, backend._exchange)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, nbytes, backend.device, backend.exchange)
     gemm = GemmAllReduce(ws, backend.custom, timeout_s=1.0)
     message = ""
     try:
@@ -274,7 +274,7 @@ def _copy_engine_missing_rank_worker(rank: int, world_size: int, port: int) -> s
                 gemm.check_errors()
             except CommTimeoutError as exc:
                 message = f"{exc} | {time.monotonic() - t0:.1f} s"
-        backend._exchange(None)
+        backend.exchange(None)
         return message
     finally:
         ws.close()

@@ -46,19 +46,19 @@ def test_ops_have_schemas_of_functional_ops() -> None:
 
 def test_registry_errors_are_typed() -> None:
     from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
-    from sagellm_comm.group import CommGroup
+    from sagellm_comm.group import CommGroup, resolve_group
 
     with pytest.raises(GroupNotFoundError, match="no group is registered as 'missing'") as info:
-        ops.resolve_group("missing")
+        resolve_group("missing")
     assert info.value.code.value == "comm_group_not_found"
     with pytest.raises(GroupNotFoundError):
         torch.ops.sagellm_comm.all_reduce(torch.ones(2), "missing", "sum")
     with pytest.raises(InvalidArgumentError, match="non-empty str"):
-        ops.resolve_group("")
+        resolve_group("")
     with pytest.raises(InvalidArgumentError, match="needs a CommGroup"):
         ops.register_group(object(), "x")  # type: ignore[arg-type]
     with pytest.raises(NotInitializedError):
-        ops.resolve_group("default")  # before sagellm_comm.init
+        resolve_group("default")  # before sagellm_comm.init
     with pytest.raises(InvalidArgumentError, match="must be a torch.Tensor"):
         ops.all_reduce([1.0], "x")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="at least one dimension"):
@@ -66,7 +66,7 @@ def test_registry_errors_are_typed() -> None:
 
     group = CommGroup(TorchDistributedBackend("gloo"))  # never initialised: registering needs no traffic
     assert ops.register_group(group, "unit") == "unit"
-    assert ops.resolve_group("unit") is group and ops.list_groups()["unit"] is group
+    assert resolve_group("unit") is group and ops.list_groups()["unit"] is group
     assert ops.group_name("unit") == "unit" and ops.group_name(None) == "default"
     ops.unregister_group("unit")
     assert "unit" not in ops.list_groups()
@@ -93,6 +93,36 @@ def test_resolve_group_takes_a_group_a_name_or_none() -> None:
         resolve_group(3)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="non-empty str"):
         resolve_group("")
+
+
+def test_there_is_one_group_resolver() -> None:
+    """``sagellm_comm.group.resolve_group`` is the only function of the package that resolves a group argument."""
+    import ast
+    from pathlib import Path
+
+    import sagellm_comm
+
+    root = Path(sagellm_comm.__file__).parent
+    resolvers = [
+        f"{path.relative_to(root.parent)}:{node.name}"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and "resolve_group" in node.name
+    ]
+    assert resolvers == ["sagellm_comm/group.py:resolve_group"], resolvers
+    assert not hasattr(ops, "resolve_group")
+
+
+def test_resolve_group_can_require_membership(monkeypatch) -> None:
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+    from sagellm_comm.group import CommGroup, resolve_group
+
+    group = CommGroup(TorchDistributedBackend("gloo"))
+    monkeypatch.setattr(CommGroup, "is_member", property(lambda self: False))  # a sub-group this rank is not in
+    monkeypatch.setattr(CommGroup, "ranks", property(lambda self: (1,)))
+    assert resolve_group(group) is group
+    with pytest.raises(InvalidArgumentError, match="not a member of group"):
+        resolve_group(group, member=True)
 
 
 def test_unknown_reduce_op_is_rejected() -> None:

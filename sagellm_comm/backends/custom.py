@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
+
 from .. import gather_scatter
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..config import CommConfig, check_agreement
@@ -185,7 +187,7 @@ class CustomBackend(TorchDistributedBackend):
         if self._world_kernels is None:
             try:
                 where = (node_name(self.config), device_identity(self.device))
-                facts = self._exchange((*where, self.config.agreement()))
+                facts = self.exchange((*where, self.config.agreement()))
                 # Before anything depends on them: every rank's agreed settings (the groups made later by this
                 # backend use the same configuration, and their set-ups compare it again).
                 check_agreement([f[2] for f in facts], range(self.world_size), "the custom backend's init")
@@ -199,7 +201,7 @@ class CustomBackend(TorchDistributedBackend):
                 raise
         return self
 
-    def _exchange(self, obj: Any, group: Any = None) -> list[Any]:
+    def exchange(self, obj: Any, group: Any = None) -> list[Any]:
         """Every member's ``obj`` in group-rank order, over the Gloo side of ``group`` (None: the world)."""
         import torch.distributed as dist
 
@@ -220,7 +222,7 @@ class CustomBackend(TorchDistributedBackend):
             return TorchDistributedBackend.all_reduce(self, tensor, ReduceOp.SUM, handle)
 
         return KernelGroup(
-            rank, size, ranks, lambda obj: self._exchange(obj, handle), self.device, capacity, self.selector,
+            rank, size, ranks, lambda obj: self.exchange(obj, handle), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
             config=self.config,
         )  # fmt: skip
@@ -384,7 +386,7 @@ class CustomBackend(TorchDistributedBackend):
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > capacity_bytes(plan, car, tensor.element_size()):
             return None
-        if algo == "auto" and nbytes < plan.min_bytes:
+        if algo == AUTO and nbytes < plan.min_bytes:
             return None
         between = (
             f"the {self.engine_kind} engine"
@@ -423,18 +425,18 @@ class CustomBackend(TorchDistributedBackend):
         if payload is not None:
             return self._all_reduce_payload(tensor, op, group, async_op, algo, payload)
         car = self.custom if group is None else self.kernels_for(group)
-        if car is None and self._hierarchical and algo in ("auto", HIERARCHICAL_ALGO):
+        if car is None and self._hierarchical and algo in (AUTO, HIERARCHICAL_ALGO):
             done = self._try_hierarchical(tensor, op, group, algo)
             if done is not None:
                 return _EventWork(done, tensor) if async_op else tensor
         if algo == HIERARCHICAL_ALGO:
             raise InvalidArgumentError(
-                "algo='hierarchical' needs a group that spans nodes with the same number (>= 2) of members on "
+                f"algo={HIERARCHICAL_ALGO!r} needs a group that spans nodes with the same number (>= 2) of members on "
                 "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
             )
         if (
             car is None
-            or algo == "nccl"
+            or algo == ENGINE_ALGO
             or ReduceOp.parse(op) is not ReduceOp.SUM
             or not isinstance(tensor, torch.Tensor)
             or tensor.dtype not in SUPPORTED_DTYPES
@@ -442,7 +444,7 @@ class CustomBackend(TorchDistributedBackend):
         ):
             why = (
                 "algo=nccl requested"
-                if algo == "nccl"
+                if algo == ENGINE_ALGO
                 else "not a kernel case (no kernels for this group, op, dtype or layout)"
             )
             self.last_selection = Selection(self.engine_kind, "engine", why)
@@ -451,9 +453,9 @@ class CustomBackend(TorchDistributedBackend):
         # above, so nothing is validated twice; a live ``car`` means the backend is initialised.
         itemsize = tensor.element_size()
         nbytes = tensor.numel() * itemsize
-        sel = car.select(nbytes, itemsize) if algo == "auto" else _USER_SELECTIONS[algo]
+        sel = car.select(nbytes, itemsize) if algo == AUTO else _USER_SELECTIONS[algo]
         if sel.algo not in KERNEL_ALGOS or nbytes > car.workspace.slot_bytes:
-            if nbytes > car.workspace.slot_bytes and algo != "auto":
+            if nbytes > car.workspace.slot_bytes and algo != AUTO:
                 raise InvalidArgumentError(
                     f"algo={algo} needs the message ({nbytes} bytes) to fit the {car.workspace.slot_bytes}-byte "
                     "workspace; use algo='auto' to fall back to the engine"
@@ -470,7 +472,7 @@ class CustomBackend(TorchDistributedBackend):
         """:meth:`all_reduce` with ``payload``: the kernels' FP8 two-shot where they run the call, else the engine."""
         if payload not in PAYLOADS:
             raise InvalidArgumentError(f"payload must be None or one of {PAYLOADS}, got {payload!r}")
-        if algo not in ("auto", "two_shot"):
+        if algo not in (AUTO, TWO_SHOT):
             raise InvalidArgumentError(f"payload={payload!r} runs on two_shot only; got algo={algo!r}")
         car = self.custom if group is None else self.kernels_for(group)
         kernel_case = (
@@ -481,16 +483,16 @@ class CustomBackend(TorchDistributedBackend):
             and tensor.is_contiguous()
         )
         ran = car.check_payload(tensor, algo, payload) if kernel_case else self.engine_kind
-        if ran != "two_shot":
+        if ran != TWO_SHOT:
             why = "over the workspace" if kernel_case else "not a kernel case (group, op, dtype or layout)"
             self.last_selection = Selection(self.engine_kind, "engine", f"payload={payload!r} {why}: full precision")
             return super().all_reduce(tensor, op, group, async_op)
         self.last_selection = Selection(
-            "two_shot",
+            TWO_SHOT,
             f"{payload}-payload",
             f"payload={payload!r} requested: shards travel as FP8 with a scale per 128",
         )
-        car.all_reduce(tensor, algo="two_shot", payload=payload)
+        car.all_reduce(tensor, algo=TWO_SHOT, payload=payload)
         return _EventWork(car, tensor) if async_op else tensor
 
     # ------------------------------------------------------------------ all-gather / reduce-scatter

@@ -28,11 +28,13 @@ from sagellm_comm.selector import (
     HIERARCHICAL_ALGO,
     KERNEL_ALGOS,
     NCCL_ALGO_NAMES,
+    NCCL_RING,
+    NCCL_TREE,
 )
 
 ALGOS = ("auto", *KERNEL_ALGOS, *NCCL_ALGO_NAMES, ENGINE_ALGO)
 NCCL_PATH_ALGOS = (ENGINE_ALGO, *NCCL_ALGO_NAMES)
-NCCL_ALGO_VALUES = {"ring": "Ring", "tree": "Tree"}
+NCCL_ALGO_VALUES = {NCCL_RING: "Ring", NCCL_TREE: "Tree"}
 NCCL_KINDS = ("nccl", "rccl")
 CUSTOM_KIND = "custom"
 # What else the custom backend records as having run: its all-gather / reduce-scatter kernel, and the
@@ -65,7 +67,7 @@ def allowed_algos(backend_kind: str, op: str, virtual: bool = False) -> tuple[st
     """The algorithms a backend kind can run for ``op`` (see the module docstring)."""
     if virtual:
         return ("auto", *KERNEL_ALGOS) if op == "all_reduce" else ()
-    nccl_path = NCCL_PATH_ALGOS if op == "all_reduce" else ("nccl", "ring")
+    nccl_path = NCCL_PATH_ALGOS if op == "all_reduce" else ("nccl", NCCL_RING)
     if backend_kind in NCCL_KINDS:
         return ("auto", *nccl_path)
     if backend_kind == CUSTOM_KIND:
@@ -87,7 +89,7 @@ def unsupported_reason(algo: str, backend_kind: str, op: str, virtual: bool = Fa
         if op != "all_reduce":
             return f"{algo} is an all-reduce kernel; {op} has no custom kernel (use --algo auto or nccl)"
         return f"{algo} is a custom-kernel algorithm; backend {backend_kind!r} cannot run it (use --backend custom)"
-    if algo == "tree" and op != "all_reduce" and backend_kind in (*NCCL_KINDS, CUSTOM_KIND):
+    if algo == NCCL_TREE and op != "all_reduce" and backend_kind in (*NCCL_KINDS, CUSTOM_KIND):
         return f"NCCL implements Tree for all_reduce only, not {op}"
     return f"backend {backend_kind!r} runs its own algorithm only; {algo!r} needs --backend nccl or custom"
 
@@ -137,6 +139,6 @@ def nccl_run_label() -> tuple[str, str, str]:
     if not value:
         return "nccl", "nccl-tuner", "NCCL's tuner picks algorithm and protocol (NCCL_ALGO unset)"
     lowered = value.lower()
-    if lowered in ("ring", "tree"):
+    if lowered in (NCCL_RING, NCCL_TREE):
         return lowered, "nccl-algo-env", f"NCCL_ALGO={value} set before the communicator was created"
     return "nccl", "nccl-algo-env", f"NCCL_ALGO={value} set before the communicator was created"

@@ -21,7 +21,7 @@ from sagellm_comm.benchmark.overlap_results import (
 )
 from sagellm_comm.benchmark.progress import ProgressBar
 from sagellm_comm.benchmark.sizes import format_size, parse_size_list
-from sagellm_comm.benchmark.timing import hold, percentile
+from sagellm_comm.benchmark.timing import Marks, hold, percentile
 from sagellm_comm.errors import InvalidArgumentError
 
 MAX_HOLD_US = 50_000.0
@@ -82,23 +82,13 @@ class _RankBench:
         """Run ``body(mark)`` ``warmup`` + ``iters`` times; return each timed run's intervals (ms).
 
         ``body`` calls ``mark()`` at its timing points; interval ``j`` is mark ``j`` -> mark ``j + 1``
-        (CUDA: events on the current stream; CPU: wall clock).  Every iteration starts with ``reset``
-        and a barrier, so rank skew from the previous iteration is not timed; on CUDA a device-side
-        spin (sized from the warm-up's host time) is queued first so the host's submission is off the
-        device timeline.  Nothing is allocated between the marks by this loop.
+        (:class:`~sagellm_comm.benchmark.timing.Marks`: CUDA events on the current stream, else the host
+        clock).  Every iteration starts with ``reset`` and a barrier, so rank skew from the previous
+        iteration is not timed; on CUDA a device-side spin (sized from the warm-up's host time) is queued
+        first so the host's submission is off the device timeline.  Nothing is allocated between the marks
+        by this loop.
         """
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(MAX_MARKS)] if self.cuda else []
-        stamps = [0] * MAX_MARKS
-        count = 0
-
-        def mark() -> None:
-            nonlocal count
-            if self.cuda:
-                events[count].record()
-            else:
-                stamps[count] = time.perf_counter_ns()
-            count += 1
-
+        marks = Marks(self.device if self.cuda else None, MAX_MARKS)
         host_us, samples = [], []
         for i in range(warmup + iters):
             if reset is not None:
@@ -106,16 +96,13 @@ class _RankBench:
             self.barrier()
             if self.cuda and i >= warmup:
                 hold(min(MAX_HOLD_US, 100.0 + 2.0 * (_median(host_us) if host_us else 1000.0)), self.device)
-            count = 0
+            marks.start()
             begin = time.perf_counter_ns()
-            body(mark)
+            body(marks.mark)
             host_us.append((time.perf_counter_ns() - begin) / 1e3)
             self.sync()
             if i >= warmup:
-                if self.cuda:
-                    samples.append([events[j].elapsed_time(events[j + 1]) for j in range(count - 1)])
-                else:
-                    samples.append([(stamps[j + 1] - stamps[j]) / 1e6 for j in range(count - 1)])
+                samples.append(marks.intervals_ms())
         return samples
 
     def calibrate(self, target_ms: float) -> None:

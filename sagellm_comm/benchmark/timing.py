@@ -113,6 +113,37 @@ def _is_cuda(device: torch.device | str | None) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
+class Marks:
+    """Timing points inside one run of a body: ``mark()`` at each point, then :meth:`intervals_ms` after the
+    device has finished (interval ``j``: mark ``j`` -> mark ``j + 1``).
+
+    CUDA: events recorded on the current stream (device time); anything else: the host clock.  Events are
+    made once, so marking allocates nothing; :meth:`start` begins a new run.
+    """
+
+    def __init__(self, device: torch.device | str | None, capacity: int):
+        self.cuda = _is_cuda(device)
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(capacity)] if self.cuda else []
+        self.stamps = [0] * capacity
+        self.count = 0
+
+    def start(self) -> None:
+        self.count = 0
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.events[self.count].record()
+        else:
+            self.stamps[self.count] = time.perf_counter_ns()
+        self.count += 1
+
+    def intervals_ms(self) -> list[float]:
+        """The intervals of the current run, in milliseconds (CUDA: after the device has passed every mark)."""
+        if self.cuda:
+            return [self.events[j].elapsed_time(self.events[j + 1]) for j in range(self.count - 1)]
+        return [(self.stamps[j + 1] - self.stamps[j]) / 1e6 for j in range(self.count - 1)]
+
+
 def time_iterations(
     fn: Callable[[], object],
     *,

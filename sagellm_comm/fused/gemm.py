@@ -11,10 +11,10 @@ import triton
 
 from sagellm_comm.kernels import all_reduce as _ark
 from sagellm_comm.kernels import copy_engine as _ce
-from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import gemm_all_reduce as _gk
+from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH
 
-from ..custom_all_reduce import CustomAllReduce
+from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fingerprint_check
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -99,9 +99,9 @@ class GemmAllReduce(CopyEnginePath):
         self._consumer = _Launcher(
             _gk.tile_all_reduce_kernel, self.use_ptx, index, num_warps=4 if not self.use_ptx else 8
         )
-        self._side = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
+        self.side_stream = torch.cuda.Stream(self.device, priority=-1) if self.use_ptx else None
         self.last_selection: Selection | None = None
-        self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, index, num_warps=1)
+        self._check = fingerprint_launcher(self.use_ptx, index)
         self._init_copy_engine(index, sms)
 
     # ------------------------------------------------------------------ policy
@@ -118,7 +118,7 @@ class GemmAllReduce(CopyEnginePath):
             m, self.world_size, self.fused_fits(m, n, itemsize), m * n * itemsize, self.copy_engine_fits(m, n, itemsize)
         )
 
-    def _validate(self, a, b, bias, batch: int | None = None) -> tuple[int, int, int]:
+    def validate(self, a, b, bias, batch: int | None = None) -> tuple[int, int, int]:
         for name, t in (("a", a), ("b", b)):
             _check_2d(name, t, self.device, FUSED_DTYPES)
         dims = 2 if batch is None else 3
@@ -139,16 +139,16 @@ class GemmAllReduce(CopyEnginePath):
             raise InvalidArgumentError(f"empty GEMM: M={m}, K={k}, N={n}")
         return m, n, k
 
-    def _pick(self, path: str, m: int, n: int, itemsize: int) -> Selection:
-        if path == "auto":
+    def pick(self, path: str, m: int, n: int, itemsize: int) -> Selection:
+        if path == AUTO:
             sel = self.select(m, n, itemsize)
         elif path in GEMM_PATHS:
-            if path == "fused" and not self.fused_fits(m, n, itemsize):
+            if path == FUSED_PATH and not self.fused_fits(m, n, itemsize):
                 raise WorkspaceExhaustedError(
                     f"fused path: a [{m}, {n}] output needs {m * n * itemsize} bytes (and tiles <= "
                     f"{_gk.MAX_TILES.value}); the GEMM workspace holds {self.buffer_bytes}"
                 )
-            if path == "copy_engine" and not self.copy_engine_fits(m, n, itemsize):
+            if path == COPY_ENGINE_PATH and not self.copy_engine_fits(m, n, itemsize):
                 raise WorkspaceExhaustedError(
                     f"copy_engine path: a [{m}, {n}] output needs {m * n * itemsize} bytes; the GEMM workspace "
                     f"holds {self.buffer_bytes}" + ("" if self.workspace is not None else " (no GEMM workspace)")
@@ -178,22 +178,22 @@ class GemmAllReduce(CopyEnginePath):
         ignore it.
         """
         ws = self.workspace
-        if ws is not None and ws._error_view[0]:
+        if ws is not None and ws.error_view[0]:
             ws.raise_if_failed()
-        m, n, _ = self._validate(a, b, bias)
-        sel = self._pick(path, m, n, a.element_size())
-        if ws is not None and sel.algo in ("fused", "copy_engine"):
+        m, n, _ = self.validate(a, b, bias)
+        sel = self.pick(path, m, n, a.element_size())
+        if ws is not None and sel.algo in (FUSED_PATH, COPY_ENGINE_PATH):
             if self.use_ptx:
                 ws.enter_stream(torch._C._cuda_getCurrentRawStream(self.device.index or 0))
             if ws.check:
                 self._launch_check(f"gemm_{sel.algo}", m * n, a.dtype)
-        if sel.algo == "copy_engine":
+        if sel.algo == COPY_ENGINE_PATH:
             out = None if zero_copy else torch.empty((m, n), dtype=a.dtype, device=self.device)
             return self._copy_engine(a, b, bias, out, m, n)
         out = torch.empty((m, n), dtype=a.dtype, device=self.device)
-        if sel.algo == "fused":
+        if sel.algo == FUSED_PATH:
             self.launch_fused(a, b, bias, out, m, n)
-        elif sel.algo == "chunked":
+        elif sel.algo == CHUNKED_PATH:
             self._chunked(a, b, bias, out, m)
         else:
             self._matmul(a, b, bias, out)
@@ -203,12 +203,10 @@ class GemmAllReduce(CopyEnginePath):
     def _launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, ranks: int = 1):
         """Check mode: the fingerprint comparison of this call (``kernels/fingerprint.py``), before its kernels."""
         ws = self.workspace
-        w = ws.world_size
-        args = (
-            ws.table if table is None else table, ws.control if ctrl is None else ctrl, ws.rank,
-            _fp.ALGO_CODES[algo], numel, _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")], self._timeout,
+        launch_fingerprint_check(
+            self._check, ws.table if table is None else table, ws.control if ctrl is None else ctrl, ws.rank,
+            ws.world_size, algo, numel, dtype, self._timeout, ranks,
         )  # fmt: skip
-        self._check((1, ranks), args, (w, triton.next_power_of_2(w), self.use_ptx, ranks > 1))
 
     def _rank(self) -> int:
         if self.workspace is not None:
@@ -240,22 +238,22 @@ class GemmAllReduce(CopyEnginePath):
         ``i + 1`` is produced; the side stream forks from the caller's stream and joins back (graph capture
         works).  Interpreter (no streams): produce and reduce alternate on the one stream, same data path."""
         chunk = triton.cdiv(m, self.num_chunks)
-        if self._side is None:
+        if self.side_stream is None:
             for i, start in enumerate(range(0, m, chunk)):
                 produce(i, slice(start, start + chunk))
                 reduce(i, slice(start, start + chunk))
             return
         current = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(current)
+        self.side_stream.wait_stream(current)
         for i, start in enumerate(range(0, m, chunk)):
             rows = slice(start, start + chunk)
             produce(i, rows)
             done = torch.cuda.Event()
             done.record(current)
-            self._side.wait_event(done)
-            with torch.cuda.stream(self._side):
+            self.side_stream.wait_event(done)
+            with torch.cuda.stream(self.side_stream):
                 reduce(i, rows)
-        current.wait_stream(self._side)
+        current.wait_stream(self.side_stream)
 
     def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
         """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
@@ -273,63 +271,42 @@ class GemmAllReduce(CopyEnginePath):
         virtual = virtual_ranks > 1
         sa = a.stride()
         sb = b.stride()
-        producer_args = (
-            a,
-            b,
-            table,
-            ctrl,
-            m,
-            n,
-            k,
-            sa[0] if virtual else 0,
-            sa[-2],
-            sa[-1],
-            sb[0] if virtual else 0,
-            sb[-2],
-            sb[-1],
-            ws.rank,
-            self.buffer_bytes,
-        )
-        producer_constexprs = (w, wp, bm, bn, bk, gm, self.use_ptx, virtual)
         pkey = tuple(sorted(cfg.items()))
         producer = self._producers.get(pkey)
         if producer is None:
             producer = _Launcher(_gk.gemm_publish_kernel, self.use_ptx, self.device.index or 0, **cfg)
             self._producers[pkey] = producer
-        consumer_args = (
-            out,
-            out if bias is None else bias,
-            table,
-            ctrl,
-            m,
-            n,
-            ws.rank,
-            self.buffer_bytes,
-            self._timeout,
-        )
+        producer_args = producer.bind(
+            a=a, b=b, table=table, ctrl=ctrl, M=m, N=n, K=k, stride_aw=sa[0] if virtual else 0, stride_am=sa[-2],
+            stride_ak=sa[-1], stride_bw=sb[0] if virtual else 0, stride_bk=sb[-2], stride_bn=sb[-1], rank=ws.rank,
+            buffer_bytes=self.buffer_bytes, W=w, WP=wp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+            USE_PTX=self.use_ptx, VIRTUAL=virtual,
+        )  # fmt: skip
         sub_m = min(bm, max(16, 8192 // bn))  # rows per slice: W slices of 8K elements in flight per program
-        consumer_constexprs = (w, wp, bm, bn, gm, sub_m, bool(one_shot), bias is not None, self.use_ptx, virtual)
-        loaded = producer.is_loaded(producer_args, producer_constexprs) and self._consumer.is_loaded(
-            consumer_args, consumer_constexprs
-        )
+        consumer_args = self._consumer.bind(
+            out=out, bias=out if bias is None else bias, table=table, ctrl=ctrl, M=m, N=n, rank=ws.rank,
+            buffer_bytes=self.buffer_bytes, timeout=self._timeout, W=w, WP=wp, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm,
+            SUB_M=sub_m, ONE_SHOT=bool(one_shot), HAS_BIAS=bias is not None, USE_PTX=self.use_ptx, VIRTUAL=virtual,
+        )  # fmt: skip
+        loaded = producer.is_loaded(producer_args) and self._consumer.is_loaded(consumer_args)
         producer_grid = (tiles * virtual_ranks, 1)  # virtual ranks interleaved (see gemm_publish_kernel)
-        if self._side is None or not loaded:
+        if self.side_stream is None or not loaded:
             # Producer first, then the consumer, on the current stream (correct, no overlap).  The interpreter
             # runs one launch to completion before the next; on GPUs the first launch of a specialisation
             # compiles and loads a module, which may wait for the device to go idle -- never while a consumer
             # spins for tiles of a producer that is not launched yet.
-            producer(producer_grid, producer_args, producer_constexprs)
-            self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
+            producer(producer_grid, producer_args)
+            self._consumer((consumers, virtual_ranks), consumer_args)
             return
         current = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
+        self.side_stream.wait_stream(current)
+        with torch.cuda.stream(self.side_stream):
             # Launched first: its consumers * ranks programs are resident before the GEMM fills the GPU, and
             # the GEMM never waits, so it always has the remaining SMs (no co-residency deadlock).
-            self._consumer((consumers, virtual_ranks), consumer_args, consumer_constexprs)
-        producer(producer_grid, producer_args, producer_constexprs)
-        current.wait_stream(self._side)
-        out.record_stream(self._side)
+            self._consumer((consumers, virtual_ranks), consumer_args)
+        producer(producer_grid, producer_args)
+        current.wait_stream(self.side_stream)
+        out.record_stream(self.side_stream)
 
     def check_errors(self) -> None:
         if self.workspace is not None:

@@ -81,21 +81,25 @@ class CopyEnginePath:
 
     def _ce_step(self, step: int, out: torch.Tensor, last: bool = False) -> None:
         """Barrier ``step``; the ``last`` one fills ``out`` with NaN if this rank's error latch is set."""
+        self._ce_barrier((1, 1), self._ce_barrier_args(out, step, last))
+
+    def _ce_barrier_args(self, out: torch.Tensor, step: int, last: bool) -> tuple:
         ws = self.workspace
         w = ws.world_size
-        args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, step, self._timeout)
-        self._ce_barrier((1, 1), args, (w, triton.next_power_of_2(w), last, self.use_ptx, 1024))
+        return self._ce_barrier.bind(
+            table=ws.table, ctrl=ws.control, out=out, numel=out.numel() if last else 0, rank=ws.rank, step=step,
+            timeout=self._timeout, W=w, WP=triton.next_power_of_2(w), LAST=last, USE_PTX=self.use_ptx, BLOCK=1024,
+        )  # fmt: skip
 
     def _ce_preload(self, scratch: torch.Tensor, gather_args: tuple, out: torch.Tensor) -> None:
         """Load the pipeline's kernels before any barrier of this call can spin (see ``_Launcher.preload``)."""
-        ws = self.workspace
-        w, wp = ws.world_size, triton.next_power_of_2(ws.world_size)
+        w = self.workspace.world_size
         for last in (False, True):
-            args = (ws.table, ws.control, out, out.numel() if last else 0, ws.rank, 0, self._timeout)
-            self._ce_barrier.preload(args, (w, wp, last, self.use_ptx, 1024))
+            self._ce_barrier.preload(self._ce_barrier_args(out, 0, last))
         if w > 2:
-            self._ce_sum.preload((scratch, scratch, 0, 0), (w - 1, self._ce_block))
-        self._ce_gather.preload(gather_args, (w, self._ce_block))
+            self._ce_sum.preload(self._ce_sum.bind(scratch=scratch, out=scratch, numel=0, stride=0, ROWS=w - 1,
+                                                   BLOCK=self._ce_block))  # fmt: skip
+        self._ce_gather.preload(gather_args)
 
     def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
         """The copy-engine pipeline of ``sagellm_comm/kernels/copy_engine.py``: cuBLAS on the caller's stream
@@ -113,9 +117,12 @@ class CopyEnginePath:
         chunks = self.copy_engine_chunks(m)
         last_start, last_rows = chunks[-1]
         each = triton.cdiv(last_rows, w)  # rows of a part of the last chunk (see ``part``)
-        gather_args = (ws.table, flat_out, rank, last_start * n, each * n, (last_start + last_rows) * n)
+        gather_args = self._ce_gather.bind(
+            table=ws.table, out=flat_out, rank=rank, start=last_start * n, part=each * n,
+            end=(last_start + last_rows) * n, W=w, BLOCK=self._ce_block,
+        )  # fmt: skip
         self._ce_preload(scratch, gather_args, flat_out)
-        side = self._side
+        side = self.side_stream
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
         if on_gpu:
@@ -168,9 +175,10 @@ class CopyEnginePath:
                 if w > 2:  # the W - 1 partials, summed in rank order into the own part's rows
                     count = (hi - lo) * n
                     programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
-                    self._ce_sum(
-                        (programs, 1), (scratch_rows(c), rows(mine, lo, hi), count, per), (w - 1, self._ce_block)
-                    )
+                    self._ce_sum.launch(
+                        (programs, 1), scratch=scratch_rows(c), out=rows(mine, lo, hi), numel=count, stride=per,
+                        ROWS=w - 1, BLOCK=self._ce_block,
+                    )  # fmt: skip
                 # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
                 # copy S into ``other`` on this stream.
                 target = rows(mine, lo, hi).view(hi - lo, n)
@@ -208,7 +216,7 @@ class CopyEnginePath:
                         gather(c)
         if w > 1:
             programs = max(1, min(self._sms // (w - 1), triton.cdiv(each * n, self._ce_block)))
-            self._ce_gather((programs, w - 1), gather_args, (w, self._ce_block))
+            self._ce_gather((programs, w - 1), gather_args)
         with on_side():  # after the last barrier: this rank's own parts, a local copy beside the SMs' gather
             if not zero_copy:
                 for c in range(len(chunks)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sagellm_comm.selector import CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH, SEQUENTIAL_PATH
+
 from ..errors import InvalidArgumentError
 from ..selector import GEMM_PATHS, Selection
 
@@ -32,7 +34,7 @@ class GemmRule:
 DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
     GemmRule(
         "measured-copy-engine-2",
-        "copy_engine",
+        COPY_ENGINE_PATH,
         min_m=2048,
         world_sizes=(2,),
         min_bytes=32 << 20,
@@ -41,7 +43,7 @@ DEFAULT_GEMM_RULES: tuple[GemmRule, ...] = (
     ),
     GemmRule(
         "measured-sequential",
-        "sequential",
+        SEQUENTIAL_PATH,
         reason="measured fastest at every M with virtual ranks, one H100: cuBLAS GEMM, then one all-reduce",
     ),
 )
@@ -69,7 +71,7 @@ class GemmPathSelector:
         output_bytes: int = 0,
         copy_engine_fits: bool = True,
     ) -> Selection:
-        sel = Selection("sequential", "no-rule", f"no rule matches M={m}, world_size={world_size}")
+        sel = Selection(SEQUENTIAL_PATH, "no-rule", f"no rule matches M={m}, world_size={world_size}")
         for r in self.rules:
             if (
                 m >= r.min_m
@@ -79,8 +81,10 @@ class GemmPathSelector:
             ):
                 sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
                 break
-        if sel.algo == "fused" and not fused_fits:
-            sel = Selection("chunked", "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
-        if sel.algo == "copy_engine" and not copy_engine_fits:
-            sel = Selection("sequential", "copy-engine-capacity", "output over the GEMM workspace: sequential instead")
+        if sel.algo == FUSED_PATH and not fused_fits:
+            sel = Selection(CHUNKED_PATH, "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
+        if sel.algo == COPY_ENGINE_PATH and not copy_engine_fits:
+            sel = Selection(
+                SEQUENTIAL_PATH, "copy-engine-capacity", "output over the GEMM workspace: sequential instead"
+            )
         return sel

@@ -11,6 +11,8 @@ import weakref
 
 import torch
 
+from sagellm_comm.selector import SEQUENTIAL_PATH
+
 from ..errors import (
     ShapeMismatchError,
 )
@@ -159,7 +161,7 @@ def gemm_all_reduce(
                 g.world_size,
                 gemm_workspace_bytes(capacity),
                 backend.device,
-                lambda obj: backend._exchange(obj, g.handle),
+                lambda obj: backend.exchange(obj, g.handle),
                 config=car.config,
                 ranks=g.ranks,
             )
@@ -175,5 +177,5 @@ def gemm_all_reduce(
     if bias is not None and g.rank == 0:
         out += bias
     g.all_reduce(out)
-    state.last = Selection("sequential", "custom-unavailable", f"{why}; matmul then all-reduce")
+    state.last = Selection(SEQUENTIAL_PATH, "custom-unavailable", f"{why}; matmul then all-reduce")
     return out

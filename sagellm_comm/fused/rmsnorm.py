@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 import triton
 
-from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
+from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
-from ..custom_all_reduce import pdl_enabled
+from ..custom_all_reduce import fingerprint_launcher, launch_fingerprint_check, pdl_enabled
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -21,7 +21,7 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, UNFUSED_PATH, AlgoSelector, Selection
+from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, TWO_SHOT, UNFUSED_PATH, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace, lamport_offset
 from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
@@ -69,7 +69,7 @@ class FusedAllReduceRMSNorm:
         self.pdl = pdl_enabled(workspace.device, workspace.config)  # the Lamport form, as the plain Lamport kernel
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
         self._launchers: dict[tuple[bool, int], _Launcher] = {}
-        self._check = _Launcher(_fp.fingerprint_check_kernel, self.use_ptx, workspace.device.index or 0, num_warps=1)
+        self._check = fingerprint_launcher(self.use_ptx, workspace.device.index or 0)
         self.last_selection: Selection | None = None
 
     # ------------------------------------------------------------------ policy
@@ -95,30 +95,30 @@ class FusedAllReduceRMSNorm:
     def _fit(self, sel: Selection, nbytes: int, rows: int, hidden: int, itemsize: int, quant) -> Selection:
         """``sel`` where its kernel takes the message, else the next one that does (rule id says why)."""
         slot = self.workspace.slot_bytes
-        if sel.algo == "lamport" and rows * hidden > self.workspace.lamport_capacity:
+        if sel.algo == LAMPORT and rows * hidden > self.workspace.lamport_capacity:
             sel = Selection(
-                "one_shot", f"{sel.rule_id}+lamport-capacity",
+                ONE_SHOT, f"{sel.rule_id}+lamport-capacity",
                 f"{sel.reason}; but {rows * hidden} elements exceed the Lamport buffers "
                 f"({self.workspace.lamport_capacity}), so one-shot runs",
             )  # fmt: skip
-        if sel.algo == "two_shot" and _rmk.stage_bytes(rows, hidden, itemsize, QUANT_CODES[quant]) > slot:
-            sel = Selection("one_shot", "fused-two-shot-capacity", "two-shot stages its outputs too; one-shot fits")
-        if sel.algo == "one_shot" and nbytes > slot:
+        if sel.algo == TWO_SHOT and _rmk.stage_bytes(rows, hidden, itemsize, QUANT_CODES[quant]) > slot:
+            sel = Selection(ONE_SHOT, "fused-two-shot-capacity", "two-shot stages its outputs too; one-shot fits")
+        if sel.algo == ONE_SHOT and nbytes > slot:
             sel = Selection(UNFUSED_PATH, "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
         return sel
 
-    def _pick(self, algo: str, x: torch.Tensor, rows: int, hidden: int, quant: str | None) -> Selection:
+    def pick(self, algo: str, x: torch.Tensor, rows: int, hidden: int, quant: str | None) -> Selection:
         nbytes = x.numel() * x.element_size()
-        if algo == "auto":
+        if algo == AUTO:
             sel = self.select(nbytes, quant, rows, hidden, x.element_size())
         elif algo in RMSNORM_PATHS:
             sel = Selection(algo, "user", f"algo={algo} requested")
             if algo != UNFUSED_PATH and self._fit(sel, nbytes, rows, hidden, x.element_size(), quant) != sel:
-                if algo == "lamport":
+                if algo == LAMPORT:
                     need = f"takes at most {self.workspace.lamport_capacity} elements, got {rows * hidden}"
                 else:
                     staged = _rmk.stage_bytes(rows, hidden, x.element_size(), QUANT_CODES[quant])
-                    need = f"stages {staged if algo == 'two_shot' else nbytes} bytes"
+                    need = f"stages {staged if algo == TWO_SHOT else nbytes} bytes"
                 raise WorkspaceExhaustedError(
                     f"algo={algo} {need} (quant={quant}), over this workspace ({self.workspace.slot_bytes}-byte "
                     "slots); use algo='auto'"
@@ -180,13 +180,13 @@ class FusedAllReduceRMSNorm:
         outputs in x's dtype, identical bits on every rank).  ``x`` and ``residual`` are not modified; new tensors
         are returned.  ``algo``: ``auto``, ``one_shot``, ``two_shot``, ``lamport`` or ``unfused``.
         """
-        if self.workspace._error_view[0]:
+        if self.workspace.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
             raise NotInitializedError("the workspace of the fused all-reduce was closed")
         check_quant(quant, scale, x)
         rows, hidden = self.validate(x, residual, weight)
-        sel = self._pick(algo, x, rows, hidden, quant)
+        sel = self.pick(algo, x, rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:
             if self.fallback is None:
                 error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
@@ -234,34 +234,31 @@ class FusedAllReduceRMSNorm:
         w = ws.world_size
         block_h = triton.next_power_of_2(hidden)
         num_warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
-        lamport = algo == "lamport"
+        lamport = algo == LAMPORT
         if lamport:
             programs = self.max_programs  # every Lamport launch on a workspace uses the same grid
         else:
-            programs = max(1, min(triton.cdiv(rows, w) if algo == "two_shot" else rows, self.max_programs))
+            programs = max(1, min(triton.cdiv(rows, w) if algo == TWO_SHOT else rows, self.max_programs))
         table = ws.table if table is None else table
         ctrl = ws.control if ctrl is None else ctrl
         if self.use_ptx:
             ws.enter_stream(torch._C._cuda_getCurrentRawStream(ws.device.index or 0))
         if ws.check:
             name = f"rmsnorm_{algo}" if quant is None else f"rmsnorm_{algo}_{quant}"
-            check_args = (
-                table, ctrl, ws.rank, _fp.ALGO_CODES[name], rows * hidden,
-                _fp.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], self._timeout,
-            )  # fmt: skip
-            self._check((1, virtual_ranks), check_args, (w, triton.next_power_of_2(w), self.use_ptx, virtual_ranks > 1))
-        qcode = QUANT_CODES[quant]
-        tensors = (x, residual, weight, out, weight if scales is None else scales, new_residual, table, ctrl)
+            launch_fingerprint_check(
+                self._check, table, ctrl, ws.rank, w, name, rows * hidden, x.dtype, self._timeout, virtual_ranks
+            )
+        named = dict(
+            inp=x, residual=residual, weight=weight, out=out, scales=weight if scales is None else scales,
+            residual_out=new_residual, table=table, ctrl=ctrl, num_rows=rows, hidden=hidden, eps=float(eps),
+            rank=ws.rank, timeout=self._timeout, W=w, WP=triton.next_power_of_2(w), BLOCK_H=block_h,
+            QUANT=QUANT_CODES[quant], USE_PTX=self.use_ptx, VIRTUAL=virtual_ranks > 1,
+        )  # fmt: skip
         if lamport:
-            args = (*tensors, rows, hidden, float(eps), ws.rank, lamport_offset(ws.slot_bytes), ws.lamport_capacity,
-                    self._timeout)  # fmt: skip
-            constexprs = (w, triton.next_power_of_2(w), block_h, qcode, self.use_ptx, virtual_ranks > 1, self.pdl)
+            named.update(lamport_offset=lamport_offset(ws.slot_bytes), cap=ws.lamport_capacity, PDL=self.pdl)
         else:
-            args = (*tensors, rows, hidden, float(eps), ws.rank, ws.slot_bytes, self._timeout)
-            constexprs = (
-                w, triton.next_power_of_2(w), block_h, algo == "two_shot", qcode, self.use_ptx, virtual_ranks > 1,
-            )  # fmt: skip
-        self._launcher(lamport, num_warps)((programs, virtual_ranks), args, constexprs)
+            named.update(slot_bytes=ws.slot_bytes, TWO_SHOT=algo == TWO_SHOT)
+        self._launcher(lamport, num_warps).launch((programs, virtual_ranks), **named)
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` naming the missing peer if a kernel timed out (no device sync)."""

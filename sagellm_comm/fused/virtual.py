@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, SEQUENTIAL_PATH, TWO_SHOT
+
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -64,7 +66,7 @@ class VirtualFused:
         flat = t.view(self.world_size, -1)
         numel, itemsize = flat.shape[1], flat.element_size()
         algo = self.group.select(numel * itemsize).algo
-        if algo not in ("one_shot", "two_shot"):
+        if algo not in (ONE_SHOT, TWO_SHOT):
             self.group.all_reduce_stacked(flat)  # raises the group's typed error for what it cannot run
             return
         self.group.launch_stacked(algo, flat, self._overlap_programs)
@@ -84,7 +86,7 @@ class VirtualFused:
         self.group.check_errors()
         check_quant(quant, scale, x)
         rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
-        sel = self.rmsnorm._pick(algo, x[0], rows, hidden, quant)
+        sel = self.rmsnorm.pick(algo, x[0], rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:
             if sel.rule_id == "over-workspace":
                 raise WorkspaceExhaustedError(f"{x[0].numel() * x.element_size()} bytes per rank exceed the workspace")
@@ -105,8 +107,8 @@ class VirtualFused:
                 hidden,
                 eps,
                 quant,
-                table=self.group._stacked_table,
-                ctrl=self.group._stacked_control,
+                table=self.group.stacked_table,
+                ctrl=self.group.stacked_control,
                 virtual_ranks=self.world_size,
             )
         return (out, new_residual) if quant is None else (out, scales, new_residual)
@@ -117,22 +119,24 @@ class VirtualFused:
         g = self.gemm
         for ws in self.gemm_workspaces:
             ws.raise_if_failed()
-        m, n, _ = g._validate(a, b, bias, batch=self.world_size)
-        sel = g._pick(path, m, n, a.element_size())
-        if sel.algo == "copy_engine":  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
-            if path != "auto":
+        m, n, _ = g.validate(a, b, bias, batch=self.world_size)
+        sel = g.pick(path, m, n, a.element_size())
+        if sel.algo == COPY_ENGINE_PATH:  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
+            if path != AUTO:
                 raise BackendNotSupportedError(
-                    "path='copy_engine' needs one GemmAllReduce and stream pair per rank (one process per rank); "
-                    "the stacked virtual-rank layout runs fused, chunked or sequential"
+                    f"path={COPY_ENGINE_PATH!r} needs one GemmAllReduce and stream pair per rank (one process per "
+                    "rank); the stacked virtual-rank layout runs fused, chunked or sequential"
                 )
-            sel = g.last_selection = Selection("sequential", "virtual-no-copy-engine", f"{sel.reason}; virtual ranks")
+            sel = g.last_selection = Selection(
+                SEQUENTIAL_PATH, "virtual-no-copy-engine", f"{sel.reason}; virtual ranks"
+            )
         w = self.world_size
         out = torch.empty((w, m, n), dtype=a.dtype, device=self.device)
-        if sel.algo == "fused":
+        if sel.algo == FUSED_PATH:
             g.launch_fused(
                 a, b, bias, out, m, n, table=self._gemm_table, ctrl=self._gemm_ctrl, virtual_ranks=w, one_shot=one_shot
             )
-        elif sel.algo == "sequential":
+        elif sel.algo == SEQUENTIAL_PATH:
             self._bmm(a, b, bias, out)
             self._all_reduce_stacked(out)
         else:
@@ -150,7 +154,7 @@ class VirtualFused:
                 out[:, rows].copy_(part(i, rows))  # virtual ranks only: rank blocks are not contiguous per chunk
 
             g.chunk_pipeline(m, produce, reduce)
-            stage.record_stream(g._side)
+            stage.record_stream(g.side_stream)
         return out
 
     @staticmethod

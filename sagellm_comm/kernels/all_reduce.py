@@ -60,6 +60,8 @@ import time
 import triton
 import triton.language as tl
 
+from sagellm_comm.selector import LAMPORT
+
 # Layout constants, usable both from host code (ints) and inside kernels (constexpr).
 MAX_WORLD = tl.constexpr(8)
 MAX_BLOCKS = tl.constexpr(128)  # programs per launch: one per SM of an H100 (132) for one rank per GPU
@@ -87,7 +89,7 @@ PHASE_COPY_ENGINE = tl.constexpr(4)
 PHASE_CHECK = tl.constexpr(5)
 PHASE_TILE = tl.constexpr(6)  # a GEMM tile flag (kernels/gemm_all_reduce.py)
 PHASE_GROUP_CHECK = tl.constexpr(7)  # check mode across a whole group through the engine (kernels/fingerprint.py)
-PHASE_NAMES = ("start", "mid", "end", "lamport", "copy-engine", "check", "tile", "group check")
+PHASE_NAMES = ("start", "mid", "end", LAMPORT, "copy-engine", "check", "tile", "group check")
 
 
 def call_of_target(phase: int, target: int) -> int:
@@ -252,6 +254,17 @@ def _deadline_passed(start, elapsed, timeout, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _wait_step(start, elapsed, timeout, ctrl, USE_PTX: tl.constexpr):
+    """One turn of a bounded wait after a poll: ``(passed, elapsed, latched)``, the deadline (:func:`_deadline_passed`)
+    and this rank's error latch.  Every spin of every kernel (the flag waits here, the Lamport tile waits) keeps
+    going only while something is missing, ``passed`` is False and ``latched`` is 0, and on giving up records the
+    timeout with :func:`_record_timeout`."""
+    passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
+    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+    return passed, elapsed, latched
+
+
+@triton.jit
 def _wait_flags(
     flag_ptrs,
     valid,
@@ -297,8 +310,7 @@ def _wait_flags(
                 seen = _load_acquire(flag_ptrs, USE_PTX)
             missing = missing & (seen < target)
             n_missing = tl.sum(missing.to(tl.int32), axis=0)
-            passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
-            latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
         if (n_missing > 0) & (latched == 0):
             _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
     if RELAXED_POLL:
@@ -485,20 +497,37 @@ def _sources(peer_bases, zc_bits, slot_offset, W: tl.constexpr):
 
 
 @triton.jit
-def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
-    """Rank, control words, peer bases (one vector load), this call's epoch and the error latch.
+def _rank_view(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
+    """``(rank, table, ctrl, peers, bases)``: this program's rank, pointer table and control words, the lane
+    indices ``0..WP-1`` and every rank's region base (one vector load).  The start of every collective kernel.
 
-    The three loads are independent (one round trip).  A latched workspace (an earlier wait failed) makes
-    every output of the call NaN: its buffers and counters may be out of step with the peers.
+    With ``VIRTUAL`` (virtual ranks in one launch) grid axis 1 is the rank, and each rank has its own table row
+    and control words: the kernel body after this is the one real ranks run.
     """
     if VIRTUAL:
-        # Virtual ranks in one launch: grid axis 1 is the rank; each rank has its own table row and
-        # control words.  The kernel body after this is the one real ranks run.
         rank = tl.program_id(1)
         table += rank * (W + 1)
         ctrl += rank * CTRL_WORDS
     peers = tl.arange(0, WP)
     bases = tl.load(table + peers, mask=peers < W, other=0)
+    return rank, table, ctrl, peers, bases
+
+
+@triton.jit
+def _slot_offset(slot_bytes, epoch):
+    """Byte offset, in every rank's region, of the staging slot of call ``epoch``: slot ``epoch % 2`` after the
+    signal pad and the registered region (the layout in the module docstring; invariant 4)."""
+    return PAD_BYTES + slot_bytes * (1 + epoch % 2)
+
+
+@triton.jit
+def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
+    """:func:`_rank_view`, then this call's epoch and the error latch.
+
+    The three loads are independent (one round trip).  A latched workspace (an earlier wait failed) makes
+    every output of the call NaN: its buffers and counters may be out of step with the peers.
+    """
+    rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     epoch = tl.load(ctrl + CTRL_EPOCH, volatile=True)
     healthy = tl.load(ctrl + CTRL_LATCH, volatile=True) == 0
     return rank, table, ctrl, peers, bases, epoch, healthy
@@ -546,7 +575,7 @@ def one_shot_all_reduce_kernel(
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     num_tiles = tl.cdiv(numel, BLOCK)
     lane = tl.arange(0, BLOCK)
@@ -619,7 +648,7 @@ def two_shot_all_reduce_kernel(
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     if ZERO_COPY:
         my_offset = PAD_BYTES
     else:

@@ -39,7 +39,6 @@ import triton.language as tl
 from sagellm_comm.kernels.all_reduce import (
     CTRL_CHECK,
     CTRL_LATCH,
-    CTRL_WORDS,
     ERR_BLOCK,
     ERR_EPOCH,
     ERR_MINE,
@@ -56,7 +55,9 @@ from sagellm_comm.kernels.all_reduce import (
     _barrier_at,
     _flag_ptrs,
     _pick,
+    _rank_view,
 )
+from sagellm_comm.selector import HIERARCHICAL_ALGO, LAMPORT, ONE_SHOT, TWO_SHOT
 
 FP_WORDS = tl.constexpr(4)  # algo, numel, dtype, call
 CHECK_FLAG_WORD = tl.constexpr(SLOT_CHECK.value * SLOT_WORDS.value)  # flags[src]
@@ -65,9 +66,9 @@ assert CHECK_PRINT_WORD.value + 2 * MAX_WORLD.value * FP_WORDS.value <= (SLOT_CH
 
 # Stable codes of what a fingerprint names (the host decodes them in error messages).
 ALGO_CODES = {
-    "one_shot": 1,
-    "two_shot": 2,
-    "lamport": 3,
+    ONE_SHOT: 1,
+    TWO_SHOT: 2,
+    LAMPORT: 3,
     "rmsnorm_one_shot": 4,
     "rmsnorm_two_shot": 5,
     "gemm_fused": 6,
@@ -77,13 +78,13 @@ ALGO_CODES = {
     "reduce_scatter": 10,
     "rmsnorm_lamport": 11,
     "two_shot_fp8": 12,  # the all-reduce with an FP8 payload
-    "hierarchical": 13,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
+    HIERARCHICAL_ALGO: 13,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
 }
 # The fused RMSNorm with an FP8 output: ``rmsnorm_<algo>_<mode>`` (the mode changes what every rank stages).
 ALGO_CODES.update(
     {
         f"rmsnorm_{algo}_{mode}": 16 + 4 * i + j
-        for i, algo in enumerate(("one_shot", "two_shot", "lamport"))
+        for i, algo in enumerate((ONE_SHOT, TWO_SHOT, LAMPORT))
         for j, mode in enumerate(("fp8", "fp8_per_token", "fp8_group128"))
     }
 )
@@ -126,13 +127,8 @@ def fingerprint_check_kernel(
 
     With ``VIRTUAL`` the grid is ``(1, W)`` and axis 1 is the rank (its own table row and control words).
     """
-    if VIRTUAL:
-        rank = tl.program_id(1)
-        table += rank * (W + 1)
-        ctrl += rank * CTRL_WORDS
-    peers = tl.arange(0, WP)
+    rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     valid = peers < W
-    bases = tl.load(table + peers, mask=valid, other=0)
     call = tl.load(ctrl + CTRL_CHECK, volatile=True)
     parity = call % 2
     words = tl.arange(0, FP_WORDS)

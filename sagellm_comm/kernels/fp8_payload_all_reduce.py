@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
-    PAD_BYTES,
     PHASE_MID,
     _barrier,
     _finish,
@@ -40,6 +39,7 @@ from sagellm_comm.kernels.all_reduce import (
     _pick,
     _prologue,
     _ptr,
+    _slot_offset,
     _start_barrier,
 )
 from sagellm_comm.kernels.fp8 import FP8_GROUP, _from_e4m3, _quantize_blocks
@@ -114,7 +114,7 @@ def two_shot_fp8_all_reduce_kernel(
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     chunk = tl.multiple_of(tl.cdiv(tl.cdiv(numel, W), FP8_GROUP) * FP8_GROUP, FP8_GROUP)
     scale_offset = tl.cdiv(W * chunk, 16) * 16
     tiles_per_chunk = tl.cdiv(chunk, BLOCK)

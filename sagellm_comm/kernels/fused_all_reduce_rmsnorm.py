@@ -57,8 +57,6 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
-    CTRL_WORDS,
-    PAD_BYTES,
     PHASE_MID,
     _barrier,
     _finish,
@@ -66,7 +64,9 @@ from sagellm_comm.kernels.all_reduce import (
     _pick,
     _prologue,
     _ptr,
+    _rank_view,
     _reduce_tile,
+    _slot_offset,
     _start_barrier,
 )
 from sagellm_comm.kernels.fp8 import (
@@ -270,7 +270,7 @@ def all_reduce_rmsnorm_kernel(
     OUT_DTYPE: tl.constexpr = out.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     src_offsets = tl.full([WP], 0, tl.int64) + slot_offset  # every rank's staged rows: no zero-copy here
     my_slot_base = _pick(bases, peers, rank) + slot_offset
     my_slot = _ptr(my_slot_base, DTYPE)
@@ -381,10 +381,8 @@ def lamport_all_reduce_rmsnorm_kernel(
     launch on a workspace uses the same number of programs) this kernel shares.  With ``PDL`` only the peer
     table is read before ``griddepcontrol.wait``.
     """
+    rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
-        rank = tl.program_id(1)
-        table += rank * (W + 1)
-        ctrl += rank * CTRL_WORDS
         shift = rank * num_rows * hidden
         inp += shift
         residual += shift
@@ -398,8 +396,6 @@ def lamport_all_reduce_rmsnorm_kernel(
     WIDE: tl.constexpr = DTYPE.primitive_bitwidth == 32
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    peers = tl.arange(0, WP)
-    bases = tl.load(table + peers, mask=peers < W, other=0)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

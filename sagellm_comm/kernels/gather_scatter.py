@@ -52,13 +52,13 @@ import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
     CHUNK_ALIGN,
-    PAD_BYTES,
     _finish,
     _nan_unless,
     _pick,
     _prologue,
     _ptr,
     _reduce_tile_own,
+    _slot_offset,
     _start_barrier,
 )
 
@@ -99,7 +99,7 @@ def all_gather_kernel(
     DTYPE: tl.constexpr = inp.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     num_tiles = tl.cdiv(numel, BLOCK)
     lane = tl.arange(0, BLOCK)
@@ -155,7 +155,7 @@ def reduce_scatter_kernel(
     ITEMSIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    slot_offset = PAD_BYTES + slot_bytes * (1 + epoch % 2)
+    slot_offset = _slot_offset(slot_bytes, epoch)
     my_slot = _ptr(_pick(bases, peers, rank) + slot_offset, DTYPE)
     # Staged chunks start at multiples of CHUNK_ALIGN elements: 16-byte vectors for the peers' reads.
     stride = tl.multiple_of(tl.cdiv(wide, CHUNK_ALIGN) * CHUNK_ALIGN, CHUNK_ALIGN)

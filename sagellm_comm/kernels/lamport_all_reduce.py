@@ -57,12 +57,13 @@ from sagellm_comm.kernels.all_reduce import (
     MAX_BLOCKS,
     PAD_BYTES,
     PHASE_LAMPORT,
-    _deadline_passed,
     _nan_unless,
     _pick,
     _ptr,
+    _rank_view,
     _record_timeout,
     _ticks,
+    _wait_step,
 )
 
 LAMPORT_STATE = CTRL_LAMPORT  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
@@ -199,8 +200,7 @@ def _wait_tile(
         passed = elapsed >= timeout
         while (pending > 0) & (passed == 0) & (latched == 0):
             acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-            passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
-            latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
         if (pending > 0) & (latched == 0):
             missing = _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
             _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, block, lepoch + 1)
@@ -258,21 +258,17 @@ def lamport_all_reduce_kernel(
     once at set-up, is read before ``griddepcontrol.wait``; everything the previous kernel on the stream may
     have written (input, call counters, buffers) is touched after it.
     """
+    # Peer bases; then (after the PDL wait) this program's first input tile, its state and the error latch:
+    # one round trip (the first tile's load does not wait for the state, so the pushes start one round
+    # trip earlier than if it were loaded after the buffer index is known).
+    rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
-        rank = tl.program_id(1)
-        table += rank * (W + 1)
-        ctrl += rank * CTRL_WORDS
         inp += rank * numel
         out += rank * numel
     DTYPE: tl.constexpr = inp.dtype.element_ty
     WIDE: tl.constexpr = DTYPE.primitive_bitwidth == 32
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    # Peer bases; then (after the PDL wait) this program's first input tile, its state and the error latch:
-    # one round trip (the first tile's load does not wait for the state, so the pushes start one round
-    # trip earlier than if it were loaded after the buffer index is known).
-    peers = tl.arange(0, WP)
-    bases = tl.load(table + peers, mask=peers < W, other=0)
     if PDL:
         # Launched beside the previous kernel: wait until it has finished and its writes are visible, then
         # let the next kernel be scheduled (its programs wait in this same instruction).

@@ -90,7 +90,7 @@ class TransferAgent:
         self.incarnation = uuid.uuid4().hex
         self.timeout = float(timeout)
         self.requested_backend = backend
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._closed = False
         self._regions: dict[str, Region] = {}
         self._peers: dict[str, _Peer] = {}
@@ -130,7 +130,7 @@ class TransferAgent:
         The memory must stay valid until every peer has removed this agent (one-sided transfers write into it
         at any time).
         """
-        with self._lock:
+        with self.lock:
             self._check_open()
             if name in self._regions:
                 raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
@@ -181,7 +181,7 @@ class TransferAgent:
 
     def deregister(self, name: str) -> None:
         """Forget region ``name`` (peers that still hold old metadata must not use it any more)."""
-        with self._lock:
+        with self.lock:
             self._check_open()
             region = self._region(name)
             for backend in self._backends.values():
@@ -192,7 +192,7 @@ class TransferAgent:
 
     def metadata(self) -> bytes:
         """This agent's description for peers (JSON bytes: identity, regions, each transport's part)."""
-        with self._lock:
+        with self.lock:
             self._check_open()
             meta = local_identity(self.name, self.incarnation)
             meta.regions = {name: region.info for name, region in self._regions.items()}
@@ -215,7 +215,7 @@ class TransferAgent:
         that name already known (a restarted peer, or new regions) is removed first.
         """
         meta = AgentMetadata.decode(metadata)
-        with self._lock:
+        with self.lock:
             self._check_open()
             if meta.name == self.name:
                 raise InvalidArgumentError(
@@ -256,10 +256,10 @@ class TransferAgent:
     def remove_peer(self, peer: str) -> None:
         """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError``; its prepared pools are
         released.  Unknown peers raise ``InvalidArgumentError``."""
-        with self._lock:
+        with self.lock:
             entry = self._peer(peer)
             for prepared in list(entry.prepared):
-                self._release_prepared(prepared)
+                self.release_prepared(prepared)
             entry.link.removed = True
             entry.backend.disconnect(entry.link)
             del self._peers[peer]
@@ -275,7 +275,7 @@ class TransferAgent:
     def peer_transport(self, peer: str) -> str | None:
         """What the backend uses underneath for ``peer`` once known (UCX's transports after the first transfer)."""
         entry = self._peer(peer)
-        with self._lock:
+        with self.lock:
             return entry.backend.transport(entry.link)
 
     def peer_regions(self, peer: str) -> dict[str, Any]:
@@ -298,7 +298,7 @@ class TransferAgent:
 
     def _post(self, peer: str, op: str, local_region: str, remote_region: str, blocks: Any, notify: bytes | None):
         table = block_table(blocks)
-        with self._lock:
+        with self.lock:
             self._check_open()
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
@@ -310,7 +310,7 @@ class TransferAgent:
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated
         transfers named by block index (:class:`PreparedBlocks`); the transport's descriptors are built once."""
-        with self._lock:
+        with self.lock:
             self._check_open()
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
@@ -321,34 +321,36 @@ class TransferAgent:
             entry.prepared.append(prepared)
             return prepared
 
-    def _post_blocks(self, prepared: PreparedBlocks, op: str, local_blocks: Any, remote_blocks: Any,
+    def post_blocks(self, prepared: PreparedBlocks, op: str, local_blocks: Any, remote_blocks: Any,
                      notify: bytes | None) -> TransferHandle:  # fmt: skip
+        """Post a transfer of block ids over ``prepared`` (what ``PreparedBlocks.write`` / ``read`` call)."""
         ids = block_ids(local_blocks, remote_blocks)
-        with self._lock:
+        with self.lock:
             self._check_open()
             if prepared.released:
                 raise InvalidArgumentError(f"{prepared!r} was released (remove_peer, close or release())")
             entry = self._peer(prepared.peer)
             message = _message(notify)
             check_block_ids(ids, prepared.layout, op)
-            request = entry.backend.post_blocks(prepared._state, op, ids, message)
+            request = entry.backend.post_blocks(prepared.backend_prepared, op, ids, message)
         nbytes = len(ids) * prepared.layout.block_bytes
         return TransferHandle(self, prepared.peer, op, entry.backend.name, request, nbytes, len(ids))
 
-    def _release_prepared(self, prepared: PreparedBlocks) -> None:
-        with self._lock:
+    def release_prepared(self, prepared: PreparedBlocks) -> None:
+        """Release ``prepared``'s transport resources (what ``PreparedBlocks.release`` calls); idempotent."""
+        with self.lock:
             if prepared.released:
                 return
             prepared.released = True
             entry = self._peers.get(prepared.peer)
             if entry is not None and prepared in entry.prepared:
                 entry.prepared.remove(prepared)
-            self._backends[prepared.backend].release_prepared(prepared._state)
+            self._backends[prepared.backend].release_prepared(prepared.backend_prepared)
 
     def notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last call: ``(sender name, message)``, oldest first per sender.
         A message arrives only after every byte of its transfer is visible here."""
-        with self._lock:
+        with self.lock:
             self._check_open()
             out: list[tuple[str, bytes]] = []
             for backend in self._backends.values():
@@ -358,7 +360,7 @@ class TransferAgent:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Remove every peer, deregister every region, stop every transport (idempotent)."""
-        with self._lock:
+        with self.lock:
             if self._closed:
                 return
             for peer in list(self._peers):

@@ -57,7 +57,7 @@ class TransferHandle:
         if self.state == "failed":
             raise self.error
         try:
-            with self._agent._lock:
+            with self._agent.lock:
                 finished = self._request.poll()
         except CommError as exc:
             self._fail(exc)
@@ -97,7 +97,7 @@ class TransferHandle:
 
     def _fail(self, exc: CommError) -> None:
         self.state, self.error = "failed", exc
-        with self._agent._lock:
+        with self._agent.lock:
             self._request.abort()
 
     def _timed_out(self, limit: float) -> None:
@@ -125,7 +125,7 @@ class PreparedBlocks:
 
     def __init__(self, agent: TransferAgent, peer: str, backend: str, state: Prepared):
         self._agent = agent
-        self._state = state
+        self.backend_prepared = state
         self.peer = peer
         self.backend = backend
         self.layout = state.layout
@@ -133,18 +133,19 @@ class PreparedBlocks:
 
     def __repr__(self) -> str:
         return (
-            f"PreparedBlocks(peer {self.peer!r}, {self._state.local.name!r} <-> {self._state.remote.name!r}, "
+            f"PreparedBlocks(peer {self.peer!r}, {self.backend_prepared.local.name!r} <-> "
+            f"{self.backend_prepared.remote.name!r}, "
             f"{self.layout.block_bytes} B blocks, {self.backend})"
         )
 
     def write(self, local_blocks: Any, remote_blocks: Any, notify: bytes | None = None) -> TransferHandle:
         """Copy local block ``local_blocks[i]`` into the peer's block ``remote_blocks[i]`` for every ``i``."""
-        return self._agent._post_blocks(self, "write", local_blocks, remote_blocks, notify)
+        return self._agent.post_blocks(self, "write", local_blocks, remote_blocks, notify)
 
     def read(self, local_blocks: Any, remote_blocks: Any, notify: bytes | None = None) -> TransferHandle:
         """Copy the peer's block ``remote_blocks[i]`` into local block ``local_blocks[i]`` for every ``i``."""
-        return self._agent._post_blocks(self, "read", local_blocks, remote_blocks, notify)
+        return self._agent.post_blocks(self, "read", local_blocks, remote_blocks, notify)
 
     def release(self) -> None:
         """Free the transport's prepared descriptors (idempotent)."""
-        self._agent._release_prepared(self)
+        self._agent.release_prepared(self)

@@ -340,21 +340,23 @@ class IpcBackend(TransferBackend):
             parts = -(-fixed // part_bytes)
             n_items, items, block_bytes = len(rows), len(rows) * parts, fixed
         tile = (2048 if vec else 4096) if self.use_ptx else 16384
-        args = (address + header, src, dst, n_items, block_bytes, parts, part_bytes, self.counter.data_ptr(), address,
-                notify_dst)  # fmt: skip
-        constexprs = (fixed is not None, vec, notify is not None, tile)
+        args = self.launcher.bind(
+            table_addr=address + header, src_base=src, dst_base=dst, n_items=n_items, block_bytes=block_bytes,
+            parts=parts, part_bytes=part_bytes, counter_addr=self.counter.data_ptr(), notify_src=address,
+            notify_dst=notify_dst, FIXED=fixed is not None, VEC=vec, NOTIFY=notify is not None, TILE=tile,
+        )  # fmt: skip
         grid = (max(1, min(items, self.max_programs)), 1)
         if self.stream is None:
-            self.launcher(grid, args, constexprs)  # the interpreter runs it to completion here
+            self.launcher(grid, args)  # the interpreter runs it to completion here
             self.staging.release(index)
             return IpcRequest(link, None)
         self.fork.record(torch.cuda.current_stream(self.device))
         self.stream.wait_event(self.fork)
-        if self.launcher.is_loaded(args, constexprs):
-            self.launcher(grid, args, constexprs, stream=self.stream.cuda_stream)
+        if self.launcher.is_loaded(args):
+            self.launcher(grid, args, stream=self.stream.cuda_stream)
         else:
             with torch.cuda.stream(self.stream):  # the first launch compiles through Triton's own path
-                self.launcher(grid, args, constexprs)
+                self.launcher(grid, args)
         event = torch.cuda.Event()
         event.record(self.stream)
         self.staging.busy(index, event)

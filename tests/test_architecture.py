@@ -1,0 +1,175 @@
+"""docs/architecture.md's "one of each" promises, checked on the package source: one timer, algorithm names
+only from ``selector.py``, no module reading another module's private attributes."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import time
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sagellm_comm"
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE.parent).as_posix(), ast.parse(path.read_text(), str(path))
+
+
+def test_marks_time_intervals_on_the_host_clock():
+    from sagellm_comm.benchmark.timing import Marks
+
+    marks = Marks("cpu", 4)
+    for _ in range(2):  # a second run starts over
+        marks.start()
+        marks.mark()
+        time.sleep(0.002)
+        marks.mark()
+        marks.mark()
+    first, second = marks.intervals_ms()
+    assert first >= 1.5 and 0 <= second < first
+
+
+def test_the_overlap_benchmark_times_with_the_one_timer():
+    """``benchmark/timing.py`` is the one timer: the overlap measurement records no CUDA events of its own."""
+    from sagellm_comm.benchmark import overlap_measure
+
+    tree = ast.parse(inspect.getsource(overlap_measure))
+    own = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("Event", "elapsed_time")]
+    assert not own, f"overlap_measure.py times with its own events at lines {own}"
+
+
+# Private attributes of other projects' modules the package reads on purpose (the host-cost fast paths).
+EXTERNAL = ("torch", "os")
+
+
+def _module_local_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, ast.Attribute | ast.Subscript | ast.Call):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+def private_reads(path: str, tree: ast.Module) -> list[str]:
+    """``x._name`` where ``x`` is not ``self`` / ``cls`` / ``super()``, a name defined in this module, or another
+    project's module: a read of another module's private attribute."""
+    local = _module_local_names(tree) | {"self", "cls"}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        base = node.value
+        if isinstance(base, ast.Name) and base.id in local:
+            continue
+        if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+            continue
+        root = _root(base)
+        if isinstance(root, ast.Name) and root.id in EXTERNAL:
+            continue
+        found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    offenders = [line for path, tree in _modules() for line in private_reads(path, tree)]
+    assert not offenders, "private attributes read across modules:\n" + "\n".join(offenders)
+
+
+def test_the_private_attribute_scan_sees_what_it_should():
+    tree = ast.parse(
+        "import torch\nclass A:\n    def f(self, car):\n        return car._timeout, self._x, A._y, torch._C, "
+        "self.group._table, super()._z"
+    )
+    assert [line.split(": ")[1] for line in private_reads("m.py", tree)] == ["car._timeout", "self.group._table"]
+
+
+def _algorithm_names() -> set[str]:
+    """The names ``selector.py`` spells that mean nothing else in the package.  ``auto`` (also a backend kind),
+    ``nccl`` (also an engine) and ``fp8`` (also a quantisation mode) are left out: a literal of them may mean
+    the other thing."""
+    from sagellm_comm import selector as s
+
+    return {
+        *s.KERNEL_ALGOS, s.HIERARCHICAL_ALGO, s.COLLECTIVE_KERNEL_ALGO, *s.NCCL_ALGO_NAMES, *s.GEMM_PATHS,
+        s.UNFUSED_PATH, s.FOLLOW_ALL_REDUCE,
+    }  # fmt: skip
+
+
+def algorithm_literals(path: str, tree: ast.Module, names: set[str]) -> list[str]:
+    """String literals (docstrings aside) equal to an algorithm or path name."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        f"{path}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+    ]
+
+
+def test_algorithm_names_are_spelled_only_in_selector_py():
+    names = _algorithm_names()
+    offenders = [
+        line
+        for path, tree in _modules()
+        if path != "sagellm_comm/selector.py"
+        for line in algorithm_literals(path, tree, names)
+    ]
+    assert not offenders, "algorithm names spelled outside selector.py (import its constants):\n" + "\n".join(offenders)
+
+
+def test_the_algorithm_name_scan_sees_what_it_should():
+    tree = ast.parse('"""one_shot"""\nx = "two_shot"\ny = f"rmsnorm_{x}"\nz = "one_shot_fp8"\nif x == "fused": pass')
+    found = [line.split(": ")[1] for line in algorithm_literals("m.py", tree, _algorithm_names())]
+    assert found == ["'two_shot'", "'fused'"]
+
+
+def _kernel_modules():
+    return [(path, tree) for path, tree in _modules() if path.startswith("sagellm_comm/kernels/")]
+
+
+def test_every_spin_of_every_kernel_is_bounded_by_the_one_wait_step():
+    """Each ``while`` loop in a kernel is a spin for a peer; each keeps its deadline and latch through
+    ``_wait_step`` (kernels/all_reduce.py), the Lamport tile wait included."""
+    loops = []
+    for path, tree in _kernel_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.While):
+                calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+                loops.append((f"{path}:{node.lineno}", "_wait_step" in calls))
+    assert {where.split(":")[0] for where, _ in loops} >= {
+        "sagellm_comm/kernels/all_reduce.py",
+        "sagellm_comm/kernels/lamport_all_reduce.py",
+    }
+    assert all(bounded for _, bounded in loops), f"spins without _wait_step: {[w for w, b in loops if not b]}"
+
+
+def test_collective_kernels_share_the_rank_view_and_the_slot_address():
+    """The virtual-rank prologue (``tl.program_id(1)`` as the rank, the table row and control words) is written
+    once, in ``_rank_view``, and the staging-slot address once, in ``_slot_offset``."""
+    prologues, slot_formulas = [], []
+    for path, tree in _kernel_modules():
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            source = ast.unparse(fn)
+            if "tl.program_id(1)" in source and "rank * CTRL_WORDS" in source and fn.name != "_rank_view":
+                prologues.append(f"{path}:{fn.name}")
+            if "slot_bytes * (1 + epoch % 2)" in source and fn.name != "_slot_offset":
+                slot_formulas.append(f"{path}:{fn.name}")
+    assert not prologues, f"kernels rebuilding the rank view: {prologues}"
+    assert not slot_formulas, f"the slot address written out again: {slot_formulas}"
