@@ -173,9 +173,6 @@ def run_steps(model, prompt: torch.Tensor, next_tokens: torch.Tensor, cache=None
     steps = [("prefill", prompt)] + [(f"decode{i + 1}", next_tokens[:, i : i + 1]) for i in range(next_tokens.shape[1])]
     logits = {}
     for name, tokens in steps:
-        # A model compiled with mode="reduce-overhead" replays Inductor's CUDA graphs into the same output
-        # buffers: each step is a new iteration, and its logits are copied out before the next one.
-        torch.compiler.cudagraph_mark_step_begin()
         logits[name] = model(input_ids=tokens, use_cache=True, **{CACHE_KWARG: cache}).logits.clone()
     return logits
 
@@ -188,15 +185,21 @@ def run_steps_cuda_graph(model, prompt: torch.Tensor, next_tokens: torch.Tensor)
     max_cache_len = prompt.shape[1] + next_tokens.shape[1]
     # Warm-up on a throw-away cache, on a side stream: lazy initialisation, kernel compilation and the
     # collectives' first calls happen here, not under capture.
+    # The decode steps read the token buffer the graph will read (same layout): a compiled model meets
+    # under capture exactly the inputs it was compiled for.
+    static_tokens = torch.zeros_like(next_tokens[:, :1])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        run_steps(model, prompt, next_tokens, StaticCache(config=model.config, max_cache_len=max_cache_len))
+        warm = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: warm})
+        for step in range(next_tokens.shape[1]):
+            static_tokens.copy_(next_tokens[:, step : step + 1])
+            model(input_ids=static_tokens, use_cache=True, **{CACHE_KWARG: warm})
     torch.cuda.current_stream().wait_stream(side)
 
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     logits = {"prefill": model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache}).logits}
-    static_tokens = torch.zeros_like(next_tokens[:, :1])
     graph = torch.cuda.CUDAGraph()
     # A compiled model must not recompile under capture (the warm-up compiled every step): fail loudly if it would.
     with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph):
@@ -228,11 +231,11 @@ def logit_error(
     return result
 
 
-MODES = ("eager", "compile", "cuda-graph", "fused", "fused-cuda-graph", "fused-reduce-overhead")
+MODES = ("eager", "compile", "cuda-graph", "fused", "fused-cuda-graph")
 #: the modes that compile with sagellm_comm.compile (the fusion pass)
-FUSED_MODES = ("fused", "fused-cuda-graph", "fused-reduce-overhead")
+FUSED_MODES = ("fused", "fused-cuda-graph")
 #: the modes that need the group on a CUDA device (CUDA graphs)
-CUDA_MODES = ("cuda-graph", "fused-cuda-graph", "fused-reduce-overhead")
+CUDA_MODES = ("cuda-graph", "fused-cuda-graph")
 
 
 def check_tp_llama(
@@ -253,8 +256,7 @@ def check_tp_llama(
     (the TP model's decode step captured in a CUDA graph and replayed, :func:`run_steps_cuda_graph`);
     ``fused`` (:func:`sagellm_comm.compile.compile` with ``fullgraph=True``: the all-reduce + residual + RMSNorm
     fusion); ``fused-cuda-graph`` (that compiled model, its decode step captured and replayed as in
-    ``cuda-graph``); ``fused-reduce-overhead`` (compiled with ``mode="reduce-overhead"``, Inductor's CUDA graphs,
-    on a :class:`StaticCache`).  :func:`sagellm_comm.compile.stats` says what the fused modes rewrote.
+    ``cuda-graph``).  :func:`sagellm_comm.compile.stats` says what the fused modes rewrote.
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
@@ -273,17 +275,11 @@ def check_tp_llama(
     if mode in FUSED_MODES:
         import sagellm_comm.compile as fusion
 
-        compile_mode = "reduce-overhead" if mode == "fused-reduce-overhead" else None
-        tp_model = fusion.compile(tp_model, fullgraph=True, mode=compile_mode)
+        tp_model = fusion.compile(tp_model, fullgraph=True)
     if mode in ("cuda-graph", "fused-cuda-graph"):
         given = run_steps_cuda_graph(tp_model, prompt, next_tokens)
     elif mode == "compile":
         given = run_steps(torch.compile(tp_model, fullgraph=True), prompt, next_tokens)
-    elif mode == "fused-reduce-overhead":
-        max_cache_len = prompt.shape[1] + next_tokens.shape[1]
-        given = run_steps(
-            tp_model, prompt, next_tokens, StaticCache(config=tp_model.config, max_cache_len=max_cache_len)
-        )
     else:
         given = run_steps(tp_model, prompt, next_tokens)
     exact = {}

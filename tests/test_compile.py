@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sagellm_comm.compile as fusion
 from sagellm_comm.compile import fusion_pass
-from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+from sagellm_comm.errors import InvalidArgumentError, NotImplementedCommError, ShapeMismatchError
 from tests.conftest import no_compile_caches, run_ranks
 
 FUSED_OP = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm.default
@@ -509,14 +509,21 @@ def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
     def mine(graph):
         pass
 
-    fusion.compile(model, mode="reduce-overhead", options={"post_grad_custom_post_pass": mine, "max_autotune": False})
+    fusion.compile(
+        model,
+        mode="max-autotune-no-cudagraphs",
+        options={"post_grad_custom_post_pass": mine, "coordinate_descent_tuning": False},
+    )
     options = calls[-1][1]["options"]
-    assert options["triton.cudagraphs"] is True and options["max_autotune"] is False
+    assert options["max_autotune"] is True and options["coordinate_descent_tuning"] is False
     assert options["post_grad_custom_post_pass"].passes == (mine, fusion.passes())  # mine first
     decorated = fusion.compile(dynamic=False)(model)
     assert decorated is model and calls[-1][1]["dynamic"] is False
     with pytest.raises(InvalidArgumentError, match="backend='inductor'"):
         fusion.compile(model, backend="eager")
+    for refused in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(NotImplementedCommError, match="CUDA graphs"):
+            fusion.compile(model, **refused)
     with pytest.raises(InvalidArgumentError, match="mode must be one of"):
         fusion.compile(model, mode="fastest")
 

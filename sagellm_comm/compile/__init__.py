@@ -13,7 +13,7 @@ Use::
     import sagellm_comm.compile as scc
 
     model = scc.compile(model, fullgraph=True)            # torch.compile(model, fullgraph=True) + the pass
-    model = scc.compile(model, mode="reduce-overhead")    # any torch.compile arguments (backend "inductor")
+    model = scc.compile(model, dynamic=False)             # any torch.compile arguments (backend "inductor")
     logits = model(input_ids)                              # compiles on the first call
     print(scc.stats())                                     # FusionStats(replaced={'rmsnorm': 4}, graphs=1, ...)
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError, NotImplementedCommError
 
 from .fusion_pass import AllReduceFusionPass, FusionStats, reset_stats, stats
 
@@ -128,7 +128,9 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
     Takes every ``torch.compile`` argument (``fullgraph``, ``dynamic``, ``disable``, ...).  The backend must be
     ``"inductor"`` (the pass is an Inductor pass); ``mode`` and ``options`` may be given together (the mode's
     options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` runs before the fusion pass.
-    ``model=None`` returns a decorator, as ``torch.compile`` does.
+    ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
+    (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) are refused with
+    ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.
     """
     if backend != "inductor":
         raise InvalidArgumentError(
@@ -144,6 +146,14 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
             raise InvalidArgumentError(f"mode must be one of {sorted(modes)}, got {mode!r}")
         merged.update(list_mode_options(mode, kwargs.get("dynamic")))
     merged.update(options or {})
+    if merged.get("triton.cudagraphs"):
+        raise NotImplementedCommError(
+            f"sagellm_comm.compile.compile does not support Inductor's CUDA graphs (mode={mode!r} or "
+            "options['triton.cudagraphs']): a tensor-parallel Llama compiled with the fusion pass ended in a "
+            "segmentation fault on every rank under them; "
+            "capture the compiled decode step with torch.cuda.graph instead (examples/llama_tp.py --mode "
+            "fused-cuda-graph), or use mode='max-autotune-no-cudagraphs'"
+        )
     merged[_CONFIG_KEY] = _with_ours(merged.get(_CONFIG_KEY))
     if model is None:
         return lambda fn: torch.compile(fn, backend="inductor", options=merged, **kwargs)
