@@ -34,10 +34,22 @@ trap 'rm -rf "$SCRATCH"' EXIT
 FAILED=()
 START=$SECONDS
 
-# step NAME LIMIT_S COMMAND...: run one benchmark under a time limit, say how long it took; OK=1 if it passed
+# step NAME LIMIT_S COMMAND...: run one benchmark under a time limit, say how long it took; OK=1 if it passed.
+# With DEADLINE=S (seconds for the whole run) a step gets at most what is left, and is skipped (named at the
+# end) when less than 20 s is left: the steps run in order of priority.
 step() {
     local name=$1 limit=$2 began=$SECONDS status=0
     shift 2
+    OK=0
+    if [[ -n ${DEADLINE:-} ]]; then
+        local left=$((DEADLINE - (SECONDS - START)))
+        if ((left < 20)); then
+            echo "== $name: SKIPPED: ${left}s left of DEADLINE=${DEADLINE}" >&2
+            FAILED+=("$name (skipped: DEADLINE)")
+            return 0
+        fi
+        ((limit > left)) && limit=$left
+    fi
     echo "== $name (limit ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" || status=$?
     if ((status == 0)); then
@@ -46,7 +58,6 @@ step() {
     else
         echo "== $name: FAILED (exit $status) after $((SECONDS - began))s" >&2
         FAILED+=("$name")
-        OK=0
     fi
 }
 
@@ -66,21 +77,6 @@ else
     RMS_TOKENS=1,16,128,1024 RMS_HIDDEN=8192 FP8_QUICK=(--quick) CALLS=(--calls 10 --reps 5)
 fi
 
-step "CLI, 8 virtual ranks" 150 "$PY" -m sagellm_comm.cli bench --virtual-ranks 8 \
-    --algo auto,one_shot,two_shot,lamport --dtype bf16 --sizes "$VR8_SIZES" --graph --no-progress \
-    --output-dir "$SCRATCH/vr8" --plot "$OUT/all_reduce_vr8_graph.png"
-if ((OK)); then cli_record 8 all_reduce_vr8_graph; fi
-step "CLI, 2 virtual ranks" 90 "$PY" -m sagellm_comm.cli bench --virtual-ranks 2 \
-    --algo one_shot,two_shot,auto --dtype bf16 --sizes "$VR2_SIZES" --graph --iters 50 --no-progress \
-    --output-dir "$SCRATCH/vr2" --plot "$OUT/all_reduce_vr2_graph.png"
-if ((OK)); then cli_record 2 all_reduce_vr2_graph; fi
-step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
-    "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"
-step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m "$FUSED_M" --n 4096,8192 \
-    "${CALLS[@]}" --out "$OUT/fused_gemm_all_reduce_virtual"
-step "fused AR + RMSNorm" 45 "$PY" -m bench.fused_bench --skip-gemm --tokens "$RMS_TOKENS" \
-    --hidden "$RMS_HIDDEN" "${CALLS[@]}" --out "$OUT/fused_rmsnorm_virtual"
-
 # protocol cost: this checkout against the tree without the hardening (7522c31), interleaved in one process
 BASELINE=7522c31
 if git cat-file -e "$BASELINE^{commit}" 2>/dev/null; then
@@ -96,12 +92,28 @@ fi
 step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" --out "$OUT/fp8_fused.json"
 step "fp8 payload error" 45 "$PY" -m bench.fp8_payload_error --out "$OUT/fp8_payload.json"
 TRANSFER_BACKENDS=ipc,torch,copy-engine
-if "$PY" -c "import nixl" 2>/dev/null; then
+if "$PY" -c "import nixl_cu13" 2>/dev/null || "$PY" -c "import nixl_cu12" 2>/dev/null; then
     TRANSFER_BACKENDS=$TRANSFER_BACKENDS,nixl
 fi
-step "transfer" 60 "$PY" -m sagellm_comm.cli transfer --backend "$TRANSFER_BACKENDS" \
+step "transfer" 150 "$PY" -m sagellm_comm.cli transfer --backend "$TRANSFER_BACKENDS" \
     --block-sizes 4K,16K,64K,256K,1M,64M --block-counts 1,100,1000 --max-bytes 1G --out "$OUT/transfer" \
     --plot "$OUT/transfer.png" --no-progress
+
+step "CLI, 8 virtual ranks" 150 "$PY" -m sagellm_comm.cli bench --virtual-ranks 8 \
+    --algo auto,one_shot,two_shot,lamport --dtype bf16 --sizes "$VR8_SIZES" --graph --no-progress \
+    --output-dir "$SCRATCH/vr8" --plot "$OUT/all_reduce_vr8_graph.png"
+if ((OK)); then cli_record 8 all_reduce_vr8_graph; fi
+step "CLI, 2 virtual ranks" 90 "$PY" -m sagellm_comm.cli bench --virtual-ranks 2 \
+    --algo one_shot,two_shot,auto --dtype bf16 --sizes "$VR2_SIZES" --graph --iters 50 --no-progress \
+    --output-dir "$SCRATCH/vr2" --plot "$OUT/all_reduce_vr2_graph.png"
+if ((OK)); then cli_record 2 all_reduce_vr2_graph; fi
+step "fused AR + RMSNorm" 45 "$PY" -m bench.fused_bench --skip-gemm --tokens "$RMS_TOKENS" \
+    --hidden "$RMS_HIDDEN" "${CALLS[@]}" --out "$OUT/fused_rmsnorm_virtual"
+step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
+    "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"
+step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m "$FUSED_M" --n 4096,8192 \
+    "${CALLS[@]}" --out "$OUT/fused_gemm_all_reduce_virtual"
+
 
 echo "== all steps: $((SECONDS - START))s; records in $OUT/"
 echo "== next: python -m bench.make_docs_tables (the docs then cite the h200/ records), then git rm the h100/"
