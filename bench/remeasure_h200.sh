@@ -13,7 +13,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-OUT=bench/results/h200
+DEST=bench/results/h200
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -28,9 +28,13 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "bench/remeasure_h200.sh: needs a CUDA GPU" >&2
     exit 2
 fi
-mkdir -p "$OUT"
+mkdir -p "$DEST"
 SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
+# Records are written outside the checkout and copied in on exit (a killed run keeps the finished ones): a record
+# written into the tree would make every later step's provenance read a modified tracked file (dirty).
+OUT=$SCRATCH/records
+mkdir -p "$OUT"
+trap 'cp -r "$OUT"/. "$DEST"/; rm -rf "$SCRATCH"' EXIT
 FAILED=()
 START=$SECONDS
 
@@ -115,7 +119,7 @@ step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m
     "${CALLS[@]}" --out "$OUT/fused_gemm_all_reduce_virtual"
 
 
-echo "== all steps: $((SECONDS - START))s; records in $OUT/"
+echo "== all steps: $((SECONDS - START))s; records in $DEST/ (on exit)"
 echo "== next: python -m bench.make_docs_tables (the docs then cite the h200/ records), then git rm the h100/"
 echo "   records they replace: bench/results/h100/{custom_all_reduce_virtual,fused_gemm_all_reduce_virtual,"
 echo "   fused_rmsnorm_virtual,all_reduce_vr8_graph,all_reduce_vr2_graph}.* and python -m bench.make_docs_tables"

@@ -84,7 +84,7 @@ def check_then_run(
 
 def add_output_options(
     parser: argparse.ArgumentParser, default_dir: str, plot_help: str, *, stem: bool = False, aliases: tuple = ()
-) -> argparse._ArgumentGroup:
+) -> Any:
     """The ``output`` options every benchmark command has: ``--output-dir`` (default ``default_dir``),
     ``--out STEM`` where ``stem``, ``--no-save`` (and ``aliases``), ``--plot FILE.png`` (``plot_help``, which
     says what is plotted) and ``--no-progress``."""

@@ -37,6 +37,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
@@ -219,12 +220,13 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
     """One attempt to join the store, in a helper thread, waited for ``remaining`` seconds at most:
     ``(store, error, stuck)``.
 
-    torch bounds an attempt's connection retries by the attempt's timeout (then gives up within about a
-    second more) but not its handshake: a peer that accepts and never answers blocks it for good.  So each
-    attempt is short, and when ``remaining`` runs out first the attempt still gets the time torch may take to
-    give up (at most about a second), so that no helper is left to end while the interpreter shuts down (a
-    thread returning into Python then aborts the process).  A helper blocked in the handshake is left behind
-    (``stuck``): a daemon thread that ends when the peer closes the connection."""
+    torch bounds an attempt's connection retries by the attempt's timeout but not its handshake: a peer that
+    accepts and never answers blocks it for good.  So each attempt is short, and when ``remaining`` runs out
+    first the attempt's own connections (this process's sockets to ``port`` opened during the attempt) are
+    shut down, which ends torch's wait with an error and the helper with it.  No helper may be left to
+    return into Python while the interpreter shuts down (that aborts the process): one still alive is
+    ``stuck``, its sockets are shut down again at exit and it is joined, bounded, before the interpreter
+    finalises."""
     outcome: dict[str, Any] = {}
     attempt = max(0.1, min(_ATTEMPT_S, remaining))
 
@@ -234,13 +236,64 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
         except Exception as exc:  # reported by the waiting thread
             outcome["error"] = exc
 
-    began = time.monotonic()
+    before = _sockets_to(port)
     helper = threading.Thread(target=join, name="sagellm-comm-store-join", daemon=True)
     helper.start()
     helper.join(remaining)
+    abandoned = helper.is_alive()
+    if abandoned:  # the deadline came first: end the attempt
+        _shut_down(_sockets_to(port) - before)
+        helper.join(_ATTEMPT_SLACK_S)
     if helper.is_alive():
-        helper.join(max(0.0, began + attempt + _ATTEMPT_SLACK_S - time.monotonic()))
-    return outcome.get("store"), outcome.get("error"), helper.is_alive()
+        _LEFT_BEHIND.append((helper, port, before))
+    # a client made after its sockets were shut down is not usable
+    store = None if abandoned else outcome.get("store")
+    return store, outcome.get("error"), helper.is_alive()
+
+
+#: helpers that outlived their attempt: (thread, port, the sockets to ``port`` that predate it)
+_LEFT_BEHIND: list[tuple[threading.Thread, int, frozenset]] = []
+
+
+def _sockets_to(port: int) -> frozenset:
+    """``(fd, inode)`` of this process's TCP sockets whose peer's port is ``port`` (Linux: /proc/self/fd)."""
+    found = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return frozenset()
+    for name in fds:
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.type == socket.SOCK_STREAM and sock.getpeername()[1] == port:
+                    found.add((fd, os.fstat(fd).st_ino))
+        except (OSError, ValueError, IndexError, TypeError):
+            continue
+    return frozenset(found)
+
+
+def _shut_down(sockets: frozenset) -> None:
+    """Shut both directions of each socket (the blocked reader in torch then gets an error); its fd stays
+    torch's to close."""
+    for fd, inode in sockets:
+        try:
+            if os.fstat(fd).st_ino != inode:
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            continue
+
+
+@atexit.register
+def _end_left_behind() -> None:
+    for helper, port, before in _LEFT_BEHIND:
+        if helper.is_alive():
+            _shut_down(_sockets_to(port) - before)
+            helper.join(_ATTEMPT_S + _ATTEMPT_SLACK_S)
 
 
 def _agent_store_at(addr: str, port: int) -> bool:
