@@ -192,7 +192,7 @@ def test_scaled_mm_takes_the_outputs(fused):
     # Per 128-group: the dequantised product (every torch build has it).
     q, scales, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, quant="fp8_group128")
     deq = q[0].float() * expand_scales(scales[0], q[0])
-    _, _, new_res = fused.all_reduce_residual_rmsnorm(x, residual, weight)
+    _, new_res = fused.all_reduce_residual_rmsnorm(x, residual, weight)  # unquantised: (normed, new_residual)
     y = torch.nn.functional.rms_norm(new_res[0].float(), (k,), weight.float(), 1e-6)
     torch.testing.assert_close(deq @ wt.t(), y @ wt.t(), rtol=0.1, atol=0.1 * float((y @ wt.t()).abs().max()))
 
