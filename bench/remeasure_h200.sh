@@ -103,6 +103,8 @@ step "transfer" 150 "$PY" -m sagellm_comm.cli transfer --backend "$TRANSFER_BACK
     --block-sizes 4K,16K,64K,256K,1M,64M --block-counts 1,100,1000 --max-bytes 1G --out "$OUT/transfer" \
     --plot "$OUT/transfer.png" --no-progress
 
+step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
+    "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"
 step "CLI, 8 virtual ranks" 150 "$PY" -m sagellm_comm.cli bench --virtual-ranks 8 \
     --algo auto,one_shot,two_shot,lamport --dtype bf16 --sizes "$VR8_SIZES" --graph --no-progress \
     --output-dir "$SCRATCH/vr8" --plot "$OUT/all_reduce_vr8_graph.png"
@@ -113,8 +115,6 @@ step "CLI, 2 virtual ranks" 90 "$PY" -m sagellm_comm.cli bench --virtual-ranks 2
 if ((OK)); then cli_record 2 all_reduce_vr2_graph; fi
 step "fused AR + RMSNorm" 45 "$PY" -m bench.fused_bench --skip-gemm --tokens "$RMS_TOKENS" \
     --hidden "$RMS_HIDDEN" "${CALLS[@]}" --out "$OUT/fused_rmsnorm_virtual"
-step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
-    "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"
 step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m "$FUSED_M" --n 4096,8192 \
     "${CALLS[@]}" --out "$OUT/fused_gemm_all_reduce_virtual"
 
