@@ -144,20 +144,30 @@ def _kernel_modules():
     return [(path, tree) for path, tree in _modules() if path.startswith("sagellm_comm/kernels/")]
 
 
-def test_every_spin_of_every_kernel_is_bounded_by_the_one_wait_step():
-    """Each ``while`` loop in a kernel is a spin for a peer; each keeps its deadline and latch through
-    ``_wait_step`` (kernels/all_reduce.py), the Lamport tile wait included."""
+def test_one_spin_loop_in_the_package():
+    """Every wait of every kernel (flag barriers, GEMM tile flags, Lamport tiles) goes through ``_bounded_wait``
+    (kernels/all_reduce.py), the only ``while`` loop of the package, and it keeps its deadline and latch through
+    ``_wait_step``."""
     loops = []
     for path, tree in _kernel_modules():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.While):
-                calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
-                loops.append((f"{path}:{node.lineno}", "_wait_step" in calls))
-    assert {where.split(":")[0] for where, _ in loops} >= {
-        "sagellm_comm/kernels/all_reduce.py",
-        "sagellm_comm/kernels/lamport_all_reduce.py",
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.While):
+                    calls = {
+                        c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                    }
+                    loops.append((f"{path}:{fn.name}", "_wait_step" in calls))
+    assert loops == [("sagellm_comm/kernels/all_reduce.py:_bounded_wait", True)], f"spin loops: {loops}"
+    callers = {
+        f"{path}:{fn.name}"
+        for path, tree in _kernel_modules()
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+        if any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "_bounded_wait" for c in ast.walk(fn))
     }
-    assert all(bounded for _, bounded in loops), f"spins without _wait_step: {[w for w, b in loops if not b]}"
+    assert callers == {
+        "sagellm_comm/kernels/all_reduce.py:_wait_flags",
+        "sagellm_comm/kernels/lamport_all_reduce.py:_wait_tile",
+    }, callers
 
 
 def test_collective_kernels_share_the_rank_view_and_the_slot_address():

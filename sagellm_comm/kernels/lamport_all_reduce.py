@@ -57,13 +57,11 @@ from sagellm_comm.kernels.all_reduce import (
     MAX_BLOCKS,
     PAD_BYTES,
     PHASE_LAMPORT,
+    _bounded_wait,
     _nan_unless,
     _pick,
     _ptr,
     _rank_view,
-    _record_timeout,
-    _ticks,
-    _wait_step,
 )
 
 LAMPORT_STATE = CTRL_LAMPORT  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
@@ -167,6 +165,24 @@ def _push_tile(v, bases, peers, slot_in_peer, offs, mask, W: tl.constexpr, DTYPE
 
 
 @triton.jit
+def _poll_tile(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr, WIDE: tl.constexpr,
+               DTYPE: tl.constexpr):  # fmt: skip
+    """One poll of :func:`_wait_tile` for ``_bounded_wait``: ``args = (area, slot_stride, buf, offs, mask)``,
+    ``state = (acc,)``; pending is the number of elements still holding the sentinel."""
+    area, slot_stride, buf, offs, mask = args
+    acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
+    return (acc,), pending
+
+
+@triton.jit
+def _first_missing_source(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr,
+                          WIDE: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """The lowest source still holding a sentinel (for ``_bounded_wait``'s timeout record)."""
+    area, slot_stride, buf, offs, mask = args
+    return _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
+
+
+@triton.jit
 def _wait_tile(
     area,
     slot_stride,
@@ -186,8 +202,8 @@ def _wait_tile(
     USE_PTX: tl.constexpr,
 ):
     """Poll tile ``offs`` of buffer ``buf`` of this rank's ``area`` until no source holds the sentinel: the bounded
-    wait of invariant 6.  Returns ``(acc, pending, latched)``: the fp32 sum in rank order, the elements still
-    holding a sentinel (0 unless the wait failed) and the latch after the wait.
+    wait of invariant 6 (``_bounded_wait``).  Returns ``(acc, pending, latched)``: the fp32 sum in rank order, the
+    elements still holding a sentinel (0 unless the wait failed) and the latch after the wait.
 
     All sources are loaded at once and checked with one reduction (invariant 4); only a tile that still holds a
     sentinel is polled again.  On expiry the first missing source is recorded (phase ``lamport``, block
@@ -195,16 +211,10 @@ def _wait_tile(
     """
     acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
     if (pending > 0) & (latched == 0):
-        start = _ticks(USE_PTX)
-        elapsed = tl.full([], 0, tl.int64)
-        passed = elapsed >= timeout
-        while (pending > 0) & (passed == 0) & (latched == 0):
-            acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
-        if (pending > 0) & (latched == 0):
-            missing = _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
-            _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, block, lepoch + 1)
-            latched = tl.full([], 1, tl.int64)
+        (acc,), pending, latched = _bounded_wait(
+            _poll_tile, _first_missing_source, (area, slot_stride, buf, offs, mask), (acc,), pending, latched, ctrl,
+            table, PHASE_LAMPORT, block, lepoch + 1, timeout, W, WP, USE_PTX, WIDE, DTYPE, False,
+        )  # fmt: skip
     return acc, pending, latched
 
 
