@@ -597,6 +597,25 @@ def _slot_offset(slot_bytes, epoch):
 
 
 @triton.jit
+def _tile_offsets(tile, lane, numel):
+    """``(offs, mask)``: the element offsets of tile ``tile`` of a ``numel``-element buffer and which of them exist.
+    ``lane`` is ``tl.arange(0, BLOCK)`` (``BLOCK`` elements a tile), made once by the kernel outside its loops.
+    The grid-stride tile loops (tile ``t`` belongs to program ``t % num_programs``) cut their tiles with this or
+    :func:`_chunk_tile_offsets` (docs/architecture.md names the loops with offsets of their own, and why)."""
+    offs = tile * lane.shape[0] + lane
+    return offs, offs < numel
+
+
+@triton.jit
+def _chunk_tile_offsets(c, tile, chunk, lane, numel):
+    """``(offs, mask)``: :func:`_tile_offsets` of tile ``tile`` of chunk ``c`` (``chunk`` elements from ``c * chunk``;
+    the last chunks may be short or empty) of a ``numel``-element buffer."""
+    in_chunk = tile * lane.shape[0] + lane
+    offs = c * chunk + in_chunk
+    return offs, (in_chunk < chunk) & (offs < numel)
+
+
+@triton.jit
 def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
     """:func:`_rank_view`, then this call's epoch and the error latch.
 
@@ -658,8 +677,7 @@ def one_shot_all_reduce_kernel(
 
     if not ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-            offs = tile * BLOCK + lane
-            mask = offs < numel
+            offs, mask = _tile_offsets(tile, lane, numel)
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -668,8 +686,7 @@ def one_shot_all_reduce_kernel(
     srcs = _sources(peer_bases, zc_bits, slot_offset, W)
 
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         acc = _nan_unless(ok, _sum_sources(srcs, None, rank, offs, mask, DTYPE, W, False))
         if ZERO_COPY:
             tl.store(my_slot + offs, acc.to(DTYPE), mask=mask)
@@ -680,8 +697,7 @@ def one_shot_all_reduce_kernel(
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
     if ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-            offs = tile * BLOCK + lane
-            mask = offs < numel
+            offs, mask = _tile_offsets(tile, lane, numel)
             tl.store(out + offs, tl.load(my_slot + offs, mask=mask), mask=mask)
     _finish(ctrl, epoch, num_programs)
 
@@ -757,9 +773,7 @@ def two_shot_all_reduce_kernel(
             for c in tl.static_range(W):
                 if c != rank:
                     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                        in_chunk = tile * BLOCK + lane
-                        offs = c * chunk + in_chunk
-                        mask = (in_chunk < chunk) & (offs < numel)
+                        offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                         tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -769,9 +783,7 @@ def two_shot_all_reduce_kernel(
 
     # Reduce-scatter: this rank owns chunk ``rank``; its own term is ``inp`` on both paths.
     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-        in_chunk = tile * BLOCK + lane
-        offs = rank * chunk + in_chunk
-        mask = (in_chunk < chunk) & (offs < numel)
+        offs, mask = _chunk_tile_offsets(rank, tile, chunk, lane, numel)
         acc = _sum_sources(srcs, inp, rank, offs, mask, DTYPE, W, True)
         reduced = _nan_unless(ok, acc).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
@@ -799,9 +811,7 @@ def two_shot_all_reduce_kernel(
             if (c != rank) | ZERO_COPY:
                 owner = _ptr(srcs[c], DTYPE)
                 for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                    in_chunk = tile * BLOCK + lane
-                    offs = c * chunk + in_chunk
-                    mask = (in_chunk < chunk) & (offs < numel)
+                    offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                     vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
                     vals = _nan_unless(ok, vals)
                     if ZERO_COPY:
@@ -814,8 +824,6 @@ def two_shot_all_reduce_kernel(
     if ZERO_COPY:
         for c in tl.static_range(W):
             for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                in_chunk = tile * BLOCK + lane
-                offs = c * chunk + in_chunk
-                mask = (in_chunk < chunk) & (offs < numel)
+                offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                 tl.store(out + offs, tl.load(stage + offs, mask=mask), mask=mask)
     _finish(ctrl, epoch, num_programs)

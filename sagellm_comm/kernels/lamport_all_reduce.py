@@ -62,6 +62,7 @@ from sagellm_comm.kernels.all_reduce import (
     _pick,
     _ptr,
     _rank_view,
+    _tile_offsets,
 )
 
 LAMPORT_STATE = CTRL_LAMPORT  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
@@ -145,8 +146,7 @@ def _clear_previous(
     clear_words = tl.cdiv(prev_words, 4) * 4
     prev_tiles = tl.cdiv(clear_words, BLOCK)
     for tile in range(pid, prev_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < clear_words
+        offs, mask = _tile_offsets(tile, lane, clear_words)
         for p in tl.static_range(W):
             dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
             tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
@@ -285,8 +285,7 @@ def lamport_all_reduce_kernel(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     lane = tl.arange(0, BLOCK)
-    first_offs = pid * BLOCK + lane
-    first_mask = first_offs < numel
+    first_offs, first_mask = _tile_offsets(pid, lane, numel)
     first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
     lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
     healthy = latched == 0
@@ -299,8 +298,7 @@ def lamport_all_reduce_kernel(
     slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
     _push_tile(first, bases, peers, slot_in_peer, first_offs, first_mask, W, DTYPE)
     for tile in range(pid + num_programs, num_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         _push_tile(tl.load(inp + offs, mask=mask, other=0.0), bases, peers, slot_in_peer, offs, mask, W, DTYPE)
 
     # 2. Clear what peers pushed to this rank at the previous call, and save this program's state, before
@@ -310,8 +308,7 @@ def lamport_all_reduce_kernel(
 
     # 3. Poll this rank's buffer: all sources of a tile at once; again only while a sentinel remains.
     for tile in range(pid, num_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         acc, _, latched = _wait_tile(
             my_area, slot_stride, buf, offs, mask, ctrl, table, pid, lepoch, latched, timeout, W, WP, WIDE, DTYPE,
             USE_PTX,
