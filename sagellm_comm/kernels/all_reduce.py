@@ -256,10 +256,9 @@ def _deadline_passed(start, elapsed, timeout, USE_PTX: tl.constexpr):
 
 @triton.jit
 def _wait_step(start, elapsed, timeout, ctrl, USE_PTX: tl.constexpr):
-    """One turn of a bounded wait after a poll: ``(passed, elapsed, latched)``, the deadline (:func:`_deadline_passed`)
-    and this rank's error latch.  Every spin of every kernel (the flag waits here, the Lamport tile waits) keeps
-    going only while something is missing, ``passed`` is False and ``latched`` is 0, and on giving up records the
-    timeout with :func:`_record_timeout`."""
+    """One turn of :func:`_bounded_wait` after a poll: ``(passed, elapsed, latched)``, the deadline
+    (:func:`_deadline_passed`) and this rank's error latch.  The wait keeps going only while something is missing,
+    ``passed`` is False and ``latched`` is 0."""
     passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
     latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
     return passed, elapsed, latched
