@@ -144,20 +144,30 @@ def _kernel_modules():
     return [(path, tree) for path, tree in _modules() if path.startswith("sagellm_comm/kernels/")]
 
 
-def test_every_spin_of_every_kernel_is_bounded_by_the_one_wait_step():
-    """Each ``while`` loop in a kernel is a spin for a peer; each keeps its deadline and latch through
-    ``_wait_step`` (kernels/all_reduce.py), the Lamport tile wait included."""
+def test_one_spin_loop_in_the_package():
+    """Every wait of every kernel (flag barriers, GEMM tile flags, Lamport tiles) goes through ``_bounded_wait``
+    (kernels/all_reduce.py), the only ``while`` loop of the package, and it keeps its deadline and latch through
+    ``_wait_step``."""
     loops = []
     for path, tree in _kernel_modules():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.While):
-                calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
-                loops.append((f"{path}:{node.lineno}", "_wait_step" in calls))
-    assert {where.split(":")[0] for where, _ in loops} >= {
-        "sagellm_comm/kernels/all_reduce.py",
-        "sagellm_comm/kernels/lamport_all_reduce.py",
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.While):
+                    calls = {
+                        c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                    }
+                    loops.append((f"{path}:{fn.name}", "_wait_step" in calls))
+    assert loops == [("sagellm_comm/kernels/all_reduce.py:_bounded_wait", True)], f"spin loops: {loops}"
+    callers = {
+        f"{path}:{fn.name}"
+        for path, tree in _kernel_modules()
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+        if any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "_bounded_wait" for c in ast.walk(fn))
     }
-    assert all(bounded for _, bounded in loops), f"spins without _wait_step: {[w for w, b in loops if not b]}"
+    assert callers == {
+        "sagellm_comm/kernels/all_reduce.py:_wait_flags",
+        "sagellm_comm/kernels/lamport_all_reduce.py:_wait_tile",
+    }, callers
 
 
 def test_collective_kernels_share_the_rank_view_and_the_slot_address():
@@ -173,3 +183,48 @@ def test_collective_kernels_share_the_rank_view_and_the_slot_address():
                 slot_formulas.append(f"{path}:{fn.name}")
     assert not prologues, f"kernels rebuilding the rank view: {prologues}"
     assert not slot_formulas, f"the slot address written out again: {slot_formulas}"
+
+
+# Tile loops that keep their own offsets, and why (docs/architecture.md says the same): two-shot's batched copies
+# cut a ``[ranks, tile]`` block (a row per chunk, masks per row), not one tile.
+OPEN_CODED_TILES = {
+    "sagellm_comm/kernels/all_reduce.py:two_shot_all_reduce_kernel": 2,
+}
+
+
+def open_coded_tiles(tree: ast.Module) -> dict[str, int]:
+    """Per function, the statements that cut a tile by hand: ``x = <tile> * BLOCK + ...`` (the grid-stride tile
+    loops' offsets), outside the two helpers that do it."""
+    found = {}
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        if fn.name in ("_tile_offsets", "_chunk_tile_offsets"):
+            continue
+        for node in ast.walk(fn):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.BinOp)
+                and isinstance(node.value.op, ast.Add)
+                and isinstance(node.value.left, ast.BinOp)
+                and isinstance(node.value.left.op, ast.Mult)
+                and isinstance(node.value.left.right, ast.Name)
+                and node.value.left.right.id == "BLOCK"
+            ):
+                found[fn.name] = found.get(fn.name, 0) + 1
+    return found
+
+
+def test_tile_loops_cut_their_tiles_with_the_one_helper():
+    """The grid-stride tile loops take their offsets and mask from ``_tile_offsets`` / ``_chunk_tile_offsets``
+    (kernels/all_reduce.py); only the copies listed in ``OPEN_CODED_TILES`` keep their own."""
+    counts = {}
+    for path, tree in _kernel_modules():
+        counts.update({f"{path}:{name}": n for name, n in open_coded_tiles(tree).items()})
+    assert counts == OPEN_CODED_TILES
+
+
+def test_the_open_coded_tile_scan_sees_what_it_should():
+    tree = ast.parse(
+        "def k(tile, BLOCK, lane):\n    offs = tile * BLOCK + lane\n    x = tile * TILE + lane\n"
+        "def _tile_offsets(tile, BLOCK):\n    offs = tile * BLOCK + lane\n"
+    )
+    assert open_coded_tiles(tree) == {"k": 1}

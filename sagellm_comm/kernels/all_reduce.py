@@ -45,10 +45,11 @@ Synchronisation invariants (docs/protocol.md has the long form):
    after its kernel for call ``epoch`` has finished reading (stream order).  The registered region is not
    double-buffered, so when any rank is zero-copy every rank ends with a third barrier: nobody returns
    (and lets its caller overwrite its region) while a peer may still read it.
-5. *Bounded waits, and a failure is never a result.*  Every spin has a deadline (``%globaltimer``
-   nanoseconds on the GPU, the host clock under the interpreter), measured by one helper (``_wait_flags``).
-   On expiry the program latches ``ctrl[CTRL_LATCH]`` and records which peer never arrived, in which phase
-   and epoch, in the host-mapped error record.  A latched error makes every later wait a no-op, and every
+5. *Bounded waits, and a failure is never a result.*  Every wait is one helper, ``_bounded_wait`` (the only
+   spin loop of the package: the flag waits here and the Lamport tile waits poll through it), with a deadline
+   (``%globaltimer`` nanoseconds on the GPU, the host clock under the interpreter).  On expiry the program
+   latches ``ctrl[CTRL_LATCH]`` and records which peer never arrived, in which phase and epoch, in the
+   host-mapped error record.  A latched error makes every later wait a no-op, and every
    value a program writes after a failed wait, or on a latched workspace, is NaN: the output of a failed
    call cannot pass for a sum.  The host raises ``CommTimeoutError`` naming the peer.
 """
@@ -255,13 +256,97 @@ def _deadline_passed(start, elapsed, timeout, USE_PTX: tl.constexpr):
 
 @triton.jit
 def _wait_step(start, elapsed, timeout, ctrl, USE_PTX: tl.constexpr):
-    """One turn of a bounded wait after a poll: ``(passed, elapsed, latched)``, the deadline (:func:`_deadline_passed`)
-    and this rank's error latch.  Every spin of every kernel (the flag waits here, the Lamport tile waits) keeps
-    going only while something is missing, ``passed`` is False and ``latched`` is 0, and on giving up records the
-    timeout with :func:`_record_timeout`."""
+    """One turn of :func:`_bounded_wait` after a poll: ``(passed, elapsed, latched)``, the deadline
+    (:func:`_deadline_passed`) and this rank's error latch.  The wait keeps going only while something is missing,
+    ``passed`` is False and ``latched`` is 0."""
     passed, elapsed = _deadline_passed(start, elapsed, timeout, USE_PTX)
     latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
     return passed, elapsed, latched
+
+
+@triton.jit
+def _waiting(pending, passed, latched, LATCH_FIRST: tl.constexpr):
+    """Whether :func:`_bounded_wait` polls again: something is pending, the deadline has not passed, the latch is 0.
+
+    ``LATCH_FIRST`` tests the latch before the deadline: the flag waits then share ``pending and not latched``
+    with the timeout test after the loop; the Lamport tile wait tests the deadline first.  Either order gives the
+    same answer: the order only changes the instructions generated.
+    """
+    if LATCH_FIRST:
+        go = (pending > 0) & (latched == 0) & (passed == 0)
+    else:
+        go = (pending > 0) & (passed == 0) & (latched == 0)
+    return go
+
+
+@triton.jit
+def _bounded_wait(
+    POLL: tl.constexpr,
+    FIRST_MISSING: tl.constexpr,
+    args,
+    state,
+    pending,
+    latched,
+    ctrl,
+    table,
+    phase,
+    block,
+    target,
+    timeout,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    OPT_A: tl.constexpr,
+    OPT_B: tl.constexpr,
+    LATCH_FIRST: tl.constexpr,
+):
+    """The one bounded wait (the only spin loop of the package): poll until nothing is ``pending``, the deadline
+    passes or this rank's latch is set.  Returns ``(state, pending, latched)``.
+
+    ``POLL(args, state, W, WP, USE_PTX, OPT_A, OPT_B)`` (a ``@triton.jit`` function) polls once and returns the
+    new ``(state, pending)``; ``args`` and ``state`` are tuples the caller and its poll agree on, and ``OPT_A`` /
+    ``OPT_B`` are the poll's own compile-time options (constexprs inside a tuple are not constexpr any more).
+    The caller has polled once already and found something ``pending`` with ``latched`` 0.  Each turn keeps its
+    deadline and latch with :func:`_wait_step`.  On giving up (deadline passed, latch still 0),
+    ``FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B)`` names the peer recorded by
+    :func:`_record_timeout` (with ``phase``, ``block`` and ``target``) and ``latched`` is returned as 1.
+    ``LATCH_FIRST`` only orders the loop's test (:func:`_waiting`), which changes the code generated, not the result.
+    """
+    start = _ticks(USE_PTX)
+    elapsed = tl.full([], 0, tl.int64)
+    passed = elapsed >= timeout
+    while _waiting(pending, passed, latched, LATCH_FIRST):
+        state, pending = POLL(args, state, W, WP, USE_PTX, OPT_A, OPT_B)
+        passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
+    if (pending > 0) & (latched == 0):
+        _record_timeout(ctrl, table, W, FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B), phase, block, target)
+        latched = tl.full([], 1, tl.int64)
+    return state, pending, latched
+
+
+@triton.jit
+def _poll_flags(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr, RELAXED_POLL: tl.constexpr,
+                _UNUSED: tl.constexpr):  # fmt: skip
+    """One poll of :func:`_wait_flags` for :func:`_bounded_wait`: ``args = (flag_ptrs, target, peers)``,
+    ``state = (seen, missing)``; pending is the number of lanes still missing."""
+    flag_ptrs, target, _ = args
+    _, missing = state
+    if RELAXED_POLL:
+        _sleep(USE_PTX)
+        seen = tl.load(flag_ptrs, volatile=True)
+    else:
+        seen = _load_acquire(flag_ptrs, USE_PTX)
+    missing = missing & (seen < target)
+    return (seen, missing), tl.sum(missing.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _first_missing_flag(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr,
+                        RELAXED_POLL: tl.constexpr, _UNUSED: tl.constexpr):  # fmt: skip
+    """The lowest rank whose flag is still missing (for :func:`_bounded_wait`'s timeout record)."""
+    _, _, peers = args
+    _, missing = state
+    return tl.min(tl.where(missing, peers, WP), axis=0)
 
 
 @triton.jit
@@ -280,7 +365,7 @@ def _wait_flags(
     USE_PTX: tl.constexpr,
     RELAXED_POLL: tl.constexpr,
 ):
-    """The bounded wait: until every ``valid`` lane's int64 flag reached ``target``.  Returns ``(ok, seen)``.
+    """Wait until every ``valid`` lane's int64 flag reached ``target`` (:func:`_bounded_wait`).  Returns ``(ok, seen)``.
 
     ``ok`` is False when a flag did not arrive: the deadline passed (this program latches the error and
     records the first missing peer, phase and block) or the rank's latch was already set (a wait of an
@@ -299,20 +384,10 @@ def _wait_flags(
     n_missing = tl.sum(missing.to(tl.int32), axis=0)
     if n_missing > 0:
         latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
-        start = _ticks(USE_PTX)
-        elapsed = tl.full([], 0, tl.int64)
-        passed = elapsed >= timeout
-        while (n_missing > 0) & (latched == 0) & (passed == 0):
-            if RELAXED_POLL:
-                _sleep(USE_PTX)
-                seen = tl.load(flag_ptrs, volatile=True)
-            else:
-                seen = _load_acquire(flag_ptrs, USE_PTX)
-            missing = missing & (seen < target)
-            n_missing = tl.sum(missing.to(tl.int32), axis=0)
-            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
-        if (n_missing > 0) & (latched == 0):
-            _record_timeout(ctrl, table, W, tl.min(tl.where(missing, peers, WP), axis=0), phase, block, target)
+        (seen, missing), n_missing, _ = _bounded_wait(
+            _poll_flags, _first_missing_flag, (flag_ptrs, target, peers), (seen, missing), n_missing, latched, ctrl,
+            table, phase, block, target, timeout, W, WP, USE_PTX, RELAXED_POLL, False, True,
+        )  # fmt: skip
     if RELAXED_POLL:
         seen = _load_acquire(flag_ptrs, USE_PTX)
     # No thread of this program reads peer data before the acquire above.
@@ -521,6 +596,25 @@ def _slot_offset(slot_bytes, epoch):
 
 
 @triton.jit
+def _tile_offsets(tile, lane, numel):
+    """``(offs, mask)``: the element offsets of tile ``tile`` of a ``numel``-element buffer and which of them exist.
+    ``lane`` is ``tl.arange(0, BLOCK)`` (``BLOCK`` elements a tile), made once by the kernel outside its loops.
+    The grid-stride tile loops (tile ``t`` belongs to program ``t % num_programs``) cut their tiles with this or
+    :func:`_chunk_tile_offsets` (docs/architecture.md names the loops with offsets of their own, and why)."""
+    offs = tile * lane.shape[0] + lane
+    return offs, offs < numel
+
+
+@triton.jit
+def _chunk_tile_offsets(c, tile, chunk, lane, numel):
+    """``(offs, mask)``: :func:`_tile_offsets` of tile ``tile`` of chunk ``c`` (``chunk`` elements from ``c * chunk``;
+    the last chunks may be short or empty) of a ``numel``-element buffer."""
+    in_chunk = tile * lane.shape[0] + lane
+    offs = c * chunk + in_chunk
+    return offs, (in_chunk < chunk) & (offs < numel)
+
+
+@triton.jit
 def _prologue(table, ctrl, rank, W: tl.constexpr, WP: tl.constexpr, VIRTUAL: tl.constexpr):
     """:func:`_rank_view`, then this call's epoch and the error latch.
 
@@ -582,8 +676,7 @@ def one_shot_all_reduce_kernel(
 
     if not ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-            offs = tile * BLOCK + lane
-            mask = offs < numel
+            offs, mask = _tile_offsets(tile, lane, numel)
             tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -592,8 +685,7 @@ def one_shot_all_reduce_kernel(
     srcs = _sources(peer_bases, zc_bits, slot_offset, W)
 
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         acc = _nan_unless(ok, _sum_sources(srcs, None, rank, offs, mask, DTYPE, W, False))
         if ZERO_COPY:
             tl.store(my_slot + offs, acc.to(DTYPE), mask=mask)
@@ -604,8 +696,7 @@ def one_shot_all_reduce_kernel(
         _barrier(bases, peers, ctrl, table, rank, PHASE_END, pid, epoch + 1, timeout, W, WP, USE_PTX)
     if ZERO_COPY:
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-            offs = tile * BLOCK + lane
-            mask = offs < numel
+            offs, mask = _tile_offsets(tile, lane, numel)
             tl.store(out + offs, tl.load(my_slot + offs, mask=mask), mask=mask)
     _finish(ctrl, epoch, num_programs)
 
@@ -681,9 +772,7 @@ def two_shot_all_reduce_kernel(
             for c in tl.static_range(W):
                 if c != rank:
                     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                        in_chunk = tile * BLOCK + lane
-                        offs = c * chunk + in_chunk
-                        mask = (in_chunk < chunk) & (offs < numel)
+                        offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                         tl.store(my_src + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, peer_zc = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, ZERO_COPY, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -693,9 +782,7 @@ def two_shot_all_reduce_kernel(
 
     # Reduce-scatter: this rank owns chunk ``rank``; its own term is ``inp`` on both paths.
     for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-        in_chunk = tile * BLOCK + lane
-        offs = rank * chunk + in_chunk
-        mask = (in_chunk < chunk) & (offs < numel)
+        offs, mask = _chunk_tile_offsets(rank, tile, chunk, lane, numel)
         acc = _sum_sources(srcs, inp, rank, offs, mask, DTYPE, W, True)
         reduced = _nan_unless(ok, acc).to(DTYPE)
         tl.store(my_src + offs, reduced, mask=mask, cache_modifier=".cg")
@@ -723,9 +810,7 @@ def two_shot_all_reduce_kernel(
             if (c != rank) | ZERO_COPY:
                 owner = _ptr(srcs[c], DTYPE)
                 for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                    in_chunk = tile * BLOCK + lane
-                    offs = c * chunk + in_chunk
-                    mask = (in_chunk < chunk) & (offs < numel)
+                    offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                     vals = tl.load(owner + offs, mask=mask, cache_modifier=".cg")
                     vals = _nan_unless(ok, vals)
                     if ZERO_COPY:
@@ -738,8 +823,6 @@ def two_shot_all_reduce_kernel(
     if ZERO_COPY:
         for c in tl.static_range(W):
             for tile in tl.range(pid, tiles_per_chunk, num_programs, num_stages=STAGES):
-                in_chunk = tile * BLOCK + lane
-                offs = c * chunk + in_chunk
-                mask = (in_chunk < chunk) & (offs < numel)
+                offs, mask = _chunk_tile_offsets(c, tile, chunk, lane, numel)
                 tl.store(out + offs, tl.load(stage + offs, mask=mask), mask=mask)
     _finish(ctrl, epoch, num_programs)

@@ -60,6 +60,7 @@ from sagellm_comm.kernels.all_reduce import (
     _reduce_tile_own,
     _slot_offset,
     _start_barrier,
+    _tile_offsets,
 )
 
 
@@ -105,8 +106,7 @@ def all_gather_kernel(
     lane = tl.arange(0, BLOCK)
 
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         tl.store(my_slot + offs, tl.load(inp + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -116,8 +116,7 @@ def all_gather_kernel(
         src = tl.where(p == rank, inp, _ptr(_pick(bases, peers, p) + slot_offset, DTYPE))
         dst = out + p * wide
         for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-            offs = tile * BLOCK + lane
-            mask = offs < numel
+            offs, mask = _tile_offsets(tile, lane, numel)
             vals = tl.load(src + offs, mask=mask, cache_modifier=".cg")
             tl.store(dst + offs, _nan_unless(ok, vals), mask=mask)
     _finish(ctrl, epoch, num_programs)
@@ -168,8 +167,7 @@ def reduce_scatter_kernel(
             dst = my_slot + tl.where(c > rank, c - 1, c) * stride
             src = inp + c * wide
             for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-                offs = tile * BLOCK + lane
-                mask = offs < numel
+                offs, mask = _tile_offsets(tile, lane, numel)
                 tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask, cache_modifier=".cg")
     ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -178,8 +176,7 @@ def reduce_scatter_kernel(
     src_offsets = slot_offset + tl.where(peers < rank, rank - 1, rank) * (stride * ITEMSIZE)
     own = inp + rank * wide
     for tile in tl.range(pid, num_tiles, num_programs, num_stages=STAGES):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         acc = _reduce_tile_own(bases, peers, src_offsets, own, rank, offs, mask, DTYPE, W)
         tl.store(out + offs, _nan_unless(ok, acc).to(DTYPE), mask=mask)
     _finish(ctrl, epoch, num_programs)

@@ -57,13 +57,12 @@ from sagellm_comm.kernels.all_reduce import (
     MAX_BLOCKS,
     PAD_BYTES,
     PHASE_LAMPORT,
+    _bounded_wait,
     _nan_unless,
     _pick,
     _ptr,
     _rank_view,
-    _record_timeout,
-    _ticks,
-    _wait_step,
+    _tile_offsets,
 )
 
 LAMPORT_STATE = CTRL_LAMPORT  # ctrl[8 : 8 + 2 * MAX_BLOCKS]: per-program call counter, previous words
@@ -147,8 +146,7 @@ def _clear_previous(
     clear_words = tl.cdiv(prev_words, 4) * 4
     prev_tiles = tl.cdiv(clear_words, BLOCK)
     for tile in range(pid, prev_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < clear_words
+        offs, mask = _tile_offsets(tile, lane, clear_words)
         for p in tl.static_range(W):
             dst = _ptr(my_area + (prev_buf * W + p) * slot_stride, tl.int32)
             tl.store(dst + offs, tl.full([BLOCK], -1, tl.int32), mask=mask)
@@ -164,6 +162,24 @@ def _push_tile(v, bases, peers, slot_in_peer, offs, mask, W: tl.constexpr, DTYPE
     for p in tl.static_range(W):
         dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
         tl.store(dst + offs, v, mask=mask)
+
+
+@triton.jit
+def _poll_tile(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr, WIDE: tl.constexpr,
+               DTYPE: tl.constexpr):  # fmt: skip
+    """One poll of :func:`_wait_tile` for ``_bounded_wait``: ``args = (area, slot_stride, buf, offs, mask)``,
+    ``state = (acc,)``; pending is the number of elements still holding the sentinel."""
+    area, slot_stride, buf, offs, mask = args
+    acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
+    return (acc,), pending
+
+
+@triton.jit
+def _first_missing_source(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr,
+                          WIDE: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """The lowest source still holding a sentinel (for ``_bounded_wait``'s timeout record)."""
+    area, slot_stride, buf, offs, mask = args
+    return _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
 
 
 @triton.jit
@@ -186,8 +202,8 @@ def _wait_tile(
     USE_PTX: tl.constexpr,
 ):
     """Poll tile ``offs`` of buffer ``buf`` of this rank's ``area`` until no source holds the sentinel: the bounded
-    wait of invariant 6.  Returns ``(acc, pending, latched)``: the fp32 sum in rank order, the elements still
-    holding a sentinel (0 unless the wait failed) and the latch after the wait.
+    wait of invariant 6 (``_bounded_wait``).  Returns ``(acc, pending, latched)``: the fp32 sum in rank order, the
+    elements still holding a sentinel (0 unless the wait failed) and the latch after the wait.
 
     All sources are loaded at once and checked with one reduction (invariant 4); only a tile that still holds a
     sentinel is polled again.  On expiry the first missing source is recorded (phase ``lamport``, block
@@ -195,16 +211,10 @@ def _wait_tile(
     """
     acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
     if (pending > 0) & (latched == 0):
-        start = _ticks(USE_PTX)
-        elapsed = tl.full([], 0, tl.int64)
-        passed = elapsed >= timeout
-        while (pending > 0) & (passed == 0) & (latched == 0):
-            acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
-            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
-        if (pending > 0) & (latched == 0):
-            missing = _first_missing(area, slot_stride, buf, offs, mask, W, WP, WIDE)
-            _record_timeout(ctrl, table, W, missing, PHASE_LAMPORT, block, lepoch + 1)
-            latched = tl.full([], 1, tl.int64)
+        (acc,), pending, latched = _bounded_wait(
+            _poll_tile, _first_missing_source, (area, slot_stride, buf, offs, mask), (acc,), pending, latched, ctrl,
+            table, PHASE_LAMPORT, block, lepoch + 1, timeout, W, WP, USE_PTX, WIDE, DTYPE, False,
+        )  # fmt: skip
     return acc, pending, latched
 
 
@@ -275,8 +285,7 @@ def lamport_all_reduce_kernel(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     lane = tl.arange(0, BLOCK)
-    first_offs = pid * BLOCK + lane
-    first_mask = first_offs < numel
+    first_offs, first_mask = _tile_offsets(pid, lane, numel)
     first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
     lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
     healthy = latched == 0
@@ -289,8 +298,7 @@ def lamport_all_reduce_kernel(
     slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
     _push_tile(first, bases, peers, slot_in_peer, first_offs, first_mask, W, DTYPE)
     for tile in range(pid + num_programs, num_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         _push_tile(tl.load(inp + offs, mask=mask, other=0.0), bases, peers, slot_in_peer, offs, mask, W, DTYPE)
 
     # 2. Clear what peers pushed to this rank at the previous call, and save this program's state, before
@@ -300,8 +308,7 @@ def lamport_all_reduce_kernel(
 
     # 3. Poll this rank's buffer: all sources of a tile at once; again only while a sentinel remains.
     for tile in range(pid, num_tiles, num_programs):
-        offs = tile * BLOCK + lane
-        mask = offs < numel
+        offs, mask = _tile_offsets(tile, lane, numel)
         acc, _, latched = _wait_tile(
             my_area, slot_stride, buf, offs, mask, ctrl, table, pid, lepoch, latched, timeout, W, WP, WIDE, DTYPE,
             USE_PTX,
