@@ -228,3 +228,25 @@ def test_the_open_coded_tile_scan_sees_what_it_should():
         "def _tile_offsets(tile, BLOCK):\n    offs = tile * BLOCK + lane\n"
     )
     assert open_coded_tiles(tree) == {"k": 1}
+
+
+def _nested_unpacking(tree: ast.AST) -> list[int]:
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Tuple | ast.List) and any(isinstance(e, ast.Tuple | ast.List) for e in target.elts)
+    ]
+
+
+def test_kernels_never_unpack_nested_tuples():
+    """Triton's dependency finder (3.6, the GPU machines' version) cannot hash a nested assignment target
+    (``(a, b), c = f()``): every kernel using one fails at its first launch, and the interpreter does not see it."""
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted((PACKAGE / "kernels").glob("*.py"))
+        for line in _nested_unpacking(ast.parse(path.read_text()))
+    ]
+    assert not offenders, offenders
+    assert _nested_unpacking(ast.parse("(a, b), c = f()")) == [1]  # the check itself sees one

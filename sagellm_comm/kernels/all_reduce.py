@@ -384,10 +384,11 @@ def _wait_flags(
     n_missing = tl.sum(missing.to(tl.int32), axis=0)
     if n_missing > 0:
         latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
-        (seen, missing), n_missing, _ = _bounded_wait(
+        state, n_missing, _ = _bounded_wait(
             _poll_flags, _first_missing_flag, (flag_ptrs, target, peers), (seen, missing), n_missing, latched, ctrl,
             table, phase, block, target, timeout, W, WP, USE_PTX, RELAXED_POLL, False, True,
         )  # fmt: skip
+        seen = state[0]  # no nested unpacking in kernels: Triton's dependency finder (3.6) cannot hash it
     if RELAXED_POLL:
         seen = _load_acquire(flag_ptrs, USE_PTX)
     # No thread of this program reads peer data before the acquire above.

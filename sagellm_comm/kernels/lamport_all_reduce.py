@@ -211,10 +211,11 @@ def _wait_tile(
     """
     acc, pending = _gather_tile(area, slot_stride, buf, offs, mask, W, WIDE, DTYPE)
     if (pending > 0) & (latched == 0):
-        (acc,), pending, latched = _bounded_wait(
+        state, pending, latched = _bounded_wait(
             _poll_tile, _first_missing_source, (area, slot_stride, buf, offs, mask), (acc,), pending, latched, ctrl,
             table, PHASE_LAMPORT, block, lepoch + 1, timeout, W, WP, USE_PTX, WIDE, DTYPE, False,
         )  # fmt: skip
+        acc = state[0]
     return acc, pending, latched
 
 
