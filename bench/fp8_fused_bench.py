@@ -87,8 +87,10 @@ def bench_virtual(vf, tokens: int, hidden: int, algos: tuple[str, ...], calls: i
         sel = vf.rmsnorm.select(nbytes, mode, tokens, hidden)
         row[f"path_{mode}"] = f"{sel.algo} ({sel.rule_id})"
 
-        def fused(mode=mode, algo="auto"):
-            vf.all_reduce_residual_rmsnorm(x, res, weight, EPS, algo=algo, quant=mode, scale=scale)
+        static = scale if mode == "fp8" else None  # the dynamic modes compute their scales
+
+        def fused(mode=mode, algo="auto", static=static):
+            vf.all_reduce_residual_rmsnorm(x, res, weight, EPS, algo=algo, quant=mode, scale=static)
 
         def unfused(mode=mode):
             vf.group.all_reduce_stacked(flat)  # in place on a copy of x: the fused op leaves x as it is

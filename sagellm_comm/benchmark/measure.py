@@ -21,7 +21,7 @@ from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.ops import BROADCAST_ROOT, OpBuffers, count_wrong, make_buffers
 from sagellm_comm.benchmark.progress import ProgressBar
 from sagellm_comm.benchmark.timing import TimingStats, capture_graph, summarize, time_iterations
-from sagellm_comm.errors import CommError
+from sagellm_comm.errors import CommError, WorkspaceExhaustedError
 
 
 @dataclass
@@ -311,9 +311,13 @@ def measure_virtual(group: Any, settings: LoopSettings, mode: str = "stacked", z
                 group.check_errors()
                 wrong = sum(count_wrong(w, expected) for w in works)
             except (CommError, RuntimeError) as exc:
-                result.failed = True
-                result.skipped.append({"algo": algo, "bytes": point_bytes, "reason": f"{type(exc).__name__}: {exc}"})
-                bar.step(f"{point_bytes} B {algo} FAILED")
+                skip = {"algo": algo, "bytes": point_bytes, "reason": f"{type(exc).__name__}: {exc}"}
+                if isinstance(exc, WorkspaceExhaustedError):  # past the algorithm's capacity: refused before it ran
+                    skip["over_capacity"] = True
+                else:
+                    result.failed = True
+                result.skipped.append(skip)
+                bar.step(f"{point_bytes} B {algo} {'skipped' if 'over_capacity' in skip else 'FAILED'}")
                 continue
             stats = summarize([s / per_sample for s in samples])
             result.points.append(Point(point_bytes, count, algo, algo_id, rule_id, reason, stats, wrong))

@@ -158,3 +158,9 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
         raise InvalidArgumentError(f"every point moves more than --max-bytes {format_size(cap)} per request")
     pool_bytes = 2 * max(size * count for size, count in points)  # scattered: half the pool's blocks are used
     return TransferPlan(device, tuple(backends), tuple(points), tuple(skipped), pool_bytes)
+
+
+def pool_blocks(pool, block: int):
+    """``pool`` (1-d bytes) as rows of ``block`` bytes: every whole block it holds (the pool's size need not be a
+    multiple of every block size of a sweep)."""
+    return pool[: pool.numel() // block * block].view(-1, block)

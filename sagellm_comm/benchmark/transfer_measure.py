@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sagellm_comm.benchmark.timing import summarize, time_iterations
-from sagellm_comm.benchmark.transfer_config import NOTIFY_BLOCK, TransferBenchConfig, TransferPlan
+from sagellm_comm.benchmark.transfer_config import NOTIFY_BLOCK, TransferBenchConfig, TransferPlan, pool_blocks
 from sagellm_comm.benchmark.transfer_movers import AgentMover, CopyEngineMover, Point, RawNixlMover, TorchMover
 from sagellm_comm.errors import CommError, CommTimeoutError
 
@@ -132,7 +132,7 @@ def _serve(side: _Side) -> None:
         elif command["do"] == "close":
             side.close(command["backend"])
         elif command["do"] in ("fill", "check"):
-            blocks = side.pool.view(-1, command["block"])
+            blocks = pool_blocks(side.pool, command["block"])
             ids = torch.as_tensor(command["ids"], device=device)
             expected = _pattern(command["seed"], len(command["ids"]) * command["block"], device)
             if command["do"] == "fill":
@@ -219,7 +219,7 @@ class _Initiator:
     def check(self, mover, op: str, point: Point, seed: int) -> int:
         """One request with a seeded pattern; the number of wrong bytes at the destination."""
         pattern = _pattern(seed, point.nbytes, self.device)
-        local = self.side.pool.view(-1, point.block)
+        local = pool_blocks(self.side.pool, point.block)
         local_ids = torch.as_tensor(point.local_ids, device=self.device)
         remote = {"block": point.block, "ids": point.remote_ids.tolist(), "seed": seed}
         if op == "write":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sagellm_comm.benchmark.transfer_config import pool_blocks
 from sagellm_comm.errors import CommTimeoutError
 
 
@@ -130,8 +131,8 @@ class TorchMover:
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def enqueue(self, op: str, point: Point) -> None:
-        local = self.local.view(-1, point.block)
-        remote = self.remote.view(-1, point.block)
+        local = pool_blocks(self.local, point.block)
+        remote = pool_blocks(self.remote, point.block)
         src, dst = (local, remote) if op == "write" else (remote, local)
         if point.count == 1:
             src_id, dst_id = (point.local_ids[0], point.remote_ids[0])
