@@ -761,3 +761,18 @@ def test_an_fp8_model_compiled_with_the_pass(gloo_outcomes) -> None:
 
 def _relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def test_eps_is_read_from_the_graph_where_the_match_does_not_name_it() -> None:
+    """Inductor re-matches a pattern at the real shapes; where it traces ``eps`` as the graph's own constant
+    (torch 2.11), the match has no ``eps``: the pass reads it from the chain (the scalar added to the mean)."""
+    from types import SimpleNamespace
+
+    from sagellm_comm.compile.fusion_pass import _eps_of
+
+    def norm(v):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(norm)(torch.randn(2, 8))
+    assert _eps_of(SimpleNamespace(nodes=list(gm.graph.nodes))) == pytest.approx(1e-5)
+    assert _eps_of(SimpleNamespace(nodes=[])) is None

@@ -164,6 +164,21 @@ def _same_size(a, b) -> bool:
     return statically_known_true(a == b)
 
 
+def _eps_of(match: pm.Match):
+    """The ``eps`` of a matched chain read from its graph: the scalar added to the mean of squares.  (Where
+    Inductor re-matches at the real shapes with ``eps`` traced as the graph's own constant, as torch 2.11 does,
+    the match does not name it.)"""
+    for node in match.nodes:
+        if (
+            node.target in (torch.ops.aten.add.Scalar, torch.ops.aten.add.Tensor)
+            and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].target is torch.ops.aten.mean.dim
+            and not isinstance(node.args[1], torch.fx.Node)
+        ):
+            return node.args[1]
+    return None
+
+
 def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     """The checks a structural match must pass before it is rewritten (see the module docstring)."""
     limits = _fused_limits()
@@ -187,7 +202,7 @@ def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
         # match ``r + a``, ``mean(v, -1, dtype=float64)`` would match ``mean(v, -1)``.
         if isinstance(node, torch.fx.Node) and set(node.kwargs) - set(getattr(expr, "kwargs", None) or {}):
             return False
-    eps = match.kwargs.get("eps")
+    eps = match.kwargs["eps"] if "eps" in match.kwargs else _eps_of(match)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return False  # eps is a graph input (dynamic=True unspecialises floats): the op takes a number
     inputs = [match.kwargs.get(name) for name in ("x", "residual", "weight", "scale")]
