@@ -116,9 +116,9 @@ class Rule:
 
 
 # Measured on H100, bf16, CUDA-graph replay.  Virtual ranks, one H100 (all ranks in one launch), for 2, 4 and 8
-# ranks: bench/results/h100/custom_all_reduce_virtual.json at c852ddd, which gives every boundary below and the
-# figures in the reasons (the boundaries were first drawn from the virtual-rank record at dd41bf9, in git at
-# 55a2a51, which has the same best kernel at every size).  Two real H100s over NVLink:
+# ranks: bench/results/h100/custom_all_reduce_virtual.json (measured at c852ddd, in git at 290c549), which gives
+# every boundary below and the figures in the reasons (the boundaries were first drawn from the virtual-rank
+# record at dd41bf9, in git at 55a2a51, which has the same best kernel at every size).  Two real H100s over NVLink:
 # bench/results/2xh100/all_reduce_graph.json at dd41bf9, which agrees on every 2-rank boundary.  The barrier-free
 # Lamport kernel wins up to 256 KB at 2-4 ranks and 64 KB at 8; one-shot's single barrier then wins up to
 # 4 MB at 2 ranks, 1 MB at 4 and 256 KB at 8; two-shot's 2(W-1)/W traffic wins everything larger.

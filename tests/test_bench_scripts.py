@@ -128,11 +128,14 @@ def test_every_generated_block_cites_an_existing_record_or_says_none_yet():
 
 def test_one_gpu_records_prefer_h200_and_fall_back_to_h100(tmp_path):
     tables = _tables(copy_tree(tmp_path))
-    h100 = tables.current(tables.VIRTUAL_AR)
-    assert h100 == f"h100/{tables.VIRTUAL_AR}"
-    shutil.copy(tables.RESULTS / h100, tables.RESULTS / "h200" / tables.VIRTUAL_AR)
+    h200 = tables.RESULTS / "h200" / tables.VIRTUAL_AR
+    h100 = tables.RESULTS / "h100" / tables.VIRTUAL_AR
+    h100.parent.mkdir(exist_ok=True)
+    shutil.move(h200, h100)  # only the H100 record: it is the one cited
+    assert tables.current(tables.VIRTUAL_AR) == f"h100/{tables.VIRTUAL_AR}"
+    shutil.copy(h100, h200)  # both: the H200 record wins
     assert tables.current(tables.VIRTUAL_AR) == f"h200/{tables.VIRTUAL_AR}"
-    (tables.RESULTS / h100).unlink()  # the replaced record deleted: the docs still render, from h200/
+    h100.unlink()  # the replaced record deleted: the docs still render, from h200/
     assert f"bench/results/h200/{tables.VIRTUAL_AR}" in tables.virtual_all_reduce()
 
 

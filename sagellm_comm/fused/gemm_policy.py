@@ -26,7 +26,8 @@ class GemmRule:
     min_bytes: int = 0
 
 
-# Measured with virtual ranks, one H100 (bench/results/h100/fused_gemm_all_reduce_virtual.json at 5aac79e,
+# Measured with virtual ranks, one H100 (bench/results/h100/fused_gemm_all_reduce_virtual.json at 5aac79e, in git at
+# 290c549; on one H200 bench/results/h200/fused_gemm_all_reduce_virtual.json says the same,
 # docs/fused.md): cuBLAS then our all-reduce was the fastest path, or within 1% of it, at every M, N and world
 # size; the fused Triton GEMM alone is 1.15-1.6x slower than cuBLAS, which the overlap does not win back, and
 # the chunked pipeline loses to contention.  So the default never picks a path measured slower than sequential;

@@ -97,10 +97,12 @@ class FusionRule:
 
 
 # The unquantised fused kernel beat all-reduce + torch add + F.rms_norm at every measured shape (1-4096 tokens,
-# hidden 4096/8192, 2-8 virtual ranks on one H100: 1.15-1.85x, bench/results/h100/fused_rmsnorm_virtual.json); the
-# quantised chain adds a torch quantisation (several kernels and a full read and write of the activations) to the
-# unfused side only.  So the default fuses everywhere, on the kernel the all-reduce policy picks for the size;
-# the H200 record of bench/fp8_fused_bench.py gives the rules that turn the fusion off where it loses.
+# hidden 4096/8192, 2-8 virtual ranks on one H100: 1.15-1.85x,
+# bench/results/h100/fused_rmsnorm_virtual.json in git at 290c549; on one H200:
+# bench/results/h200/fused_rmsnorm_virtual.json); the quantised chain adds a torch quantisation (several kernels
+# and a full read and write of the activations) to the unfused side only.  So the default fuses everywhere, on
+# the kernel the all-reduce policy picks for the size; the H200 record of bench/fp8_fused_bench.py gives the rules
+# that turn the fusion off where it loses.
 DEFAULT_FUSION_RULES: tuple[FusionRule, ...] = (
     FusionRule(
         "fused-follow-all-reduce",
