@@ -121,7 +121,9 @@ class Rule:
 # record at dd41bf9, in git at 55a2a51, which has the same best kernel at every size).  Two real H100s over NVLink:
 # bench/results/2xh100/all_reduce_graph.json at dd41bf9, which agrees on every 2-rank boundary.  The barrier-free
 # Lamport kernel wins up to 256 KB at 2-4 ranks and 64 KB at 8; one-shot's single barrier then wins up to
-# 4 MB at 2 ranks, 1 MB at 4 and 256 KB at 8; two-shot's 2(W-1)/W traffic wins everything larger.
+# 4 MB at 2 ranks, 1 MB at 4 and 128 KB at 8; two-shot's 2(W-1)/W traffic wins everything larger.  At 8 ranks
+# the boundary comes from one H200 (bench/results/h200/all_reduce_vr8_graph.csv): two-shot, staging and
+# gathering tile t of every chunk in one access, overtakes one-shot from 256 KB.
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("ws2-lamport", "lamport", max_bytes=256 << 10, world_sizes=(2,),
          reason="2 ranks, <=256 KB: no barrier at all (data is the flag); 1.9-4.4 us vs one-shot's 4.5-5.3 "
@@ -138,9 +140,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("ws34-one-shot", "one_shot", max_bytes=1 << 20, world_sizes=(3, 4),
          reason="3-4 ranks, <=1 MB: one barrier; 8.4-10.7 us at 4 ranks vs two-shot's 8.9-11.2 "
                 "(virtual ranks, one H100)"),
-    Rule("small-one-shot", "one_shot", max_bytes=256 << 10,
-         reason="<=256 KB: one barrier; 7.4-9.9 us at 8 ranks vs two-shot's 10.7-10.8 "
-                "(virtual ranks, one H100)"),
+    Rule("small-one-shot", "one_shot", max_bytes=128 << 10,
+         reason="<=128 KB: one barrier; 6.2-7.3 us at 8 ranks vs two-shot's 8.0-8.1; from 256 KB two-shot "
+                "is faster (8.3 vs 9.7 us) (virtual ranks, one H200)"),
     Rule("large-two-shot", "two_shot",
          reason="bandwidth-bound size: two-shot moves 2(W-1)/W of the message instead of (W-1)"),
 )  # fmt: skip

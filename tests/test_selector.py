@@ -30,8 +30,8 @@ def test_default_policy_by_size_and_world_size():
     assert sel.select((1 << 20) + 1, 4).algo == "two_shot"
     assert sel.select(64 << 10, 8).algo == "lamport"
     assert sel.select(128 << 10, 8).algo == "one_shot"
-    assert sel.select(256 << 10, 8).algo == "one_shot"
-    assert sel.select((256 << 10) + 1, 8).algo == "two_shot"
+    assert sel.select(128 << 10, 8).algo == "one_shot"
+    assert sel.select((128 << 10) + 1, 8).algo == "two_shot"
 
 
 def test_messages_over_the_workspace_go_to_nccl_whatever_the_policy():
