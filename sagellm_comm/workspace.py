@@ -371,6 +371,15 @@ class SymmetricWorkspace:
                 "recreate the backend) after fixing the call sites",
                 details={"rank": self.rank, **err},
             )
+        if err["phase"] == "row exchange":
+            return CommTimeoutError(
+                f"custom all-reduce on rank {me}: program {err['block']} of fused Lamport call {err['call']}{counted} "
+                "waited in vain for the other programs of its row on this rank: the launch's programs did not all "
+                f"run at once ({self.max_programs} per launch; lower SAGELLM_COMM_MAX_PROGRAMS if other work holds "
+                "the GPU's SMs); the output of that call and of every later call on this workspace is NaN: call "
+                "reset() on every rank, or destroy the backend and create it again",
+                details={"rank": self.rank, **err},
+            )
         where = ("step " if err["phase"] == "copy-engine" else "program ") + str(err["block"])
         family = _CALL_FAMILIES.get(err["phase"], "barrier-kernel")
         return CommTimeoutError(

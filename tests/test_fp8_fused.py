@@ -440,3 +440,46 @@ def _timeout_worker(rank, world_size, port, algo):
 def test_missing_peer_is_named_and_the_output_is_nan(algo):
     msg = run_ranks(_timeout_worker, 2, algo, env=INTERP, timeout=300)[0]
     assert "peer rank 1 never arrived" in msg
+
+
+def test_row_split_holds_every_row_at_once_in_whole_groups():
+    """The fused Lamport kernel's programs per row: a power of two, every row held at once, whole 128-element
+    groups per program (a group's scale never straddles programs), segments of at least MIN_SEGMENT."""
+    from sagellm_comm.fused.rmsnorm import MIN_SEGMENT, row_split
+
+    assert row_split(1, 4096, 66) == 16  # 2 ranks on 132 SMs: one token over 16 programs of 256
+    assert row_split(1, 8192, 16) == 16  # 8 ranks: 16 programs of 512
+    assert row_split(4, 8192, 16) == 4
+    assert row_split(5, 8192, 16) == 2
+    assert row_split(9, 8192, 16) == 1  # more rows than pairs of programs: a program per row
+    assert row_split(1, 5120, 132) == 8  # 5120 = 40 groups: 8 programs of 5
+    assert row_split(1, 1000, 64) == 1  # not whole groups
+    assert row_split(1, 256, 64) == 1  # one segment of MIN_SEGMENT already
+    for rows in range(1, 20):
+        for hidden in (128, 384, 1024, 4096, 5120, 7168, 8192, 16384):
+            for programs in (1, 7, 16, 33, 66, 128):
+                s = row_split(rows, hidden, programs)
+                assert s & (s - 1) == 0 and hidden % (128 * s) == 0
+                assert s == 1 or (rows * s <= programs and hidden // s >= MIN_SEGMENT)
+
+
+def test_a_row_exchange_timeout_says_the_launch_did_not_run_at_once():
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.kernels import all_reduce as k
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 4096, "cpu")
+    try:
+        record = workspaces[0].error_view
+        record[k.ERR_PEER.value] = 0
+        record[k.ERR_PHASE.value] = k.PHASE_ROW.value
+        record[k.ERR_BLOCK.value] = 3
+        record[k.ERR_EPOCH.value] = 2 * 41 + 2  # the amax exchange of call 41
+        record[k.ERR_STATUS.value] = k.ERR_TIMEOUT.value
+        exc = workspaces[0].failure()
+        assert isinstance(exc, CommTimeoutError)
+        assert exc.details["phase"] == "row exchange" and exc.details["call"] == 41
+        assert "program 3 of fused Lamport call 41" in str(exc) and "did not all run at once" in str(exc)
+    finally:
+        for ws in workspaces:
+            ws.close()

@@ -162,6 +162,118 @@ def test_cuda_graph_replays_every_mode(fused):
     fused.group.check_errors()
 
 
+@pytest.mark.parametrize("hidden", [4096, 5120, 7168, 8192])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("quant", (None, *MODES), ids=str)
+def test_lamport_rows_split_over_programs(fused, quant, rows, hidden):
+    """A few rows on the Lamport kernel, each row split over programs that exchange its sum of squares (and, per
+    token, its amax): the reference's values, every rank's bits identical."""
+    from sagellm_comm.fused.rmsnorm import row_split
+
+    split = row_split(rows, hidden, fused.rmsnorm.max_programs)
+    if rows * 2 <= fused.rmsnorm.max_programs:
+        assert split > 1, "a few rows must be split over programs"
+    if quant is not None:
+        _check_against_reference(fused, "lamport", quant, rows, hidden, torch.bfloat16)
+        return
+    w = fused.world_size
+    x, residual, weight = _inputs(w, rows, hidden, torch.bfloat16, seed=rows + hidden)
+    normed, new_res = fused.all_reduce_residual_rmsnorm(x, residual, weight, 1e-6, algo="lamport")
+    torch.cuda.synchronize()
+    fused.group.check_errors()
+    acc = x[0].float()
+    for r in range(1, w):
+        acc = acc + x[r].float()
+    res_ref = (acc.to(x.dtype).float() + residual[0].float()).to(x.dtype)
+    v = res_ref.float()
+    y_ref = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()).to(x.dtype)
+    assert torch.equal(new_res[0], res_ref)
+    torch.testing.assert_close(normed[0].float(), y_ref.float(), rtol=2**-7, atol=2**-7)
+    for r in range(1, w):
+        assert torch.equal(normed[r], normed[0]) and torch.equal(new_res[r], new_res[0]), f"rank {r} differs"
+
+
+def test_split_rows_back_to_back_and_in_a_graph(fused):
+    """Thousands of split-row calls back to back (every mode, 1-4 rows, the plain all-reduces between them on the
+    same workspace), then the same calls captured in a CUDA graph and replayed: row flags, Lamport counters and
+    buffers stay in step, and every result is exact (new_residual) or equal to the first call's bits."""
+    w = fused.world_size
+    hidden = 4096
+    cases = []
+    for rows in (1, 2, 3, 4):
+        x, residual, weight = _inputs(w, rows, hidden, torch.bfloat16, seed=100 + rows)
+        acc = x.float().sum(0)
+        res_ref = (acc.to(x.dtype).float() + residual[0].float()).to(x.dtype)
+        cases.append((x, residual, weight, res_ref))
+    scale = torch.tensor([0.05], device="cuda")
+    modes = (None, *MODES)
+    first = {}
+    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def step(i):
+        x, residual, weight, res_ref = cases[i % 4]
+        quant = modes[(i // 4) % 4]
+        outs = fused.all_reduce_residual_rmsnorm(x, residual, weight, algo="lamport", quant=quant,
+                                                 scale=scale if quant == "fp8" else None)  # fmt: skip
+        key = (i % 4, quant)
+        if key not in first:
+            first[key] = [t.clone() for t in outs if t is not scale]
+        got = [t for t in outs if t is not scale]
+        for a, b in zip(got, first[key], strict=True):
+            wrong.add_((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+        wrong.add_((outs[-1][0] != res_ref).sum())
+        plain = torch.full((w, 2000), float(i % 7), device="cuda", dtype=torch.bfloat16)
+        fused.group.all_reduce_stacked(plain, algo="lamport")
+        wrong.add_((plain != float((i % 7) * w)).sum())
+
+    for i in range(3000):
+        step(i)
+    torch.cuda.synchronize()
+    fused.group.check_errors()
+    assert int(wrong) == 0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(16):
+            step(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(16):
+            step(i)
+    for _ in range(200):
+        graph.replay()
+    torch.cuda.synchronize()
+    fused.group.check_errors()
+    assert int(wrong) == 0
+
+
+def test_a_missing_rank_on_split_rows_names_the_rank_and_gives_nan():
+    """Rank 1 never calls: rank 0's split-row Lamport call times out naming rank 1 in the Lamport phase (not the
+    row exchange of its own programs), and every output, scales included, is NaN."""
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.fused.rmsnorm import FusedAllReduceRMSNorm, row_split
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 20, "cuda:0")
+    try:
+        rank0 = FusedAllReduceRMSNorm(workspaces[0], timeout_s=0.2)
+        rows, hidden = 2, 4096
+        assert row_split(rows, hidden, rank0.max_programs) > 1
+        x = torch.ones(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        q, scales, new_res = rank0(x, torch.ones_like(x), torch.ones(hidden, device="cuda", dtype=torch.bfloat16),
+                                   algo="lamport", quant="fp8_per_token")  # fmt: skip
+        torch.cuda.synchronize()
+        with pytest.raises(CommTimeoutError) as info:
+            rank0.check_errors()
+        assert info.value.details["peer"] == 1 and info.value.details["phase"] == "lamport", info.value.details
+        assert bool(torch.isnan(new_res).all()) and bool(torch.isnan(scales).all())
+        assert bool(torch.all(q.view(torch.uint8) & 0x7F == 0x7F)), "q must be FP8 NaN"
+    finally:
+        for ws in workspaces:
+            ws.close()
+
+
 def _weights_fp8(n, k, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     wt = torch.randn(n, k, device="cuda", generator=g) / k**0.5

@@ -27,7 +27,10 @@ UNALIGNED = {"rank", "timeout", "eps", "step", "algo", "dtype_code", "n_items", 
 
 
 def _compile(kernel, types: dict, constexprs: dict, num_warps: int = 8):
-    params = list(inspect.signature(kernel.fn).parameters)
+    parameters = inspect.signature(kernel.fn).parameters
+    params = list(parameters)
+    defaults = {p: v.default for p, v in parameters.items() if v.default is not inspect.Parameter.empty}
+    constexprs = {**{p: v for p, v in defaults.items() if p not in types}, **constexprs}
     signature = {p: "constexpr" if p in constexprs else types[p] for p in params}
     # As a launch specialises them: pointers 16-byte aligned, sizes and offsets multiples of 16.
     aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in types and p not in UNALIGNED}
@@ -137,6 +140,13 @@ def _cases():
         cases.append(
             (rm.lamport_all_reduce_rmsnorm_kernel, types, cx, ("griddepcontrol.wait", *(fp8_ops if quant else ())))
         )
+    # Rows split over programs: the row exchange is a release exchange of a flag and acquire polls of the row's flags.
+    row_exchange = ("atom.global.gpu.release.exch.b64", "ld.acquire.sys.global.b64")
+    for quant, w, split in ((0, 2, 4), (1, 8, 2), (2, 4, 16), (3, 8, 8)):
+        types = dict(lamport_rms, out="*bf16") if quant == 0 else lamport_rms
+        cx = dict(W=w, WP=w, BLOCK_H=8192 // split, QUANT=quant, USE_PTX=True, VIRTUAL=quant == 2, PDL=True,
+                  SPLIT=split)  # fmt: skip
+        cases.append((rm.lamport_all_reduce_rmsnorm_kernel, types, cx, (*row_exchange, *(fp8_ops if quant else ()))))
     cases.append(
         (
             gk.gemm_publish_kernel,

@@ -27,6 +27,25 @@ from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
 from .rmsnorm_policy import FusionPolicy
 
+# The Lamport form splits a row over programs down to segments of this many elements (the plain Lamport kernel's
+# smallest tile), as far as the grid holds every row at once.
+MIN_SEGMENT = 256
+
+
+def row_split(rows: int, hidden: int, programs: int, group: int = _rmk.FP8_GROUP.value) -> int:
+    """Programs per row of the fused Lamport kernel (its ``SPLIT``): the largest power of two ``s`` with every row
+    held at once (``rows * s <= programs``), ``hidden`` cut into whole ``group``-element groups
+    (``hidden % (group * s) == 0``, so a group's FP8 scale stays inside one program) and segments of at least
+    ``MIN_SEGMENT`` elements; 1 (a program per row) when none is larger."""
+    split = 1
+    while rows * split * 2 <= programs and hidden % (group * split * 2) == 0 and hidden // (split * 2) >= MIN_SEGMENT:
+        split *= 2
+    return split
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
 
 class FusedAllReduceRMSNorm:
     """All-reduce + residual add + RMSNorm (+ FP8 quantisation) of one rank, on the custom all-reduce's workspace.
@@ -232,13 +251,16 @@ class FusedAllReduceRMSNorm:
         ``scales``: the static scale, the dynamic scales' output, or None (no quantisation)."""
         ws = self.workspace
         w = ws.world_size
-        block_h = triton.next_power_of_2(hidden)
-        num_warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
         lamport = algo == LAMPORT
+        split = 1
         if lamport:
             programs = self.max_programs  # every Lamport launch on a workspace uses the same grid
+            if self.use_ptx:  # the interpreter runs programs one after another: a split row would wait forever
+                split = row_split(rows, hidden, programs)
         else:
             programs = max(1, min(triton.cdiv(rows, w) if algo == TWO_SHOT else rows, self.max_programs))
+        block_h = triton.next_power_of_2(hidden // split)
+        num_warps = _warps(block_h)
         table = ws.table if table is None else table
         ctrl = ws.control if ctrl is None else ctrl
         if self.use_ptx:
@@ -255,7 +277,8 @@ class FusedAllReduceRMSNorm:
             QUANT=QUANT_CODES[quant], USE_PTX=self.use_ptx, VIRTUAL=virtual_ranks > 1,
         )  # fmt: skip
         if lamport:
-            named.update(lamport_offset=lamport_offset(ws.slot_bytes), cap=ws.lamport_capacity, PDL=self.pdl)
+            named.update(lamport_offset=lamport_offset(ws.slot_bytes), cap=ws.lamport_capacity, PDL=self.pdl,
+                         SPLIT=split)  # fmt: skip
         else:
             named.update(slot_bytes=ws.slot_bytes, TWO_SHOT=algo == TWO_SHOT)
         self._launcher(lamport, num_warps).launch((programs, virtual_ranks), **named)

@@ -90,15 +90,18 @@ PHASE_COPY_ENGINE = tl.constexpr(4)
 PHASE_CHECK = tl.constexpr(5)
 PHASE_TILE = tl.constexpr(6)  # a GEMM tile flag (kernels/gemm_all_reduce.py)
 PHASE_GROUP_CHECK = tl.constexpr(7)  # check mode across a whole group through the engine (kernels/fingerprint.py)
-PHASE_NAMES = ("start", "mid", "end", LAMPORT, "copy-engine", "check", "tile", "group check")
+PHASE_ROW = tl.constexpr(8)  # the programs sharing one row exchange its sums (kernels/fused_all_reduce_rmsnorm.py)
+PHASE_NAMES = ("start", "mid", "end", LAMPORT, "copy-engine", "check", "tile", "group check", "row exchange")
 
 
 def call_of_target(phase: int, target: int) -> int:
     """The call number (the value of the call's counter) of a timed-out wait whose error record holds flag
     ``target``: a start flag is ``2 * (call + 1)`` (its low bit carries the zero-copy choice), every other
-    flag ``call + 1``."""
+    flag ``call + 1``; a row-exchange flag ``2 * call + 1`` or ``2 * call + 2``."""
     if phase == PHASE_START.value:
         return target // 2 - 1
+    if phase == PHASE_ROW.value:
+        return (target - 1) // 2  # 2 * call + 1 (the sum of squares) or 2 * call + 2 (the amax)
     return target - 1
 
 
@@ -126,7 +129,10 @@ CTRL_LATCH = tl.constexpr(2)  # error latch: non-zero once any wait of this rank
 CTRL_CE_EPOCH = tl.constexpr(3)  # copy-engine pipeline calls
 CTRL_CHECK = tl.constexpr(4)  # fingerprint checks
 CTRL_LAMPORT = tl.constexpr(8)  # [8, 8 + 2 * MAX_BLOCKS): the Lamport kernel's per-program state
-CTRL_WORDS = tl.constexpr(CTRL_LAMPORT.value + 2 * MAX_BLOCKS.value)
+# [CTRL_ROW, + 2 * MAX_BLOCKS): the fused Lamport kernel's row exchange (kernels/fused_all_reduce_rmsnorm.py):
+# per program an int64 flag, then per program two fp32 values (its partial sum of squares and its amax).
+CTRL_ROW = tl.constexpr(CTRL_LAMPORT.value + 2 * MAX_BLOCKS.value)
+CTRL_WORDS = tl.constexpr(CTRL_ROW.value + 2 * MAX_BLOCKS.value)
 COUNTER_WORDS = (CTRL_EPOCH.value, CTRL_CE_EPOCH.value, CTRL_CHECK.value)  # + the Lamport call counters
 
 

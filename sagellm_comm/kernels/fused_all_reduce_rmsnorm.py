@@ -45,7 +45,10 @@ Algorithms (``W`` ranks; a *row* is the unit of work, so the norm's reduction st
   current Lamport buffer of every rank, clears what was pushed to it at the previous Lamport call, then polls
   its rows until no element holds the sentinel and finishes them as one-shot does.  Same buffers, rotation,
   per-program counters and bounded waits as the plain Lamport all-reduce (every launch uses the group's
-  ``max_programs`` programs).
+  ``max_programs`` programs).  With few rows each row is split over ``SPLIT`` programs (whole 128-element
+  groups each) that exchange the row's sum of squares, and per token its amax, through this rank's control
+  words (:func:`_row_exchange`): a token then moves through as many programs as a plain all-reduce of its
+  bytes, not through one.
 
 A failed wait (or a workspace latched before the call) makes every value the call writes NaN, the scales
 included (FP8 NaN is ``0x7F``): a failed call's outputs never pass for results.
@@ -57,7 +60,11 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
+    CTRL_LATCH,
+    CTRL_ROW,
+    MAX_BLOCKS,
     PHASE_MID,
+    PHASE_ROW,
     _barrier,
     _finish,
     _nan_unless,
@@ -68,6 +75,7 @@ from sagellm_comm.kernels.all_reduce import (
     _reduce_tile,
     _slot_offset,
     _start_barrier,
+    _wait_flags,
 )
 from sagellm_comm.kernels.fp8 import (
     FP8_GROUP,
@@ -121,15 +129,17 @@ def _stage_regions(num_rows, hidden, ITEMSIZE: tl.constexpr, OUT_ITEMSIZE: tl.co
 
 
 @triton.jit
-def _residual_norm(reduced, residual, offs, cmask, weight_f32, hidden, eps, DTYPE: tl.constexpr):
-    """``(new_residual, normed)`` of one row from its all-reduced values (``DTYPE``)."""
-    res = tl.load(residual + offs, mask=cmask, other=0.0)
-    new_res = (reduced.to(tl.float32) + res.to(tl.float32)).to(DTYPE)
-    v = new_res.to(tl.float32)
-    mean_sq = tl.sum(v * v, axis=0) / hidden
-    rstd = 1.0 / tl.sqrt_rn(mean_sq + eps)
-    normed = (v * rstd * weight_f32).to(DTYPE)
-    return new_res, normed
+def _new_residual(reduced, ok, res, DTYPE: tl.constexpr):
+    """``new_residual`` of a row (or part of one) from its all-reduced fp32 values: rounded to ``DTYPE`` (the
+    all-reduce's output), added to the residual in fp32, rounded again (torch's add).  NaN where not ``ok``."""
+    return (_nan_unless(ok, reduced).to(DTYPE).to(tl.float32) + res.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def _normalise(v, sum_sq, weight_f32, hidden, eps, DTYPE: tl.constexpr):
+    """RMSNorm of ``v`` (fp32 ``new_residual``) given the row's sum of squares, rounded to ``DTYPE``."""
+    rstd = 1.0 / tl.sqrt_rn(sum_sq / hidden + eps)
+    return (v * rstd * weight_f32).to(DTYPE)
 
 
 @triton.jit
@@ -172,22 +182,71 @@ def _finish_row(
     DTYPE: tl.constexpr,
     USE_PTX: tl.constexpr,
 ):
-    """The epilogue every algorithm runs on a reduced row: ``(new_residual, out, scale)``."""
-    new_res, normed = _residual_norm(_nan_unless(ok, reduced).to(DTYPE), residual, offs, cmask, weight_f32, hidden,
-                                     eps, DTYPE)  # fmt: skip
+    """The epilogue the barrier kernels run on a whole reduced row: ``(new_residual, out, scale)``."""
+    new_res = _new_residual(reduced, ok, tl.load(residual + offs, mask=cmask, other=0.0), DTYPE)
+    v = new_res.to(tl.float32)
+    normed = _normalise(v, tl.sum(v * v, axis=0), weight_f32, hidden, eps, DTYPE)
     out, scale = _quantize_row(normed, static_scale, ok, QUANT, BLOCK_H, USE_PTX)
     return new_res, out, scale
 
 
 @triton.jit
-def _store_scales(scales, row, scale, hidden, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Row ``row``'s dynamic scale(s) into ``scales`` (``[rows, 1]`` or ``[rows, hidden // FP8_GROUP]`` fp32)."""
+def _row_exchange(
+    ctrl,
+    table,
+    value,
+    WHICH: tl.constexpr,
+    flag,
+    rank,
+    pid,
+    timeout,
+    SPLIT: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):
+    """The ``SPLIT`` programs that share a row (``pid // SPLIT`` equal) exchange one fp32 ``value`` each.
+
+    Publishes ``value`` in this rank's control words (``WHICH`` 0: the partial sums of squares, 1: the partial
+    amaxes), raises this program's row flag to ``flag`` with a release and waits (:func:`_wait_flags`) until the
+    row's ``SPLIT`` flags reached it.  Returns ``(values, ok)``: the row's values in program order (the same vector
+    in every program of the row, so each reduces them to the same bits), and False if a flag never arrived or
+    this rank's latch is set (a wait of this call failed somewhere: the row is not a result).
+
+    Flags only grow (``2 * call + 1`` for the sums, ``2 * call + 2`` for the amaxes) and the values are rewritten
+    only by the next call's launch, which starts after this one has finished.  The programs of one launch are
+    co-resident (the workspace's grid), so the wait ends; its deadline is twice the kernel timeout, so that a
+    program that waits for a missing peer's data records that peer first.
+    """
+    values = (ctrl + CTRL_ROW + MAX_BLOCKS).to(tl.pointer_type(tl.float32)) + WHICH * MAX_BLOCKS
+    tl.store(values + pid, value)
+    tl.debug_barrier()  # the value, stored by any thread, happens before the release below
+    tl.atomic_xchg(ctrl + CTRL_ROW + pid, flag, sem="release", scope="gpu")
+    first = pid // SPLIT * SPLIT
+    lanes = tl.arange(0, SPLIT)
+    arrived, _ = _wait_flags(
+        ctrl + CTRL_ROW + first + lanes, lanes < SPLIT, flag, ctrl, table, tl.zeros([SPLIT], tl.int32) + rank,
+        PHASE_ROW, pid, timeout.to(tl.int64) * 2, W, WP, USE_PTX, False,
+    )  # fmt: skip
+    row_values = tl.load(values + first + lanes, cache_modifier=".cg")
+    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
+    return row_values, arrived & (latched == 0)
+
+
+@triton.jit
+def _store_scales(scales, row, scale, hidden, col0, width, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row ``row``'s dynamic scale(s) into ``scales`` (``[rows, 1]`` or ``[rows, hidden // FP8_GROUP]`` fp32).
+
+    ``col0``, ``width``: the columns of the row this program holds (``0``, ``hidden`` unless a row is split over
+    programs; ``col0`` a multiple of ``FP8_GROUP``); ``scale`` holds the group scales of ``BLOCK_H // FP8_GROUP``
+    groups from ``col0``, of which those inside the held columns are stored.  A per-token scale is stored by the
+    program that holds the row's start."""
     if QUANT == QUANT_PER_TOKEN:
-        tl.store(scales + row, scale)
+        if col0 == 0:
+            tl.store(scales + row, scale)
     elif QUANT == QUANT_GROUP:
-        groups = hidden // FP8_GROUP
         g = tl.arange(0, BLOCK_H // FP8_GROUP)
-        tl.store(scales + row * groups + g, scale, mask=g < groups)
+        tl.store(scales + row * (hidden // FP8_GROUP) + col0 // FP8_GROUP + g, scale, mask=g < width // FP8_GROUP)
 
 
 @triton.jit
@@ -210,10 +269,12 @@ def _fp8_nan_unless(ok, q):
 
 
 @triton.jit
-def _setup(weight, scales, hidden, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Columns, their mask, the weight in fp32 and the static scale (1.0 unless ``QUANT_STATIC``)."""
-    cols = tl.arange(0, BLOCK_H)
-    cmask = cols < hidden
+def _setup(weight, scales, col0, width, QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The columns ``col0 .. col0 + width - 1`` of a row this program holds, their mask, their weight in fp32 and
+    the static scale (1.0 unless ``QUANT_STATIC``)."""
+    lane = tl.arange(0, BLOCK_H)
+    cols = col0 + lane
+    cmask = lane < width
     weight_f32 = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)
     if QUANT == QUANT_STATIC:
         static_scale = tl.load(scales)
@@ -274,7 +335,7 @@ def all_reduce_rmsnorm_kernel(
     src_offsets = tl.full([WP], 0, tl.int64) + slot_offset  # every rank's staged rows: no zero-copy here
     my_slot_base = _pick(bases, peers, rank) + slot_offset
     my_slot = _ptr(my_slot_base, DTYPE)
-    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
+    cols, cmask, weight_f32, static_scale = _setup(weight, scales, 0, hidden, QUANT, BLOCK_H)
 
     if TWO_SHOT:
         chunk = tl.cdiv(num_rows, W)
@@ -303,10 +364,10 @@ def all_reduce_rmsnorm_kernel(
             )  # fmt: skip
             tl.store(my_slot + offs, new_res, mask=cmask, cache_modifier=".cg")
             tl.store(my_out + offs, row_out, mask=cmask, cache_modifier=".cg")
-            _store_scales(my_scales, row, scale, hidden, QUANT, BLOCK_H)
+            _store_scales(my_scales, row, scale, hidden, 0, hidden, QUANT, BLOCK_H)
             tl.store(residual_out + offs, new_res, mask=cmask)
             tl.store(out + offs, row_out, mask=cmask)
-            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
+            _store_scales(scales, row, scale, hidden, 0, hidden, QUANT, BLOCK_H)
         ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
 
         # Gather chunk c's results from rank c.
@@ -329,7 +390,7 @@ def all_reduce_rmsnorm_kernel(
                         tl.store(out + offs, _fp8_nan_unless(ok, row_out), mask=cmask)
                         if QUANT != QUANT_STATIC:
                             scale = _nan_unless(ok, _load_scales(owner_scales, row, hidden, QUANT, BLOCK_H))
-                            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
+                            _store_scales(scales, row, scale, hidden, 0, hidden, QUANT, BLOCK_H)
     else:
         for row in range(pid, num_rows, num_programs):
             offs = row * hidden + cols
@@ -345,7 +406,7 @@ def all_reduce_rmsnorm_kernel(
             )  # fmt: skip
             tl.store(residual_out + offs, new_res, mask=cmask)
             tl.store(out + offs, row_out, mask=cmask)
-            _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
+            _store_scales(scales, row, scale, hidden, 0, hidden, QUANT, BLOCK_H)
     _finish(ctrl, epoch, num_programs)
 
 
@@ -373,6 +434,7 @@ def lamport_all_reduce_rmsnorm_kernel(
     USE_PTX: tl.constexpr,
     VIRTUAL: tl.constexpr,
     PDL: tl.constexpr,
+    SPLIT: tl.constexpr = 1,
 ):
     """Barrier-free fused all-reduce + residual add + RMSNorm (+ FP8) of ``num_rows * hidden <= cap`` elements.
 
@@ -380,6 +442,15 @@ def lamport_all_reduce_rmsnorm_kernel(
     kernel (``sagellm_comm/kernels/lamport_all_reduce.py``), whose buffers, per-program state and grid (every
     launch on a workspace uses the same number of programs) this kernel shares.  With ``PDL`` only the peer
     table is read before ``griddepcontrol.wait``.
+
+    ``SPLIT`` (a power of two, ``hidden % (128 * SPLIT) == 0``, at most the grid) programs share each row: program
+    ``p`` holds the 128-aligned segment ``p % SPLIT`` of rows ``p // SPLIT``, ``p // SPLIT + P // SPLIT``, ... of a
+    grid of ``P`` (programs past ``SPLIT * (P // SPLIT)`` hold none).  A row's programs push, poll and reduce their
+    segments in parallel and meet in :func:`_row_exchange` for the row's sum of squares (and, per token, its
+    amax): a few small rows then use as many programs as a plain all-reduce of the same bytes, instead of one
+    program moving a whole row.  Every program of a row walks the same rows in the same order, so the
+    exchanges cannot wait on each other.  The exchange needs the row's programs to run concurrently, which
+    the Triton interpreter does not do: the host launches ``SPLIT = 1`` there.
     """
     rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
@@ -399,21 +470,27 @@ def lamport_all_reduce_rmsnorm_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    # This program's first row, the weight, the Lamport state and the latch: one round trip (as the plain kernel).
-    cols, cmask, weight_f32, static_scale = _setup(weight, scales, hidden, QUANT, BLOCK_H)
-    first_offs = pid * hidden + cols
-    first_mask = cmask & (first_offs < num_rows * hidden)  # row ``pid`` exists
+    # This program's segment and rows; its first row's input and residual, the weight, the Lamport state and the
+    # latch: one round trip (the residual is needed only after the poll, its load hides behind it).
+    segment = hidden // SPLIT
+    row_step = num_programs // SPLIT
+    first_row = tl.where(pid < row_step * SPLIT, pid // SPLIT, num_rows)
+    col0 = (pid % SPLIT) * segment
+    cols, cmask, weight_f32, static_scale = _setup(weight, scales, col0, segment, QUANT, BLOCK_H)
+    first_offs = first_row * hidden + cols
+    first_mask = cmask & (first_offs < num_rows * hidden)  # this program holds a row
     first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
+    first_res = tl.load(residual + first_offs, mask=first_mask, other=0.0)
     lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
     healthy = latched == 0
     slot_stride = cap * 4
     my_area = _pick(bases, peers, rank) + lamport_offset
 
-    # 1. Push this program's rows into slot ``rank`` of buffer ``buf`` of every rank (a program without a row
-    #    has an all-false mask: it stores nothing).
+    # 1. Push this program's segments into slot ``rank`` of buffer ``buf`` of every rank (a program without a
+    #    row has an all-false mask: it stores nothing).
     slot_in_peer = lamport_offset + (buf * W + rank) * slot_stride
     _push_tile(first, bases, peers, slot_in_peer, first_offs, first_mask, W, DTYPE)
-    for row in range(pid + num_programs, num_rows, num_programs):
+    for row in range(first_row + row_step, num_rows, row_step):
         offs = row * hidden + cols
         _push_tile(tl.load(inp + offs, mask=cmask, other=0.0), bases, peers, slot_in_peer, offs, cmask, W, DTYPE)
 
@@ -421,17 +498,39 @@ def lamport_all_reduce_rmsnorm_kernel(
     _clear_previous(my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W, LAMPORT_CLEAR_BLOCK)
     _save_state(ctrl, pid, num_rows * hidden, lepoch, DTYPE)
 
-    # 3. Poll each row until every source arrived, then finish it as one-shot does.
-    for row in range(pid, num_rows, num_programs):
+    # 3. Poll each segment until every source arrived; finish it as one-shot does, the row's sums exchanged.
+    for row in range(first_row, num_rows, row_step):
         offs = row * hidden + cols
         reduced, pending, latched = _wait_tile(
             my_area, slot_stride, buf, offs, cmask, ctrl, table, pid, lepoch, latched, timeout, W, WP, WIDE, DTYPE,
             USE_PTX,
         )  # fmt: skip
-        new_res, row_out, scale = _finish_row(
-            reduced, healthy & (pending == 0), residual, offs, cmask, weight_f32, static_scale, hidden, eps, QUANT,
-            BLOCK_H, DTYPE, USE_PTX,
-        )  # fmt: skip
+        ok = healthy & (pending == 0)
+        if row == first_row:
+            res = first_res
+        else:
+            res = tl.load(residual + offs, mask=cmask, other=0.0)
+        new_res = _new_residual(reduced, ok, res, DTYPE)
+        v = new_res.to(tl.float32)
+        sum_sq = tl.sum(v * v, axis=0)
+        if SPLIT > 1:
+            parts, arrived = _row_exchange(
+                ctrl, table, sum_sq, 0, 2 * lepoch + 1, rank, pid, timeout, SPLIT, W, WP, USE_PTX
+            )  # fmt: skip
+            sum_sq = tl.sum(parts, axis=0)
+            ok = ok & arrived
+            v = _nan_unless(ok, v)  # a row whose exchange failed is NaN in every segment, as the unsplit kernel's
+            new_res = v.to(DTYPE)
+        normed = _normalise(v, sum_sq, weight_f32, hidden, eps, DTYPE)
+        if QUANT == QUANT_PER_TOKEN and SPLIT > 1:
+            y = _nan_unless(ok, normed.to(tl.float32))
+            parts, arrived = _row_exchange(
+                ctrl, table, tl.max(tl.abs(y), axis=0), 1, 2 * lepoch + 2, rank, pid, timeout, SPLIT, W, WP, USE_PTX
+            )  # fmt: skip
+            scale = _nan_unless(ok & arrived, _dynamic_scale(tl.max(parts, axis=0)))
+            row_out = _to_e4m3(tl.div_rn(y, scale), USE_PTX)
+        else:
+            row_out, scale = _quantize_row(normed, static_scale, ok, QUANT, BLOCK_H, USE_PTX)
         tl.store(residual_out + offs, new_res, mask=cmask)
         tl.store(out + offs, row_out, mask=cmask)
-        _store_scales(scales, row, scale, hidden, QUANT, BLOCK_H)
+        _store_scales(scales, row, scale, hidden, col0, segment, QUANT, BLOCK_H)
