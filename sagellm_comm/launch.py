@@ -76,6 +76,11 @@ def direct_launch(compiled) -> Callable | None:
     return generic
 
 
+# Triton types an integer argument by its range (i32, u32, i64, u64): a binary built for one range cannot take a
+# value of another, so the range is part of a binary's key.
+_I32_MIN, _I32_MAX, _U32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**32 - 1, 2**63 - 1
+
+
 def _is_constexpr(annotation) -> bool:
     """Whether a kernel parameter's annotation is ``tl.constexpr`` (a string under postponed annotations)."""
     return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
@@ -89,8 +94,8 @@ class Launcher:
     the tuple of every parameter's value in signature order; :meth:`__call__` launches such a tuple.  The
     first launch of a specialisation goes through ``kernel[grid](...)``; later ones call the compiled binary's
     launcher with integer pointers (:func:`direct_launch`).  The cache key holds what Triton specialises on:
-    tensor dtypes and 16-byte alignment, integers' divisibility by 16 and equality to 1, and the constexpr
-    values.
+    tensor dtypes and 16-byte alignment, integers' divisibility by 16, equality to 1 and range (the integer type
+    a binary takes), and the constexpr values.
     """
 
     def __init__(self, kernel, use_ptx: bool, device_index: int, **options):
@@ -128,7 +133,7 @@ class Launcher:
             if i in constexprs
             else (a.dtype, a.data_ptr() % 16 == 0)
             if isinstance(a, torch.Tensor)
-            else (a % 16 == 0, a == 1)
+            else (a % 16 == 0, a == 1, _I32_MIN <= a <= _I32_MAX, 0 <= a <= _U32_MAX, a <= _I64_MAX)
             if isinstance(a, int)
             else type(a)
             for i, a in enumerate(values)

@@ -93,6 +93,7 @@ def _new_control(shape: tuple[int, ...], device: torch.device, initial_epoch: in
     control = torch.zeros(*shape, _k.CTRL_WORDS.value, dtype=torch.int64, device=device)
     counters = [*_k.COUNTER_WORDS, *range(_k.CTRL_LAMPORT.value, _k.CTRL_LAMPORT.value + _k.MAX_BLOCKS.value)]
     control[..., counters] = initial_epoch
+    control[..., _k.CTRL_ROW_WORDS.value : _k.CTRL_WORDS.value] = -1  # the row exchange's words start empty
     return control
 
 

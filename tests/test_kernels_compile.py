@@ -140,8 +140,8 @@ def _cases():
         cases.append(
             (rm.lamport_all_reduce_rmsnorm_kernel, types, cx, ("griddepcontrol.wait", *(fp8_ops if quant else ())))
         )
-    # Rows split over programs: the row exchange is a release exchange of a flag and acquire polls of the row's flags.
-    row_exchange = ("atom.global.gpu.release.exch.b64", "ld.acquire.sys.global.b64")
+    # Rows split over programs: the row exchange polls the row's 32-bit words (data is the flag: no fence).
+    row_exchange = ("ld.volatile.global.b32",)
     for quant, w, split in ((0, 2, 4), (1, 8, 2), (2, 4, 16), (3, 8, 8)):
         types = dict(lamport_rms, out="*bf16") if quant == 0 else lamport_rms
         cx = dict(W=w, WP=w, BLOCK_H=8192 // split, QUANT=quant, USE_PTX=True, VIRTUAL=quant == 2, PDL=True,
@@ -285,3 +285,18 @@ def test_lamport_critical_path_has_no_64_bit_division_and_clears_in_vectors(fuse
     for division in ("mul.hi.s64", "mul.hi.u64", "rem.s64", "rem.u64", "div.s64", "div.u64"):
         assert division not in ptx, f"the Lamport kernel does 64-bit division ({division})"
     assert "st.global.v4.b32" in ptx, "the Lamport clear is not in 16-byte vector stores"
+
+
+@pytest.mark.parametrize("quant", [0, 2])
+def test_the_row_exchange_has_no_fence(quant):
+    """The split rows of the fused Lamport kernel exchange their sums as data-is-flag words: no fence, no acquire
+    (each would cost a round trip on the critical path)."""
+    from sagellm_comm.kernels import fused_all_reduce_rmsnorm as rm
+
+    types = dict(inp="*bf16", residual="*bf16", weight="*bf16", out="*bf16" if quant == 0 else "*fp8e4nv",
+                 scales="*fp32", residual_out="*bf16", table="*i64", ctrl="*i64", num_rows="i32", hidden="i32",
+                 eps="fp32", rank="i32", lamport_offset="i32", cap="i32", timeout="i64")  # fmt: skip
+    cx = dict(W=4, WP=4, BLOCK_H=512, QUANT=quant, USE_PTX=True, VIRTUAL=False, PDL=True, SPLIT=8)
+    ptx = _compile(rm.lamport_all_reduce_rmsnorm_kernel, types, cx, num_warps=4).asm["ptx"]
+    for op in ("fence.", "membar", "ld.acquire", ".release"):
+        assert op not in ptx, f"the split-row kernel has {op!r}"

@@ -64,6 +64,11 @@ def test_cache_key_holds_constexpr_values_and_what_triton_specialises_on():
     assert key != launcher.key(launcher.bind(inp=inp, out=out, numel=64, factor=2.0, BLOCK=128))
     assert key != launcher.key(launcher.bind(inp=inp, out=out, numel=63, factor=2.0, BLOCK=64))
     assert key == launcher.key(launcher.bind(inp=inp, out=out, numel=32, factor=3.0, BLOCK=64))
+    # An integer's range decides the type a binary takes (i32, u32, i64, u64): a binary built for a 32-bit value
+    # cannot take a 64-bit one (a timeout in ticks, a byte offset), so each range has its own key.
+    keys = {launcher.key(launcher.bind(inp=inp, out=out, numel=n, factor=2.0, BLOCK=64))
+            for n in (32, 2**31 + 16, 2**32 + 16, 2**63 + 16)}  # fmt: skip
+    assert len(keys) == 4
 
 
 def test_named_launch_runs_under_the_interpreter(monkeypatch):

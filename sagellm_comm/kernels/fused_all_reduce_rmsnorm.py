@@ -60,12 +60,13 @@ import triton
 import triton.language as tl
 
 from sagellm_comm.kernels.all_reduce import (
-    CTRL_LATCH,
     CTRL_ROW,
+    CTRL_ROW_WORDS,
     MAX_BLOCKS,
     PHASE_MID,
     PHASE_ROW,
     _barrier,
+    _bounded_wait,
     _finish,
     _nan_unless,
     _pick,
@@ -75,7 +76,6 @@ from sagellm_comm.kernels.all_reduce import (
     _reduce_tile,
     _slot_offset,
     _start_barrier,
-    _wait_flags,
 )
 from sagellm_comm.kernels.fp8 import (
     FP8_GROUP,
@@ -190,15 +190,40 @@ def _finish_row(
     return new_res, out, scale
 
 
+ROW_EMPTY = tl.constexpr(-1)  # a row-exchange word nobody has written yet (all ones: a NaN no arithmetic makes)
+ROW_FAILED = tl.constexpr(0x7FC00001)  # a program whose wait failed (a NaN payload no arithmetic makes)
+ROW_NAN = tl.constexpr(0x7FC00000)  # every NaN value is published as this one
+
+
+@triton.jit
+def _poll_row(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr, _A: tl.constexpr,
+              _B: tl.constexpr):  # fmt: skip
+    """One poll of :func:`_row_exchange` for ``_bounded_wait``: ``args = (words, rank)``, ``state = (seen,)``;
+    pending is the number of the row's words still empty."""
+    words, _ = args
+    seen = tl.load(words, volatile=True)
+    return (seen,), tl.sum((seen == ROW_EMPTY).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _this_rank(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.constexpr, _A: tl.constexpr,
+               _B: tl.constexpr):  # fmt: skip
+    """Whom a row exchange's timeout names: this rank (its own programs did not all run)."""
+    _, rank = args
+    return rank
+
+
 @triton.jit
 def _row_exchange(
+    words,
+    value,
+    ok,
+    latched,
     ctrl,
     table,
-    value,
-    WHICH: tl.constexpr,
-    flag,
     rank,
     pid,
+    call_flag,
     timeout,
     SPLIT: tl.constexpr,
     W: tl.constexpr,
@@ -207,30 +232,31 @@ def _row_exchange(
 ):
     """The ``SPLIT`` programs that share a row (``pid // SPLIT`` equal) exchange one fp32 ``value`` each.
 
-    Publishes ``value`` in this rank's control words (``WHICH`` 0: the partial sums of squares, 1: the partial
-    amaxes), raises this program's row flag to ``flag`` with a release and waits (:func:`_wait_flags`) until the
-    row's ``SPLIT`` flags reached it.  Returns ``(values, ok)``: the row's values in program order (the same vector
-    in every program of the row, so each reduces them to the same bits), and False if a flag never arrived or
-    this rank's latch is set (a wait of this call failed somewhere: the row is not a result).
+    ``words``: the ``MAX_BLOCKS`` 32-bit words of this exchange in the current buffer of this rank's control words
+    (one per program, empty: all ones).  Data is the flag, as in the Lamport all-reduce: this program stores its
+    value's bits in its word (every NaN as one NaN, and ``ROW_FAILED`` if ``ok`` is False: a wait before it failed),
+    then loads the row's words until none is empty, through the bounded wait (a word is written by one aligned
+    32-bit store, so it is either empty or the whole value; the loads are volatile).  The programs of a launch
+    run at once (the workspace's grid), so the wait ends; its deadline is twice the kernel timeout, so that a
+    program waiting for a missing peer's data records that peer first.  ``call_flag`` names the call in a
+    timeout record (``2 * call + 1`` or ``2 * call + 2``).
 
-    Flags only grow (``2 * call + 1`` for the sums, ``2 * call + 2`` for the amaxes) and the values are rewritten
-    only by the next call's launch, which starts after this one has finished.  The programs of one launch are
-    co-resident (the workspace's grid), so the wait ends; its deadline is twice the kernel timeout, so that a
-    program that waits for a missing peer's data records that peer first.
+    Returns ``(values, ok, latched)``: the row's values in program order (the same vector in every program of the
+    row, so each reduces it to the same bits), whether every program of the row published a value, and the latch.
     """
-    values = (ctrl + CTRL_ROW + MAX_BLOCKS).to(tl.pointer_type(tl.float32)) + WHICH * MAX_BLOCKS
-    tl.store(values + pid, value)
-    tl.debug_barrier()  # the value, stored by any thread, happens before the release below
-    tl.atomic_xchg(ctrl + CTRL_ROW + pid, flag, sem="release", scope="gpu")
-    first = pid // SPLIT * SPLIT
-    lanes = tl.arange(0, SPLIT)
-    arrived, _ = _wait_flags(
-        ctrl + CTRL_ROW + first + lanes, lanes < SPLIT, flag, ctrl, table, tl.zeros([SPLIT], tl.int32) + rank,
-        PHASE_ROW, pid, timeout.to(tl.int64) * 2, W, WP, USE_PTX, False,
-    )  # fmt: skip
-    row_values = tl.load(values + first + lanes, cache_modifier=".cg")
-    latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
-    return row_values, arrived & (latched == 0)
+    bits = tl.where(value != value, ROW_NAN, value.to(tl.int32, bitcast=True))
+    tl.store(words + pid, tl.where(ok, bits, ROW_FAILED))
+    row_words = words + pid // SPLIT * SPLIT + tl.arange(0, SPLIT)
+    seen = tl.load(row_words, volatile=True)
+    pending = tl.sum((seen == ROW_EMPTY).to(tl.int32), axis=0)
+    if (pending > 0) & (latched == 0):
+        state, pending, latched = _bounded_wait(
+            _poll_row, _this_rank, (row_words, rank), (seen,), pending, latched, ctrl, table, PHASE_ROW, pid,
+            call_flag, timeout.to(tl.int64) * 2, W, WP, USE_PTX, False, False, False,
+        )  # fmt: skip
+        seen = state[0]
+    failed = tl.sum((seen == ROW_FAILED).to(tl.int32), axis=0)
+    return seen.to(tl.float32, bitcast=True), (pending == 0) & (failed == 0), latched
 
 
 @triton.jit
@@ -482,6 +508,8 @@ def lamport_all_reduce_rmsnorm_kernel(
     first = tl.load(inp + first_offs, mask=first_mask, other=0.0)
     first_res = tl.load(residual + first_offs, mask=first_mask, other=0.0)
     lepoch, buf, prev_buf, prev_words, latched = _load_state(ctrl, pid)
+    if SPLIT > 1:
+        row_calls = tl.load(ctrl + CTRL_ROW + pid, volatile=True)
     healthy = latched == 0
     slot_stride = cap * 4
     my_area = _pick(bases, peers, rank) + lamport_offset
@@ -497,6 +525,17 @@ def lamport_all_reduce_rmsnorm_kernel(
     # 2. Clear the previous call's pushes to this rank and save this program's state (as the plain kernel).
     _clear_previous(my_area, slot_stride, prev_buf, prev_words, pid, num_programs, W, LAMPORT_CLEAR_BLOCK)
     _save_state(ctrl, pid, num_rows * hidden, lepoch, DTYPE)
+    if SPLIT > 1:
+        # The row exchange's buffers alternate by this program's count of split-row calls (every program runs every
+        # launch, so the counts agree); the other buffer, written at the previous such call and read by a launch
+        # that has finished, is emptied for the next.
+        exchange = (ctrl + CTRL_ROW_WORDS).to(tl.pointer_type(tl.int32))
+        row_buf = (row_calls & 1).to(tl.int32)
+        sum_words = exchange + row_buf * MAX_BLOCKS
+        amax_words = exchange + (2 + row_buf) * MAX_BLOCKS
+        tl.store(exchange + (1 - row_buf) * MAX_BLOCKS + pid, ROW_EMPTY)
+        tl.store(exchange + (3 - row_buf) * MAX_BLOCKS + pid, ROW_EMPTY)
+        tl.store(ctrl + CTRL_ROW + pid, row_calls + 1)
 
     # 3. Poll each segment until every source arrived; finish it as one-shot does, the row's sums exchanged.
     for row in range(first_row, num_rows, row_step):
@@ -514,8 +553,8 @@ def lamport_all_reduce_rmsnorm_kernel(
         v = new_res.to(tl.float32)
         sum_sq = tl.sum(v * v, axis=0)
         if SPLIT > 1:
-            parts, arrived = _row_exchange(
-                ctrl, table, sum_sq, 0, 2 * lepoch + 1, rank, pid, timeout, SPLIT, W, WP, USE_PTX
+            parts, arrived, latched = _row_exchange(
+                sum_words, sum_sq, ok, latched, ctrl, table, rank, pid, 2 * lepoch + 1, timeout, SPLIT, W, WP, USE_PTX
             )  # fmt: skip
             sum_sq = tl.sum(parts, axis=0)
             ok = ok & arrived
@@ -524,8 +563,9 @@ def lamport_all_reduce_rmsnorm_kernel(
         normed = _normalise(v, sum_sq, weight_f32, hidden, eps, DTYPE)
         if QUANT == QUANT_PER_TOKEN and SPLIT > 1:
             y = _nan_unless(ok, normed.to(tl.float32))
-            parts, arrived = _row_exchange(
-                ctrl, table, tl.max(tl.abs(y), axis=0), 1, 2 * lepoch + 2, rank, pid, timeout, SPLIT, W, WP, USE_PTX
+            parts, arrived, latched = _row_exchange(
+                amax_words, tl.max(tl.abs(y), axis=0), ok, latched, ctrl, table, rank, pid, 2 * lepoch + 2, timeout,
+                SPLIT, W, WP, USE_PTX,
             )  # fmt: skip
             scale = _nan_unless(ok & arrived, _dynamic_scale(tl.max(parts, axis=0)))
             row_out = _to_e4m3(tl.div_rn(y, scale), USE_PTX)
