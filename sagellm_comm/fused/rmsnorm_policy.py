@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from ..selector import FOLLOW_ALL_REDUCE, RMSNORM_PATHS, Selection
+from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection
 from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
@@ -103,7 +103,21 @@ class FusionRule:
 # and a full read and write of the activations) to the unfused side only.  So the default fuses everywhere, on
 # the kernel the all-reduce policy picks for the size; the H200 record of bench/fp8_fused_bench.py gives the rules
 # that turn the fusion off where it loses.
+# At 8 ranks the all-reduce policy hands 129-256 KB to two-shot, whose fused form gives each rank tokens / 8 rows:
+# 2 programs per rank at 16 tokens.  One H200, virtual ranks, 16 x 8192 bf16: fused two-shot 19.0 us
+# (bench/results/h200/fused_rmsnorm_virtual.json, slower than the unfused chain's 18.4) against fused one-shot's
+# 10.1 us (the same benchmark at f41a28a: that file in git at 290c549).
 DEFAULT_FUSION_RULES: tuple[FusionRule, ...] = (
+    FusionRule(
+        "w8-h8192-fused-one-shot",
+        ONE_SHOT,
+        world_sizes=(8,),
+        hidden=(8192,),
+        min_tokens=9,
+        max_tokens=16,
+        reason="8 ranks, 9-16 tokens of 8192: fused one-shot (a row per program) 10.1 us against fused two-shot's "
+        "19.0 (2 rows per rank) at 16 tokens (virtual ranks, one H200)",
+    ),
     FusionRule(
         "fused-follow-all-reduce",
         FOLLOW_ALL_REDUCE,
