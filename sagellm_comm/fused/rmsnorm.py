@@ -256,7 +256,7 @@ class FusedAllReduceRMSNorm:
         if lamport:
             programs = self.max_programs  # every Lamport launch on a workspace uses the same grid
             if self.use_ptx:  # the interpreter runs programs one after another: a split row would wait forever
-                split = row_split(rows, hidden, programs)
+                split = row_split(rows, hidden, programs)  # every row held at once: the kernel's requirement
         else:
             programs = max(1, min(triton.cdiv(rows, w) if algo == TWO_SHOT else rows, self.max_programs))
         block_h = triton.next_power_of_2(hidden // split)

@@ -469,14 +469,16 @@ def lamport_all_reduce_rmsnorm_kernel(
     launch on a workspace uses the same number of programs) this kernel shares.  With ``PDL`` only the peer
     table is read before ``griddepcontrol.wait``.
 
-    ``SPLIT`` (a power of two, ``hidden % (128 * SPLIT) == 0``, at most the grid) programs share each row: program
-    ``p`` holds the 128-aligned segment ``p % SPLIT`` of rows ``p // SPLIT``, ``p // SPLIT + P // SPLIT``, ... of a
-    grid of ``P`` (programs past ``SPLIT * (P // SPLIT)`` hold none).  A row's programs push, poll and reduce their
-    segments in parallel and meet in :func:`_row_exchange` for the row's sum of squares (and, per token, its
-    amax): a few small rows then use as many programs as a plain all-reduce of the same bytes, instead of one
-    program moving a whole row.  Every program of a row walks the same rows in the same order, so the
-    exchanges cannot wait on each other.  The exchange needs the row's programs to run concurrently, which
-    the Triton interpreter does not do: the host launches ``SPLIT = 1`` there.
+    ``SPLIT`` (a power of two, ``hidden % (128 * SPLIT) == 0``) programs share each row, and with ``SPLIT > 1``
+    the grid of ``P`` programs must hold every row at once (``num_rows <= P // SPLIT``, as
+    ``sagellm_comm.fused.rmsnorm.row_split`` chooses): program ``p`` holds the 128-aligned segment ``p % SPLIT``
+    of row ``p // SPLIT`` (programs past ``SPLIT * num_rows`` hold none).  A row's programs push, poll and
+    reduce their segments in parallel and meet in :func:`_row_exchange` for the row's sum of squares (and, per
+    token, its amax): a few small rows then use as many programs as a plain all-reduce of the same bytes,
+    instead of one program moving a whole row.  Each program publishes one value per exchange and call (a
+    second row per program would overwrite its word while a row-mate may still read it).  The exchange needs
+    the row's programs to run concurrently, which the Triton interpreter does not do: the host launches
+    ``SPLIT = 1`` there.
     """
     rank, table, ctrl, peers, bases = _rank_view(table, ctrl, rank, W, WP, VIRTUAL)
     if VIRTUAL:
