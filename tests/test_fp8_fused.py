@@ -483,3 +483,16 @@ def test_a_row_exchange_timeout_says_the_launch_did_not_run_at_once():
     finally:
         for ws in workspaces:
             ws.close()
+
+
+def test_default_fusion_rules_keep_one_shot_where_two_shot_has_two_rows_a_rank():
+    from sagellm_comm.fused import FusionPolicy
+    from sagellm_comm.selector import FOLLOW_ALL_REDUCE, ONE_SHOT
+
+    policy = FusionPolicy()
+    for quant in (None, "fp8", "fp8_per_token", "fp8_group128"):
+        sel = policy.select(16, 8192, 8, quant)
+        assert (sel.algo, sel.rule_id) == (ONE_SHOT, "w8-h8192-fused-one-shot"), sel
+        assert policy.select(9, 8192, 8, quant).algo == ONE_SHOT
+    for tokens, hidden, world in ((8, 8192, 8), (17, 8192, 8), (16, 4096, 8), (16, 8192, 4)):
+        assert policy.select(tokens, hidden, world, None).algo == FOLLOW_ALL_REDUCE, (tokens, hidden, world)
