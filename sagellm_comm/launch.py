@@ -133,7 +133,11 @@ class Launcher:
             if i in constexprs
             else (a.dtype, a.data_ptr() % 16 == 0)
             if isinstance(a, torch.Tensor)
-            else (a % 16 == 0, a == 1, _I32_MIN <= a <= _I32_MAX, 0 <= a <= _U32_MAX, a <= _I64_MAX)
+            else (
+                a % 16 == 0,
+                a == 1,
+                0 if _I32_MIN <= a <= _I32_MAX else 1 if 0 <= a <= _U32_MAX else 2 if a <= _I64_MAX else 3,
+            )
             if isinstance(a, int)
             else type(a)
             for i, a in enumerate(values)

@@ -10,7 +10,7 @@ import triton
 from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
-from ..custom_all_reduce import fingerprint_launcher, launch_fingerprint_check, pdl_enabled
+from ..custom_all_reduce import fingerprint_launcher, lamport_tile_warps, launch_fingerprint_check, pdl_enabled
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -260,9 +260,9 @@ class FusedAllReduceRMSNorm:
         else:
             programs = max(1, min(triton.cdiv(rows, w) if algo == TWO_SHOT else rows, self.max_programs))
         block_h = triton.next_power_of_2(hidden // split)
-        # A split row's segment is a plain Lamport tile: its warps as the plain kernel's (4 elements a thread; a
-        # 1024-element tile with 4 warps measured 1.3-2x slower there, and here).
-        num_warps = _warps(block_h) if split == 1 else min(16, max(2, block_h // 128))
+        # A split row's segment is a plain Lamport tile: its warps as the plain kernel's (1024-element segments with
+        # 4 warps were the slow points of the FP8 record before).
+        num_warps = _warps(block_h) if split == 1 else lamport_tile_warps(block_h)
         table = ws.table if table is None else table
         ctrl = ws.control if ctrl is None else ctrl
         if self.use_ptx:
