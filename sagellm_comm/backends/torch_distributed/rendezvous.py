@@ -53,6 +53,15 @@ from .checks import int_arg, seconds
 
 #: first and largest pause between two connection attempts, seconds
 _FIRST_PAUSE_S, _MAX_PAUSE_S = 0.05, 0.5
+
+
+def _back_off(pause: float, deadline: float) -> float:
+    """Sleep ``pause`` seconds, or until ``deadline`` (``time.monotonic()``) if that comes first; return the next
+    pause (doubled, at most ``_MAX_PAUSE_S``).  Every retry loop of the rendezvous waits with this."""
+    time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+    return min(2 * pause, _MAX_PAUSE_S)
+
+
 #: torch's variable (torchrun sets it): the launcher hosts the store at MASTER_ADDR:MASTER_PORT, ranks are clients
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
@@ -168,8 +177,7 @@ def _bind_store(addr: str, port: int, timeout: float, deadline: float) -> Any:
                 "MASTER_PORT",
                 details={"op": "rendezvous", "address": f"{addr}:{port}", "timeout_s": timeout},
             )
-        time.sleep(min(pause, remaining))
-        pause = min(2 * pause, _MAX_PAUSE_S)
+        pause = _back_off(pause, deadline)
 
 
 def _port_free(addr: str, port: int) -> bool:
@@ -201,8 +209,7 @@ def _join_store(addr: str, port: int, timeout: float, deadline: float) -> Any:
             last = "it accepted the connection and never answered"
             break
         last = " ".join(str(error).split())
-        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-        pause = min(2 * pause, _MAX_PAUSE_S)
+        pause = _back_off(pause, deadline)
     raise CommTimeoutError(
         f"rendezvous at {addr}:{port}: something accepts connections there but did not answer as a rendezvous "
         f"store within the configured timeout of {timeout:g}s ({last}).  Rank 0 (or torchrun's agent) hosts the "
@@ -338,8 +345,7 @@ def wait_for_listener(addr: str, port: int, timeout: float, total: float | None 
                 return time.monotonic() - start
         except OSError as exc:  # refused, unreachable, name not resolvable (yet), connect timed out
             last = exc
-        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-        pause = min(2 * pause, _MAX_PAUSE_S)
+        pause = _back_off(pause, deadline)
     waited = time.monotonic() - start
     raise CommTimeoutError(
         f"rendezvous at {addr}:{port}: nothing accepted a connection within the configured timeout of "
