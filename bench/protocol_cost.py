@@ -1,13 +1,10 @@
 """What the protocol costs at latency-bound sizes: 8 KB all-reduce under CUDA-graph replay and eager host time.
 
-Measures this checkout's ``sagellm_comm`` and, with ``--baseline PACKAGE``, an older tree of the library
-imported under another package name, interleaved in the same process (same GPU state, same timer), so a
-change's cost is read side by side.  Make the baseline from a commit with::
-
-    git archive <commit> sagellm_comm kernels | tar -x -C /tmp/base && mv /tmp/base/sagellm_comm /tmp/base/base_comm
-
-(trees from before the kernels moved into the package have a top-level ``kernels/``, which ``/tmp/base`` on
-``PYTHONPATH`` provides).  Figures, each the median over ``--rounds`` interleaved rounds:
+Measures this checkout's ``sagellm_comm`` and, with ``--baseline COMMIT``, the library as it was at that
+commit of this checkout's git history, interleaved in the same process (same GPU state, same timer), so a
+change's cost is read side by side.  The baseline tree is extracted with ``git archive`` into a temporary
+directory and imported as ``base_comm``: its package and every import of it are renamed, so no module of this
+checkout runs in its place.  Figures, each the median over ``--rounds`` interleaved rounds:
 
 * ``graph_us``: device time per call, virtual ranks ``W`` on one GPU, every rank in one launch
   (``all_reduce_stacked``), ``--calls`` calls captured in one graph, timed by
@@ -17,8 +14,7 @@ change's cost is read side by side.  Make the baseline from a commit with::
 * ``check_graph_us`` (this checkout only): ``graph_us`` with check mode on (``SAGELLM_COMM_CHECK=1``);
 * ``large_graph_us``: the same timer at ``--large-bytes`` (256 MB bf16 per rank, W = 8, ``auto``).
 
-    PYTHONPATH=/tmp/base python -m bench.protocol_cost --baseline base_comm --baseline-commit <commit> \\
-        --out bench/results/h200/protocol_cost.json
+    python -m bench.protocol_cost --baseline <commit> --out bench/results/h200/protocol_cost.json
 """
 
 from __future__ import annotations
@@ -26,9 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +37,24 @@ from sagellm_comm.benchmark.timing import time_graph
 
 NBYTES = 8 << 10
 ALGOS = ("lamport", "one_shot", "two_shot")
+BASELINE_PACKAGE = "base_comm"
+
+
+def baseline_tree(commit: str, root: Path) -> str:
+    """Extract ``sagellm_comm`` at ``commit`` (of the git checkout holding this script) under ``root`` as the
+    package ``base_comm``, with every absolute import of the package renamed; returns the package name
+    (``root`` must then be on ``sys.path``).  Raises ``SystemExit`` naming the commit when git cannot."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "sagellm_comm"], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"bench/protocol_cost.py: cannot read commit {commit!r}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    package = root / BASELINE_PACKAGE
+    (root / "sagellm_comm").rename(package)
+    name = re.compile(r"\bsagellm_comm\b")
+    for source in package.rglob("*.py"):
+        source.write_text(name.sub(BASELINE_PACKAGE, source.read_text()))
+    return BASELINE_PACKAGE
 
 
 def _graph_us(vg, algo: str, calls: int, iters: int) -> float:
@@ -101,8 +119,7 @@ def _median_of(rounds: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", required=True, help="record to write (JSON)")
-    parser.add_argument("--baseline", help="package name of an older tree to measure beside this checkout")
-    parser.add_argument("--baseline-commit", default="unknown", help="the commit that tree was made from")
+    parser.add_argument("--baseline", metavar="COMMIT", help="a commit of this checkout to measure beside it")
     parser.add_argument("--worlds", default="2,8")
     parser.add_argument("--calls", type=int, default=100, help="all-reduces per captured graph")
     parser.add_argument("--iters", type=int, default=20, help="graph replays timed per round")
@@ -114,21 +131,26 @@ def main() -> None:
         print("bench/protocol_cost.py: needs a CUDA GPU (the virtual ranks run on one)", file=sys.stderr)
         sys.exit(1)
     worlds = [int(w) for w in args.worlds.split(",")]
+    scratch = tempfile.TemporaryDirectory(prefix="protocol_cost-")
+    package = None
+    if args.baseline:
+        package = baseline_tree(args.baseline, Path(scratch.name))
+        sys.path.insert(0, scratch.name)
     current, baseline, check = [], [], []
     for _ in range(args.rounds):
-        if args.baseline:
-            baseline.append(_measure(args.baseline, worlds, args))
+        if package:
+            baseline.append(_measure(package, worlds, args))
         current.append(_measure("sagellm_comm", worlds, args))
         check.append(_measure("sagellm_comm", worlds, args, check=True)["graph_us"])
     result = {"nbytes": NBYTES, "rounds": args.rounds, "current": _median_of(current)}
     result["current"]["check_graph_us"] = _median_of(check)
     if args.baseline:
-        result["baseline"] = {"commit": args.baseline_commit, **_median_of(baseline)}
+        result["baseline"] = {"commit": args.baseline, **_median_of(baseline)}
     if args.large_bytes:
         result["large_bytes"] = args.large_bytes
-        for name, package in (("baseline", args.baseline), ("current", "sagellm_comm")):
-            if package:
-                result[name]["large_graph_us"] = round(_large_graph_us(package, args.large_bytes), 1)
+        for name, tree in (("baseline", package), ("current", "sagellm_comm")):
+            if tree:
+                result[name]["large_graph_us"] = round(_large_graph_us(tree, args.large_bytes), 1)
     meta = provenance(torch.cuda.get_device_name(0), timing="sagellm_comm.benchmark.timing.time_graph")
     write_record(args.out, meta, **result)
     print(result)

@@ -81,14 +81,11 @@ else
     RMS_TOKENS=1,16,128,1024 RMS_HIDDEN=8192 FP8_QUICK=(--quick) CALLS=(--calls 10 --reps 5)
 fi
 
-# protocol cost: this checkout against the tree without the hardening (7522c31), interleaved in one process
-BASELINE=7522c31
+# protocol cost: this checkout against the tree before the agreed configuration (fccbcf2), interleaved in one process
+BASELINE=fccbcf2
 if git cat-file -e "$BASELINE^{commit}" 2>/dev/null; then
-    mkdir -p "$SCRATCH/base"
-    git archive "$BASELINE" sagellm_comm kernels | tar -x -C "$SCRATCH/base"
-    mv "$SCRATCH/base/sagellm_comm" "$SCRATCH/base/base_comm"
-    step "protocol cost" 120 env PYTHONPATH="$SCRATCH/base:$PYTHONPATH" "$PY" -m bench.protocol_cost \
-        --baseline base_comm --baseline-commit "$BASELINE" --rounds 2 --out "$OUT/protocol_cost.json"
+    step "protocol cost" 120 "$PY" -m bench.protocol_cost --baseline "$BASELINE" --rounds 2 \
+        --out "$OUT/protocol_cost.json"
 else
     echo "== protocol cost: SKIPPED: commit $BASELINE is not in this clone's history" >&2
     FAILED+=("protocol cost (no $BASELINE)")
