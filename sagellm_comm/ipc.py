@@ -35,6 +35,7 @@ from .errors import P2PFailedError
 
 HOST_REGISTER_PORTABLE_MAPPED = 0x3  # cudaHostRegisterPortable | cudaHostRegisterMapped
 CAN_USE_HOST_POINTER = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem
+MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction from the addresses (unified addressing)
 
 
 class PeerMemory(ABC):
@@ -64,8 +65,15 @@ class PeerMemory(ABC):
     def free(self, ptr: int) -> None:
         """Release a region from :meth:`allocate`."""
 
+    @abstractmethod
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Copy ``nbytes`` from address ``src`` to ``dst`` (either may be a peer's mapped region) in order on raw
+        stream ``stream``: the copy engine on a GPU (``cudaMemcpyAsync``); a plain memory copy, done on return,
+        for shared files."""
 
-def _cupy_runtime():
+
+def cupy_runtime():
+    """CuPy's CUDA runtime module (``cupy.cuda.runtime``); ``BackendNotSupportedError`` without CuPy."""
     require_cupy("the custom all-reduce")
     from cupy.cuda import runtime
 
@@ -77,7 +85,7 @@ class CudaIpcMemory(PeerMemory):
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self._rt = _cupy_runtime()
+        self._rt = cupy_runtime()
 
     def _on_device(self):
         import cupy
@@ -135,6 +143,9 @@ class CudaIpcMemory(PeerMemory):
     def free(self, ptr: int) -> None:
         with self._on_device():
             self._rt.free(ptr)
+
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._rt.memcpyAsync(dst, src, nbytes, MEMCPY_DEFAULT, stream)
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         """Pin and map host memory (a shared file's pages) so kernels on this device write it at address ``ptr``
@@ -195,6 +206,9 @@ class SharedFileMemory(PeerMemory):
         _, path = self._maps.pop(ptr, (None, None))
         if path is not None and os.path.exists(path):
             os.unlink(path)
+
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
 
     def unlink(self, ptr: int) -> None:
         """Remove the file behind this process's region once every peer has mapped it (mappings stay valid)."""

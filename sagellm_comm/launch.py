@@ -107,6 +107,7 @@ class Launcher:
         self.names: tuple[str, ...] = tuple(p.name for p in params)
         self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.constexpr_positions = frozenset(i for i, p in enumerate(params) if _is_constexpr(p.annotation))
+        self.runtime_positions = tuple(i for i in range(len(params)) if i not in self.constexpr_positions)
         self.cache: dict[tuple, Callable] = {}
 
     def bind(self, **named) -> tuple:
@@ -127,21 +128,22 @@ class Launcher:
         return values
 
     def key(self, values: Sequence) -> tuple:
-        constexprs = self.constexpr_positions
-        return tuple(
-            a
-            if i in constexprs
-            else (a.dtype, a.data_ptr() % 16 == 0)
-            if isinstance(a, torch.Tensor)
-            else (
-                a % 16 == 0,
-                a == 1,
-                0 if _I32_MIN <= a <= _I32_MAX else 1 if 0 <= a <= _U32_MAX else 2 if a <= _I64_MAX else 3,
-            )
-            if isinstance(a, int)
-            else type(a)
-            for i, a in enumerate(values)
-        )
+        """The cache key of a launch of ``values`` (see the class docstring); on every hot path, so it touches
+        only the parameters that are not constexpr."""
+        key = list(values)
+        for i in self.runtime_positions:
+            a = key[i]
+            if a.__class__ is int:
+                key[i] = (
+                    not a & 15,
+                    a == 1,
+                    0 if _I32_MIN <= a <= _I32_MAX else 1 if 0 <= a <= _U32_MAX else 2 if a <= _I64_MAX else 3,
+                )
+            elif isinstance(a, torch.Tensor):
+                key[i] = (a.dtype, not a.data_ptr() & 15)
+            else:
+                key[i] = type(a)
+        return tuple(key)
 
     def compile(self, grid: tuple[int, int], values: Sequence, launch: bool = True) -> Callable | None:
         """Launch ``values`` (from :meth:`bind`) through Triton on the current stream (``launch`` False: only
@@ -176,9 +178,8 @@ class Launcher:
         return self.key(values) in self.cache
 
     def __call__(self, grid: tuple[int, int], values: Sequence, stream: int | None = None) -> None:
-        """Launch ``values`` (from :meth:`bind`) on the current stream, or on raw stream handle ``stream`` once
-        this specialisation is loaded (:meth:`is_loaded`; the first launch compiles through Triton and uses
-        the current stream)."""
+        """Launch ``values`` (from :meth:`bind`) on the current stream, or on raw stream handle ``stream`` (the
+        first launch of a specialisation compiles through Triton, on that stream too)."""
         key = self.key(values)
         fast = self.cache.get(key)
         if fast is not None:
@@ -187,7 +188,12 @@ class Launcher:
                 stream = torch._C._cuda_getCurrentRawStream(self.device_index)
             fast(grid[0], grid[1], stream, raw)
             return
-        fast = self.compile(grid, values)
+        if stream is not None and self.use_ptx:
+            on = torch.cuda.ExternalStream(stream, device=torch.device("cuda", self.device_index))
+            with torch.cuda.stream(on):
+                fast = self.compile(grid, values)
+        else:
+            fast = self.compile(grid, values)
         if fast is not None:
             self.cache[key] = fast
 

@@ -11,6 +11,7 @@ what docs/protocol.md promises: 64-bit system-scope acquire loads of the flags, 
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 
@@ -233,20 +234,23 @@ def _cases():
         parts="i32",
         part_bytes="i32",
         counter_addr="i64",
-        notify_src="i64",
-        notify_dst="i64",
+        seq_addr="i64",
+        ring_addr="i64",
     )
-    counted = ("atom.global.sys.acq_rel.add.u64",)  # every program's stores released before its count
-    for fixed in (False, True):
+    counted = ("atom.global.sys.acq_rel.add.u64", "atom.global.sys.release.exch.b64")  # stores, count, publish
+    vector = ("ld.global.cg.v4.b32", "st.global.v4.b32")
+    for fixed, inline in ((False, False), (True, False), (True, True)):
         cases.append(
             (
                 bc.block_copy_kernel,
                 copy_types,
-                dict(FIXED=fixed, VEC=True, NOTIFY=True, TILE=2048),
-                ("ld.global.cg.v4.b32", "st.global.v4.b32", *counted, "atom.global.sys.release.exch.b64"),
+                dict(FIXED=fixed, INLINE=inline, VEC=True, NOTIFY=True, TILE=2048),
+                (*vector, *counted),
             )
         )
-    cases.append((bc.block_copy_kernel, copy_types, dict(FIXED=False, VEC=False, NOTIFY=False, TILE=4096), counted))
+    cases.append(
+        (bc.block_copy_kernel, copy_types, dict(FIXED=False, INLINE=False, VEC=False, NOTIFY=True, TILE=4096), counted)
+    )
     return cases  # fmt: skip
 
 
@@ -261,6 +265,22 @@ def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     ptx = compiled.asm["ptx"]
     for needle in needles:
         assert needle in ptx, f"{kernel.fn.__name__} {constexprs}: no {needle!r} in its PTX"
+
+
+def test_block_copy_without_a_notification_has_no_atomics_and_one_block_reads_no_table():
+    """Without a notification a launch only copies (its completion is a CUDA event): no count, no publish.  A
+    one-block launch names its block in its arguments: nothing but the block is loaded."""
+    from sagellm_comm.kernels import block_copy as bc
+
+    types = dict(table_addr="i64", src_base="i64", dst_base="i64", n_items="i32", block_bytes="i32", parts="i32",
+                 part_bytes="i32", counter_addr="i64", seq_addr="i64", ring_addr="i64")  # fmt: skip
+    plain = _compile(bc.block_copy_kernel, types, dict(FIXED=True, INLINE=True, VEC=True, NOTIFY=False, TILE=2048),
+                     num_warps=4).asm["ptx"]  # fmt: skip
+    assert "atom." not in plain and "ld.global.cg.v4.b32" in plain
+    assert len(re.findall(r"ld\.global(?!\.cg\.v4)", plain)) == 0, "a one-block launch loads more than its block"
+    table = _compile(bc.block_copy_kernel, types, dict(FIXED=True, INLINE=False, VEC=True, NOTIFY=False, TILE=2048),
+                     num_warps=4).asm["ptx"]  # fmt: skip
+    assert "atom." not in table and re.search(r"ld\.global(\.\w+)*\.b64|ld\.global(\.\w+)*\.u64", table)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["all_reduce", "rmsnorm"])

@@ -28,6 +28,7 @@ INTERP = {"TRITON_INTERPRET": "1"}
 ENVS = {"nixl": {}, "ipc": INTERP}
 BLOCK = 1024  # bytes of one float32 block of the "kv" pools
 BLOCKS = 48
+BIG = (1 << 20) + 64
 
 
 def _store(rank: int, port: int):
@@ -59,9 +60,11 @@ def _pair_worker(rank, world_size, port, backend):
     agent = TransferAgent(name, backend)
     kv = agent.allocate("kv", BLOCKS * BLOCK // 4, torch.float32)
     raw = agent.allocate("raw", 5001, torch.uint8)
+    big = agent.allocate("big", BIG, torch.uint8)  # one block past the copy-engine threshold (ipc)
     if rank == 0:
         kv.copy_(_source(1, kv.numel()))
         raw.copy_(_source(2, raw.numel(), torch.uint8))
+        big.copy_(_source(3, BIG, torch.uint8))
     store.set(f"meta/{rank}", agent.metadata())
     peer = agent.add_peer(store.get(f"meta/{1 - rank}"))
     assert agent.peer_backend(peer) == backend, agent.backend_reason(peer)
@@ -84,6 +87,9 @@ def _pair_worker(rank, world_size, port, backend):
             agent.write(peer, "kv", "kv", [(0, (BLOCKS - 1) * BLOCK, BLOCK)], notify=f"round-{k}".encode()).wait(30)
         # Prepared pools: block ids instead of byte triples.
         prepared = agent.prepare(peer, "kv", "kv", BLOCK)
+        prepared.write([9], [3]).wait(30)  # one block: named in the launch's arguments (ipc)
+        agent.write(peer, "raw", "raw", [(7, 4100, 513)]).wait(30)  # one odd block: the byte path
+        agent.write(peer, "big", "big", [(3, 5, BIG - 8)], notify=b"big").wait(30)
         prepared.write([5, 6, 7], [1, 0, 2], notify=b"prepared").wait(30)
         store.set("written", b"1")
         store.wait(["pulled"])
@@ -92,7 +98,7 @@ def _pair_worker(rank, world_size, port, backend):
     else:
         notes = []
         deadline = time.monotonic() + 60
-        while len(notes) < 8 and time.monotonic() < deadline:
+        while len(notes) < 9 and time.monotonic() < deadline:
             for sender, message in agent.notifications():
                 notes.append((sender, message))
                 if message.startswith(b"round-"):
@@ -107,13 +113,19 @@ def _pair_worker(rank, world_size, port, backend):
             expected[ro // 4 : (ro + n) // 4] = src_kv[lo // 4 : (lo + n) // 4]
         src_kv[:256] = 5.0  # the rounds changed source block 0; the last round wrote 5.0
         expected[(BLOCKS - 1) * 256 :] = 5.0
-        for lb, rb in zip([5, 6, 7], [1, 0, 2], strict=True):
+        for lb, rb in zip([9, 5, 6, 7], [3, 1, 0, 2], strict=True):
             expected[rb * 256 : (rb + 1) * 256] = src_kv[lb * 256 : (lb + 1) * 256]
         assert torch.equal(kv, expected), "kv pool differs (touched or untouched blocks)"
         expected_raw = torch.zeros_like(raw)
-        for lo, ro, n in raw_blocks:
+        for lo, ro, n in [*raw_blocks, (7, 4100, 513)]:
             expected_raw[ro : ro + n] = src_raw[lo : lo + n]
         assert torch.equal(raw, expected_raw)
+        expected_big = torch.zeros_like(big)
+        expected_big[5 : 5 + BIG - 8] = _source(3, BIG, torch.uint8)[3 : 3 + BIG - 8]
+        assert torch.equal(big, expected_big)
+        back = agent.allocate("back", 4096, torch.uint8)  # one block read back
+        agent.read(peer, "back", "raw", [(16, 7, 513)]).wait(30)
+        assert torch.equal(back[16 : 16 + 513], src_raw[7 : 7 + 513]) and not back[:16].any() and not back[529:].any()
         # Pull (read) scattered blocks back from the prefill side, with a notification to it.
         pulled = agent.allocate("pulled", BLOCKS * BLOCK // 4, torch.float32)
         reads = [(i * BLOCK, (BLOCKS - 1 - i) * BLOCK, BLOCK) for i in range(0, BLOCKS, 5)]
@@ -141,7 +153,7 @@ def test_scattered_write_read_prepared_and_notifications_between_two_processes(b
     assert decode["notes"][:2] == [("prefill", b"kv-1"), ("prefill", b"raw-1")] or sorted(decode["notes"][:2]) == [
         ("prefill", b"kv-1"), ("prefill", b"raw-1")]  # fmt: skip
     assert [m for _, m in decode["notes"] if m.startswith(b"round-")] == [f"round-{k}".encode() for k in range(1, 6)]
-    assert decode["notes"][-1] == ("prefill", b"prepared")
+    assert decode["notes"][-2:] == [("prefill", b"big"), ("prefill", b"prepared")]
     assert sorted(prefill["notes"]) == [("decode", b"pulled-1"), ("decode", b"pulled-2")]
     assert ("UCX" if backend == "nixl" else "interpreter") in prefill["transport"]
 

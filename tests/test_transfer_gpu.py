@@ -46,7 +46,8 @@ def _notes(agent, count: int, timeout: float = 60.0) -> list:
 
 
 # (local_offset, remote_offset, nbytes) cases: 16-byte aligned (vector path), odd (byte path), one long block
-# (cut into 64 KB work items), 1000 scattered 16 KB blocks
+# (the copy engine), 1000 scattered 16 KB blocks, one odd block under the copy-engine threshold (named in the
+# launch's arguments, byte path) and one over it at odd offsets
 def _cases(rng) -> dict[str, np.ndarray]:
     scattered = rng.permutation(2048)[:1000]
     return {
@@ -54,6 +55,8 @@ def _cases(rng) -> dict[str, np.ndarray]:
         "odd": np.array([[1, 30 * MB + 3, 1], [17, 31 * MB + 1, 12345], [33 * MB + 7, 90, 999]]),
         "long": np.array([[40 * MB, 64 * MB, 64 * MB]]),
         "scattered": np.stack([np.arange(1000) * 16384, 130 * MB + scattered * 16384, np.full(1000, 16384)], 1),
+        "one_odd": np.array([[5, 163 * MB + 3, 777777]]),
+        "one_long_odd": np.array([[2 * MB + 1, 165 * MB + 7, 3 * MB + 5]]),
     }
 
 
@@ -84,6 +87,7 @@ def _pair_worker(rank, world_size, port):
         # prepared pools: 1000 x 16 KB by block ids, then a read back into a fresh region checked on the device
         prepared = agent.prepare(peer, "pool", "pool", 16384)
         prepared.write(list(range(1000)), list(range(6000, 7000)), notify=b"prepared").wait(60)
+        prepared.write([1001], [7001]).wait(60)  # one block by id: named in the launch's arguments
         store.set("written", b"1")
         store.wait(["checked"])
         back = torch.zeros(16 * MB, dtype=torch.uint8, device="cuda")
@@ -92,7 +96,7 @@ def _pair_worker(rank, world_size, port):
         handle.wait_on_stream()  # the comparison below is queued behind the copy, no host wait
         out["read_wrong"] = int((back[: 1000 * 16384] != _pattern(1, 100 * MB)[: 1000 * 16384]).sum())
     else:
-        notes = _notes(agent, 4 + 200 + 1)
+        notes = _notes(agent, len(cases) + 200 + 1)
         out["notes"] = [m for _, m in notes]
         store.wait(["written"])
         source = torch.zeros_like(pool)  # the sender's pool when the cases were written: the pattern, then zeros
@@ -103,8 +107,8 @@ def _pair_worker(rank, world_size, port):
                 expected[ro : ro + n] = source[lo : lo + n]
         for k in range(200):
             expected[180 * MB + k * 4096 : 180 * MB + (k + 1) * 4096] = k % 251
-        for i in range(1000):
-            expected[(6000 + i) * 16384 : (6001 + i) * 16384] = source[i * 16384 : (i + 1) * 16384]
+        for i, j in [*zip(range(1000), range(6000, 7000), strict=True), (1001, 7001)]:
+            expected[j * 16384 : (j + 1) * 16384] = source[i * 16384 : (i + 1) * 16384]
         out["wrong"] = int((pool != expected).sum())  # touched and untouched bytes alike
         out["front_untouched"] = bool((backing[:4096] == 0).all())
         store.set("checked", b"1")
@@ -121,19 +125,18 @@ def test_ipc_between_two_processes_on_one_gpu_moves_exact_bytes_and_notifies_aft
     assert sender["backend"] == receiver["backend"] == "ipc", sender["reason"]
     assert receiver["wrong"] == 0 and receiver["front_untouched"] and sender["read_wrong"] == 0
     notes = receiver["notes"]
-    assert notes[:4] == [b"aligned", b"odd", b"long", b"scattered"]
-    assert notes[4:204] == [f"v{k}".encode() for k in range(200)] and notes[204] == b"prepared"
+    assert notes[:6] == [b"aligned", b"odd", b"long", b"scattered", b"one_odd", b"one_long_odd"]
+    assert notes[6:206] == [f"v{k}".encode() for k in range(200)] and notes[206] == b"prepared"
     assert receiver["read_note"] == [("sender", b"read")]
 
 
-def _ordering_worker(rank, world_size, port):
+def _ordering_worker(rank, world_size, port, block):
     """Every notification's block already holds its bytes when the notification is seen (checked on arrival)."""
     from sagellm_comm.transfer import TransferAgent
 
     torch.cuda.set_device(0)
     store = _store(rank, port)
     agent = TransferAgent(("sender", "receiver")[rank], "ipc")
-    block = 64 * 1024
     pool = agent.allocate("pool", 2 * 300 * block, torch.uint8, "cuda")
     store.set(f"meta/{rank}", agent.metadata())
     bad = 0
@@ -162,8 +165,9 @@ def _ordering_worker(rank, world_size, port):
     return bad
 
 
-def test_a_notification_is_never_seen_before_its_bytes():
-    assert run_ranks(_ordering_worker, 2, timeout=300.0, env=GPU_ENV) == [0, 0]
+@pytest.mark.parametrize("block", [64 * 1024, 2 * MB], ids=["kernel", "copy_engine"])
+def test_a_notification_is_never_seen_before_its_bytes(block):
+    assert run_ranks(_ordering_worker, 2, block, timeout=300.0, env=GPU_ENV) == [0, 0]
 
 
 def _death_worker(rank, world_size, port):

@@ -215,14 +215,12 @@ def test_owner_lock_tells_a_live_owner_from_a_dead_one():
 
 # ---------------------------------------------------------------------------------------------- rings
 def _publish(outbox: notify.Outbox, message: bytes) -> int:
-    """What the kernel does: write length and message, then the sequence number."""
-    seq, address = outbox.reserve()
-    record = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * notify.RECORD_BYTES).from_address(address))
-    image = np.zeros(notify.RECORD_BYTES, dtype=np.uint8)
-    notify.record_image(seq, message, image)
-    record[8:] = image[8:]
+    """What a transfer does: the sender's host stages length and message, the kernel then writes the number."""
+    seq = outbox.stage(message)
+    entry = outbox.ring_address + ((seq - 1) % notify.ENTRIES) * notify.RECORD_BYTES
+    word = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int64 * 1).from_address(entry))
     notify.fence()
-    record[:8] = image[:8]
+    word[0] = seq
     return seq
 
 
@@ -256,7 +254,7 @@ def test_ring_delivers_in_order_across_wrap_refuses_when_full_and_survives_a_new
         for _ in range(notify.ENTRIES):
             _publish(first, b"z")
         with pytest.raises(UnavailableError, match="unread notifications"):
-            first.reserve()
+            first.stage(b"one too many")
         assert len(inbox.drain()) == notify.ENTRIES
         _publish(first, b"after")  # room again
         first.release()
@@ -273,6 +271,23 @@ def test_ring_delivers_in_order_across_wrap_refuses_when_full_and_survives_a_new
     finally:
         inbox.close()
     assert not os.path.exists(inbox.path)
+
+
+def test_a_staged_record_is_not_delivered_before_its_number_is_published(live_sender):
+    inbox = notify.Inbox()
+    try:
+        box = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        for _ in range(notify.ENTRIES + 3):  # entries reused: the staged body overwrites a consumed record
+            _publish(box, b"old")
+            assert inbox.drain() == [("prefill-0", b"old")]
+        seq = box.stage(b"staged, not published")
+        assert inbox.drain() == []
+        entry = box.ring_address + ((seq - 1) % notify.ENTRIES) * notify.RECORD_BYTES
+        np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int64 * 1).from_address(entry))[0] = seq
+        assert inbox.drain() == [("prefill-0", b"staged, not published")]
+        box.release()
+    finally:
+        inbox.close()
 
 
 def test_ring_slot_of_a_dead_sender_is_reused_once_drained(live_sender):

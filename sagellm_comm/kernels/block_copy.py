@@ -6,7 +6,7 @@ of any number of blocks is this one kernel over the two mappings.  Gather and sc
 every block names its own source and destination offset.
 
 Descriptor table (int64, read once per work item; pinned host memory for a one-off request, device memory
-when prepared), two forms chosen by ``FIXED``:
+when prepared), three forms chosen by ``FIXED`` and ``INLINE``:
 
 * listed (``FIXED=False``): ``n_items`` rows ``(src_offset, dst_offset, nbytes)``, byte offsets into the
   source and destination regions.  The host cuts every block longer than ``part_bytes`` into pieces of at
@@ -14,6 +14,10 @@ when prepared), two forms chosen by ``FIXED``:
 * fixed-size blocks (``FIXED=True``): ``n_items`` rows ``(src_block, dst_block)``, block indices into pools
   of ``block_bytes``-long blocks (a KV cache's layout); block ``i`` is ``parts`` work items of
   ``part_bytes`` (the last one shorter).
+* one block (``FIXED=True, INLINE=True``): no table; ``src_base`` and ``dst_base`` are the block's own
+  addresses and ``block_bytes`` its length, cut into ``parts`` items.  A one-block request reads nothing from
+  host memory before it copies.  With ``n_items = 0`` nothing is copied: the launch only publishes a
+  notification (after a copy-engine copy on the same stream).
 
 Work: item ``w`` belongs to program ``w % num_programs`` (a grid-stride loop); programs never wait for each
 other, so the grid can be as large as the work (no co-residency assumption).  An item is copied in tiles of
@@ -23,23 +27,25 @@ moves 16-byte vectors (``ld.global.cg.v4`` / ``st.global.v4``: what NVLink and H
 elements are bytes and any offset or length works.
 
 Completion and the notification (the invariant the receiver relies on: it learns of a transfer only after
-every byte of it is visible):
+every byte of it is visible).  Without ``NOTIFY`` the launch ends after its copies (the initiator learns of
+completion from a CUDA event).  With it:
 
 1. Every program stores its tiles, then the block synchronises (all its threads' stores precede step 2).
 2. One thread adds 1 to ``counter`` with an acquire-release atomic at *system* scope: the release makes this
    program's stores visible (to the host and to peer GPUs too) before the count, the acquire makes the
    stores of every program counted before it visible to this one.
 3. The program that brings the count to ``num_programs`` (the last) resets the counter to 0 for the next
-   launch (launches sharing a counter run on one stream, so they never overlap) and, with ``NOTIFY``, copies
-   the prepared 512-byte record from ``notify_src`` (bytes 8..511: length and message) into the receiver's
-   ring entry at ``notify_dst``, synchronises its block, and publishes the record with one release store
-   (system scope) of its sequence number (word 0, read from ``notify_src``).  Release is cumulative, so
-   every program's data (acquired in step 2) is visible before the sequence number is.  The receiver's host
-   reads the sequence number first, then the record (``sagellm_comm/transfer/notify.py``).
+   launch (launches sharing a counter run on one stream, so they never overlap), takes the link's next
+   sequence number from ``seq_addr`` (a device word counting this link's notifications; the host counts the
+   same launches) and publishes it with one release store (system scope) into word 0 of ring entry
+   ``(seq - 1) % RING_ENTRIES`` at ``ring_addr``.  The host wrote the entry's length and message before
+   the launch (``sagellm_comm/transfer/notify.py``), so they are visible before the launch starts; release
+   is cumulative, so every program's data (acquired in step 2) is visible before the sequence number is.
+   The receiver's host reads the sequence number first, then the record.
 
-The sequence number travels in memory, not as a launch argument: an integer argument is compiled as int32
-or int64 by its value, and a counter must not change the kernel's signature as it grows.  Every address
-argument is a real address (never 0), so it is always int64.
+The sequence number lives in device memory, not in a launch argument: an integer argument is compiled as
+int32 or int64 by its value, and a counter must not change the kernel's signature as it grows.  Every
+address argument is a real address (never 0), so it is always int64.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from sagellm_comm.kernels.all_reduce import _ptr
 
 RECORD_BYTES = tl.constexpr(512)  # one notification: int64 seq | int64 nbytes | message (up to 496 bytes)
 RECORD_HEADER_BYTES = tl.constexpr(16)
+RING_ENTRIES = tl.constexpr(64)  # records in one sender's ring of a receiver's inbox
 MAX_MESSAGE_BYTES = RECORD_BYTES.value - RECORD_HEADER_BYTES.value
 VEC_BYTES = 16  # the alignment of every address and length on the vector path
 
@@ -79,17 +86,11 @@ def _copy_bytes(src_addr, dst_addr, nbytes, VEC: tl.constexpr, TILE: tl.constexp
 
 
 @triton.jit
-def _publish(notify_src, notify_dst):
-    """Copy the record's length and message, then release-store its sequence number (step 3 above)."""
-    offs = tl.arange(0, RECORD_BYTES) + 8
-    mask = offs < RECORD_BYTES
-    src = notify_src.to(tl.pointer_type(tl.uint8))
-    dst = notify_dst.to(tl.pointer_type(tl.uint8))
-    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
-    seq = tl.load(notify_src.to(tl.pointer_type(tl.int64)))
-    # Every thread's stores of the record precede the release below.
-    tl.debug_barrier()
-    tl.atomic_xchg(notify_dst.to(tl.pointer_type(tl.int64)), seq, sem="release", scope="sys")
+def _publish(seq_addr, ring_addr):
+    """Take the link's next sequence number and release-store it into its ring entry (step 3 above)."""
+    seq = tl.atomic_add(seq_addr.to(tl.pointer_type(tl.int64)), 1, sem="relaxed", scope="gpu") + 1
+    entry = ring_addr + ((seq - 1) & (RING_ENTRIES - 1)) * RECORD_BYTES  # RING_ENTRIES: a power of two
+    tl.atomic_xchg(entry.to(tl.pointer_type(tl.int64)), seq, sem="release", scope="sys")
 
 
 @triton.jit
@@ -102,46 +103,52 @@ def block_copy_kernel(
     parts,
     part_bytes,
     counter_addr,
-    notify_src,
-    notify_dst,
+    seq_addr,
+    ring_addr,
     FIXED: tl.constexpr,
+    INLINE: tl.constexpr,
     VEC: tl.constexpr,
     NOTIFY: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    """Copy every block of the table from the source region to the destination region; the last program
-    publishes the notification (see the module docstring).
+    """Copy every block of the table from the source region to the destination region; with ``NOTIFY`` the
+    last program publishes the notification (see the module docstring).
 
     ``table_addr``, ``src_base``, ``dst_base``, ``counter_addr`` (int64, this launch's stream's counter),
-    ``notify_src`` / ``notify_dst`` (the prepared record and the ring entry; ignored without ``NOTIFY``) are
-    addresses as mapped in this process.  Listed form: ``n_items`` rows of 3; fixed form: ``n_items`` rows
-    of 2, each block ``block_bytes`` long and cut into ``parts`` items of ``part_bytes``.
+    ``seq_addr`` (the link's notification count, device memory) and ``ring_addr`` (entry 0 of the link's ring
+    in the receiver's inbox) are addresses as mapped in this process (the last three ignored without
+    ``NOTIFY``; ``table_addr`` with ``INLINE``).  Listed form: ``n_items`` rows of 3; fixed form: ``n_items``
+    rows of 2, each block ``block_bytes`` long and cut into ``parts`` items of ``part_bytes``; one block
+    (``INLINE``): ``n_items`` is 1 (or 0: publish only).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     table = table_addr.to(tl.pointer_type(tl.int64))
     if FIXED:
         for w in tl.range(pid, n_items * parts, num_programs):
-            row = w // parts
             start = (w % parts).to(tl.int64) * part_bytes
-            src_block = tl.load(table + 2 * row)
-            dst_block = tl.load(table + 2 * row + 1)
             nbytes = tl.minimum(block_bytes - start, part_bytes)
-            _copy_bytes(
-                src_base + src_block * block_bytes + start, dst_base + dst_block * block_bytes + start, nbytes,
-                VEC, TILE,
-            )  # fmt: skip
+            if INLINE:
+                _copy_bytes(src_base + start, dst_base + start, nbytes, VEC, TILE)
+            else:
+                row = w // parts
+                src_block = tl.load(table + 2 * row)
+                dst_block = tl.load(table + 2 * row + 1)
+                _copy_bytes(
+                    src_base + src_block * block_bytes + start, dst_base + dst_block * block_bytes + start,
+                    nbytes, VEC, TILE,
+                )  # fmt: skip
     else:
         for row in tl.range(pid, n_items, num_programs):
             src_offset = tl.load(table + 3 * row)
             dst_offset = tl.load(table + 3 * row + 1)
             nbytes = tl.load(table + 3 * row + 2)
             _copy_bytes(src_base + src_offset, dst_base + dst_offset, nbytes, VEC, TILE)
-    # Steps 1-2: this program's stores, then its count (release + acquire, system scope).
-    tl.debug_barrier()
-    counter = counter_addr.to(tl.pointer_type(tl.int64))
-    done = tl.atomic_add(counter, 1, sem="acq_rel", scope="sys")
-    if done == num_programs - 1:
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-        if NOTIFY:
-            _publish(notify_src, notify_dst)
+    if NOTIFY:
+        # Steps 1-2: this program's stores, then its count (release + acquire, system scope).
+        tl.debug_barrier()
+        counter = counter_addr.to(tl.pointer_type(tl.int64))
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="sys")
+        if done == num_programs - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            _publish(seq_addr, ring_addr)

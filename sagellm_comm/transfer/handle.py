@@ -93,7 +93,8 @@ class TransferHandle:
         CUDA event); other transports raise ``NotImplementedCommError``: use :meth:`wait`."""
         if self.state == "failed":
             raise self.error
-        self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream())
+        with self._agent.lock:
+            self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream())
 
     def _fail(self, exc: CommError) -> None:
         self.state, self.error = "failed", exc

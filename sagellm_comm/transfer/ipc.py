@@ -4,9 +4,13 @@ Each peer's registered pools are mapped into this process once, at ``add_peer`` 
 allocations that hold them; shared files under the Triton interpreter, where the same path runs on CPU
 tensors).  A write or read of any number of blocks is one launch of ``kernels/block_copy.py`` over the two
 mappings, on this agent's transfer stream (which first waits for the caller's current stream, so the copy
-sees what the caller's kernels wrote).  Its last program publishes the notification into the peer's inbox ring
-(``notify.py``) after every byte, so the receiver's host learns of it without a round trip per block; the
-initiator's handle completes on a CUDA event recorded after the launch.
+sees what the caller's kernels wrote).  A one-block request names its block in the launch's arguments (no
+table to read); one of at least ``COPY_ENGINE_BYTES`` is a copy-engine copy (``cudaMemcpyAsync``, faster
+than any kernel for one long block; a memory copy under the interpreter) followed, when it notifies, by a
+one-program launch that only publishes the notification.  The last program publishes the notification into
+the peer's inbox ring (``notify.py``) after every byte, so the receiver's host learns of it without a round
+trip per block; the initiator's handle completes on a CUDA event recorded after the launch (launches on the
+one stream complete in order, so the agent retires them from the oldest and reuses their events and staging buffers).
 
 Whether a peer is reachable is decided by a real copy: at ``add_peer`` the kernel reads the peer's 16-byte
 probe token through the mapping and compares it with the token in the peer's metadata.  A peer that exited is
@@ -30,15 +34,17 @@ from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
-from sagellm_comm.transfer.ipc_memory import PeerMaps, Staging, device_memory
+from sagellm_comm.transfer.ipc_memory import CudaEvents, PeerMaps, Staging, device_memory
 from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
-from sagellm_comm.transfer.notify import Inbox, Outbox, record_image
+from sagellm_comm.transfer.notify import Inbox, Outbox
 from sagellm_comm.transfer.registry import register_transfer_backend
 from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of
 
 logger = logging.getLogger("sagellm_comm.transfer")
 
 PART_BYTES = 64 * 1024  # longest work item: longer blocks are cut (kernels/block_copy.py)
+MIN_PART_BYTES = 8 * 1024  # a one-block request is cut into items of 8-64 KB, about one per program
+COPY_ENGINE_BYTES = 1 << 20  # a one-block request at least this long goes to the copy engine (on a GPU)
 PROBE_BYTES = 256
 TOKEN_BYTES = 16
 PROGRAMS_PER_SM = 4
@@ -63,13 +69,16 @@ class IpcLink(Link):
     maps: PeerMaps | None = None
     outbox: Outbox | None = None
     registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
-    pending: deque = field(default_factory=deque)  # events of launches still possibly running, oldest first
+    published: torch.Tensor | None = None  # device word: notifications the kernel published to this peer
+    last: int = 0  # number of this agent's latest launch that touches the peer's memory
 
 
 class IpcRequest(Request):
-    def __init__(self, link: IpcLink, event):
+    def __init__(self, backend: IpcBackend, link: IpcLink, number: int, event):
+        self.backend = backend
         self.link = link
-        self.event = event
+        self.number = number
+        self.event = event  # valid while the launch is in flight (then reused)
 
     def poll(self) -> bool:
         name = self.link.peer.name
@@ -77,7 +86,7 @@ class IpcRequest(Request):
             raise PeerLostError(
                 f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
             )
-        if self.event is not None and not self.event.query():
+        if not self.backend.finished(self.number):
             return False
         if not self.link.outbox.liveness.alive():
             raise PeerLostError(
@@ -87,11 +96,11 @@ class IpcRequest(Request):
         return True
 
     def abort(self) -> None:
-        pass  # a launched kernel cannot be stopped; its staging buffer is reused once its event completes
+        pass  # a launched kernel cannot be stopped; its event and staging buffer are reused once it completes
 
     def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
-        if self.event is not None:
-            stream.wait_event(self.event)
+        if not self.backend.finished(self.number):  # in flight: its event is not reused yet
+            self.backend.events.wait(stream.cuda_stream, self.event)
 
 
 class IpcBackend(TransferBackend):
@@ -135,7 +144,11 @@ class IpcBackend(TransferBackend):
         self.scratch = torch.zeros(TOKEN_BYTES, dtype=torch.uint8, device=device)
         self.staging = Staging(pinned=cuda)
         self.stream = torch.cuda.Stream(device) if cuda else None
-        self.fork = torch.cuda.Event() if cuda else None  # the caller's stream, as the transfer stream waits on it
+        self.raw_stream = self.stream.cuda_stream if cuda else 0
+        self.events = CudaEvents(self.raw_stream) if cuda else None
+        self.launches = 0  # launches so far, numbered from 1
+        self.completed = 0  # every launch up to this number completed
+        self.in_flight: deque = deque()  # (number, event, staging index or None), oldest first
         self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
         if cuda:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -218,6 +231,7 @@ class IpcBackend(TransferBackend):
             for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
                 link.addresses[name] = export["address"] if in_process else self._open(link.maps, export)
             link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
+            link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
             if self.device.type == "cuda":
                 address, nbytes = link.outbox.slot_range
                 self.memory.host_register(address, nbytes)
@@ -238,8 +252,7 @@ class IpcBackend(TransferBackend):
     def _probe(self, link: IpcLink, token: bytes) -> None:
         """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
         self.scratch.zero_()
-        table = np.array([[0, 0, TOKEN_BYTES]], dtype=np.int64)
-        self._launch(link, link.addresses["\0probe"], self.scratch.data_ptr(), table, None, None, TOKEN_BYTES)
+        self._one_block(link, link.addresses["\0probe"], self.scratch.data_ptr(), TOKEN_BYTES, None)
         if self.stream is not None:
             self.stream.synchronize()
         got = bytes(self.scratch.cpu().numpy())
@@ -258,13 +271,7 @@ class IpcBackend(TransferBackend):
     def _release(self, link: IpcLink) -> None:
         """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
         behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it)."""
-        deadline = time.monotonic() + self.context.timeout_s
-        while link.pending and time.monotonic() < deadline:
-            if link.pending[0].query():
-                link.pending.popleft()
-            else:
-                time.sleep(1e-4)
-        if link.pending:
+        if not self._drain(link.last):
             logger.warning(
                 "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
                 self.context.name, link.peer.name, self.context.timeout_s,
@@ -283,21 +290,26 @@ class IpcBackend(TransferBackend):
     def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> IpcRequest:
         self._check_alive(link)
         remote_address = link.addresses[remote.name]
-        if op == "write":
-            src, dst, rows = local.ptr, remote_address, table
-        else:
-            src, dst, rows = remote_address, local.ptr, table[:, [1, 0, 2]]
-        if len(rows) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
-            listed = rows.tolist()
+        if len(table) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
+            listed = table.tolist()
+            if len(listed) == 1:
+                lo, ro, n = listed[0]
+                if op == "write":
+                    return self._one_block(link, local.ptr + lo, remote_address + ro, n, notify)
+                return self._one_block(link, remote_address + ro, local.ptr + lo, n, notify)
             longest, bits = max(r[2] for r in listed), 0
             for r in listed:
                 bits |= r[0] | r[1] | r[2]
         else:
-            longest, bits = int(rows[:, 2].max()), int(np.bitwise_or.reduce(rows, axis=None))
+            longest, bits = int(table[:, 2].max()), int(np.bitwise_or.reduce(table, axis=None))
+        if op == "write":
+            src, dst, rows = local.ptr, remote_address, table
+        else:
+            src, dst, rows = remote_address, local.ptr, table[:, [1, 0, 2]]
         if longest > PART_BYTES:
             rows = split_rows(rows, PART_BYTES)
             bits |= PART_BYTES
-        return self._launch(link, src, dst, rows, notify, None, bits)
+        return self._table_launch(link, src, dst, rows, notify, None, bits)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -306,12 +318,18 @@ class IpcBackend(TransferBackend):
         link = prepared.link
         self._check_alive(link)
         remote_address = link.addresses[prepared.remote.name]
+        block_bytes = prepared.layout.block_bytes
+        if len(ids) == 1:
+            local_id, remote_id = ids[0].tolist()
+            local, remote = prepared.local.ptr + local_id * block_bytes, remote_address + remote_id * block_bytes
+            if op == "write":
+                return self._one_block(link, local, remote, block_bytes, notify)
+            return self._one_block(link, remote, local, block_bytes, notify)
         if op == "write":
             src, dst, rows = prepared.local.ptr, remote_address, ids
         else:
             src, dst, rows = remote_address, prepared.local.ptr, ids[:, ::-1]
-        block_bytes = prepared.layout.block_bytes
-        return self._launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
+        return self._table_launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
 
     def _check_alive(self, link: IpcLink) -> None:
         if not link.outbox.liveness.alive():
@@ -320,50 +338,117 @@ class IpcBackend(TransferBackend):
                 f"peer {name!r} exited (its inbox lock is free): nothing was sent", details={"peer": name}
             )
 
-    def _launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None, bits: int
-                ) -> IpcRequest:  # fmt: skip
-        """One launch of the block-copy kernel: ``rows`` (listed ``[n, 3]`` or, with ``fixed`` block bytes, block
-        ids ``[n, 2]``) from ``src`` to ``dst``; ``notify`` goes to the peer's ring.  ``bits``: every offset and
-        length OR-ed together (the vector path needs them all 16-byte aligned)."""
-        header = _bc.RECORD_BYTES.value
-        index, buffer, address = self.staging.acquire(header + rows.nbytes)
-        buffer[header : header + rows.nbytes] = rows.reshape(-1).view(np.uint8)
-        notify_dst = address  # a valid address when there is no notification (never written)
-        if notify is not None:
-            seq, notify_dst = link.outbox.reserve()
-            record_image(seq, notify, buffer[:header])
+    def _one_block(self, link, src: int, dst: int, nbytes: int, notify) -> IpcRequest:
+        """One block from address ``src`` to ``dst``: the copy engine when long (a plain memory copy under the
+        interpreter), else one launch that names the block in its arguments, cut into items of 8-64 KB spread over
+        the programs."""
+        self._fork()
+        if nbytes >= COPY_ENGINE_BYTES:
+            if notify is not None:
+                link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
+            try:
+                self.memory.copy_async(dst, src, nbytes, self.raw_stream)
+            except BaseException:
+                if notify is not None:
+                    link.outbox.unstage()
+                raise
+            if notify is not None:
+                self._kernel(link, 1, notify, staged=True, table_addr=src, src_base=src, dst_base=dst, n_items=0,
+                             block_bytes=1, parts=1, part_bytes=1, FIXED=True, INLINE=True, VEC=False)  # fmt: skip
+            return self._finish(link, None)
+        part = min(PART_BYTES, max(MIN_PART_BYTES, 1 << max(0, (-(-nbytes // self.max_programs) - 1).bit_length())))
+        parts = -(-nbytes // part)
+        vec = not ((src | dst | nbytes) % _bc.VEC_BYTES)
+        self._kernel(link, min(parts, self.max_programs), notify, table_addr=src, src_base=src, dst_base=dst,
+                     n_items=1, block_bytes=nbytes, parts=parts, part_bytes=part, FIXED=True, INLINE=True,
+                     VEC=vec)  # fmt: skip
+        return self._finish(link, None)
+
+    def _table_launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None, bits: int
+                      ) -> IpcRequest:  # fmt: skip
+        """One launch over a descriptor table: ``rows`` (listed ``[n, 3]`` or, with ``fixed`` block bytes, block
+        ids ``[n, 2]``) from ``src`` to ``dst``, staged in pinned host memory.  ``bits``: every offset and length
+        OR-ed together (the vector path needs them all 16-byte aligned)."""
+        index, buffer, address = self.staging.acquire(rows.nbytes)
+        buffer[: rows.nbytes] = rows.reshape(-1).view(np.uint8)
         vec = not ((bits | src | dst) % _bc.VEC_BYTES)
         if fixed is None:
-            n_items, items, block_bytes, parts, part_bytes = len(rows), len(rows), 0, 1, 0
+            items, block_bytes, parts, part_bytes = len(rows), 0, 1, 0
         else:
             part_bytes = min(fixed, PART_BYTES)
             parts = -(-fixed // part_bytes)
-            n_items, items, block_bytes = len(rows), len(rows) * parts, fixed
-        tile = (2048 if vec else 4096) if self.use_ptx else 16384
-        args = self.launcher.bind(
-            table_addr=address + header, src_base=src, dst_base=dst, n_items=n_items, block_bytes=block_bytes,
-            parts=parts, part_bytes=part_bytes, counter_addr=self.counter.data_ptr(), notify_src=address,
-            notify_dst=notify_dst, FIXED=fixed is not None, VEC=vec, NOTIFY=notify is not None, TILE=tile,
-        )  # fmt: skip
-        grid = (max(1, min(items, self.max_programs)), 1)
-        if self.stream is None:
-            self.launcher(grid, args)  # the interpreter runs it to completion here
+            items, block_bytes = len(rows) * parts, fixed
+        self._fork()
+        try:
+            self._kernel(link, min(items, self.max_programs), notify, table_addr=address, src_base=src,
+                         dst_base=dst, n_items=len(rows), block_bytes=block_bytes, parts=parts, part_bytes=part_bytes,
+                         FIXED=fixed is not None, INLINE=False, VEC=vec)  # fmt: skip
+        except BaseException:
             self.staging.release(index)
-            return IpcRequest(link, None)
-        self.fork.record(torch.cuda.current_stream(self.device))
-        self.stream.wait_event(self.fork)
-        if self.launcher.is_loaded(args):
-            self.launcher(grid, args, stream=self.stream.cuda_stream)
-        else:
-            with torch.cuda.stream(self.stream):  # the first launch compiles through Triton's own path
-                self.launcher(grid, args)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        self.staging.busy(index, event)
-        while link.pending and link.pending[0].query():
-            link.pending.popleft()
-        link.pending.append(event)
-        return IpcRequest(link, event)
+            raise
+        return self._finish(link, index)
+
+    def _fork(self) -> None:
+        """The transfer stream waits for the caller's current stream (what the caller's kernels wrote)."""
+        if self.events is not None:
+            self.events.follow(torch._C._cuda_getCurrentRawStream(self.index))
+
+    def _kernel(self, link, programs: int, notify, staged: bool = False, **named) -> None:
+        """Enqueue one block-copy launch on the transfer stream; ``notify`` is staged in the peer's ring first
+        (unless ``staged``) and published by the launch's last program."""
+        if notify is not None and not staged:
+            link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
+        args = self.launcher.bind(
+            counter_addr=self.counter.data_ptr(), seq_addr=link.published.data_ptr(),
+            ring_addr=link.outbox.ring_address, NOTIFY=notify is not None,
+            TILE=(2048 if named["VEC"] else 4096) if self.use_ptx else 16384, **named,
+        )  # fmt: skip
+        try:
+            self.launcher((programs, 1), args, stream=self.raw_stream if self.stream is not None else None)
+        except BaseException:
+            if notify is not None:
+                link.outbox.unstage()  # the kernel that would publish it never ran
+            raise
+
+    def _finish(self, link, index: int | None) -> IpcRequest:
+        """Number the launch(es) just enqueued and record their completion."""
+        self.launches += 1
+        number = link.last = self.launches
+        if self.stream is None:  # the interpreter ran it to completion
+            self.completed = number
+            if index is not None:
+                self.staging.release(index)
+            return IpcRequest(self, link, number, None)
+        event = self.events.record()
+        self.in_flight.append((number, event, index))
+        if len(self.in_flight) > 1:
+            self._retire()
+        return IpcRequest(self, link, number, event)
+
+    def _retire(self) -> None:
+        """Retire completed launches, oldest first (one stream: they complete in order)."""
+        in_flight, events = self.in_flight, self.events
+        while in_flight and events.done(in_flight[0][1]):
+            number, event, index = in_flight.popleft()
+            self.completed = number
+            events.reuse(event)
+            if index is not None:
+                self.staging.release(index)
+
+    def finished(self, number: int) -> bool:
+        """Whether launch ``number`` completed."""
+        if number > self.completed:
+            self._retire()
+        return number <= self.completed
+
+    def _drain(self, number: int) -> bool:
+        """Wait (up to the agent's timeout) until launch ``number`` completed; False if it did not."""
+        deadline = time.monotonic() + self.context.timeout_s
+        while not self.finished(number):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1e-4)
+        return True
 
     def notifications(self) -> list[tuple[str, bytes]]:
         return self.inbox.drain()
@@ -381,9 +466,12 @@ class IpcBackend(TransferBackend):
             self.disconnect(link)
         self.inbox.close()
         if self.device is not None:
-            self.staging.close(self.context.timeout_s)
+            drained = self._drain(self.launches)
+            self.staging.close(in_use=not drained)
             if self.device.type == "cuda":
                 self.memory.free(self.probe)
+                if drained:
+                    self.events.close()
             self._probe_tensor = None
 
 

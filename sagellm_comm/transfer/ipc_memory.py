@@ -3,22 +3,23 @@
 * :class:`PeerMaps`: a peer's region is opened through :mod:`sagellm_comm.ipc` (``CudaIpcMemory`` on GPUs,
   ``SharedFileMemory`` under the interpreter) once per process and reference-counted, since CUDA refuses to
   open one handle twice in a process and several regions (or agents) may share one allocation.
+* :class:`CudaEvents`: raw CUDA events (no timing) of one transfer stream, through CuPy's runtime: the fork
+  from the caller's stream and one completion event per launch, reused once it completed.
 * :class:`Staging`: host buffers (pinned on GPUs, so the kernel reads them over PCIe) holding one launch's
-  descriptor table and notification record; a buffer is reused once the launch that read it completed.
+  descriptor table; a buffer is given back (:meth:`Staging.release`) once the launch that read it completed.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sagellm_comm.ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
+from sagellm_comm.errors import TransferError
+from sagellm_comm.ipc import CudaIpcMemory, PeerMemory, SharedFileMemory, cupy_runtime
 
 _OPEN_LOCK = threading.Lock()
 _OPENED: dict[tuple, list] = {}  # (kind, device, key) -> [base address, references, memory]
@@ -70,53 +71,95 @@ class PeerMaps:
             close_shared(self.memory, self.keys.pop(), self.device_index)
 
 
+EVENT_DISABLE_TIMING = 0x2  # cudaEventDisableTiming
+NOT_READY = 600  # cudaErrorNotReady
+
+
+class CudaEvents:
+    """Raw CUDA events ordering one transfer stream (``stream``, a raw handle) after its callers and telling the
+    host when a launch completed.  A handle from :meth:`record` is given back with :meth:`reuse` once
+    :meth:`done` said so."""
+
+    def __init__(self, stream: int):
+        self.rt = cupy_runtime()
+        self.stream = stream
+        self.free: list[int] = []
+        self.made: list[int] = []
+        self.fork = self._new()
+
+    def _new(self) -> int:
+        event = int(self.rt.eventCreateWithFlags(EVENT_DISABLE_TIMING))
+        self.made.append(event)
+        return event
+
+    def follow(self, caller: int) -> None:
+        """Work enqueued on the transfer stream from now on waits for what raw stream ``caller`` holds now."""
+        self.rt.eventRecord(self.fork, caller)
+        self.rt.streamWaitEvent(self.stream, self.fork, 0)
+
+    def record(self) -> int:
+        """An event recorded on the transfer stream after what it holds now."""
+        event = self.free.pop() if self.free else self._new()
+        self.rt.eventRecord(event, self.stream)
+        return event
+
+    def done(self, event: int) -> bool:
+        status = self.rt.eventQuery(event)
+        if status == 0:
+            return True
+        if status == NOT_READY:
+            return False
+        raise TransferError(f"the transfer stream failed: CUDA error {status} (cudaEventQuery)")
+
+    def wait(self, stream: int, event: int) -> None:
+        """Raw stream ``stream`` waits on the device for ``event``."""
+        self.rt.streamWaitEvent(stream, event, 0)
+
+    def reuse(self, event: int) -> None:
+        self.free.append(event)
+
+    def close(self) -> None:
+        for event in self.made:
+            self.rt.eventDestroy(event)
+        self.made, self.free = [], []
+
+
 class Staging:
-    """Host buffers for launches: ``acquire(nbytes)`` gives one no launch reads, ``busy(index, event)`` ties it to
-    a launch.  Launches on one stream complete in order, so only the oldest busy buffer is ever queried."""
+    """Host buffers for launches' descriptor tables: ``acquire(nbytes)`` gives one no launch reads; the caller
+    gives it back with ``release(index)`` once the launch that reads it completed."""
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
         self.buffers: list[torch.Tensor] = []
+        self.views: list[np.ndarray] = []
         self.free: list[int] = []
-        self.busy_queue: deque = deque()  # (index, event), oldest first
 
     def acquire(self, nbytes: int) -> tuple[int, np.ndarray, int]:
         """``(index, uint8 numpy view of at least nbytes, address)`` of a buffer no launch is reading."""
-        while self.busy_queue and self.busy_queue[0][1].query():
-            self.free.append(self.busy_queue.popleft()[0])
         if self.free:
             index = self.free.pop()
-            if self.buffers[index].numel() < nbytes:
+            if len(self.views[index]) < nbytes:
                 self.buffers[index] = self._new(nbytes)
+                self.views[index] = self.buffers[index].numpy()
         else:
             index = len(self.buffers)
             self.buffers.append(self._new(nbytes))
-        buffer = self.buffers[index]
-        return index, buffer.numpy(), buffer.data_ptr()
+            self.views.append(self.buffers[index].numpy())
+        return index, self.views[index], self.buffers[index].data_ptr()
 
     def release(self, index: int) -> None:
-        """The launch that used buffer ``index`` already completed (it ran on the host)."""
+        """The launch that read buffer ``index`` completed."""
         self.free.append(index)
-
-    def busy(self, index: int, event) -> None:
-        self.busy_queue.append((index, event))
 
     def _new(self, nbytes: int) -> torch.Tensor:
         return torch.empty(max(4096, -(-nbytes // 4096) * 4096), dtype=torch.uint8, pin_memory=self.pinned)
 
-    def close(self, timeout_s: float) -> None:
-        """Drop the buffers once no launch reads them; after ``timeout_s`` the busy ones are left to the garbage
-        collector's owner (leaked rather than freed under a running kernel)."""
-        deadline = time.monotonic() + timeout_s
-        while self.busy_queue and time.monotonic() < deadline:
-            if self.busy_queue[0][1].query():
-                self.busy_queue.popleft()
-            else:
-                time.sleep(1e-4)
-        if self.busy_queue:
+    def close(self, in_use: bool) -> None:
+        """Drop the buffers; with ``in_use`` (a launch may still read one) they are kept for the life of the
+        process instead (leaked rather than freed under a running kernel)."""
+        if in_use:
             _LEAKED.append(self.buffers)
-        self.busy_queue.clear()
-        self.buffers = []
+        self.buffers, self.views = [], []
         self.free.clear()
 
 

@@ -7,6 +7,8 @@ its only producer; the inbox's owner is its only consumer (:meth:`Inbox.drain`, 
 ``TransferAgent.notifications``).  On a GPU the sender registers its slot's pages with
 ``cudaHostRegister`` (mapped), so the block-copy kernel itself writes the record after the data
 (``sagellm_comm/kernels/block_copy.py``); under the interpreter the kernel writes it through the same mapping.
+The sender's host writes a record's length and message into the entry before the launch; the kernel writes
+only its sequence number.
 
 Layout (int64 words unless said otherwise)::
 
@@ -24,9 +26,10 @@ Protocol:
    random ``token``.  The token is written last: a reader that sees it sees the rest.
 2. *Produce*: the sender numbers its notifications 1, 2, ... (``seq``); record ``seq`` lives in entry
    ``(seq - 1) % ENTRIES``.  It may produce ``seq`` only while ``seq - consumed <= ENTRIES`` (else the ring is
-   full: the receiver is not reading, and the transfer is refused before any byte moves).  The record's
-   ``nbytes`` and message are written first and ``seq`` last, with release semantics (the kernel's system
-   scope release; on the host a fence).
+   full: the receiver is not reading, and the transfer is refused before any byte moves).  The sender's host
+   writes the record's ``nbytes`` and message (:meth:`Outbox.stage`), then launches the copy whose last
+   program writes ``seq`` with a system-scope release; the receiver does not read an entry whose word is not
+   its ``seq``, so the body may be written while the entry still holds ``seq - ENTRIES`` (already consumed).
 3. *Consume* (receiver): per slot, read ``token``; if it changed since the last drain, start again at
    ``seq = consumed + 1`` with the new sender's name.  While entry ``seq``'s word equals ``seq``: fence, read
    the message, advance.  Read ``token`` again: if it changed meanwhile (the slot was claimed by a new sender),
@@ -45,7 +48,6 @@ import fcntl
 import mmap
 import os
 import secrets
-import struct
 import threading
 import time
 
@@ -53,12 +55,13 @@ import numpy as np
 
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
+from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
 from sagellm_comm.transfer.shared import LivenessProbe, OwnerLock, new_path, sweep_stale
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
 VERSION = 1
 SLOTS = 32
-ENTRIES = 64
+ENTRIES = _RING_ENTRIES.value
 RECORD_BYTES = _RECORD_BYTES.value
 PAGE = 4096
 SLOT_BYTES = PAGE + ENTRIES * RECORD_BYTES
@@ -190,8 +193,9 @@ class Outbox:
             raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
         self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
         self.produced = 0
-        base = _Mapped.record_offset(self.slot, 1)
-        self.ring_address = self._mapped.address + base  # entry 0
+        self._ring_offset = _Mapped.record_offset(self.slot, 1)  # entry 0, in the file
+        self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
+        self.ring_address = self._mapped.address + self._ring_offset
         self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
 
     def _claim(self, claim_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
@@ -252,18 +256,25 @@ class Outbox:
         # A dead sender's slot is reused once nothing it published is left unread.
         return not alive and int(words[m.record_offset(slot, consumed + 1) // 8]) != consumed + 1
 
-    def reserve(self) -> tuple[int, int]:
-        """``(seq, address of its ring entry)`` for the next notification; ``UnavailableError`` when the ring is
-        full (the receiver has ``ENTRIES`` unread notifications from this sender)."""
+    def stage(self, message: bytes) -> int:
+        """Write the next notification's length and message into its ring entry (the kernel publishes its
+        sequence number after the transfer's bytes) and return that number; ``UnavailableError`` when the ring
+        is full (the receiver has ``ENTRIES`` unread notifications from this agent)."""
         seq = self.produced + 1
-        consumed = int(self._mapped.words[self._mapped.slot_word(self.slot, CONSUMED)])
+        consumed = int(self._mapped.words[self._consumed_word])
         if seq - consumed > ENTRIES:
             raise UnavailableError(
                 f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
                 "must call notifications() before more can be sent"
             )
+        at = self._ring_offset + ((seq - 1) % ENTRIES) * RECORD_BYTES
+        self._mapped.map[at + 8 : at + 16 + len(message)] = len(message).to_bytes(8, "little") + message
         self.produced = seq
-        return seq, self.ring_address + ((seq - 1) % ENTRIES) * RECORD_BYTES
+        return seq
+
+    def unstage(self) -> None:
+        """Take back the last :meth:`stage` (its transfer was never enqueued; nothing will publish it)."""
+        self.produced -= 1
 
     def release(self) -> None:
         """Give the slot back (the receiver still drains what was published)."""
@@ -289,11 +300,4 @@ class Outbox:
         self._mapped.close()
 
 
-def record_image(seq: int, message: bytes, out: np.ndarray) -> None:
-    """Write the 512-byte record ``seq | len(message) | message`` into the uint8 array ``out`` (the kernel copies
-    bytes 8.. and then publishes ``seq``)."""
-    image = struct.pack("<qq", seq, len(message)) + message
-    out[: len(image)] = np.frombuffer(image, dtype=np.uint8)
-
-
-__all__ = ["Inbox", "Outbox", "fence", "record_image", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]
+__all__ = ["Inbox", "Outbox", "fence", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]
