@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import re
 import statistics
@@ -42,8 +43,8 @@ BASELINE_PACKAGE = "base_comm"
 
 def baseline_tree(commit: str, root: Path) -> str:
     """Extract ``sagellm_comm`` at ``commit`` (of the git checkout holding this script) under ``root`` as the
-    package ``base_comm``, with every absolute import of the package renamed; returns the package name
-    (``root`` must then be on ``sys.path``).  Raises ``SystemExit`` naming the commit when git cannot."""
+    package ``base_comm``, with every absolute import of the package renamed, and load it (its modules import as
+    ``base_comm.*``); returns the package name.  Raises ``SystemExit`` naming the commit when git cannot."""
     repo = Path(__file__).resolve().parent.parent
     archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "sagellm_comm"], capture_output=True)
     if archive.returncode:
@@ -54,6 +55,12 @@ def baseline_tree(commit: str, root: Path) -> str:
     name = re.compile(r"\bsagellm_comm\b")
     for source in package.rglob("*.py"):
         source.write_text(name.sub(BASELINE_PACKAGE, source.read_text()))
+    spec = importlib.util.spec_from_file_location(
+        BASELINE_PACKAGE, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE_PACKAGE] = module
+    spec.loader.exec_module(module)
     return BASELINE_PACKAGE
 
 
@@ -135,7 +142,6 @@ def main() -> None:
     package = None
     if args.baseline:
         package = baseline_tree(args.baseline, Path(scratch.name))
-        sys.path.insert(0, scratch.name)
     current, baseline, check = [], [], []
     for _ in range(args.rounds):
         if package:

@@ -81,6 +81,11 @@ def direct_launch(compiled) -> Callable | None:
 _I32_MIN, _I32_MAX, _U32_MAX, _I64_MAX = -(2**31), 2**31 - 1, 2**32 - 1, 2**63 - 1
 
 
+def _tensor_positions(values: Sequence) -> tuple[int, ...]:
+    """Where ``values`` holds tensors (a direct launch passes their addresses)."""
+    return tuple(i for i, a in enumerate(values) if isinstance(a, torch.Tensor))
+
+
 def _is_constexpr(annotation) -> bool:
     """Whether a kernel parameter's annotation is ``tl.constexpr`` (a string under postponed annotations)."""
     return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
@@ -108,7 +113,7 @@ class Launcher:
         self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         self.constexpr_positions = frozenset(i for i, p in enumerate(params) if _is_constexpr(p.annotation))
         self.runtime_positions = tuple(i for i in range(len(params)) if i not in self.constexpr_positions)
-        self.cache: dict[tuple, Callable] = {}
+        self.cache: dict[tuple, tuple[Callable, tuple[int, ...]]] = {}  # key -> (direct launch, tensor positions)
 
     def bind(self, **named) -> tuple:
         """Every parameter's value in the kernel's signature order, from ``named`` (a parameter with a default
@@ -171,7 +176,7 @@ class Launcher:
             return
         fast = self.compile((1, 1), values, launch=False)
         if fast is not None:
-            self.cache[key] = fast
+            self.cache[key] = (fast, _tensor_positions(values))
 
     def is_loaded(self, values: Sequence) -> bool:
         """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""
@@ -181,9 +186,15 @@ class Launcher:
         """Launch ``values`` (from :meth:`bind`) on the current stream, or on raw stream handle ``stream`` (the
         first launch of a specialisation compiles through Triton, on that stream too)."""
         key = self.key(values)
-        fast = self.cache.get(key)
-        if fast is not None:
-            raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in values)
+        entry = self.cache.get(key)
+        if entry is not None:
+            fast, tensors = entry
+            if tensors:
+                raw = list(values)
+                for i in tensors:
+                    raw[i] = raw[i].data_ptr()
+            else:
+                raw = values
             if stream is None:
                 stream = torch._C._cuda_getCurrentRawStream(self.device_index)
             fast(grid[0], grid[1], stream, raw)
@@ -195,7 +206,7 @@ class Launcher:
         else:
             fast = self.compile(grid, values)
         if fast is not None:
-            self.cache[key] = fast
+            self.cache[key] = (fast, _tensor_positions(values))
 
     def launch(self, grid: tuple[int, int], stream: int | None = None, **named) -> None:
         """:meth:`bind` then launch: the form for launches off the hot path."""

@@ -209,19 +209,24 @@ def test_protocol_cost_baseline_is_the_old_tree_alone(tmp_path):
     would measure the current code under the old name)."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs this checkout's git history")
-    spec = importlib.util.spec_from_file_location("protocol_cost", BENCH / "protocol_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    package = module.baseline_tree("HEAD", tmp_path)
-    sources = list((tmp_path / package).rglob("*.py"))
-    assert len(sources) > 20 and not (tmp_path / "sagellm_comm").exists()
-    assert not [s for s in sources if re.search(r"\bsagellm_comm\b", s.read_text())]
     code = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import {package}.virtual, {package}.custom_all_reduce; "
-        "print(sorted(m for m in sys.modules if m.startswith('sagellm_comm')))"
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('protocol_cost', {str(BENCH / 'protocol_cost.py')!r}); "
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        f"package = module.baseline_tree('HEAD', __import__('pathlib').Path({str(tmp_path)!r})); "
+        "ours = lambda: {m for m in sys.modules if m.startswith('sagellm_comm')}; before = ours(); "
+        "importlib.import_module(package + '.virtual'); importlib.import_module(package + '.custom_all_reduce'); "
+        "print(package, sorted(ours() - before))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    package, loaded = out.stdout.split(" ", 1)
+    assert loaded.strip() == "[]"  # importing the old tree loads none of this checkout's modules
+    sources = list((tmp_path / package).rglob("*.py"))
+    assert len(sources) > 20 and not (tmp_path / "sagellm_comm").exists()
+    assert not [s for s in sources if re.search(r"\bsagellm_comm\b", s.read_text())]
+    spec = importlib.util.spec_from_file_location("protocol_cost", BENCH / "protocol_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     with pytest.raises(SystemExit, match="no-such-commit"):
         module.baseline_tree("no-such-commit", tmp_path / "x")
