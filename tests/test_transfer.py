@@ -457,3 +457,42 @@ def test_comm_backend_transfer_agent_connects_the_world_in_one_call():
         assert peers == [f"rank{p}" for p in range(3) if p != rank]
         assert notes == [(f"rank{p}", str(p).encode()) for p in range(3) if p != rank]
         assert pool == [[float(p)] * 64 for p in range(3)] and x == [3.0] * 4
+
+
+# ============================================================================ a launch that fails
+def _failed_launch_worker(rank, world_size, port):
+    from sagellm_comm.launch import Launcher
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("a", "ipc"), TransferAgent("b", "ipc")
+    a.allocate("kv", 1 << 16, torch.uint8).fill_(7)
+    received = b.allocate("kv", 1 << 16, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    real = Launcher.__call__
+
+    def fails(self, grid, values, stream=None):
+        raise RuntimeError("launch refused")
+
+    Launcher.__call__ = fails
+    try:
+        a.write(peer, "kv", "kv", [(0, 0, 4096)], notify=b"never sent")
+    except RuntimeError as exc:
+        refused = str(exc)
+    finally:
+        Launcher.__call__ = real
+    a.write(peer, "kv", "kv", [(0, 4096, 4096)], notify=b"sent").wait(30)
+    notes = _wait_notes(b, 1)
+    out = (refused, notes, bool((received[4096:8192] == 7).all()), bool((received[:4096] == 0).all()))
+    a.close()
+    b.close()
+    return out
+
+
+def test_a_launch_that_fails_takes_back_its_notification():
+    """The notification staged for a launch that never ran is not delivered, and the next one arrives intact (the
+    ring's numbering stays in step with what the kernels publish)."""
+    ((refused, notes, written, untouched),) = run_ranks(_failed_launch_worker, 1, timeout=120.0, env=INTERP)
+    assert refused == "launch refused"
+    assert notes == [("a", b"sent")]
+    assert written and untouched

@@ -455,8 +455,8 @@ class IpcBackend(TransferBackend):
 
     def transport(self, link: Link) -> str:
         if self.device is not None and self.device.type == "cuda":
-            return f"block-copy kernel on {self.device} over CUDA IPC mappings"
-        return "block-copy kernel (Triton interpreter) over shared-memory file mappings"
+            return f"block-copy kernel on {self.device}, the copy engine for one block >= 1 MB, over CUDA IPC mappings"
+        return "block-copy kernel (Triton interpreter), a memory copy for one block >= 1 MB, over shared files"
 
     def close(self) -> None:
         if self._closed:
