@@ -193,9 +193,8 @@ class Outbox:
             raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
         self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
         self.produced = 0
-        self._ring_offset = _Mapped.record_offset(self.slot, 1)  # entry 0, in the file
         self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
-        self.ring_address = self._mapped.address + self._ring_offset
+        self.ring_address = self._mapped.address + _Mapped.record_offset(self.slot, 1)  # entry 0
         self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
 
     def _claim(self, claim_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
@@ -267,7 +266,7 @@ class Outbox:
                 f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
                 "must call notifications() before more can be sent"
             )
-        at = self._ring_offset + ((seq - 1) % ENTRIES) * RECORD_BYTES
+        at = _Mapped.record_offset(self.slot, seq)
         self._mapped.map[at + 8 : at + 16 + len(message)] = len(message).to_bytes(8, "little") + message
         self.produced = seq
         return seq
