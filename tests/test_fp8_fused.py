@@ -443,24 +443,29 @@ def test_missing_peer_is_named_and_the_output_is_nan(algo):
 
 
 def test_row_split_holds_every_row_at_once_in_whole_groups():
-    """The fused Lamport kernel's programs per row: a power of two, every row held at once, whole 128-element
-    groups per program (a group's scale never straddles programs), segments of at least MIN_SEGMENT."""
-    from sagellm_comm.fused.rmsnorm import MIN_SEGMENT, row_split
+    """The fused Lamport kernel's programs per row: a power of two, at most MAX_SPLIT, the rows' programs within half
+    the grid (every row held at once), whole 128-element groups per program (a group's scale never straddles
+    programs), segments of at least MIN_SEGMENT."""
+    from sagellm_comm.fused.rmsnorm import MAX_SPLIT, MIN_SEGMENT, row_split
 
-    assert row_split(1, 4096, 66) == 16  # 2 ranks on 132 SMs: one token over 16 programs of 256
-    assert row_split(1, 8192, 16) == 16  # 8 ranks: 16 programs of 512
-    assert row_split(4, 8192, 16) == 4
-    assert row_split(5, 8192, 16) == 2
-    assert row_split(9, 8192, 16) == 1  # more rows than pairs of programs: a program per row
+    assert row_split(1, 4096, 66) == 8  # 2 ranks on 132 SMs: one token over 8 programs of 512
+    assert row_split(1, 8192, 16) == 8  # 8 ranks: 8 of their 16 programs, 1024 elements each
+    assert row_split(2, 8192, 16) == 4
+    assert row_split(4, 8192, 16) == 2
+    assert row_split(5, 8192, 16) == 1  # 10 programs would fill more than half the grid
+    assert row_split(8, 4096, 66) == 4
     assert row_split(1, 5120, 132) == 8  # 5120 = 40 groups: 8 programs of 5
     assert row_split(1, 1000, 64) == 1  # not whole groups
     assert row_split(1, 256, 64) == 1  # one segment of MIN_SEGMENT already
+    assert row_split(1, 512, 64) == 2
     for rows in range(1, 20):
         for hidden in (128, 384, 1024, 4096, 5120, 7168, 8192, 16384):
             for programs in (1, 7, 16, 33, 66, 128):
                 s = row_split(rows, hidden, programs)
-                assert s & (s - 1) == 0 and hidden % (128 * s) == 0
-                assert s == 1 or (rows * s <= programs and hidden // s >= MIN_SEGMENT)
+                assert s & (s - 1) == 0 and hidden % (128 * s) == 0 and s <= MAX_SPLIT
+                assert s == 1 or (rows * s <= programs // 2 and hidden // s >= MIN_SEGMENT)
+                if s < MAX_SPLIT and hidden % (256 * s) == 0 and hidden // (2 * s) >= MIN_SEGMENT:
+                    assert rows * 2 * s > programs // 2, "the largest split allowed"
 
 
 def test_a_row_exchange_timeout_says_the_launch_did_not_run_at_once():
