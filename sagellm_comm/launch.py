@@ -100,7 +100,9 @@ class Launcher:
     first launch of a specialisation goes through ``kernel[grid](...)``; later ones call the compiled binary's
     launcher with integer pointers (:func:`direct_launch`).  The cache key holds what Triton specialises on:
     tensor dtypes and 16-byte alignment, integers' divisibility by 16, equality to 1 and range (the integer type
-    a binary takes), and the constexpr values.
+    a binary takes), and the constexpr values.  Of a non-negative integer, its low four bits and its bit length
+    decide all three: a caller that keeps its own plans (arguments bound once, a few integers filled in per call,
+    :meth:`direct`) may key them with those.
     """
 
     def __init__(self, kernel, use_ptx: bool, device_index: int, **options):
@@ -177,6 +179,16 @@ class Launcher:
         fast = self.compile((1, 1), values, launch=False)
         if fast is not None:
             self.cache[key] = (fast, _tensor_positions(values))
+
+    def direct(self, values: Sequence) -> Callable | None:
+        """The direct launch ``fast(grid_x, grid_y, stream, values)`` of ``values``' specialisation once a launch
+        compiled and loaded it, for integer-only ``values`` (from :meth:`bind`); None before that, under the
+        interpreter, or when ``values`` hold tensors.  A caller keeping it must launch with it only values of the
+        same key (the class docstring)."""
+        entry = self.cache.get(self.key(values))
+        if entry is None or entry[1]:
+            return None
+        return entry[0]
 
     def is_loaded(self, values: Sequence) -> bool:
         """True when this specialisation's binary is compiled and loaded (its next launch cannot block)."""

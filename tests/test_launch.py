@@ -71,6 +71,45 @@ def test_cache_key_holds_constexpr_values_and_what_triton_specialises_on():
     assert len(keys) == 4
 
 
+def test_low_bits_and_bit_length_of_a_non_negative_integer_decide_its_part_of_the_key():
+    """What a caller's own plans may key a launch by (``ipc.py``'s one-block launches): integers alike in these
+    two take the same binary."""
+    from sagellm_comm.launch import Launcher
+
+    launcher = Launcher(_scale_kernel, False, 0)
+    inp = torch.ones(1)
+    edges = [0, 1, 16, 2**31, 2**32, 2**48, 2**63, 2**64]
+    values = {e + delta for e in edges for delta in (-33, -17, -16, -15, -1, 0, 1, 2, 15, 16, 17, 31)} | {
+        int(v) for v in torch.randint(0, 2**62, (200,), generator=torch.Generator().manual_seed(0))}  # fmt: skip
+    keys: dict[tuple, set] = {}
+    for value in (v for v in values if v >= 0):
+        key = launcher.key(launcher.bind(inp=inp, out=inp, numel=value, factor=2.0, BLOCK=64))
+        keys.setdefault((value & 15, value.bit_length()), set()).add(key)
+    assert all(len(k) == 1 for k in keys.values())
+    assert len({k for ks in keys.values() for k in ks}) == 9  # /16 or not (or 1) in each of the four ranges
+
+
+def test_direct_is_the_compiled_binary_of_that_key_only(monkeypatch):
+    from sagellm_comm.launch import Launcher
+
+    launcher = Launcher(_scale_kernel, False, 0)
+    values = launcher.bind(inp=0x1000, out=0x2000, numel=64, factor=2.0, BLOCK=64)  # integer addresses
+    assert launcher.direct(values) is None  # not launched yet
+
+    def binary(grid_x, grid_y, stream, raw):
+        raise AssertionError("not launched here")
+
+    monkeypatch.setattr(Launcher, "compile", lambda self, grid, values, launch=True: binary)  # what a GPU gives
+    launcher((1, 1), values)
+    assert launcher.direct(values) is binary
+    assert launcher.direct(launcher.bind(inp=0x1010, out=0x2020, numel=32, factor=3.0, BLOCK=64)) is binary
+    assert launcher.direct(launcher.bind(inp=0x1000, out=0x2000, numel=63, factor=2.0, BLOCK=64)) is None
+    assert launcher.direct(launcher.bind(inp=0x1000, out=0x2000, numel=64, factor=2.0, BLOCK=128)) is None
+    tensors = launcher.bind(inp=torch.ones(64), out=torch.ones(64), numel=64, factor=2.0, BLOCK=64)
+    launcher((1, 1), tensors)
+    assert launcher.is_loaded(tensors) and launcher.direct(tensors) is None  # its raw values are addresses
+
+
 def test_named_launch_runs_under_the_interpreter(monkeypatch):
     from sagellm_comm.launch import Launcher, interpreting
 
