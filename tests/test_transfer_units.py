@@ -192,6 +192,31 @@ def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
         shared.shared_file_of(torch.zeros(1024).data_ptr(), 16)
 
 
+@pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
+def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(libc, monkeypatch):
+    if libc:
+        assert shared.libc_flock() is not None
+    else:
+        monkeypatch.setattr(shared, "libc_flock", lambda: None)  # where libc cannot be loaded
+    path = shared.new_path("-test")
+    open(path, "wb").close()
+    try:
+        lock = shared.OwnerLock(path)
+        probe = shared.LivenessProbe(path)
+        assert probe.alive() and probe.alive()
+        lock.release()
+        assert not probe.alive() and not probe.alive()
+        lock = shared.OwnerLock(path)  # the probe let go of the lock it took: an owner can take it again
+        assert probe.alive()
+        lock.release()
+        probe.close()
+        probe.fd = 1 << 20  # not an open file: an error, not a verdict
+        with pytest.raises(OSError):
+            probe.alive()
+    finally:
+        os.unlink(path)
+
+
 def test_owner_lock_tells_a_live_owner_from_a_dead_one():
     path = shared.new_path("-test")
     open(path, "wb").close()
