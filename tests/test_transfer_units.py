@@ -343,6 +343,58 @@ def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender
         inbox.close()
 
 
+def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
+    inbox = notify.Inbox()
+    try:
+        assert inbox.drain() == []  # no slot claimed yet
+        first = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        assert inbox.drain() == []  # claimed, nothing published
+        _publish(first, b"a")
+        _publish(first, b"b")
+        assert inbox.drain() == [("prefill-0", b"a"), ("prefill-0", b"b")]
+        assert inbox.drain() == []
+        first.release()
+        # Claimed again between two drains (no drain saw it free): numbering starts at 1 again, new name.
+        second = notify.Outbox(inbox.path, "prefill-1", live_sender, 5.0)
+        assert second.slot == first.slot
+        _publish(second, b"c")
+        assert inbox.drain() == [("prefill-1", b"c")]
+        third = notify.Outbox(inbox.path, "prefill-2", live_sender, 5.0)  # another slot, later in slot order
+        _publish(third, b"d")
+        _publish(second, b"e")
+        assert inbox.drain() == [("prefill-1", b"e"), ("prefill-2", b"d")]  # oldest first per slot
+    finally:
+        inbox.close()
+
+
+def test_a_slot_claimed_while_it_is_read_is_read_again_with_the_new_name(live_sender, monkeypatch):
+    inbox = notify.Inbox()
+    try:
+        box = notify.Outbox(inbox.path, "old", live_sender, 5.0)
+        _publish(box, b"r1")
+        m = inbox._mapped
+        base = m.slot_word(box.slot, 0)
+        fences = []
+
+        def racing_fence():
+            # The second fence of the drain comes after record 1 was read, before the token is read again: a new
+            # sender's claim lands there (simulated: its name and a new token; its record 1 is the one in place).
+            fences.append(1)
+            if len(fences) == 2:
+                at = notify.PAGE + box.slot * notify.SLOT_BYTES + notify.NAME_AT
+                m.bytes[at : at + 3] = np.frombuffer(b"new", dtype=np.uint8)
+                m.words[base + notify.NAME_LEN] = 3
+                m.words[base + notify.TOKEN] += 1
+
+        monkeypatch.setattr(notify, "fence", racing_fence)
+        assert inbox.drain() == []  # the pass is discarded: nothing consumed
+        assert int(m.words[base + notify.CONSUMED]) == 0
+        assert inbox.drain() == [("new", b"r1")]
+        assert inbox.drain() == []
+    finally:
+        inbox.close()
+
+
 def test_reading_a_ring_never_runs_code_from_the_file():
     # A name or message is data: drain returns bytes and str, nothing is evaluated.
     inbox = notify.Inbox()

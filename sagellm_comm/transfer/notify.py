@@ -93,6 +93,7 @@ class _Mapped:
         self.map = mmap.mmap(self.fd, FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = np.frombuffer(self.map, dtype=np.uint8)
         self.words = self.bytes.view(np.int64)
+        self.ints = memoryview(self.map).cast("q")  # the same words; one read gives a Python int, no numpy call
         self.address = self.bytes.ctypes.data
 
     @staticmethod
@@ -108,7 +109,8 @@ class _Mapped:
         return bytes(self.bytes[start : start + max(0, min(length, MAX_PATH))]).decode(errors="replace")
 
     def close(self) -> None:
-        self.bytes = self.words = None  # type: ignore[assignment]
+        self.ints.release()
+        self.bytes = self.words = self.ints = None  # type: ignore[assignment]
         with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with it
             self.map.close()
         os.close(self.fd)
@@ -128,50 +130,81 @@ class Inbox:
         words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
         fence()
         words[0] = MAGIC
+        # Per slot, what the last drain saw: its token, the next sequence number and the word that will hold it,
+        # and the sender's name; ``_claimed``: the slots whose token was not 0, in slot order.
         self._tokens = [0] * SLOTS
         self._next = [1] * SLOTS
+        self._next_word = [0] * SLOTS
         self._names = [""] * SLOTS
-        self._token_words = np.array([_Mapped.slot_word(s, TOKEN) for s in range(SLOTS)])
+        self._claimed: list[int] = []
+        first = _Mapped.slot_word(0, TOKEN)
+        stride = SLOT_BYTES // 8
+        self._token_view = self._mapped.ints[first : first + SLOTS * stride : stride]  # every slot's token word
 
     def drain(self) -> list[tuple[str, bytes]]:
         """Every record published since the last drain, ``(sender name, message)``, oldest first per slot."""
-        m = self._mapped
-        words, data = m.words, m.bytes
+        tokens = self._token_view.tolist()  # one read of every slot's token
+        if tokens != self._tokens:
+            self._follow(tokens)
+        ints, expected, words = self._mapped.ints, self._next, self._next_word
         out: list[tuple[str, bytes]] = []
-        for slot, token in enumerate(words[self._token_words].tolist()):  # one read of every slot's token
-            if token == 0:
-                self._tokens[slot] = 0
+        for slot in self._claimed:
+            if ints[words[slot]] == expected[slot]:  # the slot's next record was published
+                self._read(slot, out)
+        return out
+
+    def _follow(self, tokens: list[int]) -> None:
+        """Take in slots whose token changed since the last drain: a freed slot is left alone, a newly claimed
+        one is read from ``consumed + 1`` with its new sender's name."""
+        m = self._mapped
+        words = m.words
+        for slot, token in enumerate(tokens):
+            if token == self._tokens[slot]:
                 continue
-            base = m.slot_word(slot, 0)
-            if token != self._tokens[slot]:
-                fence()
-                self._tokens[slot] = token
-                self._next[slot] = int(words[base + CONSUMED]) + 1
-                self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]))
-            seq, found = self._next[slot], []
-            while True:
-                at = m.record_offset(slot, seq)
-                if int(words[at // 8]) != seq:
-                    break
-                fence()
-                nbytes = int(words[at // 8 + 1])
-                found.append(bytes(data[at + 16 : at + 16 + max(0, min(nbytes, RECORD_BYTES - 16))]))
-                seq += 1
-            if not found:
+            self._tokens[slot] = token
+            if token == 0:
                 continue
             fence()
-            if int(words[base + TOKEN]) != token:
-                continue  # claimed by a new sender meanwhile: its records are read with its name next time
-            out.extend((self._names[slot], message) for message in found)
-            self._next[slot] = seq
-            words[base + CONSUMED] = seq - 1
-        return out
+            base = m.slot_word(slot, 0)
+            self._advance(slot, int(words[base + CONSUMED]) + 1)
+            self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]))
+        self._claimed = [slot for slot, token in enumerate(tokens) if token]
+
+    def _advance(self, slot: int, seq: int) -> None:
+        self._next[slot] = seq
+        self._next_word[slot] = _Mapped.record_offset(slot, seq) // 8
+
+    def _read(self, slot: int, out: list[tuple[str, bytes]]) -> None:
+        """Append the slot's records published from its next sequence number on (the token seen at the start of
+        this drain still holding) and mark them consumed."""
+        m = self._mapped
+        ints, data = m.ints, m.map
+        seq, found = self._next[slot], []
+        while True:
+            at = m.record_offset(slot, seq)
+            if ints[at // 8] != seq:
+                break
+            fence()
+            nbytes = ints[at // 8 + 1]
+            found.append(data[at + 16 : at + 16 + max(0, min(nbytes, RECORD_BYTES - 16))])
+            seq += 1
+        if not found:
+            return
+        base = m.slot_word(slot, 0)
+        fence()
+        if ints[base + TOKEN] != self._tokens[slot]:
+            return  # claimed by a new sender meanwhile: its records are read with its name next time
+        name = self._names[slot]
+        out += [(name, message) for message in found]
+        self._advance(slot, seq)
+        ints[base + CONSUMED] = seq - 1
 
     def close(self) -> None:
         for path in (self.path, self.claim_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._lock.release()
+        self._token_view.release()
         self._mapped.close()
 
 
@@ -260,7 +293,7 @@ class Outbox:
         sequence number after the transfer's bytes) and return that number; ``UnavailableError`` when the ring
         is full (the receiver has ``ENTRIES`` unread notifications from this agent)."""
         seq = self.produced + 1
-        consumed = int(self._mapped.words[self._consumed_word])
+        consumed = self._mapped.ints[self._consumed_word]
         if seq - consumed > ENTRIES:
             raise UnavailableError(
                 f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
