@@ -19,13 +19,17 @@ import torch
 
 from sagellm_comm.errors import (
     BackendNotSupportedError,
+    CommError,
     ErrorCode,
     InvalidArgumentError,
+    NotInitializedError,
     ShapeMismatchError,
     UnavailableError,
 )
+from sagellm_comm.transfer import agent as agent_module
 from sagellm_comm.transfer import descriptors as d
 from sagellm_comm.transfer import notify, registry, shared
+from sagellm_comm.transfer.base import Link, Request, TransferBackend
 from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
 
 F32 = d.RegionInfo("kv", 4096, "float32", 4, "cpu")
@@ -89,6 +93,51 @@ def test_check_pair_refuses_dtype_and_device_mismatch():
     gpu = d.RegionInfo("kv", 4096, "float32", 4, "cuda")
     with pytest.raises(ShapeMismatchError, match="same kind of device"):
         d.check_blocks(d.block_table([(0, 0, 4)]), F32, gpu, "write", "peer 'p'")
+
+
+def test_one_block_and_one_id_take_python_ints_only_and_leave_every_other_form_to_the_general_path():
+    for blocks in ([(0, 16, 32)], [[0, 16, 32]], ((0, 16, 32),), ([0, 16, 32],), [(-1, 2**70, 0)]):
+        assert d.one_block(blocks) == blocks[0]
+    for blocks in (
+        [(0, 16, 32), (64, 128, 16)], [], [(0, 16)], [(0, 16, 32, 1)], [(True, 16, 32)], [(0, 16, 32.0)],
+        [(np.int64(0), 16, 32)], np.array([[0, 16, 32]]), torch.tensor([[0, 16, 32]]), "0,16,32", [range(3)],
+    ):  # fmt: skip
+        assert d.one_block(blocks) is None, blocks
+    for ids, expected in ((7, 7), ([7], 7), ((7,), 7), ([-1], -1)):
+        assert d.one_id(ids) == expected
+    for ids in ([1, 2], [], True, [True], np.int64(7), [np.int64(7)], np.array([7]), [7.0], "7"):
+        assert d.one_id(ids) is None, ids
+
+
+GPU_F32 = d.RegionInfo("kv", 4096, "float32", 4, "cuda")
+F16 = d.RegionInfo("half", 4096, "float16", 2, "cpu")
+
+
+@pytest.mark.parametrize("remote", [F32, U8, GPU_F32, F16], ids=["f32", "u8", "f32-cuda", "f16"])
+def test_one_block_fits_is_check_blocks_verdict_on_one_block(remote):
+    local = F32 if remote is not U8 else U8
+    edges = (-5, -4, -1, 0, 1, 2, 3, 4, 996, 999, 1000, 4092, 4095, 4096, 4100, 2**63, 2**70)
+    for lo in edges:
+        for ro in edges:
+            for n in (-4, 0, 1, 4, 6, 8, 1000, 4096):
+                try:
+                    d.check_blocks(d.block_table([(lo, ro, n)]), local, remote, "write", "peer 'p'")
+                    accepted = True
+                except (InvalidArgumentError, ShapeMismatchError):
+                    accepted = False
+                assert d.one_block_fits(local, remote, lo, ro, n) == accepted, (lo, ro, n)
+
+
+def test_ids_fit_is_check_block_ids_verdict_on_one_pair():
+    layout = d.make_layout(F32, d.RegionInfo("kv", 1000, "float32", 4, "cpu"), 256, "peer 'p'")  # 16 and 3 blocks
+    for local_block in (-1, 0, 15, 16, 2**70):
+        for remote_block in (-1, 0, 2, 3):
+            try:
+                d.check_block_ids(d.block_ids([local_block], [remote_block]), layout, "write")
+                accepted = True
+            except InvalidArgumentError:
+                accepted = False
+            assert d.ids_fit(layout, local_block, remote_block) == accepted, (local_block, remote_block)
 
 
 @pytest.mark.parametrize("part", [1, 16, 100, 4096])
@@ -175,6 +224,208 @@ def test_registry_lists_builtins_best_first_and_registers_third_party_backends()
         assert "mooncake-test" in skipped and "mooncake-test" not in [e.name for e in entries]
     finally:
         registry.unregister_transfer_backend("mooncake-test")
+
+
+# ---------------------------------------------------------------------------------------------- the agent's checks
+class _Done(Request):
+    def poll(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        pass
+
+
+class _RecordingBackend(TransferBackend):
+    """A transport that moves nothing: it records what the agent hands it (the agent's checks on their own)."""
+
+    name = "recording-test"
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.posted: list[tuple] = []
+        self.messages: list[tuple[str, bytes]] = []
+
+    def register(self, region) -> None:
+        pass
+
+    def deregister(self, region) -> None:
+        pass
+
+    def local_metadata(self) -> dict:
+        return {}
+
+    def connect(self, peer) -> Link:
+        return Link(peer)
+
+    def disconnect(self, link) -> None:
+        pass
+
+    def post(self, link, op, local, remote, table, notify) -> Request:
+        self.posted.append(("table", op, local.name, remote.name, table.tolist(), notify))
+        return _Done()
+
+    def post_one(self, link, op, local, remote, local_offset, remote_offset, nbytes, notify) -> Request:
+        self.posted.append(("one", op, local.name, remote.name, [local_offset, remote_offset, nbytes], notify))
+        return super().post_one(link, op, local, remote, local_offset, remote_offset, nbytes, notify)
+
+    def post_blocks(self, prepared, op, ids, notify) -> Request:
+        self.posted.append(("ids", op, ids.tolist(), notify))
+        return super().post_blocks(prepared, op, ids, notify)
+
+    def post_one_id(self, prepared, op, local_block, remote_block, notify) -> Request:
+        self.posted.append(("one id", op, [local_block, remote_block], notify))
+        return super().post_one_id(prepared, op, local_block, remote_block, notify)
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        out, self.messages = self.messages, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def recording_agents():
+    """Agents ``a`` and ``b`` over the recording transport, ``a`` with peers ``b`` and ``b-gpu`` (whose ``kv``
+    region its metadata calls GPU memory)."""
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("recording-test", _RecordingBackend)
+    a, b = TransferAgent("a", "recording-test"), TransferAgent("b", "recording-test")
+    try:
+        a.register("kv", torch.zeros(1024))
+        a.register("bytes", torch.zeros(64, dtype=torch.uint8))
+        b.register("kv", torch.zeros(1024))
+        b.register("bytes", torch.zeros(64, dtype=torch.uint8))
+        b.register("half", torch.zeros(64, dtype=torch.float16))
+        a.add_peer(b.metadata())
+        meta = AgentMetadata.decode(b.metadata())
+        meta.name, meta.regions["kv"] = "b-gpu", d.RegionInfo("kv", 4096, "float32", 4, "cuda")
+        a.add_peer(meta.encode())
+        yield a, a._backends["recording-test"]
+    finally:
+        a.close()
+        b.close()
+        registry.unregister_transfer_backend("recording-test")
+
+
+def _outcome(call) -> tuple[type, str] | None:
+    try:
+        call()
+    except (CommError, TypeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+def _both_paths(monkeypatch, call) -> tuple:
+    """``call``'s outcome through the agent's one-block path, then with that path off (the general one)."""
+    fast = _outcome(call)
+    with monkeypatch.context() as off:
+        off.setattr(agent_module, "one_block", lambda blocks: None)
+        off.setattr(agent_module, "one_id", lambda blocks: None)
+        general = _outcome(call)
+    return fast, general
+
+
+@pytest.mark.parametrize(
+    ("peer", "local", "remote", "block", "message", "words"),
+    [
+        ("z", "kv", "kv", (0, 0, 64), None, "unknown peer"),
+        ("b", "nope", "kv", (0, 0, 64), None, "unknown local region"),
+        ("b", "kv", "nope", (0, 0, 64), None, "has no region"),
+        ("b", "kv", "kv", (0, 0, 0), None, "positive"),
+        ("b", "kv", "kv", (0, 0, -4), None, "positive"),
+        ("b", "kv", "kv", (-4, 0, 4), None, "outside the local region"),
+        ("b", "kv", "kv", (0, -4, 4), None, "outside the remote region"),
+        ("b", "kv", "kv", (4092, 0, 8), None, "outside the local region"),
+        ("b", "kv", "kv", (0, 4096 - 60, 64), None, "outside the remote region"),
+        ("b", "kv", "kv", (2, 0, 4), None, "element size"),
+        ("b", "kv", "kv", (0, 0, 6), None, "element size"),
+        ("b", "kv", "kv", (2**64, 0, 4), None, "integers"),
+        ("b", "kv", "half", (0, 0, 4), None, "holds float32"),
+        ("b-gpu", "kv", "kv", (0, 0, 4), None, "same kind of device"),
+        ("b", "kv", "kv", (0, 0, 64), b"x" * 497, "notify must be 1..496"),
+        ("b", "kv", "kv", (0, 0, 64), b"", "notify must be 1..496"),
+        ("b", "kv", "kv", (0, 0, 64), 17, "notify must be bytes"),
+        ("b", "kv", "kv", (2, 0, 4), 17, "notify must be bytes"),  # two faults: the same one is named first
+        ("z", "kv", "kv", (2, 0, 4), 17, "unknown peer"),
+    ],
+)
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_a_bad_one_block_request_is_refused_with_the_general_paths_error(
+    recording_agents, monkeypatch, peer, local, remote, block, message, words, op
+):
+    agent, backend = recording_agents
+    post = getattr(agent, op)
+    for blocks in ([block], (list(block),)):
+        fast, general = _both_paths(monkeypatch, lambda blocks=blocks: post(peer, local, remote, blocks, message))
+        assert fast == general and fast is not None and words in fast[1], (fast, general)
+        assert issubclass(fast[0], (InvalidArgumentError, ShapeMismatchError))
+    assert backend.posted == []  # nothing reached the transport
+
+
+def test_names_that_are_not_names_fail_alike_on_both_paths(recording_agents, monkeypatch):
+    agent, backend = recording_agents
+    for names in ((["b"], "kv", "kv"), ("b", ["kv"], "kv"), ("b", "kv", ["kv"]), ("z", ["kv"], "kv")):
+        fast, general = _both_paths(monkeypatch, lambda names=names: agent.write(*names, [(0, 0, 4)]))
+        assert fast == general and fast is not None, (names, fast, general)
+    agent.close()
+    fast, general = _both_paths(monkeypatch, lambda: agent.write(["b"], "kv", "kv", [(0, 0, 4)]))
+    assert fast == general and fast[0] is NotInitializedError
+    assert backend.posted == []
+
+
+def test_a_one_block_request_reaches_the_transport_as_the_general_path_would_hand_it(recording_agents, monkeypatch):
+    agent, backend = recording_agents
+    for op, blocks, message in (
+        ("write", [(0, 4092, 4)], None), ("read", [[4, 8, 4088]], b"req"), ("write", ((1, 63, 1),), "text"),
+    ):  # fmt: skip
+        region = "bytes" if blocks[0][0] == 1 else "kv"
+        handle = getattr(agent, op)("b", region, region, blocks, message)
+        posted = backend.posted[-2:]  # the one-block call, then its default table
+        assert [p[0] for p in posted] == ["one", "table"] and posted[0][4] == list(blocks[0])
+        assert (handle.nbytes, handle.nblocks, handle.op, handle.backend) == (blocks[0][2], 1, op, "recording-test")
+        with monkeypatch.context() as off:
+            off.setattr(agent_module, "one_block", lambda blocks: None)
+            general = getattr(agent, op)("b", region, region, blocks, message)
+        assert backend.posted[-1] == posted[1] and (general.nbytes, general.nblocks) == (handle.nbytes, 1)
+        handle.wait(5)
+
+
+def test_a_prepared_one_id_request_is_checked_like_the_general_path(recording_agents, monkeypatch):
+    agent, backend = recording_agents
+    prepared = agent.prepare("b", "kv", "kv", 256)  # 16 blocks each side
+    for local_blocks, remote_blocks, message, words in (
+        ([16], [0], None, "local block id 16 is outside"),
+        ([0], [-1], None, "remote block id -1"),
+        (0, 2**70, None, "integers"),
+        ([0], [1], b"x" * 497, "notify must be 1..496"),
+        ([16], [1], 17, "notify must be bytes"),
+    ):
+        request = (local_blocks, remote_blocks, message)
+        fast, general = _both_paths(monkeypatch, lambda request=request: prepared.write(*request))
+        assert fast == general and fast is not None and words in fast[1], (fast, general)
+    assert backend.posted == []
+    handle = prepared.read(3, [15], notify=b"m")
+    assert backend.posted == [("one id", "read", [3, 15], b"m"), ("ids", "read", [[3, 15]], b"m"),
+                              ("table", "read", "kv", "kv", [[768, 3840, 256]], b"m")]  # fmt: skip
+    assert (handle.nbytes, handle.nblocks) == (256, 1)
+    prepared.release()
+    fast, general = _both_paths(monkeypatch, lambda: prepared.write([0], [1]))
+    assert fast == general and "released" in fast[1]
+    agent.close()
+    for call in (lambda: agent.write("b", "kv", "kv", [(0, 0, 4)]), lambda: prepared.write([0], [1])):
+        fast, general = _both_paths(monkeypatch, call)
+        assert fast == general and fast[0] is NotInitializedError
+
+
+def test_notifications_are_every_transports_in_a_new_list(recording_agents):
+    agent, backend = recording_agents
+    assert agent.notifications() == []
+    backend.messages = [("b", b"one"), ("b", b"two")]
+    got = agent.notifications()
+    assert got == [("b", b"one"), ("b", b"two")] and agent.notifications() == []
+    got.clear()  # the caller owns what it got
 
 
 # ---------------------------------------------------------------------------------------------- shared memory

@@ -38,8 +38,12 @@ from sagellm_comm.transfer.descriptors import (
     block_table,
     check_block_ids,
     check_blocks,
+    ids_fit,
     make_layout,
     make_region,
+    one_block,
+    one_block_fits,
+    one_id,
 )
 from sagellm_comm.transfer.handle import PreparedBlocks, TransferHandle
 from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
@@ -112,6 +116,7 @@ class TransferAgent:
             raise BackendNotSupportedError(f"no transfer backend could start here ({why})")
         # Per backend, the regions it could not make reachable and why (auto keeps going without them).
         self._unreachable: dict[str, dict[str, str]] = {name: {} for name in self._backends}
+        self._drains = tuple(backend.notifications for backend in self._backends.values())  # best first
 
     # ------------------------------------------------------------------ regions
     @property
@@ -297,6 +302,11 @@ class TransferAgent:
         return self._post(peer, "read", local_region, remote_region, blocks, notify)
 
     def _post(self, peer: str, op: str, local_region: str, remote_region: str, blocks: Any, notify: bytes | None):
+        row = one_block(blocks)
+        if row is not None:
+            handle = self._post_one(peer, op, local_region, remote_region, row, notify)
+            if handle is not None:
+                return handle
         table = block_table(blocks)
         with self.lock:
             self._check_open()
@@ -306,6 +316,28 @@ class TransferAgent:
             nbytes = check_blocks(table, local.info, remote, op, f"peer {peer!r}")
             request = entry.backend.post(entry.link, op, local, remote, table, message)
         return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(table))
+
+    def _post_one(self, peer: str, op: str, local_region: str, remote_region: str, row, notify: Any
+                  ) -> TransferHandle | None:  # fmt: skip
+        """:meth:`_post` of one block of Python ints (``row``), checked with int comparisons.  None, having done
+        nothing, when the agent, the peer, a region or the block is wrong: the general path then refuses the
+        request with its own error, so every refusal is the same whatever form the blocks came in."""
+        lo, ro, n = row
+        with self.lock:
+            if self._closed:
+                return None
+            entry = self._peers.get(peer)
+            if entry is None:
+                return None
+            local = self._regions.get(local_region)
+            if local is None:
+                return None
+            remote = entry.meta.regions.get(remote_region)
+            if remote is None or not one_block_fits(local.info, remote, lo, ro, n):
+                return None
+            message = _message(notify)
+            request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, message)
+        return TransferHandle(self, peer, op, entry.backend.name, request, n, 1)
 
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated
@@ -324,6 +356,11 @@ class TransferAgent:
     def post_blocks(self, prepared: PreparedBlocks, op: str, local_blocks: Any, remote_blocks: Any,
                      notify: bytes | None) -> TransferHandle:  # fmt: skip
         """Post a transfer of block ids over ``prepared`` (what ``PreparedBlocks.write`` / ``read`` call)."""
+        local_block, remote_block = one_id(local_blocks), one_id(remote_blocks)
+        if local_block is not None and remote_block is not None:
+            handle = self._post_one_id(prepared, op, local_block, remote_block, notify)
+            if handle is not None:
+                return handle
         ids = block_ids(local_blocks, remote_blocks)
         with self.lock:
             self._check_open()
@@ -335,6 +372,20 @@ class TransferAgent:
             request = entry.backend.post_blocks(prepared.backend_prepared, op, ids, message)
         nbytes = len(ids) * prepared.layout.block_bytes
         return TransferHandle(self, prepared.peer, op, entry.backend.name, request, nbytes, len(ids))
+
+    def _post_one_id(self, prepared: PreparedBlocks, op: str, local_block: int, remote_block: int, notify: Any
+                     ) -> TransferHandle | None:  # fmt: skip
+        """:meth:`post_blocks` of one pair of Python int ids, checked with int comparisons; None, having done
+        nothing, when anything is wrong (the general path then refuses it with its own error)."""
+        with self.lock:
+            if self._closed or prepared.released:
+                return None
+            entry = self._peers.get(prepared.peer)
+            if entry is None or not ids_fit(prepared.layout, local_block, remote_block):
+                return None
+            message = _message(notify)
+            request = entry.backend.post_one_id(prepared.backend_prepared, op, local_block, remote_block, message)
+        return TransferHandle(self, prepared.peer, op, entry.backend.name, request, prepared.layout.block_bytes, 1)
 
     def release_prepared(self, prepared: PreparedBlocks) -> None:
         """Release ``prepared``'s transport resources (what ``PreparedBlocks.release`` calls); idempotent."""
@@ -353,8 +404,8 @@ class TransferAgent:
         with self.lock:
             self._check_open()
             out: list[tuple[str, bytes]] = []
-            for backend in self._backends.values():
-                out.extend(backend.notifications())
+            for drain in self._drains:
+                out += drain()
             return out
 
     # ------------------------------------------------------------------ teardown
@@ -418,11 +469,12 @@ class TransferAgent:
 def _message(notify: Any) -> bytes | None:
     if notify is None:
         return None
-    if isinstance(notify, str):
-        notify = notify.encode()
-    if not isinstance(notify, (bytes, bytearray, memoryview)):
-        raise InvalidArgumentError(f"notify must be bytes (or str), got {type(notify).__name__}")
-    notify = bytes(notify)
+    if notify.__class__ is not bytes:
+        if isinstance(notify, str):
+            notify = notify.encode()
+        if not isinstance(notify, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"notify must be bytes (or str), got {type(notify).__name__}")
+        notify = bytes(notify)
     if not 0 < len(notify) <= MAX_MESSAGE_BYTES:
         raise InvalidArgumentError(f"notify must be 1..{MAX_MESSAGE_BYTES} bytes, got {len(notify)}")
     return notify

@@ -11,7 +11,9 @@ lie inside them, destinations do not overlap.  A backend:
   :class:`~sagellm_comm.errors.BackendNotSupportedError` saying why it cannot reach that peer (the agent then
   tries the next backend and records the reason);
 * posts a listed transfer (:meth:`TransferBackend.post`) or a transfer of fixed-size blocks by index
-  (:meth:`TransferBackend.post_blocks`) and returns a :class:`Request` the agent polls;
+  (:meth:`TransferBackend.post_blocks`) and returns a :class:`Request` the agent polls; a request of one block
+  comes as Python ints (:meth:`TransferBackend.post_one`, :meth:`TransferBackend.post_one_id`: by default the
+  one-row tables of the general calls);
 * delivers the notifications peers attached to their transfers (:meth:`TransferBackend.notifications`).
 """
 
@@ -42,6 +44,8 @@ class AgentContext:
 
 class Request(ABC):
     """One posted transfer, as a backend tracks it."""
+
+    __slots__ = ()  # a subclass may keep its state in slots (one is made per transfer)
 
     @abstractmethod
     def poll(self) -> bool:
@@ -115,6 +119,14 @@ class TransferBackend(ABC):
         """Start ``op`` (``"write"``: local -> remote, ``"read"``: remote -> local) of the checked ``table``
         (int64 ``[n, 3]``: local offset, remote offset, bytes); ``notify`` reaches the peer after every byte."""
 
+    def post_one(
+        self, link: Link, op: str, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
+        nbytes: int, notify: bytes | None,
+    ) -> Request:  # fmt: skip
+        """:meth:`post` of one checked block, given as Python ints (default: its one-row table)."""
+        table = np.array([[local_offset, remote_offset, nbytes]], dtype=np.int64)
+        return self.post(link, op, local, remote, table, notify)
+
     def prepare(self, link: Link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         """State for repeated transfers of fixed-size blocks between these two regions (default: none)."""
         return Prepared(link, local, remote, layout)
@@ -123,6 +135,11 @@ class TransferBackend(ABC):
         """Start ``op`` of the checked block pairs ``ids`` (int64 ``[n, 2]``: local block, remote block)."""
         table = ids_to_table(ids, prepared.layout.block_bytes)
         return self.post(prepared.link, op, prepared.local, prepared.remote, table, notify)
+
+    def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify: bytes | None
+                    ) -> Request:  # fmt: skip
+        """:meth:`post_blocks` of one checked block pair, given as Python ints (default: its one-row table)."""
+        return self.post_blocks(prepared, op, np.array([[local_block, remote_block]], dtype=np.int64), notify)
 
     def release_prepared(self, prepared: Prepared) -> None:  # noqa: B027 - optional hook
         """Free what :meth:`prepare` built (default: nothing)."""

@@ -137,6 +137,19 @@ def block_table(blocks: Any) -> np.ndarray:
     return table
 
 
+def one_block(blocks: Any) -> Sequence[int] | None:
+    """The only block of ``blocks`` when it is a list or tuple holding one ``(local_offset, remote_offset,
+    nbytes)`` list or tuple of Python ints (the common request, checked without numpy: :func:`one_block_fits`);
+    None for every other form (:func:`block_table` takes it)."""
+    if (blocks.__class__ is list or blocks.__class__ is tuple) and len(blocks) == 1:
+        row = blocks[0]
+        if (row.__class__ is tuple or row.__class__ is list) and len(row) == 3:
+            local_offset, remote_offset, nbytes = row
+            if local_offset.__class__ is int and remote_offset.__class__ is int and nbytes.__class__ is int:
+                return row
+    return None
+
+
 def check_pair(local: RegionInfo, remote: RegionInfo, peer: str) -> None:
     """The two regions of one transfer hold the same dtype on the same kind of device."""
     if local.dtype != remote.dtype:
@@ -156,6 +169,19 @@ def _first(mask: np.ndarray) -> int:
 
 
 SMALL = 16  # up to this many blocks, checks run on Python ints (numpy's per-call cost dominates below)
+
+
+def fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> bool:
+    """Whether block ``(lo, ro, n)`` (Python ints) lies inside both regions in whole elements: the per-block check
+    of :func:`check_blocks`."""
+    inside = n > 0 and lo >= 0 and ro >= 0 and lo + n <= local.nbytes and ro + n <= remote.nbytes
+    return inside and not (lo | ro | n) % local.itemsize
+
+
+def one_block_fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> bool:
+    """Whether :func:`check_blocks` accepts the one block ``(lo, ro, n)`` (Python ints) between these regions (one
+    block overlaps nothing); a block it does not accept is refused by :func:`check_blocks`, with its error."""
+    return local.dtype == remote.dtype and local.device == remote.device and fits(local, remote, lo, ro, n)
 
 
 def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:
@@ -193,8 +219,7 @@ def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: s
     if len(table) <= SMALL:
         rows = table.tolist()
         for i, (lo, ro, n) in enumerate(rows):
-            inside = n > 0 and lo >= 0 and ro >= 0 and lo + n <= local.nbytes and ro + n <= remote.nbytes
-            if not inside or (lo | ro | n) % itemsize:
+            if not fits(local, remote, lo, ro, n):
                 _refuse_block(i, rows[i], local, remote)
         spans = sorted((row[column], row[column] + row[2], i) for i, row in enumerate(rows))
         for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
@@ -203,10 +228,10 @@ def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: s
         return sum(row[2] for row in rows)
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
     # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
-    fits = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0
-    fits = fits and int((local_offset + nbytes).max()) <= local.nbytes and int((remote_offset + nbytes).max()) <= (
-        remote.nbytes)  # fmt: skip
-    if not fits or (itemsize > 1 and int(np.bitwise_or.reduce(table, axis=None)) % itemsize):
+    inside = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0
+    inside = inside and int((local_offset + nbytes).max()) <= local.nbytes and int(
+        (remote_offset + nbytes).max()) <= remote.nbytes  # fmt: skip
+    if not inside or (itemsize > 1 and int(np.bitwise_or.reduce(table, axis=None)) % itemsize):
         bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
         bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
         bad |= ((local_offset | remote_offset | nbytes) % itemsize) != 0
@@ -274,15 +299,28 @@ def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
     return np.ascontiguousarray(np.stack([local, remote], axis=1))
 
 
+def one_id(blocks: Any) -> int | None:
+    """The only block id of ``blocks`` when it is a Python int or a list or tuple holding one (the common request,
+    checked without numpy: :func:`ids_fit`); None for every other form (:func:`block_ids` takes it)."""
+    if blocks.__class__ is int:
+        return blocks
+    if (blocks.__class__ is list or blocks.__class__ is tuple) and len(blocks) == 1 and blocks[0].__class__ is int:
+        return blocks[0]
+    return None
+
+
+def ids_fit(layout: BlockLayout, local_block: int, remote_block: int) -> bool:
+    """Whether both ids (Python ints) lie inside their pools: the per-pair check of :func:`check_block_ids`."""
+    return 0 <= local_block < layout.local_blocks and 0 <= remote_block < layout.remote_blocks
+
+
 def check_block_ids(ids: np.ndarray, layout: BlockLayout, op: str) -> None:
     """Every id inside its pool; no destination block named twice."""
     if len(ids) <= SMALL:
         rows = ids.tolist()
         column = 1 if op == "write" else 0
         destinations = [row[column] for row in rows]
-        if all(0 <= a < layout.local_blocks and 0 <= b < layout.remote_blocks for a, b in rows) and len(
-            set(destinations)
-        ) == len(destinations):
+        if all(ids_fit(layout, a, b) for a, b in rows) and len(set(destinations)) == len(destinations):
             return
     for column, count, side in ((0, layout.local_blocks, "local"), (1, layout.remote_blocks, "remote")):
         bad = (ids[:, column] < 0) | (ids[:, column] >= count)

@@ -74,6 +74,8 @@ class IpcLink(Link):
 
 
 class IpcRequest(Request):
+    __slots__ = ("backend", "link", "number", "event")
+
     def __init__(self, backend: IpcBackend, link: IpcLink, number: int, event):
         self.backend = backend
         self.link = link
@@ -288,15 +290,13 @@ class IpcBackend(TransferBackend):
 
     # ------------------------------------------------------------------ transfers
     def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> IpcRequest:
+        if len(table) == 1:
+            lo, ro, n = table[0].tolist()
+            return self.post_one(link, op, local, remote, lo, ro, n, notify)
         self._check_alive(link)
         remote_address = link.addresses[remote.name]
         if len(table) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
             listed = table.tolist()
-            if len(listed) == 1:
-                lo, ro, n = listed[0]
-                if op == "write":
-                    return self._one_block(link, local.ptr + lo, remote_address + ro, n, notify)
-                return self._one_block(link, remote_address + ro, local.ptr + lo, n, notify)
             longest, bits = max(r[2] for r in listed), 0
             for r in listed:
                 bits |= r[0] | r[1] | r[2]
@@ -311,25 +311,40 @@ class IpcBackend(TransferBackend):
             bits |= PART_BYTES
         return self._table_launch(link, src, dst, rows, notify, None, bits)
 
+    def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
+                 nbytes: int, notify) -> IpcRequest:  # fmt: skip
+        self._check_alive(link)
+        local_address, remote_address = local.ptr + local_offset, link.addresses[remote.name] + remote_offset
+        if op == "write":
+            return self._one_block(link, local_address, remote_address, nbytes, notify)
+        return self._one_block(link, remote_address, local_address, nbytes, notify)
+
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
 
     def post_blocks(self, prepared: Prepared, op: str, ids: np.ndarray, notify) -> IpcRequest:
+        if len(ids) == 1:
+            local_block, remote_block = ids[0].tolist()
+            return self.post_one_id(prepared, op, local_block, remote_block, notify)
         link = prepared.link
         self._check_alive(link)
         remote_address = link.addresses[prepared.remote.name]
         block_bytes = prepared.layout.block_bytes
-        if len(ids) == 1:
-            local_id, remote_id = ids[0].tolist()
-            local, remote = prepared.local.ptr + local_id * block_bytes, remote_address + remote_id * block_bytes
-            if op == "write":
-                return self._one_block(link, local, remote, block_bytes, notify)
-            return self._one_block(link, remote, local, block_bytes, notify)
         if op == "write":
             src, dst, rows = prepared.local.ptr, remote_address, ids
         else:
             src, dst, rows = remote_address, prepared.local.ptr, ids[:, ::-1]
         return self._table_launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
+
+    def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify) -> IpcRequest:
+        link = prepared.link
+        self._check_alive(link)
+        block_bytes = prepared.layout.block_bytes
+        local = prepared.local.ptr + local_block * block_bytes
+        remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
+        if op == "write":
+            return self._one_block(link, local, remote, block_bytes, notify)
+        return self._one_block(link, remote, local, block_bytes, notify)
 
     def _check_alive(self, link: IpcLink) -> None:
         if not link.outbox.liveness.alive():
