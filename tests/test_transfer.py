@@ -496,3 +496,117 @@ def test_a_launch_that_fails_takes_back_its_notification():
     assert refused == "launch refused"
     assert notes == [("a", b"sent")]
     assert written and untouched
+
+
+# ============================================================================ one-block launch plans
+# Odd and aligned offsets and sizes, one item or several; (4096, ...) and (4097, ...) differ in alignment only.
+PLAN_CASES = [(0, 0, 16), (1, 3, 1), (17, 4099, 12345), (5, 70001, 65536 + 7), (4096, 8192, 4096),
+              (4097, 12289, 4096), (100003, 150001, 33333), (160000, 192000, 48000)]  # fmt: skip
+
+
+def _plan_worker(rank, world_size, port):
+    from sagellm_comm.launch import Launcher
+    from sagellm_comm.transfer import TransferAgent, ipc
+
+    # On a GPU the first launch of a specialisation compiles it and the launcher keeps its direct launch, which a
+    # link's plan then calls with its arguments filled in.  Here the direct launch runs the kernel through Triton's
+    # interpreter as well, and refuses values of any key but the one it was made for.
+    real_compile = Launcher.compile
+    direct_launches, failures = [], []
+
+    def compile_with_direct(self, grid, values, launch=True):
+        real_compile(self, grid, values, launch)
+        key = self.key(values)
+
+        def fast(grid_x, grid_y, stream, raw):
+            assert self.key(raw) == key, "a direct launch was given another specialisation's values"
+            if failures:
+                raise failures.pop()
+            direct_launches.append(dict(zip(self.names, raw, strict=True)))
+            real_compile(self, (grid_x, grid_y), tuple(raw))
+
+        return fast
+
+    Launcher.compile = compile_with_direct
+    torch._C._cuda_getCurrentRawStream = lambda index: 0  # the launcher's cached path asks; a CPU build has no CUDA
+    size = 1 << 18
+    a, b = TransferAgent("a", "ipc"), TransferAgent("b", "ipc")
+    src = a.allocate("raw", size, torch.uint8)
+    src.copy_(_source(5, size, torch.uint8))
+    dst = b.allocate("raw", size, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    reference = src.clone()
+    expected = torch.zeros_like(dst)
+    out = {"bytes": [], "arguments": [], "notes": []}
+
+    def check(label):
+        out["bytes"].append((label, torch.equal(dst, expected)))
+
+    # Each block written twice (the second launch is a plan's, into cleared bytes), then 16 bytes further on (the
+    # same shape, other addresses).
+    for lo, ro, n in PLAN_CASES:
+        for shift in (0, 0, 16):
+            dst[ro + shift : ro + shift + n] = 0
+            before = len(direct_launches)
+            a.write(peer, "raw", "raw", [(lo, ro + shift, n)], notify=f"{lo}+{shift}".encode()).wait(30)
+            expected[ro + shift : ro + shift + n] = reference[lo : lo + n]
+            check((lo, ro + shift, n))
+            if len(direct_launches) > before:
+                args = direct_launches[-1]
+                out["arguments"].append(
+                    (args["src_base"] - src.data_ptr(), args["dst_base"] - dst.data_ptr(), args["block_bytes"],
+                     args["table_addr"] == args["src_base"], args["parts"] * args["part_bytes"] >= n, lo,
+                     ro + shift, n)
+                )  # fmt: skip
+    out["notes"] += [m for _, m in _wait_notes(b, 3 * len(PLAN_CASES))]
+    # Reads into the initiator (source and destination swap), and a prepared pool's one block by id.
+    back = a.allocate("back", size, torch.uint8)
+    for lo, ro, n in [(3, 17, 999), (3, 17, 999), (40000, 1, 70000)]:
+        back.zero_()
+        a.read(peer, "back", "raw", [(lo, ro, n)]).wait(30)
+        out["bytes"].append((("read", lo, ro, n), torch.equal(back[lo : lo + n], dst[ro : ro + n])
+                             and not back[:lo].any() and not back[lo + n :].any()))  # fmt: skip
+    block = 4099
+    prepared = a.prepare(peer, "raw", "raw", block)
+    for local_block, remote_block in [(3, 7), (3, 7), (4, 9), (2, 8)]:
+        dst[remote_block * block : (remote_block + 1) * block] = 0
+        prepared.write([local_block], [remote_block], notify=b"prepared").wait(30)
+        expected[remote_block * block : (remote_block + 1) * block] = reference[local_block * block :][:block]
+        check(("prepared", local_block, remote_block))
+    out["notes"] += [m for _, m in _wait_notes(b, 4)]
+    # A plan's launch that fails takes back its notification; the next one arrives, numbered in step.
+    failures.append(RuntimeError("launch refused"))
+    try:
+        a.write(peer, "raw", "raw", [(0, 0, 16)], notify=b"never sent")
+    except RuntimeError as exc:
+        out["refused"] = str(exc)
+    a.write(peer, "raw", "raw", [(0, 16, 16)], notify=b"sent").wait(30)
+    expected[16:32] = reference[:16]
+    check("after a failed launch")
+    out["notes"] += [m for _, m in _wait_notes(b, 1)]
+    # With room for one plan and one cut only, every shape starts over and still moves the right bytes.
+    ipc.MAX_PLANS = ipc.MAX_SIZES = 1
+    for lo, ro, n in [(7, 200000, 777), (8, 201000, 64), (7, 202000, 777), (8, 203000, 64)]:
+        a.write(peer, "raw", "raw", [(lo, ro, n)]).wait(30)
+        expected[ro : ro + n] = reference[lo : lo + n]
+        check(("small caches", lo, ro, n))
+    out["plans"] = [len(link.plans) for link in a._backends["ipc"].links]
+    out["direct_launches"] = len(direct_launches)
+    a.close()
+    b.close()
+    return out
+
+
+def test_one_block_launch_plans_move_the_same_bytes_as_the_launchers_path():
+    (out,) = run_ranks(_plan_worker, 1, timeout=180.0, env=INTERP)
+    assert all(ok for _, ok in out["bytes"]), [label for label, ok in out["bytes"] if not ok]
+    assert out["arguments"] and all(
+        (s, d, n, same, covered) == (lo, ro, nbytes, True, True) for s, d, n, same, covered, lo, ro, nbytes in
+        out["arguments"])  # fmt: skip
+    assert len(out["arguments"]) >= 2 * len(PLAN_CASES)  # every case's second write, at least, through a plan
+    count = 3 * len(PLAN_CASES)
+    assert out["notes"][:count] == [f"{lo}+{shift}".encode() for lo, _, _ in PLAN_CASES for shift in (0, 0, 16)]
+    assert out["notes"][count:] == [b"prepared"] * 4 + [b"sent"]
+    assert out["refused"] == "launch refused"
+    assert out["plans"] == [1] and out["direct_launches"] > 20

@@ -5,12 +5,14 @@ allocations that hold them; shared files under the Triton interpreter, where the
 tensors).  A write or read of any number of blocks is one launch of ``kernels/block_copy.py`` over the two
 mappings, on this agent's transfer stream (which first waits for the caller's current stream, so the copy
 sees what the caller's kernels wrote).  A one-block request names its block in the launch's arguments (no
-table to read); one of at least ``COPY_ENGINE_BYTES`` is a copy-engine copy (``cudaMemcpyAsync``, faster
-than any kernel for one long block; a memory copy under the interpreter) followed, when it notifies, by a
-one-program launch that only publishes the notification.  The last program publishes the notification into
-the peer's inbox ring (``notify.py``) after every byte, so the receiver's host learns of it without a round
-trip per block; the initiator's handle completes on a CUDA event recorded after the launch (launches on the
-one stream complete in order, so the agent retires them from the oldest and reuses their events and staging buffers).
+table to read; each link keeps such launches' bound arguments per shape, and a call fills in the block and
+calls the compiled binary's launcher); one of at least ``COPY_ENGINE_BYTES`` is a copy-engine copy
+(``cudaMemcpyAsync``, faster than any kernel for one long block; a memory copy under the interpreter) followed,
+when it notifies, by a one-program launch that only publishes the notification.  The last program publishes the
+notification into the peer's inbox ring (``notify.py``) after every byte, so the receiver's host learns of it
+without a round trip per block; the initiator's handle completes on a CUDA event recorded after the launch
+(launches on the one stream complete in order, so the agent retires them from the oldest and reuses their events
+and staging buffers).
 
 Whether a peer is reachable is decided by a real copy: at ``add_peer`` the kernel reads the peer's 16-byte
 probe token through the mapping and compares it with the token in the peer's metadata.  A peer that exited is
@@ -49,6 +51,10 @@ PROBE_BYTES = 256
 TOKEN_BYTES = 16
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
+MAX_PLANS = 256  # one-block launch plans per link (a few per block size in practice); beyond, start over
+MAX_SIZES = 4096  # one-block sizes whose cut into items is kept (IpcBackend._cut); beyond, start over
+# The one-block launch's arguments that change from call to call (the others are the link's, or follow from these).
+INLINE_ARGUMENTS = ("table_addr", "src_base", "dst_base", "block_bytes", "parts", "part_bytes")
 
 
 def ipc_available() -> bool:
@@ -71,6 +77,8 @@ class IpcLink(Link):
     registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
     published: torch.Tensor | None = None  # device word: notifications the kernel published to this peer
     last: int = 0  # number of this agent's latest launch that touches the peer's memory
+    # One-block launches: shape (IpcBackend._one_block) -> (direct launch, its arguments, filled per call).
+    plans: dict[tuple, tuple] = field(default_factory=dict)
 
 
 class IpcRequest(Request):
@@ -152,6 +160,8 @@ class IpcBackend(TransferBackend):
         self.completed = 0  # every launch up to this number completed
         self.in_flight: deque = deque()  # (number, event, staging index or None), oldest first
         self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
+        self.inline_slots = tuple(map(self.launcher.names.index, INLINE_ARGUMENTS))  # where a plan fills them
+        self.cuts: dict[int, tuple] = {}  # one block's nbytes -> its cut into items (_cut)
         if cuda:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             self.max_programs = int(self.context.options.get("ipc", {}).get("max_programs", sms * PROGRAMS_PER_SM))
@@ -356,7 +366,7 @@ class IpcBackend(TransferBackend):
     def _one_block(self, link, src: int, dst: int, nbytes: int, notify) -> IpcRequest:
         """One block from address ``src`` to ``dst``: the copy engine when long (a plain memory copy under the
         interpreter), else one launch that names the block in its arguments, cut into items of 8-64 KB spread over
-        the programs."""
+        the programs: the link's plan of that shape once a launch compiled it (on a GPU), else the launcher."""
         self._fork()
         if nbytes >= COPY_ENGINE_BYTES:
             if notify is not None:
@@ -371,13 +381,56 @@ class IpcBackend(TransferBackend):
                 self._kernel(link, 1, notify, staged=True, table_addr=src, src_base=src, dst_base=dst, n_items=0,
                              block_bytes=1, parts=1, part_bytes=1, FIXED=True, INLINE=True, VEC=False)  # fmt: skip
             return self._finish(link, None)
+        cut = self.cuts.get(nbytes)
+        if cut is None:
+            cut = self._cut(nbytes)
+        part, parts, programs, sizes = cut
+        vec = not ((src | dst | nbytes) % _bc.VEC_BYTES)
+        # What decides the binary besides the link's own words: the low four bits and bit length of each integer
+        # that changes (launch.py; ``sizes``: those of nbytes, parts and part_bytes), the vector path (TILE
+        # follows) and the notification.
+        shape = (src & 15, src.bit_length(), dst & 15, dst.bit_length(), sizes, vec, notify is None)
+        plan = link.plans.get(shape)
+        if plan is None:
+            self._first_inline_launch(link, shape, src, dst, nbytes, parts, part, programs, vec, notify)
+            return self._finish(link, None)
+        fast, values = plan
+        at_table, at_src, at_dst, at_nbytes, at_parts, at_part = self.inline_slots
+        values[at_table] = values[at_src] = src
+        values[at_dst], values[at_nbytes], values[at_parts], values[at_part] = dst, nbytes, parts, part
+        if notify is not None:
+            link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
+        try:
+            fast(programs, 1, self.raw_stream, values)
+        except BaseException:
+            if notify is not None:
+                link.outbox.unstage()  # the kernel that would publish it never ran
+            raise
+        return self._finish(link, None)
+
+    def _cut(self, nbytes: int) -> tuple:
+        """``(part_bytes, parts, programs, sizes)`` of one block of ``nbytes`` under the copy-engine size: items of
+        8-64 KB, about one per program; ``sizes``: what of the three integers decides the binary (launch.py)."""
         part = min(PART_BYTES, max(MIN_PART_BYTES, 1 << max(0, (-(-nbytes // self.max_programs) - 1).bit_length())))
         parts = -(-nbytes // part)
-        vec = not ((src | dst | nbytes) % _bc.VEC_BYTES)
-        self._kernel(link, min(parts, self.max_programs), notify, table_addr=src, src_base=src, dst_base=dst,
-                     n_items=1, block_bytes=nbytes, parts=parts, part_bytes=part, FIXED=True, INLINE=True,
-                     VEC=vec)  # fmt: skip
-        return self._finish(link, None)
+        sizes = (nbytes & 15, nbytes.bit_length(), parts & 15, parts.bit_length(), part & 15, part.bit_length())
+        if len(self.cuts) >= MAX_SIZES:
+            self.cuts.clear()
+        cut = self.cuts[nbytes] = (part, parts, min(parts, self.max_programs), sizes)
+        return cut
+
+    def _first_inline_launch(self, link, shape: tuple, src: int, dst: int, nbytes: int, parts: int, part: int,
+                             programs: int, vec: bool, notify) -> None:  # fmt: skip
+        """The one-block launch of a shape not launched over ``link`` yet, through the launcher (which compiles
+        it on first use); on a GPU its direct launch and bound arguments become the link's plan of that shape."""
+        values = self._kernel(link, programs, notify, table_addr=src, src_base=src, dst_base=dst, n_items=1,
+                              block_bytes=nbytes, parts=parts, part_bytes=part, FIXED=True, INLINE=True,
+                              VEC=vec)  # fmt: skip
+        fast = self.launcher.direct(values)
+        if fast is not None:
+            if len(link.plans) >= MAX_PLANS:
+                link.plans.clear()
+            link.plans[shape] = (fast, list(values))
 
     def _table_launch(self, link, src: int, dst: int, rows: np.ndarray, notify, fixed: int | None, bits: int
                       ) -> IpcRequest:  # fmt: skip
@@ -408,22 +461,23 @@ class IpcBackend(TransferBackend):
         if self.events is not None:
             self.events.follow(torch._C._cuda_getCurrentRawStream(self.index))
 
-    def _kernel(self, link, programs: int, notify, staged: bool = False, **named) -> None:
-        """Enqueue one block-copy launch on the transfer stream; ``notify`` is staged in the peer's ring first
-        (unless ``staged``) and published by the launch's last program."""
-        if notify is not None and not staged:
-            link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
+    def _kernel(self, link, programs: int, notify, staged: bool = False, **named) -> tuple:
+        """Enqueue one block-copy launch on the transfer stream and return its bound arguments; ``notify`` is
+        staged in the peer's ring first (unless ``staged``) and published by the launch's last program."""
         args = self.launcher.bind(
             counter_addr=self.counter.data_ptr(), seq_addr=link.published.data_ptr(),
             ring_addr=link.outbox.ring_address, NOTIFY=notify is not None,
             TILE=(2048 if named["VEC"] else 4096) if self.use_ptx else 16384, **named,
         )  # fmt: skip
+        if notify is not None and not staged:
+            link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
         try:
             self.launcher((programs, 1), args, stream=self.raw_stream if self.stream is not None else None)
         except BaseException:
             if notify is not None:
                 link.outbox.unstage()  # the kernel that would publish it never ran
             raise
+        return args
 
     def _finish(self, link, index: int | None) -> IpcRequest:
         """Number the launch(es) just enqueued and record their completion."""
