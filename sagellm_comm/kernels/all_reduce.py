@@ -307,6 +307,7 @@ def _bounded_wait(
     OPT_A: tl.constexpr,
     OPT_B: tl.constexpr,
     LATCH_FIRST: tl.constexpr,
+    QUICK: tl.constexpr,
 ):
     """The one bounded wait (the only spin loop of the package): poll until nothing is ``pending``, the deadline
     passes or this rank's latch is set.  Returns ``(state, pending, latched)``.
@@ -319,13 +320,21 @@ def _bounded_wait(
     ``FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B)`` names the peer recorded by
     :func:`_record_timeout` (with ``phase``, ``block`` and ``target``) and ``latched`` is returned as 1.
     ``LATCH_FIRST`` only orders the loop's test (:func:`_waiting`), which changes the code generated, not the result.
+    ``QUICK`` > 0: the first ``QUICK`` polls are bare (no clock read, no latch load), for a wait that normally
+    ends within a few polls (the row exchange among the programs of one launch); the deadline still bounds it.
     """
     start = _ticks(USE_PTX)
     elapsed = tl.full([], 0, tl.int64)
     passed = elapsed >= timeout
+    polls = 0
     while _waiting(pending, passed, latched, LATCH_FIRST):
         state, pending = POLL(args, state, W, WP, USE_PTX, OPT_A, OPT_B)
-        passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
+        if QUICK > 0:
+            polls += 1
+            if polls >= QUICK:
+                passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
+        else:
+            passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
     if (pending > 0) & (latched == 0):
         _record_timeout(ctrl, table, W, FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B), phase, block, target)
         latched = tl.full([], 1, tl.int64)
@@ -394,7 +403,7 @@ def _wait_flags(
         latched = tl.load(ctrl + CTRL_LATCH, volatile=True)
         state, n_missing, _ = _bounded_wait(
             _poll_flags, _first_missing_flag, (flag_ptrs, target, peers), (seen, missing), n_missing, latched, ctrl,
-            table, phase, block, target, timeout, W, WP, USE_PTX, RELAXED_POLL, False, True,
+            table, phase, block, target, timeout, W, WP, USE_PTX, RELAXED_POLL, False, True, 0,
         )  # fmt: skip
         seen = state[0]  # no nested unpacking in kernels: Triton's dependency finder (3.6) cannot hash it
     if RELAXED_POLL:

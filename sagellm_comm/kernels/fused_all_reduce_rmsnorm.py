@@ -193,7 +193,7 @@ def _finish_row(
 ROW_EMPTY = tl.constexpr(-1)  # a row-exchange word nobody has written yet (all ones: a NaN no arithmetic makes)
 ROW_FAILED = tl.constexpr(0x7FC00001)  # a program whose wait failed (a NaN payload no arithmetic makes)
 ROW_NAN = tl.constexpr(0x7FC00000)  # every NaN value is published as this one
-ROW_QUICK_POLLS = tl.constexpr(64)  # bare polls of a row exchange before its bounded wait
+ROW_QUICK_POLLS = tl.constexpr(64)  # polls of a row exchange before its wait reads the clock and the latch
 
 
 @triton.jit
@@ -236,11 +236,11 @@ def _row_exchange(
     ``words``: the ``MAX_BLOCKS`` 32-bit words of this exchange in the current buffer of this rank's control words
     (one per program, empty: all ones).  Data is the flag, as in the Lamport all-reduce: this program stores its
     value's bits in its word (every NaN as one NaN, and ``ROW_FAILED`` if ``ok`` is False: a wait before it failed),
-    then loads the row's words until none is empty: up to ``ROW_QUICK_POLLS`` bare loads, then the bounded wait
-    (a word is written by one aligned 32-bit store, so it is either empty or the whole value; the loads are
-    volatile).  The programs of a launch run at once (the workspace's grid), so the wait ends; its deadline is
-    twice the kernel timeout, so that a program waiting for a missing peer's data records that peer first.  ``call_flag`` names the call in a
-    timeout record (``2 * call + 1`` or ``2 * call + 2``).
+    then loads the row's words until none is empty, through the bounded wait, whose first ``ROW_QUICK_POLLS``
+    polls are bare (a word is written by one aligned 32-bit store, so it is either empty or the whole value; the
+    loads are volatile).  The programs of a launch run at once (the workspace's grid), so the wait ends; its
+    deadline is twice the kernel timeout, so that a program waiting for a missing peer's data records that peer
+    first.  ``call_flag`` names the call in a timeout record (``2 * call + 1`` or ``2 * call + 2``).
 
     Returns ``(values, ok, latched)``: the row's values in program order (the same vector in every program of the
     row, so each reduces it to the same bits), whether every program of the row published a value, and the latch.
@@ -250,17 +250,10 @@ def _row_exchange(
     row_words = words + pid // SPLIT * SPLIT + tl.arange(0, SPLIT)
     seen = tl.load(row_words, volatile=True)
     pending = tl.sum((seen == ROW_EMPTY).to(tl.int32), axis=0)
-    # Row-mates run at once and publish within a few hundred nanoseconds of each other: a few bare polls first (no
-    # clock read, no latch load between them), then the bounded wait for whatever is still missing.
-    polls = 0
-    while (pending > 0) & (polls < ROW_QUICK_POLLS):
-        seen = tl.load(row_words, volatile=True)
-        pending = tl.sum((seen == ROW_EMPTY).to(tl.int32), axis=0)
-        polls += 1
     if (pending > 0) & (latched == 0):
         state, pending, latched = _bounded_wait(
             _poll_row, _this_rank, (row_words, rank), (seen,), pending, latched, ctrl, table, PHASE_ROW, pid,
-            call_flag, timeout.to(tl.int64) * 2, W, WP, USE_PTX, False, False, False,
+            call_flag, timeout.to(tl.int64) * 2, W, WP, USE_PTX, False, False, False, ROW_QUICK_POLLS,
         )  # fmt: skip
         seen = state[0]
     failed = tl.sum((seen == ROW_FAILED).to(tl.int32), axis=0)

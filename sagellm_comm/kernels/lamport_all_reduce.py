@@ -213,7 +213,7 @@ def _wait_tile(
     if (pending > 0) & (latched == 0):
         state, pending, latched = _bounded_wait(
             _poll_tile, _first_missing_source, (area, slot_stride, buf, offs, mask), (acc,), pending, latched, ctrl,
-            table, PHASE_LAMPORT, block, lepoch + 1, timeout, W, WP, USE_PTX, WIDE, DTYPE, False,
+            table, PHASE_LAMPORT, block, lepoch + 1, timeout, W, WP, USE_PTX, WIDE, DTYPE, False, 0,
         )  # fmt: skip
         acc = state[0]
     return acc, pending, latched
