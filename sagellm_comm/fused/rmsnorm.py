@@ -40,8 +40,9 @@ def row_split(rows: int, hidden: int, programs: int, group: int = _rmk.FP8_GROUP
     most half the grid (``rows * s <= programs // 2``; the kernel needs every row held at once); 1 (a program per
     row) when none is larger.
 
-    The caps are measured (H200, virtual ranks W = 2-8, 1-4 tokens of 4096 and 8192): a row exchange among 16 or
-    32 programs, and grids filled past half, were 0.1-2.9 us slower than 4-8 programs a row."""
+    The caps follow a profile on the H200 (virtual ranks W = 2-8, 1-4 tokens of 4096 and 8192): 4-8 programs a row
+    were the fastest at most shapes, up to 2.9 us ahead of 16-32 (W = 8, 2 tokens of 8192, per-token FP8); 16
+    were ahead at W = 4 with 1-2 tokens of 8192 (0.1-1.0 us)."""
     split = 1
     while (
         split * 2 <= MAX_SPLIT
