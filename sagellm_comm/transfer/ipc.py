@@ -325,9 +325,7 @@ class IpcBackend(TransferBackend):
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
         self._check_alive(link)
         local_address, remote_address = local.ptr + local_offset, link.addresses[remote.name] + remote_offset
-        if op == "write":
-            return self._one_block(link, local_address, remote_address, nbytes, notify)
-        return self._one_block(link, remote_address, local_address, nbytes, notify)
+        return self._one(link, op, local_address, remote_address, nbytes, notify)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -352,9 +350,13 @@ class IpcBackend(TransferBackend):
         block_bytes = prepared.layout.block_bytes
         local = prepared.local.ptr + local_block * block_bytes
         remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
+        return self._one(link, op, local, remote, block_bytes, notify)
+
+    def _one(self, link, op: str, local: int, remote: int, nbytes: int, notify) -> IpcRequest:
+        """``op`` of one block between addresses ``local`` and ``remote`` (:meth:`_one_block` in its direction)."""
         if op == "write":
-            return self._one_block(link, local, remote, block_bytes, notify)
-        return self._one_block(link, remote, local, block_bytes, notify)
+            return self._one_block(link, local, remote, nbytes, notify)
+        return self._one_block(link, remote, local, nbytes, notify)
 
     def _check_alive(self, link: IpcLink) -> None:
         if not link.outbox.liveness.alive():
@@ -369,14 +371,7 @@ class IpcBackend(TransferBackend):
         the programs: the link's plan of that shape once a launch compiled it (on a GPU), else the launcher."""
         self._fork()
         if nbytes >= COPY_ENGINE_BYTES:
-            if notify is not None:
-                link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
-            try:
-                self.memory.copy_async(dst, src, nbytes, self.raw_stream)
-            except BaseException:
-                if notify is not None:
-                    link.outbox.unstage()
-                raise
+            self._enqueue(link, notify, False, self.memory.copy_async, dst, src, nbytes, self.raw_stream)
             if notify is not None:
                 self._kernel(link, 1, notify, staged=True, table_addr=src, src_base=src, dst_base=dst, n_items=0,
                              block_bytes=1, parts=1, part_bytes=1, FIXED=True, INLINE=True, VEC=False)  # fmt: skip
@@ -398,14 +393,7 @@ class IpcBackend(TransferBackend):
         at_table, at_src, at_dst, at_nbytes, at_parts, at_part = self.inline_slots
         values[at_table] = values[at_src] = src
         values[at_dst], values[at_nbytes], values[at_parts], values[at_part] = dst, nbytes, parts, part
-        if notify is not None:
-            link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
-        try:
-            fast(programs, 1, self.raw_stream, values)
-        except BaseException:
-            if notify is not None:
-                link.outbox.unstage()  # the kernel that would publish it never ran
-            raise
+        self._enqueue(link, notify, False, fast, programs, 1, self.raw_stream, values)
         return self._finish(link, None)
 
     def _cut(self, nbytes: int) -> tuple:
@@ -469,15 +457,23 @@ class IpcBackend(TransferBackend):
             ring_addr=link.outbox.ring_address, NOTIFY=notify is not None,
             TILE=(2048 if named["VEC"] else 4096) if self.use_ptx else 16384, **named,
         )  # fmt: skip
+        stream = self.raw_stream if self.stream is not None else None
+        self._enqueue(link, notify, staged, self.launcher, (programs, 1), args, stream)
+        return args
+
+    @staticmethod
+    def _enqueue(link, notify, staged: bool, enqueue, *args) -> None:
+        """``enqueue(*args)`` (a launch or a copy on the transfer stream) with ``notify`` staged in the peer's ring
+        first (unless ``staged``: an earlier step of the same request did); if it raises, the notification is taken
+        back (nothing will publish it) and the error propagates."""
         if notify is not None and not staged:
             link.outbox.stage(notify)  # refused here when the ring is full: nothing was enqueued
         try:
-            self.launcher((programs, 1), args, stream=self.raw_stream if self.stream is not None else None)
+            enqueue(*args)
         except BaseException:
             if notify is not None:
-                link.outbox.unstage()  # the kernel that would publish it never ran
+                link.outbox.unstage()
             raise
-        return args
 
     def _finish(self, link, index: int | None) -> IpcRequest:
         """Number the launch(es) just enqueued and record their completion."""
