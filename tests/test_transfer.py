@@ -325,6 +325,7 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     expect("no blocks", InvalidArgumentError, "empty", lambda: a.write(peer, "kv", "kv", []))
     expect("overlap", InvalidArgumentError, "overlap", lambda: a.write(peer, "kv", "kv", [(0, 0, 64), (64, 32, 64)]))
     expect("misaligned", InvalidArgumentError, "element size", lambda: a.write(peer, "kv", "kv", [(2, 0, 4)]))
+    expect("fractional offset", InvalidArgumentError, "integers", lambda: a.write(peer, "kv", "kv", [(0, 4.5, 4)]))
     expect("dtype", ShapeMismatchError, "holds float32", lambda: a.write(peer, "kv", "half", [(0, 0, 4)]))
     expect("notify too long", InvalidArgumentError, "notify must be 1..496",
            lambda: a.write(peer, "kv", "kv", blocks, notify=b"x" * 497))  # fmt: skip
@@ -338,6 +339,7 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     prepared = a.prepare(peer, "kv", "kv", 256)
     expect("block id", InvalidArgumentError, "outside", lambda: prepared.write([0], [16]))
     expect("duplicate id", InvalidArgumentError, "named twice", lambda: prepared.write([0, 1], [3, 3]))
+    expect("fractional id", InvalidArgumentError, "integers", lambda: prepared.write([0.5], [1]))
     expect("bad wait timeout", InvalidArgumentError, "timeout", lambda: prepared.write([0], [1]).wait(timeout=-1))
     prepared.release()
     expect("released", InvalidArgumentError, "released", lambda: prepared.write([0], [1]))
@@ -378,7 +380,7 @@ def _bad_inputs_worker(rank, world_size, port, backend):
 @pytest.mark.parametrize("backend", ["nixl", "ipc"])
 def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
     (refused,) = run_ranks(_bad_inputs_worker, 1, backend, timeout=120.0, env=ENVS[backend])
-    assert len(refused) == 24, sorted(refused)
+    assert len(refused) == 26, sorted(refused)
     assert refused.pop("closed") == "comm_not_initialized"
     assert refused.pop("removed in flight") == "b"
     assert set(refused.values()) == {"invalid_argument"}, refused

@@ -46,7 +46,16 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         ([], "empty"),
         ([(1, 2)], "shape"),
         ([(1, 2, "x")], "integers"),
+        ([(1, 2, "16")], "integers"),  # never parsed
+        ([(0, 1.5, 4)], "integers"),  # never rounded: offset 1.5 is not offset 1
+        ([(0, 16, 32.0)], "integers"),
+        ([(2**70, 0, 4)], "within int64"),
+        ([(2**63, 0, 4)], "within int64"),
+        (np.array([[2**63, 0, 4]], dtype=np.uint64), "within int64"),
+        ([(True, False, True)], "integers"),
+        ([(0, 1, 2), (3, 4)], "integers"),  # ragged
         (np.zeros((2, 3), dtype=np.float32), "integers"),
+        (torch.tensor([[0.0, 1.5, 4.0]]), "integers"),
         ("0,0,4", "list"),
         (torch.zeros(2, 3, dtype=torch.int64, device="meta"), "CPU"),
     ):
@@ -149,6 +158,17 @@ def test_split_rows_cuts_long_blocks_and_covers_every_byte_once(part):
     expected = {(s + k, t + k) for s, t, n in table.tolist() for k in range(n)}
     got = {(s + k, t + k) for s, t, n in rows.tolist() for k in range(n)}
     assert got == expected and rows[:, 2].sum() == table[:, 2].sum()
+
+
+def test_block_ids_refuse_what_is_not_integers_instead_of_rounding_it():
+    for local, remote in (
+        ([1.5], [2]), ([1], [2.5]), ([1, 2], ["3", 4]), (np.array([1.0]), [2]), (torch.tensor([1.5]), [2]),
+        ([2**64], [1]), (list(range(40)), [0.5] * 40),
+    ):  # fmt: skip
+        with pytest.raises(InvalidArgumentError, match="integers"):
+            d.block_ids(local, remote)
+    assert d.block_ids([3], [4]).tolist() == [[3, 4]]
+    assert d.block_ids(torch.tensor([1, 2]), np.array([3, 4], dtype=np.uint32)).tolist() == [[1, 3], [2, 4]]
 
 
 def test_block_ids_layout_and_their_checks():

@@ -102,32 +102,46 @@ def make_region(name: str, tensor: Any) -> Region:
     return Region(info, tensor)
 
 
+def int64_array(values: Any, what: str) -> np.ndarray:
+    """``values`` (a sequence, numpy array or CPU tensor of integers) as an int64 array.  Anything else is refused,
+    never rounded or parsed: floats (a fractional offset would be truncated), booleans, strings, ragged rows,
+    values beyond int64."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise InvalidArgumentError(f"{what} must be on the CPU, got a tensor on {values.device}")
+        values = values.detach().numpy()
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgumentError(f"{what} must be integers: {exc}") from None
+    kind = array.dtype.kind
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=np.int64)  # the caller names what is missing
+    if kind not in "iu":
+        if isinstance(values, np.ndarray):
+            got = f"an array of {array.dtype}"
+        else:  # Python values: numpy reads floats, and integers past int64 mixed with others, as float or object
+            got = f"values numpy reads as {array.dtype} (a float, a bool, a string, or an integer beyond int64)"
+        raise InvalidArgumentError(f"{what} must be integers within int64, got {got}")
+    if kind == "u" and array.dtype.itemsize == 8 and array.size and int(array.max()) >= 1 << 63:
+        raise InvalidArgumentError(f"{what} must be integers within int64, got {int(array.max())}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
 def block_table(blocks: Any) -> np.ndarray:
     """``blocks`` as a C-contiguous int64 ``[n, 3]`` array of ``(local_offset, remote_offset, nbytes)``.
 
     Accepts a sequence of 3-tuples, an ``[n, 3]`` integer numpy array or an ``[n, 3]`` integer CPU tensor (the
-    last two without a copy when already int64 and contiguous).
+    last two without a copy when already int64 and contiguous); values must be integers (:func:`int64_array`).
     """
-    if isinstance(blocks, torch.Tensor):
-        if blocks.device.type != "cpu":
-            raise InvalidArgumentError(f"blocks must be on the CPU, got a tensor on {blocks.device}")
-        blocks = blocks.numpy()
-    if isinstance(blocks, np.ndarray):
-        if blocks.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"blocks must hold integers, got dtype {blocks.dtype}")
-        table = np.ascontiguousarray(blocks, dtype=np.int64)
-    else:
-        if not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes)):
-            raise InvalidArgumentError(
-                f"blocks must be a list of (local_offset, remote_offset, nbytes) or an [n, 3] array, got "
-                f"{type(blocks).__name__}"
-            )
-        try:
-            table = np.array(blocks, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidArgumentError(
-                f"blocks must be (local_offset, remote_offset, nbytes) triples of integers: {exc}"
-            ) from None
+    if not isinstance(blocks, (torch.Tensor, np.ndarray)) and (
+        not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes))
+    ):
+        raise InvalidArgumentError(
+            f"blocks must be a list of (local_offset, remote_offset, nbytes) or an [n, 3] array, got "
+            f"{type(blocks).__name__}"
+        )
+    table = int64_array(blocks, "blocks (local_offset, remote_offset, nbytes)")
     if table.ndim >= 1 and table.shape[0] == 0:
         raise InvalidArgumentError("blocks is empty: a transfer moves at least one block")
     if table.ndim != 2 or table.shape[1] != 3:
@@ -278,18 +292,18 @@ def make_layout(local: RegionInfo, remote: RegionInfo, block_bytes: int, peer: s
 
 
 def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
-    """``(local_blocks, remote_blocks)`` (two equal-length integer sequences or arrays) as an int64 ``[n, 2]``."""
+    """``(local_blocks, remote_blocks)`` (two equal-length integer sequences or arrays) as an int64 ``[n, 2]``;
+    values must be integers (:func:`int64_array`)."""
     small = isinstance(local_blocks, list) and isinstance(remote_blocks, list) and 0 < len(local_blocks) <= SMALL
     if small and len(local_blocks) == len(remote_blocks):
         try:
-            return np.array([local_blocks, remote_blocks], dtype=np.int64).T.copy()
+            pair = np.array([local_blocks, remote_blocks])
         except (TypeError, ValueError, OverflowError):
-            pass  # the general path names the problem
-    try:
-        local = np.asarray(local_blocks, dtype=np.int64).reshape(-1)
-        remote = np.asarray(remote_blocks, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgumentError(f"block ids must be integers: {exc}") from None
+            pair = None  # the general path names the problem
+        if pair is not None and pair.dtype == np.int64 and pair.ndim == 2:
+            return pair.T.copy()
+    local = int64_array(local_blocks, "local block ids").reshape(-1)
+    remote = int64_array(remote_blocks, "remote block ids").reshape(-1)
     if local.shape != remote.shape:
         raise InvalidArgumentError(
             f"{local.shape[0]} local block ids but {remote.shape[0]} remote block ids: give one of each per block"
