@@ -73,6 +73,8 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         ([(0, 4096, 4)], "write", "outside the remote region"),
         ([(0, 2, 4)], "write", "multiples of the element size"),
         ([(0, 0, 6)], "write", "multiples of the element size"),
+        ([(0, 2, 4), (8192, 0, 4)], "write", "multiples of the element size"),  # the first bad block is named
+        ([(8192, 0, 4), (0, 2, 4)], "write", "outside the local region"),
         ([(0, 0, 64), (64, 60, 8)], "write", "overlap in the destination"),
         ([(0, 0, 64), (32, 64, 64)], "read", "overlap in the destination"),
     ],
@@ -280,7 +282,8 @@ class _RecordingBackend(TransferBackend):
     def disconnect(self, link) -> None:
         pass
 
-    def post(self, link, op, local, remote, table, notify) -> Request:
+    def post(self, link, op, local, remote, table, notify, rows=None) -> Request:
+        assert rows is None or rows == table.tolist()
         self.posted.append(("table", op, local.name, remote.name, table.tolist(), notify))
         return _Done()
 

@@ -33,11 +33,13 @@ from sagellm_comm.transfer import registry
 from sagellm_comm.transfer.base import AgentContext, Link, TransferBackend
 from sagellm_comm.transfer.descriptors import (
     OPS,
+    SMALL,
     Region,
     block_ids,
     block_table,
     check_block_ids,
     check_blocks,
+    check_rows,
     ids_fit,
     make_layout,
     make_region,
@@ -308,13 +310,17 @@ class TransferAgent:
             if handle is not None:
                 return handle
         table = block_table(blocks)
+        rows = table.tolist() if len(table) <= SMALL else None  # a few blocks: checked and posted as Python ints
         with self.lock:
             self._check_open()
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
             message = _message(notify)
-            nbytes = check_blocks(table, local.info, remote, op, f"peer {peer!r}")
-            request = entry.backend.post(entry.link, op, local, remote, table, message)
+            if rows is None:
+                nbytes = check_blocks(table, local.info, remote, op, f"peer {peer!r}")
+            else:
+                nbytes = check_rows(rows, local.info, remote, op, f"peer {peer!r}")
+            request = entry.backend.post(entry.link, op, local, remote, table, message, rows)
         return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(table))
 
     def _post_one(self, peer: str, op: str, local_region: str, remote_region: str, row, notify: Any

@@ -114,10 +114,13 @@ class TransferBackend(ABC):
 
     @abstractmethod
     def post(
-        self, link: Link, op: str, local: Region, remote: RegionInfo, table: np.ndarray, notify: bytes | None
-    ) -> Request:
+        self, link: Link, op: str, local: Region, remote: RegionInfo, table: np.ndarray, notify: bytes | None,
+        rows: list | None = None,
+    ) -> Request:  # fmt: skip
         """Start ``op`` (``"write"``: local -> remote, ``"read"``: remote -> local) of the checked ``table``
-        (int64 ``[n, 3]``: local offset, remote offset, bytes); ``notify`` reaches the peer after every byte."""
+        (int64 ``[n, 3]``: local offset, remote offset, bytes); ``notify`` reaches the peer after every byte.
+        ``rows``: the same table as Python ints (``table.tolist()``) when the caller has it, for a few blocks
+        (``descriptors.SMALL``); None otherwise."""
 
     def post_one(
         self, link: Link, op: str, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,

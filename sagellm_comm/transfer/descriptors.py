@@ -215,31 +215,50 @@ def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:
     )
 
 
-def _refuse_overlap(a: int, b: int, table: np.ndarray, op: str) -> None:
+def _refuse_overlap(a: int, b: int, table: np.ndarray | list, op: str) -> None:
     a, b = sorted((a, b))
     side = "remote" if op == "write" else "local"
+    row_a, row_b = (tuple(np.asarray(table[k]).tolist()) for k in (a, b))
     raise InvalidArgumentError(
-        f"blocks {a} {tuple(table[a].tolist())} and {b} {tuple(table[b].tolist())} overlap in the destination "
+        f"blocks {a} {row_a} and {b} {row_b} overlap in the destination "
         f"({side} region of a {op}): the result would depend on the copy order"
     )
+
+
+def check_rows(rows: list, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> int:
+    """:func:`check_blocks` of a few blocks given as Python ints (``rows``: ``[lo, ro, n]`` lists, as
+    ``table.tolist()`` gives them): the same checks and the same error for the same table, in one pass over the rows.
+    Returns the total bytes."""
+    check_pair(local, remote, peer)
+    local_bytes, remote_bytes, write = local.nbytes, remote.nbytes, op == "write"
+    total = bits = 0
+    spans = []
+    for i, (lo, ro, n) in enumerate(rows):
+        if n <= 0 or lo < 0 or ro < 0 or lo + n > local_bytes or ro + n > remote_bytes:
+            bits = -1  # out of bounds: the scan below names the first bad block, as the table check does
+            break
+        bits |= lo | ro | n
+        total += n
+        spans.append((ro, ro + n, i) if write else (lo, lo + n, i))
+    if bits < 0 or bits % local.itemsize:
+        for i, (lo, ro, n) in enumerate(rows):
+            if not fits(local, remote, lo, ro, n):
+                _refuse_block(i, rows[i], local, remote)
+    spans.sort()
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            _refuse_overlap(i, j, rows, op)
+    return total
 
 
 def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> int:
     """Refuse ``table`` (from :func:`block_table`) unless every block lies inside both regions, offsets and
     lengths are whole elements, and no two destination blocks overlap (module docstring).  Returns the total
     bytes."""
+    if len(table) <= SMALL:
+        return check_rows(table.tolist(), local, remote, op, peer)
     check_pair(local, remote, peer)
     itemsize, column = local.itemsize, 1 if op == "write" else 0
-    if len(table) <= SMALL:
-        rows = table.tolist()
-        for i, (lo, ro, n) in enumerate(rows):
-            if not fits(local, remote, lo, ro, n):
-                _refuse_block(i, rows[i], local, remote)
-        spans = sorted((row[column], row[column] + row[2], i) for i, row in enumerate(rows))
-        for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
-            if start < end:
-                _refuse_overlap(i, j, table, op)
-        return sum(row[2] for row in rows)
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
     # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
     inside = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0

@@ -299,14 +299,15 @@ class IpcBackend(TransferBackend):
             link.maps.close()
 
     # ------------------------------------------------------------------ transfers
-    def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> IpcRequest:
+    def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify,
+             rows: list | None = None) -> IpcRequest:  # fmt: skip
         if len(table) == 1:
-            lo, ro, n = table[0].tolist()
+            lo, ro, n = table[0].tolist() if rows is None else rows[0]
             return self.post_one(link, op, local, remote, lo, ro, n, notify)
         self._check_alive(link)
         remote_address = link.addresses[remote.name]
         if len(table) <= SMALL:  # Python ints are cheaper than numpy calls for a few blocks
-            listed = table.tolist()
+            listed = table.tolist() if rows is None else rows
             longest, bits = max(r[2] for r in listed), 0
             for r in listed:
                 bits |= r[0] | r[1] | r[2]

@@ -216,10 +216,11 @@ class NixlBackend(TransferBackend):
         descs[:, 2] = device_index
         return descs
 
-    def post(self, link: NixlLink, op, local: Region, remote: RegionInfo, table: np.ndarray, notify) -> NixlRequest:
+    def post(self, link: NixlLink, op, local: Region, remote: RegionInfo, table: np.ndarray, notify,
+             rows: list | None = None) -> NixlRequest:  # fmt: skip
         address, _, device_index = link.regions[remote.name]
         if len(table) <= SMALL:
-            rows = table.tolist()
+            rows = table.tolist() if rows is None else rows
             local_descs = [(local.ptr + lo, n, local.info.device_index) for lo, _, n in rows]
             remote_descs = [(address + ro, n, device_index) for _, ro, n in rows]
         else:
