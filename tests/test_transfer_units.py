@@ -109,14 +109,20 @@ def test_check_pair_refuses_dtype_and_device_mismatch():
 def test_one_block_and_one_id_take_python_ints_only_and_leave_every_other_form_to_the_general_path():
     for blocks in ([(0, 16, 32)], [[0, 16, 32]], ((0, 16, 32),), ([0, 16, 32],), [(-1, 2**70, 0)]):
         assert d.one_block(blocks) == blocks[0]
+    for blocks in (np.array([[0, 16, 32]]), np.array([[0, 16, 32]], dtype=np.uint64)):
+        row = d.one_block(blocks)
+        assert row == [0, 16, 32] and all(v.__class__ is int for v in row)
     for blocks in (
         [(0, 16, 32), (64, 128, 16)], [], [(0, 16)], [(0, 16, 32, 1)], [(True, 16, 32)], [(0, 16, 32.0)],
-        [(np.int64(0), 16, 32)], np.array([[0, 16, 32]]), torch.tensor([[0, 16, 32]]), "0,16,32", [range(3)],
+        [(np.int64(0), 16, 32)], torch.tensor([[0, 16, 32]]), "0,16,32", [range(3)], np.array([[0.0, 16, 32]]),
+        np.array([0, 16, 32]), np.array([[0, 16, 32], [64, 128, 16]]), np.array([[True, False, True]]),
     ):  # fmt: skip
         assert d.one_block(blocks) is None, blocks
-    for ids, expected in ((7, 7), ([7], 7), ((7,), 7), ([-1], -1)):
-        assert d.one_id(ids) == expected
-    for ids in ([1, 2], [], True, [True], np.int64(7), [np.int64(7)], np.array([7]), [7.0], "7"):
+    for ids, expected in ((7, 7), ([7], 7), ((7,), 7), ([-1], -1), (np.int64(7), 7), (np.array([7]), 7),
+                          (np.array([[7]], dtype=np.uint32), 7)):  # fmt: skip
+        assert d.one_id(ids) == expected and d.one_id(ids).__class__ is int
+    for ids in ([1, 2], [], True, [True], [np.int64(7)], np.array([7.0]), np.array([True]), np.array([1, 2]),
+                [7.0], "7"):  # fmt: skip
         assert d.one_id(ids) is None, ids
 
 

@@ -153,14 +153,16 @@ def block_table(blocks: Any) -> np.ndarray:
 
 def one_block(blocks: Any) -> Sequence[int] | None:
     """The only block of ``blocks`` when it is a list or tuple holding one ``(local_offset, remote_offset,
-    nbytes)`` list or tuple of Python ints (the common request, checked without numpy: :func:`one_block_fits`);
-    None for every other form (:func:`block_table` takes it)."""
+    nbytes)`` list or tuple of Python ints, or a ``[1, 3]`` integer numpy array (the common request, checked
+    without numpy: :func:`one_block_fits`); None for every other form (:func:`block_table` takes it)."""
     if (blocks.__class__ is list or blocks.__class__ is tuple) and len(blocks) == 1:
         row = blocks[0]
         if (row.__class__ is tuple or row.__class__ is list) and len(row) == 3:
             local_offset, remote_offset, nbytes = row
             if local_offset.__class__ is int and remote_offset.__class__ is int and nbytes.__class__ is int:
                 return row
+    elif blocks.__class__ is np.ndarray and blocks.shape == (1, 3) and blocks.dtype.kind in "iu":
+        return blocks[0].tolist()
     return None
 
 
@@ -329,16 +331,21 @@ def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
         )
     if local.shape[0] == 0:
         raise InvalidArgumentError("no block ids: a transfer moves at least one block")
-    return np.ascontiguousarray(np.stack([local, remote], axis=1))
+    ids = np.empty((local.shape[0], 2), dtype=np.int64)
+    ids[:, 0], ids[:, 1] = local, remote
+    return ids
 
 
 def one_id(blocks: Any) -> int | None:
-    """The only block id of ``blocks`` when it is a Python int or a list or tuple holding one (the common request,
-    checked without numpy: :func:`ids_fit`); None for every other form (:func:`block_ids` takes it)."""
+    """The only block id of ``blocks`` when it is a Python int, a list or tuple holding one, a numpy integer or a
+    one-element integer numpy array (the common request, checked without numpy: :func:`ids_fit`); None for every
+    other form (:func:`block_ids` takes it)."""
     if blocks.__class__ is int:
         return blocks
     if (blocks.__class__ is list or blocks.__class__ is tuple) and len(blocks) == 1 and blocks[0].__class__ is int:
         return blocks[0]
+    if isinstance(blocks, (np.ndarray, np.integer)) and blocks.size == 1 and blocks.dtype.kind in "iu":
+        return int(blocks.item())
     return None
 
 
