@@ -134,6 +134,15 @@ def block_table(blocks: Any) -> np.ndarray:
     Accepts a sequence of 3-tuples, an ``[n, 3]`` integer numpy array or an ``[n, 3]`` integer CPU tensor (the
     last two without a copy when already int64 and contiguous); values must be integers (:func:`int64_array`).
     """
+    if (
+        blocks.__class__ is np.ndarray
+        and blocks.dtype == np.int64
+        and blocks.ndim == 2
+        and blocks.shape[0]
+        and blocks.shape[1] == 3
+        and blocks.flags.c_contiguous
+    ):
+        return blocks  # the common table form, already what is asked for
     if not isinstance(blocks, (torch.Tensor, np.ndarray)) and (
         not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes))
     ):
@@ -350,7 +359,8 @@ def one_id(blocks: Any) -> int | None:
 
 
 def ids_fit(layout: BlockLayout, local_block: int, remote_block: int) -> bool:
-    """Whether both ids (Python ints) lie inside their pools: the per-pair check of :func:`check_block_ids`."""
+    """Whether both ids (Python ints) lie inside their pools: the per-pair check of :func:`check_block_ids` (which
+    writes the same comparisons out over its rows)."""
     return 0 <= local_block < layout.local_blocks and 0 <= remote_block < layout.remote_blocks
 
 
@@ -358,9 +368,10 @@ def check_block_ids(ids: np.ndarray, layout: BlockLayout, op: str) -> None:
     """Every id inside its pool; no destination block named twice."""
     if len(ids) <= SMALL:
         rows = ids.tolist()
-        column = 1 if op == "write" else 0
-        destinations = [row[column] for row in rows]
-        if all(ids_fit(layout, a, b) for a, b in rows) and len(set(destinations)) == len(destinations):
+        local_blocks, remote_blocks = layout.local_blocks, layout.remote_blocks
+        inside = all(0 <= a < local_blocks and 0 <= b < remote_blocks for a, b in rows)
+        destinations = {row[1 if op == "write" else 0] for row in rows}
+        if inside and len(destinations) == len(rows):
             return
     for column, count, side in ((0, layout.local_blocks, "local"), (1, layout.remote_blocks, "remote")):
         bad = (ids[:, column] < 0) | (ids[:, column] >= count)
