@@ -42,7 +42,11 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     assert len(results) == 2 * 2 * 2 * 3  # sizes x counts x ops x backends
     assert {r["backend"] for r in results} == {"nixl", "nixl-raw", "torch"}
     assert all(r["num_wrong"] == 0 and r["gbps"] > 0 and r["timing"] == "wall" for r in results)
-    assert record["notify"]["nixl"]["samples"] == 4
+    notify = record["notify"]["nixl"]
+    assert notify["samples"] == notify["idle"]["samples"] == notify["busy"]["samples"] == 4  # both pacings
+    assert notify["median_us"] == notify["idle"]["median_us"]  # the headline figure is the idle pacing's
+    assert 0 < notify["idle"]["host_median_us"] < notify["idle"]["max_us"]  # write()'s host part of the latency
+    assert "initiator asleep between requests" in table and "initiator busy between requests" in table
     with stem.with_suffix(".csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(results)
     assert (tmp_path / "t.png").stat().st_size > 0

@@ -14,7 +14,10 @@ backend, and exchange metadata, IPC handles and commands through the store ``spa
 
 Notification latency (``ipc`` and ``nixl``): one 16 KB block written with the initiator's monotonic clock in its
 message, ``notify_iters`` times, one at a time; the peer polls ``notifications()`` and records the clock when it
-sees each one (both processes share the host's ``CLOCK_MONOTONIC``).
+sees each one (both processes share the host's ``CLOCK_MONOTONIC``).  Two pacings, ``NOTIFY_PACINGS``: between
+requests the initiator either sleeps 0.2 ms (``idle``: each request starts on a host thread that was asleep) or
+spins 0.2 ms (``busy``: a host thread that never stopped, as an engine's scheduler loop); the host time of each
+``write()`` call is kept too, so what the device and the receiver add is the difference.
 """
 
 from __future__ import annotations
@@ -262,18 +265,39 @@ class _Initiator:
             out["host_us"], out["e2e_us"] = summarize(host).median_us, summarize(total).median_us
         return out
 
-    def notify_latency(self, mover: AgentMover, backend: str, iters: int, pool_blocks: int) -> list[float]:
-        """Receiver-seen latency of one 16 KB block with its notification, microseconds per request."""
+    def notify_latency(self, mover: AgentMover, backend: str, iters: int, pool_blocks: int) -> dict:
+        """Per pacing (module docstring): the receiver-seen latency of one 16 KB block with its notification and
+        the host time of its ``write()`` call, microseconds per request: ``{pacing: {"seen": [...], "host":
+        [...]}}``."""
         rng = np.random.default_rng(99)
         point = Point(NOTIFY_BLOCK, 1, rng.choice(pool_blocks, 1), rng.choice(pool_blocks, 1))
         warm = min(5, iters)
-        step = self.call({"do": "notify", "backend": backend, "iters": iters + warm}, wait_ready=True)["step"]
-        for _ in range(iters + warm):
-            mover.start("write", point, notify=struct.pack("<q", time.monotonic_ns()) + b"ping").wait(
-                self.side.config.timeout
-            )
-            time.sleep(2e-4)  # one at a time: the peer has seen this one before the next starts
-        return [ns / 1e3 for ns in self.reply(step)["latencies_ns"][warm:]]
+        out = {}
+        for pacing in NOTIFY_PACINGS:
+            step = self.call({"do": "notify", "backend": backend, "iters": iters + warm}, wait_ready=True)["step"]
+            host = []
+            for _ in range(iters + warm):
+                begin = time.perf_counter_ns()
+                handle = mover.start("write", point, notify=struct.pack("<q", time.monotonic_ns()) + b"ping")
+                host.append((time.perf_counter_ns() - begin) / 1e3)
+                handle.wait(self.side.config.timeout)
+                _pause(pacing)  # one at a time: the peer has seen this one before the next starts
+            out[pacing] = {"seen": [ns / 1e3 for ns in self.reply(step)["latencies_ns"][warm:]], "host": host[warm:]}
+        return out
+
+
+NOTIFY_PACINGS = ("idle", "busy")
+NOTIFY_PAUSE_S = 2e-4
+
+
+def _pause(pacing: str) -> None:
+    """The initiator's pause between two notification requests: asleep (``idle``) or spinning (``busy``)."""
+    if pacing == "idle":
+        time.sleep(NOTIFY_PAUSE_S)
+        return
+    end = time.perf_counter() + NOTIFY_PAUSE_S
+    while time.perf_counter() < end:
+        pass
 
 
 def transfer_rank(index: int, world_size: int, port: int, config: TransferBenchConfig, plan: TransferPlan):
