@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sagellm_comm.arguments import check_timeout
 from sagellm_comm.backend import (
     DEFAULT_TIMEOUT_S,
     CommBackend,
@@ -46,7 +47,6 @@ from .checks import (
     check_op,
     check_peer,
     check_tensor,
-    check_timeout,
     check_world,
     int_arg,
     seconds,

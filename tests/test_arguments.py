@@ -1,0 +1,104 @@
+"""Bad argument values at the public entry points: each is refused with a typed error naming the argument, before
+anything runs, never rounded, parsed or read as a truth value (``sagellm_comm/arguments.py`` and the checks that
+use it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_flag, check_int, check_timeout
+from sagellm_comm.errors import InvalidArgumentError
+
+BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, 0, -1, True, "30", None, MAX_TIMEOUT_S * 2]
+
+
+# ============================================================================ the shared checks
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS)
+def test_check_timeout_refuses_what_is_not_a_finite_positive_number(timeout):
+    with pytest.raises(InvalidArgumentError, match="kernel_timeout must be a positive number of seconds"):
+        check_timeout(timeout, "kernel_timeout")
+
+
+def test_check_timeout_takes_ints_and_floats_unchanged():
+    assert check_timeout(3) == 3.0 and check_timeout(0.25) == 0.25 and check_timeout(MAX_TIMEOUT_S) == MAX_TIMEOUT_S
+
+
+@pytest.mark.parametrize("value", [4.0, 4.5, True, "4", None])
+def test_check_int_refuses_floats_bools_and_strings(value):
+    with pytest.raises(InvalidArgumentError, match="world_size must be an int"):
+        check_int(value, "world_size", 1)
+
+
+def test_check_int_bounds():
+    assert check_int(3, "n", 1, 3) == 3
+    with pytest.raises(InvalidArgumentError, match=r"n must be in \[1, 3\], got 4"):
+        check_int(4, "n", 1, 3)
+    with pytest.raises(InvalidArgumentError, match="n must be >= 1, got 0"):
+        check_int(0, "n", 1)
+
+
+@pytest.mark.parametrize("value", ["False", "false", 0, 1, None, 1.0])
+def test_check_flag_refuses_truthy_stand_ins(value):
+    with pytest.raises(InvalidArgumentError, match="bias must be True or False"):
+        check_flag(value, "bias")
+
+
+@pytest.mark.parametrize("device", ["cdua", "", 5, 1.0, None])
+def test_check_device_refuses_what_torch_cannot_read(device):
+    with pytest.raises(InvalidArgumentError, match="device"):
+        check_device(device)
+
+
+def test_check_device_takes_strings_and_devices():
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    assert check_device(torch.device("cpu")) == torch.device("cpu")
+
+
+# ============================================================================ transfer agent
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"device": "cdua"}, "device 'cdua' is not a device"),
+        ({"device": 0}, "device must be a torch.device or a string"),
+        ({"timeout": math.nan}, "timeout must be a positive number"),
+        ({"timeout": math.inf}, "timeout must be a positive number"),
+        ({"options": [("ipc", {})]}, "options must be a dict keyed by transport"),
+        ({"options": {"ipcc": {}}}, "options names transport 'ipcc'"),
+        ({"options": {"ipc": 8}}, r"options\['ipc'\] must be a dict"),
+        ({"options": {"ipc": {"max_programs": 2.7}}}, "ipc option max_programs must be an int, got 2.7"),
+        ({"options": {"ipc": {"max_programs": "8"}}}, "ipc option max_programs must be an int"),
+        ({"options": {"ipc": {"max_programs": 0}}}, r"ipc option max_programs must be in \[1, 65535\]"),
+        ({"options": {"ipc": {"max_program": 8}}}, r"unknown ipc options \['max_program'\]"),
+        ({"options": {"nixl": {"num_threads": 1.5}}}, "nixl option num_threads must be an int, got 1.5"),
+        ({"options": {"nixl": {"num_thread": 4}}}, r"unknown nixl options \['num_thread'\]"),
+        ({"options": {"nixl": {"backends": "UCX"}}}, "nixl option backends must be a non-empty list"),
+    ],
+)
+def test_transfer_agent_refuses_bad_constructor_values(kwargs, match, monkeypatch):
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # ipc runs on the CPU: auto starts it and it reads its options
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        TransferAgent("probe", **kwargs)
+
+
+def test_transfer_agent_allocate_refuses_a_device_that_is_not_one():
+    from sagellm_comm.transfer import TransferAgent
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        TransferAgent.allocate(object.__new__(TransferAgent), "kv", 16, torch.float32, device="cdua")
+
+
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS[:-2])
+def test_transfer_handle_wait_refuses_bad_timeouts(timeout):
+    from sagellm_comm.transfer.handle import TransferHandle
+
+    handle = object.__new__(TransferHandle)
+    handle._agent = type("Agent", (), {"timeout": 5.0})()
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        handle.wait(timeout)
