@@ -102,3 +102,53 @@ def test_transfer_handle_wait_refuses_bad_timeouts(timeout):
     handle._agent = type("Agent", (), {"timeout": 5.0})()
     with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
         handle.wait(timeout)
+
+
+# ============================================================================ kernels' timeouts, the custom backend
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS[:-2] + [1e300])
+def test_kernel_deadlines_refuse_what_is_not_a_finite_positive_number(timeout):
+    from sagellm_comm.launch import timeout_ticks
+
+    # NaN and inf raised a raw ValueError / OverflowError, True was one second, "30" a TypeError
+    with pytest.raises(InvalidArgumentError, match="timeout_s must be a positive number of seconds"):
+        timeout_ticks(timeout, use_ptx=False)
+    assert timeout_ticks(0.5, use_ptx=False) == 500_000_000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kernel_timeout": math.nan}, "kernel_timeout must be a positive number"),
+        ({"kernel_timeout": True}, "kernel_timeout must be a positive number"),
+        ({"kernel_timeout": "30"}, "kernel_timeout must be a positive number"),
+        ({"selector": 5}, "selector must be an AlgoSelector"),
+        ({"config": {"custom_max_bytes": 4096}}, "config must be a CommConfig"),
+        ({"device": "cdua"}, "device 'cdua' is not a device"),
+    ],
+)
+def test_custom_backend_refuses_bad_constructor_values(kwargs, match, monkeypatch):
+    from sagellm_comm.backends.custom import CustomBackend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(InvalidArgumentError, match=match):
+        CustomBackend(engine="gloo", **kwargs)
+
+
+def test_torch_distributed_backend_refuses_a_device_that_is_not_one():
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        TorchDistributedBackend("gloo", device="cdua")
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1, True])
+def test_work_handles_refuse_bad_timeouts(timeout):
+    from sagellm_comm.backend import CompletedWork
+    from sagellm_comm.backends.custom import _EventWork
+
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        CompletedWork(1).wait(timeout)
+    # the custom kernels' handle: a NaN deadline was never passed (an endless wait on the GPU)
+    work = _EventWork.__new__(_EventWork)
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        work.wait(timeout)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sagellm_comm.arguments import check_timeout
+from sagellm_comm.arguments import check_device, check_timeout
 from sagellm_comm.backend import (
     DEFAULT_TIMEOUT_S,
     CommBackend,
@@ -76,7 +76,7 @@ class TorchDistributedBackend(CommBackend):
         self.engine = ENGINES[kind]
         self.engine.require()
         self.kind = kind
-        self._device_override = torch.device(device) if device is not None else None
+        self._device_override = check_device(device) if device is not None else None
         self._reset()
 
     def _reset(self) -> None:
