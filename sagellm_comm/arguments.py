@@ -52,19 +52,20 @@ def check_flag(value: Any, what: str) -> bool:
 
 
 def check_device(device: Any, what: str = "device") -> torch.device:
-    """``device`` (a ``torch.device``, or a string such as ``"cpu"`` or ``"cuda:1"``) as a ``torch.device``."""
+    """``device`` (a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or an accelerator index as
+    torch reads it) as a ``torch.device``."""
     if isinstance(device, torch.device):
         return device
-    if not isinstance(device, str):
+    if isinstance(device, bool) or not isinstance(device, str | int):
         raise InvalidArgumentError(
-            f"{what} must be a torch.device or a string such as 'cpu' or 'cuda:0', got {device!r}",
+            f"{what} must be a torch.device, a string such as 'cpu' or 'cuda:0', or a device index, got {device!r}",
             details={what: repr(device)},
         )
     try:
         return torch.device(device)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError) as exc:
         raise InvalidArgumentError(
-            f"{what} {device!r} is not a device; expected a string such as 'cpu', 'cuda' or 'cuda:0'",
+            f"{what} {device!r} is not a device here ({exc}); expected a string such as 'cpu', 'cuda' or 'cuda:0'",
             details={what: device},
         ) from None
 

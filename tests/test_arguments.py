@@ -46,7 +46,7 @@ def test_check_flag_refuses_truthy_stand_ins(value):
         check_flag(value, "bias")
 
 
-@pytest.mark.parametrize("device", ["cdua", "", 5, 1.0, None])
+@pytest.mark.parametrize("device", ["cdua", "", -1, True, 1.0, None])
 def test_check_device_refuses_what_torch_cannot_read(device):
     with pytest.raises(InvalidArgumentError, match="device"):
         check_device(device)
@@ -63,7 +63,7 @@ def test_check_device_takes_strings_and_devices():
     ("kwargs", "match"),
     [
         ({"device": "cdua"}, "device 'cdua' is not a device"),
-        ({"device": 0}, "device must be a torch.device or a string"),
+        ({"device": 1.0}, "device must be a torch.device, a string"),
         ({"timeout": math.nan}, "timeout must be a positive number"),
         ({"timeout": math.inf}, "timeout must be a positive number"),
         ({"options": [("ipc", {})]}, "options must be a dict keyed by transport"),
@@ -152,3 +152,45 @@ def test_work_handles_refuse_bad_timeouts(timeout):
     work = _EventWork.__new__(_EventWork)
     with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
         work.wait(timeout)
+
+
+# ============================================================================ a world of one rank (Gloo, here)
+@pytest.fixture
+def world():
+    import sagellm_comm
+
+    group = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    yield group
+    sagellm_comm.destroy()
+
+
+@pytest.mark.parametrize(
+    ("layer", "kwargs", "match"),
+    [
+        ("ColumnParallelLinear", {"bias": "False"}, "bias must be True or False, got 'False'"),  # was a bias
+        ("ColumnParallelLinear", {"gather_output": "no"}, "gather_output must be True or False"),
+        ("ColumnParallelLinear", {"skip_bias_add": 1}, "skip_bias_add must be True or False"),
+        ("ColumnParallelLinear", {"return_bias": None}, "return_bias must be True or False"),
+        ("RowParallelLinear", {"input_is_parallel": "False"}, "input_is_parallel must be True or False"),
+        ("RowParallelLinear", {"reduce_results": None, "bias": False}, "reduce_results must be True or False"),
+        ("RowParallelLinear", {"use_fused_gemm": "0"}, "use_fused_gemm must be True or False"),
+        ("ColumnParallelLinear", {"params_dtype": "float16"}, "params_dtype must be one of"),  # a raw TypeError
+        ("ColumnParallelLinear", {"params_dtype": float}, "params_dtype must be one of"),  # was float32
+        ("RowParallelLinear", {"params_dtype": torch.int32}, "params_dtype must be one of"),  # NotImplementedError
+        ("ColumnParallelLinear", {"device": "cdua"}, "device 'cdua' is not a device"),  # a raw RuntimeError
+    ],
+)
+def test_parallel_linear_refuses_values_it_would_coerce(world, layer, kwargs, match):
+    from sagellm_comm import layers
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        getattr(layers, layer)(8, 4, **kwargs)
+
+
+def test_parallel_linear_takes_its_documented_values(world):
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    col = ColumnParallelLinear(8, 4, bias=False, gather_output=True, params_dtype=torch.bfloat16, device="cpu")
+    row = RowParallelLinear(8, 4, reduce_results=False, skip_bias_add=True, return_bias=True)
+    assert col.bias is None and col.weight.dtype == torch.bfloat16 and col.gather_output is True
+    assert row.reduce_results is False and row.return_bias is True
