@@ -194,3 +194,43 @@ def test_parallel_linear_takes_its_documented_values(world):
     row = RowParallelLinear(8, 4, reduce_results=False, skip_bias_add=True, return_bias=True)
     assert col.bias is None and col.weight.dtype == torch.bfloat16 and col.gather_output is True
     assert row.reduce_results is False and row.return_bias is True
+
+
+# ============================================================================ the fused all-reduce + RMSNorm: eps
+BAD_EPS = [math.nan, math.inf, -1e-6, True, "1e-6", None]
+
+
+@pytest.mark.parametrize("eps", BAD_EPS)
+def test_fused_rmsnorm_refuses_an_eps_that_is_not_a_finite_non_negative_number(world, eps):
+    # NaN / inf / negative eps gave NaN or inf rows without a word; "1e-6" was parsed by float() on the op path
+    from sagellm_comm import fused, ops
+
+    x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.ones(8)
+    with pytest.raises(InvalidArgumentError, match="eps must be"):
+        fused.all_reduce_residual_rmsnorm(x, residual, weight, eps)
+    with pytest.raises(InvalidArgumentError, match="eps must be"):
+        ops.all_reduce_residual_rmsnorm(x, residual, weight, eps)
+
+
+def test_fused_rmsnorm_takes_eps_zero_and_ints(world):
+    from sagellm_comm import fused
+
+    x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.ones(8)
+    normed, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, 0)
+    torch.testing.assert_close(normed, fused.rmsnorm_reference(residual + x, weight, 0.0))
+
+
+@pytest.mark.parametrize("eps", [math.nan, -1.0, "1e-6"])
+def test_fused_rmsnorm_kernel_object_refuses_bad_eps_before_launching(eps, monkeypatch):
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspaces = local_workspaces(2, 4096, "cpu")
+    try:
+        x = torch.ones(2, 8, dtype=torch.bfloat16)
+        with pytest.raises(InvalidArgumentError, match="eps must be"):
+            FusedAllReduceRMSNorm(workspaces[0])(x, x.clone(), torch.ones(8, dtype=torch.bfloat16), eps)
+    finally:
+        for workspace in workspaces:
+            workspace.close()

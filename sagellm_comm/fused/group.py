@@ -13,6 +13,7 @@ import torch
 
 from sagellm_comm.selector import SEQUENTIAL_PATH
 
+from ..arguments import check_finite
 from ..errors import (
     ShapeMismatchError,
 )
@@ -114,6 +115,7 @@ def all_reduce_residual_rmsnorm(
     arguments raise before anything runs.  Enqueued on the current stream; inputs are not modified.
     """
     check_quant(quant, scale, x)
+    eps = check_finite(eps, "eps", 0.0)
     g, backend, state, car, why = _group_state(group)
     if car is not None and x.dtype in RMSNORM_DTYPES:
         if state.rmsnorm is None:
