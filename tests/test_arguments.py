@@ -234,3 +234,37 @@ def test_fused_rmsnorm_kernel_object_refuses_bad_eps_before_launching(eps, monke
     finally:
         for workspace in workspaces:
             workspace.close()
+
+
+# ============================================================================ groups and collectives
+@pytest.mark.parametrize("ranks", [1.0, None, 0, "0"])
+def test_new_subgroup_refuses_what_is_not_a_list_of_ranks(world, ranks):
+    from sagellm_comm.errors import GroupInvalidError
+
+    with pytest.raises(GroupInvalidError, match="sub-group ranks must be a non-empty list of ints"):
+        world.new_subgroup(ranks)  # 1.0 and None raised a raw TypeError
+
+
+@pytest.mark.parametrize("async_op", ["no", None, 0, 1])
+@pytest.mark.parametrize("op", ["all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"])
+def test_collectives_refuse_an_async_op_that_is_not_a_bool(world, op, async_op):
+    # "no" was truthy: the call returned a Work instead of the result; None ran it synchronously
+    x = torch.ones(4)
+    calls = {
+        "all_reduce": lambda: world.all_reduce(x, async_op=async_op),
+        "broadcast": lambda: world.broadcast(x, 0, async_op=async_op),
+        "all_gather": lambda: world.all_gather(torch.empty(4), x, async_op=async_op),
+        "reduce_scatter": lambda: world.reduce_scatter(torch.empty(4), x, async_op=async_op),
+        "all_to_all": lambda: world.all_to_all(torch.empty(4), x, async_op=async_op),
+    }
+    with pytest.raises(InvalidArgumentError, match="async_op must be True or False"):
+        calls[op]()
+    assert torch.equal(x, torch.ones(4))
+
+
+def test_init_refuses_a_master_addr_that_is_not_a_string():
+    import sagellm_comm
+
+    # an int reached the rendezvous and came back as UnavailableError("... str, bytes or bytearray expected")
+    with pytest.raises(InvalidArgumentError, match="master_addr must be a host name or address"):
+        sagellm_comm.init(rank=0, world_size=1, backend="gloo", master_addr=123, master_port=29513, timeout=5)
