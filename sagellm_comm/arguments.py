@@ -39,7 +39,7 @@ def check_int(value: Any, what: str, low: int | None = None, high: int | None = 
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{what} must be an int, got {value!r}", details={what: repr(value)})
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in {low}..{high}"
         raise InvalidArgumentError(f"{what} must be {bounds}, got {value}", details={what: value})
     return value
 

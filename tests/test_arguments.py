@@ -34,7 +34,7 @@ def test_check_int_refuses_floats_bools_and_strings(value):
 
 def test_check_int_bounds():
     assert check_int(3, "n", 1, 3) == 3
-    with pytest.raises(InvalidArgumentError, match=r"n must be in \[1, 3\], got 4"):
+    with pytest.raises(InvalidArgumentError, match=r"n must be in 1\.\.3, got 4"):
         check_int(4, "n", 1, 3)
     with pytest.raises(InvalidArgumentError, match="n must be >= 1, got 0"):
         check_int(0, "n", 1)
@@ -71,7 +71,7 @@ def test_check_device_takes_strings_and_devices():
         ({"options": {"ipc": 8}}, r"options\['ipc'\] must be a dict"),
         ({"options": {"ipc": {"max_programs": 2.7}}}, "ipc option max_programs must be an int, got 2.7"),
         ({"options": {"ipc": {"max_programs": "8"}}}, "ipc option max_programs must be an int"),
-        ({"options": {"ipc": {"max_programs": 0}}}, r"ipc option max_programs must be in \[1, 65535\]"),
+        ({"options": {"ipc": {"max_programs": 0}}}, "ipc option max_programs must be in 1..65535"),
         ({"options": {"ipc": {"max_program": 8}}}, r"unknown ipc options \['max_program'\]"),
         ({"options": {"nixl": {"num_threads": 1.5}}}, "nixl option num_threads must be an int, got 1.5"),
         ({"options": {"nixl": {"num_thread": 4}}}, r"unknown nixl options \['num_thread'\]"),
@@ -268,3 +268,35 @@ def test_init_refuses_a_master_addr_that_is_not_a_string():
     # an int reached the rendezvous and came back as UnavailableError("... str, bytes or bytearray expected")
     with pytest.raises(InvalidArgumentError, match="master_addr must be a host name or address"):
         sagellm_comm.init(rank=0, world_size=1, backend="gloo", master_addr=123, master_port=29513, timeout=5)
+
+
+# ============================================================================ workspaces
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((2, 4096.0), {}, r"slot_bytes\) must be an int, got 4096.0"),
+        ((2, 1e6), {}, r"slot_bytes\) must be an int, got 1000000.0"),  # was 1000192 bytes
+        ((2, True), {}, r"slot_bytes\) must be an int, got True"),  # was 256 bytes
+        ((2.0, 4096), {}, "world_size must be an int, got 2.0"),  # a raw TypeError
+        ((0, 4096), {}, "world_size must be >= 1, got 0"),  # a raw IndexError
+        ((2, 4096), {"max_programs": 2.5}, "max_programs must be an int, got 2.5"),  # was 2 programs
+        ((2, 4096), {"max_programs": True}, "max_programs must be an int, got True"),  # was 1 program
+        ((2, 4096), {"check": "no"}, "check must be True or False"),  # was check mode on
+    ],
+)
+def test_local_workspaces_refuse_values_they_would_round(args, kwargs, match):
+    from sagellm_comm.workspace import local_workspaces
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        local_workspaces(*args, "cpu", **kwargs)
+
+
+def test_local_workspaces_still_round_an_int_size_up_to_the_alignment():
+    from sagellm_comm.workspace import ALIGN_BYTES, local_workspaces
+
+    workspaces = local_workspaces(2, 1000, "cpu", max_programs=3, check=False)
+    try:
+        assert workspaces[0].slot_bytes == ALIGN_BYTES * 4 and workspaces[0].max_programs == 3
+    finally:
+        for workspace in workspaces:
+            workspace.close()
