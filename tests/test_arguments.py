@@ -300,3 +300,25 @@ def test_local_workspaces_still_round_an_int_size_up_to_the_alignment():
     finally:
         for workspace in workspaces:
             workspace.close()
+
+
+# ============================================================================ the environment
+def test_a_misspelt_setting_is_refused_naming_the_setting_it_resembles():
+    from sagellm_comm.config import CommConfig
+
+    # was ignored: the run used the default capacity without a word
+    with pytest.raises(InvalidArgumentError, match="did you mean SAGELLM_COMM_CUSTOM_MAX_BYTES") as info:
+        CommConfig.from_env({"SAGELLM_COMM_CUSTOM_MAX_BYTE": "16384"})
+    assert info.value.details["variable"] == "SAGELLM_COMM_CUSTOM_MAX_BYTE"
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_NO_SUCH_THING is not a setting; "):
+        CommConfig.from_env({"SAGELLM_COMM_NO_SUCH_THING": "1"})
+    assert CommConfig.from_env({"SAGELLM_COMM_CHECK": "1", "OTHER_VARIABLE": "x"}).check is True
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e6", "garbage", "true"])
+def test_settings_refuse_text_they_would_have_to_round_or_guess(text):
+    from sagellm_comm.config import CommConfig
+
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_MAX_PROGRAMS must be an integer"):
+        CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": text})
+    assert CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": ""}).max_programs is None  # empty: the default
