@@ -322,3 +322,23 @@ def test_settings_refuse_text_they_would_have_to_round_or_guess(text):
     with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_MAX_PROGRAMS must be an integer"):
         CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": text})
     assert CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": ""}).max_programs is None  # empty: the default
+
+
+# ============================================================================ the fused GEMM + all-reduce, the selector
+@pytest.mark.parametrize(("kwargs", "match"), [({"zero_copy": "no"}, "zero_copy must be True or False"),
+                                               ({"path": "fussed"}, "path must be auto or one of")])  # fmt: skip
+def test_gemm_all_reduce_refuses_a_bad_flag_or_path_even_where_it_runs_unfused(world, kwargs, match):
+    # zero_copy="no" was truthy (a workspace view the next call overwrites); a bad path was ignored unfused
+    from sagellm_comm import fused
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        fused.gemm_all_reduce(torch.ones(2, 4), torch.ones(4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("rule", [{"algo": "one_shot", "max_bytes": True}, {"algo": "one_shot", "min_bytes": 1.5},
+                                  {"algo": "one_shot", "world_sizes": [True]}])  # fmt: skip
+def test_selector_rules_refuse_bools_and_floats_as_byte_counts(rule):
+    from sagellm_comm.selector import AlgoSelector
+
+    with pytest.raises(InvalidArgumentError, match="selector rule 0"):
+        AlgoSelector.from_dict({"rules": [rule]})
