@@ -342,3 +342,13 @@ def test_selector_rules_refuse_bools_and_floats_as_byte_counts(rule):
 
     with pytest.raises(InvalidArgumentError, match="selector rule 0"):
         AlgoSelector.from_dict({"rules": [rule]})
+
+
+# ============================================================================ topology
+@pytest.mark.parametrize(("kwargs", "match"), [({"config": "x"}, "config must be a CommConfig"),
+                                               ({"group": 5}, "group must be a CommGroup, a CommBackend")])  # fmt: skip
+def test_topology_discover_refuses_arguments_of_the_wrong_type(kwargs, match):
+    from sagellm_comm.topology import Topology
+
+    with pytest.raises(InvalidArgumentError, match=match):  # were AttributeErrors from inside
+        Topology.discover(**kwargs)
