@@ -352,3 +352,24 @@ def test_topology_discover_refuses_arguments_of_the_wrong_type(kwargs, match):
 
     with pytest.raises(InvalidArgumentError, match=match):  # were AttributeErrors from inside
         Topology.discover(**kwargs)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "match"), [((2.5, 4), torch.float32, "each size of shape must be an int"),
+                                                       (2.0, torch.float32, "shape must be an int or a tuple"),
+                                                       ((True,), torch.float32, "each size of shape must be an int"),
+                                                       (8, "float32", "dtype must be a torch.dtype")])  # fmt: skip
+def test_transfer_agent_allocate_refuses_shapes_it_would_truncate(shape, dtype, match):
+    # (2.5, 4) allocated a [2, 4] region; a float or string failed deep in torch
+    from sagellm_comm.transfer import TransferAgent
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        TransferAgent.allocate(object.__new__(TransferAgent), "kv", shape, dtype)
+
+
+def test_connect_world_refuses_what_is_not_a_backend_or_a_group_handle(world):
+    from sagellm_comm.transfer.world import connect_world
+
+    with pytest.raises(InvalidArgumentError, match="backend must be an initialised CommBackend"):
+        connect_world(world)  # a CommGroup, not its backend: was an AttributeError
+    with pytest.raises(InvalidArgumentError, match="group must be a GroupHandle"):
+        connect_world(world.backend, group=world)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import check_device, check_timeout
+from sagellm_comm.arguments import check_device, check_int, check_timeout
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
@@ -183,6 +183,13 @@ class TransferAgent:
         from sagellm_comm.transfer.shared import shared_cpu_tensor
 
         device = check_device(device)
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not isinstance(shape, tuple | list):
+            raise InvalidArgumentError(f"region {name!r}: shape must be an int or a tuple of ints, got {shape!r}")
+        shape = tuple(check_int(size, f"region {name!r}: each size of shape", 0) for size in shape)  # 2.5 refused
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidArgumentError(f"region {name!r}: dtype must be a torch.dtype, got {dtype!r}")
         if device.type == "cpu":
             tensor = shared_cpu_tensor(shape, dtype)
         else:
