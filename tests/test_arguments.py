@@ -373,3 +373,10 @@ def test_connect_world_refuses_what_is_not_a_backend_or_a_group_handle(world):
         connect_world(world)  # a CommGroup, not its backend: was an AttributeError
     with pytest.raises(InvalidArgumentError, match="group must be a GroupHandle"):
         connect_world(world.backend, group=world)
+
+
+def test_virtual_rank_group_refuses_a_device_that_is_not_one():
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        VirtualRankGroup(2, device="cdua")  # a raw RuntimeError from torch
