@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sagellm_comm.arguments import check_timeout
 from sagellm_comm.errors import InvalidArgumentError
 
 # The registry (its own module, which needs nothing from this one at import) is re-exported here.
@@ -136,6 +137,8 @@ class CompletedWork(Work):
         self._result = result
 
     def wait(self, timeout: float | None = None) -> Any:
+        if timeout is not None:
+            check_timeout(timeout)  # refused as every Work's wait refuses it
         return self._result
 
     def is_completed(self) -> bool:

@@ -24,6 +24,7 @@ use programmatic dependent launch, and its proposal for the program count (the g
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -52,6 +53,8 @@ __all__ = [
 HEADROOM_CALLS = 1 << 40
 #: the largest ``SAGELLM_COMM_INITIAL_EPOCH``: ``2 * (MAX_INITIAL_EPOCH + HEADROOM_CALLS + 1) + 1 < 2**63``
 MAX_INITIAL_EPOCH = (1 << 62) - HEADROOM_CALLS - 2
+#: every setting's name starts with it; a variable with it that is not a setting is refused
+PREFIX = "SAGELLM_COMM_"
 _MAX_PROGRAMS = 128  # kernels/all_reduce.py MAX_BLOCKS (checked by tests/test_config.py)
 
 
@@ -449,7 +452,7 @@ class CommConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CommConfig:
         """The configuration the environment (or ``environ``) describes; unset or empty variables take the
         default.  Raises one ``InvalidArgumentError`` naming every variable whose value is refused and what
-        each accepts."""
+        each accepts, and every ``SAGELLM_COMM_*`` variable that is not a setting (a misspelt name)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         bad: dict[str, str] = {}
@@ -463,6 +466,12 @@ class CommConfig:
                 bad[setting.name] = exc.message
             except ValueError:
                 bad[setting.name] = f"{setting.name} must be {setting.accepted}, got {text!r}"
+        names = [setting.name for setting in SETTINGS]
+        for name in sorted(set(environ) - set(names)):  # a misspelt setting would otherwise be ignored
+            if name.startswith(PREFIX):
+                close = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                bad[name] = f"{name} is not a setting{hint}; the settings: docs/configuration.md, sagellm-comm config"
         if bad:
             refused = {name: environ[name] for name in bad}
             first = next(iter(refused))  # details name the first refused variable, and list them all

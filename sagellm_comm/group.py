@@ -131,7 +131,10 @@ class CommGroup:
         Collective over the backend's whole world: every rank of the world calls it with the same
         ``ranks``; non-members get a group with ``is_member == False``.
         """
-        members = list(ranks) if not isinstance(ranks, int | str) else None
+        try:
+            members = None if isinstance(ranks, str) else list(ranks)
+        except TypeError:  # an int, a float, None
+            members = None
         if not members:
             raise GroupInvalidError(f"sub-group ranks must be a non-empty list of ints, got {ranks!r}")
         if len(set(members)) != len(members):

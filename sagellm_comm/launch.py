@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton.language as tl
 
+from .arguments import check_timeout
 from .errors import InvalidArgumentError
 
 
@@ -35,9 +36,7 @@ def interpreting() -> bool:
 def timeout_ticks(timeout_s: float, use_ptx: bool) -> int:
     """``timeout_s`` in the unit of the kernels' bounded waits: nanoseconds, on the GPU (``%globaltimer``) and
     under the interpreter (the host clock) alike (see ``kernels/all_reduce.py``)."""
-    if timeout_s <= 0:
-        raise InvalidArgumentError(f"timeout_s must be positive, got {timeout_s}")
-    return int(timeout_s * 1e9)
+    return int(check_timeout(timeout_s, "timeout_s") * 1e9)
 
 
 def direct_launch(compiled) -> Callable | None:

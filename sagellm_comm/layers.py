@@ -27,13 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagellm_comm import ops
+from sagellm_comm.arguments import check_device, check_flag
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
 from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "divide"]
+__all__ = ["PARAMS_DTYPES", "ColumnParallelLinear", "RowParallelLinear", "divide"]
+
+#: the parameter dtypes a layer takes (``params_dtype``): the floating-point types its initialisation handles
+PARAMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
@@ -71,11 +75,15 @@ class _ParallelLinearBase(nn.Module):
         self.tp_rank = comm_group.rank
         self.input_size = divide(input_size, 1, "input_size")
         self.output_size = divide(output_size, 1, "output_size")
-        self.skip_bias_add = bool(skip_bias_add)
-        self.return_bias = bool(return_bias)
+        self.skip_bias_add = check_flag(skip_bias_add, "skip_bias_add")
+        self.return_bias = check_flag(return_bias, "return_bias")
         self.params_dtype = params_dtype if params_dtype is not None else torch.get_default_dtype()
-        self.device = torch.device(device) if device is not None else comm_group.device
-        self._has_bias = bool(bias)
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise InvalidArgumentError(
+                f"params_dtype must be one of {[str(d) for d in PARAMS_DTYPES]} (a torch.dtype), got {params_dtype!r}"
+            )
+        self.device = check_device(device) if device is not None else comm_group.device
+        self._has_bias = check_flag(bias, "bias")
 
     def _make_params(self, weight_shape: tuple[int, int], bias_size: int) -> None:
         kw = {"dtype": self.params_dtype, "device": self.device}
@@ -195,7 +203,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
             return_bias=return_bias,
         )
         self.output_size_per_partition = divide(output_size, self.tp_size, "output_size")
-        self.gather_output = bool(gather_output)
+        self.gather_output = check_flag(gather_output, "gather_output")
         self._make_params((self.output_size_per_partition, self.input_size), self.output_size_per_partition)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -276,14 +284,14 @@ class RowParallelLinear(_ParallelLinearBase):
             return_bias=return_bias,
         )
         self.input_size_per_partition = divide(input_size, self.tp_size, "input_size")
-        self.input_is_parallel = bool(input_is_parallel)
-        self.reduce_results = bool(reduce_results)
+        self.input_is_parallel = check_flag(input_is_parallel, "input_is_parallel")
+        self.reduce_results = check_flag(reduce_results, "reduce_results")
         if not self.reduce_results and bias and not self.skip_bias_add:
             raise InvalidArgumentError(
                 "reduce_results=False with a bias needs skip_bias_add=True (the caller adds the bias once, "
                 "after its own reduction)"
             )
-        self.use_fused_gemm = bool(use_fused_gemm)
+        self.use_fused_gemm = check_flag(use_fused_gemm, "use_fused_gemm")
         if self.use_fused_gemm:
             _fused_gemm_all_reduce()  # fail at construction, not in the first forward
         self._make_params((self.output_size, self.input_size_per_partition), self.output_size)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sagellm_comm.arguments import check_finite
 from sagellm_comm.backend import ReduceOp
 from sagellm_comm.errors import (
     BackendNotSupportedError,
@@ -382,7 +383,7 @@ def all_reduce_residual_rmsnorm(
         _check_tensor(name, value)
     mode = QUANT_NONE if quant is None else quant
     out, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
-        x, residual, weight, group_name(group), float(eps), mode, scale
+        x, residual, weight, group_name(group), check_finite(eps, "eps", 0.0), mode, scale
     )
     return (out, new_residual) if quant is None else (out, scales, new_residual)
 

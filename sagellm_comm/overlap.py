@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sagellm_comm.arguments import check_timeout
 from sagellm_comm.backend import ReduceOp, Work
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.group import resolve_group
@@ -80,6 +81,8 @@ class AsyncAllReduce(Work):
         """CUDA: order the current stream after the all-reduce (no host block; ``timeout`` unused).
         CPU: block until reduced, at most ``timeout`` seconds (``comm_timeout`` past it).
         Returns :attr:`tensor`.  Calling it again is allowed (and orders the then-current stream)."""
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self._event is not None:
             torch.cuda.current_stream(self.tensor.device).wait_event(self._event)
         elif self._work is not None and not self._waited:

@@ -58,6 +58,10 @@ FOLLOW_ALL_REDUCE = "all_reduce_policy"  # a fusion rule's "the kernel the all-r
 PAYLOADS = ("fp8",)  # the all-reduce's opt-in low-precision payloads (two-shot only)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The outcome of a policy decision: the algorithm, the id of the rule that chose it, and why."""
@@ -99,11 +103,11 @@ class Rule:
         if algo not in ALGOS:
             raise InvalidArgumentError(f"selector rule {index}: algo must be one of {ALGOS}, got {algo!r}")
         ws = d.get("world_sizes")
-        if ws is not None and (not isinstance(ws, list) or not all(isinstance(w, int) and w > 0 for w in ws)):
+        if ws is not None and (not isinstance(ws, list) or not all(_is_int(w) and w > 0 for w in ws)):
             raise InvalidArgumentError(f"selector rule {index}: world_sizes must be a list of positive ints")
         for key in ("min_bytes", "max_bytes"):
             v = d.get(key)
-            if v is not None and (not isinstance(v, int) or v < 0):
+            if v is not None and (not _is_int(v) or v < 0):  # JSON true is not a byte count
                 raise InvalidArgumentError(f"selector rule {index}: {key} must be a non-negative int")
         return cls(
             id=str(d.get("id", f"rule-{index}")),

@@ -82,10 +82,16 @@ class Topology:
 
         ``config``: a :class:`~sagellm_comm.config.CommConfig` (default: read from the environment, which
         raises ``InvalidArgumentError`` for a malformed setting)."""
-        if config is None:
-            from .config import CommConfig
+        from .backend import CommBackend
+        from .config import CommConfig
+        from .group import CommGroup
 
+        if group is not None and not isinstance(group, CommGroup | CommBackend):
+            raise InvalidArgumentError(f"group must be a CommGroup, a CommBackend or None, got {group!r}")
+        if config is None:
             config = CommConfig.from_env()
+        elif not isinstance(config, CommConfig):
+            raise InvalidArgumentError(f"config must be a CommConfig or None, got {config!r}")
         if config.topology:
             topo = parse_override(config.topology)
         else:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .arguments import check_device
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from .errors import BackendNotSupportedError, InvalidArgumentError
@@ -54,7 +55,7 @@ class VirtualRankGroup:
         timeout_s: float = 30.0,
         config: CommConfig | None = None,
     ):
-        device = torch.device(device)
+        device = check_device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             raise BackendNotSupportedError("virtual ranks need a CUDA GPU (none is available here)")
         if device.index is None:

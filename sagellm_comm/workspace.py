@@ -22,7 +22,6 @@ every call counter of a new workspace (a test hook: counters are 64-bit and neve
 
 from __future__ import annotations
 
-import math
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import lamport_all_reduce as _lk
 from sagellm_comm.selector import LAMPORT
 
+from .arguments import check_device, check_flag, check_int
 from .config import CommConfig, check_agreement
 from .errors import (
     CollectiveMismatchError,
@@ -79,9 +79,7 @@ def default_max_programs(device: torch.device, ranks_on_device: int = 1, overrid
     ``SAGELLM_COMM_MAX_PROGRAMS``) replaces the rule.
     """
     if override is not None:
-        if not 1 <= override <= _k.MAX_BLOCKS.value:
-            raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {override}")
-        return int(override)
+        return check_int(override, "max_programs", 1, _k.MAX_BLOCKS.value)
     if device.type != "cuda":
         return DEFAULT_MAX_PROGRAMS
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -114,9 +112,10 @@ def device_identity(device: torch.device) -> str:
 
 
 def _round_slot(slot_bytes: int) -> int:
-    if slot_bytes <= 0:
-        raise InvalidArgumentError(f"workspace size must be positive, got {slot_bytes} bytes")
-    return int(math.ceil(slot_bytes / ALIGN_BYTES) * ALIGN_BYTES)
+    """``slot_bytes`` (a positive int: a float or a bool is refused, not truncated) rounded up to whole
+    ``ALIGN_BYTES``."""
+    check_int(slot_bytes, "workspace size (slot_bytes)", 1)
+    return -(-slot_bytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
 class SymmetricWorkspace:
@@ -159,8 +158,8 @@ class SymmetricWorkspace:
     ):
         if config is None:
             config = CommConfig.from_env()
-        if check is not None and check != config.check:
-            config = config.replace(check=bool(check))
+        if check is not None and check_flag(check, "check") != config.check:
+            config = config.replace(check=check)
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
                 f"the custom all-reduce supports 2..{_k.MAX_WORLD.value} ranks, got world_size={world_size}"
@@ -180,9 +179,7 @@ class SymmetricWorkspace:
         on_cuda = self.device.type == "cuda"
         if max_programs is None:
             max_programs = default_max_programs(self.device, self.ranks_on_device, config.max_programs)
-        if not 1 <= max_programs <= _k.MAX_BLOCKS.value:
-            raise InvalidArgumentError(f"max_programs must be in 1..{_k.MAX_BLOCKS.value}, got {max_programs}")
-        self.max_programs = int(max_programs)
+        self.max_programs = check_int(max_programs, "max_programs", 1, _k.MAX_BLOCKS.value)
         self.config = config
         self.check = config.check
         self.initial_epoch = config.initial_epoch
@@ -243,10 +240,11 @@ class SymmetricWorkspace:
         """
         if config is None:
             config = CommConfig.from_env()
-        if check is not None and check != config.check:
-            config = config.replace(check=bool(check))
+        if check is not None and check_flag(check, "check") != config.check:
+            config = config.replace(check=check)
+        check_int(world_size, "world_size", 1)
         ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
-        device = torch.device(device)
+        device = check_device(device)
         slot_bytes = _round_slot(slot_bytes)
         if memory is None:
             memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
@@ -486,11 +484,12 @@ def local_workspaces(
     check mode) and program count (default :func:`default_max_programs` with the device's SMs divided among
     the ranks).  The regions are freed when the last of the returned workspaces is closed.
     """
-    device = torch.device(device)
+    check_int(world_size, "world_size", 1)
+    device = check_device(device)
     if config is None:
         config = CommConfig.from_env()
-    if check is not None and check != config.check:
-        config = config.replace(check=bool(check))
+    if check is not None and check_flag(check, "check") != config.check:
+        config = config.replace(check=check)
     if max_programs is None:
         max_programs = default_max_programs(device, world_size, config.max_programs)
     slot_bytes = _round_slot(slot_bytes)

@@ -205,6 +205,8 @@ BAD_OPTIONS = [
     (["--backend", "gloo", "--zero-copy"], "--zero-copy applies to --virtual-ranks"),
     (["--virtual-ranks", "2", "--virtual-mode", "streams", "--graph"], "--graph needs --virtual-mode stacked"),
     (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
+    (["--timeout", "inf"], "--timeout must be positive and finite"),  # was a traceback from a rank
+    (["--timeout", "nan"], "--timeout must be positive and finite"),
 ]
 if not HAS_CUDA:
     BAD_OPTIONS += [
@@ -253,6 +255,8 @@ OVERLAP_BAD_OPTIONS = [
     (["--sizes", "-1K"], "bad message size '-1K': sizes are positive"),
     (["--message-sizes", "3", "6"], "message size 3 B is not a whole number of float32 elements (4 bytes each)"),
     (["--compute-ms", "-1"], "--compute-ms must be > 0"),
+    (["--compute-ms", "inf"], "--compute-ms must be > 0 and finite"),  # was an OverflowError from a rank
+    (["--timeout", "inf"], "--timeout must be positive and finite"),
     (["--gemm-size", "0"], "--gemm-size must be >= 1"),
     (["--world-size", "0"], "--world-size must be >= 1"),
     (["--virtual-ranks", "9"], "--virtual-ranks must be in 2..8"),
@@ -293,6 +297,8 @@ TRANSFER_BAD_OPTIONS = [
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
     (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "inf"], "--timeout must be positive and finite"),  # was an OverflowError from a process
+    (["--ops", "write,write"], "--ops names 'write' twice"),
     (["--device", "tpu"], "cpu or cuda"),
     (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),

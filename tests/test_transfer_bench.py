@@ -59,3 +59,14 @@ def test_the_ipc_path_under_the_interpreter_moves_exact_bytes_and_notifies():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ipc: block-copy kernel (Triton interpreter)" in proc.stdout
     assert "notification latency, ipc" in proc.stdout and "(prepared block ids)" in proc.stdout
+
+
+def test_a_pool_smaller_than_the_notification_block_is_grown_to_hold_it(tmp_path):
+    # 4K x 1 made an 8K pool: the notification latency (one 16K block) then died in numpy's choice()
+    from sagellm_comm.benchmark.transfer_config import NOTIFY_BLOCK, TransferBenchConfig, plan_transfer
+
+    small = {"backends": ["torch"], "block_sizes": [4096], "block_counts": [1], "device": "cpu"}
+    plan = plan_transfer(TransferBenchConfig(**small, output_dir=str(tmp_path)))
+    assert plan.pool_bytes == NOTIFY_BLOCK
+    plan = plan_transfer(TransferBenchConfig(**small, notify_iters=0, output_dir=str(tmp_path)))
+    assert plan.pool_bytes == 2 * 4096

@@ -25,6 +25,7 @@ import torch
 from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
 
 from .. import gather_scatter
+from ..arguments import check_flag, check_timeout
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
@@ -86,6 +87,8 @@ class _EventWork(Work):
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """Block until the kernel finished; raise ``CommTimeoutError`` (or ``CollectiveMismatchError``) if it
         failed, or ``CommTimeoutError`` if it is still running after ``timeout`` seconds."""
+        if timeout is not None:
+            timeout = check_timeout(timeout)  # a NaN deadline would never pass
         if self._event is not None:
             if timeout is None:
                 self._event.synchronize()
@@ -149,6 +152,13 @@ class CustomBackend(TorchDistributedBackend):
             raise BackendNotSupportedError("custom needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
         if engine == "gloo" and has_cuda and device is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        kernel_timeout = check_timeout(kernel_timeout, "kernel_timeout")
+        if not (selector is None or isinstance(selector, AlgoSelector | str | os.PathLike)):
+            raise InvalidArgumentError(f"selector must be an AlgoSelector, a policy file or None, got {selector!r}")
+        if not (config is None or isinstance(config, CommConfig)):
+            raise InvalidArgumentError(
+                f"config must be a CommConfig (CommConfig.from_env(), .replace(...)) or None, got {config!r}"
+            )
         super().__init__(engine, device=device)
         if isinstance(selector, str | os.PathLike):
             selector = AlgoSelector.from_file(selector)
@@ -420,6 +430,7 @@ class CustomBackend(TorchDistributedBackend):
         where the engine runs the call (no kernels for the group, another op or dtype, over the workspace) it
         runs at full precision, and :attr:`last_selection` says so.
         """
+        check_flag(async_op, "async_op")
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         if payload is not None:
@@ -529,6 +540,7 @@ class CustomBackend(TorchDistributedBackend):
     def all_gather(self, output, tensor, group=None, async_op=False):
         """As :meth:`CommBackend.all_gather`; a flat ``output`` of a group with kernels runs the custom
         all-gather (``sagellm_comm/kernels/gather_scatter.py``) when the input fits its workspace."""
+        check_flag(async_op, "async_op")
         car = self._gather_scatter_kernels("all_gather", output, tensor, group)
         if car is None:
             self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
@@ -540,6 +552,7 @@ class CustomBackend(TorchDistributedBackend):
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         """As :meth:`CommBackend.reduce_scatter`; SUM of a flat ``input`` on a group with kernels runs the
         custom reduce-scatter when it fits its workspace."""
+        check_flag(async_op, "async_op")
         car = (
             None
             if ReduceOp.parse(op) is not ReduceOp.SUM

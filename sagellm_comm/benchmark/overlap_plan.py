@@ -8,6 +8,7 @@ line and exits 2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,8 @@ class OverlapPlan:
 def check_numbers(config: OverlapConfig) -> None:
     """The options that need no machine: counts, times, sizes."""
     check_repetitions(config.warmup, config.iters, config.timeout)
-    if config.compute_duration_ms is not None and not config.compute_duration_ms > 0:
-        raise InvalidArgumentError(f"--compute-ms must be > 0, got {config.compute_duration_ms}")
+    if config.compute_duration_ms is not None and not 0 < config.compute_duration_ms < math.inf:
+        raise InvalidArgumentError(f"--compute-ms must be > 0 and finite, got {config.compute_duration_ms}")
     if config.gemm_size is not None and config.gemm_size < 1:
         raise InvalidArgumentError(f"--gemm-size must be >= 1, got {config.gemm_size}")
     if config.world_size is not None and config.world_size < 1:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
     DEFAULT_CPU_SIZES,
@@ -178,8 +179,8 @@ def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
         raise InvalidArgumentError(f"--warmup must be >= 0, got {warmup}")
     if iters < 1:
         raise InvalidArgumentError(f"--iters must be >= 1, got {iters}")
-    if not timeout > 0:
-        raise InvalidArgumentError(f"--timeout must be positive, got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # False for NaN
+        raise InvalidArgumentError(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {timeout}")
 
 
 def check_settings() -> None:

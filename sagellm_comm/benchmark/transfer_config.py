@@ -105,6 +105,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     if config.out is not None:
         check_writable_dir(Path(config.out).absolute().parent, "--out's directory")
     for op in config.ops:
+        if config.ops.count(op) > 1:
+            raise InvalidArgumentError(f"--ops names {op!r} twice")
         if op not in OPS:
             raise InvalidArgumentError(f"unknown op {op!r}; choose from: {', '.join(OPS)}")
     if not config.ops:
@@ -157,6 +159,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     if not points:
         raise InvalidArgumentError(f"every point moves more than --max-bytes {format_size(cap)} per request")
     pool_bytes = 2 * max(size * count for size, count in points)  # scattered: half the pool's blocks are used
+    if config.notify_iters:
+        pool_bytes = max(pool_bytes, NOTIFY_BLOCK)  # the notification latency's block fits too
     return TransferPlan(device, tuple(backends), tuple(points), tuple(skipped), pool_bytes)
 
 

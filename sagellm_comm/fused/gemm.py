@@ -14,6 +14,7 @@ from sagellm_comm.kernels import copy_engine as _ce
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH
 
+from ..arguments import check_flag
 from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fingerprint_check
 from ..errors import (
     BackendNotSupportedError,
@@ -177,6 +178,7 @@ class GemmAllReduce(CopyEnginePath):
         view is overwritten by the next call on this workspace: consume or copy it before then.  Other paths
         ignore it.
         """
+        check_flag(zero_copy, "zero_copy")  # a truthy string would return a view the next call overwrites
         ws = self.workspace
         if ws is not None and ws.error_view[0]:
             ws.raise_if_failed()

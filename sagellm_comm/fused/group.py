@@ -11,11 +11,10 @@ import weakref
 
 import torch
 
-from sagellm_comm.selector import SEQUENTIAL_PATH
+from sagellm_comm.selector import AUTO, GEMM_PATHS, SEQUENTIAL_PATH
 
-from ..errors import (
-    ShapeMismatchError,
-)
+from ..arguments import check_finite, check_flag
+from ..errors import InvalidArgumentError, ShapeMismatchError
 from ..group import resolve_group
 from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
@@ -114,6 +113,7 @@ def all_reduce_residual_rmsnorm(
     arguments raise before anything runs.  Enqueued on the current stream; inputs are not modified.
     """
     check_quant(quant, scale, x)
+    eps = check_finite(eps, "eps", 0.0)
     g, backend, state, car, why = _group_state(group)
     if car is not None and x.dtype in RMSNORM_DTYPES:
         if state.rmsnorm is None:
@@ -152,6 +152,9 @@ def gemm_all_reduce(
     call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
     ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).
     """
+    check_flag(zero_copy, "zero_copy")
+    if path != AUTO and path not in GEMM_PATHS:  # refused here too when no kernels run the call
+        raise InvalidArgumentError(f"path must be auto or one of {GEMM_PATHS}, got {path!r}")
     g, backend, state, car, why = _group_state(group)
     if car is not None and a.dtype in FUSED_DTYPES:
         if state.gemm is None:

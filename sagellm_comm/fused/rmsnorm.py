@@ -10,6 +10,7 @@ import triton
 from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
+from ..arguments import check_finite
 from ..custom_all_reduce import fingerprint_launcher, lamport_tile_warps, launch_fingerprint_check, pdl_enabled
 from ..errors import (
     BackendNotSupportedError,
@@ -215,6 +216,7 @@ class FusedAllReduceRMSNorm:
         if self.workspace.closed:
             raise NotInitializedError("the workspace of the fused all-reduce was closed")
         check_quant(quant, scale, x)
+        eps = check_finite(eps, "eps", 0.0)
         rows, hidden = self.validate(x, residual, weight)
         sel = self.pick(algo, x, rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:

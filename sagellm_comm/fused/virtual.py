@@ -7,6 +7,7 @@ import triton
 
 from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, SEQUENTIAL_PATH, TWO_SHOT
 
+from ..arguments import check_finite
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -85,6 +86,7 @@ class VirtualFused:
             raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
         self.group.check_errors()
         check_quant(quant, scale, x)
+        eps = check_finite(eps, "eps", 0.0)
         rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
         sel = self.rmsnorm.pick(algo, x[0], rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:

@@ -19,7 +19,6 @@ with a lock, so it may be shared between threads.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sagellm_comm.arguments import check_device, check_int, check_timeout
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
@@ -90,11 +90,11 @@ class TransferAgent:
     ):
         if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
             raise InvalidArgumentError(f"agent name must be a printable string of 1..128 characters, got {name!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = check_timeout(timeout)
+        device = None if device is None else check_device(device)
+        options = _check_options(options)
         self.name = name
         self.incarnation = uuid.uuid4().hex
-        self.timeout = float(timeout)
         self.requested_backend = backend
         self.lock = threading.RLock()
         self._closed = False
@@ -103,7 +103,7 @@ class TransferAgent:
         entries, self.skipped = registry.resolve(backend)
         context = AgentContext(
             name, self.incarnation, local_identity(name, self.incarnation),
-            torch.device(device) if device is not None else None, self.timeout, dict(options or {}),
+            device, self.timeout, options,
         )  # fmt: skip
         self._backends: dict[str, TransferBackend] = {}
         for entry in entries:
@@ -113,6 +113,10 @@ class TransferAgent:
                 if len(entries) == 1:
                     raise
                 self.skipped[entry.name] = exc.message
+            except BaseException:  # a bad option: the transports already started are closed again
+                for started in self._backends.values():
+                    started.close()
+                raise
         if not self._backends:
             why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
             raise BackendNotSupportedError(f"no transfer backend could start here ({why})")
@@ -178,7 +182,14 @@ class TransferAgent:
         through NIXL only)."""
         from sagellm_comm.transfer.shared import shared_cpu_tensor
 
-        device = torch.device(device)
+        device = check_device(device)
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not isinstance(shape, tuple | list):
+            raise InvalidArgumentError(f"region {name!r}: shape must be an int or a tuple of ints, got {shape!r}")
+        shape = tuple(check_int(size, f"region {name!r}: each size of shape", 0) for size in shape)  # 2.5 refused
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidArgumentError(f"region {name!r}: dtype must be a torch.dtype, got {dtype!r}")
         if device.type == "cpu":
             tensor = shared_cpu_tensor(shape, dtype)
         else:
@@ -470,6 +481,22 @@ class TransferAgent:
                 details={"peer": entry.meta.name},
             )
         return info
+
+
+def _check_options(options: Any) -> dict[str, dict]:
+    """``options`` (None, or a dict of option dicts keyed by transport name) as a new dict; each transport checks
+    its own keys when it starts."""
+    if options is None:
+        return {}
+    known = registry.list_transfer_backends()
+    if not isinstance(options, dict):
+        raise InvalidArgumentError(f"options must be a dict keyed by transport ({known}), got {options!r}")
+    for name, value in options.items():
+        if name not in known:
+            raise InvalidArgumentError(f"options names transport {name!r}; transports: {known}")
+        if not isinstance(value, dict):
+            raise InvalidArgumentError(f"options[{name!r}] must be a dict of that transport's options, got {value!r}")
+    return {name: dict(value) for name, value in options.items()}
 
 
 def _message(notify: Any) -> bytes | None:

@@ -7,13 +7,13 @@ transport's request is aborted (released) and :class:`~sagellm_comm.errors.CommT
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
+from sagellm_comm.arguments import check_timeout
+from sagellm_comm.errors import CommError, CommTimeoutError
 from sagellm_comm.transfer.base import Prepared, Request
 
 if TYPE_CHECKING:
@@ -73,9 +73,7 @@ class TransferHandle:
         blocks outside it are untouched), :class:`~sagellm_comm.errors.PeerLostError` (the peer exited,
         restarted or was removed) or :class:`~sagellm_comm.errors.TransferError`, each naming the peer.
         """
-        limit = self._agent.timeout if timeout is None else timeout
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (0 < limit < math.inf):
-            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        limit = self._agent.timeout if timeout is None else check_timeout(timeout)
         start = time.monotonic()
         deadline = start + limit
         sleep = FIRST_SLEEP_S

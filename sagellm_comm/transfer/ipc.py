@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sagellm_comm.errors import BackendNotSupportedError, CommError, P2PFailedError, PeerLostError
+from sagellm_comm.arguments import check_int
+from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError, P2PFailedError, PeerLostError
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
@@ -120,6 +121,11 @@ class IpcBackend(TransferBackend):
 
     def __init__(self, context: AgentContext):
         super().__init__(context)
+        options = dict(context.options.get("ipc", {}))
+        programs = options.pop("max_programs", None)  # checked before anything else, available here or not
+        self.programs_option = None if programs is None else check_int(programs, "ipc option max_programs", 1, 65535)
+        if options:
+            raise InvalidArgumentError(f"unknown ipc options {sorted(options)} (known: max_programs)")
         ipc_available()
         self.device: torch.device | None = None
         self.inbox = Inbox()
@@ -164,7 +170,7 @@ class IpcBackend(TransferBackend):
         self.cuts: dict[int, tuple] = {}  # one block's nbytes -> its cut into items (_cut)
         if cuda:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.max_programs = int(self.context.options.get("ipc", {}).get("max_programs", sms * PROGRAMS_PER_SM))
+            self.max_programs = self.programs_option or sms * PROGRAMS_PER_SM
             if not self.memory.host_pointer_usable():
                 raise BackendNotSupportedError(f"{device} cannot use host pointers of registered host memory")
         else:

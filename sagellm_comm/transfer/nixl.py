@@ -26,7 +26,8 @@ from types import ModuleType
 
 import numpy as np
 
-from sagellm_comm.errors import BackendNotSupportedError, CommError, PeerLostError, TransferError
+from sagellm_comm.arguments import check_int
+from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError, PeerLostError, TransferError
 from sagellm_comm.transfer import ucx_log
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo
@@ -130,6 +131,24 @@ class NixlRequest(Request):
             self.backend.leaked.append(handle)
 
 
+def nixl_options(options: dict) -> tuple[list[str], int]:
+    """``(backends, num_threads)`` of the ``"nixl"`` options: a non-empty list of NIXL backend names (default
+    ``["UCX"]``) and a thread count >= 0 (default 0); an unknown key or a bad value is an InvalidArgumentError."""
+    options = dict(options)
+    backends = options.pop("backends", ["UCX"])
+    if (
+        isinstance(backends, str)
+        or not isinstance(backends, list | tuple)
+        or not backends
+        or not all(isinstance(name, str) and name for name in backends)
+    ):
+        raise InvalidArgumentError(f"nixl option backends must be a non-empty list of names, got {backends!r}")
+    num_threads = check_int(options.pop("num_threads", 0), "nixl option num_threads", 0, 1024)
+    if options:
+        raise InvalidArgumentError(f"unknown nixl options {sorted(options)} (known: backends, num_threads)")
+    return list(backends), num_threads
+
+
 class NixlBackend(TransferBackend):
     """See the module docstring."""
 
@@ -137,18 +156,14 @@ class NixlBackend(TransferBackend):
 
     def __init__(self, context: AgentContext):
         super().__init__(context)
+        backends, num_threads = nixl_options(context.options.get("nixl", {}))  # checked whether NIXL runs here or not
         api = nixl_api()
         self.ucx = ucx_log.install()
-        options = dict(context.options.get("nixl", {}))
         try:
-            config = api.nixl_agent_config(
-                backends=list(options.pop("backends", ["UCX"])), num_threads=int(options.pop("num_threads", 0))
-            )
+            config = api.nixl_agent_config(backends=backends, num_threads=num_threads)
             self.agent = api.nixl_agent(context.name, config)
         except Exception as exc:
             raise BackendNotSupportedError(f"NIXL could not create agent {context.name!r}: {exc!r}") from None
-        if options:
-            raise BackendNotSupportedError(f"unknown NIXL options {sorted(options)} (known: backends, num_threads)")
         self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []

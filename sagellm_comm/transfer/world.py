@@ -52,6 +52,12 @@ def connect_world(
     """
     import torch.distributed as dist
 
+    from sagellm_comm.backend import CommBackend, GroupHandle
+
+    if not isinstance(backend, CommBackend):
+        raise InvalidArgumentError(f"backend must be an initialised CommBackend, got {type(backend).__name__}")
+    if group is not None and not isinstance(group, GroupHandle):
+        raise InvalidArgumentError(f"group must be a GroupHandle of backend (backend.new_group) or None, got {group!r}")
     if group is not None and not group.is_member:
         raise GroupInvalidError(f"rank {backend.rank} is not a member of group {list(group.ranks)}")
     cpu_group = backend.cpu_group if group is None else group.cpu_group

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sagellm_comm.arguments import check_device, check_flag, check_timeout
 from sagellm_comm.backend import (
     DEFAULT_TIMEOUT_S,
     CommBackend,
@@ -46,7 +47,6 @@ from .checks import (
     check_op,
     check_peer,
     check_tensor,
-    check_timeout,
     check_world,
     int_arg,
     seconds,
@@ -76,7 +76,7 @@ class TorchDistributedBackend(CommBackend):
         self.engine = ENGINES[kind]
         self.engine.require()
         self.kind = kind
-        self._device_override = torch.device(device) if device is not None else None
+        self._device_override = check_device(device) if device is not None else None
         self._reset()
 
     def _reset(self) -> None:
@@ -236,6 +236,7 @@ class TorchDistributedBackend(CommBackend):
     # ------------------------------------------------------------------ operations
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         rop = self._check_op(op, tensor.dtype)
         torch_op, post = self._reduction(rop, g, [tensor])
@@ -244,6 +245,7 @@ class TorchDistributedBackend(CommBackend):
 
     def all_gather(self, output, tensor, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         if isinstance(output, list | tuple):
             out = self._check_list(output, "output", g.world_size, tensor)
@@ -256,6 +258,7 @@ class TorchDistributedBackend(CommBackend):
 
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(output, "output")
         rop = self._check_op(op, output.dtype)
         if isinstance(input, list | tuple):
@@ -270,6 +273,7 @@ class TorchDistributedBackend(CommBackend):
 
     def broadcast(self, tensor, src=0, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         root = g.ranks[check_peer(src, g, "src", allow_self=True)]
         return self._run(
@@ -278,6 +282,7 @@ class TorchDistributedBackend(CommBackend):
 
     def send(self, tensor, dst, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         peer = g.ranks[check_peer(dst, g, "dst")]
         work = self._run("send", g, True, None, None, lambda: dist.isend(tensor, peer, g.engine_group))
@@ -285,6 +290,7 @@ class TorchDistributedBackend(CommBackend):
 
     def recv(self, tensor, src, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         peer = g.ranks[check_peer(src, g, "src")]
         work = self._run("recv", g, True, tensor, None, lambda: dist.irecv(tensor, peer, g.engine_group))
@@ -300,6 +306,7 @@ class TorchDistributedBackend(CommBackend):
 
     def all_to_all(self, output, input, group=None, async_op=False):
         g = self._group(group)
+        check_flag(async_op, "async_op")
         n = g.world_size
         if isinstance(input, list | tuple) or isinstance(output, list | tuple):
             if not (isinstance(input, list | tuple) and isinstance(output, list | tuple)):

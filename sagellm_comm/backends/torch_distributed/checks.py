@@ -22,13 +22,6 @@ from sagellm_comm.errors import (
 )
 
 
-def check_timeout(timeout: Any) -> float:
-    """``timeout`` as float seconds; a positive finite number or :class:`InvalidArgumentError`."""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (0 < timeout < float("inf")):
-        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
-
-
 def seconds(timeout: float) -> datetime.timedelta:
     """``timeout`` seconds as the ``timedelta`` torch.distributed takes."""
     return datetime.timedelta(seconds=timeout)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sagellm_comm.arguments import check_timeout
 from sagellm_comm.backend import ReduceOp, Work
 
-from .checks import check_timeout, seconds
+from .checks import seconds
 from .engines import TORCH_OPS, Engine
 
 PostStep = Callable[[], None] | None

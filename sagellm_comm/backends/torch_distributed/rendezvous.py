@@ -107,6 +107,8 @@ def store_address(world_size: int, addr: str | None, port: int | None) -> tuple[
     port = int_arg(port, "MASTER_PORT", "master_port")
     if not 0 < port < 65536:
         raise InvalidArgumentError(f"master_port must be in 1..65535, got {port}")
+    if addr is not None and (not isinstance(addr, str) or not addr.strip()):
+        raise InvalidArgumentError(f"master_addr must be a host name or address (a non-empty str), got {addr!r}")
     return addr or os.environ.get("MASTER_ADDR") or "127.0.0.1", port
 
 

@@ -1,0 +1,82 @@
+"""Checks of the plain values the public API takes: timeouts, counts, flags, devices.
+
+Every public entry point that takes one of these checks it here, before anything runs, so a bad value is
+refused the same way everywhere: an :class:`~sagellm_comm.errors.InvalidArgumentError` naming the argument,
+the value given and what is accepted.  Nothing is rounded, parsed or coerced: ``1.5`` is not an int, ``True``
+is not a number, ``"false"`` is not a flag, NaN and infinity are not timeouts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sagellm_comm.errors import InvalidArgumentError
+
+#: the longest timeout taken, in seconds (about 31 years): every wait has a deadline that the host clock,
+#: ``datetime.timedelta`` and the kernels' int64 nanosecond deadlines can all represent
+MAX_TIMEOUT_S = 1e9
+
+
+def check_timeout(timeout: Any, what: str = "timeout") -> float:
+    """``timeout`` as float seconds: a positive finite int or float up to :data:`MAX_TIMEOUT_S`."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (0 < timeout <= MAX_TIMEOUT_S)  # False for NaN
+    ):
+        raise InvalidArgumentError(
+            f"{what} must be a positive number of seconds (at most {MAX_TIMEOUT_S:g}), got {timeout!r}",
+            details={what: repr(timeout)},
+        )
+    return float(timeout)
+
+
+def check_int(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool, not a float, even ``4.0``) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{what} must be an int, got {value!r}", details={what: repr(value)})
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in {low}..{high}"
+        raise InvalidArgumentError(f"{what} must be {bounds}, got {value}", details={what: value})
+    return value
+
+
+def check_flag(value: Any, what: str) -> bool:
+    """``value`` if it is a bool; ``"false"``, ``None`` or ``0`` are refused rather than read as truth values."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{what} must be True or False, got {value!r}", details={what: repr(value)})
+    return value
+
+
+def check_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` (a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or an accelerator index as
+    torch reads it) as a ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, str | int):
+        raise InvalidArgumentError(
+            f"{what} must be a torch.device, a string such as 'cpu' or 'cuda:0', or a device index, got {device!r}",
+            details={what: repr(device)},
+        )
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"{what} {device!r} is not a device here ({exc}); expected a string such as 'cpu', 'cuda' or 'cuda:0'",
+            details={what: device},
+        ) from None
+
+
+def check_finite(value: Any, what: str, low: float | None = None) -> float:
+    """``value`` as a float: an int or float (not a bool), finite, and ``>= low`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}", details={what: repr(value)})
+    if low is not None and value < low:
+        raise InvalidArgumentError(f"{what} must be >= {low}, got {value!r}", details={what: value})
+    return float(value)
+
+
+__all__ = ["MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_timeout"]

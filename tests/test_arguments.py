@@ -1,0 +1,382 @@
+"""Bad argument values at the public entry points: each is refused with a typed error naming the argument, before
+anything runs, never rounded, parsed or read as a truth value (``sagellm_comm/arguments.py`` and the checks that
+use it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_flag, check_int, check_timeout
+from sagellm_comm.errors import InvalidArgumentError
+
+BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, 0, -1, True, "30", None, MAX_TIMEOUT_S * 2]
+
+
+# ============================================================================ the shared checks
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS)
+def test_check_timeout_refuses_what_is_not_a_finite_positive_number(timeout):
+    with pytest.raises(InvalidArgumentError, match="kernel_timeout must be a positive number of seconds"):
+        check_timeout(timeout, "kernel_timeout")
+
+
+def test_check_timeout_takes_ints_and_floats_unchanged():
+    assert check_timeout(3) == 3.0 and check_timeout(0.25) == 0.25 and check_timeout(MAX_TIMEOUT_S) == MAX_TIMEOUT_S
+
+
+@pytest.mark.parametrize("value", [4.0, 4.5, True, "4", None])
+def test_check_int_refuses_floats_bools_and_strings(value):
+    with pytest.raises(InvalidArgumentError, match="world_size must be an int"):
+        check_int(value, "world_size", 1)
+
+
+def test_check_int_bounds():
+    assert check_int(3, "n", 1, 3) == 3
+    with pytest.raises(InvalidArgumentError, match=r"n must be in 1\.\.3, got 4"):
+        check_int(4, "n", 1, 3)
+    with pytest.raises(InvalidArgumentError, match="n must be >= 1, got 0"):
+        check_int(0, "n", 1)
+
+
+@pytest.mark.parametrize("value", ["False", "false", 0, 1, None, 1.0])
+def test_check_flag_refuses_truthy_stand_ins(value):
+    with pytest.raises(InvalidArgumentError, match="bias must be True or False"):
+        check_flag(value, "bias")
+
+
+@pytest.mark.parametrize("device", ["cdua", "", -1, True, 1.0, None])
+def test_check_device_refuses_what_torch_cannot_read(device):
+    with pytest.raises(InvalidArgumentError, match="device"):
+        check_device(device)
+
+
+def test_check_device_takes_strings_and_devices():
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    assert check_device(torch.device("cpu")) == torch.device("cpu")
+
+
+# ============================================================================ transfer agent
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"device": "cdua"}, "device 'cdua' is not a device"),
+        ({"device": 1.0}, "device must be a torch.device, a string"),
+        ({"timeout": math.nan}, "timeout must be a positive number"),
+        ({"timeout": math.inf}, "timeout must be a positive number"),
+        ({"options": [("ipc", {})]}, "options must be a dict keyed by transport"),
+        ({"options": {"ipcc": {}}}, "options names transport 'ipcc'"),
+        ({"options": {"ipc": 8}}, r"options\['ipc'\] must be a dict"),
+        ({"options": {"ipc": {"max_programs": 2.7}}}, "ipc option max_programs must be an int, got 2.7"),
+        ({"options": {"ipc": {"max_programs": "8"}}}, "ipc option max_programs must be an int"),
+        ({"options": {"ipc": {"max_programs": 0}}}, "ipc option max_programs must be in 1..65535"),
+        ({"options": {"ipc": {"max_program": 8}}}, r"unknown ipc options \['max_program'\]"),
+        ({"options": {"nixl": {"num_threads": 1.5}}}, "nixl option num_threads must be an int, got 1.5"),
+        ({"options": {"nixl": {"num_thread": 4}}}, r"unknown nixl options \['num_thread'\]"),
+        ({"options": {"nixl": {"backends": "UCX"}}}, "nixl option backends must be a non-empty list"),
+    ],
+)
+def test_transfer_agent_refuses_bad_constructor_values(kwargs, match, monkeypatch):
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # ipc runs on the CPU: auto starts it and it reads its options
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        TransferAgent("probe", **kwargs)
+
+
+def test_transfer_agent_allocate_refuses_a_device_that_is_not_one():
+    from sagellm_comm.transfer import TransferAgent
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        TransferAgent.allocate(object.__new__(TransferAgent), "kv", 16, torch.float32, device="cdua")
+
+
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS[:-2])
+def test_transfer_handle_wait_refuses_bad_timeouts(timeout):
+    from sagellm_comm.transfer.handle import TransferHandle
+
+    handle = object.__new__(TransferHandle)
+    handle._agent = type("Agent", (), {"timeout": 5.0})()
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        handle.wait(timeout)
+
+
+# ============================================================================ kernels' timeouts, the custom backend
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS[:-2] + [1e300])
+def test_kernel_deadlines_refuse_what_is_not_a_finite_positive_number(timeout):
+    from sagellm_comm.launch import timeout_ticks
+
+    # NaN and inf raised a raw ValueError / OverflowError, True was one second, "30" a TypeError
+    with pytest.raises(InvalidArgumentError, match="timeout_s must be a positive number of seconds"):
+        timeout_ticks(timeout, use_ptx=False)
+    assert timeout_ticks(0.5, use_ptx=False) == 500_000_000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kernel_timeout": math.nan}, "kernel_timeout must be a positive number"),
+        ({"kernel_timeout": True}, "kernel_timeout must be a positive number"),
+        ({"kernel_timeout": "30"}, "kernel_timeout must be a positive number"),
+        ({"selector": 5}, "selector must be an AlgoSelector"),
+        ({"config": {"custom_max_bytes": 4096}}, "config must be a CommConfig"),
+        ({"device": "cdua"}, "device 'cdua' is not a device"),
+    ],
+)
+def test_custom_backend_refuses_bad_constructor_values(kwargs, match, monkeypatch):
+    from sagellm_comm.backends.custom import CustomBackend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(InvalidArgumentError, match=match):
+        CustomBackend(engine="gloo", **kwargs)
+
+
+def test_torch_distributed_backend_refuses_a_device_that_is_not_one():
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        TorchDistributedBackend("gloo", device="cdua")
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1, True])
+def test_work_handles_refuse_bad_timeouts(timeout):
+    from sagellm_comm.backend import CompletedWork
+    from sagellm_comm.backends.custom import _EventWork
+
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        CompletedWork(1).wait(timeout)
+    # the custom kernels' handle: a NaN deadline was never passed (an endless wait on the GPU)
+    work = _EventWork.__new__(_EventWork)
+    with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+        work.wait(timeout)
+
+
+# ============================================================================ a world of one rank (Gloo, here)
+@pytest.fixture
+def world():
+    import sagellm_comm
+
+    group = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    yield group
+    sagellm_comm.destroy()
+
+
+@pytest.mark.parametrize(
+    ("layer", "kwargs", "match"),
+    [
+        ("ColumnParallelLinear", {"bias": "False"}, "bias must be True or False, got 'False'"),  # was a bias
+        ("ColumnParallelLinear", {"gather_output": "no"}, "gather_output must be True or False"),
+        ("ColumnParallelLinear", {"skip_bias_add": 1}, "skip_bias_add must be True or False"),
+        ("ColumnParallelLinear", {"return_bias": None}, "return_bias must be True or False"),
+        ("RowParallelLinear", {"input_is_parallel": "False"}, "input_is_parallel must be True or False"),
+        ("RowParallelLinear", {"reduce_results": None, "bias": False}, "reduce_results must be True or False"),
+        ("RowParallelLinear", {"use_fused_gemm": "0"}, "use_fused_gemm must be True or False"),
+        ("ColumnParallelLinear", {"params_dtype": "float16"}, "params_dtype must be one of"),  # a raw TypeError
+        ("ColumnParallelLinear", {"params_dtype": float}, "params_dtype must be one of"),  # was float32
+        ("RowParallelLinear", {"params_dtype": torch.int32}, "params_dtype must be one of"),  # NotImplementedError
+        ("ColumnParallelLinear", {"device": "cdua"}, "device 'cdua' is not a device"),  # a raw RuntimeError
+    ],
+)
+def test_parallel_linear_refuses_values_it_would_coerce(world, layer, kwargs, match):
+    from sagellm_comm import layers
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        getattr(layers, layer)(8, 4, **kwargs)
+
+
+def test_parallel_linear_takes_its_documented_values(world):
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    col = ColumnParallelLinear(8, 4, bias=False, gather_output=True, params_dtype=torch.bfloat16, device="cpu")
+    row = RowParallelLinear(8, 4, reduce_results=False, skip_bias_add=True, return_bias=True)
+    assert col.bias is None and col.weight.dtype == torch.bfloat16 and col.gather_output is True
+    assert row.reduce_results is False and row.return_bias is True
+
+
+# ============================================================================ the fused all-reduce + RMSNorm: eps
+BAD_EPS = [math.nan, math.inf, -1e-6, True, "1e-6", None]
+
+
+@pytest.mark.parametrize("eps", BAD_EPS)
+def test_fused_rmsnorm_refuses_an_eps_that_is_not_a_finite_non_negative_number(world, eps):
+    # NaN / inf / negative eps gave NaN or inf rows without a word; "1e-6" was parsed by float() on the op path
+    from sagellm_comm import fused, ops
+
+    x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.ones(8)
+    with pytest.raises(InvalidArgumentError, match="eps must be"):
+        fused.all_reduce_residual_rmsnorm(x, residual, weight, eps)
+    with pytest.raises(InvalidArgumentError, match="eps must be"):
+        ops.all_reduce_residual_rmsnorm(x, residual, weight, eps)
+
+
+def test_fused_rmsnorm_takes_eps_zero_and_ints(world):
+    from sagellm_comm import fused
+
+    x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.ones(8)
+    normed, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, 0)
+    torch.testing.assert_close(normed, fused.rmsnorm_reference(residual + x, weight, 0.0))
+
+
+@pytest.mark.parametrize("eps", [math.nan, -1.0, "1e-6"])
+def test_fused_rmsnorm_kernel_object_refuses_bad_eps_before_launching(eps, monkeypatch):
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspaces = local_workspaces(2, 4096, "cpu")
+    try:
+        x = torch.ones(2, 8, dtype=torch.bfloat16)
+        with pytest.raises(InvalidArgumentError, match="eps must be"):
+            FusedAllReduceRMSNorm(workspaces[0])(x, x.clone(), torch.ones(8, dtype=torch.bfloat16), eps)
+    finally:
+        for workspace in workspaces:
+            workspace.close()
+
+
+# ============================================================================ groups and collectives
+@pytest.mark.parametrize("ranks", [1.0, None, 0, "0"])
+def test_new_subgroup_refuses_what_is_not_a_list_of_ranks(world, ranks):
+    from sagellm_comm.errors import GroupInvalidError
+
+    with pytest.raises(GroupInvalidError, match="sub-group ranks must be a non-empty list of ints"):
+        world.new_subgroup(ranks)  # 1.0 and None raised a raw TypeError
+
+
+@pytest.mark.parametrize("async_op", ["no", None, 0, 1])
+@pytest.mark.parametrize("op", ["all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"])
+def test_collectives_refuse_an_async_op_that_is_not_a_bool(world, op, async_op):
+    # "no" was truthy: the call returned a Work instead of the result; None ran it synchronously
+    x = torch.ones(4)
+    calls = {
+        "all_reduce": lambda: world.all_reduce(x, async_op=async_op),
+        "broadcast": lambda: world.broadcast(x, 0, async_op=async_op),
+        "all_gather": lambda: world.all_gather(torch.empty(4), x, async_op=async_op),
+        "reduce_scatter": lambda: world.reduce_scatter(torch.empty(4), x, async_op=async_op),
+        "all_to_all": lambda: world.all_to_all(torch.empty(4), x, async_op=async_op),
+    }
+    with pytest.raises(InvalidArgumentError, match="async_op must be True or False"):
+        calls[op]()
+    assert torch.equal(x, torch.ones(4))
+
+
+def test_init_refuses_a_master_addr_that_is_not_a_string():
+    import sagellm_comm
+
+    # an int reached the rendezvous and came back as UnavailableError("... str, bytes or bytearray expected")
+    with pytest.raises(InvalidArgumentError, match="master_addr must be a host name or address"):
+        sagellm_comm.init(rank=0, world_size=1, backend="gloo", master_addr=123, master_port=29513, timeout=5)
+
+
+# ============================================================================ workspaces
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((2, 4096.0), {}, r"slot_bytes\) must be an int, got 4096.0"),
+        ((2, 1e6), {}, r"slot_bytes\) must be an int, got 1000000.0"),  # was 1000192 bytes
+        ((2, True), {}, r"slot_bytes\) must be an int, got True"),  # was 256 bytes
+        ((2.0, 4096), {}, "world_size must be an int, got 2.0"),  # a raw TypeError
+        ((0, 4096), {}, "world_size must be >= 1, got 0"),  # a raw IndexError
+        ((2, 4096), {"max_programs": 2.5}, "max_programs must be an int, got 2.5"),  # was 2 programs
+        ((2, 4096), {"max_programs": True}, "max_programs must be an int, got True"),  # was 1 program
+        ((2, 4096), {"check": "no"}, "check must be True or False"),  # was check mode on
+    ],
+)
+def test_local_workspaces_refuse_values_they_would_round(args, kwargs, match):
+    from sagellm_comm.workspace import local_workspaces
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        local_workspaces(*args, "cpu", **kwargs)
+
+
+def test_local_workspaces_still_round_an_int_size_up_to_the_alignment():
+    from sagellm_comm.workspace import ALIGN_BYTES, local_workspaces
+
+    workspaces = local_workspaces(2, 1000, "cpu", max_programs=3, check=False)
+    try:
+        assert workspaces[0].slot_bytes == ALIGN_BYTES * 4 and workspaces[0].max_programs == 3
+    finally:
+        for workspace in workspaces:
+            workspace.close()
+
+
+# ============================================================================ the environment
+def test_a_misspelt_setting_is_refused_naming_the_setting_it_resembles():
+    from sagellm_comm.config import CommConfig
+
+    # was ignored: the run used the default capacity without a word
+    with pytest.raises(InvalidArgumentError, match="did you mean SAGELLM_COMM_CUSTOM_MAX_BYTES") as info:
+        CommConfig.from_env({"SAGELLM_COMM_CUSTOM_MAX_BYTE": "16384"})
+    assert info.value.details["variable"] == "SAGELLM_COMM_CUSTOM_MAX_BYTE"
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_NO_SUCH_THING is not a setting; "):
+        CommConfig.from_env({"SAGELLM_COMM_NO_SUCH_THING": "1"})
+    assert CommConfig.from_env({"SAGELLM_COMM_CHECK": "1", "OTHER_VARIABLE": "x"}).check is True
+
+
+@pytest.mark.parametrize("text", ["1.5", "1e6", "garbage", "true"])
+def test_settings_refuse_text_they_would_have_to_round_or_guess(text):
+    from sagellm_comm.config import CommConfig
+
+    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_MAX_PROGRAMS must be an integer"):
+        CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": text})
+    assert CommConfig.from_env({"SAGELLM_COMM_MAX_PROGRAMS": ""}).max_programs is None  # empty: the default
+
+
+# ============================================================================ the fused GEMM + all-reduce, the selector
+@pytest.mark.parametrize(("kwargs", "match"), [({"zero_copy": "no"}, "zero_copy must be True or False"),
+                                               ({"path": "fussed"}, "path must be auto or one of")])  # fmt: skip
+def test_gemm_all_reduce_refuses_a_bad_flag_or_path_even_where_it_runs_unfused(world, kwargs, match):
+    # zero_copy="no" was truthy (a workspace view the next call overwrites); a bad path was ignored unfused
+    from sagellm_comm import fused
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        fused.gemm_all_reduce(torch.ones(2, 4), torch.ones(4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("rule", [{"algo": "one_shot", "max_bytes": True}, {"algo": "one_shot", "min_bytes": 1.5},
+                                  {"algo": "one_shot", "world_sizes": [True]}])  # fmt: skip
+def test_selector_rules_refuse_bools_and_floats_as_byte_counts(rule):
+    from sagellm_comm.selector import AlgoSelector
+
+    with pytest.raises(InvalidArgumentError, match="selector rule 0"):
+        AlgoSelector.from_dict({"rules": [rule]})
+
+
+# ============================================================================ topology
+@pytest.mark.parametrize(("kwargs", "match"), [({"config": "x"}, "config must be a CommConfig"),
+                                               ({"group": 5}, "group must be a CommGroup, a CommBackend")])  # fmt: skip
+def test_topology_discover_refuses_arguments_of_the_wrong_type(kwargs, match):
+    from sagellm_comm.topology import Topology
+
+    with pytest.raises(InvalidArgumentError, match=match):  # were AttributeErrors from inside
+        Topology.discover(**kwargs)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "match"), [((2.5, 4), torch.float32, "each size of shape must be an int"),
+                                                       (2.0, torch.float32, "shape must be an int or a tuple"),
+                                                       ((True,), torch.float32, "each size of shape must be an int"),
+                                                       (8, "float32", "dtype must be a torch.dtype")])  # fmt: skip
+def test_transfer_agent_allocate_refuses_shapes_it_would_truncate(shape, dtype, match):
+    # (2.5, 4) allocated a [2, 4] region; a float or string failed deep in torch
+    from sagellm_comm.transfer import TransferAgent
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        TransferAgent.allocate(object.__new__(TransferAgent), "kv", shape, dtype)
+
+
+def test_connect_world_refuses_what_is_not_a_backend_or_a_group_handle(world):
+    from sagellm_comm.transfer.world import connect_world
+
+    with pytest.raises(InvalidArgumentError, match="backend must be an initialised CommBackend"):
+        connect_world(world)  # a CommGroup, not its backend: was an AttributeError
+    with pytest.raises(InvalidArgumentError, match="group must be a GroupHandle"):
+        connect_world(world.backend, group=world)
+
+
+def test_virtual_rank_group_refuses_a_device_that_is_not_one():
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    with pytest.raises(InvalidArgumentError, match="device 'cdua' is not a device"):
+        VirtualRankGroup(2, device="cdua")  # a raw RuntimeError from torch
