@@ -3,14 +3,18 @@
 Every public entry point that takes one of these checks it here, before anything runs, so a bad value is
 refused the same way everywhere: an :class:`~sagellm_comm.errors.InvalidArgumentError` naming the argument,
 the value given and what is accepted.  Nothing is rounded, parsed or coerced: ``1.5`` is not an int, ``True``
-is not a number, ``"false"`` is not a flag, NaN and infinity are not timeouts.
+is not a number, ``"false"`` is not a flag, NaN and infinity are not timeouts.  NumPy's scalars are what they
+hold (``np.int64(4)`` is an int, ``np.float32(0.5)`` a number, ``np.bool_(True)`` a flag); the values returned
+are Python's.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 from sagellm_comm.errors import InvalidArgumentError
@@ -20,13 +24,23 @@ from sagellm_comm.errors import InvalidArgumentError
 MAX_TIMEOUT_S = 1e9
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python's or NumPy's int or float), not a bool."""
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
 def check_timeout(timeout: Any, what: str = "timeout") -> float:
     """``timeout`` as float seconds: a positive finite int or float up to :data:`MAX_TIMEOUT_S`."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not (0 < timeout <= MAX_TIMEOUT_S)  # False for NaN
-    ):
+    if not _is_number(timeout) or not (0 < timeout <= MAX_TIMEOUT_S):  # False for NaN
         raise InvalidArgumentError(
             f"{what} must be a positive number of seconds (at most {MAX_TIMEOUT_S:g}), got {timeout!r}",
             details={what: repr(timeout)},
@@ -35,9 +49,10 @@ def check_timeout(timeout: Any, what: str = "timeout") -> float:
 
 
 def check_int(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
-    """``value`` if it is an int (not a bool, not a float, even ``4.0``) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int if it is an integer (not a bool, not a float, even ``4.0``) in ``[low, high]``."""
+    if not _is_int(value):
         raise InvalidArgumentError(f"{what} must be an int, got {value!r}", details={what: repr(value)})
+    value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in {low}..{high}"
         raise InvalidArgumentError(f"{what} must be {bounds}, got {value}", details={what: value})
@@ -46,9 +61,9 @@ def check_int(value: Any, what: str, low: int | None = None, high: int | None = 
 
 def check_flag(value: Any, what: str) -> bool:
     """``value`` if it is a bool; ``"false"``, ``None`` or ``0`` are refused rather than read as truth values."""
-    if not isinstance(value, bool):
+    if not _is_bool(value):
         raise InvalidArgumentError(f"{what} must be True or False, got {value!r}", details={what: repr(value)})
-    return value
+    return bool(value)
 
 
 def check_device(device: Any, what: str = "device") -> torch.device:
@@ -72,7 +87,7 @@ def check_device(device: Any, what: str = "device") -> torch.device:
 
 def check_finite(value: Any, what: str, low: float | None = None) -> float:
     """``value`` as a float: an int or float (not a bool), finite, and ``>= low`` when given."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not _is_number(value) or not math.isfinite(value):
         raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}", details={what: repr(value)})
     if low is not None and value < low:
         raise InvalidArgumentError(f"{what} must be >= {low}, got {value!r}", details={what: value})

