@@ -114,7 +114,7 @@ def device_identity(device: torch.device) -> str:
 def _round_slot(slot_bytes: int) -> int:
     """``slot_bytes`` (a positive int: a float or a bool is refused, not truncated) rounded up to whole
     ``ALIGN_BYTES``."""
-    check_int(slot_bytes, "workspace size (slot_bytes)", 1)
+    slot_bytes = check_int(slot_bytes, "workspace size (slot_bytes)", 1)
     return -(-slot_bytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
@@ -159,7 +159,7 @@ class SymmetricWorkspace:
         if config is None:
             config = CommConfig.from_env()
         if check is not None and check_flag(check, "check") != config.check:
-            config = config.replace(check=check)
+            config = config.replace(check=bool(check))
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
                 f"the custom all-reduce supports 2..{_k.MAX_WORLD.value} ranks, got world_size={world_size}"
@@ -241,8 +241,8 @@ class SymmetricWorkspace:
         if config is None:
             config = CommConfig.from_env()
         if check is not None and check_flag(check, "check") != config.check:
-            config = config.replace(check=check)
-        check_int(world_size, "world_size", 1)
+            config = config.replace(check=bool(check))
+        world_size = check_int(world_size, "world_size", 1)
         ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
         device = check_device(device)
         slot_bytes = _round_slot(slot_bytes)
@@ -484,12 +484,12 @@ def local_workspaces(
     check mode) and program count (default :func:`default_max_programs` with the device's SMs divided among
     the ranks).  The regions are freed when the last of the returned workspaces is closed.
     """
-    check_int(world_size, "world_size", 1)
+    world_size = check_int(world_size, "world_size", 1)
     device = check_device(device)
     if config is None:
         config = CommConfig.from_env()
     if check is not None and check_flag(check, "check") != config.check:
-        config = config.replace(check=check)
+        config = config.replace(check=bool(check))
     if max_programs is None:
         max_programs = default_max_programs(device, world_size, config.max_programs)
     slot_bytes = _round_slot(slot_bytes)

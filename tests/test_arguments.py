@@ -305,9 +305,11 @@ def test_local_workspaces_refuse_values_they_would_round(args, kwargs, match):
 def test_local_workspaces_still_round_an_int_size_up_to_the_alignment():
     from sagellm_comm.workspace import ALIGN_BYTES, local_workspaces
 
-    workspaces = local_workspaces(2, 1000, "cpu", max_programs=3, check=False)
-    try:
+    workspaces = local_workspaces(np.int64(2), np.int64(1000), "cpu", max_programs=np.int32(3), check=np.bool_(False))
+    try:  # NumPy's integers are ints: the workspace holds Python ints
         assert workspaces[0].slot_bytes == ALIGN_BYTES * 4 and workspaces[0].max_programs == 3
+        assert type(workspaces[0].slot_bytes) is int and type(workspaces[0].max_programs) is int
+        assert len(workspaces) == 2 and workspaces[0].check is False
     finally:
         for workspace in workspaces:
             workspace.close()
