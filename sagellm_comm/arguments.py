@@ -25,17 +25,18 @@ MAX_TIMEOUT_S = 1e9
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool | np.bool_)
+    return value.__class__ is bool or isinstance(value, bool | np.bool_)
 
 
 def _is_int(value: Any) -> bool:
     """An integer (Python's or NumPy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+    return value.__class__ is int or (isinstance(value, numbers.Integral) and not _is_bool(value))
 
 
 def _is_number(value: Any) -> bool:
     """A real number (Python's or NumPy's int or float), not a bool."""
-    return isinstance(value, numbers.Real) and not _is_bool(value)
+    cls = value.__class__
+    return cls is float or cls is int or (isinstance(value, numbers.Real) and not _is_bool(value))
 
 
 def check_timeout(timeout: Any, what: str = "timeout") -> float:
@@ -60,7 +61,8 @@ def check_int(value: Any, what: str, low: int | None = None, high: int | None = 
 
 
 def check_flag(value: Any, what: str) -> bool:
-    """``value`` if it is a bool; ``"false"``, ``None`` or ``0`` are refused rather than read as truth values."""
+    """``value`` if it is a bool; ``"false"``, ``None`` or ``0`` are refused rather than read as truth values.
+    A hot path (every collective's ``async_op``) calls it only when ``value.__class__ is not bool``."""
     if not _is_bool(value):
         raise InvalidArgumentError(f"{what} must be True or False, got {value!r}", details={what: repr(value)})
     return bool(value)

@@ -430,7 +430,8 @@ class CustomBackend(TorchDistributedBackend):
         where the engine runs the call (no kernels for the group, another op or dtype, over the workspace) it
         runs at full precision, and :attr:`last_selection` says so.
         """
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         if payload is not None:
@@ -540,7 +541,8 @@ class CustomBackend(TorchDistributedBackend):
     def all_gather(self, output, tensor, group=None, async_op=False):
         """As :meth:`CommBackend.all_gather`; a flat ``output`` of a group with kernels runs the custom
         all-gather (``sagellm_comm/kernels/gather_scatter.py``) when the input fits its workspace."""
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         car = self._gather_scatter_kernels("all_gather", output, tensor, group)
         if car is None:
             self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
@@ -552,7 +554,8 @@ class CustomBackend(TorchDistributedBackend):
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         """As :meth:`CommBackend.reduce_scatter`; SUM of a flat ``input`` on a group with kernels runs the
         custom reduce-scatter when it fits its workspace."""
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         car = (
             None
             if ReduceOp.parse(op) is not ReduceOp.SUM

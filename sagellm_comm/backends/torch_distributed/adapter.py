@@ -236,7 +236,8 @@ class TorchDistributedBackend(CommBackend):
     # ------------------------------------------------------------------ operations
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         rop = self._check_op(op, tensor.dtype)
         torch_op, post = self._reduction(rop, g, [tensor])
@@ -245,7 +246,8 @@ class TorchDistributedBackend(CommBackend):
 
     def all_gather(self, output, tensor, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         if isinstance(output, list | tuple):
             out = self._check_list(output, "output", g.world_size, tensor)
@@ -258,7 +260,8 @@ class TorchDistributedBackend(CommBackend):
 
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(output, "output")
         rop = self._check_op(op, output.dtype)
         if isinstance(input, list | tuple):
@@ -273,7 +276,8 @@ class TorchDistributedBackend(CommBackend):
 
     def broadcast(self, tensor, src=0, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         root = g.ranks[check_peer(src, g, "src", allow_self=True)]
         return self._run(
@@ -282,7 +286,8 @@ class TorchDistributedBackend(CommBackend):
 
     def send(self, tensor, dst, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         peer = g.ranks[check_peer(dst, g, "dst")]
         work = self._run("send", g, True, None, None, lambda: dist.isend(tensor, peer, g.engine_group))
@@ -290,7 +295,8 @@ class TorchDistributedBackend(CommBackend):
 
     def recv(self, tensor, src, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
         peer = g.ranks[check_peer(src, g, "src")]
         work = self._run("recv", g, True, tensor, None, lambda: dist.irecv(tensor, peer, g.engine_group))
@@ -306,7 +312,8 @@ class TorchDistributedBackend(CommBackend):
 
     def all_to_all(self, output, input, group=None, async_op=False):
         g = self._group(group)
-        check_flag(async_op, "async_op")
+        if async_op.__class__ is not bool:
+            check_flag(async_op, "async_op")
         n = g.world_size
         if isinstance(input, list | tuple) or isinstance(output, list | tuple):
             if not (isinstance(input, list | tuple) and isinstance(output, list | tuple)):
