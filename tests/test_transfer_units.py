@@ -623,6 +623,28 @@ def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender
         inbox.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_claim_keeps_no_file_or_mapping_of_the_inbox(live_sender):
+    """A sender retrying a full inbox (or one whose claim lock it cannot take) leaves nothing open per try."""
+    inbox = notify.Inbox()
+    try:
+        boxes = [notify.Outbox(inbox.path, f"s{i}", live_sender, 5.0) for i in range(notify.SLOTS)]
+        before = _open_fds()
+        for _ in range(300):
+            with pytest.raises(UnavailableError, match="no free slot"):
+                notify.Outbox(inbox.path, "retrying", live_sender, 5.0)
+        with pytest.raises(BackendNotSupportedError, match="too long"):
+            notify.Outbox(inbox.path, "n" * (notify.MAX_NAME + 1), live_sender, 5.0)
+        assert _open_fds() == before
+        for box in boxes:
+            box.release()
+    finally:
+        inbox.close()
+
+
 def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
     inbox = notify.Inbox()
     try:

@@ -221,10 +221,13 @@ class Outbox:
             raise BackendNotSupportedError(f"cannot open the peer's notification inbox {inbox_path}: {exc}") from None
         words = self._mapped.words
         geometry = tuple(int(w) for w in words[:5])
-        if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
+        try:
+            if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
+                raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
+            self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
+        except BaseException:  # no slot (full inbox, claim lock not taken in time...): the files are let go
             self._close_files()
-            raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
-        self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
+            raise
         self.produced = 0
         self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
         self.ring_address = self._mapped.address + _Mapped.record_offset(self.slot, 1)  # entry 0
