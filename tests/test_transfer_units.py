@@ -645,6 +645,29 @@ def test_a_refused_claim_keeps_no_file_or_mapping_of_the_inbox(live_sender):
         inbox.close()
 
 
+def test_sweeping_keeps_a_live_inboxs_claim_file_and_removes_a_dead_ones(live_sender, monkeypatch):
+    """The claim file has no lock of its own: it lives as long as its inbox's owner, however old it is."""
+    inbox, gone = notify.Inbox(), notify.Inbox()
+    try:
+        gone_paths = (gone.path, gone.claim_path)
+        gone._lock.release()  # its owner died: the files stay behind
+        old = os.stat(inbox.path).st_mtime - 2 * shared.STALE_AFTER_S
+        for path in (inbox.path, inbox.claim_path, *gone_paths):
+            os.utime(path, (old, old))
+        assert shared.sweep_stale() >= 2  # (and whatever dead processes left)
+        assert not any(os.path.exists(path) for path in gone_paths)
+        assert os.path.exists(inbox.path) and os.path.exists(inbox.claim_path)
+        box = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)  # peers can still claim a slot
+        _publish(box, b"still reachable")
+        assert inbox.drain() == [("prefill-0", b"still reachable")]
+        box.release()
+    finally:
+        inbox.close()
+        gone.close()
+    with pytest.raises(InvalidArgumentError, match="companion role"):
+        shared.companion_path(inbox.path, "lock")
+
+
 def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
     inbox = notify.Inbox()
     try:
