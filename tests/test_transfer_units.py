@@ -729,3 +729,37 @@ def test_reading_a_ring_never_runs_code_from_the_file():
         assert inbox.drain() == [("__import__('os').system('false')", b"print('x')")]
     finally:
         inbox.close()
+
+
+# ---------------------------------------------------------------------------------------------- nixl handles
+class _StuckHandle:
+    """A NIXL transfer handle whose first ``refusals`` releases fail (a transfer NIXL cannot cancel yet)."""
+
+    def __init__(self, refusals: float):
+        self.refusals, self.released = refusals, False
+
+    def release(self) -> None:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise RuntimeError("nixlInProgError: transfer in progress")
+        self.released = True
+
+
+@pytest.mark.parametrize("stuck_every", [0, 100], ids=["all-later-released", "one-in-100-never"])
+def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuck_every):
+    """Aborted transfers whose handles NIXL refuses to release at first are released again while the agent
+    runs: what is kept is bounded by what NIXL still refuses, not by how many aborts there were."""
+    from sagellm_comm.transfer import nixl
+
+    backend = object.__new__(nixl.NixlBackend)  # the bookkeeping only: no NIXL agent behind it
+    backend.leaked, backend._retry_at = [], nixl.RETRY_RELEASES_FROM
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    handles, longest = [], 0
+    for i in range(10_000):
+        never = stuck_every and i % stuck_every == 0
+        handles.append(_StuckHandle(float("inf") if never else 1))
+        nixl.NixlRequest(backend, link, handles[-1], "PROC").abort()
+        longest = max(longest, len(backend.leaked))
+    stuck = 10_000 // stuck_every if stuck_every else 0
+    assert longest <= 2 * stuck + nixl.RETRY_RELEASES_FROM
+    assert {id(h) for h in handles if not h.released} == {id(h) for h in backend.leaked}  # none dropped unreleased
