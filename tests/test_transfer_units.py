@@ -472,6 +472,20 @@ def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
         shared.shared_file_of(torch.zeros(1024).data_ptr(), 16)
 
 
+def test_a_shared_cpu_tensor_that_cannot_be_mapped_leaves_no_file_or_lock(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unable to mmap: Cannot allocate memory")
+
+    before, fds = set(os.listdir(shared.shared_dir())), len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(torch, "from_file", refuse)
+    for _ in range(50):
+        with pytest.raises(RuntimeError, match="Cannot allocate memory"):
+            shared.shared_cpu_tensor(4096, torch.uint8)
+    mine = f"{shared.PREFIX}{os.getpid()}-"
+    assert not [n for n in set(os.listdir(shared.shared_dir())) - before if n.startswith(mine)]
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
 def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(libc, monkeypatch):
     if libc:

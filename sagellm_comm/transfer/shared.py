@@ -174,18 +174,24 @@ def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch
     if numel <= 0:
         raise InvalidArgumentError(f"a shared tensor needs at least one element, got shape {shape}")
     path = new_path()
-    with open(path, "wb") as handle:
-        handle.truncate(numel * itemsize)  # sparse: zeros
-    lock = OwnerLock(path)
-    tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
+    lock = None
+    try:
+        with open(path, "wb") as handle:
+            handle.truncate(numel * itemsize)  # sparse: zeros
+        lock = OwnerLock(path)
+        tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
+    except BaseException:  # not mapped (no memory, too large...): neither the file nor its lock stays
+        _remove(path, lock)
+        raise
     weakref.finalize(tensor, _remove, path, lock)
     return tensor
 
 
-def _remove(path: str, lock: OwnerLock) -> None:
+def _remove(path: str, lock: OwnerLock | None) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-    lock.release()
+    if lock is not None:
+        lock.release()
 
 
 def shared_file_of(ptr: int, nbytes: int) -> tuple[str, int]:
