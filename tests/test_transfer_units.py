@@ -777,3 +777,19 @@ def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuc
     stuck = 10_000 // stuck_every if stuck_every else 0
     assert longest <= 2 * stuck + nixl.RETRY_RELEASES_FROM
     assert {id(h) for h in handles if not h.released} == {id(h) for h in backend.leaked}  # none dropped unreleased
+
+
+def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handle_it_cannot_release():
+    from sagellm_comm.transfer import nixl
+
+    class Agent:
+        def transfer(self, handle):
+            raise RuntimeError("posting refused")
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    handle = _StuckHandle(1)
+    with pytest.raises(RuntimeError, match="posting refused"):
+        backend._start(link, handle, "write")
+    assert backend.leaked == [handle]

@@ -279,7 +279,10 @@ class NixlBackend(TransferBackend):
         try:
             status = self.agent.transfer(handle)
         except Exception as exc:
-            handle.release()
+            try:
+                handle.release()
+            except Exception:  # the transfer's own error is the one to report; the handle is released later
+                self.keep_unreleased(handle)
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"post a {op}") from None
