@@ -310,6 +310,7 @@ class CustomAllReduce:
         )  # fmt: skip
         self._table = workspace.table
         self._control = workspace.control
+        self._closers: list[Callable[[], None]] = []  # close_with
         self.check = workspace.check
         self._check = fingerprint_launcher(self.use_ptx, self.device_index)
         self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self.use_ptx, self.device_index, num_warps=1)
@@ -554,8 +555,16 @@ class CustomAllReduce:
         self._resolved[key] = resolved
         return resolved
 
+    def close_with(self, close: Callable[[], None]) -> None:
+        """Call ``close`` when this all-reduce is closed, before its workspace: what was made for its group's other
+        operations (the GEMM + all-reduce's workspace) goes with the group's kernels (``destroy``, ``reset``)."""
+        self._closers.append(close)
+
     def close(self) -> None:
-        """Release the workspace (collective in spirit: every rank should close)."""
+        """Release the workspace and what :meth:`close_with` named (collective in spirit: every rank should
+        close)."""
+        while self._closers:
+            self._closers.pop()()
         self.kernels.cache.clear()
         self._resolved.clear()
         self._table = self._control = None

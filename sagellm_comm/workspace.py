@@ -294,10 +294,14 @@ class SymmetricWorkspace:
                 memory.close(ptr)
             memory.free(local)
 
-        return cls(
-            rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
-            max_programs=agreed_programs, config=config,
-        )  # fmt: skip
+        try:
+            return cls(
+                rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
+                max_programs=agreed_programs, config=config,
+            )  # fmt: skip
+        except BaseException:  # refused (a world of one) or out of memory: the regions are not kept
+            release()
+            raise
 
     # ------------------------------------------------------------------ use
     def registered_tensor(self, numel: int, dtype: torch.dtype) -> torch.Tensor:

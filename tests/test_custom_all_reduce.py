@@ -241,6 +241,26 @@ def test_workspace_rejects_bad_world_sizes():
             SymmetricWorkspace(rank, ws, 4096, [0] * ws, "cpu")
 
 
+def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
+    """A rendezvous that mapped the regions and then could not make the workspace (a world of one, no memory for
+    its tables) frees this rank's region and unmaps the peers' before raising."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    class Recording(SharedFileMemory):
+        freed: list[int] = []
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    memory = Recording()
+    with pytest.raises(InvalidArgumentError, match="2..8 ranks"):
+        SymmetricWorkspace.rendezvous(0, 1, 4096, "cpu", lambda obj: [obj], memory=memory)
+    assert len(memory.freed) == 1 and not memory._maps
+
+
 def _sentinel_nan_worker(rank, world_size, port):
     car, _ = _setup(rank, world_size, port, timeout_s=20.0)
     results = {}

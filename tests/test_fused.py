@@ -277,9 +277,10 @@ def test_bad_inputs_raise_typed_errors():
 
 def _group_worker(rank, world_size, port):
     import sagellm_comm
-    from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port)
+    gemm_workspace = None
     try:
         assert world.backend.custom is not None, world.backend.custom_reason
         g = torch.Generator().manual_seed(5)
@@ -293,22 +294,32 @@ def _group_worker(rank, world_size, port):
         a = torch.randn(5, 16, generator=g).to(torch.bfloat16)
         b = torch.randn(16, 16, generator=g).to(torch.bfloat16) * (rank + 1)
         out = gemm_all_reduce(a, b, group=world)
+        gemm_workspace = group_gemm(world).workspace
         sel = last_selection(world)
         assert (sel.algo, sel.rule_id) == ("sequential", "measured-sequential"), sel
         b_of = [b.float() / (rank + 1) * (r + 1) for r in range(world_size)]
         ref = sum((a.float() @ b_r).to(torch.bfloat16).float() for b_r in b_of)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        # reset() rebuilds the group's kernels; the GEMM's workspace goes with the old ones and is made again.
+        world.backend.reset()
+        assert gemm_workspace.closed
+        assert torch.equal(gemm_all_reduce(a, b, group=world), out)
+        assert group_gemm(world).workspace is not gemm_workspace
+        gemm_workspace = group_gemm(world).workspace
         # fp32 is not a fused GEMM dtype: the group falls back and says why.
         gemm_all_reduce(a.float(), b.float(), group=world)
         assert last_selection(world).rule_id == "custom-unavailable" and "not fused" in last_selection(world).reason
-        return _digest(normed, new_res, out)
+        digest = _digest(normed, new_res, out)
     finally:
         sagellm_comm.destroy()
+    # The GEMM's own workspace goes with the backend (each init / destroy cycle would keep one otherwise).
+    return digest, gemm_workspace.closed
 
 
 def test_group_level_functions_use_the_custom_workspace():
-    digests = run_ranks(_group_worker, 2, env=INTERP, timeout=300)
-    assert digests[0] == digests[1]
+    results = run_ranks(_group_worker, 2, env=INTERP, timeout=300)
+    assert results[0][0] == results[1][0]
+    assert [closed for _, closed in results] == [True, True]
 
 
 def _gloo_group_worker(rank, world_size, port):

@@ -135,3 +135,39 @@ def _capped_worker(rank, world_size, port):
 
 def test_a_user_caps_the_group_workspace_and_groups_sharing_a_device_divide_its_sms():
     run_ranks(_capped_worker, 4, env=INTERP, timeout=540)
+
+
+def test_a_set_up_that_fails_after_the_workspace_was_made_releases_it(monkeypatch):
+    """A member that stops answering between the workspace rendezvous and the self-test's verdicts (a reset
+    after a failure, a rank killed during set-up) leaves no workspace behind on the others: each failed
+    set-up would keep one (its memory, its peer mappings and the watchdog's polling) for the life of the job."""
+    import os
+
+    from sagellm_comm.backends import custom_setup
+    from sagellm_comm.selector import AlgoSelector
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    made = []
+    rendezvous = SymmetricWorkspace.rendezvous.__func__
+
+    def recording(cls, *args, **kwargs):
+        made.append(rendezvous(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(SymmetricWorkspace, "rendezvous", classmethod(recording))
+    monkeypatch.setattr(custom_setup.KernelGroup, "_self_test", lambda self, car: True)
+
+    def exchange(obj):  # a peer that mirrors this rank, then is gone when the verdicts are exchanged
+        if isinstance(obj, bool):
+            raise RuntimeError("Connection closed by peer")
+        return [obj, obj]
+
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(RuntimeError, match="closed by peer"):
+            custom_setup.KernelGroup(
+                0, 2, (0, 1), exchange, torch.device("cpu"), 1 << 16, AlgoSelector(), 5.0, lambda t: t
+            )  # fmt: skip
+    assert len(made) == 20 and all(ws.closed for ws in made)
+    assert len(os.listdir("/proc/self/fd")) <= fds

@@ -472,6 +472,20 @@ def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
         shared.shared_file_of(torch.zeros(1024).data_ptr(), 16)
 
 
+def test_a_shared_cpu_tensor_that_cannot_be_mapped_leaves_no_file_or_lock(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unable to mmap: Cannot allocate memory")
+
+    before, fds = set(os.listdir(shared.shared_dir())), len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(torch, "from_file", refuse)
+    for _ in range(50):
+        with pytest.raises(RuntimeError, match="Cannot allocate memory"):
+            shared.shared_cpu_tensor(4096, torch.uint8)
+    mine = f"{shared.PREFIX}{os.getpid()}-"
+    assert not [n for n in set(os.listdir(shared.shared_dir())) - before if n.startswith(mine)]
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
 def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(libc, monkeypatch):
     if libc:
@@ -623,6 +637,51 @@ def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender
         inbox.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_claim_keeps_no_file_or_mapping_of_the_inbox(live_sender):
+    """A sender retrying a full inbox (or one whose claim lock it cannot take) leaves nothing open per try."""
+    inbox = notify.Inbox()
+    try:
+        boxes = [notify.Outbox(inbox.path, f"s{i}", live_sender, 5.0) for i in range(notify.SLOTS)]
+        before = _open_fds()
+        for _ in range(300):
+            with pytest.raises(UnavailableError, match="no free slot"):
+                notify.Outbox(inbox.path, "retrying", live_sender, 5.0)
+        with pytest.raises(BackendNotSupportedError, match="too long"):
+            notify.Outbox(inbox.path, "n" * (notify.MAX_NAME + 1), live_sender, 5.0)
+        assert _open_fds() == before
+        for box in boxes:
+            box.release()
+    finally:
+        inbox.close()
+
+
+def test_sweeping_keeps_a_live_inboxs_claim_file_and_removes_a_dead_ones(live_sender, monkeypatch):
+    """The claim file has no lock of its own: it lives as long as its inbox's owner, however old it is."""
+    inbox, gone = notify.Inbox(), notify.Inbox()
+    try:
+        gone_paths = (gone.path, gone.claim_path)
+        gone._lock.release()  # its owner died: the files stay behind
+        old = os.stat(inbox.path).st_mtime - 2 * shared.STALE_AFTER_S
+        for path in (inbox.path, inbox.claim_path, *gone_paths):
+            os.utime(path, (old, old))
+        assert shared.sweep_stale() >= 2  # (and whatever dead processes left)
+        assert not any(os.path.exists(path) for path in gone_paths)
+        assert os.path.exists(inbox.path) and os.path.exists(inbox.claim_path)
+        box = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)  # peers can still claim a slot
+        _publish(box, b"still reachable")
+        assert inbox.drain() == [("prefill-0", b"still reachable")]
+        box.release()
+    finally:
+        inbox.close()
+        gone.close()
+    with pytest.raises(InvalidArgumentError, match="companion role"):
+        shared.companion_path(inbox.path, "lock")
+
+
 def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
     inbox = notify.Inbox()
     try:
@@ -684,3 +743,53 @@ def test_reading_a_ring_never_runs_code_from_the_file():
         assert inbox.drain() == [("__import__('os').system('false')", b"print('x')")]
     finally:
         inbox.close()
+
+
+# ---------------------------------------------------------------------------------------------- nixl handles
+class _StuckHandle:
+    """A NIXL transfer handle whose first ``refusals`` releases fail (a transfer NIXL cannot cancel yet)."""
+
+    def __init__(self, refusals: float):
+        self.refusals, self.released = refusals, False
+
+    def release(self) -> None:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise RuntimeError("nixlInProgError: transfer in progress")
+        self.released = True
+
+
+@pytest.mark.parametrize("stuck_every", [0, 100], ids=["all-later-released", "one-in-100-never"])
+def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuck_every):
+    """Aborted transfers whose handles NIXL refuses to release at first are released again while the agent
+    runs: what is kept is bounded by what NIXL still refuses, not by how many aborts there were."""
+    from sagellm_comm.transfer import nixl
+
+    backend = object.__new__(nixl.NixlBackend)  # the bookkeeping only: no NIXL agent behind it
+    backend.leaked, backend._retry_at = [], nixl.RETRY_RELEASES_FROM
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    handles, longest = [], 0
+    for i in range(10_000):
+        never = stuck_every and i % stuck_every == 0
+        handles.append(_StuckHandle(float("inf") if never else 1))
+        nixl.NixlRequest(backend, link, handles[-1], "PROC").abort()
+        longest = max(longest, len(backend.leaked))
+    stuck = 10_000 // stuck_every if stuck_every else 0
+    assert longest <= 2 * stuck + nixl.RETRY_RELEASES_FROM
+    assert {id(h) for h in handles if not h.released} == {id(h) for h in backend.leaked}  # none dropped unreleased
+
+
+def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handle_it_cannot_release():
+    from sagellm_comm.transfer import nixl
+
+    class Agent:
+        def transfer(self, handle):
+            raise RuntimeError("posting refused")
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    handle = _StuckHandle(1)
+    with pytest.raises(RuntimeError, match="posting refused"):
+        backend._start(link, handle, "write")
+    assert backend.leaked == [handle]

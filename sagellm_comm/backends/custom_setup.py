@@ -22,6 +22,7 @@ world, ``group_max_bytes`` for sub-groups), released by :meth:`KernelGroup.close
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -99,11 +100,16 @@ class KernelGroup:
         except CommError as exc:
             verdicts = self._exchange(str(exc))
             return None, f"workspace setup failed: {verdicts}"
-        if self.ranks != tuple(range(self.world_size)):
-            ws.global_ranks = self.ranks
-        car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
-        ok = self._self_test(car)
-        verdicts = self._exchange(ok)
+        try:
+            if self.ranks != tuple(range(self.world_size)):
+                ws.global_ranks = self.ranks
+            car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
+            ok = self._self_test(car)
+            verdicts = self._exchange(ok)
+        except BaseException:  # a member gone before the verdicts (reset after a failure...): nothing is kept
+            with contextlib.suppress(Exception):  # the set-up's own error is the one to report
+                ws.close()
+            raise
         if not all(verdicts):
             car.close()
             bad = [self.ranks[r] for r, v in enumerate(verdicts) if not v]

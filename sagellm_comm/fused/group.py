@@ -168,6 +168,7 @@ def gemm_all_reduce(
                 config=car.config,
                 ranks=g.ranks,
             )
+            car.close_with(ws.close)  # released with the group's kernels (destroy, reset)
             state.gemm = GemmAllReduce(
                 ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
             )

@@ -40,6 +40,7 @@ NIXL_MODULES = ("nixl_cu13", "nixl_cu12")
 NIXL_INSTALL_HINT = "pip install 'isagellm-comm[transfer]' (nixl-cu13==1.5.1; '[transfer-cu12]' for CUDA 12)"
 _MEM = {"cpu": "DRAM", "cuda": "VRAM"}
 _OPS = {"write": "WRITE", "read": "READ"}
+RETRY_RELEASES_FROM = 16  # kept unreleased handles at which NixlBackend.keep_unreleased first retries them
 
 
 @lru_cache(maxsize=1)
@@ -126,9 +127,9 @@ class NixlRequest(Request):
         handle, self.handle = self.handle, None
         try:
             handle.release()  # cancels it if still active
-        except Exception as exc:  # NIXL could not cancel it: retried when the backend closes
+        except Exception as exc:  # NIXL could not cancel it: retried later (keep_unreleased)
             logger.debug("NIXL could not release a transfer handle yet: %r", exc)
-            self.backend.leaked.append(handle)
+            self.backend.keep_unreleased(handle)
 
 
 def nixl_options(options: dict) -> tuple[list[str], int]:
@@ -167,7 +168,26 @@ class NixlBackend(TransferBackend):
         self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []
-        self.leaked: list = []
+        self.leaked: list = []  # transfer handles NIXL could not release yet (keep_unreleased)
+        self._retry_at = RETRY_RELEASES_FROM
+
+    def keep_unreleased(self, handle) -> None:
+        """Keep ``handle``, which NIXL could not release (a transfer it could not cancel yet), to release it later.
+
+        Each time the kept handles have doubled since the last retry, every one is released again and those
+        NIXL lets go are dropped: the list holds about twice the handles NIXL cannot release at once, at an
+        amortised cost of a few releases per handle, and :meth:`close` retries what is left."""
+        self.leaked.append(handle)
+        if len(self.leaked) < self._retry_at:
+            return
+        still = []
+        for kept in self.leaked:
+            try:
+                kept.release()
+            except Exception:
+                still.append(kept)
+        self.leaked = still
+        self._retry_at = max(RETRY_RELEASES_FROM, 2 * len(still))
 
     def register(self, region: Region) -> None:
         try:
@@ -259,7 +279,10 @@ class NixlBackend(TransferBackend):
         try:
             status = self.agent.transfer(handle)
         except Exception as exc:
-            handle.release()
+            try:
+                handle.release()
+            except Exception:  # the transfer's own error is the one to report; the handle is released later
+                self.keep_unreleased(handle)
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"post a {op}") from None

@@ -56,7 +56,7 @@ import numpy as np
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
-from sagellm_comm.transfer.shared import LivenessProbe, OwnerLock, new_path, sweep_stale
+from sagellm_comm.transfer.shared import LivenessProbe, OwnerLock, companion_path, new_path, sweep_stale
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
 VERSION = 1
@@ -71,6 +71,12 @@ TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN = range(6)
 NAME_AT, PATH_AT, MAX_NAME, MAX_PATH = 64, 512, 256, 1024
 
 _FENCE = threading.Lock()
+
+
+def claim_path(inbox_path: str) -> str:
+    """The file whose exclusive ``flock`` serialises claims and releases of the slots of the inbox at
+    ``inbox_path`` (a companion of the inbox: it lives as long as the inbox's owner)."""
+    return companion_path(inbox_path, "claim")
 
 
 def fence() -> None:
@@ -122,10 +128,15 @@ class Inbox:
     def __init__(self):
         sweep_stale()
         self.path = new_path("-inbox")
-        self.claim_path = self.path + "-claim"
+        self.claim_path = claim_path(self.path)
         self._mapped = _Mapped(self.path, create=True)
-        open(self.claim_path, "wb").close()
-        self._lock = OwnerLock(self.path)  # liveness: held until close() or exit
+        try:
+            open(self.claim_path, "wb").close()
+            self._lock = OwnerLock(self.path)  # liveness: held until close() or exit
+        except BaseException:
+            self._remove_files()
+            self._mapped.close()
+            raise
         words = self._mapped.words
         words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
         fence()
@@ -199,10 +210,13 @@ class Inbox:
         self._advance(slot, seq)
         ints[base + CONSUMED] = seq - 1
 
-    def close(self) -> None:
+    def _remove_files(self) -> None:
         for path in (self.path, self.claim_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    def close(self) -> None:
+        self._remove_files()
         self._lock.release()
         self._token_view.release()
         self._mapped.close()
@@ -221,20 +235,23 @@ class Outbox:
             raise BackendNotSupportedError(f"cannot open the peer's notification inbox {inbox_path}: {exc}") from None
         words = self._mapped.words
         geometry = tuple(int(w) for w in words[:5])
-        if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
+        try:
+            if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
+                raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
+            self.slot = self._claim(claim_path(inbox_path), sender_name.encode(), sender_inbox.encode(), timeout_s)
+        except BaseException:  # no slot (full inbox, claim lock not taken in time...): the files are let go
             self._close_files()
-            raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
-        self.slot = self._claim(inbox_path + "-claim", sender_name.encode(), sender_inbox.encode(), timeout_s)
+            raise
         self.produced = 0
         self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
         self.ring_address = self._mapped.address + _Mapped.record_offset(self.slot, 1)  # entry 0
         self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
 
-    def _claim(self, claim_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
+    def _claim(self, lock_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
         m = self._mapped
         if len(name) > MAX_NAME or len(path) > MAX_PATH:
             raise BackendNotSupportedError(f"agent name or inbox path too long for the ring ({len(name)}, {len(path)})")
-        fd = os.open(claim_path, os.O_RDWR)
+        fd = os.open(lock_path, os.O_RDWR)
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -244,7 +261,7 @@ class Outbox:
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         raise CommTimeoutError(
-                            f"could not lock {claim_path} within {timeout_s:g} s to claim a notification slot"
+                            f"could not lock {lock_path} within {timeout_s:g} s to claim a notification slot"
                         ) from None
                     time.sleep(1e-3)
             slot = next((s for s in range(SLOTS) if self._reclaimable(s)), None)
@@ -312,7 +329,7 @@ class Outbox:
         """Give the slot back (the receiver still drains what was published)."""
         m = self._mapped
         try:
-            fd = os.open(self.peer_path + "-claim", os.O_RDWR)
+            fd = os.open(claim_path(self.peer_path), os.O_RDWR)
         except OSError:
             fd = -1  # the receiver is gone: nothing to give back
         try:
@@ -332,4 +349,4 @@ class Outbox:
         self._mapped.close()
 
 
-__all__ = ["Inbox", "Outbox", "fence", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]
+__all__ = ["Inbox", "Outbox", "claim_path", "fence", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]

@@ -8,7 +8,8 @@
   when the process exits, however it exits, so :func:`owner_alive` (a non-blocking shared-lock attempt) tells
   a live owner from a dead one, also for two agents in one process (``flock`` locks belong to open files).
 * :func:`sweep_stale`: files of this package's prefix left by processes that died are removed (their
-  owner lock is free and they are older than a minute).
+  owner lock is free and they are older than a minute).  A *companion* file (:func:`companion_path`: an
+  inbox's claim file) holds no lock of its own: it goes once the owner of the file it accompanies is gone.
 
 Every file is named ``sagellm-xfer-<pid>-<random>[-suffix]`` in :func:`shared_dir`.
 """
@@ -43,8 +44,28 @@ def shared_dir() -> str:
     return tempfile.gettempdir()
 
 
+#: the roles of companion files (:func:`companion_path`): ``claim``, the lock file of an inbox's slot claims
+COMPANION_ROLES = ("claim",)
+
+
 def new_path(suffix: str = "") -> str:
     return os.path.join(shared_dir(), f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}{suffix}")
+
+
+def companion_path(owner: str, role: str) -> str:
+    """The path of the file playing ``role`` (one of :data:`COMPANION_ROLES`) beside ``owner``, a file an
+    :class:`OwnerLock` holds: it has no lock of its own and lives as long as ``owner``'s owner."""
+    if role not in COMPANION_ROLES:
+        raise InvalidArgumentError(f"companion role must be one of {COMPANION_ROLES}, got {role!r}")
+    return f"{owner}-{role}"
+
+
+def _owner_file(path: str) -> str:
+    """The file whose owner lock tells whether ``path`` is in use: ``path`` itself, or the file it accompanies."""
+    for role in COMPANION_ROLES:
+        if path.endswith(f"-{role}"):
+            return path[: -len(role) - 1]
+    return path
 
 
 class OwnerLock:
@@ -119,7 +140,8 @@ def owner_alive(path: str) -> bool:
 
 
 def sweep_stale() -> int:
-    """Remove files of this package whose owner died (lock free, older than a minute); returns how many."""
+    """Remove files of this package whose owner died (lock free, older than a minute; a companion file's owner
+    is that of the file it accompanies); returns how many."""
     directory, removed = shared_dir(), 0
     now = time.time()
     try:
@@ -129,7 +151,7 @@ def sweep_stale() -> int:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            if now - os.stat(path).st_mtime < STALE_AFTER_S or owner_alive(path):
+            if now - os.stat(path).st_mtime < STALE_AFTER_S or owner_alive(_owner_file(path)):
                 continue
             os.unlink(path)
             removed += 1
@@ -152,18 +174,24 @@ def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch
     if numel <= 0:
         raise InvalidArgumentError(f"a shared tensor needs at least one element, got shape {shape}")
     path = new_path()
-    with open(path, "wb") as handle:
-        handle.truncate(numel * itemsize)  # sparse: zeros
-    lock = OwnerLock(path)
-    tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
+    lock = None
+    try:
+        with open(path, "wb") as handle:
+            handle.truncate(numel * itemsize)  # sparse: zeros
+        lock = OwnerLock(path)
+        tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
+    except BaseException:  # not mapped (no memory, too large...): neither the file nor its lock stays
+        _remove(path, lock)
+        raise
     weakref.finalize(tensor, _remove, path, lock)
     return tensor
 
 
-def _remove(path: str, lock: OwnerLock) -> None:
+def _remove(path: str, lock: OwnerLock | None) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-    lock.release()
+    if lock is not None:
+        lock.release()
 
 
 def shared_file_of(ptr: int, nbytes: int) -> tuple[str, int]:
