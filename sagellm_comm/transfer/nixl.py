@@ -160,10 +160,12 @@ class NixlBackend(TransferBackend):
         backends, num_threads = nixl_options(context.options.get("nixl", {}))  # checked whether NIXL runs here or not
         api = nixl_api()
         self.ucx = ucx_log.install()
+        self.ucx.watch(context.name)
         try:
             config = api.nixl_agent_config(backends=backends, num_threads=num_threads)
             self.agent = api.nixl_agent(context.name, config)
         except Exception as exc:
+            self.ucx.unwatch(context.name)
             raise BackendNotSupportedError(f"NIXL could not create agent {context.name!r}: {exc!r}") from None
         self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
@@ -338,7 +340,6 @@ class NixlBackend(TransferBackend):
         if link.transport is not None:
             return
         locality = "intra-node" if link.peer.same_host(self.context.identity) else "inter-node"
-        self.ucx.forward_warnings()
         link.transport = self.ucx.describe(self.context.name, locality)
         rma = self.ucx.transports(self.context.name, locality).get("rma", [])
         gpu = any(info.device == "cuda" for info in link.peer.regions.values())
@@ -364,6 +365,8 @@ class NixlBackend(TransferBackend):
             except Exception as exc:
                 logger.debug("NIXL could not release a transfer handle at close: %r", exc)
         self.leaked.clear()
+        if self.agent is not None:
+            self.ucx.unwatch(self.context.name)
         self.agent = None
 
 

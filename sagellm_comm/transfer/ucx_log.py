@@ -4,20 +4,29 @@ UCX chooses a transport per endpoint configuration silently (``cma``, ``posix``,
 ``rc_mlx5``...); a fallback to TCP for GPU memory is the slow path users of NIXL most often miss.  UCX prints
 what it selected when ``UCX_PROTO_INFO=y``: a table per operation, headed ``<worker> <locality> cfg#<n>`` (the
 worker is the NIXL agent's name; the locality ``self``, ``intra-node`` or ``inter-node``) with a ``Config`` column
-naming ``transport/device`` per message-size range.  Its log goes to ``UCX_LOG_FILE`` instead of stdout when
-that is set.
+naming ``transport/device`` per message-size range.  Each worker prints a configuration once, when its first
+operation selects protocols: a later peer that shares an earlier one's configuration prints nothing new.  Its log
+goes to ``UCX_LOG_FILE`` instead of stdout when that is set.
 
 :func:`install` sets both (a per-process file in the temporary directory) unless the user set them, before the
 first NIXL agent loads UCX (UCX reads them when its library loads and when a context is created); an
-environment that already set ``UCX_LOG_FILE`` is read where it points.  :class:`UcxLog` then reads the tables
-written since a given offset and summarises the transports of the remote-memory (RMA) operations and of active
-messages (NIXL's notifications).  UCX warnings and errors found in the file are forwarded to this package's
-logger, so moving UCX's log to a file hides nothing.
+environment that already set ``UCX_LOG_FILE`` is read where it points.  For a process that runs for weeks, the
+file is bounded by UCX's own rotation (``UCX_LOG_FILE_SIZE`` per file, ``UCX_LOG_FILE_ROTATE`` older files
+``<file>.1``...; UCX renames them when a whole message would not fit, so a table never straddles two files) unless
+the user set those.
+
+:class:`UcxLog` reads the file incrementally: it keeps the file it reads open (a file UCX rotated away, even
+removed, is read to its end before the files written after it), reads each byte once, and keeps what it parsed:
+the transports of the newest configuration of each (watched agent, locality), so a peer whose tables UCX printed
+long ago, in a file rotated away since, is still described.  It summarises the transports of the remote-memory
+(RMA) operations and of active messages (NIXL's notifications).  UCX warnings and errors read are forwarded to this
+package's logger, so moving UCX's log to a file hides nothing.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import multiprocessing.util
@@ -25,6 +34,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 
 logger = logging.getLogger("sagellm_comm.transfer")
 
@@ -32,65 +42,55 @@ _HEADER = re.compile(r"\|\s*(\S+)\s+(self|intra-node|inter-node)\s+cfg#(\d+)\s*\
 _ROW = re.compile(r"\|\s*[\d.]+(?:inf)?\s*\|[^|]*\|([^|]*)\|\s*$")
 _TRANSPORT = re.compile(r"[\w.-]+/[\w.:-]+")
 _INSTALLED: UcxLog | None = None
+LOG_PREFIX = "sagellm-ucx-"
+FILE_SIZE = "1m"  # UCX_LOG_FILE_SIZE of the file install() creates: one peer's tables take about 12 KiB
+FILE_ROTATE = "1"  # UCX_LOG_FILE_ROTATE: the file and one older one, at most 2 MiB on disk
 
 
 class UcxLog:
-    """A UCX log file and the protocol tables in it."""
+    """A UCX log file (and the older files UCX rotated it into) and the protocol tables read from it."""
 
     def __init__(self, path: str | None, why_not: str = ""):
         self.path = path
         self.why_not = why_not
-        self._forwarded = 0
+        self._lock = threading.Lock()
+        self._handle = None  # the file being read, open (UCX may rename or remove it meanwhile)
+        self._partial = b""  # the start of a line UCX has not finished writing
+        self._table: tuple[str, str, int] | None = None  # (agent, locality, config) of the table being read
+        self._kind: str | None = None  # "rma" or "am": which operations the table's rows are for
+        self._watched: collections.Counter[str] = collections.Counter()  # agent -> live NIXL agents of that name
+        self._newest: dict[tuple[str, str], tuple[int, dict[str, set[str]]]] = {}  # (agent, locality) -> config
 
-    def size(self) -> int:
-        try:
-            return os.path.getsize(self.path) if self.path else 0
-        except OSError:
-            return 0
+    def watch(self, agent: str) -> None:
+        """Parse the tables of UCX worker ``agent`` from now on (a NIXL agent of that name was just made: tables
+        of an earlier one of that name, written before, are not its own)."""
+        with self._lock:
+            self._read_new()
+            if not self._watched[agent]:
+                self._forget(agent)
+            self._watched[agent] += 1
 
-    def _lines(self, offset: int) -> list[str]:
-        if not self.path:
-            return []
-        try:
-            with open(self.path, errors="replace") as handle:
-                handle.seek(offset)
-                return handle.read().splitlines()
-        except OSError:
-            return []
+    def unwatch(self, agent: str) -> None:
+        """Stop parsing ``agent``'s tables and drop what was kept of them (its NIXL agent was closed)."""
+        with self._lock:
+            self._watched[agent] -= 1
+            if self._watched[agent] <= 0:
+                del self._watched[agent]
+                self._forget(agent)
 
-    def forward_warnings(self) -> None:
-        """Log UCX's own warnings and errors written since the last call."""
-        lines = self._lines(self._forwarded)
-        self._forwarded = self.size()
-        for line in lines:
-            if " WARN " in line or " ERROR " in line:
-                logger.warning("UCX: %s", line.split("]", 2)[-1].strip())
+    def _forget(self, agent: str) -> None:
+        if self._table is not None and self._table[0] == agent:
+            self._table = None
+        for key in [key for key in self._newest if key[0] == agent]:
+            del self._newest[key]
 
     def transports(self, agent: str, locality: str) -> dict[str, list[str]]:
-        """``{"rma": [...], "am": [...]}``: the transports of agent ``agent``'s most recent endpoint configuration
-        of ``locality`` (UCX prints each configuration once, when its first operation selects protocols)."""
-        found: dict[str, dict[str, set[str]]] = {}
-        config, kind = None, None
-        for line in self._lines(0):
-            header = _HEADER.search(line)
-            if header:
-                config = (header.group(3)) if header.group(1) == agent and header.group(2) == locality else None
-                kind = None
-                continue
-            if config is None:
-                continue
-            if "remote memory" in line:
-                kind = "rma"
-            elif "active message" in line:
-                kind = "am"
-            elif kind is not None:
-                row = _ROW.search(line)
-                if row:
-                    found.setdefault(config, {}).setdefault(kind, set()).update(_TRANSPORT.findall(row.group(1)))
-        if not found:
-            return {}
-        latest = found[max(found, key=int)]
-        return {kind: sorted(names) for kind, names in latest.items()}
+        """``{"rma": [...], "am": [...]}``: the transports of agent ``agent``'s newest endpoint configuration of
+        ``locality``, after reading what UCX wrote since the last call (forwarding its warnings)."""
+        with self._lock:
+            self._read_new()
+            _, kinds = self._newest.get((agent, locality), (0, {}))
+            return {kind: sorted(names) for kind, names in kinds.items() if names}
 
     def describe(self, agent: str, locality: str) -> str:
         if not self.path:
@@ -101,6 +101,103 @@ class UcxLog:
         parts = [f"{label}: {', '.join(chosen[kind])}" for kind, label in (("rma", "RMA"), ("am", "notify"))
                  if kind in chosen]  # fmt: skip
         return "UCX " + "; ".join(parts)
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def _read_new(self) -> None:
+        """Parse every complete line written since the last call, in the order UCX wrote them (lock held)."""
+        if not self.path:
+            return
+        if self._handle is None:
+            self._handle = _open(self.path)
+            if self._handle is None:
+                return
+        self._consume(self._handle)
+        newer = self._written_after(os.fstat(self._handle.fileno()).st_ino)
+        if not newer:
+            return
+        self._handle.close()
+        self._end_of_file()
+        for handle in newer[:-1]:
+            with handle:
+                self._consume(handle)
+            self._end_of_file()
+        self._handle = newer[-1]
+        self._consume(self._handle)
+
+    def _written_after(self, inode: int) -> list:
+        """The files UCX wrote after the one of ``inode`` (it rotated that one away), oldest first, open; ``[]``
+        while that one is still the current file."""
+        try:
+            if os.stat(self.path).st_ino == inode:
+                return []
+        except OSError:
+            return []  # between UCX's removal of a full file and its reopening: read on at the next call
+        directory, base = os.path.split(self.path)
+        try:
+            names = os.listdir(directory or ".")
+        except OSError:
+            return []
+        older = sorted((int(name[len(base) + 1 :]), name) for name in names
+                       if name.startswith(base + ".") and name[len(base) + 1 :].isdigit())  # fmt: skip
+        candidates = [os.path.join(directory, name) for _, name in reversed(older)] + [self.path]
+        handles = [handle for handle in map(_open, candidates) if handle is not None]
+        inodes = [os.fstat(handle.fileno()).st_ino for handle in handles]
+        start = inodes.index(inode) + 1 if inode in inodes else 0  # gone: every file kept is newer
+        for handle in handles[:start]:
+            handle.close()
+        return handles[start:]
+
+    def _consume(self, handle) -> None:
+        if os.fstat(handle.fileno()).st_size < handle.tell():  # truncated in place (not UCX's way): start over
+            handle.seek(0)
+            self._partial = b""
+        chunk = handle.read()
+        if not chunk:
+            return
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._parse(line.decode(errors="replace"))
+
+    def _end_of_file(self) -> None:
+        if self._partial:
+            self._parse(self._partial.decode(errors="replace"))
+        self._partial = b""
+
+    def _parse(self, line: str) -> None:
+        if " WARN " in line or " ERROR " in line:
+            logger.warning("UCX: %s", line.split("]", 2)[-1].strip())
+            return
+        header = _HEADER.search(line)
+        if header:
+            agent, locality, config = header.group(1), header.group(2), int(header.group(3))
+            self._table, self._kind = None, None
+            if not self._watched[agent]:
+                return
+            newest, _ = self._newest.get((agent, locality), (-1, {}))
+            if config > newest:
+                self._newest[(agent, locality)] = (config, {})
+            if config >= newest:
+                self._table = (agent, locality, config)
+            return
+        if self._table is None:
+            return
+        if "remote memory" in line:
+            self._kind = "rma"
+        elif "active message" in line:
+            self._kind = "am"
+        elif self._kind is not None:
+            row = _ROW.search(line)
+            if row:
+                kinds = self._newest[self._table[:2]][1]
+                kinds.setdefault(self._kind, set()).update(_TRANSPORT.findall(row.group(1)))
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")  # noqa: SIM115 (kept open across calls; closed when UCX rotates it away)
+    except OSError:
+        return None
 
 
 def _ucx_loaded() -> bool:
@@ -130,14 +227,13 @@ def install() -> UcxLog:
         path = os.path.join(tempfile.gettempdir(), f"{LOG_PREFIX}{os.getpid()}.log")
         os.environ["UCX_PROTO_INFO"] = "y"
         os.environ["UCX_LOG_FILE"] = path
-        atexit.register(_remove, path)
+        os.environ.setdefault("UCX_LOG_FILE_SIZE", FILE_SIZE)
+        os.environ.setdefault("UCX_LOG_FILE_ROTATE", FILE_ROTATE)
+        atexit.register(_remove_all, path)
         # multiprocessing children leave through os._exit, skipping atexit; its own exit hook runs there
-        multiprocessing.util.Finalize(None, _remove, args=(path,), exitpriority=0)
+        multiprocessing.util.Finalize(None, _remove_all, args=(path,), exitpriority=0)
         _INSTALLED = UcxLog(path)
     return _INSTALLED
-
-
-LOG_PREFIX = "sagellm-ucx-"
 
 
 def _remove(path: str) -> None:
@@ -145,11 +241,22 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _remove_all(path: str) -> None:
+    """Remove the log at ``path`` and the older files UCX rotated it into (``path.1``...)."""
+    directory, base = os.path.split(path)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name == base or (name.startswith(base + ".") and name[len(base) + 1 :].isdigit()):
+                _remove(os.path.join(directory, name))
+
+
 def _sweep() -> None:
-    """Remove the logs of processes that are gone (killed ones never ran their exit hooks)."""
+    """Remove the logs of processes that are gone (killed ones never ran their exit hooks), rotated ones too."""
     directory = tempfile.gettempdir()
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            pid = name[len(LOG_PREFIX) : -len(".log")] if name.startswith(LOG_PREFIX) and name.endswith(".log") else ""
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            if not name.startswith(LOG_PREFIX):
+                continue
+            pid, _, rest = name[len(LOG_PREFIX) :].partition(".log")
+            if pid.isdigit() and (not rest or rest[1:].isdigit()) and not os.path.exists(f"/proc/{pid}"):
                 _remove(os.path.join(directory, name))

@@ -1,0 +1,174 @@
+"""The UCX protocol-table reader (sagellm_comm/transfer/ucx_log.py): incremental, across UCX's log rotation, and
+bounded on disk.
+
+The first tests write UCX's table format into a file by hand, the way UCX writes and rotates it (rename to
+``<file>.1``, the oldest one removed, a new file opened); the last one runs NIXL over loopback with many peers
+joining and leaving while UCX rotates a small log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sagellm_comm.transfer import ucx_log
+from sagellm_comm.transfer.ucx_log import UcxLog
+from tests.conftest import run_ranks
+
+
+def _table(agent: str, locality: str, config: int, operation: str, transport: str) -> str:
+    prefix = "[1796430453.664399] [vm:3164 :0]   "
+    lines = [f"| {agent} {locality} cfg#{config}      |", f"| {operation} from host memory to host |",
+             "+--------+-------------+-------------+", "| Range  | Description |   Config    |",
+             "+--------+-------------+-------------+", f"| 0..inf | zero-copy   | {transport:<11} |",
+             "+--------+-------------+-------------+"]  # fmt: skip
+    return "".join(prefix + line + "\n" for line in lines)
+
+
+def _rma(agent, config, transport, locality="intra-node"):
+    return _table(agent, locality, config, "remote memory write by ucp_put*", transport)
+
+
+def _am(agent, config, transport, locality="intra-node"):
+    return _table(agent, locality, config, "active message by ucp_am_send*", transport)
+
+
+def _append(path, text: str) -> None:
+    with open(path, "a") as handle:
+        handle.write(text)
+
+
+def _rotate(path, keep: int = 1) -> None:
+    """What UCX does when the next message would not fit: shift ``path.N`` up, drop the oldest, open a new one."""
+    if os.path.exists(f"{path}.{keep}"):
+        os.unlink(f"{path}.{keep}")
+    for index in range(keep - 1, 0, -1):
+        if os.path.exists(f"{path}.{index}"):
+            os.rename(f"{path}.{index}", f"{path}.{index + 1}")
+    os.rename(path, f"{path}.1")
+    open(path, "w").close()
+
+
+def test_bytes_already_read_are_not_read_again_and_a_partial_line_waits_for_its_end(tmp_path):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    log.watch("a")  # before the worker of that name prints anything, as a NIXL agent does
+    path.write_text(_rma("a", 1, "cma/memory") + _am("a", 1, "tcp/lo"))
+    assert log.transports("a", "intra-node") == {"rma": ["cma/memory"], "am": ["tcp/lo"]}
+    # Overwrite what was read (same file, same size): a reader that starts over would lose the tables.
+    size = path.stat().st_size
+    with open(path, "r+") as handle:
+        handle.write("x" * (size - 1) + "\n")
+    assert log.describe("a", "intra-node") == "UCX RMA: cma/memory; notify: tcp/lo"
+    # A newer configuration arrives in pieces cut mid-line, as UCX's buffered writes reach the file.
+    text = _rma("a", 2, "cuda_ipc/cuda")
+    cut = text.index("cuda_ipc") + 4
+    _append(path, text[:cut])
+    assert log.transports("a", "intra-node") == {}  # cfg#2 is the newest; its row is not complete yet
+    _append(path, text[cut:])
+    assert log.transports("a", "intra-node") == {"rma": ["cuda_ipc/cuda"]}
+    _append(path, _rma("a", 1, "tcp/lo"))  # an older configuration's table does not replace the newest
+    assert log.transports("a", "intra-node") == {"rma": ["cuda_ipc/cuda"]}
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2], ids=["removed", "rotate1", "rotate2"])
+def test_tables_survive_rotation_and_every_file_written_after_the_one_read_is_read(tmp_path, keep):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    log.watch("a")
+    log.watch("b")
+    path.write_text(_rma("a", 1, "cma/memory"))
+    assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
+    _append(path, _am("a", 1, "tcp/lo"))  # the rest of the file read last, written before it was rotated away
+    if keep:
+        _rotate(path, keep)
+        _append(path, _rma("b", 3, "posix/memory", "inter-node"))
+        _rotate(path, keep)  # twice between two reads: the middle file is read too where UCX kept it
+    else:  # UCX_LOG_FILE_ROTATE=0: UCX removes the full file and opens a new one
+        os.unlink(path)
+        open(path, "w").close()
+    _append(path, _rma("b", 4, "tcp/eth0", "inter-node"))
+    # a's tables were printed once, in a file rotated away or removed since: still described
+    assert log.describe("a", "intra-node") == "UCX RMA: cma/memory; notify: tcp/lo"
+    assert log.transports("b", "inter-node") == {"rma": ["tcp/eth0"]}
+    if keep == 2:  # cfg#3 was read from path.1 before cfg#4 replaced it: check the order with an older config
+        _append(path, _rma("b", 3, "posix/memory", "inter-node"))
+        assert log.transports("b", "inter-node") == {"rma": ["tcp/eth0"]}
+
+
+def test_only_live_agents_tables_are_kept_and_a_new_agent_of_an_old_name_starts_fresh(tmp_path, caplog):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    log.watch("a")
+    path.write_text(_rma("gone", 7, "tcp/lo") + _rma("a", 5, "tcp/lo"))
+    assert log.transports("gone", "intra-node") == {}  # not watched: not kept
+    assert log.transports("a", "intra-node") == {"rma": ["tcp/lo"]}
+    log.unwatch("a")
+    assert log._newest == {}
+    _append(path, _rma("a", 6, "tcp/lo"))  # the closed agent's last table, read after it closed
+    log.watch("a")  # a new UCX worker of the same name counts its configurations from 0 again
+    _append(path, _rma("a", 1, "cma/memory") + "[1796430453.1] [vm:3164 :0]  ucp_ep.c:1 UCX  WARN  slow path\n")
+    with caplog.at_level(logging.WARNING, logger="sagellm_comm.transfer"):
+        assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
+        assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
+    assert [r.getMessage() for r in caplog.records] == ["UCX: ucp_ep.c:1 UCX  WARN  slow path"]  # forwarded once
+
+
+def test_sweeping_removes_a_dead_processs_log_and_its_rotated_files_and_keeps_the_rest(tmp_path, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    names = [f"{ucx_log.LOG_PREFIX}{dead_pid}.log", f"{ucx_log.LOG_PREFIX}{dead_pid}.log.1",
+             f"{ucx_log.LOG_PREFIX}{dead_pid}.log.12", f"{ucx_log.LOG_PREFIX}{dead_pid}.logbook",
+             f"{ucx_log.LOG_PREFIX}{os.getpid()}.log", f"{ucx_log.LOG_PREFIX}{os.getpid()}.log.1"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("x")
+    monkeypatch.setattr(ucx_log.tempfile, "gettempdir", lambda: str(tmp_path))
+    ucx_log._sweep()
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+    ucx_log._remove_all(str(tmp_path / names[4]))  # this process's exit hook: its file and the rotated ones
+    assert os.listdir(tmp_path) == [names[3]]
+
+
+def _many_peers_worker(rank, world_size, port, peers):
+    import glob
+
+    import torch
+
+    from sagellm_comm.transfer import TransferAgent
+
+    ucx_log.FILE_SIZE = "32k"  # small enough to rotate a few times in this test
+    agent = TransferAgent("a", "nixl")
+    agent.allocate("kv", 1024, torch.float32)
+    path = ucx_log.install().path
+    described, largest, files = [], 0, set()
+    for i in range(peers):
+        other = TransferAgent(f"b{i}", "nixl")
+        other.allocate("kv", 1024, torch.float32)
+        peer = agent.add_peer(other.metadata())
+        agent.write(peer, "kv", "kv", [(0, 64, 64)]).wait(10)
+        described.append(agent.peer_transport(peer))
+        agent.remove_peer(peer)
+        other.close()
+        for name in glob.glob(path + "*"):
+            files.add(os.path.basename(name)[len(os.path.basename(path)) :])
+            largest = max(largest, os.path.getsize(name))
+    agent.close()
+    return {"described": described, "largest": largest, "files": sorted(files),
+            "settings": (os.environ["UCX_LOG_FILE_SIZE"], os.environ["UCX_LOG_FILE_ROTATE"]),
+            "retained": sorted(ucx_log.install()._newest)}  # fmt: skip
+
+
+def test_peers_joining_and_leaving_keep_the_ucx_log_bounded_and_every_peer_described():
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    env = dict.fromkeys(("UCX_LOG_FILE", "UCX_LOG_FILE_SIZE", "UCX_LOG_FILE_ROTATE", "UCX_PROTO_INFO"))
+    (out,) = run_ranks(_many_peers_worker, 1, 16, timeout=120.0, env=env)
+    assert out["settings"] == ("32k", "1")
+    assert out["files"] == ["", ".1"], out["files"]  # rotated, and no more than one older file kept
+    assert out["largest"] <= 32 * 1024, out["largest"]
+    # a's intra-node configuration was printed once, for the first peer; every later peer shares it
+    assert out["described"] == ["UCX RMA: cma/memory; notify: tcp/lo"] * 16, out["described"]
+    assert out["retained"] == [], out["retained"]  # closed agents' tables are dropped
