@@ -79,6 +79,7 @@ DEFAULT_GROUP_NAME = "default"
 """Registry name that resolves to :func:`sagellm_comm.get_default_group` at call time."""
 
 _GROUPS: dict[str, CommGroup] = {}
+_GENERATED: set[str] = set()  # the names register_group made up (name=None); dropped when their backend is destroyed
 _LOCK = threading.Lock()
 _COUNTER = itertools.count()
 
@@ -99,6 +100,8 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
     Registering the same group under the same name again is a no-op; a name already bound to another
     group raises :class:`InvalidArgumentError` (unregister it first).  ``"default"`` is reserved.
     Every rank should register its group under the same name, so compiled graphs agree across ranks.
+    A generated name lasts as long as the group's backend: destroying the backend unregisters it (a name given
+    here stays until :func:`unregister_group`).
     """
     from sagellm_comm.group import CommGroup
 
@@ -111,6 +114,7 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
                     return known
             ranks = "-".join(str(r) for r in group.ranks)
             name = f"g{next(_COUNTER)}_ranks{ranks}"
+            _GENERATED.add(name)
         _check_name(name)
         if name == DEFAULT_GROUP_NAME:
             raise InvalidArgumentError(f"group name {name!r} is reserved for the default group (sagellm_comm.init)")
@@ -128,6 +132,15 @@ def unregister_group(name: str) -> None:
     with _LOCK:
         if _GROUPS.pop(_check_name(name), None) is None:
             raise GroupNotFoundError(f"no group is registered as {name!r}", details={"name": name})
+        _GENERATED.discard(name)
+
+
+def forget_generated_names(backend: object) -> None:
+    """Unregister the generated names of ``backend``'s groups (it is being destroyed); given names stay."""
+    with _LOCK:
+        for name in [name for name in _GENERATED if _GROUPS[name].backend is backend]:
+            del _GROUPS[name]
+            _GENERATED.discard(name)
 
 
 def list_groups() -> dict[str, CommGroup]:

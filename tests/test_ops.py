@@ -167,3 +167,29 @@ def _custom_kernels_worker(rank: int, world_size: int, port: int) -> dict:
 def test_op_dispatches_to_custom_kernels_under_interpreter() -> None:
     results = run_ranks(_custom_kernels_worker, 2, timeout=180.0, env={"TRITON_INTERPRET": "1"})
     assert results[0] == results[1]
+
+
+def _init_destroy_cycles_worker(rank: int, world_size: int, port: int, cycles: int) -> dict:
+    """Init / destroy of the default group, repeated: each cycle's ops register its groups under generated names."""
+    import sagellm_comm
+
+    held = []
+    for cycle in range(cycles):
+        world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+        if cycle == 0:
+            ops.register_group(world, "given")  # a name given by the caller: the caller unregisters it
+        pair = world.new_subgroup([0, 1])
+        out = ops.all_reduce(torch.full((3,), float(rank + cycle)), world)
+        torch.testing.assert_close(out, torch.full((3,), float(2 * cycle + 1)))
+        ops.all_reduce(torch.ones(2), pair)
+        held.append(sorted(ops.list_groups()))
+        sagellm_comm.destroy()
+    return {"held": held, "after": sorted(ops.list_groups())}
+
+
+def test_destroy_unregisters_the_generated_names_of_its_groups_and_keeps_given_ones() -> None:
+    for out in run_ranks(_init_destroy_cycles_worker, 2, 12, timeout=120.0):
+        # cycle 0: the world group is "given" (a registered group keeps its name) and the pair's; then given +
+        # this cycle's two generated names, none of an earlier cycle's
+        assert [len(names) for names in out["held"]] == [2] + [3] * 11, out["held"]
+        assert out["after"] == ["given"], out["after"]

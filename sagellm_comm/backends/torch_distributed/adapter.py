@@ -15,6 +15,7 @@ the current stream and torch's watchdog applies the same bound.  After ``comm_ti
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,6 +165,9 @@ class TorchDistributedBackend(CommBackend):
             return
         self._teardown()
         self._reset()
+        ops = sys.modules.get("sagellm_comm.ops")  # the op registry's names exist only once it is imported
+        if ops is not None:
+            ops.forget_generated_names(self)
 
     def _teardown(self) -> None:
         for handle in reversed(self._groups):
