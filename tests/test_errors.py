@@ -319,6 +319,38 @@ def _stale_store(earlier_world: bool):
     return store
 
 
+def test_helpers_of_failed_rendezvous_are_kept_only_while_they_run(monkeypatch):
+    """A join attempt that outlives its deadline leaves its helper thread to be ended at exit; a helper that ends
+    later is dropped, so a process whose rendezvous fails again and again does not keep one entry per failure."""
+    import threading
+
+    from sagellm_comm.backends.torch_distributed import rendezvous
+
+    releases: list[threading.Event] = []
+
+    def store_that_hangs(*args, **kwargs):  # a handshake that never ends until released
+        releases.append(threading.Event())
+        releases[-1].wait(30)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(rendezvous.dist, "TCPStore", store_that_hangs)
+    monkeypatch.setattr(rendezvous, "_ATTEMPT_SLACK_S", 0.01)
+    monkeypatch.setattr(rendezvous, "_LEFT_BEHIND", [])
+    with socket.socket() as unused:  # a port nobody connects to: no socket of this process is shut down
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    helpers = []
+    for _ in range(20):
+        store, _error, stuck = rendezvous._join_once("127.0.0.1", port, 0.01)
+        assert store is None and stuck
+        helpers.append(rendezvous._LEFT_BEHIND[-1][0])
+        releases[-1].set()  # this helper ends after its attempt was given up
+        helpers[-1].join(5)
+    assert not any(helper.is_alive() for helper in helpers)
+    assert len(rendezvous._LEFT_BEHIND) == 1  # the last one, not yet seen to end
+    assert rendezvous._left_behind() == [] and rendezvous._LEFT_BEHIND == []
+
+
 def test_init_keeps_its_deadline_whatever_sits_on_the_port():
     """A listener that accepts and never answers held init past any timeout; a half-open or closing one, or one
     answering garbage, took twice the timeout; a stale store handed out a dead world's addresses.  Every rank

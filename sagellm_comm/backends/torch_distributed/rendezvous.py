@@ -254,7 +254,7 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
         _shut_down(_sockets_to(port) - before)
         helper.join(_ATTEMPT_SLACK_S)
     if helper.is_alive():
-        _LEFT_BEHIND.append((helper, port, before))
+        _left_behind((helper, port, before))
     # a client made after its sockets were shut down is not usable
     store = None if abandoned else outcome.get("store")
     return store, outcome.get("error"), helper.is_alive()
@@ -262,6 +262,17 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
 
 #: helpers that outlived their attempt: (thread, port, the sockets to ``port`` that predate it)
 _LEFT_BEHIND: list[tuple[threading.Thread, int, frozenset]] = []
+_LEFT_BEHIND_LOCK = threading.Lock()
+
+
+def _left_behind(entry: tuple[threading.Thread, int, frozenset] | None = None) -> list:
+    """The helpers still running, ``entry`` added; those that ended since are dropped here, so a process whose
+    rendezvous fails again and again keeps one entry per helper still running, not one per failure."""
+    with _LEFT_BEHIND_LOCK:
+        _LEFT_BEHIND[:] = [kept for kept in _LEFT_BEHIND if kept[0].is_alive()]
+        if entry is not None:
+            _LEFT_BEHIND.append(entry)
+        return list(_LEFT_BEHIND)
 
 
 def _sockets_to(port: int) -> frozenset:
@@ -299,7 +310,7 @@ def _shut_down(sockets: frozenset) -> None:
 
 @atexit.register
 def _end_left_behind() -> None:
-    for helper, port, before in _LEFT_BEHIND:
+    for helper, port, before in _left_behind():
         if helper.is_alive():
             _shut_down(_sockets_to(port) - before)
             helper.join(_ATTEMPT_S + _ATTEMPT_SLACK_S)
