@@ -166,26 +166,42 @@ class CudaIpcMemory(PeerMemory):
 
 
 class SharedFileMemory(PeerMemory):
-    """Regions as shared files in ``directory`` (``/dev/shm``), for CPU processes under the interpreter."""
+    """Regions as shared files in ``directory`` (``/dev/shm``), for CPU processes under the interpreter.
+
+    Each file this process creates (``sagellm-comm-<pid>-<random>``) carries an owner lock (an exclusive
+    ``flock``, dropped by the kernel however the process exits) until it is freed or unlinked, so the one
+    stale-file sweep of shared memory (:func:`sagellm_comm.transfer.shared.sweep_stale`, run here when a
+    ``SharedFileMemory`` is made and when a transfer inbox is made) removes the files of a process killed before
+    it could (mid-rendezvous, say)."""
 
     def __init__(self, directory: str = "/dev/shm"):
-        self.directory = directory if os.path.isdir(directory) else "/tmp"
-        self._maps: dict[int, tuple[torch.Tensor, str | None]] = {}
+        from sagellm_comm.transfer import shared  # owner locks and the sweep (transfer imports this module)
 
-    def _map(self, path: str, nbytes: int, owner: bool) -> int:
+        self._shared = shared
+        self.directory = directory if os.path.isdir(directory) else "/tmp"
+        self._maps: dict[int, tuple[torch.Tensor, str | None, Any]] = {}  # ptr -> (mapping, own file, its lock)
+        shared.sweep_stale()
+
+    def _map(self, path: str, nbytes: int, lock=None) -> int:
         mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         ptr = mapped.data_ptr()
-        self._maps[ptr] = (mapped, path if owner else None)
+        self._maps[ptr] = (mapped, path if lock is not None else None, lock)
         return ptr
 
     def allocate(self, nbytes: int) -> int:
-        path = os.path.join(self.directory, f"sagellm-comm-{os.getpid()}-{uuid.uuid4().hex}")
-        with open(path, "wb") as f:
-            f.truncate(nbytes)  # sparse file of zeros
-        return self._map(path, nbytes, owner=True)
+        path = os.path.join(self.directory, f"{self._shared.WORKSPACE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        lock = None
+        try:
+            with open(path, "wb") as f:
+                f.truncate(nbytes)  # sparse file of zeros
+            lock = self._shared.OwnerLock(path)
+            return self._map(path, nbytes, lock)
+        except BaseException:  # not mapped: neither the file nor its lock stays
+            self._shared.remove_owned(path, lock)
+            raise
 
     def fill(self, ptr: int, nbytes: int, value: int) -> None:
-        for base, (mapped, _) in self._maps.items():
+        for base, (mapped, _, _) in self._maps.items():
             if base <= ptr and ptr + nbytes <= base + mapped.numel():
                 mapped[ptr - base : ptr - base + nbytes].fill_(value)
                 return
@@ -197,25 +213,25 @@ class SharedFileMemory(PeerMemory):
     def open(self, handle: str, nbytes: int) -> int:
         if not os.path.exists(handle):
             raise P2PFailedError(f"peer region {handle} does not exist (peer exited or freed it)")
-        return self._map(handle, nbytes, owner=False)
+        return self._map(handle, nbytes)
 
     def close(self, ptr: int) -> None:
         self._maps.pop(ptr, None)
 
     def free(self, ptr: int) -> None:
-        _, path = self._maps.pop(ptr, (None, None))
-        if path is not None and os.path.exists(path):
-            os.unlink(path)
+        _, path, lock = self._maps.pop(ptr, (None, None, None))
+        if path is not None:
+            self._shared.remove_owned(path, lock)
 
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         ctypes.memmove(dst, src, nbytes)
 
     def unlink(self, ptr: int) -> None:
         """Remove the file behind this process's region once every peer has mapped it (mappings stay valid)."""
-        mapped, path = self._maps[ptr]
-        if path is not None and os.path.exists(path):
-            os.unlink(path)
-        self._maps[ptr] = (mapped, None)
+        mapped, path, lock = self._maps[ptr]
+        if path is not None:
+            self._shared.remove_owned(path, lock)
+        self._maps[ptr] = (mapped, None, None)
 
     def tensor(self, ptr: int) -> torch.Tensor:
         """The uint8 tensor that keeps the mapping at ``ptr`` alive."""

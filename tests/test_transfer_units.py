@@ -682,6 +682,39 @@ def test_sweeping_keeps_a_live_inboxs_claim_file_and_removes_a_dead_ones(live_se
         shared.companion_path(inbox.path, "lock")
 
 
+_KILLED_MID_RENDEZVOUS = """
+import os, sys
+from sagellm_comm.ipc import SharedFileMemory
+memory = SharedFileMemory()
+memory.allocate(4096)
+print(memory.export(next(iter(memory._maps))), flush=True)
+os.kill(os.getpid(), 9)  # killed before the workspace's rendezvous unlinked or freed its file
+"""
+
+
+def test_the_sweep_removes_the_workspace_files_of_a_killed_process_and_keeps_a_live_ones():
+    from sagellm_comm.ipc import SharedFileMemory
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_RENDEZVOUS], capture_output=True, text=True, timeout=60)
+    dead = killed.stdout.strip()
+    assert os.path.basename(dead).startswith(shared.WORKSPACE_PREFIX) and os.path.exists(dead), killed.stderr
+    memory = SharedFileMemory()
+    live_ptr = memory.allocate(4096)
+    live = memory.export(live_ptr)
+    try:
+        old = os.stat(live).st_mtime - 2 * shared.STALE_AFTER_S
+        for path in (dead, live):
+            os.utime(path, (old, old))
+        assert shared.sweep_stale() >= 1
+        assert not os.path.exists(dead)
+        assert os.path.exists(live)  # its owner (this process) holds its lock
+        memory.unlink(live_ptr)  # what a workspace does once every peer mapped it: file and lock go
+        assert not os.path.exists(live)
+        assert memory.tensor(live_ptr).numel() == 4096  # the mapping stays
+    finally:
+        memory.free(live_ptr)
+
+
 def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
     inbox = notify.Inbox()
     try:

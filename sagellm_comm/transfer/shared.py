@@ -7,11 +7,14 @@
 * :class:`OwnerLock`: an exclusive ``flock`` held on a file for the owner's lifetime.  The kernel drops it
   when the process exits, however it exits, so :func:`owner_alive` (a non-blocking shared-lock attempt) tells
   a live owner from a dead one, also for two agents in one process (``flock`` locks belong to open files).
-* :func:`sweep_stale`: files of this package's prefix left by processes that died are removed (their
-  owner lock is free and they are older than a minute).  A *companion* file (:func:`companion_path`: an
+* :func:`sweep_stale`: files of this package's prefixes left by processes that died are removed (their
+  owner lock is free and they are older than a minute): the transfer files, and the workspace files of
+  :class:`sagellm_comm.ipc.SharedFileMemory` (CPU processes under the Triton interpreter), which carry the same
+  owner lock.  A *companion* file (:func:`companion_path`: an
   inbox's claim file) holds no lock of its own: it goes once the owner of the file it accompanies is gone.
 
-Every file is named ``sagellm-xfer-<pid>-<random>[-suffix]`` in :func:`shared_dir`.
+Every transfer file is named ``sagellm-xfer-<pid>-<random>[-suffix]`` in :func:`shared_dir`; a workspace file
+``sagellm-comm-<pid>-<random>``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 
 PREFIX = "sagellm-xfer-"
+WORKSPACE_PREFIX = "sagellm-comm-"  # SharedFileMemory's files (sagellm_comm/ipc.py)
 STALE_AFTER_S = 60.0
 
 
@@ -145,7 +149,7 @@ def sweep_stale() -> int:
     directory, removed = shared_dir(), 0
     now = time.time()
     try:
-        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
+        names = [n for n in os.listdir(directory) if n.startswith((PREFIX, WORKSPACE_PREFIX))]
     except OSError:
         return 0
     for name in names:
@@ -181,13 +185,14 @@ def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch
         lock = OwnerLock(path)
         tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
     except BaseException:  # not mapped (no memory, too large...): neither the file nor its lock stays
-        _remove(path, lock)
+        remove_owned(path, lock)
         raise
-    weakref.finalize(tensor, _remove, path, lock)
+    weakref.finalize(tensor, remove_owned, path, lock)
     return tensor
 
 
-def _remove(path: str, lock: OwnerLock | None) -> None:
+def remove_owned(path: str, lock: OwnerLock | None) -> None:
+    """Remove a file this process owns, then drop its owner lock (``lock`` None: never taken)."""
     with contextlib.suppress(OSError):
         os.unlink(path)
     if lock is not None:
