@@ -45,6 +45,7 @@ _INSTALLED: UcxLog | None = None
 LOG_PREFIX = "sagellm-ucx-"
 FILE_SIZE = "1m"  # UCX_LOG_FILE_SIZE of the file install() creates: one peer's tables take about 12 KiB
 FILE_ROTATE = "1"  # UCX_LOG_FILE_ROTATE: the file and one older one, at most 2 MiB on disk
+_NO_CONFIG: tuple[int, dict] = (-1, {})  # what is kept for an (agent, locality) with no table yet (read only)
 
 
 class UcxLog:
@@ -89,7 +90,7 @@ class UcxLog:
         ``locality``, after reading what UCX wrote since the last call (forwarding its warnings)."""
         with self._lock:
             self._read_new()
-            _, kinds = self._newest.get((agent, locality), (0, {}))
+            _, kinds = self._newest.get((agent, locality), _NO_CONFIG)
             return {kind: sorted(names) for kind, names in kinds.items() if names}
 
     def describe(self, agent: str, locality: str) -> str:
@@ -174,7 +175,7 @@ class UcxLog:
             self._table, self._kind = None, None
             if not self._watched[agent]:
                 return
-            newest, _ = self._newest.get((agent, locality), (-1, {}))
+            newest, _ = self._newest.get((agent, locality), _NO_CONFIG)
             if config > newest:
                 self._newest[(agent, locality)] = (config, {})
             if config >= newest:
