@@ -111,6 +111,16 @@ def device_identity(device: torch.device) -> str:
     return str(device)
 
 
+def _configuration(config: CommConfig | None, check: Any) -> CommConfig:
+    """The workspace's configuration: ``config`` (default: the environment's) with ``check`` (a bool, or None to
+    keep the configuration's) as its check mode."""
+    if config is None:
+        config = CommConfig.from_env()
+    if check is not None and check_flag(check, "check") != config.check:
+        config = config.replace(check=bool(check))
+    return config
+
+
 def _round_slot(slot_bytes: int) -> int:
     """``slot_bytes`` (a positive int: a float or a bool is refused, not truncated) rounded up to whole
     ``ALIGN_BYTES``."""
@@ -156,10 +166,7 @@ class SymmetricWorkspace:
         check: bool | None = None,
         config: CommConfig | None = None,
     ):
-        if config is None:
-            config = CommConfig.from_env()
-        if check is not None and check_flag(check, "check") != config.check:
-            config = config.replace(check=bool(check))
+        config = _configuration(config, check)
         if not 2 <= world_size <= _k.MAX_WORLD.value:
             raise InvalidArgumentError(
                 f"the custom all-reduce supports 2..{_k.MAX_WORLD.value} ranks, got world_size={world_size}"
@@ -238,10 +245,7 @@ class SymmetricWorkspace:
         every one of those launches must be resident at once, so the default proposal divides the SMs by
         this count when it exceeds the group's own members on the device.
         """
-        if config is None:
-            config = CommConfig.from_env()
-        if check is not None and check_flag(check, "check") != config.check:
-            config = config.replace(check=bool(check))
+        config = _configuration(config, check)
         world_size = check_int(world_size, "world_size", 1)
         ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
         device = check_device(device)
@@ -490,10 +494,7 @@ def local_workspaces(
     """
     world_size = check_int(world_size, "world_size", 1)
     device = check_device(device)
-    if config is None:
-        config = CommConfig.from_env()
-    if check is not None and check_flag(check, "check") != config.check:
-        config = config.replace(check=bool(check))
+    config = _configuration(config, check)
     if max_programs is None:
         max_programs = default_max_programs(device, world_size, config.max_programs)
     slot_bytes = _round_slot(slot_bytes)
