@@ -98,6 +98,62 @@ def test_check_blocks_accepts_source_overlap_and_adjacent_destinations():
     d.check_blocks(d.block_table([(999, 0, 1), (0, 999, 1)]), U8, U8, "write", "peer 'p'")  # bytes: any offset
 
 
+def _verdict(check, *args):
+    try:
+        return check(*args)
+    except InvalidArgumentError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("count", [2, 7, 16, 17, 40], ids=lambda c: f"{c}blocks")
+def test_check_blocks_one_length_shortcut_gives_the_general_checks_verdict(count):
+    """Tables of one block length (a KV pool's) are checked by a shortcut (extremes and sorted starts); on
+    valid tables and on each kind of bad one it must agree with the block-by-block checks, error text included."""
+    rng = np.random.default_rng(count)
+    mutations = ("none", "negative", "past the end", "misaligned", "overlap", "zero", "other length", "same start",
+                 "one odd length")  # fmt: skip
+    regions = [d.RegionInfo(name, 8192, dtype, itemsize, "cpu") for name, dtype, itemsize in
+               (("f32", "float32", 4), ("u8", "uint8", 1), ("f16", "float16", 2))]  # fmt: skip
+    for region in regions:
+        size = 64 if region.itemsize > 1 else 8
+        for mutation in mutations:
+            for _ in range(25):
+                slots = rng.permutation(region.nbytes // size)
+                rows = [
+                    [int(a) * size, int(b) * size, size]
+                    for a, b in zip(slots[:count], slots[count : 2 * count], strict=True)
+                ]
+                i, column = int(rng.integers(count)), int(rng.integers(2))
+                if mutation == "negative":
+                    rows[i][column] = -size
+                elif mutation == "past the end":
+                    rows[i][column] = region.nbytes - size // 2
+                elif mutation == "misaligned":
+                    rows[i][column] += 1 if region.itemsize > 1 else 0
+                elif mutation == "overlap":
+                    rows[i][column] = rows[(i + 1) % count][column] + int(rng.integers(-size + 1, size))
+                elif mutation == "zero":
+                    rows[i][2] = 0
+                elif mutation == "other length":
+                    rows[i][2] = size // 2
+                elif mutation == "same start":
+                    rows[i][column] = rows[(i + 1) % count][column]
+                elif mutation == "one odd length":  # whole elements of u8 only
+                    for row in rows:
+                        row[2] = size - 1
+                table = d.block_table(rows)
+                for op in ("write", "read"):
+                    want_column = 1 if op == "write" else 0
+                    if count <= d.SMALL:
+                        expected = _verdict(d._rows_total, table.tolist(), region, region, op)
+                    else:
+                        expected = _verdict(d._table_total, table, region, region, op, want_column)
+                    got = _verdict(d.check_blocks, table, region, region, op, "peer 'p'")
+                    assert got == expected, (region.name, mutation, op, rows)
+                    if mutation == "none":
+                        assert got == size * count
+
+
 def test_check_pair_refuses_dtype_and_device_mismatch():
     with pytest.raises(ShapeMismatchError, match="holds float32.*holds uint8"):
         d.check_blocks(d.block_table([(0, 0, 4)]), F32, U8, "write", "peer 'p'")
@@ -289,13 +345,17 @@ class _RecordingBackend(TransferBackend):
         pass
 
     def post(self, link, op, local, remote, table, notify, rows=None) -> Request:
-        assert rows is None or rows == table.tolist()
+        assert rows is None or [list(row) for row in rows] == table.tolist()
         self.posted.append(("table", op, local.name, remote.name, table.tolist(), notify))
         return _Done()
 
     def post_one(self, link, op, local, remote, local_offset, remote_offset, nbytes, notify) -> Request:
         self.posted.append(("one", op, local.name, remote.name, [local_offset, remote_offset, nbytes], notify))
         return super().post_one(link, op, local, remote, local_offset, remote_offset, nbytes, notify)
+
+    def post_rows(self, link, op, local, remote, rows, notify) -> Request:
+        self.posted.append(("rows", op, local.name, remote.name, [list(row) for row in rows], notify))
+        return super().post_rows(link, op, local, remote, rows, notify)
 
     def post_blocks(self, prepared, op, ids, notify) -> Request:
         self.posted.append(("ids", op, ids.tolist(), notify))
@@ -347,10 +407,11 @@ def _outcome(call) -> tuple[type, str] | None:
 
 
 def _both_paths(monkeypatch, call) -> tuple:
-    """``call``'s outcome through the agent's one-block path, then with that path off (the general one)."""
+    """``call``'s outcome through the agent's one-block and few-rows paths, then with them off (the general one)."""
     fast = _outcome(call)
     with monkeypatch.context() as off:
         off.setattr(agent_module, "one_block", lambda blocks: None)
+        off.setattr(agent_module, "python_rows", lambda blocks: None)
         off.setattr(agent_module, "one_id", lambda blocks: None)
         general = _outcome(call)
     return fast, general
@@ -391,6 +452,59 @@ def test_a_bad_one_block_request_is_refused_with_the_general_paths_error(
         assert fast == general and fast is not None and words in fast[1], (fast, general)
         assert issubclass(fast[0], (InvalidArgumentError, ShapeMismatchError))
     assert backend.posted == []  # nothing reached the transport
+
+
+@pytest.mark.parametrize(
+    ("blocks", "words"),
+    [
+        ([(0, 0, 64), (64, 64, 0)], "positive"),
+        ([(0, 0, 64), (-64, 64, 64)], "outside the local region"),
+        ([(0, 0, 64), (64, 4096 - 32, 64)], "outside the remote region"),
+        ([(0, 0, 64), (66, 64, 64)], "element size"),
+        ([(0, 0, 64), (64, 32, 64)], "overlap"),  # overlapping destinations of a write
+        ([(0, 0, 64), (32, 64, 64)], "overlap"),  # ... of a read
+        ([(0, 0, 64), (64, 0, 64)], "overlap"),  # the same destination twice
+        ([(0, 0, 64), (64, 2**64, 64)], "integers"),
+        ([(0, 0, 64), (64, 64, 32), (96, 100, 32)], "overlap"),  # lengths differ: the general path only
+        ([(4 * i, 4 * i, 4) for i in range(d.SMALL)] + [(0, 0, 4)], "overlap"),  # past the few-rows form
+    ],
+)
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_a_bad_few_block_list_is_refused_with_the_general_paths_error(recording_agents, monkeypatch, blocks, words, op):
+    agent, backend = recording_agents
+    post = getattr(agent, op)
+    for given in (blocks, tuple(list(row) for row in blocks)):
+        before = len(backend.posted)
+        fast, general = _both_paths(monkeypatch, lambda given=given: post("b", "kv", "kv", given, b"n"))
+        if fast is None:  # overlapping sources of the other op (a source may repeat): accepted on both paths
+            assert general is None and words == "overlap", (given, op)
+            continue
+        assert fast == general and words in fast[1], (fast, general)
+        assert len(backend.posted) == before  # nothing reached the transport
+
+
+def test_a_few_block_list_reaches_the_transport_as_its_table(recording_agents, monkeypatch):
+    agent, backend = recording_agents
+    for op, blocks, region in (
+        ("write", [(0, 4032, 64), (256, 0, 64), (64, 128, 64)], "kv"),
+        ("read", ([8, 0, 8], [0, 8, 8]), "bytes"),
+        ("write", [(4 * i, 4092 - 4 * i, 4) for i in range(d.SMALL)], "kv"),
+    ):  # fmt: skip
+        handle = getattr(agent, op)("b", region, region, blocks, b"req")
+        posted = backend.posted[-2:]  # the rows, then their default table
+        assert [p[0] for p in posted] == ["rows", "table"] and posted[0][4] == [list(row) for row in blocks]
+        size = blocks[0][2] * len(blocks)
+        assert (handle.nbytes, handle.nblocks, handle.op) == (size, len(blocks), op)
+        with monkeypatch.context() as off:
+            off.setattr(agent_module, "python_rows", lambda blocks: None)
+            general = getattr(agent, op)("b", region, region, blocks, b"req")
+        assert backend.posted[-1] == posted[1] and (general.nbytes, general.nblocks) == (size, len(blocks))
+    for blocks in ([(0, 0, 64), (64, 64, 32)], [(np.int64(0), 0, 4), (4, 4, 4)]):
+        agent.write("b", "kv", "kv", blocks)  # other lengths or NumPy ints: the general path
+        assert backend.posted[-1][0] == "table"
+    assert d.python_rows([(0, 0, 4)]) is None and d.python_rows([(0, 0, 4)] * (d.SMALL + 1)) is None
+    assert d.python_rows([(0, 0, 4), (4, 4, 4.0)]) is None and d.python_rows([(0, 0, 4), (True, 4, 4)]) is None
+    assert d.python_rows(((0, 0, 4), [4, 4, 4])) is not None and d.python_rows([(0, 0, 4), (4, 4)]) is None
 
 
 def test_names_that_are_not_names_fail_alike_on_both_paths(recording_agents, monkeypatch):

@@ -46,6 +46,9 @@ from sagellm_comm.transfer.descriptors import (
     one_block,
     one_block_fits,
     one_id,
+    python_rows,
+    same_kind,
+    uniform_rows_total,
 )
 from sagellm_comm.transfer.handle import PreparedBlocks, TransferHandle
 from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
@@ -320,6 +323,11 @@ class TransferAgent:
             handle = self._post_one(peer, op, local_region, remote_region, row, notify)
             if handle is not None:
                 return handle
+        rows = python_rows(blocks)
+        if rows is not None:
+            handle = self._post_rows(peer, op, local_region, remote_region, rows, notify)
+            if handle is not None:
+                return handle
         table = block_table(blocks)
         rows = table.tolist() if len(table) <= SMALL else None  # a few blocks: checked and posted as Python ints
         with self.lock:
@@ -355,6 +363,30 @@ class TransferAgent:
             message = _message(notify)
             request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, message)
         return TransferHandle(self, peer, op, entry.backend.name, request, n, 1)
+
+    def _post_rows(self, peer: str, op: str, local_region: str, remote_region: str, rows, notify: Any
+                   ) -> TransferHandle | None:  # fmt: skip
+        """:meth:`_post` of a few blocks of one length given as Python ints (``rows``), checked without numpy
+        (:func:`uniform_rows_total`).  None, having done nothing, when anything is wrong or the lengths differ:
+        the general path then decides, so every refusal is the same whatever form the blocks came in."""
+        with self.lock:
+            if self._closed:
+                return None
+            entry = self._peers.get(peer)
+            if entry is None:
+                return None
+            local = self._regions.get(local_region)
+            if local is None:
+                return None
+            remote = entry.meta.regions.get(remote_region)
+            if remote is None or not same_kind(local.info, remote):
+                return None
+            nbytes = uniform_rows_total(rows, local.info, remote, op == "write")
+            if nbytes is None:
+                return None
+            message = _message(notify)
+            request = entry.backend.post_rows(entry.link, op, local, remote, rows, message)
+        return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(rows))
 
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated

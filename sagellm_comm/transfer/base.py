@@ -20,6 +20,7 @@ lie inside them, destinations do not overlap.  A backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -129,6 +130,13 @@ class TransferBackend(ABC):
         """:meth:`post` of one checked block, given as Python ints (default: its one-row table)."""
         table = np.array([[local_offset, remote_offset, nbytes]], dtype=np.int64)
         return self.post(link, op, local, remote, table, notify)
+
+    def post_rows(
+        self, link: Link, op: str, local: Region, remote: RegionInfo, rows: Sequence[Sequence[int]],
+        notify: bytes | None,
+    ) -> Request:  # fmt: skip
+        """:meth:`post` of a few checked blocks given only as Python ints (default: their table)."""
+        return self.post(link, op, local, remote, np.array(rows, dtype=np.int64), notify, rows)
 
     def prepare(self, link: Link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         """State for repeated transfers of fixed-size blocks between these two regions (default: none)."""

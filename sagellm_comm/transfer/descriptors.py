@@ -175,6 +175,26 @@ def one_block(blocks: Any) -> Sequence[int] | None:
     return None
 
 
+def python_rows(blocks: Any) -> Sequence[Sequence[int]] | None:
+    """``blocks`` itself when it is a list or tuple of 2 to :data:`SMALL` ``(local_offset, remote_offset, nbytes)``
+    lists or tuples of Python ints (the form the interface documents, then checked without numpy:
+    :func:`uniform_rows_total`); None for every other form (:func:`block_table` takes it)."""
+    if (blocks.__class__ is not list and blocks.__class__ is not tuple) or not 1 < len(blocks) <= SMALL:
+        return None
+    for row in blocks:
+        if (row.__class__ is not tuple and row.__class__ is not list) or len(row) != 3:
+            return None
+        local_offset, remote_offset, nbytes = row
+        if local_offset.__class__ is not int or remote_offset.__class__ is not int or nbytes.__class__ is not int:
+            return None
+    return blocks
+
+
+def same_kind(local: RegionInfo, remote: RegionInfo) -> bool:
+    """Whether :func:`check_pair` accepts the two regions."""
+    return local.dtype == remote.dtype and local.device == remote.device
+
+
 def check_pair(local: RegionInfo, remote: RegionInfo, peer: str) -> None:
     """The two regions of one transfer hold the same dtype on the same kind of device."""
     if local.dtype != remote.dtype:
@@ -206,7 +226,7 @@ def fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> boo
 def one_block_fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> bool:
     """Whether :func:`check_blocks` accepts the one block ``(lo, ro, n)`` (Python ints) between these regions (one
     block overlaps nothing); a block it does not accept is refused by :func:`check_blocks`, with its error."""
-    return local.dtype == remote.dtype and local.device == remote.device and fits(local, remote, lo, ro, n)
+    return same_kind(local, remote) and fits(local, remote, lo, ro, n)
 
 
 def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:
@@ -238,9 +258,40 @@ def _refuse_overlap(a: int, b: int, table: np.ndarray | list, op: str) -> None:
 
 def check_rows(rows: list, local: RegionInfo, remote: RegionInfo, op: str, peer: str) -> int:
     """:func:`check_blocks` of a few blocks given as Python ints (``rows``: ``[lo, ro, n]`` lists, as
-    ``table.tolist()`` gives them): the same checks and the same error for the same table, in one pass over the rows.
-    Returns the total bytes."""
+    ``table.tolist()`` gives them): the same checks and the same error for the same table.  Returns the total
+    bytes."""
     check_pair(local, remote, peer)
+    total = uniform_rows_total(rows, local, remote, op == "write")
+    return _rows_total(rows, local, remote, op) if total is None else total
+
+
+def uniform_rows_total(rows: Sequence[Sequence[int]], local: RegionInfo, remote: RegionInfo, write: bool) -> int | None:
+    """The total bytes of ``rows`` when its blocks all have one length and pass every check (one pass over the
+    rows, then the sorted destination offsets); None otherwise, which is no verdict: :func:`_rows_total` decides
+    and names the first bad block.  Blocks of a KV pool all have one length, so this is the common case."""
+    local_bytes, remote_bytes = local.nbytes, remote.nbytes
+    size = rows[0][2]
+    bits = 0
+    starts = []
+    keep = starts.append
+    for lo, ro, n in rows:
+        if n != size or lo < 0 or ro < 0 or lo + n > local_bytes or ro + n > remote_bytes:
+            return None
+        bits |= lo | ro
+        keep(ro if write else lo)
+    if size <= 0 or (bits | size) % local.itemsize:
+        return None
+    starts.sort()
+    previous = starts[0]
+    for start in starts[1:]:
+        if start - previous < size:  # one length: two blocks overlap exactly when their starts are this close
+            return None
+        previous = start
+    return size * len(rows)
+
+
+def _rows_total(rows: list, local: RegionInfo, remote: RegionInfo, op: str) -> int:
+    """The checks of :func:`check_rows` for any block lengths: refuses the first bad block or overlapping pair."""
     local_bytes, remote_bytes, write = local.nbytes, remote.nbytes, op == "write"
     total = bits = 0
     spans = []
@@ -269,7 +320,33 @@ def check_blocks(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: s
     if len(table) <= SMALL:
         return check_rows(table.tolist(), local, remote, op, peer)
     check_pair(local, remote, peer)
-    itemsize, column = local.itemsize, 1 if op == "write" else 0
+    column = 1 if op == "write" else 0
+    total = _uniform_table_total(table, local, remote, column)
+    return _table_total(table, local, remote, op, column) if total is None else total
+
+
+def _uniform_table_total(table: np.ndarray, local: RegionInfo, remote: RegionInfo, column: int) -> int | None:
+    """:func:`uniform_rows_total` of a table in a few whole-array numpy calls: the bounds from each column's
+    extremes, the overlap from the sorted destination offsets.  None is no verdict (:func:`_table_total`
+    decides)."""
+    columns = table.T.copy()  # [3, n]: each column contiguous, so its reductions are
+    low, high = columns.min(axis=1).tolist(), columns.max(axis=1).tolist()
+    size = low[2]
+    if size != high[2] or size <= 0 or low[0] < 0 or low[1] < 0:
+        return None
+    if high[0] + size > local.nbytes or high[1] + size > remote.nbytes:
+        return None
+    if local.itemsize > 1 and int(np.bitwise_or.reduce(columns, axis=None)) % local.itemsize:
+        return None
+    starts = np.sort(columns[column])
+    if int((starts[1:] - starts[:-1]).min()) < size:
+        return None
+    return size * len(table)
+
+
+def _table_total(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: str, column: int) -> int:
+    """The checks of :func:`check_blocks` for any block lengths: refuses the first bad block or overlapping pair."""
+    itemsize = local.itemsize
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
     # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
     inside = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0

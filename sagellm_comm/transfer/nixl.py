@@ -243,10 +243,8 @@ class NixlBackend(TransferBackend):
 
     @staticmethod
     def _descs(address: int, device_index: int, offsets: np.ndarray, nbytes: np.ndarray | int):
-        """NIXL descriptors ``(address, bytes, device)``: a list of tuples for a few blocks (cheaper to build),
-        an ``[n, 3]`` uint64 array otherwise."""
-        if len(offsets) <= SMALL and not isinstance(nbytes, int):
-            return [(address + o, n, device_index) for o, n in zip(offsets.tolist(), nbytes.tolist(), strict=True)]
+        """NIXL descriptors ``(address, bytes, device)`` as an ``[n, 3]`` uint64 array (a few blocks are posted as
+        lists of tuples instead: :meth:`post_rows`)."""
         descs = np.empty((len(offsets), 3), dtype=np.uint64)
         descs[:, 0] = offsets + address
         descs[:, 1] = nbytes
@@ -255,14 +253,22 @@ class NixlBackend(TransferBackend):
 
     def post(self, link: NixlLink, op, local: Region, remote: RegionInfo, table: np.ndarray, notify,
              rows: list | None = None) -> NixlRequest:  # fmt: skip
-        address, _, device_index = link.regions[remote.name]
         if len(table) <= SMALL:
-            rows = table.tolist() if rows is None else rows
-            local_descs = [(local.ptr + lo, n, local.info.device_index) for lo, _, n in rows]
-            remote_descs = [(address + ro, n, device_index) for _, ro, n in rows]
-        else:
-            local_descs = self._descs(local.ptr, local.info.device_index, table[:, 0], table[:, 2])
-            remote_descs = self._descs(address, device_index, table[:, 1], table[:, 2])
+            return self.post_rows(link, op, local, remote, table.tolist() if rows is None else rows, notify)
+        address, _, device_index = link.regions[remote.name]
+        local_descs = self._descs(local.ptr, local.info.device_index, table[:, 0], table[:, 2])
+        remote_descs = self._descs(address, device_index, table[:, 1], table[:, 2])
+        return self._post_descs(link, op, local, remote, local_descs, remote_descs, notify)
+
+    def post_rows(self, link: NixlLink, op, local: Region, remote: RegionInfo, rows, notify) -> NixlRequest:
+        address, _, device_index = link.regions[remote.name]
+        base, local_index = local.ptr, local.info.device_index
+        local_descs = [(base + lo, n, local_index) for lo, _, n in rows]
+        remote_descs = [(address + ro, n, device_index) for _, ro, n in rows]
+        return self._post_descs(link, op, local, remote, local_descs, remote_descs, notify)
+
+    def _post_descs(self, link: NixlLink, op, local: Region, remote: RegionInfo, local_descs, remote_descs, notify
+                    ) -> NixlRequest:  # fmt: skip
         try:
             handle = self.agent.initialize_xfer(
                 _OPS[op],
