@@ -296,6 +296,7 @@ TRANSFER_BAD_OPTIONS = [
     (["--iters", "0"], "--iters must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--timeout", "0"], "--timeout must be positive"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was an OverflowError from a process
     (["--ops", "write,write"], "--ops names 'write' twice"),

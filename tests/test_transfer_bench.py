@@ -30,20 +30,20 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     stem = tmp_path / "transfer"
     plot = str(tmp_path / "t.png")
     proc = _cli("--block-sizes", "4K,64K", "--block-counts", "1,5", "--iters", "3", "--warmup", "1",
-                "--notify-iters", "4", "--out", str(stem), "--plot", plot, "--no-progress")  # fmt: skip
+                "--notify-iters", "4", "--rounds", "2", "--out", str(stem), "--plot", plot, "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout
     assert "backends nixl, nixl-raw, torch" in table and "Wrong bytes: 0, failed points: 0: OK" in table
     assert "UCX RMA:" in table and "notification latency, nixl" in table
     record = json.loads(stem.with_suffix(".json").read_text())
     assert record["meta"]["commit"] and "2 processes" in record["meta"]["device"] and "command" in record["meta"]
-    assert record["setup"]["backends"] == ["nixl", "nixl-raw", "torch"]
+    assert record["setup"]["backends"] == ["nixl", "nixl-raw", "torch"] and record["setup"]["rounds"] == 2
     results = record["results"]
     assert len(results) == 2 * 2 * 2 * 3  # sizes x counts x ops x backends
     assert {r["backend"] for r in results} == {"nixl", "nixl-raw", "torch"}
     assert all(r["num_wrong"] == 0 and r["gbps"] > 0 and r["timing"] == "wall" for r in results)
     notify = record["notify"]["nixl"]
-    assert notify["samples"] == notify["idle"]["samples"] == notify["busy"]["samples"] == 4  # both pacings
+    assert notify["samples"] == notify["idle"]["samples"] == notify["busy"]["samples"] == 8  # both pacings, 2 rounds
     assert notify["median_us"] == notify["idle"]["median_us"]  # the headline figure is the idle pacing's
     assert 0 < notify["idle"]["host_median_us"] < notify["idle"]["max_us"]  # write()'s host part of the latency
     assert "initiator asleep between requests" in table and "initiator busy between requests" in table

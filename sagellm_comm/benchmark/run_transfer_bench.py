@@ -55,6 +55,9 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=DEFAULT_NOTIFY_ITERS,
         help=f"notification latency samples per backend, 0: none (default {DEFAULT_NOTIFY_ITERS})",
     )
+    how.add_argument("--rounds", type=int, default=1,
+                     help="measure the backends in turn this many times and pool each point's samples, so that "
+                     "the machine's drift falls on every backend alike (default 1)")  # fmt: skip
     how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
     add_output_options(parser, DEFAULT_OUTPUT_DIR, "GB/s against block size", stem=True)
     return parser
@@ -75,6 +78,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         warmup=args.warmup,
         iters=args.iters,
         notify_iters=args.notify_iters,
+        rounds=args.rounds,
         timeout=args.timeout,
         output_dir=None if args.no_save else args.output_dir,
         out=None if args.no_save else args.out,
@@ -108,6 +112,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "warmup": config.warmup,
         "iters": config.iters,
         "notify_iters": config.notify_iters,
+        "rounds": config.rounds,
         "pool_bytes": plan.pool_bytes,
         "skipped": list(plan.skipped),
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",

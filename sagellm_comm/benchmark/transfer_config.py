@@ -55,6 +55,7 @@ class TransferBenchConfig:
     warmup: int = DEFAULT_WARMUP
     iters: int = DEFAULT_ITERS
     notify_iters: int = DEFAULT_NOTIFY_ITERS  # 0: no notification latency
+    rounds: int = 1  # the backends measured in turn this many times, samples pooled (drift hits each alike)
     timeout: float = 120.0
     output_dir: str | None = DEFAULT_OUTPUT_DIR
     out: str | None = None  # a file stem: STEM.json / STEM.csv instead of a timestamped name in output_dir
@@ -101,6 +102,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     check_repetitions(config.warmup, config.iters, config.timeout)
     if config.notify_iters < 0:
         raise InvalidArgumentError(f"--notify-iters must be >= 0, got {config.notify_iters}")
+    if config.rounds < 1:
+        raise InvalidArgumentError(f"--rounds must be >= 1, got {config.rounds}")
     check_outputs(config.output_dir if config.out is None else None, config.plot)
     if config.out is not None:
         check_writable_dir(Path(config.out).absolute().parent, "--out's directory")

@@ -12,6 +12,9 @@ backend, and exchange metadata, IPC handles and commands through the store ``spa
 2. *check*: one more request with a seeded pattern in the source blocks; the destination side compares
    (the peer for a write, the initiator for a read) and the count of wrong bytes is the record's ``num_wrong``.
 
+With ``rounds`` > 1 the backends are measured in turn that many times (each round opens and closes each backend's
+agents again) and each point's samples are pooled over the rounds before their statistics are taken.
+
 Notification latency (``ipc`` and ``nixl``): one 16 KB block written with the initiator's monotonic clock in its
 message, ``notify_iters`` times, one at a time; the peer polls ``notifications()`` and records the clock when it
 sees each one (both processes share the host's ``CLOCK_MONOTONIC``).  Two pacings, ``NOTIFY_PACINGS``: between
@@ -244,15 +247,18 @@ class _Initiator:
             mover.blocking(op, point)
 
     def time(self, mover, op: str, point: Point) -> dict:
+        """One round's samples of ``op`` at ``point``, microseconds per request: ``{"samples": [...], "timing":
+        "device" | "wall"}``, and for ``ipc`` on a GPU the host time of each request (``"host"``) and its wall time
+        with ``wait()`` (``"e2e"``)."""
         config = self.side.config
         if mover.device_timed:
             samples = time_iterations(lambda: mover.enqueue(op, point), iters=config.iters, warmup=config.warmup,
                                       device=self.device, hold_device=True)  # fmt: skip
-            out = {"stats": summarize(samples), "timing": "device"}
+            out = {"samples": samples, "timing": "device"}
         else:
             samples = time_iterations(lambda: mover.blocking(op, point), iters=config.iters, warmup=config.warmup,
                                       device=None)  # fmt: skip
-            out = {"stats": summarize(samples), "timing": "wall"}
+            out = {"samples": samples, "timing": "wall"}
         if isinstance(mover, AgentMover) and mover.device_timed:
             host, total = [], []
             for _ in range(config.iters):
@@ -262,7 +268,7 @@ class _Initiator:
                 handle.wait(config.timeout)
                 host.append((submitted - begin) / 1e3)
                 total.append((time.perf_counter_ns() - begin) / 1e3)
-            out["host_us"], out["e2e_us"] = summarize(host).median_us, summarize(total).median_us
+            out["host"], out["e2e"] = host, total
         return out
 
     def notify_latency(self, mover: AgentMover, backend: str, iters: int, pool_blocks: int) -> dict:
@@ -322,37 +328,63 @@ def _measure(init: _Initiator) -> dict:
         blocks = plan.pool_bytes // block
         points.append(Point(block, count, rng.choice(blocks, count, replace=False),
                             rng.choice(blocks, count, replace=False)))  # fmt: skip
-    bar = ProgressBar(len(points) * len(plan.backends) * len(config.ops), enabled=config.progress)
-    measured, notify, failed, transports, seed = [], {}, {}, {}, 1
+    bar = ProgressBar(len(points) * len(plan.backends) * len(config.ops) * config.rounds, enabled=config.progress)
+    pooled: dict[tuple, dict] = {}  # (backend, point index, op) -> its samples over the rounds
+    notify: dict[str, dict] = {}
+    failed, transports, seed = {}, {}, 1
     try:
-        for backend in plan.backends:
-            try:
-                mover = init.open(backend)
-            except CommError as exc:
-                failed[backend] = exc.message
-                init.close(backend)
-                continue
-            try:
-                for point in points:
-                    for op in config.ops:
-                        entry = {"backend": backend, "op": op, "block": point.block, "count": point.count}
-                        try:
-                            entry.update(init.time(mover, op, point))
-                            entry["num_wrong"] = init.check(mover, op, point, seed)
-                        except CommError as exc:
-                            entry["error"] = exc.message
-                        seed += 1
-                        measured.append(entry)
-                        bar.step(f"{backend} {op} {point.count}x{point.block}")
-                if config.notify_iters and backend in ("ipc", "nixl"):
-                    notify[backend] = init.notify_latency(mover, backend, config.notify_iters,
-                                                          plan.pool_bytes // NOTIFY_BLOCK)  # fmt: skip
-                transports[backend] = mover.transport()
-            finally:
-                init.close(backend)
+        for _ in range(config.rounds):  # every backend in turn, once a round: drift falls on each alike
+            for backend in plan.backends:
+                if backend in failed:
+                    continue
+                try:
+                    mover = init.open(backend)
+                except CommError as exc:
+                    failed[backend] = exc.message
+                    init.close(backend)
+                    continue
+                try:
+                    for index, point in enumerate(points):
+                        for op in config.ops:
+                            entry = pooled.setdefault((backend, index, op), {
+                                "backend": backend, "op": op, "block": point.block, "count": point.count,
+                                "samples": [], "host": [], "e2e": [], "num_wrong": 0})  # fmt: skip
+                            if "error" not in entry:  # a point that failed once is not measured again
+                                try:
+                                    part = init.time(mover, op, point)
+                                    entry["timing"] = part["timing"]
+                                    for key in ("samples", "host", "e2e"):
+                                        entry[key] += part.get(key, [])
+                                    entry["num_wrong"] += init.check(mover, op, point, seed)
+                                except CommError as exc:
+                                    entry["error"] = exc.message
+                            seed += 1
+                            bar.step(f"{backend} {op} {point.count}x{point.block}")
+                    if config.notify_iters and backend in ("ipc", "nixl"):
+                        by_pacing = init.notify_latency(mover, backend, config.notify_iters,
+                                                        plan.pool_bytes // NOTIFY_BLOCK)  # fmt: skip
+                        for pacing, samples in by_pacing.items():
+                            into = notify.setdefault(backend, {}).setdefault(pacing, {"seen": [], "host": []})
+                            into["seen"] += samples["seen"]
+                            into["host"] += samples["host"]
+                    transports[backend] = mover.transport()
+                finally:
+                    init.close(backend)
     finally:
         bar.close()
         init.call({"do": "exit"})
+    measured = [_summarized(entry) for entry in pooled.values()]
     order = {backend: i for i, backend in enumerate(plan.backends)}
     measured.sort(key=lambda e: (e["block"], e["count"], config.ops.index(e["op"]), order[e["backend"]]))
     return {"points": measured, "notify": notify, "failed": failed, "transports": transports}
+
+
+def _summarized(entry: dict) -> dict:
+    """A point's record from its pooled samples: their statistics (none when it failed) and, for ``ipc`` on a GPU,
+    the median host and end-to-end times of a request."""
+    samples, host, e2e = entry.pop("samples"), entry.pop("host"), entry.pop("e2e")
+    if "error" not in entry and samples:
+        entry["stats"] = summarize(samples)
+        if host:
+            entry["host_us"], entry["e2e_us"] = summarize(host).median_us, summarize(e2e).median_us
+    return entry
