@@ -29,8 +29,8 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     pytest.importorskip("matplotlib")
     stem = tmp_path / "transfer"
     plot = str(tmp_path / "t.png")
-    proc = _cli("--block-sizes", "4K,64K", "--block-counts", "1,5", "--iters", "3", "--warmup", "1",
-                "--notify-iters", "4", "--rounds", "2", "--out", str(stem), "--plot", plot, "--no-progress")  # fmt: skip
+    proc = _cli("--block-sizes", "4K,64K", "--block-counts", "1,5", "--iters", "3", "--warmup", "1", "--rounds", "2",
+                "--notify-iters", "4", "--out", str(stem), "--plot", plot, "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout
     assert "backends nixl, nixl-raw, torch" in table and "Wrong bytes: 0, failed points: 0: OK" in table
