@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import shm
 from .cupy_probe import require_cupy
 from .errors import P2PFailedError
 
@@ -170,17 +171,14 @@ class SharedFileMemory(PeerMemory):
 
     Each file this process creates (``sagellm-comm-<pid>-<random>``) carries an owner lock (an exclusive
     ``flock``, dropped by the kernel however the process exits) until it is freed or unlinked, so the one
-    stale-file sweep of shared memory (:func:`sagellm_comm.transfer.shared.sweep_stale`, run here when a
+    stale-file sweep of shared memory (:func:`sagellm_comm.shm.sweep_stale`, run here when a
     ``SharedFileMemory`` is made and when a transfer inbox is made) removes the files of a process killed before
     it could (mid-rendezvous, say)."""
 
     def __init__(self, directory: str = "/dev/shm"):
-        from sagellm_comm.transfer import shared  # owner locks and the sweep (transfer imports this module)
-
-        self._shared = shared
         self.directory = directory if os.path.isdir(directory) else "/tmp"
         self._maps: dict[int, tuple[torch.Tensor, str | None, Any]] = {}  # ptr -> (mapping, own file, its lock)
-        shared.sweep_stale()
+        shm.sweep_stale()
 
     def _map(self, path: str, nbytes: int, lock=None) -> int:
         mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
@@ -189,15 +187,15 @@ class SharedFileMemory(PeerMemory):
         return ptr
 
     def allocate(self, nbytes: int) -> int:
-        path = os.path.join(self.directory, f"{self._shared.WORKSPACE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        path = os.path.join(self.directory, f"{shm.WORKSPACE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         lock = None
         try:
             with open(path, "wb") as f:
                 f.truncate(nbytes)  # sparse file of zeros
-            lock = self._shared.OwnerLock(path)
+            lock = shm.OwnerLock(path)
             return self._map(path, nbytes, lock)
         except BaseException:  # not mapped: neither the file nor its lock stays
-            self._shared.remove_owned(path, lock)
+            shm.remove_owned(path, lock)
             raise
 
     def fill(self, ptr: int, nbytes: int, value: int) -> None:
@@ -221,7 +219,7 @@ class SharedFileMemory(PeerMemory):
     def free(self, ptr: int) -> None:
         _, path, lock = self._maps.pop(ptr, (None, None, None))
         if path is not None:
-            self._shared.remove_owned(path, lock)
+            shm.remove_owned(path, lock)
 
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         ctypes.memmove(dst, src, nbytes)
@@ -230,7 +228,7 @@ class SharedFileMemory(PeerMemory):
         """Remove the file behind this process's region once every peer has mapped it (mappings stay valid)."""
         mapped, path, lock = self._maps[ptr]
         if path is not None:
-            self._shared.remove_owned(path, lock)
+            shm.remove_owned(path, lock)
         self._maps[ptr] = (mapped, None, None)
 
     def tensor(self, ptr: int) -> torch.Tensor:

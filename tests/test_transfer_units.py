@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from sagellm_comm import shm
 from sagellm_comm.errors import (
     BackendNotSupportedError,
     CommError,
@@ -576,7 +577,7 @@ def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
     tensor = shared.shared_cpu_tensor((3, 5), torch.float16)
     assert tensor.shape == (3, 5) and tensor.dtype == torch.float16 and not tensor.any()
     path, offset = shared.shared_file_of(tensor.data_ptr() + 4, 8)
-    assert offset == 4 and os.path.exists(path) and shared.owner_alive(path)
+    assert offset == 4 and os.path.exists(path) and shm.owner_alive(path)
     mapped = torch.from_file(path, shared=True, size=30, dtype=torch.uint8)
     tensor.view(-1).view(torch.uint8)[7] = 42
     assert int(mapped[7]) == 42  # one memory
@@ -590,31 +591,31 @@ def test_a_shared_cpu_tensor_that_cannot_be_mapped_leaves_no_file_or_lock(monkey
     def refuse(*args, **kwargs):
         raise RuntimeError("unable to mmap: Cannot allocate memory")
 
-    before, fds = set(os.listdir(shared.shared_dir())), len(os.listdir("/proc/self/fd"))
+    before, fds = set(os.listdir(shm.shared_dir())), len(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(torch, "from_file", refuse)
     for _ in range(50):
         with pytest.raises(RuntimeError, match="Cannot allocate memory"):
             shared.shared_cpu_tensor(4096, torch.uint8)
-    mine = f"{shared.PREFIX}{os.getpid()}-"
-    assert not [n for n in set(os.listdir(shared.shared_dir())) - before if n.startswith(mine)]
+    mine = f"{shm.TRANSFER_PREFIX}{os.getpid()}-"
+    assert not [n for n in set(os.listdir(shm.shared_dir())) - before if n.startswith(mine)]
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
 def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(libc, monkeypatch):
     if libc:
-        assert shared.libc_flock() is not None
+        assert shm.libc_flock() is not None
     else:
-        monkeypatch.setattr(shared, "libc_flock", lambda: None)  # where libc cannot be loaded
+        monkeypatch.setattr(shm, "libc_flock", lambda: None)  # where libc cannot be loaded
     path = shared.new_path("-test")
     open(path, "wb").close()
     try:
-        lock = shared.OwnerLock(path)
-        probe = shared.LivenessProbe(path)
+        lock = shm.OwnerLock(path)
+        probe = shm.LivenessProbe(path)
         assert probe.alive() and probe.alive()
         lock.release()
         assert not probe.alive() and not probe.alive()
-        lock = shared.OwnerLock(path)  # the probe let go of the lock it took: an owner can take it again
+        lock = shm.OwnerLock(path)  # the probe let go of the lock it took: an owner can take it again
         assert probe.alive()
         lock.release()
         probe.close()
@@ -629,8 +630,8 @@ def test_owner_lock_tells_a_live_owner_from_a_dead_one():
     path = shared.new_path("-test")
     open(path, "wb").close()
     try:
-        lock = shared.OwnerLock(path)
-        probe = shared.LivenessProbe(path)
+        lock = shm.OwnerLock(path)
+        probe = shm.LivenessProbe(path)
         assert probe.alive()
         lock.release()
         assert not probe.alive()
@@ -640,8 +641,8 @@ def test_owner_lock_tells_a_live_owner_from_a_dead_one():
                "print('locked', flush=True); os.kill(os.getpid(), signal.SIGKILL)"  # fmt: skip
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert "locked" in out.stdout and out.returncode == -9
-        assert not shared.owner_alive(path)
-        assert not shared.owner_alive(path + "-never-created")
+        assert not shm.owner_alive(path)
+        assert not shm.owner_alive(path + "-never-created")
     finally:
         os.unlink(path)
 
@@ -662,7 +663,7 @@ def live_sender():
     """The inbox path of a sender that is alive (its owner lock is held)."""
     path = shared.new_path("-sender")
     open(path, "wb").close()
-    lock = shared.OwnerLock(path)
+    lock = shm.OwnerLock(path)
     yield path
     lock.release()
     os.unlink(path)
@@ -779,10 +780,10 @@ def test_sweeping_keeps_a_live_inboxs_claim_file_and_removes_a_dead_ones(live_se
     try:
         gone_paths = (gone.path, gone.claim_path)
         gone._lock.release()  # its owner died: the files stay behind
-        old = os.stat(inbox.path).st_mtime - 2 * shared.STALE_AFTER_S
+        old = os.stat(inbox.path).st_mtime - 2 * shm.STALE_AFTER_S
         for path in (inbox.path, inbox.claim_path, *gone_paths):
             os.utime(path, (old, old))
-        assert shared.sweep_stale() >= 2  # (and whatever dead processes left)
+        assert shm.sweep_stale() >= 2  # (and whatever dead processes left)
         assert not any(os.path.exists(path) for path in gone_paths)
         assert os.path.exists(inbox.path) and os.path.exists(inbox.claim_path)
         box = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)  # peers can still claim a slot
@@ -793,7 +794,7 @@ def test_sweeping_keeps_a_live_inboxs_claim_file_and_removes_a_dead_ones(live_se
         inbox.close()
         gone.close()
     with pytest.raises(InvalidArgumentError, match="companion role"):
-        shared.companion_path(inbox.path, "lock")
+        shm.companion_path(inbox.path, "lock")
 
 
 _KILLED_MID_RENDEZVOUS = """
@@ -811,15 +812,15 @@ def test_the_sweep_removes_the_workspace_files_of_a_killed_process_and_keeps_a_l
 
     killed = subprocess.run([sys.executable, "-c", _KILLED_MID_RENDEZVOUS], capture_output=True, text=True, timeout=60)
     dead = killed.stdout.strip()
-    assert os.path.basename(dead).startswith(shared.WORKSPACE_PREFIX) and os.path.exists(dead), killed.stderr
+    assert os.path.basename(dead).startswith(shm.WORKSPACE_PREFIX) and os.path.exists(dead), killed.stderr
     memory = SharedFileMemory()
     live_ptr = memory.allocate(4096)
     live = memory.export(live_ptr)
     try:
-        old = os.stat(live).st_mtime - 2 * shared.STALE_AFTER_S
+        old = os.stat(live).st_mtime - 2 * shm.STALE_AFTER_S
         for path in (dead, live):
             os.utime(path, (old, old))
-        assert shared.sweep_stale() >= 1
+        assert shm.sweep_stale() >= 1
         assert not os.path.exists(dead)
         assert os.path.exists(live)  # its owner (this process) holds its lock
         memory.unlink(live_ptr)  # what a workspace does once every peer mapped it: file and lock go

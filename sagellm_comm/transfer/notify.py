@@ -56,7 +56,8 @@ import numpy as np
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
-from sagellm_comm.transfer.shared import LivenessProbe, OwnerLock, companion_path, new_path, sweep_stale
+from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, sweep_stale
+from sagellm_comm.transfer.shared import new_path
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
 VERSION = 1

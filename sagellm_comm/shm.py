@@ -1,0 +1,160 @@
+"""Files in host shared memory that other processes of the host map, each held by its owner for its lifetime.
+
+* :func:`shared_dir`: ``/dev/shm`` where it exists (every process of the host sees it).
+* :class:`OwnerLock`: an exclusive ``flock`` held on a file for the owner's lifetime.  The kernel drops it
+  when the process exits, however it exits, so :func:`owner_alive` / :class:`LivenessProbe` (a non-blocking
+  shared-lock attempt) tell a live owner from a dead one, also for two owners in one process (``flock`` locks
+  belong to open files).
+* :func:`sweep_stale`: files of this package's prefixes left by processes that died are removed (their owner
+  lock is free and they are older than a minute): the transfer files (``sagellm_comm/transfer/shared.py``,
+  ``sagellm-xfer-<pid>-<random>[-suffix]``) and the workspace files of :class:`sagellm_comm.ipc.SharedFileMemory`
+  (CPU processes under the Triton interpreter, ``sagellm-comm-<pid>-<random>``).  A *companion* file (a transfer
+  inbox's claim file, ``<owner>-claim``) holds no lock of its own: it goes once the owner of the file it
+  accompanies is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import time
+from functools import lru_cache
+
+from sagellm_comm.errors import InvalidArgumentError
+
+TRANSFER_PREFIX = "sagellm-xfer-"  # sagellm_comm/transfer/shared.py's files
+WORKSPACE_PREFIX = "sagellm-comm-"  # SharedFileMemory's files (sagellm_comm/ipc.py)
+STALE_AFTER_S = 60.0
+
+
+@lru_cache(maxsize=1)
+def shared_dir() -> str:
+    """``/dev/shm`` where it exists (every process of the host sees it), else the temporary directory."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+#: the roles of companion files (:func:`companion_path`): ``claim``, the lock file of an inbox's slot claims
+COMPANION_ROLES = ("claim",)
+
+
+def companion_path(owner: str, role: str) -> str:
+    """The path of the file playing ``role`` (one of :data:`COMPANION_ROLES`) beside ``owner``, a file an
+    :class:`OwnerLock` holds: it has no lock of its own and lives as long as ``owner``'s owner."""
+    if role not in COMPANION_ROLES:
+        raise InvalidArgumentError(f"companion role must be one of {COMPANION_ROLES}, got {role!r}")
+    return f"{owner}-{role}"
+
+
+def _owner_file(path: str) -> str:
+    """The file whose owner lock tells whether ``path`` is in use: ``path`` itself, or the file it accompanies."""
+    for role in COMPANION_ROLES:
+        if path.endswith(f"-{role}"):
+            return path[: -len(role) - 1]
+    return path
+
+
+class OwnerLock:
+    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the lock
+            self.fd = -1
+
+
+SHARED_NOW = fcntl.LOCK_SH | fcntl.LOCK_NB
+
+
+@lru_cache(maxsize=1)
+def libc_flock():
+    """libc's ``flock(fd, operation)``, which returns -1 and sets errno on a refused lock: ``fcntl.flock`` raises
+    there, and the exception costs more than the system call on a live owner's path.  Both arguments are small
+    ints, which ctypes passes as C ints without declared argument types (declaring them costs more than the
+    call).  None where libc cannot be loaded."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).flock
+    except (OSError, AttributeError):
+        return None
+
+
+class LivenessProbe:
+    """Whether the owner of ``path`` (an :class:`OwnerLock` holder) is still alive: a non-blocking shared
+    ``flock``, refused while the owner holds its exclusive one; one system call per check of a live owner."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._flock = libc_flock()
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.fd = -1  # the owner already removed it: gone
+
+    def alive(self) -> bool:
+        if self.fd < 0:
+            return False
+        if self._flock is None:
+            try:
+                fcntl.flock(self.fd, SHARED_NOW)
+            except BlockingIOError:
+                return True  # the owner holds its exclusive lock
+        elif self._flock(self.fd, SHARED_NOW):
+            code = ctypes.get_errno()
+            if code == errno.EWOULDBLOCK:
+                return True  # the owner holds its exclusive lock
+            raise OSError(code, os.strerror(code))  # a non-blocking request is never interrupted
+        fcntl.flock(self.fd, fcntl.LOCK_UN)  # got it: the owner is gone
+        return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def owner_alive(path: str) -> bool:
+    probe = LivenessProbe(path)
+    try:
+        return probe.alive()
+    finally:
+        probe.close()
+
+
+def sweep_stale() -> int:
+    """Remove files of this package whose owner died (lock free, older than a minute; a companion file's owner
+    is that of the file it accompanies); returns how many."""
+    directory, removed = shared_dir(), 0
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith((TRANSFER_PREFIX, WORKSPACE_PREFIX))]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < STALE_AFTER_S or owner_alive(_owner_file(path)):
+                continue
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def remove_owned(path: str, lock: OwnerLock | None) -> None:
+    """Remove a file this process owns, then drop its owner lock (``lock`` None: never taken)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    if lock is not None:
+        lock.release()
