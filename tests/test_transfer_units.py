@@ -510,9 +510,20 @@ def test_a_few_block_list_reaches_the_transport_as_its_table(recording_agents, m
 
 def test_names_that_are_not_names_fail_alike_on_both_paths(recording_agents, monkeypatch):
     agent, backend = recording_agents
-    for names in ((["b"], "kv", "kv"), ("b", ["kv"], "kv"), ("b", "kv", ["kv"]), ("z", ["kv"], "kv")):
-        fast, general = _both_paths(monkeypatch, lambda names=names: agent.write(*names, [(0, 0, 4)]))
-        assert fast == general and fast is not None, (names, fast, general)
+    for names, words in (
+        ((["b"], "kv", "kv"), "peer must be a name (str), got list"),
+        (("b", b"kv", "kv"), "local region must be a name (str), got bytes"),
+        (("b", "kv", None), "peer region must be a name (str), got NoneType"),
+        (("z", ["kv"], "kv"), "unknown peer 'z'"),  # the peer is looked up first
+    ):  # fmt: skip
+        for blocks in ([(0, 0, 4)], [(0, 0, 4), (4, 4, 4)]):
+            fast, general = _both_paths(monkeypatch, lambda names=names, b=blocks: agent.write(*names, b))
+            assert fast == general and fast[0] is InvalidArgumentError and words in fast[1], (names, fast, general)
+    for call in (lambda: agent.register(["x"], torch.zeros(4)), lambda: agent.deregister(["kv"]),
+                 lambda: agent.prepare(("b",), "kv", "kv", 64), lambda: agent.remove_peer(["b"]),
+                 lambda: agent.peer_backend(["b"])):  # fmt: skip
+        with pytest.raises(InvalidArgumentError, match="must be a"):
+            call()
     agent.close()
     fast, general = _both_paths(monkeypatch, lambda: agent.write(["b"], "kv", "kv", [(0, 0, 4)]))
     assert fast == general and fast[0] is NotInitializedError

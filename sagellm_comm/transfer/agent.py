@@ -146,7 +146,7 @@ class TransferAgent:
         """
         with self.lock:
             self._check_open()
-            if name in self._regions:
+            if isinstance(name, str) and name in self._regions:  # a name that is not a str: make_region says so
                 raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
             region = make_region(name, tensor)
             cuda = [r for r in self._regions.values() if r.info.device == "cuda"]
@@ -349,16 +349,11 @@ class TransferAgent:
         request with its own error, so every refusal is the same whatever form the blocks came in."""
         lo, ro, n = row
         with self.lock:
-            if self._closed:
+            known = self._known(peer, local_region, remote_region)
+            if known is None:
                 return None
-            entry = self._peers.get(peer)
-            if entry is None:
-                return None
-            local = self._regions.get(local_region)
-            if local is None:
-                return None
-            remote = entry.meta.regions.get(remote_region)
-            if remote is None or not one_block_fits(local.info, remote, lo, ro, n):
+            entry, local, remote = known
+            if not one_block_fits(local.info, remote, lo, ro, n):
                 return None
             message = _message(notify)
             request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, message)
@@ -370,16 +365,11 @@ class TransferAgent:
         (:func:`uniform_rows_total`).  None, having done nothing, when anything is wrong or the lengths differ:
         the general path then decides, so every refusal is the same whatever form the blocks came in."""
         with self.lock:
-            if self._closed:
+            known = self._known(peer, local_region, remote_region)
+            if known is None:
                 return None
-            entry = self._peers.get(peer)
-            if entry is None:
-                return None
-            local = self._regions.get(local_region)
-            if local is None:
-                return None
-            remote = entry.meta.regions.get(remote_region)
-            if remote is None or not same_kind(local.info, remote):
+            entry, local, remote = known
+            if not same_kind(local.info, remote):
                 return None
             nbytes = uniform_rows_total(rows, local.info, remote, op == "write")
             if nbytes is None:
@@ -387,6 +377,19 @@ class TransferAgent:
             message = _message(notify)
             request = entry.backend.post_rows(entry.link, op, local, remote, rows, message)
         return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(rows))
+
+    def _known(self, peer: Any, local_region: Any, remote_region: Any) -> tuple[_Peer, Region, Any] | None:
+        """``(peer entry, local region, peer's region)`` for the short paths when the agent is open and knows all
+        three names (the caller holds the lock); None otherwise, which is no verdict: the general path names what
+        is wrong."""
+        if self._closed or not (peer.__class__ is local_region.__class__ is remote_region.__class__ is str):
+            return None
+        entry = self._peers.get(peer)
+        local = self._regions.get(local_region)
+        if entry is None or local is None:
+            return None
+        remote = entry.meta.regions.get(remote_region)
+        return None if remote is None else (entry, local, remote)
 
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated
@@ -486,6 +489,7 @@ class TransferAgent:
             raise NotInitializedError(f"transfer agent {self.name!r} was closed")
 
     def _peer(self, peer: str) -> _Peer:
+        _check_name(peer, "peer")
         entry = self._peers.get(peer)
         if entry is None:
             raise InvalidArgumentError(
@@ -496,6 +500,7 @@ class TransferAgent:
         return entry
 
     def _region(self, name: str) -> Region:
+        _check_name(name, "local region")
         region = self._regions.get(name)
         if region is None:
             raise InvalidArgumentError(
@@ -505,6 +510,7 @@ class TransferAgent:
 
     @staticmethod
     def _remote_region(entry: _Peer, name: str):
+        _check_name(name, "peer region")
         info = entry.meta.regions.get(name)
         if info is None:
             raise InvalidArgumentError(
@@ -513,6 +519,12 @@ class TransferAgent:
                 details={"peer": entry.meta.name},
             )
         return info
+
+
+def _check_name(name: Any, what: str) -> None:
+    """Peers and regions are named by strings: anything else (a list, bytes, None) is refused by name."""
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"{what} must be a name (str), got {type(name).__name__} {name!r}")
 
 
 def _check_options(options: Any) -> dict[str, dict]:
