@@ -175,19 +175,23 @@ def one_block(blocks: Any) -> Sequence[int] | None:
     return None
 
 
-def python_rows(blocks: Any) -> Sequence[Sequence[int]] | None:
-    """``blocks`` itself when it is a list or tuple of 2 to :data:`SMALL` ``(local_offset, remote_offset, nbytes)``
-    lists or tuples of Python ints (the form the interface documents, then checked without numpy:
-    :func:`uniform_rows_total`); None for every other form (:func:`block_table` takes it)."""
+def python_rows(blocks: Any) -> list[tuple[int, int, int]] | None:
+    """A copy of ``blocks`` as ``(local_offset, remote_offset, nbytes)`` tuples when it is a list or tuple of 2 to
+    :data:`SMALL` such lists or tuples of Python ints (the form the interface documents, then checked without
+    numpy: :func:`uniform_rows_total`); None for every other form (:func:`block_table` takes it).  A copy, so that
+    what is checked is what is posted even if the caller's lists change meanwhile."""
     if (blocks.__class__ is not list and blocks.__class__ is not tuple) or not 1 < len(blocks) <= SMALL:
         return None
+    rows = []
+    keep = rows.append
     for row in blocks:
         if (row.__class__ is not tuple and row.__class__ is not list) or len(row) != 3:
             return None
         local_offset, remote_offset, nbytes = row
         if local_offset.__class__ is not int or remote_offset.__class__ is not int or nbytes.__class__ is not int:
             return None
-    return blocks
+        keep((local_offset, remote_offset, nbytes))
+    return rows
 
 
 def same_kind(local: RegionInfo, remote: RegionInfo) -> bool:
