@@ -22,7 +22,9 @@ The record also holds ``targets`` (fused within 0.5 us of the plain all-reduce a
 chain at 1-128 tokens; never slower than it) as measured, and ``derived_rules``: the fusion policy these
 figures give (:class:`sagellm_comm.fused.FusionPolicy` JSON: per W, hidden and mode, the fastest kernel for each
 token range, ``unfused`` where the chain wins; ``FusionPolicy.from_dict(record["derived_rules"])``).  Needs a
-CUDA GPU.  About 2 minutes on one H200 (most of it compiling kernels; ``--quick``: under a minute)::
+CUDA GPU.  Most of its time is compiling kernels (every quantisation mode, path and row split is a binary):
+with a cold Triton cache ``--quick`` takes about 5 minutes a world size on one H200, so run world sizes in
+separate calls (``--world-sizes``) where a call's time is limited::
 
     python -m bench.fp8_fused_bench --out bench/results/h200/fp8_fused.json
     nvidia-cuda-mps-control -d; python -m bench.fp8_fused_bench --mps --out bench/results/h200/fp8_fused.json; \\

@@ -517,6 +517,8 @@ def fp8_fused() -> str:
         + _fp8_targets(data["targets_virtual"])
         + "."
     )
+    if data["meta"].get("not_measured"):
+        text += f" Not in this record: {data['meta']['not_measured']}."
     if "mps" in data:
         text += (
             "\n\nProcesses under MPS (one per rank, the group-level call, the slowest rank):\n\n"
