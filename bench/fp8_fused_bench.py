@@ -23,8 +23,9 @@ chain at 1-128 tokens; never slower than it) as measured, and ``derived_rules``:
 figures give (:class:`sagellm_comm.fused.FusionPolicy` JSON: per W, hidden and mode, the fastest kernel for each
 token range, ``unfused`` where the chain wins; ``FusionPolicy.from_dict(record["derived_rules"])``).  Needs a
 CUDA GPU.  Most of its time is compiling kernels (every quantisation mode, path and row split is a binary):
-with a cold Triton cache ``--quick`` takes about 5 minutes a world size on one H200, so run world sizes in
-separate calls (``--world-sizes``) where a call's time is limited::
+with a cold Triton cache ``--quick`` takes about 5 minutes a world size on one H200.  The record is rewritten
+after every world size, so a run stopped by a time limit keeps the ones it finished (``meta.complete``,
+``meta.not_measured``); ``--mps --no-virtual`` measures the processes alone::
 
     python -m bench.fp8_fused_bench --out bench/results/h200/fp8_fused.json
     nvidia-cuda-mps-control -d; python -m bench.fp8_fused_bench --mps --out bench/results/h200/fp8_fused.json; \\
@@ -109,11 +110,11 @@ def bench_virtual(vf, tokens: int, hidden: int, algos: tuple[str, ...], calls: i
     return row
 
 
-def run_virtual(args) -> list[dict]:
+def run_virtual(args, rows: list[dict], after_world=lambda: None) -> list[dict]:
+    """Append the virtual-rank rows of every world size to ``rows``, calling ``after_world()`` after each."""
     from sagellm_comm.fused import VirtualFused
     from sagellm_comm.virtual import VirtualRankGroup
 
-    rows = []
     algos = () if args.quick else ALGOS
     for w in args.world_sizes:
         vg = VirtualRankGroup(w, max_bytes=max(args.tokens) * max(args.hidden) * 4, timeout_s=20.0)
@@ -126,6 +127,7 @@ def run_virtual(args) -> list[dict]:
         vf.close()
         vg.close()
         torch.cuda.empty_cache()
+        after_world()
     return rows
 
 
@@ -186,8 +188,8 @@ def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dic
         sagellm_comm.destroy()
 
 
-def run_mps(args) -> list[dict]:
-    table = []
+def run_mps(args, table: list[dict], after_world=lambda: None) -> list[dict]:
+    """Append the slowest rank's rows of every MPS world size to ``table``, calling ``after_world()`` after each."""
     for w in args.mps_world_sizes:
         cfg = {"hidden": args.hidden, "tokens": args.mps_tokens, "calls": args.calls, "reps": args.reps}
         per_rank = spawn_ranks(_mps_rank, (cfg,), w, "FP8 fused benchmark (MPS)")
@@ -201,6 +203,7 @@ def run_mps(args) -> list[dict]:
                 slowest[f"over_ar_{mode}_us"] = round(slowest[f"fused_{mode}_us"] - slowest["ar_us"], 3)
             table.append(slowest)
             print(json.dumps(slowest), flush=True)
+        after_world()
     return table
 
 
@@ -259,6 +262,16 @@ def derive_rules(rows: list[dict]) -> dict:
     return {"rules": rules}
 
 
+def _record(virtual: list[dict], mps: list[dict]) -> dict:
+    """The record's sections for the rows measured (a part with no rows has no section)."""
+    record: dict = {}
+    if virtual:
+        record.update(virtual=virtual, targets_virtual=targets(virtual), derived_rules=derive_rules(virtual))
+    if mps:
+        record.update(mps=mps, targets_mps=targets(mps))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="record to write (JSON)")
@@ -269,32 +282,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10, help="timed replays per figure")
     p.add_argument("--quick", action="store_true", help="the policy's paths only (no forced kernels): fewer compiles")
     p.add_argument("--mps", action="store_true", help="also W processes on the GPU (start MPS first)")
+    p.add_argument("--no-virtual", action="store_true", help="with --mps: the processes only, no virtual ranks")
     p.add_argument("--mps-world-sizes", default="2,4,8")
     p.add_argument("--mps-tokens", default="1,16,64,128,512")
     args = p.parse_args(argv)
+    if args.no_virtual and not args.mps:
+        p.error("--no-virtual leaves nothing to measure without --mps")
     if not cuda_available():
         print("bench/fp8_fused_bench.py: needs a CUDA GPU (the ranks run on one)", file=sys.stderr)
         return 1
-    args.world_sizes = [int(v) for v in args.world_sizes.split(",")]
+    args.world_sizes = [] if args.no_virtual else [int(v) for v in args.world_sizes.split(",")]
     args.hidden = [int(v) for v in args.hidden.split(",")]
     args.tokens = [int(v) for v in args.tokens.split(",")]
-    args.mps_world_sizes = [int(v) for v in args.mps_world_sizes.split(",")]
+    args.mps_world_sizes = [int(v) for v in args.mps_world_sizes.split(",")] if args.mps else []
     args.mps_tokens = [int(v) for v in args.mps_tokens.split(",")]
     t0 = time.time()
-    virtual = run_virtual(args)
-    record = {"virtual": virtual, "targets_virtual": targets(virtual), "derived_rules": derive_rules(virtual)}
-    if args.mps:
-        record["mps"] = run_mps(args)
-        record["targets_mps"] = targets(record["mps"])
-    meta = provenance(
-        torch.cuda.get_device_name(),
-        seconds=round(time.time() - t0, 1),
-        timing=f"time_graph: median of {args.reps} CUDA-graph replays of {args.calls} calls, per call; MPS rows: "
-        "the slowest rank",
-        dtype="bfloat16",
-        static_scale=STATIC_SCALE,
-    )
-    write_record(args.out, meta, **record)
+    virtual: list[dict] = []
+    mps: list[dict] = []
+    parts = [("virtual", w) for w in args.world_sizes] + [("mps", w) for w in args.mps_world_sizes]
+    done: list[tuple[str, int]] = []
+
+    def save() -> dict:
+        """The record of what is measured so far (written after every world size, so that a run stopped by a time
+        limit leaves a record of the world sizes it finished; ``meta.complete`` says whether it is whole)."""
+        record = _record(virtual, mps)
+        left = [part for part in parts if part not in done]
+        meta = provenance(
+            torch.cuda.get_device_name(),
+            seconds=round(time.time() - t0, 1),
+            timing=f"time_graph: median of {args.reps} CUDA-graph replays of {args.calls} calls, per call; MPS rows: "
+            "the slowest rank",
+            dtype="bfloat16",
+            static_scale=STATIC_SCALE,
+            complete=not left,
+        )
+        if left:
+            meta["not_measured"] = ", ".join(
+                f"{'virtual ranks' if kind == 'virtual' else 'processes under MPS'} W = {w}" for kind, w in left
+            )
+        write_record(args.out, meta, **record)
+        return record
+
+    def finished() -> None:
+        done.append(parts[len(done)])  # the parts run in order: virtual world sizes, then MPS ones
+        save()
+
+    run_virtual(args, virtual, finished)
+    run_mps(args, mps, finished)
+    record = save()
     print(json.dumps({k: v for k, v in record.items() if k.startswith("targets")}))
     print(f"# wrote {args.out}")
     return 0

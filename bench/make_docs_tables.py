@@ -509,25 +509,26 @@ def fp8_fused() -> str:
     data = load(FP8_FUSED)
     head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
             "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
-    text = (
-        f"Virtual ranks on one GPU, bf16 in, us per call under CUDA-graph replay (from {cite(FP8_FUSED)}, "
-        f"`{data['meta']['command']}`):\n\n"
-        + table(head, _fp8_rows(data["virtual"], (1, 8, 64, 128, 512)))
-        + "\n\nTargets, virtual ranks: "
-        + _fp8_targets(data["targets_virtual"])
-        + "."
-    )
-    if data["meta"].get("not_measured"):
-        text += f" Not in this record: {data['meta']['not_measured']}."
+    parts = [f"From {cite(FP8_FUSED)}, `{data['meta']['command']}`; bf16 in, us per call under CUDA-graph replay."]
+    if "virtual" in data:
+        parts.append(
+            "Virtual ranks on one GPU:\n\n"
+            + table(head, _fp8_rows(data["virtual"], (1, 8, 64, 128, 512)))
+            + "\n\nTargets, virtual ranks: "
+            + _fp8_targets(data["targets_virtual"])
+            + "."
+        )
     if "mps" in data:
-        text += (
-            "\n\nProcesses under MPS (one per rank, the group-level call, the slowest rank):\n\n"
+        parts.append(
+            "Processes under MPS (one per rank, the group-level call, the slowest rank):\n\n"
             + table(head, _fp8_rows(data["mps"], (1, 16, 64, 128, 512)))
             + "\n\nTargets, processes: "
             + _fp8_targets(data["targets_mps"])
             + "."
         )
-    return text
+    if data["meta"].get("not_measured"):
+        parts.append(f"Not in this record: {data['meta']['not_measured']}.")
+    return "\n\n".join(parts)
 
 
 def fp8_payload() -> str:

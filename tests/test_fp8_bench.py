@@ -86,3 +86,51 @@ def test_docs_tables_render_from_the_records(tmp_path):
         "| 8 | student_t | 16 x 8192 | 0.0345 | 0.0510 | 0.00110 | yes | 0.516 | 12.5 | 10.0 |" in tables.fp8_payload()
     )
     assert tables.main([]) == 0 and tables.main(["--check"]) == 0  # the docs and the index take the new records
+
+
+def test_the_record_is_written_after_every_world_size_and_says_what_is_missing(tmp_path, monkeypatch):
+    """A run stopped by a time limit keeps the world sizes it finished; the last write is whole."""
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    out = tmp_path / "fp8.json"
+    seen = []
+
+    def fake_part(kind):
+        def run(args, rows, after_world):
+            for w in args.world_sizes if kind == "virtual" else args.mps_world_sizes:
+                rows.append(_row(w, 4096, 1, fused=6.0, unfused=12.0))
+                after_world()
+                record = json.loads(out.read_text())
+                seen.append((kind, w, record["meta"]["complete"], record["meta"].get("not_measured"), sorted(record)))
+            return rows
+
+        return run
+
+    monkeypatch.setattr(bench, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench, "run_virtual", fake_part("virtual"))
+    monkeypatch.setattr(bench, "run_mps", fake_part("mps"))
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert bench.main(["--out", str(out), "--world-sizes", "2,8", "--mps", "--mps-world-sizes", "4"]) == 0
+    assert seen[0][:4] == ("virtual", 2, False, "virtual ranks W = 8, processes under MPS W = 4")
+    assert seen[1][:4] == ("virtual", 8, False, "processes under MPS W = 4") and "mps" not in seen[1][4]
+    assert seen[2][:4] == ("mps", 4, True, None) and {"mps", "targets_mps", "virtual"} <= set(seen[2][4])
+    final = json.loads(out.read_text())
+    assert final["meta"]["complete"] and len(final["virtual"]) == 2 and len(final["mps"]) == 1
+    seen.clear()
+    assert bench.main(["--out", str(out), "--mps", "--no-virtual", "--mps-world-sizes", "2"]) == 0
+    assert [s[:3] for s in seen] == [("mps", 2, True)] and "virtual" not in json.loads(out.read_text())
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--out", str(out), "--no-virtual"])
+    assert info.value.code == 2
+
+
+def test_docs_table_of_a_record_with_processes_only_says_what_it_lacks(tmp_path):
+    tables = _tables(copy_tree(tmp_path))
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    meta = {"device": "NVIDIA H200", "date": "2026-12-20T00:00:00+00:00", "command": "python -m bench.x",
+            "commit": "abc", "dirty": False, "not_measured": "virtual ranks W = 8"}  # fmt: skip
+    record = {"meta": meta, "mps": ROWS, "targets_mps": bench.targets(ROWS)}
+    (tmp_path / "bench/results/h200").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "bench/results/h200/fp8_fused.json").write_text(json.dumps(record))
+    text = tables.fp8_fused()
+    assert "Virtual ranks" not in text and "Processes under MPS" in text and "Targets, processes" in text
+    assert "Not in this record: virtual ranks W = 8." in text
