@@ -510,22 +510,16 @@ def fp8_fused() -> str:
     head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
             "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
     parts = [f"From {cite(FP8_FUSED)}, `{data['meta']['command']}`; bf16 in, us per call under CUDA-graph replay."]
-    if "virtual" in data:
-        parts.append(
-            "Virtual ranks on one GPU:\n\n"
-            + table(head, _fp8_rows(data["virtual"], (1, 8, 64, 128, 512)))
-            + "\n\nTargets, virtual ranks: "
-            + _fp8_targets(data["targets_virtual"])
-            + "."
-        )
-    if "mps" in data:
-        parts.append(
-            "Processes under MPS (one per rank, the group-level call, the slowest rank):\n\n"
-            + table(head, _fp8_rows(data["mps"], (1, 16, 64, 128, 512)))
-            + "\n\nTargets, processes: "
-            + _fp8_targets(data["targets_mps"])
-            + "."
-        )
+    for key, title, targets_of, tokens in (
+        ("virtual", "Virtual ranks on one GPU", "virtual ranks", (1, 8, 64, 128, 512)),
+        ("mps", "Processes under MPS (one per rank, the group-level call, the slowest rank)", "processes",
+         (1, 16, 64, 128, 512)),
+    ):  # fmt: skip
+        if key in data:
+            parts.append(
+                f"{title}:\n\n{table(head, _fp8_rows(data[key], tokens))}\n\n"
+                f"Targets, {targets_of}: {_fp8_targets(data['targets_' + key])}."
+            )
     if data["meta"].get("not_measured"):
         parts.append(f"Not in this record: {data['meta']['not_measured']}.")
     return "\n\n".join(parts)
