@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_virtual(args, virtual, finished)
     run_mps(args, mps, finished)
-    record = save()
+    record = _record(virtual, mps)  # written whole after the last world size
     print(json.dumps({k: v for k, v in record.items() if k.startswith("targets")}))
     print(f"# wrote {args.out}")
     return 0
