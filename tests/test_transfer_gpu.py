@@ -217,3 +217,32 @@ def test_the_transfer_benchmark_runs_on_one_gpu_with_every_byte_right():
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Wrong bytes: 0" in proc.stdout and "notification latency, ipc" in proc.stdout
+
+
+def test_a_write_starts_after_the_callers_pending_kernels_and_at_once_when_they_are_done():
+    """Two agents in one process: a write queued behind a long kernel on the caller's stream carries what that
+    stream wrote (the transfer stream waits for it), and a write from an idle stream carries the bytes too."""
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("stream-a", backend="ipc"), TransferAgent("stream-b", backend="ipc")
+    try:
+        src = torch.zeros(MB, dtype=torch.uint8, device="cuda")
+        dst = torch.zeros_like(src)
+        a.register("pool", src)
+        b.register("pool", dst)
+        peer = a.add_peer(b.metadata())
+        b.add_peer(a.metadata())
+        for k in range(1, 301):
+            busy = k % 2 == 0
+            if busy:
+                torch.cuda._sleep(200_000)  # the caller's stream still runs when write() is called
+            src[: 16384 + k].fill_(k % 251)
+            if not busy:
+                torch.cuda.synchronize()  # nothing left on the caller's stream
+            a.write(peer, "pool", "pool", [(0, 4096, 16384 + k)], notify=b"k").wait(30.0)
+            got = dst[4096 : 4096 + 16384 + k]
+            assert bool((got == k % 251).all()), (k, busy, int((got != k % 251).sum()))
+            assert b.notifications() == [("stream-a", b"k")], k  # published before the launch completed
+    finally:
+        a.close()
+        b.close()
