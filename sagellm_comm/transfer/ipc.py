@@ -452,8 +452,7 @@ class IpcBackend(TransferBackend):
         return self._finish(link, index)
 
     def _fork(self) -> None:
-        """The transfer stream waits for the caller's current stream (what the caller's kernels wrote), unless
-        that stream has finished its work (``CudaEvents.follow``)."""
+        """The transfer stream waits for the caller's current stream (what the caller's kernels wrote)."""
         if self.events is not None:
             self.events.follow(torch._C._cuda_getCurrentRawStream(self.index))
 

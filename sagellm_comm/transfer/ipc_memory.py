@@ -93,11 +93,7 @@ class CudaEvents:
         return event
 
     def follow(self, caller: int) -> None:
-        """Work enqueued on the transfer stream from now on waits for what raw stream ``caller`` holds now.  When
-        that stream has completed everything enqueued on it (one query), its writes are already visible and there
-        is nothing to wait for: no event record, no stream wait, nothing added before the transfer starts."""
-        if self.rt.streamQuery(caller) == 0:
-            return
+        """Work enqueued on the transfer stream from now on waits for what raw stream ``caller`` holds now."""
         self.rt.eventRecord(self.fork, caller)
         self.rt.streamWaitEvent(self.stream, self.fork, 0)
 
