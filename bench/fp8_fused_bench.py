@@ -168,11 +168,6 @@ def _mps_row(world, rank: int, tokens: int, hidden: int, cfg: dict) -> dict:
     return row
 
 
-# Bound of the kernels' device-side waits in the MPS processes: a rank that compiles a kernel variant for the first
-# time (a cold Triton cache, W processes compiling at once) holds its peers' kernels for longer than the default.
-MPS_KERNEL_TIMEOUT_S = 180.0
-
-
 def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dict]]:
     import torch.distributed as dist
 
@@ -182,7 +177,7 @@ def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dic
     capacity = max(cfg["tokens"]) * max(cfg["hidden"]) * 4
     world = sagellm_comm.init(
         backend="custom", rank=rank, world_size=world_size, master_addr=MASTER_ADDR, master_port=port, timeout=300,
-        engine="gloo", device="cuda:0", max_bytes=capacity, kernel_timeout=MPS_KERNEL_TIMEOUT_S,
+        engine="gloo", device="cuda:0", max_bytes=capacity,
     )  # fmt: skip
     try:
         rows = [_mps_row(world, rank, t, h, cfg) for h in cfg["hidden"] for t in cfg["tokens"]]
