@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,9 @@ from .rendezvous import init_world
 from .translate import translate
 
 __all__ = ["TorchDistributedBackend"]
+
+
+ENGINE_RELEASE_S = 0.01  # destroy(): time the engine's threads get to release a finished collective's tensors
 
 
 class TorchDistributedBackend(CommBackend):
@@ -165,6 +169,11 @@ class TorchDistributedBackend(CommBackend):
             return
         self._teardown()
         self._reset()
+        # An engine thread that finished a collective may still hold its tensors; when the caller has already
+        # dropped them in Python (a custom op returns its result that way), releasing them takes the GIL.  Give
+        # such a thread the GIL now: a thread still waiting for it when the interpreter finalizes is ended by
+        # Python, and the C++ runtime aborts the process ("terminate called without an active exception").
+        time.sleep(ENGINE_RELEASE_S)
         ops = sys.modules.get("sagellm_comm.ops")  # the op registry's names exist only once it is imported
         if ops is not None:
             ops.forget_generated_names(self)
