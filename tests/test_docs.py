@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from sagellm_comm.benchmark.spawn import die_with_parent
+from tests.script_processes import REPO, run_script_ranks, script_env, start_script
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SNIPPET_TIMEOUT_S = 180.0
 _MARK = re.compile(r"^<!--\s*snippet:\s*(.*?)\s*-->\s*$")
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
 
 @dataclass(frozen=True)
@@ -68,49 +63,6 @@ def snippets(path: Path) -> list[Snippet]:
 ALL = [s for path in DOCS for s in snippets(path)]
 
 
-def _env(script: Path) -> dict[str, str]:
-    """The environment of a snippet's processes: no launcher variables, this checkout first on the path, and an
-    Inductor cache of the snippet's own (a compile snippet then runs its cold path, as on a first run)."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(script.parent / "inductor-cache")
-    return env
-
-
-def _start(script: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    parent = os.getpid()
-    return subprocess.Popen(
-        [sys.executable, str(script), *args], cwd=script.parent, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: die_with_parent(parent),
-    )  # fmt: skip
-
-
-def _run_processes(script: Path, count: int) -> list[tuple[int, str, str]]:
-    """``count`` processes of ``script`` meeting on a store hosted here; (status, stdout, stderr) of each."""
-    from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
-
-    store = host_store("127.0.0.1", timeout=SNIPPET_TIMEOUT_S)
-    procs: list[subprocess.Popen] = []
-    try:
-        for rank in range(count):
-            env = {**_env(script), **client_env("127.0.0.1", store.port)}
-            env.update(RANK=str(rank), WORLD_SIZE=str(count), LOCAL_RANK=str(rank))
-            procs.append(_start(script, [str(rank)], env))
-        deadline = time.monotonic() + SNIPPET_TIMEOUT_S
-        outcomes = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outcomes.append((proc.returncode, out, err))
-        return outcomes
-    finally:  # a failure or a timeout leaves no process behind
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        del store
-
-
 @pytest.mark.parametrize("snippet", ALL, ids=[s.name for s in ALL])
 def test_snippet_runs_as_written(snippet: Snippet, tmp_path: Path) -> None:
     how = snippet.how.split(maxsplit=1)
@@ -120,7 +72,7 @@ def test_snippet_runs_as_written(snippet: Snippet, tmp_path: Path) -> None:
     script = tmp_path / "snippet.py"
     script.write_text(snippet.code)
     if not how:
-        proc = _start(script, [], _env(script))
+        proc = start_script(script, [], script_env(script))
         try:
             out, err = proc.communicate(timeout=SNIPPET_TIMEOUT_S)
         finally:
@@ -129,7 +81,7 @@ def test_snippet_runs_as_written(snippet: Snippet, tmp_path: Path) -> None:
                 proc.wait()
         outcomes = [(proc.returncode, out, err)]
     elif how[0] == "processes" and len(how) == 2 and how[1].isdigit():
-        outcomes = _run_processes(script, int(how[1]))
+        outcomes = run_script_ranks(script, int(how[1]), SNIPPET_TIMEOUT_S)
     else:
         pytest.fail(f"{snippet.name}: unknown '<!-- snippet: {snippet.how} -->' (see tests/test_docs.py)")
     for rank, (status, out, err) in enumerate(outcomes):
