@@ -397,9 +397,11 @@ SETTINGS: tuple[Setting, ...] = (
         default=None,
         default_text="unset: on from compute capability 9.0",
         kind=_flag(),
-        doc="""Programmatic dependent launch of the Lamport kernel (it may be scheduled while the previous
+        doc="""Programmatic dependent launch of the Lamport kernels (one may be scheduled while the previous
         kernel on the stream finishes); 1 insists (an error below compute capability 9.0), 0 turns it off.
-        A launch attribute of this rank only: no peer sees it.""",
+        Never used by a rank whose GPU other ranks of the group share as separate launches (processes under
+        MPS), where an early launch could hold the SMs a peer's kernel needs. A launch attribute of this rank
+        only: no peer sees it.""",
         agreed=False,
         example="0",
         invalid="yes",

@@ -84,7 +84,8 @@ def pdl_enabled(device: torch.device, config: CommConfig) -> bool:
     """Whether the Lamport kernel is launched with programmatic dependent launch (PDL).
 
     On by default on Hopper and later (``griddepcontrol``); ``config.pdl`` False (``SAGELLM_COMM_PDL=0``)
-    turns it off, True insists on it (an error on older GPUs).  Never under the interpreter.
+    turns it off, True insists on it (an error on older GPUs).  Never under the interpreter, and never for a
+    launch of one rank whose GPU other ranks of the group share (:func:`pdl_for_launch`).
     """
     flag = config.pdl
     if device.type != "cuda" or flag is False:
@@ -95,6 +96,19 @@ def pdl_enabled(device: torch.device, config: CommConfig) -> bool:
             f"SAGELLM_COMM_PDL=1 needs compute capability 9.0 or later, {device} has {major}.x"
         )
     return major >= 9
+
+
+def pdl_for_launch(pdl: bool, launch_ranks: int, ranks_on_device: int) -> bool:
+    """Whether one Lamport launch holding ``launch_ranks`` ranks (virtual ranks: all of them in one launch) uses
+    PDL (``pdl``: :func:`pdl_enabled`) when ``ranks_on_device`` ranks of the group share its GPU.
+
+    PDL lets a launch's programs become resident while the previous launch on the stream still runs; they then
+    wait on the device for it.  When the ranks sharing a GPU launch separately (processes under MPS), the grids
+    are sized so that every rank's programs are resident at once, which a rank's early next launch breaks: its
+    waiting programs can hold the SMs that a slower rank's current launch needs, and that rank's peers spin until
+    the timeout (seen with an FP8 fused kernel at one program per SM, 4 processes on one H200).  So PDL only for a
+    launch that holds every rank on its GPU."""
+    return pdl and launch_ranks >= ranks_on_device
 
 
 class AllReduceKernels:
@@ -117,10 +131,12 @@ class AllReduceKernels:
         device_index: int,
         pdl: bool = False,
         config: CommConfig | None = None,
+        ranks_on_device: int = 1,
     ):
         self.config = CommConfig.from_env() if config is None else config  # the tile shapes (tile_shape)
         self.world_size = world_size
-        self.pdl = pdl and use_ptx  # the Lamport kernel only: see pdl_enabled
+        self.pdl = pdl and use_ptx  # the Lamport kernel only: see pdl_enabled and pdl_for_launch
+        self.ranks_on_device = ranks_on_device
         self.slot_bytes = slot_bytes
         self.timeout_ticks = timeout_ticks
         self.use_ptx = use_ptx
@@ -228,13 +244,14 @@ class AllReduceKernels:
             block = min(LAMPORT_MAX_BLOCK, max(LAMPORT_MIN_BLOCK, per_program))
             warps = lamport_tile_warps(block)
             tiles = triton.cdiv(numel, block)
-            named = dict(common, lamport_offset=self.lamport_offset, cap=self.lamport_capacity, BLOCK=block,
-                         PDL=self.pdl)  # fmt: skip
+            # A stacked launch of virtual ranks holds every rank of the group (the ranks on this GPU).
+            pdl = pdl_for_launch(self.pdl, self.world_size if virtual else 1, self.ranks_on_device)
+            named = dict(common, lamport_offset=self.lamport_offset, cap=self.lamport_capacity, BLOCK=block, PDL=pdl)
         else:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         # Lamport keeps per-program state: every launch on a workspace uses the same grid.
         programs = max_programs if algo == LAMPORT or tiles >= max_programs else tiles
-        return self.launcher(kernel, warps, algo == LAMPORT and self.pdl), programs, named
+        return self.launcher(kernel, warps, algo == LAMPORT and named["PDL"]), programs, named
 
 
 def fingerprint_launcher(use_ptx: bool, device_index: int) -> Launcher:
@@ -306,7 +323,7 @@ class CustomAllReduce:
         self.config = workspace.config
         self.kernels = AllReduceKernels(
             self.world_size, workspace.slot_bytes, self.timeout_ticks, self.use_ptx, self.device_index,
-            pdl_enabled(workspace.device, workspace.config), workspace.config,
+            pdl_enabled(workspace.device, workspace.config), workspace.config, workspace.ranks_on_device,
         )  # fmt: skip
         self._table = workspace.table
         self._control = workspace.control

@@ -338,6 +338,26 @@ def test_programmatic_dependent_launch_choice(monkeypatch):
     assert car_mod.AllReduceKernels(2, 1 << 16, 1, False, 0, pdl=True).pdl is False
 
 
+def test_programmatic_dependent_launch_only_for_a_launch_holding_every_rank_of_its_gpu():
+    """Ranks sharing a GPU as separate launches (processes under MPS) get no PDL: a rank's early next launch could
+    hold the SMs a slower rank's current launch needs.  One rank per GPU, or all of them in one launch, keep it."""
+    from sagellm_comm import custom_all_reduce as car_mod
+    from sagellm_comm.selector import LAMPORT
+
+    rule = car_mod.pdl_for_launch
+    assert rule(True, 1, 1) is True  # one rank per GPU
+    assert rule(True, 4, 4) is True  # four virtual ranks in one launch
+    assert rule(True, 1, 4) is False  # one of four processes sharing the GPU
+    assert rule(True, 2, 4) is False
+    assert rule(False, 1, 1) is False  # off stays off
+    # The Lamport launch's constexpr and launch option follow the rule (use_ptx=True: nothing is compiled here).
+    for ranks_on_device, virtual, expected in ((1, False, True), (4, False, False), (4, True, True)):
+        kernels = car_mod.AllReduceKernels(4, 1 << 16, 1, True, 0, pdl=True, ranks_on_device=ranks_on_device)
+        launcher, _, named = kernels.arguments(LAMPORT, 4096, 2, False, 0, 33, virtual, None)
+        assert named["PDL"] is expected, (ranks_on_device, virtual)
+        assert launcher.options.get("launch_pdl", False) is expected, (ranks_on_device, virtual)
+
+
 def test_virtual_workspaces_share_one_device():
     from sagellm_comm.workspace import local_workspaces
 

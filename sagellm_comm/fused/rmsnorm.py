@@ -11,7 +11,13 @@ from sagellm_comm.kernels import fused_all_reduce_rmsnorm as _rmk
 from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
 from ..arguments import check_finite
-from ..custom_all_reduce import fingerprint_launcher, lamport_tile_warps, launch_fingerprint_check, pdl_enabled
+from ..custom_all_reduce import (
+    fingerprint_launcher,
+    lamport_tile_warps,
+    launch_fingerprint_check,
+    pdl_enabled,
+    pdl_for_launch,
+)
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -229,17 +235,17 @@ class FusedAllReduceRMSNorm:
             self.launch(sel.algo, x, residual, weight, out, scales, new_residual, rows, hidden, eps, quant)
         return (out, new_residual) if quant is None else (out, scales, new_residual)
 
-    def _launcher(self, lamport: bool, num_warps: int) -> _Launcher:
-        launcher = self._launchers.get((lamport, num_warps))
+    def _launcher(self, lamport: bool, num_warps: int, pdl: bool) -> _Launcher:
+        launcher = self._launchers.get((lamport, num_warps, pdl))
         if launcher is None:
             index = self.workspace.device.index or 0
             if lamport:
-                options = {"launch_pdl": True} if self.pdl else {}
+                options = {"launch_pdl": True} if pdl else {}
                 kernel = _rmk.lamport_all_reduce_rmsnorm_kernel
             else:
                 options, kernel = {}, _rmk.all_reduce_rmsnorm_kernel
             launcher = _Launcher(kernel, self.use_ptx, index, num_warps=num_warps, **options)
-            self._launchers[(lamport, num_warps)] = launcher
+            self._launchers[(lamport, num_warps, pdl)] = launcher
         return launcher
 
     def launch(
@@ -291,12 +297,13 @@ class FusedAllReduceRMSNorm:
             rank=ws.rank, timeout=self._timeout, W=w, WP=triton.next_power_of_2(w), BLOCK_H=block_h,
             QUANT=QUANT_CODES[quant], USE_PTX=self.use_ptx, VIRTUAL=virtual_ranks > 1,
         )  # fmt: skip
+        pdl = lamport and pdl_for_launch(self.pdl, virtual_ranks, ws.ranks_on_device)
         if lamport:
-            named.update(lamport_offset=lamport_offset(ws.slot_bytes), cap=ws.lamport_capacity, PDL=self.pdl,
+            named.update(lamport_offset=lamport_offset(ws.slot_bytes), cap=ws.lamport_capacity, PDL=pdl,
                          SPLIT=split)  # fmt: skip
         else:
             named.update(slot_bytes=ws.slot_bytes, TWO_SHOT=algo == TWO_SHOT)
-        self._launcher(lamport, num_warps).launch((programs, virtual_ranks), **named)
+        self._launcher(lamport, num_warps, pdl).launch((programs, virtual_ranks), **named)
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` naming the missing peer if a kernel timed out (no device sync)."""
