@@ -300,3 +300,53 @@ def test_a_per_rank_setting_on_one_process_keeps_every_path_exact(setting):
     """The GPU side of tests/test_config.py (programmatic dependent launch exists only here)."""
     for ok in run_ranks(_per_rank_setting_worker, 2, setting.name, setting.example, env={}, timeout=300):
         assert all(ok.values()), ok
+
+
+def _fp8_back_to_back_worker(rank, world_size, port, tokens, calls):
+    import sagellm_comm
+    from sagellm_comm.fused import (
+        all_reduce_residual_rmsnorm,
+        last_selection,
+        quantize_fp8_reference,
+        rmsnorm_reference,
+    )
+
+    pytest.importorskip("cupy")
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, engine="gloo",
+        device="cuda:0", max_bytes=1 << 22, kernel_timeout=20.0,
+    )  # fmt: skip
+    hidden = 4096
+    out = {}
+    try:
+        g = torch.Generator(device="cuda").manual_seed(7)  # the same x on every rank: the sum is 4 x exactly
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+        res = torch.ones_like(x)
+        weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+        scale = torch.tensor([0.05], device="cuda")
+        expected_res = ((x.float() * world_size).to(x.dtype).float() + 1).to(x.dtype)
+        for mode in (None, "fp8", "fp8_per_token", "fp8_group128"):
+            static = scale if mode == "fp8" else None
+            for _ in range(calls):  # back to back, no host wait: each launch queued behind the previous one
+                got = all_reduce_residual_rmsnorm(x, res, weight, 1e-6, world, mode, static)
+            torch.cuda.synchronize()
+            ok = bool(torch.equal(got[-1], expected_res))
+            if mode is not None:  # within one FP8 step of the documented reference, scales within 2**-7
+                q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(got[-1], weight, 1e-6), mode, static)
+                q, q_ref = got[0].float(), q_ref.float()
+                ok = ok and bool(((q - q_ref).abs() <= q_ref.abs() / 8 + 2**-9).all())
+                ok = ok and bool(torch.allclose(got[1], s_ref, rtol=2**-7, atol=0))
+            out[str(mode)] = (last_selection(world).algo, ok)
+    finally:
+        sagellm_comm.destroy()
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_fused_fp8_in_four_processes_on_one_gpu_back_to_back(tokens):
+    """Four processes sharing the GPU, every FP8 mode at 1 and 16 tokens of 4096 (at 16, one program a row: the
+    static and group-128 binaries fill an SM each, so the four grids need every SM at once), 300 calls each
+    queued back to back; every result exact."""
+    for out in run_ranks(_fp8_back_to_back_worker, 4, tokens, 300, env=ENV, timeout=540):
+        assert all(ok for _, ok in out.values()), out
