@@ -220,6 +220,7 @@ class AllReduceKernels:
         block, warps, stages = tile_shape(numel * itemsize, itemsize, self.config)
         common = dict(numel=numel, rank=rank, timeout=self.timeout_ticks, W=self.world_size, WP=self.wp,
                       USE_PTX=self.use_ptx, VIRTUAL=virtual)  # fmt: skip
+        pdl = False  # the Lamport kernel's only
         if payload is not None:
             if algo != TWO_SHOT or payload not in PAYLOADS:
                 raise InvalidArgumentError(f"payload {payload!r} runs on {TWO_SHOT} only, got algo={algo!r}")
@@ -251,7 +252,7 @@ class AllReduceKernels:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
         # Lamport keeps per-program state: every launch on a workspace uses the same grid.
         programs = max_programs if algo == LAMPORT or tiles >= max_programs else tiles
-        return self.launcher(kernel, warps, algo == LAMPORT and named["PDL"]), programs, named
+        return self.launcher(kernel, warps, pdl), programs, named
 
 
 def fingerprint_launcher(use_ptx: bool, device_index: int) -> Launcher:
