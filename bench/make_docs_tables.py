@@ -461,14 +461,16 @@ def groups_mps() -> str:
 # ============================================================================ FP8: fused quantisation, FP8 payload
 
 FP8_FUSED = "h200/fp8_fused.json"
+FP8_FUSED_MPS_H100 = "h100/fp8_fused_mps.json"
 FP8_PAYLOAD = "h200/fp8_payload.json"
 FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
 
 
 def not_yet(rel: str) -> str:
     """What a block says before its record exists (the path is spelled so that no link points nowhere)."""
+    device = rel.split("/")[0].upper()
     return (
-        f"No H200 record yet (`{rel}` under `bench/results/`): `{SCRIPT_OF[rel]}` writes it (commands in "
+        f"No {device} record yet (`{rel}` under `bench/results/`): `{SCRIPT_OF[rel]}` writes it (commands in "
         "`bench/README.md`), then `python -m bench.make_docs_tables` fills this in."
     )
 
@@ -503,26 +505,40 @@ def _fp8_targets(targets: dict) -> str:
     return "; ".join(parts)
 
 
-def fp8_fused() -> str:
-    if not (RESULTS / FP8_FUSED).exists():
-        return not_yet(FP8_FUSED)
-    data = load(FP8_FUSED)
-    head = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
+FP8_HEAD = ["W", "hidden", "tokens", "AR", "fused (bf16 out)", "fused fp8", "fused per-token", "fused group128",
             "unfused per-token", "unfused / fused (fp8, per-token, group128)", "per-token path"]  # fmt: skip
-    parts = [f"From {cite(FP8_FUSED)}, `{data['meta']['command']}`; bf16 in, us per call under CUDA-graph replay."]
-    for key, title, targets_of, tokens in (
-        ("virtual", "Virtual ranks on one GPU", "virtual ranks", (1, 8, 64, 128, 512)),
-        ("mps", "Processes under MPS (one per rank, the group-level call, the slowest rank)", "processes",
-         (1, 16, 64, 128, 512)),
-    ):  # fmt: skip
+FP8_PARTS = (
+    ("virtual", "Virtual ranks on one GPU", "virtual ranks", (1, 8, 64, 128, 512)),
+    ("mps", "Processes under MPS (one per rank, the group-level call, the slowest rank)", "processes",
+     (1, 16, 64, 128, 512)),
+)  # fmt: skip
+
+
+def _fp8_record(rel: str) -> str:
+    """The tables and targets of an FP8 fused record (its virtual and / or MPS part)."""
+    data = load(rel)
+    parts = [f"From {cite(rel)}, `{data['meta']['command']}`; bf16 in, us per call under CUDA-graph replay."]
+    for key, title, targets_of, tokens in FP8_PARTS:
         if key in data:
             parts.append(
-                f"{title}:\n\n{table(head, _fp8_rows(data[key], tokens))}\n\n"
+                f"{title}:\n\n{table(FP8_HEAD, _fp8_rows(data[key], tokens))}\n\n"
                 f"Targets, {targets_of}: {_fp8_targets(data['targets_' + key])}."
             )
     if data["meta"].get("not_measured"):
         parts.append(f"Not in this record: {data['meta']['not_measured']}.")
     return "\n\n".join(parts)
+
+
+def fp8_fused() -> str:
+    if not (RESULTS / FP8_FUSED).exists():
+        return not_yet(FP8_FUSED)
+    return _fp8_record(FP8_FUSED)
+
+
+def fp8_fused_mps_h100() -> str:
+    if not (RESULTS / FP8_FUSED_MPS_H100).exists():
+        return not_yet(FP8_FUSED_MPS_H100)
+    return _fp8_record(FP8_FUSED_MPS_H100)
 
 
 def fp8_payload() -> str:
@@ -636,6 +652,7 @@ SCRIPT_OF = {
     "h200/protocol_cost.json": "bench/protocol_cost.py",
     "h200/soak.json": "bench/soak.py",
     "h200/fp8_fused.json": "bench/fp8_fused_bench.py",
+    FP8_FUSED_MPS_H100: "bench/fp8_fused_bench.py --mps --no-virtual",
     "h200/fp8_payload.json": "bench/fp8_payload_error.py",
     TRANSFER_CPU: "sagellm-comm transfer",
     TRANSFER_H200: "sagellm-comm transfer",
@@ -682,6 +699,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "virtual-rmsnorm": virtual_rmsnorm,
     "h200-groups-mps": groups_mps,
     "h200-fp8-fused": fp8_fused,
+    "h100-fp8-fused-mps": fp8_fused_mps_h100,
     "h200-fp8-payload": fp8_payload,
     "transfer-cpu": transfer_cpu,
     "transfer-h200": transfer_h200,

@@ -78,6 +78,14 @@ def test_docs_tables_render_from_the_records(tmp_path):
     text = tables.fp8_fused()
     assert "| 2 | 4096 | 128 | 5.0 | 8.5 | 9.0 | 9.0 | 9.0 | 14.0 | 1.56/1.56/1.56 | one_shot |" in text
     assert "slower than it at 1 shapes: (2, 4096, 512)" in text and "NOT met" in text
+    (tmp_path / "bench/results/h100/fp8_fused_mps.json").unlink(missing_ok=True)
+    assert "No H100 record yet" in tables.fp8_fused_mps_h100()
+    (tmp_path / "bench/results/h100").mkdir(parents=True, exist_ok=True)
+    mps = {"meta": {**meta, "device": "NVIDIA H100 80GB HBM3"}, "mps": ROWS, "targets_mps": bench.targets(ROWS)}
+    (tmp_path / "bench/results/h100/fp8_fused_mps.json").write_text(json.dumps(mps))
+    text = tables.fp8_fused_mps_h100()
+    assert "Processes under MPS" in text and "Virtual ranks" not in text
+    assert "| 2 | 4096 | 128 | 5.0 | 8.5 | 9.0 | 9.0 | 9.0 | 14.0 | 1.56/1.56/1.56 | one_shot |" in text
     row = {"world_size": 8, "distribution": "student_t", "tokens": 16, "hidden": 8192, "fp8_rel_l2": 0.0345,
            "fp8_max_rel_to_amax": 0.051, "bf16_rel_l2": 0.0011, "fp8_identical_ranks": True, "bytes_ratio": 0.5156,
            "fp8_us": 12.5, "bf16_us": 10.0}  # fmt: skip
