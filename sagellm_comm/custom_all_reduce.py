@@ -106,8 +106,8 @@ def pdl_for_launch(pdl: bool, launch_ranks: int, ranks_on_device: int) -> bool:
     wait on the device for it.  When the ranks sharing a GPU launch separately (processes under MPS), the grids
     are sized so that every rank's programs are resident at once, which a rank's early next launch breaks: its
     waiting programs can hold the SMs that a slower rank's current launch needs, and that rank's peers spin until
-    the timeout (the likely cause of such timeouts with an FP8 fused kernel at one program per SM, 4 processes on
-    one H200).  So PDL only for a launch that holds every rank on its GPU."""
+    the timeout (seen with an FP8 fused kernel at one program per SM, 4 processes under MPS on one GPU, which run
+    every mode without PDL).  So PDL only for a launch that holds every rank on its GPU."""
     return pdl and launch_ranks >= ranks_on_device
 
 
