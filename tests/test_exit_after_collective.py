@@ -1,7 +1,7 @@
 """A process that ends right after a collective made inside one of our custom ops, then ``destroy()``, exits
 cleanly: the engine's thread releasing that collective's tensors is given the GIL before the interpreter
-finalizes (``TorchDistributedBackend.destroy``).  Without it a few processes in a hundred aborted ("terminate
-called without an active exception"), and this test failed.  Slow: many pairs of short-lived Gloo worlds."""
+finalizes (``TorchDistributedBackend.destroy``).  Without that a few processes in a hundred abort ("terminate
+called without an active exception"), which this test catches.  Slow: many pairs of short-lived Gloo worlds."""
 
 from __future__ import annotations
 
