@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -956,3 +957,39 @@ def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handl
     with pytest.raises(RuntimeError, match="posting refused"):
         backend._start(link, handle, "write")
     assert backend.leaked == [handle]
+
+
+@pytest.mark.parametrize("status", ["DONE", "PROC"])
+def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle_never_polls(status):
+    """NIXL completes small transfers inside the post: such a request gives its handle back there and then, and
+    the agent's handle is born done (its wait returns without polling); one still in progress is polled."""
+    from sagellm_comm.transfer import nixl
+    from sagellm_comm.transfer.handle import TransferHandle
+
+    polls = []
+
+    class Agent:
+        def transfer(self, handle):
+            return status
+
+        def check_xfer_state(self, handle):
+            polls.append(handle)
+            return "DONE"
+
+    class Owner:  # what a TransferHandle reads of its agent
+        lock, timeout = threading.RLock(), 1.0
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    noted = []
+    backend.note_transport = noted.append
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    posted = _StuckHandle(0)
+    request = backend._start(link, posted, "write")
+    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+    assert (posted.released, request.complete, handle.state) == (
+        (True, True, "done") if status == "DONE" else (False, False, "pending")
+    )
+    handle.wait(timeout=1.0)
+    assert handle.state == "done" and posted.released and noted == [link]
+    assert polls == ([] if status == "DONE" else [posted])

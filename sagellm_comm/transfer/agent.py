@@ -329,7 +329,12 @@ class TransferAgent:
             if handle is not None:
                 return handle
         table = block_table(blocks)
-        rows = table.tolist() if len(table) <= SMALL else None  # a few blocks: checked and posted as Python ints
+        rows = None
+        if len(table) <= SMALL:  # a few blocks: checked and posted as Python ints
+            rows = table.tolist()
+            handle = self._post_rows(peer, op, local_region, remote_region, rows, notify)
+            if handle is not None:
+                return handle
         with self.lock:
             self._check_open()
             entry = self._peer(peer)

@@ -47,6 +47,7 @@ class Request(ABC):
     """One posted transfer, as a backend tracks it."""
 
     __slots__ = ()  # a subclass may keep its state in slots (one is made per transfer)
+    complete = False  # True on a request that finished while it was posted: its handle never polls it
 
     @abstractmethod
     def poll(self) -> bool:

@@ -41,7 +41,7 @@ class TransferHandle:
         self.backend = backend
         self.nbytes = nbytes
         self.nblocks = nblocks
-        self.state = "pending"
+        self.state = "done" if request.complete else "pending"
         self.error: CommError | None = None
 
     def __repr__(self) -> str:
@@ -74,6 +74,8 @@ class TransferHandle:
         restarted or was removed) or :class:`~sagellm_comm.errors.TransferError`, each naming the peer.
         """
         limit = self._agent.timeout if timeout is None else check_timeout(timeout)
+        if self.state == "done":
+            return
         start = time.monotonic()
         deadline = start + limit
         sleep = FIRST_SLEEP_S

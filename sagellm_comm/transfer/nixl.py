@@ -95,6 +95,10 @@ class NixlRequest(Request):
         self.finished = status == "DONE"
         if status == "ERR":
             self._fail(TransferError(f"NIXL refused the transfer to peer {link.peer.name!r} (status ERR)"))
+        if self.finished:  # small transfers complete inside the post: released now, the handle is born done
+            self.abort()
+            backend.note_transport(link)
+            self.complete = True
 
     def poll(self) -> bool:
         if self.link.removed:
