@@ -513,6 +513,33 @@ def test_a_few_block_list_reaches_the_transport_as_its_table(recording_agents, m
     assert rows == [(0, 0, 4), (4, 4, 4)]
 
 
+def test_a_few_block_array_reaches_the_transport_as_that_array(recording_agents):
+    """A small ``[n, 3]`` array takes the Python-int checks, and the transport gets the caller's array itself
+    with its rows (a transport that launches from the table does not rebuild it); a bad one is refused as a
+    list is."""
+    agent, backend = recording_agents
+    seen = []
+    post = backend.post
+
+    def spy(link, op, local, remote, table, notify, rows=None):
+        seen.append((table, rows))
+        return post(link, op, local, remote, table, notify, rows)
+
+    backend.post = spy
+    for blocks in ([(0, 4032, 64), (256, 0, 64), (64, 128, 64)], [(0, 0, 64), (64, 64, 32)]):  # one length, mixed
+        table = np.array(blocks, dtype=np.int64)
+        before = len(backend.posted)
+        handle = agent.write("b", "kv", "kv", table, b"req")
+        assert seen[-1][0] is table and seen[-1][1] == table.tolist()
+        assert [p[0] for p in backend.posted[before:]] == ["table"]
+        assert (handle.nbytes, handle.nblocks) == (sum(b[2] for b in blocks), len(blocks))
+    before = len(backend.posted)
+    for bad, words in (([(0, 0, 64), (64, 32, 64)], "overlap"), ([(0, 0, 64), (64, 4096, 64)], "outside")):
+        with pytest.raises(InvalidArgumentError, match=words):
+            agent.write("b", "kv", "kv", np.array(bad, dtype=np.int64))
+    assert len(backend.posted) == before
+
+
 def test_names_that_are_not_names_fail_alike_on_both_paths(recording_agents, monkeypatch):
     agent, backend = recording_agents
     for names, words in (

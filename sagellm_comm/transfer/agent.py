@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sagellm_comm.arguments import check_device, check_int, check_timeout
@@ -332,7 +333,7 @@ class TransferAgent:
         rows = None
         if len(table) <= SMALL:  # a few blocks: checked and posted as Python ints
             rows = table.tolist()
-            handle = self._post_rows(peer, op, local_region, remote_region, rows, notify)
+            handle = self._post_rows(peer, op, local_region, remote_region, rows, notify, table)
             if handle is not None:
                 return handle
         with self.lock:
@@ -364,11 +365,12 @@ class TransferAgent:
             request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, message)
         return TransferHandle(self, peer, op, entry.backend.name, request, n, 1)
 
-    def _post_rows(self, peer: str, op: str, local_region: str, remote_region: str, rows, notify: Any
-                   ) -> TransferHandle | None:  # fmt: skip
-        """:meth:`_post` of a few blocks of one length given as Python ints (``rows``), checked without numpy
-        (:func:`uniform_rows_total`).  None, having done nothing, when anything is wrong or the lengths differ:
-        the general path then decides, so every refusal is the same whatever form the blocks came in."""
+    def _post_rows(self, peer: str, op: str, local_region: str, remote_region: str, rows, notify: Any,
+                   table: np.ndarray | None = None) -> TransferHandle | None:  # fmt: skip
+        """:meth:`_post` of a few blocks of one length given as Python ints (``rows``; ``table``: the same blocks
+        as an array when the caller gave one), checked without numpy (:func:`uniform_rows_total`).  None, having
+        done nothing, when anything is wrong or the lengths differ: the general path then decides, so every
+        refusal is the same whatever form the blocks came in."""
         with self.lock:
             known = self._known(peer, local_region, remote_region)
             if known is None:
@@ -380,7 +382,10 @@ class TransferAgent:
             if nbytes is None:
                 return None
             message = _message(notify)
-            request = entry.backend.post_rows(entry.link, op, local, remote, rows, message)
+            if table is None:
+                request = entry.backend.post_rows(entry.link, op, local, remote, rows, message)
+            else:
+                request = entry.backend.post(entry.link, op, local, remote, table, message, rows)
         return TransferHandle(self, peer, op, entry.backend.name, request, nbytes, len(rows))
 
     def _known(self, peer: Any, local_region: Any, remote_region: Any) -> tuple[_Peer, Region, Any] | None:
