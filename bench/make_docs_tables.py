@@ -625,6 +625,27 @@ def transfer_cpu() -> str:
     return "\n\n".join(x for x in (table(head, body), summary, _notify_line(data), cite(TRANSFER_CPU) + ".") if x)
 
 
+TRANSFER_HOST_COST = "cpu/transfer_host_cost.json"
+
+
+def transfer_host_cost() -> str:
+    if not (RESULTS / TRANSFER_HOST_COST).exists():
+        return not_yet(TRANSFER_HOST_COST)
+    data = load(TRANSFER_HOST_COST)
+    sweep = {(r["count"], r["op"]): r for r in load(TRANSFER_CPU)["results"]
+             if r["backend"] == "nixl-raw" and r["block_bytes"] == 4 * KB and r["latency_us"]}  # fmt: skip
+    head = ["blocks", "ours, array (us)", "ours, list (us)", "NIXL's API (us)", "added by ours (us)",
+            "added / NIXL's loopback write (p10)"]  # fmt: skip
+    body = []
+    for row in data["results"]:
+        loopback = sweep.get((row["count"], "write"))
+        share = f"{row['added_us'] / loopback['latency_p10_us'] * 100:+.1f}% of {loopback['latency_p10_us']:.1f} us" \
+            if loopback else "-"  # fmt: skip
+        body.append([str(row["count"]), f"{row['ours_array_us']:.1f}", f"{row['ours_list_us']:.1f}",
+                     f"{row['raw_us']:.1f}", f"{row['added_us']:+.1f}", share])  # fmt: skip
+    return "\n\n".join((table(head, body), cite(TRANSFER_HOST_COST) + "."))
+
+
 def transfer_h200() -> str:
     if not (RESULTS / TRANSFER_H200).exists():
         return not_yet(TRANSFER_H200)
@@ -663,6 +684,7 @@ SCRIPT_OF = {
     FP8_FUSED_MPS_H100: "bench/fp8_fused_bench.py --mps --no-virtual",
     "h200/fp8_payload.json": "bench/fp8_payload_error.py",
     TRANSFER_CPU: "sagellm-comm transfer",
+    TRANSFER_HOST_COST: "bench/transfer_host_cost.py",
     TRANSFER_H200: "sagellm-comm transfer",
 }
 
@@ -710,6 +732,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "h100-fp8-fused-mps": fp8_fused_mps_h100,
     "h200-fp8-payload": fp8_payload,
     "transfer-cpu": transfer_cpu,
+    "transfer-host-cost": transfer_host_cost,
     "transfer-h200": transfer_h200,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")

@@ -205,6 +205,25 @@ def test_gpu_scripts_refuse_in_one_line_without_a_gpu(script, tmp_path):
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
+def test_transfer_host_cost_times_every_variant_and_writes_its_record(tmp_path):
+    from sagellm_comm.transfer.nixl import nixl_available
+
+    if not nixl_available():
+        pytest.skip("needs NIXL (pip install -e '.[transfer]'; the test extra has it)")
+    out = tmp_path / "host_cost.json"
+    proc = _run("bench.transfer_host_cost", "--counts", "1,17", "--rounds", "2", "--calls", "200", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["meta"]["commit"] and "cpu" in record["meta"]["device"]
+    assert [row["count"] for row in record["results"]] == [1, 17]
+    for row in record["results"]:
+        times = [row["ours_array_us"], row["ours_list_us"], row["raw_us"]]
+        assert all(0 < t < 10_000 for t in times), row
+        assert row["added_us"] == pytest.approx(row["ours_array_us"] - row["raw_us"])
+    refused = _run("bench.transfer_host_cost", "--counts", "0", "--out", str(tmp_path / "x.json"))
+    assert refused.returncode == 2 and "counts must be" in refused.stderr and not (tmp_path / "x.json").exists()
+
+
 def test_protocol_cost_baseline_is_the_old_tree_alone(tmp_path):
     """The baseline tree imports itself, never this checkout's modules (an absolute import left unrenamed
     would measure the current code under the old name)."""
