@@ -25,6 +25,7 @@ from sagellm_comm.errors import (
     ErrorCode,
     InvalidArgumentError,
     NotInitializedError,
+    PeerLostError,
     ShapeMismatchError,
     UnavailableError,
 )
@@ -1020,3 +1021,13 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     handle.wait(timeout=1.0)
     assert handle.state == "done" and posted.released and noted == [link]
     assert polls == ([] if status == "DONE" else [posted])
+    # The peer removed afterwards: a transfer seen complete stays complete, one still in flight is lost.
+    request = backend._start(link, _StuckHandle(0), "write")
+    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+    link.removed = True
+    if status == "DONE":
+        handle.wait(timeout=1.0)
+    else:
+        with pytest.raises(PeerLostError, match="removed while the transfer was in flight"):
+            handle.wait(timeout=1.0)
+        assert handle.state == "failed" and request.handle is None  # released
