@@ -87,6 +87,8 @@ def test_check_device_takes_strings_and_devices():
         ({"options": {"nixl": {"num_threads": 1.5}}}, "nixl option num_threads must be an int, got 1.5"),
         ({"options": {"nixl": {"num_thread": 4}}}, r"unknown nixl options \['num_thread'\]"),
         ({"options": {"nixl": {"backends": "UCX"}}}, "nixl option backends must be a non-empty list"),
+        ({"options": {"nixl": {"progress_thread": 0}}}, "nixl option progress_thread must be True or False, got 0"),
+        ({"options": {"nixl": {"progress_thread": "off"}}}, "nixl option progress_thread must be True or False"),
     ],
 )
 def test_transfer_agent_refuses_bad_constructor_values(kwargs, match, monkeypatch):

@@ -158,6 +158,62 @@ def test_scattered_write_read_prepared_and_notifications_between_two_processes(b
     assert ("UCX" if backend == "nixl" else "interpreter") in prefill["transport"]
 
 
+# ============================================================================ NIXL without its progress thread
+def _progress_until(agent, store, key: str, timeout: float = 60.0) -> list[tuple[str, bytes]]:
+    """Call ``agent.notifications()`` (which advances NIXL) until the other side sets ``key``; what arrived."""
+    notes, deadline = [], time.monotonic() + timeout
+    while not store.check([key]):
+        assert time.monotonic() < deadline, f"the other side did not set {key!r} within {timeout}s"
+        notes += agent.notifications()
+        time.sleep(1e-4)
+    return notes
+
+
+def _quiet_worker(rank, world_size, port):
+    """Both agents without NIXL's progress thread: no core busy while idle, and transfers both ways complete
+    while the side they target keeps calling ``notifications()``."""
+    from sagellm_comm.transfer import TransferAgent
+
+    store = _store(rank, port)
+    agent = TransferAgent(("prefill", "decode")[rank], "nixl", options={"nixl": {"progress_thread": False}})
+    kv = agent.allocate("kv", BLOCKS * BLOCK // 4, torch.float32)
+    kv.copy_(_source(10 + rank, kv.numel()))
+    busy = time.process_time()
+    time.sleep(0.5)
+    busy = time.process_time() - busy  # CPU time of the whole process while idle
+    store.set(f"meta/{rank}", agent.metadata())
+    peer = agent.add_peer(store.get(f"meta/{1 - rank}"))
+    blocks = [(i * BLOCK, (BLOCKS - 1 - i) * BLOCK, BLOCK) for i in range(0, BLOCKS, 4)]
+    if rank == 0:
+        agent.write(peer, "kv", "kv", blocks, notify=b"pushed").wait(30)
+        store.set("pushed", b"1")
+        notes = _progress_until(agent, store, "pulled")  # decode reads from this pool meanwhile
+        notes = notes or _wait_notes(agent, 1)
+    else:
+        notes = _progress_until(agent, store, "pushed")  # prefill writes into this pool meanwhile
+        notes = notes or _wait_notes(agent, 1)
+        theirs = _source(10, kv.numel())
+        for lo, ro, n in blocks:
+            assert torch.equal(kv[ro // 4 : (ro + n) // 4], theirs[lo // 4 : (lo + n) // 4])
+        pulled = agent.allocate("pulled", BLOCKS * BLOCK // 4, torch.float32)
+        agent.read(peer, "pulled", "kv", blocks, notify=b"pulled").wait(30)
+        for lo, ro, n in blocks:
+            assert torch.equal(pulled[lo // 4 : (lo + n) // 4], theirs[ro // 4 : (ro + n) // 4])
+        store.set("pulled", b"1")
+    if rank == 0:
+        store.wait(["done/1"])
+    else:
+        store.set("done/1", b"1")
+    agent.close()
+    return busy, notes
+
+
+def test_without_the_progress_thread_no_core_is_busy_and_transfers_complete_while_the_target_polls():
+    (busy0, notes0), (busy1, notes1) = run_ranks(_quiet_worker, 2, timeout=120.0)
+    assert busy0 < 0.1 and busy1 < 0.1, (busy0, busy1)  # a progress thread would take ~0.5 s of the 0.5 s
+    assert notes1 == [("prefill", b"pushed")] and notes0 == [("decode", b"pulled")]
+
+
 # ============================================================================ peers joining, leaving, dying
 def _state(pid: int | str) -> str:
     """The state letter of a process (or ``pid/task/tid``): ``T`` stopped, ``Z`` exited, ``X`` gone."""

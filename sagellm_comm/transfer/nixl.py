@@ -136,9 +136,10 @@ class NixlRequest(Request):
             self.backend.keep_unreleased(handle)
 
 
-def nixl_options(options: dict) -> tuple[list[str], int]:
-    """``(backends, num_threads)`` of the ``"nixl"`` options: a non-empty list of NIXL backend names (default
-    ``["UCX"]``) and a thread count >= 0 (default 0); an unknown key or a bad value is an InvalidArgumentError."""
+def nixl_options(options: dict) -> tuple[list[str], int, bool]:
+    """``(backends, num_threads, progress_thread)`` of the ``"nixl"`` options: a non-empty list of NIXL backend
+    names (default ``["UCX"]``), a thread count >= 0 (default 0) and whether NIXL runs its progress thread (a bool,
+    default True); an unknown key or a bad value is an InvalidArgumentError."""
     options = dict(options)
     backends = options.pop("backends", ["UCX"])
     if (
@@ -149,9 +150,14 @@ def nixl_options(options: dict) -> tuple[list[str], int]:
     ):
         raise InvalidArgumentError(f"nixl option backends must be a non-empty list of names, got {backends!r}")
     num_threads = check_int(options.pop("num_threads", 0), "nixl option num_threads", 0, 1024)
+    progress_thread = options.pop("progress_thread", True)
+    if not isinstance(progress_thread, bool):
+        raise InvalidArgumentError(f"nixl option progress_thread must be True or False, got {progress_thread!r}")
     if options:
-        raise InvalidArgumentError(f"unknown nixl options {sorted(options)} (known: backends, num_threads)")
-    return list(backends), num_threads
+        raise InvalidArgumentError(
+            f"unknown nixl options {sorted(options)} (known: backends, num_threads, progress_thread)"
+        )
+    return list(backends), num_threads, progress_thread
 
 
 class NixlBackend(TransferBackend):
@@ -161,12 +167,15 @@ class NixlBackend(TransferBackend):
 
     def __init__(self, context: AgentContext):
         super().__init__(context)
-        backends, num_threads = nixl_options(context.options.get("nixl", {}))  # checked whether NIXL runs here or not
+        # checked whether NIXL runs here or not
+        backends, num_threads, progress_thread = nixl_options(context.options.get("nixl", {}))
         api = nixl_api()
         self.ucx = ucx_log.install()
         self.ucx.watch(context.name)
         try:
-            config = api.nixl_agent_config(backends=backends, num_threads=num_threads)
+            config = api.nixl_agent_config(
+                enable_prog_thread=progress_thread, backends=backends, num_threads=num_threads
+            )
             self.agent = api.nixl_agent(context.name, config)
         except Exception as exc:
             self.ucx.unwatch(context.name)
