@@ -52,6 +52,21 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
+def test_nixl_agents_without_their_progress_thread_are_timed_with_the_passive_process_calling_them(tmp_path):
+    """Without the progress thread a target must call into NIXL for transfers to it to complete: the passive
+    process does so between commands, and every point and notification completes with exact bytes."""
+    stem = tmp_path / "quiet"
+    proc = _cli("--backend", "nixl,nixl-raw", "--block-sizes", "4K", "--block-counts", "1,5", "--iters", "3",
+                "--warmup", "1", "--notify-iters", "3", "--nixl-progress-thread", "off", "--out", str(stem),
+                "--no-progress", timeout=120.0)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["setup"]["nixl_progress_thread"] is False
+    assert len(record["results"]) == 2 * 2 * 2 and all(r["num_wrong"] == 0 for r in record["results"])
+    notify = record["notify"]["nixl"]
+    assert notify["idle"]["samples"] == notify["busy"]["samples"] == 3  # both pacings
+
+
 def test_the_ipc_path_under_the_interpreter_moves_exact_bytes_and_notifies():
     proc = _cli("--backend", "ipc,nixl", "--block-sizes", "4K", "--block-counts", "1,3", "--iters", "2",
                 "--warmup", "1", "--notify-iters", "3", "--prepared", "--no-save", "--no-progress",

@@ -46,6 +46,9 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     what.add_argument("--max-bytes", metavar="SIZE", help="skip points moving more per request (default 1G / 64M CPU)")
     what.add_argument("--prepared", action="store_true", help="prepared form: block ids (NIXL: prepped lists)")
     what.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); both processes use it")
+    what.add_argument("--nixl-progress-thread", choices=("on", "off"), default="on",
+                      help="NIXL agents (nixl, nixl-raw) with or without NIXL's progress thread; off: the passive "
+                      "process calls into NIXL between commands instead (default on)")  # fmt: skip
     how = parser.add_argument_group("how to time")
     how.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed requests (default {DEFAULT_WARMUP})")
     how.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed requests (default {DEFAULT_ITERS})")
@@ -75,6 +78,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         max_bytes=parse_size(args.max_bytes) if args.max_bytes else None,
         device=args.device,
         prepared=args.prepared,
+        nixl_progress_thread=args.nixl_progress_thread == "on",
         warmup=args.warmup,
         iters=args.iters,
         notify_iters=args.notify_iters,
@@ -109,6 +113,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "backends": list(plan.backends),
         "ops": list(config.ops),
         "prepared": config.prepared,
+        "nixl_progress_thread": config.nixl_progress_thread,
         "warmup": config.warmup,
         "iters": config.iters,
         "notify_iters": config.notify_iters,

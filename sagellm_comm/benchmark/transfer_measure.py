@@ -82,7 +82,9 @@ class _Side:
         if backend in ("ipc", "nixl"):
             from sagellm_comm.transfer import TransferAgent
 
-            agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout)
+            options = {"nixl": {"progress_thread": self.config.nixl_progress_thread}} if backend == "nixl" else None
+            agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout,
+                                  options=options)  # fmt: skip
             self.agents[backend] = agent
             agent.register("pool", self.pool)
             return agent.metadata()
@@ -90,7 +92,8 @@ class _Side:
             from sagellm_comm.transfer.nixl import nixl_api
 
             api = nixl_api()
-            agent = self.agents[backend] = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+            config = api.nixl_agent_config(enable_prog_thread=self.config.nixl_progress_thread, backends=["UCX"])
+            agent = self.agents[backend] = api.nixl_agent(name, config)
             agent.register_memory(self.pool)
             return agent.get_agent_metadata()
         return b""
@@ -116,6 +119,23 @@ class _Side:
         path, offset = shared_file_of(ptr, self.plan.pool_bytes)
         return {"address": ptr, "path": path, "offset": offset}
 
+    def get(self, key: str) -> bytes:
+        """The store's ``key``, waiting for it.  A NIXL agent without its progress thread advances only inside its
+        own calls, and transfers to it need that: while this process waits, its open NIXL agent is called."""
+        quiet = [agent for backend, agent in self.agents.items()
+                 if backend in ("nixl", "nixl-raw") and not self.config.nixl_progress_thread]  # fmt: skip
+        if quiet:
+            deadline = time.monotonic() + self.config.timeout
+            while not self.store.check([key]):
+                if time.monotonic() > deadline:
+                    raise CommTimeoutError(f"no {key!r} from the other process within {self.config.timeout} s")
+                for agent in quiet:
+                    if hasattr(agent, "notifications"):
+                        agent.notifications()  # ours
+                    else:
+                        agent.get_new_notifs()  # NIXL's own
+        return self.store.get(key)
+
     def close_all(self) -> None:
         for backend in list(self.agents):
             self.close(backend)
@@ -125,7 +145,7 @@ class _Side:
 def _serve(side: _Side) -> None:
     store, device, step = side.store, side.plan.device, 0
     while True:
-        command = json.loads(store.get(f"cmd/{step}"))
+        command = json.loads(side.get(f"cmd/{step}"))
         reply: dict = {}
         if command["do"] == "exit":
             store.set(f"reply/{step}", b"{}")
