@@ -19,7 +19,7 @@ RESULTS = BENCH / "results"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
 GPU_SCRIPTS = (
     "custom_all_reduce_bench", "fp8_fused_bench", "fp8_payload_error", "fused_bench", "fused_multi_gpu_bench",
-    "group_bench", "protocol_cost", "soak",
+    "group_bench", "protocol_cost", "soak", "transfer_latency",
 )  # fmt: skip
 HAS_CUDA = __import__("torch").cuda.is_available()
 
