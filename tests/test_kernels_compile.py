@@ -251,6 +251,22 @@ def _cases():
     cases.append(
         (bc.block_copy_kernel, copy_types, dict(FIXED=False, INLINE=False, VEC=False, NOTIFY=True, TILE=4096), counted)
     )
+    # The resident copier: polls its mailbox with system-scope acquire loads, copies in vectors through L2,
+    # publishes with release exchanges, and decides to exit behind a sequentially consistent fence.
+    cases.append(
+        (
+            bc.block_copy_server_kernel,
+            dict(box_addr="i64", idle_ns="i64", max_ns="i64"),
+            dict(USE_PTX=True, TILE_VEC=2048, TILE_BYTES=4096),
+            (
+                "ld.acquire.sys.global.b64",
+                "ld.global.cg.v4",
+                "atom.global.sys.release.exch.b64",
+                "fence.sc.sys",
+                "%globaltimer",
+            ),
+        )
+    )
     return cases  # fmt: skip
 
 
@@ -260,7 +276,8 @@ CASES = _cases()
 @pytest.mark.parametrize("case", CASES, ids=[f"{k.fn.__name__}-{i}" for i, (k, *_) in enumerate(CASES)])
 def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     kernel, types, constexprs, needles = case
-    warps = 1 if kernel.fn.__name__.startswith("ce_barrier") else 4 if kernel.fn.__name__ == "block_copy_kernel" else 8
+    name = kernel.fn.__name__
+    warps = 1 if name.startswith("ce_barrier") else 4 if name.startswith("block_copy") else 8
     compiled = _compile(kernel, types, constexprs, num_warps=warps)
     ptx = compiled.asm["ptx"]
     for needle in needles:

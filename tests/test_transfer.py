@@ -674,3 +674,64 @@ def test_one_block_launch_plans_move_the_same_bytes_as_the_launchers_path():
     assert out["notes"][count:] == [b"prepared"] * 4 + [b"sent"]
     assert out["refused"] == "launch refused"
     assert out["plans"] == [1] and out["direct_launches"] > 20
+
+
+# ============================================================================ the resident copier
+def _resident_worker(rank, world_size, port):
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.transfer import TransferAgent
+
+    out = {}
+    for bad in ({"resident": 1}, {"resident_idle_us": -1}, {"resident_life_us": 0}, {"resident_idle_us": 1.5}):
+        try:
+            TransferAgent("bad", "ipc", options={"ipc": bad})
+            out.setdefault("accepted", []).append(bad)
+        except InvalidArgumentError as exc:
+            out.setdefault("refused", []).append(str(exc))
+    # Under the interpreter a launch runs to its end before returning: the copier serves what was posted, finds
+    # nothing more within its idle window (0 here) and exits; the next request starts it again.
+    options = {"ipc": {"resident": True, "resident_idle_us": 0}}
+    a, b = TransferAgent("a", "ipc", options=options), TransferAgent("b", "ipc", options=options)
+    size = 1 << 20
+    src = a.allocate("kv", size, torch.uint8)
+    src.copy_(_source(9, size, torch.uint8))
+    dst = b.allocate("kv", size, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    copier = a._peers[peer].backend.copier
+    first = copier.completed()
+    expected = torch.zeros_like(dst)
+    cases = [(0, 0, 16), (3, 4099, 1001), (16, 8192, 16384), (70001, 100003, 65536 + 7), (200000, 300000, 262144)]
+    kinds = []
+    for i, (lo, ro, n) in enumerate(cases):
+        handle = a.write(peer, "kv", "kv", [(lo, ro, n)], notify=f"w{i}".encode())
+        kinds.append(type(handle._request).__name__)
+        handle.wait(60)
+        expected[ro : ro + n] = src[lo : lo + n]
+    two = [(5, 600000, 100), (400, 600200, 300)]  # two blocks: one table launch, between copier requests
+    a.write(peer, "kv", "kv", two, notify=b"table").wait(60)
+    for lo, ro, n in two:
+        expected[ro : ro + n] = src[lo : lo + n]
+    handle = a.read(peer, "kv", "kv", [(700000, 300000, 4096)], notify=b"read")
+    handle.wait(60)
+    kinds.append(type(handle._request).__name__)
+    out["read_ok"] = bool(torch.equal(src[700000:704096], dst[300000:304096]))
+    src[700000:704096] = dst[300000:304096]  # what the read put there, for the comparison below
+    out["kinds"] = kinds
+    out["served"] = copier.completed() - first
+    out["wrong"] = int((dst != expected).sum())
+    out["notes"] = b.notifications()
+    out["transport"] = a.peer_transport(peer)
+    a.close()
+    b.close()
+    out["idle_after_close"] = copier.idle() and not copier.leaked
+    return out
+
+
+def test_the_resident_copier_moves_one_block_requests_in_order_with_table_launches_between():
+    ((out),) = run_ranks(_resident_worker, 1, timeout=300.0, env=INTERP)
+    assert "accepted" not in out and len(out["refused"]) == 4, out
+    assert out["kinds"] == ["ResidentRequest"] * 6 and out["served"] == 6
+    assert out["wrong"] == 0 and out["read_ok"]
+    assert [m for _, m in out["notes"]] == [b"w0", b"w1", b"w2", b"w3", b"w4", b"table", b"read"]
+    assert "resident copier" in out["transport"] and out["idle_after_close"]

@@ -246,3 +246,76 @@ def test_a_write_carries_what_the_callers_pending_kernels_write():
     finally:
         a.close()
         b.close()
+
+
+def _resident_worker(rank, world_size, port):
+    """3000 one-block requests through two agents of one process: the resident copier serves most of them, table
+    launches and requests behind a busy stream go the launch path, pauses longer than the idle window make the
+    copier exit and start again; every byte and every notification's order is checked."""
+    from sagellm_comm.transfer import TransferAgent
+
+    torch.cuda.set_device(0)
+    options = {"ipc": {"resident_idle_us": 200}}
+    a, b = TransferAgent("res-a", "ipc", options=options), TransferAgent("res-b", "ipc", options=options)
+    size = 16 * MB
+    src = a.allocate("kv", size, torch.uint8, "cuda")
+    dst = b.allocate("kv", size, torch.uint8, "cuda")
+    src.copy_(_pattern(5, size))
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    copier = a._peers[peer].backend.copier
+    launches = [0]
+    launch = copier._launch
+
+    def counted():
+        launches[0] += 1
+        launch()
+
+    copier._launch = counted
+    expected = torch.zeros_like(dst)
+    rng = np.random.default_rng(11)
+    sizes = [1, 15, 16, 4096, 16384, 65536 + 16, 262144, 100003]
+    sent, seen, moved, cursor, served_before = [], [], [], 0, copier.completed()
+    for k in range(3000):
+        n = int(sizes[k % len(sizes)])
+        lo = int(rng.integers(0, size - n)) & (~15 if k % 3 else ~0)
+        if cursor + n > size:
+            cursor = 0
+        blocks = [(lo, cursor, n)]
+        if k % 97 == 0:  # a table launch
+            blocks.append((lo // 2, (cursor + n + 16) % (size - 64), 48))
+        if k % 150 == 0:
+            torch.cuda._sleep(200_000)  # the caller's stream is busy: this one goes the launch path
+        if k % 200 == 0:
+            time.sleep(0.002)  # longer than the idle window: the copier exits, the next request starts it
+        handle = a.write(peer, "kv", "kv", blocks, notify=f"r{k}".encode())
+        moved += blocks  # replayed at the end: a copy queued here would keep the caller's stream busy
+        sent.append(f"r{k}".encode())
+        cursor = (cursor + n + 15) & ~15
+        if k % 32 == 31:
+            handle.wait(30)
+            seen += [m for _, m in b.notifications()]
+    handle.wait(30)
+    seen += [m for _, m in _notes(b, len(sent) - len(seen))]
+    torch.cuda.synchronize()
+    for s, d, m in moved:
+        expected[d : d + m] = src[s : s + m]
+    out = {"wrong": int((dst != expected).sum()), "in_order": seen == sent, "launches": launches[0],
+           "served": copier.completed() - served_before}  # fmt: skip
+    # After a last request the copier exits within its idle window: a device-wide synchronise returns.
+    a.write(peer, "kv", "kv", [(0, 0, 4096)]).wait(30)
+    begin = time.monotonic()
+    torch.cuda.synchronize()
+    out["sync_s"] = time.monotonic() - begin
+    a.close()
+    b.close()
+    out["stopped"] = not copier.leaked
+    return out
+
+
+def test_the_resident_copier_serves_small_requests_exactly_in_order_and_exits_when_idle():
+    (out,) = run_ranks(_resident_worker, 1, timeout=300.0, env=GPU_ENV)
+    assert out["wrong"] == 0 and out["in_order"], out
+    assert out["served"] > 2000, out  # most one-block requests went through the copier
+    assert out["launches"] >= 10, out  # it exited at the pauses and was started again
+    assert out["sync_s"] < 0.05 and out["stopped"], out

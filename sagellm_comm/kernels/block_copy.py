@@ -46,6 +46,27 @@ completion from a CUDA event).  With it:
 The sequence number lives in device memory, not in a launch argument: an integer argument is compiled as
 int32 or int64 by its value, and a counter must not change the kernel's signature as it grows.  Every
 address argument is a real address (never 0), so it is always int64.
+
+Resident copier (``block_copy_server_kernel``): one program that stays on the GPU while requests keep coming,
+so a small request costs the host a few stores into pinned memory instead of a launch.  Its *mailbox* is
+pinned host memory (int64 words, ``SERVER_*`` below): a state word, a stop word, the number of the last
+request it completed, and a ring of ``SERVER_ENTRIES`` requests ``(seq, src, dst, nbytes, ring_addr,
+seq_addr)``.  The host writes an entry's fields, then its ``seq`` (requests are numbered 1, 2, ...).  The
+program serves request ``done + 1`` once its entry holds that number: it copies the block (``_copy_bytes``,
+loads through L2 so nothing cached by an earlier request is read), synchronises, publishes the notification as
+above when ``ring_addr`` is not 0, then release-stores the request's number into ``done`` (system scope): the
+host that reads it sees every byte.  Every decision is taken on a value reduced over the program's threads
+(the smallest each thread read), so all threads take the same branch even while the host is writing.
+
+Exit: after ``idle_ns`` without a request, after ``max_ns`` of life, or when asked to stop, the program
+stores ``STATE_EXITING``, synchronises, fences in every thread (sequentially consistent, system scope) and
+reads the next entry once more:
+if a request arrived it stores ``STATE_SERVING`` and goes on, else it stores ``STATE_IDLE`` and returns.  The
+host, after writing a request's ``seq``, fences and reads the state (Dekker's pattern): ``SERVING``, the
+program will see the request; ``EXITING``, it waits for the program's decision; ``IDLE``, it stores
+``SERVING`` and launches a new program, which starts at ``done + 1``.  So a request is never left without a
+program, and two programs never serve at once (a new one is launched only after the old one stored ``IDLE``,
+its last store, on the same stream).
 """
 
 from __future__ import annotations
@@ -53,13 +74,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sagellm_comm.kernels.all_reduce import _ptr
+from sagellm_comm.kernels.all_reduce import _load_acquire, _ptr, _ticks
 
 RECORD_BYTES = tl.constexpr(512)  # one notification: int64 seq | int64 nbytes | message (up to 496 bytes)
 RECORD_HEADER_BYTES = tl.constexpr(16)
 RING_ENTRIES = tl.constexpr(64)  # records in one sender's ring of a receiver's inbox
 MAX_MESSAGE_BYTES = RECORD_BYTES.value - RECORD_HEADER_BYTES.value
 VEC_BYTES = 16  # the alignment of every address and length on the vector path
+VEC_ALIGN = tl.constexpr(VEC_BYTES)
+# Resident copier's mailbox (int64 words; each group on its own 128-byte line).
+SERVER_STATE = tl.constexpr(0)
+SERVER_STOP = tl.constexpr(16)
+SERVER_DONE = tl.constexpr(32)
+SERVER_RING = tl.constexpr(64)
+SERVER_ENTRIES = tl.constexpr(64)  # a power of two
+SERVER_ENTRY_WORDS = tl.constexpr(8)  # seq, src, dst, nbytes, ring_addr, seq_addr, 2 unused
+SERVER_WORDS = SERVER_RING.value + SERVER_ENTRIES.value * SERVER_ENTRY_WORDS.value
+STATE_IDLE = tl.constexpr(0)
+STATE_SERVING = tl.constexpr(1)
+STATE_EXITING = tl.constexpr(2)
+SERVER_THREADS = tl.constexpr(128)  # num_warps=4
 
 
 @triton.jit
@@ -152,3 +186,69 @@ def block_copy_kernel(
         if done == num_programs - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _publish(seq_addr, ring_addr)
+
+
+@triton.jit
+def _uniform_min(ptr, USE_PTX: tl.constexpr):
+    """The int64 word at ``ptr`` as every thread of the program agrees on it: each thread reads it (acquire,
+    system scope) and the smallest value read wins."""
+    lanes = tl.zeros([SERVER_THREADS], dtype=tl.int64)
+    return tl.min(_load_acquire(ptr + lanes, USE_PTX), axis=0)
+
+
+@triton.jit
+def _uniform_clock(USE_PTX: tl.constexpr):
+    """The GPU's global timer (the host clock under the interpreter), the same value in every thread."""
+    return tl.max(tl.zeros([SERVER_THREADS], dtype=tl.int64) + _ticks(USE_PTX), axis=0)
+
+
+@triton.jit
+def _fence_sc_sys(USE_PTX: tl.constexpr):
+    """A sequentially consistent fence at system scope (the interpreter runs one thread: nothing to order)."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "fence.sc.sys; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def block_copy_server_kernel(box_addr, idle_ns, max_ns, USE_PTX: tl.constexpr, TILE_VEC: tl.constexpr,
+                             TILE_BYTES: tl.constexpr):  # fmt: skip
+    """The resident copier (module docstring): serve the mailbox at ``box_addr`` from request ``done + 1`` on,
+    until ``idle_ns`` without a request, ``max_ns`` of life or the stop word, and no request waiting."""
+    box = box_addr.to(tl.pointer_type(tl.int64))
+    next_seq = tl.load(box + SERVER_DONE, volatile=True) + 1
+    born = _uniform_clock(USE_PTX)
+    last = born
+    serving = 1
+    while serving == 1:
+        at = SERVER_RING + ((next_seq - 1) & (SERVER_ENTRIES - 1)) * SERVER_ENTRY_WORDS
+        if _uniform_min(box + at, USE_PTX) == next_seq:
+            src = tl.load(box + at + 1, volatile=True)
+            dst = tl.load(box + at + 2, volatile=True)
+            nbytes = tl.load(box + at + 3, volatile=True)
+            ring_addr = tl.load(box + at + 4, volatile=True)
+            seq_addr = tl.load(box + at + 5, volatile=True)
+            if ((src | dst | nbytes) & (VEC_ALIGN - 1)) == 0:
+                _copy_bytes(src, dst, nbytes, True, TILE_VEC)
+            else:
+                _copy_bytes(src, dst, nbytes, False, TILE_BYTES)
+            tl.debug_barrier()  # every thread's stores precede the releases below (release is cumulative)
+            if ring_addr != 0:
+                _publish(seq_addr, ring_addr)
+            tl.atomic_xchg(box + SERVER_DONE, next_seq, sem="release", scope="sys")
+            next_seq += 1
+            last = _uniform_clock(USE_PTX)
+        else:
+            now = _uniform_clock(USE_PTX)
+            stop = _uniform_min(box + SERVER_STOP, USE_PTX)
+            if (stop != 0) | (now - last > idle_ns) | (now - born > max_ns):
+                tl.atomic_xchg(box + SERVER_STATE, STATE_EXITING, sem="relaxed", scope="sys")
+                tl.debug_barrier()  # the store precedes every thread's fence: each re-read below is ordered after it
+                _fence_sc_sys(USE_PTX)
+                if _uniform_min(box + at, USE_PTX) == next_seq:
+                    tl.atomic_xchg(box + SERVER_STATE, STATE_SERVING, sem="relaxed", scope="sys")
+                else:
+                    tl.atomic_xchg(box + SERVER_STATE, STATE_IDLE, sem="release", scope="sys")
+                    serving = 0

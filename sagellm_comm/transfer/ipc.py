@@ -32,12 +32,20 @@ import numpy as np
 import torch
 
 from sagellm_comm.arguments import check_int
-from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError, P2PFailedError, PeerLostError
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    CommError,
+    CommTimeoutError,
+    InvalidArgumentError,
+    P2PFailedError,
+    PeerLostError,
+)
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
 from sagellm_comm.transfer.ipc_memory import CudaEvents, PeerMaps, Staging, device_memory
+from sagellm_comm.transfer.ipc_resident import ResidentCopier
 from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox
 from sagellm_comm.transfer.registry import register_transfer_backend
@@ -54,6 +62,9 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 MAX_PLANS = 256  # one-block launch plans per link (a few per block size in practice); beyond, start over
 MAX_SIZES = 4096  # one-block sizes whose cut into items is kept (IpcBackend._cut); beyond, start over
+RESIDENT_MAX_BYTES = 256 * 1024  # a one-block request up to this long may go to the resident copier
+RESIDENT_IDLE_US = 1000  # the resident copier exits after this long without a request
+RESIDENT_LIFE_US = 20000  # ... and once it has run this long (the next request starts it again)
 # The one-block launch's arguments that change from call to call (the others are the link's, or follow from these).
 INLINE_ARGUMENTS = ("table_addr", "src_base", "dst_base", "block_bytes", "parts", "part_bytes")
 
@@ -78,6 +89,7 @@ class IpcLink(Link):
     registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
     published: torch.Tensor | None = None  # device word: notifications the kernel published to this peer
     last: int = 0  # number of this agent's latest launch that touches the peer's memory
+    resident_last: int = 0  # number of this agent's latest resident-copier request that touches it
     # One-block launches: shape (IpcBackend._one_block) -> (direct launch, its arguments, filled per call).
     plans: dict[tuple, tuple] = field(default_factory=dict)
 
@@ -114,6 +126,39 @@ class IpcRequest(Request):
             self.backend.events.wait(stream.cuda_stream, self.event)
 
 
+class ResidentRequest(Request):
+    """A one-block request served by the resident copier (``ipc_resident.py``): done once the copier's count of
+    served requests reached its number."""
+
+    __slots__ = ("backend", "link", "seq")
+
+    def __init__(self, backend: IpcBackend, link: IpcLink, seq: int):
+        self.backend = backend
+        self.link = link
+        self.seq = seq
+
+    def poll(self) -> bool:
+        name = self.link.peer.name
+        if self.link.removed:
+            raise PeerLostError(
+                f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
+            )
+        if self.backend.copier.completed() < self.seq:
+            return False
+        if not self.link.outbox.liveness.alive():
+            raise PeerLostError(
+                f"peer {name!r} exited before the transfer was seen complete; treat its blocks as not delivered",
+                details={"peer": name},
+            )
+        return True
+
+    def abort(self) -> None:
+        pass  # the copier serves every request it was given; its mailbox entry is reused after that
+
+    def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
+        self.backend.copier.wait(self.seq)  # served within microseconds: a bounded host wait, nothing to enqueue
+
+
 class IpcBackend(TransferBackend):
     """See the module docstring."""
 
@@ -124,13 +169,25 @@ class IpcBackend(TransferBackend):
         options = dict(context.options.get("ipc", {}))
         programs = options.pop("max_programs", None)  # checked before anything else, available here or not
         self.programs_option = None if programs is None else check_int(programs, "ipc option max_programs", 1, 65535)
+        resident = options.pop("resident", None)
+        if resident is not None and not isinstance(resident, bool):
+            raise InvalidArgumentError(f"ipc option resident must be True or False, got {resident!r}")
+        self.resident_option = resident
+        self.resident_idle_us = check_int(options.pop("resident_idle_us", RESIDENT_IDLE_US), "ipc option "
+                                          "resident_idle_us", 0, 10**6)  # fmt: skip
+        self.resident_life_us = check_int(options.pop("resident_life_us", RESIDENT_LIFE_US), "ipc option "
+                                          "resident_life_us", 1, 10**7)  # fmt: skip
         if options:
-            raise InvalidArgumentError(f"unknown ipc options {sorted(options)} (known: max_programs)")
+            raise InvalidArgumentError(
+                f"unknown ipc options {sorted(options)} (known: max_programs, resident, resident_idle_us, "
+                "resident_life_us)"
+            )
         ipc_available()
         self.device: torch.device | None = None
         self.inbox = Inbox()
         self.exports: dict[str, dict] = {}
         self.links: list[IpcLink] = []
+        self.copier: ResidentCopier | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ device state
@@ -175,6 +232,11 @@ class IpcBackend(TransferBackend):
                 raise BackendNotSupportedError(f"{device} cannot use host pointers of registered host memory")
         else:
             self.max_programs = INTERPRETER_PROGRAMS
+        # The resident copier: on by default on a GPU; under the interpreter (which runs a launch to its end
+        # before returning) only when asked for.
+        if cuda if self.resident_option is None else self.resident_option:
+            self.copier = ResidentCopier(device, self.resident_idle_us * 1000, self.resident_life_us * 1000,
+                                         self.context.timeout_s)  # fmt: skip
 
     def _bytes_at(self, ptr: int, nbytes: int) -> torch.Tensor:
         from sagellm_comm.ipc import tensor_at
@@ -270,8 +332,10 @@ class IpcBackend(TransferBackend):
     def _probe(self, link: IpcLink, token: bytes) -> None:
         """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
         self.scratch.zero_()
-        self._one_block(link, link.addresses["\0probe"], self.scratch.data_ptr(), TOKEN_BYTES, None)
-        if self.stream is not None:
+        request = self._one_block(link, link.addresses["\0probe"], self.scratch.data_ptr(), TOKEN_BYTES, None)
+        if isinstance(request, ResidentRequest):
+            self.copier.wait(request.seq)
+        elif self.stream is not None:
             self.stream.synchronize()
         got = bytes(self.scratch.cpu().numpy())
         if got != token:
@@ -289,7 +353,7 @@ class IpcBackend(TransferBackend):
     def _release(self, link: IpcLink) -> None:
         """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
         behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it)."""
-        if not self._drain(link.last):
+        if not self._drain(link.last) or not self._drain_resident(link.resident_last):
             logger.warning(
                 "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
                 self.context.name, link.peer.name, self.context.timeout_s,
@@ -375,7 +439,13 @@ class IpcBackend(TransferBackend):
     def _one_block(self, link, src: int, dst: int, nbytes: int, notify) -> IpcRequest:
         """One block from address ``src`` to ``dst``: the copy engine when long (a plain memory copy under the
         interpreter), else one launch that names the block in its arguments, cut into items of 8-64 KB spread over
-        the programs: the link's plan of that shape once a launch compiled it (on a GPU), else the launcher."""
+        the programs: the link's plan of that shape once a launch compiled it (on a GPU), else the launcher.  A
+        block of up to ``RESIDENT_MAX_BYTES`` goes to the resident copier instead when nothing orders it after
+        other work: no launch of this agent in flight and the caller's current stream idle."""
+        if nbytes <= RESIDENT_MAX_BYTES and self.copier is not None and self._quiet():
+            request = self._resident(link, src, dst, nbytes, notify)
+            if request is not None:
+                return request
         self._fork()
         if nbytes >= COPY_ENGINE_BYTES:
             self._enqueue(link, notify, False, self.memory.copy_async, dst, src, nbytes, self.raw_stream)
@@ -402,6 +472,36 @@ class IpcBackend(TransferBackend):
         values[at_dst], values[at_nbytes], values[at_parts], values[at_part] = dst, nbytes, parts, part
         self._enqueue(link, notify, False, fast, programs, 1, self.raw_stream, values)
         return self._finish(link, None)
+
+    def _quiet(self) -> bool:
+        """Nothing a resident-copier request must wait for: no launch of this agent in flight, and the caller's
+        current stream idle (what its kernels wrote is in memory)."""
+        if self.completed != self.launches and not self.finished(self.launches):
+            return False
+        if self.events is None:
+            return True
+        return self.events.rt.streamQuery(torch._C._cuda_getCurrentRawStream(self.index)) == 0
+
+    def _resident(self, link, src: int, dst: int, nbytes: int, notify) -> ResidentRequest | None:
+        """One block by the resident copier, ``notify`` staged first; None (nothing queued) when its mailbox
+        is full."""
+        if notify is not None:
+            link.outbox.stage(notify)  # refused here when the ring is full: nothing was queued
+            ring, seq_addr = link.outbox.ring_address, link.published.data_ptr()
+        else:
+            ring = seq_addr = 0
+        try:
+            seq = self.copier.post(src, dst, nbytes, ring, seq_addr)
+        except BaseException:
+            if notify is not None:
+                link.outbox.unstage()
+            raise
+        if seq is None:
+            if notify is not None:
+                link.outbox.unstage()
+            return None
+        link.resident_last = seq
+        return ResidentRequest(self, link, seq)
 
     def _cut(self, nbytes: int) -> tuple:
         """``(part_bytes, parts, programs, sizes)`` of one block of ``nbytes`` under the copy-engine size: items of
@@ -452,7 +552,11 @@ class IpcBackend(TransferBackend):
         return self._finish(link, index)
 
     def _fork(self) -> None:
-        """The transfer stream waits for the caller's current stream (what the caller's kernels wrote)."""
+        """The transfer stream waits for the caller's current stream (what the caller's kernels wrote), and the
+        host for the resident copier's requests (a launch never overtakes them: notifications stay in order)."""
+        copier = self.copier
+        if copier is not None and not copier.idle():
+            copier.wait(copier.posted)
         if self.events is not None:
             self.events.follow(torch._C._cuda_getCurrentRawStream(self.index))
 
@@ -522,13 +626,26 @@ class IpcBackend(TransferBackend):
             time.sleep(1e-4)
         return True
 
+    def _drain_resident(self, seq: int) -> bool:
+        """Wait (up to the agent's timeout) until the resident copier served request ``seq``; False if not."""
+        if self.copier is None:
+            return True
+        try:
+            self.copier.wait(seq)
+        except CommTimeoutError:
+            return False
+        return True
+
     def notifications(self) -> list[tuple[str, bytes]]:
         return self.inbox.drain()
 
     def transport(self, link: Link) -> str:
+        resident = ", a resident copier for one block <= 256 KB" if self.copier is not None else ""
         if self.device is not None and self.device.type == "cuda":
-            return f"block-copy kernel on {self.device}, the copy engine for one block >= 1 MB, over CUDA IPC mappings"
-        return "block-copy kernel (Triton interpreter), a memory copy for one block >= 1 MB, over shared files"
+            return (f"block-copy kernel on {self.device}{resident}, the copy engine for one block >= 1 MB, over CUDA "
+                    "IPC mappings")  # fmt: skip
+        return (f"block-copy kernel (Triton interpreter){resident}, a memory copy for one block >= 1 MB, over shared "
+                "files")  # fmt: skip
 
     def close(self) -> None:
         if self._closed:
@@ -536,6 +653,8 @@ class IpcBackend(TransferBackend):
         self._closed = True
         for link in list(self.links):
             self.disconnect(link)
+        if self.copier is not None:
+            self.copier.close()
         self.inbox.close()
         if self.device is not None:
             drained = self._drain(self.launches)

@@ -1,0 +1,138 @@
+"""The ``ipc`` transport's resident copier: small one-block requests served by a kernel that is already running.
+
+A kernel launch costs the host several microseconds (4-10 us per launch on the virtual machines of the records,
+more than the copy of a 16 KB block takes on the GPU).  The resident copier (``block_copy_server_kernel`` in
+``sagellm_comm/kernels/block_copy.py``, whose docstring gives the protocol) is one program that polls a mailbox
+in pinned host memory: posting a request is a few stores, and its completion is a word the host reads.  The
+program exits after ``idle_ns`` without a request or ``max_ns`` of life; the next request launches it again.
+
+While it runs it holds part of one SM, and a device-wide synchronisation (``torch.cuda.synchronize()``, the
+start of a CUDA-graph capture) waits for it to exit: at most the idle window after the last request, and never
+longer than its life.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sagellm_comm.errors import CommTimeoutError, TransferError
+from sagellm_comm.kernels import block_copy as _bc
+from sagellm_comm.launch import Launcher
+from sagellm_comm.transfer.notify import fence
+
+STATE, STOP, DONE, RING = _bc.SERVER_STATE.value, _bc.SERVER_STOP.value, _bc.SERVER_DONE.value, _bc.SERVER_RING.value
+ENTRIES, ENTRY_WORDS = _bc.SERVER_ENTRIES.value, _bc.SERVER_ENTRY_WORDS.value
+IDLE, SERVING, EXITING = _bc.STATE_IDLE.value, _bc.STATE_SERVING.value, _bc.STATE_EXITING.value
+
+
+class ResidentCopier:
+    """The host side of one agent's resident copier (module docstring): :meth:`post` a request, read
+    :meth:`completed`, :meth:`wait` for one, :meth:`close`."""
+
+    def __init__(self, device: torch.device, idle_ns: int, max_ns: int, timeout_s: float):
+        cuda = device.type == "cuda"
+        self.box = torch.zeros(_bc.SERVER_WORDS, dtype=torch.int64, pin_memory=cuda)
+        self.ints = memoryview(self.box.numpy()).cast("B").cast("q")  # one read gives a Python int
+        self.timeout_s = timeout_s
+        self.posted = 0  # number of the last request posted
+        index = device.index or 0
+        self.launcher = Launcher(_bc.block_copy_server_kernel, cuda, index, num_warps=4)
+        self.values = self.launcher.bind(
+            box_addr=self.box.data_ptr(), idle_ns=idle_ns, max_ns=max_ns, USE_PTX=cuda,
+            TILE_VEC=2048 if cuda else 16384, TILE_BYTES=4096 if cuda else 16384,
+        )  # fmt: skip
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.raw_stream = self.stream.cuda_stream if cuda else None
+        self.leaked = False
+        # Compile and load the kernel now (a launch told to stop at once), not in the first request.
+        self.ints[STOP] = 1
+        self._launch()
+        self._stopped(time.monotonic() + max(timeout_s, 120.0))
+        self.ints[STOP] = 0
+
+    def completed(self) -> int:
+        """The number of the last request served (every earlier one was served too)."""
+        return self.ints[DONE]
+
+    def idle(self) -> bool:
+        """No request is waiting or being served."""
+        return self.ints[DONE] == self.posted
+
+    def post(self, src: int, dst: int, nbytes: int, ring_addr: int, seq_addr: int) -> int | None:
+        """Queue a copy of ``nbytes`` from address ``src`` to ``dst`` (then the notification staged at
+        ``ring_addr``, counted at ``seq_addr``, when ``ring_addr`` is not 0); returns its number, or None when
+        the mailbox is full (nothing was queued)."""
+        ints = self.ints
+        seq = self.posted + 1
+        if seq - ints[DONE] > ENTRIES:
+            return None
+        at = RING + ((seq - 1) & (ENTRIES - 1)) * ENTRY_WORDS
+        ints[at + 1] = src
+        ints[at + 2] = dst
+        ints[at + 3] = nbytes
+        ints[at + 4] = ring_addr
+        ints[at + 5] = seq_addr
+        fence()  # the fields before the number
+        ints[at] = seq
+        self.posted = seq
+        fence()  # the number before reading the state (the program does the mirror image)
+        state = ints[STATE]
+        if state == EXITING:
+            deadline = time.monotonic() + self.timeout_s
+            while (state := ints[STATE]) == EXITING:
+                if time.monotonic() > deadline:
+                    raise TransferError(
+                        f"the resident copier did not decide whether to exit within {self.timeout_s:g} s (request "
+                        f"{seq} may or may not be served): the GPU is not making progress"
+                    )
+        if state == SERVING:
+            return seq
+        ints[STATE] = SERVING  # no program serves the mailbox: start one (it begins at done + 1)
+        try:
+            self._launch()
+        except BaseException:
+            ints[STATE] = IDLE
+            ints[at] = 0
+            self.posted = seq - 1
+            raise
+        return seq
+
+    def _launch(self) -> None:
+        self.launcher((1, 1), self.values, self.raw_stream)
+
+    def wait(self, seq: int, deadline: float | None = None) -> None:
+        """Block until request ``seq`` was served; ``CommTimeoutError`` at ``deadline`` (default: the timeout)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
+        while self.ints[DONE] < seq:
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(
+                    f"the resident copier did not serve request {seq} in time (served up to {self.ints[DONE]})"
+                )
+
+    def _stopped(self, deadline: float) -> bool:
+        """Wait until no program runs (its last store said so and its launch completed); False at ``deadline``."""
+        while self.ints[STATE] != IDLE:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1e-5)
+        if self.stream is not None:
+            while not self.stream.query():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(1e-5)
+        return True
+
+    def close(self) -> None:
+        """Stop the program once every request was served; if it does not stop within the timeout its mailbox
+        is kept for the life of the process (leaked rather than freed under a running kernel)."""
+        deadline = time.monotonic() + self.timeout_s
+        self.ints[STOP] = 1
+        if not self._stopped(deadline):
+            self.leaked = True
+            _LEAKED.append(self.box)
+
+
+_LEAKED: list[torch.Tensor] = []
