@@ -6,8 +6,11 @@ the same thread sees the transfer finished, with a 0.2 ms spin between requests 
 ``sagellm-comm transfer``); the paths are interleaved over ``--rounds`` rounds and each figure is the median
 over all of them:
 
-* ``ipc_notify``: ``agent.write(..., notify=...)``, then polling the receiving agent's ``notifications()``;
+* ``ipc_notify``: ``agent.write(..., notify=...)``, then polling the receiving agent's ``notifications()`` (the
+  block goes to the agent's resident copier: the caller's stream is idle);
 * ``ipc_done``: ``agent.write(...)`` without a notification, then polling the handle's ``done()``;
+* ``ipc_launch_notify``: ``ipc_notify`` between agents made with ``options={"ipc": {"resident": False}}``: one
+  kernel launch per request;
 * ``torch_copy``: ``dst.copy_(src)`` and a CUDA event, then polling the event (a torch op per request);
 * ``raw_launch``: a CUDA kernel launched through CuPy that copies the block and stores a flag in pinned host
   memory, then polling the flag (a launch per request with nothing around it);
@@ -15,9 +18,10 @@ over all of them:
   doorbell and polls the flag (no launch per request: the floor of a design with a resident kernel).
 
 ``host_us`` is how long the call that starts the request took (the doorbell store for ``resident``).  Then the
-parts of our ``write()``, each called alone ``--calls`` times (median): the peer's liveness check, staging the
-notification in the ring, the stream fork (event record + stream wait), the compiled kernel's direct launch,
-the completion event's record, an event query, and an empty ``notifications()``::
+parts of our ``write()``, each called alone ``--calls`` times (median): a whole ``write()`` with and without a
+notification on either path, the peer's liveness check, staging the notification in the ring, and, of the
+launch path, the stream fork (event record + stream wait), the compiled kernel's direct launch, the completion
+event's record, an event query, and an empty ``notifications()``::
 
     python -m bench.transfer_latency --out bench/results/h200/transfer_latency.json
 """
@@ -97,6 +101,13 @@ class _Paths:
         self.pool_b = self.b.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.peer = self.a.add_peer(self.b.metadata())
         self.b.add_peer(self.a.metadata())
+        launches = {"ipc": {"resident": False}}
+        self.c = TransferAgent("latency-c", "ipc", options=launches)
+        self.d = TransferAgent("latency-d", "ipc", options=launches)
+        self.c.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
+        self.d.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
+        self.launch_peer = self.c.add_peer(self.d.metadata())
+        self.d.add_peer(self.c.metadata())
         self.blocks = [(3 * BLOCK, 5 * BLOCK, BLOCK)]
         self.src, self.dst = self.pool_a[:BLOCK], self.pool_b[:BLOCK]
         generator = torch.Generator(device="cuda").manual_seed(7)
@@ -125,6 +136,15 @@ class _Paths:
         a.write(self.peer, "kv", "kv", self.blocks, notify=b"latency")
         t1 = time.perf_counter_ns()
         while not b.notifications():
+            pass
+        return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
+
+    def ipc_launch_notify(self):
+        c, d = self.c, self.d
+        t0 = time.perf_counter_ns()
+        c.write(self.launch_peer, "kv", "kv", self.blocks, notify=b"latency")
+        t1 = time.perf_counter_ns()
+        while not d.notifications():
             pass
         return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
 
@@ -181,7 +201,8 @@ class _Paths:
 
     def parts(self, calls: int) -> dict:
         """The parts of one ``write()`` with a notification, each called alone (median microseconds)."""
-        entry = self.a._peers[self.peer]
+        self.c.write(self.launch_peer, "kv", "kv", self.blocks).wait(30)  # the launch plan without a notification
+        entry = self.c._peers[self.launch_peer]
         backend, link = entry.backend, entry.link
         rt, events = backend.events.rt, backend.events
         caller = torch._C._cuda_getCurrentRawStream(backend.index)
@@ -197,7 +218,7 @@ class _Paths:
 
         parts = {
             "write_no_notify": lambda: self.a.write(self.peer, "kv", "kv", self.blocks),
-            "write_notify": None,
+            "launch_write_no_notify": lambda: self.c.write(self.launch_peer, "kv", "kv", self.blocks),
             "liveness_check": lambda: backend._check_alive(link),
             "ring_stage": stage,
             "stream_fork": lambda: events.follow(caller),
@@ -208,13 +229,17 @@ class _Paths:
         }
         written = [0]
 
-        def write_notify():  # the receiver drains every 32 calls: the ring holds 64
-            self.a.write(self.peer, "kv", "kv", self.blocks, notify=b"latency")
-            written[0] += 1
-            if written[0] % 32 == 0:
-                self.b.notifications()
+        def notifying(agent, peer, receiver):
+            def write_notify():  # the receiver drains every 32 calls: the ring holds 64
+                agent.write(peer, "kv", "kv", self.blocks, notify=b"latency")
+                written[0] += 1
+                if written[0] % 32 == 0:
+                    receiver.notifications()
 
-        parts["write_notify"] = write_notify
+            return write_notify
+
+        parts["write_notify"] = notifying(self.a, self.peer, self.b)
+        parts["launch_write_notify"] = notifying(self.c, self.launch_peer, self.d)
         out = {}
         for name, call in parts.items():
             for _ in range(100):
@@ -226,17 +251,18 @@ class _Paths:
                 samples.append((time.perf_counter_ns() - t0) / 1e3)
             torch.cuda.synchronize()
             self.b.notifications()
+            self.d.notifications()
             out[name] = statistics.median(samples)
         return out
 
     def close(self):
         self.stop_resident()
         torch.cuda.synchronize()
-        self.a.close()
-        self.b.close()
+        for agent in (self.a, self.b, self.c, self.d):
+            agent.close()
 
 
-PATHS = ("ipc_notify", "ipc_done", "torch_copy", "raw_launch", "resident")
+PATHS = ("ipc_notify", "ipc_done", "ipc_launch_notify", "torch_copy", "raw_launch", "resident")
 
 
 def measure(requests: int, rounds: int, calls: int) -> dict:
