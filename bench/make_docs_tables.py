@@ -646,6 +646,45 @@ def transfer_host_cost() -> str:
     return "\n\n".join((table(head, body), cite(TRANSFER_HOST_COST) + "."))
 
 
+TRANSFER_LATENCY_NAME = "transfer_latency.json"
+LATENCY_PATHS = {
+    "ipc_notify": "our `write()` with a notification, resident copier; seen by the receiver's `notifications()`",
+    "ipc_done": "our `write()` without one, resident copier; seen by the handle's `done()`",
+    "ipc_launch_notify": "our `write()` with a notification, one launch per request (`resident=False`)",
+    "torch_copy": "a torch copy and a CUDA event (a torch op per request)",
+    "raw_launch": "a CuPy launch of a kernel that copies and stores a flag in pinned memory",
+    "resident": "a resident kernel polling a doorbell in pinned memory (no launch)",
+}
+LATENCY_PARTS = {
+    "write_notify": "`write()` with a notification, resident copier",
+    "launch_write_notify": "`write()` with a notification, launch path",
+    "liveness_check": "the peer's liveness check (an `flock`)",
+    "ring_stage": "staging the notification in the ring",
+    "stream_fork": "the stream fork (event record + stream wait)",
+    "direct_launch": "the compiled kernel's launch",
+    "event_record": "the completion event's record",
+}
+
+
+def transfer_latency() -> str:
+    rel = current(TRANSFER_LATENCY_NAME)
+    if not (RESULTS / rel).exists():
+        return not_yet(rel)
+    data = load(rel)
+    head = ["path (one 16 KB block, request by request)", "host call (us)", "seen (us, median)", "p10-p90 (us)"]
+    body = []
+    for name, what in LATENCY_PATHS.items():
+        one = data["paths"].get(name)
+        if one:
+            body.append([what, f"{one['host_us']:.2f}", f"{one['seen_us']:.2f}",
+                         f"{one['seen_p10_us']:.2f}-{one['seen_p90_us']:.2f}"])  # fmt: skip
+    parts = data.get("write_parts_us", {})
+    named = "; ".join(f"{what} {parts[key]:.2f}" for key, what in LATENCY_PARTS.items() if key in parts)
+    lines = [table(head, body), f"Parts, each called alone (median us): {named}." if named else "",
+             f"{device_of(rel)}; " + cite(rel) + "."]  # fmt: skip
+    return "\n\n".join(x for x in lines if x)
+
+
 def transfer_h200() -> str:
     if not (RESULTS / TRANSFER_H200).exists():
         return not_yet(TRANSFER_H200)
@@ -686,6 +725,7 @@ SCRIPT_OF = {
     TRANSFER_CPU: "sagellm-comm transfer",
     TRANSFER_HOST_COST: "bench/transfer_host_cost.py",
     TRANSFER_H200: "sagellm-comm transfer",
+    **{f"{device}/{TRANSFER_LATENCY_NAME}": "bench/transfer_latency.py" for device in ONE_GPU_DEVICES},
 }
 
 
@@ -734,6 +774,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "transfer-cpu": transfer_cpu,
     "transfer-host-cost": transfer_host_cost,
     "transfer-h200": transfer_h200,
+    "transfer-latency": transfer_latency,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
