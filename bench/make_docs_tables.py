@@ -648,9 +648,9 @@ def transfer_host_cost() -> str:
 
 TRANSFER_LATENCY_NAME = "transfer_latency.json"
 LATENCY_PATHS = {
-    "ipc_notify": "our `write()` with a notification, resident copier; seen by the receiver's `notifications()`",
+    "ipc_notify": "our `write()` with a notification, resident copier (`resident=True`); seen by the receiver",
     "ipc_done": "our `write()` without one, resident copier; seen by the handle's `done()`",
-    "ipc_launch_notify": "our `write()` with a notification, one launch per request (`resident=False`)",
+    "ipc_launch_notify": "our `write()` with a notification, one launch per request (the default)",
     "torch_copy": "a torch copy and a CUDA event (a torch op per request)",
     "raw_launch": "a CuPy launch of a kernel that copies and stores a flag in pinned memory",
     "resident": "a resident kernel polling a doorbell in pinned memory (no launch)",

@@ -6,11 +6,11 @@ the same thread sees the transfer finished, with a 0.2 ms spin between requests 
 ``sagellm-comm transfer``); the paths are interleaved over ``--rounds`` rounds and each figure is the median
 over all of them:
 
-* ``ipc_notify``: ``agent.write(..., notify=...)``, then polling the receiving agent's ``notifications()`` (the
-  block goes to the agent's resident copier: the caller's stream is idle);
-* ``ipc_done``: ``agent.write(...)`` without a notification, then polling the handle's ``done()``;
-* ``ipc_launch_notify``: ``ipc_notify`` between agents made with ``options={"ipc": {"resident": False}}``: one
-  kernel launch per request;
+* ``ipc_notify``: ``agent.write(..., notify=...)`` between agents made with ``options={"ipc": {"resident":
+  True}}``, then polling the receiving agent's ``notifications()`` (the caller's stream is idle: the block goes
+  to the resident copier);
+* ``ipc_done``: the same without a notification, then polling the handle's ``done()``;
+* ``ipc_launch_notify``: ``ipc_notify`` between agents with the default options: one kernel launch per request;
 * ``torch_copy``: ``dst.copy_(src)`` and a CUDA event, then polling the event (a torch op per request);
 * ``raw_launch``: a CUDA kernel launched through CuPy that copies the block and stores a flag in pinned host
   memory, then polling the flag (a launch per request with nothing around it);
@@ -95,15 +95,15 @@ class _Paths:
 
         from sagellm_comm.transfer import TransferAgent
 
-        self.a = TransferAgent("latency-a", "ipc")
-        self.b = TransferAgent("latency-b", "ipc")
+        copier = {"ipc": {"resident": True}}
+        self.a = TransferAgent("latency-a", "ipc", options=copier)
+        self.b = TransferAgent("latency-b", "ipc", options=copier)
         self.pool_a = self.a.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.pool_b = self.b.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.peer = self.a.add_peer(self.b.metadata())
         self.b.add_peer(self.a.metadata())
-        launches = {"ipc": {"resident": False}}
-        self.c = TransferAgent("latency-c", "ipc", options=launches)
-        self.d = TransferAgent("latency-d", "ipc", options=launches)
+        self.c = TransferAgent("latency-c", "ipc")
+        self.d = TransferAgent("latency-d", "ipc")
         self.c.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.d.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.launch_peer = self.c.add_peer(self.d.metadata())
@@ -230,10 +230,11 @@ class _Paths:
         written = [0]
 
         def notifying(agent, peer, receiver):
-            def write_notify():  # the receiver drains every 32 calls: the ring holds 64
-                agent.write(peer, "kv", "kv", self.blocks, notify=b"latency")
+            def write_notify():  # every 32 calls the last one is waited for and the receiver drains: the ring holds 64
+                handle = agent.write(peer, "kv", "kv", self.blocks, notify=b"latency")
                 written[0] += 1
                 if written[0] % 32 == 0:
+                    handle.wait(30)
                     receiver.notifications()
 
             return write_notify

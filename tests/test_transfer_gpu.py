@@ -255,7 +255,7 @@ def _resident_worker(rank, world_size, port):
     from sagellm_comm.transfer import TransferAgent
 
     torch.cuda.set_device(0)
-    options = {"ipc": {"resident_idle_us": 200}}
+    options = {"ipc": {"resident": True, "resident_idle_us": 200}}
     a, b = TransferAgent("res-a", "ipc", options=options), TransferAgent("res-b", "ipc", options=options)
     size = 16 * MB
     src = a.allocate("kv", size, torch.uint8, "cuda")

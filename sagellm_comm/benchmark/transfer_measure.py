@@ -8,10 +8,7 @@ backend, and exchange metadata, IPC handles and commands through the store ``spa
    held for the device-timed backends (``ipc``, ``torch``, ``copy-engine`` on a GPU: what the copies take on the
    device), the wall clock around request + completion for the host-driven ones (``nixl``, ``nixl-raw``, and
    everything on the CPU).  For ``ipc`` on a GPU, also the host cost of ``write()`` and the wall time of
-   ``write()`` + ``wait()`` per request, eagerly.  While the device is held the caller's stream is busy, so the
-   device-timed ``ipc`` figures are its launches' (a one-block request goes to the resident copier only when
-   that stream is idle: the eager host and wall times and the notification latency are the copier's where the
-   block is up to 256 KB).
+   ``write()`` + ``wait()`` per request, eagerly.
 2. *check*: one more request with a seeded pattern in the source blocks; the destination side compares
    (the peer for a write, the initiator for a read) and the count of wrong bytes is the record's ``num_wrong``.
 

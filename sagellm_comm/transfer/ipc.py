@@ -232,9 +232,8 @@ class IpcBackend(TransferBackend):
                 raise BackendNotSupportedError(f"{device} cannot use host pointers of registered host memory")
         else:
             self.max_programs = INTERPRETER_PROGRAMS
-        # The resident copier: on by default on a GPU; under the interpreter (which runs a launch to its end
-        # before returning) only when asked for.
-        if cuda if self.resident_option is None else self.resident_option:
+        # The resident copier, when asked for (docs/transfer.md: what it saves the host, what it costs).
+        if self.resident_option:
             self.copier = ResidentCopier(device, self.resident_idle_us * 1000, self.resident_life_us * 1000,
                                          self.context.timeout_s)  # fmt: skip
 
