@@ -8,7 +8,9 @@ sees what the caller's kernels wrote).  A one-block request names its block in t
 table to read; each link keeps such launches' bound arguments per shape, and a call fills in the block and
 calls the compiled binary's launcher); one of at least ``COPY_ENGINE_BYTES`` is a copy-engine copy
 (``cudaMemcpyAsync``, faster than any kernel for one long block; a memory copy under the interpreter) followed,
-when it notifies, by a one-program launch that only publishes the notification.  The last program publishes the
+when it notifies, by a one-program launch that only publishes the notification; with the option ``resident``,
+one of up to ``RESIDENT_MAX_BYTES`` goes to a program that stays on the GPU instead (``ipc_resident.py``) when no
+launch is in flight and the caller's stream is idle.  The last program publishes the
 notification into the peer's inbox ring (``notify.py``) after every byte, so the receiver's host learns of it
 without a round trip per block; the initiator's handle completes on a CUDA event recorded after the launch
 (launches on the one stream complete in order, so the agent retires them from the oldest and reuses their events
@@ -540,8 +542,8 @@ class IpcBackend(TransferBackend):
             part_bytes = min(fixed, PART_BYTES)
             parts = -(-fixed // part_bytes)
             items, block_bytes = len(rows) * parts, fixed
-        self._fork()
         try:
+            self._fork()
             self._kernel(link, min(items, self.max_programs), notify, table_addr=address, src_base=src,
                          dst_base=dst, n_items=len(rows), block_bytes=block_bytes, parts=parts, part_bytes=part_bytes,
                          FIXED=fixed is not None, INLINE=False, VEC=vec)  # fmt: skip

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sagellm_comm.errors import CommTimeoutError, TransferError
+from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, TransferError
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher
 from sagellm_comm.transfer.notify import fence
@@ -48,8 +48,14 @@ class ResidentCopier:
         self.leaked = False
         # Compile and load the kernel now (a launch told to stop at once), not in the first request.
         self.ints[STOP] = 1
+        self.ints[STATE] = SERVING  # its last store makes it IDLE
         self._launch()
-        self._stopped(time.monotonic() + max(timeout_s, 120.0))
+        if not self._stopped(time.monotonic() + max(timeout_s, 120.0)):
+            self.leaked = True
+            _LEAKED.append(self.box)
+            raise BackendNotSupportedError(
+                "the resident copier's first program did not stop in time: the GPU is not making progress"
+            )
         self.ints[STOP] = 0
 
     def completed(self) -> int:
