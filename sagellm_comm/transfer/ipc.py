@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from abc import abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,14 +97,14 @@ class IpcLink(Link):
     plans: dict[tuple, tuple] = field(default_factory=dict)
 
 
-class IpcRequest(Request):
-    __slots__ = ("backend", "link", "number", "event")
+class _LinkRequest(Request):
+    """A request to one peer's memory: done once :meth:`_finished` says so and the peer is still there."""
 
-    def __init__(self, backend: IpcBackend, link: IpcLink, number: int, event):
-        self.backend = backend
-        self.link = link
-        self.number = number
-        self.event = event  # valid while the launch is in flight (then reused)
+    __slots__ = ("backend", "link")
+
+    @abstractmethod
+    def _finished(self) -> bool:
+        """Every byte of the request was copied."""
 
     def poll(self) -> bool:
         name = self.link.peer.name
@@ -111,7 +112,7 @@ class IpcRequest(Request):
             raise PeerLostError(
                 f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
             )
-        if not self.backend.finished(self.number):
+        if not self._finished():
             return False
         if not self.link.outbox.liveness.alive():
             raise PeerLostError(
@@ -119,6 +120,19 @@ class IpcRequest(Request):
                 details={"peer": name},
             )
         return True
+
+
+class IpcRequest(_LinkRequest):
+    __slots__ = ("number", "event")
+
+    def __init__(self, backend: IpcBackend, link: IpcLink, number: int, event):
+        self.backend = backend
+        self.link = link
+        self.number = number
+        self.event = event  # valid while the launch is in flight (then reused)
+
+    def _finished(self) -> bool:
+        return self.backend.finished(self.number)
 
     def abort(self) -> None:
         pass  # a launched kernel cannot be stopped; its event and staging buffer are reused once it completes
@@ -128,31 +142,19 @@ class IpcRequest(Request):
             self.backend.events.wait(stream.cuda_stream, self.event)
 
 
-class ResidentRequest(Request):
+class ResidentRequest(_LinkRequest):
     """A one-block request served by the resident copier (``ipc_resident.py``): done once the copier's count of
     served requests reached its number."""
 
-    __slots__ = ("backend", "link", "seq")
+    __slots__ = ("seq",)
 
     def __init__(self, backend: IpcBackend, link: IpcLink, seq: int):
         self.backend = backend
         self.link = link
         self.seq = seq
 
-    def poll(self) -> bool:
-        name = self.link.peer.name
-        if self.link.removed:
-            raise PeerLostError(
-                f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
-            )
-        if self.backend.copier.completed() < self.seq:
-            return False
-        if not self.link.outbox.liveness.alive():
-            raise PeerLostError(
-                f"peer {name!r} exited before the transfer was seen complete; treat its blocks as not delivered",
-                details={"peer": name},
-            )
-        return True
+    def _finished(self) -> bool:
+        return self.backend.copier.completed() >= self.seq
 
     def abort(self) -> None:
         pass  # the copier serves every request it was given; its mailbox entry is reused after that
