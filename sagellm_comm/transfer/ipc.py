@@ -479,7 +479,7 @@ class IpcBackend(TransferBackend):
     def _quiet(self) -> bool:
         """Nothing a resident-copier request must wait for: no launch of this agent in flight, and the caller's
         current stream idle (what its kernels wrote is in memory)."""
-        if self.completed != self.launches and not self.finished(self.launches):
+        if not self.finished(self.launches):
             return False
         if self.events is None:
             return True
