@@ -251,17 +251,19 @@ def _cases():
     cases.append(
         (bc.block_copy_kernel, copy_types, dict(FIXED=False, INLINE=False, VEC=False, NOTIFY=True, TILE=4096), counted)
     )
-    # The resident copier: polls its mailbox with system-scope acquire loads, copies in vectors through L2,
-    # publishes with release exchanges, and decides to exit behind a sequentially consistent fence.
+    # The resident copier: polls its mailbox with plain volatile loads, copies in vectors through L2, finishes a
+    # request with one release fence and plain system-scope stores, decides to exit behind a sequentially
+    # consistent fence.
     cases.append(
         (
             bc.block_copy_server_kernel,
             dict(box_addr="i64", idle_ns="i64", max_ns="i64"),
-            dict(USE_PTX=True, TILE_VEC=2048, TILE_BYTES=4096),
+            dict(USE_PTX=True, TILE_VEC=2048, TILE_BYTES=1024),
             (
-                "ld.acquire.sys.global.b64",
+                "ld.volatile.global.b64",
                 "ld.global.cg.v4",
-                "atom.global.sys.release.exch.b64",
+                "fence.acq_rel.sys",
+                "st.relaxed.sys.global.b64",
                 "fence.sc.sys",
                 "%globaltimer",
             ),
@@ -277,7 +279,7 @@ CASES = _cases()
 def test_kernel_compiles_for_sm90_with_the_promised_memory_operations(case):
     kernel, types, constexprs, needles = case
     name = kernel.fn.__name__
-    warps = 1 if name.startswith("ce_barrier") else 4 if name.startswith("block_copy") else 8
+    warps = 1 if name.startswith(("ce_barrier", "block_copy_server")) else 4 if name.startswith("block_copy") else 8
     compiled = _compile(kernel, types, constexprs, num_warps=warps)
     ptx = compiled.asm["ptx"]
     for needle in needles:

@@ -701,7 +701,14 @@ def _resident_worker(rank, world_size, port):
     copier = a._peers[peer].backend.copier
     first = copier.completed()
     expected = torch.zeros_like(dst)
-    cases = [(0, 0, 16), (3, 4099, 1001), (16, 8192, 16384), (70001, 100003, 65536 + 7), (200000, 300000, 262144)]
+    cases = [
+        (0, 0, 16),
+        (3, 4099, 1001),
+        (16, 8192, 16384),
+        (70001, 100003, 65536 - 9),
+        (200000, 300000, 65536),
+        (400000, 800000, 65536 + 16),
+    ]  # the last is over the copier's limit: a launch
     kinds = []
     for i, (lo, ro, n) in enumerate(cases):
         handle = a.write(peer, "kv", "kv", [(lo, ro, n)], notify=f"w{i}".encode())
@@ -731,7 +738,45 @@ def _resident_worker(rank, world_size, port):
 def test_the_resident_copier_moves_one_block_requests_in_order_with_table_launches_between():
     ((out),) = run_ranks(_resident_worker, 1, timeout=300.0, env=INTERP)
     assert "accepted" not in out and len(out["refused"]) == 4, out
-    assert out["kinds"] == ["ResidentRequest"] * 6 and out["served"] == 6
+    assert out["kinds"] == ["ResidentRequest"] * 5 + ["IpcRequest", "ResidentRequest"] and out["served"] == 6
     assert out["wrong"] == 0 and out["read_ok"]
-    assert [m for _, m in out["notes"]] == [b"w0", b"w1", b"w2", b"w3", b"w4", b"table", b"read"]
+    assert [m for _, m in out["notes"]] == [b"w0", b"w1", b"w2", b"w3", b"w4", b"w5", b"table", b"read"]
     assert "resident copier" in out["transport"] and out["idle_after_close"]
+
+
+def _torn_entry_worker(rank, world_size, port):
+    """Drive the copier's kernel by hand: an entry whose number is the next one but whose destination field still
+    carries its previous use's tag (a read that saw the host's words in two states) is not served; once the field
+    carries the request's tag the program serves it, then exits when idle."""
+    import threading
+
+    from sagellm_comm.transfer import ipc_resident as ir
+
+    copier = ir.ResidentCopier(torch.device("cpu"), idle_ns=0, max_ns=10**12, timeout_s=30.0)
+    src = torch.arange(256, dtype=torch.uint8)
+    dst = torch.zeros(256, dtype=torch.uint8)
+    ints, at = copier.ints, ir.RING
+    stale = ((1 - ir.ENTRIES) & ir.TAG_MASK) << ir.TAG_SHIFT  # request 1's slot as the request 1 - ENTRIES left it
+    fresh = (1 & ir.TAG_MASK) << ir.TAG_SHIFT
+    ints[at + 1], ints[at + 2], ints[at + 3] = src.data_ptr() | fresh, dst.data_ptr() | stale, 256 | fresh
+    for word in (4, 5, 6):
+        ints[at + word] = fresh
+    ints[at] = 1
+    ints[ir.STATE] = ir.SERVING
+    program = threading.Thread(target=copier._launch)  # under the interpreter the launch runs the program
+    program.start()
+    time.sleep(1.0)
+    out = {"done_while_torn": copier.completed(), "touched_while_torn": int(dst.count_nonzero())}
+    ints[at + 2] = dst.data_ptr() | fresh
+    program.join(60)
+    out["finished"] = not program.is_alive()
+    out["done"] = copier.completed()
+    out["equal"] = bool(torch.equal(dst, src))
+    out["state"] = ints[ir.STATE]
+    return out
+
+
+def test_the_resident_copier_never_serves_an_entry_with_a_field_of_another_request():
+    ((out),) = run_ranks(_torn_entry_worker, 1, timeout=300.0, env=INTERP)
+    assert out["done_while_torn"] == 0 and out["touched_while_torn"] == 0, out
+    assert out["finished"] and out["done"] == 1 and out["equal"] and out["state"] == 0, out

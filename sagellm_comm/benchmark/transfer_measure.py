@@ -82,7 +82,10 @@ class _Side:
         if backend in ("ipc", "nixl"):
             from sagellm_comm.transfer import TransferAgent
 
-            options = {"nixl": {"progress_thread": self.config.nixl_progress_thread}} if backend == "nixl" else None
+            options = {
+                "nixl": {"nixl": {"progress_thread": self.config.nixl_progress_thread}},
+                "ipc": {"ipc": {"resident": self.config.ipc_resident}},
+            }[backend]
             agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout,
                                   options=options)  # fmt: skip
             self.agents[backend] = agent

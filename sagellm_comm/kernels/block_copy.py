@@ -47,26 +47,33 @@ The sequence number lives in device memory, not in a launch argument: an integer
 int32 or int64 by its value, and a counter must not change the kernel's signature as it grows.  Every
 address argument is a real address (never 0), so it is always int64.
 
-Resident copier (``block_copy_server_kernel``): one program that stays on the GPU while requests keep coming,
-so a small request costs the host a few stores into pinned memory instead of a launch.  Its *mailbox* is
-pinned host memory (int64 words, ``SERVER_*`` below): a state word, a stop word, the number of the last
-request it completed, and a ring of ``SERVER_ENTRIES`` requests ``(seq, src, dst, nbytes, ring_addr,
-seq_addr)``.  The host writes an entry's fields, then its ``seq`` (requests are numbered 1, 2, ...).  The
-program serves request ``done + 1`` once its entry holds that number: it copies the block (``_copy_bytes``,
-loads through L2 so nothing cached by an earlier request is read), synchronises, publishes the notification as
-above when ``ring_addr`` is not 0, then release-stores the request's number into ``done`` (system scope): the
-host that reads it sees every byte.  Every decision is taken on a value reduced over the program's threads
-(the smallest each thread read), so all threads take the same branch even while the host is writing.
+Resident copier (``block_copy_server_kernel``): one program (one warp) that stays on the GPU while requests
+keep coming, so a small request costs the host a few stores into pinned memory instead of a launch.  Its
+*mailbox* is pinned host memory (int64 words, ``SERVER_*`` below): a state word, a stop word, the number of the
+last request it completed, and a ring of ``SERVER_ENTRIES`` requests of eight words ``(seq, src, dst, nbytes,
+ring_entry, note, count_addr, 0)``.  Requests are numbered 1, 2, ...; the host writes an entry's fields, each
+tagged in its top bits with the low bits of the request's number (``SERVER_TAG_*``: every field is below
+``2**SERVER_TAG_SHIFT``, the host checks), then its ``seq``.  The program reads the whole entry (and the stop
+word) with one load instruction of the warp: one round trip over PCIe per poll.  The entry is ready when its
+``seq`` is the next number and every field carries that number's tag; a field from the entry's previous use
+carries another tag, so a read that saw some words before the host rewrote them is never taken for a request,
+and a request needs no second read.  Every decision is taken on a value reduced over the warp's lanes, so all
+lanes take the same branch even while the host is writing.  The program copies the block (``_copy_bytes``,
+loads through L2 so nothing cached by an earlier request is read), synchronises, and then one lane stores the
+notification's number ``note`` into the link's count at ``count_addr`` (device memory, read by the next
+launch's ``_publish``), fences (acquire-release, system scope: the fence also orders the entry's read, and so
+the notification record the host staged before it, before what follows), stores ``note`` into word 0 of the
+receiver's ring entry ``ring_entry`` (when not 0) and the request's number into ``done``: two plain stores,
+so the host that reads either sees every byte.
 
 Exit: after ``idle_ns`` without a request, after ``max_ns`` of life, or when asked to stop, the program
-stores ``STATE_EXITING``, synchronises, fences in every thread (sequentially consistent, system scope) and
-reads the next entry once more:
-if a request arrived it stores ``STATE_SERVING`` and goes on, else it stores ``STATE_IDLE`` and returns.  The
-host, after writing a request's ``seq``, fences and reads the state (Dekker's pattern): ``SERVING``, the
-program will see the request; ``EXITING``, it waits for the program's decision; ``IDLE``, it stores
-``SERVING`` and launches a new program, which starts at ``done + 1``.  So a request is never left without a
-program, and two programs never serve at once (a new one is launched only after the old one stored ``IDLE``,
-its last store, on the same stream).
+stores ``STATE_EXITING``, synchronises, fences in every lane (sequentially consistent, system scope) and
+reads the next entry's number once more: if a request arrived it stores ``STATE_SERVING`` and goes on, else it
+stores ``STATE_IDLE`` and returns.  The host, after writing a request's ``seq``, fences and reads the state
+(Dekker's pattern): ``SERVING``, the program will see the request; ``EXITING``, it waits for the program's
+decision; ``IDLE``, it stores ``SERVING`` and launches a new program, which starts at ``done + 1``.  So a
+request is never left without a program, and two programs never serve at once (a new one is launched only
+after the old one stored ``IDLE``, its last store, on the same stream).
 """
 
 from __future__ import annotations
@@ -88,12 +95,15 @@ SERVER_STOP = tl.constexpr(16)
 SERVER_DONE = tl.constexpr(32)
 SERVER_RING = tl.constexpr(64)
 SERVER_ENTRIES = tl.constexpr(64)  # a power of two
-SERVER_ENTRY_WORDS = tl.constexpr(8)  # seq, src, dst, nbytes, ring_addr, seq_addr, 2 unused
+SERVER_ENTRY_WORDS = tl.constexpr(8)  # seq, src, dst, nbytes, ring_entry, note, count_addr, 0
 SERVER_WORDS = SERVER_RING.value + SERVER_ENTRIES.value * SERVER_ENTRY_WORDS.value
+SERVER_TAG_SHIFT = tl.constexpr(48)  # a field's tag: bits 48-62 (every field is below 2**48)
+SERVER_TAG_MASK = tl.constexpr(0x7FFF)  # the tag: the request's number modulo 2**15
+SERVER_FIELD_MASK = tl.constexpr((1 << 48) - 1)
 STATE_IDLE = tl.constexpr(0)
 STATE_SERVING = tl.constexpr(1)
 STATE_EXITING = tl.constexpr(2)
-SERVER_THREADS = tl.constexpr(128)  # num_warps=4
+SERVER_THREADS = tl.constexpr(32)  # num_warps=1: a reduction over the lanes is a few shuffles
 
 
 @triton.jit
@@ -213,39 +223,75 @@ def _fence_sc_sys(USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def _field(words, lane, k: tl.constexpr):
+    """Field ``k`` of a mailbox entry read one word per lane (lane ``k`` holds word ``k``), tag removed."""
+    return tl.sum(tl.where(lane == k, words & SERVER_FIELD_MASK, 0), axis=0)
+
+
+@triton.jit
+def _finish_request(lane, done_ptr, seq, ring_entry, note, count_addr, USE_PTX: tl.constexpr):
+    """One lane: the link's count, a release fence (system scope), the notification's number (when
+    ``ring_entry`` is not 0) and the request's number (module docstring)."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred first, notify;
+            setp.eq.s32 first, $1, 0;
+            setp.ne.s64 notify, $3, 0;
+            and.pred notify, notify, first;
+            @notify st.relaxed.gpu.global.b64 [$5], $4;
+            @first fence.acq_rel.sys;
+            @notify st.relaxed.sys.global.b64 [$3], $4;
+            @first st.relaxed.sys.global.b64 [$2], $6;
+            mov.u32 $0, 0;
+            }""",
+            "=r,r,l,l,l,l,l", [lane, done_ptr.to(tl.int64, bitcast=True), ring_entry, note, count_addr, seq],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:  # the interpreter runs the program as one thread, in order
+        if ring_entry != 0:
+            tl.store(count_addr.to(tl.pointer_type(tl.int64)), note)
+            tl.store(ring_entry.to(tl.pointer_type(tl.int64)), note)
+        tl.store(done_ptr, seq)
+
+
+@triton.jit
 def block_copy_server_kernel(box_addr, idle_ns, max_ns, USE_PTX: tl.constexpr, TILE_VEC: tl.constexpr,
                              TILE_BYTES: tl.constexpr):  # fmt: skip
     """The resident copier (module docstring): serve the mailbox at ``box_addr`` from request ``done + 1`` on,
     until ``idle_ns`` without a request, ``max_ns`` of life or the stop word, and no request waiting."""
     box = box_addr.to(tl.pointer_type(tl.int64))
+    lane = tl.arange(0, SERVER_THREADS)
     next_seq = tl.load(box + SERVER_DONE, volatile=True) + 1
     born = _uniform_clock(USE_PTX)
     last = born
     serving = 1
     while serving == 1:
         at = SERVER_RING + ((next_seq - 1) & (SERVER_ENTRIES - 1)) * SERVER_ENTRY_WORDS
-        if _uniform_min(box + at, USE_PTX) == next_seq:
-            src = tl.load(box + at + 1, volatile=True)
-            dst = tl.load(box + at + 2, volatile=True)
-            nbytes = tl.load(box + at + 3, volatile=True)
-            ring_addr = tl.load(box + at + 4, volatile=True)
-            seq_addr = tl.load(box + at + 5, volatile=True)
+        # One load: lanes 0-7 the entry's words, lane 8 the stop word.
+        words = tl.load(box + tl.where(lane < SERVER_ENTRY_WORDS, at + lane, SERVER_STOP),
+                        mask=lane <= SERVER_ENTRY_WORDS, other=0, volatile=True)  # fmt: skip
+        tag = next_seq & SERVER_TAG_MASK
+        stale = tl.where(lane == 0, words != next_seq, (words >> SERVER_TAG_SHIFT) != tag)
+        if tl.max(tl.where(lane < SERVER_ENTRY_WORDS - 1, stale, False).to(tl.int32), axis=0) == 0:
+            src = _field(words, lane, 1)
+            dst = _field(words, lane, 2)
+            nbytes = _field(words, lane, 3)
             if ((src | dst | nbytes) & (VEC_ALIGN - 1)) == 0:
                 _copy_bytes(src, dst, nbytes, True, TILE_VEC)
             else:
                 _copy_bytes(src, dst, nbytes, False, TILE_BYTES)
-            tl.debug_barrier()  # every thread's stores precede the releases below (release is cumulative)
-            if ring_addr != 0:
-                _publish(seq_addr, ring_addr)
-            tl.atomic_xchg(box + SERVER_DONE, next_seq, sem="release", scope="sys")
+            tl.debug_barrier()  # every lane's stores precede the fence (which is cumulative)
+            _finish_request(lane, box + SERVER_DONE, next_seq, _field(words, lane, 4), _field(words, lane, 5),
+                            _field(words, lane, 6), USE_PTX)  # fmt: skip
             next_seq += 1
             last = _uniform_clock(USE_PTX)
         else:
             now = _uniform_clock(USE_PTX)
-            stop = _uniform_min(box + SERVER_STOP, USE_PTX)
+            stop = tl.max(tl.where(lane == SERVER_ENTRY_WORDS, words, 0), axis=0)
             if (stop != 0) | (now - last > idle_ns) | (now - born > max_ns):
                 tl.atomic_xchg(box + SERVER_STATE, STATE_EXITING, sem="relaxed", scope="sys")
-                tl.debug_barrier()  # the store precedes every thread's fence: each re-read below is ordered after it
+                tl.debug_barrier()  # the store precedes every lane's fence: each re-read below is ordered after it
                 _fence_sc_sys(USE_PTX)
                 if _uniform_min(box + at, USE_PTX) == next_seq:
                     tl.atomic_xchg(box + SERVER_STATE, STATE_SERVING, sem="relaxed", scope="sys")

@@ -65,7 +65,7 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 MAX_PLANS = 256  # one-block launch plans per link (a few per block size in practice); beyond, start over
 MAX_SIZES = 4096  # one-block sizes whose cut into items is kept (IpcBackend._cut); beyond, start over
-RESIDENT_MAX_BYTES = 256 * 1024  # a one-block request up to this long may go to the resident copier
+RESIDENT_MAX_BYTES = 64 * 1024  # a one-block request up to this long may go to the resident copier (one warp copies it)
 RESIDENT_IDLE_US = 1000  # the resident copier exits after this long without a request
 RESIDENT_LIFE_US = 20000  # ... and once it has run this long (the next request starts it again)
 # The one-block launch's arguments that change from call to call (the others are the link's, or follow from these).
@@ -489,12 +489,13 @@ class IpcBackend(TransferBackend):
         """One block by the resident copier, ``notify`` staged first; None (nothing queued) when its mailbox
         is full."""
         if notify is not None:
-            link.outbox.stage(notify)  # refused here when the ring is full: nothing was queued
-            ring, seq_addr = link.outbox.ring_address, link.published.data_ptr()
+            note = link.outbox.stage(notify)  # refused here when the ring is full: nothing was queued
+            ring_entry = link.outbox.entry_address(note)
+            count_addr = link.published.data_ptr()
         else:
-            ring = seq_addr = 0
+            ring_entry = note = count_addr = 0
         try:
-            seq = self.copier.post(src, dst, nbytes, ring, seq_addr)
+            seq = self.copier.post(src, dst, nbytes, ring_entry, note, count_addr)
         except BaseException:
             if notify is not None:
                 link.outbox.unstage()
@@ -643,7 +644,7 @@ class IpcBackend(TransferBackend):
         return self.inbox.drain()
 
     def transport(self, link: Link) -> str:
-        resident = ", a resident copier for one block <= 256 KB" if self.copier is not None else ""
+        resident = ", a resident copier for one block <= 64 KB" if self.copier is not None else ""
         if self.device is not None and self.device.type == "cuda":
             return (f"block-copy kernel on {self.device}{resident}, the copy engine for one block >= 1 MB, over CUDA "
                     "IPC mappings")  # fmt: skip

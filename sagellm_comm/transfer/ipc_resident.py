@@ -24,7 +24,11 @@ from sagellm_comm.transfer.notify import fence
 
 STATE, STOP, DONE, RING = _bc.SERVER_STATE.value, _bc.SERVER_STOP.value, _bc.SERVER_DONE.value, _bc.SERVER_RING.value
 ENTRIES, ENTRY_WORDS = _bc.SERVER_ENTRIES.value, _bc.SERVER_ENTRY_WORDS.value
+TAG_SHIFT, TAG_MASK = _bc.SERVER_TAG_SHIFT.value, _bc.SERVER_TAG_MASK.value
+FIELD_LIMIT = 1 << TAG_SHIFT  # every field of a request is below this (its top bits carry the tag)
 IDLE, SERVING, EXITING = _bc.STATE_IDLE.value, _bc.STATE_SERVING.value, _bc.STATE_EXITING.value
+TILE_VEC = 2048  # int32 elements: 8 KB tiles, 16 vector loads in flight per lane (one warp, no spills)
+TILE_BYTES = 1024
 
 
 class ResidentCopier:
@@ -38,10 +42,10 @@ class ResidentCopier:
         self.timeout_s = timeout_s
         self.posted = 0  # number of the last request posted
         index = device.index or 0
-        self.launcher = Launcher(_bc.block_copy_server_kernel, cuda, index, num_warps=4)
+        self.launcher = Launcher(_bc.block_copy_server_kernel, cuda, index, num_warps=1)
         self.values = self.launcher.bind(
             box_addr=self.box.data_ptr(), idle_ns=idle_ns, max_ns=max_ns, USE_PTX=cuda,
-            TILE_VEC=2048 if cuda else 16384, TILE_BYTES=4096 if cuda else 16384,
+            TILE_VEC=TILE_VEC if cuda else 16384, TILE_BYTES=TILE_BYTES if cuda else 16384,
         )  # fmt: skip
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.raw_stream = self.stream.cuda_stream if cuda else None
@@ -66,20 +70,23 @@ class ResidentCopier:
         """No request is waiting or being served."""
         return self.ints[DONE] == self.posted
 
-    def post(self, src: int, dst: int, nbytes: int, ring_addr: int, seq_addr: int) -> int | None:
-        """Queue a copy of ``nbytes`` from address ``src`` to ``dst`` (then the notification staged at
-        ``ring_addr``, counted at ``seq_addr``, when ``ring_addr`` is not 0); returns its number, or None when
-        the mailbox is full (nothing was queued)."""
+    def post(self, src: int, dst: int, nbytes: int, ring_entry: int, note: int, count_addr: int) -> int | None:
+        """Queue a copy of ``nbytes`` from address ``src`` to ``dst``, then, when ``ring_entry`` is not 0, the
+        publication of notification ``note`` (the link's count at ``count_addr`` set to it, then its number into
+        word 0 of the ring entry the host staged at ``ring_entry``); returns the request's number, or None when
+        the mailbox is full or a field does not fit its tag (nothing was queued)."""
         ints = self.ints
         seq = self.posted + 1
-        if seq - ints[DONE] > ENTRIES:
+        if seq - ints[DONE] > ENTRIES or (src | dst | nbytes | ring_entry | note | count_addr) >= FIELD_LIMIT:
             return None
         at = RING + ((seq - 1) & (ENTRIES - 1)) * ENTRY_WORDS
-        ints[at + 1] = src
-        ints[at + 2] = dst
-        ints[at + 3] = nbytes
-        ints[at + 4] = ring_addr
-        ints[at + 5] = seq_addr
+        tag = (seq & TAG_MASK) << TAG_SHIFT
+        ints[at + 1] = src | tag
+        ints[at + 2] = dst | tag
+        ints[at + 3] = nbytes | tag
+        ints[at + 4] = ring_entry | tag
+        ints[at + 5] = note | tag
+        ints[at + 6] = count_addr | tag
         fence()  # the fields before the number
         ints[at] = seq
         self.posted = seq

@@ -322,6 +322,10 @@ class Outbox:
         self.produced = seq
         return seq
 
+    def entry_address(self, seq: int) -> int:
+        """The address of notification ``seq``'s ring entry (its word 0 takes the published number)."""
+        return self._mapped.address + _Mapped.record_offset(self.slot, seq)
+
     def unstage(self) -> None:
         """Take back the last :meth:`stage` (its transfer was never enqueued; nothing will publish it)."""
         self.produced -= 1
