@@ -756,6 +756,9 @@ def _torn_entry_worker(rank, world_size, port):
     src = torch.arange(256, dtype=torch.uint8)
     dst = torch.zeros(256, dtype=torch.uint8)
     ints, at = copier.ints, ir.RING
+    # A field that does not fit below its tag is refused before anything is written (the caller then launches).
+    wide = copier.post(src.data_ptr(), 1 << ir.TAG_SHIFT, 256, 0, 0, 0)
+    untouched = copier.posted == 0 and not any(ints[at + w] for w in range(ir.ENTRY_WORDS))
     stale = ((1 - ir.ENTRIES) & ir.TAG_MASK) << ir.TAG_SHIFT  # request 1's slot as the request 1 - ENTRIES left it
     fresh = (1 & ir.TAG_MASK) << ir.TAG_SHIFT
     ints[at + 1], ints[at + 2], ints[at + 3] = src.data_ptr() | fresh, dst.data_ptr() | stale, 256 | fresh
@@ -767,6 +770,7 @@ def _torn_entry_worker(rank, world_size, port):
     program.start()
     time.sleep(1.0)
     out = {"done_while_torn": copier.completed(), "touched_while_torn": int(dst.count_nonzero())}
+    out["wide_refused"] = wide is None and untouched
     ints[at + 2] = dst.data_ptr() | fresh
     program.join(60)
     out["finished"] = not program.is_alive()
@@ -778,5 +782,6 @@ def _torn_entry_worker(rank, world_size, port):
 
 def test_the_resident_copier_never_serves_an_entry_with_a_field_of_another_request():
     ((out),) = run_ranks(_torn_entry_worker, 1, timeout=300.0, env=INTERP)
+    assert out["wide_refused"], out
     assert out["done_while_torn"] == 0 and out["touched_while_torn"] == 0, out
     assert out["finished"] and out["done"] == 1 and out["equal"] and out["state"] == 0, out
