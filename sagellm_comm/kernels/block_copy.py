@@ -81,7 +81,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sagellm_comm.kernels.all_reduce import _load_acquire, _ptr, _ticks
+from sagellm_comm.kernels.all_reduce import _load_acquire, _pick, _ptr, _ticks
 
 RECORD_BYTES = tl.constexpr(512)  # one notification: int64 seq | int64 nbytes | message (up to 496 bytes)
 RECORD_HEADER_BYTES = tl.constexpr(16)
@@ -223,12 +223,6 @@ def _fence_sc_sys(USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _field(words, lane, k: tl.constexpr):
-    """Field ``k`` of a mailbox entry read one word per lane (lane ``k`` holds word ``k``), tag removed."""
-    return tl.sum(tl.where(lane == k, words & SERVER_FIELD_MASK, 0), axis=0)
-
-
-@triton.jit
 def _finish_request(lane, done_ptr, seq, ring_entry, note, count_addr, USE_PTX: tl.constexpr):
     """One lane: the link's count, a release fence (system scope), the notification's number (when
     ``ring_entry`` is not 0) and the request's number (module docstring)."""
@@ -274,16 +268,17 @@ def block_copy_server_kernel(box_addr, idle_ns, max_ns, USE_PTX: tl.constexpr, T
         tag = next_seq & SERVER_TAG_MASK
         stale = tl.where(lane == 0, words != next_seq, (words >> SERVER_TAG_SHIFT) != tag)
         if tl.max(tl.where(lane < SERVER_ENTRY_WORDS - 1, stale, False).to(tl.int32), axis=0) == 0:
-            src = _field(words, lane, 1)
-            dst = _field(words, lane, 2)
-            nbytes = _field(words, lane, 3)
+            fields = words & SERVER_FIELD_MASK  # lane k holds field k, tag removed
+            src = _pick(fields, lane, 1)
+            dst = _pick(fields, lane, 2)
+            nbytes = _pick(fields, lane, 3)
             if ((src | dst | nbytes) & (VEC_ALIGN - 1)) == 0:
                 _copy_bytes(src, dst, nbytes, True, TILE_VEC)
             else:
                 _copy_bytes(src, dst, nbytes, False, TILE_BYTES)
             tl.debug_barrier()  # every lane's stores precede the fence (which is cumulative)
-            _finish_request(lane, box + SERVER_DONE, next_seq, _field(words, lane, 4), _field(words, lane, 5),
-                            _field(words, lane, 6), USE_PTX)  # fmt: skip
+            _finish_request(lane, box + SERVER_DONE, next_seq, _pick(fields, lane, 4), _pick(fields, lane, 5),
+                            _pick(fields, lane, 6), USE_PTX)  # fmt: skip
             next_seq += 1
             last = _uniform_clock(USE_PTX)
         else:
