@@ -487,7 +487,7 @@ class IpcBackend(TransferBackend):
 
     def _resident(self, link, src: int, dst: int, nbytes: int, notify) -> ResidentRequest | None:
         """One block by the resident copier, ``notify`` staged first; None (nothing queued) when its mailbox
-        is full."""
+        is full or an address does not fit a mailbox field (:meth:`ResidentCopier.post`)."""
         if notify is not None:
             note = link.outbox.stage(notify)  # refused here when the ring is full: nothing was queued
             ring_entry = link.outbox.entry_address(note)
