@@ -131,20 +131,17 @@ class _Paths:
         return getattr(self, name)()
 
     def ipc_notify(self):
-        a, b = self.a, self.b
-        t0 = time.perf_counter_ns()
-        a.write(self.peer, "kv", "kv", self.blocks, notify=b"latency")
-        t1 = time.perf_counter_ns()
-        while not b.notifications():
-            pass
-        return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
+        return self._notified(self.a, self.b, self.peer)
 
     def ipc_launch_notify(self):
-        c, d = self.c, self.d
+        return self._notified(self.c, self.d, self.launch_peer)
+
+    def _notified(self, sender, receiver, peer):
+        """One notifying ``write()`` from ``sender``: its host time and when ``receiver`` saw it (us)."""
         t0 = time.perf_counter_ns()
-        c.write(self.launch_peer, "kv", "kv", self.blocks, notify=b"latency")
+        sender.write(peer, "kv", "kv", self.blocks, notify=b"latency")
         t1 = time.perf_counter_ns()
-        while not d.notifications():
+        while not receiver.notifications():
             pass
         return (t1 - t0) / 1e3, (time.perf_counter_ns() - t0) / 1e3
 
