@@ -670,6 +670,59 @@ def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(lib
         os.unlink(path)
 
 
+def test_an_ipc_post_trusts_a_live_verdict_for_a_millisecond_and_a_handle_always_checks(monkeypatch):
+    """A check that found the peer alive spares the posts of the next ``ALIVE_REUSE_S`` the ``flock``; a dead
+    verdict is never kept (every post checks again and is refused), and a completing handle checks afresh
+    (failing inside the window when the peer died) and renews the window when the peer is alive."""
+    import types
+
+    from sagellm_comm.transfer import ipc
+
+    class Probe:
+        live, calls = True, 0
+
+        def alive(self):
+            self.calls += 1
+            return self.live
+
+    class Finished(ipc._LinkRequest):
+        __slots__ = ()
+
+        def _finished(self):
+            return True
+
+        def abort(self):
+            pass
+
+    now = [100.0]
+    monkeypatch.setattr(ipc, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    probe = Probe()
+    link = ipc.IpcLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    link.outbox = types.SimpleNamespace(liveness=probe)
+    check = ipc.IpcBackend._check_alive
+    check(link)
+    assert probe.calls == 1
+    probe.live = False
+    now[0] += ipc.ALIVE_REUSE_S / 2
+    check(link)  # inside the window: trusted, no system call
+    assert probe.calls == 1
+    request = object.__new__(Finished)
+    request.backend, request.link = None, link
+    with pytest.raises(PeerLostError, match="exited before the transfer was seen complete"):
+        request.poll()  # the handle checks afresh even inside the window
+    now[0] += ipc.ALIVE_REUSE_S
+    for calls in (3, 4):  # past the window: refused, and a dead verdict is checked again at every post
+        with pytest.raises(PeerLostError, match="nothing was sent"):
+            check(link)
+        assert probe.calls == calls
+    probe.live = True
+    assert request.poll() and probe.calls == 5  # a completed handle renews the window
+    probe.live = False
+    now[0] += ipc.ALIVE_REUSE_S / 2
+    check(link)
+    assert probe.calls == 5
+
+
 def test_owner_lock_tells_a_live_owner_from_a_dead_one():
     path = shared.new_path("-test")
     open(path, "wb").close()
