@@ -53,7 +53,7 @@ class TransferBenchConfig:
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: cuda when available
     prepared: bool = False  # our agent's prepared form (block ids) instead of byte triples
     nixl_progress_thread: bool = True  # False: NIXL agents (ours and raw) without their progress thread
-    ipc_resident: bool = False  # True: our ipc agents with the resident copier (their option resident)
+    ipc_resident: bool | None = None  # our ipc agents' option resident (None: the agent's default)
     warmup: int = DEFAULT_WARMUP
     iters: int = DEFAULT_ITERS
     notify_iters: int = DEFAULT_NOTIFY_ITERS  # 0: no notification latency

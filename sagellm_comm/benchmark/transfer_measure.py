@@ -84,7 +84,7 @@ class _Side:
 
             options = {
                 "nixl": {"nixl": {"progress_thread": self.config.nixl_progress_thread}},
-                "ipc": {"ipc": {"resident": self.config.ipc_resident}},
+                "ipc": {"ipc": {} if self.config.ipc_resident is None else {"resident": self.config.ipc_resident}},
             }[backend]
             agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout,
                                   options=options)  # fmt: skip

@@ -8,13 +8,13 @@ sees what the caller's kernels wrote).  A one-block request names its block in t
 table to read; each link keeps such launches' bound arguments per shape, and a call fills in the block and
 calls the compiled binary's launcher); one of at least ``COPY_ENGINE_BYTES`` is a copy-engine copy
 (``cudaMemcpyAsync``, faster than any kernel for one long block; a memory copy under the interpreter) followed,
-when it notifies, by a one-program launch that only publishes the notification; with the option ``resident``,
-one of up to ``RESIDENT_MAX_BYTES`` goes to a program that stays on the GPU instead (``ipc_resident.py``) when no
-launch is in flight and the caller's stream is idle.  The last program publishes the
-notification into the peer's inbox ring (``notify.py``) after every byte, so the receiver's host learns of it
-without a round trip per block; the initiator's handle completes on a CUDA event recorded after the launch
-(launches on the one stream complete in order, so the agent retires them from the oldest and reuses their events
-and staging buffers).
+when it notifies, by a one-program launch that only publishes the notification; one of up to
+``RESIDENT_MAX_BYTES`` goes to a program that stays on the GPU instead (``ipc_resident.py``; the option
+``resident``: on by default on GPUs) when no launch is in flight and the caller's stream is idle.  The last
+program publishes the notification into the peer's inbox ring (``notify.py``) after every byte, so the
+receiver's host learns of it without a round trip per block; the initiator's handle completes on a CUDA event
+recorded after the launch (launches on the one stream complete in order, so the agent retires them from the
+oldest and reuses their events and staging buffers).
 
 Whether a peer is reachable is decided by a real copy: at ``add_peer`` the kernel reads the peer's 16-byte
 probe token through the mapping and compares it with the token in the peer's metadata.  A peer that exited is
@@ -240,8 +240,9 @@ class IpcBackend(TransferBackend):
                 raise BackendNotSupportedError(f"{device} cannot use host pointers of registered host memory")
         else:
             self.max_programs = INTERPRETER_PROGRAMS
-        # The resident copier, when asked for (docs/transfer.md: what it saves the host, what it costs).
-        if self.resident_option:
+        # The resident copier: on GPUs unless turned off (docs/transfer.md: what it saves, what it costs); under
+        # the interpreter, which runs a program to its end in the launching thread, only when asked for.
+        if self.resident_option or (self.resident_option is None and cuda):
             self.copier = ResidentCopier(device, self.resident_idle_us * 1000, self.resident_life_us * 1000,
                                          self.context.timeout_s)  # fmt: skip
 
