@@ -648,9 +648,9 @@ def transfer_host_cost() -> str:
 
 TRANSFER_LATENCY_NAME = "transfer_latency.json"
 LATENCY_PATHS = {
-    "ipc_notify": "our `write()` with a notification, resident copier (`resident=True`); seen by the receiver",
+    "ipc_notify": "our `write()` with a notification, resident copier (the default on a GPU); seen by the receiver",
     "ipc_done": "our `write()` without one, resident copier; seen by the handle's `done()`",
-    "ipc_launch_notify": "our `write()` with a notification, one launch per request (the default)",
+    "ipc_launch_notify": "our `write()` with a notification, one launch per request (`resident=False`)",
     "torch_copy": "a torch copy and a CUDA event (a torch op per request)",
     "raw_launch": "a CuPy launch of a kernel that copies and stores a flag in pinned memory",
     "resident": "a resident kernel polling a doorbell in pinned memory (no launch)",
@@ -683,6 +683,31 @@ def transfer_latency() -> str:
     lines = [table(head, body), f"Parts, each called alone (median us): {named}." if named else "",
              f"{device_of(rel)}; " + cite(rel) + "."]  # fmt: skip
     return "\n\n".join(x for x in lines if x)
+
+
+TRANSFER_NOTIFY_NAME = "transfer_notify.json"
+
+
+def transfer_notify() -> str:
+    """Two processes, one GPU: one 16 KB block with its notification, ``ipc`` (the resident copier) beside
+    ``ipc-launch`` (one launch per request) in one run of ``sagellm-comm transfer``."""
+    rel = current(TRANSFER_NOTIFY_NAME)
+    if not (RESULTS / rel).exists():
+        return not_yet(rel)
+    data = load(rel)
+    head = ["backend", "pacing", "seen (us, median)", "p10-p90 (us)", "`write()` host (us)", "vs ipc-launch"]
+    body = []
+    notify = data.get("notify", {})
+    for p, what in _PACINGS:
+        reference = notify.get("ipc-launch", {}).get(p, {}).get("median_us")
+        for backend in ("ipc", "ipc-launch"):
+            one = notify.get(backend, {}).get(p, {})
+            if one.get("samples"):
+                ratio = f"{reference / one['median_us']:.2f}x" if reference else ""
+                spread = f"{one['p10_us']:.1f}-{one['p90_us']:.1f}"
+                body.append([f"`{backend}`", what, f"{one['median_us']:.1f}", spread, f"{one['host_median_us']:.1f}",
+                             ratio])  # fmt: skip
+    return "\n\n".join((table(head, body), f"{device_of(rel)}; " + cite(rel) + "."))
 
 
 def transfer_h200() -> str:
@@ -726,6 +751,7 @@ SCRIPT_OF = {
     TRANSFER_HOST_COST: "bench/transfer_host_cost.py",
     TRANSFER_H200: "sagellm-comm transfer",
     **{f"{device}/{TRANSFER_LATENCY_NAME}": "bench/transfer_latency.py" for device in ONE_GPU_DEVICES},
+    **{f"{device}/{TRANSFER_NOTIFY_NAME}": "sagellm-comm transfer" for device in ONE_GPU_DEVICES},
 }
 
 
@@ -775,6 +801,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "transfer-host-cost": transfer_host_cost,
     "transfer-h200": transfer_h200,
     "transfer-latency": transfer_latency,
+    "transfer-notify": transfer_notify,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)

@@ -6,11 +6,12 @@ the same thread sees the transfer finished, with a 0.2 ms spin between requests 
 ``sagellm-comm transfer``); the paths are interleaved over ``--rounds`` rounds and each figure is the median
 over all of them:
 
-* ``ipc_notify``: ``agent.write(..., notify=...)`` between agents made with ``options={"ipc": {"resident":
-  True}}``, then polling the receiving agent's ``notifications()`` (the caller's stream is idle: the block goes
-  to the resident copier);
+* ``ipc_notify``: ``agent.write(..., notify=...)`` between agents with the resident copier (the default on a GPU,
+  named here: ``options={"ipc": {"resident": True}}``), then polling the receiving agent's ``notifications()``
+  (the caller's stream is idle: the block goes to the resident copier);
 * ``ipc_done``: the same without a notification, then polling the handle's ``done()``;
-* ``ipc_launch_notify``: ``ipc_notify`` between agents with the default options: one kernel launch per request;
+* ``ipc_launch_notify``: ``ipc_notify`` between agents made with ``options={"ipc": {"resident": False}}``: one
+  kernel launch per request;
 * ``torch_copy``: ``dst.copy_(src)`` and a CUDA event, then polling the event (a torch op per request);
 * ``raw_launch``: a CUDA kernel launched through CuPy that copies the block and stores a flag in pinned host
   memory, then polling the flag (a launch per request with nothing around it);
@@ -102,8 +103,9 @@ class _Paths:
         self.pool_b = self.b.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.peer = self.a.add_peer(self.b.metadata())
         self.b.add_peer(self.a.metadata())
-        self.c = TransferAgent("latency-c", "ipc")
-        self.d = TransferAgent("latency-d", "ipc")
+        launches = {"ipc": {"resident": False}}
+        self.c = TransferAgent("latency-c", "ipc", options=launches)
+        self.d = TransferAgent("latency-d", "ipc", options=launches)
         self.c.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.d.allocate("kv", 64 * BLOCK, torch.uint8, "cuda")
         self.launch_peer = self.c.add_peer(self.d.metadata())

@@ -49,9 +49,6 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     what.add_argument("--nixl-progress-thread", choices=("on", "off"), default="on",
                       help="NIXL agents (nixl, nixl-raw) with or without NIXL's progress thread; off: the passive "
                       "process calls into NIXL between commands instead (default on)")  # fmt: skip
-    what.add_argument("--ipc-resident", choices=("on", "off"), default=None,
-                      help="our ipc agents with or without the resident copier for small one-block requests "
-                      "(the agent's option resident; default: the agent's default, on for GPUs)")  # fmt: skip
     how = parser.add_argument_group("how to time")
     how.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed requests (default {DEFAULT_WARMUP})")
     how.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed requests (default {DEFAULT_ITERS})")
@@ -82,7 +79,6 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         device=args.device,
         prepared=args.prepared,
         nixl_progress_thread=args.nixl_progress_thread == "on",
-        ipc_resident=None if args.ipc_resident is None else args.ipc_resident == "on",
         warmup=args.warmup,
         iters=args.iters,
         notify_iters=args.notify_iters,
@@ -118,7 +114,6 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "ops": list(config.ops),
         "prepared": config.prepared,
         "nixl_progress_thread": config.nixl_progress_thread,
-        "ipc_resident": plan.device.type == "cuda" if config.ipc_resident is None else config.ipc_resident,
         "warmup": config.warmup,
         "iters": config.iters,
         "notify_iters": config.notify_iters,

@@ -4,8 +4,11 @@
 
 Backends measured side by side (each over the same two processes and pools):
 
-* ``ipc``: ``TransferAgent(backend="ipc")``: one block-copy kernel launch per request over CUDA IPC mappings
-  (under the Triton interpreter on the CPU: correctness, not speed).
+* ``ipc``: ``TransferAgent(backend="ipc")`` with its defaults: one block-copy kernel launch per request over CUDA
+  IPC mappings, one block of up to 64 KB served by the resident copier on a GPU (under the Triton interpreter on
+  the CPU: correctness, not speed).
+* ``ipc-launch``: the same agent with the resident copier off (``options={"ipc": {"resident": False}}``): one
+  launch for every request.
 * ``nixl``: ``TransferAgent(backend="nixl")``: our agent over NIXL.
 * ``nixl-raw``: NIXL's own API with the same descriptors (the reference for our agent's overhead).
 * ``torch``: torch ops over a mapping of the peer's pool: ``index_select`` + ``index_copy_`` for scattered
@@ -24,7 +27,7 @@ from sagellm_comm.benchmark.plan import check_outputs, check_repetitions, check_
 from sagellm_comm.benchmark.sizes import format_size, parse_count_list, parse_size_list
 from sagellm_comm.errors import InvalidArgumentError
 
-BACKENDS = ("ipc", "nixl", "nixl-raw", "torch", "copy-engine")
+BACKENDS = ("ipc", "ipc-launch", "nixl", "nixl-raw", "torch", "copy-engine")
 OPS = ("write", "read")
 DEFAULT_GPU_BACKENDS = ("ipc", "torch", "copy-engine", "nixl")
 DEFAULT_CPU_BACKENDS = ("nixl", "nixl-raw", "torch")
@@ -53,7 +56,6 @@ class TransferBenchConfig:
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: cuda when available
     prepared: bool = False  # our agent's prepared form (block ids) instead of byte triples
     nixl_progress_thread: bool = True  # False: NIXL agents (ours and raw) without their progress thread
-    ipc_resident: bool | None = None  # our ipc agents' option resident (None: the agent's default)
     warmup: int = DEFAULT_WARMUP
     iters: int = DEFAULT_ITERS
     notify_iters: int = DEFAULT_NOTIFY_ITERS  # 0: no notification latency
@@ -82,7 +84,7 @@ def _available(backend: str, device: torch.device) -> str | None:
 
     if backend in ("nixl", "nixl-raw"):
         return transfer_backend_unavailable("nixl")
-    if backend == "ipc":
+    if backend in ("ipc", "ipc-launch"):
         if device.type == "cpu" and not interpreting():
             return "ipc runs CPU memory only under the Triton interpreter (TRITON_INTERPRET=1): a correctness path"
         return transfer_backend_unavailable("ipc")

@@ -5,22 +5,23 @@ backend, and exchange metadata, IPC handles and commands through the store ``spa
 (block size, count) point the initiator picks ``count`` distinct random blocks in each pool; per backend and op:
 
 1. *time*: ``warmup`` untimed then ``iters`` timed requests (``benchmark/timing.py``): CUDA events with the device
-   held for the device-timed backends (``ipc``, ``torch``, ``copy-engine`` on a GPU: what the copies take on the
-   device), the wall clock around request + completion for the host-driven ones (``nixl``, ``nixl-raw``, and
-   everything on the CPU).  For ``ipc`` on a GPU, also the host cost of ``write()`` and the wall time of
-   ``write()`` + ``wait()`` per request, eagerly.
+   held for the device-timed backends (``ipc``, ``ipc-launch``, ``torch``, ``copy-engine`` on a GPU: what the
+   copies take on the device), the wall clock around request + completion for the host-driven ones (``nixl``,
+   ``nixl-raw``, and everything on the CPU).  For ``ipc`` and ``ipc-launch`` on a GPU, also the host cost of
+   ``write()`` and the wall time of ``write()`` + ``wait()`` per request, eagerly.
 2. *check*: one more request with a seeded pattern in the source blocks; the destination side compares
    (the peer for a write, the initiator for a read) and the count of wrong bytes is the record's ``num_wrong``.
 
 With ``rounds`` > 1 the backends are measured in turn that many times (each round opens and closes each backend's
 agents again) and each point's samples are pooled over the rounds before their statistics are taken.
 
-Notification latency (``ipc`` and ``nixl``): one 16 KB block written with the initiator's monotonic clock in its
-message, ``notify_iters`` times, one at a time; the peer polls ``notifications()`` and records the clock when it
-sees each one (both processes share the host's ``CLOCK_MONOTONIC``).  Two pacings, ``NOTIFY_PACINGS``: between
-requests the initiator either sleeps 0.2 ms (``idle``: each request starts on a host thread that was asleep) or
-spins 0.2 ms (``busy``: a host thread that never stopped, as an engine's scheduler loop); the host time of each
-``write()`` call is kept too, so what the device and the receiver add is the difference.
+Notification latency (``ipc``, ``ipc-launch`` and ``nixl``): one 16 KB block written with the initiator's
+monotonic clock in its message, ``notify_iters`` times, one at a time; the peer polls ``notifications()`` and
+records the clock when it sees each one (both processes share the host's ``CLOCK_MONOTONIC``).  Two pacings,
+``NOTIFY_PACINGS``: between requests the initiator either sleeps 0.2 ms (``idle``: each request starts on a host
+thread that was asleep) or spins 0.2 ms (``busy``: a host thread that never stopped, as an engine's scheduler
+loop); the host time of each ``write()`` call is kept too, so what the device and the receiver add is the
+difference.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from sagellm_comm.benchmark.transfer_movers import AgentMover, CopyEngineMover, 
 from sagellm_comm.errors import CommError, CommTimeoutError
 
 NAMES = ("init", "peer")
+# The columns timed through our TransferAgent: (its transport, its options; nixl's come from the config).
+AGENT_BACKENDS = {"ipc": ("ipc", None), "ipc-launch": ("ipc", {"ipc": {"resident": False}}), "nixl": ("nixl", None)}
 
 
 def _pattern(seed: int, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -79,14 +82,13 @@ class _Side:
     def open(self, backend: str) -> bytes:
         """Start this process's agent of ``backend`` with the pool registered; its metadata (empty: none needed)."""
         name = f"{NAMES[self.rank]}-{backend}"
-        if backend in ("ipc", "nixl"):
+        if backend in AGENT_BACKENDS:
             from sagellm_comm.transfer import TransferAgent
 
-            options = {
-                "nixl": {"nixl": {"progress_thread": self.config.nixl_progress_thread}},
-                "ipc": {"ipc": {} if self.config.ipc_resident is None else {"resident": self.config.ipc_resident}},
-            }[backend]
-            agent = TransferAgent(name, backend, device=self.plan.device, timeout=self.config.timeout,
+            transport, options = AGENT_BACKENDS[backend]
+            if transport == "nixl":
+                options = {"nixl": {"progress_thread": self.config.nixl_progress_thread}}
+            agent = TransferAgent(name, transport, device=self.plan.device, timeout=self.config.timeout,
                                   options=options)  # fmt: skip
             self.agents[backend] = agent
             agent.register("pool", self.pool)
@@ -215,7 +217,7 @@ class _Initiator:
         remote_meta = self.store.get(f"meta/{step}")
         side.open(backend)
         mapping = json.loads(self.store.get("mapping"))
-        if backend in ("ipc", "nixl"):
+        if backend in AGENT_BACKENDS:
             agent = side.agents[backend]
             return AgentMover(agent, agent.add_peer(remote_meta), config.prepared, config.timeout)
         if backend == "nixl-raw":
@@ -383,7 +385,7 @@ def _measure(init: _Initiator) -> dict:
                                     entry["error"] = exc.message
                             seed += 1
                             bar.step(f"{backend} {op} {point.count}x{point.block}")
-                    if config.notify_iters and backend in ("ipc", "nixl"):
+                    if config.notify_iters and backend in AGENT_BACKENDS:
                         by_pacing = init.notify_latency(mover, backend, config.notify_iters,
                                                         plan.pool_bytes // NOTIFY_BLOCK)  # fmt: skip
                         for pacing, samples in by_pacing.items():
