@@ -658,7 +658,7 @@ LATENCY_PATHS = {
 LATENCY_PARTS = {
     "write_notify": "`write()` with a notification, resident copier",
     "launch_write_notify": "`write()` with a notification, launch path",
-    "liveness_check": "the peer's liveness check (an `flock`)",
+    "liveness_check": "the peer's liveness check (an `flock`, at most once a millisecond)",
     "ring_stage": "staging the notification in the ring",
     "stream_fork": "the stream fork (event record + stream wait)",
     "direct_launch": "the compiled kernel's launch",
