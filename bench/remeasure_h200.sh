@@ -99,6 +99,12 @@ fi
 step "transfer" 150 "$PY" -m sagellm_comm.cli transfer --backend "$TRANSFER_BACKENDS" \
     --block-sizes 4K,16K,64K,256K,1M,64M --block-counts 1,100,1000 --max-bytes 1G --out "$OUT/transfer" \
     --plot "$OUT/transfer.png" --no-progress
+# One small block with its notification: the resident copier beside one launch per request (the JSON is the record).
+step "transfer notification" 60 "$PY" -m sagellm_comm.cli transfer --backend ipc,ipc-launch --ops write \
+    --block-sizes 16K,64K --block-counts 1 --notify-iters 300 --rounds 3 --out "$SCRATCH/transfer_notify" --no-progress
+if ((OK)); then cp "$SCRATCH/transfer_notify.json" "$OUT/"; fi
+step "transfer latency paths" 60 "$PY" -m bench.transfer_latency --requests 100 --rounds 3 \
+    --out "$OUT/transfer_latency.json"
 
 step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
     "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"
@@ -119,7 +125,8 @@ step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m
 echo "== all steps: $((SECONDS - START))s; records in $DEST/ (on exit)"
 echo "== next: python -m bench.make_docs_tables (the docs then cite the h200/ records), then git rm the h100/"
 echo "   records they replace: bench/results/h100/{custom_all_reduce_virtual,fused_gemm_all_reduce_virtual,"
-echo "   fused_rmsnorm_virtual,all_reduce_vr8_graph,all_reduce_vr2_graph}.* and python -m bench.make_docs_tables"
+echo "   fused_rmsnorm_virtual,all_reduce_vr8_graph,all_reduce_vr2_graph,transfer_latency,transfer_notify}.* and"
+echo "   python -m bench.make_docs_tables"
 if ((${#FAILED[@]})); then
     printf '== failed: %s\n' "${FAILED[@]}" >&2
     exit 1
