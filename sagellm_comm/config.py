@@ -400,8 +400,9 @@ SETTINGS: tuple[Setting, ...] = (
         doc="""Programmatic dependent launch of the Lamport kernels (one may be scheduled while the previous
         kernel on the stream finishes); 1 insists (an error below compute capability 9.0), 0 turns it off.
         Never used by a rank whose GPU other ranks of the group share as separate launches (processes under
-        MPS), where an early launch could hold the SMs a peer's kernel needs. A launch attribute of this rank
-        only: no peer sees it.""",
+        MPS), where an early launch could hold the SMs a peer's kernel needs, nor by a fused Lamport launch
+        that splits rows over programs (they wait for each other inside the launch). A launch attribute of
+        this rank only: no peer sees it.""",
         agreed=False,
         example="0",
         invalid="yes",

@@ -64,6 +64,7 @@ class VirtualRankGroup:
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device, max_programs=max_programs, config=config)
         self.config = self.workspaces[0].config
+        self.timeout_s = timeout_s
         self.ranks = [CustomAllReduce(ws, selector=selector, timeout_s=timeout_s) for ws in self.workspaces]
         self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
         self.max_bytes = self.workspaces[0].slot_bytes

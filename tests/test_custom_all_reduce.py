@@ -358,6 +358,20 @@ def test_programmatic_dependent_launch_only_for_a_launch_holding_every_rank_of_i
         assert launcher.options.get("launch_pdl", False) is expected, (ranks_on_device, virtual)
 
 
+def test_split_rows_launch_without_programmatic_dependent_launch():
+    """The fused Lamport kernel's split rows wait for each other inside the launch: such launches never use PDL;
+    an unsplit launch follows the plain Lamport kernel's rule; the interpreter never splits a row."""
+    from sagellm_comm.fused.rmsnorm import lamport_launch, row_split
+
+    assert row_split(4, 8192, 33) > 1 and row_split(12, 8192, 33) == 1
+    assert lamport_launch(4, 8192, 33, True, True, 4, 4) == (row_split(4, 8192, 33), False)  # split: no PDL
+    assert lamport_launch(1, 4096, 128, True, True, 1, 1) == (row_split(1, 4096, 128), False)
+    assert lamport_launch(12, 8192, 33, True, True, 4, 4) == (1, True)  # unsplit, every rank in the launch
+    assert lamport_launch(12, 8192, 33, True, True, 1, 4) == (1, False)  # unsplit, one of four processes
+    assert lamport_launch(12, 8192, 33, True, False, 4, 4) == (1, False)  # off stays off
+    assert lamport_launch(4, 8192, 33, False, True, 4, 4) == (1, True)  # interpreter: one program a row
+
+
 def test_virtual_workspaces_share_one_device():
     from sagellm_comm.workspace import local_workspaces
 

@@ -193,6 +193,39 @@ def test_lamport_rows_split_over_programs(fused, quant, rows, hidden):
         assert torch.equal(normed[r], normed[0]) and torch.equal(new_res[r], new_res[0]), f"rank {r} differs"
 
 
+def test_split_rows_one_call_at_a_time_finish_in_time(fused):
+    """Split-row calls of 3-4 rows at hidden 5120-8192, every mode, each waited for on its own: every call ends
+    within a second (a stall of the row exchange would hold the device for the kernel's whole timeout), its bits
+    equal the first call's, and no error is recorded.  The fused kernels take the group's timeout."""
+    import time
+
+    from sagellm_comm.launch import timeout_ticks
+
+    assert fused.rmsnorm._timeout == timeout_ticks(fused.group.timeout_s, True)
+    w = fused.world_size
+    scale = torch.tensor([0.05], device="cuda")
+    for hidden in (5120, 7168, 8192):
+        for rows in (3, 4):
+            x, residual, weight = _inputs(w, rows, hidden, torch.bfloat16, seed=rows * hidden)
+            for quant in (None, *MODES):
+                static = scale if quant == "fp8" else None
+                first = None
+                for call in range(60):
+                    start = time.monotonic()
+                    outs = fused.all_reduce_residual_rmsnorm(x, residual, weight, algo="lamport", quant=quant,
+                                                             scale=static)  # fmt: skip
+                    torch.cuda.synchronize()
+                    took = time.monotonic() - start
+                    fused.group.check_errors()
+                    bits = [t.view(torch.uint8).clone() for t in outs if t is not scale]
+                    if first is None:
+                        first = bits
+                        continue
+                    same = all(torch.equal(a, b) for a, b in zip(bits, first, strict=True))
+                    assert same, f"hidden {hidden}, {rows} rows, {quant}: call {call} differs from the first"
+                    assert took < 1.0, f"hidden {hidden}, {rows} rows, {quant}: call {call} took {took:.1f} s"
+
+
 def test_split_rows_back_to_back_and_in_a_graph(fused):
     """Thousands of split-row calls back to back (every mode, 1-4 rows, the plain all-reduces between them on the
     same workspace), then the same calls captured in a CUDA graph and replayed: row flags, Lamport counters and

@@ -26,7 +26,8 @@ class VirtualFused:
     one launch per kernel for all ranks (grid axis 1 = rank), tensors stacked as ``[world_size, ...]``.
 
     Args:
-        group: the virtual ranks (their all-reduce workspaces carry the AR + RMSNorm kernel).
+        group: the virtual ranks (their all-reduce workspaces carry the AR + RMSNorm kernel); its ``timeout_s``
+            bounds every device-side wait of the fused kernels too.
         gemm_max_output_bytes: per-rank capacity of the fused GEMM's tile buffer (a dedicated workspace).
         consumer_programs: programs per rank of the fused GEMM's reduction (default: SMs / (4 * ranks)).
     """
@@ -42,7 +43,9 @@ class VirtualFused:
         self.group = group
         self.world_size = w = group.world_size
         self.device = group.device
-        self.rmsnorm = FusedAllReduceRMSNorm(group.workspaces[0], max_programs=group.max_programs)
+        self.rmsnorm = FusedAllReduceRMSNorm(
+            group.workspaces[0], max_programs=group.max_programs, timeout_s=group.timeout_s
+        )
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._overlap_programs = max(1, sms // (4 * w))
         self.gemm_workspaces = local_workspaces(
@@ -56,6 +59,7 @@ class VirtualFused:
             selector=selector,
             consumer_programs=consumer_programs,
             num_chunks=num_chunks,
+            timeout_s=group.timeout_s,
         )
         self._gemm_table, self._gemm_ctrl = stacked_rows(self.gemm_workspaces)
 
