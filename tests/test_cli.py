@@ -297,6 +297,11 @@ TRANSFER_BAD_OPTIONS = [
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--cpus", "0"], "--cpus takes two CPU numbers (the initiator's, then the peer's)"),
+    (["--cpus", "0,1,2"], "--cpus takes two CPU numbers"),
+    (["--cpus", "0,one"], "--cpus must be integers"),
+    (["--cpus", "0,65536"], "--cpus: the peer's CPU 65536 is not one this process may run on"),
+    (["--cpus", "-1,0"], "--cpus: the initiator's CPU -1 is not one this process may run on"),
     (["--timeout", "0"], "--timeout must be positive"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was an OverflowError from a process
     (["--ops", "write,write"], "--ops names 'write' twice"),

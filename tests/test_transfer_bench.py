@@ -67,6 +67,20 @@ def test_nixl_agents_without_their_progress_thread_are_timed_with_the_passive_pr
     assert notify["idle"]["samples"] == notify["busy"]["samples"] == 3  # both pacings
 
 
+def test_cpus_pins_the_initiator_and_the_peer_and_the_record_says_where_they_ran(tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    initiator, peer = allowed[-1], allowed[0]  # two different CPUs where there are two: the order is checked
+    stem = tmp_path / "pinned"
+    proc = _cli("--backend", "torch", "--block-sizes", "4K", "--block-counts", "1", "--iters", "2", "--warmup", "1",
+                "--notify-iters", "0", "--cpus", f"{initiator},{peer}", "--out", str(stem), "--no-progress",
+                timeout=120.0)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["setup"]["cpus"] == {"initiator": [initiator], "peer": [peer]}
+    assert f"# pinned: the initiator on CPU {initiator}, the peer on CPU {peer}" in proc.stdout
+    assert all(r["num_wrong"] == 0 for r in record["results"])
+
+
 def test_the_ipc_path_under_the_interpreter_moves_exact_bytes_and_notifies():
     proc = _cli("--backend", "ipc,nixl", "--block-sizes", "4K", "--block-counts", "1,3", "--iters", "2",
                 "--warmup", "1", "--notify-iters", "3", "--prepared", "--no-save", "--no-progress",

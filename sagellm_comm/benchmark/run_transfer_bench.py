@@ -61,6 +61,9 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     how.add_argument("--rounds", type=int, default=1,
                      help="measure the backends in turn this many times and pool each point's samples, so that "
                      "the machine's drift falls on every backend alike (default 1)")  # fmt: skip
+    how.add_argument("--cpus", metavar="A,B",
+                     help="pin the initiating process to CPU A and the passive peer to CPU B (default: where the "
+                     "system puts them); the notification latency depends on it")  # fmt: skip
     how.add_argument("--timeout", type=float, default=120.0, help="seconds for any wait (default 120)")
     add_output_options(parser, DEFAULT_OUTPUT_DIR, "GB/s against block size", stem=True)
     return parser
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         iters=args.iters,
         notify_iters=args.notify_iters,
         rounds=args.rounds,
+        cpus=None if args.cpus is None else tuple(parse_count_list(args.cpus, "--cpus")),
         timeout=args.timeout,
         output_dir=None if args.no_save else args.output_dir,
         out=None if args.no_save else args.out,
@@ -118,6 +122,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "iters": config.iters,
         "notify_iters": config.notify_iters,
         "rounds": config.rounds,
+        "cpus": measured["cpus"],
         "pool_bytes": plan.pool_bytes,
         "skipped": list(plan.skipped),
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",

@@ -18,6 +18,7 @@ Backends measured side by side (each over the same two processes and pools):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class TransferBenchConfig:
     iters: int = DEFAULT_ITERS
     notify_iters: int = DEFAULT_NOTIFY_ITERS  # 0: no notification latency
     rounds: int = 1  # the backends measured in turn this many times, samples pooled (drift hits each alike)
+    cpus: tuple[int, int] | None = None  # the initiator's and the passive peer's CPU; None: the OS places them
     timeout: float = 120.0
     output_dir: str | None = DEFAULT_OUTPUT_DIR
     out: str | None = None  # a file stem: STEM.json / STEM.csv instead of a timestamped name in output_dir
@@ -101,6 +103,26 @@ def _available(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def check_cpus(cpus) -> None:
+    """Refuse a ``--cpus`` that is not two CPUs this process may run on (or a system that cannot pin)."""
+    if cpus is None:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise InvalidArgumentError("--cpus needs os.sched_setaffinity, which this system does not have")
+    if len(cpus) != 2 or any(isinstance(c, bool) or not isinstance(c, int) for c in cpus):
+        raise InvalidArgumentError(f"--cpus takes two CPU numbers (the initiator's, then the peer's), got {cpus!r}")
+    allowed = os.sched_getaffinity(0)
+    for who, cpu in zip(("initiator", "peer"), cpus, strict=True):
+        if cpu not in allowed:
+            raise InvalidArgumentError(
+                f"--cpus: the {who}'s CPU {cpu} is not one this process may run on ({_cpu_list(allowed)})"
+            )
+
+
+def _cpu_list(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     """Check ``config`` and decide the device, backends and points (see the module docstring)."""
     check_repetitions(config.warmup, config.iters, config.timeout)
@@ -108,6 +130,7 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
         raise InvalidArgumentError(f"--notify-iters must be >= 0, got {config.notify_iters}")
     if config.rounds < 1:
         raise InvalidArgumentError(f"--rounds must be >= 1, got {config.rounds}")
+    check_cpus(config.cpus)
     check_outputs(config.output_dir if config.out is None else None, config.plot)
     if config.out is not None:
         check_writable_dir(Path(config.out).absolute().parent, "--out's directory")

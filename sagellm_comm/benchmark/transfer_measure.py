@@ -27,6 +27,7 @@ difference.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 
@@ -153,7 +154,7 @@ def _serve(side: _Side) -> None:
         command = json.loads(side.get(f"cmd/{step}"))
         reply: dict = {}
         if command["do"] == "exit":
-            store.set(f"reply/{step}", b"{}")
+            store.set(f"reply/{step}", json.dumps({"cpus": _cpus()}))
             return
         if command["do"] == "open":
             try:
@@ -333,6 +334,8 @@ def _pause(pacing: str) -> None:
 
 def transfer_rank(index: int, world_size: int, port: int, config: TransferBenchConfig, plan: TransferPlan):
     """One process of the benchmark (``spawn.spawn_ranks``); rank 0 returns the measurements."""
+    if config.cpus is not None:
+        os.sched_setaffinity(0, {config.cpus[index]})
     side = _Side(index, port, config, plan)
     try:
         if index == 1:
@@ -397,11 +400,17 @@ def _measure(init: _Initiator) -> dict:
                     init.close(backend)
     finally:
         bar.close()
-        init.call({"do": "exit"})
+        peer = init.call({"do": "exit"})
     measured = [_summarized(entry) for entry in pooled.values()]
     order = {backend: i for i, backend in enumerate(plan.backends)}
     measured.sort(key=lambda e: (e["block"], e["count"], config.ops.index(e["op"]), order[e["backend"]]))
-    return {"points": measured, "notify": notify, "failed": failed, "transports": transports}
+    cpus = {"initiator": _cpus(), "peer": peer.get("cpus")}
+    return {"points": measured, "notify": notify, "failed": failed, "transports": transports, "cpus": cpus}
+
+
+def _cpus() -> list[int] | None:
+    """The CPUs this process may run on (None where the system does not say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def _summarized(entry: dict) -> dict:
