@@ -68,10 +68,10 @@ def lamport_launch(rows: int, hidden: int, programs: int, use_ptx: bool, pdl: bo
     programmatic dependent launch (``pdl``: :func:`~sagellm_comm.custom_all_reduce.pdl_enabled`).
 
     A split row's programs wait for each other inside the launch (the row exchange), and such launches run
-    without PDL: with it, 4 virtual ranks on an H100 (one program per SM) stalled about once in a few hundred
-    calls of 3-4 split rows (hidden 5120-8192) for 60 s and returned wrong values, raising nothing; without it
-    32,000 calls of the same shapes ran in time, each bit-identical to the first.  An unsplit launch keeps the rule
-    of the plain Lamport kernel (:func:`~sagellm_comm.custom_all_reduce.pdl_for_launch`)."""
+    without PDL: with it, 4 virtual ranks on an H100 stalled about once in a few hundred calls of 3-4 split rows
+    (hidden 5120-8192) for 60 s and returned wrong values, raising nothing; without it 32,000 calls of the same
+    shapes ran in time, each bit-identical to the first.  An unsplit launch keeps the rule of the plain Lamport
+    kernel (:func:`~sagellm_comm.custom_all_reduce.pdl_for_launch`)."""
     split = row_split(rows, hidden, programs) if use_ptx else 1
     return split, split == 1 and pdl_for_launch(pdl, launch_ranks, ranks_on_device)
 
