@@ -38,6 +38,8 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     record = json.loads(stem.with_suffix(".json").read_text())
     assert record["meta"]["commit"] and "2 processes" in record["meta"]["device"] and "command" in record["meta"]
     assert record["setup"]["backends"] == ["nixl", "nixl-raw", "torch"] and record["setup"]["rounds"] == 2
+    assert record["setup"]["pinned"] is None and "# pinned" not in table  # no --cpus: placed by the system
+    assert set(record["setup"]["cpus"]) == {"initiator", "peer"}
     results = record["results"]
     assert len(results) == 2 * 2 * 2 * 3  # sizes x counts x ops x backends
     assert {r["backend"] for r in results} == {"nixl", "nixl-raw", "torch"}
@@ -77,6 +79,7 @@ def test_cpus_pins_the_initiator_and_the_peer_and_the_record_says_where_they_ran
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(stem.with_suffix(".json").read_text())
     assert record["setup"]["cpus"] == {"initiator": [initiator], "peer": [peer]}
+    assert record["setup"]["pinned"] == [initiator, peer]
     assert f"# pinned: the initiator on CPU {initiator}, the peer on CPU {peer}" in proc.stdout
     assert all(r["num_wrong"] == 0 for r in record["results"])
 

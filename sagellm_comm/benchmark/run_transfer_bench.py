@@ -122,7 +122,8 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "iters": config.iters,
         "notify_iters": config.notify_iters,
         "rounds": config.rounds,
-        "cpus": measured["cpus"],
+        "pinned": None if config.cpus is None else list(config.cpus),  # --cpus: the initiator's, the peer's
+        "cpus": measured["cpus"],  # the CPUs each process could run on
         "pool_bytes": plan.pool_bytes,
         "skipped": list(plan.skipped),
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",

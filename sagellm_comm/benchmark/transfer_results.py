@@ -134,9 +134,8 @@ def format_table(result: TransferBenchResult) -> str:
         "clock around request + completion",
         "# GB/s = total bytes / time (10^9 B/s); ratio = time(first backend) / time(backend)",
     ]
-    cpus = run.get("cpus") or {}
-    if all(len(cpus.get(side) or ()) == 1 for side in ("initiator", "peer")):
-        lines.append(f"# pinned: the initiator on CPU {cpus['initiator'][0]}, the peer on CPU {cpus['peer'][0]}")
+    if run.get("pinned"):
+        lines.append(f"# pinned: the initiator on CPU {run['pinned'][0]}, the peer on CPU {run['pinned'][1]}")
     for backend, transport in run.get("transports", {}).items():
         lines.append(f"# {backend}: {transport}")
     for backend, why in run.get("failed_backends", {}).items():
