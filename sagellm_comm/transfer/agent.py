@@ -361,8 +361,9 @@ class TransferAgent:
             entry, local, remote = known
             if not one_block_fits(local.info, remote, lo, ro, n):
                 return None
-            message = _message(notify)
-            request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, message)
+            if notify.__class__ is not bytes or not 0 < len(notify) <= MAX_MESSAGE_BYTES:
+                notify = _message(notify)  # converted, or refused with its error
+            request = entry.backend.post_one(entry.link, op, local, remote, lo, ro, n, notify)
         return TransferHandle(self, peer, op, entry.backend.name, request, n, 1)
 
     def _post_rows(self, peer: str, op: str, local_region: str, remote_region: str, rows, notify: Any,

@@ -229,8 +229,18 @@ def fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> boo
 
 def one_block_fits(local: RegionInfo, remote: RegionInfo, lo: int, ro: int, n: int) -> bool:
     """Whether :func:`check_blocks` accepts the one block ``(lo, ro, n)`` (Python ints) between these regions (one
-    block overlaps nothing); a block it does not accept is refused by :func:`check_blocks`, with its error."""
-    return same_kind(local, remote) and fits(local, remote, lo, ro, n)
+    block overlaps nothing); a block it does not accept is refused by :func:`check_blocks`, with its error.
+    (:func:`same_kind` and :func:`fits` in one expression: this check runs on every one-block request.)"""
+    return (
+        local.dtype == remote.dtype
+        and local.device == remote.device
+        and n > 0
+        and lo >= 0
+        and ro >= 0
+        and lo + n <= local.nbytes
+        and ro + n <= remote.nbytes
+        and not (lo | ro | n) % local.itemsize
+    )
 
 
 def _refuse_block(i: int, row, local: RegionInfo, remote: RegionInfo) -> None:

@@ -403,9 +403,13 @@ class IpcBackend(TransferBackend):
 
     def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
-        self._check_alive(link)
-        local_address, remote_address = local.ptr + local_offset, link.addresses[remote.name] + remote_offset
-        return self._one(link, op, local_address, remote_address, nbytes, notify)
+        if time.monotonic() >= link.alive_until:
+            self._check_alive(link)
+        local_address = local.tensor.data_ptr() + local_offset
+        remote_address = link.addresses[remote.name] + remote_offset
+        if op == "write":
+            return self._one_block(link, local_address, remote_address, nbytes, notify)
+        return self._one_block(link, remote_address, local_address, nbytes, notify)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -426,23 +430,21 @@ class IpcBackend(TransferBackend):
 
     def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify) -> IpcRequest:
         link = prepared.link
-        self._check_alive(link)
+        if time.monotonic() >= link.alive_until:
+            self._check_alive(link)
         block_bytes = prepared.layout.block_bytes
-        local = prepared.local.ptr + local_block * block_bytes
+        local = prepared.local.tensor.data_ptr() + local_block * block_bytes
         remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
-        return self._one(link, op, local, remote, block_bytes, notify)
-
-    def _one(self, link, op: str, local: int, remote: int, nbytes: int, notify) -> IpcRequest:
-        """``op`` of one block between addresses ``local`` and ``remote`` (:meth:`_one_block` in its direction)."""
         if op == "write":
-            return self._one_block(link, local, remote, nbytes, notify)
-        return self._one_block(link, remote, local, nbytes, notify)
+            return self._one_block(link, local, remote, block_bytes, notify)
+        return self._one_block(link, remote, local, block_bytes, notify)
 
     @staticmethod
     def _check_alive(link: IpcLink) -> None:
         """Refuse a post to a peer that exited (its inbox lock is free).  A check that found it alive is trusted
         for ``ALIVE_REUSE_S`` (one system call saved per post in a burst): a peer that dies after a check, then
-        or a moment later, is reported by the request's handle (``PeerLostError``), as it always could be."""
+        or a moment later, is reported by the request's handle (``PeerLostError``), as it always could be.  The
+        one-block paths test ``alive_until`` themselves before calling."""
         now = time.monotonic()
         if now < link.alive_until:
             return
@@ -459,8 +461,9 @@ class IpcBackend(TransferBackend):
         the programs: the link's plan of that shape once a launch compiled it (on a GPU), else the launcher.  A
         block of up to ``RESIDENT_MAX_BYTES`` goes to the resident copier instead when nothing orders it after
         other work: no launch of this agent in flight and the caller's current stream idle."""
-        if nbytes <= RESIDENT_MAX_BYTES and self.copier is not None and self._quiet():
-            request = self._resident(link, src, dst, nbytes, notify)
+        copier = self.copier
+        if nbytes <= RESIDENT_MAX_BYTES and copier is not None and self._quiet():
+            request = self._resident(copier, link, src, dst, nbytes, notify)
             if request is not None:
                 return request
         self._fork()
@@ -493,31 +496,31 @@ class IpcBackend(TransferBackend):
     def _quiet(self) -> bool:
         """Nothing a resident-copier request must wait for: no launch of this agent in flight, and the caller's
         current stream idle (what its kernels wrote is in memory)."""
-        if not self.finished(self.launches):
+        if self.launches > self.completed and not self.finished(self.launches):
             return False
         if self.events is None:
             return True
         return self.events.rt.streamQuery(torch._C._cuda_getCurrentRawStream(self.index)) == 0
 
-    def _resident(self, link, src: int, dst: int, nbytes: int, notify) -> ResidentRequest | None:
+    def _resident(self, copier: ResidentCopier, link, src: int, dst: int, nbytes: int, notify
+                  ) -> ResidentRequest | None:  # fmt: skip
         """One block by the resident copier, ``notify`` staged first; None (nothing queued) when its mailbox
         is full or an address does not fit a mailbox field (:meth:`ResidentCopier.post`)."""
-        if notify is not None:
-            note = link.outbox.stage(notify)  # refused here when the ring is full: nothing was queued
-            ring_entry = link.outbox.entry_address(note)
-            count_addr = link.published_addr
+        if notify is None:
+            seq = copier.post(src, dst, nbytes, 0, 0, 0)
+            if seq is None:
+                return None
         else:
-            ring_entry = note = count_addr = 0
-        try:
-            seq = self.copier.post(src, dst, nbytes, ring_entry, note, count_addr)
-        except BaseException:
-            if notify is not None:
-                link.outbox.unstage()
-            raise
-        if seq is None:
-            if notify is not None:
-                link.outbox.unstage()
-            return None
+            outbox = link.outbox
+            note, ring_entry = outbox.stage_entry(notify)  # refused here when the ring is full: nothing was queued
+            try:
+                seq = copier.post(src, dst, nbytes, ring_entry, note, link.published_addr)
+            except BaseException:
+                outbox.unstage()
+                raise
+            if seq is None:
+                outbox.unstage()
+                return None
         link.resident_last = seq
         return ResidentRequest(self, link, seq)
 

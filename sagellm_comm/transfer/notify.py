@@ -245,7 +245,8 @@ class Outbox:
             raise
         self.produced = 0
         self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
-        self.ring_address = self._mapped.address + _Mapped.record_offset(self.slot, 1)  # entry 0
+        self._ring_at = _Mapped.record_offset(self.slot, 1)  # entry 0's offset in the mapping
+        self.ring_address = self._mapped.address + self._ring_at
         self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
 
     def _claim(self, lock_path: str, name: bytes, path: bytes, timeout_s: float) -> int:
@@ -310,17 +311,22 @@ class Outbox:
         """Write the next notification's length and message into its ring entry (the kernel publishes its
         sequence number after the transfer's bytes) and return that number; ``UnavailableError`` when the ring
         is full (the receiver has ``ENTRIES`` unread notifications from this agent)."""
+        return self.stage_entry(message)[0]
+
+    def stage_entry(self, message: bytes) -> tuple[int, int]:
+        """:meth:`stage`, returning ``(number, address of its ring entry)`` (:meth:`entry_address`)."""
         seq = self.produced + 1
-        consumed = self._mapped.ints[self._consumed_word]
+        mapped = self._mapped
+        consumed = mapped.ints[self._consumed_word]
         if seq - consumed > ENTRIES:
             raise UnavailableError(
                 f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
                 "must call notifications() before more can be sent"
             )
-        at = _Mapped.record_offset(self.slot, seq)
-        self._mapped.map[at + 8 : at + 16 + len(message)] = len(message).to_bytes(8, "little") + message
+        at = self._ring_at + ((seq - 1) % ENTRIES) * RECORD_BYTES  # _Mapped.record_offset(self.slot, seq)
+        mapped.map[at + 8 : at + 16 + len(message)] = len(message).to_bytes(8, "little") + message
         self.produced = seq
-        return seq
+        return seq, mapped.address + at
 
     def entry_address(self, seq: int) -> int:
         """The address of notification ``seq``'s ring entry (its word 0 takes the published number)."""
