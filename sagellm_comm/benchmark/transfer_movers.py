@@ -14,6 +14,7 @@ import torch
 
 from sagellm_comm.benchmark.transfer_config import pool_blocks
 from sagellm_comm.errors import CommTimeoutError
+from sagellm_comm.transfer.descriptors import SMALL
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Point:
         table[:, 2] = self.block
         return table
 
+    def blocks(self):
+        """The request's blocks in the form the agent documents for its size: up to ``SMALL`` triples of Python
+        ints as a list (what a caller posting one or a few blocks passes), more as :meth:`table`'s array."""
+        table = self.table()
+        return [tuple(row) for row in table.tolist()] if self.count <= SMALL else table
+
 
 class AgentMover:
     """``TransferAgent`` (``ipc`` or ``nixl``), listed or prepared requests."""
@@ -45,7 +52,7 @@ class AgentMover:
         self.agent, self.peer, self.prepared, self.timeout = agent, peer, prepared, timeout
         self.device_timed = agent.peer_backend(peer) == "ipc" and torch.cuda.is_available()
         self._pools: dict[int, object] = {}
-        self._tables: dict[int, np.ndarray] = {}
+        self._tables: dict[int, list | np.ndarray] = {}
 
     def start(self, op: str, point: Point, notify: bytes | None = None):
         if self.prepared:
@@ -55,7 +62,7 @@ class AgentMover:
             return getattr(pool, op)(point.local_ids, point.remote_ids, notify=notify)
         table = self._tables.get(id(point))
         if table is None:
-            table = self._tables[id(point)] = point.table()
+            table = self._tables[id(point)] = point.blocks()
         return getattr(self.agent, op)(self.peer, "pool", "pool", table, notify=notify)
 
     def enqueue(self, op: str, point: Point) -> None:
