@@ -55,6 +55,7 @@ from sagellm_comm.transfer.registry import register_transfer_backend
 from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of
 
 logger = logging.getLogger("sagellm_comm.transfer")
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds of torch
 
 PART_BYTES = 64 * 1024  # longest work item: longer blocks are cut (kernels/block_copy.py)
 MIN_PART_BYTES = 8 * 1024  # a one-block request is cut into items of 8-64 KB, about one per program
@@ -227,6 +228,7 @@ class IpcBackend(TransferBackend):
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.raw_stream = self.stream.cuda_stream if cuda else 0
         self.events = CudaEvents(self.raw_stream) if cuda else None
+        self.stream_query = self.events.rt.streamQuery if cuda else None  # 0: every kernel of the stream finished
         self.launches = 0  # launches so far, numbered from 1
         self.completed = 0  # every launch up to this number completed
         self.in_flight: deque = deque()  # (number, event, staging index or None), oldest first
@@ -498,9 +500,8 @@ class IpcBackend(TransferBackend):
         current stream idle (what its kernels wrote is in memory)."""
         if self.launches > self.completed and not self.finished(self.launches):
             return False
-        if self.events is None:
-            return True
-        return self.events.rt.streamQuery(torch._C._cuda_getCurrentRawStream(self.index)) == 0
+        query = self.stream_query
+        return query is None or query(_current_raw_stream(self.index)) == 0
 
     def _resident(self, copier: ResidentCopier, link, src: int, dst: int, nbytes: int, notify
                   ) -> ResidentRequest | None:  # fmt: skip
@@ -579,7 +580,7 @@ class IpcBackend(TransferBackend):
         if copier is not None and not copier.idle():
             copier.wait(copier.posted)
         if self.events is not None:
-            self.events.follow(torch._C._cuda_getCurrentRawStream(self.index))
+            self.events.follow(_current_raw_stream(self.index))
 
     def _kernel(self, link, programs: int, notify, staged: bool = False, **named) -> tuple:
         """Enqueue one block-copy launch on the transfer stream and return its bound arguments; ``notify`` is
