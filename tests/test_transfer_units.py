@@ -747,8 +747,9 @@ def test_owner_lock_tells_a_live_owner_from_a_dead_one():
 # ---------------------------------------------------------------------------------------------- rings
 def _publish(outbox: notify.Outbox, message: bytes) -> int:
     """What a transfer does: the sender's host stages length and message, the kernel then writes the number."""
-    seq = outbox.stage(message)
+    seq, address = outbox.stage_entry(message)
     entry = outbox.ring_address + ((seq - 1) % notify.ENTRIES) * notify.RECORD_BYTES
+    assert address == entry == outbox.entry_address(seq)  # the address the copier publishes the number at
     word = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_int64 * 1).from_address(entry))
     notify.fence()
     word[0] = seq

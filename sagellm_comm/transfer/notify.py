@@ -188,27 +188,31 @@ class Inbox:
 
     def _read(self, slot: int, out: list[tuple[str, bytes]]) -> None:
         """Append the slot's records published from its next sequence number on (the token seen at the start of
-        this drain still holding) and mark them consumed."""
+        this drain still holding) and mark them consumed.  (The offsets of :meth:`_Mapped.record_offset` and
+        :meth:`_Mapped.slot_word`, computed in line: this runs once per notification received.)"""
         m = self._mapped
         ints, data = m.ints, m.map
+        ring = PAGE + slot * SLOT_BYTES + PAGE  # the slot's entry 0
         seq, found = self._next[slot], []
         while True:
-            at = m.record_offset(slot, seq)
-            if ints[at // 8] != seq:
+            at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
+            if ints[at >> 3] != seq:
                 break
             fence()
-            nbytes = ints[at // 8 + 1]
+            nbytes = ints[(at >> 3) + 1]
             found.append(data[at + 16 : at + 16 + max(0, min(nbytes, RECORD_BYTES - 16))])
             seq += 1
         if not found:
             return
-        base = m.slot_word(slot, 0)
+        base = (PAGE + slot * SLOT_BYTES) >> 3
         fence()
         if ints[base + TOKEN] != self._tokens[slot]:
             return  # claimed by a new sender meanwhile: its records are read with its name next time
         name = self._names[slot]
-        out += [(name, message) for message in found]
-        self._advance(slot, seq)
+        for message in found:
+            out.append((name, message))
+        self._next[slot] = seq
+        self._next_word[slot] = (ring + (seq - 1) % ENTRIES * RECORD_BYTES) >> 3
         ints[base + CONSUMED] = seq - 1
 
     def _remove_files(self) -> None:
