@@ -468,6 +468,12 @@ def _live_members(pgid: int) -> list[str]:
     return alive
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The CLI's SIGINT at its default, as a terminal starts it: a test suite run as a background job of a
+    shell without job control inherits SIGINT ignored, and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 @pytest.mark.parametrize("target", ["terminal", "parent", "sigkill"])
 def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
@@ -480,6 +486,7 @@ def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
         [sys.executable, "-m", "sagellm_comm.cli", "bench", "--backend", "gloo", "--world-size", "2",
          "--sizes", "1K:1M", "--iters", "2000", "--warmup", "1", "--no-save"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )  # fmt: skip
     try:
         first = proc.stderr.readline()  # the progress bar's first point: both ranks are running

@@ -87,11 +87,17 @@ def test_an_interrupted_call_kills_its_ranks(tmp_path) -> None:
         started.extend(_wait_for_pids(tmp_path, 2))
         _thread.interrupt_main()
 
-    watcher = threading.Thread(target=interrupt_once_running, daemon=True)
-    watcher.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_ranks(_spin, 2, str(tmp_path), timeout=300)
-    watcher.join(5)
+    # Ctrl-C as in a terminal: a suite run as a background job of a shell without job control inherits SIGINT
+    # ignored, and interrupt_main() then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher = threading.Thread(target=interrupt_once_running, daemon=True)
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_ranks(_spin, 2, str(tmp_path), timeout=300)
+        watcher.join(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(started) == 2
     assert _wait_until_gone(started) == []
 
