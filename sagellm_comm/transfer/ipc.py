@@ -405,13 +405,8 @@ class IpcBackend(TransferBackend):
 
     def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
-        if time.monotonic() >= link.alive_until:
-            self._check_alive(link)
         local_address = local.tensor.data_ptr() + local_offset
-        remote_address = link.addresses[remote.name] + remote_offset
-        if op == "write":
-            return self._one_block(link, local_address, remote_address, nbytes, notify)
-        return self._one_block(link, remote_address, local_address, nbytes, notify)
+        return self._one(link, op, local_address, link.addresses[remote.name] + remote_offset, nbytes, notify)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -432,21 +427,26 @@ class IpcBackend(TransferBackend):
 
     def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify) -> IpcRequest:
         link = prepared.link
-        if time.monotonic() >= link.alive_until:
-            self._check_alive(link)
         block_bytes = prepared.layout.block_bytes
         local = prepared.local.tensor.data_ptr() + local_block * block_bytes
         remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
+        return self._one(link, op, local, remote, block_bytes, notify)
+
+    def _one(self, link, op: str, local: int, remote: int, nbytes: int, notify) -> IpcRequest:
+        """``op`` of one block between addresses ``local`` and ``remote`` (:meth:`_one_block` in its direction),
+        once the peer is known alive (its last check is read in line: most posts trust it)."""
+        if time.monotonic() >= link.alive_until:
+            self._check_alive(link)
         if op == "write":
-            return self._one_block(link, local, remote, block_bytes, notify)
-        return self._one_block(link, remote, local, block_bytes, notify)
+            return self._one_block(link, local, remote, nbytes, notify)
+        return self._one_block(link, remote, local, nbytes, notify)
 
     @staticmethod
     def _check_alive(link: IpcLink) -> None:
         """Refuse a post to a peer that exited (its inbox lock is free).  A check that found it alive is trusted
         for ``ALIVE_REUSE_S`` (one system call saved per post in a burst): a peer that dies after a check, then
-        or a moment later, is reported by the request's handle (``PeerLostError``), as it always could be.  The
-        one-block paths test ``alive_until`` themselves before calling."""
+        or a moment later, is reported by the request's handle (``PeerLostError``), as it always could be.
+        (:meth:`_one` tests ``alive_until`` before calling.)"""
         now = time.monotonic()
         if now < link.alive_until:
             return
