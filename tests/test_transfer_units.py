@@ -962,20 +962,25 @@ def test_a_slot_claimed_while_it_is_read_is_read_again_with_the_new_name(live_se
         fences = []
 
         def racing_fence():
-            # The second fence of the drain comes after record 1 was read, before the token is read again: a new
-            # sender's claim lands there (simulated: its name and a new token; its record 1 is the one in place).
+            # The drain's fences (every one taken, as on a CPU that may reorder loads): two as it takes the slot
+            # in, one before record 1 is read, then one before the token is read again; a new sender's claim
+            # lands just before that last one (simulated: its name, a new token and the claim count; its
+            # record 1 is the one in place).
             fences.append(1)
-            if len(fences) == 2:
+            if len(fences) == 4:
                 at = notify.PAGE + box.slot * notify.SLOT_BYTES + notify.NAME_AT
                 m.bytes[at : at + 3] = np.frombuffer(b"new", dtype=np.uint8)
                 m.words[base + notify.NAME_LEN] = 3
                 m.words[base + notify.TOKEN] += 1
+                m.words[notify.CLAIMS] += 1
 
+        monkeypatch.setattr(notify, "ORDERED", False)
         monkeypatch.setattr(notify, "fence", racing_fence)
         assert inbox.drain() == []  # the pass is discarded: nothing consumed
         assert int(m.words[base + notify.CONSUMED]) == 0
         assert inbox.drain() == [("new", b"r1")]
         assert inbox.drain() == []
+        assert len(fences) == 4 + 4  # the second pass took the slot in again and read the record
     finally:
         inbox.close()
 

@@ -20,7 +20,7 @@ import torch
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, TransferError
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher
-from sagellm_comm.transfer.notify import fence
+from sagellm_comm.transfer.notify import ORDERED, fence
 
 STATE, STOP, DONE, RING = _bc.SERVER_STATE.value, _bc.SERVER_STOP.value, _bc.SERVER_DONE.value, _bc.SERVER_RING.value
 ENTRIES, ENTRY_WORDS = _bc.SERVER_ENTRIES.value, _bc.SERVER_ENTRY_WORDS.value
@@ -87,7 +87,8 @@ class ResidentCopier:
         ints[at + 4] = ring_entry | tag
         ints[at + 5] = note | tag
         ints[at + 6] = count_addr | tag
-        fence()  # the fields before the number
+        if not ORDERED:
+            fence()  # the fields before the number
         ints[at] = seq
         self.posted = seq
         fence()  # the number before reading the state (the program does the mirror image)

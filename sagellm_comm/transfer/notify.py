@@ -12,7 +12,7 @@ only its sequence number.
 
 Layout (int64 words unless said otherwise)::
 
-    file header (4 KB): MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES
+    file header (4 KB): MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES, CLAIMS (how many claims were made)
     slot s at 4 KB + s * SLOT_BYTES:
         header (4 KB): token (0: free), consumed, released, produced_final, name length, path length,
                        sender name (bytes 64..), sender's inbox path (bytes 512..)
@@ -23,22 +23,27 @@ Protocol:
 1. *Claim* (sender, once per peer): under an exclusive ``flock`` of the inbox's ``-claim`` file, pick a slot
    that is free, released by its sender and fully consumed, or whose sender died with nothing left visible;
    zero its records, write ``consumed = 0``, the sender's name and path, then (after a fence) a fresh
-   random ``token``.  The token is written last: a reader that sees it sees the rest.
+   random ``token``, then (after a fence) add 1 to the file's ``CLAIMS``.  The token is written after the rest
+   and ``CLAIMS`` after the token: a reader that sees the new count sees the token and the rest.
 2. *Produce*: the sender numbers its notifications 1, 2, ... (``seq``); record ``seq`` lives in entry
    ``(seq - 1) % ENTRIES``.  It may produce ``seq`` only while ``seq - consumed <= ENTRIES`` (else the ring is
    full: the receiver is not reading, and the transfer is refused before any byte moves).  The sender's host
    writes the record's ``nbytes`` and message (:meth:`Outbox.stage`), then launches the copy whose last
    program writes ``seq`` with a system-scope release; the receiver does not read an entry whose word is not
    its ``seq``, so the body may be written while the entry still holds ``seq - ENTRIES`` (already consumed).
-3. *Consume* (receiver): per slot, read ``token``; if it changed since the last drain, start again at
-   ``seq = consumed + 1`` with the new sender's name.  While entry ``seq``'s word equals ``seq``: fence, read
-   the message, advance.  Read ``token`` again: if it changed meanwhile (the slot was claimed by a new sender),
-   discard this pass.  Then (fence) publish ``consumed``.
+3. *Consume* (receiver): read ``CLAIMS``; when it changed since the last drain, (fence) read every slot's
+   ``token``, and start a slot whose token changed again at ``seq = consumed + 1`` with the new sender's
+   name (one word per drain while no sender comes or goes).  Per claimed slot: while entry ``seq``'s word
+   equals ``seq``: fence, read the message, advance.  (Fence.)  Read ``token`` again: if it changed meanwhile
+   (the slot was claimed by a new sender), discard this pass.  Then publish ``consumed``.
 4. *Release* (sender's ``remove_peer`` / ``close``): under the claim lock, ``produced_final = last seq`` and
    ``released = 1``; the slot is reused only once ``consumed`` reached it.
 
 Host-side fences are an uncontended lock acquire/release (a full barrier in C), so the order holds on weakly
-ordered CPUs too.  Sequence numbers and counters are int64 and never wrap.
+ordered CPUs too.  Where the CPU keeps loads in order with loads and stores in order with stores (x86-64's
+total store order: ``ORDERED``), only a store followed by a load needs one, and the hot paths (the drain's
+reads, the resident copier's request) leave the others out.  Sequence numbers and counters are int64 and never
+wrap.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import platform
 import secrets
 import threading
 import time
@@ -60,18 +66,23 @@ from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, sweep_sta
 from sagellm_comm.transfer.shared import new_path
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
-VERSION = 1
+VERSION = 2
 SLOTS = 32
 ENTRIES = _RING_ENTRIES.value
 RECORD_BYTES = _RECORD_BYTES.value
+MAX_MESSAGE = RECORD_BYTES - 16  # a record: int64 seq | int64 nbytes | message
 PAGE = 4096
 SLOT_BYTES = PAGE + ENTRIES * RECORD_BYTES
 FILE_BYTES = PAGE + SLOTS * SLOT_BYTES
+CLAIMS = 5  # file header word: how many slots were claimed (a sender bumps it after writing a token)
 # slot header words
 TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN = range(6)
 NAME_AT, PATH_AT, MAX_NAME, MAX_PATH = 64, 512, 256, 1024
 
 _FENCE = threading.Lock()
+# The CPU keeps loads in order with loads and stores with stores (x86-64's total store order): a fence is
+# needed only between a store and a later load.
+ORDERED = platform.machine().lower() in ("x86_64", "amd64", "x64")
 
 
 def claim_path(inbox_path: str) -> str:
@@ -142,34 +153,39 @@ class Inbox:
         words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
         fence()
         words[0] = MAGIC
-        # Per slot, what the last drain saw: its token, the next sequence number and the word that will hold it,
-        # and the sender's name; ``_claimed``: the slots whose token was not 0, in slot order.
+        # What the last drain saw: the claim count; per slot its token, the next sequence number and the word
+        # that will hold it, and the sender's name; ``_claimed``: the slots whose token was not 0, in slot order.
+        self._claims = 0
         self._tokens = [0] * SLOTS
         self._next = [1] * SLOTS
         self._next_word = [0] * SLOTS
         self._names = [""] * SLOTS
         self._claimed: list[int] = []
+        self._ints, self._map = self._mapped.ints, self._mapped.map  # the drain's views
         first = _Mapped.slot_word(0, TOKEN)
         stride = SLOT_BYTES // 8
         self._token_view = self._mapped.ints[first : first + SLOTS * stride : stride]  # every slot's token word
 
     def drain(self) -> list[tuple[str, bytes]]:
         """Every record published since the last drain, ``(sender name, message)``, oldest first per slot."""
-        tokens = self._token_view.tolist()  # one read of every slot's token
-        if tokens != self._tokens:
-            self._follow(tokens)
-        ints, expected, words = self._mapped.ints, self._next, self._next_word
+        ints = self._ints
         out: list[tuple[str, bytes]] = []
+        if ints[CLAIMS] != self._claims:
+            self._follow()
+        expected, words = self._next, self._next_word
         for slot in self._claimed:
             if ints[words[slot]] == expected[slot]:  # the slot's next record was published
                 self._read(slot, out)
         return out
 
-    def _follow(self, tokens: list[int]) -> None:
+    def _follow(self) -> None:
         """Take in slots whose token changed since the last drain: a freed slot is left alone, a newly claimed
         one is read from ``consumed + 1`` with its new sender's name."""
         m = self._mapped
         words = m.words
+        self._claims = self._ints[CLAIMS]  # read before the tokens: a claim after this read is seen next time
+        fence()
+        tokens = self._token_view.tolist()
         for slot, token in enumerate(tokens):
             if token == self._tokens[slot]:
                 continue
@@ -190,29 +206,29 @@ class Inbox:
         """Append the slot's records published from its next sequence number on (the token seen at the start of
         this drain still holding) and mark them consumed.  (The offsets of :meth:`_Mapped.record_offset` and
         :meth:`_Mapped.slot_word`, computed in line: this runs once per notification received.)"""
-        m = self._mapped
-        ints, data = m.ints, m.map
+        ints, data = self._ints, self._map
         ring = PAGE + slot * SLOT_BYTES + PAGE  # the slot's entry 0
         seq, found = self._next[slot], []
-        while True:
-            at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
-            if ints[at >> 3] != seq:
-                break
-            fence()
-            nbytes = ints[(at >> 3) + 1]
-            found.append(data[at + 16 : at + 16 + max(0, min(nbytes, RECORD_BYTES - 16))])
+        at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
+        while ints[at >> 3] == seq:
+            if not ORDERED:
+                fence()  # the number before the record
+            # A length past the record reads to its end; a negative one reads nothing.
+            found.append(data[at + 16 : at + 16 + min(ints[(at >> 3) + 1], MAX_MESSAGE)])
             seq += 1
+            at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
         if not found:
             return
         base = (PAGE + slot * SLOT_BYTES) >> 3
-        fence()
+        if not ORDERED:
+            fence()  # the records before the token's second read
         if ints[base + TOKEN] != self._tokens[slot]:
             return  # claimed by a new sender meanwhile: its records are read with its name next time
         name = self._names[slot]
         for message in found:
             out.append((name, message))
         self._next[slot] = seq
-        self._next_word[slot] = (ring + (seq - 1) % ENTRIES * RECORD_BYTES) >> 3
+        self._next_word[slot] = at >> 3
         ints[base + CONSUMED] = seq - 1
 
     def _remove_files(self) -> None:
@@ -290,6 +306,8 @@ class Outbox:
             m.bytes[at + PATH_AT : at + PATH_AT + len(path)] = np.frombuffer(path, dtype=np.uint8)
             fence()
             words[base + TOKEN] = secrets.randbits(62) + 1
+            fence()
+            words[CLAIMS] += 1  # under the claim lock: one writer at a time
             return slot
         finally:
             os.close(fd)  # drops the claim lock
