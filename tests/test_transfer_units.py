@@ -985,6 +985,28 @@ def test_a_slot_claimed_while_it_is_read_is_read_again_with_the_new_name(live_se
         inbox.close()
 
 
+@pytest.mark.parametrize("length", [-1, "near the file's end", -(1 << 40), notify.MAX_MESSAGE + 1, 1 << 40])
+def test_a_record_with_a_corrupt_length_reads_within_the_record(live_sender, length):
+    # The length word is the sender's to write: a wrong one gives a message cut to the record or an empty one,
+    # never bytes from elsewhere in the file.
+    inbox = notify.Inbox()
+    try:
+        box = notify.Outbox(inbox.path, "s", live_sender, 5.0)
+        message = bytes(range(1, 101))
+        seq = _publish(box, message)
+        at = notify._Mapped.record_offset(box.slot, seq)
+        if length == "near the file's end":  # a slice end that counts from the end of the mapping
+            length = -(at + 16) - 100
+        inbox._mapped.words[at // 8 + 1] = length
+        got = inbox.drain()
+        expected = b"" if length < 0 else message + bytes(notify.MAX_MESSAGE - len(message))
+        assert got == [("s", expected)]
+        _publish(box, b"next")  # the ring goes on
+        assert inbox.drain() == [("s", b"next")]
+    finally:
+        inbox.close()
+
+
 def test_reading_a_ring_never_runs_code_from_the_file():
     # A name or message is data: drain returns bytes and str, nothing is evaluated.
     inbox = notify.Inbox()

@@ -214,7 +214,7 @@ class Inbox:
             if not ORDERED:
                 fence()  # the number before the record
             # A length past the record reads to its end; a negative one reads nothing.
-            found.append(data[at + 16 : at + 16 + min(ints[(at >> 3) + 1], MAX_MESSAGE)])
+            found.append(data[at + 16 : at + 16 + max(0, min(ints[(at >> 3) + 1], MAX_MESSAGE))])
             seq += 1
             at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
         if not found:
