@@ -469,7 +469,8 @@ class TransferAgent:
                 self._check_open()
             drains = self._drains
             if len(drains) == 1:  # one transport: its list as it is
-                return drains[0]()
+                (drain,) = drains
+                return drain()
             out: list[tuple[str, bytes]] = []
             for drain in drains:
                 out += drain()
