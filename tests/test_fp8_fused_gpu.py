@@ -193,54 +193,6 @@ def test_lamport_rows_split_over_programs(fused, quant, rows, hidden):
         assert torch.equal(normed[r], normed[0]) and torch.equal(new_res[r], new_res[0]), f"rank {r} differs"
 
 
-def _per_token_rows(kind, w, rows, hidden):
-    """Inputs for the per-token amax of split rows (x is zero on every rank but the first, so the row is
-    ``residual + x[0]``): ``kind`` picks what the row's largest ``|normed|`` looks like."""
-    g = torch.Generator(device="cuda").manual_seed(hidden + rows)
-    row = torch.randn(rows, hidden, device="cuda", generator=g)
-    weight = 1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)
-    if kind == "weight one":  # the largest |v * w| shared by equal pairs: no tie to break
-        weight = torch.ones(hidden, device="cuda")
-        row = torch.round(row * 4) / 4
-    elif kind == "equal products":  # near ties of other pairs in every segment: the exact amax is exchanged
-        weight = torch.ones(hidden, device="cuda")
-        for start in range(0, hidden, 128):
-            row[:, start], weight[start] = 24.0, 1.0
-            row[:, start + 1], weight[start + 1] = 8.0, 3.0
-            row[:, start + 2], weight[start + 2] = 12.0, 2.0
-    elif kind == "tiny":  # normed values far below the bounds of the candidates: the exact amax is exchanged
-        row = row * 2.0**-110
-    elif kind == "zero segments":  # most segments all zero, one holds the amax
-        row[:, : hidden // 2] = 0
-    x = torch.zeros(w, rows, hidden, device="cuda", dtype=torch.bfloat16)
-    x[0] = row.to(torch.bfloat16)
-    residual = torch.zeros(w, rows, hidden, device="cuda", dtype=torch.bfloat16)
-    return x, residual, weight.to(torch.bfloat16)
-
-
-@pytest.mark.parametrize("kind", ["random", "weight one", "equal products", "tiny", "zero segments"])
-@pytest.mark.parametrize("rows,hidden", [(1, 4096), (2, 8192), (3, 5120)])
-def test_per_token_split_rows_quantise_their_own_rmsnorm_exactly(fused, kind, rows, hidden):
-    """A split row's per-token scale comes from the amax candidates of its programs, exchanged with the sum of
-    squares, or from a second exchange of the amax where a candidate cannot be trusted: either way the scale
-    and q are the reference quantiser's, bit for bit, applied to the unquantised fused op's own RMSNorm output
-    (the same launch shape, so the same rstd), on every rank."""
-    from sagellm_comm.fused import quantize_fp8_reference
-    from sagellm_comm.fused.rmsnorm import row_split
-
-    assert row_split(rows, hidden, fused.rmsnorm.max_programs) > 1
-    x, residual, weight = _per_token_rows(kind, fused.world_size, rows, hidden)
-    normed, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, 1e-6, algo="lamport")
-    q, scales, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, 1e-6, algo="lamport",
-                                                     quant="fp8_per_token")  # fmt: skip
-    torch.cuda.synchronize()
-    fused.group.check_errors()
-    for r in range(fused.world_size):
-        q_ref, s_ref = quantize_fp8_reference(normed[r], "fp8_per_token")
-        assert torch.equal(scales[r], s_ref), f"rank {r}: {scales[r].flatten().tolist()} {s_ref.flatten().tolist()}"
-        assert torch.equal(q[r].view(torch.uint8), q_ref.view(torch.uint8)), f"rank {r}: q differs"
-
-
 def test_split_rows_one_call_at_a_time_finish_in_time(fused):
     """Split-row calls of 3-4 rows at hidden 5120-8192, every mode, each waited for on its own: every call ends
     within a second (a stall of the row exchange would hold the device for the kernel's whole timeout), its bits

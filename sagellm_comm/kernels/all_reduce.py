@@ -129,13 +129,12 @@ CTRL_LATCH = tl.constexpr(2)  # error latch: non-zero once any wait of this rank
 CTRL_CE_EPOCH = tl.constexpr(3)  # copy-engine pipeline calls
 CTRL_CHECK = tl.constexpr(4)  # fingerprint checks
 CTRL_LAMPORT = tl.constexpr(8)  # [8, 8 + 2 * MAX_BLOCKS): the Lamport kernel's per-program state
-# [CTRL_ROW, + 6 * MAX_BLOCKS): the fused Lamport kernel's row exchange (kernels/fused_all_reduce_rmsnorm.py): per
-# program its count of split-row calls (int64), then ROW_VALUES * 2 * MAX_BLOCKS 32-bit words, all ones when empty
-# (CTRL_ROW_WORDS below, set by the host when it makes the control words).
-ROW_VALUES = tl.constexpr(5)  # words a program and buffer: a quad and an amax (fused_all_reduce_rmsnorm.py)
+# [CTRL_ROW, + 3 * MAX_BLOCKS): the fused Lamport kernel's row exchange (kernels/fused_all_reduce_rmsnorm.py): per
+# program its count of split-row calls (int64), then 32-bit words [2 values][2 buffers][MAX_BLOCKS], all ones
+# when empty (CTRL_ROW_WORDS below, set by the host when it makes the control words).
 CTRL_ROW = tl.constexpr(CTRL_LAMPORT.value + 2 * MAX_BLOCKS.value)
 CTRL_ROW_WORDS = tl.constexpr(CTRL_ROW.value + MAX_BLOCKS.value)
-CTRL_WORDS = tl.constexpr(CTRL_ROW_WORDS.value + ROW_VALUES.value * MAX_BLOCKS.value)  # 2 int32 words an int64
+CTRL_WORDS = tl.constexpr(CTRL_ROW.value + 3 * MAX_BLOCKS.value)
 COUNTER_WORDS = (CTRL_EPOCH.value, CTRL_CE_EPOCH.value, CTRL_CHECK.value)  # + the Lamport call counters
 
 

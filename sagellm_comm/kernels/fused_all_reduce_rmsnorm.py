@@ -65,7 +65,6 @@ from sagellm_comm.kernels.all_reduce import (
     MAX_BLOCKS,
     PHASE_MID,
     PHASE_ROW,
-    ROW_VALUES,
     _barrier,
     _bounded_wait,
     _finish,
@@ -137,21 +136,10 @@ def _new_residual(reduced, ok, res, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rstd(sum_sq, hidden, eps):
-    """``1 / sqrt(mean of squares + eps)`` of a row, given its sum of squares."""
-    return 1.0 / tl.sqrt_rn(sum_sq / hidden + eps)
-
-
-@triton.jit
-def _scaled(v, rstd, weight_f32, DTYPE: tl.constexpr):
-    """The RMSNorm of ``v`` (fp32 ``new_residual``, or magnitudes of it) given the row's ``rstd``, rounded."""
-    return (v * rstd * weight_f32).to(DTYPE)
-
-
-@triton.jit
 def _normalise(v, sum_sq, weight_f32, hidden, eps, DTYPE: tl.constexpr):
     """RMSNorm of ``v`` (fp32 ``new_residual``) given the row's sum of squares, rounded to ``DTYPE``."""
-    return _scaled(v, _rstd(sum_sq, hidden, eps), weight_f32, DTYPE)
+    rstd = 1.0 / tl.sqrt_rn(sum_sq / hidden + eps)
+    return (v * rstd * weight_f32).to(DTYPE)
 
 
 @triton.jit
@@ -206,24 +194,6 @@ ROW_EMPTY = tl.constexpr(-1)  # a row-exchange word nobody has written yet (all 
 ROW_FAILED = tl.constexpr(0x7FC00001)  # a program whose wait failed (a NaN payload no arithmetic makes)
 ROW_NAN = tl.constexpr(0x7FC00000)  # every NaN value is published as this one
 ROW_QUICK_POLLS = tl.constexpr(64)  # polls of a row exchange before its wait reads the clock and the latch
-# The row exchange's 32-bit words (ROW_VALUES * 2 * MAX_BLOCKS of them): per buffer, ROW_QUAD words a program,
-# [the sum of squares, and a per-token row's amax candidate: |v|, its flag, |w|] (:func:`_amax_candidate`), then
-# after both buffers' quads, per buffer one word a program for the per-token amax itself (a second exchange, when
-# a candidate cannot be trusted).
-ROW_QUAD = tl.constexpr(4)
-ROW_AMAX = tl.constexpr(2 * ROW_QUAD.value * MAX_BLOCKS.value)  # the amax words' offset
-if ROW_AMAX.value + 2 * MAX_BLOCKS.value != 2 * ROW_VALUES.value * MAX_BLOCKS.value:
-    raise RuntimeError("the control words' row exchange does not hold the quads and the amax words")
-# Where a per-token row's amax follows from the candidates (:func:`_amax_candidate`): a near tie is within a
-# factor 1 - 2**-18 of a segment's largest |v * w| (64 roundings of fp32 are 2**-18); magnitudes of v, weights
-# and rstd, and the candidates' normed values, inside bounds where no product underflows or overflows enough to
-# reorder two values.
-NEAR_TIE = tl.constexpr(1.0 - 2.0**-18)
-V_LIMIT = tl.constexpr(2.0**100)
-W_LIMIT = tl.constexpr(2.0**20)
-RSTD_LIMIT = tl.constexpr(2.0**20)
-Y_LOW = tl.constexpr(2.0**-98)
-Y_HIGH = tl.constexpr(2.0**100)
 
 
 @triton.jit
@@ -247,7 +217,7 @@ def _this_rank(args, state, W: tl.constexpr, WP: tl.constexpr, USE_PTX: tl.const
 @triton.jit
 def _row_exchange(
     words,
-    values,
+    value,
     ok,
     latched,
     ctrl,
@@ -256,34 +226,28 @@ def _row_exchange(
     pid,
     call_flag,
     timeout,
-    K: tl.constexpr,
-    STRIDE: tl.constexpr,
     SPLIT: tl.constexpr,
     W: tl.constexpr,
     WP: tl.constexpr,
     USE_PTX: tl.constexpr,
 ):
-    """The ``SPLIT`` programs that share a row (``pid // SPLIT`` equal) exchange ``K`` fp32 ``values`` each (a
-    ``[K]`` vector, ``K`` a power of two), in one round trip.
+    """The ``SPLIT`` programs that share a row (``pid // SPLIT`` equal) exchange one fp32 ``value`` each.
 
-    ``words``: this exchange's words in the current buffer of this rank's control words, program ``p``'s value
-    ``k`` at ``p * STRIDE + k`` (empty: all ones).  Data is the flag,
-    as in the Lamport all-reduce: this program stores each value's bits in its word (every NaN as one NaN, and
-    ``ROW_FAILED`` if ``ok`` is False: a wait before it failed), then loads the row's words until none is empty,
-    through the bounded wait, whose first ``ROW_QUICK_POLLS`` polls are bare (a word is written by one aligned
-    32-bit store, so it is either empty or the whole value; the loads are volatile).  The programs of a launch run
-    at once (the workspace's grid), so the wait ends; its deadline is twice the kernel timeout, so that a program
-    waiting for a missing peer's data records that peer first.  ``call_flag`` names the call in a timeout record
-    (``2 * call + 1`` or ``2 * call + 2``).
+    ``words``: the ``MAX_BLOCKS`` 32-bit words of this exchange in the current buffer of this rank's control words
+    (one per program, empty: all ones).  Data is the flag, as in the Lamport all-reduce: this program stores its
+    value's bits in its word (every NaN as one NaN, and ``ROW_FAILED`` if ``ok`` is False: a wait before it failed),
+    then loads the row's words until none is empty, through the bounded wait, whose first ``ROW_QUICK_POLLS``
+    polls are bare (a word is written by one aligned 32-bit store, so it is either empty or the whole value; the
+    loads are volatile).  The programs of a launch run at once (the workspace's grid), so the wait ends; its
+    deadline is twice the kernel timeout, so that a program waiting for a missing peer's data records that peer
+    first.  ``call_flag`` names the call in a timeout record (``2 * call + 1`` or ``2 * call + 2``).
 
-    Returns ``(values, ok, latched)``: the row's values, ``[SPLIT * K]`` (value ``k`` of the row's program ``s`` at
-    ``s * K + k``; the same in every program of the row, so each reduces it to the same bits), whether every
-    program of the row published its values, and the latch.
+    Returns ``(values, ok, latched)``: the row's values in program order (the same vector in every program of the
+    row, so each reduces it to the same bits), whether every program of the row published a value, and the latch.
     """
-    bits = tl.where(values != values, ROW_NAN, values.to(tl.int32, bitcast=True))
-    tl.store(words + pid * STRIDE + tl.arange(0, K), tl.where(ok, bits, ROW_FAILED))
-    at = tl.arange(0, SPLIT * K)
-    row_words = words + (pid // SPLIT * SPLIT + at // K) * STRIDE + at % K
+    bits = tl.where(value != value, ROW_NAN, value.to(tl.int32, bitcast=True))
+    tl.store(words + pid, tl.where(ok, bits, ROW_FAILED))
+    row_words = words + pid // SPLIT * SPLIT + tl.arange(0, SPLIT)
     seen = tl.load(row_words, volatile=True)
     pending = tl.sum((seen == ROW_EMPTY).to(tl.int32), axis=0)
     if (pending > 0) & (latched == 0):
@@ -294,67 +258,6 @@ def _row_exchange(
         seen = state[0]
     failed = tl.sum((seen == ROW_FAILED).to(tl.int32), axis=0)
     return seen.to(tl.float32, bitcast=True), (pending == 0) & (failed == 0), latched
-
-
-@triton.jit
-def _quad_values(parts, SPLIT: tl.constexpr):
-    """The four values of every program of the row, ``[SPLIT]`` each, from a :func:`_row_exchange` of quads:
-    ``(sum of squares, |v|, flag, |w|)`` (the order of ``ROW_QUAD``'s words)."""
-    even, odd = tl.split(tl.reshape(parts, [SPLIT, 2, 2]))  # words 0 and 2, words 1 and 3
-    sums, flags = tl.split(even)
-    cv, cw = tl.split(odd)
-    return sums, cv, flags, cw
-
-
-@triton.jit
-def _candidate_merge(p1, v1, w1, t1, p2, v2, w2, t2):
-    """Combine two sets' candidates (:func:`_amax_candidate`): ``(p, |v|, |w|, flags)`` of the larger one (the
-    larger ``(p, |v|, |w|)``, so that the result does not depend on the order), its flags, bit 1 (a magnitude out
-    of bounds) of the other's, and bit 0 (a near tie) where the other's ``p`` is within ``NEAR_TIE`` of it with
-    another pair of magnitudes, or with a near tie of its own (whose element is then within ``NEAR_TIE`` of both).
-    Bit 0 may be set where no tie is near the final candidate (a tie near a smaller one): it only costs the exact
-    amax's exchange."""
-    second = (p2 > p1) | ((p2 == p1) & ((v2 > v1) | ((v2 == v1) & (w2 > w1))))
-    p = tl.where(second, p2, p1)
-    v = tl.where(second, v2, v1)
-    w = tl.where(second, w2, w1)
-    lp = tl.where(second, p1, p2)
-    lv = tl.where(second, v1, v2)
-    lw = tl.where(second, w1, w2)
-    lt = tl.where(second, t1, t2)
-    near = (lp > 0.0) & (lp >= p * NEAR_TIE) & ((lv != v) | (lw != w) | ((lt & 1) != 0))
-    return p, v, w, tl.where(second, t2, t1) | (lt & 2) | near.to(tl.int32)
-
-
-@triton.jit
-def _amax_candidate(v, weight_f32, cmask):
-    """This program's candidate for its segment's largest ``|normed|``: ``(|v_j|, |w_j|, flag)`` of the element
-    ``j`` with the largest ``|v_j * w_j|``, known before the row's ``rstd``, in one reduction.
-
-    ``normed_j = round(v_j * rstd * w_j)`` is ordered as ``|v_j * w_j|`` is, up to the fp32 roundings (a few in
-    2**24) and the rounding to the dtype, which keeps the order (it is monotone).  So once ``rstd`` is known, the
-    segment's largest ``|normed|`` is the candidate's, unless another element is within ``NEAR_TIE`` of it with
-    another pair of magnitudes (equal pairs give equal values), or a magnitude is out of the bounds under which
-    the roundings stay relative (``V_LIMIT``, ``W_LIMIT``; NaN and infinity included): then ``flag`` is 1.0 and
-    the row takes the exact amax in a second exchange.  A product of 0 is no tie: its element's value is 0, or
-    (an underflow) far below ``Y_LOW``."""
-    av = tl.where(cmask, tl.abs(v), 0.0)
-    aw = tl.where(cmask, tl.abs(weight_f32), 0.0)
-    wild = ((av <= V_LIMIT) == 0) | ((aw <= W_LIMIT) == 0)  # NaN compares false
-    _, cv, cw, flags = tl.reduce((av * aw, av, aw, wild.to(tl.int32) * 2), 0, _candidate_merge)
-    return cv, cw, (flags != 0).to(tl.float32)
-
-
-@triton.jit
-def _amax_from_candidates(cv, flags, cw, rstd, DTYPE: tl.constexpr):
-    """``(amax, trusted)``: the row's largest ``|normed|`` from the exchanged candidates, and whether it is exact
-    (no candidate flagged, ``rstd`` and the largest value inside the bounds of :func:`_amax_candidate`).  Below
-    ``Y_LOW`` a segment whose candidate is not the largest of its own values still cannot reach the row's amax."""
-    values = _scaled(cv, rstd, cw, DTYPE)
-    amax = tl.max(values.to(tl.float32), axis=0)
-    flagged = tl.max(flags, axis=0)
-    trusted = (flagged == 0.0) & (rstd <= RSTD_LIMIT) & (amax >= Y_LOW) & (amax <= Y_HIGH)
-    return amax, trusted
 
 
 @triton.jit
@@ -631,11 +534,10 @@ def lamport_all_reduce_rmsnorm_kernel(
         # that has finished, is emptied for the next.
         exchange = (ctrl + CTRL_ROW_WORDS).to(tl.pointer_type(tl.int32))
         row_buf = (row_calls & 1).to(tl.int32)
-        quads = exchange + row_buf * (ROW_QUAD * MAX_BLOCKS)  # this call's: program p's at quads + p * ROW_QUAD
-        amax_words = exchange + ROW_AMAX + row_buf * MAX_BLOCKS
-        tl.store(exchange + (1 - row_buf) * (ROW_QUAD * MAX_BLOCKS) + pid * ROW_QUAD + tl.arange(0, ROW_QUAD),
-                 ROW_EMPTY)  # fmt: skip
-        tl.store(exchange + ROW_AMAX + (1 - row_buf) * MAX_BLOCKS + pid, ROW_EMPTY)
+        sum_words = exchange + row_buf * MAX_BLOCKS
+        amax_words = exchange + (2 + row_buf) * MAX_BLOCKS
+        tl.store(exchange + (1 - row_buf) * MAX_BLOCKS + pid, ROW_EMPTY)
+        tl.store(exchange + (3 - row_buf) * MAX_BLOCKS + pid, ROW_EMPTY)
         tl.store(ctrl + CTRL_ROW + pid, row_calls + 1)
 
     # 3. Poll each segment until every source arrived; finish it as one-shot does, the row's sums exchanged.
@@ -654,37 +556,21 @@ def lamport_all_reduce_rmsnorm_kernel(
         v = new_res.to(tl.float32)
         sum_sq = tl.sum(v * v, axis=0)
         if SPLIT > 1:
-            if QUANT == QUANT_PER_TOKEN:  # the sum of squares and the amax candidate in one round trip
-                cv, cw, flag = _amax_candidate(v, weight_f32, cmask)
-                k = tl.arange(0, ROW_QUAD)
-                sent = tl.where(k == 0, sum_sq, tl.where(k == 1, cv, tl.where(k == 2, flag, cw)))
-                parts, arrived, latched = _row_exchange(
-                    quads, sent, ok, latched, ctrl, table, rank, pid, 2 * lepoch + 1, timeout, ROW_QUAD, ROW_QUAD,
-                    SPLIT, W, WP, USE_PTX,
-                )  # fmt: skip
-                sums, cvs, flags, cws = _quad_values(parts, SPLIT)
-            else:
-                sums, arrived, latched = _row_exchange(
-                    quads, tl.zeros([1], tl.float32) + sum_sq, ok, latched, ctrl, table, rank, pid, 2 * lepoch + 1,
-                    timeout, 1, ROW_QUAD, SPLIT, W, WP, USE_PTX,
-                )  # fmt: skip
-            sum_sq = tl.sum(sums, axis=0)
+            parts, arrived, latched = _row_exchange(
+                sum_words, sum_sq, ok, latched, ctrl, table, rank, pid, 2 * lepoch + 1, timeout, SPLIT, W, WP, USE_PTX
+            )  # fmt: skip
+            sum_sq = tl.sum(parts, axis=0)
             ok = ok & arrived
             v = _nan_unless(ok, v)  # a row whose exchange failed is NaN in every segment, as the unsplit kernel's
             new_res = v.to(DTYPE)
-        rstd = _rstd(sum_sq, hidden, eps)
-        normed = _scaled(v, rstd, weight_f32, DTYPE)
+        normed = _normalise(v, sum_sq, weight_f32, hidden, eps, DTYPE)
         if QUANT == QUANT_PER_TOKEN and SPLIT > 1:
             y = _nan_unless(ok, normed.to(tl.float32))
-            amax, trusted = _amax_from_candidates(cvs, flags, cws, rstd, DTYPE)
-            if trusted == 0:  # the same decision in every program of the row: taken on the same exchanged values
-                amaxes, arrived, latched = _row_exchange(
-                    amax_words, tl.zeros([1], tl.float32) + tl.max(tl.abs(y), axis=0), ok, latched, ctrl, table,
-                    rank, pid, 2 * lepoch + 2, timeout, 1, 1, SPLIT, W, WP, USE_PTX,
-                )  # fmt: skip
-                amax = tl.max(amaxes, axis=0)
-                ok = ok & arrived
-            scale = _nan_unless(ok, _dynamic_scale(amax))
+            parts, arrived, latched = _row_exchange(
+                amax_words, tl.max(tl.abs(y), axis=0), ok, latched, ctrl, table, rank, pid, 2 * lepoch + 2, timeout,
+                SPLIT, W, WP, USE_PTX,
+            )  # fmt: skip
+            scale = _nan_unless(ok & arrived, _dynamic_scale(tl.max(parts, axis=0)))
             row_out = _to_e4m3(tl.div_rn(y, scale), USE_PTX)
         else:
             row_out, scale = _quantize_row(normed, static_scale, ok, QUANT, BLOCK_H, USE_PTX)
