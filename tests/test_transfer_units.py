@@ -985,7 +985,7 @@ def test_a_slot_claimed_while_it_is_read_is_read_again_with_the_new_name(live_se
         inbox.close()
 
 
-@pytest.mark.parametrize("length", [-1, "near the file's end", -(1 << 40), notify.MAX_MESSAGE + 1, 1 << 40])
+@pytest.mark.parametrize("length", [-1, "near the file's end", -(1 << 40), notify.MAX_MESSAGE_BYTES + 1, 1 << 40])
 def test_a_record_with_a_corrupt_length_reads_within_the_record(live_sender, length):
     # The length word is the sender's to write: a wrong one gives a message cut to the record or an empty one,
     # never bytes from elsewhere in the file.
@@ -999,7 +999,7 @@ def test_a_record_with_a_corrupt_length_reads_within_the_record(live_sender, len
             length = -(at + 16) - 100
         inbox._mapped.words[at // 8 + 1] = length
         got = inbox.drain()
-        expected = b"" if length < 0 else message + bytes(notify.MAX_MESSAGE - len(message))
+        expected = b"" if length < 0 else message + bytes(notify.MAX_MESSAGE_BYTES - len(message))
         assert got == [("s", expected)]
         _publish(box, b"next")  # the ring goes on
         assert inbox.drain() == [("s", b"next")]

@@ -60,6 +60,7 @@ import time
 import numpy as np
 
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
+from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
 from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, sweep_stale
@@ -70,7 +71,6 @@ VERSION = 2
 SLOTS = 32
 ENTRIES = _RING_ENTRIES.value
 RECORD_BYTES = _RECORD_BYTES.value
-MAX_MESSAGE = RECORD_BYTES - 16  # a record: int64 seq | int64 nbytes | message
 PAGE = 4096
 SLOT_BYTES = PAGE + ENTRIES * RECORD_BYTES
 FILE_BYTES = PAGE + SLOTS * SLOT_BYTES
@@ -214,7 +214,7 @@ class Inbox:
             if not ORDERED:
                 fence()  # the number before the record
             # A length past the record reads to its end; a negative one reads nothing.
-            found.append(data[at + 16 : at + 16 + max(0, min(ints[(at >> 3) + 1], MAX_MESSAGE))])
+            found.append(data[at + 16 : at + 16 + max(0, min(ints[(at >> 3) + 1], MAX_MESSAGE_BYTES))])
             seq += 1
             at = ring + (seq - 1) % ENTRIES * RECORD_BYTES
         if not found:
