@@ -30,6 +30,14 @@ after every world size, so a run stopped by a time limit keeps the ones it finis
     python -m bench.fp8_fused_bench --out bench/results/h200/fp8_fused.json
     nvidia-cuda-mps-control -d; python -m bench.fp8_fused_bench --mps --out bench/results/h200/fp8_fused.json; \\
         echo quit | nvidia-cuda-mps-control
+
+``--merge-into RECORD`` writes ``RECORD``'s rows with this run's in place of the shapes it measured (targets and
+rules recomputed over all of them, the run added to ``meta.runs``, ``meta.not_measured`` the shapes of the full
+grid still missing); with ``--only-missing`` it measures just those shapes, so that runs stopped by time limits
+complete one record::
+
+    python -m bench.fp8_fused_bench --quick --mps --merge-into bench/results/h200/fp8_fused.json --only-missing \\
+        --out bench/results/h200/fp8_fused.json
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +65,11 @@ AR_TARGET_BYTES = 64 << 10
 AR_TARGET_US = 0.5
 SPEEDUP_TARGET = 1.3
 SPEEDUP_TOKENS = 128
+WORLD_SIZES = (2, 4, 8)
+HIDDEN = (4096, 8192)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MPS_TOKENS = (1, 16, 64, 128, 512)
+PART_LABEL = {"virtual": "virtual ranks", "mps": "processes under MPS"}
 
 
 def _us(fn, calls: int, reps: int, barrier=None) -> float:
@@ -117,12 +131,15 @@ def run_virtual(args, rows: list[dict], after_world=lambda: None) -> list[dict]:
 
     algos = () if args.quick else ALGOS
     for w in args.world_sizes:
+        shapes = [(h, t) for h in args.hidden for t in args.tokens if (w, h, t) not in args.skip["virtual"]]
+        if not shapes:
+            after_world()
+            continue
         vg = VirtualRankGroup(w, max_bytes=max(args.tokens) * max(args.hidden) * 4, timeout_s=20.0)
         vf = VirtualFused(vg, gemm_max_output_bytes=1 << 20)
-        for hidden in args.hidden:
-            for tokens in args.tokens:
-                rows.append(bench_virtual(vf, tokens, hidden, algos, args.calls, args.reps))
-                print(json.dumps(rows[-1]), flush=True)
+        for hidden, tokens in shapes:
+            rows.append(bench_virtual(vf, tokens, hidden, algos, args.calls, args.reps))
+            print(json.dumps(rows[-1]), flush=True)
         vg.check_errors()
         vf.close()
         vg.close()
@@ -180,7 +197,7 @@ def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dic
         engine="gloo", device="cuda:0", max_bytes=capacity,
     )  # fmt: skip
     try:
-        rows = [_mps_row(world, rank, t, h, cfg) for h in cfg["hidden"] for t in cfg["tokens"]]
+        rows = [_mps_row(world, rank, t, h, cfg) for h, t in cfg["shapes"]]
         out = [None] * world_size
         dist.all_gather_object(out, rows, group=world.backend.cpu_group)
         return out
@@ -191,7 +208,12 @@ def _mps_rank(rank: int, world_size: int, port: int, cfg: dict) -> list[list[dic
 def run_mps(args, table: list[dict], after_world=lambda: None) -> list[dict]:
     """Append the slowest rank's rows of every MPS world size to ``table``, calling ``after_world()`` after each."""
     for w in args.mps_world_sizes:
-        cfg = {"hidden": args.hidden, "tokens": args.mps_tokens, "calls": args.calls, "reps": args.reps}
+        shapes = [(h, t) for h in args.hidden for t in args.mps_tokens if (w, h, t) not in args.skip["mps"]]
+        if not shapes:
+            after_world()
+            continue
+        cfg = {"hidden": args.hidden, "tokens": args.mps_tokens, "shapes": shapes, "calls": args.calls,
+               "reps": args.reps}  # fmt: skip
         per_rank = spawn_ranks(_mps_rank, (cfg,), w, "FP8 fused benchmark (MPS)")
         for i, row in enumerate(per_rank[0]):
             slowest = dict(row)
@@ -262,6 +284,75 @@ def derive_rules(rows: list[dict]) -> dict:
     return {"rules": rules}
 
 
+def _key(row: dict) -> tuple[int, int, int]:
+    return row["world_size"], row["hidden"], row["tokens"]
+
+
+def _token_ranges(gap: list[int], grid: tuple[int, ...]) -> str:
+    """``[4, 8, 16, 512]`` of the grid 1, 2, 4, ... 512 -> ``"4-16, 512"`` (runs of consecutive grid points)."""
+    runs: list[list[int]] = []
+    for t in gap:
+        if runs and grid.index(t) == grid.index(runs[-1][-1]) + 1:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def missing_shapes(record: dict) -> str:
+    """The shapes of the full grid (W 2, 4, 8; hidden 4096, 8192; the default token counts of each part) that
+    ``record`` holds no row for, one phrase per (part, W, hidden); empty when it is whole."""
+    phrases = []
+    for part, tokens in (("virtual", TOKENS), ("mps", MPS_TOKENS)):
+        have = {_key(r) for r in record.get(part, [])}
+        for w in WORLD_SIZES:
+            for hidden in HIDDEN:
+                gap = [t for t in tokens if (w, hidden, t) not in have]
+                if gap:
+                    phrases.append(f"{PART_LABEL[part]} W = {w} hidden {hidden} at {_token_ranges(gap, tokens)} tokens")
+    return "; ".join(phrases)
+
+
+def measured_shapes(sections: dict) -> str:
+    """What a run measured, per part and (W, hidden): ``"virtual ranks: W = 4 hidden 8192 at 4-512 tokens"``."""
+    phrases = []
+    for part, grid in (("virtual", TOKENS), ("mps", MPS_TOKENS)):
+        rows = sections.get(part) or []
+        for w, hidden in sorted({(r["world_size"], r["hidden"]) for r in rows}):
+            got = sorted(r["tokens"] for r in rows if (r["world_size"], r["hidden"]) == (w, hidden))
+            on_grid = all(t in grid for t in got)
+            spread = _token_ranges(got, grid) if on_grid else ", ".join(map(str, got))
+            phrases.append(f"{PART_LABEL[part]} W = {w} hidden {hidden} at {spread} tokens")
+    return "; ".join(phrases)
+
+
+def merge_record(base: dict, sections: dict, run: dict) -> dict:
+    """``base`` with ``sections``' rows in place of the shapes they measured: targets and rules recomputed over
+    all rows, ``run`` (this run's provenance) added to ``meta.runs``, ``meta.not_measured`` / ``meta.complete``
+    said of the full grid."""
+    meta = dict(base["meta"])
+    runs = list(meta.get("runs") or [{k: meta[k] for k in ("command", "commit", "dirty", "date", "device")
+                                       if k in meta}])  # fmt: skip
+    meta["runs"] = runs
+    if run.get("rows"):  # a run that measured nothing (nothing was missing) leaves the record as it was
+        runs.append(run)
+        meta["command"] = f"{meta['command']}; {run['command']} ({run['rows']}, at commit {str(run['commit'])[:7]})"
+    merged: dict = {}
+    for part in ("virtual", "mps"):
+        new = sections.get(part) or []
+        keys = {_key(r) for r in new}
+        rows = sorted([r for r in base.get(part, []) if _key(r) not in keys] + new, key=_key)
+        if rows:
+            merged[part] = rows
+    merged = _record(merged.get("virtual", []), merged.get("mps", []))
+    gap = missing_shapes(merged)
+    meta["complete"] = not gap
+    meta.pop("not_measured", None)
+    if gap:
+        meta["not_measured"] = gap
+    return {"meta": meta, **merged}
+
+
 def _record(virtual: list[dict], mps: list[dict]) -> dict:
     """The record's sections for the rows measured (a part with no rows has no section)."""
     record: dict = {}
@@ -285,17 +376,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-virtual", action="store_true", help="with --mps: the processes only, no virtual ranks")
     p.add_argument("--mps-world-sizes", default="2,4,8")
     p.add_argument("--mps-tokens", default="1,16,64,128,512")
+    merge_help = "write RECORD's rows with this run's in place of the shapes it measures to --out"
+    p.add_argument("--merge-into", metavar="RECORD", help=merge_help)
+    p.add_argument("--only-missing", action="store_true", help="with --merge-into: the shapes RECORD has no row for")
     args = p.parse_args(argv)
     if args.no_virtual and not args.mps:
         p.error("--no-virtual leaves nothing to measure without --mps")
+    if args.only_missing and not args.merge_into:
+        p.error("--only-missing needs --merge-into RECORD (the record whose missing shapes to measure)")
+    base = None
+    if args.merge_into:
+        try:
+            base = json.loads(Path(args.merge_into).read_text())
+            base["meta"]["command"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--merge-into {args.merge_into}: not a record of this benchmark ({exc})")
     if not cuda_available():
         print("bench/fp8_fused_bench.py: needs a CUDA GPU (the ranks run on one)", file=sys.stderr)
         return 1
+    if base is not None and base["meta"].get("device") != torch.cuda.get_device_name():
+        print(f"bench/fp8_fused_bench.py: --merge-into {args.merge_into} holds {base['meta'].get('device')} rows, "
+              f"this is {torch.cuda.get_device_name()}: one record, one device", file=sys.stderr)  # fmt: skip
+        return 2
     args.world_sizes = [] if args.no_virtual else [int(v) for v in args.world_sizes.split(",")]
     args.hidden = [int(v) for v in args.hidden.split(",")]
     args.tokens = [int(v) for v in args.tokens.split(",")]
     args.mps_world_sizes = [int(v) for v in args.mps_world_sizes.split(",")] if args.mps else []
     args.mps_tokens = [int(v) for v in args.mps_tokens.split(",")]
+    have = {part: {_key(r) for r in base.get(part, [])} for part in ("virtual", "mps")} if base else {}
+    args.skip = have if args.only_missing else {"virtual": set(), "mps": set()}
     t0 = time.time()
     virtual: list[dict] = []
     mps: list[dict] = []
@@ -317,9 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             complete=not left,
         )
         if left:
-            meta["not_measured"] = ", ".join(
-                f"{'virtual ranks' if kind == 'virtual' else 'processes under MPS'} W = {w}" for kind, w in left
-            )
+            meta["not_measured"] = ", ".join(f"{PART_LABEL[kind]} W = {w}" for kind, w in left)
+        if base is not None:
+            run = {k: meta[k] for k in ("command", "commit", "dirty", "date", "seconds", "device", "complete")}
+            run["rows"] = measured_shapes(record)
+            merged = merge_record(base, record, run)
+            write_record(args.out, merged.pop("meta"), **merged)
+            return record
         write_record(args.out, meta, **record)
         return record
 

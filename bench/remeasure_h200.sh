@@ -90,7 +90,10 @@ else
     echo "== protocol cost: SKIPPED: commit $BASELINE is not in this clone's history" >&2
     FAILED+=("protocol cost (no $BASELINE)")
 fi
-step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" --out "$OUT/fp8_fused.json"
+# Merged into the record (its rows of the shapes measured replaced): a run stopped by its limit never shrinks it.
+FP8_MERGE=()
+if [[ -f $DEST/fp8_fused.json ]]; then FP8_MERGE=(--merge-into "$DEST/fp8_fused.json"); fi
+step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" "${FP8_MERGE[@]}" --out "$OUT/fp8_fused.json"
 step "fp8 payload error" 45 "$PY" -m bench.fp8_payload_error --out "$OUT/fp8_payload.json"
 TRANSFER_BACKENDS=ipc,torch,copy-engine
 if "$PY" -c "import nixl_cu13" 2>/dev/null || "$PY" -c "import nixl_cu12" 2>/dev/null; then

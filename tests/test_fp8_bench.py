@@ -131,6 +131,82 @@ def test_the_record_is_written_after_every_world_size_and_says_what_is_missing(t
     assert info.value.code == 2
 
 
+def test_a_run_merges_into_a_record_and_measures_only_what_it_lacks(tmp_path, monkeypatch):
+    """--merge-into keeps the record's other rows and replaces the shapes measured again; --only-missing measures
+    just the shapes the record has no row for; the record says which of the full grid are still missing."""
+    import sagellm_comm.fused
+    import sagellm_comm.virtual
+
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    base_meta = {"device": "NVIDIA H200", "date": "2026-12-20", "command": "python -m bench.fp8_fused_bench",
+                 "commit": "abc1234def", "dirty": False}  # fmt: skip
+    base = {"meta": base_meta, "virtual": [_row(2, 4096, 1, 6.0, 12.0), _row(2, 4096, 16, 6.0, 13.0)],
+            "mps": [_row(2, 4096, 1, 7.0, 12.0)]}  # fmt: skip
+    record = tmp_path / "fp8.json"
+    record.write_text(json.dumps(base))
+    measured = []
+
+    class Fake:
+        def __init__(self, *args, **kwargs):
+            self.world_size = args[0] if args and isinstance(args[0], int) else 0
+
+        check_errors = close = lambda self: None
+
+    def bench_virtual(vf, tokens, hidden, algos, calls, reps):
+        measured.append(("virtual", hidden, tokens))
+        return _row(2, hidden, tokens, fused=5.0, unfused=15.0)
+
+    def spawn_ranks(fn, args, w, what):
+        measured.extend(("mps", h, t) for h, t in args[0]["shapes"])
+        rows = [_row(w, h, t, fused=5.0, unfused=15.0) for h, t in args[0]["shapes"]]
+        return [rows for _ in range(w)]
+
+    monkeypatch.setattr(bench, "cuda_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(sagellm_comm.virtual, "VirtualRankGroup", Fake)
+    monkeypatch.setattr(sagellm_comm.fused, "VirtualFused", Fake)
+    monkeypatch.setattr(bench, "bench_virtual", bench_virtual)
+    monkeypatch.setattr(bench, "spawn_ranks", spawn_ranks)
+    shape = ["--world-sizes", "2", "--hidden", "4096", "--tokens", "1,16,128", "--mps", "--mps-world-sizes", "2",
+             "--mps-tokens", "1,64"]  # fmt: skip
+
+    out = tmp_path / "merged.json"
+    assert bench.main(["--out", str(out), "--merge-into", str(record), "--only-missing", *shape]) == 0
+    assert measured == [("virtual", 4096, 128), ("mps", 4096, 64)]
+    merged = json.loads(out.read_text())
+    assert [(r["tokens"], r["fused_fp8_us"]) for r in merged["virtual"]] == [(1, 6.0), (16, 6.0), (128, 5.0)]
+    assert [(r["tokens"], r["fused_fp8_us"]) for r in merged["mps"]] == [(1, 7.0), (64, 5.0)]
+    runs = merged["meta"]["runs"]
+    assert [r["commit"] for r in runs[:1]] == ["abc1234def"] and len(runs) == 2
+    assert (
+        runs[1]["rows"]
+        == "virtual ranks W = 2 hidden 4096 at 128 tokens; processes under MPS W = 2 hidden 4096 at 64 tokens"
+    )
+    assert merged["meta"]["commit"] == "abc1234def" and "at 128 tokens" in merged["meta"]["command"]
+    missing = merged["meta"]["not_measured"]
+    assert missing.startswith("virtual ranks W = 2 hidden 4096 at 2-8, 32-64, 256-512 tokens; ")
+    assert "virtual ranks W = 8 hidden 8192 at 1-512 tokens" in missing and merged["meta"]["complete"] is False
+    assert merged["targets_virtual"] == bench.targets(merged["virtual"])
+    assert merged["derived_rules"] == bench.derive_rules(merged["virtual"])
+
+    measured.clear()  # nothing missing: nothing measured, the record unchanged but for what it says is missing
+    assert bench.main(["--out", str(out), "--merge-into", str(out), "--only-missing", *shape]) == 0
+    assert measured == [] and json.loads(out.read_text())["meta"]["runs"] == runs
+
+    measured.clear()  # without --only-missing every shape is measured again and replaces the record's
+    assert bench.main(["--out", str(out), "--merge-into", str(record), *shape]) == 0
+    assert len(measured) == 5
+    assert {r["fused_fp8_us"] for r in json.loads(out.read_text())["virtual"]} == {5.0}
+
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert bench.main(["--out", str(out), "--merge-into", str(record), *shape]) == 2  # one record, one device
+    for bad in (["--only-missing"], ["--merge-into", str(tmp_path / "none.json")]):
+        with pytest.raises(SystemExit) as info:
+            bench.main(["--out", str(out), *bad])
+        assert info.value.code == 2
+
+
 def test_docs_table_of_a_record_with_processes_only_says_what_it_lacks(tmp_path):
     tables = _tables(copy_tree(tmp_path))
     bench = importlib.import_module("bench.fp8_fused_bench")
