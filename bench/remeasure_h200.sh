@@ -6,6 +6,7 @@
 # record's commit and dirty flag are read from git by sagellm_comm/benchmark/provenance.py:
 #
 #     bash bench/remeasure_h200.sh            # then: python -m bench.make_docs_tables
+#     MPS=1 bash bench/remeasure_h200.sh      # as root: also the FP8 record's missing processes-under-MPS shapes
 #
 # Each step has its own time limit; a step that fails or runs out is named at the end (exit 1) and the others
 # still run.  The quick options keep the whole run near 9 minutes (bench/README.md says which records are
@@ -26,6 +27,11 @@ if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "bench/remeasure_h200.sh: needs a CUDA GPU" >&2
+    exit 2
+fi
+GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")
+if [[ $GPU != *H200* ]]; then
+    echo "bench/remeasure_h200.sh: this GPU is a $GPU: the records under bench/results/h200/ are an H200's" >&2
     exit 2
 fi
 mkdir -p "$DEST"
@@ -91,9 +97,19 @@ else
     FAILED+=("protocol cost (no $BASELINE)")
 fi
 # Merged into the record (its rows of the shapes measured replaced): a run stopped by its limit never shrinks it.
-FP8_MERGE=()
-if [[ -f $DEST/fp8_fused.json ]]; then FP8_MERGE=(--merge-into "$DEST/fp8_fused.json"); fi
-step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" "${FP8_MERGE[@]}" --out "$OUT/fp8_fused.json"
+# First the shapes the record lacks (its meta.not_measured), then the policy's paths again where time is left.
+# fp8_base: the newest FP8 record, this run's own once a step has written it.
+fp8_base() { if [[ -f $OUT/fp8_fused.json ]]; then echo "$OUT/fp8_fused.json"; else echo "$DEST/fp8_fused.json"; fi; }
+if [[ -f $DEST/fp8_fused.json ]]; then
+    step "fp8 fused, missing shapes" 150 "$PY" -m bench.fp8_fused_bench --quick --merge-into "$(fp8_base)" \
+        --only-missing --out "$SCRATCH/fp8_missing.json"
+    if [[ -f $SCRATCH/fp8_missing.json ]]; then cp "$SCRATCH/fp8_missing.json" "$OUT/fp8_fused.json"; fi
+    step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" --merge-into "$(fp8_base)" \
+        --out "$SCRATCH/fp8_again.json"
+    if [[ -f $SCRATCH/fp8_again.json ]]; then cp "$SCRATCH/fp8_again.json" "$OUT/fp8_fused.json"; fi
+else
+    step "fp8 fused" 90 "$PY" -m bench.fp8_fused_bench "${FP8_QUICK[@]}" --out "$OUT/fp8_fused.json"
+fi
 step "fp8 payload error" 45 "$PY" -m bench.fp8_payload_error --out "$OUT/fp8_payload.json"
 TRANSFER_BACKENDS=ipc,torch,copy-engine
 if "$PY" -c "import nixl_cu13" 2>/dev/null || "$PY" -c "import nixl_cu12" 2>/dev/null; then
@@ -124,6 +140,18 @@ step "fused AR + RMSNorm" 45 "$PY" -m bench.fused_bench --skip-gemm --tokens "$R
 step "fused GEMM + all-reduce" 120 "$PY" -m bench.fused_bench --skip-rmsnorm --m "$FUSED_M" --n 4096,8192 \
     "${CALLS[@]}" --out "$OUT/fused_gemm_all_reduce_virtual"
 
+# MPS=1 (as root, with nvidia-cuda-mps-control on the PATH): last, the processes-under-MPS shapes the FP8 record lacks.
+if [[ ${MPS:-0} == 1 && -f $(fp8_base) ]]; then
+    if nvidia-cuda-mps-control -d; then
+        step "fp8 fused, missing MPS shapes" 240 "$PY" -m bench.fp8_fused_bench --quick --mps --no-virtual \
+            --merge-into "$(fp8_base)" --only-missing --out "$SCRATCH/fp8_mps.json"
+        if [[ -f $SCRATCH/fp8_mps.json ]]; then cp "$SCRATCH/fp8_mps.json" "$OUT/fp8_fused.json"; fi
+        echo quit | nvidia-cuda-mps-control || true
+    else
+        echo "== fp8 fused, missing MPS shapes: SKIPPED: the MPS daemon did not start" >&2
+        FAILED+=("fp8 fused, missing MPS shapes (no MPS)")
+    fi
+fi
 
 echo "== all steps: $((SECONDS - START))s; records in $DEST/ (on exit)"
 echo "== next: python -m bench.make_docs_tables (the docs then cite the h200/ records), then git rm the h100/"
