@@ -74,6 +74,9 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         ([(-4, 0, 4)], "write", "outside the local region"),
         ([(4092, 0, 8)], "write", "outside the local region"),
         ([(0, 4096, 4)], "write", "outside the remote region"),
+        ([((1 << 63) - 64, 0, 128)], "write", "outside the local region"),  # offset + nbytes wraps in int64
+        ([(0, (1 << 63) - 64, 128)], "write", "outside the remote region"),
+        ([(64, 64, (1 << 63) - 4)], "write", "outside the local region"),
         ([(0, 2, 4)], "write", "multiples of the element size"),
         ([(0, 0, 6)], "write", "multiples of the element size"),
         ([(0, 2, 4), (8192, 0, 4)], "write", "multiples of the element size"),  # the first bad block is named

@@ -362,10 +362,10 @@ def _table_total(table: np.ndarray, local: RegionInfo, remote: RegionInfo, op: s
     """The checks of :func:`check_blocks` for any block lengths: refuses the first bad block or overlapping pair."""
     itemsize = local.itemsize
     local_offset, remote_offset, nbytes = table[:, 0], table[:, 1], table[:, 2]
-    # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.
+    # Whole-table reductions first (a few numpy calls); the per-block masks only to name a failure.  Bounds are
+    # compared as offset <= size - nbytes, never offset + nbytes, which wraps in int64 for offsets near 2**63.
     inside = min(int(local_offset.min()), int(remote_offset.min())) >= 0 and int(nbytes.min()) > 0
-    inside = inside and int((local_offset + nbytes).max()) <= local.nbytes and int(
-        (remote_offset + nbytes).max()) <= remote.nbytes  # fmt: skip
+    inside = inside and not ((local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)).any()
     if not inside or (itemsize > 1 and int(np.bitwise_or.reduce(table, axis=None)) % itemsize):
         bad = (nbytes <= 0) | (local_offset < 0) | (remote_offset < 0)
         bad |= (local_offset > local.nbytes - nbytes) | (remote_offset > remote.nbytes - nbytes)
