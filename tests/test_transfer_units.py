@@ -56,6 +56,9 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         ([(2**63, 0, 4)], "within int64"),
         (np.array([[2**63, 0, 4]], dtype=np.uint64), "within int64"),
         ([(True, False, True)], "integers"),
+        ([(True, 0, 16)], "boolean True at \\[0, 0\\]"),  # numpy reads a bool beside ints as 1: never taken
+        ([(0, 16, 32)] * 30 + [(0, False, 32)], "boolean False at \\[30, 1\\]"),
+        ([(0, 16, 32)] * 30 + [(np.True_, 0, 32)], "boolean .*True.* at \\[30, 0\\]"),
         ([(0, 1, 2), (3, 4)], "integers"),  # ragged
         (np.zeros((2, 3), dtype=np.float32), "integers"),
         (torch.tensor([[0.0, 1.5, 4.0]]), "integers"),
@@ -233,7 +236,8 @@ def test_split_rows_cuts_long_blocks_and_covers_every_byte_once(part):
 def test_block_ids_refuse_what_is_not_integers_instead_of_rounding_it():
     for local, remote in (
         ([1.5], [2]), ([1], [2.5]), ([1, 2], ["3", 4]), (np.array([1.0]), [2]), (torch.tensor([1.5]), [2]),
-        ([2**64], [1]), (list(range(40)), [0.5] * 40),
+        ([2**64], [1]), (list(range(40)), [0.5] * 40), ([True], [3]), ([0, 1], [2, False]),
+        (list(range(40)), [*range(39), True]),
     ):  # fmt: skip
         with pytest.raises(InvalidArgumentError, match="integers"):
             d.block_ids(local, remote)

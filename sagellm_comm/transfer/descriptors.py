@@ -125,7 +125,24 @@ def int64_array(values: Any, what: str) -> np.ndarray:
         raise InvalidArgumentError(f"{what} must be integers within int64, got {got}")
     if kind == "u" and array.dtype.itemsize == 8 and array.size and int(array.max()) >= 1 << 63:
         raise InvalidArgumentError(f"{what} must be integers within int64, got {int(array.max())}")
+    if not isinstance(values, np.ndarray):
+        _refuse_booleans(values, array, what)
     return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _refuse_booleans(values: Any, array: np.ndarray, what: str) -> None:
+    """Refuse a ``bool`` among Python values that numpy read as integers (``True`` beside ints becomes 1).  Only
+    the elements numpy read as 0 or 1 are looked at, so a long table costs a few vector operations."""
+    hits = np.flatnonzero(array.reshape(-1) <= 1)  # negatives too: refused later, and never booleans
+    if not hits.size:
+        return
+    for index in zip(*(axis.tolist() for axis in np.unravel_index(hits, array.shape)), strict=True):
+        value = values
+        for i in index:
+            value = value[i]
+        if isinstance(value, (bool, np.bool_)):
+            position = ", ".join(map(str, index))
+            raise InvalidArgumentError(f"{what} must be integers, got the boolean {value!r} at [{position}]")
 
 
 def block_table(blocks: Any) -> np.ndarray:
@@ -422,6 +439,8 @@ def block_ids(local_blocks: Any, remote_blocks: Any) -> np.ndarray:
         except (TypeError, ValueError, OverflowError):
             pair = None  # the general path names the problem
         if pair is not None and pair.dtype == np.int64 and pair.ndim == 2:
+            _refuse_booleans(local_blocks, pair[0], "local block ids")
+            _refuse_booleans(remote_blocks, pair[1], "remote block ids")
             return pair.T.copy()
     local = int64_array(local_blocks, "local block ids").reshape(-1)
     remote = int64_array(remote_blocks, "remote block ids").reshape(-1)
