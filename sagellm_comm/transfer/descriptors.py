@@ -136,6 +136,10 @@ def _refuse_booleans(values: Any, array: np.ndarray, what: str) -> None:
     hits = np.flatnonzero(array.reshape(-1) <= 1)  # negatives too: refused later, and never booleans
     if not hits.size:
         return
+    if array.ndim == 0:
+        if isinstance(values, (bool, np.bool_)):
+            raise InvalidArgumentError(f"{what} must be integers, got the boolean {values!r}")
+        return
     for index in zip(*(axis.tolist() for axis in np.unravel_index(hits, array.shape)), strict=True):
         value = values
         for i in index:
