@@ -8,6 +8,7 @@ tests/test_transfer.py; the kernel's PTX is checked in tests/test_kernels_compil
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -829,6 +830,28 @@ def test_a_staged_record_is_not_delivered_before_its_number_is_published(live_se
         inbox.close()
 
 
+def test_a_sender_that_claims_a_lower_slot_again_has_its_older_records_delivered_first(live_sender):
+    """A sender gives its slot back (remove_peer) and claims another (add_peer again): the lower slot is read
+    after the one claimed before it, so that sender's records stay oldest first."""
+    inbox = notify.Inbox()
+    try:
+        other = notify.Outbox(inbox.path, "other", live_sender, 5.0)
+        old = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        assert (other.slot, old.slot) == (0, 1)
+        _publish(old, b"n1")
+        old.release()  # n1 not read yet: slot 1 stays the old claim's
+        other.release()  # nothing unread: slot 0 is free again
+        new = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        assert new.slot == 0
+        _publish(new, b"n2")
+        assert inbox.drain() == [("prefill-0", b"n1"), ("prefill-0", b"n2")]
+        _publish(new, b"n3")
+        assert inbox.drain() == [("prefill-0", b"n3")]
+        new.release()
+    finally:
+        inbox.close()
+
+
 def test_ring_slot_of_a_dead_sender_is_reused_once_drained(live_sender):
     inbox = notify.Inbox()
     try:
@@ -854,6 +877,27 @@ def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender
         boxes[3].release()
         assert notify.Outbox(inbox.path, "now", live_sender, 5.0).slot == boxes[3].slot
     finally:
+        inbox.close()
+
+
+def test_releasing_a_slot_never_waits_for_the_claim_lock(live_sender):
+    """remove_peer / close give the slot back with two stores: a sender frozen while holding the claim lock
+    (stopped, swapped out) cannot stall them; the slot is reused once drained."""
+    inbox = notify.Inbox()
+    fd = os.open(inbox.claim_path, os.O_RDWR)
+    try:
+        box = notify.Outbox(inbox.path, "prefill-0", live_sender, 5.0)
+        _publish(box, b"last")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another sender holds the claim lock
+        done = threading.Event()
+        threading.Thread(target=lambda: (box.release(), done.set()), daemon=True).start()
+        assert done.wait(5.0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert notify.Outbox(inbox.path, "next", live_sender, 5.0).slot != box.slot  # "last" is unread
+        assert inbox.drain() == [("prefill-0", b"last")]
+        assert notify.Outbox(inbox.path, "later", live_sender, 5.0).slot == box.slot
+    finally:
+        os.close(fd)
         inbox.close()
 
 

@@ -15,16 +15,17 @@ Layout (int64 words unless said otherwise)::
     file header (4 KB): MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES, CLAIMS (how many claims were made)
     slot s at 4 KB + s * SLOT_BYTES:
         header (4 KB): token (0: free), consumed, released, produced_final, name length, path length,
-                       sender name (bytes 64..), sender's inbox path (bytes 512..)
+                       claim number, sender name (bytes 64..), sender's inbox path (bytes 512..)
         ENTRIES records of RECORD_BYTES: seq | nbytes | message
 
 Protocol:
 
 1. *Claim* (sender, once per peer): under an exclusive ``flock`` of the inbox's ``-claim`` file, pick a slot
    that is free, released by its sender and fully consumed, or whose sender died with nothing left visible;
-   zero its records, write ``consumed = 0``, the sender's name and path, then (after a fence) a fresh
-   random ``token``, then (after a fence) add 1 to the file's ``CLAIMS``.  The token is written after the rest
-   and ``CLAIMS`` after the token: a reader that sees the new count sees the token and the rest.
+   zero its records, write ``consumed = 0``, the sender's name and path, its claim number (``CLAIMS + 1``),
+   then (after a fence) a fresh random ``token``, then (after a fence) add 1 to the file's ``CLAIMS``.  The
+   token is written after the rest and ``CLAIMS`` after the token: a reader that sees the new count sees the
+   token and the rest.
 2. *Produce*: the sender numbers its notifications 1, 2, ... (``seq``); record ``seq`` lives in entry
    ``(seq - 1) % ENTRIES``.  It may produce ``seq`` only while ``seq - consumed <= ENTRIES`` (else the ring is
    full: the receiver is not reading, and the transfer is refused before any byte moves).  The sender's host
@@ -33,11 +34,14 @@ Protocol:
    its ``seq``, so the body may be written while the entry still holds ``seq - ENTRIES`` (already consumed).
 3. *Consume* (receiver): read ``CLAIMS``; when it changed since the last drain, (fence) read every slot's
    ``token``, and start a slot whose token changed again at ``seq = consumed + 1`` with the new sender's
-   name (one word per drain while no sender comes or goes).  Per claimed slot: while entry ``seq``'s word
+   name (one word per drain while no sender comes or goes).  Claimed slots are read in the order of their
+   claim numbers, so a sender that gave one slot back and claimed another (``add_peer`` again) has its
+   older slot's records delivered first.  Per claimed slot: while entry ``seq``'s word
    equals ``seq``: fence, read the message, advance.  (Fence.)  Read ``token`` again: if it changed meanwhile
    (the slot was claimed by a new sender), discard this pass.  Then publish ``consumed``.
-4. *Release* (sender's ``remove_peer`` / ``close``): under the claim lock, ``produced_final = last seq`` and
-   ``released = 1``; the slot is reused only once ``consumed`` reached it.
+4. *Release* (sender's ``remove_peer`` / ``close``): ``produced_final = last seq``, (fence) ``released = 1``,
+   without the claim lock (a frozen claimer cannot stall it); the slot is reused only once a claimer read
+   ``released`` and ``consumed`` reached ``produced_final``.
 
 Host-side fences are an uncontended lock acquire/release (a full barrier in C), so the order holds on weakly
 ordered CPUs too.  Where the CPU keeps loads in order with loads and stores in order with stores (x86-64's
@@ -67,7 +71,7 @@ from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, sweep_sta
 from sagellm_comm.transfer.shared import new_path
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
-VERSION = 2
+VERSION = 3
 SLOTS = 32
 ENTRIES = _RING_ENTRIES.value
 RECORD_BYTES = _RECORD_BYTES.value
@@ -76,7 +80,7 @@ SLOT_BYTES = PAGE + ENTRIES * RECORD_BYTES
 FILE_BYTES = PAGE + SLOTS * SLOT_BYTES
 CLAIMS = 5  # file header word: how many slots were claimed (a sender bumps it after writing a token)
 # slot header words
-TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN = range(6)
+TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN, CLAIM_NUMBER = range(7)
 NAME_AT, PATH_AT, MAX_NAME, MAX_PATH = 64, 512, 256, 1024
 
 _FENCE = threading.Lock()
@@ -154,12 +158,14 @@ class Inbox:
         fence()
         words[0] = MAGIC
         # What the last drain saw: the claim count; per slot its token, the next sequence number and the word
-        # that will hold it, and the sender's name; ``_claimed``: the slots whose token was not 0, in slot order.
+        # that will hold it, the sender's name and its claim number; ``_claimed``: the slots whose token was not
+        # 0, in the order they were claimed.
         self._claims = 0
         self._tokens = [0] * SLOTS
         self._next = [1] * SLOTS
         self._next_word = [0] * SLOTS
         self._names = [""] * SLOTS
+        self._claim_numbers = [0] * SLOTS
         self._claimed: list[int] = []
         self._ints, self._map = self._mapped.ints, self._mapped.map  # the drain's views
         first = _Mapped.slot_word(0, TOKEN)
@@ -167,7 +173,7 @@ class Inbox:
         self._token_view = self._mapped.ints[first : first + SLOTS * stride : stride]  # every slot's token word
 
     def drain(self) -> list[tuple[str, bytes]]:
-        """Every record published since the last drain, ``(sender name, message)``, oldest first per slot."""
+        """Every record published since the last drain, ``(sender name, message)``, oldest first per sender."""
         ints = self._ints
         out: list[tuple[str, bytes]] = []
         if ints[CLAIMS] != self._claims:
@@ -196,7 +202,9 @@ class Inbox:
             base = m.slot_word(slot, 0)
             self._advance(slot, int(words[base + CONSUMED]) + 1)
             self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]))
-        self._claimed = [slot for slot, token in enumerate(tokens) if token]
+            self._claim_numbers[slot] = int(words[base + CLAIM_NUMBER])
+        claimed = [slot for slot, token in enumerate(tokens) if token]
+        self._claimed = sorted(claimed, key=self._claim_numbers.__getitem__)
 
     def _advance(self, slot: int, seq: int) -> None:
         self._next[slot] = seq
@@ -301,6 +309,7 @@ class Outbox:
             words[base + RELEASED] = 0
             words[base + PRODUCED_FINAL] = 0
             words[base + NAME_LEN], words[base + PATH_LEN] = len(name), len(path)
+            words[base + CLAIM_NUMBER] = int(words[CLAIMS]) + 1
             at = PAGE + slot * SLOT_BYTES
             m.bytes[at + NAME_AT : at + NAME_AT + len(name)] = np.frombuffer(name, dtype=np.uint8)
             m.bytes[at + PATH_AT : at + PATH_AT + len(path)] = np.frombuffer(path, dtype=np.uint8)
@@ -359,22 +368,14 @@ class Outbox:
         self.produced -= 1
 
     def release(self) -> None:
-        """Give the slot back (the receiver still drains what was published)."""
+        """Give the slot back (the receiver still drains what was published).  Two stores and no lock, so it
+        never waits: a claimer reuses the slot only once it reads ``released`` (written last) and its
+        ``consumed`` reached ``produced_final``; until then the slot is this live sender's and untouched."""
         m = self._mapped
-        try:
-            fd = os.open(claim_path(self.peer_path), os.O_RDWR)
-        except OSError:
-            fd = -1  # the receiver is gone: nothing to give back
-        try:
-            if fd >= 0:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            base = m.slot_word(self.slot, 0)
-            m.words[base + PRODUCED_FINAL] = self.produced
-            fence()
-            m.words[base + RELEASED] = 1
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        base = m.slot_word(self.slot, 0)
+        m.words[base + PRODUCED_FINAL] = self.produced
+        fence()
+        m.words[base + RELEASED] = 1
         self._close_files()
 
     def _close_files(self) -> None:
