@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from sagellm_comm import shm
 from sagellm_comm.errors import (
     BackendNotSupportedError,
     CommError,
+    CommTimeoutError,
     ErrorCode,
     InvalidArgumentError,
     NotInitializedError,
@@ -613,6 +615,51 @@ def test_a_prepared_one_id_request_is_checked_like_the_general_path(recording_ag
     for call in (lambda: agent.write("b", "kv", "kv", [(0, 0, 4)]), lambda: prepared.write([0], [1])):
         fast, general = _both_paths(monkeypatch, call)
         assert fast == general and fast[0] is NotInitializedError
+
+
+class _Pending(Request):
+    def __init__(self):
+        self.aborted = 0
+
+    def poll(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recording_agents, monkeypatch):
+    """wait(timeout) takes the agent's lock for at most what is left of its deadline (another thread's add_peer
+    may hold it for seconds); its request is then aborted by the agent's next call."""
+    agent, backend = recording_agents
+    request = _Pending()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with agent.lock:
+            held.set()
+            release.wait(10.0)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(5.0)
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="within 0.2 s"):
+        handle.wait(timeout=0.2)
+    assert time.monotonic() - start < 1.0 and handle.state == "failed"
+    assert request.aborted == 0  # the agent is held: not aborted yet
+    release.set()
+    holder.join(5.0)
+    agent.notifications()
+    assert request.aborted == 1
+    with pytest.raises(CommTimeoutError):
+        handle.done()  # the failure stays
+    handle2 = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    with pytest.raises(CommTimeoutError):
+        handle2.wait(timeout=0.05)  # the agent free: aborted at once
+    assert request.aborted == 2
 
 
 def test_notifications_are_every_transports_in_a_new_list(recording_agents):

@@ -18,6 +18,7 @@ with a lock, so it may be shared between threads.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import uuid
@@ -31,7 +32,7 @@ from sagellm_comm.arguments import check_device, check_int, check_timeout
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
-from sagellm_comm.transfer.base import AgentContext, Link, TransferBackend
+from sagellm_comm.transfer.base import AgentContext, Link, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import (
     OPS,
     SMALL,
@@ -102,6 +103,7 @@ class TransferAgent:
         self.requested_backend = backend
         self.lock = threading.RLock()
         self._closed = False
+        self._aborts: collections.deque[Request] = collections.deque()  # abort_later: aborted at the next call
         self._regions: dict[str, Region] = {}
         self._peers: dict[str, _Peer] = {}
         entries, self.skipped = registry.resolve(backend)
@@ -279,6 +281,7 @@ class TransferAgent:
         """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError``; its prepared pools are
         released.  Unknown peers raise ``InvalidArgumentError``."""
         with self.lock:
+            self._abort_deferred()
             entry = self._peer(peer)
             for prepared in list(entry.prepared):
                 self.release_prepared(prepared)
@@ -467,6 +470,8 @@ class TransferAgent:
         with self.lock:
             if self._closed:
                 self._check_open()
+            if self._aborts:
+                self._abort_deferred()
             drains = self._drains
             if len(drains) == 1:  # one transport: its list as it is
                 (drain,) = drains
@@ -482,6 +487,7 @@ class TransferAgent:
         with self.lock:
             if self._closed:
                 return
+            self._abort_deferred()
             for peer in list(self._peers):
                 self.remove_peer(peer)
             for name in list(self._regions):
@@ -499,8 +505,19 @@ class TransferAgent:
     def __repr__(self) -> str:
         return f"TransferAgent({self.name!r}, backends {self.backends}, {len(self._peers)} peer(s))"
 
+    def abort_later(self, request: Request) -> None:
+        """Abort ``request`` (a handle's, whose wait timed out while another thread's call held the agent) at the
+        agent's next call; safe without the lock."""
+        self._aborts.append(request)
+
+    def _abort_deferred(self) -> None:
+        while self._aborts:
+            self._aborts.popleft().abort()
+
     # ------------------------------------------------------------------ lookups
     def _check_open(self) -> None:
+        if self._aborts:
+            self._abort_deferred()
         if self._closed:
             raise NotInitializedError(f"transfer agent {self.name!r} was closed")
 

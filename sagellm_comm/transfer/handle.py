@@ -52,16 +52,25 @@ class TransferHandle:
 
     def done(self) -> bool:
         """True once every byte arrived (polls the transport once); raises the typed error if it failed."""
+        return self._poll(-1)
+
+    def _poll(self, lock_timeout: float) -> bool:
+        """:meth:`done`, waiting at most ``lock_timeout`` seconds (-1: as long as it takes) for the agent's lock,
+        which another thread's call may hold (an ``add_peer`` waiting for a peer); False if not taken."""
         if self.state == "done":
             return True
         if self.state == "failed":
             raise self.error
+        lock = self._agent.lock
+        if not lock.acquire(timeout=lock_timeout):
+            return False
         try:
-            with self._agent.lock:
-                finished = self._request.poll()
+            finished = self._request.poll()
         except CommError as exc:
             self._fail(exc)
             raise
+        finally:
+            lock.release()
         if finished:
             self.state = "done"
         return finished
@@ -79,7 +88,7 @@ class TransferHandle:
         start = time.monotonic()
         deadline = start + limit
         sleep = FIRST_SLEEP_S
-        while not self.done():
+        while not self._poll(max(0.0, deadline - time.monotonic())):  # the agent's lock: until the deadline at most
             now = time.monotonic()
             if now >= deadline:
                 self._timed_out(limit)
@@ -98,8 +107,14 @@ class TransferHandle:
 
     def _fail(self, exc: CommError) -> None:
         self.state, self.error = "failed", exc
-        with self._agent.lock:
-            self._request.abort()
+        lock = self._agent.lock
+        if lock.acquire(blocking=False):  # held already when a poll failed
+            try:
+                self._request.abort()
+            finally:
+                lock.release()
+        else:  # another call holds the agent: the agent aborts the request when it is next called
+            self._agent.abort_later(self._request)
 
     def _timed_out(self, limit: float) -> None:
         direction = "to" if self.op == "write" else "from"
