@@ -278,8 +278,9 @@ class TransferAgent:
         return f"{chosen}; better transports skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
 
     def remove_peer(self, peer: str) -> None:
-        """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError``; its prepared pools are
-        released.  Unknown peers raise ``InvalidArgumentError``."""
+        """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError`` (``ipc`` first waits for
+        its launches to the peer, up to the agent's timeout: those report done); its prepared pools are released.
+        Unknown peers raise ``InvalidArgumentError``."""
         with self.lock:
             self._abort_deferred()
             entry = self._peer(peer)

@@ -95,6 +95,8 @@ class IpcLink(Link):
     published: torch.Tensor | None = None  # device word: notifications the kernel published to this peer
     published_addr: int = 0  # its address
     alive_until: float = 0.0  # monotonic time until which a post trusts the last check that found the peer alive
+    # Set when the link is removed: every launch to the peer had completed and the peer was alive after them.
+    completed_alive: bool = False
     last: int = 0  # number of this agent's latest launch that touches the peer's memory
     resident_last: int = 0  # number of this agent's latest resident-copier request that touches it
     # One-block launches: shape (IpcBackend._one_block) -> (direct launch, its arguments, filled per call).
@@ -113,6 +115,8 @@ class _LinkRequest(Request):
     def poll(self) -> bool:
         name = self.link.peer.name
         if self.link.removed:
+            if self.link.completed_alive and self._finished():
+                return True  # completed before the removal: not in flight
             raise PeerLostError(
                 f"peer {name!r} was removed while the transfer was in flight", details={"peer": name, "op": "ipc"}
             )
@@ -370,6 +374,8 @@ class IpcBackend(TransferBackend):
                 self.context.name, link.peer.name, self.context.timeout_s,
             )  # fmt: skip
             return
+        # Requests that completed before this are done, not lost (their handles may be polled after the removal).
+        link.completed_alive = link.outbox is not None and link.outbox.liveness.alive()
         if link.registered is not None:
             self.memory.host_unregister(link.registered[0])
             link.registered = None
