@@ -478,7 +478,28 @@ def _auto_worker(rank, world_size, port):
     del os.environ["SAGELLM_COMM_HOSTNAME"]
     a.add_peer(meta_e)
     out["other_host"] = (a.peer_backend("e"), a.backend_reason("e"))
-    for agent in (a, b, c, e):
+    # Malformed ipc metadata (a probe token that is not hex): a typed refusal that lets go of what it took (the
+    # peer's ring slot, files, mappings), however often it is tried; the real metadata then connects.
+    import json
+
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    f = TransferAgent("f", "ipc")
+    f.allocate("kv", 256, torch.float32)
+    body = json.loads(b.metadata()[len(MAGIC) :])
+    body["transports"]["ipc"]["probe"]["token"] = "not-hex"
+    errors, fds = set(), 0
+    for i in range(40):  # more than an inbox's slots
+        if i == 5:
+            fds = len(os.listdir("/proc/self/fd"))
+        try:
+            f.add_peer(MAGIC + json.dumps(body).encode())
+        except BackendNotSupportedError as exc:
+            errors.add("not-hex" in str(exc) or "non-hexadecimal" in str(exc))
+    # (Other agents' NIXL threads may open a file meanwhile: a leak would be one or more per try, 35 here.)
+    kept = len(os.listdir("/proc/self/fd")) - fds <= 2
+    out["malformed"] = (errors, kept, f.add_peer(b.metadata()))
+    for agent in (a, b, c, e, f):
         agent.close()
     return out
 
@@ -489,6 +510,7 @@ def test_auto_picks_ipc_on_one_host_and_nixl_otherwise_and_says_why():
     assert out["private"][0] == "nixl" and "process-private" in out["private"][1], out["private"]
     assert "process-private" in out["explicit_ipc_private"]
     assert out["other_host"][0] == "nixl" and "runs on host 'node-b'" in out["other_host"][1], out["other_host"]
+    assert out["malformed"] == ({True}, True, "b"), out["malformed"]
 
 
 # ============================================================================ a CommBackend world's agents

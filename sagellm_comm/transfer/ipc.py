@@ -37,7 +37,6 @@ import torch
 from sagellm_comm.arguments import check_int
 from sagellm_comm.errors import (
     BackendNotSupportedError,
-    CommError,
     CommTimeoutError,
     InvalidArgumentError,
     P2PFailedError,
@@ -332,11 +331,12 @@ class IpcBackend(TransferBackend):
                 self.memory.host_register(address, nbytes)
                 link.registered = (address, nbytes)
             self._probe(link, bytes.fromhex(blob["probe"]["token"]))
-        except (CommError, OSError, KeyError, RuntimeError) as exc:
+        except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
-            if isinstance(exc, BackendNotSupportedError):
+            if isinstance(exc, BackendNotSupportedError) or not isinstance(exc, Exception):
                 raise
-            raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc}") from None
+            # Anything else (a failed mapping, malformed metadata: a missing key, a token that is not hex...).
+            raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc!r}") from None
         self.links.append(link)
         return link
 
