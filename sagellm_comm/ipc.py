@@ -191,7 +191,7 @@ class SharedFileMemory(PeerMemory):
         lock = None
         try:
             with open(path, "wb") as f:
-                f.truncate(nbytes)  # sparse file of zeros
+                shm.reserve(f.fileno(), nbytes, path)  # zeros, their memory reserved
             lock = shm.OwnerLock(path)
             return self._map(path, nbytes, lock)
         except BaseException:  # not mapped: neither the file nor its lock stays

@@ -23,7 +23,7 @@ import os
 import time
 from functools import lru_cache
 
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 
 TRANSFER_PREFIX = "sagellm-xfer-"  # sagellm_comm/transfer/shared.py's files
 WORKSPACE_PREFIX = "sagellm-comm-"  # SharedFileMemory's files (sagellm_comm/ipc.py)
@@ -42,6 +42,27 @@ def shared_dir() -> str:
 
 #: the roles of companion files (:func:`companion_path`): ``claim``, the lock file of an inbox's slot claims
 COMPANION_ROLES = ("claim",)
+
+
+def reserve(fd: int, nbytes: int, path: str) -> None:
+    """Give the file ``fd`` (at ``path``) ``nbytes`` of zeros, with the memory behind them reserved now: a file
+    only truncated to its size is sparse, and a store into a page that ``/dev/shm`` cannot supply later kills the
+    process that makes it (SIGBUS, whichever process or kernel copy it is).  A full ``/dev/shm`` is an
+    :class:`UnavailableError` here instead."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and nbytes > 0:  # a file system that cannot: sparse
+            os.ftruncate(fd, nbytes)
+            return
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            folder = os.path.dirname(path)
+            free = os.statvfs(folder)
+            raise UnavailableError(
+                f"cannot reserve {nbytes} bytes of shared memory in {folder} ({os.strerror(exc.errno)}; "
+                f"{free.f_bavail * free.f_frsize} bytes free there): free some, or enlarge it (docker: --shm-size)"
+            ) from None
+        raise
 
 
 def companion_path(owner: str, role: str) -> str:

@@ -8,6 +8,7 @@ tests/test_transfer.py; the kernel's PTX is checked in tests/test_kernels_compil
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -698,6 +699,30 @@ def test_a_shared_cpu_tensor_that_cannot_be_mapped_leaves_no_file_or_lock(monkey
     mine = f"{shm.TRANSFER_PREFIX}{os.getpid()}-"
     assert not [n for n in set(os.listdir(shm.shared_dir())) - before if n.startswith(mine)]
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_shared_memory_is_reserved_when_made_and_a_full_dev_shm_is_a_typed_error(monkeypatch):
+    """A region's, an inbox's and an interpreter workspace's pages are reserved when the file is made (a sparse
+    file let a later store die of SIGBUS on a full /dev/shm); a refusal leaves no file behind."""
+    tensor = shared.shared_cpu_tensor(1 << 20, torch.uint8)
+    path, _ = shared.shared_file_of(tensor.data_ptr(), 1)
+    assert os.stat(path).st_blocks * 512 >= 1 << 20  # not sparse
+    inbox = notify.Inbox()
+    assert os.stat(inbox.path).st_blocks * 512 >= notify.FILE_BYTES
+    inbox.close()
+    del tensor
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = set(os.listdir(shm.shared_dir()))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UnavailableError, match="cannot reserve 4096 bytes of shared memory .*--shm-size"):
+        shared.shared_cpu_tensor(4096, torch.uint8)
+    with pytest.raises(UnavailableError, match=f"cannot reserve {notify.FILE_BYTES} bytes"):
+        notify.Inbox()
+    mine = f"{shm.TRANSFER_PREFIX}{os.getpid()}-"
+    assert not [n for n in set(os.listdir(shm.shared_dir())) - before if n.startswith(mine)]
 
 
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])

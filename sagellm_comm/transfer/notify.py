@@ -67,7 +67,7 @@ from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, Unav
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
-from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, sweep_stale
+from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, reserve, sweep_stale
 from sagellm_comm.transfer.shared import new_path
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
@@ -108,7 +108,12 @@ class _Mapped:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         if create:
-            os.ftruncate(self.fd, FILE_BYTES)
+            try:
+                reserve(self.fd, FILE_BYTES, path)  # a sender's store never meets a page /dev/shm cannot give
+            except BaseException:
+                os.close(self.fd)
+                os.unlink(path)
+                raise
         elif os.fstat(self.fd).st_size != FILE_BYTES:
             os.close(self.fd)
             raise BackendNotSupportedError(f"{path} is not an inbox of this version ({FILE_BYTES} bytes expected)")

@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
-from sagellm_comm.shm import TRANSFER_PREFIX, OwnerLock, remove_owned, shared_dir
+from sagellm_comm.shm import TRANSFER_PREFIX, OwnerLock, remove_owned, reserve, shared_dir
 
 
 def new_path(suffix: str = "") -> str:
@@ -41,7 +41,7 @@ def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch
     lock = None
     try:
         with open(path, "wb") as handle:
-            handle.truncate(numel * itemsize)  # sparse: zeros
+            reserve(handle.fileno(), numel * itemsize, path)  # zeros, their memory reserved
         lock = OwnerLock(path)
         tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
     except BaseException:  # not mapped (no memory, too large...): neither the file nor its lock stays
