@@ -399,6 +399,9 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     expect("bad wait timeout", InvalidArgumentError, "timeout", lambda: prepared.write([0], [1]).wait(timeout=-1))
     prepared.release()
     expect("released", InvalidArgumentError, "released", lambda: prepared.write([0], [1]))
+    over_bytes = a.prepare(peer, "bytes", "bytes", 16)
+    a.deregister("bytes")  # releases the pools over it
+    expect("deregistered", InvalidArgumentError, "deregister of its region", lambda: over_bytes.write([0], [1]))
     # A device mismatch: a peer that says its region is GPU memory.
     meta.name, meta.regions["kv"] = "b-gpu", type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
     gpu_peer = a.add_peer(meta.encode())
@@ -442,7 +445,7 @@ def _bad_inputs_worker(rank, world_size, port, backend):
 @pytest.mark.parametrize("backend", ["nixl", "ipc"])
 def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
     (refused,) = run_ranks(_bad_inputs_worker, 1, backend, timeout=120.0, env=ENVS[backend])
-    assert len(refused) == 26, sorted(refused)
+    assert len(refused) == 27, sorted(refused)
     assert refused.pop("closed") == "comm_not_initialized"
     removed = refused.pop("removed in flight")  # NIXL: lost ("b") unless it had completed it inside the post
     assert removed == "complete before the removal" or (backend == "nixl" and removed == "b"), removed

@@ -204,10 +204,14 @@ class TransferAgent:
         return tensor
 
     def deregister(self, name: str) -> None:
-        """Forget region ``name`` (peers that still hold old metadata must not use it any more)."""
+        """Forget region ``name`` (peers that still hold old metadata must not use it any more); the prepared
+        pools over it are released."""
         with self.lock:
             self._check_open()
             region = self._region(name)
+            for entry in self._peers.values():
+                for prepared in [p for p in entry.prepared if p.backend_prepared.local is region]:
+                    self.release_prepared(prepared)
             for backend in self._backends.values():
                 if name not in self._unreachable[backend.name]:
                     backend.deregister(region)
@@ -432,7 +436,9 @@ class TransferAgent:
         with self.lock:
             self._check_open()
             if prepared.released:
-                raise InvalidArgumentError(f"{prepared!r} was released (remove_peer, close or release())")
+                raise InvalidArgumentError(
+                    f"{prepared!r} was released (remove_peer, deregister of its region, close or release())"
+                )
             entry = self._peer(prepared.peer)
             message = _message(notify)
             check_block_ids(ids, prepared.layout, op)

@@ -136,7 +136,7 @@ class PreparedBlocks:
     ``prepared.write(local_blocks, remote_blocks, notify=...)`` / ``read(...)`` take block indices (two
     equal-length integer sequences or arrays) instead of byte triples; the transport's descriptors were
     built once (NIXL's prepared descriptor lists).  Made by :meth:`TransferAgent.prepare`; released by
-    :meth:`release`, by ``remove_peer`` and by ``close``.
+    :meth:`release`, by ``remove_peer``, by ``deregister`` of its local region and by ``close``.
     """
 
     def __init__(self, agent: TransferAgent, peer: str, backend: str, state: Prepared):

@@ -233,6 +233,7 @@ class IpcBackend(TransferBackend):
         self.events = CudaEvents(self.raw_stream) if cuda else None
         self.stream_query = self.events.rt.streamQuery if cuda else None  # 0: every kernel of the stream finished
         self.launches = 0  # launches so far, numbered from 1
+        self.kept: list[Region] = []  # deregistered regions that copies still running may touch
         self.completed = 0  # every launch up to this number completed
         self.in_flight: deque = deque()  # (number, event, staging index or None), oldest first
         self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
@@ -290,6 +291,14 @@ class IpcBackend(TransferBackend):
 
     def deregister(self, region: Region) -> None:
         self.exports.pop(region.name, None)
+        # A launch or resident request in flight may still read or write the region: its memory stays referenced
+        # until they completed (bounded by the agent's timeout; past it, kept for the process's life).
+        if not self._drain(self.launches) or not self._drain_resident(self.copier.posted if self.copier else 0):
+            logger.warning(
+                "transfer agent %r: copies still running after %g s when region %r was deregistered; its memory "
+                "stays referenced", self.context.name, self.context.timeout_s, region.name,
+            )  # fmt: skip
+            self.kept.append(region)
 
     def local_metadata(self) -> dict:
         self._setup(self._default_device())
