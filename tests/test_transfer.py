@@ -11,6 +11,7 @@ deadline.  Metadata goes between processes through a ``TCPStore``, as an engine'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -514,6 +515,58 @@ def test_auto_picks_ipc_on_one_host_and_nixl_otherwise_and_says_why():
     assert "process-private" in out["explicit_ipc_private"]
     assert out["other_host"][0] == "nixl" and "runs on host 'node-b'" in out["other_host"][1], out["other_host"]
     assert out["malformed"] == ({True}, True, "b"), out["malformed"]
+
+
+# ============================================================================ peers added again
+def _readd_worker(rank, world_size, port):
+    from sagellm_comm.transfer import TransferAgent
+
+    def sockets():
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        return count
+
+    a, b = TransferAgent("a", "nixl"), TransferAgent("b", "nixl")
+    src = a.allocate("kv", 1024, torch.uint8)
+    dst = b.allocate("kv", 1024, torch.uint8)
+    src[:] = 7
+    moved = []
+
+    def cycle(meta, region="kv"):
+        a.add_peer(meta)
+        a.write("b", "kv", region, [(0, 0, 64)]).wait(10)
+        a.remove_peer("b")
+
+    meta = b.metadata()
+    cycle(meta)  # the first connection's sockets
+    before = sockets()
+    for _ in range(20):
+        cycle(meta)
+    moved.append(int(dst[:64].eq(7).all()))
+    # New regions (the metadata changes, the agent is the same): the peer is updated in place.
+    more = b.allocate("more", 1024, torch.uint8)
+    cycle(b.metadata(), "more")
+    moved.append(int(more[:64].eq(7).all()))
+    after = sockets()
+    # A restarted peer (another incarnation of the same name) connects.
+    b.close()
+    c = TransferAgent("b", "nixl")
+    again = c.allocate("kv", 1024, torch.uint8)
+    cycle(c.metadata())
+    moved.append(int(again[:64].eq(7).all()))
+    a.close()
+    c.close()
+    return before, after, moved
+
+
+def test_a_peer_added_again_and_again_keeps_no_sockets_and_a_restarted_one_connects():
+    """remove_peer keeps NIXL's remote agent loaded and add_peer of the same incarnation updates it in place:
+    unloading and loading a live agent again left two UCX sockets open each time."""
+    ((before, after, moved),) = run_ranks(_readd_worker, 1, timeout=120.0)
+    assert moved == [1, 1, 1]
+    assert after - before <= 2, (before, after)
 
 
 # ============================================================================ a CommBackend world's agents

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import ModuleType
@@ -41,6 +42,8 @@ NIXL_INSTALL_HINT = "pip install 'isagellm-comm[transfer]' (nixl-cu13==1.5.1; '[
 _MEM = {"cpu": "DRAM", "cuda": "VRAM"}
 _OPS = {"write": "WRITE", "read": "READ"}
 RETRY_RELEASES_FROM = 16  # kept unreleased handles at which NixlBackend.keep_unreleased first retries them
+# Removed peers whose NIXL remote agent stays loaded (NixlBackend.disconnect says why), the oldest unloaded beyond.
+PARKED_PEERS = 64
 
 
 @lru_cache(maxsize=1)
@@ -184,6 +187,8 @@ class NixlBackend(TransferBackend):
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []
         self.leaked: list = []  # transfer handles NIXL could not release yet (keep_unreleased)
+        # NIXL name -> incarnation of removed peers whose remote agent is still loaded, oldest first (disconnect).
+        self.parked: OrderedDict[str, str] = OrderedDict()
         self._retry_at = RETRY_RELEASES_FROM
 
     def keep_unreleased(self, handle) -> None:
@@ -225,8 +230,11 @@ class NixlBackend(TransferBackend):
         missing = sorted(set(peer.regions) - set(blob["regions"]))
         if missing:
             raise BackendNotSupportedError(f"peer {peer.name!r} did not register {missing} with NIXL")
+        parked = self.parked.pop(peer.name, None)
+        if parked is not None and parked != peer.incarnation:  # a restarted peer: NIXL loads it anew only
+            self._unload(peer.name)
         try:
-            name = self.agent.add_remote_agent(unb64(blob["agent"]))
+            name = self.agent.add_remote_agent(unb64(blob["agent"]))  # a parked one is updated in place
         except Exception as exc:
             if not _is_nixl_error(exc):
                 raise
@@ -244,15 +252,26 @@ class NixlBackend(TransferBackend):
         return link
 
     def disconnect(self, link: NixlLink) -> None:
+        """Forget the peer; its NIXL remote agent stays loaded (*parked*).  Unloading the remote agent of a live
+        NIXL agent and loading it again leaves UCX's endpoints to it open, two sockets each time, so a peer that
+        is added again (new regions, a rejoin) would leak them; a parked agent is updated in place instead.  A
+        restarted peer (another incarnation) is unloaded before its new metadata loads; beyond
+        :data:`PARKED_PEERS` parked peers the oldest are unloaded."""
         link.removed = True
         if link in self.links:
             self.links.remove(link)
+        self.parked[link.nixl_name] = link.peer.incarnation
+        self.parked.move_to_end(link.nixl_name)
+        while len(self.parked) > PARKED_PEERS:
+            self._unload(self.parked.popitem(last=False)[0])
+
+    def _unload(self, nixl_name: str) -> None:
         try:
-            self.agent.remove_remote_agent(link.nixl_name)
+            self.agent.remove_remote_agent(nixl_name)
         except Exception as exc:
             if not _is_nixl_error(exc):
                 raise
-            logger.debug("NIXL remove_remote_agent(%r): %r", link.nixl_name, exc)
+            logger.debug("NIXL remove_remote_agent(%r): %r", nixl_name, exc)
 
     @staticmethod
     def _descs(address: int, device_index: int, offsets: np.ndarray, nbytes: np.ndarray | int):
@@ -372,6 +391,8 @@ class NixlBackend(TransferBackend):
     def close(self) -> None:
         for link in list(self.links):
             self.disconnect(link)
+        while self.parked:
+            self._unload(self.parked.popitem()[0])
         for name in list(self.registered):
             descs = self.registered.pop(name)
             try:
