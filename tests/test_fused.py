@@ -348,6 +348,49 @@ def test_group_level_functions_fall_back_without_custom():
     run_ranks(_gloo_group_worker, 2, timeout=120)
 
 
+def _gloo_bad_input_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        x = torch.arange(1.0, 9.0).view(2, 4).to(torch.bfloat16)
+        residual, weight = torch.zeros(2, 4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
+        ints = torch.ones(2, 4, dtype=torch.int32)
+        bad = [  # (error, message, args, kwargs): the kernel path's errors and messages
+            (ShapeMismatchError, "must match x", (x, residual.float(), weight), {}),
+            (ShapeMismatchError, "must match x", (x, residual, weight.float()), {"quant": "fp8_per_token"}),
+            (ShapeMismatchError, "must match x", (x, residual[:1], weight), {}),
+            (ShapeMismatchError, r"contiguous \[4\] tensor", (x, residual, torch.ones(5, dtype=torch.bfloat16)), {}),
+            (InvalidArgumentError, "x must be one of", (ints, ints, torch.ones(4, dtype=torch.int32)), {}),
+            (InvalidArgumentError, "x must be one of", (x.double(), residual.double(), weight.double()), {}),
+            (InvalidArgumentError, "contiguous 2-d", (x[0], residual[0], weight), {}),
+            (InvalidArgumentError, "contiguous 2-d", (x.t(), residual.t(), torch.ones(2, dtype=torch.bfloat16)), {}),
+            (InvalidArgumentError, "must be a torch.Tensor, got list", ([1.0] * 4, residual, weight), {}),
+            (InvalidArgumentError, "residual is on meta", (x, residual.to("meta"), weight), {}),
+            (InvalidArgumentError, "hidden size must be at least 1", (x[:, :0], residual[:, :0], weight[:0]), {}),
+        ]
+        for error, match, args, kwargs in bad:
+            # Rejected on every rank; then on rank 0 alone, which must enter no all-reduce (rank 1's next call
+            # would pair with it and the ranks would fall out of step).
+            for callers in (range(world_size), (0,)):
+                if rank in callers:
+                    with pytest.raises(error, match=match):
+                        all_reduce_residual_rmsnorm(*args, 1e-6, group=world, **kwargs)
+            _, new_res = all_reduce_residual_rmsnorm(x * (rank + 1), residual, weight, 1e-6, group=world)
+            assert torch.equal(new_res, x * 3), (match, new_res)
+        return True
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_fallback_rejects_bad_inputs_before_the_all_reduce():
+    """Without custom kernels (Gloo), bad inputs raise the kernel path's typed errors on every rank, and a rank
+    whose call is rejected enters no all-reduce: the next valid call still pairs up and sums right."""
+    run_ranks(_gloo_bad_input_worker, 2, timeout=120)
+
+
 @pytest.mark.parametrize("count", range(1, 9))
 def test_copy_engine_units_order_the_pulls(count):
     """Every chunk's peers' parts run once, before its own part; each pull has a unit of GEMMs to hide under."""

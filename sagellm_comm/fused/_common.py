@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ShapeMismatchError
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 RMSNORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -23,4 +23,33 @@ def _check_2d(name: str, t: torch.Tensor, device: torch.device, dtypes) -> None:
     if t.dtype not in dtypes:
         raise InvalidArgumentError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
     if t.device != device:
-        raise InvalidArgumentError(f"{name} is on {t.device}, the workspace is on {device}")
+        raise InvalidArgumentError(f"{name} is on {t.device}, this call runs on {device}; move it there")
+
+
+def check_rmsnorm_inputs(
+    x, residual, weight, device: torch.device, rows_dims: int = 2, max_hidden: int | None = MAX_HIDDEN
+) -> tuple[int, int]:
+    """Typed errors for bad inputs of the all-reduce + residual + RMSNorm, before anything runs; returns
+    ``(rows, hidden)``.
+
+    ``x`` and ``residual``: contiguous ``rows_dims``-d tensors of one shape (``[..., rows, hidden]``), ``weight``
+    a contiguous ``[hidden]`` tensor, all three of one dtype in :data:`RMSNORM_DTYPES` and on ``device``;
+    ``1 <= hidden <= max_hidden`` (None: no upper bound).  A wrong type, dtype, device, rank or layout raises
+    ``InvalidArgumentError``; shapes or dtypes that differ from ``x``'s raise ``ShapeMismatchError``.
+    """
+    for name, t in (("x", x), ("residual", residual), ("weight", weight)):
+        _check_2d(name, t, device, RMSNORM_DTYPES)
+    if x.dim() != rows_dims or not x.is_contiguous() or not residual.is_contiguous():
+        raise InvalidArgumentError(f"x and residual must be contiguous {rows_dims}-d tensors, got x {tuple(x.shape)}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.dtype != x.dtype:
+        raise ShapeMismatchError(
+            f"residual {tuple(residual.shape)} {residual.dtype} and weight {weight.dtype} must match x "
+            f"{tuple(x.shape)} {x.dtype}"
+        )
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,) or not weight.is_contiguous():
+        raise ShapeMismatchError(f"weight must be a contiguous [{hidden}] tensor, got {tuple(weight.shape)}")
+    if hidden < 1 or (max_hidden is not None and hidden > max_hidden):
+        bound = "at least 1" if max_hidden is None else f"in 1..{max_hidden}"
+        raise InvalidArgumentError(f"hidden size must be {bound}, got {hidden}")
+    return x.shape[-2], hidden

@@ -14,11 +14,11 @@ import torch
 from sagellm_comm.selector import AUTO, GEMM_PATHS, SEQUENTIAL_PATH
 
 from ..arguments import check_finite, check_flag
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import InvalidArgumentError
 from ..group import resolve_group
 from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, RMSNORM_DTYPES
+from ._common import FUSED_DTYPES, check_rmsnorm_inputs
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -99,7 +99,8 @@ def all_reduce_residual_rmsnorm(
     """``new_residual = residual + all_reduce(x)``, ``normed = rmsnorm(new_residual) * weight`` over ``group``
     (default group if None), optionally quantised to FP8.
 
-    ``x``, ``residual``: ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype.  Returns:
+    ``x``, ``residual``: contiguous ``[tokens, hidden]``; ``weight``: ``[hidden]``; one dtype (bf16, fp16, fp32),
+    on the group's device.  Returns:
 
     * ``quant=None``: ``(normed, new_residual)``;
     * ``quant="fp8"``: ``(q, scale, new_residual)``, ``scale`` the caller's one-element fp32 tensor (static);
@@ -110,12 +111,14 @@ def all_reduce_residual_rmsnorm(
     :func:`quantize_fp8_reference`).  With the group's custom kernels, one fused kernel
     (:class:`FusedAllReduceRMSNorm`, its fusion policy may run the chain unfused); otherwise the group's
     all-reduce then torch ops computing the same outputs, the reason recorded in :func:`last_selection`.  Bad
-    arguments raise before anything runs.  Enqueued on the current stream; inputs are not modified.
+    arguments raise the same typed errors on both paths (:func:`check_rmsnorm_inputs`, :func:`check_quant`) before
+    anything runs, so no rank enters the all-reduce; only the kernels bound ``hidden`` (``MAX_HIDDEN``).  Enqueued
+    on the current stream; inputs are not modified.
     """
     check_quant(quant, scale, x)
     eps = check_finite(eps, "eps", 0.0)
     g, backend, state, car, why = _group_state(group)
-    if car is not None and x.dtype in RMSNORM_DTYPES:
+    if car is not None:  # the kernel path checks its inputs (check_rmsnorm_inputs) before it runs anything
         if state.rmsnorm is None:
             state.rmsnorm = FusedAllReduceRMSNorm(
                 car.workspace,
@@ -127,10 +130,8 @@ def all_reduce_residual_rmsnorm(
         out = state.rmsnorm(x, residual, weight, eps, quant=quant, scale=scale)
         state.last = state.rmsnorm.last_selection
         return out
-    if car is not None:
-        why = f"dtype {x.dtype} is not fused"
-    if residual.shape != x.shape or weight.shape != (x.shape[-1],):
-        raise ShapeMismatchError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    # The kernel path's checks, before the all-reduce is entered; torch ops take any hidden size.
+    check_rmsnorm_inputs(x, residual, weight, g.device, max_hidden=None)
     reduced = x.clone()
     g.all_reduce(reduced)
     state.last = Selection(UNFUSED_PATH, "custom-unavailable", f"{why}; all-reduce then torch add + RMSNorm")

@@ -22,7 +22,6 @@ from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
     NotInitializedError,
-    ShapeMismatchError,
     WorkspaceExhaustedError,
 )
 from ..launch import Launcher as _Launcher
@@ -30,7 +29,7 @@ from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, TWO_SHOT, UNFUSED_PATH, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace, lamport_offset
-from ._common import MAX_HIDDEN, RMSNORM_DTYPES, _check_2d
+from ._common import check_rmsnorm_inputs
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
 from .rmsnorm_policy import FusionPolicy
 
@@ -182,25 +181,9 @@ class FusedAllReduceRMSNorm:
 
     # ------------------------------------------------------------------ the call
     def validate(self, x, residual, weight, rows_dims: int = 2) -> tuple[int, int]:
-        """Check shapes/dtypes/devices; return ``(rows, hidden)`` of one rank."""
-        dev = self.workspace.device
-        for name, t in (("x", x), ("residual", residual), ("weight", weight)):
-            _check_2d(name, t, dev, RMSNORM_DTYPES)
-        if x.dim() != rows_dims or not x.is_contiguous() or not residual.is_contiguous():
-            raise InvalidArgumentError(
-                f"x and residual must be contiguous {rows_dims}-d tensors, got x {tuple(x.shape)}"
-            )
-        if residual.shape != x.shape or residual.dtype != x.dtype or weight.dtype != x.dtype:
-            raise ShapeMismatchError(
-                f"residual {tuple(residual.shape)} {residual.dtype} and weight {weight.dtype} must match x "
-                f"{tuple(x.shape)} {x.dtype}"
-            )
-        hidden = x.shape[-1]
-        if weight.shape != (hidden,) or not weight.is_contiguous():
-            raise ShapeMismatchError(f"weight must be a contiguous [{hidden}] tensor, got {tuple(weight.shape)}")
-        if not 1 <= hidden <= MAX_HIDDEN:
-            raise InvalidArgumentError(f"hidden size must be in 1..{MAX_HIDDEN}, got {hidden}")
-        return x.shape[-2], hidden
+        """Check shapes/dtypes/devices (:func:`check_rmsnorm_inputs` on this workspace's device); return
+        ``(rows, hidden)`` of one rank."""
+        return check_rmsnorm_inputs(x, residual, weight, self.workspace.device, rows_dims)
 
     @staticmethod
     def new_outputs(x: torch.Tensor, quant: str | None, scale: torch.Tensor | None):
