@@ -408,6 +408,19 @@ def test_fp8_chains_that_cannot_take_the_quantisation_keep_it_and_fuse_the_rest(
         assert [_quant(n) for n in _fused(gm)] == ["none"]
 
 
+@needs_fp8
+@pytest.mark.parametrize("form", ["static decomposed", "static promoted"])
+def test_a_static_scale_of_more_dimensions_than_x_keeps_its_quantisation(form) -> None:
+    """A one-element scale of more dimensions than x broadcasts q to them (``[1, 1, 1]`` on ``[T, H]``: ``q`` is
+    ``[1, T, H]``); the fused op returns ``q`` shaped like x, so only the RMSNorm is fused."""
+    quantise, _, _ = FP8_FORMS[form]
+    for rows, scale_shape in (((3,), (1, 1, 1)), ((2, 3), (1, 1, 1, 1))):
+        gm = _trace(_quantised_chain(quantise), *_chain_specs(rows=rows), (scale_shape, torch.float32))
+        done = _rewrite(gm)
+        assert done.replaced == {"rmsnorm": 1}, (rows, scale_shape, done)
+        assert [_quant(n) for n in _fused(gm)] == ["none"]
+
+
 # ============================================================================ the ops
 
 
@@ -611,6 +624,18 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
                 got = fusion.compile(fp8_decoder_stack, fullgraph=True)(*inputs)
             expected = [fp8_decoder_stack(*inputs), decoder_stack(*inputs[:4])]  # FP8 unfused; unquantised
             results["inductor fp8"] = ("ok", (_portable(expected), _portable(got), fusion.stats()))
+            # A static scale of more dimensions than x: the model's q is [1, tokens, hidden].
+            x, residual, weight = (t.reshape(-1, t.shape[-1]) for t in _chain_inputs(rank, torch.bfloat16))
+            inputs = [x, residual, weight.reshape(-1), torch.full((1, 1, 1), 0.02)]
+            chain = _quantised_chain(FP8_FORMS["static decomposed"][0])
+            fusion.reset_stats()
+            try:
+                with no_compile_caches():
+                    got = fusion.compile(chain, fullgraph=True)(*inputs)
+                outcome = (_portable(chain(*inputs)), _portable(got), fusion.stats())
+                results["inductor fp8 scale [1, 1, 1]"] = ("ok", outcome)
+            except Exception:
+                results["inductor fp8 scale [1, 1, 1]"] = ("raised", traceback.format_exc())
     finally:
         sagellm_comm.destroy()
     return results
@@ -757,6 +782,16 @@ def test_an_fp8_model_compiled_with_the_pass(gloo_outcomes) -> None:
         fp8_error = _relative_l2(unfused, unquantised)
         assert _relative_l2(fused, unquantised) <= 1.25 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
         assert _relative_l2(fused, unfused) <= 1.5 * fp8_error, f"rank {rank}: FP8 error {fp8_error:.3e}"
+
+
+@needs_fp8
+def test_a_model_with_a_static_scale_of_more_dimensions_than_x_compiles_with_the_pass(gloo_outcomes) -> None:
+    """``q`` keeps the model's shape ``[1, tokens, hidden]``: the RMSNorm is fused, the quantisation is not."""
+    for rank, (expected, got, done) in enumerate(_case(gloo_outcomes, "inductor fp8 scale [1, 1, 1]")):
+        assert done.replaced == {"rmsnorm": 1} and done.all_reduces_left == 0, f"rank {rank}: {done}"
+        assert [(t.dtype, t.shape) for t in got] == [(t.dtype, t.shape) for t in expected]
+        assert got[0].shape == (1, 21, HIDDEN)
+        assert all(_close(a, b) for a, b in zip(got, expected, strict=True)), f"rank {rank}"
 
 
 def _relative_l2(got: torch.Tensor, expected: torch.Tensor) -> float:

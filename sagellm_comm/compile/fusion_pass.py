@@ -20,11 +20,12 @@ A chain is left alone when one of its ops has a keyword argument the pattern doe
 add, ``dtype`` of a mean: Inductor's matcher does not look at them), when an intermediate value of it has a use
 outside the chain (the all-reduce result, the fp32 upcast, the un-quantised RMSNorm output of a quantised
 chain: the fused op does not return them), when its tensors differ in dtype, shape or device (a broadcast
-residual, an fp32 weight on bf16 activations), when the hidden size is over the fused kernels' limit
-(``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a constant of the graph (``torch.compile(dynamic=True)``
-turns Python floats into graph inputs; compile with the default ``dynamic=None``, or mark dimensions dynamic
-with ``torch._dynamo.mark_dynamic``), or when the static FP8 division is not an fp32 division.  What is left is
-counted in :attr:`FusionStats.all_reduces_left`.
+residual, an fp32 weight on bf16 activations), when an output of the chain is not shaped like ``x`` (a static
+FP8 scale of more dimensions than ``x`` broadcasts the quantised output to them: the RMSNorm alone is fused),
+when the hidden size is over the fused kernels' limit (``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
+constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
+default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``), or when the static FP8
+division is not an fp32 division.  What is left is counted in :attr:`FusionStats.all_reduces_left`.
 Where :mod:`sagellm_comm.fused` cannot be imported (no Triton), the pass rewrites nothing.
 """
 
@@ -208,6 +209,14 @@ def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     inputs = [match.kwargs.get(name) for name in ("x", "residual", "weight", "scale")]
     if any(isinstance(arg, torch.fx.Node) and arg in match.nodes for arg in inputs):
         return False  # an input computed inside the chain (e.g. residual = the all-reduce itself)
+    # The fused op returns new_residual and the output shaped like x; a chain whose outputs have other shapes (a
+    # static FP8 scale of more dimensions than x broadcasts q to them) is not what it computes.
+    for node in match.output_nodes()[:2]:
+        out = _value(node)
+        if not isinstance(out, torch.Tensor) or out.dim() != x.dim():
+            return False
+        if not all(_same_size(a, b) for a, b in zip(out.shape, x.shape, strict=True)):
+            return False
     if pattern.takes_scale:
         scale = _value(match.kwargs.get("scale"))
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.device != x.device:
