@@ -251,6 +251,53 @@ def test_reference_is_within_half_a_step_of_y(quant):
     assert torch.all(err <= fp8_step(q) / 2 + 1e-6), float((err / fp8_step(q)).max())
 
 
+def _non_finite_worker(rank, world_size, port):
+    """Kernels, the unfused chain (engine all-reduce + torch ops) and the reference on a ``y`` holding NaN / inf,
+    bit for bit: ``x`` is +-0.5 on every rank, so the reduced row is +-1, its mean square 1 and (eps = 0)
+    ``y = weight * sign`` exactly, the non-finite values coming from the weight."""
+    import torch.distributed as dist
+
+    from sagellm_comm.fused import quantize_fp8_reference
+
+    _, fused = _setup(rank, world_size, port)
+    fused.fallback = lambda t: (dist.all_reduce(t), t)[1]
+    g = torch.Generator().manual_seed(17)
+    rows, hidden = 3, 256
+    sign = torch.where(torch.rand(rows, hidden, generator=g) < 0.5, -1.0, 1.0)
+    finite = torch.rand(hidden, generator=g) * 4 - 2
+    nan, inf = float("nan"), float("inf")
+    cases = {"nan": {5: nan}, "inf": {130: inf}, "-inf": {7: -inf}, "nan and inf": {5: nan, 6: inf}}
+    cases["a group of nan"] = dict.fromkeys(range(128), nan)
+    checked = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        x, residual = (sign / world_size).to(dtype), torch.zeros(rows, hidden, dtype=dtype)
+        for name, values in cases.items():
+            weight = finite.clone()
+            weight[list(values)] = torch.tensor(list(values.values()))
+            weight = weight.to(dtype)
+            for quant in MODES:
+                scale = torch.tensor([0.01]) if quant == "fp8" else None
+                q_ref, s_ref = quantize_fp8_reference((weight * sign.to(dtype)).to(dtype), quant, scale)
+                want = (q_ref.view(torch.uint8), s_ref.view(torch.int32))
+                for algo in ("one_shot", "two_shot", "lamport", "unfused"):
+                    q, scales, _ = fused(x, residual, weight, 0.0, algo=algo, quant=quant, scale=scale)
+                    fused.check_errors()
+                    tag = f"{dtype} {name} {quant} {algo}"
+                    assert torch.equal(q.view(torch.uint8), want[0]), tag
+                    assert torch.equal(scales.view(torch.int32), want[1]), tag
+                    checked += 1
+                if quant != "fp8" and name in ("nan", "a group of nan"):
+                    # A NaN is NaN in its element of q only; its row's / group's scale is the other elements'.
+                    assert torch.equal(q_ref.float().isnan(), weight.isnan().expand(rows, hidden)), name
+                    finite_y = (weight.float().nan_to_num(0.0) * sign).to(dtype)
+                    assert torch.equal(s_ref, quantize_fp8_reference(finite_y, quant)[1]), name
+    return checked
+
+
+def test_nan_and_inf_in_y_give_the_same_bits_in_kernels_fallback_and_reference():
+    assert run_ranks(_non_finite_worker, 2, env=INTERP, timeout=300) == [2 * 5 * 3 * 4] * 2
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -16,6 +16,8 @@ The numerics (:func:`quantize_fp8_reference`, computed identically by the kernel
 
 * static: ``q = e4m3(clamp(y / scale, -448, 448))``;
 * dynamic: ``s = max(amax(|y|) / 448, FP8_SCALE_FLOOR)`` over the row (or group), ``q = e4m3(clamp(y / s, ...))``;
+  the amax ignores NaN, so a NaN in ``y`` is NaN in that element of ``q`` only and leaves its row's (group's)
+  scale as the other elements make it (an infinity counts: the scale is inf, ``q`` 0 or NaN at the inf);
 
 every division an IEEE fp32 division (rounded to nearest, never a multiplication by a reciprocal, which would
 round twice), the conversion round-to-nearest-even.  ``FP8_SCALE_FLOOR = 2**-117``: the smallest scale for
@@ -111,12 +113,19 @@ def quantize_fp8_reference(
     # A tensor divisor: torch divides a CUDA tensor by a Python number as a multiplication by its reciprocal.
     fp8_max = torch.full((), FP8_MAX, dtype=torch.float32, device=v.device)
     if quant == "fp8_per_token":
-        s = (v.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
+        s = (_amax_ignoring_nan(v) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
         return (v / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
     groups = v.reshape(*v.shape[:-1], v.shape[-1] // FP8_GROUP_SIZE, FP8_GROUP_SIZE)
-    s = (groups.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
+    s = (_amax_ignoring_nan(groups) / fp8_max).clamp(min=FP8_SCALE_FLOOR)
     q = (groups / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.reshape(v.shape), s.squeeze(-1)
+
+
+def _amax_ignoring_nan(v: torch.Tensor) -> torch.Tensor:
+    """``max(|v|)`` over the last dimension (kept), NaN ignored as the kernels' ``tl.max`` does (0 where every
+    element is NaN); an infinity counts."""
+    magnitude = v.abs()
+    return torch.where(magnitude.isnan(), 0.0, magnitude).amax(-1, keepdim=True)
 
 
 def unfused_tail(

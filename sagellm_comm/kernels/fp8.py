@@ -9,7 +9,8 @@ Numerics (the host's reference quantiser, ``sagellm_comm/fused/fp8.py``, compute
   division rounded to nearest (``div.rn.f32``, not a multiplication by ``1 / s``, which rounds twice), a clamp
   that keeps NaN, then one round-to-nearest-even conversion (``cvt.rn.satfinite.e4m3x2.f32`` on the GPU);
 * a dynamic scale of a set of values (a row, a 128-element group or block) is
-  ``s = max(amax / 448, FP8_SCALE_FLOOR)``, ``amax`` the largest magnitude, the division rounded to nearest;
+  ``s = max(amax / 448, FP8_SCALE_FLOOR)``, ``amax`` the largest magnitude (``tl.max``: NaN ignored), the
+  division rounded to nearest;
 * ``FP8_SCALE_FLOOR = 2**-117``: the smallest scale for which every non-zero FP8 value times the scale
   (``>= 2**-9 * s = 2**-126``) is a normal fp32 number, so a dequantised value never becomes an fp32
   subnormal that a flush-to-zero GEMM epilogue would drop; an all-zero set gets this scale (and ``q = 0``)
