@@ -481,6 +481,37 @@ def test_passes_is_one_custom_graph_pass_with_a_uuid() -> None:
     assert isinstance(uuid, str) and uuid == fusion.passes().uuid()
 
 
+def test_cache_hits_count_only_graphs_compiled_with_the_pass(monkeypatch, tmp_path) -> None:
+    """Each function is compiled, then loaded from Inductor's FX-graph cache: the hit of the one compiled with
+    the pass counts, the hit of the one compiled without it does not (nor a uuid() asked for outside Inductor)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache: the first compilations miss
+
+    def with_pass(a):
+        return torch.cos(a) * 3 - 1
+
+    def without_pass(a):
+        return torch.sin(a) * 2 + 1
+
+    a = torch.randn(8)
+    hits_before = counters["inductor"]["fxgraph_cache_hit"]
+    with config.patch(fx_graph_cache=True):
+        fusion.reset_stats()
+        for compiled, fn in ((fusion.compile, with_pass), (torch.compile, without_pass)):
+            for _ in range(2):
+                torch._dynamo.reset()
+                torch.testing.assert_close(compiled(fn)(a), fn(a))
+        fusion.passes().uuid()
+        torch._dynamo.reset()
+        torch.compile(without_pass)(a)
+        done = fusion.stats()
+    torch._dynamo.reset()
+    assert counters["inductor"]["fxgraph_cache_hit"] - hits_before == 3  # one with the pass, two without
+    assert done.graphs == 1 and done.cache_hits == 1, done
+
+
 def test_install_keeps_a_pass_already_there_and_uninstall_restores_it() -> None:
     from torch._inductor import config
 

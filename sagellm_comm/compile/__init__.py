@@ -23,8 +23,9 @@ Use::
     scc.install()                                          # the same, kept beside a pass already set there
 
 The pass is an Inductor ``CustomGraphPass`` with a ``uuid()``, so Inductor's FX-graph cache stays on: a graph
-loaded from the cache was rewritten when it was compiled and is counted in :attr:`FusionStats.cache_hits`,
-not in :attr:`FusionStats.replaced`.  Forward-only (inference), like the ops it rewrites.
+loaded from the cache was rewritten when it was compiled and is counted in :attr:`FusionStats.cache_hits`
+(graphs compiled with the pass only), not in :attr:`FusionStats.replaced`.  Forward-only (inference), like the
+ops it rewrites.
 """
 
 from __future__ import annotations

@@ -85,8 +85,9 @@ class FusionStats:
     """What the pass did in this process since the last :func:`reset_stats`.
 
     ``replaced``: pattern name -> chains rewritten (only names that were); ``graphs``: graphs the pass ran on;
-    ``all_reduces_left``: SUM all-reduces of those graphs it left as they were; ``cache_hits``: graphs Inductor
-    loaded from its FX-graph cache instead of compiling (rewritten when first compiled, not counted again)."""
+    ``all_reduces_left``: SUM all-reduces of those graphs it left as they were; ``cache_hits``: graphs compiled
+    with the pass that Inductor loaded from its FX-graph cache instead of compiling (rewritten when first
+    compiled, not counted again); cache hits of compilations without the pass are not counted."""
 
     replaced: dict[str, int] = field(default_factory=dict)
     graphs: int = 0
@@ -103,28 +104,67 @@ _STATS_LOCK = threading.Lock()
 _REPLACED: collections.Counter[str] = collections.Counter()
 _GRAPHS = 0
 _LEFT = 0
-_CACHE_BASE = 0
+_CACHE_HITS = 0
+# The process's FX-graph cache (hits, lookups) when Inductor last computed the cache key of a graph compiled with
+# the pass (it calls the pass's uuid() to do so), until that graph's lookup is known to have hit or not.
+_KEYED_AT: tuple[int, int] | None = None
 
 
-def _cache_hits() -> int:
+def _fx_cache_counts() -> tuple[int, int]:
+    """Inductor's FX-graph cache counters of this process: ``(hits, hits + misses)``."""
     from torch._dynamo.utils import counters
 
-    return int(counters["inductor"]["fxgraph_cache_hit"])
+    hits = int(counters["inductor"]["fxgraph_cache_hit"])
+    return hits, hits + int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+def _key_computed() -> None:
+    """Inductor is keying a graph compiled with the pass (under ``_STATS_LOCK``)."""
+    global _KEYED_AT
+    _settle_key()
+    _KEYED_AT = _fx_cache_counts()
+
+
+def _settle_key() -> None:
+    """Count the graph keyed last if its lookup hit (under ``_STATS_LOCK``).
+
+    After its key, Inductor looks the graph up once (an AOTAutograd cache hit loads it through the same lookup);
+    on a miss it compiles the graph at once, running the pass (:func:`_compiled`, which forgets the key) before
+    any other graph is looked up.  So while the key is pending, a hit since it is that graph's, and a lookup
+    without a hit is its miss."""
+    global _CACHE_HITS, _KEYED_AT
+    if _KEYED_AT is None:
+        return
+    hits, lookups = _fx_cache_counts()
+    if hits < _KEYED_AT[0] or lookups < _KEYED_AT[1]:
+        _KEYED_AT = None  # the counters were cleared: that lookup cannot be told
+    elif hits > _KEYED_AT[0]:
+        _CACHE_HITS += 1
+        _KEYED_AT = None
+    elif lookups > _KEYED_AT[1]:
+        _KEYED_AT = None
+
+
+def _compiled() -> None:
+    """The pass runs on a graph (under ``_STATS_LOCK``): the graph keyed last, if any, was not a cache hit."""
+    global _KEYED_AT
+    _KEYED_AT = None
 
 
 def stats() -> FusionStats:
     """The rewrites of every :class:`AllReduceFusionPass` of this process since :func:`reset_stats`."""
     with _STATS_LOCK:
-        return FusionStats(dict(_REPLACED), _GRAPHS, _LEFT, _cache_hits() - _CACHE_BASE)
+        _settle_key()
+        return FusionStats(dict(_REPLACED), _GRAPHS, _LEFT, _CACHE_HITS)
 
 
 def reset_stats() -> None:
     """Zero :func:`stats`."""
-    global _GRAPHS, _LEFT, _CACHE_BASE
+    global _GRAPHS, _LEFT, _CACHE_HITS
     with _STATS_LOCK:
+        _settle_key()
         _REPLACED.clear()
-        _GRAPHS = _LEFT = 0
-        _CACHE_BASE = _cache_hits()
+        _GRAPHS = _LEFT = _CACHE_HITS = 0
 
 
 # ============================================================================ matching
@@ -330,6 +370,8 @@ class AllReduceFusionPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         global _GRAPHS, _LEFT
+        with _STATS_LOCK:
+            _compiled()
         sites = _sum_all_reduces(graph)
         replaced: collections.Counter[str] = collections.Counter()
         if _fused_limits() is None:
@@ -351,5 +393,13 @@ class AllReduceFusionPass(CustomGraphPass):
             _LEFT += len(_sum_all_reduces(graph))
 
     def uuid(self) -> str:
-        """Changes with this package's pattern sources, the ops' schemas and the FP8 modes available."""
+        """Changes with this package's pattern sources, the ops' schemas and the FP8 modes available.
+
+        Inductor calls it while it keys a graph compiled with the pass, which is how :func:`stats` tells the
+        cache hits of those graphs from the process's others."""
+        from torch._guards import TracingContext
+
+        if TracingContext.try_get() is not None:  # a compilation, not a caller asking for the id
+            with _STATS_LOCK:
+                _key_computed()
         return _source_hash()
