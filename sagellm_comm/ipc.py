@@ -112,14 +112,14 @@ class CudaIpcMemory(PeerMemory):
         with self._on_device():
             return bytes(self._rt.ipcGetMemHandle(ptr))
 
-    def export_range(self, ptr: int) -> tuple[bytes, int]:
-        """``(handle, offset)`` for any device address ``ptr``: the IPC handle of the allocation that holds it
-        (e.g. a caching-allocator segment) and ``ptr``'s offset in it; a peer adds the offset to the address
-        :meth:`open` gives it."""
+    def export_range(self, ptr: int) -> tuple[bytes, int, int]:
+        """``(handle, offset, size)`` for any device address ``ptr``: the IPC handle of the allocation that holds
+        it (e.g. a caching-allocator segment), ``ptr``'s offset in it and the allocation's size; a peer adds the
+        offset to the address :meth:`open` gives it."""
         with self._on_device():
-            base, _ = cuda_allocation(ptr)
+            base, size = cuda_allocation(ptr)
             try:
-                return bytes(self._rt.ipcGetMemHandle(base)), ptr - base
+                return bytes(self._rt.ipcGetMemHandle(base)), ptr - base, size
             except Exception as exc:
                 raise P2PFailedError(
                     f"cudaIpcGetMemHandle failed for the allocation at {base:#x} on {self.device}: {exc}. Memory "

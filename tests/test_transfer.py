@@ -455,7 +455,7 @@ def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
 
 # ============================================================================ auto: which transport, and why
 def _auto_worker(rank, world_size, port):
-    from sagellm_comm.errors import BackendNotSupportedError
+    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
     from sagellm_comm.transfer import TransferAgent
 
     out = {}
@@ -482,8 +482,8 @@ def _auto_worker(rank, world_size, port):
     del os.environ["SAGELLM_COMM_HOSTNAME"]
     a.add_peer(meta_e)
     out["other_host"] = (a.peer_backend("e"), a.backend_reason("e"))
-    # Malformed ipc metadata (a probe token that is not hex): a typed refusal that lets go of what it took (the
-    # peer's ring slot, files, mappings), however often it is tried; the real metadata then connects.
+    # Malformed ipc metadata (a probe token that is not hex): a typed refusal naming the field, before anything
+    # is taken (the peer's ring slot, files, mappings), however often it is tried; the real metadata then connects.
     import json
 
     from sagellm_comm.transfer.metadata import MAGIC
@@ -498,8 +498,8 @@ def _auto_worker(rank, world_size, port):
             fds = len(os.listdir("/proc/self/fd"))
         try:
             f.add_peer(MAGIC + json.dumps(body).encode())
-        except BackendNotSupportedError as exc:
-            errors.add("not-hex" in str(exc) or "non-hexadecimal" in str(exc))
+        except InvalidArgumentError as exc:
+            errors.add("'token' must be 16 bytes in hexadecimal, got 'not-hex'" in str(exc))
     # (Other agents' NIXL threads may open a file meanwhile: a leak would be one or more per try, 35 here.)
     kept = len(os.listdir("/proc/self/fd")) - fds <= 2
     out["malformed"] = (errors, kept, f.add_peer(b.metadata()))
@@ -515,6 +515,73 @@ def test_auto_picks_ipc_on_one_host_and_nixl_otherwise_and_says_why():
     assert "process-private" in out["explicit_ipc_private"]
     assert out["other_host"][0] == "nixl" and "runs on host 'node-b'" in out["other_host"][1], out["other_host"]
     assert out["malformed"] == ({True}, True, "b"), out["malformed"]
+
+
+# ============================================================================ a transport's part of the metadata
+def _sections_worker(rank, world_size, port, backend):
+    import json
+
+    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    a, b = TransferAgent("a", backend), TransferAgent("b", backend)
+    src = a.allocate("kv", 4096, torch.uint8)
+    dst = b.allocate("kv", 4096, torch.uint8)
+    good = json.loads(b.metadata()[len(MAGIC) :])
+
+    def variant(change):
+        body = json.loads(json.dumps(good))
+        change(body, body["transports"][backend])
+        return MAGIC + json.dumps(body).encode()
+
+    cases = {
+        "section empty": lambda body, t: t.clear(),
+        "regions not an object": lambda body, t: t.__setitem__("regions", 5),
+        "region entry malformed": lambda body, t: t["regions"].__setitem__("kv", [1] if backend == "nixl" else 5),
+        "region missing": lambda body, t: t["regions"].pop("kv"),
+        # A region claimed larger than the memory behind it (ipc: its file; NIXL: its registration).
+        "region inflated": lambda body, t: body["regions"]["kv"].__setitem__("nbytes", 1 << 30),
+    }
+    if backend == "ipc":
+        cases["token not hex"] = lambda body, t: t["probe"].__setitem__("token", "zz" * 16)
+        cases["unreachable not an object"] = lambda body, t: t.__setitem__("unreachable", [1])
+        cases["inflated with its size"] = lambda body, t: (
+            body["regions"]["kv"].__setitem__("nbytes", 1 << 30),
+            t["regions"]["kv"].__setitem__("size", 1 << 31),
+        )
+    else:
+        cases["agent not base64"] = lambda body, t: t.__setitem__("agent", "\u00e9t\u00e9")
+    refused = {}
+    peer = a.add_peer(b.metadata())
+    src[:] = 3
+    for label, change in cases.items():
+        try:
+            a.add_peer(variant(change))
+            refused[label] = "accepted"
+        except (InvalidArgumentError, BackendNotSupportedError) as exc:
+            refused[label] = type(exc).__name__
+        # A refused update leaves the peer as it was: it still moves bytes.
+        a.write(peer, "kv", "kv", [(0, 0, 64)]).wait(10)
+    moved = [bool(dst[:64].eq(3).all())]
+    # The same agent with a new region: connected anew while the old link still stands, then the old one goes.
+    prepared = a.prepare(peer, "kv", "kv", 64)
+    more = b.allocate("more", 4096, torch.uint8)
+    a.add_peer(b.metadata())
+    a.write(peer, "kv", "more", [(0, 64, 64)], notify=b"more").wait(10)
+    moved.append(bool(more[64:128].eq(3).all()) and prepared.released)
+    moved.append(_wait_notes(b, 1) == [("a", b"more")])
+    a.close()
+    b.close()
+    return refused, moved
+
+
+@pytest.mark.parametrize("backend", ["nixl", "ipc"])
+def test_a_malformed_or_inflated_transport_section_is_refused_and_the_known_peer_kept(backend):
+    ((refused, moved),) = run_ranks(_sections_worker, 1, backend, timeout=120.0, env=ENVS[backend])
+    assert moved == [True, True, True], moved
+    assert "accepted" not in refused.values(), refused
+    assert len(refused) == (8 if backend == "ipc" else 6), refused
 
 
 # ============================================================================ peers added again

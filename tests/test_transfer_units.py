@@ -298,6 +298,77 @@ def test_metadata_round_trips_and_refuses_foreign_bytes():
             AgentMetadata.decode(bad)
 
 
+def _mutated(meta: AgentMetadata, change) -> bytes:
+    import copy
+    import json
+
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    body = json.loads(meta.encode()[len(MAGIC) :])
+    body = copy.deepcopy(body)
+    change(body)
+    return MAGIC + json.dumps(body).encode()
+
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+
+    def change(body):
+        for key in path[:-1]:
+            body = body[key]
+        body[path[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_set("pid", float("inf")), "'pid' must be an integer"),
+        (_set("pid", 1.7), "'pid' must be an integer"),
+        (_set("pid", True), "'pid' must be an integer"),
+        (_set("name", None), "'name' must be a string"),
+        (_set("name", ""), "'name' must be a printable string"),
+        (_set("name", {"x": 1}), "'name' must be a string"),
+        (_set("name", "a\nb"), "'name' must be a printable string"),
+        (_set("incarnation", 5), "'incarnation' must be a string"),
+        (_set("regions", "kv", "nbytes", 0), "'nbytes' must be an integer in 1.."),
+        (_set("regions", "kv", "nbytes", -5), "'nbytes' must be an integer"),
+        (_set("regions", "kv", "nbytes", 2**80), "'nbytes' must be an integer"),
+        (_set("regions", "kv", "nbytes", 1000.5), "'nbytes' must be an integer"),
+        (_set("regions", "kv", "nbytes", 4094), "'nbytes' must be a multiple of 4"),
+        (_set("regions", "kv", "dtype", "bogus"), "'dtype' must be a torch dtype name"),
+        (_set("regions", "kv", "dtype", "Tensor"), "'dtype' must be a torch dtype name"),
+        (_set("regions", "kv", "itemsize", 2), "'itemsize' must be an integer in 4..4"),
+        (_set("regions", "kv", "device", "tpu"), "'device' must be 'cpu' or 'cuda'"),
+        (_set("regions", "kv", "device_index", -7), "'device_index' must be an integer"),
+        (_set("regions", "kv", 5), "region 'kv' must be an object"),
+        (_set("regions", []), "'regions' must be an object"),
+        (_set("regions", "", {"nbytes": 4, "dtype": "uint8", "itemsize": 1, "device": "cpu"}), "region ''"),
+        (_set("transports", []), "'transports' must be an object"),
+        (_set("transports", "nixl", [1, 2]), "transport 'nixl' must be an object"),
+        (lambda body: body.pop("host"), "has no 'host'"),
+    ],
+)
+def test_metadata_checks_every_field_and_names_the_bad_one(change, words):
+    """Metadata comes from another process: a field of the wrong type or out of range is refused, naming it,
+    never converted (a float pid truncated, a name of None taken as 'None') and never an untyped error."""
+    meta = local_identity("decode-0", "abc")
+    meta.regions = {"kv": F32}
+    meta.transports = {"nixl": {"agent": "AAEC", "regions": {"kv": [1, 4096, 0]}}}
+    with pytest.raises(InvalidArgumentError, match=words):
+        AgentMetadata.decode(_mutated(meta, change))
+
+
+def test_metadata_refuses_deep_nesting_and_oversized_bytes():
+    from sagellm_comm.transfer.metadata import MAGIC, MAX_METADATA_BYTES
+
+    with pytest.raises(InvalidArgumentError, match="not JSON"):
+        AgentMetadata.decode(MAGIC + b'{"name":' + b"[" * 100000 + b"]" * 100000 + b"}")
+    with pytest.raises(InvalidArgumentError, match="more than"):
+        AgentMetadata.decode(MAGIC + b" " * MAX_METADATA_BYTES)
+
+
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_lists_builtins_best_first_and_registers_third_party_backends():
     names = registry.list_transfer_backends()

@@ -118,7 +118,7 @@ class _Side:
             from sagellm_comm.ipc import CudaIpcMemory
             from sagellm_comm.transfer.metadata import b64
 
-            handle, offset = CudaIpcMemory(self.plan.device).export_range(ptr)
+            handle, offset, _ = CudaIpcMemory(self.plan.device).export_range(ptr)
             return {"address": ptr, "handle": b64(handle), "offset": offset}
         from sagellm_comm.transfer.shared import shared_file_of
 

@@ -240,7 +240,9 @@ class TransferAgent:
 
         Each transport this agent runs is tried, best first, and the first that reaches the peer is used for
         every transfer with it; :meth:`peer_backend` and :meth:`backend_reason` say which and why.  A peer of
-        that name already known (a restarted peer, or new regions) is removed first.
+        that name already known is replaced: a restarted one (another incarnation) is removed first; the same
+        agent (new regions) once the new metadata connected, so that metadata refused leaves the peer as it was.
+        The replaced peer's transfers in flight fail with ``PeerLostError``, its prepared pools are released.
         """
         meta = AgentMetadata.decode(metadata)
         with self.lock:
@@ -249,8 +251,10 @@ class TransferAgent:
                 raise InvalidArgumentError(
                     f"the metadata is of an agent named {meta.name!r}, this agent's own name: names must be unique"
                 )
-            if meta.name in self._peers:
-                self.remove_peer(meta.name)
+            old = self._peers.get(meta.name)
+            if old is not None and old.meta.incarnation != meta.incarnation:
+                self.remove_peer(meta.name)  # a restarted peer: the process the old link reached is gone
+                old = None
             failures: dict[str, str] = {}
             for name, backend in self._backends.items():
                 if name not in meta.transports:
@@ -262,6 +266,8 @@ class TransferAgent:
                     failures[name] = exc.message
                     continue
                 reason = self._reason(name, failures)
+                if old is not None:
+                    self._drop(old)
                 self._peers[meta.name] = _Peer(meta, backend, link, reason)
                 same_gpu_host = meta.same_host(local_identity(self.name, self.incarnation)) and any(
                     r.device == "cuda" for r in meta.regions.values()
@@ -287,12 +293,15 @@ class TransferAgent:
         Unknown peers raise ``InvalidArgumentError``."""
         with self.lock:
             self._abort_deferred()
-            entry = self._peer(peer)
-            for prepared in list(entry.prepared):
-                self.release_prepared(prepared)
-            entry.link.removed = True
-            entry.backend.disconnect(entry.link)
+            self._drop(self._peer(peer))
             del self._peers[peer]
+
+    def _drop(self, entry: _Peer) -> None:
+        """Release ``entry``'s prepared pools and disconnect its link (the caller holds the lock)."""
+        for prepared in list(entry.prepared):
+            self.release_prepared(prepared)
+        entry.link.removed = True
+        entry.backend.disconnect(entry.link)
 
     def peer_backend(self, peer: str) -> str:
         """The transport moving this agent's transfers with ``peer``."""

@@ -55,8 +55,25 @@ class RegionInfo:
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> RegionInfo:
-        return cls(name, int(data["nbytes"]), str(data["dtype"]), int(data["itemsize"]), str(data["device"]),
-                   int(data.get("device_index", 0)))  # fmt: skip
+        """The region ``name`` of a peer's metadata, each field checked (``InvalidArgumentError`` naming it): a
+        positive size, a torch dtype and its element size, ``cpu`` or ``cuda``, a device ordinal."""
+        from sagellm_comm.transfer.metadata import MetadataField
+
+        check = MetadataField(f"region {name!r}")
+        data = check.mapping(data)
+        dtype = check.item(data, "dtype").text(32)
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise MetadataField(f"region {name!r}: 'dtype'", dtype)._bad("a torch dtype name")
+        itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        info = cls(
+            name, check.item(data, "nbytes").integer(1, 1 << 62), dtype,
+            check.item(data, "itemsize").integer(itemsize, itemsize), check.item(data, "device").choice("cpu", "cuda"),
+            check.get(data, "device_index", 0).integer(0, 1 << 16),
+        )  # fmt: skip
+        if info.nbytes % itemsize:
+            raise MetadataField(f"region {name!r}: 'nbytes'", info.nbytes)._bad(f"a multiple of {itemsize}")
+        return info
 
 
 @dataclass(frozen=True)

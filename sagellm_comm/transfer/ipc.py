@@ -25,6 +25,7 @@ whose peer died before the completion was observed fails with ``PeerLostError``.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from abc import abstractmethod
@@ -48,7 +49,7 @@ from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, Tr
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
 from sagellm_comm.transfer.ipc_memory import CudaEvents, PeerMaps, Staging, device_memory
 from sagellm_comm.transfer.ipc_resident import ResidentCopier
-from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
+from sagellm_comm.transfer.metadata import AgentMetadata, MetadataField, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox
 from sagellm_comm.transfer.registry import register_transfer_backend
 from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of
@@ -217,12 +218,12 @@ class IpcBackend(TransferBackend):
         self.token = secrets.token_bytes(TOKEN_BYTES)
         if cuda:
             self.probe = self.memory.allocate(PROBE_BYTES)
-            probe = {"handle": b64(self.memory.export(self.probe))}
+            probe = {"handle": b64(self.memory.export(self.probe)), "size": PROBE_BYTES}
         else:
             self._probe_tensor = shared_cpu_tensor(PROBE_BYTES, torch.uint8)
             self.probe = self._probe_tensor.data_ptr()
             path, offset = shared_file_of(self.probe, PROBE_BYTES)
-            probe = {"path": path, "offset": offset}
+            probe = {"path": path, "offset": offset, "size": os.path.getsize(path)}
         self.probe_export = {"address": self.probe, "token": self.token.hex(), **probe}
         self._bytes_at(self.probe, TOKEN_BYTES).copy_(torch.frombuffer(bytearray(self.token), dtype=torch.uint8))
         self.counter = torch.zeros(1, dtype=torch.int64, device=device)
@@ -279,12 +280,12 @@ class IpcBackend(TransferBackend):
             raise BackendNotSupportedError(f"region {info.name!r} is on cuda:{info.device_index}, not {self.device}")
         export = {"address": region.ptr}
         try:
-            if info.device == "cuda":
-                handle, offset = self.memory.export_range(region.ptr)
-                export.update(handle=b64(handle), offset=offset)
+            if info.device == "cuda":  # size: of the allocation the handle maps, for the peer's bounds check
+                handle, offset, size = self.memory.export_range(region.ptr)
+                export.update(handle=b64(handle), offset=offset, size=size)
             else:
                 path, offset = shared_file_of(region.ptr, info.nbytes)
-                export.update(path=path, offset=offset)
+                export.update(path=path, offset=offset, size=os.path.getsize(path))
         except P2PFailedError as exc:
             raise BackendNotSupportedError(exc.message) from None
         self.exports[info.name] = export
@@ -311,7 +312,7 @@ class IpcBackend(TransferBackend):
 
     # ------------------------------------------------------------------ peers
     def connect(self, peer: AgentMetadata) -> IpcLink:
-        me, blob = self.context.identity, peer.transports["ipc"]
+        me, blob = self.context.identity, _peer_section(peer)
         if not peer.same_host(me):
             raise BackendNotSupportedError(
                 f"peer {peer.name!r} runs on host {peer.host!r} and this agent on {me.host!r}: CUDA IPC maps memory "
@@ -331,7 +332,7 @@ class IpcBackend(TransferBackend):
         try:
             in_process = peer.same_process(me)
             for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
-                link.addresses[name] = export["address"] if in_process else self._open(link.maps, export)
+                link.addresses[name] = self._open(link.maps, export, in_process)
             link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
             link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
             link.published_addr = link.published.data_ptr()
@@ -339,7 +340,7 @@ class IpcBackend(TransferBackend):
                 address, nbytes = link.outbox.slot_range
                 self.memory.host_register(address, nbytes)
                 link.registered = (address, nbytes)
-            self._probe(link, bytes.fromhex(blob["probe"]["token"]))
+            self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
             if isinstance(exc, BackendNotSupportedError) or not isinstance(exc, Exception):
@@ -349,9 +350,21 @@ class IpcBackend(TransferBackend):
         self.links.append(link)
         return link
 
-    def _open(self, maps: PeerMaps, export: dict) -> int:
-        key = unb64(export["handle"]) if "handle" in export else export["path"]
-        return maps.open(key) + int(export.get("offset", 0))
+    def _open(self, maps: PeerMaps, export: dict, in_process: bool) -> int:
+        if "path" in export:  # what the peer's metadata claims, against the file itself
+            path = export["path"]
+            try:
+                size = os.stat(path).st_size
+            except OSError as exc:
+                raise BackendNotSupportedError(f"peer region {path} cannot be read: {exc}") from None
+            if export["offset"] + export["nbytes"] > size:
+                raise BackendNotSupportedError(
+                    f"the peer's metadata puts {export['nbytes']} bytes at offset {export['offset']} of {path}, a "
+                    f"file of {size} bytes"
+                )
+        if in_process:
+            return export["address"]
+        return maps.open(export.get("handle", export.get("path"))) + export["offset"]
 
     def _probe(self, link: IpcLink, token: bytes) -> None:
         """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
@@ -701,6 +714,62 @@ class IpcBackend(TransferBackend):
                 if drained:
                     self.events.close()
             self._probe_tensor = None
+
+
+def _peer_section(peer: AgentMetadata) -> dict:
+    """The peer's ``ipc`` section, every field checked (``InvalidArgumentError`` naming it), handles decoded, the
+    probe token as bytes, each export given its region's size (``nbytes``) and checked to lie inside the memory
+    it names (``size``: the file or the CUDA allocation)."""
+    top = MetadataField(f"peer {peer.name!r}'s ipc section", peer.transports["ipc"])
+    blob = top.mapping()
+    unreachable = top.get(blob, "unreachable", {}).mapping()
+    for name, why in unreachable.items():
+        MetadataField(f"{top.what}: 'unreachable' {name!r}", why).text()
+    exports_field = top.item(blob, "regions")
+    exports = exports_field.mapping()
+    section = {
+        "device": top.item(blob, "device").choice("cpu", "cuda"),
+        "inbox": top.item(blob, "inbox").text(),
+        "unreachable": unreachable,
+        "probe": _export(top.item(blob, "probe"), PROBE_BYTES),
+        "regions": {},
+    }
+    token = top.item(blob["probe"], "token")
+    try:
+        section["probe"]["token"] = bytes.fromhex(token.text(2 * TOKEN_BYTES))
+    except ValueError:
+        raise token._bad(f"{TOKEN_BYTES} bytes in hexadecimal") from None
+    if len(section["probe"]["token"]) != TOKEN_BYTES:
+        raise token._bad(f"{TOKEN_BYTES} bytes in hexadecimal")
+    for name, info in peer.regions.items():
+        if name in unreachable:
+            continue
+        if name not in exports:
+            raise exports_field._bad(f"an export of every region (region {name!r} has none)")
+        section["regions"][name] = _export(MetadataField(f"{exports_field.what} {name!r}", exports[name]), info.nbytes)
+    return section
+
+
+def _export(field: MetadataField, nbytes: int) -> dict:
+    """One export (a region's or the probe's) of a peer's ipc section, checked; ``nbytes``: what must fit."""
+    data = field.mapping()
+    export = {
+        "address": field.item(data, "address").integer(0, (1 << 64) - 1),
+        "offset": field.get(data, "offset", 0).integer(0, 1 << 62),
+        "size": field.item(data, "size").integer(1, 1 << 62),
+        "nbytes": nbytes,
+    }
+    if "handle" in data:
+        handle = field.item(data, "handle")
+        try:
+            export["handle"] = unb64(handle.text(256))
+        except ValueError:
+            raise handle._bad("a CUDA IPC handle in base64") from None
+    else:
+        export["path"] = field.item(data, "path").text()
+    if export["offset"] + nbytes > export["size"]:
+        raise field._bad(f"an export holding {nbytes} bytes at its offset (its memory is {export['size']} bytes)")
+    return export
 
 
 register_transfer_backend("ipc", IpcBackend, is_available=ipc_available, priority=100)

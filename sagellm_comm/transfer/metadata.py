@@ -74,6 +74,8 @@ class AgentMetadata:
 
     @classmethod
     def decode(cls, data: bytes) -> AgentMetadata:
+        """The metadata in ``data``; every field is checked for its type and range (the bytes come from another
+        process): anything else is an :class:`InvalidArgumentError` naming the field."""
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)
         if not isinstance(data, bytes) or not data.startswith(MAGIC):
@@ -81,19 +83,89 @@ class AgentMetadata:
             raise InvalidArgumentError(
                 f"not a transfer agent's metadata (expected bytes from TransferAgent.metadata(), got {head!r})"
             )
+        if len(data) > MAX_METADATA_BYTES:
+            raise InvalidArgumentError(f"transfer agent metadata of {len(data)} bytes: more than {MAX_METADATA_BYTES}")
         try:
             body = json.loads(data[len(MAGIC) :])
-            return cls(
-                name=str(body["name"]),
-                incarnation=str(body["incarnation"]),
-                host=str(body["host"]),
-                boot_id=str(body["boot_id"]),
-                pid=int(body["pid"]),
-                regions={name: RegionInfo.from_json(name, info) for name, info in body["regions"].items()},
-                transports={str(k): dict(v) for k, v in body["transports"].items()},
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidArgumentError(f"transfer agent metadata is malformed: {exc!r}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+            raise InvalidArgumentError(f"transfer agent metadata is not JSON: {exc!r}") from None
+        top = MetadataField("the metadata")
+        body = top.mapping(body)
+        regions = top.item(body, "regions").mapping()
+        transports = top.item(body, "transports").mapping()
+        return cls(
+            name=top.item(body, "name").name(),
+            incarnation=top.item(body, "incarnation").text(),
+            host=top.item(body, "host").text(),
+            boot_id=top.item(body, "boot_id").text(),
+            pid=top.item(body, "pid").integer(0, 1 << 31),
+            regions={
+                MetadataField(f"region {name!r}").check_name(name): RegionInfo.from_json(name, info)
+                for name, info in regions.items()
+            },
+            transports={name: MetadataField(f"transport {name!r}").mapping(blob) for name, blob in transports.items()},
+        )
+
+
+MAX_METADATA_BYTES = 16 << 20  # far above what thousands of regions take
+
+
+class MetadataField:
+    """One value of a peer's metadata being read: typed accessors that raise :class:`InvalidArgumentError` naming
+    the field (``what``) when the value is missing, of another type or out of range.  Transports read their own
+    sections with it too."""
+
+    def __init__(self, what: str, value: object = None):
+        self.what = what
+        self.value = value
+
+    def item(self, mapping: dict, key: str) -> MetadataField:
+        if key not in mapping:
+            raise InvalidArgumentError(f"transfer agent metadata is malformed: {self.what} has no {key!r}")
+        return MetadataField(f"{self.what}: {key!r}", mapping[key])
+
+    def get(self, mapping: dict, key: str, default: object) -> MetadataField:
+        return MetadataField(f"{self.what}: {key!r}", mapping.get(key, default))
+
+    def _bad(self, expected: str) -> InvalidArgumentError:
+        shown = repr(self.value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return InvalidArgumentError(
+            f"transfer agent metadata is malformed: {self.what} must be {expected}, got {shown}"
+        )
+
+    def mapping(self, value: object = None) -> dict:
+        value = self.value if value is None else value
+        if not isinstance(value, dict):
+            self.value = value
+            raise self._bad("an object")
+        return value
+
+    def text(self, limit: int = 4096) -> str:
+        if not isinstance(self.value, str) or len(self.value) > limit:
+            raise self._bad(f"a string of at most {limit} characters")
+        return self.value
+
+    def name(self) -> str:
+        value = self.text(128)
+        if not value or not value.isprintable():
+            raise self._bad("a printable string of 1..128 characters")
+        return value
+
+    def check_name(self, value: str) -> str:
+        self.value = value
+        return self.name()
+
+    def integer(self, low: int, high: int) -> int:
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._bad(f"an integer in {low}..{high}")
+        return value
+
+    def choice(self, *options: str) -> str:
+        if self.value not in options:
+            raise self._bad(" or ".join(repr(o) for o in options))
+        return self.value
 
 
 def local_identity(name: str, incarnation: str) -> AgentMetadata:
@@ -105,4 +177,5 @@ def b64(data: bytes) -> str:
 
 
 def unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
+    """The bytes of base64 ``text``; ``ValueError`` for anything that is not base64."""
+    return base64.b64decode(text.encode("ascii"), validate=True)

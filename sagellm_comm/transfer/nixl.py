@@ -32,7 +32,7 @@ from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgu
 from sagellm_comm.transfer import ucx_log
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo
-from sagellm_comm.transfer.metadata import AgentMetadata, b64, unb64
+from sagellm_comm.transfer.metadata import MAX_METADATA_BYTES, AgentMetadata, MetadataField, b64, unb64
 from sagellm_comm.transfer.registry import register_transfer_backend
 
 logger = logging.getLogger("sagellm_comm.transfer")
@@ -226,15 +226,12 @@ class NixlBackend(TransferBackend):
         return {"agent": b64(self.agent.get_agent_metadata()), "regions": dict(self.addresses)}
 
     def connect(self, peer: AgentMetadata) -> NixlLink:
-        blob = peer.transports["nixl"]
-        missing = sorted(set(peer.regions) - set(blob["regions"]))
-        if missing:
-            raise BackendNotSupportedError(f"peer {peer.name!r} did not register {missing} with NIXL")
+        agent_metadata, regions = _peer_section(peer)
         parked = self.parked.pop(peer.name, None)
         if parked is not None and parked != peer.incarnation:  # a restarted peer: NIXL loads it anew only
             self._unload(peer.name)
         try:
-            name = self.agent.add_remote_agent(unb64(blob["agent"]))  # a parked one is updated in place
+            name = self.agent.add_remote_agent(agent_metadata)  # a parked one is updated in place
         except Exception as exc:
             if not _is_nixl_error(exc):
                 raise
@@ -247,7 +244,7 @@ class NixlBackend(TransferBackend):
                 raise
             self.agent.remove_remote_agent(name)
             raise BackendNotSupportedError(f"NIXL cannot connect to peer {peer.name!r}: {exc!r}") from None
-        link = NixlLink(peer, nixl_name=name, regions={k: tuple(v) for k, v in blob["regions"].items()})
+        link = NixlLink(peer, nixl_name=name, regions=regions)
         self.links.append(link)
         return link
 
@@ -260,6 +257,8 @@ class NixlBackend(TransferBackend):
         link.removed = True
         if link in self.links:
             self.links.remove(link)
+        if any(other.nixl_name == link.nixl_name for other in self.links):
+            return  # replaced by a link to the same agent with new metadata: the remote agent is that link's
         self.parked[link.nixl_name] = link.peer.incarnation
         self.parked.move_to_end(link.nixl_name)
         while len(self.parked) > PARKED_PEERS:
@@ -408,6 +407,37 @@ class NixlBackend(TransferBackend):
         if self.agent is not None:
             self.ucx.unwatch(self.context.name)
         self.agent = None
+
+
+def _peer_section(peer: AgentMetadata) -> tuple[bytes, dict[str, tuple[int, int, int]]]:
+    """``(NIXL agent metadata, region -> (address, nbytes, device index))`` of the peer's ``nixl`` section, every
+    field checked (``InvalidArgumentError`` naming it) before NIXL reads any of it; every region of the peer's
+    metadata must be registered with NIXL, at least as large as the metadata says."""
+    top = MetadataField(f"peer {peer.name!r}'s nixl section", peer.transports["nixl"])
+    blob = top.mapping()
+    encoded = top.item(blob, "agent")
+    try:
+        agent_metadata = unb64(encoded.text(MAX_METADATA_BYTES))
+    except ValueError:
+        raise encoded._bad("NIXL agent metadata in base64") from None
+    listed_field = top.item(blob, "regions")
+    listed = listed_field.mapping()
+    missing = sorted(set(peer.regions) - set(listed))
+    if missing:
+        raise BackendNotSupportedError(f"peer {peer.name!r} did not register {missing} with NIXL")
+    regions = {}
+    for name, info in peer.regions.items():
+        field = MetadataField(f"{listed_field.what} {name!r}", listed[name])
+        entry = field.value
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise field._bad("[address, nbytes, device index]")
+        address, nbytes, device = (
+            MetadataField(field.what, value).integer(0, (1 << 64) - 1) for value in entry
+        )  # fmt: skip
+        if nbytes < info.nbytes:
+            raise field._bad(f"a registration of at least the region's {info.nbytes} bytes")
+        regions[name] = (address, nbytes, device)
+    return agent_metadata, regions
 
 
 register_transfer_backend("nixl", NixlBackend, is_available=nixl_available, priority=50)
