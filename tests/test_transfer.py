@@ -669,6 +669,56 @@ def test_comm_backend_transfer_agent_connects_the_world_in_one_call():
         assert pool == [[float(p)] * 64 for p in range(3)] and x == [3.0] * 4
 
 
+def _world_failure_worker(rank, world_size, port, scenario):
+    import sagellm_comm
+    from sagellm_comm.transfer import TransferAgent
+
+    timeout = 60 if scenario == "register" else 3
+    backend = sagellm_comm.get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_addr="127.0.0.1",
+                                                         master_port=port, timeout=timeout)  # fmt: skip
+    closed = []
+    close = TransferAgent.close
+
+    def counted_close(self):
+        closed.append(self.name)
+        close(self)
+
+    TransferAgent.close = counted_close
+    pool = torch.zeros(8, 8).t() if rank == 1 and scenario == "register" else torch.zeros(64)  # not contiguous
+    start = time.monotonic()
+    if scenario == "absent" and rank == 2:  # never joins the exchange
+        time.sleep(timeout + 8)
+        return None
+    try:
+        backend.transfer_agent(f"rank{rank}", {"kv": pool}, backend="nixl")
+    except Exception as exc:
+        return type(exc).__name__, getattr(exc, "details", {}), str(exc), time.monotonic() - start, closed
+    return "returned", {}, "", time.monotonic() - start, closed
+
+
+def test_a_rank_whose_agent_fails_fails_every_rank_of_the_world_at_once():
+    """Every rank reaches the metadata exchange: the failing rank raises its own error, the others a typed error
+    naming it and its reason, long before the backend's timeout (60 s); every agent made is closed."""
+    results = run_ranks(_world_failure_worker, 3, "register", timeout=120.0, torchrun_env=False)
+    for rank, (kind, details, text, seconds, closed) in enumerate(results):
+        assert seconds < 20, (rank, seconds)
+        assert closed == [f"rank{rank}"], (rank, closed)
+        if rank == 1:
+            assert kind == "InvalidArgumentError" and "not contiguous" in text, text
+        else:
+            assert kind == "CollectiveFailedError", (kind, text)
+            assert list(details["failed_ranks"]) == [1] and "not contiguous" in details["failed_ranks"][1]
+            assert "rank 1 could not make or register its agent" in text and "not contiguous" in text
+
+
+def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout():
+    results = run_ranks(_world_failure_worker, 3, "absent", timeout=120.0, torchrun_env=False)
+    for rank, (kind, _, text, seconds, closed) in enumerate(results[:2]):
+        assert kind == "CommTimeoutError", (rank, kind, text)
+        assert "transfer_agent's metadata exchange" in text and seconds < 20
+        assert closed == [f"rank{rank}"]
+
+
 # ============================================================================ a launch that fails
 def _failed_launch_worker(rank, world_size, port):
     from sagellm_comm.launch import Launcher

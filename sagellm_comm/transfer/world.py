@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError
+from sagellm_comm.errors import CollectiveFailedError, GroupInvalidError, InvalidArgumentError
 from sagellm_comm.transfer.agent import DEFAULT_TIMEOUT_S, TransferAgent
 
 if TYPE_CHECKING:
@@ -49,6 +49,13 @@ def connect_world(
         transfer_backend: ``"auto"`` or a registered transfer backend name.
         group: a :class:`~sagellm_comm.backend.GroupHandle` of ``backend`` (every member must call).
         timeout: the agent's default wait deadline; the exchange itself is bounded by the backend's timeout.
+
+    Every member reaches the exchange even when its own agent could not be made or a region not registered, so
+    a failure is reported on every rank at once: the failing rank raises its own error, the others
+    :class:`~sagellm_comm.errors.CollectiveFailedError` naming the failed ranks and their reasons
+    (``details["failed_ranks"]``), and every agent made is closed.  A member that does not arrive within the
+    backend's timeout gives :class:`~sagellm_comm.errors.CommTimeoutError`; another failure of the exchange
+    :class:`~sagellm_comm.errors.CollectiveFailedError`.
     """
     import torch.distributed as dist
 
@@ -64,19 +71,56 @@ def connect_world(
     if regions is not None and not isinstance(regions, Mapping):
         raise InvalidArgumentError(f"regions must map names to tensors, got {type(regions).__name__}")
     device = backend.device if backend.device.type == "cuda" else None
-    agent = TransferAgent(name or default_agent_name(backend.rank), transfer_backend, device=device,
-                          timeout=timeout, options=options)  # fmt: skip
+    agent: TransferAgent | None = None
+    failure: Exception | None = None
     try:
+        agent = TransferAgent(name or default_agent_name(backend.rank), transfer_backend, device=device,
+                              timeout=timeout, options=options)  # fmt: skip
         for region, tensor in (regions or {}).items():
             agent.register(region, tensor)
-        size = dist.get_world_size(cpu_group)
-        metadata: list[Any] = [None] * size
-        dist.all_gather_object(metadata, agent.metadata(), group=cpu_group)
-        mine = dist.get_rank(cpu_group)
-        for rank, blob in enumerate(metadata):
-            if rank != mine:
+        mine: tuple[str, Any] = ("metadata", agent.metadata())
+    except Exception as exc:  # still join the exchange, so that the other ranks learn of it now
+        failure = exc
+        mine = ("failed", f"{type(exc).__name__}: {exc}")
+    except BaseException:
+        if agent is not None:
+            agent.close()
+        raise
+    try:
+        blobs = _exchange(backend, cpu_group, mine)
+        if failure is not None:
+            raise failure
+        members = list(range(backend.world_size)) if group is None else list(group.ranks)
+        failed = {members[i]: reason for i, (kind, reason) in enumerate(blobs) if kind == "failed"}
+        if failed:
+            reasons = "; ".join(f"rank {r} could not make or register its agent ({why})" for r, why in failed.items())
+            raise CollectiveFailedError(
+                f"transfer_agent over ranks {members}: {reasons}; no agent of this group was connected",
+                details={"failed_ranks": failed},
+            )
+        mine_index = dist.get_rank(cpu_group)
+        for index, (_, blob) in enumerate(blobs):
+            if index != mine_index:
                 agent.add_peer(blob)
     except BaseException:
-        agent.close()
+        if agent is not None:
+            agent.close()
         raise
     return agent
+
+
+def _exchange(backend: CommBackend, cpu_group: Any, mine: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """Every member's ``("metadata", blob)`` or ``("failed", reason)``, in group-rank order; Gloo's failures and
+    timeouts as typed errors (``comm_timeout`` when a member did not arrive within the backend's timeout)."""
+    import torch.distributed as dist
+
+    from sagellm_comm.backend import DEFAULT_TIMEOUT_S as BACKEND_TIMEOUT_S
+    from sagellm_comm.backends.torch_distributed.translate import translate
+
+    out: list[Any] = [None] * dist.get_world_size(cpu_group)
+    try:
+        dist.all_gather_object(out, mine, group=cpu_group)
+    except Exception as exc:
+        limit = float(getattr(backend, "timeout", BACKEND_TIMEOUT_S))
+        raise translate(exc, "transfer_agent's metadata exchange", limit, backend.name) from exc
+    return out
