@@ -20,8 +20,13 @@ from sagellm_comm.transfer.ucx_log import UcxLog
 from tests.conftest import run_ranks
 
 
-def _table(agent: str, locality: str, config: int, operation: str, transport: str) -> str:
-    prefix = "[1796430453.664399] [vm:3164 :0]   "
+def _prefix(pid: int | None = None) -> str:
+    """UCX's line prefix: ``[<time>] [<host>:<pid>:<thread>]`` (the pid padded to 5), this process's by default."""
+    return f"[1796430453.664399] [vm:{os.getpid() if pid is None else pid:<5}:0]   "
+
+
+def _table(agent: str, locality: str, config: int, operation: str, transport: str, pid: int | None = None) -> str:
+    prefix = _prefix(pid)
     lines = [f"| {agent} {locality} cfg#{config}      |", f"| {operation} from host memory to host |",
              "+--------+-------------+-------------+", "| Range  | Description |   Config    |",
              "+--------+-------------+-------------+", f"| 0..inf | zero-copy   | {transport:<11} |",
@@ -29,8 +34,8 @@ def _table(agent: str, locality: str, config: int, operation: str, transport: st
     return "".join(prefix + line + "\n" for line in lines)
 
 
-def _rma(agent, config, transport, locality="intra-node"):
-    return _table(agent, locality, config, "remote memory write by ucp_put*", transport)
+def _rma(agent, config, transport, locality="intra-node", pid=None):
+    return _table(agent, locality, config, "remote memory write by ucp_put*", transport, pid)
 
 
 def _am(agent, config, transport, locality="intra-node"):
@@ -111,11 +116,82 @@ def test_only_live_agents_tables_are_kept_and_a_new_agent_of_an_old_name_starts_
     assert log._newest == {}
     _append(path, _rma("a", 6, "tcp/lo"))  # the closed agent's last table, read after it closed
     log.watch("a")  # a new UCX worker of the same name counts its configurations from 0 again
-    _append(path, _rma("a", 1, "cma/memory") + "[1796430453.1] [vm:3164 :0]  ucp_ep.c:1 UCX  WARN  slow path\n")
+    _append(path, _rma("a", 1, "cma/memory") + _prefix() + "ucp_ep.c:1 UCX  WARN  slow path\n")
     with caplog.at_level(logging.WARNING, logger="sagellm_comm.transfer"):
         assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
         assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
     assert [r.getMessage() for r in caplog.records] == ["UCX: ucp_ep.c:1 UCX  WARN  slow path"]  # forwarded once
+
+
+def test_names_are_matched_as_ucx_prints_them_first_31_bytes_spaces_included(tmp_path):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    long, spaced, accented = "prefill-engine.cluster.local-pid4242-rank0", "decode engine  0 self", "é" * 20
+    assert ucx_log.ucx_name(long) == long[:31] and ucx_log.ucx_name(accented) == "é" * 15 + "\ufffd"  # a cut é
+    for agent in (long, spaced, accented):
+        log.watch(agent)
+    text = _rma(long[:31], 1, "cma/memory") + _rma(spaced, 1, "tcp/lo") + _am(spaced, 1, "tcp/lo", "inter-node")
+    cut = ("é" * 15).encode() + b"\xc3"  # UCX cuts the 16th é in two
+    path.write_bytes(text.encode() + _rma("@", 1, "posix/memory").encode().replace(b"@", cut))
+    assert log.transports(long, "intra-node") == {"rma": ["cma/memory"]}
+    assert log.transports(spaced, "intra-node") == {"rma": ["tcp/lo"]}
+    assert log.transports(spaced, "inter-node") == {"am": ["tcp/lo"]}
+    assert log.transports(accented, "intra-node") == {"rma": ["posix/memory"]}
+    assert log.describe(long, "intra-node") == "UCX RMA: cma/memory"
+
+
+def test_agents_sharing_their_first_31_bytes_are_ambiguous_and_other_processes_lines_are_skipped(tmp_path):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    first, second = "prefill-engine-instance-number-0001-rank0", "prefill-engine-instance-number-0001-rank1"
+    log.watch(first)
+    path.write_text(_rma(first[:31], 1, "cma/memory") + _rma("other", 9, "tcp/lo", pid=os.getpid() + 1))
+    assert log.transports(first, "intra-node") == {"rma": ["cma/memory"]} and log.ambiguous(first) == []
+    log.watch(second)  # UCX prints its tables under the same header: they cannot be told apart from first's
+    _append(path, _rma(second[:31], 2, "tcp/lo"))
+    for agent in (first, second):
+        assert log.ambiguous(agent) == [first, second]
+        assert log.transports(agent, "intra-node") == {}
+        assert "ambiguous" in log.describe(agent, "intra-node") and repr(first[:31]) in log.describe(agent, "x")
+    log.unwatch(second)  # what was kept under that name mixes both: still ambiguous while first lives
+    assert log.ambiguous(first) == [first, second]
+    log.unwatch(first)
+    log.watch(second)  # a name free again starts fresh
+    assert log.ambiguous(second) == [] and log.transports(second, "intra-node") == {}
+    log.watch("other")  # a table another process wrote into a shared file is not this process's
+    _append(path, _rma("other", 1, "tcp/lo", pid=os.getpid() + 1))
+    assert log.transports("other", "intra-node") == {}
+
+
+def _long_names_worker(rank, world_size, port):
+    import torch
+
+    from sagellm_comm.transfer import TransferAgent
+
+    names = ["prefill-engine.cluster.local-pid4242-rank0", "decode engine 0", "shared-prefix-of-thirty-one-by-a",
+             "shared-prefix-of-thirty-one-by-b"]  # fmt: skip
+    peer = TransferAgent("peer", "nixl")
+    peer.allocate("kv", 4096, torch.uint8)
+    described = {}
+    agents = [TransferAgent(name, "nixl") for name in names]
+    for agent in agents:
+        agent.allocate("kv", 4096, torch.uint8)
+        link = agent.add_peer(peer.metadata())
+        agent.write(link, "kv", "kv", [(0, 0, 4096)]).wait(10)
+        described[agent.name] = agent.peer_transport(link)
+    for agent in [*agents, peer]:
+        agent.close()
+    return described
+
+
+def test_real_ucx_tables_of_long_names_and_names_with_spaces_are_read():
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    env = dict.fromkeys(("UCX_LOG_FILE", "UCX_LOG_FILE_SIZE", "UCX_LOG_FILE_ROTATE", "UCX_PROTO_INFO"))
+    (described,) = run_ranks(_long_names_worker, 1, timeout=120.0, env=env)
+    assert described["prefill-engine.cluster.local-pid4242-rank0"] == "UCX RMA: cma/memory; notify: tcp/lo"
+    assert described["decode engine 0"] == "UCX RMA: cma/memory; notify: tcp/lo"
+    for name in ("shared-prefix-of-thirty-one-by-a", "shared-prefix-of-thirty-one-by-b"):
+        assert "ambiguous" in described[name] and "'shared-prefix-of-thirty-one-by-'" in described[name]
 
 
 def test_sweeping_removes_a_dead_processs_log_and_its_rotated_files_and_keeps_the_rest(tmp_path, monkeypatch):

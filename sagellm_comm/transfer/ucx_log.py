@@ -2,11 +2,12 @@
 
 UCX chooses a transport per endpoint configuration silently (``cma``, ``posix``, ``tcp``, ``cuda_ipc``,
 ``rc_mlx5``...); a fallback to TCP for GPU memory is the slow path users of NIXL most often miss.  UCX prints
-what it selected when ``UCX_PROTO_INFO=y``: a table per operation, headed ``<worker> <locality> cfg#<n>`` (the
-worker is the NIXL agent's name; the locality ``self``, ``intra-node`` or ``inter-node``) with a ``Config`` column
-naming ``transport/device`` per message-size range.  Each worker prints a configuration once, when its first
-operation selects protocols: a later peer that shares an earlier one's configuration prints nothing new.  Its log
-goes to ``UCX_LOG_FILE`` instead of stdout when that is set.
+what it selected when ``UCX_PROTO_INFO=y``: a table per operation, headed ``| <worker> <locality> cfg#<n>`` (the
+worker is the NIXL agent's name as UCX keeps it, its first 31 bytes, spaces included; the locality ``self``,
+``intra-node`` or ``inter-node``) with a ``Config`` column naming ``transport/device`` per message-size range.
+Each worker prints a configuration once, when its first operation selects protocols: a later peer that shares an
+earlier one's configuration prints nothing new.  Its log goes to ``UCX_LOG_FILE`` instead of stdout when that is
+set.
 
 :func:`install` sets both (a per-process file in the temporary directory) unless the user set them, before the
 first NIXL agent loads UCX (UCX reads them when its library loads and when a context is created); an
@@ -20,7 +21,9 @@ removed, is read to its end before the files written after it), reads each byte 
 the transports of the newest configuration of each (watched agent, locality), so a peer whose tables UCX printed
 long ago, in a file rotated away since, is still described.  It summarises the transports of the remote-memory
 (RMA) operations and of active messages (NIXL's notifications).  UCX warnings and errors read are forwarded to this
-package's logger, so moving UCX's log to a file hides nothing.
+package's logger, so moving UCX's log to a file hides nothing.  Lines whose prefix ``[<time>] [<host>:<pid>:...]``
+names another process (a ``UCX_LOG_FILE`` several processes share) are skipped.  Agents of one process whose names
+share their first 31 bytes get identical headers: their transports are reported as ambiguous, never mixed up.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import threading
 
 logger = logging.getLogger("sagellm_comm.transfer")
 
-_HEADER = re.compile(r"\|\s*(\S+)\s+(self|intra-node|inter-node)\s+cfg#(\d+)\s*\|")
+_HEADER = re.compile(r"\| (.+) (self|intra-node|inter-node) cfg#(\d+) *\|\s*$")  # the name may hold spaces
+_WRITER = re.compile(r"^\[[\d.]+\] \[[^:\]]*:(\d+) *:\d+\]")  # UCX's line prefix: [time] [host:pid:thread]
 _ROW = re.compile(r"\|\s*[\d.]+(?:inf)?\s*\|[^|]*\|([^|]*)\|\s*$")
 _TRANSPORT = re.compile(r"[\w.-]+/[\w.:-]+")
 _INSTALLED: UcxLog | None = None
@@ -46,6 +50,13 @@ LOG_PREFIX = "sagellm-ucx-"
 FILE_SIZE = "1m"  # UCX_LOG_FILE_SIZE of the file install() creates: one peer's tables take about 12 KiB
 FILE_ROTATE = "1"  # UCX_LOG_FILE_ROTATE: the file and one older one, at most 2 MiB on disk
 _NO_CONFIG: tuple[int, dict] = (-1, {})  # what is kept for an (agent, locality) with no table yet (read only)
+UCX_NAME_BYTES = 31  # UCX keeps a worker's name in 32 bytes, the last one the terminating NUL
+
+
+def ucx_name(agent: str) -> str:
+    """The name UCX prints in its tables for the worker of NIXL agent ``agent``: the first 31 bytes of its UTF-8,
+    decoded as this module decodes UCX's log (a character cut in two becomes U+FFFD)."""
+    return agent.encode()[:UCX_NAME_BYTES].decode(errors="replace")
 
 
 class UcxLog:
@@ -57,18 +68,23 @@ class UcxLog:
         self._lock = threading.Lock()
         self._handle = None  # the file being read, open (UCX may rename or remove it meanwhile)
         self._partial = b""  # the start of a line UCX has not finished writing
-        self._table: tuple[str, str, int] | None = None  # (agent, locality, config) of the table being read
+        self._table: tuple[str, str, int] | None = None  # (UCX name, locality, config) of the table being read
         self._kind: str | None = None  # "rma" or "am": which operations the table's rows are for
         self._watched: collections.Counter[str] = collections.Counter()  # agent -> live NIXL agents of that name
-        self._newest: dict[tuple[str, str], tuple[int, dict[str, set[str]]]] = {}  # (agent, locality) -> config
+        # UCX name -> the agents watched under it since it was last unwatched by all (more than one: ambiguous)
+        self._sharers: dict[str, set[str]] = {}
+        self._newest: dict[tuple[str, str], tuple[int, dict[str, set[str]]]] = {}  # (UCX name, locality) -> config
 
     def watch(self, agent: str) -> None:
         """Parse the tables of UCX worker ``agent`` from now on (a NIXL agent of that name was just made: tables
         of an earlier one of that name, written before, are not its own)."""
         with self._lock:
             self._read_new()
-            if not self._watched[agent]:
-                self._forget(agent)
+            name = ucx_name(agent)
+            if name not in self._sharers:
+                self._forget(name)
+                self._sharers[name] = set()
+            self._sharers[name].add(agent)
             self._watched[agent] += 1
 
     def unwatch(self, agent: str) -> None:
@@ -77,25 +93,44 @@ class UcxLog:
             self._watched[agent] -= 1
             if self._watched[agent] <= 0:
                 del self._watched[agent]
-                self._forget(agent)
+            name = ucx_name(agent)
+            if not any(ucx_name(live) == name for live in self._watched):
+                self._sharers.pop(name, None)
+                self._forget(name)
 
-    def _forget(self, agent: str) -> None:
-        if self._table is not None and self._table[0] == agent:
+    def _forget(self, name: str) -> None:
+        if self._table is not None and self._table[0] == name:
             self._table = None
-        for key in [key for key in self._newest if key[0] == agent]:
+        for key in [key for key in self._newest if key[0] == name]:
             del self._newest[key]
+
+    def ambiguous(self, agent: str) -> list[str]:
+        """The agents of this process, ``agent`` among them, whose tables UCX printed under one name since that
+        name was last free (their names share the first 31 bytes); ``[]`` when ``agent``'s tables are its own."""
+        with self._lock:
+            sharers = self._sharers.get(ucx_name(agent), set())
+            return sorted(sharers) if len(sharers) > 1 else []
 
     def transports(self, agent: str, locality: str) -> dict[str, list[str]]:
         """``{"rma": [...], "am": [...]}``: the transports of agent ``agent``'s newest endpoint configuration of
-        ``locality``, after reading what UCX wrote since the last call (forwarding its warnings)."""
+        ``locality``, after reading what UCX wrote since the last call (forwarding its warnings); ``{}`` when
+        they cannot be told from another agent's (:meth:`ambiguous`)."""
         with self._lock:
             self._read_new()
-            _, kinds = self._newest.get((agent, locality), _NO_CONFIG)
+            name = ucx_name(agent)
+            if len(self._sharers.get(name, ())) > 1:
+                return {}
+            _, kinds = self._newest.get((name, locality), _NO_CONFIG)
             return {kind: sorted(names) for kind, names in kinds.items() if names}
 
     def describe(self, agent: str, locality: str) -> str:
         if not self.path:
             return f"UCX's transport choice is not visible: {self.why_not}"
+        sharers = self.ambiguous(agent)
+        if sharers:
+            return (f"UCX's transport choice is ambiguous: UCX names a worker by its first {UCX_NAME_BYTES} bytes, "
+                    f"{ucx_name(agent)!r}, which agents {sharers} of this process share; give agents names that "
+                    "differ in their first 31 bytes")  # fmt: skip
         chosen = self.transports(agent, locality)
         if not chosen:
             return "UCX printed no protocol table for this peer (UCX_PROTO_INFO is off?)"
@@ -166,20 +201,23 @@ class UcxLog:
         self._partial = b""
 
     def _parse(self, line: str) -> None:
+        writer = _WRITER.match(line)
+        if writer and int(writer.group(1)) != os.getpid():
+            return  # another process's line, in a log file it shares with this one
         if " WARN " in line or " ERROR " in line:
             logger.warning("UCX: %s", line.split("]", 2)[-1].strip())
             return
         header = _HEADER.search(line)
         if header:
-            agent, locality, config = header.group(1), header.group(2), int(header.group(3))
+            name, locality, config = header.group(1), header.group(2), int(header.group(3))
             self._table, self._kind = None, None
-            if not self._watched[agent]:
+            if name not in self._sharers:
                 return
-            newest, _ = self._newest.get((agent, locality), _NO_CONFIG)
+            newest, _ = self._newest.get((name, locality), _NO_CONFIG)
             if config > newest:
-                self._newest[(agent, locality)] = (config, {})
+                self._newest[(name, locality)] = (config, {})
             if config >= newest:
-                self._table = (agent, locality, config)
+                self._table = (name, locality, config)
             return
         if self._table is None:
             return
