@@ -47,6 +47,11 @@ def _append(path, text: str) -> None:
         handle.write(text)
 
 
+def _append_bytes(path, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
 def _rotate(path, keep: int = 1) -> None:
     """What UCX does when the next message would not fit: shift ``path.N`` up, drop the oldest, open a new one."""
     if os.path.exists(f"{path}.{keep}"):
@@ -78,6 +83,30 @@ def test_bytes_already_read_are_not_read_again_and_a_partial_line_waits_for_its_
     assert log.transports("a", "intra-node") == {"rma": ["cuda_ipc/cuda"]}
     _append(path, _rma("a", 1, "tcp/lo"))  # an older configuration's table does not replace the newest
     assert log.transports("a", "intra-node") == {"rma": ["cuda_ipc/cuda"]}
+
+
+@pytest.mark.parametrize("step", [1000, 1 << 20], ids=["small-writes", "large-writes"])
+def test_a_line_longer_than_the_cap_is_dropped_up_to_its_newline_and_never_kept_whole(tmp_path, step):
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    log.watch("a")
+    # 4 MiB of one line whose end looks like a header: it is dropped, not parsed and not kept in memory
+    overlong = b"x" * (4 << 20) + _rma("a", 9, "tcp/wrong").splitlines()[0].encode()
+    for start in range(0, len(overlong), step):
+        _append_bytes(path, overlong[start : start + step])
+        assert log.transports("a", "intra-node") == {}
+        assert len(log._partial) <= ucx_log.LINE_MAX
+    _append_bytes(path, b"\n| remote memory write by ucp_put* |\n| 0..inf | zero-copy | tcp/wrong |\n")
+    _append_bytes(path, _rma("a", 1, "cma/memory").encode())
+    assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
+    # a line just within the cap is still read whole, across writes
+    header = _rma("a", 2, "posix/memory").splitlines(keepends=True)
+    padded = header[0].replace("|", " " * (ucx_log.LINE_MAX + 1 - len(header[0])) + "|", 1)
+    assert len(padded.rstrip("\n")) == ucx_log.LINE_MAX
+    _append_bytes(path, padded[: len(padded) // 2].encode())
+    assert log.transports("a", "intra-node") == {"rma": ["cma/memory"]}
+    _append_bytes(path, (padded[len(padded) // 2 :] + "".join(header[1:])).encode())
+    assert log.transports("a", "intra-node") == {"rma": ["posix/memory"]}
 
 
 @pytest.mark.parametrize("keep", [0, 1, 2], ids=["removed", "rotate1", "rotate2"])

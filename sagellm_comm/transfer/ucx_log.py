@@ -17,9 +17,10 @@ file is bounded by UCX's own rotation (``UCX_LOG_FILE_SIZE`` per file, ``UCX_LOG
 the user set those.
 
 :class:`UcxLog` reads the file incrementally: it keeps the file it reads open (a file UCX rotated away, even
-removed, is read to its end before the files written after it), reads each byte once, and keeps what it parsed:
-the transports of the newest configuration of each (watched agent, locality), so a peer whose tables UCX printed
-long ago, in a file rotated away since, is still described.  It summarises the transports of the remote-memory
+removed, is read to its end before the files written after it), reads each byte once (a line longer than
+:data:`LINE_MAX`, which no table has, is dropped rather than kept whole), and keeps what it parsed: the transports
+of the newest configuration of each (watched agent, locality), so a peer whose tables UCX printed long ago, in a
+file rotated away since, is still described.  It summarises the transports of the remote-memory
 (RMA) operations and of active messages (NIXL's notifications).  UCX warnings and errors read are forwarded to this
 package's logger, so moving UCX's log to a file hides nothing.  Lines whose prefix ``[<time>] [<host>:<pid>:...]``
 names another process (a ``UCX_LOG_FILE`` several processes share) are skipped.  Agents of one process whose names
@@ -50,6 +51,8 @@ LOG_PREFIX = "sagellm-ucx-"
 FILE_SIZE = "1m"  # UCX_LOG_FILE_SIZE of the file install() creates: one peer's tables take about 12 KiB
 FILE_ROTATE = "1"  # UCX_LOG_FILE_ROTATE: the file and one older one, at most 2 MiB on disk
 _NO_CONFIG: tuple[int, dict] = (-1, {})  # what is kept for an (agent, locality) with no table yet (read only)
+LINE_MAX = 64 << 10  # the longest line kept (UCX's table lines take under 200 bytes); a longer one is dropped
+READ_BYTES = 1 << 20  # the file is read in pieces of this size
 UCX_NAME_BYTES = 31  # UCX keeps a worker's name in 32 bytes, the last one the terminating NUL
 
 
@@ -67,7 +70,8 @@ class UcxLog:
         self.why_not = why_not
         self._lock = threading.Lock()
         self._handle = None  # the file being read, open (UCX may rename or remove it meanwhile)
-        self._partial = b""  # the start of a line UCX has not finished writing
+        self._partial = b""  # the start of a line UCX has not finished writing (at most LINE_MAX bytes)
+        self._overlong = False  # the line being read passed LINE_MAX: dropped up to its newline
         self._table: tuple[str, str, int] | None = None  # (UCX name, locality, config) of the table being read
         self._kind: str | None = None  # "rma" or "am": which operations the table's rows are for
         self._watched: collections.Counter[str] = collections.Counter()  # agent -> live NIXL agents of that name
@@ -186,19 +190,29 @@ class UcxLog:
     def _consume(self, handle) -> None:
         if os.fstat(handle.fileno()).st_size < handle.tell():  # truncated in place (not UCX's way): start over
             handle.seek(0)
-            self._partial = b""
-        chunk = handle.read()
-        if not chunk:
-            return
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
+            self._partial, self._overlong = b"", False
+        while chunk := handle.read(READ_BYTES):
+            self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> None:
+        """Parse the lines ``chunk`` completes; keep its unfinished end, or drop it once that line passed LINE_MAX
+        (memory and time stay linear in what is read, whatever is in the file)."""
+        *lines, rest = chunk.split(b"\n")
         for line in lines:
-            self._parse(line.decode(errors="replace"))
+            line, self._partial = self._partial + line, b""
+            if self._overlong:
+                self._overlong = False  # the end of a line too long to keep
+            elif len(line) <= LINE_MAX:
+                self._parse(line.decode(errors="replace"))
+        if self._overlong or len(self._partial) + len(rest) > LINE_MAX:
+            self._partial, self._overlong = b"", True
+        else:
+            self._partial += rest
 
     def _end_of_file(self) -> None:
-        if self._partial:
+        if self._partial and not self._overlong:
             self._parse(self._partial.decode(errors="replace"))
-        self._partial = b""
+        self._partial, self._overlong = b"", False
 
     def _parse(self, line: str) -> None:
         writer = _WRITER.match(line)
