@@ -310,6 +310,11 @@ TRANSFER_BAD_OPTIONS = [
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),
     (["--out", "/proc/x/transfer"], "--out's directory /proc/x: cannot create /proc/x"),
+    (["--backend", ","], "--backend names no backend; choose from: ipc, "),
+    (
+        ["--device", "cpu", "--block-sizes", "1G", "--block-counts", "1024", "--max-bytes", "1024G"],
+        "the two processes' pools need 4096G of shared memory in ",
+    ),
 ]
 if not HAS_CUDA:
     TRANSFER_BAD_OPTIONS += [(["--device", "cuda"], "no CUDA GPU")]
@@ -327,6 +332,38 @@ def test_transfer_refusals_are_one_line_before_any_process_starts(options, messa
     captured = capsys.readouterr()
     assert message in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
     assert not list(tmp_path.iterdir())
+
+
+def test_transfer_pools_larger_than_the_gpus_free_memory_are_refused_before_any_process_starts(
+    capsys, monkeypatch, tmp_path
+):
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    import torch
+
+    from sagellm_comm.benchmark import transfer_config
+
+    _no_process_may_start(monkeypatch)
+    free = {"cuda": 0}
+    monkeypatch.setattr(transfer_config, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["cuda"], 80 << 30))
+    sweep = ["--device", "cuda", "--backend", "nixl", "--block-sizes", "1G", "--block-counts", "4", "--max-bytes", "4G"]
+    free["cuda"] = (12 << 30) + (1 << 29)  # two pools of twice the largest request: 16G
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["transfer", "--output-dir", str(tmp_path), *sweep])
+    assert excinfo.value.code == 2
+    refusal = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm transfer")
+    assert "pools need 16G of cuda's memory (2 x 8G: twice the largest request), 12.5G is free" in refusal
+    free["cuda"] = 16 << 30
+    config = transfer_config.TransferBenchConfig(
+        backends=["nixl"],
+        device="cuda",
+        block_sizes=[1 << 30],
+        block_counts=[4],
+        max_bytes=4 << 30,
+        output_dir=str(tmp_path),
+    )
+    assert transfer_config.plan_transfer(config).pool_bytes == 8 << 30
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")

@@ -166,6 +166,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             raise InvalidArgumentError("no transfer backend can run here: " + "; ".join(skipped))
     else:
         backends = list(dict.fromkeys(config.backends))
+        if not backends:
+            raise InvalidArgumentError(f"--backend names no backend; choose from: {', '.join(BACKENDS)}")
         for name in backends:
             if name not in BACKENDS:
                 raise InvalidArgumentError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
@@ -191,7 +193,37 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     pool_bytes = 2 * max(size * count for size, count in points)  # scattered: half the pool's blocks are used
     if config.notify_iters:
         pool_bytes = max(pool_bytes, NOTIFY_BLOCK)  # the notification latency's block fits too
+    check_pools_fit(device, pool_bytes)
     return TransferPlan(device, tuple(backends), tuple(points), tuple(skipped), pool_bytes)
+
+
+def check_pools_fit(device: torch.device, pool_bytes: int) -> None:
+    """Refuse a sweep whose two pools of ``pool_bytes`` (one per process) do not fit what is free now: shared
+    memory (:func:`sagellm_comm.shm.shared_dir`, where CPU pools live) or the GPU's memory (both processes share
+    it).  Only the pools are counted, so a sweep that passes may still run out near the limit."""
+    need = 2 * pool_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"{device}'s memory"
+    else:
+        from sagellm_comm.shm import shared_dir
+
+        folder = shared_dir()
+        stat = os.statvfs(folder)
+        free, where = stat.f_bavail * stat.f_frsize, f"shared memory in {folder}"
+    if need > free:
+        raise InvalidArgumentError(
+            f"the two processes' pools need {_amount(need)} of {where} (2 x {_amount(pool_bytes)}: twice the "
+            f"largest request), {_amount(free)} is free: lower --block-sizes, --block-counts or --max-bytes"
+        )
+
+
+def _amount(nbytes: int) -> str:
+    """``format_size`` where it is exact in its largest unit, else one decimal of that unit: ``"23.5G"``."""
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= unit:
+            return format_size(nbytes) if nbytes % unit == 0 else f"{nbytes / unit:.1f}{suffix}"
+    return format_size(nbytes)
 
 
 def pool_blocks(pool, block: int):
