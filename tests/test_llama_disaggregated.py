@@ -46,7 +46,9 @@ def test_prefill_and_decode_in_two_processes_over_nixl_give_the_same_logits():
     pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
     proc = _run("--spawn", "2")
     _check_output(proc, "nixl")
-    assert proc.stdout.count("bit-exact") == 6  # the same bytes on the same kind of device
+    assert "decode: logits must be bit-exact (prefill on the same kind of device)" in proc.stdout
+    steps = [line for line in proc.stdout.splitlines() if " max |decode - prefill| " in line]
+    assert all(line.endswith("(bit-exact) ok") for line in steps), proc.stdout
 
 
 @pytest.mark.slow
@@ -77,6 +79,32 @@ def test_blocks_round_trip_and_the_wrong_blocks_give_different_logits():
         swapped = ex._decode_steps(model, next_tokens, ex.load_cache(pool, ids[::-1], 7))
     for step in expected:
         assert not llama_tp.logit_error(swapped[step], expected[step], torch.float32)["ok"]
+
+
+def test_kv_wrong_in_its_lowest_mantissa_bits_fails_the_bit_exact_check():
+    """The tolerance of differing kernels would let KV corrupted in its low bits pass; the check made when both
+    sides run the same device and torch does not."""
+    from examples import llama_disaggregated as ex
+    from examples import llama_tp
+
+    config = llama_tp.small_llama_config()
+    model = llama_tp.build_llama(config)
+    prompt, next_tokens = llama_tp.make_batch(config, batch_size=2, seq_len=7, decode_steps=2, seed=5)
+    cache = ex.DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True, **{llama_tp.CACHE_KWARG: cache})
+        expected = ex._decode_steps(model, next_tokens, cache)
+    ids = [[9, 2, 14], [0, 7, 5]]
+    pool = torch.zeros(16, *ex.block_shape(config, 3))
+    ex.store_blocks(cache, pool, ids, 3)
+    with torch.no_grad():
+        intact = ex._decode_steps(model, next_tokens, ex.load_cache(pool, ids, 7))
+        pool.view(torch.int32).bitwise_xor_(255)  # the 8 lowest mantissa bits of every float32, as a bad copy might
+        corrupted = ex._decode_steps(model, next_tokens, ex.load_cache(pool, ids, 7))
+    for step in expected:
+        assert ex.logits_match(intact[step], expected[step], torch.float32, exact=True)
+        assert not ex.logits_match(corrupted[step], expected[step], torch.float32, exact=True)
+        assert ex.logits_match(corrupted[step], expected[step], torch.float32, exact=False)  # what tolerance misses
 
 
 @pytest.mark.parametrize(
