@@ -689,8 +689,9 @@ def _world_failure_worker(rank, world_size, port, scenario):
     if scenario == "absent" and rank == 2:  # never joins the exchange
         time.sleep(timeout + 8)
         return None
+    name = "rank0" if scenario == "duplicate" and rank == 2 else f"rank{rank}"  # two ranks named rank0
     try:
-        backend.transfer_agent(f"rank{rank}", {"kv": pool}, backend="nixl")
+        backend.transfer_agent(name, {"kv": pool}, backend="nixl")
     except Exception as exc:
         return type(exc).__name__, getattr(exc, "details", {}), str(exc), time.monotonic() - start, closed
     return "returned", {}, "", time.monotonic() - start, closed
@@ -717,6 +718,13 @@ def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout():
         assert kind == "CommTimeoutError", (rank, kind, text)
         assert "transfer_agent's metadata exchange" in text and seconds < 20
         assert closed == [f"rank{rank}"]
+
+
+def test_names_given_to_two_ranks_fail_every_rank_before_any_peer_is_added():
+    results = run_ranks(_world_failure_worker, 3, "duplicate", timeout=120.0, torchrun_env=False)
+    for rank, (kind, _, text, seconds, closed) in enumerate(results):
+        assert kind == "InvalidArgumentError" and "names must be unique, and ['rank0'] is given to ranks [0, 2]" in text
+        assert seconds < 20 and len(closed) == 1, (rank, seconds, closed)
 
 
 # ============================================================================ a launch that fails

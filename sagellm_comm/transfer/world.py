@@ -18,6 +18,7 @@ import torch
 
 from sagellm_comm.errors import CollectiveFailedError, GroupInvalidError, InvalidArgumentError
 from sagellm_comm.transfer.agent import DEFAULT_TIMEOUT_S, TransferAgent
+from sagellm_comm.transfer.metadata import AgentMetadata
 
 if TYPE_CHECKING:
     from sagellm_comm.backend import CommBackend, GroupHandle
@@ -53,7 +54,8 @@ def connect_world(
     Every member reaches the exchange even when its own agent could not be made or a region not registered, so
     a failure is reported on every rank at once: the failing rank raises its own error, the others
     :class:`~sagellm_comm.errors.CollectiveFailedError` naming the failed ranks and their reasons
-    (``details["failed_ranks"]``), and every agent made is closed.  A member that does not arrive within the
+    (``details["failed_ranks"]``), and every agent made is closed.  Names given to two ranks are an
+    :class:`~sagellm_comm.errors.InvalidArgumentError` on every rank.  A member that does not arrive within the
     backend's timeout gives :class:`~sagellm_comm.errors.CommTimeoutError`; another failure of the exchange
     :class:`~sagellm_comm.errors.CollectiveFailedError`.
     """
@@ -97,6 +99,13 @@ def connect_world(
             raise CollectiveFailedError(
                 f"transfer_agent over ranks {members}: {reasons}; no agent of this group was connected",
                 details={"failed_ranks": failed},
+            )
+        names = [AgentMetadata.decode(blob).name for _, blob in blobs]  # every rank sees the same list
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidArgumentError(
+                f"transfer_agent over ranks {members}: agent names must be unique, and {twice} is given to ranks "
+                f"{[members[i] for i, n in enumerate(names) if n in twice]}; no agent of this group was connected"
             )
         mine_index = dist.get_rank(cpu_group)
         for index, (_, blob) in enumerate(blobs):
