@@ -353,7 +353,7 @@ def test_transfer_pools_larger_than_the_gpus_free_memory_are_refused_before_any_
         cli.main(["transfer", "--output-dir", str(tmp_path), *sweep])
     assert excinfo.value.code == 2
     refusal = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm transfer")
-    assert "pools need 16G of cuda's memory (2 x 8G: twice the largest request), 12.5G is free" in refusal
+    assert "pools need 16G of GPU memory on cuda (2 x 8G: twice the largest request), 12.5G is free" in refusal
     free["cuda"] = 16 << 30
     config = transfer_config.TransferBenchConfig(
         backends=["nixl"],

@@ -204,7 +204,7 @@ def check_pools_fit(device: torch.device, pool_bytes: int) -> None:
     need = 2 * pool_bytes
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        where = f"{device}'s memory"
+        where = f"GPU memory on {device}"
     else:
         from sagellm_comm.shm import shared_dir
 
