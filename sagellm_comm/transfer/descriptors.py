@@ -64,7 +64,7 @@ class RegionInfo:
         dtype = check.item(data, "dtype").text(32)
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise MetadataField(f"region {name!r}: 'dtype'", dtype)._bad("a torch dtype name")
+            raise MetadataField(f"region {name!r}: 'dtype'", dtype).bad("a torch dtype name")
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
         info = cls(
             name, check.item(data, "nbytes").integer(1, 1 << 62), dtype,
@@ -72,7 +72,7 @@ class RegionInfo:
             check.get(data, "device_index", 0).integer(0, 1 << 16),
         )  # fmt: skip
         if info.nbytes % itemsize:
-            raise MetadataField(f"region {name!r}: 'nbytes'", info.nbytes)._bad(f"a multiple of {itemsize}")
+            raise MetadataField(f"region {name!r}: 'nbytes'", info.nbytes).bad(f"a multiple of {itemsize}")
         return info
 
 

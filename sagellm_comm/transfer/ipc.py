@@ -738,14 +738,14 @@ def _peer_section(peer: AgentMetadata) -> dict:
     try:
         section["probe"]["token"] = bytes.fromhex(token.text(2 * TOKEN_BYTES))
     except ValueError:
-        raise token._bad(f"{TOKEN_BYTES} bytes in hexadecimal") from None
+        raise token.bad(f"{TOKEN_BYTES} bytes in hexadecimal") from None
     if len(section["probe"]["token"]) != TOKEN_BYTES:
-        raise token._bad(f"{TOKEN_BYTES} bytes in hexadecimal")
+        raise token.bad(f"{TOKEN_BYTES} bytes in hexadecimal")
     for name, info in peer.regions.items():
         if name in unreachable:
             continue
         if name not in exports:
-            raise exports_field._bad(f"an export of every region (region {name!r} has none)")
+            raise exports_field.bad(f"an export of every region (region {name!r} has none)")
         section["regions"][name] = _export(MetadataField(f"{exports_field.what} {name!r}", exports[name]), info.nbytes)
     return section
 
@@ -764,11 +764,11 @@ def _export(field: MetadataField, nbytes: int) -> dict:
         try:
             export["handle"] = unb64(handle.text(256))
         except ValueError:
-            raise handle._bad("a CUDA IPC handle in base64") from None
+            raise handle.bad("a CUDA IPC handle in base64") from None
     else:
         export["path"] = field.item(data, "path").text()
     if export["offset"] + nbytes > export["size"]:
-        raise field._bad(f"an export holding {nbytes} bytes at its offset (its memory is {export['size']} bytes)")
+        raise field.bad(f"an export holding {nbytes} bytes at its offset (its memory is {export['size']} bytes)")
     return export
 
 

@@ -127,7 +127,8 @@ class MetadataField:
     def get(self, mapping: dict, key: str, default: object) -> MetadataField:
         return MetadataField(f"{self.what}: {key!r}", mapping.get(key, default))
 
-    def _bad(self, expected: str) -> InvalidArgumentError:
+    def bad(self, expected: str) -> InvalidArgumentError:
+        """The error saying this field must be ``expected`` (for the caller to raise)."""
         shown = repr(self.value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         return InvalidArgumentError(
@@ -138,18 +139,18 @@ class MetadataField:
         value = self.value if value is None else value
         if not isinstance(value, dict):
             self.value = value
-            raise self._bad("an object")
+            raise self.bad("an object")
         return value
 
     def text(self, limit: int = 4096) -> str:
         if not isinstance(self.value, str) or len(self.value) > limit:
-            raise self._bad(f"a string of at most {limit} characters")
+            raise self.bad(f"a string of at most {limit} characters")
         return self.value
 
     def name(self) -> str:
         value = self.text(128)
         if not value or not value.isprintable():
-            raise self._bad("a printable string of 1..128 characters")
+            raise self.bad("a printable string of 1..128 characters")
         return value
 
     def check_name(self, value: str) -> str:
@@ -159,12 +160,12 @@ class MetadataField:
     def integer(self, low: int, high: int) -> int:
         value = self.value
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self._bad(f"an integer in {low}..{high}")
+            raise self.bad(f"an integer in {low}..{high}")
         return value
 
     def choice(self, *options: str) -> str:
         if self.value not in options:
-            raise self._bad(" or ".join(repr(o) for o in options))
+            raise self.bad(" or ".join(repr(o) for o in options))
         return self.value
 
 

@@ -419,7 +419,7 @@ def _peer_section(peer: AgentMetadata) -> tuple[bytes, dict[str, tuple[int, int,
     try:
         agent_metadata = unb64(encoded.text(MAX_METADATA_BYTES))
     except ValueError:
-        raise encoded._bad("NIXL agent metadata in base64") from None
+        raise encoded.bad("NIXL agent metadata in base64") from None
     listed_field = top.item(blob, "regions")
     listed = listed_field.mapping()
     missing = sorted(set(peer.regions) - set(listed))
@@ -430,12 +430,12 @@ def _peer_section(peer: AgentMetadata) -> tuple[bytes, dict[str, tuple[int, int,
         field = MetadataField(f"{listed_field.what} {name!r}", listed[name])
         entry = field.value
         if not isinstance(entry, list) or len(entry) != 3:
-            raise field._bad("[address, nbytes, device index]")
+            raise field.bad("[address, nbytes, device index]")
         address, nbytes, device = (
             MetadataField(field.what, value).integer(0, (1 << 64) - 1) for value in entry
         )  # fmt: skip
         if nbytes < info.nbytes:
-            raise field._bad(f"a registration of at least the region's {info.nbytes} bytes")
+            raise field.bad(f"a registration of at least the region's {info.nbytes} bytes")
         regions[name] = (address, nbytes, device)
     return agent_metadata, regions
 
