@@ -57,7 +57,8 @@ def test_prefill_and_decode_over_the_ipc_path_under_the_interpreter():
     _check_output(proc, "ipc")
 
 
-def test_blocks_round_trip_and_the_wrong_blocks_give_different_logits():
+def _prefilled():
+    """A small Llama after the prefill of two 7-token prompts: ``(config, model, next_tokens, cache)``."""
     from examples import llama_disaggregated as ex
     from examples import llama_tp
 
@@ -67,6 +68,14 @@ def test_blocks_round_trip_and_the_wrong_blocks_give_different_logits():
     cache = ex.DynamicCache()
     with torch.no_grad():
         model(input_ids=prompt, use_cache=True, **{llama_tp.CACHE_KWARG: cache})
+    return config, model, next_tokens, cache
+
+
+def test_blocks_round_trip_and_the_wrong_blocks_give_different_logits():
+    from examples import llama_disaggregated as ex
+    from examples import llama_tp
+
+    config, model, next_tokens, cache = _prefilled()
     pool = torch.zeros(16, *ex.block_shape(config, 3))
     ids = [[9, 2, 14], [0, 7, 5]]  # 3 blocks of 3 tokens per sequence, the last one partial
     ex.store_blocks(cache, pool, ids, 3)
@@ -85,14 +94,9 @@ def test_kv_wrong_in_its_lowest_mantissa_bits_fails_the_bit_exact_check():
     """The tolerance of differing kernels would let KV corrupted in its low bits pass; the check made when both
     sides run the same device and torch does not."""
     from examples import llama_disaggregated as ex
-    from examples import llama_tp
 
-    config = llama_tp.small_llama_config()
-    model = llama_tp.build_llama(config)
-    prompt, next_tokens = llama_tp.make_batch(config, batch_size=2, seq_len=7, decode_steps=2, seed=5)
-    cache = ex.DynamicCache()
+    config, model, next_tokens, cache = _prefilled()
     with torch.no_grad():
-        model(input_ids=prompt, use_cache=True, **{llama_tp.CACHE_KWARG: cache})
         expected = ex._decode_steps(model, next_tokens, cache)
     ids = [[9, 2, 14], [0, 7, 5]]
     pool = torch.zeros(16, *ex.block_shape(config, 3))
