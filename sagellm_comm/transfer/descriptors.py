@@ -59,8 +59,8 @@ class RegionInfo:
         positive size, a torch dtype and its element size, ``cpu`` or ``cuda``, a device ordinal."""
         from sagellm_comm.transfer.metadata import MetadataField
 
-        check = MetadataField(f"region {name!r}")
-        data = check.mapping(data)
+        check = MetadataField(f"region {name!r}", data)
+        data = check.mapping()
         dtype = check.item(data, "dtype").text(32)
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):

@@ -738,7 +738,7 @@ def _peer_section(peer: AgentMetadata) -> dict:
     try:
         section["probe"]["token"] = bytes.fromhex(token.text(2 * TOKEN_BYTES))
     except ValueError:
-        raise token.bad(f"{TOKEN_BYTES} bytes in hexadecimal") from None
+        section["probe"]["token"] = b""  # not hexadecimal: refused below with a short one
     if len(section["probe"]["token"]) != TOKEN_BYTES:
         raise token.bad(f"{TOKEN_BYTES} bytes in hexadecimal")
     for name, info in peer.regions.items():

@@ -89,8 +89,8 @@ class AgentMetadata:
             body = json.loads(data[len(MAGIC) :])
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
             raise InvalidArgumentError(f"transfer agent metadata is not JSON: {exc!r}") from None
-        top = MetadataField("the metadata")
-        body = top.mapping(body)
+        top = MetadataField("the metadata", body)
+        body = top.mapping()
         regions = top.item(body, "regions").mapping()
         transports = top.item(body, "transports").mapping()
         return cls(
@@ -100,10 +100,12 @@ class AgentMetadata:
             boot_id=top.item(body, "boot_id").text(),
             pid=top.item(body, "pid").integer(0, 1 << 31),
             regions={
-                MetadataField(f"region {name!r}").check_name(name): RegionInfo.from_json(name, info)
+                MetadataField(f"region {name!r}", name).name(): RegionInfo.from_json(name, info)
                 for name, info in regions.items()
             },
-            transports={name: MetadataField(f"transport {name!r}").mapping(blob) for name, blob in transports.items()},
+            transports={
+                name: MetadataField(f"transport {name!r}", blob).mapping() for name, blob in transports.items()
+            },
         )
 
 
@@ -135,12 +137,10 @@ class MetadataField:
             f"transfer agent metadata is malformed: {self.what} must be {expected}, got {shown}"
         )
 
-    def mapping(self, value: object = None) -> dict:
-        value = self.value if value is None else value
-        if not isinstance(value, dict):
-            self.value = value
+    def mapping(self) -> dict:
+        if not isinstance(self.value, dict):
             raise self.bad("an object")
-        return value
+        return self.value
 
     def text(self, limit: int = 4096) -> str:
         if not isinstance(self.value, str) or len(self.value) > limit:
@@ -152,10 +152,6 @@ class MetadataField:
         if not value or not value.isprintable():
             raise self.bad("a printable string of 1..128 characters")
         return value
-
-    def check_name(self, value: str) -> str:
-        self.value = value
-        return self.name()
 
     def integer(self, low: int, high: int) -> int:
         value = self.value
