@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -1306,3 +1307,73 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
         with pytest.raises(PeerLostError, match="removed while the transfer was in flight"):
             handle.wait(timeout=1.0)
         assert handle.state == "failed" and request.handle is None  # released
+
+
+class _NixlAgentError(Exception):
+    """What the NIXL bindings raise (an exception of a NIXL module)."""
+
+
+_NixlAgentError.__module__ = "nixl_cu13._bindings"
+
+
+class _RemoteAgents:
+    """A NIXL agent's remote-agent table: loads, in-place updates, unloads; connecting fails while ``refuse``."""
+
+    def __init__(self):
+        self.loaded: dict[str, bytes] = {}
+        self.refuse = None  # None, "load" or "connect"
+
+    def add_remote_agent(self, metadata: bytes) -> bytes:
+        if self.refuse == "load":
+            raise _NixlAgentError("nixlInvalidParamError: bad metadata")
+        self.loaded["b"] = metadata
+        return b"b"
+
+    def make_connection(self, name: str) -> None:
+        if self.refuse == "connect":
+            raise _NixlAgentError("nixlBackendError: no route")
+
+    def remove_remote_agent(self, name: str) -> None:
+        del self.loaded[name]
+
+
+@pytest.mark.parametrize("refuse", ["load", "connect"])
+def test_a_nixl_peer_whose_new_metadata_fails_stays_loaded_for_its_link_or_parked_and_unloads_at_close(refuse):
+    """A refused update of a loaded remote agent (a live link's, or a parked one's) neither unloads it under the
+    link nor leaves it loaded and untracked: the link keeps working, a parked agent is unloaded at close."""
+    from collections import OrderedDict
+
+    from sagellm_comm.transfer import nixl
+    from sagellm_comm.transfer.metadata import b64
+
+    def meta(incarnation: str, agent: bytes):
+        m = AgentMetadata("b", incarnation, "host", "boot", 1)
+        m.regions = {"kv": F32}
+        m.transports = {"nixl": {"agent": b64(agent), "regions": {"kv": [4096, 4096, 0]}}}
+        return m
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.links, backend.parked = _RemoteAgents(), [], OrderedDict()
+    backend.registered, backend.leaked = {}, []
+    backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
+    backend.context = types.SimpleNamespace(name="a")
+    link = backend.connect(meta("one", b"v1"))
+    backend.agent.refuse = refuse
+    # Live: the same agent's new metadata refused while the old link stands.
+    with pytest.raises(BackendNotSupportedError, match="NIXL cannot"):
+        backend.connect(meta("one", b"v2"))
+    assert "b" in backend.agent.loaded and backend.links == [link]
+    # Parked: removed, then the same agent's new metadata refused.
+    backend.disconnect(link)
+    with pytest.raises(BackendNotSupportedError, match="NIXL cannot"):
+        backend.connect(meta("one", b"v3"))
+    assert list(backend.parked) == ["b"] and "b" in backend.agent.loaded
+    # Never loaded before (a restarted peer is unloaded first): a failed connection leaves nothing loaded.
+    with pytest.raises(BackendNotSupportedError, match="NIXL cannot"):
+        backend.connect(meta("two", b"v4"))
+    assert not backend.parked and backend.agent.loaded == {}
+    backend.agent.refuse = None
+    backend.disconnect(backend.connect(meta("two", b"v5")))
+    agents = backend.agent
+    backend.close()
+    assert agents.loaded == {}

@@ -230,20 +230,31 @@ class NixlBackend(TransferBackend):
         parked = self.parked.pop(peer.name, None)
         if parked is not None and parked != peer.incarnation:  # a restarted peer: NIXL loads it anew only
             self._unload(peer.name)
+            parked = None
+        # Loaded already (parked, or a live link to the same agent that this metadata is to replace): NIXL
+        # updates it in place, and a failure below must leave it loaded and tracked, not unload it under the link.
+        loaded = parked is not None or any(link.nixl_name == peer.name for link in self.links)
+        connected = False
         try:
-            name = self.agent.add_remote_agent(agent_metadata)  # a parked one is updated in place
-        except Exception as exc:
-            if not _is_nixl_error(exc):
-                raise
-            raise BackendNotSupportedError(f"NIXL cannot load peer {peer.name!r}'s metadata: {exc!r}") from None
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        try:
-            self.agent.make_connection(name)  # connection set-up now, not in the first transfer
-        except Exception as exc:
-            if not _is_nixl_error(exc):
-                raise
-            self.agent.remove_remote_agent(name)
-            raise BackendNotSupportedError(f"NIXL cannot connect to peer {peer.name!r}: {exc!r}") from None
+            try:
+                name = self.agent.add_remote_agent(agent_metadata)  # a parked one is updated in place
+            except Exception as exc:
+                if not _is_nixl_error(exc):
+                    raise
+                raise BackendNotSupportedError(f"NIXL cannot load peer {peer.name!r}'s metadata: {exc!r}") from None
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            try:
+                self.agent.make_connection(name)  # connection set-up now, not in the first transfer
+            except Exception as exc:
+                if not loaded:
+                    self._unload(name)
+                if not _is_nixl_error(exc):
+                    raise
+                raise BackendNotSupportedError(f"NIXL cannot connect to peer {peer.name!r}: {exc!r}") from None
+            connected = True
+        finally:
+            if parked is not None and not connected:
+                self.parked[peer.name] = parked  # still loaded: unloaded at close or when pushed out
         link = NixlLink(peer, nixl_name=name, regions=regions)
         self.links.append(link)
         return link
