@@ -126,6 +126,22 @@ def _args_worker(rank, world_size, port):
     assert doubled and torch.all(big == 2)
     car.all_reduce(x, payload="fp8")
     assert torch.all(x == world_size) and car.epoch == epoch + 1
+    # A non-finite value is NaN in its own element only: an inf in a chunk its rank reduces and in one a peer
+    # reduces, a sum over the fp32 range (3e38 on every rank, beside 1e38s); the rest of each 128-element block
+    # stays finite.
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.full((512,), 0.25 * (rank + 1), dtype=dtype)  # chunks of 256: [0, 256) is rank 0's to reduce
+        expected = torch.full((512,), 0.25 * world_size * (world_size + 1) / 2)
+        if rank == 1:
+            y[5], y[300] = float("inf"), float("-inf")
+        y[128:256], expected[128:256] = 1e38, 1e38 * world_size
+        y[130] = 3e38
+        expected[[5, 300, 130]] = float("nan")
+        car.all_reduce(y, algo="two_shot", payload="fp8")
+        car.check_errors()
+        nan = expected.isnan()
+        assert bool(y[nan].isnan().all()) and bool(y[~nan].isfinite().all()), y
+        assert bool(((y[~nan].float() - expected[~nan]).abs() <= expected[~nan] / 8).all()), y
     return True
 
 

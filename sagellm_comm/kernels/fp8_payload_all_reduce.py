@@ -18,7 +18,9 @@ rank travels as 128 e4m3fn values and one fp32 scale (``sagellm_comm/kernels/fp8
 Each chunk's result is computed once and every rank (its owner included) returns the dequantised published
 values, so all ranks get identical bits.  The error against an fp32 sum has two parts: each peer's term rounded
 to 4 significant bits relative to its block's largest magnitude, and the sum rounded once more the same way
-(``bench/fp8_payload_error.py`` measures it).
+(``bench/fp8_payload_error.py`` measures it).  A block's scale is taken from its finite values, and a
+non-finite element (an inf or NaN in an input, or a sum over the fp32 range) travels as FP8 NaN: it is NaN in
+the output (FP8 has no infinity), the other elements of its block are unaffected.
 
 Flags, epochs, the double-buffered staging slot (``epoch % 2``), bounded waits, the error record and NaN outputs
 after a failed wait are those of ``all_reduce.py`` (its invariants 1-5); there is no zero-copy form (the input
@@ -42,7 +44,7 @@ from sagellm_comm.kernels.all_reduce import (
     _slot_offset,
     _start_barrier,
 )
-from sagellm_comm.kernels.fp8 import FP8_GROUP, _from_e4m3, _quantize_blocks
+from sagellm_comm.kernels.fp8 import FP8_GROUP, _dynamic_scale, _from_e4m3, _to_e4m3
 
 
 def chunk_elements(numel: int, world_size: int) -> int:
@@ -69,6 +71,18 @@ def _tile(c, tile, chunk, numel, BLOCK: tl.constexpr):
     first = c * chunk + tile * BLOCK + blocks * FP8_GROUP  # each block's first element
     block_mask = (tile * BLOCK + blocks * FP8_GROUP < chunk) & (first < numel)
     return offs, mask, first // FP8_GROUP, block_mask
+
+
+@triton.jit
+def _quantize_finite_blocks(v, USE_PTX: tl.constexpr):
+    """As ``kernels/fp8.py``'s block quantiser, except that a block's scale comes from its finite values and an
+    infinite element travels as FP8 NaN: an inf (or an fp32 overflow of the sum) is non-finite in its element only,
+    instead of an inf scale that turns every other element of the block into ``0 * inf = NaN``."""
+    a = tl.abs(v)
+    finite = a < float("inf")  # False for inf and NaN
+    s = _dynamic_scale(tl.max(tl.where(finite, a, 0.0), axis=1))
+    v = tl.where(finite | (v != v), v, float("nan"))
+    return _to_e4m3(tl.div_rn(v, s[:, None]), USE_PTX), s
 
 
 @triton.jit
@@ -128,7 +142,7 @@ def two_shot_fp8_all_reduce_kernel(
             for tile in range(pid, tiles_per_chunk, num_programs):
                 offs, mask, block_ids, block_mask = _tile(c, tile, chunk, numel, BLOCK)
                 v = tl.load(inp + offs, mask=mask, other=0.0).to(tl.float32)
-                q, s = _quantize_blocks(v, USE_PTX)
+                q, s = _quantize_finite_blocks(v, USE_PTX)
                 _publish(my_q, my_scales, offs, mask, block_ids, block_mask, q, s)
     ok, _ = _start_barrier(bases, peers, ctrl, table, rank, pid, epoch, 0, timeout, W, WP, USE_PTX)
     ok = ok & healthy
@@ -147,7 +161,7 @@ def two_shot_fp8_all_reduce_kernel(
                 block_ids, block_mask & (block_ids * 0 + p != rank), USE_PTX,
             )  # fmt: skip
             acc += tl.where(p == rank, own, theirs)
-        q, s = _quantize_blocks(_nan_unless(ok, acc), USE_PTX)
+        q, s = _quantize_finite_blocks(_nan_unless(ok, acc), USE_PTX)
         _publish(my_q, my_scales, offs, mask, block_ids, block_mask, q, s)
         tl.store(out + offs, (_from_e4m3(q, USE_PTX) * s[:, None]).to(DTYPE), mask=mask)
     ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
