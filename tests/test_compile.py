@@ -295,6 +295,19 @@ def _eps_as_input(x, residual, weight, eps):
     return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _eps_refused_by_the_op(eps):
+    def chain(x, residual, weight):
+        v = (residual + all_reduce(x)).float()
+        return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    return chain
+
+
+def _weight_from_new_residual(x, residual, weight):
+    h = residual + all_reduce(x)
+    return llama_rmsnorm(h, h[0] * weight), h  # the fused op would have to take its own output
+
+
 LEFT_ALONE = {
     "other operand than the all-reduce": (_residual_plus_twice, _chain_specs()),
     "the all-reduce added to itself": (_all_reduce_twice, _chain_specs()),
@@ -312,6 +325,9 @@ LEFT_ALONE = {
     "mean with a dtype": (_mean_in_fp64, _chain_specs()),
     "hidden over the kernels' limit": (_plain_chain, _chain_specs(hidden=16512)),
     "eps a graph input": (_eps_as_input, _chain_specs() + [((), torch.float64)]),
+    "negative eps": (_eps_refused_by_the_op(-1e-7), _chain_specs()),
+    "infinite eps": (_eps_refused_by_the_op(float("inf")), _chain_specs()),
+    "weight computed from new_residual": (_weight_from_new_residual, _chain_specs()),
 }  # fmt: skip
 
 
@@ -406,6 +422,23 @@ def test_fp8_chains_that_cannot_take_the_quantisation_keep_it_and_fuse_the_rest(
         done = _rewrite(gm)
         assert done.replaced == {"rmsnorm": 1}, (fn.__name__, done)
         assert [_quant(n) for n in _fused(gm)] == ["none"]
+
+
+@needs_fp8
+def test_a_static_scale_computed_from_new_residual_keeps_its_quantisation() -> None:
+    """A scale computed from the chain's own output (an amax of the residual stream): the fused op cannot take
+    it (it would need its own output, a cyclic graph), so only the RMSNorm is fused."""
+
+    def scale_from_new_residual(x, residual, weight):
+        h = residual + all_reduce(x)
+        scale = (h.float().abs().amax() / FP8_MAX).reshape(1)
+        return static_fp8(llama_rmsnorm(h, weight), scale), h
+
+    gm = _trace(scale_from_new_residual, *_chain_specs())
+    done = _rewrite(gm)
+    gm.graph.lint()
+    assert done.replaced == {"rmsnorm": 1}, done
+    assert [_quant(n) for n in _fused(gm)] == ["none"]
 
 
 @needs_fp8

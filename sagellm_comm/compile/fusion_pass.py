@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,20 @@ def _eps_of(match: pm.Match):
     return None
 
 
+def _depends_on(args, nodes: set) -> bool:
+    """Whether a node among ``args`` is computed from one of ``nodes`` (transitively)."""
+    seen: set = set()
+    stack = [a for a in args if isinstance(a, torch.fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
+
+
 def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     """The checks a structural match must pass before it is rewritten (see the module docstring)."""
     limits = _fused_limits()
@@ -246,9 +261,13 @@ def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     eps = match.kwargs["eps"] if "eps" in match.kwargs else _eps_of(match)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return False  # eps is a graph input (dynamic=True unspecialises floats): the op takes a number
+    if not (math.isfinite(eps) and eps >= 0):
+        return False  # the fused op refuses it (NaN, inf, negative): the chain computes with it
     inputs = [match.kwargs.get(name) for name in ("x", "residual", "weight", "scale")]
     if any(isinstance(arg, torch.fx.Node) and arg in match.nodes for arg in inputs):
         return False  # an input computed inside the chain (e.g. residual = the all-reduce itself)
+    if _depends_on(inputs[2:], set(match.nodes)):
+        return False  # a weight or scale computed from new_residual: the fused op would feed itself (a cycle)
     # The fused op returns new_residual and the output shaped like x; a chain whose outputs have other shapes (a
     # static FP8 scale of more dimensions than x broadcasts q to them) is not what it computes.
     for node in match.output_nodes()[:2]:
