@@ -328,6 +328,11 @@ def _bad_input_worker(rank, world_size, port):
         fused(x.double(), x.double(), w.double(), quant="fp8_per_token")
     with pytest.raises(InvalidArgumentError, match="takes x in"):
         quantize_fp8_reference(x.to(torch.int32), "fp8_per_token")
+    for quant in ("fp8_per_token", "fp8_group128"):
+        with pytest.raises(ShapeMismatchError, match="0-d"):
+            quantize_fp8_reference(torch.tensor(1.0), quant)
+        with pytest.raises(ShapeMismatchError, match="0-d"):
+            fused(torch.tensor(1.0), torch.tensor(1.0), torch.ones(1), quant=quant)
     with pytest.raises(WorkspaceExhaustedError, match="algo=lamport takes at most"):
         big = torch.ones(SLOT_BYTES // 2 // 64 + 1, 64)  # over the Lamport buffers' SLOT_BYTES // 2 elements
         fused(big, big, torch.ones(64), algo="lamport", quant="fp8_per_token")

@@ -85,6 +85,8 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
         raise InvalidArgumentError(
             f"quant={quant!r} computes its scales from the data; scale must be None (use quant='fp8' for a static one)"
         )
+    if x.dim() < 1:
+        raise ShapeMismatchError(f"quant={quant!r} takes x of shape [..., hidden], got a 0-d tensor")
     if quant == "fp8_group128" and x.shape[-1] % FP8_GROUP_SIZE:
         raise ShapeMismatchError(
             f"quant='fp8_group128' needs hidden divisible by {FP8_GROUP_SIZE}, got hidden={x.shape[-1]}; "
