@@ -26,7 +26,8 @@ when the hidden size is over the fused kernels' limit (``sagellm_comm.fused.MAX_
 constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
 default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``) or one the fused op
 refuses (negative, infinite), when its weight or static scale is computed from the chain's own output (the fused
-op would feed itself), or when the static FP8 division is not an fp32 division.  What is left is counted in :attr:`FusionStats.all_reduces_left`.
+op would feed itself), or when the static FP8 division is not an fp32 division.  What is left is counted in
+:attr:`FusionStats.all_reduces_left`.
 Where :mod:`sagellm_comm.fused` cannot be imported (no Triton), the pass rewrites nothing.
 """
 
