@@ -144,7 +144,10 @@ def int64_array(values: Any, what: str) -> np.ndarray:
         raise InvalidArgumentError(f"{what} must be integers within int64, got {int(array.max())}")
     if not isinstance(values, np.ndarray):
         _refuse_booleans(values, array, what)
-    return np.ascontiguousarray(array, dtype=np.int64)
+    out = np.ascontiguousarray(array, dtype=np.int64)
+    if out is array and not isinstance(values, (list, tuple)):
+        out = out.copy()  # the caller's own memory (an array, a CPU tensor): see block_table
+    return out
 
 
 def _refuse_booleans(values: Any, array: np.ndarray, what: str) -> None:
@@ -170,7 +173,8 @@ def block_table(blocks: Any) -> np.ndarray:
     """``blocks`` as a C-contiguous int64 ``[n, 3]`` array of ``(local_offset, remote_offset, nbytes)``.
 
     Accepts a sequence of 3-tuples, an ``[n, 3]`` integer numpy array or an ``[n, 3]`` integer CPU tensor (the
-    last two without a copy when already int64 and contiguous); values must be integers (:func:`int64_array`).
+    last two copied, so that what is checked is what is posted whatever the caller's other threads do with
+    them); values must be integers (:func:`int64_array`).
     """
     if (
         blocks.__class__ is np.ndarray
@@ -180,7 +184,9 @@ def block_table(blocks: Any) -> np.ndarray:
         and blocks.shape[1] == 3
         and blocks.flags.c_contiguous
     ):
-        return blocks  # the common table form, already what is asked for
+        # The common table form: copied (about 1 us for 1000 rows) so that what is checked is what is posted, even
+        # while another thread of the caller's changes its array.
+        return blocks.copy()
     if not isinstance(blocks, (torch.Tensor, np.ndarray)) and (
         not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes))
     ):
