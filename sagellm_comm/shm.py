@@ -118,7 +118,7 @@ class LivenessProbe:
         self.path = path
         self._flock = libc_flock()
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO at the path must not block the open
         except OSError:
             self.fd = -1  # the owner already removed it: gone
 
