@@ -205,9 +205,33 @@ class IpcBackend(TransferBackend):
 
     # ------------------------------------------------------------------ device state
     def _setup(self, device: torch.device) -> None:
-        """Bind to ``device`` (the first GPU region's, or the CPU under the interpreter): probe, counter, stream."""
+        """Bind to ``device`` (the first GPU region's, or the CPU under the interpreter): probe, counter, stream.
+        A bind that fails (a full /dev/shm, no GPU memory for the probe) releases what it made: the next call
+        binds afresh."""
         if self.device is not None:
             return
+        try:
+            self._bind(device)
+        except BaseException:
+            self._unbind()
+            raise
+
+    def _unbind(self) -> None:
+        """Release what a failed :meth:`_bind` made and mark the backend unbound."""
+        copier, staging, events = self.copier, getattr(self, "staging", None), getattr(self, "events", None)
+        probe = getattr(self, "probe", None)
+        self.copier = self.staging = self.events = self.probe = self._probe_tensor = None
+        if copier is not None:
+            copier.close()
+        if staging is not None:
+            staging.close(in_use=False)
+        if events is not None:
+            events.close()
+        if probe is not None and self.device is not None and self.device.type == "cuda":
+            self.memory.free(probe)
+        self.device = None
+
+    def _bind(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
         if cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
