@@ -597,10 +597,10 @@ def test_a_few_block_list_reaches_the_transport_as_its_table(recording_agents, m
     assert rows == [(0, 0, 4), (4, 4, 4)]
 
 
-def test_a_few_block_array_reaches_the_transport_as_that_array(recording_agents):
-    """A small ``[n, 3]`` array takes the Python-int checks, and the transport gets the caller's array itself
-    with its rows (a transport that launches from the table does not rebuild it); a bad one is refused as a
-    list is."""
+def test_a_few_block_array_reaches_the_transport_as_a_copy_of_that_array(recording_agents):
+    """A small ``[n, 3]`` array takes the Python-int checks, and the transport gets a private copy of the
+    caller's array with its rows (what was checked is what is posted, whatever another thread of the caller's
+    does to the array meanwhile); a bad one is refused as a list is."""
     agent, backend = recording_agents
     seen = []
     post = backend.post
@@ -614,9 +614,13 @@ def test_a_few_block_array_reaches_the_transport_as_that_array(recording_agents)
         table = np.array(blocks, dtype=np.int64)
         before = len(backend.posted)
         handle = agent.write("b", "kv", "kv", table, b"req")
-        assert seen[-1][0] is table and seen[-1][1] == table.tolist()
+        posted = seen[-1][0]
+        assert not np.shares_memory(posted, table) and posted.tolist() == seen[-1][1] == table.tolist()
         assert [p[0] for p in backend.posted[before:]] == ["table"]
         assert (handle.nbytes, handle.nblocks) == (sum(b[2] for b in blocks), len(blocks))
+    big = np.array([(i * 64, 4032 - i * 64, 64) for i in range(40)], dtype=np.int64)  # the vector checks' path
+    agent.write("b", "kv", "kv", big)
+    assert not np.shares_memory(seen[-1][0], big) and np.array_equal(seen[-1][0], big)
     before = len(backend.posted)
     for bad, words in (([(0, 0, 64), (64, 32, 64)], "overlap"), ([(0, 0, 64), (64, 4096, 64)], "outside")):
         with pytest.raises(InvalidArgumentError, match=words):
@@ -795,6 +799,71 @@ def test_shared_memory_is_reserved_when_made_and_a_full_dev_shm_is_a_typed_error
         notify.Inbox()
     mine = f"{shm.TRANSFER_PREFIX}{os.getpid()}-"
     assert not [n for n in set(os.listdir(shm.shared_dir())) - before if n.startswith(mine)]
+
+
+def test_an_ipc_agent_whose_first_region_met_a_full_dev_shm_works_once_there_is_room(monkeypatch):
+    """The ipc transport binds to its device at the first region (a probe in shared memory, a counter, a
+    stream); a bind that fails releases what it made, and the next region binds afresh (metadata and close
+    raised AttributeError)."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a = TransferAgent("a", "ipc")
+    kv = shared.shared_cpu_tensor(4096, torch.uint8)  # made while there is room
+    real = os.posix_fallocate
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UnavailableError):
+        a.register("kv", kv)
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    a.register("kv", kv)
+    section = AgentMetadata.decode(a.metadata()).transports["ipc"]
+    assert section["regions"]["kv"]["address"] == kv.data_ptr() and section["probe"]["size"] > 0
+    a.close()
+
+
+def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeypatch):
+    """Opening a FIFO for reading waits for a writer: the liveness probe opens without blocking, and add_peer
+    refuses the path within the agent's timeout instead of holding the agent's lock forever."""
+    import json
+
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = TransferAgent("a", "ipc", timeout=2.0), TransferAgent("b", "ipc")
+    fifo = shared.new_path("-fifo")
+    os.mkfifo(fifo)
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        body = json.loads(b.metadata()[len(MAGIC) :])
+        body["transports"]["ipc"]["inbox"] = fifo
+        outcome, thread = [], None
+
+        def add():
+            try:
+                a.add_peer(MAGIC + json.dumps(body).encode())
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=add, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "add_peer blocked on the FIFO"
+        assert len(outcome) == 1 and isinstance(outcome[0], BackendNotSupportedError), outcome
+        probe = shm.LivenessProbe(fifo)
+        probe.close()
+    finally:
+        if thread is not None and thread.is_alive():  # a writer end releases the blocked open (close takes the lock)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(10)
+        os.unlink(fifo)
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
