@@ -748,6 +748,28 @@ def test_notifications_are_every_transports_in_a_new_list(recording_agents):
     got.clear()  # the caller owns what it got
 
 
+def test_notifications_taken_before_another_transport_failed_come_with_the_next_call(recording_agents):
+    """With two transports, the first's notifications are taken from its rings before the second's drain runs:
+    when that one raises, they are kept and returned by the next call, oldest first (they were lost)."""
+    agent, backend = recording_agents
+    failing = [True]
+
+    def second():
+        if failing.pop():
+            raise UnavailableError("the second transport's queue")
+        return [("c", b"three")]
+
+    agent._drains = (backend.notifications, second)
+    backend.messages = [("b", b"one")]
+    with pytest.raises(UnavailableError):
+        agent.notifications()
+    backend.messages = [("b", b"two")]
+    failing.append(False)
+    assert agent.notifications() == [("b", b"one"), ("b", b"two"), ("c", b"three")]
+    agent._drains = (backend.notifications,)
+    assert agent.notifications() == []
+
+
 # ---------------------------------------------------------------------------------------------- shared memory
 def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
     tensor = shared.shared_cpu_tensor((3, 5), torch.float16)

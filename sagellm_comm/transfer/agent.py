@@ -129,6 +129,7 @@ class TransferAgent:
         # Per backend, the regions it could not make reachable and why (auto keeps going without them).
         self._unreachable: dict[str, dict[str, str]] = {name: {} for name in self._backends}
         self._drains = tuple(backend.notifications for backend in self._backends.values())  # best first
+        self._undelivered: list[tuple[str, bytes]] = []  # drained by a call that then failed: the next returns them
 
     # ------------------------------------------------------------------ regions
     @property
@@ -489,12 +490,16 @@ class TransferAgent:
             if self._aborts:
                 self._abort_deferred()
             drains = self._drains
-            if len(drains) == 1:  # one transport: its list as it is
+            if len(drains) == 1 and not self._undelivered:  # one transport: its list as it is
                 (drain,) = drains
                 return drain()
-            out: list[tuple[str, bytes]] = []
-            for drain in drains:
-                out += drain()
+            out, self._undelivered = self._undelivered, []
+            try:
+                for drain in drains:
+                    out += drain()
+            except BaseException:
+                self._undelivered = out  # taken from their rings already: kept for the next call, not lost
+                raise
             return out
 
     # ------------------------------------------------------------------ teardown
