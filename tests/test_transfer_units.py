@@ -294,6 +294,21 @@ def test_metadata_round_trips_and_refuses_foreign_bytes():
     assert again == meta and again.same_process(meta) and again.same_host(meta)
     other = AgentMetadata("x", "y", meta.host, "another-boot", 1)
     assert not other.same_host(meta)
+    # Another pid namespace on this host (a container sharing /dev/shm) whose process has this pid: another
+    # process all the same (the ipc path must map its memory, not use its addresses).
+    twin = AgentMetadata.decode(local_identity("twin", "abc").encode())
+    twin.process = "0" * 16
+    assert twin.same_host(meta) and twin.pid == meta.pid and not twin.same_process(meta)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child: the same memory, a process id of its own
+        os.write(write, local_identity("child", "i").process.encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == len(meta.process) == 16 and child != meta.process
     for bad in (b"", b"hello", meta.encode()[:-5], 17, b"sagellm-transfer-agent/1\n{}"):
         with pytest.raises(InvalidArgumentError, match="metadata"):
             AgentMetadata.decode(bad)
@@ -349,6 +364,8 @@ def _set(*path_and_value):
         (_set("transports", []), "'transports' must be an object"),
         (_set("transports", "nixl", [1, 2]), "transport 'nixl' must be an object"),
         (lambda body: body.pop("host"), "has no 'host'"),
+        (lambda body: body.pop("process"), "has no 'process'"),
+        (_set("process", 12), "'process' must be a string"),
     ],
 )
 def test_metadata_checks_every_field_and_names_the_bad_one(change, words):

@@ -1,9 +1,10 @@
 """An agent's metadata: the bytes an engine hands to peers out of band (``TransferAgent.metadata()``).
 
 It says who the agent is (name, incarnation: a fresh id per agent object, so a restarted peer with the same
-name is told apart), where it runs (host, boot id, process id), which regions it registered (name, size,
-dtype, device kind) and, per transport it offers, that transport's own description (NIXL's agent metadata;
-the ipc path's handles, notification inbox and probe).
+name is told apart), where it runs (host, boot id, process id and a random id of the process: processes of
+containers that share a host's /dev/shm, each in its own pid namespace, often have the same pid), which
+regions it registered (name, size, dtype, device kind) and, per transport it offers, that transport's own
+description (NIXL's agent metadata; the ipc path's handles, notification inbox and probe).
 
 Encoding: a magic line, then JSON (binary fields in base64).  JSON, not pickle: the bytes come from another
 process, and reading them must never run code.  A malformed or foreign blob is an
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -22,6 +24,15 @@ from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.transfer.descriptors import RegionInfo
 
 MAGIC = b"sagellm-transfer-agent/1\n"
+_PROCESS_ID = secrets.token_hex(8)  # this process's random id (a forked child draws its own)
+
+
+def _new_process_id() -> None:
+    global _PROCESS_ID
+    _PROCESS_ID = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_process_id)
 
 
 @lru_cache(maxsize=1)
@@ -52,13 +63,15 @@ class AgentMetadata:
     pid: int
     regions: dict[str, RegionInfo] = field(default_factory=dict)
     transports: dict[str, dict] = field(default_factory=dict)
+    process: str = ""  # a random id of the process (pids repeat across pid namespaces)
 
     def same_host(self, other: AgentMetadata) -> bool:
         """Both agents run on one machine (same host name and, where known, the same boot)."""
         return self.host == other.host and (not self.boot_id or not other.boot_id or self.boot_id == other.boot_id)
 
     def same_process(self, other: AgentMetadata) -> bool:
-        return self.same_host(other) and self.pid == other.pid
+        """Both agents run in one process: one address space (the ipc path then uses addresses as they are)."""
+        return self.same_host(other) and self.pid == other.pid and self.process == other.process
 
     def encode(self) -> bytes:
         body = {
@@ -67,6 +80,7 @@ class AgentMetadata:
             "host": self.host,
             "boot_id": self.boot_id,
             "pid": self.pid,
+            "process": self.process,
             "regions": {name: info.to_json() for name, info in self.regions.items()},
             "transports": self.transports,
         }
@@ -99,6 +113,7 @@ class AgentMetadata:
             host=top.item(body, "host").text(),
             boot_id=top.item(body, "boot_id").text(),
             pid=top.item(body, "pid").integer(0, 1 << 31),
+            process=top.item(body, "process").text(64),
             regions={
                 MetadataField(f"region {name!r}", name).name(): RegionInfo.from_json(name, info)
                 for name, info in regions.items()
@@ -166,7 +181,7 @@ class MetadataField:
 
 
 def local_identity(name: str, incarnation: str) -> AgentMetadata:
-    return AgentMetadata(name, incarnation, host_name(), boot_id(), os.getpid())
+    return AgentMetadata(name, incarnation, host_name(), boot_id(), os.getpid(), process=_PROCESS_ID)
 
 
 def b64(data: bytes) -> str:
