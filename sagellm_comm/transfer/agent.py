@@ -293,7 +293,7 @@ class TransferAgent:
         its launches to the peer, up to the agent's timeout: those report done); its prepared pools are released.
         Unknown peers raise ``InvalidArgumentError``."""
         with self.lock:
-            self._abort_deferred()
+            self._check_open()
             self._drop(self._peer(peer))
             del self._peers[peer]
 
