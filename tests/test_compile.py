@@ -603,6 +603,13 @@ def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
             fusion.compile(model, **refused)
     with pytest.raises(InvalidArgumentError, match="mode must be one of"):
         fusion.compile(model, mode="fastest")
+    with pytest.raises(InvalidArgumentError, match="post-grad passes off"):  # the pass would never run
+        fusion.compile(model, options={"use_post_grad_passes": False})
+    from torch._inductor import list_mode_options
+
+    if "lite" in list_mode_options():
+        with pytest.raises(InvalidArgumentError, match="post-grad passes off"):
+            fusion.compile(model, mode="lite")
 
 
 # ============================================================================ on two Gloo ranks

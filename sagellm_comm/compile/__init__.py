@@ -131,7 +131,9 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
     options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` runs before the fusion pass.
     ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
     (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) are refused with
-    ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.
+    ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.  A mode or options
+    that turn Inductor's post-grad passes off (``mode="lite"``), which would leave the pass unrun, are refused
+    with ``InvalidArgumentError``.
     """
     if backend != "inductor":
         raise InvalidArgumentError(
@@ -154,6 +156,11 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
             "segmentation fault on every rank under them; "
             "capture the compiled decode step with torch.cuda.graph instead (examples/llama_tp.py --mode "
             "fused-cuda-graph), or use mode='max-autotune-no-cudagraphs'"
+        )
+    if merged.get("use_post_grad_passes", True) is False:
+        raise InvalidArgumentError(
+            f"mode={mode!r} / options turn Inductor's post-grad passes off (use_post_grad_passes=False), and the "
+            "fusion pass is one: it would rewrite nothing; compile with torch.compile for that mode, or use another"
         )
     merged[_CONFIG_KEY] = _with_ours(merged.get(_CONFIG_KEY))
     if model is None:
