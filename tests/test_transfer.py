@@ -438,6 +438,7 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     a.close()
     expect("closed", NotInitializedError, "was closed", lambda: a.write(peer, "kv", "kv", blocks))
     expect("closed: remove_peer", NotInitializedError, "was closed", lambda: a.remove_peer(peer))
+    expect("closed: peer_backend", NotInitializedError, "was closed", lambda: a.peer_backend(peer))
     a.close()  # idempotent
     b.close()
     assert CommTimeoutError.code.value == "comm_timeout"
@@ -447,8 +448,9 @@ def _bad_inputs_worker(rank, world_size, port, backend):
 @pytest.mark.parametrize("backend", ["nixl", "ipc"])
 def test_every_bad_input_is_a_typed_error_before_any_byte_moves(backend):
     (refused,) = run_ranks(_bad_inputs_worker, 1, backend, timeout=120.0, env=ENVS[backend])
-    assert len(refused) == 28, sorted(refused)
-    assert refused.pop("closed") == refused.pop("closed: remove_peer") == "comm_not_initialized"
+    assert len(refused) == 29, sorted(refused)
+    closed = [refused.pop(label) for label in ("closed", "closed: remove_peer", "closed: peer_backend")]
+    assert closed == ["comm_not_initialized"] * 3, closed
     removed = refused.pop("removed in flight")  # NIXL: lost ("b") unless it had completed it inside the post
     assert removed == "complete before the removal" or (backend == "nixl" and removed == "b"), removed
     assert set(refused.values()) == {"invalid_argument"}, refused

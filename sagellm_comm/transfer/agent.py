@@ -220,7 +220,8 @@ class TransferAgent:
             del self._regions[name]
 
     def metadata(self) -> bytes:
-        """This agent's description for peers (JSON bytes: identity, regions, each transport's part)."""
+        """This agent's description for peers: opaque bytes to hand over as they are (a versioned header line, then
+        JSON: identity, regions, each transport's part)."""
         with self.lock:
             self._check_open()
             meta = local_identity(self.name, self.incarnation)
@@ -543,6 +544,8 @@ class TransferAgent:
             raise NotInitializedError(f"transfer agent {self.name!r} was closed")
 
     def _peer(self, peer: str) -> _Peer:
+        if self._closed:
+            self._check_open()
         _check_name(peer, "peer")
         entry = self._peers.get(peer)
         if entry is None:
