@@ -102,3 +102,26 @@ def test_a_pool_smaller_than_the_notification_block_is_grown_to_hold_it(tmp_path
     assert plan.pool_bytes == NOTIFY_BLOCK
     plan = plan_transfer(TransferBenchConfig(**small, notify_iters=0, output_dir=str(tmp_path)))
     assert plan.pool_bytes == 2 * 4096
+
+
+def test_ratios_are_against_the_first_backend_asked_for_and_absent_where_it_failed():
+    from sagellm_comm.benchmark.timing import summarize
+    from sagellm_comm.benchmark.transfer_results import build_result, format_table
+
+    def entry(backend, count, samples=None, error=None):
+        point = {"backend": backend, "op": "write", "block": 4096, "count": count, "num_wrong": 0, "timing": "wall"}
+        return {**point, "error": error} if error else {**point, "stats": summarize(samples)}
+
+    measured = {
+        "points": [entry("nixl", 10, error="write did not complete within 120 s"), entry("torch", 10, [10.0]),
+                   entry("nixl-raw", 10, [20.0]), entry("nixl", 1, [4.0]), entry("torch", 1, [2.0])],
+        "notify": {}, "failed": {}, "transports": {},
+    }  # fmt: skip
+    run = {"device": "cpu", "device_name": "cpu", "backends": ["nixl", "torch", "nixl-raw"], "prepared": False,
+           "commit": "0" * 40, "torch": "x", "warmup": 1, "iters": 1}  # fmt: skip
+    result = build_result(measured, run, False)
+    ratios = {(r.backend, r.count): r.ratio_vs_first for r in result.records}
+    assert ratios == {("nixl", 10): None, ("torch", 10): None, ("nixl-raw", 10): None, ("nixl", 1): 1.0,
+                      ("torch", 1): 2.0}  # fmt: skip
+    table = format_table(result)
+    assert "failed: write did not complete" in table and "     -" in table

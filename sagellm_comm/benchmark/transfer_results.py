@@ -61,7 +61,7 @@ class TransferBenchResult:
 
 
 def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResult:
-    records, first = [], {}
+    records = []
     for entry in measured["points"]:
         stats = entry.get("stats")
         total = entry["block"] * entry["count"]
@@ -74,11 +74,14 @@ def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResu
             e2e_us=entry.get("e2e_us"), num_wrong=entry.get("num_wrong"), ratio_vs_first=None,
             error=entry.get("error"),
         )  # fmt: skip
-        key = (record.op, record.block_bytes, record.count)
-        if record.latency_us:
-            base = first.setdefault(key, record.latency_us)
-            record.ratio_vs_first = base / record.latency_us
         records.append(record)
+    # The reference is the first backend asked for; where it has no time (it failed) a point has no ratio.
+    first = run["backends"][0] if run.get("backends") else None
+    reference = {(r.op, r.block_bytes, r.count): r.latency_us for r in records if r.backend == first and r.latency_us}
+    for record in records:
+        base = reference.get((record.op, record.block_bytes, record.count))
+        if base and record.latency_us:
+            record.ratio_vs_first = base / record.latency_us
     notify = {backend: _notify_stats(by_pacing) for backend, by_pacing in measured["notify"].items()}
     run = {**run, "transports": measured["transports"], "failed_backends": measured["failed"]}
     return TransferBenchResult(run, records, notify)
@@ -155,7 +158,8 @@ def format_table(result: TransferBenchResult) -> str:
         lines.append(
             f" {format_size(r.block_bytes):>8} {r.count:>6} {format_size(r.total_bytes):>8} {r.op:>6} {r.backend:>12} "
             f"{r.timing:>7} {_us(r.latency_us):>10} {spread:>17} {r.gbps:>8.2f} {_us(r.host_us):>9} "
-            f"{_us(r.e2e_us):>9} {r.num_wrong:>7} {r.ratio_vs_first:>6.2f}"
+            f"{_us(r.e2e_us):>9} {r.num_wrong:>7} "
+            + (f"{r.ratio_vs_first:>6.2f}" if r.ratio_vs_first is not None else f"{'-':>6}")
         )
     for backend, stats in result.notify.items():
         lines.append(
