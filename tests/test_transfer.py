@@ -674,9 +674,10 @@ def test_comm_backend_transfer_agent_connects_the_world_in_one_call():
 
 def _world_failure_worker(rank, world_size, port, scenario):
     import sagellm_comm
+    from sagellm_comm.errors import BackendNotSupportedError
     from sagellm_comm.transfer import TransferAgent
 
-    timeout = 60 if scenario == "register" else 3
+    timeout = 3 if scenario in ("absent", "duplicate") else 60
     backend = sagellm_comm.get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_addr="127.0.0.1",
                                                          master_port=port, timeout=timeout)  # fmt: skip
     closed = []
@@ -687,32 +688,48 @@ def _world_failure_worker(rank, world_size, port, scenario):
         close(self)
 
     TransferAgent.close = counted_close
+    if scenario == "add_peer" and rank == 1:
+
+        def refuse(self, metadata):
+            raise BackendNotSupportedError("no transport reaches that peer")
+
+        TransferAgent.add_peer = refuse
     pool = torch.zeros(8, 8).t() if rank == 1 and scenario == "register" else torch.zeros(64)  # not contiguous
+    regions = [("kv", pool)] if rank == 1 and scenario == "regions" else {"kv": pool}  # a list: not a mapping
     start = time.monotonic()
     if scenario == "absent" and rank == 2:  # never joins the exchange
         time.sleep(timeout + 8)
         return None
     name = "rank0" if scenario == "duplicate" and rank == 2 else f"rank{rank}"  # two ranks named rank0
     try:
-        backend.transfer_agent(name, {"kv": pool}, backend="nixl")
+        backend.transfer_agent(name, regions, backend="nixl")
     except Exception as exc:
         return type(exc).__name__, getattr(exc, "details", {}), str(exc), time.monotonic() - start, closed
     return "returned", {}, "", time.monotonic() - start, closed
 
 
-def test_a_rank_whose_agent_fails_fails_every_rank_of_the_world_at_once():
-    """Every rank reaches the metadata exchange: the failing rank raises its own error, the others a typed error
-    naming it and its reason, long before the backend's timeout (60 s); every agent made is closed."""
-    results = run_ranks(_world_failure_worker, 3, "register", timeout=120.0, torchrun_env=False)
+@pytest.mark.parametrize(
+    "scenario, error, words, what",
+    [
+        ("register", "InvalidArgumentError", "not contiguous", "could not make or register its agent"),
+        ("regions", "InvalidArgumentError", "regions must map names to tensors", "could not make or register"),
+        ("add_peer", "BackendNotSupportedError", "no transport reaches that peer", "could not add its peers"),
+    ],
+)
+def test_a_rank_whose_agent_fails_fails_every_rank_of_the_world_at_once(scenario, error, words, what):
+    """Every rank reaches the metadata exchanges: the failing rank (a region, its regions argument, or a peer it
+    cannot add while the others added theirs) raises its own error, the others a typed error naming it and its
+    reason, long before the backend's timeout (60 s); every agent made is closed."""
+    results = run_ranks(_world_failure_worker, 3, scenario, timeout=120.0, torchrun_env=False)
     for rank, (kind, details, text, seconds, closed) in enumerate(results):
         assert seconds < 20, (rank, seconds)
-        assert closed == [f"rank{rank}"], (rank, closed)
+        assert closed == ([] if scenario == "regions" and rank == 1 else [f"rank{rank}"]), (rank, closed)
         if rank == 1:
-            assert kind == "InvalidArgumentError" and "not contiguous" in text, text
+            assert kind == error and words in text, text
         else:
             assert kind == "CollectiveFailedError", (kind, text)
-            assert list(details["failed_ranks"]) == [1] and "not contiguous" in details["failed_ranks"][1]
-            assert "rank 1 could not make or register its agent" in text and "not contiguous" in text
+            assert list(details["failed_ranks"]) == [1] and words in details["failed_ranks"][1]
+            assert f"rank 1 {what}" in text and words in text
 
 
 def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout():

@@ -70,12 +70,12 @@ def connect_world(
     if group is not None and not group.is_member:
         raise GroupInvalidError(f"rank {backend.rank} is not a member of group {list(group.ranks)}")
     cpu_group = backend.cpu_group if group is None else group.cpu_group
-    if regions is not None and not isinstance(regions, Mapping):
-        raise InvalidArgumentError(f"regions must map names to tensors, got {type(regions).__name__}")
     device = backend.device if backend.device.type == "cuda" else None
     agent: TransferAgent | None = None
     failure: Exception | None = None
     try:
+        if regions is not None and not isinstance(regions, Mapping):  # a failure the other ranks learn of too
+            raise InvalidArgumentError(f"regions must map names to tensors, got {type(regions).__name__}")
         agent = TransferAgent(name or default_agent_name(backend.rank), transfer_backend, device=device,
                               timeout=timeout, options=options)  # fmt: skip
         for region, tensor in (regions or {}).items():
@@ -108,9 +108,25 @@ def connect_world(
                 f"{[members[i] for i, n in enumerate(names) if n in twice]}; no agent of this group was connected"
             )
         mine_index = dist.get_rank(cpu_group)
+        refused: Exception | None = None
         for index, (_, blob) in enumerate(blobs):
             if index != mine_index:
-                agent.add_peer(blob)
+                try:
+                    agent.add_peer(blob)
+                except Exception as exc:  # still join the second exchange: the ranks that connected must know
+                    refused = exc
+                    break
+        verdict = ("ok", None) if refused is None else ("failed", f"{type(refused).__name__}: {refused}")
+        outcomes = _exchange(backend, cpu_group, verdict)
+        if refused is not None:
+            raise refused
+        failed = {members[i]: reason for i, (kind, reason) in enumerate(outcomes) if kind == "failed"}
+        if failed:
+            reasons = "; ".join(f"rank {r} could not add its peers ({why})" for r, why in failed.items())
+            raise CollectiveFailedError(
+                f"transfer_agent over ranks {members}: {reasons}; every agent of this group is closed",
+                details={"failed_ranks": failed},
+            )
     except BaseException:
         if agent is not None:
             agent.close()
