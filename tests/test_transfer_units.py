@@ -413,6 +413,49 @@ def test_registry_lists_builtins_best_first_and_registers_third_party_backends()
         registry.unregister_transfer_backend("mooncake-test")
 
 
+def test_registrations_made_before_the_first_lookup_meet_the_builtins_already_there():
+    """A fresh process: unregistering a built-in before anything looked the registry up removes it for good, and
+    registering under a built-in's name is refused (it broke the loading of every later built-in)."""
+    code = textwrap.dedent("""
+        from sagellm_comm.errors import InvalidArgumentError
+        from sagellm_comm.transfer import registry
+        registry.unregister_transfer_backend("nixl")
+        print(registry.list_transfer_backends())
+        try:
+            registry.register_transfer_backend("ipc", object)
+        except InvalidArgumentError as exc:
+            print("refused:", exc.message)
+        print(registry.list_transfer_backends())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = out.stdout.splitlines()
+    assert lines == ["['ipc']", "refused: transfer backend 'ipc' is already registered; pass replace=True", "['ipc']"]
+
+
+def test_the_reason_names_only_transports_ranked_above_the_one_chosen(monkeypatch):
+    """``backend_reason``: a transport ranked below the one that reaches the peer is not a better one skipped."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    registry.register_transfer_backend("below-test", object, is_available=lambda: False, priority=-1000)
+    registry.register_transfer_backend("above-test", object, is_available=lambda: False, priority=1000)
+    a = b = None
+    try:
+        a, b = TransferAgent("a"), TransferAgent("b")
+        a.allocate("kv", 64, torch.uint8)
+        b.allocate("kv", 64, torch.uint8)
+        peer = a.add_peer(b.metadata())
+        reason = a.backend_reason(peer)
+        assert reason.startswith(f"{a.peer_backend(peer)}; better transports skipped: ") and "above-test" in reason
+        assert "below-test" not in reason, reason
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.close()
+        registry.unregister_transfer_backend("below-test")
+        registry.unregister_transfer_backend("above-test")
+
+
 # ---------------------------------------------------------------------------------------------- the agent's checks
 class _Done(Request):
     def poll(self) -> bool:

@@ -284,7 +284,9 @@ class TransferAgent:
             )
 
     def _reason(self, chosen: str, failures: dict[str, str]) -> str:
-        skipped = {**failures, **{k: v for k, v in self.skipped.items() if k not in self._backends}}
+        rank = registry.list_transfer_backends()  # only transports ranked above the chosen one are "better"
+        above = set(rank[: rank.index(chosen)]) if chosen in rank else set(self.skipped)
+        skipped = {**failures, **{k: v for k, v in self.skipped.items() if k not in self._backends and k in above}}
         if not skipped:
             return f"{chosen}, the best transport available"
         return f"{chosen}; better transports skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())

@@ -94,6 +94,7 @@ def register_transfer_backend(
         raise InvalidArgumentError("'auto' is reserved and cannot be registered as a transfer backend")
     if not callable(factory):
         raise InvalidArgumentError(f"factory of transfer backend {key!r} must be callable, got {factory!r}")
+    _ensure_builtins()  # a registration made first must not be met (or overwritten) by the built-ins' later
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"transfer backend {key!r} is already registered; pass replace=True")
@@ -103,6 +104,7 @@ def register_transfer_backend(
 
 def unregister_transfer_backend(name: str) -> None:
     """Remove a registration (no-op if absent)."""
+    _ensure_builtins()  # else a built-in removed before the first look-up came back at it
     with _LOCK:
         _REGISTRY.pop(str(name).strip().lower(), None)
 
