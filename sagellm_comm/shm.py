@@ -173,6 +173,27 @@ def sweep_stale() -> int:
     return removed
 
 
+def remove_files_of(pids: list[int]) -> int:
+    """Remove the files of this package named after processes ``pids`` (gone: killed before their clean-up ran)
+    that no live process owns, whatever their age; returns how many."""
+    directory, removed = shared_dir(), 0
+    prefixes = tuple(f"{prefix}{pid}-" for pid in pids for prefix in (TRANSFER_PREFIX, WORKSPACE_PREFIX))
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefixes)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if owner_alive(_owner_file(path)):
+                continue
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 def remove_owned(path: str, lock: OwnerLock | None) -> None:
     """Remove a file this process owns, then drop its owner lock (``lock`` None: never taken)."""
     with contextlib.suppress(OSError):

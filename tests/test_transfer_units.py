@@ -948,6 +948,31 @@ def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeyp
         b.close()
 
 
+def _hold_a_shared_file(paths) -> None:
+    tensor = shared.shared_cpu_tensor(4096, torch.uint8)
+    paths.put(shared.shared_file_of(tensor.data_ptr(), 1)[0])
+    time.sleep(120)
+
+
+def test_stopping_benchmark_processes_removes_the_shared_files_of_those_it_killed():
+    """A benchmark process killed by a signal (a peer failed, or the run was stopped) never ran its clean-up:
+    its shared-memory files are removed when it is reaped, those of live owners kept."""
+    import multiprocessing
+
+    from sagellm_comm.benchmark import spawn
+
+    ctx = multiprocessing.get_context("spawn")
+    paths = ctx.Queue()
+    process = ctx.Process(target=_hold_a_shared_file, args=(paths,))
+    process.start()
+    path = paths.get(timeout=120)
+    mine = shared.shared_cpu_tensor(4096, torch.uint8)  # a live owner's file, named after this process
+    assert os.path.exists(path)
+    spawn.stop([process], grace_s=5.0)
+    assert process.exitcode < 0 and not os.path.exists(path)
+    assert shm.remove_files_of([os.getpid()]) == 0 and mine.sum() == 0
+
+
 @pytest.mark.parametrize("libc", [True, False], ids=["libc-flock", "fcntl-flock"])
 def test_liveness_probe_tells_a_live_owner_from_a_dead_one_and_keeps_no_lock(libc, monkeypatch):
     if libc:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sagellm_comm import shm
 from sagellm_comm.errors import CollectiveFailedError
 
 MASTER_ADDR = "127.0.0.1"
@@ -86,7 +87,8 @@ def _children_ignore_ctrl_c() -> Iterator[None]:
 
 
 def stop(processes: list[Any], grace_s: float = 5.0) -> None:
-    """Terminate the processes still running (SIGTERM, then SIGKILL after ``grace_s``) and reap them all."""
+    """Terminate the processes still running (SIGTERM, then SIGKILL after ``grace_s``) and reap them all; the
+    shared-memory files of those killed by a signal (their finalizers never ran) are removed."""
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -95,6 +97,9 @@ def stop(processes: list[Any], grace_s: float = 5.0) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+    killed = [p.pid for p in processes if p.exitcode is not None and p.exitcode < 0]  # torch's join SIGTERMs too
+    if killed:
+        shm.remove_files_of(killed)
 
 
 def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str = "benchmark") -> Any:
