@@ -50,6 +50,7 @@ except ImportError:  # run as a script: examples/ is on sys.path
 
 from transformers import DynamicCache
 
+from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.cli_support import OneLineParser, run_reporting
 from sagellm_comm.errors import CommError
@@ -280,8 +281,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.batch_size * blocks_per_sequence(args.seq_len, args.block_tokens) * 2 > POOL_BLOCKS:
         parser.error(f"two requests of {args.batch_size} sequences x {args.seq_len} tokens need more than the pool's "
                      f"{POOL_BLOCKS} blocks: raise --block-tokens or lower --batch-size / --seq-len")  # fmt: skip
-    if not args.timeout > 0:
-        parser.error(f"--timeout must be positive, got {args.timeout}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # inf or 1e300 overflowed the rendezvous' thread join
+        parser.error(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {args.timeout}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -306,6 +306,9 @@ TRANSFER_BAD_OPTIONS = [
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was an OverflowError from a process
     (["--ops", "write,write"], "--ops names 'write' twice"),
     (["--device", "tpu"], "cpu or cuda"),
+    (["--device", "cpu:1"], "cpu or cuda"),  # NIXL took 1 as a device id and failed after the processes started
+    (["--block-sizes", "16K,16K"], "--block-sizes names 16384 twice"),
+    (["--block-counts", "4,1,4"], "--block-counts names 4 twice"),
     (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),

@@ -124,6 +124,7 @@ def test_kv_wrong_in_its_lowest_mantissa_bits_fails_the_bit_exact_check():
         (["--spawn", "2", "--device", "tpu"], "cpu or cuda"),
         (["--spawn", "2", "--backend", "carrier-pigeon"], "unknown transfer backend"),
         (["--spawn", "2", "--timeout", "0"], "--timeout must be positive"),
+        (["--spawn", "2", "--timeout", "inf"], "--timeout must be positive and finite"),  # an OverflowError later
         (["--spawn", "2", "--dtype", "int8"], "invalid choice"),
     ],
 )

@@ -150,7 +150,7 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             raise InvalidArgumentError(f"--device {config.device}: no CUDA GPU is available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InvalidArgumentError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-    elif device.type != "cpu":
+    elif device.type != "cpu" or device.index not in (None, 0):  # cpu:1 reached NIXL as device id 1
         raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device}")
     gpu = device.type == "cuda"
     skipped: list[str] = []
@@ -178,6 +178,10 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     counts = config.block_counts or parse_count_list(DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS, "--block-counts")
     if any(c < 1 for c in counts):
         raise InvalidArgumentError(f"--block-counts must be >= 1, got {counts}")
+    for option, values in (("--block-sizes", sizes), ("--block-counts", counts)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise InvalidArgumentError(f"{option} names {twice[0]} twice")
     cap = config.max_bytes or (DEFAULT_GPU_MAX_BYTES if gpu else DEFAULT_CPU_MAX_BYTES)
     points = []
     for size in sizes:
