@@ -55,9 +55,10 @@ from sagellm_comm.benchmark.plan import cuda_available
 from sagellm_comm.benchmark.provenance import provenance, write_record
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.benchmark.timing import summarize, time_graph
+from sagellm_comm.fused import DEFAULT_FUSION_RULES
 from sagellm_comm.fused import FP8_QUANT_MODES as MODES
-from sagellm_comm.selector import FOLLOW_ALL_REDUCE, UNFUSED_PATH
 from sagellm_comm.selector import KERNEL_ALGOS as ALGOS
+from sagellm_comm.selector import UNFUSED_PATH
 
 EPS = 1e-6
 STATIC_SCALE = 0.05
@@ -253,7 +254,8 @@ def targets(rows: list[dict]) -> dict:
 
 def derive_rules(rows: list[dict]) -> dict:
     """The :class:`~sagellm_comm.fused.FusionPolicy` these rows give: per (W, hidden, mode), token ranges of the
-    fastest fused kernel, ``unfused`` where the chain beats every kernel; then the default rule."""
+    fastest fused kernel, ``unfused`` where the chain beats every kernel; then the library's default rules (for
+    other shapes and the unquantised op, which this benchmark does not time against its unfused chain)."""
     rules = []
     keys = sorted({(r["world_size"], r["hidden"]) for r in rows})
     for w, hidden in keys:
@@ -280,7 +282,7 @@ def derive_rules(rows: list[dict]) -> dict:
                     "reason": f"measured at {tokens} tokens: {why}",
                 })  # fmt: skip
                 low = tokens + 1
-    rules.append({"id": "default", "path": FOLLOW_ALL_REDUCE, "reason": "outside the measured shapes"})
+    rules.extend(rule.to_dict() for rule in DEFAULT_FUSION_RULES)  # a bare default dropped their hand-made rules
     return {"rules": rules}
 
 
@@ -299,11 +301,13 @@ def _token_ranges(gap: list[int], grid: tuple[int, ...]) -> str:
     return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def missing_shapes(record: dict) -> str:
-    """The shapes of the full grid (W 2, 4, 8; hidden 4096, 8192; the default token counts of each part) that
-    ``record`` holds no row for, one phrase per (part, W, hidden); empty when it is whole."""
+def missing_shapes(record: dict, parts: tuple[str, ...] = ("virtual", "mps")) -> str:
+    """The shapes of the full grid (W 2, 4, 8; hidden 4096, 8192; the default token counts of each part in
+    ``parts``) that ``record`` holds no row for, one phrase per (part, W, hidden); empty when it is whole."""
     phrases = []
     for part, tokens in (("virtual", TOKENS), ("mps", MPS_TOKENS)):
+        if part not in parts:
+            continue
         have = {_key(r) for r in record.get(part, [])}
         for w in WORLD_SIZES:
             for hidden in HIDDEN:
@@ -337,6 +341,8 @@ def merge_record(base: dict, sections: dict, run: dict) -> dict:
     if run.get("rows"):  # a run that measured nothing (nothing was missing) leaves the record as it was
         runs.append(run)
         meta["command"] = f"{meta['command']}; {run['command']} ({run['rows']}, at commit {str(run['commit'])[:7]})"
+        flags = [r.get("dirty") for r in runs]  # the record's flag covers every run: dirty if any tree was
+        meta["dirty"] = True if True in flags else None if None in flags else False
     merged: dict = {}
     for part in ("virtual", "mps"):
         new = sections.get(part) or []
@@ -344,8 +350,10 @@ def merge_record(base: dict, sections: dict, run: dict) -> dict:
         rows = sorted([r for r in base.get(part, []) if _key(r) not in keys] + new, key=_key)
         if rows:
             merged[part] = rows
+    # The parts the record is of (a processes-only record stays one) and those this run measured.
+    parts = tuple(p for p in ("virtual", "mps") if base.get(p) or sections.get(p))
     merged = _record(merged.get("virtual", []), merged.get("mps", []))
-    gap = missing_shapes(merged)
+    gap = missing_shapes(merged, parts)
     meta["complete"] = not gap
     meta.pop("not_measured", None)
     if gap:

@@ -52,6 +52,10 @@ def test_derived_rules_feed_the_fusion_policy():
     assert pick[4096].algo == "all_reduce_policy"  # beyond the measured shapes: the default
     assert policy.select(16, 4096, 4, "fp8").algo == "all_reduce_policy"  # another world size: not measured
     assert policy.select(16, 8192, 2, "fp8").algo == "all_reduce_policy"
+    # The library's default rules follow (a bare default dropped them): the unquantised op at 8 ranks, 16 tokens
+    # of 8192 keeps one-shot, where the all-reduce policy's two-shot measured slower than the unfused chain.
+    assert policy.select(16, 8192, 8, None).rule_id == "w8-h8192-fused-one-shot"
+    assert policy.select(16, 8192, 8, None).algo == "one_shot"
 
 
 def test_targets_are_read_as_measured():
@@ -188,6 +192,7 @@ def test_a_run_merges_into_a_record_and_measures_only_what_it_lacks(tmp_path, mo
     assert missing.startswith("virtual ranks W = 2 hidden 4096 at 2-8, 32-64, 256-512 tokens; ")
     assert "virtual ranks W = 8 hidden 8192 at 1-512 tokens" in missing and merged["meta"]["complete"] is False
     assert merged["targets_virtual"] == bench.targets(merged["virtual"])
+    assert merged["meta"]["dirty"] == runs[1]["dirty"]  # the first run's tree was clean: this run's flag counts
     assert merged["derived_rules"] == bench.derive_rules(merged["virtual"])
 
     measured.clear()  # nothing missing: nothing measured, the record unchanged but for what it says is missing
@@ -218,3 +223,37 @@ def test_docs_table_of_a_record_with_processes_only_says_what_it_lacks(tmp_path)
     text = tables.fp8_fused()
     assert "Virtual ranks" not in text and "Processes under MPS" in text and "Targets, processes" in text
     assert "Not in this record: virtual ranks W = 8." in text
+
+
+def test_a_merged_record_is_dirty_if_a_run_was_and_a_processes_only_one_stays_whole():
+    """The record's top-level flag (what the docs cite) covers every run merged into it; merging into a record
+    of processes only does not call it incomplete for lacking virtual ranks it never held."""
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    meta = {"device": "NVIDIA H200", "date": "2026-12-20T00:00:00+00:00", "command": "python -m bench.x",
+            "commit": "abc", "dirty": False, "complete": True}  # fmt: skip
+    mps = [_row(w, h, t, fused=5.0, unfused=15.0) for w in (2, 4, 8) for h in (4096, 8192) for t in bench.MPS_TOKENS]
+    base = {"meta": meta, "mps": mps, "targets_mps": bench.targets(mps)}
+    run = {"command": "python -m bench.y", "commit": "def", "dirty": True, "date": "2026-12-21T00:00:00+00:00",
+           "rows": "processes under MPS W = 2 hidden 4096 at 1 tokens"}  # fmt: skip
+    merged = bench.merge_record(base, {"mps": [_row(2, 4096, 1, fused=4.0, unfused=15.0)]}, run)
+    assert merged["meta"]["dirty"] is True and merged["meta"]["complete"] is True and "virtual" not in merged
+    assert "not_measured" not in merged["meta"]
+    unknown = bench.merge_record(merged, {"mps": mps[:1]}, {**run, "dirty": None})
+    assert unknown["meta"]["dirty"] is True  # dirty wins over unknown
+    clean = bench.merge_record(base, {"mps": mps[:1]}, {**run, "dirty": None})
+    assert clean["meta"]["dirty"] is None
+
+
+def test_docs_say_a_target_no_shape_measured_is_not_measured(tmp_path):
+    tables = _tables(copy_tree(tmp_path))
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    rows = [_row(2, 8192, 16, fused=6.0, unfused=13.0), _row(2, 8192, 64, fused=9.0, unfused=14.0)]  # 256 KB, 1 MB
+    meta = {"device": "NVIDIA H200", "date": "2026-12-20T00:00:00+00:00", "command": "python -m bench.x",
+            "commit": "abc", "dirty": False}  # fmt: skip
+    (tmp_path / "bench/results/h200").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "bench/results/h200/fp8_fused.json").write_text(
+        json.dumps({"meta": meta, "mps": rows, "targets_mps": bench.targets(rows)})
+    )
+    text = tables.fp8_fused()
+    assert "over the plain all-reduce at <= 64 KB: not measured (no such shape)" in text
+    assert "at least 1.56x the unfused chain at <= 128 tokens (met: target 1.3)" in text
