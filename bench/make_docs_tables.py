@@ -496,10 +496,14 @@ def _fp8_targets(targets: dict) -> str:
         over = next(v for k, v in t.items() if k.startswith("max_over_ar"))
         speedup = next(v for k, v in t.items() if k.startswith("min_speedup"))
         slower = next(v for k, v in t.items() if k.startswith("slower_than"))
+        over_text = ("over the plain all-reduce at <= 64 KB: not measured (no such shape)" if over is None else
+                     f"at most {over:+.2f} us over the plain all-reduce at <= 64 KB "
+                     f"({'met' if over <= 0.5 else 'NOT met'}: target 0.5)")  # fmt: skip
+        speedup_text = ("the unfused chain at <= 128 tokens: not measured (no such shape)" if speedup is None else
+                        f"at least {speedup:.2f}x the unfused chain at <= 128 tokens "
+                        f"({'met' if speedup >= 1.3 else 'NOT met'}: target 1.3)")  # fmt: skip
         parts.append(
-            f"`{mode}`: at most {over:+.2f} us over the plain all-reduce at <= 64 KB "
-            f"({'met' if over <= 0.5 else 'NOT met'}: target 0.5), at least {speedup:.2f}x the unfused chain at "
-            f"<= 128 tokens ({'met' if speedup >= 1.3 else 'NOT met'}: target 1.3), slower than it at "
+            f"`{mode}`: {over_text}, {speedup_text}, slower than it at "
             f"{len(slower)} shapes{': ' + ', '.join(str(tuple(x)) for x in slower) if slower else ''}"
         )
     return "; ".join(parts)

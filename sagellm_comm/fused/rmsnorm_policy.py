@@ -104,7 +104,7 @@ class FusionRule:
 # the kernel the all-reduce policy picks for the size; the H200 record of bench/fp8_fused_bench.py gives the rules
 # that turn the fusion off where it loses.
 # At 8 ranks the all-reduce policy hands 129-256 KB to two-shot, whose fused form gives each rank tokens / 8 rows:
-# 2 programs per rank at 16 tokens.  One H200, virtual ranks, 16 x 8192 bf16: fused two-shot 19.0 us
+# 2 programs per rank at 16 tokens.  One H200, virtual ranks, 16 x 8192 bf16: fused two-shot 18.9 us
 # (bench/results/h200/fused_rmsnorm_virtual.json, slower than the unfused chain's 18.4) against fused one-shot's
 # 10.1 us (the same benchmark at f41a28a: that file in git at 290c549).
 DEFAULT_FUSION_RULES: tuple[FusionRule, ...] = (
@@ -116,7 +116,7 @@ DEFAULT_FUSION_RULES: tuple[FusionRule, ...] = (
         min_tokens=9,
         max_tokens=16,
         reason="8 ranks, 9-16 tokens of 8192: fused one-shot (a row per program) 10.1 us against fused two-shot's "
-        "19.0 (2 rows per rank) at 16 tokens (virtual ranks, one H200)",
+        "18.9 (2 rows per rank) at 16 tokens (virtual ranks, one H200)",
     ),
     FusionRule(
         "fused-follow-all-reduce",
