@@ -155,29 +155,20 @@ def owner_alive(path: str) -> bool:
 def sweep_stale() -> int:
     """Remove files of this package whose owner died (lock free, older than a minute; a companion file's owner
     is that of the file it accompanies); returns how many."""
-    directory, removed = shared_dir(), 0
-    now = time.time()
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith((TRANSFER_PREFIX, WORKSPACE_PREFIX))]
-    except OSError:
-        return 0
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            if now - os.stat(path).st_mtime < STALE_AFTER_S or owner_alive(_owner_file(path)):
-                continue
-            os.unlink(path)
-            removed += 1
-        except OSError:
-            continue
-    return removed
+    return _remove_unowned((TRANSFER_PREFIX, WORKSPACE_PREFIX), STALE_AFTER_S)
 
 
 def remove_files_of(pids: list[int]) -> int:
     """Remove the files of this package named after processes ``pids`` (gone: killed before their clean-up ran)
     that no live process owns, whatever their age; returns how many."""
+    return _remove_unowned(tuple(f"{prefix}{pid}-" for pid in pids for prefix in (TRANSFER_PREFIX, WORKSPACE_PREFIX)))
+
+
+def _remove_unowned(prefixes: tuple[str, ...], min_age_s: float = 0.0) -> int:
+    """Remove the files of the shared directory named with one of ``prefixes``, at least ``min_age_s`` old, whose
+    owner's lock is free; returns how many."""
     directory, removed = shared_dir(), 0
-    prefixes = tuple(f"{prefix}{pid}-" for pid in pids for prefix in (TRANSFER_PREFIX, WORKSPACE_PREFIX))
+    now = time.time()
     try:
         names = [n for n in os.listdir(directory) if n.startswith(prefixes)]
     except OSError:
@@ -185,7 +176,7 @@ def remove_files_of(pids: list[int]) -> int:
     for name in names:
         path = os.path.join(directory, name)
         try:
-            if owner_alive(_owner_file(path)):
+            if (min_age_s and now - os.stat(path).st_mtime < min_age_s) or owner_alive(_owner_file(path)):
                 continue
             os.unlink(path)
             removed += 1
