@@ -93,13 +93,7 @@ def connect_world(
         if failure is not None:
             raise failure
         members = list(range(backend.world_size)) if group is None else list(group.ranks)
-        failed = {members[i]: reason for i, (kind, reason) in enumerate(blobs) if kind == "failed"}
-        if failed:
-            reasons = "; ".join(f"rank {r} could not make or register its agent ({why})" for r, why in failed.items())
-            raise CollectiveFailedError(
-                f"transfer_agent over ranks {members}: {reasons}; no agent of this group was connected",
-                details={"failed_ranks": failed},
-            )
+        _raise_failed(members, blobs, "could not make or register its agent", "no agent of this group was connected")
         names = [AgentMetadata.decode(blob).name for _, blob in blobs]  # every rank sees the same list
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -120,18 +114,22 @@ def connect_world(
         outcomes = _exchange(backend, cpu_group, verdict)
         if refused is not None:
             raise refused
-        failed = {members[i]: reason for i, (kind, reason) in enumerate(outcomes) if kind == "failed"}
-        if failed:
-            reasons = "; ".join(f"rank {r} could not add its peers ({why})" for r, why in failed.items())
-            raise CollectiveFailedError(
-                f"transfer_agent over ranks {members}: {reasons}; every agent of this group is closed",
-                details={"failed_ranks": failed},
-            )
+        _raise_failed(members, outcomes, "could not add its peers", "every agent of this group is closed")
     except BaseException:
         if agent is not None:
             agent.close()
         raise
     return agent
+
+
+def _raise_failed(members: list[int], outcomes: list[tuple[str, Any]], what: str, after: str) -> None:
+    """``CollectiveFailedError`` naming every member whose outcome is ``("failed", reason)``, if any."""
+    failed = {members[i]: reason for i, (kind, reason) in enumerate(outcomes) if kind == "failed"}
+    if failed:
+        reasons = "; ".join(f"rank {r} {what} ({why})" for r, why in failed.items())
+        raise CollectiveFailedError(
+            f"transfer_agent over ranks {members}: {reasons}; {after}", details={"failed_ranks": failed}
+        )
 
 
 def _exchange(backend: CommBackend, cpu_group: Any, mine: tuple[str, Any]) -> list[tuple[str, Any]]:
