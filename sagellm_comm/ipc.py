@@ -190,9 +190,9 @@ class SharedFileMemory(PeerMemory):
         path = os.path.join(self.directory, f"{shm.WORKSPACE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         lock = None
         try:
-            with open(path, "wb") as f:
-                shm.reserve(f.fileno(), nbytes, path)  # zeros, their memory reserved
-            lock = shm.OwnerLock(path)
+            open(path, "wb").close()
+            lock = shm.OwnerLock(path)  # owned before its pages are reserved (no sweep takes it)
+            shm.reserve(lock.fd, nbytes, path)  # zeros, their memory reserved
             return self._map(path, nbytes, lock)
         except BaseException:  # not mapped: neither the file nor its lock stays
             shm.remove_owned(path, lock)

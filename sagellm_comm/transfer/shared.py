@@ -40,9 +40,9 @@ def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch
     path = new_path()
     lock = None
     try:
-        with open(path, "wb") as handle:
-            reserve(handle.fileno(), numel * itemsize, path)  # zeros, their memory reserved
-        lock = OwnerLock(path)
+        open(path, "wb").close()
+        lock = OwnerLock(path)  # owned before its pages are reserved (a sweep must not take it for a dead one's)
+        reserve(lock.fd, numel * itemsize, path)  # zeros, their memory reserved
         tensor = torch.from_file(path, shared=True, size=numel * itemsize, dtype=torch.uint8).view(dtype).view(shape)
     except BaseException:  # not mapped (no memory, too large...): neither the file nor its lock stays
         remove_owned(path, lock)
