@@ -309,9 +309,12 @@ def test_metadata_round_trips_and_refuses_foreign_bytes():
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == len(meta.process) == 16 and child != meta.process
-    for bad in (b"", b"hello", meta.encode()[:-5], 17, b"sagellm-transfer-agent/1\n{}"):
+    for bad in (b"", b"hello", meta.encode()[:-5], 17, b"sagellm-transfer-agent/2\n{}"):
         with pytest.raises(InvalidArgumentError, match="metadata"):
             AgentMetadata.decode(bad)
+    older = b'sagellm-transfer-agent/1\n{"name": "x"}'  # an earlier release's agent
+    with pytest.raises(InvalidArgumentError, match="metadata of version '1'; this agent reads version 2"):
+        AgentMetadata.decode(older)
 
 
 def _mutated(meta: AgentMetadata, change) -> bytes:

@@ -23,7 +23,9 @@ from functools import lru_cache
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.transfer.descriptors import RegionInfo
 
-MAGIC = b"sagellm-transfer-agent/1\n"
+MAGIC_PREFIX = b"sagellm-transfer-agent/"
+VERSION = 2  # 2: the process's random id beside its pid
+MAGIC = MAGIC_PREFIX + f"{VERSION}\n".encode()
 _PROCESS_ID = secrets.token_hex(8)  # this process's random id (a forked child draws its own)
 
 
@@ -92,6 +94,12 @@ class AgentMetadata:
         process): anything else is an :class:`InvalidArgumentError` naming the field."""
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)
+        if isinstance(data, bytes) and data.startswith(MAGIC_PREFIX) and not data.startswith(MAGIC):
+            version = data[len(MAGIC_PREFIX) :].split(b"\n", 1)[0][:16].decode(errors="replace")
+            raise InvalidArgumentError(
+                f"transfer agent metadata of version {version!r}; this agent reads version {VERSION}: peers must run "
+                "the same sagellm-comm release"
+            )
         if not isinstance(data, bytes) or not data.startswith(MAGIC):
             head = data[:32] if isinstance(data, bytes) else type(data).__name__
             raise InvalidArgumentError(
