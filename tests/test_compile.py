@@ -305,7 +305,7 @@ def _eps_refused_by_the_op(eps):
 
 def _weight_from_new_residual(x, residual, weight):
     h = residual + all_reduce(x)
-    return llama_rmsnorm(h, h[0] * weight), h  # the fused op would have to take its own output
+    return llama_rmsnorm(h, h[0, 0] * weight), h  # [hidden], as a weight is: the op would take its own output
 
 
 LEFT_ALONE = {
