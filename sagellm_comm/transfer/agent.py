@@ -542,12 +542,14 @@ class TransferAgent:
     def _check_open(self) -> None:
         if self._aborts:
             self._abort_deferred()
+        self._refuse_closed()
+
+    def _refuse_closed(self) -> None:
         if self._closed:
             raise NotInitializedError(f"transfer agent {self.name!r} was closed")
 
     def _peer(self, peer: str) -> _Peer:
-        if self._closed:
-            self._check_open()
+        self._refuse_closed()  # the lookups call it without the lock: no deferred aborts run here
         _check_name(peer, "peer")
         entry = self._peers.get(peer)
         if entry is None:
