@@ -441,6 +441,30 @@ def test_a_static_scale_computed_from_new_residual_keeps_its_quantisation() -> N
     assert [_quant(n) for n in _fused(gm)] == ["none"]
 
 
+def test_the_dependency_walk_finds_chain_outputs_and_ignores_the_rest() -> None:
+    """The cycle check on a weight or scale: computed from a chain node (through several ops) is found; computed
+    from inputs only, whether placed above the chain or below it in the graph, is not."""
+
+    def graph(x, w):
+        above = (w * 2.0).abs()  # placed before the chain
+        chain_a = x + 1.0
+        chain_b = chain_a * 3.0
+        after = (w - 1.0).exp()  # placed after the chain starts, computed from inputs only
+        from_chain = (chain_b.sum() + above.sum()).sqrt()
+        return chain_b, after, from_chain
+
+    gm = torch.fx.symbolic_trace(graph)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    chain = {n for n in gm.graph.nodes if n.name in ("add", "mul_1")}
+    assert len(chain) == 2, [n.name for n in gm.graph.nodes]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    above, after, from_chain = by_name["abs_1"], out[1], out[2]
+    assert fusion_pass._depends_on([from_chain], chain)
+    assert fusion_pass._depends_on([after, from_chain], chain)
+    assert not fusion_pass._depends_on([above], chain)
+    assert not fusion_pass._depends_on([after, above, 2.0], chain)
+
+
 @needs_fp8
 @pytest.mark.parametrize("form", ["static decomposed", "static promoted"])
 def test_a_static_scale_of_more_dimensions_than_x_keeps_its_quantisation(form) -> None:

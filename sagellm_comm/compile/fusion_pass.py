@@ -224,13 +224,20 @@ def _eps_of(match: pm.Match):
 
 
 def _depends_on(args, nodes: set) -> bool:
-    """Whether a node among ``args`` is computed from one of ``nodes`` (transitively)."""
+    """Whether a node among ``args`` is computed from one of ``nodes`` (transitively).
+
+    A graph's nodes are in topological order, so the walk stops at a node placed before all of ``nodes``: neither
+    it nor anything above it can be computed from them (a weight or a constant scale stops at once, and a scale
+    computed from earlier activations does not walk the graph above the chain)."""
+    first = min(nodes)
     seen: set = set()
     stack = [a for a in args if isinstance(a, torch.fx.Node)]
     while stack:
         node = stack.pop()
         if node in nodes:
             return True
+        if node < first:
+            continue
         if node not in seen:
             seen.add(node)
             stack.extend(node.all_input_nodes)
