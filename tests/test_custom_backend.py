@@ -76,7 +76,7 @@ def test_custom_backend_runs_kernels_and_falls_back():
         assert s["big"][1] == "over-workspace"
         assert s["max"] == "gloo"
         assert s["sharing"] == 2
-        # The engine ran the over-workspace call: Gloo here, so the label says "gloo" (it used to say "nccl").
+        # The engine ran the over-workspace call: Gloo here, so the label says "gloo".
         assert s["big"][0] == "gloo", s["big"]
 
 

@@ -25,6 +25,8 @@ HISTORY_TALK = [
     r"\bH100 VMs?\b",
     r"\bwas measured before\b",
     r"\bthis week\b|\byesterday\b|\blast week\b",
+    r"(?<!\bis )(?<!\bare )(?<!\bbe )(?<!\bwas )(?<!\bwere )(?<!\bbeen )(?<!\bbeing )\bused to\b",  # "it used to say"
+    r"\bbefore the \w+(?: \w+)? existed\b",
 ]
 _PATTERN = re.compile("|".join(f"(?:{p})" for p in HISTORY_TALK), re.IGNORECASE)
 
@@ -59,10 +61,20 @@ def test_history_talk_patterns_catch_what_they_name():
         "after review by a reviewer",
         "on the H100 VM",
         "re-measured this week",
+        "the label used to say nccl",
+        "the same stores as before the FP8 modes existed",
     ]
     for phrase in caught:
         assert _PATTERN.search(phrase), phrase
-    for phrase in ("it issues the loads", "silent failures", "the session's store", "lengths", "preview"):
+    for phrase in (
+        "it issues the loads",
+        "silent failures",
+        "the session's store",
+        "lengths",
+        "preview",
+        "the flag is used to pick a slot",
+        "the sockets that predate it",
+    ):
         assert not _PATTERN.search(phrase), phrase
 
 
