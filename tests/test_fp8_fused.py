@@ -73,7 +73,7 @@ def _check(outs, xs, residual, weight, eps, quant, scale, tag):
         assert torch.equal(new_res, res_ref), tag
         assert_within_one_step(q, scales, q_ref, s_ref, tag)
         return
-    # 16-bit dtypes: the interpreter truncates fp32 -> 16-bit conversions (the GPU rounds: bit-equal there), so
+    # 16-bit dtypes: the interpreter truncates fp32 -> bf16 conversions (the GPU rounds: bit-equal there), so
     # the reduced sum can differ by one ulp, which cancellation against the residual makes large.  Check the
     # residual within that rounding, and the quantised output against the reference applied to it.
     torch.testing.assert_close(new_res.float(), res_ref.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{tag}: {m}")
@@ -183,13 +183,14 @@ def _gloo_worker(rank, world_size, port, token_counts):
                                                    scale=scale)  # fmt: skip
                 sel = last_selection(world)
                 assert (sel.algo, sel.rule_id) == ("unfused", "custom-unavailable"), sel
-                # Gloo sums in its own order and precision: the residual within its rounding, the quantised output
-                # within a step of the reference quantiser applied to the RMSNorm of that residual.
-                *_, res_ref = _reference(xs, residual, weight, 1e-6, quant, scale)
-                tol = 2.0**-7 * (world_size + 1)  # Gloo adds bf16 in bf16: up to a rounding per addition
-                torch.testing.assert_close(outs[2].float(), res_ref.float(), rtol=tol, atol=4 * tol)
-                q_ref, s_ref = quantize_fp8_reference(rmsnorm_reference(outs[2], weight, 1e-6), quant, scale)
+                # The fallback sums in fp32 and rounds once, as the reference does (these bf16 sums are exact in
+                # fp32, so the order Gloo adds in does not show): the residual bit-equal, the quantised output
+                # within a step of the reference and bit-equal to the reference quantiser of that residual's norm.
+                q_ref, s_ref, res_ref = _reference(xs, residual, weight, 1e-6, quant, scale)
+                assert torch.equal(outs[2], res_ref), f"gloo {quant} {tokens}: new_residual"
                 assert_within_one_step(outs[0], outs[1], q_ref, s_ref, f"gloo {quant} {tokens}")
+                q_own, s_own = quantize_fp8_reference(rmsnorm_reference(outs[2], weight, 1e-6), quant, scale)
+                assert torch.equal(outs[0].view(torch.uint8), q_own.view(torch.uint8)) and torch.equal(outs[1], s_own)
                 digests.append(_digest(*outs))
         return digests
     finally:
@@ -199,6 +200,78 @@ def _gloo_worker(rank, world_size, port, token_counts):
 def test_gloo_fallback_every_mode():
     per_rank = run_ranks(_gloo_worker, 2, (1, 7), timeout=120)
     assert per_rank[0] == per_rank[1]
+
+
+def _cancelling_sum_worker(rank, world_size, port):
+    """Per element, 1 on one rank and 2**-8 on two others (every placement), residual -1: the sum rounded once
+    is 1 + 2**-7 in bf16, so new_residual is 2**-7; added in bf16 one addition at a time it can be 1 (0 left)."""
+    import sagellm_comm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+
+    hidden = 128
+    xs = [torch.zeros(1, hidden) for _ in range(world_size)]
+    for element, big in enumerate((0, 1, 2)):
+        for r in range(3):
+            xs[r][0, element] = 1.0 if r == big else 2.0**-8
+    xs[0][0, 3:] = 2.0**-7
+    residual = torch.zeros(1, hidden)
+    residual[0, :3] = -1.0
+    weight = torch.ones(hidden, dtype=torch.bfloat16)
+    xs, residual = [x.bfloat16() for x in xs], residual.bfloat16()
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        normed, new_residual = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 0.0, group=world)
+        q, scales, again = all_reduce_residual_rmsnorm(
+            xs[rank], residual, weight, 0.0, group=world, quant="fp8_per_token"
+        )
+        return new_residual.float().tolist(), again.float().tolist(), normed.float().tolist(), q.float().tolist()
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_gloo_fallback_sums_16_bit_inputs_rounded_once():
+    per_rank = run_ranks(_cancelling_sum_worker, 3, timeout=120)
+    assert all(r == per_rank[0] for r in per_rank)
+    new_residual, again, normed, q = per_rank[0]
+    assert new_residual == again == [[2.0**-7] * 128]
+    assert normed == [[1.0] * 128]  # a constant row (eps 0) normalises to the weight
+    assert q == [[448.0] * 128]
+
+
+def test_engine_all_reduce_of_the_fallback_rounds_16_bit_sums_once():
+    """The fused op's engine path: from 3 ranks on a 16-bit x travels as fp32 (an engine adds in its dtype, a
+    rounding per addition); 2 ranks and fp32 travel as they are.  A stand-in engine adds the ranks' tensors in
+    the dtype it is given, one addition at a time: 1 and two halves of an ulp of 1 (ties to even: 1 + h = 1)."""
+    from sagellm_comm.fused._common import engine_all_reduced
+
+    seen = []
+
+    def engine(parts, world_size):
+        def all_reduce(t):
+            seen.append(t.dtype)
+            acc = parts[0].to(t.dtype)
+            for p in parts[1:world_size]:
+                acc = acc + p.to(t.dtype)
+            t.copy_(acc)
+            return t
+
+        return all_reduce
+
+    for dtype in (torch.bfloat16, torch.float16):
+        h = torch.finfo(dtype).eps / 2
+        parts = [torch.tensor([1.0, h, h]), torch.tensor([h, 1.0, h]), torch.tensor([h, h, 1.0])]
+        x = parts[0].to(dtype)
+        got = engine_all_reduced(x, engine(parts, 3), 3)
+        assert got.dtype == dtype and seen[-1] == torch.float32
+        assert torch.equal(got, torch.full((3,), 1 + 2 * h, dtype=dtype)), got
+        assert torch.equal(x, parts[0].to(dtype)), "x is not modified"
+        alone = engine(parts, 3)(x.clone())  # the engine alone, in the dtype: the first element loses its halves
+        assert alone[0] == 1 and not torch.equal(alone, got)
+        got = engine_all_reduced(x, engine(parts, 2), 2)
+        assert seen[-1] == dtype and torch.equal(got, (parts[0] + parts[1]).to(dtype))
+    x = parts[0].clone()
+    got = engine_all_reduced(x, engine(parts, 3), 3)
+    assert seen[-1] == torch.float32 and got is not x and torch.equal(x, parts[0])
 
 
 @pytest.mark.slow

@@ -17,6 +17,23 @@ def rmsnorm_reference(new_residual: torch.Tensor, weight: torch.Tensor, eps: flo
     return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(new_residual.dtype)
 
 
+def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int) -> torch.Tensor:
+    """A new tensor: ``x`` summed over ranks by an engine's in-place ``all_reduce(tensor)``, as the kernels sum it
+    (in fp32, rounded once to ``x``'s dtype).
+
+    An engine reduces a 16-bit tensor in 16 bits, a rounding per addition: from 3 ranks on, the sum is not the
+    fp32 sum rounded once (one ulp of the sum, which a residual of the opposite sign turns into the whole of
+    ``new_residual``: 1 + 2**-8 + 2**-8 - 1 is 0 in bf16 steps, 2**-7 rounded once).  So there a 16-bit ``x``
+    travels as fp32, twice the bytes; 2 ranks (one addition) and fp32 inputs travel as they are."""
+    if world_size > 2 and x.dtype in (torch.bfloat16, torch.float16):
+        wide = x.float()
+        result = all_reduce(wide)
+        return (result if isinstance(result, torch.Tensor) else wide).to(x.dtype)
+    reduced = x.clone()
+    result = all_reduce(reduced)
+    return result if isinstance(result, torch.Tensor) else reduced
+
+
 def _check_2d(name: str, t: torch.Tensor, device: torch.device, dtypes) -> None:
     if not isinstance(t, torch.Tensor):
         raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError
 from ..group import resolve_group
 from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, check_rmsnorm_inputs
+from ._common import FUSED_DTYPES, check_rmsnorm_inputs, engine_all_reduced
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -132,8 +132,7 @@ def all_reduce_residual_rmsnorm(
         return out
     # The kernel path's checks, before the all-reduce is entered; torch ops take any hidden size.
     check_rmsnorm_inputs(x, residual, weight, g.device, max_hidden=None)
-    reduced = x.clone()
-    g.all_reduce(reduced)
+    reduced = engine_all_reduced(x, g.all_reduce, g.world_size)
     state.last = Selection(UNFUSED_PATH, "custom-unavailable", f"{why}; all-reduce then torch add + RMSNorm")
     return unfused_tail(reduced, residual, weight, eps, quant, scale)
 

@@ -29,7 +29,7 @@ from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, TWO_SHOT, UNFUSED_PATH, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace, lamport_offset
-from ._common import check_rmsnorm_inputs
+from ._common import check_rmsnorm_inputs, engine_all_reduced
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
 from .rmsnorm_policy import FusionPolicy
 
@@ -227,7 +227,8 @@ class FusedAllReduceRMSNorm:
             if self.fallback is None:
                 error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
                 raise error(f"{sel.reason}: the call runs unfused, and no fallback all-reduce is attached here")
-            return unfused_tail(self.fallback(x.clone()), residual, weight, eps, quant, scale)
+            reduced = engine_all_reduced(x, self.fallback, self.workspace.world_size)
+            return unfused_tail(reduced, residual, weight, eps, quant, scale)
         out, scales, new_residual = self.new_outputs(x, quant, scale)
         if rows:
             self.launch(sel.algo, x, residual, weight, out, scales, new_residual, rows, hidden, eps, quant)
