@@ -18,7 +18,9 @@ rank travels as 128 e4m3fn values and one fp32 scale (``sagellm_comm/kernels/fp8
 Each chunk's result is computed once and every rank (its owner included) returns the dequantised published
 values, so all ranks get identical bits.  The error against an fp32 sum has two parts: each peer's term rounded
 to 4 significant bits relative to its block's largest magnitude, and the sum rounded once more the same way
-(``bench/fp8_payload_error.py`` measures it).  A block's scale is taken from its finite values, and a
+(``bench/fp8_payload_error.py`` measures it); a block scale is at least ``2**-117``, so a block whose largest
+magnitude is under about ``2.5e-33`` keeps fewer bits (at most ``2**-127`` off an element for each rounding).
+A block's scale is taken from its finite values, and a
 non-finite element (an inf or NaN in an input, or a sum over the fp32 range) travels as FP8 NaN: it is NaN in
 the output (FP8 has no infinity), the other elements of its block are unaffected.
 
