@@ -968,6 +968,109 @@ def test_the_resident_copier_moves_one_block_requests_in_order_with_table_launch
     assert "resident copier" in out["transport"] and out["idle_after_close"]
 
 
+def _undecided_post_worker(rank, world_size, port):
+    """A post the copier cannot decide on (its program stays in its exit decision past the timeout): the write
+    raises, and its request stays queued with its notification, so the next notifying write gets its own ring
+    entry and the receiver never sees a message before the bytes it announces."""
+    from sagellm_comm.errors import CommTimeoutError, TransferError
+    from sagellm_comm.kernels import block_copy as bc
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer import ipc_resident as ir
+
+    options = {"ipc": {"resident": True, "resident_idle_us": 0}}
+    a, b = TransferAgent("a", "ipc", options=options), TransferAgent("b", "ipc", options=options)
+    src = a.allocate("kv", 1 << 16, torch.uint8)
+    dst = b.allocate("kv", 1 << 16, torch.uint8)
+    src[:4096], src[4096:8192] = 1, 2
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    link = a._peers[peer].link
+    copier = a._peers[peer].backend.copier
+    copier.ints[ir.STATE] = ir.EXITING  # a program deciding whether to exit, and not deciding in time
+    copier.timeout_s = 0.05
+    out = {}
+    try:
+        a.write(peer, "kv", "kv", [(0, 0, 4096)], notify=b"A")
+    except TransferError as exc:
+        out["raised"] = (type(exc).__name__, exc.details.get("peer"), "undecided" in str(exc))
+    out["counted"] = link.resident_last == copier.posted
+    copier.ints[ir.STATE] = ir.IDLE  # the program exits without having seen request A: the next post starts one
+    copy_bytes, seen = bc._copy_bytes, []
+
+    def watching(*args, **kwargs):  # what the receiver sees as each copy starts
+        seen.append((b.notifications(), int(dst[0]), int(dst[4096])))
+        return copy_bytes(*args, **kwargs)
+
+    bc._copy_bytes = watching
+    try:
+        a.write(peer, "kv", "kv", [(4096, 4096, 4096)], notify=b"B").wait(30)
+    finally:
+        bc._copy_bytes = copy_bytes
+    out["seen"] = seen
+    out["after"] = b.notifications()
+    out["bytes"] = (int(dst[0]), int(dst[4096]))
+    try:  # a request never posted: the wait ends at its deadline, naming the peer it was given
+        copier.wait(copier.posted + 1, deadline=time.monotonic() + 0.05, peer="b")
+    except CommTimeoutError as exc:
+        out["timeout"] = (exc.details.get("peer"), "peer 'b'" in str(exc))
+    a.close()
+    b.close()
+    return out
+
+
+def test_an_undecided_copier_post_stays_queued_with_its_notification():
+    ((out),) = run_ranks(_undecided_post_worker, 1, timeout=300.0, env=INTERP)
+    assert out["raised"] == ("QueuedUndecidedError", "b", True) and out["counted"], out
+    # Request A is served first (it was queued), its message after its bytes; B's message after B's bytes.
+    seen = out["seen"]
+    assert len(seen) == 2 and seen[0] == ([], 0, 0), seen
+    assert seen[1] == ([("a", b"A")], 1, 0), seen
+    assert out["after"] == [("a", b"B")] and out["bytes"] == (1, 2), out
+    assert out["timeout"] == ("b", True), out
+
+
+def _failed_publish_worker(rank, world_size, port):
+    """A long notifying write is a copy-engine copy, then a launch that publishes; when that launch raises, the
+    copy is already enqueued: the request is numbered (removal and close wait for it) and nothing is published."""
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("a", "ipc"), TransferAgent("b", "ipc")
+    n = 1 << 20
+    a.allocate("kv", 2 * n, torch.uint8).fill_(7)
+    b.allocate("kv", 2 * n, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    backend, link = a._peers[peer].backend, a._peers[peer].link
+    kernel = backend._kernel
+
+    def failing(link_, programs, notify, staged=False, **named):
+        if named.get("n_items") == 0:  # the publication after the copy
+            raise RuntimeError("launch failed")
+        return kernel(link_, programs, notify, staged, **named)
+
+    backend._kernel = failing
+    before = (backend.launches, link.last)
+    out = {}
+    try:
+        a.write(peer, "kv", "kv", [(0, 0, n)], notify=b"big")
+    except RuntimeError as exc:
+        out["raised"] = str(exc)
+    backend._kernel = kernel
+    out["numbered"] = (backend.launches, link.last) == (before[0] + 1, before[0] + 1)
+    out["notes"] = b.notifications()
+    a.write(peer, "kv", "kv", [(0, n, 4096)], notify=b"next").wait(30)  # the ring entry was taken back
+    out["after"] = b.notifications()
+    a.close()
+    b.close()
+    return out
+
+
+def test_a_long_write_whose_publication_fails_is_still_numbered():
+    ((out),) = run_ranks(_failed_publish_worker, 1, timeout=300.0, env=INTERP)
+    assert out["raised"] == "launch failed" and out["numbered"], out
+    assert out["notes"] == [] and out["after"] == [("a", b"next")], out
+
+
 def _torn_entry_worker(rank, world_size, port):
     """Drive the copier's kernel by hand: an entry whose number is the next one but whose destination field still
     carries its previous use's tag (a read that saw the host's words in two states) is not served; once the field

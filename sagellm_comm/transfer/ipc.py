@@ -48,7 +48,7 @@ from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
 from sagellm_comm.transfer.ipc_memory import CudaEvents, PeerMaps, Staging, device_memory
-from sagellm_comm.transfer.ipc_resident import ResidentCopier
+from sagellm_comm.transfer.ipc_resident import QueuedUndecidedError, ResidentCopier
 from sagellm_comm.transfer.metadata import AgentMetadata, MetadataField, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox
 from sagellm_comm.transfer.registry import register_transfer_backend
@@ -169,7 +169,8 @@ class ResidentRequest(_LinkRequest):
         pass  # the copier serves every request it was given; its mailbox entry is reused after that
 
     def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
-        self.backend.copier.wait(self.seq)  # served within microseconds: a bounded host wait, nothing to enqueue
+        # Served within microseconds: a bounded host wait, nothing to enqueue.
+        self.backend.copier.wait(self.seq, peer=self.link.peer.name)
 
 
 class IpcBackend(TransferBackend):
@@ -395,7 +396,7 @@ class IpcBackend(TransferBackend):
         self.scratch.zero_()
         request = self._one_block(link, link.addresses["\0probe"], self.scratch.data_ptr(), TOKEN_BYTES, None)
         if isinstance(request, ResidentRequest):
-            self.copier.wait(request.seq)
+            self.copier.wait(request.seq, peer=link.peer.name)
         elif self.stream is not None:
             self.stream.synchronize()
         got = bytes(self.scratch.cpu().numpy())
@@ -520,12 +521,22 @@ class IpcBackend(TransferBackend):
             request = self._resident(copier, link, src, dst, nbytes, notify)
             if request is not None:
                 return request
-        self._fork()
+        self._fork(link)
         if nbytes >= COPY_ENGINE_BYTES:
             self._enqueue(link, notify, False, self.memory.copy_async, dst, src, nbytes, self.raw_stream)
             if notify is not None:
-                self._kernel(link, 1, notify, staged=True, table_addr=src, src_base=src, dst_base=dst, n_items=0,
-                             block_bytes=1, parts=1, part_bytes=1, FIXED=True, INLINE=True, VEC=False)  # fmt: skip
+                staged = link.outbox.produced
+                try:
+                    self._kernel(link, 1, notify, staged=True, table_addr=src, src_base=src, dst_base=dst,
+                                 n_items=0, block_bytes=1, parts=1, part_bytes=1, FIXED=True, INLINE=True,
+                                 VEC=False)  # fmt: skip
+                except BaseException:
+                    # The copy is enqueued and cannot be taken back: numbered, so that removing the peer, its
+                    # region or the agent waits for it before unmapping; its notification is never published.
+                    if link.outbox.produced == staged:  # not taken back by a launch that failed to enqueue
+                        link.outbox.unstage()
+                    self._finish(link, None)
+                    raise
             return self._finish(link, None)
         cut = self.cuts.get(nbytes)
         if cut is None:
@@ -559,21 +570,31 @@ class IpcBackend(TransferBackend):
                   ) -> ResidentRequest | None:  # fmt: skip
         """One block by the resident copier, ``notify`` staged first; None (nothing queued) when its mailbox
         is full or an address does not fit a mailbox field (:meth:`ResidentCopier.post`)."""
-        if notify is None:
-            seq = copier.post(src, dst, nbytes, 0, 0, 0)
-            if seq is None:
-                return None
-        else:
-            outbox = link.outbox
-            note, ring_entry = outbox.stage_entry(notify)  # refused here when the ring is full: nothing was queued
-            try:
-                seq = copier.post(src, dst, nbytes, ring_entry, note, link.published_addr)
-            except BaseException:
-                outbox.unstage()
-                raise
-            if seq is None:
-                outbox.unstage()
-                return None
+        try:
+            if notify is None:
+                seq = copier.post(src, dst, nbytes, 0, 0, 0)
+                if seq is None:
+                    return None
+            else:
+                outbox = link.outbox
+                note, ring_entry = outbox.stage_entry(notify)  # refused when the ring is full: nothing was queued
+                try:
+                    seq = copier.post(src, dst, nbytes, ring_entry, note, link.published_addr)
+                except QueuedUndecidedError:
+                    raise  # queued: it may still publish this notification, whose ring entry stays its own
+                except BaseException:
+                    outbox.unstage()
+                    raise
+                if seq is None:
+                    outbox.unstage()
+                    return None
+        except QueuedUndecidedError as exc:
+            # Counted as this peer's, so that removing the peer waits for it before unmapping.
+            link.resident_last = exc.seq
+            name = link.peer.name
+            exc.details.update(peer=name, op="ipc")
+            exc.message = f"{exc.message}; peer {name!r}: treat the blocks and the notification as undecided"
+            raise
         link.resident_last = seq
         return ResidentRequest(self, link, seq)
 
@@ -616,7 +637,7 @@ class IpcBackend(TransferBackend):
             parts = -(-fixed // part_bytes)
             items, block_bytes = len(rows) * parts, fixed
         try:
-            self._fork()
+            self._fork(link)
             self._kernel(link, min(items, self.max_programs), notify, table_addr=address, src_base=src,
                          dst_base=dst, n_items=len(rows), block_bytes=block_bytes, parts=parts, part_bytes=part_bytes,
                          FIXED=fixed is not None, INLINE=False, VEC=vec)  # fmt: skip
@@ -625,12 +646,12 @@ class IpcBackend(TransferBackend):
             raise
         return self._finish(link, index)
 
-    def _fork(self) -> None:
+    def _fork(self, link) -> None:
         """The transfer stream waits for the caller's current stream (what the caller's kernels wrote), and the
         host for the resident copier's requests (a launch never overtakes them: notifications stay in order)."""
         copier = self.copier
         if copier is not None and not copier.idle():
-            copier.wait(copier.posted)
+            copier.wait(copier.posted, peer=link.peer.name)
         if self.events is not None:
             self.events.follow(_current_raw_stream(self.index))
 

@@ -31,6 +31,20 @@ TILE_VEC = 2048  # int32 elements: 8 KB tiles, 16 vector loads in flight per lan
 TILE_BYTES = 1024
 
 
+class QueuedUndecidedError(TransferError):
+    """:meth:`ResidentCopier.post` wrote request ``seq`` into the mailbox, then could not tell whether a program
+    will serve it: the request stays queued (it may still be served, its notification published after its
+    bytes), so the caller keeps what it staged for it and counts it as posted."""
+
+    def __init__(self, message: str, seq: int):
+        super().__init__(message)
+        self.seq = seq
+
+
+# A wait on the copier spins this long (a request is served within microseconds), then sleeps between reads.
+SPIN_S = 50e-6
+
+
 class ResidentCopier:
     """The host side of one agent's resident copier (module docstring): :meth:`post` a request, read
     :meth:`completed`, :meth:`wait` for one, :meth:`close`."""
@@ -97,9 +111,10 @@ class ResidentCopier:
             deadline = time.monotonic() + self.timeout_s
             while (state := ints[STATE]) == EXITING:
                 if time.monotonic() > deadline:
-                    raise TransferError(
+                    raise QueuedUndecidedError(
                         f"the resident copier did not decide whether to exit within {self.timeout_s:g} s (request "
-                        f"{seq} may or may not be served): the GPU is not making progress"
+                        f"{seq} may or may not be served): the GPU is not making progress",
+                        seq,
                     )
         if state == SERVING:
             return seq
@@ -116,15 +131,26 @@ class ResidentCopier:
     def _launch(self) -> None:
         self.launcher((1, 1), self.values, self.raw_stream)
 
-    def wait(self, seq: int, deadline: float | None = None) -> None:
-        """Block until request ``seq`` was served; ``CommTimeoutError`` at ``deadline`` (default: the timeout)."""
+    def wait(self, seq: int, deadline: float | None = None, peer: str | None = None) -> None:
+        """Block until request ``seq`` was served; ``CommTimeoutError`` at ``deadline`` (default: the timeout),
+        naming ``peer`` when given.  Spins for ``SPIN_S``, then sleeps between reads."""
+        ints = self.ints
+        if ints[DONE] >= seq:
+            return
+        now = time.monotonic()
         if deadline is None:
-            deadline = time.monotonic() + self.timeout_s
-        while self.ints[DONE] < seq:
-            if time.monotonic() > deadline:
+            deadline = now + self.timeout_s
+        spin_until = now + SPIN_S
+        while ints[DONE] < seq:
+            now = time.monotonic()
+            if now > deadline:
+                to = "" if peer is None else f" (a transfer to or from peer {peer!r} waits behind it)"
                 raise CommTimeoutError(
-                    f"the resident copier did not serve request {seq} in time (served up to {self.ints[DONE]})"
+                    f"the resident copier did not serve request {seq} in time (served up to {ints[DONE]}){to}",
+                    details={} if peer is None else {"peer": peer},
                 )
+            if now > spin_until:
+                time.sleep(1e-5)
 
     def _stopped(self, deadline: float) -> bool:
         """Wait until no program runs (its last store said so and its launch completed); False at ``deadline``."""
