@@ -92,9 +92,11 @@ def _pair_worker(rank, world_size, port):
         store.wait(["checked"])
         back = torch.zeros(16 * MB, dtype=torch.uint8, device="cuda")
         agent.register("back", back)
+        want = _pattern(1, 100 * MB)[: 1000 * 16384].clone()
+        torch.cuda.synchronize()  # nothing of this process's own work left on the stream before the read
         handle = agent.read(peer, "back", "pool", cases["scattered"], notify=b"read")
-        handle.wait_on_stream()  # the comparison below is queued behind the copy, no host wait
-        out["read_wrong"] = int((back[: 1000 * 16384] != _pattern(1, 100 * MB)[: 1000 * 16384]).sum())
+        handle.wait_on_stream()  # the comparison below is queued right behind the copy, no host wait
+        out["read_wrong"] = int((back[: 1000 * 16384] != want).sum())
     else:
         notes = _notes(agent, len(cases) + 200 + 1)
         out["notes"] = [m for _, m in notes]
@@ -130,13 +132,15 @@ def test_ipc_between_two_processes_on_one_gpu_moves_exact_bytes_and_notifies_aft
     assert receiver["read_note"] == [("sender", b"read")]
 
 
-def _ordering_worker(rank, world_size, port, block):
-    """Every notification's block already holds its bytes when the notification is seen (checked on arrival)."""
+def _ordering_worker(rank, world_size, port, block, options):
+    """Every notification's block already holds its bytes when the notification is seen (checked on arrival: the
+    block's last bytes, which a one-program copy of a long block writes last, tens of microseconds after its
+    first)."""
     from sagellm_comm.transfer import TransferAgent
 
     torch.cuda.set_device(0)
     store = _store(rank, port)
-    agent = TransferAgent(("sender", "receiver")[rank], "ipc")
+    agent = TransferAgent(("sender", "receiver")[rank], "ipc", options={"ipc": options})
     pool = agent.allocate("pool", 2 * 300 * block, torch.uint8, "cuda")
     store.set(f"meta/{rank}", agent.metadata())
     bad = 0
@@ -165,9 +169,18 @@ def _ordering_worker(rank, world_size, port, block):
     return bad
 
 
-@pytest.mark.parametrize("block", [64 * 1024, 2 * MB], ids=["kernel", "copy_engine"])
-def test_a_notification_is_never_seen_before_its_bytes(block):
-    assert run_ranks(_ordering_worker, 2, block, timeout=300.0, env=GPU_ENV) == [0, 0]
+@pytest.mark.parametrize(
+    "block, options",
+    [
+        (64 * 1024, {"resident": True}),
+        (64 * 1024, {"resident": False}),
+        (MB - 16, {"resident": False, "max_programs": 1}),
+        (2 * MB, {}),
+    ],
+    ids=["resident_copier", "kernel", "kernel_one_program", "copy_engine"],
+)
+def test_a_notification_is_never_seen_before_its_bytes(block, options):
+    assert run_ranks(_ordering_worker, 2, block, options, timeout=300.0, env=GPU_ENV) == [0, 0]
 
 
 def _death_worker(rank, world_size, port):
