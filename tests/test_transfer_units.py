@@ -1556,3 +1556,50 @@ def test_a_nixl_peer_whose_new_metadata_fails_stays_loaded_for_its_link_or_parke
     agents = backend.agent
     backend.close()
     assert agents.loaded == {}
+
+
+def test_an_agent_call_runs_on_the_agents_gpu_and_restores_the_threads_device(monkeypatch):
+    """The agent's calls make its CUDA device current in the calling thread for their duration (nested calls
+    switch once), restore the thread's own after, also when the call raises, and release the lock; an agent
+    without a GPU touches no CUDA state."""
+    current = [0]
+    switched = []
+
+    def set_device(index):
+        switched.append(index)
+        current[0] = index
+
+    def refuse():
+        raise AssertionError("an agent without a GPU asked for the current device")
+
+    monkeypatch.setattr(torch.cuda, "current_device", refuse)
+    call = agent_module._AgentCall(threading.RLock())
+    with call:
+        pass
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    call.device_index = 1
+    with call:
+        assert current[0] == 1
+        with call:  # a nested call of the same thread: already there
+            assert current[0] == 1
+        assert current[0] == 1
+    assert current[0] == 0 and switched == [1, 0]
+    with pytest.raises(KeyError), call:
+        raise KeyError("inside the call")
+    assert current[0] == 0 and switched == [1, 0, 1, 0]
+    taken = []
+
+    def take():
+        if call.lock.acquire(timeout=5):
+            taken.append(True)
+            call.lock.release()
+
+    other = threading.Thread(target=take)  # the lock was released, also after the failed call
+    other.start()
+    other.join(10)
+    assert taken == [True]
+    current[0] = 1  # the thread is on the agent's GPU already: nothing to switch
+    with call:
+        pass
+    assert switched == [1, 0, 1, 0]

@@ -13,7 +13,8 @@ Lifecycle::
 
 Every argument is checked before a byte moves (``descriptors.py``); peers join and leave at any time (a peer
 re-added with new metadata, e.g. after a restart, replaces the old one).  The agent serialises its own calls
-with a lock, so it may be shared between threads.
+with a lock, so it may be shared between threads, and runs them on its GPU whatever device is current in the
+calling thread (one agent per GPU in a process works from any thread).
 """
 
 from __future__ import annotations
@@ -60,6 +61,40 @@ logger = logging.getLogger("sagellm_comm.transfer")
 DEFAULT_TIMEOUT_S = 30.0
 
 
+class _AgentCall:
+    """``with`` it around an agent call: the agent's lock held, and the agent's CUDA device (once it has one)
+    current in the calling thread, the thread's own restored after."""
+
+    __slots__ = ("lock", "device_index", "_restore")
+
+    def __init__(self, lock: threading.RLock):
+        self.lock = lock
+        self.device_index: int | None = None
+        self._restore: list[int | None] = []  # per nested entry of the thread holding the lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        index = self.device_index
+        try:
+            current = None if index is None else torch.cuda.current_device()
+            if current is not None and current != index:
+                torch.cuda.set_device(index)
+                self._restore.append(current)
+            else:
+                self._restore.append(None)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            previous = self._restore.pop()
+            if previous is not None:
+                torch.cuda.set_device(previous)
+        finally:
+            self.lock.release()
+
+
 @dataclass
 class _Peer:
     meta: AgentMetadata
@@ -102,6 +137,9 @@ class TransferAgent:
         self.incarnation = uuid.uuid4().hex
         self.requested_backend = backend
         self.lock = threading.RLock()
+        self._call = _AgentCall(self.lock)
+        if device is not None and device.type == "cuda":
+            self._call.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._closed = False
         self._aborts: collections.deque[Request] = collections.deque()  # abort_later: aborted at the next call
         self._regions: dict[str, Region] = {}
@@ -148,7 +186,7 @@ class TransferAgent:
         The memory must stay valid until every peer has removed this agent (one-sided transfers write into it
         at any time).
         """
-        with self.lock:
+        with self._call:
             self._check_open()
             if isinstance(name, str) and name in self._regions:  # a name that is not a str: make_region says so
                 raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
@@ -160,7 +198,10 @@ class TransferAgent:
                     f"cuda:{cuda[0].info.device_index}: use one agent per GPU"
                 )
             done: list[TransferBackend] = []
+            on_device = torch.cuda.device(region.info.device_index) if region.info.device == "cuda" else None
             try:
+                if on_device is not None:  # the agent's GPU is this region's (current from the next call on)
+                    on_device.__enter__()
                 for backend in self._backends.values():
                     try:
                         backend.register(region)
@@ -179,7 +220,12 @@ class TransferAgent:
                 for reasons in self._unreachable.values():
                     reasons.pop(name, None)
                 raise
+            finally:
+                if on_device is not None:
+                    on_device.__exit__(None, None, None)
             self._regions[name] = region
+            if region.info.device == "cuda" and self._call.device_index is None:
+                self._call.device_index = region.info.device_index  # the agent's GPU from now on
 
     def allocate(
         self, name: str, shape: int | tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -207,7 +253,7 @@ class TransferAgent:
     def deregister(self, name: str) -> None:
         """Forget region ``name`` (peers that still hold old metadata must not use it any more); the prepared
         pools over it are released."""
-        with self.lock:
+        with self._call:
             self._check_open()
             region = self._region(name)
             for entry in self._peers.values():
@@ -222,7 +268,7 @@ class TransferAgent:
     def metadata(self) -> bytes:
         """This agent's description for peers: opaque bytes to hand over as they are (a versioned header line, then
         JSON: identity, regions, each transport's part)."""
-        with self.lock:
+        with self._call:
             self._check_open()
             meta = local_identity(self.name, self.incarnation)
             meta.regions = {name: region.info for name, region in self._regions.items()}
@@ -247,7 +293,7 @@ class TransferAgent:
         The replaced peer's transfers in flight fail with ``PeerLostError``, its prepared pools are released.
         """
         meta = AgentMetadata.decode(metadata)
-        with self.lock:
+        with self._call:
             self._check_open()
             if meta.name == self.name:
                 raise InvalidArgumentError(
@@ -295,7 +341,7 @@ class TransferAgent:
         """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError`` (``ipc`` first waits for
         its launches to the peer, up to the agent's timeout: those report done); its prepared pools are released.
         Unknown peers raise ``InvalidArgumentError``."""
-        with self.lock:
+        with self._call:
             self._check_open()
             self._drop(self._peer(peer))
             del self._peers[peer]
@@ -318,7 +364,7 @@ class TransferAgent:
     def peer_transport(self, peer: str) -> str | None:
         """What the backend uses underneath for ``peer`` once known (UCX's transports after the first transfer)."""
         entry = self._peer(peer)
-        with self.lock:
+        with self._call:
             return entry.backend.transport(entry.link)
 
     def peer_regions(self, peer: str) -> dict[str, Any]:
@@ -357,7 +403,7 @@ class TransferAgent:
             handle = self._post_rows(peer, op, local_region, remote_region, rows, notify, table)
             if handle is not None:
                 return handle
-        with self.lock:
+        with self._call:
             self._check_open()
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
@@ -375,7 +421,7 @@ class TransferAgent:
         nothing, when the agent, the peer, a region or the block is wrong: the general path then refuses the
         request with its own error, so every refusal is the same whatever form the blocks came in."""
         lo, ro, n = row
-        with self.lock:
+        with self._call:
             known = self._known(peer, local_region, remote_region)
             if known is None:
                 return None
@@ -393,7 +439,7 @@ class TransferAgent:
         as an array when the caller gave one), checked without numpy (:func:`uniform_rows_total`).  None, having
         done nothing, when anything is wrong or the lengths differ: the general path then decides, so every
         refusal is the same whatever form the blocks came in."""
-        with self.lock:
+        with self._call:
             known = self._known(peer, local_region, remote_region)
             if known is None:
                 return None
@@ -426,7 +472,7 @@ class TransferAgent:
     def prepare(self, peer: str, local_region: str, remote_region: str, block_bytes: int) -> PreparedBlocks:
         """``local_region`` and the peer's ``remote_region`` as pools of ``block_bytes``-long blocks, for repeated
         transfers named by block index (:class:`PreparedBlocks`); the transport's descriptors are built once."""
-        with self.lock:
+        with self._call:
             self._check_open()
             entry = self._peer(peer)
             local, remote = self._region(local_region), self._remote_region(entry, remote_region)
@@ -446,7 +492,7 @@ class TransferAgent:
             if handle is not None:
                 return handle
         ids = block_ids(local_blocks, remote_blocks)
-        with self.lock:
+        with self._call:
             self._check_open()
             if prepared.released:
                 raise InvalidArgumentError(
@@ -463,7 +509,7 @@ class TransferAgent:
                      ) -> TransferHandle | None:  # fmt: skip
         """:meth:`post_blocks` of one pair of Python int ids, checked with int comparisons; None, having done
         nothing, when anything is wrong (the general path then refuses it with its own error)."""
-        with self.lock:
+        with self._call:
             if self._closed or prepared.released:
                 return None
             entry = self._peers.get(prepared.peer)
@@ -475,7 +521,7 @@ class TransferAgent:
 
     def release_prepared(self, prepared: PreparedBlocks) -> None:
         """Release ``prepared``'s transport resources (what ``PreparedBlocks.release`` calls); idempotent."""
-        with self.lock:
+        with self._call:
             if prepared.released:
                 return
             prepared.released = True
@@ -487,7 +533,7 @@ class TransferAgent:
     def notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last call: ``(sender name, message)``, oldest first per sender.
         A message arrives only after every byte of its transfer is visible here."""
-        with self.lock:
+        with self._call:
             if self._closed:
                 self._check_open()
             if self._aborts:
@@ -508,7 +554,7 @@ class TransferAgent:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Remove every peer, deregister every region, stop every transport (idempotent)."""
-        with self.lock:
+        with self._call:
             if self._closed:
                 return
             self._abort_deferred()
