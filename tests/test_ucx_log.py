@@ -277,3 +277,45 @@ def test_peers_joining_and_leaving_keep_the_ucx_log_bounded_and_every_peer_descr
     # a's intra-node configuration was printed once, for the first peer; every later peer shares it
     assert out["described"] == ["UCX RMA: cma/memory; notify: tcp/lo"] * 16, out["described"]
     assert out["retained"] == [], out["retained"]  # closed agents' tables are dropped
+
+
+_CHILD = """
+import os, torch
+from sagellm_comm.transfer import TransferAgent, ucx_log
+a, b = TransferAgent("child-a", "nixl"), TransferAgent("child-b", "nixl")
+a.allocate("kv", 4096, torch.uint8)
+b.allocate("kv", 4096, torch.uint8)
+peer = a.add_peer(b.metadata())
+a.write(peer, "kv", "kv", [(0, 0, 4096)]).wait(10)
+print(os.getpid(), ucx_log.install().path, a.peer_transport(peer), sep="|")
+a.close()
+b.close()
+"""
+
+
+def _parent_and_child_worker(rank, world_size, port):
+    import torch
+
+    from sagellm_comm.transfer import TransferAgent
+
+    agent = TransferAgent("parent", "nixl")  # redirects this process's UCX log
+    agent.allocate("kv", 4096, torch.uint8)
+    mine = ucx_log.install().path
+    child = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120, check=True)
+    pid, path, described = child.stdout.strip().splitlines()[-1].split("|")
+    out = {"mine": mine, "mine_exists": os.path.exists(mine), "child_pid": pid, "child_path": path,
+           "child_left": os.path.exists(path), "described": described}  # fmt: skip
+    agent.close()
+    return out
+
+
+def test_a_child_process_gets_a_ucx_log_of_its_own_and_removes_it():
+    """A process with a transfer agent starts another that makes its own: the child's UCX writes its own file
+    (the environment it inherits names a per-process pattern, not the parent's file), reads its own tables, and
+    removes its file at exit; the parent's file stays its own."""
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    env = dict.fromkeys(("UCX_LOG_FILE", "UCX_LOG_FILE_SIZE", "UCX_LOG_FILE_ROTATE", "UCX_PROTO_INFO"))
+    (out,) = run_ranks(_parent_and_child_worker, 1, timeout=180.0, env=env)
+    assert out["child_path"].endswith(f"{ucx_log.LOG_PREFIX}{out['child_pid']}.log"), out
+    assert out["child_path"] != out["mine"] and out["mine_exists"] and not out["child_left"], out
+    assert out["described"] == "UCX RMA: cma/memory; notify: tcp/lo", out

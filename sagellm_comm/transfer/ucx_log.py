@@ -267,9 +267,12 @@ def install() -> UcxLog:
     if _INSTALLED is not None:
         return _INSTALLED
     user_file = os.environ.get("UCX_LOG_FILE")
+    # Ours, as a parent process of ours left it in the environment this one inherited: UCX expands its %p to each
+    # process's own pid, so this process gets a file of its own, which is ours to remove.
+    ours = os.path.join(tempfile.gettempdir(), f"{LOG_PREFIX}%p.log")
     if os.environ.get("UCX_PROTO_INFO", "").lower() in ("n", "no", "0", "off"):
         _INSTALLED = UcxLog(None, "UCX_PROTO_INFO is off in the environment")
-    elif user_file:
+    elif user_file and user_file != ours:
         path = user_file.replace("%p", str(os.getpid())).replace("%h", socket.gethostname())
         os.environ.setdefault("UCX_PROTO_INFO", "y")
         _INSTALLED = UcxLog(path)
@@ -277,9 +280,9 @@ def install() -> UcxLog:
         _INSTALLED = UcxLog(None, "UCX was loaded before the first transfer agent, so its log could not be redirected")
     else:
         _sweep()
-        path = os.path.join(tempfile.gettempdir(), f"{LOG_PREFIX}{os.getpid()}.log")
+        path = ours.replace("%p", str(os.getpid()))
         os.environ["UCX_PROTO_INFO"] = "y"
-        os.environ["UCX_LOG_FILE"] = path
+        os.environ["UCX_LOG_FILE"] = ours  # a child process inherits the pattern, not this process's file
         os.environ.setdefault("UCX_LOG_FILE_SIZE", FILE_SIZE)
         os.environ.setdefault("UCX_LOG_FILE_ROTATE", FILE_ROTATE)
         atexit.register(_remove_all, path)
