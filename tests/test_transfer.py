@@ -900,6 +900,131 @@ def test_one_block_launch_plans_move_the_same_bytes_as_the_launchers_path():
     assert out["plans"] == [1] and out["direct_launches"] > 20
 
 
+def _nixl_removed_in_flight_worker(rank, world_size, port):
+    """Over TCP a 64 MB write is still in flight after its post; its peer is removed before the handle is waited
+    for.  The handle and the receiver must agree: done and notified, or lost and never notified."""
+    from sagellm_comm.errors import PeerLostError
+    from sagellm_comm.transfer import TransferAgent
+
+    store = _store(rank, port)
+    agent = TransferAgent(("A", "B")[rank], "nixl", timeout=10)
+    pool = agent.allocate("kv", 64 << 20, torch.uint8)
+    store.set(f"meta/{rank}", agent.metadata())
+    out = {}
+    if rank == 0:
+        pool.fill_(9)
+        peer = agent.add_peer(store.get("meta/1"))
+        outcomes = []
+        for k, pause in enumerate((0.0, 0.3)):  # waited for at once, and after the transfer could have finished
+            handle = agent.write(peer, "kv", "kv", [(i << 20, i << 20, 1 << 20) for i in range(64)],
+                                 notify=f"req-{k}".encode())  # fmt: skip
+            posted = handle.state
+            agent.remove_peer(peer)
+            time.sleep(pause)
+            try:
+                handle.wait(10)
+                outcomes.append((posted, "done"))
+            except PeerLostError as exc:
+                outcomes.append((posted, "lost", exc.details.get("peer")))
+            store.set(f"outcome/{k}", b"1")
+            store.wait([f"seen/{k}"])
+            peer = agent.add_peer(store.get("meta/1"))
+        out["outcomes"] = outcomes
+    else:
+        seen = []
+        for k in range(2):
+            store.wait([f"outcome/{k}"])
+            time.sleep(1.0)  # a notification still on its way arrives meanwhile
+            seen.append([m for _, m in agent.notifications()])
+            store.set(f"seen/{k}", b"1")
+        out["seen"] = seen
+    store.set(f"done/{rank}", b"1")
+    store.wait(["done/0", "done/1"])
+    agent.close()
+    return out
+
+
+def test_nixl_a_transfer_in_flight_when_its_peer_is_removed_is_done_and_notified_or_lost_and_not():
+    a, b = run_ranks(_nixl_removed_in_flight_worker, 2, timeout=240.0, env={"UCX_TLS": "tcp"})
+    for k, (outcome, seen) in enumerate(zip(a["outcomes"], b["seen"], strict=True)):
+        if outcome[1] == "done":
+            assert seen == [f"req-{k}".encode()], (outcome, seen)
+        else:
+            assert outcome[1:] == ("lost", "B") and seen == [], (outcome, seen)
+    assert any(outcome[0] == "pending" for outcome in a["outcomes"]), a  # the case was in flight at least once
+
+
+def _nixl_close_in_flight_worker(rank, world_size, port):
+    """Agents closed while a write of theirs is in flight (its handle kept): NIXL's threads stop with them."""
+    import gc
+
+    from sagellm_comm.errors import PeerLostError
+    from sagellm_comm.transfer import TransferAgent
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    kept, states = [], []
+    for r in range(3):
+        a, b = TransferAgent(f"a{r}", "nixl"), TransferAgent(f"b{r}", "nixl")
+        a.allocate("kv", 64 << 20, torch.uint8)
+        b.allocate("kv", 64 << 20, torch.uint8)
+        peer = a.add_peer(b.metadata())
+        handle = a.write(peer, "kv", "kv", [(i << 20, i << 20, 1 << 20) for i in range(64)], notify=b"x")
+        states.append(handle.state)
+        kept.append(handle)
+        a.close()
+        b.close()
+        del a, b
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = threads()
+    results = []
+    for handle in kept:
+        try:
+            handle.wait(1)
+            results.append("done")
+        except PeerLostError:
+            results.append("lost")
+    return {"before": before, "after": after, "states": states, "results": results}
+
+
+def test_nixl_close_with_transfers_in_flight_stops_its_threads():
+    ((out),) = run_ranks(_nixl_close_in_flight_worker, 1, timeout=240.0, env={"UCX_TLS": "tcp"})
+    assert out["after"] <= out["before"], out
+    assert "pending" in out["states"] and set(out["results"]) <= {"done", "lost"}, out
+
+
+def _readd_keeps_slot_worker(rank, world_size, port):
+    """A peer re-added 40 times with the same metadata, one unread notifying write between re-adds: more re-adds
+    than the inbox has slots, each link going on with the same slot, every notification delivered in order."""
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("a", "ipc", timeout=5), TransferAgent("b", "ipc", timeout=5)
+    a.allocate("kv", 1 << 16, torch.uint8).fill_(1)
+    b.allocate("kv", 1 << 16, torch.uint8)
+    meta = b.metadata()
+    peer = a.add_peer(meta)
+    for i in range(40):
+        a.write(peer, "kv", "kv", [(i, i, 64)], notify=b"%d" % i).wait(30)
+        a.add_peer(meta)
+    out = {"backend": a.peer_backend(peer)}
+    a.write(peer, "kv", "kv", [(0, 100, 64)], notify=b"last").wait(30)
+    out["notes"] = [m for _, m in b.notifications()]
+    a.close()
+    b.close()
+    return out
+
+
+def test_ipc_re_adding_a_live_peer_keeps_its_notification_slot():
+    ((out),) = run_ranks(_readd_keeps_slot_worker, 1, timeout=300.0, env=INTERP)
+    assert out["backend"] == "ipc", out
+    assert out["notes"] == [b"%d" % i for i in range(40)] + [b"last"], out
+
+
 # ============================================================================ the resident copier
 def _resident_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError

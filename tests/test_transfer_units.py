@@ -1452,12 +1452,14 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     polls = []
 
     class Agent:
+        state = "DONE"
+
         def transfer(self, handle):
             return status
 
         def check_xfer_state(self, handle):
             polls.append(handle)
-            return "DONE"
+            return self.state
 
     class Owner:  # what a TransferHandle reads of its agent
         lock, timeout = threading.RLock(), 1.0
@@ -1476,16 +1478,67 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     handle.wait(timeout=1.0)
     assert handle.state == "done" and posted.released and noted == [link]
     assert polls == ([] if status == "DONE" else [posted])
-    # The peer removed afterwards: a transfer seen complete stays complete, one still in flight is lost.
-    request = backend._start(link, _StuckHandle(0), "write")
-    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
-    link.removed = True
-    if status == "DONE":
-        handle.wait(timeout=1.0)
-    else:
-        with pytest.raises(PeerLostError, match="removed while the transfer was in flight"):
+    # The peer removed afterwards (its requests settled as disconnect does): a transfer complete when posted or
+    # finished by NIXL at the removal is done; one still in flight is cancelled (released) and lost.
+    for state in ("DONE", "PROC"):
+        backend.agent.state = state
+        link.removed = False
+        request = backend._start(link, _StuckHandle(0), "write")
+        handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+        for pending in list(link.pending):
+            pending.settle()
+        link.removed = True
+        if status == "DONE" or state == "DONE":
             handle.wait(timeout=1.0)
-        assert handle.state == "failed" and request.handle is None  # released
+            assert handle.state == "done" and request.handle is None
+        else:
+            with pytest.raises(PeerLostError, match="removed while the transfer was in flight"):
+                handle.wait(timeout=1.0)
+            assert handle.state == "failed" and request.handle is None and request.lost  # released
+
+
+def test_a_nixl_transfer_its_removal_cannot_cancel_is_polled_on_or_left_to_close():
+    """Removing the peer of a request NIXL can neither call finished nor cancel yet: the request keeps its handle
+    and reports what NIXL does with it; at the agent's close it goes to the handles released there, and is lost."""
+    from sagellm_comm.transfer import nixl
+    from sagellm_comm.transfer.handle import TransferHandle
+
+    class Agent:
+        state = "PROC"
+
+        def transfer(self, handle):
+            return "PROC"
+
+        def check_xfer_state(self, handle):
+            return self.state
+
+    class Owner:
+        lock, timeout = threading.RLock(), 1.0
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    backend.note_transport = lambda link: None
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    stuck = _StuckHandle(1)
+    request = backend._start(link, stuck, "write")
+    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+    request.settle()  # NIXL says in progress and refuses the cancel: kept
+    link.removed = True
+    assert request.handle is stuck and not request.lost and not handle.done()
+    backend.agent.state = "DONE"  # NIXL finishes it after the removal: the handle says so
+    handle.wait(timeout=1.0)
+    assert handle.state == "done" and stuck.released
+    # At close: a handle NIXL will not release yet goes to those close releases; the request is lost.
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    backend.agent.state = "PROC"
+    stuck = _StuckHandle(1)
+    request = backend._start(link, stuck, "write")
+    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+    request.settle(closing=True)
+    link.removed = True
+    assert backend.leaked == [stuck] and request.handle is None and request.lost
+    with pytest.raises(PeerLostError):
+        handle.wait(timeout=1.0)
 
 
 class _NixlAgentError(Exception):
@@ -1603,3 +1656,24 @@ def test_an_agent_call_runs_on_the_agents_gpu_and_restores_the_threads_device(mo
     with call:
         pass
     assert switched == [1, 0, 1, 0]
+
+
+def test_an_inbox_not_closed_is_removed_at_exit_but_not_by_a_forked_child():
+    """An interpreter that exits without closing its inbox removes the inbox's files; a child forked from it
+    that exits normally leaves them to their owner."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from sagellm_comm.transfer.notify import Inbox
+        inbox = Inbox()
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit of the child: its inherited finalizer must not remove the parent's files
+        os.waitpid(pid, 0)
+        print(inbox.path, inbox.claim_path, os.path.exists(inbox.path), os.path.exists(inbox.claim_path))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    path, claim, exists, claim_exists = done.stdout.split()
+    assert (exists, claim_exists) == ("True", "True"), done.stdout  # the child left them
+    assert not os.path.exists(path) and not os.path.exists(claim), "the inbox's files outlived its process"

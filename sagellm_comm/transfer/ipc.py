@@ -94,6 +94,9 @@ class IpcLink(Link):
     registered: tuple[int, int] | None = None  # host-registered ring pages (CUDA)
     published: torch.Tensor | None = None  # device word: notifications the kernel published to this peer
     published_addr: int = 0  # its address
+    # Whether this link releases the notification channel (outbox, published, registered) when removed: a link
+    # that replaces a live one to the same peer incarnation takes the channel over instead of claiming a slot.
+    owns_channel: bool = True
     alive_until: float = 0.0  # monotonic time until which a post trusts the last check that found the peer alive
     # Set when the link is removed: every launch to the peer had completed and the peer was alive after them.
     completed_alive: bool = False
@@ -354,17 +357,33 @@ class IpcBackend(TransferBackend):
                 + "; ".join(f"{k}: {v}" for k, v in blob["unreachable"].items())
             )
         link = IpcLink(peer, maps=PeerMaps(self.memory, self.index, []))
+        # A live link to the same incarnation (new metadata, or the same again): its notification channel goes on
+        # in the new link, in order, instead of a second slot of the peer's inbox (the old one would stay held
+        # until the peer read everything sent through it).
+        old = next(
+            (
+                other for other in self.links
+                if other.peer.name == peer.name and other.peer.incarnation == peer.incarnation
+                and other.owns_channel and other.outbox is not None and other.outbox.peer_path == blob["inbox"]
+            ),
+            None,
+        )  # fmt: skip
         try:
             in_process = peer.same_process(me)
             for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
                 link.addresses[name] = self._open(link.maps, export, in_process)
-            link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
-            link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
-            link.published_addr = link.published.data_ptr()
-            if self.device.type == "cuda":
-                address, nbytes = link.outbox.slot_range
-                self.memory.host_register(address, nbytes)
-                link.registered = (address, nbytes)
+            if old is not None:
+                link.owns_channel = False  # until it connected: a failure here leaves the channel to the old link
+                link.outbox, link.published, link.published_addr = old.outbox, old.published, old.published_addr
+                link.registered = old.registered
+            else:
+                link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
+                link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
+                link.published_addr = link.published.data_ptr()
+                if self.device.type == "cuda":
+                    address, nbytes = link.outbox.slot_range
+                    self.memory.host_register(address, nbytes)
+                    link.registered = (address, nbytes)
             self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
@@ -372,6 +391,8 @@ class IpcBackend(TransferBackend):
                 raise
             # Anything else (a failed mapping, malformed metadata: a missing key, a token that is not hex...).
             raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc!r}") from None
+        if old is not None:
+            old.owns_channel, link.owns_channel = False, True
         self.links.append(link)
         return link
 
@@ -423,12 +444,13 @@ class IpcBackend(TransferBackend):
             return
         # Requests that completed before this are done, not lost (their handles may be polled after the removal).
         link.completed_alive = link.outbox is not None and link.outbox.liveness.alive()
-        if link.registered is not None:
-            self.memory.host_unregister(link.registered[0])
-            link.registered = None
-        if link.outbox is not None:
-            link.outbox.release()
-            link.outbox = None
+        if link.owns_channel:  # else the link that replaced this one goes on with it
+            if link.registered is not None:
+                self.memory.host_unregister(link.registered[0])
+            if link.outbox is not None:
+                link.outbox.release()
+        link.registered = None
+        link.outbox = None
         if link.maps is not None:
             link.maps.close()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -84,6 +85,7 @@ class NixlLink(Link):
     nixl_name: str = ""
     regions: dict = field(default_factory=dict)  # peer region -> (address, nbytes, device index)
     transport: str | None = None
+    pending: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # requests posted and not finished
 
 
 @dataclass
@@ -93,36 +95,78 @@ class NixlPrepared(Prepared):
 
 
 class NixlRequest(Request):
+    """One NIXL transfer handle.  When its peer is removed (or the agent closes) with the request in flight,
+    :meth:`settle` decides it at once: done if NIXL finished it, else cancelled (released) and lost; a request NIXL
+    cannot cancel yet is still polled, and reports what NIXL does with it (done, lost, or our deadline)."""
+
     def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str):
         self.backend, self.link, self.handle = backend, link, handle
         self.finished = status == "DONE"
+        self.lost = False  # cancelled when its peer was removed
         if status == "ERR":
             self._fail(TransferError(f"NIXL refused the transfer to peer {link.peer.name!r} (status ERR)"))
         if self.finished:  # small transfers complete inside the post: released now, the handle is born done
             self.abort()
             backend.note_transport(link)
             self.complete = True
+        else:
+            link.pending.add(self)
+
+    def _state(self) -> str:
+        """NIXL's state of the transfer (``DONE``, ``PROC`` or ``ERR``); a NIXL error is raised translated."""
+        try:
+            return self.backend.agent.check_xfer_state(self.handle)
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            self._fail(_translate(exc, self.link.peer.name, "complete a transfer"))
 
     def poll(self) -> bool:
-        if self.link.removed:
-            raise PeerLostError(
-                f"peer {self.link.peer.name!r} was removed while the transfer was in flight",
-                details={"peer": self.link.peer.name},
-            )
         if not self.finished:
-            try:
-                status = self.backend.agent.check_xfer_state(self.handle)
-            except Exception as exc:
-                if not _is_nixl_error(exc):
-                    raise
-                self._fail(_translate(exc, self.link.peer.name, "complete a transfer"))
+            if self.lost or self.handle is None or self.backend.agent is None:
+                name = self.link.peer.name
+                raise PeerLostError(
+                    f"peer {name!r} was removed while the transfer was in flight (cancelled: its destination "
+                    "blocks hold undefined data, its notification is not delivered)",
+                    details={"peer": name},
+                )
+            status = self._state()
             if status == "ERR":
-                self._fail(TransferError(f"NIXL reports the transfer to peer {self.link.peer.name!r} failed (ERR)"))
+                name = self.link.peer.name
+                error = PeerLostError if self.link.removed else TransferError
+                self._fail(error(f"NIXL reports the transfer to peer {name!r} failed (ERR)", details={"peer": name}))
             self.finished = status == "DONE"
         if self.finished:
             self.abort()  # released: the handle is done
-            self.backend.note_transport(self.link)
+            if not self.link.removed:
+                self.backend.note_transport(self.link)
         return self.finished
+
+    def settle(self, closing: bool = False) -> None:
+        """Its peer is being removed: done if NIXL finished it, else cancel it (lost).  A handle NIXL cannot
+        release yet stays with this request, which goes on polling it; when the agent is ``closing``, it goes to
+        the handles the agent releases at its close, and the request is lost."""
+        if self.finished or self.handle is None:
+            return
+        try:
+            status = self.backend.agent.check_xfer_state(self.handle)
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            status = "ERR"
+        if status == "DONE":
+            self.finished = True
+            self.abort()
+            return
+        try:
+            self.handle.release()  # cancels it
+        except Exception as exc:
+            logger.debug("NIXL could not cancel a transfer to removed peer %r yet: %r", self.link.peer.name, exc)
+            if not closing:
+                return
+            self.backend.leaked.append(self.handle)
+        self.handle = None
+        self.lost = True
 
     def _fail(self, exc: CommError) -> None:
         self.abort()
@@ -266,6 +310,9 @@ class NixlBackend(TransferBackend):
         restarted peer (another incarnation) is unloaded before its new metadata loads; beyond
         :data:`PARKED_PEERS` parked peers the oldest are unloaded."""
         link.removed = True
+        for request in list(link.pending):
+            request.settle()
+        link.pending.clear()
         if link in self.links:
             self.links.remove(link)
         if any(other.nixl_name == link.nixl_name for other in self.links):
@@ -400,6 +447,8 @@ class NixlBackend(TransferBackend):
 
     def close(self) -> None:
         for link in list(self.links):
+            for request in list(link.pending):  # cancelled before their memory is deregistered
+                request.settle(closing=True)
             self.disconnect(link)
         while self.parked:
             self._unload(self.parked.popitem()[0])

@@ -60,6 +60,7 @@ import platform
 import secrets
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -143,8 +144,18 @@ class _Mapped:
         os.close(self.fd)
 
 
+def _remove_files_of(owner_pid: int, paths: tuple[str, ...]) -> None:
+    """Remove ``paths`` if this is the process that made them (a forked child inherits the finalizer)."""
+    if os.getpid() != owner_pid:
+        return
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class Inbox:
-    """This agent's inbox (the consumer side; see the module docstring)."""
+    """This agent's inbox (the consumer side; see the module docstring).  Its files go at :meth:`close`, or when
+    the inbox is freed or the interpreter exits without it (only a killed process leaves them, for the sweep)."""
 
     def __init__(self):
         sweep_stale()
@@ -158,6 +169,7 @@ class Inbox:
             self._remove_files()
             self._mapped.close()
             raise
+        self._remove_at_exit = weakref.finalize(self, _remove_files_of, os.getpid(), (self.path, self.claim_path))
         words = self._mapped.words
         words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
         fence()
@@ -250,7 +262,7 @@ class Inbox:
                 os.unlink(path)
 
     def close(self) -> None:
-        self._remove_files()
+        self._remove_at_exit()  # the files, once
         self._lock.release()
         self._token_view.release()
         self._mapped.close()
@@ -301,8 +313,11 @@ class Outbox:
                     time.sleep(1e-3)
             slot = next((s for s in range(SLOTS) if self._reclaimable(s)), None)
             if slot is None:
+                words = m.words
+                unread = sum(int(words[m.slot_word(s, RELEASED)]) == 1 for s in range(SLOTS))
                 raise UnavailableError(
-                    f"the peer's notification inbox has no free slot: {SLOTS} live senders already hold one"
+                    f"the peer's notification inbox has no free slot: of its {SLOTS}, {unread} were given back by "
+                    f"senders whose notifications the peer has not read yet, the others are held by senders"
                 )
             base = m.slot_word(slot, 0)
             words = m.words
