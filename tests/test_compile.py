@@ -465,6 +465,31 @@ def test_the_dependency_walk_finds_chain_outputs_and_ignores_the_rest() -> None:
     assert not fusion_pass._depends_on([after, above, 2.0], chain)
 
 
+def test_a_graph_an_earlier_pass_left_out_of_order_is_checked_in_order() -> None:
+    """A weight computed from the chain's own new_residual, its node placed above the chain (an earlier pass can
+    leave a graph so; Inductor sorts only after the custom passes): the pass still sees the dependency and fuses
+    nothing, and the graph stays valid."""
+
+    def chain(x, residual, w):
+        new_residual = residual + all_reduce(x)
+        weight = new_residual.mean((0, 1)) + w
+        return llama_rmsnorm(new_residual, weight), new_residual
+
+    spec = ((2, 3, HIDDEN), torch.bfloat16)
+    gm = _trace(chain, spec, spec, ((HIDDEN,), torch.bfloat16))
+    graph = gm.graph
+    reduce = next(n for n in graph.nodes if n.target is torch.ops.sagellm_comm.all_reduce.default)
+    weight = next(
+        n for n in graph.nodes
+        if n.target is torch.ops.aten.add.Tensor and n.args[0].target is torch.ops.aten.mean.dim
+        and list(n.args[0].args[1]) == [0, 1]
+    )  # fmt: skip
+    reduce.prepend(weight)  # out of topological order
+    done = _rewrite(gm)
+    graph.lint()
+    assert done.total == 0 and not _fused(gm), done
+
+
 @needs_fp8
 @pytest.mark.parametrize("form", ["static decomposed", "static promoted"])
 def test_a_static_scale_of_more_dimensions_than_x_keeps_its_quantisation(form) -> None:

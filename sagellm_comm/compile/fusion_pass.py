@@ -410,6 +410,9 @@ class AllReduceFusionPass(CustomGraphPass):
                 if isinstance(value, torch.Tensor) and value.dtype in _PATTERN_DTYPE:
                     _REGISTRY.ensure(_group_name(node), _PATTERN_DTYPE[value.dtype], value.device.type)
             if sites:
+                # In topological order (Inductor sorts only after the custom post passes, so an earlier pass may
+                # leave it out of order): the cycle check stops at nodes placed above a chain (_depends_on).
+                pm.stable_topological_sort(graph)
                 _residual_first(sites)
                 replaced = _REGISTRY.apply(graph)
         if replaced:
