@@ -1677,3 +1677,27 @@ def test_an_inbox_not_closed_is_removed_at_exit_but_not_by_a_forked_child():
     path, claim, exists, claim_exists = done.stdout.split()
     assert (exists, claim_exists) == ("True", "True"), done.stdout  # the child left them
     assert not os.path.exists(path) and not os.path.exists(claim), "the inbox's files outlived its process"
+
+
+_KEPT: list = []
+
+
+def _own_inbox(queue) -> None:
+    from sagellm_comm.transfer.notify import Inbox
+
+    inbox = Inbox()
+    _KEPT.append(inbox)  # alive until the child exits, never closed
+    queue.put((inbox.path, inbox.claim_path))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_an_inbox_a_multiprocessing_child_left_open_is_removed_when_it_exits(method):
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    queue = context.Queue()
+    child = context.Process(target=_own_inbox, args=(queue,))
+    child.start()
+    paths = queue.get(timeout=120)
+    child.join(120)
+    assert child.exitcode == 0 and not any(os.path.exists(p) for p in paths), paths

@@ -55,12 +55,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import mmap
+import multiprocessing.util
 import os
 import platform
 import secrets
 import threading
 import time
-import weakref
 
 import numpy as np
 
@@ -169,7 +169,10 @@ class Inbox:
             self._remove_files()
             self._mapped.close()
             raise
-        self._remove_at_exit = weakref.finalize(self, _remove_files_of, os.getpid(), (self.path, self.claim_path))
+        # Also at exit, the exit of a multiprocessing child (os._exit, after its finalizers) included.
+        self._remove_at_exit = multiprocessing.util.Finalize(
+            self, _remove_files_of, args=(os.getpid(), (self.path, self.claim_path)), exitpriority=0
+        )
         words = self._mapped.words
         words[1:5] = (VERSION, SLOTS, ENTRIES, RECORD_BYTES)
         fence()
