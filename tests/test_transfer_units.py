@@ -1406,14 +1406,25 @@ class _StuckHandle:
         self.released = True
 
 
+def _bare_nixl_backend(agent=None, timeout_s: float = 30.0):
+    """A NixlBackend's bookkeeping over a stand-in NIXL agent (no NIXL behind it)."""
+    from sagellm_comm.transfer import nixl
+
+    backend = object.__new__(nixl.NixlBackend)
+    backend.agent, backend.leaked, backend._retry_at = agent, [], nixl.RETRY_RELEASES_FROM
+    backend.pending, backend._reap_at = {}, nixl.REAP_FROM
+    backend.context = types.SimpleNamespace(name="a", timeout_s=timeout_s)
+    backend.note_transport = lambda link: None
+    return backend
+
+
 @pytest.mark.parametrize("stuck_every", [0, 100], ids=["all-later-released", "one-in-100-never"])
 def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuck_every):
     """Aborted transfers whose handles NIXL refuses to release at first are released again while the agent
     runs: what is kept is bounded by what NIXL still refuses, not by how many aborts there were."""
     from sagellm_comm.transfer import nixl
 
-    backend = object.__new__(nixl.NixlBackend)  # the bookkeeping only: no NIXL agent behind it
-    backend.leaked, backend._retry_at = [], nixl.RETRY_RELEASES_FROM
+    backend = _bare_nixl_backend()
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     handles, longest = [], 0
     for i in range(10_000):
@@ -1433,8 +1444,7 @@ def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handl
         def transfer(self, handle):
             raise RuntimeError("posting refused")
 
-    backend = object.__new__(nixl.NixlBackend)
-    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    backend = _bare_nixl_backend(Agent())
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     handle = _StuckHandle(1)
     with pytest.raises(RuntimeError, match="posting refused"):
@@ -1464,8 +1474,7 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     class Owner:  # what a TransferHandle reads of its agent
         lock, timeout = threading.RLock(), 1.0
 
-    backend = object.__new__(nixl.NixlBackend)
-    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
+    backend = _bare_nixl_backend(Agent())
     noted = []
     backend.note_transport = noted.append
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
@@ -1478,67 +1487,74 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     handle.wait(timeout=1.0)
     assert handle.state == "done" and posted.released and noted == [link]
     assert polls == ([] if status == "DONE" else [posted])
-    # The peer removed afterwards (its requests settled as disconnect does): a transfer complete when posted or
-    # finished by NIXL at the removal is done; one still in flight is cancelled (released) and lost.
-    for state in ("DONE", "PROC"):
-        backend.agent.state = state
-        link.removed = False
-        request = backend._start(link, _StuckHandle(0), "write")
-        handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
-        for pending in list(link.pending):
-            pending.settle()
-        link.removed = True
-        if status == "DONE" or state == "DONE":
-            handle.wait(timeout=1.0)
-            assert handle.state == "done" and request.handle is None
-        else:
-            with pytest.raises(PeerLostError, match="removed while the transfer was in flight"):
+    # The peer removed afterwards: a request in flight goes on and reports what NIXL does with it (a removal
+    # cancelling it would race its notification): done once NIXL finishes it, lost when NIXL fails it.
+    if status == "PROC":
+        for state, outcome in (("DONE", "done"), ("ERR", "failed")):
+            backend.agent.state = "PROC"
+            link.removed = False
+            request = backend._start(link, _StuckHandle(0), "write")
+            handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
+            link.removed = True
+            assert not handle.done() and request.handle is not None and list(backend.pending) == [request]
+            backend.agent.state = state
+            if outcome == "done":
                 handle.wait(timeout=1.0)
-            assert handle.state == "failed" and request.handle is None and request.lost  # released
+            else:
+                with pytest.raises(PeerLostError, match="failed"):
+                    handle.wait(timeout=1.0)
+            assert handle.state == outcome and request.handle is None and not backend.pending
 
 
-def test_a_nixl_transfer_its_removal_cannot_cancel_is_polled_on_or_left_to_close():
-    """Removing the peer of a request NIXL can neither call finished nor cancel yet: the request keeps its handle
-    and reports what NIXL does with it; at the agent's close it goes to the handles released there, and is lost."""
+def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
+    """The backend keeps every request in flight (NIXL cancels a transfer whose handle is freed): one whose
+    caller dropped its handle is not cancelled, and the sweep releases it once finished; one to a removed peer
+    still in flight past the agent's timeout is cancelled; at close every request in flight is cancelled (a
+    handle NIXL cannot release yet goes to those released at close) and a poll says it was lost."""
+    import gc
+
     from sagellm_comm.transfer import nixl
-    from sagellm_comm.transfer.handle import TransferHandle
+
+    states = {}
 
     class Agent:
-        state = "PROC"
-
         def transfer(self, handle):
             return "PROC"
 
         def check_xfer_state(self, handle):
-            return self.state
+            return states.get(id(handle), "PROC")
 
-    class Owner:
-        lock, timeout = threading.RLock(), 1.0
-
-    backend = object.__new__(nixl.NixlBackend)
-    backend.agent, backend.leaked, backend._retry_at = Agent(), [], nixl.RETRY_RELEASES_FROM
-    backend.note_transport = lambda link: None
+    backend = _bare_nixl_backend(Agent(), timeout_s=0.05)
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    handles = [_StuckHandle(0) for _ in range(nixl.REAP_FROM - 1)]
+    for h in handles:
+        backend._start(link, h, "write")  # the caller drops each request at once
+    gc.collect()
+    assert len(backend.pending) == nixl.REAP_FROM - 1 and not any(h.released for h in handles)  # not cancelled
+    for h in handles[:40]:
+        states[id(h)] = "DONE"
+    backend._start(link, _StuckHandle(0), "write")  # the 64th in flight: a sweep
+    assert all(h.released for h in handles[:40]) and not any(h.released for h in handles[40:])
+    assert len(backend.pending) == nixl.REAP_FROM - 40 and backend._reap_at == nixl.REAP_FROM
+    # Each post checks the two oldest in flight: a finished one nobody polls is released (its notification sent).
+    oldest = list(backend.pending)[:2]
+    for request in oldest:
+        states[id(request.handle)] = "DONE"
+    backend._start(link, _StuckHandle(0), "write")
+    assert all(r.handle is None and r.finished for r in oldest) and not set(oldest) & set(backend.pending)
+    link.removed = True
+    time.sleep(0.1)
+    backend.reap()  # removed peer, in flight past the timeout: cancelled
+    assert not backend.pending and all(h.released for h in handles)
+    # At close: cancelled; a handle NIXL will not release yet is kept for close's own release.
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     stuck = _StuckHandle(1)
     request = backend._start(link, stuck, "write")
-    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
-    request.settle()  # NIXL says in progress and refuses the cancel: kept
-    link.removed = True
-    assert request.handle is stuck and not request.lost and not handle.done()
-    backend.agent.state = "DONE"  # NIXL finishes it after the removal: the handle says so
-    handle.wait(timeout=1.0)
-    assert handle.state == "done" and stuck.released
-    # At close: a handle NIXL will not release yet goes to those close releases; the request is lost.
-    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
-    backend.agent.state = "PROC"
-    stuck = _StuckHandle(1)
-    request = backend._start(link, stuck, "write")
-    handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
-    request.settle(closing=True)
-    link.removed = True
-    assert backend.leaked == [stuck] and request.handle is None and request.lost
-    with pytest.raises(PeerLostError):
-        handle.wait(timeout=1.0)
+    for pending in list(backend.pending):
+        pending.cancel_at_close()
+    assert backend.leaked == [stuck] and request.handle is None and not backend.pending
+    with pytest.raises(PeerLostError, match="closed while the transfer"):
+        request.poll()
 
 
 class _NixlAgentError(Exception):
@@ -1586,7 +1602,7 @@ def test_a_nixl_peer_whose_new_metadata_fails_stays_loaded_for_its_link_or_parke
 
     backend = object.__new__(nixl.NixlBackend)
     backend.agent, backend.links, backend.parked = _RemoteAgents(), [], OrderedDict()
-    backend.registered, backend.leaked = {}, []
+    backend.registered, backend.leaked, backend.pending = {}, [], {}
     backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
     backend.context = types.SimpleNamespace(name="a")
     link = backend.connect(meta("one", b"v1"))

@@ -18,9 +18,10 @@ Never the ``nixl`` meta-package, which pulls both CUDA builds and an unpinned to
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
-import weakref
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,6 +44,8 @@ NIXL_INSTALL_HINT = "pip install 'isagellm-comm[transfer]' (nixl-cu13==1.5.1; '[
 _MEM = {"cpu": "DRAM", "cuda": "VRAM"}
 _OPS = {"write": "WRITE", "read": "READ"}
 RETRY_RELEASES_FROM = 16  # kept unreleased handles at which NixlBackend.keep_unreleased first retries them
+REAP_FROM = 64  # requests in flight at which NixlBackend.reap first sweeps them
+PROGRESS_PER_POST = 2  # oldest requests in flight each post checks (NixlBackend.progress)
 # Removed peers whose NIXL remote agent stays loaded (NixlBackend.disconnect says why), the oldest unloaded beyond.
 PARKED_PEERS = 64
 
@@ -85,7 +88,6 @@ class NixlLink(Link):
     nixl_name: str = ""
     regions: dict = field(default_factory=dict)  # peer region -> (address, nbytes, device index)
     transport: str | None = None
-    pending: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # requests posted and not finished
 
 
 @dataclass
@@ -95,14 +97,20 @@ class NixlPrepared(Prepared):
 
 
 class NixlRequest(Request):
-    """One NIXL transfer handle.  When its peer is removed (or the agent closes) with the request in flight,
-    :meth:`settle` decides it at once: done if NIXL finished it, else cancelled (released) and lost; a request NIXL
-    cannot cancel yet is still polled, and reports what NIXL does with it (done, lost, or our deadline)."""
+    """One NIXL transfer handle.  The backend holds every request in flight (:attr:`NixlBackend.pending`), so a
+    transfer whose :class:`~sagellm_comm.transfer.TransferHandle` the caller dropped still completes (NIXL cancels
+    a transfer whose handle is freed) and is released once seen finished.  NIXL sends a transfer's notification
+    from the state check that finds its data arrived: the handle's polls do that, and for a handle nobody polls,
+    each later post and ``notifications()`` call checks the oldest requests in flight
+    (:meth:`NixlBackend.progress`).  Removing the peer does
+    not stop its requests: each reports what NIXL does with it (done, failed, or our deadline), as a removal cannot
+    cancel a transfer without racing its notification (NIXL's release sends it when the data has just arrived)."""
 
     def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str):
         self.backend, self.link, self.handle = backend, link, handle
         self.finished = status == "DONE"
-        self.lost = False  # cancelled when its peer was removed
+        self.error: CommError | None = None  # what a poll raises: set where the backend decided the request
+        self.posted_at = time.monotonic()
         if status == "ERR":
             self._fail(TransferError(f"NIXL refused the transfer to peer {link.peer.name!r} (status ERR)"))
         if self.finished:  # small transfers complete inside the post: released now, the handle is born done
@@ -110,7 +118,7 @@ class NixlRequest(Request):
             backend.note_transport(link)
             self.complete = True
         else:
-            link.pending.add(self)
+            backend.pending[self] = None
 
     def _state(self) -> str:
         """NIXL's state of the transfer (``DONE``, ``PROC`` or ``ERR``); a NIXL error is raised translated."""
@@ -123,13 +131,8 @@ class NixlRequest(Request):
 
     def poll(self) -> bool:
         if not self.finished:
-            if self.lost or self.handle is None or self.backend.agent is None:
-                name = self.link.peer.name
-                raise PeerLostError(
-                    f"peer {name!r} was removed while the transfer was in flight (cancelled: its destination "
-                    "blocks hold undefined data, its notification is not delivered)",
-                    details={"peer": name},
-                )
+            if self.error is not None:
+                raise self.error
             status = self._state()
             if status == "ERR":
                 name = self.link.peer.name
@@ -142,37 +145,54 @@ class NixlRequest(Request):
                 self.backend.note_transport(self.link)
         return self.finished
 
-    def settle(self, closing: bool = False) -> None:
-        """Its peer is being removed: done if NIXL finished it, else cancel it (lost).  A handle NIXL cannot
-        release yet stays with this request, which goes on polling it; when the agent is ``closing``, it goes to
-        the handles the agent releases at its close, and the request is lost."""
-        if self.finished or self.handle is None:
+    def reap(self, now: float) -> None:
+        """Seen by the backend's sweep (:meth:`NixlBackend.reap`): released if NIXL finished or failed it, and
+        cancelled if its peer was removed more than the agent's timeout after it was posted (NIXL can keep such a
+        request "in progress" forever); a later poll reports which."""
+        if self.finished or self.error is not None or self.handle is None:
+            self.backend.pending.pop(self, None)
             return
         try:
             status = self.backend.agent.check_xfer_state(self.handle)
         except Exception as exc:
             if not _is_nixl_error(exc):
                 raise
-            status = "ERR"
+            self.error = _translate(exc, self.link.peer.name, "complete a transfer")
+            self.abort()
+            return
+        name = self.link.peer.name
         if status == "DONE":
             self.finished = True
             self.abort()
-            return
-        try:
-            self.handle.release()  # cancels it
-        except Exception as exc:
-            logger.debug("NIXL could not cancel a transfer to removed peer %r yet: %r", self.link.peer.name, exc)
-            if not closing:
-                return
-            self.backend.leaked.append(self.handle)
-        self.handle = None
-        self.lost = True
+        elif status == "ERR":
+            error = PeerLostError if self.link.removed else TransferError
+            self.error = error(f"NIXL reports the transfer to peer {name!r} failed (ERR)", details={"peer": name})
+            self.abort()
+        elif self.link.removed and now - self.posted_at > self.backend.context.timeout_s:
+            self.error = PeerLostError(
+                f"peer {name!r} was removed and the transfer was still in flight {self.backend.context.timeout_s:g} s "
+                "after its post: cancelled (its destination blocks hold undefined data)",
+                details={"peer": name},
+            )
+            self.abort()
+
+    def cancel_at_close(self) -> None:
+        """The agent is closing with this request in flight: cancelled (its handle released now, or with the
+        handles NIXL releases at close); a later poll raises ``PeerLostError``."""
+        name = self.link.peer.name
+        self.error = PeerLostError(
+            f"the agent was closed while the transfer to peer {name!r} was in flight: cancelled (its destination "
+            "blocks hold undefined data; a notification already on its way may still arrive)",
+            details={"peer": name},
+        )
+        self.abort()
 
     def _fail(self, exc: CommError) -> None:
         self.abort()
         raise exc
 
     def abort(self) -> None:
+        self.backend.pending.pop(self, None)
         if self.handle is None:
             return
         handle, self.handle = self.handle, None
@@ -231,6 +251,9 @@ class NixlBackend(TransferBackend):
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []
         self.leaked: list = []  # transfer handles NIXL could not release yet (keep_unreleased)
+        # Requests in flight, oldest first, whether or not their caller kept a handle (an ordered set).
+        self.pending: dict[NixlRequest, None] = {}
+        self._reap_at = REAP_FROM
         # NIXL name -> incarnation of removed peers whose remote agent is still loaded, oldest first (disconnect).
         self.parked: OrderedDict[str, str] = OrderedDict()
         self._retry_at = RETRY_RELEASES_FROM
@@ -309,10 +332,7 @@ class NixlBackend(TransferBackend):
         is added again (new regions, a rejoin) would leak them; a parked agent is updated in place instead.  A
         restarted peer (another incarnation) is unloaded before its new metadata loads; beyond
         :data:`PARKED_PEERS` parked peers the oldest are unloaded."""
-        link.removed = True
-        for request in list(link.pending):
-            request.settle()
-        link.pending.clear()
+        link.removed = True  # its requests in flight go on (NixlRequest)
         if link in self.links:
             self.links.remove(link)
         if any(other.nixl_name == link.nixl_name for other in self.links):
@@ -383,7 +403,32 @@ class NixlBackend(TransferBackend):
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"post a {op}") from None
-        return NixlRequest(self, link, handle, status)
+        request = NixlRequest(self, link, handle, status)
+        if len(self.pending) >= self._reap_at:
+            self.reap()
+        elif len(self.pending) > 1:
+            self.progress()
+        return request
+
+    def progress(self, count: int = PROGRESS_PER_POST) -> None:
+        """Check the ``count`` oldest requests in flight (:meth:`NixlRequest.reap`): NIXL sends a notification from
+        the check that finds the data arrived, so a transfer whose handle nobody polls gets its notification out by
+        the next posts.  A request still in flight goes to the back of the queue."""
+        now = time.monotonic()
+        for request in list(itertools.islice(self.pending, count)):
+            request.reap(now)
+            if request in self.pending:
+                del self.pending[request]
+                self.pending[request] = None
+
+    def reap(self) -> None:
+        """Sweep the requests in flight (:meth:`NixlRequest.reap`): those finished, failed or given up are released,
+        so requests whose handles were dropped do not pile up.  Run each time the requests in flight have doubled
+        since the last sweep: a few state checks per request, amortised."""
+        now = time.monotonic()
+        for request in list(self.pending):
+            request.reap(now)
+        self._reap_at = max(REAP_FROM, 2 * len(self.pending))
 
     def prepare(self, link: NixlLink, local: Region, remote: RegionInfo, layout: BlockLayout) -> NixlPrepared:
         address, _, device_index = link.regions[remote.name]
@@ -424,6 +469,8 @@ class NixlBackend(TransferBackend):
         prepared.local_side = prepared.remote_side = None
 
     def notifications(self) -> list[tuple[str, bytes]]:
+        if self.pending:
+            self.progress()  # this agent's own transfers nobody polls send their notifications too
         out = []
         for sender, messages in self.agent.get_new_notifs().items():
             name = sender.decode() if isinstance(sender, bytes) else str(sender)
@@ -446,9 +493,9 @@ class NixlBackend(TransferBackend):
         return link.transport
 
     def close(self) -> None:
+        for request in list(self.pending):  # cancelled before their memory is deregistered
+            request.cancel_at_close()
         for link in list(self.links):
-            for request in list(link.pending):  # cancelled before their memory is deregistered
-                request.settle(closing=True)
             self.disconnect(link)
         while self.parked:
             self._unload(self.parked.popitem()[0])
