@@ -953,6 +953,37 @@ def test_nixl_a_transfer_in_flight_when_its_peer_is_removed_is_done_and_notified
     assert any(outcome[0] == "pending" for outcome in a["outcomes"]), a  # the case was in flight at least once
 
 
+def _nixl_dropped_handle_worker(rank, world_size, port):
+    """A notifying write whose handle the caller drops at once: the transfer is not cancelled, and the sender's
+    own later calls (here ``notifications()``) get its notification out."""
+    import gc
+
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("fa", "nixl"), TransferAgent("fb", "nixl")
+    a.allocate("kv", 64 << 20, torch.uint8).fill_(5)
+    dst = b.allocate("kv", 64 << 20, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    handle = a.write(peer, "kv", "kv", [(i << 20, i << 20, 1 << 20) for i in range(64)], notify=b"dropped")
+    state = handle.state
+    del handle
+    gc.collect()
+    got, deadline = [], time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        a.notifications()  # the sender's own calls check its requests in flight
+        got = b.notifications()
+        time.sleep(0.005)
+    out = {"state": state, "got": got, "landed": bool((dst == 5).all())}
+    a.close()
+    b.close()
+    return out
+
+
+def test_nixl_a_dropped_handles_transfer_completes_and_notifies():
+    ((out),) = run_ranks(_nixl_dropped_handle_worker, 1, timeout=240.0, env={"UCX_TLS": "tcp"})
+    assert out["got"] == [("fa", b"dropped")] and out["landed"], out
+
+
 def _nixl_close_in_flight_worker(rank, world_size, port):
     """Agents closed while a write of theirs is in flight (its handle kept): NIXL's threads stop with them."""
     import gc
