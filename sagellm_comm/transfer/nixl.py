@@ -135,15 +135,19 @@ class NixlRequest(Request):
                 raise self.error
             status = self._state()
             if status == "ERR":
-                name = self.link.peer.name
-                error = PeerLostError if self.link.removed else TransferError
-                self._fail(error(f"NIXL reports the transfer to peer {name!r} failed (ERR)", details={"peer": name}))
+                self._fail(self._failed())
             self.finished = status == "DONE"
         if self.finished:
             self.abort()  # released: the handle is done
             if not self.link.removed:
                 self.backend.note_transport(self.link)
         return self.finished
+
+    def _failed(self) -> CommError:
+        """The error of a transfer NIXL reports failed: its peer lost if it was removed."""
+        name = self.link.peer.name
+        error = PeerLostError if self.link.removed else TransferError
+        return error(f"NIXL reports the transfer to peer {name!r} failed (ERR)", details={"peer": name})
 
     def reap(self, now: float) -> None:
         """Seen by the backend's sweep (:meth:`NixlBackend.reap`): released if NIXL finished or failed it, and
@@ -165,8 +169,7 @@ class NixlRequest(Request):
             self.finished = True
             self.abort()
         elif status == "ERR":
-            error = PeerLostError if self.link.removed else TransferError
-            self.error = error(f"NIXL reports the transfer to peer {name!r} failed (ERR)", details={"peer": name})
+            self.error = self._failed()
             self.abort()
         elif self.link.removed and now - self.posted_at > self.backend.context.timeout_s:
             self.error = PeerLostError(

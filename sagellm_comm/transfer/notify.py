@@ -166,7 +166,7 @@ class Inbox:
             open(self.claim_path, "wb").close()
             self._lock = OwnerLock(self.path)  # liveness: held until close() or exit
         except BaseException:
-            self._remove_files()
+            _remove_files_of(os.getpid(), (self.path, self.claim_path))
             self._mapped.close()
             raise
         # Also at exit, the exit of a multiprocessing child (os._exit, after its finalizers) included.
@@ -258,11 +258,6 @@ class Inbox:
         self._next[slot] = seq
         self._next_word[slot] = at >> 3
         ints[base + CONSUMED] = seq - 1
-
-    def _remove_files(self) -> None:
-        for path in (self.path, self.claim_path):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
     def close(self) -> None:
         self._remove_at_exit()  # the files, once
