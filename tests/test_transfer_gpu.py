@@ -332,3 +332,30 @@ def test_the_resident_copier_serves_small_requests_exactly_in_order_and_exits_wh
     assert out["served"] > 2000, out  # most one-block requests went through the copier
     assert out["launches"] >= 10, out  # it exited at the pauses and was started again
     assert out["sync_s"] < 0.05 and out["stopped"], out
+
+
+def test_re_adding_a_live_peer_on_the_gpu_keeps_its_slot_and_the_order():
+    """Two agents in one process on the GPU: the peer re-added 40 times with the same metadata, a notifying write
+    left unread between re-adds (more re-adds than the inbox has slots): each new link goes on with the old one's
+    ring, device counter and host-registered pages; every byte and notification arrives, in order."""
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("readd-a", backend="ipc"), TransferAgent("readd-b", backend="ipc")
+    try:
+        src = torch.arange(64 * 1024, dtype=torch.int32, device="cuda").view(torch.uint8)
+        dst = torch.zeros_like(src)
+        a.register("pool", src)
+        b.register("pool", dst)
+        meta = b.metadata()
+        peer = a.add_peer(meta)
+        for i in range(40):
+            a.write(peer, "pool", "pool", [(i * 4096, i * 4096, 4096)], notify=b"%d" % i).wait(30)
+            a.add_peer(meta)
+        a.write(peer, "pool", "pool", [(40 * 4096, 40 * 4096, 4096)], notify=b"last").wait(30)
+        torch.cuda.synchronize()
+        assert a.peer_backend(peer) == "ipc"
+        assert [m for _, m in b.notifications()] == [b"%d" % i for i in range(40)] + [b"last"]
+        assert torch.equal(dst[: 41 * 4096], src[: 41 * 4096]) and not dst[41 * 4096 :].any()
+    finally:
+        a.close()
+        b.close()
