@@ -20,6 +20,7 @@ calling thread (one agent per GPU in a process works from any thread).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import uuid
@@ -198,33 +199,32 @@ class TransferAgent:
                     f"cuda:{cuda[0].info.device_index}: use one agent per GPU"
                 )
             done: list[TransferBackend] = []
-            on_device = torch.cuda.device(region.info.device_index) if region.info.device == "cuda" else None
-            try:
-                if on_device is not None:  # the agent's GPU is this region's (current from the next call on)
-                    on_device.__enter__()
-                for backend in self._backends.values():
-                    try:
-                        backend.register(region)
-                    except BackendNotSupportedError as exc:
-                        if len(self._backends) == 1:
-                            raise
-                        self._unreachable[backend.name][name] = exc.message
-                        continue
-                    done.append(backend)
-                if not done:
-                    why = "; ".join(f"{b}: {r[name]}" for b, r in self._unreachable.items())
-                    raise BackendNotSupportedError(f"region {name!r} cannot be registered with any transport: {why}")
-            except BaseException:
-                for backend in done:
-                    backend.deregister(region)
-                for reasons in self._unreachable.values():
-                    reasons.pop(name, None)
-                raise
-            finally:
-                if on_device is not None:
-                    on_device.__exit__(None, None, None)
+            on_gpu = region.info.device == "cuda"
+            # On the region's GPU, the agent's (current in every call after this one).
+            with torch.cuda.device(region.info.device_index) if on_gpu else contextlib.nullcontext():
+                try:
+                    for backend in self._backends.values():
+                        try:
+                            backend.register(region)
+                        except BackendNotSupportedError as exc:
+                            if len(self._backends) == 1:
+                                raise
+                            self._unreachable[backend.name][name] = exc.message
+                            continue
+                        done.append(backend)
+                    if not done:
+                        why = "; ".join(f"{b}: {r[name]}" for b, r in self._unreachable.items())
+                        raise BackendNotSupportedError(
+                            f"region {name!r} cannot be registered with any transport: {why}"
+                        )
+                except BaseException:
+                    for backend in done:
+                        backend.deregister(region)
+                    for reasons in self._unreachable.values():
+                        reasons.pop(name, None)
+                    raise
             self._regions[name] = region
-            if region.info.device == "cuda" and self._call.device_index is None:
+            if on_gpu and self._call.device_index is None:
                 self._call.device_index = region.info.device_index  # the agent's GPU from now on
 
     def allocate(
@@ -290,7 +290,7 @@ class TransferAgent:
         every transfer with it; :meth:`peer_backend` and :meth:`backend_reason` say which and why.  A peer of
         that name already known is replaced: a restarted one (another incarnation) is removed first; the same
         agent (new regions) once the new metadata connected, so that metadata refused leaves the peer as it was.
-        The replaced peer's transfers in flight fail with ``PeerLostError``, its prepared pools are released.
+        The replaced peer is removed as by :meth:`remove_peer`; its prepared pools are released.
         """
         meta = AgentMetadata.decode(metadata)
         with self._call:
@@ -338,9 +338,10 @@ class TransferAgent:
         return f"{chosen}; better transports skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
 
     def remove_peer(self, peer: str) -> None:
-        """Forget ``peer``: transfers still in flight to it fail with ``PeerLostError`` (``ipc`` first waits for
-        its launches to the peer, up to the agent's timeout: those report done); its prepared pools are released.
-        Unknown peers raise ``InvalidArgumentError``."""
+        """Forget ``peer``; its prepared pools are released.  Transfers still in flight to it: ``ipc`` first waits
+        for its launches to the peer (up to the agent's timeout: they report done if the peer was alive once they
+        completed, else ``PeerLostError``); NIXL's go on and report what NIXL does with them (done,
+        ``PeerLostError``, or the handle's deadline).  Unknown peers raise ``InvalidArgumentError``."""
         with self._call:
             self._check_open()
             self._drop(self._peer(peer))

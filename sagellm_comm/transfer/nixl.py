@@ -102,9 +102,9 @@ class NixlRequest(Request):
     a transfer whose handle is freed) and is released once seen finished.  NIXL sends a transfer's notification
     from the state check that finds its data arrived: the handle's polls do that, and for a handle nobody polls,
     each later post and ``notifications()`` call checks the oldest requests in flight
-    (:meth:`NixlBackend.progress`).  Removing the peer does
-    not stop its requests: each reports what NIXL does with it (done, failed, or our deadline), as a removal cannot
-    cancel a transfer without racing its notification (NIXL's release sends it when the data has just arrived)."""
+    (:meth:`NixlBackend.progress`).  Removing the peer does not stop its requests: each reports what NIXL does with
+    it (done, failed, or our deadline), as a removal cannot cancel a transfer without racing its notification
+    (NIXL's release sends it when the data has just arrived)."""
 
     def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str):
         self.backend, self.link, self.handle = backend, link, handle
@@ -157,14 +157,10 @@ class NixlRequest(Request):
             self.backend.pending.pop(self, None)
             return
         try:
-            status = self.backend.agent.check_xfer_state(self.handle)
-        except Exception as exc:
-            if not _is_nixl_error(exc):
-                raise
-            self.error = _translate(exc, self.link.peer.name, "complete a transfer")
-            self.abort()
+            status = self._state()
+        except CommError as exc:  # translated, the request aborted (_fail)
+            self.error = exc
             return
-        name = self.link.peer.name
         if status == "DONE":
             self.finished = True
             self.abort()
@@ -172,6 +168,7 @@ class NixlRequest(Request):
             self.error = self._failed()
             self.abort()
         elif self.link.removed and now - self.posted_at > self.backend.context.timeout_s:
+            name = self.link.peer.name
             self.error = PeerLostError(
                 f"peer {name!r} was removed and the transfer was still in flight {self.backend.context.timeout_s:g} s "
                 "after its post: cancelled (its destination blocks hold undefined data)",
