@@ -7,6 +7,7 @@
 #
 #     bash bench/remeasure_h200.sh            # then: python -m bench.make_docs_tables
 #     MPS=1 bash bench/remeasure_h200.sh      # as root: also the FP8 record's missing processes-under-MPS shapes
+#     ONLY='transfer|fp8' bash bench/remeasure_h200.sh   # only the steps whose name matches the regex
 #
 # Each step has its own time limit; a step that fails or runs out is named at the end (exit 1) and the others
 # still run.  The quick options keep the whole run near 9 minutes (bench/README.md says which records are
@@ -51,6 +52,10 @@ step() {
     local name=$1 limit=$2 began=$SECONDS status=0
     shift 2
     OK=0
+    if [[ -n ${ONLY:-} && ! $name =~ $ONLY ]]; then
+        echo "== $name: not in ONLY=$ONLY"
+        return 0
+    fi
     if [[ -n ${DEADLINE:-} ]]; then
         local left=$((DEADLINE - (SECONDS - START)))
         if ((left < 20)); then
