@@ -527,6 +527,54 @@ def test_fusion_policy_rules_and_capacities():
     assert digests[0] == digests[1]
 
 
+def _unfused_rule_worker(rank, world_size, port):
+    from sagellm_comm.fused import FusedAllReduceRMSNorm, FusionPolicy, FusionRule, rmsnorm_reference
+
+    car, _ = _setup(rank, world_size, port)
+    engine_calls = []
+
+    def engine(t):  # Gloo: it rounds after every addition of a 16-bit tensor
+        import torch.distributed as dist
+
+        engine_calls.append(t.dtype)
+        dist.all_reduce(t)
+        return t
+
+    policy = FusionPolicy([FusionRule("off", "unfused", reason="fusion off here")])
+    mine = FusedAllReduceRMSNorm(car.workspace, fallback=engine, policy=policy, all_reduce=car)
+    # 1 + 2**-8 + 2**-8 is 1 + 2**-7 summed in fp32 and rounded once; residual -1 leaves exactly 2**-7.
+    hidden = 256
+    x = torch.full((3, hidden), (1.0, 2.0**-8, 2.0**-8)[rank], dtype=torch.bfloat16)
+    residual = torch.full((3, hidden), -1.0, dtype=torch.bfloat16)
+    weight = torch.ones(hidden, dtype=torch.bfloat16)
+    outs = []
+    for quant in (None, "fp8_per_token"):
+        out = mine(x, residual, weight, quant=quant)
+        assert mine.last_selection.algo == "unfused" and mine.last_selection.rule_id == "off"
+        assert torch.equal(out[-1], torch.full_like(residual, 2.0**-7)), out[-1].unique()
+        outs.extend(out)
+    assert torch.equal(outs[0], rmsnorm_reference(outs[1], weight, 1e-6))
+    assert engine_calls == []  # the all-reduce's kernels ran the sum, not the engine
+    # Without an engine attached the rule still runs: the kernels take the message.
+    bare = FusedAllReduceRMSNorm(car.workspace, policy=policy, all_reduce=car)
+    assert torch.equal(bare(x, residual, weight)[1], outs[1])
+    # Over the workspace the engine runs, in fp32 from 3 ranks on (still rounded once).
+    big = FusedAllReduceRMSNorm(car.workspace, fallback=engine, all_reduce=car)
+    rows = car.workspace.slot_bytes // (2 * hidden) + 1
+    xb = torch.full((rows, hidden), (1.0, 2.0**-8, 2.0**-8)[rank], dtype=torch.bfloat16)
+    new_residual = big(xb, torch.full_like(xb, -1.0), weight)[1]
+    assert big.last_selection.rule_id == "over-workspace" and engine_calls == [torch.float32]
+    assert torch.equal(new_residual, torch.full_like(xb, 2.0**-7))
+    return _digest(*outs)
+
+
+def test_a_call_the_policy_runs_unfused_sums_on_the_all_reduce_kernels():
+    """A fusion rule saying ``unfused`` runs the chain the rules are measured against: our all-reduce's kernels
+    (the fp32 sum rounded once, bit-exact at 3 ranks where an engine's 16-bit sum is not), then torch ops."""
+    digests = run_ranks(_unfused_rule_worker, 3, env=INTERP, timeout=300)
+    assert len(set(digests)) == 1
+
+
 def test_fusion_policy_refuses_bad_rules():
     from sagellm_comm.errors import InvalidArgumentError
     from sagellm_comm.fused import FusionPolicy, FusionRule

@@ -126,6 +126,7 @@ def all_reduce_residual_rmsnorm(
                 timeout_s=car.timeout_s,
                 max_programs=car.max_programs,
                 fallback=car.fallback,
+                all_reduce=car,
             )
         out = state.rmsnorm(x, residual, weight, eps, quant=quant, scale=scale)
         state.last = state.rmsnorm.last_selection

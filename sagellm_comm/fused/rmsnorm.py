@@ -12,6 +12,7 @@ from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
 from ..arguments import check_finite
 from ..custom_all_reduce import (
+    CustomAllReduce,
     fingerprint_launcher,
     lamport_tile_warps,
     launch_fingerprint_check,
@@ -89,9 +90,13 @@ class FusedAllReduceRMSNorm:
         timeout_s: bound of every device-side wait.
         max_programs: programs per launch (rows are spread over them); all must be co-resident.  Agreed by
             the group with the workspace (``workspace.max_programs``); any other value raises.
-        fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce used when the fused kernels do not run
-            the call (fusion off by policy, message over the workspace); without it such calls raise.
+        fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce (the engine's) used when the fused kernels
+            do not run the call and ``all_reduce`` cannot either; without it such calls raise.
         policy: the fusion rules (:class:`FusionPolicy`; default :data:`DEFAULT_FUSION_RULES`).
+        all_reduce: the :class:`~sagellm_comm.custom_all_reduce.CustomAllReduce` on the same workspace: a call the
+            policy runs unfused (a rule, or ``algo="unfused"``) sums ``x`` on its kernels, the algorithm its own
+            policy picks for the message, as the unfused chain the fusion rules are measured against does; where
+            that policy picks the engine or the message is over the workspace, ``fallback`` runs.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class FusedAllReduceRMSNorm:
         max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
         policy: FusionPolicy | None = None,
+        all_reduce: CustomAllReduce | None = None,
     ):
         if workspace.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
@@ -115,7 +121,10 @@ class FusedAllReduceRMSNorm:
         self.selector = selector or AlgoSelector()
         self.policy = policy or FusionPolicy()
         self.max_programs = max_programs
+        if all_reduce is not None and all_reduce.workspace is not workspace:
+            raise InvalidArgumentError("all_reduce must be the CustomAllReduce on this workspace")
         self.fallback = fallback
+        self.all_reduce = all_reduce
         self.use_ptx = workspace.device.type == "cuda"
         self.pdl = pdl_enabled(workspace.device, workspace.config)  # the Lamport form, as the plain Lamport kernel
         self._timeout = _timeout_ticks(timeout_s, self.use_ptx)
@@ -224,15 +233,25 @@ class FusedAllReduceRMSNorm:
         rows, hidden = self.validate(x, residual, weight)
         sel = self.pick(algo, x, rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:
-            if self.fallback is None:
-                error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
-                raise error(f"{sel.reason}: the call runs unfused, and no fallback all-reduce is attached here")
-            reduced = engine_all_reduced(x, self.fallback, self.workspace.world_size)
-            return unfused_tail(reduced, residual, weight, eps, quant, scale)
+            return unfused_tail(self._reduced(x, sel), residual, weight, eps, quant, scale)
         out, scales, new_residual = self.new_outputs(x, quant, scale)
         if rows:
             self.launch(sel.algo, x, residual, weight, out, scales, new_residual, rows, hidden, eps, quant)
         return (out, new_residual) if quant is None else (out, scales, new_residual)
+
+    def _reduced(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
+        """``x`` summed over ranks for the unfused chain (a new tensor, the fp32 sum rounded once): on the
+        all-reduce's kernels where its policy runs one for the message, else on the engine (``fallback``)."""
+        car = self.all_reduce
+        nbytes = x.numel() * x.element_size()
+        if car is not None and nbytes <= self.workspace.slot_bytes:
+            algo = car.resolve_algo(AUTO, x.numel(), nbytes)
+            if algo != ENGINE_ALGO:
+                return car.all_reduce(x, out=torch.empty_like(x), algo=algo)
+        if self.fallback is None:
+            error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
+            raise error(f"{sel.reason}: the call runs unfused, and no fallback all-reduce is attached here")
+        return engine_all_reduced(x, self.fallback, self.workspace.world_size)
 
     def _launcher(self, lamport: bool, num_warps: int, pdl: bool) -> _Launcher:
         launcher = self._launchers.get((lamport, num_warps, pdl))
