@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import time
+import weakref
 from functools import lru_cache
 
 from sagellm_comm.errors import InvalidArgumentError, UnavailableError
@@ -82,18 +83,39 @@ def _owner_file(path: str) -> str:
 
 
 class OwnerLock:
-    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives."""
+    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives.
+
+    A ``flock`` belongs to the open file, which a forked child shares: the lock would stay held while any child
+    forked after it lives, so an owner that exited (or released it) would still look alive.  A forked child
+    closes its copy at once (:func:`_drop_inherited_locks`), leaving the lock to the process that took it."""
 
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDWR)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _HELD.add(self)
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # drops the lock
             self.fd = -1
 
+
+_HELD: weakref.WeakSet[OwnerLock] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the inherited descriptors of every :class:`OwnerLock` (the parent's lock stays,
+    held by the parent's descriptor; the child never owned it)."""
+    for lock in list(_HELD):
+        if lock.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = -1
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 SHARED_NOW = fcntl.LOCK_SH | fcntl.LOCK_NB
 

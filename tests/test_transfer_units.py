@@ -1075,6 +1075,34 @@ def test_owner_lock_tells_a_live_owner_from_a_dead_one():
         os.unlink(path)
 
 
+def test_a_forked_child_does_not_keep_its_parents_owner_lock():
+    """A ``flock`` belongs to the open file a forked child shares: without the child closing its copy, an owner
+    that released its lock (or exited) would look alive for as long as a child forked after the lock lives."""
+    path = shared.new_path("-test")
+    open(path, "wb").close()
+    to_child, from_parent = os.pipe()
+    from_child, to_parent = os.pipe()
+    lock = shm.OwnerLock(path)
+    probe = shm.LivenessProbe(path)
+    pid = os.fork()
+    if pid == 0:  # the child: says it started, then holds on until the parent has looked
+        os.write(to_parent, b"1" if lock.fd == -1 else b"0")
+        os.read(to_child, 1)
+        os._exit(0)
+    try:
+        assert os.read(from_child, 1) == b"1"  # the child's copy is closed
+        assert probe.alive()  # the parent still holds it
+        lock.release()
+        assert not probe.alive()  # the child lives on, and holds no lock
+    finally:
+        os.write(from_parent, b"x")
+        os.waitpid(pid, 0)
+        for fd in (to_child, from_parent, from_child, to_parent):
+            os.close(fd)
+        probe.close()
+        os.unlink(path)
+
+
 # ---------------------------------------------------------------------------------------------- rings
 def _publish(outbox: notify.Outbox, message: bytes) -> int:
     """What a transfer does: the sender's host stages length and message, the kernel then writes the number."""

@@ -234,7 +234,9 @@ def test_sweeping_removes_a_dead_processs_log_and_its_rotated_files_and_keeps_th
     monkeypatch.setattr(ucx_log.tempfile, "gettempdir", lambda: str(tmp_path))
     ucx_log._sweep()
     assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
-    ucx_log._remove_all(str(tmp_path / names[4]))  # this process's exit hook: its file and the rotated ones
+    ucx_log._remove_all(str(tmp_path / names[4]), os.getpid() + 1)  # a forked child's inherited exit hook
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+    ucx_log._remove_all(str(tmp_path / names[4]), os.getpid())  # this process's exit hook: its file and the rotated
     assert os.listdir(tmp_path) == [names[3]]
 
 

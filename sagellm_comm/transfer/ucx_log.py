@@ -285,9 +285,9 @@ def install() -> UcxLog:
         os.environ["UCX_LOG_FILE"] = ours  # a child process inherits the pattern, not this process's file
         os.environ.setdefault("UCX_LOG_FILE_SIZE", FILE_SIZE)
         os.environ.setdefault("UCX_LOG_FILE_ROTATE", FILE_ROTATE)
-        atexit.register(_remove_all, path)
+        atexit.register(_remove_all, path, os.getpid())
         # multiprocessing children leave through os._exit, skipping atexit; its own exit hook runs there
-        multiprocessing.util.Finalize(None, _remove_all, args=(path,), exitpriority=0)
+        multiprocessing.util.Finalize(None, _remove_all, args=(path, os.getpid()), exitpriority=0)
         _INSTALLED = UcxLog(path)
     return _INSTALLED
 
@@ -297,8 +297,11 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _remove_all(path: str) -> None:
-    """Remove the log at ``path`` and the older files UCX rotated it into (``path.1``...)."""
+def _remove_all(path: str, owner: int) -> None:
+    """Remove the log at ``path`` and the older files UCX rotated it into (``path.1``...), in process ``owner``
+    only: a forked child inherits the exit hooks, not the file."""
+    if os.getpid() != owner:
+        return
     directory, base = os.path.split(path)
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
