@@ -32,6 +32,7 @@ from sagellm_comm.errors import (
     NotInitializedError,
     PeerLostError,
     ShapeMismatchError,
+    TransferError,
     UnavailableError,
 )
 from sagellm_comm.transfer import agent as agent_module
@@ -1439,7 +1440,8 @@ def _bare_nixl_backend(agent=None, timeout_s: float = 30.0):
     from sagellm_comm.transfer import nixl
 
     backend = object.__new__(nixl.NixlBackend)
-    backend.agent, backend.leaked, backend._retry_at = agent, [], nixl.RETRY_RELEASES_FROM
+    backend.agent, backend.leaked, backend.kept, backend._retry_at = agent, [], [], nixl.RETRY_RELEASES_FROM
+    backend.registered, backend.addresses = {}, {}
     backend.pending, backend._reap_at = {}, nixl.REAP_FROM
     backend.context = types.SimpleNamespace(name="a", timeout_s=timeout_s)
     backend.note_transport = lambda link: None
@@ -1458,11 +1460,11 @@ def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuc
     for i in range(10_000):
         never = stuck_every and i % stuck_every == 0
         handles.append(_StuckHandle(float("inf") if never else 1))
-        nixl.NixlRequest(backend, link, handles[-1], "PROC").abort()
+        nixl.NixlRequest(backend, link, handles[-1], "PROC", None).abort()
         longest = max(longest, len(backend.leaked))
     stuck = 10_000 // stuck_every if stuck_every else 0
     assert longest <= 2 * stuck + nixl.RETRY_RELEASES_FROM
-    assert {id(h) for h in handles if not h.released} == {id(h) for h in backend.leaked}  # none dropped unreleased
+    assert {id(h) for h in handles if not h.released} == {id(h) for h, _ in backend.leaked}  # none dropped unreleased
 
 
 def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handle_it_cannot_release():
@@ -1476,8 +1478,8 @@ def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handl
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     handle = _StuckHandle(1)
     with pytest.raises(RuntimeError, match="posting refused"):
-        backend._start(link, handle, "write")
-    assert backend.leaked == [handle]
+        backend._start(link, handle, "write", None)
+    assert backend.leaked == [(handle, None)]
 
 
 @pytest.mark.parametrize("status", ["DONE", "PROC"])
@@ -1507,7 +1509,7 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
     backend.note_transport = noted.append
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     posted = _StuckHandle(0)
-    request = backend._start(link, posted, "write")
+    request = backend._start(link, posted, "write", None)
     handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
     assert (posted.released, request.complete, handle.state) == (
         (True, True, "done") if status == "DONE" else (False, False, "pending")
@@ -1521,7 +1523,7 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
         for state, outcome in (("DONE", "done"), ("ERR", "failed")):
             backend.agent.state = "PROC"
             link.removed = False
-            request = backend._start(link, _StuckHandle(0), "write")
+            request = backend._start(link, _StuckHandle(0), "write", None)
             handle = TransferHandle(Owner(), "peer", "write", "nixl", request, 4096, 1)
             link.removed = True
             assert not handle.done() and request.handle is not None and list(backend.pending) == [request]
@@ -1556,19 +1558,19 @@ def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     handles = [_StuckHandle(0) for _ in range(nixl.REAP_FROM - 1)]
     for h in handles:
-        backend._start(link, h, "write")  # the caller drops each request at once
+        backend._start(link, h, "write", None)  # the caller drops each request at once
     gc.collect()
     assert len(backend.pending) == nixl.REAP_FROM - 1 and not any(h.released for h in handles)  # not cancelled
     for h in handles[:40]:
         states[id(h)] = "DONE"
-    backend._start(link, _StuckHandle(0), "write")  # the 64th in flight: a sweep
+    backend._start(link, _StuckHandle(0), "write", None)  # the 64th in flight: a sweep
     assert all(h.released for h in handles[:40]) and not any(h.released for h in handles[40:])
     assert len(backend.pending) == nixl.REAP_FROM - 40 and backend._reap_at == nixl.REAP_FROM
     # Each post checks the two oldest in flight: a finished one nobody polls is released (its notification sent).
     oldest = list(backend.pending)[:2]
     for request in oldest:
         states[id(request.handle)] = "DONE"
-    backend._start(link, _StuckHandle(0), "write")
+    backend._start(link, _StuckHandle(0), "write", None)
     assert all(r.handle is None and r.finished for r in oldest) and not set(oldest) & set(backend.pending)
     link.removed = True
     time.sleep(0.1)
@@ -1577,12 +1579,66 @@ def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
     # At close: cancelled; a handle NIXL will not release yet is kept for close's own release.
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
     stuck = _StuckHandle(1)
-    request = backend._start(link, stuck, "write")
+    request = backend._start(link, stuck, "write", None)
     for pending in list(backend.pending):
         pending.cancel_at_close()
-    assert backend.leaked == [stuck] and request.handle is None and not backend.pending
+    assert backend.leaked == [(stuck, None)] and request.handle is None and not backend.pending
     with pytest.raises(PeerLostError, match="closed while the transfer"):
         request.poll()
+
+
+def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_then_cancels_and_keeps_what_nixl_holds():
+    """NIXL reads and writes a region's memory until its transfers over it end: deregistering the region lets
+    them finish (the agent's timeout), cancels the rest (a poll raises ``TransferError`` naming the region), and
+    keeps the memory registered and referenced where NIXL will not release a transfer, until close; requests over
+    other regions are left alone."""
+    import threading
+
+    from sagellm_comm.transfer import nixl
+
+    states, deregistered = {}, []
+
+    class Agent:
+        def transfer(self, handle):
+            return "PROC"
+
+        def check_xfer_state(self, handle):
+            return states.get(id(handle), "PROC")
+
+        def deregister_memory(self, descs):
+            deregistered.append(descs)
+
+    backend = _bare_nixl_backend(Agent(), timeout_s=0.3)
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    kv, other, stuck_region = (types.SimpleNamespace(name=n) for n in ("kv", "other", "stuck"))
+    for region in (kv, other, stuck_region):
+        backend.registered[region.name] = f"descs-{region.name}"
+    finishing = backend._start(link, _StuckHandle(0), "read", kv)
+    elsewhere = backend._start(link, _StuckHandle(0), "write", other)
+    # Finishes while the deregistration waits: then the memory goes.
+    threading.Timer(0.05, lambda: states.update({id(finishing.handle): "DONE"})).start()
+    began = time.monotonic()
+    backend.deregister(kv)
+    assert time.monotonic() - began < 0.25 and finishing.poll() and deregistered == ["descs-kv"]
+    # Never finishes: cancelled at the timeout, then the memory goes.
+    backend.registered["kv"] = "descs-kv"  # registered again
+    hung = backend._start(link, _StuckHandle(0), "write", kv)
+    began = time.monotonic()
+    backend.deregister(kv)
+    assert 0.3 <= time.monotonic() - began < 1.0 and deregistered == ["descs-kv", "descs-kv"]
+    with pytest.raises(TransferError, match="region 'kv' was deregistered"):
+        hung.poll()
+    # Never finishes, and NIXL will not release it: registration and memory kept until close.
+    held = backend._start(link, _StuckHandle(float("inf")), "write", stuck_region)
+    backend.deregister(stuck_region)
+    assert backend.kept == [(stuck_region, "descs-stuck")] and held.handle is None
+    assert deregistered == ["descs-kv", "descs-kv"] and list(backend.pending) == [elsewhere]
+    backend.leaked[0][0].refusals = 0  # NIXL lets go: close releases it, then the registration
+    backend.links, backend.parked = [], {}
+    backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
+    backend.registered.pop("other")
+    backend.close()
+    assert deregistered == ["descs-kv", "descs-kv", "descs-stuck"] and not backend.kept and not backend.leaked
 
 
 class _NixlAgentError(Exception):
@@ -1630,7 +1686,7 @@ def test_a_nixl_peer_whose_new_metadata_fails_stays_loaded_for_its_link_or_parke
 
     backend = object.__new__(nixl.NixlBackend)
     backend.agent, backend.links, backend.parked = _RemoteAgents(), [], OrderedDict()
-    backend.registered, backend.leaked, backend.pending = {}, [], {}
+    backend.registered, backend.leaked, backend.pending, backend.kept = {}, [], {}, []
     backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
     backend.context = types.SimpleNamespace(name="a")
     link = backend.connect(meta("one", b"v1"))

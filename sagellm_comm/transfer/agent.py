@@ -559,6 +559,8 @@ class TransferAgent:
             if self._closed:
                 return
             self._abort_deferred()
+            for backend in self._backends.values():  # before the regions they move go
+                backend.cancel_in_flight()
             for peer in list(self._peers):
                 self.remove_peer(peer)
             for name in list(self._regions):

@@ -99,7 +99,14 @@ class TransferBackend(ABC):
         """Make ``region`` reachable by peers (raise :class:`BackendNotSupportedError` if this transport cannot)."""
 
     @abstractmethod
-    def deregister(self, region: Region) -> None: ...
+    def deregister(self, region: Region) -> None:
+        """Forget ``region``; a request in flight that moves its bytes keeps its memory (the tensor) referenced until
+        it finished or was cancelled, so no transport reads or writes freed memory."""
+
+    def cancel_in_flight(self) -> None:
+        """The agent is closing: cancel what can be cancelled of the requests in flight, before their regions are
+        deregistered (default: nothing; the transport's requests complete on their own)."""
+        return None
 
     @abstractmethod
     def local_metadata(self) -> dict:

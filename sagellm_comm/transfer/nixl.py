@@ -106,8 +106,9 @@ class NixlRequest(Request):
     it (done, failed, or our deadline), as a removal cannot cancel a transfer without racing its notification
     (NIXL's release sends it when the data has just arrived)."""
 
-    def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str):
+    def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str, local: Region):
         self.backend, self.link, self.handle = backend, link, handle
+        self.local = local  # the memory NIXL moves from or into: referenced while the request is in flight
         self.finished = status == "DONE"
         self.error: CommError | None = None  # what a poll raises: set where the backend decided the request
         self.posted_at = time.monotonic()
@@ -200,7 +201,7 @@ class NixlRequest(Request):
             handle.release()  # cancels it if still active
         except Exception as exc:  # NIXL could not cancel it: retried later (keep_unreleased)
             logger.debug("NIXL could not release a transfer handle yet: %r", exc)
-            self.backend.keep_unreleased(handle)
+            self.backend.keep_unreleased(handle, self.local)
 
 
 def nixl_options(options: dict) -> tuple[list[str], int, bool]:
@@ -250,7 +251,8 @@ class NixlBackend(TransferBackend):
         self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []
-        self.leaked: list = []  # transfer handles NIXL could not release yet (keep_unreleased)
+        self.leaked: list = []  # (transfer handle, local region) NIXL could not release yet (keep_unreleased)
+        self.kept: list = []  # (region, registration) deregistered while NIXL held a transfer over it
         # Requests in flight, oldest first, whether or not their caller kept a handle (an ordered set).
         self.pending: dict[NixlRequest, None] = {}
         self._reap_at = REAP_FROM
@@ -258,23 +260,18 @@ class NixlBackend(TransferBackend):
         self.parked: OrderedDict[str, str] = OrderedDict()
         self._retry_at = RETRY_RELEASES_FROM
 
-    def keep_unreleased(self, handle) -> None:
-        """Keep ``handle``, which NIXL could not release (a transfer it could not cancel yet), to release it later.
+    def keep_unreleased(self, handle, region: Region) -> None:
+        """Keep ``handle``, which NIXL could not release (a transfer it could not cancel yet), with ``region``, the
+        local memory it moves (not deregistered while it is kept), to release it later.
 
         Each time the kept handles have doubled since the last retry, every one is released again and those
         NIXL lets go are dropped: the list holds about twice the handles NIXL cannot release at once, at an
         amortised cost of a few releases per handle, and :meth:`close` retries what is left."""
-        self.leaked.append(handle)
+        self.leaked.append((handle, region))
         if len(self.leaked) < self._retry_at:
             return
-        still = []
-        for kept in self.leaked:
-            try:
-                kept.release()
-            except Exception:
-                still.append(kept)
-        self.leaked = still
-        self._retry_at = max(RETRY_RELEASES_FROM, 2 * len(still))
+        self.leaked = self._release_leaked()
+        self._retry_at = max(RETRY_RELEASES_FROM, 2 * len(self.leaked))
 
     def register(self, region: Region) -> None:
         try:
@@ -283,11 +280,56 @@ class NixlBackend(TransferBackend):
             raise BackendNotSupportedError(f"NIXL cannot register region {region.name!r}: {exc!r}") from None
         self.addresses[region.name] = [region.ptr, region.nbytes, region.info.device_index]
 
+    def _release_leaked(self) -> list:
+        """Release the kept handles again; returns those NIXL still holds."""
+        still = []
+        for handle, region in self.leaked:
+            try:
+                handle.release()
+            except Exception:
+                still.append((handle, region))
+        return still
+
     def deregister(self, region: Region) -> None:
+        """Forget ``region``.  Requests in flight that move its bytes are given the agent's timeout to finish, and
+        cancelled past it (their handles raise ``TransferError``); where NIXL cannot release one, the region's
+        memory and registration are kept until :meth:`close` (UCX would write into freed memory)."""
         descs = self.registered.pop(region.name, None)
         self.addresses.pop(region.name, None)
+        if not self._settle(region):
+            logger.warning(
+                "transfer agent %r: NIXL still holds a transfer over region %r, which was deregistered: its memory "
+                "stays registered and referenced until the agent closes", self.context.name, region.name,
+            )  # fmt: skip
+            self.kept.append((region, descs))
+            return
         if descs is not None:
             self.agent.deregister_memory(descs)
+
+    def _settle(self, region: Region) -> bool:
+        """Let the requests in flight over ``region`` finish, for up to the agent's timeout, then cancel the rest;
+        True when NIXL holds no transfer over it any more."""
+        users = [request for request in self.pending if request.local is region]
+        deadline = time.monotonic() + self.context.timeout_s
+        pause = 20e-6
+        while users:
+            now = time.monotonic()
+            for request in users:
+                request.reap(now)  # released once finished or failed: out of pending
+            users = [request for request in users if request in self.pending]
+            if not users or now >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        for request in users:
+            name = request.link.peer.name
+            request.error = TransferError(
+                f"region {region.name!r} was deregistered while a transfer with peer {name!r} over it was still in "
+                f"flight {self.context.timeout_s:g} s later: cancelled (its destination blocks hold undefined data)",
+                details={"peer": name, "region": region.name},
+            )
+            request.abort()
+        return not any(kept is region for _, kept in self.leaked)
 
     def local_metadata(self) -> dict:
         return {"agent": b64(self.agent.get_agent_metadata()), "regions": dict(self.addresses)}
@@ -390,20 +432,20 @@ class NixlBackend(TransferBackend):
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"create a {op}") from None
-        return self._start(link, handle, op)
+        return self._start(link, handle, op, local)
 
-    def _start(self, link: NixlLink, handle, op: str) -> NixlRequest:
+    def _start(self, link: NixlLink, handle, op: str, local: Region) -> NixlRequest:
         try:
             status = self.agent.transfer(handle)
         except Exception as exc:
             try:
                 handle.release()
             except Exception:  # the transfer's own error is the one to report; the handle is released later
-                self.keep_unreleased(handle)
+                self.keep_unreleased(handle, local)
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"post a {op}") from None
-        request = NixlRequest(self, link, handle, status)
+        request = NixlRequest(self, link, handle, status, local)
         if len(self.pending) >= self._reap_at:
             self.reap()
         elif len(self.pending) > 1:
@@ -460,7 +502,7 @@ class NixlBackend(TransferBackend):
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, f"create a prepared {op}") from None
-        return self._start(link, handle, op)
+        return self._start(link, handle, op, prepared.local)
 
     def release_prepared(self, prepared: NixlPrepared) -> None:
         for side in (prepared.local_side, prepared.remote_side):
@@ -492,9 +534,12 @@ class NixlBackend(TransferBackend):
     def transport(self, link: NixlLink) -> str | None:
         return link.transport
 
-    def close(self) -> None:
+    def cancel_in_flight(self) -> None:
         for request in list(self.pending):  # cancelled before their memory is deregistered
             request.cancel_at_close()
+
+    def close(self) -> None:
+        self.cancel_in_flight()
         for link in list(self.links):
             self.disconnect(link)
         while self.parked:
@@ -505,12 +550,17 @@ class NixlBackend(TransferBackend):
                 self.agent.deregister_memory(descs)
             except Exception as exc:
                 logger.debug("NIXL deregister_memory(%r): %r", name, exc)
-        for handle in self.leaked:
-            try:
-                handle.release()
-            except Exception as exc:
-                logger.debug("NIXL could not release a transfer handle at close: %r", exc)
-        self.leaked.clear()
+        self.leaked = self._release_leaked()
+        if self.leaked:
+            logger.debug("NIXL could not release %d transfer handles at close", len(self.leaked))
+        held = [region for _, region in self.leaked]
+        for region, descs in self.kept:  # deregistered while a transfer was held: released with it
+            if descs is not None and not any(r is region for r in held):
+                try:
+                    self.agent.deregister_memory(descs)
+                except Exception as exc:
+                    logger.debug("NIXL deregister_memory(%r): %r", region.name, exc)
+        self.kept = [(region, descs) for region, descs in self.kept if any(r is region for r in held)]
         if self.agent is not None:
             self.ucx.unwatch(self.context.name)
         self.agent = None
