@@ -533,7 +533,8 @@ class TransferAgent:
 
     def notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last call: ``(sender name, message)``, oldest first per sender.
-        A message arrives only after every byte of its transfer is visible here."""
+        A message arrives only after every byte of its transfer is visible here; a sender's messages arrive in
+        the order it posted their transfers over ``ipc``, in the order they completed over NIXL."""
         with self._call:
             if self._closed:
                 self._check_open()
