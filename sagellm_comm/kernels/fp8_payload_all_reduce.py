@@ -63,6 +63,19 @@ def stage_bytes(numel: int, world_size: int) -> int:
 
 
 @triton.jit
+def _saturated(v, dtype: tl.constexpr):
+    """fp32 ``v`` in ``dtype``, finite values saturating at its largest: a peer's term rounded up by its FP8 step
+    can carry a sum that fits the dtype past its range (65408 in fp16 to 65504 + 1139), which the cast would make
+    inf.  Infinite and NaN values stay."""
+    if dtype == tl.float16:
+        v = tl.where(tl.abs(v) <= 3.4028234663852886e38, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v)
+    elif dtype == tl.bfloat16:
+        big = 3.3895313892515355e38
+        v = tl.where(tl.abs(v) <= 3.4028234663852886e38, tl.minimum(tl.maximum(v, -big), big), v)
+    return v.to(dtype)
+
+
+@triton.jit
 def _tile(c, tile, chunk, numel, BLOCK: tl.constexpr):
     """Element offsets ``[BLOCK // 128, 128]`` of tile ``tile`` of chunk ``c``, their mask, the tile's block indices
     (``[BLOCK // 128]``, into the scale region) and their mask."""
@@ -165,7 +178,7 @@ def two_shot_fp8_all_reduce_kernel(
             acc += tl.where(p == rank, own, theirs)
         q, s = _quantize_finite_blocks(_nan_unless(ok, acc), USE_PTX)
         _publish(my_q, my_scales, offs, mask, block_ids, block_mask, q, s)
-        tl.store(out + offs, (_from_e4m3(q, USE_PTX) * s[:, None]).to(DTYPE), mask=mask)
+        tl.store(out + offs, _saturated(_from_e4m3(q, USE_PTX) * s[:, None], DTYPE), mask=mask)
     ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
 
     # 3. Gather chunk ``c`` from rank ``c``.
@@ -178,5 +191,5 @@ def two_shot_fp8_all_reduce_kernel(
                     _ptr(owner, tl.uint8), _ptr(owner + scale_offset, tl.float32), offs, mask, block_ids, block_mask,
                     USE_PTX,
                 )  # fmt: skip
-                tl.store(out + offs, _nan_unless(ok, v).to(DTYPE), mask=mask)
+                tl.store(out + offs, _saturated(_nan_unless(ok, v), DTYPE), mask=mask)
     _finish(ctrl, epoch, num_programs)
