@@ -445,10 +445,7 @@ class CustomAllReduce:
         if algo == ENGINE_ALGO:
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
-            result = self.fallback(tensor)
-            if out is not tensor:
-                out.copy_(result)
-            return out
+            return self._engine_into(tensor, out)
         if numel == 0:
             return out
         if self.use_ptx:
@@ -463,6 +460,16 @@ class CustomAllReduce:
         self.kernels.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
+        return out
+
+    def _engine_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The engine's in-place all-reduce of ``tensor`` into ``out`` (``tensor`` itself, or a copy of it there, so
+        that ``tensor`` is left as it was, as on the kernels' path)."""
+        if out is not tensor:
+            out.copy_(tensor)
+        result = self.fallback(out)
+        if isinstance(result, torch.Tensor) and result is not out:
+            out.copy_(result)
         return out
 
     def check_payload(self, tensor: torch.Tensor, algo: str, payload: str) -> str:
@@ -500,10 +507,7 @@ class CustomAllReduce:
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
         if self.check_payload(tensor, algo, payload) == ENGINE_ALGO:
-            result = self.fallback(tensor)
-            if out is not tensor:
-                out.copy_(result)
-            return out
+            return self._engine_into(tensor, out)
         if numel == 0:
             return out
         if self.use_ptx:

@@ -124,6 +124,11 @@ def _args_worker(rank, world_size, port):
     assert car.epoch == epoch, "a refused call must not have run anything"
     car.all_reduce(big, payload="fp8")  # auto: the engine, at full precision
     assert doubled and torch.all(big == 2)
+    # With out=, the engine's call leaves the input as it was, as the kernels do (payload or not).
+    for kwargs in ({"payload": "fp8"}, {"algo": "nccl"}):
+        src = torch.ones(16384, dtype=torch.bfloat16)
+        dst = car.all_reduce(src, out=torch.zeros_like(src), **kwargs)
+        assert torch.all(src == 1) and torch.all(dst == 2), kwargs
     car.all_reduce(x, payload="fp8")
     assert torch.all(x == world_size) and car.epoch == epoch + 1
     # A non-finite value is NaN in its own element only: an inf in a chunk its rank reduces and in one a peer
