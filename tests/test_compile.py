@@ -643,6 +643,13 @@ def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
     options = calls[-1][1]["options"]
     assert options["max_autotune"] is True and options["coordinate_descent_tuning"] is False
     assert options["post_grad_custom_post_pass"].passes == (mine, fusion.passes())  # mine first
+    from torch._inductor import config
+
+    with config.patch(post_grad_custom_post_pass=mine):  # a pass set globally runs too, before ours
+        fusion.compile(model)
+        assert calls[-1][1]["options"]["post_grad_custom_post_pass"].passes == (mine, fusion.passes())
+        fusion.compile(model, options={"post_grad_custom_post_pass": None})  # options override the config
+        assert calls[-1][1]["options"]["post_grad_custom_post_pass"] is fusion.passes()
     decorated = fusion.compile(dynamic=False)(model)
     assert decorated is model and calls[-1][1]["dynamic"] is False
     with pytest.raises(InvalidArgumentError, match="backend='inductor'"):

@@ -128,7 +128,8 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
 
     Takes every ``torch.compile`` argument (``fullgraph``, ``dynamic``, ``disable``, ...).  The backend must be
     ``"inductor"`` (the pass is an Inductor pass); ``mode`` and ``options`` may be given together (the mode's
-    options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` runs before the fusion pass.
+    options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` (else the one in
+    ``torch._inductor.config``) runs before the fusion pass.
     ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
     (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) are refused with
     ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.  A mode or options
@@ -162,7 +163,11 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
             f"mode={mode!r} / options turn Inductor's post-grad passes off (use_post_grad_passes=False), and the "
             "fusion pass is one: it would rewrite nothing; compile with torch.compile for that mode, or use another"
         )
-    merged[_CONFIG_KEY] = _with_ours(merged.get(_CONFIG_KEY))
+    if _CONFIG_KEY not in merged:  # options override the global config: a pass set there would not run
+        from torch._inductor import config
+
+        merged[_CONFIG_KEY] = getattr(config, _CONFIG_KEY)
+    merged[_CONFIG_KEY] = _with_ours(merged[_CONFIG_KEY])
     if model is None:
         return lambda fn: torch.compile(fn, backend="inductor", options=merged, **kwargs)
     return torch.compile(model, backend="inductor", options=merged, **kwargs)
