@@ -82,8 +82,28 @@ def _owner_file(path: str) -> str:
     return path
 
 
+class OwnedFd:
+    """A file descriptor this object owns: closed once, by :meth:`close` or when the object is freed (an owner
+    dropped without its ``close``, such as an agent nobody closed, releases its descriptors and locks)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class OwnerLock:
-    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives.
+    """An exclusive ``flock`` on ``path`` for as long as this object (or the process) lives: released by
+    :meth:`release`, or when the object is freed.
 
     A ``flock`` belongs to the open file, which a forked child shares: the lock would stay held while any child
     forked after it lives, so an owner that exited (or released it) would still look alive.  A forked child
@@ -91,14 +111,14 @@ class OwnerLock:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR)
+        self._owned = OwnedFd(os.open(path, os.O_RDWR))
+        self.fd = self._owned.fd
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _HELD.add(self)
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # drops the lock
-            self.fd = -1
+        self.fd = -1
+        self._owned.close()  # drops the lock
 
 
 _HELD: weakref.WeakSet[OwnerLock] = weakref.WeakSet()
@@ -108,10 +128,7 @@ def _drop_inherited_locks() -> None:
     """In a forked child: close the inherited descriptors of every :class:`OwnerLock` (the parent's lock stays,
     held by the parent's descriptor; the child never owned it)."""
     for lock in list(_HELD):
-        if lock.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(lock.fd)
-            lock.fd = -1
+        lock.release()
     _HELD.clear()
 
 
@@ -140,9 +157,10 @@ class LivenessProbe:
         self.path = path
         self._flock = libc_flock()
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO at the path must not block the open
+            self._owned = OwnedFd(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # a FIFO at the path must not block
         except OSError:
-            self.fd = -1  # the owner already removed it: gone
+            self._owned = OwnedFd(-1)  # the owner already removed it: gone
+        self.fd = self._owned.fd
 
     def alive(self) -> bool:
         if self.fd < 0:
@@ -161,9 +179,8 @@ class LivenessProbe:
         return False
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
+        self._owned.close()
 
 
 def owner_alive(path: str) -> bool:

@@ -1104,6 +1104,59 @@ def test_a_forked_child_does_not_keep_its_parents_owner_lock():
         os.unlink(path)
 
 
+def test_an_inbox_dropped_without_close_lets_go_of_its_lock_files_and_descriptors():
+    """An agent nobody closed is gone for its peers once it is freed: its inbox's owner lock and descriptors go
+    with it, not only its files (a peer's write to it then raises ``PeerLostError``, instead of reporting done
+    into memory nobody reads)."""
+    import gc
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for _ in range(3):
+        inbox = notify.Inbox()
+        path, claim = inbox.path, inbox.claim_path
+        probe = shm.LivenessProbe(path)
+        assert probe.alive()
+        del inbox
+        gc.collect()
+        assert not probe.alive() and not os.path.exists(path) and not os.path.exists(claim)
+        probe.close()
+        probe = shm.LivenessProbe(path)  # opened after the owner went: dead, and no descriptor kept
+        assert not probe.alive()
+        del probe
+    assert open_fds() == before
+
+
+_DROPPED_AGENT = """
+import gc, time, torch
+from sagellm_comm.errors import PeerLostError
+from sagellm_comm.transfer import TransferAgent
+a = TransferAgent("dropper-a", "ipc", timeout=5.0)
+b = TransferAgent("dropper-b", "ipc", timeout=5.0)
+a.allocate("kv", 4096, torch.uint8)
+b.allocate("kv", 4096, torch.uint8)
+peer = a.add_peer(b.metadata())
+a.write(peer, "kv", "kv", [(0, 0, 64)]).wait(5.0)
+del b
+gc.collect()
+time.sleep(0.01)  # past the time a live verdict is trusted
+try:
+    a.write(peer, "kv", "kv", [(0, 0, 64)]).wait(5.0)
+    print("written")
+except PeerLostError as exc:
+    print("lost", "dropper-b" in str(exc))
+a.close()
+"""
+
+
+def test_a_write_to_an_agent_dropped_without_close_raises_peer_lost():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", _DROPPED_AGENT], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["lost", "True"], out.stdout + out.stderr
+
+
 # ---------------------------------------------------------------------------------------------- rings
 def _publish(outbox: notify.Outbox, message: bytes) -> int:
     """What a transfer does: the sender's host stages length and message, the kernel then writes the number."""

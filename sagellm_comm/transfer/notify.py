@@ -68,7 +68,7 @@ from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, Unav
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
-from sagellm_comm.shm import LivenessProbe, OwnerLock, companion_path, reserve, sweep_stale
+from sagellm_comm.shm import LivenessProbe, OwnedFd, OwnerLock, companion_path, reserve, sweep_stale
 from sagellm_comm.transfer.shared import new_path
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
@@ -107,16 +107,18 @@ class _Mapped:
 
     def __init__(self, path: str, create: bool):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        # closed by close(), or when this mapping is freed (its owner dropped without closing it)
+        self._owned = OwnedFd(os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600))
+        self.fd = self._owned.fd
         if create:
             try:
                 reserve(self.fd, FILE_BYTES, path)  # a sender's store never meets a page /dev/shm cannot give
             except BaseException:
-                os.close(self.fd)
+                self._owned.close()
                 os.unlink(path)
                 raise
         elif os.fstat(self.fd).st_size != FILE_BYTES:
-            os.close(self.fd)
+            self._owned.close()
             raise BackendNotSupportedError(f"{path} is not an inbox of this version ({FILE_BYTES} bytes expected)")
         self.map = mmap.mmap(self.fd, FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = np.frombuffer(self.map, dtype=np.uint8)
@@ -141,7 +143,8 @@ class _Mapped:
         self.bytes = self.words = self.ints = None  # type: ignore[assignment]
         with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with it
             self.map.close()
-        os.close(self.fd)
+        self.fd = -1
+        self._owned.close()
 
 
 def _remove_files_of(owner_pid: int, paths: tuple[str, ...]) -> None:
@@ -154,8 +157,9 @@ def _remove_files_of(owner_pid: int, paths: tuple[str, ...]) -> None:
 
 
 class Inbox:
-    """This agent's inbox (the consumer side; see the module docstring).  Its files go at :meth:`close`, or when
-    the inbox is freed or the interpreter exits without it (only a killed process leaves them, for the sweep)."""
+    """This agent's inbox (the consumer side; see the module docstring).  Its files and its owner lock go at
+    :meth:`close`, or when the inbox is freed or the interpreter exits without it (only a killed process leaves
+    the files, for the sweep): a peer then sees it gone."""
 
     def __init__(self):
         sweep_stale()
