@@ -1129,6 +1129,16 @@ def test_an_inbox_dropped_without_close_lets_go_of_its_lock_files_and_descriptor
     assert open_fds() == before
 
 
+@pytest.mark.parametrize("name", ["", "a\nb", "x" * 129, "\u9884" * 86, 7])
+def test_an_agent_name_a_peers_ring_cannot_hold_is_refused_up_front(name):
+    """A name is 1-128 printable characters and at most 256 bytes in UTF-8 (86 CJK characters are 258): the
+    notification ring of every ipc peer holds it, and a longer one would fail every add_peer over ipc."""
+    from sagellm_comm.transfer import TransferAgent
+
+    with pytest.raises(InvalidArgumentError, match="agent name must be"):
+        TransferAgent(name, "nixl")
+
+
 _DROPPED_AGENT = """
 import gc, time, torch
 from sagellm_comm.errors import PeerLostError

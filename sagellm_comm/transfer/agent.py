@@ -56,6 +56,7 @@ from sagellm_comm.transfer.descriptors import (
 )
 from sagellm_comm.transfer.handle import PreparedBlocks, TransferHandle
 from sagellm_comm.transfer.metadata import AgentMetadata, local_identity
+from sagellm_comm.transfer.notify import MAX_NAME as MAX_NAME_BYTES
 
 logger = logging.getLogger("sagellm_comm.transfer")
 
@@ -129,8 +130,14 @@ class TransferAgent:
         timeout: float = DEFAULT_TIMEOUT_S,
         options: dict[str, dict] | None = None,
     ):
-        if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
-            raise InvalidArgumentError(f"agent name must be a printable string of 1..128 characters, got {name!r}")
+        if (
+            not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable()
+            or len(name.encode()) > MAX_NAME_BYTES
+        ):  # fmt: skip
+            raise InvalidArgumentError(
+                f"agent name must be a printable string of 1..128 characters and at most {MAX_NAME_BYTES} bytes in "
+                f"UTF-8 (a peer's notification ring holds it), got {name!r}"
+            )
         self.timeout = check_timeout(timeout)
         device = None if device is None else check_device(device)
         options = _check_options(options)
