@@ -28,6 +28,10 @@ Run::
     python examples/llama_disaggregated.py --role decode  --store HOST:PORT --device cuda:0   # two commands,
     python examples/llama_disaggregated.py --role prefill --store HOST:PORT --device cuda:1   # e.g. two hosts
 
+With ``--role``, the two sides first compare their model and request settings (``--seed``, ``--dtype``,
+``--block-tokens``, ``--batch-size``, ``--seq-len``, ``--decode-steps``) and both refuse in one line when they
+differ; a side whose peer does not come fails in one line at ``--timeout``.
+
 Needs ``transformers`` (``pip install -e ".[examples]"``) and, for NIXL, ``pip install -e ".[transfer]"``.
 """
 
@@ -53,7 +57,7 @@ from transformers import DynamicCache
 from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.cli_support import OneLineParser, run_reporting
-from sagellm_comm.errors import CommError
+from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
 
 ROLES = ("decode", "prefill")  # decode (index 0) reports, and hosts the store under --role
 POOL_BLOCKS = 64
@@ -130,7 +134,32 @@ def _wait_note(agent, message: bytes, timeout: float) -> str:
             if note == message:
                 return sender
         time.sleep(1e-4)
-    raise TimeoutError(f"no notification {message!r} within {timeout} s")
+    raise CommTimeoutError(f"no notification {message!r} from the other side within {timeout:g} s")
+
+
+def _get(store, key: str, timeout: float) -> bytes:
+    """``store.get(key)``; the other side not setting it within ``timeout`` (the store's own deadline) is a
+    ``CommTimeoutError`` naming the key."""
+    try:
+        return store.get(key)
+    except torch.distributed.DistStoreError:
+        raise CommTimeoutError(f"the other side did not set {key!r} within {timeout:g} s (is it running?)") from None
+
+
+SETTINGS = ("seed", "dtype", "block_tokens", "batch_size", "seq_len", "decode_steps")  # both sides must agree
+
+
+def _agree(role: str, store, args: argparse.Namespace) -> None:
+    """Publish this side's settings and compare the other side's: different ones (another seed builds other
+    weights) raise ``InvalidArgumentError`` naming them on both sides, before any block moves."""
+    other = "prefill" if role == "decode" else "decode"
+    mine = {name: getattr(args, name) for name in SETTINGS}
+    store.set(f"settings/{role}", json.dumps(mine))
+    theirs = json.loads(_get(store, f"settings/{other}", args.timeout))
+    differ = [f"--{k.replace('_', '-')} {mine[k]} here, {theirs.get(k)} on {other}" for k in SETTINGS
+              if theirs.get(k) != mine[k]]  # fmt: skip
+    if differ:
+        raise InvalidArgumentError(f"{role} and {other} must run with the same settings: {'; '.join(differ)}")
 
 
 @torch.no_grad()
@@ -138,6 +167,7 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
     """One side; the decode side returns whether every step matched."""
     from sagellm_comm.transfer import TransferAgent
 
+    _agree(role, store, args)
     device = torch.device(args.device)
     dtype = llama_tp.DTYPES[args.dtype]
     config = llama_tp.small_llama_config()
@@ -147,7 +177,7 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
     pool = agent.allocate("kv", (POOL_BLOCKS, *shape), dtype, device)
     block_bytes = pool[0].numel() * pool.element_size()
     store.set(f"meta/{role}", agent.metadata())
-    peer = agent.add_peer(store.get(f"meta/{'prefill' if role == 'decode' else 'decode'}"))
+    peer = agent.add_peer(_get(store, f"meta/{'prefill' if role == 'decode' else 'decode'}", args.timeout))
     per_seq = blocks_per_sequence(args.seq_len, args.block_tokens)
     free = np.random.default_rng(11 if role == "prefill" else 23).permutation(POOL_BLOCKS).tolist()  # scattered
 
@@ -176,17 +206,20 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
                     sender = _wait_note(agent, b"req-0:read", args.timeout)
                     print(f"prefill: {sender} read req-0's blocks; they may be reused", flush=True)
                 else:  # pushed to the blocks decode allocated
-                    target = json.loads(store.get("req-1/decode"))["ids"]
+                    target = json.loads(_get(store, "req-1/decode", args.timeout))["ids"]
                     blocks = [(a * block_bytes, b * block_bytes, block_bytes)
                               for a_seq, b_seq in zip(ids, target, strict=True)
                               for a, b in zip(a_seq, b_seq, strict=True)]  # fmt: skip
                     agent.write(peer, "kv", "kv", blocks, notify=b"req-1").wait()
                 free.extend(b for seq in ids for b in seq)
-            store.wait(["done"], timedelta(seconds=args.timeout))
+            try:
+                store.wait(["done"], timedelta(seconds=args.timeout))
+            except torch.distributed.DistStoreError:
+                raise CommTimeoutError(f"decode did not finish within {args.timeout:g} s") from None
             return True
         prepared = agent.prepare(peer, "kv", "kv", block_bytes)
         tolerance = llama_tp.TOLERANCES[dtype]
-        theirs, mine = store.get("prefill/device").decode(), device_kind(device)
+        theirs, mine = _get(store, "prefill/device", args.timeout).decode(), device_kind(device)
         exact = theirs == mine  # the same kernels on the same bytes: nothing but bit-exact logits passes
         print(f"decode: peer {peer!r} via {agent.peer_backend(peer)} ({agent.backend_reason(peer)}); "
               f"{args.batch_size} sequences x {args.seq_len} tokens = {args.batch_size * per_seq} blocks of "
@@ -200,7 +233,7 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
         for request in ("req-0", "req-1"):
             ids = allocate()
             if request == "req-0":
-                source = json.loads(store.get("req-0/prefill"))["ids"]
+                source = json.loads(_get(store, "req-0/prefill", args.timeout))["ids"]
                 local = [b for seq in ids for b in seq]
                 remote = [a for seq in source for a in seq]
                 prepared.read(local, remote, notify=b"req-0:read").wait()
@@ -209,7 +242,7 @@ def run_role(role: str, store, args: argparse.Namespace) -> bool:
                 store.set("req-1/decode", json.dumps({"ids": ids}))
                 _wait_note(agent, b"req-1", args.timeout)
                 how = "pushed (write + notification)"
-            reference = _from_bytes(store.get(f"{request}/reference"))
+            reference = _from_bytes(_get(store, f"{request}/reference", args.timeout))
             cache = load_cache(pool, ids, args.seq_len)
             given = _decode_steps(model, reference.pop("next_tokens").to(device), cache)
             for step, logits in given.items():
@@ -271,6 +304,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--spawn must be 2 (a prefill and a decode process), got {args.spawn}")
     if args.role is not None and not args.store:
         parser.error("--role needs --store HOST:PORT")
+    if args.spawn is not None and args.store:
+        parser.error("--store is for --role (under --spawn the processes meet on a store of their own)")
     if args.store:
         host, _, port = args.store.rpartition(":")
         if not host or not port.isdigit():
@@ -289,7 +324,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available here")
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     try:
         resolve(args.backend)

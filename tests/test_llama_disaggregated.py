@@ -126,6 +126,8 @@ def test_kv_wrong_in_its_lowest_mantissa_bits_fails_the_bit_exact_check():
         (["--spawn", "2", "--timeout", "0"], "--timeout must be positive"),
         (["--spawn", "2", "--timeout", "inf"], "--timeout must be positive and finite"),  # an OverflowError later
         (["--spawn", "2", "--dtype", "int8"], "invalid choice"),
+        (["--spawn", "2", "--store", "127.0.0.1:5"], "--store is for --role"),
+        (["--spawn", "2", "--device", "cpu:1"], "cpu or cuda"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
@@ -135,6 +137,41 @@ def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
         ex.main(args)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line_failure(proc: subprocess.CompletedProcess, words: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("[W")]  # torch's C++ warnings
+    assert proc.returncode == 1 and lines == [lines[-1]] and words in lines[-1], proc.stdout + proc.stderr
+
+
+def test_a_side_whose_peer_never_comes_fails_in_one_line_at_its_timeout():
+    proc = _run("--role", "decode", "--store", f"127.0.0.1:{_free_port()}", "--timeout", "3", timeout=120)
+    _one_line_failure(proc, "[comm_timeout] the other side did not set 'settings/prefill' within 3 s")
+
+
+def test_sides_run_with_different_settings_both_refuse_before_a_block_moves():
+    store = f"127.0.0.1:{_free_port()}"
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    decode = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--role", "decode", "--store", store, "--timeout", "60", "--seed", "1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        prefill = _run("--role", "prefill", "--store", store, "--timeout", "60", "--block-tokens", "5", timeout=120)
+        out, err = decode.communicate(timeout=120)
+    finally:
+        decode.kill()
+    _one_line_failure(prefill, "--seed 0 here, 1 on decode; --block-tokens 5 here, 4 on decode")
+    _one_line_failure(subprocess.CompletedProcess(decode.args, decode.returncode, out, err),
+                      "--seed 1 here, 0 on prefill; --block-tokens 4 here, 5 on prefill")  # fmt: skip
 
 
 @pytest.mark.gpu
