@@ -193,9 +193,9 @@ BAD_OPTIONS = [
     (["--sizes", "1M:1K"], "lower bound"),
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),
     (["--world-size", "0"], "--world-size must be >= 1"),
-    (["--iters", "0"], "--iters must be >= 1"),
+    (["--iters", "0"], "--iters must be in 1..10000000"),
     (["--graph-calls", "0"], "--graph-calls must be >= 1"),
-    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--warmup", "-1"], "--warmup must be in 0..10000000"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--algo", "bogus"], "unknown algo 'bogus'"),
     (["--backend", "gloo", "--algo", "one_shot"], "cannot run it"),
@@ -247,8 +247,8 @@ def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp
 
 
 OVERLAP_BAD_OPTIONS = [
-    (["--iters", "0"], "--iters must be >= 1"),
-    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--iters", "0"], "--iters must be in 1..10000000"),
+    (["--warmup", "-1"], "--warmup must be in 0..10000000"),
     (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["--dtype", "int32"], "the GEMM needs a floating-point dtype"),
     (["--message-sizes", "12Q"], "bad message size '12Q'"),
@@ -293,10 +293,10 @@ TRANSFER_BAD_OPTIONS = [
     (["--block-counts", "0"], "--block-counts must be >= 1"),
     (["--block-counts", "1,two"], "--block-counts must be integers"),
     (["--ops", "send"], "unknown op 'send'"),
-    (["--iters", "0"], "--iters must be >= 1"),
-    (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--notify-iters", "-1"], "--notify-iters must be >= 0"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--iters", "0"], "--iters must be in 1..10000000"),
+    (["--warmup", "-1"], "--warmup must be in 0..10000000"),
+    (["--notify-iters", "-1"], "--notify-iters must be in 0..10000000"),
+    (["--rounds", "0"], "--rounds must be in 1..1000"),
     (["--cpus", "0"], "--cpus takes two CPU numbers (the initiator's, then the peer's)"),
     (["--cpus", "0,1,2"], "--cpus takes two CPU numbers"),
     (["--cpus", "0,one"], "--cpus must be integers"),
@@ -313,6 +313,10 @@ TRANSFER_BAD_OPTIONS = [
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--output-dir", str(REPO / "pyproject.toml")], "not a directory"),
     (["--out", "/proc/x/transfer"], "--out's directory /proc/x: cannot create /proc/x"),
+    (["--out", "/tmp/t", "--no-save"], "--out and --no-save contradict"),
+    (["--out", "/tmp/t", "--output-dir", "/tmp"], "--output-dir is not used with --out"),
+    (["--iters", "99999999999"], "--iters must be in 1..10000000"),
+    (["--cpus", "a,b"], "--cpus must be integers, e.g. 0,1"),
     (["--backend", ","], "--backend names no backend; choose from: ipc, "),
     (
         ["--device", "cpu", "--block-sizes", "1G", "--block-counts", "1024", "--max-bytes", "1024G"],
@@ -330,7 +334,8 @@ def test_transfer_refusals_are_one_line_before_any_process_starts(options, messa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _no_process_may_start(monkeypatch)
     with pytest.raises(SystemExit) as excinfo:
-        cli.main(["transfer", "--output-dir", str(tmp_path), *options])
+        where = [] if "--out" in options else ["--output-dir", str(tmp_path)]  # --out names its own files
+        cli.main(["transfer", *where, *options])
     assert excinfo.value.code == 2
     captured = capsys.readouterr()
     assert message in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
@@ -607,4 +612,4 @@ def test_overlap_module_refusals_are_one_line_too(capsys):
         run_overlap_bench.main(["--warmup", "-1", "--no-output"])
     assert excinfo.value.code == 2
     line = _one_line_refusal(capsys.readouterr().err, prog="python -m sagellm_comm.benchmark.run_overlap_bench")
-    assert "--warmup must be >= 0" in line
+    assert "--warmup must be in 0..10000000" in line

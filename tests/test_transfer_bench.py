@@ -49,8 +49,15 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     assert notify["median_us"] == notify["idle"]["median_us"]  # the headline figure is the idle pacing's
     assert 0 < notify["idle"]["host_median_us"] < notify["idle"]["max_us"]  # write()'s host part of the latency
     assert "initiator asleep between requests" in table and "initiator busy between requests" in table
+    assert all(r["samples"] == 3 * 2 for r in results)  # --iters x --rounds, pooled
+    assert "1 warm-up + 3 timed requests x 2 rounds (pooled)" in table
     with stem.with_suffix(".csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(results)
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(results) and all(row["samples"] == "6" for row in rows)
+    provenance = {(row["commit"], row["dirty"], row["date"], row["device_name"], row["iters"], row["rounds"])
+                  for row in rows}  # fmt: skip
+    meta = record["meta"]
+    assert provenance == {(meta["commit"], str(meta["dirty"]), meta["date"], record["setup"]["device_name"], "3", "2")}
     assert (tmp_path / "t.png").stat().st_size > 0
 
 

@@ -173,12 +173,16 @@ def launch_world(kind: str, uses_cuda: bool, requested: int | None, env: tuple[i
     return "spawn", world_size
 
 
+MAX_REPETITIONS = 10_000_000  # a sample list of that many floats is 80 MB per point; more is a typo
+
+
 def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
-    """The options every benchmark has: ``--warmup`` >= 0, ``--iters`` >= 1, ``--timeout`` > 0."""
-    if warmup < 0:
-        raise InvalidArgumentError(f"--warmup must be >= 0, got {warmup}")
-    if iters < 1:
-        raise InvalidArgumentError(f"--iters must be >= 1, got {iters}")
+    """The options every benchmark has: ``0 <= --warmup`` and ``1 <= --iters``, both at most
+    :data:`MAX_REPETITIONS`, and ``--timeout`` > 0."""
+    if not 0 <= warmup <= MAX_REPETITIONS:
+        raise InvalidArgumentError(f"--warmup must be in 0..{MAX_REPETITIONS}, got {warmup}")
+    if not 1 <= iters <= MAX_REPETITIONS:
+        raise InvalidArgumentError(f"--iters must be in 1..{MAX_REPETITIONS}, got {iters}")
     if not 0 < timeout <= MAX_TIMEOUT_S:  # False for NaN
         raise InvalidArgumentError(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {timeout}")
 

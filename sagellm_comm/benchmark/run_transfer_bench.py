@@ -29,6 +29,7 @@ from sagellm_comm.benchmark.transfer_config import (
     plan_transfer,
 )
 from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run
+from sagellm_comm.errors import InvalidArgumentError
 
 DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
 
@@ -73,6 +74,10 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
+    if args.out is not None and args.no_save:
+        raise InvalidArgumentError("--out and --no-save contradict each other: give one")
+    if args.out is not None and args.output_dir != DEFAULT_OUTPUT_DIR:
+        raise InvalidArgumentError("--output-dir is not used with --out (STEM.json and STEM.csv): give one")
     return TransferBenchConfig(
         backends=names(args.backend),
         ops=names(args.ops) or [],
@@ -86,7 +91,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         iters=args.iters,
         notify_iters=args.notify_iters,
         rounds=args.rounds,
-        cpus=None if args.cpus is None else tuple(parse_count_list(args.cpus, "--cpus")),
+        cpus=None if args.cpus is None else tuple(parse_count_list(args.cpus, "--cpus", "0,1")),
         timeout=args.timeout,
         output_dir=None if args.no_save else args.output_dir,
         out=None if args.no_save else args.out,

@@ -72,13 +72,14 @@ def parse_size_list(items: list[str] | str) -> list[int]:
     return sizes
 
 
-def parse_count_list(text: str, what: str) -> list[int]:
-    """Parse comma-separated integers (``"1,10,100"``) given for option ``what``; the range is the caller's."""
+def parse_count_list(text: str, what: str, example: str = "1,10,100") -> list[int]:
+    """Parse comma-separated integers (``"1,10,100"``) given for option ``what``; the range is the caller's;
+    ``example`` is what the refusal of a non-integer shows."""
     tokens = [tok.strip() for tok in text.split(",") if tok.strip()]
     try:
         counts = [int(tok) for tok in tokens]
     except ValueError:
-        raise InvalidArgumentError(f"{what} must be integers, e.g. 1,10,100, got {text!r}") from None
+        raise InvalidArgumentError(f"{what} must be integers, e.g. {example}, got {text!r}") from None
     if not counts:
         raise InvalidArgumentError(f"{what} names no number")
     return counts

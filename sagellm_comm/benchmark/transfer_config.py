@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from sagellm_comm.benchmark.plan import check_outputs, check_repetitions, check_writable_dir, cuda_available
+from sagellm_comm.benchmark.plan import (
+    MAX_REPETITIONS,
+    check_outputs,
+    check_repetitions,
+    check_writable_dir,
+    cuda_available,
+)
 from sagellm_comm.benchmark.sizes import format_size, parse_count_list, parse_size_list
 from sagellm_comm.errors import InvalidArgumentError
 
@@ -38,6 +44,7 @@ DEFAULT_COUNTS = "1,100,1000"
 DEFAULT_CPU_COUNTS = "1,10,100"
 DEFAULT_GPU_MAX_BYTES = 1 << 30
 DEFAULT_CPU_MAX_BYTES = 64 << 20
+MAX_ROUNDS = 1000
 DEFAULT_OUTPUT_DIR = ".benchmarks/transfer"
 DEFAULT_WARMUP = 5
 DEFAULT_ITERS = 20
@@ -126,10 +133,10 @@ def _cpu_list(cpus) -> str:
 def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     """Check ``config`` and decide the device, backends and points (see the module docstring)."""
     check_repetitions(config.warmup, config.iters, config.timeout)
-    if config.notify_iters < 0:
-        raise InvalidArgumentError(f"--notify-iters must be >= 0, got {config.notify_iters}")
-    if config.rounds < 1:
-        raise InvalidArgumentError(f"--rounds must be >= 1, got {config.rounds}")
+    if not 0 <= config.notify_iters <= MAX_REPETITIONS:
+        raise InvalidArgumentError(f"--notify-iters must be in 0..{MAX_REPETITIONS}, got {config.notify_iters}")
+    if not 1 <= config.rounds <= MAX_ROUNDS:
+        raise InvalidArgumentError(f"--rounds must be in 1..{MAX_ROUNDS}, got {config.rounds}")
     check_cpus(config.cpus)
     check_outputs(config.output_dir if config.out is None else None, config.plot)
     if config.out is not None:

@@ -28,6 +28,7 @@ class TransferRecord:
     latency_p10_us: float | None
     latency_p90_us: float | None
     latency_min_us: float | None
+    samples: int | None  # timed requests behind the statistics: iters x rounds, pooled
     gbps: float | None
     host_us: float | None  # ipc on a GPU: median host time of write()/read() (submission)
     e2e_us: float | None  # ipc on a GPU: median wall time of a request and its wait()
@@ -40,6 +41,8 @@ class TransferRecord:
 
 
 FIELDS = tuple(f.name for f in fields(TransferRecord))
+# Each CSV row also says where and how it was measured (the JSON holds these once, in meta and setup).
+CSV_PROVENANCE = ("device_name", "date", "commit", "dirty", "warmup", "iters", "rounds")
 
 
 @dataclass
@@ -70,9 +73,9 @@ def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResu
             total_bytes=total, prepared=prepared, timing=entry.get("timing", ""),
             latency_us=stats.median_us if stats else None, latency_p10_us=stats.p10_us if stats else None,
             latency_p90_us=stats.p90_us if stats else None, latency_min_us=stats.min_us if stats else None,
-            gbps=total / stats.median_us / 1e3 if stats else None, host_us=entry.get("host_us"),
-            e2e_us=entry.get("e2e_us"), num_wrong=entry.get("num_wrong"), ratio_vs_first=None,
-            error=entry.get("error"),
+            samples=stats.samples if stats else None, gbps=total / stats.median_us / 1e3 if stats else None,
+            host_us=entry.get("host_us"), e2e_us=entry.get("e2e_us"), num_wrong=entry.get("num_wrong"),
+            ratio_vs_first=None, error=entry.get("error"),
         )  # fmt: skip
         records.append(record)
     # The reference is the first backend asked for; where it has no time (it failed) a point has no ratio.
@@ -132,7 +135,9 @@ def format_table(result: TransferBenchResult) -> str:
         f"# sagellm-comm transfer: 2 processes on {run['device']} ({run['device_name']}), backends "
         f"{', '.join(run['backends'])}{' (prepared block ids)' if run['prepared'] else ''}",
         f"# commit {run['commit'][:12]}{' + dirty' if run.get('dirty') else ''}, torch {run['torch']}; "
-        f"{run['warmup']} warm-up + {run['iters']} timed requests, time = median, spread = p10-p90",
+        f"{run['warmup']} warm-up + {run['iters']} timed requests"
+        f"{f' x {rounds} rounds (pooled)' if (rounds := run.get('rounds', 1)) > 1 else ''}, time = median, "
+        "spread = p10-p90",
         "# timing: device = CUDA events with the device held (what the copies take on the GPU); wall = the host "
         "clock around request + completion",
         "# GB/s = total bytes / time (10^9 B/s); ratio = time(first backend) / time(backend)",
@@ -192,10 +197,11 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
     )  # fmt: skip
     result.csv_path = stem.with_name(stem.name + ".csv")
     with result.csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
+        writer = csv.DictWriter(handle, fieldnames=[*CSV_PROVENANCE, *FIELDS])
         writer.writeheader()
+        where = {k: result.run.get(k, "") for k in CSV_PROVENANCE}
         for r in result.records:
-            writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
+            writer.writerow({**where, **{k: ("" if v is None else v) for k, v in r.to_dict().items()}})
 
 
 def load(path: str | Path) -> dict:
