@@ -149,11 +149,15 @@ def register_comm_backend(
         raise InvalidArgumentError("'auto' is reserved and cannot be registered as a backend")
     if not callable(factory):
         raise InvalidArgumentError(f"factory for backend {key!r} must be callable, got {factory!r}")
+    if is_available is not None and not callable(is_available):
+        raise InvalidArgumentError(f"is_available of backend {key!r} must be None or callable, got {is_available!r}")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise InvalidArgumentError(f"priority of backend {key!r} must be an int, got {priority!r}")
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")
         order = _REGISTRY[key].order if key in _REGISTRY else len(_REGISTRY)
-        _REGISTRY[key] = _Entry(key, factory, is_available, int(priority), order)
+        _REGISTRY[key] = _Entry(key, factory, is_available, priority, order)
 
 
 def unregister_comm_backend(name: str) -> None:

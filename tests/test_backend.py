@@ -437,6 +437,11 @@ def test_third_party_backend_registry(caplog) -> None:
             CommBackend.create("loopback")
         with pytest.raises(InvalidArgumentError, match="reserved"):
             register_comm_backend("auto", LoopbackBackend)
+        for bad, words in (({"priority": "high"}, "must be an int"), ({"priority": 2.5}, "must be an int"),
+                           ({"is_available": False}, "None or callable")):  # fmt: skip
+            with pytest.raises(InvalidArgumentError, match=words):
+                register_comm_backend("loopback2", LoopbackBackend, **bad)
+        assert "loopback2" not in list_comm_backends()
     finally:
         unregister_comm_backend("loopback")
     assert "loopback" not in list_comm_backends()

@@ -401,6 +401,16 @@ def test_registry_lists_builtins_best_first_and_registers_third_party_backends()
         registry.register_transfer_backend("nixl", object)
     with pytest.raises(BackendNotSupportedError, match="unknown transfer backend 'nope'"):
         registry.resolve("nope")
+    refused = [
+        ({"priority": "high"}, "must be an int"),
+        ({"priority": 1.9}, "must be an int"),
+        ({"priority": True}, "must be an int"),
+        ({"is_available": True}, "None or callable"),
+    ]
+    for bad, words in refused:
+        with pytest.raises(InvalidArgumentError, match=words):
+            registry.register_transfer_backend("mooncake-test", object, **bad)
+    assert "mooncake-test" not in registry.list_transfer_backends()
 
     def missing() -> bool:
         raise BackendNotSupportedError("the mooncake package is not installed")

@@ -94,12 +94,18 @@ def register_transfer_backend(
         raise InvalidArgumentError("'auto' is reserved and cannot be registered as a transfer backend")
     if not callable(factory):
         raise InvalidArgumentError(f"factory of transfer backend {key!r} must be callable, got {factory!r}")
+    if is_available is not None and not callable(is_available):
+        raise InvalidArgumentError(
+            f"is_available of transfer backend {key!r} must be None or callable, got {is_available!r}"
+        )
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise InvalidArgumentError(f"priority of transfer backend {key!r} must be an int, got {priority!r}")
     _ensure_builtins()  # a registration made first must not be met (or overwritten) by the built-ins' later
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"transfer backend {key!r} is already registered; pass replace=True")
         order = _REGISTRY[key].order if key in _REGISTRY else len(_REGISTRY)
-        _REGISTRY[key] = _Entry(key, factory, is_available, int(priority), order)
+        _REGISTRY[key] = _Entry(key, factory, is_available, priority, order)
 
 
 def unregister_transfer_backend(name: str) -> None:
