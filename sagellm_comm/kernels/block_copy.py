@@ -66,7 +66,8 @@ the notification record the host staged before it, before what follows), stores 
 receiver's ring entry ``ring_entry`` (when not 0) and the request's number into ``done``: two plain stores,
 so the host that reads either sees every byte.
 
-Exit: after ``idle_ns`` without a request, after ``max_ns`` of life, or when asked to stop, the program
+Exit: after ``idle_ns`` without a request, after ``max_ns`` of life (both checked when no request is waiting),
+or when asked to stop, the program
 stores ``STATE_EXITING``, synchronises, fences in every lane (sequentially consistent, system scope) and
 reads the next entry's number once more: if a request arrived it stores ``STATE_SERVING`` and goes on, else it
 stores ``STATE_IDLE`` and returns.  The host, after writing a request's ``seq``, fences and reads the state

@@ -4,11 +4,13 @@ A kernel launch costs the host several microseconds (4-10 us per launch on the v
 more than the copy of a 16 KB block takes on the GPU).  The resident copier (``block_copy_server_kernel`` in
 ``sagellm_comm/kernels/block_copy.py``, whose docstring gives the protocol) is one program that polls a mailbox
 in pinned host memory: posting a request is a few stores, and its completion is a word the host reads.  The
-program exits after ``idle_ns`` without a request or ``max_ns`` of life; the next request launches it again.
+program exits after ``idle_ns`` without a request or, at a moment it finds no request waiting, after ``max_ns``
+of life; the next request launches it again.
 
 While it runs it holds part of one SM, and a device-wide synchronisation (``torch.cuda.synchronize()``, the
-start of a CUDA-graph capture) waits for it to exit: at most the idle window after the last request, and never
-longer than its life.
+start of a CUDA-graph capture) waits for it to exit: at most the idle window after the last request.  Its life
+bounds a program that sees gaps between requests; a host that posts faster than it copies keeps it running
+until the posts pause (an exit with requests waiting would leave them to a relaunch nobody makes).
 """
 
 from __future__ import annotations
