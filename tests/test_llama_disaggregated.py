@@ -153,8 +153,8 @@ def _one_line_failure(proc: subprocess.CompletedProcess, words: str) -> None:
 
 
 def test_a_side_whose_peer_never_comes_fails_in_one_line_at_its_timeout():
-    proc = _run("--role", "decode", "--store", f"127.0.0.1:{_free_port()}", "--timeout", "3", timeout=120)
-    _one_line_failure(proc, "[comm_timeout] the other side did not set 'settings/prefill' within 3 s")
+    proc = _run("--role", "decode", "--store", f"127.0.0.1:{_free_port()}", "--timeout", "1", timeout=120)
+    _one_line_failure(proc, "[comm_timeout] the other side did not set 'settings/prefill' within 1 s")
 
 
 def test_sides_run_with_different_settings_both_refuse_before_a_block_moves():
