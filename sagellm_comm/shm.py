@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 import time
 import weakref
 from functools import lru_cache
@@ -111,10 +112,12 @@ class OwnerLock:
 
     def __init__(self, path: str):
         self.path = path
-        self._owned = OwnedFd(os.open(path, os.O_RDWR))
-        self.fd = self._owned.fd
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _HELD.add(self)
+        self.pid = os.getpid()  # the owner: a forked child holds no lock and removes nothing
+        with _FORKING:  # no fork between the open and the registration a child's hook closes it by
+            self._owned = OwnedFd(os.open(path, os.O_RDWR))
+            self.fd = self._owned.fd
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _HELD.add(self)
 
     def release(self) -> None:
         self.fd = -1
@@ -122,17 +125,19 @@ class OwnerLock:
 
 
 _HELD: weakref.WeakSet[OwnerLock] = weakref.WeakSet()
+_FORKING = threading.Lock()  # held across a fork, and while a lock is taken and registered
 
 
 def _drop_inherited_locks() -> None:
     """In a forked child: close the inherited descriptors of every :class:`OwnerLock` (the parent's lock stays,
     held by the parent's descriptor; the child never owned it)."""
+    _FORKING.release()
     for lock in list(_HELD):
         lock.release()
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_drop_inherited_locks)
+os.register_at_fork(before=_FORKING.acquire, after_in_parent=_FORKING.release, after_in_child=_drop_inherited_locks)
 
 SHARED_NOW = fcntl.LOCK_SH | fcntl.LOCK_NB
 
@@ -225,7 +230,11 @@ def _remove_unowned(prefixes: tuple[str, ...], min_age_s: float = 0.0) -> int:
 
 
 def remove_owned(path: str, lock: OwnerLock | None) -> None:
-    """Remove a file this process owns, then drop its owner lock (``lock`` None: never taken)."""
+    """Remove a file this process owns, then drop its owner lock (``lock`` None: never taken); in a forked child of
+    the owner (a finalizer inherited with the object) the file stays, its owner's."""
+    if lock is not None and lock.pid != os.getpid():
+        lock.release()
+        return
     with contextlib.suppress(OSError):
         os.unlink(path)
     if lock is not None:

@@ -558,6 +558,14 @@ def _unfused_rule_worker(rank, world_size, port):
     # Without an engine attached the rule still runs: the kernels take the message.
     bare = FusedAllReduceRMSNorm(car.workspace, policy=policy, all_reduce=car)
     assert torch.equal(bare(x, residual, weight)[1], outs[1])
+    # A registered input (read in place, and two-shot reduces there) is left as it was.
+    from sagellm_comm.selector import AlgoSelector, Rule
+
+    car.selector = AlgoSelector([Rule("all-two-shot", "two_shot")])
+    shared = car.get_buffer(x.numel(), x.dtype).view(x.shape)
+    shared.copy_(x)
+    assert torch.equal(bare(shared, residual, weight)[1], outs[1]) and torch.equal(shared, x)
+    car.selector = AlgoSelector()
     # Over the workspace the engine runs, in fp32 from 3 ranks on (still rounded once).
     big = FusedAllReduceRMSNorm(car.workspace, fallback=engine, all_reduce=car)
     rows = car.workspace.slot_bytes // (2 * hidden) + 1

@@ -1114,6 +1114,26 @@ def test_a_forked_child_does_not_keep_its_parents_owner_lock():
         os.unlink(path)
 
 
+def test_a_forked_child_leaves_its_parents_shared_tensor_file():
+    """A shared CPU tensor's file goes with the tensor, in the process that made it: a forked child that exits
+    normally (running the finalizer it inherited) leaves it to its owner."""
+    t = shared.shared_cpu_tensor(16, torch.uint8)
+    path, _ = shared.shared_file_of(t.data_ptr(), 16)
+    pid = os.fork()
+    if pid == 0:
+        import weakref
+
+        weakref.finalize._exitfunc()  # what a normal exit runs: the finalizers it inherited
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.exists(path) and shm.owner_alive(path)
+    del t
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(path)
+
+
 def test_an_inbox_dropped_without_close_lets_go_of_its_lock_files_and_descriptors():
     """An agent nobody closed is gone for its peers once it is freed: its inbox's owner lock and descriptors go
     with it, not only its files (a peer's write to it then raises ``PeerLostError``, instead of reporting done

@@ -247,6 +247,8 @@ class FusedAllReduceRMSNorm:
         if car is not None and nbytes <= self.workspace.slot_bytes:
             algo = car.resolve_algo(AUTO, x.numel(), nbytes)
             if algo != ENGINE_ALGO:
+                if car.workspace.is_registered(x):  # read in place, and two-shot reduces there: x is not ours
+                    return car.all_reduce(x.clone(), algo=algo)
                 return car.all_reduce(x, out=torch.empty_like(x), algo=algo)
         if self.fallback is None:
             error = WorkspaceExhaustedError if sel.rule_id == "over-workspace" else BackendNotSupportedError
