@@ -1534,6 +1534,7 @@ def _bare_nixl_backend(agent=None, timeout_s: float = 30.0):
 
     backend = object.__new__(nixl.NixlBackend)
     backend.agent, backend.leaked, backend.kept, backend._retry_at = agent, [], [], nixl.RETRY_RELEASES_FROM
+    backend.unsettled, backend.closing, backend.parked = [], False, {}
     backend.registered, backend.addresses = {}, {}
     backend.pending, backend._reap_at = {}, nixl.REAP_FROM
     backend.context = types.SimpleNamespace(name="a", timeout_s=timeout_s)
@@ -1680,11 +1681,12 @@ def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
         request.poll()
 
 
-def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_then_cancels_and_keeps_what_nixl_holds():
-    """NIXL reads and writes a region's memory until its transfers over it end: deregistering the region lets
-    them finish (the agent's timeout), cancels the rest (a poll raises ``TransferError`` naming the region), and
-    keeps the memory registered and referenced where NIXL will not release a transfer, until close; requests over
-    other regions are left alone."""
+def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_and_keeps_what_a_cancel_may_still_write():
+    """NIXL reads and writes a region's memory until its transfers over it end, and its cancel does not stop bytes
+    already on the wire: deregistering the region lets its transfers finish (the agent's timeout) and then hands
+    the memory back; a transfer cancelled before it finished (at the timeout here, or earlier at a handle's
+    deadline) keeps the region registered until close and referenced while the backend lives, as does one NIXL
+    will not release; requests over other regions are left alone."""
     import threading
 
     from sagellm_comm.transfer import nixl
@@ -1703,8 +1705,8 @@ def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_then_cancels_
 
     backend = _bare_nixl_backend(Agent(), timeout_s=0.3)
     link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
-    kv, other, stuck_region = (types.SimpleNamespace(name=n) for n in ("kv", "other", "stuck"))
-    for region in (kv, other, stuck_region):
+    kv, hung_region, other, stuck_region = (types.SimpleNamespace(name=n) for n in ("kv", "hung", "other", "stuck"))
+    for region in (kv, hung_region, other, stuck_region):
         backend.registered[region.name] = f"descs-{region.name}"
     finishing = backend._start(link, _StuckHandle(0), "read", kv)
     elsewhere = backend._start(link, _StuckHandle(0), "write", other)
@@ -1713,25 +1715,77 @@ def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_then_cancels_
     began = time.monotonic()
     backend.deregister(kv)
     assert time.monotonic() - began < 0.25 and finishing.poll() and deregistered == ["descs-kv"]
-    # Never finishes: cancelled at the timeout, then the memory goes.
-    backend.registered["kv"] = "descs-kv"  # registered again
-    hung = backend._start(link, _StuckHandle(0), "write", kv)
+    assert not backend.kept
+    # Never finishes: cancelled at the timeout, and kept (its bytes may still land).
+    hung = backend._start(link, _StuckHandle(0), "write", hung_region)
     began = time.monotonic()
-    backend.deregister(kv)
-    assert 0.3 <= time.monotonic() - began < 1.0 and deregistered == ["descs-kv", "descs-kv"]
-    with pytest.raises(TransferError, match="region 'kv' was deregistered"):
+    backend.deregister(hung_region)
+    assert 0.3 <= time.monotonic() - began < 1.0 and deregistered == ["descs-kv"]
+    assert backend.kept == [(hung_region, "descs-hung")]
+    with pytest.raises(TransferError, match="region 'hung' was deregistered"):
         hung.poll()
-    # Never finishes, and NIXL will not release it: registration and memory kept until close.
+    # Cancelled earlier (a handle's deadline) over a region registered again later: that region is kept too.
+    backend.registered["kv"] = "descs-kv"
+    early = backend._start(link, _StuckHandle(0), "read", kv)
+    early.abort()
+    backend.deregister(kv)
+    assert deregistered == ["descs-kv"] and backend.kept[-1] == (kv, "descs-kv")
+    # Never finishes, and NIXL will not release it: kept as well.
     held = backend._start(link, _StuckHandle(float("inf")), "write", stuck_region)
     backend.deregister(stuck_region)
-    assert backend.kept == [(stuck_region, "descs-stuck")] and held.handle is None
-    assert deregistered == ["descs-kv", "descs-kv"] and list(backend.pending) == [elsewhere]
-    backend.leaked[0][0].refusals = 0  # NIXL lets go: close releases it, then the registration
+    assert backend.kept[-1] == (stuck_region, "descs-stuck") and held.handle is None
+    assert list(backend.pending) == [elsewhere]
+    backend.leaked[0][0].refusals = 0  # NIXL lets go: close releases it, then every kept registration
     backend.links, backend.parked = [], {}
     backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
     backend.registered.pop("other")
     backend.close()
-    assert deregistered == ["descs-kv", "descs-kv", "descs-stuck"] and not backend.kept and not backend.leaked
+    assert deregistered == ["descs-kv", "descs-hung", "descs-kv", "descs-stuck"] and not backend.leaked
+    assert [region for region, descs in backend.kept] == [hung_region, kv, stuck_region]  # still referenced
+    assert all(descs is None for _, descs in backend.kept)
+
+
+def test_nixl_parked_peers_with_transfers_in_flight_stay_loaded_and_a_restart_cancels_the_old_ones():
+    """Unloading a NIXL remote agent fails its transfers in flight (notification included): a removed peer past
+    the parked limit stays loaded while its requests run and is unloaded by the sweep after; a restarted peer's
+    old requests are cancelled with ``PeerLostError`` before its old agent is unloaded."""
+    from collections import OrderedDict
+
+    from sagellm_comm.transfer import nixl
+
+    unloaded = []
+
+    class Agent:
+        def transfer(self, handle):
+            return "PROC"
+
+        def check_xfer_state(self, handle):
+            return "PROC" if not handle.released else "DONE"
+
+        def remove_remote_agent(self, name):
+            unloaded.append(name)
+
+    backend = _bare_nixl_backend(Agent())
+    backend.parked, backend.links = OrderedDict(), []
+    old = nixl.NixlLink(AgentMetadata("busy", "one", "host", "boot", 1), nixl_name="busy")
+    request = backend._start(old, _StuckHandle(0), "write", None)
+    backend.disconnect(old)
+    for i in range(nixl.PARKED_PEERS):
+        backend.disconnect(nixl.NixlLink(AgentMetadata(f"p{i}", "one", "host", "boot", 1), nixl_name=f"p{i}"))
+    assert "busy" in backend.parked and unloaded == ["p0"]  # the oldest without requests went instead
+    request.handle.released = True  # its transfer finished: the sweep releases it
+    backend.reap()
+    assert request.finished and not backend.pending and len(backend.parked) == nixl.PARKED_PEERS
+    backend.disconnect(nixl.NixlLink(AgentMetadata("late", "one", "host", "boot", 1), nixl_name="late"))
+    assert "busy" not in backend.parked and unloaded == ["p0", "busy"]  # the oldest again, now idle
+    # A restart: the old incarnation's request is cancelled (PeerLostError), then its agent unloaded.
+    gone = nixl.NixlLink(AgentMetadata("p5", "one", "host", "boot", 1), nixl_name="p5")
+    gone.removed = True
+    stale = backend._start(gone, _StuckHandle(0), "write", None)
+    backend._give_up_on("p5", "peer 'p5' restarted (a new incarnation joined)")
+    with pytest.raises(PeerLostError, match="restarted"):
+        stale.poll()
+    assert not backend.pending
 
 
 class _NixlAgentError(Exception):
@@ -1780,6 +1834,7 @@ def test_a_nixl_peer_whose_new_metadata_fails_stays_loaded_for_its_link_or_parke
     backend = object.__new__(nixl.NixlBackend)
     backend.agent, backend.links, backend.parked = _RemoteAgents(), [], OrderedDict()
     backend.registered, backend.leaked, backend.pending, backend.kept = {}, [], {}, []
+    backend.unsettled, backend.closing = [], False
     backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
     backend.context = types.SimpleNamespace(name="a")
     link = backend.connect(meta("one", b"v1"))

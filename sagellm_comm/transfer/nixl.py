@@ -128,7 +128,12 @@ class NixlRequest(Request):
         except Exception as exc:
             if not _is_nixl_error(exc):
                 raise
-            self._fail(_translate(exc, self.link.peer.name, "complete a transfer"))
+            error = _translate(exc, self.link.peer.name, "complete a transfer")
+            if self.link.removed and not isinstance(error, PeerLostError):  # its remote agent unloaded under it
+                name = self.link.peer.name
+                error = PeerLostError(f"peer {name!r} was removed and NIXL no longer knows it ({type(exc).__name__})"
+                                      "; the transfer was in flight", details=dict(error.details))  # fmt: skip
+            self._fail(error)
 
     def poll(self) -> bool:
         if not self.finished:
@@ -193,9 +198,14 @@ class NixlRequest(Request):
         raise exc
 
     def abort(self) -> None:
+        """Release the handle: done, or cancelled.  NIXL's cancel does not stop bytes already on the wire (UCX
+        completes an RMA in flight, seconds later from a stalled peer), so the local memory of a request cancelled
+        before it finished stays referenced and registered (:meth:`NixlBackend.note_unsettled`)."""
         self.backend.pending.pop(self, None)
         if self.handle is None:
             return
+        if not self.finished:
+            self.backend.note_unsettled(self.local)
         handle, self.handle = self.handle, None
         try:
             handle.release()  # cancels it if still active
@@ -253,6 +263,8 @@ class NixlBackend(TransferBackend):
         self.links: list[NixlLink] = []
         self.leaked: list = []  # (transfer handle, local region) NIXL could not release yet (keep_unreleased)
         self.kept: list = []  # (region, registration) deregistered while NIXL held a transfer over it
+        self.unsettled: list[Region] = []  # local regions of transfers cancelled before they finished
+        self.closing = False
         # Requests in flight, oldest first, whether or not their caller kept a handle (an ordered set).
         self.pending: dict[NixlRequest, None] = {}
         self._reap_at = REAP_FROM
@@ -273,6 +285,12 @@ class NixlBackend(TransferBackend):
         self.leaked = self._release_leaked()
         self._retry_at = max(RETRY_RELEASES_FROM, 2 * len(self.leaked))
 
+    def note_unsettled(self, region: Region | None) -> None:
+        """A transfer over ``region`` was cancelled before it finished: its bytes may still land there, so the
+        region is never handed back while the agent lives (:meth:`deregister` keeps it)."""
+        if region is not None and not any(r is region for r in self.unsettled):
+            self.unsettled.append(region)
+
     def register(self, region: Region) -> None:
         try:
             self.registered[region.name] = self.agent.register_memory(region.tensor)
@@ -292,14 +310,18 @@ class NixlBackend(TransferBackend):
 
     def deregister(self, region: Region) -> None:
         """Forget ``region``.  Requests in flight that move its bytes are given the agent's timeout to finish, and
-        cancelled past it (their handles raise ``TransferError``); where NIXL cannot release one, the region's
-        memory and registration are kept until :meth:`close` (UCX would write into freed memory)."""
+        cancelled past it (their handles raise ``TransferError``).  Where a transfer over it was cancelled before
+        it finished (here, at a handle's deadline, or at a removed peer's sweep), its bytes may still land: the
+        region's memory and registration are kept (registered until :meth:`close`, referenced while the agent
+        lives), so UCX never writes into memory handed back."""
         descs = self.registered.pop(region.name, None)
         self.addresses.pop(region.name, None)
         if not self._settle(region):
-            logger.warning(
-                "transfer agent %r: NIXL still holds a transfer over region %r, which was deregistered: its memory "
-                "stays registered and referenced until the agent closes", self.context.name, region.name,
+            logger.log(
+                logging.DEBUG if self.closing else logging.WARNING,
+                "transfer agent %r: a NIXL transfer over region %r was cancelled before it finished and may still "
+                "write it: the region stays registered and referenced until the agent closes", self.context.name,
+                region.name,
             )  # fmt: skip
             self.kept.append((region, descs))
             return
@@ -308,7 +330,7 @@ class NixlBackend(TransferBackend):
 
     def _settle(self, region: Region) -> bool:
         """Let the requests in flight over ``region`` finish, for up to the agent's timeout, then cancel the rest;
-        True when NIXL holds no transfer over it any more."""
+        True when no transfer over it can still move bytes (none in flight, none cancelled unfinished)."""
         users = [request for request in self.pending if request.local is region]
         deadline = time.monotonic() + self.context.timeout_s
         pause = 20e-6
@@ -329,7 +351,7 @@ class NixlBackend(TransferBackend):
                 details={"peer": name, "region": region.name},
             )
             request.abort()
-        return not any(kept is region for _, kept in self.leaked)
+        return not any(kept is region for _, kept in self.leaked) and not any(r is region for r in self.unsettled)
 
     def local_metadata(self) -> dict:
         return {"agent": b64(self.agent.get_agent_metadata()), "regions": dict(self.addresses)}
@@ -338,6 +360,7 @@ class NixlBackend(TransferBackend):
         agent_metadata, regions = _peer_section(peer)
         parked = self.parked.pop(peer.name, None)
         if parked is not None and parked != peer.incarnation:  # a restarted peer: NIXL loads it anew only
+            self._give_up_on(peer.name, f"peer {peer.name!r} restarted (a new incarnation joined)")
             self._unload(peer.name)
             parked = None
         # Loaded already (parked, or a live link to the same agent that this metadata is to replace): NIXL
@@ -381,8 +404,25 @@ class NixlBackend(TransferBackend):
             return  # replaced by a link to the same agent with new metadata: the remote agent is that link's
         self.parked[link.nixl_name] = link.peer.incarnation
         self.parked.move_to_end(link.nixl_name)
-        while len(self.parked) > PARKED_PEERS:
-            self._unload(self.parked.popitem(last=False)[0])
+        self._trim_parked()
+
+    def _trim_parked(self) -> None:
+        """Unload the oldest parked peers beyond :data:`PARKED_PEERS`, skipping those with requests in flight
+        (unloading a remote agent fails its transfers, notifications included): they go once those finished."""
+        if len(self.parked) <= PARKED_PEERS:
+            return
+        busy = {request.link.nixl_name for request in self.pending}
+        for name in [n for n in self.parked if n not in busy][: len(self.parked) - PARKED_PEERS]:
+            del self.parked[name]
+            self._unload(name)
+
+    def _give_up_on(self, nixl_name: str, why: str) -> None:
+        """Cancel the requests in flight to removed links of ``nixl_name`` (``PeerLostError``), before its remote
+        agent is unloaded."""
+        for request in [r for r in self.pending if r.link.nixl_name == nixl_name and r.link.removed]:
+            request.error = PeerLostError(f"{why} while a transfer to it was in flight: cancelled",
+                                          details={"peer": request.link.peer.name})  # fmt: skip
+            request.abort()
 
     def _unload(self, nixl_name: str) -> None:
         try:
@@ -471,6 +511,7 @@ class NixlBackend(TransferBackend):
         for request in list(self.pending):
             request.reap(now)
         self._reap_at = max(REAP_FROM, 2 * len(self.pending))
+        self._trim_parked()  # parked peers kept for their requests in flight
 
     def prepare(self, link: NixlLink, local: Region, remote: RegionInfo, layout: BlockLayout) -> NixlPrepared:
         address, _, device_index = link.regions[remote.name]
@@ -535,6 +576,7 @@ class NixlBackend(TransferBackend):
         return link.transport
 
     def cancel_in_flight(self) -> None:
+        self.closing = True
         for request in list(self.pending):  # cancelled before their memory is deregistered
             request.cancel_at_close()
 
@@ -554,13 +596,16 @@ class NixlBackend(TransferBackend):
         if self.leaked:
             logger.debug("NIXL could not release %d transfer handles at close", len(self.leaked))
         held = [region for _, region in self.leaked]
-        for region, descs in self.kept:  # deregistered while a transfer was held: released with it
+        kept = []
+        for region, descs in self.kept:  # deregistered while a transfer was held or unsettled
             if descs is not None and not any(r is region for r in held):
                 try:
                     self.agent.deregister_memory(descs)
                 except Exception as exc:
                     logger.debug("NIXL deregister_memory(%r): %r", region.name, exc)
-        self.kept = [(region, descs) for region, descs in self.kept if any(r is region for r in held)]
+                descs = None
+            kept.append((region, descs))  # the memory stays referenced while this backend lives
+        self.kept = kept
         if self.agent is not None:
             self.ucx.unwatch(self.context.name)
         self.agent = None
