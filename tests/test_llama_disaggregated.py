@@ -139,12 +139,13 @@ def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
     assert info.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
-def _free_port() -> int:
-    import socket
+def _hosted_store():
+    """A store this process hosts on a port the system picks, and the environment that makes both sides join it
+    as clients (no port is picked and released)."""
+    from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    store = host_store(timeout=120.0)
+    return store, f"127.0.0.1:{store.port}", client_env("127.0.0.1", store.port)
 
 
 def _one_line_failure(proc: subprocess.CompletedProcess, words: str) -> None:
@@ -153,19 +154,22 @@ def _one_line_failure(proc: subprocess.CompletedProcess, words: str) -> None:
 
 
 def test_a_side_whose_peer_never_comes_fails_in_one_line_at_its_timeout():
-    proc = _run("--role", "decode", "--store", f"127.0.0.1:{_free_port()}", "--timeout", "1", timeout=120)
+    store, address, env = _hosted_store()
+    proc = _run("--role", "decode", "--store", address, "--timeout", "1", env=env, timeout=120)
     _one_line_failure(proc, "[comm_timeout] the other side did not set 'settings/prefill' within 1 s")
 
 
 def test_sides_run_with_different_settings_both_refuse_before_a_block_moves():
-    store = f"127.0.0.1:{_free_port()}"
+    store, address, env = _hosted_store()
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     decode = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--role", "decode", "--store", store, "--timeout", "60", "--seed", "1"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(SCRIPT), "--role", "decode", "--store", address, "--timeout", "60", "--seed", "1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": path, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
     try:
-        prefill = _run("--role", "prefill", "--store", store, "--timeout", "60", "--block-tokens", "5", timeout=120)
+        prefill = _run("--role", "prefill", "--store", address, "--timeout", "60", "--block-tokens", "5", env=env,
+                       timeout=120)  # fmt: skip
         out, err = decode.communicate(timeout=120)
     finally:
         decode.kill()
