@@ -171,26 +171,28 @@ class NixlRequest(Request):
             self.finished = True
             self.abort()
         elif status == "ERR":
-            self.error = self._failed()
-            self.abort()
+            self.cancel(self._failed())
         elif self.link.removed and now - self.posted_at > self.backend.context.timeout_s:
             name = self.link.peer.name
-            self.error = PeerLostError(
+            self.cancel(PeerLostError(
                 f"peer {name!r} was removed and the transfer was still in flight {self.backend.context.timeout_s:g} s "
                 "after its post: cancelled (its destination blocks hold undefined data)",
                 details={"peer": name},
-            )
-            self.abort()
+            ))  # fmt: skip
 
     def cancel_at_close(self) -> None:
         """The agent is closing with this request in flight: cancelled (its handle released now, or with the
         handles NIXL releases at close); a later poll raises ``PeerLostError``."""
         name = self.link.peer.name
-        self.error = PeerLostError(
+        self.cancel(PeerLostError(
             f"the agent was closed while the transfer to peer {name!r} was in flight: cancelled (its destination "
             "blocks hold undefined data; a notification already on its way may still arrive)",
             details={"peer": name},
-        )
+        ))  # fmt: skip
+
+    def cancel(self, error: CommError) -> None:
+        """Decided by the backend: released (cancelled if still in flight), and ``error`` is what a poll raises."""
+        self.error = error
         self.abort()
 
     def _fail(self, exc: CommError) -> None:
@@ -345,12 +347,11 @@ class NixlBackend(TransferBackend):
             pause = min(2 * pause, 1e-3)
         for request in users:
             name = request.link.peer.name
-            request.error = TransferError(
+            request.cancel(TransferError(
                 f"region {region.name!r} was deregistered while a transfer with peer {name!r} over it was still in "
                 f"flight {self.context.timeout_s:g} s later: cancelled (its destination blocks hold undefined data)",
                 details={"peer": name, "region": region.name},
-            )
-            request.abort()
+            ))  # fmt: skip
         return not any(kept is region for _, kept in self.leaked) and not any(r is region for r in self.unsettled)
 
     def local_metadata(self) -> dict:
@@ -420,9 +421,8 @@ class NixlBackend(TransferBackend):
         """Cancel the requests in flight to removed links of ``nixl_name`` (``PeerLostError``), before its remote
         agent is unloaded."""
         for request in [r for r in self.pending if r.link.nixl_name == nixl_name and r.link.removed]:
-            request.error = PeerLostError(f"{why} while a transfer to it was in flight: cancelled",
-                                          details={"peer": request.link.peer.name})  # fmt: skip
-            request.abort()
+            request.cancel(PeerLostError(f"{why} while a transfer to it was in flight: cancelled",
+                                         details={"peer": request.link.peer.name}))  # fmt: skip
 
     def _unload(self, nixl_name: str) -> None:
         try:
