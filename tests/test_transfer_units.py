@@ -1691,14 +1691,14 @@ def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_and_keeps_wha
 
     from sagellm_comm.transfer import nixl
 
-    states, deregistered = {}, []
+    states, deregistered = {}, []  # handle -> state (held here: an id could be reused once a handle is freed)
 
     class Agent:
         def transfer(self, handle):
             return "PROC"
 
         def check_xfer_state(self, handle):
-            return states.get(id(handle), "PROC")
+            return states.get(handle, "PROC")
 
         def deregister_memory(self, descs):
             deregistered.append(descs)
@@ -1711,7 +1711,7 @@ def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_and_keeps_wha
     finishing = backend._start(link, _StuckHandle(0), "read", kv)
     elsewhere = backend._start(link, _StuckHandle(0), "write", other)
     # Finishes while the deregistration waits: then the memory goes.
-    threading.Timer(0.05, lambda: states.update({id(finishing.handle): "DONE"})).start()
+    threading.Timer(0.05, lambda: states.update({finishing.handle: "DONE"})).start()
     began = time.monotonic()
     backend.deregister(kv)
     assert time.monotonic() - began < 0.25 and finishing.poll() and deregistered == ["descs-kv"]
