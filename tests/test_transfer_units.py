@@ -1140,23 +1140,27 @@ def test_an_inbox_dropped_without_close_lets_go_of_its_lock_files_and_descriptor
     into memory nobody reads)."""
     import gc
 
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
+    def still_open(fd: int, file: tuple[int, int]) -> bool:
+        """Whether ``fd`` still refers to ``file`` (device, inode): another thread may have reused the number."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == file
 
-    before = open_fds()
     for _ in range(3):
         inbox = notify.Inbox()
         path, claim = inbox.path, inbox.claim_path
+        owned = [(fd, (os.fstat(fd).st_dev, os.fstat(fd).st_ino)) for fd in (inbox._lock.fd, inbox._mapped.fd)]
         probe = shm.LivenessProbe(path)
         assert probe.alive()
         del inbox
         gc.collect()
         assert not probe.alive() and not os.path.exists(path) and not os.path.exists(claim)
+        assert not any(still_open(fd, file) for fd, file in owned)
         probe.close()
-        probe = shm.LivenessProbe(path)  # opened after the owner went: dead, and no descriptor kept
-        assert not probe.alive()
-        del probe
-    assert open_fds() == before
+        probe = shm.LivenessProbe(path)  # opened after the owner went: dead
+        assert not probe.alive() and probe.fd == -1
 
 
 @pytest.mark.parametrize("name", ["", "a\nb", "x" * 129, "\u9884" * 86, 7])
