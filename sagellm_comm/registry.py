@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sagellm_comm.arguments import check_int
 from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -151,8 +152,7 @@ def register_comm_backend(
         raise InvalidArgumentError(f"factory for backend {key!r} must be callable, got {factory!r}")
     if is_available is not None and not callable(is_available):
         raise InvalidArgumentError(f"is_available of backend {key!r} must be None or callable, got {is_available!r}")
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise InvalidArgumentError(f"priority of backend {key!r} must be an int, got {priority!r}")
+    priority = check_int(priority, f"priority of backend {key!r}")
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sagellm_comm.arguments import check_int
 from sagellm_comm.errors import BackendNotSupportedError, CommError, InvalidArgumentError
 from sagellm_comm.transfer.base import AgentContext, TransferBackend
 
@@ -98,8 +99,7 @@ def register_transfer_backend(
         raise InvalidArgumentError(
             f"is_available of transfer backend {key!r} must be None or callable, got {is_available!r}"
         )
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise InvalidArgumentError(f"priority of transfer backend {key!r} must be an int, got {priority!r}")
+    priority = check_int(priority, f"priority of transfer backend {key!r}")
     _ensure_builtins()  # a registration made first must not be met (or overwritten) by the built-ins' later
     with _LOCK:
         if key in _REGISTRY and not replace:
