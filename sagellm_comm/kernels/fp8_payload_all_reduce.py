@@ -67,10 +67,8 @@ def _saturated(v, dtype: tl.constexpr):
     """fp32 ``v`` in ``dtype``, finite values saturating at its largest: a peer's term rounded up by its FP8 step
     can carry a sum that fits the dtype past its range (65408 in fp16 to 65504 + 1139), which the cast would make
     inf.  Infinite and NaN values stay."""
-    if dtype == tl.float16:
-        v = tl.where(tl.abs(v) <= 3.4028234663852886e38, tl.minimum(tl.maximum(v, -65504.0), 65504.0), v)
-    elif dtype == tl.bfloat16:
-        big = 3.3895313892515355e38
+    if dtype == tl.float16 or dtype == tl.bfloat16:
+        big: tl.constexpr = 65504.0 if dtype == tl.float16 else 3.3895313892515355e38
         v = tl.where(tl.abs(v) <= 3.4028234663852886e38, tl.minimum(tl.maximum(v, -big), big), v)
     return v.to(dtype)
 
