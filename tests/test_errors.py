@@ -144,6 +144,9 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
         (lambda: backend.reduce_scatter(torch.empty(4), torch.empty(9)), sm, "expected 8 elements"),
         (lambda: backend.all_to_all(torch.empty(3), torch.empty(3)), sm, "split evenly into 2"),
         (lambda: backend.all_to_all([torch.empty(4)], [x, x]), ia, "must hold 2 tensors"),
+        # in place, or shifted by one element: the engine would send blocks it has already overwritten
+        (lambda: backend.all_to_all(x, x), ia, "all_to_all: output and input overlap"),
+        (lambda: backend.all_to_all(x[2:], x[:-2]), ia, "output and input overlap"),
         (lambda: backend.barrier(timeout=-1), ia, "timeout must be a positive"),
         (lambda: backend.all_reduce(x, group="tp"), ia, "group must come from new_group()"),
     ]

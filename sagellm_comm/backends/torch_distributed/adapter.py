@@ -43,6 +43,7 @@ from sagellm_comm.errors import (
 
 from .checks import (
     check_all_to_all_lists,
+    check_disjoint,
     check_flat,
     check_group_ranks,
     check_list,
@@ -342,6 +343,7 @@ class TorchDistributedBackend(CommBackend):
                     f"input dim 0 ({tuple(input.shape)}) must split evenly into {n} ranks",
                     details={"shape": tuple(input.shape), "world_size": n},
                 )
+            check_disjoint(output, input, "all_to_all")
             start = lambda: dist.all_to_all_single(output, input, group=g.engine_group, async_op=True)
         return self._run("all_to_all", g, async_op, output, None, start)
 

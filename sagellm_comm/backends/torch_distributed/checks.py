@@ -138,6 +138,20 @@ def check_flat(tensor: Any, what: str, like: torch.Tensor, numel: int, device: t
         )
 
 
+def check_disjoint(output: torch.Tensor, input: torch.Tensor, what: str) -> None:
+    """``output`` and ``input`` (contiguous) share no byte: ``what`` reads its input while it writes its output, so
+    an overlap would hand peers data already overwritten (torch and the engines do not check it)."""
+    if output.numel() == 0 or input.numel() == 0:
+        return
+    out0, in0 = output.data_ptr(), input.data_ptr()
+    out1, in1 = out0 + output.numel() * output.element_size(), in0 + input.numel() * input.element_size()
+    if out0 < in1 and in0 < out1:
+        raise InvalidArgumentError(
+            f"{what}: output and input overlap in memory; {what} cannot run in place: pass a separate output tensor",
+            details={"output_ptr": out0, "input_ptr": in0},
+        )
+
+
 def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> ReduceOp:
     """The :class:`ReduceOp` named by ``op``, if it is defined for ``dtype`` and offered by ``kind``."""
     rop = ReduceOp.parse(op)
