@@ -402,7 +402,8 @@ class CustomAllReduce:
         payload: str | None = None,
         fingerprint: tuple[str, int] | None = None,
     ) -> torch.Tensor:
-        """Sum ``tensor`` over all ranks; in place unless ``out`` is given.  Returns the result tensor.
+        """Sum ``tensor`` over all ranks; in place unless ``out`` is given (``tensor``'s own memory, or memory that
+        shares no byte with it: a partial overlap raises).  Returns the result tensor.
 
         ``tensor``: contiguous bf16/fp16/fp32 on the workspace's device, at most ``slot_bytes`` bytes (or
         a tensor from :meth:`get_buffer`: zero-copy).  Enqueued on the current stream; returns before
@@ -436,11 +437,8 @@ class CustomAllReduce:
         numel = tensor.numel()
         if out is None:
             out = tensor
-        elif out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
-            raise InvalidArgumentError(
-                f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
-                f"{out.dtype} x {out.numel()} on {out.device}"
-            )
+        else:
+            self._check_out(tensor, out, numel)
         algo = self.resolve_algo(algo, numel, numel * itemsize)
         if algo == ENGINE_ALGO:
             if self.fallback is None:
@@ -501,11 +499,8 @@ class CustomAllReduce:
         numel = tensor.numel()
         if out is None:
             out = tensor
-        elif out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
-            raise InvalidArgumentError(
-                f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
-                f"{out.dtype} x {out.numel()} on {out.device}"
-            )
+        else:
+            self._check_out(tensor, out, numel)
         if self.check_payload(tensor, algo, payload) == ENGINE_ALGO:
             return self._engine_into(tensor, out)
         if numel == 0:
@@ -543,6 +538,25 @@ class CustomAllReduce:
             (1, 1), table=self._table, ctrl=self._control, prints=prints, me=me, n=n, W=self.world_size,
             NP=triton.next_power_of_2(n),
         )  # fmt: skip
+
+    def _check_out(self, tensor: torch.Tensor, out: torch.Tensor, numel: int) -> None:
+        """``out`` of an out-of-place call: ``numel`` contiguous elements of ``tensor``'s dtype on this device, either
+        ``tensor``'s own memory (in place) or memory it shares no byte with.  A partial overlap is refused: the
+        kernels read ``tensor`` while they write ``out``, a tile at a time, so the sum would take in elements that
+        an earlier tile had already overwritten."""
+        if out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
+            raise InvalidArgumentError(
+                f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
+                f"{out.dtype} x {out.numel()} on {out.device}"
+            )
+        start, other = tensor.data_ptr(), out.data_ptr()
+        nbytes = numel * tensor.element_size()
+        if numel and start != other and start < other + nbytes and other < start + nbytes:
+            raise InvalidArgumentError(
+                f"out overlaps tensor, {other - start:+d} bytes from its start; pass out=None (in place) or an out "
+                "that shares no memory with tensor",
+                details={"offset_bytes": other - start},
+            )
 
     def _wrong_device(self, tensor: torch.Tensor) -> bool:
         if self.use_ptx:

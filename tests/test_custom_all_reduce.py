@@ -186,6 +186,19 @@ def _bad_input_worker(rank, world_size, port):
         car.all_reduce(torch.ones(8), out=torch.ones(9))
     with pytest.raises(InvalidArgumentError, match="algo must be"):
         car.all_reduce(torch.ones(8), algo="ring")
+    # An out that overlaps the input in part: the kernels would sum elements an earlier tile overwrote.
+    buf = torch.arange(3001, dtype=torch.float32)
+    before = buf.clone()
+    for algo in ("one_shot", "two_shot", "lamport"):
+        for x, out in ((buf[:3000], buf[1:]), (buf[1:], buf[:3000])):
+            with pytest.raises(InvalidArgumentError, match="out overlaps tensor"):
+                car.all_reduce(x, out=out, algo=algo)
+    with pytest.raises(InvalidArgumentError, match="out overlaps tensor"):
+        car.all_reduce(buf[:3000], out=buf[1:], algo="two_shot", payload="fp8")
+    assert torch.equal(buf, before), "a refused call changed its tensor"
+    same = torch.full((40,), float(rank + 1))
+    assert car.all_reduce(same, out=same.view(4, 10)).data_ptr() == same.data_ptr()  # its own memory: in place
+    assert torch.all(same == 3.0)
     # Nothing was corrupted: a valid call still works on both ranks afterwards.
     x = torch.full((33,), float(rank + 1))
     car.all_reduce(x, algo="two_shot")
