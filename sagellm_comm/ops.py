@@ -247,6 +247,8 @@ def _check_fused_call(x: torch.Tensor, residual: torch.Tensor, quant: str, scale
             f"{tuple(residual.shape)}",
             details={"x": tuple(x.shape), "residual": tuple(residual.shape)},
         )
+    if x.shape[-1] < 1:  # before the rows are formed: reshape(-1, 0) cannot tell how many there are
+        raise InvalidArgumentError(f"hidden size must be at least 1, got x {tuple(x.shape)}")
     if quant == QUANT_NONE and scale is not None:
         raise InvalidArgumentError(f"scale is only taken with an FP8 quant mode; quant is {QUANT_NONE!r}")
 

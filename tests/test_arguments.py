@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_finite, check_flag, check_int, check_timeout
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
 
 BAD_TIMEOUTS = [  # the last two are refused by some checks only (None is the default of a wait)
     math.nan, math.inf, -math.inf, 0, -1, True, "30", np.bool_(True), np.float32("nan"), None, MAX_TIMEOUT_S * 2,
@@ -231,6 +231,23 @@ def test_fused_rmsnorm_takes_eps_zero_and_ints(world):
     x, residual, weight = torch.ones(2, 8), torch.ones(2, 8), torch.ones(8)
     normed, _ = fused.all_reduce_residual_rmsnorm(x, residual, weight, 0)
     torch.testing.assert_close(normed, fused.rmsnorm_reference(residual + x, weight, 0.0))
+
+
+def test_a_hidden_size_of_zero_is_a_typed_error_on_every_entry(world):
+    # the op path failed in reshape(-1, 0) (RuntimeError), the per-token quantiser in amax (IndexError)
+    from sagellm_comm import fused, ops
+
+    x, weight = torch.empty(4, 0), torch.empty(0)
+    for call in (fused.all_reduce_residual_rmsnorm, ops.all_reduce_residual_rmsnorm):
+        with pytest.raises(InvalidArgumentError, match="hidden size must be at least 1"):
+            call(x, x, weight)
+    for quant in ("fp8_per_token", "fp8_group128"):
+        for quantize in (fused.quantize_fp8_reference, ops.quantize_fp8):
+            with pytest.raises(ShapeMismatchError, match="needs hidden >= 1"):
+                quantize(x, quant)
+        for call in (fused.all_reduce_residual_rmsnorm, ops.all_reduce_residual_rmsnorm):
+            with pytest.raises(InvalidArgumentError, match="hidden"):
+                call(x, x, weight, quant=quant)
 
 
 @pytest.mark.parametrize("eps", [math.nan, -1.0, "1e-6"])

@@ -51,8 +51,8 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
     """Typed errors for a bad ``quant`` / ``scale`` / input dtype combination, before anything runs.
 
     ``quant`` must be None or one of :data:`FP8_QUANT_MODES`; ``"fp8"`` needs ``scale``, a one-element fp32
-    tensor on ``x``'s device; the dynamic modes take no ``scale``; ``"fp8_group128"`` needs a hidden size
-    divisible by 128; a quantised call needs ``x`` in bf16, fp16 or fp32.
+    tensor on ``x``'s device; the dynamic modes take no ``scale`` and need a hidden size of at least 1;
+    ``"fp8_group128"`` one divisible by 128; a quantised call needs ``x`` in bf16, fp16 or fp32.
     """
     if quant is None:
         if scale is not None:
@@ -87,6 +87,8 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
         )
     if x.dim() < 1:
         raise ShapeMismatchError(f"quant={quant!r} takes x of shape [..., hidden], got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ShapeMismatchError(f"quant={quant!r} needs hidden >= 1 to compute its scales, got x {tuple(x.shape)}")
     if quant == "fp8_group128" and x.shape[-1] % FP8_GROUP_SIZE:
         raise ShapeMismatchError(
             f"quant='fp8_group128' needs hidden divisible by {FP8_GROUP_SIZE}, got hidden={x.shape[-1]}; "
