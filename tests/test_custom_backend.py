@@ -108,3 +108,17 @@ def test_custom_backend_unavailable_without_gpu_or_interpreter(monkeypatch):
     assert not is_comm_backend_available("custom")
     with pytest.raises(BackendNotSupportedError, match="custom needs a CUDA GPU"):
         CommBackend.create("custom")
+
+
+def test_an_uninitialised_custom_backend_names_itself(monkeypatch):
+    # the message named the engine underneath ("backend 'gloo' is not initialised", "... was destroyed") for a
+    # backend made as "custom"
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import NotInitializedError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = CommBackend.create("custom", engine="gloo")
+    with pytest.raises(NotInitializedError, match="backend 'custom' is not initialised"):
+        backend.all_reduce(torch.ones(2))
+    with pytest.raises(NotInitializedError, match="backend 'custom' is not initialised"):
+        backend.all_gather(torch.empty(4), torch.ones(2))

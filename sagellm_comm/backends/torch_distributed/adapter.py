@@ -384,7 +384,7 @@ class TorchDistributedBackend(CommBackend):
         if not self._initialized:
             state = "was destroyed" if self._destroyed else "is not initialised"
             raise NotInitializedError(
-                f"backend {self.kind!r} {state}: call init(rank=, world_size=, master_addr=, master_port=) first"
+                f"backend {self.name!r} {state}: call init(rank=, world_size=, master_addr=, master_port=) first"
             )
 
     def _group(self, group: Any) -> GroupHandle:
