@@ -206,6 +206,35 @@ def test_missing_peer_gives_comm_timeout_in_bounded_time(tmp_path) -> None:
     assert 0.4 <= timings["async_wait"] < 12, timings
 
 
+def _sub_millisecond_waits(rank: int, world_size: int, port: int, done_path: str) -> dict[str, float]:
+    backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=20)
+    timings: dict[str, float] = {}
+    if rank == 1:  # alive but absent until rank 0 is done
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return timings
+    try:
+        work = backend.broadcast(torch.ones(4), src=1, async_op=True)
+        start = time.monotonic()
+        expect(lambda: work.wait(timeout=0.0005), CommTimeoutError, ErrorCode.COMM_TIMEOUT, "broadcast")
+        timings["async_wait"] = time.monotonic() - start
+        start = time.monotonic()
+        expect(lambda: backend.barrier(timeout=1e-6), CommTimeoutError, ErrorCode.COMM_TIMEOUT, "barrier")
+        timings["barrier"] = time.monotonic() - start
+    finally:
+        open(done_path, "w").close()
+    return timings
+
+
+def test_a_timeout_under_a_millisecond_is_kept_not_read_as_none(tmp_path) -> None:
+    """torch counts timeouts in whole milliseconds: a shorter one must not become 0 ms ("no timeout" to
+    Work.wait), which waited for the process group's timeout of 20 s instead."""
+    timings = run_ranks(_sub_millisecond_waits, 2, str(tmp_path / "rank0-done"), timeout=120)[0]
+    assert timings["async_wait"] < 10, timings
+    assert timings["barrier"] < 10, timings
+
+
 _LONE_RANK = """
 import json, sys, time
 from sagellm_comm import CommBackend, CommError

@@ -21,10 +21,17 @@ from sagellm_comm.errors import (
     ShapeMismatchError,
 )
 
+#: the shortest timeout torch.distributed keeps (:func:`seconds`)
+MIN_TIMEOUT = datetime.timedelta(milliseconds=1)
+
 
 def seconds(timeout: float) -> datetime.timedelta:
-    """``timeout`` seconds as the ``timedelta`` torch.distributed takes."""
-    return datetime.timedelta(seconds=timeout)
+    """``timeout`` seconds as the ``timedelta`` torch.distributed takes, at least 1 ms.
+
+    torch counts timeouts in whole milliseconds (truncated): a timeout under 1 ms became 0 ms, which
+    ``Work.wait`` reads as "no timeout" and Gloo's monitored barrier as "wait the group's timeout", so both
+    waited for the process group's timeout (30 s by default) instead of raising at once."""
+    return max(datetime.timedelta(seconds=timeout), MIN_TIMEOUT)
 
 
 def int_arg(value: Any, env: str, what: str, default: int | None = None) -> int:
