@@ -62,6 +62,15 @@ def test_init_rejects_bad_rank_and_world_size(rank, world_size, cls, code, words
     assert not backend.is_initialized and not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "30"])
+def test_host_store_refuses_a_timeout_that_is_not_a_positive_number(timeout) -> None:
+    from sagellm_comm.backends.torch_distributed.rendezvous import host_store
+
+    expect(
+        lambda: host_store("127.0.0.1", timeout=timeout), InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "timeout"
+    )
+
+
 def test_uninitialised_and_destroyed_backend() -> None:
     backend = CommBackend.create("gloo")
     expect(lambda: backend.all_reduce(torch.ones(2)), NotInitializedError, ErrorCode.COMM_NOT_INITIALIZED, "init(")

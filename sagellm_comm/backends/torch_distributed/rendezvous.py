@@ -47,6 +47,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from sagellm_comm.arguments import check_timeout
 from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
 
 from .checks import int_arg, seconds
@@ -331,8 +332,10 @@ def host_store(addr: str = "127.0.0.1", timeout: float = 300.0) -> Any:
     :func:`client_env` ``(addr, store.port)`` in its environment: every rank then joins as a client
     (rank 0 included), whether it calls ``init`` with that address or none, or ``torch.distributed``'s
     ``env://`` / ``tcp://`` init (which honour the same variable).  Keep the object alive while the
-    ranks run; the store stops when it is released.  ``timeout`` bounds the store's own waits.
+    ranks run; the store stops when it is released.  ``timeout`` bounds the store's own waits (a positive
+    number of seconds, else ``InvalidArgumentError``).
     """
+    timeout = check_timeout(timeout)
     return dist.TCPStore(addr, 0, None, True, timeout=seconds(timeout), wait_for_workers=False)
 
 
