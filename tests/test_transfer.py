@@ -1055,6 +1055,37 @@ def test_ipc_re_adding_a_live_peer_keeps_its_notification_slot():
     assert out["notes"] == [b"%d" % i for i in range(40)] + [b"last"], out
 
 
+def _stuck_stream_close_worker(rank, world_size, port):
+    from sagellm_comm.transfer import TransferAgent
+
+    a = TransferAgent("a", "ipc", timeout=1.0)
+    peers = [TransferAgent(f"p{i}", "ipc") for i in range(3)]
+    a.allocate("kv", 4096, torch.uint8)
+    for p in peers:
+        p.allocate("kv", 4096, torch.uint8)
+        a.add_peer(p.metadata())
+    backend = a._backends["ipc"]
+    first = backend.launches + 1
+    for p in peers:
+        a.write(p.name, "kv", "kv", [(0, 0, 64)]).wait(30)
+    backend.completed = first - 1  # from the first of these writes on, nothing completes
+    start = time.monotonic()
+    a.close()
+    out = {"close_s": time.monotonic() - start, "kept": len(backend.kept)}
+    for p in peers:
+        p.close()
+    return out
+
+
+def test_ipc_close_with_a_stuck_stream_waits_one_timeout_not_one_per_peer():
+    """A launch that never completes (a GPU stream stuck behind a hung kernel; here the interpreter's launches are
+    marked not completed) holds every later one: each step of close (every peer's unmapping, the region's
+    deregistration, the transport's own drain) waited the agent's whole timeout again for it, 5 s here."""
+    ((out),) = run_ranks(_stuck_stream_close_worker, 1, timeout=300.0, env=INTERP)
+    assert 0.9 <= out["close_s"] < 3.0, out
+    assert out["kept"] == 1, out  # the region a stuck launch may touch stays referenced
+
+
 # ============================================================================ the resident copier
 def _resident_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError

@@ -264,6 +264,8 @@ class IpcBackend(TransferBackend):
         self.launches = 0  # launches so far, numbered from 1
         self.kept: list[Region] = []  # deregistered regions that copies still running may touch
         self.completed = 0  # every launch up to this number completed
+        # ``completed`` (and the resident copier's count) when a drain last timed out; -1: none did
+        self._stalled_at = self._resident_stalled_at = -1
         self.in_flight: deque = deque()  # (number, event, staging index or None), oldest first
         self.launcher = Launcher(_bc.block_copy_kernel, cuda, self.index, num_warps=4)
         self.inline_slots = tuple(map(self.launcher.names.index, INLINE_ARGUMENTS))  # where a plan fills them
@@ -735,21 +737,33 @@ class IpcBackend(TransferBackend):
         return number <= self.completed
 
     def _drain(self, number: int) -> bool:
-        """Wait (up to the agent's timeout) until launch ``number`` completed; False if it did not."""
+        """Wait (up to the agent's timeout) until launch ``number`` completed; False if it did not.  Once a drain
+        timed out, the next ones give up at once while no launch has completed since: the stream is stuck, and
+        each step of a ``close`` (every peer, every region) would otherwise wait the whole timeout again."""
+        if self.finished(number):
+            return True
+        if self._stalled_at == self.completed:
+            return False
         deadline = time.monotonic() + self.context.timeout_s
         while not self.finished(number):
             if time.monotonic() >= deadline:
+                self._stalled_at = self.completed
                 return False
             time.sleep(1e-4)
         return True
 
     def _drain_resident(self, seq: int) -> bool:
-        """Wait (up to the agent's timeout) until the resident copier served request ``seq``; False if not."""
-        if self.copier is None:
+        """Wait (up to the agent's timeout) until the resident copier served request ``seq``; False if not (at
+        once when an earlier wait timed out and the copier has served nothing since, as :meth:`_drain`)."""
+        copier = self.copier
+        if copier is None or copier.completed() >= seq:
             return True
+        if self._resident_stalled_at == copier.completed():
+            return False
         try:
-            self.copier.wait(seq)
+            copier.wait(seq)
         except CommTimeoutError:
+            self._resident_stalled_at = copier.completed()
             return False
         return True
 
