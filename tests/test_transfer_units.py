@@ -1877,11 +1877,11 @@ def test_an_agent_call_runs_on_the_agents_gpu_and_restores_the_threads_device(mo
     def refuse():
         raise AssertionError("an agent without a GPU asked for the current device")
 
-    monkeypatch.setattr(torch.cuda, "current_device", refuse)
+    monkeypatch.setattr(agent_module, "_current_device", refuse)
     call = agent_module._AgentCall(threading.RLock())
     with call:
         pass
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(agent_module, "_current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     call.device_index = 1
     with call:

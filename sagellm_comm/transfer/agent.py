@@ -61,6 +61,9 @@ from sagellm_comm.transfer.notify import MAX_NAME as MAX_NAME_BYTES
 logger = logging.getLogger("sagellm_comm.transfer")
 
 DEFAULT_TIMEOUT_S = 30.0
+# The calling thread's CUDA device without torch.cuda.current_device()'s Python layer (it initialises CUDA
+# itself); absent from CPU builds of torch, where no agent has a CUDA device.
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 class _AgentCall:
@@ -78,7 +81,7 @@ class _AgentCall:
         self.lock.acquire()
         index = self.device_index
         try:
-            current = None if index is None else torch.cuda.current_device()
+            current = None if index is None else _current_device()
             if current is not None and current != index:
                 torch.cuda.set_device(index)
                 self._restore.append(current)
