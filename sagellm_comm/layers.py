@@ -316,7 +316,8 @@ class RowParallelLinear(_ParallelLinearBase):
         else:
             self._check_input(x, self.input_size)
             x_local = x.narrow(-1, self.tp_rank * self.input_size_per_partition, self.input_size_per_partition)
-        if self.use_fused_gemm and self.reduce_results and self.tp_size > 1:
+        # Zero tokens: the op's path (an empty all-reduce), as with use_fused_gemm=False; the fused GEMM refuses M = 0.
+        if self.use_fused_gemm and self.reduce_results and self.tp_size > 1 and x_local.numel() > 0:
             lead = x_local.shape[:-1]
             a = x_local.reshape(-1, self.input_size_per_partition).contiguous()
             output = _fused_gemm_all_reduce()(a, self.weight.t(), group=resolve_group(self.group_name))

@@ -6,6 +6,7 @@ module fixture collects each check's outcome and the tests below assert them one
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 
 import pytest
@@ -320,6 +321,39 @@ def test_compile_tp_block_fullgraph_on_cpu() -> None:
     for breaks, ops_in_graph in run_ranks(_compile_worker, WORLD_SIZE, timeout=150.0):
         assert breaks == 0
         assert ops_in_graph == 1
+
+
+def _fused_gemm_custom_worker(rank: int, world_size: int, port: int) -> str:
+    import sagellm_comm
+    from sagellm_comm.fused import last_selection
+    from sagellm_comm.layers import RowParallelLinear
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=60)
+    try:
+        assert world.backend.custom is not None, world.backend.custom_reason  # the fused GEMM's kernel path
+        ref = _reference(16, 8, True, torch.bfloat16, 80)
+        layer = RowParallelLinear.from_linear(ref, group=world, use_fused_gemm=True)
+        x = _input((3, 16), torch.bfloat16, 81)
+        out = layer(x[:, rank * 8 : rank * 8 + 8])
+        assert last_selection(world) is not None and last_selection(world).rule_id != "custom-unavailable"
+        torch.testing.assert_close(out.float(), ref(x).detach().float(), atol=3e-2, rtol=3e-2)
+        # zero tokens: an empty result, as without use_fused_gemm (the fused GEMM itself refuses M = 0)
+        empty = layer(torch.zeros(0, 8, dtype=torch.bfloat16))
+        assert empty.shape == (0, 8) and empty.dtype == torch.bfloat16
+        empty = layer(torch.zeros(2, 0, 8, dtype=torch.bfloat16))
+        assert empty.shape == (2, 0, 8)
+        again = layer(x[:, rank * 8 : rank * 8 + 8])  # the ranks are still in step
+        assert torch.equal(again, out)
+        return hashlib.sha256(out.view(torch.uint8).numpy().tobytes()).hexdigest()
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_fused_gemm_layer_on_the_custom_backend_takes_zero_tokens() -> None:
+    """use_fused_gemm=True where the kernels run (interpreter ranks): the result of nn.Linear, the same bits on
+    every rank, and a zero-token input gives an empty output like the layer without the option."""
+    digests = run_ranks(_fused_gemm_custom_worker, WORLD_SIZE, env={"TRITON_INTERPRET": "1"}, timeout=150.0)
+    assert digests[0] == digests[1]
 
 
 # ---------------------------------------------------------------------------------------------- GPU
