@@ -351,7 +351,7 @@ def test_group_level_functions_fall_back_without_custom():
 def _gloo_bad_input_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
-    from sagellm_comm.fused import all_reduce_residual_rmsnorm
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
     try:
@@ -380,14 +380,35 @@ def _gloo_bad_input_worker(rank, world_size, port):
                         all_reduce_residual_rmsnorm(*args, 1e-6, group=world, **kwargs)
             _, new_res = all_reduce_residual_rmsnorm(x * (rank + 1), residual, weight, 1e-6, group=world)
             assert torch.equal(new_res, x * 3), (match, new_res)
+        a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4)
+        bad_gemm = [  # (error, message, args, kwargs): the GEMM kernel path's errors and messages
+            (ShapeMismatchError, r"bias must be a contiguous \[4\]", (a, b), {"bias": torch.ones(9)}),
+            (ShapeMismatchError, r"bias must be a contiguous \[4\]", (a, b), {"bias": torch.ones(1)}),
+            (ShapeMismatchError, r"bias must be a contiguous \[4\]", (a, b), {"bias": torch.ones(4).double()}),
+            (ShapeMismatchError, "of one dtype", (a, b.double()), {}),
+            (ShapeMismatchError, "do not chain", (a, torch.ones(5, 4)), {}),
+            (ShapeMismatchError, "2-d tensors", (a[0], b), {}),
+            (InvalidArgumentError, "a must be one of", (a.long(), b.long()), {}),
+            (InvalidArgumentError, "b is on meta", (a, b.to("meta")), {}),
+            (InvalidArgumentError, "must be a torch.Tensor, got list", ([[1.0] * 3] * 2, b), {}),
+            (InvalidArgumentError, "empty GEMM", (a[:0], b), {}),
+        ]
+        for error, match, args, kwargs in bad_gemm:
+            for callers in (range(world_size), (0,)):  # on every rank, then on rank 0 alone (no all-reduce entered)
+                if rank in callers:
+                    with pytest.raises(error, match=match):
+                        gemm_all_reduce(*args, group=world, **kwargs)
+            out = gemm_all_reduce(a * (rank + 1), b, group=world, bias=torch.ones(4))
+            assert torch.equal(out, a * 3 @ b + 1), (match, out)
         return True
     finally:
         sagellm_comm.destroy()
 
 
 def test_fallback_rejects_bad_inputs_before_the_all_reduce():
-    """Without custom kernels (Gloo), bad inputs raise the kernel path's typed errors on every rank, and a rank
-    whose call is rejected enters no all-reduce: the next valid call still pairs up and sums right."""
+    """Without custom kernels (Gloo), bad inputs of the fused all-reduce + RMSNorm and of the GEMM + all-reduce raise
+    the kernel path's typed errors on every rank, and a rank whose call is rejected enters no all-reduce: the next
+    valid call still pairs up and sums right."""
     run_ranks(_gloo_bad_input_worker, 2, timeout=120)
 
 

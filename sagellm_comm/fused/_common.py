@@ -8,6 +8,7 @@ from ..errors import InvalidArgumentError, ShapeMismatchError
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 RMSNORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GEMM_ENGINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # the engine fallback's GEMM
 MAX_HIDDEN = 16384
 
 
@@ -41,6 +42,34 @@ def _check_2d(name: str, t: torch.Tensor, device: torch.device, dtypes) -> None:
         raise InvalidArgumentError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
     if t.device != device:
         raise InvalidArgumentError(f"{name} is on {t.device}, this call runs on {device}; move it there")
+
+
+def check_gemm_inputs(a, b, bias, device: torch.device, dtypes, batch: int | None = None) -> tuple[int, int, int]:
+    """Typed errors for bad inputs of the GEMM + all-reduce, before anything runs; returns ``(M, N, K)``.
+
+    ``a`` ``[M, K]`` and ``b`` ``[K, N]`` (``[batch, ...]`` with ``batch``; any strides), of one dtype in ``dtypes``
+    and on ``device``; ``bias`` None or a contiguous ``[N]`` tensor of that dtype; no empty dimension.  A wrong type,
+    dtype or device, or an empty GEMM raises ``InvalidArgumentError``; a wrong rank, shapes that do not chain or
+    dtypes that differ raise ``ShapeMismatchError``.
+    """
+    for name, t in (("a", a), ("b", b)):
+        _check_2d(name, t, device, dtypes)
+    dims = 2 if batch is None else 3
+    if a.dim() != dims or b.dim() != dims or b.dtype != a.dtype:
+        raise ShapeMismatchError(
+            f"a and b must be {dims}-d tensors of one dtype, got {tuple(a.shape)} {a.dtype}, {tuple(b.shape)} {b.dtype}"
+        )
+    m, k = a.shape[-2:]
+    k2, n = b.shape[-2:]
+    if k != k2 or (batch is not None and (a.shape[0] != batch or b.shape[0] != batch)):
+        raise ShapeMismatchError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain (a: [M, K], b: [K, N])")
+    if bias is not None:
+        _check_2d("bias", bias, device, dtypes)
+        if bias.shape != (n,) or bias.dtype != a.dtype or not bias.is_contiguous():
+            raise ShapeMismatchError(f"bias must be a contiguous [{n}] {a.dtype} tensor, got {tuple(bias.shape)}")
+    if m == 0 or n == 0 or k == 0:
+        raise InvalidArgumentError(f"empty GEMM: M={m}, K={k}, N={n}")
+    return m, n, k
 
 
 def check_rmsnorm_inputs(

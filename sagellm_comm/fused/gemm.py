@@ -19,7 +19,6 @@ from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fi
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
-    ShapeMismatchError,
     WorkspaceExhaustedError,
 )
 from ..launch import Launcher as _Launcher
@@ -27,7 +26,7 @@ from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import GEMM_PATHS, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, _check_2d
+from ._common import FUSED_DTYPES, check_gemm_inputs
 from .gemm_config import FLAG_AREA_BYTES, gemm_tile_config, gemm_workspace_bytes
 from .gemm_copy_engine import CopyEnginePath, copy_engine_units
 from .gemm_policy import DEFAULT_GEMM_RULES, GemmPathSelector, GemmRule
@@ -120,25 +119,7 @@ class GemmAllReduce(CopyEnginePath):
         )
 
     def validate(self, a, b, bias, batch: int | None = None) -> tuple[int, int, int]:
-        for name, t in (("a", a), ("b", b)):
-            _check_2d(name, t, self.device, FUSED_DTYPES)
-        dims = 2 if batch is None else 3
-        if a.dim() != dims or b.dim() != dims or b.dtype != a.dtype:
-            raise ShapeMismatchError(
-                f"a and b must be {dims}-d tensors of one dtype, got {tuple(a.shape)} {a.dtype}, "
-                f"{tuple(b.shape)} {b.dtype}"
-            )
-        m, k = a.shape[-2:]
-        k2, n = b.shape[-2:]
-        if k != k2 or (batch is not None and (a.shape[0] != batch or b.shape[0] != batch)):
-            raise ShapeMismatchError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain (a: [M, K], b: [K, N])")
-        if bias is not None:
-            _check_2d("bias", bias, self.device, FUSED_DTYPES)
-            if bias.shape != (n,) or bias.dtype != a.dtype or not bias.is_contiguous():
-                raise ShapeMismatchError(f"bias must be a contiguous [{n}] {a.dtype} tensor, got {tuple(bias.shape)}")
-        if m == 0 or n == 0 or k == 0:
-            raise InvalidArgumentError(f"empty GEMM: M={m}, K={k}, N={n}")
-        return m, n, k
+        return check_gemm_inputs(a, b, bias, self.device, FUSED_DTYPES, batch)
 
     def pick(self, path: str, m: int, n: int, itemsize: int) -> Selection:
         if path == AUTO:

@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError
 from ..group import resolve_group
 from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, check_rmsnorm_inputs, engine_all_reduced
+from ._common import FUSED_DTYPES, GEMM_ENGINE_DTYPES, check_gemm_inputs, check_rmsnorm_inputs, engine_all_reduced
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -151,13 +151,15 @@ def gemm_all_reduce(
     ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the group's custom kernels,
     :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
     call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
-    ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).
+    ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).  Bad arguments
+    raise the same typed errors on both paths (:func:`check_gemm_inputs`; the engine also takes fp32 and fp64)
+    before anything runs, so no rank enters the all-reduce.
     """
     check_flag(zero_copy, "zero_copy")
     if path != AUTO and path not in GEMM_PATHS:  # refused here too when no kernels run the call
         raise InvalidArgumentError(f"path must be auto or one of {GEMM_PATHS}, got {path!r}")
     g, backend, state, car, why = _group_state(group)
-    if car is not None and a.dtype in FUSED_DTYPES:
+    if car is not None and isinstance(a, torch.Tensor) and a.dtype in FUSED_DTYPES:
         if state.gemm is None:
             capacity = backend.max_bytes if g.handle is None else backend.group_max_bytes
             ws = SymmetricWorkspace.rendezvous(
@@ -178,6 +180,9 @@ def gemm_all_reduce(
         return out
     if car is not None:
         why = f"dtype {a.dtype} is not fused"
+    # The kernel path's checks, before the all-reduce is entered (a rank that refuses must enter none: its peers'
+    # all-reduce would pair with its next one); the engine also takes fp32 and fp64.
+    check_gemm_inputs(a, b, bias, g.device, GEMM_ENGINE_DTYPES)
     out = torch.matmul(a, b)
     if bias is not None and g.rank == 0:
         out += bias
