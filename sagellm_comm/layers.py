@@ -28,7 +28,7 @@ from torch import nn
 
 from sagellm_comm import ops
 from sagellm_comm.arguments import check_device, check_flag
-from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
+from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError, ShapeMismatchError
 from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
@@ -113,6 +113,24 @@ class _ParallelLinearBase(nn.Module):
                 f"{type(self).__name__} expects input [..., {features}], got {tuple(x.shape)}",
                 details={"shape": tuple(x.shape), "expected_last_dim": features},
             )
+
+    def _check_group(self) -> None:
+        """Before a collective: the group the layer's name resolves to now is the one its shard was cut for.
+
+        A layer on the default group (or on a name registered again) would otherwise, after ``destroy()`` and an
+        ``init`` of another size, sum or gather its shard over the new group: a wrong result, no error.  Eager
+        only (a compiled graph holds the name as a constant; the lookup stays out of it)."""
+        if torch.compiler.is_compiling():
+            return
+        group = resolve_group(self.group_name)
+        if group.world_size != self.tp_size or group.rank != self.tp_rank:
+            raise GroupInvalidError(
+                f"{type(self).__name__} was built for rank {self.tp_rank} of {self.tp_size} in group "
+                f"{self.group_name!r}, which is now rank {group.rank} of {group.world_size}; build the layer again "
+                "on the new group",
+                details={"group": self.group_name, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
+                         "group_size": group.world_size, "group_rank": group.rank},
+            )  # fmt: skip
 
     def _copy_shard(self, param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
         if tuple(shard.shape) != tuple(param.shape):
@@ -222,6 +240,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         bias = None if self.skip_bias_add else self.bias
         output = F.linear(x, self.weight, bias)
         if self.gather_output and self.tp_size > 1:
+            self._check_group()
             lead = output.shape[:-1]
             local = output.reshape(-1, self.output_size_per_partition)
             gathered = torch.ops.sagellm_comm.all_gather(local, self.group_name, self.tp_size)
@@ -316,6 +335,8 @@ class RowParallelLinear(_ParallelLinearBase):
         else:
             self._check_input(x, self.input_size)
             x_local = x.narrow(-1, self.tp_rank * self.input_size_per_partition, self.input_size_per_partition)
+        if self.reduce_results and self.tp_size > 1:
+            self._check_group()
         # Zero tokens: the op's path (an empty all-reduce), as with use_fused_gemm=False; the fused GEMM refuses M = 0.
         if self.use_fused_gemm and self.reduce_results and self.tp_size > 1 and x_local.numel() > 0:
             lead = x_local.shape[:-1]

@@ -323,6 +323,41 @@ def test_compile_tp_block_fullgraph_on_cpu() -> None:
         assert ops_in_graph == 1
 
 
+def _reinit_worker(rank: int, world_size: int, port: int) -> list[str]:
+    import sagellm_comm
+    from sagellm_comm.errors import GroupInvalidError
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    ref = _reference(8, 4, True, torch.float32, 90)
+    row = RowParallelLinear.from_linear(ref)  # on the default group, by its name "default"
+    col = ColumnParallelLinear.from_linear(ref, gather_output=True)
+    local = RowParallelLinear.from_linear(ref, reduce_results=False, skip_bias_add=True)
+    x = _input((3, 8), torch.float32, 91)
+    torch.testing.assert_close(row(x[:, rank * 4 : rank * 4 + 4]), ref(x).detach(), **_tol(torch.float32))
+    sagellm_comm.destroy()
+    seen = []
+    if rank == 0:  # a world of one now: "default" names another group than the one the shards were cut for
+        sagellm_comm.init(backend="gloo", rank=0, world_size=1)
+        try:
+            for layer, given in ((row, x[:, :4]), (col, x)):
+                with pytest.raises(GroupInvalidError, match="built for rank 0 of 2 in group 'default'"):
+                    layer(given)
+                seen.append(type(layer).__name__)
+            out, _ = local(x[:, :4])  # no collective: this rank's partial product, as before
+            torch.testing.assert_close(out, x[:, :4] @ ref.weight.detach()[:, :4].T, **_tol(torch.float32))
+        finally:
+            sagellm_comm.destroy()
+    return seen
+
+
+def test_layer_refuses_a_default_group_of_another_size_after_reinit() -> None:
+    """destroy() then init() of another world size: a layer built on the default group raises instead of summing
+    its shard over the new group (the row-parallel layer returned this rank's partial product as the result)."""
+    seen = run_ranks(_reinit_worker, WORLD_SIZE, timeout=90.0)
+    assert seen == [["RowParallelLinear", "ColumnParallelLinear"], []]
+
+
 def _fused_gemm_custom_worker(rank: int, world_size: int, port: int) -> str:
     import sagellm_comm
     from sagellm_comm.fused import last_selection
