@@ -113,6 +113,24 @@ class _ParallelLinearBase(nn.Module):
                 f"{type(self).__name__} expects input [..., {features}], got {tuple(x.shape)}",
                 details={"shape": tuple(x.shape), "expected_last_dim": features},
             )
+        if torch.compiler.is_compiling():  # a compiled graph's inputs were checked when it was traced
+            return
+        if x.device != self.weight.device:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} input is on {x.device}, its parameters on {self.weight.device}; move it there"
+            )
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InvalidArgumentError(
+                f"{type(self).__name__} input is {x.dtype}, its parameters {self.weight.dtype} (params_dtype); cast it "
+                "or run under torch.autocast"
+            )
+
+    @staticmethod
+    def _check_loaded(loaded: object, what: str) -> None:
+        if not isinstance(loaded, torch.Tensor):
+            raise InvalidArgumentError(f"{what} must be a torch.Tensor, got {type(loaded).__name__}")
+        if loaded.dim() == 0:
+            raise ShapeMismatchError(f"{what} must have at least one dimension, got a 0-d tensor")
 
     def _check_group(self) -> None:
         """Before a collective: the group the layer's name resolves to now is the one its shard was cut for.
@@ -145,6 +163,9 @@ class _ParallelLinearBase(nn.Module):
         """Load an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
         (``[output_size]``) into this rank's parameters through :meth:`weight_loader` (column-parallel:
         both sharded by output rows; row-parallel: weight sharded by input columns, bias whole)."""
+        self._check_loaded(full_weight, "full weight")
+        if full_bias is not None:
+            self._check_loaded(full_bias, "full bias")
         if tuple(full_weight.shape) != (self.output_size, self.input_size):
             raise ShapeMismatchError(
                 f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
@@ -227,6 +248,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """vLLM-style loader: copy this rank's rows (output features) of the full ``loaded_weight``
         (``[output_size, input_size]``, or the bias ``[output_size]``) into ``param``."""
+        self._check_loaded(loaded_weight, "loaded weight")
         if loaded_weight.shape[0] != self.output_size:
             raise ShapeMismatchError(
                 f"full tensor has {loaded_weight.shape[0]} output features, the layer {self.output_size}",
@@ -318,6 +340,7 @@ class RowParallelLinear(_ParallelLinearBase):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """vLLM-style loader: the weight ``[output_size, input_size]`` gives this rank's columns; the
         bias ``[output_size]`` is copied whole."""
+        self._check_loaded(loaded_weight, "loaded weight")
         if param is self.bias:
             self._copy_shard(param, loaded_weight, "bias")
             return
