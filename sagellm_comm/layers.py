@@ -20,12 +20,14 @@ does no communication.  Forward-only (inference): the ops have no autograd formu
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sagellm_comm import group as group_module
 from sagellm_comm import ops
 from sagellm_comm.arguments import check_device, check_flag
 from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError, ShapeMismatchError
@@ -73,6 +75,7 @@ class _ParallelLinearBase(nn.Module):
         comm_group = resolve_group(self.group_name, member=True)
         self.tp_size = comm_group.world_size
         self.tp_rank = comm_group.rank
+        self._built_on = weakref.ref(comm_group)  # _check_group: the group the shards were cut for
         self.input_size = divide(input_size, 1, "input_size")
         self.output_size = divide(output_size, 1, "output_size")
         self.skip_bias_add = check_flag(skip_bias_add, "skip_bias_add")
@@ -113,17 +116,25 @@ class _ParallelLinearBase(nn.Module):
                 f"{type(self).__name__} expects input [..., {features}], got {tuple(x.shape)}",
                 details={"shape": tuple(x.shape), "expected_last_dim": features},
             )
-        if torch.compiler.is_compiling():  # a compiled graph's inputs were checked when it was traced
-            return
-        if x.device != self.weight.device:
-            raise InvalidArgumentError(
-                f"{type(self).__name__} input is on {x.device}, its parameters on {self.weight.device}; move it there"
-            )
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise InvalidArgumentError(
-                f"{type(self).__name__} input is {x.dtype}, its parameters {self.weight.dtype} (params_dtype); cast it "
-                "or run under torch.autocast"
-            )
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, self.weight, bias)``; an input on another device than the parameters, or of another dtype
+        outside ``torch.autocast``, raises ``InvalidArgumentError``.  Diagnosed only once torch refused the
+        operands, so the checks cost nothing on a call that works."""
+        try:
+            return F.linear(x, self.weight, bias)
+        except (RuntimeError, NotImplementedError) as exc:
+            weight = self.weight
+            if x.device != weight.device:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__} input is on {x.device}, its parameters on {weight.device}; move it there"
+                ) from exc
+            if x.dtype != weight.dtype:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__} input is {x.dtype}, its parameters {weight.dtype} (params_dtype); cast "
+                    "it or run under torch.autocast"
+                ) from exc
+            raise
 
     @staticmethod
     def _check_loaded(loaded: object, what: str) -> None:
@@ -132,23 +143,37 @@ class _ParallelLinearBase(nn.Module):
         if loaded.dim() == 0:
             raise ShapeMismatchError(f"{what} must have at least one dimension, got a 0-d tensor")
 
+    def __getstate__(self) -> dict:
+        # A pickled or deep-copied layer forgets the group object (a weak reference does not pickle); its first
+        # collective resolves the name and checks the group again.
+        state = self.__dict__.copy()
+        state["_built_on"] = _no_group
+        return state
+
     def _check_group(self) -> None:
         """Before a collective: the group the layer's name resolves to now is the one its shard was cut for.
 
         A layer on the default group (or on a name registered again) would otherwise, after ``destroy()`` and an
-        ``init`` of another size, sum or gather its shard over the new group: a wrong result, no error.  Eager
-        only (a compiled graph holds the name as a constant; the lookup stays out of it)."""
+        ``init`` of another size, sum or gather its shard over the new group: a wrong result, no error.  The
+        common case is one identity test (the group the name is bound to now is the one the layer was built on);
+        another group of the same size and rank is taken as the layer's from then on.  Eager only (a compiled
+        graph holds the name as a constant)."""
+        name = self.group_name
+        bound = group_module._DEFAULT if name == ops.DEFAULT_GROUP_NAME else ops._GROUPS.get(name)
+        if bound is not None and bound is self._built_on():
+            return
         if torch.compiler.is_compiling():
             return
-        group = resolve_group(self.group_name)
+        group = resolve_group(name)  # GroupNotFoundError / NotInitializedError when there is none
         if group.world_size != self.tp_size or group.rank != self.tp_rank:
             raise GroupInvalidError(
                 f"{type(self).__name__} was built for rank {self.tp_rank} of {self.tp_size} in group "
-                f"{self.group_name!r}, which is now rank {group.rank} of {group.world_size}; build the layer again "
+                f"{name!r}, which is now rank {group.rank} of {group.world_size}; build the layer again "
                 "on the new group",
-                details={"group": self.group_name, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
+                details={"group": name, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
                          "group_size": group.world_size, "group_rank": group.rank},
             )  # fmt: skip
+        self._built_on = weakref.ref(group)
 
     def _copy_shard(self, param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
         if tuple(shard.shape) != tuple(param.shape):
@@ -260,7 +285,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
     def forward(self, x: torch.Tensor):
         self._check_input(x, self.input_size)
         bias = None if self.skip_bias_add else self.bias
-        output = F.linear(x, self.weight, bias)
+        output = self._linear(x, bias)
         if self.gather_output and self.tp_size > 1:
             self._check_group()
             lead = output.shape[:-1]
@@ -367,7 +392,7 @@ class RowParallelLinear(_ParallelLinearBase):
             output = _fused_gemm_all_reduce()(a, self.weight.t(), group=resolve_group(self.group_name))
             output = output.reshape(*lead, self.output_size)
         else:
-            output = F.linear(x_local, self.weight)
+            output = self._linear(x_local)
             if self.reduce_results and self.tp_size > 1:
                 output = torch.ops.sagellm_comm.all_reduce(output, self.group_name, "sum")
         if self.bias is not None and not self.skip_bias_add:
@@ -376,6 +401,11 @@ class RowParallelLinear(_ParallelLinearBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
+
+
+def _no_group() -> None:
+    """The ``_built_on`` of a layer that holds no group object (unpickled or deep-copied)."""
+    return None
 
 
 def _fused_gemm_all_reduce():

@@ -196,7 +196,6 @@ def check_bad_input(rank: int, world) -> None:
     raises(InvalidArgumentError, lambda: row([1.0] * 4), "must be a torch.Tensor")
     raises(InvalidArgumentError, lambda: row(torch.zeros(3, 4, dtype=torch.float64)), "input is torch.float64")
     raises(InvalidArgumentError, lambda: row(torch.zeros(3, 4, dtype=torch.int64)), "input is torch.int64")
-    raises(InvalidArgumentError, lambda: row(torch.zeros(3, 4, device="meta")), "input is on meta")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the matmul's operands itself
         assert row(torch.zeros(3, 4, dtype=torch.bfloat16)).shape == (3, 4)
     raises(ShapeMismatchError, lambda: row.weight_loader(row.weight, torch.tensor(1.0)), "at least one dimension")
@@ -488,6 +487,20 @@ def _custom_graph_worker(rank: int, world_size: int, port: int) -> tuple[str, fl
         return (world.backend.custom_reason, *_cuda_graph_block(world))
     finally:
         sagellm_comm.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_an_input_on_another_device_is_a_typed_error(nccl_world_of_one) -> None:
+    """A CPU input to a layer whose parameters are on the GPU: InvalidArgumentError naming both devices."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    for layer in (RowParallelLinear(8, 4, group=nccl_world_of_one, device="cuda"),
+                  ColumnParallelLinear(8, 4, group=nccl_world_of_one, device="cuda")):  # fmt: skip
+        with pytest.raises(InvalidArgumentError, match="input is on cpu, its parameters on cuda:0"):
+            layer(torch.zeros(3, 8))
+        assert layer(torch.zeros(3, 8, device="cuda")).shape == (3, 4)
 
 
 @pytest.mark.gpu
