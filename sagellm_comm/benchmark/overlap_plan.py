@@ -17,6 +17,7 @@ from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
 from sagellm_comm.benchmark.plan import (
     available_kind,
+    check_fits_memory,
     check_outputs,
     check_repetitions,
     check_settings,
@@ -89,10 +90,12 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
         if config.backend not in ("auto", "custom"):
             raise InvalidArgumentError(f"--virtual-ranks runs the custom kernels; --backend {config.backend} cannot")
         sizes, dtype = resolve_payload(config, True)
+        check_fits_memory(sizes, config.virtual_ranks, True)
         return OverlapPlan("virtual", config.virtual_ranks, "custom", sizes, dtype, True)
 
     kind = available_kind(config.backend)
     uses_cuda = kind != "gloo" and cuda
     sizes, dtype = resolve_payload(config, uses_cuda)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
+    check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
     return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)

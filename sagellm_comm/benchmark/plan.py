@@ -35,7 +35,7 @@ from sagellm_comm.benchmark.config import (
     LaunchPlan,
 )
 from sagellm_comm.benchmark.ops import OPS, resolve_dtype
-from sagellm_comm.benchmark.sizes import parse_size_range
+from sagellm_comm.benchmark.sizes import format_size, parse_size_range
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 
 
@@ -150,10 +150,25 @@ def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
         )
 
 
+#: processes a spawned run may start per CPU core this process may run on: each rank is a Python interpreter
+#: with torch imported, and a world size past this is a typo that would start processes until memory runs out
+MAX_SPAWN_RANKS_PER_CPU = 8
+
+
+def max_spawn_world_size() -> int:
+    """The most ranks a spawned run starts on this host: :data:`MAX_SPAWN_RANKS_PER_CPU` per usable CPU core."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return MAX_SPAWN_RANKS_PER_CPU * max(1, cpus)
+
+
 def launch_world(kind: str, uses_cuda: bool, requested: int | None, env: tuple[int, int] | None) -> tuple[str, int]:
     """``("torchrun", WORLD_SIZE)`` under torchrun (``env`` from :func:`torchrun_env`; ``--world-size``, when
     given, must agree), else ``("spawn", N)``: ``--world-size``, or one rank per GPU, or
-    ``DEFAULT_SPAWN_WORLD_SIZE`` on the CPU; a GPU backend needs one GPU per rank."""
+    ``DEFAULT_SPAWN_WORLD_SIZE`` on the CPU; a GPU backend needs one GPU per rank, and a spawned run starts at
+    most :func:`max_spawn_world_size` processes."""
     if env is not None:
         rank, world_size = env
         if requested is not None and requested != world_size:
@@ -170,7 +185,39 @@ def launch_world(kind: str, uses_cuda: bool, requested: int | None, env: tuple[i
             f"backend {kind!r} needs one GPU per rank: world size {world_size} > {torch.cuda.device_count()} "
             "GPU(s); use --virtual-ranks N to run N ranks on one GPU, or --backend gloo"
         )
+    limit = max_spawn_world_size()
+    if world_size > limit:
+        raise InvalidArgumentError(
+            f"--world-size {world_size} would start {world_size} processes on this host, more than "
+            f"{MAX_SPAWN_RANKS_PER_CPU} per CPU core ({limit} here); start larger runs under torchrun"
+        )
     return "spawn", world_size
+
+
+def memory_bytes(uses_cuda: bool) -> int | None:
+    """The memory the buffers of a point must fit in: the current GPU's, or this host's; None if unknown."""
+    try:
+        if uses_cuda:
+            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
+
+
+def check_fits_memory(sizes: Sequence[int], ranks: int, uses_cuda: bool) -> None:
+    """Refuse a message size that ``ranks`` ranks sharing one memory (this host's on the CPU, one GPU's) cannot
+    each hold once: no run of it can allocate its buffers (each rank holds at least one of ``size`` bytes)."""
+    total = memory_bytes(uses_cuda)
+    if total is None:
+        return
+    largest = max(sizes)
+    if largest * ranks > total:
+        where = "one GPU's" if uses_cuda else "this host's"
+        need = f"{ranks} ranks x {format_size(largest)}" if ranks > 1 else format_size(largest)
+        raise InvalidArgumentError(
+            f"message size {format_size(largest)} ({largest} B) cannot fit: {need} is more than {where} "
+            f"{total / 2**30:.1f} GiB of memory"
+        )
 
 
 MAX_REPETITIONS = 10_000_000  # a sample list of that many floats is 80 MB per point; more is a typo
@@ -244,6 +291,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
         sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
         check_whole_elements(sizes, dtype)
+        check_fits_memory(sizes, config.virtual_ranks, True)
         return LaunchPlan("virtual", config.virtual_ranks, "custom", sizes, True)
 
     kind = available_kind(config.backend)
@@ -265,4 +313,5 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
     check_whole_elements(sizes, dtype)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
+    check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
     return LaunchPlan(mode, world_size, kind, sizes, uses_cuda)
