@@ -103,8 +103,8 @@ def sizes_from_args(args: argparse.Namespace) -> list[int] | None:
     is an :class:`InvalidArgumentError`."""
     from sagellm_comm.benchmark.sizes import parse_size_list, parse_size_range
 
-    if args.message_sizes:
+    if args.message_sizes is not None:
         return parse_size_list(args.message_sizes)
-    if args.sizes:
+    if args.sizes is not None:  # an empty --sizes is refused, not taken for the default
         return parse_size_range(args.sizes)
     return None

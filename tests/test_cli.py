@@ -207,6 +207,10 @@ BAD_OPTIONS = [
     (["--backend", "nosuch"], "unknown backend 'nosuch'"),
     (["--backend", "gloo", "--selector-config", "missing.json"], "no such file"),
     (["--backend", "gloo", "--zero-copy"], "--zero-copy applies to --virtual-ranks"),
+    # were ignored: the run went ahead without what they ask for, or with the default sizes
+    (["--backend", "gloo", "--virtual-mode", "streams"], "--virtual-mode streams applies to --virtual-ranks"),
+    (["--backend", "gloo", "--graph-calls", "5"], "--graph-calls 5 applies to --graph runs only"),
+    (["--backend", "gloo", "--sizes", ""], "bad message size ''"),
     (["--virtual-ranks", "2", "--virtual-mode", "streams", "--graph"], "--graph needs --virtual-mode stacked"),
     (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was a traceback from a rank

@@ -28,6 +28,7 @@ from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
     DEFAULT_CPU_SIZES,
     DEFAULT_GPU_SIZES,
+    DEFAULT_GRAPH_CALLS,
     DEFAULT_SPAWN_WORLD_SIZE,
     VIRTUAL_DTYPES,
     VIRTUAL_MODES,
@@ -260,6 +261,10 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     check_settings()
     if config.zero_copy and config.virtual_ranks is None:
         raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
+    if config.virtual_mode != "stacked" and config.virtual_ranks is None:
+        raise InvalidArgumentError(f"--virtual-mode {config.virtual_mode} applies to --virtual-ranks runs only")
+    if config.graph_calls != DEFAULT_GRAPH_CALLS and not config.graph:
+        raise InvalidArgumentError(f"--graph-calls {config.graph_calls} applies to --graph runs only")
     if config.virtual_mode not in VIRTUAL_MODES:
         raise InvalidArgumentError(
             f"--virtual-mode must be one of {', '.join(VIRTUAL_MODES)}, got {config.virtual_mode!r}"
