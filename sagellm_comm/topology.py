@@ -40,6 +40,11 @@ __all__ = ["ENV_VAR", "GPUInfo", "Topology"]
 ENV_VAR = "SAGELLM_COMM_TOPOLOGY"
 PCIE_LEVELS = ("PIX", "PXB", "PHB", "NODE", "SYS")
 SOURCES = ("nvml", "cuda", "env", "cpu")
+#: the most GPUs a description may give (more than any host holds; the link matrices grow as its square)
+MAX_GPUS = 1024
+#: the keys a description may have: :meth:`Topology.to_dict`'s, and the short form's
+_KEYS = ("source", "hostname", "gpus", "links", "peer_access", "ranks", "rank_hostnames")
+_KEYS += ("num_gpus", "link", "gpu_name")
 
 
 @dataclass
@@ -110,6 +115,15 @@ class Topology:
         """
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"{ENV_VAR} must describe a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_KEYS))
+        if unknown:  # a misspelt key ("num_gpu") would otherwise describe no GPU at all
+            raise InvalidArgumentError(f"{ENV_VAR}: unknown key(s) {unknown}; the keys: {', '.join(_KEYS)}")
+        bad = f"{ENV_VAR}: bad 'gpus'/'num_gpus' entry:"
+        count, listed = data.get("num_gpus", 0), data.get("gpus") or []
+        if count.__class__ is not int or not 0 <= count <= MAX_GPUS:
+            raise InvalidArgumentError(f"{bad} 'num_gpus' must be an integer in 0..{MAX_GPUS}, got {count!r}")
+        if not isinstance(listed, list) or len(listed) > MAX_GPUS:
+            raise InvalidArgumentError(f"{bad} 'gpus' must be a list of at most {MAX_GPUS} GPUs")
         try:
             gpus = [
                 GPUInfo(**g) if isinstance(g, dict) else GPUInfo(index=i, name=str(g))

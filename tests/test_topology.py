@@ -77,6 +77,12 @@ def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pyt
         (json.dumps({"num_gpus": 2, "links": [["X", "NVLINK"], ["NVLINK", "X"]]}), "links[0][1] = 'NVLINK'"),
         (json.dumps({"num_gpus": 2, "links": [["X"]]}), "2x2 matrix"),
         (json.dumps({"num_gpus": "2"}), "bad 'gpus'/'num_gpus' entry"),
+        # were taken: no GPU, one GPU, one GPU per character, and a hang building a 10^16-entry matrix
+        (json.dumps({"num_gpu": 8, "link": "NV18"}), "unknown key(s) ['num_gpu']"),
+        (json.dumps({"num_gpus": -1}), "'num_gpus' must be an integer in 0..1024, got -1"),
+        (json.dumps({"num_gpus": True}), "'num_gpus' must be an integer in 0..1024, got True"),
+        (json.dumps({"gpus": "H100"}), "'gpus' must be a list"),
+        (json.dumps({"num_gpus": 100_000_000, "link": "NV18"}), "got 100000000"),
         (json.dumps({"ranks": ["a"], "rank_hostnames": ["h"]}), "invalid literal for int()"),  # was a raw ValueError
         (json.dumps({"rank_hostnames": 5}), "not iterable"),  # was a raw TypeError
     ],
