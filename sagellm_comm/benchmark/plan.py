@@ -196,12 +196,16 @@ def launch_world(kind: str, uses_cuda: bool, requested: int | None, env: tuple[i
 
 
 def memory_bytes(uses_cuda: bool) -> int | None:
-    """The memory the buffers of a point must fit in: the current GPU's, or this host's; None if unknown."""
+    """The memory the buffers of a point must fit in: the smallest GPU's of this host (from its topology, which
+    NVML gives without a CUDA context in the process that starts the ranks), or this host's; None if unknown."""
+    if uses_cuda:
+        from sagellm_comm.topology import Topology
+
+        known = [gpu.memory_bytes for gpu in Topology.discover().gpus if gpu.memory_bytes]
+        return min(known) if known else None
     try:
-        if uses_cuda:
-            return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, RuntimeError, ValueError):
+    except (AttributeError, OSError, ValueError):
         return None
 
 
