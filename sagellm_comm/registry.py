@@ -193,7 +193,7 @@ def resolve_kind(kind: str | None) -> str:
     """
     global _LAST_AUTO
     _ensure_builtins()
-    key = _normalise(kind or AUTO)
+    key = _normalise(AUTO if kind is None else kind)  # an empty name is refused, not taken for "auto"
     if key != AUTO:
         _lookup(key)
         return key
@@ -225,7 +225,7 @@ def create_backend(kind: str = AUTO, **kwargs: Any) -> CommBackend:
     """
     from sagellm_comm.backend import CommBackend
 
-    auto = _normalise(kind or AUTO) == AUTO
+    auto = _normalise(AUTO if kind is None else kind) == AUTO
     name = resolve_kind(kind)
     entry = _lookup(name)
     entry.check()
@@ -246,7 +246,7 @@ def create_backend(kind: str = AUTO, **kwargs: Any) -> CommBackend:
 
 def get_comm_backend(kind: str | None = None, **kwargs: Any) -> CommBackend:
     """Build an uninitialised backend of ``kind``; ``None`` or ``"auto"``: the best available."""
-    return create_backend(kind or AUTO, **kwargs)
+    return create_backend(AUTO if kind is None else kind, **kwargs)
 
 
 def _lookup(name: str) -> _Entry:

@@ -211,6 +211,7 @@ BAD_OPTIONS = [
     (["--backend", "gloo", "--virtual-mode", "streams"], "--virtual-mode streams applies to --virtual-ranks"),
     (["--backend", "gloo", "--graph-calls", "5"], "--graph-calls 5 applies to --graph runs only"),
     (["--backend", "gloo", "--sizes", ""], "bad message size ''"),
+    (["--backend", ""], "backend kind must be a non-empty string"),
     (["--virtual-ranks", "2", "--virtual-mode", "streams", "--graph"], "--graph needs --virtual-mode stacked"),
     (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was a traceback from a rank

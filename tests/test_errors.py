@@ -95,6 +95,11 @@ def test_backend_not_available_names_what_is_missing() -> None:
         lambda: CommBackend.create("mpi-magic"), BackendNotSupportedError, ErrorCode.COMM_BACKEND_NOT_SUPPORTED
     )
     assert "gloo" in str(err) and "unknown backend" in str(err)
+    # an empty name is refused, not taken for "auto"
+    from sagellm_comm.backend import get_comm_backend, resolve_kind
+
+    for call in (lambda: resolve_kind(""), lambda: get_comm_backend(""), lambda: CommBackend.create(" ")):
+        expect(call, InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "backend kind must be a non-empty string")
 
 
 def test_missing_cupy_is_one_typed_error_with_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
