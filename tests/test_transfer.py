@@ -739,6 +739,47 @@ def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout():
         assert closed == [f"rank{rank}"]
 
 
+def _stale_group_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.transfer import TransferAgent
+
+    def init():
+        return sagellm_comm.get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_addr="127.0.0.1",
+                                                          master_port=port, timeout=60)  # fmt: skip
+
+    backend = init()
+    group = backend.new_group(list(range(world_size)))
+    backend.destroy()
+    backend = init()  # the same backend again: the handle's groups went with the first world
+    made = []
+    real_init = TransferAgent.__init__
+
+    def counted_init(self, *args, **kwargs):
+        made.append(args[0])
+        real_init(self, *args, **kwargs)
+
+    TransferAgent.__init__ = counted_init
+    start = time.monotonic()
+    try:
+        backend.transfer_agent(f"rank{rank}", {"kv": torch.zeros(64)}, backend="nixl", group=group)
+    except Exception as exc:
+        outcome = type(exc).__name__, str(exc)
+    else:
+        outcome = "returned", ""
+    backend.destroy()
+    return (*outcome, time.monotonic() - start, made)
+
+
+def test_a_group_destroyed_with_its_world_is_refused_before_an_agent_is_made():
+    """A GroupHandle kept across destroy() and init() is no group of the backend any more: a typed error, as the
+    collectives give, before any agent is made (it was a ValueError from torch after the agents were made)."""
+    results = run_ranks(_stale_group_worker, 2, timeout=120.0, torchrun_env=False)
+    for rank, (kind, text, seconds, made) in enumerate(results):
+        assert kind == "GroupNotFoundError", (rank, kind, text)
+        assert "group over ranks [0, 1] does not belong to this backend (or was destroyed)" in text, text
+        assert made == [] and seconds < 20, (rank, made, seconds)
+
+
 def test_names_given_to_two_ranks_fail_every_rank_before_any_peer_is_added():
     results = run_ranks(_world_failure_worker, 3, "duplicate", timeout=120.0, torchrun_env=False)
     for rank, (kind, _, text, seconds, closed) in enumerate(results):

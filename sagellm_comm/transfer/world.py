@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sagellm_comm.errors import CollectiveFailedError, GroupInvalidError, InvalidArgumentError
+from sagellm_comm.errors import CollectiveFailedError, GroupInvalidError, GroupNotFoundError, InvalidArgumentError
 from sagellm_comm.transfer.agent import DEFAULT_TIMEOUT_S, TransferAgent
 from sagellm_comm.transfer.metadata import AgentMetadata
 
@@ -70,6 +70,11 @@ def connect_world(
     if group is not None and not group.is_member:
         raise GroupInvalidError(f"rank {backend.rank} is not a member of group {list(group.ranks)}")
     cpu_group = backend.cpu_group if group is None else group.cpu_group
+    try:  # a handle whose groups were destroyed with its backend (destroy(), then init() again) is no group now
+        mine_index = dist.get_rank(cpu_group)
+    except (RuntimeError, ValueError):
+        what = "the world's group" if group is None else f"group over ranks {list(group.ranks)}"
+        raise GroupNotFoundError(f"{what} does not belong to this backend (or was destroyed)") from None
     device = backend.device if backend.device.type == "cuda" else None
     agent: TransferAgent | None = None
     failure: Exception | None = None
@@ -101,7 +106,6 @@ def connect_world(
                 f"transfer_agent over ranks {members}: agent names must be unique, and {twice} is given to ranks "
                 f"{[members[i] for i, n in enumerate(names) if n in twice]}; no agent of this group was connected"
             )
-        mine_index = dist.get_rank(cpu_group)
         refused: Exception | None = None
         for index, (_, blob) in enumerate(blobs):
             if index != mine_index:
