@@ -700,6 +700,7 @@ def _world_failure_worker(rank, world_size, port, scenario):
         time.sleep(timeout + 8)
         return None
     name = "rank0" if scenario == "duplicate" and rank == 2 else f"rank{rank}"  # two ranks named rank0
+    name = "" if scenario == "name" and rank == 1 else name  # refused, not replaced by the default name
     try:
         backend.transfer_agent(name, regions, backend="nixl")
     except Exception as exc:
@@ -712,17 +713,18 @@ def _world_failure_worker(rank, world_size, port, scenario):
     [
         ("register", "InvalidArgumentError", "not contiguous", "could not make or register its agent"),
         ("regions", "InvalidArgumentError", "regions must map names to tensors", "could not make or register"),
+        ("name", "InvalidArgumentError", "agent name must be a printable string", "could not make or register"),
         ("add_peer", "BackendNotSupportedError", "no transport reaches that peer", "could not add its peers"),
     ],
 )
 def test_a_rank_whose_agent_fails_fails_every_rank_of_the_world_at_once(scenario, error, words, what):
-    """Every rank reaches the metadata exchanges: the failing rank (a region, its regions argument, or a peer it
-    cannot add while the others added theirs) raises its own error, the others a typed error naming it and its
-    reason, long before the backend's timeout (60 s); every agent made is closed."""
+    """Every rank reaches the metadata exchanges: the failing rank (a region, its regions argument, its agent's
+    name, or a peer it cannot add while the others added theirs) raises its own error, the others a typed error
+    naming it and its reason, long before the backend's timeout (60 s); every agent made is closed."""
     results = run_ranks(_world_failure_worker, 3, scenario, timeout=120.0, torchrun_env=False)
     for rank, (kind, details, text, seconds, closed) in enumerate(results):
         assert seconds < 20, (rank, seconds)
-        assert closed == ([] if scenario == "regions" and rank == 1 else [f"rank{rank}"]), (rank, closed)
+        assert closed == ([] if scenario in ("regions", "name") and rank == 1 else [f"rank{rank}"]), (rank, closed)
         if rank == 1:
             assert kind == error and words in text, text
         else:

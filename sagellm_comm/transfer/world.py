@@ -81,7 +81,8 @@ def connect_world(
     try:
         if regions is not None and not isinstance(regions, Mapping):  # a failure the other ranks learn of too
             raise InvalidArgumentError(f"regions must map names to tensors, got {type(regions).__name__}")
-        agent = TransferAgent(name or default_agent_name(backend.rank), transfer_backend, device=device,
+        name = default_agent_name(backend.rank) if name is None else name  # "" is refused, not replaced
+        agent = TransferAgent(name, transfer_backend, device=device,
                               timeout=timeout, options=options)  # fmt: skip
         for region, tensor in (regions or {}).items():
             agent.register(region, tensor)
