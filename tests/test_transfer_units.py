@@ -533,6 +533,38 @@ class _RecordingBackend(TransferBackend):
         pass
 
 
+def test_a_transport_is_known_by_its_registry_name_and_its_factory_must_make_one():
+    """A transport registered under another name than its class's ``name`` (a second registration of one class, a
+    class that never set it) is that name everywhere: ``peer_backend``, handles, prepared pools, whose release and
+    the agent's close looked the class's name up among the registry's (a KeyError).  A factory that returns no
+    TransferBackend is a typed error when the agent is made."""
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("renamed-test", _RecordingBackend)
+    registry.register_transfer_backend("no-backend-test", lambda context: None)
+    a = b = None
+    try:
+        a, b = TransferAgent("a", "renamed-test"), TransferAgent("b", "renamed-test")
+        a.register("kv", torch.zeros(64))
+        b.register("kv", torch.zeros(64))
+        peer = a.add_peer(b.metadata())
+        assert a.peer_backend(peer) == "renamed-test" and a.backend_reason(peer).startswith("renamed-test")
+        assert a.write(peer, "kv", "kv", [(0, 0, 16)]).backend == "renamed-test"
+        prepared = a.prepare(peer, "kv", "kv", 16)
+        assert prepared.backend == "renamed-test" and prepared.write([0], [1]).backend == "renamed-test"
+        prepared.release()
+        a.prepare(peer, "kv", "kv", 16)  # released by close
+        a.close()
+        with pytest.raises(InvalidArgumentError, match="'no-backend-test' must return a TransferBackend, got NoneType"):
+            TransferAgent("c", "no-backend-test")
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.close()
+        registry.unregister_transfer_backend("renamed-test")
+        registry.unregister_transfer_backend("no-backend-test")
+
+
 @pytest.fixture
 def recording_agents():
     """Agents ``a`` and ``b`` over the recording transport, ``a`` with peers ``b`` and ``b-gpu`` (whose ``kv``

@@ -163,7 +163,14 @@ class TransferAgent:
         self._backends: dict[str, TransferBackend] = {}
         for entry in entries:
             try:
-                self._backends[entry.name] = entry.factory(context)
+                backend_object = entry.factory(context)
+                if not isinstance(backend_object, TransferBackend):
+                    raise InvalidArgumentError(
+                        f"the factory of transfer backend {entry.name!r} must return a TransferBackend, got "
+                        f"{type(backend_object).__name__}"
+                    )
+                backend_object.name = entry.name  # known by its registry name, whatever its class says
+                self._backends[entry.name] = backend_object
             except BackendNotSupportedError as exc:
                 if len(entries) == 1:
                     raise

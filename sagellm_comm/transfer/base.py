@@ -88,7 +88,7 @@ class Prepared:
 class TransferBackend(ABC):
     """One transport of one agent (see the module docstring)."""
 
-    #: the registry name
+    #: the registry name (an agent sets it on each transport it starts to the name the factory was registered under)
     name: ClassVar[str] = ""
 
     def __init__(self, context: AgentContext):
