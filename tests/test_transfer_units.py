@@ -565,6 +565,25 @@ def test_a_transport_is_known_by_its_registry_name_and_its_factory_must_make_one
         registry.unregister_transfer_backend("no-backend-test")
 
 
+def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_made():
+    """``device=`` (and ``allocate``'s device) naming a GPU this process does not see is an InvalidArgumentError at
+    once; it made an agent whose every call, close included, failed in torch (a TypeError on a CPU-only build)."""
+    from sagellm_comm.transfer import TransferAgent
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: cuda:0 without any
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        with pytest.raises(InvalidArgumentError, match=f"device '{missing}' is not a GPU of this process"):
+            TransferAgent("a", "device-test", device=missing)
+        agent = TransferAgent("a", "device-test")
+        with pytest.raises(InvalidArgumentError, match=f"region 'kv': device '{missing}' is not a GPU"):
+            agent.allocate("kv", 16, torch.float32, missing)
+        assert agent.regions == [] and agent.allocate("kv", 16, torch.float32).device.type == "cpu"
+        agent.close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 @pytest.fixture
 def recording_agents():
     """Agents ``a`` and ``b`` over the recording transport, ``a`` with peers ``b`` and ``b-gpu`` (whose ``kv``

@@ -142,7 +142,7 @@ class TransferAgent:
                 f"UTF-8 (a peer's notification ring holds it), got {name!r}"
             )
         self.timeout = check_timeout(timeout)
-        device = None if device is None else check_device(device)
+        device = None if device is None else _usable_device(device, "device")
         options = _check_options(options)
         self.name = name
         self.incarnation = uuid.uuid4().hex
@@ -252,7 +252,7 @@ class TransferAgent:
         through NIXL only)."""
         from sagellm_comm.transfer.shared import shared_cpu_tensor
 
-        device = check_device(device)
+        device = _usable_device(device, f"region {name!r}: device")
         if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
         if not isinstance(shape, tuple | list):
@@ -653,6 +653,20 @@ def _check_name(name: Any, what: str) -> None:
     """Peers and regions are named by strings: anything else (a list, bytes, None) is refused by name."""
     if not isinstance(name, str):
         raise InvalidArgumentError(f"{what} must be a name (str), got {type(name).__name__} {name!r}")
+
+
+def _usable_device(device: Any, what: str) -> torch.device:
+    """``device`` as a ``torch.device`` (:func:`check_device`); a CUDA device this process has no GPU for is refused
+    here, rather than by torch (an AssertionError or RuntimeError) at the agent's first call."""
+    device = check_device(device, what)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise InvalidArgumentError(
+                f"{what} {str(device)!r} is not a GPU of this process ({count} CUDA GPU(s) visible)",
+                details={"device": str(device)},
+            )
+    return device
 
 
 def _check_options(options: Any) -> dict[str, dict]:
