@@ -100,6 +100,19 @@ def test_transfer_agent_refuses_bad_constructor_values(kwargs, match, monkeypatc
         TransferAgent("probe", **kwargs)
 
 
+def test_transfer_agent_refuses_a_nixl_backend_that_nixl_has_no_plugin_for():
+    """NIXL skips a backend it has no plugin for with a warning: the agent was made, registered nothing, and its
+    metadata() raised NIXL's own nixlInvalidParamError."""
+    from sagellm_comm.transfer import TransferAgent, transfer_backend_unavailable
+
+    why = transfer_backend_unavailable("nixl")
+    if why is not None:
+        pytest.skip(why)
+    for backend in ("nixl", "auto"):  # auto does not skip NIXL for it either: the option is wrong
+        with pytest.raises(InvalidArgumentError, match=r"nixl option backends names \['NOPE'\], which NIXL has no"):
+            TransferAgent("probe", backend, options={"nixl": {"backends": ["UCX", "NOPE"]}})
+
+
 def test_transfer_agent_allocate_refuses_a_device_that_is_not_one():
     from sagellm_comm.transfer import TransferAgent
 

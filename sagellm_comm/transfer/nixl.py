@@ -260,6 +260,14 @@ class NixlBackend(TransferBackend):
         except Exception as exc:
             self.ucx.unwatch(context.name)
             raise BackendNotSupportedError(f"NIXL could not create agent {context.name!r}: {exc!r}") from None
+        missing = [name for name in backends if name not in getattr(self.agent, "backends", {})]
+        if missing:  # NIXL skips a backend it has no plugin for with a warning: an agent that registers nothing
+            plugins = sorted(getattr(self.agent, "plugin_list", []))
+            self.ucx.unwatch(context.name)
+            self.agent = None
+            raise InvalidArgumentError(
+                f"nixl option backends names {missing}, which NIXL has no plugin for here (its plugins: {plugins})"
+            )
         self.registered: dict[str, object] = {}  # region -> NIXL's registration descriptors
         self.addresses: dict[str, list[int]] = {}  # region -> [address, nbytes, device index]
         self.links: list[NixlLink] = []
