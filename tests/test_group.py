@@ -87,3 +87,27 @@ def test_comm_group_create_single_rank_context_manager() -> None:
         assert torch.equal(t, torch.tensor([1.0, 2.0]))  # a product over one rank is the input itself
         assert "ranks=[0]" in repr(group)
     assert not group.backend.is_initialized
+
+
+def _groups_made_in_different_orders(rank: int, world_size: int, port: int) -> list:
+    world = sagellm_comm.init(backend="gloo", timeout=60)
+    try:
+        # ranks 0 and 1 make {0,1} first, ranks 2 and 3 make {2,3} first: torch would give both groups one
+        # name (its count of groups made so far), so their rendezvous keys would collide
+        first, then = ([0, 1], [2, 3]) if rank < 2 else ([2, 3], [0, 1])
+        said = r"different groups \(\[0, 1\] on ranks \[0, 1\]; \[2, 3\] on ranks \[2, 3\]\)"
+        with pytest.raises(GroupInvalidError, match=said):
+            world.new_subgroup(first)
+        with pytest.raises(GroupInvalidError, match="different groups"):
+            world.new_subgroup(then)
+        # nothing was made: groups made alike afterwards work
+        tp = world.split(2)
+        x = torch.full((3,), float(rank + 1))
+        tp.all_reduce(x)
+        return x.tolist()
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_groups_asked_for_differently_on_different_ranks_raise_on_every_rank() -> None:
+    assert run_ranks(_groups_made_in_different_orders, 4, timeout=120) == [[3.0] * 3] * 2 + [[7.0] * 3] * 2

@@ -34,6 +34,7 @@ from sagellm_comm.backend import (
 from sagellm_comm.errors import (
     BackendNotSupportedError,
     CommError,
+    GroupInvalidError,
     GroupNotFoundError,
     InvalidArgumentError,
     NotInitializedError,
@@ -232,6 +233,7 @@ class TorchDistributedBackend(CommBackend):
         the world must call it with the same ranks; non-members get a handle with ``rank == -1``."""
         self._check_ready()
         members = check_group_ranks(ranks, self._world_size)
+        self._check_same_members(members)
         try:
             engine_pg = dist.new_group(list(members), timeout=seconds(self.timeout))
             cpu_pg = engine_pg if self.engine.host_blocking else self._gloo_group(members)
@@ -246,6 +248,32 @@ class TorchDistributedBackend(CommBackend):
         )
         self._groups.append(handle)
         return handle
+
+    def _check_same_members(self, members: tuple[int, ...]) -> None:
+        """Every rank of the world asked for the same group, before torch makes one.
+
+        torch names a new group by how many groups this process made before it, so ranks that ask for different
+        members (or make their groups in different orders) would share one group's rendezvous keys: the groups
+        then connect the wrong ranks, fail later or wait out the timeout.  One exchange over the world's Gloo
+        side (bounded by the backend's timeout) finds it first, and every rank raises."""
+        if self._world_size == 1:
+            return
+        asked: list[Any] = [None] * self._world_size
+        try:
+            dist.all_gather_object(asked, list(members), group=self._world.cpu_group)
+        except Exception as exc:
+            what = f"new_group({list(members)}): comparing the members every rank asked for"
+            raise self._translate(exc, what, self.timeout) from exc
+        if any(a != asked[0] for a in asked):
+            by_members: dict[tuple[int, ...], list[int]] = {}
+            for rank, a in enumerate(asked):
+                by_members.setdefault(tuple(a), []).append(rank)
+            said = "; ".join(f"{list(m)} on ranks {r}" for m, r in by_members.items())
+            raise GroupInvalidError(
+                f"new_group: the ranks of the world asked for different groups ({said}); every rank must make the "
+                "same groups in the same order (non-members too)",
+                details={"asked": {rank: a for rank, a in enumerate(asked)}},
+            )
 
     # ------------------------------------------------------------------ operations
     def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
