@@ -82,21 +82,24 @@ def _below_threshold_worker(rank, world_size, port):
     os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = "4096"
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
                               max_bytes=16384)  # fmt: skip
+    backend = world.backend
     try:
         x = torch.ones(16)
         world.all_reduce(x)  # 64 bytes: under the threshold, flat engine
-        small = (bool(torch.all(x == 4)), world.backend.last_selection.algo)
+        small = (bool(torch.all(x == 4)), backend.last_selection.algo, backend.select(64, 4).algo)
         y = torch.ones(2048)  # 8 KB: hierarchical
         world.all_reduce(y)
-        large = (bool(torch.all(y == 4)), world.backend.last_selection.algo)
+        ran = backend.last_selection
+        large = (bool(torch.all(y == 4)), ran.algo, backend.select(8192, 4) == ran)
     finally:
         sagellm_comm.destroy()
     return small, large
 
 
 def test_small_messages_stay_on_the_engine():
+    """... and ``select`` (what all_reduce runs, and why) says so on both sides of the threshold."""
     for small, large in run_ranks(_below_threshold_worker, 4, env=INTERP, timeout=540):
-        assert small == (True, "gloo") and large == (True, "hierarchical")
+        assert small == (True, "gloo", "gloo") and large == (True, "hierarchical", True)
 
 
 def _missing_worker(rank, world_size, port, marker):

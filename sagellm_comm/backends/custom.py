@@ -375,26 +375,20 @@ class CustomBackend(TorchDistributedBackend):
             super().destroy()
 
     # ------------------------------------------------------------------ all-reduce
-    def _try_hierarchical(self, tensor, op, group, algo) -> CustomAllReduce | None:
-        """Run the hierarchical path for a node-spanning group and return its node-local kernels, or None
-        when it does not apply to this call."""
+    def _hierarchical_plan(self, group) -> tuple[HierarchicalPlan, CustomAllReduce] | None:
+        """This rank's plan for a node-spanning ``group`` and its node-local kernels, or None (no plan here)."""
         handle = getattr(group, "handle", group)
         key = None if handle is None or handle is self._world else id(handle)
         entry = self._hierarchical.get(key)
         if entry is None or (key is not None and entry[0] is not handle):
             return None
-        plan = entry[1]
-        car = self.kernels_for(plan.local)
-        if (
-            car is None
-            or ReduceOp.parse(op) is not ReduceOp.SUM
-            or not isinstance(tensor, torch.Tensor)
-            or tensor.dtype not in SUPPORTED_DTYPES
-            or not tensor.is_contiguous()
-        ):
-            return None
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes > capacity_bytes(plan, car, tensor.element_size()):
+        car = self.kernels_for(entry[1].local)
+        return None if car is None else (entry[1], car)
+
+    def _hierarchical_selection(self, plan, car, nbytes: int, itemsize: int, algo: str) -> Selection | None:
+        """The hierarchical path's :class:`Selection` for ``nbytes`` of ``itemsize``-byte elements, or None when
+        the message is over what the node-local workspace takes or (``auto``) under the threshold."""
+        if nbytes > capacity_bytes(plan, car, itemsize):
             return None
         if algo == AUTO and nbytes < plan.min_bytes:
             return None
@@ -403,13 +397,32 @@ class CustomBackend(TorchDistributedBackend):
             if plan.cross_kernels is None
             else f"the kernels ({HIER_CROSS_ENV}=kernels: simulated nodes)"
         )
-        self.last_selection = Selection(
+        return Selection(
             HIERARCHICAL_ALGO,
             "user" if algo == HIERARCHICAL_ALGO else "hierarchical-span-nodes",
             f"group spans {plan.nodes} nodes x {plan.local_size} ranks: kernels reduce-scatter and all-gather "
             f"inside each node, {between} all-reduces 1/{plan.local_size} between nodes "
             f"(from {plan.min_bytes} bytes: {HIER_MIN_BYTES_ENV}; model in backends/hierarchical.py, unmeasured)",
         )
+
+    def _try_hierarchical(self, tensor, op, group, algo) -> CustomAllReduce | None:
+        """Run the hierarchical path for a node-spanning group and return its node-local kernels, or None
+        when it does not apply to this call."""
+        found = self._hierarchical_plan(group)
+        if (
+            found is None
+            or ReduceOp.parse(op) is not ReduceOp.SUM
+            or not isinstance(tensor, torch.Tensor)
+            or tensor.dtype not in SUPPORTED_DTYPES
+            or not tensor.is_contiguous()
+        ):
+            return None
+        plan, car = found
+        itemsize = tensor.element_size()
+        sel = self._hierarchical_selection(plan, car, tensor.numel() * itemsize, itemsize, algo)
+        if sel is None:
+            return None
+        self.last_selection = sel
         hierarchical_all_reduce(self, plan, car, tensor)
         return car
 
@@ -417,6 +430,10 @@ class CustomBackend(TorchDistributedBackend):
         """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
         car = self.kernels_for(group)
         if car is None:
+            found = self._hierarchical_plan(group) if itemsize in SUPPORTED_DTYPES.values() else None
+            sel = None if found is None else self._hierarchical_selection(*found, nbytes, itemsize, AUTO)
+            if sel is not None:
+                return sel
             return Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
         return car.select(nbytes, itemsize).ran_on(self.engine_kind)
 
