@@ -204,6 +204,12 @@ _DEFAULT: CommGroup | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
+def current_default_group() -> CommGroup | None:
+    """The default group :func:`init` made, or None; nothing checked (not even that its backend is still
+    initialised): for a hot path's identity test.  :func:`get_default_group` otherwise."""
+    return _DEFAULT
+
+
 def init(
     rank: int | None = None,
     world_size: int | None = None,

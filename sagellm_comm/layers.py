@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagellm_comm import group as group_module
 from sagellm_comm import ops
 from sagellm_comm.arguments import check_device, check_flag
 from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError, ShapeMismatchError
-from sagellm_comm.group import resolve_group
+from sagellm_comm.group import current_default_group, resolve_group
 
 if TYPE_CHECKING:
     from sagellm_comm.group import CommGroup
@@ -159,7 +158,7 @@ class _ParallelLinearBase(nn.Module):
         another group of the same size and rank is taken as the layer's from then on.  Eager only (a compiled
         graph holds the name as a constant)."""
         name = self.group_name
-        bound = group_module._DEFAULT if name == ops.DEFAULT_GROUP_NAME else ops._GROUPS.get(name)
+        bound = current_default_group() if name == ops.DEFAULT_GROUP_NAME else ops.bound_group(name)
         if bound is not None and bound is self._built_on():
             return
         if torch.compiler.is_compiling():

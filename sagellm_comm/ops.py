@@ -149,6 +149,12 @@ def list_groups() -> dict[str, CommGroup]:
         return dict(_GROUPS)
 
 
+def bound_group(name: str) -> CommGroup | None:
+    """The group registered as ``name`` now, or None (``"default"`` and unknown names included); nothing checked:
+    for a hot path's identity test.  :func:`registered_group` otherwise."""
+    return _GROUPS.get(name)
+
+
 def registered_group(name: str) -> CommGroup | None:
     """The group registered as ``name``; None for ``"default"`` (the default group, resolved by the caller).
 
