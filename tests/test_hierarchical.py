@@ -86,7 +86,8 @@ def _below_threshold_worker(rank, world_size, port):
     try:
         x = torch.ones(16)
         world.all_reduce(x)  # 64 bytes: under the threshold, flat engine
-        small = (bool(torch.all(x == 4)), backend.last_selection.algo, backend.select(64, 4).algo)
+        ran = backend.last_selection  # the same algorithm, rule id and reason as select()
+        small = (bool(torch.all(x == 4)), ran.algo, backend.select(64, 4) == ran)
         y = torch.ones(2048)  # 8 KB: hierarchical
         world.all_reduce(y)
         ran = backend.last_selection
@@ -99,7 +100,7 @@ def _below_threshold_worker(rank, world_size, port):
 def test_small_messages_stay_on_the_engine():
     """... and ``select`` (what all_reduce runs, and why) says so on both sides of the threshold."""
     for small, large in run_ranks(_below_threshold_worker, 4, env=INTERP, timeout=540):
-        assert small == (True, "gloo", "gloo") and large == (True, "hierarchical", True)
+        assert small == (True, "gloo", True) and large == (True, "hierarchical", True)
 
 
 def _missing_worker(rank, world_size, port, marker):

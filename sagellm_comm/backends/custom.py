@@ -471,12 +471,11 @@ class CustomBackend(TorchDistributedBackend):
             or tensor.dtype not in SUPPORTED_DTYPES
             or not tensor.is_contiguous()
         ):
-            why = (
-                "algo=nccl requested"
-                if algo == ENGINE_ALGO
-                else "not a kernel case (no kernels for this group, op, dtype or layout)"
-            )
-            self.last_selection = Selection(self.engine_kind, "engine", why)
+            if car is None and algo != ENGINE_ALGO:  # as select() says: the group has no kernels, and why
+                self.last_selection = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
+            else:
+                why = "algo=nccl requested" if algo == ENGINE_ALGO else "not a kernel case (op, dtype or layout)"
+                self.last_selection = Selection(self.engine_kind, "engine", why)
             return super().all_reduce(tensor, op, group, async_op)
         # The kernel path: ``car.all_reduce`` checks the device (typed error) and dtype/layout were checked
         # above, so nothing is validated twice; a live ``car`` means the backend is initialised.
