@@ -1,8 +1,10 @@
 """Shared fixtures: a small multi-process spawn helper and the GPU skip markers.
 
 ``run_ranks(fn, world_size, *args, timeout=60.0, env=None, torchrun_env=True, **kwargs) -> list``
-runs ``fn(rank, world_size, port, *args, **kwargs)`` in ``world_size`` fresh processes (``spawn``
-start method) and returns their results in rank order.
+runs ``fn(rank, world_size, port, *args, **kwargs)`` in ``world_size`` processes and returns their
+results in rank order.  The processes are forks of a ``forkserver`` that has imported torch and nothing else
+(no triton, no sagellm_comm, no CUDA), so each rank starts without paying for a torch import of its own and still
+sets its environment (``env``, ``TRITON_INTERPRET`` included) before it imports the rest.
 
 * ``fn`` must be a module-level function of a test module (it is pickled by name) and its result
   must be picklable.
@@ -19,8 +21,8 @@ start method) and returns their results in rank order.
   ``timeout`` seconds, never the whole CI job.  ``timeout`` must stay below pytest's own timeout
   (``timeout`` in pyproject) by :data:`CLEANUP_S`, so the helper, not pytest, reports a hang.
 * The ranks never outlive the call: whatever ends it (a result, a failure, pytest's timeout, Ctrl-C)
-  kills the survivors, and a child dies with this process if it is killed outright
-  (``die_with_parent``).
+  kills the survivors, and a child dies with this process if it is killed outright (a thread of the
+  child waits on this process's pidfd).
 * Children run with ``OMP_NUM_THREADS=1`` so several ranks share few cores politely.
 
 ``requires_cuda`` is a skip marker for tests that need a CUDA GPU; tests marked ``gpu`` are skipped
@@ -36,7 +38,10 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import select
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -91,8 +96,49 @@ def _session_timeout() -> float | None:
     return getattr(loaded, "_pytest_timeout_s", None)
 
 
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """The ``forkserver`` start method, with torch imported once in the server: each rank is a fork of a process
+    that has torch, not a fresh interpreter that imports it again (about 2 s of CPU a rank).  Only torch is
+    preloaded: triton reads ``TRITON_INTERPRET`` when a kernel is defined, and the ranks set their environment
+    (``env``) before they import anything else."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def _end_with(pid: int) -> None:
+    """SIGKILL this process as soon as process ``pid`` ends, from a daemon thread.  A rank is the fork server's
+    child, not the launcher's, so ``PR_SET_PDEATHSIG`` cannot watch the launcher; and the fork server outlives
+    a killed launcher while ranks hold its pipe open (multiprocessing hands every child the pipe's write end)."""
+    try:
+        handle: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux), or pid already gone: poll
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the process has ended
+        else:
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True).start()
+
+
 def _child(fn, rank, world_size, port, env, results, args, kwargs, parent_pid) -> None:
-    die_with_parent(parent_pid)
+    die_with_parent(os.getppid())  # the fork server
+    _end_with(parent_pid)  # the launcher
     for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -132,7 +178,7 @@ def run_ranks(
             f"{limit:g}s: give at most {limit - CLEANUP_S:g}s",
             pytrace=False,
         )
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     store = host_store("127.0.0.1", timeout=timeout)  # the ranks' rendezvous, until they are all gone
     port = store.port
     results = ctx.Queue()
