@@ -1,4 +1,5 @@
-"""Checks of the plain values the public API takes: timeouts, counts, flags, devices.
+"""Checks of the plain values the public API takes: timeouts, counts, flags, devices; and whether two tensor
+arguments share memory.
 
 Every public entry point that takes one of these checks it here, before anything runs, so a bad value is
 refused the same way everywhere: an :class:`~sagellm_comm.errors.InvalidArgumentError` naming the argument,
@@ -96,4 +97,17 @@ def check_finite(value: Any, what: str, low: float | None = None) -> float:
     return float(value)
 
 
-__all__ = ["MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_timeout"]
+def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory of contiguous tensors ``a`` and ``b`` has a byte in common (an empty tensor has none).
+
+    Every op that reads one tensor while it writes another asks this before it runs: an output that overlaps its
+    input would be read after part of it was overwritten."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+__all__ = [
+    "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_timeout", "share_bytes",
+]  # fmt: skip

@@ -22,6 +22,7 @@ from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 from sagellm_comm.selector import AUTO, ENGINE_ALGO
 
+from .arguments import share_bytes
 from .config import CommConfig
 from .errors import (
     BackendNotSupportedError,
@@ -550,8 +551,7 @@ class CustomAllReduce:
                 f"{out.dtype} x {out.numel()} on {out.device}"
             )
         start, other = tensor.data_ptr(), out.data_ptr()
-        nbytes = numel * tensor.element_size()
-        if numel and start != other and start < other + nbytes and other < start + nbytes:
+        if start != other and share_bytes(tensor, out):
             raise InvalidArgumentError(
                 f"out overlaps tensor, {other - start:+d} bytes from its start; pass out=None (in place) or an out "
                 "that shares no memory with tensor",

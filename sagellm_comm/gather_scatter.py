@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .arguments import share_bytes
 from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
@@ -75,11 +76,6 @@ def _on_device(tensor: torch.Tensor, use_ptx: bool, device_index: int) -> bool:
     return tensor.device.type == "cpu"
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
 def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int, rows: int, slot_bytes: int, where):
     """Check dtype, layout, device, shapes and capacity of one call of ``op`` (``rows`` ranks stacked in each
     tensor, 1 for a real rank); return ``(numel, itemsize)``, ``numel`` the per-rank block (all-gather) or
@@ -123,7 +119,7 @@ def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int,
 def _check_aliasing(op: str, tensor: torch.Tensor, out: torch.Tensor, rank: int, numel: int) -> None:
     """The kernels allow ``inp`` = this rank's block of ``out`` (all-gather) or ``out`` = this rank's
     chunk of ``inp`` (reduce-scatter), and no other overlap."""
-    if not _overlaps(tensor, out):
+    if not share_bytes(tensor, out):
         return
     whole, part = (out, tensor) if op == "all_gather" else (tensor, out)
     if part.data_ptr() != whole.data_ptr() + rank * numel * whole.element_size():
@@ -232,7 +228,7 @@ def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
     numel, itemsize = _validate(
         op, x, out, world_size, world_size, car.workspace.slot_bytes, (True, vg.device.index, vg.device)
     )
-    if _overlaps(x, out):
+    if share_bytes(x, out):
         raise InvalidArgumentError(f"{op}_stacked: x and out overlap")
     if numel:
         raw = torch._C._cuda_getCurrentRawStream(vg.device.index)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from sagellm_comm.arguments import MAX_TIMEOUT_S, check_device, check_finite, check_flag, check_int, check_timeout
+from sagellm_comm.arguments import (
+    MAX_TIMEOUT_S,
+    check_device,
+    check_finite,
+    check_flag,
+    check_int,
+    check_timeout,
+    share_bytes,
+)
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
 
 BAD_TIMEOUTS = [  # the last two are refused by some checks only (None is the default of a wait)
@@ -19,6 +27,17 @@ BAD_TIMEOUTS = [  # the last two are refused by some checks only (None is the de
 
 
 # ============================================================================ the shared checks
+def test_share_bytes_is_true_exactly_when_two_views_have_a_byte_in_common():
+    buf = torch.zeros(64, dtype=torch.uint8)
+    f32 = buf.view(torch.float32)  # 16 elements over the same 64 bytes
+    assert share_bytes(buf[0:8], buf[0:8]) and share_bytes(buf[0:8], buf[7:9])  # the same; one byte in common
+    assert not share_bytes(buf[0:8], buf[8:16]) and not share_bytes(buf[8:16], buf[0:8])  # adjacent, either order
+    assert share_bytes(f32[1:2], buf[7:8]) and not share_bytes(f32[1:2], buf[8:9])  # element sizes differ
+    assert share_bytes(f32[0:4], buf[3:4]) and not share_bytes(f32[0:4], buf[16:20])
+    assert not share_bytes(buf[4:4], buf[0:8]) and not share_bytes(buf[0:8], f32[1:1])  # empty: no byte
+    assert not share_bytes(buf[0:8], torch.zeros(8, dtype=torch.uint8))  # separate memory
+
+
 @pytest.mark.parametrize("timeout", BAD_TIMEOUTS)
 def test_check_timeout_refuses_what_is_not_a_finite_positive_number(timeout):
     with pytest.raises(InvalidArgumentError, match="kernel_timeout must be a positive number of seconds"):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sagellm_comm.arguments import share_bytes
 from sagellm_comm.backend import GroupHandle, ReduceOp
 from sagellm_comm.errors import (
     GroupInvalidError,
@@ -148,14 +149,10 @@ def check_flat(tensor: Any, what: str, like: torch.Tensor, numel: int, device: t
 def check_disjoint(output: torch.Tensor, input: torch.Tensor, what: str) -> None:
     """``output`` and ``input`` (contiguous) share no byte: ``what`` reads its input while it writes its output, so
     an overlap would hand peers data already overwritten (torch and the engines do not check it)."""
-    if output.numel() == 0 or input.numel() == 0:
-        return
-    out0, in0 = output.data_ptr(), input.data_ptr()
-    out1, in1 = out0 + output.numel() * output.element_size(), in0 + input.numel() * input.element_size()
-    if out0 < in1 and in0 < out1:
+    if share_bytes(output, input):
         raise InvalidArgumentError(
             f"{what}: output and input overlap in memory; {what} cannot run in place: pass a separate output tensor",
-            details={"output_ptr": out0, "input_ptr": in0},
+            details={"output_ptr": output.data_ptr(), "input_ptr": input.data_ptr()},
         )
 
 
