@@ -189,6 +189,8 @@ BAD_OPTIONS = [
     (["--message-sizes", "3", "6"], "message size 3 B is not a whole number of float32 elements (4 bytes each)"),
     (["--sizes", "6:12", "--dtype", "fp64"], "message size 6 B is not a whole number of float64 elements"),
     (["--message-sizes", "1K", "1025", "--dtype", "bf16"], "1025 B is not a whole number of bfloat16"),
+    (["--message-sizes", "4", "4", "4"], "message size 4 B is given twice: give each size once"),  # was run 3 times
+    (["--message-sizes", "1K,1024"], "message size 1024 B is given twice"),
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--sizes", "1M:1K"], "lower bound"),
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),
@@ -263,6 +265,7 @@ OVERLAP_BAD_OPTIONS = [
     (["--message-sizes", "12Q"], "bad message size '12Q'"),
     (["--sizes", "-1K"], "bad message size '-1K': sizes are positive"),
     (["--message-sizes", "3", "6"], "message size 3 B is not a whole number of float32 elements (4 bytes each)"),
+    (["--message-sizes", "64K", "64K"], "message size 65536 B is given twice"),
     (["--compute-ms", "-1"], "--compute-ms must be > 0"),
     (["--compute-ms", "inf"], "--compute-ms must be > 0 and finite"),  # was an OverflowError from a rank
     (["--timeout", "inf"], "--timeout must be positive and finite"),

@@ -18,10 +18,10 @@ from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, O
 from sagellm_comm.benchmark.plan import (
     available_kind,
     check_fits_memory,
+    check_message_sizes,
     check_outputs,
     check_repetitions,
     check_settings,
-    check_whole_elements,
     cuda_available,
     launch_world,
     torchrun_env,
@@ -67,7 +67,7 @@ def resolve_payload(config: OverlapConfig, uses_cuda: bool) -> tuple[tuple[int, 
     if not dtype.is_floating_point:
         raise InvalidArgumentError(f"--dtype: the GEMM needs a floating-point dtype, got {config.dtype}")
     sizes = tuple(config.comm_sizes or parse_size_list(defaults["comm_sizes"]))
-    check_whole_elements(sizes, dtype)
+    check_message_sizes(sizes, dtype)
     return sizes, dtype
 
 

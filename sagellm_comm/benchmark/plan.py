@@ -137,8 +137,12 @@ def check_outputs(output_dir: str | None, plot: str | None) -> None:
         check_writable_dir(Path(plot).parent, "--plot's directory")
 
 
-def check_whole_elements(sizes: Sequence[int], dtype: torch.dtype) -> None:
-    """Refuse a message size that is not a whole number of ``dtype`` elements (it would be rounded)."""
+def check_message_sizes(sizes: Sequence[int], dtype: torch.dtype) -> None:
+    """Refuse a message size given twice (it would be measured twice) or that is not a whole number of ``dtype``
+    elements (it would be rounded)."""
+    twice = sorted({nbytes for nbytes in sizes if sizes.count(nbytes) > 1})
+    if twice:
+        raise InvalidArgumentError(f"message size {twice[0]} B is given twice: give each size once")
     itemsize = torch.empty((), dtype=dtype).element_size()
     partial = [nbytes for nbytes in sizes if nbytes % itemsize]
     if partial:
@@ -299,7 +303,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
         sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
-        check_whole_elements(sizes, dtype)
+        check_message_sizes(sizes, dtype)
         check_fits_memory(sizes, config.virtual_ranks, True)
         return LaunchPlan("virtual", config.virtual_ranks, "custom", sizes, True)
 
@@ -320,7 +324,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             f"NCCL_ALGO={existing} is set in the environment but --algo asks for {wanted}; unset one of them"
         )
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
-    check_whole_elements(sizes, dtype)
+    check_message_sizes(sizes, dtype)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
     check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
     return LaunchPlan(mode, world_size, kind, sizes, uses_cuda)
