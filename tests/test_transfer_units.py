@@ -565,6 +565,45 @@ def test_a_transport_is_known_by_its_registry_name_and_its_factory_must_make_one
         registry.unregister_transfer_backend("no-backend-test")
 
 
+def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fails_the_agent():
+    """The factory's contract (``register_transfer_backend``): BackendNotSupportedError is "not here" (``auto`` goes
+    on without it and says why), any other exception is a fault that fails the agent, whose transports already
+    started are closed again."""
+    from sagellm_comm.transfer import TransferAgent
+
+    closed: list[str] = []
+
+    class _Closing(_RecordingBackend):
+        def close(self) -> None:
+            closed.append(self.name)
+            super().close()
+
+    def not_here(context):
+        raise BackendNotSupportedError("no such fabric on this host")
+
+    def broken(context):
+        raise RuntimeError("vendor library crashed")
+
+    registry.register_transfer_backend("first-test", _Closing, priority=1002)
+    registry.register_transfer_backend("absent-test", not_here, priority=1001)
+    agent = None
+    try:
+        agent = TransferAgent("a")
+        assert agent.backends[0] == "first-test" and "absent-test" not in agent.backends
+        assert agent.skipped["absent-test"] == "no such fabric on this host"
+        agent.close()
+        closed.clear()
+        registry.register_transfer_backend("broken-test", broken, priority=1000)
+        with pytest.raises(RuntimeError, match="vendor library crashed"):
+            TransferAgent("b")
+        assert closed == ["first-test"]  # started before the fault, closed again
+    finally:
+        if agent is not None:
+            agent.close()
+        for name in ("first-test", "absent-test", "broken-test"):
+            registry.unregister_transfer_backend(name)
+
+
 def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_made():
     """``device=`` (and ``allocate``'s device) naming a GPU this process does not see is an InvalidArgumentError at
     once; it made an agent whose every call, close included, failed in torch (a TypeError on a CPU-only build)."""

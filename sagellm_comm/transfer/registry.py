@@ -82,6 +82,10 @@ def register_transfer_backend(
     Args:
         name: lower case (``"mooncake"``); ``"auto"`` is reserved.
         factory: ``factory(context) -> TransferBackend`` for one agent (``context``: :class:`AgentContext`).
+            When the backend cannot run for this agent it raises :class:`BackendNotSupportedError` (``auto``
+            then goes on without it and ``TransferAgent.skipped`` says why); any other exception is a fault and
+            fails the agent's construction, under ``auto`` too, rather than leave a peer on a slower transport
+            without a word.
         is_available: cheap probe: False, or :class:`BackendNotSupportedError` saying what is missing, when the
             backend cannot run in this process.  None: always available.
         priority: ``auto`` tries, for each peer, the available backends highest first (built-ins: ``ipc`` 100,
