@@ -184,6 +184,10 @@ def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypa
         result = run_all_reduce_benchmark(
             backend=backend, message_sizes=["1K", 4096], output_dir=str(tmp_path), warmup_iters=1, benchmark_iters=3
         )
+        # the sizes are checked as on the launch paths (were measured twice, or rounded to whole elements)
+        for sizes, words in ((["1K", 1024], "message size 1024 B is given twice"), ([6], "not a whole number")):
+            with pytest.raises(InvalidArgumentError, match=words):
+                run_all_reduce_benchmark(backend=backend, message_sizes=sizes, output_dir=str(tmp_path))
     finally:
         backend.destroy()
     assert result is not None and result.ok
