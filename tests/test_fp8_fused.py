@@ -452,6 +452,18 @@ def test_bad_input_on_the_fallback_raises_before_the_all_reduce():
     run_ranks(_gloo_bad_input_worker, 2, timeout=120)
 
 
+def test_virtual_ranks_refuse_an_x_that_is_not_a_tensor():
+    """The virtual-rank path's x check is the typed error of the other paths, raised before the group is touched
+    (VirtualFused needs CUDA: made here without its constructor)."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import VirtualFused
+
+    fused = object.__new__(VirtualFused)
+    fused.world_size = 2
+    with pytest.raises(InvalidArgumentError, match="x must be a torch.Tensor, got list"):
+        fused.all_reduce_residual_rmsnorm([[1.0] * 4], torch.zeros(2, 1, 4), torch.ones(4), quant="fp8_per_token")
+
+
 def test_math_of_the_bounds():
     """The bound the tests use is one FP8 step: adjacent e4m3 values are one step apart."""
     q = torch.tensor([1.0, 1.125, 15.0, 16.0, 2.0**-9, 448.0]).to(E4M3)

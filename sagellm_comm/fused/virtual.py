@@ -86,6 +86,8 @@ class VirtualFused:
         ``algo="unfused"`` (or a fusion rule saying so) runs the unfused chain: the virtual ranks' all-reduce, then
         torch ops.
         """
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[0] != self.world_size:
             raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
         self.group.check_errors()
