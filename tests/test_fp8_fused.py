@@ -607,6 +607,9 @@ def test_fusion_policy_refuses_bad_rules():
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "tokens": 3}]})
     with pytest.raises(InvalidArgumentError, match="must be a list"):
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
+    for bad in ({"hidden": ["8192"]}, {"world_sizes": [0]}, {"min_tokens": True}):  # as the selector's rules
+        with pytest.raises(InvalidArgumentError, match="must be"):
+            FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", **bad}]})
     with pytest.raises(InvalidArgumentError, match="at least one rule"):
         FusionPolicy.from_dict({"rules": []})
 

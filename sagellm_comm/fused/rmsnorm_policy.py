@@ -15,8 +15,9 @@ figures give (its record's ``derived_rules``, the JSON shape :meth:`FusionPolicy
         {"id": "default", "path": "all_reduce_policy"}
     ]}
 
-Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes``, ``hidden`` (sizes),
-``min_tokens`` / ``max_tokens`` (inclusive).
+Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes``, ``hidden`` (lists of positive
+ints), ``min_tokens`` / ``max_tokens`` (non-negative ints, inclusive); :meth:`FusionPolicy.from_dict` refuses
+anything else with ``InvalidArgumentError``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..arguments import check_int
 from ..errors import InvalidArgumentError
 from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection
 from .fp8 import FP8_QUANT_MODES
@@ -81,11 +83,13 @@ class FusionRule:
             v = d.get(key)
             if v is not None and not isinstance(v, list):
                 raise InvalidArgumentError(f"fusion rule {index}: {key} must be a list, got {v!r}")
+            if v is not None and key != "quant":  # sizes, as the selector's rules take them ("8192" never matches)
+                v = [check_int(n, f"fusion rule {index}: {key}[{i}]", 1) for i, n in enumerate(v)]
             lists[key] = tuple(v) if v is not None else None
         for key in ("min_tokens", "max_tokens"):
             v = d.get(key)
-            if v is not None and (not isinstance(v, int) or v < 0):
-                raise InvalidArgumentError(f"fusion rule {index}: {key} must be a non-negative int, got {v!r}")
+            if v is not None:
+                check_int(v, f"fusion rule {index}: {key}", 0)  # JSON true is not a token count
         return cls(
             id=str(d.get("id", f"rule-{index}")),
             path=d.get("path"),
