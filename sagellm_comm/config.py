@@ -277,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
         default_text="0",
         kind=_flag(),
         doc="""Check mode: before each collective the ranks compare a fingerprint of the call (operation and
-        algorithm, the element count the caller passed, dtype) on the device; a difference raises
+        algorithm, the element count the caller passed or the shape of a fused RMSNorm or GEMM, dtype) on the
+        device; a difference raises
         ``CollectiveMismatchError`` naming both ranks and both calls instead of a wrong result or a hang.""",
         agreed=True,
         example="1",

@@ -262,14 +262,15 @@ def fingerprint_launcher(use_ptx: bool, device_index: int) -> Launcher:
 
 
 def launch_fingerprint_check(
-    launcher: Launcher, table, ctrl, rank: int, world_size: int, operation: str, numel: int, dtype: torch.dtype,
-    timeout: int, ranks: int = 1,
+    launcher: Launcher, table, ctrl, rank: int, world_size: int, operation: str, size: int | tuple[int, int],
+    dtype: torch.dtype, timeout: int, ranks: int = 1,
 ) -> None:  # fmt: skip
-    """Check mode: enqueue the comparison of this call's fingerprint ``(operation, numel, dtype)`` with every
+    """Check mode: enqueue the comparison of this call's fingerprint ``(operation, size, dtype)`` with every
     peer's on the current stream (``ranks`` > 1: virtual ranks in one launch), before the collective kernel it
-    describes.  Every kernel family's check goes through here."""
+    describes.  ``size``: the element count, or the shape ``(rows, cols)`` of a 2-D family
+    (``fingerprint.SHAPED_PREFIXES``).  Every kernel family's check goes through here."""
     launcher.launch(
-        (1, ranks), table=table, ctrl=ctrl, rank=rank, algo=_fp.ALGO_CODES[operation], numel=numel,
+        (1, ranks), table=table, ctrl=ctrl, rank=rank, algo=_fp.ALGO_CODES[operation], numel=_fp.size_word(size),
         dtype_code=DTYPE_CODES[dtype], timeout=timeout, W=world_size, WP=triton.next_power_of_2(world_size),
         USE_PTX=launcher.use_ptx, VIRTUAL=ranks > 1,
     )  # fmt: skip

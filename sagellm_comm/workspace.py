@@ -329,7 +329,8 @@ class SymmetricWorkspace:
         """The first device-side error recorded by a kernel, or None (no device sync).
 
         ``kind`` is ``timeout`` (a peer never arrived) or ``mismatch`` (check mode: a peer's fingerprint
-        differs; ``mine``/``theirs`` hold both as ``(algo, numel, dtype, call)``).  ``call`` is the call number
+        differs; ``mine``/``theirs`` hold both as ``(algo, numel, dtype, call)``, and ``shape`` ``(rows, cols)``
+        for the fused RMSNorm and GEMM).  ``call`` is the call number
         (the value of that kernel family's call counter, which starts at the workspace's initial epoch);
         ``flag_target`` the flag value the wait expected.  ``peer`` is a rank of this workspace's group, except
         in phase ``group check`` (a hierarchical all-reduce compared through the engine), where it is global.
@@ -465,17 +466,18 @@ _ALGO_NAMES = {code: name for name, code in _fp.ALGO_CODES.items()}
 
 
 def _decode_fingerprint(words) -> dict:
-    algo, numel, dtype, call = (int(w) for w in words)
-    return {
-        "algo": _ALGO_NAMES.get(algo, f"algo#{algo}"),
-        "numel": numel,
-        "dtype": _DTYPE_NAMES.get(dtype, f"dtype#{dtype}"),
-        "call": call,
-    }
+    algo, size, dtype, call = (int(w) for w in words)
+    name = _ALGO_NAMES.get(algo, f"algo#{algo}")
+    numel, shape = _fp.decode_size(name, size)
+    decoded = {"algo": name, "numel": numel, "dtype": _DTYPE_NAMES.get(dtype, f"dtype#{dtype}"), "call": call}
+    if shape is not None:
+        decoded["shape"] = shape
+    return decoded
 
 
 def _describe(fp: dict) -> str:
-    return f"{fp['algo']} of {fp['numel']} x {fp['dtype']} (check call {fp['call']})"
+    size = " x ".join(map(str, fp["shape"])) if "shape" in fp else str(fp["numel"])
+    return f"{fp['algo']} of {size} x {fp['dtype']} (check call {fp['call']})"
 
 
 def local_workspaces(

@@ -267,6 +267,35 @@ def test_check_mode_names_the_disagreeing_rank_and_both_fingerprints(what):
         assert (mine[key], theirs[key]) == ((r0, r1) if rank == 0 else (r1, r0)), details
 
 
+def _shape_mismatch_worker(rank, world_size, port, family):
+    from sagellm_comm.errors import CollectiveMismatchError
+
+    car, fused, gemm = _setup(rank, world_size, port, timeout_s=30.0, check=True, gemm=True)
+    rows, cols = (2, 256) if rank == 0 else (4, 128)  # the same element count, another layout
+    if family == "rmsnorm":
+        x = torch.ones(rows, cols)
+        call = lambda: fused(x, torch.zeros_like(x), torch.ones(cols), algo="one_shot")  # noqa: E731
+    else:
+        a, b = torch.ones(rows, 8, dtype=torch.bfloat16), torch.ones(8, cols, dtype=torch.bfloat16)
+        call = lambda: gemm(a, b, path="fused")  # noqa: E731
+    call()
+    with pytest.raises(CollectiveMismatchError) as info:
+        (fused if family == "rmsnorm" else gemm).check_errors()
+    return str(info.value), info.value.details
+
+
+@pytest.mark.parametrize("family", ["rmsnorm", "gemm"])
+def test_check_mode_compares_the_shape_of_the_2d_families_not_only_their_size(family):
+    """[2, 256] on one rank and [4, 128] on another hold as many elements: the fused RMSNorm would normalise rows
+    of another length, the fused GEMM reduce another layout, and check mode let it pass."""
+    for rank, (message, details) in enumerate(run_ranks(_shape_mismatch_worker, 2, family, env=INTERP, timeout=300)):
+        mine, theirs = ((2, 256), (4, 128)) if rank == 0 else ((4, 128), (2, 256))
+        assert details["mine"]["shape"] == mine and details["theirs"]["shape"] == theirs, details
+        assert details["mine"]["numel"] == details["theirs"]["numel"] == 512, details
+        dtype = "float32" if family == "rmsnorm" else "bfloat16"
+        assert f"ran {details['mine']['algo']} of {mine[0]} x {mine[1]} x {dtype}" in message, message
+
+
 def _check_mode_agreement_worker(rank, world_size, port):
     import torch.distributed as dist
 

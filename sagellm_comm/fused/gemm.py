@@ -169,7 +169,7 @@ class GemmAllReduce(CopyEnginePath):
             if self.use_ptx:
                 ws.enter_stream(torch._C._cuda_getCurrentRawStream(self.device.index or 0))
             if ws.check:
-                self._launch_check(f"gemm_{sel.algo}", m * n, a.dtype)
+                self._launch_check(f"gemm_{sel.algo}", (m, n), a.dtype)
         if sel.algo == COPY_ENGINE_PATH:
             out = None if zero_copy else torch.empty((m, n), dtype=a.dtype, device=self.device)
             return self._copy_engine(a, b, bias, out, m, n)
@@ -183,12 +183,12 @@ class GemmAllReduce(CopyEnginePath):
             self._reduce(out)
         return out
 
-    def _launch_check(self, algo: str, numel: int, dtype: torch.dtype, table=None, ctrl=None, ranks: int = 1):
+    def _launch_check(self, algo: str, shape: tuple[int, int], dtype: torch.dtype, table=None, ctrl=None, ranks=1):
         """Check mode: the fingerprint comparison of this call (``kernels/fingerprint.py``), before its kernels."""
         ws = self.workspace
         launch_fingerprint_check(
             self._check, ws.table if table is None else table, ws.control if ctrl is None else ctrl, ws.rank,
-            ws.world_size, algo, numel, dtype, self._timeout, ranks,
+            ws.world_size, algo, shape, dtype, self._timeout, ranks,
         )  # fmt: skip
 
     def _rank(self) -> int:

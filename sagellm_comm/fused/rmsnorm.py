@@ -309,7 +309,7 @@ class FusedAllReduceRMSNorm:
         if ws.check:
             name = f"rmsnorm_{algo}" if quant is None else f"rmsnorm_{algo}_{quant}"
             launch_fingerprint_check(
-                self._check, table, ctrl, ws.rank, w, name, rows * hidden, x.dtype, self._timeout, virtual_ranks
+                self._check, table, ctrl, ws.rank, w, name, (rows, hidden), x.dtype, self._timeout, virtual_ranks
             )
         named = dict(
             inp=x, residual=residual, weight=weight, out=out, scales=weight if scales is None else scales,

@@ -7,7 +7,8 @@ peers read the wrong place or wait on the wrong flag: a wrong sum, or a hang.  I
 one-program kernel on the same stream right before each collective kernel:
 
 1. Rank ``r`` reads its check counter ``call = ctrl[CTRL_CHECK]`` and writes its fingerprint
-   ``(algo, numel, dtype, call)`` into ``prints[call % 2][r]`` of every rank's signal pad (slot
+   ``(algo, numel, dtype, call)`` (for the fused RMSNorm and GEMM the shape ``rows x cols`` in place of
+   ``numel``: :func:`size_word`) into ``prints[call % 2][r]`` of every rank's signal pad (slot
    ``SLOT_CHECK``).
 2. Barrier on ``flags[src]`` of the same slot (the all-reduce's ``_barrier_at``: block barrier, one release
    store of ``call + 1`` per rank, bounded acquire polls): every peer's fingerprint of this call is visible.
@@ -89,6 +90,28 @@ ALGO_CODES.update(
     }
 )
 DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
+#: The 2-D families compare their shape, not only its element count: the fused RMSNorm's ``rows x hidden`` and the
+#: fused GEMM's ``m x n``.  Ranks with [2, 256] and [4, 128] would normalise, or reduce, different layouts.
+SHAPED_PREFIXES = ("rmsnorm_", "gemm_")
+
+
+def size_word(size: int | tuple[int, int]) -> int:
+    """The fingerprint's size word: an element count, or a shape ``(rows, cols)`` packed as ``rows << 32 | cols``
+    (a shape too large to pack is compared by its element count)."""
+    if isinstance(size, tuple):
+        rows, cols = size
+        if rows < 1 << 31 and cols < 1 << 32:
+            return rows << 32 | cols
+        return rows * cols
+    return size
+
+
+def decode_size(operation: str, word: int) -> tuple[int, tuple[int, int] | None]:
+    """``(numel, shape or None)`` of a size word written for ``operation`` (:func:`size_word`)."""
+    if operation.startswith(SHAPED_PREFIXES) and word >= 1 << 32:
+        rows, cols = word >> 32, word & 0xFFFFFFFF
+        return rows * cols, (rows, cols)
+    return word, None
 
 
 @triton.jit
