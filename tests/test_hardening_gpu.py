@@ -169,6 +169,39 @@ def test_check_mode_mismatch_on_the_gpu():
         ws.close()
 
 
+def test_check_mode_compares_the_fused_rmsnorm_shape_on_the_gpu():
+    """Agreeing shapes run exactly in check mode; [2, 256] against [4, 128] (as many elements) is a mismatch."""
+    from sagellm_comm.errors import CollectiveMismatchError
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 16, "cuda:0", max_programs=4, check=True)
+    ranks = [FusedAllReduceRMSNorm(ws, timeout_s=10.0) for ws in workspaces]
+    streams = [torch.cuda.Stream() for _ in ranks]
+
+    def call(shapes):
+        outs = []
+        for fused, stream, (rows, cols) in zip(ranks, streams, shapes, strict=True):
+            with torch.cuda.stream(stream):
+                x = torch.full((rows, cols), 3.0, device="cuda")
+                outs.append(fused(x, torch.zeros_like(x), torch.full((cols,), 0.5, device="cuda"), algo="one_shot"))
+        torch.cuda.synchronize()
+        return outs
+
+    for normed, new_residual in call([(2, 256), (2, 256)]):
+        assert torch.equal(normed, torch.full_like(normed, 0.5)) and torch.equal(
+            new_residual, torch.full_like(normed, 6.0)
+        )
+    call([(2, 256), (4, 128)])
+    for r, fused in enumerate(ranks):
+        with pytest.raises(CollectiveMismatchError) as info:
+            fused.check_errors()
+        assert info.value.details["peer"] == 1 - r
+        assert {info.value.details["mine"]["shape"], info.value.details["theirs"]["shape"]} == {(2, 256), (4, 128)}
+    for ws in workspaces:
+        ws.close()
+
+
 def _killed_gpu_worker(rank, world_size, port):
     import torch.distributed as dist
 
