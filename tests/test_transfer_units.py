@@ -70,6 +70,8 @@ def test_block_table_accepts_lists_arrays_and_tensors_and_refuses_malformed_inpu
         (torch.tensor([[0.0, 1.5, 4.0]]), "integers"),
         ("0,0,4", "list"),
         (torch.zeros(2, 3, dtype=torch.int64, device="meta"), "CPU"),
+        (torch.zeros(2, 3, dtype=torch.bfloat16), "integers, got a torch.bfloat16 tensor"),  # numpy has no bfloat16
+        (torch.zeros(2, 3, dtype=torch.int64).to_sparse(), "integers"),
     ):
         with pytest.raises(InvalidArgumentError, match=words):
             d.block_table(bad)
@@ -243,7 +245,7 @@ def test_block_ids_refuse_what_is_not_integers_instead_of_rounding_it():
     for local, remote in (
         ([1.5], [2]), ([1], [2.5]), ([1, 2], ["3", 4]), (np.array([1.0]), [2]), (torch.tensor([1.5]), [2]),
         ([2**64], [1]), (list(range(40)), [0.5] * 40), ([True], [3]), ([0, 1], [2, False]),
-        (list(range(40)), [*range(39), True]),
+        (list(range(40)), [*range(39), True]), (torch.tensor([1], dtype=torch.bfloat16), [2]),
     ):  # fmt: skip
         with pytest.raises(InvalidArgumentError, match="integers"):
             d.block_ids(local, remote)

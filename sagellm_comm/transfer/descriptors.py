@@ -126,7 +126,12 @@ def int64_array(values: Any, what: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         if values.device.type != "cpu":
             raise InvalidArgumentError(f"{what} must be on the CPU, got a tensor on {values.device}")
-        values = values.detach().numpy()
+        try:  # a dtype or layout numpy cannot hold (bfloat16, sparse) is no table of integers either
+            values = values.detach().numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise InvalidArgumentError(
+                f"{what} must be integers, got a {values.dtype} tensor numpy cannot read ({exc})"
+            ) from None
     try:
         array = np.asarray(values)
     except (TypeError, ValueError, OverflowError) as exc:
