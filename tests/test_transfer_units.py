@@ -606,6 +606,30 @@ def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fail
             registry.unregister_transfer_backend(name)
 
 
+def test_a_gpu_region_on_another_gpu_than_the_agents_device_is_refused(monkeypatch):
+    """An agent made with ``device="cuda:1"`` moves regions of cuda:1: a region on cuda:0 is refused at
+    ``register`` as one beside a first GPU region on another GPU is (its calls would run on cuda:1 while a
+    transport bound itself to cuda:0).  Without a GPU here: the device and the region's description are faked."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setattr(agent_module, "_usable_device", lambda device, what: torch.device(device))
+    monkeypatch.setattr(agent_module, "_current_device", lambda: 1)  # the thread is on the agent's GPU already
+
+    def on_gpu0(name, tensor):
+        return d.Region(d.RegionInfo(name, 64, "float32", 4, "cuda", 0), tensor)
+
+    monkeypatch.setattr(agent_module, "make_region", on_gpu0)
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        agent = TransferAgent("a", "device-test", device="cuda:1")
+        with pytest.raises(InvalidArgumentError, match="'kv' is on cuda:0 but this agent's GPU regions are on cuda:1"):
+            agent.register("kv", torch.zeros(16))
+        assert agent.regions == []
+        agent.close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_made():
     """``device=`` (and ``allocate``'s device) naming a GPU this process does not see is an InvalidArgumentError at
     once; it made an agent whose every call, close included, failed in torch (a TypeError on a CPU-only build)."""

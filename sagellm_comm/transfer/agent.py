@@ -209,11 +209,11 @@ class TransferAgent:
             if isinstance(name, str) and name in self._regions:  # a name that is not a str: make_region says so
                 raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
             region = make_region(name, tensor)
-            cuda = [r for r in self._regions.values() if r.info.device == "cuda"]
-            if region.info.device == "cuda" and cuda and cuda[0].info.device_index != region.info.device_index:
+            agent_gpu = self._call.device_index  # from device=, else the first GPU region's
+            if region.info.device == "cuda" and agent_gpu is not None and agent_gpu != region.info.device_index:
                 raise InvalidArgumentError(
                     f"region {name!r} is on cuda:{region.info.device_index} but this agent's GPU regions are on "
-                    f"cuda:{cuda[0].info.device_index}: use one agent per GPU"
+                    f"cuda:{agent_gpu}: use one agent per GPU"
                 )
             done: list[TransferBackend] = []
             on_gpu = region.info.device == "cuda"
