@@ -606,6 +606,19 @@ def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fail
             registry.unregister_transfer_backend(name)
 
 
+def test_allocate_takes_a_numpy_int_as_a_shape_as_it_takes_one_inside_a_tuple():
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        agent = TransferAgent("a", "device-test")
+        assert agent.allocate("kv", np.int64(16), torch.float32).shape == (16,)
+        assert agent.allocate("kv2", (np.int64(2), 8), torch.float32).shape == (2, 8)
+        agent.close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 def test_a_gpu_region_on_another_gpu_than_the_agents_device_is_refused(monkeypatch):
     """An agent made with ``device="cuda:1"`` moves regions of cuda:1: a region on cuda:0 is refused at
     ``register`` as one beside a first GPU region on another GPU is (its calls would run on cuda:1 while a

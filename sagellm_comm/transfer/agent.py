@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import numbers
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -253,7 +254,7 @@ class TransferAgent:
         from sagellm_comm.transfer.shared import shared_cpu_tensor
 
         device = _usable_device(device, f"region {name!r}: device")
-        if isinstance(shape, int) and not isinstance(shape, bool):
+        if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):  # np.int64(16) is an int too
             shape = (shape,)
         if not isinstance(shape, tuple | list):
             raise InvalidArgumentError(f"region {name!r}: shape must be an int or a tuple of ints, got {shape!r}")
