@@ -942,6 +942,42 @@ def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recordin
     assert request.aborted == 2
 
 
+@pytest.mark.parametrize("post", ["one block", "few rows", "one id"])
+def test_a_request_whose_wait_timed_out_under_another_threads_call_is_aborted_by_a_short_path_post(
+    recording_agents, monkeypatch, post
+):
+    """The abort a timed-out wait left to the agent's next call is made by that call whichever path it takes: an
+    engine that only posts one-block requests (the short paths) aborts it at its next post."""
+    agent, backend = recording_agents
+    request = _Pending()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    prepared = agent.prepare("b", "kv", "kv", 64)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another thread's call
+        with agent.lock:
+            held.set()
+            release.wait(10.0)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(5.0)
+    with pytest.raises(CommTimeoutError):
+        handle.wait(timeout=0.05)
+    release.set()
+    holder.join(5.0)
+    assert request.aborted == 0
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: _Pending())
+    if post == "one block":
+        agent.write("b", "kv", "kv", [(0, 64, 16)])
+    elif post == "few rows":
+        agent.write("b", "kv", "kv", [(0, 64, 16), (16, 128, 16)])
+    else:
+        prepared.write(0, 1)
+    assert request.aborted == 1
+
+
 def test_notifications_are_every_transports_in_a_new_list(recording_agents):
     agent, backend = recording_agents
     assert agent.notifications() == []

@@ -478,7 +478,10 @@ class TransferAgent:
     def _known(self, peer: Any, local_region: Any, remote_region: Any) -> tuple[_Peer, Region, Any] | None:
         """``(peer entry, local region, peer's region)`` for the short paths when the agent is open and knows all
         three names (the caller holds the lock); None otherwise, which is no verdict: the general path names what
-        is wrong."""
+        is wrong.  Requests whose handles timed out while another call held the agent are aborted first, as by
+        every other call (:meth:`abort_later`)."""
+        if self._aborts:
+            self._abort_deferred()
         if self._closed or not (peer.__class__ is local_region.__class__ is remote_region.__class__ is str):
             return None
         entry = self._peers.get(peer)
@@ -529,6 +532,8 @@ class TransferAgent:
         """:meth:`post_blocks` of one pair of Python int ids, checked with int comparisons; None, having done
         nothing, when anything is wrong (the general path then refuses it with its own error)."""
         with self._call:
+            if self._aborts:
+                self._abort_deferred()
             if self._closed or prepared.released:
                 return None
             entry = self._peers.get(prepared.peer)
