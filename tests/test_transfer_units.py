@@ -1730,6 +1730,37 @@ def test_nixl_handles_it_could_not_release_are_retried_while_the_agent_runs(stuc
     assert {id(h) for h in handles if not h.released} == {id(h) for h, _ in backend.leaked}  # none dropped unreleased
 
 
+def test_a_nixl_prepare_whose_remote_list_is_refused_releases_the_local_list_it_made():
+    from sagellm_comm.transfer import nixl
+
+    class NixlRefusal(Exception):
+        __module__ = "nixl_cu13._api"  # what NIXL's own errors are told apart by
+
+    class DescList:
+        released = False
+
+        def release(self) -> None:
+            self.released = True
+
+    made = []
+
+    class Agent:
+        def prep_xfer_dlist(self, agent_name, descs, memory):
+            if agent_name != "NIXL_INIT_AGENT":
+                raise NixlRefusal("NIXL_ERR_NOT_FOUND")
+            made.append(DescList())
+            return made[-1]
+
+    backend = _bare_nixl_backend(Agent())
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1), nixl_name="peer")
+    link.regions["kv"] = (1 << 20, 4096, 0)
+    local = d.make_region("kv", torch.zeros(1024))
+    layout = d.make_layout(local.info, F32, 256, "peer 'peer'")
+    with pytest.raises(TransferError, match="prepare descriptor lists with peer 'peer'"):
+        backend.prepare(link, local, F32, layout)
+    assert len(made) == 1 and made[0].released
+
+
 def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handle_it_cannot_release():
     from sagellm_comm.transfer import nixl
 

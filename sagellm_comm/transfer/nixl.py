@@ -528,6 +528,7 @@ class NixlBackend(TransferBackend):
         def side(base: int, dev: int, count: int) -> np.ndarray:
             return self._descs(base, dev, np.arange(count, dtype=np.int64) * size, size)
 
+        local_side = None
         try:
             local_descs = side(local.ptr, local.info.device_index, layout.local_blocks)
             local_side = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local_descs, _MEM[local.info.device])
@@ -535,6 +536,11 @@ class NixlBackend(TransferBackend):
                 link.nixl_name, side(address, device_index, layout.remote_blocks), _MEM[remote.device]
             )
         except Exception as exc:
+            if local_side is not None:  # the remote side failed: the local list made for it goes too
+                try:
+                    local_side.release()
+                except Exception as release_exc:  # the failure to report is the prepare's
+                    logger.debug("NIXL could not release a local descriptor list: %r", release_exc)
             if not _is_nixl_error(exc):
                 raise
             raise _translate(exc, link.peer.name, "prepare descriptor lists") from None
