@@ -318,6 +318,11 @@ def test_metadata_round_trips_and_refuses_foreign_bytes():
     older = b'sagellm-transfer-agent/1\n{"name": "x"}'  # an earlier release's agent
     with pytest.raises(InvalidArgumentError, match="metadata of version '1'; this agent reads version 2"):
         AgentMetadata.decode(older)
+    # This version's metadata cut short after its version, or with its line ending changed in transit: damaged
+    # bytes, not another release's.
+    for damaged in (b"sagellm-transfer-agent/2", b'sagellm-transfer-agent/2\r\n{"name": "x"}'):
+        with pytest.raises(InvalidArgumentError, match="not a transfer agent's metadata"):
+            AgentMetadata.decode(damaged)
 
 
 def _mutated(meta: AgentMetadata, change) -> bytes:

@@ -96,10 +96,11 @@ class AgentMetadata:
             data = bytes(data)
         if isinstance(data, bytes) and data.startswith(MAGIC_PREFIX) and not data.startswith(MAGIC):
             version = data[len(MAGIC_PREFIX) :].split(b"\n", 1)[0][:16].decode(errors="replace")
-            raise InvalidArgumentError(
-                f"transfer agent metadata of version {version!r}; this agent reads version {VERSION}: peers must run "
-                "the same sagellm-comm release"
-            )
+            if version.strip() != str(VERSION):  # else this version's, cut short or its line changed in transit
+                raise InvalidArgumentError(
+                    f"transfer agent metadata of version {version!r}; this agent reads version {VERSION}: peers must "
+                    "run the same sagellm-comm release"
+                )
         if not isinstance(data, bytes) or not data.startswith(MAGIC):
             head = data[:32] if isinstance(data, bytes) else type(data).__name__
             raise InvalidArgumentError(
