@@ -648,6 +648,51 @@ def test_a_gpu_region_on_another_gpu_than_the_agents_device_is_refused(monkeypat
         registry.unregister_transfer_backend("device-test")
 
 
+def test_close_releases_everything_when_a_peers_disconnect_raises_and_raises_that_error_once():
+    """A transport whose disconnect raises left the peer known, so close() raised at that peer every time: the
+    regions stayed registered and the transports were never stopped.  Now the peer is forgotten, every other step
+    runs, the agent is closed, and the first error is raised."""
+    from sagellm_comm.transfer import TransferAgent
+
+    events: list[str] = []
+
+    class _FailingDisconnect(_RecordingBackend):
+        def disconnect(self, link) -> None:
+            events.append(f"disconnect {link.peer.name}")
+            raise RuntimeError(f"transport refused to disconnect {link.peer.name}")
+
+        def deregister(self, region) -> None:
+            events.append(f"deregister {region.name}")
+
+        def close(self) -> None:
+            events.append("close")
+            super().close()
+
+    registry.register_transfer_backend("failing-disconnect-test", _FailingDisconnect)
+    a = b = c = None
+    try:
+        a, b, c = (TransferAgent(n, "failing-disconnect-test") for n in "abc")
+        for agent in (a, b, c):
+            agent.register("kv", torch.zeros(64))
+        a.add_peer(b.metadata())
+        a.add_peer(c.metadata())
+        with pytest.raises(RuntimeError, match="refused to disconnect"):
+            a.remove_peer("b")
+        assert a.peers == ["c"]  # forgotten all the same
+        events.clear()
+        with pytest.raises(RuntimeError, match="refused to disconnect c"):
+            a.close()
+        assert events == ["disconnect c", "deregister kv", "close"], events
+        a.close()  # closed: a no-op
+        with pytest.raises(NotInitializedError):
+            a.metadata()
+    finally:
+        for agent in (b, c):
+            if agent is not None:
+                agent.close()
+        registry.unregister_transfer_backend("failing-disconnect-test")
+
+
 def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_made():
     """``device=`` (and ``allocate``'s device) naming a GPU this process does not see is an InvalidArgumentError at
     once; it made an agent whose every call, close included, failed in torch (a TypeError on a CPU-only build)."""

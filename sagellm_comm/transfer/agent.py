@@ -25,6 +25,7 @@ import logging
 import numbers
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,8 +363,11 @@ class TransferAgent:
         ``PeerLostError``, or the handle's deadline).  Unknown peers raise ``InvalidArgumentError``."""
         with self._call:
             self._check_open()
-            self._drop(self._peer(peer))
-            del self._peers[peer]
+            entry = self._peer(peer)
+            try:
+                self._drop(entry)
+            finally:  # forgotten even if its transport's disconnect raised (the error still reaches the caller)
+                del self._peers[peer]
 
     def _drop(self, entry: _Peer) -> None:
         """Release ``entry``'s prepared pools and disconnect its link (the caller holds the lock)."""
@@ -578,20 +582,32 @@ class TransferAgent:
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        """Remove every peer, deregister every region, stop every transport (idempotent)."""
+        """Remove every peer, deregister every region, stop every transport (idempotent).  A step that raises
+        does not stop the others: the agent is closed and everything else released, then the first error is
+        raised."""
         with self._call:
             if self._closed:
                 return
-            self._abort_deferred()
+            errors: list[Exception] = []
+
+            def attempt(step: Callable[..., object], *args: object) -> None:
+                try:
+                    step(*args)
+                except Exception as exc:  # noqa: BLE001 - collected, the first re-raised below
+                    errors.append(exc)
+
+            attempt(self._abort_deferred)
             for backend in self._backends.values():  # before the regions they move go
-                backend.cancel_in_flight()
+                attempt(backend.cancel_in_flight)
             for peer in list(self._peers):
-                self.remove_peer(peer)
+                attempt(self.remove_peer, peer)
             for name in list(self._regions):
-                self.deregister(name)
+                attempt(self.deregister, name)
             self._closed = True
             for backend in self._backends.values():
-                backend.close()
+                attempt(backend.close)
+            if errors:
+                raise errors[0]
 
     def __enter__(self) -> TransferAgent:
         return self
