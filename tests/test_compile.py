@@ -621,6 +621,31 @@ def test_install_keeps_a_pass_already_there_and_uninstall_restores_it() -> None:
         assert config.post_grad_custom_post_pass is None
 
 
+def test_a_fusion_pass_already_in_the_slot_is_not_installed_twice(monkeypatch) -> None:
+    """An ``AllReduceFusionPass()`` of the user's own in the slot is the fusion pass: ``compile`` and ``install``
+    do not chain a second one after it (each graph would be rewritten, and counted in ``stats()``, twice)."""
+    from torch._inductor import config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    theirs = fusion.AllReduceFusionPass()
+    with config.patch(post_grad_custom_post_pass=theirs):
+        fusion.compile(torch.nn.Linear(2, 2))
+        slot = calls[-1]["options"]["post_grad_custom_post_pass"]
+        assert slot is fusion.passes(), slot
+        fusion.install()
+        assert config.post_grad_custom_post_pass is fusion.passes()
+        fusion.uninstall()
+        assert config.post_grad_custom_post_pass is None
+    fusion.compile(torch.nn.Linear(2, 2), options={"post_grad_custom_post_pass": fusion.PassChain([theirs])})
+    slot = calls[-1]["options"]["post_grad_custom_post_pass"]
+    assert slot is fusion.passes(), slot
+    gm = _trace(lambda x, r, w: llama_rmsnorm(r + all_reduce(x), w), *_chain_specs())
+    fusion.reset_stats()
+    slot(gm.graph)
+    assert fusion.stats() == fusion.FusionStats(replaced={"rmsnorm": 1}, graphs=1)
+
+
 def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append((model, kw)) or model)

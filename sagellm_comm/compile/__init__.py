@@ -90,14 +90,20 @@ def _members(slot: Any) -> list[Any]:
     return [slot]
 
 
+def _others(slot: Any) -> list[Any]:
+    """The passes of ``slot`` that are not a fusion pass: ``passes()`` or another ``AllReduceFusionPass()`` (every
+    instance rewrites alike and counts in the same :func:`stats`: two in one slot would count each graph twice)."""
+    return [p for p in _members(slot) if type(p) is not AllReduceFusionPass]
+
+
 def _with_ours(slot: Any) -> Any:
     """``slot`` (a pass, a list of passes or None) with the fusion pass added last, once."""
-    others = [p for p in _members(slot) if p is not _PASS]
+    others = _others(slot)
     return _PASS if not others else PassChain([*others, _PASS])
 
 
 def _without_ours(slot: Any) -> Any:
-    others = [p for p in _members(slot) if p is not _PASS]
+    others = _others(slot)
     return None if not others else others[0] if len(others) == 1 else PassChain(others)
 
 
