@@ -693,6 +693,29 @@ def test_compile_installs_the_pass_for_that_compilation(monkeypatch) -> None:
             fusion.compile(model, mode="lite")
 
 
+def test_compile_refuses_what_the_global_inductor_config_turns_on(monkeypatch) -> None:
+    """The options of ``compile`` patch ``torch._inductor.config``: a setting the mode and options leave alone is
+    the global one, so CUDA graphs or post-grad passes off set there are refused as in the options."""
+    from torch._inductor import config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    with config.patch({"triton.cudagraphs": True}):
+        for kwargs in ({}, {"mode": "max-autotune-no-cudagraphs"}, {"options": {"max_autotune": True}}):
+            with pytest.raises(NotImplementedCommError, match=r"triton.cudagraphs=True from torch._inductor.config"):
+                fusion.compile(model, **kwargs)
+        fusion.compile(model, options={"triton.cudagraphs": False})  # the options turn them off again
+        assert calls[-1]["options"]["triton.cudagraphs"] is False
+    with config.patch(use_post_grad_passes=False):
+        with pytest.raises(InvalidArgumentError, match=r"from torch._inductor.config.* post-grad passes off"):
+            fusion.compile(model)
+        fusion.compile(model, options={"use_post_grad_passes": True})
+    with pytest.raises(InvalidArgumentError, match=r"from the mode or options.* post-grad passes off"):
+        fusion.compile(model, options={"use_post_grad_passes": False})
+    assert len(calls) == 2
+
+
 # ============================================================================ on two Gloo ranks
 
 

@@ -122,6 +122,19 @@ def uninstall() -> None:
     setattr(config, _CONFIG_KEY, _without_ours(getattr(config, _CONFIG_KEY)))
 
 
+def _setting(merged: dict[str, Any], key: str) -> tuple[Any, str]:
+    """The value Inductor will use for ``key`` (a dotted config name) and where it comes from: the mode and options
+    of the call, else ``torch._inductor.config`` (the options patch the global config, they do not replace it)."""
+    if key in merged:
+        return merged[key], "the mode or options"
+    from torch._inductor import config
+
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value, "torch._inductor.config"
+
+
 def compile(  # noqa: A001 -- the module's verb, as torch.compile
     model: Callable[..., Any] | None = None,
     *,
@@ -137,10 +150,11 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
     options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` (else the one in
     ``torch._inductor.config``) runs before the fusion pass.
     ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
-    (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) are refused with
-    ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.  A mode or options
-    that turn Inductor's post-grad passes off (``mode="lite"``), which would leave the pass unrun, are refused
-    with ``InvalidArgumentError``.
+    (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``, or
+    ``torch._inductor.config.triton.cudagraphs`` set where the mode and options leave it) are refused with
+    ``NotImplementedCommError``; capture the compiled step with ``torch.cuda.graph`` instead.  A mode, options or
+    global config that turn Inductor's post-grad passes off (``mode="lite"``, ``use_post_grad_passes=False``),
+    which would leave the pass unrun, are refused with ``InvalidArgumentError``.
     """
     if backend != "inductor":
         raise InvalidArgumentError(
@@ -156,17 +170,20 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
             raise InvalidArgumentError(f"mode must be one of {sorted(modes)}, got {mode!r}")
         merged.update(list_mode_options(mode, kwargs.get("dynamic")))
     merged.update(options or {})
-    if merged.get("triton.cudagraphs"):
+    cudagraphs, where = _setting(merged, "triton.cudagraphs")
+    if cudagraphs:
         raise NotImplementedCommError(
-            f"sagellm_comm.compile.compile does not support Inductor's CUDA graphs (mode={mode!r} or "
-            "options['triton.cudagraphs']): a tensor-parallel Llama compiled with the fusion pass ended in a "
+            f"sagellm_comm.compile.compile does not support Inductor's CUDA graphs (triton.cudagraphs=True from "
+            f"{where}, mode={mode!r}): a tensor-parallel Llama compiled with the fusion pass ended in a "
             "segmentation fault on every rank under them; "
             "capture the compiled decode step with torch.cuda.graph instead (examples/llama_tp.py --mode "
-            "fused-cuda-graph), or use mode='max-autotune-no-cudagraphs'"
+            "fused-cuda-graph), or compile without them (mode='max-autotune-no-cudagraphs', "
+            "options={'triton.cudagraphs': False})"
         )
-    if merged.get("use_post_grad_passes", True) is False:
+    post_grad, where = _setting(merged, "use_post_grad_passes")
+    if post_grad is False:
         raise InvalidArgumentError(
-            f"mode={mode!r} / options turn Inductor's post-grad passes off (use_post_grad_passes=False), and the "
+            f"use_post_grad_passes=False (from {where}, mode={mode!r}) turns Inductor's post-grad passes off, and the "
             "fusion pass is one: it would rewrite nothing; compile with torch.compile for that mode, or use another"
         )
     if _CONFIG_KEY not in merged:  # options override the global config: a pass set there would not run
