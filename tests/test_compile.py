@@ -222,6 +222,26 @@ def test_each_all_reduce_keeps_its_group() -> None:
     assert sorted(n.args[3] for n in _fused(gm)) == ["tpA", "tpB"]
 
 
+@pytest.mark.parametrize("op", ["SUM", "Sum"])
+def test_a_sum_spelled_in_capitals_is_a_sum_all_reduce(op) -> None:
+    """The op reads its ``op`` in any case: ``"SUM"`` is fused as ``"sum"`` is, and counted in
+    ``all_reduces_left`` when it is left; ``"MAX"`` is neither."""
+
+    def chain(x, residual, weight):
+        fused = llama_rmsnorm(residual + all_reduce(x, op=op), weight)
+        reduced = all_reduce(x * 2, op=op)  # used twice: left
+        maximum = all_reduce(x * 3, op="MAX")
+        return fused, llama_rmsnorm(residual + reduced, weight), reduced, llama_rmsnorm(residual + maximum, weight)
+
+    gm = _trace(chain, *_chain_specs())
+    done = _rewrite(gm)
+    assert done.replaced == {"rmsnorm": 1} and done.all_reduces_left == 1, done
+    (node,) = _fused(gm)
+    assert node.args[3] == "tp"
+    left = gm.graph.find_nodes(op="call_function", target=ALL_REDUCE)
+    assert sorted(str(n.args[2:]) for n in left) == ["('MAX',)", "()"]
+
+
 # ============================================================================ what is left alone
 
 

@@ -4,7 +4,8 @@
 every post-grad graph (aten ops, functionalised, after its own pattern passes) and keys its FX-graph cache on
 :meth:`~AllReduceFusionPass.uuid`.  A call:
 
-1. finds the graph's SUM all-reduces (``torch.ops.sagellm_comm.all_reduce``) and, for each (group name, fp32 or
+1. finds the graph's SUM all-reduces (``torch.ops.sagellm_comm.all_reduce``, ``op`` in any case as the op reads
+   it; a spelled-out SUM is dropped for the op's default, the patterns' form) and, for each (group name, fp32 or
    16-bit dtype, device type) not seen before, registers the patterns of :mod:`.patterns` for it (traced once
    per process, on fake tensors, with ``eps`` a free scalar); an add of an all-reduce result and another
    tensor gets the other tensor first (``residual + all_reduced``, the patterns' order: exact, addition
@@ -46,6 +47,7 @@ from torch._inductor import pattern_matcher as pm
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from sagellm_comm.backend import ReduceOp
+from sagellm_comm.errors import InvalidArgumentError
 
 from . import patterns as _patterns
 
@@ -174,9 +176,12 @@ def reset_stats() -> None:
 
 
 def _reduce_op(node: torch.fx.Node) -> str:
-    if len(node.args) > 2:
-        return str(node.args[2])
-    return str(node.kwargs.get("op", ReduceOp.SUM.value))
+    """The reduction of an all-reduce node, as the op reads its ``op`` argument (``"SUM"`` and ``"sum"`` alike)."""
+    op = node.args[2] if len(node.args) > 2 else node.kwargs.get("op", ReduceOp.SUM.value)
+    try:
+        return ReduceOp.parse(op).value
+    except InvalidArgumentError:  # the op refuses it when it runs
+        return str(op)
 
 
 def _group_name(node: torch.fx.Node) -> str:
@@ -186,6 +191,13 @@ def _group_name(node: torch.fx.Node) -> str:
 def _sum_all_reduces(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     nodes = graph.find_nodes(op="call_function", target=_ALL_REDUCE)
     return [n for n in nodes if _reduce_op(n) == ReduceOp.SUM.value]
+
+
+def _default_sum(sites: list[torch.fx.Node]) -> None:
+    """``all_reduce(x, group, "SUM")`` -> ``all_reduce(x, group)``: the patterns' form (the op's default is SUM)."""
+    for node in sites:
+        node.args = node.args[:2]
+        node.kwargs = {key: value for key, value in node.kwargs.items() if key != "op"}
 
 
 def _residual_first(sites: list[torch.fx.Node]) -> None:
@@ -413,6 +425,7 @@ class AllReduceFusionPass(CustomGraphPass):
                 # In topological order (Inductor sorts only after the custom post passes, so an earlier pass may
                 # leave it out of order): the cycle check stops at nodes placed above a chain (_depends_on).
                 pm.stable_topological_sort(graph)
+                _default_sum(sites)
                 _residual_first(sites)
                 replaced = _REGISTRY.apply(graph)
         if replaced:
