@@ -583,6 +583,21 @@ def test_passes_is_one_custom_graph_pass_with_a_uuid() -> None:
     assert isinstance(uuid, str) and uuid == fusion.passes().uuid()
 
 
+def test_the_uuid_changes_with_the_fused_kernels_limits(monkeypatch) -> None:
+    """``MAX_HIDDEN`` and ``RMSNORM_DTYPES`` decide which chains are rewritten: a graph Inductor cached under other
+    limits must not be loaded (it could hold a fused op for a hidden size the kernels now refuse)."""
+    before = fusion.passes().uuid()
+    max_hidden, dtypes = fusion_pass._fused_limits()
+    monkeypatch.setattr(fusion_pass, "_fused_limits", lambda: (max_hidden // 2, dtypes))
+    fusion_pass._source_hash.cache_clear()
+    try:
+        assert fusion.passes().uuid() != before
+    finally:
+        monkeypatch.undo()
+        fusion_pass._source_hash.cache_clear()
+    assert fusion.passes().uuid() == before
+
+
 def test_cache_hits_count_only_graphs_compiled_with_the_pass(monkeypatch, tmp_path) -> None:
     """Each function is compiled, then loaded from Inductor's FX-graph cache: the hit of the one compiled with
     the pass counts, the hit of the one compiled without it does not (nor a uuid() asked for outside Inductor)."""

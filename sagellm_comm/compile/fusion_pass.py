@@ -399,6 +399,7 @@ def _source_hash() -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     digest.update(repr(fp8_quantisation()).encode())
+    digest.update(repr(_fused_limits()).encode())  # what _fusable accepts: the hidden bound and the dtypes
     return f"sagellm_comm.compile:{digest.hexdigest()}"
 
 
@@ -437,7 +438,8 @@ class AllReduceFusionPass(CustomGraphPass):
             _LEFT += len(_sum_all_reduces(graph))
 
     def uuid(self) -> str:
-        """Changes with this package's pattern sources, the ops' schemas and the FP8 modes available.
+        """Changes with this package's pattern sources, the ops' schemas, the FP8 modes available and the fused
+        kernels' limits (``MAX_HIDDEN``, ``RMSNORM_DTYPES``): what decides the rewrite of a graph.
 
         Inductor calls it while it keys a graph compiled with the pass, which is how :func:`stats` tells the
         cache hits of those graphs from the process's others."""
