@@ -344,6 +344,7 @@ LEFT_ALONE = {
     "fp32 weight on bf16": (_plain_chain, _chain_specs()[:2] + [((HIDDEN,), torch.float32)]),
     "mean with a dtype": (_mean_in_fp64, _chain_specs()),
     "hidden over the kernels' limit": (_plain_chain, _chain_specs(hidden=16512)),
+    "empty hidden": (_plain_chain, _chain_specs(hidden=0)),
     "eps a graph input": (_eps_as_input, _chain_specs() + [((), torch.float64)]),
     "negative eps": (_eps_refused_by_the_op(-1e-7), _chain_specs()),
     "infinite eps": (_eps_refused_by_the_op(float("inf")), _chain_specs()),

@@ -23,7 +23,8 @@ outside the chain (the all-reduce result, the fp32 upcast, the un-quantised RMSN
 chain: the fused op does not return them), when its tensors differ in dtype, shape or device (a broadcast
 residual, an fp32 weight on bf16 activations), when an output of the chain is not shaped like ``x`` (a static
 FP8 scale of more dimensions than ``x`` broadcasts the quantised output to them: the RMSNorm alone is fused),
-when the hidden size is over the fused kernels' limit (``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
+when the hidden size is 0 (the fused op refuses it) or over the fused kernels' limit
+(``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
 constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
 default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``) or one the fused op
 refuses (negative, infinite), when its weight or static scale is computed from the chain's own output (the fused
@@ -272,7 +273,7 @@ def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
     if x.dim() != residual.dim() or not all(_same_size(a, b) for a, b in zip(x.shape, residual.shape, strict=True)):
         return False
     hidden = x.shape[-1]
-    if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and hidden <= max_hidden):
+    if not _same_size(weight.shape[0], hidden) or not (isinstance(hidden, int) and 1 <= hidden <= max_hidden):
         return False
     for expr, node in match.ctx.pattern_to_node.items():
         # Inductor's matcher ignores keyword arguments a pattern does not name: ``add(r, a, alpha=2)`` would
