@@ -97,6 +97,13 @@ def check_finite(value: Any, what: str, low: float | None = None) -> float:
     return float(value)
 
 
+def check_is_tensor(value: Any, what: str) -> torch.Tensor:
+    """``value`` if it is a ``torch.Tensor`` (a subclass too); anything else is refused by the name ``what``."""
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgumentError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
 def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when the memory of contiguous tensors ``a`` and ``b`` has a byte in common (an empty tensor has none).
 
@@ -109,5 +116,6 @@ def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_timeout", "share_bytes",
+    "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_is_tensor", "check_timeout",
+    "share_bytes",
 ]  # fmt: skip

@@ -22,7 +22,7 @@ from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 from sagellm_comm.selector import AUTO, ENGINE_ALGO
 
-from .arguments import share_bytes
+from .arguments import check_is_tensor, share_bytes
 from .config import CommConfig
 from .errors import (
     BackendNotSupportedError,
@@ -423,6 +423,7 @@ class CustomAllReduce:
         algorithm and ``tensor``'s count); a caller running this as one stage of a larger operation passes that
         operation's.
         """
+        check_is_tensor(tensor, "tensor")
         if payload is not None:
             return self._all_reduce_payload(tensor, out, algo, payload)
         if self.error_view[0]:
@@ -546,6 +547,7 @@ class CustomAllReduce:
         ``tensor``'s own memory (in place) or memory it shares no byte with.  A partial overlap is refused: the
         kernels read ``tensor`` while they write ``out``, a tile at a time, so the sum would take in elements that
         an earlier tile had already overwritten."""
+        check_is_tensor(out, "out")
         if out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
             raise InvalidArgumentError(
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .arguments import share_bytes
+from .arguments import check_is_tensor, share_bytes
 from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
@@ -146,6 +146,8 @@ def _launch(op, car, tensor, out, numel, itemsize, table, ctrl, rank, ranks, vir
 
 
 def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor, fingerprint=None) -> torch.Tensor:
+    check_is_tensor(tensor, "tensor")
+    check_is_tensor(out, "out")
     ws = car.workspace
     if ws.error_view[0]:
         ws.raise_if_failed()
@@ -202,6 +204,9 @@ def reduce_scatter(
 
 
 def _stacked(op: str, vg, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    check_is_tensor(x, "x")
+    if out is not None:
+        check_is_tensor(out, "out")
     world_size = vg.world_size
     if x.dim() != 2 or x.shape[0] != world_size:
         raise InvalidArgumentError(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagellm_comm import ops
-from sagellm_comm.arguments import check_device, check_flag
+from sagellm_comm.arguments import check_device, check_flag, check_is_tensor
 from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError, ShapeMismatchError
 from sagellm_comm.group import current_default_group, resolve_group
 
@@ -108,8 +108,7 @@ class _ParallelLinearBase(nn.Module):
         return output
 
     def _check_input(self, x: torch.Tensor, features: int) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise InvalidArgumentError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        check_is_tensor(x, "input")
         if x.dim() < 1 or x.shape[-1] != features:
             raise ShapeMismatchError(
                 f"{type(self).__name__} expects input [..., {features}], got {tuple(x.shape)}",
@@ -137,8 +136,7 @@ class _ParallelLinearBase(nn.Module):
 
     @staticmethod
     def _check_loaded(loaded: object, what: str) -> None:
-        if not isinstance(loaded, torch.Tensor):
-            raise InvalidArgumentError(f"{what} must be a torch.Tensor, got {type(loaded).__name__}")
+        check_is_tensor(loaded, what)
         if loaded.dim() == 0:
             raise ShapeMismatchError(f"{what} must have at least one dimension, got a 0-d tensor")
 

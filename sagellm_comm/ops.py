@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sagellm_comm.arguments import check_finite
+from sagellm_comm.arguments import check_finite, check_is_tensor
 from sagellm_comm.backend import ReduceOp
 from sagellm_comm.errors import (
     BackendNotSupportedError,
@@ -344,8 +344,7 @@ def all_reduce(tensor: torch.Tensor, group: CommGroup | str | None = None, op: R
         A new contiguous tensor shaped like ``tensor`` holding the reduction over the group (stream
         semantics on device engines: enqueued on the current stream, returns before completion).
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    check_is_tensor(tensor, "tensor")
     return torch.ops.sagellm_comm.all_reduce(tensor, group_name(group), ReduceOp.parse(op).value)
 
 
@@ -361,19 +360,13 @@ def all_gather(tensor: torch.Tensor, group: CommGroup | str | None = None, world
     Returns:
         ``[world_size * d0, *rest]``: rank ``r``'s ``tensor`` in rows ``r*d0 .. (r+1)*d0 - 1``.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    check_is_tensor(tensor, "tensor")
     if tensor.dim() == 0:
         raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
     name = group_name(group)
     if world_size is None:
         world_size = _group(name).world_size
     return torch.ops.sagellm_comm.all_gather(tensor, name, world_size)
-
-
-def _check_tensor(name: str, value: object) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def all_reduce_residual_rmsnorm(
@@ -401,7 +394,7 @@ def all_reduce_residual_rmsnorm(
         ``scales`` is a copy of ``scale``), the fused function's convention, shaped like ``x``.
     """
     for name, value in (("x", x), ("residual", residual), ("weight", weight)):
-        _check_tensor(name, value)
+        check_is_tensor(value, name)
     mode = QUANT_NONE if quant is None else quant
     out, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
         x, residual, weight, group_name(group), check_finite(eps, "eps", 0.0), mode, scale
@@ -418,5 +411,5 @@ def quantize_fp8(y: torch.Tensor, quant: str, scale: torch.Tensor | None = None)
     quantise their input through this op are what :mod:`sagellm_comm.compile` folds into the fused
     all-reduce + residual + RMSNorm.
     """
-    _check_tensor("y", y)
+    check_is_tensor(y, "y")
     return torch.ops.sagellm_comm.quantize_fp8(y, quant, scale)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sagellm_comm.arguments import check_timeout
+from sagellm_comm.arguments import check_is_tensor, check_timeout
 from sagellm_comm.backend import ReduceOp, Work
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.group import resolve_group
@@ -123,8 +123,7 @@ def all_reduce_async(
     Returns:
         An :class:`AsyncAllReduce`; call ``wait()`` before using ``tensor``.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgumentError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    check_is_tensor(tensor, "tensor")
     comm_group = resolve_group(group)
     reduce_op = ReduceOp.parse(op)
     if tensor.device.type != "cuda":

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .arguments import check_device
+from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
 from .errors import BackendNotSupportedError, InvalidArgumentError
@@ -117,6 +117,7 @@ class VirtualRankGroup:
         device-time benchmarks use: N launches on N streams would be serialised by the one GPU's front end.
         ``payload="fp8"``: the two-shot kernel with FP8 shards (:meth:`CustomAllReduce.all_reduce`).
         """
+        check_is_tensor(stacked, "stacked")
         if stacked.dim() != 2 or stacked.shape[0] != self.world_size:
             raise InvalidArgumentError(
                 f"stacked must have shape [world_size={self.world_size}, numel], got {tuple(stacked.shape)}"

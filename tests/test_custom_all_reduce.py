@@ -186,6 +186,18 @@ def _bad_input_worker(rank, world_size, port):
         car.all_reduce(torch.ones(8), out=torch.ones(9))
     with pytest.raises(InvalidArgumentError, match="algo must be"):
         car.all_reduce(torch.ones(8), algo="ring")
+    # Not tensors (were AttributeErrors): the all-reduce, its FP8 payload, out=, all-gather and reduce-scatter.
+    from sagellm_comm.gather_scatter import all_gather, reduce_scatter
+
+    for call, what in (
+        (lambda: car.all_reduce([1.0] * 8), "tensor"),
+        (lambda: car.all_reduce([1.0] * 8, payload="fp8"), "tensor"),
+        (lambda: car.all_reduce(torch.ones(8), out=[0.0] * 8), "out"),
+        (lambda: all_gather(car, [1.0] * 8, torch.ones(16)), "tensor"),
+        (lambda: reduce_scatter(car, torch.ones(16), None), "out"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=rf"\] {what} must be a torch.Tensor, got (list|NoneType)$"):
+            call()
     # An out that overlaps the input in part: the kernels would sum elements an earlier tile overwrote.
     buf = torch.arange(3001, dtype=torch.float32)
     before = buf.clone()

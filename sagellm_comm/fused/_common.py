@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import check_is_tensor
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
@@ -36,8 +37,7 @@ def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int) -> torch.Te
 
 
 def _check_2d(name: str, t: torch.Tensor, device: torch.device, dtypes) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_is_tensor(t, name)
     if t.dtype not in dtypes:
         raise InvalidArgumentError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
     if t.device != device:

@@ -30,6 +30,7 @@ import torch
 
 from sagellm_comm.kernels import fp8 as _k8
 
+from ..arguments import check_is_tensor
 from ..errors import InvalidArgumentError, ShapeMismatchError
 from ._common import RMSNORM_DTYPES, rmsnorm_reference
 
@@ -60,8 +61,7 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
         return
     if quant not in FP8_QUANT_MODES:
         raise InvalidArgumentError(f"quant must be None or one of {FP8_QUANT_MODES}, got {quant!r}")
-    if not isinstance(x, torch.Tensor):
-        raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_is_tensor(x, "x")
     if x.dtype not in RMSNORM_DTYPES:
         raise InvalidArgumentError(
             f"quant={quant!r} takes x in {[str(d) for d in RMSNORM_DTYPES]}, got {x.dtype}; cast x first"

@@ -7,7 +7,7 @@ import triton
 
 from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, SEQUENTIAL_PATH, TWO_SHOT
 
-from ..arguments import check_finite
+from ..arguments import check_finite, check_is_tensor
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -86,8 +86,7 @@ class VirtualFused:
         ``algo="unfused"`` (or a fusion rule saying so) runs the unfused chain: the virtual ranks' all-reduce, then
         torch ops.
         """
-        if not isinstance(x, torch.Tensor):
-            raise InvalidArgumentError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_is_tensor(x, "x")
         if x.dim() != 3 or x.shape[0] != self.world_size:
             raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
         self.group.check_errors()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import share_bytes
+from sagellm_comm.arguments import check_is_tensor, share_bytes
 from sagellm_comm.backend import GroupHandle, ReduceOp
 from sagellm_comm.errors import (
     GroupInvalidError,
@@ -105,8 +105,7 @@ def check_peer(peer: Any, g: GroupHandle, what: str, allow_self: bool = False) -
 
 def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> None:
     """A dense contiguous tensor on ``device`` (the backend ``kind``'s)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgumentError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_is_tensor(tensor, what)
     if tensor.device.type != device.type or (
         device.index is not None and tensor.device.index not in (device.index, None)
     ):
