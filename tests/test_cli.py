@@ -505,6 +505,21 @@ def test_plot_with_an_unknown_extension_is_refused(tmp_path, capsys, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", sorted(PLOT_REQUESTS))
+def test_plot_without_matplotlib_names_the_extra_of_this_checkout(tmp_path, capsys, monkeypatch, command):
+    """The package is installed from its checkout (README): the hint is the extra of that checkout, not a
+    distribution fetched from a registry, which would replace it."""
+    _no_process_may_start(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / "plot.png")])
+    assert excinfo.value.code == 2
+    line = _one_line_refusal(capsys.readouterr().err, prog=f"sagellm-comm {command}")
+    assert "--plot needs matplotlib" in line and "pip install -e '.[plot]'" in line, line
+    assert "pip install matplotlib" in line and "isagellm-comm[" not in line, line
+
+
 @pytest.mark.parametrize("value", ["[1]", '{"num_gpus": "two"}', "{not json"])
 def test_malformed_topology_variable_is_one_line_and_exit_2(value, capsys, monkeypatch):
     monkeypatch.setenv("SAGELLM_COMM_TOPOLOGY", value)

@@ -117,7 +117,8 @@ def _plot_formats() -> tuple[str, ...]:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as exc:
         raise InvalidArgumentError(
-            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]'"
+            "--plot needs matplotlib, which is not installed: pip install -e '.[plot]' in this checkout "
+            "(or pip install matplotlib)"
         ) from exc
     return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
 

@@ -242,7 +242,7 @@ def load_results(path: str | Path) -> tuple[dict, list[dict]]:
 def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | Path) -> Path:
     """Latency (median with p10-p90 band) and bus bandwidth against size, one line per algo, log axes.
 
-    Needs matplotlib (``pip install 'isagellm-comm[plot]'``); raises a clear error without it.
+    Needs matplotlib (``pip install -e '.[plot]'``); raises a clear error without it.
     """
     plt = pyplot()
     if not records:
@@ -295,7 +295,7 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise InvalidArgumentError(
-            "--plot needs matplotlib, which is not installed: pip install 'isagellm-comm[plot]' "
+            "--plot needs matplotlib, which is not installed: pip install -e '.[plot]' in this checkout "
             "(or pip install matplotlib)"
         ) from exc
     return plt
