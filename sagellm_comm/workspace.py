@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,9 +37,11 @@ from .arguments import check_device, check_flag, check_int
 from .config import CommConfig, check_agreement
 from .errors import (
     CollectiveMismatchError,
+    CommError,
     CommTimeoutError,
     InvalidArgumentError,
     NotInitializedError,
+    P2PFailedError,
     WorkspaceExhaustedError,
 )
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
@@ -126,6 +128,38 @@ def _round_slot(slot_bytes: int) -> int:
     ``ALIGN_BYTES``."""
     slot_bytes = check_int(slot_bytes, "workspace size (slot_bytes)", 1)
     return -(-slot_bytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+class _Failed(NamedTuple):
+    """What a member sends in a rendezvous round whose own part failed (see :func:`_round`)."""
+
+    error: str
+
+
+def _round(exchange: Callable[[Any], list[Any]], ranks: Sequence[int], what: str, work: Callable[[], Any]) -> list:
+    """One round of the workspace rendezvous: this rank's ``work()``, then every member's answer in rank order.
+
+    A member whose ``work`` fails (no memory for its region, a peer's region it cannot map) still takes part in
+    the round, sending the failure, so that every member leaves the rendezvous in the same round with a typed
+    error: its own error where it failed (a :class:`P2PFailedError` wrapping one that is not a
+    :class:`CommError`), on the others a :class:`P2PFailedError` naming the members that failed and why.
+    """
+    try:
+        mine, failure = work(), None
+    except Exception as exc:
+        mine, failure = _Failed(f"{type(exc).__name__}: {exc}"), exc
+    answers = exchange(mine)
+    if failure is not None:
+        if isinstance(failure, CommError):
+            raise failure
+        raise P2PFailedError(f"the workspace rendezvous failed on this rank ({what}): {mine.error}") from failure
+    failed = [(ranks[r] if r < len(ranks) else r, a.error) for r, a in enumerate(answers) if isinstance(a, _Failed)]
+    if failed:
+        raise P2PFailedError(
+            "the workspace rendezvous failed on " + "; ".join(f"rank {r} ({what}): {error}" for r, error in failed),
+            details={"failed_ranks": [r for r, _ in failed]},
+        )
+    return answers
 
 
 class SymmetricWorkspace:
@@ -253,13 +287,32 @@ class SymmetricWorkspace:
         if memory is None:
             memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
         nbytes = region_bytes(slot_bytes, world_size)
-        local = memory.allocate(nbytes)
+        where = (node_name(config), device_identity(device))
+        local: int | None = None
         opened: list[int] = []
-        try:
+        ptrs: list[int] = []
+
+        def publish() -> tuple:
+            nonlocal local
+            local = memory.allocate(nbytes)
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
-            where = (node_name(config), device_identity(device))
-            handles = exchange((memory.export(local), slot_bytes, where, config.agreement()))
+            return (memory.export(local), slot_bytes, where, config.agreement())
+
+        def map_peers() -> int:
+            for r, (handle, *_) in enumerate(handles):
+                if r == rank:
+                    ptrs.append(local)
+                else:
+                    ptr = memory.open(handle, nbytes)
+                    opened.append(ptr)
+                    ptrs.append(ptr)
+            if max_programs is not None:
+                return int(max_programs)
+            return default_max_programs(device, max(sharing, int(processes_on_device)), config.max_programs)
+
+        try:
+            handles = _round(exchange, ranks, "allocating its region", publish)
             if len(handles) == world_size:
                 check_agreement([h[3] for h in handles], ranks, "the workspace rendezvous")
             sizes = {h[1] for h in handles}
@@ -268,29 +321,18 @@ class SymmetricWorkspace:
                     f"workspace rendezvous mismatch: {len(handles)} ranks answered (expected {world_size}), "
                     f"slot sizes {sorted(sizes)} (every rank must ask for the same size)"
                 )
-            ptrs = []
-            for r, (handle, *_) in enumerate(handles):
-                if r == rank:
-                    ptrs.append(local)
-                else:
-                    ptr = memory.open(handle, nbytes)
-                    opened.append(ptr)
-                    ptrs.append(ptr)
             sharing = sum(1 for _, _, other, _ in handles if other == where)
-            if max_programs is not None:
-                proposal = max_programs
-            else:
-                proposal = default_max_programs(device, max(sharing, int(processes_on_device)), config.max_programs)
             # Every rank has mapped every region (shared files can go from the file system now); the group's
             # program count is agreed in the same round.
-            proposals = exchange(int(proposal))
+            proposals = _round(exchange, ranks, "mapping its peers' regions", map_peers)
             if isinstance(memory, SharedFileMemory):
                 memory.unlink(local)
             agreed_programs = min(proposals)
         except BaseException:
             for ptr in opened:
                 memory.close(ptr)
-            memory.free(local)
+            if local is not None:
+                memory.free(local)
             raise
 
         def release() -> None:

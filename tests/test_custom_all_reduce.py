@@ -286,6 +286,58 @@ def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
     assert len(memory.freed) == 1 and not memory._maps
 
 
+def _one_rank_fails_worker(rank, world_size, port, step):
+    import glob
+
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommError, UnavailableError
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    class Failing(SharedFileMemory):  # the last rank: no shared memory left, or a peer's region it cannot map
+        def allocate(self, nbytes):
+            if step == "allocate":
+                raise UnavailableError("cannot reserve shared memory")
+            return super().allocate(nbytes)
+
+        def open(self, handle, nbytes):
+            if step == "open":
+                raise RuntimeError("mapping refused")
+            return super().open(handle, nbytes)
+
+    memory = Failing() if rank == world_size - 1 else SharedFileMemory()
+    try:
+        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+        raised = "nothing"
+    except CommError as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    after = exchange(rank)  # every rank left the rendezvous in the same round
+    return raised, after, glob.glob(f"/dev/shm/sagellm-comm-{os.getpid()}-*"), len(memory._maps)
+
+
+@pytest.mark.parametrize("step", ["allocate", "open"])
+def test_a_rendezvous_failing_on_one_rank_raises_on_every_rank_and_keeps_nothing(step):
+    """A rank whose own part of the workspace rendezvous fails (no memory for its region, a peer's region it cannot
+    map) still answers its round: every rank raises a typed error naming it, none is left waiting in a later round
+    or reading the failure as a peer's handle, and no region, mapping or file stays behind."""
+    results = run_ranks(_one_rank_fails_worker, 3, step, env=INTERP, timeout=120)
+    for rank, (raised, after, files, maps) in enumerate(results):
+        assert after == [0, 1, 2] and files == [] and maps == 0, results[rank]
+        if rank == 2:
+            kind = "UnavailableError" if step == "allocate" else "P2PFailedError"
+            assert raised.startswith(kind), raised
+        else:
+            assert raised.startswith("P2PFailedError") and "rank 2" in raised, raised
+
+
 def _sentinel_nan_worker(rank, world_size, port):
     car, _ = _setup(rank, world_size, port, timeout_s=20.0)
     results = {}
