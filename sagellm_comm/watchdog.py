@@ -5,7 +5,8 @@ writes it into a host-mapped error record; every later call on that workspace ra
 ``Work.wait`` / ``synchronize`` raise too.  A program that only replays CUDA graphs never makes such a
 call, so, like NCCL's watchdog, this thread polls the error records of every live workspace every
 ``SAGELLM_COMM_WATCHDOG_MS`` milliseconds (``CommConfig.watchdog_ms``: default 200; 0 turns it off; the
-thread polls at the shortest period any watched workspace asked for).  The first time it sees a
+thread polls at the shortest period any live watched workspace asked for, and ends once none is left: the
+next watched workspace starts a new one).  The first time it sees a
 workspace's error it logs it (logger ``sagellm_comm``, level ERROR), stores it as
 ``workspace.async_error`` and calls every handler registered with :func:`add_error_handler`.  Reading the
 record is a host memory read: no device synchronisation, no CUDA call.
@@ -23,10 +24,9 @@ from typing import Any
 log = logging.getLogger("sagellm_comm")
 
 _lock = threading.Lock()
-_workspaces: weakref.WeakSet = weakref.WeakSet()
+_workspaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workspace -> its polling period (s)
 _handlers: list[Callable[[Any, BaseException], None]] = []
 _thread: threading.Thread | None = None
-_period_s: list[float] = []  # the polling period: the shortest any watched workspace asked for
 
 
 def add_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
@@ -48,8 +48,7 @@ def watch(workspace: Any, period_ms: float) -> None:
     if period_ms <= 0:
         return
     with _lock:
-        _workspaces.add(workspace)
-        _period_s[:] = [min([period_ms / 1000.0, *_period_s])]
+        _workspaces[workspace] = period_ms / 1000.0
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="sagellm-comm-watchdog", daemon=True)
             _thread.start()
@@ -57,7 +56,7 @@ def watch(workspace: Any, period_ms: float) -> None:
 
 def unwatch(workspace: Any) -> None:
     with _lock:
-        _workspaces.discard(workspace)
+        _workspaces.pop(workspace, None)
 
 
 def poll_once() -> list[tuple[Any, BaseException]]:
@@ -84,9 +83,13 @@ def poll_once() -> list[tuple[Any, BaseException]]:
 
 
 def _run() -> None:
+    global _thread
     while True:
-        time.sleep(_period_s[0])
         with _lock:
-            if not _workspaces:
-                continue
+            if not _workspaces:  # nothing left to watch: end (watch() starts a new thread)
+                if _thread is threading.current_thread():
+                    _thread = None
+                return
+            period_s = min(_workspaces.values())
+        time.sleep(period_s)
         poll_once()

@@ -415,6 +415,45 @@ def test_timeout_gives_nan_latches_reports_and_reset_recovers(tmp_path):
     assert run_ranks(_timeout_recovery_worker, 2, 60, marker, env=INTERP, timeout=300) == [0, 0]
 
 
+def _watchdog_lifetime_worker(rank, world_size, port):
+    import threading
+
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    def workspace(period_ms):
+        config = CommConfig.from_env().replace(watchdog_ms=period_ms)
+        return SymmetricWorkspace(0, 2, 4096, [0, 0], "cpu", config=config)
+
+    def watchdogs():
+        return [t for t in threading.enumerate() if t.name == "sagellm-comm-watchdog"]
+
+    fast, slow = workspace(1), workspace(200)
+    polls = []
+    failure = slow.failure
+    slow.failure = lambda: polls.append(1) or failure()
+    fast.close()
+    time.sleep(0.5)  # the poll under way when it closed has ended
+    polls.clear()
+    time.sleep(1.0)
+    slow_polls = len(polls)
+    slow.close()
+    time.sleep(0.6)
+    after_close = len(watchdogs())
+    again = workspace(1)
+    restarted = len(watchdogs())
+    again.close()
+    return slow_polls, after_close, restarted
+
+
+def test_the_watchdog_polls_only_for_live_workspaces_and_ends_with_the_last():
+    """Closing a workspace gives its polling back: the period is the shortest of the workspaces still open (not
+    of every one ever watched: a closed 1 ms workspace left the thread waking every millisecond for the life of the
+    process), the thread ends when the last one closes, and the next workspace starts it again."""
+    ((slow_polls, after_close, restarted),) = run_ranks(_watchdog_lifetime_worker, 1, env=INTERP, timeout=60)
+    assert slow_polls <= 8 and after_close == 0 and restarted == 1, (slow_polls, after_close, restarted)
+
+
 def _reset_every_path_worker(rank, world_size, port, marker, calls):
     """2 simulated nodes x 2 ranks: the world runs hierarchically, split(2) gives one TP group per node."""
     import sagellm_comm
