@@ -454,6 +454,28 @@ def test_the_watchdog_polls_only_for_live_workspaces_and_ends_with_the_last():
     assert slow_polls <= 8 and after_close == 0 and restarted == 1, (slow_polls, after_close, restarted)
 
 
+def _gemm_after_close_worker(rank, world_size, port):
+    from sagellm_comm.errors import NotInitializedError
+
+    _, _, gemm = _setup(rank, world_size, port, timeout_s=10.0, gemm=True)
+    a, b = torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+    raised = []
+    for path in ("copy_engine", "fused", "auto"):
+        gemm(a, b, path=path)
+    gemm.workspace.close()  # as destroy() and reset() do with the group's kernels
+    for path in ("copy_engine", "fused", "auto"):
+        with pytest.raises(NotInitializedError, match="closed"):
+            gemm(a, b, path=path)
+        raised.append(path)
+    return raised
+
+
+def test_a_gemm_all_reduce_whose_workspace_was_closed_raises_not_initialised():
+    """The GEMM + all-reduce held after its workspace was closed (``group_gemm(g)`` kept across ``destroy()`` or
+    ``reset()``) raises NotInitializedError; its copy-engine path copied from the unmapped peer regions (SIGSEGV)."""
+    assert run_ranks(_gemm_after_close_worker, 2, env=INTERP, timeout=120) == [["copy_engine", "fused", "auto"]] * 2
+
+
 def _reset_every_path_worker(rank, world_size, port, marker, calls):
     """2 simulated nodes x 2 ranks: the world runs hierarchically, split(2) gives one TP group per node."""
     import sagellm_comm

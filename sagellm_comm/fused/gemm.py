@@ -19,6 +19,7 @@ from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fi
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
+    NotInitializedError,
     WorkspaceExhaustedError,
 )
 from ..launch import Launcher as _Launcher
@@ -163,6 +164,8 @@ class GemmAllReduce(CopyEnginePath):
         ws = self.workspace
         if ws is not None and ws.error_view[0]:
             ws.raise_if_failed()
+        if ws is not None and ws.closed:  # its peers' regions are unmapped: a launch or copy would fault
+            raise NotInitializedError("the GEMM + all-reduce's workspace was closed (destroy() or reset() was called)")
         m, n, _ = self.validate(a, b, bias)
         sel = self.pick(path, m, n, a.element_size())
         if ws is not None and sel.algo in (FUSED_PATH, COPY_ENGINE_PATH):
