@@ -19,7 +19,7 @@ import torch
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
-from .errors import BackendNotSupportedError, InvalidArgumentError
+from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, SymmetricWorkspace, local_workspaces
 
@@ -125,6 +125,8 @@ class VirtualRankGroup:
         car = self.ranks[0]
         if car.error_view[0]:
             self.check_errors()
+        if car.workspace.closed:  # the stacked table still holds the freed regions' addresses
+            raise NotInitializedError("the virtual ranks' workspaces were closed (close() was called)")
         itemsize = SUPPORTED_DTYPES.get(stacked.dtype)
         if itemsize is None or not stacked.is_contiguous() or stacked.device != self.device:
             raise InvalidArgumentError(

@@ -268,3 +268,29 @@ def test_ipc_processes_on_one_gpu(mps, world_size):
     for r, (digests, leaked) in enumerate(results):
         assert digests == results[0][0], f"rank {r} got different results"
         assert leaked <= 2 << 20, f"rank {r}: {leaked} bytes of device memory not returned after {cycles} cycles"
+
+
+def test_virtual_ranks_raise_not_initialised_once_closed():
+    """The stacked pointer table still holds the closed workspaces' addresses (memory the caching allocator hands
+    out again): a call after close() raises instead of writing there."""
+    from sagellm_comm.errors import NotInitializedError
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    vg = VirtualRankGroup(2, "cuda:0", max_bytes=MAX_BYTES, timeout_s=20.0)
+    vf = VirtualFused(vg, gemm_max_output_bytes=1 << 20)
+    x = torch.ones(2, 1024, device="cuda")
+    vg.all_reduce_stacked(x)
+    torch.cuda.synchronize()
+    vf.close()
+    a, b = (
+        torch.ones(2, 8, 16, device="cuda", dtype=torch.bfloat16),
+        torch.ones(2, 16, 32, device="cuda", dtype=torch.bfloat16),
+    )
+    with pytest.raises(NotInitializedError, match="closed"):
+        vf.gemm_all_reduce(a, b)
+    vg.close()
+    with pytest.raises(NotInitializedError, match="closed"):
+        vg.all_reduce_stacked(torch.ones(2, 1024, device="cuda"))
+    with pytest.raises(NotInitializedError):
+        vg.all_reduce([torch.ones(1024, device="cuda") for _ in range(2)])

@@ -11,6 +11,7 @@ from ..arguments import check_finite, check_is_tensor
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
+    NotInitializedError,
     WorkspaceExhaustedError,
 )
 from ..selector import UNFUSED_PATH, Selection
@@ -90,6 +91,7 @@ class VirtualFused:
         if x.dim() != 3 or x.shape[0] != self.world_size:
             raise InvalidArgumentError(f"x must be [world_size={self.world_size}, rows, hidden], got {tuple(x.shape)}")
         self.group.check_errors()
+        self._check_open()
         check_quant(quant, scale, x)
         eps = check_finite(eps, "eps", 0.0)
         rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
@@ -126,6 +128,7 @@ class VirtualFused:
         g = self.gemm
         for ws in self.gemm_workspaces:
             ws.raise_if_failed()
+        self._check_open()
         m, n, _ = g.validate(a, b, bias, batch=self.world_size)
         sel = g.pick(path, m, n, a.element_size())
         if sel.algo == COPY_ENGINE_PATH:  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
@@ -169,6 +172,12 @@ class VirtualFused:
         torch.bmm(a, b, out=out)
         if bias is not None:
             out[0] += bias  # once: rank 0's partial carries the bias
+
+    def _check_open(self) -> None:
+        """Raise NotInitializedError once this object or its group was closed: the stacked tables still hold the
+        freed regions' addresses."""
+        if self.group.workspaces[0].closed or self.gemm_workspaces[0].closed:
+            raise NotInitializedError("the virtual ranks' fused workspaces were closed (close() was called)")
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
