@@ -20,6 +20,7 @@ at an offset inside a larger ``cudaMalloc``, and IPC handles name whole allocati
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import uuid
@@ -95,11 +96,15 @@ class CudaIpcMemory(PeerMemory):
 
     def allocate(self, nbytes: int) -> int:
         with self._on_device():
+            ptr = None
             try:
                 ptr = self._rt.malloc(nbytes)
                 self._rt.memset(ptr, 0, nbytes)
                 self._rt.deviceSynchronize()
             except Exception as exc:
+                if ptr is not None:  # allocated, but not zeroed: not kept
+                    with contextlib.suppress(Exception):
+                        self._rt.free(ptr)
                 raise P2PFailedError(f"cudaMalloc of {nbytes} bytes on {self.device} failed: {exc}") from exc
         return int(ptr)
 

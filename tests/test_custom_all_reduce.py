@@ -286,6 +286,49 @@ def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
     assert len(memory.freed) == 1 and not memory._maps
 
 
+def test_a_cuda_region_that_cannot_be_zeroed_is_freed(monkeypatch):
+    """``CudaIpcMemory.allocate`` raises P2PFailedError when zeroing the new region fails (an asynchronous error
+    reported by the memset or the synchronisation), and frees the region first: it was never handed out."""
+    import sys
+    import types
+
+    from sagellm_comm.errors import P2PFailedError
+    from sagellm_comm.ipc import CudaIpcMemory
+
+    freed = []
+
+    class Runtime:  # CuPy's runtime where the memset of the new region fails
+        def malloc(self, nbytes):
+            return 0x1000
+
+        def memset(self, ptr, value, nbytes):
+            raise RuntimeError("cudaErrorLaunchFailure")
+
+        def free(self, ptr):
+            freed.append(ptr)
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.runtime, cuda.Device = Runtime(), Device
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    memory = CudaIpcMemory(torch.device("cuda", 0))
+    with pytest.raises(P2PFailedError, match="cudaErrorLaunchFailure"):
+        memory.allocate(4096)
+    assert freed == [0x1000]
+
+
 def _one_rank_fails_worker(rank, world_size, port, step):
     import glob
 
