@@ -306,11 +306,6 @@ class FusedAllReduceRMSNorm:
         ctrl = ws.control if ctrl is None else ctrl
         if self.use_ptx:
             ws.enter_stream(torch._C._cuda_getCurrentRawStream(ws.device.index or 0))
-        if ws.check:
-            name = f"rmsnorm_{algo}" if quant is None else f"rmsnorm_{algo}_{quant}"
-            launch_fingerprint_check(
-                self._check, table, ctrl, ws.rank, w, name, (rows, hidden), x.dtype, self._timeout, virtual_ranks
-            )
         named = dict(
             inp=x, residual=residual, weight=weight, out=out, scales=weight if scales is None else scales,
             residual_out=new_residual, table=table, ctrl=ctrl, num_rows=rows, hidden=hidden, eps=float(eps),
@@ -322,7 +317,17 @@ class FusedAllReduceRMSNorm:
                          SPLIT=split)  # fmt: skip
         else:
             named.update(slot_bytes=ws.slot_bytes, TWO_SHOT=algo == TWO_SHOT)
-        self._launcher(lamport, num_warps, pdl).launch((programs, virtual_ranks), **named)
+        launcher = self._launcher(lamport, num_warps, pdl)
+        values = launcher.bind(**named)
+        if ws.check:
+            # Loaded before the fingerprint kernel can spin: loading a module may wait for the device to go idle,
+            # and the peers (other virtual ranks of this thread) have not launched their checks yet.
+            launcher.preload(values)
+            name = f"rmsnorm_{algo}" if quant is None else f"rmsnorm_{algo}_{quant}"
+            launch_fingerprint_check(
+                self._check, table, ctrl, ws.rank, w, name, (rows, hidden), x.dtype, self._timeout, virtual_ranks
+            )
+        launcher((programs, virtual_ranks), values)
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` naming the missing peer if a kernel timed out (no device sync)."""
