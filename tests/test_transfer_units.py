@@ -8,6 +8,7 @@ tests/test_transfer.py; the kernel's PTX is checked in tests/test_kernels_compil
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -958,13 +959,9 @@ class _Pending(Request):
         self.aborted += 1
 
 
-def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recording_agents, monkeypatch):
-    """wait(timeout) takes the agent's lock for at most what is left of its deadline (another thread's add_peer
-    may hold it for seconds); its request is then aborted by the agent's next call."""
-    agent, backend = recording_agents
-    request = _Pending()
-    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
-    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+@contextlib.contextmanager
+def _held_by_another_thread(agent):
+    """Inside the block another thread's call holds the agent's lock; it is released on the way out."""
     held, release = threading.Event(), threading.Event()
 
     def hold():
@@ -975,13 +972,26 @@ def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recordin
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     assert held.wait(5.0)
-    start = time.monotonic()
-    with pytest.raises(CommTimeoutError, match="within 0.2 s"):
-        handle.wait(timeout=0.2)
-    assert time.monotonic() - start < 1.0 and handle.state == "failed"
-    assert request.aborted == 0  # the agent is held: not aborted yet
-    release.set()
-    holder.join(5.0)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(5.0)
+
+
+def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recording_agents, monkeypatch):
+    """wait(timeout) takes the agent's lock for at most what is left of its deadline (another thread's add_peer
+    may hold it for seconds); its request is then aborted by the agent's next call."""
+    agent, backend = recording_agents
+    request = _Pending()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    with _held_by_another_thread(agent):
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError, match="within 0.2 s"):
+            handle.wait(timeout=0.2)
+        assert time.monotonic() - start < 1.0 and handle.state == "failed"
+        assert request.aborted == 0  # the agent is held: not aborted yet
     agent.notifications()
     assert request.aborted == 1
     with pytest.raises(CommTimeoutError):
@@ -1003,20 +1013,8 @@ def test_a_request_whose_wait_timed_out_under_another_threads_call_is_aborted_by
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
     handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
     prepared = agent.prepare("b", "kv", "kv", 64)
-    held, release = threading.Event(), threading.Event()
-
-    def hold():  # another thread's call
-        with agent.lock:
-            held.set()
-            release.wait(10.0)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(5.0)
-    with pytest.raises(CommTimeoutError):
+    with _held_by_another_thread(agent), pytest.raises(CommTimeoutError):
         handle.wait(timeout=0.05)
-    release.set()
-    holder.join(5.0)
     assert request.aborted == 0
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: _Pending())
     if post == "one block":
