@@ -201,6 +201,46 @@ def test_check_mode_compares_the_fused_rmsnorm_shape_on_the_gpu():
         ws.close()
 
 
+@pytest.mark.parametrize("path", ["fused", "copy_engine"])
+def test_check_mode_runs_the_fused_gemm_of_ranks_driven_from_one_thread(path):
+    """Each rank's GEMM + all-reduce loads its kernels before its check spins for the peer (a module load may wait
+    for the device to go idle, and the peer's check comes later from this thread): the agreeing call is exact,
+    [2, 256] against [4, 128] is a mismatch."""
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import CollectiveMismatchError
+    from sagellm_comm.fused import GemmAllReduce, gemm_workspace_bytes
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 16, "cuda:0", max_programs=4, check=True)
+    gemm_workspaces = local_workspaces(2, gemm_workspace_bytes(1 << 20), "cuda:0", check=True)
+    cars = [CustomAllReduce(ws, timeout_s=10.0) for ws in workspaces]
+    ranks = [GemmAllReduce(g, car, timeout_s=10.0) for g, car in zip(gemm_workspaces, cars, strict=True)]
+    streams = [torch.cuda.Stream() for _ in ranks]
+
+    def call(shapes, seed):
+        ins, outs = [], []
+        for r, (gemm, stream, (rows, cols)) in enumerate(zip(ranks, streams, shapes, strict=True)):
+            a, b = _ints((rows, 64), seed + r, hi=2), _ints((64, cols), seed + 10 + r, hi=1)
+            ins.append((a, b))
+            with torch.cuda.stream(stream):
+                outs.append(gemm(a, b, path=path))
+        torch.cuda.synchronize()
+        return ins, outs
+
+    ins, outs = call([(32, 256), (32, 256)], 1)
+    want = sum(a.float() @ b.float() for a, b in ins)  # |entries| <= 2 * 64 * 2: integers exact in bf16
+    for out in outs:
+        assert torch.equal(out.float(), want)
+    call([(2, 256), (4, 128)], 2)
+    for r, gemm in enumerate(ranks):
+        with pytest.raises(CollectiveMismatchError) as info:
+            gemm.check_errors()
+        assert info.value.details["peer"] == 1 - r
+        assert {info.value.details["mine"]["shape"], info.value.details["theirs"]["shape"]} == {(2, 256), (4, 128)}
+    for ws in workspaces + gemm_workspaces:
+        ws.close()
+
+
 def _killed_gpu_worker(rank, world_size, port):
     import torch.distributed as dist
 

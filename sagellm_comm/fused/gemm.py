@@ -168,17 +168,21 @@ class GemmAllReduce(CopyEnginePath):
             raise NotInitializedError("the GEMM + all-reduce's workspace was closed (destroy() or reset() was called)")
         m, n, _ = self.validate(a, b, bias)
         sel = self.pick(path, m, n, a.element_size())
+        check = None
         if ws is not None and sel.algo in (FUSED_PATH, COPY_ENGINE_PATH):
             if self.use_ptx:
                 ws.enter_stream(torch._C._cuda_getCurrentRawStream(self.device.index or 0))
             if ws.check:
-                self._launch_check(f"gemm_{sel.algo}", (m, n), a.dtype)
+                # Launched by the path once its kernels are loaded: loading a module may wait for the device to
+                # go idle, and a spinning check waits for peers (other ranks driven from this thread) that have
+                # not launched theirs yet.
+                check = lambda: self._launch_check(f"gemm_{sel.algo}", (m, n), a.dtype)  # noqa: E731
         if sel.algo == COPY_ENGINE_PATH:
             out = None if zero_copy else torch.empty((m, n), dtype=a.dtype, device=self.device)
-            return self._copy_engine(a, b, bias, out, m, n)
+            return self._copy_engine(a, b, bias, out, m, n, check)
         out = torch.empty((m, n), dtype=a.dtype, device=self.device)
         if sel.algo == FUSED_PATH:
-            self.launch_fused(a, b, bias, out, m, n)
+            self.launch_fused(a, b, bias, out, m, n, check=check)
         elif sel.algo == CHUNKED_PATH:
             self._chunked(a, b, bias, out, m)
         else:
@@ -241,8 +245,11 @@ class GemmAllReduce(CopyEnginePath):
                 reduce(i, rows)
         current.wait_stream(self.side_stream)
 
-    def launch_fused(self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None):
-        """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one."""
+    def launch_fused(
+        self, a, b, bias, out, m, n, table=None, ctrl=None, virtual_ranks: int = 1, one_shot=None, check=None
+    ):
+        """Enqueue the fused path: the consumer on the side stream first, then the GEMM on the current one.
+        ``check``: a launch to enqueue first, once both kernels are loaded (check mode's fingerprint)."""
         ws = self.workspace
         cfg = dict(gemm_tile_config(m, self.use_ptx))
         bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
@@ -274,6 +281,10 @@ class GemmAllReduce(CopyEnginePath):
             buffer_bytes=self.buffer_bytes, timeout=self._timeout, W=w, WP=wp, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm,
             SUB_M=sub_m, ONE_SHOT=bool(one_shot), HAS_BIAS=bias is not None, USE_PTX=self.use_ptx, VIRTUAL=virtual,
         )  # fmt: skip
+        if check is not None:
+            producer.preload(producer_args)
+            self._consumer.preload(consumer_args)
+            check()
         loaded = producer.is_loaded(producer_args) and self._consumer.is_loaded(consumer_args)
         producer_grid = (tiles * virtual_ranks, 1)  # virtual ranks interleaved (see gemm_publish_kernel)
         if self.side_stream is None or not loaded:

@@ -101,13 +101,14 @@ class CopyEnginePath:
                                                    BLOCK=self._ce_block))  # fmt: skip
         self._ce_gather.preload(gather_args)
 
-    def _copy_engine(self, a, b, bias, out, m, n) -> torch.Tensor:
+    def _copy_engine(self, a, b, bias, out, m, n, check=None) -> torch.Tensor:
         """The copy-engine pipeline of ``sagellm_comm/kernels/copy_engine.py``: cuBLAS on the caller's stream
         computes the peers' parts of each row chunk into this rank's buffer P, then its own part onto the peers'
         partials (pulled by the copy engines on the side stream); the copy engines gather the reduced parts.
 
         ``out`` None: the result is left in P (zero-copy; the gather overwrites this rank's partials of the
-        peers' parts, which the peers pulled before they signalled the barrier that precedes it)."""
+        peers' parts, which the peers pulled before they signalled the barrier that precedes it).  ``check``: a
+        launch to enqueue first, once the pipeline's kernels are loaded (check mode's fingerprint)."""
         ws = self.workspace
         w, rank = ws.world_size, ws.rank
         bufs, scratch = self._copy_engine_views(a.dtype)
@@ -122,6 +123,8 @@ class CopyEnginePath:
             end=(last_start + last_rows) * n, W=w, BLOCK=self._ce_block,
         )  # fmt: skip
         self._ce_preload(scratch, gather_args, flat_out)
+        if check is not None:
+            check()
         side = self.side_stream
         on_gpu = side is not None
         current = torch.cuda.current_stream(self.device) if on_gpu else None
