@@ -539,7 +539,7 @@ class CustomAllReduce:
         n = prints.shape[0]
         self._group_check.launch(
             (1, 1), table=self._table, ctrl=self._control, prints=prints, me=me, n=n, W=self.world_size,
-            NP=triton.next_power_of_2(n),
+            NP=triton.next_power_of_2(n), USE_PTX=self.use_ptx,
         )  # fmt: skip
 
     def _check_out(self, tensor: torch.Tensor, out: torch.Tensor, numel: int) -> None:

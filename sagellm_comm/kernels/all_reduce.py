@@ -235,12 +235,23 @@ def _flag_ptrs(base, word):
 
 
 @triton.jit
-def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target):
+def _fence_sc_sys(USE_PTX: tl.constexpr):
+    """A sequentially consistent fence at system scope (the interpreter runs one thread: nothing to order)."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "fence.sc.sys; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target, USE_PTX: tl.constexpr):
     """Latch the error on this rank; the first program to get here records who never arrived, where and when.
 
     ``ctrl[CTRL_LATCH]`` is the latch (every later wait of this rank returns at once and every later output
     of a latched workspace is NaN); ``table[W]`` points to the host-mapped error record the host reads
-    without a device sync.
+    without a device sync.  The status word is stored last, after a system-scope fence: a host that reads a
+    status reads the fields written before it.
     """
     first = tl.atomic_cas(
         ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
@@ -251,6 +262,7 @@ def _record_timeout(ctrl, table, W: tl.constexpr, peer, phase, block, target):
         tl.store(err_record + ERR_PHASE, tl.full([], 0, tl.int64) + phase, cache_modifier=".wt")
         tl.store(err_record + ERR_BLOCK, block.to(tl.int64), cache_modifier=".wt")
         tl.store(err_record + ERR_EPOCH, target.to(tl.int64), cache_modifier=".wt")
+        _fence_sc_sys(USE_PTX)
         tl.store(err_record + ERR_STATUS, tl.full([], ERR_TIMEOUT, tl.int64), cache_modifier=".wt")
 
 
@@ -336,7 +348,8 @@ def _bounded_wait(
         else:
             passed, elapsed, latched = _wait_step(start, elapsed, timeout, ctrl, USE_PTX)
     if (pending > 0) & (latched == 0):
-        _record_timeout(ctrl, table, W, FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B), phase, block, target)
+        missing = FIRST_MISSING(args, state, W, WP, USE_PTX, OPT_A, OPT_B)
+        _record_timeout(ctrl, table, W, missing, phase, block, target, USE_PTX)
         latched = tl.full([], 1, tl.int64)
     return state, pending, latched
 

@@ -82,7 +82,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sagellm_comm.kernels.all_reduce import _load_acquire, _pick, _ptr, _ticks
+from sagellm_comm.kernels.all_reduce import _fence_sc_sys, _load_acquire, _pick, _ptr, _ticks
 
 RECORD_BYTES = tl.constexpr(512)  # one notification: int64 seq | int64 nbytes | message (up to 496 bytes)
 RECORD_HEADER_BYTES = tl.constexpr(16)
@@ -211,16 +211,6 @@ def _uniform_min(ptr, USE_PTX: tl.constexpr):
 def _uniform_clock(USE_PTX: tl.constexpr):
     """The GPU's global timer (the host clock under the interpreter), the same value in every thread."""
     return tl.max(tl.zeros([SERVER_THREADS], dtype=tl.int64) + _ticks(USE_PTX), axis=0)
-
-
-@triton.jit
-def _fence_sc_sys(USE_PTX: tl.constexpr):
-    """A sequentially consistent fence at system scope (the interpreter runs one thread: nothing to order)."""
-    if USE_PTX:
-        tl.inline_asm_elementwise(
-            "fence.sc.sys; mov.u32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
 
 
 @triton.jit

@@ -54,6 +54,7 @@ from sagellm_comm.kernels.all_reduce import (
     SLOT_CHECK,
     SLOT_WORDS,
     _barrier_at,
+    _fence_sc_sys,
     _flag_ptrs,
     _pick,
     _rank_view,
@@ -115,9 +116,12 @@ def decode_size(operation: str, word: int) -> tuple[int, tuple[int, int] | None]
 
 
 @triton.jit
-def _record_mismatch(ctrl, table, W: tl.constexpr, peer, words, mine, theirs, call, PHASE: tl.constexpr):
+def _record_mismatch(
+    ctrl, table, W: tl.constexpr, peer, words, mine, theirs, call, PHASE: tl.constexpr, USE_PTX: tl.constexpr
+):
     """Latch this rank's workspace; the first to latch records the mismatch: ``peer``, both fingerprints
-    ``(algo, numel, dtype, call)`` (``words`` indexes them), the check call, ``PHASE``."""
+    ``(algo, numel, dtype, call)`` (``words`` indexes them), the check call, ``PHASE``.  The status word is
+    stored last, after a system-scope fence (as :func:`_record_timeout` does)."""
     was = tl.atomic_cas(
         ctrl + CTRL_LATCH, tl.full([], 0, tl.int64), tl.full([], 1, tl.int64), sem="acq_rel", scope="gpu"
     )
@@ -129,6 +133,7 @@ def _record_mismatch(ctrl, table, W: tl.constexpr, peer, words, mine, theirs, ca
         tl.store(err + ERR_PHASE, tl.full([], PHASE, tl.int64), cache_modifier=".wt")
         tl.store(err + ERR_BLOCK, tl.full([], 0, tl.int64), cache_modifier=".wt")
         tl.store(err + ERR_EPOCH, call, cache_modifier=".wt")
+        _fence_sc_sys(USE_PTX)
         tl.store(err + ERR_STATUS, tl.full([], ERR_MISMATCH, tl.int64), cache_modifier=".wt")
 
 
@@ -180,13 +185,15 @@ def fingerprint_check_kernel(
         first = tl.min(tl.where(differs, peers, WP), axis=0)
         if first < W:
             their_print = tl.sum(tl.where(peers[:, None] == first, theirs, 0), axis=0)
-            _record_mismatch(ctrl, table, W, first.to(tl.int64), words, mine, their_print, call, PHASE_CHECK)
+            _record_mismatch(ctrl, table, W, first.to(tl.int64), words, mine, their_print, call, PHASE_CHECK, USE_PTX)
     # 4. Only this rank's next check reads the counter, in stream order after this kernel.
     tl.store(ctrl + CTRL_CHECK, call + 1)
 
 
 @triton.jit(do_not_specialize=["me", "n"])
-def group_fingerprint_check_kernel(table, ctrl, prints, me, n, W: tl.constexpr, NP: tl.constexpr):
+def group_fingerprint_check_kernel(
+    table, ctrl, prints, me, n, W: tl.constexpr, NP: tl.constexpr, USE_PTX: tl.constexpr
+):
     """Compare row ``me`` of ``prints`` (int64 ``[n, FP_WORDS]``: ``algo, numel, dtype, global rank`` of every
     member of a group, as the engine all-gathered them) with every row; at the first that differs in
     ``algo, numel, dtype``, latch this rank's workspace (``table``, ``ctrl``: ``W`` ranks) and record the
@@ -206,4 +213,4 @@ def group_fingerprint_check_kernel(table, ctrl, prints, me, n, W: tl.constexpr, 
         peer = tl.sum(tl.where(words == 3, theirs, 0), axis=0)
         mine = tl.where(words == 3, call, own)
         theirs = tl.where(words == 3, call, theirs)
-        _record_mismatch(ctrl, table, W, peer, words, mine, theirs, call, PHASE_GROUP_CHECK)
+        _record_mismatch(ctrl, table, W, peer, words, mine, theirs, call, PHASE_GROUP_CHECK, USE_PTX)
