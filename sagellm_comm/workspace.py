@@ -535,6 +535,14 @@ def local_workspaces(
     Every rank gets the same configuration (default: read from the environment; ``check`` replaces its
     check mode) and program count (default :func:`default_max_programs` with the device's SMs divided among
     the ranks).  The regions are freed when the last of the returned workspaces is closed.
+
+    Per-rank objects over these workspaces, called one rank after another from one thread: a GPU module is
+    loaded on a kernel's first launch, and a load may wait for the device to go idle, so it stalls behind a
+    rank's kernel that spins for a peer this thread has not launched yet (until that wait's deadline).  Our
+    collectives load their kernels before anything of the call can spin; the kernels of other libraries
+    (cuBLAS on the GEMM's copy-engine path) and a specialisation only some ranks run (ranks that disagree, in
+    check mode) must have been loaded by an earlier call.  Stacked calls (``VirtualRankGroup``) and processes do not
+    have this constraint.
     """
     world_size = check_int(world_size, "world_size", 1)
     device = check_device(device)

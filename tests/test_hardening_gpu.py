@@ -188,9 +188,10 @@ def test_check_mode_compares_the_fused_rmsnorm_shape_on_the_gpu():
         torch.cuda.synchronize()
         return outs
 
-    for normed, new_residual in call([(2, 256), (2, 256)]):
-        torch.testing.assert_close(normed, torch.full_like(normed, 0.5))  # rows of 6: RMSNorm leaves the weight
-        assert torch.equal(new_residual, torch.full_like(new_residual, 6.0))
+    for shape in ((2, 256), (4, 128)):  # both shapes' kernels are loaded before the mismatch (local_workspaces)
+        for normed, new_residual in call([shape, shape]):
+            torch.testing.assert_close(normed, torch.full_like(normed, 0.5))  # rows of 6: RMSNorm leaves the weight
+            assert torch.equal(new_residual, torch.full_like(new_residual, 6.0))
     call([(2, 256), (4, 128)])
     for r, fused in enumerate(ranks):
         with pytest.raises(CollectiveMismatchError) as info:
@@ -204,8 +205,9 @@ def test_check_mode_compares_the_fused_rmsnorm_shape_on_the_gpu():
 @pytest.mark.parametrize("path", ["fused", "copy_engine"])
 def test_check_mode_runs_the_fused_gemm_of_ranks_driven_from_one_thread(path):
     """Each rank's GEMM + all-reduce loads its kernels before its check spins for the peer (a module load may wait
-    for the device to go idle, and the peer's check comes later from this thread): the agreeing call is exact,
-    [2, 256] against [4, 128] is a mismatch."""
+    for the device to go idle, and the peer's check comes later from this thread): the agreeing calls are exact,
+    [2, 256] against [4, 128] is a mismatch.  cuBLAS (the copy-engine path's GEMMs) and the kernels of a shape
+    only one rank runs are loaded before by calls that agree (see ``local_workspaces``)."""
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.errors import CollectiveMismatchError
     from sagellm_comm.fused import GemmAllReduce, gemm_workspace_bytes
@@ -218,20 +220,24 @@ def test_check_mode_runs_the_fused_gemm_of_ranks_driven_from_one_thread(path):
     streams = [torch.cuda.Stream() for _ in ranks]
 
     def call(shapes, seed):
-        ins, outs = [], []
-        for r, (gemm, stream, (rows, cols)) in enumerate(zip(ranks, streams, shapes, strict=True)):
-            a, b = _ints((rows, 64), seed + r, hi=2), _ints((64, cols), seed + 10 + r, hi=1)
-            ins.append((a, b))
+        ins = [(_ints((rows, 64), seed + r, hi=2), _ints((64, cols), seed + 10 + r, hi=1))
+               for r, (rows, cols) in enumerate(shapes)]  # fmt: skip
+        for a, b in ins:  # cuBLAS loads its kernels on their first use
+            torch.matmul(a, b)
+        torch.cuda.synchronize()
+        outs = []
+        for gemm, stream, (a, b) in zip(ranks, streams, ins, strict=True):
             with torch.cuda.stream(stream):
                 outs.append(gemm(a, b, path=path))
         torch.cuda.synchronize()
         return ins, outs
 
-    ins, outs = call([(32, 256), (32, 256)], 1)
-    want = sum(a.float() @ b.float() for a, b in ins)  # |entries| <= 2 * 64 * 2: integers exact in bf16
-    for out in outs:
-        assert torch.equal(out.float(), want)
-    call([(2, 256), (4, 128)], 2)
+    for seed, shape in enumerate(((32, 256), (2, 256), (4, 128))):
+        ins, outs = call([shape, shape], seed)
+        want = sum(a.float() @ b.float() for a, b in ins)  # |entries| <= 2 * 64 * 2: integers exact in bf16
+        for out in outs:
+            assert torch.equal(out.float(), want), shape
+    call([(2, 256), (4, 128)], 9)
     for r, gemm in enumerate(ranks):
         with pytest.raises(CollectiveMismatchError) as info:
             gemm.check_errors()
