@@ -277,14 +277,15 @@ def _shape_mismatch_worker(rank, world_size, port, family):
         call = lambda: fused(x, torch.zeros_like(x), torch.ones(cols), algo="one_shot")  # noqa: E731
     else:
         a, b = torch.ones(rows, 8, dtype=torch.bfloat16), torch.ones(8, cols, dtype=torch.bfloat16)
-        call = lambda: gemm(a, b, path="fused")  # noqa: E731
+        path = "copy_engine" if family == "gemm copy engine" else "fused"
+        call = lambda: gemm(a, b, path=path)  # noqa: E731
     call()
     with pytest.raises(CollectiveMismatchError) as info:
         (fused if family == "rmsnorm" else gemm).check_errors()
     return str(info.value), info.value.details
 
 
-@pytest.mark.parametrize("family", ["rmsnorm", "gemm"])
+@pytest.mark.parametrize("family", ["rmsnorm", "gemm", "gemm copy engine"])
 def test_check_mode_compares_the_shape_of_the_2d_families_not_only_their_size(family):
     """[2, 256] on one rank and [4, 128] on another hold as many elements: the fused RMSNorm would normalise rows
     of another length, the fused GEMM reduce another layout, and check mode let it pass."""
@@ -293,6 +294,7 @@ def test_check_mode_compares_the_shape_of_the_2d_families_not_only_their_size(fa
         assert details["mine"]["shape"] == mine and details["theirs"]["shape"] == theirs, details
         assert details["mine"]["numel"] == details["theirs"]["numel"] == 512, details
         dtype = "float32" if family == "rmsnorm" else "bfloat16"
+        assert details["mine"]["algo"].endswith("copy_engine") == (family == "gemm copy engine"), details
         assert f"ran {details['mine']['algo']} of {mine[0]} x {mine[1]} x {dtype}" in message, message
 
 
