@@ -281,6 +281,7 @@ def tensor_at(ptr: int, numel: int, dtype: torch.dtype, device: torch.device, ow
         arr = cupy.ndarray((numel * itemsize,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         flat = torch.as_tensor(arr, device=device)
     else:
-        buf = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (numel * itemsize)).from_address(ptr))
-        flat = torch.from_numpy(buf)
+        raw = (np.ctypeslib.ctypes.c_uint8 * (numel * itemsize)).from_address(ptr)
+        raw.owner = owner  # the array, and so the tensor, holds ``raw``
+        flat = torch.from_numpy(np.ctypeslib.as_array(raw))
     return flat.view(dtype)

@@ -23,6 +23,7 @@ every call counter of a new workspace (a test hook: counters are 64-bit and neve
 from __future__ import annotations
 
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -174,6 +175,8 @@ class SymmetricWorkspace:
         peer_ptrs: base address of every rank's region in this process.
         device: where the data lives (``cuda:i``, or ``cpu`` under the Triton interpreter).
         release: called by :meth:`close` to unmap peers and free the local region.
+        region: the owner of this rank's region where :meth:`close` does not free it itself: tensors from
+            :meth:`registered_tensor` hold it, and the workspace drops its reference at :meth:`close`.
         ranks_on_device: how many ranks of the group share this rank's device (virtual ranks, MPS): the
             kernels' programs of all of them must be resident at once, so they divide its SMs.
         max_programs: programs of every launch on this workspace, the same on every rank (agreed by
@@ -199,6 +202,7 @@ class SymmetricWorkspace:
         max_programs: int | None = None,
         check: bool | None = None,
         config: CommConfig | None = None,
+        region: Any = None,
     ):
         config = _configuration(config, check)
         if not 2 <= world_size <= _k.MAX_WORLD.value:
@@ -217,6 +221,7 @@ class SymmetricWorkspace:
         self.peer_ptrs = [int(p) for p in peer_ptrs]
         self._release = release
         self._local_region = local_region
+        self._region = region
         on_cuda = self.device.type == "cuda"
         if max_programs is None:
             max_programs = default_max_programs(self.device, self.ranks_on_device, config.max_programs)
@@ -335,18 +340,20 @@ class SymmetricWorkspace:
                 memory.free(local)
             raise
 
+        region = _OwnedRegion(memory, local)
+
         def release() -> None:
             for ptr in opened:
                 memory.close(ptr)
-            memory.free(local)
 
         try:
             return cls(
                 rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
-                max_programs=agreed_programs, config=config,
+                max_programs=agreed_programs, config=config, region=region,
             )  # fmt: skip
         except BaseException:  # refused (a world of one) or out of memory: the regions are not kept
             release()
+            region.free()
             raise
 
     # ------------------------------------------------------------------ use
@@ -361,7 +368,7 @@ class SymmetricWorkspace:
         if self._local_region is not None:
             start = _k.PAD_BYTES.value
             return self._local_region[start : start + nbytes].view(dtype)
-        return _tensor_at(self._registered_ptr, numel, dtype, self.device, owner=self)
+        return _tensor_at(self._registered_ptr, numel, dtype, self.device, owner=self._region or self)
 
     def is_registered(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` starts at this rank's registered region."""
@@ -487,7 +494,10 @@ class SymmetricWorkspace:
             raise NotInitializedError("the symmetric workspace was closed (destroy() was called)")
 
     def close(self) -> None:
-        """Unmap peers and free this rank's region (idempotent).  The device must be idle."""
+        """Unmap peers and free this rank's region (idempotent).  The device must be idle.
+
+        A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
+        until it is gone: it stays valid memory, no longer shared with the peers."""
         if self.closed:
             return
         self.closed = True
@@ -498,7 +508,17 @@ class SymmetricWorkspace:
             torch.cuda.synchronize(self.device)
         if self._release is not None:
             self._release()
+        self._region = None  # freed here unless a registered tensor holds it
         self.table = self.control = self._local_region = None  # type: ignore[assignment]
+
+
+class _OwnedRegion:
+    """This rank's region from ``memory.allocate``, freed when the last reference goes: the workspace's (dropped
+    at close()) or a registered tensor's.  ``free()`` frees it at once (a rendezvous that made no workspace)."""
+
+    def __init__(self, memory: PeerMemory, ptr: int):
+        self.free = weakref.finalize(self, memory.free, ptr)
+        self.free.atexit = False  # the process's memory goes with it
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

@@ -329,6 +329,68 @@ def test_a_cuda_region_that_cannot_be_zeroed_is_freed(monkeypatch):
     assert freed == [0x1000]
 
 
+def _buffer_after_close_worker(rank, world_size, port):
+    import gc
+
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import NotInitializedError
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    class Recording(SharedFileMemory):
+        def __init__(self):
+            super().__init__()
+            self.freed: list[int] = []
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    memory = Recording()
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+    car = CustomAllReduce(ws, timeout_s=30.0)
+    buf = car.get_buffer(64, torch.float32)
+    buf.fill_(rank + 1)
+    car.all_reduce(buf, algo="one_shot")
+    summed = buf.tolist()
+    exchange(None)  # every rank's call is done before any region goes
+    if rank == 1:  # nothing holds rank 1's region: close() frees it
+        del buf
+        gc.collect()  # the interpreter's launch left the tensor in a reference cycle
+    ws.close()
+    freed_at_close = len(memory.freed)
+    if rank == 0:  # the buffer outlives the workspace as plain memory of this process
+        buf.fill_(7.0)
+        kept = bool(torch.all(buf == 7.0))
+        with pytest.raises(NotInitializedError):
+            car.all_reduce(buf)
+        del buf
+        gc.collect()
+    else:
+        kept = None
+    return summed, freed_at_close, len(memory.freed), kept
+
+
+def test_a_buffer_from_get_buffer_keeps_its_region_past_close():
+    """A get_buffer() tensor still held when its workspace closes stays valid memory (the region is freed when the
+    tensor goes, not under it); a workspace whose buffers are gone frees its region at close()."""
+    (sum0, at_close0, after0, kept), (sum1, at_close1, after1, _) = run_ranks(
+        _buffer_after_close_worker, 2, env=INTERP, timeout=120
+    )
+    assert sum0 == sum1 == [3.0] * 64
+    assert (at_close0, after0, kept) == (0, 1, True)
+    assert (at_close1, after1) == (1, 1)
+
+
 def _one_rank_fails_worker(rank, world_size, port, step):
     import glob
 
