@@ -148,7 +148,8 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
     Takes every ``torch.compile`` argument (``fullgraph``, ``dynamic``, ``disable``, ...).  The backend must be
     ``"inductor"`` (the pass is an Inductor pass); ``mode`` and ``options`` may be given together (the mode's
     options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` (else the one in
-    ``torch._inductor.config``) runs before the fusion pass.
+    ``torch._inductor.config`` when this is called: the options this passes replace that slot) runs before the
+    fusion pass.
     ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
     (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``, or
     ``torch._inductor.config.triton.cudagraphs`` set where the mode and options leave it) are refused with
