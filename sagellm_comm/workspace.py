@@ -494,7 +494,9 @@ class SymmetricWorkspace:
             raise NotInitializedError("the symmetric workspace was closed (destroy() was called)")
 
     def close(self) -> None:
-        """Unmap peers and free this rank's region (idempotent).  The device must be idle.
+        """Unmap peers and free this rank's region (idempotent).  The device must be idle, and no other thread may
+        be in a call on this workspace (calls check ``closed`` once, on entry: one launching while this runs
+        would enqueue kernels on unmapped regions).
 
         A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
         until it is gone: it stays valid memory, no longer shared with the peers."""
