@@ -174,7 +174,7 @@ class SymmetricWorkspace:
         slot_bytes: message capacity in bytes (the largest all-reduce the custom kernels take).
         peer_ptrs: base address of every rank's region in this process.
         device: where the data lives (``cuda:i``, or ``cpu`` under the Triton interpreter).
-        release: called by :meth:`close` to unmap peers and free the local region.
+        release: called by :meth:`close` to unmap peers and free the local region (unless ``region`` owns it).
         region: the owner of this rank's region where :meth:`close` does not free it itself: tensors from
             :meth:`registered_tensor` hold it, and the workspace drops its reference at :meth:`close`.
         ranks_on_device: how many ranks of the group share this rank's device (virtual ranks, MPS): the
@@ -510,17 +510,35 @@ class SymmetricWorkspace:
             torch.cuda.synchronize(self.device)
         if self._release is not None:
             self._release()
-        self._region = None  # freed here unless a registered tensor holds it
+        if self._region is not None:
+            self._region.close()
+            self._region = None  # freed here unless a registered tensor holds it
         self.table = self.control = self._local_region = None  # type: ignore[assignment]
 
 
 class _OwnedRegion:
-    """This rank's region from ``memory.allocate``, freed when the last reference goes: the workspace's (dropped
-    at close()) or a registered tensor's.  ``free()`` frees it at once (a rendezvous that made no workspace)."""
+    """This rank's region from ``memory.allocate``, freed once the workspace is closed and the last reference goes:
+    the workspace's (dropped at close()) or a registered tensor's.  A workspace never closed keeps it (a free at
+    garbage collection could land inside a CUDA-graph capture).  ``free()`` frees it at once (a rendezvous that
+    made no workspace)."""
 
     def __init__(self, memory: PeerMemory, ptr: int):
-        self.free = weakref.finalize(self, memory.free, ptr)
-        self.free.atexit = False  # the process's memory goes with it
+        self._closed = [False]
+        self._finalizer = weakref.finalize(self, _free_closed, memory, ptr, self._closed)
+        self._finalizer.atexit = False  # the process's memory goes with it
+
+    def close(self) -> None:
+        """From now on the region is freed with the last reference to this object."""
+        self._closed[0] = True
+
+    def free(self) -> None:
+        self._closed[0] = True
+        self._finalizer()
+
+
+def _free_closed(memory: PeerMemory, ptr: int, closed: list[bool]) -> None:
+    if closed[0]:
+        memory.free(ptr)
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

@@ -377,18 +377,24 @@ def _buffer_after_close_worker(rank, world_size, port):
         gc.collect()
     else:
         kept = None
-    return summed, freed_at_close, len(memory.freed), kept
+    freed = len(memory.freed)
+    dropped = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+    del dropped  # never closed: its region stays (a free at collection could land in a graph capture)
+    gc.collect()
+    return summed, freed_at_close, freed, kept, len(memory.freed) - freed
 
 
 def test_a_buffer_from_get_buffer_keeps_its_region_past_close():
     """A get_buffer() tensor still held when its workspace closes stays valid memory (the region is freed when the
-    tensor goes, not under it); a workspace whose buffers are gone frees its region at close()."""
-    (sum0, at_close0, after0, kept), (sum1, at_close1, after1, _) = run_ranks(
+    tensor goes, not under it); a workspace whose buffers are gone frees its region at close(); one never closed
+    frees nothing when it is collected."""
+    (sum0, at_close0, after0, kept, dropped0), (sum1, at_close1, after1, _, dropped1) = run_ranks(
         _buffer_after_close_worker, 2, env=INTERP, timeout=120
     )
     assert sum0 == sum1 == [3.0] * 64
     assert (at_close0, after0, kept) == (0, 1, True)
     assert (at_close1, after1) == (1, 1)
+    assert dropped0 == dropped1 == 0
 
 
 def _one_rank_fails_worker(rank, world_size, port, step):
