@@ -157,7 +157,8 @@ class GemmAllReduce(CopyEnginePath):
         ``path``: ``auto`` (the selector), ``fused``, ``chunked``, ``copy_engine`` or ``sequential``.
         ``zero_copy``: where the copy-engine path runs, return the result as a view of this rank's GEMM
         workspace instead of a new tensor (saves the local copy of this rank's part: 1/W of the output).  The
-        view is overwritten by the next call on this workspace: consume or copy it before then.  Other paths
+        view is overwritten by the next call on this workspace and freed when the workspace is closed (unlike a
+        ``get_buffer()`` tensor, it does not keep the region): consume or copy it before then.  Other paths
         ignore it.
         """
         check_flag(zero_copy, "zero_copy")  # a truthy string would return a view the next call overwrites

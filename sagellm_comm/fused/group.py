@@ -151,9 +151,10 @@ def gemm_all_reduce(
     ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the group's custom kernels,
     :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
     call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
-    ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call).  Bad arguments
-    raise the same typed errors on both paths (:func:`check_gemm_inputs`; the engine also takes fp32 and fp64)
-    before anything runs, so no rank enters the all-reduce.
+    ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call or the group's
+    ``destroy()`` / ``reset()``).  Bad arguments raise the same typed errors on both paths
+    (:func:`check_gemm_inputs`; the engine also takes fp32 and fp64) before anything runs, so no rank enters the
+    all-reduce.
     """
     check_flag(zero_copy, "zero_copy")
     if path != AUTO and path not in GEMM_PATHS:  # refused here too when no kernels run the call
