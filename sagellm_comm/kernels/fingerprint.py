@@ -133,6 +133,7 @@ def _record_mismatch(
         tl.store(err + ERR_PHASE, tl.full([], PHASE, tl.int64), cache_modifier=".wt")
         tl.store(err + ERR_BLOCK, tl.full([], 0, tl.int64), cache_modifier=".wt")
         tl.store(err + ERR_EPOCH, call, cache_modifier=".wt")
+        tl.debug_barrier()  # every lane's stores of the fingerprint words precede the fence (it is cumulative)
         _fence_sc_sys(USE_PTX)
         tl.store(err + ERR_STATUS, tl.full([], ERR_MISMATCH, tl.int64), cache_modifier=".wt")
 
