@@ -21,7 +21,8 @@ def rmsnorm_reference(new_residual: torch.Tensor, weight: torch.Tensor, eps: flo
 
 def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int) -> torch.Tensor:
     """A new tensor: ``x`` summed over ranks by an engine's in-place ``all_reduce(tensor)``, as the kernels sum it
-    (in fp32, rounded once to ``x``'s dtype).
+    (in fp32, rounded once to ``x``'s dtype), though in the engine's order rather than rank order: the same bits
+    wherever the fp32 sum is exact (docs/fused.md, the engine fallback).
 
     An engine reduces a 16-bit tensor in 16 bits, a rounding per addition: from 3 ranks on, the sum is not the
     fp32 sum rounded once (one ulp of the sum, which a residual of the opposite sign turns into the whole of
