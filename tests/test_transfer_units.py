@@ -777,6 +777,7 @@ def _both_paths(monkeypatch, call) -> tuple:
         ("b", "kv", "kv", (0, 0, 64), b"x" * 497, "notify must be 1..496"),
         ("b", "kv", "kv", (0, 0, 64), b"", "notify must be 1..496"),
         ("b", "kv", "kv", (0, 0, 64), 17, "notify must be bytes"),
+        ("b", "kv", "kv", (0, 0, 64), "req-\ud800", "encodable as UTF-8"),  # a lone surrogate: no bytes
         ("b", "kv", "kv", (2, 0, 4), 17, "notify must be bytes"),  # two faults: the same one is named first
         ("z", "kv", "kv", (2, 0, 4), 17, "unknown peer"),
     ],
@@ -930,6 +931,7 @@ def test_a_prepared_one_id_request_is_checked_like_the_general_path(recording_ag
         (0, 2**70, None, "integers"),
         ([0], [1], b"x" * 497, "notify must be 1..496"),
         ([16], [1], 17, "notify must be bytes"),
+        ([0], [1], "\udfff", "encodable as UTF-8"),
     ):
         request = (local_blocks, remote_blocks, message)
         fast, general = _both_paths(monkeypatch, lambda request=request: prepared.write(*request))

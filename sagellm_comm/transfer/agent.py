@@ -712,7 +712,10 @@ def _message(notify: Any) -> bytes | None:
         return None
     if notify.__class__ is not bytes:
         if isinstance(notify, str):
-            notify = notify.encode()
+            try:
+                notify = notify.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8
+                raise InvalidArgumentError(f"notify as a str must be encodable as UTF-8: {exc}") from None
         if not isinstance(notify, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(f"notify must be bytes (or str), got {type(notify).__name__}")
         notify = bytes(notify)
