@@ -283,8 +283,19 @@ def test_make_region_refuses_what_cannot_be_registered():
         d.make_region("kv", torch.zeros(0))
     with pytest.raises(InvalidArgumentError, match="torch.Tensor"):
         d.make_region("kv", np.zeros(4))
+    for name in ("", "kv\n", "kv\t0", "\0probe", "x" * 129):
+        with pytest.raises(InvalidArgumentError, match="region name"):
+            d.make_region(name, torch.zeros(4))
+
+
+def test_every_region_name_register_takes_is_one_a_peer_reads_from_the_metadata(recording_agents):
+    """A region name the peers' metadata check refuses (a tab, a newline) is refused at ``register``: taken there,
+    it made every peer's ``add_peer`` of this agent fail."""
+    agent, _ = recording_agents
     with pytest.raises(InvalidArgumentError, match="region name"):
-        d.make_region("", torch.zeros(4))
+        agent.register("kv\t1", torch.zeros(4))
+    agent.register("kv 1 \u00e9", torch.zeros(4))
+    assert "kv 1 \u00e9" in AgentMetadata.decode(agent.metadata()).regions
     region = d.make_region("kv", torch.zeros(3, 5, dtype=torch.bfloat16))
     assert region.info == d.RegionInfo("kv", 30, "bfloat16", 2, "cpu", 0)
 

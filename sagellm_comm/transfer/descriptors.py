@@ -98,8 +98,10 @@ class Region:
 
 def make_region(name: str, tensor: Any) -> Region:
     """Check ``tensor`` can be registered as region ``name`` and describe it."""
-    if not isinstance(name, str) or not name or len(name) > 128:
-        raise InvalidArgumentError(f"a region name must be a non-empty string of at most 128 characters, got {name!r}")
+    if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
+        # what a peer's metadata check accepts (MetadataField.name): any other name would make every peer refuse
+        # this agent's metadata at add_peer
+        raise InvalidArgumentError(f"a region name must be a printable string of 1..128 characters, got {name!r}")
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"region {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_contiguous():
