@@ -636,6 +636,23 @@ def test_allocate_takes_a_numpy_int_as_a_shape_as_it_takes_one_inside_a_tuple():
         registry.unregister_transfer_backend("device-test")
 
 
+@pytest.mark.parametrize("shape", [(1 << 61,), (1 << 40, 1 << 40), (1 << 62, 2)])
+def test_allocate_refuses_a_region_larger_than_any_peer_can_take_before_making_it(shape):
+    """A shape whose bytes pass what a region may hold (a peer's metadata check, and past 2**63 the file system's
+    offsets: an OverflowError from deep inside) is an InvalidArgumentError naming the region; nothing is left."""
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        agent = TransferAgent("a", "device-test")
+        with pytest.raises(InvalidArgumentError, match="region 'kv': shape .* more than a region may hold"):
+            agent.allocate("kv", shape, torch.float32)
+        assert agent.regions == [] and agent.allocate("kv", 16, torch.float32).shape == (16,)
+        agent.close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 def test_a_gpu_region_on_another_gpu_than_the_agents_device_is_refused(monkeypatch):
     """An agent made with ``device="cuda:1"`` moves regions of cuda:1: a region on cuda:0 is refused at
     ``register`` as one beside a first GPU region on another GPU is (its calls would run on cuda:1 while a

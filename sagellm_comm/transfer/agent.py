@@ -63,6 +63,7 @@ from sagellm_comm.transfer.notify import MAX_NAME as MAX_NAME_BYTES
 logger = logging.getLogger("sagellm_comm.transfer")
 
 DEFAULT_TIMEOUT_S = 30.0
+MAX_REGION_BYTES = 1 << 62  # the largest region a peer's metadata may describe (RegionInfo.from_json)
 # The calling thread's CUDA device without torch.cuda.current_device()'s Python layer (it initialises CUDA
 # itself); absent from CPU builds of torch, where no agent has a CUDA device.
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -262,6 +263,14 @@ class TransferAgent:
         shape = tuple(check_int(size, f"region {name!r}: each size of shape", 0) for size in shape)  # 2.5 refused
         if not isinstance(dtype, torch.dtype):
             raise InvalidArgumentError(f"region {name!r}: dtype must be a torch.dtype, got {dtype!r}")
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for size in shape:
+            nbytes *= size
+        if nbytes > MAX_REGION_BYTES:  # no file, mapping or allocation takes it (nor a peer's metadata check)
+            raise InvalidArgumentError(
+                f"region {name!r}: shape {shape} of {dtype} is {nbytes} bytes, more than a region may hold "
+                f"({MAX_REGION_BYTES})"
+            )
         if device.type == "cpu":
             tensor = shared_cpu_tensor(shape, dtype)
         else:
