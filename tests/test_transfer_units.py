@@ -1102,6 +1102,27 @@ def test_shared_cpu_tensor_is_a_shared_file_mapping_removed_with_the_tensor():
         shared.shared_file_of(torch.zeros(1024).data_ptr(), 16)
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype", "words"),
+    [
+        ((3.9,), torch.float32, "each size of shape must be an int, got 3.9"),  # never rounded to 3
+        ("16", torch.float32, "shape must be an int or a tuple"),  # never read as the shape (1, 6)
+        (True, torch.float32, "shape must be an int or a tuple"),
+        ((-2, -2), torch.float32, "each size of shape must be >= 0"),  # no element count of 4
+        (16, "float32", "dtype must be a torch.dtype"),
+        ((1 << 61,), torch.float32, "more than a region may hold"),  # an OverflowError from the file system call
+        ((0, 4), torch.float32, "at least one element"),
+    ],
+)
+def test_shared_cpu_tensor_refuses_a_shape_or_dtype_it_cannot_take_and_leaves_no_file(shape, dtype, words):
+    before = set(os.listdir(shm.shared_dir()))
+    with pytest.raises(InvalidArgumentError, match=words):
+        shared.shared_cpu_tensor(shape, dtype)
+    mine = f"{shm.TRANSFER_PREFIX}{os.getpid()}-"
+    assert not [n for n in set(os.listdir(shm.shared_dir())) - before if n.startswith(mine)]
+    assert shared.shared_cpu_tensor((np.int64(2), 3), torch.float16).shape == (2, 3)
+
+
 def test_a_shared_cpu_tensor_that_cannot_be_mapped_leaves_no_file_or_lock(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("unable to mmap: Cannot allocate memory")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import numbers
 import threading
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sagellm_comm.arguments import check_device, check_int, check_timeout
+from sagellm_comm.arguments import check_device, check_timeout
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
@@ -63,7 +62,6 @@ from sagellm_comm.transfer.notify import MAX_NAME as MAX_NAME_BYTES
 logger = logging.getLogger("sagellm_comm.transfer")
 
 DEFAULT_TIMEOUT_S = 30.0
-MAX_REGION_BYTES = 1 << 62  # the largest region a peer's metadata may describe (RegionInfo.from_json)
 # The calling thread's CUDA device without torch.cuda.current_device()'s Python layer (it initialises CUDA
 # itself); absent from CPU builds of torch, where no agent has a CUDA device.
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -253,24 +251,10 @@ class TransferAgent:
         """A new zeroed tensor registered as region ``name``: on CUDA, device memory; on the CPU, a shared
         memory file mapping, which the ``ipc`` transport can map into peers (a private CPU tensor moves
         through NIXL only)."""
-        from sagellm_comm.transfer.shared import shared_cpu_tensor
+        from sagellm_comm.transfer.shared import check_shape, shared_cpu_tensor
 
         device = _usable_device(device, f"region {name!r}: device")
-        if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):  # np.int64(16) is an int too
-            shape = (shape,)
-        if not isinstance(shape, tuple | list):
-            raise InvalidArgumentError(f"region {name!r}: shape must be an int or a tuple of ints, got {shape!r}")
-        shape = tuple(check_int(size, f"region {name!r}: each size of shape", 0) for size in shape)  # 2.5 refused
-        if not isinstance(dtype, torch.dtype):
-            raise InvalidArgumentError(f"region {name!r}: dtype must be a torch.dtype, got {dtype!r}")
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for size in shape:
-            nbytes *= size
-        if nbytes > MAX_REGION_BYTES:  # no file, mapping or allocation takes it (nor a peer's metadata check)
-            raise InvalidArgumentError(
-                f"region {name!r}: shape {shape} of {dtype} is {nbytes} bytes, more than a region may hold "
-                f"({MAX_REGION_BYTES})"
-            )
+        shape = check_shape(shape, dtype, f"region {name!r}")
         if device.type == "cpu":
             tensor = shared_cpu_tensor(shape, dtype)
         else:

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import uuid
 import weakref
+from typing import Any
 
 import torch
 
+from sagellm_comm.arguments import check_int
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 from sagellm_comm.shm import TRANSFER_PREFIX, OwnerLock, remove_owned, reserve, shared_dir
 
@@ -24,13 +27,38 @@ def new_path(suffix: str = "") -> str:
     return os.path.join(shared_dir(), f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}{suffix}")
 
 
+MAX_REGION_BYTES = 1 << 62  # the largest region a peer's metadata may describe (RegionInfo.from_json)
+
+
+def check_shape(shape: Any, dtype: Any, what: str) -> tuple[int, ...]:
+    """``shape`` (an int or a sequence of ints, NumPy's included) as a tuple of Python ints, once it and ``dtype``
+    (a ``torch.dtype``) describe a tensor a region may be: sizes are integers >= 0 (never rounded or parsed) and
+    its bytes at most :data:`MAX_REGION_BYTES`; anything else is an :class:`InvalidArgumentError` naming ``what``."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):  # np.int64(16) is an int too
+        shape = (shape,)
+    if not isinstance(shape, tuple | list):
+        raise InvalidArgumentError(f"{what}: shape must be an int or a tuple of ints, got {shape!r}")
+    shape = tuple(check_int(size, f"{what}: each size of shape", 0) for size in shape)  # 2.5 refused
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"{what}: dtype must be a torch.dtype, got {dtype!r}")
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for size in shape:
+        nbytes *= size
+    if nbytes > MAX_REGION_BYTES:  # no file, mapping or allocation takes it (nor a peer's metadata check)
+        raise InvalidArgumentError(
+            f"{what}: shape {shape} of {dtype} is {nbytes} bytes, more than a region may hold ({MAX_REGION_BYTES})"
+        )
+    return shape
+
+
 def shared_cpu_tensor(shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor of ``shape`` and ``dtype`` in a shared ``/dev/shm`` file (see the module docstring).
 
     The file is locked by this process and removed when the returned tensor object is freed (keep it, not only
     views of it, while peers may still map it: a registered tensor is kept by its agent); mappings stay valid.
+    ``shape`` and ``dtype`` are checked as :func:`check_shape` does.
     """
-    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    shape = check_shape(shape, dtype, "shared_cpu_tensor")
     numel = 1
     for size in shape:
         numel *= size
