@@ -445,7 +445,8 @@ class NixlBackend(TransferBackend):
         """NIXL descriptors ``(address, bytes, device)`` as an ``[n, 3]`` uint64 array (a few blocks are posted as
         lists of tuples instead: :meth:`post_rows`)."""
         descs = np.empty((len(offsets), 3), dtype=np.uint64)
-        descs[:, 0] = offsets + address
+        descs[:, 0] = offsets  # checked offsets, >= 0
+        descs[:, 0] += np.uint64(address)  # in uint64: an address past int64's range too
         descs[:, 1] = nbytes
         descs[:, 2] = device_index
         return descs
@@ -652,6 +653,8 @@ def _peer_section(peer: AgentMetadata) -> tuple[bytes, dict[str, tuple[int, int,
         )  # fmt: skip
         if nbytes < info.nbytes:
             raise field.bad(f"a registration of at least the region's {info.nbytes} bytes")
+        if address + nbytes > 1 << 64:
+            raise field.bad("a registration that ends inside the 64-bit address space")
         regions[name] = (address, nbytes, device)
     return agent_metadata, regions
 
