@@ -96,6 +96,8 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], index: int) -> Rule:
+        if not isinstance(d, dict):
+            raise InvalidArgumentError(f"selector rule {index}: a rule is a JSON object, got {d!r}")
         unknown = set(d) - {"id", "algo", "min_bytes", "max_bytes", "world_sizes", "reason"}
         if unknown:
             raise InvalidArgumentError(f"selector rule {index}: unknown keys {sorted(unknown)}")
@@ -173,8 +175,10 @@ class AlgoSelector:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise InvalidArgumentError(f"selector config {path} does not exist") from exc
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidArgumentError(f"selector config {path} is not valid JSON: {exc}") from exc
+        except OSError as exc:  # a directory, no permission, ...
+            raise InvalidArgumentError(f"selector config {path} cannot be read: {exc.strerror or exc}") from exc
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -85,6 +85,8 @@ def test_json_policy_overrides_and_first_match_wins(tmp_path):
         ({"rules": [{"algo": "one_shot", "world_sizes": 4}]}, "world_sizes must be a list"),
         ({"rules": [{"algo": "one_shot", "max_byte": 10}]}, "unknown keys"),
         ([1, 2], "JSON object"),
+        ({"rules": [5]}, "rule 0: a rule is a JSON object"),
+        ({"rules": [{"algo": "one_shot"}, None]}, "rule 1: a rule is a JSON object"),
     ],
 )
 def test_bad_policies_are_typed_errors(policy, needle):
@@ -99,6 +101,11 @@ def test_bad_policy_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InvalidArgumentError, match="not valid JSON"):
         AlgoSelector.from_file(bad)
+    bad.write_bytes(b"\xff\xfe{")  # not UTF-8
+    with pytest.raises(InvalidArgumentError, match="not valid JSON"):
+        AlgoSelector.from_file(bad)
+    with pytest.raises(InvalidArgumentError, match="cannot be read"):
+        AlgoSelector.from_file(tmp_path)  # a directory
 
 
 def test_every_default_rule_has_an_id_and_reason():
