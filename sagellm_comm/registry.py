@@ -21,6 +21,7 @@ A third-party backend is one file::
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -229,6 +230,7 @@ def create_backend(kind: str = AUTO, **kwargs: Any) -> CommBackend:
     name = resolve_kind(kind)
     entry = _lookup(name)
     entry.check()
+    _check_arguments(entry, kwargs, auto)
     backend = entry.factory(**kwargs)
     if not isinstance(backend, CommBackend):
         raise BackendNotSupportedError(
@@ -247,6 +249,25 @@ def create_backend(kind: str = AUTO, **kwargs: Any) -> CommBackend:
 def get_comm_backend(kind: str | None = None, **kwargs: Any) -> CommBackend:
     """Build an uninitialised backend of ``kind``; ``None`` or ``"auto"``: the best available."""
     return create_backend(AUTO if kind is None else kind, **kwargs)
+
+
+def _check_arguments(entry: _Entry, kwargs: dict[str, Any], auto: bool) -> None:
+    """Refuse keyword arguments ``entry``'s factory does not take, before it is called (its TypeError would
+    name neither the kind nor, with ``auto``, that the kind was chosen here)."""
+    if not kwargs:
+        return
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the factory checks its own arguments
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        chosen = f"backend 'auto' chose {entry.name!r}, which" if auto else f"backend {entry.name!r}"
+        raise InvalidArgumentError(
+            f"{chosen} does not take the arguments {sorted(kwargs)} ({exc})",
+            details={"kind": entry.name, "arguments": sorted(kwargs)},
+        ) from exc
 
 
 def _lookup(name: str) -> _Entry:

@@ -433,6 +433,11 @@ def test_third_party_backend_registry(caplog) -> None:
         logged = [r.getMessage() for r in caplog.records if "loopback" in r.getMessage()]
         assert len(logged) == 1 and f"chose {baseline!r}" in logged[0], logged
         assert CommBackend.create("gloo").auto_choice is None  # a named kind skips nothing
+        # An argument of another kind (the custom backend's max_bytes) names the kind, also one auto chose.
+        with pytest.raises(InvalidArgumentError, match=r"backend 'gloo' does not take .*'max_bytes'"):
+            CommBackend.create("gloo", max_bytes=1 << 20)
+        with pytest.raises(InvalidArgumentError, match=f"'auto' chose {baseline!r}, which does not take"):
+            get_comm_backend("auto", no_such_argument=1)
         with pytest.raises(BackendNotSupportedError, match="registered but not available"):
             CommBackend.create("loopback")
         with pytest.raises(InvalidArgumentError, match="reserved"):
