@@ -137,9 +137,10 @@ class CommGroup:
             members = None
         if not members:
             raise GroupInvalidError(f"sub-group ranks must be a non-empty list of ints, got {ranks!r}")
-        if len(set(members)) != len(members):
+        global_ranks = [self.global_rank(r) for r in members]  # each an int of this group, or a typed error
+        if len(set(global_ranks)) != len(global_ranks):
             raise GroupInvalidError(f"sub-group ranks {members} contain duplicates")
-        return CommGroup(self.backend, self.backend.new_group([self.global_rank(r) for r in members]))
+        return CommGroup(self.backend, self.backend.new_group(global_ranks))
 
     def split(self, group_size: int) -> CommGroup:
         """Cut this group into consecutive blocks of ``group_size`` ranks (tensor-parallel groups)

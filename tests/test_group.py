@@ -7,7 +7,7 @@ import torch
 from conftest import run_ranks
 
 import sagellm_comm
-from sagellm_comm import CollectiveOps, CommGroup, GroupInvalidError, RankMismatchError, ReduceOp
+from sagellm_comm import CollectiveOps, CommGroup, GroupInvalidError, InvalidArgumentError, RankMismatchError, ReduceOp
 
 
 def _tp_groups(rank: int, world_size: int, port: int) -> dict:
@@ -62,6 +62,8 @@ def _tp_groups(rank: int, world_size: int, port: int) -> dict:
         world.new_subgroup([0, 0])
     with pytest.raises(GroupInvalidError, match="outside"):
         world.new_subgroup([4])
+    with pytest.raises(InvalidArgumentError, match=r"group rank must be an int, got \[1\]"):
+        world.new_subgroup([0, [1]])  # not a rank (unhashable): named, not a TypeError
 
     # default group: group=None means the world
     v = torch.ones(1)
