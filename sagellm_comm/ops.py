@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sagellm_comm.arguments import check_finite, check_is_tensor
+from sagellm_comm.arguments import check_finite, check_int, check_is_tensor
 from sagellm_comm.backend import ReduceOp
 from sagellm_comm.errors import (
     BackendNotSupportedError,
@@ -364,8 +364,8 @@ def all_gather(tensor: torch.Tensor, group: CommGroup | str | None = None, world
     if tensor.dim() == 0:
         raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
     name = group_name(group)
-    if world_size is None:
-        world_size = _group(name).world_size
+    # The op's schema takes an int: torch's own refusal of "2" or 2.0 would be an untyped RuntimeError.
+    world_size = _group(name).world_size if world_size is None else check_int(world_size, "world_size", low=1)
     return torch.ops.sagellm_comm.all_gather(tensor, name, world_size)
 
 

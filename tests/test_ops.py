@@ -63,6 +63,9 @@ def test_registry_errors_are_typed() -> None:
         ops.all_reduce([1.0], "x")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="at least one dimension"):
         ops.all_gather(torch.tensor(1.0), "x", world_size=2)
+    for bad in ("2", 2.0, True, 0):
+        with pytest.raises(InvalidArgumentError, match="world_size must be"):
+            ops.all_gather(torch.ones(2), "x", world_size=bad)
 
     group = CommGroup(TorchDistributedBackend("gloo"))  # never initialised: registering needs no traffic
     assert ops.register_group(group, "unit") == "unit"
