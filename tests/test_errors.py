@@ -161,6 +161,10 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
         # in place, or shifted by one element: the engine would send blocks it has already overwritten
         (lambda: backend.all_to_all(x, x), ia, "all_to_all: output and input overlap"),
         (lambda: backend.all_to_all(x[2:], x[:-2]), ia, "output and input overlap"),
+        # another rank's block of the other tensor: refused as the custom kernels refuse it (in place is allowed)
+        (lambda: backend.all_gather(x, x[4 * (1 - rank) : 4 * (2 - rank)]), ia, "all_gather: output and input overlap"),
+        (lambda: backend.reduce_scatter(x[4 * (1 - rank) : 4 * (2 - rank)], x), ia, "reduce_scatter: output and"),
+        (lambda: backend.reduce_scatter(x[1:5], x), ia, "only overlap allowed"),
         (lambda: backend.barrier(timeout=-1), ia, "timeout must be a positive"),
         (lambda: backend.all_reduce(x, group="tp"), ia, "group must come from new_group()"),
     ]
@@ -174,6 +178,14 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
     # the world still works after every rejection
     backend.all_reduce(x)
     assert torch.equal(x, torch.arange(8, dtype=torch.float32) * 2 + 1)
+    # in place: the input is this rank's block of the all-gather output, the output this rank's reduce-scatter chunk
+    gathered = torch.full((8,), -1.0)
+    gathered[4 * rank : 4 * (rank + 1)] = float(rank)
+    backend.all_gather(gathered, gathered[4 * rank : 4 * (rank + 1)])
+    assert torch.equal(gathered, torch.tensor([0.0] * 4 + [1.0] * 4))
+    scattered = torch.arange(8, dtype=torch.float32)
+    backend.reduce_scatter(scattered[4 * rank : 4 * (rank + 1)], scattered)
+    assert torch.equal(scattered[4 * rank : 4 * (rank + 1)], torch.arange(4 * rank, 4 * rank + 4.0) * 2)
     backend.destroy()
     return len(cases)
 

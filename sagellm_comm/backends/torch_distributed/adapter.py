@@ -47,6 +47,7 @@ from .checks import (
     check_disjoint,
     check_flat,
     check_group_ranks,
+    check_in_place_or_disjoint,
     check_list,
     check_op,
     check_peer,
@@ -296,6 +297,7 @@ class TorchDistributedBackend(CommBackend):
             start = lambda: dist.all_gather(out, tensor, g.engine_group, True)
         else:
             self._check_flat(output, "output", tensor, g.world_size * tensor.numel())
+            check_in_place_or_disjoint(output, tensor, g.rank, "all_gather")
             flat_out, flat_in = output.view(-1), tensor.view(-1)
             start = lambda: ALL_GATHER_FLAT(flat_out, flat_in, g.engine_group, True)
         return self._run("all_gather", g, async_op, output, None, start)
@@ -312,6 +314,7 @@ class TorchDistributedBackend(CommBackend):
             start = lambda: dist.reduce_scatter(output, chunks, torch_op, g.engine_group, True)
         else:
             self._check_flat(input, "input", output, g.world_size * output.numel())
+            check_in_place_or_disjoint(input, output, g.rank, "reduce_scatter")
             torch_op, post = self._reduction(rop, g, [output])
             start = lambda: REDUCE_SCATTER_FLAT(output.view(-1), input.view(-1), torch_op, g.engine_group, True)
         return self._run("reduce_scatter", g, async_op, output, post, start)

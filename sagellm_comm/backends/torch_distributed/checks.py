@@ -155,6 +155,22 @@ def check_disjoint(output: torch.Tensor, input: torch.Tensor, what: str) -> None
         )
 
 
+def check_in_place_or_disjoint(whole: torch.Tensor, block: torch.Tensor, rank: int, what: str) -> None:
+    """``block`` (all_gather's input, reduce_scatter's output) is block ``rank`` of ``whole`` (the other side, of
+    the same dtype), the one in-place form the engines define (NCCL: ``recvbuff == sendbuff + rank * count``) and
+    the custom kernels take, or shares no byte with it; any other overlap is refused, as the kernels refuse it."""
+    if not share_bytes(whole, block):
+        return
+    if block.data_ptr() == whole.data_ptr() + rank * block.numel() * block.element_size():
+        return
+    side = "input" if what == "all_gather" else "output"
+    raise InvalidArgumentError(
+        f"{what}: output and input overlap in memory; the only overlap allowed is the {side} being this rank's "
+        f"block [rank * n:(rank + 1) * n] (rank {rank}) of the other (in place)",
+        details={"rank": rank, "block_offset_bytes": block.data_ptr() - whole.data_ptr()},
+    )
+
+
 def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> ReduceOp:
     """The :class:`ReduceOp` named by ``op``, if it is defined for ``dtype`` and offered by ``kind``."""
     rop = ReduceOp.parse(op)
