@@ -114,7 +114,11 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
                     return known
             ranks = "-".join(str(r) for r in group.ranks)
             name = f"g{next(_COUNTER)}_ranks{ranks}"
+            while name in _GROUPS:  # a name given by the caller can look like a generated one: it is theirs
+                name = f"g{next(_COUNTER)}_ranks{ranks}"
             _GENERATED.add(name)
+            _GROUPS[name] = group
+            return name
         _check_name(name)
         if name == DEFAULT_GROUP_NAME:
             raise InvalidArgumentError(f"group name {name!r} is reserved for the default group (sagellm_comm.init)")

@@ -190,6 +190,32 @@ def _init_destroy_cycles_worker(rank: int, world_size: int, port: int, cycles: i
     return {"held": held, "after": sorted(ops.list_groups())}
 
 
+def _name_like_a_generated_one_worker(rank: int, world_size: int, port: int) -> dict:
+    """Names given by the caller in the generated names' pattern: a generated name goes around them, and destroying
+    the backend leaves them registered."""
+    import sagellm_comm
+
+    given = [f"g{i}_ranks0-1" for i in range(100)]
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    try:
+        for name in given:
+            ops.register_group(world, name)
+        pair = world.new_subgroup([0, 1])
+        generated = ops.group_name(pair)  # the next generated name is taken: another one, not an error
+        assert generated not in given and ops.list_groups()[generated] is pair
+    finally:
+        sagellm_comm.destroy()
+    left = sorted(ops.list_groups())
+    for name in left:
+        ops.unregister_group(name)
+    return {"left": left}
+
+
+def test_a_generated_name_never_takes_or_drops_a_given_one() -> None:
+    for out in run_ranks(_name_like_a_generated_one_worker, 2, timeout=60.0):
+        assert out["left"] == sorted(f"g{i}_ranks0-1" for i in range(100)), out["left"]
+
+
 def test_destroy_unregisters_the_generated_names_of_its_groups_and_keeps_given_ones() -> None:
     for out in run_ranks(_init_destroy_cycles_worker, 2, 12, timeout=120.0):
         # cycle 0: the world group is "given" (a registered group keeps its name) and the pair's; then given +
