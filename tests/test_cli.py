@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -218,7 +219,13 @@ BAD_OPTIONS = [
     (["--sizes", "1K", "--message-sizes", "2K"], "not allowed with argument"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was a traceback from a rank
     (["--timeout", "nan"], "--timeout must be positive and finite"),
+    # paths the system cannot look up: were a traceback (OSError: File name too long)
+    (["--output-dir", "d" * 300], "File name too long"),
+    (["--output-dir", "/tmp/" + "d" * 300 + "/sub"], "File name too long"),
+    (["--backend", "gloo", "--selector-config", "s" * 300], "File name too long"),
 ]
+if importlib.util.find_spec("matplotlib") is not None:
+    BAD_OPTIONS += [(["--backend", "gloo", "--plot", "p" * 300 + ".png"], "File name too long")]
 if not HAS_CUDA:
     BAD_OPTIONS += [
         (["--graph"], "--graph"),

@@ -76,6 +76,16 @@ def _without_gpu_hint(message: str) -> str:
     return f"{message}; on a machine without GPUs use --backend gloo"
 
 
+def _is_kind(path: Path, test, what: str, given: str | Path | None = None) -> bool:
+    """``test(path)`` (``Path.exists``, ``is_dir``, ``is_file``); a path the system cannot even look up (a name
+    too long, a null byte) is refused as ``what`` ``given`` (default: ``path``), naming the reason."""
+    try:
+        return test(path)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidArgumentError(f"{what} {path if given is None else given}: {reason}") from exc
+
+
 def check_writable_dir(path: str | Path, what: str) -> None:
     """Refuse a directory this process cannot write files in; leave nothing behind either way.
 
@@ -84,11 +94,11 @@ def check_writable_dir(path: str | Path, what: str) -> None:
     check, and still cannot write under ``/proc``).
     """
     target = Path(path)
-    if target.exists() and not target.is_dir():
+    if _is_kind(target, Path.exists, what) and not target.is_dir():
         raise InvalidArgumentError(f"{what} {path}: exists and is not a directory")
     missing = []  # innermost first
     nearest = target
-    while not nearest.exists():
+    while not _is_kind(nearest, Path.exists, what, path):
         missing.append(nearest)
         nearest = nearest.parent
     if not nearest.is_dir():
@@ -104,8 +114,9 @@ def check_writable_dir(path: str | Path, what: str) -> None:
         handle, probe = tempfile.mkstemp(prefix=".sagellm-comm-write-test-", dir=target)
         os.close(handle)
         os.unlink(probe)
-    except OSError as exc:
-        raise InvalidArgumentError(f"{what} {path}: {step} ({exc.strerror or exc})") from exc
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InvalidArgumentError(f"{what} {path}: {step} ({reason})") from exc
     finally:
         for directory in reversed(made):
             with contextlib.suppress(OSError):  # something else wrote there meanwhile: leave it
@@ -133,7 +144,7 @@ def check_outputs(output_dir: str | None, plot: str | None) -> None:
         if suffix not in formats:
             found = f"'.{suffix}' is not a format matplotlib writes" if suffix else "the file name has no extension"
             raise InvalidArgumentError(f"--plot {plot}: {found}; use one of: {', '.join(formats)}")
-        if Path(plot).is_dir():
+        if _is_kind(Path(plot), Path.is_dir, "--plot"):
             raise InvalidArgumentError(f"--plot {plot}: is a directory")
         check_writable_dir(Path(plot).parent, "--plot's directory")
 
@@ -264,7 +275,9 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     algos = algo_rules.parse_algos(config.algos)
     cuda = cuda_available()
-    if config.selector_config is not None and not Path(config.selector_config).is_file():
+    if config.selector_config is not None and not _is_kind(
+        Path(config.selector_config), Path.is_file, "--selector-config"
+    ):
         raise InvalidArgumentError(f"--selector-config {config.selector_config}: no such file")
     check_outputs(config.output_dir, config.plot)
     check_settings()
