@@ -415,6 +415,26 @@ def test_git_state_ignores_a_repository_that_merely_encloses_the_tree(tmp_path, 
     assert state.commit == "unknown" and state.dirty is None
 
 
+def test_git_state_reads_the_trees_own_repository_whatever_git_variables_are_set(tmp_path, monkeypatch):
+    """GIT_DIR / GIT_INDEX_FILE in the environment (a git hook, a dotfiles alias) name another repository: the
+    record must still carry the commit and dirty flag of the tree the package came from."""
+    from sagellm_comm.benchmark.provenance import git_state
+
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "other").mkdir()
+    head = _git_repo(tmp_path / "tree", "a.py")
+    other = _git_repo(tmp_path / "other", "b.py")
+    (tmp_path / "tree" / "a.py").write_text("v2\n")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "other" / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(tmp_path / "other"))
+    state = git_state(tmp_path / "tree")
+    assert other != head and (state.commit, state.dirty, state.source) == (head, True, "git")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    monkeypatch.setenv("GIT_INDEX_FILE", str(tmp_path / "other" / ".git" / "index"))
+    state = git_state(tmp_path / "tree")
+    assert (state.commit, state.dirty, state.source) == (head, True, "git")
+
+
 def test_table_header_names_the_commit_and_dirty_flag():
     info = _info(["a"])
     info.git_commit, info.git_dirty = "0123456789abcdef0123", True
