@@ -197,6 +197,47 @@ def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypa
     assert result.info.launch_mode == "in_process"
 
 
+class _FailingBackend:
+    """A real Gloo backend whose all_reduce fails every call (a link that went down)."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        raise RuntimeError("connection reset by peer")
+
+
+def test_a_run_where_no_point_ran_reports_its_failures_and_draws_no_plot(tmp_path, monkeypatch, capsys):
+    """Was InvalidArgumentError('nothing to plot') after the files were written: the CLI's exit 2 (a usage
+    error) for a run that failed, and no table saying why."""
+    from sagellm_comm.backend import get_comm_backend
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    backend = get_comm_backend("gloo").init(rank=0, world_size=1)
+    try:
+        result = run_all_reduce_benchmark(
+            backend=_FailingBackend(backend),
+            message_sizes=[1024],
+            output_dir=str(tmp_path / "out"),
+            warmup_iters=0,
+            benchmark_iters=1,
+            plot=str(tmp_path / "plot.png"),
+            print_table=True,
+        )
+    finally:
+        backend.destroy()
+    assert result is not None and not result.ok and result.records == []
+    assert [(s["bytes"], "connection reset by peer" in s["reason"]) for s in result.info.skipped] == [(1024, True)]
+    assert result.plot_path is None and not (tmp_path / "plot.png").exists() and result.json_path.exists()
+    out = capsys.readouterr().out
+    assert "# skipped auto at 1024 B: RuntimeError: connection reset by peer" in out
+    assert f"# no plot written to {tmp_path / 'plot.png'}: no point ran" in out
+
+
 def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

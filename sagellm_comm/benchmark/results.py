@@ -164,12 +164,15 @@ def build_result(
 
 
 def finish(result: BenchmarkResult, config: BenchConfig, *, print_table: bool) -> BenchmarkResult:
-    """Write the JSON/CSV files and the plot (as configured) and print the table to stdout."""
+    """Write the JSON/CSV files and the plot (as configured; no plot where no point ran) and print the table to
+    stdout."""
     if config.output_dir is not None:
         file_stamp = _dt.datetime.fromisoformat(result.info.timestamp).strftime("%Y%m%d-%H%M%S")
         result.json_path, result.csv_path = write_results(result.records, result.info, config.output_dir, file_stamp)
-    if config.plot is not None:
+    if config.plot is not None and result.records:  # no point ran (each failed or was skipped): nothing to draw
         result.plot_path = plot_results(result.records, result.info, config.plot)
     if print_table:
         print_report(result.table, result.json_path, result.csv_path, result.plot_path)
+        if config.plot is not None and result.plot_path is None:
+            print(f"# no plot written to {config.plot}: no point ran", flush=True)
     return result
