@@ -192,6 +192,15 @@ BAD_OPTIONS = [
     (["--message-sizes", "1K", "1025", "--dtype", "bf16"], "1025 B is not a whole number of bfloat16"),
     (["--message-sizes", "4", "4", "4"], "message size 4 B is given twice: give each size once"),  # was run 3 times
     (["--message-sizes", "1K,1024"], "message size 1024 B is given twice"),
+    # a whole fp32 element per rank at least: 4, 8 and 12 B were all measured as 12 B at 3 ranks
+    (
+        ["--op", "all_gather", "--backend", "gloo", "--world-size", "3", "--message-sizes", "4", "8", "12"],
+        "message sizes 4 B and 8 B are both measured as 12 B by all_gather on 3 ranks",
+    ),
+    (
+        ["--op", "reduce_scatter", "--backend", "gloo", "--world-size", "2", "--message-sizes", "8", "12"],
+        "message sizes 8 B and 12 B are both measured as 8 B by reduce_scatter on 2 ranks",
+    ),
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
     (["--sizes", "1M:1K"], "lower bound"),
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),

@@ -35,7 +35,7 @@ from sagellm_comm.benchmark.config import (
     BenchConfig,
     LaunchPlan,
 )
-from sagellm_comm.benchmark.ops import OPS, resolve_dtype
+from sagellm_comm.benchmark.ops import OPS, element_count, resolve_dtype
 from sagellm_comm.benchmark.sizes import format_size, parse_size_range
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 
@@ -165,6 +165,22 @@ def check_message_sizes(sizes: Sequence[int], dtype: torch.dtype) -> None:
             f"message size {partial[0]} B is not a whole number of {name} elements ({itemsize} bytes each): "
             f"give sizes that are multiples of {itemsize} bytes (e.g. {examples})"
         )
+
+
+def check_distinct_points(sizes: Sequence[int], dtype: torch.dtype, op: str, world_size: int) -> None:
+    """Refuse two sizes that give one point of ``op`` on ``world_size`` ranks (all-gather and reduce-scatter round a
+    size down to a whole share per rank, at least one element each, as nccl-tests does): it would be measured
+    twice."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    seen: dict[int, int] = {}
+    for nbytes in sizes:
+        count = element_count(op, nbytes, dtype, world_size)
+        if count in seen:
+            raise InvalidArgumentError(
+                f"message sizes {seen[count]} B and {nbytes} B are both measured as {count * itemsize} B by {op} on "
+                f"{world_size} ranks (a whole share per rank): give sizes that differ after that rounding"
+            )
+        seen[count] = nbytes
 
 
 #: processes a spawned run may start per CPU core this process may run on: each rank is a Python interpreter
@@ -318,6 +334,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
         sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
         check_message_sizes(sizes, dtype)
+        check_distinct_points(sizes, dtype, config.op, config.virtual_ranks)
         check_fits_memory(sizes, config.virtual_ranks, True)
         return LaunchPlan("virtual", config.virtual_ranks, "custom", sizes, True)
 
@@ -340,5 +357,6 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
     check_message_sizes(sizes, dtype)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
+    check_distinct_points(sizes, dtype, config.op, world_size)
     check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
     return LaunchPlan(mode, world_size, kind, sizes, uses_cuda)

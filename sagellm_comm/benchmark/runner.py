@@ -26,7 +26,7 @@ from sagellm_comm.benchmark.config import (
 )
 from sagellm_comm.benchmark.measure import LoopSettings, measure_distributed, measure_virtual
 from sagellm_comm.benchmark.ops import resolve_dtype
-from sagellm_comm.benchmark.plan import check_message_sizes, plan_launch
+from sagellm_comm.benchmark.plan import check_distinct_points, check_message_sizes, plan_launch
 from sagellm_comm.benchmark.results import BenchmarkResult, build_result, finish
 from sagellm_comm.benchmark.sizes import parse_size_range
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
@@ -146,6 +146,7 @@ def run_benchmark(config: BenchConfig, *, print_table: bool = False, backend: An
             raise InvalidArgumentError("--graph needs a backend on a CUDA device")
         sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
         check_message_sizes(sizes, resolve_dtype(config.dtype))
+        check_distinct_points(sizes, resolve_dtype(config.dtype), config.op, backend.world_size)
         plan = LaunchPlan("in_process", backend.world_size, backend.name, sizes, cuda)
         result = run_rank(config, plan, backend=backend)
         return finish(result, config, print_table=print_table) if backend.rank == 0 else None
