@@ -140,6 +140,38 @@ def test_a_rank_missing_in_the_node_stage_is_named(tmp_path):
     assert "stage 2" in results[1][2] and "global ranks [1, 3]" in results[1][2], results[1]
 
 
+def _one_node_without_kernels_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import UnavailableError
+    from sagellm_comm.ipc import SharedFileMemory
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    if rank >= 2:  # node1 has no shared memory for its node-local workspace: that group runs on the engine
+
+        def allocate(self, nbytes):
+            raise UnavailableError("cannot reserve shared memory")
+
+        SharedFileMemory.allocate = allocate
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=20,
+                              max_bytes=16384)  # fmt: skip
+    backend = world.backend
+    try:
+        x = torch.full((64,), float(rank + 1))
+        world.all_reduce(x)  # 256 bytes, over the threshold (0): hierarchical if every node could run it
+        ran = backend.last_selection
+        return bool(torch.all(x == 10)), ran.algo, backend.select(256, 4) == ran, backend.kernels_for(world) is None
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_node_without_kernels_keeps_every_member_on_the_flat_engine():
+    """The members of a node-spanning group run the same path: where one node's group has no kernels (no peer
+    access, no memory for its workspace), every member runs the flat engine, not the three stages on the others
+    (whose stage 2 would wait for ranks calling the flat engine until its timeout)."""
+    for ok, algo, same, no_world_kernels in run_ranks(_one_node_without_kernels_worker, 4, env=INTERP, timeout=300):
+        assert (ok, algo, same, no_world_kernels) == (True, "gloo", True, True)
+
+
 def _check_mode_worker(rank, world_size, port, cases):
     import sagellm_comm
     from sagellm_comm.errors import CollectiveMismatchError

@@ -255,7 +255,7 @@ class CustomBackend(TorchDistributedBackend):
         if not locals_:
             return
         mine_local = mine_cross = None
-        spanning = "the world" if handle is None else f"group {list(members)}"
+        spanning = self._spanning(handle)
         for ranks in locals_:
             local = self.new_group(ranks)
             mine_local = local if local.is_member else mine_local
@@ -282,6 +282,19 @@ class CustomBackend(TorchDistributedBackend):
                 members.index(self.rank), len(members),
             )  # fmt: skip
             self._hierarchical[None if handle is None else id(handle)] = (handle, plan)
+            self._agree_hierarchical(handle, plan)
+
+    def _agree_hierarchical(self, handle: Any, plan: HierarchicalPlan) -> None:
+        """Collective over the members of the node-spanning group ``handle`` (None: the world): the plan runs only
+        when every member's node-local group has kernels.  A node whose group has none (no peer access, no memory
+        for its workspace, a failed self-test) runs the flat engine, and a member running the three stages beside
+        it would wait in stage 2 on a cross group its peer never joins."""
+        ready = self.exchange(self.kernels_for(plan.local) is not None, handle)
+        plan.every_node_has_kernels = all(ready)
+
+    @staticmethod
+    def _spanning(handle: Any) -> str:
+        return "the world" if handle is None else f"group {list(handle.ranks)}"
 
     def kernels_for(self, group: Any = None) -> CustomAllReduce | None:
         """The custom all-reduce of ``group`` (a ``CommGroup``, a ``GroupHandle`` or None for the world) on
@@ -337,9 +350,14 @@ class CustomBackend(TorchDistributedBackend):
             remade = self._remake(handle, kernels.one_node)
             self._group_kernels[key] = (handle, remade)
             reasons.append(f"{self._group_roles.get(key, f'group {list(handle.ranks)}')}: {remade.reason}")
-        for _, plan in self._hierarchical.values():  # the plans' stage 2 on the cross groups' new kernels
+        for handle, plan in self._hierarchical.values():  # the plans' stage 2 on the cross groups' new kernels
             if plan.cross_kernels is not None:
                 plan.cross_kernels = self.kernels_for(plan.cross)
+            try:  # and whether every node's group has kernels again
+                self._agree_hierarchical(handle, plan)
+            except Exception as exc:  # a member that does not answer: the flat engine, which needs it too
+                plan.every_node_has_kernels = False
+                reasons.append(f"hierarchical all-reduce of {self._spanning(handle)}: off ({exc})")
         reason = f"reset on rank {self.rank}: " + "; ".join(reasons)
         log.info("sagellm-comm %s", reason)
         return reason
@@ -383,7 +401,7 @@ class CustomBackend(TorchDistributedBackend):
         if entry is None or (key is not None and entry[0] is not handle):
             return None
         car = self.kernels_for(entry[1].local)
-        return None if car is None else (entry[1], car)
+        return None if car is None or not entry[1].every_node_has_kernels else (entry[1], car)
 
     def _hierarchical_selection(self, plan, car, nbytes: int, itemsize: int, algo: str) -> Selection | None:
         """The hierarchical path's :class:`Selection` for ``nbytes`` of ``itemsize``-byte elements, or None when

@@ -83,6 +83,9 @@ class HierarchicalPlan:
     group: Any = None  # the node-spanning group's handle (None: the world)
     group_rank: int = 0  # this rank's index in it
     group_size: int = 0
+    # Whether every member's node-local group has kernels (agreed over the whole group): a member whose node
+    # has none runs the flat engine, and the members must all run the same path or their engine calls never meet.
+    every_node_has_kernels: bool = False
 
     @property
     def local_size(self) -> int:
