@@ -66,8 +66,9 @@ def poll_once() -> list[tuple[Any, BaseException]]:
         handlers = list(_handlers)
     found = []
     for ws in live:
-        if ws.async_error is not None:
-            continue
+        with _lock:  # closed since the pass began (by a handler, say): not reported
+            if ws.async_error is not None or ws not in _workspaces:
+                continue
         exc = ws.failure()
         if exc is None:
             continue

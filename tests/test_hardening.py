@@ -456,6 +456,34 @@ def test_the_watchdog_polls_only_for_live_workspaces_and_ends_with_the_last():
     assert slow_polls <= 8 and after_close == 0 and restarted == 1, (slow_polls, after_close, restarted)
 
 
+def _watchdog_closed_worker(rank, world_size, port):
+    from sagellm_comm import watchdog
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    config = CommConfig.from_env().replace(watchdog_ms=3_600_000)  # the thread sleeps: this test polls
+    first, second = (SymmetricWorkspace(0, 2, 4096, [0, 0], "cpu", config=config) for _ in range(2))
+    for ws in (first, second):
+        ws.error_view[:4] = [1, 1, 0, 0]  # both latched: a timeout waiting for rank 1 at the start barrier
+
+    def close_both(ws, exc):  # a handler that tears everything down on the first failure
+        first.close()
+        second.close()
+
+    watchdog.add_error_handler(close_both)
+    try:
+        reported = [ws is first for ws, _ in watchdog.poll_once()]
+    finally:
+        watchdog.remove_error_handler(close_both)
+    return reported, second.async_error is None
+
+
+def test_the_watchdog_does_not_report_a_workspace_closed_during_its_pass():
+    """A workspace closed while the watchdog's pass is under way (by an error handler, or another thread) is not
+    reported: no log, no async_error and no handler call for a workspace that is gone."""
+    assert run_ranks(_watchdog_closed_worker, 1, env=INTERP, timeout=60) == [([True], True)]
+
+
 def _gemm_after_close_worker(rank, world_size, port):
     from sagellm_comm.errors import NotInitializedError
 
