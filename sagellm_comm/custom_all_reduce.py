@@ -31,7 +31,7 @@ from .errors import (
     WorkspaceExhaustedError,
 )
 from .launch import Launcher, interpreting, timeout_ticks
-from .selector import ALGO_CHOICES, LAMPORT, ONE_SHOT, PAYLOADS, TWO_SHOT, AlgoSelector, Selection
+from .selector import ALGO_CHOICES, KERNEL_ALGOS, LAMPORT, ONE_SHOT, PAYLOADS, TWO_SHOT, AlgoSelector, Selection
 from .workspace import (
     DEFAULT_MAX_PROGRAMS,
     SymmetricWorkspace,
@@ -573,9 +573,14 @@ class CustomAllReduce:
         the memo), so each (algo, numel, nbytes) is decided once; a refusal raises every time.
         """
         key = (algo, numel, nbytes)
-        resolved = self._resolved.get(key)
+        try:
+            resolved = self._resolved.get(key)
+        except TypeError:  # an unhashable algo: refused below
+            resolved = None
         if resolved is not None:
             return resolved
+        if not isinstance(algo, str) or algo not in (AUTO, *KERNEL_ALGOS, ENGINE_ALGO):
+            raise InvalidArgumentError(f"algo must be one of {(AUTO, *KERNEL_ALGOS, ENGINE_ALGO)}, got {algo!r}")
         if algo == AUTO:
             resolved = self.select(nbytes, nbytes // numel if numel else 2).algo
         elif algo == LAMPORT and numel > self.workspace.lamport_capacity:

@@ -360,6 +360,7 @@ class SymmetricWorkspace:
     def registered_tensor(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``numel`` elements aliasing this rank's registered region (zero-copy input)."""
         self._check_open()
+        numel = check_int(numel, "numel", 0)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if nbytes > self.slot_bytes:
             raise WorkspaceExhaustedError(

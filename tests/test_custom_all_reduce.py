@@ -257,6 +257,33 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         CustomAllReduce(ws)
 
 
+def test_a_bad_algo_or_buffer_count_is_a_typed_error_before_anything_runs(monkeypatch):
+    """``algo`` is checked on every call, an empty tensor's too (it was returned as if summed), and one that cannot
+    be a key (a list) is an InvalidArgumentError, not a TypeError; ``get_buffer`` takes a count that is an int >= 0
+    (-1 gave an empty buffer, 2.5 a TypeError, True one element)."""
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspaces = local_workspaces(2, 4096, "cpu")
+    car = CustomAllReduce(workspaces[0])
+    try:
+        for algo in ("ring", ["one_shot"], "hierarchical"):
+            for numel in (0, 4):
+                x = torch.ones(numel)
+                with pytest.raises(InvalidArgumentError, match="algo must be one of"):
+                    car.all_reduce(x, algo=algo)
+                assert torch.equal(x, torch.ones(numel))
+        for numel in (-1, 2.5, True):
+            with pytest.raises(InvalidArgumentError, match="numel must be"):
+                car.get_buffer(numel, torch.float32)
+        assert car.get_buffer(0, torch.float32).numel() == 0
+    finally:
+        for ws in workspaces:
+            ws.close()
+
+
 def test_workspace_rejects_bad_world_sizes():
     from sagellm_comm.errors import InvalidArgumentError
     from sagellm_comm.workspace import SymmetricWorkspace
