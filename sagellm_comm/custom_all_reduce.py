@@ -29,6 +29,7 @@ from .errors import (
     InvalidArgumentError,
     NotInitializedError,
     WorkspaceExhaustedError,
+    run_every,
 )
 from .launch import Launcher, interpreting, timeout_ticks
 from .selector import ALGO_CHOICES, KERNEL_ALGOS, LAMPORT, ONE_SHOT, PAYLOADS, TWO_SHOT, AlgoSelector, Selection
@@ -607,9 +608,11 @@ class CustomAllReduce:
     def close(self) -> None:
         """Release the workspace and what :meth:`close_with` named (collective in spirit: every rank should
         close)."""
-        while self._closers:
-            self._closers.pop()()
-        self.kernels.cache.clear()
-        self._resolved.clear()
-        self._table = self._control = None
-        self.workspace.close()
+        closers, self._closers = self._closers[::-1], []
+
+        def forget() -> None:
+            self.kernels.cache.clear()
+            self._resolved.clear()
+            self._table = self._control = None
+
+        run_every([*closers, forget, self.workspace.close])  # a closer that raises does not keep the workspace

@@ -8,6 +8,7 @@ values), so callers and logs can match on it without parsing messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 
@@ -152,6 +153,19 @@ class PeerLostError(TransferError):
     names it.  Other peers' transfers are not affected."""
 
     code = ErrorCode.TRANSFER_PEER_LOST
+
+
+def run_every(steps: Iterable[Callable[[], object]]) -> None:
+    """Run every step of a release even when one raises, then raise the first error: a release that stopped at its
+    first failure would keep everything after it held for the life of the process."""
+    errors: list[Exception] = []
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - collected, the first re-raised below
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 __all__ = [

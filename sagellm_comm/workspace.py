@@ -44,6 +44,7 @@ from .errors import (
     NotInitializedError,
     P2PFailedError,
     WorkspaceExhaustedError,
+    run_every,
 )
 from .ipc import CudaIpcMemory, PeerMemory, SharedFileMemory
 from .ipc import tensor_at as _tensor_at
@@ -507,14 +508,19 @@ class SymmetricWorkspace:
         from .watchdog import unwatch
 
         unwatch(self)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+        def drop_region() -> None:
+            if self._region is not None:
+                self._region.close()
+                self._region = None  # freed here unless a registered tensor holds it
+
+        steps = [lambda: torch.cuda.synchronize(self.device)] if self.device.type == "cuda" else []
         if self._release is not None:
-            self._release()
-        if self._region is not None:
-            self._region.close()
-            self._region = None  # freed here unless a registered tensor holds it
-        self.table = self.control = self._local_region = None  # type: ignore[assignment]
+            steps.append(self._release)
+        try:  # a failed synchronize (a dead context) still releases the mappings and the region
+            run_every([*steps, drop_region])
+        finally:
+            self.table = self.control = self._local_region = None  # type: ignore[assignment]
 
 
 class _OwnedRegion:

@@ -424,6 +424,50 @@ def test_a_buffer_from_get_buffer_keeps_its_region_past_close():
     assert dropped0 == dropped1 == 0
 
 
+def _failing_closer_worker(rank, world_size, port):
+    import torch.distributed as dist
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+    def exchange(obj):
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    class Recording(SharedFileMemory):
+        def __init__(self):
+            super().__init__()
+            self.freed: list[int] = []
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    memory = Recording()
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+    car = CustomAllReduce(ws, timeout_s=30.0)
+    ran = []
+
+    def failing():
+        raise RuntimeError("the GEMM workspace could not synchronise")
+
+    car.close_with(lambda: ran.append("first"))
+    car.close_with(failing)
+    with pytest.raises(RuntimeError, match="could not synchronise"):
+        car.close()
+    return ran, ws.closed, len(memory.freed)
+
+
+def test_a_closer_that_raises_still_closes_the_workspace():
+    """A resource closed with the all-reduce (close_with) that raises does not keep the others or the workspace:
+    every closer runs, the region is freed, and the first error reaches the caller."""
+    assert run_ranks(_failing_closer_worker, 2, env=INTERP, timeout=120) == [(["first"], True, 1)] * 2
+
+
 def _one_rank_fails_worker(rank, world_size, port, step):
     import glob
 

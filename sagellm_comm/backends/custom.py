@@ -35,6 +35,7 @@ from ..errors import (
     CommTimeoutError,
     InvalidArgumentError,
     NotInitializedError,
+    run_every,
 )
 from ..launch import interpreting as _interpreting
 from ..selector import (
@@ -383,10 +384,8 @@ class CustomBackend(TorchDistributedBackend):
         self._group_roles.clear()
         self._hierarchical.clear()
         self._world_kernels = self.custom = None
-        try:
-            for kernels in kernel_groups:
-                if kernels is not None:
-                    kernels.close()
+        try:  # every group's workspace, whatever another's close raised
+            run_every([kernels.close for kernels in kernel_groups if kernels is not None])
         finally:
             if self.custom_reason != "not initialised":
                 self.custom_reason = "destroyed"
