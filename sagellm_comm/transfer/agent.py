@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sagellm_comm.arguments import check_device, check_timeout
-from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
 from sagellm_comm.transfer.base import AgentContext, Link, Request, TransferBackend
@@ -581,26 +581,21 @@ class TransferAgent:
         with self._call:
             if self._closed:
                 return
-            errors: list[Exception] = []
+            backends = list(self._backends.values())
 
-            def attempt(step: Callable[..., object], *args: object) -> None:
-                try:
-                    step(*args)
-                except Exception as exc:  # noqa: BLE001 - collected, the first re-raised below
-                    errors.append(exc)
+            def mark_closed() -> None:
+                self._closed = True
 
-            attempt(self._abort_deferred)
-            for backend in self._backends.values():  # before the regions they move go
-                attempt(backend.cancel_in_flight)
-            for peer in list(self._peers):
-                attempt(self.remove_peer, peer)
-            for name in list(self._regions):
-                attempt(self.deregister, name)
-            self._closed = True
-            for backend in self._backends.values():
-                attempt(backend.close)
-            if errors:
-                raise errors[0]
+            run_every(
+                [
+                    self._abort_deferred,
+                    *(backend.cancel_in_flight for backend in backends),  # before the regions they move go
+                    *(functools.partial(self.remove_peer, peer) for peer in list(self._peers)),
+                    *(functools.partial(self.deregister, name) for name in list(self._regions)),
+                    mark_closed,
+                    *(backend.close for backend in backends),
+                ]
+            )
 
     def __enter__(self) -> TransferAgent:
         return self
