@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RTOL = {"float32": 1e-6, "bfloat16": 2**-7, "float16": 2**-10}
 
 
-def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, timeout_s: float = 60.0):
+def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, timeout_s: float = 60.0, memory=None):
     import torch.distributed as dist
 
     from sagellm_comm.custom_all_reduce import CustomAllReduce
@@ -34,8 +34,24 @@ def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, 
         dist.all_gather_object(out, obj)
         return out
 
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=3)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=3, memory=memory)
     return CustomAllReduce(ws, timeout_s=timeout_s), exchange
+
+
+def _recording_memory():
+    """Shared-file regions that remember which of them were freed (``freed``)."""
+    from sagellm_comm.ipc import SharedFileMemory
+
+    class Recording(SharedFileMemory):
+        def __init__(self):
+            super().__init__()
+            self.freed: list[int] = []
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    return Recording()
 
 
 def _inputs(case: int, world_size: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -297,17 +313,9 @@ def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
     """A rendezvous that mapped the regions and then could not make the workspace (a world of one, no memory for
     its tables) frees this rank's region and unmaps the peers' before raising."""
     from sagellm_comm.errors import InvalidArgumentError
-    from sagellm_comm.ipc import SharedFileMemory
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    class Recording(SharedFileMemory):
-        freed: list[int] = []
-
-        def free(self, ptr: int) -> None:
-            self.freed.append(ptr)
-            super().free(ptr)
-
-    memory = Recording()
+    memory = _recording_memory()
     with pytest.raises(InvalidArgumentError, match="2..8 ranks"):
         SymmetricWorkspace.rendezvous(0, 1, 4096, "cpu", lambda obj: [obj], memory=memory)
     assert len(memory.freed) == 1 and not memory._maps
@@ -359,32 +367,12 @@ def test_a_cuda_region_that_cannot_be_zeroed_is_freed(monkeypatch):
 def _buffer_after_close_worker(rank, world_size, port):
     import gc
 
-    import torch.distributed as dist
-
-    from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.errors import NotInitializedError
-    from sagellm_comm.ipc import SharedFileMemory
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    class Recording(SharedFileMemory):
-        def __init__(self):
-            super().__init__()
-            self.freed: list[int] = []
-
-        def free(self, ptr: int) -> None:
-            self.freed.append(ptr)
-            super().free(ptr)
-
-    memory = Recording()
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
-    car = CustomAllReduce(ws, timeout_s=30.0)
+    memory = _recording_memory()
+    car, exchange = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
+    ws = car.workspace
     buf = car.get_buffer(64, torch.float32)
     buf.fill_(rank + 1)
     car.all_reduce(buf, algo="one_shot")
@@ -425,31 +413,9 @@ def test_a_buffer_from_get_buffer_keeps_its_region_past_close():
 
 
 def _failing_closer_worker(rank, world_size, port):
-    import torch.distributed as dist
-
-    from sagellm_comm.custom_all_reduce import CustomAllReduce
-    from sagellm_comm.ipc import SharedFileMemory
-    from sagellm_comm.workspace import SymmetricWorkspace
-
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    class Recording(SharedFileMemory):
-        def __init__(self):
-            super().__init__()
-            self.freed: list[int] = []
-
-        def free(self, ptr: int) -> None:
-            self.freed.append(ptr)
-            super().free(ptr)
-
-    memory = Recording()
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
-    car = CustomAllReduce(ws, timeout_s=30.0)
+    memory = _recording_memory()
+    car, _ = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
+    ws = car.workspace
     ran = []
 
     def failing():
