@@ -722,6 +722,101 @@ def test_close_releases_everything_when_a_peers_disconnect_raises_and_raises_tha
         registry.unregister_transfer_backend("failing-disconnect-test")
 
 
+class _FailingTeardown(_RecordingBackend):
+    """A transport that records its links' lives and refuses the next teardown step named in ``refuse``
+    (``"release"``: a prepared pool's, ``"disconnect"``: a link's), once each."""
+
+    events: list[tuple[str, str]] = []
+    refuse: set[str] = set()
+
+    def connect(self, peer) -> Link:
+        self.events.append(("connect", peer.incarnation))
+        return Link(peer)
+
+    def disconnect(self, link) -> None:
+        self.events.append(("disconnect", link.peer.incarnation))
+        if "disconnect" in self.refuse:
+            self.refuse.discard("disconnect")
+            raise RuntimeError(f"transport refused to disconnect {link.peer.incarnation}")
+
+    def release_prepared(self, prepared) -> None:
+        self.events.append(("release", prepared.link.peer.incarnation))
+        if "release" in self.refuse:
+            self.refuse.discard("release")
+            raise RuntimeError("transport refused to release a prepared pool")
+
+    def post_one(self, link, op, local, remote, local_offset, remote_offset, nbytes, notify) -> Request:
+        assert not link.removed, "posted over a link of a peer that was torn down"
+        self.events.append(("post", link.peer.incarnation))
+        return _Done()
+
+
+@pytest.fixture
+def teardown_agents():
+    """``make(name)``: agents over :class:`_FailingTeardown` with a ``kv`` region, closed at the end."""
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("teardown-test", _FailingTeardown)
+    _FailingTeardown.events, _FailingTeardown.refuse = [], set()
+    made = []
+
+    def make(name: str):
+        made.append(TransferAgent(name, "teardown-test"))
+        made[-1].register("kv", torch.zeros(64))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        _FailingTeardown.refuse = set()
+        for agent in made:
+            agent.close()
+        registry.unregister_transfer_backend("teardown-test")
+
+
+@pytest.mark.parametrize("refuse", ["release", "disconnect"])
+def test_a_restarted_peer_whose_old_teardown_raises_is_gone_and_can_be_added_again(teardown_agents, refuse):
+    """Re-adding a restarted peer removes the old incarnation first.  A teardown step that raised stopped the
+    rest: the old link stayed connected, its later prepared pools unreleased (still posting over it).  Now every
+    step runs, no peer of that name is left, the step's own error is raised, and adding the peer again works."""
+    a, old = teardown_agents("a"), teardown_agents("b")
+    a.add_peer(old.metadata())
+    pools = [a.prepare("b", "kv", "kv", 16) for _ in range(2)]
+    new = teardown_agents("b")  # the restarted process: same name, another incarnation
+    _FailingTeardown.events.clear()
+    _FailingTeardown.refuse = {refuse}
+    with pytest.raises(RuntimeError, match=f"refused to {refuse}"):
+        a.add_peer(new.metadata())
+    assert a.peers == [] and all(pool.released for pool in pools)
+    gone = old.incarnation
+    assert _FailingTeardown.events == [("release", gone), ("release", gone), ("disconnect", gone)]
+    with pytest.raises(InvalidArgumentError, match="was released"):
+        pools[1].write([0], [1])
+    assert a.add_peer(new.metadata()) == "b"
+    a.write("b", "kv", "kv", [(0, 16, 16)]).wait(timeout=1.0)
+    assert _FailingTeardown.events[-1] == ("post", new.incarnation)
+
+
+def test_a_live_peer_readded_whose_old_link_fails_to_go_leaves_no_link_behind(teardown_agents):
+    """Re-adding a live peer (same incarnation, new regions) connects the new link, then tears the old one down.
+    When that raised, the old entry stayed with its link torn down and the new link was connected but never
+    recorded (nor ever disconnected).  Now neither is left: both links are let go, no peer of that name
+    remains, the old link's error is raised, and adding the peer again works."""
+    a, b = teardown_agents("a"), teardown_agents("b")
+    a.add_peer(b.metadata())
+    pool = a.prepare("b", "kv", "kv", 16)
+    b.register("more", torch.zeros(64))
+    _FailingTeardown.events.clear()
+    _FailingTeardown.refuse = {"disconnect"}
+    with pytest.raises(RuntimeError, match="refused to disconnect"):
+        a.add_peer(b.metadata())
+    assert a.peers == [] and pool.released
+    live = b.incarnation
+    assert _FailingTeardown.events == [("connect", live), ("release", live), ("disconnect", live), ("disconnect", live)]
+    assert a.add_peer(b.metadata()) == "b" and "more" in a.peer_regions("b")
+    a.write("b", "kv", "kv", [(0, 16, 16)]).wait(timeout=1.0)
+
+
 def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_made():
     """``device=`` (and ``allocate``'s device) naming a GPU this process does not see is an InvalidArgumentError at
     once; it made an agent whose every call, close included, failed in torch (a TypeError on a CPU-only build)."""

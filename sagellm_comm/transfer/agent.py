@@ -302,7 +302,9 @@ class TransferAgent:
         every transfer with it; :meth:`peer_backend` and :meth:`backend_reason` say which and why.  A peer of
         that name already known is replaced: a restarted one (another incarnation) is removed first; the same
         agent (new regions) once the new metadata connected, so that metadata refused leaves the peer as it was.
-        The replaced peer is removed as by :meth:`remove_peer`; its prepared pools are released.
+        The replaced peer is removed as by :meth:`remove_peer`; its prepared pools are released.  If a step of
+        that removal raises, every other step still runs, no peer of that name is left (a new link already
+        connected is let go too) and the step's error is raised: add the peer again.
         """
         meta = AgentMetadata.decode(metadata)
         with self._call:
@@ -325,15 +327,27 @@ class TransferAgent:
                 except BackendNotSupportedError as exc:
                     failures[name] = exc.message
                     continue
-                reason = self._reason(name, failures)
+                entry = _Peer(meta, backend, link, self._reason(name, failures))
                 if old is not None:
-                    self._drop(old)
-                self._peers[meta.name] = _Peer(meta, backend, link, reason)
+                    try:
+                        self._drop(old)
+                    except Exception:
+                        # The old peer is gone (every step of its teardown ran); the new link goes too, so that
+                        # an add_peer that raised leaves no peer of that name, and the old one's error is raised.
+                        del self._peers[meta.name]
+                        try:
+                            self._drop(entry)
+                        except Exception as exc:  # noqa: BLE001 - the first error is the one raised
+                            logger.warning("transfer agent %r: letting go of the new link to peer %r: %r",
+                                           self.name, meta.name, exc)  # fmt: skip
+                        raise
+                self._peers[meta.name] = entry
                 same_gpu_host = meta.same_host(local_identity(self.name, self.incarnation)) and any(
                     r.device == "cuda" for r in meta.regions.values()
                 )
                 level = logging.WARNING if failures and same_gpu_host else logging.INFO
-                logger.log(level, "transfer agent %r: peer %r (%s) via %s", self.name, meta.name, meta.host, reason)
+                logger.log(level, "transfer agent %r: peer %r (%s) via %s", self.name, meta.name, meta.host,
+                           entry.reason)  # fmt: skip
                 return meta.name
             why = "; ".join(f"{k}: {v}" for k, v in {**failures, **self.skipped}.items())
             raise BackendNotSupportedError(
@@ -363,11 +377,15 @@ class TransferAgent:
                 del self._peers[peer]
 
     def _drop(self, entry: _Peer) -> None:
-        """Release ``entry``'s prepared pools and disconnect its link (the caller holds the lock)."""
-        for prepared in list(entry.prepared):
-            self.release_prepared(prepared)
-        entry.link.removed = True
-        entry.backend.disconnect(entry.link)
+        """Release ``entry``'s prepared pools and disconnect its link (the caller holds the lock).  A step that
+        raises does not stop the others; the first error is raised once every step ran."""
+
+        def disconnect() -> None:
+            entry.link.removed = True
+            entry.backend.disconnect(entry.link)
+
+        run_every([*(functools.partial(self.release_prepared, prepared) for prepared in list(entry.prepared)),
+                   disconnect])  # fmt: skip
 
     def peer_backend(self, peer: str) -> str:
         """The transport moving this agent's transfers with ``peer``."""
