@@ -1127,6 +1127,76 @@ def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recordin
     assert request.aborted == 2
 
 
+class _StreamWaits(_Pending):
+    """A request completed on the device: ``wait_on_stream`` records the deadline it was given, and raises
+    CommTimeoutError past it when ``stuck`` (a host wait that never ends, as a resident copier's that stopped)."""
+
+    def __init__(self, stuck: bool = False):
+        super().__init__()
+        self.stuck, self.deadlines = stuck, []
+
+    def wait_on_stream(self, stream, deadline: float) -> None:
+        self.deadlines.append(deadline)
+        if self.stuck:
+            while time.monotonic() <= deadline:
+                time.sleep(1e-3)
+            raise CommTimeoutError("the copier did not serve the request in time")
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["timeout", "agent-timeout"])
+def test_wait_on_stream_keeps_its_deadline_while_another_thread_holds_the_agent(recording_agents, monkeypatch, given):
+    """wait_on_stream took the agent's lock with no deadline: another thread's call (an add_peer waiting for a
+    peer) held it up for as long as that call ran.  It now takes the lock for at most its timeout (default: the
+    agent's) and fails as wait() does, with CommTimeoutError, the request aborted by the agent's next call."""
+    agent, backend = recording_agents
+    request = _StreamWaits()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    monkeypatch.setattr(agent, "timeout", 0.2)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    with _held_by_another_thread(agent):
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError, match="peer 'b' .* within 0.2 s"):
+            handle.wait_on_stream(object(), **({"timeout": 0.2} if given else {}))
+        assert time.monotonic() - start < 1.0 and handle.state == "failed" and request.deadlines == []
+    agent.notifications()
+    assert request.aborted == 1
+    with pytest.raises(CommTimeoutError):
+        handle.wait_on_stream(object())  # the failure stays
+
+
+def test_wait_on_stream_gives_the_request_its_deadline_and_a_host_wait_past_it_is_the_handles_timeout(
+    recording_agents, monkeypatch
+):
+    agent, backend = recording_agents
+    request = _StreamWaits()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    before = time.monotonic()
+    agent.write("b", "kv", "kv", [(0, 0, 16)]).wait_on_stream(object(), timeout=5.0)
+    assert before + 5.0 <= request.deadlines[0] <= time.monotonic() + 5.0
+    stuck = _StreamWaits(stuck=True)
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: stuck)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="to peer 'b' .* within 0.1 s") as info:
+        handle.wait_on_stream(object(), timeout=0.1)
+    assert time.monotonic() - start < 1.0 and handle.state == "failed" and info.value.details["peer"] == "b"
+    assert stuck.aborted == 1
+    with pytest.raises(InvalidArgumentError):
+        handle.wait_on_stream(object(), timeout=float("nan"))
+
+
+def test_a_resident_copier_request_waits_on_the_stream_until_the_deadline_it_is_given():
+    """The resident copier's requests wait on the host (for microseconds); that wait ends at the handle's
+    deadline, not at the copier's own timeout."""
+    from sagellm_comm.transfer import ipc
+
+    waits = []
+    copier = types.SimpleNamespace(wait=lambda seq, deadline=None, peer=None: waits.append((seq, deadline, peer)))
+    link = ipc.IpcLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    ipc.ResidentRequest(types.SimpleNamespace(copier=copier), link, 7).wait_on_stream(object(), 123.5)
+    assert waits == [(7, 123.5, "peer")]
+
+
 @pytest.mark.parametrize("post", ["one block", "few rows", "one id"])
 def test_a_request_whose_wait_timed_out_under_another_threads_call_is_aborted_by_a_short_path_post(
     recording_agents, monkeypatch, post

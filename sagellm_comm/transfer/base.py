@@ -59,9 +59,10 @@ class Request(ABC):
         """Stop tracking a transfer that will not be waited for any more (after a timeout or a failure); releases
         what the backend can.  Never raises."""
 
-    def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
-        """Make ``stream`` wait on the device for this transfer (no host wait); backends whose completion is
-        known on the host only raise."""
+    def wait_on_stream(self, stream: torch.cuda.Stream, deadline: float) -> None:
+        """Make ``stream`` wait on the device for this transfer; backends whose completion is known on the host only
+        raise.  A wait on the host, if any, ends at ``deadline`` (``time.monotonic()``) with
+        :class:`~sagellm_comm.errors.CommTimeoutError`."""
         from sagellm_comm.errors import NotImplementedCommError
 
         raise NotImplementedCommError(f"{type(self).__name__}: completion is known on the host only; use wait()")

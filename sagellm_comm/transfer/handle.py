@@ -96,14 +96,31 @@ class TransferHandle:
                 time.sleep(min(sleep, max(0.0, deadline - now)))
                 sleep = min(sleep * 2, MAX_SLEEP_S)
 
-    def wait_on_stream(self, stream: torch.cuda.Stream | None = None) -> None:
+    def wait_on_stream(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         """Make ``stream`` (default: the current one) wait for this transfer on the device, without blocking the
         host: kernels queued there afterwards see every byte.  ``ipc`` transfers only (their completion is a
-        CUDA event); other transports raise ``NotImplementedCommError``: use :meth:`wait`."""
+        CUDA event); other transports raise ``NotImplementedCommError``: use :meth:`wait`.
+
+        The host waits at most ``timeout`` seconds (default: the agent's), for the agent's lock (another thread's
+        call may hold it) and for a resident-copier request to be served; past it, :class:`CommTimeoutError` as
+        from :meth:`wait` (the request is aborted)."""
+        limit = self._agent.timeout if timeout is None else check_timeout(timeout)
         if self.state == "failed":
             raise self.error
-        with self._agent.lock:
-            self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream())
+        deadline = time.monotonic() + limit
+        lock = self._agent.lock
+        if not lock.acquire(timeout=limit):
+            self._timed_out(limit)
+        try:
+            self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream(), deadline)
+        except CommTimeoutError:
+            timed_out = True
+        else:
+            timed_out = False
+        finally:
+            lock.release()
+        if timed_out:
+            self._timed_out(limit)
 
     def _fail(self, exc: CommError) -> None:
         self.state, self.error = "failed", exc

@@ -149,7 +149,7 @@ class IpcRequest(_LinkRequest):
     def abort(self) -> None:
         pass  # a launched kernel cannot be stopped; its event and staging buffer are reused once it completes
 
-    def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
+    def wait_on_stream(self, stream: torch.cuda.Stream, deadline: float) -> None:
         if not self.backend.finished(self.number):  # in flight: its event is not reused yet
             self.backend.events.wait(stream.cuda_stream, self.event)
 
@@ -171,9 +171,9 @@ class ResidentRequest(_LinkRequest):
     def abort(self) -> None:
         pass  # the copier serves every request it was given; its mailbox entry is reused after that
 
-    def wait_on_stream(self, stream: torch.cuda.Stream) -> None:
-        # Served within microseconds: a bounded host wait, nothing to enqueue.
-        self.backend.copier.wait(self.seq, peer=self.link.peer.name)
+    def wait_on_stream(self, stream: torch.cuda.Stream, deadline: float) -> None:
+        # Served within microseconds: a host wait up to the handle's deadline, nothing to enqueue.
+        self.backend.copier.wait(self.seq, deadline, peer=self.link.peer.name)
 
 
 class IpcBackend(TransferBackend):
