@@ -1350,6 +1350,38 @@ def test_an_ipc_agent_whose_first_region_met_a_full_dev_shm_works_once_there_is_
     a.close()
 
 
+def test_the_peer_access_test_copy_is_waited_for_up_to_the_agents_timeout():
+    """add_peer's test copy (GPU path) runs on the transfer stream behind the caller's current stream, and was
+    waited for with a stream synchronisation: a caller's stream that never drains (a kernel waiting on a dead
+    rank) held add_peer, and the agent's lock, forever.  The wait is now the agents' bounded one: past the
+    timeout, CommTimeoutError naming the peer (which ``connect`` turns into "not reachable over ipc")."""
+    from collections import deque
+
+    from sagellm_comm.transfer import ipc
+
+    class _NeverDrains:
+        def __init__(self):
+            self.synchronized = 0
+
+        def synchronize(self) -> None:
+            self.synchronized += 1
+            time.sleep(2.0)  # a stream behind a kernel that does not end (returns, so that the test ends)
+
+    backend = object.__new__(ipc.IpcBackend)
+    backend.context = types.SimpleNamespace(name="a", timeout_s=0.2)
+    backend.copier, backend.stream = None, _NeverDrains()
+    backend.scratch = torch.zeros(ipc.TOKEN_BYTES, dtype=torch.uint8)
+    backend.events = types.SimpleNamespace(done=lambda event: False)  # the probe's launch never completes
+    backend.in_flight, backend.completed, backend.launches, backend._stalled_at = deque([(1, 0, None)]), 0, 1, -1
+    link = ipc.IpcLink(AgentMetadata("peer", "incarnation", "host", "boot", 1), addresses={"\0probe": 4096})
+    backend._one_block = lambda link, src, dst, nbytes, notify: ipc.IpcRequest(backend, link, 1, 0)
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="peer 'peer'.* within 0.2 s") as info:
+        backend._probe(link, b"t" * ipc.TOKEN_BYTES)
+    assert time.monotonic() - start < 1.0 and backend.stream.synchronized == 0
+    assert info.value.details["peer"] == "peer"
+
+
 def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeypatch):
     """Opening a FIFO for reading waits for a writer: the liveness probe opens without blocking, and add_peer
     refuses the path within the agent's timeout instead of holding the agent's lock forever."""

@@ -415,14 +415,22 @@ class IpcBackend(TransferBackend):
         return maps.open(export.get("handle", export.get("path"))) + export["offset"]
 
     def _probe(self, link: IpcLink, token: bytes) -> None:
-        """The real test copy: the kernel reads the peer's token through the mapping (no notification)."""
+        """The real test copy: the kernel reads the peer's token through the mapping (no notification).  Waited for
+        up to the agent's timeout (the launch follows the caller's current stream, which may not drain), then read
+        back on the transfer stream (not behind the caller's)."""
         self.scratch.zero_()
         request = self._one_block(link, link.addresses["\0probe"], self.scratch.data_ptr(), TOKEN_BYTES, None)
         if isinstance(request, ResidentRequest):
             self.copier.wait(request.seq, peer=link.peer.name)
-        elif self.stream is not None:
-            self.stream.synchronize()
-        got = bytes(self.scratch.cpu().numpy())
+        elif self.stream is not None and not self._drain(request.number):
+            name = link.peer.name
+            raise CommTimeoutError(
+                f"the peer access test copy from peer {name!r} did not complete within {self.context.timeout_s:g} s "
+                "(the transfer stream waits for the caller's current stream, which has not drained)",
+                details={"peer": name},
+            )
+        with torch.cuda.stream(self.stream):
+            got = bytes(self.scratch.cpu().numpy())
         if got != token:
             raise BackendNotSupportedError(
                 f"peer access test failed: read {got.hex()} from peer {link.peer.name!r}'s probe through the "
