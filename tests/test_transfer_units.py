@@ -2241,6 +2241,34 @@ def test_deregistering_a_region_nixl_moves_waits_for_its_transfers_and_keeps_wha
     assert all(descs is None for _, descs in backend.kept)
 
 
+def test_a_region_nixl_refuses_to_deregister_is_a_typed_error_and_stays_registered_and_referenced_until_close():
+    """NIXL's refusal to deregister a region escaped as NIXL's own exception, and the registration was forgotten:
+    never deregistered again, with the memory free to go once the agent let the region go.  Now it is a
+    TransferError naming the region, the region is kept (registered, referenced), and close deregisters it."""
+    deregistered = []
+
+    class Agent:
+        refuse = True
+
+        def deregister_memory(self, descs):
+            if self.refuse:
+                self.refuse = False
+                raise _NixlAgentError("nixlNotFoundError: NIXL_ERR_NOT_FOUND")
+            deregistered.append(descs)
+
+    backend = _bare_nixl_backend(Agent())
+    kv = types.SimpleNamespace(name="kv")
+    backend.registered["kv"], backend.addresses["kv"] = "descs-kv", [4096, 4096, 0]
+    with pytest.raises(TransferError, match="NIXL failed to deregister region 'kv'.*nixlNotFoundError") as info:
+        backend.deregister(kv)
+    assert info.value.details == {"region": "kv", "nixl_error": "_NixlAgentError"}
+    assert backend.kept == [(kv, "descs-kv")] and "kv" not in backend.addresses and deregistered == []
+    backend.links, backend.parked = [], {}
+    backend.ucx = types.SimpleNamespace(unwatch=lambda name: None)
+    backend.close()
+    assert deregistered == ["descs-kv"] and backend.kept == [(kv, None)]  # deregistered, still referenced
+
+
 def test_nixl_parked_peers_with_transfers_in_flight_stay_loaded_and_a_restart_cancels_the_old_ones():
     """Unloading a NIXL remote agent fails its transfers in flight (notification included): a removed peer past
     the parked limit stays loaded while its requests run and is unloaded by the sweep after; a restarted peer's

@@ -323,7 +323,8 @@ class NixlBackend(TransferBackend):
         cancelled past it (their handles raise ``TransferError``).  Where a transfer over it was cancelled before
         it finished (here, at a handle's deadline, or at a removed peer's sweep), its bytes may still land: the
         region's memory and registration are kept (registered until :meth:`close`, referenced while the agent
-        lives), so UCX never writes into memory handed back."""
+        lives), so UCX never writes into memory handed back.  So is a region NIXL refuses to deregister
+        (``TransferError`` naming it); :meth:`close` deregisters it again."""
         descs = self.registered.pop(region.name, None)
         self.addresses.pop(region.name, None)
         if not self._settle(region):
@@ -335,8 +336,20 @@ class NixlBackend(TransferBackend):
             )  # fmt: skip
             self.kept.append((region, descs))
             return
-        if descs is not None:
+        if descs is None:
+            return
+        try:
             self.agent.deregister_memory(descs)
+        except Exception as exc:
+            self.kept.append((region, descs))  # still registered: referenced, and deregistered again at close
+            if not _is_nixl_error(exc):
+                raise
+            kind = type(exc).__name__
+            raise TransferError(
+                f"NIXL failed to deregister region {region.name!r}: {kind}: {exc}; it stays registered and "
+                "referenced until the agent closes",
+                details={"region": region.name, "nixl_error": kind},
+            ) from None
 
     def _settle(self, region: Region) -> bool:
         """Let the requests in flight over ``region`` finish, for up to the agent's timeout, then cancel the rest;
