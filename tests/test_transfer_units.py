@@ -1382,6 +1382,60 @@ def test_the_peer_access_test_copy_is_waited_for_up_to_the_agents_timeout():
     assert info.value.details["peer"] == "peer"
 
 
+def test_a_region_one_transport_fails_to_deregister_is_forgotten_by_every_transport_and_the_agent(monkeypatch):
+    """deregister stopped at the first transport that raised: the agent still listed the region while the
+    transports before it had forgotten it, so the agent's metadata described a region without its ipc export and
+    every peer refused that metadata.  Now every transport's deregister runs, the region is forgotten (a transport
+    that could not let go keeps it referenced itself), and the first error is raised.  (The peer's ipc section is
+    checked before its test copy, which cannot launch in this process: the peer may be added over NIXL.)"""
+    pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a = TransferAgent("a")
+    b = TransferAgent("b")
+    try:
+        assert a.backends == ["ipc", "nixl"]
+        a.allocate("kv", 4096, torch.uint8)
+        a.allocate("old", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        nixl_agent = a._backends["nixl"].agent
+
+        def refuse(descs):
+            raise _NixlAgentError("nixlNotFoundError: NIXL_ERR_NOT_FOUND")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(nixl_agent, "deregister_memory", refuse)
+            with pytest.raises(TransferError, match="deregister region 'old'"):
+                a.deregister("old")
+        assert a.regions == ["kv"]
+        assert b.add_peer(a.metadata()) == "a" and list(b.peer_regions("a")) == ["kv"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_ipc_region_deregistered_when_the_transfer_stream_failed_stays_referenced():
+    """The agent forgets a region whose deregister raised; the ipc transport, whose wait for its launches raised
+    (the transfer stream failed: GPU path, a stand-in here), keeps the region's memory referenced itself."""
+    from collections import deque
+
+    from sagellm_comm.transfer import ipc
+
+    def failed(event):
+        raise TransferError("the transfer stream failed: CUDA error 700 (cudaEventQuery)")
+
+    backend = object.__new__(ipc.IpcBackend)
+    backend.context = types.SimpleNamespace(name="a", timeout_s=0.2)
+    backend.copier, backend.exports, backend.kept = None, {"kv": {}}, []
+    backend.events = types.SimpleNamespace(done=failed)
+    backend.in_flight, backend.completed, backend.launches, backend._stalled_at = deque([(1, 0, None)]), 0, 1, -1
+    kv = types.SimpleNamespace(name="kv")
+    with pytest.raises(TransferError, match="stream failed"):
+        backend.deregister(kv)
+    assert backend.kept == [kv] and backend.exports == {}
+
+
 def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeypatch):
     """Opening a FIFO for reading waits for a writer: the liveness probe opens without blocking, and add_peer
     refuses the path within the agent's timeout instead of holding the agent's lock forever."""

@@ -264,18 +264,28 @@ class TransferAgent:
 
     def deregister(self, name: str) -> None:
         """Forget region ``name`` (peers that still hold old metadata must not use it any more); the prepared
-        pools over it are released."""
+        pools over it are released.  A step that raises (a pool's release, a transport's deregister) does not stop
+        the others: the region is forgotten all the same (a transport that could not let go of its memory keeps
+        it referenced) and the first error is raised."""
         with self._call:
             self._check_open()
             region = self._region(name)
-            for entry in self._peers.values():
-                for prepared in [p for p in entry.prepared if p.backend_prepared.local is region]:
-                    self.release_prepared(prepared)
-            for backend in self._backends.values():
-                if name not in self._unreachable[backend.name]:
-                    backend.deregister(region)
-                self._unreachable[backend.name].pop(name, None)
-            del self._regions[name]
+            pools = [p for entry in self._peers.values() for p in entry.prepared if p.backend_prepared.local is region]
+
+            def forget(backend: TransferBackend) -> None:
+                try:
+                    if name not in self._unreachable[backend.name]:
+                        backend.deregister(region)
+                finally:
+                    self._unreachable[backend.name].pop(name, None)
+
+            try:
+                run_every([
+                    *(functools.partial(self.release_prepared, prepared) for prepared in pools),
+                    *(functools.partial(forget, backend) for backend in self._backends.values()),
+                ])  # fmt: skip
+            finally:
+                del self._regions[name]
 
     def metadata(self) -> bytes:
         """This agent's description for peers: opaque bytes to hand over as they are (a versioned header line, then

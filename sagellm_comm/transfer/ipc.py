@@ -323,8 +323,14 @@ class IpcBackend(TransferBackend):
     def deregister(self, region: Region) -> None:
         self.exports.pop(region.name, None)
         # A launch or resident request in flight may still read or write the region: its memory stays referenced
-        # until they completed (bounded by the agent's timeout; past it, kept for the process's life).
-        if not self._drain(self.launches) or not self._drain_resident(self.copier.posted if self.copier else 0):
+        # until they completed (bounded by the agent's timeout; past it, or when the stream failed, kept for the
+        # process's life).
+        try:
+            drained = self._drain(self.launches) and self._drain_resident(self.copier.posted if self.copier else 0)
+        except BaseException:
+            self.kept.append(region)
+            raise
+        if not drained:
             logger.warning(
                 "transfer agent %r: copies still running after %g s when region %r was deregistered; its memory "
                 "stays referenced", self.context.name, self.context.timeout_s, region.name,
