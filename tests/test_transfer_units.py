@@ -2180,6 +2180,20 @@ def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle
             assert handle.state == outcome and request.handle is None and not backend.pending
 
 
+def test_a_nixl_failure_to_deliver_notifications_is_a_typed_error():
+    """NIXL's failure to read its notifications escaped as NIXL's own exception from ``notifications()``; it is a
+    TransferError with NIXL's error name, as every other NIXL failure is."""
+
+    class Agent:
+        def get_new_notifs(self):
+            raise _NixlAgentError("nixlBackendError: NIXL_ERR_BACKEND")
+
+    backend = _bare_nixl_backend(Agent())
+    with pytest.raises(TransferError, match="NIXL failed to read notifications.*NIXL_ERR_BACKEND") as info:
+        backend.notifications()
+    assert info.value.details == {"nixl_error": "_NixlAgentError"}
+
+
 def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
     """The backend keeps every request in flight (NIXL cancels a transfer whose handle is freed): one whose
     caller dropped its handle is not cancelled, and the sweep releases it once finished; one to a removed peer

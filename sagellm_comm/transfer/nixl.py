@@ -582,8 +582,17 @@ class NixlBackend(TransferBackend):
     def notifications(self) -> list[tuple[str, bytes]]:
         if self.pending:
             self.progress()  # this agent's own transfers nobody polls send their notifications too
+        try:
+            arrived = self.agent.get_new_notifs()
+        except Exception as exc:
+            if not _is_nixl_error(exc):
+                raise
+            kind = type(exc).__name__
+            raise TransferError(
+                f"NIXL failed to read notifications: {kind}: {exc}", details={"nixl_error": kind}
+            ) from None
         out = []
-        for sender, messages in self.agent.get_new_notifs().items():
+        for sender, messages in arrived.items():
             name = sender.decode() if isinstance(sender, bytes) else str(sender)
             out.extend((name, bytes(message)) for message in messages)
         return out
