@@ -1162,6 +1162,12 @@ def test_wait_on_stream_keeps_its_deadline_while_another_thread_holds_the_agent(
     assert request.aborted == 1
     with pytest.raises(CommTimeoutError):
         handle.wait_on_stream(object())  # the failure stays
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: _Done())
+    done = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    assert done.done()
+    with _held_by_another_thread(agent):
+        done.wait_on_stream(object(), timeout=0.05)  # seen complete already: nothing to wait for, not failed
+    assert done.state == "done"
 
 
 def test_wait_on_stream_gives_the_request_its_deadline_and_a_host_wait_past_it_is_the_handles_timeout(

@@ -103,13 +103,15 @@ class TransferHandle:
 
         The host waits at most ``timeout`` seconds (default: the agent's), for the agent's lock (another thread's
         call may hold it) and for a resident-copier request to be served; past it, :class:`CommTimeoutError` as
-        from :meth:`wait` (the request is aborted)."""
+        from :meth:`wait` (the request is aborted), unless the handle is done: then nothing is left to wait for."""
         limit = self._agent.timeout if timeout is None else check_timeout(timeout)
         if self.state == "failed":
             raise self.error
         deadline = time.monotonic() + limit
         lock = self._agent.lock
         if not lock.acquire(timeout=limit):
+            if self.state == "done":  # seen complete on the host: work queued from now on sees every byte
+                return
             self._timed_out(limit)
         try:
             self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream(), deadline)
