@@ -73,6 +73,11 @@ class PeerMemory(ABC):
         stream ``stream``: the copy engine on a GPU (``cudaMemcpyAsync``); a plain memory copy, done on return,
         for shared files."""
 
+    def capturing(self) -> bool:
+        """Whether :meth:`free` or :meth:`close` now would break a CUDA-graph capture in progress (never, for memory
+        that is not CUDA's)."""
+        return False
+
 
 def cupy_runtime():
     """CuPy's CUDA runtime module (``cupy.cuda.runtime``); ``BackendNotSupportedError`` without CuPy."""
@@ -149,6 +154,15 @@ class CudaIpcMemory(PeerMemory):
     def free(self, ptr: int) -> None:
         with self._on_device():
             self._rt.free(ptr)
+
+    def capturing(self) -> bool:
+        """Whether this thread's current stream, on this memory's device or on the current device, is capturing a
+        CUDA graph: ``cudaFree`` and ``cudaIpcCloseMemHandle`` are not allowed then (they invalidate the capture).
+        A capture that another thread began is not seen here."""
+        with torch.cuda.device(self.device):
+            if torch.cuda.is_current_stream_capturing():
+                return True
+        return torch.cuda.is_current_stream_capturing()
 
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._rt.memcpyAsync(dst, src, nbytes, MEMCPY_DEFAULT, stream)

@@ -23,6 +23,7 @@ every call counter of a new workspace (a test hook: counters are 64-bit and neve
 from __future__ import annotations
 
 import socket
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -300,6 +301,7 @@ class SymmetricWorkspace:
 
         def publish() -> tuple:
             nonlocal local
+            free_deferred_regions()  # what waited for a graph capture to end goes before the new region comes
             local = memory.allocate(nbytes)
             # Before any peer can push: the Lamport area starts as all sentinels.
             memory.fill(local + lamport_offset(slot_bytes), nbytes - lamport_offset(slot_bytes), _lk.SENTINEL_BYTE)
@@ -501,7 +503,8 @@ class SymmetricWorkspace:
         would enqueue kernels on unmapped regions).
 
         A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
-        until it is gone: it stays valid memory, no longer shared with the peers."""
+        until it is gone: it stays valid memory, no longer shared with the peers.  Last, regions whose free waited
+        for a CUDA-graph capture to end are freed (:func:`free_deferred_regions`)."""
         if self.closed:
             return
         self.closed = True
@@ -518,7 +521,7 @@ class SymmetricWorkspace:
         if self._release is not None:
             steps.append(self._release)
         try:  # a failed synchronize (a dead context) still releases the mappings and the region
-            run_every([*steps, drop_region])
+            run_every([*steps, drop_region, free_deferred_regions])
         finally:
             self.table = self.control = self._local_region = None  # type: ignore[assignment]
 
@@ -526,8 +529,9 @@ class SymmetricWorkspace:
 class _OwnedRegion:
     """This rank's region from ``memory.allocate``, freed once the workspace is closed and the last reference goes:
     the workspace's (dropped at close()) or a registered tensor's.  A workspace never closed keeps it (a free at
-    garbage collection could land inside a CUDA-graph capture).  ``free()`` frees it at once (a rendezvous that
-    made no workspace)."""
+    garbage collection could land inside a CUDA-graph capture).  A last reference that goes while this thread
+    captures a graph (``memory.capturing()``) queues the free for :func:`free_deferred_regions`.  ``free()`` frees it
+    at once (a rendezvous that made no workspace)."""
 
     def __init__(self, memory: PeerMemory, ptr: int):
         self._closed = [False]
@@ -544,8 +548,40 @@ class _OwnedRegion:
 
 
 def _free_closed(memory: PeerMemory, ptr: int, closed: list[bool]) -> None:
-    if closed[0]:
+    if not closed[0]:
+        return
+    if memory.capturing():  # cudaFree would invalidate the capture: later, at a safe point
+        with _DEFERRED_LOCK:
+            _DEFERRED.append((memory, ptr))
+    else:
         memory.free(ptr)
+
+
+# Regions whose last reference went during a CUDA-graph capture: (memory, address), freed by free_deferred_regions.
+_DEFERRED: list[tuple[PeerMemory, int]] = []
+_DEFERRED_LOCK = threading.Lock()  # a finaliser runs on whichever thread drops the last reference
+
+
+def free_deferred_regions() -> int:
+    """Free the workspace regions whose last reference (a ``get_buffer`` tensor kept past ``close()``) went while a
+    CUDA graph was being captured, where freeing device memory is not allowed; return how many were freed.  A region
+    whose memory still captures stays queued.  Every free is tried; the first error is raised after them.
+
+    :meth:`SymmetricWorkspace.rendezvous` and :meth:`SymmetricWorkspace.close` call this; call it after a capture
+    to give the memory back sooner.  Not while another thread captures a graph in the global capture mode
+    (``torch.cuda.graph``'s default): that capture is not seen here, and a free would invalidate it."""
+    with _DEFERRED_LOCK:
+        pending = list(_DEFERRED)
+        _DEFERRED.clear()
+    due = []
+    for memory, ptr in pending:
+        if memory.capturing():
+            with _DEFERRED_LOCK:
+                _DEFERRED.append((memory, ptr))
+        else:
+            due.append((memory, ptr))
+    run_every(lambda m=memory, p=ptr: m.free(p) for memory, ptr in due)
+    return len(due)
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

@@ -412,6 +412,73 @@ def test_a_buffer_from_get_buffer_keeps_its_region_past_close():
     assert dropped0 == dropped1 == 0
 
 
+def test_a_region_whose_last_buffer_goes_during_a_graph_capture_is_freed_after_it():
+    """Freeing device memory inside a CUDA-graph capture invalidates the capture: a region whose last get_buffer()
+    tensor goes while the memory reports a capture is queued, and freed by free_deferred_regions() once the capture
+    is over, or by the next workspace's rendezvous or close().  One process stands for both ranks (its exchange
+    answers for the peer, which maps this rank's own file)."""
+    import gc
+
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace, free_deferred_regions
+
+    class Capturing(SharedFileMemory):
+        def __init__(self):
+            super().__init__()
+            self.freed: list[int] = []
+            self.capture = False
+
+        def capturing(self) -> bool:
+            return self.capture
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    def twice(obj):
+        return [obj, obj]
+
+    memory = Capturing()
+
+    def workspace():
+        return SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", twice, memory=memory)
+
+    def close_and_drop_buffer_in_a_capture(ws):
+        buf = ws.registered_tensor(16, torch.float32)
+        ws.close()
+        memory.capture = True
+        del buf
+        gc.collect()
+        memory.capture = False
+
+    try:
+        ws = workspace()
+        buf = ws.registered_tensor(16, torch.float32)
+        ws.close()
+        memory.capture = True
+        del buf
+        gc.collect()
+        assert memory.freed == [], "a region was freed during a graph capture"
+        assert free_deferred_regions() == 0 and memory.freed == []  # still capturing: stays queued
+        memory.capture = False
+        assert free_deferred_regions() == 1 and len(memory.freed) == 1
+        assert free_deferred_regions() == 0 and len(memory.freed) == 1
+
+        close_and_drop_buffer_in_a_capture(workspace())
+        fresh = workspace()  # its rendezvous frees the queued region
+        assert len(memory.freed) == 2
+        fresh.close()
+        assert len(memory.freed) == 3
+
+        other = workspace()
+        close_and_drop_buffer_in_a_capture(workspace())
+        other.close()  # its own region and the queued one
+        assert len(memory.freed) == 5 and free_deferred_regions() == 0
+    finally:
+        memory.capture = False
+        free_deferred_regions()
+
+
 def _failing_closer_worker(rank, world_size, port):
     memory = _recording_memory()
     car, _ = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
