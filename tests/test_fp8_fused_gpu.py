@@ -383,15 +383,16 @@ def test_fp8_payload_error_and_identical_ranks(fused, kind, rows, hidden):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fp8_payload_non_finite_values_stay_in_their_element(fused, dtype):
-    """An inf in one rank's input, a sum beyond the fp32 range: NaN in that element, its block's others finite."""
+    """An inf in one rank's input is NaN in that element, a sum of finite values beyond the fp32 range saturates at
+    the dtype's largest value; its block's other elements stay finite."""
     w = fused.world_size
     n = 128 * 4 * w
     x = torch.full((w, n), 0.25, device="cuda", dtype=dtype)
     expected = torch.full((n,), 0.25 * w, device="cuda")
     x[w - 1, 5], x[0, n - 3] = float("inf"), float("-inf")  # in the first and the last chunk
     x[:, 128:256], expected[128:256] = 1e37, 1e37 * w
-    x[:, 130] = 3e38
-    expected[[5, n - 3, 130]] = float("nan")
+    x[:, 130], expected[130] = 3e38, torch.finfo(dtype).max
+    expected[[5, n - 3]] = float("nan")
     fused.group.all_reduce_stacked(x, payload="fp8")
     torch.cuda.synchronize()
     fused.group.check_errors()
@@ -399,6 +400,7 @@ def test_fp8_payload_non_finite_values_stay_in_their_element(fused, dtype):
     bits = x.view(torch.int32 if dtype == torch.float32 else torch.int16)
     assert all(torch.equal(bits[r], bits[0]) for r in range(w)), "ranks differ"
     assert bool(x[0][nan].isnan().all()) and bool(x[0][~nan].isfinite().all())
+    assert float(x[0][130]) == torch.finfo(dtype).max
     assert bool(((x[0][~nan].float() - expected[~nan]).abs() <= expected[~nan] / 8).all())
 
 

@@ -131,21 +131,22 @@ def _args_worker(rank, world_size, port):
         assert torch.all(src == 1) and torch.all(dst == 2), kwargs
     car.all_reduce(x, payload="fp8")
     assert torch.all(x == world_size) and car.epoch == epoch + 1
-    # A non-finite value is NaN in its own element only: an inf in a chunk its rank reduces and in one a peer
-    # reduces, a sum over the fp32 range (3e38 on every rank, beside 1e38s); the rest of each 128-element block
-    # stays finite.
+    # An infinite input is NaN in its own element only (in a chunk its rank reduces and in one a peer reduces); a
+    # sum of finite terms over the fp32 range (3e38 on every rank, beside 1e38s) saturates at the dtype's largest
+    # value; the rest of each 128-element block stays finite.
     for dtype in (torch.float32, torch.bfloat16):
         y = torch.full((512,), 0.25 * (rank + 1), dtype=dtype)  # chunks of 256: [0, 256) is rank 0's to reduce
         expected = torch.full((512,), 0.25 * world_size * (world_size + 1) / 2)
         if rank == 1:
             y[5], y[300] = float("inf"), float("-inf")
         y[128:256], expected[128:256] = 1e38, 1e38 * world_size
-        y[130] = 3e38
-        expected[[5, 300, 130]] = float("nan")
+        y[130], expected[130] = 3e38, torch.finfo(dtype).max
+        expected[[5, 300]] = float("nan")
         car.all_reduce(y, algo="two_shot", payload="fp8")
         car.check_errors()
         nan = expected.isnan()
         assert bool(y[nan].isnan().all()) and bool(y[~nan].isfinite().all()), y
+        assert float(y[130]) == torch.finfo(dtype).max, y[128:132]
         assert bool(((y[~nan].float() - expected[~nan]).abs() <= expected[~nan] / 8).all()), y
     # fp16 saturates: a peer's term rounded up by its FP8 step (rank 1's 33952 in a block of amax 65504 arrives as
     # 35091) carries a sum that fits (65408) past 65504, and a sum over the range (2 x 40000) is 65504, not inf.
@@ -164,6 +165,43 @@ def _args_worker(rank, world_size, port):
 
 def test_fp8_payload_arguments_and_capacity():
     run_ranks(_args_worker, 2, env=INTERP, timeout=300)
+
+
+def _extremes_worker(rank, world_size, port):
+    from sagellm_comm.benchmark.payload_error import fp32_reference
+
+    car = _setup(rank, world_size, port, slot_bytes=16384)
+    big = torch.finfo(torch.float32).max
+    s = torch.tensor(big) / 448  # the scale of a block whose largest magnitude is FLT_MAX
+    inputs = [torch.zeros(512) for _ in range(world_size)]  # chunks of 256: rank 0 reduces [0, 256)
+    for mine, theirs, at in ((0, 1, 0), (1, 0, 256)):
+        # The reducing rank's own term at full precision, the peer's 63 s (travelling as 64 s, one FP8 step up,
+        # in a block whose largest magnitude is FLT_MAX): the sum fits fp32 (FLT_MAX - s / 2), the rounded one not.
+        inputs[theirs][at], inputs[theirs][at + 1] = 63 * s, big
+        inputs[mine][at] = big - 63.5 * s
+    inputs[0][[400, 401]] = torch.tensor([float("nan"), 1.0])  # a NaN in a block of ones: only it is NaN
+    inputs[1][[400, 401]] = 1.0
+    # [128, 256) and [384, 512) (but 400 and 401) are zero blocks on every rank: exactly zero.
+    ref = fp32_reference(inputs)
+    assert bool(ref[[0, 1, 256, 257]].isfinite().all())
+    y = inputs[rank].clone()
+    car.all_reduce(y, algo="two_shot", payload="fp8")
+    car.check_errors()
+    finite = ref.isfinite()
+    assert bool(y[~finite].isnan().all()) and bool(y[finite].isfinite().all()), y[[0, 1, 256, 257, 400, 401]]
+    err = (y[finite].double() - ref[finite].double()).abs()
+    assert bool((err <= ref[finite].double().abs() / 16).all()), y[[0, 1, 256, 257, 400, 401]]
+    zero = torch.ones(512, dtype=torch.bool)
+    zero[[0, 1, 256, 257, 400, 401]] = False
+    assert bool((y[zero] == 0).all())
+    return y.view(torch.int32).tolist()
+
+
+def test_fp8_payload_near_the_fp32_range_zero_blocks_and_nan():
+    """fp32 inputs near FLT_MAX: a sum that fits fp32 is finite even when a peer's term, rounded up by its FP8
+    step, would carry it past FLT_MAX; all-zero blocks are exactly zero; a NaN is NaN in its element only."""
+    per_rank = run_ranks(_extremes_worker, 2, env=INTERP, timeout=300)
+    assert per_rank[0] == per_rank[1]
 
 
 def test_bytes_moved_and_activations():

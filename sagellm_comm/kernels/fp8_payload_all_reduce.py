@@ -21,8 +21,10 @@ to 4 significant bits relative to its block's largest magnitude, and the sum rou
 (``bench/fp8_payload_error.py`` measures it); a block scale is at least ``2**-117``, so a block whose largest
 magnitude is under about ``2.5e-33`` keeps fewer bits (at most ``2**-127`` off an element for each rounding).
 A block's scale is taken from its finite values, and a
-non-finite element (an inf or NaN in an input, or a sum over the fp32 range) travels as FP8 NaN: it is NaN in
-the output (FP8 has no infinity), the other elements of its block are unaffected.
+non-finite element (an inf or NaN in an input) travels as FP8 NaN: it is NaN in the output (FP8 has no infinity),
+the other elements of its block are unaffected.  A sum of finite terms is finite: past the fp32 range (a peer's
+term rounded up by its FP8 step can carry a sum that fits fp32 past it) it saturates at +-FLT_MAX, and past a 16-bit
+dtype's range at that dtype's largest value.
 
 Flags, epochs, the double-buffered staging slot (``epoch % 2``), bounded waits, the error record and NaN outputs
 after a failed wait are those of ``all_reduce.py`` (its invariants 1-5); there is no zero-copy form (the input
@@ -48,6 +50,8 @@ from sagellm_comm.kernels.all_reduce import (
 )
 from sagellm_comm.kernels.fp8 import FP8_GROUP, _dynamic_scale, _from_e4m3, _to_e4m3
 
+FLT32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32 value
+
 
 def chunk_elements(numel: int, world_size: int) -> int:
     """Elements per chunk: ``cdiv(numel, W)`` rounded up to a multiple of 128 (host side of the kernel's)."""
@@ -69,8 +73,16 @@ def _saturated(v, dtype: tl.constexpr):
     inf.  Infinite and NaN values stay."""
     if dtype == tl.float16 or dtype == tl.bfloat16:
         big: tl.constexpr = 65504.0 if dtype == tl.float16 else 3.3895313892515355e38
-        v = tl.where(tl.abs(v) <= 3.4028234663852886e38, tl.minimum(tl.maximum(v, -big), big), v)
+        v = tl.where(tl.abs(v) <= FLT32_MAX, tl.minimum(tl.maximum(v, -big), big), v)
     return v.to(dtype)
+
+
+@triton.jit
+def _finite_sum(acc, own):
+    """The fp32 sum ``acc`` of a chunk's terms, ``own`` the reducing rank's: an infinity that only an overflow of
+    finite terms made (a peer's infinite or NaN input arrives as NaN) held at +-FLT_MAX."""
+    overflow = (tl.abs(acc) == float("inf")) & (tl.abs(own) < float("inf"))
+    return tl.where(overflow, tl.where(acc > 0, FLT32_MAX, -FLT32_MAX), acc)
 
 
 @triton.jit
@@ -89,7 +101,7 @@ def _tile(c, tile, chunk, numel, BLOCK: tl.constexpr):
 @triton.jit
 def _quantize_finite_blocks(v, USE_PTX: tl.constexpr):
     """As ``kernels/fp8.py``'s block quantiser, except that a block's scale comes from its finite values and an
-    infinite element travels as FP8 NaN: an inf (or an fp32 overflow of the sum) is non-finite in its element only,
+    infinite element travels as FP8 NaN: an inf (an input's, or a sum with one) is non-finite in its element only,
     instead of an inf scale that turns every other element of the block into ``0 * inf = NaN``."""
     a = tl.abs(v)
     finite = a < float("inf")  # False for inf and NaN
@@ -174,7 +186,7 @@ def two_shot_fp8_all_reduce_kernel(
                 block_ids, block_mask & (block_ids * 0 + p != rank), USE_PTX,
             )  # fmt: skip
             acc += tl.where(p == rank, own, theirs)
-        q, s = _quantize_finite_blocks(_nan_unless(ok, acc), USE_PTX)
+        q, s = _quantize_finite_blocks(_nan_unless(ok, _finite_sum(acc, own)), USE_PTX)
         _publish(my_q, my_scales, offs, mask, block_ids, block_mask, q, s)
         tl.store(out + offs, _saturated(_from_e4m3(q, USE_PTX) * s[:, None], DTYPE), mask=mask)
     ok = _barrier(bases, peers, ctrl, table, rank, PHASE_MID, pid, epoch + 1, timeout, W, WP, USE_PTX) & ok
