@@ -22,6 +22,7 @@ every call counter of a new workspace (a test hook: counters are 64-bit and neve
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import weakref
@@ -131,6 +132,13 @@ def _round_slot(slot_bytes: int) -> int:
     ``ALIGN_BYTES``."""
     slot_bytes = check_int(slot_bytes, "workspace size (slot_bytes)", 1)
     return -(-slot_bytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _undo(steps: Sequence[Callable[[], object]]) -> None:
+    """Run every step that undoes a failed set-up, even when one raises; the caller then raises the set-up's own
+    error, the one that says what went wrong (an unmap that fails as well does not replace it)."""
+    with contextlib.suppress(Exception):
+        run_every(steps)
 
 
 class _Failed(NamedTuple):
@@ -299,6 +307,13 @@ class SymmetricWorkspace:
         opened: list[int] = []
         ptrs: list[int] = []
 
+        def release() -> None:  # every peer's mapping, even when one unmap fails
+            run_every(lambda ptr=ptr: memory.close(ptr) for ptr in opened)
+
+        def free_local() -> None:
+            if local is not None:
+                memory.free(local)
+
         def publish() -> tuple:
             nonlocal local
             free_deferred_regions()  # what waited for a graph capture to end goes before the new region comes
@@ -337,26 +352,17 @@ class SymmetricWorkspace:
                 memory.unlink(local)
             agreed_programs = min(proposals)
         except BaseException:
-            for ptr in opened:
-                memory.close(ptr)
-            if local is not None:
-                memory.free(local)
+            _undo([release, free_local])
             raise
 
         region = _OwnedRegion(memory, local)
-
-        def release() -> None:
-            for ptr in opened:
-                memory.close(ptr)
-
         try:
             return cls(
                 rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
                 max_programs=agreed_programs, config=config, region=region,
             )  # fmt: skip
         except BaseException:  # refused (a world of one) or out of memory: the regions are not kept
-            release()
-            region.free()
+            _undo([release, region.free])
             raise
 
     # ------------------------------------------------------------------ use

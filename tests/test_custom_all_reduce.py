@@ -321,6 +321,53 @@ def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
     assert len(memory.freed) == 1 and not memory._maps
 
 
+def test_a_failed_rendezvous_frees_its_region_when_an_unmap_fails_too():
+    """A rendezvous that fails after mapping peers (a peer it cannot map, a program count refused by the workspace)
+    unmaps every peer and frees this rank's region even when an unmap raises, and raises its own error; so does
+    close(), which then raises the unmap's error.  One
+    process stands for every rank (its exchange answers for the peers, which map this rank's own file)."""
+    from sagellm_comm.errors import InvalidArgumentError, P2PFailedError
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    class FailingUnmap(SharedFileMemory):
+        def __init__(self, opens: int):
+            super().__init__()
+            self.opens, self.closed, self.freed = opens, [], []
+
+        def open(self, handle, nbytes):
+            if self.opens == 0:
+                raise P2PFailedError("cannot map the peer's region")
+            self.opens -= 1
+            return super().open(handle, nbytes)
+
+        def close(self, ptr: int) -> None:
+            self.closed.append(ptr)
+            super().close(ptr)
+            raise RuntimeError("cudaIpcCloseMemHandle failed")
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    def every(world_size):
+        return lambda obj: [obj] * world_size
+
+    memory = FailingUnmap(opens=2)  # maps two peers, then fails on the third
+    with pytest.raises(P2PFailedError, match="cannot map"):
+        SymmetricWorkspace.rendezvous(0, 4, 4096, "cpu", every(4), memory=memory)
+    assert len(memory.closed) == 2 and len(memory.freed) == 1
+    memory = FailingUnmap(opens=1)
+    with pytest.raises(InvalidArgumentError, match="max_programs"):
+        SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", every(2), memory=memory, max_programs=0)
+    assert len(memory.closed) == 1 and len(memory.freed) == 1
+    memory = FailingUnmap(opens=2)  # close(): every peer is unmapped and the region freed, then the error raised
+    ws = SymmetricWorkspace.rendezvous(0, 3, 4096, "cpu", every(3), memory=memory)
+    with pytest.raises(RuntimeError, match="cudaIpcCloseMemHandle"):
+        ws.close()
+    assert ws.closed and len(memory.closed) == 2 and len(memory.freed) == 1
+
+
 def test_a_cuda_region_that_cannot_be_zeroed_is_freed(monkeypatch):
     """``CudaIpcMemory.allocate`` raises P2PFailedError when zeroing the new region fails (an asynchronous error
     reported by the memset or the synchronisation), and frees the region first: it was never handed out."""
