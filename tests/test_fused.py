@@ -322,6 +322,30 @@ def test_group_level_functions_use_the_custom_workspace():
     assert [closed for _, closed in results] == [True, True]
 
 
+def _first_gemm_refused_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.errors import ShapeMismatchError
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port)
+    try:
+        a, b = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(16, 8, dtype=torch.bfloat16)
+        with pytest.raises(ShapeMismatchError, match="do not chain"):
+            gemm_all_reduce(a, torch.ones(15, 8, dtype=torch.bfloat16), group=world)
+        made = group_gemm(world) is not None
+        out = gemm_all_reduce(a, b * (rank + 1), group=world)
+        assert torch.equal(out, torch.full((4, 8), 16.0 * 3, dtype=torch.bfloat16)), out
+        return made
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_refused_first_gemm_call_makes_no_gemm_workspace():
+    """Bad inputs of the first GEMM + all-reduce on a group with custom kernels raise before the collective set-up
+    of its GEMM workspace: nothing is made, and the next valid call sets it up and sums right."""
+    assert run_ranks(_first_gemm_refused_worker, 2, env=INTERP, timeout=300) == [False, False]
+
+
 def _gloo_group_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection

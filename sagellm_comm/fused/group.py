@@ -162,6 +162,8 @@ def gemm_all_reduce(
     g, backend, state, car, why = _group_state(group)
     if car is not None and isinstance(a, torch.Tensor) and a.dtype in FUSED_DTYPES:
         if state.gemm is None:
+            # Before the collective set-up: a refused first call makes nothing, and enters nothing its peers join.
+            check_gemm_inputs(a, b, bias, g.device, FUSED_DTYPES)
             capacity = backend.max_bytes if g.handle is None else backend.group_max_bytes
             ws = SymmetricWorkspace.rendezvous(
                 g.rank,
