@@ -346,6 +346,49 @@ def test_a_refused_first_gemm_call_makes_no_gemm_workspace():
     assert run_ranks(_first_gemm_refused_worker, 2, env=INTERP, timeout=300) == [False, False]
 
 
+def _gemm_set_up_fails_worker(rank, world_size, port):
+    import sagellm_comm
+    import sagellm_comm.fused.group as fused_group
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    made = []
+
+    class Recording(SymmetricWorkspace):
+        @classmethod
+        def rendezvous(cls, *args, **kwargs):
+            made.append(SymmetricWorkspace.rendezvous(*args, **kwargs))
+            return made[-1]
+
+    def refused(*args, **kwargs):
+        raise MemoryError("no memory for the side stream")
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port)
+    try:
+        a, b = torch.ones(4, 16, dtype=torch.bfloat16), torch.ones(16, 8, dtype=torch.bfloat16)
+        real = fused_group.GemmAllReduce
+        fused_group.SymmetricWorkspace, fused_group.GemmAllReduce = Recording, refused
+        try:
+            with pytest.raises(MemoryError):
+                gemm_all_reduce(a, b, group=world)
+        finally:
+            fused_group.GemmAllReduce = real
+        first_closed = made[0].closed
+        out = gemm_all_reduce(a, b * (rank + 1), group=world)
+        assert torch.equal(out, torch.full((4, 8), 16.0 * 3, dtype=torch.bfloat16)), out
+        assert group_gemm(world).workspace is made[1]
+        return first_closed
+    finally:
+        fused_group.SymmetricWorkspace = SymmetricWorkspace
+        sagellm_comm.destroy()
+
+
+def test_a_gemm_set_up_that_fails_after_its_rendezvous_closes_its_workspace():
+    """The GEMM + all-reduce's workspace of a group is closed at once when making the GemmAllReduce over it fails
+    (not kept until the group is destroyed, one more with every retry); the next call sets up a new one."""
+    assert run_ranks(_gemm_set_up_fails_worker, 2, env=INTERP, timeout=300) == [True, True]
+
+
 def _gloo_group_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, last_selection

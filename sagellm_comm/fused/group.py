@@ -7,6 +7,7 @@ the group's members on their first ``gemm_all_reduce``.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -174,10 +175,16 @@ def gemm_all_reduce(
                 config=car.config,
                 ranks=g.ranks,
             )
+            try:
+                gemm = GemmAllReduce(
+                    ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
+                )
+            except BaseException:  # not kept until the group's kernels go, nor one more with every retry
+                with contextlib.suppress(Exception):  # the set-up's error is the one to raise
+                    ws.close()
+                raise
             car.close_with(ws.close)  # released with the group's kernels (destroy, reset)
-            state.gemm = GemmAllReduce(
-                ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
-            )
+            state.gemm = gemm
         out = state.gemm(a, b, bias, path=path, zero_copy=zero_copy)
         state.last = state.gemm.last_selection
         return out
