@@ -505,3 +505,73 @@ def test_gloo_refuses_a_cuda_graph_capture_before_enqueuing(monkeypatch):
         monkeypatch.setattr(adapter, "capturing", lambda: False)
         backend.all_reduce(x)  # outside a capture the same call runs
         assert torch.equal(x, torch.arange(4.0))
+
+
+# ---------------------------------------------------------------------- dtypes an engine does not take
+
+GLOO_REFUSED_DTYPES = (torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _every_collective(backend: CommBackend, dtype: torch.dtype) -> dict:
+    """One call of every collective (each form) on tensors of ``dtype``, in a world of one."""
+    return {
+        "all_reduce": lambda: backend.all_reduce(torch.zeros(4, dtype=dtype)),
+        "all_gather": lambda: backend.all_gather([torch.zeros(4, dtype=dtype)], torch.zeros(4, dtype=dtype)),
+        "all_gather ": lambda: backend.all_gather(torch.zeros(4, dtype=dtype), torch.zeros(4, dtype=dtype)),
+        "reduce_scatter": lambda: backend.reduce_scatter(torch.zeros(4, dtype=dtype), [torch.zeros(4, dtype=dtype)]),
+        "reduce_scatter ": lambda: backend.reduce_scatter(torch.zeros(4, dtype=dtype), torch.zeros(4, dtype=dtype)),
+        "broadcast": lambda: backend.broadcast(torch.zeros(4, dtype=dtype), src=0),
+        "all_to_all": lambda: backend.all_to_all([torch.zeros(4, dtype=dtype)], [torch.zeros(4, dtype=dtype)]),
+        "all_to_all ": lambda: backend.all_to_all(torch.zeros(4, dtype=dtype), torch.zeros(4, dtype=dtype)),
+    }
+
+
+@pytest.mark.parametrize("dtype", GLOO_REFUSED_DTYPES, ids=str)
+def test_gloo_refuses_a_dtype_its_collectives_do_not_take_before_calling_torch(monkeypatch, dtype) -> None:
+    from sagellm_comm.backends.torch_distributed import adapter
+
+    def engine_called(*args, **kwargs):
+        raise AssertionError("the engine was called")
+
+    with CommBackend.create("gloo").init(rank=0, world_size=1) as backend:
+        for name in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all_single"):
+            monkeypatch.setattr(torch.distributed, name, engine_called)
+        monkeypatch.setattr(adapter, "ALL_GATHER_FLAT", engine_called)
+        monkeypatch.setattr(adapter, "REDUCE_SCATTER_FLAT", engine_called)
+        for what, call in _every_collective(backend, dtype).items():
+            with pytest.raises(InvalidArgumentError, match=rf"^\[invalid_argument\] {what.strip()} on gloo") as err:
+                call()
+            assert str(dtype) in str(err.value), what
+            assert err.value.details == {"op": what.strip(), "dtype": str(dtype), "backend": "gloo"}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.int8, torch.uint8, torch.bool, torch.complex64), ids=str)
+def test_gloo_runs_every_collective_on_the_dtypes_it_takes(dtype) -> None:
+    with CommBackend.create("gloo").init(rank=0, world_size=1) as backend:
+        for call in _every_collective(backend, dtype).values():
+            call()
+
+
+def test_complex_product_is_refused_before_calling_torch() -> None:
+    with CommBackend.create("gloo").init(rank=0, world_size=1) as backend:
+        x = torch.ones(4, dtype=torch.complex64)
+        with pytest.raises(InvalidArgumentError, match="PRODUCT is not supported for complex dtype torch.complex64"):
+            backend.all_reduce(x, ReduceOp.PRODUCT)
+        with pytest.raises(InvalidArgumentError, match="PRODUCT is not supported for complex dtype torch.complex64"):
+            backend.reduce_scatter(x, [x.clone()], ReduceOp.PRODUCT)
+
+
+def _send_recv_any_dtype(rank: int, world_size: int, port: int) -> list[int]:
+    backend = get_comm_backend("gloo").init(timeout=30)
+    got = torch.zeros(3, dtype=torch.int16)
+    if rank == 0:
+        backend.send(torch.tensor([1, -2, 3], dtype=torch.int16), dst=1)
+    else:
+        backend.recv(got, src=0)
+    backend.destroy()
+    return got.tolist()
+
+
+def test_gloo_send_recv_move_any_dtype() -> None:
+    """send/recv move bytes: the collectives' dtype list does not apply to them."""
+    assert run_ranks(_send_recv_any_dtype, 2, timeout=60) == [[0, 0, 0], [1, -2, 3]]

@@ -45,6 +45,7 @@ from sagellm_comm.errors import (
 from .checks import (
     check_all_to_all_lists,
     check_disjoint,
+    check_dtype,
     check_flat,
     check_group_ranks,
     check_in_place_or_disjoint,
@@ -282,6 +283,7 @@ class TorchDistributedBackend(CommBackend):
         if async_op.__class__ is not bool:
             check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
+        self._check_dtype(tensor.dtype, "all_reduce")
         rop = self._check_op(op, tensor.dtype)
         torch_op, post = self._reduction(rop, g, [tensor])
         start = lambda: dist.all_reduce(tensor, torch_op, g.engine_group, True)
@@ -292,6 +294,7 @@ class TorchDistributedBackend(CommBackend):
         if async_op.__class__ is not bool:
             check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
+        self._check_dtype(tensor.dtype, "all_gather")
         if isinstance(output, list | tuple):
             out = self._check_list(output, "output", g.world_size, tensor)
             start = lambda: dist.all_gather(out, tensor, g.engine_group, True)
@@ -307,6 +310,7 @@ class TorchDistributedBackend(CommBackend):
         if async_op.__class__ is not bool:
             check_flag(async_op, "async_op")
         self._check_tensor(output, "output")
+        self._check_dtype(output.dtype, "reduce_scatter")
         rop = self._check_op(op, output.dtype)
         if isinstance(input, list | tuple):
             chunks = self._check_list(input, "input", g.world_size, output)
@@ -324,6 +328,7 @@ class TorchDistributedBackend(CommBackend):
         if async_op.__class__ is not bool:
             check_flag(async_op, "async_op")
         self._check_tensor(tensor, "tensor")
+        self._check_dtype(tensor.dtype, "broadcast")
         root = g.ranks[check_peer(src, g, "src", allow_self=True)]
         return self._run(
             "broadcast", g, async_op, tensor, None, lambda: dist.broadcast(tensor, root, g.engine_group, True)
@@ -364,10 +369,12 @@ class TorchDistributedBackend(CommBackend):
             if not (isinstance(input, list | tuple) and isinstance(output, list | tuple)):
                 raise InvalidArgumentError("all_to_all takes two lists or two tensors, not one of each")
             outs = check_all_to_all_lists(output, input, n, self._device, self.kind)
+            self._check_dtype(input[0].dtype, "all_to_all")
             start, unpack = packed_all_to_all(outs, input, g.engine_group)
             return self._run("all_to_all", g, async_op, output, unpack, start)
         else:
             self._check_tensor(input, "input")
+            self._check_dtype(input.dtype, "all_to_all")
             self._check_flat(output, "output", input, input.numel())
             if input.dim() == 0 or input.shape[0] % n:
                 raise ShapeMismatchError(
@@ -446,6 +453,9 @@ class TorchDistributedBackend(CommBackend):
 
     def _check_flat(self, tensor: Any, what: str, like: torch.Tensor, numel: int) -> None:
         check_flat(tensor, what, like, numel, self._device, self.kind)
+
+    def _check_dtype(self, dtype: torch.dtype, what: str) -> None:
+        check_dtype(dtype, what, self.kind, self.engine.collective_dtypes)
 
     def _check_op(self, op: Any, dtype: torch.dtype) -> ReduceOp:
         return check_op(op, dtype, self.kind, self.engine.bitwise_ops)

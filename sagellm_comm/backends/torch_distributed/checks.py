@@ -171,6 +171,18 @@ def check_in_place_or_disjoint(whole: torch.Tensor, block: torch.Tensor, rank: i
     )
 
 
+def check_dtype(dtype: torch.dtype, what: str, kind: str, dtypes: frozenset[torch.dtype] | None) -> None:
+    """``dtype`` is one that collective ``what`` of backend ``kind`` takes (``dtypes``; None: any)."""
+    if dtypes is None or dtype in dtypes:
+        return
+    takes = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    raise InvalidArgumentError(
+        f"{what} on {kind} does not take dtype {dtype}; {kind}'s collectives take {takes}: cast the tensor "
+        "(and the result back), or use a backend that takes it",
+        details={"op": what, "dtype": str(dtype), "backend": kind},
+    )
+
+
 def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> ReduceOp:
     """The :class:`ReduceOp` named by ``op``, if it is defined for ``dtype`` and offered by ``kind``."""
     rop = ReduceOp.parse(op)
@@ -183,6 +195,8 @@ def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> Reduc
         raise InvalidArgumentError(f"ReduceOp.{rop.name} is not supported by {kind}")
     if rop in (ReduceOp.MAX, ReduceOp.MIN) and dtype.is_complex:
         raise InvalidArgumentError(f"ReduceOp.{rop.name} is undefined for complex dtype {dtype}")
+    if rop is ReduceOp.PRODUCT and dtype.is_complex:  # torch reduces a complex tensor as pairs of reals
+        raise InvalidArgumentError(f"ReduceOp.PRODUCT is not supported for complex dtype {dtype} by torch.distributed")
     return rop
 
 

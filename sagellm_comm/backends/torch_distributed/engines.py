@@ -78,6 +78,8 @@ class Engine:
         bitwise_ops: the engine offers BAND/BOR/BXOR.
         priority: rank of this kind in the registry's ``auto`` choice.
         require: raises :class:`BackendNotSupportedError` naming what is missing here.
+        collective_dtypes: the dtypes the engine's collectives take, checked before it is called (None: the
+            engine's own check applies).  send/recv move bytes and take any dtype.
     """
 
     kind: str
@@ -88,10 +90,30 @@ class Engine:
     bitwise_ops: bool
     priority: int
     require: Callable[[], None]
+    collective_dtypes: frozenset[torch.dtype] | None = None
 
+
+#: the dtypes Gloo's collectives take (the type switch of torch's ProcessGroupGloo: "Invalid scalar type" for any
+#: other); complex tensors travel as pairs of their real dtype
+GLOO_DTYPES = frozenset(
+    {
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.complex32,
+        torch.complex64,
+        torch.complex128,
+    }
+)
 
 ENGINES: dict[str, Engine] = {
-    "gloo": Engine("gloo", "gloo", "cpu", True, False, True, 0, _require_gloo),
+    "gloo": Engine("gloo", "gloo", "cpu", True, False, True, 0, _require_gloo, GLOO_DTYPES),
     "nccl": Engine("nccl", "nccl", "cuda", False, True, False, 50, _require_nccl),
     "rccl": Engine("rccl", "nccl", "cuda", False, True, False, 50, _require_rccl),
     "hccl": Engine("hccl", "hccl", "npu", False, False, False, 40, _require_hccl),
