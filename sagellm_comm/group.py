@@ -202,6 +202,7 @@ class CommGroup:
 # ====================================================================== default group
 
 _DEFAULT: CommGroup | None = None
+_DEFAULT_KIND: str | None = None  # the backend kind init was asked for when it made _DEFAULT
 _DEFAULT_LOCK = threading.Lock()
 
 
@@ -223,9 +224,10 @@ def init(
     """Initialise the process-wide default group (what ``group=None`` means in :class:`CollectiveOps`).
 
     Returns the world :class:`CommGroup`. Calling it again while initialised returns the same group
-    when the arguments agree (and raises ``comm_rank_mismatch`` when they do not).
+    when the arguments agree: ``comm_rank_mismatch`` when rank or world size differ, ``invalid_argument`` when
+    ``backend`` names another backend (``"auto"`` names the one running).
     """
-    global _DEFAULT
+    global _DEFAULT, _DEFAULT_KIND
     with _DEFAULT_LOCK:
         if _DEFAULT is not None and _DEFAULT.backend.is_initialized:
             have = (_DEFAULT.backend.rank, _DEFAULT.backend.world_size)
@@ -234,6 +236,7 @@ def init(
                     f"default group already initialised as rank {have[0]}/{have[1]}, asked for "
                     f"{rank}/{world_size}; call sagellm_comm.destroy() first"
                 )
+            _check_same_backend(backend, _DEFAULT.backend, _DEFAULT_KIND)
             return _DEFAULT
         _DEFAULT = CommGroup.create(
             world_size=world_size,
@@ -244,7 +247,36 @@ def init(
             timeout=timeout,
             **kwargs,
         )
+        _DEFAULT_KIND = _kind_key(backend)
         return _DEFAULT
+
+
+def _kind_key(backend: str | CommBackend | None) -> str | None:
+    """A backend kind as the registry spells it (``None`` for an instance or a name that is not a string)."""
+    if backend is None:
+        return AUTO
+    return backend.strip().lower() if isinstance(backend, str) else None
+
+
+def _check_same_backend(requested: str | CommBackend | None, running: CommBackend, kind: str | None) -> None:
+    """``requested`` (init's ``backend``) names ``running``, the default group's backend, which init made when
+    asked for ``kind``: the same instance, ``"auto"``, its name or ``kind``.  Otherwise the caller would get a
+    group on a backend it did not ask for."""
+    if requested is running:
+        return
+    if isinstance(requested, CommBackend):
+        name, asked = requested.name, f"another {requested.name!r} backend instance"
+    else:
+        key = _kind_key(requested)
+        if key is not None and key in (AUTO, running.name, kind):
+            return
+        name = key if key is not None else repr(requested)
+        asked = repr(name)
+    raise InvalidArgumentError(
+        f"default group already initialised on backend {running.name!r}, asked for {asked}; call "
+        "sagellm_comm.destroy() first to change backends",
+        details={"running": running.name, "requested": name},
+    )
 
 
 def get_default_group() -> CommGroup:
@@ -261,9 +293,9 @@ def get_default_backend() -> CommBackend:
 
 def destroy() -> None:
     """Release the default group and its backend (idempotent)."""
-    global _DEFAULT
+    global _DEFAULT, _DEFAULT_KIND
     with _DEFAULT_LOCK:
-        group, _DEFAULT = _DEFAULT, None
+        group, _DEFAULT, _DEFAULT_KIND = _DEFAULT, None, None
     if group is not None:
         group.destroy()
 

@@ -113,3 +113,23 @@ def _groups_made_in_different_orders(rank: int, world_size: int, port: int) -> l
 
 def test_groups_asked_for_differently_on_different_ranks_raise_on_every_rank() -> None:
     assert run_ranks(_groups_made_in_different_orders, 4, timeout=120) == [[3.0] * 3] * 2 + [[7.0] * 3] * 2
+
+
+def test_init_again_on_another_backend_raises_naming_both() -> None:
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    try:
+        assert sagellm_comm.init(backend="gloo") is world  # the same backend: the same group
+        assert sagellm_comm.init(backend=" GLOO ") is world
+        assert sagellm_comm.init() is world  # "auto" asks for whichever backend runs
+        assert sagellm_comm.init(backend=world.backend) is world
+        with pytest.raises(InvalidArgumentError, match=r"initialised on backend 'gloo', asked for 'nccl'") as err:
+            sagellm_comm.init(backend="nccl")
+        assert err.value.details == {"running": "gloo", "requested": "nccl"}
+        other = sagellm_comm.CommBackend.create("gloo")
+        with pytest.raises(InvalidArgumentError, match=r"backend 'gloo', asked for another 'gloo' backend") as err:
+            sagellm_comm.init(backend=other)
+        assert err.value.details == {"running": "gloo", "requested": "gloo"}
+        assert not other.is_initialized
+        assert sagellm_comm.get_default_group() is world
+    finally:
+        sagellm_comm.destroy()
