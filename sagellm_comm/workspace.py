@@ -225,7 +225,7 @@ class SymmetricWorkspace:
             raise InvalidArgumentError(f"expected {world_size} peer pointers, got {len(peer_ptrs)}")
         self.rank = rank
         self.world_size = world_size
-        self.ranks_on_device = max(1, int(ranks_on_device))
+        self.ranks_on_device = check_int(ranks_on_device, "ranks_on_device", 1)
         self.slot_bytes = slot_bytes
         self.device = torch.device(device)
         self.peer_ptrs = [int(p) for p in peer_ptrs]
@@ -296,6 +296,9 @@ class SymmetricWorkspace:
         """
         config = _configuration(config, check)
         world_size = check_int(world_size, "world_size", 1)
+        if max_programs is not None:
+            max_programs = check_int(max_programs, "max_programs", 1, _k.MAX_BLOCKS.value)
+        processes_on_device = check_int(processes_on_device, "processes_on_device", 1)
         ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
         device = check_device(device)
         slot_bytes = _round_slot(slot_bytes)
@@ -331,8 +334,8 @@ class SymmetricWorkspace:
                     opened.append(ptr)
                     ptrs.append(ptr)
             if max_programs is not None:
-                return int(max_programs)
-            return default_max_programs(device, max(sharing, int(processes_on_device)), config.max_programs)
+                return max_programs
+            return default_max_programs(device, max(sharing, processes_on_device), config.max_programs)
 
         try:
             handles = _round(exchange, ranks, "allocating its region", publish)

@@ -322,11 +322,11 @@ def test_a_workspace_refused_after_its_rendezvous_releases_its_regions():
 
 
 def test_a_failed_rendezvous_frees_its_region_when_an_unmap_fails_too():
-    """A rendezvous that fails after mapping peers (a peer it cannot map, a program count refused by the workspace)
+    """A rendezvous that fails after mapping peers (a peer it cannot map)
     unmaps every peer and frees this rank's region even when an unmap raises, and raises its own error; so does
     close(), which then raises the unmap's error.  One
     process stands for every rank (its exchange answers for the peers, which map this rank's own file)."""
-    from sagellm_comm.errors import InvalidArgumentError, P2PFailedError
+    from sagellm_comm.errors import P2PFailedError
     from sagellm_comm.ipc import SharedFileMemory
     from sagellm_comm.workspace import SymmetricWorkspace
 
@@ -357,15 +357,49 @@ def test_a_failed_rendezvous_frees_its_region_when_an_unmap_fails_too():
     with pytest.raises(P2PFailedError, match="cannot map"):
         SymmetricWorkspace.rendezvous(0, 4, 4096, "cpu", every(4), memory=memory)
     assert len(memory.closed) == 2 and len(memory.freed) == 1
-    memory = FailingUnmap(opens=1)
-    with pytest.raises(InvalidArgumentError, match="max_programs"):
-        SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", every(2), memory=memory, max_programs=0)
-    assert len(memory.closed) == 1 and len(memory.freed) == 1
     memory = FailingUnmap(opens=2)  # close(): every peer is unmapped and the region freed, then the error raised
     ws = SymmetricWorkspace.rendezvous(0, 3, 4096, "cpu", every(3), memory=memory)
     with pytest.raises(RuntimeError, match="cudaIpcCloseMemHandle"):
         ws.close()
     assert ws.closed and len(memory.closed) == 2 and len(memory.freed) == 1
+
+
+@pytest.mark.parametrize(
+    "name, value, accepted",
+    [
+        ("max_programs", 2.5, "an int"),
+        ("max_programs", 4.0, "an int"),
+        ("max_programs", "4", "an int"),
+        ("max_programs", 0, "in 1..128"),
+        ("processes_on_device", 1.5, "an int"),
+        ("processes_on_device", 0, ">= 1"),
+    ],
+)
+def test_rendezvous_refuses_a_count_that_is_not_a_positive_int_before_allocating(name, value, accepted):
+    """A program or process count is an integer: 2.5 is refused by name, not truncated to 2, and before this
+    rank allocates its region or exchanges anything with its peers."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    memory = _recording_memory()
+    exchanged = []
+
+    def exchange(obj):
+        exchanged.append(obj)
+        return [obj, obj]
+
+    with pytest.raises(InvalidArgumentError, match=f"^\\[invalid_argument\\] {name} must be {accepted}, got"):
+        SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", exchange, memory=memory, **{name: value})
+    assert not exchanged and not memory.freed
+
+
+def test_workspace_refuses_a_share_of_the_device_that_is_not_a_positive_int():
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    for value in (1.5, 0):
+        with pytest.raises(InvalidArgumentError, match="ranks_on_device must be"):
+            SymmetricWorkspace(0, 2, 4096, [0, 0], "cpu", ranks_on_device=value)
 
 
 def test_a_cuda_region_that_cannot_be_zeroed_is_freed(monkeypatch):

@@ -515,6 +515,19 @@ def test_copy_engine_chunking_and_arguments():
         GemmAllReduce(None, lambda t: t, world_size=2, num_chunks=0)
 
 
+def test_gemm_sizes_and_world_size_are_ints_not_truncated():
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmAllReduce, gemm_workspace_bytes
+
+    for bad in (8192.5, -1, "8192"):
+        with pytest.raises(InvalidArgumentError, match="max_output_bytes must be"):
+            gemm_workspace_bytes(bad)
+    for bad in (2.5, 0, "2"):
+        with pytest.raises(InvalidArgumentError, match="world_size must be"):
+            GemmAllReduce(None, lambda t: t, world_size=bad)
+    assert GemmAllReduce(None, lambda t: t, world_size=2).world_size == 2
+
+
 def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
     """The chunked path's schedule (shared by GemmAllReduce and VirtualFused): chunks of ceil(M / num_chunks)
     rows, the last one short; on one stream (no CUDA) each chunk is produced, then reduced, in order."""

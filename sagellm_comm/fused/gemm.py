@@ -14,7 +14,7 @@ from sagellm_comm.kernels import copy_engine as _ce
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH
 
-from ..arguments import check_flag
+from ..arguments import check_flag, check_int
 from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fingerprint_check
 from ..errors import (
     BackendNotSupportedError,
@@ -76,7 +76,10 @@ class GemmAllReduce(CopyEnginePath):
         self.workspace = ws
         self.all_reduce = all_reduce
         self.selector = selector or GemmPathSelector()
-        self.world_size = ws.world_size if ws is not None else int(world_size or 0)
+        if ws is not None:
+            self.world_size = ws.world_size
+        else:
+            self.world_size = 0 if world_size is None else check_int(world_size, "world_size", 1)
         self.device = ws.device if ws is not None else torch.device(device or "cpu")
         self.use_ptx = self.device.type == "cuda"
         if ws is not None and ws.device.type == "cpu" and not _interpreting():

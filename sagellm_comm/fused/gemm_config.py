@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import triton
 
+from sagellm_comm.arguments import check_int
 from sagellm_comm.kernels import all_reduce as _ark
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 
@@ -14,7 +15,8 @@ FLAG_AREA_BYTES = _gk.DATA_OFFSET.value - _ark.PAD_BYTES.value  # produced + red
 def gemm_workspace_bytes(max_output_bytes: int) -> int:
     """``slot_bytes`` to ask a :class:`SymmetricWorkspace` for, so it holds two ``[M, N]`` tile buffers of
     ``max_output_bytes`` each plus the tile flags (the region is ``PAD_BYTES + 3 * slot_bytes``)."""
-    return triton.cdiv(FLAG_AREA_BYTES + 2 * int(max_output_bytes), 3)
+    max_output_bytes = check_int(max_output_bytes, "max_output_bytes", 0)
+    return triton.cdiv(FLAG_AREA_BYTES + 2 * max_output_bytes, 3)
 
 
 def gemm_tile_config(m: int, use_ptx: bool) -> dict:
