@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sagellm_comm.benchmark import ops, report, sizes, timing
+from sagellm_comm.benchmark import ops, overlap_results, provenance, report, sizes, timing, transfer_results
 from sagellm_comm.errors import InvalidArgumentError
 
 # ---------------------------------------------------------------------------------------- sizes
@@ -457,3 +457,121 @@ def test_time_graph_divides_by_the_calls_per_graph():
     one = timing.summarize(timing.time_graph(lambda: x.add_(1), device="cuda", calls=1, iters=10)).median_us
     ten = timing.summarize(timing.time_graph(lambda: x.add_(1), device="cuda", calls=10, iters=10)).median_us
     assert ten == pytest.approx(one, rel=0.3)  # per call, not per replay
+
+
+# ---------------------------------------------------------------------------------------- files written whole
+
+
+class _Killed(BaseException):
+    """Stands for the signal that ends a run while it writes a file."""
+
+
+def _kill_mid_write(monkeypatch, directory, name_part):
+    """Every file under ``directory`` whose name holds ``name_part`` and is opened for writing gets half of its
+    first write, then the run is killed."""
+    import builtins
+    import io
+    import os
+
+    real_open = io.open
+
+    class Interrupted:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def write(self, data):
+            self._handle.write(data[: len(data) // 2])
+            self._handle.flush()
+            raise _Killed
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self._handle.close()
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+    def open_(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        path = os.readlink(f"/proc/self/fd/{handle.fileno()}")
+        if any(m in mode for m in "wax+") and path.startswith(str(directory)) and name_part in os.path.basename(path):
+            return Interrupted(handle)
+        return handle
+
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def _is_complete(path) -> bool:
+    """A whole file of the benchmark's kinds: JSON that parses, CSV rows of the header's width, a PNG trailer."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            return False
+        return True
+    if path.suffix == ".csv":
+        text = path.read_text()
+        rows = list(csv.reader(text.splitlines()))
+        return text.endswith("\n") and len(rows) > 1 and all(len(r) == len(rows[0]) for r in rows)
+    if path.suffix == ".png":
+        return path.read_bytes().endswith(b"IEND\xaeB`\x82")
+    return False  # anything else (a temporary file left behind) is not a result
+
+
+def _overlap_result():
+    from dataclasses import fields
+
+    record = overlap_results.OverlapRecord(**{f.name: 1 for f in fields(overlap_results.OverlapRecord)})
+    return overlap_results.OverlapResult([record, record], run={"world_size": 2})
+
+
+def _transfer_result():
+    point = {"backend": "torch", "op": "write", "block": 4096, "num_wrong": 0, "timing": "wall"}
+    measured = {
+        "points": [{**point, "count": n, "stats": timing.summarize([1.0, 2.0])} for n in (1, 10)],
+        "notify": {}, "failed": {}, "transports": {},
+    }  # fmt: skip
+    run = {"device": "cpu", "device_name": "cpu", "backends": ["torch"], "prepared": False, "commit": "0" * 40,
+           "torch": "x", "warmup": 1, "iters": 1}  # fmt: skip
+    return transfer_results.build_result(measured, run, False)
+
+
+def _figure():
+    plt = report.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [3, 1, 2])
+    return fig
+
+
+WRITERS = {
+    "bench": lambda d: report.write_results([_record(1024, "gloo", 0.01)] * 3, _info(["gloo"]), d, "t"),
+    "record": lambda d: provenance.write_record(
+        d / "r.json", {"device": "cpu"}, rows=[{"bytes": n} for n in range(99)]
+    ),
+    "transfer": lambda d: transfer_results.write_files(_transfer_result(), None, str(d / "transfer")),
+    "overlap": lambda d: overlap_results.write_overlap_results(_overlap_result(), d),
+    "plot": lambda d: report.save_figure(_figure(), d / "p.png"),
+}
+KILLED = [("bench", ".json"), ("bench", ".csv"), ("record", ".json"), ("transfer", ".json"), ("transfer", ".csv"),
+          ("overlap", ".json"), ("overlap", ".csv"), ("plot", ".png")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("writer", "killed"), KILLED)
+def test_a_run_killed_while_writing_leaves_no_truncated_file(tmp_path, monkeypatch, writer, killed):
+    """A file of the benchmark appears whole or not at all; one it replaces stays whole until then."""
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    before = '{"meta": {"device": "before"}}\n'
+    (tmp_path / "r.json").write_text(before)
+    _kill_mid_write(monkeypatch, tmp_path, killed)
+    with pytest.raises(_Killed):
+        WRITERS[writer](tmp_path)
+    monkeypatch.undo()
+    left = sorted(tmp_path.iterdir())
+    assert [p.name for p in left if not _is_complete(p)] == [], [p.name for p in left]
+    assert (tmp_path / "r.json").read_text() == before
+    WRITERS[writer](tmp_path)  # the same call, not killed: every file it writes is whole
+    assert all(_is_complete(p) for p in tmp_path.iterdir())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sagellm_comm.benchmark.files import write_file, write_text
 from sagellm_comm.benchmark.sizes import format_size
 
 DEFAULT_OUTPUT_DIR = ".benchmarks/overlap"
@@ -170,12 +171,15 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
     stem = unique_stem(directory, output_stem("overlap", int(result.run.get("world_size", 0)), file_stamp()))
     result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
-    result.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    with result.csv_path.open("w", newline="") as handle:
+    write_text(result.json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+    def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(OverlapRecord)])
         writer.writeheader()
         for r in result.records:
             writer.writerow(r.to_dict())
+
+    write_file(result.csv_path, write_csv)
 
 
 def plot_overlap(result: OverlapResult, path: str | Path) -> Path:

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sagellm_comm.benchmark.files import write_text
+
 COMMIT_ENV = "SAGELLM_COMMIT"
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout this package was imported from
 DISTRIBUTION = "isagellm-comm"  # the name pip knows this package by
@@ -146,8 +148,6 @@ def provenance(device: str, **extra: Any) -> dict:
 
 
 def write_record(path: str | Path, meta: dict, **sections: Any) -> Path:
-    """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created); returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, **sections}, indent=1) + "\n")
-    return out
+    """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created, the file replaced
+    whole: :func:`~sagellm_comm.benchmark.files.write_file`); returns the path."""
+    return write_text(path, json.dumps({"meta": meta, **sections}, indent=1) + "\n")

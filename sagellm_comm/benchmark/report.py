@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from sagellm_comm.benchmark.files import write_file, write_text
 from sagellm_comm.errors import InvalidArgumentError
 
 
@@ -220,12 +221,15 @@ def write_results(
     json_path = directory / f"{stem}.json"
     csv_path = directory / f"{stem}.csv"
     payload = {"run": info.to_dict(), "results": [r.to_dict() for r in records]}
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
-    with csv_path.open("w", newline="") as handle:
+    write_text(json_path, json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+    def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(RECORD_FIELDS))
         writer.writeheader()
         for r in records:
             writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
+
+    write_file(csv_path, write_csv)
     return json_path, csv_path
 
 
@@ -306,9 +310,13 @@ def save_figure(fig, path: str | Path) -> Path:
     plt = pyplot()
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    image_format = out.suffix[1:] or plt.rcParams["savefig.format"]
+    if not out.suffix:  # as savefig names it
+        out = out.with_name(f"{out.name}.{image_format}")
+    try:
+        write_file(out, lambda handle: fig.savefig(handle, format=image_format, dpi=120), binary=True)
+    finally:
+        plt.close(fig)
     return out
 
 

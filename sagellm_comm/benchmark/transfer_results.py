@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from sagellm_comm.benchmark.files import write_file
 from sagellm_comm.benchmark.sizes import format_size
 
 
@@ -196,12 +197,15 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
         notify=result.notify,
     )  # fmt: skip
     result.csv_path = stem.with_name(stem.name + ".csv")
-    with result.csv_path.open("w", newline="") as handle:
+
+    def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=[*CSV_PROVENANCE, *FIELDS])
         writer.writeheader()
         where = {k: result.run.get(k, "") for k in CSV_PROVENANCE}
         for r in result.records:
             writer.writerow({**where, **{k: ("" if v is None else v) for k, v in r.to_dict().items()}})
+
+    write_file(result.csv_path, write_csv)
 
 
 def load(path: str | Path) -> dict:

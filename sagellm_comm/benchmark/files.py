@@ -1,0 +1,46 @@
+"""Result files written whole: a run killed while it writes leaves the previous file (or none), never a part.
+
+Every file the benchmark writes (the JSON and CSV of ``sagellm-comm bench``, ``overlap`` and ``transfer``, the
+records of the ``bench/`` scripts, the plots) goes through :func:`write_file`: the content is written to a
+temporary file beside the target (same directory, so same file system), flushed to disk, then renamed over the
+target with ``os.replace``, which swaps it in one step.  A run killed before the rename leaves at most a hidden
+``.<name>.<random>.tmp`` beside the target; the target itself is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["write_file", "write_text"]
+
+
+def write_file(path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False) -> Path:
+    """Call ``write(handle)`` on a new file and move it to ``path`` (parents made) only once it is complete.
+
+    ``handle`` is a text file (UTF-8, no newline translation, as ``csv`` wants) unless ``binary``.  If ``write``
+    raises, the temporary file is removed and ``path`` keeps what it held.  Returns ``path``.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        text = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with open(fd, "wb" if binary else "w", **text) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole (:func:`write_file`)."""
+    return write_file(path, lambda handle: handle.write(text))
