@@ -137,6 +137,42 @@ def test_bandwidths_are_decimal_gigabytes():
     assert busbw == pytest.approx(52.4288)
 
 
+@pytest.mark.parametrize("time_us", [0.0, -1.0, math.nan])
+def test_a_time_with_no_bandwidth_has_none(time_us):
+    """A median of 0 (a point shorter than the timer's resolution) or a time that is not one has no bandwidth:
+    None, as a ratio without a reference is, never inf or a division by zero."""
+    assert ops.bandwidths_gbps(1 << 20, time_us, "all_reduce", 2) == (None, None)
+    assert ops.rate_gbps(1 << 20, time_us) is None
+
+
+def test_a_point_timed_at_zero_is_written_and_shown_without_bandwidth(tmp_path):
+    records = [_record(1024, "gloo", 0.0), _record(2048, "gloo", 0.002)]
+    assert records[0].bus_bandwidth_gbps is None and records[0].algo_bandwidth_gbps is None
+    json_path, csv_path = report.write_results(records, _info(["gloo"]), tmp_path, "t")
+    _, results = report.load_results(json_path)
+    assert [r["bus_bandwidth_gbps"] for r in results] == [None, pytest.approx(1.024)]
+    with csv_path.open() as handle:
+        assert next(csv.DictReader(handle))["bus_bandwidth_gbps"] == ""
+    table = report.format_table(records, _info(["gloo"]))
+    zero_row = [line for line in table.splitlines() if line.startswith(" ") and line.split()[0] == "1024"][0]
+    assert zero_row.split()[8:10] == ["-", "-"]
+    assert "# Avg bus bandwidth    : 1.024 GB/s" in table  # the points that have one
+
+
+def test_a_transfer_point_timed_at_zero_has_no_bandwidth():
+    measured = {
+        "points": [{"backend": "torch", "op": "write", "block": 4096, "count": 1, "num_wrong": 0, "timing": "wall",
+                    "stats": timing.summarize([0.0, 0.0])}],
+        "notify": {}, "failed": {}, "transports": {},
+    }  # fmt: skip
+    run = {"device": "cpu", "device_name": "cpu", "backends": ["torch"], "prepared": False, "commit": "0" * 40,
+           "torch": "x", "warmup": 1, "iters": 1}  # fmt: skip
+    result = transfer_results.build_result(measured, run, False)
+    assert result.records[0].gbps is None
+    row = [line for line in result.table.splitlines() if not line.startswith("#")][0]
+    assert row.split()[8] == "-"
+
+
 def test_bus_factor_rejects():
     with pytest.raises(InvalidArgumentError):
         ops.bus_factor("all_to_all", 2)

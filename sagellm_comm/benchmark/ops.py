@@ -81,12 +81,20 @@ def bus_factor(op: str, world_size: int) -> float:
     raise InvalidArgumentError(f"unknown op {op!r}; choose one of: {', '.join(OPS)}")
 
 
-def bandwidths_gbps(nbytes: int, time_us: float, op: str, world_size: int) -> tuple[float, float]:
-    """``(algbw, busbw)`` in GB/s (10**9 bytes per second) for ``nbytes`` moved in ``time_us``."""
-    if time_us <= 0:
-        return float("inf"), float("inf")
-    algbw = nbytes / (time_us * 1e-6) / 1e9
-    return algbw, algbw * bus_factor(op, world_size)
+def rate_gbps(nbytes: int, time_us: float) -> float | None:
+    """``nbytes / time`` in GB/s (10**9 bytes per second); None where ``time_us`` is not positive (a point shorter
+    than the timer's resolution, or not a time): it has no bandwidth, as a ratio without a reference has none."""
+    if not time_us > 0:  # also NaN
+        return None
+    return nbytes / (time_us * 1e-6) / 1e9
+
+
+def bandwidths_gbps(nbytes: int, time_us: float, op: str, world_size: int) -> tuple[float | None, float | None]:
+    """``(algbw, busbw)`` in GB/s (10**9 bytes per second) for ``nbytes`` moved in ``time_us``; ``(None, None)``
+    where the time is not positive (:func:`rate_gbps`)."""
+    factor = bus_factor(op, world_size)
+    algbw = rate_gbps(nbytes, time_us)
+    return (None, None) if algbw is None else (algbw, algbw * factor)
 
 
 def element_count(op: str, nbytes: int, dtype: torch.dtype, world_size: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -45,9 +44,9 @@ class BenchmarkRecord:
     latency_min_ms: float
     latency_max_ms: float
     latency_mean_ms: float
-    bandwidth_gbps: float
-    algo_bandwidth_gbps: float
-    bus_bandwidth_gbps: float
+    bandwidth_gbps: float | None  # None where the median time is not positive (ops.rate_gbps)
+    algo_bandwidth_gbps: float | None
+    bus_bandwidth_gbps: float | None
     num_wrong: int
     ratio_vs_first: float | None
     selection_rule_id: str
@@ -161,17 +160,22 @@ def format_table(records: Sequence[BenchmarkRecord], info: RunInfo) -> str:
         row = (
             f" {r.bytes:>11} {r.count:>12} {_short(r.data_type):>9} "
             f"{r.redop:>6} {r.root:>5} {_algo_cell(r):>14} {_fmt_time_us(r.latency_ms):>10} {spread:>17} "
-            f"{r.algo_bandwidth_gbps:>8.2f} {r.bus_bandwidth_gbps:>8.2f} {r.num_wrong:>7}"
+            f"{format_gbps(r.algo_bandwidth_gbps):>8} {format_gbps(r.bus_bandwidth_gbps):>8} {r.num_wrong:>7}"
         )
         if with_ratio:
             row += f" {r.ratio_vs_first:>7.2f}" if r.ratio_vs_first is not None else f" {'-':>7}"
         lines.append(row)
     total_wrong = sum(r.num_wrong for r in records)
     lines.append(f"# Out of bounds values : {total_wrong} {'OK' if total_wrong == 0 else 'FAILED'}")
-    busbws = [r.bus_bandwidth_gbps for r in records if math.isfinite(r.bus_bandwidth_gbps)]
+    busbws = [r.bus_bandwidth_gbps for r in records if r.bus_bandwidth_gbps is not None]
     if busbws:
         lines.append(f"# Avg bus bandwidth    : {sum(busbws) / len(busbws):.3f} GB/s")
     return "\n".join(lines)
+
+
+def format_gbps(value: float | None) -> str:
+    """A bandwidth cell: two decimals, ``-`` where the point has none."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _algo_cell(record: BenchmarkRecord) -> str:
@@ -268,7 +272,10 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
             alpha=0.2,
             linewidth=0,
         )
-        ax_bw.plot(sizes, [r.bus_bandwidth_gbps for r in points], marker="o", markersize=3, label=label)
+        timed = [r for r in points if r.bus_bandwidth_gbps is not None]
+        ax_bw.plot(
+            [r.bytes for r in timed], [r.bus_bandwidth_gbps for r in timed], marker="o", markersize=3, label=label
+        )
     from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
     from sagellm_comm.benchmark.sizes import format_size

@@ -65,6 +65,8 @@ class TransferBenchResult:
 
 
 def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResult:
+    from sagellm_comm.benchmark.ops import rate_gbps
+
     records = []
     for entry in measured["points"]:
         stats = entry.get("stats")
@@ -74,7 +76,7 @@ def build_result(measured: dict, run: dict, prepared: bool) -> TransferBenchResu
             total_bytes=total, prepared=prepared, timing=entry.get("timing", ""),
             latency_us=stats.median_us if stats else None, latency_p10_us=stats.p10_us if stats else None,
             latency_p90_us=stats.p90_us if stats else None, latency_min_us=stats.min_us if stats else None,
-            samples=stats.samples if stats else None, gbps=total / stats.median_us / 1e3 if stats else None,
+            samples=stats.samples if stats else None, gbps=rate_gbps(total, stats.median_us) if stats else None,
             host_us=entry.get("host_us"), e2e_us=entry.get("e2e_us"), num_wrong=entry.get("num_wrong"),
             ratio_vs_first=None, error=entry.get("error"),
         )  # fmt: skip
@@ -131,6 +133,8 @@ def _us(value: float | None) -> str:
 
 
 def format_table(result: TransferBenchResult) -> str:
+    from sagellm_comm.benchmark.report import format_gbps
+
     run = result.run
     lines = [
         f"# sagellm-comm transfer: 2 processes on {run['device']} ({run['device_name']}), backends "
@@ -163,7 +167,7 @@ def format_table(result: TransferBenchResult) -> str:
         spread = f"{_us(r.latency_p10_us)}-{_us(r.latency_p90_us)}"
         lines.append(
             f" {format_size(r.block_bytes):>8} {r.count:>6} {format_size(r.total_bytes):>8} {r.op:>6} {r.backend:>12} "
-            f"{r.timing:>7} {_us(r.latency_us):>10} {spread:>17} {r.gbps:>8.2f} {_us(r.host_us):>9} "
+            f"{r.timing:>7} {_us(r.latency_us):>10} {spread:>17} {format_gbps(r.gbps):>8} {_us(r.host_us):>9} "
             f"{_us(r.e2e_us):>9} {r.num_wrong:>7} "
             + (f"{r.ratio_vs_first:>6.2f}" if r.ratio_vs_first is not None else f"{'-':>6}")
         )
