@@ -238,6 +238,84 @@ def test_a_run_where_no_point_ran_reports_its_failures_and_draws_no_plot(tmp_pat
     assert f"# no plot written to {tmp_path / 'plot.png'}: no point ran" in out
 
 
+class _CountingBackend:
+    """A real Gloo backend that counts its all_reduce calls (``calls``)."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.calls += 1
+        return self._backend.all_reduce(tensor, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"iters": 0}, r"--iters must be in 1\.\.10000000, got 0"),
+        ({"warmup": -1}, r"--warmup must be in 0\.\.10000000, got -1"),
+        ({"timeout": -1.0}, "--timeout must be positive and finite"),
+        ({"graph_calls": 0}, "--graph-calls must be >= 1, got 0"),
+        ({"graph_calls": 3}, "--graph-calls 3 applies to --graph runs only"),
+        ({"world_size": 0}, "--world-size must be >= 1, got 0"),
+        ({"op": "all_to_all"}, "unknown op 'all_to_all'"),
+        ({"dtype": "complex64"}, "complex64"),
+        ({"zero_copy": True}, "--zero-copy applies to --virtual-ranks runs only"),
+        ({"virtual_mode": "streams"}, "--virtual-mode streams applies to --virtual-ranks runs only"),
+        ({"selector_config": "/nonexistent/policy.json"}, "--selector-config /nonexistent/policy.json: no such file"),
+        ({"output_dir": "/proc/sagellm-comm-results"}, "--output-dir /proc/sagellm-comm-results: cannot create"),
+        ({"plot": "results.nope"}, "--plot results.nope: '.nope' is not a format matplotlib writes"),
+    ],
+)
+def test_a_run_on_a_given_backend_is_checked_as_a_launched_run_is(monkeypatch, change, message):
+    """run_benchmark(backend=...) refuses what plan_launch refuses, with the same message, before measuring."""
+    from sagellm_comm.backend import get_comm_backend
+
+    if "plot" in change:
+        pytest.importorskip("matplotlib")
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    request = {"backend": "gloo", "sizes": [1024], "warmup": 1, "iters": 2, "progress": False, "output_dir": None}
+    config = BenchConfig(**{**request, **change})
+    with pytest.raises(InvalidArgumentError, match=message):
+        plan_launch(config)
+    backend = _CountingBackend(get_comm_backend("gloo").init(rank=0, world_size=1))
+    try:
+        with pytest.raises(InvalidArgumentError, match=message):
+            run_benchmark(config, backend=backend)
+    finally:
+        backend.destroy()
+    assert backend.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"world_size": 2}, "world_size 2 disagrees with the given backend's world of 1 rank"),
+        ({"virtual_ranks": 2}, "virtual_ranks runs ranks of its own; it does not take a backend"),
+        ({"selector_config": __file__}, "--selector-config applies to a backend the benchmark makes"),
+    ],
+)
+def test_a_given_backend_refuses_what_does_not_apply_to_it(monkeypatch, change, message):
+    from sagellm_comm.backend import get_comm_backend
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    request = {"backend": "gloo", "sizes": [1024], "warmup": 1, "iters": 2, "progress": False, "output_dir": None}
+    config = BenchConfig(**{**request, **change})
+    backend = _CountingBackend(get_comm_backend("gloo").init(rank=0, world_size=1))
+    try:
+        with pytest.raises(InvalidArgumentError, match=message):
+            run_benchmark(config, backend=backend)
+    finally:
+        backend.destroy()
+    assert backend.calls == 0
+
+
 def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

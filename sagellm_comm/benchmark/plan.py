@@ -6,6 +6,10 @@ Launch modes:
 * ``torchrun``: ``RANK`` and ``WORLD_SIZE`` are in the environment: this process is one rank.
 * ``spawn``: otherwise the benchmark starts ``world_size`` processes itself on this host (Gloo on CPU
   by default; one process per GPU for device backends).
+* ``in_process``: ``run_benchmark(backend=...)``: every rank of an initialised backend the caller made runs it
+  (:func:`plan_in_process`).
+
+Both plans start with the same checks of the request (:func:`check_request`).
 
 Every problem with the request or the environment (an option, a backend this machine cannot run, an
 output path that cannot be written, a malformed ``SAGELLM_COMM_TOPOLOGY``) is an
@@ -20,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -279,8 +284,10 @@ def check_settings() -> None:
     CommConfig.from_env()
 
 
-def plan_launch(config: BenchConfig) -> LaunchPlan:
-    """Check ``config`` and decide how to run it; raises InvalidArgumentError naming the problem."""
+def check_request(config: BenchConfig) -> tuple[torch.dtype, list[str]]:
+    """The checks of a request whatever runs it (:func:`plan_launch`, or :func:`plan_in_process` on a backend the
+    caller made): op, dtype, repetitions, the combinations of options, the selector file, the output paths.
+    Returns the dtype and the algorithms asked for."""
     if config.op not in OPS:
         raise InvalidArgumentError(f"unknown op {config.op!r}; choose one of: {', '.join(OPS)}")
     dtype = resolve_dtype(config.dtype)
@@ -290,13 +297,11 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     if config.world_size is not None and config.world_size < 1:
         raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
     algos = algo_rules.parse_algos(config.algos)
-    cuda = cuda_available()
     if config.selector_config is not None and not _is_kind(
         Path(config.selector_config), Path.is_file, "--selector-config"
     ):
         raise InvalidArgumentError(f"--selector-config {config.selector_config}: no such file")
     check_outputs(config.output_dir, config.plot)
-    check_settings()
     if config.zero_copy and config.virtual_ranks is None:
         raise InvalidArgumentError("--zero-copy applies to --virtual-ranks runs only")
     if config.virtual_mode != "stacked" and config.virtual_ranks is None:
@@ -317,6 +322,48 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             "--graph needs --virtual-mode stacked: a CUDA graph may run the rank streams' kernels one after "
             "another, and each waits for the others until the timeout"
         )
+    return dtype, algos
+
+
+def plan_in_process(config: BenchConfig, backend: Any) -> LaunchPlan:
+    """Check ``config`` for a run on ``backend``, an initialised backend of this process's rank (every rank of its
+    world calls): the checks of every request (:func:`check_request`), then those of a given backend.  Raises
+    InvalidArgumentError naming the problem, before anything is measured."""
+    dtype, algos = check_request(config)
+    if not backend.is_initialized:
+        raise InvalidArgumentError("run_benchmark(backend=...) needs an initialised CommBackend (call init)")
+    if config.virtual_ranks is not None:
+        raise InvalidArgumentError("virtual_ranks runs ranks of its own; it does not take a backend: pass a kind")
+    world_size = backend.world_size
+    if config.world_size is not None and config.world_size != world_size:
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+        raise InvalidArgumentError(
+            f"world_size {config.world_size} disagrees with the given backend's world of {ranks}"
+        )
+    if config.selector_config is not None:
+        raise InvalidArgumentError(
+            "--selector-config applies to a backend the benchmark makes; give the policy to the backend you made "
+            "(get_comm_backend('custom', selector=...))"
+        )
+    kind = backend.name
+    algo_rules.check_algos(algos, kind, config.op)
+    if algo_rules.nccl_algo_env(algos) is not None:
+        raise InvalidArgumentError("ring/tree set NCCL_ALGO before init; pass a backend kind, not an instance")
+    cuda = backend.device.type == "cuda"
+    if config.graph and not cuda:
+        raise InvalidArgumentError("--graph needs a backend on a CUDA device")
+    sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
+    check_message_sizes(sizes, dtype)
+    check_distinct_points(sizes, dtype, config.op, world_size)
+    check_fits_memory(sizes, 1, cuda)
+    return LaunchPlan("in_process", world_size, kind, sizes, cuda)
+
+
+def plan_launch(config: BenchConfig) -> LaunchPlan:
+    """Check ``config`` and decide how to run it; raises InvalidArgumentError naming the problem."""
+    dtype, algos = check_request(config)
+    check_settings()
+    cuda = cuda_available()
 
     if config.virtual_ranks is not None:
         if config.virtual_ranks < 1:

@@ -1,7 +1,8 @@
 """Run a benchmark: the ranks of a planned run (:mod:`sagellm_comm.benchmark.plan`), then the results.
 
-:func:`run_benchmark` checks the request (:func:`~sagellm_comm.benchmark.plan.plan_launch`, which raises
-:class:`~sagellm_comm.errors.InvalidArgumentError` before any process starts), runs it in the planned
+:func:`run_benchmark` checks the request (:func:`~sagellm_comm.benchmark.plan.plan_launch`, or
+:func:`~sagellm_comm.benchmark.plan.plan_in_process` on a backend it is given: both raise
+:class:`~sagellm_comm.errors.InvalidArgumentError` before anything runs), runs it in the planned
 mode (virtual ranks, this torchrun rank, processes it spawns, or an initialised backend it was given)
 and writes the results from the process that owns them.  Interrupted (Ctrl-C), it stops the processes
 it started before re-raising ``KeyboardInterrupt``.
@@ -16,8 +17,6 @@ import torch
 
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
-    DEFAULT_CPU_SIZES,
-    DEFAULT_GPU_SIZES,
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_WARMUP,
@@ -26,11 +25,9 @@ from sagellm_comm.benchmark.config import (
 )
 from sagellm_comm.benchmark.measure import LoopSettings, measure_distributed, measure_virtual
 from sagellm_comm.benchmark.ops import resolve_dtype
-from sagellm_comm.benchmark.plan import check_distinct_points, check_message_sizes, plan_launch
+from sagellm_comm.benchmark.plan import plan_in_process, plan_launch
 from sagellm_comm.benchmark.results import BenchmarkResult, build_result, finish
-from sagellm_comm.benchmark.sizes import parse_size_range
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.errors import InvalidArgumentError
 
 __all__ = [  # the defaults are re-exported for callers of the runner
     "DEFAULT_ITERS",
@@ -135,19 +132,7 @@ def run_benchmark(config: BenchConfig, *, print_table: bool = False, backend: An
     which return None).  Files, plot and table are produced once, by the process that owns the result.
     """
     if backend is not None:
-        if not backend.is_initialized:
-            raise InvalidArgumentError("run_benchmark(backend=...) needs an initialised CommBackend (call init)")
-        algos = algo_rules.parse_algos(config.algos)
-        algo_rules.check_algos(algos, backend.name, config.op)
-        if algo_rules.nccl_algo_env(algos) is not None:
-            raise InvalidArgumentError("ring/tree set NCCL_ALGO before init; pass a backend kind, not an instance")
-        cuda = backend.device.type == "cuda"
-        if config.graph and not cuda:
-            raise InvalidArgumentError("--graph needs a backend on a CUDA device")
-        sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
-        check_message_sizes(sizes, resolve_dtype(config.dtype))
-        check_distinct_points(sizes, resolve_dtype(config.dtype), config.op, backend.world_size)
-        plan = LaunchPlan("in_process", backend.world_size, backend.name, sizes, cuda)
+        plan = plan_in_process(config, backend)
         result = run_rank(config, plan, backend=backend)
         return finish(result, config, print_table=print_table) if backend.rank == 0 else None
     plan = plan_launch(config)
