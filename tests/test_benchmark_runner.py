@@ -185,7 +185,11 @@ def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypa
             backend=backend, message_sizes=["1K", 4096], output_dir=str(tmp_path), warmup_iters=1, benchmark_iters=3
         )
         # the sizes are checked as on the launch paths (were measured twice, or rounded to whole elements)
-        for sizes, words in ((["1K", 1024], "message size 1024 B is given twice"), ([6], "not a whole number")):
+        for sizes, words in (
+            (["1K", 1024], "message size 1024 B is given twice"),
+            ([6], "not a whole number"),
+            ([1024.7], r"message size must be an int, got 1024\.7"),  # not rounded to 1024
+        ):
             with pytest.raises(InvalidArgumentError, match=words):
                 run_all_reduce_benchmark(backend=backend, message_sizes=sizes, output_dir=str(tmp_path))
     finally:
@@ -269,6 +273,13 @@ class _CountingBackend:
         ({"selector_config": "/nonexistent/policy.json"}, "--selector-config /nonexistent/policy.json: no such file"),
         ({"output_dir": "/proc/sagellm-comm-results"}, "--output-dir /proc/sagellm-comm-results: cannot create"),
         ({"plot": "results.nope"}, "--plot results.nope: '.nope' is not a format matplotlib writes"),
+        ({"sizes": [0]}, "message size must be >= 1, got 0"),
+        ({"sizes": [1024, -4]}, "message size must be >= 1, got -4"),
+        ({"sizes": [1024.0]}, r"message size must be an int, got 1024\.0"),
+        ({"iters": 2.5}, r"--iters must be an int, got 2\.5"),
+        ({"warmup": True}, "--warmup must be an int, got True"),
+        ({"graph_calls": 2.5}, r"--graph-calls must be an int, got 2\.5"),
+        ({"world_size": 1.5}, r"--world-size must be an int, got 1\.5"),
     ],
 )
 def test_a_run_on_a_given_backend_is_checked_as_a_launched_run_is(monkeypatch, change, message):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sagellm_comm.benchmark.run_overlap_bench import OVERLAP_FIELDS, derive, main, run_overlap_benchmark
+from sagellm_comm.errors import InvalidArgumentError
 from tests.conftest import HAS_CUDA, run_ranks
 
 # ---------------------------------------------------------------------------------------------- handles
@@ -154,6 +155,23 @@ def test_overlap_benchmark_end_to_end_on_gloo(tmp_path) -> None:
     assert len(rows) == 2 and set(OVERLAP_FIELDS) <= set(rows[0])
     assert float(rows[1]["total_ms"]) == pytest.approx(result.records[1].total_ms)
     assert "comp|ovl" in result.table and "wall_clock + real matmul" in result.table
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"comm_sizes": [1024.5]}, r"message size must be an int, got 1024\.5"),
+        ({"comm_sizes": [0]}, "message size must be >= 1, got 0"),
+        ({"gemm_size": 2.5}, r"--gemm-size must be an int, got 2\.5"),
+        ({"world_size": 1.5}, r"--world-size must be an int, got 1\.5"),
+        ({"benchmark_iters": 2.5}, r"--iters must be an int, got 2\.5"),
+    ],
+)
+def test_counts_and_sizes_are_ints_refused_before_any_process_starts(change, message) -> None:
+    request = {"compute_duration_ms": 1.0, "gemm_size": 8, "world_size": 2, "warmup_iters": 0, "benchmark_iters": 1,
+               "output_dir": None, "comm_sizes": [1024]}  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match=message):
+        run_overlap_benchmark("gloo", **{**request, **change})
 
 
 def test_overlap_module_cli_prints_table(capsys) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm_comm.arguments import check_int
 from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
 from sagellm_comm.benchmark.plan import (
@@ -52,10 +53,10 @@ def check_numbers(config: OverlapConfig) -> None:
     check_repetitions(config.warmup, config.iters, config.timeout)
     if config.compute_duration_ms is not None and not 0 < config.compute_duration_ms < math.inf:
         raise InvalidArgumentError(f"--compute-ms must be > 0 and finite, got {config.compute_duration_ms}")
-    if config.gemm_size is not None and config.gemm_size < 1:
-        raise InvalidArgumentError(f"--gemm-size must be >= 1, got {config.gemm_size}")
-    if config.world_size is not None and config.world_size < 1:
-        raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
+    if config.gemm_size is not None:
+        check_int(config.gemm_size, "--gemm-size", 1)
+    if config.world_size is not None:
+        check_int(config.world_size, "--world-size", 1)
     if config.virtual_ranks is not None and config.virtual_ranks not in VIRTUAL_RANKS:
         raise InvalidArgumentError(f"--virtual-ranks must be in 2..8, got {config.virtual_ranks}")
 

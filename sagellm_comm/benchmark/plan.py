@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import MAX_TIMEOUT_S
+from sagellm_comm.arguments import MAX_TIMEOUT_S, check_int
 from sagellm_comm.benchmark import algos as algo_rules
 from sagellm_comm.benchmark.config import (
     DEFAULT_CPU_SIZES,
@@ -157,6 +157,8 @@ def check_outputs(output_dir: str | None, plot: str | None) -> None:
 def check_message_sizes(sizes: Sequence[int], dtype: torch.dtype) -> None:
     """Refuse a message size given twice (it would be measured twice) or that is not a whole number of ``dtype``
     elements (it would be rounded)."""
+    for nbytes in sizes:
+        check_int(nbytes, "message size", 1)  # a float is refused, not rounded
     twice = sorted({nbytes for nbytes in sizes if sizes.count(nbytes) > 1})
     if twice:
         raise InvalidArgumentError(f"message size {twice[0]} B is given twice: give each size once")
@@ -266,12 +268,10 @@ MAX_REPETITIONS = 10_000_000  # a sample list of that many floats is 80 MB per p
 
 
 def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
-    """The options every benchmark has: ``0 <= --warmup`` and ``1 <= --iters``, both at most
+    """The options every benchmark has: ``0 <= --warmup`` and ``1 <= --iters``, both integers at most
     :data:`MAX_REPETITIONS`, and ``--timeout`` > 0."""
-    if not 0 <= warmup <= MAX_REPETITIONS:
-        raise InvalidArgumentError(f"--warmup must be in 0..{MAX_REPETITIONS}, got {warmup}")
-    if not 1 <= iters <= MAX_REPETITIONS:
-        raise InvalidArgumentError(f"--iters must be in 1..{MAX_REPETITIONS}, got {iters}")
+    check_int(warmup, "--warmup", 0, MAX_REPETITIONS)
+    check_int(iters, "--iters", 1, MAX_REPETITIONS)
     if not 0 < timeout <= MAX_TIMEOUT_S:  # False for NaN
         raise InvalidArgumentError(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {timeout}")
 
@@ -292,10 +292,9 @@ def check_request(config: BenchConfig) -> tuple[torch.dtype, list[str]]:
         raise InvalidArgumentError(f"unknown op {config.op!r}; choose one of: {', '.join(OPS)}")
     dtype = resolve_dtype(config.dtype)
     check_repetitions(config.warmup, config.iters, config.timeout)
-    if config.graph_calls < 1:
-        raise InvalidArgumentError(f"--graph-calls must be >= 1, got {config.graph_calls}")
-    if config.world_size is not None and config.world_size < 1:
-        raise InvalidArgumentError(f"--world-size must be >= 1, got {config.world_size}")
+    check_int(config.graph_calls, "--graph-calls", 1)
+    if config.world_size is not None:
+        check_int(config.world_size, "--world-size", 1)
     algos = algo_rules.parse_algos(config.algos)
     if config.selector_config is not None and not _is_kind(
         Path(config.selector_config), Path.is_file, "--selector-config"
@@ -366,8 +365,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     cuda = cuda_available()
 
     if config.virtual_ranks is not None:
-        if config.virtual_ranks < 1:
-            raise InvalidArgumentError(f"--virtual-ranks must be >= 1, got {config.virtual_ranks}")
+        check_int(config.virtual_ranks, "--virtual-ranks", 1)
         if not cuda:
             raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU, and none is available here")
         if config.world_size is not None:

@@ -166,7 +166,7 @@ def run_overlap_benchmark(
     if isinstance(comm_sizes, str):
         sizes = parse_size_list(comm_sizes)
     elif comm_sizes is not None:
-        sizes = [parse_size(s) if isinstance(s, str) else int(s) for s in comm_sizes]
+        sizes = [parse_size(s) if isinstance(s, str) else s for s in comm_sizes]  # checked by the plan
     else:
         sizes = None
     config = OverlapConfig(
