@@ -752,6 +752,24 @@ def test_compile_refuses_what_the_global_inductor_config_turns_on(monkeypatch) -
     assert len(calls) == 2
 
 
+def test_compile_reads_option_names_spelled_with_dashes(monkeypatch) -> None:
+    """torch.compile takes ``"use-post-grad-passes"`` for ``"use_post_grad_passes"``: ``compile`` reads the options
+    by the names Inductor gives them, so a dashed spelling is checked, and a pass of yours kept, as the other."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(InvalidArgumentError, match="post-grad passes off"):
+        fusion.compile(model, options={"use-post-grad-passes": False})
+
+    def mine(graph):
+        pass
+
+    fusion.compile(model, options={"post-grad-custom-post-pass": mine, "max-autotune": True})
+    options = calls[-1]["options"]
+    assert options == {"max_autotune": True, "post_grad_custom_post_pass": options["post_grad_custom_post_pass"]}
+    assert options["post_grad_custom_post_pass"].passes == (mine, fusion.passes())  # mine first, as undashed
+
+
 # ============================================================================ on two Gloo ranks
 
 

@@ -147,7 +147,8 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
 
     Takes every ``torch.compile`` argument (``fullgraph``, ``dynamic``, ``disable``, ...).  The backend must be
     ``"inductor"`` (the pass is an Inductor pass); ``mode`` and ``options`` may be given together (the mode's
-    options, then yours); a ``post_grad_custom_post_pass`` of yours in ``options`` (else the one in
+    options, then yours; an option's name may be spelled with dashes, as ``torch.compile`` allows); a
+    ``post_grad_custom_post_pass`` of yours in ``options`` (else the one in
     ``torch._inductor.config`` when this is called: the options this passes replace that slot) runs before the
     fusion pass.
     ``model=None`` returns a decorator, as ``torch.compile`` does.  Inductor's own CUDA graphs
@@ -170,7 +171,8 @@ def compile(  # noqa: A001 -- the module's verb, as torch.compile
         if mode not in modes:
             raise InvalidArgumentError(f"mode must be one of {sorted(modes)}, got {mode!r}")
         merged.update(list_mode_options(mode, kwargs.get("dynamic")))
-    merged.update(options or {})
+    # Inductor's names: torch.compile reads "use-post-grad-passes" as "use_post_grad_passes"
+    merged.update({key.replace("-", "_"): value for key, value in (options or {}).items()})
     cudagraphs, where = _setting(merged, "triton.cudagraphs")
     if cudagraphs:
         raise NotImplementedCommError(
