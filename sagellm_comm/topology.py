@@ -111,7 +111,9 @@ class Topology:
 
         Full form keys: ``gpus`` (list of GPUInfo dicts or names), ``links`` (n x n labels),
         ``peer_access`` (n x n bools or one bool), ``hostname``, ``ranks`` and ``rank_hostnames``.
-        Unless given, peer access is assumed exactly where the link is NVLink.
+        Unless given, peer access is assumed exactly where the link is NVLink.  A short-form key beside the full
+        form's key for the same thing (``num_gpus`` of another count than ``gpus``, ``gpu_name`` with ``gpus``,
+        ``link`` with ``links``) is refused rather than ignored.
         """
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"{ENV_VAR} must describe a JSON object, got {type(data).__name__}")
@@ -124,6 +126,13 @@ class Topology:
             raise InvalidArgumentError(f"{bad} 'num_gpus' must be an integer in 0..{MAX_GPUS}, got {count!r}")
         if not isinstance(listed, list) or len(listed) > MAX_GPUS:
             raise InvalidArgumentError(f"{bad} 'gpus' must be a list of at most {MAX_GPUS} GPUs")
+        # The short form's keys fill in what the full form leaves out; beside it they would be ignored.
+        if "gpus" in data and "num_gpus" in data and count != len(listed):
+            raise InvalidArgumentError(f"{bad} 'num_gpus' is {count} but 'gpus' lists {len(listed)}; give one")
+        if "gpus" in data and "gpu_name" in data:
+            raise InvalidArgumentError(f"{bad} 'gpu_name' names the GPUs of 'num_gpus'; with 'gpus', name each there")
+        if "link" in data and "links" in data:
+            raise InvalidArgumentError(f"{ENV_VAR}: give 'link' or 'links', not both")
         try:
             gpus = [
                 GPUInfo(**g) if isinstance(g, dict) else GPUInfo(index=i, name=str(g))

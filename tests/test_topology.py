@@ -83,6 +83,9 @@ def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pyt
         (json.dumps({"num_gpus": True}), "'num_gpus' must be an integer in 0..1024, got True"),
         (json.dumps({"gpus": "H100"}), "'gpus' must be a list"),
         (json.dumps({"num_gpus": 100_000_000, "link": "NV18"}), "got 100000000"),
+        (json.dumps({"num_gpus": 4, "gpus": ["A100", "A100"]}), "'num_gpus' is 4 but 'gpus' lists 2"),
+        (json.dumps({"gpus": ["A100"], "gpu_name": "H100"}), "'gpu_name' names the GPUs of 'num_gpus'"),
+        (json.dumps({"gpus": ["A", "B"], "link": "NV4", "links": [["X", "PIX"], ["PIX", "X"]]}), "'link' or 'links'"),
         (json.dumps({"ranks": ["a"], "rank_hostnames": ["h"]}), "invalid literal for int()"),  # was a raw ValueError
         (json.dumps({"rank_hostnames": 5}), "not iterable"),  # was a raw TypeError
     ],
