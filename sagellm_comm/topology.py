@@ -110,7 +110,8 @@ class Topology:
         """Build from :meth:`to_dict`'s form, or the short one: ``{"num_gpus": 8, "link": "NV18"}``.
 
         Full form keys: ``gpus`` (list of GPUInfo dicts or names), ``links`` (n x n labels),
-        ``peer_access`` (n x n bools or one bool), ``hostname``, ``ranks`` and ``rank_hostnames``.
+        ``peer_access`` (n x n bools or one bool), ``hostname``, ``ranks`` (distinct ints >= 0) and
+        ``rank_hostnames`` (a host name per rank; without ``ranks``, of ranks 0, 1, ...).
         Unless given, peer access is assumed exactly where the link is NVLink.  A short-form key beside the full
         form's key for the same thing (``num_gpus`` of another count than ``gpus``, ``gpu_name`` with ``gpus``,
         ``link`` with ``links``) is refused rather than ignored.
@@ -162,8 +163,13 @@ class Topology:
                 for i in range(n)
             ]
         _check_matrix(peer, n, "peer_access", bool)
-        ranks = [int(r) for r in data.get("ranks", [])]
-        hosts = [str(h) for h in data.get("rank_hostnames", [])]
+        ranks, hosts = data.get("ranks", []), data.get("rank_hostnames", [])
+        ints = isinstance(ranks, list) and all(r.__class__ is int and r >= 0 for r in ranks)
+        if not ints or len(set(ranks)) != len(ranks):  # a rank on two hosts, or 1.7 read as rank 1
+            raise InvalidArgumentError(f"{ENV_VAR}: 'ranks' must be a list of distinct ints >= 0, got {ranks!r}")
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+            raise InvalidArgumentError(f"{ENV_VAR}: 'rank_hostnames' must be a list of host names, got {hosts!r}")
+        ranks, hosts = list(ranks), list(hosts)
         if hosts and not ranks:
             ranks = list(range(len(hosts)))
         if len(ranks) != len(hosts):

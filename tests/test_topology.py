@@ -86,8 +86,16 @@ def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pyt
         (json.dumps({"num_gpus": 4, "gpus": ["A100", "A100"]}), "'num_gpus' is 4 but 'gpus' lists 2"),
         (json.dumps({"gpus": ["A100"], "gpu_name": "H100"}), "'gpu_name' names the GPUs of 'num_gpus'"),
         (json.dumps({"gpus": ["A", "B"], "link": "NV4", "links": [["X", "PIX"], ["PIX", "X"]]}), "'link' or 'links'"),
-        (json.dumps({"ranks": ["a"], "rank_hostnames": ["h"]}), "invalid literal for int()"),  # was a raw ValueError
-        (json.dumps({"rank_hostnames": 5}), "not iterable"),  # was a raw TypeError
+        (json.dumps({"ranks": ["a"], "rank_hostnames": ["h"]}), "'ranks' must be a list of distinct ints >= 0"),
+        (json.dumps({"rank_hostnames": 5}), "'rank_hostnames' must be a list of host names"),
+        # were taken: one rank or host per character, truncated ranks, one rank on two hosts
+        (json.dumps({"ranks": "01", "rank_hostnames": ["a", "b"]}), "'ranks' must be a list of distinct ints"),
+        (json.dumps({"rank_hostnames": "ab"}), "'rank_hostnames' must be a list of host names"),
+        (json.dumps({"ranks": [0.5, 1.7], "rank_hostnames": ["a", "b"]}), "'ranks' must be a list of distinct ints"),
+        (json.dumps({"ranks": [0, 0], "rank_hostnames": ["a", "b"]}), "'ranks' must be a list of distinct ints"),
+        (json.dumps({"ranks": [True], "rank_hostnames": ["a"]}), "'ranks' must be a list of distinct ints"),
+        (json.dumps({"ranks": [-1], "rank_hostnames": ["a"]}), "'ranks' must be a list of distinct ints"),
+        (json.dumps({"ranks": [0], "rank_hostnames": [None]}), "'rank_hostnames' must be a list of host names"),
     ],
 )
 def test_bad_override_is_one_line_naming_variable_value_and_forms(
