@@ -65,8 +65,9 @@ def _topo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--markdown", action="store_true", help="print the settings table of docs/configuration.md")
-    parser.add_argument("--update", metavar="PATH", help="rewrite the settings table between the markers of PATH")
+    what = parser.add_mutually_exclusive_group()  # one output per run: the table printed, or a file rewritten
+    what.add_argument("--markdown", action="store_true", help="print the settings table of docs/configuration.md")
+    what.add_argument("--update", metavar="PATH", help="rewrite the settings table between the markers of PATH")
 
 
 def _config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:

@@ -640,6 +640,19 @@ def test_topo_prints_the_matrix(capsys):
         assert all(f"GPU{i}" in out for i in range(topo.num_gpus))
 
 
+def test_config_markdown_and_update_together_are_refused(tmp_path, capsys):
+    """``--update`` rewrites a file, ``--markdown`` prints the table: one run does one, and asking for both is a
+    usage error rather than a file rewritten and nothing printed."""
+    doc = tmp_path / "configuration.md"
+    doc.write_text("no markers here\n")
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["config", "--markdown", "--update", str(doc)])
+    assert excinfo.value.code == 2
+    line = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm config")
+    assert "--update" in line and "--markdown" in line and "not allowed with" in line
+    assert doc.read_text() == "no markers here\n"
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench", "--help"])
