@@ -12,7 +12,9 @@ shape overrides them::
         {"id": "rest", "algo": "two_shot"}
     ]}
 
-Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (list).  Algorithms:
+Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (non-empty list); a rule that
+can match no message (``min_bytes`` over ``max_bytes``) is refused, and so are two rules of one ``id`` (the id and
+the ``reason``, strings, are what a :class:`Selection` reports).  Algorithms:
 ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot; larger messages than its buffers take run
 one-shot), and ``nccl``, the policy's name for *the engine* the backend runs beside the kernels (NCCL on
 CUDA, Gloo on the CPU under the interpreter).  Messages larger than the workspace always go to the engine
@@ -105,19 +107,31 @@ class Rule:
         if algo not in ALGOS:
             raise InvalidArgumentError(f"selector rule {index}: algo must be one of {ALGOS}, got {algo!r}")
         ws = d.get("world_sizes")
-        if ws is not None and (not isinstance(ws, list) or not all(_is_int(w) and w > 0 for w in ws)):
-            raise InvalidArgumentError(f"selector rule {index}: world_sizes must be a list of positive ints")
+        if ws is not None and (not isinstance(ws, list) or not ws or not all(_is_int(w) and w > 0 for w in ws)):
+            raise InvalidArgumentError(
+                f"selector rule {index}: world_sizes must be a list of positive ints (at least one)"
+            )
         for key in ("min_bytes", "max_bytes"):
             v = d.get(key)
             if v is not None and (not _is_int(v) or v < 0):  # JSON true is not a byte count
                 raise InvalidArgumentError(f"selector rule {index}: {key} must be a non-negative int")
+        min_bytes, max_bytes = d.get("min_bytes") or 0, d.get("max_bytes")
+        if max_bytes is not None and min_bytes > max_bytes:  # a rule no message matches
+            raise InvalidArgumentError(
+                f"selector rule {index}: min_bytes {min_bytes} > max_bytes {max_bytes}: the rule matches no message"
+            )
+        rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
+        if not isinstance(rule_id, str) or not rule_id:  # what every Selection of the rule reports
+            raise InvalidArgumentError(f"selector rule {index}: id must be a non-empty string, got {rule_id!r}")
+        if not isinstance(reason, str):
+            raise InvalidArgumentError(f"selector rule {index}: reason must be a string, got {reason!r}")
         return cls(
-            id=str(d.get("id", f"rule-{index}")),
+            id=rule_id,
             algo=algo,
-            min_bytes=d.get("min_bytes", 0) or 0,
-            max_bytes=d.get("max_bytes"),
+            min_bytes=min_bytes,
+            max_bytes=max_bytes,
             world_sizes=tuple(ws) if ws is not None else None,
-            reason=str(d.get("reason", "")),
+            reason=reason,
         )
 
 
@@ -166,7 +180,14 @@ class AlgoSelector:
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> AlgoSelector:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
             raise InvalidArgumentError('a selector policy is a JSON object {"rules": [...]} with at least one rule')
-        return cls([Rule.from_dict(d, i) for i, d in enumerate(data["rules"])], source=source)
+        rules = [Rule.from_dict(d, i) for i, d in enumerate(data["rules"])]
+        for index, rule in enumerate(rules):  # a Selection names its rule by id
+            first = next(i for i, r in enumerate(rules) if r.id == rule.id)
+            if first != index:
+                raise InvalidArgumentError(
+                    f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique"
+                )
+        return cls(rules, source=source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> AlgoSelector:

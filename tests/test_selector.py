@@ -87,6 +87,15 @@ def test_json_policy_overrides_and_first_match_wins(tmp_path):
         ([1, 2], "JSON object"),
         ({"rules": [5]}, "rule 0: a rule is a JSON object"),
         ({"rules": [{"algo": "one_shot"}, None]}, "rule 1: a rule is a JSON object"),
+        # were taken: rules that can never match, and ids or reasons reported as "None" or shared by two rules
+        ({"rules": [{"algo": "one_shot", "min_bytes": 4096, "max_bytes": 1024}]}, "min_bytes 4096 > max_bytes 1024"),
+        (
+            {"rules": [{"algo": "one_shot", "world_sizes": []}]},
+            r"world_sizes must be a list of positive ints \(at least one\)",
+        ),
+        ({"rules": [{"algo": "one_shot", "id": None}]}, "rule 0: id must be a non-empty string"),
+        ({"rules": [{"algo": "one_shot", "reason": 5}]}, "rule 0: reason must be a string"),
+        ({"rules": [{"algo": "one_shot", "id": "a"}, {"algo": "two_shot", "id": "a"}]}, "rule 1: id 'a' is also"),
     ],
 )
 def test_bad_policies_are_typed_errors(policy, needle):
