@@ -122,17 +122,24 @@ class _ParallelLinearBase(nn.Module):
         try:
             return F.linear(x, self.weight, bias)
         except (RuntimeError, NotImplementedError) as exc:
-            weight = self.weight
-            if x.device != weight.device:
-                raise InvalidArgumentError(
-                    f"{type(self).__name__} input is on {x.device}, its parameters on {weight.device}; move it there"
-                ) from exc
-            if x.dtype != weight.dtype:
-                raise InvalidArgumentError(
-                    f"{type(self).__name__} input is {x.dtype}, its parameters {weight.dtype} (params_dtype); cast "
-                    "it or run under torch.autocast"
-                ) from exc
+            refusal = self._operand_refusal(x)
+            if refusal is not None:
+                raise refusal from exc
             raise
+
+    def _operand_refusal(self, x: torch.Tensor) -> InvalidArgumentError | None:
+        """The error for an input on another device than the parameters or of another dtype, else None."""
+        weight = self.weight
+        if x.device != weight.device:
+            return InvalidArgumentError(
+                f"{type(self).__name__} input is on {x.device}, its parameters on {weight.device}; move it there"
+            )
+        if x.dtype != weight.dtype:
+            return InvalidArgumentError(
+                f"{type(self).__name__} input is {x.dtype}, its parameters {weight.dtype} (params_dtype); cast "
+                "it or run under torch.autocast"
+            )
+        return None
 
     @staticmethod
     def _check_loaded(loaded: object, what: str) -> None:
@@ -315,7 +322,8 @@ class RowParallelLinear(_ParallelLinearBase):
             times.
         use_fused_gemm: run the matmul and the all-reduce as one ``sagellm_comm.fused.gemm_all_reduce``
             call (tile-level overlap) instead of ``F.linear`` then the all-reduce op.  Eager only
-            (not traced by ``torch.compile``); needs ``sagellm_comm.fused``.
+            (not traced by ``torch.compile``); needs ``sagellm_comm.fused``.  Under ``torch.autocast`` (and for
+            zero tokens) the layer runs ``F.linear`` then the all-reduce op, as without it.
 
     Forward: ``x`` ``[..., input_size / tp]`` (or ``[..., input_size]``) of ``params_dtype`` ->
     ``[..., output_size]``, identical on every rank; enqueued on the current stream.
@@ -383,7 +391,12 @@ class RowParallelLinear(_ParallelLinearBase):
         if self.reduce_results and self.tp_size > 1:
             self._check_group()
         # Zero tokens: the op's path (an empty all-reduce), as with use_fused_gemm=False; the fused GEMM refuses M = 0.
-        if self.use_fused_gemm and self.reduce_results and self.tp_size > 1 and x_local.numel() > 0:
+        # Under torch.autocast too: autocast casts F.linear's operands, the fused GEMM takes one dtype as given.
+        fused = self.use_fused_gemm and self.reduce_results and self.tp_size > 1 and x_local.numel() > 0
+        if fused and not torch.is_autocast_enabled(x_local.device.type):
+            refusal = self._operand_refusal(x_local)  # the plain layer's error, before any rank enters the GEMM
+            if refusal is not None:
+                raise refusal
             lead = x_local.shape[:-1]
             a = x_local.reshape(-1, self.input_size_per_partition).contiguous()
             output = _fused_gemm_all_reduce()(a, self.weight.t(), group=resolve_group(self.group_name))

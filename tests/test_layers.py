@@ -172,6 +172,30 @@ def check_fused_gemm_option(rank: int, world) -> str | None:
     return None
 
 
+def check_fused_gemm_option_takes_inputs_as_the_plain_layer(rank: int, world) -> str | None:
+    """use_fused_gemm=True refuses an input of another dtype with the plain layer's error (before any collective),
+    and under torch.autocast gives the plain layer's result (autocast casts F.linear's operands)."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.layers import RowParallelLinear
+
+    try:
+        import sagellm_comm.fused  # noqa: F401
+    except ImportError as exc:
+        return f"skip: sagellm_comm.fused is not importable ({exc})"
+    ref = _reference(8, 6, True, torch.float32, 72)
+    fused = RowParallelLinear.from_linear(ref, group=world, use_fused_gemm=True)
+    plain = RowParallelLinear.from_linear(ref, group=world)
+    x = _input((3, 4), torch.float32, 73 + rank)
+    with pytest.raises(InvalidArgumentError, match=r"RowParallelLinear input is torch.float64"):
+        fused(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(x.bfloat16())
+        got = fused(x.bfloat16())
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    return None
+
+
 def check_bad_input(rank: int, world) -> None:
     from sagellm_comm import ops
     from sagellm_comm.errors import (
