@@ -623,6 +623,53 @@ def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fail
             registry.unregister_transfer_backend(name)
 
 
+def test_a_failed_register_raises_its_own_error_when_undoing_an_earlier_transport_raises_too(caplog):
+    """Under ``auto`` a region is registered with every transport in turn; when one refuses it, the transports
+    that took it let it go again.  A release that raises as well does not replace the refusal (the error that says
+    what went wrong) nor stop the other releases: it is logged, and the region is nowhere."""
+    from sagellm_comm.transfer import TransferAgent
+
+    events: list[str] = []
+    refuse = {"register", "deregister"}  # once each
+
+    class _Taking(_RecordingBackend):
+        def register(self, region) -> None:
+            events.append(f"register {self.name}")
+
+        def deregister(self, region) -> None:
+            events.append(f"deregister {self.name}")
+            if self.name == "stuck-test" and "deregister" in refuse:
+                refuse.discard("deregister")
+                raise RuntimeError("transport could not let the region go")
+
+    class _Refusing(_RecordingBackend):
+        def register(self, region) -> None:
+            if "register" in refuse:
+                refuse.discard("register")
+                raise RuntimeError("transport refused the region")
+
+    registry.register_transfer_backend("stuck-test", _Taking, priority=1002)
+    registry.register_transfer_backend("taking-test", _Taking, priority=1001)
+    registry.register_transfer_backend("refusing-test", _Refusing, priority=1000)
+    agent = None
+    try:
+        agent = TransferAgent("a")
+        assert agent.backends[:3] == ["stuck-test", "taking-test", "refusing-test"]
+        with caplog.at_level("WARNING", logger="sagellm_comm.transfer"), pytest.raises(RuntimeError, match="refused"):
+            agent.register("kv", torch.zeros(64))
+        assert events == ["register stuck-test", "register taking-test", "deregister stuck-test",
+                          "deregister taking-test"]  # fmt: skip
+        assert any("could not let the region go" in r.getMessage() for r in caplog.records)
+        assert agent.regions == []
+        agent.register("kv", torch.zeros(64))  # the name is free again
+        assert agent.regions == ["kv"]
+    finally:
+        if agent is not None:
+            agent.close()
+        for name in ("stuck-test", "taking-test", "refusing-test"):
+            registry.unregister_transfer_backend(name)
+
+
 def test_allocate_takes_a_numpy_int_as_a_shape_as_it_takes_one_inside_a_tuple():
     from sagellm_comm.transfer import TransferAgent
 

@@ -236,10 +236,18 @@ class TransferAgent:
                             f"region {name!r} cannot be registered with any transport: {why}"
                         )
                 except BaseException:
-                    for backend in done:
-                        backend.deregister(region)
-                    for reasons in self._unreachable.values():
-                        reasons.pop(name, None)
+                    # Every transport that took the region lets it go; a release that raises as well is logged,
+                    # and the error raised is the one that says why the region could not be registered.
+                    def forget_reasons() -> None:
+                        for reasons in self._unreachable.values():
+                            reasons.pop(name, None)
+
+                    try:
+                        run_every([*(functools.partial(backend.deregister, region) for backend in done),
+                                   forget_reasons])  # fmt: skip
+                    except Exception as exc:  # noqa: BLE001 - the registration's own error is raised below
+                        logger.warning("transfer agent %r: letting go of region %r after a failed register: %r",
+                                       self.name, name, exc)  # fmt: skip
                     raise
             self._regions[name] = region
             if on_gpu and self._call.device_index is None:
