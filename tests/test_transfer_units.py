@@ -1489,6 +1489,41 @@ def test_an_ipc_region_deregistered_when_the_transfer_stream_failed_stays_refere
     assert backend.kept == [kv] and backend.exports == {}
 
 
+def test_an_ipc_transport_whose_resident_copier_fails_to_stop_still_closes_its_inbox_and_buffers(monkeypatch):
+    """The ipc transport's close runs every step even when one raises: a resident copier that fails to stop (a
+    stand-in here; GPU path) does not keep the inbox's files and lock, nor the staging buffers; its error is
+    raised once every step ran."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    agent = TransferAgent("a", "ipc")
+    try:
+        agent.allocate("kv", 4096, torch.uint8)  # binds the transport: staging buffers, probe
+        backend = agent._backends["ipc"]
+        closed: list[str] = []
+
+        def stuck() -> None:
+            closed.append("copier")
+            raise TransferError("the resident copier did not stop")
+
+        backend.copier = types.SimpleNamespace(posted=0, completed=lambda: 0, close=stuck)
+
+        def recorded(name, close):
+            def recording(*args, **kwargs):
+                closed.append(name)
+                return close(*args, **kwargs)
+
+            return recording
+
+        monkeypatch.setattr(backend.inbox, "close", recorded("inbox", backend.inbox.close))
+        monkeypatch.setattr(backend.staging, "close", recorded("staging", backend.staging.close))
+        with pytest.raises(TransferError, match="did not stop"):
+            backend.close()
+        assert closed == ["copier", "inbox", "staging"]
+    finally:
+        agent.close()
+
+
 def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeypatch):
     """Opening a FIFO for reading waits for a writer: the liveness probe opens without blocking, and add_peer
     refuses the path within the agent's timeout instead of holding the agent's lock forever."""

@@ -24,6 +24,7 @@ whose peer died before the completion was observed fails with ``PeerLostError``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -42,6 +43,7 @@ from sagellm_comm.errors import (
     InvalidArgumentError,
     P2PFailedError,
     PeerLostError,
+    run_every,
 )
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
@@ -793,22 +795,37 @@ class IpcBackend(TransferBackend):
                 "files")  # fmt: skip
 
     def close(self) -> None:
+        """Disconnect every link, stop the resident copier, close the inbox and release the device state; a step
+        that raises does not stop the others, and the first error is raised once every step ran."""
         if self._closed:
             return
         self._closed = True
-        for link in list(self.links):
-            self.disconnect(link)
+        steps = [functools.partial(self.disconnect, link) for link in list(self.links)]
         if self.copier is not None:
-            self.copier.close()
-        self.inbox.close()
+            steps.append(self.copier.close)
+        steps.append(self.inbox.close)
         if self.device is not None:
-            drained = self._drain(self.launches)
-            self.staging.close(in_use=not drained)
-            if self.device.type == "cuda":
-                self.memory.free(self.probe)
+            drained = False  # until the drain says so: a drain that raised leaves the buffers to running launches
+
+            def drain() -> None:
+                nonlocal drained
+                drained = self._drain(self.launches)
+
+            def close_staging() -> None:
+                self.staging.close(in_use=not drained)
+
+            def close_events() -> None:
                 if drained:
                     self.events.close()
-            self._probe_tensor = None
+
+            def forget_probe() -> None:
+                self._probe_tensor = None
+
+            steps += [drain, close_staging]
+            if self.device.type == "cuda":
+                steps += [functools.partial(self.memory.free, self.probe), close_events]
+            steps.append(forget_probe)
+        run_every(steps)
 
 
 def _peer_section(peer: AgentMetadata) -> dict:
