@@ -19,7 +19,7 @@ import torch
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
-from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError
+from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, SymmetricWorkspace, local_workspaces
 
@@ -169,9 +169,9 @@ class VirtualRankGroup:
             car.check_errors()
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
-        for car in self.ranks:
-            car.close()
+        """Release every rank's all-reduce and workspace once the device is idle; a failed synchronisation or
+        rank's close does not stop the others, and the first error is raised once every step ran."""
+        run_every([lambda: torch.cuda.synchronize(self.device), *(car.close for car in self.ranks)])
 
     def __enter__(self) -> VirtualRankGroup:
         return self

@@ -550,3 +550,42 @@ def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
     out = torch.empty(m, 4, dtype=torch.float64)
     g._chunked(a, b, None, out, m)
     torch.testing.assert_close(out, 2 * (a @ b))
+
+
+@pytest.mark.parametrize("sync_fails", [False, True], ids=["a-close-fails", "the-sync-fails-too"])
+@pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
+def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, sync_fails):
+    """Closing the virtual ranks' fused workspaces (``VirtualFused``) or all-reduces (``VirtualRankGroup``) runs
+    every rank's close even when the device synchronisation or one rank's close raises; the first error is raised
+    once every step ran.  (Both need CUDA: made here without their constructors, ranks and device faked.)"""
+    from sagellm_comm.errors import P2PFailedError
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    closed: list[int] = []
+
+    class _Rank:
+        def __init__(self, rank: int):
+            self.rank = rank
+
+        def close(self) -> None:
+            closed.append(self.rank)
+            if self.rank == 0:
+                raise P2PFailedError("rank 0: unmapping a peer's region failed")
+
+    def synchronize(device=None) -> None:
+        if sync_fails:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    ranks = [_Rank(r) for r in range(3)]
+    if owner == "VirtualFused":
+        virtual = object.__new__(VirtualFused)
+        virtual.gemm_workspaces = ranks
+    else:
+        virtual = object.__new__(VirtualRankGroup)
+        virtual.ranks = ranks
+    virtual.device = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="illegal memory access" if sync_fails else "rank 0: unmapping"):
+        virtual.close()
+    assert closed == [0, 1, 2]

@@ -13,6 +13,7 @@ from ..errors import (
     InvalidArgumentError,
     NotInitializedError,
     WorkspaceExhaustedError,
+    run_every,
 )
 from ..selector import UNFUSED_PATH, Selection
 from ..virtual import stacked_rows
@@ -180,6 +181,6 @@ class VirtualFused:
             raise NotInitializedError("the virtual ranks' fused workspaces were closed (close() was called)")
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
-        for ws in self.gemm_workspaces:
-            ws.close()
+        """Release the fused GEMM's workspaces once the device is idle; a failed synchronisation or workspace close
+        does not stop the others, and the first error is raised once every step ran."""
+        run_every([lambda: torch.cuda.synchronize(self.device), *(ws.close for ws in self.gemm_workspaces)])
