@@ -7,6 +7,7 @@ epochs and the tile protocol run as on GPUs.  Shapes are tiny: the interpreter i
 from __future__ import annotations
 
 import hashlib
+import types
 
 import pytest
 import torch
@@ -526,6 +527,51 @@ def test_gemm_sizes_and_world_size_are_ints_not_truncated():
         with pytest.raises(InvalidArgumentError, match="world_size must be"):
             GemmAllReduce(None, lambda t: t, world_size=bad)
     assert GemmAllReduce(None, lambda t: t, world_size=2).world_size == 2
+
+
+_GEMM_KNOBS = [
+    *(("consumer_programs", bad) for bad in (2.0, "2", True, 0, -1)),
+    *(("num_chunks", bad) for bad in (4.0, "4", None, False, 0)),
+    *(("reduce_programs", bad) for bad in (2.5, "2", True, 0, -3)),
+    *(("ce_chunks", bad) for bad in (2.0, "2", True, 0, 64)),
+]
+
+
+@pytest.mark.parametrize("knob, bad", _GEMM_KNOBS)
+def test_gemm_knobs_are_ints_in_range_refused_before_anything_is_made(monkeypatch, knob, bad):
+    """The GEMM + all-reduce's program and chunk counts are ints of at least 1 (``ce_chunks``: at most what the
+    copy-engine barriers have steps for); anything else is an InvalidArgumentError naming the knob, raised before
+    a launcher, a stream or the virtual ranks' GEMM workspaces are made.  A float was used as a grid size or
+    range step deep inside a call, ``reduce_programs=0`` meant the default, and a string failed in a comparison."""
+    import sagellm_comm.fused.gemm as gemm_module
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmAllReduce, VirtualFused
+
+    def made(*args, **kwargs):
+        raise AssertionError("something was made before the knobs were checked")
+
+    monkeypatch.setattr(gemm_module, "_Launcher", made)
+    with pytest.raises(InvalidArgumentError, match=f"{knob} must be") as info:
+        GemmAllReduce(None, lambda t: t, world_size=2, **{knob: bad})
+    assert knob in info.value.details
+    if knob in ("consumer_programs", "num_chunks"):  # the virtual ranks' knobs, checked before their workspaces
+        group = types.SimpleNamespace(world_size=2, device=torch.device("cuda", 0))  # no workspaces, no CUDA
+        with pytest.raises(InvalidArgumentError, match=f"{knob} must be"):
+            VirtualFused(group, **{knob: bad})
+
+
+def test_a_gemms_copy_engine_chunk_count_set_later_is_checked_too():
+    """``group_gemm(group).ce_chunks = n`` retunes the copy-engine path for the next calls: the same check."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmAllReduce
+
+    g = GemmAllReduce(None, lambda t: t, world_size=2)
+    for bad in (2.0, "2", 0, 64):
+        with pytest.raises(InvalidArgumentError, match="ce_chunks must be"):
+            g.ce_chunks = bad
+    assert g.ce_chunks is None
+    g.ce_chunks = 3
+    assert g.ce_chunks == 3 and len(g.copy_engine_chunks(10)) == 3
 
 
 def test_chunk_pipeline_produces_each_chunk_before_reducing_it():

@@ -10,7 +10,6 @@ import torch
 import triton
 
 from sagellm_comm.kernels import all_reduce as _ark
-from sagellm_comm.kernels import copy_engine as _ce
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH
 
@@ -43,6 +42,19 @@ __all__ = [
 ]
 
 
+def gemm_knobs(
+    consumer_programs: int | None = None, num_chunks: int = 4, reduce_programs: int | None = None
+) -> tuple[int | None, int, int | None]:
+    """The program and chunk counts of :class:`GemmAllReduce` checked: ints of at least 1 (None: the default
+    count), else an InvalidArgumentError naming the knob.  Callers that make memory for a GEMM + all-reduce
+    check its knobs first."""
+    return (
+        None if consumer_programs is None else check_int(consumer_programs, "consumer_programs", 1),
+        check_int(num_chunks, "num_chunks", 1),
+        None if reduce_programs is None else check_int(reduce_programs, "reduce_programs", 1),
+    )
+
+
 class GemmAllReduce(CopyEnginePath):
     """Row-parallel linear of one rank: ``out = sum over ranks of a @ b (+ bias, added once)``.
 
@@ -72,6 +84,8 @@ class GemmAllReduce(CopyEnginePath):
         reduce_programs: int | None = None,
         ce_chunks: int | None = None,
     ):
+        consumer_programs, num_chunks, reduce_programs = gemm_knobs(consumer_programs, num_chunks, reduce_programs)
+        self.ce_chunks = ce_chunks  # checked by the property
         ws = gemm_workspace
         self.workspace = ws
         self.all_reduce = all_reduce
@@ -89,13 +103,8 @@ class GemmAllReduce(CopyEnginePath):
         if consumer_programs is None:
             consumer_programs = max(1, min(_ark.MAX_BLOCKS.value, sms // 4))
         self.consumer_programs = consumer_programs
-        if num_chunks < 1:
-            raise InvalidArgumentError(f"num_chunks must be >= 1, got {num_chunks}")
         self.num_chunks = num_chunks
-        if ce_chunks is not None and not 1 <= ce_chunks <= (_ce.MAX_STEPS.value - 1) // 2:
-            raise InvalidArgumentError(f"ce_chunks must be 1..{(_ce.MAX_STEPS.value - 1) // 2}, got {ce_chunks}")
-        self.ce_chunks = ce_chunks
-        self.reduce_programs = reduce_programs or (2 * sms if self.use_ptx else 2)
+        self.reduce_programs = reduce_programs if reduce_programs is not None else 2 * sms if self.use_ptx else 2
         # Tile buffer of one parity (see sagellm_comm/kernels/gemm_all_reduce.py): what is left after the flags, halved.
         self.buffer_bytes = 0 if ws is None else (3 * ws.slot_bytes - FLAG_AREA_BYTES) // 2 // 256 * 256
         index = self.device.index or 0

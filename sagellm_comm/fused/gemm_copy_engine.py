@@ -17,6 +17,7 @@ import triton
 from sagellm_comm.kernels import copy_engine as _ce
 from sagellm_comm.kernels import gemm_all_reduce as _gk
 
+from ..arguments import check_int
 from ..launch import Launcher as _Launcher
 from ..workspace import _tensor_at
 
@@ -34,8 +35,21 @@ def copy_engine_units(count: int) -> list[tuple[list[int], list[int]]]:
     return units + [([], [c]) for c in range(max(0, count - 2), count)]
 
 
+MAX_CE_CHUNKS = (_ce.MAX_STEPS.value - 1) // 2  # two barrier steps per chunk, one more for the end
+
+
 class CopyEnginePath:
     """The copy-engine pipeline's sizing (:meth:`copy_engine_chunks`, :meth:`copy_engine_fits`) and run."""
+
+    @property
+    def ce_chunks(self) -> int | None:
+        """Row chunks of the copy-engine path, 1..:data:`MAX_CE_CHUNKS`; None: by M (:meth:`copy_engine_chunks`).
+        Setting it changes the next calls of this rank: set it alike on every rank."""
+        return self._ce_chunks
+
+    @ce_chunks.setter
+    def ce_chunks(self, value: int | None) -> None:
+        self._ce_chunks = None if value is None else check_int(value, "ce_chunks", 1, MAX_CE_CHUNKS)
 
     def _init_copy_engine(self, index: int, sms: int) -> None:
         """The pipeline's launchers and per-dtype workspace views (``index``: CUDA device; ``sms``: its SMs)."""

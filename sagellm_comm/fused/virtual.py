@@ -19,7 +19,7 @@ from ..selector import UNFUSED_PATH, Selection
 from ..virtual import stacked_rows
 from ..workspace import local_workspaces
 from .fp8 import check_quant, unfused_tail
-from .gemm import GemmAllReduce, GemmPathSelector, gemm_workspace_bytes
+from .gemm import GemmAllReduce, GemmPathSelector, gemm_knobs, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
 
 
@@ -42,6 +42,7 @@ class VirtualFused:
         selector: GemmPathSelector | None = None,
         num_chunks: int = 4,
     ):
+        consumer_programs, num_chunks, _ = gemm_knobs(consumer_programs, num_chunks)  # before any workspace
         self.group = group
         self.world_size = w = group.world_size
         self.device = group.device
