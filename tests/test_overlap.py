@@ -174,6 +174,37 @@ def test_counts_and_sizes_are_ints_refused_before_any_process_starts(change, mes
         run_overlap_benchmark("gloo", **{**request, **change})
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"world_size": 2}, "world_size 2 disagrees with the given backend's world of 1 rank"),
+        ({"virtual_ranks": 2}, "virtual_ranks runs ranks of its own; it does not take a backend"),
+        ({"benchmark_iters": 0}, r"--iters must be in 1\.\.10000000, got 0"),
+    ],
+)
+def test_a_given_backend_refuses_what_does_not_apply_to_it(monkeypatch, change, message) -> None:
+    """run_overlap_benchmark(backend=<instance>) checks the request against the backend as run_all_reduce_benchmark
+    does, before anything is measured: a world size that is not the backend's, or virtual ranks (ranks the
+    benchmark makes), were ignored and the run went on over the backend's world."""
+    from sagellm_comm.backend import get_comm_backend
+    from sagellm_comm.benchmark import run_overlap_bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the request was checked")
+
+    monkeypatch.setattr(run_overlap_bench, "measure_overlap", measured)
+    request = {"compute_duration_ms": 1.0, "gemm_size": 8, "warmup_iters": 0, "benchmark_iters": 1,
+               "output_dir": None, "comm_sizes": [1024]}  # fmt: skip
+    backend = get_comm_backend("gloo").init(rank=0, world_size=1)
+    try:
+        with pytest.raises(InvalidArgumentError, match=message):
+            run_overlap_benchmark(backend, **{**request, **change})
+        with pytest.raises(AssertionError, match="measured"):  # the backend's own world size: on to measuring
+            run_overlap_benchmark(backend, **request, world_size=1)
+    finally:
+        backend.destroy()
+
+
 def test_overlap_module_cli_prints_table(capsys) -> None:
     """``python -m sagellm_comm.benchmark.run_overlap_bench`` keeps its older option spellings."""
     code = main(

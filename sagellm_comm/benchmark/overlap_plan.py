@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, O
 from sagellm_comm.benchmark.plan import (
     available_kind,
     check_fits_memory,
+    check_given_backend,
     check_message_sizes,
     check_outputs,
     check_repetitions,
@@ -100,3 +102,17 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
     check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
     return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)
+
+
+def plan_overlap_in_process(config: OverlapConfig, backend: Any) -> OverlapPlan:
+    """Check ``config`` for a run on ``backend``, an initialised backend of this process's rank (every rank of its
+    world calls): the checks of :func:`plan_overlap` that apply, then those of a given backend
+    (:func:`~sagellm_comm.benchmark.plan.check_given_backend`, as ``run_benchmark`` makes them).  Raises
+    InvalidArgumentError naming the problem, before anything is measured."""
+    check_numbers(config)
+    world_size = check_given_backend(backend, config.world_size, config.virtual_ranks, "run_overlap_benchmark")
+    check_outputs(config.output_dir, config.plot)
+    uses_cuda = backend.device.type == "cuda"
+    sizes, dtype = resolve_payload(config, uses_cuda)
+    check_fits_memory(sizes, 1, uses_cuda)
+    return OverlapPlan("in_process", world_size, backend.name, sizes, dtype, uses_cuda)

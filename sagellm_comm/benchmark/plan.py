@@ -324,21 +324,27 @@ def check_request(config: BenchConfig) -> tuple[torch.dtype, list[str]]:
     return dtype, algos
 
 
+def check_given_backend(backend: Any, world_size: int | None, virtual_ranks: int | None, call: str) -> int:
+    """What a benchmark run on ``backend``, a backend the caller made (``call``: the function given it, for the
+    message), implies whatever it measures: the backend is initialised, ``virtual_ranks`` (ranks the benchmark
+    makes) is not given, and ``world_size``, if given, is the backend's.  Returns the backend's world size."""
+    if not getattr(backend, "is_initialized", False):
+        raise InvalidArgumentError(f"{call}(backend=...) needs an initialised CommBackend (call init)")
+    if virtual_ranks is not None:
+        raise InvalidArgumentError("virtual_ranks runs ranks of its own; it does not take a backend: pass a kind")
+    given = backend.world_size
+    if world_size is not None and world_size != given:
+        ranks = f"{given} rank{'s' if given != 1 else ''}"
+        raise InvalidArgumentError(f"world_size {world_size} disagrees with the given backend's world of {ranks}")
+    return given
+
+
 def plan_in_process(config: BenchConfig, backend: Any) -> LaunchPlan:
     """Check ``config`` for a run on ``backend``, an initialised backend of this process's rank (every rank of its
     world calls): the checks of every request (:func:`check_request`), then those of a given backend.  Raises
     InvalidArgumentError naming the problem, before anything is measured."""
     dtype, algos = check_request(config)
-    if not backend.is_initialized:
-        raise InvalidArgumentError("run_benchmark(backend=...) needs an initialised CommBackend (call init)")
-    if config.virtual_ranks is not None:
-        raise InvalidArgumentError("virtual_ranks runs ranks of its own; it does not take a backend: pass a kind")
-    world_size = backend.world_size
-    if config.world_size is not None and config.world_size != world_size:
-        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
-        raise InvalidArgumentError(
-            f"world_size {config.world_size} disagrees with the given backend's world of {ranks}"
-        )
+    world_size = check_given_backend(backend, config.world_size, config.virtual_ranks, "run_benchmark")
     if config.selector_config is not None:
         raise InvalidArgumentError(
             "--selector-config applies to a backend the benchmark makes; give the policy to the backend you made "

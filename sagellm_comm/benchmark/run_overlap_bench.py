@@ -35,7 +35,7 @@ from typing import Any
 
 from sagellm_comm.benchmark.ops import dtype_name
 from sagellm_comm.benchmark.overlap_measure import _VirtualWorld, measure_overlap
-from sagellm_comm.benchmark.overlap_plan import OverlapPlan, check_numbers, plan_overlap, resolve_payload
+from sagellm_comm.benchmark.overlap_plan import OverlapPlan, plan_overlap, plan_overlap_in_process
 from sagellm_comm.benchmark.overlap_results import (
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
@@ -50,13 +50,11 @@ from sagellm_comm.benchmark.overlap_results import (
     plot_overlap,
     write_overlap_results,
 )
-from sagellm_comm.benchmark.plan import check_outputs
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.report import print_report
 from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
-from sagellm_comm.errors import InvalidArgumentError
 
 DESCRIPTION = (
     "Time a GEMM loop against an all-reduce, alone and overlapped; print a table, write JSON/CSV "
@@ -89,12 +87,8 @@ def run_overlap(config: OverlapConfig, *, print_table: bool = False, backend: An
     ranks, this torchrun rank, processes it spawns, or the initialised ``backend`` given) and finish it on the
     process that owns the result (:func:`finish_overlap`); None on the other ranks."""
     if backend is not None:
-        check_numbers(config)
-        if not getattr(backend, "is_initialized", False):
-            raise InvalidArgumentError("run_overlap_benchmark(backend=...) needs an initialised CommBackend")
-        check_outputs(config.output_dir, config.plot)
-        sizes, dtype = resolve_payload(config, backend.device.type == "cuda")
-        resolved = replace(config, comm_sizes=list(sizes), dtype=dtype_name(dtype))
+        plan = plan_overlap_in_process(config, backend)
+        resolved = replace(config, comm_sizes=list(plan.sizes), dtype=dtype_name(plan.dtype))
         result = measure_overlap(backend, resolved)
         return finish_overlap(result, resolved, print_table=print_table) if backend.rank == 0 else None
     plan = plan_overlap(config)
@@ -152,8 +146,9 @@ def run_overlap_benchmark(
         comm_sizes: all-reduce sizes in bytes (ints, ``"1M"``, or ``"64K,1M"``), whole elements of ``dtype``.
         compute_duration_ms: target duration of the GEMM loop alone (calibrated once).
         gemm_size: ``g`` of the ``[g, g] @ [g, g]`` GEMMs.
+        world_size: processes to start for a backend kind; with an initialised backend, if given, its world size.
         virtual_ranks: run the all-reduce on N virtual ranks of the custom kernels on this process's
-            GPU (``backend`` is then ignored): a real multi-rank collective with one GPU.
+            GPU (``backend`` is then a kind, ``auto`` or ``custom``): a real multi-rank collective with one GPU.
         dtype: of the GEMM and the message (default bfloat16 on GPUs, float32 on CPU).
         output_dir: where ``overlap_ws<N>_<timestamp>.json/.csv`` go; None writes nothing.
         plot: a PNG (or any format matplotlib writes) of the times against the size.
