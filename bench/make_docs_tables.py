@@ -7,7 +7,7 @@ the index of the records, is generated too.  Edit the records (by rerunning a be
     python -m bench.make_docs_tables          # rewrite the blocks and the index
     python -m bench.make_docs_tables --check  # exit 1 naming the files that are out of date (a CPU test runs it)
 
-Runs anywhere (no GPU, no torch).
+Runs anywhere (no GPU).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from sagellm_comm.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -852,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stale.append(path.relative_to(REPO).as_posix())
         if not args.check:
-            path.write_text(text)
+            write_text(path, text)  # whole: a write that fails leaves the file as it was
     if args.check and stale:
         print(
             f"out of date with bench/results: {', '.join(stale)} (run python -m bench.make_docs_tables)",

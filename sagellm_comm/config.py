@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigMismatchError, InvalidArgumentError
+from .files import write_text
 
 __all__ = [
     "MAX_INITIAL_EPOCH",
@@ -593,6 +594,5 @@ def update_document(path: str) -> bool:
         raise InvalidArgumentError(f"{path} has no generated-table markers ({TABLE_BEGIN!r} ... {TABLE_END!r})")
     new = text[: start + len(TABLE_BEGIN)] + "\n" + settings_table() + "\n" + text[end:]
     if new != text:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(new)
+        write_text(path, new)  # whole: a write that fails leaves the document as it was
     return new != text

@@ -168,6 +168,40 @@ def test_every_bench_path_in_the_package_exists_or_is_dated():
         assert not stale, (rel, stale)
 
 
+def test_a_rewrite_that_cannot_finish_leaves_the_generated_file_as_it_was(tmp_path):
+    """make_docs_tables writes each stale file's new text beside it and swaps it in once complete: a write that
+    fails part-way (here the process's file size limit, as a full disk would) leaves the file whole and no
+    temporary file behind.  It truncated the file first, then wrote as much as it could."""
+    import errno
+    import textwrap
+
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text("old figures\n" * 1000)
+    script = textwrap.dedent("""
+        import importlib.util, resource, signal, sys
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location("make_docs_tables", sys.argv[1])
+        tables = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tables)
+        doc = Path(sys.argv[2])
+        tables.REPO = doc.parent.parent
+        tables.expected_files = lambda: {doc: "new figures\\n" * 1000}
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            tables.main([])
+        except OSError as exc:
+            print(exc.errno)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", script, str(BENCH / "make_docs_tables.py"), str(doc)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == str(errno.EFBIG), proc.stderr[-3000:]
+    assert doc.read_text() == "old figures\n" * 1000
+    assert [p.name for p in doc.parent.iterdir()] == ["benchmarks.md"]
+
+
 def test_bench_readme_lists_every_script_with_its_command():
     readme = (BENCH / "README.md").read_text()
     for script in SCRIPTS:

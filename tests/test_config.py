@@ -162,6 +162,36 @@ def test_the_config_command_prints_values_and_refuses_in_one_line():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "SAGELLM_COMM_LARGE_STAGES" in bad.stderr
 
 
+def test_a_table_update_that_cannot_finish_leaves_the_document_as_it_was(tmp_path):
+    """``sagellm-comm config --update PATH`` writes the new text beside the document and swaps it in once complete:
+    a write that fails part-way (here the process's file size limit, as a full disk would) leaves the document
+    whole and no temporary file behind.  It truncated the document first, then wrote as much as it could."""
+    import errno
+    import textwrap
+
+    from sagellm_comm.config import TABLE_BEGIN, TABLE_END
+
+    doc = tmp_path / "configuration.md"
+    text = "# Settings\n\n" + "Prose before the table.\n" * 1000 + f"{TABLE_BEGIN}\nstale\n{TABLE_END}\n"
+    doc.write_text(text)
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        from sagellm_comm.config import update_document
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            update_document(sys.argv[1])
+        except OSError as exc:
+            print(exc.errno)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, str(doc)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.strip() == str(errno.EFBIG), proc.stderr[-3000:]
+    assert doc.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["configuration.md"]
+
+
 # ------------------------------------------------------------------------------------------ agreement
 def _agreement_worker(rank, world_size, port):
     """For each agreed setting, rank 2 alone sets its example: the world's init and a sub-group's set-up refuse."""

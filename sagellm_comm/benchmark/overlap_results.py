@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sagellm_comm.benchmark.files import write_file, write_text
 from sagellm_comm.benchmark.sizes import format_size
+from sagellm_comm.files import write_file, write_text
 
 DEFAULT_OUTPUT_DIR = ".benchmarks/overlap"
 DEFAULT_WARMUP = 3

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm_comm.benchmark.files import write_text
+from sagellm_comm.files import write_text
 
 COMMIT_ENV = "SAGELLM_COMMIT"
 SOURCE_TREE = Path(__file__).resolve().parents[2]  # the checkout this package was imported from
@@ -149,5 +149,5 @@ def provenance(device: str, **extra: Any) -> dict:
 
 def write_record(path: str | Path, meta: dict, **sections: Any) -> Path:
     """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created, the file replaced
-    whole: :func:`~sagellm_comm.benchmark.files.write_file`); returns the path."""
+    whole: :func:`~sagellm_comm.files.write_file`); returns the path."""
     return write_text(path, json.dumps({"meta": meta, **sections}, indent=1) + "\n")

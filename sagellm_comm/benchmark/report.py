@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from sagellm_comm.benchmark.files import write_file, write_text
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.files import write_file, write_text
 
 
 @dataclass

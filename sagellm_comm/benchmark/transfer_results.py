@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from sagellm_comm.benchmark.files import write_file
 from sagellm_comm.benchmark.sizes import format_size
+from sagellm_comm.files import write_file
 
 
 @dataclass

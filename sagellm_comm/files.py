@@ -1,10 +1,12 @@
-"""Result files written whole: a run killed while it writes leaves the previous file (or none), never a part.
+"""Files written whole: a process killed while it writes, or a write that fails (a full disk), leaves the previous
+file (or none), never a part.
 
-Every file the benchmark writes (the JSON and CSV of ``sagellm-comm bench``, ``overlap`` and ``transfer``, the
-records of the ``bench/`` scripts, the plots) goes through :func:`write_file`: the content is written to a
-temporary file beside the target (same directory, so same file system), flushed to disk, then renamed over the
-target with ``os.replace``, which swaps it in one step.  A run killed before the rename leaves at most a hidden
-``.<name>.<random>.tmp`` beside the target; the target itself is untouched.
+Every file the package writes goes through :func:`write_file`: the benchmark's results (the JSON and CSV of
+``sagellm-comm bench``, ``overlap`` and ``transfer``, the records of the ``bench/`` scripts, the plots) and the
+generated parts of the documentation (``sagellm-comm config --update``, ``bench/make_docs_tables.py``).  The
+content is written to a temporary file beside the target (same directory, so same file system), flushed to disk,
+then renamed over the target with ``os.replace``, which swaps it in one step.  A process killed before the rename
+leaves at most a hidden ``.<name>.<random>.tmp`` beside the target; the target itself is untouched.
 """
 
 from __future__ import annotations
