@@ -605,13 +605,29 @@ def test_fusion_policy_refuses_bad_rules():
         FusionPolicy([FusionRule("x", "unfused", quant=("int8",))])
     with pytest.raises(InvalidArgumentError, match="unknown keys"):
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "tokens": 3}]})
-    with pytest.raises(InvalidArgumentError, match="must be a list"):
+    with pytest.raises(InvalidArgumentError, match="must be a non-empty list"):
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
     for bad in ({"hidden": ["8192"]}, {"world_sizes": [0]}, {"min_tokens": True}):  # as the selector's rules
         with pytest.raises(InvalidArgumentError, match="must be"):
             FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", **bad}]})
     with pytest.raises(InvalidArgumentError, match="at least one rule"):
         FusionPolicy.from_dict({"rules": []})
+    # A rule no call matches, and an id or reason a Selection could not report as given
+    never = ({"min_tokens": 10, "max_tokens": 5}, {"hidden": []}, {"world_sizes": []}, {"quant": []})
+    for bad in never:
+        with pytest.raises(InvalidArgumentError, match="matches no call|non-empty list"):
+            FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", **bad}]})
+    with pytest.raises(InvalidArgumentError, match="matches no call"):
+        FusionPolicy([FusionRule("x", "unfused", min_tokens=10, max_tokens=5)])
+    with pytest.raises(InvalidArgumentError, match="hidden is empty"):
+        FusionPolicy([FusionRule("x", "unfused", hidden=())])
+    for bad in ({"id": None}, {"id": 3}, {"id": ""}, {"reason": None}):
+        with pytest.raises(InvalidArgumentError, match="must be a (non-empty )?string"):
+            FusionPolicy.from_dict({"rules": [{"path": "unfused", **bad}]})
+    with pytest.raises(InvalidArgumentError, match="ids \\['x'\\] name more than one rule"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused"}, {"id": "x", "path": "one_shot"}]})
+    rules = [{"id": "a", "path": "unfused", "min_tokens": 4, "max_tokens": 4}, {"id": "b", "path": "one_shot"}]
+    assert [r.id for r in FusionPolicy.from_dict({"rules": rules}).rules] == ["a", "b"]  # one token count: fine
 
 
 def _timeout_worker(rank, world_size, port, algo):

@@ -15,9 +15,10 @@ figures give (its record's ``derived_rules``, the JSON shape :meth:`FusionPolicy
         {"id": "default", "path": "all_reduce_policy"}
     ]}
 
-Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes``, ``hidden`` (lists of positive
-ints), ``min_tokens`` / ``max_tokens`` (non-negative ints, inclusive); :meth:`FusionPolicy.from_dict` refuses
-anything else with ``InvalidArgumentError``.
+Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes``, ``hidden`` (non-empty lists of
+positive ints), ``min_tokens`` / ``max_tokens`` (non-negative ints, inclusive); ``id`` and ``reason`` are strings
+(what a :class:`Selection` reports: ids are unique).  A rule no call can match (an empty list, ``min_tokens`` over
+``max_tokens``) and anything else :meth:`FusionPolicy.from_dict` refuses with ``InvalidArgumentError``.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class FusionRule:
         lists = {}
         for key in ("quant", "world_sizes", "hidden"):
             v = d.get(key)
-            if v is not None and not isinstance(v, list):
-                raise InvalidArgumentError(f"fusion rule {index}: {key} must be a list, got {v!r}")
+            if v is not None and (not isinstance(v, list) or not v):  # [] would match no call
+                raise InvalidArgumentError(f"fusion rule {index}: {key} must be a non-empty list, got {v!r}")
             if v is not None and key != "quant":  # sizes, as the selector's rules take them ("8192" never matches)
                 v = [check_int(n, f"fusion rule {index}: {key}[{i}]", 1) for i, n in enumerate(v)]
             lists[key] = tuple(v) if v is not None else None
@@ -90,12 +91,17 @@ class FusionRule:
             v = d.get(key)
             if v is not None:
                 check_int(v, f"fusion rule {index}: {key}", 0)  # JSON true is not a token count
+        rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
+        if not isinstance(rule_id, str) or not rule_id:  # what every Selection of the rule reports
+            raise InvalidArgumentError(f"fusion rule {index}: id must be a non-empty string, got {rule_id!r}")
+        if not isinstance(reason, str):
+            raise InvalidArgumentError(f"fusion rule {index}: reason must be a string, got {reason!r}")
         return cls(
-            id=str(d.get("id", f"rule-{index}")),
+            id=rule_id,
             path=d.get("path"),
             min_tokens=d.get("min_tokens") or 0,
             max_tokens=d.get("max_tokens"),
-            reason=str(d.get("reason", "")),
+            reason=reason,
             **lists,
         )
 
@@ -142,6 +148,18 @@ class FusionPolicy:
             bad = [q for q in r.quant or () if q not in QUANT_NAMES]
             if bad:
                 raise InvalidArgumentError(f"fusion rule {r.id}: quant must name modes of {QUANT_NAMES}, got {bad}")
+            if r.max_tokens is not None and r.min_tokens > r.max_tokens:
+                raise InvalidArgumentError(
+                    f"fusion rule {r.id}: min_tokens {r.min_tokens} > max_tokens {r.max_tokens}: the rule matches "
+                    "no call"
+                )
+            empty = [key for key in ("quant", "world_sizes", "hidden") if getattr(r, key) == ()]
+            if empty:
+                raise InvalidArgumentError(f"fusion rule {r.id}: {empty[0]} is empty: the rule matches no call")
+        ids = [r.id for r in rules]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise InvalidArgumentError(f"fusion rules: ids {duplicated} name more than one rule; ids are unique")
         self.rules = tuple(rules)
         self.source = source
 
