@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -584,7 +585,7 @@ def test_a_transport_is_known_by_its_registry_name_and_its_factory_must_make_one
         registry.unregister_transfer_backend("no-backend-test")
 
 
-def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fails_the_agent():
+def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fails_the_agent(caplog):
     """The factory's contract (``register_transfer_backend``): BackendNotSupportedError is "not here" (``auto`` goes
     on without it and says why), any other exception is a fault that fails the agent, whose transports already
     started are closed again."""
@@ -596,6 +597,11 @@ def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fail
         def close(self) -> None:
             closed.append(self.name)
             super().close()
+
+    class _FailingClose(_RecordingBackend):
+        def close(self) -> None:
+            closed.append(self.name)
+            raise RuntimeError("transport would not close")
 
     def not_here(context):
         raise BackendNotSupportedError("no such fabric on this host")
@@ -616,10 +622,18 @@ def test_under_auto_a_factory_that_cannot_run_is_skipped_and_one_that_fails_fail
         with pytest.raises(RuntimeError, match="vendor library crashed"):
             TransferAgent("b")
         assert closed == ["first-test"]  # started before the fault, closed again
+        # A started transport that fails to close as well: every one is closed, and the fault is the error
+        closed.clear()
+        registry.register_transfer_backend("stuck-test", _FailingClose, priority=1003)
+        at_warning = caplog.at_level(logging.WARNING, logger="sagellm_comm.transfer")
+        with at_warning, pytest.raises(RuntimeError, match="vendor library crashed"):
+            TransferAgent("c")
+        assert closed == ["stuck-test", "first-test"]
+        assert "closing transport 'stuck-test' after transport 'broken-test' failed to start" in caplog.text
     finally:
         if agent is not None:
             agent.close()
-        for name in ("first-test", "absent-test", "broken-test"):
+        for name in ("first-test", "absent-test", "broken-test", "stuck-test"):
             registry.unregister_transfer_backend(name)
 
 

@@ -176,9 +176,15 @@ class TransferAgent:
                 if len(entries) == 1:
                     raise
                 self.skipped[entry.name] = exc.message
-            except BaseException:  # a bad option: the transports already started are closed again
-                for started in self._backends.values():
-                    started.close()
+            except BaseException:  # a bad option: the transports already started are closed again, every one;
+                for started in self._backends.values():  # one that fails to close is logged, the fault raised
+                    try:
+                        started.close()
+                    except Exception as exc:  # noqa: BLE001 - the fault that failed the agent is the error
+                        logger.warning(
+                            "transfer agent %r: closing transport %r after transport %r failed to start raised: %r",
+                            name, started.name, entry.name, exc,
+                        )  # fmt: skip
                 raise
         if not self._backends:
             why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
