@@ -1538,6 +1538,43 @@ def test_an_ipc_transport_whose_resident_copier_fails_to_stop_still_closes_its_i
         agent.close()
 
 
+def test_a_failed_ipc_bind_raises_its_own_error_when_releasing_its_state_fails_too(monkeypatch, caplog):
+    """The ipc transport binds to a device at its first region; a bind that fails releases what it made, and a
+    release that raises as well is logged: the bind's error is raised, and the next call binds afresh instead of
+    running on the half-made state."""
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer import ipc as ipc_module
+    from sagellm_comm.transfer.ipc_memory import Staging
+
+    released: list[str] = []
+
+    class _StuckStaging(Staging):
+        def close(self, in_use: bool) -> None:
+            released.append("staging")
+            super().close(in_use)
+            raise TransferError("the staging buffers would not go")
+
+    def no_launcher(*args, **kwargs):
+        raise BackendNotSupportedError("no kernel launcher here")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    agent = TransferAgent("a", "ipc")
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(ipc_module, "Staging", _StuckStaging)
+            patch.setattr(ipc_module, "Launcher", no_launcher)
+            at_warning = caplog.at_level(logging.WARNING, logger="sagellm_comm.transfer")
+            with at_warning, pytest.raises(BackendNotSupportedError, match="no kernel launcher here"):
+                agent.allocate("kv", 4096, torch.uint8)
+        assert released == ["staging"]
+        assert "after a failed bind to cpu raised" in caplog.text and "would not go" in caplog.text
+        assert agent.regions == []
+        region = agent.allocate("kv", 4096, torch.uint8)  # binds afresh
+        assert agent.regions == ["kv"] and region.numel() == 4096
+    finally:
+        agent.close()
+
+
 def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeypatch):
     """Opening a FIFO for reading waits for a writer: the liveness probe opens without blocking, and add_peer
     refuses the path within the agent's timeout instead of holding the agent's lock forever."""

@@ -218,24 +218,33 @@ class IpcBackend(TransferBackend):
             return
         try:
             self._bind(device)
-        except BaseException:
-            self._unbind()
+        except BaseException as exc:
+            try:
+                self._unbind()
+            except Exception as undo:  # noqa: BLE001 - the bind's own error says what went wrong
+                logger.warning(
+                    "transfer agent %r: releasing the ipc transport's device state after a failed bind to %s "
+                    "raised: %r (the bind's error follows: %r)", self.context.name, device, undo, exc,
+                )  # fmt: skip
             raise
 
     def _unbind(self) -> None:
-        """Release what a failed :meth:`_bind` made and mark the backend unbound."""
+        """Release what a failed :meth:`_bind` made and mark the backend unbound (the next call binds afresh),
+        every step run when one raises; the first error is raised after them."""
         copier, staging, events = self.copier, getattr(self, "staging", None), getattr(self, "events", None)
-        probe = getattr(self, "probe", None)
+        probe, cuda = getattr(self, "probe", None), self.device is not None and self.device.type == "cuda"
         self.copier = self.staging = self.events = self.probe = self._probe_tensor = None
-        if copier is not None:
-            copier.close()
-        if staging is not None:
-            staging.close(in_use=False)
-        if events is not None:
-            events.close()
-        if probe is not None and self.device is not None and self.device.type == "cuda":
-            self.memory.free(probe)
         self.device = None
+        steps = []
+        if copier is not None:
+            steps.append(copier.close)
+        if staging is not None:
+            steps.append(functools.partial(staging.close, in_use=False))
+        if events is not None:
+            steps.append(events.close)
+        if probe is not None and cuda:
+            steps.append(functools.partial(self.memory.free, probe))
+        run_every(steps)
 
     def _bind(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
