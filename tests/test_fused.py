@@ -598,6 +598,45 @@ def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
     torch.testing.assert_close(out, 2 * (a @ b))
 
 
+@pytest.mark.parametrize("close_fails", [False, True])
+def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(monkeypatch, caplog, close_fails):
+    """``VirtualFused`` makes the fused GEMM's workspaces, then the GEMM; a GEMM that cannot be made (no memory for
+    its side stream, say) leaves no workspace open: every one is closed and the GEMM's error raised, a failing close
+    logged beside it.  (It needs CUDA: the group, its device and the parts are stand-ins here.)"""
+    import logging
+    import types
+
+    from sagellm_comm.errors import P2PFailedError
+    from sagellm_comm.fused import virtual as virtual_module
+
+    closed: list[int] = []
+
+    class _Workspace:
+        def __init__(self, rank: int):
+            self.rank = rank
+
+        def close(self) -> None:
+            closed.append(self.rank)
+            if close_fails and self.rank == 1:
+                raise P2PFailedError("rank 1: unmapping a peer's region failed")
+
+    def no_gemm(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (the GEMM's side stream)")
+
+    monkeypatch.setattr(virtual_module, "FusedAllReduceRMSNorm", lambda *args, **kwargs: object())
+    monkeypatch.setattr(virtual_module, "local_workspaces", lambda w, *a, **k: [_Workspace(r) for r in range(w)])
+    monkeypatch.setattr(virtual_module, "GemmAllReduce", no_gemm)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))  # fmt: skip
+    group = types.SimpleNamespace(
+        world_size=3, device=torch.device("cuda", 0), workspaces=[None], max_programs=8, timeout_s=1.0, config=None
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="out of memory"):
+        virtual_module.VirtualFused(group)
+    assert closed == [0, 1, 2]
+    assert ("rank 1: unmapping" in caplog.text) == close_fails
+
+
 @pytest.mark.parametrize("sync_fails", [False, True], ids=["a-close-fails", "the-sync-fails-too"])
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
 def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, sync_fails):

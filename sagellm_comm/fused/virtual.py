@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 
@@ -21,6 +23,8 @@ from ..workspace import local_workspaces
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, GemmPathSelector, gemm_knobs, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
+
+logger = logging.getLogger(__name__)
 
 
 class VirtualFused:
@@ -56,15 +60,22 @@ class VirtualFused:
         )
         if consumer_programs is None:
             consumer_programs = self._overlap_programs
-        self.gemm = GemmAllReduce(
-            self.gemm_workspaces[0],
-            self._all_reduce_stacked,
-            selector=selector,
-            consumer_programs=consumer_programs,
-            num_chunks=num_chunks,
-            timeout_s=group.timeout_s,
-        )
-        self._gemm_table, self._gemm_ctrl = stacked_rows(self.gemm_workspaces)
+        try:
+            self.gemm = GemmAllReduce(
+                self.gemm_workspaces[0],
+                self._all_reduce_stacked,
+                selector=selector,
+                consumer_programs=consumer_programs,
+                num_chunks=num_chunks,
+                timeout_s=group.timeout_s,
+            )
+            self._gemm_table, self._gemm_ctrl = stacked_rows(self.gemm_workspaces)
+        except BaseException as exc:  # the workspaces just made are nobody's: closed, the set-up's error raised
+            try:
+                run_every(ws.close for ws in self.gemm_workspaces)
+            except Exception as undo:  # noqa: BLE001 - the set-up's own error says what went wrong
+                logger.warning("closing the fused GEMM's workspaces after its set-up failed (%r) raised: %r", exc, undo)
+            raise
 
     def _all_reduce_stacked(self, t: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce_stacked(t.view(self.world_size, -1))
