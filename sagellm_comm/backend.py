@@ -127,7 +127,8 @@ class Work(ABC):
 
     @abstractmethod
     def is_completed(self) -> bool:
-        """Non-blocking: True once the operation finished (successfully or not)."""
+        """Non-blocking: True once the operation finished (successfully or not); after a success its result may
+        be used as after :meth:`wait`."""
 
 
 class CompletedWork(Work):

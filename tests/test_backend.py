@@ -575,3 +575,17 @@ def _send_recv_any_dtype(rank: int, world_size: int, port: int) -> list[int]:
 def test_gloo_send_recv_move_any_dtype() -> None:
     """send/recv move bytes: the collectives' dtype list does not apply to them."""
     assert run_ranks(_send_recv_any_dtype, 2, timeout=60) == [[0, 0, 0], [1, -2, 3]]
+
+
+def test_a_work_that_reports_completion_has_its_result_in_place() -> None:
+    """torch's contract for ``Work.is_completed``: once True, the output may be used without ``wait``.  A list
+    all_to_all (packed, then unpacked into the outputs) must have unpacked by then."""
+    with get_comm_backend("gloo").init(rank=0, world_size=1) as backend:
+        outputs = [torch.zeros(3)]
+        work = backend.all_to_all(outputs, [torch.arange(3.0)], async_op=True)
+        deadline = time.monotonic() + 30
+        while not work.is_completed():
+            assert time.monotonic() < deadline, "the all_to_all of one rank did not complete within 30 s"
+            time.sleep(0.001)
+        assert torch.equal(outputs[0], torch.arange(3.0))
+        assert work.wait() is outputs and torch.equal(outputs[0], torch.arange(3.0))

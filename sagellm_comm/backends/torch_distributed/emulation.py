@@ -5,11 +5,13 @@
   ``all_to_all_single`` (every engine and torch version has it; Gloo before torch 2.13 lacks the list form),
   then unpacked into the caller's output tensors.
 
-Both are a torch op plus a *post-step* run once, by :class:`TorchWork.wait`, after the engine finished.
+Both are a torch op plus a *post-step* run once, after the engine finished, by :class:`TorchWork.wait` or by the
+first :meth:`TorchWork.is_completed` that finds the engine done.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 
 from sagellm_comm.arguments import check_timeout
 from sagellm_comm.backend import ReduceOp, Work
+from sagellm_comm.errors import CommError
 
 from .checks import seconds
 from .engines import TORCH_OPS, Engine
@@ -97,4 +100,14 @@ class TorchWork(Work):
         return self._result
 
     def is_completed(self) -> bool:
-        return self._done or bool(self._work.is_completed())
+        """True once the result may be used (torch's contract): the engine finished, and the post-step (AVG's
+        divide, a list all_to_all's unpack) has run, here if :meth:`wait` has not run it yet.  A failed operation
+        is completed too; :meth:`wait` raises its error."""
+        if self._done:
+            return True
+        if not self._work.is_completed():
+            return False
+        if self._post is not None:
+            with contextlib.suppress(CommError):  # finished, and failed: wait() raises it again
+                self.wait()
+        return True
