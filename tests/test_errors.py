@@ -165,6 +165,10 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
         (lambda: backend.all_gather(x, x[4 * (1 - rank) : 4 * (2 - rank)]), ia, "all_gather: output and input overlap"),
         (lambda: backend.reduce_scatter(x[4 * (1 - rank) : 4 * (2 - rank)], x), ia, "reduce_scatter: output and"),
         (lambda: backend.reduce_scatter(x[1:5], x), ia, "only overlap allowed"),
+        # the list forms too: the output is another rank's input chunk, or the input another rank's output
+        (lambda: backend.reduce_scatter(x[:4], [x[:4], x[4:]][:: 2 * rank - 1]), ia, "reduce_scatter: output and"),
+        (lambda: backend.reduce_scatter(x[1:5], [x[:4], x[4:]]), ia, "only overlap allowed"),
+        (lambda: backend.all_gather([x, torch.empty(8)][:: 2 * rank - 1], x), ia, "all_gather: output and input"),
         (lambda: backend.barrier(timeout=-1), ia, "timeout must be a positive"),
         (lambda: backend.all_reduce(x, group="tp"), ia, "group must come from new_group()"),
     ]
@@ -186,6 +190,13 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
     scattered = torch.arange(8, dtype=torch.float32)
     backend.reduce_scatter(scattered[4 * rank : 4 * (rank + 1)], scattered)
     assert torch.equal(scattered[4 * rank : 4 * (rank + 1)], torch.arange(4 * rank, 4 * rank + 4.0) * 2)
+    chunks = [torch.full((4,), float(10 * rank + j)) for j in range(2)]  # the list forms in place
+    backend.reduce_scatter(chunks[rank], chunks)
+    assert torch.equal(chunks[rank], torch.full((4,), 10.0 + 2 * rank))
+    mine = torch.full((4,), float(rank))
+    blocks = [mine if j == rank else torch.empty(4) for j in range(2)]
+    backend.all_gather(blocks, mine)
+    assert [b.tolist() for b in blocks] == [[0.0] * 4, [1.0] * 4]
     backend.destroy()
     return len(cases)
 

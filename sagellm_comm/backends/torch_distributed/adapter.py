@@ -50,6 +50,7 @@ from .checks import (
     check_group_ranks,
     check_in_place_or_disjoint,
     check_list,
+    check_list_in_place_or_disjoint,
     check_op,
     check_peer,
     check_tensor,
@@ -297,6 +298,7 @@ class TorchDistributedBackend(CommBackend):
         self._check_dtype(tensor.dtype, "all_gather")
         if isinstance(output, list | tuple):
             out = self._check_list(output, "output", g.world_size, tensor)
+            check_list_in_place_or_disjoint(out, tensor, g.rank, "all_gather")
             start = lambda: dist.all_gather(out, tensor, g.engine_group, True)
         else:
             self._check_flat(output, "output", tensor, g.world_size * tensor.numel())
@@ -314,6 +316,7 @@ class TorchDistributedBackend(CommBackend):
         rop = self._check_op(op, output.dtype)
         if isinstance(input, list | tuple):
             chunks = self._check_list(input, "input", g.world_size, output)
+            check_list_in_place_or_disjoint(chunks, output, g.rank, "reduce_scatter")
             torch_op, post = self._reduction(rop, g, [output])
             start = lambda: dist.reduce_scatter(output, chunks, torch_op, g.engine_group, True)
         else:

@@ -171,6 +171,24 @@ def check_in_place_or_disjoint(whole: torch.Tensor, block: torch.Tensor, rank: i
     )
 
 
+def check_list_in_place_or_disjoint(blocks: list[torch.Tensor], single: torch.Tensor, rank: int, what: str) -> None:
+    """The list form of :func:`check_in_place_or_disjoint`: ``single`` (all_gather's input, reduce_scatter's
+    output) is ``blocks[rank]`` itself (same memory, same size: in place) or shares no byte with any block.  Gloo
+    reads other ranks' blocks after writing ``single``, so any other overlap would hand peers (or this rank) data
+    already overwritten."""
+    for index, block in enumerate(blocks):
+        if not share_bytes(block, single):
+            continue
+        if index == rank and block.data_ptr() == single.data_ptr() and block.numel() == single.numel():
+            continue
+        side = "input" if what == "all_gather" else "output"
+        raise InvalidArgumentError(
+            f"{what}: output and input overlap in memory (block {index}); the only overlap allowed is the {side} "
+            f"being this rank's block (rank {rank}) of the list (in place)",
+            details={"rank": rank, "block": index},
+        )
+
+
 def check_dtype(dtype: torch.dtype, what: str, kind: str, dtypes: frozenset[torch.dtype] | None) -> None:
     """``dtype`` is one that collective ``what`` of backend ``kind`` takes (``dtypes``; None: any)."""
     if dtypes is None or dtype in dtypes:
