@@ -589,3 +589,34 @@ def test_a_work_that_reports_completion_has_its_result_in_place() -> None:
             time.sleep(0.001)
         assert torch.equal(outputs[0], torch.arange(3.0))
         assert work.wait() is outputs and torch.equal(outputs[0], torch.arange(3.0))
+
+
+def test_destroy_releases_every_group_when_one_release_raises(monkeypatch) -> None:
+    """A release that raises does not keep the other groups held, nor the backend marked initialised."""
+    import torch.distributed as dist
+
+    from sagellm_comm.errors import CommError
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's world
+    try:
+        backend = CommBackend.create("gloo").init(rank=0, world_size=1)
+        groups = [backend.new_group([0]), backend.new_group([0])]
+        release = dist.destroy_process_group
+        released: list = []
+
+        def fails_first(group=None) -> None:
+            released.append(group)
+            if len(released) == 1:
+                raise RuntimeError("the engine refused to release the group")
+            release(group)
+
+        monkeypatch.setattr(dist, "destroy_process_group", fails_first)
+        with pytest.raises(CommError, match="refused to release"):
+            backend.destroy()
+        assert released == [g.engine_group for g in reversed(groups)]  # the second release ran too
+        assert not backend.is_initialized
+        backend.destroy()  # nothing left to release
+        assert len(released) == 2
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

@@ -15,6 +15,7 @@ the current stream and torch's watchdog applies the same bound.  After ``comm_ti
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from sagellm_comm.errors import (
     NotInitializedError,
     RankMismatchError,
     ShapeMismatchError,
+    run_every,
 )
 
 from .checks import (
@@ -64,6 +66,8 @@ from .rendezvous import init_world
 from .translate import translate
 
 __all__ = ["TorchDistributedBackend"]
+
+log = logging.getLogger("sagellm_comm")
 
 
 ENGINE_RELEASE_S = 0.01  # destroy(): time the engine's threads get to release a finished collective's tensors
@@ -139,9 +143,12 @@ class TorchDistributedBackend(CommBackend):
                 self._device = pick_device(self.engine, local_rank)
             cpu = dist.group.WORLD if self.engine.host_blocking else self._gloo_group(range(world_size))
         except Exception as exc:
-            self._teardown()
-            self._reset()
-            raise self._translate(exc, "init (device, cpu group)", timeout) from exc
+            error = self._translate(exc, "init (device, cpu group)", timeout)
+            try:
+                run_every([self._teardown, self._reset])
+            except Exception as cleanup:  # init's own failure is the one to report
+                log.warning("sagellm-comm init: releasing the half-made world failed too: %s", cleanup)
+            raise error from exc
         self._world = GroupHandle(tuple(range(world_size)), rank, dist.group.WORLD, cpu)
         self._initialized, self._destroyed = True, False
         return self
@@ -170,30 +177,45 @@ class TorchDistributedBackend(CommBackend):
         return dist.new_group(list(ranks), timeout=seconds(self.timeout), backend="gloo")
 
     def destroy(self) -> None:
+        """As :meth:`CommBackend.destroy`.  Every step runs even when one raises (each group's release, the reset
+        of this object, forgetting the op registry's generated names); the backend is destroyed all the same and
+        the first failure is then raised as a typed error."""
         if not self._initialized:
             return
-        self._teardown()
-        self._reset()
+        timeout = self.timeout
+        try:
+            run_every([self._teardown, self._reset, self._let_engine_threads_release, self._forget_generated_names])
+        except Exception as exc:
+            raise self._translate(exc, "destroy", timeout) from exc
+
+    @staticmethod
+    def _let_engine_threads_release() -> None:
         # An engine thread that finished a collective may still hold its tensors; when the caller has already
         # dropped them in Python (a custom op returns its result that way), releasing them takes the GIL.  Give
         # such a thread the GIL now: a thread still waiting for it when the interpreter finalizes is ended by
         # Python, and the C++ runtime aborts the process ("terminate called without an active exception").
         time.sleep(ENGINE_RELEASE_S)
+
+    def _forget_generated_names(self) -> None:
         ops = sys.modules.get("sagellm_comm.ops")  # the op registry's names exist only once it is imported
         if ops is not None:
             ops.forget_generated_names(self)
 
     def _teardown(self) -> None:
-        for handle in reversed(self._groups):
-            for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
-                if not self._owns_world and _is_live(pg):
-                    dist.destroy_process_group(pg)
-        world_cpu = self._world.cpu_group if self._world is not None else None
-        if world_cpu is not dist.group.WORLD and not self._owns_world and _is_live(world_cpu):
-            dist.destroy_process_group(world_cpu)
-        if self._owns_world and dist.is_initialized():
-            dist.destroy_process_group()  # also frees every sub-group made on it
-        self._groups.clear()
+        """Release the process groups this backend made: every one, whichever raises (the first error is raised)."""
+        releases: list = []
+        if self._owns_world:
+            if dist.is_initialized():
+                releases.append(lambda: dist.destroy_process_group())  # also frees every sub-group made on it
+        else:
+            for handle in reversed(self._groups):
+                for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
+                    releases.append(functools.partial(_destroy_if_live, pg))
+            world_cpu = self._world.cpu_group if self._world is not None else None
+            if world_cpu is not dist.group.WORLD:
+                releases.append(functools.partial(_destroy_if_live, world_cpu))
+        releases.append(self._groups.clear)
+        run_every(releases)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -466,6 +488,11 @@ class TorchDistributedBackend(CommBackend):
     def _reduction(self, rop: ReduceOp, g: GroupHandle, outputs: list[torch.Tensor]):
         """torch op to run and a post-step (AVG as SUM then divide where the engine lacks it)."""
         return reduction(rop, self.engine, g.world_size, outputs)
+
+
+def _destroy_if_live(pg: Any) -> None:
+    if _is_live(pg):
+        dist.destroy_process_group(pg)
 
 
 def _is_live(pg: Any) -> bool:
