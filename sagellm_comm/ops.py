@@ -214,8 +214,18 @@ def _all_reduce_fake(tensor: torch.Tensor, group_name: str, op: str = "sum") -> 
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
+def _check_gather_call(tensor: torch.Tensor, world_size: int) -> None:
+    """What the all_gather op checks before anything else, traced or not: a tensor of at least one dimension (it
+    gathers along dim 0) and a world size of at least 1."""
+    if tensor.dim() == 0:
+        raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
+    if world_size < 1:  # the schema's SymInt: an int, or a symbolic one under dynamic shapes
+        raise InvalidArgumentError(f"world_size must be >= 1, got {world_size}", details={"world_size": world_size})
+
+
 @torch.library.custom_op("sagellm_comm::all_gather", mutates_args=())
 def _all_gather_op(tensor: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+    _check_gather_call(tensor, world_size)
     group = _group(group_name)
     if world_size != group.world_size:
         raise ShapeMismatchError(
@@ -230,6 +240,7 @@ def _all_gather_op(tensor: torch.Tensor, group_name: str, world_size: int) -> to
 
 @_all_gather_op.register_fake
 def _all_gather_fake(tensor: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+    _check_gather_call(tensor, world_size)
     return tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
 
 
@@ -365,7 +376,7 @@ def all_gather(tensor: torch.Tensor, group: CommGroup | str | None = None, world
         ``[world_size * d0, *rest]``: rank ``r``'s ``tensor`` in rows ``r*d0 .. (r+1)*d0 - 1``.
     """
     check_is_tensor(tensor, "tensor")
-    if tensor.dim() == 0:
+    if tensor.dim() == 0:  # before the group is looked up (the op checks it again)
         raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
     name = group_name(group)
     # The op's schema takes an int: torch's own refusal of "2" or 2.0 would be an untyped RuntimeError.

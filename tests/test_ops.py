@@ -36,6 +36,18 @@ def test_all_gather_fake_stacks_rank_major_on_dim0(shape, world_size) -> None:
         assert y.shape == (world_size * shape[0], *shape[1:]) and y.dtype == torch.bfloat16
 
 
+def test_all_gather_op_refuses_a_0d_tensor_or_a_world_size_under_1_typed_traced_or_not() -> None:
+    """The op itself (``torch.ops.sagellm_comm.all_gather``, not only its Python wrapper) and its fake."""
+    with pytest.raises(InvalidArgumentError, match="at least one dimension"):
+        torch.ops.sagellm_comm.all_gather(torch.tensor(1.0), "never-registered", 2)
+    with FakeTensorMode():
+        with pytest.raises(InvalidArgumentError, match="at least one dimension"):
+            torch.ops.sagellm_comm.all_gather(torch.empty(()), "g", 2)
+        for bad in (0, -1):
+            with pytest.raises(InvalidArgumentError, match="world_size must be"):
+                torch.ops.sagellm_comm.all_gather(torch.empty(3), "g", bad)
+
+
 def test_ops_have_schemas_of_functional_ops() -> None:
     reduce_schema = torch.ops.sagellm_comm.all_reduce.default._schema
     gather_schema = torch.ops.sagellm_comm.all_gather.default._schema
