@@ -129,6 +129,7 @@ def test_errors_are_builtin_exceptions_too() -> None:
 def _bad_inputs(rank: int, world_size: int, port: int) -> int:
     backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=20)
     x = torch.arange(8, dtype=torch.float32) + rank
+    out8, out12 = torch.empty(8), torch.empty(12)
     before = x.clone()
     ia, sm, rm, gi = (
         (InvalidArgumentError, ErrorCode.INVALID_ARGUMENT),
@@ -169,6 +170,10 @@ def _bad_inputs(rank: int, world_size: int, port: int) -> int:
         (lambda: backend.reduce_scatter(x[:4], [x[:4], x[4:]][:: 2 * rank - 1]), ia, "reduce_scatter: output and"),
         (lambda: backend.reduce_scatter(x[1:5], [x[:4], x[4:]]), ia, "only overlap allowed"),
         (lambda: backend.all_gather([x, torch.empty(8)][:: 2 * rank - 1], x), ia, "all_gather: output and input"),
+        # outputs that share memory: one rank's block would overwrite another's
+        (lambda: backend.all_gather([out8, out8], x), ia, "output[0] and output[1] overlap"),
+        (lambda: backend.all_gather([out12[:8], out12[4:]], x), ia, "output[0] and output[1] overlap"),
+        (lambda: backend.all_to_all([out8[:4], out8[2:6]], [x[:4], x[4:]]), ia, "output[0] and output[1] overlap"),
         (lambda: backend.barrier(timeout=-1), ia, "timeout must be a positive"),
         (lambda: backend.all_reduce(x, group="tp"), ia, "group must come from new_group()"),
     ]

@@ -54,6 +54,7 @@ from .checks import (
     check_list,
     check_list_in_place_or_disjoint,
     check_op,
+    check_outputs_disjoint,
     check_peer,
     check_tensor,
     check_world,
@@ -320,6 +321,7 @@ class TorchDistributedBackend(CommBackend):
         self._check_dtype(tensor.dtype, "all_gather")
         if isinstance(output, list | tuple):
             out = self._check_list(output, "output", g.world_size, tensor)
+            check_outputs_disjoint(out, "all_gather")
             check_list_in_place_or_disjoint(out, tensor, g.rank, "all_gather")
             start = lambda: dist.all_gather(out, tensor, g.engine_group, True)
         else:

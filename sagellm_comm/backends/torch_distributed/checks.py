@@ -135,6 +135,22 @@ def check_list(
     return tensors
 
 
+def check_outputs_disjoint(outputs: list[torch.Tensor], what: str) -> None:
+    """No two of ``outputs`` (contiguous) share a byte: each receives another rank's block, and blocks written
+    to shared memory would overwrite one another."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(outputs) if t.numel()
+    )
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            first, second = sorted((i, j))
+            raise InvalidArgumentError(
+                f"{what}: output[{first}] and output[{second}] overlap in memory; each output receives another "
+                "rank's block: pass tensors that share no memory",
+                details={"outputs": [first, second]},
+            )
+
+
 def check_flat(tensor: Any, what: str, like: torch.Tensor, numel: int, device: torch.device, kind: str) -> None:
     """A valid tensor of ``numel`` elements of ``like``'s dtype (the flat form of a list argument)."""
     check_tensor(tensor, what, device, kind)
@@ -226,6 +242,7 @@ def check_all_to_all_lists(outputs: Any, inputs: Any, n: int, device: torch.devi
     for i, chunk in enumerate(inputs):
         check_tensor(chunk, f"input[{i}]", device, kind)
     outs = check_list(outputs, "output", n, None, device, kind)
+    check_outputs_disjoint(outs, "all_to_all")
     dtype = inputs[0].dtype
     for i, t in enumerate([*inputs, *outs]):
         if t.dtype != dtype:
