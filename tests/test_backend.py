@@ -620,3 +620,22 @@ def test_destroy_releases_every_group_when_one_release_raises(monkeypatch) -> No
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
+
+
+def test_a_conjugate_view_is_refused_as_an_argument_before_calling_torch() -> None:
+    """A complex tensor with its conjugate bit set (``z.conj()``, lazily conjugated): the engines move its memory,
+    which holds the unconjugated values; torch refuses it as an engine failure, the adapter as a bad argument."""
+    from sagellm_comm.errors import ErrorCode
+
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()
+    with get_comm_backend("gloo").init(rank=0, world_size=1) as backend:
+        for call in (
+            lambda: backend.all_reduce(z),
+            lambda: backend.broadcast(z, src=0),
+            lambda: backend.all_gather([torch.empty_like(z)], z),
+            lambda: backend.all_gather(torch.empty(2, dtype=torch.complex64).conj(), z.resolve_conj()),
+        ):
+            with pytest.raises(InvalidArgumentError, match=r"resolve_conj\(\)") as info:
+                call()
+            assert info.value.code is ErrorCode.INVALID_ARGUMENT
+        assert torch.equal(backend.all_reduce(z.resolve_conj()), z)  # resolved: runs

@@ -104,7 +104,8 @@ def check_peer(peer: Any, g: GroupHandle, what: str, allow_self: bool = False) -
 
 
 def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> None:
-    """A dense contiguous tensor on ``device`` (the backend ``kind``'s)."""
+    """A dense contiguous tensor on ``device`` (the backend ``kind``'s) whose memory holds its values (not a lazy
+    conjugate or negative view)."""
     check_is_tensor(tensor, what)
     if tensor.device.type != device.type or (
         device.index is not None and tensor.device.index not in (device.index, None)
@@ -116,6 +117,12 @@ def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> Non
         )
     if tensor.is_sparse or not tensor.is_contiguous():
         raise InvalidArgumentError(f"{what} must be a dense contiguous tensor; call .contiguous() first")
+    if tensor.is_conj() or tensor.is_neg():  # the memory holds the values before the lazy conjugation/negation
+        raise InvalidArgumentError(
+            f"{what} is a lazily conjugated (or negated) view, whose memory does not hold its values; resolve it "
+            "first with .resolve_conj() (or .resolve_neg()): a new tensor, which does not alias this one",
+            details={"conj": tensor.is_conj(), "neg": tensor.is_neg()},
+        )
 
 
 def check_list(
