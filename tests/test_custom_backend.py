@@ -12,7 +12,7 @@ INTERP = {"TRITON_INTERPRET": "1"}
 
 def _backend_worker(rank, world_size, port):
     from sagellm_comm import CommBackend, ReduceOp
-    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
 
     backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
     backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
@@ -46,7 +46,7 @@ def _backend_worker(rank, world_size, port):
     backend.all_reduce(big)
     assert torch.all(big == float(sum(range(1, world_size + 1))))
     seen["big"] = (backend.last_selection.algo, backend.last_selection.rule_id)
-    with pytest.raises(InvalidArgumentError, match="fit the 8192-byte workspace"):
+    with pytest.raises(WorkspaceExhaustedError, match="fit the 8192-byte workspace"):
         backend.all_reduce(torch.ones(4096), algo="one_shot")
 
     # Other ops go to the engine.

@@ -35,6 +35,7 @@ from ..errors import (
     CommTimeoutError,
     InvalidArgumentError,
     NotInitializedError,
+    WorkspaceExhaustedError,
     run_every,
 )
 from ..launch import interpreting as _interpreting
@@ -501,7 +502,7 @@ class CustomBackend(TorchDistributedBackend):
         sel = car.select(nbytes, itemsize) if algo == AUTO else _USER_SELECTIONS[algo]
         if sel.algo not in KERNEL_ALGOS or nbytes > car.workspace.slot_bytes:
             if nbytes > car.workspace.slot_bytes and algo != AUTO:
-                raise InvalidArgumentError(
+                raise WorkspaceExhaustedError(
                     f"algo={algo} needs the message ({nbytes} bytes) to fit the {car.workspace.slot_bytes}-byte "
                     "workspace; use algo='auto' to fall back to the engine"
                 )
