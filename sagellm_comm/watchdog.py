@@ -9,7 +9,8 @@ thread polls at the shortest period any live watched workspace asked for, and en
 next watched workspace starts a new one).  The first time it sees a
 workspace's error it logs it (logger ``sagellm_comm``, level ERROR), stores it as
 ``workspace.async_error`` and calls every handler registered with :func:`add_error_handler`.  Reading the
-record is a host memory read: no device synchronisation, no CUDA call.
+record is a host memory read: no device synchronisation, no CUDA call; a record that cannot be read (a fault
+in the reading code) is logged once for its workspace and the thread goes on watching the others.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _lock = threading.Lock()
 _workspaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workspace -> its polling period (s)
 _handlers: list[Callable[[Any, BaseException], None]] = []
 _thread: threading.Thread | None = None
+_unreadable: weakref.WeakSet = weakref.WeakSet()  # workspaces whose error record could not be read (logged once)
 
 
 def add_error_handler(handler: Callable[[Any, BaseException], None]) -> None:
@@ -69,7 +71,13 @@ def poll_once() -> list[tuple[Any, BaseException]]:
         with _lock:  # closed since the pass began (by a handler, say): not reported
             if ws.async_error is not None or ws not in _workspaces:
                 continue
-        exc = ws.failure()
+        try:
+            exc = ws.failure()
+        except Exception as read_error:  # noqa: BLE001 - a record it cannot read must not end the watchdog
+            if ws not in _unreadable:  # logged once per workspace, the other workspaces still watched
+                _unreadable.add(ws)
+                log.exception("sagellm-comm watchdog: reading the error record of %r failed: %r", ws, read_error)
+            continue
         if exc is None:
             continue
         ws.async_error = exc

@@ -484,6 +484,43 @@ def test_the_watchdog_does_not_report_a_workspace_closed_during_its_pass():
     assert run_ranks(_watchdog_closed_worker, 1, env=INTERP, timeout=60) == [([True], True)]
 
 
+def test_the_watchdog_goes_on_when_a_workspace_record_cannot_be_read(caplog):
+    """A fault while reading one workspace's error record does not end the watchdog's pass (nor its thread): it
+    is logged once for that workspace, and the other workspaces' failures are still reported."""
+    import logging
+
+    from sagellm_comm import watchdog
+    from sagellm_comm.errors import CommTimeoutError
+
+    class _Workspace:
+        def __init__(self, failure):
+            self.async_error, self._failure = None, failure
+
+        def failure(self):
+            return self._failure()
+
+        def __repr__(self) -> str:
+            return "workspace"
+
+    def unreadable():
+        raise KeyError("phase")
+
+    broken = _Workspace(unreadable)
+    timed_out = _Workspace(lambda: CommTimeoutError("rank 1 never arrived"))
+    for ws in (broken, timed_out):
+        watchdog.watch(ws, 3_600_000)  # the thread sleeps: this test polls
+    try:
+        with caplog.at_level(logging.ERROR, logger="sagellm_comm"):
+            first = watchdog.poll_once()
+            second = watchdog.poll_once()
+        assert [(ws, str(exc)) for ws, exc in first] == [(timed_out, "[comm_timeout] rank 1 never arrived")]
+        assert second == [] and broken.async_error is None
+        assert caplog.text.count("reading the error record of workspace failed: KeyError('phase')") == 1
+    finally:
+        for ws in (broken, timed_out):
+            watchdog.unwatch(ws)
+
+
 def _gemm_after_close_worker(rank, world_size, port):
     from sagellm_comm.errors import NotInitializedError
 
