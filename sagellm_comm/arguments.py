@@ -34,6 +34,11 @@ def _is_int(value: Any) -> bool:
     return value.__class__ is int or (isinstance(value, numbers.Integral) and not _is_bool(value))
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool: what a rank or a count may be."""
+    return _is_int(value)
+
+
 def _is_number(value: Any) -> bool:
     """A real number (Python's or NumPy's int or float), not a bool."""
     cls = value.__class__
@@ -117,5 +122,5 @@ def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 __all__ = [
     "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_is_tensor", "check_timeout",
-    "share_bytes",
+    "is_int", "share_bytes",
 ]  # fmt: skip

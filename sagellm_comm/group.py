@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from sagellm_comm.arguments import is_int
 from sagellm_comm.backend import (
     AUTO,
     DEFAULT_TIMEOUT_S,
@@ -118,8 +119,9 @@ class CommGroup:
 
     def global_rank(self, group_rank: int) -> int:
         """Global rank of ``group_rank``."""
-        if isinstance(group_rank, bool) or not isinstance(group_rank, int):
+        if not is_int(group_rank):
             raise InvalidArgumentError(f"group rank must be an int, got {group_rank!r}")
+        group_rank = int(group_rank)  # NumPy's integers as Python's
         if not 0 <= group_rank < self.world_size:
             raise GroupInvalidError(f"group rank {group_rank} is outside [0, {self.world_size - 1}]")
         return self.ranks[group_rank]

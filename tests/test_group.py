@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_ranks
@@ -64,6 +65,21 @@ def _tp_groups(rank: int, world_size: int, port: int) -> dict:
         world.new_subgroup([4])
     with pytest.raises(InvalidArgumentError, match=r"group rank must be an int, got \[1\]"):
         world.new_subgroup([0, [1]])  # not a rank (unhashable): named, not a TypeError
+    # NumPy's integers are ranks (np.arange, a config read with NumPy), as everywhere an int is taken
+    pair = world.new_subgroup(np.arange(2))
+    assert pair.ranks == (0, 1) and all(type(r) is int for r in pair.ranks)
+    np_group = CommGroup(world.backend, world.backend.new_group(np.array([2, 3])))  # the backend's own check
+    assert np_group.ranks == (2, 3)
+    if pair.is_member:
+        peer = np.int64(1 - rank)
+        got = torch.empty(1)
+        work = CollectiveOps.send(torch.full((1,), float(rank)), dst=peer, group=pair, async_op=True)
+        CollectiveOps.recv(got, src=peer, group=pair)
+        work.wait()
+        assert got.item() == float(1 - rank)
+    for bad in (np.float64(1.0), np.bool_(True)):
+        with pytest.raises(InvalidArgumentError, match="group rank must be an int"):
+            world.new_subgroup([0, bad])
 
     # default group: group=None means the world
     v = torch.ones(1)

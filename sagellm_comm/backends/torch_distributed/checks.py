@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import check_is_tensor, share_bytes
+from sagellm_comm.arguments import check_is_tensor, is_int, share_bytes
 from sagellm_comm.backend import GroupHandle, ReduceOp
 from sagellm_comm.errors import (
     GroupInvalidError,
@@ -74,9 +74,10 @@ def check_group_ranks(ranks: Any, world_size: int) -> tuple[int, ...]:
         raise GroupInvalidError(f"group ranks must be a list of ints, got {ranks!r}") from exc
     if not members:
         raise GroupInvalidError("group ranks are empty; a group needs at least one rank")
-    bad = [r for r in members if isinstance(r, bool) or not isinstance(r, int)]
+    bad = [r for r in members if not is_int(r)]
     if bad:
         raise GroupInvalidError(f"group ranks must be ints, got {bad}")
+    members = [int(r) for r in members]  # NumPy's integers as Python's
     dups = sorted({r for r in members if members.count(r) > 1})
     if dups:
         raise GroupInvalidError(f"group ranks {members} repeat {dups}", details={"duplicates": dups})
@@ -91,8 +92,9 @@ def check_group_ranks(ranks: Any, world_size: int) -> tuple[int, ...]:
 
 def check_peer(peer: Any, g: GroupHandle, what: str, allow_self: bool = False) -> int:
     """A rank inside group ``g`` (``src``/``dst``); not this rank unless ``allow_self``."""
-    if isinstance(peer, bool) or not isinstance(peer, int):
+    if not is_int(peer):
         raise InvalidArgumentError(f"{what} must be an int rank, got {peer!r}")
+    peer = int(peer)  # NumPy's integers as Python's
     if not 0 <= peer < g.world_size:
         raise RankMismatchError(
             f"invalid {what} rank {peer}: the group has {g.world_size} ranks (valid 0..{g.world_size - 1})",
