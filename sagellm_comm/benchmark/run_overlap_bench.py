@@ -37,9 +37,11 @@ from sagellm_comm.benchmark.ops import dtype_name
 from sagellm_comm.benchmark.overlap_measure import _VirtualWorld, measure_overlap
 from sagellm_comm.benchmark.overlap_plan import OverlapPlan, plan_overlap, plan_overlap_in_process
 from sagellm_comm.benchmark.overlap_results import (
+    CPU_DEFAULTS,
     DEFAULT_ITERS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_WARMUP,
+    GPU_DEFAULTS,
     OVERLAP_FIELDS,
     OverlapConfig,
     OverlapRecord,
@@ -197,11 +199,25 @@ def add_overlap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--comm-sizes",
         nargs="+",
         metavar="SIZE",
-        help="explicit all-reduce sizes, e.g. --message-sizes 1M 16M (default: 1M,16M,64M GPU; 64K,1M CPU)",
+        help=f"explicit all-reduce sizes, e.g. --message-sizes 1M 16M (default: {GPU_DEFAULTS['comm_sizes']} GPU; "
+        f"{CPU_DEFAULTS['comm_sizes']} CPU)",
     )
-    what.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on GPUs, float32 on CPU)")
-    what.add_argument("--compute-ms", type=float, dest="compute_duration_ms", help="target GEMM loop time in ms")
-    what.add_argument("--gemm-size", type=int, help="g of the [g,g]@[g,g] GEMMs (default 4096 GPU, 128 CPU)")
+    what.add_argument(
+        "--dtype",
+        help=f"bfloat16, float16 or float32 (default: {GPU_DEFAULTS['dtype']} on GPUs, {CPU_DEFAULTS['dtype']} on CPU)",
+    )
+    what.add_argument(
+        "--compute-ms",
+        type=float,
+        dest="compute_duration_ms",
+        help=f"target GEMM loop time in ms (default {GPU_DEFAULTS['compute_duration_ms']:g} GPU, "
+        f"{CPU_DEFAULTS['compute_duration_ms']:g} CPU)",
+    )
+    what.add_argument(
+        "--gemm-size",
+        type=int,
+        help=f"g of the [g,g]@[g,g] GEMMs (default {GPU_DEFAULTS['gemm_size']} GPU, {CPU_DEFAULTS['gemm_size']} CPU)",
+    )
 
     how = parser.add_argument_group("how to time")
     how.add_argument(
