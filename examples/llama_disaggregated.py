@@ -284,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", metavar="HOST:PORT", help="the TCPStore both sides meet on (with --role)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; both processes use it")
     parser.add_argument("--backend", default="auto", help="transfer backend: auto (default), ipc or nixl")
-    parser.add_argument("--dtype", default="float32", choices=sorted(llama_tp.DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(llama_tp.DTYPES), help="(default float32)")
     parser.add_argument("--block-tokens", type=int, default=4, help="tokens per KV block (default 4)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per request (default 2)")
     parser.add_argument("--seq-len", type=int, default=10, help="prompt tokens (default 10: a partial last block)")
-    parser.add_argument("--decode-steps", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-steps", type=int, default=3, help="decode steps compared (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompt (default 0)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for every wait (default 120)")
     return parser
 

@@ -358,13 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spawn", type=int, metavar="N", help="start N local processes (else: torchrun's env)")
     parser.add_argument("--backend", default="gloo", help="gloo (default), custom, nccl or auto")
     parser.add_argument("--device", help="device of every rank's tensors (default: the backend's choice)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--mode", default="eager", choices=MODES, help="how the TP model runs (graph modes: a GPU)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="(default float32)")
+    parser.add_argument(
+        "--mode", default="eager", choices=MODES, help="how the TP model runs (default eager; graph modes: a GPU)"
+    )
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the rendezvous and collectives")
+    parser.add_argument("--seed", type=int, default=0, help="weights and tokens (default 0)")
+    parser.add_argument("--batch-size", type=int, default=2, help="(default 2)")
+    parser.add_argument("--seq-len", type=int, default=8, help="prompt tokens (default 8)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds for the rendezvous and collectives (default 120)"
+    )
     return parser
 
 
