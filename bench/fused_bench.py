@@ -16,9 +16,11 @@ add, ``torch.nn.functional.rms_norm``).
 Every figure is the median over ``--reps`` replays of a CUDA graph holding ``--calls`` calls, divided by
 ``--calls`` (:func:`sagellm_comm.benchmark.timing.time_graph`).  All ranks share one GPU, so compute and
 memory traffic are N times one rank's; compare the columns with each other, not with multi-GPU figures.
-Needs a CUDA GPU.  Writes ``<out>.json`` (``bench/make_docs_tables.py`` makes the tables)::
+Needs a CUDA GPU.  Writes ``<out>.json``; the two records ``bench/make_docs_tables.py`` makes the tables from are
+written one part each::
 
-    python -m bench.fused_bench --out bench/results/h200/fused_virtual
+    python -m bench.fused_bench --skip-rmsnorm --out bench/results/h200/fused_gemm_all_reduce_virtual
+    python -m bench.fused_bench --skip-gemm --out bench/results/h200/fused_rmsnorm_virtual
 """
 
 from __future__ import annotations
