@@ -1,5 +1,6 @@
-"""The documentation keeps its word: every Python snippet of README.md and docs/*.md runs as written, and
-``.ci/run`` runs exactly the README's test command.
+"""The documentation keeps its word: every Python snippet of README.md and docs/*.md runs as written,
+``.ci/run`` runs exactly the README's test command, docs/architecture.md names every module, and every file path
+the docs name exists.
 
 Snippets: every fenced ``python`` block is a case, named ``FILE:LINE``.  An HTML comment on the line just
 before the fence says how it runs (it is invisible on a rendered page):
@@ -124,3 +125,50 @@ def test_readme_names_the_examples_and_their_extra() -> None:
     assert "examples/llama_tp.py" in text and '".[examples]"' in text
     for example in (REPO / "examples").glob("*.py"):
         assert f"examples/{example.name}" in text, f"README.md does not mention examples/{example.name}"
+
+
+# ------------------------------------------------------------------------------------- the map and its paths
+
+
+def test_architecture_names_every_module_and_example() -> None:
+    """docs/architecture.md is the map: every module of the package and every example is named there."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    files = [p for p in sorted((REPO / "sagellm_comm").rglob("*.py")) if p.name != "__init__.py"]
+    files += sorted((REPO / "examples").glob("*.py"))
+    missing = [str(p.relative_to(REPO)) for p in files if not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", text)]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+    docs = sorted(p.stem for p in (REPO / "docs").glob("*.md") if p.stem != "architecture")
+    listing = re.search(r"^docs/ +(.*?)(?=^\S|\Z)", text, re.MULTILINE | re.DOTALL)
+    assert listing is not None, "docs/architecture.md has no docs/ entry in its tree"
+    assert not [d for d in docs if d not in listing.group(1)], f"the docs/ entry lacks some of {docs}"
+
+
+# A repository path in the prose: a folder of this tree, then a file name with an extension.  A path after a colon
+# is a git object (``55a2a51:bench/x.py``, which ``git show`` prints) and is not in the working tree.
+_REPO_PATH = re.compile(
+    r"(?<![\w./:-])((?:sagellm_comm|bench|tests|examples|docs|\.ci)/[\w./-]*\w\.(?:py|md|json|csv|png|sh))\b"
+)
+
+
+def test_docs_name_only_paths_that_exist() -> None:
+    """A file path named in README.md or docs/ is in the tree (a module that moved leaves no stale path)."""
+    stale = {
+        f"{path.relative_to(REPO)}: {found}"
+        for path in DOCS
+        for found in _REPO_PATH.findall(path.read_text())
+        if not (REPO / found).exists()
+    }
+    assert not stale, f"paths that do not exist: {sorted(stale)}"
+
+
+def test_the_path_scan_sees_what_it_should() -> None:
+    found = _REPO_PATH.findall(
+        "see sagellm_comm/benchmark/files.py, `bench/results/h200/soak.json`, 55a2a51:bench/launch_cost.py, "
+        "docs/protocol.md. and tests/conftest.py"
+    )
+    assert found == [
+        "sagellm_comm/benchmark/files.py",
+        "bench/results/h200/soak.json",
+        "docs/protocol.md",
+        "tests/conftest.py",
+    ]
