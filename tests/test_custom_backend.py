@@ -80,6 +80,53 @@ def test_custom_backend_runs_kernels_and_falls_back():
         assert s["big"][0] == "gloo", s["big"]
 
 
+def _forced_algo_worker(rank, world_size, port):
+    from sagellm_comm import CommBackend, ReduceOp
+    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    solos = [backend.new_group([r]) for r in range(world_size)]  # one member each: no kernels
+    mine = solos[rank]
+    before = backend.last_selection
+
+    def refused(error, match, tensor, **kwargs):
+        kept = tensor.clone()
+        with pytest.raises(error, match=match):
+            backend.all_reduce(tensor, **kwargs)
+        assert torch.equal(tensor, kept)  # nothing ran: the engine would have summed or taken the max
+        assert backend.last_selection is before
+
+    # A forced kernel algorithm on a call the kernels cannot run is refused, as an over-workspace message is.
+    refused(InvalidArgumentError, "int32", torch.full((8,), rank + 1, dtype=torch.int32), algo="one_shot")
+    refused(InvalidArgumentError, "SUM", torch.full((8,), rank + 1.0), op=ReduceOp.MAX, algo="two_shot")
+    refused(InvalidArgumentError, "contiguous", torch.full((8, 2), rank + 1.0).t(), algo="lamport")
+    refused(BackendNotSupportedError, "group size 1", torch.full((8,), rank + 1.0), group=mine, algo="one_shot")
+    # With payload="fp8" too: algo="two_shot" is the FP8 kernel or an error, never the engine at full precision.
+    wide = torch.full((8,), rank + 1.0, dtype=torch.float64)
+    refused(InvalidArgumentError, "float64", wide, algo="two_shot", payload="fp8")
+    refused(BackendNotSupportedError, "group size 1", torch.full((8,), rank + 1.0), group=mine, algo="two_shot",
+            payload="fp8")  # fmt: skip
+    # The same calls with auto run on the engine.
+    ints = torch.full((8,), rank + 1, dtype=torch.int32)
+    backend.all_reduce(ints)
+    assert torch.all(ints == 3) and backend.last_selection.algo == "gloo"
+    peak = torch.full((8,), rank + 1.0)
+    backend.all_reduce(peak, op=ReduceOp.MAX)
+    assert torch.all(peak == 2.0) and backend.last_selection.algo == "gloo"
+    alone = torch.full((8,), rank + 1.0)
+    backend.all_reduce(alone, group=mine)
+    assert torch.all(alone == rank + 1.0) and backend.last_selection.rule_id == "custom-unavailable"
+    x = torch.full((8,), rank + 1.0)
+    backend.all_reduce(x, algo="one_shot")  # and the kernels still run
+    assert torch.all(x == 3.0) and backend.last_selection.algo == "one_shot"
+    backend.destroy()
+
+
+def test_a_forced_kernel_algo_the_kernels_cannot_run_is_refused():
+    run_ranks(_forced_algo_worker, 2, env=INTERP, timeout=300)
+
+
 def _single_rank_worker(rank, world_size, port):
     from sagellm_comm import CommBackend
 

@@ -8,8 +8,9 @@ own symmetric workspace (see :mod:`sagellm_comm.backends.custom_setup` for the c
 group inside one node gets the kernels even when the world spans nodes.
 
 ``all_reduce(tensor, op=SUM, group=g)`` runs the kernels of ``g`` for sizes up to its workspace (the
-selector picks the algorithm; ``algo=`` overrides) and the engine for the rest (other ops, groups without
-kernels, larger messages, unsupported dtypes).  :attr:`CustomBackend.last_selection` records what ran and
+selector picks the algorithm) and the engine for the rest (other ops, groups without kernels, larger messages,
+unsupported dtypes).  ``algo=`` forces a kernel algorithm: a call it cannot run is refused with a typed error,
+not moved to the engine.  :attr:`CustomBackend.last_selection` records what ran and
 why; :meth:`CustomBackend.kernels_reason` says why a group has (no) kernels.
 """
 
@@ -25,7 +26,7 @@ import torch
 from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
 
 from .. import gather_scatter
-from ..arguments import check_flag, check_timeout
+from ..arguments import check_flag, check_is_tensor, check_timeout
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
@@ -460,10 +461,15 @@ class CustomBackend(TorchDistributedBackend):
     ):
         """As :meth:`CommBackend.all_reduce`; SUM on a group with kernels runs them when they can.
 
-        ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot``, ``lamport`` or ``nccl`` (the engine).
+        ``algo``: ``auto`` (the selector), ``one_shot``, ``two_shot``, ``lamport`` or ``nccl`` (the engine).  A
+        forced kernel algorithm runs on the kernels or raises before anything runs, never on the engine: a group
+        without kernels ``BackendNotSupportedError``; another op, dtype or a non-contiguous tensor
+        ``InvalidArgumentError``; a message over the workspace (or, for ``lamport``, over its buffers)
+        ``WorkspaceExhaustedError``.
         ``payload="fp8"`` (opt-in, lossy): the kernels' two-shot with FP8 shards (:meth:`CustomAllReduce.all_reduce`);
-        where the engine runs the call (no kernels for the group, another op or dtype, over the workspace) it
-        runs at full precision, and :attr:`last_selection` says so.
+        with ``algo="auto"``, where the engine runs the call (no kernels for the group, another op or dtype, over the
+        workspace) it runs at full precision, and :attr:`last_selection` says so; ``algo="two_shot"`` is refused there
+        as above.
         """
         if async_op.__class__ is not bool:
             check_flag(async_op, "async_op")
@@ -481,6 +487,8 @@ class CustomBackend(TorchDistributedBackend):
                 f"algo={HIERARCHICAL_ALGO!r} needs a group that spans nodes with the same number (>= 2) of members on "
                 "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
             )
+        if algo in KERNEL_ALGOS:
+            self._check_forced(algo, car, tensor, op, group)
         if (
             car is None
             or algo == ENGINE_ALGO
@@ -514,6 +522,31 @@ class CustomBackend(TorchDistributedBackend):
             return _EventWork(car, tensor)
         return tensor
 
+    def _check_forced(self, algo: str, car: CustomAllReduce | None, tensor, op, group) -> None:
+        """A forced kernel ``algo`` runs on the group's kernels or is refused here, before anything runs: never moved
+        to the engine (as a message over the workspace is refused, not moved)."""
+        if car is None:
+            raise BackendNotSupportedError(
+                f"algo={algo!r} needs the custom kernels, and this group runs on the {self.engine_kind} engine "
+                f"({self.kernels_reason(group)}); use algo='auto' or 'nccl'"
+            )
+        op = ReduceOp.parse(op)
+        if op is not ReduceOp.SUM:
+            raise InvalidArgumentError(
+                f"algo={algo!r} sums (op=SUM), got op={op.name}; use algo='auto' or 'nccl' for other ops"
+            )
+        check_is_tensor(tensor, "tensor")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise InvalidArgumentError(
+                f"algo={algo!r} takes bfloat16, float16 and float32 tensors, got {tensor.dtype}; use algo='auto' or "
+                "'nccl' for other dtypes"
+            )
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError(
+                f"algo={algo!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
+                f"{tensor.stride()}; call .contiguous(), or use algo='auto' or 'nccl'"
+            )
+
     def _all_reduce_payload(self, tensor, op, group, async_op, algo: str, payload: str):
         """:meth:`all_reduce` with ``payload``: the kernels' FP8 two-shot where they run the call, else the engine."""
         if payload not in PAYLOADS:
@@ -521,6 +554,8 @@ class CustomBackend(TorchDistributedBackend):
         if algo not in (AUTO, TWO_SHOT):
             raise InvalidArgumentError(f"payload={payload!r} runs on two_shot only; got algo={algo!r}")
         car = self.custom if group is None else self.kernels_for(group)
+        if algo == TWO_SHOT:
+            self._check_forced(algo, car, tensor, op, group)
         kernel_case = (
             car is not None
             and ReduceOp.parse(op) is ReduceOp.SUM
