@@ -127,6 +127,38 @@ def test_a_forced_kernel_algo_the_kernels_cannot_run_is_refused():
     run_ranks(_forced_algo_worker, 2, env=INTERP, timeout=300)
 
 
+def _refused_selection_worker(rank, world_size, port):
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import InvalidArgumentError
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    x = torch.full((64,), rank + 1.0)
+    backend.all_reduce(x, algo="two_shot")
+    ran = backend.last_selection
+    assert ran.algo == "two_shot" and torch.all(x == 3.0)
+    # Calls refused before anything runs leave last_selection saying what the last call that ran ran.
+    with pytest.raises(InvalidArgumentError, match="is on meta"):
+        backend.all_reduce(torch.ones(8, device="meta"))
+    assert backend.last_selection is ran
+    flat = torch.zeros(16)
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        backend.all_gather(flat[1:9], flat[:4])
+    assert backend.last_selection is ran
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        backend.reduce_scatter(flat[1:5], flat[:8])
+    assert backend.last_selection is ran
+    out = torch.empty(8)
+    backend.all_gather(out, torch.full((4,), rank + 1.0))  # and the next call runs, and is recorded
+    assert backend.last_selection.rule_id == "custom-all-gather"
+    assert torch.equal(out, torch.tensor([1.0] * 4 + [2.0] * 4))
+    backend.destroy()
+
+
+def test_a_refused_call_leaves_last_selection_as_it_was():
+    run_ranks(_refused_selection_worker, 2, env=INTERP, timeout=300)
+
+
 def _single_rank_worker(rank, world_size, port):
     from sagellm_comm import CommBackend
 

@@ -177,6 +177,7 @@ class CustomBackend(TorchDistributedBackend):
         self.kernel_timeout = kernel_timeout
         self.custom: CustomAllReduce | None = None  # the world group's kernels
         self.custom_reason = "not initialised"
+        # What the last call that ran ran, and why (a call refused with an error leaves it as it was).
         self.last_selection: Selection | None = None
         self._world_kernels: KernelGroup | None = None
         self._group_kernels: dict[int, tuple[Any, KernelGroup]] = {}  # id(handle) -> (handle, kernels)
@@ -441,9 +442,8 @@ class CustomBackend(TorchDistributedBackend):
         sel = self._hierarchical_selection(plan, car, tensor.numel() * itemsize, itemsize, algo)
         if sel is None:
             return None
-        self.last_selection = sel
         hierarchical_all_reduce(self, plan, car, tensor)
-        return car
+        return self._ran(sel, car)
 
     def select(self, nbytes: int, itemsize: int = 2, group: Any = None) -> Selection:
         """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
@@ -498,11 +498,11 @@ class CustomBackend(TorchDistributedBackend):
             or not tensor.is_contiguous()
         ):
             if car is None and algo != ENGINE_ALGO:  # as select() says: the group has no kernels, and why
-                self.last_selection = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
+                sel = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
             else:
                 why = "algo=nccl requested" if algo == ENGINE_ALGO else "not a kernel case (op, dtype or layout)"
-                self.last_selection = Selection(self.engine_kind, "engine", why)
-            return super().all_reduce(tensor, op, group, async_op)
+                sel = Selection(self.engine_kind, "engine", why)
+            return self._ran(sel, super().all_reduce(tensor, op, group, async_op))
         # The kernel path: ``car.all_reduce`` checks the device (typed error) and dtype/layout were checked
         # above, so nothing is validated twice; a live ``car`` means the backend is initialised.
         itemsize = tensor.element_size()
@@ -514,13 +514,15 @@ class CustomBackend(TorchDistributedBackend):
                     f"algo={algo} needs the message ({nbytes} bytes) to fit the {car.workspace.slot_bytes}-byte "
                     "workspace; use algo='auto' to fall back to the engine"
                 )
-            self.last_selection = sel.ran_on(self.engine_kind)
-            return super().all_reduce(tensor, op, group, async_op)
-        self.last_selection = sel
+            return self._ran(sel.ran_on(self.engine_kind), super().all_reduce(tensor, op, group, async_op))
         car.all_reduce(tensor, algo=sel.algo)
-        if async_op:
-            return _EventWork(car, tensor)
-        return tensor
+        return self._ran(sel, _EventWork(car, tensor) if async_op else tensor)
+
+    def _ran(self, sel: Selection, result: Any) -> Any:
+        """Record ``sel`` as :attr:`last_selection` once its call was issued, and return ``result``: a call refused
+        with an error leaves the selection of the last call that ran."""
+        self.last_selection = sel
+        return result
 
     def _check_forced(self, algo: str, car: CustomAllReduce | None, tensor, op, group) -> None:
         """A forced kernel ``algo`` runs on the group's kernels or is refused here, before anything runs: never moved
@@ -566,15 +568,13 @@ class CustomBackend(TorchDistributedBackend):
         ran = car.check_payload(tensor, algo, payload) if kernel_case else self.engine_kind
         if ran != TWO_SHOT:
             why = "over the workspace" if kernel_case else "not a kernel case (group, op, dtype or layout)"
-            self.last_selection = Selection(self.engine_kind, "engine", f"payload={payload!r} {why}: full precision")
-            return super().all_reduce(tensor, op, group, async_op)
-        self.last_selection = Selection(
-            TWO_SHOT,
-            f"{payload}-payload",
-            f"payload={payload!r} requested: shards travel as FP8 with a scale per 128",
-        )
+            sel = Selection(self.engine_kind, "engine", f"payload={payload!r} {why}: full precision")
+            return self._ran(sel, super().all_reduce(tensor, op, group, async_op))
         car.all_reduce(tensor, algo=TWO_SHOT, payload=payload)
-        return _EventWork(car, tensor) if async_op else tensor
+        sel = Selection(
+            TWO_SHOT, f"{payload}-payload", f"payload={payload!r} requested: shards travel as FP8 with a scale per 128"
+        )
+        return self._ran(sel, _EventWork(car, tensor) if async_op else tensor)
 
     # ------------------------------------------------------------------ all-gather / reduce-scatter
     def _gather_scatter_kernels(self, op: str, flat, shard, group) -> CustomAllReduce | None:
@@ -614,11 +614,10 @@ class CustomBackend(TorchDistributedBackend):
             check_flag(async_op, "async_op")
         car = self._gather_scatter_kernels("all_gather", output, tensor, group)
         if car is None:
-            self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
-            return super().all_gather(output, tensor, group, async_op)
-        self.last_selection = self._kernel_selection("all_gather", car)
+            sel = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
+            return self._ran(sel, super().all_gather(output, tensor, group, async_op))
         gather_scatter.all_gather(car, tensor, output)
-        return _EventWork(car, output) if async_op else output
+        return self._ran(self._kernel_selection("all_gather", car), _EventWork(car, output) if async_op else output)
 
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         """As :meth:`CommBackend.reduce_scatter`; SUM of a flat ``input`` on a group with kernels runs the
@@ -631,11 +630,11 @@ class CustomBackend(TorchDistributedBackend):
             else self._gather_scatter_kernels("reduce_scatter", input, output, group)
         )
         if car is None:
-            self.last_selection = Selection(self.engine_kind, "engine", "not a kernel case (op, group, layout or size)")
-            return super().reduce_scatter(output, input, op, group, async_op)
-        self.last_selection = self._kernel_selection("reduce_scatter", car)
+            sel = Selection(self.engine_kind, "engine", "not a kernel case (op, group, layout or size)")
+            return self._ran(sel, super().reduce_scatter(output, input, op, group, async_op))
         gather_scatter.reduce_scatter(car, input, output)
-        return _EventWork(car, output) if async_op else output
+        done = _EventWork(car, output) if async_op else output
+        return self._ran(self._kernel_selection("reduce_scatter", car), done)
 
 
 register_comm_backend(
