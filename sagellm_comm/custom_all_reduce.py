@@ -22,7 +22,7 @@ from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 from sagellm_comm.selector import AUTO, ENGINE_ALGO
 
-from .arguments import check_is_tensor, share_bytes
+from .arguments import check_int, check_is_tensor, share_bytes
 from .config import CommConfig
 from .errors import (
     BackendNotSupportedError,
@@ -47,6 +47,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "AllReduceKernels",
     "CustomAllReduce",
+    "check_message",
     "default_max_programs",
     "pdl_enabled",
     "tile_shape",
@@ -63,6 +64,20 @@ LAMPORT_MIN_BLOCK = 256
 LAMPORT_MAX_BLOCK = 1024
 MAX_CACHED_PLANS = 4096
 DTYPE_CODES = {dtype: _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")] for dtype in SUPPORTED_DTYPES}
+KERNEL_ITEMSIZES = frozenset(SUPPORTED_DTYPES.values())  # element sizes of the kernels' dtypes
+
+
+def check_message(nbytes: int, itemsize: int) -> None:
+    """Refuse a message size no call has: ``nbytes`` must be a non-negative int holding whole ``itemsize``-byte
+    elements, ``itemsize`` a positive int (``InvalidArgumentError`` naming the argument)."""
+    if nbytes.__class__ is int and itemsize.__class__ is int and nbytes >= 0 and itemsize > 0 and not nbytes % itemsize:
+        return
+    nbytes = check_int(nbytes, "nbytes", 0)
+    itemsize = check_int(itemsize, "itemsize", 1)
+    if nbytes % itemsize:
+        raise InvalidArgumentError(
+            f"nbytes={nbytes} is not a whole number of {itemsize}-byte elements", details={"nbytes": nbytes}
+        )
 
 
 def lamport_tile_warps(block: int) -> int:
@@ -351,8 +366,18 @@ class CustomAllReduce:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements, with rule id and reason.
 
         The policy's choice, except that a Lamport choice over the Lamport buffers' capacity runs one-shot
-        (rule id suffixed ``+lamport-capacity``).
+        (rule id suffixed ``+lamport-capacity``).  ``itemsize`` is one of the kernels' dtypes' (2: bf16/fp16, 4: fp32)
+        and ``nbytes`` a whole number of such elements; anything else raises ``InvalidArgumentError``.
         """
+        check_message(nbytes, itemsize)
+        if itemsize not in KERNEL_ITEMSIZES:
+            raise InvalidArgumentError(
+                f"itemsize must be one of {sorted(KERNEL_ITEMSIZES)} (the kernels take {list(SUPPORTED_DTYPES)}), "
+                f"got {itemsize}"
+            )
+        return self._policy(nbytes, itemsize)
+
+    def _policy(self, nbytes: int, itemsize: int) -> Selection:
         sel = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
         if sel.algo == LAMPORT and nbytes // itemsize > self.workspace.lamport_capacity:
             return Selection(
@@ -583,7 +608,7 @@ class CustomAllReduce:
         if not isinstance(algo, str) or algo not in (AUTO, *KERNEL_ALGOS, ENGINE_ALGO):
             raise InvalidArgumentError(f"algo must be one of {(AUTO, *KERNEL_ALGOS, ENGINE_ALGO)}, got {algo!r}")
         if algo == AUTO:
-            resolved = self.select(nbytes, nbytes // numel if numel else 2).algo
+            resolved = self._policy(nbytes, nbytes // numel if numel else 2).algo
         elif algo == LAMPORT and numel > self.workspace.lamport_capacity:
             raise WorkspaceExhaustedError(
                 f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"

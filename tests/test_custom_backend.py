@@ -159,6 +159,34 @@ def test_a_refused_call_leaves_last_selection_as_it_was():
     run_ranks(_refused_selection_worker, 2, env=INTERP, timeout=300)
 
 
+def _select_worker(rank, world_size, port):
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import InvalidArgumentError
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    solos = [backend.new_group([r]) for r in range(world_size)]
+    # select() says what all_reduce of such a tensor runs: the kernels' dtypes by their size, the engine for the rest.
+    for dtype, numel in ((torch.float32, 64), (torch.bfloat16, 301), (torch.float64, 64), (torch.int8, 100),
+                         (torch.float32, 2049)):  # fmt: skip
+        x = torch.ones(numel, dtype=dtype)
+        said = backend.select(x.numel() * x.element_size(), x.element_size())
+        backend.all_reduce(x)
+        assert said == backend.last_selection, (dtype, numel, said, backend.last_selection)
+        assert torch.all(x == world_size)
+    for car_select in (backend.select, backend.custom.select, lambda *a: backend.select(*a, group=solos[rank])):
+        for nbytes, itemsize in ((1024, 0), (-2, 2), (1.5, 2), (True, 2), (1024, "2"), (None, 2), (1025, 2)):
+            with pytest.raises(InvalidArgumentError, match="nbytes|itemsize"):
+                car_select(nbytes, itemsize)
+    with pytest.raises(InvalidArgumentError, match="itemsize"):  # the kernels' own policy: their dtypes only
+        backend.custom.select(1024, 8)
+    backend.destroy()
+
+
+def test_select_says_what_all_reduce_runs_and_refuses_what_no_call_has():
+    run_ranks(_select_worker, 2, env=INTERP, timeout=300)
+
+
 def _single_rank_worker(rank, world_size, port):
     from sagellm_comm import CommBackend
 

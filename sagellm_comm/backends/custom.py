@@ -30,7 +30,7 @@ from ..arguments import check_flag, check_is_tensor, check_timeout
 from ..backend import ReduceOp, Work, register_comm_backend
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
-from ..custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
+from ..custom_all_reduce import KERNEL_ITEMSIZES, SUPPORTED_DTYPES, CustomAllReduce, check_message
 from ..errors import (
     BackendNotSupportedError,
     CommTimeoutError,
@@ -63,6 +63,7 @@ from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
+_NOT_KERNEL_CASE = "not a kernel case (op, dtype or layout)"
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 
 
@@ -446,14 +447,20 @@ class CustomBackend(TorchDistributedBackend):
         return self._ran(sel, car)
 
     def select(self, nbytes: int, itemsize: int = 2, group: Any = None) -> Selection:
-        """What ``all_reduce`` of ``nbytes`` (``itemsize``-byte elements) on ``group`` runs, and why."""
+        """What ``all_reduce`` (SUM, ``algo="auto"``) of a contiguous tensor of ``nbytes`` (``itemsize``-byte elements)
+        on ``group`` runs, and why: the :attr:`last_selection` such a call records.  Elements of 2 and 4 bytes are
+        read as the kernels' dtypes (bf16/fp16, fp32; an int32 tensor runs on the engine), others run on the engine.
+        ``nbytes`` must be a non-negative int of whole elements (``InvalidArgumentError`` otherwise)."""
+        check_message(nbytes, itemsize)
         car = self.kernels_for(group)
         if car is None:
-            found = self._hierarchical_plan(group) if itemsize in SUPPORTED_DTYPES.values() else None
+            found = self._hierarchical_plan(group) if itemsize in KERNEL_ITEMSIZES else None
             sel = None if found is None else self._hierarchical_selection(*found, nbytes, itemsize, AUTO)
             if sel is not None:
                 return sel
             return Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
+        if itemsize not in KERNEL_ITEMSIZES:
+            return Selection(self.engine_kind, "engine", _NOT_KERNEL_CASE)
         return car.select(nbytes, itemsize).ran_on(self.engine_kind)
 
     def all_reduce(
@@ -500,7 +507,7 @@ class CustomBackend(TorchDistributedBackend):
             if car is None and algo != ENGINE_ALGO:  # as select() says: the group has no kernels, and why
                 sel = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
             else:
-                why = "algo=nccl requested" if algo == ENGINE_ALGO else "not a kernel case (op, dtype or layout)"
+                why = "algo=nccl requested" if algo == ENGINE_ALGO else _NOT_KERNEL_CASE
                 sel = Selection(self.engine_kind, "engine", why)
             return self._ran(sel, super().all_reduce(tensor, op, group, async_op))
         # The kernel path: ``car.all_reduce`` checks the device (typed error) and dtype/layout were checked
