@@ -103,6 +103,44 @@ def test_small_messages_stay_on_the_engine():
         assert small == (True, "gloo", True) and large == (True, "hierarchical", True)
 
 
+def _forced_hierarchical_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm import ReduceOp
+    from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, WorkspaceExhaustedError
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              max_bytes=16384)  # fmt: skip
+    backend = world.backend
+    tp = world.split(2)  # the two ranks of each node: kernels, no hierarchical plan
+    try:
+        # 2 nodes x 2: the node-local reduce-scatter stages one 4096-element fp32 chunk, so 8192 elements fit.
+        fits = torch.full((8192,), float(rank + 1))
+        backend.all_reduce(fits, algo="hierarchical")
+        assert torch.all(fits == 10.0) and backend.last_selection.algo == "hierarchical"
+        # A forced hierarchical all-reduce that cannot run names why, before anything runs.
+        cases = [
+            (WorkspaceExhaustedError, "32772 bytes .* 32768", torch.ones(8193), {}),
+            (InvalidArgumentError, "SUM", torch.ones(8), {"op": ReduceOp.MAX}),
+            (InvalidArgumentError, "int32", torch.ones(8, dtype=torch.int32), {}),
+            (InvalidArgumentError, "contiguous", torch.ones(8, 2).t(), {}),
+            (InvalidArgumentError, "spans nodes", torch.ones(8), {"group": tp}),
+        ]
+        for error, match, tensor, kwargs in cases:
+            with pytest.raises(error, match=match):
+                backend.all_reduce(tensor, algo="hierarchical", **kwargs)
+            assert torch.all(tensor == 1)
+        with pytest.raises(BackendNotSupportedError, match="span 2 nodes"):  # the world has no kernels of its own
+            backend.all_reduce(torch.ones(8), algo="one_shot")
+        assert backend.last_selection.algo == "hierarchical"  # the last call that ran
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_forced_hierarchical_all_reduce_that_cannot_run_says_why():
+    run_ranks(_forced_hierarchical_worker, 4, env=INTERP, timeout=540)
+
+
 def _missing_worker(rank, world_size, port, marker):
     import time
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -490,10 +490,7 @@ class CustomBackend(TorchDistributedBackend):
             if done is not None:
                 return _EventWork(done, tensor) if async_op else tensor
         if algo == HIERARCHICAL_ALGO:
-            raise InvalidArgumentError(
-                f"algo={HIERARCHICAL_ALGO!r} needs a group that spans nodes with the same number (>= 2) of members on "
-                "each, a message the node-local workspace takes, SUM and a bf16/fp16/fp32 contiguous tensor"
-            )
+            self._refuse_hierarchical(car, tensor, op, group)
         if algo in KERNEL_ALGOS:
             self._check_forced(algo, car, tensor, op, group)
         if (
@@ -539,6 +536,31 @@ class CustomBackend(TorchDistributedBackend):
                 f"algo={algo!r} needs the custom kernels, and this group runs on the {self.engine_kind} engine "
                 f"({self.kernels_reason(group)}); use algo='auto' or 'nccl'"
             )
+        self._check_kernel_call(algo, tensor, op)
+
+    def _refuse_hierarchical(self, car: CustomAllReduce | None, tensor, op, group) -> NoReturn:
+        """Raise why a forced hierarchical all-reduce of ``tensor`` on ``group`` cannot run."""
+        what = f"algo={HIERARCHICAL_ALGO!r}"
+        found = None if car is not None else self._hierarchical_plan(group)
+        if found is None:
+            raise InvalidArgumentError(
+                f"{what} needs a group that spans nodes with the same number (>= 2) of members on each and node-local "
+                f"kernels on every node; this group: {self.kernels_reason(group)}"
+            )
+        self._check_kernel_call(HIERARCHICAL_ALGO, tensor, op)
+        plan, local = found
+        cap = capacity_bytes(plan, local, tensor.element_size())
+        raise WorkspaceExhaustedError(
+            f"{what}: the message ({tensor.numel() * tensor.element_size()} bytes of {tensor.dtype}) is over the {cap} "
+            f"bytes the node-local workspace takes ({plan.local_size} shards); use algo='auto' to run it on the "
+            "engine, or a larger group_max_bytes",
+            details={"nbytes": tensor.numel() * tensor.element_size(), "capacity_bytes": cap},
+        )
+
+    @staticmethod
+    def _check_kernel_call(algo: str, tensor, op) -> None:
+        """``InvalidArgumentError`` unless the kernels of ``algo`` take ``op`` and ``tensor`` (SUM, a contiguous
+        bf16/fp16/fp32 tensor)."""
         op = ReduceOp.parse(op)
         if op is not ReduceOp.SUM:
             raise InvalidArgumentError(
