@@ -375,9 +375,11 @@ class CustomAllReduce:
                 f"itemsize must be one of {sorted(KERNEL_ITEMSIZES)} (the kernels take {list(SUPPORTED_DTYPES)}), "
                 f"got {itemsize}"
             )
-        return self._policy(nbytes, itemsize)
+        return self.policy_choice(nbytes, itemsize)
 
-    def _policy(self, nbytes: int, itemsize: int) -> Selection:
+    def policy_choice(self, nbytes: int, itemsize: int) -> Selection:
+        """:meth:`select` without its argument checks, for a message a tensor of a kernel dtype gives (the eager
+        path, where every call counts; the caller has checked the dtype)."""
         sel = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
         if sel.algo == LAMPORT and nbytes // itemsize > self.workspace.lamport_capacity:
             return Selection(
@@ -608,7 +610,7 @@ class CustomAllReduce:
         if not isinstance(algo, str) or algo not in (AUTO, *KERNEL_ALGOS, ENGINE_ALGO):
             raise InvalidArgumentError(f"algo must be one of {(AUTO, *KERNEL_ALGOS, ENGINE_ALGO)}, got {algo!r}")
         if algo == AUTO:
-            resolved = self._policy(nbytes, nbytes // numel if numel else 2).algo
+            resolved = self.policy_choice(nbytes, nbytes // numel if numel else 2).algo
         elif algo == LAMPORT and numel > self.workspace.lamport_capacity:
             raise WorkspaceExhaustedError(
                 f"lamport takes at most {self.workspace.lamport_capacity} elements, got {numel}; use one_shot"

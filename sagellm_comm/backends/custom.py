@@ -511,7 +511,7 @@ class CustomBackend(TorchDistributedBackend):
         # above, so nothing is validated twice; a live ``car`` means the backend is initialised.
         itemsize = tensor.element_size()
         nbytes = tensor.numel() * itemsize
-        sel = car.select(nbytes, itemsize) if algo == AUTO else _USER_SELECTIONS[algo]
+        sel = car.policy_choice(nbytes, itemsize) if algo == AUTO else _USER_SELECTIONS[algo]  # dtype checked
         if sel.algo not in KERNEL_ALGOS or nbytes > car.workspace.slot_bytes:
             if nbytes > car.workspace.slot_bytes and algo != AUTO:
                 raise WorkspaceExhaustedError(
@@ -520,7 +520,8 @@ class CustomBackend(TorchDistributedBackend):
                 )
             return self._ran(sel.ran_on(self.engine_kind), super().all_reduce(tensor, op, group, async_op))
         car.all_reduce(tensor, algo=sel.algo)
-        return self._ran(sel, _EventWork(car, tensor) if async_op else tensor)
+        self.last_selection = sel  # as _ran, inline on the eager path
+        return _EventWork(car, tensor) if async_op else tensor
 
     def _ran(self, sel: Selection, result: Any) -> Any:
         """Record ``sel`` as :attr:`last_selection` once its call was issued, and return ``result``: a call refused
