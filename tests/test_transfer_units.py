@@ -1616,6 +1616,46 @@ def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeyp
         b.close()
 
 
+_RESTARTED_MALFORMED = """
+import json, torch
+from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.transfer import TransferAgent
+from sagellm_comm.transfer.metadata import MAGIC
+a, b = TransferAgent("a", "ipc", timeout=5.0), TransferAgent("b", "ipc", timeout=5.0)
+src, dst = a.allocate("kv", 4096, torch.uint8), b.allocate("kv", 4096, torch.uint8)
+a.add_peer(b.metadata())
+changes = [
+    lambda t: t.__setitem__("inbox", 5),
+    lambda t: t["probe"].__setitem__("token", "zz" * 16),
+    lambda t: t["regions"].pop("kv"),
+]
+for i, change in enumerate(changes):
+    body = json.loads(b.metadata()[len(MAGIC) :])
+    body["incarnation"] = "0" * 32  # another incarnation of "b"
+    change(body["transports"]["ipc"])
+    try:
+        a.add_peer(MAGIC + json.dumps(body).encode())
+        refused = "accepted"
+    except InvalidArgumentError as exc:
+        refused = "ipc section" in str(exc)
+    src[:64] = i + 1
+    a.write("b", "kv", "kv", [(0, 0, 64)], notify=b"n%d" % i).wait(5.0)
+    print(refused, a.peers == ["b"], b.notifications() == [("a", b"n%d" % i)], bool(dst[:64].eq(i + 1).all()))
+a.close()
+b.close()
+"""
+
+
+def test_metadata_of_a_restarted_peer_with_a_malformed_section_leaves_the_known_peer_connected():
+    """Metadata of another incarnation whose transport section is malformed is refused (``InvalidArgumentError``
+    naming the field) before the old incarnation is removed: the known peer stays connected and notified."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(
+        [sys.executable, "-c", _RESTARTED_MALFORMED], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["True"] * 12, out.stdout + out.stderr
+
+
 def _hold_a_shared_file(paths) -> None:
     tensor = shared.shared_cpu_tensor(4096, torch.uint8)
     paths.put(shared.shared_file_of(tensor.data_ptr(), 1)[0])

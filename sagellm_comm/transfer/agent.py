@@ -339,6 +339,9 @@ class TransferAgent:
                 )
             old = self._peers.get(meta.name)
             if old is not None and old.meta.incarnation != meta.incarnation:
+                for name, backend in self._backends.items():  # malformed metadata leaves the known peer as it was
+                    if name in meta.transports:
+                        backend.check_peer(meta)
                 self.remove_peer(meta.name)  # a restarted peer: the process the old link reached is gone
                 old = None
             failures: dict[str, str] = {}

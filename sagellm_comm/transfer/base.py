@@ -113,6 +113,12 @@ class TransferBackend(ABC):
     def local_metadata(self) -> dict:
         """This transport's part of the agent's metadata (JSON-able; bytes as base64)."""
 
+    def check_peer(self, peer: AgentMetadata) -> None:  # noqa: B027 - optional hook
+        """Check this transport's part of ``peer``'s metadata without connecting: an
+        :class:`~sagellm_comm.errors.InvalidArgumentError` naming a malformed field (the agent calls it before a
+        restarted peer's old incarnation is removed); what makes the peer unreachable is :meth:`connect`'s to say.
+        Default: nothing (:meth:`connect` checks it)."""
+
     @abstractmethod
     def connect(self, peer: AgentMetadata) -> Link:
         """Reach ``peer`` (its metadata carries this transport's part), or raise

@@ -358,6 +358,9 @@ class IpcBackend(TransferBackend):
         }
 
     # ------------------------------------------------------------------ peers
+    def check_peer(self, peer: AgentMetadata) -> None:
+        _peer_section(peer)
+
     def connect(self, peer: AgentMetadata) -> IpcLink:
         me, blob = self.context.identity, _peer_section(peer)
         if not peer.same_host(me):

@@ -17,6 +17,7 @@ Never the ``nixl`` meta-package, which pulls both CUDA builds and an unpinned to
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
@@ -377,6 +378,10 @@ class NixlBackend(TransferBackend):
 
     def local_metadata(self) -> dict:
         return {"agent": b64(self.agent.get_agent_metadata()), "regions": dict(self.addresses)}
+
+    def check_peer(self, peer: AgentMetadata) -> None:
+        with contextlib.suppress(BackendNotSupportedError):  # regions not registered with NIXL: connect says so
+            _peer_section(peer)
 
     def connect(self, peer: AgentMetadata) -> NixlLink:
         agent_metadata, regions = _peer_section(peer)
