@@ -2373,6 +2373,24 @@ def test_a_nixl_failure_to_deliver_notifications_is_a_typed_error():
     assert info.value.details == {"nixl_error": "_NixlAgentError"}
 
 
+def test_nixl_notifications_from_a_sender_name_that_is_not_utf8_are_delivered_with_the_others():
+    """NIXL hands over a sender's name as it came from the wire: one that is not UTF-8 is delivered with its
+    undecodable bytes replaced (as an ipc ring's name is), not an error that drops every notification NIXL had
+    already handed over in that call."""
+
+    class Agent:
+        def get_new_notifs(self):
+            return {b"prefill-\xff": [b"req-1"], b"decode-0": [b"req-2", b"req-3"], "prefill-1": [b"req-4"]}
+
+    backend = _bare_nixl_backend(Agent())
+    assert backend.notifications() == [
+        ("prefill-\ufffd", b"req-1"),
+        ("decode-0", b"req-2"),
+        ("decode-0", b"req-3"),
+        ("prefill-1", b"req-4"),
+    ]
+
+
 def test_nixl_requests_whose_handles_were_dropped_complete_and_are_reaped():
     """The backend keeps every request in flight (NIXL cancels a transfer whose handle is freed): one whose
     caller dropped its handle is not cancelled, and the sweep releases it once finished; one to a removed peer

@@ -598,7 +598,8 @@ class NixlBackend(TransferBackend):
             ) from None
         out = []
         for sender, messages in arrived.items():
-            name = sender.decode() if isinstance(sender, bytes) else str(sender)
+            # A name from the wire: bytes that are not UTF-8 are replaced, as an ipc ring's are (notify.py).
+            name = sender.decode(errors="replace") if isinstance(sender, bytes) else str(sender)
             out.extend((name, bytes(message)) for message in messages)
         return out
 
