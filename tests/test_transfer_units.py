@@ -2201,6 +2201,21 @@ def test_a_record_with_a_corrupt_length_reads_within_the_record(live_sender, len
         inbox.close()
 
 
+@pytest.mark.parametrize("length", [notify.MAX_NAME + 1, 1 << 40])
+def test_a_slot_with_a_corrupt_name_length_reads_the_name_within_its_field(live_sender, length):
+    # The name length is the sender's to write: a wrong one gives a name cut to its field, never the bytes of the
+    # sender's inbox path that follow it in the slot header.
+    inbox = notify.Inbox()
+    try:
+        box = notify.Outbox(inbox.path, "s", live_sender, 5.0)
+        inbox._mapped.words[notify._Mapped.slot_word(box.slot, notify.NAME_LEN)] = length
+        _publish(box, b"m")
+        ((name, message),) = inbox.drain()
+        assert message == b"m" and name == "s" + "\0" * (notify.MAX_NAME - 1)
+    finally:
+        inbox.close()
+
+
 def test_reading_a_ring_never_runs_code_from_the_file():
     # A name or message is data: drain returns bytes and str, nothing is evaluated.
     inbox = notify.Inbox()

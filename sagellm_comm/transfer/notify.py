@@ -134,9 +134,11 @@ class _Mapped:
     def record_offset(slot: int, seq: int) -> int:
         return PAGE + slot * SLOT_BYTES + PAGE + ((seq - 1) % ENTRIES) * RECORD_BYTES
 
-    def text(self, slot: int, at: int, length: int) -> str:
+    def text(self, slot: int, at: int, length: int, limit: int) -> str:
+        """The string of ``length`` bytes at ``at`` of the slot's header, cut to its field's ``limit`` bytes (the
+        length is the sender's to write: a wrong one never reads the next field)."""
         start = PAGE + slot * SLOT_BYTES + at
-        return bytes(self.bytes[start : start + max(0, min(length, MAX_PATH))]).decode(errors="replace")
+        return bytes(self.bytes[start : start + max(0, min(length, limit))]).decode(errors="replace")
 
     def close(self) -> None:
         self.ints.release()
@@ -225,7 +227,7 @@ class Inbox:
             fence()
             base = m.slot_word(slot, 0)
             self._advance(slot, int(words[base + CONSUMED]) + 1)
-            self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]))
+            self._names[slot] = m.text(slot, NAME_AT, int(words[base + NAME_LEN]), MAX_NAME)
             self._claim_numbers[slot] = int(words[base + CLAIM_NUMBER])
         claimed = [slot for slot, token in enumerate(tokens) if token]
         self._claimed = sorted(claimed, key=self._claim_numbers.__getitem__)
@@ -351,7 +353,7 @@ class Outbox:
         consumed = int(words[base + CONSUMED])
         if int(words[base + RELEASED]) == 1:
             return consumed >= int(words[base + PRODUCED_FINAL])
-        sender = m.text(slot, PATH_AT, int(words[base + PATH_LEN]))
+        sender = m.text(slot, PATH_AT, int(words[base + PATH_LEN]), MAX_PATH)
         probe = LivenessProbe(sender)
         try:
             alive = probe.alive()
