@@ -278,6 +278,7 @@ def _faults_worker(rank, world_size, port, backend):
         except PeerLostError as exc:
             out["dead"] = ("lost", exc.details["peer"], time.monotonic() - start, exc.code.value)
         agent.write(b, "kv", "kv", [(7 * BLOCK, 9 * BLOCK, BLOCK)], notify=b"to-b-2").wait(30)
+        store.set("a-saw-to-b-2", b"1")  # B stays until then: a peer gone before completion is seen is lost
         agent.remove_peer(c)
         try:
             agent.write(c, "kv", "kv", [(0, 0, BLOCK)])
@@ -286,6 +287,7 @@ def _faults_worker(rank, world_size, port, backend):
         store.set("c-dead", b"1")
         c2 = agent.add_peer(store.get("meta/3"))  # the restarted C
         agent.write(c2, "kv", "kv", [(3 * BLOCK, 4 * BLOCK, BLOCK)], notify=b"hello-again").wait(30)
+        store.set("a-saw-hello-again", b"1")
         out["restart_backend"] = agent.peer_backend(c2)
         store.wait(["b-checked", "c2-checked"])
         agent.remove_peer(b)  # B leaves; A keeps running
@@ -299,6 +301,7 @@ def _faults_worker(rank, world_size, port, backend):
         assert torch.equal(pool, expected), "B's blocks differ (touched or untouched)"
         out["notes"] = notes
         store.set("b-checked", b"1")
+        store.wait(["a-saw-to-b-2"], timedelta(seconds=60))
     elif rank == 2:
         store.wait(["stop-c"])
         os.kill(os.getpid(), signal.SIGSTOP)  # A kills it while stopped
@@ -310,6 +313,7 @@ def _faults_worker(rank, world_size, port, backend):
         assert torch.equal(pool, expected)
         out["notes"] = notes
         store.set("c2-checked", b"1")
+        store.wait(["a-saw-hello-again"], timedelta(seconds=60))
     store.set(f"done/{rank}", b"1")
     if rank == 0:
         store.wait(["done/1", "done/3"])
