@@ -435,6 +435,19 @@ def _gloo_bad_input_worker(rank, world_size, port):
             (InvalidArgumentError, "x must be one of", (x.double(), residual.double(), weight.double()), {}),
             (InvalidArgumentError, "contiguous 2-d", (x[0], residual[0], weight), {}),
             (InvalidArgumentError, "contiguous 2-d", (x.t(), residual.t(), torch.ones(2, dtype=torch.bfloat16)), {}),
+            # The message names the tensor at fault: a transposed residual beside a good x.
+            (
+                InvalidArgumentError,
+                r"residual must be a contiguous 2-d tensor, got shape \(2, 4\) with strides \(1, 2\)",
+                (x, torch.zeros(4, 2, dtype=torch.bfloat16).t(), weight),
+                {},
+            ),
+            (
+                InvalidArgumentError,
+                r"x must be a contiguous 2-d tensor, got shape \(2, 4\) with strides \(1, 2\)",
+                (x.t().contiguous().t(), residual, weight),
+                {"quant": "fp8_per_token"},
+            ),
             (InvalidArgumentError, "must be a torch.Tensor, got list", ([1.0] * 4, residual, weight), {}),
             (InvalidArgumentError, "residual is on meta", (x, residual.to("meta"), weight), {}),
             (InvalidArgumentError, "hidden size must be at least 1", (x[:, :0], residual[:, :0], weight[:0]), {}),

@@ -86,8 +86,14 @@ def check_rmsnorm_inputs(
     """
     for name, t in (("x", x), ("residual", residual), ("weight", weight)):
         _check_2d(name, t, device, RMSNORM_DTYPES)
-    if x.dim() != rows_dims or not x.is_contiguous() or not residual.is_contiguous():
-        raise InvalidArgumentError(f"x and residual must be contiguous {rows_dims}-d tensors, got x {tuple(x.shape)}")
+    if x.dim() != rows_dims:
+        raise InvalidArgumentError(f"x must be a contiguous {rows_dims}-d tensor, got a {x.dim()}-d x {tuple(x.shape)}")
+    for name, t in (("x", x), ("residual", residual)):
+        if not t.is_contiguous():
+            raise InvalidArgumentError(
+                f"{name} must be a contiguous {rows_dims}-d tensor, got shape {tuple(t.shape)} with strides "
+                f"{t.stride()}; pass {name}.contiguous()"
+            )
     if residual.shape != x.shape or residual.dtype != x.dtype or weight.dtype != x.dtype:
         raise ShapeMismatchError(
             f"residual {tuple(residual.shape)} {residual.dtype} and weight {weight.dtype} must match x "
