@@ -348,6 +348,11 @@ TRANSFER_BAD_OPTIONS = [
     (["--iters", "99999999999"], "--iters must be in 1..10000000"),
     (["--cpus", "a,b"], "--cpus must be integers, e.g. 0,1"),
     (["--backend", ","], "--backend names no backend; choose from: ipc, "),
+    (["--block-sizes", ""], "--block-sizes names no size"),  # an empty value is refused, not the default
+    (["--block-sizes", " , "], "--block-sizes names no size"),
+    (["--block-counts", ""], "--block-counts names no number"),
+    (["--max-bytes", ""], "--max-bytes names no size"),
+    (["--max-bytes", "4X"], "--max-bytes: bad message size '4X'"),
     (
         ["--device", "cpu", "--block-sizes", "1G", "--block-counts", "1024", "--max-bytes", "1024G"],
         "the two processes' pools need 4096G of shared memory in ",

@@ -111,6 +111,23 @@ def test_a_pool_smaller_than_the_notification_block_is_grown_to_hold_it(tmp_path
     assert plan.pool_bytes == 2 * 4096
 
 
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ({"block_sizes": []}, "--block-sizes names no value"),
+        ({"block_counts": []}, "--block-counts names no value"),
+        ({"max_bytes": 0}, "--max-bytes must be at least 1 byte, got 0"),
+        ({"block_sizes": [0]}, "block size 0 is not a positive multiple of 16 bytes"),
+    ],
+)
+def test_empty_or_zero_sizes_of_a_config_are_refused_not_replaced_by_the_defaults(given, words, tmp_path):
+    from sagellm_comm.benchmark.transfer_config import TransferBenchConfig, plan_transfer
+    from sagellm_comm.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=words):
+        plan_transfer(TransferBenchConfig(**given, output_dir=str(tmp_path)))
+
+
 def test_ratios_are_against_the_first_backend_asked_for_and_absent_where_it_failed():
     from sagellm_comm.benchmark.timing import summarize
     from sagellm_comm.benchmark.transfer_results import build_result, format_table

@@ -70,6 +70,19 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def _option_sizes(text: str | None, option: str, parse):
+    """``parse(text)`` (:func:`parse_size` or :func:`parse_size_list`) of an option's value, None where the option
+    is not given; an empty value is refused (it is not the option left out), and a refusal names the option."""
+    if text is None:
+        return None
+    if not text.replace(",", "").strip():
+        raise InvalidArgumentError(f"{option} names no size; give e.g. 16K or leave the option out")
+    try:
+        return parse(text)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{option}: {exc.message}") from None
+
+
 def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchConfig:
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
@@ -81,9 +94,9 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
     return TransferBenchConfig(
         backends=names(args.backend),
         ops=names(args.ops) or [],
-        block_sizes=parse_size_list(args.block_sizes) if args.block_sizes else None,
-        block_counts=parse_count_list(args.block_counts, "--block-counts") if args.block_counts else None,
-        max_bytes=parse_size(args.max_bytes) if args.max_bytes else None,
+        block_sizes=_option_sizes(args.block_sizes, "--block-sizes", parse_size_list),
+        block_counts=None if args.block_counts is None else parse_count_list(args.block_counts, "--block-counts"),
+        max_bytes=_option_sizes(args.max_bytes, "--max-bytes", parse_size),
         device=args.device,
         prepared=args.prepared,
         nixl_progress_thread=args.nixl_progress_thread == "on",

@@ -181,19 +181,29 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             reason = _available(name, device)
             if reason is not None:
                 raise InvalidArgumentError(f"--backend {name}: {reason}")
-    sizes = config.block_sizes or parse_size_list(DEFAULT_GPU_SIZES if gpu else DEFAULT_CPU_SIZES)
-    counts = config.block_counts or parse_count_list(DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS, "--block-counts")
+    sizes = config.block_sizes
+    if sizes is None:
+        sizes = parse_size_list(DEFAULT_GPU_SIZES if gpu else DEFAULT_CPU_SIZES)
+    counts = config.block_counts
+    if counts is None:
+        counts = parse_count_list(DEFAULT_COUNTS if gpu else DEFAULT_CPU_COUNTS, "--block-counts")
+    if not sizes or not counts:  # an empty list is refused, not taken for the default
+        raise InvalidArgumentError(f"{'--block-sizes' if not sizes else '--block-counts'} names no value")
     if any(c < 1 for c in counts):
         raise InvalidArgumentError(f"--block-counts must be >= 1, got {counts}")
     for option, values in (("--block-sizes", sizes), ("--block-counts", counts)):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise InvalidArgumentError(f"{option} names {twice[0]} twice")
-    cap = config.max_bytes or (DEFAULT_GPU_MAX_BYTES if gpu else DEFAULT_CPU_MAX_BYTES)
+    cap = config.max_bytes
+    if cap is None:
+        cap = DEFAULT_GPU_MAX_BYTES if gpu else DEFAULT_CPU_MAX_BYTES
+    if cap < 1:
+        raise InvalidArgumentError(f"--max-bytes must be at least 1 byte, got {cap}")
     points = []
     for size in sizes:
-        if size % 16:
-            raise InvalidArgumentError(f"block size {size} is not a multiple of 16 bytes")
+        if size < 1 or size % 16:
+            raise InvalidArgumentError(f"block size {size} is not a positive multiple of 16 bytes")
         for count in counts:
             if size * count > cap:
                 skipped.append(f"{count} x {format_size(size)}: over --max-bytes {format_size(cap)}")
