@@ -377,6 +377,31 @@ def test_transfer_refusals_are_one_line_before_any_process_starts(options, messa
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("stem", "message"),
+    [
+        ("results.json", "--out {tmp}/results: {tmp}/results.json is a directory"),
+        ("results.csv", "--out {tmp}/results: {tmp}/results.csv is a directory"),
+        ("", "--out {tmp}/: names a directory; --out takes a file stem"),
+    ],
+)
+def test_transfer_out_whose_files_cannot_be_written_is_refused_before_any_process_starts(
+    stem, message, capsys, monkeypatch, tmp_path
+):
+    """The files --out names (STEM.json, STEM.csv) are checked before the run: a directory in the place of one, or
+    --out naming a directory (where a file stem is meant), is refused and nothing is written."""
+    _no_process_may_start(monkeypatch)
+    if stem:
+        (tmp_path / stem).mkdir()
+    out = f"{tmp_path}/results" if stem else f"{tmp_path}/"
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["transfer", "--out", out])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert message.format(tmp=tmp_path) in _one_line_refusal(captured.err, prog="sagellm-comm transfer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([stem] if stem else [])
+
+
 def test_transfer_pools_larger_than_the_gpus_free_memory_are_refused_before_any_process_starts(
     capsys, monkeypatch, tmp_path
 ):

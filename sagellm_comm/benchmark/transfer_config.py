@@ -130,6 +130,22 @@ def _cpu_list(cpus) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that names a directory, or whose ``STEM.json`` or ``STEM.csv`` cannot be a file in a
+    writable directory (found before the run, not when its results are written)."""
+    from sagellm_comm.benchmark.transfer_results import out_paths
+
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        raise InvalidArgumentError(
+            f"--out {out}: names a directory; --out takes a file stem (it writes STEM.json and STEM.csv), "
+            "--output-dir a directory"
+        )
+    check_writable_dir(Path(out).absolute().parent, "--out's directory")
+    for path in out_paths(out):
+        if path.is_dir():
+            raise InvalidArgumentError(f"--out {out}: {path} is a directory; give another stem or remove it")
+
+
 def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     """Check ``config`` and decide the device, backends and points (see the module docstring)."""
     check_repetitions(config.warmup, config.iters, config.timeout)
@@ -140,7 +156,7 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     check_cpus(config.cpus)
     check_outputs(config.output_dir if config.out is None else None, config.plot)
     if config.out is not None:
-        check_writable_dir(Path(config.out).absolute().parent, "--out's directory")
+        check_out(config.out)
     for op in config.ops:
         if config.ops.count(op) > 1:
             raise InvalidArgumentError(f"--ops names {op!r} twice")

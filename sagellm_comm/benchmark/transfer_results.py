@@ -182,6 +182,13 @@ def format_table(result: TransferBenchResult) -> str:
     return "\n".join(lines)
 
 
+def out_paths(stem: str | Path) -> tuple[Path, Path]:
+    """``STEM.json`` and ``STEM.csv`` of ``--out STEM`` (a ``.json`` or ``.csv`` suffix of ``stem`` is dropped)."""
+    stem = Path(stem)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".csv")
+
+
 def write_files(result: TransferBenchResult, output_dir: str | None, out: str | None) -> None:
     """``STEM.json`` (``{"meta", "setup", "results", "notify"}``; ``meta`` is the provenance block every record
     under bench/results has) and ``STEM.csv``: ``out`` as the stem, else ``output_dir/transfer_<timestamp>``."""
@@ -189,18 +196,17 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
     from sagellm_comm.benchmark.report import file_stamp, unique_stem
 
     if out is not None:
-        stem = Path(out)
+        json_path, csv_path = out_paths(out)
     else:
-        stem = Path(output_dir) / unique_stem(Path(output_dir), f"transfer_{file_stamp()}")
-    stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
+        json_path, csv_path = out_paths(Path(output_dir) / unique_stem(Path(output_dir), f"transfer_{file_stamp()}"))
     meta = {k: result.run[k] for k in ("date", "command", "commit", "dirty", "commit_source", "torch", "triton")
             if k in result.run}  # fmt: skip
     meta["device"] = f"{result.run['device_name']} ({result.run['device']}, 2 processes)"
     result.json_path = write_record(
-        stem.with_name(stem.name + ".json"), meta, setup=result.run, results=[r.to_dict() for r in result.records],
+        json_path, meta, setup=result.run, results=[r.to_dict() for r in result.records],
         notify=result.notify,
     )  # fmt: skip
-    result.csv_path = stem.with_name(stem.name + ".csv")
+    result.csv_path = csv_path
 
     def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=[*CSV_PROVENANCE, *FIELDS])
