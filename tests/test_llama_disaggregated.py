@@ -128,6 +128,10 @@ def test_kv_wrong_in_its_lowest_mantissa_bits_fails_the_bit_exact_check():
         (["--spawn", "2", "--dtype", "int8"], "invalid choice"),
         (["--spawn", "2", "--store", "127.0.0.1:5"], "--store is for --role"),
         (["--spawn", "2", "--device", "cpu:1"], "cpu or cuda"),
+        (["--role", "decode", "--store", "127.0.0.1:70000"], "--store's port must be in 1..65535, got 70000"),
+        (["--role", "prefill", "--store", "127.0.0.1:0"], "--store's port must be in 1..65535, got 0"),
+        (["--spawn", "2", "--seed", str(2**64 - 2)], "--seed must be in -9223372036854775808..18446744073709551613"),
+        (["--spawn", "2", "--seed", str(-(2**63) - 1)], "--seed must be in -9223372036854775808.."),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
