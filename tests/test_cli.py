@@ -335,6 +335,7 @@ TRANSFER_BAD_OPTIONS = [
     (["--timeout", "0"], "--timeout must be positive"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),  # was an OverflowError from a process
     (["--ops", "write,write"], "--ops names 'write' twice"),
+    (["--backend", "nixl,torch,nixl"], "--backend names 'nixl' twice"),
     (["--device", "tpu"], "cpu or cuda"),
     (["--device", "cpu:1"], "cpu or cuda"),  # NIXL took 1 as a device id and failed after the processes started
     (["--block-sizes", "16K,16K"], "--block-sizes names 16384 twice"),

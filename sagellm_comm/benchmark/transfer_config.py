@@ -188,7 +188,10 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
         if not backends:
             raise InvalidArgumentError("no transfer backend can run here: " + "; ".join(skipped))
     else:
-        backends = list(dict.fromkeys(config.backends))
+        backends = list(config.backends)
+        twice = [name for index, name in enumerate(backends) if name in backends[:index]]
+        if twice:  # as --ops: a list names each once
+            raise InvalidArgumentError(f"--backend names {twice[0]!r} twice")
         if not backends:
             raise InvalidArgumentError(f"--backend names no backend; choose from: {', '.join(BACKENDS)}")
         for name in backends:
