@@ -284,16 +284,26 @@ class _CountingBackend:
 )
 def test_a_run_on_a_given_backend_is_checked_as_a_launched_run_is(monkeypatch, change, message):
     """run_benchmark(backend=...) refuses what plan_launch refuses, with the same message, before measuring."""
-    from sagellm_comm.backend import get_comm_backend
-
     if "plot" in change:
         pytest.importorskip("matplotlib")
+    config = _request_outside_a_launch(monkeypatch, change)
+    with pytest.raises(InvalidArgumentError, match=message):
+        plan_launch(config)
+    _refused_on_a_given_backend(config, message)
+
+
+def _request_outside_a_launch(monkeypatch, change: dict) -> BenchConfig:
+    """A one-rank Gloo request with ``change`` applied, in a process no launcher started."""
     for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     request = {"backend": "gloo", "sizes": [1024], "warmup": 1, "iters": 2, "progress": False, "output_dir": None}
-    config = BenchConfig(**{**request, **change})
-    with pytest.raises(InvalidArgumentError, match=message):
-        plan_launch(config)
+    return BenchConfig(**{**request, **change})
+
+
+def _refused_on_a_given_backend(config: BenchConfig, message: str) -> None:
+    """run_benchmark(config, backend=...) raises ``message`` before any collective call."""
+    from sagellm_comm.backend import get_comm_backend
+
     backend = _CountingBackend(get_comm_backend("gloo").init(rank=0, world_size=1))
     try:
         with pytest.raises(InvalidArgumentError, match=message):
@@ -312,19 +322,7 @@ def test_a_run_on_a_given_backend_is_checked_as_a_launched_run_is(monkeypatch, c
     ],
 )
 def test_a_given_backend_refuses_what_does_not_apply_to_it(monkeypatch, change, message):
-    from sagellm_comm.backend import get_comm_backend
-
-    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    request = {"backend": "gloo", "sizes": [1024], "warmup": 1, "iters": 2, "progress": False, "output_dir": None}
-    config = BenchConfig(**{**request, **change})
-    backend = _CountingBackend(get_comm_backend("gloo").init(rank=0, world_size=1))
-    try:
-        with pytest.raises(InvalidArgumentError, match=message):
-            run_benchmark(config, backend=backend)
-    finally:
-        backend.destroy()
-    assert backend.calls == 0
+    _refused_on_a_given_backend(_request_outside_a_launch(monkeypatch, change), message)
 
 
 def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):
