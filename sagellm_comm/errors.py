@@ -8,6 +8,7 @@ values), so callers and logs can match on it without parsing messages.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from enum import Enum
 
@@ -166,6 +167,17 @@ def run_every(steps: Iterable[Callable[[], object]]) -> None:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+def undo_after_failure(steps: Iterable[Callable[[], object]], log: logging.Logger, what: str) -> None:
+    """Release what a failed operation made, before the caller raises that operation's error: every step runs
+    (as :func:`run_every`), and a step that raises is logged as a warning (``what: error``), never raised, so that
+    the error the caller raises stays the one that says what went wrong."""
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - logged; the caller's failure is the error
+            log.warning("%s: %r", what, exc)
 
 
 __all__ = [

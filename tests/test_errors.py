@@ -461,3 +461,29 @@ def test_init_keeps_its_deadline_whatever_sits_on_the_port():
         assert timeout - 0.2 <= seen["elapsed"] < timeout + 2.0, (what, seen)
         assert f"{timeout:g}s" in seen["message"] and f"127.0.0.1:{port}" in seen["message"], (what, seen)
         assert not seen["initialized"], (what, seen)
+
+
+def test_undo_after_failure_runs_every_step_and_logs_what_raises(caplog):
+    """The release after a failed operation: every step runs, each one that raises is logged (not raised), so the
+    error the caller goes on to raise is the operation's own."""
+    import logging
+
+    from sagellm_comm.errors import P2PFailedError, undo_after_failure
+
+    ran: list[int] = []
+
+    def step(n: int, fails: bool):
+        def run() -> None:
+            ran.append(n)
+            if fails:
+                raise P2PFailedError(f"step {n} could not release")
+
+        return run
+
+    with caplog.at_level(logging.WARNING, logger="sagellm_comm.test"):
+        undo_after_failure(
+            [step(0, True), step(1, False), step(2, True)], logging.getLogger("sagellm_comm.test"), "undoing the set-up"
+        )
+    assert ran == [0, 1, 2]
+    assert caplog.text.count("undoing the set-up: P2PFailedError") == 2
+    assert "step 0 could not release" in caplog.text and "step 2 could not release" in caplog.text

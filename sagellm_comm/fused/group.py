@@ -7,7 +7,7 @@ the group's members on their first ``gemm_all_reduce``.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import weakref
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from sagellm_comm.selector import AUTO, GEMM_PATHS, SEQUENTIAL_PATH
 
 from ..arguments import check_finite, check_flag
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, undo_after_failure
 from ..group import resolve_group
 from ..selector import UNFUSED_PATH, Selection
 from ..workspace import SymmetricWorkspace
@@ -23,6 +23,8 @@ from ._common import FUSED_DTYPES, GEMM_ENGINE_DTYPES, check_gemm_inputs, check_
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
+
+log = logging.getLogger("sagellm_comm")
 
 
 class _GroupState:
@@ -180,8 +182,7 @@ def gemm_all_reduce(
                     ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
                 )
             except BaseException:  # not kept until the group's kernels go, nor one more with every retry
-                with contextlib.suppress(Exception):  # the set-up's error is the one to raise
-                    ws.close()
+                undo_after_failure([ws.close], log, "closing the fused GEMM's workspace after its set-up failed")
                 raise
             car.close_with(ws.close)  # released with the group's kernels (destroy, reset)
             state.gemm = gemm

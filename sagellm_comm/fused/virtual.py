@@ -16,6 +16,7 @@ from ..errors import (
     NotInitializedError,
     WorkspaceExhaustedError,
     run_every,
+    undo_after_failure,
 )
 from ..selector import UNFUSED_PATH, Selection
 from ..virtual import stacked_rows
@@ -71,10 +72,8 @@ class VirtualFused:
             )
             self._gemm_table, self._gemm_ctrl = stacked_rows(self.gemm_workspaces)
         except BaseException as exc:  # the workspaces just made are nobody's: closed, the set-up's error raised
-            try:
-                run_every(ws.close for ws in self.gemm_workspaces)
-            except Exception as undo:  # noqa: BLE001 - the set-up's own error says what went wrong
-                logger.warning("closing the fused GEMM's workspaces after its set-up failed (%r) raised: %r", exc, undo)
+            undo_after_failure([ws.close for ws in self.gemm_workspaces], logger,
+                               f"closing the fused GEMM's workspaces after its set-up failed ({exc!r})")  # fmt: skip
             raise
 
     def _all_reduce_stacked(self, t: torch.Tensor) -> torch.Tensor:

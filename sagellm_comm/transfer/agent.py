@@ -32,7 +32,13 @@ import numpy as np
 import torch
 
 from sagellm_comm.arguments import check_device, check_timeout
-from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every
+from sagellm_comm.errors import (
+    BackendNotSupportedError,
+    InvalidArgumentError,
+    NotInitializedError,
+    run_every,
+    undo_after_failure,
+)
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.transfer import registry
 from sagellm_comm.transfer.base import AgentContext, Link, Request, TransferBackend
@@ -176,15 +182,10 @@ class TransferAgent:
                 if len(entries) == 1:
                     raise
                 self.skipped[entry.name] = exc.message
-            except BaseException:  # a bad option: the transports already started are closed again, every one;
-                for started in self._backends.values():  # one that fails to close is logged, the fault raised
-                    try:
-                        started.close()
-                    except Exception as exc:  # noqa: BLE001 - the fault that failed the agent is the error
-                        logger.warning(
-                            "transfer agent %r: closing transport %r after transport %r failed to start raised: %r",
-                            name, started.name, entry.name, exc,
-                        )  # fmt: skip
+            except BaseException:  # a bad option: the transports already started are closed again, every one
+                for started in self._backends.values():  # (one that fails to close is logged), the fault raised
+                    undo_after_failure([started.close], logger, f"transfer agent {name!r}: closing transport "
+                                       f"{started.name!r} after transport {entry.name!r} failed to start")  # fmt: skip
                 raise
         if not self._backends:
             why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
@@ -248,12 +249,10 @@ class TransferAgent:
                         for reasons in self._unreachable.values():
                             reasons.pop(name, None)
 
-                    try:
-                        run_every([*(functools.partial(backend.deregister, region) for backend in done),
-                                   forget_reasons])  # fmt: skip
-                    except Exception as exc:  # noqa: BLE001 - the registration's own error is raised below
-                        logger.warning("transfer agent %r: letting go of region %r after a failed register: %r",
-                                       self.name, name, exc)  # fmt: skip
+                    undo_after_failure(
+                        [*(functools.partial(backend.deregister, region) for backend in done), forget_reasons],
+                        logger, f"transfer agent {self.name!r}: letting go of region {name!r} after a failed register",
+                    )  # fmt: skip
                     raise
             self._regions[name] = region
             if on_gpu and self._call.device_index is None:
@@ -362,11 +361,9 @@ class TransferAgent:
                         # The old peer is gone (every step of its teardown ran); the new link goes too, so that
                         # an add_peer that raised leaves no peer of that name, and the old one's error is raised.
                         del self._peers[meta.name]
-                        try:
-                            self._drop(entry)
-                        except Exception as exc:  # noqa: BLE001 - the first error is the one raised
-                            logger.warning("transfer agent %r: letting go of the new link to peer %r: %r",
-                                           self.name, meta.name, exc)  # fmt: skip
+                        undo_after_failure([functools.partial(self._drop, entry)], logger,
+                                           f"transfer agent {self.name!r}: letting go of the new link to peer "
+                                           f"{meta.name!r}")  # fmt: skip
                         raise
                 self._peers[meta.name] = entry
                 same_gpu_host = meta.same_host(local_identity(self.name, self.incarnation)) and any(

@@ -44,6 +44,7 @@ from sagellm_comm.errors import (
     P2PFailedError,
     PeerLostError,
     run_every,
+    undo_after_failure,
 )
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
@@ -218,14 +219,9 @@ class IpcBackend(TransferBackend):
             return
         try:
             self._bind(device)
-        except BaseException as exc:
-            try:
-                self._unbind()
-            except Exception as undo:  # noqa: BLE001 - the bind's own error says what went wrong
-                logger.warning(
-                    "transfer agent %r: releasing the ipc transport's device state after a failed bind to %s "
-                    "raised: %r (the bind's error follows: %r)", self.context.name, device, undo, exc,
-                )  # fmt: skip
+        except BaseException:  # the bind's own error says what went wrong
+            undo_after_failure([self._unbind], logger, f"transfer agent {self.context.name!r}: releasing the ipc "
+                               f"transport's device state after a failed bind to {device} raised")  # fmt: skip
             raise
 
     def _unbind(self) -> None:

@@ -42,6 +42,7 @@ from sagellm_comm.errors import (
     RankMismatchError,
     ShapeMismatchError,
     run_every,
+    undo_after_failure,
 )
 
 from .checks import (
@@ -145,10 +146,8 @@ class TorchDistributedBackend(CommBackend):
             cpu = dist.group.WORLD if self.engine.host_blocking else self._gloo_group(range(world_size))
         except Exception as exc:
             error = self._translate(exc, "init (device, cpu group)", timeout)
-            try:
-                run_every([self._teardown, self._reset])
-            except Exception as cleanup:  # init's own failure is the one to report
-                log.warning("sagellm-comm init: releasing the half-made world failed too: %s", cleanup)
+            # init's own failure is the one to report
+            undo_after_failure([self._teardown, self._reset], log, "sagellm-comm init: releasing the half-made world")
             raise error from exc
         self._world = GroupHandle(tuple(range(world_size)), rank, dist.group.WORLD, cpu)
         self._initialized, self._destroyed = True, False
