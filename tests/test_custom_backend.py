@@ -10,12 +10,19 @@ from tests.conftest import run_ranks
 INTERP = {"TRITON_INTERPRET": "1"}
 
 
-def _backend_worker(rank, world_size, port):
-    from sagellm_comm import CommBackend, ReduceOp
-    from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
+def _small_custom_backend(rank: int, world_size: int, port: int):
+    """This rank's ``custom`` backend with an 8 KB workspace (larger messages go to the engine), initialised."""
+    from sagellm_comm import CommBackend
 
     backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
-    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    return backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+
+
+def _backend_worker(rank, world_size, port):
+    from sagellm_comm import ReduceOp
+    from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
+
+    backend = _small_custom_backend(rank, world_size, port)
     seen = {"name": backend.name, "engine": backend.engine_kind, "reason": backend.custom_reason}
     assert backend.custom is not None, backend.custom_reason
     seen["sharing"] = backend.custom.workspace.ranks_on_device  # both ranks on this host's CPU
@@ -81,11 +88,10 @@ def test_custom_backend_runs_kernels_and_falls_back():
 
 
 def _forced_algo_worker(rank, world_size, port):
-    from sagellm_comm import CommBackend, ReduceOp
+    from sagellm_comm import ReduceOp
     from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 
-    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
-    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    backend = _small_custom_backend(rank, world_size, port)
     solos = [backend.new_group([r]) for r in range(world_size)]  # one member each: no kernels
     mine = solos[rank]
     before = backend.last_selection
@@ -128,11 +134,9 @@ def test_a_forced_kernel_algo_the_kernels_cannot_run_is_refused():
 
 
 def _refused_selection_worker(rank, world_size, port):
-    from sagellm_comm import CommBackend
     from sagellm_comm.errors import InvalidArgumentError
 
-    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
-    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    backend = _small_custom_backend(rank, world_size, port)
     x = torch.full((64,), rank + 1.0)
     backend.all_reduce(x, algo="two_shot")
     ran = backend.last_selection
@@ -160,11 +164,9 @@ def test_a_refused_call_leaves_last_selection_as_it_was():
 
 
 def _select_worker(rank, world_size, port):
-    from sagellm_comm import CommBackend
     from sagellm_comm.errors import InvalidArgumentError
 
-    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
-    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    backend = _small_custom_backend(rank, world_size, port)
     solos = [backend.new_group([r]) for r in range(world_size)]
     # select() says what all_reduce of such a tensor runs: the kernels' dtypes by their size, the engine for the rest.
     for dtype, numel in ((torch.float32, 64), (torch.bfloat16, 301), (torch.float64, 64), (torch.int8, 100),
