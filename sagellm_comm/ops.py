@@ -347,6 +347,21 @@ def _quantize_fp8_fake(
     )
 
 
+def _check_quant_types(quant: object, scale: object, none_allowed: bool) -> None:
+    """Typed errors for a ``quant`` or ``scale`` of a type the ops' schemas do not take (torch's own refusal is an
+    untyped ``RuntimeError``); their values are checked by the ops, as by the fused functions."""
+    if not isinstance(quant, str) and not (none_allowed and quant is None):
+        expected = "None or a str" if none_allowed else "a str"
+        raise InvalidArgumentError(
+            f"quant must be {expected} naming an FP8 mode (sagellm_comm.fused.FP8_QUANT_MODES), got {quant!r}"
+        )
+    if scale is not None and not isinstance(scale, torch.Tensor):
+        raise InvalidArgumentError(
+            f"scale must be None or a one-element torch.float32 tensor (the static FP8 scale), got "
+            f"{type(scale).__name__}; pass torch.tensor([scale], device=...)"
+        )
+
+
 def all_reduce(tensor: torch.Tensor, group: CommGroup | str | None = None, op: ReduceOp | str = "sum") -> torch.Tensor:
     """Functional all-reduce through ``torch.ops.sagellm_comm.all_reduce``.
 
@@ -410,6 +425,7 @@ def all_reduce_residual_rmsnorm(
     """
     for name, value in (("x", x), ("residual", residual), ("weight", weight)):
         check_is_tensor(value, name)
+    _check_quant_types(quant, scale, none_allowed=True)
     mode = QUANT_NONE if quant is None else quant
     out, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
         x, residual, weight, group_name(group), check_finite(eps, "eps", 0.0), mode, scale
@@ -427,4 +443,5 @@ def quantize_fp8(y: torch.Tensor, quant: str, scale: torch.Tensor | None = None)
     all-reduce + residual + RMSNorm.
     """
     check_is_tensor(y, "y")
+    _check_quant_types(quant, scale, none_allowed=False)
     return torch.ops.sagellm_comm.quantize_fp8(y, quant, scale)

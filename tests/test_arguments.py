@@ -282,6 +282,30 @@ def test_a_hidden_size_of_zero_is_a_typed_error_on_every_entry(world):
                 call(x, x, weight, quant=quant)
 
 
+@pytest.mark.parametrize(
+    ("quant", "scale", "match"),
+    [
+        ("fp8", 0.02, "scale, a one-element torch.float32 tensor|scale must be None or a one-element"),
+        ("fp8_per_token", 0.5, "scale must be None"),
+        (8, None, "quant must be"),
+        (["fp8"], None, "quant must be"),
+    ],
+)
+def test_fp8_arguments_of_a_type_the_ops_do_not_take_are_typed_errors_on_every_entry(world, quant, scale, match):
+    # the op wrappers passed them to the ops, whose schemas refused them with an untyped RuntimeError
+    from sagellm_comm import fused, ops
+
+    x, weight = torch.ones(2, 128), torch.ones(128)
+    for call in (fused.all_reduce_residual_rmsnorm, ops.all_reduce_residual_rmsnorm):
+        with pytest.raises(InvalidArgumentError, match=match):
+            call(x, x, weight, quant=quant, scale=scale)
+    for quantize in (fused.quantize_fp8_reference, ops.quantize_fp8):
+        with pytest.raises(InvalidArgumentError, match=match):
+            quantize(x, quant, scale)
+    with pytest.raises(InvalidArgumentError, match="quant must be"):
+        ops.quantize_fp8(x, None)
+
+
 @pytest.mark.parametrize("eps", [math.nan, -1.0, "1e-6"])
 def test_fused_rmsnorm_kernel_object_refuses_bad_eps_before_launching(eps, monkeypatch):
     from sagellm_comm.fused import FusedAllReduceRMSNorm
