@@ -282,6 +282,19 @@ def test_a_hidden_size_of_zero_is_a_typed_error_on_every_entry(world):
                 call(x, x, weight, quant=quant)
 
 
+def test_a_weight_that_is_not_contiguous_is_a_layout_error_as_for_x_and_residual(world):
+    # check_rmsnorm_inputs documents a wrong layout as InvalidArgumentError; a strided weight was ShapeMismatchError
+    from sagellm_comm import fused
+
+    x, weight = torch.ones(2, 128), torch.ones(256)[::2]
+    layout = r"weight must be a contiguous \[128\] tensor, got strides \(2,\)"
+    for quant in (None, "fp8_per_token"):
+        with pytest.raises(InvalidArgumentError, match=layout):
+            fused.all_reduce_residual_rmsnorm(x, x, weight, quant=quant)
+    with pytest.raises(ShapeMismatchError, match=r"weight must be a contiguous \[128\] tensor, got \(64,\)"):
+        fused.all_reduce_residual_rmsnorm(x, x, weight[:64].contiguous())
+
+
 @pytest.mark.parametrize(
     ("quant", "scale", "match"),
     [

@@ -100,8 +100,12 @@ def check_rmsnorm_inputs(
             f"{tuple(x.shape)} {x.dtype}"
         )
     hidden = x.shape[-1]
-    if weight.shape != (hidden,) or not weight.is_contiguous():
+    if weight.shape != (hidden,):
         raise ShapeMismatchError(f"weight must be a contiguous [{hidden}] tensor, got {tuple(weight.shape)}")
+    if not weight.is_contiguous():
+        raise InvalidArgumentError(
+            f"weight must be a contiguous [{hidden}] tensor, got strides {weight.stride()}; pass weight.contiguous()"
+        )
     if hidden < 1 or (max_hidden is not None and hidden > max_hidden):
         bound = "at least 1" if max_hidden is None else f"in 1..{max_hidden}"
         raise InvalidArgumentError(f"hidden size must be {bound}, got {hidden}")
