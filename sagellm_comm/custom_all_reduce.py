@@ -525,8 +525,13 @@ class CustomAllReduce:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
             raise NotInitializedError("the custom all-reduce was destroyed")
-        if not tensor.is_contiguous() or self._wrong_device(tensor):
-            raise InvalidArgumentError(f"tensor must be contiguous on {self.device}, got {tensor.device}")
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError(
+                f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
+                f"{tensor.stride()}; call .contiguous()"
+            )
+        if self._wrong_device(tensor):
+            raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
         numel = tensor.numel()
         if out is None:
             out = tensor

@@ -319,6 +319,26 @@ def test_fp8_arguments_of_a_type_the_ops_do_not_take_are_typed_errors_on_every_e
         ops.quantize_fp8(x, None)
 
 
+def test_the_fp8_payload_names_a_strided_tensor_as_the_fault_not_its_device(monkeypatch):
+    # the payload path said "tensor must be contiguous on cpu, got cpu" for a transposed CPU tensor
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspaces = local_workspaces(2, 4096, "cpu")
+    try:
+        car = CustomAllReduce(workspaces[0])
+        strided = torch.ones(64, 2, dtype=torch.bfloat16).t()
+        with pytest.raises(InvalidArgumentError, match=r"needs a contiguous tensor, got shape \(2, 64\) with strides"):
+            car.all_reduce(strided, payload="fp8")
+        with pytest.raises(InvalidArgumentError, match="tensor is on meta, this rank's workspace is on cpu"):
+            car.all_reduce(torch.ones(64, device="meta"), payload="fp8")
+        assert car.epoch == 0, "a refused call must not have run anything"
+    finally:
+        for workspace in workspaces:
+            workspace.close()
+
+
 @pytest.mark.parametrize("eps", [math.nan, -1.0, "1e-6"])
 def test_fused_rmsnorm_kernel_object_refuses_bad_eps_before_launching(eps, monkeypatch):
     from sagellm_comm.fused import FusedAllReduceRMSNorm
