@@ -162,7 +162,8 @@ class LivenessProbe:
         self.path = path
         self._flock = libc_flock()
         try:
-            self._owned = OwnedFd(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # a FIFO at the path must not block
+            # a FIFO at the path must not block; a symbolic link there is no owner's file
+            self._owned = OwnedFd(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
         except OSError:
             self._owned = OwnedFd(-1)  # the owner already removed it: gone
         self.fd = self._owned.fd

@@ -1604,7 +1604,8 @@ def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeyp
         thread.start()
         thread.join(10)
         assert not thread.is_alive(), "add_peer blocked on the FIFO"
-        assert len(outcome) == 1 and isinstance(outcome[0], BackendNotSupportedError), outcome
+        assert len(outcome) == 1 and isinstance(outcome[0], InvalidArgumentError), outcome
+        assert "not a regular file" in str(outcome[0]), outcome
         probe = shm.LivenessProbe(fifo)
         probe.close()
     finally:
@@ -1614,6 +1615,106 @@ def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeyp
         os.unlink(fifo)
         a.close()
         b.close()
+
+
+def _not_transfer_files(folder) -> dict[str, str]:
+    """Paths a hostile peer's metadata could name, none of them a transfer file, each of 2 MB: a file of the user's
+    elsewhere, a link with the transfer prefix in the shared directory pointing at it, a file of the shared
+    directory without the prefix, and one with the prefix in a folder below the shared directory."""
+    victim = folder / "victim"
+    victim.write_bytes(b"\x5a" * (1 << 21))
+    link = shared.new_path("-link")
+    os.symlink(victim, link)
+    unprefixed = os.path.join(shm.shared_dir(), f"not-a-transfer-file-{os.getpid()}")
+    below = shared.new_path("-folder")
+    os.mkdir(below)
+    nested = os.path.join(below, f"{shm.TRANSFER_PREFIX}{os.getpid()}-nested")
+    for path in (unprefixed, nested):
+        with open(path, "wb") as handle:
+            handle.write(b"\x5a" * (1 << 21))
+    return {"elsewhere": str(victim), "link": link, "unprefixed": unprefixed, "below": nested}
+
+
+@pytest.mark.parametrize("field", ["region", "probe", "inbox"])
+def test_a_peer_path_that_is_not_a_transfer_file_is_refused_before_anything_is_mapped(tmp_path, monkeypatch, field):
+    """The ipc section of a peer's metadata names files this agent maps read-write (its regions, its probe) and
+    the inbox it writes notifications into: each must be a transfer file.  Any other path is refused at
+    add_peer (``InvalidArgumentError`` naming the field) before it is opened: the file stays untouched and
+    unmapped, and no peer is added."""
+    import json
+
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    paths = _not_transfer_files(tmp_path)
+    a, b = TransferAgent("a", "ipc", timeout=2.0), TransferAgent("b", "ipc")
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        for kind, path in paths.items():
+            body = json.loads(b.metadata()[len(MAGIC) :])
+            section = body["transports"]["ipc"]
+            if field == "inbox":
+                section["inbox"] = path
+            else:
+                (section["probe"] if field == "probe" else section["regions"]["kv"])["path"] = path
+            with pytest.raises(InvalidArgumentError, match="sagellm-xfer-") as refused:
+                a.add_peer(MAGIC + json.dumps(body).encode())
+            named = "'inbox'" if field == "inbox" else "'path'"
+            assert named in str(refused.value) and "malformed" in str(refused.value), (kind, refused.value)
+            assert a.peers == [], kind
+            with open("/proc/self/maps") as handle:
+                maps = handle.read()
+            resolved = os.path.realpath(path)
+            assert resolved not in maps, kind
+            with open(resolved, "rb") as handle:
+                assert handle.read() == b"\x5a" * (1 << 21), kind
+    finally:
+        a.close()
+        b.close()
+        for path in (paths["link"], paths["unprefixed"], paths["below"]):
+            os.unlink(path)
+        os.rmdir(os.path.dirname(paths["below"]))
+
+
+def test_a_link_put_where_a_transfer_file_was_checked_is_not_followed(monkeypatch, tmp_path):
+    """The name is checked on the resolved path, then opened without following a symbolic link: a link that a
+    peer puts there in between (here: a resolution that leaves it in place) is refused, as is a FIFO."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\0" * 64)
+    link, fifo = shared.new_path("-link"), shared.new_path("-fifo")
+    os.symlink(victim, link)
+    os.mkfifo(fifo)
+    try:
+        monkeypatch.setattr(os.path, "realpath", lambda path: path)
+        with pytest.raises(InvalidArgumentError, match="symbolic link"):
+            shared.open_transfer_file(link, os.O_RDWR, "peer file")
+        monkeypatch.undo()
+        with pytest.raises(InvalidArgumentError, match="not a regular file"):
+            shared.open_transfer_file(fifo, os.O_RDONLY, "peer file")
+        with pytest.raises(InvalidArgumentError, match="not a transfer file"):
+            shared.open_transfer_file(link, os.O_RDONLY, "peer file")  # resolved: the victim, elsewhere
+    finally:
+        os.unlink(link)
+        os.unlink(fifo)
+
+
+def test_the_ipc_transport_refuses_to_share_a_region_mapped_from_a_file_that_is_not_a_transfer_file(
+    tmp_path, monkeypatch
+):
+    """Peers map transfer files only, so a CPU tensor mapped from another file is refused at register (under
+    ``auto`` NIXL moves it) rather than described in metadata every peer would refuse."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    path = tmp_path / "pool"
+    path.write_bytes(b"\0" * 4096)
+    tensor = torch.from_file(str(path), shared=True, size=4096, dtype=torch.uint8)
+    with TransferAgent("a", "ipc") as agent:
+        with pytest.raises(BackendNotSupportedError, match="TransferAgent.allocate"):
+            agent.register("kv", tensor)
+        assert agent.regions == []
 
 
 _RESTARTED_MALFORMED = """
@@ -2009,6 +2110,28 @@ def test_ring_slot_of_a_dead_sender_is_reused_once_drained(live_sender):
         assert len(boxes) == notify.SLOTS - 1
     finally:
         inbox.close()
+
+
+def test_a_ring_slot_whose_sender_names_no_transfer_file_counts_as_dead(live_sender, tmp_path):
+    """A claimer tells a live sender's slot by that sender's inbox lock, at the path the slot names: a path that is
+    not a transfer file (any file some process holds a lock on) is never opened, and its slot is reused once
+    drained, as a dead sender's."""
+    elsewhere = tmp_path / "locked"
+    elsewhere.write_bytes(b"")
+    lock = shm.OwnerLock(str(elsewhere))  # looks like a live owner to a probe that opened it
+    inbox = notify.Inbox()
+    try:
+        boxes = [notify.Outbox(inbox.path, f"s{i}", live_sender, 5.0) for i in range(1, notify.SLOTS)]
+        posing = notify.Outbox(inbox.path, "posing", str(elsewhere), 5.0)
+        _publish(posing, b"unread")
+        with pytest.raises(UnavailableError, match="no free slot"):
+            notify.Outbox(inbox.path, "late", live_sender, 5.0)  # its record is unread
+        assert inbox.drain() == [("posing", b"unread")]
+        assert notify.Outbox(inbox.path, "late", live_sender, 5.0).slot == posing.slot
+        assert len(boxes) == notify.SLOTS - 1
+    finally:
+        inbox.close()
+        lock.release()
 
 
 def test_ring_with_every_slot_held_by_live_senders_refuses_a_new_one(live_sender):

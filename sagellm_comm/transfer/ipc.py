@@ -55,7 +55,7 @@ from sagellm_comm.transfer.ipc_resident import QueuedUndecidedError, ResidentCop
 from sagellm_comm.transfer.metadata import AgentMetadata, MetadataField, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox
 from sagellm_comm.transfer.registry import register_transfer_backend
-from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of
+from sagellm_comm.transfer.shared import shared_cpu_tensor, shared_file_of, transfer_path, transfer_rule
 
 logger = logging.getLogger("sagellm_comm.transfer")
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds of torch
@@ -322,6 +322,11 @@ class IpcBackend(TransferBackend):
                 export.update(handle=b64(handle), offset=offset, size=size)
             else:
                 path, offset = shared_file_of(region.ptr, info.nbytes)
+                if transfer_path(path) is None:  # peers map transfer files only
+                    raise BackendNotSupportedError(
+                        f"region {info.name!r} is a mapping of {path}, which the ipc transport does not share: it "
+                        f"maps {transfer_rule()}; allocate the region with TransferAgent.allocate"
+                    )
                 export.update(path=path, offset=offset, size=os.path.getsize(path))
         except P2PFailedError as exc:
             raise BackendNotSupportedError(exc.message) from None
@@ -405,8 +410,8 @@ class IpcBackend(TransferBackend):
             self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
-            if isinstance(exc, BackendNotSupportedError) or not isinstance(exc, Exception):
-                raise
+            if isinstance(exc, BackendNotSupportedError | InvalidArgumentError) or not isinstance(exc, Exception):
+                raise  # InvalidArgumentError: a path of the metadata that is not a transfer file
             # Anything else (a failed mapping, malformed metadata: a missing key, a token that is not hex...).
             raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc!r}") from None
         if old is not None:
@@ -415,20 +420,15 @@ class IpcBackend(TransferBackend):
         return link
 
     def _open(self, maps: PeerMaps, export: dict, in_process: bool) -> int:
-        if "path" in export:  # what the peer's metadata claims, against the file itself
-            path = export["path"]
-            try:
-                size = os.stat(path).st_size
-            except OSError as exc:
-                raise BackendNotSupportedError(f"peer region {path} cannot be read: {exc}") from None
-            if export["offset"] + export["nbytes"] > size:
-                raise BackendNotSupportedError(
-                    f"the peer's metadata puts {export['nbytes']} bytes at offset {export['offset']} of {path}, a "
-                    f"file of {size} bytes"
-                )
+        """The address of a peer's export in this process.  A file is mapped (also for a peer in this process,
+        which has it mapped already) only once it is a transfer file that holds what the metadata claims
+        (``PeerMaps.open``)."""
+        if "path" in export:
+            base = maps.open(export["path"], export["offset"] + export["nbytes"])
+            return export["address"] if in_process else base + export["offset"]
         if in_process:
             return export["address"]
-        return maps.open(export.get("handle", export.get("path"))) + export["offset"]
+        return maps.open(export["handle"]) + export["offset"]
 
     def _probe(self, link: IpcLink, token: bytes) -> None:
         """The real test copy: the kernel reads the peer's token through the mapping (no notification).  Waited for
@@ -849,7 +849,7 @@ def _peer_section(peer: AgentMetadata) -> dict:
     exports = exports_field.mapping()
     section = {
         "device": top.item(blob, "device").choice("cpu", "cuda"),
-        "inbox": top.item(blob, "inbox").text(),
+        "inbox": _transfer_file(top.item(blob, "inbox")),
         "unreachable": unreachable,
         "probe": _export(top.item(blob, "probe"), PROBE_BYTES),
         "regions": {},
@@ -886,10 +886,20 @@ def _export(field: MetadataField, nbytes: int) -> dict:
         except ValueError:
             raise handle.bad("a CUDA IPC handle in base64") from None
     else:
-        export["path"] = field.item(data, "path").text()
+        export["path"] = _transfer_file(field.item(data, "path"))
     if export["offset"] + nbytes > export["size"]:
         raise field.bad(f"an export holding {nbytes} bytes at its offset (its memory is {export['size']} bytes)")
     return export
+
+
+def _transfer_file(field: MetadataField) -> str:
+    """A path of a peer's ipc section (a region's or the probe's file, the inbox): a transfer file's
+    (:func:`~sagellm_comm.transfer.shared.transfer_path`), else refused naming the field; what is opened there
+    is checked again when it is opened (a regular file, no symbolic link)."""
+    path = field.text()
+    if transfer_path(path) is None:
+        raise field.bad(transfer_rule())
+    return path
 
 
 register_transfer_backend("ipc", IpcBackend, is_available=ipc_available, priority=100)

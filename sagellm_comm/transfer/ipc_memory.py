@@ -18,27 +18,57 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sagellm_comm.errors import TransferError
+from sagellm_comm.errors import BackendNotSupportedError, TransferError
 from sagellm_comm.ipc import CudaIpcMemory, PeerMemory, SharedFileMemory, cupy_runtime
+from sagellm_comm.transfer.shared import open_transfer_file
 
 _OPEN_LOCK = threading.Lock()
-_OPENED: dict[tuple, list] = {}  # (kind, device, key) -> [base address, references, memory]
+# (kind, device, key) -> [base address, references, memory, bytes (a file's; None: a CUDA allocation)]
+_OPENED: dict[tuple, list] = {}
 _LEAKED: list = []  # staging buffers a launch may still read when their agent closed (kept, never freed)
 
 
-def open_shared(memory: PeerMemory, key: str | bytes, device_index: int) -> int:
-    """Map ``key`` (a CUDA IPC handle or a shared file path) once per process; returns its base address."""
+def open_shared(memory: PeerMemory, key: str | bytes, device_index: int, end: int = 0) -> int:
+    """Map ``key`` (a CUDA IPC handle, or the path of a peer's transfer file) once per process; returns its base
+    address.  A path is mapped only when it is a transfer file (:func:`~sagellm_comm.transfer.shared.
+    open_transfer_file`, ``InvalidArgumentError`` otherwise), through the descriptor that check opened (a file
+    put in its place afterwards is never mapped), and only when it holds at least ``end`` bytes
+    (``BackendNotSupportedError`` otherwise: the peer's metadata claims more than the file has)."""
     cache_key = (type(memory).__name__, device_index, key)
     with _OPEN_LOCK:
         entry = _OPENED.get(cache_key)
         if entry is None:
             if isinstance(memory, SharedFileMemory):
-                base = memory.open(key, os.stat(key).st_size)
+                base, size = _map_transfer_file(memory, key)
             else:
-                base = memory.open(key, 0)
-            entry = _OPENED[cache_key] = [base, 0, memory]
+                base, size = memory.open(key, 0), None
+            if size is not None and end > size:
+                memory.close(base)
+                raise _too_short(key, end, size)
+            entry = _OPENED[cache_key] = [base, 0, memory, size]
+        elif entry[3] is not None and end > entry[3]:
+            raise _too_short(key, end, entry[3])
         entry[1] += 1
         return entry[0]
+
+
+def _too_short(key: str | bytes, end: int, size: int) -> BackendNotSupportedError:
+    return BackendNotSupportedError(f"the peer's metadata puts {end} bytes in {key}, a file of {size} bytes")
+
+
+def _map_transfer_file(memory: SharedFileMemory, path: str) -> tuple[int, int]:
+    """``(base address, bytes)`` of a mapping of the transfer file at ``path``, whole."""
+    try:
+        owned = open_transfer_file(path, os.O_RDONLY, "peer file")
+    except OSError as exc:
+        raise BackendNotSupportedError(f"peer file {path} cannot be opened: {exc}") from None
+    try:
+        size = os.fstat(owned.fd).st_size
+        if size == 0:
+            raise BackendNotSupportedError(f"peer file {path} is empty")
+        return memory.open(f"/proc/self/fd/{owned.fd}", size), size  # the file this descriptor holds
+    finally:
+        owned.close()
 
 
 def close_shared(memory: PeerMemory, key: str | bytes, device_index: int) -> None:
@@ -61,8 +91,9 @@ class PeerMaps:
     device_index: int
     keys: list
 
-    def open(self, key: str | bytes) -> int:
-        base = open_shared(self.memory, key, self.device_index)
+    def open(self, key: str | bytes, end: int = 0) -> int:
+        """Map ``key`` (:func:`open_shared`; ``end``: the bytes a file must hold) for this link."""
+        base = open_shared(self.memory, key, self.device_index, end)
         self.keys.append(key)
         return base
 

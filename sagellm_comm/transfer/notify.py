@@ -21,7 +21,8 @@ Layout (int64 words unless said otherwise)::
 Protocol:
 
 1. *Claim* (sender, once per peer): under an exclusive ``flock`` of the inbox's ``-claim`` file, pick a slot
-   that is free, released by its sender and fully consumed, or whose sender died with nothing left visible;
+   that is free, released by its sender and fully consumed, or whose sender died with nothing left visible (a
+   sender is told alive by its inbox's lock; a sender path that is no transfer file is never opened: dead);
    zero its records, write ``consumed = 0``, the sender's name and path, its claim number (``CLAIMS + 1``),
    then (after a fence) a fresh random ``token``, then (after a fence) add 1 to the file's ``CLAIMS``.  The
    token is written after the rest and ``CLAIMS`` after the token: a reader that sees the new count sees the
@@ -64,12 +65,12 @@ import time
 
 import numpy as np
 
-from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, UnavailableError
+from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, InvalidArgumentError, UnavailableError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
 from sagellm_comm.shm import LivenessProbe, OwnedFd, OwnerLock, companion_path, reserve, sweep_stale
-from sagellm_comm.transfer.shared import new_path
+from sagellm_comm.transfer.shared import new_path, open_transfer_file, transfer_path, transfer_rule
 
 MAGIC = 0x5341474C58464552  # "SAGLXFER"
 VERSION = 3
@@ -107,8 +108,12 @@ class _Mapped:
 
     def __init__(self, path: str, create: bool):
         self.path = path
-        # closed by close(), or when this mapping is freed (its owner dropped without closing it)
-        self._owned = OwnedFd(os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600))
+        # closed by close(), or when this mapping is freed (its owner dropped without closing it); a peer's inbox
+        # only where it is a transfer file (shared.open_transfer_file)
+        if create:
+            self._owned = OwnedFd(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            self._owned = open_transfer_file(path, os.O_RDWR, "the peer's notification inbox")
         self.fd = self._owned.fd
         if create:
             try:
@@ -277,18 +282,23 @@ class Outbox:
 
     def __init__(self, inbox_path: str, sender_name: str, sender_inbox: str, timeout_s: float):
         self.peer_path = inbox_path
-        self.liveness = LivenessProbe(inbox_path)
+        # Every file of the peer's inbox is opened at the path resolved once, and only as a transfer file.
+        resolved = transfer_path(inbox_path)
+        if resolved is None:
+            raise InvalidArgumentError(
+                f"the peer's notification inbox {inbox_path!r} is not a transfer file: it must be {transfer_rule()}"
+            )
         try:
-            self._mapped = _Mapped(inbox_path, create=False)
+            self._mapped = _Mapped(resolved, create=False)
         except OSError as exc:
-            self.liveness.close()
             raise BackendNotSupportedError(f"cannot open the peer's notification inbox {inbox_path}: {exc}") from None
+        self.liveness = LivenessProbe(resolved)
         words = self._mapped.words
         geometry = tuple(int(w) for w in words[:5])
         try:
             if geometry != (MAGIC, VERSION, SLOTS, ENTRIES, RECORD_BYTES):
                 raise BackendNotSupportedError(f"the peer's inbox {inbox_path} has another layout: {geometry}")
-            self.slot = self._claim(claim_path(inbox_path), sender_name.encode(), sender_inbox.encode(), timeout_s)
+            self.slot = self._claim(claim_path(resolved), sender_name.encode(), sender_inbox.encode(), timeout_s)
         except BaseException:  # no slot (full inbox, claim lock not taken in time...): the files are let go
             self._close_files()
             raise
@@ -302,7 +312,8 @@ class Outbox:
         m = self._mapped
         if len(name) > MAX_NAME or len(path) > MAX_PATH:
             raise BackendNotSupportedError(f"agent name or inbox path too long for the ring ({len(name)}, {len(path)})")
-        fd = os.open(lock_path, os.O_RDWR)
+        claim = open_transfer_file(lock_path, os.O_RDWR, "the peer's inbox claim file")
+        fd = claim.fd
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -343,7 +354,7 @@ class Outbox:
             words[CLAIMS] += 1  # under the claim lock: one writer at a time
             return slot
         finally:
-            os.close(fd)  # drops the claim lock
+            claim.close()  # drops the claim lock
 
     def _reclaimable(self, slot: int) -> bool:
         m = self._mapped
@@ -353,12 +364,15 @@ class Outbox:
         consumed = int(words[base + CONSUMED])
         if int(words[base + RELEASED]) == 1:
             return consumed >= int(words[base + PRODUCED_FINAL])
-        sender = m.text(slot, PATH_AT, int(words[base + PATH_LEN]), MAX_PATH)
-        probe = LivenessProbe(sender)
-        try:
-            alive = probe.alive()
-        finally:
-            probe.close()
+        # A sender path that is no transfer file is no live agent's (and is never opened).
+        sender = transfer_path(m.text(slot, PATH_AT, int(words[base + PATH_LEN]), MAX_PATH))
+        alive = False
+        if sender is not None:
+            probe = LivenessProbe(sender)
+            try:
+                alive = probe.alive()
+            finally:
+                probe.close()
         # A dead sender's slot is reused once nothing it published is left unread.
         return not alive and int(words[m.record_offset(slot, consumed + 1) // 8]) != consumed + 1
 

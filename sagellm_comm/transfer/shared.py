@@ -4,14 +4,21 @@
   ``TransferAgent.allocate`` returns on the CPU), held by an owner lock (``sagellm_comm/shm.py``) and removed by
   the stale-file sweep if its process dies.  The ``ipc`` transport maps such regions into its peers; a
   process-private CPU tensor moves through NIXL only.  :func:`shared_file_of` finds the file behind any CPU
-  address (``/proc/self/maps``), so tensors mapped from files by other means work too.
+  address (``/proc/self/maps``).
 * :func:`new_path` names a transfer file (``sagellm-xfer-<pid>-<random>[-suffix]`` in ``/dev/shm``).
+* :func:`transfer_path` and :func:`open_transfer_file`: a path a peer's metadata names (a region, the probe, an
+  inbox) is opened and mapped only when it is a transfer file: resolved (every symbolic link followed), it lies
+  directly inside the shared directory, its name starts with the transfer prefix, and what is opened there is a
+  regular file (never through a symbolic link put in its place after the check).  Anything else (a file of the
+  user's elsewhere, a link out of the directory, a FIFO) is refused before it is opened or mapped.
 """
 
 from __future__ import annotations
 
+import errno
 import numbers
 import os
+import stat
 import uuid
 import weakref
 from typing import Any
@@ -20,11 +27,49 @@ import torch
 
 from sagellm_comm.arguments import check_int
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
-from sagellm_comm.shm import TRANSFER_PREFIX, OwnerLock, remove_owned, reserve, shared_dir
+from sagellm_comm.shm import TRANSFER_PREFIX, OwnedFd, OwnerLock, remove_owned, reserve, shared_dir
 
 
 def new_path(suffix: str = "") -> str:
     return os.path.join(shared_dir(), f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}{suffix}")
+
+
+def transfer_path(path: str) -> str | None:
+    """``path`` resolved (``os.path.realpath``: every symbolic link followed) when that lies directly inside the
+    shared directory and its name starts with the transfer prefix (what :func:`new_path` makes); else None.  The
+    name only: whether a regular file is there is :func:`open_transfer_file`'s to check."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        return None
+    resolved = os.path.realpath(path)
+    folder, name = os.path.split(resolved)
+    if folder != os.path.realpath(shared_dir()) or not name.startswith(TRANSFER_PREFIX):
+        return None
+    return resolved
+
+
+def transfer_rule() -> str:
+    """What :func:`transfer_path` accepts, in words (for the errors that refuse a path)."""
+    return f"a file directly inside {shared_dir()} named {TRANSFER_PREFIX}* (no symbolic link out of it)"
+
+
+def open_transfer_file(path: str, flags: int, what: str) -> OwnedFd:
+    """Open the transfer file at ``path`` (``flags``: ``os.O_RDONLY`` or ``os.O_RDWR``) once it passed
+    :func:`transfer_path`: the resolved path is opened without following a symbolic link and without blocking,
+    and only a regular file is kept.  ``InvalidArgumentError`` naming ``what`` when ``path`` is not a transfer
+    file; the ``OSError`` of the open when nothing is there (its owner removed it)."""
+    resolved = transfer_path(path)
+    if resolved is None:
+        raise InvalidArgumentError(f"{what} {path!r} is not a transfer file: it must be {transfer_rule()}")
+    try:
+        owned = OwnedFd(os.open(resolved, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link put there after the name was resolved
+            raise InvalidArgumentError(f"{what} {path!r} is a symbolic link, not a transfer file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(owned.fd).st_mode):
+        owned.close()
+        raise InvalidArgumentError(f"{what} {path!r} is not a regular file, so not a transfer file")
+    return owned
 
 
 MAX_REGION_BYTES = 1 << 62  # the largest region a peer's metadata may describe (RegionInfo.from_json)
