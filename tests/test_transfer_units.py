@@ -2112,6 +2112,37 @@ def test_ring_slot_of_a_dead_sender_is_reused_once_drained(live_sender):
         inbox.close()
 
 
+def test_adding_a_peer_whose_inbox_is_full_is_a_retryable_error_naming_the_peer(live_sender, monkeypatch):
+    """Every slot of the peer's inbox held by live senders is a condition of now, not a transport that cannot
+    reach the peer: ``UnavailableError`` naming it, with nothing of the inbox kept open; a slot given back makes
+    the next claim succeed."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = TransferAgent("a", "ipc", timeout=2.0), TransferAgent("b", "ipc")
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        metadata, inbox = b.metadata(), b._backends["ipc"].inbox.path
+        boxes = [notify.Outbox(inbox, f"s{i}", live_sender, 5.0) for i in range(notify.SLOTS)]
+        with pytest.raises(UnavailableError, match="peer 'b'.*no free slot.*add the peer again") as refused:
+            a.add_peer(metadata)
+        assert refused.value.details["peer"] == "b" and a.peers == []
+        before = _open_fds()
+        for _ in range(20):  # retrying keeps nothing open
+            with pytest.raises(UnavailableError):
+                a.add_peer(metadata)
+        assert _open_fds() == before
+        boxes.pop().release()
+        claimed = notify.Outbox(inbox, "next", live_sender, 5.0)  # a slot is free again
+        claimed.release()
+        for box in boxes:
+            box.release()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_ring_slot_whose_sender_names_no_transfer_file_counts_as_dead(live_sender, tmp_path):
     """A claimer tells a live sender's slot by that sender's inbox lock, at the path the slot names: a path that is
     not a transfer file (any file some process holds a lock on) is never opened, and its slot is reused once

@@ -122,7 +122,9 @@ class TransferBackend(ABC):
     @abstractmethod
     def connect(self, peer: AgentMetadata) -> Link:
         """Reach ``peer`` (its metadata carries this transport's part), or raise
-        :class:`~sagellm_comm.errors.BackendNotSupportedError` naming why not."""
+        :class:`~sagellm_comm.errors.BackendNotSupportedError` naming why not (``auto`` then tries the next
+        transport), or :class:`~sagellm_comm.errors.UnavailableError` naming the peer when this transport reaches
+        it but cannot take it now (``add_peer`` raises it: add the peer again later)."""
 
     @abstractmethod
     def disconnect(self, link: Link) -> None:

@@ -43,6 +43,7 @@ from sagellm_comm.errors import (
     InvalidArgumentError,
     P2PFailedError,
     PeerLostError,
+    UnavailableError,
     run_every,
     undo_after_failure,
 )
@@ -410,6 +411,12 @@ class IpcBackend(TransferBackend):
             self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
+            if isinstance(exc, UnavailableError):  # the peer's inbox has no free slot now: add it again later
+                raise UnavailableError(
+                    f"peer {peer.name!r} cannot be added over ipc now: {exc.message}; add the peer again once it "
+                    "has read its notifications or other senders removed it",
+                    details={**exc.details, "peer": peer.name},
+                ) from None
             if isinstance(exc, BackendNotSupportedError | InvalidArgumentError) or not isinstance(exc, Exception):
                 raise  # InvalidArgumentError: a path of the metadata that is not a transfer file
             # Anything else (a failed mapping, malformed metadata: a missing key, a token that is not hex...).
