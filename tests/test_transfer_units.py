@@ -1297,26 +1297,67 @@ def test_notifications_are_every_transports_in_a_new_list(recording_agents):
     got.clear()  # the caller owns what it got
 
 
-def test_notifications_taken_before_another_transport_failed_come_with_the_next_call(recording_agents):
-    """With two transports, the first's notifications are taken from its rings before the second's drain runs:
-    when that one raises, they are kept and returned by the next call, oldest first (they were lost)."""
-    agent, backend = recording_agents
-    failing = [True]
+class _FailingReads(_RecordingBackend):
+    """A recording transport whose notification reads raise while ``failing`` says so."""
 
-    def second():
-        if failing.pop():
-            raise UnavailableError("the second transport's queue")
-        return [("c", b"three")]
+    def __init__(self, context):
+        super().__init__(context)
+        self.failing: list[bool] = []  # one entry per read, popped; empty: always fail
 
-    agent._drains = (backend.notifications, second)
-    backend.messages = [("b", b"one")]
-    with pytest.raises(UnavailableError):
+    def notifications(self) -> list[tuple[str, bytes]]:
+        if not self.failing or self.failing.pop(0):
+            raise TransferError("the second transport could not read its notifications")
+        return super().notifications()
+
+
+@pytest.fixture
+def two_transports(monkeypatch):
+    """An agent running two transports, ``first`` (best) and ``second`` (whose reads may fail), and both."""
+    from sagellm_comm.transfer import TransferAgent
+
+    entries = [types.SimpleNamespace(name="first", factory=_RecordingBackend),
+               types.SimpleNamespace(name="second", factory=_FailingReads)]  # fmt: skip
+    monkeypatch.setattr(registry, "resolve", lambda backend: (entries, {}))
+    agent = TransferAgent("a", "first,second")
+    try:
+        yield agent, agent._backends["first"], agent._backends["second"]
+    finally:
+        agent.close()
+
+
+def test_a_transport_whose_notifications_fail_does_not_hold_back_the_others(two_transports):
+    """The first transport's notifications are returned by the call whose read of the second fails, and the
+    failure, naming its transport, by the next call (which reads nothing); a call with nothing else to return
+    raises it at once."""
+    agent, first, second = two_transports
+    first.messages, second.messages = [("b", b"one")], [("c", b"three")]
+    second.failing = [True, False, True]
+    assert agent.notifications() == [("b", b"one")]
+    first.messages = [("b", b"two")]
+    with pytest.raises(TransferError, match="second transport") as raised:
         agent.notifications()
-    backend.messages = [("b", b"two")]
-    failing.append(False)
-    assert agent.notifications() == [("b", b"one"), ("b", b"two"), ("c", b"three")]
-    agent._drains = (backend.notifications,)
-    assert agent.notifications() == []
+    assert raised.value.details["transport"] == "second"
+    assert agent.notifications() == [("b", b"two"), ("c", b"three")]  # not read by the call that raised
+    with pytest.raises(TransferError):  # nothing else to return: raised at once
+        agent.notifications()
+
+
+def test_a_transport_whose_notifications_always_fail_holds_nothing_back(two_transports):
+    """A transport whose every read fails: the other transport's notifications all arrive, in order, each at
+    most one call after it arrived, while that failure is raised every other call."""
+    agent, first, second = two_transports
+    sent, got, errors = [], [], 0
+    for i in range(20):
+        message = ("b", f"n{i}".encode())
+        sent.append(message)
+        first.messages.append(message)  # waits in its ring until read
+        try:
+            got += agent.notifications()
+        except TransferError as exc:
+            assert exc.details["transport"] == "second"
+            errors += 1
+        assert len(sent) - len(got) <= 1, (sent, got)
+    assert got == sent[: len(got)] and len(got) >= 19 and errors == 10, (got, errors)
 
 
 # ---------------------------------------------------------------------------------------------- shared memory

@@ -34,6 +34,7 @@ import torch
 from sagellm_comm.arguments import check_device, check_timeout
 from sagellm_comm.errors import (
     BackendNotSupportedError,
+    CommError,
     InvalidArgumentError,
     NotInitializedError,
     run_every,
@@ -192,8 +193,10 @@ class TransferAgent:
             raise BackendNotSupportedError(f"no transfer backend could start here ({why})")
         # Per backend, the regions it could not make reachable and why (auto keeps going without them).
         self._unreachable: dict[str, dict[str, str]] = {name: {} for name in self._backends}
-        self._drains = tuple(backend.notifications for backend in self._backends.values())  # best first
-        self._undelivered: list[tuple[str, bytes]] = []  # drained by a call that then failed: the next returns them
+        # (transport name, its drain), best first
+        self._drains = tuple((name, backend.notifications) for name, backend in self._backends.items())
+        self._undelivered: list[tuple[str, bytes]] = []  # drained by a call that was interrupted: the next returns them
+        self._drain_error: Exception | None = None  # a transport's, held back by a call that delivered the others'
 
     # ------------------------------------------------------------------ regions
     @property
@@ -599,23 +602,45 @@ class TransferAgent:
     def notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last call: ``(sender name, message)``, oldest first per sender.
         A message arrives only after every byte of its transfer is visible here; a sender's messages arrive in
-        the order it posted their transfers over ``ipc``, in the order they completed over NIXL."""
+        the order it posted their transfers over ``ipc``, in the order they completed over NIXL.
+
+        With several transports, one whose read fails does not hold back the others': every transport is read,
+        and what the others delivered is returned.  The failure (``details["transport"]`` names the transport)
+        is raised by this call when it has nothing else to return, else by the next call, before that call reads
+        anything (so nothing is taken from a ring and held).  A transport that fails on every read makes calls
+        alternate between the others' notifications and its error; none is lost or kept past the next call."""
         with self._call:
             if self._closed:
                 self._check_open()
             if self._aborts:
                 self._abort_deferred()
             drains = self._drains
-            if len(drains) == 1 and not self._undelivered:  # one transport: its list as it is
-                (drain,) = drains
-                return drain()
+            if len(drains) == 1 and not self._undelivered and self._drain_error is None:  # its list as it is
+                return drains[0][1]()
+            held, self._drain_error = self._drain_error, None
+            if held is not None:
+                raise held  # the last call returned the other transports' notifications instead
             out, self._undelivered = self._undelivered, []
+            error: Exception | None = None
             try:
-                for drain in drains:
-                    out += drain()
+                for name, drain in drains:
+                    try:
+                        out += drain()
+                    except Exception as exc:  # the other transports are still read
+                        if isinstance(exc, CommError):
+                            exc.details.setdefault("transport", name)
+                        if error is None:
+                            error = exc
+                        else:
+                            logger.warning("transfer agent %r: reading %s's notifications failed too: %r",
+                                           self.name, name, exc)  # fmt: skip
             except BaseException:
                 self._undelivered = out  # taken from their rings already: kept for the next call, not lost
                 raise
+            if error is not None:
+                if not out:
+                    raise error
+                self._drain_error = error
             return out
 
     # ------------------------------------------------------------------ teardown
