@@ -1272,6 +1272,62 @@ def test_an_undecided_copier_post_stays_queued_with_its_notification():
     assert out["timeout"] == ("b", True), out
 
 
+def _undecided_then_launch_worker(rank, world_size, port, then):
+    """A post left undecided (request A, its notification staged), then its program exits without having seen it:
+    a later request that is a launch (a two-block write) waits for A, and ``then="remove"`` removes the peer,
+    which waits for A too.  While the program stays undecided, the launch's wait ends at the copier's timeout and
+    sends nothing."""
+    from sagellm_comm.errors import CommTimeoutError, TransferError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer import ipc_resident as ir
+
+    options = {"ipc": {"resident": True, "resident_idle_us": 0}}
+    a, b = TransferAgent("a", "ipc", options=options), TransferAgent("b", "ipc", options=options)
+    src = a.allocate("kv", 1 << 16, torch.uint8)
+    dst = b.allocate("kv", 1 << 16, torch.uint8)
+    src[:4096], src[4096:8192] = 1, 2
+    peer = a.add_peer(b.metadata())
+    b.add_peer(a.metadata())
+    copier = a._peers[peer].backend.copier
+    copier.ints[ir.STATE] = ir.EXITING  # a program deciding whether to exit, and not deciding in time
+    copier.timeout_s = 0.05
+    out = {}
+    try:
+        a.write(peer, "kv", "kv", [(0, 0, 4096)], notify=b"A")
+    except TransferError as exc:
+        out["raised"] = type(exc).__name__
+    two = [(4096, 4096, 2048), (6144, 6144, 2048)]  # a table launch
+    start = time.monotonic()
+    try:  # still undecided: the launch waits for A up to the copier's timeout, and sends nothing
+        a.write(peer, "kv", "kv", two, notify=b"B")
+    except CommTimeoutError as exc:
+        out["while_undecided"] = (exc.details.get("peer"), time.monotonic() - start < 5.0)
+    out["notes_while_undecided"] = b.notifications()
+    copier.ints[ir.STATE] = ir.IDLE  # the program exits without having seen request A
+    if then == "launch":
+        a.write(peer, "kv", "kv", two, notify=b"B").wait(30)
+    else:
+        a.remove_peer(peer)
+    out["notes"] = b.notifications()
+    out["bytes"] = (int(dst[0]), int(dst[4095]), int(dst[4096]), int(dst[8191]))
+    out["served"] = copier.completed() == copier.posted
+    a.close()
+    b.close()
+    return out
+
+
+@pytest.mark.parametrize("then", ["launch", "remove"])
+def test_an_undecided_copier_request_is_served_before_a_later_launch_and_before_the_peer_goes(then):
+    ((out),) = run_ranks(_undecided_then_launch_worker, 1, then, timeout=300.0, env=INTERP)
+    assert out["raised"] == "QueuedUndecidedError", out
+    assert out["while_undecided"] == ("b", True) and out["notes_while_undecided"] == [], out
+    assert out["served"], out
+    if then == "launch":  # A, then B, each after its bytes
+        assert out["notes"] == [("a", b"A"), ("a", b"B")] and out["bytes"] == (1, 1, 2, 2), out
+    else:
+        assert out["notes"] == [("a", b"A")] and out["bytes"] == (1, 1, 0, 0), out
+
+
 def _failed_publish_worker(rank, world_size, port):
     """A long notifying write is a copy-engine copy, then a launch that publishes; when that launch raises, the
     copy is already enqueued: the request is numbered (removal and close wait for it) and nothing is published."""

@@ -648,7 +648,8 @@ class IpcBackend(TransferBackend):
             link.resident_last = exc.seq
             name = link.peer.name
             exc.details.update(peer=name, op="ipc")
-            exc.message = f"{exc.message}; peer {name!r}: treat the blocks and the notification as undecided"
+            exc.message = (f"{exc.message}; peer {name!r}: treat the blocks and the notification as undecided (the "
+                           "request is served before any later one once the copier decides)")  # fmt: skip
             raise
         link.resident_last = seq
         return ResidentRequest(self, link, seq)
@@ -789,8 +790,8 @@ class IpcBackend(TransferBackend):
         copier = self.copier
         if copier is None or copier.completed() >= seq:
             return True
-        if self._resident_stalled_at == copier.completed():
-            return False
+        if self._resident_stalled_at == copier.completed() and not copier.resume():
+            return False  # still stalled (a program that exited without the requests is started again)
         try:
             copier.wait(seq)
         except CommTimeoutError:

@@ -36,7 +36,9 @@ TILE_BYTES = 1024
 class QueuedUndecidedError(TransferError):
     """:meth:`ResidentCopier.post` wrote request ``seq`` into the mailbox, then could not tell whether a program
     will serve it: the request stays queued (it may still be served, its notification published after its
-    bytes), so the caller keeps what it staged for it and counts it as posted."""
+    bytes), so the caller keeps what it staged for it and counts it as posted.  It is served before any later
+    request of the copier: by the program that was deciding, or by one the next post or wait starts once that
+    program exited without it (:meth:`ResidentCopier.resume`)."""
 
     def __init__(self, message: str, seq: int):
         super().__init__(message)
@@ -120,22 +122,41 @@ class ResidentCopier:
                     )
         if state == SERVING:
             return seq
-        ints[STATE] = SERVING  # no program serves the mailbox: start one (it begins at done + 1)
         try:
-            self._launch()
+            self._start()
         except BaseException:
-            ints[STATE] = IDLE
             ints[at] = 0
             self.posted = seq - 1
             raise
         return seq
+
+    def _start(self) -> None:
+        """Start a program (no program serves the mailbox: it stored ``IDLE`` last); it begins at ``done + 1``."""
+        self.ints[STATE] = SERVING
+        try:
+            self._launch()
+        except BaseException:
+            self.ints[STATE] = IDLE
+            raise
+
+    def resume(self) -> bool:
+        """Start a program when requests are queued and none will serve them, which happens only after a post
+        raised :class:`QueuedUndecidedError` and the program it could not wait for exited without seeing that
+        request; True if one was started.  Every wait calls it, so such a request (and its notification) is
+        served, before the requests after it, as soon as the exit is decided."""
+        if self.ints[STATE] != IDLE or self.ints[DONE] >= self.posted:
+            return False
+        self._start()
+        return True
 
     def _launch(self) -> None:
         self.launcher((1, 1), self.values, self.raw_stream)
 
     def wait(self, seq: int, deadline: float | None = None, peer: str | None = None) -> None:
         """Block until request ``seq`` was served; ``CommTimeoutError`` at ``deadline`` (default: the timeout),
-        naming ``peer`` when given.  Spins for ``SPIN_S``, then sleeps between reads."""
+        naming ``peer`` when given.  Spins for ``SPIN_S``, then sleeps between reads.  A request queued with no
+        program left to serve it (:meth:`resume`) gets one; while a program stays undecided on its exit, the
+        wait ends at the deadline."""
         ints = self.ints
         if ints[DONE] >= seq:
             return
@@ -144,6 +165,7 @@ class ResidentCopier:
             deadline = now + self.timeout_s
         spin_until = now + SPIN_S
         while ints[DONE] < seq:
+            self.resume()
             now = time.monotonic()
             if now > deadline:
                 to = "" if peer is None else f" (a transfer to or from peer {peer!r} waits behind it)"
