@@ -173,6 +173,46 @@ def test_a_transfer_point_timed_at_zero_has_no_bandwidth():
     assert row.split()[8] == "-"
 
 
+def test_the_transfer_csv_carries_every_field_the_json_holds_about_each_point(tmp_path):
+    """Each CSV row holds the JSON's setup (with the provenance block's fields), its record and its backend's
+    notification latency, value for value: a list or an object as JSON text, None as an empty cell."""
+    measured = {
+        "points": [{"backend": backend, "op": "write", "block": 4096, "count": 2, "num_wrong": 0, "timing": "wall",
+                    "stats": timing.summarize([1.0, 3.0])} for backend in ("nixl", "torch")]
+                  + [{"backend": "torch", "op": "read", "block": 4096, "count": 2, "error": "refused"}],
+        "notify": {"nixl": {"idle": {"seen": [4.0, 5.0], "host": [1.0, 1.5]}}},
+        "failed": {"ipc": "no GPU"}, "transports": {"nixl": "UCX RMA: cma/memory"},
+    }  # fmt: skip
+    run = {**provenance.provenance("cpu"), "command": "sagellm-comm transfer --out x", "device_name": "cpu: test",
+           "hostname": "vm", "backends": ["nixl", "torch"], "ops": ["write", "read"], "prepared": False,
+           "warmup": 1, "iters": 2, "rounds": 1, "pinned": [0, 1], "cpus": {"initiator": [0], "peer": [1]},
+           "skipped": [], "interpreter": False}  # fmt: skip
+    result = transfer_results.build_result(measured, run, False)
+    transfer_results.write_files(result, None, str(tmp_path / "transfer"))
+    record = json.loads((tmp_path / "transfer.json").read_text())
+    with (tmp_path / "transfer.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+
+    def cell(value) -> str:  # what csv makes of a JSON value
+        if value is None:
+            return ""
+        return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+    meta, setup = record["meta"], record["setup"]
+    assert len(rows) == len(record["results"]) == 3
+    for row, point in zip(rows, record["results"], strict=True):
+        assert set(row) == {*setup, *point, "notify"}, set(row) ^ {*setup, *point, "notify"}
+        for key, value in {**setup, **point}.items():
+            assert row[key] == cell(value), (key, row[key], value)
+        for key, value in meta.items():
+            if key == "device":  # the block's device line, made of the setup's two device fields
+                assert value == f"{row['device_name']} ({row['device']}, 2 processes)"
+            else:
+                assert row[key] == cell(value), key
+        assert row["notify"] == cell(record["notify"].get(point["backend"]))
+    assert json.loads(rows[0]["notify"])["idle"]["samples"] == 2 and rows[1]["notify"] == ""
+
+
 def test_bus_factor_rejects():
     with pytest.raises(InvalidArgumentError):
         ops.bus_factor("all_to_all", 2)

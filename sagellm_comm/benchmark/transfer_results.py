@@ -42,8 +42,6 @@ class TransferRecord:
 
 
 FIELDS = tuple(f.name for f in fields(TransferRecord))
-# Each CSV row also says where and how it was measured (the JSON holds these once, in meta and setup).
-CSV_PROVENANCE = ("device_name", "date", "commit", "dirty", "warmup", "iters", "rounds")
 
 
 @dataclass
@@ -207,15 +205,36 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
         notify=result.notify,
     )  # fmt: skip
     result.csv_path = csv_path
+    columns, rows = csv_rows(result)
 
     def write_csv(handle) -> None:
-        writer = csv.DictWriter(handle, fieldnames=[*CSV_PROVENANCE, *FIELDS])
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        where = {k: result.run.get(k, "") for k in CSV_PROVENANCE}
-        for r in result.records:
-            writer.writerow({**where, **{k: ("" if v is None else v) for k, v in r.to_dict().items()}})
+        writer.writerows(rows)
 
     write_file(result.csv_path, write_csv)
+
+
+def csv_rows(result: TransferBenchResult) -> tuple[list[str], list[dict]]:
+    """``(columns, rows)`` of the CSV: one row per record, carrying what the JSON holds about it: every field of
+    the run's ``setup`` (which holds the provenance block's fields: date, command, commit, dirty flag, its source,
+    versions; the block's device line is ``device_name`` and ``device``), the record's fields, and ``notify``, the
+    notification latency of the record's backend.  A list or an object is a cell of JSON text, None an empty
+    cell."""
+    columns = list(dict.fromkeys([*result.run, *FIELDS, "notify"]))
+    rows = []
+    for record in result.records:
+        values = {**result.run, **record.to_dict(), "notify": result.notify.get(record.backend)}
+        rows.append({column: _cell(values.get(column)) for column in columns})
+    return columns, rows
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value)
+    return value
 
 
 def load(path: str | Path) -> dict:
