@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sagellm_comm.arguments import is_int
+from sagellm_comm.arguments import check_timeout, is_int
 from sagellm_comm.backend import (
     AUTO,
     DEFAULT_TIMEOUT_S,
@@ -205,6 +205,7 @@ class CommGroup:
 
 _DEFAULT: CommGroup | None = None
 _DEFAULT_KIND: str | None = None  # the backend kind init was asked for when it made _DEFAULT
+_DEFAULT_TIMEOUT: float | None = None  # the timeout init made _DEFAULT with
 _DEFAULT_LOCK = threading.Lock()
 
 
@@ -220,16 +221,22 @@ def init(
     master_addr: str | None = None,
     master_port: int | None = None,
     backend: str | CommBackend = AUTO,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> CommGroup:
     """Initialise the process-wide default group (what ``group=None`` means in :class:`CollectiveOps`).
 
-    Returns the world :class:`CommGroup`. Calling it again while initialised returns the same group
-    when the arguments agree: ``comm_rank_mismatch`` when rank or world size differ, ``invalid_argument`` when
-    ``backend`` names another backend (``"auto"`` names the one running).
+    ``timeout``: seconds that bound the rendezvous and every blocking operation of the group (None:
+    ``DEFAULT_TIMEOUT_S``, 30 s).  Returns the world :class:`CommGroup`. Calling it again while initialised
+    returns the same group when the arguments agree (an argument left out agrees with anything):
+    ``comm_rank_mismatch`` when rank or world size differ, ``invalid_argument`` when ``backend`` names another
+    backend (``"auto"`` names the one running) or ``timeout`` differs from the one the group was made with.  A
+    group's timeout is fixed when it is made (the engine's process groups keep it), so a new one takes
+    :func:`destroy` first.
     """
-    global _DEFAULT, _DEFAULT_KIND
+    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT
+    if timeout is not None:
+        timeout = check_timeout(timeout)
     with _DEFAULT_LOCK:
         if _DEFAULT is not None and _DEFAULT.backend.is_initialized:
             have = (_DEFAULT.backend.rank, _DEFAULT.backend.world_size)
@@ -239,17 +246,24 @@ def init(
                     f"{rank}/{world_size}; call sagellm_comm.destroy() first"
                 )
             _check_same_backend(backend, _DEFAULT.backend, _DEFAULT_KIND)
+            if timeout is not None and timeout != _DEFAULT_TIMEOUT:
+                raise InvalidArgumentError(
+                    f"default group already initialised with timeout {_DEFAULT_TIMEOUT:g}s, asked for {timeout:g}s; "
+                    "call sagellm_comm.destroy() first to change the timeout",
+                    details={"running": _DEFAULT_TIMEOUT, "requested": timeout},
+                )
             return _DEFAULT
+        made_with = DEFAULT_TIMEOUT_S if timeout is None else timeout
         _DEFAULT = CommGroup.create(
             world_size=world_size,
             rank=rank,
             backend=backend,
             master_addr=master_addr,
             master_port=master_port,
-            timeout=timeout,
+            timeout=made_with,
             **kwargs,
         )
-        _DEFAULT_KIND = _kind_key(backend)
+        _DEFAULT_KIND, _DEFAULT_TIMEOUT = _kind_key(backend), made_with
         return _DEFAULT
 
 
@@ -295,9 +309,9 @@ def get_default_backend() -> CommBackend:
 
 def destroy() -> None:
     """Release the default group and its backend (idempotent)."""
-    global _DEFAULT, _DEFAULT_KIND
+    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT
     with _DEFAULT_LOCK:
-        group, _DEFAULT, _DEFAULT_KIND = _DEFAULT, None, None
+        group, _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT = _DEFAULT, None, None, None
     if group is not None:
         group.destroy()
 

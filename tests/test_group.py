@@ -149,3 +149,26 @@ def test_init_again_on_another_backend_raises_naming_both() -> None:
         assert sagellm_comm.get_default_group() is world
     finally:
         sagellm_comm.destroy()
+
+
+def test_init_again_with_another_timeout_raises_naming_both() -> None:
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo", timeout=45)
+    try:
+        assert sagellm_comm.init(timeout=45.0) is world  # the same timeout: the same group
+        assert sagellm_comm.init() is world  # a timeout left out agrees with the one running
+        with pytest.raises(InvalidArgumentError, match=r"initialised with timeout 45s, asked for 12\.5s") as err:
+            sagellm_comm.init(backend="gloo", timeout=12.5)
+        assert err.value.details == {"running": 45.0, "requested": 12.5}
+        assert world.backend.timeout == 45.0
+        with pytest.raises(InvalidArgumentError, match="timeout must be a positive number"):
+            sagellm_comm.init(timeout=float("nan"))
+        assert sagellm_comm.get_default_group() is world
+    finally:
+        sagellm_comm.destroy()
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo")  # after destroy(): the default timeout
+    try:
+        assert world.backend.timeout == sagellm_comm.backend.DEFAULT_TIMEOUT_S
+        with pytest.raises(InvalidArgumentError, match=r"with timeout 30s, asked for 45s"):
+            sagellm_comm.init(timeout=45)
+    finally:
+        sagellm_comm.destroy()
