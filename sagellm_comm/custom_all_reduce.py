@@ -347,6 +347,7 @@ class CustomAllReduce:
         self._table = workspace.table
         self._control = workspace.control
         self._closers: list[Callable[[], None]] = []  # close_with
+        self.closed_reason: str | None = None  # set by close(): what a later call's error says
         self.check = workspace.check
         self._check = fingerprint_launcher(self.use_ptx, self.device_index)
         self._group_check = Launcher(_fp.group_fingerprint_check_kernel, self.use_ptx, self.device_index, num_warps=1)
@@ -457,7 +458,7 @@ class CustomAllReduce:
         if self.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
-            raise NotInitializedError("the custom all-reduce was destroyed")
+            raise self.closed_error()
         itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
         if itemsize is None:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
@@ -524,7 +525,7 @@ class CustomAllReduce:
         if self.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
-            raise NotInitializedError("the custom all-reduce was destroyed")
+            raise self.closed_error()
         if not tensor.is_contiguous():
             raise InvalidArgumentError(
                 f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
@@ -637,9 +638,21 @@ class CustomAllReduce:
         operations (the GEMM + all-reduce's workspace) goes with the group's kernels (``destroy``, ``reset``)."""
         self._closers.append(close)
 
-    def close(self) -> None:
+    def closed_error(self) -> NotInitializedError:
+        """The error of a call made once this all-reduce (or its workspace) was closed, saying why and what to do."""
+        reason = self.closed_reason or "its workspace was closed; make a new CustomAllReduce on a new workspace"
+        return NotInitializedError(
+            f"this custom all-reduce of ranks {list(self.workspace.global_ranks or range(self.world_size))} is "
+            f"closed: {reason}",
+            details={"rank": self.rank, "reason": reason},
+        )
+
+    def close(self, reason: str | None = None) -> None:
         """Release the workspace and what :meth:`close_with` named (collective in spirit: every rank should
-        close)."""
+        close).  ``reason``: why, with what to use instead, for the error of every later call (default: this
+        object was closed)."""
+        if self.closed_reason is None:
+            self.closed_reason = reason or "close() was called; make a new CustomAllReduce on a new workspace"
         closers, self._closers = self._closers[::-1], []
 
         def forget() -> None:

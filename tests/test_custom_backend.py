@@ -202,6 +202,38 @@ def _single_rank_worker(rank, world_size, port):
     return reason
 
 
+def _kept_kernels_worker(rank, world_size, port):
+    from sagellm_comm.errors import NotInitializedError
+
+    backend = _small_custom_backend(rank, world_size, port)
+    pair = backend.new_group([0, 1])
+    kept_world, kept_pair = backend.custom, backend.kernels_for(pair)
+    assert kept_world is not None and kept_pair is not None, backend.custom_reason
+    backend.reset()
+    said = []
+    for kept in (kept_world, kept_pair):
+        with pytest.raises(NotInitializedError, match=r"reset\(\) released and made again") as err:
+            kept.all_reduce(torch.ones(8), algo="one_shot")
+        said.append(str(err.value))
+        with pytest.raises(NotInitializedError, match=r"reset\(\)"):
+            kept.all_reduce(torch.ones(8), payload="fp8")
+    x = torch.full((8,), float(rank + 1))
+    backend.kernels_for(pair).all_reduce(x, algo="one_shot")  # the group's new kernels, as the error says
+    backend.kernels_for(pair).synchronize()
+    assert torch.all(x == 3.0)
+    current = backend.custom
+    backend.destroy()
+    with pytest.raises(NotInitializedError, match="its backend was destroyed; create and init a new backend"):
+        current.all_reduce(torch.ones(8))
+    return said
+
+
+def test_kernels_kept_from_before_reset_say_so_and_where_the_new_ones_are():
+    for said in run_ranks(_kept_kernels_worker, 2, env=INTERP, timeout=300):
+        assert "kernels_for(group)" in said[0] and "ranks [0, 1]" in said[0], said
+        assert "destroyed" not in " ".join(said), said
+
+
 def test_custom_backend_records_why_it_falls_back():
     reason = run_ranks(_single_rank_worker, 1, env=INTERP, timeout=120)[0]
     assert "group size 1 is outside 2..8" in reason

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
@@ -65,6 +66,12 @@ log = logging.getLogger("sagellm_comm")
 
 _NOT_KERNEL_CASE = "not a kernel case (op, dtype or layout)"
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
+# What a call on a CustomAllReduce kept from before reset() / destroy() says, and what to use instead.
+RESET_REASON = (
+    "it belongs to a workspace that the backend's reset() released and made again; get the group's new one with "
+    "backend.kernels_for(group) (backend.custom for the world)"
+)
+DESTROY_REASON = "its backend was destroyed; create and init a new backend"
 
 
 def custom_available() -> bool:
@@ -329,7 +336,9 @@ class CustomBackend(TorchDistributedBackend):
         self-tested exactly as when the group was made, in the order the groups were made: the world, every
         sub-group from ``new_group`` / ``split`` / ``new_subgroup``, and the node-local (and, with
         ``SAGELLM_COMM_HIER_CROSS=kernels``, cross) groups of every hierarchical plan; the plans, the fused
-        operations and all-gather / reduce-scatter then use the new workspaces.  Existing group objects stay valid.
+        operations and all-gather / reduce-scatter then use the new workspaces.  Existing group objects stay valid;
+        a :class:`CustomAllReduce` kept from before (``custom``, ``kernels_for``) raises ``NotInitializedError``
+        saying so and where the new one is.
 
         A group whose set-up fails again keeps running on the engine: a peer mapping or the self-test failing
         (the reason says which), or a member that does not answer (gone or stuck; the engine needs every member
@@ -345,7 +354,7 @@ class CustomBackend(TorchDistributedBackend):
             if kernels is None:
                 continue
             try:
-                kernels.close()
+                kernels.close(RESET_REASON)
             except Exception as exc:  # an unusable device must not stop the rebuild or the fallback
                 log.warning("sagellm-comm reset: closing the old workspace of ranks %s failed: %s", kernels.ranks, exc)
         self._world_kernels = self._remake(None, True)
@@ -389,7 +398,7 @@ class CustomBackend(TorchDistributedBackend):
         self._hierarchical.clear()
         self._world_kernels = self.custom = None
         try:  # every group's workspace, whatever another's close raised
-            run_every([kernels.close for kernels in kernel_groups if kernels is not None])
+            run_every([partial(kernels.close, DESTROY_REASON) for kernels in kernel_groups if kernels is not None])
         finally:
             if self.custom_reason != "not initialised":
                 self.custom_reason = "destroyed"

@@ -163,10 +163,11 @@ class KernelGroup:
         group.kernels, group.reason, group.nbytes = None, reason, 0
         return group
 
-    def close(self) -> None:
-        """Release this rank's workspace (idempotent).  Every member should close (it is collective in spirit)."""
+    def close(self, reason: str | None = None) -> None:
+        """Release this rank's workspace (idempotent).  Every member should close (it is collective in spirit).
+        ``reason``: what a later call on the kernels, kept by a caller, says (:meth:`CustomAllReduce.close`)."""
         if self.kernels is not None:
             try:
-                self.kernels.close()
+                self.kernels.close(reason)
             finally:
                 self.kernels = None
