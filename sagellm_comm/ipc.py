@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import shm
+from . import capture, shm
 from .cupy_probe import require_cupy
 from .errors import P2PFailedError
 
@@ -93,6 +93,7 @@ class CudaIpcMemory(PeerMemory):
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._rt = cupy_runtime()
+        capture.track()  # from now on a capture on any thread defers this memory's frees (capturing())
 
     def _on_device(self):
         import cupy
@@ -156,13 +157,10 @@ class CudaIpcMemory(PeerMemory):
             self._rt.free(ptr)
 
     def capturing(self) -> bool:
-        """Whether this thread's current stream, on this memory's device or on the current device, is capturing a
-        CUDA graph: ``cudaFree`` and ``cudaIpcCloseMemHandle`` are not allowed then (they invalidate the capture).
-        A capture that another thread began is not seen here."""
-        with torch.cuda.device(self.device):
-            if torch.cuda.is_current_stream_capturing():
-                return True
-        return torch.cuda.is_current_stream_capturing()
+        """Whether a CUDA graph is being captured anywhere in this process (:func:`sagellm_comm.capture.underway`:
+        a ``torch.cuda.CUDAGraph`` on any thread, or this thread's current stream on this memory's device or the
+        current device): ``cudaFree`` and ``cudaIpcCloseMemHandle`` are not allowed then (they invalidate it)."""
+        return capture.underway(self.device)
 
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._rt.memcpyAsync(dst, src, nbytes, MEMCPY_DEFAULT, stream)

@@ -36,6 +36,7 @@ from sagellm_comm.kernels import fingerprint as _fp
 from sagellm_comm.kernels import lamport_all_reduce as _lk
 from sagellm_comm.selector import LAMPORT
 
+from . import capture
 from .arguments import check_device, check_flag, check_int
 from .config import CommConfig, check_agreement
 from .errors import (
@@ -538,8 +539,9 @@ class SymmetricWorkspace:
 class _OwnedRegion:
     """This rank's region from ``memory.allocate``, freed once the workspace is closed and the last reference goes:
     the workspace's (dropped at close()) or a registered tensor's.  A workspace never closed keeps it (a free at
-    garbage collection could land inside a CUDA-graph capture).  A last reference that goes while this thread
-    captures a graph (``memory.capturing()``) queues the free for :func:`free_deferred_regions`.  ``free()`` frees it
+    garbage collection could land inside a CUDA-graph capture).  A last reference that goes, on any thread, while a
+    graph is captured anywhere in the process (``memory.capturing()``) queues the free for
+    :func:`free_deferred_regions`.  ``free()`` frees it
     at once (a rendezvous that made no workspace)."""
 
     def __init__(self, memory: PeerMemory, ptr: int):
@@ -559,11 +561,19 @@ class _OwnedRegion:
 def _free_closed(memory: PeerMemory, ptr: int, closed: list[bool]) -> None:
     if not closed[0]:
         return
-    if memory.capturing():  # cudaFree would invalidate the capture: later, at a safe point
+    if not _free_outside_capture(memory, ptr):  # cudaFree would invalidate the capture: later, at a safe point
         with _DEFERRED_LOCK:
             _DEFERRED.append((memory, ptr))
-    else:
+
+
+def _free_outside_capture(memory: PeerMemory, ptr: int) -> bool:
+    """Free ``ptr`` unless a CUDA graph is being captured anywhere in the process (``memory.capturing()``), with
+    the start of a new capture held off meanwhile; whether it was freed."""
+    with capture.held_off():
+        if memory.capturing():
+            return False
         memory.free(ptr)
+        return True
 
 
 # Regions whose last reference went during a CUDA-graph capture: (memory, address), freed by free_deferred_regions.
@@ -577,20 +587,22 @@ def free_deferred_regions() -> int:
     whose memory still captures stays queued.  Every free is tried; the first error is raised after them.
 
     :meth:`SymmetricWorkspace.rendezvous` and :meth:`SymmetricWorkspace.close` call this; call it after a capture
-    to give the memory back sooner.  Not while another thread captures a graph in the global capture mode
-    (``torch.cuda.graph``'s default): that capture is not seen here, and a free would invalidate it."""
+    to give the memory back sooner.  Safe from any thread: a capture on any thread of the process
+    (:mod:`sagellm_comm.capture`) keeps the regions queued."""
     with _DEFERRED_LOCK:
         pending = list(_DEFERRED)
         _DEFERRED.clear()
-    due = []
-    for memory, ptr in pending:
-        if memory.capturing():
+    freed = []
+
+    def free(memory: PeerMemory, ptr: int) -> None:
+        if _free_outside_capture(memory, ptr):
+            freed.append(ptr)
+        else:
             with _DEFERRED_LOCK:
                 _DEFERRED.append((memory, ptr))
-        else:
-            due.append((memory, ptr))
-    run_every(lambda m=memory, p=ptr: m.free(p) for memory, ptr in due)
-    return len(due)
+
+    run_every(lambda m=memory, p=ptr: free(m, p) for memory, ptr in pending)
+    return len(freed)
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

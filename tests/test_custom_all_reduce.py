@@ -560,6 +560,89 @@ def test_a_region_whose_last_buffer_goes_during_a_graph_capture_is_freed_after_i
         free_deferred_regions()
 
 
+def test_a_region_freed_on_another_thread_while_any_thread_captures_is_freed_after_the_capture():
+    """A capture in one thread defers the free of a region whose last buffer goes on another thread (here the
+    watchdog's: its error handler closes the workspace and drops the buffer), whose own stream shows no capture.
+    CPU stand-ins: a class with the capture methods of torch.cuda.CUDAGraph, tracked as that class is, and shared
+    files with CUDA IPC memory's view of captures.  One process stands for both ranks."""
+    import gc
+    import threading
+
+    from sagellm_comm import capture, watchdog
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.ipc import CudaIpcMemory, SharedFileMemory
+    from sagellm_comm.workspace import SymmetricWorkspace, free_deferred_regions
+
+    class Graph:  # stands in for torch.cuda.CUDAGraph
+        def capture_begin(self) -> None:
+            pass
+
+        def capture_end(self) -> None:
+            pass
+
+    class Memory(SharedFileMemory):
+        device = torch.device("cuda", 0)
+        capturing = CudaIpcMemory.capturing  # what CUDA IPC memory asks before a free
+
+        def __init__(self):
+            super().__init__()
+            self.freed: list[int] = []
+
+        def free(self, ptr: int) -> None:
+            self.freed.append(ptr)
+            super().free(ptr)
+
+    capture.track(Graph)
+    memory = Memory()
+    config = CommConfig.from_env().replace(watchdog_ms=3_600_000)  # the thread sleeps: poll_once() runs below
+    ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=memory, config=config)
+    buffers = [ws.registered_tensor(16, torch.float32)]
+    ws.error_view[:4] = [1, 1, 0, 0]  # latched: the watchdog reports it to the handler
+
+    def close_on_failure(failed, exc):
+        failed.close()
+        buffers.clear()
+        gc.collect()
+
+    graph, began, done = Graph(), threading.Event(), threading.Event()
+
+    def capturer() -> None:
+        graph.capture_begin()
+        began.set()
+        done.wait(30)
+        graph.capture_end()
+
+    capturing = threading.Thread(target=capturer)
+    watchdog.add_error_handler(close_on_failure)
+    try:
+        capturing.start()
+        assert began.wait(30)
+        assert memory.capturing()  # another thread's capture is seen here
+        polling = threading.Thread(target=watchdog.poll_once, name="sagellm-comm-watchdog")
+        polling.start()
+        polling.join(30)
+        assert ws.closed and buffers == []
+        assert memory.freed == [], "a region was freed while another thread captured a graph"
+        assert free_deferred_regions() == 0 and memory.freed == []  # still capturing: stays queued
+    finally:
+        watchdog.remove_error_handler(close_on_failure)
+        done.set()
+        capturing.join(30)
+    assert not memory.capturing()
+    assert free_deferred_regions() == 1 and len(memory.freed) == 1
+
+    # A capture cannot begin between a free's check and the free: held_off() makes the begin wait.
+    with capture.held_off():
+        starting = threading.Thread(target=graph.capture_begin)
+        starting.start()
+        starting.join(0.2)
+        assert not capture.underway()
+    starting.join(30)
+    assert capture.underway()
+    graph.capture_end()
+    assert not capture.underway()
+
+
 def _failing_closer_worker(rank, world_size, port):
     memory = _recording_memory()
     car, _ = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
