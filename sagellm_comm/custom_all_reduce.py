@@ -464,7 +464,7 @@ class CustomAllReduce:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
         if not tensor.is_contiguous():
             raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
-        if self._wrong_device(tensor):
+        if self.wrong_device(tensor):
             raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
         numel = tensor.numel()
         if out is None:
@@ -531,7 +531,7 @@ class CustomAllReduce:
                 f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
                 f"{tensor.stride()}; call .contiguous()"
             )
-        if self._wrong_device(tensor):
+        if self.wrong_device(tensor):
             raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
         numel = tensor.numel()
         if out is None:
@@ -582,7 +582,7 @@ class CustomAllReduce:
         kernels read ``tensor`` while they write ``out``, a tile at a time, so the sum would take in elements that
         an earlier tile had already overwritten."""
         check_is_tensor(out, "out")
-        if out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self._wrong_device(out):
+        if out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self.wrong_device(out):
             raise InvalidArgumentError(
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
                 f"{out.dtype} x {out.numel()} on {out.device}"
@@ -595,7 +595,8 @@ class CustomAllReduce:
                 details={"offset_bytes": other - start},
             )
 
-    def _wrong_device(self, tensor: torch.Tensor) -> bool:
+    def wrong_device(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is not on this rank's workspace device (where every call's tensors must be)."""
         if self.use_ptx:
             return not tensor.is_cuda or tensor.get_device() != self.device_index
         return tensor.device.type != "cpu"

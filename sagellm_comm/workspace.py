@@ -623,6 +623,8 @@ def _decode_fingerprint(words) -> dict:
 
 def _describe(fp: dict) -> str:
     size = " x ".join(map(str, fp["shape"])) if "shape" in fp else str(fp["numel"])
+    if fp["algo"] == _fp.REFUSED:
+        return f"nothing: it refused its input of {size} x {fp['dtype']} and raised (check call {fp['call']})"
     return f"{fp['algo']} of {size} x {fp['dtype']} (check call {fp['call']})"
 
 

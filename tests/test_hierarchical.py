@@ -253,6 +253,60 @@ def test_check_mode_compares_what_each_rank_passed_across_nodes():
             assert f"rank {peer} ran hierarchical of {counts[peer]} x float32" in message, message
 
 
+def _refused_input_worker(rank, world_size, port, cases, markers):
+    import dataclasses
+    import time
+
+    import sagellm_comm
+    from sagellm_comm.errors import CommError
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    os.environ["SAGELLM_COMM_CHECK"] = "1"
+    seen = []
+    for case, (cross, host_blocking) in enumerate(cases):
+        os.environ["SAGELLM_COMM_HIER_CROSS"] = cross
+        # Both bounds well over what the test allows a failing call: a rank that waits for another fails the test.
+        world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=40,
+                                  max_bytes=16384, kernel_timeout=30.0)  # fmt: skip
+        backend = world.backend
+        if not host_blocking:  # as a device engine (NCCL): nobody reads the group check on the host before stage 2
+            backend.engine = dataclasses.replace(backend.engine, host_blocking=False)
+        try:
+            x = torch.full((38,), float(rank + 1), device="meta" if rank == 3 else "cpu")  # rank 3: another device
+            started = time.monotonic()
+            try:
+                world.all_reduce(x)
+                backend.kernels_for(backend._hierarchical[None][1].local).synchronize()
+                seen.append(("no error", "", {}, time.monotonic() - started))
+            except CommError as exc:
+                seen.append((type(exc).__name__, str(exc), exc.details, time.monotonic() - started))
+            open(os.path.join(markers, f"{case}-{rank}"), "w").close()
+            deadline = time.monotonic() + 120  # rank 3 stays until every other rank has its answer
+            while rank == 3 and len(os.listdir(markers)) < 4 * (case + 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            sagellm_comm.destroy()
+    return seen
+
+
+def test_check_mode_fails_every_rank_at_once_when_one_refuses_its_input(tmp_path):
+    """A rank whose tensor is on another device than its workspace raises at once; in check mode it still takes
+    part in the group's comparison, so every other rank raises CollectiveMismatchError naming it instead of waiting
+    for it until the engine's or the kernels' timeout, whether stage 2 runs on the engine (Gloo, or one whose calls
+    are stream-ordered, as NCCL's are) or on the kernels."""
+    cases = [("engine", True), ("engine", False), ("kernels", True)]
+    per_rank = run_ranks(_refused_input_worker, 4, cases, str(tmp_path), env=INTERP, timeout=400)
+    for case in range(len(cases)):
+        kind, message, details, elapsed = per_rank[3][case]
+        assert kind == "InvalidArgumentError" and "tensor is on meta" in message, (case, message)
+        for rank in range(3):
+            kind, message, details, elapsed = per_rank[rank][case]
+            assert kind == "CollectiveMismatchError", (case, rank, message)
+            assert details["peer"] == 3 and details["theirs"]["algo"] == "refused", (case, rank, details)
+            assert "rank 3 ran nothing: it refused its input of 38 x float32" in message, message
+            assert elapsed < 20, (case, rank, elapsed)
+
+
 def test_custom_backend_constructor_rejects_bad_options(monkeypatch):
     from sagellm_comm import CommBackend
     from sagellm_comm.errors import InvalidArgumentError

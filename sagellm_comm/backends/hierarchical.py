@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CommError
+from ..errors import CommError, InvalidArgumentError
 
 HIER_MIN_BYTES_ENV = "SAGELLM_COMM_HIER_MIN_BYTES"  # CommConfig.hier_min_bytes
 #: CommConfig.hier_cross: what runs stage 2, ``engine`` (default) or ``kernels``.  ``kernels`` is for
@@ -100,20 +100,24 @@ def capacity_bytes(plan: HierarchicalPlan, car, itemsize: int) -> int:
     return max_numel("reduce_scatter", plan.local_size, car.workspace.slot_bytes, itemsize) * plan.local_size * itemsize
 
 
-def group_check(backend, plan: HierarchicalPlan, car, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+def group_check(backend, plan: HierarchicalPlan, car, numel: int, dtype: torch.dtype, refused: bool = False) -> None:
     """Check mode: every member of the node-spanning group compares ``(hierarchical, numel, dtype)`` with every
     other member's, through one engine all-gather and a one-program kernel that latches ``car``'s workspace
-    on a difference (``kernels/fingerprint.py``).  Enqueued on the current stream (NCCL: capturable).
+    on a difference (``kernels/fingerprint.py``).  Enqueued on the current stream (NCCL: capturable), on the
+    workspace's device.  ``refused``: this rank refused its input and compares ``REFUSED`` instead, so that
+    every member latches.
 
     The node-local and cross groups each compare only their own members: ranks of one node that agree with
     each other but not with another node's would pass both, and a rank whose node-local peers all failed would
     be the only one of its node to go on.  Every member sees every row here, so every member latches."""
-    from ..kernels.fingerprint import ALGO_CODES, DTYPE_CODES
+    from ..kernels.fingerprint import ALGO_CODES, DTYPE_CODES, REFUSED
     from ..selector import HIERARCHICAL_ALGO
     from .torch_distributed import TorchDistributedBackend
 
+    device = car.device
     mine = torch.empty(4, dtype=torch.int64, device=device)
-    words = (ALGO_CODES[HIERARCHICAL_ALGO], numel, DTYPE_CODES[str(dtype).removeprefix("torch.")], backend.rank)
+    operation = ALGO_CODES[REFUSED if refused else HIERARCHICAL_ALGO]
+    words = (operation, numel, DTYPE_CODES[str(dtype).removeprefix("torch.")], backend.rank)
     for i, word in enumerate(words):  # one fill each: no host-to-device copy, so a graph can capture it
         mine[i] = word
     everyone = torch.empty(plan.group_size * 4, dtype=torch.int64, device=device)
@@ -126,10 +130,16 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
 
     In check mode (the node-local workspace's, agreed by the group) the whole group first compares what each
     member was asked for (:func:`group_check`), and every stage's own check compares the caller's operation and
-    element count (``hierarchical``, ``tensor.numel()``), not the padded shards the stages move."""
+    element count (``hierarchical``, ``tensor.numel()``), not the padded shards the stages move.  Every member
+    reads that comparison on the host (a device synchronisation; not while a CUDA graph is captured) before any
+    stage runs, and a mismatch raises there on every member: no member runs on into a stage whose peers stopped.
+    A member whose input the stages refuse (a tensor on another device than its workspace) takes part in the
+    comparison as ``REFUSED`` and raises its ``InvalidArgumentError``; the others raise ``CollectiveMismatchError``
+    naming it, instead of waiting for it until a timeout."""
     from .. import gather_scatter
     from ..selector import HIERARCHICAL_ALGO
     from .torch_distributed import TorchDistributedBackend
+    from .torch_distributed.engines import capturing
 
     if plan.cross_kernels is None:  # stage 2 on the engine: refuse a capture before stage 1 is enqueued
         backend.check_capturable(
@@ -146,8 +156,11 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     numel = flat.numel()
     what = (HIERARCHICAL_ALGO, numel)  # what check mode fingerprints in every stage: the caller's call
     if car.check:
-        group_check(backend, plan, car, numel, tensor.dtype, tensor.device)
-        if backend.engine.host_blocking:  # the engine waits on the host anyway: report before any stage runs
+        refusal = _refusal(car, tensor)
+        group_check(backend, plan, car, numel, tensor.dtype, refused=refusal is not None)
+        if refusal is not None:
+            raise refusal
+        if not capturing():  # read the comparison before any stage: none runs on, to wait for a member that raised
             car.synchronize()
     shard_numel = -(-numel // local)
     padded = shard_numel * local
@@ -172,3 +185,15 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     if staged is not flat:
         flat.copy_(staged[:numel])
     return tensor
+
+
+def _refusal(car, tensor: torch.Tensor) -> InvalidArgumentError | None:
+    """The error the stages would raise for this rank's ``tensor`` (its device: dtype, layout and size were
+    checked when the path was chosen), or None."""
+    if car.wrong_device(tensor):
+        return InvalidArgumentError(
+            f"hierarchical all-reduce: tensor is on {tensor.device}, this rank's workspace is on {car.device}",
+            details={"device": str(tensor.device), "workspace_device": str(car.device)},
+        )
+    return None
+

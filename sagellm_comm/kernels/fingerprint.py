@@ -81,7 +81,11 @@ ALGO_CODES = {
     "rmsnorm_lamport": 11,
     "two_shot_fp8": 12,  # the all-reduce with an FP8 payload
     HIERARCHICAL_ALGO: 13,  # an all-reduce over nodes: kernels in each node, the engine (or kernels) between
+    "refused": 14,  # REFUSED: a member that refused its input (the group check; it raises, the others latch)
 }
+#: What a member of a hierarchical all-reduce that refused its input puts in the group check in place of the call
+#: (check mode): every other member then latches and raises, instead of waiting for a call that never comes.
+REFUSED = "refused"
 # The fused RMSNorm with an FP8 output: ``rmsnorm_<algo>_<mode>`` (the mode changes what every rank stages).
 ALGO_CODES.update(
     {
