@@ -56,7 +56,7 @@ from transformers import DynamicCache
 
 from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.cli_support import OneLineParser, check_seed, run_reporting
 from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
 
 ROLES = ("decode", "prefill")  # decode (index 0) reports, and hosts the store under --role
@@ -276,9 +276,6 @@ def _spawned(index: int, world_size: int, port: int, args: argparse.Namespace) -
     return ok if index == 0 else True
 
 
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 3  # torch.Generator.manual_seed's range, less the prompts' seed + 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="llama_disaggregated.py", description="Prefill in one process, decode in another: "
                            "KV-cache blocks moved with sagellm_comm.transfer, logits compared.")  # fmt: skip
@@ -315,9 +312,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--store must be HOST:PORT, got {args.store!r}")
         if not 1 <= int(port) <= 65535:  # 0 would host the store on a port the other side cannot know
             parser.error(f"--store's port must be in 1..65535, got {int(port)}")
-    if not MIN_SEED <= args.seed <= MAX_SEED:
-        parser.error(f"--seed must be in {MIN_SEED}..{MAX_SEED} (torch's 64-bit seeds; the prompts use seed + 2), "
-                     f"got {args.seed}")  # fmt: skip
+    check_seed(parser, args.seed, derived=2, uses="the prompts use seed + 2")
     for name in ("block_tokens", "batch_size", "seq_len", "decode_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

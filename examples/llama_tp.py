@@ -50,7 +50,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import sagellm_comm
 from sagellm_comm import ops
-from sagellm_comm.cli_support import OneLineParser, run_reporting
+from sagellm_comm.cli_support import OneLineParser, check_seed, run_reporting
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.group import resolve_group
 from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
@@ -400,6 +400,7 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         )
     if world_size % tp:
         parser.error(f"--tp {tp} does not divide the world size {world_size}: give a multiple of {tp} processes")
+    check_seed(parser, args.seed, derived=1, uses="the tokens use seed + 1")
     from sagellm_comm.benchmark.plan import available_kind
 
     try:

@@ -45,6 +45,19 @@ class OneLineParser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
 
+#: the seeds torch takes (``torch.manual_seed``, ``torch.Generator.manual_seed``): any 64-bit integer, signed or not
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+
+def check_seed(parser: argparse.ArgumentParser, seed: int, derived: int = 0, uses: str = "") -> None:
+    """Refuse, in one line (exit 2), a ``--seed`` torch cannot take, counting the seeds a script derives from it
+    (``seed + 1`` .. ``seed + derived``; ``uses`` says which, for the message), before any process starts."""
+    high = MAX_SEED - derived
+    if not MIN_SEED <= seed <= high:
+        why = f"torch's 64-bit seeds; {uses}" if uses else "torch's 64-bit seeds"
+        parser.error(f"--seed must be in {MIN_SEED}..{high} ({why}), got {seed}")
+
+
 def one_line(message: str) -> str:
     """``message`` with its line breaks and runs of blanks folded into single spaces."""
     return " ".join(message.split())

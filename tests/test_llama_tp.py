@@ -195,6 +195,8 @@ REFUSALS = [
     (["--spawn", "4", "--tp", "3"], "--tp 3 does not divide the model's 8 heads, 4 key/value heads"),
     (["--spawn", "3", "--tp", "2"], "--tp 2 does not divide the world size 3"),
     (["--spawn", "2", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+    (["--spawn", "2", "--seed", str(2**64 - 1)], "--seed must be in -9223372036854775808..18446744073709551614"),
+    (["--spawn", "2", "--seed", str(-(2**63) - 1)], "--seed must be in -9223372036854775808.."),
 ]
 
 
