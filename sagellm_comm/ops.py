@@ -426,6 +426,8 @@ def all_reduce_residual_rmsnorm(
     for name, value in (("x", x), ("residual", residual), ("weight", weight)):
         check_is_tensor(value, name)
     _check_quant_types(quant, scale, none_allowed=True)
+    if quant == QUANT_NONE:  # the op's own spelling of no quantisation; this function's is None
+        raise InvalidArgumentError(f"quant must be None or an FP8 mode, got {quant!r}; pass quant=None")
     mode = QUANT_NONE if quant is None else quant
     out, scales, new_residual = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(
         x, residual, weight, group_name(group), check_finite(eps, "eps", 0.0), mode, scale

@@ -302,6 +302,7 @@ def test_a_weight_that_is_not_contiguous_is_a_layout_error_as_for_x_and_residual
         ("fp8_per_token", 0.5, "scale must be None"),
         (8, None, "quant must be"),
         (["fp8"], None, "quant must be"),
+        ("none", None, "quant must be"),  # the ops' internal spelling of no quantisation is not a mode
     ],
 )
 def test_fp8_arguments_of_a_type_the_ops_do_not_take_are_typed_errors_on_every_entry(world, quant, scale, match):
