@@ -446,7 +446,8 @@ class CustomAllReduce:
         fp32 scale per 128 elements, reduced in fp32, returned in the input dtype, the same bits on every rank
         (``sagellm_comm/kernels/fp8_payload_all_reduce.py``; lossy: docs/custom_all_reduce.md gives the error).
         ``algo`` must be ``auto`` or ``two_shot``; a message whose FP8 staging does not fit the workspace runs on
-        the engine at full precision with ``auto`` (raises with ``two_shot``).
+        the engine at full precision with ``auto`` and an attached ``fallback``, and raises
+        ``WorkspaceExhaustedError`` with ``two_shot`` or without a ``fallback``.
 
         ``fingerprint``: what check mode compares for this call, ``(operation, element count)`` (default: this
         algorithm and ``tensor``'s count); a caller running this as one stage of a larger operation passes that
