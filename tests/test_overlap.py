@@ -250,8 +250,12 @@ def test_async_all_reduce_orders_streams_on_cuda(nccl_world) -> None:
     # fork/join is capturable: the side stream joins the capture and is waited inside it
     y = torch.ones(4096, device="cuda")
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = all_reduce_async(y, nccl_world, stream=torch.cuda.Stream()).wait() * 2
+    # torch hands out streams round-robin from a pool: two made in a row differ, while a stream made inside the
+    # capture can be the capture stream itself (which all_reduce_async refuses as a side stream)
+    capture_stream, side = torch.cuda.Stream(), torch.cuda.Stream()
+    assert side != capture_stream
+    with torch.cuda.graph(graph, stream=capture_stream):
+        captured = all_reduce_async(y, nccl_world, stream=side).wait() * 2
     y.fill_(5.0)
     graph.replay()
     torch.cuda.synchronize()
