@@ -10,8 +10,9 @@ So captures are counted process-wide: :func:`track` wraps ``capture_begin`` / ``
 ``torch.cuda.CUDAGraph`` (through which ``torch.cuda.graph``, ``make_graphed_callables`` and ``torch.compile``'s
 CUDA graphs all capture), once, when the first CUDA IPC memory is made; :func:`underway` is True while a tracked
 graph is between the two, or while this thread's current stream captures (a capture begun before tracking, or not
-through that class).  A capture begins only once it is marked, under the lock that :func:`held_off` holds, so a
-check of :func:`underway` and the free it allows, made inside :func:`held_off`, cannot straddle a capture's start.
+through that class); :func:`on_this_thread` says whether the capture is this thread's own.  A capture begins only
+once it is marked, under the lock that :func:`held_off` holds, so a check of :func:`underway` and the free it
+allows, made inside :func:`held_off`, cannot straddle a capture's start.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["held_off", "track", "underway"]
+__all__ = ["held_off", "on_this_thread", "track", "underway"]
 
 _lock = threading.RLock()  # re-entrant: a finaliser may run, and free, on a thread that holds it
-_capturing: set[int] = set()  # id() of every tracked graph between capture_begin and capture_end
+_capturing: dict[int, int] = {}  # id() of every tracked graph between capture_begin and capture_end -> its thread
 _tracked: set[type] = set()  # the graph classes whose capture methods are wrapped
 
 
@@ -46,12 +47,12 @@ def _marking_begin(begin: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(begin)
     def capture_begin(graph: Any, *args: Any, **kwargs: Any) -> Any:
         with _lock:  # marked before it begins: a free under held_off() either finished first or sees it
-            _capturing.add(id(graph))
+            _capturing[id(graph)] = threading.get_ident()
         try:
             return begin(graph, *args, **kwargs)
         except BaseException:
             with _lock:
-                _capturing.discard(id(graph))
+                _capturing.pop(id(graph), None)
             raise
 
     return capture_begin
@@ -64,7 +65,7 @@ def _unmarking_end(end: Callable[..., Any]) -> Callable[..., Any]:
             return end(graph, *args, **kwargs)
         finally:  # an invalidated capture raises here, and is over all the same
             with _lock:
-                _capturing.discard(id(graph))
+                _capturing.pop(id(graph), None)
 
     return capture_end
 
@@ -74,6 +75,20 @@ def underway(device: torch.device | None = None) -> bool:
     ``device`` if it is a CUDA device, and on the current device).  No CUDA call without CUDA."""
     if _capturing:
         return True
+    return _stream_capturing(device)
+
+
+def on_this_thread(device: torch.device | None = None) -> bool:
+    """Whether this thread is capturing a CUDA graph: a tracked graph whose capture it began, or its current stream
+    (as :func:`underway` asks).  No CUDA call without CUDA."""
+    with _lock:
+        if threading.get_ident() in _capturing.values():
+            return True
+    return _stream_capturing(device)
+
+
+def _stream_capturing(device: torch.device | None) -> bool:
+    """Whether this thread's current stream captures, on ``device`` if it is a CUDA device, or on the current one."""
     if not torch.cuda.is_available():
         return False
     if device is not None and device.type == "cuda":

@@ -23,8 +23,8 @@ every call counter of a new workspace (a test hook: counters are 64-bit and neve
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -46,6 +46,7 @@ from .errors import (
     InvalidArgumentError,
     NotInitializedError,
     P2PFailedError,
+    UnavailableError,
     WorkspaceExhaustedError,
     run_every,
 )
@@ -142,6 +143,10 @@ def _undo(steps: Sequence[Callable[[], object]]) -> None:
         run_every(steps)
 
 
+def _never() -> bool:
+    return False
+
+
 class _Failed(NamedTuple):
     """What a member sends in a rendezvous round whose own part failed (see :func:`_round`)."""
 
@@ -196,6 +201,9 @@ class SymmetricWorkspace:
             ``config.check``.
         config: the configuration the group agreed on (default: read from the environment); its tile shapes,
             initial epoch and watchdog period apply to this workspace.
+        capturing: whether :meth:`close` would now break a CUDA-graph capture in progress (synchronising the
+            device, unmapping, freeing); :meth:`rendezvous` passes its memory's ``capturing``.  Default: on a CUDA
+            device, a capture anywhere in the process (:func:`sagellm_comm.capture.underway`).
     """
 
     def __init__(
@@ -214,6 +222,7 @@ class SymmetricWorkspace:
         check: bool | None = None,
         config: CommConfig | None = None,
         region: Any = None,
+        capturing: Callable[[], bool] | None = None,
     ):
         config = _configuration(config, check)
         if not 2 <= world_size <= _k.MAX_WORLD.value:
@@ -234,6 +243,9 @@ class SymmetricWorkspace:
         self._local_region = local_region
         self._region = region
         on_cuda = self.device.type == "cuda"
+        if capturing is None:
+            capturing = functools.partial(capture.underway, self.device) if on_cuda else _never
+        self._capture_underway = capturing
         if max_programs is None:
             max_programs = default_max_programs(self.device, self.ranks_on_device, config.max_programs)
         self.max_programs = check_int(max_programs, "max_programs", 1, _k.MAX_BLOCKS.value)
@@ -363,7 +375,7 @@ class SymmetricWorkspace:
         try:
             return cls(
                 rank, world_size, slot_bytes, ptrs, device, release, ranks_on_device=sharing,
-                max_programs=agreed_programs, config=config, region=region,
+                max_programs=agreed_programs, config=config, region=region, capturing=memory.capturing,
             )  # fmt: skip
         except BaseException:  # refused (a world of one) or out of memory: the regions are not kept
             _undo([release, region.free])
@@ -514,13 +526,36 @@ class SymmetricWorkspace:
 
         A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
         until it is gone: it stays valid memory, no longer shared with the peers.  Last, regions whose free waited
-        for a CUDA-graph capture to end are freed (:func:`free_deferred_regions`)."""
+        for a CUDA-graph capture to end are freed (:func:`free_deferred_regions`).
+
+        While a CUDA graph is being captured on any thread of the process, synchronising the device, unmapping or
+        freeing would invalidate that capture: the workspace is closed at once (no new call uses it) and the rest
+        waits for the capture to end (:func:`free_deferred_regions` runs it).  Closed on the thread that captures,
+        it raises :class:`~sagellm_comm.errors.UnavailableError` once that is arranged: a graph captured with calls
+        on this workspace would replay them on released memory."""
         if self.closed:
             return
         self.closed = True
         from .watchdog import unwatch
 
         unwatch(self)
+        waiting: list[bool] = []
+
+        def release() -> None:
+            if not _release_outside_capture(_Waiting(self._capture_underway, self._release_device)):
+                waiting.append(True)
+
+        run_every([release, free_deferred_regions])
+        if waiting and capture.on_this_thread(self.device):
+            raise UnavailableError(
+                f"the symmetric workspace of rank {self._name(self.rank)} was closed inside a CUDA graph capture on "
+                "this thread: it is closed now, and its peers are unmapped and its memory released when the capture "
+                "ends, so the graph being captured must not be replayed if it calls on this workspace; close "
+                "workspaces (destroy(), reset()) outside a capture"
+            )
+
+    def _release_device(self) -> None:
+        """What :meth:`close` does on the device: synchronise, unmap the peers, drop this rank's region."""
 
         def drop_region() -> None:
             if self._region is not None:
@@ -531,7 +566,7 @@ class SymmetricWorkspace:
         if self._release is not None:
             steps.append(self._release)
         try:  # a failed synchronize (a dead context) still releases the mappings and the region
-            run_every([*steps, drop_region, free_deferred_regions])
+            run_every([*steps, drop_region])
         finally:
             self.table = self.control = self._local_region = None  # type: ignore[assignment]
 
@@ -559,50 +594,53 @@ class _OwnedRegion:
 
 
 def _free_closed(memory: PeerMemory, ptr: int, closed: list[bool]) -> None:
-    if not closed[0]:
-        return
-    if not _free_outside_capture(memory, ptr):  # cudaFree would invalidate the capture: later, at a safe point
-        with _DEFERRED_LOCK:
-            _DEFERRED.append((memory, ptr))
+    if closed[0]:  # cudaFree during a capture would invalidate it: later, at a safe point
+        _release_outside_capture(_Waiting(memory.capturing, lambda: memory.free(ptr)))
 
 
-def _free_outside_capture(memory: PeerMemory, ptr: int) -> bool:
-    """Free ``ptr`` unless a CUDA graph is being captured anywhere in the process (``memory.capturing()``), with
-    the start of a new capture held off meanwhile; whether it was freed."""
+class _Waiting(NamedTuple):
+    """A release that must not run while a CUDA graph is captured: a region's free, a closed workspace's unmaps."""
+
+    capturing: Callable[[], bool]  # whether running it now would break a capture in progress
+    release: Callable[[], object]
+
+
+def _release_outside_capture(waiting: _Waiting) -> bool:
+    """Run ``waiting.release`` unless it would break a capture in progress, with the start of a new capture held off
+    meanwhile; else queue it for :func:`free_deferred_regions`.  Whether it ran."""
     with capture.held_off():
-        if memory.capturing():
+        if waiting.capturing():
+            _WAITING.append(waiting)
             return False
-        memory.free(ptr)
+        waiting.release()
         return True
 
 
-# Regions whose last reference went during a CUDA-graph capture: (memory, address), freed by free_deferred_regions.
-_DEFERRED: list[tuple[PeerMemory, int]] = []
-_DEFERRED_LOCK = threading.Lock()  # a finaliser runs on whichever thread drops the last reference
+# Releases that waited for a CUDA-graph capture to end, run by free_deferred_regions.  Guarded by capture.held_off()'s
+# re-entrant lock: a finaliser that frees a region may run on any thread, inside any other release.
+_WAITING: list[_Waiting] = []
 
 
 def free_deferred_regions() -> int:
-    """Free the workspace regions whose last reference (a ``get_buffer`` tensor kept past ``close()``) went while a
-    CUDA graph was being captured, where freeing device memory is not allowed; return how many were freed.  A region
-    whose memory still captures stays queued.  Every free is tried; the first error is raised after them.
+    """Finish the releases that waited for a CUDA graph capture to end, where they would have invalidated it:
+    the free of a workspace region whose last reference (a ``get_buffer`` tensor kept past ``close()``) went then,
+    and the synchronisation, unmaps and free of a workspace closed then; return how many ran.  One whose memory
+    still captures stays queued.  Every one is tried; the first error is raised after them.
 
     :meth:`SymmetricWorkspace.rendezvous` and :meth:`SymmetricWorkspace.close` call this; call it after a capture
     to give the memory back sooner.  Safe from any thread: a capture on any thread of the process
-    (:mod:`sagellm_comm.capture`) keeps the regions queued."""
-    with _DEFERRED_LOCK:
-        pending = list(_DEFERRED)
-        _DEFERRED.clear()
-    freed = []
+    (:mod:`sagellm_comm.capture`) keeps them queued."""
+    with capture.held_off():
+        pending = list(_WAITING)
+        _WAITING.clear()
+    ran: list[_Waiting] = []
 
-    def free(memory: PeerMemory, ptr: int) -> None:
-        if _free_outside_capture(memory, ptr):
-            freed.append(ptr)
-        else:
-            with _DEFERRED_LOCK:
-                _DEFERRED.append((memory, ptr))
+    def retry(waiting: _Waiting) -> None:
+        if _release_outside_capture(waiting):
+            ran.append(waiting)
 
-    run_every(lambda m=memory, p=ptr: free(m, p) for memory, ptr in pending)
-    return len(freed)
+    run_every(lambda w=waiting: retry(w) for waiting in pending)
+    return len(ran)
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

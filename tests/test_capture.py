@@ -1,0 +1,132 @@
+"""A workspace closed while a CUDA graph is being captured leaves the capture intact.
+
+CPU stand-ins, as in ``tests/test_custom_all_reduce.py``: a class with the capture methods of
+``torch.cuda.CUDAGraph``, tracked as that class is (``sagellm_comm.capture.track``), and shared files that see
+captures as CUDA IPC memory does and record every unmap and free.  One process stands for both ranks (its exchange
+answers for the peer, which maps this rank's own file).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from sagellm_comm import capture
+from sagellm_comm.errors import NotInitializedError, UnavailableError
+from sagellm_comm.ipc import CudaIpcMemory, SharedFileMemory
+from sagellm_comm.workspace import SymmetricWorkspace, free_deferred_regions
+
+
+class Graph:  # stands in for torch.cuda.CUDAGraph
+    def capture_begin(self) -> None:
+        pass
+
+    def capture_end(self) -> None:
+        pass
+
+
+capture.track(Graph)
+
+
+class Memory(SharedFileMemory):
+    """Shared files that ask about captures as CUDA IPC memory does, and record what is unmapped and freed."""
+
+    device = torch.device("cuda", 0)
+    capturing = CudaIpcMemory.capturing
+
+    def __init__(self):
+        super().__init__()
+        self.unmapped: list[int] = []
+        self.freed: list[int] = []
+
+    def close(self, ptr: int) -> None:
+        self.unmapped.append(ptr)
+        super().close(ptr)
+
+    def free(self, ptr: int) -> None:
+        self.freed.append(ptr)
+        super().free(ptr)
+
+
+def _workspace(memory: Memory) -> SymmetricWorkspace:
+    return SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=memory)
+
+
+@contextmanager
+def _captured_on_another_thread() -> Iterator[None]:
+    """A graph being captured on another thread while the block runs; the capture ends when it exits."""
+    graph, began, done = Graph(), threading.Event(), threading.Event()
+
+    def capturer() -> None:
+        graph.capture_begin()
+        began.set()
+        done.wait(30)
+        graph.capture_end()
+
+    thread = threading.Thread(target=capturer)
+    thread.start()
+    try:
+        assert began.wait(30)
+        yield
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def test_a_workspace_closed_while_another_thread_captures_is_released_after_the_capture():
+    """close() on a thread that does not capture (a watchdog handler's, a finaliser's) while another thread
+    captures neither unmaps the peers nor frees the region then (either would invalidate the capture in CUDA's
+    global capture mode): the workspace is closed at once, so no new call uses it, and released once the capture
+    is over."""
+    memory = Memory()
+    ws = _workspace(memory)
+    try:
+        with _captured_on_another_thread():
+            ws.close()
+            assert ws.closed
+            assert memory.unmapped == [] and memory.freed == [], "the workspace was released during a capture"
+            with pytest.raises(NotInitializedError):
+                ws.registered_tensor(16, torch.float32)
+            assert free_deferred_regions() == 0 and memory.freed == []  # still capturing: stays queued
+        assert free_deferred_regions() == 1
+        assert len(memory.unmapped) == 1 and len(memory.freed) == 1
+        ws.close()  # idempotent: nothing more
+        assert len(memory.unmapped) == 1 and len(memory.freed) == 1
+    finally:
+        free_deferred_regions()
+
+
+def test_a_workspace_closed_on_the_capturing_thread_raises_and_is_released_after_the_capture():
+    """close() inside this thread's own capture cannot release the workspace without invalidating the capture, and a
+    graph that calls on it would replay on released memory: it raises UnavailableError saying so, the workspace
+    is closed all the same, and its release waits for the capture to end."""
+    memory = Memory()
+    ws = _workspace(memory)
+    graph = Graph()
+    try:
+        graph.capture_begin()
+        try:
+            with pytest.raises(UnavailableError, match="closed inside a CUDA graph capture on this thread"):
+                ws.close()
+            assert ws.closed
+            assert memory.unmapped == [] and memory.freed == [], "the workspace was released during a capture"
+            ws.close()  # already closed: nothing to say
+        finally:
+            graph.capture_end()
+        assert free_deferred_regions() == 1
+        assert len(memory.unmapped) == 1 and len(memory.freed) == 1
+    finally:
+        free_deferred_regions()
+
+
+def test_a_workspace_closed_outside_any_capture_is_released_at_once():
+    memory = Memory()
+    ws = _workspace(memory)
+    with _captured_on_another_thread():
+        pass
+    ws.close()
+    assert len(memory.unmapped) == 1 and len(memory.freed) == 1
