@@ -12,12 +12,14 @@ CUDA graphs all capture), once, when the first CUDA IPC memory is made; :func:`u
 graph is between the two, or while this thread's current stream captures (a capture begun before tracking, or not
 through that class); :func:`on_this_thread` says whether the capture is this thread's own.  A capture begins only
 once it is marked, under the lock that :func:`held_off` holds, so a check of :func:`underway` and the free it
-allows, made inside :func:`held_off`, cannot straddle a capture's start.
+allows, made inside :func:`held_off`, cannot straddle a capture's start.  What waited for the captures to end
+runs as soon as the last tracked one ends: :func:`after_captures` names it.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,11 +27,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["held_off", "on_this_thread", "track", "underway"]
+from .errors import undo_after_failure
+
+__all__ = ["after_captures", "held_off", "on_this_thread", "track", "underway"]
+
+log = logging.getLogger("sagellm_comm")
 
 _lock = threading.RLock()  # re-entrant: a finaliser may run, and free, on a thread that holds it
 _capturing: dict[int, int] = {}  # id() of every tracked graph between capture_begin and capture_end -> its thread
 _tracked: set[type] = set()  # the graph classes whose capture methods are wrapped
+_after: list[Callable[[], object]] = []  # after_captures
 
 
 def track(graph_class: type | None = None) -> None:
@@ -66,8 +73,22 @@ def _unmarking_end(end: Callable[..., Any]) -> Callable[..., Any]:
         finally:  # an invalidated capture raises here, and is over all the same
             with _lock:
                 _capturing.pop(id(graph), None)
+                after = [] if _capturing else list(_after)
+            # Outside the lock, on this thread, its capture over: what runs may take held_off() and touch the device.
+            undo_after_failure(after, log, "sagellm-comm: after the last CUDA graph capture ended")
 
     return capture_end
+
+
+def after_captures(callback: Callable[[], object]) -> None:
+    """Call ``callback()`` whenever the last tracked capture ends (idempotent): on the thread that ended it, right
+    after its ``capture_end`` returned or raised (an invalidated capture is over too), outside :func:`held_off`'s
+    lock.  A capture may begin on another thread meanwhile: ``callback`` asks :func:`underway` again, inside
+    :func:`held_off`, before it touches the device.  An error it raises is logged as a warning (logger
+    ``sagellm_comm``), never raised from ``capture_end``."""
+    with _lock:
+        if callback not in _after:
+            _after.append(callback)
 
 
 def underway(device: torch.device | None = None) -> bool:

@@ -627,9 +627,13 @@ def free_deferred_regions() -> int:
     and the synchronisation, unmaps and free of a workspace closed then; return how many ran.  One whose memory
     still captures stays queued.  Every one is tried; the first error is raised after them.
 
-    :meth:`SymmetricWorkspace.rendezvous` and :meth:`SymmetricWorkspace.close` call this; call it after a capture
-    to give the memory back sooner.  Safe from any thread: a capture on any thread of the process
+    Runs on its own when the last tracked capture ends (:func:`sagellm_comm.capture.after_captures`: on the thread
+    that ended it, an error logged), and at :meth:`SymmetricWorkspace.rendezvous` and :meth:`SymmetricWorkspace.close`;
+    call it after a capture that was not tracked (one begun through no ``torch.cuda.CUDAGraph``, or before the first
+    CUDA IPC workspace) to give the memory back sooner.  Safe from any thread: a capture on any thread of the process
     (:mod:`sagellm_comm.capture`) keeps them queued."""
+    if not _WAITING:  # the common case, at every capture's end: nothing waits
+        return 0
     with capture.held_off():
         pending = list(_WAITING)
         _WAITING.clear()
@@ -641,6 +645,9 @@ def free_deferred_regions() -> int:
 
     run_every(lambda w=waiting: retry(w) for waiting in pending)
     return len(ran)
+
+
+capture.after_captures(free_deferred_regions)
 
 
 #: which call counter a phase's call number belongs to (the others: the barrier kernels' epoch)

@@ -629,7 +629,8 @@ def test_a_region_freed_on_another_thread_while_any_thread_captures_is_freed_aft
         done.set()
         capturing.join(30)
     assert not memory.capturing()
-    assert free_deferred_regions() == 1 and len(memory.freed) == 1
+    assert len(memory.freed) == 1  # released as the capture ended, on the capturing thread
+    assert free_deferred_regions() == 0
 
     # A capture cannot begin between a free's check and the free: held_off() makes the begin wait.
     with capture.held_off():
