@@ -640,19 +640,21 @@ class CustomAllReduce:
         operations (the GEMM + all-reduce's workspace) goes with the group's kernels (``destroy``, ``reset``)."""
         self._closers.append(close)
 
-    def closed_error(self) -> NotInitializedError:
-        """The error of a call made once this all-reduce (or its workspace) was closed, saying why and what to do."""
+    def closed_error(self, call: str | None = None) -> NotInitializedError:
+        """The error of a call made once this all-reduce (or its workspace) was closed, saying why and what to do;
+        ``call``: the operation refused, where it is not the all-reduce (``all_gather``, ...)."""
         reason = self.closed_reason or "its workspace was closed; make a new CustomAllReduce on a new workspace"
+        refused = "" if call is None else f"custom {call}: "
         return NotInitializedError(
-            f"this custom all-reduce of ranks {list(self.workspace.global_ranks or range(self.world_size))} is "
-            f"closed: {reason}",
+            f"{refused}this custom all-reduce of ranks {list(self.workspace.global_ranks or range(self.world_size))} "
+            f"is closed: {reason}",
             details={"rank": self.rank, "reason": reason},
         )
 
     def close(self, reason: str | None = None) -> None:
         """Release the workspace and what :meth:`close_with` named (collective in spirit: every rank should
-        close).  ``reason``: why, with what to use instead, for the error of every later call (default: this
-        object was closed)."""
+        close).  ``reason``: why, with what to use instead, for the error of every later call, on this object and on
+        its workspace (default: this object was closed)."""
         if self.closed_reason is None:
             self.closed_reason = reason or "close() was called; make a new CustomAllReduce on a new workspace"
         closers, self._closers = self._closers[::-1], []
@@ -662,4 +664,7 @@ class CustomAllReduce:
             self._resolved.clear()
             self._table = self._control = None
 
-        run_every([*closers, forget, self.workspace.close])  # a closer that raises does not keep the workspace
+        def close_workspace() -> None:
+            self.workspace.close(self.closed_reason)
+
+        run_every([*closers, forget, close_workspace])  # a closer that raises does not keep the workspace

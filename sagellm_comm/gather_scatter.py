@@ -152,7 +152,7 @@ def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor, fingerpri
     if ws.error_view[0]:
         ws.raise_if_failed()
     if ws.closed:
-        raise NotInitializedError(f"custom {op}: the workspace was closed (destroy() was called)")
+        raise car.closed_error(op)
     numel, itemsize = _validate(
         op, tensor, out, car.world_size, 1, ws.slot_bytes, (car.use_ptx, car.device_index, ws.device)
     )

@@ -266,6 +266,7 @@ class SymmetricWorkspace:
         self.lamport_offset = lamport_offset(slot_bytes)
         self.lamport_capacity = lamport_capacity(slot_bytes)
         self.closed = False
+        self.closed_reason: str | None = None  # set by close(): what a later call's error says
         # One workspace, one stream at a time: the raw stream of the last launch, and its Stream object.
         self._last_raw_stream: int | None = None
         self._last_stream: Any = None
@@ -517,9 +518,18 @@ class SymmetricWorkspace:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise NotInitializedError("the symmetric workspace was closed (destroy() was called)")
+            raise self.closed_error()
 
-    def close(self) -> None:
+    def closed_error(self, what: str = "the symmetric workspace") -> NotInitializedError:
+        """The error of a call made once this workspace was closed: ``what`` (the object called, which uses this
+        workspace) of this workspace's ranks was closed, and why (the ``reason`` given to :meth:`close`)."""
+        reason = self.closed_reason or "close() was called"
+        return NotInitializedError(
+            f"{what} of ranks {list(self.global_ranks or range(self.world_size))} was closed: {reason}",
+            details={"rank": self.rank, "reason": reason},
+        )
+
+    def close(self, reason: str | None = None) -> None:
         """Unmap peers and free this rank's region (idempotent).  The device must be idle, and no other thread may
         be in a call on this workspace (calls check ``closed`` once, on entry: one launching while this runs
         would enqueue kernels on unmapped regions).
@@ -527,6 +537,9 @@ class SymmetricWorkspace:
         A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
         until it is gone: it stays valid memory, no longer shared with the peers.  Last, regions whose free waited
         for a CUDA-graph capture to end are freed (:func:`free_deferred_regions`).
+
+        ``reason``: why, with what to use instead, for the error of every later call (:meth:`closed_error`; default:
+        close() was called).
 
         While a CUDA graph is being captured on any thread of the process, synchronising the device, unmapping or
         freeing would invalidate that capture: the workspace is closed at once (no new call uses it) and the rest
@@ -536,6 +549,7 @@ class SymmetricWorkspace:
         if self.closed:
             return
         self.closed = True
+        self.closed_reason = reason or "close() was called"
         from .watchdog import unwatch
 
         unwatch(self)

@@ -202,36 +202,68 @@ def _single_rank_worker(rank, world_size, port):
     return reason
 
 
-def _kept_kernels_worker(rank, world_size, port):
+def _refusals_after_close(car):
+    """A function that makes every call on ``car``, and on objects made now over its workspace, once they were closed,
+    and returns what each raised (every one must raise NotInitializedError)."""
+    from sagellm_comm import gather_scatter
     from sagellm_comm.errors import NotInitializedError
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
 
+    rmsnorm = FusedAllReduceRMSNorm(car.workspace)
+    shard = torch.ones(4)
+    calls = [
+        lambda: car.all_reduce(torch.ones(8), algo="one_shot"),
+        lambda: car.all_reduce(torch.ones(8), payload="fp8"),
+        lambda: car.get_buffer(8, torch.float32),
+        lambda: car.workspace.counter(0),
+        lambda: gather_scatter.all_gather(car, shard, torch.empty(4 * car.world_size)),
+        lambda: gather_scatter.reduce_scatter(car, torch.ones(4 * car.world_size), shard),
+        lambda: rmsnorm(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8)),
+    ]
+
+    def said() -> list[str]:
+        refusals = []
+        for call in calls:
+            with pytest.raises(NotInitializedError) as err:
+                call()
+            refusals.append(str(err.value))
+        return refusals
+
+    return said
+
+
+def _kept_kernels_worker(rank, world_size, port):
     backend = _small_custom_backend(rank, world_size, port)
     pair = backend.new_group([0, 1])
     kept_world, kept_pair = backend.custom, backend.kernels_for(pair)
     assert kept_world is not None and kept_pair is not None, backend.custom_reason
+    after_reset = [_refusals_after_close(kept) for kept in (kept_world, kept_pair)]
     backend.reset()
-    said = []
-    for kept in (kept_world, kept_pair):
-        with pytest.raises(NotInitializedError, match=r"reset\(\) released and made again") as err:
-            kept.all_reduce(torch.ones(8), algo="one_shot")
-        said.append(str(err.value))
-        with pytest.raises(NotInitializedError, match=r"reset\(\)"):
-            kept.all_reduce(torch.ones(8), payload="fp8")
+    said = [refusals() for refusals in after_reset]
     x = torch.full((8,), float(rank + 1))
     backend.kernels_for(pair).all_reduce(x, algo="one_shot")  # the group's new kernels, as the error says
     backend.kernels_for(pair).synchronize()
     assert torch.all(x == 3.0)
-    current = backend.custom
+    after_destroy = _refusals_after_close(backend.custom)
     backend.destroy()
-    with pytest.raises(NotInitializedError, match="its backend was destroyed; create and init a new backend"):
-        current.all_reduce(torch.ones(8))
-    return said
+    return said, after_destroy()
 
 
 def test_kernels_kept_from_before_reset_say_so_and_where_the_new_ones_are():
-    for said in run_ranks(_kept_kernels_worker, 2, env=INTERP, timeout=300):
-        assert "kernels_for(group)" in said[0] and "ranks [0, 1]" in said[0], said
-        assert "destroyed" not in " ".join(said), said
+    """Every call on a CustomAllReduce kept from before reset() (the all-reduce, its buffer, its workspace,
+    all-gather and reduce-scatter on it, a fused all-reduce + RMSNorm over its workspace) says that reset() replaced
+    it and where the new one is, not that the backend was destroyed; after destroy() they say that."""
+    for said, after_destroy in run_ranks(_kept_kernels_worker, 2, env=INTERP, timeout=300):
+        for refusals in said:
+            assert len(refusals) == 7, refusals
+            for refusal in refusals:
+                assert "reset() released and made again" in refusal and "ranks [0, 1]" in refusal, refusal
+                assert "destroy" not in refusal, refusal
+            assert "kernels_for(group)" in refusals[0], refusals
+        assert len(after_destroy) == 7, after_destroy
+        for refusal in after_destroy:
+            assert "its backend was destroyed; create and init a new backend" in refusal, refusal
+            assert "reset()" not in refusal, refusal
 
 
 def test_custom_backend_records_why_it_falls_back():

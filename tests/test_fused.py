@@ -278,6 +278,7 @@ def test_bad_inputs_raise_typed_errors():
 
 def _group_worker(rank, world_size, port):
     import sagellm_comm
+    from sagellm_comm.errors import NotInitializedError
     from sagellm_comm.fused import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port)
@@ -302,8 +303,12 @@ def _group_worker(rank, world_size, port):
         ref = sum((a.float() @ b_r).to(torch.bfloat16).float() for b_r in b_of)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
         # reset() rebuilds the group's kernels; the GEMM's workspace goes with the old ones and is made again.
+        kept_gemm = group_gemm(world)
         world.backend.reset()
         assert gemm_workspace.closed
+        with pytest.raises(NotInitializedError, match=r"reset\(\) released and made again") as err:
+            kept_gemm(a, b)  # a GEMM kept from before says why it is closed
+        assert "destroy" not in str(err.value)
         assert torch.equal(gemm_all_reduce(a, b, group=world), out)
         assert group_gemm(world).workspace is not gemm_workspace
         gemm_workspace = group_gemm(world).workspace
@@ -311,8 +316,11 @@ def _group_worker(rank, world_size, port):
         gemm_all_reduce(a.float(), b.float(), group=world)
         assert last_selection(world).rule_id == "custom-unavailable" and "not fused" in last_selection(world).reason
         digest = _digest(normed, new_res, out)
+        kept_gemm = group_gemm(world)
     finally:
         sagellm_comm.destroy()
+    with pytest.raises(NotInitializedError, match="its backend was destroyed"):
+        kept_gemm(a, b)
     # The GEMM's own workspace goes with the backend (each init / destroy cycle would keep one otherwise).
     return digest, gemm_workspace.closed
 

@@ -68,8 +68,9 @@ _NOT_KERNEL_CASE = "not a kernel case (op, dtype or layout)"
 _USER_SELECTIONS = {a: Selection(a, "user", f"algo={a} requested") for a in KERNEL_ALGOS}
 # What a call on a CustomAllReduce kept from before reset() / destroy() says, and what to use instead.
 RESET_REASON = (
-    "it belongs to a workspace that the backend's reset() released and made again; get the group's new one with "
-    "backend.kernels_for(group) (backend.custom for the world)"
+    "the backend's reset() released and made again every workspace of this rank; get the group's new all-reduce with "
+    "backend.kernels_for(group) (backend.custom for the world); the group-level operations (sagellm_comm.fused, "
+    "all_gather, reduce_scatter) use the new workspaces by themselves"
 )
 DESTROY_REASON = "its backend was destroyed; create and init a new backend"
 

@@ -18,7 +18,6 @@ from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fi
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
-    NotInitializedError,
     WorkspaceExhaustedError,
 )
 from ..launch import Launcher as _Launcher
@@ -178,7 +177,7 @@ class GemmAllReduce(CopyEnginePath):
         if ws is not None and ws.error_view[0]:
             ws.raise_if_failed()
         if ws is not None and ws.closed:  # its peers' regions are unmapped: a launch or copy would fault
-            raise NotInitializedError("the GEMM + all-reduce's workspace was closed (destroy() or reset() was called)")
+            raise ws.closed_error("the GEMM + all-reduce's workspace")
         m, n, _ = self.validate(a, b, bias)
         sel = self.pick(path, m, n, a.element_size())
         check = None

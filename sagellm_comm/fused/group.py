@@ -184,7 +184,8 @@ def gemm_all_reduce(
             except BaseException:  # not kept until the group's kernels go, nor one more with every retry
                 undo_after_failure([ws.close], log, "closing the fused GEMM's workspace after its set-up failed")
                 raise
-            car.close_with(ws.close)  # released with the group's kernels (destroy, reset)
+            # Released with the group's kernels (destroy, reset), a later call on it saying which.
+            car.close_with(lambda: ws.close(car.closed_reason))
             state.gemm = gemm
         out = state.gemm(a, b, bias, path=path, zero_copy=zero_copy)
         state.last = state.gemm.last_selection

@@ -22,7 +22,6 @@ from ..custom_all_reduce import (
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
-    NotInitializedError,
     WorkspaceExhaustedError,
 )
 from ..launch import Launcher as _Launcher
@@ -227,7 +226,7 @@ class FusedAllReduceRMSNorm:
         if self.workspace.error_view[0]:
             self.workspace.raise_if_failed()
         if self.workspace.closed:
-            raise NotInitializedError("the workspace of the fused all-reduce was closed")
+            raise self.workspace.closed_error("the workspace of the fused all-reduce")
         check_quant(quant, scale, x)
         eps = check_finite(eps, "eps", 0.0)
         rows, hidden = self.validate(x, residual, weight)
