@@ -712,6 +712,8 @@ def local_workspaces(
     world_size = check_int(world_size, "world_size", 1)
     device = check_device(device)
     config = _configuration(config, check)
+    if device.type == "cuda":
+        capture.track()  # a close on one thread while another captures waits for the capture, as over CUDA IPC
     if max_programs is None:
         max_programs = default_max_programs(device, world_size, config.max_programs)
     slot_bytes = _round_slot(slot_bytes)

@@ -174,3 +174,63 @@ def test_a_release_that_fails_when_the_capture_ends_is_logged_not_raised_from_ca
         assert "cudaIpcCloseMemHandle failed" in caplog.text
     finally:
         free_deferred_regions()
+
+
+# ---------------------------------------------------------------------- a real capture (virtual ranks on one GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_workspaces_closed_on_another_thread_during_a_real_capture_leave_it_intact_and_are_released_after():
+    # torch.cuda.graph captures in the global mode: a device synchronize from any thread would invalidate it
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 16, "cuda")
+    x = torch.ones(4096, device="cuda")
+    y = x * 2  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph, errors = torch.cuda.CUDAGraph(), []
+
+    def close_all() -> None:
+        try:
+            for workspace in workspaces:
+                workspace.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with torch.cuda.graph(graph):
+        y = x * 2
+        closer = threading.Thread(target=close_all)
+        closer.start()
+        closer.join()
+        assert all(w.closed for w in workspaces) and all(w.table is not None for w in workspaces)
+        y = y + 1
+    assert errors == []
+    assert all(w.table is None for w in workspaces), "the release waits for the capture's end, then runs"
+    x.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 7.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_workspace_closed_inside_a_real_capture_on_its_thread_raises_and_the_capture_still_completes():
+    from sagellm_comm.workspace import local_workspaces
+
+    workspaces = local_workspaces(2, 1 << 16, "cuda")
+    x = torch.ones(4096, device="cuda")
+    y = x * 2
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x * 2
+        with pytest.raises(UnavailableError, match="inside a CUDA graph capture"):
+            workspaces[0].close()
+        assert workspaces[0].closed and workspaces[0].table is not None
+    assert workspaces[0].table is None
+    workspaces[1].close()
+    x.fill_(4.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 8.0))
