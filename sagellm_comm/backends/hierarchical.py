@@ -196,4 +196,3 @@ def _refusal(car, tensor: torch.Tensor) -> InvalidArgumentError | None:
             details={"device": str(tensor.device), "workspace_device": str(car.device)},
         )
     return None
-
