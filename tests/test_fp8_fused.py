@@ -630,6 +630,39 @@ def test_fusion_policy_refuses_bad_rules():
     assert [r.id for r in FusionPolicy.from_dict({"rules": rules}).rules] == ["a", "b"]  # one token count: fine
 
 
+def test_a_fusion_rule_built_in_code_is_checked_as_one_read_from_json():
+    """The rule checks its own fields, so a policy built in code fails where it is made, not in a call."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+
+    refused = (
+        ({"world_sizes": "8"}, "world_sizes must be a non-empty list"),
+        ({"world_sizes": (0,)}, r"world_sizes\[0\] must be >= 1"),
+        ({"hidden": (8192.0,)}, r"hidden\[0\] must be an int"),
+        ({"hidden": (True,)}, r"hidden\[0\] must be an int"),
+        ({"quant": "fp8"}, "quant must be a non-empty list"),
+        ({"quant": ("int8",)}, "quant must name modes"),
+        ({"quant": ()}, "quant is empty: the rule matches no call"),
+        ({"min_tokens": -1}, "min_tokens must be >= 0"),
+        ({"min_tokens": None}, "min_tokens must be an int"),
+        ({"max_tokens": 4.0}, "max_tokens must be an int"),
+        ({"min_tokens": 10, "max_tokens": 5}, "matches no call"),
+        ({"reason": None}, "reason must be a string"),
+        ({"path": None}, "path must be one of"),
+        ({"id": ""}, "id must be a non-empty string"),
+        ({"id": 3}, "id must be a non-empty string"),
+    )
+    for fields, message in refused:
+        with pytest.raises(InvalidArgumentError, match=message):
+            FusionRule(**{"id": "x", "path": "unfused", **fields})
+    with pytest.raises(InvalidArgumentError, match="rule 0 must be a FusionRule"):
+        FusionPolicy([{"id": "x", "path": "unfused"}])
+    rule = FusionRule("x", "unfused", quant=["fp8"], world_sizes=[8], hidden=(8192,))  # lists kept as tuples
+    assert (rule.quant, rule.world_sizes, rule.hidden) == (("fp8",), (8,), (8192,))
+    assert rule.matches(16, 8192, 8, "fp8") and not rule.matches(16, 8192, 4, "fp8")
+    assert FusionRule.from_dict(rule.to_dict(), 0) == rule
+
+
 def _timeout_worker(rank, world_size, port, algo):
     import torch.distributed as dist
 

@@ -18,7 +18,8 @@ figures give (its record's ``derived_rules``, the JSON shape :meth:`FusionPolicy
 Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes``, ``hidden`` (non-empty lists of
 positive ints), ``min_tokens`` / ``max_tokens`` (non-negative ints, inclusive); ``id`` and ``reason`` are strings
 (what a :class:`Selection` reports: ids are unique).  A rule no call can match (an empty list, ``min_tokens`` over
-``max_tokens``) and anything else :meth:`FusionPolicy.from_dict` refuses with ``InvalidArgumentError``.
+``max_tokens``) and any other value of the wrong type or range is refused with ``InvalidArgumentError``, by the
+one check of :class:`FusionRule`, whether the rule is built in code or read by :meth:`FusionPolicy.from_dict`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,39 @@ class FusionRule:
     max_tokens: int | None = None
     reason: str = ""
 
+    def __post_init__(self) -> None:
+        """Check every field (a rule built here or read by :meth:`from_dict`): ``InvalidArgumentError`` naming the
+        field.  Lists of sizes or modes are kept as tuples, sizes as Python ints."""
+        if not isinstance(self.id, str) or not self.id:  # what every Selection of the rule reports
+            raise InvalidArgumentError(f"fusion rule id must be a non-empty string, got {self.id!r}")
+        where = f"fusion rule {self.id}"
+        if self.path not in RULE_PATHS:
+            raise InvalidArgumentError(f"{where}: path must be one of {RULE_PATHS}, got {self.path!r}")
+        for key in ("quant", "world_sizes", "hidden"):
+            values = getattr(self, key)
+            if values is None:
+                continue
+            if not isinstance(values, tuple | list):  # a string is not a list of modes or sizes
+                raise InvalidArgumentError(f"{where}: {key} must be a non-empty list, got {values!r}")
+            if not values:
+                raise InvalidArgumentError(f"{where}: {key} is empty: the rule matches no call")
+            if key == "quant":
+                bad = [q for q in values if q not in QUANT_NAMES]
+                if bad:
+                    raise InvalidArgumentError(f"{where}: quant must name modes of {QUANT_NAMES}, got {bad}")
+            else:  # sizes, as the selector's rules take them ("8192" never matches)
+                values = [check_int(n, f"{where}: {key}[{i}]", 1) for i, n in enumerate(values)]
+            object.__setattr__(self, key, tuple(values))
+        object.__setattr__(self, "min_tokens", check_int(self.min_tokens, f"{where}: min_tokens", 0))
+        if self.max_tokens is not None:  # JSON true is not a token count
+            object.__setattr__(self, "max_tokens", check_int(self.max_tokens, f"{where}: max_tokens", 0))
+            if self.min_tokens > self.max_tokens:
+                raise InvalidArgumentError(
+                    f"{where}: min_tokens {self.min_tokens} > max_tokens {self.max_tokens}: the rule matches no call"
+                )
+        if not isinstance(self.reason, str):
+            raise InvalidArgumentError(f"{where}: reason must be a string, got {self.reason!r}")
+
     def matches(self, tokens: int, hidden: int, world_size: int, quant: str | None) -> bool:
         return (
             (self.quant is None or (quant or "none") in self.quant)
@@ -74,35 +108,28 @@ class FusionRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], index: int) -> FusionRule:
+        """Rule ``index`` of a policy's JSON ``rules``: the keys of :meth:`to_dict` (``id`` defaults to
+        ``rule-<index>``), checked as the constructor checks them."""
         if not isinstance(d, dict):
             raise InvalidArgumentError(f"fusion rule {index}: expected an object, got {type(d).__name__}")
         unknown = set(d) - {"id", "path", "quant", "world_sizes", "hidden", "min_tokens", "max_tokens", "reason"}
         if unknown:
             raise InvalidArgumentError(f"fusion rule {index}: unknown keys {sorted(unknown)}")
-        lists = {}
-        for key in ("quant", "world_sizes", "hidden"):
-            v = d.get(key)
-            if v is not None and (not isinstance(v, list) or not v):  # [] would match no call
-                raise InvalidArgumentError(f"fusion rule {index}: {key} must be a non-empty list, got {v!r}")
-            if v is not None and key != "quant":  # sizes, as the selector's rules take them ("8192" never matches)
-                v = [check_int(n, f"fusion rule {index}: {key}[{i}]", 1) for i, n in enumerate(v)]
-            lists[key] = tuple(v) if v is not None else None
-        for key in ("min_tokens", "max_tokens"):
-            v = d.get(key)
-            if v is not None:
-                check_int(v, f"fusion rule {index}: {key}", 0)  # JSON true is not a token count
-        rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
-        if not isinstance(rule_id, str) or not rule_id:  # what every Selection of the rule reports
+        for key in ("quant", "world_sizes", "hidden"):  # JSON has lists, not tuples: a string is not a list
+            if d.get(key) is not None and not isinstance(d[key], list):
+                raise InvalidArgumentError(f"fusion rule {index}: {key} must be a non-empty list, got {d[key]!r}")
+        rule_id = d.get("id", f"rule-{index}")
+        if not isinstance(rule_id, str) or not rule_id:  # named by its index: it has no usable id
             raise InvalidArgumentError(f"fusion rule {index}: id must be a non-empty string, got {rule_id!r}")
-        if not isinstance(reason, str):
-            raise InvalidArgumentError(f"fusion rule {index}: reason must be a string, got {reason!r}")
         return cls(
             id=rule_id,
             path=d.get("path"),
-            min_tokens=d.get("min_tokens") or 0,
+            quant=d.get("quant"),
+            world_sizes=d.get("world_sizes"),
+            hidden=d.get("hidden"),
+            min_tokens=0 if d.get("min_tokens") is None else d["min_tokens"],
             max_tokens=d.get("max_tokens"),
-            reason=reason,
-            **lists,
+            reason=d.get("reason", ""),
         )
 
 
@@ -142,25 +169,15 @@ class FusionPolicy:
     """Ordered :class:`FusionRule` s -> :class:`Selection` (``algo`` a path of :data:`RULE_PATHS`)."""
 
     def __init__(self, rules: Sequence[FusionRule] = DEFAULT_FUSION_RULES, source: str = "default"):
-        for r in rules:
-            if r.path not in RULE_PATHS:
-                raise InvalidArgumentError(f"fusion rule {r.id}: path must be one of {RULE_PATHS}, got {r.path!r}")
-            bad = [q for q in r.quant or () if q not in QUANT_NAMES]
-            if bad:
-                raise InvalidArgumentError(f"fusion rule {r.id}: quant must name modes of {QUANT_NAMES}, got {bad}")
-            if r.max_tokens is not None and r.min_tokens > r.max_tokens:
-                raise InvalidArgumentError(
-                    f"fusion rule {r.id}: min_tokens {r.min_tokens} > max_tokens {r.max_tokens}: the rule matches "
-                    "no call"
-                )
-            empty = [key for key in ("quant", "world_sizes", "hidden") if getattr(r, key) == ()]
-            if empty:
-                raise InvalidArgumentError(f"fusion rule {r.id}: {empty[0]} is empty: the rule matches no call")
+        rules = tuple(rules)
+        for i, r in enumerate(rules):  # each rule checked its own fields when it was made
+            if not isinstance(r, FusionRule):
+                raise InvalidArgumentError(f"fusion rules: rule {i} must be a FusionRule, got {r!r}")
         ids = [r.id for r in rules]
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise InvalidArgumentError(f"fusion rules: ids {duplicated} name more than one rule; ids are unique")
-        self.rules = tuple(rules)
+        self.rules = rules
         self.source = source
 
     @classmethod
