@@ -271,6 +271,18 @@ def test_custom_backend_records_why_it_falls_back():
     assert "group size 1 is outside 2..8" in reason
 
 
+def test_the_custom_backend_refuses_a_fusion_policy_it_cannot_read(monkeypatch, tmp_path):
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import InvalidArgumentError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(InvalidArgumentError, match="fusion_policy must be a FusionPolicy, a policy file"):
+        CommBackend.create("custom", fusion_policy={"rules": []})
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        CommBackend.create("custom", fusion_policy=tmp_path / "missing.json")
+    assert CommBackend.create("custom").fusion_policy.source == "default"
+
+
 def test_custom_backend_unavailable_without_gpu_or_interpreter(monkeypatch):
     from sagellm_comm import CommBackend, is_comm_backend_available
     from sagellm_comm.errors import BackendNotSupportedError

@@ -663,6 +663,38 @@ def test_a_fusion_rule_built_in_code_is_checked_as_one_read_from_json():
     assert FusionRule.from_dict(rule.to_dict(), 0) == rule
 
 
+def test_a_fusion_policy_file_or_the_benchmarks_record_is_read_and_named(tmp_path):
+    """``FusionPolicy.from_file`` takes a policy file or the record of ``bench/fp8_fused_bench.py`` (its
+    ``derived_rules``), says which it read, and refuses what it cannot read as ``AlgoSelector.from_file`` does."""
+    import json
+    from pathlib import Path
+
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy
+
+    record = Path(__file__).resolve().parents[1] / "bench/results/h200/fp8_fused.json"
+    policy = FusionPolicy.from_file(record)
+    assert policy.source == f"derived_rules of {record}"
+    assert policy.rules == FusionPolicy.from_dict(json.loads(record.read_text())["derived_rules"]).rules
+    own = tmp_path / "policy.json"
+    own.write_text(json.dumps({"rules": [{"id": "off", "path": "unfused"}]}))
+    mine = FusionPolicy.from_file(own)
+    assert mine.source == str(own) and mine.select(4, 4096, 2, None).rule_id == "off"
+    mps_only = Path(__file__).resolve().parents[1] / "bench/results/h100/fp8_fused_mps.json"
+    with pytest.raises(InvalidArgumentError, match="record without derived_rules"):
+        FusionPolicy.from_file(mps_only)
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "empty.json").write_text('{"rules": []}')
+    for path, message in (
+        (tmp_path / "missing.json", "does not exist"),
+        (tmp_path / "bad.json", "is not valid JSON"),
+        (tmp_path, "cannot be read"),
+        (tmp_path / "empty.json", "at least one rule"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=message):
+            FusionPolicy.from_file(path)
+
+
 def _timeout_worker(rank, world_size, port, algo):
     import torch.distributed as dist
 

@@ -331,6 +331,64 @@ def test_group_level_functions_use_the_custom_workspace():
     assert [closed for _, closed in results] == [True, True]
 
 
+def _fusion_policy_worker(rank, world_size, port, policy_file):
+    import sagellm_comm
+    from sagellm_comm import ops
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, last_selection
+
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, fusion_policy=policy_file
+    )
+    seen, outs = [], []
+    try:
+        backend = world.backend
+        assert backend.custom is not None, backend.custom_reason
+        assert backend.fusion_policy.source == f"derived_rules of {policy_file}"
+        tp = world.split(world_size)  # a sub-group: its own workspace, the backend's policy
+        assert backend.kernels_for(tp) is not None, backend.kernels_reason(tp)
+        g = torch.Generator().manual_seed(11)
+        xs = [torch.randn(5, 16, generator=g) for _ in range(world_size)]
+        residual, weight = torch.randn(5, 16, generator=g), torch.rand(16, generator=g) + 0.5
+
+        def run(group, rows, fused=all_reduce_residual_rmsnorm):
+            normed, new_res = fused(xs[rank][:rows], residual[:rows], weight, 1e-6, group=group)
+            ref_normed, ref_res = _rms_reference([x[:rows] for x in xs], residual[:rows], weight, 1e-6)
+            torch.testing.assert_close(new_res, ref_res, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(normed, ref_normed, rtol=1e-5, atol=1e-5)
+            sel = last_selection(group)
+            seen.append((sel.algo, sel.rule_id))
+            outs.extend((normed, new_res))
+
+        run(world, 3)
+        run(world, 5)  # over the rule's rows: the all-reduce policy's kernel, fused
+        run(tp, 3)
+        run(None, 3, ops.all_reduce_residual_rmsnorm)  # the custom op of the compile pass and the TP layers
+        backend.reset()  # new workspaces, new fused operations: the same policy
+        run(world, 3)
+        run(tp, 3)
+    finally:
+        sagellm_comm.destroy()
+    return seen, _digest(*outs)
+
+
+def test_the_custom_backend_runs_the_fusion_policy_it_is_given_on_every_group(tmp_path):
+    """``fusion_policy=`` (here the benchmark's record, its ``derived_rules``) decides the group-level fused op of
+    the world, of a sub-group, of the custom op, and after ``reset()``, alike on every rank."""
+    import json
+
+    rules = [
+        {"id": "few-rows-unfused", "path": "unfused", "hidden": [16], "max_tokens": 3, "reason": "measured"},
+        {"id": "rest", "path": "all_reduce_policy"},
+    ]
+    record = tmp_path / "fp8_fused.json"
+    record.write_text(json.dumps({"meta": {"device": "test"}, "virtual": [], "derived_rules": {"rules": rules}}))
+    results = run_ranks(_fusion_policy_worker, 2, str(record), env=INTERP, timeout=300)
+    unfused = ("unfused", "few-rows-unfused")
+    for seen, _ in results:
+        assert seen == [unfused, ("lamport", "ws2-lamport"), unfused, unfused, unfused, unfused], seen
+    assert results[0][1] == results[1][1]
+
+
 def _first_gemm_refused_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.errors import ShapeMismatchError

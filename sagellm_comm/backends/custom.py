@@ -40,6 +40,7 @@ from ..errors import (
     WorkspaceExhaustedError,
     run_every,
 )
+from ..fused.rmsnorm_policy import FusionPolicy
 from ..launch import interpreting as _interpreting
 from ..selector import (
     ALGO_CHOICES,
@@ -133,6 +134,12 @@ class CustomBackend(TorchDistributedBackend):
             ``3 * capacity`` plus the Lamport buffers (``region_bytes``; ``kernels_for(g).workspace`` and
             ``kernels_reason(g)`` state it).
         selector: algorithm policy (default rules), or a path to a JSON policy file.
+        fusion_policy: the fusion rules of the group-level all-reduce + residual + RMSNorm (+ FP8) of every group
+            of this backend (:func:`sagellm_comm.fused.all_reduce_residual_rmsnorm`, the custom op the compile
+            pass and the TP layers call): a :class:`~sagellm_comm.fused.FusionPolicy`, a path read by
+            :meth:`FusionPolicy.from_file <sagellm_comm.fused.FusionPolicy.from_file>` (a policy file, or the
+            record of ``bench/fp8_fused_bench.py``: the device's own ``derived_rules``), or None (the default
+            rules).  Every member of a group must give the same rules, as the same ``selector``.
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
         engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
             one GPU under MPS, where NCCL refuses two ranks on one device).
@@ -151,6 +158,7 @@ class CustomBackend(TorchDistributedBackend):
         max_bytes: int | None = None,
         group_max_bytes: int | None = None,
         selector: AlgoSelector | str | None = None,
+        fusion_policy: FusionPolicy | str | os.PathLike | None = None,
         kernel_timeout: float = 30.0,
         engine: str | None = None,
         config: CommConfig | None = None,
@@ -167,6 +175,11 @@ class CustomBackend(TorchDistributedBackend):
         kernel_timeout = check_timeout(kernel_timeout, "kernel_timeout")
         if not (selector is None or isinstance(selector, AlgoSelector | str | os.PathLike)):
             raise InvalidArgumentError(f"selector must be an AlgoSelector, a policy file or None, got {selector!r}")
+        if not (fusion_policy is None or isinstance(fusion_policy, FusionPolicy | str | os.PathLike)):
+            raise InvalidArgumentError(
+                f"fusion_policy must be a FusionPolicy, a policy file, a bench/fp8_fused_bench.py record or None, "
+                f"got {fusion_policy!r}"
+            )
         if not (config is None or isinstance(config, CommConfig)):
             raise InvalidArgumentError(
                 f"config must be a CommConfig (CommConfig.from_env(), .replace(...)) or None, got {config!r}"
@@ -175,6 +188,9 @@ class CustomBackend(TorchDistributedBackend):
         if isinstance(selector, str | os.PathLike):
             selector = AlgoSelector.from_file(selector)
         self.selector = selector or AlgoSelector()
+        if isinstance(fusion_policy, str | os.PathLike):
+            fusion_policy = FusionPolicy.from_file(fusion_policy)
+        self._fusion_policy = fusion_policy or FusionPolicy()
         config = CommConfig.from_env() if config is None else config
         if max_bytes is not None:
             config = config.replace(custom_max_bytes=max_bytes)
@@ -198,6 +214,12 @@ class CustomBackend(TorchDistributedBackend):
     @property
     def name(self) -> str:
         return "custom"
+
+    @property
+    def fusion_policy(self) -> FusionPolicy:
+        """The fusion rules of the group-level fused all-reduce + RMSNorm of every group of this backend, given when
+        it was made (fixed: every rank of a group must decide by the same rules)."""
+        return self._fusion_policy
 
     @property
     def engine_kind(self) -> str:

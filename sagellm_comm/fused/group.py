@@ -112,7 +112,8 @@ def all_reduce_residual_rmsnorm(
 
     ``q`` is ``torch.float8_e4m3fn`` ``[tokens, hidden]`` (numerics: ``sagellm_comm/fused/fp8.py``,
     :func:`quantize_fp8_reference`).  With the group's custom kernels, one fused kernel
-    (:class:`FusedAllReduceRMSNorm`, its fusion policy may run the chain unfused); otherwise the group's
+    (:class:`FusedAllReduceRMSNorm`; the fusion policy, the backend's ``fusion_policy`` given when it was made, may
+    run the chain unfused); otherwise the group's
     all-reduce then torch ops computing the same outputs, the reason recorded in :func:`last_selection`.  Bad
     arguments raise the same typed errors on both paths (:func:`check_rmsnorm_inputs`, :func:`check_quant`) before
     anything runs, so no rank enters the all-reduce; only the kernels bound ``hidden`` (``MAX_HIDDEN``).  Enqueued
@@ -130,6 +131,7 @@ def all_reduce_residual_rmsnorm(
                 max_programs=car.max_programs,
                 fallback=car.fallback,
                 all_reduce=car,
+                policy=getattr(backend, "fusion_policy", None),  # the custom backend's fusion_policy=
             )
         out = state.rmsnorm(x, residual, weight, eps, quant=quant, scale=scale)
         state.last = state.rmsnorm.last_selection

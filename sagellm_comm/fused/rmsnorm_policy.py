@@ -24,8 +24,11 @@ one check of :class:`FusionRule`, whether the rule is built in code or read by :
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..arguments import check_int
@@ -185,6 +188,30 @@ class FusionPolicy:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
             raise InvalidArgumentError('a fusion policy is a JSON object {"rules": [...]} with at least one rule')
         return cls([FusionRule.from_dict(d, i) for i, d in enumerate(data["rules"])], source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> FusionPolicy:
+        """The policy of a JSON file: a policy ``{"rules": [...]}`` (:meth:`from_dict`), or a record of
+        ``bench/fp8_fused_bench.py``, whose ``derived_rules`` are the rules the device's measurements give.
+        :attr:`source` says which was read (``"<path>"`` or ``"derived_rules of <path>"``).  A file that is
+        missing, unreadable, not JSON or neither of the two raises ``InvalidArgumentError``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise InvalidArgumentError(f"fusion policy {path} does not exist") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"fusion policy {path} is not valid JSON: {exc}") from exc
+        except OSError as exc:  # a directory, no permission, ...
+            raise InvalidArgumentError(f"fusion policy {path} cannot be read: {exc.strerror or exc}") from exc
+        if isinstance(data, dict) and "rules" not in data and "derived_rules" in data:
+            return cls.from_dict(data["derived_rules"], source=f"derived_rules of {path}")
+        if isinstance(data, dict) and "rules" not in data and "meta" in data:  # a record without the rules
+            raise InvalidArgumentError(
+                f"fusion policy {path} is a benchmark record without derived_rules (bench/fp8_fused_bench.py derives "
+                "them from its virtual-rank rows: run it without --no-virtual)"
+            )
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}
