@@ -25,6 +25,7 @@ The selector never touches tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -217,6 +218,10 @@ class AlgoSelector:
                 d["reason"] = r.reason
             rules.append(d)
         return {"rules": rules}
+
+    def digest(self) -> str:
+        """A short hash of the rules (not of :attr:`source`): equal on two ranks when they decide alike."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def select(self, nbytes: int, world_size: int, capacity_bytes: int | None = None) -> Selection:
         """Pick the algorithm for an all-reduce of ``nbytes`` over ``world_size`` ranks."""

@@ -271,6 +271,55 @@ def test_custom_backend_records_why_it_falls_back():
     assert "group size 1 is outside 2..8" in reason
 
 
+def _policy_agreement_worker(rank, world_size, port, same_rules_file):
+    """Rank 1 alone gives other fusion rules, then another selector, then the same fusion rules from a file."""
+    import torch.distributed as dist
+
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import ConfigMismatchError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+    from sagellm_comm.selector import AlgoSelector, Rule
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    off = FusionPolicy([FusionRule("off", "unfused")], source="in code")
+    cases = {
+        "fusion_policy": {"fusion_policy": off if rank == 1 else None},
+        "selector": {"selector": AlgoSelector([Rule("all-one-shot", "one_shot")]) if rank == 1 else None},
+        "same rules": {"fusion_policy": same_rules_file if rank == 1 else off},
+    }
+    seen = {}
+    for case, kwargs in cases.items():
+        backend = CommBackend.create("custom", **kwargs)
+        try:
+            backend.init()  # adopts the world; the world group's set-up compares the policies
+            seen[case] = ("no error", backend.custom is not None)
+            backend.destroy()
+        except ConfigMismatchError as exc:
+            seen[case] = (str(exc), exc.details["policies"])
+        dist.barrier()
+    return seen
+
+
+def test_ranks_deciding_by_other_policies_are_refused_at_set_up(tmp_path):
+    """Two ranks with other fusion rules or another selector would run other kernels for one call (a hang or a
+    wrong result): the group's set-up refuses them on every rank, naming the policy; the same rules read from
+    elsewhere agree."""
+    import json
+
+    same = tmp_path / "off.json"
+    same.write_text(json.dumps({"rules": [{"id": "off", "path": "unfused"}]}))
+    for seen in run_ranks(_policy_agreement_worker, 2, str(same), env=INTERP, timeout=300):
+        for case, label, source in (
+            ("fusion_policy", "the fusion policy (fusion_policy=)", "in code"),
+            ("selector", "the all-reduce policy (selector=)", "default"),
+        ):
+            message, policies = seen[case]
+            assert list(policies) == [case], policies
+            assert f"{label} differs" in message and "(default) on ranks [0]" in message, message
+            assert f"({source}) on ranks [1]" in message, message
+        assert seen["same rules"] == ("no error", True), seen["same rules"]
+
+
 def test_the_custom_backend_refuses_a_fusion_policy_it_cannot_read(monkeypatch, tmp_path):
     from sagellm_comm import CommBackend
     from sagellm_comm.errors import InvalidArgumentError

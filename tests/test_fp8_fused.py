@@ -676,6 +676,7 @@ def test_a_fusion_policy_file_or_the_benchmarks_record_is_read_and_named(tmp_pat
     policy = FusionPolicy.from_file(record)
     assert policy.source == f"derived_rules of {record}"
     assert policy.rules == FusionPolicy.from_dict(json.loads(record.read_text())["derived_rules"]).rules
+    assert policy.digest() == FusionPolicy.from_dict(policy.to_dict()).digest() != FusionPolicy().digest()
     own = tmp_path / "policy.json"
     own.write_text(json.dumps({"rules": [{"id": "off", "path": "unfused"}]}))
     mine = FusionPolicy.from_file(own)

@@ -139,7 +139,8 @@ class CustomBackend(TorchDistributedBackend):
             pass and the TP layers call): a :class:`~sagellm_comm.fused.FusionPolicy`, a path read by
             :meth:`FusionPolicy.from_file <sagellm_comm.fused.FusionPolicy.from_file>` (a policy file, or the
             record of ``bench/fp8_fused_bench.py``: the device's own ``derived_rules``), or None (the default
-            rules).  Every member of a group must give the same rules, as the same ``selector``.
+            rules).  Every member of a group must give the same rules, and the same ``selector``: each group's
+            set-up compares them (``ConfigMismatchError``).
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
         engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
             one GPU under MPS, where NCCL refuses two ranks on one device).
@@ -218,7 +219,7 @@ class CustomBackend(TorchDistributedBackend):
     @property
     def fusion_policy(self) -> FusionPolicy:
         """The fusion rules of the group-level fused all-reduce + RMSNorm of every group of this backend, given when
-        it was made (fixed: every rank of a group must decide by the same rules)."""
+        it was made (fixed: the groups' set-ups compared them)."""
         return self._fusion_policy
 
     @property
@@ -269,7 +270,7 @@ class CustomBackend(TorchDistributedBackend):
         return KernelGroup(
             rank, size, ranks, lambda obj: self.exchange(obj, handle), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
-            config=self.config,
+            config=self.config, fusion_policy=self._fusion_policy,
         )  # fmt: skip
 
     def new_group(self, ranks):

@@ -4,7 +4,10 @@ A :class:`KernelGroup` is made collectively by the members of one group (the wor
 ``new_group`` / ``split``), over that group's CPU (Gloo) side.  The members first compare the agreed part of
 their configuration (``docs/configuration.md``): a difference raises
 :class:`~sagellm_comm.errors.ConfigMismatchError` naming the setting and the ranks (it is an error, not a
-reason to fall back: the engine would run, but the job is misconfigured).  The kernels are used only when
+reason to fall back: the engine would run, but the job is misconfigured).  A group that gets the kernels then
+compares its members' policies, a digest of the all-reduce's rules (``selector``) and of the fused RMSNorm's
+(``fusion_policy``): members deciding by other rules would run other kernels for one call, so a difference
+raises ``ConfigMismatchError`` too (:func:`check_policies`).  The kernels are used only when
 every check passes on every member:
 
 1. 2..8 members, all on one node (node names gathered over the group: the host name, or
@@ -31,7 +34,8 @@ import torch
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import cupy_present
 from ..custom_all_reduce import CustomAllReduce
-from ..errors import CommError
+from ..errors import CommError, ConfigMismatchError
+from ..fused.rmsnorm_policy import FusionPolicy
 from ..kernels.all_reduce import MAX_WORLD
 from ..selector import KERNEL_ALGOS, AlgoSelector
 from ..workspace import SymmetricWorkspace, node_name, region_bytes
@@ -53,6 +57,8 @@ class KernelGroup:
         processes_on_device: processes of the whole world on this rank's GPU (see
             :meth:`SymmetricWorkspace.rendezvous`: groups running at once on one GPU share its SMs).
         config: the backend's configuration (tile shapes, check mode, initial epoch, ... of the workspace).
+        fusion_policy: the fusion rules the group-level fused all-reduce + RMSNorm runs on this group (default
+            rules when omitted); compared, with ``selector``, among the members (:func:`check_policies`).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class KernelGroup:
         one_node: bool = True,
         processes_on_device: int = 1,
         config: CommConfig | None = None,
+        fusion_policy: FusionPolicy | None = None,
     ):
         self.config = CommConfig.from_env() if config is None else config
         self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
@@ -79,19 +86,23 @@ class KernelGroup:
         self.reason = "not set up"
         self.nbytes = 0  # device memory of this rank's region
         self._exchange = exchange
+        self.fusion_policy = fusion_policy or FusionPolicy()
         self.kernels, self.reason = self._setup(slot_bytes, selector, timeout_s, fallback)
         if self.kernels is not None:
             self.nbytes = region_bytes(self.kernels.workspace.slot_bytes, world_size)
 
     def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
         local_ok, local_reason = self._local_checks()
+        policies = policy_digests(selector, self.fusion_policy)
         facts = self._exchange(
-            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement())
+            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement(), policies)
         )
-        check_agreement([f[4] for f in facts], self.ranks, f"the set-up of the group of ranks {list(self.ranks)}")
+        where = f"the set-up of the group of ranks {list(self.ranks)}"
+        check_agreement([f[4] for f in facts], self.ranks, where)
         reason = self._verdict(facts)
-        if reason is not None:
+        if reason is not None:  # the engine runs the group: no policy of this backend decides its calls
             return None, reason
+        check_policies([f[5] for f in facts], self.ranks, where)
         try:
             ws = SymmetricWorkspace.rendezvous(
                 self.rank, self.world_size, slot_bytes, self.device, self._exchange,
@@ -127,7 +138,7 @@ class KernelGroup:
         return True, ""
 
     def _verdict(self, facts: list[tuple]) -> str | None:
-        bad = [(self.ranks[r], why) for r, (_, _, ok, why, _) in enumerate(facts) if not ok]
+        bad = [(self.ranks[r], why) for r, (_, _, ok, why, *_) in enumerate(facts) if not ok]
         if bad:
             return "; ".join(f"rank {r}: {why}" for r, why in bad)
         nodes = {h for h, *_ in facts}
@@ -171,3 +182,40 @@ class KernelGroup:
                 self.kernels.close(reason)
             finally:
                 self.kernels = None
+
+
+# What the members of a group compare besides the agreed configuration: the rules that pick each call's kernel.
+POLICY_NAMES = {"selector": "the all-reduce policy (selector=)", "fusion_policy": "the fusion policy (fusion_policy=)"}
+
+
+def policy_digests(selector: AlgoSelector, fusion_policy: FusionPolicy) -> dict[str, tuple[str, str]]:
+    """``{name: (digest of the rules, source)}`` of the policies a rank sends at a group's set-up."""
+    return {
+        "selector": (selector.digest(), selector.source),
+        "fusion_policy": (fusion_policy.digest(), fusion_policy.source),
+    }
+
+
+def check_policies(everyone: list[dict[str, tuple[str, str]]], ranks: tuple[int, ...], where: str) -> None:
+    """Raise :class:`ConfigMismatchError` unless every member sent the same rules (:func:`policy_digests`; the
+    sources may differ).  Two members deciding by other rules would run other kernels for one call: each would wait
+    for a flag the other never writes, or read what the other did not stage."""
+    differing = {}
+    for name in POLICY_NAMES:
+        sent = [policies[name] for policies in everyone]
+        if len({digest for digest, _ in sent}) > 1:
+            sides: dict[str, list[int]] = {}
+            for rank, (digest, source) in zip(ranks, sent, strict=True):
+                sides.setdefault(f"rules {digest} ({source})", []).append(rank)
+            differing[name] = sides
+    if not differing:
+        return
+    parts = [
+        f"{POLICY_NAMES[name]} differs: " + "; ".join(f"{side} on ranks {members}" for side, members in sides.items())
+        for name, sides in differing.items()
+    ]
+    raise ConfigMismatchError(
+        f"{where}: ranks {list(ranks)} must decide every call by the same rules, and they do not: {'; '.join(parts)}.  "
+        "Give every rank the same policy (the same file)",
+        details={"policies": differing, "ranks": list(ranks), "where": where},
+    )

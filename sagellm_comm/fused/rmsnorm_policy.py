@@ -24,6 +24,7 @@ one check of :class:`FusionRule`, whether the rule is built in code or read by :
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -215,6 +216,10 @@ class FusionPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}
+
+    def digest(self) -> str:
+        """A short hash of the rules (not of :attr:`source`): equal on two ranks when they decide alike."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def select(self, tokens: int, hidden: int, world_size: int, quant: str | None) -> Selection:
         for r in self.rules:
