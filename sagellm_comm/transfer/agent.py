@@ -616,7 +616,8 @@ class TransferAgent:
                 self._abort_deferred()
             drains = self._drains
             if len(drains) == 1 and not self._undelivered and self._drain_error is None:  # its list as it is
-                return drains[0][1]()
+                read = drains[0][1]
+                return read()
             held, self._drain_error = self._drain_error, None
             if held is not None:
                 raise held  # the last call returned the other transports' notifications instead
