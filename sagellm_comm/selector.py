@@ -172,8 +172,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 class AlgoSelector:
     """Ordered rules -> :class:`Selection`.  ``select`` is pure and cheap (called per all-reduce)."""
 
-    def __init__(self, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_RULES, source: str = "default"):
+    def __init__(self, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_RULES, source: str | None = None):
         self.rules = tuple(rules)
+        if source is None:  # what a Selection and a mismatch between ranks name
+            source = "default" if self.rules == tuple(DEFAULT_RULES) else "rules given in code"
         self.source = source
         self._cache: dict[tuple[int, int, int], Selection] = {}
 

@@ -172,3 +172,16 @@ def test_algorithm_names_have_one_source():
     # the benchmark's --algo: the call's choices but the node-spanning path, plus NCCL's own algorithms
     assert set(algos.ALGOS) == {"auto", *selector.KERNEL_ALGOS, selector.ENGINE_ALGO, *selector.NCCL_ALGO_NAMES}
     assert set(algos.CUSTOM_PATHS) == {selector.COLLECTIVE_KERNEL_ALGO, selector.HIERARCHICAL_ALGO}
+
+
+def test_a_policy_made_in_code_is_not_named_the_default():
+    # a Selection's reason and a mismatch between ranks name the source: rules given in code are not "default"
+    from sagellm_comm.fused.rmsnorm_policy import DEFAULT_FUSION_RULES, FusionPolicy, FusionRule
+
+    assert AlgoSelector().source == "default" and AlgoSelector(list(DEFAULT_RULES)).source == "default"
+    assert AlgoSelector(DEFAULT_RULES[1:]).source == "rules given in code"
+    assert AlgoSelector(DEFAULT_RULES[1:], source="mine").source == "mine"
+    assert FusionPolicy().source == "default" and FusionPolicy(list(DEFAULT_FUSION_RULES)).source == "default"
+    unfused = FusionPolicy([FusionRule(id="off", path="unfused")])
+    assert unfused.source == "rules given in code"
+    assert unfused.select(4, 4096, 2, None).reason == "rule off (rules given in code)"

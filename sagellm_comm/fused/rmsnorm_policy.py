@@ -172,8 +172,10 @@ DEFAULT_FUSION_RULES: tuple[FusionRule, ...] = (
 class FusionPolicy:
     """Ordered :class:`FusionRule` s -> :class:`Selection` (``algo`` a path of :data:`RULE_PATHS`)."""
 
-    def __init__(self, rules: Sequence[FusionRule] = DEFAULT_FUSION_RULES, source: str = "default"):
+    def __init__(self, rules: Sequence[FusionRule] = DEFAULT_FUSION_RULES, source: str | None = None):
         rules = tuple(rules)
+        if source is None:  # what a Selection and a mismatch between ranks name
+            source = "default" if rules == tuple(DEFAULT_FUSION_RULES) else "rules given in code"
         for i, r in enumerate(rules):  # each rule checked its own fields when it was made
             if not isinstance(r, FusionRule):
                 raise InvalidArgumentError(f"fusion rules: rule {i} must be a FusionRule, got {r!r}")
