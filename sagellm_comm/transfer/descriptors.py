@@ -18,7 +18,7 @@ Fixed-size blocks (a KV cache's layout, :class:`BlockLayout`) are named by index
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,18 +78,20 @@ class RegionInfo:
 
 @dataclass(frozen=True)
 class Region:
-    """A local registered region: the tensor (kept alive by the agent), its address and its :class:`RegionInfo`."""
+    """A local registered region: the tensor (kept alive by the agent), its address and its :class:`RegionInfo`.
+    ``ptr`` is the tensor's address when it was registered, the memory every transport registered and exported
+    (read once: posts use it without a call into torch)."""
 
     info: RegionInfo
     tensor: torch.Tensor
+    ptr: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ptr", self.tensor.data_ptr())  # frozen: set once, here
 
     @property
     def name(self) -> str:
         return self.info.name
-
-    @property
-    def ptr(self) -> int:
-        return self.tensor.data_ptr()
 
     @property
     def nbytes(self) -> int:

@@ -513,8 +513,8 @@ class IpcBackend(TransferBackend):
 
     def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
-        local_address = local.tensor.data_ptr() + local_offset
-        return self._one(link, op, local_address, link.addresses[remote.name] + remote_offset, nbytes, notify)
+        remote_address = link.addresses[remote.name] + remote_offset
+        return self._one(link, op, local.ptr + local_offset, remote_address, nbytes, notify)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -536,7 +536,7 @@ class IpcBackend(TransferBackend):
     def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify) -> IpcRequest:
         link = prepared.link
         block_bytes = prepared.layout.block_bytes
-        local = prepared.local.tensor.data_ptr() + local_block * block_bytes
+        local = prepared.local.ptr + local_block * block_bytes
         remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
         return self._one(link, op, local, remote, block_bytes, notify)
 
