@@ -1,4 +1,6 @@
-"""Files written whole: a process killed while it writes, or a write that fails (a full disk), leaves the previous
+"""Files written whole, and JSON files read with typed errors.
+
+Files written whole: a process killed while it writes, or a write that fails (a full disk), leaves the previous
 file (or none), never a part.
 
 Every file the package writes goes through :func:`write_file`: the benchmark's results (the JSON and CSV of
@@ -7,17 +9,23 @@ generated parts of the documentation (``sagellm-comm config --update``, ``bench/
 content is written to a temporary file beside the target (same directory, so same file system), flushed to disk,
 then renamed over the target with ``os.replace``, which swaps it in one step.  A process killed before the rename
 leaves at most a hidden ``.<name>.<random>.tmp`` beside the target; the target itself is untouched.
+
+:func:`read_json` reads the policy files a user hands the package (the all-reduce selector's, the fusion
+policy's): a file that is missing, unreadable or not JSON is an ``InvalidArgumentError`` naming it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_file", "write_text"]
+from .errors import InvalidArgumentError
+
+__all__ = ["read_json", "write_file", "write_text"]
 
 
 def write_file(path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False) -> Path:
@@ -46,3 +54,16 @@ def write_file(path: str | Path, write: Callable[[IO[Any]], object], *, binary: 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` whole (:func:`write_file`)."""
     return write_file(path, lambda handle: handle.write(text))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON value in the file at ``path``; ``what`` names the file in the ``InvalidArgumentError`` of a file
+    that does not exist, cannot be read (a directory, no permission) or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise InvalidArgumentError(f"{what} {path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"{what} {path} is not valid JSON: {exc}") from exc
+    except OSError as exc:  # a directory, no permission, ...
+        raise InvalidArgumentError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc

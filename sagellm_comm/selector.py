@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError
+from .files import read_json
 
 # The one list of algorithm names: everything else imports these.
 ENGINE_ALGO = "nccl"  # the policy's name for "the engine runs it" (see the module doc)
@@ -195,14 +196,7 @@ class AlgoSelector:
     @classmethod
     def from_file(cls, path: str | Path) -> AlgoSelector:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise InvalidArgumentError(f"selector config {path} does not exist") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"selector config {path} is not valid JSON: {exc}") from exc
-        except OSError as exc:  # a directory, no permission, ...
-            raise InvalidArgumentError(f"selector config {path} cannot be read: {exc.strerror or exc}") from exc
+        data = read_json(path, "selector config")
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..arguments import check_int
 from ..errors import InvalidArgumentError
+from ..files import read_json
 from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection
 from .fp8 import FP8_QUANT_MODES
 
@@ -199,14 +200,7 @@ class FusionPolicy:
         :attr:`source` says which was read (``"<path>"`` or ``"derived_rules of <path>"``).  A file that is
         missing, unreadable, not JSON or neither of the two raises ``InvalidArgumentError``."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise InvalidArgumentError(f"fusion policy {path} does not exist") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"fusion policy {path} is not valid JSON: {exc}") from exc
-        except OSError as exc:  # a directory, no permission, ...
-            raise InvalidArgumentError(f"fusion policy {path} cannot be read: {exc.strerror or exc}") from exc
+        data = read_json(path, "fusion policy")
         if isinstance(data, dict) and "rules" not in data and "derived_rules" in data:
             return cls.from_dict(data["derived_rules"], source=f"derived_rules of {path}")
         if isinstance(data, dict) and "rules" not in data and "meta" in data:  # a record without the rules
