@@ -176,6 +176,56 @@ def test_a_release_that_fails_when_the_capture_ends_is_logged_not_raised_from_ca
         free_deferred_regions()
 
 
+def test_a_region_freed_by_the_watchdog_while_another_thread_captures_is_freed_after_the_capture():
+    """The watchdog's error handler closes the workspace and drops its last buffer on the watchdog's thread, whose
+    own stream shows no capture, while another thread captures: the free waits for that capture's end."""
+    import gc
+
+    from sagellm_comm import watchdog
+    from sagellm_comm.config import CommConfig
+
+    memory = Memory()
+    config = CommConfig.from_env().replace(watchdog_ms=3_600_000)  # the thread sleeps: poll_once() runs below
+    ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=memory, config=config)
+    buffers = [ws.registered_tensor(16, torch.float32)]
+    ws.error_view[:4] = [1, 1, 0, 0]  # latched: the watchdog reports it to the handler
+
+    def close_on_failure(failed, exc):
+        failed.close()
+        buffers.clear()
+        gc.collect()
+
+    watchdog.add_error_handler(close_on_failure)
+    try:
+        with _captured_on_another_thread():
+            assert memory.capturing()  # another thread's capture is seen here
+            polling = threading.Thread(target=watchdog.poll_once, name="sagellm-comm-watchdog")
+            polling.start()
+            polling.join(30)
+            assert ws.closed and buffers == []
+            assert memory.freed == [], "a region was freed while another thread captured a graph"
+            assert free_deferred_regions() == 0 and memory.freed == []  # still capturing: stays queued
+    finally:
+        watchdog.remove_error_handler(close_on_failure)
+    assert not memory.capturing()
+    assert len(memory.freed) == 1  # released as the capture ended, on the capturing thread
+    assert free_deferred_regions() == 0
+
+
+def test_a_capture_cannot_begin_while_a_release_holds_captures_off():
+    # a release checks for captures and runs inside held_off(): a capture_begin meanwhile waits for it
+    graph = Graph()
+    with capture.held_off():
+        starting = threading.Thread(target=graph.capture_begin)
+        starting.start()
+        starting.join(0.2)
+        assert not capture.underway()
+    starting.join(30)
+    assert capture.underway()
+    graph.capture_end()
+    assert not capture.underway()
+
+
 # ---------------------------------------------------------------------- a real capture (virtual ranks on one GPU)
 
 
