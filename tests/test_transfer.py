@@ -1211,12 +1211,10 @@ def test_the_resident_copier_moves_one_block_requests_in_order_with_table_launch
     assert "resident copier" in out["transport"] and out["idle_after_close"]
 
 
-def _undecided_post_worker(rank, world_size, port):
-    """A post the copier cannot decide on (its program stays in its exit decision past the timeout): the write
-    raises, and its request stays queued with its notification, so the next notifying write gets its own ring
-    entry and the receiver never sees a message before the bytes it announces."""
-    from sagellm_comm.errors import CommTimeoutError, TransferError
-    from sagellm_comm.kernels import block_copy as bc
+def _undecided_copier_pair():
+    """Agents ``a`` -> ``b`` over ipc with the resident copier, ``a``'s 64 KB pool holding 1s then 2s in its first
+    two 4 KB blocks, and ``a``'s copier in a program's exit decision that does not end within its 0.05 s timeout:
+    ``(a, b, b's pool, the peer's name, the copier)``."""
     from sagellm_comm.transfer import TransferAgent
     from sagellm_comm.transfer import ipc_resident as ir
 
@@ -1227,10 +1225,22 @@ def _undecided_post_worker(rank, world_size, port):
     src[:4096], src[4096:8192] = 1, 2
     peer = a.add_peer(b.metadata())
     b.add_peer(a.metadata())
-    link = a._peers[peer].link
     copier = a._peers[peer].backend.copier
     copier.ints[ir.STATE] = ir.EXITING  # a program deciding whether to exit, and not deciding in time
     copier.timeout_s = 0.05
+    return a, b, dst, peer, copier
+
+
+def _undecided_post_worker(rank, world_size, port):
+    """A post the copier cannot decide on (its program stays in its exit decision past the timeout): the write
+    raises, and its request stays queued with its notification, so the next notifying write gets its own ring
+    entry and the receiver never sees a message before the bytes it announces."""
+    from sagellm_comm.errors import CommTimeoutError, TransferError
+    from sagellm_comm.kernels import block_copy as bc
+    from sagellm_comm.transfer import ipc_resident as ir
+
+    a, b, dst, peer, copier = _undecided_copier_pair()
+    link = a._peers[peer].link
     out = {}
     try:
         a.write(peer, "kv", "kv", [(0, 0, 4096)], notify=b"A")
@@ -1278,19 +1288,9 @@ def _undecided_then_launch_worker(rank, world_size, port, then):
     which waits for A too.  While the program stays undecided, the launch's wait ends at the copier's timeout and
     sends nothing."""
     from sagellm_comm.errors import CommTimeoutError, TransferError
-    from sagellm_comm.transfer import TransferAgent
     from sagellm_comm.transfer import ipc_resident as ir
 
-    options = {"ipc": {"resident": True, "resident_idle_us": 0}}
-    a, b = TransferAgent("a", "ipc", options=options), TransferAgent("b", "ipc", options=options)
-    src = a.allocate("kv", 1 << 16, torch.uint8)
-    dst = b.allocate("kv", 1 << 16, torch.uint8)
-    src[:4096], src[4096:8192] = 1, 2
-    peer = a.add_peer(b.metadata())
-    b.add_peer(a.metadata())
-    copier = a._peers[peer].backend.copier
-    copier.ints[ir.STATE] = ir.EXITING  # a program deciding whether to exit, and not deciding in time
-    copier.timeout_s = 0.05
+    a, b, dst, peer, copier = _undecided_copier_pair()
     out = {}
     try:
         a.write(peer, "kv", "kv", [(0, 0, 4096)], notify=b"A")
