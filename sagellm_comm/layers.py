@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagellm_comm import ops
-from sagellm_comm.arguments import check_device, check_flag, check_is_tensor
+from sagellm_comm.arguments import check_device, check_flag, check_is_tensor, is_int
 from sagellm_comm.errors import GroupInvalidError, InvalidArgumentError, ShapeMismatchError
 from sagellm_comm.group import current_default_group, resolve_group
 
@@ -42,9 +42,11 @@ PARAMS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
-    """``numerator // denominator``, raising :class:`InvalidArgumentError` unless it divides exactly."""
-    if isinstance(numerator, bool) or not isinstance(numerator, int) or numerator < 1:
+    """``numerator // denominator`` as a Python int, raising :class:`InvalidArgumentError` unless ``numerator`` is a
+    positive integer (Python's or NumPy's, not a bool) that it divides exactly."""
+    if not is_int(numerator) or numerator < 1:
         raise InvalidArgumentError(f"{what} must be a positive int, got {numerator!r}")
+    numerator = int(numerator)
     if numerator % denominator:
         raise InvalidArgumentError(
             f"{what}={numerator} is not divisible by the tensor-parallel size {denominator}; "

@@ -241,6 +241,21 @@ def test_parallel_linear_takes_its_documented_values(world):
     assert row.reduce_results is False and row.return_bias is True
 
 
+def test_parallel_linear_takes_numpy_integer_sizes(world):
+    # sizes read from a config with NumPy were refused as "must be a positive int, got np.int64(8)"
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    col = ColumnParallelLinear(np.int64(8), np.int32(4), params_dtype=torch.float32)
+    row = RowParallelLinear(np.int64(8), np.int64(4), params_dtype=torch.float32)
+    for layer in (col, row):
+        assert layer.weight.shape == (4, 8) and type(layer.input_size) is int and type(layer.output_size) is int
+    assert type(col.output_size_per_partition) is int and type(row.input_size_per_partition) is int
+    with pytest.raises(InvalidArgumentError, match="input_size must be a positive int"):
+        RowParallelLinear(np.int64(0), 4)
+    with pytest.raises(InvalidArgumentError, match="output_size must be a positive int"):
+        ColumnParallelLinear(8, np.bool_(True))
+
+
 # ============================================================================ the fused all-reduce + RMSNorm: eps
 BAD_EPS = [math.nan, math.inf, -1e-6, True, "1e-6", None]
 
