@@ -147,8 +147,9 @@ class CommGroup:
     def split(self, group_size: int) -> CommGroup:
         """Cut this group into consecutive blocks of ``group_size`` ranks (tensor-parallel groups)
         and return the block holding this rank. Collective: every rank of the world calls it."""
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        if not is_int(group_size) or group_size < 1:
             raise GroupInvalidError(f"group_size must be a positive int, got {group_size!r}")
+        group_size = int(group_size)  # NumPy's integers as Python's
         if self.world_size % group_size:
             raise GroupInvalidError(f"group of {self.world_size} ranks cannot be split into blocks of {group_size}")
         mine = None

@@ -380,6 +380,17 @@ def test_new_subgroup_refuses_what_is_not_a_list_of_ranks(world, ranks):
         world.new_subgroup(ranks)  # 1.0 and None raised a raw TypeError
 
 
+def test_split_takes_a_numpy_integer_group_size(world):
+    # refused as "group_size must be a positive int, got np.int64(1)", where new_subgroup takes NumPy ranks
+    from sagellm_comm.errors import GroupInvalidError
+
+    block = world.split(np.int64(1))
+    assert block.ranks == (0,) and block.rank == 0
+    for bad in (np.bool_(True), np.float64(1.0), 0):
+        with pytest.raises(GroupInvalidError, match="group_size must be a positive int"):
+            world.split(bad)
+
+
 @pytest.mark.parametrize("async_op", ["no", None, 0, 1])
 @pytest.mark.parametrize("op", ["all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"])
 def test_collectives_refuse_an_async_op_that_is_not_a_bool(world, op, async_op):
