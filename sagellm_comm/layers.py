@@ -181,19 +181,31 @@ class _ParallelLinearBase(nn.Module):
             )  # fmt: skip
         self._built_on = weakref.ref(group)
 
-    def _copy_shard(self, param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
+    @staticmethod
+    def _checked_shard(param: torch.Tensor, shard: torch.Tensor, what: str) -> torch.Tensor:
         if tuple(shard.shape) != tuple(param.shape):
             raise ShapeMismatchError(
                 f"{what} shard is {tuple(shard.shape)}, the layer holds {tuple(param.shape)}",
                 details={"shard": tuple(shard.shape), "param": tuple(param.shape)},
             )
+        return shard
+
+    @staticmethod
+    def _copy_shard(param: torch.Tensor, shard: torch.Tensor) -> None:
         with torch.no_grad():
             param.copy_(shard.to(dtype=param.dtype, device=param.device))
 
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        """vLLM-style loader: copy this rank's part of the full ``loaded_weight`` (``[output_size, input_size]``,
+        or the bias ``[output_size]``) into ``param`` (column-parallel: its rows, the output features, of both;
+        row-parallel: its columns, the input features, of the weight, and the bias whole)."""
+        self._copy_shard(param, self._shard(param, loaded_weight))
+
     def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
         """Load an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
-        (``[output_size]``) into this rank's parameters through :meth:`weight_loader` (column-parallel:
-        both sharded by output rows; row-parallel: weight sharded by input columns, bias whole)."""
+        (``[output_size]``) into this rank's parameters as :meth:`weight_loader` does (column-parallel:
+        both sharded by output rows; row-parallel: weight sharded by input columns, bias whole).  Both are checked
+        before either is copied: on an error the layer keeps the parameters it had."""
         self._check_loaded(full_weight, "full weight")
         if full_bias is not None:
             self._check_loaded(full_bias, "full bias")
@@ -201,11 +213,13 @@ class _ParallelLinearBase(nn.Module):
             raise ShapeMismatchError(
                 f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
             )
-        self.weight_loader(self.weight, full_weight)
+        shards = [(self.weight, self._shard(self.weight, full_weight))]
         if full_bias is not None:
             if self.bias is None:
                 raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
-            self.weight_loader(self.bias, full_bias)
+            shards.append((self.bias, self._shard(self.bias, full_bias)))
+        for param, shard in shards:
+            self._copy_shard(param, shard)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs):
@@ -276,9 +290,9 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.gather_output = check_flag(gather_output, "gather_output")
         self._make_params((self.output_size_per_partition, self.input_size), self.output_size_per_partition)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        """vLLM-style loader: copy this rank's rows (output features) of the full ``loaded_weight``
-        (``[output_size, input_size]``, or the bias ``[output_size]``) into ``param``."""
+    def _shard(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (output features) of the full ``loaded_weight`` (``[output_size, input_size]``, or
+        the bias ``[output_size]``), checked against ``param``."""
         self._check_loaded(loaded_weight, "loaded weight")
         if loaded_weight.shape[0] != self.output_size:
             raise ShapeMismatchError(
@@ -286,7 +300,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
                 details={"shape": tuple(loaded_weight.shape), "output_size": self.output_size},
             )
         shard = loaded_weight.narrow(0, self.tp_rank * self.output_size_per_partition, self.output_size_per_partition)
-        self._copy_shard(param, shard, "weight" if param is self.weight else "bias")
+        return self._checked_shard(param, shard, "weight" if param is self.weight else "bias")
 
     def forward(self, x: torch.Tensor):
         self._check_input(x, self.input_size)
@@ -369,19 +383,18 @@ class RowParallelLinear(_ParallelLinearBase):
             _fused_gemm_all_reduce()  # fail at construction, not in the first forward
         self._make_params((self.output_size, self.input_size_per_partition), self.output_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        """vLLM-style loader: the weight ``[output_size, input_size]`` gives this rank's columns; the
-        bias ``[output_size]`` is copied whole."""
+    def _shard(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> torch.Tensor:
+        """The weight ``[output_size, input_size]`` gives this rank's columns; the bias ``[output_size]`` is taken
+        whole; checked against ``param``."""
         self._check_loaded(loaded_weight, "loaded weight")
         if param is self.bias:
-            self._copy_shard(param, loaded_weight, "bias")
-            return
+            return self._checked_shard(param, loaded_weight, "bias")
         if loaded_weight.dim() != 2 or loaded_weight.shape[1] != self.input_size:
             raise ShapeMismatchError(
                 f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(loaded_weight.shape)}"
             )
         start = self.tp_rank * self.input_size_per_partition
-        self._copy_shard(param, loaded_weight.narrow(1, start, self.input_size_per_partition), "weight")
+        return self._checked_shard(param, loaded_weight.narrow(1, start, self.input_size_per_partition), "weight")
 
     def forward(self, x: torch.Tensor):
         if self.input_is_parallel:

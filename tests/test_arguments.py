@@ -256,6 +256,28 @@ def test_parallel_linear_takes_numpy_integer_sizes(world):
         ColumnParallelLinear(8, np.bool_(True))
 
 
+@pytest.mark.parametrize("layer", ["ColumnParallelLinear", "RowParallelLinear"])
+def test_load_weight_refused_for_its_bias_leaves_the_layer_as_it_was(world, layer):
+    # the weight was copied before the bias was looked at: an error left a new weight beside the old bias
+    from sagellm_comm import layers
+    from sagellm_comm.errors import ShapeMismatchError
+
+    with_bias = getattr(layers, layer)(8, 4, params_dtype=torch.float32)
+    no_bias = getattr(layers, layer)(8, 4, bias=False, params_dtype=torch.float32)
+    weight, bias = with_bias.weight.detach().clone(), with_bias.bias.detach().clone()
+    with pytest.raises(ShapeMismatchError):
+        with_bias.load_weight(torch.ones(4, 8), torch.ones(5))
+    assert torch.equal(with_bias.weight, weight) and torch.equal(with_bias.bias, bias)
+    before = no_bias.weight.detach().clone()
+    with pytest.raises(InvalidArgumentError, match="bias=False"):
+        no_bias.load_weight(torch.ones(4, 8), torch.ones(4))
+    assert torch.equal(no_bias.weight, before)
+    with_bias.load_weight(torch.ones(4, 8), torch.full((4,), 2.0))  # both, once both are right
+    assert torch.equal(with_bias.weight, torch.ones(4, 8)) and torch.equal(with_bias.bias, torch.full((4,), 2.0))
+    with_bias.weight_loader(with_bias.bias, torch.full((4,), 3.0))
+    assert torch.equal(with_bias.bias, torch.full((4,), 3.0))
+
+
 # ============================================================================ the fused all-reduce + RMSNorm: eps
 BAD_EPS = [math.nan, math.inf, -1e-6, True, "1e-6", None]
 
