@@ -118,7 +118,8 @@ def all_reduce_async(
         group: a :class:`CommGroup`, a name registered with :mod:`sagellm_comm.ops`, or None (the
             default group).
         op: the reduction.
-        stream: CUDA only: the side stream to run on (default :func:`comm_stream` of the device).
+        stream: CUDA only: the side stream to run on, on the tensor's device (default :func:`comm_stream` of the
+            device).
 
     Returns:
         An :class:`AsyncAllReduce`; call ``wait()`` before using ``tensor``.
@@ -131,6 +132,14 @@ def all_reduce_async(
             raise InvalidArgumentError(f"stream= is for CUDA tensors; this tensor is on {tensor.device}")
         work: Any = comm_group.all_reduce(tensor, reduce_op, async_op=True)
         return AsyncAllReduce(tensor, work=work)
+    if stream is not None and stream.device != tensor.device:
+        # The all-reduce would run on the streams of the tensor's device, which the fork (on the stream's device)
+        # does not order and the event does not follow: nothing overlapped, and is_completed() / synchronize()
+        # would not track the all-reduce.
+        raise InvalidArgumentError(
+            f"stream= is on {stream.device}, the tensor on {tensor.device}; pass a stream of {tensor.device} "
+            "(or none: comm_stream of the tensor's device)"
+        )
     side = stream if stream is not None else comm_stream(tensor.device)
     current = torch.cuda.current_stream(tensor.device)
     if side == current:

@@ -106,6 +106,33 @@ def test_async_wait_is_bounded_by_timeout(tmp_path) -> None:
     assert run_ranks(_timeout_worker, 2, str(tmp_path / "rank0-done"), timeout=60.0)[0] == "comm_timeout"
 
 
+class _ReportsCuda0(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0: what all_reduce_async checks before it touches a stream."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+
+def test_async_all_reduce_refuses_a_stream_of_another_device() -> None:
+    # The side stream forked from (and recorded its event on) its own device, while the all-reduce ran on the
+    # tensor's: nothing overlapped and synchronize() returned without waiting for the all-reduce.
+    from types import SimpleNamespace
+
+    import sagellm_comm
+    from sagellm_comm.overlap import all_reduce_async
+
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    try:
+        tensor = torch.ones(4).as_subclass(_ReportsCuda0)
+        assert tensor.device == torch.device("cuda", 0)
+        stream = SimpleNamespace(device=torch.device("cuda", 1))  # a stream made while cuda:1 was current
+        with pytest.raises(InvalidArgumentError, match=r"stream= is on cuda:1, the tensor on cuda:0"):
+            all_reduce_async(tensor, world, stream=stream)
+    finally:
+        sagellm_comm.destroy()
+
+
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
