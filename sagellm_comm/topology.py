@@ -109,7 +109,8 @@ class Topology:
     def from_dict(cls, data: dict[str, Any], source: str = "env") -> Topology:
         """Build from :meth:`to_dict`'s form, or the short one: ``{"num_gpus": 8, "link": "NV18"}``.
 
-        Full form keys: ``gpus`` (list of GPUInfo dicts or names), ``links`` (n x n labels),
+        Full form keys: ``gpus`` (list of GPUInfo dicts or names; a dict's fields of GPUInfo's types, each
+        ``index`` given once), ``links`` (n x n labels),
         ``peer_access`` (n x n bools or one bool), ``hostname``, ``ranks`` (distinct ints >= 0) and
         ``rank_hostnames`` (a host name per rank; without ``ranks``, of ranks 0, 1, ...).
         Unless given, peer access is assumed exactly where the link is NVLink.  A short-form key beside the full
@@ -143,6 +144,7 @@ class Topology:
                 gpus = [GPUInfo(index=i, name=str(data.get("gpu_name", "unknown"))) for i in range(data["num_gpus"])]
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"{ENV_VAR}: bad 'gpus'/'num_gpus' entry: {exc}") from exc
+        _check_gpus(gpus)
         n = len(gpus)
         links = data.get("links")
         if links is None:
@@ -321,6 +323,29 @@ def _check_matrix(matrix: Any, n: int, what: str, kind: type) -> None:
     ok = ok and all(isinstance(row, list) and len(row) == n and all(isinstance(x, kind) for x in row) for row in matrix)
     if not ok:
         raise InvalidArgumentError(f"{ENV_VAR}: '{what}' must be a {n}x{n} matrix of {kind.__name__}")
+
+
+def _check_gpus(gpus: list[GPUInfo]) -> None:
+    """Refuse a GPU of a description whose fields are not what :class:`GPUInfo` holds (``memory_bytes`` "80G" would
+    reach the benchmark's memory check as text, a numeric ``name`` the matrix's text), or an index given twice."""
+    bad = f"{ENV_VAR}: bad 'gpus'/'num_gpus' entry:"
+    seen: set[int] = set()
+    for position, gpu in enumerate(gpus):
+        where = f"gpus[{position}]"
+        if gpu.index.__class__ is not int or gpu.index < 0:
+            raise InvalidArgumentError(f"{bad} {where}.index must be an int >= 0, got {gpu.index!r}")
+        if gpu.index in seen:
+            raise InvalidArgumentError(f"{bad} {where}.index {gpu.index} is given to two GPUs")
+        seen.add(gpu.index)
+        if not isinstance(gpu.name, str):
+            raise InvalidArgumentError(f"{bad} {where}.name must be a string, got {gpu.name!r}")
+        for key in ("uuid", "pci_bus_id"):
+            value = getattr(gpu, key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgumentError(f"{bad} {where}.{key} must be a string or null, got {value!r}")
+        memory = gpu.memory_bytes
+        if memory is not None and (memory.__class__ is not int or memory < 1):
+            raise InvalidArgumentError(f"{bad} {where}.memory_bytes must be an int >= 1 or null, got {memory!r}")
 
 
 def _valid_label(label: str) -> bool:

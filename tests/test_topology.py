@@ -96,6 +96,13 @@ def test_env_override_file_with_mixed_links_and_hosts(tmp_path, monkeypatch: pyt
         (json.dumps({"ranks": [True], "rank_hostnames": ["a"]}), "'ranks' must be a list of distinct ints"),
         (json.dumps({"ranks": [-1], "rank_hostnames": ["a"]}), "'ranks' must be a list of distinct ints"),
         (json.dumps({"ranks": [0], "rank_hostnames": [None]}), "'rank_hostnames' must be a list of host names"),
+        # were taken, and failed later: a TypeError in the benchmark's memory check, in `sagellm-comm topo`'s matrix
+        (json.dumps({"gpus": [{"index": 0, "memory_bytes": "80G"}]}), "gpus[0].memory_bytes must be an int >= 1"),
+        (json.dumps({"gpus": [{"index": 0, "memory_bytes": 0}]}), "gpus[0].memory_bytes must be an int >= 1"),
+        (json.dumps({"gpus": [{"index": 0, "name": 5}]}), "gpus[0].name must be a string, got 5"),
+        (json.dumps({"gpus": [{"index": 0, "uuid": 7}]}), "gpus[0].uuid must be a string or null"),
+        (json.dumps({"gpus": [{"index": "0"}]}), "gpus[0].index must be an int >= 0, got '0'"),
+        (json.dumps({"gpus": [{"index": 0}, {"index": 0}]}), "gpus[1].index 0 is given to two GPUs"),
     ],
 )
 def test_bad_override_is_one_line_naming_variable_value_and_forms(
