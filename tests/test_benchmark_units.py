@@ -519,6 +519,17 @@ def test_table_header_names_the_commit_and_dirty_flag():
     assert "commit 0123456789ab (dirty unknown)" in report.format_table([], info)
 
 
+@pytest.mark.parametrize(("dirty", "label"), [(False, "0123456789ab,"), (True, "0123456789ab + dirty,"),
+                                              (None, "0123456789ab (dirty unknown),")])  # fmt: skip
+def test_the_transfer_table_names_the_commit_and_dirty_flag_as_the_bench_table_does(dirty, label):
+    """Without git (the commit from SAGELLM_COMMIT) the dirty flag is unknown, which is not clean."""
+    measured = {"points": [], "notify": {}, "failed": {}, "transports": {}}
+    run = {"device": "cpu", "device_name": "cpu", "backends": ["torch"], "prepared": False,
+           "commit": "0123456789abcdef0123", "dirty": dirty, "torch": "x", "warmup": 1, "iters": 1}  # fmt: skip
+    table = transfer_results.build_result(measured, run, False).table
+    assert f"# commit {label} torch x;" in table
+
+
 def test_time_graph_needs_a_cuda_device_and_a_positive_call_count():
     with pytest.raises(ValueError, match="calls must be >= 1"):
         timing.time_graph(lambda: None, device="cpu", calls=0, iters=1)

@@ -131,13 +131,14 @@ def _us(value: float | None) -> str:
 
 
 def format_table(result: TransferBenchResult) -> str:
+    from sagellm_comm.benchmark.provenance import commit_label
     from sagellm_comm.benchmark.report import format_gbps
 
     run = result.run
     lines = [
         f"# sagellm-comm transfer: 2 processes on {run['device']} ({run['device_name']}), backends "
         f"{', '.join(run['backends'])}{' (prepared block ids)' if run['prepared'] else ''}",
-        f"# commit {run['commit'][:12]}{' + dirty' if run.get('dirty') else ''}, torch {run['torch']}; "
+        f"# commit {commit_label(run['commit'], run.get('dirty'))}, torch {run['torch']}; "
         f"{run['warmup']} warm-up + {run['iters']} timed requests"
         f"{f' x {rounds} rounds (pooled)' if (rounds := run.get('rounds', 1)) > 1 else ''}, time = median, "
         "spread = p10-p90",
