@@ -373,6 +373,15 @@ def test_ratio_column():
     assert row.split()[-1] == "2.00"
 
 
+def test_a_first_algo_timed_at_zero_gives_no_ratio():
+    """A reference shorter than the timer resolves has no ratio to offer (as it has no bandwidth), not 0.00."""
+    records = [_record(1024, "a", 0.0), _record(1024, "b", 0.005)]
+    report.fill_ratios(records, "a")
+    assert [r.ratio_vs_first for r in records] == [None, None]
+    row = [line for line in report.format_table(records, _info(["a", "b"])).splitlines() if " b " in line][0]
+    assert row.split()[-1] == "-"
+
+
 def header_line(table):
     return [line for line in table.splitlines() if "#wrong" in line][0]
 

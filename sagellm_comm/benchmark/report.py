@@ -102,12 +102,13 @@ class RunInfo:
 def fill_ratios(records: Sequence[BenchmarkRecord], first_algo: str) -> None:
     """Set ``ratio_vs_first = time(first algo) / time(this algo)`` at each size (> 1: faster than first).
 
-    Records whose size has no point of the first algo get ``None``.
+    Records whose size has no point of the first algo, or whose time or the first algo's is not positive (shorter
+    than the timer resolves), get ``None``.
     """
     reference = {r.bytes: r.latency_ms for r in records if r.algo_requested == first_algo}
     for record in records:
         base = reference.get(record.bytes)
-        if base is None or record.latency_ms <= 0:
+        if base is None or not base > 0 or not record.latency_ms > 0:
             record.ratio_vs_first = None
         else:
             record.ratio_vs_first = base / record.latency_ms
