@@ -427,6 +427,25 @@ def test_write_results_refuses_nan(tmp_path):
         report.write_results([_record(1024, "gloo", math.nan)], _info(["gloo"]), tmp_path, "t")
 
 
+def test_results_that_cannot_be_written_after_the_run_still_print_the_table(tmp_path, monkeypatch, capsys):
+    """A full disk at the end of a sweep: the table is printed, then one typed error (exit 1), not a traceback that
+    loses the measurements."""
+    from sagellm_comm.benchmark import results
+    from sagellm_comm.benchmark.config import BenchConfig
+    from sagellm_comm.errors import UnavailableError
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "write_results", full_disk)
+    finished = results.BenchmarkResult(_info(["gloo"]), [_record(1024, "gloo", 0.01)])
+    config = BenchConfig(output_dir=str(tmp_path))
+    with pytest.raises(UnavailableError, match=f"--output-dir {tmp_path} could not be written .No space left"):
+        results.finish(finished, config, print_table=True)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert rows and rows[0][:2] == ["1024", "256"]
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]
