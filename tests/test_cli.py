@@ -302,6 +302,20 @@ if not HAS_CUDA:
     ]
 
 
+def test_overlap_virtual_ranks_refuse_a_dtype_the_kernels_do_not_run_before_anything_starts(capsys, monkeypatch):
+    """float64 passed the plan and failed at the first all-reduce, after the GPU's ranks were set up and the GEMM
+    loop calibrated; ``bench --virtual-ranks`` refuses it before anything starts, and so does ``overlap`` now."""
+    from sagellm_comm.benchmark import overlap_plan
+
+    _no_process_may_start(monkeypatch)
+    monkeypatch.setattr(overlap_plan, "cuda_available", lambda: True)  # the check comes before any GPU is used
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["overlap", "--virtual-ranks", "2", "--dtype", "float64", "--no-save"])
+    assert excinfo.value.code == 2
+    line = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm overlap")
+    assert "the custom all-reduce runs float32, float16 and bfloat16, not float64" in line
+
+
 @pytest.mark.parametrize(("options", "message"), OVERLAP_BAD_OPTIONS, ids=[" ".join(o) for o, _ in OVERLAP_BAD_OPTIONS])
 def test_overlap_refusals_are_one_line_before_any_process_starts(options, message, capsys, monkeypatch, tmp_path):
     _no_process_may_start(monkeypatch)

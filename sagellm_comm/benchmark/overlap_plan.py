@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sagellm_comm.arguments import check_int
+from sagellm_comm.benchmark.config import VIRTUAL_DTYPES
 from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.overlap_results import CPU_DEFAULTS, GPU_DEFAULTS, OverlapConfig
 from sagellm_comm.benchmark.plan import (
@@ -93,6 +94,8 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
         if config.backend not in ("auto", "custom"):
             raise InvalidArgumentError(f"--virtual-ranks runs the custom kernels; --backend {config.backend} cannot")
         sizes, dtype = resolve_payload(config, True)
+        if dtype not in VIRTUAL_DTYPES:  # as sagellm-comm bench --virtual-ranks: refused here, not by the first call
+            raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         check_fits_memory(sizes, config.virtual_ranks, True)
         return OverlapPlan("virtual", config.virtual_ranks, "custom", sizes, dtype, True)
 
