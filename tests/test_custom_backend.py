@@ -311,7 +311,7 @@ def test_ranks_deciding_by_other_policies_are_refused_at_set_up(tmp_path):
     for seen in run_ranks(_policy_agreement_worker, 2, str(same), env=INTERP, timeout=300):
         for case, label, source in (
             ("fusion_policy", "the fusion policy (fusion_policy=)", "in code"),
-            ("selector", "the all-reduce policy (selector=)", "default"),
+            ("selector", "the all-reduce policy (selector=)", "rules given in code"),
         ):
             message, policies = seen[case]
             assert list(policies) == [case], policies
