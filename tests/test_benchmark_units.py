@@ -446,6 +446,35 @@ def test_results_that_cannot_be_written_after_the_run_still_print_the_table(tmp_
     assert rows and rows[0][:2] == ["1024", "256"]
 
 
+@pytest.mark.parametrize("command", ["overlap", "transfer"])
+def test_overlap_and_transfer_results_that_cannot_be_written_still_print_the_table(
+    tmp_path, monkeypatch, capsys, command
+):
+    """As for bench: the table is printed without the paths of files that were not written, then one typed error
+    names what was not written."""
+    from sagellm_comm.benchmark import run_overlap_bench, run_transfer_bench
+    from sagellm_comm.benchmark.transfer_config import TransferBenchConfig
+    from sagellm_comm.errors import UnavailableError
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    if command == "overlap":
+        monkeypatch.setattr(run_overlap_bench, "write_overlap_results", full_disk)
+        finish = run_overlap_bench.finish_overlap
+        result, config = _overlap_result(), overlap_results.OverlapConfig(output_dir=str(tmp_path))
+        where = f"--output-dir {tmp_path}"
+    else:
+        monkeypatch.setattr(transfer_results, "write_files", full_disk)
+        finish = run_transfer_bench.finish_transfer
+        result, config = _transfer_result(), TransferBenchConfig(out=str(tmp_path / "t"))
+        where = f"--out {tmp_path / 't'}"
+    with pytest.raises(UnavailableError, match=f"the results in {where} could not be written .No space left"):
+        finish(result, config, print_table=True)
+    printed = capsys.readouterr().out
+    assert result.table.splitlines()[-1] in printed and str(tmp_path) not in printed, printed
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]

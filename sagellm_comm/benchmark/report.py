@@ -12,11 +12,11 @@ import csv
 import datetime as _dt
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 from sagellm_comm.files import write_file, write_text
 
 
@@ -335,3 +335,25 @@ def print_report(table: str, *paths: Path | None) -> None:
     if written:
         print("# wrote " + ", ".join(written))
     sys.stdout.flush()
+
+
+def write_after_run(
+    steps: Sequence[tuple[str, Callable[[], object]]], show_table: Callable[[int], None] | None
+) -> None:
+    """Run a finished run's ``steps``, ``(what it writes, write)`` in order (its files, then its plot).  A file a
+    step cannot write (``OSError``: a full disk, a directory made read-only during the run) is an
+    :class:`~sagellm_comm.errors.UnavailableError` naming that step's ``what``, raised once ``show_table(done)``
+    (where given; ``done``: how many steps completed) printed the table: the measurements are not lost with their
+    files."""
+    done = 0
+    try:
+        for _, write in steps:
+            write()
+            done += 1
+    except OSError as exc:
+        if show_table is not None:
+            show_table(done)
+        shown = "; the table above holds the measurements" if show_table is not None else ""
+        raise UnavailableError(
+            f"the run finished but {steps[done][0]} could not be written ({exc.strerror or exc}){shown}"
+        ) from exc

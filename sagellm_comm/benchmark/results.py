@@ -22,9 +22,9 @@ from sagellm_comm.benchmark.report import (
     format_table,
     plot_results,
     print_report,
+    write_after_run,
     write_results,
 )
-from sagellm_comm.errors import UnavailableError
 
 REDOPS = {"all_reduce": "sum", "reduce_scatter": "sum", "all_gather": "none", "broadcast": "none"}
 
@@ -171,23 +171,21 @@ def finish(result: BenchmarkResult, config: BenchConfig, *, print_table: bool) -
     A file that cannot be written after the run (a full disk, a directory made read-only during the run) is an
     :class:`~sagellm_comm.errors.UnavailableError`, raised once the table is printed: the measurements are not lost.
     """
-    try:
-        if config.output_dir is not None:
-            file_stamp = _dt.datetime.fromisoformat(result.info.timestamp).strftime("%Y%m%d-%H%M%S")
-            result.json_path, result.csv_path = write_results(
-                result.records, result.info, config.output_dir, file_stamp
-            )
-        if config.plot is not None and result.records:  # no point ran (each failed or was skipped): nothing to draw
-            result.plot_path = plot_results(result.records, result.info, config.plot)
-    except OSError as exc:
-        files_written = result.json_path is not None or config.output_dir is None
-        what = f"--plot {config.plot}" if files_written else f"the results in --output-dir {config.output_dir}"
-        if print_table:
-            print_report(result.table, result.json_path, result.csv_path)
-        shown = "; the table above holds the measurements" if print_table else ""
-        raise UnavailableError(
-            f"the run finished but {what} could not be written ({exc.strerror or exc}){shown}"
-        ) from exc
+
+    def write_files() -> None:
+        file_stamp = _dt.datetime.fromisoformat(result.info.timestamp).strftime("%Y%m%d-%H%M%S")
+        result.json_path, result.csv_path = write_results(result.records, result.info, config.output_dir, file_stamp)
+
+    def write_plot() -> None:
+        result.plot_path = plot_results(result.records, result.info, config.plot)
+
+    steps = []
+    if config.output_dir is not None:
+        steps.append((f"the results in --output-dir {config.output_dir}", write_files))
+    if config.plot is not None and result.records:  # no point ran (each failed or was skipped): nothing to draw
+        steps.append((f"--plot {config.plot}", write_plot))
+    table = (lambda done: print_report(result.table, result.json_path, result.csv_path)) if print_table else None
+    write_after_run(steps, table)
     if print_table:
         print_report(result.table, result.json_path, result.csv_path, result.plot_path)
         if config.plot is not None and result.plot_path is None:

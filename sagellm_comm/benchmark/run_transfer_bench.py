@@ -117,11 +117,10 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
 def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = False):
     """Plan (refusing bad requests), spawn the two processes, build, write and print the result."""
     from sagellm_comm.benchmark.provenance import provenance
-    from sagellm_comm.benchmark.report import print_report
     from sagellm_comm.benchmark.results import device_name
     from sagellm_comm.benchmark.spawn import spawn_ranks
     from sagellm_comm.benchmark.transfer_measure import transfer_rank
-    from sagellm_comm.benchmark.transfer_results import build_result, plot, write_files
+    from sagellm_comm.benchmark.transfer_results import build_result
 
     plan = plan_transfer(config)
     measured = spawn_ranks(transfer_rank, (config, plan), 2, what="transfer benchmark")
@@ -146,11 +145,31 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "skipped": list(plan.skipped),
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
     }
-    result = build_result(measured, run, config.prepared)
-    if config.output_dir is not None or config.out is not None:
-        write_files(result, config.output_dir, config.out)
-    if config.plot is not None:
+    return finish_transfer(build_result(measured, run, config.prepared), config, print_table=print_table)
+
+
+def finish_transfer(result, config: TransferBenchConfig, *, print_table: bool):
+    """The JSON/CSV files and the plot (as configured), then the table on stdout (first, where a file cannot be
+    written: :func:`~sagellm_comm.benchmark.report.write_after_run`)."""
+    from sagellm_comm.benchmark.report import print_report, write_after_run
+    from sagellm_comm.benchmark.transfer_results import plot, write_files
+
+    saving = config.output_dir is not None or config.out is not None
+
+    def write_plot() -> None:
         result.plot_path = plot(result, config.plot)
+
+    steps = []
+    if saving:
+        where = f"--out {config.out}" if config.out is not None else f"--output-dir {config.output_dir}"
+        steps.append((f"the results in {where}", lambda: write_files(result, config.output_dir, config.out)))
+    if config.plot is not None:
+        steps.append((f"--plot {config.plot}", write_plot))
+
+    def table(done: int) -> None:  # the files' paths only where they were written
+        print_report(result.table, *((result.json_path, result.csv_path) if done and saving else ()))
+
+    write_after_run(steps, table if print_table else None)
     if print_table:
         print_report(result.table, result.json_path, result.csv_path, result.plot_path)
     return result
