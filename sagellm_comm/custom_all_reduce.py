@@ -466,7 +466,7 @@ class CustomAllReduce:
         if not tensor.is_contiguous():
             raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
         if self.wrong_device(tensor):
-            raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
+            raise self.device_error(tensor)
         numel = tensor.numel()
         if out is None:
             out = tensor
@@ -533,7 +533,7 @@ class CustomAllReduce:
                 f"{tensor.stride()}; call .contiguous()"
             )
         if self.wrong_device(tensor):
-            raise InvalidArgumentError(f"tensor is on {tensor.device}, this rank's workspace is on {self.device}")
+            raise self.device_error(tensor)
         numel = tensor.numel()
         if out is None:
             out = tensor
@@ -601,6 +601,14 @@ class CustomAllReduce:
         if self.use_ptx:
             return not tensor.is_cuda or tensor.get_device() != self.device_index
         return tensor.device.type != "cpu"
+
+    def device_error(self, tensor: torch.Tensor, what: str = "") -> InvalidArgumentError:
+        """The error for a ``tensor`` that :meth:`wrong_device` refuses; ``what`` prefixes the message (the
+        operation, where it is not this object's own call)."""
+        return InvalidArgumentError(
+            f"{what}tensor is on {tensor.device}, this rank's workspace is on {self.device}",
+            details={"device": str(tensor.device), "workspace_device": str(self.device)},
+        )
 
     def resolve_algo(self, algo: str, numel: int, nbytes: int) -> str:
         """The algorithm that will run: ``auto`` resolved by the policy, capacities enforced.

@@ -190,9 +190,4 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
 def _refusal(car, tensor: torch.Tensor) -> InvalidArgumentError | None:
     """The error the stages would raise for this rank's ``tensor`` (its device: dtype, layout and size were
     checked when the path was chosen), or None."""
-    if car.wrong_device(tensor):
-        return InvalidArgumentError(
-            f"hierarchical all-reduce: tensor is on {tensor.device}, this rank's workspace is on {car.device}",
-            details={"device": str(tensor.device), "workspace_device": str(car.device)},
-        )
-    return None
+    return car.device_error(tensor, "hierarchical all-reduce: ") if car.wrong_device(tensor) else None
