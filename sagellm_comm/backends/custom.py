@@ -76,6 +76,18 @@ RESET_REASON = (
 DESTROY_REASON = "its backend was destroyed; create and init a new backend"
 
 
+def _policy(value: Any, kind: type, refusal: str) -> Any:
+    """A ``selector=`` / ``fusion_policy=`` argument as a policy of ``kind``: itself, one read from a file
+    (``kind.from_file``), or the default rules for None; anything else ``InvalidArgumentError`` (``refusal``)."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return kind.from_file(value)
+    raise InvalidArgumentError(f"{refusal}, got {value!r}")
+
+
 def custom_available() -> bool:
     """The custom kernels can run here: CUDA with CuPy, or the CPU under the Triton interpreter."""
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
@@ -174,24 +186,19 @@ class CustomBackend(TorchDistributedBackend):
         if engine == "gloo" and has_cuda and device is None:
             device = torch.device("cuda", torch.cuda.current_device())
         kernel_timeout = check_timeout(kernel_timeout, "kernel_timeout")
-        if not (selector is None or isinstance(selector, AlgoSelector | str | os.PathLike)):
-            raise InvalidArgumentError(f"selector must be an AlgoSelector, a policy file or None, got {selector!r}")
-        if not (fusion_policy is None or isinstance(fusion_policy, FusionPolicy | str | os.PathLike)):
-            raise InvalidArgumentError(
-                f"fusion_policy must be a FusionPolicy, a policy file, a bench/fp8_fused_bench.py record or None, "
-                f"got {fusion_policy!r}"
-            )
+        selector = _policy(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
+        fusion_policy = _policy(
+            fusion_policy,
+            FusionPolicy,
+            "fusion_policy must be a FusionPolicy, a policy file, a bench/fp8_fused_bench.py record or None",
+        )
         if not (config is None or isinstance(config, CommConfig)):
             raise InvalidArgumentError(
                 f"config must be a CommConfig (CommConfig.from_env(), .replace(...)) or None, got {config!r}"
             )
         super().__init__(engine, device=device)
-        if isinstance(selector, str | os.PathLike):
-            selector = AlgoSelector.from_file(selector)
-        self.selector = selector or AlgoSelector()
-        if isinstance(fusion_policy, str | os.PathLike):
-            fusion_policy = FusionPolicy.from_file(fusion_policy)
-        self._fusion_policy = fusion_policy or FusionPolicy()
+        self.selector = selector
+        self._fusion_policy = fusion_policy
         config = CommConfig.from_env() if config is None else config
         if max_bytes is not None:
             config = config.replace(custom_max_bytes=max_bytes)
