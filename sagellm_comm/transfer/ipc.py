@@ -513,8 +513,25 @@ class IpcBackend(TransferBackend):
 
     def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
-        remote_address = link.addresses[remote.name] + remote_offset
-        return self._one(link, op, local.ptr + local_offset, remote_address, nbytes, notify)
+        """One block, once the peer is known alive (its last check is read in line: most posts trust it): the
+        resident copier's test of :meth:`_one_block` and :meth:`_quiet`, written in line (the common request: each
+        call layer costs the host a fraction of a microsecond), else :meth:`_launch_one`."""
+        if time.monotonic() >= link.alive_until:
+            self._check_alive(link)
+        if op == "write":
+            src, dst = local.ptr + local_offset, link.addresses[remote.name] + remote_offset
+        else:
+            src, dst = link.addresses[remote.name] + remote_offset, local.ptr + local_offset
+        copier = self.copier
+        if nbytes <= RESIDENT_MAX_BYTES and copier is not None:
+            query = self.stream_query
+            if (self.launches <= self.completed or self.finished(self.launches)) and (
+                query is None or query(_current_raw_stream(self.index)) == 0
+            ):
+                request = self._resident(copier, link, src, dst, nbytes, notify)
+                if request is not None:
+                    return request
+        return self._launch_one(link, src, dst, nbytes, notify)
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -534,27 +551,16 @@ class IpcBackend(TransferBackend):
         return self._table_launch(link, src, dst, np.ascontiguousarray(rows), notify, block_bytes, block_bytes)
 
     def post_one_id(self, prepared: Prepared, op: str, local_block: int, remote_block: int, notify) -> IpcRequest:
-        link = prepared.link
         block_bytes = prepared.layout.block_bytes
-        local = prepared.local.ptr + local_block * block_bytes
-        remote = link.addresses[prepared.remote.name] + remote_block * block_bytes
-        return self._one(link, op, local, remote, block_bytes, notify)
-
-    def _one(self, link, op: str, local: int, remote: int, nbytes: int, notify) -> IpcRequest:
-        """``op`` of one block between addresses ``local`` and ``remote`` (:meth:`_one_block` in its direction),
-        once the peer is known alive (its last check is read in line: most posts trust it)."""
-        if time.monotonic() >= link.alive_until:
-            self._check_alive(link)
-        if op == "write":
-            return self._one_block(link, local, remote, nbytes, notify)
-        return self._one_block(link, remote, local, nbytes, notify)
+        return self.post_one(prepared.link, op, prepared.local, prepared.remote, local_block * block_bytes,
+                             remote_block * block_bytes, block_bytes, notify)  # fmt: skip
 
     @staticmethod
     def _check_alive(link: IpcLink) -> None:
         """Refuse a post to a peer that exited (its inbox lock is free).  A check that found it alive is trusted
         for ``ALIVE_REUSE_S`` (one system call saved per post in a burst): a peer that dies after a check, then
         or a moment later, is reported by the request's handle (``PeerLostError``), as it always could be.
-        (:meth:`_one` tests ``alive_until`` before calling.)"""
+        (:meth:`post_one` tests ``alive_until`` before calling.)"""
         now = time.monotonic()
         if now < link.alive_until:
             return
@@ -576,6 +582,10 @@ class IpcBackend(TransferBackend):
             request = self._resident(copier, link, src, dst, nbytes, notify)
             if request is not None:
                 return request
+        return self._launch_one(link, src, dst, nbytes, notify)
+
+    def _launch_one(self, link, src: int, dst: int, nbytes: int, notify) -> IpcRequest:
+        """:meth:`_one_block` by a launch (or the copy engine), the resident copier not taking it."""
         self._fork(link)
         if nbytes >= COPY_ENGINE_BYTES:
             self._enqueue(link, notify, False, self.memory.copy_async, dst, src, nbytes, self.raw_stream)

@@ -22,7 +22,7 @@ import torch
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, TransferError
 from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher
-from sagellm_comm.transfer.notify import ORDERED, fence
+from sagellm_comm.transfer.notify import FENCE_ACQUIRE, FENCE_RELEASE, ORDERED, fence
 
 STATE, STOP, DONE, RING = _bc.SERVER_STATE.value, _bc.SERVER_STOP.value, _bc.SERVER_DONE.value, _bc.SERVER_RING.value
 ENTRIES, ENTRY_WORDS = _bc.SERVER_ENTRIES.value, _bc.SERVER_ENTRY_WORDS.value
@@ -109,7 +109,8 @@ class ResidentCopier:
             fence()  # the fields before the number
         ints[at] = seq
         self.posted = seq
-        fence()  # the number before reading the state (the program does the mirror image)
+        FENCE_ACQUIRE()  # fence() in line: the number before reading the state (the program does the mirror image)
+        FENCE_RELEASE()
         state = ints[STATE]
         if state == EXITING:
             deadline = time.monotonic() + self.timeout_s

@@ -86,6 +86,8 @@ TOKEN, CONSUMED, RELEASED, PRODUCED_FINAL, NAME_LEN, PATH_LEN, CLAIM_NUMBER = ra
 NAME_AT, PATH_AT, MAX_NAME, MAX_PATH = 64, 512, 256, 1024
 
 _FENCE = threading.Lock()
+# fence() as its two calls, for a caller that writes them in line (a Python call layer less on a hot path).
+FENCE_ACQUIRE, FENCE_RELEASE = _FENCE.acquire, _FENCE.release
 # The CPU keeps loads in order with loads and stores with stores (x86-64's total store order): a fence is
 # needed only between a store and a later load.
 ORDERED = platform.machine().lower() in ("x86_64", "amd64", "x64")
@@ -421,4 +423,15 @@ class Outbox:
         self._mapped.close()
 
 
-__all__ = ["Inbox", "Outbox", "claim_path", "fence", "ENTRIES", "SLOTS", "RECORD_BYTES", "FILE_BYTES"]
+__all__ = [
+    "Inbox",
+    "Outbox",
+    "claim_path",
+    "fence",
+    "FENCE_ACQUIRE",
+    "FENCE_RELEASE",
+    "ENTRIES",
+    "SLOTS",
+    "RECORD_BYTES",
+    "FILE_BYTES",
+]
