@@ -632,6 +632,20 @@ class TransferAgent:
         is raised by this call when it has nothing else to return, else by the next call, before that call reads
         anything (so nothing is taken from a ring and held).  A transport that fails on every read makes calls
         alternate between the others' notifications and its error; none is lost or kept past the next call."""
+        # The common poll (one transport, nothing held back, the thread on the agent's device) with the agent's
+        # lock taken in line: engines call this in a loop, and :class:`_AgentCall` costs a call layer each way.
+        lock = self.lock
+        lock.acquire()
+        try:
+            index = self._call.device_index
+            if (
+                len(self._drains) == 1
+                and not (self._closed or self._aborts or self._undelivered or self._drain_error is not None)
+                and (index is None or _current_device() == index)
+            ):
+                return self._drains[0][1]()
+        finally:
+            lock.release()
         with self._call:
             if self._closed:
                 self._check_open()
