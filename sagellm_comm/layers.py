@@ -72,8 +72,8 @@ class _ParallelLinearBase(nn.Module):
         return_bias: bool,
     ):
         super().__init__()
-        self.group_name = ops.group_name(group)
-        comm_group = resolve_group(self.group_name, member=True)
+        # Resolved and checked here; its name is registered last (_register_group), once nothing can fail.
+        comm_group = resolve_group(group, member=True)
         self.tp_size = comm_group.world_size
         self.tp_rank = comm_group.rank
         self._built_on = weakref.ref(comm_group)  # _check_group: the group the shards were cut for
@@ -97,6 +97,12 @@ class _ParallelLinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    def _register_group(self, group: CommGroup | str | None) -> None:
+        """Set ``group_name``, registering a :class:`CommGroup` under a generated name if it has none.  The last
+        step of a constructor, once everything else was checked and built: a construction that raises leaves
+        nothing registered."""
+        self.group_name = ops.group_name(group)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation of the local shard (use :meth:`load_weight` for real weights)."""
@@ -289,6 +295,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.output_size_per_partition = divide(output_size, self.tp_size, "output_size")
         self.gather_output = check_flag(gather_output, "gather_output")
         self._make_params((self.output_size_per_partition, self.input_size), self.output_size_per_partition)
+        self._register_group(group)
 
     def _shard(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> torch.Tensor:
         """This rank's rows (output features) of the full ``loaded_weight`` (``[output_size, input_size]``, or
@@ -382,6 +389,7 @@ class RowParallelLinear(_ParallelLinearBase):
         if self.use_fused_gemm:
             _fused_gemm_all_reduce()  # fail at construction, not in the first forward
         self._make_params((self.output_size, self.input_size_per_partition), self.output_size)
+        self._register_group(group)
 
     def _shard(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> torch.Tensor:
         """The weight ``[output_size, input_size]`` gives this rank's columns; the bias ``[output_size]`` is taken

@@ -245,6 +245,33 @@ def check_bad_input(rank: int, world) -> None:
         raises(BackendNotSupportedError, lambda: RowParallelLinear(8, 4, group=world, use_fused_gemm=True), "fused")
 
 
+def check_failed_construction_registers_nothing(rank: int, world) -> None:
+    """A constructor that raises leaves no generated group name behind (a non-member, a size the group does not
+    divide, a bad argument); one that succeeds registers its group once."""
+    from sagellm_comm import ops
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    only_rank0 = world.new_subgroup([0])  # collective: every rank makes it
+    pair = world.new_subgroup([0, 1])
+    before = ops.list_groups()
+    if rank == 1:
+        with pytest.raises(InvalidArgumentError, match="not a member"):
+            ColumnParallelLinear(8, 4, group=only_rank0)
+    with pytest.raises(InvalidArgumentError, match="output_size=7 is not divisible"):
+        ColumnParallelLinear(8, 7, group=pair)
+    with pytest.raises(InvalidArgumentError, match="input_size=7 is not divisible"):
+        RowParallelLinear(7, 8, group=pair)
+    with pytest.raises(InvalidArgumentError, match="skip_bias_add"):
+        RowParallelLinear(8, 8, reduce_results=False, group=pair)
+    with pytest.raises(InvalidArgumentError, match="params_dtype"):
+        ColumnParallelLinear(8, 4, params_dtype=torch.int32, group=pair)
+    assert ops.list_groups() == before
+    layer = ColumnParallelLinear(8, 4, group=pair)
+    assert ops.list_groups() == {**before, layer.group_name: pair}
+    ops.unregister_group(layer.group_name)
+
+
 def check_functional_ops(rank: int, world) -> None:
     from sagellm_comm import ops
 
