@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .arguments import check_is_tensor, share_bytes
+from .arguments import check_int, check_is_tensor, share_bytes
 from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
@@ -53,7 +53,19 @@ def staged_bytes(op: str, numel: int, world_size: int, itemsize: int) -> int:
 
 
 def max_numel(op: str, world_size: int, slot_bytes: int, itemsize: int) -> int:
-    """The largest per-rank block (all-gather input) or chunk (reduce-scatter output) that fits ``slot_bytes``."""
+    """The largest per-rank block (all-gather input) or chunk (reduce-scatter output) that fits ``slot_bytes``.
+
+    Raises :class:`InvalidArgumentError` for a ``world_size`` or ``itemsize`` below 1, a negative ``slot_bytes``,
+    and a reduce-scatter of one rank, which stages nothing (every size fits: there is no largest)."""
+    world_size = check_int(world_size, "world_size", low=1)
+    slot_bytes = check_int(slot_bytes, "slot_bytes", low=0)
+    itemsize = check_int(itemsize, "itemsize", low=1)
+    if op == "reduce_scatter" and world_size == 1:
+        raise InvalidArgumentError(
+            "reduce_scatter of world_size=1 stages nothing in the workspace, so every chunk size fits and there is "
+            "no largest; check the world size before asking for a capacity",
+            details={"op": op, "world_size": world_size},
+        )
     if op == "all_gather":
         return slot_bytes // itemsize
     if op == "reduce_scatter":

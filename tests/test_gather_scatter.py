@@ -280,3 +280,20 @@ def test_capacity_helpers_agree_with_the_staged_bytes():
                 most = max_numel(op, world_size, SLOT_BYTES, itemsize)
                 assert staged_bytes(op, most, world_size, itemsize) <= SLOT_BYTES
                 assert staged_bytes(op, most + 1, world_size, itemsize) > SLOT_BYTES
+
+
+def test_capacity_of_a_reduce_scatter_of_one_rank_is_a_typed_error():
+    """One rank stages nothing for a reduce-scatter (every size fits): no largest size, a typed error saying so,
+    not a division by zero; arguments below their minimum are refused by name."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.gather_scatter import max_numel, staged_bytes
+
+    assert staged_bytes("reduce_scatter", 1 << 30, 1, 4) == 0
+    with pytest.raises(InvalidArgumentError, match="world_size=1 stages nothing"):
+        max_numel("reduce_scatter", 1, SLOT_BYTES, 4)
+    assert max_numel("all_gather", 1, SLOT_BYTES, 4) == SLOT_BYTES // 4
+    for op in ("all_gather", "reduce_scatter"):
+        with pytest.raises(InvalidArgumentError, match="itemsize must be >= 1, got 0"):
+            max_numel(op, 2, SLOT_BYTES, 0)
+        with pytest.raises(InvalidArgumentError, match="world_size must be >= 1, got 0"):
+            max_numel(op, 0, SLOT_BYTES, 4)
