@@ -87,8 +87,20 @@ class CommGroup:
     ) -> CommGroup:
         """Initialise ``backend`` (a kind, ``"auto"``, or an uninitialised instance) and return the
         world group; :meth:`destroy` then releases the backend too. Blocking rendezvous, bounded by
-        ``timeout`` seconds; omitted arguments come from torchrun's environment."""
-        engine = backend if isinstance(backend, CommBackend) else get_comm_backend(backend, **kwargs)
+        ``timeout`` seconds; omitted arguments come from torchrun's environment.  ``kwargs`` are the backend's
+        constructor options, for a kind; an instance was constructed already, and options given with one raise
+        :class:`InvalidArgumentError` naming them."""
+        if isinstance(backend, CommBackend):
+            if kwargs:
+                raise InvalidArgumentError(
+                    f"backend options {sorted(kwargs)} were given with a {backend.name!r} backend instance, which "
+                    "was constructed already; pass them to CommBackend.create(...) or pass the backend's kind "
+                    "as a string",
+                    details={"ignored": sorted(kwargs), "backend": backend.name},
+                )
+            engine = backend
+        else:
+            engine = get_comm_backend(backend, **kwargs)
         engine.init(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port, timeout=timeout)
         return cls(engine, None, owns_backend=True)
 

@@ -107,6 +107,21 @@ def test_comm_group_create_single_rank_context_manager() -> None:
     assert not group.backend.is_initialized
 
 
+def test_comm_group_create_refuses_options_given_with_a_backend_instance() -> None:
+    """Constructor options go to a backend made from a kind; with an instance (already constructed) they would be
+    dropped, so they are refused by name, before any rendezvous."""
+    instance = sagellm_comm.CommBackend.create("gloo")
+    with pytest.raises(InvalidArgumentError, match=r"options \['device'\] were given with a 'gloo' backend") as err:
+        CommGroup.create(world_size=1, rank=0, backend=instance, device="cpu")
+    assert err.value.details == {"ignored": ["device"], "backend": "gloo"}
+    assert not instance.is_initialized
+    with pytest.raises(InvalidArgumentError, match=r"options \['device'\]"):
+        sagellm_comm.init(rank=0, world_size=1, backend=instance, device="cpu")
+    assert not instance.is_initialized
+    with CommGroup.create(world_size=1, rank=0, backend=instance) as group:  # without options: the instance
+        assert group.backend is instance
+
+
 def _groups_made_in_different_orders(rank: int, world_size: int, port: int) -> list:
     world = sagellm_comm.init(backend="gloo", timeout=60)
     try:
