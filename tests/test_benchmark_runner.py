@@ -189,6 +189,7 @@ def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypa
             (["1K", 1024], "message size 1024 B is given twice"),
             ([6], "not a whole number"),
             ([1024.7], r"message size must be an int, got 1024\.7"),  # not rounded to 1024
+            ([], "the message size list is empty"),  # was taken for the default sizes
         ):
             with pytest.raises(InvalidArgumentError, match=words):
                 run_all_reduce_benchmark(backend=backend, message_sizes=sizes, output_dir=str(tmp_path))
@@ -199,6 +200,17 @@ def test_run_all_reduce_benchmark_with_an_initialised_backend(tmp_path, monkeypa
     assert all(r.world_size == 1 and r.bus_bandwidth_gbps == 0.0 and r.num_wrong == 0 for r in result.records)
     assert result.json_path.name.startswith("all_reduce_ws1_") and result.json_path.exists()
     assert result.info.launch_mode == "in_process"
+
+
+def test_an_empty_size_list_is_refused_on_the_launch_paths(monkeypatch):
+    """message_sizes=[] from Python ran the default sizes; None asks for them."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(InvalidArgumentError, match="the message size list is empty"):
+        run_all_reduce_benchmark(backend="gloo", message_sizes=[], output_dir=None, world_size=2)
+    with pytest.raises(InvalidArgumentError, match="the message size list is empty"):
+        plan_launch(BenchConfig(backend="gloo", sizes=[], output_dir=None))
+    assert plan_launch(BenchConfig(backend="gloo", sizes=None, output_dir=None)).sizes[0] == 1024
 
 
 class _FailingBackend:

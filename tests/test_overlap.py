@@ -189,6 +189,7 @@ def test_overlap_benchmark_end_to_end_on_gloo(tmp_path) -> None:
     [
         ({"comm_sizes": [1024.5]}, r"message size must be an int, got 1024\.5"),
         ({"comm_sizes": [0]}, "message size must be >= 1, got 0"),
+        ({"comm_sizes": []}, "the message size list is empty"),  # was taken for the default sizes
         ({"gemm_size": 2.5}, r"--gemm-size must be an int, got 2\.5"),
         ({"world_size": 1.5}, r"--world-size must be an int, got 1\.5"),
         ({"benchmark_iters": 2.5}, r"--iters must be an int, got 2\.5"),

@@ -70,7 +70,8 @@ def resolve_payload(config: OverlapConfig, uses_cuda: bool) -> tuple[tuple[int, 
     dtype = resolve_dtype(config.dtype or defaults["dtype"])
     if not dtype.is_floating_point:
         raise InvalidArgumentError(f"--dtype: the GEMM needs a floating-point dtype, got {config.dtype}")
-    sizes = tuple(config.comm_sizes or parse_size_list(defaults["comm_sizes"]))
+    given = config.comm_sizes  # an empty list is refused below, not taken for the defaults
+    sizes = tuple(parse_size_list(defaults["comm_sizes"]) if given is None else given)
     check_message_sizes(sizes, dtype)
     return sizes, dtype
 

@@ -155,8 +155,12 @@ def check_outputs(output_dir: str | None, plot: str | None) -> None:
 
 
 def check_message_sizes(sizes: Sequence[int], dtype: torch.dtype) -> None:
-    """Refuse a message size given twice (it would be measured twice) or that is not a whole number of ``dtype``
-    elements (it would be rounded)."""
+    """Refuse an empty list (the defaults are asked for by giving no list), a message size given twice (it would be
+    measured twice) or that is not a whole number of ``dtype`` elements (it would be rounded)."""
+    if not sizes:
+        raise InvalidArgumentError(
+            "the message size list is empty: give at least one size, or none at all (None) for the defaults"
+        )
     for nbytes in sizes:
         check_int(nbytes, "message size", 1)  # a float is refused, not rounded
     twice = sorted({nbytes for nbytes in sizes if sizes.count(nbytes) > 1})
@@ -172,6 +176,11 @@ def check_message_sizes(sizes: Sequence[int], dtype: torch.dtype) -> None:
             f"message size {partial[0]} B is not a whole number of {name} elements ({itemsize} bytes each): "
             f"give sizes that are multiples of {itemsize} bytes (e.g. {examples})"
         )
+
+
+def _given_or(sizes: Sequence[int] | None, default_range: str) -> Sequence[int]:
+    """The sizes given, even an empty list (refused by :func:`check_message_sizes`), or the default range's."""
+    return parse_size_range(default_range) if sizes is None else sizes
 
 
 def check_distinct_points(sizes: Sequence[int], dtype: torch.dtype, op: str, world_size: int) -> None:
@@ -357,7 +366,7 @@ def plan_in_process(config: BenchConfig, backend: Any) -> LaunchPlan:
     cuda = backend.device.type == "cuda"
     if config.graph and not cuda:
         raise InvalidArgumentError("--graph needs a backend on a CUDA device")
-    sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
+    sizes = tuple(_given_or(config.sizes, DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
     check_message_sizes(sizes, dtype)
     check_distinct_points(sizes, dtype, config.op, world_size)
     check_fits_memory(sizes, 1, cuda)
@@ -383,7 +392,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         if dtype not in VIRTUAL_DTYPES:
             raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
-        sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES))
+        sizes = tuple(_given_or(config.sizes, DEFAULT_GPU_SIZES))
         check_message_sizes(sizes, dtype)
         check_distinct_points(sizes, dtype, config.op, config.virtual_ranks)
         check_fits_memory(sizes, config.virtual_ranks, True)
@@ -405,7 +414,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         raise InvalidArgumentError(
             f"NCCL_ALGO={existing} is set in the environment but --algo asks for {wanted}; unset one of them"
         )
-    sizes = tuple(config.sizes or parse_size_range(DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
+    sizes = tuple(_given_or(config.sizes, DEFAULT_GPU_SIZES if uses_cuda else DEFAULT_CPU_SIZES))
     check_message_sizes(sizes, dtype)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
     check_distinct_points(sizes, dtype, config.op, world_size)
