@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,6 +481,26 @@ def test_plot(tmp_path):
     records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]
     path = report.plot_results(records, _info(["a", "b"]), tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_leaves_out_points_with_no_positive_value(tmp_path, monkeypatch):
+    """A latency of 0 (under the timer's resolution) or a bandwidth of 0 or None has no place on a log axis and is
+    no measurement: it is left out of its panel, not drawn at the axis' edge."""
+    pytest.importorskip("matplotlib")
+    drawn = {}
+
+    def keep(fig, path):
+        ax_lat, ax_bw = fig.axes
+        drawn["latency"] = [(x, y) for x, y in zip(*ax_lat.lines[0].get_data(), strict=True)]
+        drawn["busbw"] = [(x, y) for x, y in zip(*ax_bw.lines[0].get_data(), strict=True)]
+        return Path(path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    records = [_record(1024, "a", 0.0), _record(2048, "a", 0.004), _record(4096, "a", 0.008)]
+    records[1].bus_bandwidth_gbps = 0.0  # one rank's bus bandwidth
+    report.plot_results(records, _info(["a"]), tmp_path / "p.png")
+    assert drawn["latency"] == [(2048, pytest.approx(4.0)), (4096, pytest.approx(8.0))]
+    assert drawn["busbw"] == [(4096, pytest.approx(records[2].bus_bandwidth_gbps))]
 
 
 def test_graph_replays_eager_is_the_call_itself():

@@ -251,6 +251,8 @@ def load_results(path: str | Path) -> tuple[dict, list[dict]]:
 def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | Path) -> Path:
     """Latency (median with p10-p90 band) and bus bandwidth against size, one line per algo, log axes.
 
+    A point with no positive value (a latency under the timer's resolution, a bandwidth that is None or 0, as the
+    bus bandwidth of one rank) is left out of its panel: a log axis has no place for it, and 0 is no measurement.
     Needs matplotlib (``pip install -e '.[plot]'``); raises a clear error without it.
     """
     plt = pyplot()
@@ -263,19 +265,22 @@ def plot_results(records: Sequence[BenchmarkRecord], info: RunInfo, path: str | 
             continue
         ran = sorted({r.algo_id for r in points})
         label = algo if ran == [algo] else f"{algo} ({', '.join(ran)})"
-        sizes = [r.bytes for r in points]
-        (line,) = ax_lat.plot(sizes, [r.latency_ms * 1e3 for r in points], marker="o", markersize=3, label=label)
+        timed = [r for r in points if r.latency_ms > 0]
+        (line,) = ax_lat.plot(
+            [r.bytes for r in timed], [r.latency_ms * 1e3 for r in timed], marker="o", markersize=3, label=label
+        )
+        band = [r for r in timed if r.latency_p10_ms > 0]
         ax_lat.fill_between(
-            sizes,
-            [r.latency_p10_ms * 1e3 for r in points],
-            [r.latency_p90_ms * 1e3 for r in points],
+            [r.bytes for r in band],
+            [r.latency_p10_ms * 1e3 for r in band],
+            [r.latency_p90_ms * 1e3 for r in band],
             color=line.get_color(),
             alpha=0.2,
             linewidth=0,
         )
-        timed = [r for r in points if r.bus_bandwidth_gbps is not None]
+        rated = [r for r in points if r.bus_bandwidth_gbps is not None and r.bus_bandwidth_gbps > 0]
         ax_bw.plot(
-            [r.bytes for r in timed], [r.bus_bandwidth_gbps for r in timed], marker="o", markersize=3, label=label
+            [r.bytes for r in rated], [r.bus_bandwidth_gbps for r in rated], marker="o", markersize=3, label=label
         )
     from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
