@@ -134,7 +134,9 @@ class DistributedAlgo:
         return self._engine_label()
 
 
-def _reduce_across_ranks(backend: Any, values: list[float], op: Any) -> list[float]:
+def reduce_across_ranks(backend: Any, values: list[float], op: Any) -> list[float]:
+    """``values`` reduced element-wise with ``op`` (a ``torch.distributed.ReduceOp``) over the ranks of ``backend``'s
+    world, on its CPU group; every rank calls it and gets the result.  One rank: ``values`` themselves."""
     if backend.world_size == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
@@ -204,7 +206,7 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
                 algo_id, rule_id, reason = plan.label()
             except (CommError, RuntimeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-            failed_anywhere = _reduce_across_ranks(backend, [1.0 if error else 0.0], dist.ReduceOp.MAX)[0]
+            failed_anywhere = reduce_across_ranks(backend, [1.0 if error else 0.0], dist.ReduceOp.MAX)[0]
             if failed_anywhere:
                 result.failed = True
                 result.skipped.append(
@@ -216,8 +218,8 @@ def measure_distributed(backend: Any, settings: LoopSettings, rank: int) -> Meas
                 )
                 bar.step(f"{bufs.nbytes} B {plan.requested} FAILED")
                 continue
-            worst = _reduce_across_ranks(backend, stats_list, dist.ReduceOp.MAX)
-            total_wrong = int(_reduce_across_ranks(backend, [float(wrong)], dist.ReduceOp.SUM)[0])
+            worst = reduce_across_ranks(backend, stats_list, dist.ReduceOp.MAX)
+            total_wrong = int(reduce_across_ranks(backend, [float(wrong)], dist.ReduceOp.SUM)[0])
             result.points.append(
                 Point(
                     bufs.nbytes,

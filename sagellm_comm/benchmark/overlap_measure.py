@@ -9,7 +9,9 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from sagellm_comm.benchmark.measure import reduce_across_ranks
 from sagellm_comm.benchmark.ops import dtype_name, resolve_dtype
 from sagellm_comm.benchmark.overlap_results import (
     CPU_DEFAULTS,
@@ -31,16 +33,6 @@ CALIBRATION_GEMMS = 8
 
 def _median(values: list[float]) -> float:
     return percentile(sorted(values), 50.0)
-
-
-def _max_over_ranks(backend: Any, values: list[float]) -> list[float]:
-    if backend.world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=backend.cpu_group)
-    return tensor.tolist()
 
 
 class _RankBench:
@@ -110,7 +102,7 @@ class _RankBench:
         ``CALIBRATION_GEMMS`` (a single GEMM is dominated by launch and cache effects)."""
         self.gemm_iters = CALIBRATION_GEMMS
         loop_ms = _median([s[0] for s in self._iterations(self._timed_compute, iters=5, warmup=2)])
-        (slowest_ms,) = _max_over_ranks(self.backend, [loop_ms / CALIBRATION_GEMMS])
+        (slowest_ms,) = reduce_across_ranks(self.backend, [loop_ms / CALIBRATION_GEMMS], dist.ReduceOp.MAX)
         self.gemm_iters = max(1, round(target_ms / max(slowest_ms, 1e-6)))
 
     def _timed_compute(self, mark) -> None:
@@ -129,8 +121,9 @@ class _RankBench:
         return start_on_side_stream(lambda: self.virtual.all_reduce(buffers), buffers, comm_stream(self.device))
 
     def measure(self, nbytes: int, warmup: int, iters: int) -> list[float]:
-        """Medians (then maxima over ranks) of: compute alone, comm alone, submit, wait, compute
-        overlapped, total, and the number of wrong elements after the overlapped all-reduce."""
+        """Medians (then maxima over ranks, the slowest rank's) of: compute alone, comm alone, submit, wait, compute
+        overlapped, total; then the number of wrong elements after the overlapped all-reduce, summed over ranks
+        (as ``sagellm-comm bench`` counts them)."""
         numel = max(1, nbytes // self.dtype.itemsize)
         if self.virtual is None:  # this process's rank
             buffers, values = [torch.empty(numel, device=self.device, dtype=self.dtype)], [self.backend.rank + 1]
@@ -177,9 +170,10 @@ class _RankBench:
             _median([s[2] for s in both]),  # wait: compute done -> all-reduce joined
             _median([s[1] for s in both]),  # compute while the all-reduce runs
             _median([sum(s) for s in both]),  # submit + compute + wait (device: submit ~ 0)
-            float(wrong),
         ]
-        return _max_over_ranks(self.backend, medians)
+        slowest = reduce_across_ranks(self.backend, medians, dist.ReduceOp.MAX)
+        (total_wrong,) = reduce_across_ranks(self.backend, [float(wrong)], dist.ReduceOp.SUM)
+        return [*slowest, total_wrong]
 
 
 class _VirtualWorld:

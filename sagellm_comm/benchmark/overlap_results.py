@@ -76,7 +76,7 @@ class OverlapRecord:
     overlap_efficiency: float
     theoretical_sequential_ms: float
     theoretical_overlap_ms: float
-    num_wrong: int
+    num_wrong: int  # wrong elements of the last overlapped result, summed over ranks (as bench's #wrong)
     backend_kind: str
     world_size: int
     timing_method: str

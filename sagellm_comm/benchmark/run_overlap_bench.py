@@ -9,7 +9,8 @@
 2. **communication alone**: :func:`sagellm_comm.overlap.all_reduce_async` of ``comm_bytes`` then
    ``wait()`` -> ``comm_duration_ms``.
 3. **overlapped**: submit the async all-reduce, run the GEMM loop, ``wait()`` -> ``comm_submit_ms``,
-   ``compute_ms``, ``comm_wait_ms``, ``total_ms``; the reduced tensor is checked (``num_wrong``).
+   ``compute_ms``, ``comm_wait_ms``, ``total_ms``; the reduced tensor is checked (``num_wrong``: wrong
+   elements summed over ranks, as ``sagellm-comm bench`` counts them).
 
 Timing: on CUDA, events on the current stream (the GEMMs run there, the all-reduce on the side
 stream); a device-side spin is queued before each overlapped iteration so the host's submission is
