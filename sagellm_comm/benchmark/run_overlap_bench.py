@@ -34,7 +34,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from sagellm_comm.benchmark.ops import dtype_name
+from sagellm_comm.benchmark.config import VIRTUAL_DTYPES
+from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, dtype_name
 from sagellm_comm.benchmark.overlap_measure import _VirtualWorld, measure_overlap
 from sagellm_comm.benchmark.overlap_plan import OverlapPlan, plan_overlap, plan_overlap_in_process
 from sagellm_comm.benchmark.overlap_results import (
@@ -216,9 +217,14 @@ def add_overlap_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help=f"explicit all-reduce sizes, e.g. --message-sizes 1M 16M (default: {GPU_DEFAULTS['comm_sizes']} GPU; "
         f"{CPU_DEFAULTS['comm_sizes']} CPU)",
     )
+    floating = [name for name, dtype in DTYPES.items() if dtype.is_floating_point]  # the GEMM's
+    aliases = [alias for alias, name in DTYPE_ALIASES.items() if name in floating]
+    virtual = [dtype_name(dtype) for dtype in VIRTUAL_DTYPES]
     what.add_argument(
         "--dtype",
-        help=f"bfloat16, float16 or float32 (default: {GPU_DEFAULTS['dtype']} on GPUs, {CPU_DEFAULTS['dtype']} on CPU)",
+        help=f"floating-point element type: {', '.join(sorted(floating))} (or {', '.join(sorted(aliases))}); "
+        f"--virtual-ranks: {', '.join(sorted(virtual))} (default: {GPU_DEFAULTS['dtype']} on GPUs, "
+        f"{CPU_DEFAULTS['dtype']} on CPU)",
     )
     what.add_argument(
         "--compute-ms",
