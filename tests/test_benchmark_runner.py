@@ -95,6 +95,29 @@ def test_plan_torchrun(monkeypatch):
         plan_launch(BenchConfig(virtual_ranks=2))
 
 
+def test_plan_torchrun_on_cpu_counts_every_rank_of_the_host_against_its_memory(monkeypatch):
+    """The ranks torchrun starts on one host share its memory, as spawned ones do (a torchrun run was checked as if
+    it had one rank); the overlap benchmark's plan counts them the same way."""
+    from sagellm_comm.benchmark import plan
+    from sagellm_comm.benchmark.overlap_plan import plan_overlap
+    from sagellm_comm.benchmark.overlap_results import OverlapConfig
+
+    monkeypatch.setattr(plan, "memory_bytes", lambda uses_cuda: 3 << 20)  # a host of 3 MiB
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(InvalidArgumentError, match=r"cannot fit: 4 ranks x 1M is more than this host's"):
+        plan_launch(BenchConfig(backend="gloo", sizes=[1 << 20], output_dir=None))
+    with pytest.raises(InvalidArgumentError, match=r"cannot fit: 4 ranks x 1M is more than this host's"):
+        plan_overlap(OverlapConfig(backend="gloo", comm_sizes=[1 << 20], output_dir=None))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two ranks: 2 MiB each
+    assert plan_launch(BenchConfig(backend="gloo", sizes=[1 << 20], output_dir=None)).mode == "torchrun"
+    assert plan_overlap(OverlapConfig(backend="gloo", comm_sizes=[1 << 20], output_dir=None)).mode == "torchrun"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # not torchrun's: every rank may be on this host
+    with pytest.raises(InvalidArgumentError, match=r"4 ranks x 1M"):
+        plan_launch(BenchConfig(backend="gloo", sizes=[1 << 20], output_dir=None))
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks CPU-only refusals")
 def test_plan_refuses_gpu_only_requests_without_gpu(monkeypatch):
     for key in ("RANK", "WORLD_SIZE"):

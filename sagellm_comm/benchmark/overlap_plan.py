@@ -28,6 +28,7 @@ from sagellm_comm.benchmark.plan import (
     check_settings,
     cuda_available,
     launch_world,
+    ranks_sharing_memory,
     torchrun_env,
 )
 from sagellm_comm.benchmark.sizes import parse_size_list
@@ -104,7 +105,7 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     uses_cuda = kind != "gloo" and cuda
     sizes, dtype = resolve_payload(config, uses_cuda)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
-    check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
+    check_fits_memory(sizes, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
     return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)
 
 

@@ -273,6 +273,19 @@ def check_fits_memory(sizes: Sequence[int], ranks: int, uses_cuda: bool) -> None
         )
 
 
+def ranks_sharing_memory(mode: str, world_size: int, uses_cuda: bool) -> int:
+    """The ranks of a launched run whose buffers share one memory (:func:`check_fits_memory`): one on a GPU (a GPU
+    per rank); on the CPU every rank of a spawned run, and under torchrun the ranks of this host (torchrun's
+    ``LOCAL_WORLD_SIZE``; ``world_size`` where it is not set or not a positive integer)."""
+    if uses_cuda:
+        return 1
+    if mode == "torchrun":
+        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        if local.isdigit() and 0 < int(local) <= world_size:
+            return int(local)
+    return world_size
+
+
 MAX_REPETITIONS = 10_000_000  # a sample list of that many floats is 80 MB per point; more is a typo
 
 
@@ -418,5 +431,5 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     check_message_sizes(sizes, dtype)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, torchrun_env())
     check_distinct_points(sizes, dtype, config.op, world_size)
-    check_fits_memory(sizes, world_size if mode == "spawn" and not uses_cuda else 1, uses_cuda)
+    check_fits_memory(sizes, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
     return LaunchPlan(mode, world_size, kind, sizes, uses_cuda)
