@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,16 @@ class AlgoSelector:
         if len(self._cache) < 4096:
             self._cache[key] = sel
         return sel
+
+
+def policy_from(value: Any, kind: type, refusal: str) -> Any:
+    """A ``selector=`` / ``fusion_policy=`` argument as a policy of ``kind`` (:class:`AlgoSelector`,
+    :class:`~sagellm_comm.fused.FusionPolicy`): itself, one read from a file (``kind.from_file``), or the default
+    rules for None; anything else ``InvalidArgumentError`` (``refusal``, the value appended)."""
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return kind.from_file(value)
+    raise InvalidArgumentError(f"{refusal}, got {value!r}")

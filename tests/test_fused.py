@@ -716,6 +716,52 @@ def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(m
     assert ("rank 1: unmapping" in caplog.text) == close_fails
 
 
+def _virtual_fused_stand_ins(monkeypatch) -> tuple[types.SimpleNamespace, dict]:
+    """The parts VirtualFused makes, stood in for (they need CUDA); returns a group and what the AR + RMSNorm got."""
+    from sagellm_comm.fused import virtual as virtual_module
+
+    made: dict = {}
+
+    def rmsnorm(*args, **kwargs):
+        made.update(kwargs)
+        return object()
+
+    monkeypatch.setattr(virtual_module, "FusedAllReduceRMSNorm", rmsnorm)
+    monkeypatch.setattr(virtual_module, "local_workspaces", lambda w, *a, **k: [object() for _ in range(w)])
+    monkeypatch.setattr(virtual_module, "GemmAllReduce", lambda *args, **kwargs: object())
+    monkeypatch.setattr(virtual_module, "stacked_rows", lambda workspaces: (None, None))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))  # fmt: skip
+    group = types.SimpleNamespace(
+        world_size=2, device=torch.device("cuda", 0), workspaces=[None], max_programs=8, timeout_s=1.0, config=None
+    )
+    return group, made
+
+
+def test_virtual_fused_takes_a_fusion_policy_as_the_custom_backend_does(monkeypatch, tmp_path):
+    """``fusion_policy=``: a FusionPolicy, a policy file or None (the default rules), as the custom backend's; the
+    virtual ranks' AR + RMSNorm runs by it.  Anything else is refused before a workspace is made."""
+    import json
+
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, VirtualFused
+
+    group, made = _virtual_fused_stand_ins(monkeypatch)
+    policy = FusionPolicy.from_dict({"rules": [{"id": "off", "path": "unfused"}]}, source="in code")
+    VirtualFused(group, fusion_policy=policy)
+    assert made["policy"] is policy
+    path = tmp_path / "off.json"
+    path.write_text(json.dumps({"rules": [{"id": "off", "path": "unfused"}]}))
+    VirtualFused(group, fusion_policy=path)
+    assert made["policy"].source == str(path) and made["policy"].digest() == policy.digest()
+    VirtualFused(group)
+    assert made["policy"].source == "default"
+    made.clear()
+    with pytest.raises(InvalidArgumentError, match="fusion_policy must be a FusionPolicy, a policy file"):
+        VirtualFused(group, fusion_policy={"rules": []})
+    assert made == {}
+
+
 @pytest.mark.parametrize("sync_fails", [False, True], ids=["a-close-fails", "the-sync-fails-too"])
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
 def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, sync_fails):

@@ -40,7 +40,7 @@ from ..errors import (
     WorkspaceExhaustedError,
     run_every,
 )
-from ..fused.rmsnorm_policy import FusionPolicy
+from ..fused.rmsnorm_policy import FusionPolicy, fusion_policy_from
 from ..launch import interpreting as _interpreting
 from ..selector import (
     ALGO_CHOICES,
@@ -50,6 +50,7 @@ from ..selector import (
     PAYLOADS,
     AlgoSelector,
     Selection,
+    policy_from,
 )
 from ..workspace import device_identity, node_name
 from .custom_setup import KernelGroup
@@ -74,18 +75,6 @@ RESET_REASON = (
     "all_gather, reduce_scatter) use the new workspaces by themselves"
 )
 DESTROY_REASON = "its backend was destroyed; create and init a new backend"
-
-
-def _policy(value: Any, kind: type, refusal: str) -> Any:
-    """A ``selector=`` / ``fusion_policy=`` argument as a policy of ``kind``: itself, one read from a file
-    (``kind.from_file``), or the default rules for None; anything else ``InvalidArgumentError`` (``refusal``)."""
-    if value is None:
-        return kind()
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, str | os.PathLike):
-        return kind.from_file(value)
-    raise InvalidArgumentError(f"{refusal}, got {value!r}")
 
 
 def custom_available() -> bool:
@@ -186,12 +175,8 @@ class CustomBackend(TorchDistributedBackend):
         if engine == "gloo" and has_cuda and device is None:
             device = torch.device("cuda", torch.cuda.current_device())
         kernel_timeout = check_timeout(kernel_timeout, "kernel_timeout")
-        selector = _policy(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
-        fusion_policy = _policy(
-            fusion_policy,
-            FusionPolicy,
-            "fusion_policy must be a FusionPolicy, a policy file, a bench/fp8_fused_bench.py record or None",
-        )
+        selector = policy_from(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
+        fusion_policy = fusion_policy_from(fusion_policy)
         if not (config is None or isinstance(config, CommConfig)):
             raise InvalidArgumentError(
                 f"config must be a CommConfig (CommConfig.from_env(), .replace(...)) or None, got {config!r}"

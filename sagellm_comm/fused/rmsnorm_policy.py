@@ -35,7 +35,7 @@ from typing import Any
 from ..arguments import check_int
 from ..errors import InvalidArgumentError
 from ..files import read_json
-from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection
+from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection, policy_from
 from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
@@ -226,3 +226,13 @@ class FusionPolicy:
             "no-fusion-rule",
             f"no rule of {self.source} matches {tokens} x {hidden}, ws={world_size}, quant={quant}",
         )
+
+
+def fusion_policy_from(value: FusionPolicy | str | os.PathLike | None) -> FusionPolicy:
+    """A ``fusion_policy=`` argument (the custom backend's, :class:`~sagellm_comm.fused.VirtualFused`'s) as a
+    :class:`FusionPolicy`: itself, :meth:`FusionPolicy.from_file` of a path, or the default rules for None."""
+    return policy_from(
+        value,
+        FusionPolicy,
+        "fusion_policy must be a FusionPolicy, a policy file, a bench/fp8_fused_bench.py record or None",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import triton
@@ -24,6 +25,7 @@ from ..workspace import local_workspaces
 from .fp8 import check_quant, unfused_tail
 from .gemm import GemmAllReduce, GemmPathSelector, gemm_knobs, gemm_workspace_bytes
 from .rmsnorm import FusedAllReduceRMSNorm
+from .rmsnorm_policy import FusionPolicy, fusion_policy_from
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ class VirtualFused:
             bounds every device-side wait of the fused kernels too.
         gemm_max_output_bytes: per-rank capacity of the fused GEMM's tile buffer (a dedicated workspace).
         consumer_programs: programs per rank of the fused GEMM's reduction (default: SMs / (4 * ranks)).
+        fusion_policy: the fusion rules of :meth:`all_reduce_residual_rmsnorm`, as the custom backend's
+            ``fusion_policy=``: a :class:`~sagellm_comm.fused.FusionPolicy`, a path read by
+            :meth:`FusionPolicy.from_file <sagellm_comm.fused.FusionPolicy.from_file>`, or None (the default rules).
     """
 
     def __init__(
@@ -46,13 +51,15 @@ class VirtualFused:
         consumer_programs: int | None = None,
         selector: GemmPathSelector | None = None,
         num_chunks: int = 4,
+        fusion_policy: FusionPolicy | str | os.PathLike | None = None,
     ):
         consumer_programs, num_chunks, _ = gemm_knobs(consumer_programs, num_chunks)  # before any workspace
+        fusion_policy = fusion_policy_from(fusion_policy)
         self.group = group
         self.world_size = w = group.world_size
         self.device = group.device
         self.rmsnorm = FusedAllReduceRMSNorm(
-            group.workspaces[0], max_programs=group.max_programs, timeout_s=group.timeout_s
+            group.workspaces[0], max_programs=group.max_programs, timeout_s=group.timeout_s, policy=fusion_policy
         )
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._overlap_programs = max(1, sms // (4 * w))
