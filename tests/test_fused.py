@@ -762,6 +762,33 @@ def test_virtual_fused_takes_a_fusion_policy_as_the_custom_backend_does(monkeypa
     assert made == {}
 
 
+def test_virtual_fused_close_during_a_capture_leaves_the_device_alone(monkeypatch):
+    """Synchronising the device during a CUDA graph capture invalidates the capture: close() then closes the
+    workspaces at once (each releases its memory once the capture ends) without synchronising."""
+    from sagellm_comm import capture
+    from sagellm_comm.fused import VirtualFused
+
+    closed: list[int] = []
+
+    class _Workspace:
+        def __init__(self, rank: int):
+            self.rank = rank
+
+        def close(self) -> None:
+            closed.append(self.rank)
+
+    def synchronize(device=None) -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(capture, "underway", lambda device=None: True)
+    virtual = object.__new__(VirtualFused)
+    virtual.gemm_workspaces = [_Workspace(r) for r in range(3)]
+    virtual.device = torch.device("cuda", 0)
+    virtual.close()
+    assert closed == [0, 1, 2]
+
+
 @pytest.mark.parametrize("sync_fails", [False, True], ids=["a-close-fails", "the-sync-fails-too"])
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
 def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, sync_fails):

@@ -10,6 +10,7 @@ import triton
 
 from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, SEQUENTIAL_PATH, TWO_SHOT
 
+from .. import capture
 from ..arguments import check_finite, check_is_tensor
 from ..errors import (
     BackendNotSupportedError,
@@ -200,5 +201,10 @@ class VirtualFused:
 
     def close(self) -> None:
         """Release the fused GEMM's workspaces once the device is idle; a failed synchronisation or workspace close
-        does not stop the others, and the first error is raised once every step ran."""
-        run_every([lambda: torch.cuda.synchronize(self.device), *(ws.close for ws in self.gemm_workspaces)])
+        does not stop the others, and the first error is raised once every step ran.  During a CUDA graph capture
+        the device is not synchronised (that would invalidate the capture): the workspaces are closed at once and
+        release their memory when the capture ends, as :meth:`SymmetricWorkspace.close
+        <sagellm_comm.workspace.SymmetricWorkspace.close>` says."""
+        run_every(
+            [lambda: capture.synchronize_unless_capturing(self.device), *(ws.close for ws in self.gemm_workspaces)]
+        )
