@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import capture
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
@@ -170,8 +171,10 @@ class VirtualRankGroup:
 
     def close(self) -> None:
         """Release every rank's all-reduce and workspace once the device is idle; a failed synchronisation or
-        rank's close does not stop the others, and the first error is raised once every step ran."""
-        run_every([lambda: torch.cuda.synchronize(self.device), *(car.close for car in self.ranks)])
+        rank's close does not stop the others, and the first error is raised once every step ran.  During a CUDA
+        graph capture the device is not synchronised (that would invalidate the capture): the workspaces are closed
+        at once and release their memory when the capture ends."""
+        run_every([lambda: capture.synchronize_unless_capturing(self.device), *(car.close for car in self.ranks)])
 
     def __enter__(self) -> VirtualRankGroup:
         return self

@@ -762,11 +762,13 @@ def test_virtual_fused_takes_a_fusion_policy_as_the_custom_backend_does(monkeypa
     assert made == {}
 
 
-def test_virtual_fused_close_during_a_capture_leaves_the_device_alone(monkeypatch):
+@pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
+def test_virtual_ranks_close_during_a_capture_leaves_the_device_alone(monkeypatch, owner):
     """Synchronising the device during a CUDA graph capture invalidates the capture: close() then closes the
-    workspaces at once (each releases its memory once the capture ends) without synchronising."""
+    workspaces (or all-reduces) at once, each releasing its memory once the capture ends, without synchronising."""
     from sagellm_comm import capture
     from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
 
     closed: list[int] = []
 
@@ -782,8 +784,13 @@ def test_virtual_fused_close_during_a_capture_leaves_the_device_alone(monkeypatc
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(capture, "underway", lambda device=None: True)
-    virtual = object.__new__(VirtualFused)
-    virtual.gemm_workspaces = [_Workspace(r) for r in range(3)]
+    ranks = [_Workspace(r) for r in range(3)]
+    if owner == "VirtualFused":
+        virtual = object.__new__(VirtualFused)
+        virtual.gemm_workspaces = ranks
+    else:
+        virtual = object.__new__(VirtualRankGroup)
+        virtual.ranks = ranks
     virtual.device = torch.device("cuda", 0)
     virtual.close()
     assert closed == [0, 1, 2]
