@@ -2184,6 +2184,33 @@ def test_adding_a_peer_whose_inbox_is_full_is_a_retryable_error_naming_the_peer(
         b.close()
 
 
+def test_adding_a_peer_whose_claim_lock_is_held_past_the_timeout_is_a_retryable_error_naming_the_peer(
+    live_sender, monkeypatch
+):
+    """Another sender holding the claim lock of the peer's inbox (claiming a slot, or frozen while it does) past the
+    agent's timeout is a condition of now, not a transport that cannot reach the peer (it was
+    ``BackendNotSupportedError``): ``UnavailableError`` naming the peer; once the lock is free a claim succeeds."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = TransferAgent("a", "ipc", timeout=0.2), TransferAgent("b", "ipc")
+    fd = os.open(b._backends["ipc"].inbox.claim_path, os.O_RDWR)
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        metadata = b.metadata()
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another sender holds the claim lock
+        with pytest.raises(UnavailableError, match="peer 'b'.*claim lock.*within 0.2 s.*add the peer again") as refused:
+            a.add_peer(metadata)
+        assert refused.value.details["peer"] == "b" and a.peers == []
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        notify.Outbox(b._backends["ipc"].inbox.path, "next", live_sender, 5.0).release()
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
 def test_a_ring_slot_whose_sender_names_no_transfer_file_counts_as_dead(live_sender, tmp_path):
     """A claimer tells a live sender's slot by that sender's inbox lock, at the path the slot names: a path that is
     not a transfer file (any file some process holds a lock on) is never opened, and its slot is reused once

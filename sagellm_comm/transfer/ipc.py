@@ -411,10 +411,9 @@ class IpcBackend(TransferBackend):
             self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
-            if isinstance(exc, UnavailableError):  # the peer's inbox has no free slot now: add it again later
+            if isinstance(exc, UnavailableError):  # no free slot, or the claim lock held, now: add it again later
                 raise UnavailableError(
-                    f"peer {peer.name!r} cannot be added over ipc now: {exc.message}; add the peer again once it "
-                    "has read its notifications or other senders removed it",
+                    f"peer {peer.name!r} cannot be added over ipc now: {exc.message}; add the peer again later",
                     details={**exc.details, "peer": peer.name},
                 ) from None
             if isinstance(exc, BackendNotSupportedError | InvalidArgumentError) or not isinstance(exc, Exception):

@@ -65,7 +65,7 @@ import time
 
 import numpy as np
 
-from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, InvalidArgumentError, UnavailableError
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, UnavailableError
 from sagellm_comm.kernels.block_copy import MAX_MESSAGE_BYTES
 from sagellm_comm.kernels.block_copy import RECORD_BYTES as _RECORD_BYTES
 from sagellm_comm.kernels.block_copy import RING_ENTRIES as _RING_ENTRIES
@@ -323,9 +323,10 @@ class Outbox:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise CommTimeoutError(
-                            f"could not lock {lock_path} within {timeout_s:g} s to claim a notification slot"
+                    if time.monotonic() > deadline:  # another sender claims or gives back a slot: try again later
+                        raise UnavailableError(
+                            f"could not take the claim lock of the peer's notification inbox ({lock_path}) within "
+                            f"{timeout_s:g} s: another sender holds it"
                         ) from None
                     time.sleep(1e-3)
             slot = next((s for s in range(SLOTS) if self._reclaimable(s)), None)
@@ -334,7 +335,8 @@ class Outbox:
                 unread = sum(int(words[m.slot_word(s, RELEASED)]) == 1 for s in range(SLOTS))
                 raise UnavailableError(
                     f"the peer's notification inbox has no free slot: of its {SLOTS}, {unread} were given back by "
-                    f"senders whose notifications the peer has not read yet, the others are held by senders"
+                    f"senders whose notifications the peer has not read yet, the others are held by senders (a slot "
+                    "frees once the peer has read its notifications or another sender removed it)"
                 )
             base = m.slot_word(slot, 0)
             words = m.words
