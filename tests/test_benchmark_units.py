@@ -740,3 +740,62 @@ def test_a_run_killed_while_writing_leaves_no_truncated_file(tmp_path, monkeypat
     assert (tmp_path / "r.json").read_text() == before
     WRITERS[writer](tmp_path)  # the same call, not killed: every file it writes is whole
     assert all(_is_complete(p) for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------- output checks
+
+
+def test_checking_a_missing_output_dir_never_touches_the_path_other_ranks_check(tmp_path, monkeypatch):
+    """Every rank of a torchrun job checks the same missing --output-dir at once: one rank made the directory
+    between another's look and its mkdir (that mkdir failed: 'cannot create'), or removed it while another wrote
+    its probe file there.  The check makes the missing directories inside a probe directory of its own, so what
+    another rank does at the path cannot refuse it, and it leaves nothing behind."""
+    from sagellm_comm.benchmark import plan
+
+    target = tmp_path / "results" / "run"
+    other_rank = {"made": False}
+    mkdir, mkstemp = Path.mkdir, plan.tempfile.mkstemp
+
+    def mkdir_after_another_rank(self, *args, **kwargs):
+        if not other_rank["made"]:  # another rank made the directories since this one looked
+            other_rank["made"] = True
+            mkdir(target, parents=True)
+        return mkdir(self, *args, **kwargs)
+
+    def mkstemp_after_another_rank(*args, **kwargs):
+        if target.exists():  # ... and removed them again, its check done
+            target.rmdir()
+            target.parent.rmdir()
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_after_another_rank)
+    monkeypatch.setattr(plan.tempfile, "mkstemp", mkstemp_after_another_rank)
+    plan.check_writable_dir(target, "--output-dir")
+    monkeypatch.undo()
+    assert other_rank["made"] and sorted(tmp_path.iterdir()) == []
+
+
+def test_concurrent_checks_of_one_missing_output_dir_all_pass(tmp_path):
+    """Threads standing for a job's ranks check one missing directory at once, many times: each passes."""
+    import threading
+
+    from sagellm_comm.benchmark.plan import check_writable_dir
+
+    target = tmp_path / "results" / "run"
+    refusals: list[Exception] = []
+    start = threading.Barrier(4)
+
+    def rank() -> None:
+        start.wait()
+        for _ in range(50):
+            try:
+                check_writable_dir(target, "--output-dir")
+            except InvalidArgumentError as exc:
+                refusals.append(exc)
+
+    threads = [threading.Thread(target=rank) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refusals == [] and sorted(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,9 +95,12 @@ def _is_kind(path: Path, test, what: str, given: str | Path | None = None) -> bo
 def check_writable_dir(path: str | Path, what: str) -> None:
     """Refuse a directory this process cannot write files in; leave nothing behind either way.
 
-    The directory (and any missing parents) is made, a file is created in it and removed, and the
-    directories made here are removed again: permissions alone do not say (root passes every access
-    check, and still cannot write under ``/proc``).
+    A file is created in the directory and removed: permissions alone do not say (root passes every access check,
+    and still cannot write under ``/proc``).  Where the directory (or some of its parents) is missing, the missing
+    directories are made, with the file, inside a probe directory of this process's own (named by its pid and a
+    random token) in the nearest one that exists, then removed: the ranks of a torchrun job check the same path at
+    once, and a check that made and removed the path itself would collide with another rank's (its ``mkdir``
+    failing on the directory that rank just made, or its file refused because that rank just removed it).
     """
     target = Path(path)
     if _is_kind(target, Path.exists, what) and not target.is_dir():
@@ -110,13 +114,21 @@ def check_writable_dir(path: str | Path, what: str) -> None:
         raise InvalidArgumentError(f"{what} {path}: cannot be created, {nearest} is not a directory")
     made: list[Path] = []
     step = ""
+    probe_name = f".sagellm-comm-write-test-{os.getpid()}-{secrets.token_hex(8)}"
     try:
-        for directory in reversed(missing):
+        where = nearest
+        if missing:
+            step = f"cannot create {missing[-1]}"
+            where = nearest / probe_name
+            where.mkdir()
+            made.append(where)
+        for directory in reversed(missing):  # the same names, inside the probe directory
             step = f"cannot create {directory}"
-            directory.mkdir()
-            made.append(directory)
+            where = where / directory.name
+            where.mkdir()
+            made.append(where)
         step = "cannot create a file there"
-        handle, probe = tempfile.mkstemp(prefix=".sagellm-comm-write-test-", dir=target)
+        handle, probe = tempfile.mkstemp(prefix=f"{probe_name}-", dir=where)
         os.close(handle)
         os.unlink(probe)
     except (OSError, ValueError) as exc:
@@ -124,7 +136,7 @@ def check_writable_dir(path: str | Path, what: str) -> None:
         raise InvalidArgumentError(f"{what} {path}: {step} ({reason})") from exc
     finally:
         for directory in reversed(made):
-            with contextlib.suppress(OSError):  # something else wrote there meanwhile: leave it
+            with contextlib.suppress(OSError):  # not empty (should not happen: the directories are this process's)
                 directory.rmdir()
 
 
