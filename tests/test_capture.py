@@ -284,3 +284,38 @@ def test_a_workspace_closed_inside_a_real_capture_on_its_thread_raises_and_the_c
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, torch.full_like(x, 8.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_virtual_groups_closed_on_another_thread_during_a_real_capture_leave_it_intact():
+    """VirtualRankGroup.close and VirtualFused.close synchronise the device, which would invalidate a capture in
+    progress: during one they skip the synchronisation and their workspaces release after the capture."""
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    group = VirtualRankGroup(2, "cuda", max_bytes=1 << 16)
+    fused = VirtualFused(group, gemm_max_output_bytes=1 << 20)
+    x = torch.ones(4096, device="cuda")
+    y = x * 2
+    torch.cuda.synchronize()
+    graph, errors = torch.cuda.CUDAGraph(), []
+
+    def close_both() -> None:
+        try:
+            fused.close()
+            group.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with torch.cuda.graph(graph):
+        y = x * 2
+        closer = threading.Thread(target=close_both)
+        closer.start()
+        closer.join()
+        y = y + 1
+    assert errors == []
+    x.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 7.0))
