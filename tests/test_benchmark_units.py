@@ -799,3 +799,20 @@ def test_concurrent_checks_of_one_missing_output_dir_all_pass(tmp_path):
     for thread in threads:
         thread.join()
     assert refusals == [] and sorted(tmp_path.iterdir()) == []
+
+
+def test_an_output_dir_that_is_a_dangling_symbolic_link_is_refused_up_front(tmp_path):
+    """A symbolic link to a missing target does not exist as a path, but its name is taken: the results could
+    never be written there (``mkdir`` fails on the link), so the check refuses it before anything runs, as it
+    refuses a missing directory whose parent is a dangling link."""
+    from sagellm_comm.benchmark.plan import check_writable_dir
+    from sagellm_comm.benchmark.report import write_results
+
+    link = tmp_path / "results"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(FileExistsError):  # what writing the results would meet after the run
+        write_results([], None, link, "t")
+    for target in (link, link / "run"):
+        with pytest.raises(InvalidArgumentError, match="symbolic link"):
+            check_writable_dir(target, "--output-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

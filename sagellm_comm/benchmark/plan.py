@@ -108,6 +108,11 @@ def check_writable_dir(path: str | Path, what: str) -> None:
     missing = []  # innermost first
     nearest = target
     while not _is_kind(nearest, Path.exists, what, path):
+        if nearest.is_symlink():  # dangling: its name is taken, so no directory can be made there
+            raise InvalidArgumentError(
+                f"{what} {path}: cannot be created, {nearest} is a symbolic link that leads to no directory (its "
+                "target is missing, or a loop)"
+            )
         missing.append(nearest)
         nearest = nearest.parent
     if not nearest.is_dir():
