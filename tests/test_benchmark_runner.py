@@ -118,6 +118,38 @@ def test_plan_torchrun_on_cpu_counts_every_rank_of_the_host_against_its_memory(m
         plan_launch(BenchConfig(backend="gloo", sizes=[1 << 20], output_dir=None))
 
 
+def test_plan_on_a_given_cpu_backend_under_torchrun_counts_the_hosts_ranks_against_its_memory(monkeypatch):
+    """``run_benchmark(backend=...)`` and ``run_overlap_benchmark(backend=...)`` on a CPU backend under torchrun: every
+    rank of the host calls and holds its buffers in the host's memory, as on the launch paths (checked as one rank,
+    a size the host's ranks cannot hold together passed, and the run ran out of memory).  Without torchrun's
+    ``LOCAL_WORLD_SIZE`` nothing says where the other ranks run: one rank is counted, as before."""
+    from sagellm_comm.benchmark import plan
+    from sagellm_comm.benchmark.overlap_plan import plan_overlap_in_process
+    from sagellm_comm.benchmark.overlap_results import OverlapConfig
+
+    class _GivenBackend:
+        name, is_initialized, rank, world_size, device = "gloo", True, 1, 4, torch.device("cpu")
+
+    backend = _GivenBackend()
+    monkeypatch.setattr(plan, "memory_bytes", lambda uses_cuda: 3 << 20)  # a host of 3 MiB
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    bench = BenchConfig(backend="instance", sizes=[1 << 20], output_dir=None)
+    overlap = OverlapConfig(backend="instance", comm_sizes=[1 << 20], output_dir=None)
+    with pytest.raises(InvalidArgumentError, match=r"cannot fit: 4 ranks x 1M is more than this host's"):
+        plan.plan_in_process(bench, backend)
+    with pytest.raises(InvalidArgumentError, match=r"cannot fit: 4 ranks x 1M is more than this host's"):
+        plan_overlap_in_process(overlap, backend)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two ranks: 2 MiB each
+    assert plan.plan_in_process(bench, backend).mode == "in_process"
+    assert plan_overlap_in_process(overlap, backend).mode == "in_process"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    assert plan.plan_in_process(bench, backend).mode == "in_process"
+    assert plan_overlap_in_process(overlap, backend).mode == "in_process"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks CPU-only refusals")
 def test_plan_refuses_gpu_only_requests_without_gpu(monkeypatch):
     for key in ("RANK", "WORLD_SIZE"):

@@ -119,5 +119,5 @@ def plan_overlap_in_process(config: OverlapConfig, backend: Any) -> OverlapPlan:
     check_outputs(config.output_dir, config.plot)
     uses_cuda = backend.device.type == "cuda"
     sizes, dtype = resolve_payload(config, uses_cuda)
-    check_fits_memory(sizes, 1, uses_cuda)
+    check_fits_memory(sizes, ranks_sharing_memory("in_process", world_size, uses_cuda), uses_cuda)
     return OverlapPlan("in_process", world_size, backend.name, sizes, dtype, uses_cuda)

@@ -291,15 +291,19 @@ def check_fits_memory(sizes: Sequence[int], ranks: int, uses_cuda: bool) -> None
 
 
 def ranks_sharing_memory(mode: str, world_size: int, uses_cuda: bool) -> int:
-    """The ranks of a launched run whose buffers share one memory (:func:`check_fits_memory`): one on a GPU (a GPU
-    per rank); on the CPU every rank of a spawned run, and under torchrun the ranks of this host (torchrun's
-    ``LOCAL_WORLD_SIZE``; ``world_size`` where it is not set or not a positive integer)."""
+    """The ranks of a run whose buffers share one memory (:func:`check_fits_memory`): one on a GPU (a GPU per rank);
+    on the CPU every rank of a spawned run, and under torchrun the ranks of this host (torchrun's
+    ``LOCAL_WORLD_SIZE``; ``world_size`` where it is not set or not a positive integer).  A run on a backend the
+    caller made (``mode`` ``"in_process"``) counts the ranks of this host where ``LOCAL_WORLD_SIZE`` gives them, else
+    one (nothing says where the other ranks run)."""
     if uses_cuda:
         return 1
-    if mode == "torchrun":
+    if mode in ("torchrun", "in_process"):
         local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
         if local.isdigit() and 0 < int(local) <= world_size:
             return int(local)
+        if mode == "in_process":
+            return 1
     return world_size
 
 
@@ -399,7 +403,7 @@ def plan_in_process(config: BenchConfig, backend: Any) -> LaunchPlan:
     sizes = tuple(_given_or(config.sizes, DEFAULT_GPU_SIZES if cuda else DEFAULT_CPU_SIZES))
     check_message_sizes(sizes, dtype)
     check_distinct_points(sizes, dtype, config.op, world_size)
-    check_fits_memory(sizes, 1, cuda)
+    check_fits_memory(sizes, ranks_sharing_memory("in_process", world_size, cuda), cuda)
     return LaunchPlan("in_process", world_size, kind, sizes, cuda)
 
 
