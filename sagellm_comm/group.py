@@ -219,6 +219,7 @@ class CommGroup:
 _DEFAULT: CommGroup | None = None
 _DEFAULT_KIND: str | None = None  # the backend kind init was asked for when it made _DEFAULT
 _DEFAULT_TIMEOUT: float | None = None  # the timeout init made _DEFAULT with
+_DEFAULT_OPTIONS: dict[str, Any] = {}  # the backend options init made _DEFAULT with
 _DEFAULT_LOCK = threading.Lock()
 
 
@@ -243,11 +244,12 @@ def init(
     ``DEFAULT_TIMEOUT_S``, 30 s).  Returns the world :class:`CommGroup`. Calling it again while initialised
     returns the same group when the arguments agree (an argument left out agrees with anything):
     ``comm_rank_mismatch`` when rank or world size differ, ``invalid_argument`` when ``backend`` names another
-    backend (``"auto"`` names the one running) or ``timeout`` differs from the one the group was made with.  A
-    group's timeout is fixed when it is made (the engine's process groups keep it), so a new one takes
+    backend (``"auto"`` names the one running), ``timeout`` differs from the one the group was made with, or a
+    backend option (``**kwargs``) differs from the one it was made with or was not given then.  A group's timeout
+    and options are fixed when it is made (the engine's process groups keep them), so new ones take
     :func:`destroy` first.
     """
-    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT
+    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS
     if timeout is not None:
         timeout = check_timeout(timeout)
     with _DEFAULT_LOCK:
@@ -265,6 +267,18 @@ def init(
                     "call sagellm_comm.destroy() first to change the timeout",
                     details={"running": _DEFAULT_TIMEOUT, "requested": timeout},
                 )
+            differ = sorted(
+                k for k, v in kwargs.items() if k not in _DEFAULT_OPTIONS or not _same(v, _DEFAULT_OPTIONS[k])
+            )
+            if differ:
+                made = ", ".join(f"{k}={_DEFAULT_OPTIONS[k]!r}" if k in _DEFAULT_OPTIONS else f"{k} not given"
+                                 for k in differ)  # fmt: skip
+                asked = ", ".join(f"{k}={kwargs[k]!r}" for k in differ)
+                raise InvalidArgumentError(
+                    f"default group already initialised with {made}, asked for {asked}; call sagellm_comm.destroy() "
+                    "first to change the backend's options",
+                    details={"options": differ},
+                )
             return _DEFAULT
         made_with = DEFAULT_TIMEOUT_S if timeout is None else timeout
         _DEFAULT = CommGroup.create(
@@ -276,8 +290,21 @@ def init(
             timeout=made_with,
             **kwargs,
         )
-        _DEFAULT_KIND, _DEFAULT_TIMEOUT = _kind_key(backend), made_with
+        _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS = _kind_key(backend), made_with, dict(kwargs)
         return _DEFAULT
+
+
+def _same(asked: Any, made: Any) -> bool:
+    """Whether a backend option asked for again is the one the default group was made with: the same object, or
+    an equal value of the same type (a comparison that raises or gives no single truth value is a difference)."""
+    if asked is made:
+        return True
+    if type(asked) is not type(made):
+        return False
+    try:
+        return bool(asked == made)
+    except Exception:  # noqa: BLE001 - e.g. a tensor's elementwise ==: not provably the same option
+        return False
 
 
 def _kind_key(backend: str | CommBackend | None) -> str | None:
@@ -322,9 +349,9 @@ def get_default_backend() -> CommBackend:
 
 def destroy() -> None:
     """Release the default group and its backend (idempotent)."""
-    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT
+    global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS
     with _DEFAULT_LOCK:
-        group, _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT = _DEFAULT, None, None, None
+        group, _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS = _DEFAULT, None, None, None, {}
     if group is not None:
         group.destroy()
 

@@ -166,6 +166,27 @@ def test_init_again_on_another_backend_raises_naming_both() -> None:
         sagellm_comm.destroy()
 
 
+def test_init_again_with_other_backend_options_raises_naming_them() -> None:
+    """A backend option given to init() again is compared with the one the default group was made with, as the
+    timeout is: an option it was not made with, or another value, is refused rather than dropped."""
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo", device="cpu")
+    try:
+        assert sagellm_comm.init(device="cpu") is world  # the same option: the same group
+        assert sagellm_comm.init() is world  # an option left out agrees with the one it was made with
+        with pytest.raises(InvalidArgumentError, match=r"initialised with device='cpu', asked for device='meta'") as e:
+            sagellm_comm.init(device="meta")
+        assert e.value.details == {"options": ["device"]}
+        assert sagellm_comm.get_default_group() is world
+    finally:
+        sagellm_comm.destroy()
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    try:
+        with pytest.raises(InvalidArgumentError, match=r"initialised with device not given, asked for device='cpu'"):
+            sagellm_comm.init(device="cpu")
+    finally:
+        sagellm_comm.destroy()
+
+
 def test_init_again_with_another_timeout_raises_naming_both() -> None:
     world = sagellm_comm.init(rank=0, world_size=1, backend="gloo", timeout=45)
     try:
