@@ -96,7 +96,7 @@ class CommGroup:
                     f"backend options {sorted(kwargs)} were given with a {backend.name!r} backend instance, which "
                     "was constructed already; pass them to CommBackend.create(...) or pass the backend's kind "
                     "as a string",
-                    details={"ignored": sorted(kwargs), "backend": backend.name},
+                    details={"options": sorted(kwargs), "backend": backend.name},
                 )
             engine = backend
         else:

@@ -113,7 +113,7 @@ def test_comm_group_create_refuses_options_given_with_a_backend_instance() -> No
     instance = sagellm_comm.CommBackend.create("gloo")
     with pytest.raises(InvalidArgumentError, match=r"options \['device'\] were given with a 'gloo' backend") as err:
         CommGroup.create(world_size=1, rank=0, backend=instance, device="cpu")
-    assert err.value.details == {"ignored": ["device"], "backend": "gloo"}
+    assert err.value.details == {"options": ["device"], "backend": "gloo"}
     assert not instance.is_initialized
     with pytest.raises(InvalidArgumentError, match=r"options \['device'\]"):
         sagellm_comm.init(rank=0, world_size=1, backend=instance, device="cpu")
