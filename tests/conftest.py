@@ -136,6 +136,54 @@ def _end_with(pid: int) -> None:
     threading.Thread(target=watch, name=f"end-with-{pid}", daemon=True).start()
 
 
+def share_interpreter_patches() -> None:
+    """Have the Triton interpreter patch ``triton.language`` once per kernel launch, not once per device function.
+
+    The interpreter swaps the language's builtins for interpreted ones when a launch starts and puts them back
+    when it ends; every call of a ``@triton.jit`` helper inside the launch patches the same modules again
+    (``inspect.getmembers`` over each), about half of the CPU time of a small interpreted call here.  After this,
+    a helper whose language modules the launch of its own thread has patched patches nothing; one reaching
+    another module, and every launch, patch as before.  The kernels run the same code either way.  A Triton
+    whose interpreter lacks ``_patch_lang`` is left as it is."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "shared_per_launch", False):
+        return
+    launches = threading.local()  # per thread: the language modules each launch under way has patched
+
+    class Unchanged:
+        def restore(self) -> None:
+            pass
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        stack = launches.__dict__.setdefault("stack", [])
+        if stack and langs <= stack[-1]:
+            return Unchanged()  # a helper inside a launch that already patched its modules
+        scope = original(fn)
+        if stack:  # a helper reaching a module its launch did not patch: patched now, restored as before
+            stack[-1] |= langs
+            return scope
+        stack.append(langs)
+        restore = scope.restore
+
+        def restore_and_end() -> None:
+            try:
+                restore()
+            finally:
+                stack.pop()
+
+        scope.restore = restore_and_end
+        return scope
+
+    patch_lang.shared_per_launch = True
+    interpreter._patch_lang = patch_lang
+
+
 def _child(fn, rank, world_size, port, env, results, args, kwargs, parent_pid) -> None:
     die_with_parent(os.getppid())  # the fork server
     _end_with(parent_pid)  # the launcher
@@ -145,6 +193,8 @@ def _child(fn, rank, world_size, port, env, results, args, kwargs, parent_pid) -
         else:
             os.environ[key] = value
     torch.set_num_threads(1)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        share_interpreter_patches()
     try:
         outcome = (rank, True, fn(rank, world_size, port, *args, **kwargs))
     except BaseException:  # report everything, including pytest.fail/skip, to the parent
