@@ -685,7 +685,7 @@ def test_comm_backend_transfer_agent_connects_the_world_in_one_call():
         assert pool == [[float(p)] * 64 for p in range(3)] and x == [3.0] * 4
 
 
-def _world_failure_worker(rank, world_size, port, scenario):
+def _world_failure_worker(rank, world_size, port, scenario, reported=None):
     import sagellm_comm
     from sagellm_comm.errors import BackendNotSupportedError
     from sagellm_comm.transfer import TransferAgent
@@ -710,16 +710,22 @@ def _world_failure_worker(rank, world_size, port, scenario):
     pool = torch.zeros(8, 8).t() if rank == 1 and scenario == "register" else torch.zeros(64)  # not contiguous
     regions = [("kv", pool)] if rank == 1 and scenario == "regions" else {"kv": pool}  # a list: not a mapping
     start = time.monotonic()
-    if scenario == "absent" and rank == 2:  # never joins the exchange
-        time.sleep(timeout + 8)
+    if scenario == "absent" and rank == 2:  # never joins the exchange; stays until the others have reported
+        deadline = time.monotonic() + timeout + 8
+        while len(os.listdir(reported)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         return None
     name = "rank0" if scenario == "duplicate" and rank == 2 else f"rank{rank}"  # two ranks named rank0
     name = "" if scenario == "name" and rank == 1 else name  # refused, not replaced by the default name
     try:
         backend.transfer_agent(name, regions, backend="nixl")
     except Exception as exc:
-        return type(exc).__name__, getattr(exc, "details", {}), str(exc), time.monotonic() - start, closed
-    return "returned", {}, "", time.monotonic() - start, closed
+        outcome = type(exc).__name__, getattr(exc, "details", {}), str(exc), time.monotonic() - start, closed
+    else:
+        outcome = "returned", {}, "", time.monotonic() - start, closed
+    if reported is not None:
+        open(os.path.join(reported, str(rank)), "w").close()
+    return outcome
 
 
 @pytest.mark.parametrize(
@@ -747,8 +753,8 @@ def test_a_rank_whose_agent_fails_fails_every_rank_of_the_world_at_once(scenario
             assert f"rank 1 {what}" in text and words in text
 
 
-def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout():
-    results = run_ranks(_world_failure_worker, 3, "absent", timeout=120.0, torchrun_env=False)
+def test_a_rank_missing_from_the_world_exchange_is_a_typed_timeout(tmp_path):
+    results = run_ranks(_world_failure_worker, 3, "absent", str(tmp_path), timeout=120.0, torchrun_env=False)
     for rank, (kind, _, text, seconds, closed) in enumerate(results[:2]):
         assert kind == "CommTimeoutError", (rank, kind, text)
         assert "transfer_agent's metadata exchange" in text and seconds < 20
