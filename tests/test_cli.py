@@ -136,6 +136,8 @@ def test_custom_backend_compares_algos_and_records_what_ran(tmp_path, monkeypatc
     )
     out = tmp_path / "out"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # two programs a launch (the CPU default is 32, interpreted one after another)
+    monkeypatch.setenv("SAGELLM_COMM_MAX_PROGRAMS", "2")
     proc = _run(
         ["bench", "--backend", "custom", "--world-size", "2", "--algo", "auto,one_shot", "--algo", "two_shot,nccl",
          "--message-sizes", "1K,4K", "--iters", "2", "--warmup", "1", "--dtype", "bf16",

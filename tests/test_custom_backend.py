@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import run_ranks
 
-INTERP = {"TRITON_INTERPRET": "1"}
+# two programs a launch (the CPU default is 32, interpreted one after another)
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
 
 
 def _small_custom_backend(rank: int, world_size: int, port: int):

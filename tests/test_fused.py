@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import run_ranks
 
-INTERP = {"TRITON_INTERPRET": "1"}
+# two programs a launch (the CPU default is 32, interpreted one after another)
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
 SLOT_BYTES = 16384
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # One rounding of the output plus the interpreter's truncating conversions.

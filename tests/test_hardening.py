@@ -19,7 +19,9 @@ import torch
 from sagellm_comm.config import MAX_INITIAL_EPOCH
 from tests.conftest import run_ranks
 
-INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None}
+# Workspaces the test does not size get two programs a launch (the CPU default is 32, interpreted one by one).
+INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
+          "SAGELLM_COMM_MAX_PROGRAMS": "2"}  # fmt: skip
 SLOT_BYTES = 16384
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -447,7 +447,9 @@ def _fused_gemm_custom_worker(rank: int, world_size: int, port: int) -> str:
 def test_fused_gemm_layer_on_the_custom_backend_takes_zero_tokens() -> None:
     """use_fused_gemm=True where the kernels run (interpreter ranks): the result of nn.Linear, the same bits on
     every rank, and a zero-token input gives an empty output like the layer without the option."""
-    digests = run_ranks(_fused_gemm_custom_worker, WORLD_SIZE, env={"TRITON_INTERPRET": "1"}, timeout=150.0)
+    # two programs a launch (the CPU default is 32, interpreted one after another)
+    env = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
+    digests = run_ranks(_fused_gemm_custom_worker, WORLD_SIZE, env=env, timeout=150.0)
     assert digests[0] == digests[1]
 
 

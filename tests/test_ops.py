@@ -180,7 +180,9 @@ def _custom_kernels_worker(rank: int, world_size: int, port: int) -> dict:
 
 
 def test_op_dispatches_to_custom_kernels_under_interpreter() -> None:
-    results = run_ranks(_custom_kernels_worker, 2, timeout=180.0, env={"TRITON_INTERPRET": "1"})
+    results = run_ranks(
+        _custom_kernels_worker, 2, timeout=180.0, env={"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
+    )
     assert results[0] == results[1]
 
 
