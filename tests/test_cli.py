@@ -109,18 +109,31 @@ def test_bench_gloo_two_processes_end_to_end(tmp_path):
     assert set(rows[0]) >= REQUIRED_FIELDS
 
 
+def _main_here(args: list[str], capfd, monkeypatch) -> tuple[int, str, str]:
+    """The CLI in this process, its ranks still processes it starts, in ``_run``'s environment: (exit status,
+    stdout, stderr), the ranks' output included.  The real process's own start is tested by ``_run``'s tests."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    capfd.readouterr()
+    status = cli.main(args)
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
 @pytest.mark.parametrize(("op", "redop", "root"), [("all_gather", "none", "-1"), ("reduce_scatter", "sum", "-1"),
                                                     ("broadcast", "none", "0")])  # fmt: skip
-def test_bench_other_ops_three_ranks(tmp_path, op, redop, root):
-    proc = _run(
+def test_bench_other_ops_three_ranks(tmp_path, op, redop, root, capfd, monkeypatch):
+    status, out, err = _main_here(
         ["bench", "--op", op, "--backend", "gloo", "--world-size", "3", "--message-sizes", "3K,96K",
-         "--iters", "3", "--warmup", "1", "--dtype", "bf16", "--output-dir", str(tmp_path), "--no-progress"]
+         "--iters", "3", "--warmup", "1", "--dtype", "bf16", "--output-dir", str(tmp_path), "--no-progress"],
+        capfd, monkeypatch,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = _table_rows(proc.stdout)
+    assert status == 0, err
+    rows = _table_rows(out)
     assert [int(r[0]) for r in rows] == [3072, 98304]
     assert all(r[2] == "bfloat16" and r[3] == redop and r[4] == root and r[10] == "0" for r in rows)
-    assert proc.stderr.strip() == ""  # --no-progress
+    assert err.strip() == ""  # --no-progress
     _, results = report.load_results(_only(tmp_path, f"{op}_ws3_*.json"))
     for rec in results:
         assert rec["op_type"] == op and rec["world_size"] == 3
