@@ -376,9 +376,10 @@ def _timeout_recovery_worker(rank, world_size, port, calls, marker):
 
     seen = []
     watchdog.add_error_handler(lambda ws, exc: seen.append(type(exc).__name__))
-    # The kernel timeout must hold through the set-up's self-test on a loaded machine (10 s), and rank 0 then
-    # waits it out once; the calls after reset() get a generous one, so only the late rank ever times out.
-    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=10.0).init(
+    # The kernel timeout must hold through the set-up's self-test on a loaded machine (5 s: with two programs a
+    # launch it held with both cores busy elsewhere), and rank 0 then waits it out once; the calls after reset()
+    # get a generous one, so only the late rank ever times out.
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=5.0).init(
         rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=60
     )
     assert backend.custom is not None, backend.custom_reason
@@ -555,9 +556,10 @@ def _reset_every_path_worker(rank, world_size, port, marker, calls):
 
     os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
     os.environ["SAGELLM_COMM_HIER_MIN_BYTES"] = "0"
-    # 10 s: the set-up's self-tests hold on a loaded machine; the fault below waits it out twice
+    # 5 s: the set-up's self-tests (two programs a launch) hold on a loaded machine; the fault below waits it out
+    # on rank 2 twice, then on rank 3 once
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
-                              max_bytes=16384, kernel_timeout=10.0)  # fmt: skip
+                              max_bytes=16384, kernel_timeout=5.0)  # fmt: skip
     backend = world.backend
     tp = world.split(2)
     plan = backend._hierarchical[None][1]

@@ -148,9 +148,10 @@ def _missing_worker(rank, world_size, port, marker):
     from sagellm_comm.errors import CommError
 
     os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
-    # kernel_timeout: long enough for the set-up's self-tests on a loaded machine; rank 2 waits it out once
-    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=20,
-                              max_bytes=16384, kernel_timeout=10.0)  # fmt: skip
+    # kernel_timeout: long enough for the set-up's self-tests (two programs a launch) on a loaded machine; rank 2
+    # waits it out once.  timeout (the engine's, which rank 0 waits out): 10 s past it, for rank 1 to see rank 3 go.
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=15,
+                              max_bytes=16384, kernel_timeout=5.0)  # fmt: skip
     if rank == 3:  # never calls; waits until its node peer has reported, then leaves
         deadline = time.monotonic() + 200
         while not os.path.exists(marker) and time.monotonic() < deadline:
