@@ -678,6 +678,41 @@ def test_chunk_pipeline_produces_each_chunk_before_reducing_it():
     torch.testing.assert_close(out, 2 * (a @ b))
 
 
+class _ClosingRank:
+    """A stand-in rank's workspace or all-reduce: ``close()`` records its rank in ``closed``, then raises
+    ``P2PFailedError`` if it is rank ``fail``."""
+
+    def __init__(self, rank: int, closed: list[int], fail: int | None):
+        self.rank, self.closed, self.fail = rank, closed, fail
+
+    def close(self) -> None:
+        from sagellm_comm.errors import P2PFailedError
+
+        self.closed.append(self.rank)
+        if self.rank == self.fail:
+            raise P2PFailedError(f"rank {self.rank}: unmapping a peer's region failed")
+
+
+def _closing_ranks(world_size: int, closed: list[int], fail: int | None = None) -> list[_ClosingRank]:
+    return [_ClosingRank(rank, closed, fail) for rank in range(world_size)]
+
+
+def _virtual_owner(owner: str, ranks: list[_ClosingRank]):
+    """A ``VirtualFused`` (its GEMM workspaces) or ``VirtualRankGroup`` (its all-reduces) over ``ranks`` on a
+    CUDA device, made without its constructor (which needs CUDA)."""
+    from sagellm_comm.fused import VirtualFused
+    from sagellm_comm.virtual import VirtualRankGroup
+
+    if owner == "VirtualFused":
+        virtual = object.__new__(VirtualFused)
+        virtual.gemm_workspaces = ranks
+    else:
+        virtual = object.__new__(VirtualRankGroup)
+        virtual.ranks = ranks
+    virtual.device = torch.device("cuda", 0)
+    return virtual
+
+
 @pytest.mark.parametrize("close_fails", [False, True])
 def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(monkeypatch, caplog, close_fails):
     """``VirtualFused`` makes the fused GEMM's workspaces, then the GEMM; a GEMM that cannot be made (no memory for
@@ -686,25 +721,16 @@ def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(m
     import logging
     import types
 
-    from sagellm_comm.errors import P2PFailedError
     from sagellm_comm.fused import virtual as virtual_module
 
     closed: list[int] = []
-
-    class _Workspace:
-        def __init__(self, rank: int):
-            self.rank = rank
-
-        def close(self) -> None:
-            closed.append(self.rank)
-            if close_fails and self.rank == 1:
-                raise P2PFailedError("rank 1: unmapping a peer's region failed")
 
     def no_gemm(*args, **kwargs):
         raise RuntimeError("CUDA error: out of memory (the GEMM's side stream)")
 
     monkeypatch.setattr(virtual_module, "FusedAllReduceRMSNorm", lambda *args, **kwargs: object())
-    monkeypatch.setattr(virtual_module, "local_workspaces", lambda w, *a, **k: [_Workspace(r) for r in range(w)])
+    fail = 1 if close_fails else None
+    monkeypatch.setattr(virtual_module, "local_workspaces", lambda w, *a, **k: _closing_ranks(w, closed, fail))
     monkeypatch.setattr(virtual_module, "GemmAllReduce", no_gemm)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132))  # fmt: skip
@@ -768,32 +794,15 @@ def test_virtual_ranks_close_during_a_capture_leaves_the_device_alone(monkeypatc
     """Synchronising the device during a CUDA graph capture invalidates the capture: close() then closes the
     workspaces (or all-reduces) at once, each releasing its memory once the capture ends, without synchronising."""
     from sagellm_comm import capture
-    from sagellm_comm.fused import VirtualFused
-    from sagellm_comm.virtual import VirtualRankGroup
 
     closed: list[int] = []
-
-    class _Workspace:
-        def __init__(self, rank: int):
-            self.rank = rank
-
-        def close(self) -> None:
-            closed.append(self.rank)
 
     def synchronize(device=None) -> None:
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(capture, "underway", lambda device=None: True)
-    ranks = [_Workspace(r) for r in range(3)]
-    if owner == "VirtualFused":
-        virtual = object.__new__(VirtualFused)
-        virtual.gemm_workspaces = ranks
-    else:
-        virtual = object.__new__(VirtualRankGroup)
-        virtual.ranks = ranks
-    virtual.device = torch.device("cuda", 0)
-    virtual.close()
+    _virtual_owner(owner, _closing_ranks(3, closed)).close()
     assert closed == [0, 1, 2]
 
 
@@ -803,34 +812,15 @@ def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, s
     """Closing the virtual ranks' fused workspaces (``VirtualFused``) or all-reduces (``VirtualRankGroup``) runs
     every rank's close even when the device synchronisation or one rank's close raises; the first error is raised
     once every step ran.  (Both need CUDA: made here without their constructors, ranks and device faked.)"""
-    from sagellm_comm.errors import P2PFailedError
-    from sagellm_comm.fused import VirtualFused
-    from sagellm_comm.virtual import VirtualRankGroup
 
     closed: list[int] = []
-
-    class _Rank:
-        def __init__(self, rank: int):
-            self.rank = rank
-
-        def close(self) -> None:
-            closed.append(self.rank)
-            if self.rank == 0:
-                raise P2PFailedError("rank 0: unmapping a peer's region failed")
 
     def synchronize(device=None) -> None:
         if sync_fails:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    ranks = [_Rank(r) for r in range(3)]
-    if owner == "VirtualFused":
-        virtual = object.__new__(VirtualFused)
-        virtual.gemm_workspaces = ranks
-    else:
-        virtual = object.__new__(VirtualRankGroup)
-        virtual.ranks = ranks
-    virtual.device = torch.device("cuda", 0)
+    virtual = _virtual_owner(owner, _closing_ranks(3, closed, 0))
     with pytest.raises(RuntimeError, match="illegal memory access" if sync_fails else "rank 0: unmapping"):
         virtual.close()
     assert closed == [0, 1, 2]
