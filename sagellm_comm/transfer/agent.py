@@ -642,7 +642,8 @@ class TransferAgent:
                 and not (self._closed or self._aborts or self._undelivered or self._drain_error is not None)
                 and (index is None or _current_device() == index)
             ):
-                return self._drains[0][1]()
+                read = self._drains[0][1]
+                return read()
         finally:
             lock.release()
         with self._call:
