@@ -483,7 +483,7 @@ class TransferAgent:
         the calling thread's CUDA device is not the agent's: the general path then refuses the request with its
         own error (or switches the device), so every outcome is the same whatever form the blocks came in.
 
-        The common request, so what :meth:`_known` and :class:`_AgentCall` do is written in line here (each call
+        The common request, so the agent's lock is taken in line rather than by :class:`_AgentCall` (each call
         layer costs the host a fraction of a microsecond, and this path is a few microseconds long)."""
         if blocks.__class__ is list and len(blocks) == 1 and blocks[0].__class__ is tuple and len(blocks[0]) == 3:
             row = blocks[0]  # the documented form, tested in line; one_block takes every other
@@ -500,16 +500,11 @@ class TransferAgent:
             index = self._call.device_index
             if index is not None and _current_device() != index:
                 return None
-            if self._aborts:
-                self._abort_deferred()
-            if self._closed or not (peer.__class__ is local_region.__class__ is remote_region.__class__ is str):
+            known = self._known(peer, local_region, remote_region)
+            if known is None:
                 return None
-            entry = self._peers.get(peer)
-            local = self._regions.get(local_region)
-            if entry is None or local is None:
-                return None
-            remote = entry.meta.regions.get(remote_region)
-            if remote is None or not one_block_fits(local.info, remote, lo, ro, n):
+            entry, local, remote = known
+            if not one_block_fits(local.info, remote, lo, ro, n):
                 return None
             if notify.__class__ is not bytes or not 0 < len(notify) <= MAX_MESSAGE_BYTES:
                 notify = _message(notify)  # converted, or refused with its error

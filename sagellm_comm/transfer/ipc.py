@@ -512,25 +512,15 @@ class IpcBackend(TransferBackend):
 
     def post_one(self, link, op, local: Region, remote: RegionInfo, local_offset: int, remote_offset: int,
                  nbytes: int, notify) -> IpcRequest:  # fmt: skip
-        """One block, once the peer is known alive (its last check is read in line: most posts trust it): the
-        resident copier's test of :meth:`_one_block` and :meth:`_quiet`, written in line (the common request: each
-        call layer costs the host a fraction of a microsecond), else :meth:`_launch_one`."""
+        """One block, once the peer is known alive (its last check is read in line: most posts trust it), by
+        :meth:`_one_block` in its direction."""
         if time.monotonic() >= link.alive_until:
             self._check_alive(link)
         if op == "write":
-            src, dst = local.ptr + local_offset, link.addresses[remote.name] + remote_offset
-        else:
-            src, dst = link.addresses[remote.name] + remote_offset, local.ptr + local_offset
-        copier = self.copier
-        if nbytes <= RESIDENT_MAX_BYTES and copier is not None:
-            query = self.stream_query
-            if (self.launches <= self.completed or self.finished(self.launches)) and (
-                query is None or query(_current_raw_stream(self.index)) == 0
-            ):
-                request = self._resident(copier, link, src, dst, nbytes, notify)
-                if request is not None:
-                    return request
-        return self._launch_one(link, src, dst, nbytes, notify)
+            return self._one_block(link, local.ptr + local_offset, link.addresses[remote.name] + remote_offset,
+                                   nbytes, notify)  # fmt: skip
+        return self._one_block(link, link.addresses[remote.name] + remote_offset, local.ptr + local_offset, nbytes,
+                               notify)  # fmt: skip
 
     def prepare(self, link, local: Region, remote: RegionInfo, layout: BlockLayout) -> Prepared:
         return Prepared(link, local, remote, layout)
@@ -577,14 +567,14 @@ class IpcBackend(TransferBackend):
         block of up to ``RESIDENT_MAX_BYTES`` goes to the resident copier instead when nothing orders it after
         other work: no launch of this agent in flight and the caller's current stream idle."""
         copier = self.copier
-        if nbytes <= RESIDENT_MAX_BYTES and copier is not None and self._quiet():
-            request = self._resident(copier, link, src, dst, nbytes, notify)
-            if request is not None:
-                return request
-        return self._launch_one(link, src, dst, nbytes, notify)
-
-    def _launch_one(self, link, src: int, dst: int, nbytes: int, notify) -> IpcRequest:
-        """:meth:`_one_block` by a launch (or the copy engine), the resident copier not taking it."""
+        if nbytes <= RESIDENT_MAX_BYTES and copier is not None:
+            query = self.stream_query  # no launch in flight and the caller's stream idle (tested in line)
+            if (self.launches <= self.completed or self.finished(self.launches)) and (
+                query is None or query(_current_raw_stream(self.index)) == 0
+            ):
+                request = self._resident(copier, link, src, dst, nbytes, notify)
+                if request is not None:
+                    return request
         self._fork(link)
         if nbytes >= COPY_ENGINE_BYTES:
             self._enqueue(link, notify, False, self.memory.copy_async, dst, src, nbytes, self.raw_stream)
@@ -621,14 +611,6 @@ class IpcBackend(TransferBackend):
         values[at_dst], values[at_nbytes], values[at_parts], values[at_part] = dst, nbytes, parts, part
         self._enqueue(link, notify, False, fast, programs, 1, self.raw_stream, values)
         return self._finish(link, None)
-
-    def _quiet(self) -> bool:
-        """Nothing a resident-copier request must wait for: no launch of this agent in flight, and the caller's
-        current stream idle (what its kernels wrote is in memory)."""
-        if self.launches > self.completed and not self.finished(self.launches):
-            return False
-        query = self.stream_query
-        return query is None or query(_current_raw_stream(self.index)) == 0
 
     def _resident(self, copier: ResidentCopier, link, src: int, dst: int, nbytes: int, notify
                   ) -> ResidentRequest | None:  # fmt: skip
