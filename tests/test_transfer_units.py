@@ -2211,6 +2211,38 @@ def test_adding_a_peer_whose_claim_lock_is_held_past_the_timeout_is_a_retryable_
         b.close()
 
 
+def test_a_peer_access_test_copy_not_done_in_time_is_a_retryable_error_not_a_fallback(live_sender, monkeypatch):
+    """The test copy of ``add_peer`` waiting past the agent's timeout (the GPU busy with other work) says nothing
+    about whether ipc reaches the peer: ``UnavailableError`` naming the peer, not ``BackendNotSupportedError``,
+    which would make ``auto`` settle on a slower transport for a peer of this host.  Nothing of the peer is kept,
+    and adding it again once the copy completes works."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = TransferAgent("a", "ipc", timeout=0.2), TransferAgent("b", "ipc")
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        backend = a._backends["ipc"]
+
+        def stuck(link, token):
+            raise CommTimeoutError(f"the peer access test copy from peer {link.peer.name!r} did not complete")
+
+        monkeypatch.setattr(backend, "_probe", stuck)
+        before = _open_fds()
+        with pytest.raises(UnavailableError, match="peer 'b'.*test copy.*did not complete.*add the peer again") as info:
+            a.add_peer(b.metadata())
+        assert info.value.details["peer"] == "b" and a.peers == [] and backend.links == []
+        assert _open_fds() == before
+        # The copy completing this time (the kernel cannot launch in the test's process under the interpreter):
+        # the slot and mappings of the failed try were given back, so the peer is added.
+        monkeypatch.setattr(backend, "_probe", lambda link, token: None)
+        assert a.add_peer(b.metadata()) == "b" and a.peer_backend("b") == "ipc"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_ring_slot_whose_sender_names_no_transfer_file_counts_as_dead(live_sender, tmp_path):
     """A claimer tells a live sender's slot by that sender's inbox lock, at the path the slot names: a path that is
     not a transfer file (any file some process holds a lock on) is never opened, and its slot is reused once

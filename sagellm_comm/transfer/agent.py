@@ -326,13 +326,14 @@ class TransferAgent:
 
         Each transport this agent runs is tried, best first, and the first that reaches the peer is used for every
         transfer with it; :meth:`peer_backend` and :meth:`backend_reason` say which and why.  A transport that reaches
-        the peer but cannot take it now (``ipc``: the peer's inbox has no free slot, or its claim lock is held past the
-        agent's timeout) raises ``UnavailableError`` naming the peer, and no worse transport is tried in its place: add
-        the peer again later.  A peer of that name already known is replaced: a restarted one (another incarnation) is
-        removed first; the same agent (new regions) once the new metadata connected, so that metadata refused leaves the
-        peer as it was.  The replaced peer is removed as by :meth:`remove_peer`; its prepared pools are released.  If a
-        step of that removal raises, every other step still runs, no peer of that name is left (a new link already
-        connected is let go too) and the step's error is raised: add the peer again.
+        the peer but cannot take it now (``ipc``: the peer's inbox has no free slot, its claim lock is held past the
+        agent's timeout, or the test copy through the mapping did not complete within it) raises ``UnavailableError``
+        naming the peer, and no worse transport is tried in its place: add the peer again later.  A peer of that name
+        already known is replaced: a restarted one (another incarnation) is removed first; the same agent (new regions)
+        once the new metadata connected, so that metadata refused leaves the peer as it was.  The replaced peer is
+        removed as by :meth:`remove_peer`; its prepared pools are released.  If a step of that removal raises, every
+        other step still runs, no peer of that name is left (a new link already connected is let go too) and the step's
+        error is raised: add the peer again.
         """
         meta = AgentMetadata.decode(metadata)
         with self._call:

@@ -411,7 +411,9 @@ class IpcBackend(TransferBackend):
             self._probe(link, blob["probe"]["token"])
         except BaseException as exc:  # whatever failed, the slot, handles and mappings taken so far are let go
             self._release(link)
-            if isinstance(exc, UnavailableError):  # no free slot, or the claim lock held, now: add it again later
+            # No free slot, the claim lock held, or the test copy not done in time (a GPU busy with other work):
+            # a condition of now, not a transport that cannot reach the peer: add it again later.
+            if isinstance(exc, UnavailableError | CommTimeoutError):
                 raise UnavailableError(
                     f"peer {peer.name!r} cannot be added over ipc now: {exc.message}; add the peer again later",
                     details={**exc.details, "peer": peer.name},
