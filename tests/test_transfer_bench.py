@@ -149,3 +149,23 @@ def test_ratios_are_against_the_first_backend_asked_for_and_absent_where_it_fail
                       ("torch", 1): 2.0}  # fmt: skip
     table = format_table(result)
     assert "failed: write did not complete" in table and "     -" in table
+
+
+@pytest.mark.parametrize("memory", ["cpu", "cuda"])
+def test_our_agent_is_timed_on_the_device_only_when_its_pools_are_gpu_memory(memory, monkeypatch):
+    """On a host with a GPU, a CPU run (``--device cpu``, the ipc path under the interpreter) is timed by the wall
+    clock like everything else on the CPU, and its record says so; only GPU pools are timed with CUDA events."""
+    import torch
+
+    from sagellm_comm.benchmark.transfer_movers import AgentMover
+    from sagellm_comm.transfer.descriptors import RegionInfo
+
+    class Agent:
+        def peer_backend(self, peer):
+            return "ipc"
+
+        def peer_regions(self, peer):
+            return {"pool": RegionInfo("pool", 1 << 20, "uint8", 1, memory)}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert AgentMover(Agent(), "peer-ipc", False, 5.0).device_timed == (memory == "cuda")

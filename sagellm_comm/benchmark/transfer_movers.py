@@ -50,7 +50,8 @@ class AgentMover:
 
     def __init__(self, agent, peer: str, prepared: bool, timeout: float):
         self.agent, self.peer, self.prepared, self.timeout = agent, peer, prepared, timeout
-        self.device_timed = agent.peer_backend(peer) == "ipc" and torch.cuda.is_available()
+        # GPU pools only: a CPU run (the ipc path under the interpreter) is timed by the wall clock, GPU or not
+        self.device_timed = agent.peer_backend(peer) == "ipc" and agent.peer_regions(peer)["pool"].device == "cuda"
         self._pools: dict[int, object] = {}
         self._tables: dict[int, list | np.ndarray] = {}
 
