@@ -657,6 +657,35 @@ def test_install_keeps_a_pass_already_there_and_uninstall_restores_it() -> None:
         assert config.post_grad_custom_post_pass is None
 
 
+def test_a_fusion_pass_inside_a_nested_pass_chain_is_found(monkeypatch) -> None:
+    """A ``PassChain`` made around a slot that already holds the fusion pass (a chain in a chain): ``install`` does
+    not add a second one, ``uninstall`` removes it, and ``compile`` runs it once."""
+    from torch._inductor import config
+
+    def theirs(graph):
+        pass
+
+    def mine(graph):
+        pass
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    with config.patch(post_grad_custom_post_pass=theirs):
+        fusion.install()
+        config.post_grad_custom_post_pass = fusion.PassChain([config.post_grad_custom_post_pass, mine])
+        fusion.install()
+        slot = config.post_grad_custom_post_pass
+        assert slot.passes == (theirs, mine, fusion.passes()), slot.passes
+        gm = _trace(lambda x, r, w: llama_rmsnorm(r + all_reduce(x), w), *_chain_specs())
+        fusion.reset_stats()
+        slot(gm.graph)
+        assert fusion.stats() == fusion.FusionStats(replaced={"rmsnorm": 1}, graphs=1)
+        fusion.compile(torch.nn.Linear(2, 2))
+        assert calls[-1]["options"]["post_grad_custom_post_pass"].passes == (theirs, mine, fusion.passes())
+        fusion.uninstall()
+        assert config.post_grad_custom_post_pass.passes == (theirs, mine)
+
+
 def test_a_fusion_pass_already_in_the_slot_is_not_installed_twice(monkeypatch) -> None:
     """An ``AllReduceFusionPass()`` of the user's own in the slot is the fusion pass: ``compile`` and ``install``
     do not chain a second one after it (each graph would be rewritten, and counted in ``stats()``, twice)."""

@@ -81,10 +81,11 @@ class PassChain(CustomGraphPass):
 
 
 def _members(slot: Any) -> list[Any]:
+    """The passes of ``slot`` in the order they run, chains and lists flattened (a chain may hold a chain)."""
     if slot is None:
         return []
     if isinstance(slot, PassChain):
-        return list(slot.passes)
+        return _members(slot.passes)
     if isinstance(slot, (list, tuple)):
         return [p for item in slot for p in _members(item)]
     return [slot]
