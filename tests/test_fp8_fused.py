@@ -306,6 +306,17 @@ def test_reference_quantiser_by_hand():
     assert (q.float()[0, 128:] * s[0, 1] - y[0, 128:]).abs().max() <= 1e-3 / 16
 
 
+@pytest.mark.parametrize("quant", [None, "none", "fp8_per_tensor"])
+def test_reference_quantiser_refuses_a_quant_that_is_no_fp8_mode(quant):
+    """Only the FP8 modes quantise: no mode (None) is not quietly one of them."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import quantize_fp8_reference
+
+    for hidden in (256, 200):
+        with pytest.raises(InvalidArgumentError, match="quant must be one of"):
+            quantize_fp8_reference(torch.randn(2, hidden), quant)
+
+
 @pytest.mark.parametrize("quant", MODES)
 def test_reference_is_within_half_a_step_of_y(quant):
     """Independently: |q * s - y| <= half the FP8 spacing at q (round to nearest), scales as documented."""

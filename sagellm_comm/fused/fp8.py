@@ -110,6 +110,8 @@ def quantize_fp8_reference(
     (``"fp8_per_token"``) or ``[..., hidden // 128]`` (``"fp8_group128"``), fp32.  See the module docstring for
     the arithmetic; the fused kernels produce the same bits from the same ``y``.
     """
+    if quant not in FP8_QUANT_MODES:  # check_quant takes None (no quantisation), which has no q to give
+        raise InvalidArgumentError(f"quant must be one of {FP8_QUANT_MODES}, got {quant!r}")
     check_quant(quant, scale, y)
     v = y.float()
     if quant == "fp8":
