@@ -652,6 +652,56 @@ def test_a_peer_added_again_and_again_keeps_no_sockets_and_a_restarted_one_conne
     assert after - before <= 2, (before, after)
 
 
+def _foreign_section_worker(rank, world_size, port):
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import AgentMetadata
+
+    a, b, c = TransferAgent("a", "nixl"), TransferAgent("b", "nixl"), TransferAgent("c", "nixl")
+    src = a.allocate("kv", 1024, torch.uint8)
+    into_b, into_c = b.allocate("kv", 1024, torch.uint8), c.allocate("kv", 1024, torch.uint8)
+    src[:] = 7
+    refusals = []
+
+    def forged() -> bytes:  # b's metadata carrying c's NIXL section (regions included)
+        meta = AgentMetadata.decode(b.metadata())
+        meta.transports["nixl"] = AgentMetadata.decode(c.metadata()).transports["nixl"]
+        return meta.encode()
+
+    def refused() -> bool:
+        try:
+            a.add_peer(forged())
+        except InvalidArgumentError as exc:
+            return "'b'" in exc.message and "'c'" in exc.message and "b" not in a.peers
+        return False
+
+    def delivered(peer: str, receiver, into: torch.Tensor, note: bytes) -> bool:
+        a.write(peer, "kv", "kv", [(0, 0, 64)], notify=note).wait(10)
+        seen, deadline = [], time.monotonic() + 10
+        while ("a", note) not in seen and time.monotonic() < deadline:
+            seen += receiver.notifications()
+            time.sleep(1e-3)
+        return bool(into[:64].eq(7).all()) and ("a", note) in seen
+
+    refusals.append(refused())  # c not loaded before: loaded by the refused call, then unloaded
+    ok = [delivered(a.add_peer(c.metadata()), c, into_c, b"to-c")]
+    refusals.append(refused())  # c a live peer: its link is left as it was
+    ok.append(delivered("c", c, into_c, b"to-c-again"))
+    ok.append(delivered(a.add_peer(b.metadata()), b, into_b, b"to-b"))
+    for agent in (a, b, c):
+        agent.close()
+    return refusals, ok
+
+
+def test_metadata_carrying_another_agents_nixl_section_is_refused_and_that_agent_stays_reachable():
+    """A peer's metadata whose NIXL section is another agent's (spliced or corrupted) would send the peer's
+    transfers and notifications to that agent: refused at add_peer, naming both, with no peer added; the other
+    agent, loaded by that call or a live peer already, is reached as before."""
+    ((refusals, ok),) = run_ranks(_foreign_section_worker, 1, timeout=120.0)
+    assert refusals == [True, True]
+    assert ok == [True, True, True]
+
+
 # ============================================================================ a CommBackend world's agents
 def _world_worker(rank, world_size, port):
     import sagellm_comm

@@ -402,6 +402,14 @@ class NixlBackend(TransferBackend):
                     raise
                 raise BackendNotSupportedError(f"NIXL cannot load peer {peer.name!r}'s metadata: {exc!r}") from None
             name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != peer.name:  # another agent's section: its transfers and notifications would go there
+                loaded_before = name in self.parked or any(k.nixl_name == name for k in self.links)
+                if not loaded_before and name != self.context.name:
+                    self._unload(name)  # loaded by this call only
+                raise InvalidArgumentError(
+                    f"peer {peer.name!r}'s metadata carries the NIXL section of agent {name!r}: metadata of one "
+                    "agent, unchanged, is what add_peer takes"
+                )
             try:
                 self.agent.make_connection(name)  # connection set-up now, not in the first transfer
             except Exception as exc:
