@@ -371,6 +371,17 @@ def test_a_graph_without_all_reduces_is_untouched() -> None:
     assert done == fusion.FusionStats(graphs=1) and gm.code == code
 
 
+def test_an_all_reduce_plus_a_number_keeps_the_tensor_first() -> None:
+    """The residual is put first in ``add(all_reduced, residual)`` to meet the patterns; a number added to the
+    all-reduce stays second (``aten.add.Tensor`` takes a tensor first)."""
+    gm = _trace(lambda x, r, w: llama_rmsnorm(all_reduce(x) + 2.0, w) + r, *_chain_specs())
+    adds = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor)
+    assert any(not isinstance(a.args[1], torch.fx.Node) for a in adds)  # the traced form this test is about
+    _rewrite(gm)
+    adds = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor)
+    assert adds and all(isinstance(a.args[0], torch.fx.Node) for a in adds), [a.args for a in adds]
+
+
 # ============================================================================ FP8
 
 

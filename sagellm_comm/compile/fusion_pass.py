@@ -202,12 +202,13 @@ def _default_sum(sites: list[torch.fx.Node]) -> None:
 
 
 def _residual_first(sites: list[torch.fx.Node]) -> None:
-    """``add(all_reduced, other)`` -> ``add(other, all_reduced)`` (no ``alpha``: that add does not commute)."""
+    """``add(all_reduced, other)`` -> ``add(other, all_reduced)`` where ``other`` is a tensor (no ``alpha``: that
+    add does not commute; a number stays second, as ``aten.add.Tensor`` takes it)."""
     for node in sites:
         for user in list(node.users):
             if user.target is torch.ops.aten.add.Tensor and not user.kwargs and len(user.args) == 2:
                 first, second = user.args
-                if first is node and second is not node:
+                if first is node and isinstance(second, torch.fx.Node) and second is not node:
                     user.args = (second, first)
 
 
