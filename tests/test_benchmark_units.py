@@ -279,6 +279,27 @@ def test_check_counts_wrong_elements(op):
     assert b.num_wrong() == 2
 
 
+@pytest.mark.parametrize(
+    ("dtype", "expected", "got"),
+    [
+        (torch.bfloat16, 100.0, 100.5),  # one ulp above (ulp 0.5 in [64, 128))
+        (torch.bfloat16, 125.0, 124.5),  # one ulp below
+        (torch.bfloat16, 40.0, 40.25),
+        (torch.bfloat16, -64.0, -64.5),
+        (torch.float16, 100.0, 100.0625),
+        (torch.float16, 5.0, 5.00390625),
+    ],
+)
+def test_a_value_one_ulp_off_is_wrong(dtype, expected, got):
+    """The references are small integers, exact in every dtype: a result one ulp away from one is a wrong value,
+    whatever the size of the reference."""
+    want = torch.tensor([expected, 3.0], dtype=torch.float64)
+    output = torch.tensor([got, 3.0], dtype=dtype)
+    assert output[0].item() == got  # representable: one ulp, not rounded back
+    assert ops.count_wrong(output, want) == 1
+    assert ops.count_wrong(want.to(dtype), want) == 0
+
+
 def test_out_of_place_output_is_poisoned_before_check():
     b = ops.make_buffers("all_gather", 64, torch.float32, 0, 2, "cpu")
     b.output.copy_(b.expected().float())

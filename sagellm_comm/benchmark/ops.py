@@ -217,7 +217,12 @@ def count_wrong(output: torch.Tensor, expected: torch.Tensor) -> int:
     got = output.to(torch.float64)
     want = expected.to(torch.float64)
     if output.dtype in (torch.float16, torch.bfloat16):
-        tol = torch.finfo(output.dtype).eps * want.abs()
+        # half the spacing of the output dtype at ``want`` (|want| = m * 2**e, m in [0.5, 1): spacing eps * 2**(e-1)),
+        # so a result one ulp off is wrong, and zero is exact
+        _, exponent = torch.frexp(want)
+        tol = torch.where(
+            want == 0, 0.0, torch.ldexp(torch.full_like(want, torch.finfo(output.dtype).eps / 4), exponent)
+        )
     else:
         tol = torch.zeros_like(want)
     ok = (got - want).abs() <= tol
