@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from sagellm_comm.benchmark.measure import reduce_across_ranks
-from sagellm_comm.benchmark.ops import dtype_name, resolve_dtype
+from sagellm_comm.benchmark.ops import count_wrong, dtype_name, rank_pattern, reference_output, resolve_dtype
 from sagellm_comm.benchmark.overlap_results import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
@@ -126,17 +126,18 @@ class _RankBench:
         (as ``sagellm-comm bench`` counts them)."""
         numel = max(1, nbytes // self.dtype.itemsize)
         if self.virtual is None:  # this process's rank
-            buffers, values = [torch.empty(numel, device=self.device, dtype=self.dtype)], [self.backend.rank + 1]
-            ranks = self.backend.world_size
+            ranks, own = self.backend.world_size, [self.backend.rank]
         else:  # every virtual rank's buffer lives in this process
             ranks = self.virtual.world_size
-            buffers = [torch.empty(numel, device=self.device, dtype=self.dtype) for _ in range(ranks)]
-            values = list(range(1, ranks + 1))
-        expected = float(ranks * (ranks + 1) // 2)
+            own = list(range(ranks))
+        # bench's inputs: every element of every rank differs, so a sum landed at another index is counted wrong
+        sources = [rank_pattern(numel, r, self.dtype, self.device) for r in own]
+        buffers = [source.clone() for source in sources]
+        expected = reference_output("all_reduce", numel, own[0], ranks, self.dtype, self.device)
 
         def fill() -> None:
-            for buffer, value in zip(buffers, values, strict=True):
-                buffer.fill_(float(value))
+            for buffer, source in zip(buffers, sources, strict=True):
+                buffer.copy_(source)
 
         def comm_alone(mark) -> None:
             mark()
@@ -162,7 +163,7 @@ class _RankBench:
         comm_only = self._iterations(comm_alone, iters, warmup, reset=fill)
         both = self._iterations(overlapped, iters, warmup, reset=fill)
         self.sync()
-        wrong = sum(int((b != expected).sum()) for b in buffers)  # the last overlapped iteration's result
+        wrong = sum(count_wrong(b, expected) for b in buffers)  # the last overlapped iteration's result
         medians = [
             _median([s[0] for s in compute_alone]),
             _median([s[0] for s in comm_only]),
