@@ -220,6 +220,9 @@ BAD_OPTIONS = [
     (["--sizes", "1M:1K"], "lower bound"),
     (["--message-sizes", "1K", "x"], "bad message size 'x'"),
     (["--world-size", "0"], "--world-size must be >= 1"),
+    # as overlap refuses them: the custom kernels run 2..8 ranks (were accepted, and failed on the GPU)
+    (["--virtual-ranks", "9"], "--virtual-ranks must be in 2..8, got 9"),
+    (["--virtual-ranks", "1"], "--virtual-ranks must be in 2..8, got 1"),
     # were processes started until memory ran out, and a traceback from every rank
     (["--backend", "gloo", "--world-size", "100000"], "--world-size 100000 would start 100000 processes"),
     (["--backend", "gloo", "--sizes", "99999999999999999999G"], "cannot fit: 2 ranks x "),

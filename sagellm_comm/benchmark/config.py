@@ -14,6 +14,7 @@ DEFAULT_ITERS = 20
 DEFAULT_GRAPH_CALLS = 10
 DEFAULT_SPAWN_WORLD_SIZE = 2
 VIRTUAL_MODES = ("stacked", "streams")
+VIRTUAL_RANKS = range(2, 9)  # --virtual-ranks: the custom kernels' group sizes
 VIRTUAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

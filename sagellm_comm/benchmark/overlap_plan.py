@@ -26,6 +26,7 @@ from sagellm_comm.benchmark.plan import (
     check_outputs,
     check_repetitions,
     check_settings,
+    check_virtual_ranks,
     cuda_available,
     launch_world,
     ranks_sharing_memory,
@@ -33,9 +34,6 @@ from sagellm_comm.benchmark.plan import (
 )
 from sagellm_comm.benchmark.sizes import parse_size_list
 from sagellm_comm.errors import InvalidArgumentError
-
-#: virtual ranks the overlap benchmark runs (the custom kernels' group sizes)
-VIRTUAL_RANKS = range(2, 9)
 
 
 @dataclass(frozen=True)
@@ -61,8 +59,8 @@ def check_numbers(config: OverlapConfig) -> None:
         check_int(config.gemm_size, "--gemm-size", 1)
     if config.world_size is not None:
         check_int(config.world_size, "--world-size", 1)
-    if config.virtual_ranks is not None and config.virtual_ranks not in VIRTUAL_RANKS:
-        raise InvalidArgumentError(f"--virtual-ranks must be in 2..8, got {config.virtual_ranks}")
+    if config.virtual_ranks is not None:
+        check_virtual_ranks(config.virtual_ranks)
 
 
 def resolve_payload(config: OverlapConfig, uses_cuda: bool) -> tuple[tuple[int, ...], torch.dtype]:

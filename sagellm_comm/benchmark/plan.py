@@ -38,6 +38,7 @@ from sagellm_comm.benchmark.config import (
     DEFAULT_SPAWN_WORLD_SIZE,
     VIRTUAL_DTYPES,
     VIRTUAL_MODES,
+    VIRTUAL_RANKS,
     BenchConfig,
     LaunchPlan,
 )
@@ -319,6 +320,11 @@ def check_repetitions(warmup: int, iters: int, timeout: float) -> None:
         raise InvalidArgumentError(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {timeout}")
 
 
+def check_virtual_ranks(virtual_ranks: int) -> None:
+    """``--virtual-ranks`` (``sagellm-comm bench`` and ``overlap``): an integer the custom kernels run, 2..8."""
+    check_int(virtual_ranks, "--virtual-ranks", VIRTUAL_RANKS.start, VIRTUAL_RANKS.stop - 1)
+
+
 def check_settings() -> None:
     """A malformed ``SAGELLM_COMM_*`` setting (``docs/configuration.md``; e.g. ``SAGELLM_COMM_TOPOLOGY``) is
     refused here, naming the variable, rather than in every rank."""
@@ -414,7 +420,7 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
     cuda = cuda_available()
 
     if config.virtual_ranks is not None:
-        check_int(config.virtual_ranks, "--virtual-ranks", 1)
+        check_virtual_ranks(config.virtual_ranks)
         if not cuda:
             raise InvalidArgumentError("--virtual-ranks needs a CUDA GPU, and none is available here")
         if config.world_size is not None:

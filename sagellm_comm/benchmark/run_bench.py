@@ -86,7 +86,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=int,
         help="processes to start on this host when not under torchrun (default: 2 on CPU, one per GPU)",
     )
-    where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU")
+    where.add_argument("--virtual-ranks", type=int, metavar="N", help="N ranks of the custom kernels on one GPU (2..8)")
     where.add_argument(
         "--virtual-mode",
         choices=VIRTUAL_MODES,
