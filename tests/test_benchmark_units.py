@@ -160,6 +160,22 @@ def test_a_point_timed_at_zero_is_written_and_shown_without_bandwidth(tmp_path):
     assert "# Avg bus bandwidth    : 1.024 GB/s" in table  # the points that have one
 
 
+def test_a_script_run_as_a_module_records_the_module_command(monkeypatch):
+    """``python -m bench.soak --calls 5`` is recorded as that command, not as the path of the module's file (which,
+    run as a script, would import another ``sagellm_comm`` than the checkout's)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.machinery.ModuleSpec("bench.soak", None, origin="/repo/bench/soak.py")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/repo/bench/soak.py", "--calls", "5", "--out", "a b.json"])
+    assert provenance.provenance("cpu")["command"].endswith(" -m bench.soak --calls 5 --out 'a b.json'")
+    main.__spec__ = None  # python bench/soak.py: the script's path as given
+    assert provenance.provenance("cpu")["command"].endswith(" /repo/bench/soak.py --calls 5 --out 'a b.json'")
+
+
 def test_a_transfer_point_timed_at_zero_has_no_bandwidth():
     measured = {
         "points": [{"backend": "torch", "op": "write", "block": 4096, "count": 1, "num_wrong": 0, "timing": "wall",

@@ -123,6 +123,16 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join([args[0], shlex.join(args[1:])]) if args else ""
 
 
+def script_invocation() -> list[str]:
+    """How this interpreter was told to run its main module: ``["-m", "bench.soak"]`` for ``python -m bench.soak``
+    (``sys.argv[0]`` is then the module's file), else ``[sys.argv[0]]``, the script as given."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if name:
+        return ["-m", name.removesuffix(".__main__")]
+    return sys.argv[:1]
+
+
 def provenance(device: str, **extra: Any) -> dict:
     """The ``meta`` block of a script's result file: device, date, command, commit, dirty flag, versions."""
     import torch
@@ -131,7 +141,7 @@ def provenance(device: str, **extra: Any) -> dict:
     meta = {
         "device": device,
         "date": now_utc(),
-        "command": command_line([os.path.basename(sys.executable), *sys.argv]),
+        "command": command_line([os.path.basename(sys.executable), *script_invocation(), *sys.argv[1:]]),
         "commit": state.commit,
         "dirty": state.dirty,
         "commit_source": state.source,
