@@ -110,9 +110,8 @@ def _one_of(*values: Any) -> tuple[str, Callable, Callable]:
     by_text = {str(v): v for v in values}
 
     def check(value: Any) -> Any:
-        if isinstance(value, bool) and not all(isinstance(v, bool) for v in values):
-            raise ValueError(accepted)
-        if value not in values:
+        # The value itself, not one equal to it: 4.0 == 4 and True == 1, but neither is a listed value.
+        if not any(type(value) is type(v) and value == v for v in values):
             raise ValueError(accepted)
         return value
 

@@ -111,6 +111,16 @@ def test_values_given_in_code_are_checked():
     assert CommConfig().replace(check=True).check is True
 
 
+def test_a_choice_given_in_code_is_one_of_the_listed_values_not_an_equal_number():
+    """``large_num_warps=4.0`` equals the listed 4 but is not one of the integers the setting takes: a float warp count
+    would reach the launches, and a rank holding 4.0 would be refused as differing from a peer holding 4."""
+    for bad in (4.0, 8.0):
+        with pytest.raises(InvalidArgumentError, match=r"large_num_warps=.* \(SAGELLM_COMM_LARGE_NUM_WARPS\)"):
+            CommConfig(large_num_warps=bad)
+    from_env = CommConfig.from_env({"SAGELLM_COMM_LARGE_NUM_WARPS": "4"})
+    assert CommConfig(large_num_warps=4).agreement() == from_env.agreement()
+
+
 def test_the_initial_epoch_leaves_2_40_calls_before_any_overflow():
     # The largest flag a call writes is the start flag 2 * (call + 1) + 1 (kernels/all_reduce.py).
     assert 2 * (MAX_INITIAL_EPOCH + (1 << 40) + 1) + 1 <= (1 << 63) - 1
