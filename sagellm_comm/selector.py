@@ -179,7 +179,7 @@ class AlgoSelector:
         if source is None:  # what a Selection and a mismatch between ranks name
             source = "default" if self.rules == tuple(DEFAULT_RULES) else "rules given in code"
         self.source = source
-        self._cache: dict[tuple[int, int, int], Selection] = {}
+        self._cache: dict[tuple[int, int, int | None], Selection] = {}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> AlgoSelector:
@@ -222,7 +222,7 @@ class AlgoSelector:
 
     def select(self, nbytes: int, world_size: int, capacity_bytes: int | None = None) -> Selection:
         """Pick the algorithm for an all-reduce of ``nbytes`` over ``world_size`` ranks."""
-        key = (nbytes, world_size, capacity_bytes or 0)
+        key = (nbytes, world_size, capacity_bytes)  # None (no capacity) is not 0 (a workspace that takes nothing)
         hit = self._cache.get(key)
         if hit is not None:
             return hit

@@ -42,6 +42,14 @@ def test_messages_over_the_workspace_go_to_nccl_whatever_the_policy():
     assert str((1 << 20) + 1) in over.reason
 
 
+def test_a_decision_without_a_capacity_and_one_with_a_zero_byte_workspace_are_not_mixed_up():
+    for first, second in ((None, 0), (0, None)):
+        sel = AlgoSelector()
+        decided = {cap: sel.select(100, 2, capacity_bytes=cap) for cap in (first, second)}
+        assert decided[None].algo == "lamport", first
+        assert (decided[0].algo, decided[0].rule_id) == ("nccl", "over-workspace"), first
+
+
 def test_the_engine_path_is_labelled_with_the_engine_that_runs_it():
     sel = AlgoSelector.from_dict({"rules": [{"id": "small", "algo": "one_shot", "max_bytes": 1024}]})
     over = sel.select(4096, 2, capacity_bytes=2048)
