@@ -339,6 +339,36 @@ def test_successive_worlds_on_a_launcher_store_do_not_read_each_others_keys() ->
     assert run_ranks(_worlds_one_after_another, 2, timeout=240) == [[1.0, 3.0, 5.0]] * 2
 
 
+def _auto_on_unlike_ranks(rank: int, world_size: int, port: int) -> tuple:
+    """``"auto"`` is resolved on each rank: rank 0 can run the custom kernels (under the interpreter), rank 1
+    cannot, so each picks another kind for the one world."""
+    import os
+
+    import sagellm_comm
+    from sagellm_comm.errors import ConfigMismatchError
+
+    if rank == 1:
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        world = sagellm_comm.init(backend="auto", rank=rank, world_size=world_size, master_port=port, timeout=20)
+    except ConfigMismatchError as exc:
+        return ("refused", str(exc), exc.details["settings"])
+    name = world.backend.name
+    sagellm_comm.destroy()
+    return ("ran", name)
+
+
+def test_ranks_whose_backend_kinds_differ_are_refused_at_init() -> None:
+    """Two kinds on one world would pair one kind's set-up exchanges or collectives with the other's (a wait until
+    the timeout, or wrong results): every rank's init refuses it, naming each rank's kind."""
+    outcomes = run_ranks(_auto_on_unlike_ranks, 2, env={"TRITON_INTERPRET": "1"}, timeout=120)
+    for outcome in outcomes:
+        assert outcome[0] == "refused", outcomes
+        message, settings = outcome[1], outcome[2]
+        assert settings == {"the backend kind": {"custom": [0], "gloo": [1]}}, settings
+        assert "custom on ranks [0]" in message and "gloo on ranks [1]" in message, message
+
+
 # ---------------------------------------------------------------------- registry: a backend in one file
 
 

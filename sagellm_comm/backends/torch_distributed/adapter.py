@@ -35,6 +35,7 @@ from sagellm_comm.backend import (
 from sagellm_comm.errors import (
     BackendNotSupportedError,
     CommError,
+    ConfigMismatchError,
     GroupInvalidError,
     GroupNotFoundError,
     InvalidArgumentError,
@@ -144,14 +145,37 @@ class TorchDistributedBackend(CommBackend):
             if self._device is None:
                 self._device = pick_device(self.engine, local_rank)
             cpu = dist.group.WORLD if self.engine.host_blocking else self._gloo_group(range(world_size))
+            self._check_same_kind(cpu, world_size)
         except Exception as exc:
-            error = self._translate(exc, "init (device, cpu group)", timeout)
+            error = self._translate(exc, "init (device, cpu group, backend kinds)", timeout)
             # init's own failure is the one to report
             undo_after_failure([self._teardown, self._reset], log, "sagellm-comm init: releasing the half-made world")
             raise error from exc
         self._world = GroupHandle(tuple(range(world_size)), rank, dist.group.WORLD, cpu)
         self._initialized, self._destroyed = True, False
         return self
+
+    def _check_same_kind(self, cpu_group: Any, world_size: int) -> None:
+        """Every rank of the world runs this kind (``"auto"`` is resolved on each rank, by what each can run).
+
+        Ranks of two kinds would pair one kind's set-up exchanges or collectives with the other's: a wait until the
+        timeout, or wrong results.  One exchange over the world's CPU side finds it first, and every rank raises
+        :class:`ConfigMismatchError` naming each rank's kind."""
+        if world_size == 1:
+            return
+        kinds: list[Any] = [None] * world_size
+        dist.all_gather_object(kinds, self.name, group=cpu_group)
+        if all(kind == kinds[0] for kind in kinds):
+            return
+        sides: dict[str, list[int]] = {}
+        for rank, kind in enumerate(kinds):
+            sides.setdefault(str(kind), []).append(rank)
+        said = "; ".join(f"{kind} on ranks {ranks}" for kind, ranks in sides.items())
+        raise ConfigMismatchError(
+            f"init: the ranks of the world run different backend kinds ({said}); every rank must run the same kind "
+            "(a kind that 'auto' chose on one rank may not run on another: name the kind on every rank)",
+            details={"settings": {"the backend kind": sides}, "ranks": list(range(world_size)), "where": "init"},
+        )
 
     def _adopt_world(self, rank: int, world_size: int) -> None:
         have = (dist.get_rank(), dist.get_world_size())
