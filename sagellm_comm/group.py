@@ -247,7 +247,8 @@ def init(
     backend (``"auto"`` names the one running), ``timeout`` differs from the one the group was made with, or a
     backend option (``**kwargs``) differs from the one it was made with or was not given then.  A group's timeout
     and options are fixed when it is made (the engine's process groups keep them), so new ones take
-    :func:`destroy` first.
+    :func:`destroy` first.  ``master_addr`` and ``master_port`` serve the rendezvous that makes the group: a call
+    that finds the group made does not read them.
     """
     global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS
     if timeout is not None:
