@@ -429,7 +429,8 @@ class RowParallelLinear(_ParallelLinearBase):
             if self.reduce_results and self.tp_size > 1:
                 output = torch.ops.sagellm_comm.all_reduce(output, self.group_name, "sum")
         if self.bias is not None and not self.skip_bias_add:
-            output = output + self.bias  # once, on the reduced sum
+            # once, on the reduced sum; in the output's dtype (under torch.autocast F.linear's, as nn.Linear's bias)
+            output = output + self.bias.to(output.dtype)
         return self._result(output, self.bias if self.skip_bias_add else None)
 
     def extra_repr(self) -> str:

@@ -86,6 +86,23 @@ def check_row_bias_once(rank: int, world) -> None:
     torch.testing.assert_close(out, x_local @ ref.weight.detach()[:, rank * 4 : rank * 4 + 4].T, **_tol(torch.float64))
 
 
+def check_row_bias_under_autocast(rank: int, world) -> None:
+    """Under torch.autocast the row-parallel output has nn.Linear's dtype, with a bias as without one (adding the
+    parameter's dtype bias to the autocast result would promote it back to the parameters' dtype)."""
+    from sagellm_comm.layers import RowParallelLinear
+
+    for bias in (True, False):
+        ref = _reference(8, 6, bias, torch.float32, 9)
+        layer = RowParallelLinear.from_linear(ref, group=world)
+        x = _input((3, 8), torch.float32, 10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = ref(x).detach()
+            out = layer(x[:, rank * 4 : rank * 4 + 4])
+        assert expected.dtype == torch.bfloat16
+        assert out.dtype == expected.dtype, f"bias={bias}: {out.dtype}"
+        torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+
+
 def check_column_parallel(rank: int, world) -> None:
     from sagellm_comm.layers import ColumnParallelLinear
 
