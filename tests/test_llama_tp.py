@@ -197,6 +197,12 @@ REFUSALS = [
     (["--spawn", "2", "--backend", "nosuch"], "unknown backend 'nosuch'"),
     (["--spawn", "2", "--seed", str(2**64 - 1)], "--seed must be in -9223372036854775808..18446744073709551614"),
     (["--spawn", "2", "--seed", str(-(2**63) - 1)], "--seed must be in -9223372036854775808.."),
+    (["--spawn", "2", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--spawn", "2", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["--spawn", "2", "--seq-len", "-3"], "--seq-len must be >= 1, got -3"),
+    (["--spawn", "2", "--timeout", "0"], "--timeout must be positive and finite"),
+    (["--spawn", "2", "--timeout", "nan"], "--timeout must be positive and finite"),
+    (["--spawn", "2", "--timeout", "inf"], "--timeout must be positive and finite"),
 ]
 
 
