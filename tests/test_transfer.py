@@ -356,7 +356,6 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     dst = b.allocate("kv", 1024, torch.float32)
     b.allocate("bytes", 64, torch.uint8)
     b.allocate("half", 64, torch.float16)
-    # a peer whose "gpu" region claims device memory: a device mismatch for a CPU region
     meta = AgentMetadata.decode(b.metadata())
     peer = a.add_peer(b.metadata())
     b.add_peer(a.metadata())
@@ -407,10 +406,11 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     over_bytes = a.prepare(peer, "bytes", "bytes", 16)
     a.deregister("bytes")  # releases the pools over it
     expect("deregistered", InvalidArgumentError, "deregister of its region", lambda: over_bytes.write([0], [1]))
-    # A device mismatch: a peer that says its region is GPU memory.
-    meta.name, meta.regions["kv"] = "b-gpu", type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
+    # A device mismatch: the peer added again (the same agent) with metadata that says its region is GPU memory.
+    meta.regions["kv"] = type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
     gpu_peer = a.add_peer(meta.encode())
     expect("device", ShapeMismatchError, "same kind of device", lambda: a.write(gpu_peer, "kv", "kv", blocks))
+    peer = a.add_peer(b.metadata())  # as it is
     # A peer removed with a transfer in flight: its wait names the peer; re-adding the same agent works.
     from sagellm_comm.errors import PeerLostError
 
