@@ -184,27 +184,31 @@ def test_overlap_benchmark_end_to_end_on_gloo(tmp_path) -> None:
     assert "comp|ovl" in result.table and "wall_clock + real matmul" in result.table
 
 
-def _wrong_elements_worker(rank: int, world_size: int, port: int) -> list[int]:
-    """The overlap measurement where rank r's overlapped results come back with r + 1 wrong elements."""
+def _damaged_results_worker(rank: int, world_size: int, port: int, damage: str) -> list[int]:
+    """The overlap measurement where every overlapped all-reduce's result is damaged after its wait: ``"wrong"``,
+    rank r's first r + 1 elements overwritten; ``"misplaced"``, the sums reversed (each landed at another index)."""
     from sagellm_comm.backend import get_comm_backend
     from sagellm_comm.benchmark import overlap_measure
     from sagellm_comm.benchmark.overlap_results import OverlapConfig
 
     submit = overlap_measure._RankBench._submit
 
-    def corrupting_submit(self, buffers):
+    def damaging_submit(self, buffers):
         handle = submit(self, buffers)
         wait = handle.wait
 
-        def wait_then_corrupt():
+        def wait_then_damage():
             result = wait()
-            buffers[0][: rank + 1] = -1.0
+            if damage == "wrong":
+                buffers[0][: rank + 1] = -1.0
+            else:
+                buffers[0].copy_(buffers[0].flip(0))
             return result
 
-        handle.wait = wait_then_corrupt
+        handle.wait = wait_then_damage
         return handle
 
-    overlap_measure._RankBench._submit = corrupting_submit
+    overlap_measure._RankBench._submit = damaging_submit
     backend = get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=30)
     try:
         config = OverlapConfig(backend="gloo", comm_sizes=[1024], compute_duration_ms=0.2, gemm_size=8, warmup=0,
@@ -217,43 +221,12 @@ def _wrong_elements_worker(rank: int, world_size: int, port: int) -> list[int]:
 
 def test_overlap_num_wrong_is_summed_over_ranks() -> None:
     """num_wrong counts every rank's wrong elements, as bench's #wrong does (was the largest rank's count)."""
-    assert run_ranks(_wrong_elements_worker, 2, timeout=90.0) == [[3], [3]]
-
-
-def _misplaced_elements_worker(rank: int, world_size: int, port: int) -> list[int]:
-    """The overlap measurement where every overlapped all-reduce lands its sums at the wrong indices (reversed)."""
-    from sagellm_comm.backend import get_comm_backend
-    from sagellm_comm.benchmark import overlap_measure
-    from sagellm_comm.benchmark.overlap_results import OverlapConfig
-
-    submit = overlap_measure._RankBench._submit
-
-    def misplacing_submit(self, buffers):
-        handle = submit(self, buffers)
-        wait = handle.wait
-
-        def wait_then_reverse():
-            result = wait()
-            buffers[0].copy_(buffers[0].flip(0))
-            return result
-
-        handle.wait = wait_then_reverse
-        return handle
-
-    overlap_measure._RankBench._submit = misplacing_submit
-    backend = get_comm_backend("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=30)
-    try:
-        config = OverlapConfig(backend="gloo", comm_sizes=[1024], compute_duration_ms=0.2, gemm_size=8, warmup=0,
-                               iters=1, output_dir=None, progress=False)  # fmt: skip
-        result = overlap_measure.measure_overlap(backend, config)
-        return [r.num_wrong for r in result.records]
-    finally:
-        backend.destroy()
+    assert run_ranks(_damaged_results_worker, 2, "wrong", timeout=90.0) == [[3], [3]]
 
 
 def test_overlap_num_wrong_sees_sums_at_the_wrong_index() -> None:
     """Every element of every rank's input differs (bench's pattern), so a sum landed at another index is wrong."""
-    first, second = run_ranks(_misplaced_elements_worker, 2, timeout=90.0)
+    first, second = run_ranks(_damaged_results_worker, 2, "misplaced", timeout=90.0)
     assert first == second and first[0] > 0
 
 

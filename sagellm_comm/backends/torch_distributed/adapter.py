@@ -18,7 +18,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +74,15 @@ log = logging.getLogger("sagellm_comm")
 
 
 ENGINE_RELEASE_S = 0.01  # destroy(): time the engine's threads get to release a finished collective's tensors
+
+
+def _ranks_by_value(values: list[Any], key: Callable[[Any], Any]) -> dict[Any, list[int]]:
+    """What each rank gave (``values[rank]``, made hashable by ``key``) -> the ranks that gave it, in rank order:
+    one entry when every rank agrees."""
+    ranks: dict[Any, list[int]] = {}
+    for rank, value in enumerate(values):
+        ranks.setdefault(key(value), []).append(rank)
+    return ranks
 
 
 class TorchDistributedBackend(CommBackend):
@@ -165,11 +174,9 @@ class TorchDistributedBackend(CommBackend):
             return
         kinds: list[Any] = [None] * world_size
         dist.all_gather_object(kinds, self.name, group=cpu_group)
-        if all(kind == kinds[0] for kind in kinds):
+        sides = _ranks_by_value(kinds, str)
+        if len(sides) == 1:
             return
-        sides: dict[str, list[int]] = {}
-        for rank, kind in enumerate(kinds):
-            sides.setdefault(str(kind), []).append(rank)
         said = "; ".join(f"{kind} on ranks {ranks}" for kind, ranks in sides.items())
         raise ConfigMismatchError(
             f"init: the ranks of the world run different backend kinds ({said}); every rank must run the same kind "
@@ -313,10 +320,8 @@ class TorchDistributedBackend(CommBackend):
         except Exception as exc:
             what = f"new_group({list(members)}): comparing the members every rank asked for"
             raise self._translate(exc, what, self.timeout) from exc
-        if any(a != asked[0] for a in asked):
-            by_members: dict[tuple[int, ...], list[int]] = {}
-            for rank, a in enumerate(asked):
-                by_members.setdefault(tuple(a), []).append(rank)
+        by_members = _ranks_by_value(asked, tuple)
+        if len(by_members) > 1:
             said = "; ".join(f"{list(m)} on ranks {r}" for m, r in by_members.items())
             raise GroupInvalidError(
                 f"new_group: the ranks of the world asked for different groups ({said}); every rank must make the "
