@@ -204,7 +204,13 @@ class _ParallelLinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """vLLM-style loader: copy this rank's part of the full ``loaded_weight`` (``[output_size, input_size]``,
         or the bias ``[output_size]``) into ``param`` (column-parallel: its rows, the output features, of both;
-        row-parallel: its columns, the input features, of the weight, and the bias whole)."""
+        row-parallel: its columns, the input features, of the weight, and the bias whole).  ``param`` must be
+        this layer's weight or bias."""
+        if param is not self.weight and (self.bias is None or param is not self.bias):
+            raise InvalidArgumentError(
+                f"weight_loader: the parameter given (shape {tuple(getattr(param, 'shape', ()))}) is not a parameter "
+                f"of this {type(self).__name__}: pass its weight or bias"
+            )
         self._copy_shard(param, self._shard(param, loaded_weight))
 
     def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:

@@ -248,6 +248,12 @@ def check_bad_input(rank: int, world) -> None:
     raises(InvalidArgumentError, lambda: col(torch.zeros(2, 8, dtype=torch.float64)), "input is torch.float64")
     raises(ShapeMismatchError, lambda: col.weight_loader(col.weight, torch.tensor(1.0)), "at least one dimension")
     raises(InvalidArgumentError, lambda: col.weight_loader(col.weight, 1.0), "must be a torch.Tensor, got float")
+    # another layer's parameter of the same shape is refused, not overwritten with this layer's shard
+    twin = ColumnParallelLinear(8, 4, bias=False, group=world)
+    kept = twin.weight.detach().clone()
+    raises(InvalidArgumentError, lambda: col.weight_loader(twin.weight, torch.ones(4, 8)), "not a parameter of")
+    raises(InvalidArgumentError, lambda: row.weight_loader(twin.weight, torch.ones(4, 8)), "not a parameter of")
+    assert torch.equal(twin.weight, kept)
     raises(InvalidArgumentError, lambda: ops.register_group(world, "default"), "reserved")
     name = ops.register_group(world, "w")
     other = world.new_subgroup([0, 1])
