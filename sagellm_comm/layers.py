@@ -235,7 +235,16 @@ class _ParallelLinearBase(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs):
-        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor)."""
+        """This rank's shard of ``linear`` (same dtype; ``kwargs`` go to the constructor, except what ``linear``
+        decides: its sizes and whether it has a bias)."""
+        if not isinstance(linear, nn.Linear):
+            raise InvalidArgumentError(f"from_linear takes a torch.nn.Linear, got {type(linear).__name__}")
+        decided = sorted(set(kwargs) & {"input_size", "output_size", "bias"})
+        if decided:
+            raise InvalidArgumentError(
+                f"from_linear: {decided} come from the nn.Linear given and cannot be passed too",
+                details={"options": decided},
+            )
         layer = cls(
             linear.in_features,
             linear.out_features,

@@ -248,6 +248,9 @@ def check_bad_input(rank: int, world) -> None:
     raises(InvalidArgumentError, lambda: col(torch.zeros(2, 8, dtype=torch.float64)), "input is torch.float64")
     raises(ShapeMismatchError, lambda: col.weight_loader(col.weight, torch.tensor(1.0)), "at least one dimension")
     raises(InvalidArgumentError, lambda: col.weight_loader(col.weight, 1.0), "must be a torch.Tensor, got float")
+    linear = torch.nn.Linear(8, 4)
+    raises(InvalidArgumentError, lambda: ColumnParallelLinear.from_linear(linear, group=world, bias=False), "come from")
+    raises(InvalidArgumentError, lambda: RowParallelLinear.from_linear(torch.zeros(4, 8), group=world), "nn.Linear")
     # another layer's parameter of the same shape is refused, not overwritten with this layer's shard
     twin = ColumnParallelLinear(8, 4, bias=False, group=world)
     kept = twin.weight.detach().clone()
