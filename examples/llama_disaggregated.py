@@ -54,9 +54,8 @@ except ImportError:  # run as a script: examples/ is on sys.path
 
 from transformers import DynamicCache
 
-from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.cli_support import OneLineParser, check_seed, run_reporting
+from sagellm_comm.cli_support import OneLineParser, check_positive, check_seed, check_timeout_option, run_reporting
 from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError
 
 ROLES = ("decode", "prefill")  # decode (index 0) reports, and hosts the store under --role
@@ -313,14 +312,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not 1 <= int(port) <= 65535:  # 0 would host the store on a port the other side cannot know
             parser.error(f"--store's port must be in 1..65535, got {int(port)}")
     check_seed(parser, args.seed, derived=2, uses="the prompts use seed + 2")
-    for name in ("block_tokens", "batch_size", "seq_len", "decode_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(parser, args, "block_tokens", "batch_size", "seq_len", "decode_steps")
     if args.batch_size * blocks_per_sequence(args.seq_len, args.block_tokens) * 2 > POOL_BLOCKS:
         parser.error(f"two requests of {args.batch_size} sequences x {args.seq_len} tokens need more than the pool's "
                      f"{POOL_BLOCKS} blocks: raise --block-tokens or lower --batch-size / --seq-len")  # fmt: skip
-    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # inf or 1e300 overflowed the rendezvous' thread join
-        parser.error(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {args.timeout}")
+    check_timeout_option(parser, args.timeout)
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -51,8 +51,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import sagellm_comm
 from sagellm_comm import ops
-from sagellm_comm.arguments import MAX_TIMEOUT_S
-from sagellm_comm.cli_support import OneLineParser, check_seed, run_reporting
+from sagellm_comm.cli_support import OneLineParser, check_positive, check_seed, check_timeout_option, run_reporting
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.group import resolve_group
 from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
@@ -403,11 +402,8 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if world_size % tp:
         parser.error(f"--tp {tp} does not divide the world size {world_size}: give a multiple of {tp} processes")
     check_seed(parser, args.seed, derived=1, uses="the tokens use seed + 1")
-    for name in ("batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # nan, inf and 0 would fail in every rank, after the spawn
-        parser.error(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {args.timeout}")
+    check_positive(parser, args, "batch_size", "seq_len")
+    check_timeout_option(parser, args.timeout)
     from sagellm_comm.benchmark.plan import available_kind
 
     try:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from sagellm_comm.arguments import MAX_TIMEOUT_S
 from sagellm_comm.benchmark.spawn import INTERRUPTED_EXIT
 from sagellm_comm.errors import CommError, InvalidArgumentError
 
@@ -56,6 +57,20 @@ def check_seed(parser: argparse.ArgumentParser, seed: int, derived: int = 0, use
     if not MIN_SEED <= seed <= high:
         why = f"torch's 64-bit seeds; {uses}" if uses else "torch's 64-bit seeds"
         parser.error(f"--seed must be in {MIN_SEED}..{high} ({why}), got {seed}")
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Refuse, in one line (exit 2), each option of ``names`` (attribute names) below 1, before any process starts."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def check_timeout_option(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """Refuse, in one line (exit 2), a ``--timeout`` that is not positive and finite (NaN, inf and 0 would fail in
+    every rank after the spawn; inf or 1e300 overflow a thread join), before any process starts."""
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        parser.error(f"--timeout must be positive and finite (at most {MAX_TIMEOUT_S:g}), got {timeout}")
 
 
 def one_line(message: str) -> str:
