@@ -195,6 +195,48 @@ def test_plain_bench_without_gpu_defaults_to_gloo_two_processes(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _custom_on_one_cpu_rank(monkeypatch, algos: str) -> subprocess.CompletedProcess:
+    """The custom backend under the Triton interpreter on one CPU rank: its kernels are off (a group of one), which
+    the backend finds at ``init``, after the process started."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return _run(["bench", "--backend", "custom", "--world-size", "1", "--algo", algos, "--message-sizes", "1K",
+                 "--iters", "1", "--warmup", "0", "--no-save", "--no-progress"])  # fmt: skip
+
+
+def test_a_run_whose_every_algorithm_was_skipped_says_why_and_exits_1(monkeypatch):
+    """Was exit 0 with an empty table: a script took it for a measurement."""
+    proc = _custom_on_one_cpu_rank(monkeypatch, "one_shot,two_shot")
+    assert proc.returncode == 1, proc.stderr
+    assert _table_rows(proc.stdout) == []
+    line = _one_line_refusal(proc.stderr)
+    assert "nothing was measured: one_shot: the custom kernels are off on this world" in line
+    assert "; two_shot: the custom kernels are off" in line and "group size 1 is outside 2..8" in line
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the custom backend's Gloo engine, on a machine without GPUs")
+@pytest.mark.parametrize("algos", ["ring", "auto,tree"])
+def test_ring_or_tree_on_the_custom_backends_gloo_engine_is_refused_before_any_process_starts(
+    algos, capsys, monkeypatch
+):
+    """Was a run that skipped them after start, measured nothing and exited 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _no_process_may_start(monkeypatch)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["bench", "--backend", "custom", "--algo", algos, "--no-save"])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    algo = algos.split(",")[-1]
+    assert f"{algo} sets NCCL_ALGO, but the custom backend's engine here is gloo" in _one_line_refusal(captured.err)
+    assert captured.out == ""
+
+
+def test_a_run_where_another_algorithm_was_measured_prints_the_skip_and_exits_0(monkeypatch):
+    proc = _custom_on_one_cpu_rank(monkeypatch, "one_shot,auto")
+    assert proc.returncode == 0, proc.stderr
+    assert [r[5] for r in _table_rows(proc.stdout)] == ["auto>gloo"]
+    assert "# skipped one_shot: the custom kernels are off on this world (rank 0: group size 1" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------- usage errors
 
 BAD_OPTIONS = [

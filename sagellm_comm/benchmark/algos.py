@@ -112,6 +112,14 @@ def check_algos(algos: list[str], backend_kind: str, op: str, virtual: bool = Fa
         )
 
 
+def engine_reason(algo: str, engine_kind: str) -> str | None:
+    """None if ``algo`` can run on the custom backend whose engine is ``engine_kind``, else why not: ``ring`` and
+    ``tree`` set ``NCCL_ALGO``, which only an NCCL engine reads."""
+    if algo in NCCL_ALGO_VALUES and engine_kind not in NCCL_KINDS:
+        return f"{algo} sets NCCL_ALGO, but the custom backend's engine here is {engine_kind}"
+    return None
+
+
 def nccl_algo_env(algos: list[str]) -> str | None:
     """The ``NCCL_ALGO`` value the run must set before init (None: leave NCCL's tuner alone)."""
     for algo in algos:

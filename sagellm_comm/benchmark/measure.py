@@ -103,10 +103,8 @@ class DistributedAlgo:
             if requested in algo_rules.KERNEL_ALGOS and getattr(backend, "custom", None) is None:
                 why = getattr(backend, "custom_reason", "unknown reason")
                 self.skip_reason = f"the custom kernels are off on this world ({why}), so {requested} cannot run"
-            elif requested in algo_rules.NCCL_ALGO_VALUES and self.engine_kind not in algo_rules.NCCL_KINDS:
-                self.skip_reason = (
-                    f"{requested} sets NCCL_ALGO, but the custom backend's engine here is {self.engine_kind}"
-                )
+            else:
+                self.skip_reason = algo_rules.engine_reason(requested, self.engine_kind)
 
     def call(self, bufs: OpBuffers) -> Callable[[], object]:
         if self.custom_all_reduce:

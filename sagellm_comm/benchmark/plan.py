@@ -449,6 +449,11 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
             f"--selector-config is the custom all-reduce's policy; backend {kind!r} does not use it"
         )
     algo_rules.check_algos(algos, kind, config.op)
+    if kind == algo_rules.CUSTOM_KIND:  # the custom backend this run makes runs NCCL with a GPU, Gloo without
+        for algo in algos:
+            reason = algo_rules.engine_reason(algo, "nccl" if cuda else "gloo")
+            if reason is not None:
+                raise InvalidArgumentError(reason)
     wanted, existing = algo_rules.nccl_algo_env(algos), os.environ.get("NCCL_ALGO", "").strip()
     if wanted and existing and existing.lower() != wanted.lower():
         raise InvalidArgumentError(

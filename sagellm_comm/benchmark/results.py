@@ -45,11 +45,21 @@ class BenchmarkResult:
 
     @property
     def ok(self) -> bool:
-        """No wrong element and no point that failed to run (an algorithm asked past its capacity, refused before
-        it ran, is skipped and reported, not failed)."""
-        return all(r.num_wrong == 0 for r in self.records) and not any(
-            "bytes" in s and not s.get("over_capacity") for s in self.info.skipped
+        """At least one point measured, no wrong element and no point that failed to run (an algorithm asked past
+        its capacity, refused before it ran, is skipped and reported, not failed)."""
+        return (
+            bool(self.records)
+            and all(r.num_wrong == 0 for r in self.records)
+            and not any("bytes" in s and not s.get("over_capacity") for s in self.info.skipped)
         )
+
+    @property
+    def unmeasured(self) -> list[str]:
+        """``"algo: reason"`` for each requested algorithm skipped as a whole (it cannot run on this backend or
+        world, found after ``init``), when no point was measured at all; empty otherwise."""
+        if self.records:
+            return []
+        return [f"{s.get('algo')}: {s.get('reason')}" for s in self.info.skipped if "bytes" not in s]
 
 
 def device_name(device: torch.device) -> str:

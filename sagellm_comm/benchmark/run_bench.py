@@ -133,10 +133,12 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Validate, run and report.
 
-    Exit status: 0 when every point ran and every result was correct; 1 when a point failed or a
-    result was wrong; 2 (through ``parser.error``, one line on stderr) for a request or environment
-    problem, found before any process starts; 130 when interrupted (Ctrl-C), after the ranks it
-    started were stopped.
+    Exit status: 0 when every point ran and every result was correct (an algorithm skipped as a whole while
+    another was measured is a ``# skipped`` line of the table); 1 when a point failed, a result was wrong, or
+    nothing was measured because every requested algorithm was skipped once the ranks had started (one line on
+    stderr with each reason); 2 (through ``parser.error``, one line on stderr) for a request or environment
+    problem, found before any process starts; 130 when interrupted (Ctrl-C), after the ranks it started were
+    stopped.
     """
 
     def planned():
@@ -149,6 +151,8 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         return status
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return 0
+    if result.unmeasured:
+        print(f"{parser.prog}: error: nothing was measured: {'; '.join(result.unmeasured)}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
