@@ -357,3 +357,37 @@ def test_an_uninitialised_custom_backend_names_itself(monkeypatch):
         backend.all_reduce(torch.ones(2))
     with pytest.raises(NotInitializedError, match="backend 'custom' is not initialised"):
         backend.all_gather(torch.empty(4), torch.ones(2))
+
+
+def _peer_gone_at_set_up_worker(rank, world_size, port, step):
+    """Rank 1 exits at ``step`` of the world kernels' set-up; rank 0 reports what its ``init`` raised."""
+    import os
+
+    from sagellm_comm import CommBackend
+    from sagellm_comm.backends import custom_setup
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    if rank == 1:
+        if step == "settings":  # before it sends its node, device and settings
+            custom_setup.KernelGroup._local_checks = lambda self: os._exit(0)
+        else:  # inside the workspace rendezvous, before it sends its IPC handles
+            SymmetricWorkspace.rendezvous = classmethod(lambda cls, *a, **k: os._exit(0))
+    backend = CommBackend.create("custom", max_bytes=8192)
+    try:
+        backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=10)
+    except Exception as exc:
+        return type(exc).__mro__[1:], str(exc), type(exc.__cause__).__name__
+    return None
+
+
+@pytest.mark.parametrize("step", ["settings", "workspace"])
+def test_a_peer_gone_during_the_set_up_exchanges_is_a_typed_error_naming_the_exchange(step):
+    """Was Gloo's untyped RuntimeError ("Connection closed by peer") out of ``init``."""
+    from sagellm_comm.errors import CommError
+
+    mro, message, cause = run_ranks(_peer_gone_at_set_up_worker, 2, step, env=INTERP, timeout=60, expect_dead={1})[0]
+    assert CommError in mro, (mro, message)
+    exchange = {"settings": "comparing the members' nodes, devices, settings and policies",
+                "workspace": "the workspace rendezvous"}[step]  # fmt: skip
+    assert f"the custom kernels' set-up of ranks [0, 1]: {exchange}" in message, message
+    assert cause in ("RuntimeError", "DistBackendError"), cause

@@ -158,7 +158,7 @@ def test_a_set_up_that_fails_after_the_workspace_was_made_releases_it(monkeypatc
     monkeypatch.setattr(SymmetricWorkspace, "rendezvous", classmethod(recording))
     monkeypatch.setattr(custom_setup.KernelGroup, "_self_test", lambda self, car: True)
 
-    def exchange(obj):  # a peer that mirrors this rank, then is gone when the verdicts are exchanged
+    def exchange(obj, what):  # a peer that mirrors this rank, then is gone when the verdicts are exchanged
         if isinstance(obj, bool):
             raise RuntimeError("Connection closed by peer")
         return [obj, obj]

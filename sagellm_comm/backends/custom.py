@@ -225,7 +225,9 @@ class CustomBackend(TorchDistributedBackend):
         if self._world_kernels is None:
             try:
                 where = (node_name(self.config), device_identity(self.device))
-                facts = self.exchange((*where, self.config.agreement()))
+                facts = self.exchange(
+                    (*where, self.config.agreement()), what="init: comparing nodes, devices, settings"
+                )
                 # Before anything depends on them: every rank's agreed settings (the groups made later by this
                 # backend use the same configuration, and their set-ups compare it again).
                 check_agreement([f[2] for f in facts], range(self.world_size), "the custom backend's init")
@@ -239,13 +241,21 @@ class CustomBackend(TorchDistributedBackend):
                 raise
         return self
 
-    def exchange(self, obj: Any, group: Any = None) -> list[Any]:
-        """Every member's ``obj`` in group-rank order, over the Gloo side of ``group`` (None: the world)."""
+    def exchange(self, obj: Any, group: Any = None, what: str = "an exchange of objects") -> list[Any]:
+        """Every member's ``obj`` in group-rank order, over the Gloo side of ``group`` (None: the world).
+
+        A member gone or silent (its process exited, the backend's timeout passed) is a typed error,
+        :class:`~sagellm_comm.errors.CollectiveFailedError` or :class:`~sagellm_comm.errors.CommTimeoutError`, naming
+        ``what`` (the exchange) and the group's ranks, with torch's exception as ``__cause__``."""
         import torch.distributed as dist
 
         cpu_group = self.cpu_group if group is None else group.cpu_group
         out: list[Any] = [None] * (self.world_size if group is None else group.world_size)
-        dist.all_gather_object(out, obj, group=cpu_group)
+        try:
+            dist.all_gather_object(out, obj, group=cpu_group)
+        except Exception as exc:
+            ranks = list(range(self.world_size)) if group is None else list(group.ranks)
+            raise self._translate(exc, f"{what} over ranks {ranks}", self.timeout) from exc
         return out
 
     def _make_kernels(self, handle: Any, one_node: bool = True) -> KernelGroup:
@@ -260,7 +270,7 @@ class CustomBackend(TorchDistributedBackend):
             return TorchDistributedBackend.all_reduce(self, tensor, ReduceOp.SUM, handle)
 
         return KernelGroup(
-            rank, size, ranks, lambda obj: self.exchange(obj, handle), self.device, capacity, self.selector,
+            rank, size, ranks, lambda obj, what: self.exchange(obj, handle, what), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
             config=self.config, fusion_policy=self._fusion_policy,
         )  # fmt: skip
@@ -317,7 +327,11 @@ class CustomBackend(TorchDistributedBackend):
         when every member's node-local group has kernels.  A node whose group has none (no peer access, no memory
         for its workspace, a failed self-test) runs the flat engine, and a member running the three stages beside
         it would wait in stage 2 on a cross group its peer never joins."""
-        ready = self.exchange(self.kernels_for(plan.local) is not None, handle)
+        ready = self.exchange(
+            self.kernels_for(plan.local) is not None,
+            handle,
+            "the hierarchical all-reduce's set-up: which nodes have kernels",
+        )
         plan.every_node_has_kernels = all(ready)
 
     @staticmethod

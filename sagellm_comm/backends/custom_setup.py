@@ -47,7 +47,8 @@ class KernelGroup:
     Args:
         rank, world_size: this rank's index in the group and the group's size.
         ranks: the members' global ranks (for messages).
-        exchange: ``exchange(obj)`` -> every member's ``obj`` in group-rank order (over the group's Gloo side).
+        exchange: ``exchange(obj, what)`` -> every member's ``obj`` in group-rank order (over the group's Gloo
+            side); ``what`` names the exchange, for the typed error the exchange raises when a member is gone.
         device: this rank's device.
         slot_bytes: the workspace's message capacity.
         selector, timeout_s: as for :class:`CustomAllReduce`.
@@ -85,17 +86,23 @@ class KernelGroup:
         self.kernels: CustomAllReduce | None = None
         self.reason = "not set up"
         self.nbytes = 0  # device memory of this rank's region
-        self._exchange = exchange
+        self._send = exchange
         self.fusion_policy = fusion_policy or FusionPolicy()
         self.kernels, self.reason = self._setup(slot_bytes, selector, timeout_s, fallback)
         if self.kernels is not None:
             self.nbytes = region_bytes(self.kernels.workspace.slot_bytes, world_size)
 
+    def _exchange(self, obj: Any, what: str = "the workspace rendezvous") -> list[Any]:
+        """``exchange(obj, what)`` with ``what`` saying which set-up step of which group (default: the workspace's
+        rendezvous, which calls it with one argument)."""
+        return self._send(obj, f"the custom kernels' set-up of ranks {list(self.ranks)}: {what}")
+
     def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
         local_ok, local_reason = self._local_checks()
         policies = policy_digests(selector, self.fusion_policy)
         facts = self._exchange(
-            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement(), policies)
+            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement(), policies),
+            "comparing the members' nodes, devices, settings and policies",
         )
         where = f"the set-up of the group of ranks {list(self.ranks)}"
         check_agreement([f[4] for f in facts], self.ranks, where)
@@ -109,14 +116,14 @@ class KernelGroup:
                 processes_on_device=self.processes_on_device, config=self.config, ranks=self.ranks,
             )  # fmt: skip
         except CommError as exc:
-            verdicts = self._exchange(str(exc))
+            verdicts = self._exchange(str(exc), "the workspace rendezvous's verdicts")
             return None, f"workspace setup failed: {verdicts}"
         try:
             if self.ranks != tuple(range(self.world_size)):
                 ws.global_ranks = self.ranks
             car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
             ok = self._self_test(car)
-            verdicts = self._exchange(ok)
+            verdicts = self._exchange(ok, "the self-test's verdicts")
         except BaseException:  # a member gone before the verdicts (reset after a failure...): nothing is kept
             with contextlib.suppress(Exception):  # the set-up's own error is the one to report
                 ws.close()

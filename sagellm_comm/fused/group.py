@@ -175,7 +175,7 @@ def gemm_all_reduce(
                 g.world_size,
                 gemm_workspace_bytes(capacity),
                 backend.device,
-                lambda obj: backend.exchange(obj, g.handle),
+                lambda obj: backend.exchange(obj, g.handle, "the fused GEMM + all-reduce's workspace rendezvous"),
                 config=car.config,
                 ranks=g.ranks,
             )
