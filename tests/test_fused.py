@@ -169,6 +169,36 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
     assert {e for _, e in per_rank} == {(4, 5)}  # four fused and five copy-engine calls, one epoch each
 
 
+def _zero_copy_input_worker(rank, world_size, port):
+    """A zero_copy result lies in the GEMM workspace, which the next call's fused and copy-engine paths write while
+    they read their inputs: given back as an input it is refused, on every path, before anything runs."""
+    from sagellm_comm.errors import InvalidArgumentError
+
+    _, _, gemm = _setup(rank, world_size, port, gemm=True)
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(8, 16, generator=g).bfloat16() for _ in range(world_size)]
+    b = [(torch.randn(16, 16, generator=g) / 4).bfloat16() for _ in range(world_size)]
+    y = gemm(a[rank], b[rank], path="copy_engine", zero_copy=True)
+    gemm.check_errors()
+    control = gemm.workspace.control.clone()  # the fused path's epoch, the copy engines' barrier epoch
+    for path in ("copy_engine", "fused", "chunked", "sequential", "auto"):
+        with pytest.raises(InvalidArgumentError, match="a lies in this GEMM"):
+            gemm(y, b[rank], path=path)
+        with pytest.raises(InvalidArgumentError, match="bias lies in this GEMM"):
+            gemm(a[rank], b[rank], bias=y[0], path=path)
+    assert torch.equal(gemm.workspace.control, control), "a refused call must not have run anything"
+    y = y.clone()
+    z = gemm(y, b[rank], path="copy_engine")
+    gemm.check_errors()
+    ref = sum((y.float() @ b_r.float()).bfloat16().float() for b_r in b)
+    torch.testing.assert_close(z.float(), ref, rtol=TOL["bfloat16"][0], atol=TOL["bfloat16"][1] * 4)
+    return True
+
+
+def test_a_zero_copy_result_given_back_as_an_input_is_refused():
+    run_ranks(_zero_copy_input_worker, 2, env=INTERP, timeout=300)
+
+
 def _timeout_worker(rank, world_size, port, kind):
     import torch.distributed as dist
 

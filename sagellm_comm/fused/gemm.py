@@ -169,8 +169,9 @@ class GemmAllReduce(CopyEnginePath):
         ``zero_copy``: where the copy-engine path runs, return the result as a view of this rank's GEMM
         workspace instead of a new tensor (saves the local copy of this rank's part: 1/W of the output).  The
         view is overwritten by the next call on this workspace and freed when the workspace is closed (unlike a
-        ``get_buffer()`` tensor, it does not keep the region): consume or copy it before then.  Other paths
-        ignore it.
+        ``get_buffer()`` tensor, it does not keep the region): consume or copy it before then; passed to a call as
+        ``a``, ``b`` or ``bias`` it raises ``InvalidArgumentError`` (that call would overwrite it while reading it).
+        Other paths ignore it.
         """
         check_flag(zero_copy, "zero_copy")  # a truthy string would return a view the next call overwrites
         ws = self.workspace
@@ -179,6 +180,8 @@ class GemmAllReduce(CopyEnginePath):
         if ws is not None and ws.closed:  # its peers' regions are unmapped: a launch or copy would fault
             raise ws.closed_error("the GEMM + all-reduce's workspace")
         m, n, _ = self.validate(a, b, bias)
+        if ws is not None:
+            self._refuse_workspace_inputs(ws, a, b, bias)
         sel = self.pick(path, m, n, a.element_size())
         check = None
         if ws is not None and sel.algo in (FUSED_PATH, COPY_ENGINE_PATH):
@@ -201,6 +204,25 @@ class GemmAllReduce(CopyEnginePath):
             self._matmul(a, b, bias, out)
             self._reduce(out)
         return out
+
+    @staticmethod
+    def _refuse_workspace_inputs(ws: SymmetricWorkspace, a, b, bias) -> None:
+        """``InvalidArgumentError`` for an input in this rank's GEMM workspace (a ``zero_copy`` result): the fused and
+        copy-engine paths write their tile buffers there while they read the inputs, so the call would read values
+        it had already overwritten (the docs' "valid until the next call")."""
+        low = ws.peer_ptrs[ws.rank]
+        high = low + _ark.PAD_BYTES.value + 3 * ws.slot_bytes
+        for name, t in (("a", a), ("b", b), ("bias", bias)):
+            if t is None or t.numel() == 0:
+                continue
+            start = t.data_ptr()
+            reach = sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride(), strict=True))
+            end = start + (1 + reach) * t.element_size()
+            if start < high and low < end:
+                raise InvalidArgumentError(
+                    f"{name} lies in this GEMM + all-reduce's workspace (a zero_copy result, valid until the next "
+                    f"call): this call would overwrite it while reading it; pass {name}.clone()"
+                )
 
     def _launch_check(self, algo: str, shape: tuple[int, int], dtype: torch.dtype, table=None, ctrl=None, ranks=1):
         """Check mode: the fingerprint comparison of this call (``kernels/fingerprint.py``), before its kernels."""
