@@ -2243,6 +2243,39 @@ def test_a_peer_access_test_copy_not_done_in_time_is_a_retryable_error_not_a_fal
         b.close()
 
 
+def test_a_test_copy_still_running_at_the_deadline_gives_the_peers_inbox_slot_back(live_sender, monkeypatch):
+    """The test copy of ``add_peer`` still running at the agent's timeout (a GPU whose stream does not drain) keeps
+    the peer's mappings it reads, but not the slot of the peer's inbox: the copy carries no notification, so the
+    slot is given back.  Each try kept one, held by a live sender, so 32 retries filled the peer's inbox for every
+    sender."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = TransferAgent("a", "ipc", timeout=0.2), TransferAgent("b", "ipc")
+    try:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        backend, inbox = a._backends["ipc"], b._backends["ipc"].inbox.path
+
+        def stuck(link, token):  # the probe's launch never completes (the interpreter runs every launch at once)
+            backend.launches += 1
+            link.last = backend.launches
+            backend._stalled_at = backend.completed
+            raise CommTimeoutError(f"the peer access test copy from peer {link.peer.name!r} did not complete")
+
+        monkeypatch.setattr(backend, "_probe", stuck)
+        for _ in range(notify.SLOTS + 1):
+            with pytest.raises(UnavailableError, match="peer 'b'.*test copy"):
+                a.add_peer(b.metadata())
+        notify.Outbox(inbox, "another", live_sender, 5.0).release()  # the peer's inbox still has a free slot
+        backend.completed = backend.launches  # the copies completed
+        monkeypatch.setattr(backend, "_probe", lambda link, token: None)
+        assert a.add_peer(b.metadata()) == "b"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_ring_slot_whose_sender_names_no_transfer_file_counts_as_dead(live_sender, tmp_path):
     """A claimer tells a live sender's slot by that sender's inbox lock, at the path the slot names: a path that is
     not a transfer file (any file some process holds a lock on) is never opened, and its slot is reused once

@@ -106,6 +106,9 @@ class IpcLink(Link):
     completed_alive: bool = False
     last: int = 0  # number of this agent's latest launch that touches the peer's memory
     resident_last: int = 0  # number of this agent's latest resident-copier request that touches it
+    # ... and of the latest of each that publishes into the notification channel (carried to a link taking it over)
+    notify_last: int = 0
+    notify_resident_last: int = 0
     # One-block launches: shape (IpcBackend._one_block) -> (direct launch, its arguments, filled per call).
     plans: dict[tuple, tuple] = field(default_factory=dict)
 
@@ -400,6 +403,7 @@ class IpcBackend(TransferBackend):
                 link.owns_channel = False  # until it connected: a failure here leaves the channel to the old link
                 link.outbox, link.published, link.published_addr = old.outbox, old.published, old.published_addr
                 link.registered = old.registered
+                link.notify_last, link.notify_resident_last = old.notify_last, old.notify_resident_last
             else:
                 link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
                 link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -469,8 +473,14 @@ class IpcBackend(TransferBackend):
 
     def _release(self, link: IpcLink) -> None:
         """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
-        behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it)."""
+        behind other work past the agent's timeout keeps its mappings, leaked, rather than lose them under it).
+        The slot of the peer's inbox is given back once nothing in flight publishes into it, even when a launch
+        without a notification (``add_peer``'s test copy) keeps the mappings: a retried ``add_peer`` would
+        otherwise hold one more slot of the peer's inbox each time."""
         if not self._drain(link.last) or not self._drain_resident(link.resident_last):
+            copier = self.copier
+            if self.finished(link.notify_last) and (copier is None or copier.completed() >= link.notify_resident_last):
+                self._release_channel(link)
             logger.warning(
                 "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
                 self.context.name, link.peer.name, self.context.timeout_s,
@@ -478,15 +488,20 @@ class IpcBackend(TransferBackend):
             return
         # Requests that completed before this are done, not lost (their handles may be polled after the removal).
         link.completed_alive = link.outbox is not None and link.outbox.liveness.alive()
-        if link.owns_channel:  # else the link that replaced this one goes on with it
+        self._release_channel(link)
+        if link.maps is not None:
+            link.maps.close()
+
+    def _release_channel(self, link: IpcLink) -> None:
+        """Give back the link's notification channel (its slot of the peer's inbox and the slot's registration),
+        unless a link that replaced this one goes on with it."""
+        if link.owns_channel:
             if link.registered is not None:
                 self.memory.host_unregister(link.registered[0])
             if link.outbox is not None:
                 link.outbox.release()
         link.registered = None
         link.outbox = None
-        if link.maps is not None:
-            link.maps.close()
 
     # ------------------------------------------------------------------ transfers
     def post(self, link, op, local: Region, remote: RegionInfo, table: np.ndarray, notify,
@@ -593,7 +608,7 @@ class IpcBackend(TransferBackend):
                         link.outbox.unstage()
                     self._finish(link, None)
                     raise
-            return self._finish(link, None)
+            return self._finish(link, None, notify)
         cut = self.cuts.get(nbytes)
         if cut is None:
             cut = self._cut(nbytes)
@@ -606,13 +621,13 @@ class IpcBackend(TransferBackend):
         plan = link.plans.get(shape)
         if plan is None:
             self._first_inline_launch(link, shape, src, dst, nbytes, parts, part, programs, vec, notify)
-            return self._finish(link, None)
+            return self._finish(link, None, notify)
         fast, values = plan
         at_table, at_src, at_dst, at_nbytes, at_parts, at_part = self.inline_slots
         values[at_table] = values[at_src] = src
         values[at_dst], values[at_nbytes], values[at_parts], values[at_part] = dst, nbytes, parts, part
         self._enqueue(link, notify, False, fast, programs, 1, self.raw_stream, values)
-        return self._finish(link, None)
+        return self._finish(link, None, notify)
 
     def _resident(self, copier: ResidentCopier, link, src: int, dst: int, nbytes: int, notify
                   ) -> ResidentRequest | None:  # fmt: skip
@@ -639,12 +654,16 @@ class IpcBackend(TransferBackend):
         except QueuedUndecidedError as exc:
             # Counted as this peer's, so that removing the peer waits for it before unmapping.
             link.resident_last = exc.seq
+            if notify is not None:
+                link.notify_resident_last = exc.seq
             name = link.peer.name
             exc.details.update(peer=name, op="ipc")
             exc.message = (f"{exc.message}; peer {name!r}: treat the blocks and the notification as undecided (the "
                            "request is served before any later one once the copier decides)")  # fmt: skip
             raise
         link.resident_last = seq
+        if notify is not None:
+            link.notify_resident_last = seq
         return ResidentRequest(self, link, seq)
 
     def _cut(self, nbytes: int) -> tuple:
@@ -693,7 +712,7 @@ class IpcBackend(TransferBackend):
         except BaseException:
             self.staging.release(index)
             raise
-        return self._finish(link, index)
+        return self._finish(link, index, notify)
 
     def _fork(self, link) -> None:
         """The transfer stream waits for the caller's current stream (what the caller's kernels wrote), and the
@@ -730,10 +749,13 @@ class IpcBackend(TransferBackend):
                 link.outbox.unstage()
             raise
 
-    def _finish(self, link, index: int | None) -> IpcRequest:
-        """Number the launch(es) just enqueued and record their completion."""
+    def _finish(self, link, index: int | None, notify: bytes | None = None) -> IpcRequest:
+        """Number the launch(es) just enqueued (``notify``: the notification the last one publishes, if any) and
+        record their completion."""
         self.launches += 1
         number = link.last = self.launches
+        if notify is not None:
+            link.notify_last = number
         if self.stream is None:  # the interpreter ran it to completion
             self.completed = number
             if index is not None:
