@@ -898,6 +898,44 @@ def test_a_launch_that_fails_takes_back_its_notification():
     assert written and untouched
 
 
+def _full_ring_worker(rank, world_size, port):
+    from sagellm_comm.errors import UnavailableError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.notify import ENTRIES
+
+    a, b = TransferAgent("a", "ipc"), TransferAgent("b", "ipc")
+    source, target = a.allocate("kv", 3 << 20, torch.uint8), b.allocate("kv", 3 << 20, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    for k in range(ENTRIES):
+        a.write(peer, "kv", "kv", [(0, 0, 16)], notify=b"%d" % k).wait(30)
+    source.fill_(7)
+    outcomes = []
+    for blocks in ([(0, 4096, 64)], [(0, 4096, 64), (64, 8192, 64)], [(0, 4096, 1 << 20)]):  # one, rows, long
+        try:
+            a.write(peer, "kv", "kv", blocks, notify=b"full")
+            outcomes.append("sent")
+        except UnavailableError as exc:
+            outcomes.append((str(exc), exc.details.get("peer")))
+    untouched = not bool(target[16:].any())
+    drained = len(b.notifications())
+    a.write(peer, "kv", "kv", [(0, 4096, 64), (64, 8192, 64)], notify=b"then").wait(30)
+    after = (b.notifications(), bool((target[4096 : 4096 + 64] == 7).all()))
+    a.close()
+    b.close()
+    return outcomes, untouched, drained, after
+
+
+def test_ipc_a_write_to_a_peer_whose_ring_is_full_is_refused_naming_the_peer_before_any_byte_moves():
+    """A peer that has not read its last 64 notifications from this agent: the next notifying write, whatever
+    path it takes (one block, a table, the copy engine), is ``UnavailableError`` naming that peer
+    (``details["peer"]``) with nothing moved; once the peer reads them, writes go on."""
+    ((outcomes, untouched, drained, after),) = run_ranks(_full_ring_worker, 1, timeout=120.0, env=INTERP)
+    for message, peer in outcomes:
+        assert "peer 'b' has 64 unread notifications" in message and peer == "b", message
+    assert untouched and drained == 64
+    assert after == ([("a", b"then")], True)
+
+
 # ============================================================================ one-block launch plans
 # Odd and aligned offsets and sizes, one item or several; (4096, ...) and (4097, ...) differ in alignment only.
 PLAN_CASES = [(0, 0, 16), (1, 3, 1), (17, 4099, 12345), (5, 70001, 65536 + 7), (4096, 8192, 4096),

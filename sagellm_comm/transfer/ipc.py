@@ -405,7 +405,8 @@ class IpcBackend(TransferBackend):
                 link.registered = old.registered
                 link.notify_last, link.notify_resident_last = old.notify_last, old.notify_resident_last
             else:
-                link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s)
+                link.outbox = Outbox(blob["inbox"], self.context.name, self.inbox.path, self.context.timeout_s,
+                                     peer=peer.name)  # fmt: skip
                 link.published = torch.zeros(1, dtype=torch.int64, device=self.device)
                 link.published_addr = link.published.data_ptr()
                 if self.device.type == "cuda":

@@ -282,8 +282,9 @@ class Inbox:
 class Outbox:
     """One slot of a peer's inbox, claimed by this agent (the producer side; see the module docstring)."""
 
-    def __init__(self, inbox_path: str, sender_name: str, sender_inbox: str, timeout_s: float):
+    def __init__(self, inbox_path: str, sender_name: str, sender_inbox: str, timeout_s: float, peer: str = ""):
         self.peer_path = inbox_path
+        self.peer = peer  # the inbox's owner, named in the errors of this slot's notifications
         # Every file of the peer's inbox is opened at the path resolved once, and only as a transfer file.
         resolved = transfer_path(inbox_path)
         if resolved is None:
@@ -392,9 +393,11 @@ class Outbox:
         mapped = self._mapped
         consumed = mapped.ints[self._consumed_word]
         if seq - consumed > ENTRIES:
+            peer = self.peer
             raise UnavailableError(
-                f"the peer has {seq - 1 - consumed} unread notifications from this agent (ring of {ENTRIES}): it "
-                "must call notifications() before more can be sent"
+                f"{f'peer {peer!r}' if peer else 'the peer'} has {seq - 1 - consumed} unread notifications from this "
+                f"agent (ring of {ENTRIES}): it must call notifications() before more can be sent; nothing was sent",
+                details={"peer": peer} if peer else None,
             )
         at = self._ring_at + ((seq - 1) % ENTRIES) * RECORD_BYTES  # _Mapped.record_offset(self.slot, seq)
         mapped.map[at + 8 : at + 16 + len(message)] = len(message).to_bytes(8, "little") + message
