@@ -697,6 +697,33 @@ def test_allocate_takes_a_numpy_int_as_a_shape_as_it_takes_one_inside_a_tuple():
         registry.unregister_transfer_backend("device-test")
 
 
+def test_allocate_refuses_what_register_would_refuse_before_making_the_memory(monkeypatch):
+    """A name registered already, a name that is no region name, or a closed agent: ``allocate`` refuses it with
+    register's error before it makes (and reserves) the memory, so a large pool refused for its name is never the
+    shared-memory error of a full ``/dev/shm``."""
+    from sagellm_comm.transfer import TransferAgent
+
+    made = []
+    real = shared.shared_cpu_tensor
+    monkeypatch.setattr(shared, "shared_cpu_tensor", lambda *args: made.append(args) or real(*args))
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        agent = TransferAgent("a", "device-test")
+        agent.allocate("kv", 16, torch.float32)
+        assert len(made) == 1
+        for name, error, words in (("kv", InvalidArgumentError, "already registered"),
+                                   ("", InvalidArgumentError, "region name"),
+                                   (7, InvalidArgumentError, "region name")):  # fmt: skip
+            with pytest.raises(error, match=words):
+                agent.allocate(name, 1 << 20, torch.float32)
+        agent.close()
+        with pytest.raises(NotInitializedError, match="closed"):
+            agent.allocate("other", 1 << 20, torch.float32)
+        assert len(made) == 1
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 @pytest.mark.parametrize("shape", [(1 << 61,), (1 << 40, 1 << 40), (1 << 62, 2)])
 def test_allocate_refuses_a_region_larger_than_any_peer_can_take_before_making_it(shape):
     """A shape whose bytes pass what a region may hold (a peer's metadata check, and past 2**63 the file system's

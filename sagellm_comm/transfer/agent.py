@@ -51,6 +51,7 @@ from sagellm_comm.transfer.descriptors import (
     block_table,
     check_block_ids,
     check_blocks,
+    check_region_name,
     check_rows,
     ids_fit,
     make_layout,
@@ -216,9 +217,7 @@ class TransferAgent:
         at any time).
         """
         with self._call:
-            self._check_open()
-            if isinstance(name, str) and name in self._regions:  # a name that is not a str: make_region says so
-                raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
+            self._check_new_region(name)
             region = make_region(name, tensor)
             agent_gpu = self._call.device_index  # from device=, else the first GPU region's
             if region.info.device == "cuda" and agent_gpu is not None and agent_gpu != region.info.device_index:
@@ -271,6 +270,8 @@ class TransferAgent:
 
         device = _usable_device(device, f"region {name!r}: device")
         shape = check_shape(shape, dtype, f"region {name!r}")
+        with self._call:  # what register would refuse, refused before the memory is made (register checks again)
+            self._check_new_region(name)
         if device.type == "cpu":
             tensor = shared_cpu_tensor(shape, dtype)
         else:
@@ -720,6 +721,13 @@ class TransferAgent:
             self._aborts.popleft().abort()
 
     # ------------------------------------------------------------------ lookups
+    def _check_new_region(self, name: Any) -> None:
+        """The agent is open and ``name`` is a region name not registered yet (the caller holds the lock)."""
+        self._check_open()
+        check_region_name(name)
+        if name in self._regions:
+            raise InvalidArgumentError(f"region {name!r} is already registered; deregister it first")
+
     def _check_open(self) -> None:
         if self._aborts:
             self._abort_deferred()

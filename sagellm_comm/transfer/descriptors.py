@@ -98,12 +98,16 @@ class Region:
         return self.info.nbytes
 
 
+def check_region_name(name: Any) -> None:
+    """A region name is what a peer's metadata check accepts (MetadataField.name): any other name would make every
+    peer refuse this agent's metadata at add_peer."""
+    if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
+        raise InvalidArgumentError(f"a region name must be a printable string of 1..128 characters, got {name!r}")
+
+
 def make_region(name: str, tensor: Any) -> Region:
     """Check ``tensor`` can be registered as region ``name`` and describe it."""
-    if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
-        # what a peer's metadata check accepts (MetadataField.name): any other name would make every peer refuse
-        # this agent's metadata at add_peer
-        raise InvalidArgumentError(f"a region name must be a printable string of 1..128 characters, got {name!r}")
+    check_region_name(name)
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"region {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_contiguous():
