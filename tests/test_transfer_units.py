@@ -2634,6 +2634,23 @@ def test_a_nixl_transfer_that_fails_to_start_reports_its_error_and_keeps_a_handl
     assert backend.leaked == [(handle, None)]
 
 
+def test_a_nixl_transfer_refused_by_its_post_is_a_transfer_error_naming_the_peer():
+    """NIXL answering a post with status ERR: ``TransferError`` naming the peer (``details["peer"]``), as every
+    other failure of a transfer does, and the handle NIXL made is released."""
+    from sagellm_comm.transfer import nixl
+
+    class Agent:
+        def transfer(self, handle):
+            return "ERR"
+
+    backend = _bare_nixl_backend(Agent())
+    link = nixl.NixlLink(AgentMetadata("peer", "incarnation", "host", "boot", 1))
+    posted = _StuckHandle(0)
+    with pytest.raises(TransferError, match="peer 'peer'.*status ERR") as refused:
+        backend._start(link, posted, "write", None)
+    assert refused.value.details["peer"] == "peer" and posted.released and not backend.pending
+
+
 @pytest.mark.parametrize("status", ["DONE", "PROC"])
 def test_a_nixl_transfer_finished_by_its_post_is_released_at_once_and_its_handle_never_polls(status):
     """NIXL completes small transfers inside the post: such a request gives its handle back there and then, and

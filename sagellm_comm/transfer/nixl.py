@@ -114,7 +114,9 @@ class NixlRequest(Request):
         self.error: CommError | None = None  # what a poll raises: set where the backend decided the request
         self.posted_at = time.monotonic()
         if status == "ERR":
-            self._fail(TransferError(f"NIXL refused the transfer to peer {link.peer.name!r} (status ERR)"))
+            name = link.peer.name
+            self._fail(TransferError(f"NIXL refused the transfer to peer {name!r} (status ERR)",
+                                     details={"peer": name}))  # fmt: skip
         if self.finished:  # small transfers complete inside the post: released now, the handle is born done
             self.abort()
             backend.note_transport(link)
