@@ -137,7 +137,8 @@ class NotImplementedCommError(CommError, NotImplementedError):
 
 class CollectiveMismatchError(CollectiveFailedError):
     """Ranks issued different collectives (algorithm, size, dtype or call order), found by check mode
-    (``SAGELLM_COMM_CHECK=1``) before any data was combined.  ``details`` names both fingerprints."""
+    (``SAGELLM_COMM_CHECK=1``) before any data was combined, or by torch's fingerprint check on a torch.distributed
+    engine (``TORCH_DISTRIBUTED_DEBUG=DETAIL``, docs/backends.md).  ``details`` names both fingerprints."""
 
     code = ErrorCode.COMM_COLLECTIVE_FAILED
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import HAS_CUDA, run_ranks
 
 from sagellm_comm.backend import CommBackend, ReduceOp, Work, get_comm_backend
@@ -669,3 +670,72 @@ def test_a_conjugate_view_is_refused_as_an_argument_before_calling_torch() -> No
                 call()
             assert info.value.code is ErrorCode.INVALID_ARGUMENT
         assert torch.equal(backend.all_reduce(z.resolve_conj()), z)  # resolved: runs
+
+
+# ------------------------------------------------------------------------ shapes that differ across ranks
+def _call_with_this_ranks_shape(backend, rank: int, op: str):
+    """Rank 0 passes 4 elements, rank 1 passes 5 (broadcast: the root 5, the receiver 4)."""
+    n = 4 + rank
+    if op == "all_gather":
+        return backend.all_gather([torch.empty(n) for _ in range(2)], torch.ones(n))
+    if op == "all_reduce":
+        return backend.all_reduce(torch.ones(n))
+    if op == "reduce_scatter":
+        return backend.reduce_scatter(torch.empty(n), [torch.ones(n), torch.ones(n)])
+    if op == "broadcast":
+        return backend.broadcast(torch.ones(5 - rank), src=0)
+    if op == "dtype":
+        return backend.all_reduce(torch.ones(2, 3, dtype=torch.float32 if rank == 0 else torch.float64))
+    return backend.all_reduce(torch.ones(4)) if rank == 0 else backend.broadcast(torch.ones(4), src=0)  # "op"
+
+
+def _shape_mismatch(rank: int, world_size: int, port: int, op: str, detail: bool):
+    from sagellm_comm.errors import CommError
+
+    if detail:  # torch reads TORCH_DISTRIBUTED_DEBUG when torch.distributed is imported: here, before this rank's env
+        dist.set_debug_level_from_env()
+    backend = CommBackend.create("gloo").init(
+        rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=10
+    )
+    try:
+        _call_with_this_ranks_shape(backend, rank, op)
+    except CommError as exc:
+        return type(exc).__name__, exc.code.value, str(exc), exc.details.get("calls")
+    return None
+
+
+ABORTING_RANK = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0, "broadcast": 1}  # it expects fewer bytes
+
+
+@pytest.mark.parametrize("op", list(ABORTING_RANK))
+def test_gloo_aborts_a_rank_whose_peer_passed_another_shape(op) -> None:
+    """What docs/backends.md says of the default: Gloo's enforce aborts the rank that expects fewer bytes
+    (std::terminate, no Python exception); its peer either gets a typed error (the connection reset) or returns."""
+    aborting = ABORTING_RANK[op]
+    results = run_ranks(_shape_mismatch, 2, op, False, timeout=40, expect_dead={aborting})
+    assert results[aborting] is None
+    peer = results[1 - aborting]  # the peer expected more bytes: it may finish, part of its output stale
+    assert peer is None or peer[0] == "CollectiveFailedError", results
+
+
+@pytest.mark.parametrize("op", [*ABORTING_RANK, "dtype", "op"])
+def test_torchs_fingerprint_check_makes_a_mismatch_a_typed_error_naming_each_ranks_call(op) -> None:
+    """With TORCH_DISTRIBUTED_DEBUG=DETAIL every rank raises, before any data moved: ShapeMismatchError (an
+    InvalidArgumentError) for one collective of other shapes or dtypes, CollectiveMismatchError for two collectives."""
+    results = run_ranks(_shape_mismatch, 2, op, True, timeout=40, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    for rank, (name, code, message, calls) in enumerate(results):
+        if op == "op":
+            assert name == "CollectiveMismatchError" and code == "comm_collective_failed", message
+            assert "rank 0: ALLREDUCE of shape [4] Float; rank 1: BROADCAST of shape [4] Float" in message
+            continue
+        assert name == "ShapeMismatchError" and code == "invalid_argument", message
+        kind = "ALLREDUCE" if op == "dtype" else op.upper().replace("ALL_", "ALL")
+        shapes, dtypes = {
+            "broadcast": (("[5]", "[4]"), ("Float", "Float")),
+            "dtype": (("[2, 3]",) * 2, ("Float", "Double")),
+        }.get(op, (("[4]", "[5]"), ("Float", "Float")))
+        assert (
+            f"rank 0: {kind} of shape {shapes[0]} {dtypes[0]}; rank 1: {kind} of shape {shapes[1]} {dtypes[1]}"
+            in message
+        )
+        assert calls[rank] == {"op": kind, "shape": shapes[rank], "dtype": dtypes[rank]}, calls
