@@ -707,7 +707,7 @@ def _shape_mismatch(rank: int, world_size: int, port: int, op: str, detail: bool
 ABORTING_RANK = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0, "broadcast": 1}  # it expects fewer bytes
 
 
-@pytest.mark.parametrize("op", list(ABORTING_RANK))
+@pytest.mark.parametrize("op", ["all_gather"])  # docs/backends.md names the others; one shows the default
 def test_gloo_aborts_a_rank_whose_peer_passed_another_shape(op) -> None:
     """What docs/backends.md says of the default: Gloo's enforce aborts the rank that expects fewer bytes
     (std::terminate, no Python exception); its peer either gets a typed error (the connection reset) or returns."""
