@@ -25,6 +25,7 @@ from typing import Any
 log = logging.getLogger("sagellm_comm")
 
 _lock = threading.Lock()
+_changed = threading.Condition(_lock)  # notified when the watched set changes: the thread re-reads its period
 _workspaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # workspace -> its polling period (s)
 _handlers: list[Callable[[Any, BaseException], None]] = []
 _thread: threading.Thread | None = None
@@ -54,11 +55,14 @@ def watch(workspace: Any, period_ms: float) -> None:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="sagellm-comm-watchdog", daemon=True)
             _thread.start()
+        else:  # asleep for a longer period, maybe: it polls at this one from now on
+            _changed.notify_all()
 
 
 def unwatch(workspace: Any) -> None:
     with _lock:
         _workspaces.pop(workspace, None)
+        _changed.notify_all()
 
 
 def poll_once() -> list[tuple[Any, BaseException]]:
@@ -92,13 +96,21 @@ def poll_once() -> list[tuple[Any, BaseException]]:
 
 
 def _run() -> None:
+    """Poll every shortest live period after the last poll; a watch() or unwatch() meanwhile wakes the thread to
+    read the period again (a workspace watched with a shorter period is polled at it, not after the longer sleep
+    under way), and the thread ends once nothing is watched."""
     global _thread
+    last = time.monotonic()
     while True:
         with _lock:
-            if not _workspaces:  # nothing left to watch: end (watch() starts a new thread)
-                if _thread is threading.current_thread():
-                    _thread = None
-                return
-            period_s = min(_workspaces.values())
-        time.sleep(period_s)
+            while True:
+                if not _workspaces:  # nothing left to watch: end (watch() starts a new thread)
+                    if _thread is threading.current_thread():
+                        _thread = None
+                    return
+                wait_s = last + min(_workspaces.values()) - time.monotonic()
+                if wait_s <= 0:
+                    break
+                _changed.wait(wait_s)
+        last = time.monotonic()
         poll_once()

@@ -527,6 +527,35 @@ def test_the_watchdog_goes_on_when_a_workspace_record_cannot_be_read(caplog):
             watchdog.unwatch(ws)
 
 
+def test_a_workspace_watched_while_the_thread_sleeps_a_longer_period_is_polled_at_its_own():
+    """A workspace watched with a short period while the thread sleeps out a longer one (a workspace made with a
+    long period first) is polled within its own period: the thread polls at the shortest period of the live
+    workspaces, not at the one it had when it went to sleep."""
+    from sagellm_comm import watchdog
+    from sagellm_comm.errors import CommTimeoutError
+
+    class _Workspace:
+        def __init__(self, failure):
+            self.async_error, self._failure = None, failure
+
+        def failure(self):
+            return self._failure()
+
+    slow = _Workspace(lambda: None)
+    fast = _Workspace(lambda: CommTimeoutError("rank 1 never arrived"))
+    try:
+        watchdog.watch(slow, 3_600_000)
+        time.sleep(0.2)  # the thread is asleep for the hour
+        watchdog.watch(fast, 20)
+        deadline = time.monotonic() + 5.0
+        while fast.async_error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert isinstance(fast.async_error, CommTimeoutError)
+    finally:
+        for ws in (slow, fast):
+            watchdog.unwatch(ws)
+
+
 def _gemm_after_close_worker(rank, world_size, port):
     from sagellm_comm.errors import NotInitializedError
 
