@@ -359,6 +359,23 @@ def test_an_uninitialised_custom_backend_names_itself(monkeypatch):
         backend.all_gather(torch.empty(4), torch.ones(2))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"algo": "one_shot"}, {"algo": "lamport"}, {"algo": "hierarchical"}, {"algo": "two_shot", "payload": "fp8"}],
+)
+def test_a_forced_kernel_algorithm_on_an_uninitialised_custom_backend_is_not_initialised(monkeypatch, kwargs):
+    """A forced kernel (or hierarchical) algorithm on a backend before init() (or after destroy()) is the one error
+    of every call there, NotInitializedError: not "this group runs on the engine" (BackendNotSupportedError) nor
+    "this group does not span nodes" (InvalidArgumentError), which send the caller after the wrong cause."""
+    from sagellm_comm import CommBackend
+    from sagellm_comm.errors import NotInitializedError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = CommBackend.create("custom", engine="gloo")
+    with pytest.raises(NotInitializedError, match="backend 'custom' is not initialised"):
+        backend.all_reduce(torch.ones(2), **kwargs)
+
+
 def _peer_gone_at_set_up_worker(rank, world_size, port, step):
     """Rank 1 exits at ``step`` of the world kernels' set-up; rank 0 reports what its ``init`` raised."""
     import os

@@ -521,6 +521,8 @@ class CustomBackend(TorchDistributedBackend):
             check_flag(async_op, "async_op")
         if algo not in ALGO_CHOICES:
             raise InvalidArgumentError(f"algo must be one of {ALGO_CHOICES}, got {algo!r}")
+        if self.custom is None:  # before init() or after destroy(): that, not a forced algorithm's refusal
+            self._check_ready()
         if payload is not None:
             return self._all_reduce_payload(tensor, op, group, async_op, algo, payload)
         car = self.custom if group is None else self.kernels_for(group)
