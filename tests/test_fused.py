@@ -513,6 +513,95 @@ def test_group_level_functions_fall_back_without_custom():
     run_ranks(_gloo_group_worker, 2, timeout=120)
 
 
+def _cancelling_gemm_inputs(rank, world_size, dtype):
+    """``a`` of this rank and ``b`` (the identity): the partial ``a @ b`` is ``a``, exactly, on every GEMM.  Per
+    column, 1 on one rank and half an ulp of 1 (``h``) on two others, every placement (row 1 negated): the fp32
+    sum 1 + 2h is exact and representable (rounded once, it stays), while 16-bit additions that start from the
+    1 lose each h (ties to even).  Returns ``(a, b, expected)``."""
+    import itertools
+
+    h = torch.finfo(dtype).eps / 2
+    a = torch.zeros(2, 16)
+    column = 0
+    for big in range(world_size):
+        for small in itertools.combinations([r for r in range(world_size) if r != big], 2):
+            a[0, column] = 1.0 if rank == big else h if rank in small else 0.0
+            expected_column = column
+            column += 1
+    a[1] = -a[0]
+    expected = torch.zeros(2, 16)
+    expected[0, : expected_column + 1] = 1 + 2 * h
+    expected[1] = -expected[0]
+    return a.to(dtype), torch.eye(16, dtype=dtype), expected.to(dtype)
+
+
+def _gemm_kernel_sums_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import gemm_all_reduce, last_selection
+
+    # 4 KiB messages: the tall output below is over the workspace, and the sequential path's all-reduce runs on
+    # the engine (the custom all-reduce's fallback) there.
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, max_bytes=4096)
+    try:
+        car = world.backend.custom
+        assert car is not None, world.backend.custom_reason
+        results = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            a, b, expected = _cancelling_gemm_inputs(rank, world_size, dtype)
+            for path in ("fused", "sequential", "chunked"):
+                out = gemm_all_reduce(a, b, group=world, path=path)
+                assert last_selection(world).algo == path, last_selection(world)
+                assert torch.equal(out, expected), (path, dtype, out)
+                results[(path, str(dtype))] = out.float().tolist()
+            tall = a.repeat(80, 1)  # 160 x 16 16-bit elements: 5120 bytes
+            assert car.resolve_algo("auto", tall.numel(), 2 * tall.numel()) == "nccl"
+            out = gemm_all_reduce(tall, b, group=world, path="sequential")
+            assert torch.equal(out, expected.repeat(80, 1)), (dtype, out)
+        return results
+    finally:
+        sagellm_comm.destroy()
+
+
+def _gemm_engine_sums_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import GemmAllReduce, gemm_all_reduce, last_selection
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        results, engine_alone = {}, {}
+        for dtype in (torch.bfloat16, torch.float16):
+            a, b, expected = _cancelling_gemm_inputs(rank, world_size, dtype)
+            out = gemm_all_reduce(a, b, group=world)
+            assert last_selection(world).rule_id == "custom-unavailable", last_selection(world)
+            results[("group", str(dtype))] = out.float().tolist()
+            # GemmAllReduce on an engine's all-reduce (no GEMM workspace): its sequential and chunked paths.
+            gemm = GemmAllReduce(None, world.all_reduce, world_size=world_size, num_chunks=2)
+            for path in ("sequential", "chunked"):
+                results[(path, str(dtype))] = gemm(a, b, path=path).float().tolist()
+            plain = a @ b
+            world.all_reduce(plain)  # the engine alone, in the dtype: a rounding per addition
+            engine_alone[str(dtype)] = not torch.equal(plain, expected)
+        return results, engine_alone
+    finally:
+        sagellm_comm.destroy()
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_gemm_engine_fallback_sums_16_bit_partials_as_the_kernels_do(world_size):
+    """From 3 ranks on the engine (Gloo) adds bf16/fp16 one addition at a time, rounding each; the fallback of
+    the GEMM + all-reduce sums in fp32 and rounds once, as the fused, sequential and chunked kernel paths do:
+    the same bits, where the engine alone loses the halves of an ulp."""
+    kernels = run_ranks(_gemm_kernel_sums_worker, world_size, env=INTERP, timeout=300)
+    engine = run_ranks(_gemm_engine_sums_worker, world_size, timeout=120)
+    want = kernels[0][("sequential", "torch.bfloat16")]
+    assert all(k == kernels[0] for k in kernels)
+    for results, engine_alone in engine:
+        for (path, dtype), got in results.items():
+            assert got == kernels[0][("fused", dtype)] == kernels[0][("sequential", dtype)], (path, dtype)
+        assert engine_alone == {"torch.bfloat16": True, "torch.float16": True}  # the inputs show the difference
+    assert want[0][0] == 1 + 2.0**-7  # bf16: 1 + eps
+
+
 def _gloo_bad_input_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError

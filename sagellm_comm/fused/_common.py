@@ -19,10 +19,11 @@ def rmsnorm_reference(new_residual: torch.Tensor, weight: torch.Tensor, eps: flo
     return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(new_residual.dtype)
 
 
-def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int) -> torch.Tensor:
-    """A new tensor: ``x`` summed over ranks by an engine's in-place ``all_reduce(tensor)``, as the kernels sum it
-    (in fp32, rounded once to ``x``'s dtype), though in the engine's order rather than rank order: the same bits
-    wherever the fp32 sum is exact (docs/fused.md, the engine fallback).
+def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int, in_place: bool = False) -> torch.Tensor:
+    """``x`` summed over ranks by an engine's in-place ``all_reduce(tensor)``, as the kernels sum it (in fp32,
+    rounded once to ``x``'s dtype), though in the engine's order rather than rank order: the same bits wherever
+    the fp32 sum is exact (docs/fused.md, the engine fallback).  A new tensor, or with ``in_place`` ``x`` itself
+    holding the sum (a tensor of the caller's own, e.g. a GEMM's output).
 
     An engine reduces a 16-bit tensor in 16 bits, a rounding per addition: from 3 ranks on, the sum is not the
     fp32 sum rounded once (one ulp of the sum, which a residual of the opposite sign turns into the whole of
@@ -31,10 +32,13 @@ def engine_all_reduced(x: torch.Tensor, all_reduce, world_size: int) -> torch.Te
     if world_size > 2 and x.dtype in (torch.bfloat16, torch.float16):
         wide = x.float()
         result = all_reduce(wide)
-        return (result if isinstance(result, torch.Tensor) else wide).to(x.dtype)
-    reduced = x.clone()
+        wide = result if isinstance(result, torch.Tensor) else wide
+        return x.copy_(wide) if in_place else wide.to(x.dtype)  # one rounding, to nearest even
+    reduced = x if in_place else x.clone()
     result = all_reduce(reduced)
-    return result if isinstance(result, torch.Tensor) else reduced
+    if isinstance(result, torch.Tensor) and result is not reduced:
+        return reduced.copy_(result) if in_place else result
+    return reduced
 
 
 def _check_2d(name: str, t: torch.Tensor, device: torch.device, dtypes) -> None:

@@ -11,7 +11,7 @@ import triton
 
 from sagellm_comm.kernels import all_reduce as _ark
 from sagellm_comm.kernels import gemm_all_reduce as _gk
-from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH
+from sagellm_comm.selector import AUTO, CHUNKED_PATH, COPY_ENGINE_PATH, ENGINE_ALGO, FUSED_PATH
 
 from ..arguments import check_flag, check_int
 from ..custom_all_reduce import CustomAllReduce, fingerprint_launcher, launch_fingerprint_check
@@ -25,7 +25,7 @@ from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import GEMM_PATHS, Selection
 from ..workspace import SymmetricWorkspace
-from ._common import FUSED_DTYPES, check_gemm_inputs
+from ._common import FUSED_DTYPES, check_gemm_inputs, engine_all_reduced
 from .gemm_config import FLAG_AREA_BYTES, gemm_tile_config, gemm_workspace_bytes
 from .gemm_copy_engine import CopyEnginePath, copy_engine_units
 from .gemm_policy import DEFAULT_GEMM_RULES, GemmPathSelector, GemmRule
@@ -61,7 +61,8 @@ class GemmAllReduce(CopyEnginePath):
         gemm_workspace: a dedicated :class:`SymmetricWorkspace` (sized with :func:`gemm_workspace_bytes`)
             for the fused path's tile buffers and flags; None disables the fused path.
         all_reduce: the rank's :class:`CustomAllReduce` for the chunked and sequential paths (or a callable
-            ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's).
+            ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's: from ``world_size`` 3 on it is given a
+            16-bit output as fp32, summed as the kernels sum it, and rounded once).
         selector: path policy (:class:`GemmPathSelector`).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
         num_chunks: row chunks of the chunked path.
@@ -244,8 +245,22 @@ class GemmAllReduce(CopyEnginePath):
             torch.matmul(a, b, out=out)
 
     def _reduce(self, t: torch.Tensor) -> None:
-        reduce = self.all_reduce.all_reduce if isinstance(self.all_reduce, CustomAllReduce) else self.all_reduce
-        reduce(t)
+        """``t`` summed over ranks in place, the fp32 sum of the partials rounded once: on the custom all-reduce's
+        kernels where its policy runs one, else on the engine (its ``fallback``, or a callable ``all_reduce``), a
+        16-bit ``t`` as fp32 from 3 ranks on (:func:`engine_all_reduced`: an engine rounds per addition)."""
+        car = self.all_reduce
+        if not isinstance(car, CustomAllReduce):
+            engine_all_reduced(t, car, self.world_size, in_place=True)
+            return
+        engine = (
+            car.fallback is not None
+            and not (car.error_view[0] or car.workspace.closed)  # the all-reduce's own call raises
+            and car.resolve_algo(AUTO, t.numel(), t.numel() * t.element_size()) == ENGINE_ALGO
+        )
+        if engine:
+            engine_all_reduced(t, car.fallback, car.world_size, in_place=True)
+        else:
+            car.all_reduce(t)
 
     def _chunked(self, a, b, bias, out, m) -> None:
         self.chunk_pipeline(

@@ -155,7 +155,8 @@ def gemm_all_reduce(
 
     ``a``: ``[M, K_shard]``, ``b``: ``[K_shard, N]`` of this rank.  With the group's custom kernels,
     :class:`GemmAllReduce` (its dedicated GEMM workspace is set up collectively on the first
-    call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`).
+    call); otherwise ``torch.matmul`` then the group's all-reduce (reason in :func:`last_selection`), which from
+    3 ranks on sums a 16-bit output in fp32 and rounds once, as the kernels do (:func:`engine_all_reduced`).
     ``zero_copy``: see :meth:`GemmAllReduce.__call__` (a workspace view, valid until the next call or the group's
     ``destroy()`` / ``reset()``).  Bad arguments raise the same typed errors on both paths
     (:func:`check_gemm_inputs`; the engine also takes fp32 and fp64) before anything runs, so no rank enters the
@@ -200,6 +201,6 @@ def gemm_all_reduce(
     out = torch.matmul(a, b)
     if bias is not None and g.rank == 0:
         out += bias
-    g.all_reduce(out)
+    engine_all_reduced(out, g.all_reduce, g.world_size, in_place=True)  # 16-bit: fp32 from 3 ranks, as the kernels
     state.last = Selection(SEQUENTIAL_PATH, "custom-unavailable", f"{why}; matmul then all-reduce")
     return out
