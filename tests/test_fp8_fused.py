@@ -238,6 +238,46 @@ def test_gloo_fallback_sums_16_bit_inputs_rounded_once():
     assert q == [[448.0] * 128]
 
 
+def _over_max_hidden_worker(rank, world_size, port):
+    """The custom backend at hidden MAX_HIDDEN + 128: no fused kernel takes the row, so every mode runs unfused
+    (rule ``fused-max-hidden``): our all-reduce, then the fallback's torch ops, the same outputs."""
+    import sagellm_comm
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import MAX_HIDDEN, FusedAllReduceRMSNorm, all_reduce_residual_rmsnorm, last_selection
+    from sagellm_comm.fused.fp8 import unfused_tail
+
+    hidden = MAX_HIDDEN + 128
+    steps = (torch.arange(2 * hidden) % 7 - 3).view(2, hidden) / 4  # every sum exact in bf16
+    xs = [(steps * (r + 1)).bfloat16() for r in range(world_size)]
+    residual = (steps.flip(1) + 1).bfloat16()
+    weight = (1 + torch.arange(hidden) % 5 / 8).bfloat16()
+    reduced = sum(x.float() for x in xs).bfloat16()
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, max_bytes=1 << 20)
+    try:
+        assert world.backend.custom is not None, world.backend.custom_reason
+        for quant in (None, *MODES):
+            scale = torch.tensor([0.05]) if quant == "fp8" else None
+            outs = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 1e-6, group=world, quant=quant, scale=scale)
+            sel = last_selection(world)
+            assert (sel.algo, sel.rule_id) == ("unfused", "fused-max-hidden"), sel
+            assert str(hidden) in sel.reason and str(MAX_HIDDEN) in sel.reason, sel
+            want = unfused_tail(reduced, residual, weight, 1e-6, quant, scale)
+            for got, expected in zip(outs, want, strict=True):
+                assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+        car = world.backend.custom  # a fused kernel asked for by name says what to do instead
+        op = FusedAllReduceRMSNorm(car.workspace, fallback=car.fallback, all_reduce=car)
+        with pytest.raises(InvalidArgumentError, match=f"up to {MAX_HIDDEN}, got {hidden}; use algo='auto'"):
+            op(xs[rank], residual, weight, algo="one_shot")
+        assert torch.equal(op(xs[rank], residual, weight, algo="unfused")[1], want[-1])
+        return True
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_hidden_over_the_kernels_runs_unfused_on_the_custom_backend():
+    assert run_ranks(_over_max_hidden_worker, 2, env=INTERP, timeout=300) == [True, True]
+
+
 def test_engine_all_reduce_of_the_fallback_rounds_16_bit_sums_once():
     """The fused op's engine path: from 3 ranks on a 16-bit x travels as fp32 (an engine adds in its dtype, a
     rounding per addition); 2 ranks and fp32 travel as they are.  A stand-in engine adds the ranks' tensors in

@@ -116,8 +116,9 @@ def all_reduce_residual_rmsnorm(
     run the chain unfused); otherwise the group's
     all-reduce then torch ops computing the same outputs, the reason recorded in :func:`last_selection`.  Bad
     arguments raise the same typed errors on both paths (:func:`check_rmsnorm_inputs`, :func:`check_quant`) before
-    anything runs, so no rank enters the all-reduce; only the kernels bound ``hidden`` (``MAX_HIDDEN``).  Enqueued
-    on the current stream; inputs are not modified.
+    anything runs, so no rank enters the all-reduce.  Only the kernels bound ``hidden`` (``MAX_HIDDEN``): with the
+    group's custom kernels a larger hidden runs unfused (rule ``fused-max-hidden``), the same outputs as the
+    fallback.  Enqueued on the current stream; inputs are not modified.
     """
     check_quant(quant, scale, x)
     eps = check_finite(eps, "eps", 0.0)

@@ -29,7 +29,7 @@ from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
 from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, TWO_SHOT, UNFUSED_PATH, AlgoSelector, Selection
 from ..workspace import SymmetricWorkspace, lamport_offset
-from ._common import check_rmsnorm_inputs, engine_all_reduced
+from ._common import MAX_HIDDEN, check_rmsnorm_inputs, engine_all_reduced
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
 from .rmsnorm_policy import FusionPolicy
 
@@ -153,6 +153,12 @@ class FusedAllReduceRMSNorm:
 
     def _fit(self, sel: Selection, nbytes: int, rows: int, hidden: int, itemsize: int, quant) -> Selection:
         """``sel`` where its kernel takes the message, else the next one that does (rule id says why)."""
+        if hidden > MAX_HIDDEN:  # a row is held by one program (or split rows' segments): no kernel takes it
+            return Selection(
+                UNFUSED_PATH, "fused-max-hidden",
+                f"{sel.reason}; but hidden {hidden} exceeds the fused kernels' {MAX_HIDDEN}, so all-reduce then "
+                "torch add + RMSNorm run",
+            )  # fmt: skip
         slot = self.workspace.slot_bytes
         if sel.algo == LAMPORT and rows * hidden > self.workspace.lamport_capacity:
             sel = Selection(
@@ -172,6 +178,11 @@ class FusedAllReduceRMSNorm:
             sel = self.select(nbytes, quant, rows, hidden, x.element_size())
         elif algo in RMSNORM_PATHS:
             sel = Selection(algo, "user", f"algo={algo} requested")
+            if algo != UNFUSED_PATH and hidden > MAX_HIDDEN:
+                raise InvalidArgumentError(
+                    f"algo={algo}: the fused kernels take hidden up to {MAX_HIDDEN}, got {hidden}; use algo='auto' "
+                    "or 'unfused' (all-reduce then torch add + RMSNorm)"
+                )
             if algo != UNFUSED_PATH and self._fit(sel, nbytes, rows, hidden, x.element_size(), quant) != sel:
                 if algo == LAMPORT:
                     need = f"takes at most {self.workspace.lamport_capacity} elements, got {rows * hidden}"
@@ -229,7 +240,8 @@ class FusedAllReduceRMSNorm:
             raise self.workspace.closed_error("the workspace of the fused all-reduce")
         check_quant(quant, scale, x)
         eps = check_finite(eps, "eps", 0.0)
-        rows, hidden = self.validate(x, residual, weight)
+        # Any hidden size: over the kernels' MAX_HIDDEN the call runs unfused (pick says so, or refuses a kernel).
+        rows, hidden = check_rmsnorm_inputs(x, residual, weight, self.workspace.device, max_hidden=None)
         sel = self.pick(algo, x, rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:
             return unfused_tail(self._reduced(x, sel), residual, weight, eps, quant, scale)
