@@ -477,17 +477,21 @@ class CustomAllReduce:
             if self.fallback is None:
                 raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
             return self._engine_into(tensor, out)
-        if numel == 0:
+        if numel == 0 and not self.check:
             return out
         if self.use_ptx:
             self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         zero_copy = self.workspace.is_registered(tensor)
         if self.check:
-            self.kernels.launch(
-                algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
-                self.max_programs, preload=True,
-            )  # fmt: skip
+            if numel:
+                self.kernels.launch(
+                    algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1,
+                    self.max_programs, preload=True,
+                )  # fmt: skip
+            # An empty call is compared too: a peer that passed elements must not wait for this rank in vain.
             self.launch_check(*(fingerprint or (algo, numel)), tensor.dtype)
+            if numel == 0:
+                return out
         self.kernels.launch(
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
@@ -541,17 +545,20 @@ class CustomAllReduce:
             self._check_out(tensor, out, numel)
         if self.check_payload(tensor, algo, payload) == ENGINE_ALGO:
             return self._engine_into(tensor, out)
-        if numel == 0:
+        if numel == 0 and not self.check:
             return out
         if self.use_ptx:
             self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         itemsize = tensor.element_size()
         if self.check:
-            self.kernels.launch(
-                TWO_SHOT, tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
-                self.max_programs, preload=True, payload=payload,
-            )  # fmt: skip
-            self.launch_check(f"two_shot_{payload}", numel, tensor.dtype)
+            if numel:
+                self.kernels.launch(
+                    TWO_SHOT, tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
+                    self.max_programs, preload=True, payload=payload,
+                )  # fmt: skip
+            self.launch_check(f"two_shot_{payload}", numel, tensor.dtype)  # an empty call too, as all_reduce
+            if numel == 0:
+                return out
         self.kernels.launch(
             TWO_SHOT, tensor, out, numel, itemsize, False, self._table, self._control, self.rank, 1,
             self.max_programs, payload=payload,

@@ -169,10 +169,13 @@ def _collective(op: str, car, tensor: torch.Tensor, out: torch.Tensor, fingerpri
         op, tensor, out, car.world_size, 1, ws.slot_bytes, (car.use_ptx, car.device_index, ws.device)
     )
     _check_aliasing(op, tensor, out, car.rank, numel)
-    if numel == 0:
+    if numel == 0 and not car.check:
         return out
     if car.use_ptx:
         ws.enter_stream(torch._C._cuda_getCurrentRawStream(car.device_index))
+    if numel == 0:  # check mode compares an empty call too: a peer that passed elements must not wait in vain
+        car.launch_check(*(fingerprint or (op, tensor.numel())), tensor.dtype, ws.table, ws.control)
+        return out
     _launch(op, car, tensor, out, numel, itemsize, ws.table, ws.control, car.rank, 1, False, fingerprint)
     return out
 

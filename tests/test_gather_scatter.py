@@ -228,6 +228,34 @@ def test_missing_rank_and_check_mode_mismatch(tmp_path, op):
         assert result["mismatch_nan"], "a mismatched call's output passed for a result"
 
 
+def _empty_call_worker(rank, world_size, port, op):
+    from sagellm_comm import gather_scatter as gs
+    from sagellm_comm.errors import CollectiveMismatchError
+
+    car = _setup(rank, world_size, port, timeout_s=30.0, check=True)
+    run = gs.all_gather if op == "all_gather" else gs.reduce_scatter
+
+    def call(numel):  # numel: this rank's input
+        out = torch.zeros(numel * world_size if op == "all_gather" else numel // world_size)
+        return run(car, torch.ones(numel), out)
+
+    call(0)  # every rank empty: nothing to compare against, and the ranks stay in step
+    out = call(16)
+    car.synchronize()
+    exact = bool(torch.all(out == (1 if op == "all_gather" else world_size)))
+    out = call(0 if rank == 1 else 16)  # rank 1 passes nothing
+    with pytest.raises(CollectiveMismatchError) as info:
+        car.synchronize()
+    return exact, info.value.details["mine"]["numel"], info.value.details["theirs"]["numel"]
+
+
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
+def test_check_mode_compares_an_empty_call_with_its_peers(op):
+    """A rank passing no element while its peer passes some is a mismatch on both ranks (the empty call returned
+    without its check, and the peer waited for it until the timeout)."""
+    assert run_ranks(_empty_call_worker, 2, op, env=INTERP, timeout=300) == [(True, 16, 0), (True, 0, 16)]
+
+
 # ------------------------------------------------------------------------------------- bad arguments
 @pytest.fixture
 def car(monkeypatch):

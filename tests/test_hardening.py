@@ -241,6 +241,7 @@ def _mismatch_worker(rank, world_size, port, what):
             "size": (65, algo, dtype),
             "algo": (numel, "lamport", dtype),
             "dtype": (numel, algo, torch.bfloat16),
+            "empty": (0, algo, dtype),
         }[what]
     x = _full(rank, 1, numel, dtype)
     car.all_reduce(x, algo=algo)
@@ -252,8 +253,10 @@ def _mismatch_worker(rank, world_size, port, what):
     return str(info.value), info.value.details
 
 
-@pytest.mark.parametrize("what", ["size", "algo", "dtype"])
+@pytest.mark.parametrize("what", ["size", "algo", "dtype", "empty"])
 def test_check_mode_names_the_disagreeing_rank_and_both_fingerprints(what):
+    """... also where one rank passes no element at all: its empty call is compared too (it returned without a
+    check, and its peer waited for it until the timeout)."""
     per_rank = run_ranks(_mismatch_worker, 2, what, env=INTERP, timeout=300)
     for rank, (message, details) in enumerate(per_rank):
         other = 1 - rank
@@ -265,6 +268,7 @@ def test_check_mode_names_the_disagreeing_rank_and_both_fingerprints(what):
             "size": ("numel", 64, 65),
             "algo": ("algo", "one_shot", "lamport"),
             "dtype": ("dtype", "float32", "bfloat16"),
+            "empty": ("numel", 64, 0),
         }[what]
         assert (mine[key], theirs[key]) == ((r0, r1) if rank == 0 else (r1, r0)), details
 
