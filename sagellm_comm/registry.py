@@ -154,6 +154,7 @@ def register_comm_backend(
     if is_available is not None and not callable(is_available):
         raise InvalidArgumentError(f"is_available of backend {key!r} must be None or callable, got {is_available!r}")
     priority = check_int(priority, f"priority of backend {key!r}")
+    _ensure_builtins()  # a built-in kind registered later would replace this one
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")
@@ -163,8 +164,10 @@ def register_comm_backend(
 
 def unregister_comm_backend(name: str) -> None:
     """Remove a registered kind (no-op if absent). Mainly for tests and plugins."""
+    key = _normalise(name)
+    _ensure_builtins()  # a built-in kind loaded later would come back
     with _LOCK:
-        _REGISTRY.pop(_normalise(name), None)
+        _REGISTRY.pop(key, None)
 
 
 def list_comm_backends() -> list[str]:

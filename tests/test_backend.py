@@ -483,6 +483,37 @@ def test_third_party_backend_registry(caplog) -> None:
     assert "loopback" not in list_comm_backends()
 
 
+_FIRST_REGISTRY_CALLS = """
+import sagellm_comm as sc
+from sagellm_comm.errors import InvalidArgumentError
+
+class Mine(sc.CommBackend):
+    pass
+
+try:
+    sc.register_comm_backend("gloo", Mine)
+    print("gloo taken without replace")
+except InvalidArgumentError:
+    pass
+sc.register_comm_backend("nccl", Mine, replace=True)
+sc.unregister_comm_backend("hccl")
+from sagellm_comm.registry import _REGISTRY
+print("kinds", sc.list_comm_backends(), "nccl is mine", _REGISTRY["nccl"].factory is Mine)
+"""
+
+
+def test_a_registration_made_before_the_registry_is_consulted_holds() -> None:
+    """The built-in kinds load when the registry is first consulted; a register or unregister call that comes
+    first in a process sees them, and the built-ins never undo it (a fresh process: this one loaded them)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FIRST_REGISTRY_CALLS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "taken without replace" not in done.stdout
+    assert "'hccl'" not in done.stdout and "nccl is mine True" in done.stdout, done.stdout
+
+
 # ---------------------------------------------------------------------- NCCL on a real GPU
 
 

@@ -62,7 +62,7 @@ from .hierarchical import (
     node_layout,
 )
 from .hierarchical import all_reduce as hierarchical_all_reduce
-from .torch_distributed import TorchDistributedBackend
+from .torch_distributed.adapter import TorchDistributedBackend  # not the package: it may be mid-import here
 
 log = logging.getLogger("sagellm_comm")
 
