@@ -83,7 +83,8 @@ class Topology:
     # ------------------------------------------------------------------ discovery
     @classmethod
     def discover(cls, group: Any = None, config: Any = None) -> Topology:
-        """Describe this node (see module doc); with ``group``, gather every member's hostname.
+        """Describe this node (see module doc); with ``group``, gather every member's hostname (collective over
+        the members; a rank outside ``group`` raises :class:`InvalidArgumentError`).
 
         ``config``: a :class:`~sagellm_comm.config.CommConfig` (default: read from the environment, which
         raises ``InvalidArgumentError`` for a malformed setting)."""
@@ -93,6 +94,10 @@ class Topology:
 
         if group is not None and not isinstance(group, CommGroup | CommBackend):
             raise InvalidArgumentError(f"group must be a CommGroup, a CommBackend or None, got {group!r}")
+        if isinstance(group, CommGroup) and not group.is_member:  # it has no side of the members' exchange
+            raise InvalidArgumentError(
+                f"this rank is not a member of {group!r}: Topology.discover(group) is called by the group's members"
+            )
         if config is None:
             config = CommConfig.from_env()
         elif not isinstance(config, CommConfig):

@@ -166,3 +166,26 @@ def test_discover_with_group_gathers_real_hostnames() -> None:
     results = run_ranks(_hostnames, 2, timeout=60, env={ENV_VAR: None})
     me = socket.gethostname()
     assert results == [{"ranks": [0, 1], "hosts": [me, me], "same": True}] * 2
+
+
+def _hostnames_of_a_sub_group(rank: int, world_size: int, port: int) -> dict:
+    from sagellm_comm import CommGroup
+
+    world = CommGroup.create(rank=rank, world_size=world_size, backend="gloo", master_port=port, timeout=10)
+    try:
+        first = world.new_subgroup([0])  # rank 1 is not a member
+        try:
+            topo = Topology.discover(group=first)
+        except InvalidArgumentError as exc:
+            return {"refused": str(exc)}
+        return {"ranks": topo.ranks, "hosts": len(topo.rank_hostnames)}
+    finally:
+        world.destroy()
+
+
+def test_discover_with_a_group_this_rank_is_not_in_is_refused_on_that_rank() -> None:
+    """The hostnames are gathered over the group's members; a non-member has no side of that exchange (it would
+    run its half over the whole world, where no peer answers), so it is refused there before anything is sent."""
+    member, outsider = run_ranks(_hostnames_of_a_sub_group, 2, timeout=60, env={ENV_VAR: None})
+    assert member == {"ranks": [0], "hosts": 1}
+    assert "not a member" in outsider.get("refused", ""), outsider
