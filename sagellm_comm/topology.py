@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sagellm_comm.arguments import is_int
 from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 
 __all__ = ["ENV_VAR", "GPUInfo", "Topology"]
@@ -198,9 +199,11 @@ class Topology:
     def link(self, i: int, j: int) -> str:
         """Label of the path between GPU ``i`` and GPU ``j``."""
         for k in (i, j):
+            if not is_int(k):
+                raise InvalidArgumentError(f"GPU index must be an int, got {k!r}")
             if not 0 <= k < self.num_gpus:
                 raise InvalidArgumentError(f"GPU index {k} is outside [0, {self.num_gpus - 1}]")
-        return self.links[i][j]
+        return self.links[int(i)][int(j)]
 
     def nvlink_count(self, i: int, j: int) -> int:
         """Number of NVLinks between GPU ``i`` and GPU ``j`` (0 when none)."""
@@ -215,7 +218,7 @@ class Topology:
         device: True (ranks that share one GPU need no peer access).  An index outside the GPUs raises
         :class:`InvalidArgumentError`.
         """
-        devs = list(range(self.num_gpus)) if devices is None else list(devices)
+        devs = list(range(self.num_gpus)) if devices is None else _as_list(devices, "devices")
         if not devs:
             return False
         for i in devs:
@@ -225,7 +228,7 @@ class Topology:
                 if i == j:
                     continue
                 nvlink = self.nvlink_count(i, j) > 0
-                if not (nvlink or (not nvlink_only and self.peer_access[i][j])):
+                if not (nvlink or (not nvlink_only and self.peer_access[int(i)][int(j)])):
                     return False
         return True
 
@@ -240,7 +243,10 @@ class Topology:
     def same_node(self, ranks: Sequence[int] | None = None) -> bool:
         """True if all ``ranks`` (global; default: the whole group) run on one host."""
         self._need_group()
-        wanted = list(self.ranks) if ranks is None else list(ranks)
+        wanted = list(self.ranks) if ranks is None else _as_list(ranks, "ranks")
+        wrong = [r for r in wanted if not is_int(r)]
+        if wrong:
+            raise InvalidArgumentError(f"ranks must be ints, got {wrong}")
         unknown = [r for r in wanted if r not in self.ranks]
         if unknown:
             raise InvalidArgumentError(f"ranks {unknown} are not in the discovered group {self.ranks}")
@@ -351,6 +357,16 @@ def _check_gpus(gpus: list[GPUInfo]) -> None:
         memory = gpu.memory_bytes
         if memory is not None and (memory.__class__ is not int or memory < 1):
             raise InvalidArgumentError(f"{bad} {where}.memory_bytes must be an int >= 1 or null, got {memory!r}")
+
+
+def _as_list(values: Any, what: str) -> list:
+    """``values`` (a sequence of GPU indices or ranks) as a list, or a typed error naming ``what``."""
+    if isinstance(values, str | bytes):
+        raise InvalidArgumentError(f"{what} must be a list of ints, got {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} must be a list of ints, got {values!r}") from None
 
 
 def _valid_label(label: str) -> bool:

@@ -189,3 +189,24 @@ def test_discover_with_a_group_this_rank_is_not_in_is_refused_on_that_rank() -> 
     member, outsider = run_ranks(_hostnames_of_a_sub_group, 2, timeout=60, env={ENV_VAR: None})
     assert member == {"ranks": [0], "hosts": 1}
     assert "not a member" in outsider.get("refused", ""), outsider
+
+
+def test_gpu_and_rank_arguments_that_are_not_ints_are_typed_errors() -> None:
+    """A GPU index or a rank is an int (NumPy's too); anything else (a float, a str, a bool, a bare int where a
+    list is asked for) is an InvalidArgumentError naming it, never a TypeError or another GPU's answer."""
+    import numpy as np
+
+    topo = Topology.from_dict({"num_gpus": 2, "link": "NV4", "ranks": [0, 1], "rank_hostnames": ["a", "b"]})
+    assert topo.link(np.int64(0), 1) == "NV4" and topo.all_pairs_p2p([np.int32(0), 1])
+    for bad in (0.5, 1.0, "1", None, True):
+        with pytest.raises(InvalidArgumentError, match="GPU index"):
+            topo.link(bad, 0)
+        with pytest.raises(InvalidArgumentError, match="GPU index"):
+            topo.nvlink_count(0, bad)
+        with pytest.raises(InvalidArgumentError, match="GPU index"):
+            topo.all_pairs_p2p([0, bad])
+        with pytest.raises(InvalidArgumentError, match="rank"):
+            topo.same_node([0, bad])
+    for call in (topo.all_pairs_p2p, topo.same_node):
+        with pytest.raises(InvalidArgumentError, match="list"):
+            call(5)
