@@ -482,15 +482,23 @@ def _from_cuda() -> Topology | None:
 
 
 def _gather_hostnames(group: Any, hostname: str) -> tuple[list[int], list[str]]:
-    """Every member's hostname, over the Gloo CPU group of ``group`` (collective)."""
+    """Every member's hostname, over the Gloo CPU group of ``group`` (collective).  A member gone or silent past
+    the backend's timeout is a typed error (``comm_collective_failed`` or ``comm_timeout``) naming the ranks."""
     import torch.distributed as dist
+
+    from sagellm_comm.backend import DEFAULT_TIMEOUT_S
+    from sagellm_comm.backends.torch_distributed.translate import translate
 
     backend = getattr(group, "backend", group)  # CommGroup -> its backend; else a CommBackend
     handle = getattr(group, "handle", None)
     cpu_group = handle.cpu_group if handle is not None else backend.cpu_group
     ranks = list(handle.ranks) if handle is not None else list(range(backend.world_size))
     hostnames: list[Any] = [None] * len(ranks)
-    dist.all_gather_object(hostnames, hostname, group=cpu_group)
+    try:
+        dist.all_gather_object(hostnames, hostname, group=cpu_group)
+    except Exception as exc:
+        limit = float(getattr(backend, "timeout", DEFAULT_TIMEOUT_S))
+        raise translate(exc, f"Topology.discover's hostname exchange over ranks {ranks}", limit, backend.name) from exc
     return ranks, [str(h) for h in hostnames]
 
 

@@ -210,3 +210,27 @@ def test_gpu_and_rank_arguments_that_are_not_ints_are_typed_errors() -> None:
     for call in (topo.all_pairs_p2p, topo.same_node):
         with pytest.raises(InvalidArgumentError, match="list"):
             call(5)
+
+
+def _hostnames_with_a_peer_gone(rank: int, world_size: int, port: int) -> dict:
+    from sagellm_comm import CommError
+
+    backend = CommBackend.create("gloo").init(rank=rank, world_size=world_size, master_port=port, timeout=5)
+    if rank == 1:  # leaves without taking part in the exchange
+        backend.destroy()
+        return {}
+    try:
+        Topology.discover(group=backend)
+    except CommError as exc:
+        return {"error": type(exc).__name__, "cause": exc.__cause__ is not None, "text": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the defect this test finds
+        return {"error": f"untyped {type(exc).__name__}"}
+    finally:
+        backend.destroy()
+    return {"error": None}
+
+
+def test_discover_with_a_group_whose_peer_is_gone_raises_a_typed_error() -> None:
+    found, _ = run_ranks(_hostnames_with_a_peer_gone, 2, timeout=60, env={ENV_VAR: None})
+    assert found["error"] in ("CollectiveFailedError", "CommTimeoutError") and found["cause"], found
+    assert "hostname" in found["text"] and "[0, 1]" in found["text"], found
