@@ -56,6 +56,7 @@ from sagellm_comm.errors import (
     BackendNotSupportedError,
     GroupNotFoundError,
     InvalidArgumentError,
+    NotInitializedError,
     ShapeMismatchError,
 )
 
@@ -101,7 +102,8 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
     group raises :class:`InvalidArgumentError` (unregister it first).  ``"default"`` is reserved.
     Every rank should register its group under the same name, so compiled graphs agree across ranks.
     A generated name lasts as long as the group's backend: destroying the backend unregisters it (a name given
-    here stays until :func:`unregister_group`).
+    here stays until :func:`unregister_group`); a group whose backend is not initialised gets none
+    (:class:`NotInitializedError`).
     """
     from sagellm_comm.group import CommGroup
 
@@ -112,6 +114,11 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
             for known, value in _GROUPS.items():
                 if value is group:
                     return known
+            if not group.backend.is_initialized:  # its destroy has passed: nothing would drop the name
+                raise NotInitializedError(
+                    f"{group!r}: its backend is not initialised (destroyed?), so it gets no generated name; "
+                    "init the backend and make the group again"
+                )
             ranks = "-".join(str(r) for r in group.ranks)
             name = f"g{next(_COUNTER)}_ranks{ranks}"
             while name in _GROUPS:  # a name given by the caller can look like a generated one: it is theirs

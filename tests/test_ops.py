@@ -236,3 +236,22 @@ def test_destroy_unregisters_the_generated_names_of_its_groups_and_keeps_given_o
         # this cycle's two generated names, none of an earlier cycle's
         assert [len(names) for names in out["held"]] == [2] + [3] * 11, out["held"]
         assert out["after"] == ["given"], out["after"]
+
+
+def _generated_name_after_destroy_worker(rank: int, world_size: int, port: int) -> dict:
+    """A group whose backend was destroyed gets no generated name: nothing would ever drop it."""
+    import sagellm_comm
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    pair = world.new_subgroup([0, 1])
+    sagellm_comm.destroy()
+    try:
+        name = ops.group_name(pair)
+    except NotInitializedError:
+        return {"refused": True, "left": sorted(ops.list_groups())}
+    return {"refused": False, "left": sorted(ops.list_groups()), "name": name}
+
+
+def test_a_group_of_a_destroyed_backend_gets_no_generated_name() -> None:
+    for out in run_ranks(_generated_name_after_destroy_worker, 2, timeout=60.0):
+        assert out == {"refused": True, "left": []}, out
