@@ -487,3 +487,20 @@ def test_undo_after_failure_runs_every_step_and_logs_what_raises(caplog):
     assert ran == [0, 1, 2]
     assert caplog.text.count("undoing the set-up: P2PFailedError") == 2
     assert "step 0 could not release" in caplog.text and "step 2 could not release" in caplog.text
+
+
+def test_every_error_the_library_raises_is_exported_at_the_top_level() -> None:
+    """A caller catches what the library raises without importing sagellm_comm.errors: every error class is public."""
+    import inspect
+
+    import sagellm_comm
+    from sagellm_comm import errors
+
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if inspect.isclass(value) and issubclass(value, errors.CommError) and value.__module__ == errors.__name__
+    }
+    assert defined - set(sagellm_comm.__all__) == set()
+    for name in defined:
+        assert getattr(sagellm_comm, name) is getattr(errors, name)
