@@ -7,7 +7,8 @@ Three implementations of one small interface, chosen by where the ranks live:
   sit at offsets inside larger allocations), handles are ``cudaIpcMemHandle_t`` bytes, and peers open them
   with ``cudaIpcOpenMemHandle`` (lazy peer access).  Uses CuPy's runtime bindings.
 * :class:`SharedFileMemory`: one process per rank on the CPU, for the Triton interpreter
-  (``TRITON_INTERPRET=1``).  Regions are files in ``/dev/shm`` mapped shared; the handle is the path.
+  (``TRITON_INTERPRET=1``).  Regions are files in the shared directory (:func:`sagellm_comm.shm.shared_dir`,
+  ``/dev/shm``) mapped shared; the handle is the path.
 * Virtual ranks in one process need no handles at all: :mod:`sagellm_comm.virtual` builds the pointer
   tables directly.
 
@@ -184,7 +185,8 @@ class CudaIpcMemory(PeerMemory):
 
 
 class SharedFileMemory(PeerMemory):
-    """Regions as shared files in ``directory`` (``/dev/shm``), for CPU processes under the interpreter.
+    """Regions as shared files in :func:`sagellm_comm.shm.shared_dir` (``/dev/shm``; the temporary directory
+    where that is missing or not writable), for CPU processes under the interpreter.
 
     Each file this process creates (``sagellm-comm-<pid>-<random>``) carries an owner lock (an exclusive
     ``flock``, dropped by the kernel however the process exits) until it is freed or unlinked, so the one
@@ -192,8 +194,8 @@ class SharedFileMemory(PeerMemory):
     ``SharedFileMemory`` is made and when a transfer inbox is made) removes the files of a process killed before
     it could (mid-rendezvous, say)."""
 
-    def __init__(self, directory: str = "/dev/shm"):
-        self.directory = directory if os.path.isdir(directory) else "/tmp"
+    def __init__(self):
+        self.directory = shm.shared_dir()  # where the sweep looks: the files of a killed process are found
         self._maps: dict[int, tuple[torch.Tensor, str | None, Any]] = {}  # ptr -> (mapping, own file, its lock)
         shm.sweep_stale()
 

@@ -1,6 +1,7 @@
 """Files in host shared memory that other processes of the host map, each held by its owner for its lifetime.
 
-* :func:`shared_dir`: ``/dev/shm`` where it exists (every process of the host sees it).
+* :func:`shared_dir`: the one directory of every file here (``/dev/shm`` where it exists and this process may
+  write there, else the temporary directory): the files of this package are made, swept and found by peers there.
 * :class:`OwnerLock`: an exclusive ``flock`` held on a file for the owner's lifetime.  The kernel drops it
   when the process exits, however it exits, so :func:`owner_alive` / :class:`LivenessProbe` (a non-blocking
   shared-lock attempt) tell a live owner from a dead one, also for two owners in one process (``flock`` locks
@@ -30,13 +31,17 @@ from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 TRANSFER_PREFIX = "sagellm-xfer-"  # sagellm_comm/transfer/shared.py's files
 WORKSPACE_PREFIX = "sagellm-comm-"  # SharedFileMemory's files (sagellm_comm/ipc.py)
 STALE_AFTER_S = 60.0
+SHM_DIR = "/dev/shm"  # host shared memory, the first choice of shared_dir()
 
 
 @lru_cache(maxsize=1)
 def shared_dir() -> str:
-    """``/dev/shm`` where it exists (every process of the host sees it), else the temporary directory."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return "/dev/shm"
+    """The directory of this package's shared files, decided once per process and used for all of them: the
+    workspace files of :class:`sagellm_comm.ipc.SharedFileMemory`, the transfer files (made there, and a peer's
+    accepted only there) and the stale-file sweep.  :data:`SHM_DIR` (``/dev/shm``, which every process of the host
+    sees) where it is a directory this process may write in, else the temporary directory."""
+    if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+        return SHM_DIR
     import tempfile
 
     return tempfile.gettempdir()

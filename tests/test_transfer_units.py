@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -2434,6 +2435,56 @@ def test_the_sweep_removes_the_workspace_files_of_a_killed_process_and_keeps_a_l
         assert memory.tensor(live_ptr).numel() == 4096  # the mapping stays
     finally:
         memory.free(live_ptr)
+
+
+@pytest.fixture
+def shared_dir_at(monkeypatch, tmp_path):
+    """``shared_dir()`` decided afresh with ``/dev/shm`` replaced by ``tmp_path/"shm"`` and the temporary directory
+    by ``tmp_path/"tmp"``; yields (the ``/dev/shm`` stand-in, the temporary directory)."""
+    candidate, fallback = tmp_path / "shm", tmp_path / "tmp"
+    fallback.mkdir()
+    monkeypatch.setattr(shm, "SHM_DIR", str(candidate), raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(fallback))
+    shm.shared_dir.cache_clear()
+    yield candidate, fallback
+    shm.shared_dir.cache_clear()
+
+
+@pytest.mark.parametrize("shm_state", ["missing", "not writable"])
+def test_workspace_and_transfer_files_are_made_where_the_sweep_looks_when_dev_shm_is_unusable(
+    shared_dir_at, monkeypatch, shm_state
+):
+    """Without a usable /dev/shm (missing, or a directory this process may not write in) the workspace files of
+    SharedFileMemory, the transfer files and the sweep all use the temporary directory: a file left there by a
+    dead owner is swept (it was made in /dev/shm, or not at all, while the sweep looked elsewhere)."""
+    from sagellm_comm.ipc import SharedFileMemory
+    from sagellm_comm.transfer import shared
+
+    candidate, fallback = shared_dir_at
+    if shm_state == "not writable":
+        candidate.mkdir()
+        access = os.access  # (root may write anywhere: the check is answered for the stand-in)
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: False if str(p) == str(candidate) else access(p, mode, **kw)
+        )
+    assert shm.shared_dir() == str(fallback)
+    memory = SharedFileMemory()
+    ptr = memory.allocate(4096)
+    try:
+        path = memory.export(ptr)
+        assert os.path.dirname(path) == str(fallback)
+        transfer = shared.new_path("-probe")
+        assert os.path.dirname(transfer) == str(fallback)
+        open(transfer, "wb").close()
+        assert shared.transfer_path(transfer) == transfer  # a peer finds and accepts it there
+        memory._maps[ptr][2].release()  # its owner died: the file stays behind, its lock free
+        old = time.time() - 2 * shm.STALE_AFTER_S
+        for stale in (path, transfer):
+            os.utime(stale, (old, old))
+        assert shm.sweep_stale() == 2
+        assert not os.path.exists(path) and not os.path.exists(transfer)
+    finally:
+        memory.free(ptr)
 
 
 def test_a_slot_claimed_after_a_drain_is_read_and_a_reclaimed_slot_is_read_with_its_new_name(live_sender):
