@@ -12,6 +12,7 @@ it can be captured in a CUDA graph and replayed: the epochs live on the device.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -20,9 +21,11 @@ from . import capture
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
-from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every
+from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every, undo_after_failure
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, SymmetricWorkspace, local_workspaces
+
+logger = logging.getLogger(__name__)
 
 
 def stacked_rows(workspaces: Sequence[SymmetricWorkspace]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,16 +67,21 @@ class VirtualRankGroup:
         self.world_size = world_size
         self.device = device
         self.workspaces = local_workspaces(world_size, max_bytes, device, max_programs=max_programs, config=config)
-        self.config = self.workspaces[0].config
         self.timeout_s = timeout_s
-        self.ranks = [CustomAllReduce(ws, selector=selector, timeout_s=timeout_s) for ws in self.workspaces]
-        self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
-        self.max_bytes = self.workspaces[0].slot_bytes
-        # Default: one program per SM and rank (the workspaces know all ranks share this GPU), so every
-        # program of every rank can be resident at once.
-        self.max_programs = self.ranks[0].max_programs
-        # One launch for all ranks: the rows of every rank's pointer table, stacked.
-        self.stacked_table, self.stacked_control = stacked_rows(self.workspaces)
+        try:
+            self.config = self.workspaces[0].config
+            self.ranks = [CustomAllReduce(ws, selector=selector, timeout_s=timeout_s) for ws in self.workspaces]
+            self.streams = [torch.cuda.Stream(device) for _ in range(world_size)]
+            self.max_bytes = self.workspaces[0].slot_bytes
+            # Default: one program per SM and rank (the workspaces know all ranks share this GPU), so every
+            # program of every rank can be resident at once.
+            self.max_programs = self.ranks[0].max_programs
+            # One launch for all ranks: the rows of every rank's pointer table, stacked.
+            self.stacked_table, self.stacked_control = stacked_rows(self.workspaces)
+        except BaseException as exc:  # the workspaces just made are nobody's: closed, the set-up's error raised
+            what = f"closing the virtual ranks' workspaces after their set-up failed ({exc!r})"
+            undo_after_failure([ws.close for ws in self.workspaces], logger, what)
+            raise
 
     def select(self, nbytes: int, itemsize: int = 2) -> Selection:
         """The algorithm ``algo="auto"`` runs for ``nbytes`` of ``itemsize``-byte elements (same on every rank)."""

@@ -862,6 +862,38 @@ def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(m
     assert ("rank 1: unmapping" in caplog.text) == close_fails
 
 
+@pytest.mark.parametrize("failing", [0, 2])
+def test_virtual_rank_group_closes_its_workspaces_when_a_ranks_all_reduce_cannot_be_made(monkeypatch, failing):
+    """``VirtualRankGroup`` makes every rank's workspace, then every rank's all-reduce; one that cannot be made
+    leaves no workspace open (the workspaces of the ranks before it and after it are closed), its error raised.
+    (It needs CUDA: the device check, the workspaces and the all-reduces are stand-ins here.)"""
+    from sagellm_comm import virtual as virtual_module
+
+    closed: list[int] = []
+    made: list[int] = []
+
+    def all_reduce(ws, **kwargs):
+        if ws.rank == failing:
+            raise RuntimeError(f"CUDA error: out of memory (rank {ws.rank}'s launch arguments)")
+        made.append(ws.rank)
+        return object()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def workspaces(world_size, *args, **kwargs):
+        stand_ins = _closing_ranks(world_size, closed)
+        for ws in stand_ins:
+            ws.config = None
+        return stand_ins
+
+    monkeypatch.setattr(virtual_module, "local_workspaces", workspaces)
+    monkeypatch.setattr(virtual_module, "CustomAllReduce", all_reduce)
+    with pytest.raises(RuntimeError, match=f"rank {failing}'s launch arguments"):
+        virtual_module.VirtualRankGroup(3, "cuda:0")
+    assert made == list(range(failing))
+    assert closed == [0, 1, 2]
+
+
 def _virtual_fused_stand_ins(monkeypatch) -> tuple[types.SimpleNamespace, dict]:
     """The parts VirtualFused makes, stood in for (they need CUDA); returns a group and what the AR + RMSNorm got."""
     from sagellm_comm.fused import virtual as virtual_module
