@@ -453,32 +453,15 @@ class CustomAllReduce:
         algorithm and ``tensor``'s count); a caller running this as one stage of a larger operation passes that
         operation's.
         """
-        check_is_tensor(tensor, "tensor")
-        if payload is not None:
-            return self._all_reduce_payload(tensor, out, algo, payload)
-        if self.error_view[0]:
-            self.workspace.raise_if_failed()
-        if self.workspace.closed:
-            raise self.closed_error()
-        itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
-        if itemsize is None:
-            raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
-        if not tensor.is_contiguous():
-            raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
-        if self.wrong_device(tensor):
-            raise self.device_error(tensor)
-        numel = tensor.numel()
-        if out is None:
-            out = tensor
-        else:
-            self._check_out(tensor, out, numel)
-        algo = self.resolve_algo(algo, numel, numel * itemsize)
+        out, algo = self.check_call(tensor, out, algo, payload)
         if algo == ENGINE_ALGO:
-            if self.fallback is None:
-                raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
             return self._engine_into(tensor, out)
+        numel = tensor.numel()
         if numel == 0 and not self.check:
             return out
+        if payload is not None:
+            return self._launch_payload(tensor, out, numel, payload)
+        itemsize = SUPPORTED_DTYPES[tensor.dtype]
         if self.use_ptx:
             self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         zero_copy = self.workspace.is_registered(tensor)
@@ -496,6 +479,43 @@ class CustomAllReduce:
             algo, tensor, out, numel, itemsize, zero_copy, self._table, self._control, self.rank, 1, self.max_programs
         )
         return out
+
+    def check_call(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None, algo: str = "auto", payload: str | None = None
+    ) -> tuple[torch.Tensor, str]:
+        """Every check :meth:`all_reduce` makes of a call before it enqueues anything, with its typed errors, and
+        nothing enqueued: returns the tensor the result goes to (``out``, or ``tensor`` for an in-place call) and the
+        algorithm that runs (a kernel's, or ``nccl``: the attached engine).  A caller that launches several ranks'
+        calls (virtual ranks) checks every rank's first, so that a call one rank refuses is refused before any rank
+        launched (a launched rank would wait for the refused one until the timeout)."""
+        check_is_tensor(tensor, "tensor")
+        if self.error_view[0]:
+            self.workspace.raise_if_failed()
+        if self.workspace.closed:
+            raise self.closed_error()
+        if payload is not None:
+            if not tensor.is_contiguous():
+                raise InvalidArgumentError(
+                    f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
+                    f"{tensor.stride()}; call .contiguous()"
+                )
+            if self.wrong_device(tensor):
+                raise self.device_error(tensor)
+            out = self._check_out(tensor, out)
+            return out, self.check_payload(tensor, algo, payload)
+        itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
+        if itemsize is None:
+            raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
+        if self.wrong_device(tensor):
+            raise self.device_error(tensor)
+        out = self._check_out(tensor, out)
+        numel = tensor.numel()
+        algo = self.resolve_algo(algo, numel, numel * itemsize)
+        if algo == ENGINE_ALGO and self.fallback is None:
+            raise BackendNotSupportedError("algo 'nccl' needs a fallback engine; none is attached here")
+        return out, algo
 
     def _engine_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The engine's in-place all-reduce of ``tensor`` into ``out`` (``tensor`` itself, or a copy of it there, so
@@ -526,27 +546,8 @@ class CustomAllReduce:
             )
         return ENGINE_ALGO
 
-    def _all_reduce_payload(self, tensor, out, algo: str, payload: str) -> torch.Tensor:
-        if self.error_view[0]:
-            self.workspace.raise_if_failed()
-        if self.workspace.closed:
-            raise self.closed_error()
-        if not tensor.is_contiguous():
-            raise InvalidArgumentError(
-                f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
-                f"{tensor.stride()}; call .contiguous()"
-            )
-        if self.wrong_device(tensor):
-            raise self.device_error(tensor)
-        numel = tensor.numel()
-        if out is None:
-            out = tensor
-        else:
-            self._check_out(tensor, out, numel)
-        if self.check_payload(tensor, algo, payload) == ENGINE_ALGO:
-            return self._engine_into(tensor, out)
-        if numel == 0 and not self.check:
-            return out
+    def _launch_payload(self, tensor: torch.Tensor, out: torch.Tensor, numel: int, payload: str) -> torch.Tensor:
+        """Enqueue the checked ``payload`` call (:meth:`check_call` chose the kernels) of ``numel`` elements."""
         if self.use_ptx:
             self.workspace.enter_stream(torch._C._cuda_getCurrentRawStream(self.device_index))
         itemsize = tensor.element_size()
@@ -584,12 +585,15 @@ class CustomAllReduce:
             NP=triton.next_power_of_2(n), USE_PTX=self.use_ptx,
         )  # fmt: skip
 
-    def _check_out(self, tensor: torch.Tensor, out: torch.Tensor, numel: int) -> None:
-        """``out`` of an out-of-place call: ``numel`` contiguous elements of ``tensor``'s dtype on this device, either
-        ``tensor``'s own memory (in place) or memory it shares no byte with.  A partial overlap is refused: the
-        kernels read ``tensor`` while they write ``out``, a tile at a time, so the sum would take in elements that
-        an earlier tile had already overwritten."""
+    def _check_out(self, tensor: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The tensor a call's result goes to: ``tensor`` where ``out`` is None (in place), else ``out``, checked: as
+        many contiguous elements as ``tensor`` of its dtype on this device, either ``tensor``'s own memory (in place)
+        or memory it shares no byte with.  A partial overlap is refused: the kernels read ``tensor`` while they write
+        ``out``, a tile at a time, so the sum would take in elements that an earlier tile had already overwritten."""
+        if out is None:
+            return tensor
         check_is_tensor(out, "out")
+        numel = tensor.numel()
         if out.dtype != tensor.dtype or out.numel() != numel or not out.is_contiguous() or self.wrong_device(out):
             raise InvalidArgumentError(
                 f"out must be a contiguous {tensor.dtype} tensor of {numel} elements on {self.device}, got "
@@ -602,6 +606,7 @@ class CustomAllReduce:
                 "that shares no memory with tensor",
                 details={"offset_bytes": other - start},
             )
+        return out
 
     def wrong_device(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is not on this rank's workspace device (where every call's tensors must be)."""

@@ -97,12 +97,17 @@ class VirtualRankGroup:
         """All-reduce ``tensors[r]`` of every rank ``r`` (in place unless ``outs``), one stream per rank.
 
         Work is ordered after what is already on the current stream and the current stream waits for all
-        ranks, so callers see ordinary stream semantics (and CUDA-graph capture works).
+        ranks, so callers see ordinary stream semantics (and CUDA-graph capture works).  Every rank's call is
+        checked before any rank launches (:meth:`CustomAllReduce.check_call`): a call that one rank refuses raises
+        its typed error with nothing enqueued, and the group stays usable (a launched rank would wait for the
+        refused one until the timeout, and its workspace would latch the timeout).
         """
         if len(tensors) != self.world_size:
             raise InvalidArgumentError(f"expected {self.world_size} tensors (one per rank), got {len(tensors)}")
         if outs is not None and len(outs) != self.world_size:
             raise InvalidArgumentError(f"expected {self.world_size} outputs, got {len(outs)}")
+        for r, car in enumerate(self.ranks):
+            car.check_call(tensors[r], None if outs is None else outs[r], algo)
         shapes = {(t.numel(), t.dtype) for t in tensors}
         if len(shapes) != 1:
             raise InvalidArgumentError(

@@ -745,6 +745,71 @@ def test_split_rows_launch_without_programmatic_dependent_launch():
     assert lamport_launch(4, 8192, 33, False, True, 4, 4) == (1, True)  # interpreter: one program a row
 
 
+class _NoStream:
+    """A stand-in CUDA stream (the virtual ranks' streams, made on the CPU here)."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _bad_rank_call(case: str, numel: int) -> tuple[object, object]:
+    """``(tensor, out)`` of a rank's call that the custom all-reduce refuses, the same count and dtype as its peers'."""
+    if case == "not a tensor":
+        return [1.0] * numel, None
+    if case == "not contiguous":
+        return torch.ones(2, numel // 2).t(), None
+    if case == "on another device":
+        return torch.ones(numel, device="meta"), None
+    if case == "out of another dtype":
+        return torch.ones(numel), torch.empty(numel, dtype=torch.float16)
+    base = torch.ones(numel + numel // 2)  # "out overlapping the tensor"
+    return base[:numel], base[numel // 2 :]
+
+
+@pytest.mark.parametrize(
+    "case", ["not a tensor", "not contiguous", "on another device", "out of another dtype", "out overlapping"]
+)
+@pytest.mark.parametrize("bad_rank", [0, 2])
+def test_virtual_ranks_refuse_any_ranks_bad_call_before_a_rank_launches(monkeypatch, case, bad_rank):
+    """VirtualRankGroup.all_reduce checks every rank's call (CustomAllReduce.check_call) before it launches any: a
+    call that the last rank refuses was refused after the ranks before it had launched, and they waited for it until
+    the timeout (their workspaces latched).  Now nothing is launched, the typed error is raised, and the next good
+    call launches every rank.  (The group needs CUDA: made here without its constructor, over the interpreter's CPU
+    workspaces, the streams stood in for and every kernel launch recorded instead of run.)"""
+    import contextlib
+
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.virtual import VirtualRankGroup
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    world_size, numel = 3, 16
+    workspaces = local_workspaces(world_size, 4096, "cpu")
+    group = object.__new__(VirtualRankGroup)
+    group.world_size, group.device, group.workspaces = world_size, torch.device("cpu"), workspaces
+    group.ranks = [CustomAllReduce(ws, timeout_s=1.0) for ws in workspaces]
+    group.streams = [_NoStream() for _ in range(world_size)]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    launched: list[int] = []
+    for car in group.ranks:
+        monkeypatch.setattr(car.kernels, "launch", lambda *args, _rank=car.rank, **kwargs: launched.append(_rank))
+    try:
+        tensors = [torch.ones(numel) for _ in range(world_size)]
+        outs = [torch.empty(numel) for _ in range(world_size)]
+        tensors[bad_rank], outs[bad_rank] = _bad_rank_call(case, numel)
+        with pytest.raises(InvalidArgumentError):
+            group.all_reduce(tensors, outs=None if outs[bad_rank] is None else outs)
+        assert launched == []
+        assert not any(ws.error_view[0] for ws in workspaces)
+        group.all_reduce([torch.ones(numel) for _ in range(world_size)])
+        assert launched == list(range(world_size))
+    finally:
+        for car in group.ranks:
+            car.close()
+
+
 def test_virtual_workspaces_share_one_device():
     from sagellm_comm.workspace import local_workspaces
 
