@@ -1104,6 +1104,82 @@ def test_nixl_a_transfer_in_flight_when_its_peer_is_removed_is_done_and_notified
     assert any(outcome[0] == "pending" for outcome in a["outcomes"]), a  # the case was in flight at least once
 
 
+def _nixl_unreachable_in_netns() -> None:
+    """Run by :func:`_nixl_unreachable_worker` inside a network namespace of its own, where ``10.9.0.5`` is a
+    neighbour that drops every packet: B's metadata is rewritten to point there.  Prints what it saw."""
+    import base64
+    import json
+
+    from sagellm_comm.errors import CommError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import AgentMetadata
+
+    out = {}
+    a, b = TransferAgent("A", "nixl", timeout=2.0), TransferAgent("B", "nixl", timeout=2.0)
+    for agent in (a, b):
+        agent.allocate("kv", 256, torch.float32)
+    meta = AgentMetadata.decode(b.metadata())
+    raw = base64.b64decode(meta.transports["nixl"]["agent"])
+    assert raw.count(bytes([10, 9, 0, 2])) == 1, "B's UCX address does not carry its one interface's address"
+    meta.transports["nixl"]["agent"] = base64.b64encode(raw.replace(bytes([10, 9, 0, 2]), bytes([10, 9, 0, 5])))
+    meta.transports["nixl"]["agent"] = meta.transports["nixl"]["agent"].decode()
+    start = time.monotonic()
+    a.add_peer(meta.encode())
+    out["add_peer_s"] = time.monotonic() - start
+    start = time.monotonic()
+    try:
+        a.write("B", "kv", "kv", [(0, 0, 1024)], notify=b"x").wait()
+        out["write"] = "completed"
+    except CommError as exc:
+        out["write"] = [type(exc).__name__, exc.details.get("peer"), time.monotonic() - start]
+    start = time.monotonic()
+    a.close()
+    b.close()
+    out["close_s"] = time.monotonic() - start
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _nixl_unreachable_worker(rank, world_size, port):
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "skip: needs root, unshare and ip (a network namespace with a neighbour that drops packets)"
+    script = (
+        "set -e; mount -t sysfs none /sys; ip link set lo up; ip link add v0 type veth peer name v1; "
+        "ip addr add 10.9.0.2/24 dev v0; ip link set v0 up; ip link set v1 up; "
+        "ip neigh add 10.9.0.5 lladdr $(ip -o link show v1 | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2) "
+        "dev v0 nud permanent; "
+        f"exec {sys.executable} -c 'from tests.test_transfer import _nixl_unreachable_in_netns as f; f()'"
+    )
+    env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "v0"}
+    env.pop("UCX_TCP_CONN_NB", None)
+    try:
+        done = subprocess.run(["unshare", "-n", "-m", "sh", "-c", script], env=env, capture_output=True,
+                              text=True, timeout=40, cwd=os.getcwd())  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "hung"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines and "veth" in done.stderr + done.stdout or "Operation not permitted" in done.stderr:
+        return f"skip: no network namespace with a veth pair here ({done.stderr.strip()[-200:]})"
+    assert lines, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    import json
+
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_nixl_add_peer_of_an_address_that_drops_packets_returns_and_the_first_transfer_times_out_naming_it():
+    (out,) = run_ranks(_nixl_unreachable_worker, 1, timeout=90.0)
+    if isinstance(out, str) and out.startswith("skip"):
+        pytest.skip(out)
+    assert out != "hung", "add_peer (or what followed) waited on UCX's connect past 40 s"
+    assert out["add_peer_s"] < 2.0, out  # the agent's timeout: UCX's blocking connect took 134 s here
+    kind, peer, elapsed = out["write"]
+    assert kind in ("CommTimeoutError", "PeerLostError") and peer == "B" and elapsed < 4.0, out
+    assert out["close_s"] < 4.0, out
+
+
 def _nixl_dropped_handle_worker(rank, world_size, port):
     """A notifying write whose handle the caller drops at once: the transfer is not cancelled, and the sender's
     own later calls (here ``notifications()``) get its notification out."""

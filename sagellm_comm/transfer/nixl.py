@@ -253,6 +253,11 @@ class NixlBackend(TransferBackend):
         # checked whether NIXL runs here or not
         backends, num_threads, progress_thread = nixl_options(context.options.get("nixl", {}))
         api = nixl_api()
+        # UCX's TCP transport connects with a blocking connect() by default, inside NIXL's loading of the peer's
+        # metadata (add_peer, under the agent's lock): to an address that drops packets that waited for the
+        # kernel's SYN retries (134 s measured), whatever the agent's timeout.  Non-blocking, the connection is
+        # made in the background and a peer it cannot reach fails its first transfer under our deadline.
+        os.environ.setdefault("UCX_TCP_CONN_NB", "y")
         self.ucx = ucx_log.install()
         self.ucx.watch(context.name)
         try:
