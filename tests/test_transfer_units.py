@@ -3135,3 +3135,43 @@ def test_an_inbox_a_multiprocessing_child_left_open_is_removed_when_it_exits(met
     paths = queue.get(timeout=120)
     child.join(120)
     assert child.exitcode == 0 and not any(os.path.exists(p) for p in paths), paths
+
+
+@pytest.mark.parametrize("retried_by", ["notifications", "add_peer", "close"])
+def test_a_link_removed_with_a_notifying_launch_in_flight_gives_its_slot_back_once_the_launch_completed(
+    live_sender, monkeypatch, retried_by
+):
+    """``remove_peer`` meets a notifying launch still running at the agent's timeout (a GPU whose stream does not
+    drain): the link's slot of the peer's inbox and its mappings stay while it may still publish, and a later call
+    releases them once it completed (they were kept for the life of the process, ``close()`` included)."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b, c = TransferAgent("a", "ipc", timeout=0.2), TransferAgent("b", "ipc"), TransferAgent("c", "ipc")
+    held = []
+    try:
+        for agent in (a, b, c):
+            agent.allocate("kv", 4096, torch.uint8)
+        backend, inbox = a._backends["ipc"], b._backends["ipc"].inbox.path
+        monkeypatch.setattr(backend, "_probe", lambda link, token: None)  # no kernel runs in this process
+        a.add_peer(b.metadata())
+        link = a._peers["b"].link
+        backend.launches += 1  # a notifying launch to b that has not completed (the interpreter runs them at once)
+        link.last = link.notify_last = backend.launches
+        a.remove_peer("b")
+        assert link.outbox is not None and link.maps.keys, "released under a launch that may still publish"
+        backend.completed = backend.launches  # the launch completed
+        if retried_by == "notifications":
+            a.notifications()
+        elif retried_by == "add_peer":
+            a.add_peer(c.metadata())
+        else:
+            a.close()
+        assert link.outbox is None and not link.maps.keys
+        for k in range(notify.SLOTS):  # every slot of b's inbox is free again
+            held.append(notify.Outbox(inbox, f"other-{k}", live_sender, 5.0))
+    finally:
+        for outbox in held:
+            outbox.release()
+        for agent in (a, b, c):
+            agent.close()

@@ -211,6 +211,9 @@ class IpcBackend(TransferBackend):
         self.inbox = Inbox()
         self.exports: dict[str, dict] = {}
         self.links: list[IpcLink] = []
+        # Removed links whose launches were still running at the removal's deadline: their inbox slot (while a
+        # notifying launch may still publish into it) and mappings are released by later calls (_retry_unreleased).
+        self.unreleased: list[IpcLink] = []
         self.copier: ResidentCopier | None = None
         self._closed = False
 
@@ -373,6 +376,8 @@ class IpcBackend(TransferBackend):
                 f"peer {peer.name!r} runs on host {peer.host!r} and this agent on {me.host!r}: CUDA IPC maps memory "
                 "inside one host"
             )
+        if self.unreleased:  # slots of removed links given back before this link claims one
+            self._retry_unreleased()
         self._setup(self._default_device())
         if blob["device"] != self.device.type:
             raise BackendNotSupportedError(
@@ -471,6 +476,8 @@ class IpcBackend(TransferBackend):
         if link in self.links:
             self.links.remove(link)
         self._release(link)
+        if self.unreleased:
+            self._retry_unreleased()
 
     def _release(self, link: IpcLink) -> None:
         """Unmap the peer once no launch of this agent may still touch its memory (bounded: a launch stuck
@@ -479,19 +486,42 @@ class IpcBackend(TransferBackend):
         without a notification (``add_peer``'s test copy) keeps the mappings: a retried ``add_peer`` would
         otherwise hold one more slot of the peer's inbox each time."""
         if not self._drain(link.last) or not self._drain_resident(link.resident_last):
-            copier = self.copier
-            if self.finished(link.notify_last) and (copier is None or copier.completed() >= link.notify_resident_last):
+            if self._done(link.notify_last, link.notify_resident_last):
                 self._release_channel(link)
             logger.warning(
-                "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open",
-                self.context.name, link.peer.name, self.context.timeout_s,
+                "transfer agent %r: launches to peer %r still running after %g s; its mappings stay open (released "
+                "by a later call once they completed)", self.context.name, link.peer.name, self.context.timeout_s,
             )  # fmt: skip
+            if link not in self.unreleased:
+                self.unreleased.append(link)
             return
+        self._unmap(link)
+
+    def _unmap(self, link: IpcLink) -> None:
+        """Release everything of ``link``: no launch of this agent touches the peer any more."""
         # Requests that completed before this are done, not lost (their handles may be polled after the removal).
         link.completed_alive = link.outbox is not None and link.outbox.liveness.alive()
         self._release_channel(link)
         if link.maps is not None:
             link.maps.close()
+
+    def _done(self, last: int, resident_last: int) -> bool:
+        """Whether launch ``last`` and resident-copier request ``resident_last`` completed (no wait)."""
+        copier = self.copier
+        return self.finished(last) and (copier is None or copier.completed() >= resident_last)
+
+    def _retry_unreleased(self) -> None:
+        """Release what removed links kept (:meth:`_release`) as far as their launches completed since, without
+        waiting: the inbox slot once no notifying launch is in flight, the mappings once no launch is."""
+        still = []
+        for link in self.unreleased:
+            if self._done(link.last, link.resident_last):
+                self._unmap(link)
+                continue
+            if link.outbox is not None and self._done(link.notify_last, link.notify_resident_last):
+                self._release_channel(link)
+            still.append(link)
+        self.unreleased = still
 
     def _release_channel(self, link: IpcLink) -> None:
         """Give back the link's notification channel (its slot of the peer's inbox and the slot's registration),
@@ -816,6 +846,8 @@ class IpcBackend(TransferBackend):
         return True
 
     def notifications(self) -> list[tuple[str, bytes]]:
+        if self.unreleased:
+            self._retry_unreleased()
         return self.inbox.drain()
 
     def transport(self, link: Link) -> str:
@@ -846,6 +878,13 @@ class IpcBackend(TransferBackend):
             def close_staging() -> None:
                 self.staging.close(in_use=not drained)
 
+            def release_unreleased() -> None:  # every launch completed, and the copier served all it was given
+                copier = self.copier
+                if drained and (copier is None or not copier.leaked):
+                    for link in self.unreleased:
+                        self._unmap(link)
+                    self.unreleased = []
+
             def close_events() -> None:
                 if drained:
                     self.events.close()
@@ -853,7 +892,7 @@ class IpcBackend(TransferBackend):
             def forget_probe() -> None:
                 self._probe_tensor = None
 
-            steps += [drain, close_staging]
+            steps += [drain, release_unreleased, close_staging]
             if self.device.type == "cuda":
                 steps += [functools.partial(self.memory.free, self.probe), close_events]
             steps.append(forget_probe)
