@@ -119,8 +119,8 @@ def _ensure_builtins() -> None:
         for module in _BUILTIN_MODULES:
             try:
                 importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name == module:  # an optional built-in that is not part of this install
+            except ImportError as exc:  # a module missing, or a name missing from one (a broken install)
+                if isinstance(exc, ModuleNotFoundError) and exc.name == module:  # optional, not in this install
                     continue
                 if module == _BUILTIN_MODULES[0]:
                     raise

@@ -514,6 +514,35 @@ def test_a_registration_made_before_the_registry_is_consulted_holds() -> None:
     assert "'hccl'" not in done.stdout and "nccl is mine True" in done.stdout, done.stdout
 
 
+_BROKEN_CUSTOM = """
+import importlib.abc, sys
+class Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "sagellm_comm.backends.custom":
+            raise ImportError("cannot import name 'gone' from 'sagellm_comm.somewhere'", name="sagellm_comm.somewhere")
+sys.meta_path.insert(0, Broken())
+from sagellm_comm import CommBackend, list_comm_backends
+from sagellm_comm.errors import BackendNotSupportedError
+print("listed", sorted(list_comm_backends()))
+try:
+    CommBackend.create("custom")
+except BackendNotSupportedError as exc:
+    print("refused", exc)
+"""
+
+
+def test_a_built_in_backend_that_fails_to_import_leaves_the_others_usable_and_is_named() -> None:
+    """A built-in backend module raising ImportError (a name missing from a broken install, not the module
+    absent) is recorded and named when that kind is asked for; listing and the other kinds keep working."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BROKEN_CUSTOM], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'gloo'" in done.stdout and "'custom'" not in done.stdout.split("refused")[0], done.stdout
+    assert "sagellm_comm.backends.custom failed to import: cannot import name 'gone'" in done.stdout, done.stdout
+
+
 # ---------------------------------------------------------------------- NCCL on a real GPU
 
 
