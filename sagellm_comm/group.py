@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sagellm_comm.arguments import check_timeout, is_int
+from sagellm_comm.arguments import check_int, check_timeout, is_int
 from sagellm_comm.backend import (
     AUTO,
     DEFAULT_TIMEOUT_S,
@@ -253,6 +253,10 @@ def init(
     global _DEFAULT, _DEFAULT_KIND, _DEFAULT_TIMEOUT, _DEFAULT_OPTIONS
     if timeout is not None:
         timeout = check_timeout(timeout)
+    if rank is not None:
+        rank = check_int(rank, "rank")  # its range is the backend's check (comm_rank_mismatch)
+    if world_size is not None:
+        world_size = check_int(world_size, "world_size")
     with _DEFAULT_LOCK:
         if _DEFAULT is not None and _DEFAULT.backend.is_initialized:
             have = (_DEFAULT.backend.rank, _DEFAULT.backend.world_size)

@@ -208,3 +208,19 @@ def test_init_again_with_another_timeout_raises_naming_both() -> None:
             sagellm_comm.init(timeout=45)
     finally:
         sagellm_comm.destroy()
+
+
+def test_init_with_a_rank_or_world_size_that_is_not_an_int_is_an_invalid_argument_running_or_not() -> None:
+    """A rank or world size of the wrong type is the caller's argument error on every call, whether or not the
+    default group is made: never read as another rank (a mismatch) nor converted."""
+    for bad in ({"rank": "0"}, {"rank": 0.0}, {"rank": True}, {"world_size": "1"}, {"world_size": 1.0}):
+        with pytest.raises(InvalidArgumentError, match="must be an int"):
+            sagellm_comm.init(backend="gloo", **{"rank": 0, "world_size": 1, **bad})
+    world = sagellm_comm.init(rank=0, world_size=1, backend="gloo")
+    try:
+        for bad in ({"rank": "0"}, {"rank": 0.0}, {"world_size": "1"}):
+            with pytest.raises(InvalidArgumentError, match="must be an int"):
+                sagellm_comm.init(**bad)
+        assert sagellm_comm.init(rank=0, world_size=1) is world
+    finally:
+        sagellm_comm.destroy()
