@@ -32,8 +32,8 @@ Run::
 
 Needs ``transformers`` (``pip install -e ".[examples]"``).  A request that cannot run (a ``--spawn`` or
 ``--tp`` that does not divide the model's heads, neither ``--spawn`` nor torchrun's environment, a backend
-this machine cannot run, a ``--batch-size`` or ``--seq-len`` below 1) is refused in one line with exit status 2
-before any process starts.
+this machine cannot run, a CUDA-graph ``--mode`` without a CUDA GPU, a ``--batch-size`` or ``--seq-len`` below 1)
+is refused in one line with exit status 2 before any process starts.
 """
 
 from __future__ import annotations
@@ -404,6 +404,8 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     check_seed(parser, args.seed, derived=1, uses="the tokens use seed + 1")
     check_positive(parser, args, "batch_size", "seq_len")
     check_timeout_option(parser, args.timeout)
+    if args.mode in CUDA_MODES and not torch.cuda.is_available():
+        parser.error(f"--mode {args.mode} captures a CUDA graph and needs a CUDA GPU; none is available here")
     from sagellm_comm.benchmark.plan import available_kind
 
     try:

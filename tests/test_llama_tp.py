@@ -204,6 +204,11 @@ REFUSALS = [
     (["--spawn", "2", "--timeout", "nan"], "--timeout must be positive and finite"),
     (["--spawn", "2", "--timeout", "inf"], "--timeout must be positive and finite"),
 ]
+if not torch.cuda.is_available():
+    REFUSALS += [
+        (["--spawn", "2", "--mode", mode], f"--mode {mode} captures a CUDA graph and needs a CUDA GPU")
+        for mode in ("cuda-graph", "fused-cuda-graph")
+    ]
 
 
 @pytest.mark.parametrize(("argv", "message"), REFUSALS, ids=[" ".join(a) or "no-spawn" for a, _ in REFUSALS])
