@@ -146,6 +146,22 @@ def register_comm_backend(
             60, nccl/rccl 50, hccl 40, gloo 0).
         replace: allow replacing an existing registration of ``name``.
     """
+    key = _checked_registration(name, factory, is_available, priority)
+    _ensure_builtins()  # a built-in kind registered later would replace this one
+    _insert(key, factory, is_available, priority, replace)
+
+
+def register_builtin_backend(
+    name: str, factory: Callable[..., CommBackend], *, is_available: Callable[[], bool] | None, priority: int
+) -> None:
+    """What a built-in backend module calls when it is imported: :func:`register_comm_backend` with
+    ``replace=True``, without loading the other built-ins first (importing one adapter must not import the
+    others: the custom backend's kernels would be defined before a process chose the Triton interpreter)."""
+    _insert(_checked_registration(name, factory, is_available, priority), factory, is_available, priority, True)
+
+
+def _checked_registration(name, factory, is_available, priority) -> str:
+    """The kind's key, once the registration's arguments are checked (typed errors naming the kind)."""
     key = _normalise(name)
     if key == AUTO:
         raise InvalidArgumentError("'auto' is reserved and cannot be registered as a backend")
@@ -153,13 +169,16 @@ def register_comm_backend(
         raise InvalidArgumentError(f"factory for backend {key!r} must be callable, got {factory!r}")
     if is_available is not None and not callable(is_available):
         raise InvalidArgumentError(f"is_available of backend {key!r} must be None or callable, got {is_available!r}")
-    priority = check_int(priority, f"priority of backend {key!r}")
-    _ensure_builtins()  # a built-in kind registered later would replace this one
+    check_int(priority, f"priority of backend {key!r}")
+    return key
+
+
+def _insert(key: str, factory, is_available, priority: int, replace: bool) -> None:
     with _LOCK:
         if key in _REGISTRY and not replace:
             raise InvalidArgumentError(f"backend {key!r} is already registered; pass replace=True to override it")
         order = _REGISTRY[key].order if key in _REGISTRY else len(_REGISTRY)
-        _REGISTRY[key] = _Entry(key, factory, is_available, priority, order)
+        _REGISTRY[key] = _Entry(key, factory, is_available, int(priority), order)
 
 
 def unregister_comm_backend(name: str) -> None:

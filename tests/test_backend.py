@@ -799,3 +799,23 @@ def test_torchs_fingerprint_check_makes_a_mismatch_a_typed_error_naming_each_ran
             in message
         )
         assert calls[rank] == {"op": kind, "shape": shapes[rank], "dtype": dtypes[rank]}, calls
+
+
+def test_importing_the_torch_adapter_defines_no_kernel() -> None:
+    """Importing one built-in adapter registers its kinds without importing the others: the custom backend's
+    Triton kernels are defined only once the registry is consulted, after a process chose the interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sagellm_comm.backends.torch_distributed\n"
+        "others = ('sagellm_comm.kernels', 'sagellm_comm.backends.custom')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(others)))\n"
+        "from sagellm_comm import list_comm_backends\n"
+        "print(sorted(list_comm_backends()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, listed = done.stdout.splitlines()[-2:]
+    assert first == "[]", first
+    assert "'custom'" in listed and "'gloo'" in listed, listed

@@ -28,7 +28,7 @@ from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
 
 from .. import gather_scatter
 from ..arguments import check_flag, check_is_tensor, check_timeout
-from ..backend import ReduceOp, Work, register_comm_backend
+from ..backend import ReduceOp, Work
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
 from ..custom_all_reduce import KERNEL_ITEMSIZES, SUPPORTED_DTYPES, CustomAllReduce, check_message
@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..fused.rmsnorm_policy import FusionPolicy, fusion_policy_from
 from ..launch import interpreting as _interpreting
+from ..registry import register_builtin_backend
 from ..selector import (
     ALGO_CHOICES,
     COLLECTIVE_KERNEL_ALGO,
@@ -62,7 +63,7 @@ from .hierarchical import (
     node_layout,
 )
 from .hierarchical import all_reduce as hierarchical_all_reduce
-from .torch_distributed.adapter import TorchDistributedBackend  # not the package: it may be mid-import here
+from .torch_distributed import TorchDistributedBackend
 
 log = logging.getLogger("sagellm_comm")
 
@@ -708,10 +709,4 @@ class CustomBackend(TorchDistributedBackend):
         return self._ran(self._kernel_selection("reduce_scatter", car), done)
 
 
-register_comm_backend(
-    "custom",
-    CustomBackend,
-    is_available=custom_available,
-    priority=60,
-    replace=True,
-)
+register_builtin_backend("custom", CustomBackend, is_available=custom_available, priority=60)

@@ -30,7 +30,6 @@ from sagellm_comm.backend import (
     CommBackend,
     GroupHandle,
     ReduceOp,
-    register_comm_backend,
 )
 from sagellm_comm.errors import (
     BackendNotSupportedError,
@@ -45,6 +44,7 @@ from sagellm_comm.errors import (
     run_every,
     undo_after_failure,
 )
+from sagellm_comm.registry import register_builtin_backend
 
 from .checks import (
     check_all_to_all_lists,
@@ -542,10 +542,9 @@ def _available(kind: str) -> bool:
 
 
 for _kind, _engine in ENGINES.items():
-    register_comm_backend(
+    register_builtin_backend(
         _kind,
         functools.partial(TorchDistributedBackend, _kind),
         is_available=functools.partial(_available, _kind),
         priority=_engine.priority,
-        replace=True,
     )
