@@ -257,3 +257,13 @@ def test_docs_say_a_target_no_shape_measured_is_not_measured(tmp_path):
     text = tables.fp8_fused()
     assert "over the plain all-reduce at <= 64 KB: not measured (no such shape)" in text
     assert "at least 1.56x the unfused chain at <= 128 tokens (met: target 1.3)" in text
+
+
+def test_a_fused_call_slower_by_less_than_the_speedups_rounding_is_listed_slower():
+    """The 'never slower than the unfused chain' check reads the times: a speedup that rounds to 1.000 from below
+    (10.004 us fused against 10.0 unfused) is a slower shape."""
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    rows = [_row(2, 4096, 1, fused=10.004, unfused=10.0), _row(2, 4096, 2, fused=10.0, unfused=10.0)]
+    assert rows[0]["speedup_fp8"] == 1.0
+    for mode in MODES:
+        assert bench.targets(rows)[mode]["slower_than_unfused_at (W, hidden, tokens)"] == [(2, 4096, 1)]
