@@ -71,6 +71,9 @@ HIDDEN = (4096, 8192)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MPS_TOKENS = (1, 16, 64, 128, 512)
 PART_LABEL = {"virtual": "virtual ranks", "mps": "processes under MPS"}
+#: what a run's entry of a merged record's ``meta.runs`` keeps of its provenance (its rows' timing included)
+PROVENANCE_KEYS = ("command", "commit", "dirty", "commit_source", "date", "seconds", "device", "torch", "triton",
+                   "timing")  # fmt: skip
 
 
 def _us(fn, calls: int, reps: int, barrier=None) -> float:
@@ -334,12 +337,20 @@ def measured_shapes(sections: dict) -> str:
 def merge_record(base: dict, sections: dict, run: dict) -> dict:
     """``base`` with ``sections``' rows in place of the shapes they measured: targets and rules recomputed over
     all rows, ``run`` (this run's provenance) added to ``meta.runs``, ``meta.not_measured`` / ``meta.complete``
-    said of the full grid."""
+    said of the full grid.  Where this run replaced every row of ``base``, the record's provenance (commit, dirty
+    flag, date, command, versions, timing) is this run's alone."""
     meta = dict(base["meta"])
     runs = list(meta.get("runs") or [{k: meta[k] for k in ("command", "commit", "dirty", "date", "device")
                                        if k in meta}])  # fmt: skip
+    kept = [r for part in ("virtual", "mps") for r in base.get(part, [])
+            if _key(r) not in {_key(n) for n in sections.get(part) or []}]  # fmt: skip
+    replaced = bool(run.get("rows")) and not kept
+    if replaced:  # every row is this run's: the record has its provenance, not that of the runs it replaced
+        meta = {k: v for k, v in meta.items() if k not in ("runs", *PROVENANCE_KEYS)}
+        meta.update({k: run[k] for k in PROVENANCE_KEYS if k in run})
+        runs = [run]
     meta["runs"] = runs
-    if run.get("rows"):  # a run that measured nothing (nothing was missing) leaves the record as it was
+    if run.get("rows") and not replaced:  # a run that measured nothing (nothing was missing) leaves it as it was
         runs.append(run)
         meta["command"] = f"{meta['command']}; {run['command']} ({run['rows']}, at commit {str(run['commit'])[:7]})"
         flags = [r.get("dirty") for r in runs]  # the record's flag covers every run: dirty if any tree was
@@ -437,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             meta["not_measured"] = ", ".join(f"{PART_LABEL[kind]} W = {w}" for kind, w in left)
         if base is not None:
-            run = {k: meta[k] for k in ("command", "commit", "dirty", "date", "seconds", "device", "complete")}
+            run = {k: meta[k] for k in (*PROVENANCE_KEYS, "complete") if k in meta}
             run["rows"] = measured_shapes(record)
             merged = merge_record(base, record, run)
             write_record(args.out, merged.pop("meta"), **merged)

@@ -267,3 +267,28 @@ def test_a_fused_call_slower_by_less_than_the_speedups_rounding_is_listed_slower
     assert rows[0]["speedup_fp8"] == 1.0
     for mode in MODES:
         assert bench.targets(rows)[mode]["slower_than_unfused_at (W, hidden, tokens)"] == [(2, 4096, 1)]
+
+
+def test_a_run_that_replaces_every_row_of_the_record_gives_it_its_own_provenance():
+    """Merged into a record whose every shape it measured again, a run leaves no row of the earlier runs: the
+    record cites this run's commit, dirty flag, date, command and timing, not the replaced run's."""
+    bench = importlib.import_module("bench.fp8_fused_bench")
+    meta = {"device": "NVIDIA H200", "date": "2026-12-20T00:00:00+00:00", "command": "python -m bench.old",
+            "commit": "abc", "dirty": True, "timing": "time_graph: median of 3 CUDA-graph replays of 5 calls",
+            "torch": "2.10"}  # fmt: skip
+    rows = [_row(2, 4096, 1, fused=6.0, unfused=12.0), _row(2, 4096, 16, fused=6.0, unfused=13.0)]
+    base = {"meta": meta, "virtual": rows}
+    run = {"command": "python -m bench.new", "commit": "def", "dirty": False, "date": "2026-12-21T00:00:00+00:00",
+           "device": "NVIDIA H200", "timing": "time_graph: median of 10 CUDA-graph replays of 20 calls",
+           "torch": "2.11", "rows": "virtual ranks W = 2 hidden 4096 at 1-16 tokens"}  # fmt: skip
+    new = [_row(2, 4096, 1, fused=5.0, unfused=12.0), _row(2, 4096, 16, fused=5.0, unfused=13.0)]
+    merged = bench.merge_record(base, {"virtual": new}, run)["meta"]
+    assert (merged["commit"], merged["dirty"], merged["date"], merged["command"]) == (
+        "def",
+        False,
+        "2026-12-21T00:00:00+00:00",
+        "python -m bench.new",
+    )
+    assert merged["timing"] == run["timing"] and merged["torch"] == "2.11" and merged["runs"] == [run]
+    partly = bench.merge_record(base, {"virtual": new[:1]}, run)["meta"]  # a row of the first run stays
+    assert partly["commit"] == "abc" and partly["dirty"] is True and len(partly["runs"]) == 2
