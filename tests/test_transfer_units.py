@@ -403,6 +403,21 @@ def test_metadata_checks_every_field_and_names_the_bad_one(change, words):
         AgentMetadata.decode(_mutated(meta, change))
 
 
+def test_metadata_refuses_a_key_given_twice_instead_of_keeping_the_last():
+    """JSON lets an object name a key twice and Python keeps the last: two regions of one name, or two agent names,
+    are malformed metadata, refused naming the key, never one of them chosen silently."""
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    meta = local_identity("decode-0", "abc")
+    meta.regions = {"kv": F32}
+    text = meta.encode()[len(MAGIC) :].decode()
+    bigger = '"kv":{"nbytes":8192,"dtype":"float32","itemsize":4,"device":"cpu","device_index":0},'
+    for twice, key in ((text.replace('"regions":{', '"regions":{' + bigger, 1), "'kv'"),
+                       (text.replace('{"name":', '{"name":"other","name":', 1), "'name'")):  # fmt: skip
+        with pytest.raises(InvalidArgumentError, match=f"malformed: key {key} is given twice in an object"):
+            AgentMetadata.decode(MAGIC + twice.encode())
+
+
 def test_metadata_refuses_deep_nesting_and_oversized_bytes():
     from sagellm_comm.transfer.metadata import MAGIC, MAX_METADATA_BYTES
 

@@ -109,7 +109,9 @@ class AgentMetadata:
         if len(data) > MAX_METADATA_BYTES:
             raise InvalidArgumentError(f"transfer agent metadata of {len(data)} bytes: more than {MAX_METADATA_BYTES}")
         try:
-            body = json.loads(data[len(MAGIC) :])
+            body = json.loads(data[len(MAGIC) :], object_pairs_hook=_unique_keys)
+        except InvalidArgumentError:
+            raise
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
             raise InvalidArgumentError(f"transfer agent metadata is not JSON: {exc!r}") from None
         top = MetadataField("the metadata", body)
@@ -134,6 +136,17 @@ class AgentMetadata:
 
 
 MAX_METADATA_BYTES = 16 << 20  # far above what thousands of regions take
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (``json`` would keep the last of a key given twice: of two
+    regions of one name, one would be dropped without a word)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidArgumentError(f"transfer agent metadata is malformed: key {key!r} is given twice in an object")
+        out[key] = value
+    return out
 
 
 class MetadataField:
