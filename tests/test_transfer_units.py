@@ -418,6 +418,25 @@ def test_metadata_refuses_a_key_given_twice_instead_of_keeping_the_last():
             AgentMetadata.decode(MAGIC + twice.encode())
 
 
+def test_a_dtype_name_is_looked_up_without_importing_anything(monkeypatch):
+    """A peer's dtype name is looked up among torch's attributes as they are: a name of one of torch's lazily
+    imported submodules (``_dynamo``, ``onnx``) is refused without importing it (reading metadata runs no code)."""
+    asked = []
+
+    def lazy(name):
+        asked.append(name)
+        raise AttributeError(name)
+
+    monkeypatch.setattr(torch, "__getattr__", lazy, raising=False)
+    meta = local_identity("decode-0", "abc")
+    meta.regions = {"kv": F32}
+    for name in ("_dynamo", "onnx", "not_yet_imported"):
+        with pytest.raises(InvalidArgumentError, match="'dtype' must be a torch dtype name"):
+            AgentMetadata.decode(_mutated(meta, _set("regions", "kv", "dtype", name)))
+    assert asked == []
+    assert AgentMetadata.decode(meta.encode()).regions["kv"].dtype == "float32"
+
+
 def test_metadata_refuses_deep_nesting_and_oversized_bytes():
     from sagellm_comm.transfer.metadata import MAGIC, MAX_METADATA_BYTES
 

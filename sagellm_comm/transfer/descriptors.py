@@ -62,7 +62,7 @@ class RegionInfo:
         check = MetadataField(f"region {name!r}", data)
         data = check.mapping()
         dtype = check.item(data, "dtype").text(32)
-        torch_dtype = getattr(torch, dtype, None)
+        torch_dtype = vars(torch).get(dtype)  # not getattr: torch imports some submodules when first named
         if not isinstance(torch_dtype, torch.dtype):
             raise MetadataField(f"region {name!r}: 'dtype'", dtype).bad("a torch dtype name")
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
