@@ -388,6 +388,8 @@ def _set(*path_and_value):
         (_set("regions", "", {"nbytes": 4, "dtype": "uint8", "itemsize": 1, "device": "cpu"}), "region ''"),
         (_set("transports", []), "'transports' must be an object"),
         (_set("transports", "nixl", [1, 2]), "transport 'nixl' must be an object"),
+        (_set("transports", "ni\nxl", {}), "transport 'ni\\\\nxl' must be a printable string"),
+        (_set("transports", "", {}), "transport '' must be a printable string"),
         (lambda body: body.pop("host"), "has no 'host'"),
         (lambda body: body.pop("process"), "has no 'process'"),
         (_set("process", 12), "'process' must be a string"),

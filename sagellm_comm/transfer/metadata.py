@@ -130,7 +130,8 @@ class AgentMetadata:
                 for name, info in regions.items()
             },
             transports={
-                name: MetadataField(f"transport {name!r}", blob).mapping() for name, blob in transports.items()
+                MetadataField(f"transport {name!r}", name).name(): MetadataField(f"transport {name!r}", blob).mapping()
+                for name, blob in transports.items()
             },
         )
 
