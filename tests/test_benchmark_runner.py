@@ -407,6 +407,35 @@ def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):
     assert "Out of bounds values : 0 OK" in result.table
 
 
+def _rank1_never_ends(rank, world_size, port, pid_dir):
+    """Rank 0 returns at once; rank 1 writes its pid, then never returns (a rank hung outside any collective, which
+    no collective timeout bounds: in its backend's destroy, say)."""
+    import os
+    from pathlib import Path
+
+    Path(pid_dir, f"{rank}.pid").write_text(str(os.getpid()))
+    while rank == 1:
+        time.sleep(0.1)
+    return "rank 0's result"
+
+
+def test_a_rank_that_never_ends_once_another_has_is_stopped_and_fails_the_run(tmp_path):
+    import os
+
+    from sagellm_comm.benchmark.spawn import spawn_ranks
+    from sagellm_comm.errors import CollectiveFailedError
+
+    start = time.monotonic()
+    with pytest.raises(CollectiveFailedError, match=r"rank 1 of the benchmark did not end within 2s") as caught:
+        spawn_ranks(_rank1_never_ends, (str(tmp_path),), 2, timeout=2)
+    assert time.monotonic() - start < 120  # was: waited for it forever
+    assert "\n" not in str(caught.value)
+    for path in tmp_path.glob("*.pid"):  # no rank outlives the call
+        pid = int(path.read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 

@@ -124,7 +124,7 @@ def _spawned_rank(index: int, world_size: int, port: int, config: BenchConfig, p
 
 def run_spawn(config: BenchConfig, plan: LaunchPlan) -> BenchmarkResult:
     """Start ``plan.world_size`` ranks on this host (:func:`~sagellm_comm.benchmark.spawn.spawn_ranks`)."""
-    return spawn_ranks(_spawned_rank, (config, plan), plan.world_size)
+    return spawn_ranks(_spawned_rank, (config, plan), plan.world_size, timeout=config.timeout)
 
 
 def run_benchmark(config: BenchConfig, *, print_table: bool = False, backend: Any = None) -> BenchmarkResult | None:

@@ -5,7 +5,8 @@ example).  Ranks are fresh interpreters (``spawn``).  This process hosts their r
 the operating system picks (:func:`~sagellm_comm.backends.torch_distributed.rendezvous.host_store`) and
 every rank joins it as a client, so no port is picked, released and raced for.  Rank 0 hands its result
 back through a pickle file.  A rank that raises stops the others and surfaces as
-:class:`~sagellm_comm.errors.CollectiveFailedError`; ``KeyboardInterrupt`` (Ctrl-C) in the parent stops
+:class:`~sagellm_comm.errors.CollectiveFailedError`, and so does one that has not ended ``timeout`` seconds after
+another did (hung where no collective timeout bounds it); ``KeyboardInterrupt`` (Ctrl-C) in the parent stops
 every rank (SIGTERM, then SIGKILL) before it propagates, and a rank dies with this process whatever ends
 it (:func:`die_with_parent`: SIGKILL and timeouts included).
 """
@@ -18,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -102,13 +104,43 @@ def stop(processes: list[Any], grace_s: float = 5.0) -> None:
         shm.remove_files_of(killed)
 
 
-def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str = "benchmark") -> Any:
+def _join(context: Any, what: str, timeout: float | None) -> None:
+    """Wait for every process of ``context`` (``ProcessContext.join``: a failed one raises); once one has ended, the
+    rest get ``timeout`` seconds (None: forever), past which :class:`CollectiveFailedError` names them."""
+    if timeout is None:
+        while not context.join():
+            pass
+        return
+    deadline, first = None, None
+    while True:
+        wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        if context.join(timeout=wait):
+            return
+        running = [index for index, process in enumerate(context.processes) if process.is_alive()]
+        if deadline is None:
+            if len(running) < len(context.processes):
+                deadline = time.monotonic() + timeout
+                first = next(index for index in range(len(context.processes)) if index not in running)
+        elif time.monotonic() >= deadline:
+            ranks = ", ".join(map(str, running))
+            raise CollectiveFailedError(
+                f"rank{'s' if len(running) > 1 else ''} {ranks} of the {what} did not end within {timeout:g}s of "
+                f"rank {first} (hung); stopped"
+            )
+
+
+def spawn_ranks(
+    fn: Callable[..., Any], args: tuple, world_size: int, what: str = "benchmark", *, timeout: float | None = None
+) -> Any:
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` new processes; return rank 0's value.
 
     ``fn`` must be a module-level function (it is pickled) that initialises its backend with
     ``master_addr=MASTER_ADDR, master_port=port`` (or with no address: ``MASTER_ADDR``/``MASTER_PORT``
     are set); ``port`` is where this process hosts the store, and every rank joins it as a client.
-    ``what`` names the run in error messages.
+    ``what`` names the run in error messages.  ``timeout`` (seconds; the run's collective timeout): once a rank
+    has ended, the others get that long to end too; one that has not (hung outside any collective, where no
+    collective timeout bounds it) is stopped and the run fails with :class:`CollectiveFailedError`.  None: no such
+    deadline.
     """
     import torch.multiprocessing as mp
 
@@ -125,8 +157,7 @@ def spawn_ranks(fn: Callable[..., Any], args: tuple, world_size: int, what: str 
                 join=False, start_method="spawn",
             )  # fmt: skip
         try:
-            while not context.join():
-                pass
+            _join(context, what, timeout)
         except mp.ProcessRaisedException as exc:
             raise CollectiveFailedError(f"a rank of the {what} failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:
