@@ -464,6 +464,9 @@ def test_registry_lists_builtins_best_first_and_registers_third_party_backends()
         ({"priority": True}, "must be an int"),
         ({"is_available": True}, "None or callable"),
     ]
+    for name in ("moon\ncake", "moon\x00cake", "m" * 129):  # every peer's metadata check would refuse the agent
+        with pytest.raises(InvalidArgumentError, match="printable string of 1..128 characters"):
+            registry.register_transfer_backend(name, object)
     for bad, words in refused:
         with pytest.raises(InvalidArgumentError, match=words):
             registry.register_transfer_backend("mooncake-test", object, **bad)

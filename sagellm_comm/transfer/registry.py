@@ -80,7 +80,8 @@ def register_transfer_backend(
     """Register a transfer backend.
 
     Args:
-        name: lower case (``"mooncake"``); ``"auto"`` is reserved.
+        name: lower case (``"mooncake"``), a printable string of 1..128 characters (it names the transport's
+            section of the agent's metadata, which peers check); ``"auto"`` is reserved.
         factory: ``factory(context) -> TransferBackend`` for one agent (``context``: :class:`AgentContext`).
             When the backend cannot run for this agent it raises :class:`BackendNotSupportedError` (``auto``
             then goes on without it and ``TransferAgent.skipped`` says why); any other exception is a fault and
@@ -92,9 +93,11 @@ def register_transfer_backend(
             ``nixl`` 50).
         replace: allow replacing an existing registration of ``name``.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgumentError(f"a transfer backend name must be a non-empty string, got {name!r}")
-    key = name.strip().lower()
+    key = name.strip().lower() if isinstance(name, str) else ""
+    if not key or len(key) > 128 or not key.isprintable():  # the name keys the agent's metadata, as peers read it
+        raise InvalidArgumentError(
+            f"a transfer backend name must be a printable string of 1..128 characters, got {name!r}"
+        )
     if key == AUTO:
         raise InvalidArgumentError("'auto' is reserved and cannot be registered as a transfer backend")
     if not callable(factory):
