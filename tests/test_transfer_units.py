@@ -1255,6 +1255,47 @@ def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recordin
     assert request.aborted == 2
 
 
+class _PollAfterAbort(_Pending):
+    """A request whose transport state is gone once aborted: a poll after that is a use of released state."""
+
+    def poll(self) -> bool:
+        if self.aborted:
+            raise AssertionError("polled after it was aborted")
+        return False
+
+
+def test_a_poll_waiting_for_the_agent_sees_a_failure_another_thread_gave_the_handle_meanwhile(
+    recording_agents, monkeypatch
+):
+    """done() waiting for the agent's lock while another thread's wait timed out (aborting the request) raises
+    that timeout: it never polls the aborted request, nor marks the failed handle done."""
+    agent, backend = recording_agents
+    request = _PollAfterAbort()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    outcome = []
+
+    def poll():
+        try:
+            outcome.append(handle.done())
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            outcome.append(exc)
+
+    with agent.lock:  # held while the poller starts, so it waits for the lock with the handle still pending
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        deadline = time.monotonic() + 5.0
+        while getattr(sys._current_frames().get(poller.ident), "f_code", None) is not handle._poll.__code__:
+            assert time.monotonic() < deadline, "the poller never reached the agent's lock"
+            time.sleep(0.001)
+        with pytest.raises(CommTimeoutError):
+            handle.wait(timeout=0.01)  # this thread holds the lock: the request is aborted now
+        assert request.aborted == 1
+    poller.join(5.0)
+    assert len(outcome) == 1 and isinstance(outcome[0], CommTimeoutError), outcome
+    assert handle.state == "failed" and request.aborted == 1
+
+
 class _StreamWaits(_Pending):
     """A request completed on the device: ``wait_on_stream`` records the deadline it was given, and raises
     CommTimeoutError past it when ``stuck`` (a host wait that never ends, as a resident copier's that stopped)."""

@@ -64,6 +64,9 @@ class TransferHandle:
         lock = self._agent.lock
         if not lock.acquire(timeout=lock_timeout):
             return False
+        if self.state != "pending":  # another thread's call ended it (and aborted a failed request) meanwhile
+            lock.release()
+            return self._poll(0)
         try:
             finished = self._request.poll()
         except CommError as exc:
