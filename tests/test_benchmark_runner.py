@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -390,6 +391,27 @@ def _refused_on_a_given_backend(config: BenchConfig, message: str) -> None:
 )
 def test_a_given_backend_refuses_what_does_not_apply_to_it(monkeypatch, change, message):
     _refused_on_a_given_backend(_request_outside_a_launch(monkeypatch, change), message)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"rules": []}', "at least one rule"),
+        ('{"rules": [{"id": "r", "algo": "fastest"}]}', "algo must be one of"),
+    ],
+)
+def test_a_malformed_selector_file_is_refused_before_any_process_starts(tmp_path, monkeypatch, text, message):
+    """The custom backend's policy file is read in every rank: one it cannot read fails there (a traceback of each
+    rank, exit 1), so the plan reads it first."""
+    from sagellm_comm.benchmark import plan as planning
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(text)
+    monkeypatch.setattr(planning, "available_kind", lambda name: "custom")  # a machine that runs the custom backend
+    config = _request_outside_a_launch(monkeypatch, {"backend": "custom", "selector_config": str(policy)})
+    with pytest.raises(InvalidArgumentError, match=f"--selector-config {re.escape(str(policy))}:? .*{message}"):
+        plan_launch(config)
 
 
 def test_run_all_reduce_benchmark_spawns_gloo(tmp_path, monkeypatch):

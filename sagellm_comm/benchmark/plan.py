@@ -157,6 +157,19 @@ def _plot_formats() -> tuple[str, ...]:
     return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
 
 
+def check_selector_file(path: str) -> None:
+    """Refuse a ``--selector-config`` file the custom backend could not read as its policy
+    (:meth:`~sagellm_comm.selector.AlgoSelector.from_file`): every rank reads it, and would fail there."""
+    from sagellm_comm.files import read_json
+    from sagellm_comm.selector import AlgoSelector
+
+    data = read_json(path, "--selector-config")
+    try:
+        AlgoSelector.from_dict(data, source=str(path))
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"--selector-config {path}: {exc.message}") from exc
+
+
 def check_outputs(output_dir: str | None, plot: str | None) -> None:
     """Refuse an output directory or a plot file that cannot be written (see :func:`check_writable_dir`)."""
     if output_dir is not None:
@@ -432,6 +445,8 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         if dtype not in VIRTUAL_DTYPES:
             raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         algo_rules.check_algos(algos, "custom", config.op, virtual=True)
+        if config.selector_config is not None:
+            check_selector_file(config.selector_config)
         sizes = tuple(_given_or(config.sizes, DEFAULT_GPU_SIZES))
         check_message_sizes(sizes, dtype)
         check_distinct_points(sizes, dtype, config.op, config.virtual_ranks)
@@ -448,6 +463,8 @@ def plan_launch(config: BenchConfig) -> LaunchPlan:
         raise InvalidArgumentError(
             f"--selector-config is the custom all-reduce's policy; backend {kind!r} does not use it"
         )
+    if config.selector_config is not None:
+        check_selector_file(config.selector_config)
     algo_rules.check_algos(algos, kind, config.op)
     if kind == algo_rules.CUSTOM_KIND:  # the custom backend this run makes runs NCCL with a GPU, Gloo without
         for algo in algos:
