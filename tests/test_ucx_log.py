@@ -169,6 +169,21 @@ def test_names_are_matched_as_ucx_prints_them_first_31_bytes_spaces_included(tmp
     assert log.describe(long, "intra-node") == "UCX RMA: cma/memory"
 
 
+def test_an_agent_named_with_ucxs_level_words_has_its_tables_read_not_forwarded_as_warnings(tmp_path, caplog):
+    """A table line is never a UCX warning, whatever the agent's name holds: UCX's level is read where UCX puts it,
+    before the message, not anywhere in the line."""
+    path = tmp_path / "ucx.log"
+    log = UcxLog(str(path))
+    agents = ("kv WARN store", "kv ERROR store")
+    for agent in agents:
+        log.watch(agent)
+    path.write_text("".join(_rma(agent, 1, "cma/memory") for agent in agents))
+    with caplog.at_level(logging.WARNING, logger="sagellm_comm.transfer"):
+        for agent in agents:
+            assert log.transports(agent, "intra-node") == {"rma": ["cma/memory"]}
+    assert caplog.records == []
+
+
 def test_agents_sharing_their_first_31_bytes_are_ambiguous_and_other_processes_lines_are_skipped(tmp_path):
     path = tmp_path / "ucx.log"
     log = UcxLog(str(path))

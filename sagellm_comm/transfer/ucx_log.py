@@ -218,7 +218,8 @@ class UcxLog:
         writer = _WRITER.match(line)
         if writer and int(writer.group(1)) != os.getpid():
             return  # another process's line, in a log file it shares with this one
-        if " WARN " in line or " ERROR " in line:
+        body = line[writer.end() :].lstrip() if writer else line.lstrip()
+        if not body.startswith(("|", "+")) and (" WARN " in line or " ERROR " in line):  # a table holds names
             logger.warning("UCX: %s", line.split("]", 2)[-1].strip())
             return
         header = _HEADER.search(line)
