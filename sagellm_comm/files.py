@@ -16,6 +16,7 @@ policy's): a file that is missing, unreadable or not JSON is an ``InvalidArgumen
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -28,11 +29,16 @@ from .errors import InvalidArgumentError
 __all__ = ["read_json", "write_file", "write_text"]
 
 
-def write_file(path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False) -> Path:
+def write_file(
+    path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False, exclusive: bool = False
+) -> Path:
     """Call ``write(handle)`` on a new file and move it to ``path`` (parents made) only once it is complete.
 
     ``handle`` is a text file (UTF-8, no newline translation, as ``csv`` wants) unless ``binary``.  If ``write``
-    raises, the temporary file is removed and ``path`` keeps what it held.  Returns ``path``.
+    raises, the temporary file is removed and ``path`` keeps what it held.  ``exclusive``: never replace a file; where
+    ``path`` exists once the new file is complete (another process wrote it meanwhile), ``FileExistsError`` is raised
+    and the new file removed (the complete file is linked to ``path``, which fails, in one step, if the name is taken).
+    Returns ``path``.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,16 +50,36 @@ def write_file(path: str | Path, write: Callable[[IO[Any]], object], *, binary: 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, out)
+        if exclusive:
+            _link_new(partial, out)
+        else:
+            os.replace(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return out
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` whole (:func:`write_file`)."""
-    return write_file(path, lambda handle: handle.write(text))
+def _link_new(partial: Path, out: Path) -> None:
+    """Give ``partial`` the name ``out`` unless ``out`` exists (``FileExistsError``), then drop the name ``partial``.
+    A file system without hard links gets the same check, then the rename, a step apart."""
+    try:
+        os.link(partial, out)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        if out.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(out)) from None
+        os.replace(partial, out)
+        return
+    partial.unlink()
+
+
+def write_text(path: str | Path, text: str, *, exclusive: bool = False) -> Path:
+    """Write ``text`` to ``path`` whole (:func:`write_file`; ``exclusive``: never replace a file)."""
+    return write_file(path, lambda handle: handle.write(text), exclusive=exclusive)
 
 
 def read_json(path: str | Path, what: str) -> Any:

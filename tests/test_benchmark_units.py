@@ -460,6 +460,36 @@ def test_write_results_json_csv(tmp_path):
     assert again != json_path and json.loads(again.read_text())["results"]
 
 
+def test_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
+    """Two runs finishing in the same second: the one whose files land second takes the next name, even where the
+    other's appeared after it had chosen its own (no file of the first is replaced)."""
+    chosen = report.unique_stem
+    raced = []
+
+    def another_run_writes_first(directory, stem):
+        name = chosen(directory, stem)
+        if not raced:  # the other run's files land between this run's choice of a name and its writes
+            raced.append(name)
+            (directory / f"{name}.json").write_text("the other run's JSON\n")
+            (directory / f"{name}.csv").write_text("the other run's CSV\n")
+        return name
+
+    monkeypatch.setattr(report, "unique_stem", another_run_writes_first)
+    json_path, csv_path = report.write_results(
+        [_record(1024, "gloo", 0.01)], _info(["gloo"]), tmp_path, "20250101-000000"
+    )
+    assert (tmp_path / "all_reduce_ws2_20250101-000000.json").read_text() == "the other run's JSON\n"
+    assert (tmp_path / "all_reduce_ws2_20250101-000000.csv").read_text() == "the other run's CSV\n"
+    assert (json_path.name, csv_path.name) == (
+        "all_reduce_ws2_20250101-000000_2.json",
+        "all_reduce_ws2_20250101-000000_2.csv",
+    )
+    assert json.loads(json_path.read_text())["results"][0]["bytes"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"all_reduce_ws2_20250101-000000{suffix}" for suffix in (".json", ".csv", "_2.json", "_2.csv")
+    )
+
+
 def test_write_results_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         report.write_results([_record(1024, "gloo", math.nan)], _info(["gloo"]), tmp_path, "t")

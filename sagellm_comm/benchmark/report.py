@@ -222,11 +222,8 @@ def write_results(
     """
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = unique_stem(directory, output_stem(info.op_type, info.world_size, file_timestamp))
-    json_path = directory / f"{stem}.json"
-    csv_path = directory / f"{stem}.csv"
     payload = {"run": info.to_dict(), "results": [r.to_dict() for r in records]}
-    write_text(json_path, json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n")
+    text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n"
 
     def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(RECORD_FIELDS))
@@ -234,8 +231,21 @@ def write_results(
         for r in records:
             writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
 
-    write_file(csv_path, write_csv)
-    return json_path, csv_path
+    base = output_stem(info.op_type, info.world_size, file_timestamp)
+    while True:  # another run may take a name between the choice and the writes: neither file is ever replaced
+        stem = unique_stem(directory, base)
+        json_path = directory / f"{stem}.json"
+        csv_path = directory / f"{stem}.csv"
+        try:
+            write_text(json_path, text, exclusive=True)
+        except FileExistsError:
+            continue
+        try:
+            write_file(csv_path, write_csv, exclusive=True)
+        except FileExistsError:
+            json_path.unlink()
+            continue
+        return json_path, csv_path
 
 
 def _json_default(value: object) -> object:
