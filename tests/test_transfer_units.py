@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import subprocess
@@ -1256,42 +1257,49 @@ def test_a_wait_keeps_its_deadline_while_another_thread_holds_the_agent(recordin
 
 
 class _PollAfterAbort(_Pending):
-    """A request whose transport state is gone once aborted: a poll after that is a use of released state."""
+    """A request whose transport state is gone once aborted: a poll or stream wait after that uses released state."""
 
     def poll(self) -> bool:
         if self.aborted:
             raise AssertionError("polled after it was aborted")
         return False
 
+    def wait_on_stream(self, stream, deadline: float) -> None:
+        if self.aborted:
+            raise AssertionError("waited on after it was aborted")
 
-def test_a_poll_waiting_for_the_agent_sees_a_failure_another_thread_gave_the_handle_meanwhile(
-    recording_agents, monkeypatch
+
+@pytest.mark.parametrize("method", ["done", "wait_on_stream"])
+def test_a_call_waiting_for_the_agent_sees_a_failure_another_thread_gave_the_handle_meanwhile(
+    recording_agents, monkeypatch, method
 ):
-    """done() waiting for the agent's lock while another thread's wait timed out (aborting the request) raises
-    that timeout: it never polls the aborted request, nor marks the failed handle done."""
+    """done() or wait_on_stream() waiting for the agent's lock while another thread's wait timed out (aborting the
+    request) raises that timeout: it never uses the aborted request, nor marks the failed handle done."""
     agent, backend = recording_agents
     request = _PollAfterAbort()
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
     handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+    call = handle.done if method == "done" else functools.partial(handle.wait_on_stream, object(), timeout=5.0)
+    waits_in = handle._poll.__code__ if method == "done" else handle.wait_on_stream.__code__
     outcome = []
 
-    def poll():
+    def run():
         try:
-            outcome.append(handle.done())
+            outcome.append(call())
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
             outcome.append(exc)
 
-    with agent.lock:  # held while the poller starts, so it waits for the lock with the handle still pending
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
+    with agent.lock:  # held while the caller starts, so it waits for the lock with the handle still pending
+        caller = threading.Thread(target=run, daemon=True)
+        caller.start()
         deadline = time.monotonic() + 5.0
-        while getattr(sys._current_frames().get(poller.ident), "f_code", None) is not handle._poll.__code__:
-            assert time.monotonic() < deadline, "the poller never reached the agent's lock"
+        while getattr(sys._current_frames().get(caller.ident), "f_code", None) is not waits_in:
+            assert time.monotonic() < deadline, "the caller never reached the agent's lock"
             time.sleep(0.001)
         with pytest.raises(CommTimeoutError):
             handle.wait(timeout=0.01)  # this thread holds the lock: the request is aborted now
         assert request.aborted == 1
-    poller.join(5.0)
+    caller.join(5.0)
     assert len(outcome) == 1 and isinstance(outcome[0], CommTimeoutError), outcome
     assert handle.state == "failed" and request.aborted == 1
 

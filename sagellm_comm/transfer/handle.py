@@ -116,6 +116,9 @@ class TransferHandle:
             if self.state == "done":  # seen complete on the host: work queued from now on sees every byte
                 return
             self._timed_out(limit)
+        if self.state == "failed":  # another thread's wait timed out (the request aborted) while this one waited
+            lock.release()
+            raise self.error
         try:
             self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream(), deadline)
         except CommTimeoutError:
