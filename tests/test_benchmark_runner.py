@@ -393,6 +393,38 @@ def test_a_given_backend_refuses_what_does_not_apply_to_it(monkeypatch, change, 
     _refused_on_a_given_backend(_request_outside_a_launch(monkeypatch, change), message)
 
 
+def test_the_commit_recorded_is_the_one_the_run_started_from(monkeypatch):
+    """A commit made while the ranks measure (a long sweep) is not the code that ran: the record names the tree the
+    run started from, and its dirty flag then."""
+    from sagellm_comm.backend import get_comm_backend
+    from sagellm_comm.benchmark import provenance
+
+    before, after = "a" * 40, "b" * 40
+    head = [before]
+
+    def git(*args, cwd):
+        if args == ("rev-parse", "--show-toplevel"):
+            return f"{provenance.SOURCE_TREE}\n"
+        if args == ("rev-parse", "HEAD"):
+            return head[0] + "\n"
+        return "" if head[0] == before else " M sagellm_comm/ops.py\n"  # git status
+
+    class CommitDuringTheRun(_CountingBackend):
+        def all_reduce(self, tensor, *args, **kwargs):
+            head[0] = after
+            return super().all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(provenance, "_git", git)
+    config = _request_outside_a_launch(monkeypatch, {})
+    backend = CommitDuringTheRun(get_comm_backend("gloo").init(rank=0, world_size=1))
+    try:
+        result = run_benchmark(config, backend=backend)
+    finally:
+        backend.destroy()
+    assert backend.calls > 0 and head[0] == after
+    assert (result.info.git_commit, result.info.git_dirty) == (before, False)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

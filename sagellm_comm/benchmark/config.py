@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sagellm_comm.benchmark.provenance import GitState
+
 DEFAULT_OUTPUT_DIR = ".benchmarks/collective"
 DEFAULT_GPU_SIZES = "1K:256M"
 DEFAULT_CPU_SIZES = "1K:1M"
@@ -50,3 +52,4 @@ class LaunchPlan:
     backend_kind: str  # the kind the registry resolves to before init ("custom" for virtual ranks)
     sizes: tuple[int, ...]
     uses_cuda: bool
+    git: GitState | None = None  # the tree's commit and dirty flag when the run started (None: read when it ends)

@@ -100,7 +100,7 @@ def build_result(
 ) -> BenchmarkResult:
     """Turn the (already cross-rank reduced) points into records and a :class:`RunInfo`."""
     now = _now()
-    state = git_state()
+    state = plan.git if plan.git is not None else git_state()  # read as the run started, where it was
     stamp = now.isoformat(timespec="seconds")
     algos = algo_rules.parse_algos(config.algos)
     dtype = resolve_dtype(config.dtype)

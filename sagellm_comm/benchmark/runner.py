@@ -11,6 +11,7 @@ it started before re-raising ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from sagellm_comm.benchmark.config import (
 from sagellm_comm.benchmark.measure import LoopSettings, measure_distributed, measure_virtual
 from sagellm_comm.benchmark.ops import resolve_dtype
 from sagellm_comm.benchmark.plan import plan_in_process, plan_launch
+from sagellm_comm.benchmark.provenance import git_state
 from sagellm_comm.benchmark.results import BenchmarkResult, build_result, finish
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 
@@ -132,10 +134,10 @@ def run_benchmark(config: BenchConfig, *, print_table: bool = False, backend: An
     which return None).  Files, plot and table are produced once, by the process that owns the result.
     """
     if backend is not None:
-        plan = plan_in_process(config, backend)
+        plan = replace(plan_in_process(config, backend), git=git_state())  # the tree that runs, not the one after
         result = run_rank(config, plan, backend=backend)
         return finish(result, config, print_table=print_table) if backend.rank == 0 else None
-    plan = plan_launch(config)
+    plan = replace(plan_launch(config), git=git_state())
     if plan.mode == "virtual":
         return finish(run_virtual(config, plan), config, print_table=print_table)
     if plan.mode == "torchrun":
