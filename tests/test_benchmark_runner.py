@@ -490,6 +490,31 @@ def test_a_rank_that_never_ends_once_another_has_is_stopped_and_fails_the_run(tm
             os.kill(pid, 0)
 
 
+def test_the_overlap_and_transfer_benchmarks_bound_their_ranks_ends_by_the_runs_timeout(monkeypatch):
+    """Both start their ranks with the run's ``--timeout`` as the bound on a rank that outlives another."""
+    from sagellm_comm.benchmark import run_overlap_bench, run_transfer_bench, spawn
+    from sagellm_comm.benchmark.transfer_config import TransferBenchConfig
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_spawn(fn, args, world_size, what="benchmark", *, timeout=None):
+        seen.append((what, timeout))
+        raise Stop
+
+    monkeypatch.setattr(run_overlap_bench, "spawn_ranks", fake_spawn)
+    monkeypatch.setattr(spawn, "spawn_ranks", fake_spawn)
+    with pytest.raises(Stop):
+        run_overlap_bench.run_overlap_benchmark("gloo", "4K", world_size=2, timeout=17.0, output_dir=None)
+    with pytest.raises(Stop):
+        run_transfer_bench.run_transfer_benchmark(
+            TransferBenchConfig(backends=["nixl"], device="cpu", block_sizes=[4096], block_counts=[1], timeout=19.0)
+        )
+    assert seen == [("overlap benchmark", 17.0), ("transfer benchmark", 19.0)]
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 

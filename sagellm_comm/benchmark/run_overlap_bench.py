@@ -108,7 +108,8 @@ def run_overlap(config: OverlapConfig, *, print_table: bool = False, backend: An
         if int(os.environ["RANK"]) != 0:
             return None
     else:
-        result = spawn_ranks(_spawned_rank, (resolved, plan), plan.world_size, what="overlap benchmark")
+        result = spawn_ranks(_spawned_rank, (resolved, plan), plan.world_size, what="overlap benchmark",
+                             timeout=resolved.timeout)  # fmt: skip
     return finish_overlap(result, resolved, print_table=print_table)
 
 

@@ -123,7 +123,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
     from sagellm_comm.benchmark.transfer_results import build_result
 
     plan = plan_transfer(config)
-    measured = spawn_ranks(transfer_rank, (config, plan), 2, what="transfer benchmark")
+    measured = spawn_ranks(transfer_rank, (config, plan), 2, what="transfer benchmark", timeout=config.timeout)
     meta = provenance(str(plan.device))
     if config.command:
         meta["command"] = config.command
