@@ -3263,3 +3263,12 @@ def test_a_link_removed_with_a_notifying_launch_in_flight_gives_its_slot_back_on
             outbox.release()
         for agent in (a, b, c):
             agent.close()
+
+
+def test_default_agent_names_of_one_process_are_unique() -> None:
+    """A process that connects several groups gives each agent its own name (the first keeps the plain form)."""
+    from sagellm_comm.transfer import world
+
+    names = [world.default_agent_name(0) for _ in range(3)] + [world.default_agent_name(1)]
+    assert len(set(names)) == len(names), names
+    assert all(n.split("-pid")[1].startswith(f"{os.getpid()}-rank") for n in names), names

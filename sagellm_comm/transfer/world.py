@@ -10,6 +10,7 @@ other engine instances join with ``add_peer(metadata)`` as usual.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -24,11 +25,16 @@ if TYPE_CHECKING:
     from sagellm_comm.backend import CommBackend, GroupHandle
 
 
+_NAMED = itertools.count(1)  # default names given in this process
+
+
 def default_agent_name(rank: int) -> str:
-    """``<host>-pid<pid>-rank<rank>``: unique across the engine instances of a cluster."""
+    """``<host>-pid<pid>-rank<rank>``, with ``-<n>`` for the n-th such name this process gives (a process that
+    connects several groups): unique across the engine instances of a cluster and the agents of a process."""
     from sagellm_comm.transfer.metadata import host_name
 
-    return f"{host_name()}-pid{os.getpid()}-rank{rank}"
+    n = next(_NAMED)
+    return f"{host_name()}-pid{os.getpid()}-rank{rank}" + (f"-{n}" if n > 1 else "")
 
 
 def connect_world(
