@@ -460,9 +460,9 @@ def test_write_results_json_csv(tmp_path):
     assert again != json_path and json.loads(again.read_text())["results"]
 
 
-def test_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
-    """Two runs finishing in the same second: the one whose files land second takes the next name, even where the
-    other's appeared after it had chosen its own (no file of the first is replaced)."""
+def _another_run_writes_the_chosen_name_first(monkeypatch):
+    """``report.unique_stem`` that, the first time, lets another run write ``STEM.json`` and ``STEM.csv`` under the
+    name it chose before this run writes; returns the list of the names the other run took."""
     chosen = report.unique_stem
     raced = []
 
@@ -475,6 +475,13 @@ def test_results_never_replace_the_files_another_run_wrote_under_the_same_name(t
         return name
 
     monkeypatch.setattr(report, "unique_stem", another_run_writes_first)
+    return raced
+
+
+def test_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
+    """Two runs finishing in the same second: the one whose files land second takes the next name, even where the
+    other's appeared after it had chosen its own (no file of the first is replaced)."""
+    _another_run_writes_the_chosen_name_first(monkeypatch)
     json_path, csv_path = report.write_results(
         [_record(1024, "gloo", 0.01)], _info(["gloo"]), tmp_path, "20250101-000000"
     )

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO
 
 from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 from sagellm_comm.files import write_file, write_text
@@ -215,13 +216,12 @@ def unique_stem(output_dir: Path, stem: str) -> str:
 def write_results(
     records: Sequence[BenchmarkRecord], info: RunInfo, output_dir: str | Path, file_timestamp: str
 ) -> tuple[Path, Path]:
-    """Write ``<op>_ws<N>_<timestamp>.json`` and ``.csv`` under ``output_dir``; return both paths.
+    """Write ``<op>_ws<N>_<timestamp>.json`` and ``.csv`` under ``output_dir`` (a suffix added rather than replace a
+    file: :func:`write_new_results`); return both paths.
 
     The JSON file holds ``{"run": RunInfo, "results": [record, ...]}``; the CSV file one row per record
     with the columns of :data:`RECORD_FIELDS`.
     """
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     payload = {"run": info.to_dict(), "results": [r.to_dict() for r in records]}
     text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n"
 
@@ -231,13 +231,25 @@ def write_results(
         for r in records:
             writer.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
 
-    base = output_stem(info.op_type, info.world_size, file_timestamp)
-    while True:  # another run may take a name between the choice and the writes: neither file is ever replaced
-        stem = unique_stem(directory, base)
-        json_path = directory / f"{stem}.json"
-        csv_path = directory / f"{stem}.csv"
+    return write_new_results(output_dir, output_stem(info.op_type, info.world_size, file_timestamp), text, write_csv)
+
+
+def write_new_results(
+    output_dir: str | Path, stem: str, json_text: str, write_csv: Callable[[IO[str]], object]
+) -> tuple[Path, Path]:
+    """Write ``json_text`` to ``<name>.json`` and ``write_csv(handle)`` to ``<name>.csv`` under ``output_dir``
+    (made if missing), ``<name>`` the first free of ``stem``, ``stem_2``, ... (:func:`unique_stem`); return both paths.
+
+    Neither file ever replaces one: where another run writes a file under the name between its choice and the writes,
+    what this call wrote under it is removed and the next free name is taken."""
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        name = unique_stem(directory, stem)
+        json_path = directory / f"{name}.json"
+        csv_path = directory / f"{name}.csv"
         try:
-            write_text(json_path, text, exclusive=True)
+            write_text(json_path, json_text, exclusive=True)
         except FileExistsError:
             continue
         try:
