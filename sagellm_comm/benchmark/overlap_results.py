@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from sagellm_comm.benchmark.sizes import format_size
-from sagellm_comm.files import write_file, write_text
 
 DEFAULT_OUTPUT_DIR = ".benchmarks/overlap"
 DEFAULT_WARMUP = 3
@@ -163,15 +162,12 @@ def format_overlap_table(records: list[OverlapRecord], run: dict) -> str:
 
 
 def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None:
-    """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv``."""
-    from sagellm_comm.benchmark.report import file_stamp, output_stem, unique_stem
+    """``overlap_ws<N>_<timestamp>.json`` (``{"run": ..., "results": [...]}``) and ``.csv`` under ``output_dir``, a
+    suffix added rather than replace a file, also one another run writes meanwhile (as bench's:
+    :func:`~sagellm_comm.benchmark.report.write_new_results`)."""
+    from sagellm_comm.benchmark.report import file_stamp, output_stem, write_new_results
 
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = unique_stem(directory, output_stem("overlap", int(result.run.get("world_size", 0)), file_stamp()))
-    result.json_path, result.csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     payload = {"run": result.run, "results": [r.to_dict() for r in result.records]}
-    write_text(result.json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
     def write_csv(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(OverlapRecord)])
@@ -179,7 +175,9 @@ def write_overlap_results(result: OverlapResult, output_dir: str | Path) -> None
         for r in result.records:
             writer.writerow(r.to_dict())
 
-    write_file(result.csv_path, write_csv)
+    stem = output_stem("overlap", int(result.run.get("world_size", 0)), file_stamp())
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    result.json_path, result.csv_path = write_new_results(output_dir, stem, text, write_csv)
 
 
 def plot_overlap(result: OverlapResult, path: str | Path) -> Path:
