@@ -514,6 +514,32 @@ def test_overlap_results_never_replace_the_files_another_run_wrote_under_the_sam
     )
 
 
+def test_transfer_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
+    """As bench's, for the timestamped names in --output-dir: the second run to write takes the next name even
+    where the other's files appeared after it had chosen its own."""
+    raced = _another_run_writes_the_chosen_name_first(monkeypatch)
+    result = _transfer_result()
+    transfer_results.write_files(result, str(tmp_path), None)
+    (taken,) = raced
+    assert taken.startswith("transfer_")
+    assert (tmp_path / f"{taken}.json").read_text() == "the other run's JSON\n"
+    assert (tmp_path / f"{taken}.csv").read_text() == "the other run's CSV\n"
+    assert (result.json_path.name, result.csv_path.name) == (f"{taken}_2.json", f"{taken}_2.csv")
+    assert len(json.loads(result.json_path.read_text())["results"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{taken}{suffix}" for suffix in (".json", ".csv", "_2.json", "_2.csv")
+    )
+
+
+def test_transfer_out_stem_replaces_its_files(tmp_path):
+    """``--out STEM`` names the files: a second run with the same stem writes them again (no suffix)."""
+    for _ in range(2):
+        result = _transfer_result()
+        transfer_results.write_files(result, None, str(tmp_path / "transfer"))
+        assert (result.json_path, result.csv_path) == (tmp_path / "transfer.json", tmp_path / "transfer.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transfer.csv", "transfer.json"]
+
+
 def test_write_results_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         report.write_results([_record(1024, "gloo", math.nan)], _info(["gloo"]), tmp_path, "t")

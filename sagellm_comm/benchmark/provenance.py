@@ -157,7 +157,12 @@ def provenance(device: str, **extra: Any) -> dict:
     return meta
 
 
+def record_text(meta: dict, **sections: Any) -> str:
+    """``{"meta": meta, **sections}`` as the indented JSON text of a record file."""
+    return json.dumps({"meta": meta, **sections}, indent=1) + "\n"
+
+
 def write_record(path: str | Path, meta: dict, **sections: Any) -> Path:
-    """Write ``{"meta": meta, **sections}`` as indented JSON to ``path`` (parents created, the file replaced
-    whole: :func:`~sagellm_comm.files.write_file`); returns the path."""
-    return write_text(path, json.dumps({"meta": meta, **sections}, indent=1) + "\n")
+    """Write ``{"meta": meta, **sections}`` as indented JSON (:func:`record_text`) to ``path`` (parents created, the
+    file replaced whole: :func:`~sagellm_comm.files.write_file`); returns the path."""
+    return write_text(path, record_text(meta, **sections))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sagellm_comm.benchmark.sizes import format_size
-from sagellm_comm.files import write_file
+from sagellm_comm.files import write_file, write_text
 
 
 @dataclass
@@ -190,22 +190,16 @@ def out_paths(stem: str | Path) -> tuple[Path, Path]:
 
 def write_files(result: TransferBenchResult, output_dir: str | None, out: str | None) -> None:
     """``STEM.json`` (``{"meta", "setup", "results", "notify"}``; ``meta`` is the provenance block every record
-    under bench/results has) and ``STEM.csv``: ``out`` as the stem, else ``output_dir/transfer_<timestamp>``."""
-    from sagellm_comm.benchmark.provenance import write_record
-    from sagellm_comm.benchmark.report import file_stamp, unique_stem
+    under bench/results has) and ``STEM.csv``: ``out`` as the stem (files there replaced), else
+    ``output_dir/transfer_<timestamp>`` with a suffix added rather than replace a file, also one another run writes
+    meanwhile (as bench's: :func:`~sagellm_comm.benchmark.report.write_new_results`)."""
+    from sagellm_comm.benchmark.provenance import record_text
+    from sagellm_comm.benchmark.report import file_stamp, write_new_results
 
-    if out is not None:
-        json_path, csv_path = out_paths(out)
-    else:
-        json_path, csv_path = out_paths(Path(output_dir) / unique_stem(Path(output_dir), f"transfer_{file_stamp()}"))
     meta = {k: result.run[k] for k in ("date", "command", "commit", "dirty", "commit_source", "torch", "triton")
             if k in result.run}  # fmt: skip
     meta["device"] = f"{result.run['device_name']} ({result.run['device']}, 2 processes)"
-    result.json_path = write_record(
-        json_path, meta, setup=result.run, results=[r.to_dict() for r in result.records],
-        notify=result.notify,
-    )  # fmt: skip
-    result.csv_path = csv_path
+    text = record_text(meta, setup=result.run, results=[r.to_dict() for r in result.records], notify=result.notify)
     columns, rows = csv_rows(result)
 
     def write_csv(handle) -> None:
@@ -213,7 +207,12 @@ def write_files(result: TransferBenchResult, output_dir: str | None, out: str | 
         writer.writeheader()
         writer.writerows(rows)
 
-    write_file(result.csv_path, write_csv)
+    if out is None:
+        result.json_path, result.csv_path = write_new_results(output_dir, f"transfer_{file_stamp()}", text, write_csv)
+        return
+    json_path, csv_path = out_paths(out)
+    result.json_path = write_text(json_path, text)
+    result.csv_path = write_file(csv_path, write_csv)
 
 
 def csv_rows(result: TransferBenchResult) -> tuple[list[str], list[dict]]:
