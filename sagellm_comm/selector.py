@@ -14,7 +14,9 @@ shape overrides them::
 
 Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (non-empty list); a rule that
 can match no message (``min_bytes`` over ``max_bytes``) is refused, and so are two rules of one ``id`` (the id and
-the ``reason``, strings, are what a :class:`Selection` reports).  Algorithms:
+the ``reason``, strings, are what a :class:`Selection` reports; an id may not hold ``+`` nor be one of
+:data:`RESERVED_RULE_IDS`, which name decisions no rule made).  A message no rule matches runs on the engine
+(rule ``no-rule``): a policy need not cover every size.  Algorithms:
 ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot; larger messages than its buffers take run
 one-shot), and ``nccl``, the policy's name for *the engine* the backend runs beside the kernels (NCCL on
 CUDA, Gloo on the CPU under the interpreter).  Messages larger than the workspace always go to the engine
@@ -61,6 +63,12 @@ UNFUSED_PATH = "unfused"  # the all-reduce, then torch add + RMSNorm (+ quantisa
 RMSNORM_PATHS = (*KERNEL_ALGOS, UNFUSED_PATH)
 FOLLOW_ALL_REDUCE = "all_reduce_policy"  # a fusion rule's "the kernel the all-reduce policy picks for this size"
 PAYLOADS = ("fp8",)  # the all-reduce's opt-in low-precision payloads (two-shot only)
+# Rule ids a Selection reports for decisions no policy rule made (the workspace too small, no rule matching, a
+# forced algorithm, no kernels, ...); a policy rule may not take one, nor hold "+" (a rule's id suffixed
+# "+lamport-capacity" says its Lamport choice ran one-shot).
+RESERVED_RULE_IDS = (
+    "over-workspace", "no-rule", "user", "engine", "custom-unavailable", "hierarchical-span-nodes",
+)  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
@@ -126,6 +134,11 @@ class Rule:
         rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
         if not isinstance(rule_id, str) or not rule_id:  # what every Selection of the rule reports
             raise InvalidArgumentError(f"selector rule {index}: id must be a non-empty string, got {rule_id!r}")
+        if rule_id in RESERVED_RULE_IDS or "+" in rule_id:  # a Selection's rule id must say which decided
+            raise InvalidArgumentError(
+                f"selector rule {index}: id {rule_id!r} is reserved for the selector's own decisions "
+                f"({', '.join(RESERVED_RULE_IDS)}; no '+')"
+            )
         if not isinstance(reason, str):
             raise InvalidArgumentError(f"selector rule {index}: reason must be a string, got {reason!r}")
         return cls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -193,3 +194,10 @@ def test_a_policy_made_in_code_is_not_named_the_default():
     unfused = FusionPolicy([FusionRule(id="off", path="unfused")])
     assert unfused.source == "rules given in code"
     assert unfused.select(4, 4096, 2, None).reason == "rule off (rules given in code)"
+
+
+@pytest.mark.parametrize("rule_id", ["over-workspace", "no-rule", "user", "engine", "custom-unavailable", "a+b"])
+def test_a_rule_may_not_take_an_id_the_selector_reports_for_its_own_decisions(rule_id):
+    # a Selection with rule_id "over-workspace" must mean the workspace was too small, never a policy rule
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"selector rule 0: id {rule_id!r} is reserved")):
+        AlgoSelector.from_dict({"rules": [{"id": rule_id, "algo": "one_shot"}]})
