@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+import triton
 import triton.language as tl
 
 from .arguments import check_timeout
@@ -29,7 +30,12 @@ from .errors import InvalidArgumentError
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, CPU tensors)."""
+    """True when Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, CPU tensors): Triton's own
+    reading of the variable where this Triton has one (it also takes ``true``, ``on``...), so the package never
+    launches as a compiled binary a kernel Triton made an interpreted one."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

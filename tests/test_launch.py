@@ -161,3 +161,14 @@ def test_every_kernel_launch_binds_by_name():
             if (preload and tuples[0]) or tuples == [True, True]:  # preload((a, ...)), launcher(grid, (a, ...))
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert not offenders, f"positional kernel arguments: {offenders}"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on", "0", "false", ""])
+def test_interpreting_is_what_triton_decides(monkeypatch, value):
+    # Triton's jit makes interpreted kernels for TRITON_INTERPRET=true too: the package must not then launch them
+    # as compiled binaries on a device
+    from sagellm_comm.launch import interpreting
+
+    knobs = pytest.importorskip("triton.knobs")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() is bool(knobs.runtime.interpret)
