@@ -45,8 +45,11 @@ from .workspace import (
 __all__ = [
     "DEFAULT_MAX_PROGRAMS",
     "SUPPORTED_DTYPES",
+    "INT32_INDEX_LIMIT",
+    "MAX_KERNEL_ELEMENTS",
     "AllReduceKernels",
     "CustomAllReduce",
+    "check_kernel_elements",
     "check_message",
     "default_max_programs",
     "pdl_enabled",
@@ -65,6 +68,18 @@ LAMPORT_MAX_BLOCK = 1024
 MAX_CACHED_PLANS = 4096
 DTYPE_CODES = {dtype: _fp.DTYPE_CODES[str(dtype).removeprefix("torch.")] for dtype in SUPPORTED_DTYPES}
 KERNEL_ITEMSIZES = frozenset(SUPPORTED_DTYPES.values())  # element sizes of the kernels' dtypes
+# The kernels compute element offsets in int32: Triton types an int argument below 2**31 as i32, so offsets made
+# from it wrap instead of growing, and a wrapped (negative) offset still passes the ``offs < numel`` masks.  They
+# are the tile offsets ``tile * BLOCK + lane`` (one-shot, two-shot, FP8 payload, all-gather, reduce-scatter) and
+# ``c * chunk + in_chunk`` (two-shot, FP8 payload), which reach past ``numel`` by up to a tile (at most 32768
+# elements: SAGELLM_COMM_LARGE_TILE_BYTES <= 65536) plus the chunk rounding (CHUNK_ALIGN or FP8_GROUP elements a
+# rank), and with virtual ranks the row offset ``rank * numel`` of one launch serving every rank
+# (kernels/all_reduce.py, lamport_all_reduce.py, fp8_payload_all_reduce.py; ``rank * num_rows * hidden`` in
+# fused_all_reduce_rmsnorm.py, ``rank * M * N`` in gemm_all_reduce.py).  Every such offset stays below this limit:
+# a rank's message is at most MAX_KERNEL_ELEMENTS elements, and a virtual-rank launch holds fewer than this many
+# elements in all (world_size * numel).  A larger message runs on the engine (algo="auto") or is refused.
+INT32_INDEX_LIMIT = 2**31
+MAX_KERNEL_ELEMENTS = INT32_INDEX_LIMIT - (1 << 16)  # headroom for a tile's and the chunks' rounding (above)
 
 
 def check_message(nbytes: int, itemsize: int) -> None:
@@ -77,6 +92,29 @@ def check_message(nbytes: int, itemsize: int) -> None:
     if nbytes % itemsize:
         raise InvalidArgumentError(
             f"nbytes={nbytes} is not a whole number of {itemsize}-byte elements", details={"nbytes": nbytes}
+        )
+
+
+def check_kernel_elements(numel: int, what: str = "a rank's message") -> None:
+    """Refuse (``InvalidArgumentError``) ``numel`` elements that a kernel would index past int32: more than
+    :data:`MAX_KERNEL_ELEMENTS` (``what`` names the count in the message)."""
+    if numel > MAX_KERNEL_ELEMENTS:
+        raise InvalidArgumentError(
+            f"{what} has {numel} elements, over the kernels' limit of {MAX_KERNEL_ELEMENTS} (their element offsets "
+            f"are int32 and must stay below {INT32_INDEX_LIMIT}); use algo='auto' (runs on the engine) or split it",
+            details={"numel": numel, "limit": MAX_KERNEL_ELEMENTS},
+        )
+
+
+def check_virtual_elements(world_size: int, numel: int, what: str = "message") -> None:
+    """Refuse (``InvalidArgumentError``) a launch of ``world_size`` virtual ranks of ``numel`` elements each
+    (``what`` names them) whose row offsets ``rank * numel`` or tile offsets would pass int32: ``world_size *
+    numel`` must stay below :data:`INT32_INDEX_LIMIT` and ``numel`` within :data:`MAX_KERNEL_ELEMENTS`."""
+    if world_size * numel >= INT32_INDEX_LIMIT or numel > MAX_KERNEL_ELEMENTS:
+        raise InvalidArgumentError(
+            f"virtual ranks: {world_size} ranks x {numel} elements of {what} reach the kernels' int32 index limit "
+            f"{INT32_INDEX_LIMIT} (one launch indexes every rank's row); split the call",
+            details={"world_size": world_size, "numel": numel, "limit": INT32_INDEX_LIMIT},
         )
 
 
@@ -382,6 +420,13 @@ class CustomAllReduce:
         """:meth:`select` without its argument checks, for a message a tensor of a kernel dtype gives (the eager
         path, where every call counts; the caller has checked the dtype)."""
         sel = self.selector.select(nbytes, self.world_size, self.workspace.slot_bytes)
+        if sel.algo != ENGINE_ALGO and nbytes // itemsize > MAX_KERNEL_ELEMENTS:
+            return Selection(
+                ENGINE_ALGO,
+                "over-int32-index",
+                f"{nbytes // itemsize} elements exceed the kernels' {MAX_KERNEL_ELEMENTS} (int32 element offsets); "
+                "the engine runs it",
+            )
         if sel.algo == LAMPORT and nbytes // itemsize > self.workspace.lamport_capacity:
             return Selection(
                 ONE_SHOT,
@@ -537,8 +582,10 @@ class CustomAllReduce:
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
         need = _k8.stage_bytes(tensor.numel(), self.world_size)
-        if need <= self.workspace.slot_bytes:
+        if need <= self.workspace.slot_bytes and tensor.numel() <= MAX_KERNEL_ELEMENTS:
             return TWO_SHOT
+        if need <= self.workspace.slot_bytes and (algo == TWO_SHOT or self.fallback is None):
+            check_kernel_elements(tensor.numel())
         if algo == TWO_SHOT or self.fallback is None:
             raise WorkspaceExhaustedError(
                 f"payload={payload!r} stages {need} bytes for {tensor.numel()} elements, over the "
@@ -650,6 +697,8 @@ class CustomAllReduce:
                 f"message of {nbytes} bytes exceeds the custom all-reduce workspace ({self.workspace.slot_bytes}"
                 " bytes); use algo='auto' (falls back to NCCL) or a larger workspace"
             )
+        if resolved != ENGINE_ALGO:
+            check_kernel_elements(numel)
         if len(self._resolved) >= MAX_CACHED_PLANS:  # many distinct sizes: start over rather than grow
             self._resolved.clear()
         self._resolved[key] = resolved

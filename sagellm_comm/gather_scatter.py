@@ -21,7 +21,7 @@ import torch
 import triton
 
 from .arguments import check_int, check_is_tensor, share_bytes
-from .custom_all_reduce import SUPPORTED_DTYPES, tile_shape
+from .custom_all_reduce import SUPPORTED_DTYPES, check_kernel_elements, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
 from .launch import Launcher
@@ -125,6 +125,7 @@ def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int,
             f"workspace's {slot_bytes}-byte slot; at most {fits} elements fit: split the call or make the "
             "workspace larger"
         )
+    check_kernel_elements(numel, f"{op}'s per-rank {'input' if op == 'all_gather' else 'output chunk'}")
     return numel, itemsize
 
 

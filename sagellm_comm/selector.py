@@ -64,10 +64,11 @@ RMSNORM_PATHS = (*KERNEL_ALGOS, UNFUSED_PATH)
 FOLLOW_ALL_REDUCE = "all_reduce_policy"  # a fusion rule's "the kernel the all-reduce policy picks for this size"
 PAYLOADS = ("fp8",)  # the all-reduce's opt-in low-precision payloads (two-shot only)
 # Rule ids a Selection reports for decisions no policy rule made (the workspace too small, no rule matching, a
-# forced algorithm, no kernels, ...); a policy rule may not take one, nor hold "+" (a rule's id suffixed
-# "+lamport-capacity" says its Lamport choice ran one-shot).
+# forced algorithm, no kernels, a message past the kernels' int32 element offsets, ...); a policy rule may not
+# take one, nor hold "+" (a rule's id suffixed "+lamport-capacity" says its Lamport choice ran one-shot).
 RESERVED_RULE_IDS = (
     "over-workspace", "no-rule", "user", "engine", "custom-unavailable", "hierarchical-span-nodes",
+    "over-int32-index",
 )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ import torch
 from . import capture
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
-from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce
+from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce, check_virtual_elements
 from .errors import BackendNotSupportedError, InvalidArgumentError, NotInitializedError, run_every, undo_after_failure
 from .selector import KERNEL_ALGOS, AlgoSelector, Selection
 from .workspace import DEFAULT_SLOT_BYTES, SymmetricWorkspace, local_workspaces
@@ -130,6 +130,8 @@ class VirtualRankGroup:
         own kernel at the same moment; the kernel body is the one real ranks run.  This is the mode
         device-time benchmarks use: N launches on N streams would be serialised by the one GPU's front end.
         ``payload="fp8"``: the two-shot kernel with FP8 shards (:meth:`CustomAllReduce.all_reduce`).
+        ``world_size * numel`` must stay below ``INT32_INDEX_LIMIT`` (2**31: the kernel's row offsets are int32);
+        a larger call raises ``InvalidArgumentError`` before anything is launched.
         """
         check_is_tensor(stacked, "stacked")
         if stacked.dim() != 2 or stacked.shape[0] != self.world_size:
@@ -148,6 +150,7 @@ class VirtualRankGroup:
                 f"{stacked.device} (contiguous={stacked.is_contiguous()})"
             )
         numel = stacked.shape[1]
+        check_virtual_elements(self.world_size, numel)  # the launch's row offsets rank * numel are int32
         if payload is not None:
             algo = car.check_payload(stacked[0], algo, payload)
         else:

@@ -819,3 +819,64 @@ def test_virtual_workspaces_share_one_device():
     finally:
         for ws in workspaces:
             ws.close()
+
+
+def test_messages_past_the_kernels_int32_offsets_run_on_the_engine_or_are_refused(monkeypatch):
+    """The kernels index elements in int32: a message over MAX_KERNEL_ELEMENTS (a workspace of up to 1 TiB takes one)
+    runs on the engine with algo='auto' (rule over-int32-index) and is refused by a kernel named for it.  Sizes only:
+    nothing that large is allocated."""
+    from sagellm_comm.custom_all_reduce import MAX_KERNEL_ELEMENTS, CustomAllReduce
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ws, other = local_workspaces(2, 4096, "cpu")
+    car = CustomAllReduce(ws, timeout_s=1.0, fallback=lambda t: t)
+    try:
+        monkeypatch.setattr(ws, "slot_bytes", 1 << 40)  # SAGELLM_COMM_CUSTOM_MAX_BYTES's largest workspace
+        big, fits = MAX_KERNEL_ELEMENTS + 1, MAX_KERNEL_ELEMENTS
+        sel = car.select(big * 2, 2)
+        assert (sel.algo, sel.rule_id) == ("nccl", "over-int32-index") and str(MAX_KERNEL_ELEMENTS) in sel.reason
+        assert car.select(fits * 2, 2).algo != "nccl"
+        assert car.resolve_algo("auto", big, big * 2) == "nccl"
+        for algo in ("one_shot", "two_shot"):
+            assert car.resolve_algo(algo, fits, fits * 2) == algo
+            with pytest.raises(InvalidArgumentError, match=str(MAX_KERNEL_ELEMENTS)):
+                car.resolve_algo(algo, big, big * 2)
+        huge = torch.empty(1).expand(big)  # numel() of a message that size, one element of memory
+        assert car.check_payload(huge, "auto", "fp8") == "nccl"
+        with pytest.raises(InvalidArgumentError, match=str(MAX_KERNEL_ELEMENTS)):
+            car.check_payload(huge, "two_shot", "fp8")
+    finally:
+        car.close()
+        other.close()
+
+
+def test_virtual_ranks_refuse_a_launch_past_int32_row_offsets(monkeypatch):
+    """One launch serves every virtual rank and offsets row ``rank`` by ``rank * numel`` in int32: a stacked call of
+    world_size * numel >= 2**31 elements is refused before anything is launched (meta tensors: no memory)."""
+    from sagellm_comm.custom_all_reduce import INT32_INDEX_LIMIT, CustomAllReduce, check_virtual_elements
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.virtual import VirtualRankGroup
+    from sagellm_comm.workspace import local_workspaces
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    world_size = 8
+    workspaces = local_workspaces(world_size, 4096, "cpu")
+    group = object.__new__(VirtualRankGroup)
+    group.world_size, group.device, group.workspaces = world_size, torch.device("meta"), workspaces
+    group.ranks = [CustomAllReduce(ws, timeout_s=1.0) for ws in workspaces]
+    launched: list[str] = []
+    monkeypatch.setattr(group, "launch_stacked", lambda algo, *args, **kwargs: launched.append(algo))
+    try:
+        numel = INT32_INDEX_LIMIT // world_size  # 8 ranks x 512 MiB of bf16
+        for payload in (None, "fp8"):
+            with pytest.raises(InvalidArgumentError, match="int32"):
+                group.all_reduce_stacked(torch.empty((world_size, numel), device="meta"), payload=payload)
+        assert launched == []
+        check_virtual_elements(world_size, numel - 1)
+        with pytest.raises(InvalidArgumentError):
+            check_virtual_elements(2, INT32_INDEX_LIMIT // 2)
+    finally:
+        for car in group.ranks:
+            car.close()
