@@ -12,7 +12,9 @@ from sagellm_comm.selector import AUTO, LAMPORT, ONE_SHOT
 
 from ..arguments import check_finite
 from ..custom_all_reduce import (
+    MAX_KERNEL_ELEMENTS,
     CustomAllReduce,
+    check_kernel_elements,
     fingerprint_launcher,
     lamport_tile_warps,
     launch_fingerprint_check,
@@ -159,6 +161,12 @@ class FusedAllReduceRMSNorm:
                 f"{sel.reason}; but hidden {hidden} exceeds the fused kernels' {MAX_HIDDEN}, so all-reduce then "
                 "torch add + RMSNorm run",
             )  # fmt: skip
+        if rows * hidden > MAX_KERNEL_ELEMENTS:  # the kernels' row offsets (row * hidden) are int32
+            return Selection(
+                UNFUSED_PATH, "fused-over-int32-index",
+                f"{sel.reason}; but {rows * hidden} elements exceed the fused kernels' {MAX_KERNEL_ELEMENTS} "
+                "(int32 element offsets), so all-reduce then torch add + RMSNorm run",
+            )  # fmt: skip
         slot = self.workspace.slot_bytes
         if sel.algo == LAMPORT and rows * hidden > self.workspace.lamport_capacity:
             sel = Selection(
@@ -183,6 +191,8 @@ class FusedAllReduceRMSNorm:
                     f"algo={algo}: the fused kernels take hidden up to {MAX_HIDDEN}, got {hidden}; use algo='auto' "
                     "or 'unfused' (all-reduce then torch add + RMSNorm)"
                 )
+            if algo != UNFUSED_PATH:
+                check_kernel_elements(rows * hidden, f"algo={algo}: a rank's [rows, hidden] block")
             if algo != UNFUSED_PATH and self._fit(sel, nbytes, rows, hidden, x.element_size(), quant) != sel:
                 if algo == LAMPORT:
                     need = f"takes at most {self.workspace.lamport_capacity} elements, got {rows * hidden}"

@@ -12,6 +12,7 @@ from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, 
 
 from .. import capture
 from ..arguments import check_finite, check_is_tensor
+from ..custom_all_reduce import check_virtual_elements
 from ..errors import (
     BackendNotSupportedError,
     InvalidArgumentError,
@@ -115,6 +116,7 @@ class VirtualFused:
         check_quant(quant, scale, x)
         eps = check_finite(eps, "eps", 0.0)
         rows, hidden = self.rmsnorm.validate(x, residual, weight, rows_dims=3)
+        check_virtual_elements(self.world_size, rows * hidden, "x")  # the kernel's rank * rows * hidden is int32
         sel = self.rmsnorm.pick(algo, x[0], rows, hidden, quant)
         if sel.algo == UNFUSED_PATH:
             if sel.rule_id == "over-workspace":
@@ -150,6 +152,7 @@ class VirtualFused:
             ws.raise_if_failed()
         self._check_open()
         m, n, _ = g.validate(a, b, bias, batch=self.world_size)
+        check_virtual_elements(self.world_size, m * n, "the GEMM output")  # the kernel's rank * M * N is int32
         sel = g.pick(path, m, n, a.element_size())
         if sel.algo == COPY_ENGINE_PATH:  # per-rank streams and copies: not in the one-launch-for-all-ranks layout
             if path != AUTO:
