@@ -11,7 +11,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 
@@ -30,6 +29,7 @@ from sagellm_comm.benchmark.transfer_config import (
 )
 from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run
 from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.launch import interpreting
 
 DESCRIPTION = "Time one-sided block transfers between two processes (ours, NIXL, torch and copy-engine references)."
 
@@ -143,7 +143,7 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "cpus": measured["cpus"],  # the CPUs each process could run on
         "pool_bytes": plan.pool_bytes,
         "skipped": list(plan.skipped),
-        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "interpreter": interpreting(),
     }
     return finish_transfer(build_result(measured, run, config.prepared), config, print_table=print_table)
 
