@@ -923,12 +923,12 @@ def test_an_output_dir_that_is_a_dangling_symbolic_link_is_refused_up_front(tmp_
     never be written there (``mkdir`` fails on the link), so the check refuses it before anything runs, as it
     refuses a missing directory whose parent is a dangling link."""
     from sagellm_comm.benchmark.plan import check_writable_dir
-    from sagellm_comm.benchmark.report import write_results
+    from sagellm_comm.benchmark.report import write_new_results
 
     link = tmp_path / "results"
     link.symlink_to(tmp_path / "gone")
-    with pytest.raises(FileExistsError):  # what writing the results would meet after the run
-        write_results([], None, link, "t")
+    with pytest.raises(FileExistsError):  # what writing the results (bench, overlap, transfer) would meet after the run
+        write_new_results(link, "t", "{}\n", lambda handle: None)
     for target in (link, link / "run"):
         with pytest.raises(InvalidArgumentError, match="symbolic link"):
             check_writable_dir(target, "--output-dir")
