@@ -497,31 +497,28 @@ def test_results_never_replace_the_files_another_run_wrote_under_the_same_name(t
     )
 
 
-def test_overlap_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
-    """As bench's: two overlap runs finishing in the same second, the second to write takes the next name even
-    where the other's files appeared after it had chosen its own."""
-    raced = _another_run_writes_the_chosen_name_first(monkeypatch)
+def _write_overlap(directory):
     result = _overlap_result()
-    overlap_results.write_overlap_results(result, tmp_path)
-    (taken,) = raced
-    assert taken.startswith("overlap_ws2_")
-    assert (tmp_path / f"{taken}.json").read_text() == "the other run's JSON\n"
-    assert (tmp_path / f"{taken}.csv").read_text() == "the other run's CSV\n"
-    assert (result.json_path.name, result.csv_path.name) == (f"{taken}_2.json", f"{taken}_2.csv")
-    assert len(json.loads(result.json_path.read_text())["results"]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{taken}{suffix}" for suffix in (".json", ".csv", "_2.json", "_2.csv")
-    )
+    overlap_results.write_overlap_results(result, directory)
+    return result
 
 
-def test_transfer_results_never_replace_the_files_another_run_wrote_under_the_same_name(tmp_path, monkeypatch):
-    """As bench's, for the timestamped names in --output-dir: the second run to write takes the next name even
-    where the other's files appeared after it had chosen its own."""
-    raced = _another_run_writes_the_chosen_name_first(monkeypatch)
+def _write_transfer(directory):  # the timestamped names of --output-dir
     result = _transfer_result()
-    transfer_results.write_files(result, str(tmp_path), None)
+    transfer_results.write_files(result, str(directory), None)
+    return result
+
+
+@pytest.mark.parametrize("write, prefix", [(_write_overlap, "overlap_ws2_"), (_write_transfer, "transfer_")])
+def test_overlap_and_transfer_results_never_replace_the_files_another_run_wrote_under_the_same_name(
+    tmp_path, monkeypatch, write, prefix
+):
+    """As bench's: two runs finishing in the same second, the second to write takes the next name even where the
+    other's files appeared after it had chosen its own."""
+    raced = _another_run_writes_the_chosen_name_first(monkeypatch)
+    result = write(tmp_path)
     (taken,) = raced
-    assert taken.startswith("transfer_")
+    assert taken.startswith(prefix)
     assert (tmp_path / f"{taken}.json").read_text() == "the other run's JSON\n"
     assert (tmp_path / f"{taken}.csv").read_text() == "the other run's CSV\n"
     assert (result.json_path.name, result.csv_path.name) == (f"{taken}_2.json", f"{taken}_2.csv")
