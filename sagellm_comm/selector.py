@@ -13,7 +13,8 @@ shape overrides them::
     ]}
 
 Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (non-empty list); a rule that
-can match no message (``min_bytes`` over ``max_bytes``) is refused, and so are two rules of one ``id`` (the id and
+can match no message (``min_bytes`` over ``max_bytes``) is refused, and so are a key the policy or a rule does not
+have (a misspelt one would be ignored) and two rules of one ``id`` (the id and
 the ``reason``, strings, are what a :class:`Selection` reports; an id may not hold ``+`` nor be one of
 :data:`RESERVED_RULE_IDS`, which name decisions no rule made).  A message no rule matches runs on the engine
 (rule ``no-rule``): a policy need not cover every size.  Algorithms:
@@ -197,9 +198,7 @@ class AlgoSelector:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> AlgoSelector:
-        if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
-            raise InvalidArgumentError('a selector policy is a JSON object {"rules": [...]} with at least one rule')
-        rules = [Rule.from_dict(d, i) for i, d in enumerate(data["rules"])]
+        rules = [Rule.from_dict(d, i) for i, d in enumerate(policy_rules(data, "a selector policy"))]
         for index, rule in enumerate(rules):  # a Selection names its rule by id
             first = next(i for i, r in enumerate(rules) if r.id == rule.id)
             if first != index:
@@ -258,6 +257,17 @@ class AlgoSelector:
         if len(self._cache) < 4096:
             self._cache[key] = sel
         return sel
+
+
+def policy_rules(data: Any, what: str) -> list:
+    """The rule list of a policy's JSON data ``{"rules": [...]}``: ``InvalidArgumentError`` (``what`` names the
+    policy) for anything else, an empty list, or another top-level key (a misspelt one would be ignored)."""
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
+        raise InvalidArgumentError(f'{what} is a JSON object {{"rules": [...]}} with at least one rule')
+    unknown = sorted(str(k) for k in data if k != "rules")
+    if unknown:
+        raise InvalidArgumentError(f'{what}: unknown keys {unknown} (the only key is "rules")')
+    return data["rules"]
 
 
 def policy_from(value: Any, kind: type, refusal: str) -> Any:

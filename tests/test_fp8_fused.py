@@ -698,6 +698,8 @@ def test_fusion_policy_refuses_bad_rules():
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "tokens": 3}]})
     with pytest.raises(InvalidArgumentError, match="must be a non-empty list"):
         FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", "hidden": 4096}]})
+    with pytest.raises(InvalidArgumentError, match=r"fusion policy: unknown keys \['derived_rules'\]"):
+        FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused"}], "derived_rules": {}})
     for bad in ({"hidden": ["8192"]}, {"world_sizes": [0]}, {"min_tokens": True}):  # as the selector's rules
         with pytest.raises(InvalidArgumentError, match="must be"):
             FusionPolicy.from_dict({"rules": [{"id": "x", "path": "unfused", **bad}]})

@@ -93,6 +93,7 @@ def test_json_policy_overrides_and_first_match_wins(tmp_path):
         ({"rules": [{"algo": "one_shot", "max_bytes": -1}]}, "max_bytes must be a non-negative int"),
         ({"rules": [{"algo": "one_shot", "world_sizes": 4}]}, "world_sizes must be a list"),
         ({"rules": [{"algo": "one_shot", "max_byte": 10}]}, "unknown keys"),
+        ({"rules": [{"algo": "one_shot"}], "rule": [{"algo": "nccl"}]}, r"policy: unknown keys \['rule'\]"),
         ([1, 2], "JSON object"),
         ({"rules": [5]}, "rule 0: a rule is a JSON object"),
         ({"rules": [{"algo": "one_shot"}, None]}, "rule 1: a rule is a JSON object"),

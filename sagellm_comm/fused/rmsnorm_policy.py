@@ -35,7 +35,7 @@ from typing import Any
 from ..arguments import check_int
 from ..errors import InvalidArgumentError
 from ..files import read_json
-from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection, policy_from
+from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection, policy_from, policy_rules
 from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
@@ -189,9 +189,9 @@ class FusionPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> FusionPolicy:
-        if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
-            raise InvalidArgumentError('a fusion policy is a JSON object {"rules": [...]} with at least one rule')
-        return cls([FusionRule.from_dict(d, i) for i, d in enumerate(data["rules"])], source=source)
+        return cls(
+            [FusionRule.from_dict(d, i) for i, d in enumerate(policy_rules(data, "a fusion policy"))], source=source
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> FusionPolicy:
