@@ -152,6 +152,10 @@ class _ParallelLinearBase(nn.Module):
     @staticmethod
     def _check_loaded(loaded: object, what: str) -> None:
         check_is_tensor(loaded, what)
+        if loaded.layout != torch.strided:
+            raise InvalidArgumentError(f"{what} must be a dense tensor, got layout {loaded.layout} (call .to_dense())")
+        if loaded.is_meta:
+            raise InvalidArgumentError(f"{what} is on the meta device and holds no values; load a materialised tensor")
         if loaded.dim() == 0:
             raise ShapeMismatchError(f"{what} must have at least one dimension, got a 0-d tensor")
 
@@ -197,9 +201,23 @@ class _ParallelLinearBase(nn.Module):
         return shard
 
     @staticmethod
-    def _copy_shard(param: torch.Tensor, shard: torch.Tensor) -> None:
+    def _converted(param: torch.Tensor, shard: torch.Tensor, what: str) -> torch.Tensor:
+        """``shard`` in ``param``'s dtype and on its device, ready to copy; a shard torch cannot convert (a quantized
+        tensor, say) raises ``InvalidArgumentError`` here, before any parameter is written."""
+        try:
+            return shard.to(dtype=param.dtype, device=param.device)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise InvalidArgumentError(
+                f"{what} ({shard.dtype} on {shard.device}) cannot be converted to the layer's {param.dtype} on "
+                f"{param.device}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _copy_shards(shards: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy every converted shard into its parameter (nothing left to fail: same shape, dtype and device)."""
         with torch.no_grad():
-            param.copy_(shard.to(dtype=param.dtype, device=param.device))
+            for param, shard in shards:
+                param.copy_(shard)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         """vLLM-style loader: copy this rank's part of the full ``loaded_weight`` (``[output_size, input_size]``,
@@ -211,7 +229,8 @@ class _ParallelLinearBase(nn.Module):
                 f"weight_loader: the parameter given (shape {tuple(getattr(param, 'shape', ()))}) is not a parameter "
                 f"of this {type(self).__name__}: pass its weight or bias"
             )
-        self._copy_shard(param, self._shard(param, loaded_weight))
+        what = "weight" if param is self.weight else "bias"
+        self._copy_shards([(param, self._converted(param, self._shard(param, loaded_weight), f"loaded {what}"))])
 
     def load_weight(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None = None) -> None:
         """Load an unsharded ``nn.Linear``'s ``weight`` (``[output_size, input_size]``) and ``bias``
@@ -225,13 +244,12 @@ class _ParallelLinearBase(nn.Module):
             raise ShapeMismatchError(
                 f"full weight must be [{self.output_size}, {self.input_size}], got {tuple(full_weight.shape)}"
             )
-        shards = [(self.weight, self._shard(self.weight, full_weight))]
+        shards = [(self.weight, self._converted(self.weight, self._shard(self.weight, full_weight), "full weight"))]
         if full_bias is not None:
             if self.bias is None:
                 raise InvalidArgumentError("a bias was given, but the layer was built with bias=False")
-            shards.append((self.bias, self._shard(self.bias, full_bias)))
-        for param, shard in shards:
-            self._copy_shard(param, shard)
+            shards.append((self.bias, self._converted(self.bias, self._shard(self.bias, full_bias), "full bias")))
+        self._copy_shards(shards)  # only once both were checked and converted
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: CommGroup | str | None = None, **kwargs):

@@ -271,6 +271,32 @@ def check_bad_input(rank: int, world) -> None:
         raises(BackendNotSupportedError, lambda: RowParallelLinear(8, 4, group=world, use_fused_gemm=True), "fused")
 
 
+def check_a_refused_load_leaves_the_parameters_as_they_were(rank: int, world) -> None:
+    """A loaded tensor torch cannot copy from (meta, sparse, quantized) is an InvalidArgumentError raised before any
+    parameter is written: a bias that failed while being copied left the weight already overwritten."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    for cls in (RowParallelLinear, ColumnParallelLinear):
+        layer = cls.from_linear(_reference(8, 4, True, torch.float32, 95), group=world)
+        weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+        bad_biases = {
+            "meta device": torch.zeros(4, device="meta"),
+            "dense tensor": torch.ones(4).to_sparse(),
+            "cannot be converted": torch.quantize_per_tensor(torch.ones(4), 0.5, 0, torch.quint8),
+        }
+        for match, bad in bad_biases.items():
+            with pytest.raises(InvalidArgumentError, match=match):
+                layer.load_weight(torch.full((4, 8), 7.0), bad)
+            with pytest.raises(InvalidArgumentError, match=match):
+                layer.weight_loader(layer.bias, bad)
+            assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias), (cls.__name__, match)
+        with pytest.raises(InvalidArgumentError, match="meta device"):
+            layer.weight_loader(layer.weight, torch.zeros(4, 8, device="meta"))
+        layer.load_weight(torch.full((4, 8), 7.0), torch.full((4,), 2.0))  # a valid load after the refused ones
+        assert bool((layer.weight == 7.0).all()) and bool((layer.bias == 2.0).all())
+
+
 def check_failed_construction_registers_nothing(rank: int, world) -> None:
     """A constructor that raises leaves no generated group name behind (a non-member, a size the group does not
     divide, a bad argument); one that succeeds registers its group once."""
