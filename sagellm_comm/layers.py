@@ -86,7 +86,7 @@ class _ParallelLinearBase(nn.Module):
             raise InvalidArgumentError(
                 f"params_dtype must be one of {[str(d) for d in PARAMS_DTYPES]} (a torch.dtype), got {params_dtype!r}"
             )
-        self.device = check_device(device) if device is not None else comm_group.device
+        self.device = _usable(check_device(device)) if device is not None else comm_group.device
         self._has_bias = check_flag(bias, "bias")
 
     def _make_params(self, weight_shape: tuple[int, int], bias_size: int) -> None:
@@ -468,6 +468,21 @@ class RowParallelLinear(_ParallelLinearBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
+
+
+def _usable(device: torch.device) -> torch.device:
+    """``device`` if this process can make tensors there; ``InvalidArgumentError`` otherwise (a device type torch
+    was built without, no such accelerator, an index past the last one), not torch's AssertionError, ImportError
+    or RuntimeError from the first parameter made.  One empty tensor: no memory is asked for."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ImportError) as exc:
+        raise InvalidArgumentError(
+            f"device {str(device)!r} cannot hold the layer's parameters in this process ({exc}); pass a device "
+            "this process has, or None for the group's device",
+            details={"device": str(device)},
+        ) from exc
+    return device
 
 
 def _no_group() -> None:

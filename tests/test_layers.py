@@ -318,6 +318,10 @@ def check_failed_construction_registers_nothing(rank: int, world) -> None:
         RowParallelLinear(8, 8, reduce_results=False, group=pair)
     with pytest.raises(InvalidArgumentError, match="params_dtype"):
         ColumnParallelLinear(8, 4, params_dtype=torch.int32, group=pair)
+    # a device torch reads but this process cannot use: typed, not torch's AssertionError / NotImplementedError
+    for device in ["cuda:99", "hpu"] + ([] if torch.backends.mps.is_available() else ["mps"]):
+        with pytest.raises(InvalidArgumentError, match=f"device '{device}' cannot hold"):
+            RowParallelLinear(8, 4, group=pair, device=device)
     assert ops.list_groups() == before
     layer = ColumnParallelLinear(8, 4, group=pair)
     assert ops.list_groups() == {**before, layer.group_name: pair}
