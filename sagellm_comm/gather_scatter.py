@@ -44,7 +44,13 @@ _LAUNCHERS: dict[tuple, Launcher] = {}
 
 def staged_bytes(op: str, numel: int, world_size: int, itemsize: int) -> int:
     """Bytes ``op`` stages in a staging slot for ``numel`` elements per rank's block (all-gather: the
-    input) or per chunk (reduce-scatter: the output); must not exceed the workspace's ``slot_bytes``."""
+    input) or per chunk (reduce-scatter: the output); must not exceed the workspace's ``slot_bytes``.
+
+    Raises :class:`InvalidArgumentError` for a ``numel`` that is not an int >= 0, or a ``world_size`` or ``itemsize``
+    that is not an int >= 1 (a bool is not an int)."""
+    numel = check_int(numel, "numel", low=0)
+    world_size = check_int(world_size, "world_size", low=1)
+    itemsize = check_int(itemsize, "itemsize", low=1)
     if op == "all_gather":
         return numel * itemsize
     if op == "reduce_scatter":

@@ -325,3 +325,13 @@ def test_capacity_of_a_reduce_scatter_of_one_rank_is_a_typed_error():
             max_numel(op, 2, SLOT_BYTES, 0)
         with pytest.raises(InvalidArgumentError, match="world_size must be >= 1, got 0"):
             max_numel(op, 0, SLOT_BYTES, 4)
+        # staged_bytes took anything: a negative count or a world of 0 gave negative bytes, True counted as 1
+        for args, match in [
+            ((-3, 2, 4), "numel must be >= 0, got -3"),
+            ((True, 2, 4), "numel must be an int, got True"),
+            ((8.5, 2, 4), "numel must be an int, got 8.5"),
+            ((8, 0, 4), "world_size must be >= 1, got 0"),
+            ((8, 2, 0), "itemsize must be >= 1, got 0"),
+        ]:
+            with pytest.raises(InvalidArgumentError, match=match):
+                staged_bytes(op, *args)
