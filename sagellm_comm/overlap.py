@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sagellm_comm.arguments import check_is_tensor, check_timeout
+from sagellm_comm.arguments import check_device, check_is_tensor, check_timeout, is_int
 from sagellm_comm.backend import ReduceOp, Work
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
 from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
@@ -46,8 +46,20 @@ _STREAMS_LOCK = threading.Lock()
 
 
 def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.Stream:
-    """The side stream :func:`all_reduce_async` uses on ``device`` (created once per device)."""
+    """The side stream :func:`all_reduce_async` uses on ``device`` (created once per device): a CUDA device, its
+    index, or None for the current one.  Another device, a bool or an index past the last GPU raises
+    :class:`InvalidArgumentError`; a process without CUDA :class:`BackendNotSupportedError`."""
+    if device is not None and not is_int(device):
+        device = check_device(device)
+        if device.type != "cuda":
+            raise InvalidArgumentError(f"comm_stream is a CUDA stream; got device {str(device)!r}")
+    if not torch.cuda.is_available():
+        raise BackendNotSupportedError("comm_stream needs CUDA, and this process has no CUDA device")
     index = torch.cuda._utils._get_device_index(device, optional=True)
+    if not 0 <= index < torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"comm_stream: no CUDA device {index} here ({torch.cuda.device_count()} visible)", details={"device": index}
+        )
     with _STREAMS_LOCK:
         stream = _STREAMS.get(index)
         if stream is None:

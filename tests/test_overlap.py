@@ -133,6 +133,23 @@ def test_async_all_reduce_refuses_a_stream_of_another_device() -> None:
         sagellm_comm.destroy()
 
 
+def test_comm_stream_refuses_what_is_not_a_cuda_device() -> None:
+    """torch's untyped errors leaked: ValueError for "cpu", RuntimeError ("requires CUDA support") without CUDA,
+    and True was read as device 1."""
+    from sagellm_comm.errors import BackendNotSupportedError, CommError
+    from sagellm_comm.overlap import comm_stream
+
+    for device, match in (("cpu", "a CUDA stream; got device 'cpu'"), (True, "must be a torch.device")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            comm_stream(device)
+    with pytest.raises(CommError):  # no such GPU (InvalidArgumentError), or no CUDA at all
+        comm_stream("cuda:99")
+    if not HAS_CUDA:
+        for device in (None, 0, "cuda"):
+            with pytest.raises(BackendNotSupportedError, match="no CUDA device"):
+                comm_stream(device)
+
+
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
