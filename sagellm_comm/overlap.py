@@ -144,6 +144,8 @@ def all_reduce_async(
             raise InvalidArgumentError(f"stream= is for CUDA tensors; this tensor is on {tensor.device}")
         work: Any = comm_group.all_reduce(tensor, reduce_op, async_op=True)
         return AsyncAllReduce(tensor, work=work)
+    if stream is not None and not isinstance(getattr(stream, "device", None), torch.device):
+        raise InvalidArgumentError(f"stream= must be a torch.cuda.Stream (or None), got {type(stream).__name__}")
     if stream is not None and stream.device != tensor.device:
         # The all-reduce would run on the streams of the tensor's device, which the fork (on the stream's device)
         # does not order and the event does not follow: nothing overlapped, and is_completed() / synchronize()

@@ -129,6 +129,9 @@ def test_async_all_reduce_refuses_a_stream_of_another_device() -> None:
         stream = SimpleNamespace(device=torch.device("cuda", 1))  # a stream made while cuda:1 was current
         with pytest.raises(InvalidArgumentError, match=r"stream= is on cuda:1, the tensor on cuda:0"):
             all_reduce_async(tensor, world, stream=stream)
+        for not_a_stream in (0, True, "cuda:0"):  # an AttributeError ('int' object has no attribute 'device')
+            with pytest.raises(InvalidArgumentError, match="stream= must be a torch.cuda.Stream"):
+                all_reduce_async(tensor, world, stream=not_a_stream)
     finally:
         sagellm_comm.destroy()
 
