@@ -49,6 +49,10 @@ def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.St
     """The side stream :func:`all_reduce_async` uses on ``device`` (created once per device): a CUDA device, its
     index, or None for the current one.  Another device, a bool or an index past the last GPU raises
     :class:`InvalidArgumentError`; a process without CUDA :class:`BackendNotSupportedError`."""
+    if device.__class__ is torch.device and device.index is not None:  # every all_reduce_async: the made one first
+        stream = _STREAMS.get(device.index) if device.type == "cuda" else None
+        if stream is not None:
+            return stream
     if device is not None and not is_int(device):
         device = check_device(device)
         if device.type != "cuda":
