@@ -371,6 +371,58 @@ def test_a_graph_without_all_reduces_is_untouched() -> None:
     assert done == fusion.FusionStats(graphs=1) and gm.code == code
 
 
+def _pow4_norm(h, weight):
+    v = h.float()
+    return weight * (v * torch.rsqrt(v.pow(4).mean(-1, keepdim=True) + EPS)).to(h.dtype)
+
+
+def _token_mean_norm(h, weight):
+    v = h.float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(0, keepdim=True) + EPS)).to(h.dtype)
+
+
+def _fp16_cast_norm(h, weight):
+    v = h.float()
+    return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + EPS)).to(torch.float16)
+
+
+def _clamp240_fp8(h, weight, scale):
+    return (llama_rmsnorm(h, weight).float() / scale).clamp(-240, 240).to(torch.float8_e4m3fn)
+
+
+FIRST_OF_TWO = {  # a chain like the pattern but for a number, a list or a dtype, read before an exact RMSNorm
+    "pow 4": lambda h, w, s: (_pow4_norm(h, w), llama_rmsnorm(h, w)),
+    "mean over tokens": lambda h, w, s: (_token_mean_norm(h, w), llama_rmsnorm(h, w)),
+    "cast to fp16": lambda h, w, s: (_fp16_cast_norm(h, w), llama_rmsnorm(h, w)),
+    "clamp 240": lambda h, w, s: (_clamp240_fp8(h, w, s), static_fp8(llama_rmsnorm(h, w), s)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIRST_OF_TWO))
+def test_a_chain_that_differs_in_a_literal_is_not_replaced_by_its_exact_neighbour(case) -> None:
+    """Two chains read one new_residual; the first differs from a pattern only in a number, a list or a dtype (which
+    Inductor's first match ignores), the second is exact.  Inductor re-matches at the real shapes from the same add
+    and may find the exact one there: the checks passed on it while the first was replaced by the fused op (a
+    pow(4) norm computed as an RMSNorm, a clamp at 240 as one at 448, an fp32 output made bf16)."""
+    if case == "clamp 240" and FP8_MAX is None:
+        pytest.skip("needs the FP8 quantisation of sagellm_comm.fused")
+
+    def chain(x, residual, weight, scale):
+        new_residual = residual + all_reduce(x)
+        return (*FIRST_OF_TWO[case](new_residual, weight, scale), new_residual)
+
+    specs = _chain_specs(rows=(3,))
+    gm = _trace(chain, *specs, ((1,), torch.float32))
+    first = next(iter(gm.graph.find_nodes(op="output"))).args[0][0]
+    first_val = first.meta["val"]
+    done = _rewrite(gm)
+    gm.graph.lint()
+    first = next(iter(gm.graph.find_nodes(op="output"))).args[0][0]
+    assert not (first.target is operator.getitem and first.args[0].target is FUSED_OP), (case, done)
+    assert first.meta["val"].dtype == first_val.dtype and first.meta["val"].shape == first_val.shape
+    assert all(_quant(n) == "none" for n in _fused(gm)), done
+
+
 def test_an_all_reduce_plus_a_number_keeps_the_tensor_first() -> None:
     """The residual is put first in ``add(all_reduced, residual)`` to meet the patterns; a number added to the
     all-reduce stays second (``aten.add.Tensor`` takes a tensor first)."""

@@ -28,7 +28,9 @@ when the hidden size is 0 (the fused op refuses it) or over the fused kernels' l
 constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
 default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``) or one the fused op
 refuses (negative, infinite), when its weight or static scale is computed from the chain's own output (the fused
-op would feed itself), or when the static FP8 division is not an fp32 division.  What is left is counted in
+op would feed itself), when the static FP8 division is not an fp32 division, or when the re-match at the real
+shapes found other nodes than the first match (:func:`_same_chain`: two chains read one ``new_residual`` and the
+first differs from a pattern only in a number, a list or a dtype).  What is left is counted in
 :attr:`FusionStats.all_reduces_left`.
 Where :mod:`sagellm_comm.fused` cannot be imported (no Triton), the pass rewrites nothing.
 """
@@ -258,10 +260,30 @@ def _depends_on(args, nodes: set) -> bool:
     return False
 
 
-def _fusable(pattern: _patterns.FusionPattern, match: pm.Match) -> bool:
-    """The checks a structural match must pass before it is rewritten (see the module docstring)."""
+def _same_chain(generic: list[pm.PatternExpr], match: pm.Match) -> bool:
+    """Whether ``match`` (the re-match at the real shapes, which :func:`_fusable` checks) holds the nodes of the
+    first match, the one Inductor rewrites.
+
+    Inductor first matches a pattern with its numbers, lists and dtypes ignored (``generic``), then re-matches at
+    the real shapes from the same add; each later output (the RMSNorm, the quantisation) is looked for again among
+    the users of the nodes found.  Where ``new_residual`` feeds two chains, the first match can take one that
+    differs only in such a literal (``pow(4)``, ``mean(0)``, a cast to another dtype) and the re-match the other,
+    exact one: the checks would pass on the second while the first is replaced."""
+    node = match.output_nodes()[0]
+    for expr in generic:
+        first = expr.match(node)
+        if pm.is_match(first):
+            return set(first.nodes) == set(match.nodes) and first.output_nodes() == match.output_nodes()
+    return False
+
+
+def _fusable(pattern: _patterns.FusionPattern, generic: list[pm.PatternExpr], match: pm.Match) -> bool:
+    """The checks a structural match must pass before it is rewritten (see the module docstring); ``generic``: the
+    pattern Inductor matched first (:func:`_same_chain`)."""
     limits = _fused_limits()
     if limits is None:
+        return False
+    if not _same_chain(generic, match):
         return False
     max_hidden, dtypes = limits
     x, residual, weight = (_value(match.kwargs.get(name)) for name in ("x", "residual", "weight"))
@@ -357,16 +379,20 @@ class _Registry:
             scale = torch.empty(1, dtype=torch.float32, device=device_type)
             for pattern in _patterns.build_patterns(group_name, fp8_max, modes):
                 examples = [x, torch.empty_like(x), weight] + ([scale] if pattern.takes_scale else [])
+                generic: list[pm.PatternExpr] = []  # filled below: the pattern Inductor matches first
+                before = {key: len(entries) for key, entries in self.matcher.patterns.items()}
                 pm.register_replacement(
                     pattern.search,
                     self._counted(pattern),
                     examples,
                     _functional_trace,
                     self.matcher,
-                    extra_check=functools.partial(_fusable, pattern),
+                    extra_check=functools.partial(_fusable, pattern, generic),
                     scalar_workaround={"eps": _EPS_PLACEHOLDER},
                     skip_duplicates=True,  # in fp32 some forms trace alike (no casts)
                 )
+                for key, entries in self.matcher.patterns.items():
+                    generic.extend(entry.pattern for entry in entries[before.get(key, 0) :])
         self.keys.add(key)
 
     def _counted(self, pattern: _patterns.FusionPattern):
