@@ -509,6 +509,29 @@ def test_fp8_chains_that_cannot_take_the_quantisation_keep_it_and_fuse_the_rest(
 
 
 @needs_fp8
+def test_a_chain_the_ops_fakes_refuse_at_its_own_dtype_is_left_and_the_compilation_goes_on() -> None:
+    """A float64 residual stream normed to bf16 and quantised per token (valid: the quantiser gets bf16) beside a bf16
+    chain of the same group: Inductor's first match ignores dtypes and re-traces the quantised pattern in float64,
+    where ``quantize_fp8``'s fake refuses the RMSNorm output.  That refusal is "no match", not the end of the
+    compilation (it raised InvalidArgumentError)."""
+
+    def chain(x, residual, weight, x16, residual16):
+        new_residual = residual + all_reduce(x)
+        v = new_residual.to(torch.float32)
+        y = weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + EPS)).to(torch.bfloat16)
+        q, scales = torch.ops.sagellm_comm.quantize_fp8(y, "fp8_per_token")
+        new_residual16 = residual16 + all_reduce(x16)
+        return q, scales, new_residual, llama_rmsnorm(new_residual16, weight), new_residual16
+
+    fp64 = ((3, HIDDEN), torch.float64)
+    gm = _trace(chain, fp64, fp64, ((HIDDEN,), torch.bfloat16), *_chain_specs(rows=(3,))[:2])
+    done = _rewrite(gm)
+    gm.graph.lint()
+    assert done.replaced == {"rmsnorm": 1} and done.all_reduces_left == 1, done
+    assert [n.args[0].meta["val"].dtype for n in _fused(gm)] == [torch.bfloat16]
+
+
+@needs_fp8
 def test_a_static_scale_computed_from_new_residual_keeps_its_quantisation() -> None:
     """A scale computed from the chain's own output (an amax of the residual stream): the fused op cannot take
     it (it would need its own output, a cyclic graph), so only the RMSNorm is fused."""

@@ -11,7 +11,8 @@ every post-grad graph (aten ops, functionalised, after its own pattern passes) a
    tensor gets the other tensor first (``residual + all_reduced``, the patterns' order: exact, addition
    commutes);
 2. runs Inductor's pattern matcher (``torch._inductor.pattern_matcher.PatternMatcherPass``): each match is
-   re-traced at its real shapes and dtypes, checked (:func:`_fusable`), and replaced by
+   re-traced at its real shapes and dtypes (where an op of this package refuses that trace, it is no match:
+   :func:`_refusals_as_trace_failures`), checked (:func:`_fusable`), and replaced by
    ``torch.ops.sagellm_comm.all_reduce_residual_rmsnorm`` with the group name, ``eps`` and the quantisation mode
    read from the graph;
 3. restores a topological order (the fused node is inserted at the residual add, and may use a weight or
@@ -50,7 +51,7 @@ from torch._inductor import pattern_matcher as pm
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from sagellm_comm.backend import ReduceOp
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import CommError, InvalidArgumentError
 
 from . import patterns as _patterns
 
@@ -355,6 +356,27 @@ def _functional_trace(fn, args, **kwargs) -> torch.fx.GraphModule:
     return gm
 
 
+def _refusals_as_trace_failures(search):
+    """``search`` raising a :class:`~sagellm_comm.errors.CommError` that is not a ``RuntimeError`` as one.
+
+    Inductor re-traces a pattern at the real shapes and dtypes of each match, which its first match found with
+    dtypes ignored, and takes a ``RuntimeError`` from that trace for "no match".  A fake of this package's ops can
+    refuse the re-trace's arguments where the model's own call was valid (``quantize_fp8`` on the RMSNorm output
+    in ``x``'s dtype, float64, where the model cast it to bf16 first): that refusal, an
+    ``InvalidArgumentError``, ended the compilation."""
+
+    @functools.wraps(search)
+    def traced(*args):
+        try:
+            return search(*args)
+        except CommError as exc:
+            if isinstance(exc, RuntimeError):
+                raise
+            raise RuntimeError(f"the pattern does not trace at these arguments: {exc}") from exc
+
+    return traced
+
+
 class _Registry:
     """The process's patterns: one ``PatternMatcherPass`` holding the patterns of every key seen so far."""
 
@@ -382,7 +404,7 @@ class _Registry:
                 generic: list[pm.PatternExpr] = []  # filled below: the pattern Inductor matches first
                 before = {key: len(entries) for key, entries in self.matcher.patterns.items()}
                 pm.register_replacement(
-                    pattern.search,
+                    _refusals_as_trace_failures(pattern.search),
                     self._counted(pattern),
                     examples,
                     _functional_trace,
