@@ -9,8 +9,9 @@ call) and its residual add; then an RMSNorm, optionally followed by an FP8 quant
 * **residual add**: ``residual + all_reduced``, same shape and dtype (the pass first rewrites
   ``all_reduced + residual`` into this order: addition commutes bit for bit).
 * **quantisation** (``QUANTS``): none; ``fp8_static``, the decomposed static per-tensor form
-  ``(y.to(float32) / scale).clamp(-448, 448).to(float8_e4m3fn)`` (``y / scale`` with a float32 ``scale`` is the
-  same division); ``quantize_fp8(<mode>)``, the custom op ``torch.ops.sagellm_comm.quantize_fp8`` in any mode
+  ``(y.to(float32) / scale).clamp(-448, 448).to(float8_e4m3fn)`` (``y / scale`` with a float32 ``scale`` of at
+  least one dimension is the same division; a 0-d one leaves a 16-bit ``y`` divided in its own dtype, which the
+  pass does not fuse); ``quantize_fp8(<mode>)``, the custom op ``torch.ops.sagellm_comm.quantize_fp8`` in any mode
   (``"fp8"``, ``"fp8_per_token"``, ``"fp8_group128"``), the quantiser an FP8 linear layer calls.
 
 A pattern's ``search`` function is the unfused chain as model code writes it; Inductor's pattern matcher traces
