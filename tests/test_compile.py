@@ -532,6 +532,20 @@ def test_a_chain_the_ops_fakes_refuse_at_its_own_dtype_is_left_and_the_compilati
 
 
 @needs_fp8
+def test_a_static_division_without_a_value_keeps_its_quantisation() -> None:
+    """A pass that runs before the fusion pass (a ``post_grad_custom_post_pass`` of the user's) can leave a node
+    without ``meta["val"]``: the static FP8 division's dtype is then unknown, so the quantisation is not fused (the
+    check read ``None.dtype`` and the compilation ended in an AttributeError)."""
+    gm = _trace(_quantised_chain(FP8_FORMS["static decomposed"][0]), *_chain_specs(), ((1,), torch.float32))
+    (division,) = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.div.Tensor)
+    del division.meta["val"]
+    done = _rewrite(gm)
+    gm.graph.lint()
+    assert done.replaced == {"rmsnorm": 1}, done
+    assert [_quant(n) for n in _fused(gm)] == ["none"]
+
+
+@needs_fp8
 def test_a_static_scale_computed_from_new_residual_keeps_its_quantisation() -> None:
     """A scale computed from the chain's own output (an amax of the residual stream): the fused op cannot take
     it (it would need its own output, a cyclic graph), so only the RMSNorm is fused."""

@@ -29,7 +29,8 @@ when the hidden size is 0 (the fused op refuses it) or over the fused kernels' l
 constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
 default ``dynamic=None``, or mark dimensions dynamic with ``torch._dynamo.mark_dynamic``) or one the fused op
 refuses (negative, infinite), when its weight or static scale is computed from the chain's own output (the fused
-op would feed itself), when the static FP8 division is not an fp32 division, or when the re-match at the real
+op would feed itself), when the static FP8 division is not an fp32 division (or has no value to tell, a node an
+earlier pass made), or when the re-match at the real
 shapes found other nodes than the first match (:func:`_same_chain`: two chains read one ``new_residual`` and the
 first differs from a pattern only in a number, a list or a dtype).  What is left is counted in
 :attr:`FusionStats.all_reduces_left`.
@@ -329,7 +330,10 @@ def _fusable(pattern: _patterns.FusionPattern, generic: list[pm.PatternExpr], ma
         if not _same_size(scale.numel(), 1):
             return False
         for node in match.nodes:  # the static division must be fp32 (a 0-d scale keeps y's dtype)
-            if node.target is torch.ops.aten.div.Tensor and _value(node).dtype != torch.float32:
+            if node.target is not torch.ops.aten.div.Tensor:
+                continue
+            value = _value(node)  # None for a node an earlier pass made without a value: its dtype is unknown
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
                 return False
     return True
 
