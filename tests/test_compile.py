@@ -757,6 +757,38 @@ def test_install_keeps_a_pass_already_there_and_uninstall_restores_it() -> None:
         assert config.post_grad_custom_post_pass is None
 
 
+def test_a_users_inference_aware_pass_runs_beside_the_fusion_pass() -> None:
+    """A ``CustomInferenceAwareGraphPass`` of the user's in the options: Inductor calls it with ``is_inference``, so
+    the chain ``compile`` makes of it and the fusion pass must hand that on (the chain called it with the graph
+    alone: TypeError, and the compilation ended)."""
+    from torch._inductor import custom_graph_pass
+
+    aware = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+    if aware is None:
+        pytest.skip("this torch has no CustomInferenceAwareGraphPass")
+    seen = []
+
+    class Theirs(aware):
+        def __call__(self, graph, is_inference):
+            seen.append(is_inference)
+
+        def uuid(self):
+            return "theirs"
+
+    def fn(a):
+        return torch.cos(a) * 2 + 1
+
+    a = torch.randn(8)
+    torch._dynamo.reset()
+    try:
+        with no_compile_caches(), torch.no_grad():
+            got = fusion.compile(fn, options={"post_grad_custom_post_pass": Theirs()})(a)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, fn(a))
+    assert seen == [True]
+
+
 def test_a_fusion_pass_inside_a_nested_pass_chain_is_found(monkeypatch) -> None:
     """A ``PassChain`` made around a slot that already holds the fusion pass (a chain in a chain): ``install`` does
     not add a second one, ``uninstall`` removes it, and ``compile`` runs it once."""

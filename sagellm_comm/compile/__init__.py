@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._inductor import custom_graph_pass as _custom_graph_pass
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from sagellm_comm.errors import InvalidArgumentError, NotImplementedCommError
@@ -62,18 +63,27 @@ def passes() -> AllReduceFusionPass:
     return _PASS
 
 
-class PassChain(CustomGraphPass):
+# torch releases that have it call a pass of this class with ``is_inference`` as well as the graph
+_INFERENCE_AWARE: type | None = getattr(_custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+
+
+class PassChain(_INFERENCE_AWARE or CustomGraphPass):  # type: ignore[misc]
     """Several post-grad passes in one slot, run in order (torch releases whose slot holds one pass).
 
     Its ``uuid()`` joins the passes' uuids, and is None (Inductor then skips its FX-graph cache) when one of
-    them is a plain callable or has no uuid."""
+    them is a plain callable or has no uuid.  Where torch has ``CustomInferenceAwareGraphPass``, the chain is one:
+    Inductor gives it ``is_inference``, which it hands to the passes of that class (called with the graph alone,
+    they raised a TypeError and the compilation ended), the others getting the graph alone."""
 
     def __init__(self, passes: list[Callable[[torch.fx.Graph], None]]):
         self.passes = tuple(passes)
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
         for graph_pass in self.passes:
-            graph_pass(graph)
+            if is_inference is not None and _INFERENCE_AWARE is not None and isinstance(graph_pass, _INFERENCE_AWARE):
+                graph_pass(graph, is_inference=is_inference)
+            else:
+                graph_pass(graph)
 
     def uuid(self) -> str | None:
         ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
