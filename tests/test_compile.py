@@ -684,6 +684,24 @@ def test_passes_is_one_custom_graph_pass_with_a_uuid() -> None:
     assert isinstance(uuid, str) and uuid == fusion.passes().uuid()
 
 
+def test_the_uuid_changes_with_the_sources_that_decide_a_rewrite(monkeypatch) -> None:
+    """The patterns, the ops' schemas and ``ReduceOp.parse`` (backend.py: which all-reduces are SUMs) decide what
+    is rewritten: a change to any of them must not load a graph Inductor cached before it."""
+    from pathlib import Path
+
+    before = fusion.passes().uuid()
+    read = Path.read_bytes
+    for name in ("patterns.py", "ops.py", "backend.py"):
+        monkeypatch.setattr(Path, "read_bytes", lambda self, n=name: read(self) + (b"#" if self.name == n else b""))
+        fusion_pass._source_hash.cache_clear()
+        try:
+            assert fusion.passes().uuid() != before, name
+        finally:
+            monkeypatch.undo()
+            fusion_pass._source_hash.cache_clear()
+    assert fusion.passes().uuid() == before
+
+
 def test_the_uuid_changes_with_the_fused_kernels_limits(monkeypatch) -> None:
     """``MAX_HIDDEN`` and ``RMSNORM_DTYPES`` decide which chains are rewritten: a graph Inductor cached under other
     limits must not be loaded (it could hold a fused op for a hidden size the kernels now refuse)."""

@@ -447,7 +447,8 @@ _REGISTRY = _Registry()
 @functools.cache
 def _source_hash() -> str:
     package = Path(__file__).resolve().parent
-    files = sorted(package.glob("*.py")) + [package.parent / "ops.py"]
+    # the patterns and checks, the ops' schemas, and ReduceOp.parse (which all-reduces count as SUM)
+    files = sorted(package.glob("*.py")) + [package.parent / "ops.py", package.parent / "backend.py"]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -492,8 +493,9 @@ class AllReduceFusionPass(CustomGraphPass):
             _LEFT += len(_sum_all_reduces(graph))
 
     def uuid(self) -> str:
-        """Changes with this package's pattern sources, the ops' schemas, the FP8 modes available and the fused
-        kernels' limits (``MAX_HIDDEN``, ``RMSNORM_DTYPES``): what decides the rewrite of a graph.
+        """Changes with this package's pattern sources, the ops' schemas, ``ReduceOp``'s parsing (which all-reduces
+        count as SUM), the FP8 modes available and the fused kernels' limits (``MAX_HIDDEN``, ``RMSNORM_DTYPES``):
+        what decides the rewrite of a graph.
 
         Inductor calls it while it keys a graph compiled with the pass, which is how :func:`stats` tells the
         cache hits of those graphs from the process's others."""
