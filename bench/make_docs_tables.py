@@ -326,20 +326,33 @@ def fused_repeats() -> str:
 
 
 def target_claim(ratios: dict[tuple[int, int], list[float]]) -> str:
-    """The 1.15x statement, exactly as the runs give it."""
+    """The 1.15x statement, exactly as the runs give it: whether the median run meets the target at every M >= 8192
+    shape, and the runs and shapes above it."""
     large = {k: v for k, v in ratios.items() if k[0] >= 8192}
     worst_shape = max(large, key=lambda k: statistics.median(large[k]))
     worst = large[worst_shape]
     above = sorted(v for v in worst if v > RATIO_TARGET)
     shapes_above = [f"{m} x {n}" for (m, n), v in sorted(large.items()) if any(x > RATIO_TARGET for x in v)]
     medians = [statistics.median(v) for v in large.values()]
+    over = [f"{m} x {n}" for (m, n), v in sorted(large.items()) if statistics.median(v) > RATIO_TARGET]
+    if over:
+        median_text = (
+            f"At M >= 8192 the median run is NOT within {RATIO_TARGET}x of max(GEMM alone, AR alone) at "
+            f"every shape: above it at {', '.join(over)} (medians {min(medians):.2f}-{max(medians):.3f})."
+        )
+    else:
+        median_text = (
+            f"At M >= 8192 the median run is within {RATIO_TARGET}x of max(GEMM alone, AR alone) at every "
+            f"shape (medians {min(medians):.2f}-{max(medians):.3f})."
+        )
+    if not shapes_above:
+        return f"{median_text} So is every run: none is above {RATIO_TARGET}."
+    listed = f" ({', '.join(f'{v:.4f}' for v in above)})" if above else ""
     return (
-        f"At M >= 8192 the median run is within {RATIO_TARGET}x of max(GEMM alone, AR alone) at every shape "
-        f"(medians {min(medians):.2f}-{max(medians):.3f}). Not every run is: {worst_shape[0]} x {worst_shape[1]}, the "
+        f"{median_text} Not every run is: {worst_shape[0]} x {worst_shape[1]}, the "
         f"tightest, has median {statistics.median(worst):.3f} over {len(worst)} runs "
-        f"({min(worst):.4f}-{max(worst):.4f}) and {len(above)} of the {len(worst)} runs above {RATIO_TARGET} "
-        f"({', '.join(f'{v:.4f}' for v in above)}); shapes with a run above {RATIO_TARGET}: "
-        f"{', '.join(shapes_above) or 'none'}."
+        f"({min(worst):.4f}-{max(worst):.4f}) and {len(above)} of the {len(worst)} runs above {RATIO_TARGET}"
+        f"{listed}; shapes with a run above {RATIO_TARGET}: {', '.join(shapes_above)}."
     )
 
 
@@ -350,13 +363,32 @@ def readme_fused() -> str:
     ratios = repeat_ratios()
     large = {k: v for k, v in ratios.items() if k[0] >= 8192}
     tight = max(large, key=lambda k: statistics.median(large[k]))
+    median = statistics.median(large[tight])
     above = sum(v > RATIO_TARGET for v in large[tight])
+    if median > RATIO_TARGET:
+        claim = (
+            f"at M >= 8192 the median of {len(REPEATS)} runs is NOT within {RATIO_TARGET}x of the GEMM alone at "
+            f"every shape: {tight[0]} x {tight[1]} has median {median:.3f}, {above} of its {len(large[tight])} "
+            "runs above it"
+        )
+    elif above:
+        claim = (
+            f"at M >= 8192 the median of {len(REPEATS)} runs is within {RATIO_TARGET}x of the GEMM alone at "
+            f"every shape, but {tight[0]} x {tight[1]} (median {median:.3f}) exceeds it in {above} of its "
+            f"{len(large[tight])} runs"
+        )
+    elif any(v > RATIO_TARGET for values in large.values() for v in values):
+        claim = (
+            f"at M >= 8192 the median of {len(REPEATS)} runs is within {RATIO_TARGET}x of the GEMM alone at "
+            "every shape, but not every run is"
+        )
+    else:
+        claim = (
+            f"at M >= 8192 every one of {len(REPEATS)} runs is within {RATIO_TARGET}x of the GEMM alone at every shape"
+        )
     return (
         f"On 2 x H100 the copy-engine pipeline was {min(gains):.2f}-{max(gains):.2f}x faster than cuBLAS then our "
-        f"all-reduce where the policy runs it ({cite(TWO_GPU_FUSED)}); at M >= 8192 the median of "
-        f"{len(REPEATS)} runs is within {RATIO_TARGET}x of the GEMM alone at every shape, but {tight[0]} x {tight[1]} "
-        f"(median {statistics.median(large[tight]):.3f}) exceeds it in {above} of its {len(large[tight])} runs "
-        "(docs/fused.md)."
+        f"all-reduce where the policy runs it ({cite(TWO_GPU_FUSED)}); {claim} (docs/fused.md)."
     )
 
 
