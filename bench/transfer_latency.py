@@ -39,6 +39,7 @@ import torch
 
 from sagellm_comm.benchmark.provenance import provenance, write_record
 from sagellm_comm.benchmark.results import device_name
+from sagellm_comm.benchmark.timing import summarize
 
 BLOCK = 16384
 PAUSE_S = 2e-4
@@ -265,6 +266,15 @@ class _Paths:
 PATHS = ("ipc_notify", "ipc_done", "ipc_launch_notify", "torch_copy", "raw_launch", "resident")
 
 
+def path_stats(host: list[float], seen: list[float]) -> dict:
+    """One path's figures from its per-request samples (microseconds): the medians of the host call and of the time
+    to seeing it finished, and the 10th and 90th percentiles of the latter, as every other record's (linear,
+    :func:`sagellm_comm.benchmark.timing.summarize`)."""
+    stats = summarize(seen)
+    return {"host_us": summarize(host).median_us, "seen_us": stats.median_us, "seen_p10_us": stats.p10_us,
+            "seen_p90_us": stats.p90_us, "samples": stats.samples}  # fmt: skip
+
+
 def measure(requests: int, rounds: int, calls: int) -> dict:
     paths = _Paths()
     try:
@@ -288,13 +298,7 @@ def measure(requests: int, rounds: int, calls: int) -> dict:
         ok = bool(torch.equal(paths.dst, paths.src))
         result = {}
         for name, (host, seen) in samples.items():
-            ordered = sorted(seen)
-            result[name] = {
-                "host_us": statistics.median(host), "seen_us": statistics.median(seen),
-                "seen_p10_us": ordered[len(ordered) // 10], "seen_p90_us": ordered[len(ordered) * 9 // 10],
-                "samples": len(seen),
-            }  # fmt: skip
-            one = result[name]
+            result[name] = one = path_stats(host, seen)
             print(f"{name:11s} host {one['host_us']:6.2f} us, seen {one['seen_us']:6.2f} us "
                   f"(p10 {one['seen_p10_us']:.2f}, p90 {one['seen_p90_us']:.2f})", flush=True)  # fmt: skip
         parts = paths.parts(calls)

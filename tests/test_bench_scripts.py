@@ -112,6 +112,17 @@ def test_the_1_15_statement_when_every_run_is_within_it():
     assert "Not every run" not in claim
 
 
+def test_transfer_latency_percentiles_are_the_linear_ones_of_every_other_record():
+    """The p10 and p90 of a latency path are those of ``summarize`` (numpy's linear percentiles), not the sample at
+    an index: over ten samples 1..10 the 90th percentile is 9.1, not the largest sample."""
+    from bench.transfer_latency import path_stats
+
+    seen = [float(v) for v in (7, 3, 10, 1, 5, 9, 2, 8, 6, 4)]
+    one = path_stats([2.0, 1.0, 3.0], seen)
+    assert one == {"host_us": 2.0, "seen_us": 5.5, "seen_p10_us": pytest.approx(1.9), "seen_p90_us": pytest.approx(9.1),
+                   "samples": 10}  # fmt: skip
+
+
 def test_every_record_has_device_date_command_commit_and_dirty_flag():
     records = sorted(RESULTS.rglob("*.json"))
     assert 0 < len(list(RESULTS.rglob("*.*"))) <= 38  # a record, not a notebook
