@@ -112,6 +112,29 @@ def test_the_1_15_statement_when_every_run_is_within_it():
     assert "Not every run" not in claim
 
 
+def test_the_h200_transfer_targets_say_met_or_not_met(copy_of_the_tree):
+    """Each target line of the H200 transfer table says whether the record meets it, from the record's figures:
+    the notification (median with the initiator asleep) against 15 us, the throughputs against their ratios."""
+    tables = _tables(copy_of_the_tree)
+    record = copy_of_the_tree / "bench/results" / tables.TRANSFER_H200
+    data = json.loads(record.read_text())
+    notify = data["notify"]["ipc"]
+    for median, verdict in ((14.9, "met)"), (15.1, "NOT met)")):
+        notify["median_us"] = median
+        record.write_text(json.dumps(data))
+        line = next(x for x in tables.transfer_h200().split("\n\n") if x.startswith("Targets: "))
+        assert line.split("notification: ")[1].endswith(f"asleep: {verdict}.")
+    for row in data["results"]:  # ipc as slow as torch at 1000 x 16 KB: 1.0x, below its 3x target
+        if (row["backend"], row["block_bytes"], row["count"], row["op"]) == ("torch", 16384, 1000, "write"):
+            torch_us = row["latency_us"]
+    for row in data["results"]:
+        if (row["backend"], row["block_bytes"], row["count"], row["op"]) == ("ipc", 16384, 1000, "write"):
+            row["latency_us"] = torch_us
+    record.write_text(json.dumps(data))
+    line = next(x for x in tables.transfer_h200().split("\n\n") if x.startswith("Targets: "))
+    assert "1.00x (target >= 3.0x: NOT met)" in line and "(target >= 0.9x: met)" in line
+
+
 def test_transfer_latency_percentiles_are_the_linear_ones_of_every_other_record():
     """The p10 and p90 of a latency path are those of ``summarize`` (numpy's linear percentiles), not the sample at
     an index: over ten samples 1..10 the 90th percentile is 9.1, not the largest sample."""
