@@ -176,7 +176,7 @@ def virtual_all_reduce() -> str:
                 f"{us:.2f}" if us < 10 else f"{us:.1f}" if us < 100 else f"{us:.0f}",
                 f"{r['torch_us']:.1f}",
                 f"{r['torch_us'] / us:.2f}x",
-                f"{roof:.0%}" if roof >= 1 else "-",
+                f"{roof:.0%}",
             ]
         )
     head = ["W", "size", "best kernel", "us", "torch reference (same reduction, one GPU)", "ours vs torch", "roof"]
