@@ -123,6 +123,11 @@ TWO_GPU_AR = "2xh100/all_reduce_graph.json"
 VIRTUAL_AR = "custom_all_reduce_virtual.json"  # under h200/ or h100/: current()
 
 
+def _gbps(value: float) -> str:
+    """A bandwidth with three significant digits up to 100 GB/s (small messages' figures are a few GB/s)."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 def two_gpu_all_reduce() -> str:
     points = cli_points(TWO_GPU_AR)
     rows = []
@@ -135,7 +140,7 @@ def two_gpu_all_reduce() -> str:
                 f"{_us(a_us)} us ({auto['algo_id']})",
                 f"{_us(n_us)} us",
                 f"{n_us / a_us:.2f}x",
-                f"{auto['bus_bandwidth_gbps']:.0f} / {nccl['bus_bandwidth_gbps']:.0f}",
+                f"{_gbps(auto['bus_bandwidth_gbps'])} / {_gbps(nccl['bus_bandwidth_gbps'])}",
             ]
         )
     head = ["size", "ours (auto picks)", "NCCL", "NCCL / ours", "busbw ours / NCCL (GB/s)"]
