@@ -9,7 +9,10 @@ process-local registry at run time::
     name = ops.register_group(tp_group, "tp")            # or ops.group_name(tp_group): a generated name
     y = torch.ops.sagellm_comm.all_reduce(x, "tp")       # == ops.all_reduce(x, "tp")
 
-The registry name ``"default"`` always means the group set by :func:`sagellm_comm.init`.
+The registry name ``"default"`` always means the group set by :func:`sagellm_comm.init`.  Inside
+``torch.compile(fullgraph=True)`` the wrappers below also take a group that already has a name (the graph is
+guarded on the group's identity: another group recompiles); naming a group takes the registry's lock, which
+Dynamo cannot trace.
 
 Ops (namespace ``sagellm_comm``; all functional: they return new tensors and never modify their inputs):
 
@@ -80,6 +83,7 @@ DEFAULT_GROUP_NAME = "default"
 """Registry name that resolves to :func:`sagellm_comm.get_default_group` at call time."""
 
 _GROUPS: dict[str, CommGroup] = {}
+_NAMES: dict[int, str] = {}  # id(group) -> its first name, for _name_of (the groups in _GROUPS are alive)
 _GENERATED: set[str] = set()  # the names register_group made up (name=None); dropped when their backend is destroyed
 _LOCK = threading.Lock()
 _COUNTER = itertools.count()
@@ -109,11 +113,15 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
 
     if not isinstance(group, CommGroup):
         raise InvalidArgumentError(f"register_group needs a CommGroup, got {type(group).__name__}")
+    if name is None:
+        known = _name_of(group)  # without the lock: torch.compile traces this (it cannot enter a lock)
+        if known is not None:
+            return known
     with _LOCK:
         if name is None:
-            for known, value in _GROUPS.items():
-                if value is group:
-                    return known
+            known = _name_of(group)  # again under the lock: another thread may have named it meanwhile
+            if known is not None:
+                return known
             if not group.backend.is_initialized:  # its destroy has passed: nothing would drop the name
                 raise NotInitializedError(
                     f"{group!r}: its backend is not initialised (destroyed?), so it gets no generated name; "
@@ -125,6 +133,7 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
                 name = f"g{next(_COUNTER)}_ranks{ranks}"
             _GENERATED.add(name)
             _GROUPS[name] = group
+            _index_names()
             return name
         _check_name(name)
         if name == DEFAULT_GROUP_NAME:
@@ -135,7 +144,26 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
                 f"group name {name!r} is already bound to {bound!r}; call unregister_group({name!r}) first"
             )
         _GROUPS[name] = group
+        _index_names()
         return name
+
+
+def _index_names() -> None:
+    """Rebuild ``_NAMES`` from the registry (under ``_LOCK``, after every write): each group's first name.  A new
+    dict, bound in one step: a reader without the lock sees the old index or the new one."""
+    global _NAMES
+    names: dict[int, str] = {}
+    for known, value in _GROUPS.items():
+        names.setdefault(id(value), known)
+    _NAMES = names
+
+
+def _name_of(group: CommGroup) -> str | None:
+    """The name ``group`` is registered under, or None.  Reads a snapshot of the registry without the lock (a write
+    replaces entries under it), so that ``torch.compile`` traces a wrapper given a group: Dynamo cannot enter a
+    lock, and guards on what it read here, so another group (or another binding) recompiles."""
+    known = _NAMES.get(id(group))  # id(): Dynamo guards on the group's identity (a comparison with `is` it does not)
+    return None if known is None or _GROUPS.get(known) is not group else known
 
 
 def unregister_group(name: str) -> None:
@@ -144,6 +172,7 @@ def unregister_group(name: str) -> None:
         if _GROUPS.pop(_check_name(name), None) is None:
             raise GroupNotFoundError(f"no group is registered as {name!r}", details={"name": name})
         _GENERATED.discard(name)
+        _index_names()
 
 
 def forget_generated_names(backend: object) -> None:
@@ -152,6 +181,7 @@ def forget_generated_names(backend: object) -> None:
         for name in [name for name in _GENERATED if _GROUPS[name].backend is backend]:
             del _GROUPS[name]
             _GENERATED.discard(name)
+        _index_names()
 
 
 def list_groups() -> dict[str, CommGroup]:
@@ -176,10 +206,10 @@ def registered_group(name: str) -> CommGroup | None:
     _check_name(name)
     if name == DEFAULT_GROUP_NAME:
         return None
-    with _LOCK:
-        group = _GROUPS.get(name)
-        known = sorted(_GROUPS)
+    group = _GROUPS.get(name)  # one dict read, no lock: torch.compile traces this (the all_gather wrapper's lookup)
     if group is None:
+        with _LOCK:
+            known = sorted(_GROUPS)
         raise GroupNotFoundError(
             f"no group is registered as {name!r} (registered: {known or 'none'}); "
             "call sagellm_comm.ops.register_group(group, name) on every rank first",

@@ -255,3 +255,43 @@ def _generated_name_after_destroy_worker(rank: int, world_size: int, port: int) 
 def test_a_group_of_a_destroyed_backend_gets_no_generated_name() -> None:
     for out in run_ranks(_generated_name_after_destroy_worker, 2, timeout=60.0):
         assert out == {"refused": True, "left": []}, out
+
+
+def _compiled_wrappers_worker(rank: int, world_size: int, port: int) -> dict:
+    """The op wrappers given a CommGroup (not a name) inside ``torch.compile(fullgraph=True)``: one graph, and each
+    call on the group it was given (a second group recompiles; it does not run on the first one's name)."""
+    import sagellm_comm
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=60)
+    try:
+        alone = [world.new_subgroup([r]) for r in range(world_size)][rank]  # collective: every rank makes both
+        ops.group_name(world)  # registered before the compilation (the generated names are made in eager code)
+        ops.group_name(alone)
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * rank
+
+        def reduce(t, group):
+            return ops.all_reduce(t, group) * 2
+
+        def gather(t, group):
+            return ops.all_gather(t, group) + 1  # world_size looked up from the group
+
+        def fused(t, group):
+            return ops.all_reduce_residual_rmsnorm(t, t, torch.ones(3), 1e-6, group)[1]
+
+        got = {}
+        for name, fn in (("reduce", reduce), ("gather", gather), ("fused", fused)):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+            for which, group in (("world", world), ("alone", alone), ("world again", world)):
+                got[f"{name} {which}"] = torch.equal(compiled(x, group), fn(x, group))
+        torch._dynamo.reset()
+        compiled = torch.compile(reduce, backend="aot_eager", fullgraph=True)
+        got["default"] = torch.equal(compiled(x, None), reduce(x, None))
+        return got
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_op_wrappers_given_a_group_compile_as_one_graph_on_that_group() -> None:
+    for got in run_ranks(_compiled_wrappers_worker, 2, timeout=240.0):
+        assert got and all(got.values()), got
