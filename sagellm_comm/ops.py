@@ -42,7 +42,9 @@ Gloo it returns once the data is reduced.  Each op has a fake (meta) implementat
 tracing, AOTAutograd and ``torch.compile(fullgraph=True)`` see shapes without communicating.
 
 The ops are forward-only (inference): no autograd formula is registered, and a backward through
-them raises torch's "no autograd" error.
+them raises torch's "no autograd" error.  ``torch.compile`` traces the backward when it compiles a graph whose op
+inputs require grad, so there the error comes at compile time: compile under ``torch.no_grad()`` or
+``torch.inference_mode()``.
 """
 
 from __future__ import annotations
