@@ -172,13 +172,12 @@ class _ParallelLinearBase(nn.Module):
         A layer on the default group (or on a name registered again) would otherwise, after ``destroy()`` and an
         ``init`` of another size, sum or gather its shard over the new group: a wrong result, no error.  The
         common case is one identity test (the group the name is bound to now is the one the layer was built on);
-        another group of the same size and rank is taken as the layer's from then on.  Eager only (a compiled
-        graph holds the name as a constant)."""
+        another group of the same size and rank is taken as the layer's from then on.  Compiled too: the identity
+        test goes through ``id()``, on which Dynamo guards (it does not on ``is``), so a graph traced while the
+        name was bound to one group is traced again, and checked, once it is bound to another."""
         name = self.group_name
         bound = current_default_group() if name == ops.DEFAULT_GROUP_NAME else ops.bound_group(name)
-        if bound is not None and bound is self._built_on():
-            return
-        if torch.compiler.is_compiling():
+        if bound is not None and id(bound) == id(self._built_on()):
             return
         group = resolve_group(name)  # GroupNotFoundError / NotInitializedError when there is none
         if group.world_size != self.tp_size or group.rank != self.tp_rank:
@@ -189,7 +188,8 @@ class _ParallelLinearBase(nn.Module):
                 details={"group": name, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
                          "group_size": group.world_size, "group_rank": group.rank},
             )  # fmt: skip
-        self._built_on = weakref.ref(group)
+        if not torch.compiler.is_compiling():  # a traced call keeps its guards on the groups it saw instead
+            self._built_on = weakref.ref(group)
 
     @staticmethod
     def _checked_shard(param: torch.Tensor, shard: torch.Tensor, what: str) -> torch.Tensor:

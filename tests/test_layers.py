@@ -638,3 +638,50 @@ def test_cuda_graph_capture_of_tp_block_custom_backend() -> None:
     for reason, diff, scale, off in results:
         assert diff <= 1e-2 * max(scale, 1.0), reason
         assert off <= 2e-2 * max(scale, 1.0), (off, reason)  # a missing partial would be off by the MLP's output
+
+
+def _compiled_reinit_worker(rank: int, world_size: int, port: int) -> list[str]:
+    """As :func:`_reinit_worker`, with the layers compiled before ``destroy()``: the graph holds the name "default",
+    and its cached code ran the all-reduce of whatever group that named then (rank 0 returned its partial product).
+    Now the group's identity is guarded: the call traces again and is refused, with the typed error where the frame
+    may run eagerly, with Dynamo's (an exception it cannot trace) under ``fullgraph=True``."""
+    import torch._dynamo.exc
+
+    import sagellm_comm
+    from sagellm_comm.errors import GroupInvalidError
+    from sagellm_comm.layers import ColumnParallelLinear, RowParallelLinear
+
+    sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=30)
+    ref = _reference(8, 4, True, torch.float32, 92)
+    row = RowParallelLinear.from_linear(ref)
+    col = ColumnParallelLinear.from_linear(ref, gather_output=True)
+    x = _input((3, 8), torch.float32, 93)
+    shard = x[:, rank * 4 : rank * 4 + 4]
+    compiled = {  # fullgraph first: a frame that raised may run eagerly from then on, for either wrapper
+        "row fullgraph": (torch.compile(row, backend="aot_eager", fullgraph=True), shard, x[:, :4]),
+        "row": (torch.compile(row, backend="aot_eager"), shard, x[:, :4]),
+        "col": (torch.compile(col, backend="aot_eager"), x, x),
+    }
+    for layer, given, _ in compiled.values():
+        torch.testing.assert_close(layer(given), ref(x).detach(), **_tol(torch.float32))
+    sagellm_comm.destroy()
+    seen = []
+    if rank == 0:
+        sagellm_comm.init(backend="gloo", rank=0, world_size=1)
+        try:
+            for name, (layer, _, given) in compiled.items():
+                if name.endswith("fullgraph"):
+                    with pytest.raises((torch._dynamo.exc.Unsupported, GroupInvalidError)):
+                        layer(given)
+                else:
+                    with pytest.raises(GroupInvalidError, match="built for rank 0 of 2 in group 'default'"):
+                        layer(given)
+                seen.append(name)
+        finally:
+            sagellm_comm.destroy()
+    return seen
+
+
+def test_compiled_layer_refuses_a_default_group_of_another_size_after_reinit() -> None:
+    seen = run_ranks(_compiled_reinit_worker, WORLD_SIZE, timeout=120.0)
+    assert seen == [["row fullgraph", "row", "col"], []]
