@@ -161,9 +161,10 @@ def _index_names() -> None:
 
 
 def _name_of(group: CommGroup) -> str | None:
-    """The name ``group`` is registered under, or None.  Reads a snapshot of the registry without the lock (a write
-    replaces entries under it), so that ``torch.compile`` traces a wrapper given a group: Dynamo cannot enter a
-    lock, and guards on what it read here, so another group (or another binding) recompiles."""
+    """The name ``group`` is registered under, or None.  Reads the index ``_NAMES`` without the lock (every write
+    binds a new one under it; a stale read falls through to the locked path), so that ``torch.compile`` traces a
+    wrapper given a group: Dynamo cannot enter a lock, and guards on what it read here, so another group (or
+    another binding) recompiles."""
     known = _NAMES.get(id(group))  # id(): Dynamo guards on the group's identity (a comparison with `is` it does not)
     return None if known is None or _GROUPS.get(known) is not group else known
 
