@@ -602,6 +602,38 @@ def test_gemm_engine_fallback_sums_16_bit_partials_as_the_kernels_do(world_size)
     assert want[0][0] == 1 + 2.0**-7  # bf16: 1 + eps
 
 
+def _gemm_engine_bias_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import GemmAllReduce, gemm_all_reduce, last_selection
+
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port)
+    try:
+        results = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            e = torch.finfo(dtype).eps  # the spacing at 1
+            # Rank 0's product is 1 + 5/8 e (exact in fp32), its bias -e/4: added before rounding, 1 + 3/8 e rounds
+            # to 1; the product rounded first (1 + e) and the bias added then give 1 + e.  The other ranks add 0.
+            a = torch.tensor([[1.0, e / 2 + e / 8]] if rank == 0 else [[0.0, 0.0]], dtype=dtype)
+            b, bias = torch.ones(2, 1, dtype=dtype), torch.tensor([-e / 4], dtype=dtype)
+            out = gemm_all_reduce(a, b, group=world, bias=bias)
+            assert last_selection(world).rule_id == "custom-unavailable", last_selection(world)
+            results[("group", str(dtype))] = out.float().tolist()
+            gemm = GemmAllReduce(None, world.all_reduce, world_size=world_size, num_chunks=2)
+            for path in ("sequential", "chunked"):
+                results[(path, str(dtype))] = gemm(a, b, bias, path=path).float().tolist()
+        return results
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_gemm_engine_fallback_adds_the_bias_before_rounding_as_the_sequential_path_does():
+    """The group-level GEMM + all-reduce without kernels (Gloo) gives the sequential path's bits with a bias too:
+    rank 0's partial is its product plus the bias rounded once (addmm), not the rounded product plus the bias."""
+    for results in run_ranks(_gemm_engine_bias_worker, 2, timeout=120):
+        for (path, _), got in results.items():
+            assert got == [[1.0]], (path, results)
+
+
 def _gloo_bad_input_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError

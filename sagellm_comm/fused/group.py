@@ -199,9 +199,9 @@ def gemm_all_reduce(
     # The kernel path's checks, before the all-reduce is entered (a rank that refuses must enter none: its peers'
     # all-reduce would pair with its next one); the engine also takes fp32 and fp64.
     check_gemm_inputs(a, b, bias, g.device, GEMM_ENGINE_DTYPES)
-    out = torch.matmul(a, b)
-    if bias is not None and g.rank == 0:
-        out += bias
+    # Rank 0's partial carries the bias, rounded once as the sequential path's addmm rounds it (a matmul then an
+    # add would round the product first: another partial, other bits than the kernel paths' where the sum is exact).
+    out = torch.addmm(bias, a, b) if bias is not None and g.rank == 0 else torch.matmul(a, b)
     engine_all_reduced(out, g.all_reduce, g.world_size, in_place=True)  # 16-bit: fp32 from 3 ranks, as the kernels
     state.last = Selection(SEQUENTIAL_PATH, "custom-unavailable", f"{why}; matmul then all-reduce")
     return out
