@@ -634,6 +634,32 @@ def test_gemm_engine_fallback_adds_the_bias_before_rounding_as_the_sequential_pa
             assert got == [[1.0]], (path, results)
 
 
+def test_virtual_ranks_sequential_gemm_adds_the_bias_before_rounding():
+    """The virtual ranks' sequential GEMM + all-reduce (on a stand-in group that sums the stacked ranks in fp32 and
+    rounds once, as their all-reduce kernels do) gives one rank's sequential bits with a bias: rank 0's partial is
+    its product plus the bias rounded once (addmm), not the rounded product plus the bias."""
+    from types import SimpleNamespace
+
+    from sagellm_comm.fused import GemmAllReduce, VirtualFused
+
+    def all_reduce_stacked(t):
+        return t.copy_(t.float().sum(0, keepdim=True).expand_as(t).to(t.dtype))
+
+    for world_size in (2, 3):
+        fused = object.__new__(VirtualFused)  # VirtualFused needs CUDA: made here without its constructor
+        open_ws = SimpleNamespace(closed=False, raise_if_failed=lambda: None)
+        fused.group = SimpleNamespace(workspaces=[open_ws], all_reduce_stacked=all_reduce_stacked)
+        fused.gemm_workspaces, fused.world_size, fused.device = [open_ws], world_size, torch.device("cpu")
+        fused.gemm = GemmAllReduce(None, lambda t: t, world_size=world_size)
+        for dtype in (torch.bfloat16, torch.float16):
+            e = torch.finfo(dtype).eps  # rank 0: 1 + 5/8 e, bias -e/4, as in the engine fallback's test above
+            a = torch.zeros(world_size, 1, 2, dtype=dtype)
+            a[0, 0] = torch.tensor([1.0, e / 2 + e / 8])
+            b = torch.ones(world_size, 2, 1, dtype=dtype)
+            out = fused.gemm_all_reduce(a, b, torch.tensor([-e / 4], dtype=dtype), path="sequential")
+            assert out.float().tolist() == [[[1.0]]] * world_size, (world_size, dtype, out)
+
+
 def _gloo_bad_input_worker(rank, world_size, port):
     import sagellm_comm
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError

@@ -192,9 +192,14 @@ class VirtualFused:
 
     @staticmethod
     def _bmm(a, b, bias, out) -> None:
-        torch.bmm(a, b, out=out)
-        if bias is not None:
-            out[0] += bias  # once: rank 0's partial carries the bias
+        if bias is None:
+            torch.bmm(a, b, out=out)
+            return
+        # Once: rank 0's partial carries the bias, added before the rounding as one rank's addmm adds it (the
+        # product rounded first, then the bias added, would be another partial: other bits than the per-rank paths).
+        torch.addmm(bias, a[0], b[0], out=out[0])
+        if out.shape[0] > 1:
+            torch.bmm(a[1:], b[1:], out=out[1:])
 
     def _check_open(self) -> None:
         """Raise NotInitializedError once this object or its group was closed: the stacked tables still hold the
