@@ -537,7 +537,7 @@ def _cancelling_gemm_inputs(rank, world_size, dtype):
 
 def _gemm_kernel_sums_worker(rank, world_size, port):
     import sagellm_comm
-    from sagellm_comm.fused import gemm_all_reduce, last_selection
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm, last_selection
 
     # 4 KiB messages: the tall output below is over the workspace, and the sequential path's all-reduce runs on
     # the engine (the custom all-reduce's fallback) there.
@@ -553,6 +553,12 @@ def _gemm_kernel_sums_worker(rank, world_size, port):
                 assert last_selection(world).algo == path, last_selection(world)
                 assert torch.equal(out, expected), (path, dtype, out)
                 results[(path, str(dtype))] = out.float().tolist()
+            # The copy-engine path, one chunk of 8 rows cut into W parts: every rank owns rows and sums its part.
+            group_gemm(world).ce_chunks = 1
+            out = gemm_all_reduce(a.repeat(4, 1), b, group=world, path="copy_engine")
+            assert last_selection(world).algo == "copy_engine", last_selection(world)
+            assert torch.equal(out, expected.repeat(4, 1)), ("copy_engine", dtype, out)
+            group_gemm(world).ce_chunks = None
             tall = a.repeat(80, 1)  # 160 x 16 16-bit elements: 5120 bytes
             assert car.resolve_algo("auto", tall.numel(), 2 * tall.numel()) == "nccl"
             out = gemm_all_reduce(tall, b, group=world, path="sequential")
@@ -589,8 +595,8 @@ def _gemm_engine_sums_worker(rank, world_size, port):
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_gemm_engine_fallback_sums_16_bit_partials_as_the_kernels_do(world_size):
     """From 3 ranks on the engine (Gloo) adds bf16/fp16 one addition at a time, rounding each; the fallback of
-    the GEMM + all-reduce sums in fp32 and rounds once, as the fused, sequential and chunked kernel paths do:
-    the same bits, where the engine alone loses the halves of an ulp."""
+    the GEMM + all-reduce sums in fp32 and rounds once, as the fused, sequential, chunked and copy-engine kernel
+    paths do: the same bits, where the engine alone loses the halves of an ulp."""
     kernels = run_ranks(_gemm_kernel_sums_worker, world_size, env=INTERP, timeout=300)
     engine = run_ranks(_gemm_engine_sums_worker, world_size, timeout=120)
     want = kernels[0][("sequential", "torch.bfloat16")]

@@ -72,12 +72,12 @@ class CopyEnginePath:
 
     def copy_engine_fits(self, m: int, n: int, itemsize: int) -> bool:
         """The copy-engine path holds the ``[M, N]`` partials in tile buffer 0 and, at W > 2, in buffer 1,
-        ``W - 1`` pulled parts per row chunk (at W = 2 that term is at most half of ``M * N``)."""
+        ``W`` parts per row chunk (the ``W - 1`` pulled ones and this rank's own product)."""
         if self.workspace is None:
             return False
         chunks = self.copy_engine_chunks(m)
         w = self.world_size
-        scratch = len(chunks) * (w - 1) * triton.cdiv(chunks[0][1], w) * n
+        scratch = len(chunks) * w * triton.cdiv(chunks[0][1], w) * n if w > 2 else 0
         return max(m * n, scratch) * itemsize <= self.buffer_bytes and 2 * len(chunks) < _ce.MAX_STEPS.value
 
     def _copy_engine_views(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -111,7 +111,7 @@ class CopyEnginePath:
         for last in (False, True):
             self._ce_barrier.preload(self._ce_barrier_args(out, 0, last))
         if w > 2:
-            self._ce_sum.preload(self._ce_sum.bind(scratch=scratch, out=scratch, numel=0, stride=0, ROWS=w - 1,
+            self._ce_sum.preload(self._ce_sum.bind(scratch=scratch, out=scratch, numel=0, stride=0, ROWS=w,
                                                    BLOCK=self._ce_block))  # fmt: skip
         self._ce_gather.preload(gather_args)
 
@@ -152,8 +152,8 @@ class CopyEnginePath:
 
         per = triton.cdiv(chunks[0][1], w) * n  # elements of the largest part
 
-        def scratch_rows(c: int) -> torch.Tensor:  # S(c): W - 1 rows of ``per`` elements
-            return scratch[c * (w - 1) * per : (c + 1) * (w - 1) * per]
+        def scratch_rows(c: int) -> torch.Tensor:  # S(c), W > 2: W rows of ``per`` elements, row p rank p's partial
+            return scratch[c * w * per : (c + 1) * w * per]
 
         def rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
             return t[lo * n : hi * n]
@@ -172,14 +172,11 @@ class CopyEnginePath:
         def pull(c: int) -> None:  # side stream, after a barrier that follows every rank's peers_parts(c)
             lo, hi = part(c, rank)
             s = scratch_rows(c)
-            slot = 0
             for p in range(w):
-                if p != rank:
-                    if hi > lo:
-                        # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
-                        dst = rows(mine, lo, hi) if w == 2 else s[slot * per : slot * per + (hi - lo) * n]
-                        dst.copy_(rows(bufs[p], lo, hi))
-                    slot += 1
+                if p != rank and hi > lo:
+                    # At W = 2 the one partial lands where the own part's GEMM accumulates onto it.
+                    dst = rows(mine, lo, hi) if w == 2 else s[p * per : p * per + (hi - lo) * n]
+                    dst.copy_(rows(bufs[p], lo, hi))
             if on_gpu:
                 pulled[c] = torch.cuda.Event()
                 pulled[c].record(side)
@@ -187,19 +184,28 @@ class CopyEnginePath:
         def own_part(c: int) -> None:  # caller's stream
             lo, hi = part(c, rank)
             if hi > lo:
-                if on_gpu:
-                    current.wait_event(pulled[c])
-                if w > 2:  # the W - 1 partials, summed in rank order into the own part's rows
+                target = rows(mine, lo, hi).view(hi - lo, n)
+                if w > 2:
+                    # Every rank's partial rounded, as the pulled ones are; then the W partials summed in rank order
+                    # in fp32 and rounded once into the own part's rows.  (Accumulating the own product onto the
+                    # peers' sum rounded first would round twice: 1 and 2**-9 from two peers, -1 of its own, gave
+                    # 0 in bf16 where the exact sum 2**-9 is representable.)
                     count = (hi - lo) * n
+                    own = scratch_rows(c)[rank * per : rank * per + count].view(hi - lo, n)
+                    torch.matmul(a[lo:hi], b, out=own)
+                    if on_gpu:
+                        current.wait_event(pulled[c])
                     programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
                     self._ce_sum.launch(
                         (programs, 1), scratch=scratch_rows(c), out=rows(mine, lo, hi), numel=count, stride=per,
-                        ROWS=w - 1, BLOCK=self._ce_block,
+                        ROWS=w, BLOCK=self._ce_block,
                     )  # fmt: skip
-                # In place (beta = 1) onto the peers' partials: torch.addmm(S, ..., out=other) would first
-                # copy S into ``other`` on this stream.
-                target = rows(mine, lo, hi).view(hi - lo, n)
-                target.addmm_(a[lo:hi], b)
+                else:
+                    if on_gpu:
+                        current.wait_event(pulled[c])
+                    # In place (beta = 1) onto the peer's partial: torch.addmm(S, ..., out=other) would first
+                    # copy S into ``other`` on this stream.
+                    target.addmm_(a[lo:hi], b)
                 if bias is not None:
                     target += bias
 

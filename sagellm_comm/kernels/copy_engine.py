@@ -12,7 +12,8 @@ that stream, where the GEMM before it has left the SMs free)::
 
 ``P(c)``: cuBLAS computes the peers' parts of chunk ``c`` into this rank's buffer P.  ``O(c)``: it waits
 for the pull of chunk ``c`` and computes its own part onto the peers' partials already in P's own rows
-(``addmm_``, beta = 1; at ``W > 2`` ``ce_sum_rows_kernel`` first sums the ``W - 1`` pulled partials there).
+(``addmm_``, beta = 1; at ``W > 2`` the own product goes to scratch instead, rounded as the pulled partials are,
+and ``ce_sum_rows_kernel`` sums the ``W`` partials there in rank order, rounding once).
 After each barrier the side stream (waiting for it by an event) pulls, by copy engine, the own part's
 partials of every chunk whose ``P`` the unit ran (from each peer's P: straight into P's own rows at
 ``W = 2``, into scratch ``S(c)`` at ``W > 2``), and gathers every chunk whose ``O`` it ran (each peer's
@@ -28,7 +29,7 @@ persistent GEMM holds all of them: on 2 x H100 such barriers waited 30-160 us fo
 GEMM stream then idled for the pull (the ce_schedule A/B records, in git at 55a2a51).
 
 Each part is reduced exactly once, by its owner, and copied bit for bit: every rank ends with the same bits
-(the owner's fp32 sum of its own product and the peers' rounded partials, rounded once).
+(the owner's fp32 sum of the ranks' partials, rounded once: at ``W = 2`` its own product unrounded).
 
 Barrier flags live in slot ``SLOT_COPY_ENGINE`` of the signal pad of the GEMM workspace (int64 words, see
 ``sagellm_comm/kernels/all_reduce.py``): flag
@@ -107,8 +108,8 @@ def ce_barrier_kernel(
 def ce_sum_rows_kernel(scratch, out, numel, stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """``out[i] = sum over rows j (in order) of scratch[j, i]``, fp32 math, ``i < numel``.
 
-    The ``W - 1`` peers' partials of this rank's part, pulled by the copy engines in rank order; their sum
-    lands in the part's rows of P, which the owner's GEMM then accumulates onto (only for ``W > 2``).
+    Every rank's partial of this rank's part in rank order (the peers' pulled by the copy engines, its own from a
+    GEMM); their sum lands in the part's rows of P (only for ``W > 2``).
     """
     DTYPE: tl.constexpr = scratch.dtype.element_ty
     pid = tl.program_id(0)
