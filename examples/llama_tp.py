@@ -42,7 +42,6 @@ import argparse
 import copy
 import inspect
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -373,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(parser: argparse.ArgumentParser, text: str) -> None:
+    """Refuse, in one line (exit 2), a ``--device`` that is not ``cpu`` or a CUDA GPU of this host."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cpu" and device.index in (None, 0):
+        return
+    if device.type != "cuda":
+        parser.error(f"--device must be cpu or cuda[:N], got {text!r}")
+    if not torch.cuda.is_available():
+        parser.error(f"--device {text}: no CUDA GPU is available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {text}: only {torch.cuda.device_count()} GPU(s) here")
+
+
 def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, in one line (exit 2), what cannot run, before any process starts."""
     allowed = tp_sizes()
@@ -382,14 +397,26 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         f"the model's {config.num_attention_heads} heads, {config.num_key_value_heads} key/value heads and "
         f"MLP width {config.intermediate_size}"
     )
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.spawn is None and not under_torchrun:
+    from sagellm_comm.benchmark.plan import MAX_SPAWN_RANKS_PER_CPU, available_kind, max_spawn_world_size, torchrun_env
+
+    try:
+        torchrun = torchrun_env()  # (RANK, WORLD_SIZE), refused where they are not integers
+    except InvalidArgumentError as exc:
+        parser.error(exc.message)
+    if args.spawn is None and torchrun is None:
         parser.error(f"give --spawn N to start N local processes ({names}), or start it under torchrun")
-    if args.spawn is not None and under_torchrun:
+    if args.spawn is not None and torchrun is not None:
         parser.error("--spawn starts its own processes; under torchrun leave it out")
     if args.spawn is not None and args.spawn < 1:
         parser.error(f"--spawn must be >= 1 (got {args.spawn}): {names} processes, or a multiple of --tp")
-    world_size = args.spawn if args.spawn is not None else int(os.environ["WORLD_SIZE"])
+    if args.spawn is not None and args.spawn > max_spawn_world_size():
+        parser.error(
+            f"--spawn {args.spawn} would start {args.spawn} processes on this host, more than "
+            f"{MAX_SPAWN_RANKS_PER_CPU} per CPU core ({max_spawn_world_size()} here); start larger runs under torchrun"
+        )
+    if torchrun is not None and not 0 <= torchrun[0] < torchrun[1]:
+        parser.error(f"RANK={torchrun[0]} is outside WORLD_SIZE={torchrun[1]}")
+    world_size = args.spawn if args.spawn is not None else torchrun[1]
     tp = args.tp if args.tp is not None else world_size
     if args.tp is not None and tp not in allowed:
         parser.error(f"--tp {tp} does not divide {model}: use --tp {names}")
@@ -406,8 +433,8 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     check_timeout_option(parser, args.timeout)
     if args.mode in CUDA_MODES and not torch.cuda.is_available():
         parser.error(f"--mode {args.mode} captures a CUDA graph and needs a CUDA GPU; none is available here")
-    from sagellm_comm.benchmark.plan import available_kind
-
+    if args.device is not None:
+        check_device(parser, args.device)
     try:
         available_kind(args.backend)
     except InvalidArgumentError as exc:

@@ -203,6 +203,10 @@ REFUSALS = [
     (["--spawn", "2", "--timeout", "0"], "--timeout must be positive and finite"),
     (["--spawn", "2", "--timeout", "nan"], "--timeout must be positive and finite"),
     (["--spawn", "2", "--timeout", "inf"], "--timeout must be positive and finite"),
+    (["--spawn", "100000", "--tp", "1"], "--spawn 100000 would start 100000 processes on this host"),
+    (["--spawn", "2", "--device", "junk"], "--device must be cpu or cuda[:N], got 'junk'"),
+    (["--spawn", "2", "--device", "meta"], "--device must be cpu or cuda[:N], got 'meta'"),
+    (["--spawn", "2", "--device", "cpu:3"], "--device must be cpu or cuda[:N], got 'cpu:3'"),
 ]
 if not torch.cuda.is_available():
     REFUSALS += [
@@ -230,6 +234,27 @@ def test_the_script_refuses_bad_requests_in_one_line(argv, message, capsys, monk
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("llama_tp.py: error: ") and message in lines[0], captured.err
     assert captured.out == ""
+
+
+TORCHRUN_REFUSALS = [
+    ({"RANK": "0", "WORLD_SIZE": "x"}, "RANK='0' / WORLD_SIZE='x' are not integers"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' / WORLD_SIZE='2' are not integers"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 is outside WORLD_SIZE=2"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), TORCHRUN_REFUSALS, ids=[str(env) for env, _ in TORCHRUN_REFUSALS])
+def test_the_script_refuses_a_malformed_torchrun_environment_in_one_line(env, message, capsys, monkeypatch) -> None:
+    from examples import llama_tp
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        llama_tp.main([])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama_tp.py: error: ") and message in lines[0], captured.err
 
 
 def test_the_script_as_documented_spawns_two_processes() -> None:
