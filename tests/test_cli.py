@@ -650,6 +650,20 @@ def test_malformed_topology_variable_is_one_line_and_exit_2(value, capsys, monke
     assert "SAGELLM_COMM_TOPOLOGY" in _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm topo")
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("SAGELLM_COMM_WATCHDOG_MS", "junk"), ("SAGELLM_COMM_TOPOLOGY", "{not json")]
+)
+def test_transfer_refuses_a_malformed_setting_before_any_process_starts(name, value, capsys, monkeypatch, tmp_path):
+    """Each process's agent reads the settings as it starts: a bad one left NIXL unmeasured and the run exited 0."""
+    _no_process_may_start(monkeypatch)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["transfer", "--output-dir", str(tmp_path)])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert name in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
+
+
 def _live_members(pgid: int) -> list[str]:
     """``pid state`` of the processes of group ``pgid`` that are not zombies (already dead)."""
     alive = []

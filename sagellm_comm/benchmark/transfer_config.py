@@ -28,6 +28,7 @@ from sagellm_comm.benchmark.plan import (
     MAX_REPETITIONS,
     check_outputs,
     check_repetitions,
+    check_settings,
     check_writable_dir,
     cuda_available,
 )
@@ -154,6 +155,7 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
     if not 1 <= config.rounds <= MAX_ROUNDS:
         raise InvalidArgumentError(f"--rounds must be in 1..{MAX_ROUNDS}, got {config.rounds}")
     check_cpus(config.cpus)
+    check_settings()  # a malformed SAGELLM_COMM_* setting: refused here, not by each process's agent
     check_outputs(config.output_dir if config.out is None else None, config.plot)
     if config.out is not None:
         check_out(config.out)
