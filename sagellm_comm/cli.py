@@ -73,8 +73,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     from sagellm_comm import config
 
+    if args.update is not None and not args.update.strip():
+        parser.error("--update names no file; give the Markdown file whose settings table to rewrite")
     try:
-        if args.update:
+        if args.update is not None:  # an empty PATH is refused, not taken for the option left out
             changed = config.update_document(args.update)
             print(f"{args.update}: {'updated' if changed else 'up to date'}")
         elif args.markdown:

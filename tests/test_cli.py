@@ -772,6 +772,17 @@ def test_config_markdown_and_update_together_are_refused(tmp_path, capsys):
     assert doc.read_text() == "no markers here\n"
 
 
+@pytest.mark.parametrize("path", ["", " "])
+def test_config_update_without_a_file_is_refused_not_taken_for_a_plain_config(path, capsys):
+    """An empty ``--update`` printed the settings and exited 0, as if the option had been left out."""
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["config", "--update", path])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert "--update names no file" in _one_line_refusal(captured.err, prog="sagellm-comm config")
+    assert captured.out == ""
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench", "--help"])
