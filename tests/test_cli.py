@@ -349,6 +349,7 @@ OVERLAP_BAD_OPTIONS = [
     (["--world-size", "0"], "--world-size must be >= 1"),
     (["--backend", "gloo", "--world-size", "100000"], "--world-size 100000 would start 100000 processes"),
     (["--backend", "gloo", "--message-sizes", "1048576G"], "cannot fit: 2 ranks x 1048576G"),
+    (["--backend", "gloo", "--gemm-size", "100000000"], "--gemm-size 100000000 cannot fit: 2 ranks x 3 matrices"),
     (["--virtual-ranks", "9"], "--virtual-ranks must be in 2..8"),
     (["--backend", "nosuch"], "unknown backend 'nosuch'"),
     (["--output-dir", "/proc/x"], "--output-dir /proc/x: cannot create /proc/x"),
@@ -374,6 +375,23 @@ def test_overlap_virtual_ranks_refuse_a_dtype_the_kernels_do_not_run_before_anyt
     assert excinfo.value.code == 2
     line = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm overlap")
     assert "the custom all-reduce runs float32, float16 and bfloat16, not float64" in line
+
+
+def test_overlap_on_a_given_backend_refuses_a_gemm_that_cannot_fit_before_anything_is_measured():
+    """Each rank allocated its three [g, g] matrices first: a size past memory failed there, after the start."""
+    import types
+
+    import torch
+
+    from sagellm_comm.benchmark.overlap_plan import plan_overlap_in_process
+    from sagellm_comm.benchmark.overlap_results import OverlapConfig
+    from sagellm_comm.errors import InvalidArgumentError
+
+    backend = types.SimpleNamespace(is_initialized=True, world_size=1, rank=0, name="gloo", device=torch.device("cpu"))
+    config = OverlapConfig(backend="instance", gemm_size=10**8, output_dir=None)
+    with pytest.raises(InvalidArgumentError, match="--gemm-size 100000000 cannot fit: 3 matrices of"):
+        plan_overlap_in_process(config, backend)
+    assert plan_overlap_in_process(OverlapConfig(backend="instance", gemm_size=8, output_dir=None), backend)
 
 
 @pytest.mark.parametrize(("options", "message"), OVERLAP_BAD_OPTIONS, ids=[" ".join(o) for o, _ in OVERLAP_BAD_OPTIONS])

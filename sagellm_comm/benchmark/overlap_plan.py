@@ -29,6 +29,7 @@ from sagellm_comm.benchmark.plan import (
     check_virtual_ranks,
     cuda_available,
     launch_world,
+    memory_bytes,
     ranks_sharing_memory,
     torchrun_env,
 )
@@ -75,6 +76,21 @@ def resolve_payload(config: OverlapConfig, uses_cuda: bool) -> tuple[tuple[int, 
     return sizes, dtype
 
 
+def check_gemm_fits(config: OverlapConfig, dtype: torch.dtype, ranks: int, uses_cuda: bool) -> None:
+    """Refuse a ``--gemm-size`` whose three ``[g, g]`` matrices (each rank makes its own) cannot fit in the memory
+    ``ranks`` ranks share (this host's on the CPU, one GPU's): no rank could allocate them."""
+    total = memory_bytes(uses_cuda)
+    size = config.gemm_size or (GPU_DEFAULTS if uses_cuda else CPU_DEFAULTS)["gemm_size"]
+    need = ranks * 3 * size * size * torch.empty((), dtype=dtype).element_size()
+    if total is not None and need > total:
+        where = "one GPU's" if uses_cuda else "this host's"
+        who = f"{ranks} ranks x " if ranks > 1 else ""
+        raise InvalidArgumentError(
+            f"--gemm-size {size} cannot fit: {who}3 matrices of {size}x{size} {str(dtype).removeprefix('torch.')} "
+            f"need {need / 2**30:.1f} GiB, more than {where} {total / 2**30:.1f} GiB of memory"
+        )
+
+
 def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     """Check ``config`` and decide how to run it; raises InvalidArgumentError naming the problem."""
     check_numbers(config)
@@ -97,6 +113,7 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
         if dtype not in VIRTUAL_DTYPES:  # as sagellm-comm bench --virtual-ranks: refused here, not by the first call
             raise InvalidArgumentError(f"the custom all-reduce runs float32, float16 and bfloat16, not {config.dtype}")
         check_fits_memory(sizes, config.virtual_ranks, True)
+        check_gemm_fits(config, dtype, 1, True)  # one process runs the GEMMs
         return OverlapPlan("virtual", config.virtual_ranks, "custom", sizes, dtype, True)
 
     kind = available_kind(config.backend)
@@ -104,6 +121,7 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     sizes, dtype = resolve_payload(config, uses_cuda)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
     check_fits_memory(sizes, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
+    check_gemm_fits(config, dtype, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
     return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)
 
 
@@ -118,4 +136,5 @@ def plan_overlap_in_process(config: OverlapConfig, backend: Any) -> OverlapPlan:
     uses_cuda = backend.device.type == "cuda"
     sizes, dtype = resolve_payload(config, uses_cuda)
     check_fits_memory(sizes, ranks_sharing_memory("in_process", world_size, uses_cuda), uses_cuda)
+    check_gemm_fits(config, dtype, ranks_sharing_memory("in_process", world_size, uses_cuda), uses_cuda)
     return OverlapPlan("in_process", world_size, backend.name, sizes, dtype, uses_cuda)
