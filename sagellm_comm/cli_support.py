@@ -22,6 +22,7 @@ __all__ = [
     "add_output_options",
     "check_then_run",
     "one_line",
+    "output_dir_from_args",
     "run_reporting",
     "sizes_from_args",
 ]
@@ -124,6 +125,16 @@ def add_output_options(
     out.add_argument("--plot", metavar="FILE.png", help=f"plot {plot_help} (needs matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return out
+
+
+def output_dir_from_args(args: argparse.Namespace, default_dir: str) -> str | None:
+    """The ``--output-dir`` of :func:`add_output_options`' options, None under ``--no-save``; an ``--output-dir``
+    other than ``default_dir`` given with ``--no-save`` is an :class:`InvalidArgumentError` (the two contradict)."""
+    if not args.no_save:
+        return args.output_dir
+    if args.output_dir != default_dir:
+        raise InvalidArgumentError("--output-dir and --no-save contradict each other: give one")
+    return None
 
 
 def sizes_from_args(args: argparse.Namespace) -> list[int] | None:

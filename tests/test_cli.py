@@ -682,6 +682,21 @@ def test_transfer_refuses_a_malformed_setting_before_any_process_starts(name, va
     assert name in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
 
 
+@pytest.mark.parametrize(
+    ("command", "no_save"),
+    [("bench", "--no-save"), ("overlap", "--no-save"), ("overlap", "--no-output"), ("transfer", "--no-save")],
+)
+def test_no_save_with_an_output_dir_is_refused_as_a_contradiction(command, no_save, capsys, monkeypatch, tmp_path):
+    """``--no-save`` silently dropped the ``--output-dir`` given with it, as ``--out`` with ``--no-save`` is not."""
+    _no_process_may_start(monkeypatch)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([command, *PLOT_REQUESTS[command], no_save, "--output-dir", str(tmp_path / "out")])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    line = _one_line_refusal(captured.err, prog=f"sagellm-comm {command}")
+    assert "--output-dir and --no-save contradict each other" in line and captured.out == ""
+
+
 def _live_members(pgid: int) -> list[str]:
     """``pid state`` of the processes of group ``pgid`` that are not zombies (already dead)."""
     alive = []

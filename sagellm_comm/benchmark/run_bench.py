@@ -30,7 +30,13 @@ from sagellm_comm.benchmark.ops import DTYPE_ALIASES, DTYPES, OPS
 from sagellm_comm.benchmark.plan import plan_launch
 from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.runner import run_benchmark
-from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
+from sagellm_comm.cli_support import (
+    OneLineParser,
+    add_output_options,
+    check_then_run,
+    output_dir_from_args,
+    sizes_from_args,
+)
 
 DESCRIPTION = "Time a collective over message sizes and print an nccl-tests-style table; write JSON/CSV."
 
@@ -118,7 +124,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         graph=args.graph,
         graph_calls=args.graph_calls,
         selector_config=args.selector_config,
-        output_dir=None if args.no_save else args.output_dir,
+        output_dir=output_dir_from_args(args, DEFAULT_OUTPUT_DIR),
         plot=args.plot,
         world_size=args.world_size,
         virtual_ranks=args.virtual_ranks,

@@ -58,7 +58,13 @@ from sagellm_comm.benchmark.provenance import command_line
 from sagellm_comm.benchmark.report import print_report, write_after_run
 from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
-from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, sizes_from_args
+from sagellm_comm.cli_support import (
+    OneLineParser,
+    add_output_options,
+    check_then_run,
+    output_dir_from_args,
+    sizes_from_args,
+)
 
 DESCRIPTION = (
     "Time a GEMM loop against an all-reduce, alone and overlapped; print a table, write JSON/CSV "
@@ -269,7 +275,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         dtype=args.dtype,
         warmup=args.warmup,
         iters=args.iters,
-        output_dir=None if args.no_save else args.output_dir,
+        output_dir=output_dir_from_args(args, DEFAULT_OUTPUT_DIR),
         timeout=args.timeout,
         virtual_ranks=args.virtual_ranks,
         plot=args.plot,

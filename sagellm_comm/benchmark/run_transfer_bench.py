@@ -27,7 +27,7 @@ from sagellm_comm.benchmark.transfer_config import (
     TransferBenchConfig,
     plan_transfer,
 )
-from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run
+from sagellm_comm.cli_support import OneLineParser, add_output_options, check_then_run, output_dir_from_args
 from sagellm_comm.errors import InvalidArgumentError
 from sagellm_comm.launch import interpreting
 
@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TransferBenchCon
         rounds=args.rounds,
         cpus=None if args.cpus is None else tuple(parse_count_list(args.cpus, "--cpus", "0,1")),
         timeout=args.timeout,
-        output_dir=None if args.no_save else args.output_dir,
+        output_dir=output_dir_from_args(args, DEFAULT_OUTPUT_DIR),
         out=None if args.no_save else args.out,
         plot=args.plot,
         progress=not args.no_progress,
