@@ -430,6 +430,7 @@ TRANSFER_BAD_OPTIONS = [
     (["--backend", "nixl,torch,nixl"], "--backend names 'nixl' twice"),
     (["--device", "tpu"], "cpu or cuda"),
     (["--device", "cpu:1"], "cpu or cuda"),  # NIXL took 1 as a device id and failed after the processes started
+    (["--device", ""], "--device names no device"),  # was taken for the option left out
     (["--block-sizes", "16K,16K"], "--block-sizes names 16384 twice"),
     (["--block-counts", "4,1,4"], "--block-counts names 4 twice"),
     (["--max-bytes", "1K", "--block-sizes", "4K"], "more than --max-bytes"),

@@ -166,6 +166,8 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             raise InvalidArgumentError(f"unknown op {op!r}; choose from: {', '.join(OPS)}")
     if not config.ops:
         raise InvalidArgumentError("--ops names no operation")
+    if config.device is not None and not config.device.strip():  # an empty value is not the option left out
+        raise InvalidArgumentError("--device names no device; give cpu or cuda[:N], or leave the option out")
     try:
         device = torch.device(config.device or ("cuda" if cuda_available() else "cpu"))
     except RuntimeError:
