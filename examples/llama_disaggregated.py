@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> bool:
         if args.role is None:
-            return spawn_ranks(_spawned, (args,), 2, what="disaggregated Llama")
+            return spawn_ranks(_spawned, (args,), 2, what="disaggregated Llama", timeout=args.timeout)
         host, _, port = args.store.rpartition(":")
         return run_role(args.role, _store(args.role, host, int(port), args.timeout), args)
 

@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(None, None, None, args)
         from sagellm_comm.benchmark.spawn import spawn_ranks
 
-        return spawn_ranks(_spawned, (args,), args.spawn, what="Llama TP example")
+        return spawn_ranks(_spawned, (args,), args.spawn, what="Llama TP example", timeout=args.timeout)
 
     # a rank failed (CollectiveFailedError), a rendezvous timed out, ...: one line, exit 1; Ctrl-C: exit 130
     ok, status = run_reporting(parser, run, usage_errors=())

@@ -143,6 +143,17 @@ def test_bad_arguments_are_refused_in_one_line_with_exit_2(args, words, capsys):
     assert info.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
+def test_the_spawned_processes_are_bounded_by_the_timeout(monkeypatch):
+    """Once one process has ended, the other gets --timeout seconds (as sagellm-comm bench's ranks); the launcher
+    waited for it without a deadline."""
+    from examples import llama_disaggregated as ex
+
+    calls = []
+    monkeypatch.setattr(ex, "spawn_ranks", lambda *args, **kwargs: calls.append(kwargs) or True)
+    assert ex.main(["--spawn", "2", "--timeout", "7"]) == 0
+    assert [call.get("timeout") for call in calls] == [7.0]
+
+
 def _hosted_store():
     """A store this process hosts on a port the system picks, and the environment that makes both sides join it
     as clients (no port is picked and released)."""

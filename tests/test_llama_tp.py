@@ -236,6 +236,20 @@ def test_the_script_refuses_bad_requests_in_one_line(argv, message, capsys, monk
     assert captured.out == ""
 
 
+def test_the_spawned_ranks_are_bounded_by_the_timeout(monkeypatch) -> None:
+    """Once one rank has ended, the others get --timeout seconds (as sagellm-comm bench's ranks); the launcher
+    waited for them without a deadline."""
+    from examples import llama_tp
+    from sagellm_comm.benchmark import spawn
+
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(spawn, "spawn_ranks", lambda *args, **kwargs: calls.append(kwargs) or True)
+    assert llama_tp.main(["--spawn", "2", "--timeout", "7"]) == 0
+    assert [call.get("timeout") for call in calls] == [7.0]
+
+
 TORCHRUN_REFUSALS = [
     ({"RANK": "0", "WORLD_SIZE": "x"}, "RANK='0' / WORLD_SIZE='x' are not integers"),
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' / WORLD_SIZE='2' are not integers"),
