@@ -819,14 +819,27 @@ def test_config_update_without_a_file_is_refused_not_taken_for_a_plain_config(pa
 
 @pytest.mark.parametrize(
     ("command", "doc"),
-    [("bench", "docs/benchmark.md"), ("overlap", "docs/layers.md"), ("transfer", "docs/transfer.md")],
+    [
+        ("bench", "docs/benchmark.md"),
+        ("overlap", "docs/layers.md"),
+        ("transfer", "docs/transfer.md"),
+        ("examples/llama_tp.py", "docs/layers.md"),
+        ("examples/llama_disaggregated.py", "docs/transfer.md"),
+    ],
 )
 def test_every_option_of_a_command_is_described_in_its_document(command, doc, capsys):
-    """docs/transfer.md named most of ``transfer``'s options only inside example command lines."""
+    """docs/transfer.md named most of ``transfer``'s options, and of the disaggregated example's, only inside example
+    command lines."""
     import re
 
-    with pytest.raises(SystemExit):
-        cli.main([command, "--help"])
+    if command.startswith("examples/"):
+        pytest.importorskip("transformers", reason='needs transformers: pip install -e ".[examples]"')
+        module = importlib.import_module(command.removesuffix(".py").replace("/", "."))
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+    else:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
     usage = re.sub(r"-\n\s*", "-", capsys.readouterr().out)  # argparse wraps "--graph-calls" after its hyphen
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", usage)) - {"--help"}
     text = (REPO / doc).read_text()
