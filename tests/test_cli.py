@@ -344,6 +344,8 @@ OVERLAP_BAD_OPTIONS = [
     (["--message-sizes", "64K", "64K"], "message size 65536 B is given twice"),
     (["--compute-ms", "-1"], "--compute-ms must be > 0"),
     (["--compute-ms", "inf"], "--compute-ms must be > 0 and finite"),  # was an OverflowError from a rank
+    (["--compute-ms", "1e300"], "--compute-ms 1e+300 is not below --timeout (120 s)"),  # ran for ever
+    (["--compute-ms", "5000", "--timeout", "5"], "--compute-ms 5000 is not below --timeout (5 s)"),
     (["--timeout", "inf"], "--timeout must be positive and finite"),
     (["--gemm-size", "0"], "--gemm-size must be >= 1"),
     (["--world-size", "0"], "--world-size must be >= 1"),

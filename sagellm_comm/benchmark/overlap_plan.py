@@ -56,6 +56,13 @@ def check_numbers(config: OverlapConfig) -> None:
     check_repetitions(config.warmup, config.iters, config.timeout)
     if config.compute_duration_ms is not None and not 0 < config.compute_duration_ms < math.inf:
         raise InvalidArgumentError(f"--compute-ms must be > 0 and finite, got {config.compute_duration_ms}")
+    if config.compute_duration_ms is not None and config.compute_duration_ms >= config.timeout * 1000:
+        # the ranks meet after every GEMM loop: one that outlasts the timeout fails every iteration (and one of
+        # absurd length keeps every rank computing, so no wait ever starts its deadline)
+        raise InvalidArgumentError(
+            f"--compute-ms {config.compute_duration_ms:g} is not below --timeout ({config.timeout:g} s): the GEMM "
+            "loop of every iteration would outlast the deadline"
+        )
     if config.gemm_size is not None:
         check_int(config.gemm_size, "--gemm-size", 1)
     if config.world_size is not None:
