@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a bad request in one line (exit 2) before any process starts."""
+    from sagellm_comm.benchmark.plan import check_run_device
     from sagellm_comm.transfer.registry import resolve
 
     if (args.spawn is None) == (args.role is None):
@@ -318,13 +319,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      f"{POOL_BLOCKS} blocks: raise --block-tokens or lower --batch-size / --seq-len")  # fmt: skip
     check_timeout_option(parser, args.timeout)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is available here")
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+        check_run_device(args.device)
+    except InvalidArgumentError as exc:
+        parser.error(exc.message)
     try:
         resolve(args.backend)
     except CommError as exc:

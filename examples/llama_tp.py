@@ -372,22 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_device(parser: argparse.ArgumentParser, text: str) -> None:
-    """Refuse, in one line (exit 2), a ``--device`` that is not ``cpu`` or a CUDA GPU of this host."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        parser.error(f"--device must be cpu or cuda[:N], got {text!r}")
-    if device.type == "cpu" and device.index in (None, 0):
-        return
-    if device.type != "cuda":
-        parser.error(f"--device must be cpu or cuda[:N], got {text!r}")
-    if not torch.cuda.is_available():
-        parser.error(f"--device {text}: no CUDA GPU is available here")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"--device {text}: only {torch.cuda.device_count()} GPU(s) here")
-
-
 def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, in one line (exit 2), what cannot run, before any process starts."""
     allowed = tp_sizes()
@@ -397,7 +381,13 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         f"the model's {config.num_attention_heads} heads, {config.num_key_value_heads} key/value heads and "
         f"MLP width {config.intermediate_size}"
     )
-    from sagellm_comm.benchmark.plan import MAX_SPAWN_RANKS_PER_CPU, available_kind, max_spawn_world_size, torchrun_env
+    from sagellm_comm.benchmark.plan import (
+        MAX_SPAWN_RANKS_PER_CPU,
+        available_kind,
+        check_run_device,
+        max_spawn_world_size,
+        torchrun_env,
+    )
 
     try:
         torchrun = torchrun_env()  # (RANK, WORLD_SIZE), refused where they are not integers
@@ -434,7 +424,10 @@ def check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.mode in CUDA_MODES and not torch.cuda.is_available():
         parser.error(f"--mode {args.mode} captures a CUDA graph and needs a CUDA GPU; none is available here")
     if args.device is not None:
-        check_device(parser, args.device)
+        try:
+            check_run_device(args.device)
+        except InvalidArgumentError as exc:
+            parser.error(exc.message)
     try:
         available_kind(args.backend)
     except InvalidArgumentError as exc:

@@ -504,11 +504,12 @@ def test_transfer_pools_larger_than_the_gpus_free_memory_are_refused_before_any_
     pytest.importorskip("nixl_cu13", reason="needs NIXL: pip install 'isagellm-comm[transfer]'")
     import torch
 
-    from sagellm_comm.benchmark import transfer_config
+    from sagellm_comm.benchmark import plan, transfer_config
 
     _no_process_may_start(monkeypatch)
     free = {"cuda": 0}
     monkeypatch.setattr(transfer_config, "cuda_available", lambda: True)
+    monkeypatch.setattr(plan, "cuda_available", lambda: True)  # the --device check's
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["cuda"], 80 << 30))
     sweep = ["--device", "cuda", "--backend", "nixl", "--block-sizes", "1G", "--block-counts", "4", "--max-bytes", "4G"]

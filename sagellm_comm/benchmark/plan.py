@@ -51,6 +51,25 @@ def cuda_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+def check_run_device(text: str, option: str = "--device") -> torch.device:
+    """``text`` (an ``option`` of a command) as ``cpu`` or a CUDA GPU of this host; anything else (empty, not a
+    device, another device type, ``cpu:1``, a GPU this host does not have) an :class:`InvalidArgumentError`."""
+    if not text.strip():  # an empty value is not the option left out
+        raise InvalidArgumentError(f"{option} names no device; give cpu or cuda[:N], or leave the option out")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InvalidArgumentError(f"{option} must be cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cuda":
+        if not cuda_available():
+            raise InvalidArgumentError(f"{option} {text}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"{option} {device}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu" or device.index not in (None, 0):  # cpu:1 reached NIXL as device id 1
+        raise InvalidArgumentError(f"{option} must be cpu or cuda[:N], got {text!r}")
+    return device
+
+
 def torchrun_env() -> tuple[int, int] | None:
     """``(RANK, WORLD_SIZE)`` when both are in the environment (a torchrun rank), else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

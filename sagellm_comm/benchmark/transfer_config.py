@@ -28,6 +28,7 @@ from sagellm_comm.benchmark.plan import (
     MAX_REPETITIONS,
     check_outputs,
     check_repetitions,
+    check_run_device,
     check_settings,
     check_writable_dir,
     cuda_available,
@@ -166,19 +167,7 @@ def plan_transfer(config: TransferBenchConfig) -> TransferPlan:
             raise InvalidArgumentError(f"unknown op {op!r}; choose from: {', '.join(OPS)}")
     if not config.ops:
         raise InvalidArgumentError("--ops names no operation")
-    if config.device is not None and not config.device.strip():  # an empty value is not the option left out
-        raise InvalidArgumentError("--device names no device; give cpu or cuda[:N], or leave the option out")
-    try:
-        device = torch.device(config.device or ("cuda" if cuda_available() else "cpu"))
-    except RuntimeError:
-        raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device!r}") from None
-    if device.type == "cuda":
-        if not cuda_available():
-            raise InvalidArgumentError(f"--device {config.device}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InvalidArgumentError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
-    elif device.type != "cpu" or device.index not in (None, 0):  # cpu:1 reached NIXL as device id 1
-        raise InvalidArgumentError(f"--device must be cpu or cuda[:N], got {config.device}")
+    device = check_run_device(config.device if config.device is not None else "cuda" if cuda_available() else "cpu")
     gpu = device.type == "cuda"
     skipped: list[str] = []
     if config.backends is None:
