@@ -127,8 +127,9 @@ def plan_overlap(config: OverlapConfig) -> OverlapPlan:
     uses_cuda = kind != "gloo" and cuda
     sizes, dtype = resolve_payload(config, uses_cuda)
     mode, world_size = launch_world(kind, uses_cuda, config.world_size, env)
-    check_fits_memory(sizes, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
-    check_gemm_fits(config, dtype, ranks_sharing_memory(mode, world_size, uses_cuda), uses_cuda)
+    sharing = ranks_sharing_memory(mode, world_size, uses_cuda)
+    check_fits_memory(sizes, sharing, uses_cuda)
+    check_gemm_fits(config, dtype, sharing, uses_cuda)
     return OverlapPlan(mode, world_size, kind, sizes, dtype, uses_cuda)
 
 
@@ -142,6 +143,7 @@ def plan_overlap_in_process(config: OverlapConfig, backend: Any) -> OverlapPlan:
     check_outputs(config.output_dir, config.plot)
     uses_cuda = backend.device.type == "cuda"
     sizes, dtype = resolve_payload(config, uses_cuda)
-    check_fits_memory(sizes, ranks_sharing_memory("in_process", world_size, uses_cuda), uses_cuda)
-    check_gemm_fits(config, dtype, ranks_sharing_memory("in_process", world_size, uses_cuda), uses_cuda)
+    sharing = ranks_sharing_memory("in_process", world_size, uses_cuda)
+    check_fits_memory(sizes, sharing, uses_cuda)
+    check_gemm_fits(config, dtype, sharing, uses_cuda)
     return OverlapPlan("in_process", world_size, backend.name, sizes, dtype, uses_cuda)
