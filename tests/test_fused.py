@@ -155,7 +155,7 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("fused", 37, 24, 40, "float16", True),  # ragged tiles, two-shot consumer, bias once
         ("fused", 48, 16, 32, "bfloat16", False),  # back-to-back on the other buffer parity
         ("chunked", 19, 16, 24, "bfloat16", True),
-        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 2 chunks of 10 and 9 rows; bias once by each owner
+        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 2 chunks of 10 and 9 rows; bias in one partial a part
         ("copy_engine", 5, 16, 8, "float16", False),  # zero-copy; a rank with an empty part at W=4
         ("fused", 40, 16, 24, "bfloat16", False),  # the fused path right after the copy engines' ...
         ("copy_engine", 64, 32, 40, "bfloat16", False),  # ... and back: one workspace, both paths
@@ -606,6 +606,43 @@ def test_gemm_engine_fallback_sums_16_bit_partials_as_the_kernels_do(world_size)
             assert got == kernels[0][("fused", dtype)] == kernels[0][("sequential", dtype)], (path, dtype)
         assert engine_alone == {"torch.bfloat16": True, "torch.float16": True}  # the inputs show the difference
     assert want[0][0] == 1 + 2.0**-7  # bf16: 1 + eps
+
+
+def _gemm_kernel_bias_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm, last_selection
+
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, max_bytes=4096)
+    try:
+        results = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            e = torch.finfo(dtype).eps  # the spacing at 1
+            # Rank 0's product is 1 + 5/8 e (exact in fp32), the bias -e/4: added to a partial before it is
+            # rounded, 1 + 3/8 e rounds to 1; added to the reduced sum (1 + e), 1 + 3/4 e rounds to 1 + e.
+            a = torch.zeros(2 * world_size, 16)
+            if rank == 0:
+                a[:, 0], a[:, 1] = 1.0, e / 2 + e / 8
+            a, b = a.to(dtype), torch.ones(16, 16, dtype=dtype)
+            bias = torch.full((16,), -e / 4, dtype=dtype)
+            for path in ("sequential", "chunked", "copy_engine"):
+                if path == "copy_engine":  # (the group's GEMM exists once a call has made it)
+                    group_gemm(world).ce_chunks = 1  # one chunk: a part of 2 rows owned by every rank
+                out = gemm_all_reduce(a, b, group=world, bias=bias, path=path)
+                assert last_selection(world).algo == path, last_selection(world)
+                results[(path, str(dtype))] = sorted(set(out.float().flatten().tolist()))
+        return results
+    finally:
+        sagellm_comm.destroy()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gemm_copy_engine_adds_the_bias_to_a_partial_before_rounding(world_size):
+    """The copy-engine path adds the bias where the sequential path does, to a partial before it is rounded
+    (rank 0's at W > 2, the peer's at W = 2), not to the reduced sum: 1 on every path, where the sum rounded
+    twice gives 1 + eps."""
+    for results in run_ranks(_gemm_kernel_bias_worker, world_size, env=INTERP, timeout=300):
+        for (path, dtype), got in results.items():
+            assert got == [1.0], (path, dtype, results)
 
 
 def _gemm_engine_bias_worker(rank, world_size, port):

@@ -163,11 +163,22 @@ class CopyEnginePath:
 
         pulled: dict[int, torch.cuda.Event] = {}
 
+        # The bias goes into one partial of each part before that partial is rounded, as on the sequential path:
+        # at W > 2 into rank 0's (the sequential path's partial), at W = 2 into the peer's (the one partial that
+        # is rounded before the owner adds its product).  Added to the reduced sum, it would round twice.
+        bias_in_peers_parts = bias is not None and (w == 2 or rank == 0)
+
+        def product(lo: int, hi: int, out: torch.Tensor, with_bias: bool) -> None:
+            if with_bias:
+                torch.addmm(bias, a[lo:hi], b, out=out)
+            else:
+                torch.matmul(a[lo:hi], b, out=out)
+
         def peers_parts(c: int) -> None:  # caller's stream
             for p in range(w):
                 lo, hi = part(c, p)
                 if p != rank and hi > lo:
-                    torch.matmul(a[lo:hi], b, out=rows(mine, lo, hi).view(hi - lo, n))
+                    product(lo, hi, rows(mine, lo, hi).view(hi - lo, n), bias_in_peers_parts)
 
         def pull(c: int) -> None:  # side stream, after a barrier that follows every rank's peers_parts(c)
             lo, hi = part(c, rank)
@@ -192,7 +203,7 @@ class CopyEnginePath:
                     # 0 in bf16 where the exact sum 2**-9 is representable.)
                     count = (hi - lo) * n
                     own = scratch_rows(c)[rank * per : rank * per + count].view(hi - lo, n)
-                    torch.matmul(a[lo:hi], b, out=own)
+                    product(lo, hi, own, bias is not None and rank == 0)
                     if on_gpu:
                         current.wait_event(pulled[c])
                     programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
@@ -206,8 +217,6 @@ class CopyEnginePath:
                     # In place (beta = 1) onto the peer's partial: torch.addmm(S, ..., out=other) would first
                     # copy S into ``other`` on this stream.
                     target.addmm_(a[lo:hi], b)
-                if bias is not None:
-                    target += bias
 
         def gather(c: int) -> None:  # side stream, after a barrier that follows every rank's own_part(c)
             for p in range(w):
