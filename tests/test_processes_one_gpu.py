@@ -356,3 +356,59 @@ def test_fused_fp8_in_four_processes_on_one_gpu_back_to_back(tokens):
         assert all(ok for _, ok, _ in out.values()), out
     for mode in outs[0]:
         assert len({out[mode][2] for out in outs}) == 1, (mode, [out[mode] for out in outs])
+
+
+def _copy_engine_worker(rank, world_size, port):
+    import sagellm_comm
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm, last_selection
+
+    torch.cuda.set_device(0)
+    world = sagellm_comm.init(
+        backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120, engine="gloo",
+        device="cuda:0", max_bytes=4 << 20,
+    )  # fmt: skip
+    out = {}
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            e = torch.finfo(dtype).eps
+            # Rank 0's product 1 + 5/8 e, the bias -e/4: 1 where the bias goes into a partial before it is
+            # rounded (the sequential path), 1 + e where it is added to the reduced sum.
+            a = torch.zeros(2 * world_size, 16, device="cuda")
+            if rank == 0:
+                a[:, 0], a[:, 1] = 1.0, e / 2 + e / 8
+            a, b = a.to(dtype), torch.ones(16, 64, device="cuda", dtype=dtype)
+            bias = torch.full((64,), -e / 4, device="cuda", dtype=dtype)
+            # Small integers: every partial and sum exact, so every path gives the same bits.
+            g = torch.Generator(device="cuda").manual_seed(7 + rank)
+            ai = torch.randint(-3, 4, (333, 16), device="cuda", generator=g).to(dtype)
+            bi = torch.randint(
+                -3, 4, (16, 520), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)
+            ).to(dtype)
+            bias_i = torch.arange(520, device="cuda").remainder(7).to(dtype)
+            for path in ("sequential", "copy_engine"):
+                if path == "copy_engine":
+                    group_gemm(world).ce_chunks = 1
+                y = gemm_all_reduce(a, b, group=world, bias=bias, path=path)
+                assert last_selection(world).algo == path, last_selection(world)
+                group_gemm(world).ce_chunks = None
+                z = gemm_all_reduce(ai, bi, group=world, bias=bias_i, path=path)
+                torch.cuda.synchronize()
+                out[(path, str(dtype))] = (sorted(set(y.float().flatten().tolist())), z.float().sum().item(),
+                                           z.cpu())  # fmt: skip
+    finally:
+        sagellm_comm.destroy()
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_copy_engine_gemm_all_reduce_with_bias_matches_the_sequential_path(world_size):
+    """The copy-engine GEMM + all-reduce with a bias, processes sharing the GPU: the bias goes into a partial before
+    it is rounded (1, not 1 + eps, on the rounding case), exact inputs give the sequential path's bits, and every
+    rank the same bits."""
+    outs = run_ranks(_copy_engine_worker, world_size, env=ENV, timeout=240)
+    for out in outs:
+        for key, (values, _, _) in out.items():
+            assert values == [1.0], (key, values)
+        for dtype in ("torch.bfloat16", "torch.float16"):
+            assert torch.equal(out[("copy_engine", dtype)][2], out[("sequential", dtype)][2]), dtype
+            assert torch.equal(out[("copy_engine", dtype)][2], outs[0][("copy_engine", dtype)][2]), dtype
