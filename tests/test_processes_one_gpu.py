@@ -12,6 +12,7 @@ this file in its own pytest invocation, stop MPS after::
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -393,8 +394,8 @@ def _copy_engine_worker(rank, world_size, port):
                 group_gemm(world).ce_chunks = None
                 z = gemm_all_reduce(ai, bi, group=world, bias=bias_i, path=path)
                 torch.cuda.synchronize()
-                out[(path, str(dtype))] = (sorted(set(y.float().flatten().tolist())), z.float().sum().item(),
-                                           z.cpu())  # fmt: skip
+                bits = hashlib.sha256(z.cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+                out[(path, str(dtype))] = (sorted(set(y.float().flatten().tolist())), bits)
     finally:
         sagellm_comm.destroy()
     return out
@@ -407,8 +408,8 @@ def test_copy_engine_gemm_all_reduce_with_bias_matches_the_sequential_path(world
     rank the same bits."""
     outs = run_ranks(_copy_engine_worker, world_size, env=ENV, timeout=240)
     for out in outs:
-        for key, (values, _, _) in out.items():
+        for key, (values, _) in out.items():
             assert values == [1.0], (key, values)
         for dtype in ("torch.bfloat16", "torch.float16"):
-            assert torch.equal(out[("copy_engine", dtype)][2], out[("sequential", dtype)][2]), dtype
-            assert torch.equal(out[("copy_engine", dtype)][2], outs[0][("copy_engine", dtype)][2]), dtype
+            assert out[("copy_engine", dtype)][1] == out[("sequential", dtype)][1], dtype
+            assert out[("copy_engine", dtype)][1] == outs[0][("copy_engine", dtype)][1], dtype
