@@ -155,7 +155,7 @@ def test_gemm_all_reduce_paths_match_reference_and_ranks_agree(world_size):
         ("fused", 37, 24, 40, "float16", True),  # ragged tiles, two-shot consumer, bias once
         ("fused", 48, 16, 32, "bfloat16", False),  # back-to-back on the other buffer parity
         ("chunked", 19, 16, 24, "bfloat16", True),
-        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 2 chunks of 10 and 9 rows; bias in one partial a part
+        ("copy_engine", 19, 16, 24, "bfloat16", True),  # 2 chunks of 10 and 9 rows; bias in rank 0's partials
         ("copy_engine", 5, 16, 8, "float16", False),  # zero-copy; a rank with an empty part at W=4
         ("fused", 40, 16, 24, "bfloat16", False),  # the fused path right after the copy engines' ...
         ("copy_engine", 64, 32, 40, "bfloat16", False),  # ... and back: one workspace, both paths
@@ -638,7 +638,7 @@ def _gemm_kernel_bias_worker(rank, world_size, port):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_gemm_copy_engine_adds_the_bias_to_a_partial_before_rounding(world_size):
     """The copy-engine path adds the bias where the sequential path does, to a partial before it is rounded
-    (rank 0's at W > 2, the peer's at W = 2), not to the reduced sum: 1 on every path, where the sum rounded
+    (rank 0's), not to the reduced sum: 1 on every path, where the sum rounded
     twice gives 1 + eps."""
     for results in run_ranks(_gemm_kernel_bias_worker, world_size, env=INTERP, timeout=300):
         for (path, dtype), got in results.items():

@@ -163,10 +163,9 @@ class CopyEnginePath:
 
         pulled: dict[int, torch.cuda.Event] = {}
 
-        # The bias goes into one partial of each part before that partial is rounded, as on the sequential path:
-        # at W > 2 into rank 0's (the sequential path's partial), at W = 2 into the peer's (the one partial that
-        # is rounded before the owner adds its product).  Added to the reduced sum, it would round twice.
-        bias_in_peers_parts = bias is not None and (w == 2 or rank == 0)
+        # The bias goes into rank 0's partials before they are rounded, as on the sequential path (added to the
+        # reduced sum, it would round twice).
+        carries_bias = bias is not None and rank == 0
 
         def product(lo: int, hi: int, out: torch.Tensor, with_bias: bool) -> None:
             if with_bias:
@@ -178,7 +177,7 @@ class CopyEnginePath:
             for p in range(w):
                 lo, hi = part(c, p)
                 if p != rank and hi > lo:
-                    product(lo, hi, rows(mine, lo, hi).view(hi - lo, n), bias_in_peers_parts)
+                    product(lo, hi, rows(mine, lo, hi).view(hi - lo, n), carries_bias)
 
         def pull(c: int) -> None:  # side stream, after a barrier that follows every rank's peers_parts(c)
             lo, hi = part(c, rank)
@@ -203,7 +202,7 @@ class CopyEnginePath:
                     # 0 in bf16 where the exact sum 2**-9 is representable.)
                     count = (hi - lo) * n
                     own = scratch_rows(c)[rank * per : rank * per + count].view(hi - lo, n)
-                    product(lo, hi, own, bias is not None and rank == 0)
+                    product(lo, hi, own, carries_bias)
                     if on_gpu:
                         current.wait_event(pulled[c])
                     programs = max(1, min(self.reduce_programs, triton.cdiv(count, self._ce_block)))
@@ -211,6 +210,14 @@ class CopyEnginePath:
                         (programs, 1), scratch=scratch_rows(c), out=rows(mine, lo, hi), numel=count, stride=per,
                         ROWS=w, BLOCK=self._ce_block,
                     )  # fmt: skip
+                elif carries_bias:
+                    # Rank 0's product and the bias rounded once into scratch (the sequential path's partial),
+                    # then added to the peer's partial: the sequential path's sum.
+                    own = scratch[: (hi - lo) * n].view(hi - lo, n)
+                    product(lo, hi, own, True)
+                    if on_gpu:
+                        current.wait_event(pulled[c])
+                    target.add_(own)
                 else:
                     if on_gpu:
                         current.wait_event(pulled[c])
