@@ -112,7 +112,9 @@ def bench_rmsnorm(vf, tokens: int, hidden: int, calls: int, reps: int) -> dict:
     x = torch.randn(w, tokens, hidden, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).expand(w, -1, -1).contiguous()
     weight = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
-    work = x.clone()
+    # All-reduced in place call after call without the copy of x: zeros stay zeros (a nonzero input grows W-fold a
+    # call and reaches inf); the kernels' time does not depend on the values.
+    work = torch.zeros_like(x)
     row = {"world_size": w, "tokens": tokens, "hidden": hidden}
 
     def unfused():
