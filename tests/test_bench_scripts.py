@@ -319,6 +319,44 @@ def test_transfer_host_cost_times_every_variant_and_writes_its_record(tmp_path):
     assert refused.returncode == 2 and "counts must be" in refused.stderr and not (tmp_path / "x.json").exists()
 
 
+def test_transfer_soak_checks_every_byte_through_rejoins_and_restarts(tmp_path):
+    from sagellm_comm.transfer.nixl import nixl_available
+
+    if not nixl_available():
+        pytest.skip("needs NIXL (pip install -e '.[transfer]'; the test extra has it)")
+    out = tmp_path / "soak.json"
+    proc = _run("bench.transfer_soak", "--device", "cpu", "--backend", "nixl", "--seconds", "3", "--rejoin-every",
+                "5", "--timeout", "60", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads(out.read_text())
+    counts = record["counts"]
+    assert record["transport"] == "nixl" and record["errors"] == {"initiator": [], "peer": []}, record
+    assert counts["requests"] >= 25 and counts["rejoins"] >= 5 and counts["restarts"] >= 1, counts
+    assert counts["reads"] >= 8 and counts["wrong_bytes"] == counts["read_wrong_bytes"] == 0, counts
+
+
+def test_transfer_soak_counts_a_wrong_byte_a_byte_outside_the_blocks_and_keeps_destinations_apart():
+    import torch
+
+    from bench.transfer_soak import AREA_BYTES, plan, wrong_bytes
+
+    source = torch.arange(4096, dtype=torch.int64).to(torch.uint8)
+    blocks = [(10, 100, 50), (0, 400, 7)]
+    area = torch.zeros(1024, dtype=torch.uint8)
+    for lo, at, n in blocks:
+        area[at : at + n] = source[lo : lo + n]
+    assert wrong_bytes(area, blocks, source) == 0
+    area[149] ^= 1  # the first block's last byte
+    area[1000] = 3  # a byte no block covers
+    assert wrong_bytes(area, blocks, source) == 2
+    area[400:407] = 0  # the second block never landed
+    assert wrong_bytes(area, blocks, source) == 2 + int((source[:7] != 0).sum())
+    for k in range(300):
+        spans = sorted((at, at + n) for _, at, n in plan(1, k, "cpu", k % 2))
+        assert spans and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), k  # disjoint
+        assert spans[-1][1] <= AREA_BYTES["cpu"], k
+
+
 def test_protocol_cost_baseline_is_the_old_tree_alone(tmp_path):
     """The baseline tree imports itself, never this checkout's modules (an absolute import left unrenamed
     would measure the current code under the old name)."""
