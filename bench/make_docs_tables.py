@@ -733,6 +733,27 @@ def transfer_latency() -> str:
     return "\n\n".join(x for x in lines if x)
 
 
+TRANSFER_SOAK_NAME = "transfer_soak.json"
+
+
+def transfer_soak() -> str:
+    """Two processes, one GPU, ``bench/transfer_soak.py``: what moved and what was wrong."""
+    rel = current(TRANSFER_SOAK_NAME)
+    if not (RESULTS / rel).exists():
+        return not_yet(rel)
+    data = load(rel)
+    c = data["counts"]
+    errors = [e for side in data["errors"].values() for e in side]
+    wrong = c["wrong_bytes"] + c["read_wrong_bytes"]
+    return (
+        f"Soak, `{data['transport']}`, {data['seconds']:.0f} s: {c['requests']:,} written requests ({c['blocks']:,} "
+        f"blocks, {c['bytes'] / 1e9:,.1f} GB) with a notification each and {c['reads']:,} reads ({c['read_blocks']:,} "
+        f"blocks), {c['rejoins']} rejoins of which {c['restarts']} restarts of the peer: {wrong} wrong bytes, "
+        f"{c['notifications_out_of_order']} notifications out of order, "
+        f"{len(errors)} errors{': ' + '; '.join(errors) if errors else ''}. {device_of(rel)}; {cite(rel)}."
+    )
+
+
 TRANSFER_NOTIFY_NAME = "transfer_notify.json"
 
 
@@ -807,6 +828,7 @@ SCRIPT_OF = {
     TRANSFER_H200: "sagellm-comm transfer",
     **{f"{device}/{TRANSFER_LATENCY_NAME}": "bench/transfer_latency.py" for device in ONE_GPU_DEVICES},
     **{f"{device}/{TRANSFER_NOTIFY_NAME}": "sagellm-comm transfer" for device in ONE_GPU_DEVICES},
+    **{f"{device}/{TRANSFER_SOAK_NAME}": "bench/transfer_soak.py" for device in ONE_GPU_DEVICES},
 }
 
 
@@ -858,6 +880,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "transfer-h200": transfer_h200,
     "transfer-latency": transfer_latency,
     "transfer-notify": transfer_notify,
+    "transfer-soak": transfer_soak,
 }
 DOCS = ("README.md", "docs/custom_all_reduce.md", "docs/fused.md", "docs/benchmark.md", "docs/transfer.md")
 BLOCK_RE = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
