@@ -10,7 +10,7 @@
 #     ONLY='transfer|fp8' bash bench/remeasure_h200.sh   # only the steps whose name matches the regex
 #
 # Each step has its own time limit; a step that fails or runs out is named at the end (exit 1) and the others
-# still run.  The quick options keep the whole run near 9 minutes (bench/README.md says which records are
+# still run.  The quick options keep the whole run near 11 minutes (bench/README.md says which records are
 # quick sweeps); FULL=1 runs every bench's full sweep instead (about an hour).
 set -euo pipefail
 
@@ -129,6 +129,8 @@ step "transfer notification" 60 "$PY" -m sagellm_comm.cli transfer --backend ipc
 if ((OK)); then cp "$SCRATCH/transfer_notify.json" "$OUT/"; fi
 step "transfer latency paths" 60 "$PY" -m bench.transfer_latency --requests 100 --rounds 3 \
     --out "$OUT/transfer_latency.json"
+# Two processes moving random block lists, every byte checked, peers rejoining and restarting (the JSON is the record).
+step "transfer soak" 150 "$PY" -m bench.transfer_soak --seconds 120 --out "$OUT/transfer_soak.json"
 
 step "custom all-reduce, W = 2, 4, 8" 120 "$PY" -m bench.custom_all_reduce_bench --sizes "$AR_SIZES" \
     "${CALLS[@]}" --out "$OUT/custom_all_reduce_virtual.json"

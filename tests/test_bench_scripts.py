@@ -209,7 +209,14 @@ def test_remeasure_script_writes_every_one_gpu_record_under_h200():
     for name in names:
         stem = name.removesuffix(".json")
         assert stem in script, f"bench/remeasure_h200.sh does not write h200/{name}"
-    for name in ("protocol_cost.json", "fp8_fused.json", "fp8_payload.json", "transfer", "transfer_latency.json"):
+    for name in (
+        "protocol_cost.json",
+        "fp8_fused.json",
+        "fp8_payload.json",
+        "transfer",
+        "transfer_latency.json",
+        "transfer_soak.json",
+    ):
         assert f'"$OUT/{name}' in script, name
     assert 'cp "$SCRATCH/transfer_notify.json" "$OUT/"' in script
 
