@@ -1010,6 +1010,10 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> dict:
             for form, (quantise, _, _) in FP8_FORMS.items():
                 inputs = _chain_inputs(rank, torch.bfloat16) + [torch.tensor([0.02])]
                 cases[f"fp8 {form}"] = (_quantised_chain(quantise), inputs)
+            for value in STATIC_SCALES_TAKEN:  # data the model's own division takes, as the fused op must
+                for form in ("static decomposed", "op static"):
+                    inputs = _chain_inputs(rank, torch.bfloat16) + [torch.tensor([value])]
+                    cases[f"fp8 {form} scale {value}"] = (_quantised_chain(FP8_FORMS[form][0]), inputs)
         for name, (fn, inputs) in cases.items():
             try:
                 unfused, fused, done = _both(fn, inputs)
@@ -1170,6 +1174,29 @@ def test_fp8_rewrites_match_the_unfused_quantisation(gloo_outcomes, form) -> Non
         for got, expected in zip(scales, scales_ref, strict=True):  # dynamic scales: amax / 448 of y
             assert torch.allclose(got, expected, rtol=2**-7)
     assert all(torch.equal(a, b) for a, b in zip(per_rank[0][1], per_rank[1][1], strict=True))
+
+
+STATIC_SCALES_TAKEN = (0.0, -0.5)
+
+
+@needs_fp8
+@pytest.mark.parametrize("value", STATIC_SCALES_TAKEN)
+@pytest.mark.parametrize("form", ["static decomposed", "op static"])
+def test_a_static_scale_that_is_not_positive_is_computed_with_as_the_model_does(gloo_outcomes, form, value) -> None:
+    """The scale is a graph input whose value the pass never sees: the fused op computes ``y / scale`` as the
+    model does (0: +-448, NaN where ``y`` is 0; negative: ``q`` negated) instead of refusing it."""
+    for rank, (unfused, fused, done) in enumerate(_case(gloo_outcomes, f"fp8 {form} scale {value}")):
+        assert done.total == 1, f"rank {rank}: {done}"
+        q, *_, new_residual = fused
+        q_ref, *_, new_residual_ref = unfused
+        assert torch.equal(new_residual, new_residual_ref)
+        assert q.dtype == torch.float8_e4m3fn and torch.equal(q.float().isnan(), q_ref.float().isnan())
+        finite = ~q.float().isnan()
+        if value == 0.0:
+            assert torch.equal(q.float()[finite].abs(), torch.full_like(q.float()[finite], 448.0)), f"rank {rank}"
+            assert torch.equal(q.float()[finite], q_ref.float()[finite]), f"rank {rank}"
+        else:
+            assert _within_one_fp8_step(q.float()[finite], q_ref.float()[finite]), f"rank {rank}"
 
 
 @needs_fp8

@@ -443,8 +443,6 @@ def _bad_input_worker(rank, world_size, port):
         (InvalidArgumentError, "quant must be None or one of", dict(quant="FP8")),
         (InvalidArgumentError, "only taken with quant='fp8'", dict(scale=ok_scale)),
     ]
-    for value in (0.0, -0.0, -0.1, float("inf"), float("-inf"), float("nan")):
-        bad.append((InvalidArgumentError, "finite positive", dict(quant="fp8", scale=torch.tensor([value]))))
     for error, match, kwargs in bad:
         with pytest.raises(error, match=match):
             fused(x, x, w, **kwargs)
@@ -492,13 +490,15 @@ def _gloo_bad_input_worker(rank, world_size, port):
                 all_reduce_residual_rmsnorm(x, x, w, group=world, quant="fp8_group128")
             with pytest.raises(InvalidArgumentError, match="scale is on meta"):
                 all_reduce_residual_rmsnorm(x, x, w, group=world, quant="fp8", scale=torch.ones(1, device="meta"))
-            for value in (0.0, -1.0, float("inf"), float("nan")):
-                with pytest.raises(InvalidArgumentError, match="finite positive"):
-                    all_reduce_residual_rmsnorm(x, x, w, group=world, quant="fp8", scale=torch.tensor([value]))
         ones = torch.ones(2, 200)
         q, s, res = all_reduce_residual_rmsnorm(ones * (rank + 1), torch.zeros(2, 200), w, 0.0, world, "fp8_per_token")
         assert torch.equal(res, torch.full((2, 200), 3.0))  # 1 + 2: the two ranks' calls paired up
         assert torch.all(q.float() == 448.0) and torch.all(s == 1.0 / 448.0)
+        # A static scale's value is data, not checked: 0 is the formula's y / 0, +-448, on the fallback too.
+        y = torch.where(torch.arange(200) % 2 == 0, 1.0, -1.0).repeat(2, 1)
+        zero = torch.tensor([0.0])
+        q, s, res = all_reduce_residual_rmsnorm(y / 2, torch.zeros(2, 200), w, 0.0, world, "fp8", zero)
+        assert s is zero and torch.equal(q.float(), 448.0 * y) and torch.equal(res, y)
         return True
     finally:
         sagellm_comm.destroy()
@@ -508,39 +508,41 @@ def test_bad_input_on_the_fallback_raises_before_the_all_reduce():
     run_ranks(_gloo_bad_input_worker, 2, timeout=120)
 
 
-def _device_scale_worker(rank, world_size, port):
-    """A static scale that is not finite and positive, as a device tensor brings it (not read on the host): the
-    kernels give the documented formula's bits, ``e4m3(clamp(y / scale))``, as the unfused chain does.  The check of
-    the public call refuses a CPU scale, so the kernels are launched here as the call launches them."""
+def _invalid_scale_worker(rank, world_size, port):
+    """A static scale that is not finite and positive is data like any other, on every device: every algorithm, the
+    unfused chain and the reference give the documented formula's bits, ``e4m3(clamp(y / scale, -448, 448))``.
+    ``x`` is +-0.5 on both ranks and eps 0, so the reduced row is +-1, its mean square 1 and ``y = weight * sign``
+    exactly; zeros in the weight make ``y = +-0`` (``0 / 0`` is NaN)."""
     import torch.distributed as dist
 
-    from sagellm_comm.fused import rmsnorm_reference
+    from sagellm_comm.fused import quantize_fp8_reference
 
     _, fused = _setup(rank, world_size, port)
+    fused.fallback = lambda t: (dist.all_reduce(t), t)[1]
     g = torch.Generator().manual_seed(11)
     rows, hidden = 3, 256
-    x = torch.randn(rows, hidden, generator=g)
-    residual = torch.randn(rows, hidden, generator=g)
-    x[1], residual[1] = 0.0, 0.0  # y = 0 in a row: 0 / 0 is NaN
-    weight = torch.ones(hidden)
-    reduced = x * world_size
-    y = rmsnorm_reference(residual + reduced, weight, 1e-6)
+    sign = torch.where(torch.rand(rows, hidden, generator=g) < 0.5, -1.0, 1.0)
+    weight = torch.rand(hidden, generator=g) * 4 - 2
+    weight[::5] = 0.0
     checked = 0
-    for value in (0.0, -0.05, float("inf"), float("nan")):
-        scale = torch.tensor([value])
-        want = (y / scale.reshape(())).clamp(-448, 448).to(E4M3).view(torch.uint8)
-        for algo in ("one_shot", "two_shot", "lamport"):
-            q, scales, new_res = fused.new_outputs(x, "fp8", scale)
-            fused.launch(algo, x, residual, weight, q, scales, new_res, rows, hidden, 1e-6, "fp8")
-            fused.check_errors()
-            assert torch.equal(q.view(torch.uint8), want), (value, algo)
-            checked += 1
-        dist.barrier()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, residual, w = (sign / world_size).to(dtype), torch.zeros(rows, hidden, dtype=dtype), weight.to(dtype)
+        y = (w * sign.to(dtype)).float()
+        for value in (0.0, -0.0, -0.05, float("inf"), float("-inf"), float("nan")):
+            scale = torch.tensor([value])
+            want = (y / scale.reshape(())).clamp(-448, 448).to(E4M3).view(torch.uint8)
+            assert torch.equal(quantize_fp8_reference(y.to(dtype), "fp8", scale)[0].view(torch.uint8), want), value
+            for algo in ("one_shot", "two_shot", "lamport", "unfused"):
+                q, scales, new_res = fused(x, residual, w, 0.0, algo=algo, quant="fp8", scale=scale)
+                fused.check_errors()
+                assert scales is scale and torch.equal(new_res, sign.to(dtype)), (value, algo)
+                assert torch.equal(q.view(torch.uint8), want), (dtype, value, algo)
+                checked += 1
     return checked
 
 
-def test_a_static_scale_that_is_not_finite_and_positive_gives_the_formulas_bits_on_the_kernels():
-    assert run_ranks(_device_scale_worker, 2, env=INTERP, timeout=300) == [12, 12]
+def test_a_static_scale_that_is_not_finite_and_positive_gives_the_formulas_bits_on_every_path():
+    assert run_ranks(_invalid_scale_worker, 2, env=INTERP, timeout=300) == [48, 48]
 
 
 def test_virtual_ranks_refuse_an_x_that_is_not_a_tensor():

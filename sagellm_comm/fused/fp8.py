@@ -22,14 +22,18 @@ The numerics (:func:`quantize_fp8_reference`, computed identically by the kernel
 every division an IEEE fp32 division (rounded to nearest, never a multiplication by a reciprocal, which would
 round twice), the conversion round-to-nearest-even.  ``FP8_SCALE_FLOOR = 2**-117``: the smallest scale for
 which every non-zero ``q * s`` is a normal fp32 number (an all-zero row gets it instead of a division by zero).
+
+The static scale's value is data, read by the quantisation only, never by an argument check, on every device:
+reading it on the host would synchronise the host with a GPU on every call and fail during CUDA graph capture, and
+a compiled model whose own ``y / scale`` the fused op replaces must compute whatever that division computes.  A
+scale that is not finite and positive gives the formula's outputs, the same bits on the kernels, the fallback and
+here: 0 gives +-448 (NaN where ``y`` is 0), a negative scale negates ``q``, an infinite one makes ``q`` 0 (NaN
+where ``y`` is infinite), NaN makes ``q`` NaN.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from sagellm_comm.kernels import fp8 as _k8
 
@@ -55,10 +59,9 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
     """Typed errors for a bad ``quant`` / ``scale`` / input dtype combination, before anything runs.
 
     ``quant`` must be None or one of :data:`FP8_QUANT_MODES`; ``"fp8"`` needs ``scale``, a one-element fp32
-    tensor on ``x``'s device, finite and positive where its value is read without a device synchronisation (a
-    CPU tensor; a device tensor's value is not checked: :func:`static_scale_readable`); the dynamic modes take no
-    ``scale`` and need a hidden size of at least 1; ``"fp8_group128"`` one divisible by 128; a quantised call
-    needs ``x`` in bf16, fp16 or fp32.
+    tensor on ``x``'s device, whose value is data, not read here (module docstring); the dynamic modes take no
+    ``scale`` and need a hidden size of at least 1; ``"fp8_group128"`` one divisible by 128; a quantised call needs
+    ``x`` in bf16, fp16 or fp32.
     """
     if quant is None:
         if scale is not None:
@@ -85,15 +88,6 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
             raise InvalidArgumentError(f"the FP8 scale must be torch.float32, got {scale.dtype}; pass scale.float()")
         if scale.device != x.device:
             raise InvalidArgumentError(f"the FP8 scale is on {scale.device}, x is on {x.device}; move it there")
-        if static_scale_readable(scale):
-            with unset_fake_temporarily():
-                value = scale.reshape(()).item()
-            if not 0.0 < value < math.inf:
-                raise InvalidArgumentError(
-                    f"the FP8 scale must be a finite positive number, got {value!r} (q = y / scale: 0 turns y = 0 "
-                    "into NaN, inf every q into 0)",
-                    details={"scale": repr(value)},
-                )
         return
     if scale is not None:
         raise InvalidArgumentError(
@@ -108,16 +102,6 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
             f"quant='fp8_group128' needs hidden divisible by {FP8_GROUP_SIZE}, got hidden={x.shape[-1]}; "
             "use quant='fp8_per_token'"
         )
-
-
-def static_scale_readable(scale: torch.Tensor) -> bool:
-    """Whether :func:`check_quant` reads the value of a static FP8 ``scale``: a real CPU tensor, read without a
-    device synchronisation.  A device tensor is not read (that would synchronise the host with the device on every
-    call, and fail during CUDA graph capture): an invalid value there gives the outputs of the documented formula,
-    the same bits on the kernels and the fallback (``y / 0`` is +-inf, saturated to +-448, and NaN where ``y`` is 0;
-    a negative scale negates ``q``; an infinite one makes ``q`` 0, NaN where ``y`` is infinite; NaN makes ``q``
-    NaN).  A fake tensor (tracing) has no value to read."""
-    return scale.device.type == "cpu" and not is_fake(scale)
 
 
 def scales_shape(tokens: int, hidden: int, quant: str) -> tuple[int, int]:
