@@ -82,7 +82,8 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
             )
         if scale.numel() != 1:
             raise ShapeMismatchError(
-                f"quant='fp8' needs a one-element scale (shape () or (1,)), got shape {tuple(scale.shape)}"
+                f"quant='fp8' needs a one-element scale (of any shape: (), (1,), (1, 1), ...), got shape "
+                f"{tuple(scale.shape)}"
             )
         if scale.dtype != torch.float32:
             raise InvalidArgumentError(f"the FP8 scale must be torch.float32, got {scale.dtype}; pass scale.float()")
