@@ -109,6 +109,17 @@ def check_is_tensor(value: Any, what: str) -> torch.Tensor:
     return value
 
 
+def check_values_in_memory(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a lazily conjugated or negated view (``z.conj()``, ``x._neg_view()``): its memory holds the values
+    before the conjugation or negation, so whatever copies or reduces its bytes would not see what it shows."""
+    if tensor.is_conj() or tensor.is_neg():
+        raise InvalidArgumentError(
+            f"{what} is a lazily conjugated (or negated) view, whose memory does not hold its values; resolve it "
+            "first with .resolve_conj() (or .resolve_neg()): a new tensor, which does not alias this one",
+            details={"conj": tensor.is_conj(), "neg": tensor.is_neg()},
+        )
+
+
 def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when the memory of contiguous tensors ``a`` and ``b`` has a byte in common (an empty tensor has none).
 
@@ -122,5 +133,5 @@ def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 __all__ = [
     "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_is_tensor", "check_timeout",
-    "is_int", "share_bytes",
+    "check_values_in_memory", "is_int", "share_bytes",
 ]  # fmt: skip

@@ -291,6 +291,22 @@ def test_make_region_refuses_what_cannot_be_registered():
             d.make_region(name, torch.zeros(4))
 
 
+def test_a_lazily_conjugated_or_negated_view_is_refused_as_a_region(recording_agents):
+    """Peers move a region's memory, and a conjugate (or negative) view's memory holds the values before its lazy
+    conjugation: registered, a peer would read ``1+2j`` from a tensor that shows ``1-2j``."""
+    agent, _ = recording_agents
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    for view in (z.conj(), torch.tensor([1.0, 2.0])._neg_view()):
+        assert view.is_contiguous()
+        with pytest.raises(InvalidArgumentError, match=r"region 'lazy' is a lazily conjugated .*resolve_conj\(\)"):
+            agent.register("lazy", view)
+        with pytest.raises(InvalidArgumentError, match="lazily conjugated"):
+            d.make_region("lazy", view)
+    assert "lazy" not in agent.regions
+    agent.register("lazy", z.conj().resolve_conj())  # resolved: its memory holds what it shows
+    assert "lazy" in agent.regions
+
+
 def test_every_region_name_register_takes_is_one_a_peer_reads_from_the_metadata(recording_agents):
     """A region name the peers' metadata check refuses (a tab, a newline) is refused at ``register``: taken there,
     it made every peer's ``add_peer`` of this agent fail."""

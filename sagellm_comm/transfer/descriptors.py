@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sagellm_comm.arguments import check_values_in_memory
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
 
 OPS = ("write", "read")
@@ -119,6 +120,7 @@ def make_region(name: str, tensor: Any) -> Region:
         raise InvalidArgumentError(f"region {name!r}: the tensor is empty")
     if tensor.device.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"region {name!r}: tensors on {tensor.device} cannot be registered (cpu or cuda)")
+    check_values_in_memory(tensor, f"region {name!r}")  # peers would read and write the memory, not the values
     itemsize = tensor.element_size()
     info = RegionInfo(
         name, tensor.numel() * itemsize, str(tensor.dtype).removeprefix("torch."), itemsize, tensor.device.type,

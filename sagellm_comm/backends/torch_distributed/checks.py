@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import check_is_tensor, is_int, share_bytes
+from sagellm_comm.arguments import check_is_tensor, check_values_in_memory, is_int, share_bytes
 from sagellm_comm.backend import GroupHandle, ReduceOp
 from sagellm_comm.errors import (
     GroupInvalidError,
@@ -119,12 +119,7 @@ def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> Non
         )
     if tensor.is_sparse or not tensor.is_contiguous():
         raise InvalidArgumentError(f"{what} must be a dense contiguous tensor; call .contiguous() first")
-    if tensor.is_conj() or tensor.is_neg():  # the memory holds the values before the lazy conjugation/negation
-        raise InvalidArgumentError(
-            f"{what} is a lazily conjugated (or negated) view, whose memory does not hold its values; resolve it "
-            "first with .resolve_conj() (or .resolve_neg()): a new tensor, which does not alias this one",
-            details={"conj": tensor.is_conj(), "neg": tensor.is_neg()},
-        )
+    check_values_in_memory(tensor, what)
 
 
 def check_list(
