@@ -33,6 +33,7 @@ from sagellm_comm.errors import (
     CommTimeoutError,
     ErrorCode,
     InvalidArgumentError,
+    NotImplementedCommError,
     NotInitializedError,
     PeerLostError,
     ShapeMismatchError,
@@ -1295,7 +1296,7 @@ def test_a_call_waiting_for_the_agent_sees_a_failure_another_thread_gave_the_han
     request = _PollAfterAbort()
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
     handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
-    call = handle.done if method == "done" else functools.partial(handle.wait_on_stream, object(), timeout=5.0)
+    call = handle.done if method == "done" else functools.partial(handle.wait_on_stream, _STREAM, timeout=5.0)
     waits_in = handle._poll.__code__ if method == "done" else handle.wait_on_stream.__code__
     outcome = []
 
@@ -1318,6 +1319,9 @@ def test_a_call_waiting_for_the_agent_sees_a_failure_another_thread_gave_the_han
     caller.join(5.0)
     assert len(outcome) == 1 and isinstance(outcome[0], CommTimeoutError), outcome
     assert handle.state == "failed" and request.aborted == 1
+
+
+_STREAM = types.SimpleNamespace(cuda_stream=0)  # taken for a torch.cuda.Stream (none can be made without a GPU)
 
 
 class _StreamWaits(_Pending):
@@ -1349,17 +1353,17 @@ def test_wait_on_stream_keeps_its_deadline_while_another_thread_holds_the_agent(
     with _held_by_another_thread(agent):
         start = time.monotonic()
         with pytest.raises(CommTimeoutError, match="peer 'b' .* within 0.2 s"):
-            handle.wait_on_stream(object(), **({"timeout": 0.2} if given else {}))
+            handle.wait_on_stream(_STREAM, **({"timeout": 0.2} if given else {}))
         assert time.monotonic() - start < 1.0 and handle.state == "failed" and request.deadlines == []
     agent.notifications()
     assert request.aborted == 1
     with pytest.raises(CommTimeoutError):
-        handle.wait_on_stream(object())  # the failure stays
+        handle.wait_on_stream(_STREAM)  # the failure stays
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: _Done())
     done = agent.write("b", "kv", "kv", [(0, 0, 16)])
     assert done.done()
     with _held_by_another_thread(agent):
-        done.wait_on_stream(object(), timeout=0.05)  # seen complete already: nothing to wait for, not failed
+        done.wait_on_stream(_STREAM, timeout=0.05)  # seen complete already: nothing to wait for, not failed
     assert done.state == "done"
 
 
@@ -1370,18 +1374,43 @@ def test_wait_on_stream_gives_the_request_its_deadline_and_a_host_wait_past_it_i
     request = _StreamWaits()
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
     before = time.monotonic()
-    agent.write("b", "kv", "kv", [(0, 0, 16)]).wait_on_stream(object(), timeout=5.0)
+    agent.write("b", "kv", "kv", [(0, 0, 16)]).wait_on_stream(_STREAM, timeout=5.0)
     assert before + 5.0 <= request.deadlines[0] <= time.monotonic() + 5.0
     stuck = _StreamWaits(stuck=True)
     monkeypatch.setattr(backend, "post", lambda *args, **kwargs: stuck)
     handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
     start = time.monotonic()
     with pytest.raises(CommTimeoutError, match="to peer 'b' .* within 0.1 s") as info:
-        handle.wait_on_stream(object(), timeout=0.1)
+        handle.wait_on_stream(_STREAM, timeout=0.1)
     assert time.monotonic() - start < 1.0 and handle.state == "failed" and info.value.details["peer"] == "b"
     assert stuck.aborted == 1
     with pytest.raises(InvalidArgumentError):
-        handle.wait_on_stream(object(), timeout=float("nan"))
+        handle.wait_on_stream(_STREAM, timeout=float("nan"))
+
+
+def test_wait_on_stream_without_cuda_or_given_no_stream_is_a_typed_error_and_leaves_the_handle_pending(
+    recording_agents, monkeypatch
+):
+    """The default stream of a process without CUDA was torch's AssertionError ("Torch not compiled with CUDA
+    enabled"), raised for a NIXL handle too, whose documented answer is NotImplementedCommError; a stream that is
+    none of torch's failed inside the transport with an AttributeError."""
+    agent, backend = recording_agents
+    request = _StreamWaits()
+    monkeypatch.setattr(backend, "post", lambda *args, **kwargs: request)
+    handle = agent.write("b", "kv", "kv", [(0, 0, 16)])
+
+    def no_cuda():
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", no_cuda)
+    with pytest.raises(NotImplementedCommError, match=r"no CUDA .* use wait\(\)"):
+        handle.wait_on_stream()
+    for stream in (object(), "stream", 0, types.SimpleNamespace(cuda_stream=1.0)):
+        with pytest.raises(InvalidArgumentError, match="stream must be a torch.cuda.Stream"):
+            handle.wait_on_stream(stream)
+    assert handle.state == "pending" and request.deadlines == [] and request.aborted == 0
+    handle.wait_on_stream(_STREAM, timeout=5.0)
+    assert len(request.deadlines) == 1
 
 
 def test_a_resident_copier_request_waits_on_the_stream_until_the_deadline_it_is_given():

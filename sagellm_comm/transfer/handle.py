@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sagellm_comm.arguments import check_timeout
-from sagellm_comm.errors import CommError, CommTimeoutError
+from sagellm_comm.errors import CommError, CommTimeoutError, InvalidArgumentError, NotImplementedCommError
 from sagellm_comm.transfer.base import Prepared, Request
 
 if TYPE_CHECKING:
@@ -102,12 +102,14 @@ class TransferHandle:
     def wait_on_stream(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         """Make ``stream`` (default: the current one) wait for this transfer on the device, without blocking the
         host: kernels queued there afterwards see every byte.  ``ipc`` transfers only (their completion is a
-        CUDA event); other transports raise ``NotImplementedCommError``: use :meth:`wait`.
+        CUDA event); other transports, and a process without CUDA, raise ``NotImplementedCommError``: use
+        :meth:`wait`.  A ``stream`` that is not a ``torch.cuda.Stream`` is an ``InvalidArgumentError``.
 
         The host waits at most ``timeout`` seconds (default: the agent's), for the agent's lock (another thread's
         call may hold it) and for a resident-copier request to be served; past it, :class:`CommTimeoutError` as
         from :meth:`wait` (the request is aborted), unless the handle is done: then nothing is left to wait for."""
         limit = self._agent.timeout if timeout is None else check_timeout(timeout)
+        stream = _cuda_stream(stream)
         if self.state == "failed":
             raise self.error
         deadline = time.monotonic() + limit
@@ -120,7 +122,7 @@ class TransferHandle:
             lock.release()
             raise self.error
         try:
-            self._request.wait_on_stream(stream if stream is not None else torch.cuda.current_stream(), deadline)
+            self._request.wait_on_stream(stream, deadline)
         except CommTimeoutError:
             timed_out = True
         else:
@@ -153,6 +155,26 @@ class TransferHandle:
             )
         )
         raise self.error
+
+
+def _cuda_stream(stream: Any) -> torch.cuda.Stream:
+    """``stream``, or the current CUDA stream for None; a stream that is none of torch's (it has no integer
+    ``cuda_stream``) is an ``InvalidArgumentError``, and a process without CUDA has no stream to make wait: a
+    ``NotImplementedCommError`` saying to use ``wait()``."""
+    if stream is None:
+        try:
+            return torch.cuda.current_stream()
+        except (AssertionError, RuntimeError) as exc:  # torch built without CUDA, or no GPU or driver here
+            raise NotImplementedCommError(
+                f"wait_on_stream makes a CUDA stream wait for the transfer, and this process has no CUDA ({exc}); "
+                "use wait()"
+            ) from None
+    handle = getattr(stream, "cuda_stream", None)
+    if handle.__class__ is not int:
+        raise InvalidArgumentError(
+            f"stream must be a torch.cuda.Stream (or None: the current stream), got {type(stream).__name__}"
+        )
+    return stream
 
 
 class PreparedBlocks:
