@@ -292,6 +292,31 @@ def test_make_region_refuses_what_cannot_be_registered():
             d.make_region(name, torch.zeros(4))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(4).to_sparse(),
+        lambda: torch.eye(4).to_sparse_csr(),
+        lambda: torch.eye(4).to_sparse_csc(),
+        lambda: torch.eye(4).to_sparse_bsr((2, 2)),
+        lambda: torch.zeros(4).to_mkldnn(),
+    ],
+    ids=["sparse-coo", "sparse-csr", "sparse-csc", "sparse-bsr", "mkldnn"],
+)
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_a_tensor_of_another_layout_than_strided_is_refused_as_a_region_naming_its_layout(recording_agents, make):
+    """A sparse CSR/CSC/BSR or MKL-DNN tensor made register raise torch's RuntimeError (``is_contiguous`` or
+    ``data_ptr`` of a layout that has none); a COO one was called not contiguous, with strides it does not have."""
+    agent, _ = recording_agents
+    try:
+        tensor = make()
+    except RuntimeError as exc:  # a torch build without this layout
+        pytest.skip(f"this torch cannot make the tensor: {exc}")
+    with pytest.raises(InvalidArgumentError, match=rf"region 'odd': a {tensor.layout} tensor cannot be registered"):
+        agent.register("odd", tensor)
+    assert "odd" not in agent.regions
+
+
 def test_a_lazily_conjugated_or_negated_view_is_refused_as_a_region(recording_agents):
     """Peers move a region's memory, and a conjugate (or negative) view's memory holds the values before its lazy
     conjugation: registered, a peer would read ``1+2j`` from a tensor that shows ``1-2j``."""

@@ -111,6 +111,11 @@ def make_region(name: str, tensor: Any) -> Region:
     check_region_name(name)
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"region {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout is not torch.strided and not tensor.is_nested:  # sparse, MKL-DNN: no block of its values
+        raise InvalidArgumentError(
+            f"region {name!r}: a {tensor.layout} tensor cannot be registered, only a dense one (torch.strided); "
+            "register a dense pool (of a sparse or MKL-DNN tensor, .to_dense() makes one)"
+        )
     if not tensor.is_contiguous():
         raise InvalidArgumentError(
             f"region {name!r}: the tensor is not contiguous (shape {tuple(tensor.shape)}, strides "
