@@ -1007,6 +1007,26 @@ def test_a_cuda_device_this_process_has_no_gpu_for_is_refused_when_the_agent_is_
         registry.unregister_transfer_backend("device-test")
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hpu", "lazy", torch.device("meta")])
+def test_a_device_that_is_neither_the_cpu_nor_a_cuda_gpu_is_refused_before_anything_is_made(device):
+    """``allocate`` on such a device raised torch's own error (AssertionError for xpu, ModuleNotFoundError for hpu,
+    NotImplementedError for mps), or made the memory before register refused it (meta); an agent made with one was
+    taken, and its ipc transport bound to it (no peer reachable, "this agent meta memory")."""
+    from sagellm_comm.transfer import TransferAgent
+
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        with pytest.raises(InvalidArgumentError, match="neither the CPU nor a CUDA GPU"):
+            TransferAgent("a", "device-test", device=device)
+        agent = TransferAgent("a", "device-test")
+        with pytest.raises(InvalidArgumentError, match="region 'kv': device .* is neither the CPU nor a CUDA GPU"):
+            agent.allocate("kv", 16, torch.float32, device)
+        assert agent.regions == []
+        agent.close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+
+
 @pytest.fixture
 def recording_agents():
     """Agents ``a`` and ``b`` over the recording transport, ``a`` with peers ``b`` and ``b-gpu`` (whose ``kv``

@@ -778,9 +778,15 @@ def _check_name(name: Any, what: str) -> None:
 
 
 def _usable_device(device: Any, what: str) -> torch.device:
-    """``device`` as a ``torch.device`` (:func:`check_device`); a CUDA device this process has no GPU for is refused
-    here, rather than by torch (an AssertionError or RuntimeError) at the agent's first call."""
+    """``device`` as a ``torch.device`` (:func:`check_device`) of the CPU or a CUDA GPU of this process; any other
+    device, or a CUDA device this process has no GPU for, is refused here, rather than by torch (an AssertionError,
+    RuntimeError or NotImplementedError) at the agent's first call or when ``allocate`` makes the memory."""
     device = check_device(device, what)
+    if device.type not in ("cpu", "cuda"):  # torch reads "meta", "mps", "xpu"...; no transport moves their memory
+        raise InvalidArgumentError(
+            f"{what} {str(device)!r} is neither the CPU nor a CUDA GPU: transfer regions live in CPU or CUDA memory",
+            details={"device": str(device)},
+        )
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
