@@ -3362,3 +3362,25 @@ def test_default_agent_names_of_one_process_are_unique() -> None:
     names = [world.default_agent_name(0) for _ in range(3)] + [world.default_agent_name(1)]
     assert len(set(names)) == len(names), names
     assert all(n.split("-pid")[1].startswith(f"{os.getpid()}-rank") for n in names), names
+
+
+def test_a_default_agent_name_of_a_long_host_name_is_one_an_agent_takes(monkeypatch) -> None:
+    """SAGELLM_COMM_HOSTNAME takes 255 characters; from about 100 the default name passed the 128 characters an
+    agent's name may take, and ``backend.transfer_agent()`` failed on every rank over a name nobody gave."""
+    from sagellm_comm.transfer import TransferAgent, world
+
+    names = {}
+    for host in ("n" * 90, "node-" + "x" * 250, "x" * 200 + "-1", "x" * 200 + "-2"):
+        monkeypatch.setenv("SAGELLM_COMM_HOSTNAME", host)
+        names[host] = [world.default_agent_name(rank) for rank in (0, 7, 7)]
+    registry.register_transfer_backend("device-test", _RecordingBackend)
+    try:
+        for host, given in names.items():
+            assert len(set(given)) == 3 and all(name.startswith(host[:48]) for name in given), given
+            assert all(f"-pid{os.getpid()}-rank" in name for name in given) and "-rank7-" in given[2], given
+            for name in given:
+                TransferAgent(name, "device-test").close()
+    finally:
+        registry.unregister_transfer_backend("device-test")
+    assert names["n" * 90][0].startswith("n" * 90 + "-pid")  # short enough: as it was
+    assert names["x" * 200 + "-1"][0].split("-pid")[0] != names["x" * 200 + "-2"][0].split("-pid")[0]

@@ -70,6 +70,7 @@ from sagellm_comm.transfer.notify import MAX_NAME as MAX_NAME_BYTES
 logger = logging.getLogger("sagellm_comm.transfer")
 
 DEFAULT_TIMEOUT_S = 30.0
+MAX_NAME_CHARS = 128  # an agent's name: at most this many characters, and MAX_NAME_BYTES in UTF-8
 # The calling thread's CUDA device without torch.cuda.current_device()'s Python layer (it initialises CUDA
 # itself); absent from CPU builds of torch, where no agent has a CUDA device.
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -143,12 +144,12 @@ class TransferAgent:
         options: dict[str, dict] | None = None,
     ):
         if (
-            not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable()
+            not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or not name.isprintable()
             or len(name.encode()) > MAX_NAME_BYTES
         ):  # fmt: skip
             raise InvalidArgumentError(
-                f"agent name must be a printable string of 1..128 characters and at most {MAX_NAME_BYTES} bytes in "
-                f"UTF-8 (a peer's notification ring holds it), got {name!r}"
+                f"agent name must be a printable string of 1..{MAX_NAME_CHARS} characters and at most "
+                f"{MAX_NAME_BYTES} bytes in UTF-8 (a peer's notification ring holds it), got {name!r}"
             )
         self.timeout = check_timeout(timeout)
         device = None if device is None else _usable_device(device, "device")

@@ -10,6 +10,7 @@ other engine instances join with ``add_peer(metadata)`` as usual.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sagellm_comm.errors import CollectiveFailedError, GroupInvalidError, GroupNotFoundError, InvalidArgumentError
-from sagellm_comm.transfer.agent import DEFAULT_TIMEOUT_S, TransferAgent
+from sagellm_comm.transfer.agent import DEFAULT_TIMEOUT_S, MAX_NAME_BYTES, MAX_NAME_CHARS, TransferAgent
 from sagellm_comm.transfer.metadata import AgentMetadata
 
 if TYPE_CHECKING:
@@ -30,11 +31,18 @@ _NAMED = itertools.count(1)  # default names given in this process
 
 def default_agent_name(rank: int) -> str:
     """``<host>-pid<pid>-rank<rank>``, with ``-<n>`` for the n-th such name this process gives (a process that
-    connects several groups): unique across the engine instances of a cluster and the agents of a process."""
+    connects several groups): unique across the engine instances of a cluster and the agents of a process.  A host
+    name too long for an agent's name (``SAGELLM_COMM_HOSTNAME`` takes 255 characters) is cut to its first 48
+    bytes followed by ``~`` and 16 hexadecimal digits of its SHA-256."""
     from sagellm_comm.transfer.metadata import host_name
 
     n = next(_NAMED)
-    return f"{host_name()}-pid{os.getpid()}-rank{rank}" + (f"-{n}" if n > 1 else "")
+    host, suffix = host_name(), f"-pid{os.getpid()}-rank{rank}" + (f"-{n}" if n > 1 else "")
+    name = host + suffix
+    if len(name) > MAX_NAME_CHARS or len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(host.encode()).hexdigest()[:16]
+        name = f"{host.encode()[:48].decode(errors='ignore')}~{digest}{suffix}"
+    return name
 
 
 def connect_world(
