@@ -317,6 +317,36 @@ def test_a_tensor_of_another_layout_than_strided_is_refused_as_a_region_naming_i
     assert "odd" not in agent.regions
 
 
+class _Wrapper(torch.Tensor):
+    """A wrapper tensor subclass (as DTensor is): shape, dtype and device of its own, its memory in another tensor."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func}")
+
+
+def test_a_tensor_without_memory_of_its_own_is_refused_as_a_region(recording_agents):
+    """A FakeTensor or a wrapper subclass has data pointer 0: registered, a transport was handed address 0 (the
+    built-ins refused it by luck, as process-private memory or a NIXL backend error; another transport would copy
+    from and to address 0)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    agent, backend = recording_agents
+    with FakeTensorMode():
+        fake = torch.zeros(16)
+    for tensor in (fake, _Wrapper(torch.zeros(16))):
+        with pytest.raises(InvalidArgumentError, match=r"region 'nomem': the tensor \(\w+\) has no memory of its own"):
+            agent.register("nomem", tensor)
+    assert "nomem" not in agent.regions
+
+
 def test_a_lazily_conjugated_or_negated_view_is_refused_as_a_region(recording_agents):
     """Peers move a region's memory, and a conjugate (or negative) view's memory holds the values before its lazy
     conjugation: registered, a peer would read ``1+2j`` from a tensor that shows ``1-2j``."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from sagellm_comm.arguments import check_values_in_memory
 from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError
@@ -126,12 +127,28 @@ def make_region(name: str, tensor: Any) -> Region:
     if tensor.device.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"region {name!r}: tensors on {tensor.device} cannot be registered (cpu or cuda)")
     check_values_in_memory(tensor, f"region {name!r}")  # peers would read and write the memory, not the values
+    if not _has_memory(tensor):
+        raise InvalidArgumentError(
+            f"region {name!r}: the tensor ({type(tensor).__name__}) has no memory of its own (a FakeTensor, or a "
+            "wrapper subclass over other tensors such as a DTensor); register the tensor that holds the memory"
+        )
     itemsize = tensor.element_size()
     info = RegionInfo(
         name, tensor.numel() * itemsize, str(tensor.dtype).removeprefix("torch."), itemsize, tensor.device.type,
         tensor.device.index or 0,
     )  # fmt: skip
     return Region(info, tensor)
+
+
+def _has_memory(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds memory of its own: not a FakeTensor (whose data pointer torch warns about, and is
+    0) and a data pointer that is not 0 (a wrapper subclass's; one without storage raises)."""
+    if is_fake(tensor):
+        return False
+    try:
+        return tensor.data_ptr() != 0
+    except RuntimeError:
+        return False
 
 
 def int64_array(values: Any, what: str) -> np.ndarray:
