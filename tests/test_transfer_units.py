@@ -3414,3 +3414,56 @@ def test_a_default_agent_name_of_a_long_host_name_is_one_an_agent_takes(monkeypa
         registry.unregister_transfer_backend("device-test")
     assert names["n" * 90][0].startswith("n" * 90 + "-pid")  # short enough: as it was
     assert names["x" * 200 + "-1"][0].split("-pid")[0] != names["x" * 200 + "-2"][0].split("-pid")[0]
+
+
+@pytest.mark.parametrize("move", ["share_memory_", "resize_", "set_"])
+def test_a_region_whose_tensor_moved_after_register_is_refused_before_any_byte_moves(move):
+    """``share_memory_()`` (what torch.multiprocessing does to a tensor it sends), ``resize_()`` and ``set_()`` give
+    a registered tensor other memory, and the memory the transports registered may be freed: every post over the
+    region is refused naming it, nothing moves, and ``deregister`` then ``register`` of the tensor make it usable
+    again."""
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.nixl import nixl_available
+
+    if not nixl_available():
+        pytest.skip("needs NIXL (pip install -e '.[transfer]'; the test extra has it)")
+    a, b = TransferAgent("moved-a", "nixl"), TransferAgent("moved-b", "nixl")
+    try:
+        kv = torch.arange(4096, dtype=torch.int64).to(torch.uint8)
+        a.register("kv", kv)
+        dst = b.allocate("kv", 4096, torch.uint8)
+        peer = a.add_peer(b.metadata())
+        b.add_peer(a.metadata())
+        pool = a.prepare(peer, "kv", "kv", 1024)
+        a.write(peer, "kv", "kv", [(0, 0, 1024)]).wait(30)
+        assert torch.equal(dst[:1024], kv[:1024])
+        if move == "share_memory_":
+            kv.share_memory_()
+        elif move == "resize_":
+            kv.resize_(1 << 20)
+        else:
+            kv.set_(torch.zeros(4096, dtype=torch.uint8))
+        before = dst.clone()
+        posts = {
+            "one block": lambda: a.write(peer, "kv", "kv", [(0, 1024, 512)], notify=b"x"),
+            "blocks": lambda: a.write(peer, "kv", "kv", [(0, 1024, 8), (8, 2048, 8)]),
+            "read": lambda: a.read(peer, "kv", "kv", [(0, 0, 64)]),
+            "array": lambda: a.write(peer, "kv", "kv", np.array([[0, 1024, 64], [64, 2048, 64]])),
+            "prepare": lambda: a.prepare(peer, "kv", "kv", 1024),
+            "one id": lambda: pool.write([0], [1]),
+            "ids": lambda: pool.write([0, 1], [2, 3]),
+        }
+        for what, post in posts.items():
+            with pytest.raises(InvalidArgumentError, match="region 'kv': its tensor moved") as info:
+                post()
+            assert info.value.details["region"] == "kv", what
+        assert torch.equal(dst, before) and b.notifications() == []
+        a.deregister("kv")
+        a.register("kv", kv)
+        peer = a.add_peer(b.metadata())  # the same peer; b learns the new region from a's new metadata
+        b.add_peer(a.metadata())
+        a.write(peer, "kv", "kv", [(0, 2048, 1024)]).wait(30)
+        assert torch.equal(dst[2048:3072], kv[:1024])
+    finally:
+        a.close()
+        b.close()

@@ -215,7 +215,8 @@ class TransferAgent:
 
         Register every region before :meth:`metadata`: peers see the regions of the metadata they were given.
         The memory must stay valid until every peer has removed this agent (one-sided transfers write into it
-        at any time).
+        at any time): a tensor moved to other memory (``share_memory_()``, ``resize_()``, ``set_()``) is refused
+        at this agent's posts, but peers would still write into the old memory.
         """
         with self._call:
             self._check_new_region(name)
@@ -287,7 +288,7 @@ class TransferAgent:
         it referenced) and the first error is raised."""
         with self._call:
             self._check_open()
-            region = self._region(name)
+            region = self._region(name, in_place=False)  # a region whose tensor moved is let go of as well
             pools = [p for entry in self._peers.values() for p in entry.prepared if p.backend_prepared.local is region]
 
             def forget(backend: TransferBackend) -> None:
@@ -551,7 +552,7 @@ class TransferAgent:
             return None
         entry = self._peers.get(peer)
         local = self._regions.get(local_region)
-        if entry is None or local is None:
+        if entry is None or local is None or local.tensor.data_ptr() != local.ptr:  # moved: _region says so
             return None
         remote = entry.meta.regions.get(remote_region)
         return None if remote is None else (entry, local, remote)
@@ -586,6 +587,7 @@ class TransferAgent:
                     f"{prepared!r} was released (remove_peer, deregister of its region, close or release())"
                 )
             entry = self._peer(prepared.peer)
+            prepared.backend_prepared.local.check_in_place()
             message = _message(notify)
             check_block_ids(ids, prepared.layout, op)
             request = entry.backend.post_blocks(prepared.backend_prepared, op, ids, message)
@@ -602,7 +604,9 @@ class TransferAgent:
             if self._closed or prepared.released:
                 return None
             entry = self._peers.get(prepared.peer)
-            if entry is None or not ids_fit(prepared.layout, local_block, remote_block):
+            local = prepared.backend_prepared.local
+            moved = local.tensor.data_ptr() != local.ptr  # the general path says so
+            if entry is None or moved or not ids_fit(prepared.layout, local_block, remote_block):
                 return None
             message = _message(notify)
             request = entry.backend.post_one_id(prepared.backend_prepared, op, local_block, remote_block, message)
@@ -750,13 +754,17 @@ class TransferAgent:
             )
         return entry
 
-    def _region(self, name: str) -> Region:
+    def _region(self, name: str, in_place: bool = True) -> Region:
+        """Local region ``name``; unless ``in_place`` is False (what ``deregister`` takes), one whose tensor moved
+        since it was registered is refused (:meth:`Region.check_in_place`)."""
         _check_name(name, "local region")
         region = self._regions.get(name)
         if region is None:
             raise InvalidArgumentError(
                 f"unknown local region {name!r} of agent {self.name!r}; registered: {sorted(self._regions) or 'none'}"
             )
+        if in_place:
+            region.check_in_place()
         return region
 
     @staticmethod

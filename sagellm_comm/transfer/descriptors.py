@@ -95,6 +95,19 @@ class Region:
     def name(self) -> str:
         return self.info.name
 
+    def check_in_place(self) -> None:
+        """``InvalidArgumentError`` when the tensor no longer lies in the memory it was registered with: a
+        ``share_memory_()`` (which ``torch.multiprocessing`` does to a tensor it sends), ``resize_()`` or ``set_()``
+        since moved it, and the memory the transports registered may be freed or hold another tensor."""
+        if self.tensor.data_ptr() != self.ptr:
+            raise InvalidArgumentError(
+                f"region {self.name!r}: its tensor moved to other memory after it was registered (share_memory_(), "
+                "resize_() or set_() on it, or torch.multiprocessing sending it): the memory the transports "
+                "registered is no longer the tensor's; deregister the region, then register the tensor again "
+                "(peers need the new metadata)",
+                details={"region": self.name},
+            )
+
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
