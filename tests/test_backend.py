@@ -713,6 +713,43 @@ def test_destroy_releases_every_group_when_one_release_raises(monkeypatch) -> No
         dist.destroy_process_group()
 
 
+def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
+    """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
+    the Gloo one cannot be made, the engine's already made is released, and the error is typed."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from sagellm_comm.backends.torch_distributed.engines import ENGINES
+    from sagellm_comm.errors import CommError
+
+    # the Gloo engine posing as a device engine (its own groups plus a Gloo side), in the caller's world of one
+    monkeypatch.setitem(ENGINES, "gloo", dataclasses.replace(ENGINES["gloo"], host_blocking=False))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        backend = CommBackend.create("gloo").init(rank=0, world_size=1)
+        make_group = dist.new_group
+        made: list = []
+
+        def gloo_side_fails(ranks=None, timeout=None, backend=None, **kwargs):
+            if backend == "gloo":
+                raise RuntimeError("Gloo could not connect")
+            made.append(make_group(ranks, timeout=timeout, backend=backend, **kwargs))
+            return made[-1]
+
+        monkeypatch.setattr(dist, "new_group", gloo_side_fails)
+        with pytest.raises(CommError, match="Gloo could not connect"):
+            backend.new_group([0])
+        assert len(made) == 1
+        with pytest.raises(ValueError, match="Invalid process group"):  # torch no longer holds it
+            dist.destroy_process_group(made[0])
+        monkeypatch.setattr(dist, "new_group", make_group)
+        backend.destroy()
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
 def test_a_conjugate_view_is_refused_as_an_argument_before_calling_torch() -> None:
     """A complex tensor with its conjugate bit set (``z.conj()``, lazily conjugated): the engines move its memory,
     which holds the unconjugated values; torch refuses it as an engine failure, the adapter as a bad argument."""

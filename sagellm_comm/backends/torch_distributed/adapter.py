@@ -290,11 +290,21 @@ class TorchDistributedBackend(CommBackend):
         self._check_ready()
         members = check_group_ranks(ranks, self._world_size)
         self._check_same_members(members)
+        what = f"new_group({list(members)})"
         try:
             engine_pg = dist.new_group(list(members), timeout=seconds(self.timeout))
-            cpu_pg = engine_pg if self.engine.host_blocking else self._gloo_group(members)
         except Exception as exc:
-            raise self._translate(exc, f"new_group({list(members)})", self.timeout) from exc
+            raise self._translate(exc, what, self.timeout) from exc
+        try:
+            cpu_pg = engine_pg if self.engine.host_blocking else self._gloo_group(members)
+        except Exception as exc:  # the engine's group is made: release it, or it stays held for the process's life
+            error = self._translate(exc, f"{what}: its Gloo side", self.timeout)
+            undo_after_failure(
+                [functools.partial(_destroy_if_live, engine_pg)],
+                log,
+                f"sagellm-comm {what}: releasing the engine group",
+            )
+            raise error from exc
         is_member = self._rank in members
         handle = GroupHandle(
             members,
