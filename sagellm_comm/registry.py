@@ -253,7 +253,15 @@ def create_backend(kind: str = AUTO, **kwargs: Any) -> CommBackend:
     entry = _lookup(name)
     entry.check()
     _check_arguments(entry, kwargs, auto)
-    backend = entry.factory(**kwargs)
+    try:
+        backend = entry.factory(**kwargs)
+    except CommError:  # already typed, and saying what is wrong
+        raise
+    except Exception as exc:  # a third party's factory failing: typed, naming the kind and the failure
+        raise BackendNotSupportedError(
+            f"backend {name!r} could not be built: its factory raised {type(exc).__name__}: {exc}",
+            details={"kind": name},
+        ) from exc
     if not isinstance(backend, CommBackend):
         raise BackendNotSupportedError(
             f"factory of backend {name!r} returned {type(backend).__name__}, not a CommBackend",
@@ -274,10 +282,8 @@ def get_comm_backend(kind: str | None = None, **kwargs: Any) -> CommBackend:
 
 
 def _check_arguments(entry: _Entry, kwargs: dict[str, Any], auto: bool) -> None:
-    """Refuse keyword arguments ``entry``'s factory does not take, before it is called (its TypeError would
-    name neither the kind nor, with ``auto``, that the kind was chosen here)."""
-    if not kwargs:
-        return
+    """Refuse keyword arguments ``entry``'s factory does not take, and a call without one it requires, before it
+    is called (its TypeError would name neither the kind nor, with ``auto``, that the kind was chosen here)."""
     try:
         signature = inspect.signature(entry.factory)
     except (TypeError, ValueError):  # no signature to read (a builtin): the factory checks its own arguments
@@ -287,7 +293,7 @@ def _check_arguments(entry: _Entry, kwargs: dict[str, Any], auto: bool) -> None:
     except TypeError as exc:
         chosen = f"backend 'auto' chose {entry.name!r}, which" if auto else f"backend {entry.name!r}"
         raise InvalidArgumentError(
-            f"{chosen} does not take the arguments {sorted(kwargs)} ({exc})",
+            f"{chosen} cannot be built with the arguments {sorted(kwargs)} ({exc})",
             details={"kind": entry.name, "arguments": sorted(kwargs)},
         ) from exc
 

@@ -465,9 +465,11 @@ def test_third_party_backend_registry(caplog) -> None:
         assert len(logged) == 1 and f"chose {baseline!r}" in logged[0], logged
         assert CommBackend.create("gloo").auto_choice is None  # a named kind skips nothing
         # An argument of another kind (the custom backend's max_bytes) names the kind, also one auto chose.
-        with pytest.raises(InvalidArgumentError, match=r"backend 'gloo' does not take .*'max_bytes'"):
+        with pytest.raises(
+            InvalidArgumentError, match=r"backend 'gloo' cannot be built with the arguments \['max_bytes'\]"
+        ):
             CommBackend.create("gloo", max_bytes=1 << 20)
-        with pytest.raises(InvalidArgumentError, match=f"'auto' chose {baseline!r}, which does not take"):
+        with pytest.raises(InvalidArgumentError, match=f"'auto' chose {baseline!r}, which cannot be built with"):
             get_comm_backend("auto", no_such_argument=1)
         with pytest.raises(BackendNotSupportedError, match="registered but not available"):
             CommBackend.create("loopback")
@@ -481,6 +483,37 @@ def test_third_party_backend_registry(caplog) -> None:
     finally:
         unregister_comm_backend("loopback")
     assert "loopback" not in list_comm_backends()
+
+
+def _needs_an_address(address: str) -> CommBackend:
+    return LoopbackBackend()
+
+
+def _cannot_connect() -> CommBackend:
+    raise OSError("the vendor library found no device")
+
+
+def test_a_factory_that_cannot_build_its_backend_is_a_typed_error_naming_the_kind() -> None:
+    """A third party's factory that needs an argument the call did not give, or that raises, fails as a typed
+    error naming the kind (and the failure), not as the factory's own exception."""
+    from sagellm_comm import register_comm_backend
+    from sagellm_comm.backend import unregister_comm_backend
+
+    try:
+        register_comm_backend("needs-address", _needs_an_address)
+        register_comm_backend("cannot-connect", _cannot_connect)
+        with pytest.raises(
+            InvalidArgumentError, match=r"backend 'needs-address' cannot be built with the arguments \[\]"
+        ):
+            CommBackend.create("needs-address")
+        assert isinstance(CommBackend.create("needs-address", address="here"), LoopbackBackend)
+        with pytest.raises(
+            BackendNotSupportedError, match=r"'cannot-connect' could not be built: .*OSError: the vendor"
+        ):
+            CommBackend.create("cannot-connect")
+    finally:
+        unregister_comm_backend("needs-address")
+        unregister_comm_backend("cannot-connect")
 
 
 _FIRST_REGISTRY_CALLS = """
