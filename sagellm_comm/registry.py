@@ -84,9 +84,9 @@ class _Entry:
             return
         try:
             ok = bool(self.is_available())
-        except CommError:
+        except BackendNotSupportedError:  # the probe's own "not here", saying what is missing
             raise
-        except Exception as exc:  # a probe that crashes means "not here", with the reason
+        except Exception as exc:  # a probe that fails otherwise (any other error, typed or not) means "not here" too
             raise BackendNotSupportedError(
                 f"backend {self.name!r} is not available: its availability check failed ({exc})",
                 details={"kind": self.name},

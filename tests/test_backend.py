@@ -485,6 +485,32 @@ def test_third_party_backend_registry(caplog) -> None:
     assert "loopback" not in list_comm_backends()
 
 
+def _probe_that_fails() -> bool:
+    raise RankMismatchError("the probe asked for a rank it does not have")
+
+
+def test_auto_skips_a_kind_whose_probe_fails_with_any_error() -> None:
+    """An availability probe failing with an error other than BackendNotSupportedError (typed or not) makes its kind
+    unavailable, with the reason: "auto" skips it rather than failing."""
+    from sagellm_comm import is_comm_backend_available, register_comm_backend
+    from sagellm_comm.backend import unregister_comm_backend
+
+    baseline = get_comm_backend().name
+    try:
+        register_comm_backend("probe-fails", LoopbackBackend, is_available=_probe_that_fails, priority=1000)
+        assert not is_comm_backend_available("probe-fails")
+        chosen = get_comm_backend()
+        assert chosen.name == baseline
+        assert (
+            "availability check failed ([comm_rank_mismatch] the probe asked for a rank"
+            in chosen.auto_choice.skipped["probe-fails"]
+        )
+        with pytest.raises(BackendNotSupportedError, match="'probe-fails' is not available"):
+            CommBackend.create("probe-fails")
+    finally:
+        unregister_comm_backend("probe-fails")
+
+
 def _needs_an_address(address: str) -> CommBackend:
     return LoopbackBackend()
 
