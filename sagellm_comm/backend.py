@@ -85,7 +85,7 @@ class ReduceOp(str, enum.Enum):
     def parse(cls, op: ReduceOp | str | Any) -> ReduceOp:
         """Return the :class:`ReduceOp` named by ``op``; never guesses.
 
-        Accepts a ``ReduceOp``, its value or name in any case (``"sum"``, ``"PRODUCT"``), or a
+        Accepts a ``ReduceOp``, its value or name in any ASCII case (``"sum"``, ``"PRODUCT"``), or a
         ``torch.distributed.ReduceOp``.  Anything else raises :class:`InvalidArgumentError` (an
         unknown op is never silently turned into SUM).
         """
@@ -96,7 +96,8 @@ class ReduceOp(str, enum.Enum):
             # torch.distributed.ReduceOp.SUM prints as "RedOpType.SUM" / has .name on newer torch
             text = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
         key = str(text).strip()
-        for member in cls:
+        # ASCII only: Unicode case mapping would take "ſum" for SUM ("ſ".upper() == "S") and "mın" for MIN
+        for member in cls if key.isascii() else ():
             if key.lower() == member.value or key.upper() == member.name:
                 return member
         valid = ", ".join(m.name for m in cls if m.name != "PROD")

@@ -123,6 +123,14 @@ def test_errors_are_builtin_exceptions_too() -> None:
     assert sagellm_comm.ReduceOp.parse(torch.distributed.ReduceOp.MAX) is sagellm_comm.ReduceOp.MAX
 
 
+@pytest.mark.parametrize("spelling", ["\u017fum", "m\u0131n", "MA\u0425", "sum\u0000", "", "s u m"])
+def test_reduce_op_parse_takes_no_spelling_that_only_unicode_case_mapping_or_lookalikes_make_a_name(spelling) -> None:
+    """``"ſum"`` upper-cases to ``"SUM"`` and ``"mın"`` to ``"MIN"``; neither names an op, nor does a Cyrillic
+    lookalike or a name with a NUL: each is refused, never guessed."""
+    with pytest.raises(InvalidArgumentError, match="unsupported reduce op"):
+        sagellm_comm.ReduceOp.parse(spelling)
+
+
 # ---------------------------------------------------------------------- on two ranks
 
 
