@@ -93,7 +93,10 @@ class ReduceOp(str, enum.Enum):
             return op
         text = op if isinstance(op, str) else None
         if text is None:
-            # torch.distributed.ReduceOp.SUM prints as "RedOpType.SUM" / has .name on newer torch
+            # torch.distributed.ReduceOp.SUM is a RedOpType: it prints as "RedOpType.SUM" / has .name on newer torch;
+            # an instance of torch.distributed.ReduceOp (``ReduceOp(ReduceOp.MAX)``) holds its RedOpType as .op
+            if type(op).__name__ == "ReduceOp" and hasattr(op, "op"):
+                op = op.op
             text = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
         key = str(text).strip()
         # ASCII only: Unicode case mapping would take "ſum" for SUM ("ſ".upper() == "S") and "mın" for MIN

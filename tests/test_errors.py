@@ -121,6 +121,12 @@ def test_errors_are_builtin_exceptions_too() -> None:
     assert sagellm_comm.CommOp is sagellm_comm.ReduceOp
     assert [op.value for op in sagellm_comm.CommOp] == ["sum", "avg", "max", "min", "prod", "band", "bor", "bxor"]
     assert sagellm_comm.ReduceOp.parse(torch.distributed.ReduceOp.MAX) is sagellm_comm.ReduceOp.MAX
+    # an instance of torch's ReduceOp class (what torch.distributed's collectives also take) names its op too
+    for name in ("SUM", "AVG", "MAX", "MIN", "PRODUCT", "BAND", "BOR", "BXOR"):
+        made = torch.distributed.ReduceOp(getattr(torch.distributed.ReduceOp, name))
+        assert sagellm_comm.ReduceOp.parse(made) is sagellm_comm.ReduceOp[name]
+    with pytest.raises(InvalidArgumentError, match="unsupported reduce op"):
+        sagellm_comm.ReduceOp.parse(torch.distributed.ReduceOp.PREMUL_SUM)
 
 
 @pytest.mark.parametrize("spelling", ["\u017fum", "m\u0131n", "MA\u0425", "sum\u0000", "", "s u m"])
