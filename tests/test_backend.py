@@ -772,6 +772,35 @@ def test_destroy_releases_every_group_when_one_release_raises(monkeypatch) -> No
         dist.destroy_process_group()
 
 
+def _average_of_large_half_values(rank: int, world_size: int, port: int) -> dict:
+    """AVG of values whose mean fits the dtype and whose sum does not (40000 on every rank: 80000 > fp16's 65504),
+    on Gloo (no native AVG): all_reduce, async, and reduce_scatter in both forms."""
+    backend = get_comm_backend("gloo").init(timeout=30)
+    results = {}
+    for dtype, value in ((torch.float16, 40000.0), (torch.complex32, 40000.0 + 30000.0j)):
+        x = torch.full((3,), value, dtype=dtype)
+        results[f"all_reduce {dtype}"] = backend.all_reduce(x, ReduceOp.AVG).tolist()
+        y = torch.full((3,), value, dtype=dtype)
+        results[f"async all_reduce {dtype}"] = backend.all_reduce(y, ReduceOp.AVG, async_op=True).wait().tolist()
+        out = torch.empty(3, dtype=dtype)
+        backend.reduce_scatter(out, [torch.full((3,), value, dtype=dtype) for _ in range(world_size)], ReduceOp.AVG)
+        results[f"reduce_scatter list {dtype}"] = out.tolist()
+        flat = torch.full((3 * world_size,), value, dtype=dtype)
+        backend.reduce_scatter(flat[3 * rank : 3 * rank + 3], flat, ReduceOp.AVG)  # in place
+        results[f"reduce_scatter flat {dtype}"] = flat[3 * rank : 3 * rank + 3].tolist()
+    backend.destroy()
+    return results
+
+
+def test_an_emulated_average_of_half_precision_values_does_not_overflow() -> None:
+    """Gloo (and HCCL) have no AVG: the adapter sums, then divides.  Summed in a half-precision dtype, values whose
+    mean fits overflowed to inf; the sum is taken in float32 (complex64), and every rank gets the mean."""
+    for results in run_ranks(_average_of_large_half_values, 2, timeout=60):
+        for what, got in results.items():
+            want = 40000.0 if "float16" in what else 40000.0 + 30000.0j
+            assert got == [want] * 3, (what, got)
+
+
 def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
     """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
     the Gloo one cannot be made, the engine's already made is released, and the error is typed."""

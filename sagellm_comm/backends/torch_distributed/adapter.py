@@ -63,7 +63,7 @@ from .checks import (
     int_arg,
     seconds,
 )
-from .emulation import TorchWork, packed_all_to_all, reduction
+from .emulation import Reduction, TorchWork, packed_all_to_all, reduction
 from .engines import ALL_GATHER_FLAT, ENGINES, REDUCE_SCATTER_FLAT, capturing, pick_device
 from .rendezvous import init_world
 from .translate import translate
@@ -347,9 +347,9 @@ class TorchDistributedBackend(CommBackend):
         self._check_tensor(tensor, "tensor")
         self._check_dtype(tensor.dtype, "all_reduce")
         rop = self._check_op(op, tensor.dtype)
-        torch_op, post = self._reduction(rop, g, [tensor])
-        start = lambda: dist.all_reduce(tensor, torch_op, g.engine_group, True)
-        return self._run("all_reduce", g, async_op, tensor, post, start)
+        red = self._reduction(rop, g, [tensor], [])
+        start = lambda: dist.all_reduce(red.outputs[0], red.torch_op, g.engine_group, True)
+        return self._run("all_reduce", g, async_op, tensor, red.post, start)
 
     def all_gather(self, output, tensor, group=None, async_op=False):
         g = self._group(group)
@@ -379,14 +379,15 @@ class TorchDistributedBackend(CommBackend):
         if isinstance(input, list | tuple):
             chunks = self._check_list(input, "input", g.world_size, output)
             check_list_in_place_or_disjoint(chunks, output, g.rank, "reduce_scatter")
-            torch_op, post = self._reduction(rop, g, [output])
-            start = lambda: dist.reduce_scatter(output, chunks, torch_op, g.engine_group, True)
+            red = self._reduction(rop, g, [output], chunks)
+            start = lambda: dist.reduce_scatter(red.outputs[0], red.inputs, red.torch_op, g.engine_group, True)
         else:
             self._check_flat(input, "input", output, g.world_size * output.numel())
             check_in_place_or_disjoint(input, output, g.rank, "reduce_scatter")
-            torch_op, post = self._reduction(rop, g, [output])
-            start = lambda: REDUCE_SCATTER_FLAT(output.view(-1), input.view(-1), torch_op, g.engine_group, True)
-        return self._run("reduce_scatter", g, async_op, output, post, start)
+            red = self._reduction(rop, g, [output], [input])
+            flat_out, flat_in = red.outputs[0].view(-1), red.inputs[0].view(-1)
+            start = lambda: REDUCE_SCATTER_FLAT(flat_out, flat_in, red.torch_op, g.engine_group, True)
+        return self._run("reduce_scatter", g, async_op, output, red.post, start)
 
     def broadcast(self, tensor, src=0, group=None, async_op=False):
         g = self._group(group)
@@ -525,9 +526,11 @@ class TorchDistributedBackend(CommBackend):
     def _check_op(self, op: Any, dtype: torch.dtype) -> ReduceOp:
         return check_op(op, dtype, self.kind, self.engine.bitwise_ops)
 
-    def _reduction(self, rop: ReduceOp, g: GroupHandle, outputs: list[torch.Tensor]):
-        """torch op to run and a post-step (AVG as SUM then divide where the engine lacks it)."""
-        return reduction(rop, self.engine, g.world_size, outputs)
+    def _reduction(
+        self, rop: ReduceOp, g: GroupHandle, outputs: list[torch.Tensor], inputs: list[torch.Tensor]
+    ) -> Reduction:
+        """What the engine runs for ``rop`` (AVG as SUM then divide where the engine lacks it): :func:`reduction`."""
+        return reduction(rop, self.engine, g.world_size, outputs, inputs)
 
 
 def _destroy_if_live(pg: Any) -> None:

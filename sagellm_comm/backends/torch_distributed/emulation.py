@@ -1,6 +1,8 @@
 """What some engines lack, built from what all of them have, and the handle that finishes it.
 
-* AVG: engines without a native average (Gloo, HCCL) run SUM, then divide in place (exact for floats).
+* AVG: engines without a native average (Gloo, HCCL) run SUM, then divide.  Half-precision dtypes (float16,
+  bfloat16, complex32) are summed in float32 (complex64) copies and the mean written back: summed in their own
+  dtype, values whose mean fits would overflow (float16 stops at 65504), and CPU torch cannot divide complex32.
 * all_to_all of tensor lists: packed into one flat send and one flat receive buffer and run through
   ``all_to_all_single`` (every engine and torch version has it; Gloo before torch 2.13 lacks the list form),
   then unpacked into the caller's output tensors.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,17 +30,45 @@ from .engines import TORCH_OPS, Engine
 
 PostStep = Callable[[], None] | None
 
+#: the dtype an emulated AVG sums a half-precision dtype in
+WIDE_SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
-def reduction(rop: ReduceOp, engine: Engine, world_size: int, outputs: Sequence[torch.Tensor]) -> tuple[Any, PostStep]:
-    """The torch op to run for ``rop`` and a post-step: AVG is SUM then an in-place divide where not native."""
-    if rop is ReduceOp.AVG and not engine.native_avg:
+
+@dataclass(frozen=True)
+class Reduction:
+    """How to run a reduction: the torch op, the tensors the engine reduces (the caller's, or wide copies of
+    them), and the post-step that finishes it (None: nothing to do)."""
+
+    torch_op: Any
+    outputs: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+    post: PostStep
+
+
+def reduction(
+    rop: ReduceOp, engine: Engine, world_size: int, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> Reduction:
+    """How to reduce ``inputs`` into ``outputs`` (all_reduce: its tensor is the output, no inputs) with ``rop``.
+
+    AVG where the engine has none: SUM, then divide; a half-precision dtype is summed in wide copies (made here,
+    after every check: the caller's tensors are written only by the post-step) and the mean copied back."""
+    if rop is not ReduceOp.AVG or engine.native_avg:
+        return Reduction(getattr(dist.ReduceOp, TORCH_OPS[rop]), list(outputs), list(inputs), None)
+    wide = WIDE_SUM_DTYPES.get(outputs[0].dtype)
+    if wide is None:
 
         def divide() -> None:
             for t in outputs:
                 t.div_(world_size)
 
-        return dist.ReduceOp.SUM, divide
-    return getattr(dist.ReduceOp, TORCH_OPS[rop]), None
+        return Reduction(dist.ReduceOp.SUM, list(outputs), list(inputs), divide)
+    wide_outputs = [t.to(wide) for t in outputs]  # all_reduce's output holds its input
+
+    def divide_back() -> None:
+        for t, sums in zip(outputs, wide_outputs, strict=True):
+            t.copy_(sums.div_(world_size))
+
+    return Reduction(dist.ReduceOp.SUM, wide_outputs, [t.to(wide) for t in inputs], divide_back)
 
 
 def packed_all_to_all(
