@@ -801,6 +801,28 @@ def test_an_emulated_average_of_half_precision_values_does_not_overflow() -> Non
             assert got == [want] * 3, (what, got)
 
 
+def _bool_sums(rank: int, world_size: int, port: int) -> list[list[int]]:
+    """SUM of bool tensors on Gloo (all_reduce, reduce_scatter in both forms); the bytes each result holds."""
+    backend = get_comm_backend("gloo").init(timeout=30)
+    mine = torch.tensor([True, rank == 0, rank == 1, False])
+    x = mine.clone()
+    backend.all_reduce(x, ReduceOp.SUM)
+    out = torch.empty(4, dtype=torch.bool)
+    backend.reduce_scatter(out, [mine.clone() for _ in range(world_size)], ReduceOp.SUM)
+    flat = torch.empty(4, dtype=torch.bool)
+    backend.reduce_scatter(flat, mine.repeat(world_size), ReduceOp.SUM)
+    backend.destroy()
+    return [t.view(torch.uint8).tolist() for t in (x, out, flat)]
+
+
+def test_a_sum_of_bools_is_their_logical_or_held_as_valid_bools() -> None:
+    """A bool SUM is the logical OR (torch.distributed's meaning, which NCCL implements as MAX): Gloo adding the
+    bytes left a True held as 2 (wrapping to False at 256 ranks), a value no bool holds and whose bytes differ
+    from a True's."""
+    for results in run_ranks(_bool_sums, 2, timeout=60):
+        assert results == [[1, 1, 1, 0]] * 3
+
+
 def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
     """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
     the Gloo one cannot be made, the engine's already made is released, and the error is typed."""

@@ -3,6 +3,7 @@
 * AVG: engines without a native average (Gloo, HCCL) run SUM, then divide.  Half-precision dtypes (float16,
   bfloat16, complex32) are summed in float32 (complex64) copies and the mean written back: summed in their own
   dtype, values whose mean fits would overflow (float16 stops at 65504), and CPU torch cannot divide complex32.
+* SUM of bools: the logical OR, run as MAX on every engine (Gloo adds the bytes, leaving a True held as 2).
 * all_to_all of tensor lists: packed into one flat send and one flat receive buffer and run through
   ``all_to_all_single`` (every engine and torch version has it; Gloo before torch 2.13 lacks the list form),
   then unpacked into the caller's output tensors.
@@ -51,7 +52,11 @@ def reduction(
     """How to reduce ``inputs`` into ``outputs`` (all_reduce: its tensor is the output, no inputs) with ``rop``.
 
     AVG where the engine has none: SUM, then divide; a half-precision dtype is summed in wide copies (made here,
-    after every check: the caller's tensors are written only by the post-step) and the mean copied back."""
+    after every check: the caller's tensors are written only by the post-step) and the mean copied back.  A SUM of
+    bools is their logical OR, run as MAX (as NCCL runs it): an engine adding the bytes would leave a True held
+    as 2 (0 again after 256 ranks)."""
+    if rop is ReduceOp.SUM and outputs[0].dtype == torch.bool:
+        rop = ReduceOp.MAX
     if rop is not ReduceOp.AVG or engine.native_avg:
         return Reduction(getattr(dist.ReduceOp, TORCH_OPS[rop]), list(outputs), list(inputs), None)
     wide = WIDE_SUM_DTYPES.get(outputs[0].dtype)
