@@ -13,8 +13,9 @@ shape overrides them::
     ]}
 
 Conditions: ``min_bytes`` (inclusive), ``max_bytes`` (inclusive), ``world_sizes`` (non-empty list); a rule that
-can match no message (``min_bytes`` over ``max_bytes``) is refused, and so are a key the policy or a rule does not
-have (a misspelt one would be ignored) and two rules of one ``id`` (the id and
+can match no message (``min_bytes`` over ``max_bytes``) is refused, as is a rule that never decides because every
+message it matches is matched by the rules before it (a policy contradicting itself), and so are a key the policy
+or a rule does not have (a misspelt one would be ignored) and two rules of one ``id`` (the id and
 the ``reason``, strings, are what a :class:`Selection` reports; an id may not hold ``+`` nor be one of
 :data:`RESERVED_RULE_IDS`, which name decisions no rule made).  A message no rule matches runs on the engine
 (rule ``no-rule``): a policy need not cover every size.  Algorithms:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -205,6 +207,15 @@ class AlgoSelector:
                 raise InvalidArgumentError(
                     f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique"
                 )
+        for index, rule in enumerate(rules):
+            if _shadowed(rule, rules[:index]):
+                before = ", ".join(repr(r.id) for r in rules[:index] if _overlap(r, rule))
+                raise InvalidArgumentError(
+                    f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
+                    f"matched first by rule(s) {before} (the first matching rule decides); remove it, or move it "
+                    "before them",
+                    details={"rule": rule.id, "shadowed_by": [r.id for r in rules[:index] if _overlap(r, rule)]},
+                )
         return cls(rules, source=source)
 
     @classmethod
@@ -257,6 +268,44 @@ class AlgoSelector:
         if len(self._cache) < 4096:
             self._cache[key] = sel
         return sel
+
+
+def _overlap(a: Rule, b: Rule) -> bool:
+    """Whether some message matches both ``a`` and ``b``."""
+    if a.world_sizes is not None and b.world_sizes is not None and not set(a.world_sizes) & set(b.world_sizes):
+        return False
+    top = min((m for m in (a.max_bytes, b.max_bytes) if m is not None), default=None)
+    return top is None or max(a.min_bytes, b.min_bytes) <= top
+
+
+def _shadowed(rule: Rule, earlier: Sequence[Rule]) -> bool:
+    """Whether every message ``rule`` matches is matched by one of ``earlier`` (so ``rule`` never decides).
+
+    Checked per world size: each one ``rule`` names, or (a rule for every world size) each one an earlier rule names
+    plus one no rule names, which stands for all the others."""
+    if rule.world_sizes is not None:
+        sizes: Sequence[int] = rule.world_sizes
+    else:
+        named = {w for r in earlier if r.world_sizes is not None for w in r.world_sizes}
+        sizes = [*named, next(w for w in range(1, len(named) + 2) if w not in named)]
+    return all(
+        _covers([r for r in earlier if r.world_sizes is None or ws in r.world_sizes], rule.min_bytes, rule.max_bytes)
+        for ws in sizes
+    )
+
+
+def _covers(rules: Sequence[Rule], low: int, high: int | None) -> bool:
+    """Whether the byte ranges of ``rules`` together hold every size in ``[low, high]`` (``high`` None: unbounded)."""
+    point = low  # the smallest size not yet known to be held
+    for r in sorted(rules, key=lambda r: r.min_bytes):
+        if r.min_bytes > point:  # sorted: no later rule holds ``point`` either
+            return False
+        if r.max_bytes is None:
+            return True
+        point = max(point, r.max_bytes + 1)
+        if high is not None and point > high:
+            return True
+    return False
 
 
 def policy_rules(data: Any, what: str) -> list:

@@ -113,6 +113,68 @@ def test_bad_policies_are_typed_errors(policy, needle):
         AlgoSelector.from_dict(policy)
 
 
+@pytest.mark.parametrize(
+    "rules, shadowed, by",
+    [
+        # a catch-all first: nothing after it decides
+        ([{"id": "all", "algo": "one_shot"}, {"id": "small", "algo": "lamport", "max_bytes": 4096}], 1, "'all'"),
+        # two ranges that together hold the third's
+        (
+            [
+                {"id": "low", "algo": "lamport", "max_bytes": 1024},
+                {"id": "high", "algo": "one_shot", "min_bytes": 1025, "max_bytes": 8192},
+                {"id": "mid", "algo": "two_shot", "min_bytes": 512, "max_bytes": 2048},
+            ],
+            2,
+            "'low', 'high'",
+        ),
+        # world sizes: a rule for 2 and 4 after rules for each of them
+        (
+            [
+                {"id": "ws2", "algo": "one_shot", "world_sizes": [2]},
+                {"id": "ws4", "algo": "two_shot", "world_sizes": [4], "max_bytes": 1 << 20},
+                {"id": "ws24", "algo": "lamport", "world_sizes": [2, 4], "max_bytes": 4096},
+            ],
+            2,
+            "'ws2', 'ws4'",
+        ),
+    ],
+)
+def test_a_rule_that_earlier_rules_leave_no_message_is_refused(rules, shadowed, by):
+    """First match wins: a rule whose every message an earlier rule matches never decides, so the policy says
+    something it never does; refused, naming the rules before it."""
+    with pytest.raises(
+        InvalidArgumentError, match=rf"rule {shadowed} .* never decides: .* matched first by rule\(s\) {by}"
+    ):
+        AlgoSelector.from_dict({"rules": rules})
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        # a gap an earlier rule leaves (4097 and up) is the later rule's
+        [{"id": "small", "algo": "lamport", "max_bytes": 4096}, {"id": "rest", "algo": "one_shot"}],
+        # another world size than every earlier rule's
+        [{"id": "ws2", "algo": "one_shot", "world_sizes": [2]}, {"id": "rest", "algo": "two_shot"}],
+        # a byte between two earlier ranges
+        [
+            {"id": "low", "algo": "lamport", "max_bytes": 1023},
+            {"id": "high", "algo": "one_shot", "min_bytes": 1025},
+            {"id": "one", "algo": "two_shot", "min_bytes": 1024, "max_bytes": 1024},
+        ],
+        # every world size an earlier rule names is covered, but not the others
+        [
+            {"id": "ws2", "algo": "one_shot", "world_sizes": [2]},
+            {"id": "ws1", "algo": "one_shot", "world_sizes": [1]},
+            {"id": "rest", "algo": "two_shot"},
+        ],
+    ],
+)
+def test_a_rule_that_decides_some_message_is_taken(rules):
+    assert [r.id for r in AlgoSelector.from_dict({"rules": rules}).rules] == [r["id"] for r in rules]
+    assert AlgoSelector.from_dict(AlgoSelector().to_dict()).rules == AlgoSelector().rules  # the defaults too
+
+
 def test_bad_policy_files(tmp_path):
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         AlgoSelector.from_file(tmp_path / "missing.json")
