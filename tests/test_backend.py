@@ -823,6 +823,25 @@ def test_a_sum_of_bools_is_their_logical_or_held_as_valid_bools() -> None:
         assert results == [[1, 1, 1, 0]] * 3
 
 
+def test_destroy_releases_nothing_the_caller_already_released() -> None:
+    """A backend on the caller's world releases its own groups at destroy, skipping those torch no longer holds: the
+    caller may end its world (and every group made on it) first, and make another.  Releasing them anyway raised
+    "Invalid process group specified" from destroy."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the caller's world
+    backend = CommBackend.create("gloo").init(rank=0, world_size=1)
+    backend.new_group([0])
+    dist.destroy_process_group()  # the caller ends its world ...
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # ... and makes another
+    try:
+        backend.destroy()
+        assert not backend.is_initialized
+        x = torch.ones(2)
+        dist.all_reduce(x)  # the caller's new world is untouched
+        assert torch.equal(x, torch.ones(2))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
     """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
     the Gloo one cannot be made, the engine's already made is released, and the error is typed."""

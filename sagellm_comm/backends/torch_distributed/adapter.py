@@ -539,11 +539,12 @@ def _destroy_if_live(pg: Any) -> None:
 
 
 def _is_live(pg: Any) -> bool:
-    """True while ``pg`` is still registered with torch.distributed (not yet destroyed)."""
+    """True while ``pg`` is still registered with torch.distributed (not yet destroyed).  ``get_backend`` looks the
+    group up in torch's registry (``get_world_size`` asks the group object itself, which outlives its release)."""
     if pg is None or not dist.is_initialized():
         return False
     try:
-        dist.get_world_size(pg)
+        dist.get_backend(pg)
     except (RuntimeError, ValueError):
         return False
     return True
