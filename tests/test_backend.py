@@ -842,6 +842,32 @@ def test_destroy_releases_nothing_the_caller_already_released() -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("owner", ["caller", "backend"])
+def test_a_call_on_a_world_released_outside_the_backend_is_a_typed_error(owner) -> None:
+    """torch.distributed.destroy_process_group called by someone else (the caller's world, or the backend's own):
+    every later call names it, instead of running on a released group or failing in torch."""
+    from sagellm_comm.errors import NotInitializedError
+
+    if owner == "caller":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = CommBackend.create("gloo").init(rank=0, world_size=1)
+    sub = backend.new_group([0])
+    dist.destroy_process_group()
+    calls = {
+        "all_reduce": lambda: backend.all_reduce(torch.ones(2)),
+        "sub-group all_reduce": lambda: backend.all_reduce(torch.ones(2), group=sub),
+        "broadcast": lambda: backend.broadcast(torch.ones(2), src=0),
+        "barrier": lambda: backend.barrier(),
+        "new_group": lambda: backend.new_group([0]),
+    }
+    for what, call in calls.items():
+        with pytest.raises(NotInitializedError, match="released by torch.distributed.destroy_process_group") as err:
+            call()
+        assert ("the world" in str(err.value)) == (what != "sub-group all_reduce"), what
+    backend.destroy()
+    assert not backend.is_initialized and not dist.is_initialized()
+
+
 def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
     """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
     the Gloo one cannot be made, the engine's already made is released, and the error is typed."""

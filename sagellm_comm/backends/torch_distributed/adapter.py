@@ -287,7 +287,7 @@ class TorchDistributedBackend(CommBackend):
     def new_group(self, ranks: Sequence[int]) -> GroupHandle:
         """Sub-group of global ``ranks`` (sorted: group rank i is the i-th smallest). Every rank of
         the world must call it with the same ranks; non-members get a handle with ``rank == -1``."""
-        self._check_ready()
+        self._group(None)  # initialised, and its world not released
         members = check_group_ranks(ranks, self._world_size)
         self._check_same_members(members)
         what = f"new_group({list(members)})"
@@ -492,24 +492,36 @@ class TorchDistributedBackend(CommBackend):
             )
 
     def _group(self, group: Any) -> GroupHandle:
+        """The handle ``group`` names (None, or a CommGroup over the whole world: the world), checked: this
+        backend's, this rank a member, and not released by torch.distributed behind the backend's back."""
         self._check_ready()
-        if group is None:
-            return self._world
-        handle = getattr(group, "handle", group)  # a CommGroup carries its GroupHandle
-        if handle is None:  # a CommGroup over the whole world
-            return self._world
-        if not isinstance(handle, GroupHandle):
+        handle = None if group is None else getattr(group, "handle", group)  # a CommGroup carries its GroupHandle
+        if handle is None:
+            handle = self._world
+        elif not isinstance(handle, GroupHandle):
             raise InvalidArgumentError(f"group must come from new_group(), got {type(group).__name__}")
-        if handle is not self._world and not any(handle is h for h in self._groups):
+        elif handle is not self._world and not any(handle is h for h in self._groups):
             raise GroupNotFoundError(
                 f"group over ranks {list(handle.ranks)} does not belong to this backend (or was destroyed)"
             )
-        if not handle.is_member:
+        elif not handle.is_member:
             raise RankMismatchError(
                 f"rank {self._rank} is not a member of the group over ranks {list(handle.ranks)}",
                 details={"rank": self._rank, "group_ranks": list(handle.ranks)},
             )
+        if not _is_live(handle.engine_group):
+            raise self._released(handle)
         return handle
+
+    def _released(self, handle: GroupHandle) -> NotInitializedError:
+        """The error of a call on a group torch.distributed released behind this backend's back (its
+        ``destroy_process_group``, of the group or of the whole world, called by someone else)."""
+        which = "the world" if handle is self._world else f"the group over ranks {list(handle.ranks)}"
+        return NotInitializedError(
+            f"{which} of backend {self.name!r} was released by torch.distributed.destroy_process_group outside this "
+            "backend; destroy() the backend and init() it again (or make the group again)",
+            details={"group_ranks": list(handle.ranks)},
+        )
 
     def _check_tensor(self, tensor: Any, what: str) -> None:
         check_tensor(tensor, what, self._device, self.kind)
