@@ -868,6 +868,24 @@ def test_a_call_on_a_world_released_outside_the_backend_is_a_typed_error(owner) 
     assert not backend.is_initialized and not dist.is_initialized()
 
 
+def test_a_negative_or_malformed_local_rank_is_refused_before_the_world_is_made(monkeypatch) -> None:
+    """``local_rank`` (or ``$LOCAL_RANK``) picks the device ``<type>:<local_rank % device_count>``: -1 (what some
+    launchers set outside a distributed run) would pick the last device, another rank's.  Refused, with nothing
+    made."""
+    with pytest.raises(InvalidArgumentError, match=r"local_rank \(or \$LOCAL_RANK\) must be >= 0, got -1"):
+        CommBackend.create("gloo").init(rank=0, world_size=1, local_rank=-1)
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    with pytest.raises(InvalidArgumentError, match="must be >= 0, got -1"):
+        CommBackend.create("gloo").init(rank=0, world_size=1)
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    with pytest.raises(InvalidArgumentError, match=r"\$LOCAL_RANK='first' is not an integer"):
+        CommBackend.create("gloo").init(rank=0, world_size=1)
+    assert not dist.is_initialized()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with CommBackend.create("gloo").init(rank=0, world_size=1) as backend:
+        assert backend.device == torch.device("cpu")
+
+
 def test_a_new_group_whose_gloo_side_fails_releases_its_engine_group(monkeypatch) -> None:
     """On a device engine a group is two process groups (the engine's, then a Gloo one for host exchanges): when
     the Gloo one cannot be made, the engine's already made is released, and the error is typed."""

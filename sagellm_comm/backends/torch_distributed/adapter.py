@@ -91,7 +91,7 @@ class TorchDistributedBackend(CommBackend):
     Args:
         kind: ``"gloo"``, ``"nccl"``, ``"rccl"`` or ``"hccl"``.
         device: override the device tensors must live on (default: CPU for Gloo, else
-            ``<type>:<LOCAL_RANK % device_count>``, made current at init).
+            ``<type>:<LOCAL_RANK % device_count>``, made current at init; a negative ``LOCAL_RANK`` is refused).
     """
 
     def __init__(self, kind: str = "gloo", *, device: str | torch.device | None = None):
@@ -135,6 +135,11 @@ class TorchDistributedBackend(CommBackend):
         """
         timeout = check_timeout(timeout)
         rank, world_size = check_world(rank, world_size)
+        local_rank = int_arg(local_rank, "LOCAL_RANK", "local_rank", default=rank)
+        if local_rank < 0:  # the device index would wrap to another rank's device (-1: the last one)
+            raise InvalidArgumentError(
+                f"local_rank (or $LOCAL_RANK) must be >= 0, got {local_rank}", details={"local_rank": local_rank}
+            )
         if self._initialized:
             if (rank, world_size) != (self._rank, self._world_size):
                 raise RankMismatchError(
@@ -149,7 +154,6 @@ class TorchDistributedBackend(CommBackend):
             self._create_world(rank, world_size, master_addr, master_port)
         self._rank, self._world_size = rank, world_size
         try:  # past this point the world exists: undo it if the rest fails
-            local_rank = int_arg(local_rank, "LOCAL_RANK", "local_rank", default=rank)
             self._device = self._device_override
             if self._device is None:
                 self._device = pick_device(self.engine, local_rank)
