@@ -89,8 +89,17 @@ class CommGroup:
         world group; :meth:`destroy` then releases the backend too. Blocking rendezvous, bounded by
         ``timeout`` seconds; omitted arguments come from torchrun's environment.  ``kwargs`` are the backend's
         constructor options, for a kind; an instance was constructed already, and options given with one raise
-        :class:`InvalidArgumentError` naming them."""
+        :class:`InvalidArgumentError` naming them.  An instance already initialised is its initialiser's to
+        destroy, so it is refused (:class:`InvalidArgumentError`): ``CommGroup(backend)`` is its world group,
+        which leaves it alone."""
         if isinstance(backend, CommBackend):
+            if backend.is_initialized:  # the group would destroy a backend its caller initialised and still uses
+                raise InvalidArgumentError(
+                    f"the {backend.name!r} backend instance is already initialised, and a group made here would "
+                    "destroy it with itself; pass an uninitialised instance or a kind, or take its world group "
+                    "with CommGroup(backend), which leaves the backend to whoever initialised it",
+                    details={"backend": backend.name},
+                )
             if kwargs:
                 raise InvalidArgumentError(
                     f"backend options {sorted(kwargs)} were given with a {backend.name!r} backend instance, which "

@@ -122,6 +122,22 @@ def test_comm_group_create_refuses_options_given_with_a_backend_instance() -> No
         assert group.backend is instance
 
 
+def test_comm_group_create_refuses_an_initialised_backend_instance_it_would_destroy() -> None:
+    """A group made by create() destroys its backend with itself: one its caller initialised (and still uses) is
+    refused, the caller's backend untouched; CommGroup(backend) is that backend's world group, and leaves it."""
+    with sagellm_comm.CommBackend.create("gloo").init(rank=0, world_size=1) as instance:
+        with pytest.raises(InvalidArgumentError, match=r"'gloo' backend instance is already initialised"):
+            CommGroup.create(world_size=1, rank=0, backend=instance)
+        with pytest.raises(InvalidArgumentError, match="already initialised"):
+            sagellm_comm.init(rank=0, world_size=1, backend=instance)
+        with pytest.raises(sagellm_comm.NotInitializedError):
+            sagellm_comm.get_default_group()
+        with CommGroup(instance) as world:
+            assert world.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+        assert instance.is_initialized  # still the caller's
+        assert instance.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+
+
 def _groups_made_in_different_orders(rank: int, world_size: int, port: int) -> list:
     world = sagellm_comm.init(backend="gloo", timeout=60)
     try:
