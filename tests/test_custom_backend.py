@@ -408,3 +408,39 @@ def test_a_peer_gone_during_the_set_up_exchanges_is_a_typed_error_naming_the_exc
                 "workspace": "the workspace rendezvous"}[step]  # fmt: skip
     assert f"the custom kernels' set-up of ranks [0, 1]: {exchange}" in message, message
     assert cause in ("RuntimeError", "DistBackendError"), cause
+
+
+def _init_fails_and_its_release_too(rank, world_size, port):
+    """``init`` fails after the world exists (a stand-in settings mismatch), and releasing the half-made backend
+    fails as well (the engine refuses to release a group): what ``init`` raises, and the backend's state."""
+    import torch.distributed as dist
+
+    from sagellm_comm import CommBackend
+    from sagellm_comm.backends import custom
+    from sagellm_comm.errors import ConfigMismatchError
+
+    def differ(*args, **kwargs):
+        raise ConfigMismatchError("the ranks' settings differ (a stand-in)")
+
+    def refuse(group=None):
+        raise RuntimeError("the engine refused to release the group")
+
+    custom.check_agreement, release = differ, dist.destroy_process_group
+    dist.destroy_process_group = refuse
+    backend = CommBackend.create("custom", max_bytes=8192)
+    try:
+        backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=10)
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    finally:
+        dist.destroy_process_group = release
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return raised, backend.is_initialized
+
+
+def test_an_init_that_fails_reports_its_own_error_when_releasing_what_it_made_fails_too():
+    """The release of a half-made backend is logged when it fails, never raised in place of init's own error."""
+    raised, initialised = run_ranks(_init_fails_and_its_release_too, 1, env=INTERP, timeout=60)[0]
+    assert raised == ("ConfigMismatchError", "[invalid_argument] the ranks' settings differ (a stand-in)")
+    assert not initialised

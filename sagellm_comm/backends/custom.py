@@ -39,6 +39,7 @@ from ..errors import (
     NotInitializedError,
     WorkspaceExhaustedError,
     run_every,
+    undo_after_failure,
 )
 from ..fused.rmsnorm_policy import FusionPolicy, fusion_policy_from
 from ..launch import interpreting as _interpreting
@@ -237,8 +238,8 @@ class CustomBackend(TorchDistributedBackend):
                 self._world_kernels = self._make_kernels(None)
                 self.custom, self.custom_reason = self._world_kernels.kernels, self._world_kernels.reason
                 self._plan_hierarchical(None, tuple(range(self.world_size)))
-            except BaseException:
-                self.destroy()
+            except BaseException:  # init's own failure is the one to report: a failed release is logged
+                undo_after_failure([self.destroy], log, "sagellm-comm custom init: releasing the half-made backend")
                 raise
         return self
 
