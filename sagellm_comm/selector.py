@@ -192,7 +192,9 @@ class AlgoSelector:
     """Ordered rules -> :class:`Selection`.  ``select`` is pure and cheap (called per all-reduce)."""
 
     def __init__(self, rules: tuple[Rule, ...] | list[Rule] = DEFAULT_RULES, source: str | None = None):
-        self.rules = tuple(rules)
+        """``rules`` (:class:`Rule` objects) pass the checks of a policy file (module docstring): typed errors
+        naming the rule, before any decision."""
+        self.rules = _checked_rules(rules)
         if source is None:  # what a Selection and a mismatch between ranks name
             source = "default" if self.rules == tuple(DEFAULT_RULES) else "rules given in code"
         self.source = source
@@ -201,21 +203,6 @@ class AlgoSelector:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> AlgoSelector:
         rules = [Rule.from_dict(d, i) for i, d in enumerate(policy_rules(data, "a selector policy"))]
-        for index, rule in enumerate(rules):  # a Selection names its rule by id
-            first = next(i for i, r in enumerate(rules) if r.id == rule.id)
-            if first != index:
-                raise InvalidArgumentError(
-                    f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique"
-                )
-        for index, rule in enumerate(rules):
-            if _shadowed(rule, rules[:index]):
-                before = ", ".join(repr(r.id) for r in rules[:index] if _overlap(r, rule))
-                raise InvalidArgumentError(
-                    f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
-                    f"matched first by rule(s) {before} (the first matching rule decides); remove it, or move it "
-                    "before them",
-                    details={"rule": rule.id, "shadowed_by": [r.id for r in rules[:index] if _overlap(r, rule)]},
-                )
         return cls(rules, source=source)
 
     @classmethod
@@ -268,6 +255,38 @@ class AlgoSelector:
         if len(self._cache) < 4096:
             self._cache[key] = sel
         return sel
+
+
+def _checked_rules(given: Any) -> tuple[Rule, ...]:
+    """``given`` as a tuple of rules that pass every check of a policy file (each rule's fields as
+    :meth:`Rule.from_dict` checks them, unique ids, no rule that never decides); typed errors name the rule."""
+    try:
+        rules = list(given)
+    except TypeError:
+        raise InvalidArgumentError(f"selector rules must be a list of Rule, got {given!r}") from None
+    checked = []
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, Rule):
+            raise InvalidArgumentError(f"selector rule {index}: a Rule, got {type(rule).__name__} {rule!r}")
+        fields = {"id": rule.id, "algo": rule.algo, "min_bytes": rule.min_bytes, "max_bytes": rule.max_bytes,
+                  "reason": rule.reason}  # fmt: skip
+        if rule.world_sizes is not None:  # a tuple in code, a list in a policy file
+            fields["world_sizes"] = list(rule.world_sizes) if isinstance(rule.world_sizes, tuple) else rule.world_sizes
+        checked.append(Rule.from_dict(fields, index))
+    for index, rule in enumerate(checked):  # a Selection names its rule by id
+        first = next(i for i, r in enumerate(checked) if r.id == rule.id)
+        if first != index:
+            raise InvalidArgumentError(f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique")
+    for index, rule in enumerate(checked):
+        if _shadowed(rule, checked[:index]):
+            shadowing = [r.id for r in checked[:index] if _overlap(r, rule)]
+            raise InvalidArgumentError(
+                f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
+                f"matched first by rule(s) {', '.join(map(repr, shadowing))} (the first matching rule decides); "
+                "remove it, or move it before them",
+                details={"rule": rule.id, "shadowed_by": shadowing},
+            )
+    return tuple(checked)
 
 
 def _overlap(a: Rule, b: Rule) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sagellm_comm.errors import InvalidArgumentError
-from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector, Selection
+from sagellm_comm.selector import DEFAULT_RULES, AlgoSelector, Rule, Selection
 
 
 def test_default_policy_by_size_and_world_size():
@@ -173,6 +173,34 @@ def test_a_rule_that_earlier_rules_leave_no_message_is_refused(rules, shadowed, 
 def test_a_rule_that_decides_some_message_is_taken(rules):
     assert [r.id for r in AlgoSelector.from_dict({"rules": rules}).rules] == [r["id"] for r in rules]
     assert AlgoSelector.from_dict(AlgoSelector().to_dict()).rules == AlgoSelector().rules  # the defaults too
+
+
+@pytest.mark.parametrize(
+    "rules, needle",
+    [
+        ([Rule("x", "ring")], r"selector rule 0: algo must be one of"),
+        ([Rule("x", "one_shot", max_bytes=-1)], r"selector rule 0: max_bytes must be a non-negative int"),
+        ([Rule("x", "one_shot", world_sizes=())], r"selector rule 0: world_sizes must be a list of positive ints"),
+        ([Rule("x", "one_shot", min_bytes=8, max_bytes=4)], r"selector rule 0: min_bytes 8 > max_bytes 4"),
+        ([Rule("no-rule", "one_shot")], r"selector rule 0: id 'no-rule' is reserved"),
+        ([Rule("a", "lamport", max_bytes=64), Rule("a", "one_shot")], r"selector rule 1: id 'a' is also rule 0's"),
+        ([Rule("all", "one_shot"), Rule("small", "lamport", max_bytes=64)], r"selector rule 1 .* never decides"),
+        ([{"id": "x", "algo": "one_shot"}], r"selector rule 0: a Rule, got dict"),
+        (Rule("x", "one_shot"), r"selector rules must be a list of Rule"),
+    ],
+)
+def test_rules_given_in_code_pass_the_checks_of_a_policy_file(rules, needle):
+    """A policy built in code (``AlgoSelector([Rule(...)])``, what ``selector=`` of the custom backend takes) is
+    checked as a policy file is, when it is made: no decision then names an algorithm no backend runs, a rule id
+    the selector reports for its own decisions, or fails untyped (a dict has no ``matches``)."""
+    with pytest.raises(InvalidArgumentError, match=needle):
+        AlgoSelector(rules)
+
+
+def test_rules_given_in_code_are_taken_as_a_policy_file_would_give_them():
+    sel = AlgoSelector([Rule("ws2", "one_shot", min_bytes=None, world_sizes=[2]), Rule("rest", "two_shot")])
+    assert sel.rules == (Rule("ws2", "one_shot", world_sizes=(2,)), Rule("rest", "two_shot"))
+    assert (sel.select(512, 2).rule_id, sel.select(512, 4).rule_id) == ("ws2", "rest")
 
 
 def test_bad_policy_files(tmp_path):
