@@ -120,6 +120,12 @@ def check_values_in_memory(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def is_dense_contiguous(tensor: torch.Tensor) -> bool:
+    """A strided tensor whose elements lie contiguously (``is_contiguous`` raises for sparse CSR tensors, and
+    MKL-DNN ones say True without a block of memory a kernel could read)."""
+    return tensor.layout is torch.strided and tensor.is_contiguous()
+
+
 def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when the memory of contiguous tensors ``a`` and ``b`` has a byte in common (an empty tensor has none).
 
@@ -133,5 +139,5 @@ def share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 __all__ = [
     "MAX_TIMEOUT_S", "check_device", "check_finite", "check_flag", "check_int", "check_is_tensor", "check_timeout",
-    "check_values_in_memory", "is_int", "share_bytes",
+    "check_values_in_memory", "is_dense_contiguous", "is_int", "share_bytes",
 ]  # fmt: skip

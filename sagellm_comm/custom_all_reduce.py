@@ -22,7 +22,7 @@ from sagellm_comm.kernels import fp8_payload_all_reduce as _k8
 from sagellm_comm.kernels.lamport_all_reduce import lamport_all_reduce_kernel as _k_lamport
 from sagellm_comm.selector import AUTO, ENGINE_ALGO
 
-from .arguments import check_int, check_is_tensor, share_bytes
+from .arguments import check_int, check_is_tensor, is_dense_contiguous, share_bytes
 from .config import CommConfig
 from .errors import (
     BackendNotSupportedError,
@@ -539,10 +539,11 @@ class CustomAllReduce:
         if self.workspace.closed:
             raise self.closed_error()
         if payload is not None:
-            if not tensor.is_contiguous():
+            if not is_dense_contiguous(tensor):
+                layout = f"strides {tensor.stride()}" if tensor.layout is torch.strided else f"layout {tensor.layout}"
                 raise InvalidArgumentError(
-                    f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
-                    f"{tensor.stride()}; call .contiguous()"
+                    f"payload={payload!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with {layout}; "
+                    "call .contiguous()"
                 )
             if self.wrong_device(tensor):
                 raise self.device_error(tensor)
@@ -551,7 +552,7 @@ class CustomAllReduce:
         itemsize = SUPPORTED_DTYPES.get(tensor.dtype)
         if itemsize is None:
             raise InvalidArgumentError(f"custom all-reduce supports bfloat16, float16 and float32, got {tensor.dtype}")
-        if not tensor.is_contiguous():
+        if not is_dense_contiguous(tensor):
             raise InvalidArgumentError("custom all-reduce needs a contiguous tensor (call .contiguous())")
         if self.wrong_device(tensor):
             raise self.device_error(tensor)

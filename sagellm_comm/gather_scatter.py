@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .arguments import check_int, check_is_tensor, share_bytes
+from .arguments import check_int, check_is_tensor, is_dense_contiguous, share_bytes
 from .custom_all_reduce import SUPPORTED_DTYPES, check_kernel_elements, tile_shape
 from .errors import InvalidArgumentError, NotInitializedError, WorkspaceExhaustedError
 from .kernels import gather_scatter as _k
@@ -103,7 +103,7 @@ def _validate(op: str, tensor: torch.Tensor, out: torch.Tensor, world_size: int,
     if itemsize is None:
         raise InvalidArgumentError(f"custom {op} supports bfloat16, float16 and float32, got {tensor.dtype}")
     for name, t in (("tensor", tensor), ("out", out)):
-        if not t.is_contiguous():
+        if not is_dense_contiguous(t):
             raise InvalidArgumentError(f"custom {op} needs a contiguous {name} (call .contiguous())")
         if not _on_device(t, use_ptx, device_index):
             raise InvalidArgumentError(f"{name} is on {t.device}, this rank's workspace is on {device}")

@@ -942,6 +942,23 @@ def test_a_conjugate_view_is_refused_as_an_argument_before_calling_torch() -> No
         assert torch.equal(backend.all_reduce(z.resolve_conj()), z)  # resolved: runs
 
 
+def test_a_sparse_or_mkldnn_tensor_is_refused_as_an_argument_naming_its_layout() -> None:
+    """Sparse COO and CSR and MKL-DNN tensors hold no dense block of their values: refused naming the layout (CSR's
+    ``is_contiguous`` raises torch's RuntimeError, and Gloo failed MKL-DNN as an engine error)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: sparse CSR support is in beta
+        tensors = [torch.eye(3).to_sparse(), torch.eye(3).to_sparse_csr(), torch.ones(4).to_mkldnn()]
+    with get_comm_backend("gloo").init(rank=0, world_size=1) as backend:
+        for t in tensors:
+            for call in (lambda t=t: backend.all_reduce(t), lambda t=t: backend.broadcast(t, src=0)):
+                with pytest.raises(InvalidArgumentError, match=rf"is a {t.layout} tensor") as info:
+                    call()
+                assert info.value.details["layout"] == str(t.layout)
+        assert torch.equal(backend.all_reduce(torch.ones(3)), torch.ones(3))
+
+
 # ------------------------------------------------------------------------ shapes that differ across ranks
 def _call_with_this_ranks_shape(backend, rank: int, op: str):
     """Rank 0 passes 4 elements, rank 1 passes 5 (broadcast: the root 5, the receiver 4)."""

@@ -114,6 +114,18 @@ def _forced_algo_worker(rank, world_size, port):
     refused(InvalidArgumentError, "float64", wide, algo="two_shot", payload="fp8")
     refused(BackendNotSupportedError, "group size 1", torch.full((8,), rank + 1.0), group=mine, algo="two_shot",
             payload="fp8")  # fmt: skip
+    # A sparse tensor (CSR's is_contiguous raises torch's RuntimeError): typed errors, auto and forced alike.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: sparse CSR support is in beta
+        csr = torch.eye(4).to_sparse_csr()
+    for kwargs, match in (({}, "is a torch.sparse_csr tensor"), ({"algo": "one_shot"}, "contiguous")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            backend.all_reduce(csr, **kwargs)
+        assert backend.last_selection is before
+    with pytest.raises(InvalidArgumentError, match="is a torch.sparse_csr tensor"):
+        backend.all_gather(torch.empty(8, 4), csr)
     # The same calls with auto run on the engine.
     ints = torch.full((8,), rank + 1, dtype=torch.int32)
     backend.all_reduce(ints)

@@ -27,7 +27,7 @@ import torch
 from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
 
 from .. import gather_scatter
-from ..arguments import check_flag, check_is_tensor, check_timeout
+from ..arguments import check_flag, check_is_tensor, check_timeout, is_dense_contiguous
 from ..backend import ReduceOp, Work
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
@@ -476,7 +476,7 @@ class CustomBackend(TorchDistributedBackend):
             or ReduceOp.parse(op) is not ReduceOp.SUM
             or not isinstance(tensor, torch.Tensor)
             or tensor.dtype not in SUPPORTED_DTYPES
-            or not tensor.is_contiguous()
+            or not is_dense_contiguous(tensor)
         ):
             return None
         plan, car = found
@@ -542,7 +542,7 @@ class CustomBackend(TorchDistributedBackend):
             or ReduceOp.parse(op) is not ReduceOp.SUM
             or not isinstance(tensor, torch.Tensor)
             or tensor.dtype not in SUPPORTED_DTYPES
-            or not tensor.is_contiguous()
+            or not is_dense_contiguous(tensor)
         ):
             if car is None and algo != ENGINE_ALGO:  # as select() says: the group has no kernels, and why
                 sel = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
@@ -616,6 +616,10 @@ class CustomBackend(TorchDistributedBackend):
                 f"algo={algo!r} takes bfloat16, float16 and float32 tensors, got {tensor.dtype}; use algo='auto' or "
                 "'nccl' for other dtypes"
             )
+        if tensor.layout is not torch.strided:
+            raise InvalidArgumentError(
+                f"algo={algo!r} needs a dense contiguous tensor, got a {tensor.layout} tensor; call .to_dense()"
+            )
         if not tensor.is_contiguous():
             raise InvalidArgumentError(
                 f"algo={algo!r} needs a contiguous tensor, got shape {tuple(tensor.shape)} with strides "
@@ -636,7 +640,7 @@ class CustomBackend(TorchDistributedBackend):
             and ReduceOp.parse(op) is ReduceOp.SUM
             and isinstance(tensor, torch.Tensor)
             and tensor.dtype in SUPPORTED_DTYPES
-            and tensor.is_contiguous()
+            and is_dense_contiguous(tensor)
         )
         ran = car.check_payload(tensor, algo, payload) if kernel_case else self.engine_kind
         if ran != TWO_SHOT:
@@ -662,7 +666,7 @@ class CustomBackend(TorchDistributedBackend):
             or flat.dtype != shard.dtype
             or flat.device != car.device
             or shard.device != car.device
-            or not (flat.is_contiguous() and shard.is_contiguous())
+            or not (is_dense_contiguous(flat) and is_dense_contiguous(shard))
             or flat.numel() != car.world_size * shard.numel()
         ):
             return None

@@ -117,7 +117,12 @@ def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> Non
             f"move it with .to({str(device)!r})",
             details={"given": str(tensor.device), "expected": str(device)},
         )
-    if tensor.is_sparse or not tensor.is_contiguous():
+    if tensor.layout is not torch.strided:  # sparse (CSR's is_contiguous raises), MKL-DNN: no dense block to move
+        raise InvalidArgumentError(
+            f"{what} is a {tensor.layout} tensor; the collectives take dense ones (torch.strided): .to_dense() first",
+            details={"layout": str(tensor.layout)},
+        )
+    if not tensor.is_contiguous():
         raise InvalidArgumentError(f"{what} must be a dense contiguous tensor; call .contiguous() first")
     check_values_in_memory(tensor, what)
 
