@@ -542,7 +542,8 @@ class CustomBackend(TorchDistributedBackend):
             or ReduceOp.parse(op) is not ReduceOp.SUM
             or not isinstance(tensor, torch.Tensor)
             or tensor.dtype not in SUPPORTED_DTYPES
-            or not is_dense_contiguous(tensor)
+            or tensor.layout is not torch.strided  # (is_dense_contiguous in line: the eager path)
+            or not tensor.is_contiguous()
         ):
             if car is None and algo != ENGINE_ALGO:  # as select() says: the group has no kernels, and why
                 sel = Selection(self.engine_kind, "custom-unavailable", self.kernels_reason(group))
