@@ -456,3 +456,31 @@ def test_an_init_that_fails_reports_its_own_error_when_releasing_what_it_made_fa
     raised, initialised = run_ranks(_init_fails_and_its_release_too, 1, env=INTERP, timeout=60)[0]
     assert raised == ("ConfigMismatchError", "[invalid_argument] the ranks' settings differ (a stand-in)")
     assert not initialised
+
+
+def test_an_async_kernel_call_waited_for_without_a_timeout_ends_at_the_backends_timeout(monkeypatch):
+    """``Work.wait()`` with no timeout is bounded by the backend's: a device that never reaches the call's event (a
+    stalled GPU) raises ``CommTimeoutError`` then, instead of blocking the host in ``Event.synchronize()``."""
+    import time
+    from types import SimpleNamespace
+
+    from sagellm_comm.backends.custom import _EventWork
+    from sagellm_comm.errors import CommTimeoutError
+
+    class StalledEvent:  # the stream never reaches it
+        def record(self):
+            pass
+
+        def query(self):
+            return False
+
+        def synchronize(self):
+            raise AssertionError("the host waited for the device with no deadline")
+
+    monkeypatch.setattr(torch.cuda, "Event", StalledEvent)
+    car = SimpleNamespace(rank=1, check_errors=lambda: None)
+    work = _EventWork(car, SimpleNamespace(is_cuda=True), 0.2)
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="custom all-reduce on rank 1 did not complete within 0.2s"):
+        work.wait()
+    assert time.monotonic() - start < 5

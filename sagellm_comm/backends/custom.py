@@ -90,11 +90,13 @@ def custom_available() -> bool:
 
 
 class _EventWork(Work):
-    """Handle of an all-reduce enqueued by the kernels (completion tracked by a CUDA event)."""
+    """Handle of an all-reduce enqueued by the kernels (completion tracked by a CUDA event); ``timeout``: the
+    backend's, which bounds a :meth:`wait` given none."""
 
-    def __init__(self, car: CustomAllReduce, tensor: torch.Tensor):
+    def __init__(self, car: CustomAllReduce, tensor: torch.Tensor, timeout: float):
         self._car = car
         self._tensor = tensor
+        self._timeout = timeout
         self._event = None
         if tensor.is_cuda:
             self._event = torch.cuda.Event()
@@ -102,22 +104,19 @@ class _EventWork(Work):
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """Block until the kernel finished; raise ``CommTimeoutError`` (or ``CollectiveMismatchError``) if it
-        failed, or ``CommTimeoutError`` if it is still running after ``timeout`` seconds."""
-        if timeout is not None:
-            timeout = check_timeout(timeout)  # a NaN deadline would never pass
+        failed, or ``CommTimeoutError`` if it is still running after ``timeout`` seconds (default: the backend's
+        timeout; a device that never reaches the call's event, a stalled GPU, is not waited for past it)."""
+        limit = self._timeout if timeout is None else check_timeout(timeout)  # a NaN deadline would never pass
         if self._event is not None:
-            if timeout is None:
-                self._event.synchronize()
-            else:
-                deadline = time.monotonic() + timeout
-                while not self._event.query():
-                    self._car.check_errors()  # a failure recorded by the kernel is reported at once
-                    if time.monotonic() > deadline:
-                        raise CommTimeoutError(
-                            f"custom all-reduce on rank {self._car.rank} did not complete within {timeout:g}s",
-                            details={"rank": self._car.rank, "timeout_s": timeout},
-                        )
-                    time.sleep(0.0002)
+            deadline = time.monotonic() + limit
+            while not self._event.query():
+                self._car.check_errors()  # a failure recorded by the kernel is reported at once
+                if time.monotonic() > deadline:
+                    raise CommTimeoutError(
+                        f"custom all-reduce on rank {self._car.rank} did not complete within {limit:g}s",
+                        details={"rank": self._car.rank, "timeout_s": limit},
+                    )
+                time.sleep(0.0002)
         self._car.check_errors()
         return self._tensor
 
@@ -531,7 +530,7 @@ class CustomBackend(TorchDistributedBackend):
         if car is None and self._hierarchical and algo in (AUTO, HIERARCHICAL_ALGO):
             done = self._try_hierarchical(tensor, op, group, algo)
             if done is not None:
-                return _EventWork(done, tensor) if async_op else tensor
+                return _EventWork(done, tensor, self.timeout) if async_op else tensor
         if algo == HIERARCHICAL_ALGO:
             self._refuse_hierarchical(car, tensor, op, group)
         if algo in KERNEL_ALGOS:
@@ -565,7 +564,7 @@ class CustomBackend(TorchDistributedBackend):
             return self._ran(sel.ran_on(self.engine_kind), super().all_reduce(tensor, op, group, async_op))
         car.all_reduce(tensor, algo=sel.algo)
         self.last_selection = sel  # as _ran, inline on the eager path
-        return _EventWork(car, tensor) if async_op else tensor
+        return _EventWork(car, tensor, self.timeout) if async_op else tensor
 
     def _ran(self, sel: Selection, result: Any) -> Any:
         """Record ``sel`` as :attr:`last_selection` once its call was issued, and return ``result``: a call refused
@@ -652,7 +651,7 @@ class CustomBackend(TorchDistributedBackend):
         sel = Selection(
             TWO_SHOT, f"{payload}-payload", f"payload={payload!r} requested: shards travel as FP8 with a scale per 128"
         )
-        return self._ran(sel, _EventWork(car, tensor) if async_op else tensor)
+        return self._ran(sel, _EventWork(car, tensor, self.timeout) if async_op else tensor)
 
     # ------------------------------------------------------------------ all-gather / reduce-scatter
     def _gather_scatter_kernels(self, op: str, flat, shard, group) -> CustomAllReduce | None:
@@ -695,7 +694,8 @@ class CustomBackend(TorchDistributedBackend):
             sel = Selection(self.engine_kind, "engine", "not a kernel case (group, layout or size)")
             return self._ran(sel, super().all_gather(output, tensor, group, async_op))
         gather_scatter.all_gather(car, tensor, output)
-        return self._ran(self._kernel_selection("all_gather", car), _EventWork(car, output) if async_op else output)
+        done = _EventWork(car, output, self.timeout) if async_op else output
+        return self._ran(self._kernel_selection("all_gather", car), done)
 
     def reduce_scatter(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         """As :meth:`CommBackend.reduce_scatter`; SUM of a flat ``input`` on a group with kernels runs the
@@ -711,7 +711,7 @@ class CustomBackend(TorchDistributedBackend):
             sel = Selection(self.engine_kind, "engine", "not a kernel case (op, group, layout or size)")
             return self._ran(sel, super().reduce_scatter(output, input, op, group, async_op))
         gather_scatter.reduce_scatter(car, input, output)
-        done = _EventWork(car, output) if async_op else output
+        done = _EventWork(car, output, self.timeout) if async_op else output
         return self._ran(self._kernel_selection("reduce_scatter", car), done)
 
 
