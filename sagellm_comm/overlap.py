@@ -12,7 +12,8 @@ Semantics by device:
   shared by all calls, or ``stream=``) wait for the work already queued on the current stream (so the
   all-reduce sees the finished ``tensor``), enqueues the in-place all-reduce on the side stream and
   records an event there.  It returns as soon as the work is enqueued.  ``wait()`` makes the stream
-  that is current *at the time of the call* wait for that event; the host does not block.  The tensor
+  that is current *at the time of the call* wait for that event; the host does not block
+  (``synchronize()`` blocks it, bounded by the backend's timeout).  The tensor
   is marked with ``record_stream(side)``, so the caching allocator does not hand its memory to another
   tensor before the side stream is done with it, even if the caller drops it early.  The fork (side
   waits for current) and the join (current waits for the event) are both stream operations, so the
@@ -26,14 +27,15 @@ Until ``wait()`` returns, neither read nor write ``tensor``: it is being reduced
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sagellm_comm.arguments import check_device, check_is_tensor, check_timeout, is_int
-from sagellm_comm.backend import ReduceOp, Work
-from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError
+from sagellm_comm.backend import DEFAULT_TIMEOUT_S, ReduceOp, Work
+from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, InvalidArgumentError
 from sagellm_comm.group import resolve_group
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class AsyncAllReduce(Work):
     Attributes:
         tensor: the tensor being reduced in place (valid once :meth:`wait` returned).
         stream: the side stream the all-reduce was enqueued on (None on CPU).
+        timeout: seconds that bound a :meth:`synchronize` given none on CUDA (the group's backend's timeout).
     """
 
     def __init__(
@@ -86,9 +89,11 @@ class AsyncAllReduce(Work):
         event: torch.cuda.Event | None = None,
         stream: torch.cuda.Stream | None = None,
         work: Work | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ):
         self.tensor = tensor
         self.stream = stream
+        self.timeout = timeout
         self._event = event
         self._work = work
         self._waited = False
@@ -112,12 +117,22 @@ class AsyncAllReduce(Work):
             return bool(self._event.query())
         return self._waited or self._work is None or bool(self._work.is_completed())
 
-    def synchronize(self) -> torch.Tensor:
-        """Block the host until the all-reduce is done (CUDA: event sync; CPU: :meth:`wait`)."""
-        if self._event is not None:
-            self._event.synchronize()
-            return self.tensor
-        return self.wait()
+    def synchronize(self, timeout: float | None = None) -> torch.Tensor:
+        """Block the host until the all-reduce is done, at most ``timeout`` seconds (default :attr:`timeout` on
+        CUDA, the backend's on CPU); ``comm_timeout`` past it (CUDA: a side stream that never reaches the event, a
+        stalled GPU; CPU: as :meth:`wait`).  Returns :attr:`tensor`."""
+        if self._event is None:
+            return self.wait(timeout)
+        limit = self.timeout if timeout is None else check_timeout(timeout)
+        deadline = time.monotonic() + limit
+        while not self._event.query():
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(
+                    f"the all-reduce on the side stream of {self.tensor.device} did not complete within {limit:g}s",
+                    details={"device": str(self.tensor.device), "timeout_s": limit},
+                )
+            time.sleep(0.0002)
+        return self.tensor
 
 
 def all_reduce_async(
@@ -162,15 +177,20 @@ def all_reduce_async(
     current = torch.cuda.current_stream(tensor.device)
     if side == current:
         raise InvalidArgumentError("stream= must differ from the current stream, or nothing can overlap")
-    return start_on_side_stream(lambda: comm_group.all_reduce(tensor, reduce_op), [tensor], side)
+    timeout = getattr(comm_group.backend, "timeout", DEFAULT_TIMEOUT_S)
+    return start_on_side_stream(lambda: comm_group.all_reduce(tensor, reduce_op), [tensor], side, timeout)
 
 
 def start_on_side_stream(
-    reduce: Callable[[], object], tensors: Sequence[torch.Tensor], side: torch.cuda.Stream
+    reduce: Callable[[], object],
+    tensors: Sequence[torch.Tensor],
+    side: torch.cuda.Stream,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> AsyncAllReduce:
     """The fork of :func:`all_reduce_async`: ``side`` waits for what the current stream has queued, ``reduce()``
     is enqueued on ``side`` and an event recorded after it; every tensor of ``tensors`` (reduced in place by
-    ``reduce``) is marked ``record_stream(side)``.  Returns the handle on ``tensors[0]``, whose ``wait()`` joins.
+    ``reduce``) is marked ``record_stream(side)``.  Returns the handle on ``tensors[0]``, whose ``wait()`` joins
+    (``timeout``: its :attr:`AsyncAllReduce.timeout`).
 
     For callers that reduce several tensors of this process at once (virtual ranks: one per rank)."""
     current = torch.cuda.current_stream(side.device)
@@ -181,4 +201,4 @@ def start_on_side_stream(
         event.record(side)
     for tensor in tensors:
         tensor.record_stream(side)  # its memory stays reserved until the side stream's work is done
-    return AsyncAllReduce(tensors[0], event=event, stream=side)
+    return AsyncAllReduce(tensors[0], event=event, stream=side, timeout=timeout)

@@ -106,6 +106,30 @@ def test_async_wait_is_bounded_by_timeout(tmp_path) -> None:
     assert run_ranks(_timeout_worker, 2, str(tmp_path / "rank0-done"), timeout=60.0)[0] == "comm_timeout"
 
 
+class _StalledEvent:
+    """A CUDA event its stream never reaches (a stalled GPU)."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        raise AssertionError("the host waited for the device with no deadline")
+
+
+@pytest.mark.parametrize("given", [None, 0.1])
+def test_synchronize_on_cuda_is_bounded_by_a_timeout(given) -> None:
+    """``synchronize()`` of a CUDA handle polls its event until a deadline (the handle's timeout, the backend's, when
+    none is given) and raises ``comm_timeout`` past it, instead of blocking the host for good."""
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.overlap import AsyncAllReduce
+
+    handle = AsyncAllReduce(torch.zeros(4), event=_StalledEvent(), timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match=f"did not complete within {0.2 if given is None else given:g}s"):
+        handle.synchronize(given)
+    assert time.monotonic() - start < 5
+
+
 class _ReportsCuda0(torch.Tensor):
     """A CPU tensor that says it is on cuda:0: what all_reduce_async checks before it touches a stream."""
 
