@@ -477,6 +477,81 @@ def test_init_keeps_its_deadline_whatever_sits_on_the_port():
         assert not seen["initialized"], (what, seen)
 
 
+class _SilencingRelay:
+    """A real store behind a relay on a port of 127.0.0.1 that passes bytes both ways until :meth:`silence`, then
+    swallows them and keeps every connection open: a store whose host stopped answering (stopped or hung, its
+    host or the network to it down) after a rank joined it."""
+
+    def __init__(self, store_port: int):
+        import threading
+
+        self.store_port, self.held = store_port, []
+        self.silent = threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed: the test is over
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.store_port))
+            self.held += [conn, upstream]
+            for source, sink in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
+
+    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                if not self.silent.is_set():
+                    sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_init_keeps_its_deadline_when_the_store_falls_silent():
+    """A store that answered the rank's join and its arrival, then fell silent, held init forever: torch waits for
+    the end of a timed-out wait (and for a check's or an add's reply) with no bound.  The rank gets comm_timeout
+    within its timeout + 2 s saying that the store stopped answering."""
+    import threading
+
+    timeout = 3.0
+    store = _stale_store(False)
+    relay = _SilencingRelay(store.port)
+
+    def silence_once_rank_1_arrived() -> None:
+        while not relay.silent.is_set():
+            if store.check(["sagellm_comm/1/arrived/1"]):
+                relay.silent.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=silence_once_rank_1_arrived, daemon=True)
+    watcher.start()
+    try:
+        seen, _ = _lone_rank(1, relay.port, timeout, limit=timeout)
+    finally:
+        relay.silent.set()
+        relay.close()
+    assert seen["code"] == "comm_timeout", seen
+    assert timeout - 0.2 <= seen["elapsed"] < timeout + 2.0, seen
+    assert f"127.0.0.1:{relay.port}: the store stopped answering" in seen["message"], seen
+    assert f"{timeout:g}s" in seen["message"] and not seen["initialized"], seen
+
+
 def test_undo_after_failure_runs_every_step_and_logs_what_raises(caplog):
     """The release after a failed operation: every step runs, each one that raises is logged (not raised), so the
     error the caller goes on to raise is the operation's own."""

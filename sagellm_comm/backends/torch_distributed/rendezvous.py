@@ -28,7 +28,12 @@
     (``sagellm_comm/<n>/``), and announces its arrival there; the ranks wait, bounded by the deadline, until
     all have arrived before torch's process group starts.  A stale store (an earlier world's rank 0 still
     alive, or a launcher's store that outlived a world) therefore never hands out an address of a dead
-    process: its keys live under another prefix, and the missing ranks are named when the deadline passes.
+    process: its keys live under another prefix, and the missing ranks are named when the deadline passes;
+  - a store that answered and then fell silent (the process that hosts it stopped or hung, its host or the
+    network to it down: the connection stays open and nothing comes back) would hold a rank in torch's calls
+    for good: torch waits for some replies with no bound of its own (a ``check``, an ``add``, the end of a
+    timed-out ``wait``).  So this process's connections to the store are shut down once the deadline has
+    passed by ``_ATTEMPT_SLACK_S`` (:func:`_cut_at`), which ends such a call with an error.
 
   Each failure is ``comm_timeout`` naming the address, the configured timeout, the time waited and what was
   found there.  Only what comes after every rank has arrived (torch's process group, bounded by its own
@@ -42,7 +47,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
@@ -88,7 +94,8 @@ def init_world(
     try:
         store = create_store(rank, world_size, address, timeout, deadline)
         if address is not None:
-            wait_for_ranks(store, rank, world_size, timeout, deadline, where)
+            with _cut_at(address, deadline + _ATTEMPT_SLACK_S, "rendezvous", timeout):
+                wait_for_ranks(store, rank, world_size, timeout, deadline, where)
     except CommError:
         raise
     except Exception as exc:
@@ -130,7 +137,8 @@ def create_store(
         store = _bind_store(addr, port, timeout, deadline)
     else:
         store = _join_store(addr, port, timeout, deadline)
-    generation = store.add(f"sagellm_comm/inits/rank{rank}", 1)
+    with _cut_at(address, deadline + _ATTEMPT_SLACK_S, "rendezvous", timeout):  # the store answered the join
+        generation = store.add(f"sagellm_comm/inits/rank{rank}", 1)
     return dist.PrefixStore(f"sagellm_comm/{generation}", store)
 
 
@@ -259,6 +267,44 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
     # a client made after its sockets were shut down is not usable
     store = None if abandoned else outcome.get("store")
     return store, outcome.get("error"), helper.is_alive()
+
+
+@contextmanager
+def _cut_at(address: tuple[str, int] | None, cut: float, step: str, timeout: float) -> Iterator[None]:
+    """Run the block (``step``: what it does, in messages), which calls the store at ``address``; if it has not ended
+    by ``cut`` (``time.monotonic()``), shut down this process's connections to the store: a call waiting for a
+    reply that never comes (a store fallen silent) then fails, and the block raises ``comm_timeout`` saying so.
+    The store is unusable after that; it is only cut once the step has run past its own deadline."""
+    if address is None:  # a local store: nothing to wait for
+        yield
+        return
+    port, where, start = address[1], "{}:{}".format(*address), time.monotonic()
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        _shut_down(_sockets_to(port))
+
+    timer = threading.Timer(max(0.0, cut - time.monotonic()), fire)
+    timer.daemon = True
+    timer.start()
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        failure = exc
+        if not fired.is_set():
+            raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise CommTimeoutError(
+            f"{step} at {where}: the store stopped answering (the step had run {time.monotonic() - start:.1f}s; the "
+            f"configured timeout is {timeout:g}s): the connection to it is open and nothing comes back (the process "
+            "that hosts it, rank 0 or torchrun's agent, is stopped or hung, or its host or the network to it is "
+            "down).  Check that process and the network to it, or pass a larger timeout=",
+            details={"op": step, "address": where, "timeout_s": timeout},
+        ) from failure
 
 
 #: helpers that outlived their attempt: (thread, port, the sockets to ``port`` that predate it)
