@@ -552,6 +552,61 @@ def test_init_keeps_its_deadline_when_the_store_falls_silent():
     assert f"{timeout:g}s" in seen["message"] and not seen["initialized"], seen
 
 
+def test_init_process_group_keeps_a_deadline_when_the_store_falls_silent():
+    """Both ranks arrived, then the store fell silent while torch set up the process group: torch's own timeout
+    did not end it (its store wait waits forever for the end of a timed-out wait).  A rank caught by the silence
+    gets comm_timeout once twice its timeout + 1 s have passed since the set-up began, saying that the store
+    stopped answering; every rank exits."""
+    import threading
+
+    timeout = 2.0
+    store = _stale_store(False)
+    relay = _SilencingRelay(store.port)
+    arrived = store.num_keys() + 4  # each rank's count of inits, and its arrival
+
+    def silence_once_the_process_group_began() -> None:
+        while not relay.silent.is_set():
+            if store.num_keys() > arrived:  # torch's process group wrote its first key
+                relay.silent.set()
+            time.sleep(0.001)
+
+    threading.Thread(target=silence_once_the_process_group_began, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(relay.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"})  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LONE_RANK, str(rank), str(relay.port), str(timeout)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=40) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        relay.silent.set()
+        relay.close()
+    assert relay.silent.is_set()
+    reports = []
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        if stdout.strip():  # else its set-up had read every reply before the silence: it initialised
+            reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert reports, "no rank was caught by the silence"
+    for seen in reports:
+        assert seen["code"] == "comm_timeout", seen
+        # its wait for the other rank's arrival (the timeout at most), then the cut: twice the timeout + 1 s
+        assert seen["elapsed"] < 3 * timeout + 6.0, seen
+        assert f"127.0.0.1:{relay.port}: the store stopped answering" in seen["message"], seen
+        assert f"configured timeout is {timeout:g}s" in seen["message"] and not seen["initialized"], seen
+
+
 def test_undo_after_failure_runs_every_step_and_logs_what_raises(caplog):
     """The release after a failed operation: every step runs, each one that raises is logged (not raised), so the
     error the caller goes on to raise is the operation's own."""

@@ -36,13 +36,16 @@
     passed by ``_ATTEMPT_SLACK_S`` (:func:`_cut_at`), which ends such a call with an error.
 
   Each failure is ``comm_timeout`` naming the address, the configured timeout, the time waited and what was
-  found there.  Only what comes after every rank has arrived (torch's process group, bounded by its own
-  timeout) can take longer, and only when a rank dies in between.
+  found there.  Only what comes after every rank has arrived (torch's process group, whose own timeout bounds
+  each of its waits) can take longer, and only when a rank dies in between.  A store that falls silent then is
+  cut like one that falls silent before, once twice the timeout and a second have passed since torch began:
+  ``comm_timeout`` saying that the store stopped answering.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import threading
@@ -100,8 +103,17 @@ def init_world(
         raise
     except Exception as exc:
         raise translate(exc, f"rendezvous at {where}", timeout) from exc
+    # torch's own timeout bounds each of its waits (more than one may run out when a rank died in between), but not
+    # a store that falls silent meanwhile
     try:
-        dist.init_process_group(torch_backend, store=store, rank=rank, world_size=world_size, timeout=seconds(timeout))
+        with _cut_at(address, time.monotonic() + 2 * timeout + _ATTEMPT_SLACK_S, "init_process_group", timeout):
+            dist.init_process_group(torch_backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=seconds(timeout))  # fmt: skip
+    except CommError:
+        if dist.is_initialized():  # made just as the store was cut: unusable
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        raise
     except Exception as exc:
         raise translate(exc, f"init_process_group at {where}", timeout) from exc
     return store
