@@ -607,6 +607,65 @@ def test_init_process_group_keeps_a_deadline_when_the_store_falls_silent():
         assert f"configured timeout is {timeout:g}s" in seen["message"] and not seen["initialized"], seen
 
 
+_NEW_GROUP_RANK = """
+import json, sys, time
+from sagellm_comm import CommBackend, CommError
+rank, port, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+backend = CommBackend.create("gloo")
+backend.init(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port, timeout=timeout)
+print("initialised", flush=True)
+sys.stdin.readline()  # the store falls silent meanwhile
+start = time.monotonic()
+try:
+    backend.new_group([0, 1])
+    print(json.dumps({"code": None}))
+except CommError as exc:
+    print(json.dumps({"elapsed": time.monotonic() - start, "code": exc.code.value, "message": str(exc)}))
+"""
+
+
+def test_new_group_keeps_a_deadline_when_the_store_falls_silent():
+    """A sub-group is made over the store: one that fell silent after init held new_group forever on every rank
+    (torch's timeout did not end it).  Every rank gets comm_timeout once twice its timeout + 1 s have passed,
+    saying that the store stopped answering."""
+    timeout = 2.0
+    store = _stale_store(False)
+    relay = _SilencingRelay(store.port)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(relay.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"})  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _NEW_GROUP_RANK, str(rank), str(relay.port), str(timeout)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "initialised"
+        relay.silent.set()
+        for proc in procs:  # both at once: new_group first compares the members over Gloo
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [proc.communicate(timeout=40) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        relay.close()
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0 and stdout.strip(), stderr[-3000:]
+        seen = json.loads(stdout.strip().splitlines()[-1])
+        assert seen["code"] == "comm_timeout", seen
+        assert 2 * timeout <= seen["elapsed"] < 2 * timeout + 3.0, seen
+        assert f"new_group([0, 1]) at 127.0.0.1:{relay.port}: the store stopped answering" in seen["message"], seen
+
+
 def test_undo_after_failure_runs_every_step_and_logs_what_raises(caplog):
     """The release after a failed operation: every step runs, each one that raises is logged (not raised), so the
     error the caller goes on to raise is the operation's own."""

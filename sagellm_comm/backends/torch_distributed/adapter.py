@@ -65,7 +65,7 @@ from .checks import (
 )
 from .emulation import Reduction, TorchWork, packed_all_to_all, reduction
 from .engines import ALL_GATHER_FLAT, ENGINES, REDUCE_SCATTER_FLAT, capturing, pick_device
-from .rendezvous import init_world
+from .rendezvous import init_world, store_calls
 from .translate import translate
 
 __all__ = ["TorchDistributedBackend"]
@@ -114,6 +114,7 @@ class TorchDistributedBackend(CommBackend):
         self._groups: list[GroupHandle] = []
         self._owns_world = False
         self._store: Any = None
+        self._store_address: tuple[str, int] | None = None  # None: a local store, or a world made by the caller
         self.timeout = DEFAULT_TIMEOUT_S
 
     # ------------------------------------------------------------------ lifecycle
@@ -205,11 +206,13 @@ class TorchDistributedBackend(CommBackend):
         self._owns_world = False
 
     def _create_world(self, rank: int, world_size: int, addr: str | None, port: int | None) -> None:
-        self._store = init_world(self.engine.torch_backend, rank, world_size, addr, port, self.timeout, self._translate)
+        self._store, self._store_address = init_world(self.engine.torch_backend, rank, world_size, addr, port,
+                                                      self.timeout, self._translate)  # fmt: skip
         self._owns_world = True
 
     def _gloo_group(self, ranks: Sequence[int]) -> Any:
-        return dist.new_group(list(ranks), timeout=seconds(self.timeout), backend="gloo")
+        with store_calls(self._store_address, f"new_group({list(ranks)}) (its Gloo side)", self.timeout):
+            return dist.new_group(list(ranks), timeout=seconds(self.timeout), backend="gloo")
 
     def destroy(self) -> None:
         """As :meth:`CommBackend.destroy`.  Every step runs even when one raises (each group's release, the reset
@@ -296,7 +299,8 @@ class TorchDistributedBackend(CommBackend):
         self._check_same_members(members)
         what = f"new_group({list(members)})"
         try:
-            engine_pg = dist.new_group(list(members), timeout=seconds(self.timeout))
+            with store_calls(self._store_address, what, self.timeout):
+                engine_pg = dist.new_group(list(members), timeout=seconds(self.timeout))
         except Exception as exc:
             raise self._translate(exc, what, self.timeout) from exc
         try:

@@ -84,8 +84,9 @@ def init_world(
     port: int | None,
     timeout: float,
     translate: Callable[[BaseException, str, float], Exception],
-) -> Any:
-    """Create torch.distributed's default group on a new store; returns the store.
+) -> tuple[Any, tuple[str, int] | None]:
+    """Create torch.distributed's default group on a new store; returns the store and its address (None: a local
+    store), for :func:`store_calls`.
 
     ``translate(exc, what, timeout)`` makes torch's failures typed errors naming the step and address.  The
     store and the arrival of every rank are bounded by one deadline, ``timeout`` seconds from now (module
@@ -103,10 +104,8 @@ def init_world(
         raise
     except Exception as exc:
         raise translate(exc, f"rendezvous at {where}", timeout) from exc
-    # torch's own timeout bounds each of its waits (more than one may run out when a rank died in between), but not
-    # a store that falls silent meanwhile
     try:
-        with _cut_at(address, time.monotonic() + 2 * timeout + _ATTEMPT_SLACK_S, "init_process_group", timeout):
+        with store_calls(address, "init_process_group", timeout):
             dist.init_process_group(torch_backend, store=store, rank=rank, world_size=world_size,
                                     timeout=seconds(timeout))  # fmt: skip
     except CommError:
@@ -116,7 +115,16 @@ def init_world(
         raise
     except Exception as exc:
         raise translate(exc, f"init_process_group at {where}", timeout) from exc
-    return store
+    return store, address
+
+
+def store_calls(address: tuple[str, int] | None, step: str, timeout: float) -> contextlib.AbstractContextManager:
+    """``with`` it around a torch call that uses the store at ``address`` (None: a local store) after the
+    rendezvous, ``step`` naming the call: torch's own ``timeout`` bounds each of its waits (more than one may run
+    out when a rank died in between), but not a store that falls silent meanwhile.  Once twice the timeout and a
+    second have passed, this process's connections to the store are shut down (:func:`_cut_at`), which ends the
+    call, and ``comm_timeout`` says that the store stopped answering."""
+    return _cut_at(address, time.monotonic() + 2 * timeout + _ATTEMPT_SLACK_S, step, timeout)
 
 
 def store_address(world_size: int, addr: str | None, port: int | None) -> tuple[str, int] | None:
