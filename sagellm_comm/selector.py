@@ -30,10 +30,11 @@ The selector never touches tensors.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,51 +278,90 @@ def _checked_rules(given: Any) -> tuple[Rule, ...]:
         first = next(i for i, r in enumerate(checked) if r.id == rule.id)
         if first != index:
             raise InvalidArgumentError(f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique")
-    for index, rule in enumerate(checked):
-        if _shadowed(rule, checked[:index]):
-            shadowing = [r.id for r in checked[:index] if _overlap(r, rule)]
-            raise InvalidArgumentError(
-                f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
-                f"matched first by rule(s) {', '.join(map(repr, shadowing))} (the first matching rule decides); "
-                "remove it, or move it before them",
-                details={"rule": rule.id, "shadowed_by": shadowing},
-            )
+    found = never_deciding([Conditions({"world_sizes": r.world_sizes}, r.min_bytes, r.max_bytes) for r in checked])
+    if found is not None:
+        index, shadowing = found
+        rule = checked[index]
+        by = [checked[i].id for i in shadowing]
+        raise InvalidArgumentError(
+            f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
+            f"matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); "
+            "remove it, or move it before them",
+            details={"rule": rule.id, "shadowed_by": by},
+        )
     return tuple(checked)
 
 
-def _overlap(a: Rule, b: Rule) -> bool:
-    """Whether some message matches both ``a`` and ``b``."""
-    if a.world_sizes is not None and b.world_sizes is not None and not set(a.world_sizes) & set(b.world_sizes):
-        return False
-    top = min((m for m in (a.max_bytes, b.max_bytes) if m is not None), default=None)
-    return top is None or max(a.min_bytes, b.min_bytes) <= top
+@dataclass(frozen=True)
+class Conditions:
+    """What one rule of an ordered policy matches, as the checks every policy here shares see it (the all-reduce's
+    rules, the fusion and GEMM paths' rules): per named condition the values it takes (``values``, None: any);
+    per named lower bound the least value it takes (``floors``, matching every value from there); and one inclusive
+    range of a size (bytes, tokens, rows: ``low`` .. ``high``, None: no upper bound)."""
+
+    values: dict[str, Sequence[Any] | None]
+    low: int = 0
+    high: int | None = None
+    floors: dict[str, int] = field(default_factory=dict)
+
+    def overlaps(self, other: Conditions) -> bool:
+        """Whether some call matches both."""
+        for name, mine in self.values.items():
+            theirs = other.values.get(name)
+            if mine is not None and theirs is not None and not set(mine) & set(theirs):
+                return False
+        top = min((m for m in (self.high, other.high) if m is not None), default=None)
+        return top is None or max(self.low, other.low) <= top
 
 
-def _shadowed(rule: Rule, earlier: Sequence[Rule]) -> bool:
-    """Whether every message ``rule`` matches is matched by one of ``earlier`` (so ``rule`` never decides).
-
-    Checked per world size: each one ``rule`` names, or (a rule for every world size) each one an earlier rule names
-    plus one no rule names, which stands for all the others."""
-    if rule.world_sizes is not None:
-        sizes: Sequence[int] = rule.world_sizes
-    else:
-        named = {w for r in earlier if r.world_sizes is not None for w in r.world_sizes}
-        sizes = [*named, next(w for w in range(1, len(named) + 2) if w not in named)]
-    return all(
-        _covers([r for r in earlier if r.world_sizes is None or ws in r.world_sizes], rule.min_bytes, rule.max_bytes)
-        for ws in sizes
-    )
+_ANY_OTHER = object()  # stands for every value of a condition that no rule names
 
 
-def _covers(rules: Sequence[Rule], low: int, high: int | None) -> bool:
-    """Whether the byte ranges of ``rules`` together hold every size in ``[low, high]`` (``high`` None: unbounded)."""
+def never_deciding(rules: Sequence[Conditions], domains: dict[str, Sequence[Any]] | None = None):
+    """``(index, earlier)`` of the first rule of the ordered ``rules`` that never decides (every call it matches is
+    matched by a rule before it: the first matching rule decides), ``earlier`` the indices of the rules before it
+    that match some of its calls; None when every rule decides some call.
+
+    Checked per combination of its conditions' values: each one it names; for a condition it leaves open, each
+    value of the condition's ``domains`` entry if given (a finite set: every mode), else each one an earlier rule
+    names plus one no rule names, which stands for all the others; for a lower bound, its own (the fewest rules
+    before it match there)."""
+    domains = domains or {}
+    for index, rule in enumerate(rules):
+        earlier = rules[:index]
+        axes = []
+        for name, values in rule.values.items():
+            if values is None:
+                named = {v for r in earlier if r.values.get(name) is not None for v in r.values[name]}
+                values = domains.get(name, [*named, _ANY_OTHER])
+            axes.append([(name, v) for v in values])
+        every = all(
+            _covers(
+                [
+                    (r.low, r.high)
+                    for r in earlier
+                    if all(r.values.get(name) is None or v in r.values[name] for name, v in point)
+                    and all(r.floors.get(name, 0) <= floor for name, floor in rule.floors.items())
+                ],
+                rule.low,
+                rule.high,
+            )
+            for point in itertools.product(*axes)
+        )
+        if every:
+            return index, [i for i, r in enumerate(earlier) if r.overlaps(rule)]
+    return None
+
+
+def _covers(ranges: Sequence[tuple[int, int | None]], low: int, high: int | None) -> bool:
+    """Whether the inclusive ``ranges`` together hold every size in ``[low, high]`` (``high`` None: unbounded)."""
     point = low  # the smallest size not yet known to be held
-    for r in sorted(rules, key=lambda r: r.min_bytes):
-        if r.min_bytes > point:  # sorted: no later rule holds ``point`` either
+    for start, stop in sorted(ranges, key=lambda r: r[0]):
+        if start > point:  # sorted: no later range holds ``point`` either
             return False
-        if r.max_bytes is None:
+        if stop is None:
             return True
-        point = max(point, r.max_bytes + 1)
+        point = max(point, stop + 1)
         if high is not None and point > high:
             return True
     return False

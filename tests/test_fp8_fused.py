@@ -725,6 +725,70 @@ def test_fusion_policy_refuses_bad_rules():
     assert [r.id for r in FusionPolicy.from_dict({"rules": rules}).rules] == ["a", "b"]  # one token count: fine
 
 
+@pytest.mark.parametrize(
+    "rules, shadowed, by",
+    [
+        # a catch-all first: nothing after it decides
+        ([{"id": "all", "path": "unfused"}, {"id": "few", "path": "lamport", "max_tokens": 4}], 1, "'all'"),
+        # token ranges of two rules that together hold the third's, at its one world size and hidden
+        (
+            [
+                {"id": "low", "path": "lamport", "world_sizes": [8], "max_tokens": 8},
+                {"id": "high", "path": "one_shot", "hidden": [8192], "min_tokens": 9},
+                {"id": "w8", "path": "two_shot", "world_sizes": [8], "hidden": [8192], "min_tokens": 4},
+            ],
+            2,
+            "'low', 'high'",
+        ),
+        # every mode named by a rule before it: a rule for all modes decides nothing
+        (
+            [
+                {"id": "plain", "path": "one_shot", "quant": ["none"]},
+                {"id": "fp8", "path": "unfused", "quant": ["fp8", "fp8_per_token", "fp8_group128"]},
+                {"id": "rest", "path": "all_reduce_policy"},
+            ],
+            2,
+            "'plain', 'fp8'",
+        ),
+    ],
+)
+def test_a_fusion_rule_that_earlier_rules_leave_no_call_is_refused(rules, shadowed, by):
+    """First match wins: a rule whose every call an earlier rule matches never decides, so the policy says something
+    it never does; refused, naming the rules before it, as the all-reduce policy refuses one."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+
+    pattern = rf"fusion rule {shadowed} .* never decides: .* matched first by rule\(s\) {by}"
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        FusionPolicy.from_dict({"rules": rules})
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        FusionPolicy([FusionRule.from_dict(d, i) for i, d in enumerate(rules)])
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        # another hidden than the earlier rule's
+        [{"id": "h8192", "path": "unfused", "hidden": [8192]}, {"id": "rest", "path": "one_shot"}],
+        # a token count between two earlier ranges
+        [
+            {"id": "low", "path": "lamport", "max_tokens": 3},
+            {"id": "high", "path": "one_shot", "min_tokens": 5},
+            {"id": "four", "path": "two_shot", "min_tokens": 4, "max_tokens": 4},
+        ],
+        # a mode no earlier rule names
+        [
+            {"id": "fp8", "path": "unfused", "quant": ["fp8", "fp8_per_token", "fp8_group128"]},
+            {"id": "rest", "path": "all_reduce_policy"},
+        ],
+    ],
+)
+def test_a_fusion_rule_that_decides_some_call_is_taken(rules):
+    from sagellm_comm.fused import FusionPolicy
+
+    assert [r.id for r in FusionPolicy.from_dict({"rules": rules}).rules] == [r["id"] for r in rules]
+
+
 def test_a_fusion_rule_built_in_code_is_checked_as_one_read_from_json():
     """The rule checks its own fields, so a policy built in code fails where it is made, not in a call."""
     from sagellm_comm.errors import InvalidArgumentError

@@ -19,7 +19,8 @@ Conditions: ``quant`` (modes, ``"none"`` for the unquantised op), ``world_sizes`
 positive ints), ``min_tokens`` / ``max_tokens`` (non-negative ints, inclusive); ``id`` and ``reason`` are strings
 (what a :class:`Selection` reports: ids are unique).  A rule no call can match (an empty list, ``min_tokens`` over
 ``max_tokens``) and any other value of the wrong type or range is refused with ``InvalidArgumentError``, by the
-one check of :class:`FusionRule`, whether the rule is built in code or read by :meth:`FusionPolicy.from_dict`.
+one check of :class:`FusionRule`, whether the rule is built in code or read by :meth:`FusionPolicy.from_dict`; a
+rule that never decides (every call it matches is matched by the rules before it) by :class:`FusionPolicy`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ from typing import Any
 from ..arguments import check_int
 from ..errors import InvalidArgumentError
 from ..files import read_json
-from ..selector import FOLLOW_ALL_REDUCE, ONE_SHOT, RMSNORM_PATHS, Selection, policy_from, policy_rules
+from ..selector import (
+    FOLLOW_ALL_REDUCE,
+    ONE_SHOT,
+    RMSNORM_PATHS,
+    Conditions,
+    Selection,
+    never_deciding,
+    policy_from,
+    policy_rules,
+)
 from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
@@ -97,6 +107,11 @@ class FusionRule:
             and tokens >= self.min_tokens
             and (self.max_tokens is None or tokens <= self.max_tokens)
         )
+
+    def conditions(self) -> Conditions:
+        """What the rule matches, for the checks the policies share (:func:`~sagellm_comm.selector.never_deciding`)."""
+        values = {"quant": self.quant, "world_sizes": self.world_sizes, "hidden": self.hidden}
+        return Conditions(values, self.min_tokens, self.max_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "path": self.path}
@@ -184,6 +199,16 @@ class FusionPolicy:
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise InvalidArgumentError(f"fusion rules: ids {duplicated} name more than one rule; ids are unique")
+        found = never_deciding([r.conditions() for r in rules], {"quant": QUANT_NAMES})
+        if found is not None:
+            index, shadowing = found
+            by = [rules[i].id for i in shadowing]
+            raise InvalidArgumentError(
+                f"fusion rule {index} ({rules[index].id!r}, {rules[index].path}) never decides: every call it matches "
+                f"is matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); remove "
+                "it, or move it before them",
+                details={"rule": rules[index].id, "shadowed_by": by},
+            )
         self.rules = rules
         self.source = source
 
