@@ -137,13 +137,7 @@ class Rule:
                 f"selector rule {index}: min_bytes {min_bytes} > max_bytes {max_bytes}: the rule matches no message"
             )
         rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
-        if not isinstance(rule_id, str) or not rule_id:  # what every Selection of the rule reports
-            raise InvalidArgumentError(f"selector rule {index}: id must be a non-empty string, got {rule_id!r}")
-        if rule_id in RESERVED_RULE_IDS or "+" in rule_id:  # a Selection's rule id must say which decided
-            raise InvalidArgumentError(
-                f"selector rule {index}: id {rule_id!r} is reserved for the selector's own decisions "
-                f"({', '.join(RESERVED_RULE_IDS)}; no '+')"
-            )
+        check_rule_id(rule_id, f"selector rule {index}", RESERVED_RULE_IDS, "the selector")
         if not isinstance(reason, str):
             raise InvalidArgumentError(f"selector rule {index}: reason must be a string, got {reason!r}")
         return cls(
@@ -258,17 +252,38 @@ class AlgoSelector:
         return sel
 
 
+def check_rule_id(rule_id: Any, where: str, reserved: Sequence[str], decider: str) -> str:
+    """``rule_id`` if it is a non-empty string, not one of ``reserved`` (the ids ``decider`` reports for decisions
+    no rule made) and without ``+`` (a rule's id suffixed ``+<why>`` says a capacity changed its choice); else
+    ``InvalidArgumentError`` starting with ``where``: a Selection's rule id must say which rule, or which check,
+    decided."""
+    if not isinstance(rule_id, str) or not rule_id:
+        raise InvalidArgumentError(f"{where}: id must be a non-empty string, got {rule_id!r}")
+    if rule_id in reserved or "+" in rule_id:
+        raise InvalidArgumentError(
+            f"{where}: id {rule_id!r} is reserved for {decider}'s own decisions ({', '.join(reserved)}; no '+')"
+        )
+    return rule_id
+
+
+def checked_rule_list(given: Any, kind: type, what: str) -> list[Any]:
+    """``given`` (a list or tuple of rules) as a list, every item a ``kind``; else ``InvalidArgumentError`` naming
+    ``what`` (the policy's rules) and the first item that is not one."""
+    if not isinstance(given, list | tuple):
+        raise InvalidArgumentError(f"{what} must be a list of {kind.__name__}, got {given!r}")
+    for index, rule in enumerate(given):
+        if not isinstance(rule, kind):
+            raise InvalidArgumentError(
+                f"{what}: rule {index} must be a {kind.__name__}, got {type(rule).__name__} {rule!r}"
+            )
+    return list(given)
+
+
 def _checked_rules(given: Any) -> tuple[Rule, ...]:
     """``given`` as a tuple of rules that pass every check of a policy file (each rule's fields as
     :meth:`Rule.from_dict` checks them, unique ids, no rule that never decides); typed errors name the rule."""
-    try:
-        rules = list(given)
-    except TypeError:
-        raise InvalidArgumentError(f"selector rules must be a list of Rule, got {given!r}") from None
     checked = []
-    for index, rule in enumerate(rules):
-        if not isinstance(rule, Rule):
-            raise InvalidArgumentError(f"selector rule {index}: a Rule, got {type(rule).__name__} {rule!r}")
+    for index, rule in enumerate(checked_rule_list(given, Rule, "selector rules")):
         fields = {"id": rule.id, "algo": rule.algo, "min_bytes": rule.min_bytes, "max_bytes": rule.max_bytes,
                   "reason": rule.reason}  # fmt: skip
         if rule.world_sizes is not None:  # a tuple in code, a list in a policy file

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import pytest
 import torch
@@ -820,6 +821,30 @@ def test_a_fusion_rule_built_in_code_is_checked_as_one_read_from_json():
     assert (rule.quant, rule.world_sizes, rule.hidden) == (("fp8",), (8,), (8192,))
     assert rule.matches(16, 8192, 8, "fp8") and not rule.matches(16, 8192, 4, "fp8")
     assert FusionRule.from_dict(rule.to_dict(), 0) == rule
+
+
+@pytest.mark.parametrize("rule_id", ["fused-max-hidden", "fused-two-shot-capacity", "no-fusion-rule", "over-workspace",
+                                     "no-rule", "user", "mine+lamport-capacity"])  # fmt: skip
+def test_a_fusion_rule_may_not_take_an_id_the_fused_op_reports_for_its_own_decisions(rule_id):
+    """A Selection's rule id says which rule or which check decided: a rule named as a capacity check (or as the
+    all-reduce policy's own decisions, which a rule following it reports) would make the two indistinguishable."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy, FusionRule
+
+    with pytest.raises(InvalidArgumentError, match=f"fusion rule: id '{re.escape(rule_id)}' is reserved"):
+        FusionRule(rule_id, "one_shot")
+    with pytest.raises(InvalidArgumentError, match=f"fusion rule 0: id '{re.escape(rule_id)}' is reserved"):
+        FusionPolicy.from_dict({"rules": [{"id": rule_id, "path": "one_shot"}]})
+
+
+@pytest.mark.parametrize("rules", [None, "rules.json", 3])
+def test_fusion_rules_given_in_code_must_be_a_list(rules):
+    """``FusionPolicy(rules)`` of something not a list of rules is a typed error naming it, not a TypeError."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import FusionPolicy
+
+    with pytest.raises(InvalidArgumentError, match="fusion rules must be a list of FusionRule"):
+        FusionPolicy(rules)
 
 
 def test_a_fusion_policy_file_or_the_benchmarks_record_is_read_and_named(tmp_path):

@@ -185,7 +185,7 @@ def test_a_rule_that_decides_some_message_is_taken(rules):
         ([Rule("no-rule", "one_shot")], r"selector rule 0: id 'no-rule' is reserved"),
         ([Rule("a", "lamport", max_bytes=64), Rule("a", "one_shot")], r"selector rule 1: id 'a' is also rule 0's"),
         ([Rule("all", "one_shot"), Rule("small", "lamport", max_bytes=64)], r"selector rule 1 .* never decides"),
-        ([{"id": "x", "algo": "one_shot"}], r"selector rule 0: a Rule, got dict"),
+        ([{"id": "x", "algo": "one_shot"}], r"selector rules: rule 0 must be a Rule, got dict"),
         (Rule("x", "one_shot"), r"selector rules must be a list of Rule"),
     ],
 )

@@ -39,9 +39,12 @@ from ..files import read_json
 from ..selector import (
     FOLLOW_ALL_REDUCE,
     ONE_SHOT,
+    RESERVED_RULE_IDS,
     RMSNORM_PATHS,
     Conditions,
     Selection,
+    check_rule_id,
+    checked_rule_list,
     never_deciding,
     policy_from,
     policy_rules,
@@ -50,6 +53,12 @@ from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
 RULE_PATHS = (*RMSNORM_PATHS, FOLLOW_ALL_REDUCE)
+# Rule ids a Selection of the fused op reports for decisions no fusion rule made: the capacities that override a rule
+# (FusedAllReduceRMSNorm.select), a forced or engine-only call, no rule matching, and the all-reduce policy's own
+# (a rule following it reports them); a fusion rule may not take one, nor hold "+" ("<id>+lamport-capacity").
+FUSION_RESERVED_RULE_IDS = (
+    "no-fusion-rule", "fused-max-hidden", "fused-over-int32-index", "fused-two-shot-capacity", *RESERVED_RULE_IDS,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,7 @@ class FusionRule:
     def __post_init__(self) -> None:
         """Check every field (a rule built here or read by :meth:`from_dict`): ``InvalidArgumentError`` naming the
         field.  Lists of sizes or modes are kept as tuples, sizes as Python ints."""
-        if not isinstance(self.id, str) or not self.id:  # what every Selection of the rule reports
-            raise InvalidArgumentError(f"fusion rule id must be a non-empty string, got {self.id!r}")
+        check_rule_id(self.id, "fusion rule", FUSION_RESERVED_RULE_IDS, "the fusion policy")
         where = f"fusion rule {self.id}"
         if self.path not in RULE_PATHS:
             raise InvalidArgumentError(f"{where}: path must be one of {RULE_PATHS}, got {self.path!r}")
@@ -138,9 +146,8 @@ class FusionRule:
         for key in ("quant", "world_sizes", "hidden"):  # JSON has lists, not tuples: a string is not a list
             if d.get(key) is not None and not isinstance(d[key], list):
                 raise InvalidArgumentError(f"fusion rule {index}: {key} must be a non-empty list, got {d[key]!r}")
-        rule_id = d.get("id", f"rule-{index}")
-        if not isinstance(rule_id, str) or not rule_id:  # named by its index: it has no usable id
-            raise InvalidArgumentError(f"fusion rule {index}: id must be a non-empty string, got {rule_id!r}")
+        rule_id = check_rule_id(d.get("id", f"rule-{index}"), f"fusion rule {index}", FUSION_RESERVED_RULE_IDS,
+                                "the fusion policy")  # fmt: skip
         return cls(
             id=rule_id,
             path=d.get("path"),
@@ -189,12 +196,9 @@ class FusionPolicy:
     """Ordered :class:`FusionRule` s -> :class:`Selection` (``algo`` a path of :data:`RULE_PATHS`)."""
 
     def __init__(self, rules: Sequence[FusionRule] = DEFAULT_FUSION_RULES, source: str | None = None):
-        rules = tuple(rules)
+        rules = tuple(checked_rule_list(rules, FusionRule, "fusion rules"))  # each checked its fields when made
         if source is None:  # what a Selection and a mismatch between ranks name
             source = "default" if rules == tuple(DEFAULT_FUSION_RULES) else "rules given in code"
-        for i, r in enumerate(rules):  # each rule checked its own fields when it was made
-            if not isinstance(r, FusionRule):
-                raise InvalidArgumentError(f"fusion rules: rule {i} must be a FusionRule, got {r!r}")
         ids = [r.id for r in rules]
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
