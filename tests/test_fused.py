@@ -234,6 +234,104 @@ def _pair(sel) -> tuple[str, str]:
     return sel.algo, sel.rule_id
 
 
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"path": "warp-speed"}, "path must be one of"),
+        ({"min_m": -1}, "min_m must be >= 0"),
+        ({"min_m": True}, "min_m must be an int"),
+        ({"max_m": float("nan")}, "max_m must be an int"),
+        ({"max_m": 64.0}, "max_m must be an int"),
+        ({"min_m": 128, "max_m": 64}, "min_m 128 > max_m 64: the rule matches no call"),
+        ({"min_bytes": -1}, "min_bytes must be >= 0"),
+        ({"min_bytes": None}, "min_bytes must be an int"),
+        ({"world_sizes": ()}, "world_sizes must be a non-empty list"),
+        ({"world_sizes": 2}, "world_sizes must be a non-empty list"),
+        ({"world_sizes": (0,)}, r"world_sizes\[0\] must be >= 1"),
+        ({"world_sizes": ("2",)}, r"world_sizes\[0\] must be an int"),
+        ({"reason": None}, "reason must be a string"),
+        ({"id": ""}, "id must be a non-empty string"),
+        ({"id": 3}, "id must be a non-empty string"),
+        ({"id": "fused-capacity"}, "id 'fused-capacity' is reserved"),
+        ({"id": "no-rule"}, "id 'no-rule' is reserved"),
+        ({"id": "big+fast"}, r"id 'big\+fast' is reserved"),
+    ],
+)
+def test_a_gemm_rule_checks_its_fields(fields, needle):
+    """A GEMM rule is checked when it is made, as the all-reduce policy's rules are: no decision then names a path no
+    call runs, a bound no call can meet (or a NaN, a bool, a string) or an id the selector reports for its own."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmRule
+
+    with pytest.raises(InvalidArgumentError, match=needle):
+        GemmRule(**{"id": "x", "path": "sequential", **fields})
+
+
+@pytest.mark.parametrize(
+    "rules, needle",
+    [
+        ("sequential", "GEMM rules must be a list of GemmRule"),
+        ([{"id": "x", "path": "fused"}], "GEMM rules: rule 0 must be a GemmRule, got dict"),
+        ([("small", "fused", 1, 64), ("rest", "sequential")], "rule 0 must be a GemmRule, got tuple"),
+    ],
+)
+def test_gemm_rules_must_be_a_list_of_rules(rules, needle):
+    """Not an AttributeError when the first call reads ``rule.path``: a typed error when the selector is made."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmPathSelector
+
+    with pytest.raises(InvalidArgumentError, match=needle):
+        GemmPathSelector(rules)
+
+
+@pytest.mark.parametrize(
+    "rules, needle",
+    [
+        # two rules of one id: a Selection could not say which decided
+        ([("x", "fused", 1, 64), ("x", "sequential")], r"GEMM rules: ids \['x'\] name more than one rule"),
+        # a catch-all first: nothing after it decides
+        ([("all", "sequential"), ("small", "fused", 1, 64)], r"GEMM rule 1 \('small', fused\) never decides: .* 'all'"),
+        # M ranges that together hold the third's, at every output size it takes
+        (
+            [("low", "sequential", 1, 1024), ("high", "chunked", 1025), ("w2", "fused", 512, 4096, (2,), "", 1 << 20)],
+            r"GEMM rule 2 \('w2', fused\) never decides: .* 'low', 'high'",
+        ),
+        # an earlier rule for larger outputs only does not hold the smaller ones, but one for any size does
+        (
+            [
+                ("big", "copy_engine", 1, None, None, "", 32 << 20),
+                ("rest", "sequential"),
+                ("w2", "fused", 1, None, (2,)),
+            ],
+            r"GEMM rule 2 \('w2', fused\) never decides: .* 'big', 'rest'",
+        ),
+    ],
+)
+def test_a_gemm_selector_refuses_rules_that_could_not_report_or_never_decide(rules, needle):
+    """First match wins: a rule whose every call an earlier rule matches never decides (the policy says something it
+    never does), and two rules of one id would report the same id; refused when the selector is made."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.fused import GemmPathSelector, GemmRule
+
+    with pytest.raises(InvalidArgumentError, match=needle):
+        GemmPathSelector([GemmRule(*r) for r in rules])
+
+
+def test_a_gemm_rule_that_decides_some_call_is_taken():
+    from sagellm_comm.fused import GemmPathSelector, GemmRule
+
+    rules = [  # outputs under the first rule's floor, then another world size, then the rest
+        GemmRule("big", "copy_engine", min_m=2048, world_sizes=[2], min_bytes=32 << 20),
+        GemmRule("w2", "fused", world_sizes=(2,)),
+        GemmRule("rest", "sequential"),
+    ]
+    selector = GemmPathSelector(rules)
+    assert selector.rules[1].world_sizes == (2,)
+    assert _pair(selector.select(4096, 2, output_bytes=16 << 20)) == ("fused", "w2")
+    assert _pair(selector.select(4096, 4, output_bytes=64 << 20)) == ("sequential", "rest")
+    assert GemmPathSelector().rules  # the defaults
+
+
 def _bad_input_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError, WorkspaceExhaustedError
     from sagellm_comm.fused import GemmPathSelector, GemmRule

@@ -1,5 +1,11 @@
 """GEMM + all-reduce path policy: ordered :class:`GemmRule` s (with their measured thresholds) and
-:class:`GemmPathSelector`, which turns ``(M, output bytes, world size, capacity)`` into a path.  No tensors."""
+:class:`GemmPathSelector`, which turns ``(M, output bytes, world size, capacity)`` into a path.  No tensors.
+
+A rule is checked when it is made, as the all-reduce policy's rules are (``sagellm_comm/selector.py``): a known
+path, bounds that are ints (``min_m``, ``max_m``, ``min_bytes`` non-negative, ``min_m <= max_m``), ``world_sizes`` a
+non-empty list of positive ints, ``reason`` a string, an id that is a non-empty string, not one the selector reports
+for its own decisions (:data:`GEMM_RESERVED_RULE_IDS`) and without ``+``; a selector, that its ids are unique and
+that every rule decides some call.  Anything else raises ``InvalidArgumentError`` naming the rule."""
 
 from __future__ import annotations
 
@@ -8,8 +14,15 @@ from dataclasses import dataclass
 
 from sagellm_comm.selector import CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH, SEQUENTIAL_PATH
 
+from ..arguments import check_int
 from ..errors import InvalidArgumentError
-from ..selector import GEMM_PATHS, Selection
+from ..selector import GEMM_PATHS, Conditions, Selection, check_rule_id, checked_rule_list, never_deciding
+
+# Rule ids a Selection of the GEMM + all-reduce reports for decisions no rule made: no rule matching, a forced path,
+# the capacities that override a rule, no custom kernels, virtual ranks without copy engines; a rule may not take one.
+GEMM_RESERVED_RULE_IDS = (
+    "no-rule", "user", "fused-capacity", "copy-engine-capacity", "custom-unavailable", "virtual-no-copy-engine",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,41 @@ class GemmRule:
     world_sizes: tuple[int, ...] | None = None
     reason: str = ""
     min_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        """Check every field: ``InvalidArgumentError`` naming it (a rule no call matches, a bound that is not an int,
+        an id a Selection could not report as this rule's).  ``world_sizes`` is kept as a tuple."""
+        check_rule_id(self.id, "GEMM rule", GEMM_RESERVED_RULE_IDS, "the GEMM path selector")
+        where = f"GEMM rule {self.id}"
+        if self.path not in GEMM_PATHS:
+            raise InvalidArgumentError(f"{where}: path must be one of {GEMM_PATHS}, got {self.path!r}")
+        if self.world_sizes is not None:
+            if not isinstance(self.world_sizes, tuple | list) or not self.world_sizes:
+                raise InvalidArgumentError(f"{where}: world_sizes must be a non-empty list, got {self.world_sizes!r}")
+            sizes = tuple(check_int(w, f"{where}: world_sizes[{i}]", 1) for i, w in enumerate(self.world_sizes))
+            object.__setattr__(self, "world_sizes", sizes)
+        object.__setattr__(self, "min_m", check_int(self.min_m, f"{where}: min_m", 0))
+        object.__setattr__(self, "min_bytes", check_int(self.min_bytes, f"{where}: min_bytes", 0))
+        if self.max_m is not None:
+            object.__setattr__(self, "max_m", check_int(self.max_m, f"{where}: max_m", 0))
+            if self.min_m > self.max_m:
+                raise InvalidArgumentError(
+                    f"{where}: min_m {self.min_m} > max_m {self.max_m}: the rule matches no call"
+                )
+        if not isinstance(self.reason, str):
+            raise InvalidArgumentError(f"{where}: reason must be a string, got {self.reason!r}")
+
+    def matches(self, m: int, world_size: int, output_bytes: int) -> bool:
+        return (
+            m >= self.min_m
+            and (self.max_m is None or m <= self.max_m)
+            and (self.world_sizes is None or world_size in self.world_sizes)
+            and output_bytes >= self.min_bytes
+        )
+
+    def conditions(self) -> Conditions:
+        """What the rule matches, for the checks the policies share (:func:`~sagellm_comm.selector.never_deciding`)."""
+        return Conditions({"world_sizes": self.world_sizes}, self.min_m, self.max_m, {"output_bytes": self.min_bytes})
 
 
 # Measured with virtual ranks, one H100 (bench/results/h100/fused_gemm_all_reduce_virtual.json at 5aac79e, in git at
@@ -59,10 +107,24 @@ class GemmPathSelector:
     """
 
     def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES):
-        for r in rules:
-            if r.path not in GEMM_PATHS:
-                raise InvalidArgumentError(f"rule {r.id}: path must be one of {GEMM_PATHS}, got {r.path!r}")
-        self.rules = tuple(rules)
+        """``rules`` (:class:`GemmRule` s, each checked when it was made): a list or tuple of unique ids, each rule
+        deciding some call (none whose every call the rules before it match); else ``InvalidArgumentError``."""
+        rules = tuple(checked_rule_list(rules, GemmRule, "GEMM rules"))
+        ids = [r.id for r in rules]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise InvalidArgumentError(f"GEMM rules: ids {duplicated} name more than one rule; ids are unique")
+        found = never_deciding([r.conditions() for r in rules])
+        if found is not None:
+            index, shadowing = found
+            by = [rules[i].id for i in shadowing]
+            raise InvalidArgumentError(
+                f"GEMM rule {index} ({rules[index].id!r}, {rules[index].path}) never decides: every call it matches "
+                f"is matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); remove "
+                "it, or move it before them",
+                details={"rule": rules[index].id, "shadowed_by": by},
+            )
+        self.rules = rules
 
     def select(
         self,
@@ -74,12 +136,7 @@ class GemmPathSelector:
     ) -> Selection:
         sel = Selection(SEQUENTIAL_PATH, "no-rule", f"no rule matches M={m}, world_size={world_size}")
         for r in self.rules:
-            if (
-                m >= r.min_m
-                and (r.max_m is None or m <= r.max_m)
-                and (r.world_sizes is None or world_size in r.world_sizes)
-                and output_bytes >= r.min_bytes
-            ):
+            if r.matches(m, world_size, output_bytes):
                 sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
                 break
         if sel.algo == FUSED_PATH and not fused_fits:
