@@ -1053,8 +1053,9 @@ def test_virtual_fused_closes_its_gemm_workspaces_when_its_gemm_cannot_be_made(m
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132))  # fmt: skip
     group = types.SimpleNamespace(
-        world_size=3, device=torch.device("cuda", 0), workspaces=[None], max_programs=8, timeout_s=1.0, config=None
-    )
+        world_size=3, device=torch.device("cuda", 0), workspaces=[None], max_programs=8, timeout_s=1.0, config=None,
+        ranks=[types.SimpleNamespace(selector=None)] * 3,
+    )  # fmt: skip
     with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="out of memory"):
         virtual_module.VirtualFused(group)
     assert closed == [0, 1, 2]
@@ -1109,9 +1110,14 @@ def _virtual_fused_stand_ins(monkeypatch) -> tuple[types.SimpleNamespace, dict]:
     monkeypatch.setattr(virtual_module, "stacked_rows", lambda workspaces: (None, None))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132))  # fmt: skip
+    from sagellm_comm.selector import AlgoSelector, Rule
+
     group = types.SimpleNamespace(
         world_size=2, device=torch.device("cuda", 0), workspaces=[None], max_programs=8, timeout_s=1.0, config=None
     )
+    # The group's all-reduce policy (VirtualRankGroup(selector=...)): every rank's all-reduce has it.
+    selector = AlgoSelector([Rule("all-two-shot", "two_shot")])
+    group.ranks = [types.SimpleNamespace(selector=selector) for _ in range(group.world_size)]
     return group, made
 
 
@@ -1137,6 +1143,16 @@ def test_virtual_fused_takes_a_fusion_policy_as_the_custom_backend_does(monkeypa
     with pytest.raises(InvalidArgumentError, match="fusion_policy must be a FusionPolicy, a policy file"):
         VirtualFused(group, fusion_policy={"rules": []})
     assert made == {}
+
+
+def test_virtual_fused_follows_the_groups_all_reduce_policy(monkeypatch):
+    """A fusion rule ``all_reduce_policy`` runs the fused form of the kernel the all-reduce's policy picks: on virtual
+    ranks, the group's (``VirtualRankGroup(selector=...)``), which its unfused chain and plain all-reduces run by."""
+    from sagellm_comm.fused import VirtualFused
+
+    group, made = _virtual_fused_stand_ins(monkeypatch)
+    VirtualFused(group)
+    assert made["selector"] is group.ranks[0].selector
 
 
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
