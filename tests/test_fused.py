@@ -332,6 +332,37 @@ def test_a_gemm_rule_that_decides_some_call_is_taken():
     assert GemmPathSelector().rules  # the defaults
 
 
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: _fused_rmsnorm(policy=[("x", "unfused")]), "fusion_policy must be a FusionPolicy"),
+        (lambda: _fused_rmsnorm(policy=3), "fusion_policy must be a FusionPolicy"),
+        (lambda: _fused_rmsnorm(selector={"rules": []}), "selector must be an AlgoSelector"),
+        (lambda: _gemm(selector=["sequential"]), "selector must be a GemmPathSelector"),
+        (lambda: _gemm(selector="rules.json"), "selector must be a GemmPathSelector"),
+    ],
+)
+def test_a_fused_op_refuses_a_policy_of_another_type_when_it_is_made(make, needle):
+    """Not an AttributeError in the first call's decision (``'list' object has no attribute 'select'``): a typed
+    error before the op touches its workspace (None here)."""
+    from sagellm_comm.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=needle):
+        make()
+
+
+def _fused_rmsnorm(**kwargs):
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+
+    return FusedAllReduceRMSNorm(None, **kwargs)
+
+
+def _gemm(**kwargs):
+    from sagellm_comm.fused import GemmAllReduce
+
+    return GemmAllReduce(None, lambda t: t, **kwargs)
+
+
 def _bad_input_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError, ShapeMismatchError, WorkspaceExhaustedError
     from sagellm_comm.fused import GemmPathSelector, GemmRule

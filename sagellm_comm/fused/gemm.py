@@ -63,7 +63,7 @@ class GemmAllReduce(CopyEnginePath):
         all_reduce: the rank's :class:`CustomAllReduce` for the chunked and sequential paths (or a callable
             ``all_reduce(tensor) -> tensor``, in place, e.g. an engine's: from ``world_size`` 3 on it is given a
             16-bit output as fp32, summed as the kernels sum it, and rounded once).
-        selector: path policy (:class:`GemmPathSelector`).
+        selector: path policy (a :class:`GemmPathSelector`; None: its default rules).
         consumer_programs: programs of the fused path's reduction kernel (default: a quarter of the SMs).
         num_chunks: row chunks of the chunked path.
         reduce_programs: programs of the copy-engine path's row sum at W > 2, which runs on the caller's
@@ -85,6 +85,8 @@ class GemmAllReduce(CopyEnginePath):
         ce_chunks: int | None = None,
     ):
         consumer_programs, num_chunks, reduce_programs = gemm_knobs(consumer_programs, num_chunks, reduce_programs)
+        if not (selector is None or isinstance(selector, GemmPathSelector)):  # else untyped in the first call
+            raise InvalidArgumentError(f"selector must be a GemmPathSelector or None, got {selector!r}")
         self.ce_chunks = ce_chunks  # checked by the property
         ws = gemm_workspace
         self.workspace = ws

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,11 +30,20 @@ from ..errors import (
 from ..launch import Launcher as _Launcher
 from ..launch import interpreting as _interpreting
 from ..launch import timeout_ticks as _timeout_ticks
-from ..selector import ENGINE_ALGO, FOLLOW_ALL_REDUCE, RMSNORM_PATHS, TWO_SHOT, UNFUSED_PATH, AlgoSelector, Selection
+from ..selector import (
+    ENGINE_ALGO,
+    FOLLOW_ALL_REDUCE,
+    RMSNORM_PATHS,
+    TWO_SHOT,
+    UNFUSED_PATH,
+    AlgoSelector,
+    Selection,
+    policy_from,
+)
 from ..workspace import SymmetricWorkspace, lamport_offset
 from ._common import MAX_HIDDEN, check_rmsnorm_inputs, engine_all_reduced
 from .fp8 import FP8_DTYPE, QUANT_CODES, check_quant, scales_shape, unfused_tail
-from .rmsnorm_policy import FusionPolicy
+from .rmsnorm_policy import FusionPolicy, fusion_policy_from
 
 # The Lamport form splits a row over programs down to segments of this many elements (the plain Lamport kernel's
 # smallest tile), at most MAX_SPLIT programs a row, and only while the rows' programs fill at most half the grid.
@@ -86,14 +96,17 @@ class FusedAllReduceRMSNorm:
 
     Args:
         workspace: the rank's :class:`SymmetricWorkspace` (the one its :class:`CustomAllReduce` uses).
-        selector: the all-reduce's algorithm policy by bytes (the all-reduce's default rules when omitted); a
-            fusion rule with path ``all_reduce_policy`` runs the fused form of the kernel it picks.
+        selector: the all-reduce's algorithm policy by bytes (an :class:`AlgoSelector`, a policy file, or None: the
+            all-reduce's default rules); a fusion rule with path ``all_reduce_policy`` runs the fused form of the
+            kernel it picks.
         timeout_s: bound of every device-side wait.
         max_programs: programs per launch (rows are spread over them); all must be co-resident.  Agreed by
             the group with the workspace (``workspace.max_programs``); any other value raises.
         fallback: ``fallback(tensor) -> tensor``, an in-place all-reduce (the engine's) used when the fused kernels
             do not run the call and ``all_reduce`` cannot either; without it such calls raise.
-        policy: the fusion rules (:class:`FusionPolicy`; default :data:`DEFAULT_FUSION_RULES`).
+        policy: the fusion rules (a :class:`FusionPolicy`, a path read by :meth:`FusionPolicy.from_file`, or None:
+            :data:`DEFAULT_FUSION_RULES`).  A ``selector`` or ``policy`` of another type raises
+            ``InvalidArgumentError`` before anything is made.
         all_reduce: the :class:`~sagellm_comm.custom_all_reduce.CustomAllReduce` on the same workspace: a call the
             policy runs unfused (a rule, or ``algo="unfused"``) sums ``x`` on its kernels, the algorithm its own
             policy picks for the message, as the unfused chain the fusion rules are measured against does; where
@@ -103,13 +116,16 @@ class FusedAllReduceRMSNorm:
     def __init__(
         self,
         workspace: SymmetricWorkspace,
-        selector: AlgoSelector | None = None,
+        selector: AlgoSelector | str | os.PathLike | None = None,
         timeout_s: float = 30.0,
         max_programs: int | None = None,
         fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        policy: FusionPolicy | None = None,
+        policy: FusionPolicy | str | os.PathLike | None = None,
         all_reduce: CustomAllReduce | None = None,
     ):
+        # Before anything: a policy of another type would fail untyped in the first call's decision.
+        selector = policy_from(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
+        policy = fusion_policy_from(policy)
         if workspace.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
         if max_programs is not None and max_programs != workspace.max_programs:
@@ -119,8 +135,8 @@ class FusedAllReduceRMSNorm:
             )
         max_programs = workspace.max_programs
         self.workspace = workspace
-        self.selector = selector or AlgoSelector()
-        self.policy = policy or FusionPolicy()
+        self.selector = selector
+        self.policy = policy
         self.max_programs = max_programs
         if all_reduce is not None and all_reduce.workspace is not workspace:
             raise InvalidArgumentError("all_reduce must be the CustomAllReduce on this workspace")
