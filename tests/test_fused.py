@@ -317,6 +317,21 @@ def test_a_gemm_selector_refuses_rules_that_could_not_report_or_never_decide(rul
         GemmPathSelector([GemmRule(*r) for r in rules])
 
 
+def test_a_gemm_capacity_override_names_the_rule_it_overrides():
+    """The capacity checks replace a rule's choice: the reason says which rule chose what, and why it did not run
+    (there may be no GEMM workspace at all, not one too small)."""
+    from sagellm_comm.fused import GemmAllReduce, GemmPathSelector, GemmRule
+
+    selector = GemmPathSelector([GemmRule("big-fused", "fused", reason="overlap pays"),
+                                 GemmRule("ce", "copy_engine", min_m=0, max_m=0)])  # fmt: skip
+    sel = selector.select(9000, 2, fused_fits=False)
+    assert _pair(sel) == ("chunked", "fused-capacity")
+    assert "rule big-fused picks fused (overlap pays)" in sel.reason and "or there is none" in sel.reason
+    engine_only = GemmAllReduce(None, lambda t: t, selector=selector, world_size=2)
+    sel = engine_only.select(0, 8)
+    assert _pair(sel) == ("sequential", "copy-engine-capacity") and "rule ce picks copy_engine" in sel.reason
+
+
 def test_a_gemm_rule_that_decides_some_call_is_taken():
     from sagellm_comm.fused import GemmPathSelector, GemmRule
 

@@ -102,8 +102,9 @@ class GemmPathSelector:
     """Ordered :class:`GemmRule` list -> :class:`Selection` (``algo`` is the path).  Never touches tensors.
 
     Capacity overrides every rule: a fused call whose output does not fit the GEMM workspace (or has more
-    tiles than the flag area) runs ``chunked`` (rule ``fused-capacity``), and paths without a kernel
-    workspace run ``sequential``.
+    tiles than the flag area, or no GEMM workspace is there) runs ``chunked`` (rule ``fused-capacity``), a copy-engine
+    call that does not fit it ``sequential`` (rule ``copy-engine-capacity``); the reason names the rule that chose
+    the path and why.
     """
 
     def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES):
@@ -139,10 +140,18 @@ class GemmPathSelector:
             if r.matches(m, world_size, output_bytes):
                 sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
                 break
+        # The rule's choice and why it does not run: the capacities say only whether the path takes the call.
+        unfit = f"rule {sel.rule_id} picks {sel.algo} ({sel.reason}), but"
         if sel.algo == FUSED_PATH and not fused_fits:
-            sel = Selection(CHUNKED_PATH, "fused-capacity", "output over the GEMM workspace: chunked pipeline instead")
+            sel = Selection(
+                CHUNKED_PATH, "fused-capacity",
+                f"{unfit} the [{m}, N] output does not fit the GEMM workspace (its tile buffer or flag area), or there "
+                "is none: chunked pipeline instead",
+            )  # fmt: skip
         if sel.algo == COPY_ENGINE_PATH and not copy_engine_fits:
             sel = Selection(
-                SEQUENTIAL_PATH, "copy-engine-capacity", "output over the GEMM workspace: sequential instead"
-            )
+                SEQUENTIAL_PATH, "copy-engine-capacity",
+                f"{unfit} the [{m}, N] output does not fit the GEMM workspace (its tile buffers or copy steps), or "
+                "there is none: sequential instead",
+            )  # fmt: skip
         return sel
