@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+from sagellm_comm.selector import Selection
 from tests.conftest import run_ranks
 from tests.fp8_checks import assert_within_one_step, fp8_step
 
@@ -845,6 +846,24 @@ def test_fusion_rules_given_in_code_must_be_a_list(rules):
 
     with pytest.raises(InvalidArgumentError, match="fusion rules must be a list of FusionRule"):
         FusionPolicy(rules)
+
+
+def test_a_capacity_that_replaces_a_fusion_rules_kernel_keeps_the_rules_reason(monkeypatch):
+    """Two-shot stages its outputs in the slot: where they do not fit one-shot runs, the reason saying which rule
+    chose two-shot and what did not fit (the decision alone, on a stand-in workspace: no kernel runs)."""
+    import types
+
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.fused import FusedAllReduceRMSNorm, FusionPolicy, FusionRule
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspace = types.SimpleNamespace(device=torch.device("cpu"), max_programs=4, world_size=2, slot_bytes=4096,
+                                      lamport_capacity=1024, config=CommConfig())  # fmt: skip
+    fused = FusedAllReduceRMSNorm(workspace, policy=FusionPolicy([FusionRule("ts", "two_shot", reason="measured")]))
+    assert fused.select(2 * 8 * 128, "fp8_per_token", 8, 128) == Selection("two_shot", "ts", "measured")
+    sel = fused.select(2 * 12 * 128, "fp8_per_token", 12, 128)
+    assert (sel.algo, sel.rule_id) == ("one_shot", "fused-two-shot-capacity")
+    assert sel.reason.startswith("measured; but two-shot stages") and "4096-byte workspace" in sel.reason, sel
 
 
 def test_a_fusion_policy_file_or_the_benchmarks_record_is_read_and_named(tmp_path):

@@ -190,8 +190,13 @@ class FusedAllReduceRMSNorm:
                 f"{sel.reason}; but {rows * hidden} elements exceed the Lamport buffers "
                 f"({self.workspace.lamport_capacity}), so one-shot runs",
             )  # fmt: skip
-        if sel.algo == TWO_SHOT and _rmk.stage_bytes(rows, hidden, itemsize, QUANT_CODES[quant]) > slot:
-            sel = Selection(ONE_SHOT, "fused-two-shot-capacity", "two-shot stages its outputs too; one-shot fits")
+        staged = _rmk.stage_bytes(rows, hidden, itemsize, QUANT_CODES[quant]) if sel.algo == TWO_SHOT else 0
+        if staged > slot:  # the rule's choice, and why it does not run
+            sel = Selection(
+                ONE_SHOT, "fused-two-shot-capacity",
+                f"{sel.reason}; but two-shot stages {staged} bytes (its outputs too), over the {slot}-byte workspace, "
+                "so one-shot runs",
+            )  # fmt: skip
         if sel.algo == ONE_SHOT and nbytes > slot:
             sel = Selection(UNFUSED_PATH, "over-workspace", f"{nbytes} bytes exceed the {slot}-byte workspace")
         return sel
