@@ -84,7 +84,9 @@ def group_gemm(group=None) -> GemmAllReduce | None:
     before the group's first call with custom kernels (or where the group has none).
 
     For benchmarks and tuning: its ``copy_engine_chunks(m)`` says how a call of M rows is pipelined, and setting
-    ``ce_chunks`` (None: by M) changes it for the next calls of every rank -- set it alike on all of them.
+    ``ce_chunks`` (None: by M) changes it for the next calls of every rank -- set it alike on all of them, as its
+    ``selector`` (a :class:`GemmPathSelector`; the default rules on every rank until then): nothing compares them,
+    and ranks that pick different paths for one call wait for each other until the kernels' timeout.
     """
     state = _known_state(group)
     return None if state is None else state.gemm
