@@ -293,18 +293,38 @@ def _checked_rules(given: Any) -> tuple[Rule, ...]:
         first = next(i for i, r in enumerate(checked) if r.id == rule.id)
         if first != index:
             raise InvalidArgumentError(f"selector rule {index}: id {rule.id!r} is also rule {first}'s; ids are unique")
-    found = never_deciding([Conditions({"world_sizes": r.world_sizes}, r.min_bytes, r.max_bytes) for r in checked])
-    if found is not None:
-        index, shadowing = found
-        rule = checked[index]
-        by = [checked[i].id for i in shadowing]
-        raise InvalidArgumentError(
-            f"selector rule {index} ({rule.id!r}, {rule.algo}) never decides: every message it matches is "
-            f"matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); "
-            "remove it, or move it before them",
-            details={"rule": rule.id, "shadowed_by": by},
-        )
+    refuse_never_deciding(
+        [(r.id, r.algo, Conditions({"world_sizes": r.world_sizes}, r.min_bytes, r.max_bytes)) for r in checked],
+        "selector rule", "message",
+    )  # fmt: skip
     return tuple(checked)
+
+
+def refuse_duplicate_ids(ids: Sequence[str], what: str) -> None:
+    """``InvalidArgumentError`` naming the ids of ``ids`` (of ``what``, the policy's rules) given to more than one
+    rule: a Selection names its rule by id."""
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise InvalidArgumentError(f"{what}: ids {duplicated} name more than one rule; ids are unique")
+
+
+def refuse_never_deciding(
+    rules: Sequence[tuple[str, str, Conditions]], what: str, calls: str, domains: dict[str, Sequence[Any]] | None = None
+) -> None:
+    """``InvalidArgumentError`` for the first of the ordered ``rules`` (``(id, choice, conditions)``) that never
+    decides (:func:`never_deciding`), naming it (``what`` and its index) and the rules before it that match its
+    ``calls`` (``"message"``, ``"call"``)."""
+    found = never_deciding([conditions for _, _, conditions in rules], domains)
+    if found is None:
+        return
+    index, shadowing = found
+    rule_id, choice, _ = rules[index]
+    by = [rules[i][0] for i in shadowing]
+    raise InvalidArgumentError(
+        f"{what} {index} ({rule_id!r}, {choice}) never decides: every {calls} it matches is matched first by rule(s) "
+        f"{', '.join(map(repr, by))} (the first matching rule decides); remove it, or move it before them",
+        details={"rule": rule_id, "shadowed_by": by},
+    )
 
 
 @dataclass(frozen=True)
@@ -332,7 +352,9 @@ class Conditions:
 _ANY_OTHER = object()  # stands for every value of a condition that no rule names
 
 
-def never_deciding(rules: Sequence[Conditions], domains: dict[str, Sequence[Any]] | None = None):
+def never_deciding(
+    rules: Sequence[Conditions], domains: dict[str, Sequence[Any]] | None = None
+) -> tuple[int, list[int]] | None:
     """``(index, earlier)`` of the first rule of the ordered ``rules`` that never decides (every call it matches is
     matched by a rule before it: the first matching rule decides), ``earlier`` the indices of the rules before it
     that match some of its calls; None when every rule decides some call.

@@ -16,7 +16,15 @@ from sagellm_comm.selector import CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH, SE
 
 from ..arguments import check_int
 from ..errors import InvalidArgumentError
-from ..selector import GEMM_PATHS, Conditions, Selection, check_rule_id, checked_rule_list, never_deciding
+from ..selector import (
+    GEMM_PATHS,
+    Conditions,
+    Selection,
+    check_rule_id,
+    checked_rule_list,
+    refuse_duplicate_ids,
+    refuse_never_deciding,
+)
 
 # Rule ids a Selection of the GEMM + all-reduce reports for decisions no rule made: no rule matching, a forced path,
 # the capacities that override a rule, no custom kernels, virtual ranks without copy engines; a rule may not take one.
@@ -111,20 +119,8 @@ class GemmPathSelector:
         """``rules`` (:class:`GemmRule` s, each checked when it was made): a list or tuple of unique ids, each rule
         deciding some call (none whose every call the rules before it match); else ``InvalidArgumentError``."""
         rules = tuple(checked_rule_list(rules, GemmRule, "GEMM rules"))
-        ids = [r.id for r in rules]
-        duplicated = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicated:
-            raise InvalidArgumentError(f"GEMM rules: ids {duplicated} name more than one rule; ids are unique")
-        found = never_deciding([r.conditions() for r in rules])
-        if found is not None:
-            index, shadowing = found
-            by = [rules[i].id for i in shadowing]
-            raise InvalidArgumentError(
-                f"GEMM rule {index} ({rules[index].id!r}, {rules[index].path}) never decides: every call it matches "
-                f"is matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); remove "
-                "it, or move it before them",
-                details={"rule": rules[index].id, "shadowed_by": by},
-            )
+        refuse_duplicate_ids([r.id for r in rules], "GEMM rules")
+        refuse_never_deciding([(r.id, r.path, r.conditions()) for r in rules], "GEMM rule", "call")
         self.rules = rules
 
     def select(

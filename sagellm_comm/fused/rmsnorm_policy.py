@@ -45,9 +45,10 @@ from ..selector import (
     Selection,
     check_rule_id,
     checked_rule_list,
-    never_deciding,
     policy_from,
     policy_rules,
+    refuse_duplicate_ids,
+    refuse_never_deciding,
 )
 from .fp8 import FP8_QUANT_MODES
 
@@ -199,20 +200,10 @@ class FusionPolicy:
         rules = tuple(checked_rule_list(rules, FusionRule, "fusion rules"))  # each checked its fields when made
         if source is None:  # what a Selection and a mismatch between ranks name
             source = "default" if rules == tuple(DEFAULT_FUSION_RULES) else "rules given in code"
-        ids = [r.id for r in rules]
-        duplicated = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicated:
-            raise InvalidArgumentError(f"fusion rules: ids {duplicated} name more than one rule; ids are unique")
-        found = never_deciding([r.conditions() for r in rules], {"quant": QUANT_NAMES})
-        if found is not None:
-            index, shadowing = found
-            by = [rules[i].id for i in shadowing]
-            raise InvalidArgumentError(
-                f"fusion rule {index} ({rules[index].id!r}, {rules[index].path}) never decides: every call it matches "
-                f"is matched first by rule(s) {', '.join(map(repr, by))} (the first matching rule decides); remove "
-                "it, or move it before them",
-                details={"rule": rules[index].id, "shadowed_by": by},
-            )
+        refuse_duplicate_ids([r.id for r in rules], "fusion rules")
+        refuse_never_deciding(
+            [(r.id, r.path, r.conditions()) for r in rules], "fusion rule", "call", {"quant": QUANT_NAMES}
+        )
         self.rules = rules
         self.source = source
 
