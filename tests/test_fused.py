@@ -332,6 +332,18 @@ def test_a_gemm_capacity_override_names_the_rule_it_overrides():
     assert _pair(sel) == ("sequential", "copy-engine-capacity") and "rule ce picks copy_engine" in sel.reason
 
 
+def test_a_gemm_call_no_rule_matches_says_every_condition_it_was_matched_on():
+    """Rules match on the output's bytes too: a reason naming M and the world size alone would not say why a rule
+    for that M and world size did not decide."""
+    from sagellm_comm.fused import GemmPathSelector, GemmRule
+
+    sel = GemmPathSelector([GemmRule("big", "copy_engine", world_sizes=(2,), min_bytes=32 << 20)]).select(
+        4096, 2, output_bytes=1 << 20
+    )
+    assert _pair(sel) == ("sequential", "no-rule")
+    assert sel.reason == "no rule matches M=4096, world_size=2, 1048576 output bytes; sequential runs"
+
+
 def test_a_gemm_rule_that_decides_some_call_is_taken():
     from sagellm_comm.fused import GemmPathSelector, GemmRule
 

@@ -131,7 +131,10 @@ class GemmPathSelector:
         output_bytes: int = 0,
         copy_engine_fits: bool = True,
     ) -> Selection:
-        sel = Selection(SEQUENTIAL_PATH, "no-rule", f"no rule matches M={m}, world_size={world_size}")
+        sel = Selection(
+            SEQUENTIAL_PATH, "no-rule",
+            f"no rule matches M={m}, world_size={world_size}, {output_bytes} output bytes; sequential runs",
+        )  # fmt: skip
         for r in self.rules:
             if r.matches(m, world_size, output_bytes):
                 sel = Selection(r.path, r.id, r.reason or f"rule {r.id}")
