@@ -17,8 +17,8 @@ can match no message (``min_bytes`` over ``max_bytes``) is refused, as is a rule
 message it matches is matched by the rules before it (a policy contradicting itself), and so are a key the policy
 or a rule does not have (a misspelt one would be ignored) and two rules of one ``id`` (the id and
 the ``reason``, strings, are what a :class:`Selection` reports; an id may not hold ``+`` nor be one of
-:data:`RESERVED_RULE_IDS`, which name decisions no rule made).  A message no rule matches runs on the engine
-(rule ``no-rule``): a policy need not cover every size.  Algorithms:
+:data:`RESERVED_RULE_IDS` or :data:`FUSED_RMSNORM_RULE_IDS`, which name decisions no rule made).  A message no rule
+matches runs on the engine (rule ``no-rule``): a policy need not cover every size.  Algorithms:
 ``one_shot``, ``two_shot``, ``lamport`` (barrier-free one-shot; larger messages than its buffers take run
 one-shot), and ``nccl``, the policy's name for *the engine* the backend runs beside the kernels (NCCL on
 CUDA, Gloo on the CPU under the interpreter).  Messages larger than the workspace always go to the engine
@@ -74,6 +74,10 @@ RESERVED_RULE_IDS = (
     "over-workspace", "no-rule", "user", "engine", "custom-unavailable", "hierarchical-span-nodes",
     "over-int32-index",
 )  # fmt: skip
+# Rule ids the fused all-reduce + RMSNorm (sagellm_comm.fused) reports for its own decisions (its capacities, no fusion
+# rule matching).  A fusion rule following this policy reports this policy's rule ids, so neither policy's rules may
+# take one.
+FUSED_RMSNORM_RULE_IDS = ("no-fusion-rule", "fused-max-hidden", "fused-over-int32-index", "fused-two-shot-capacity")
 
 
 def _is_int(value: Any) -> bool:
@@ -137,7 +141,8 @@ class Rule:
                 f"selector rule {index}: min_bytes {min_bytes} > max_bytes {max_bytes}: the rule matches no message"
             )
         rule_id, reason = d.get("id", f"rule-{index}"), d.get("reason", "")
-        check_rule_id(rule_id, f"selector rule {index}", RESERVED_RULE_IDS, "the selector")
+        check_rule_id(rule_id, f"selector rule {index}", (*RESERVED_RULE_IDS, *FUSED_RMSNORM_RULE_IDS),
+                      "the selector and the fused ops following it")  # fmt: skip
         if not isinstance(reason, str):
             raise InvalidArgumentError(f"selector rule {index}: reason must be a string, got {reason!r}")
         return cls(

@@ -287,6 +287,14 @@ def test_a_policy_made_in_code_is_not_named_the_default():
     assert unfused.select(4, 4096, 2, None).reason == "rule off (rules given in code)"
 
 
+@pytest.mark.parametrize("rule_id", ["fused-two-shot-capacity", "fused-max-hidden", "no-fusion-rule"])
+def test_a_rule_may_not_take_an_id_the_fused_op_following_the_policy_reports_for_its_own(rule_id):
+    """A fusion rule ``all_reduce_policy`` reports the rule id this policy's rule gives: a rule named as the fused
+    op's capacity checks would make a decision of the rule look like one of the checks."""
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"selector rule 0: id {rule_id!r} is reserved")):
+        AlgoSelector.from_dict({"rules": [{"id": rule_id, "algo": "one_shot"}]})
+
+
 @pytest.mark.parametrize("rule_id", ["over-workspace", "no-rule", "user", "engine", "custom-unavailable", "a+b"])
 def test_a_rule_may_not_take_an_id_the_selector_reports_for_its_own_decisions(rule_id):
     # a Selection with rule_id "over-workspace" must mean the workspace was too small, never a policy rule

@@ -38,6 +38,7 @@ from ..errors import InvalidArgumentError
 from ..files import read_json
 from ..selector import (
     FOLLOW_ALL_REDUCE,
+    FUSED_RMSNORM_RULE_IDS,
     ONE_SHOT,
     RESERVED_RULE_IDS,
     RMSNORM_PATHS,
@@ -54,12 +55,9 @@ from .fp8 import FP8_QUANT_MODES
 
 QUANT_NAMES = ("none", *FP8_QUANT_MODES)  # a rule's ``quant`` condition: "none" is the unquantised op
 RULE_PATHS = (*RMSNORM_PATHS, FOLLOW_ALL_REDUCE)
-# Rule ids a Selection of the fused op reports for decisions no fusion rule made: the capacities that override a rule
-# (FusedAllReduceRMSNorm.select), a forced or engine-only call, no rule matching, and the all-reduce policy's own
-# (a rule following it reports them); a fusion rule may not take one, nor hold "+" ("<id>+lamport-capacity").
-FUSION_RESERVED_RULE_IDS = (
-    "no-fusion-rule", "fused-max-hidden", "fused-over-int32-index", "fused-two-shot-capacity", *RESERVED_RULE_IDS,
-)  # fmt: skip
+# A fusion rule may not take an id the fused op reports for decisions no fusion rule made: its own (capacities, no rule
+# matching) and the all-reduce policy's (a rule following it reports them); nor hold "+" ("<id>+lamport-capacity").
+FUSION_RESERVED_RULE_IDS = (*FUSED_RMSNORM_RULE_IDS, *RESERVED_RULE_IDS)
 
 
 @dataclass(frozen=True)
