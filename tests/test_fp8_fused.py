@@ -866,6 +866,29 @@ def test_a_capacity_that_replaces_a_fusion_rules_kernel_keeps_the_rules_reason(m
     assert sel.reason.startswith("measured; but two-shot stages") and "4096-byte workspace" in sel.reason, sel
 
 
+def test_a_fusion_rule_following_the_all_reduce_policy_follows_the_one_the_all_reduce_runs_by_now(monkeypatch):
+    """The group-level op's fusion rule ``all_reduce_policy`` follows its all-reduce's policy: a ``car.selector``
+    set after the first fused call is followed, as the unfused chain's all-reduce follows it (decisions only, on
+    stand-ins: no kernel runs)."""
+    import types
+
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.fused import FusedAllReduceRMSNorm
+    from sagellm_comm.selector import AlgoSelector, Rule
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    workspace = types.SimpleNamespace(device=torch.device("cpu"), max_programs=4, world_size=2, slot_bytes=1 << 20,
+                                      lamport_capacity=1 << 16, config=CommConfig())  # fmt: skip
+    car = types.SimpleNamespace(workspace=workspace, selector=AlgoSelector([Rule("all-one-shot", "one_shot")]))
+    fused = FusedAllReduceRMSNorm(workspace, all_reduce=car)
+    assert fused.select(2 * 4 * 256, None, 4, 256).rule_id == "all-one-shot"
+    car.selector = AlgoSelector([Rule("all-two-shot", "two_shot")])
+    assert fused.select(2 * 4 * 256, None, 4, 256) == car.selector.select(2 * 4 * 256, 2, 1 << 20)
+    given = FusedAllReduceRMSNorm(workspace, selector=AlgoSelector([Rule("mine", "lamport")]), all_reduce=car)
+    assert given.select(2 * 4 * 256, None, 4, 256).rule_id == "mine"  # one given is kept
+    assert FusedAllReduceRMSNorm(workspace).select(2 * 4 * 256, None, 4, 256).rule_id == "ws2-lamport"  # defaults
+
+
 def test_a_fusion_policy_file_or_the_benchmarks_record_is_read_and_named(tmp_path):
     """``FusionPolicy.from_file`` takes a policy file or the record of ``bench/fp8_fused_bench.py`` (its
     ``derived_rules``), says which it read, and refuses what it cannot read as ``AlgoSelector.from_file`` does."""

@@ -128,8 +128,7 @@ def all_reduce_residual_rmsnorm(
     if car is not None:  # the kernel path checks its inputs (check_rmsnorm_inputs) before it runs anything
         if state.rmsnorm is None:
             state.rmsnorm = FusedAllReduceRMSNorm(
-                car.workspace,
-                selector=car.selector,
+                car.workspace,  # the all-reduce policy a fusion rule follows: car's, as it is at each call
                 timeout_s=car.timeout_s,
                 max_programs=car.max_programs,
                 fallback=car.fallback,

@@ -96,9 +96,9 @@ class FusedAllReduceRMSNorm:
 
     Args:
         workspace: the rank's :class:`SymmetricWorkspace` (the one its :class:`CustomAllReduce` uses).
-        selector: the all-reduce's algorithm policy by bytes (an :class:`AlgoSelector`, a policy file, or None: the
-            all-reduce's default rules); a fusion rule with path ``all_reduce_policy`` runs the fused form of the
-            kernel it picks.
+        selector: the all-reduce's algorithm policy by bytes (an :class:`AlgoSelector`, a policy file, or None:
+            ``all_reduce``'s, whatever it is at each call, else the all-reduce's default rules); a fusion rule with
+            path ``all_reduce_policy`` runs the fused form of the kernel it picks.
         timeout_s: bound of every device-side wait.
         max_programs: programs per launch (rows are spread over them); all must be co-resident.  Agreed by
             the group with the workspace (``workspace.max_programs``); any other value raises.
@@ -124,7 +124,8 @@ class FusedAllReduceRMSNorm:
         all_reduce: CustomAllReduce | None = None,
     ):
         # Before anything: a policy of another type would fail untyped in the first call's decision.
-        selector = policy_from(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
+        if selector is not None:
+            selector = policy_from(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
         policy = fusion_policy_from(policy)
         if workspace.device.type == "cpu" and not _interpreting():
             raise BackendNotSupportedError("fused kernels on CPU tensors need TRITON_INTERPRET=1; use CUDA tensors")
@@ -135,7 +136,8 @@ class FusedAllReduceRMSNorm:
             )
         max_programs = workspace.max_programs
         self.workspace = workspace
-        self.selector = selector
+        self._selector = selector
+        self._default_selector = AlgoSelector()
         self.policy = policy
         self.max_programs = max_programs
         if all_reduce is not None and all_reduce.workspace is not workspace:
@@ -150,6 +152,21 @@ class FusedAllReduceRMSNorm:
         self.last_selection: Selection | None = None
 
     # ------------------------------------------------------------------ policy
+    @property
+    def selector(self) -> AlgoSelector:
+        """The all-reduce policy a fusion rule ``all_reduce_policy`` follows: the one given, else ``all_reduce``'s
+        as it is now (a ``car.selector = ...`` set later is followed, as the unfused chain's all-reduce follows it),
+        else the default rules."""
+        if self._selector is not None:
+            return self._selector
+        return self._default_selector if self.all_reduce is None else self.all_reduce.selector
+
+    @selector.setter
+    def selector(self, selector: AlgoSelector) -> None:
+        if not isinstance(selector, AlgoSelector):
+            raise InvalidArgumentError(f"selector must be an AlgoSelector, got {selector!r}")
+        self._selector = selector
+
     def select(
         self, nbytes: int, quant: str | None = None, rows: int | None = None, hidden: int | None = None,
         itemsize: int = 2,
