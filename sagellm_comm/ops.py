@@ -300,8 +300,24 @@ def _fp8_reference():
     return FP8_QUANT_MODES, quantize_fp8_reference
 
 
-def _check_fused_call(x: torch.Tensor, residual: torch.Tensor, quant: str, scale: torch.Tensor | None) -> None:
-    """What the fused op checks itself (the fused function checks the rest, the FP8 modes included)."""
+def _fused_checks():
+    """``(check_quant, check_rmsnorm_inputs)`` of :mod:`sagellm_comm.fused`, or a typed error."""
+    try:
+        from sagellm_comm.fused import check_quant, check_rmsnorm_inputs
+    except ImportError as exc:
+        raise BackendNotSupportedError(
+            f"the fused all-reduce + residual + RMSNorm needs sagellm_comm.fused, which cannot be imported ({exc})"
+        ) from exc
+    return check_quant, check_rmsnorm_inputs
+
+
+def _fused_rows(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quant: str, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the fused op checks before anything runs, traced (its fake) or not: every check of the fused function
+    that needs only the inputs' shapes, dtypes, devices and the op's constant arguments, with the same typed errors
+    (the group, and the inputs' device against the group's, are checked when it runs).  Returns ``x`` and
+    ``residual`` as contiguous ``[tokens, hidden]`` rows and ``weight`` contiguous."""
     if x.dim() < 1 or tuple(residual.shape) != tuple(x.shape):
         raise ShapeMismatchError(
             f"x and residual must have one shape [..., hidden], got x {tuple(x.shape)}, residual "
@@ -312,6 +328,16 @@ def _check_fused_call(x: torch.Tensor, residual: torch.Tensor, quant: str, scale
         raise InvalidArgumentError(f"hidden size must be at least 1, got x {tuple(x.shape)}")
     if quant == QUANT_NONE and scale is not None:
         raise InvalidArgumentError(f"scale is only taken with an FP8 quant mode; quant is {QUANT_NONE!r}")
+    check_quant, check_rmsnorm_inputs = _fused_checks()
+    check_quant(None if quant == QUANT_NONE else quant, scale, x)
+    if not isinstance(eps, torch.SymFloat):  # a symbolic eps (dynamic shapes) has its value when the op runs
+        check_finite(eps, "eps", 0.0)
+    hidden = x.shape[-1]
+    rows = x.reshape(-1, hidden).contiguous()
+    residual_rows = residual.reshape(-1, hidden).contiguous()
+    weight = weight.contiguous()
+    check_rmsnorm_inputs(rows, residual_rows, weight, x.device, max_hidden=None)
+    return rows, residual_rows, weight
 
 
 @torch.library.custom_op("sagellm_comm::all_reduce_residual_rmsnorm", mutates_args=())
@@ -326,12 +352,8 @@ def _all_reduce_residual_rmsnorm_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from sagellm_comm.fused import all_reduce_residual_rmsnorm as fused
 
-    _check_fused_call(x, residual, quant, scale)
+    rows, residual_rows, weight = _fused_rows(x, residual, weight, eps, quant, scale)
     group = _group(group_name)
-    hidden = x.shape[-1]
-    rows = x.reshape(-1, hidden).contiguous()
-    residual_rows = residual.reshape(-1, hidden).contiguous()
-    weight = weight.contiguous()
     if quant == QUANT_NONE:
         normed, new_residual = fused(rows, residual_rows, weight, eps, group=group)
         return normed.view(x.shape), x.new_empty((0,), dtype=torch.float32), new_residual.view(x.shape)
@@ -354,7 +376,7 @@ def _all_reduce_residual_rmsnorm_fake(
     quant: str = QUANT_NONE,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_fused_call(x, residual, quant, scale)
+    _fused_rows(x, residual, weight, eps, quant, scale)
     new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
     if quant == QUANT_NONE:
         normed = torch.empty_like(x, memory_format=torch.contiguous_format)

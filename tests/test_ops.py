@@ -48,6 +48,57 @@ def test_all_gather_op_refuses_a_0d_tensor_or_a_world_size_under_1_typed_traced_
                 torch.ops.sagellm_comm.all_gather(torch.empty(3), "g", bad)
 
 
+_HIDDEN = 128
+
+
+def _fused_refusals():
+    """Inputs the fused op refuses from their metadata alone: ``(case, x, residual, weight, eps, quant, scale)``."""
+    h = _HIDDEN
+    x = torch.randn(3, h)
+    for quant in ("none", "fp8_per_token", "fp8"):
+        scale = torch.tensor([0.02]) if quant == "fp8" else None
+        yield f"{quant} float64", x.double(), x.double(), torch.ones(h).double(), 1e-6, quant, scale
+        yield f"{quant} int32", x.int(), x.int(), torch.ones(h).int(), 1e-6, quant, scale
+        yield f"{quant} bf16 residual", x, x.bfloat16(), torch.ones(h), 1e-6, quant, scale
+        yield f"{quant} bf16 weight", x, x, torch.ones(h).bfloat16(), 1e-6, quant, scale
+        for weight in (torch.ones(h + 1), torch.ones(1, h), torch.tensor(1.0)):
+            yield f"{quant} weight {tuple(weight.shape)}", x, x, weight, 1e-6, quant, scale
+        for eps in (-1.0, float("nan"), float("inf")):
+            yield f"{quant} eps={eps}", x, x, torch.ones(h), eps, quant, scale
+    yield "unknown quant", x, x, torch.ones(h), 1e-6, "fp4", None
+
+
+@pytest.mark.parametrize("case", list(_fused_refusals()), ids=lambda case: case[0])
+def test_fused_op_and_its_fake_refuse_the_same_metadata_alike(case) -> None:
+    """Every refusal that needs only shapes, dtypes and constant arguments comes from the fake too, with the real
+    op's typed error and message, so ``torch.compile`` fails at compile time rather than the compiled model at run
+    time; the real op refuses before it looks the group up."""
+    _, x, residual, weight, eps, quant, scale = case
+    args = (x, residual, weight, "never-registered", eps, quant, scale)
+    with pytest.raises(InvalidArgumentError) as real:
+        torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(*args)
+    assert not isinstance(real.value, GroupNotFoundError), real.value
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(InvalidArgumentError) as fake:
+            torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(*fake_args)
+    assert type(fake.value) is type(real.value) and str(fake.value) == str(real.value)
+
+
+def test_a_compiled_call_of_the_fused_op_on_refused_inputs_fails_at_compile_time() -> None:
+    def block(x, residual, weight):
+        return torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(x, residual, weight, "never-registered", 1e-6)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, _HIDDEN, dtype=torch.float64)
+    with pytest.raises(Exception) as info:  # noqa: B017 -- Dynamo wraps the fake's error: the chain is checked
+        torch.compile(block, backend="aot_eager", fullgraph=True)(x, x, torch.ones(_HIDDEN, dtype=torch.float64))
+    cause = info.value
+    while cause is not None and not isinstance(cause, InvalidArgumentError):
+        cause = cause.__cause__ or cause.__context__
+    assert isinstance(cause, InvalidArgumentError) and "torch.float64" in str(cause), info.value
+
+
 def test_ops_have_schemas_of_functional_ops() -> None:
     reduce_schema = torch.ops.sagellm_comm.all_reduce.default._schema
     gather_schema = torch.ops.sagellm_comm.all_gather.default._schema

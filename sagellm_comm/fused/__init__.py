@@ -35,8 +35,8 @@ naming a peer that never arrived.
 """
 
 from ..selector import GEMM_PATHS
-from ._common import FUSED_DTYPES, MAX_HIDDEN, RMSNORM_DTYPES, rmsnorm_reference
-from .fp8 import FP8_MAX, FP8_QUANT_MODES, FP8_SCALE_FLOOR, quantize_fp8_reference
+from ._common import FUSED_DTYPES, MAX_HIDDEN, RMSNORM_DTYPES, check_rmsnorm_inputs, rmsnorm_reference
+from .fp8 import FP8_MAX, FP8_QUANT_MODES, FP8_SCALE_FLOOR, check_quant, quantize_fp8_reference
 from .gemm import GemmAllReduce, GemmPathSelector, GemmRule, copy_engine_units, gemm_tile_config, gemm_workspace_bytes
 from .group import all_reduce_residual_rmsnorm, gemm_all_reduce, group_gemm, last_selection
 from .rmsnorm import FusedAllReduceRMSNorm
@@ -60,6 +60,8 @@ __all__ = [
     "GemmRule",
     "VirtualFused",
     "all_reduce_residual_rmsnorm",
+    "check_quant",
+    "check_rmsnorm_inputs",
     "copy_engine_units",
     "gemm_all_reduce",
     "gemm_tile_config",
