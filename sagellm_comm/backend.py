@@ -110,6 +110,15 @@ class ReduceOp(str, enum.Enum):
     def is_bitwise(self) -> bool:
         return self in (ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR)
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise :class:`InvalidArgumentError` where this reduction is not defined for ``dtype`` on any backend:
+        ``AVG`` on an integer or bool dtype, a bitwise op on a floating-point or complex one."""
+        floating = dtype.is_floating_point or dtype.is_complex
+        if self is ReduceOp.AVG and not floating:
+            raise InvalidArgumentError(f"ReduceOp.AVG needs a floating-point dtype, got {dtype}")
+        if self.is_bitwise and floating:
+            raise InvalidArgumentError(f"ReduceOp.{self.name} needs an integer or bool dtype, got {dtype}")
+
 
 CommOp = ReduceOp
 """Alias kept for users of the seed package, whose enum was called ``CommOp``."""

@@ -241,22 +241,45 @@ def group_name(group: CommGroup | str | None) -> str:
 # ====================================================================== the ops
 
 
+def _check_collective_call(tensor: torch.Tensor, group_name: str, what: str) -> None:
+    """What the collective ops check before anything else, traced or not: a group name that can name a group (it
+    is looked up when the op runs) and a dense tensor (a sparse or MKL-DNN one has no block of memory to copy)."""
+    _check_name(group_name)
+    if tensor.layout is not torch.strided:
+        raise InvalidArgumentError(
+            f"{what} takes a dense tensor (torch.strided), got a {tensor.layout} one: .to_dense() first",
+            details={"layout": str(tensor.layout)},
+        )
+
+
+def _check_reduce_call(tensor: torch.Tensor, group_name: str, op: str) -> ReduceOp:
+    """What the all_reduce op checks before anything else, traced or not (:func:`_check_collective_call`, and a
+    reduction defined for the tensor's dtype); returns the reduction."""
+    _check_collective_call(tensor, group_name, "all_reduce")
+    reduction = ReduceOp.parse(op)
+    reduction.check_dtype(tensor.dtype)
+    return reduction
+
+
 @torch.library.custom_op("sagellm_comm::all_reduce", mutates_args=())
 def _all_reduce_op(tensor: torch.Tensor, group_name: str, op: str = "sum") -> torch.Tensor:
+    reduction = _check_reduce_call(tensor, group_name, op)
     group = _group(group_name)
     result = tensor.clone(memory_format=torch.contiguous_format)
-    group.all_reduce(result, ReduceOp.parse(op))
+    group.all_reduce(result, reduction)
     return result
 
 
 @_all_reduce_op.register_fake
 def _all_reduce_fake(tensor: torch.Tensor, group_name: str, op: str = "sum") -> torch.Tensor:
+    _check_reduce_call(tensor, group_name, op)
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-def _check_gather_call(tensor: torch.Tensor, world_size: int) -> None:
-    """What the all_gather op checks before anything else, traced or not: a tensor of at least one dimension (it
-    gathers along dim 0) and a world size of at least 1."""
+def _check_gather_call(tensor: torch.Tensor, group_name: str, world_size: int) -> None:
+    """What the all_gather op checks before anything else, traced or not (:func:`_check_collective_call`, a tensor
+    of at least one dimension: it gathers along dim 0, and a world size of at least 1)."""
+    _check_collective_call(tensor, group_name, "all_gather")
     if tensor.dim() == 0:
         raise InvalidArgumentError("all_gather needs a tensor of at least one dimension (gathers along dim 0)")
     if world_size < 1:  # the schema's SymInt: an int, or a symbolic one under dynamic shapes
@@ -265,7 +288,7 @@ def _check_gather_call(tensor: torch.Tensor, world_size: int) -> None:
 
 @torch.library.custom_op("sagellm_comm::all_gather", mutates_args=())
 def _all_gather_op(tensor: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
-    _check_gather_call(tensor, world_size)
+    _check_gather_call(tensor, group_name, world_size)
     group = _group(group_name)
     if world_size != group.world_size:
         raise ShapeMismatchError(
@@ -280,7 +303,7 @@ def _all_gather_op(tensor: torch.Tensor, group_name: str, world_size: int) -> to
 
 @_all_gather_op.register_fake
 def _all_gather_fake(tensor: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
-    _check_gather_call(tensor, world_size)
+    _check_gather_call(tensor, group_name, world_size)
     return tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
 
 

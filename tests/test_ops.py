@@ -48,6 +48,37 @@ def test_all_gather_op_refuses_a_0d_tensor_or_a_world_size_under_1_typed_traced_
                 torch.ops.sagellm_comm.all_gather(torch.empty(3), "g", bad)
 
 
+def _collective_refusals():
+    """Calls the collective ops refuse before they look the group up: ``(case, op, args)``."""
+    sc = torch.ops.sagellm_comm
+    name = "never-registered"
+    yield "all_reduce unknown op", sc.all_reduce.default, (torch.ones(3), name, "median")
+    yield "all_reduce empty op", sc.all_reduce.default, (torch.ones(3), name, "")
+    yield "all_reduce avg of int64", sc.all_reduce.default, (torch.arange(3), name, "avg")
+    yield "all_reduce avg of bool", sc.all_reduce.default, (torch.ones(3, dtype=torch.bool), name, "avg")
+    yield "all_reduce band of float32", sc.all_reduce.default, (torch.ones(3), name, "band")
+    yield "all_reduce empty group name", sc.all_reduce.default, (torch.ones(3), "", "sum")
+    yield "all_gather empty group name", sc.all_gather.default, (torch.ones(3), "", 1)
+    yield "all_reduce sparse", sc.all_reduce.default, (torch.eye(3).to_sparse(), name, "sum")
+    yield "all_gather sparse", sc.all_gather.default, (torch.eye(3).to_sparse(), name, 1)
+
+
+@pytest.mark.parametrize("case", list(_collective_refusals()), ids=lambda case: case[0])
+def test_collective_ops_and_their_fakes_refuse_the_same_calls_alike(case) -> None:
+    """A reduction undefined for the dtype, an unknown op, an empty group name, a sparse tensor: the real op refuses
+    them with a typed error before the group is looked up, and its fake with the same one (a compiled call fails
+    while it compiles)."""
+    _, op, args = case
+    with pytest.raises(InvalidArgumentError) as real:
+        op(*args)
+    assert not isinstance(real.value, GroupNotFoundError), real.value
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(InvalidArgumentError) as fake:
+            op(*fake_args)
+    assert type(fake.value) is type(real.value) and str(fake.value) == str(real.value)
+
+
 _HIDDEN = 128
 
 

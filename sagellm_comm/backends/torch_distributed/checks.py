@@ -229,11 +229,7 @@ def check_dtype(dtype: torch.dtype, what: str, kind: str, dtypes: frozenset[torc
 def check_op(op: Any, dtype: torch.dtype, kind: str, bitwise_ops: bool) -> ReduceOp:
     """The :class:`ReduceOp` named by ``op``, if it is defined for ``dtype`` and offered by ``kind``."""
     rop = ReduceOp.parse(op)
-    floating = dtype.is_floating_point or dtype.is_complex
-    if rop is ReduceOp.AVG and not floating:
-        raise InvalidArgumentError(f"ReduceOp.AVG needs a floating-point dtype, got {dtype}")
-    if rop.is_bitwise and floating:
-        raise InvalidArgumentError(f"ReduceOp.{rop.name} needs an integer or bool dtype, got {dtype}")
+    rop.check_dtype(dtype)
     if rop.is_bitwise and not bitwise_ops:
         raise InvalidArgumentError(f"ReduceOp.{rop.name} is not supported by {kind}")
     if rop in (ReduceOp.MAX, ReduceOp.MIN) and dtype.is_complex:
