@@ -364,6 +364,31 @@ def test_chains_that_must_not_be_fused_are_left_alone(case) -> None:
     assert done.all_reduces_left == sums
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("form", sorted(NORM_FORMS))
+def test_a_norm_rounding_before_its_weight_is_left_where_inductor_keeps_that_rounding(form, dtype) -> None:
+    """``LlamaRMSNorm`` rounds ``v`` to a 16-bit dtype before its weight multiply; the fused op (and Inductor by
+    default, which drops such round trips) multiplies in fp32 and rounds once.  Under ``emulate_precision_casts``
+    Inductor keeps the model's rounding, so those chains stay as they are; fp32 chains and ``F.rms_norm`` (which
+    multiplies before it rounds) are the fused op's bits and are fused."""
+    from sagellm_comm.fused import rmsnorm_reference
+
+    norm, name = NORM_FORMS[form]
+    torch.manual_seed(0)
+    h, weight = torch.randn(8, HIDDEN).to(dtype), (torch.rand(HIDDEN) * 3 + 0.5).to(dtype)
+    exact = torch.equal(norm(h, weight, 1e-5), rmsnorm_reference(h, weight, 1e-5))
+    assert exact == (name == "rms_norm" or dtype == torch.float32)  # the bits behind the rule
+
+    def chain(x, residual, weight):
+        new_residual = residual + all_reduce(x)
+        return norm(new_residual, weight, 1e-5), new_residual
+
+    gm = _trace(chain, *_chain_specs(dtype))
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        done = _rewrite(gm)
+    assert done.replaced == ({name: 1} if exact else {}) and done.all_reduces_left == (0 if exact else 1), done
+
+
 def test_a_graph_without_all_reduces_is_untouched() -> None:
     gm = _trace(lambda x, r, w: llama_rmsnorm(x + r, w), *_chain_specs())
     code = gm.code

@@ -22,8 +22,11 @@ A chain is left alone when one of its ops has a keyword argument the pattern doe
 add, ``dtype`` of a mean: Inductor's matcher does not look at them), when an intermediate value of it has a use
 outside the chain (the all-reduce result, the fp32 upcast, the un-quantised RMSNorm output of a quantised
 chain: the fused op does not return them), when its tensors differ in dtype, shape or device (a broadcast
-residual, an fp32 weight on bf16 activations), when an output of the chain is not shaped like ``x`` (a static
-FP8 scale of more dimensions than ``x`` broadcasts the quantised output to them: the RMSNorm alone is fused),
+residual, an fp32 weight on bf16 activations), when its RMSNorm rounds to a 16-bit dtype before the weight
+multiply (``LlamaRMSNorm``) and Inductor keeps that rounding (``torch._inductor.config.emulate_precision_casts``:
+the fused op rounds once, as Inductor computes the chain without that setting), when an output of the chain is
+not shaped like ``x`` (a static FP8 scale of more dimensions than ``x`` broadcasts the quantised output to them:
+the RMSNorm alone is fused),
 when the hidden size is 0 (the fused op refuses it) or over the fused kernels' limit
 (``sagellm_comm.fused.MAX_HIDDEN``), when ``eps`` is not a
 constant of the graph (``torch.compile(dynamic=True)`` turns Python floats into graph inputs; compile with the
@@ -279,6 +282,16 @@ def _same_chain(generic: list[pm.PatternExpr], match: pm.Match) -> bool:
     return False
 
 
+def _keeps_precision_casts() -> bool:
+    """Whether Inductor compiles 16-bit casts as eager runs them (``emulate_precision_casts``).  By default it drops
+    a round trip to 16 bits between two fused ops, the rounding of ``LlamaRMSNorm`` before its weight multiply
+    included, and so computes that chain as the fused op does (in fp32, rounded once); with the setting on, the
+    compiled chain keeps that rounding, which the fused op does not have."""
+    from torch._inductor import config
+
+    return bool(config.emulate_precision_casts)
+
+
 def _fusable(pattern: _patterns.FusionPattern, generic: list[pm.PatternExpr], match: pm.Match) -> bool:
     """The checks a structural match must pass before it is rewritten (see the module docstring); ``generic``: the
     pattern Inductor matched first (:func:`_same_chain`)."""
@@ -293,6 +306,8 @@ def _fusable(pattern: _patterns.FusionPattern, generic: list[pm.PatternExpr], ma
         return False
     if x.dtype not in dtypes or residual.dtype != x.dtype or weight.dtype != x.dtype:
         return False
+    if pattern.rounds_before_weight and x.dtype != torch.float32 and _keeps_precision_casts():
+        return False  # the compiled chain rounds before its weight multiply, the fused op does not: other bits
     if x.device != residual.device or weight.device != x.device or x.dim() < 1 or weight.dim() != 1:
         return False
     if x.dim() != residual.dim() or not all(_same_size(a, b) for a, b in zip(x.shape, residual.shape, strict=True)):

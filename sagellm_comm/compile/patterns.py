@@ -62,6 +62,11 @@ NORMS: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
 }
 
 
+#: the ``NORMS`` names whose forms round the normalised value to the input dtype before the weight multiply
+#: (``LlamaRMSNorm``: ``weight * v.to(dtype)``); the fused op multiplies in fp32 and rounds once
+ROUNDS_BEFORE_WEIGHT = frozenset({"rmsnorm"})
+
+
 @dataclass(frozen=True)
 class FusionPattern:
     """One registered rewrite: ``search`` is replaced by ``replace`` (see the module docstring).
@@ -74,6 +79,12 @@ class FusionPattern:
     takes_scale: bool
     search: Callable[..., tuple[torch.Tensor, ...]]
     replace: Callable[..., tuple[torch.Tensor, ...]]
+
+    @property
+    def rounds_before_weight(self) -> bool:
+        """Whether the matched RMSNorm rounds to the input dtype before its weight multiply (one rounding more than
+        the fused op in 16 bits; none in fp32, where the cast does nothing)."""
+        return self.name.partition("+")[0] in ROUNDS_BEFORE_WEIGHT
 
 
 def _quant_forms(fp8_max: float, modes: tuple[str, ...]):
