@@ -120,6 +120,16 @@ def check_values_in_memory(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def check_dense(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a tensor of another layout than ``torch.strided`` (sparse, MKL-DNN): it has no dense block of its values
+    to read, copy or reshape."""
+    if tensor.layout is not torch.strided:
+        raise InvalidArgumentError(
+            f"{what} is a {tensor.layout} tensor; this call takes dense ones (torch.strided): .to_dense() first",
+            details={"layout": str(tensor.layout)},
+        )
+
+
 def is_dense_contiguous(tensor: torch.Tensor) -> bool:
     """A strided tensor whose elements lie contiguously (``is_contiguous`` raises for sparse CSR tensors, and
     MKL-DNN ones say True without a block of memory a kernel could read)."""

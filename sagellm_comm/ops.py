@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sagellm_comm.arguments import check_finite, check_int, check_is_tensor
+from sagellm_comm.arguments import check_dense, check_finite, check_int, check_is_tensor
 from sagellm_comm.backend import ReduceOp
 from sagellm_comm.errors import (
     BackendNotSupportedError,
@@ -245,11 +245,7 @@ def _check_collective_call(tensor: torch.Tensor, group_name: str, what: str) -> 
     """What the collective ops check before anything else, traced or not: a group name that can name a group (it
     is looked up when the op runs) and a dense tensor (a sparse or MKL-DNN one has no block of memory to copy)."""
     _check_name(group_name)
-    if tensor.layout is not torch.strided:
-        raise InvalidArgumentError(
-            f"{what} takes a dense tensor (torch.strided), got a {tensor.layout} one: .to_dense() first",
-            details={"layout": str(tensor.layout)},
-        )
+    check_dense(tensor, f"the tensor of {what}")
 
 
 def _check_reduce_call(tensor: torch.Tensor, group_name: str, op: str) -> ReduceOp:
@@ -341,6 +337,8 @@ def _fused_rows(
     that needs only the inputs' shapes, dtypes, devices and the op's constant arguments, with the same typed errors
     (the group, and the inputs' device against the group's, are checked when it runs).  Returns ``x`` and
     ``residual`` as contiguous ``[tokens, hidden]`` rows and ``weight`` contiguous."""
+    for name, tensor in (("x", x), ("residual", residual), ("weight", weight)):
+        check_dense(tensor, name)  # before the rows are formed: a sparse tensor cannot be reshaped
     if x.dim() < 1 or tuple(residual.shape) != tuple(x.shape):
         raise ShapeMismatchError(
             f"x and residual must have one shape [..., hidden], got x {tuple(x.shape)}, residual "

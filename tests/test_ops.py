@@ -97,6 +97,9 @@ def _fused_refusals():
         for eps in (-1.0, float("nan"), float("inf")):
             yield f"{quant} eps={eps}", x, x, torch.ones(h), eps, quant, scale
     yield "unknown quant", x, x, torch.ones(h), 1e-6, "fp4", None
+    yield "sparse x", x.to_sparse(), x, torch.ones(h), 1e-6, "none", None
+    yield "sparse residual", x, x.to_sparse(), torch.ones(h), 1e-6, "fp8_per_token", None
+    yield "sparse weight", x, x, torch.ones(h).to_sparse(), 1e-6, "none", None
 
 
 @pytest.mark.parametrize("case", list(_fused_refusals()), ids=lambda case: case[0])
@@ -114,6 +117,25 @@ def test_fused_op_and_its_fake_refuse_the_same_metadata_alike(case) -> None:
         with pytest.raises(InvalidArgumentError) as fake:
             torch.ops.sagellm_comm.all_reduce_residual_rmsnorm(*fake_args)
     assert type(fake.value) is type(real.value) and str(fake.value) == str(real.value)
+
+
+@pytest.mark.parametrize("sparse", ["y", "scale"])
+def test_quantize_fp8_and_its_fake_refuse_a_sparse_tensor_typed(sparse) -> None:
+    """As the fused function's checks do (``check_quant``, ``check_rmsnorm_inputs``): a sparse tensor has no dense
+    values to quantise or reshape (torch's own refusal was a NotImplementedError or a RuntimeError)."""
+    from sagellm_comm.fused import check_rmsnorm_inputs
+
+    y, scale = torch.randn(3, _HIDDEN), torch.tensor([0.02])
+    args = (y.to_sparse(), "fp8_per_token", None) if sparse == "y" else (y, "fp8", scale.to_sparse())
+    with pytest.raises(InvalidArgumentError, match="sparse_coo tensor") as real:
+        torch.ops.sagellm_comm.quantize_fp8(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(InvalidArgumentError) as fake:
+            torch.ops.sagellm_comm.quantize_fp8(*fake_args)
+    assert str(fake.value) == str(real.value)
+    with pytest.raises(InvalidArgumentError, match="x is a torch.sparse_coo tensor"):
+        check_rmsnorm_inputs(y.to_sparse(), y, torch.ones(_HIDDEN), y.device)
 
 
 def test_a_compiled_call_of_the_fused_op_on_refused_inputs_fails_at_compile_time() -> None:

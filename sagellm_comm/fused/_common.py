@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arguments import check_is_tensor
+from ..arguments import check_dense, check_is_tensor
 from ..errors import InvalidArgumentError, ShapeMismatchError
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
@@ -90,6 +90,7 @@ def check_rmsnorm_inputs(
     """
     for name, t in (("x", x), ("residual", residual), ("weight", weight)):
         _check_2d(name, t, device, RMSNORM_DTYPES)
+        check_dense(t, name)
     if x.dim() != rows_dims:
         raise InvalidArgumentError(f"x must be a contiguous {rows_dims}-d tensor, got a {x.dim()}-d x {tuple(x.shape)}")
     for name, t in (("x", x), ("residual", residual)):

@@ -37,7 +37,7 @@ import torch
 
 from sagellm_comm.kernels import fp8 as _k8
 
-from ..arguments import check_is_tensor
+from ..arguments import check_dense, check_is_tensor
 from ..errors import InvalidArgumentError, ShapeMismatchError
 from ._common import RMSNORM_DTYPES, rmsnorm_reference
 
@@ -70,6 +70,7 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
     if quant not in FP8_QUANT_MODES:
         raise InvalidArgumentError(f"quant must be None or one of {FP8_QUANT_MODES}, got {quant!r}")
     check_is_tensor(x, "x")
+    check_dense(x, "x")
     if x.dtype not in RMSNORM_DTYPES:
         raise InvalidArgumentError(
             f"quant={quant!r} takes x in {[str(d) for d in RMSNORM_DTYPES]}, got {x.dtype}; cast x first"
@@ -80,6 +81,7 @@ def check_quant(quant: str | None, scale: torch.Tensor | None, x: torch.Tensor) 
                 f"quant='fp8' needs scale, a one-element torch.float32 tensor (the static FP8 scale), got "
                 f"{type(scale).__name__}"
             )
+        check_dense(scale, "the FP8 scale")
         if scale.numel() != 1:
             raise ShapeMismatchError(
                 f"quant='fp8' needs a one-element scale (of any shape: (), (1,), (1, 1), ...), got shape "

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sagellm_comm.arguments import check_is_tensor, check_values_in_memory, is_int, share_bytes
+from sagellm_comm.arguments import check_dense, check_is_tensor, check_values_in_memory, is_int, share_bytes
 from sagellm_comm.backend import GroupHandle, ReduceOp
 from sagellm_comm.errors import (
     GroupInvalidError,
@@ -117,11 +117,7 @@ def check_tensor(tensor: Any, what: str, device: torch.device, kind: str) -> Non
             f"move it with .to({str(device)!r})",
             details={"given": str(tensor.device), "expected": str(device)},
         )
-    if tensor.layout is not torch.strided:  # sparse (CSR's is_contiguous raises), MKL-DNN: no dense block to move
-        raise InvalidArgumentError(
-            f"{what} is a {tensor.layout} tensor; the collectives take dense ones (torch.strided): .to_dense() first",
-            details={"layout": str(tensor.layout)},
-        )
+    check_dense(tensor, what)  # sparse (CSR's is_contiguous raises), MKL-DNN: no dense block to move
     if not tensor.is_contiguous():
         raise InvalidArgumentError(f"{what} must be a dense contiguous tensor; call .contiguous() first")
     check_values_in_memory(tensor, what)
