@@ -458,6 +458,32 @@ def test_an_init_that_fails_reports_its_own_error_when_releasing_what_it_made_fa
     assert not initialised
 
 
+def test_an_async_kernel_call_is_waited_for_without_sleeping_while_it_ends_in_microseconds(monkeypatch):
+    """``Work.wait()`` polls its event without a pause at first (a 0.2 ms sleep per poll would add up to 0.2 ms to
+    every wait of a kernel that ends in microseconds), and sleeps between polls only after 2 ms."""
+    import time
+    from types import SimpleNamespace
+
+    from sagellm_comm.backends.custom import _EventWork
+
+    class DoneAfter:  # the device reaches it after 50 queries
+        left = 50
+
+        def record(self):
+            pass
+
+        def query(self):
+            self.left -= 1
+            return self.left <= 0
+
+    slept: list[float] = []
+    monkeypatch.setattr(torch.cuda, "Event", DoneAfter)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    car = SimpleNamespace(rank=0, check_errors=lambda: None)
+    work = _EventWork(car, SimpleNamespace(is_cuda=True), 5.0)
+    assert work.wait() is not None and slept == []
+
+
 def test_an_async_kernel_call_waited_for_without_a_timeout_ends_at_the_backends_timeout(monkeypatch):
     """``Work.wait()`` with no timeout is bounded by the backend's: a device that never reaches the call's event (a
     stalled GPU) raises ``CommTimeoutError`` then, instead of blocking the host in ``Event.synchronize()``."""

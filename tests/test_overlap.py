@@ -130,6 +130,35 @@ def test_synchronize_on_cuda_is_bounded_by_a_timeout(given) -> None:
     assert time.monotonic() - start < 5
 
 
+class _EventDoneAfter:
+    """A CUDA event the device reaches after ``n`` queries."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def query(self) -> bool:
+        self.left -= 1
+        return self.left <= 0
+
+
+def test_synchronize_polls_without_sleeping_while_the_all_reduce_ends_in_microseconds(monkeypatch) -> None:
+    """An all-reduce that ends within the first milliseconds is seen at once: the host polls without a pause
+    first (a 0.2 ms sleep per poll would add up to 0.2 ms to each synchronize), and sleeps between polls after."""
+    from sagellm_comm.errors import CommTimeoutError
+    from sagellm_comm.overlap import AsyncAllReduce
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert AsyncAllReduce(torch.zeros(4), event=_EventDoneAfter(50), timeout=5.0).synchronize() is not None
+    assert slept == []
+    monkeypatch.undo()
+    handle = AsyncAllReduce(torch.zeros(4), event=_StalledEvent(), timeout=0.05)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    with pytest.raises(CommTimeoutError):
+        handle.synchronize()
+    assert slept and set(slept) == {0.0002}  # past the first 2 ms: a pause between polls
+
+
 class _ReportsCuda0(torch.Tensor):
     """A CPU tensor that says it is on cuda:0: what all_reduce_async checks before it touches a stream."""
 

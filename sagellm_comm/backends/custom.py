@@ -89,6 +89,9 @@ def custom_available() -> bool:
     raise BackendNotSupportedError("custom needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU)")
 
 
+WAIT_SPIN_S = 2e-3  # a wait polls its event without sleeping for this long, then every 0.2 ms
+
+
 class _EventWork(Work):
     """Handle of an all-reduce enqueued by the kernels (completion tracked by a CUDA event); ``timeout``: the
     backend's, which bounds a :meth:`wait` given none."""
@@ -108,15 +111,18 @@ class _EventWork(Work):
         timeout; a device that never reaches the call's event, a stalled GPU, is not waited for past it)."""
         limit = self._timeout if timeout is None else check_timeout(timeout)  # a NaN deadline would never pass
         if self._event is not None:
-            deadline = time.monotonic() + limit
+            start = time.monotonic()
+            deadline = start + limit
             while not self._event.query():
                 self._car.check_errors()  # a failure recorded by the kernel is reported at once
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise CommTimeoutError(
                         f"custom all-reduce on rank {self._car.rank} did not complete within {limit:g}s",
                         details={"rank": self._car.rank, "timeout_s": limit},
                     )
-                time.sleep(0.0002)
+                if now - start > WAIT_SPIN_S:  # polled without a pause at first: a kernel ends in microseconds
+                    time.sleep(0.0002)
         self._car.check_errors()
         return self._tensor
 
