@@ -354,18 +354,13 @@ def _lone_rank(rank: int, port: int, timeout: float | None, limit: float) -> tup
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-class _Listener:
-    """Something other than a rendezvous store on a port of 127.0.0.1, held (and served) by this process.
+class _Server:
+    """A port of 127.0.0.1 this process listens on; each connection goes to :meth:`_accepted` (in a thread)."""
 
-    ``silent``: accepts and never reads or answers (a stopped process); ``close``: accepts and closes at once;
-    ``half-open``: accepts and shuts its sending side, keeping the connection; ``garbage``: answers bytes that
-    are not the store's protocol.
-    """
-
-    def __init__(self, mode: str):
+    def __init__(self):
         import threading
 
-        self.mode, self.held = mode, []
+        self.held: list[socket.socket] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -378,19 +373,38 @@ class _Listener:
                 conn, _ = self.sock.accept()
             except OSError:  # closed: the test is over
                 return
-            if self.mode == "close":
-                conn.close()
-                continue
-            if self.mode == "half-open":
-                conn.shutdown(socket.SHUT_WR)
-            elif self.mode == "garbage":
-                conn.sendall(b"\xff" * 64)
-            self.held.append(conn)
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
+        self.sock.close()
         for conn in self.held:
             conn.close()
-        self.sock.close()
+
+
+class _Listener(_Server):
+    """Something other than a rendezvous store on a port of 127.0.0.1, held (and served) by this process.
+
+    ``silent``: accepts and never reads or answers (a stopped process); ``close``: accepts and closes at once;
+    ``half-open``: accepts and shuts its sending side, keeping the connection; ``garbage``: answers bytes that
+    are not the store's protocol.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        super().__init__()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        if self.mode == "close":
+            conn.close()
+            return
+        if self.mode == "half-open":
+            conn.shutdown(socket.SHUT_WR)
+        elif self.mode == "garbage":
+            conn.sendall(b"\xff" * 64)
+        self.held.append(conn)
 
 
 def _stale_store(earlier_world: bool):
@@ -477,34 +491,25 @@ def test_init_keeps_its_deadline_whatever_sits_on_the_port():
         assert not seen["initialized"], (what, seen)
 
 
-class _SilencingRelay:
-    """A real store behind a relay on a port of 127.0.0.1 that passes bytes both ways until :meth:`silence`, then
-    swallows them and keeps every connection open: a store whose host stopped answering (stopped or hung, its
-    host or the network to it down) after a rank joined it."""
+class _SilencingRelay(_Server):
+    """A real store behind a relay on a port of 127.0.0.1 that passes bytes both ways until ``silent`` is set,
+    then swallows them and keeps every connection open: a store whose host stopped answering (stopped or hung,
+    its host or the network to it down) after a rank joined it."""
 
     def __init__(self, store_port: int):
         import threading
 
-        self.store_port, self.held = store_port, []
+        self.store_port = store_port
         self.silent = threading.Event()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
+    def _accepted(self, conn: socket.socket) -> None:
         import threading
 
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed: the test is over
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.store_port))
-            self.held += [conn, upstream]
-            for source, sink in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
+        upstream = socket.create_connection(("127.0.0.1", self.store_port))
+        self.held += [conn, upstream]
+        for source, sink in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
 
     def _pass(self, source: socket.socket, sink: socket.socket) -> None:
         while True:
@@ -516,11 +521,6 @@ class _SilencingRelay:
                     sink.sendall(data)
             except OSError:
                 return
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def test_init_keeps_its_deadline_when_the_store_falls_silent():
