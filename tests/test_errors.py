@@ -523,6 +523,25 @@ class _SilencingRelay(_Server):
                 return
 
 
+def _two_ranks_behind(relay: _SilencingRelay, script: str, timeout: float, **popen) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 running ``script`` (argv: rank, port, timeout) with the relay's port as the launcher's store."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(relay.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"})  # fmt: skip
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(rank), str(relay.port), str(timeout)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+
+
 def test_init_keeps_its_deadline_when_the_store_falls_silent():
     """A store that answered the rank's join and its arrival, then fell silent, held init forever: torch waits for
     the end of a timed-out wait (and for a check's or an add's reply) with no bound.  The rank gets comm_timeout
@@ -571,20 +590,7 @@ def test_init_process_group_keeps_a_deadline_when_the_store_falls_silent():
             time.sleep(0.001)
 
     threading.Thread(target=silence_once_the_process_group_began, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(relay.port),
-                "TORCHELASTIC_USE_AGENT_STORE": "True"})  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _LONE_RANK, str(rank), str(relay.port), str(timeout)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+    procs = _two_ranks_behind(relay, _LONE_RANK, timeout)
     try:
         outputs = [proc.communicate(timeout=40) for proc in procs]
     finally:
@@ -631,21 +637,7 @@ def test_new_group_keeps_a_deadline_when_the_store_falls_silent():
     timeout = 2.0
     store = _stale_store(False)
     relay = _SilencingRelay(store.port)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(relay.port),
-                "TORCHELASTIC_USE_AGENT_STORE": "True"})  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _NEW_GROUP_RANK, str(rank), str(relay.port), str(timeout)],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    procs = _two_ranks_behind(relay, _NEW_GROUP_RANK, timeout, stdin=subprocess.PIPE)
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "initialised"
