@@ -552,7 +552,7 @@ class TransferAgent:
             return None
         entry = self._peers.get(peer)
         local = self._regions.get(local_region)
-        if entry is None or local is None or local.tensor.data_ptr() != local.ptr:  # moved: _region says so
+        if entry is None or local is None or local.moved():  # moved: _region says so
             return None
         remote = entry.meta.regions.get(remote_region)
         return None if remote is None else (entry, local, remote)
@@ -604,8 +604,7 @@ class TransferAgent:
             if self._closed or prepared.released:
                 return None
             entry = self._peers.get(prepared.peer)
-            local = prepared.backend_prepared.local
-            moved = local.tensor.data_ptr() != local.ptr  # the general path says so
+            moved = prepared.backend_prepared.local.moved()  # the general path says so
             if entry is None or moved or not ids_fit(prepared.layout, local_block, remote_block):
                 return None
             message = _message(notify)

@@ -95,11 +95,15 @@ class Region:
     def name(self) -> str:
         return self.info.name
 
+    def moved(self) -> bool:
+        """The tensor no longer lies in the memory it was registered with: a ``share_memory_()`` (which
+        ``torch.multiprocessing`` does to a tensor it sends), ``resize_()`` or ``set_()`` since moved it, and the
+        memory the transports registered may be freed or hold another tensor."""
+        return self.tensor.data_ptr() != self.ptr
+
     def check_in_place(self) -> None:
-        """``InvalidArgumentError`` when the tensor no longer lies in the memory it was registered with: a
-        ``share_memory_()`` (which ``torch.multiprocessing`` does to a tensor it sends), ``resize_()`` or ``set_()``
-        since moved it, and the memory the transports registered may be freed or hold another tensor."""
-        if self.tensor.data_ptr() != self.ptr:
+        """``InvalidArgumentError`` naming the region when it :meth:`moved`."""
+        if self.moved():
             raise InvalidArgumentError(
                 f"region {self.name!r}: its tensor moved to other memory after it was registered (share_memory_(), "
                 "resize_() or set_() on it, or torch.multiprocessing sending it): the memory the transports "
