@@ -20,8 +20,9 @@ A third-party backend is one file::
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ __all__ = [
     "get_comm_backend",
     "is_comm_backend_available",
     "list_comm_backends",
+    "poll_until",
     "register_comm_backend",
     "resolve_kind",
     "unregister_comm_backend",
@@ -122,6 +124,26 @@ class ReduceOp(str, enum.Enum):
 
 CommOp = ReduceOp
 """Alias kept for users of the seed package, whose enum was called ``CommOp``."""
+
+
+EVENT_SPIN_S = 2e-3  # poll_until polls without a pause for this long: a kernel ends in microseconds
+EVENT_POLL_S = 2e-4  # then it sleeps this long between polls
+
+
+def poll_until(done: Callable[[], bool], limit: float, timed_out: Callable[[], Exception],
+               each: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Return once ``done()`` is true (a CUDA event's ``query``), polling without a pause for ``EVENT_SPIN_S``, then
+    every ``EVENT_POLL_S``; ``each()`` runs at every poll that found it not done (to report a failure at once);
+    raise ``timed_out()`` once ``limit`` seconds have passed.  The host wait of a :class:`Work` with a deadline."""
+    start = time.monotonic()
+    while not done():
+        if each is not None:
+            each()
+        now = time.monotonic()
+        if now - start > limit:
+            raise timed_out()
+        if now - start > EVENT_SPIN_S:
+            time.sleep(EVENT_POLL_S)
 
 
 class Work(ABC):

@@ -27,14 +27,13 @@ Until ``wait()`` returns, neither read nor write ``tensor``: it is being reduced
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sagellm_comm.arguments import check_device, check_is_tensor, check_timeout, is_int
-from sagellm_comm.backend import DEFAULT_TIMEOUT_S, ReduceOp, Work
+from sagellm_comm.backend import DEFAULT_TIMEOUT_S, ReduceOp, Work, poll_until
 from sagellm_comm.errors import BackendNotSupportedError, CommTimeoutError, InvalidArgumentError
 from sagellm_comm.group import resolve_group
 
@@ -71,9 +70,6 @@ def comm_stream(device: torch.device | str | int | None = None) -> torch.cuda.St
         if stream is None:
             stream = _STREAMS[index] = torch.cuda.Stream(device=index)
         return stream
-
-
-SYNC_SPIN_S = 2e-3  # synchronize() polls its event without sleeping for this long, then every 0.2 ms
 
 
 class AsyncAllReduce(Work):
@@ -127,17 +123,14 @@ class AsyncAllReduce(Work):
         if self._event is None:
             return self.wait(timeout)
         limit = self.timeout if timeout is None else check_timeout(timeout)
-        start = time.monotonic()
-        deadline = start + limit
-        while not self._event.query():
-            now = time.monotonic()
-            if now > deadline:
-                raise CommTimeoutError(
-                    f"the all-reduce on the side stream of {self.tensor.device} did not complete within {limit:g}s",
-                    details={"device": str(self.tensor.device), "timeout_s": limit},
-                )
-            if now - start > SYNC_SPIN_S:  # polled without a pause at first: the all-reduce ends in microseconds
-                time.sleep(0.0002)
+        poll_until(
+            self._event.query,
+            limit,
+            lambda: CommTimeoutError(
+                f"the all-reduce on the side stream of {self.tensor.device} did not complete within {limit:g}s",
+                details={"device": str(self.tensor.device), "timeout_s": limit},
+            ),
+        )
         return self.tensor
 
 

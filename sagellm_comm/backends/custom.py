@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from functools import partial
 from typing import Any, NoReturn
 
@@ -28,7 +27,7 @@ from sagellm_comm.selector import AUTO, ENGINE_ALGO, TWO_SHOT
 
 from .. import gather_scatter
 from ..arguments import check_flag, check_is_tensor, check_timeout, is_dense_contiguous
-from ..backend import ReduceOp, Work
+from ..backend import ReduceOp, Work, poll_until
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import require_cupy
 from ..custom_all_reduce import KERNEL_ITEMSIZES, SUPPORTED_DTYPES, CustomAllReduce, check_message
@@ -89,9 +88,6 @@ def custom_available() -> bool:
     raise BackendNotSupportedError("custom needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU)")
 
 
-WAIT_SPIN_S = 2e-3  # a wait polls its event without sleeping for this long, then every 0.2 ms
-
-
 class _EventWork(Work):
     """Handle of an all-reduce enqueued by the kernels (completion tracked by a CUDA event); ``timeout``: the
     backend's, which bounds a :meth:`wait` given none."""
@@ -111,18 +107,15 @@ class _EventWork(Work):
         timeout; a device that never reaches the call's event, a stalled GPU, is not waited for past it)."""
         limit = self._timeout if timeout is None else check_timeout(timeout)  # a NaN deadline would never pass
         if self._event is not None:
-            start = time.monotonic()
-            deadline = start + limit
-            while not self._event.query():
-                self._car.check_errors()  # a failure recorded by the kernel is reported at once
-                now = time.monotonic()
-                if now > deadline:
-                    raise CommTimeoutError(
-                        f"custom all-reduce on rank {self._car.rank} did not complete within {limit:g}s",
-                        details={"rank": self._car.rank, "timeout_s": limit},
-                    )
-                if now - start > WAIT_SPIN_S:  # polled without a pause at first: a kernel ends in microseconds
-                    time.sleep(0.0002)
+            poll_until(
+                self._event.query,
+                limit,
+                lambda: CommTimeoutError(
+                    f"custom all-reduce on rank {self._car.rank} did not complete within {limit:g}s",
+                    details={"rank": self._car.rank, "timeout_s": limit},
+                ),
+                self._car.check_errors,  # a failure recorded by the kernel is reported at once
+            )
         self._car.check_errors()
         return self._tensor
 
