@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .arguments import check_int
 from .errors import InvalidArgumentError
 from .files import read_json
 
@@ -269,6 +270,20 @@ def check_rule_id(rule_id: Any, where: str, reserved: Sequence[str], decider: st
             f"{where}: id {rule_id!r} is reserved for {decider}'s own decisions ({', '.join(reserved)}; no '+')"
         )
     return rule_id
+
+
+def check_rule_bounds(rule: Any, low: str, high: str, where: str) -> None:
+    """A frozen rule's range ``rule.<low>`` .. ``rule.<high>`` (inclusive; ``high`` None: no upper bound): each a
+    non-negative int, stored back as a Python int, the low one not above the high one; else
+    ``InvalidArgumentError`` starting with ``where`` and naming the field (a rule no call matches included)."""
+    lo = check_int(getattr(rule, low), f"{where}: {low}", 0)
+    object.__setattr__(rule, low, lo)
+    hi = getattr(rule, high)
+    if hi is not None:  # JSON true is not a bound: check_int refuses it
+        hi = check_int(hi, f"{where}: {high}", 0)
+        object.__setattr__(rule, high, hi)
+        if lo > hi:
+            raise InvalidArgumentError(f"{where}: {low} {lo} > {high} {hi}: the rule matches no call")
 
 
 def checked_rule_list(given: Any, kind: type, what: str) -> list[Any]:

@@ -20,6 +20,7 @@ from ..selector import (
     GEMM_PATHS,
     Conditions,
     Selection,
+    check_rule_bounds,
     check_rule_id,
     checked_rule_list,
     refuse_duplicate_ids,
@@ -58,14 +59,8 @@ class GemmRule:
                 raise InvalidArgumentError(f"{where}: world_sizes must be a non-empty list, got {self.world_sizes!r}")
             sizes = tuple(check_int(w, f"{where}: world_sizes[{i}]", 1) for i, w in enumerate(self.world_sizes))
             object.__setattr__(self, "world_sizes", sizes)
-        object.__setattr__(self, "min_m", check_int(self.min_m, f"{where}: min_m", 0))
+        check_rule_bounds(self, "min_m", "max_m", where)
         object.__setattr__(self, "min_bytes", check_int(self.min_bytes, f"{where}: min_bytes", 0))
-        if self.max_m is not None:
-            object.__setattr__(self, "max_m", check_int(self.max_m, f"{where}: max_m", 0))
-            if self.min_m > self.max_m:
-                raise InvalidArgumentError(
-                    f"{where}: min_m {self.min_m} > max_m {self.max_m}: the rule matches no call"
-                )
         if not isinstance(self.reason, str):
             raise InvalidArgumentError(f"{where}: reason must be a string, got {self.reason!r}")
 

@@ -44,6 +44,7 @@ from ..selector import (
     RMSNORM_PATHS,
     Conditions,
     Selection,
+    check_rule_bounds,
     check_rule_id,
     checked_rule_list,
     policy_from,
@@ -96,13 +97,7 @@ class FusionRule:
             else:  # sizes, as the selector's rules take them ("8192" never matches)
                 values = [check_int(n, f"{where}: {key}[{i}]", 1) for i, n in enumerate(values)]
             object.__setattr__(self, key, tuple(values))
-        object.__setattr__(self, "min_tokens", check_int(self.min_tokens, f"{where}: min_tokens", 0))
-        if self.max_tokens is not None:  # JSON true is not a token count
-            object.__setattr__(self, "max_tokens", check_int(self.max_tokens, f"{where}: max_tokens", 0))
-            if self.min_tokens > self.max_tokens:
-                raise InvalidArgumentError(
-                    f"{where}: min_tokens {self.min_tokens} > max_tokens {self.max_tokens}: the rule matches no call"
-                )
+        check_rule_bounds(self, "min_tokens", "max_tokens", where)
         if not isinstance(self.reason, str):
             raise InvalidArgumentError(f"{where}: reason must be a string, got {self.reason!r}")
 
