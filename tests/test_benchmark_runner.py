@@ -490,6 +490,39 @@ def test_a_rank_that_never_ends_once_another_has_is_stopped_and_fails_the_run(tm
             os.kill(pid, 0)
 
 
+class _Unkillable:
+    """A rank that survives SIGKILL (stuck in an uninterruptible call): alive whatever is sent to it."""
+
+    pid = 4242
+    exitcode = None
+
+    def __init__(self):
+        self.joins = []
+
+    def is_alive(self):
+        return True
+
+    def terminate(self):
+        pass
+
+    def kill(self):
+        pass
+
+    def join(self, timeout=None):
+        assert timeout is not None, "an unbounded join of a rank that never exits"
+        self.joins.append(timeout)
+
+
+def test_stopping_a_rank_that_survives_sigkill_is_bounded_and_names_it():
+    from sagellm_comm.benchmark.spawn import stop
+    from sagellm_comm.errors import CollectiveFailedError
+
+    process = _Unkillable()
+    with pytest.raises(CollectiveFailedError, match=r"rank 0 \(pid 4242\) did not exit within 5s of SIGKILL"):
+        stop([process], grace_s=0.25)
+    assert process.joins == [0.25, 5.0]
+
+
 def test_the_overlap_and_transfer_benchmarks_bound_their_ranks_ends_by_the_runs_timeout(monkeypatch):
     """Both start their ranks with the run's ``--timeout`` as the bound on a rank that outlives another."""
     from sagellm_comm.benchmark import run_overlap_bench, run_transfer_bench, spawn

@@ -8,7 +8,8 @@ back through a pickle file.  A rank that raises stops the others and surfaces as
 :class:`~sagellm_comm.errors.CollectiveFailedError`, and so does one that has not ended ``timeout`` seconds after
 another did (hung where no collective timeout bounds it); ``KeyboardInterrupt`` (Ctrl-C) in the parent stops
 every rank (SIGTERM, then SIGKILL) before it propagates, and a rank dies with this process whatever ends
-it (:func:`die_with_parent`: SIGKILL and timeouts included).
+it (:func:`die_with_parent`: SIGKILL and timeouts included).  Stopping is bounded too: a rank still running
+seconds after its SIGKILL is named by :class:`~sagellm_comm.errors.CollectiveFailedError` (:func:`stop`).
 """
 
 from __future__ import annotations
@@ -88,20 +89,31 @@ def _children_ignore_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def stop(processes: list[Any], grace_s: float = 5.0) -> None:
-    """Terminate the processes still running (SIGTERM, then SIGKILL after ``grace_s``) and reap them all; the
-    shared-memory files of those killed by a signal (their finalizers never ran) are removed."""
+def stop(processes: list[Any], grace_s: float = 5.0, kill_s: float = 5.0) -> None:
+    """Terminate the ranks still running (SIGTERM, then SIGKILL after ``grace_s``) and reap them all; the
+    shared-memory files of those killed by a signal (their finalizers never ran) are removed.  ``processes[i]`` is
+    rank ``i``.  A rank still running ``kill_s`` seconds after its SIGKILL (stuck in an uninterruptible call, a
+    driver's say) is left running, and once the others are reaped :class:`CollectiveFailedError` names it."""
     for process in processes:
         if process.is_alive():
             process.terminate()
-    for process in processes:
+    unkillable = []
+    for rank, process in enumerate(processes):
         process.join(grace_s)
         if process.is_alive():
             process.kill()
-            process.join()
+            process.join(kill_s)
+            if process.is_alive():
+                unkillable.append(f"rank {rank} (pid {process.pid})")
     killed = [p.pid for p in processes if p.exitcode is not None and p.exitcode < 0]  # torch's join SIGTERMs too
     if killed:
         shm.remove_files_of(killed)
+    if unkillable:
+        raise CollectiveFailedError(
+            f"{', '.join(unkillable)} did not exit within {kill_s:g}s of SIGKILL (stuck in an uninterruptible call, "
+            "a driver's say); left running, it may still hold its device and memory",
+            details={"pids": [p.pid for p in processes if p.is_alive()]},
+        )
 
 
 def _join(context: Any, what: str, timeout: float | None) -> None:
