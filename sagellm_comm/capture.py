@@ -29,7 +29,7 @@ import torch
 
 from .errors import undo_after_failure
 
-__all__ = ["after_captures", "held_off", "on_this_thread", "synchronize_unless_capturing", "track", "underway"]
+__all__ = ["after_captures", "held_off", "on_this_thread", "track", "underway"]
 
 log = logging.getLogger("sagellm_comm")
 
@@ -125,15 +125,3 @@ def held_off() -> Iterator[None]:
     waits for it), so that a free the block makes after :func:`underway` said False cannot land in a capture."""
     with _lock:
         yield
-
-
-def synchronize_unless_capturing(device: torch.device) -> bool:
-    """``torch.cuda.synchronize(device)``, unless a CUDA graph is being captured (:func:`underway`), where it would
-    invalidate the capture; whether it synchronised.  Checked and done under :func:`held_off`, so no capture begins
-    between the two.  For a close whose workspaces wait for the capture to end on their own
-    (:meth:`~sagellm_comm.workspace.SymmetricWorkspace.close`)."""
-    with held_off():
-        if underway(device):
-            return False
-        torch.cuda.synchronize(device)
-        return True

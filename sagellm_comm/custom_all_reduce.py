@@ -463,10 +463,18 @@ class CustomAllReduce:
         ``CollectiveMismatchError`` if a peer's call differed (no sync)."""
         self.workspace.raise_if_failed()
 
+    @property
+    def host_timeout_s(self) -> float:
+        """How long the host waits for this rank's enqueued work (:meth:`synchronize`, :meth:`close`): twice the
+        kernels' own bound ``timeout_s``, so that a kernel that gave up on a peer is reported first, naming it."""
+        return 2 * self.timeout_s
+
     def synchronize(self) -> None:
-        """Wait for this rank's enqueued work, then :meth:`check_errors`."""
-        if self.use_ptx:
-            torch.cuda.synchronize(self.device)
+        """Wait, at most :attr:`host_timeout_s`, for this rank's enqueued work (the workspace's calls and the current
+        stream: :meth:`SymmetricWorkspace.drain <sagellm_comm.workspace.SymmetricWorkspace.drain>`), then
+        :meth:`check_errors`.  A kernel's recorded failure raises as soon as it is seen; work still running at the
+        deadline raises ``CommTimeoutError`` naming its stream."""
+        self.workspace.drain(self.host_timeout_s, "the custom all-reduce's enqueued work", self.check_errors)
         self.check_errors()
 
     # ------------------------------------------------------------------ the call
@@ -723,8 +731,10 @@ class CustomAllReduce:
 
     def close(self, reason: str | None = None) -> None:
         """Release the workspace and what :meth:`close_with` named (collective in spirit: every rank should
-        close).  ``reason``: why, with what to use instead, for the error of every later call, on this object and on
-        its workspace (default: this object was closed)."""
+        close), once the work of its calls is done, waited for at most :attr:`host_timeout_s`
+        (:meth:`SymmetricWorkspace.close <sagellm_comm.workspace.SymmetricWorkspace.close>`).  ``reason``: why, with
+        what to use instead, for the error of every later call, on this object and on its workspace (default: this
+        object was closed)."""
         if self.closed_reason is None:
             self.closed_reason = reason or "close() was called; make a new CustomAllReduce on a new workspace"
         closers, self._closers = self._closers[::-1], []
@@ -735,6 +745,6 @@ class CustomAllReduce:
             self._table = self._control = None
 
         def close_workspace() -> None:
-            self.workspace.close(self.closed_reason)
+            self.workspace.close(self.closed_reason, self.host_timeout_s)
 
         run_every([*closers, forget, close_workspace])  # a closer that raises does not keep the workspace

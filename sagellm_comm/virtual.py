@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import capture
 from .arguments import check_device, check_is_tensor
 from .config import CommConfig
 from .custom_all_reduce import SUPPORTED_DTYPES, CustomAllReduce, check_virtual_elements
@@ -186,11 +185,12 @@ class VirtualRankGroup:
             car.check_errors()
 
     def close(self) -> None:
-        """Release every rank's all-reduce and workspace once the device is idle; a failed synchronisation or
-        rank's close does not stop the others, and the first error is raised once every step ran.  During a CUDA
-        graph capture the device is not synchronised (that would invalidate the capture): the workspaces are closed
-        at once and release their memory when the capture ends."""
-        run_every([lambda: capture.synchronize_unless_capturing(self.device), *(car.close for car in self.ranks)])
+        """Release every rank's all-reduce and workspace, each once the work of its calls is done (waited for at most
+        :attr:`CustomAllReduce.host_timeout_s <sagellm_comm.custom_all_reduce.CustomAllReduce.host_timeout_s>`); a
+        rank's close that fails does not stop the others, and the first error is raised once every step ran.  During
+        a CUDA graph capture nothing is waited for (that would invalidate the capture): the workspaces are closed at
+        once and release their memory when the capture ends."""
+        run_every(car.close for car in self.ranks)
 
     def __enter__(self) -> VirtualRankGroup:
         return self

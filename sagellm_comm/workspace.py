@@ -37,7 +37,8 @@ from sagellm_comm.kernels import lamport_all_reduce as _lk
 from sagellm_comm.selector import LAMPORT
 
 from . import capture
-from .arguments import check_device, check_flag, check_int
+from .arguments import check_device, check_flag, check_int, check_timeout
+from .backend import DEFAULT_TIMEOUT_S, poll_until
 from .config import CommConfig, check_agreement
 from .errors import (
     CollectiveMismatchError,
@@ -511,6 +512,38 @@ class SymmetricWorkspace:
         self._last_raw_stream = raw_stream
         self._last_stream = current
 
+    def drain(self, timeout: float, what: str, each: Callable[[], None] | None = None) -> None:
+        """Wait, at most ``timeout`` seconds, for the work this workspace's calls enqueued; past it raise
+        :class:`CommTimeoutError` saying ``what`` was waited for and on which stream.  ``each()`` runs at every poll
+        that finds work left (a check of the error record, to report a kernel's failure at once).
+
+        A host wait on CUDA events (:func:`~sagellm_comm.backend.poll_until`), one recorded on each stream that can
+        hold that work: the stream of the last call (every call waits for the one before it, :meth:`enter_stream`,
+        and joins its side streams back into its own), and the caller's current stream (where a CUDA graph that calls
+        on this workspace is replayed, usually).  Work on the device's other streams is not waited for (a graph
+        replayed on another stream must be finished by the caller).  No CUDA call on a CPU workspace; not to be
+        called while a CUDA graph is captured (recording would join the capture)."""
+        if self.device.type != "cuda":
+            return
+        streams = {torch.cuda.current_stream(self.device): "the caller's current stream"}
+        if self._last_stream is not None and self._last_stream not in streams:
+            streams[self._last_stream] = "the stream of its last call"
+        events = []
+        for stream, label in streams.items():
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append((event, f"{label} ({stream.cuda_stream:#x})"))
+
+        def timed_out() -> CommTimeoutError:
+            left = [label for event, label in events if not event.query()]
+            return CommTimeoutError(
+                f"{what} on {self.device} (rank {self._name(self.rank)}) did not complete within {timeout:g}s: work "
+                f"is still running on {' and '.join(left)}",
+                details={"rank": self.rank, "device": str(self.device), "timeout_s": timeout, "streams": left},
+            )
+
+        poll_until(lambda: all(event.query() for event, _ in events), timeout, timed_out, each)
+
     def counter(self, word: int) -> int:
         """Control word ``word`` (a call counter, see ``kernels/all_reduce.py``), read from the device (syncs)."""
         self._check_open()
@@ -529,10 +562,14 @@ class SymmetricWorkspace:
             details={"rank": self.rank, "reason": reason},
         )
 
-    def close(self, reason: str | None = None) -> None:
-        """Unmap peers and free this rank's region (idempotent).  The device must be idle, and no other thread may
-        be in a call on this workspace (calls check ``closed`` once, on entry: one launching while this runs
-        would enqueue kernels on unmapped regions).
+    def close(self, reason: str | None = None, timeout: float | None = None) -> None:
+        """Unmap peers and free this rank's region (idempotent), once the work of this workspace's calls is done
+        (:meth:`drain`, at most ``timeout`` seconds, default ``DEFAULT_TIMEOUT_S``).  No other thread may be in a
+        call on this workspace (calls check ``closed`` once, on entry: one launching while this runs would enqueue
+        kernels on unmapped regions).  Work still running at the deadline raises :class:`CommTimeoutError` naming
+        its stream, and then the peers stay mapped and the region allocated (a kernel may still use them, and an
+        unmap under it would fault the device) until the process exits.  The unmaps and the free that follow are
+        CUDA's, and ``cudaFree`` synchronises the device implicitly (work on other streams included).
 
         A tensor from :meth:`registered_tensor` (``get_buffer``) still held keeps this rank's region allocated
         until it is gone: it stays valid memory, no longer shared with the peers.  Last, regions whose free waited
@@ -550,6 +587,7 @@ class SymmetricWorkspace:
             return
         self.closed = True
         self.closed_reason = reason or "close() was called"
+        self._close_timeout_s = DEFAULT_TIMEOUT_S if timeout is None else check_timeout(timeout)
         from .watchdog import unwatch
 
         unwatch(self)
@@ -569,20 +607,36 @@ class SymmetricWorkspace:
             )
 
     def _release_device(self) -> None:
-        """What :meth:`close` does on the device: synchronise, unmap the peers, drop this rank's region."""
+        """What :meth:`close` does on the device: wait for its calls' work (:meth:`drain`), unmap the peers, drop
+        this rank's region.  Work still running at the deadline keeps all of them (the error says so)."""
 
         def drop_region() -> None:
             if self._region is not None:
                 self._region.close()
                 self._region = None  # freed here unless a registered tensor holds it
 
-        steps = [lambda: torch.cuda.synchronize(self.device)] if self.device.type == "cuda" else []
+        steps: list[Callable[[], object]] = []
+        try:
+            self.drain(self._close_timeout_s, "closing the symmetric workspace: the work of its calls")
+        except CommTimeoutError as exc:
+            raise CommTimeoutError(
+                f"{exc.message}; its peers stay mapped and its region allocated (that work may still use them) until "
+                "this process exits",
+                details=exc.details,
+            ) from None
+        except Exception as exc:  # a failed wait (a dead context) still releases the mappings and the region
+            failure = exc
+            steps.append(lambda: _raise(failure))
         if self._release is not None:
             steps.append(self._release)
-        try:  # a failed synchronize (a dead context) still releases the mappings and the region
+        try:
             run_every([*steps, drop_region])
         finally:
             self.table = self.control = self._local_region = None  # type: ignore[assignment]
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 class _OwnedRegion:

@@ -1061,7 +1061,7 @@ class _ClosingRank:
     def __init__(self, rank: int, closed: list[int], fail: int | None):
         self.rank, self.closed, self.fail = rank, closed, fail
 
-    def close(self) -> None:
+    def close(self, reason=None, timeout=None) -> None:
         from sagellm_comm.errors import P2PFailedError
 
         self.closed.append(self.rank)
@@ -1080,8 +1080,11 @@ def _virtual_owner(owner: str, ranks: list[_ClosingRank]):
     from sagellm_comm.virtual import VirtualRankGroup
 
     if owner == "VirtualFused":
+        import types
+
         virtual = object.__new__(VirtualFused)
         virtual.gemm_workspaces = ranks
+        virtual.group = types.SimpleNamespace(ranks=[types.SimpleNamespace(host_timeout_s=60.0)])
     else:
         virtual = object.__new__(VirtualRankGroup)
         virtual.ranks = ranks
@@ -1215,8 +1218,8 @@ def test_virtual_fused_follows_the_groups_all_reduce_policy(monkeypatch):
 
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
 def test_virtual_ranks_close_during_a_capture_leaves_the_device_alone(monkeypatch, owner):
-    """Synchronising the device during a CUDA graph capture invalidates the capture: close() then closes the
-    workspaces (or all-reduces) at once, each releasing its memory once the capture ends, without synchronising."""
+    """Synchronising the device during a CUDA graph capture invalidates the capture: close() closes the workspaces
+    (or all-reduces) at once, each releasing its memory once the capture ends, without synchronising."""
     from sagellm_comm import capture
 
     closed: list[int] = []
@@ -1230,21 +1233,21 @@ def test_virtual_ranks_close_during_a_capture_leaves_the_device_alone(monkeypatc
     assert closed == [0, 1, 2]
 
 
-@pytest.mark.parametrize("sync_fails", [False, True], ids=["a-close-fails", "the-sync-fails-too"])
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])
-def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner, sync_fails):
+def test_virtual_ranks_close_every_rank_when_a_step_raises(monkeypatch, owner):
     """Closing the virtual ranks' fused workspaces (``VirtualFused``) or all-reduces (``VirtualRankGroup``) runs
-    every rank's close even when the device synchronisation or one rank's close raises; the first error is raised
-    once every step ran.  (Both need CUDA: made here without their constructors, ranks and device faked.)"""
+    every rank's close even when one rank's close raises; the first error is raised once every step ran.  Each
+    close waits, bounded, for its own calls' work: the device is never synchronised as a whole (a wait with no
+    deadline, on every stream of every library).  (Both need CUDA: made here without their constructors, ranks and
+    device faked.)"""
 
     closed: list[int] = []
 
     def synchronize(device=None) -> None:
-        if sync_fails:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise AssertionError("a device-wide synchronisation: it has no deadline")
 
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     virtual = _virtual_owner(owner, _closing_ranks(3, closed, 0))
-    with pytest.raises(RuntimeError, match="illegal memory access" if sync_fails else "rank 0: unmapping"):
+    with pytest.raises(RuntimeError, match="rank 0: unmapping"):
         virtual.close()
     assert closed == [0, 1, 2]

@@ -68,7 +68,7 @@ def _group_state(group):
     if state.rmsnorm is not None and state.rmsnorm.workspace is not car.workspace:  # rebuilt by reset()
         state.rmsnorm = None
     if state.gemm is not None and state.gemm.all_reduce is not car:
-        state.gemm.workspace.close()
+        state.gemm.workspace.close(timeout=state.gemm.all_reduce.host_timeout_s)
         state.gemm = None
     return g, backend, state, car, ""
 
@@ -190,7 +190,7 @@ def gemm_all_reduce(
                 undo_after_failure([ws.close], log, "closing the fused GEMM's workspace after its set-up failed")
                 raise
             # Released with the group's kernels (destroy, reset), a later call on it saying which.
-            car.close_with(lambda: ws.close(car.closed_reason))
+            car.close_with(lambda: ws.close(car.closed_reason, car.host_timeout_s))
             state.gemm = gemm
         out = state.gemm(a, b, bias, path=path, zero_copy=zero_copy)
         state.last = state.gemm.last_selection

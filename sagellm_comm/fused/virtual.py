@@ -10,7 +10,6 @@ import triton
 
 from sagellm_comm.selector import AUTO, COPY_ENGINE_PATH, FUSED_PATH, ONE_SHOT, SEQUENTIAL_PATH, TWO_SHOT
 
-from .. import capture
 from ..arguments import check_finite, check_is_tensor
 from ..custom_all_reduce import check_virtual_elements
 from ..errors import (
@@ -210,11 +209,10 @@ class VirtualFused:
             raise NotInitializedError("the virtual ranks' fused workspaces were closed (close() was called)")
 
     def close(self) -> None:
-        """Release the fused GEMM's workspaces once the device is idle; a failed synchronisation or workspace close
-        does not stop the others, and the first error is raised once every step ran.  During a CUDA graph capture
-        the device is not synchronised (that would invalidate the capture): the workspaces are closed at once and
-        release their memory when the capture ends, as :meth:`SymmetricWorkspace.close
-        <sagellm_comm.workspace.SymmetricWorkspace.close>` says."""
-        run_every(
-            [lambda: capture.synchronize_unless_capturing(self.device), *(ws.close for ws in self.gemm_workspaces)]
-        )
+        """Release the fused GEMM's workspaces, each once the work of its calls is done (waited for at most the
+        group's ``host_timeout_s``); a workspace close that fails does not stop the others, and the first error is
+        raised once every step ran.  During a CUDA graph capture nothing is waited for (that would invalidate the
+        capture): the workspaces are closed at once and release their memory when the capture ends, as
+        :meth:`SymmetricWorkspace.close <sagellm_comm.workspace.SymmetricWorkspace.close>` says."""
+        timeout = self.group.ranks[0].host_timeout_s
+        run_every(lambda ws=ws: ws.close(timeout=timeout) for ws in self.gemm_workspaces)
