@@ -449,14 +449,15 @@ class CustomAllReduce:
     @property
     def epoch(self) -> int:
         """Calls of the barrier kernels (one-shot, two-shot, fused RMSNorm) made on this workspace so far,
-        plus its initial epoch (``SAGELLM_COMM_INITIAL_EPOCH``).  Read from the device: synchronizes with it."""
-        return self.workspace.counter(_k.CTRL_EPOCH.value)
+        plus its initial epoch (``SAGELLM_COMM_INITIAL_EPOCH``).  Read from the device once this rank's enqueued work
+        is done, waited for as :meth:`synchronize` waits (``CommTimeoutError`` past :attr:`host_timeout_s`)."""
+        return self.workspace.counter(_k.CTRL_EPOCH.value, self.host_timeout_s)
 
     @property
     def lamport_epoch(self) -> int:
         """Lamport calls made on this workspace so far (program 0's counter; every program's is the same),
-        plus its initial epoch.  Synchronizes with the device."""
-        return self.workspace.counter(_k.CTRL_LAMPORT.value)
+        plus its initial epoch.  Read from the device as :attr:`epoch` is."""
+        return self.workspace.counter(_k.CTRL_LAMPORT.value, self.host_timeout_s)
 
     def check_errors(self) -> None:
         """Raise ``CommTimeoutError`` if a kernel of this rank timed out waiting for a peer, or (check mode)

@@ -544,9 +544,11 @@ class SymmetricWorkspace:
 
         poll_until(lambda: all(event.query() for event, _ in events), timeout, timed_out, each)
 
-    def counter(self, word: int) -> int:
-        """Control word ``word`` (a call counter, see ``kernels/all_reduce.py``), read from the device (syncs)."""
+    def counter(self, word: int, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+        """Control word ``word`` (a call counter, see ``kernels/all_reduce.py``), read from the device once the work
+        of this workspace's calls is done (:meth:`drain`, at most ``timeout`` seconds)."""
         self._check_open()
+        self.drain(timeout, f"reading control word {word} of the symmetric workspace: the work of its calls")
         return int(self.control[word].item())
 
     def _check_open(self) -> None:

@@ -167,6 +167,29 @@ def test_synchronize_is_bounded_by_twice_the_kernels_timeout_and_names_the_strea
     assert len(memory.freed) == 1
 
 
+def test_reading_a_call_counter_waits_for_the_calls_work_with_a_deadline(monkeypatch):
+    """``epoch`` / ``lamport_epoch`` (``SymmetricWorkspace.counter``) read the device once the workspace's work is
+    done: bounded as ``synchronize()`` is, where a stream-ordered read waited for it without a deadline."""
+    from sagellm_comm.custom_all_reduce import CustomAllReduce
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=Memory())
+    car = CustomAllReduce(ws, timeout_s=0.05)
+    ws.device = torch.device("cuda", 0)
+    device = Device(monkeypatch, Stream(0x30))
+    busy = Stream(0x20, running=True)
+    device.launch_on(ws, busy)
+    device.current = Stream(0x30)
+    for read in (lambda: car.epoch, lambda: car.lamport_epoch):
+        with pytest.raises(CommTimeoutError, match=r"reading control word \d+ of the symmetric workspace: .* did not "
+                           r"complete within 0.1s: work is still running on the stream of its last call"):  # fmt: skip
+            read()
+    busy.running = False
+    assert (car.epoch, car.lamport_epoch) == (ws.initial_epoch, ws.initial_epoch)
+    ws.device = torch.device("cpu")
+    car.close()
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_synchronize_leaves_other_streams_work_alone_and_close_bounds_its_own():
     """On a GPU: ``synchronize()`` returns while unrelated work on another stream still runs (a device-wide
