@@ -131,8 +131,9 @@ def all_reduce(backend, plan: HierarchicalPlan, car, tensor: torch.Tensor) -> to
     In check mode (the node-local workspace's, agreed by the group) the whole group first compares what each
     member was asked for (:func:`group_check`), and every stage's own check compares the caller's operation and
     element count (``hierarchical``, ``tensor.numel()``), not the padded shards the stages move.  Every member
-    reads that comparison on the host (a device synchronisation; not while a CUDA graph is captured) before any
-    stage runs, and a mismatch raises there on every member: no member runs on into a stage whose peers stopped.
+    reads that comparison on the host (``synchronize()``: a wait for its work bounded by ``host_timeout_s``; not while
+    a CUDA graph is captured) before any stage runs, and a mismatch raises there on every member: no member runs on
+    into a stage whose peers stopped.
     A member whose input the stages refuse (a tensor on another device than its workspace) takes part in the
     comparison as ``REFUSED`` and raises its ``InvalidArgumentError``; the others raise ``CollectiveMismatchError``
     naming it, instead of waiting for it until a timeout."""
