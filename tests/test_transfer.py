@@ -408,8 +408,11 @@ def _bad_inputs_worker(rank, world_size, port, backend):
     expect("deregistered", InvalidArgumentError, "deregister of its region", lambda: over_bytes.write([0], [1]))
     # A device mismatch: the peer added again (the same agent) with metadata that says its region is GPU memory.
     meta.regions["kv"] = type(meta.regions["kv"])("kv", 4096, "float32", 4, "cuda")
-    gpu_peer = a.add_peer(meta.encode())
-    expect("device", ShapeMismatchError, "same kind of device", lambda: a.write(gpu_peer, "kv", "kv", blocks))
+    if backend == "ipc":  # a peer in this process: its live agent registered CPU memory, so add_peer refuses
+        expect("device", InvalidArgumentError, "'device' is 'cuda'", lambda: a.add_peer(meta.encode()))
+    else:
+        gpu_peer = a.add_peer(meta.encode())
+        expect("device", ShapeMismatchError, "same kind of device", lambda: a.write(gpu_peer, "kv", "kv", blocks))
     peer = a.add_peer(b.metadata())  # as it is
     # A peer removed with a transfer in flight: its wait names the peer; re-adding the same agent works.
     from sagellm_comm.errors import PeerLostError

@@ -359,3 +359,33 @@ def test_re_adding_a_live_peer_on_the_gpu_keeps_its_slot_and_the_order():
     finally:
         a.close()
         b.close()
+
+
+def test_an_in_process_peers_forged_region_address_on_the_gpu_is_refused_and_nothing_is_written():
+    """Two agents in one process on the GPU (no CUDA IPC mapping to check an address against): metadata that puts
+    the peer's region at other device memory of this process is refused naming the region and the field, and that
+    memory is never written; the metadata as made is taken and moves the bytes."""
+    import json
+
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    a, b = TransferAgent("forged-a", backend="ipc"), TransferAgent("forged-b", backend="ipc")
+    try:
+        src = torch.full((MB,), 7, dtype=torch.uint8, device="cuda")
+        dst, victim = torch.zeros_like(src), torch.zeros_like(src)
+        a.register("pool", src)
+        b.register("pool", dst)
+        body = json.loads(b.metadata()[len(MAGIC) :])
+        body["transports"]["ipc"]["regions"]["pool"]["address"] = victim.data_ptr()
+        with pytest.raises(InvalidArgumentError, match="region 'pool'.*'address'"):
+            a.add_peer(MAGIC + json.dumps(body).encode())
+        assert a.peers == []
+        peer = a.add_peer(b.metadata())
+        a.write(peer, "pool", "pool", [(0, 0, MB)]).wait(30)
+        torch.cuda.synchronize()
+        assert torch.equal(dst, src) and not victim.any()
+    finally:
+        a.close()
+        b.close()

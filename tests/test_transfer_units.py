@@ -1771,13 +1771,13 @@ def test_an_ipc_region_deregistered_when_the_transfer_stream_failed_stays_refere
 
     backend = object.__new__(ipc.IpcBackend)
     backend.context = types.SimpleNamespace(name="a", timeout_s=0.2)
-    backend.copier, backend.exports, backend.kept = None, {"kv": {}}, []
+    kv = types.SimpleNamespace(name="kv")
+    backend.copier, backend.exports, backend.regions, backend.kept = None, {"kv": {}}, {"kv": kv}, []
     backend.events = types.SimpleNamespace(done=failed)
     backend.in_flight, backend.completed, backend.launches, backend._stalled_at = deque([(1, 0, None)]), 0, 1, -1
-    kv = types.SimpleNamespace(name="kv")
     with pytest.raises(TransferError, match="stream failed"):
         backend.deregister(kv)
-    assert backend.kept == [kv] and backend.exports == {}
+    assert backend.kept == [kv] and backend.exports == {} and backend.regions == {}
 
 
 def test_an_ipc_transport_whose_resident_copier_fails_to_stop_still_closes_its_inbox_and_buffers(monkeypatch):
@@ -1868,6 +1868,7 @@ def test_a_fifo_where_a_peer_names_its_inbox_is_refused_without_blocking(monkeyp
         a.allocate("kv", 4096, torch.uint8)
         b.allocate("kv", 4096, torch.uint8)
         body = json.loads(b.metadata()[len(MAGIC) :])
+        body["process"] = "f" * 16  # a peer in another process (one in this process has its live agent's inbox)
         body["transports"]["ipc"]["inbox"] = fifo
         outcome, thread = [], None
 
@@ -3350,8 +3351,9 @@ def test_a_link_removed_with_a_notifying_launch_in_flight_gives_its_slot_back_on
     live_sender, monkeypatch, retried_by
 ):
     """``remove_peer`` meets a notifying launch still running at the agent's timeout (a GPU whose stream does not
-    drain): the link's slot of the peer's inbox and its mappings stay while it may still publish, and a later call
-    releases them once it completed (they were kept for the life of the process, ``close()`` included)."""
+    drain): the link's slot of the peer's inbox and the peer's memory it holds stay while it may still publish, and
+    a later call releases them once it completed (they were kept for the life of the process, ``close()``
+    included)."""
     from sagellm_comm.transfer import TransferAgent
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -3367,7 +3369,7 @@ def test_a_link_removed_with_a_notifying_launch_in_flight_gives_its_slot_back_on
         backend.launches += 1  # a notifying launch to b that has not completed (the interpreter runs them at once)
         link.last = link.notify_last = backend.launches
         a.remove_peer("b")
-        assert link.outbox is not None and link.maps.keys, "released under a launch that may still publish"
+        assert link.outbox is not None and link.held, "released under a launch that may still publish"
         backend.completed = backend.launches  # the launch completed
         if retried_by == "notifications":
             a.notifications()
@@ -3375,7 +3377,7 @@ def test_a_link_removed_with_a_notifying_launch_in_flight_gives_its_slot_back_on
             a.add_peer(c.metadata())
         else:
             a.close()
-        assert link.outbox is None and not link.maps.keys
+        assert link.outbox is None and not link.held
         for k in range(notify.SLOTS):  # every slot of b's inbox is free again
             held.append(notify.Outbox(inbox, f"other-{k}", live_sender, 5.0))
     finally:

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from abc import abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ RESIDENT_LIFE_US = 20000  # ... and once it has run this long (the next request 
 ALIVE_REUSE_S = 1e-3  # a post within this long of a check that found the peer alive skips the next check
 # The one-block launch's arguments that change from call to call (the others are the link's, or follow from these).
 INLINE_ARGUMENTS = ("table_addr", "src_base", "dst_base", "block_bytes", "parts", "part_bytes")
+KEY_BYTES = 16  # an agent's key among this process's live agents (_LIVE), random
+# This process's live ipc agents by key: a peer in this process is found here (IpcBackend.memory_for), so the
+# addresses it is used at are those its agent registered, never those its metadata's bytes give.
+_LIVE: weakref.WeakValueDictionary[str, IpcBackend] = weakref.WeakValueDictionary()
 
 
 def ipc_available() -> bool:
@@ -102,6 +107,8 @@ class IpcLink(Link):
     # that replaces a live one to the same peer incarnation takes the channel over instead of claiming a slot.
     owns_channel: bool = True
     alive_until: float = 0.0  # monotonic time until which a post trusts the last check that found the peer alive
+    # A peer in this process: its regions (and probe) the link holds as a mapping would, until it is released.
+    held: tuple = ()
     # Set when the link is removed: every launch to the peer had completed and the peer was alive after them.
     completed_alive: bool = False
     last: int = 0  # number of this agent's latest launch that touches the peer's memory
@@ -208,14 +215,18 @@ class IpcBackend(TransferBackend):
             )
         ipc_available()
         self.device: torch.device | None = None
+        self._probe_tensor: torch.Tensor | None = None  # the probe's memory on the CPU (on a GPU: ``probe`` alone)
         self.inbox = Inbox()
         self.exports: dict[str, dict] = {}
+        self.regions: dict[str, Region] = {}  # what the exports describe (a peer in this process uses them)
         self.links: list[IpcLink] = []
         # Removed links whose launches were still running at the removal's deadline: their inbox slot (while a
         # notifying launch may still publish into it) and mappings are released by later calls (_retry_unreleased).
         self.unreleased: list[IpcLink] = []
         self.copier: ResidentCopier | None = None
         self._closed = False
+        self.key = secrets.token_hex(KEY_BYTES)
+        _LIVE[self.key] = self
 
     # ------------------------------------------------------------------ device state
     def _setup(self, device: torch.device) -> None:
@@ -338,9 +349,11 @@ class IpcBackend(TransferBackend):
         except P2PFailedError as exc:
             raise BackendNotSupportedError(exc.message) from None
         self.exports[info.name] = export
+        self.regions[info.name] = region
 
     def deregister(self, region: Region) -> None:
         self.exports.pop(region.name, None)
+        self.regions.pop(region.name, None)
         # A launch or resident request in flight may still read or write the region: its memory stays referenced
         # until they completed (bounded by the agent's timeout; past it, or when the stream failed, kept for the
         # process's life).
@@ -359,6 +372,7 @@ class IpcBackend(TransferBackend):
     def local_metadata(self) -> dict:
         self._setup(self._default_device())
         return {
+            "key": self.key,
             "inbox": self.inbox.path,
             "device": self.device.type,
             "probe": dict(self.probe_export),
@@ -401,9 +415,14 @@ class IpcBackend(TransferBackend):
             None,
         )  # fmt: skip
         try:
-            in_process = peer.same_process(me)
-            for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
-                link.addresses[name] = self._open(link.maps, export, in_process)
+            if peer.same_process(me):  # one address space: the regions its live agent registered, held
+                live = _LIVE.get(blob["key"]) if blob["key"] else None
+                if live is None:
+                    raise _no_live_agent(peer, blob["key"])
+                link.addresses, link.held = live.memory_for(peer, blob)
+            else:
+                for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
+                    link.addresses[name] = self._open(link.maps, export)
             if old is not None:
                 link.owns_channel = False  # until it connected: a failure here leaves the channel to the old link
                 link.outbox, link.published, link.published_addr = old.outbox, old.published, old.published_addr
@@ -437,16 +456,41 @@ class IpcBackend(TransferBackend):
         self.links.append(link)
         return link
 
-    def _open(self, maps: PeerMaps, export: dict, in_process: bool) -> int:
-        """The address of a peer's export in this process.  A file is mapped (also for a peer in this process,
-        which has it mapped already) only once it is a transfer file that holds what the metadata claims
-        (``PeerMaps.open``)."""
+    def _open(self, maps: PeerMaps, export: dict) -> int:
+        """The address of another process's export in this process: where its handle or file is mapped, plus its
+        offset (the address in the metadata is the peer's own, never used here).  A file is mapped only once it is
+        a transfer file that holds what the metadata claims (``PeerMaps.open``)."""
         if "path" in export:
-            base = maps.open(export["path"], export["offset"] + export["nbytes"])
-            return export["address"] if in_process else base + export["offset"]
-        if in_process:
-            return export["address"]
+            return maps.open(export["path"], export["offset"] + export["nbytes"]) + export["offset"]
         return maps.open(export["handle"]) + export["offset"]
+
+    def memory_for(self, peer: AgentMetadata, blob: dict) -> tuple[dict[str, int], tuple]:
+        """This agent's memory as described by ``peer`` (this agent's metadata as another agent of this process was
+        given it; ``blob``: its ipc section, checked): the addresses of the regions and the probe as this agent
+        registered them, and the regions (the other agent's link holds them as a mapping would).  The metadata must
+        describe them field for field as this agent does now; anything else (forged or damaged bytes, a region
+        deregistered since, this agent closed since) is an ``InvalidArgumentError`` naming the peer and the field:
+        the addresses in the bytes are never used."""
+        if self._closed or self.device is None:
+            raise _no_live_agent(peer, blob["key"])
+        what, section = f"peer {peer.name!r}'s ipc section", peer.transports["ipc"]
+        _same(peer, what, {"inbox": section["inbox"], "device": section["device"]},
+              {"inbox": self.inbox.path, "device": self.device.type})  # fmt: skip
+        _same(peer, f"{what}: 'probe'", section["probe"], self.probe_export)
+        addresses, held = {"\0probe": self.probe}, [self._probe_tensor]  # (no tensor: a CUDA probe, read once)
+        for name in blob["regions"]:
+            region, export = self.regions.get(name), self.exports.get(name)
+            if region is None or export is None:
+                raise InvalidArgumentError(
+                    f"{what}: region {name!r} is not registered with that agent (deregistered since the metadata "
+                    "was made); add the peer with its current metadata",
+                    details={"peer": peer.name, "field": f"regions.{name}"},
+                )
+            _same(peer, f"peer {peer.name!r}'s region {name!r}", peer.regions[name].to_json(), region.info.to_json())
+            _same(peer, f"{what}: region {name!r}", section["regions"][name], export)
+            addresses[name] = region.ptr
+            held.append(region)
+        return addresses, tuple(h for h in held if h is not None)
 
     def _probe(self, link: IpcLink, token: bytes) -> None:
         """The real test copy: the kernel reads the peer's token through the mapping (no notification).  Waited for
@@ -504,6 +548,7 @@ class IpcBackend(TransferBackend):
         self._release_channel(link)
         if link.maps is not None:
             link.maps.close()
+        link.held = ()
 
     def _done(self, last: int, resident_last: int) -> bool:
         """Whether launch ``last`` and resident-copier request ``resident_last`` completed (no wait)."""
@@ -864,6 +909,7 @@ class IpcBackend(TransferBackend):
         if self._closed:
             return
         self._closed = True
+        _LIVE.pop(self.key, None)
         steps = [functools.partial(self.disconnect, link) for link in list(self.links)]
         if self.copier is not None:
             steps.append(self.copier.close)
@@ -911,6 +957,7 @@ def _peer_section(peer: AgentMetadata) -> dict:
     exports_field = top.item(blob, "regions")
     exports = exports_field.mapping()
     section = {
+        "key": top.get(blob, "key", "").text(2 * KEY_BYTES),  # (a peer in another process needs none)
         "device": top.item(blob, "device").choice("cpu", "cuda"),
         "inbox": _transfer_file(top.item(blob, "inbox")),
         "unreachable": unreachable,
@@ -931,6 +978,30 @@ def _peer_section(peer: AgentMetadata) -> dict:
             raise exports_field.bad(f"an export of every region (region {name!r} has none)")
         section["regions"][name] = _export(MetadataField(f"{exports_field.what} {name!r}", exports[name]), info.nbytes)
     return section
+
+
+def _no_live_agent(peer: AgentMetadata, key: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"peer {peer.name!r}'s ipc section: 'key' {key!r} names no live agent of this process, where the metadata "
+        "says the peer runs (the agent was closed since, or these bytes are not its TransferAgent.metadata()); add "
+        "the peer with its current metadata",
+        details={"peer": peer.name, "field": "key"},
+    )
+
+
+def _same(peer: AgentMetadata, what: str, given: dict, registered: dict) -> None:
+    """``InvalidArgumentError`` naming the first field where ``peer``'s metadata (``given``) differs from what its
+    live agent in this process registered (``registered``)."""
+    for key in sorted({*given, *registered}):
+        if given.get(key) != registered.get(key):
+            shown = repr(given.get(key))
+            raise InvalidArgumentError(
+                f"{what}: {key!r} is {shown if len(shown) <= 80 else shown[:77] + '...'}, but that agent in this "
+                f"process registered {registered.get(key)!r}: the metadata does not describe its memory (forged or "
+                "damaged bytes, or made before the region was registered again); add the peer with its current "
+                "metadata",
+                details={"peer": peer.name, "field": key},
+            )
 
 
 def _export(field: MetadataField, nbytes: int) -> dict:

@@ -72,7 +72,8 @@ class AgentMetadata:
         return self.host == other.host and (not self.boot_id or not other.boot_id or self.boot_id == other.boot_id)
 
     def same_process(self, other: AgentMetadata) -> bool:
-        """Both agents run in one process: one address space (the ipc path then uses addresses as they are)."""
+        """Both agents run in one process: one address space (the ipc path then takes the peer's regions from its
+        live agent in this process, not from the metadata's addresses)."""
         return self.same_host(other) and self.pid == other.pid and self.process == other.process
 
     def encode(self) -> bytes:

@@ -1,0 +1,167 @@
+"""What a peer's metadata may make the ``ipc`` path touch in this process: addresses come from memory this process
+can prove is the peer's registered regions, never from the bytes.
+
+* A peer in this process: its regions are looked up among the process's live agents by the key its metadata
+  carries, and taken only where the metadata describes them exactly as that agent registered them now.
+* A peer in another process: its regions are the mappings made from its handles (shared files here), checked to
+  hold what the metadata claims.
+
+The agents run in a child process under the Triton interpreter (the same kernel, descriptors and checks as on
+GPUs; the interpreter is chosen when the kernel is defined), so that a copy through a bad address shows as a
+failed test, not a dead test run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+# Two agents of one process over ipc, each with a 4 KB "kv" region (b's holding 1..251, never 0), and
+# forged(agent, change): the agent's metadata after change(body, its ipc section).
+_PRELUDE = """
+import json, torch
+from sagellm_comm.errors import CommError, InvalidArgumentError
+from sagellm_comm.transfer import TransferAgent
+from sagellm_comm.transfer.metadata import MAGIC
+
+a, b = TransferAgent("a", "ipc", timeout=5.0), TransferAgent("b", "ipc", timeout=5.0)
+mine = a.allocate("kv", 4096, torch.uint8)
+theirs = b.allocate("kv", 4096, torch.uint8)
+theirs.copy_(torch.arange(4096) % 251 + 1)
+
+
+def forged(agent, change):
+    body = json.loads(agent.metadata()[len(MAGIC) :])
+    change(body, body["transports"]["ipc"])
+    return MAGIC + json.dumps(body).encode()
+
+
+def refused(metadata, *words):
+    try:
+        a.add_peer(metadata)
+    except InvalidArgumentError as exc:
+        assert all(word in str(exc) for word in ("peer 'b'", *words)), (words, str(exc))
+        assert a.peers == [], a.peers
+        return
+    raise AssertionError(f"metadata accepted; expected a refusal naming {words}")
+"""
+
+
+def _child(script: str) -> str:
+    """Run ``script`` after the prelude in a child process; its standard output (it asserts what it checks)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    code = _PRELUDE + textwrap.dedent(script) + "\na.close()\nb.close()\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, f"exit status {out.returncode}\n{out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def test_an_in_process_peers_region_address_pointing_elsewhere_is_refused_and_nothing_is_written():
+    """A peer of this process whose metadata puts its region at another address (any memory of this process) is
+    refused, naming the peer, the region and the field: no peer is added and that memory is never written."""
+    _child("""
+        victim = torch.zeros(4096, dtype=torch.uint8)
+        def elsewhere(body, section):
+            section["regions"]["kv"]["address"] = victim.data_ptr()
+        try:
+            refused(forged(b, elsewhere), "region 'kv'", "'address'")
+        finally:
+            if a.peers:
+                a.write("b", "kv", "kv", [(0, 0, 4096)]).wait(5.0)
+        assert victim.eq(0).all()
+        a.add_peer(b.metadata())  # the metadata as made is taken
+        a.read("b", "kv", "kv", [(0, 0, 4096)]).wait(5.0)
+        assert mine.equal(theirs)
+    """)
+
+
+def test_an_in_process_peers_metadata_that_differs_from_the_live_agent_is_refused():
+    """Sizes, offsets and the probe of a peer in this process are what its live agent registered, or the metadata is
+    refused naming the field (a size larger than the region, a probe at an unmapped address: before, copies out of
+    bounds or a crash); a key that names no live agent of this process is refused too."""
+    _child("""
+        def region(key, value):
+            return lambda body, section: section["regions"]["kv"].__setitem__(key, value)
+        def probe(key, value):
+            return lambda body, section: section["probe"].__setitem__(key, value)
+        def larger(body, section):
+            body["regions"]["kv"]["nbytes"] = section["regions"]["kv"]["size"] = 1 << 20
+        cases = [
+            (region("size", 1 << 40), ("region 'kv'", "'size'")),
+            (lambda body, section: section["regions"]["kv"].update(offset=64, size=8192), ("region 'kv'", "'offset'")),
+            (larger, ("region 'kv'", "'nbytes'")),
+            (probe("address", 1 << 46), ("probe", "'address'")),
+            (lambda body, section: section["probe"].update(offset=16, size=4096), ("probe", "'offset'")),
+            (probe("token", "ab" * 16), ("probe", "'token'")),
+            (lambda body, section: section.__setitem__("key", "0" * 32), ("'key'", "no live agent")),
+            (lambda body, section: section.pop("key"), ("'key'",)),
+        ]
+        for change, words in cases:
+            refused(forged(b, change), *words)
+    """)
+
+
+def test_an_in_process_peer_is_refused_once_it_closed_or_deregistered_the_region():
+    """Metadata outlives what it describes: a region deregistered since, or an agent closed since, is refused instead
+    of used at its old address."""
+    _child("""
+        before = b.metadata()
+        b.deregister("kv")
+        refused(before, "region 'kv'", "not registered")
+        c = TransferAgent("c", "ipc", timeout=5.0)
+        c.allocate("kv", 4096, torch.uint8)
+        closed = c.metadata()
+        c.close()
+        try:
+            a.add_peer(closed)
+            raise AssertionError("accepted")
+        except InvalidArgumentError as exc:
+            assert "peer 'c'" in str(exc) and "no live agent of this process" in str(exc), str(exc)
+        assert a.peers == []
+    """)
+
+
+def test_an_in_process_peer_keeps_the_regions_it_was_added_with_alive():
+    """A link to a peer of this process holds the peer's regions as a mapping would: a region the peer deregisters
+    and drops stays valid memory until the link goes (a write to it never lands in freed memory)."""
+    _child("""
+        import gc, weakref
+        pool = b.allocate("pool", 4096, torch.uint8)
+        held = weakref.ref(pool)
+        a.add_peer(b.metadata())
+        b.deregister("pool")
+        del pool
+        gc.collect()
+        assert held() is not None, "freed while a link may still write it"
+        a.write("b", "kv", "pool", [(0, 0, 4096)]).wait(5.0)
+        a.remove_peer("b")
+        gc.collect()
+        assert held() is None, "kept after the link went"
+    """)
+
+
+def test_a_peer_in_another_process_gets_mappings_of_its_files_whatever_addresses_its_bytes_give():
+    """For a peer of another process (here: this one's metadata under another process id) the addresses in the
+    bytes are never used: its files are mapped, checked to hold its regions, and the regions found there."""
+    _child("""
+        victim = torch.zeros(4096, dtype=torch.uint8)
+        def elsewhere(body, section):
+            body["process"] = "f" * 16
+            section["regions"]["kv"]["address"] = victim.data_ptr()
+            section["probe"]["address"] = 1 << 46
+        a.add_peer(forged(b, elsewhere))
+        a.read("b", "kv", "kv", [(0, 0, 4096)]).wait(5.0)
+        assert mine.equal(theirs) and victim.eq(0).all()
+        a.remove_peer("b")
+        def larger(body, section):
+            body["process"] = "f" * 16
+            body["regions"]["kv"]["nbytes"] = section["regions"]["kv"]["size"] = 1 << 20
+        try:
+            a.add_peer(forged(b, larger))
+            raise AssertionError("accepted")
+        except CommError as exc:
+            assert "1048576 bytes" in str(exc), str(exc)
+        assert a.peers == []
+    """)
