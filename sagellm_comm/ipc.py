@@ -149,6 +149,15 @@ class CudaIpcMemory(PeerMemory):
                     "have peer access (or share this GPU under MPS)."
                 ) from exc
 
+    def mapped_bytes(self, ptr: int) -> int:
+        """The bytes of the allocation :meth:`open` mapped at ``ptr`` (``cuMemGetAddressRange`` of the mapping: what
+        the peer allocated, whatever its metadata says)."""
+        with self._on_device():
+            base, size = cuda_allocation(ptr)
+        if base != ptr:
+            raise P2PFailedError(f"the mapping at {ptr:#x} on {self.device} lies inside another at {base:#x}")
+        return size
+
     def close(self, ptr: int) -> None:
         with self._on_device():
             self._rt.ipcCloseMemHandle(ptr)

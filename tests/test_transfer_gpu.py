@@ -389,3 +389,47 @@ def test_an_in_process_peers_forged_region_address_on_the_gpu_is_refused_and_not
     finally:
         a.close()
         b.close()
+
+
+def _inflated_worker(rank, world_size, port):
+    """Rank 1 publishes its metadata with its region (and the allocation it names) claimed 1 GB larger than the
+    CUDA allocation behind it; rank 0 must refuse it from the mapping's own size, then take the true metadata."""
+    import json
+
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.transfer import TransferAgent
+    from sagellm_comm.transfer.metadata import MAGIC
+
+    torch.cuda.set_device(0)
+    store = _store(rank, port)
+    agent = TransferAgent(("inflated-a", "inflated-b")[rank], "ipc")
+    pool = torch.full((MB,), 5 if rank else 0, dtype=torch.uint8, device="cuda")
+    agent.register("pool", pool)
+    out = {}
+    if rank == 1:
+        body = json.loads(agent.metadata()[len(MAGIC) :])
+        export = body["transports"]["ipc"]["regions"]["pool"]
+        body["regions"]["pool"]["nbytes"] += 1 << 30
+        export["size"] += 1 << 30
+        store.set("inflated", MAGIC + json.dumps(body).encode())
+        store.set("meta", agent.metadata())
+        store.wait(["done"])
+    else:
+        try:
+            agent.add_peer(store.get("inflated"))
+            out["inflated"] = "accepted"
+        except InvalidArgumentError as exc:
+            out["inflated"] = str(exc)
+        peer = agent.add_peer(store.get("meta"))
+        agent.read(peer, "pool", "pool", [(0, 0, MB)]).wait(30)
+        torch.cuda.synchronize()
+        out["read"] = bool((pool == 5).all())
+        store.set("done", b"1")
+    agent.close()
+    return out
+
+
+def test_a_peer_whose_metadata_claims_more_than_its_cuda_allocation_is_refused_from_the_mappings_size():
+    result, _ = run_ranks(_inflated_worker, 2, timeout=200.0, env=GPU_ENV)
+    assert "region 'pool'" in result["inflated"] and "CUDA allocation its handle maps" in result["inflated"], result
+    assert result["read"], result

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # Two agents of one process over ipc, each with a 4 KB "kv" region (b's holding 1..251, never 0), and
 # forged(agent, change): the agent's metadata after change(body, its ipc section).
 _PRELUDE = """
@@ -161,7 +163,66 @@ def test_a_peer_in_another_process_gets_mappings_of_its_files_whatever_addresses
         try:
             a.add_peer(forged(b, larger))
             raise AssertionError("accepted")
-        except CommError as exc:
-            assert "1048576 bytes" in str(exc), str(exc)
+        except InvalidArgumentError as exc:
+            assert all(w in str(exc) for w in ("peer 'b'", "region 'kv'", "1048576 bytes", "4096")), str(exc)
         assert a.peers == []
     """)
+
+
+def test_an_export_of_another_kind_than_its_sections_device_or_a_handle_of_another_length_is_refused():
+    """A CPU section's exports are transfer files, a GPU section's CUDA IPC handles of 64 bytes: a handle cut short
+    (which the CUDA runtime would read past) or of the other kind is refused naming the field, before it is
+    opened."""
+    _child("""
+        import base64
+        def handle(device, nbytes):
+            def change(body, section):
+                body["process"] = "f" * 16
+                section["device"] = device
+                for export in (section["probe"], section["regions"]["kv"]):
+                    del export["path"]
+                    export["handle"] = base64.b64encode(b"h" * nbytes).decode()
+            return change
+        refused(forged(b, handle("cpu", 64)), "'probe' has no 'path'")
+        refused(forged(b, handle("cuda", 8)), "'probe': 'handle' must be a CUDA IPC handle of 64 bytes")
+        refused(forged(b, handle("cuda", 65)), "'probe': 'handle' must be a CUDA IPC handle of 64 bytes")
+        def cuda(body, section):
+            body["process"] = "f" * 16
+            section["device"] = "cuda"
+        refused(forged(b, cuda), "'probe' has no 'handle'")
+    """)
+
+
+class _Allocation:
+    """A stand-in for CUDA IPC memory (``CudaIpcMemory``'s calls that ``open_shared`` makes): each handle maps an
+    allocation of ``nbytes``."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.closed = nbytes, []
+
+    def open(self, handle: bytes, nbytes: int) -> int:
+        return 1 << 40
+
+    def mapped_bytes(self, ptr: int) -> int:
+        return self.nbytes
+
+    def close(self, ptr: int) -> None:
+        self.closed.append(ptr)
+
+
+def test_a_cuda_handle_is_mapped_only_where_its_allocation_holds_what_the_metadata_claims():
+    """The size in a GPU peer's metadata is the peer's word: the allocation a handle maps is measured after it is
+    opened (``cuMemGetAddressRange`` on a GPU), and metadata that puts more bytes in it is refused, the mapping
+    closed, also when the handle was already open for another region."""
+    from sagellm_comm.errors import InvalidArgumentError
+    from sagellm_comm.transfer.ipc_memory import close_shared, open_shared
+
+    memory = _Allocation(4096)
+    with pytest.raises(InvalidArgumentError, match="8192 bytes.*4096"):
+        open_shared(memory, b"h" * 64, 0, 8192)
+    assert memory.closed == [1 << 40]
+    assert open_shared(memory, b"h" * 64, 0, 4096) == 1 << 40
+    with pytest.raises(InvalidArgumentError, match="4097 bytes.*4096"):
+        open_shared(memory, b"h" * 64, 0, 4097)
+    close_shared(memory, b"h" * 64, 0)
+    assert memory.closed == [1 << 40] * 2

@@ -78,6 +78,7 @@ ALIVE_REUSE_S = 1e-3  # a post within this long of a check that found the peer a
 # The one-block launch's arguments that change from call to call (the others are the link's, or follow from these).
 INLINE_ARGUMENTS = ("table_addr", "src_base", "dst_base", "block_bytes", "parts", "part_bytes")
 KEY_BYTES = 16  # an agent's key among this process's live agents (_LIVE), random
+IPC_HANDLE_BYTES = 64  # a cudaIpcMemHandle_t
 # This process's live ipc agents by key: a peer in this process is found here (IpcBackend.memory_for), so the
 # addresses it is used at are those its agent registered, never those its metadata's bytes give.
 _LIVE: weakref.WeakValueDictionary[str, IpcBackend] = weakref.WeakValueDictionary()
@@ -422,7 +423,7 @@ class IpcBackend(TransferBackend):
                 link.addresses, link.held = live.memory_for(peer, blob)
             else:
                 for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
-                    link.addresses[name] = self._open(link.maps, export)
+                    link.addresses[name] = self._open(link.maps, export, peer, name)
             if old is not None:
                 link.owns_channel = False  # until it connected: a failure here leaves the channel to the old link
                 link.outbox, link.published, link.published_addr = old.outbox, old.published, old.published_addr
@@ -456,13 +457,20 @@ class IpcBackend(TransferBackend):
         self.links.append(link)
         return link
 
-    def _open(self, maps: PeerMaps, export: dict) -> int:
-        """The address of another process's export in this process: where its handle or file is mapped, plus its
-        offset (the address in the metadata is the peer's own, never used here).  A file is mapped only once it is
-        a transfer file that holds what the metadata claims (``PeerMaps.open``)."""
-        if "path" in export:
-            return maps.open(export["path"], export["offset"] + export["nbytes"]) + export["offset"]
-        return maps.open(export["handle"]) + export["offset"]
+    def _open(self, maps: PeerMaps, export: dict, peer: AgentMetadata, name: str) -> int:
+        """The address of another process's export (region ``name``, or the probe) in this process: where its
+        handle or file is mapped, plus its offset (the address in the metadata is the peer's own, never used here).
+        A file is mapped only once it is a transfer file; the file or CUDA allocation must hold what the metadata
+        claims (``PeerMaps.open``), else ``InvalidArgumentError`` naming the peer and the export."""
+        key = export["path"] if "path" in export else export["handle"]
+        try:
+            base = maps.open(key, export["offset"] + export["nbytes"])
+        except InvalidArgumentError as exc:
+            what = "the probe" if name == "\0probe" else f"region {name!r}"
+            raise InvalidArgumentError(
+                f"peer {peer.name!r}'s ipc section: {what}: {exc.message}", details={"peer": peer.name, "field": what}
+            ) from None
+        return base + export["offset"]
 
     def memory_for(self, peer: AgentMetadata, blob: dict) -> tuple[dict[str, int], tuple]:
         """This agent's memory as described by ``peer`` (this agent's metadata as another agent of this process was
@@ -956,12 +964,13 @@ def _peer_section(peer: AgentMetadata) -> dict:
         MetadataField(f"{top.what}: 'unreachable' {name!r}", why).text()
     exports_field = top.item(blob, "regions")
     exports = exports_field.mapping()
+    device = top.item(blob, "device").choice("cpu", "cuda")
     section = {
         "key": top.get(blob, "key", "").text(2 * KEY_BYTES),  # (a peer in another process needs none)
-        "device": top.item(blob, "device").choice("cpu", "cuda"),
+        "device": device,
         "inbox": _transfer_file(top.item(blob, "inbox")),
         "unreachable": unreachable,
-        "probe": _export(top.item(blob, "probe"), PROBE_BYTES),
+        "probe": _export(top.item(blob, "probe"), PROBE_BYTES, device),
         "regions": {},
     }
     token = top.item(blob["probe"], "token")
@@ -976,7 +985,8 @@ def _peer_section(peer: AgentMetadata) -> dict:
             continue
         if name not in exports:
             raise exports_field.bad(f"an export of every region (region {name!r} has none)")
-        section["regions"][name] = _export(MetadataField(f"{exports_field.what} {name!r}", exports[name]), info.nbytes)
+        export = MetadataField(f"{exports_field.what} {name!r}", exports[name])
+        section["regions"][name] = _export(export, info.nbytes, device)
     return section
 
 
@@ -1004,8 +1014,9 @@ def _same(peer: AgentMetadata, what: str, given: dict, registered: dict) -> None
             )
 
 
-def _export(field: MetadataField, nbytes: int) -> dict:
-    """One export (a region's or the probe's) of a peer's ipc section, checked; ``nbytes``: what must fit."""
+def _export(field: MetadataField, nbytes: int, device: str) -> dict:
+    """One export (a region's or the probe's) of a peer's ipc section, checked; ``nbytes``: what must fit; ``device``:
+    the section's (a CUDA IPC handle on a GPU, a transfer file on the CPU)."""
     data = field.mapping()
     export = {
         "address": field.item(data, "address").integer(0, (1 << 64) - 1),
@@ -1013,12 +1024,14 @@ def _export(field: MetadataField, nbytes: int) -> dict:
         "size": field.item(data, "size").integer(1, 1 << 62),
         "nbytes": nbytes,
     }
-    if "handle" in data:
+    if device == "cuda":
         handle = field.item(data, "handle")
         try:
             export["handle"] = unb64(handle.text(256))
         except ValueError:
-            raise handle.bad("a CUDA IPC handle in base64") from None
+            export["handle"] = b""  # not base64: refused below
+        if len(export["handle"]) != IPC_HANDLE_BYTES:  # the runtime reads this many, whatever it is given
+            raise handle.bad(f"a CUDA IPC handle of {IPC_HANDLE_BYTES} bytes in base64")
     else:
         export["path"] = _transfer_file(field.item(data, "path"))
     if export["offset"] + nbytes > export["size"]:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sagellm_comm.errors import BackendNotSupportedError, TransferError
+from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, TransferError
 from sagellm_comm.ipc import CudaIpcMemory, PeerMemory, SharedFileMemory, cupy_runtime
 from sagellm_comm.transfer.shared import open_transfer_file
 
 _OPEN_LOCK = threading.Lock()
-# (kind, device, key) -> [base address, references, memory, bytes (a file's; None: a CUDA allocation)]
+# (kind, device, key) -> [base address, references, memory, bytes mapped (the file's, or the CUDA allocation's)]
 _OPENED: dict[tuple, list] = {}
 _LEAKED: list = []  # staging buffers a launch may still read when their agent closed (kept, never freed)
 
@@ -32,8 +32,9 @@ def open_shared(memory: PeerMemory, key: str | bytes, device_index: int, end: in
     """Map ``key`` (a CUDA IPC handle, or the path of a peer's transfer file) once per process; returns its base
     address.  A path is mapped only when it is a transfer file (:func:`~sagellm_comm.transfer.shared.
     open_transfer_file`, ``InvalidArgumentError`` otherwise), through the descriptor that check opened (a file
-    put in its place afterwards is never mapped), and only when it holds at least ``end`` bytes
-    (``BackendNotSupportedError`` otherwise: the peer's metadata claims more than the file has)."""
+    put in its place afterwards is never mapped).  What is mapped (the file, or the CUDA allocation the handle
+    maps, measured once opened) must hold at least ``end`` bytes: ``InvalidArgumentError`` otherwise (the peer's
+    metadata claims more than its memory has), the mapping closed unless another caller holds it."""
     cache_key = (type(memory).__name__, device_index, key)
     with _OPEN_LOCK:
         entry = _OPENED.get(cache_key)
@@ -41,19 +42,25 @@ def open_shared(memory: PeerMemory, key: str | bytes, device_index: int, end: in
             if isinstance(memory, SharedFileMemory):
                 base, size = _map_transfer_file(memory, key)
             else:
-                base, size = memory.open(key, 0), None
-            if size is not None and end > size:
+                base = memory.open(key, 0)
+                try:
+                    size = memory.mapped_bytes(base)
+                except BaseException:
+                    memory.close(base)
+                    raise
+            if end > size:
                 memory.close(base)
-                raise _too_short(key, end, size)
+                raise _too_short(memory, end, size)
             entry = _OPENED[cache_key] = [base, 0, memory, size]
-        elif entry[3] is not None and end > entry[3]:
-            raise _too_short(key, end, entry[3])
+        elif end > entry[3]:
+            raise _too_short(memory, end, entry[3])
         entry[1] += 1
         return entry[0]
 
 
-def _too_short(key: str | bytes, end: int, size: int) -> BackendNotSupportedError:
-    return BackendNotSupportedError(f"the peer's metadata puts {end} bytes in {key}, a file of {size} bytes")
+def _too_short(memory: PeerMemory, end: int, size: int) -> InvalidArgumentError:
+    what = "file" if isinstance(memory, SharedFileMemory) else "CUDA allocation its handle maps"
+    return InvalidArgumentError(f"the metadata puts {end} bytes (offset and size) in the {what}, of {size} bytes")
 
 
 def _map_transfer_file(memory: SharedFileMemory, path: str) -> tuple[int, int]:
