@@ -5,20 +5,26 @@ can prove is the peer's registered regions, never from the bytes.
   carries, and taken only where the metadata describes them exactly as that agent registered them now.
 * A peer in another process: its regions are the mappings made from its handles (shared files here), checked to
   hold what the metadata claims.
+* Damaged metadata (bytes flipped or cut, numbers out of range): a typed error, or the same memory.
 
-The agents run in a child process under the Triton interpreter (the same kernel, descriptors and checks as on
-GPUs; the interpreter is chosen when the kernel is defined), so that a copy through a bad address shows as a
+Agents that copy run in a child process under the Triton interpreter (the same kernel, descriptors and checks as
+on GPUs; the interpreter is chosen when the kernel is defined), so that a copy through a bad address shows as a
 failed test, not a dead test run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
+
+from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.transfer.metadata import MAGIC
 
 # Two agents of one process over ipc, each with a 4 KB "kv" region (b's holding 1..251, never 0), and
 # forged(agent, change): the agent's metadata after change(body, its ipc section).
@@ -226,3 +232,101 @@ def test_a_cuda_handle_is_mapped_only_where_its_allocation_holds_what_the_metada
         open_shared(memory, b"h" * 64, 0, 4097)
     close_shared(memory, b"h" * 64, 0)
     assert memory.closed == [1 << 40] * 2
+
+
+def test_damaged_metadata_is_refused_with_a_typed_error_or_moves_the_right_bytes():
+    """A few hundred damaged copies of a peer's metadata (fixed seed: a bit flipped, a byte replaced, removed or
+    doubled, the bytes cut short, a number changed: by one, by a page, to 0, -1, 2**62, 2**63, 2**64 or another
+    number of the metadata, such as another address), as from this process and as from another: each is refused
+    with a typed error and no peer added, or it still describes the same memory and a read through it returns the
+    peer's bytes (or is refused before a byte moves).  Never a crash, an untyped error, or a copy through an
+    address of the bytes."""
+    out = _child(r"""
+        import random, re
+        from collections import Counter
+        from sagellm_comm.errors import BackendNotSupportedError
+        def elsewhere(body, section):
+            body["process"] = "f" * 16
+        bases = [b.metadata(), forged(b, elsewhere)]
+        numbers = re.compile(rb"(?<=[:\[, ])-?[0-9]+(?=[,}\]])")
+        rng, seen = random.Random(20261207), Counter()
+        for i in range(300):
+            data = bytearray(bases[i % 2])
+            at = rng.randrange(len(data))
+            how = rng.choice(["flip", "replace", "remove", "double", "cut", "number", "number"])
+            if how == "number":
+                found = list(numbers.finditer(data))
+                token, other = rng.choice(found), rng.choice(found)
+                value = int(token.group())
+                value = rng.choice([value + 1, value - 1, value + 4096, value - 4096, 0, -1, 1 << 62, 1 << 63,
+                                    1 << 64, int(other.group())])
+                data[token.start() : token.end()] = str(value).encode()
+            elif how == "flip":
+                data[at] ^= 1 << rng.randrange(8)
+            elif how == "replace":
+                data[at] = rng.choice(b'0123456789abcdef",:{}[] -')
+            elif how == "remove":
+                del data[at]
+            elif how == "double":
+                data.insert(at, data[at])
+            else:
+                del data[at:]
+            try:
+                name = a.add_peer(bytes(data))
+            except (InvalidArgumentError, BackendNotSupportedError) as exc:
+                assert a.peers == [], (i, how, a.peers)
+                assert "cannot map peer" not in str(exc), (i, how, str(exc))  # an unchecked field's raw error
+                seen[type(exc).__name__] += 1
+                continue
+            mine.zero_()
+            try:
+                a.read(name, "kv", "kv", [(0, 0, 4096)]).wait(5.0)
+                assert mine.equal(theirs), (i, how, bytes(data))
+                seen["accepted, bytes right"] += 1
+            except CommError:
+                assert not mine.any(), (i, how, bytes(data))
+                seen["accepted, read refused"] += 1
+            a.remove_peer(name)
+        print(json.dumps(seen))
+    """)
+    seen = json.loads(out.splitlines()[-1])
+    assert sum(seen.values()) == 300 and seen["InvalidArgumentError"] > 100, seen
+    assert seen.get("accepted, bytes right", 0) > 0, seen
+
+
+@pytest.mark.parametrize(
+    ("export", "key", "value"),
+    [
+        ("regions", "offset", -1),
+        ("regions", "offset", 1 << 63),
+        ("regions", "offset", (1 << 62) + 1),
+        ("regions", "size", 0),
+        ("regions", "size", 1 << 63),
+        ("regions", "size", 4096.0),
+        ("regions", "address", -1),
+        ("regions", "address", 1 << 64),
+        ("regions", "address", True),
+        ("probe", "offset", 1 << 62),
+        ("probe", "size", 1 << 64),
+    ],
+)
+def test_an_ipc_sections_numbers_out_of_range_are_refused_naming_the_field(monkeypatch, export, key, value):
+    """Every number of a peer's ipc section is an integer in its range (never converted), and an offset plus the
+    region's size must fit the memory the section names: refused at add_peer naming the field, before anything
+    is opened, for a peer of another process as for one of this process."""
+    from sagellm_comm.transfer import TransferAgent
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with TransferAgent("a", "ipc") as a, TransferAgent("b", "ipc") as b:
+        a.allocate("kv", 4096, torch.uint8)
+        b.allocate("kv", 4096, torch.uint8)
+        for process in ("f" * 16, None):
+            body = json.loads(b.metadata()[len(MAGIC) :])
+            body["process"] = process or body["process"]
+            section = body["transports"]["ipc"]
+            (section["probe"] if export == "probe" else section["regions"]["kv"])[key] = value
+            named = "'probe'" if export == "probe" else "'regions' 'kv'"
+            with pytest.raises(InvalidArgumentError, match=f"malformed: peer 'b''s ipc section: {named}") as refused:
+                a.add_peer(MAGIC + json.dumps(body).encode())
+            assert f"'{key}' must be an integer" in str(refused.value) or "at its offset" in str(refused.value)
+            assert a.peers == []
