@@ -285,12 +285,14 @@ def test_custom_backend_records_why_it_falls_back():
 
 
 def _policy_agreement_worker(rank, world_size, port, same_rules_file):
-    """Rank 1 alone gives other fusion rules, then another selector, then the same fusion rules from a file."""
+    """Rank 1 alone gives other fusion rules, then another selector, then other GEMM path rules; then the same
+    fusion rules from a file, and the same GEMM path rules from another source, which the group-level GEMM +
+    all-reduce decides by."""
     import torch.distributed as dist
 
-    from sagellm_comm import CommBackend
+    from sagellm_comm import CommBackend, CommGroup
     from sagellm_comm.errors import ConfigMismatchError
-    from sagellm_comm.fused import FusionPolicy, FusionRule
+    from sagellm_comm.fused import FusionPolicy, FusionRule, GemmPathSelector, GemmRule, gemm_all_reduce, last_selection
     from sagellm_comm.selector import AlgoSelector, Rule
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
@@ -299,6 +301,14 @@ def _policy_agreement_worker(rank, world_size, port, same_rules_file):
         "fusion_policy": {"fusion_policy": off if rank == 1 else None},
         "selector": {"selector": AlgoSelector([Rule("all-one-shot", "one_shot")]) if rank == 1 else None},
         "same rules": {"fusion_policy": same_rules_file if rank == 1 else off},
+        "gemm_policy": {
+            "gemm_policy": GemmPathSelector([GemmRule("all-chunked", "chunked")]) if rank == 1 else None,
+            "max_bytes": 8192,
+        },
+        "same GEMM rules": {
+            "gemm_policy": GemmPathSelector([GemmRule("tuned-sequential", "sequential")], source=f"rank {rank}"),
+            "max_bytes": 8192,
+        },
     }
     seen = {}
     for case, kwargs in cases.items():
@@ -306,6 +316,11 @@ def _policy_agreement_worker(rank, world_size, port, same_rules_file):
         try:
             backend.init()  # adopts the world; the world group's set-up compares the policies
             seen[case] = ("no error", backend.custom is not None)
+            if case == "same GEMM rules":  # the group-level GEMM + all-reduce decides by the compared rules
+                world = CommGroup(backend)
+                a, b = torch.ones(4, 16, dtype=torch.bfloat16) * (rank + 1), torch.ones(16, 8, dtype=torch.bfloat16)
+                out = gemm_all_reduce(a, b, group=world)
+                seen["the GEMM's rule"] = (last_selection(world).rule_id, out.float().unique().tolist())
             backend.destroy()
         except ConfigMismatchError as exc:
             seen[case] = (str(exc), exc.details["policies"])
@@ -314,9 +329,9 @@ def _policy_agreement_worker(rank, world_size, port, same_rules_file):
 
 
 def test_ranks_deciding_by_other_policies_are_refused_at_set_up(tmp_path):
-    """Two ranks with other fusion rules or another selector would run other kernels for one call (a hang or a
-    wrong result): the group's set-up refuses them on every rank, naming the policy; the same rules read from
-    elsewhere agree."""
+    """Two ranks with other fusion rules, another selector or other GEMM path rules would run other kernels for one
+    call (a hang or a wrong result): the group's set-up refuses them on every rank, naming the policy; the same
+    rules read from elsewhere agree."""
     import json
 
     same = tmp_path / "off.json"
@@ -325,12 +340,15 @@ def test_ranks_deciding_by_other_policies_are_refused_at_set_up(tmp_path):
         for case, label, source in (
             ("fusion_policy", "the fusion policy (fusion_policy=)", "in code"),
             ("selector", "the all-reduce policy (selector=)", "rules given in code"),
+            ("gemm_policy", "the GEMM path policy (gemm_policy=)", "rules given in code"),
         ):
             message, policies = seen[case]
             assert list(policies) == [case], policies
             assert f"{label} differs" in message and "(default) on ranks [0]" in message, message
             assert f"({source}) on ranks [1]" in message, message
         assert seen["same rules"] == ("no error", True), seen["same rules"]
+        assert seen["same GEMM rules"] == ("no error", True), seen["same GEMM rules"]
+        assert seen["the GEMM's rule"] == ("tuned-sequential", [48.0]), seen["the GEMM's rule"]
 
 
 def test_the_custom_backend_refuses_a_fusion_policy_it_cannot_read(monkeypatch, tmp_path):
@@ -343,6 +361,9 @@ def test_the_custom_backend_refuses_a_fusion_policy_it_cannot_read(monkeypatch, 
     with pytest.raises(InvalidArgumentError, match="does not exist"):
         CommBackend.create("custom", fusion_policy=tmp_path / "missing.json")
     assert CommBackend.create("custom").fusion_policy.source == "default"
+    with pytest.raises(InvalidArgumentError, match="gemm_policy must be a GemmPathSelector or None"):
+        CommBackend.create("custom", gemm_policy=tmp_path / "rules.json")
+    assert CommBackend.create("custom").gemm_policy.source == "default"
 
 
 def test_custom_backend_unavailable_without_gpu_or_interpreter(monkeypatch):

@@ -40,6 +40,7 @@ from ..errors import (
     run_every,
     undo_after_failure,
 )
+from ..fused.gemm_policy import GemmPathSelector
 from ..fused.rmsnorm_policy import FusionPolicy, fusion_policy_from
 from ..launch import interpreting as _interpreting
 from ..registry import register_builtin_backend
@@ -140,8 +141,11 @@ class CustomBackend(TorchDistributedBackend):
             pass and the TP layers call): a :class:`~sagellm_comm.fused.FusionPolicy`, a path read by
             :meth:`FusionPolicy.from_file <sagellm_comm.fused.FusionPolicy.from_file>` (a policy file, or the
             record of ``bench/fp8_fused_bench.py``: the device's own ``derived_rules``), or None (the default
-            rules).  Every member of a group must give the same rules, and the same ``selector``: each group's
-            set-up compares them (``ConfigMismatchError``).
+            rules).
+        gemm_policy: the path rules of the group-level GEMM + all-reduce of every group of this backend
+            (:func:`sagellm_comm.fused.gemm_all_reduce`): a :class:`~sagellm_comm.fused.GemmPathSelector`, or None
+            (the default rules).  Every member of a group must give the same rules for each of ``selector``,
+            ``fusion_policy`` and ``gemm_policy``: each group's set-up compares them (``ConfigMismatchError``).
         kernel_timeout: bound in seconds of every device-side wait of the kernels.
         engine: ``nccl`` or ``gloo`` (default: NCCL with CUDA, Gloo on the CPU; Gloo for N processes sharing
             one GPU under MPS, where NCCL refuses two ranks on one device).
@@ -161,6 +165,7 @@ class CustomBackend(TorchDistributedBackend):
         group_max_bytes: int | None = None,
         selector: AlgoSelector | str | None = None,
         fusion_policy: FusionPolicy | str | os.PathLike | None = None,
+        gemm_policy: GemmPathSelector | None = None,
         kernel_timeout: float = 30.0,
         engine: str | None = None,
         config: CommConfig | None = None,
@@ -177,6 +182,10 @@ class CustomBackend(TorchDistributedBackend):
         kernel_timeout = check_timeout(kernel_timeout, "kernel_timeout")
         selector = policy_from(selector, AlgoSelector, "selector must be an AlgoSelector, a policy file or None")
         fusion_policy = fusion_policy_from(fusion_policy)
+        if gemm_policy is None:
+            gemm_policy = GemmPathSelector()
+        elif not isinstance(gemm_policy, GemmPathSelector):
+            raise InvalidArgumentError(f"gemm_policy must be a GemmPathSelector or None, got {gemm_policy!r}")
         if not (config is None or isinstance(config, CommConfig)):
             raise InvalidArgumentError(
                 f"config must be a CommConfig (CommConfig.from_env(), .replace(...)) or None, got {config!r}"
@@ -184,6 +193,7 @@ class CustomBackend(TorchDistributedBackend):
         super().__init__(engine, device=device)
         self.selector = selector
         self._fusion_policy = fusion_policy
+        self._gemm_policy = gemm_policy
         config = CommConfig.from_env() if config is None else config
         if max_bytes is not None:
             config = config.replace(custom_max_bytes=max_bytes)
@@ -213,6 +223,12 @@ class CustomBackend(TorchDistributedBackend):
         """The fusion rules of the group-level fused all-reduce + RMSNorm of every group of this backend, given when
         it was made (fixed: the groups' set-ups compared them)."""
         return self._fusion_policy
+
+    @property
+    def gemm_policy(self) -> GemmPathSelector:
+        """The path rules of the group-level fused GEMM + all-reduce of every group of this backend, given when it
+        was made (fixed: the groups' set-ups compared them)."""
+        return self._gemm_policy
 
     @property
     def engine_kind(self) -> str:
@@ -272,7 +288,7 @@ class CustomBackend(TorchDistributedBackend):
         return KernelGroup(
             rank, size, ranks, lambda obj, what: self.exchange(obj, handle, what), self.device, capacity, self.selector,
             self.kernel_timeout, engine_sum, one_node=one_node, processes_on_device=self._processes_on_device,
-            config=self.config, fusion_policy=self._fusion_policy,
+            config=self.config, fusion_policy=self._fusion_policy, gemm_policy=self._gemm_policy,
         )  # fmt: skip
 
     def new_group(self, ranks):

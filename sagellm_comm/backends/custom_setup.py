@@ -5,10 +5,10 @@ A :class:`KernelGroup` is made collectively by the members of one group (the wor
 their configuration (``docs/configuration.md``): a difference raises
 :class:`~sagellm_comm.errors.ConfigMismatchError` naming the setting and the ranks (it is an error, not a
 reason to fall back: the engine would run, but the job is misconfigured).  A group that gets the kernels then
-compares its members' policies, a digest of the all-reduce's rules (``selector``) and of the fused RMSNorm's
-(``fusion_policy``): members deciding by other rules would run other kernels for one call, so a difference
-raises ``ConfigMismatchError`` too (:func:`check_policies`).  The kernels are used only when
-every check passes on every member:
+compares its members' policies, a digest of the all-reduce's rules (``selector``), of the fused RMSNorm's
+(``fusion_policy``) and of the fused GEMM + all-reduce's paths (``gemm_policy``): members deciding by other
+rules would run other kernels for one call, so a difference raises ``ConfigMismatchError`` too
+(:func:`check_policies`).  The kernels are used only when every check passes on every member:
 
 1. 2..8 members, all on one node (node names gathered over the group: the host name, or
    ``SAGELLM_COMM_HOSTNAME`` where a test simulates nodes);
@@ -35,6 +35,7 @@ from ..config import CommConfig, check_agreement
 from ..cupy_probe import cupy_present
 from ..custom_all_reduce import CustomAllReduce
 from ..errors import CommError, ConfigMismatchError
+from ..fused.gemm_policy import GemmPathSelector
 from ..fused.rmsnorm_policy import FusionPolicy
 from ..kernels.all_reduce import MAX_WORLD
 from ..selector import KERNEL_ALGOS, AlgoSelector
@@ -60,6 +61,8 @@ class KernelGroup:
         config: the backend's configuration (tile shapes, check mode, initial epoch, ... of the workspace).
         fusion_policy: the fusion rules the group-level fused all-reduce + RMSNorm runs on this group (default
             rules when omitted); compared, with ``selector``, among the members (:func:`check_policies`).
+        gemm_policy: the path rules the group-level fused GEMM + all-reduce runs on this group (default rules when
+            omitted); compared with the others.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class KernelGroup:
         processes_on_device: int = 1,
         config: CommConfig | None = None,
         fusion_policy: FusionPolicy | None = None,
+        gemm_policy: GemmPathSelector | None = None,
     ):
         self.config = CommConfig.from_env() if config is None else config
         self.rank, self.world_size, self.ranks = rank, world_size, tuple(ranks)
@@ -88,6 +92,7 @@ class KernelGroup:
         self.nbytes = 0  # device memory of this rank's region
         self._send = exchange
         self.fusion_policy = fusion_policy or FusionPolicy()
+        self.gemm_policy = gemm_policy or GemmPathSelector()
         self.kernels, self.reason = self._setup(slot_bytes, selector, timeout_s, fallback)
         if self.kernels is not None:
             self.nbytes = region_bytes(self.kernels.workspace.slot_bytes, world_size)
@@ -99,7 +104,7 @@ class KernelGroup:
 
     def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
         local_ok, local_reason = self._local_checks()
-        policies = policy_digests(selector, self.fusion_policy)
+        policies = policy_digests(selector, self.fusion_policy, self.gemm_policy)
         facts = self._exchange(
             (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement(), policies),
             "comparing the members' nodes, devices, settings and policies",
@@ -192,14 +197,21 @@ class KernelGroup:
 
 
 # What the members of a group compare besides the agreed configuration: the rules that pick each call's kernel.
-POLICY_NAMES = {"selector": "the all-reduce policy (selector=)", "fusion_policy": "the fusion policy (fusion_policy=)"}
+POLICY_NAMES = {
+    "selector": "the all-reduce policy (selector=)",
+    "fusion_policy": "the fusion policy (fusion_policy=)",
+    "gemm_policy": "the GEMM path policy (gemm_policy=)",
+}
 
 
-def policy_digests(selector: AlgoSelector, fusion_policy: FusionPolicy) -> dict[str, tuple[str, str]]:
+def policy_digests(
+    selector: AlgoSelector, fusion_policy: FusionPolicy, gemm_policy: GemmPathSelector
+) -> dict[str, tuple[str, str]]:
     """``{name: (digest of the rules, source)}`` of the policies a rank sends at a group's set-up."""
     return {
         "selector": (selector.digest(), selector.source),
         "fusion_policy": (fusion_policy.digest(), fusion_policy.source),
+        "gemm_policy": (gemm_policy.digest(), gemm_policy.source),
     }
 
 
@@ -209,7 +221,8 @@ def check_policies(everyone: list[dict[str, tuple[str, str]]], ranks: tuple[int,
     for a flag the other never writes, or read what the other did not stage."""
     differing = {}
     for name in POLICY_NAMES:
-        sent = [policies[name] for policies in everyone]
+        # A member of another package version may not send every policy: that is a difference too.
+        sent = [policies.get(name, ("none", "not a policy of this version")) for policies in everyone]
         if len({digest for digest, _ in sent}) > 1:
             sides: dict[str, list[int]] = {}
             for rank, (digest, source) in zip(ranks, sent, strict=True):

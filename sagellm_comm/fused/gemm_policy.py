@@ -9,8 +9,12 @@ that every rule decides some call.  Anything else raises ``InvalidArgumentError`
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sagellm_comm.selector import CHUNKED_PATH, COPY_ENGINE_PATH, FUSED_PATH, SEQUENTIAL_PATH
 
@@ -72,6 +76,13 @@ class GemmRule:
             and output_bytes >= self.min_bytes
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The rule's fields as JSON-ready data."""
+        data = dataclasses.asdict(self)
+        if self.world_sizes is not None:
+            data["world_sizes"] = list(self.world_sizes)
+        return data
+
     def conditions(self) -> Conditions:
         """What the rule matches, for the checks the policies share (:func:`~sagellm_comm.selector.never_deciding`)."""
         return Conditions({"world_sizes": self.world_sizes}, self.min_m, self.max_m, {"output_bytes": self.min_bytes})
@@ -110,13 +121,25 @@ class GemmPathSelector:
     the path and why.
     """
 
-    def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES):
+    def __init__(self, rules: Sequence[GemmRule] = DEFAULT_GEMM_RULES, source: str | None = None):
         """``rules`` (:class:`GemmRule` s, each checked when it was made): a list or tuple of unique ids, each rule
-        deciding some call (none whose every call the rules before it match); else ``InvalidArgumentError``."""
+        deciding some call (none whose every call the rules before it match); else ``InvalidArgumentError``.
+        ``source``: where the rules come from, for messages (default: ``"default"`` for the default rules, else
+        ``"rules given in code"``)."""
         rules = tuple(checked_rule_list(rules, GemmRule, "GEMM rules"))
         refuse_duplicate_ids([r.id for r in rules], "GEMM rules")
         refuse_never_deciding([(r.id, r.path, r.conditions()) for r in rules], "GEMM rule", "call")
+        if source is None:  # what a mismatch between ranks names
+            source = "default" if rules == tuple(DEFAULT_GEMM_RULES) else "rules given in code"
         self.rules = rules
+        self.source = source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [r.to_dict() for r in self.rules]}
+
+    def digest(self) -> str:
+        """A short hash of the rules (not of :attr:`source`): equal on two ranks when they decide alike."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def select(
         self,

@@ -85,8 +85,9 @@ def group_gemm(group=None) -> GemmAllReduce | None:
 
     For benchmarks and tuning: its ``copy_engine_chunks(m)`` says how a call of M rows is pipelined, and setting
     ``ce_chunks`` (None: by M) changes it for the next calls of every rank -- set it alike on all of them, as its
-    ``selector`` (a :class:`GemmPathSelector`; the default rules on every rank until then): nothing compares them,
-    and ranks that pick different paths for one call wait for each other until the kernels' timeout.
+    ``selector`` (a :class:`GemmPathSelector`: the custom backend's ``gemm_policy=``, which the group's set-up
+    compared among its members): nothing compares a change made here, and ranks that pick different paths for one
+    call wait for each other until the kernels' timeout.
     """
     state = _known_state(group)
     return None if state is None else state.gemm
@@ -184,8 +185,9 @@ def gemm_all_reduce(
             )
             try:
                 gemm = GemmAllReduce(
-                    ws, car, timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None
-                )
+                    ws, car, selector=getattr(backend, "gemm_policy", None),  # compared at the group's set-up
+                    timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None,
+                )  # fmt: skip
             except BaseException:  # not kept until the group's kernels go, nor one more with every retry
                 undo_after_failure([ws.close], log, "closing the fused GEMM's workspace after its set-up failed")
                 raise
