@@ -531,3 +531,64 @@ def test_an_async_kernel_call_waited_for_without_a_timeout_ends_at_the_backends_
     with pytest.raises(CommTimeoutError, match="custom all-reduce on rank 1 did not complete within 0.2s"):
         work.wait()
     assert time.monotonic() - start < 5
+
+
+def _failed_new_group_worker(rank, world_size, port):
+    """A sub-group whose kernels cannot be set up (a stand-in: its all-reduce cannot be made over its workspace,
+    after the workspace's peer mappings are open): what the failed ``new_group`` left, and a later one."""
+    import torch.distributed as dist
+
+    from sagellm_comm import ReduceOp
+    from sagellm_comm.backends import custom_setup
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+    from sagellm_comm.errors import GroupNotFoundError
+    from sagellm_comm.selector import KERNEL_ALGOS
+
+    backend = _small_custom_backend(rank, world_size, port)
+    made, real_new_group, real_all_reduce = [], TorchDistributedBackend.new_group, custom_setup.CustomAllReduce
+
+    def recorded_new_group(self, ranks):
+        made.append(real_new_group(self, ranks))
+        return made[-1]
+
+    def refused(workspace, **kwargs):
+        made.append(workspace)
+        raise MemoryError("no memory for the group's all-reduce")
+
+    def live(pg) -> bool:
+        try:
+            dist.get_backend(pg)
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    TorchDistributedBackend.new_group, custom_setup.CustomAllReduce = recorded_new_group, refused
+    try:
+        with pytest.raises(MemoryError, match="no memory for the group's all-reduce"):
+            backend.new_group([0, 1])
+    finally:
+        TorchDistributedBackend.new_group, custom_setup.CustomAllReduce = real_new_group, real_all_reduce
+    handle, workspace = made
+    seen = {
+        "workspace closed": workspace.closed,
+        "process groups live": [live(pg) for pg in (handle.engine_group, handle.cpu_group)],
+        "reason": backend.kernels_reason(handle),
+    }
+    with pytest.raises(GroupNotFoundError, match="does not belong to this backend"):
+        backend.all_reduce(torch.ones(4), group=handle)
+    again = backend.new_group([0, 1])  # the group can be made again, and runs on its kernels
+    x = torch.full((8,), float(rank + 1))
+    backend.all_reduce(x, ReduceOp.SUM, group=again)
+    seen["again"] = (backend.kernels_for(again) is not None, backend.last_selection.algo in KERNEL_ALGOS, x.tolist())
+    backend.destroy()
+    return seen
+
+
+def test_a_new_group_whose_set_up_fails_releases_what_it_made():
+    """Its process groups (the engine's and the Gloo side) and its workspace are released before the error is
+    raised, not kept until ``destroy()``; a later ``new_group`` of the same ranks works."""
+    for seen in run_ranks(_failed_new_group_worker, 2, env=INTERP, timeout=300):
+        assert seen["workspace closed"], seen
+        assert seen["process groups live"] == [False, False], seen
+        assert seen["reason"].startswith("not a member of this group, or the group was not made"), seen
+        assert seen["again"] == (True, True, [3.0] * 8), seen

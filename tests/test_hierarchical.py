@@ -211,6 +211,74 @@ def test_a_node_without_kernels_keeps_every_member_on_the_flat_engine():
         assert (ok, algo, same, no_world_kernels) == (True, "gloo", True, True)
 
 
+def _failed_spanning_group_worker(rank, world_size, port):
+    """``new_group`` of a node-spanning group whose hierarchical plan fails once its node-local groups (with their
+    workspaces) and cross groups are made (a stand-in failure): what it left, and the world's plan after it."""
+    import torch.distributed as dist
+
+    import sagellm_comm
+    from sagellm_comm.backends import custom
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              max_bytes=16384)  # fmt: skip
+    backend = world.backend
+    handles, workspaces = [], []
+    real_new_group, real_kernel_group = TorchDistributedBackend.new_group, custom.KernelGroup
+
+    def recorded_new_group(self, ranks):
+        handles.append(real_new_group(self, ranks))
+        return handles[-1]
+
+    class RecordedKernelGroup(real_kernel_group):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.kernels is not None:
+                workspaces.append(self.kernels.workspace)
+
+    def refused_plan(*args, **kwargs):
+        raise MemoryError("no memory for the plan")
+
+    def live(pg) -> bool:
+        try:
+            dist.get_backend(pg)
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    real_plan = custom.HierarchicalPlan
+    TorchDistributedBackend.new_group, custom.KernelGroup = recorded_new_group, RecordedKernelGroup
+    custom.HierarchicalPlan = refused_plan
+    try:
+        with pytest.raises(MemoryError, match="no memory for the plan"):
+            backend.new_group(range(world_size))
+    finally:
+        TorchDistributedBackend.new_group, custom.KernelGroup = real_new_group, real_kernel_group
+        custom.HierarchicalPlan = real_plan
+    try:
+        x = torch.full((64,), float(rank + 1))
+        world.all_reduce(x)  # the world's plan, made at init, is untouched
+        return {
+            "groups made": [list(h.ranks) for h in handles],
+            "live": [live(pg) for h in handles for pg in (h.engine_group, h.cpu_group) if pg is not None],
+            "workspaces closed": [ws.closed for ws in workspaces],
+            "world": (bool(torch.all(x == 10)), backend.last_selection.algo),
+        }
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_node_spanning_group_whose_plan_fails_releases_its_node_groups_and_workspaces():
+    """The node-local groups' workspaces (peer mappings) and every process group the failed ``new_group`` made are
+    released before its error is raised, not kept until ``destroy()``; the world's plan still runs."""
+    for seen in run_ranks(_failed_spanning_group_worker, 4, env=INTERP, timeout=300):
+        assert seen["groups made"] == [[0, 1, 2, 3], [0, 1], [2, 3], [0, 2], [1, 3]], seen
+        assert seen["live"] and not any(seen["live"]), seen
+        assert seen["workspaces closed"] == [True], seen  # this rank's node-local group's
+        assert seen["world"] == (True, "hierarchical"), seen
+
+
 def _check_mode_worker(rank, world_size, port, cases):
     import sagellm_comm
     from sagellm_comm.errors import CollectiveMismatchError

@@ -77,6 +77,7 @@ RESET_REASON = (
     "all_gather, reduce_scatter) use the new workspaces by themselves"
 )
 DESTROY_REASON = "its backend was destroyed; create and init a new backend"
+NEW_GROUP_FAILED_REASON = "the set-up of its group failed, and new_group released what it made; call new_group again"
 
 
 def custom_available() -> bool:
@@ -293,13 +294,31 @@ class CustomBackend(TorchDistributedBackend):
 
     def new_group(self, ranks):
         """As :meth:`TorchDistributedBackend.new_group`; the members then set up the group's kernels together
-        (every rank of the world calls this; only members take part in the set-up)."""
+        (every rank of the world calls this; only members take part in the set-up).  A set-up that fails releases
+        what it made before its error is raised: the group's process groups, and the workspaces (peer mappings
+        included) and process groups of the groups its hierarchical plan made."""
         handle = super().new_group(ranks)
-        if handle.is_member:
-            self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
-            self._group_roles[id(handle)] = f"group {list(handle.ranks)}"
-        self._plan_hierarchical(handle, handle.ranks)
+        try:
+            if handle.is_member:
+                self._group_kernels[id(handle)] = (handle, self._make_kernels(handle))
+                self._group_roles[id(handle)] = f"group {list(handle.ranks)}"
+            self._plan_hierarchical(handle, handle.ranks)
+        except BaseException:  # the set-up's own error is the one to report: a failed release is logged
+            what = f"sagellm-comm new_group({list(handle.ranks)}): releasing what its failed set-up made"
+            undo_after_failure([partial(self._release_since, handle)], log, what)
+            raise
         return handle
+
+    def _release_since(self, first: Any) -> None:
+        """Release ``first`` and every group made after it: their kernels (workspaces, peer mappings), their
+        hierarchical plans, then their process groups; every step runs whatever another raised."""
+        made = self._groups_since(first)
+        keys = {id(handle) for handle in made}
+        kernels = [self._group_kernels.pop(key)[1] for key in list(self._group_kernels) if key in keys]
+        for key in keys:
+            self._group_roles.pop(key, None)
+            self._hierarchical.pop(key, None)
+        run_every([*(partial(k.close, NEW_GROUP_FAILED_REASON) for k in kernels), partial(self._release_groups, made)])
 
     def _plan_hierarchical(self, handle: Any, members: tuple[int, ...]) -> None:
         """Every rank of the world: for a group spanning nodes, make its node-local groups (with kernels) and

@@ -323,6 +323,23 @@ class TorchDistributedBackend(CommBackend):
         self._groups.append(handle)
         return handle
 
+    def _groups_since(self, first: GroupHandle) -> list[GroupHandle]:
+        """``first`` and every group this backend made after it, in the order they were made."""
+        index = next(i for i, handle in enumerate(self._groups) if handle is first)
+        return self._groups[index:]
+
+    def _release_groups(self, handles: Sequence[GroupHandle]) -> None:
+        """Destroy the process groups of ``handles`` (latest first) and forget them: a call on one then raises
+        ``GroupNotFoundError``.  For a sub-group whose set-up failed after torch made it; every release runs
+        whatever another raised, and the first error is raised then."""
+        released = {id(handle) for handle in handles}
+        self._groups[:] = [handle for handle in self._groups if id(handle) not in released]
+        releases = []
+        for handle in reversed(handles):
+            for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
+                releases.append(functools.partial(_destroy_if_live, pg))
+        run_every(releases)
+
     def _check_same_members(self, members: tuple[int, ...]) -> None:
         """Every rank of the world asked for the same group, before torch makes one.
 
