@@ -1206,14 +1206,29 @@ def test_virtual_fused_takes_a_fusion_policy_as_the_custom_backend_does(monkeypa
     assert made == {}
 
 
-def test_virtual_fused_follows_the_groups_all_reduce_policy(monkeypatch):
+def test_virtual_fused_follows_the_groups_all_reduce_policy_as_it_is_at_each_call(monkeypatch):
     """A fusion rule ``all_reduce_policy`` runs the fused form of the kernel the all-reduce's policy picks: on virtual
-    ranks, the group's (``VirtualRankGroup(selector=...)``), which its unfused chain and plain all-reduces run by."""
-    from sagellm_comm.fused import VirtualFused
+    ranks, the group's (``VirtualRankGroup(selector=...)``), which its unfused chain and plain all-reduces run by,
+    and a selector set later on the ranks' all-reduces (which ``group.select`` reads) from the next call (decisions
+    only, on stand-ins: no kernel runs)."""
+    from sagellm_comm.config import CommConfig
+    from sagellm_comm.fused import FusedAllReduceRMSNorm, VirtualFused
+    from sagellm_comm.fused import virtual as virtual_module
+    from sagellm_comm.selector import AlgoSelector, Rule
 
-    group, made = _virtual_fused_stand_ins(monkeypatch)
-    VirtualFused(group)
-    assert made["selector"] is group.ranks[0].selector
+    group, _ = _virtual_fused_stand_ins(monkeypatch)
+    monkeypatch.setattr(virtual_module, "FusedAllReduceRMSNorm", FusedAllReduceRMSNorm)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the op over a CPU stand-in of rank 0's workspace
+    workspaces = [types.SimpleNamespace(device=torch.device("cpu"), max_programs=8, world_size=2, slot_bytes=1 << 20,
+                                        lamport_capacity=1 << 16, config=CommConfig()) for _ in range(2)]  # fmt: skip
+    group.workspaces = workspaces
+    for car, workspace in zip(group.ranks, workspaces, strict=True):
+        car.workspace = workspace
+    fused = VirtualFused(group)
+    assert fused.rmsnorm.select(2 * 4 * 256, None, 4, 256).rule_id == "all-two-shot"
+    for car in group.ranks:
+        car.selector = AlgoSelector([Rule("all-one-shot", "one_shot")])
+    assert fused.rmsnorm.select(2 * 4 * 256, None, 4, 256).rule_id == "all-one-shot"
 
 
 @pytest.mark.parametrize("owner", ["VirtualFused", "VirtualRankGroup"])

@@ -38,7 +38,8 @@ class VirtualFused:
     Args:
         group: the virtual ranks (their all-reduce workspaces carry the AR + RMSNorm kernel); its ``timeout_s``
             bounds every device-side wait of the fused kernels too, and a fusion rule ``all_reduce_policy`` follows
-            its all-reduce policy (``VirtualRankGroup(selector=...)``).
+            its all-reduce policy (``VirtualRankGroup(selector=...)``) as it is at each call: a selector set later
+            on its ranks' all-reduces (``car.selector = ...``, which ``group.select`` reads) is followed.
         gemm_max_output_bytes: per-rank capacity of the fused GEMM's tile buffer (a dedicated workspace).
         consumer_programs: programs per rank of the fused GEMM's reduction (default: SMs / (4 * ranks)).
         fusion_policy: the fusion rules of :meth:`all_reduce_residual_rmsnorm`, as the custom backend's
@@ -60,8 +61,8 @@ class VirtualFused:
         self.group = group
         self.world_size = w = group.world_size
         self.device = group.device
-        self.rmsnorm = FusedAllReduceRMSNorm(  # a rule following the all-reduce policy follows the group's
-            group.workspaces[0], selector=group.ranks[0].selector, max_programs=group.max_programs,
+        self.rmsnorm = FusedAllReduceRMSNorm(  # a rule following the all-reduce policy follows the group's, as it is
+            group.workspaces[0], all_reduce=group.ranks[0], max_programs=group.max_programs,  # at each call
             timeout_s=group.timeout_s, policy=fusion_policy,
         )  # fmt: skip
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
