@@ -600,6 +600,37 @@ def test_a_refused_first_gemm_call_makes_no_gemm_workspace():
     assert run_ranks(_first_gemm_refused_worker, 2, env=INTERP, timeout=300) == [False, False]
 
 
+def _consumer_programs_worker(rank, world_size, port):
+    import sagellm_comm
+    import sagellm_comm.fused.group as fused_group
+    from sagellm_comm.fused import gemm_all_reduce, group_gemm, last_selection
+
+    real = fused_group.GemmAllReduce
+    if rank == 1:  # a rank with fewer SMs (a smaller GPU, an MPS share) proposes fewer consumer programs
+
+        def fewer(*args, **kwargs):
+            return real(*args, **{**kwargs, "consumer_programs": 1})
+
+        fused_group.GemmAllReduce = fewer
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, max_bytes=16384)
+    try:
+        rows = torch.arange(64).remainder(5).view(64, 1).float()
+        a, b = (rows + rank).expand(64, 16).to(torch.bfloat16), torch.ones(16, 32, dtype=torch.bfloat16)
+        out = gemm_all_reduce(a, b, group=world, path="fused")  # 8 tiles of 16 x 16, owned by turns
+        assert last_selection(world).algo == "fused", last_selection(world)
+        assert torch.equal(out, (16 * (2 * rows + 1)).expand(64, 32).to(torch.bfloat16)), out
+        return group_gemm(world).consumer_programs
+    finally:
+        fused_group.GemmAllReduce = real
+        sagellm_comm.destroy()
+
+
+def test_the_members_of_a_group_launch_the_fused_gemms_smallest_consumer_count():
+    """Which rank reduces a tile of the fused path follows from the consumer kernel's program count: members that
+    proposed other counts (a quarter of their own SMs) launch the smallest, and every tile is reduced once."""
+    assert run_ranks(_consumer_programs_worker, 2, env=INTERP, timeout=300) == [1, 1]
+
+
 def _gemm_set_up_fails_worker(rank, world_size, port):
     import sagellm_comm
     import sagellm_comm.fused.group as fused_group

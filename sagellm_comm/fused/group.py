@@ -188,6 +188,11 @@ def gemm_all_reduce(
                     ws, car, selector=getattr(backend, "gemm_policy", None),  # compared at the group's set-up
                     timeout_s=car.timeout_s, consumer_programs=2 if ws.device.type == "cpu" else None,
                 )  # fmt: skip
+                # The fused path's tile owners follow from the consumer's program count, by default a quarter of
+                # the SMs each rank's device reports (GPU models differ): the members launch the smallest
+                # proposed, as a workspace's launches do.
+                what = "the fused GEMM + all-reduce's consumer programs"
+                gemm.consumer_programs = min(backend.exchange(gemm.consumer_programs, g.handle, what))
             except BaseException:  # not kept until the group's kernels go, nor one more with every retry
                 undo_after_failure([ws.close], log, "closing the fused GEMM's workspace after its set-up failed")
                 raise
