@@ -592,3 +592,26 @@ def test_a_new_group_whose_set_up_fails_releases_what_it_made():
         assert seen["process groups live"] == [False, False], seen
         assert seen["reason"].startswith("not a member of this group, or the group was not made"), seen
         assert seen["again"] == (True, True, [3.0] * 8), seen
+
+
+def _peer_access_worker(rank, world_size, port):
+    """Rank 1's driver alone says the members' GPUs cannot reach each other (a stand-in for the CUDA query)."""
+    from sagellm_comm.backends import custom_setup
+
+    if rank == 1:
+        custom_setup.KernelGroup._peer_access = lambda self, facts: "GPU 0 cannot access GPU 1 (a stand-in)"
+    backend = _small_custom_backend(rank, world_size, port)
+    try:
+        x = torch.full((8,), float(rank + 1))
+        backend.all_reduce(x)
+        return backend.custom is None, backend.custom_reason, backend.last_selection.algo, x.tolist()
+    finally:
+        backend.destroy()
+
+
+def test_the_members_of_a_group_take_the_path_every_members_peer_access_allows():
+    """Peer access is asked of each rank's own driver: where one member's answer is no, every member runs the group
+    on the engine, the reason naming that rank (a member taking the kernels would wait in their set-up for it)."""
+    for no_kernels, reason, algo, values in run_ranks(_peer_access_worker, 2, env=INTERP, timeout=300):
+        assert no_kernels and reason == "rank 1: GPU 0 cannot access GPU 1 (a stand-in)", reason
+        assert (algo, values) == ("gloo", [3.0] * 8)

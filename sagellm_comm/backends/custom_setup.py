@@ -12,8 +12,9 @@ rules would run other kernels for one call, so a difference raises ``ConfigMisma
 
 1. 2..8 members, all on one node (node names gathered over the group: the host name, or
    ``SAGELLM_COMM_HOSTNAME`` where a test simulates nodes);
-2. CUDA: every pair of the members' GPUs reports peer access (members sharing one GPU need none), and CuPy
-   is installed for IPC handles;
+2. CUDA: every pair of the members' GPUs reports peer access (members sharing one GPU need none) as every
+   member's driver answers (the answers are exchanged: one member's no is every member's), and CuPy is
+   installed for IPC handles;
 3. a real self-test all-reduce through the opened peer mappings gives the exact expected sum on every
    member (``canAccessPeer`` has lied before).
 
@@ -112,6 +113,9 @@ class KernelGroup:
         where = f"the set-up of the group of ranks {list(self.ranks)}"
         check_agreement([f[4] for f in facts], self.ranks, where)
         reason = self._verdict(facts)
+        if reason is None:  # each rank's driver answers for itself: every member takes the path of all the answers
+            answers = self._exchange(self._peer_access(facts), "comparing each member's peer access")
+            reason = next((f"rank {self.ranks[r]}: {why}" for r, why in enumerate(answers) if why is not None), None)
         if reason is not None:  # the engine runs the group: no policy of this backend decides its calls
             return None, reason
         check_policies([f[5] for f in facts], self.ranks, where)
@@ -156,11 +160,20 @@ class KernelGroup:
         nodes = {h for h, *_ in facts}
         if len(nodes) > 1 and self.one_node:
             return f"ranks {list(self.ranks)} span {len(nodes)} nodes ({sorted(nodes)}); the kernels need one node"
+        return None
+
+    def _peer_access(self, facts: list[tuple]) -> str | None:
+        """Why the members' GPUs cannot reach each other as this rank's driver answers, or None.  A query that fails
+        (a device this process does not see) is an answer too, not an error on this rank alone."""
         if self.device.type == "cuda":
             devices = sorted({d for _, d, *_ in facts})
             for a in devices:
                 for b in devices:
-                    if a != b and not torch.cuda.can_device_access_peer(a, b):
+                    try:
+                        ok = a == b or torch.cuda.can_device_access_peer(a, b)
+                    except (AssertionError, RuntimeError) as exc:
+                        return f"asking whether GPU {a} can access GPU {b} failed: {exc}"
+                    if not ok:
                         return f"GPU {a} cannot access GPU {b} (no peer access): PCIe without P2P?"
         return None
 
