@@ -453,6 +453,39 @@ def test_helpers_of_failed_rendezvous_are_kept_only_while_they_run(monkeypatch):
     assert rendezvous._left_behind() == [] and rendezvous._LEFT_BEHIND == []
 
 
+def test_the_exit_ends_a_helper_whose_handshake_is_retried_after_the_deadline(monkeypatch):
+    """torch retries a failed handshake after a back-off sleep until its own timeout, which may run out after the
+    rank's deadline: a helper asleep when its attempt was given up connects again and blocks in a new handshake.
+    The exit ends it too (one whose torch call returns while the interpreter finalises aborts the process:
+    "terminate called without an active exception")."""
+    from sagellm_comm.backends.torch_distributed import rendezvous
+
+    def store_that_retries(host, port, world_size, is_master, timeout):  # torch's connect/validate loop, in short
+        deadline = time.monotonic() + timeout.total_seconds()
+        first = True
+        while True:
+            with socket.create_connection((host, port)) as conn:
+                if not first:  # the first handshake fails at once; the next waits for an answer
+                    conn.recv(1)
+            first = False
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out")
+            time.sleep(0.3)  # the back-off: the attempt is given up meanwhile
+
+    monkeypatch.setattr(rendezvous.dist, "TCPStore", store_that_retries)
+    monkeypatch.setattr(rendezvous, "_ATTEMPT_SLACK_S", 0.05)
+    monkeypatch.setattr(rendezvous, "_LEFT_BEHIND", [])
+    silent = _Listener("silent")
+    try:
+        store, _error, stuck = rendezvous._join_once("127.0.0.1", silent.port, 0.1)
+        assert store is None and stuck
+        helper = rendezvous._LEFT_BEHIND[-1][0]
+        rendezvous._end_left_behind()
+        assert not helper.is_alive(), "a helper still runs as the interpreter finalises"
+    finally:
+        silent.close()  # ends a helper left blocked in its handshake
+
+
 def test_init_keeps_its_deadline_whatever_sits_on_the_port():
     """A listener that accepts and never answers held init past any timeout; a half-open or closing one, or one
     answering garbage, took twice the timeout; a stale store handed out a dead world's addresses.  Every rank

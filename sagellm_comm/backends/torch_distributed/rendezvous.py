@@ -260,11 +260,10 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
 
     torch bounds an attempt's connection retries by the attempt's timeout but not its handshake: a peer that
     accepts and never answers blocks it for good.  So each attempt is short, and when ``remaining`` runs out
-    first the attempt's own connections (this process's sockets to ``port`` opened during the attempt) are
-    shut down, which ends torch's wait with an error and the helper with it.  No helper may be left to
-    return into Python while the interpreter shuts down (that aborts the process): one still alive is
-    ``stuck``, its sockets are shut down again at exit and it is joined, bounded, before the interpreter
-    finalises."""
+    first the attempt is ended (:func:`_end_attempt`).  No helper may be left to return into Python while the
+    interpreter finalises: torch's call returns with the GIL released, taking it back then ends the thread
+    inside a C++ destructor, and the process aborts ("terminate called without an active exception").  One
+    still alive is ``stuck``, and is ended the same way, for longer, before the interpreter finalises."""
     outcome: dict[str, Any] = {}
     attempt = max(0.1, min(_ATTEMPT_S, remaining))
 
@@ -280,8 +279,7 @@ def _join_once(addr: str, port: int, remaining: float) -> tuple[Any, BaseExcepti
     helper.join(remaining)
     abandoned = helper.is_alive()
     if abandoned:  # the deadline came first: end the attempt
-        _shut_down(_sockets_to(port) - before)
-        helper.join(_ATTEMPT_SLACK_S)
+        _end_attempt(helper, port, before, _ATTEMPT_SLACK_S)
     if helper.is_alive():
         _left_behind((helper, port, before))
     # a client made after its sockets were shut down is not usable
@@ -325,6 +323,28 @@ def _cut_at(address: tuple[str, int] | None, cut: float, step: str, timeout: flo
             "down).  Check that process and the network to it, or pass a larger timeout=",
             details={"op": step, "address": where, "timeout_s": timeout},
         ) from failure
+
+
+#: how often an attempt being ended has its new sockets shut down, seconds
+_SHUT_DOWN_EVERY_S = 0.01
+#: how long the exit waits for a helper still running, seconds: far past what one needs once its tries fail at
+#: once (torch's longest back-off sleep within an attempt of ``_ATTEMPT_S`` is under 2 s)
+_EXIT_WAIT_S = 10.0
+
+
+def _end_attempt(helper: threading.Thread, port: int, before: frozenset, wait_s: float) -> None:
+    """End the join attempt running in ``helper``: until it ends, or ``wait_s`` seconds have passed, shut down
+    this process's sockets to ``port`` other than ``before`` (those that predate the attempt), again and again.
+
+    A blocked handshake then fails, but torch retries a failed handshake after a back-off sleep (up to its own
+    timeout, which may run out a little after the rank's deadline): a single shutdown misses the connection of
+    such a retry, which blocks again, and its end may come while the interpreter finalises.  Shut down as they
+    appear, every try fails at once, and the helper ends within one back-off once torch's timeout has passed.
+    """
+    end = time.monotonic() + wait_s
+    while helper.is_alive() and (left := end - time.monotonic()) > 0:
+        _shut_down(_sockets_to(port) - before)
+        helper.join(min(_SHUT_DOWN_EVERY_S, left))
 
 
 #: helpers that outlived their attempt: (thread, port, the sockets to ``port`` that predate it)
@@ -377,10 +397,9 @@ def _shut_down(sockets: frozenset) -> None:
 
 @atexit.register
 def _end_left_behind() -> None:
+    """At exit, before the interpreter finalises: end every helper still running (:func:`_end_attempt`)."""
     for helper, port, before in _left_behind():
-        if helper.is_alive():
-            _shut_down(_sockets_to(port) - before)
-            helper.join(_ATTEMPT_S + _ATTEMPT_SLACK_S)
+        _end_attempt(helper, port, before, _EXIT_WAIT_S)
 
 
 def _agent_store_at(addr: str, port: int) -> bool:
