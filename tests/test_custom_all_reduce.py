@@ -659,6 +659,75 @@ def test_lamport_nan_inputs_with_the_sentinel_bit_pattern_arrive():
             assert first == last == 3.0, f"{dtype_name}: other elements must be summed (got {first}, {last})"
 
 
+# NaN bit patterns per dtype: quiet and signalling, either sign, a payload, and all ones (the Lamport sentinel)
+NAN_BITS = {
+    torch.float32: (torch.int32, [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FC12345, 0xFFFFFFFF]),
+    torch.bfloat16: (torch.int16, [0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7FD3, 0xFFFF]),
+    torch.float16: (torch.int16, [0x7E00, 0xFE00, 0x7C01, 0xFC01, 0x7E55, 0xFFFF]),
+}
+
+
+def _signed(bits: int, width: int) -> int:
+    return bits - (1 << width) if bits >= 1 << (width - 1) else bits
+
+
+def _nan_inputs(rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per NaN pattern ``p`` three elements: ``p`` on rank 0 only, on rank 1 only, and ``p`` on rank 0 with the
+    first pattern of the opposite sign on rank 1; then one finite element.  Rank ``r``'s other elements are
+    ``r + 1``."""
+    bits_dtype, patterns = NAN_BITS[dtype]
+    width = torch.iinfo(bits_dtype).bits
+    x = torch.full((3 * len(patterns) + 1,), float(rank + 1), dtype=dtype)
+    view = x.view(bits_dtype)
+    for i, pattern in enumerate(patterns):
+        other = patterns[1] if pattern >> (width - 1) == 0 else patterns[0]
+        mine = {0: (pattern, None, pattern), 1: (None, pattern, other)}[rank]
+        for j, bits in enumerate(mine):
+            if bits is not None:
+                view[3 * i + j] = _signed(bits, width)
+    return x
+
+
+def _nan_bits_worker(rank, world_size, port):
+    car, _ = _setup(rank, world_size, port, timeout_s=20.0)
+    results = {}
+    for dtype, (bits_dtype, _patterns) in NAN_BITS.items():
+        mask = (1 << torch.iinfo(bits_dtype).bits) - 1
+        for algo in ("one_shot", "two_shot", "lamport"):
+            x = _nan_inputs(rank, dtype)
+            car.all_reduce(x, algo=algo)
+            car.check_errors()
+            results[(str(dtype), algo)] = [b & mask for b in x.view(bits_dtype).tolist()]
+    car.close()
+    return results
+
+
+def test_nan_bits_agree_across_ranks_and_algorithms():
+    """A NaN in any rank's input gives a NaN, the same bits on every rank, with every algorithm.  Under the
+    interpreter the adds keep the first NaN operand's sign and payload (quieted), as torch's fp32 adds on the CPU
+    do, and Lamport carries every NaN bit for bit as one-shot and two-shot read it, except an all-ones element:
+    its sentinel, which arrives with the lowest bit cleared (docs/protocol.md)."""
+    per_rank = run_ranks(_nan_bits_worker, 2, env=INTERP, timeout=300)
+    assert per_rank[0] == per_rank[1], "ranks disagree"
+    for dtype, (bits_dtype, patterns) in NAN_BITS.items():
+        got = {algo: per_rank[0][(str(dtype), algo)] for algo in ("one_shot", "two_shot", "lamport")}
+        one_shot = got["one_shot"]
+        width = torch.iinfo(bits_dtype).bits
+        as_float = torch.tensor([_signed(b, width) for b in one_shot], dtype=bits_dtype).view(dtype).float()
+        assert bool(torch.all(torch.isnan(as_float[:-1]))) and as_float[-1].item() == 3.0, (dtype, one_shot)
+        assert got["two_shot"] == one_shot, (dtype, got)
+        sentinel = patterns[-1]
+        expected_lamport = [b - 1 if b == sentinel else b for b in one_shot]
+        assert got["lamport"] == expected_lamport, (dtype, [hex(b) for b in got["lamport"]], [hex(b) for b in one_shot])
+        if dtype == torch.float32:  # torch's own sum on this CPU, where one rank holds a NaN (where both do, its
+            # vectorised add may return either operand's)
+            reference = [
+                b & 0xFFFFFFFF for b in (_nan_inputs(0, dtype) + _nan_inputs(1, dtype)).view(torch.int32).tolist()
+            ]
+            one_nan = [k for k in range(len(one_shot)) if k % 3 != 2]
+            assert [one_shot[k] for k in one_nan] == [reference[k] for k in one_nan]
+
+
 def test_two_shot_chunks_are_aligned_and_cover_the_message():
     from sagellm_comm.kernels.all_reduce import CHUNK_ALIGN, two_shot_chunk
 

@@ -21,11 +21,12 @@ of programs (the launcher always launches its ``max_programs``).
 
 Invariants:
 
-1. *Sentinel.*  A cleared element is all one bits (0xFFFF for bf16/fp16, 0xFFFFFFFF for fp32): a NaN
-   payload no arithmetic produces.  Writers canonicalise every NaN to the dtype's quiet NaN before pushing,
-   so real data never equals the sentinel.  Reads are volatile (no stale L1 copy), and each element is
-   written by one naturally aligned store (single-copy atomic), so an element is either the sentinel or
-   the whole value.
+1. *Sentinel.*  A cleared element is all one bits (0xFFFF for bf16/fp16, 0xFFFFFFFF for fp32), a NaN.  A
+   writer clears the lowest bit of an input element with that pattern before pushing it (a NaN of the same
+   sign still), so real data never equals the sentinel; every other element, NaN payloads included, travels
+   bit for bit, and the sum sees what one-shot's and two-shot's see.  Reads are volatile (no stale L1 copy),
+   and each element is written by one naturally aligned store (single-copy atomic), so an element is either
+   the sentinel or the whole value.
 2. *Rotation.*  Lamport call ``l`` uses buffer ``l % 3``.  At call ``l + 1`` each rank clears, in its own
    memory, what was pushed to it at call ``l``.  A peer pushes into that buffer again only at call
    ``l + 3``, after it has consumed this rank's pushes of call ``l + 2``, which this rank issued in a kernel
@@ -156,9 +157,11 @@ def _clear_previous(
 def _push_tile(v, bases, peers, slot_in_peer, offs, mask, W: tl.constexpr, DTYPE: tl.constexpr):
     """Store tile ``v`` (``DTYPE``, this rank's input at ``offs``) at ``slot_in_peer`` (bytes) of every rank's region.
 
-    Every NaN becomes the dtype's canonical NaN first, so real data never equals the sentinel (invariant 1)."""
-    v_f32 = v.to(tl.float32)  # NaN test in fp32: the interpreter compares 16-bit floats as raw bits
-    v = tl.where(v_f32 != v_f32, float("nan"), v)
+    An element whose bits are the sentinel's has its lowest bit cleared first (a NaN of the same sign), so real
+    data never equals the sentinel; every other element is stored bit for bit (invariant 1)."""
+    BITS: tl.constexpr = tl.int32 if DTYPE.primitive_bitwidth == 32 else tl.int16
+    bits = v.to(BITS, bitcast=True)
+    v = (bits - (bits == -1).to(BITS)).to(DTYPE, bitcast=True)
     for p in tl.static_range(W):
         dst = _ptr(_pick(bases, peers, p) + slot_in_peer, DTYPE)
         tl.store(dst + offs, v, mask=mask)
