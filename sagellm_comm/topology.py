@@ -16,7 +16,9 @@ Link labels follow ``nvidia-smi topo -m``: ``X`` (self), ``NV<n>`` (n NVLinks, d
 NVSwitch), ``PIX`` (one PCIe switch), ``PXB`` (several PCIe switches), ``PHB`` (PCIe host bridge),
 ``NODE`` (host bridges in one NUMA node), ``SYS`` (across NUMA nodes), ``none`` (no path known),
 ``unknown`` (torch.cuda source: the path is not reported).  Peer access is what the driver *claims*;
-a real peer copy test decides before kernels rely on it.
+a real peer copy test decides before kernels rely on it.  :func:`nvml_peer_access` asks NVML about two GPUs
+named by UUID, which it answers whatever this process's ``CUDA_VISIBLE_DEVICES`` (the custom kernels' set-up
+asks it about a member's GPU that this process does not see).
 
 With a ``group`` (a :class:`~sagellm_comm.group.CommGroup` or an initialised
 :class:`~sagellm_comm.backend.CommBackend`), every rank's hostname is gathered over the backend's
@@ -446,6 +448,35 @@ def _p2p_ok(pynvml: Any, a: Any, b: Any, caps: int) -> bool:
         return pynvml.nvmlDeviceGetP2PStatus(a, b, caps) == pynvml.NVML_P2P_STATUS_OK
     except Exception:
         return False
+
+
+def nvml_peer_access(accessor: str, target: str) -> bool | None:
+    """Whether NVML reports that GPU ``accessor`` can read and write GPU ``target``'s memory (``nvmlDeviceGetP2PStatus``
+    for reads and for writes), or None where NVML cannot answer (no library or driver, a UUID it does not know).
+
+    Both GPUs are named by UUID (``GPU-...`` as NVML and ``nvidia-smi -L`` write it, or without the prefix as
+    ``torch.cuda.get_device_properties(i).uuid`` does).  NVML sees every GPU of the node whatever this process's
+    ``CUDA_VISIBLE_DEVICES``: it answers for a GPU that the CUDA driver of this process cannot be asked about."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        a, b = (pynvml.nvmlDeviceGetHandleByUUID(_nvml_uuid(uuid)) for uuid in (accessor, target))
+        caps = (pynvml.NVML_P2P_CAPS_INDEX_READ, pynvml.NVML_P2P_CAPS_INDEX_WRITE)
+        return all(pynvml.nvmlDeviceGetP2PStatus(a, b, cap) == pynvml.NVML_P2P_STATUS_OK for cap in caps)
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _nvml_uuid(uuid: str) -> str:
+    """``uuid`` as NVML spells a GPU's: with its ``GPU-`` (or a MIG instance's ``MIG-``) prefix."""
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 def _pcie_level(pynvml: Any, a: Any, b: Any) -> str:

@@ -11,7 +11,7 @@ import pytest
 from conftest import HAS_CUDA, run_ranks
 
 from sagellm_comm import CommBackend, InvalidArgumentError, Topology, UnavailableError
-from sagellm_comm.topology import ENV_VAR
+from sagellm_comm.topology import ENV_VAR, nvml_peer_access
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +153,27 @@ def test_nvml_source_checks_each_pair_instead_of_assuming_nvlink(monkeypatch: py
     assert topo.peer_access[2][3] and not topo.peer_access[0][2]
     assert topo.all_pairs_p2p([0, 1], nvlink_only=True) and not topo.all_pairs_p2p([2, 3], nvlink_only=True)
     assert topo.all_pairs_p2p([2, 3]) and not topo.all_pairs_p2p()
+
+
+def test_nvml_answers_peer_access_between_two_gpus_named_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads and writes both, the UUIDs as NVML or as torch writes them; None where NVML cannot answer."""
+    nv = _fake_pynvml()
+    status = nv.nvmlDeviceGetP2PStatus
+    nv.NVML_P2P_CAPS_INDEX_WRITE = 1
+    nv.nvmlDeviceGetP2PStatus = lambda a, b, caps: status(a, b, 0) if caps in (0, 1) else status(a, b, caps)
+    nv.nvmlDeviceGetHandleByUUID = lambda uuid: {f"GPU-{i}": i for i in range(4)}[uuid]  # KeyError: not found
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    assert nvml_peer_access("GPU-2", "3") and nvml_peer_access("0", "GPU-1")
+    assert nvml_peer_access("0", "2") is False and nvml_peer_access("GPU-1", "GPU-3") is False
+    assert nvml_peer_access("0", "GPU-9") is None
+    nv.nvmlDeviceGetP2PStatus = lambda a, b, caps: 0 if caps == 0 else 5  # reads only
+    assert nvml_peer_access("0", "1") is False
+
+    def no_library() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    nv.nvmlInit = no_library
+    assert nvml_peer_access("0", "1") is None
 
 
 def _hostnames(rank: int, world_size: int, port: int) -> dict:
