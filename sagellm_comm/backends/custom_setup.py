@@ -12,9 +12,12 @@ rules would run other kernels for one call, so a difference raises ``ConfigMisma
 
 1. 2..8 members, all on one node (node names gathered over the group: the host name, or
    ``SAGELLM_COMM_HOSTNAME`` where a test simulates nodes);
-2. CUDA: every pair of the members' GPUs reports peer access (members sharing one GPU need none) as every
-   member's driver answers (the answers are exchanged: one member's no is every member's), and CuPy is
-   installed for IPC handles;
+2. CUDA: every pair of the members' GPUs has peer access (members sharing one GPU, processes under MPS,
+   need none), and CuPy is installed for IPC handles.  GPUs are told apart by UUID, never by index: a
+   process's indices follow its ``CUDA_VISIBLE_DEVICES``, so with one GPU visible per process every
+   member's GPU is its ``cuda:0``.  Each member asks about its own GPU and every other member's
+   (:func:`peer_access_refusal`): its driver where it sees that GPU, else NVML, which sees every GPU of the
+   node; the answers are exchanged, and one member's no is every member's;
 3. a real self-test all-reduce through the opened peer mappings gives the exact expected sum on every
    member (``canAccessPeer`` has lied before).
 
@@ -27,7 +30,7 @@ world, ``group_max_bytes`` for sub-groups), released by :meth:`KernelGroup.close
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +43,8 @@ from ..fused.gemm_policy import GemmPathSelector
 from ..fused.rmsnorm_policy import FusionPolicy
 from ..kernels.all_reduce import MAX_WORLD
 from ..selector import KERNEL_ALGOS, AlgoSelector
-from ..workspace import SymmetricWorkspace, node_name, region_bytes
+from ..topology import nvml_peer_access
+from ..workspace import SymmetricWorkspace, device_identity, node_name, region_bytes
 
 
 class KernelGroup:
@@ -106,8 +110,9 @@ class KernelGroup:
     def _setup(self, slot_bytes, selector, timeout_s, fallback) -> tuple[CustomAllReduce | None, str]:
         local_ok, local_reason = self._local_checks()
         policies = policy_digests(selector, self.fusion_policy, self.gemm_policy)
+        gpu = device_identity(self.device)  # the GPU's UUID: each process's indices follow its CUDA_VISIBLE_DEVICES
         facts = self._exchange(
-            (node_name(self.config), self.device.index, local_ok, local_reason, self.config.agreement(), policies),
+            (node_name(self.config), gpu, local_ok, local_reason, self.config.agreement(), policies),
             "comparing the members' nodes, devices, settings and policies",
         )
         where = f"the set-up of the group of ranks {list(self.ranks)}"
@@ -163,19 +168,10 @@ class KernelGroup:
         return None
 
     def _peer_access(self, facts: list[tuple]) -> str | None:
-        """Why the members' GPUs cannot reach each other as this rank's driver answers, or None.  A query that fails
-        (a device this process does not see) is an answer too, not an error on this rank alone."""
-        if self.device.type == "cuda":
-            devices = sorted({d for _, d, *_ in facts})
-            for a in devices:
-                for b in devices:
-                    try:
-                        ok = a == b or torch.cuda.can_device_access_peer(a, b)
-                    except (AssertionError, RuntimeError) as exc:
-                        return f"asking whether GPU {a} can access GPU {b} failed: {exc}"
-                    if not ok:
-                        return f"GPU {a} cannot access GPU {b} (no peer access): PCIe without P2P?"
-        return None
+        """Why this rank's GPU cannot reach another member's (:func:`peer_access_refusal`), or None."""
+        if self.device.type != "cuda":
+            return None
+        return peer_access_refusal(self.device, [identity for _, identity, *_ in facts], self.ranks)
 
     def _self_test(self, car: CustomAllReduce) -> bool:
         numel = min(4099, car.workspace.slot_bytes // 4)  # odd, and fits any workspace
@@ -207,6 +203,62 @@ class KernelGroup:
                 self.kernels.close(reason)
             finally:
                 self.kernels = None
+
+
+def peer_access_refusal(device: torch.device, identities: Sequence[str], ranks: Sequence[int]) -> str | None:
+    """Why this rank's GPU cannot read and write every other member's GPU, as this process can learn, or None.
+
+    Args:
+        device: this rank's CUDA device.
+        identities: every member's GPU by :func:`~sagellm_comm.workspace.device_identity` (its UUID), in group-rank
+            order.
+        ranks: the members' global ranks, in the same order (for messages).
+
+    A member on this rank's GPU (processes sharing one GPU, MPS) needs no peer access.  Another member's GPU that
+    this process sees (its UUID is one of this process's devices') is asked of the driver, both GPUs by this
+    process's indices (``can_device_access_peer``); one that this process does not see (the members run with other
+    ``CUDA_VISIBLE_DEVICES``) is asked of NVML, by the two GPUs' UUIDs
+    (:func:`~sagellm_comm.topology.nvml_peer_access`), and where NVML cannot answer either, the kernels are refused.
+    A query that fails is an answer too, not an error on this rank alone.  Each member asks about its own GPU:
+    together, the members' answers cover every pair.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:  # this process's devices by UUID
+        mine = device_identity(torch.device("cuda", index))
+        seen = {device_identity(torch.device("cuda", i)): i for i in range(torch.cuda.device_count())}
+    except (AssertionError, RuntimeError) as exc:
+        return f"listing the GPUs this process sees failed: {exc}"
+    me = f"{_gpu_name(mine)} (cuda:{index} here)"
+    asked = {mine}
+    for rank, theirs in zip(ranks, identities, strict=True):
+        if theirs in asked:
+            continue
+        asked.add(theirs)
+        there = seen.get(theirs)
+        if there is not None:
+            them = f"rank {rank}'s {_gpu_name(theirs)} (cuda:{there} here)"
+            try:
+                ok = torch.cuda.can_device_access_peer(index, there)
+            except (AssertionError, RuntimeError) as exc:
+                return f"asking whether {me} can access {them} failed: {exc}"
+            if not ok:
+                return f"{me} cannot access {them}: no peer access, as the driver reports (PCIe without P2P?)"
+            continue
+        them = f"rank {rank}'s {_gpu_name(theirs)}, which this process does not see (CUDA_VISIBLE_DEVICES)"
+        ok = nvml_peer_access(mine, theirs)
+        if ok is None:
+            return (
+                f"cannot tell whether {me} can access {them}: NVML cannot answer for the two GPUs; make every "
+                "member's GPU visible to every member (CUDA_VISIBLE_DEVICES) so that the driver answers"
+            )
+        if not ok:
+            return f"{me} cannot access {them}: no peer access, as NVML reports (PCIe without P2P?)"
+    return None
+
+
+def _gpu_name(identity: str) -> str:
+    """A GPU's :func:`~sagellm_comm.workspace.device_identity` as ``nvidia-smi -L`` writes its UUID."""
+    return identity if identity.startswith(("GPU-", "MIG-", "cuda")) else f"GPU-{identity}"
 
 
 # What the members of a group compare besides the agreed configuration: the rules that pick each call's kernel.
