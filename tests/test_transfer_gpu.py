@@ -391,6 +391,35 @@ def test_an_in_process_peers_forged_region_address_on_the_gpu_is_refused_and_not
         b.close()
 
 
+def test_an_in_process_peer_closing_while_its_probe_is_read_on_the_gpu_frees_it_after_the_read():
+    """Agent c closes in another thread while a's add_peer reads c's probe (device memory that nothing but c holds):
+    c's close, which frees the probe, waits until the read is done, and the read finds c's token."""
+    import threading
+
+    from sagellm_comm.transfer import TransferAgent
+
+    a, c = TransferAgent("probe-a", backend="ipc"), TransferAgent("probe-c", backend="ipc")
+    try:
+        closing, seen = threading.Thread(target=c.close), []
+        ipc_a = a._backends["ipc"]
+        probe = ipc_a._probe
+
+        def reading(link, token):
+            closing.start()
+            closing.join(0.5)
+            seen.append(closing.is_alive())
+            probe(link, token)  # raises unless c's token was read
+            seen.append("read")
+
+        ipc_a._probe = reading
+        a.add_peer(c.metadata())
+        closing.join(30.0)
+        assert seen == [True, "read"] and not closing.is_alive(), seen
+    finally:
+        a.close()
+        c.close()
+
+
 def _inflated_worker(rank, world_size, port):
     """Rank 1 publishes its metadata with its region (and the allocation it names) claimed 1 GB larger than the
     CUDA allocation behind it; rank 0 must refuse it from the mapping's own size, then take the true metadata."""

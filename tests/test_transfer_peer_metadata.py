@@ -150,6 +150,47 @@ def test_an_in_process_peer_keeps_the_regions_it_was_added_with_alive():
     """)
 
 
+@pytest.mark.parametrize("when", ["taking", "reading"])
+def test_an_in_process_peer_that_closes_while_its_probe_is_taken_or_read_closes_after_the_read(when):
+    """Agent c (no region: its probe is all that is taken from it) closes in another thread while a's add_peer,
+    having found it live, takes its probe (``taking``) or reads it through the mapping (``reading``): c's close waits
+    until a read the probe.  Before, it went on and released the probe (on a GPU: freed it) under a's read."""
+    _child(
+        """
+        import threading
+        from sagellm_comm.transfer import ipc
+
+        c = TransferAgent("c", "ipc", timeout=5.0)
+        closing, seen = threading.Thread(target=c.close), []
+        same, probe = ipc._same, a._backends["ipc"]._probe
+
+        def close_meanwhile():
+            seen.append("c closing")
+            closing.start()
+            closing.join(0.5)
+
+        def taking(peer, what, given, registered):
+            if WHEN == "taking" and what.endswith("'probe'") and not seen:
+                close_meanwhile()
+            return same(peer, what, given, registered)
+
+        def reading(link, token):
+            if WHEN == "reading":
+                close_meanwhile()
+            seen.append("c closed before the read" if not closing.is_alive() else "c still open at the read")
+            probe(link, token)
+            seen.append("read")
+
+        ipc._same, a._backends["ipc"]._probe = taking, reading
+        a.add_peer(c.metadata())
+        closing.join(10.0)
+        assert seen == ["c closing", "c still open at the read", "read"], seen
+        assert not closing.is_alive(), "c's close did not end once the probe was read"
+        assert c._backends["ipc"].key not in ipc._LIVE
+        """.replace("WHEN", repr(when))
+    )
+
+
 def test_a_peer_in_another_process_gets_mappings_of_its_files_whatever_addresses_its_bytes_give():
     """For a peer of another process (here: this one's metadata under another process id) the addresses in the
     bytes are never used: its files are mapped, checked to hold its regions, and the regions found there."""

@@ -24,14 +24,17 @@ whose peer died before the completion was observed fails with ``PeerLostError``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import secrets
+import threading
 import time
 import weakref
 from abc import abstractmethod
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,6 +229,8 @@ class IpcBackend(TransferBackend):
         self.unreleased: list[IpcLink] = []
         self.copier: ResidentCopier | None = None
         self._closed = False
+        # Held by another agent of this process while it reads this agent's memory (lend_to), and by close().
+        self.lending = threading.RLock()
         self.key = secrets.token_hex(KEY_BYTES)
         _LIVE[self.key] = self
 
@@ -415,12 +420,15 @@ class IpcBackend(TransferBackend):
             ),
             None,
         )  # fmt: skip
+        # A peer in this process: its close waits until its probe was read (and, on a failure, until the test copy
+        # was waited for again by the release), so the probe cannot be freed under the copy.
+        borrowed = contextlib.ExitStack()
         try:
             if peer.same_process(me):  # one address space: the regions its live agent registered, held
                 live = _LIVE.get(blob["key"]) if blob["key"] else None
                 if live is None:
                     raise _no_live_agent(peer, blob["key"])
-                link.addresses, link.held = live.memory_for(peer, blob)
+                link.addresses, link.held = borrowed.enter_context(live.lend_to(peer, blob))
             else:
                 for name, export in {**blob["regions"], "\0probe": blob["probe"]}.items():
                     link.addresses[name] = self._open(link.maps, export, peer, name)
@@ -452,6 +460,8 @@ class IpcBackend(TransferBackend):
                 raise  # InvalidArgumentError: a path of the metadata that is not a transfer file
             # Anything else (a failed mapping, malformed metadata: a missing key, a token that is not hex...).
             raise BackendNotSupportedError(f"cannot map peer {peer.name!r}'s memory: {exc!r}") from None
+        finally:
+            borrowed.close()
         if old is not None:
             old.owns_channel, link.owns_channel = False, True
         self.links.append(link)
@@ -471,6 +481,16 @@ class IpcBackend(TransferBackend):
                 f"peer {peer.name!r}'s ipc section: {what}: {exc.message}", details={"peer": peer.name, "field": what}
             ) from None
         return base + export["offset"]
+
+    @contextlib.contextmanager
+    def lend_to(self, peer: AgentMetadata, blob: dict) -> Iterator[tuple[dict[str, int], tuple]]:
+        """``with`` it around another agent of this process taking and reading this agent's memory (its ``add_peer``:
+        the addresses, then the test copy from the probe): yields :meth:`memory_for`'s answer, and this agent's
+        :meth:`close` waits until the block ends (bounded by that agent's timeout: its test copy's wait), so the probe
+        (on a GPU, memory that nothing else holds) is not freed while it is read.  An agent that closed first is
+        refused as :meth:`memory_for` refuses it (``InvalidArgumentError``: no live agent)."""
+        with self.lending:
+            yield self.memory_for(peer, blob)
 
     def memory_for(self, peer: AgentMetadata, blob: dict) -> tuple[dict[str, int], tuple]:
         """This agent's memory as described by ``peer`` (this agent's metadata as another agent of this process was
@@ -913,11 +933,13 @@ class IpcBackend(TransferBackend):
 
     def close(self) -> None:
         """Disconnect every link, stop the resident copier, close the inbox and release the device state; a step
-        that raises does not stop the others, and the first error is raised once every step ran."""
-        if self._closed:
-            return
-        self._closed = True
-        _LIVE.pop(self.key, None)
+        that raises does not stop the others, and the first error is raised once every step ran.  Another agent of
+        this process that is taking or reading this one's probe (:meth:`lend_to`) finishes first."""
+        with self.lending:  # after another agent of this process that is reading the probe (lend_to)
+            if self._closed:
+                return
+            self._closed = True
+            _LIVE.pop(self.key, None)
         steps = [functools.partial(self.disconnect, link) for link in list(self.links)]
         if self.copier is not None:
             steps.append(self.copier.close)
