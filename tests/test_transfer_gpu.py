@@ -45,6 +45,19 @@ def _notes(agent, count: int, timeout: float = 60.0) -> list:
     return got
 
 
+def _write_until_the_ring_has_room(agent, peer, blocks, notify: bytes, timeout: float = 60.0):
+    from sagellm_comm.errors import UnavailableError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return agent.write(peer, "pool", "pool", blocks, notify=notify)
+        except UnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1e-4)
+
+
 # (local_offset, remote_offset, nbytes) cases: 16-byte aligned (vector path), odd (byte path), one long block
 # (the copy engine), 1000 scattered 16 KB blocks, one odd block under the copy-engine threshold (named in the
 # launch's arguments, byte path) and one over it at odd offsets
@@ -78,11 +91,12 @@ def _pair_worker(rank, world_size, port):
         pool[: 100 * MB].copy_(_pattern(1, 100 * MB))
         for name, table in cases.items():
             agent.write(peer, "pool", "pool", table, notify=name.encode()).wait(60)
-        # 200 writes queued back to back (each from its own source block)
+        # 200 writes queued back to back (each from its own source block); past 64 notifications not yet read the
+        # receiver's ring refuses the next (nothing sent): the sender tries again, as a user would
         for k in range(200):
             pool[150 * MB + k * 4096 : 150 * MB + (k + 1) * 4096].fill_(k % 251)
-            agent.write(peer, "pool", "pool", [(150 * MB + k * 4096, 180 * MB + k * 4096, 4096)],
-                        notify=f"v{k}".encode())  # fmt: skip
+            _write_until_the_ring_has_room(agent, peer, [(150 * MB + k * 4096, 180 * MB + k * 4096, 4096)],
+                                           f"v{k}".encode())  # fmt: skip
         torch.cuda.synchronize()
         # prepared pools: 1000 x 16 KB by block ids, then a read back into a fresh region checked on the device
         prepared = agent.prepare(peer, "pool", "pool", 16384)
