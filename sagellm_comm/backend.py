@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sagellm_comm.arguments import check_timeout
-from sagellm_comm.errors import InvalidArgumentError
+from sagellm_comm.errors import InvalidArgumentError, NotImplementedCommError
 
 # The registry (its own module, which needs nothing from this one at import) is re-exported here.
 from sagellm_comm.registry import (
@@ -319,6 +319,22 @@ class CommBackend(ABC):
     def new_group(self, ranks: Sequence[int]) -> GroupHandle:
         """Make a sub-group of the given global ranks. Collective: every rank of the world calls it
         with the same ``ranks``, members or not."""
+
+    def release_group(self, group: GroupHandle) -> None:
+        """Release a sub-group made by :meth:`new_group` (its :class:`GroupHandle`, or a ``CommGroup`` over it) on
+        this rank: its engine's process groups and whatever else the backend made for it.  A later call on it
+        raises :class:`~sagellm_comm.errors.GroupNotFoundError`.  Every rank of the world releases the group, as
+        every rank made it (a non-member's handle holds nothing but its place in the backend's records), once no
+        call on it is in flight.  A group released already (by this call or :meth:`destroy`) is left as it is; a
+        group of another backend raises ``GroupNotFoundError``, the world ``InvalidArgumentError`` (:meth:`destroy`
+        releases it).
+
+        This default raises :class:`~sagellm_comm.errors.NotImplementedCommError`: a backend that does not override
+        it releases its groups at :meth:`destroy` only."""
+        raise NotImplementedCommError(
+            f"backend {self.name!r} cannot release one group; destroy() releases all of them",
+            details={"backend": self.name},
+        )
 
     # ------------------------------------------------------------------ operations
     @abstractmethod

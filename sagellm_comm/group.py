@@ -207,9 +207,16 @@ class CommGroup:
 
     # ------------------------------------------------------------------ lifecycle
     def destroy(self) -> None:
-        """Release the backend if this group created it (``CommGroup.create``); else nothing."""
+        """Release what this group holds on this rank (idempotent): the backend if this group created it
+        (``CommGroup.create``); a sub-group (``new_subgroup``, ``split``) through
+        :meth:`CommBackend.release_group`, its process groups and whatever else the backend made for it (every rank
+        of the world destroys it, as every rank made it; later calls on it raise ``GroupNotFoundError``); nothing
+        for a world group over a backend its caller initialised.  A sub-group outlives neither its backend nor
+        ``sagellm_comm.destroy()``, which release it too."""
         if self._owns_backend:
             self.backend.destroy()
+        elif self.handle is not None and self.backend.is_initialized:
+            self.backend.release_group(self.handle)
 
     def __enter__(self) -> CommGroup:
         return self

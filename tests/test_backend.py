@@ -433,6 +433,22 @@ class LoopbackBackend(CommBackend):
         return self.all_gather(output, input[0] if isinstance(input, list) else input, group, async_op)
 
 
+def test_a_backend_without_release_group_says_so() -> None:
+    """``release_group`` is not abstract (a backend written before it still loads); one that does not provide it
+    raises a typed error naming itself, and its groups are released by ``destroy()``."""
+    from sagellm_comm import CommGroup
+    from sagellm_comm.errors import NotImplementedCommError
+
+    backend = LoopbackBackend().init()
+    group = CommGroup(backend).new_subgroup([0])
+    with pytest.raises(NotImplementedCommError, match="backend 'loopback' cannot release one group; destroy"):
+        backend.release_group(group.handle)
+    with pytest.raises(NotImplementedCommError, match="cannot release one group"):
+        group.destroy()
+    backend.destroy()
+    group.destroy()  # after destroy(): nothing left to release
+
+
 def test_third_party_backend_registry(caplog) -> None:
     from sagellm_comm import is_comm_backend_available, list_comm_backends, register_comm_backend
     from sagellm_comm.backend import unregister_comm_backend

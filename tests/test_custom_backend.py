@@ -615,3 +615,51 @@ def test_the_members_of_a_group_take_the_path_every_members_peer_access_allows()
     for no_kernels, reason, algo, values in run_ranks(_peer_access_worker, 2, env=INTERP, timeout=300):
         assert no_kernels and reason == "rank 1: GPU 0 cannot access GPU 1 (a stand-in)", reason
         assert (algo, values) == ("gloo", [3.0] * 8)
+
+
+def _released_group_worker(rank, world_size, port):
+    """A sub-group with kernels released on its own (``CommGroup.destroy``, ``release_group``): what the backend
+    and torch hold after it, what its kept all-reduce says, and the group made again."""
+    import torch.distributed as dist
+
+    from sagellm_comm import CommGroup, ReduceOp
+    from sagellm_comm.errors import GroupNotFoundError, NotInitializedError
+    from sagellm_comm.selector import KERNEL_ALGOS
+
+    def live(pg) -> bool:
+        try:
+            dist.get_backend(pg)
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    backend = _small_custom_backend(rank, world_size, port)
+    handle = backend.new_group([0, 1])
+    car = backend.kernels_for(handle)
+    assert car is not None, backend.kernels_reason(handle)
+    CommGroup(backend, handle).destroy()
+    seen = {
+        "workspace closed": car.workspace.closed,
+        "process groups live": [live(pg) for pg in (handle.engine_group, handle.cpu_group)],
+        "kernels": backend.kernels_for(handle),
+        "groups": backend.groups,
+    }
+    with pytest.raises(NotInitializedError, match=r"is closed: its group was released \(release_group\)"):
+        car.all_reduce(torch.ones(8))
+    with pytest.raises(GroupNotFoundError, match="does not belong to this backend"):
+        backend.all_reduce(torch.ones(4), group=handle)
+    again = backend.new_group([0, 1])
+    x = torch.full((8,), float(rank + 1))
+    backend.all_reduce(x, ReduceOp.SUM, group=again)
+    seen["again"] = (backend.last_selection.algo in KERNEL_ALGOS, x.tolist())
+    backend.destroy()
+    return seen
+
+
+def test_a_released_group_closes_its_workspace_at_once():
+    """Its workspace (peer mappings included) and process groups are released when the group is, not kept until
+    the backend's ``destroy()``; an all-reduce kept from it says why; the group can be made again."""
+    for seen in run_ranks(_released_group_worker, 2, env=INTERP, timeout=300):
+        assert seen["workspace closed"] and seen["process groups live"] == [False, False], seen
+        assert seen["kernels"] is None and seen["groups"] == (), seen
+        assert seen["again"] == (True, [3.0] * 8), seen

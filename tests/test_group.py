@@ -240,3 +240,62 @@ def test_init_with_a_rank_or_world_size_that_is_not_an_int_is_an_invalid_argumen
         assert sagellm_comm.init(rank=0, world_size=1) is world
     finally:
         sagellm_comm.destroy()
+
+
+def _live(pg) -> bool:
+    """Whether torch.distributed still holds the process group ``pg``."""
+    import torch.distributed as dist
+
+    try:
+        dist.get_backend(pg)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _released_groups(rank: int, world_size: int, port: int) -> dict:
+    """A sub-group released with ``destroy()`` (and ``backend.release_group``): what torch and the backend hold
+    after it, what a call on it does, and groups made after it."""
+    from sagellm_comm.backend import GroupHandle
+    from sagellm_comm.errors import GroupNotFoundError
+
+    world = sagellm_comm.init(backend="gloo", timeout=60)
+    backend = world.backend
+    try:
+        pair = world.new_subgroup([0, 1])
+        solo = world.split(1)  # {0} and {1}: this rank's, and the other rank's (a non-member's handle)
+        made = backend.groups
+        pgs = [pair.handle.engine_group, solo.handle.engine_group]
+        x = torch.full((2,), float(rank + 1))
+        pair.all_reduce(x)
+        pair.destroy()
+        pair.destroy()  # released already: left as it is
+        seen = {"sum": x.tolist(), "made": [list(h.ranks) for h in made], "live": [_live(pg) for pg in pgs]}
+        with pytest.raises(GroupNotFoundError, match=r"group over ranks \[0, 1\] does not belong to this backend"):
+            pair.all_reduce(x)
+        for handle in backend.groups:
+            backend.release_group(handle)
+        seen["left"] = [list(h.ranks) for h in backend.groups]
+        seen["live after"] = [_live(pg) for pg in pgs]
+        with pytest.raises(GroupNotFoundError, match="was not made by this backend"):
+            backend.release_group(GroupHandle((0, 1), rank))
+        with pytest.raises(InvalidArgumentError, match="the world is not a sub-group"):
+            backend.release_group(world)
+        CommGroup(backend).destroy()  # a world group over a backend its caller initialised: nothing
+        again = world.split(2)  # made anew after the releases
+        y = torch.full((3,), float(rank + 1))
+        again.all_reduce(y)
+        seen["again"] = y.tolist()
+        return seen
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_released_sub_group_is_gone_from_torch_and_the_backend() -> None:
+    """``group.destroy()`` on a sub-group (``backend.release_group``) destroys its process groups at once, not at
+    the backend's ``destroy()``; a later call on it raises ``GroupNotFoundError``; a release again does nothing."""
+    for seen in run_ranks(_released_groups, 2, timeout=120):
+        assert seen["sum"] == [3.0, 3.0] and seen["made"] == [[0, 1], [0], [1]], seen
+        assert seen["live"] == [False, True], seen  # the pair's, released; the split block's, still held
+        assert seen["left"] == [] and seen["live after"] == [False, False], seen
+        assert seen["again"] == [3.0] * 3, seen

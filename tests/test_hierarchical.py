@@ -404,3 +404,55 @@ KNOBS = [("SAGELLM_COMM_HIER_MIN_BYTES", ("4096", "8192")), ("SAGELLM_COMM_HIER_
 @pytest.mark.parametrize("env,values", KNOBS)
 def test_ranks_that_disagree_on_a_hierarchical_knob_fail_at_init(env, values):
     assert run_ranks(_disagree_worker, 2, env, values, env=INTERP, timeout=300) == [True, True]
+
+
+def _released_spanning_group_worker(rank, world_size, port):
+    """A node-spanning group released on its own (``CommGroup.destroy``): what its hierarchical plan made (the
+    node-local groups with their workspaces, the cross groups) after it, and the world's plan."""
+    import torch.distributed as dist
+
+    import sagellm_comm
+
+    def live(pg) -> bool:
+        try:
+            dist.get_backend(pg)
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
+    world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
+                              max_bytes=16384)  # fmt: skip
+    backend = world.backend
+    try:
+        before = backend.groups  # the world's plan's node-local and cross groups, made at init
+        spanning = world.new_subgroup(range(world_size))
+        made = backend.groups[len(before) :]  # the group, then its plan's node-local and cross groups
+        local = next(h for h in made[1:3] if h.is_member)
+        workspace = backend.kernels_for(local).workspace
+        x = torch.full((64,), float(rank + 1))
+        spanning.all_reduce(x)
+        ran = backend.last_selection.algo
+        spanning.destroy()
+        y = torch.full((64,), float(rank + 1))
+        world.all_reduce(y)  # the world's plan, made at init, is untouched
+        return {
+            "groups made": [list(h.ranks) for h in made],
+            "ran": (ran, bool(torch.all(x == 10))),
+            "left": backend.groups == before,
+            "live": [live(pg) for h in made for pg in (h.engine_group, h.cpu_group) if pg is not None],
+            "workspace closed": workspace.closed,
+            "world": (bool(torch.all(y == 10)), backend.last_selection.algo),
+        }
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_a_released_node_spanning_group_releases_its_node_groups_and_workspaces():
+    """Releasing a group that spans nodes releases what its plan made too: the node-local groups' workspaces (peer
+    mappings) and every process group, at once; the world's plan still runs."""
+    for seen in run_ranks(_released_spanning_group_worker, 4, env=INTERP, timeout=300):
+        assert seen["groups made"] == [[0, 1, 2, 3], [0, 1], [2, 3], [0, 2], [1, 3]], seen
+        assert seen["ran"] == ("hierarchical", True), seen
+        assert seen["left"] and seen["live"] and not any(seen["live"]), seen
+        assert seen["workspace closed"] and seen["world"] == (True, "hierarchical"), seen

@@ -78,6 +78,7 @@ RESET_REASON = (
 )
 DESTROY_REASON = "its backend was destroyed; create and init a new backend"
 NEW_GROUP_FAILED_REASON = "the set-up of its group failed, and new_group released what it made; call new_group again"
+RELEASED_REASON = "its group was released (release_group); make the group again with new_group"
 
 
 def custom_available() -> bool:
@@ -214,6 +215,7 @@ class CustomBackend(TorchDistributedBackend):
         self._nodes: list[str] = []  # every global rank's node name
         self._processes_on_device = 1  # world ranks on this rank's GPU (N processes under MPS)
         self._hierarchical: dict[int, tuple[Any, HierarchicalPlan]] = {}  # id(handle or None) -> plan
+        self._plan_groups: dict[int, list[Any]] = {}  # id(handle) -> the groups its hierarchical plan made
 
     @property
     def name(self) -> str:
@@ -305,20 +307,34 @@ class CustomBackend(TorchDistributedBackend):
             self._plan_hierarchical(handle, handle.ranks)
         except BaseException:  # the set-up's own error is the one to report: a failed release is logged
             what = f"sagellm-comm new_group({list(handle.ranks)}): releasing what its failed set-up made"
-            undo_after_failure([partial(self._release_since, handle)], log, what)
+            release = partial(self._release, self._groups_since(handle), NEW_GROUP_FAILED_REASON)
+            undo_after_failure([release], log, what)
             raise
         return handle
 
-    def _release_since(self, first: Any) -> None:
-        """Release ``first`` and every group made after it: their kernels (workspaces, peer mappings), their
-        hierarchical plans, then their process groups; every step runs whatever another raised."""
-        made = self._groups_since(first)
+    def release_group(self, group: Any) -> None:
+        """As :meth:`TorchDistributedBackend.release_group`, with what the custom backend made for the group: its
+        kernels (its workspace, peer mappings included; a :class:`CustomAllReduce` kept from it raises
+        ``NotInitializedError`` saying so) and, for a group spanning nodes, its hierarchical plan with the node-local
+        groups (and their workspaces) and cross groups the plan made."""
+        handle = self._releasable(group)
+        if handle is None:
+            return
+        try:
+            self._release([handle, *self._plan_groups.get(id(handle), ())], RELEASED_REASON)
+        except Exception as exc:
+            raise self._translate(exc, f"release_group({list(handle.ranks)})", self.timeout) from exc
+
+    def _release(self, made: list[Any], reason: str) -> None:
+        """Release the groups ``made``: their kernels (workspaces, peer mappings; a kept all-reduce then says
+        ``reason``), their hierarchical plans, then their process groups; every step runs whatever another raised."""
         keys = {id(handle) for handle in made}
         kernels = [self._group_kernels.pop(key)[1] for key in list(self._group_kernels) if key in keys]
         for key in keys:
             self._group_roles.pop(key, None)
             self._hierarchical.pop(key, None)
-        run_every([*(partial(k.close, NEW_GROUP_FAILED_REASON) for k in kernels), partial(self._release_groups, made)])
+            self._plan_groups.pop(key, None)
+        run_every([*(partial(k.close, reason) for k in kernels), partial(self._release_groups, made)])
 
     def _plan_hierarchical(self, handle: Any, members: tuple[int, ...]) -> None:
         """Every rank of the world: for a group spanning nodes, make its node-local groups (with kernels) and
@@ -329,8 +345,10 @@ class CustomBackend(TorchDistributedBackend):
             return
         mine_local = mine_cross = None
         spanning = self._spanning(handle)
+        made = self._plan_groups.setdefault(id(handle), []) if handle is not None else []
         for ranks in locals_:
             local = self.new_group(ranks)
+            made.append(local)
             mine_local = local if local.is_member else mine_local
             if local.is_member:
                 self._group_roles[id(local)] = (
@@ -338,6 +356,7 @@ class CustomBackend(TorchDistributedBackend):
                 )
         for ranks in cross:
             group = TorchDistributedBackend.new_group(self, ranks)
+            made.append(group)
             mine_cross = group if group.is_member else mine_cross
         cross_kernels = None
         if self.config.hier_cross == "kernels" and mine_cross is not None:  # each cross group sets up its own
@@ -461,6 +480,7 @@ class CustomBackend(TorchDistributedBackend):
         self._group_kernels.clear()
         self._group_roles.clear()
         self._hierarchical.clear()
+        self._plan_groups.clear()
         self._world_kernels = self.custom = None
         try:  # every group's workspace, whatever another's close raised
             run_every([partial(kernels.close, DESTROY_REASON) for kernels in kernel_groups if kernels is not None])

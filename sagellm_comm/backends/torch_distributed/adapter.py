@@ -18,6 +18,7 @@ import functools
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,6 +104,8 @@ class TorchDistributedBackend(CommBackend):
         self.engine.require()
         self.kind = kind
         self._device_override = check_device(device) if device is not None else None
+        # Every group released so far (release_group, destroy): releasing one again leaves it as it is.
+        self._released_handles: weakref.WeakSet[GroupHandle] = weakref.WeakSet()
         self._reset()
 
     def _reset(self) -> None:
@@ -252,6 +255,7 @@ class TorchDistributedBackend(CommBackend):
             world_cpu = self._world.cpu_group if self._world is not None else None
             if world_cpu is not dist.group.WORLD:
                 releases.append(functools.partial(_destroy_if_live, world_cpu))
+        releases.append(functools.partial(self._released_handles.update, self._groups))
         releases.append(self._groups.clear)
         run_every(releases)
 
@@ -323,6 +327,44 @@ class TorchDistributedBackend(CommBackend):
         self._groups.append(handle)
         return handle
 
+    @property
+    def groups(self) -> tuple[GroupHandle, ...]:
+        """The sub-groups this backend made and has not released (members' and non-members' handles), in the
+        order they were made: :meth:`new_group` adds one, :meth:`release_group` and :meth:`destroy` remove them."""
+        return tuple(self._groups)
+
+    def release_group(self, group: Any) -> None:
+        """As :meth:`CommBackend.release_group`: destroys the group's process groups (the engine's and its Gloo
+        side) with ``torch.distributed.destroy_process_group`` and forgets the handle."""
+        handle = self._releasable(group)
+        if handle is None:
+            return
+        what = f"release_group({list(handle.ranks)})"
+        try:
+            self._release_groups([handle])
+        except Exception as exc:
+            raise self._translate(exc, what, self.timeout) from exc
+
+    def _releasable(self, group: Any) -> GroupHandle | None:
+        """The handle ``group`` names when it is one of this backend's live sub-groups; None when it was released
+        already (by :meth:`release_group` or :meth:`destroy`, whose world is gone); a typed error otherwise."""
+        handle = getattr(group, "handle", group)  # a CommGroup carries its GroupHandle
+        if handle is None or (self._initialized and handle is self._world):
+            raise InvalidArgumentError(
+                "release_group: the world is not a sub-group; destroy() the backend to release it",
+                details={"backend": self.name},
+            )
+        if not isinstance(handle, GroupHandle):
+            raise InvalidArgumentError(f"release_group takes a group from new_group(), got {type(group).__name__}")
+        if handle in self._released_handles or not self._initialized:
+            return None
+        if not any(handle is h for h in self._groups):
+            raise GroupNotFoundError(
+                f"release_group: the group over ranks {list(handle.ranks)} was not made by this backend",
+                details={"group_ranks": list(handle.ranks), "backend": self.name},
+            )
+        return handle
+
     def _groups_since(self, first: GroupHandle) -> list[GroupHandle]:
         """``first`` and every group this backend made after it, in the order they were made."""
         index = next(i for i, handle in enumerate(self._groups) if handle is first)
@@ -330,10 +372,11 @@ class TorchDistributedBackend(CommBackend):
 
     def _release_groups(self, handles: Sequence[GroupHandle]) -> None:
         """Destroy the process groups of ``handles`` (latest first) and forget them: a call on one then raises
-        ``GroupNotFoundError``.  For a sub-group whose set-up failed after torch made it; every release runs
-        whatever another raised, and the first error is raised then."""
+        ``GroupNotFoundError``.  For :meth:`release_group`, and a sub-group whose set-up failed after torch made it;
+        every release runs whatever another raised, and the first error is raised then."""
         released = {id(handle) for handle in handles}
         self._groups[:] = [handle for handle in self._groups if id(handle) not in released]
+        self._released_handles.update(handles)
         releases = []
         for handle in reversed(handles):
             for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
