@@ -16,10 +16,13 @@ Ranks passed to a group (``src``, ``dst``, ``new_subgroup`` members) are ranks *
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from sagellm_comm.agreement import agree
 from sagellm_comm.arguments import check_int, check_timeout, is_int
 from sagellm_comm.backend import (
     AUTO,
@@ -35,6 +38,7 @@ from sagellm_comm.errors import (
     InvalidArgumentError,
     NotInitializedError,
     RankMismatchError,
+    undo_after_failure,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +61,8 @@ __all__ = [
     "resolve_group",
     "send",
 ]
+
+log = logging.getLogger("sagellm_comm")
 
 
 class CommGroup:
@@ -166,19 +172,41 @@ class CommGroup:
         return CommGroup(self.backend, self.backend.new_group(global_ranks))
 
     def split(self, group_size: int) -> CommGroup:
-        """Cut this group into consecutive blocks of ``group_size`` ranks (tensor-parallel groups)
-        and return the block holding this rank. Collective: every rank of the world calls it."""
+        """Cut this group into consecutive blocks of ``group_size`` ranks (tensor-parallel groups) and return the
+        block holding this rank (a rank outside this group gets the last block, with ``is_member == False``).
+        Collective: every rank of the world calls it.
+
+        Every block is made on every rank, in order, and after each one the ranks of the world agree on whether
+        its set-up succeeded everywhere (:func:`sagellm_comm.agreement.agree`: one all-reduce of ``world_size``
+        integers over the world).  One agreement per block, not one at the end: a block's set-up is collective over
+        the world, so a rank whose set-up failed could neither skip ahead to a final agreement (it would meet the
+        others' next set-up) nor safely go on with the next blocks (its failure may leave the block's other members
+        waiting in the set-up until the timeout, or its torch.distributed group count apart from theirs).  When a
+        set-up failed on any rank, every rank releases the blocks it made (:meth:`CommBackend.release_group`) and
+        raises the same typed error, naming the block, its ranks and the failed ranks with their error codes and
+        messages (``details``: ``block``, ``block_ranks``, ``failed_ranks``, ``messages``); a failed rank raises it
+        from its own error.  Every wait is bounded by the backend's timeout."""
         if not is_int(group_size) or group_size < 1:
             raise GroupInvalidError(f"group_size must be a positive int, got {group_size!r}")
         group_size = int(group_size)  # NumPy's integers as Python's
         if self.world_size % group_size:
             raise GroupInvalidError(f"group of {self.world_size} ranks cannot be split into blocks of {group_size}")
-        mine = None
-        for start in range(0, self.world_size, group_size):  # every block is made on every rank
-            block = self.new_subgroup(range(start, start + group_size))
-            if block.is_member:
-                mine = block
-        return mine if mine is not None else block
+        made: list[CommGroup] = []
+        for index, start in enumerate(range(0, self.world_size, group_size)):
+            block_ranks = list(self.ranks[start : start + group_size])
+            what = f"split({group_size}): the set-up of block {index} (ranks {block_ranks})"
+            try:
+                failure = None
+                try:
+                    made.append(self.new_subgroup(range(start, start + group_size)))
+                except Exception as exc:  # every rank hears of it from agree(), and raises the same error
+                    failure = exc
+                agree(self.backend, failure, what, {"block": index, "block_ranks": block_ranks})
+            except BaseException:  # the block's failure or the agreement's is the error: a failed release is logged
+                releases = [partial(self.backend.release_group, block.handle) for block in reversed(made)]
+                undo_after_failure(releases, log, f"sagellm-comm {what}: releasing the blocks made so far")
+                raise
+        return next((block for block in made if block.is_member), made[-1])
 
     # ------------------------------------------------------------------ operations (see CommBackend)
     def all_reduce(self, tensor, op=ReduceOp.SUM, async_op=False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +301,105 @@ def test_a_released_sub_group_is_gone_from_torch_and_the_backend() -> None:
         assert seen["live"] == [False, True], seen  # the pair's, released; the split block's, still held
         assert seen["left"] == [] and seen["live after"] == [False, False], seen
         assert seen["again"] == [3.0] * 3, seen
+
+
+def _backend_failing_blocks():
+    """A Gloo backend whose set-up of a block fails on a rank after torch made the block's process group (as a
+    member's workspace or self-test can): it releases what it made and raises, as a backend's ``new_group`` does.
+    ``fail``: (the block's global ranks, the failing rank) -> the error, each used once; ``made``: every handle
+    made."""
+    from sagellm_comm.backends.torch_distributed import TorchDistributedBackend
+
+    class FailingBlocks(TorchDistributedBackend):
+        def __init__(self) -> None:
+            super().__init__("gloo")
+            self.fail: dict = {}
+            self.made: list = []
+
+        def new_group(self, ranks):
+            handle = super().new_group(ranks)
+            self.made.append(handle)
+            error = self.fail.pop((handle.ranks, self.rank), None)
+            if error is not None:
+                self.release_group(handle)
+                raise error
+            return handle
+
+    return FailingBlocks()
+
+
+def _split_with_failing_blocks(rank: int, world_size: int, port: int) -> dict:
+    """``split(2)`` of four ranks with the first block failing on rank 1, then with the last block failing on ranks
+    2 and 3: what each rank raised and how soon, what it still holds; then a split that works."""
+    from sagellm_comm.errors import CommTimeoutError, WorkspaceExhaustedError
+
+    backend = _backend_failing_blocks()
+    world = CommGroup.create(backend=backend, timeout=60)
+    seen: dict = {}
+    try:
+        for name, fail in (
+            ("one", {((0, 1), 1): MemoryError("no memory for the group's workspace")}),
+            (
+                "two",
+                {
+                    ((2, 3), 2): CommTimeoutError("the group's self-test did not finish within 60s"),
+                    ((2, 3), 3): WorkspaceExhaustedError("the group's workspace does not fit"),
+                },
+            ),
+        ):
+            backend.fail, backend.made = fail, []
+            start = time.monotonic()
+            with pytest.raises(sagellm_comm.CommError) as raised:
+                world.split(2)
+            seen[name] = {
+                "type": type(raised.value).__name__,
+                "message": str(raised.value),
+                "details": raised.value.details,
+                "cause": type(raised.value.__cause__).__name__,
+                "seconds": time.monotonic() - start,
+                "held": [list(h.ranks) for h in backend.groups],
+                "live": [_live(h.engine_group) for h in backend.made if h.engine_group is not None],
+            }
+        tp = world.split(2)
+        x = torch.full((3,), float(rank + 1))
+        tp.all_reduce(x)
+        seen["after"] = (x.tolist(), [list(h.ranks) for h in backend.groups])
+        return seen
+    finally:
+        world.destroy()
+
+
+def test_blocks_that_fail_on_some_ranks_fail_split_on_every_rank_at_once() -> None:
+    """Every rank raises the same typed error naming the block, the failed ranks and their messages, well within
+    the timeout (no rank goes on to the next block to wait there for a failed rank), and every rank has released
+    the blocks it made; a split after it works."""
+    results = run_ranks(_split_with_failing_blocks, 4, timeout=240)
+    for rank, seen in enumerate(results):
+        one, two = seen["one"], seen["two"]
+        assert one["type"] == "CollectiveFailedError", seen  # an untyped failure travels as this class
+        assert one["message"] == (
+            "[comm_collective_failed] split(2): the set-up of block 0 (ranks [0, 1]) failed on rank 1 (rank 1: "
+            "[comm_collective_failed] MemoryError: no memory for the group's workspace)"
+        ), one
+        assert one["details"] == {
+            "block": 0,
+            "block_ranks": [0, 1],
+            "failed_ranks": {1: "comm_collective_failed"},
+            "messages": {1: "MemoryError: no memory for the group's workspace"},
+        }, one
+        assert two["type"] == "CommTimeoutError", seen  # the lowest failed rank's class, on every rank
+        assert two["message"] == (
+            "[comm_timeout] split(2): the set-up of block 1 (ranks [2, 3]) failed on ranks [2, 3] (rank 2: "
+            "[comm_timeout] CommTimeoutError: the group's self-test did not finish within 60s; rank 3: "
+            "[comm_workspace_exhausted] WorkspaceExhaustedError: the group's workspace does not fit)"
+        ), two
+        assert two["details"]["failed_ranks"] == {2: "comm_timeout", 3: "comm_workspace_exhausted"}, two
+        # a failed rank raises it from its own error
+        assert one["cause"] == ("MemoryError" if rank == 1 else "NoneType"), one
+        assert two["cause"] == {2: "CommTimeoutError", 3: "WorkspaceExhaustedError"}.get(rank, "NoneType"), two
+        # this rank's process group of each block made (none where it is not a member): all destroyed
+        assert one["live"] == ([False] if rank < 2 else []) and two["live"] == [False], seen
+        for outcome in (one, two):
+            assert outcome["seconds"] < 20, outcome  # the timeout is 60 s
+            assert outcome["held"] == [], outcome
+        assert seen["after"] == ([3.0] * 3 if rank < 2 else [7.0] * 3, [[0, 1], [2, 3]]), seen
