@@ -294,6 +294,17 @@ def _collect(procs, results, outcomes: dict, timeout: float, expect_dead) -> Non
                     outcomes[rank] = (False, f"rank {rank} died with exit code {proc.exitcode} and no report")
 
 
+def pg_alive(pg) -> bool:
+    """Whether torch.distributed still holds the process group ``pg`` (a released group's is gone)."""
+    import torch.distributed as dist
+
+    try:
+        dist.get_backend(pg)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def rank_order_sum(inputs: list[torch.Tensor]) -> torch.Tensor:
     """The custom kernels' all-reduce result: the ranks' inputs summed in rank order in fp32, then cast."""
     acc = torch.zeros_like(inputs[0], dtype=torch.float32)

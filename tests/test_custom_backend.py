@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import pg_alive, run_ranks
 
 # two programs a launch (the CPU default is 32, interpreted one after another)
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
@@ -536,7 +536,6 @@ def test_an_async_kernel_call_waited_for_without_a_timeout_ends_at_the_backends_
 def _failed_new_group_worker(rank, world_size, port):
     """A sub-group whose kernels cannot be set up (a stand-in: its all-reduce cannot be made over its workspace,
     after the workspace's peer mappings are open): what the failed ``new_group`` left, and a later one."""
-    import torch.distributed as dist
 
     from sagellm_comm import ReduceOp
     from sagellm_comm.backends import custom_setup
@@ -555,13 +554,6 @@ def _failed_new_group_worker(rank, world_size, port):
         made.append(workspace)
         raise MemoryError("no memory for the group's all-reduce")
 
-    def live(pg) -> bool:
-        try:
-            dist.get_backend(pg)
-        except (RuntimeError, ValueError):
-            return False
-        return True
-
     TorchDistributedBackend.new_group, custom_setup.CustomAllReduce = recorded_new_group, refused
     try:
         with pytest.raises(MemoryError, match="no memory for the group's all-reduce"):
@@ -571,7 +563,7 @@ def _failed_new_group_worker(rank, world_size, port):
     handle, workspace = made
     seen = {
         "workspace closed": workspace.closed,
-        "process groups live": [live(pg) for pg in (handle.engine_group, handle.cpu_group)],
+        "process groups live": [pg_alive(pg) for pg in (handle.engine_group, handle.cpu_group)],
         "reason": backend.kernels_reason(handle),
     }
     with pytest.raises(GroupNotFoundError, match="does not belong to this backend"):
@@ -620,18 +612,10 @@ def test_the_members_of_a_group_take_the_path_every_members_peer_access_allows()
 def _released_group_worker(rank, world_size, port):
     """A sub-group with kernels released on its own (``CommGroup.destroy``, ``release_group``): what the backend
     and torch hold after it, what its kept all-reduce says, and the group made again."""
-    import torch.distributed as dist
 
     from sagellm_comm import CommGroup, ReduceOp
     from sagellm_comm.errors import GroupNotFoundError, NotInitializedError
     from sagellm_comm.selector import KERNEL_ALGOS
-
-    def live(pg) -> bool:
-        try:
-            dist.get_backend(pg)
-        except (RuntimeError, ValueError):
-            return False
-        return True
 
     backend = _small_custom_backend(rank, world_size, port)
     handle = backend.new_group([0, 1])
@@ -640,7 +624,7 @@ def _released_group_worker(rank, world_size, port):
     CommGroup(backend, handle).destroy()
     seen = {
         "workspace closed": car.workspace.closed,
-        "process groups live": [live(pg) for pg in (handle.engine_group, handle.cpu_group)],
+        "process groups live": [pg_alive(pg) for pg in (handle.engine_group, handle.cpu_group)],
         "kernels": backend.kernels_for(handle),
         "groups": backend.groups,
     }

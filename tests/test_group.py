@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import run_ranks
+from conftest import pg_alive, run_ranks
 
 import sagellm_comm
 from sagellm_comm import CollectiveOps, CommGroup, GroupInvalidError, InvalidArgumentError, RankMismatchError, ReduceOp
@@ -244,17 +244,6 @@ def test_init_with_a_rank_or_world_size_that_is_not_an_int_is_an_invalid_argumen
         sagellm_comm.destroy()
 
 
-def _live(pg) -> bool:
-    """Whether torch.distributed still holds the process group ``pg``."""
-    import torch.distributed as dist
-
-    try:
-        dist.get_backend(pg)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def _released_groups(rank: int, world_size: int, port: int) -> dict:
     """A sub-group released with ``destroy()`` (and ``backend.release_group``): what torch and the backend hold
     after it, what a call on it does, and groups made after it."""
@@ -272,13 +261,13 @@ def _released_groups(rank: int, world_size: int, port: int) -> dict:
         pair.all_reduce(x)
         pair.destroy()
         pair.destroy()  # released already: left as it is
-        seen = {"sum": x.tolist(), "made": [list(h.ranks) for h in made], "live": [_live(pg) for pg in pgs]}
+        seen = {"sum": x.tolist(), "made": [list(h.ranks) for h in made], "live": [pg_alive(pg) for pg in pgs]}
         with pytest.raises(GroupNotFoundError, match=r"group over ranks \[0, 1\] does not belong to this backend"):
             pair.all_reduce(x)
         for handle in backend.groups:
             backend.release_group(handle)
         seen["left"] = [list(h.ranks) for h in backend.groups]
-        seen["live after"] = [_live(pg) for pg in pgs]
+        seen["live after"] = [pg_alive(pg) for pg in pgs]
         with pytest.raises(GroupNotFoundError, match="was not made by this backend"):
             backend.release_group(GroupHandle((0, 1), rank))
         with pytest.raises(InvalidArgumentError, match="the world is not a sub-group"):
@@ -358,7 +347,7 @@ def _split_with_failing_blocks(rank: int, world_size: int, port: int) -> dict:
                 "cause": type(raised.value.__cause__).__name__,
                 "seconds": time.monotonic() - start,
                 "held": [list(h.ranks) for h in backend.groups],
-                "live": [_live(h.engine_group) for h in backend.made if h.engine_group is not None],
+                "live": [pg_alive(h.engine_group) for h in backend.made if h.engine_group is not None],
             }
         tp = world.split(2)
         x = torch.full((3,), float(rank + 1))

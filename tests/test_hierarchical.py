@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import pg_alive, run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
           "SAGELLM_COMM_MAX_PROGRAMS": "2", "SAGELLM_COMM_HIER_MIN_BYTES": "0",
@@ -214,7 +214,6 @@ def test_a_node_without_kernels_keeps_every_member_on_the_flat_engine():
 def _failed_spanning_group_worker(rank, world_size, port):
     """``new_group`` of a node-spanning group whose hierarchical plan fails once its node-local groups (with their
     workspaces) and cross groups are made (a stand-in failure): what it left, and the world's plan after it."""
-    import torch.distributed as dist
 
     import sagellm_comm
     from sagellm_comm.backends import custom
@@ -240,13 +239,6 @@ def _failed_spanning_group_worker(rank, world_size, port):
     def refused_plan(*args, **kwargs):
         raise MemoryError("no memory for the plan")
 
-    def live(pg) -> bool:
-        try:
-            dist.get_backend(pg)
-        except (RuntimeError, ValueError):
-            return False
-        return True
-
     real_plan = custom.HierarchicalPlan
     TorchDistributedBackend.new_group, custom.KernelGroup = recorded_new_group, RecordedKernelGroup
     custom.HierarchicalPlan = refused_plan
@@ -261,7 +253,7 @@ def _failed_spanning_group_worker(rank, world_size, port):
         world.all_reduce(x)  # the world's plan, made at init, is untouched
         return {
             "groups made": [list(h.ranks) for h in handles],
-            "live": [live(pg) for h in handles for pg in (h.engine_group, h.cpu_group) if pg is not None],
+            "live": [pg_alive(pg) for h in handles for pg in (h.engine_group, h.cpu_group) if pg is not None],
             "workspaces closed": [ws.closed for ws in workspaces],
             "world": (bool(torch.all(x == 10)), backend.last_selection.algo),
         }
@@ -409,16 +401,8 @@ def test_ranks_that_disagree_on_a_hierarchical_knob_fail_at_init(env, values):
 def _released_spanning_group_worker(rank, world_size, port):
     """A node-spanning group released on its own (``CommGroup.destroy``): what its hierarchical plan made (the
     node-local groups with their workspaces, the cross groups) after it, and the world's plan."""
-    import torch.distributed as dist
 
     import sagellm_comm
-
-    def live(pg) -> bool:
-        try:
-            dist.get_backend(pg)
-        except (RuntimeError, ValueError):
-            return False
-        return True
 
     os.environ["SAGELLM_COMM_HOSTNAME"] = f"node{rank // 2}"
     world = sagellm_comm.init(backend="custom", rank=rank, world_size=world_size, master_port=port, timeout=120,
@@ -440,7 +424,7 @@ def _released_spanning_group_worker(rank, world_size, port):
             "groups made": [list(h.ranks) for h in made],
             "ran": (ran, bool(torch.all(x == 10))),
             "left": backend.groups == before,
-            "live": [live(pg) for h in made for pg in (h.engine_group, h.cpu_group) if pg is not None],
+            "live": [pg_alive(pg) for h in made for pg in (h.engine_group, h.cpu_group) if pg is not None],
             "workspace closed": workspace.closed,
             "world": (bool(torch.all(y == 10)), backend.last_selection.algo),
         }
