@@ -52,6 +52,7 @@ import torch
 
 from sagellm_comm.backends.torch_distributed.rendezvous import client_env, host_store
 from sagellm_comm.benchmark.spawn import die_with_parent
+from sagellm_comm.ipc import SharedFileMemory
 
 #: seconds between a run_ranks timeout and pytest's own: killing and reaping the ranks, reporting
 CLEANUP_S = 30.0
@@ -303,6 +304,23 @@ def pg_alive(pg) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+class RecordingFileMemory(SharedFileMemory):
+    """Shared files (the interpreter's peer memory) that record what is unmapped and freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.unmapped: list[int] = []
+        self.freed: list[int] = []
+
+    def close(self, ptr: int) -> None:
+        self.unmapped.append(ptr)
+        super().close(ptr)
+
+    def free(self, ptr: int) -> None:
+        self.freed.append(ptr)
+        super().free(ptr)
 
 
 def rank_order_sum(inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 
 from sagellm_comm import capture
 from sagellm_comm.errors import NotInitializedError, UnavailableError
-from sagellm_comm.ipc import CudaIpcMemory, SharedFileMemory
+from sagellm_comm.ipc import CudaIpcMemory
 from sagellm_comm.workspace import SymmetricWorkspace, free_deferred_regions
+from tests.conftest import RecordingFileMemory
 
 
 class Graph:  # stands in for torch.cuda.CUDAGraph
@@ -33,24 +34,11 @@ class Graph:  # stands in for torch.cuda.CUDAGraph
 capture.track(Graph)
 
 
-class Memory(SharedFileMemory):
+class Memory(RecordingFileMemory):
     """Shared files that ask about captures as CUDA IPC memory does, and record what is unmapped and freed."""
 
     device = torch.device("cuda", 0)
     capturing = CudaIpcMemory.capturing
-
-    def __init__(self):
-        super().__init__()
-        self.unmapped: list[int] = []
-        self.freed: list[int] = []
-
-    def close(self, ptr: int) -> None:
-        self.unmapped.append(ptr)
-        super().close(ptr)
-
-    def free(self, ptr: int) -> None:
-        self.freed.append(ptr)
-        super().free(ptr)
 
 
 def _workspace(memory: Memory) -> SymmetricWorkspace:

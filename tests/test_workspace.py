@@ -12,25 +12,8 @@ import pytest
 import torch
 
 from sagellm_comm.errors import CommTimeoutError
-from sagellm_comm.ipc import SharedFileMemory
 from sagellm_comm.workspace import SymmetricWorkspace
-
-
-class Memory(SharedFileMemory):
-    """Shared files that record what is unmapped and freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.unmapped: list[int] = []
-        self.freed: list[int] = []
-
-    def close(self, ptr: int) -> None:
-        self.unmapped.append(ptr)
-        super().close(ptr)
-
-    def free(self, ptr: int) -> None:
-        self.freed.append(ptr)
-        super().free(ptr)
+from tests.conftest import RecordingFileMemory
 
 
 class Stream:
@@ -85,14 +68,14 @@ class Device:
         ws.enter_stream(stream.cuda_stream)
 
 
-def _cuda_workspace(memory: Memory) -> SymmetricWorkspace:
+def _cuda_workspace(memory: RecordingFileMemory) -> SymmetricWorkspace:
     ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=memory)
     ws.device = torch.device("cuda", 0)  # from here on it waits as a CUDA workspace does
     return ws
 
 
 def test_close_waits_for_the_stream_of_the_last_call_and_the_callers_stream_not_the_whole_device(monkeypatch):
-    memory = Memory()
+    memory = RecordingFileMemory()
     ws = _cuda_workspace(memory)
     side, last, callers = Stream(0x10), Stream(0x20), Stream(0x30)
     device = Device(monkeypatch, callers)
@@ -108,7 +91,7 @@ def test_close_waits_for_the_stream_of_the_last_call_and_the_callers_stream_not_
 def test_close_with_work_still_running_at_its_deadline_names_the_stream_and_keeps_the_mappings(monkeypatch):
     """Unmapping a peer's region under a kernel that still reads it would fault the device: work still running at
     the deadline raises CommTimeoutError naming its stream, and the peers stay mapped, the region allocated."""
-    memory = Memory()
+    memory = RecordingFileMemory()
     ws = _cuda_workspace(memory)
     last = Stream(0x20, running=True)
     device = Device(monkeypatch, Stream(0x30))
@@ -124,7 +107,7 @@ def test_close_with_work_still_running_at_its_deadline_names_the_stream_and_keep
 def test_close_whose_wait_fails_still_releases_the_mappings_and_raises_that_error(monkeypatch):
     """A failed wait (a dead context) is no reason to keep the mappings: they and the region are released, and the
     wait's error raised."""
-    memory = Memory()
+    memory = RecordingFileMemory()
     ws = _cuda_workspace(memory)
     Device(monkeypatch, Stream(0x30))
 
@@ -147,7 +130,7 @@ def test_synchronize_is_bounded_by_twice_the_kernels_timeout_and_names_the_strea
     from sagellm_comm.custom_all_reduce import CustomAllReduce
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    memory = Memory()
+    memory = RecordingFileMemory()
     ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=memory)
     car = CustomAllReduce(ws, timeout_s=0.05)
     ws.device = torch.device("cuda", 0)
@@ -173,7 +156,7 @@ def test_reading_a_call_counter_waits_for_the_calls_work_with_a_deadline(monkeyp
     from sagellm_comm.custom_all_reduce import CustomAllReduce
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=Memory())
+    ws = SymmetricWorkspace.rendezvous(0, 2, 4096, "cpu", lambda obj: [obj, obj], memory=RecordingFileMemory())
     car = CustomAllReduce(ws, timeout_s=0.05)
     ws.device = torch.device("cuda", 0)
     device = Device(monkeypatch, Stream(0x30))
