@@ -1726,6 +1726,52 @@ def test_the_peer_access_test_copy_is_waited_for_up_to_the_agents_timeout():
     assert info.value.details["peer"] == "peer"
 
 
+def test_an_in_process_peers_probe_stays_allocated_while_a_test_copy_given_up_on_may_still_read_it():
+    """Agent a's add_peer of c, an agent of this process on a GPU (its probe: memory nothing but c holds), gave up
+    on its test copy from c's probe: still running past a's timeout, and past the clean-up's wait.  c then closes,
+    without waiting for the copy: its probe stays allocated while the copy may read it, and is freed once a sees the
+    copy complete.  Before, c's close freed the probe under the running copy."""
+    from collections import deque
+
+    from sagellm_comm.transfer import ipc
+    from sagellm_comm.transfer.ipc_memory import Allocation
+    from tests.conftest import RecordingFileMemory
+
+    memory = RecordingFileMemory()  # stands for c's device memory: records what is freed
+    c = object.__new__(ipc.IpcBackend)
+    c.context, c.key, c.lending = types.SimpleNamespace(name="c", timeout_s=0.1), "c", threading.RLock()
+    c.device, c.memory, c._probe_memory = torch.device("cuda", 0), memory, Allocation(memory, ipc.PROBE_BYTES)
+    c.probe, c.probe_export = c._probe_memory.ptr, {"address": c._probe_memory.ptr, "token": "00" * 16}
+    c.inbox = types.SimpleNamespace(path="/dev/shm/sagellm-xfer-c", close=lambda: None)
+    c.regions, c.exports, c.links, c.unreleased, c.copier, c._closed = {}, {}, [], [], None, False
+    c.launches, c.completed, c.in_flight, c._stalled_at = 0, 0, deque(), -1
+    c.staging, c.events = types.SimpleNamespace(close=lambda in_use: None), types.SimpleNamespace(close=lambda: None)
+    probe = c.probe
+    described = AgentMetadata("c", "incarnation", "host", "boot", 1)
+    described.transports = {"ipc": {"inbox": c.inbox.path, "device": "cuda", "probe": dict(c.probe_export)}}
+
+    running = [True]  # a's test copy from c's probe (launch 1)
+    a = object.__new__(ipc.IpcBackend)
+    a.context, a.copier, a.unreleased = types.SimpleNamespace(name="a", timeout_s=0.1), None, []
+    a.events = types.SimpleNamespace(done=lambda event: not running[0], reuse=lambda event: None)
+    a.launches, a.completed, a.in_flight, a._stalled_at = 1, 0, deque([(1, 0, None)]), -1
+    link = ipc.IpcLink(described, last=1)
+    with c.lend_to(described, {"key": c.key, "regions": {}}) as (link.addresses, link.held):
+        assert link.addresses == {"\0probe": probe}
+        a._release(link)  # add_peer's clean-up after the test copy timed out: the copy still runs after its wait
+    assert a.unreleased == [link]
+
+    start = time.monotonic()
+    c.close()
+    assert time.monotonic() - start < 0.1, "c's close waited for a's copy"
+    assert probe not in memory.freed, "c's probe was freed while a's test copy may still read it"
+    a._retry_unreleased()  # the copy is still running: nothing is released
+    assert a.unreleased == [link] and probe not in memory.freed
+    running[0] = False
+    a._retry_unreleased()  # the copy completed: the link's hold on the probe goes, and with it the probe
+    assert not a.unreleased and memory.freed == [probe]
+
+
 def test_a_region_one_transport_fails_to_deregister_is_forgotten_by_every_transport_and_the_agent(monkeypatch):
     """deregister stopped at the first transport that raised: the agent still listed the region while the
     transports before it had forgotten it, so the agent's metadata described a region without its ipc export and

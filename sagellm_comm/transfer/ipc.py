@@ -55,7 +55,7 @@ from sagellm_comm.kernels import block_copy as _bc
 from sagellm_comm.launch import Launcher, interpreting
 from sagellm_comm.transfer.base import AgentContext, Link, Prepared, Request, TransferBackend
 from sagellm_comm.transfer.descriptors import SMALL, BlockLayout, Region, RegionInfo, split_rows
-from sagellm_comm.transfer.ipc_memory import CudaEvents, PeerMaps, Staging, device_memory
+from sagellm_comm.transfer.ipc_memory import Allocation, CudaEvents, PeerMaps, Staging, device_memory, keep_for_life
 from sagellm_comm.transfer.ipc_resident import QueuedUndecidedError, ResidentCopier
 from sagellm_comm.transfer.metadata import AgentMetadata, MetadataField, b64, unb64
 from sagellm_comm.transfer.notify import Inbox, Outbox
@@ -219,7 +219,9 @@ class IpcBackend(TransferBackend):
             )
         ipc_available()
         self.device: torch.device | None = None
-        self._probe_tensor: torch.Tensor | None = None  # the probe's memory on the CPU (on a GPU: ``probe`` alone)
+        # The probe's memory (a shared file's tensor on the CPU, an Allocation on a GPU), freed with the last
+        # reference: this agent's, and those of other agents' links whose test copy from it may still run.
+        self._probe_memory: torch.Tensor | Allocation | None = None
         self.inbox = Inbox()
         self.exports: dict[str, dict] = {}
         self.regions: dict[str, Region] = {}  # what the exports describe (a peer in this process uses them)
@@ -252,8 +254,7 @@ class IpcBackend(TransferBackend):
         """Release what a failed :meth:`_bind` made and mark the backend unbound (the next call binds afresh),
         every step run when one raises; the first error is raised after them."""
         copier, staging, events = self.copier, getattr(self, "staging", None), getattr(self, "events", None)
-        probe, cuda = getattr(self, "probe", None), self.device is not None and self.device.type == "cuda"
-        self.copier = self.staging = self.events = self.probe = self._probe_tensor = None
+        self.copier = self.staging = self.events = self.probe = self._probe_memory = None  # the probe freed
         self.device = None
         steps = []
         if copier is not None:
@@ -262,8 +263,6 @@ class IpcBackend(TransferBackend):
             steps.append(functools.partial(staging.close, in_use=False))
         if events is not None:
             steps.append(events.close)
-        if probe is not None and cuda:
-            steps.append(functools.partial(self.memory.free, probe))
         run_every(steps)
 
     def _bind(self, device: torch.device) -> None:
@@ -276,11 +275,12 @@ class IpcBackend(TransferBackend):
         self.index = device.index or 0
         self.token = secrets.token_bytes(TOKEN_BYTES)
         if cuda:
-            self.probe = self.memory.allocate(PROBE_BYTES)
+            self._probe_memory = Allocation(self.memory, PROBE_BYTES)
+            self.probe = self._probe_memory.ptr
             probe = {"handle": b64(self.memory.export(self.probe)), "size": PROBE_BYTES}
         else:
-            self._probe_tensor = shared_cpu_tensor(PROBE_BYTES, torch.uint8)
-            self.probe = self._probe_tensor.data_ptr()
+            self._probe_memory = shared_cpu_tensor(PROBE_BYTES, torch.uint8)
+            self.probe = self._probe_memory.data_ptr()
             path, offset = shared_file_of(self.probe, PROBE_BYTES)
             probe = {"path": path, "offset": offset, "size": os.path.getsize(path)}
         self.probe_export = {"address": self.probe, "token": self.token.hex(), **probe}
@@ -421,7 +421,8 @@ class IpcBackend(TransferBackend):
             None,
         )  # fmt: skip
         # A peer in this process: its close waits until its probe was read (and, on a failure, until the test copy
-        # was waited for again by the release), so the probe cannot be freed under the copy.
+        # was waited for again by the release); a copy still running then keeps the probe allocated through the
+        # link's hold on it (kept by _release until the copy completed), so it is never freed under the copy.
         borrowed = contextlib.ExitStack()
         try:
             if peer.same_process(me):  # one address space: the regions its live agent registered, held
@@ -486,16 +487,18 @@ class IpcBackend(TransferBackend):
     def lend_to(self, peer: AgentMetadata, blob: dict) -> Iterator[tuple[dict[str, int], tuple]]:
         """``with`` it around another agent of this process taking and reading this agent's memory (its ``add_peer``:
         the addresses, then the test copy from the probe): yields :meth:`memory_for`'s answer, and this agent's
-        :meth:`close` waits until the block ends (bounded by that agent's timeout: its test copy's wait), so the probe
-        (on a GPU, memory that nothing else holds) is not freed while it is read.  An agent that closed first is
-        refused as :meth:`memory_for` refuses it (``InvalidArgumentError``: no live agent)."""
+        :meth:`close` waits until the block ends (bounded by that agent's timeout: its test copy's wait).  The probe
+        (on a GPU, memory that nothing else holds) is among the memory yielded to be held: a test copy still running
+        when the block ends keeps it allocated, whatever this agent does, until the copy completed.  An agent that
+        closed first is refused as :meth:`memory_for` refuses it (``InvalidArgumentError``: no live agent)."""
         with self.lending:
             yield self.memory_for(peer, blob)
 
     def memory_for(self, peer: AgentMetadata, blob: dict) -> tuple[dict[str, int], tuple]:
         """This agent's memory as described by ``peer`` (this agent's metadata as another agent of this process was
         given it; ``blob``: its ipc section, checked): the addresses of the regions and the probe as this agent
-        registered them, and the regions (the other agent's link holds them as a mapping would).  The metadata must
+        registered them, and the memory of the regions and the probe (the other agent's link holds it as a mapping
+        would).  The metadata must
         describe them field for field as this agent does now; anything else (forged or damaged bytes, a region
         deregistered since, this agent closed since) is an ``InvalidArgumentError`` naming the peer and the field:
         the addresses in the bytes are never used."""
@@ -505,7 +508,7 @@ class IpcBackend(TransferBackend):
         _same(peer, what, {"inbox": section["inbox"], "device": section["device"]},
               {"inbox": self.inbox.path, "device": self.device.type})  # fmt: skip
         _same(peer, f"{what}: 'probe'", section["probe"], self.probe_export)
-        addresses, held = {"\0probe": self.probe}, [self._probe_tensor]  # (no tensor: a CUDA probe, read once)
+        addresses, held = {"\0probe": self.probe}, [self._probe_memory]
         for name in blob["regions"]:
             region, export = self.regions.get(name), self.exports.get(name)
             if region is None or export is None:
@@ -960,17 +963,20 @@ class IpcBackend(TransferBackend):
                     for link in self.unreleased:
                         self._unmap(link)
                     self.unreleased = []
+                else:  # a launch may still touch what they hold (a peer's regions, its probe): kept for good
+                    for link in self.unreleased:
+                        keep_for_life(link.held)
 
             def close_events() -> None:
                 if drained:
                     self.events.close()
 
-            def forget_probe() -> None:
-                self._probe_tensor = None
+            def forget_probe() -> None:  # freed now unless a test copy of another agent may still read it
+                self._probe_memory = None
 
             steps += [drain, release_unreleased, close_staging]
             if self.device.type == "cuda":
-                steps += [functools.partial(self.memory.free, self.probe), close_events]
+                steps.append(close_events)
             steps.append(forget_probe)
         run_every(steps)
 

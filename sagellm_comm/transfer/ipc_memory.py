@@ -5,6 +5,8 @@
   open one handle twice in a process and several regions (or agents) may share one allocation.
 * :class:`CudaEvents`: raw CUDA events (no timing) of one transfer stream, through CuPy's runtime: the fork
   from the caller's stream and one completion event per launch, reused once it completed.
+* :class:`Allocation`: memory of this process (a GPU agent's probe) freed with its last reference, so a copy
+  that may still read it can keep it; :func:`keep_for_life` keeps memory a launch that may never complete can touch.
 * :class:`Staging`: host buffers (pinned on GPUs, so the kernel reads them over PCIe) holding one launch's
   descriptor table; a buffer is given back (:meth:`Staging.release`) once the launch that read it completed.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +28,9 @@ from sagellm_comm.transfer.shared import open_transfer_file
 _OPEN_LOCK = threading.Lock()
 # (kind, device, key) -> [base address, references, memory, bytes mapped (the file's, or the CUDA allocation's)]
 _OPENED: dict[tuple, list] = {}
-_LEAKED: list = []  # staging buffers a launch may still read when their agent closed (kept, never freed)
+# Memory a launch may still read or write when its agent closed (staging buffers, memory a removed link held): kept,
+# never freed.
+_LEAKED: list = []
 
 
 def open_shared(memory: PeerMemory, key: str | bytes, device_index: int, end: int = 0) -> int:
@@ -162,6 +167,23 @@ class CudaEvents:
         self.made, self.free = [], []
 
 
+def keep_for_life(memory: object) -> None:
+    """Keep ``memory`` (whatever holds memory a launch that may never complete can still touch) referenced for the
+    life of the process: leaked rather than freed under a running kernel."""
+    _LEAKED.append(memory)
+
+
+class Allocation:
+    """``nbytes`` from ``memory.allocate`` at ``ptr``, freed once nothing references this object: its owner, and
+    whatever keeps it for a copy that may still read it (a link of another agent of this process, while its test
+    copy from the memory may still run).  Memory still referenced when the process exits is never freed."""
+
+    def __init__(self, memory: PeerMemory, nbytes: int):
+        self.ptr = memory.allocate(nbytes)
+        self._free = weakref.finalize(self, memory.free, self.ptr)
+        self._free.atexit = False
+
+
 class Staging:
     """Host buffers for launches' descriptor tables: ``acquire(nbytes)`` gives one no launch reads; the caller
     gives it back with ``release(index)`` once the launch that reads it completed."""
@@ -196,7 +218,7 @@ class Staging:
         """Drop the buffers; with ``in_use`` (a launch may still read one) they are kept for the life of the
         process instead (leaked rather than freed under a running kernel)."""
         if in_use:
-            _LEAKED.append(self.buffers)
+            keep_for_life(self.buffers)
         self.buffers, self.views = [], []
         self.free.clear()
 
