@@ -308,6 +308,13 @@ class SymmetricWorkspace:
         under MPS).  Each may run a collective of *another* group at the same moment, and every program of
         every one of those launches must be resident at once, so the default proposal divides the SMs by
         this count when it exceeds the group's own members on the device.
+
+        What may fail on one rank alone (its memory, its region, a peer's region it cannot map) is done inside one of
+        the two rounds of exchanges: a member whose part fails still takes part in the round, and every member then
+        raises a typed error in that round (the failed member its own, or ``P2PFailedError`` wrapping an untyped one;
+        the others :class:`~sagellm_comm.errors.P2PFailedError` naming it).  A failure after the last round (making
+        this rank's workspace object) is raised on this rank alone; a caller that exchanges again afterwards sends it
+        there (the custom backend's group set-up does).
         """
         config = _configuration(config, check)
         world_size = check_int(world_size, "world_size", 1)
@@ -317,10 +324,8 @@ class SymmetricWorkspace:
         ranks = tuple(range(world_size)) if ranks is None else tuple(ranks)
         device = check_device(device)
         slot_bytes = _round_slot(slot_bytes)
-        if memory is None:
-            memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
         nbytes = region_bytes(slot_bytes, world_size)
-        where = (node_name(config), device_identity(device))
+        where: tuple[str, str] = ("", "")
         local: int | None = None
         opened: list[int] = []
         ptrs: list[int] = []
@@ -332,8 +337,11 @@ class SymmetricWorkspace:
             if local is not None:
                 memory.free(local)
 
-        def publish() -> tuple:
-            nonlocal local
+        def publish() -> tuple:  # what may fail on this rank alone is done in a round (see _round)
+            nonlocal local, memory, where
+            if memory is None:
+                memory = CudaIpcMemory(device) if device.type == "cuda" else SharedFileMemory()
+            where = (node_name(config), device_identity(device))
             free_deferred_regions()  # what waited for a graph capture to end goes before the new region comes
             local = memory.allocate(nbytes)
             # Before any peer can push: the Lamport area starts as all sentinels.

@@ -586,6 +586,67 @@ def test_a_new_group_whose_set_up_fails_releases_what_it_made():
         assert seen["again"] == (True, True, [3.0] * 8), seen
 
 
+def _one_member_fails_worker(rank, world_size, port, step):
+    """Rank 1 has no memory at ``step`` of a sub-group's set-up (a stand-in), after the workspace rendezvous's
+    exchanges: what each rank's ``new_group`` raised and how long it took (both timeouts are 60s), then a later
+    ``new_group`` of the same ranks."""
+    import time
+
+    from sagellm_comm import CommBackend, ReduceOp
+    from sagellm_comm.backends import custom_setup
+    from sagellm_comm.selector import KERNEL_ALGOS
+    from sagellm_comm.workspace import SymmetricWorkspace
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, timeout=60)
+    real_workspace, real_all_reduce = SymmetricWorkspace.__init__, custom_setup.CustomAllReduce
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError(f"no memory for the group's {step}")
+
+    if rank == 1 and step == "workspace":
+        SymmetricWorkspace.__init__ = no_memory
+    elif rank == 1:
+        custom_setup.CustomAllReduce = no_memory
+    start = time.monotonic()
+    raised = None
+    try:
+        backend.new_group([0, 1])
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc), exc.details if hasattr(exc, "details") else None)
+    finally:
+        elapsed = time.monotonic() - start
+        SymmetricWorkspace.__init__, custom_setup.CustomAllReduce = real_workspace, real_all_reduce
+    again = backend.new_group([0, 1])
+    x = torch.full((8,), float(rank + 1))
+    backend.all_reduce(x, ReduceOp.SUM, group=again)
+    seen = {
+        "raised": raised,
+        "elapsed": elapsed,
+        "again": (backend.kernels_for(again) is not None, backend.last_selection.algo in KERNEL_ALGOS, x.tolist()),
+    }
+    backend.destroy()
+    return seen
+
+
+@pytest.mark.parametrize("step", ["workspace", "all-reduce"])
+def test_a_member_that_fails_its_part_of_the_set_up_makes_every_member_raise_at_once(step):
+    """The failed member sends its error to the exchange the others wait in: it raises its own error, the others a
+    typed error naming it and its error, within seconds (not at a timeout); a later ``new_group`` gets the kernels."""
+    no, yes = run_ranks(_one_member_fails_worker, 2, step, env=INTERP, timeout=300)
+    error = f"[comm_collective_failed] MemoryError: no memory for the group's {step}"
+    assert no["raised"] == (
+        "CollectiveFailedError",
+        "[comm_collective_failed] the custom kernels' set-up of ranks [0, 1]: workspace setup failed on rank 1 "
+        f"(rank 1: {error})",
+        {"failed_ranks": [1], "messages": {1: error}},
+    ), no
+    assert yes["raised"] == ("MemoryError", f"no memory for the group's {step}", None), yes
+    for seen in (no, yes):
+        assert seen["elapsed"] < 15, seen
+        assert seen["again"] == (True, True, [3.0] * 8), seen
+
+
 def _peer_access_worker(rank, world_size, port):
     """Rank 1's driver alone says the members' GPUs cannot reach each other (a stand-in for the CUDA query)."""
     from sagellm_comm.backends import custom_setup

@@ -22,23 +22,31 @@ rules would run other kernels for one call, so a difference raises ``ConfigMisma
    member (``canAccessPeer`` has lied before).
 
 Otherwise :attr:`KernelGroup.kernels` is None and :attr:`KernelGroup.reason` says why; the backend then
-runs that group's calls on the engine.  Each group has its own symmetric workspace of
-``region_bytes(slot_bytes, members)`` per member (``slot_bytes`` = the backend's ``max_bytes`` for the
-world, ``group_max_bytes`` for sub-groups), released by :meth:`KernelGroup.close`.
+runs that group's calls on the engine.  A step after the first exchange that fails on some members only (the
+workspace, the all-reduce over it, the self-test) does not leave the others waiting: a failed member sends its
+error to the next exchange in place of its part, and every member then decides alike.  Where every failure is
+typed (a :class:`~sagellm_comm.errors.CommError`: a region that cannot be allocated or mapped, a refusal), the
+group runs on the engine and the reason names the failed ranks with their errors; otherwise (a ``MemoryError``,
+an untyped ``RuntimeError``) every member raises: a failed member its own error, the others
+:class:`~sagellm_comm.errors.CollectiveFailedError` naming the failed ranks and their errors.
+
+Each group has its own symmetric workspace of ``region_bytes(slot_bytes, members)`` per member (``slot_bytes`` =
+the backend's ``max_bytes`` for the world, ``group_max_bytes`` for sub-groups), released by
+:meth:`KernelGroup.close`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..config import CommConfig, check_agreement
 from ..cupy_probe import cupy_present
 from ..custom_all_reduce import CustomAllReduce
-from ..errors import CommError, ConfigMismatchError
+from ..errors import CollectiveFailedError, CommError, ConfigMismatchError
 from ..fused.gemm_policy import GemmPathSelector
 from ..fused.rmsnorm_policy import FusionPolicy
 from ..kernels.all_reduce import MAX_WORLD
@@ -124,23 +132,35 @@ class KernelGroup:
         if reason is not None:  # the engine runs the group: no policy of this backend decides its calls
             return None, reason
         check_policies([f[5] for f in facts], self.ranks, where)
-        try:
+        ws = car = None
+        try:  # a member whose part fails sends its failure to the exchange the others wait in, and decides with them
             ws = SymmetricWorkspace.rendezvous(
                 self.rank, self.world_size, slot_bytes, self.device, self._exchange,
                 processes_on_device=self.processes_on_device, config=self.config, ranks=self.ranks,
             )  # fmt: skip
-        except CommError as exc:
-            verdicts = self._exchange(str(exc), "the workspace rendezvous's verdicts")
-            return None, f"workspace setup failed: {verdicts}"
-        try:
             if self.ranks != tuple(range(self.world_size)):
                 ws.global_ranks = self.ranks
             car = CustomAllReduce(ws, selector=selector, timeout_s=timeout_s, fallback=fallback)
-            ok = self._self_test(car)
-            verdicts = self._exchange(ok, "the self-test's verdicts")
-        except BaseException:  # a member gone before the verdicts (reset after a failure...): nothing is kept
-            with contextlib.suppress(Exception):  # the set-up's own error is the one to report
-                ws.close()
+            failure = None
+        except Exception as exc:
+            failure = exc
+        try:
+            made = self._share(None, failure, "whether every member made its workspace and all-reduce")
+            reason = self._decide(made, failure, "workspace setup")
+            if reason is not None:  # every failure was typed: the engine runs the group
+                _release(ws, car)
+                return None, reason
+            try:
+                ok, failure = self._self_test(car), None
+            except Exception as exc:
+                ok, failure = False, exc
+            verdicts = self._share(ok, failure, "the self-test's verdicts")
+            reason = self._decide(verdicts, failure, "self-test")
+            if reason is not None:
+                _release(ws, car)
+                return None, reason
+        except BaseException:  # a member gone or failed before the verdicts (reset after a failure...): nothing is kept
+            _release(ws, car)
             raise
         if not all(verdicts):
             car.close()
@@ -149,6 +169,37 @@ class KernelGroup:
         return car, (
             f"custom kernels on {self.world_size} ranks of one node ({self.device.type}; ranks "
             f"{list(self.ranks)}; {region_bytes(ws.slot_bytes, self.world_size) >> 20} MiB of workspace per rank)"
+        )
+
+    def _share(self, answer: Any, failure: Exception | None, what: str) -> list[Any]:
+        """Every member's answer to the exchange ``what``: this member sends ``answer``, or its ``failure`` where
+        its own step failed.  Where the exchange fails too (a member gone), a failed member raises its own error,
+        the first one, with the exchange's as a note."""
+        try:
+            return self._exchange(answer if failure is None else _Failed.of(failure), what)
+        except Exception as exc:
+            if failure is None:
+                raise
+            failure.add_note(f"then sending it to the other members failed: {exc}")
+        raise failure
+
+    def _decide(self, answers: list[Any], failure: Exception | None, step: str) -> str | None:
+        """After the exchange that follows ``step``, the same decision on every member: None where no member failed;
+        the reason to run the group on the engine where every failure was typed (a :class:`CommError`); otherwise
+        raise, a failed member its own error (``failure``), the others :class:`CollectiveFailedError` naming the
+        failed ranks with their errors."""
+        failed = {self.ranks[r]: answer for r, answer in enumerate(answers) if isinstance(answer, _Failed)}
+        if not failed:
+            return None
+        who = f"ranks {list(failed)}" if len(failed) > 1 else f"rank {next(iter(failed))}"
+        each = "; ".join(f"rank {r}: {answer.error}" for r, answer in failed.items())
+        if all(answer.typed for answer in failed.values()):
+            return f"{step} failed on {who} ({each})"
+        if failure is not None:
+            raise failure
+        raise CollectiveFailedError(
+            f"the custom kernels' set-up of ranks {list(self.ranks)}: {step} failed on {who} ({each})",
+            details={"failed_ranks": list(failed), "messages": {r: answer.error for r, answer in failed.items()}},
         )
 
     def _local_checks(self) -> tuple[bool, str]:
@@ -203,6 +254,30 @@ class KernelGroup:
                 self.kernels.close(reason)
             finally:
                 self.kernels = None
+
+
+class _Failed(NamedTuple):
+    """What a member sends, in place of its part, to the set-up's exchange after a step of its own that failed."""
+
+    error: str  # "[code] class: message"; an error of no typed class has CollectiveFailedError's code
+    typed: bool  # a CommError: the group runs on the engine, else every member raises
+
+    @classmethod
+    def of(cls, failure: Exception) -> _Failed:
+        typed = isinstance(failure, CommError)
+        code = (failure.code if typed else CollectiveFailedError.code).value
+        message = failure.message if typed else str(failure)
+        return cls(f"[{code}] {type(failure).__name__}: {message}", typed)
+
+
+def _release(workspace: SymmetricWorkspace | None, kernels: CustomAllReduce | None) -> None:
+    """Close what a set-up that does not keep them made (the all-reduce closes its workspace); the set-up's own
+    error or reason is the one to report."""
+    with contextlib.suppress(Exception):
+        if kernels is not None:
+            kernels.close()
+        elif workspace is not None:
+            workspace.close()
 
 
 def peer_access_refusal(device: torch.device, identities: Sequence[str], ranks: Sequence[int]) -> str | None:
