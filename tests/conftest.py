@@ -323,6 +323,15 @@ class RecordingFileMemory(SharedFileMemory):
         super().free(ptr)
 
 
+# NaN bit patterns per dtype (as the integer type of its width): quiet and signalling, either sign, a payload, and
+# all ones (the Lamport sentinel)
+NAN_BITS = {
+    torch.float32: (torch.int32, [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FC12345, 0xFFFFFFFF]),
+    torch.bfloat16: (torch.int16, [0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7FD3, 0xFFFF]),
+    torch.float16: (torch.int16, [0x7E00, 0xFE00, 0x7C01, 0xFC01, 0x7E55, 0xFFFF]),
+}
+
+
 def rank_order_sum(inputs: list[torch.Tensor]) -> torch.Tensor:
     """The custom kernels' all-reduce result: the ranks' inputs summed in rank order in fp32, then cast."""
     acc = torch.zeros_like(inputs[0], dtype=torch.float32)

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import NAN_BITS, run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1"}
 SLOT_BYTES = 16384
@@ -657,14 +657,6 @@ def test_lamport_nan_inputs_with_the_sentinel_bit_pattern_arrive():
         for dtype_name, (nan5, nan9, first, last) in res.items():
             assert nan5 and nan9, f"{dtype_name}: NaN inputs must give NaN sums"
             assert first == last == 3.0, f"{dtype_name}: other elements must be summed (got {first}, {last})"
-
-
-# NaN bit patterns per dtype: quiet and signalling, either sign, a payload, and all ones (the Lamport sentinel)
-NAN_BITS = {
-    torch.float32: (torch.int32, [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FC12345, 0xFFFFFFFF]),
-    torch.bfloat16: (torch.int16, [0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7FD3, 0xFFFF]),
-    torch.float16: (torch.int16, [0x7E00, 0xFE00, 0x7C01, 0xFC01, 0x7E55, 0xFFFF]),
-}
 
 
 def _signed(bits: int, width: int) -> int:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, rank_order_sum, run_ranks
+from tests.conftest import HAS_CUDA, NAN_BITS, rank_order_sum, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -117,6 +117,52 @@ def test_ten_thousand_back_to_back_calls(groups):
     torch.cuda.synchronize()
     vg.check_errors()
     assert int(wrong) == 0
+
+
+def _nan_stack(world_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[world_size, 3 * patterns + 1]``: per NaN pattern ``p`` three elements, ``p`` on rank 0 only, on the last
+    rank only, and ``p`` on rank 0 with a NaN of the opposite sign on every other rank; then one finite element.
+    Rank ``r``'s other elements are ``r + 1``."""
+    bits_dtype, patterns = NAN_BITS[dtype]
+    width = torch.iinfo(bits_dtype).bits
+    stacked = torch.arange(1, world_size + 1, dtype=torch.float32)[:, None].repeat(1, 3 * len(patterns) + 1)
+    stacked = stacked.to(dtype)
+    view = stacked.view(bits_dtype)
+
+    def put(rank: int, col: int, bits: int) -> None:
+        view[rank, col] = bits - (1 << width) if bits >= 1 << (width - 1) else bits
+
+    for i, pattern in enumerate(patterns):
+        other = patterns[1] if pattern >> (width - 1) == 0 else patterns[0]
+        put(0, 3 * i, pattern)
+        put(world_size - 1, 3 * i + 1, pattern)
+        put(0, 3 * i + 2, pattern)
+        for r in range(1, world_size):
+            put(r, 3 * i + 2, other)
+    return stacked
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_nan_inputs_give_the_same_nan_bits_on_every_rank_with_every_algorithm(groups, world_size):
+    """On the GPU the adds return one canonical NaN whatever the operands' payloads, so a NaN in any rank's input
+    gives the same bits on every rank with one-shot, two-shot and Lamport alike, the sentinel pattern (all ones)
+    included (docs/protocol.md)."""
+    vg = groups[world_size]
+    for dtype, (bits_dtype, _) in NAN_BITS.items():
+        got = {}
+        for algo in ("one_shot", "two_shot", "lamport"):
+            stacked = _nan_stack(world_size, dtype).cuda()
+            vg.all_reduce_stacked(stacked, algo=algo)
+            torch.cuda.synchronize()
+            vg.check_errors()
+            for r in range(world_size):
+                assert torch.equal(stacked[r].view(bits_dtype), stacked[0].view(bits_dtype)), (dtype, algo, r)
+            out = stacked[0].float().cpu()
+            assert bool(torch.all(torch.isnan(out[:-1]))), (dtype, algo, out)
+            assert out[-1].item() == world_size * (world_size + 1) / 2, (dtype, algo, out)
+            got[algo] = stacked[0].view(bits_dtype).cpu()
+        assert torch.equal(got["two_shot"], got["one_shot"]), (dtype, got)
+        assert torch.equal(got["lamport"], got["one_shot"]), (dtype, got)
 
 
 @pytest.mark.parametrize("world_size", [2, 8])
