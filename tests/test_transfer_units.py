@@ -1743,7 +1743,7 @@ def test_an_in_process_peers_probe_stays_allocated_while_a_test_copy_given_up_on
     c.device, c.memory, c._probe_memory = torch.device("cuda", 0), memory, Allocation(memory, ipc.PROBE_BYTES)
     c.probe, c.probe_export = c._probe_memory.ptr, {"address": c._probe_memory.ptr, "token": "00" * 16}
     c.inbox = types.SimpleNamespace(path="/dev/shm/sagellm-xfer-c", close=lambda: None)
-    c.regions, c.exports, c.links, c.unreleased, c.copier, c._closed = {}, {}, [], [], None, False
+    c.exported, c.links, c.unreleased, c.copier, c._closed = {}, [], [], None, False
     c.launches, c.completed, c.in_flight, c._stalled_at = 0, 0, deque(), -1
     c.staging, c.events = types.SimpleNamespace(close=lambda in_use: None), types.SimpleNamespace(close=lambda: None)
     probe = c.probe
@@ -1818,12 +1818,12 @@ def test_an_ipc_region_deregistered_when_the_transfer_stream_failed_stays_refere
     backend = object.__new__(ipc.IpcBackend)
     backend.context = types.SimpleNamespace(name="a", timeout_s=0.2)
     kv = types.SimpleNamespace(name="kv")
-    backend.copier, backend.exports, backend.regions, backend.kept = None, {"kv": {}}, {"kv": kv}, []
+    backend.copier, backend.exported, backend.kept = None, {"kv": (kv, {})}, []
     backend.events = types.SimpleNamespace(done=failed)
     backend.in_flight, backend.completed, backend.launches, backend._stalled_at = deque([(1, 0, None)]), 0, 1, -1
     with pytest.raises(TransferError, match="stream failed"):
         backend.deregister(kv)
-    assert backend.kept == [kv] and backend.exports == {} and backend.regions == {}
+    assert backend.kept == [kv] and backend.exported == {}
 
 
 def test_an_ipc_transport_whose_resident_copier_fails_to_stop_still_closes_its_inbox_and_buffers(monkeypatch):

@@ -223,8 +223,8 @@ class IpcBackend(TransferBackend):
         # reference: this agent's, and those of other agents' links whose test copy from it may still run.
         self._probe_memory: torch.Tensor | Allocation | None = None
         self.inbox = Inbox()
-        self.exports: dict[str, dict] = {}
-        self.regions: dict[str, Region] = {}  # what the exports describe (a peer in this process uses them)
+        # Each registered region and its export (what peers map; a peer in this process uses the region itself).
+        self.exported: dict[str, tuple[Region, dict]] = {}
         self.links: list[IpcLink] = []
         # Removed links whose launches were still running at the removal's deadline: their inbox slot (while a
         # notifying launch may still publish into it) and mappings are released by later calls (_retry_unreleased).
@@ -354,12 +354,10 @@ class IpcBackend(TransferBackend):
                 export.update(path=path, offset=offset, size=os.path.getsize(path))
         except P2PFailedError as exc:
             raise BackendNotSupportedError(exc.message) from None
-        self.exports[info.name] = export
-        self.regions[info.name] = region
+        self.exported[info.name] = (region, export)
 
     def deregister(self, region: Region) -> None:
-        self.exports.pop(region.name, None)
-        self.regions.pop(region.name, None)
+        self.exported.pop(region.name, None)
         # A launch or resident request in flight may still read or write the region: its memory stays referenced
         # until they completed (bounded by the agent's timeout; past it, or when the stream failed, kept for the
         # process's life).
@@ -382,7 +380,7 @@ class IpcBackend(TransferBackend):
             "inbox": self.inbox.path,
             "device": self.device.type,
             "probe": dict(self.probe_export),
-            "regions": {name: dict(export) for name, export in self.exports.items()},
+            "regions": {name: dict(export) for name, (_, export) in self.exported.items()},
         }
 
     # ------------------------------------------------------------------ peers
@@ -510,8 +508,8 @@ class IpcBackend(TransferBackend):
         _same(peer, f"{what}: 'probe'", section["probe"], self.probe_export)
         addresses, held = {"\0probe": self.probe}, [self._probe_memory]
         for name in blob["regions"]:
-            region, export = self.regions.get(name), self.exports.get(name)
-            if region is None or export is None:
+            region, export = self.exported.get(name, (None, None))
+            if region is None:
                 raise InvalidArgumentError(
                     f"{what}: region {name!r} is not registered with that agent (deregistered since the metadata "
                     "was made); add the peer with its current metadata",
