@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -527,13 +528,19 @@ def test_init_keeps_its_deadline_whatever_sits_on_the_port():
 class _SilencingRelay(_Server):
     """A real store behind a relay on a port of 127.0.0.1 that passes bytes both ways until ``silent`` is set,
     then swallows them and keeps every connection open: a store whose host stopped answering (stopped or hung,
-    its host or the network to it down) after a rank joined it."""
+    its host or the network to it down) after a rank joined it.
 
-    def __init__(self, store_port: int):
+    ``silence_when``: asked before each request is passed on to the store (one at a time); once it returns True
+    the relay falls silent with that request, so a condition on the store's state catches the next request after
+    it became true, however the threads are scheduled."""
+
+    def __init__(self, store_port: int, silence_when: Callable[[], bool] | None = None):
         import threading
 
         self.store_port = store_port
         self.silent = threading.Event()
+        self.silence_when = silence_when
+        self._asking = threading.Lock()
         super().__init__()
 
     def _accepted(self, conn: socket.socket) -> None:
@@ -541,15 +548,19 @@ class _SilencingRelay(_Server):
 
         upstream = socket.create_connection(("127.0.0.1", self.store_port))
         self.held += [conn, upstream]
-        for source, sink in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=self._pass, args=(source, sink), daemon=True).start()
+        for source, sink, request in ((conn, upstream, True), (upstream, conn, False)):
+            threading.Thread(target=self._pass, args=(source, sink, request), daemon=True).start()
 
-    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pass(self, source: socket.socket, sink: socket.socket, request: bool) -> None:
         while True:
             try:
                 data = source.recv(65536)
                 if not data:
                     return
+                if request and self.silence_when is not None and not self.silent.is_set():
+                    with self._asking:
+                        if self.silence_when():
+                            self.silent.set()
                 if not self.silent.is_set():
                     sink.sendall(data)
             except OSError:
@@ -609,20 +620,13 @@ def test_init_process_group_keeps_a_deadline_when_the_store_falls_silent():
     did not end it (its store wait waits forever for the end of a timed-out wait).  A rank caught by the silence
     gets comm_timeout once twice its timeout + 1 s have passed since the set-up began, saying that the store
     stopped answering; every rank exits."""
-    import threading
 
     timeout = 2.0
     store = _stale_store(False)
-    relay = _SilencingRelay(store.port)
     arrived = store.num_keys() + 4  # each rank's count of inits, and its arrival
-
-    def silence_once_the_process_group_began() -> None:
-        while not relay.silent.is_set():
-            if store.num_keys() > arrived:  # torch's process group wrote its first key
-                relay.silent.set()
-            time.sleep(0.001)
-
-    threading.Thread(target=silence_once_the_process_group_began, daemon=True).start()
+    # Silent from the first request after torch's process group wrote its first key: the ranks exchange their
+    # addresses through the store after that, so at least one of them is caught.
+    relay = _SilencingRelay(store.port, silence_when=lambda: store.num_keys() > arrived)
     procs = _two_ranks_behind(relay, _LONE_RANK, timeout)
     try:
         outputs = [proc.communicate(timeout=40) for proc in procs]
