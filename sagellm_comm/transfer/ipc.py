@@ -496,10 +496,9 @@ class IpcBackend(TransferBackend):
         """This agent's memory as described by ``peer`` (this agent's metadata as another agent of this process was
         given it; ``blob``: its ipc section, checked): the addresses of the regions and the probe as this agent
         registered them, and the memory of the regions and the probe (the other agent's link holds it as a mapping
-        would).  The metadata must
-        describe them field for field as this agent does now; anything else (forged or damaged bytes, a region
-        deregistered since, this agent closed since) is an ``InvalidArgumentError`` naming the peer and the field:
-        the addresses in the bytes are never used."""
+        would).  The metadata must describe them field for field as this agent does now; anything else (forged or
+        damaged bytes, a region deregistered since, this agent closed since) is an ``InvalidArgumentError`` naming
+        the peer and the field: the addresses in the bytes are never used."""
         if self._closed or self.device is None:
             raise _no_live_agent(peer, blob["key"])
         what, section = f"peer {peer.name!r}'s ipc section", peer.transports["ipc"]
