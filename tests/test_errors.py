@@ -590,20 +590,10 @@ def test_init_keeps_its_deadline_when_the_store_falls_silent():
     """A store that answered the rank's join and its arrival, then fell silent, held init forever: torch waits for
     the end of a timed-out wait (and for a check's or an add's reply) with no bound.  The rank gets comm_timeout
     within its timeout + 2 s saying that the store stopped answering."""
-    import threading
-
     timeout = 3.0
     store = _stale_store(False)
-    relay = _SilencingRelay(store.port)
-
-    def silence_once_rank_1_arrived() -> None:
-        while not relay.silent.is_set():
-            if store.check(["sagellm_comm/1/arrived/1"]):
-                relay.silent.set()
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=silence_once_rank_1_arrived, daemon=True)
-    watcher.start()
+    # Silent from the first request after rank 1's arrival
+    relay = _SilencingRelay(store.port, silence_when=lambda: store.check(["sagellm_comm/1/arrived/1"]))
     try:
         seen, _ = _lone_rank(1, relay.port, timeout, limit=timeout)
     finally:
