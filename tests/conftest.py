@@ -25,6 +25,9 @@ sets its environment (``env``, ``TRITON_INTERPRET`` included) before it imports 
   child waits on this process's pidfd).
 * Children run with ``OMP_NUM_THREADS=1`` so several ranks share few cores politely.
 
+``join_gloo(rank, world_size, port)`` makes a rank's default Gloo group at that store, and ``exchange_objects`` is
+the side channel over it that ``SymmetricWorkspace.rendezvous`` takes.
+
 ``requires_cuda`` is a skip marker for tests that need a CUDA GPU; tests marked ``gpu`` are skipped
 cleanly when no GPU is visible (run them with ``pytest -m gpu`` on a GPU machine).
 
@@ -293,6 +296,23 @@ def _collect(procs, results, outcomes: dict, timeout: float, expect_dead) -> Non
                     outcomes[rank] = (True, None)
                 elif time.monotonic() - first > 2.0:
                     outcomes[rank] = (False, f"rank {rank} died with exit code {proc.exitcode} and no report")
+
+
+def join_gloo(rank: int, world_size: int, port: int) -> None:
+    """Make torch.distributed's default group over Gloo, at the store :func:`run_ranks` hosts on ``port``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def exchange_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, gathered over torch.distributed's default group (:func:`join_gloo`): the
+    side channel (``exchange``) ``SymmetricWorkspace.rendezvous`` takes.  Blocks until every rank calls."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def pg_alive(pg) -> bool:

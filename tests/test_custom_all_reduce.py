@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import NAN_BITS, run_ranks
+from tests.conftest import NAN_BITS, exchange_objects, join_gloo, run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1"}
 SLOT_BYTES = 16384
@@ -22,20 +22,15 @@ RTOL = {"float32": 1e-6, "bfloat16": 2**-7, "float16": 2**-10}
 
 
 def _setup(rank: int, world_size: int, port: int, slot_bytes: int = SLOT_BYTES, timeout_s: float = 60.0, memory=None):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=3, memory=memory)
-    return CustomAllReduce(ws, timeout_s=timeout_s), exchange
+    ws = SymmetricWorkspace.rendezvous(
+        rank, world_size, slot_bytes, "cpu", exchange_objects, max_programs=3, memory=memory
+    )
+    return CustomAllReduce(ws, timeout_s=timeout_s)
 
 
 def _recording_memory():
@@ -60,7 +55,7 @@ def _inputs(case: int, world_size: int, numel: int, dtype: torch.dtype) -> list[
 
 
 def _matrix_worker(rank, world_size, port, cases):
-    car, _ = _setup(rank, world_size, port)
+    car = _setup(rank, world_size, port)
     results = []
     for i, (algo, numel, dtype_name, mode) in enumerate(cases):
         dtype = DTYPES[dtype_name]
@@ -126,7 +121,7 @@ def test_kernels_match_reference_and_ranks_agree(world_size):
 
 
 def _back_to_back_worker(rank, world_size, port, calls):
-    car, _ = _setup(rank, world_size, port)
+    car = _setup(rank, world_size, port)
     for i in range(calls):
         algo = ("one_shot", "two_shot", "lamport")[i % 3]
         numel = 97 + 61 * (i % 5)
@@ -156,7 +151,7 @@ def _missing_peer_worker(rank, world_size, port, algo):
 
     from sagellm_comm.errors import CommTimeoutError, ErrorCode
 
-    car, _ = _setup(rank, world_size, port, timeout_s=0.5)
+    car = _setup(rank, world_size, port, timeout_s=0.5)
     if rank == 1:  # never calls all_reduce
         dist.barrier()
         return None
@@ -184,7 +179,7 @@ def test_missing_rank_times_out_with_named_peer(algo):
 def _bad_input_worker(rank, world_size, port):
     from sagellm_comm.errors import InvalidArgumentError, WorkspaceExhaustedError
 
-    car, _ = _setup(rank, world_size, port)
+    car = _setup(rank, world_size, port)
     cases = {
         "dtype": (torch.ones(8, dtype=torch.int32), "supports bfloat16, float16 and float32"),
         "contiguous": (torch.ones(8, 2)[:, 0], "contiguous"),
@@ -244,12 +239,12 @@ def _cycles_worker(rank, world_size, port, cycles):
 
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    car, exchange = _setup(rank, world_size, port)
+    car = _setup(rank, world_size, port)
     car.close()
     fds_before = len(os.listdir("/proc/self/fd"))
     files_before = len(glob.glob(f"/dev/shm/sagellm-comm-{os.getpid()}-*"))
     for _ in range(cycles):
-        ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange)
+        ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange_objects)
         ws.close()
     return (
         len(os.listdir("/proc/self/fd")) - fds_before,
@@ -452,13 +447,13 @@ def _buffer_after_close_worker(rank, world_size, port):
     from sagellm_comm.workspace import SymmetricWorkspace
 
     memory = _recording_memory()
-    car, exchange = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
+    car = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
     ws = car.workspace
     buf = car.get_buffer(64, torch.float32)
     buf.fill_(rank + 1)
     car.all_reduce(buf, algo="one_shot")
     summed = buf.tolist()
-    exchange(None)  # every rank's call is done before any region goes
+    exchange_objects(None)  # every rank's call is done before any region goes
     if rank == 1:  # nothing holds rank 1's region: close() frees it
         del buf
         gc.collect()  # the interpreter's launch left the tensor in a reference cycle
@@ -474,7 +469,7 @@ def _buffer_after_close_worker(rank, world_size, port):
     else:
         kept = None
     freed = len(memory.freed)
-    dropped = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+    dropped = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange_objects, memory=memory)
     del dropped  # never closed: its region stays (a free at collection could land in a graph capture)
     gc.collect()
     return summed, freed_at_close, freed, kept, len(memory.freed) - freed
@@ -562,7 +557,7 @@ def test_a_region_whose_last_buffer_goes_during_a_graph_capture_is_freed_after_i
 
 def _failing_closer_worker(rank, world_size, port):
     memory = _recording_memory()
-    car, _ = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
+    car = _setup(rank, world_size, port, timeout_s=30.0, memory=memory)
     ws = car.workspace
     ran = []
 
@@ -585,18 +580,11 @@ def test_a_closer_that_raises_still_closes_the_workspace():
 def _one_rank_fails_worker(rank, world_size, port, step):
     import glob
 
-    import torch.distributed as dist
-
     from sagellm_comm.errors import CommError, UnavailableError
     from sagellm_comm.ipc import SharedFileMemory
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
+    join_gloo(rank, world_size, port)
 
     class Failing(SharedFileMemory):  # the last rank: no shared memory left, or a peer's region it cannot map
         def allocate(self, nbytes):
@@ -611,11 +599,11 @@ def _one_rank_fails_worker(rank, world_size, port, step):
 
     memory = Failing() if rank == world_size - 1 else SharedFileMemory()
     try:
-        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, memory=memory)
+        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange_objects, memory=memory)
         raised = "nothing"
     except CommError as exc:
         raised = f"{type(exc).__name__}: {exc}"
-    after = exchange(rank)  # every rank left the rendezvous in the same round
+    after = exchange_objects(rank)  # every rank left the rendezvous in the same round
     return raised, after, glob.glob(f"/dev/shm/sagellm-comm-{os.getpid()}-*"), len(memory._maps)
 
 
@@ -635,7 +623,7 @@ def test_a_rendezvous_failing_on_one_rank_raises_on_every_rank_and_keeps_nothing
 
 
 def _sentinel_nan_worker(rank, world_size, port):
-    car, _ = _setup(rank, world_size, port, timeout_s=20.0)
+    car = _setup(rank, world_size, port, timeout_s=20.0)
     results = {}
     for dtype, bits_dtype, sentinel in (
         (torch.bfloat16, torch.int16, -1),  # 0xFFFF: a bf16 NaN with the Lamport sentinel's bit pattern
@@ -681,7 +669,7 @@ def _nan_inputs(rank: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _nan_bits_worker(rank, world_size, port):
-    car, _ = _setup(rank, world_size, port, timeout_s=20.0)
+    car = _setup(rank, world_size, port, timeout_s=20.0)
     results = {}
     for dtype, (bits_dtype, _patterns) in NAN_BITS.items():
         mask = (1 << torch.iinfo(bits_dtype).bits) - 1

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, NAN_BITS, rank_order_sum, run_ranks
+from tests.conftest import HAS_CUDA, NAN_BITS, exchange_objects, join_gloo, rank_order_sum, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -266,15 +266,10 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
     from sagellm_comm.workspace import SymmetricWorkspace
 
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
+    join_gloo(rank, world_size, port)
 
     ws = SymmetricWorkspace.rendezvous(
-        rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"), max_programs=8
+        rank, world_size, 1 << 20, "cuda:0", exchange_objects, CudaIpcMemory("cuda:0"), max_programs=8
     )
     car = CustomAllReduce(ws, timeout_s=30.0)
     digests = []
@@ -296,7 +291,9 @@ def _ipc_worker(rank, world_size, port, calls, cycles):
     dist.barrier()  # free memory is device-wide: measure when no rank is mid-cycle
     free_before = torch.cuda.mem_get_info(0)[0]
     for _ in range(cycles):
-        w = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"))
+        w = SymmetricWorkspace.rendezvous(
+            rank, world_size, 1 << 20, "cuda:0", exchange_objects, CudaIpcMemory("cuda:0")
+        )
         w.close()
     torch.cuda.synchronize()
     dist.barrier()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sagellm_comm.selector import Selection
-from tests.conftest import run_ranks
+from tests.conftest import exchange_objects, join_gloo, run_ranks
 from tests.fp8_checks import assert_within_one_step, fp8_step
 
 INTERP = {"TRITON_INTERPRET": "1"}
@@ -86,20 +86,13 @@ def _check(outs, xs, residual, weight, eps, quant, scale, tag):
 
 
 def _setup(rank, world_size, port, timeout_s=60.0, slot_bytes=SLOT_BYTES):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.fused import FusedAllReduceRMSNorm
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=2)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange_objects, max_programs=2)
     return CustomAllReduce(ws, timeout_s=timeout_s), FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
 
 

@@ -22,7 +22,7 @@ import hashlib
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import exchange_objects, join_gloo, run_ranks
 from tests.fp8_checks import payload_bound
 
 INTERP = {"TRITON_INTERPRET": "1"}
@@ -32,19 +32,12 @@ REL_L2_BOUND = 0.05
 
 
 def _setup(rank, world_size, port, slot_bytes=SLOT_BYTES, fallback=None):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange, max_programs=3)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, slot_bytes, "cpu", exchange_objects, max_programs=3)
     return CustomAllReduce(ws, timeout_s=60.0, fallback=fallback)
 
 

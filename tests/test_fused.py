@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import run_ranks
+from tests.conftest import exchange_objects, join_gloo, run_ranks
 
 # two programs a launch (the CPU default is 32, interpreted one after another)
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
@@ -30,25 +30,18 @@ def _digest(*tensors: torch.Tensor) -> str:
 
 
 def _setup(rank, world_size, port, gemm=False, timeout_s=60.0):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.fused import FusedAllReduceRMSNorm, GemmAllReduce, gemm_workspace_bytes
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange_objects, max_programs=2)
     car = CustomAllReduce(ws, timeout_s=timeout_s)
     fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
     if not gemm:
         return car, fused, None
-    gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange)
+    gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange_objects)
     return car, fused, GemmAllReduce(gws, car, timeout_s=timeout_s, consumer_programs=2)
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import rank_order_sum, run_ranks
+from tests.conftest import exchange_objects, join_gloo, rank_order_sum, run_ranks
 
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None}
 SLOT_BYTES = 16384
@@ -22,19 +22,14 @@ AR_ALGOS = ("one_shot", "two_shot", "lamport")
 
 
 def _setup(rank, world_size, port, timeout_s=60.0, check=None):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2, check=check)
+    ws = SymmetricWorkspace.rendezvous(
+        rank, world_size, SLOT_BYTES, "cpu", exchange_objects, max_programs=2, check=check
+    )
     return CustomAllReduce(ws, timeout_s=timeout_s)
 
 
@@ -191,17 +186,12 @@ def _faults_worker(rank, world_size, port, op, marker):
             time.sleep(0.05)
 
     # Check mode: rank 1 passes another size; both ranks name each other and write NaN.
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    def exchange(obj):
-        got = [None] * world_size
-        dist.all_gather_object(got, obj)
-        return got
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2, check=True)
+    ws = SymmetricWorkspace.rendezvous(
+        rank, world_size, SLOT_BYTES, "cpu", exchange_objects, max_programs=2, check=True
+    )
     car = CustomAllReduce(ws, timeout_s=30.0)
     numel = 32 + 8 * rank
     x = torch.ones(numel)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sagellm_comm.config import MAX_INITIAL_EPOCH
-from tests.conftest import run_ranks
+from tests.conftest import exchange_objects, join_gloo, run_ranks
 
 # Workspaces the test does not size get two programs a launch (the CPU default is 32, interpreted one by one).
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_INITIAL_EPOCH": None, "SAGELLM_COMM_CHECK": None,
@@ -26,32 +26,22 @@ SLOT_BYTES = 16384
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _exchange_fn(world_size):
-    import torch.distributed as dist
-
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    return exchange
-
-
 def _setup(rank, world_size, port, timeout_s=60.0, check=None, gemm=False):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.fused import FusedAllReduceRMSNorm, GemmAllReduce, gemm_workspace_bytes
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-    exchange = _exchange_fn(world_size)
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, SLOT_BYTES, "cpu", exchange, max_programs=2, check=check)
+    join_gloo(rank, world_size, port)
+    ws = SymmetricWorkspace.rendezvous(
+        rank, world_size, SLOT_BYTES, "cpu", exchange_objects, max_programs=2, check=check
+    )
     car = CustomAllReduce(ws, timeout_s=timeout_s)
     if not gemm:
         return car, None, None
     fused = FusedAllReduceRMSNorm(ws, timeout_s=timeout_s)
-    gws = SymmetricWorkspace.rendezvous(rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange, check=check)
+    gws = SymmetricWorkspace.rendezvous(
+        rank, world_size, gemm_workspace_bytes(8192), "cpu", exchange_objects, check=check
+    )
     return car, fused, GemmAllReduce(gws, car, timeout_s=timeout_s, consumer_programs=2)
 
 
@@ -305,16 +295,13 @@ def test_check_mode_compares_the_shape_of_the_2d_families_not_only_their_size(fa
 
 
 def _check_mode_agreement_worker(rank, world_size, port):
-    import torch.distributed as dist
-
     from sagellm_comm.errors import InvalidArgumentError
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
-    exchange = _exchange_fn(world_size)
+    join_gloo(rank, world_size, port)
     with pytest.raises(InvalidArgumentError, match=r"SAGELLM_COMM_CHECK \(check mode\) differs: 1 on ranks \[0\]"):
-        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, check=rank == 0)
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange, max_programs=5 + rank)
+        SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange_objects, check=rank == 0)
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 4096, "cpu", exchange_objects, max_programs=5 + rank)
     programs = ws.max_programs
     ws.close()
     return programs

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, run_ranks
+from tests.conftest import HAS_CUDA, exchange_objects, join_gloo, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -246,22 +246,15 @@ def test_check_mode_runs_the_fused_gemm_of_ranks_driven_from_one_thread():
 
 
 def _killed_gpu_worker(rank, world_size, port):
-    import torch.distributed as dist
-
     from sagellm_comm.custom_all_reduce import CustomAllReduce
     from sagellm_comm.errors import CommTimeoutError
     from sagellm_comm.ipc import CudaIpcMemory
     from sagellm_comm.workspace import SymmetricWorkspace
 
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
 
-    def exchange(obj):
-        out = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    ws = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange, CudaIpcMemory("cuda:0"),
+    ws = SymmetricWorkspace.rendezvous(rank, world_size, 1 << 20, "cuda:0", exchange_objects, CudaIpcMemory("cuda:0"),
                                        max_programs=8)  # fmt: skip
     car = CustomAllReduce(ws, timeout_s=2.0)
     x = torch.full((4096,), float(rank + 1), device="cuda")
