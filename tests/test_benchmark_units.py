@@ -590,6 +590,26 @@ def test_overlap_and_transfer_results_that_cannot_be_written_still_print_the_tab
     assert result.table.splitlines()[-1] in printed and str(tmp_path) not in printed, printed
 
 
+def test_a_plot_that_cannot_be_written_still_prints_the_table_with_the_files_written(tmp_path, capsys):
+    """The results' files were written, the plot was not: the table names the files, then one typed error names the
+    plot (the same end for bench, overlap and transfer: report.write_and_report)."""
+    from sagellm_comm.errors import UnavailableError
+
+    result = _overlap_result()
+
+    def write_files() -> None:
+        result.json_path, result.csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UnavailableError, match="--plot p.png could not be written .No space left.*table above"):
+        report.write_and_report(result, ("the results", write_files), ("--plot p.png", full_disk), print_table=True)
+    printed = capsys.readouterr().out
+    assert result.table.splitlines()[-1] in printed
+    assert f"# wrote {tmp_path / 'r.json'}, {tmp_path / 'r.csv'}" in printed and "p.png" not in printed
+
+
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     records = [_record(n, algo, n * 1e-6 + t) for n in (1024, 4096) for algo, t in (("a", 0.01), ("b", 0.02))]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sagellm_comm.errors import InvalidArgumentError, UnavailableError
 from sagellm_comm.files import write_file, write_text
@@ -364,23 +364,31 @@ def print_report(table: str, *paths: Path | None) -> None:
     sys.stdout.flush()
 
 
-def write_after_run(
-    steps: Sequence[tuple[str, Callable[[], object]]], show_table: Callable[[int], None] | None
-) -> None:
-    """Run a finished run's ``steps``, ``(what it writes, write)`` in order (its files, then its plot).  A file a
-    step cannot write (``OSError``: a full disk, a directory made read-only during the run) is an
-    :class:`~sagellm_comm.errors.UnavailableError` naming that step's ``what``, raised once ``show_table(done)``
-    (where given; ``done``: how many steps completed) printed the table: the measurements are not lost with their
-    files."""
+#: one write of a finished run: what it writes (the error names it), and the call that writes it
+WriteStep = tuple[str, Callable[[], object]]
+
+
+def write_and_report(result: Any, files: WriteStep | None, plot: WriteStep | None, *, print_table: bool) -> None:
+    """Finish a run: its results' ``files``, then its ``plot`` (each where given), then, with ``print_table``, its
+    table on stdout and the paths written.  ``result`` has the ``table``, and the ``json_path``, ``csv_path`` and
+    ``plot_path`` the steps set.
+
+    A file a step cannot write (``OSError``: a full disk, a directory made read-only during the run) is an
+    :class:`~sagellm_comm.errors.UnavailableError` naming that step's ``what``, raised once the table is printed
+    (with ``print_table``; the results' paths only where their step completed): the measurements are not lost with
+    their files."""
+    steps = [step for step in (files, plot) if step is not None]
     done = 0
     try:
         for _, write in steps:
             write()
             done += 1
     except OSError as exc:
-        if show_table is not None:
-            show_table(done)
-        shown = "; the table above holds the measurements" if show_table is not None else ""
+        if print_table:
+            print_report(result.table, *((result.json_path, result.csv_path) if files is not None and done else ()))
+        shown = "; the table above holds the measurements" if print_table else ""
         raise UnavailableError(
             f"the run finished but {steps[done][0]} could not be written ({exc.strerror or exc}){shown}"
         ) from exc
+    if print_table:
+        print_report(result.table, result.json_path, result.csv_path, result.plot_path)

@@ -21,8 +21,7 @@ from sagellm_comm.benchmark.report import (
     fill_ratios,
     format_table,
     plot_results,
-    print_report,
-    write_after_run,
+    write_and_report,
     write_results,
 )
 
@@ -189,15 +188,10 @@ def finish(result: BenchmarkResult, config: BenchConfig, *, print_table: bool) -
     def write_plot() -> None:
         result.plot_path = plot_results(result.records, result.info, config.plot)
 
-    steps = []
-    if config.output_dir is not None:
-        steps.append((f"the results in --output-dir {config.output_dir}", write_files))
-    if config.plot is not None and result.records:  # no point ran (each failed or was skipped): nothing to draw
-        steps.append((f"--plot {config.plot}", write_plot))
-    table = (lambda done: print_report(result.table, result.json_path, result.csv_path)) if print_table else None
-    write_after_run(steps, table)
-    if print_table:
-        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
-        if config.plot is not None and result.plot_path is None:
-            print(f"# no plot written to {config.plot}: no point ran", flush=True)
+    files = None if config.output_dir is None else (f"the results in --output-dir {config.output_dir}", write_files)
+    # no point ran (each failed or was skipped): nothing to draw
+    plot = None if config.plot is None or not result.records else (f"--plot {config.plot}", write_plot)
+    write_and_report(result, files, plot, print_table=print_table)
+    if print_table and config.plot is not None and result.plot_path is None:
+        print(f"# no plot written to {config.plot}: no point ran", flush=True)
     return result

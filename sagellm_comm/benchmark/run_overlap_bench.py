@@ -55,7 +55,7 @@ from sagellm_comm.benchmark.overlap_results import (
     write_overlap_results,
 )
 from sagellm_comm.benchmark.provenance import command_line
-from sagellm_comm.benchmark.report import print_report, write_after_run
+from sagellm_comm.benchmark.report import write_and_report
 from sagellm_comm.benchmark.sizes import parse_size, parse_size_list
 from sagellm_comm.benchmark.spawn import MASTER_ADDR, spawn_ranks
 from sagellm_comm.cli_support import (
@@ -121,26 +121,18 @@ def run_overlap(config: OverlapConfig, *, print_table: bool = False, backend: An
 
 def finish_overlap(result: OverlapResult, config: OverlapConfig, *, print_table: bool) -> OverlapResult:
     """Provenance, then the JSON/CSV files and the plot (as configured), then the table on stdout (first, where a
-    file cannot be written: :func:`~sagellm_comm.benchmark.report.write_after_run`)."""
+    file cannot be written: :func:`~sagellm_comm.benchmark.report.write_and_report`)."""
     describe_run(result, config)
 
     def write_plot() -> None:
         result.plot_path = plot_overlap(result, config.plot)
 
-    steps = []
+    files = None
     if config.output_dir is not None:
-        steps.append((f"the results in --output-dir {config.output_dir}",
-                      lambda: write_overlap_results(result, config.output_dir)))  # fmt: skip
-    if config.plot is not None:
-        steps.append((f"--plot {config.plot}", write_plot))
-
-    def table(done: int) -> None:  # the files' paths only where they were written
-        files = (result.json_path, result.csv_path) if done and config.output_dir is not None else ()
-        print_report(result.table, *files)
-
-    write_after_run(steps, table if print_table else None)
-    if print_table:
-        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
+        files = (f"the results in --output-dir {config.output_dir}",
+                 lambda: write_overlap_results(result, config.output_dir))  # fmt: skip
+    plot = None if config.plot is None else (f"--plot {config.plot}", write_plot)
+    write_and_report(result, files, plot, print_table=print_table)
     return result
 
 

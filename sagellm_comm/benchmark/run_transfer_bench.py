@@ -150,28 +150,19 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
 
 def finish_transfer(result, config: TransferBenchConfig, *, print_table: bool):
     """The JSON/CSV files and the plot (as configured), then the table on stdout (first, where a file cannot be
-    written: :func:`~sagellm_comm.benchmark.report.write_after_run`)."""
-    from sagellm_comm.benchmark.report import print_report, write_after_run
+    written: :func:`~sagellm_comm.benchmark.report.write_and_report`)."""
+    from sagellm_comm.benchmark.report import write_and_report
     from sagellm_comm.benchmark.transfer_results import plot, write_files
-
-    saving = config.output_dir is not None or config.out is not None
 
     def write_plot() -> None:
         result.plot_path = plot(result, config.plot)
 
-    steps = []
-    if saving:
+    files = None
+    if config.output_dir is not None or config.out is not None:
         where = f"--out {config.out}" if config.out is not None else f"--output-dir {config.output_dir}"
-        steps.append((f"the results in {where}", lambda: write_files(result, config.output_dir, config.out)))
-    if config.plot is not None:
-        steps.append((f"--plot {config.plot}", write_plot))
-
-    def table(done: int) -> None:  # the files' paths only where they were written
-        print_report(result.table, *((result.json_path, result.csv_path) if done and saving else ()))
-
-    write_after_run(steps, table if print_table else None)
-    if print_table:
-        print_report(result.table, result.json_path, result.csv_path, result.plot_path)
+        files = (f"the results in {where}", lambda: write_files(result, config.output_dir, config.out))
+    plot_step = None if config.plot is None else (f"--plot {config.plot}", write_plot)
+    write_and_report(result, files, plot_step, print_table=print_table)
     return result
 
 
