@@ -221,13 +221,9 @@ def test_ring_or_tree_on_the_custom_backends_gloo_engine_is_refused_before_any_p
     """Was a run that skipped them after start, measured nothing and exited 0."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["bench", "--backend", "custom", "--algo", algos, "--no-save"])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
+    line = _refused(["bench", "--backend", "custom", "--algo", algos, "--no-save"], capsys)
     algo = algos.split(",")[-1]
-    assert f"{algo} sets NCCL_ALGO, but the custom backend's engine here is gloo" in _one_line_refusal(captured.err)
-    assert captured.out == ""
+    assert f"{algo} sets NCCL_ALGO, but the custom backend's engine here is gloo" in line
 
 
 def test_a_run_where_another_algorithm_was_measured_prints_the_skip_and_exits_0(monkeypatch):
@@ -311,6 +307,17 @@ def _one_line_refusal(err: str, prog: str = "sagellm-comm bench") -> str:
     return lines[0]
 
 
+def _refused(argv: list[str], capsys) -> str:
+    """The refusal of ``sagellm-comm ARGV``: exit status 2, nothing on stdout, one line on stderr (returned)."""
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(argv)
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    return _one_line_refusal(captured.err, prog="sagellm-comm" if command is None else f"sagellm-comm {command}")
+
+
 def _no_process_may_start(monkeypatch) -> None:
     import torch.multiprocessing as mp
 
@@ -325,11 +332,7 @@ def _no_process_may_start(monkeypatch) -> None:
 @pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
 def test_bad_options_are_usage_errors(options, message, capsys, monkeypatch, tmp_path):
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["bench", "--output-dir", str(tmp_path), *options])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert message in _one_line_refusal(captured.err) and captured.out == ""
+    assert message in _refused(["bench", "--output-dir", str(tmp_path), *options], capsys)
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
@@ -372,10 +375,7 @@ def test_overlap_virtual_ranks_refuse_a_dtype_the_kernels_do_not_run_before_anyt
 
     _no_process_may_start(monkeypatch)
     monkeypatch.setattr(overlap_plan, "cuda_available", lambda: True)  # the check comes before any GPU is used
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["overlap", "--virtual-ranks", "2", "--dtype", "float64", "--no-save"])
-    assert excinfo.value.code == 2
-    line = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm overlap")
+    line = _refused(["overlap", "--virtual-ranks", "2", "--dtype", "float64", "--no-save"], capsys)
     assert "the custom all-reduce runs float32, float16 and bfloat16, not float64" in line
 
 
@@ -399,11 +399,7 @@ def test_overlap_on_a_given_backend_refuses_a_gemm_that_cannot_fit_before_anythi
 @pytest.mark.parametrize(("options", "message"), OVERLAP_BAD_OPTIONS, ids=[" ".join(o) for o, _ in OVERLAP_BAD_OPTIONS])
 def test_overlap_refusals_are_one_line_before_any_process_starts(options, message, capsys, monkeypatch, tmp_path):
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["overlap", "--output-dir", str(tmp_path), *options])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert message in _one_line_refusal(captured.err, prog="sagellm-comm overlap") and captured.out == ""
+    assert message in _refused(["overlap", "--output-dir", str(tmp_path), *options], capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -464,12 +460,8 @@ if not HAS_CUDA:
 def test_transfer_refusals_are_one_line_before_any_process_starts(options, message, capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        where = [] if "--out" in options else ["--output-dir", str(tmp_path)]  # --out names its own files
-        cli.main(["transfer", *where, *options])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert message in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
+    where = [] if "--out" in options else ["--output-dir", str(tmp_path)]  # --out names its own files
+    assert message in _refused(["transfer", *where, *options], capsys)
     assert not list(tmp_path.iterdir())
 
 
@@ -490,11 +482,7 @@ def test_transfer_out_whose_files_cannot_be_written_is_refused_before_any_proces
     if stem:
         (tmp_path / stem).mkdir()
     out = f"{tmp_path}/results" if stem else f"{tmp_path}/"
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["transfer", "--out", out])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert message.format(tmp=tmp_path) in _one_line_refusal(captured.err, prog="sagellm-comm transfer")
+    assert message.format(tmp=tmp_path) in _refused(["transfer", "--out", out], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ([stem] if stem else [])
 
 
@@ -514,10 +502,7 @@ def test_transfer_pools_larger_than_the_gpus_free_memory_are_refused_before_any_
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["cuda"], 80 << 30))
     sweep = ["--device", "cuda", "--backend", "nixl", "--block-sizes", "1G", "--block-counts", "4", "--max-bytes", "4G"]
     free["cuda"] = (12 << 30) + (1 << 29)  # two pools of twice the largest request: 16G
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["transfer", "--output-dir", str(tmp_path), *sweep])
-    assert excinfo.value.code == 2
-    refusal = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm transfer")
+    refusal = _refused(["transfer", "--output-dir", str(tmp_path), *sweep], capsys)
     assert "pools need 16G of GPU memory on cuda (2 x 8G: twice the largest request), 12.5G is free" in refusal
     free["cuda"] = 16 << 30
     config = transfer_config.TransferBenchConfig(
@@ -594,21 +579,12 @@ def test_every_registered_subcommand_is_listed_and_documented(capsys):
         assert f"usage: sagellm-comm {command.name}" in capsys.readouterr().out
 
 
-def _refused(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["bench", *args])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    return _one_line_refusal(captured.err)
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without GPUs")
 @pytest.mark.parametrize("kind", ["nccl", "custom"])
 def test_gpu_backend_without_gpu_is_refused_before_any_process_starts(kind, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _no_process_may_start(monkeypatch)
-    line = _refused(["--backend", kind, "--no-save"], capsys)
+    line = _refused(["bench", "--backend", kind, "--no-save"], capsys)
     assert f"--backend {kind}: " in line and "needs a CUDA" in line and "use --backend gloo" in line
 
 
@@ -623,9 +599,9 @@ def test_gpu_backend_refusal_from_the_real_process():
 def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    line = _refused(["--backend", "gloo", "--output-dir", str(a_file)], capsys)
+    line = _refused(["bench", "--backend", "gloo", "--output-dir", str(a_file)], capsys)
     assert f"--output-dir {a_file}: exists and is not a directory" in line
-    line = _refused(["--backend", "gloo", "--output-dir", str(a_file / "sub")], capsys)
+    line = _refused(["bench", "--backend", "gloo", "--output-dir", str(a_file / "sub")], capsys)
     assert f"cannot be created, {a_file} is not a directory" in line
     assert a_file.read_text() == "x" and sorted(tmp_path.iterdir()) == [a_file]
 
@@ -639,12 +615,8 @@ PLOT_REQUESTS = {"bench": ["--backend", "gloo"], "overlap": ["--backend", "gloo"
 def test_plot_with_an_unknown_extension_is_refused(tmp_path, capsys, monkeypatch, command, name, message):
     pytest.importorskip("matplotlib")
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / name)])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    line = _one_line_refusal(captured.err, prog=f"sagellm-comm {command}")
-    assert message in line and "png" in line and captured.out == ""
+    line = _refused([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / name)], capsys)
+    assert message in line and "png" in line
     assert not list(tmp_path.iterdir())
 
 
@@ -655,10 +627,7 @@ def test_plot_without_matplotlib_names_the_extra_of_this_checkout(tmp_path, caps
     _no_process_may_start(monkeypatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / "plot.png")])
-    assert excinfo.value.code == 2
-    line = _one_line_refusal(capsys.readouterr().err, prog=f"sagellm-comm {command}")
+    line = _refused([command, *PLOT_REQUESTS[command], "--no-save", "--plot", str(tmp_path / "plot.png")], capsys)
     assert "--plot needs matplotlib" in line and "pip install -e '.[plot]'" in line, line
     assert "pip install matplotlib" in line and "isagellm-comm[" not in line, line
 
@@ -666,7 +635,7 @@ def test_plot_without_matplotlib_names_the_extra_of_this_checkout(tmp_path, caps
 @pytest.mark.parametrize("value", ["[1]", '{"num_gpus": "two"}', "{not json"])
 def test_malformed_topology_variable_is_one_line_and_exit_2(value, capsys, monkeypatch):
     monkeypatch.setenv("SAGELLM_COMM_TOPOLOGY", value)
-    line = _refused(["--backend", "gloo", "--no-save"], capsys)
+    line = _refused(["bench", "--backend", "gloo", "--no-save"], capsys)
     assert line.count("SAGELLM_COMM_TOPOLOGY") >= 1
     assert cli.main(["topo"]) == 2
     assert "SAGELLM_COMM_TOPOLOGY" in _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm topo")
@@ -679,11 +648,7 @@ def test_transfer_refuses_a_malformed_setting_before_any_process_starts(name, va
     """Each process's agent reads the settings as it starts: a bad one left NIXL unmeasured and the run exited 0."""
     _no_process_may_start(monkeypatch)
     monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["transfer", "--output-dir", str(tmp_path)])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert name in _one_line_refusal(captured.err, prog="sagellm-comm transfer") and captured.out == ""
+    assert name in _refused(["transfer", "--output-dir", str(tmp_path)], capsys)
 
 
 @pytest.mark.parametrize(
@@ -693,12 +658,8 @@ def test_transfer_refuses_a_malformed_setting_before_any_process_starts(name, va
 def test_no_save_with_an_output_dir_is_refused_as_a_contradiction(command, no_save, capsys, monkeypatch, tmp_path):
     """``--no-save`` silently dropped the ``--output-dir`` given with it, as ``--out`` with ``--no-save`` is not."""
     _no_process_may_start(monkeypatch)
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main([command, *PLOT_REQUESTS[command], no_save, "--output-dir", str(tmp_path / "out")])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    line = _one_line_refusal(captured.err, prog=f"sagellm-comm {command}")
-    assert "--output-dir and --no-save contradict each other" in line and captured.out == ""
+    line = _refused([command, *PLOT_REQUESTS[command], no_save, "--output-dir", str(tmp_path / "out")], capsys)
+    assert "--output-dir and --no-save contradict each other" in line
 
 
 def _live_members(pgid: int) -> list[str]:
@@ -761,10 +722,9 @@ def test_ctrl_c_is_one_line_exit_130_and_stops_the_ranks(target):
 def test_world_size_disagreeing_with_torchrun_env(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["bench", "--backend", "gloo", "--world-size", "2"])
-    assert excinfo.value.code == 2
-    assert "disagrees with torchrun's WORLD_SIZE=4" in _one_line_refusal(capsys.readouterr().err)
+    assert "disagrees with torchrun's WORLD_SIZE=4" in _refused(
+        ["bench", "--backend", "gloo", "--world-size", "2"], capsys
+    )
 
 
 def test_usage_error_exit_code_from_the_real_process():
@@ -774,10 +734,7 @@ def test_usage_error_exit_code_from_the_real_process():
 
 
 def test_cli_needs_a_subcommand(capsys):
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main([])
-    assert excinfo.value.code == 2
-    assert "required: COMMAND" in _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm")
+    assert "required: COMMAND" in _refused([], capsys)
 
 
 def test_topo_prints_the_matrix(capsys):
@@ -801,10 +758,7 @@ def test_config_markdown_and_update_together_are_refused(tmp_path, capsys):
     usage error rather than a file rewritten and nothing printed."""
     doc = tmp_path / "configuration.md"
     doc.write_text("no markers here\n")
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["config", "--markdown", "--update", str(doc)])
-    assert excinfo.value.code == 2
-    line = _one_line_refusal(capsys.readouterr().err, prog="sagellm-comm config")
+    line = _refused(["config", "--markdown", "--update", str(doc)], capsys)
     assert "--update" in line and "--markdown" in line and "not allowed with" in line
     assert doc.read_text() == "no markers here\n"
 
@@ -812,12 +766,7 @@ def test_config_markdown_and_update_together_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("path", ["", " "])
 def test_config_update_without_a_file_is_refused_not_taken_for_a_plain_config(path, capsys):
     """An empty ``--update`` printed the settings and exited 0, as if the option had been left out."""
-    with pytest.raises(SystemExit) as excinfo:
-        cli.main(["config", "--update", path])
-    assert excinfo.value.code == 2
-    captured = capsys.readouterr()
-    assert "--update names no file" in _one_line_refusal(captured.err, prog="sagellm-comm config")
-    assert captured.out == ""
+    assert "--update names no file" in _refused(["config", "--update", path], capsys)
 
 
 @pytest.mark.parametrize(
