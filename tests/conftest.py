@@ -315,6 +315,33 @@ def exchange_objects(obj: Any) -> list[Any]:
     return out
 
 
+def run_checks(checks: dict[Any, Callable[[], Any]]) -> dict[Any, tuple[str, Any]]:
+    """A rank's ``checks`` run in order: each name's ``("ok", value)``, or ``("raised", traceback)`` for the first
+    that raises and nothing after it (the ranks may then disagree on the next collective).  The parent reads them
+    with :func:`checked_values`."""
+    outcomes: dict[Any, tuple[str, Any]] = {}
+    for name, check in checks.items():
+        try:
+            outcomes[name] = ("ok", check())
+        except Exception:  # recorded, with its traceback, for the parent to report
+            outcomes[name] = ("raised", traceback.format_exc())
+            break
+    return outcomes
+
+
+def checked_values(outcomes: list[dict], name: Any) -> list[Any]:
+    """Every rank's value of check ``name`` in rank order, from each rank's :func:`run_checks` outcomes (or a dict of
+    that form); fails naming a rank that did not reach the check (an earlier one raised) or whose check raised, with
+    its traceback."""
+    values = []
+    for rank, result in enumerate(outcomes):
+        assert name in result, f"rank {rank} did not reach {name!r} (an earlier check raised)"
+        status, value = result[name]
+        assert status == "ok", f"rank {rank}:\n{value}"
+        values.append(value)
+    return values
+
+
 def pg_alive(pg) -> bool:
     """Whether torch.distributed still holds the process group ``pg`` (a released group's is gone)."""
     import torch.distributed as dist

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import sagellm_comm.compile as fusion
 from sagellm_comm.compile import fusion_pass
 from sagellm_comm.errors import InvalidArgumentError, NotImplementedCommError, ShapeMismatchError
-from tests.conftest import no_compile_caches, run_ranks
+from tests.conftest import checked_values, no_compile_caches, run_ranks
 
 FUSED_OP = torch.ops.sagellm_comm.all_reduce_residual_rmsnorm.default
 ALL_REDUCE = torch.ops.sagellm_comm.all_reduce.default
@@ -1123,14 +1123,8 @@ def gloo_outcomes() -> list[dict]:
 
 
 def _case(outcomes, name):
-    values = []
-    for rank, result in enumerate(outcomes):
-        assert name in result, f"rank {rank} did not reach {name!r} (an earlier case raised)"
-        status, value = result[name]
-        assert status == "ok", f"rank {rank}:\n{value}"
-        unfused, fused, done = value
-        values.append((_tensors(unfused), _tensors(fused), done))
-    return values
+    """Every rank's ``(unfused, fused, done)`` of case ``name``, as tensors."""
+    return [(_tensors(unfused), _tensors(fused), done) for unfused, fused, done in checked_values(outcomes, name)]
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:

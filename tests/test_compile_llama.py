@@ -17,14 +17,14 @@ run (``sagellm_comm.fused.last_selection``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-import traceback
 
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, no_compile_caches, run_ranks
+from tests.conftest import HAS_CUDA, checked_values, no_compile_caches, run_checks, run_ranks
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason='needs transformers: pip install -e ".[examples]"'
@@ -65,27 +65,10 @@ def _worker(rank: int, world_size: int, port: int, cases: list[tuple[str, str, i
         world = _init_custom_on_one_gpu(rank, world_size, port)
     else:
         world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=120)
-    outcomes: dict = {}
     try:
-        for case in cases:
-            try:
-                outcomes[case] = ("ok", _check(world, *case))
-            except Exception:  # recorded; the ranks may now disagree on the next collective: stop here
-                outcomes[case] = ("raised", traceback.format_exc())
-                break
+        return run_checks({case: functools.partial(_check, world, *case) for case in cases})
     finally:
         sagellm_comm.destroy()
-    return outcomes
-
-
-def _results(outcomes: list[dict], case) -> list[dict]:
-    values = []
-    for rank, result in enumerate(outcomes):
-        assert case in result, f"rank {rank} did not reach {case} (an earlier case raised)"
-        status, value = result[case]
-        assert status == "ok", f"rank {rank}:\n{value}"
-        values.append(value)
-    return values
 
 
 def _assert_fused_and_right(result: dict, rank: int, decode_steps: int) -> None:
@@ -106,7 +89,7 @@ CPU_CASES = [("fused", "bfloat16", 1), pytest.param(("fused", "float32", 1), mar
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-{c[1]}-decode{c[2]}")
 def test_fused_llama_on_gloo_tp2(case) -> None:
     outcomes = run_ranks(_worker, 2, [case], False, timeout=540.0)
-    for rank, result in enumerate(_results(outcomes, case)):
+    for rank, result in enumerate(checked_values(outcomes, case)):
         _assert_fused_and_right(result, rank, case[2])
         assert result["algo"] == "unfused"  # Gloo: the engine's all-reduce, then torch ops
 
@@ -125,7 +108,7 @@ def test_fused_llama_custom_backend_on_one_gpu(case) -> None:
 
     tp_size, config = case[0], case[1:]
     outcomes = run_ranks(_worker, tp_size, [config], True, timeout=540.0)
-    for rank, result in enumerate(_results(outcomes, config)):
+    for rank, result in enumerate(checked_values(outcomes, config)):
         _assert_fused_and_right(result, rank, config[2])
         assert result["algo"] in KERNEL_ALGOS, f"rank {rank} {case}: the fused op ran {result['algo']!r}"
         assert result["cudagraph_skips"] == 0, f"rank {rank} {case}: Inductor skipped its CUDA graphs"

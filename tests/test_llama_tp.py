@@ -17,12 +17,11 @@ import copy
 import functools
 import importlib.util
 import os
-import traceback
 
 import pytest
 import torch
 
-from tests.conftest import HAS_CUDA, run_ranks
+from tests.conftest import HAS_CUDA, checked_values, run_checks, run_ranks
 
 # A guard for environments without the extra (CI installs it through [dev]).  find_spec, not
 # importorskip: importing transformers costs the pytest process seconds it does not need (the ranks import it).
@@ -112,7 +111,6 @@ def _cpu_worker(rank: int, world_size: int, port: int) -> dict:
     from examples import llama_tp
 
     world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, master_port=port, timeout=60)
-    outcomes: dict = {}
     try:
         groups = {4: world, 2: world.split(2)}  # TP 4, and TP 2 x 2 replicas
         checks = {
@@ -124,15 +122,9 @@ def _cpu_worker(rank: int, world_size: int, port: int) -> dict:
             ("indivisible", check_indivisible_tp_size),
         ):
             checks[name] = functools.partial(check, llama_tp, groups)
-        for name, check in checks.items():
-            try:
-                outcomes[name] = ("ok", check())
-            except Exception:  # recorded; the ranks may now disagree on the next collective: stop here
-                outcomes[name] = ("raised", traceback.format_exc())
-                break
+        return run_checks(checks)
     finally:
         sagellm_comm.destroy()
-    return outcomes
 
 
 @pytest.fixture(scope="module")
@@ -140,26 +132,16 @@ def cpu_outcomes() -> list[dict]:
     return run_ranks(_cpu_worker, CPU_WORLD_SIZE, timeout=300.0)
 
 
-def _result(outcomes: list[dict], name) -> list:
-    values = []
-    for rank, result in enumerate(outcomes):
-        assert name in result, f"rank {rank} did not reach {name} (an earlier check raised)"
-        status, value = result[name]
-        assert status == "ok", f"rank {rank}:\n{value}"
-        values.append(value)
-    return values
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"tp{tp}-{dtype}" for tp, dtype in CASES])
 def test_logits_match_unsharded_model_on_gloo(cpu_outcomes, case) -> None:
-    for rank, errors in enumerate(_result(cpu_outcomes, case)):
+    for rank, errors in enumerate(checked_values(cpu_outcomes, case)):
         assert set(errors) == {"prefill", "decode1", "decode2"}
         assert not _failures(errors), f"rank {rank}: {_failures(errors)}"
 
 
 def test_each_rank_holds_its_share_of_heads_and_mlp(cpu_outcomes) -> None:
     hidden, head_dim = 128, 16  # small_llama_config: 8 query heads, 4 key/value heads, MLP 256
-    for shapes in _result(cpu_outcomes, "shards"):
+    for shapes in checked_values(cpu_outcomes, "shards"):
         for tp_size in (4, 2):
             heads, kv_heads, mlp = 8 // tp_size, 4 // tp_size, 256 // tp_size
             assert shapes[tp_size] == {
@@ -175,12 +157,12 @@ def test_each_rank_holds_its_share_of_heads_and_mlp(cpu_outcomes) -> None:
 
 
 def test_a_missing_all_reduce_fails_the_comparison(cpu_outcomes) -> None:
-    for rank, errors in enumerate(_result(cpu_outcomes, "missing_all_reduce")):
+    for rank, errors in enumerate(checked_values(cpu_outcomes, "missing_all_reduce")):
         assert len(_failures(errors)) == len(errors), f"rank {rank}: the broken model passed some step: {errors}"
 
 
 def test_tp_size_must_divide_the_key_value_heads(cpu_outcomes) -> None:
-    for message in _result(cpu_outcomes, "indivisible"):
+    for message in checked_values(cpu_outcomes, "indivisible"):
         assert "num_key_value_heads=2 is not divisible by the tensor-parallel size 4" in message
 
 
