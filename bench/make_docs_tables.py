@@ -557,7 +557,9 @@ FP8_PARTS = (
 
 
 def _fp8_record(rel: str) -> str:
-    """The tables and targets of an FP8 fused record (its virtual and / or MPS part)."""
+    """The tables and targets of an FP8 fused record (its virtual and / or MPS part), or :func:`not_yet`."""
+    if not (RESULTS / rel).exists():
+        return not_yet(rel)
     data = load(rel)
     parts = [f"From {cite(rel)}, `{data['meta']['command']}`; bf16 in, us per call under CUDA-graph replay."]
     for key, title, targets_of, tokens in FP8_PARTS:
@@ -572,20 +574,14 @@ def _fp8_record(rel: str) -> str:
 
 
 def fp8_fused() -> str:
-    if not (RESULTS / FP8_FUSED).exists():
-        return not_yet(FP8_FUSED)
     return _fp8_record(FP8_FUSED)
 
 
 def fp8_fused_mps_h100() -> str:
-    if not (RESULTS / FP8_FUSED_MPS_H100).exists():
-        return not_yet(FP8_FUSED_MPS_H100)
     return _fp8_record(FP8_FUSED_MPS_H100)
 
 
 def fp8_fused_w4_h100() -> str:
-    if not (RESULTS / FP8_FUSED_W4_H100).exists():
-        return not_yet(FP8_FUSED_W4_H100)
     return _fp8_record(FP8_FUSED_W4_H100)
 
 
