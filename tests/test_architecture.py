@@ -1,5 +1,5 @@
-"""docs/architecture.md's "one of each" promises, checked on the package source: one timer, algorithm names
-only from ``selector.py``, no module reading another module's private attributes."""
+"""docs/architecture.md's "one of each" promises, checked on the package source: one timer, one end of a benchmark
+run, algorithm names only from ``selector.py``, no module reading another module's private attributes."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def test_the_overlap_benchmark_times_with_the_one_timer():
     tree = ast.parse(inspect.getsource(overlap_measure))
     own = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("Event", "elapsed_time")]
     assert not own, f"overlap_measure.py times with its own events at lines {own}"
+
+
+def test_a_benchmark_run_ends_through_the_one_write_and_report():
+    """``benchmark/report.py``'s ``write_and_report`` is the one end of a run (its files, its plot, then the table):
+    no other module prints a run's table and files itself (``print_report``)."""
+    callers = {
+        name
+        for name, tree in _modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and "print_report" in (getattr(node.func, "id", None), getattr(node.func, "attr", None))
+    }
+    assert callers == {"sagellm_comm/benchmark/report.py"}, f"print_report called outside report.py: {callers}"
 
 
 # Private attributes of other projects' modules the package reads on purpose (the host-cost fast paths).
