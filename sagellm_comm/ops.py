@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,7 +87,7 @@ DEFAULT_GROUP_NAME = "default"
 
 _GROUPS: dict[str, CommGroup] = {}
 _NAMES: dict[int, str] = {}  # id(group) -> its first name, for _name_of (the groups in _GROUPS are alive)
-_GENERATED: set[str] = set()  # the names register_group made up (name=None); dropped when their backend is destroyed
+_GENERATED: set[str] = set()  # the names register_group made up (name=None); dropped when their group is released
 _LOCK = threading.Lock()
 _COUNTER = itertools.count()
 
@@ -107,9 +108,10 @@ def register_group(group: CommGroup, name: str | None = None) -> str:
     Registering the same group under the same name again is a no-op; a name already bound to another
     group raises :class:`InvalidArgumentError` (unregister it first).  ``"default"`` is reserved.
     Every rank should register its group under the same name, so compiled graphs agree across ranks.
-    A generated name lasts as long as the group's backend: destroying the backend unregisters it (a name given
-    here stays until :func:`unregister_group`); a group whose backend is not initialised gets none
-    (:class:`NotInitializedError`).
+    A generated name lasts as long as the group: releasing a sub-group (``CommGroup.destroy()``,
+    ``CommBackend.release_group``) or destroying its backend unregisters it, so the registry holds no released group
+    (nor its process groups' sockets and threads); a name given here stays until :func:`unregister_group`.  A group
+    whose backend is not initialised gets none (:class:`NotInitializedError`).
     """
     from sagellm_comm.group import CommGroup
 
@@ -178,10 +180,15 @@ def unregister_group(name: str) -> None:
         _index_names()
 
 
-def forget_generated_names(backend: object) -> None:
-    """Unregister the generated names of ``backend``'s groups (it is being destroyed); given names stay."""
+def forget_generated_names(backend: object, handles: Sequence[object] | None = None) -> None:
+    """Unregister the generated names of ``backend``'s groups: every one (``handles`` None: the backend is being
+    destroyed), or those of the sub-groups ``handles`` (being released); given names stay."""
+
+    def released(group: CommGroup) -> bool:
+        return group.backend is backend and (handles is None or any(group.handle is h for h in handles))
+
     with _LOCK:
-        for name in [name for name in _GENERATED if _GROUPS[name].backend is backend]:
+        for name in [name for name in _GENERATED if released(_GROUPS[name])]:
             del _GROUPS[name]
             _GENERATED.discard(name)
         _index_names()

@@ -353,6 +353,26 @@ def pg_alive(pg) -> bool:
     return True
 
 
+def process_resources() -> dict[str, int]:
+    """This process's open file descriptors and threads (native ones included: ``/proc/self/task``), after a
+    garbage collection: for tests that repeat a cycle and check that nothing it made stays behind."""
+    import gc
+
+    gc.collect()
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": len(os.listdir("/proc/self/task"))}
+
+
+def resources_back_to(level: dict[str, int], timeout: float = 5.0) -> dict[str, int]:
+    """:func:`process_resources` once no count is above ``level`` (threads a released object ends may take a
+    moment), or as they are at ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = process_resources()
+        if all(now[key] <= level[key] for key in level) or time.monotonic() >= deadline:
+            return now
+        time.sleep(0.05)
+
+
 class RecordingFileMemory(SharedFileMemory):
     """Shared files (the interpreter's peer memory) that record what is unmapped and freed."""
 

@@ -237,10 +237,12 @@ class TorchDistributedBackend(CommBackend):
         # Python, and the C++ runtime aborts the process ("terminate called without an active exception").
         time.sleep(ENGINE_RELEASE_S)
 
-    def _forget_generated_names(self) -> None:
+    def _forget_generated_names(self, handles: Sequence[GroupHandle] | None = None) -> None:
+        """Unregister the op registry's generated names of this backend's groups (``handles``: of those sub-groups
+        only): the registry would otherwise keep each group, and with it its process groups' sockets and threads."""
         ops = sys.modules.get("sagellm_comm.ops")  # the op registry's names exist only once it is imported
         if ops is not None:
-            ops.forget_generated_names(self)
+            ops.forget_generated_names(self, handles)
 
     def _teardown(self) -> None:
         """Release the process groups this backend made: every one, whichever raises (the first error is raised)."""
@@ -377,7 +379,7 @@ class TorchDistributedBackend(CommBackend):
         released = {id(handle) for handle in handles}
         self._groups[:] = [handle for handle in self._groups if id(handle) not in released]
         self._released_handles.update(handles)
-        releases = []
+        releases = [functools.partial(self._forget_generated_names, handles)]
         for handle in reversed(handles):
             for pg in {id(p): p for p in (handle.engine_group, handle.cpu_group) if p is not None}.values():
                 releases.append(functools.partial(_destroy_if_live, pg))
