@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import exchange_objects, join_gloo, run_ranks
+from tests.conftest import exchange_objects, join_gloo, process_resources, resources_back_to, run_ranks
 
 # two programs a launch (the CPU default is 32, interpreted one after another)
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
@@ -509,6 +509,57 @@ def test_group_level_functions_use_the_custom_workspace():
     results = run_ranks(_group_worker, 2, env=INTERP, timeout=300)
     assert results[0][0] == results[1][0]
     assert [closed for _, closed in results] == [True, True]
+
+
+def _released_fused_groups_worker(rank, world_size, port, cycles):
+    """Sub-groups made, run through the group-level fused all-reduce + RMSNorm and released, again and again, then
+    the backend destroyed: what stays alive and open after a warm-up, after ``cycles`` more, and after the
+    destroy."""
+    import gc
+    import weakref
+
+    from sagellm_comm import CommBackend, CommGroup
+    from sagellm_comm.fused import all_reduce_residual_rmsnorm, last_selection
+
+    backend = CommBackend.create("custom", max_bytes=8192, kernel_timeout=60.0)
+    backend.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 16, generator=g) for _ in range(world_size)]
+    residual, weight = torch.randn(2, 16, generator=g), torch.rand(16, generator=g) + 0.5
+    held = []  # weak references to each released group's handle and kernels
+
+    def cycle(backend) -> str:
+        group = CommGroup(backend, backend.new_group([0, 1]))
+        kernels = backend.kernels_for(group)
+        assert kernels is not None, backend.kernels_reason(group)
+        _, new_res = all_reduce_residual_rmsnorm(xs[rank], residual, weight, 1e-6, group=group)
+        torch.testing.assert_close(new_res, _rms_reference(xs, residual, weight, 1e-6)[1], rtol=1e-5, atol=1e-5)
+        held.extend((weakref.ref(group.handle), weakref.ref(kernels)))
+        group.destroy()
+        return last_selection(group).algo
+
+    algos = [cycle(backend) for _ in range(2)]
+    warm = process_resources()
+    algos += [cycle(backend) for _ in range(cycles)]
+    after = resources_back_to(warm)
+    alive = sum(ref() is not None for ref in held)
+    backend.destroy()
+    destroyed = weakref.ref(backend)
+    del backend
+    gc.collect()
+    return {"algos": algos, "warm": warm, "after": after, "alive": alive, "backend alive": destroyed() is not None}
+
+
+def test_a_released_group_leaves_no_fused_state_and_a_destroyed_backend_is_freed():
+    """The group-level fused operations' per-group state (the fused operation over the group's kernels) is dropped
+    with the group's kernels: it was kept in a module registry per backend, keyed by the group handle's id, until the
+    backend object was freed, which it never was (the state's kernels reference the backend).  Each released
+    sub-group so kept its kernels, handle and process groups (sockets and threads) alive, and a destroyed backend
+    everything it had made."""
+    for out in run_ranks(_released_fused_groups_worker, 2, 4, env=INTERP, timeout=300):
+        assert all(out["after"][key] <= out["warm"][key] for key in out["warm"]), out
+        assert out["alive"] == 0 and not out["backend alive"], out
+        assert len(set(out["algos"])) == 1 and out["algos"][0] != "unfused", out
 
 
 def _fusion_policy_worker(rank, world_size, port, policy_file):

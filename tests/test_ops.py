@@ -372,7 +372,7 @@ def test_a_released_sub_group_drops_its_generated_name_and_holds_no_sockets_or_t
     group's Gloo process groups, whose sockets and threads stay open while anything references them (5 descriptors
     and 3 threads per sub-group here)."""
     for out in run_ranks(_released_subgroups_worker, 2, 8, timeout=120.0):
-        assert out["after"] == out["warm"], out
+        assert all(out["after"][key] <= out["warm"][key] for key in out["warm"]), out
         assert out["names"] == [], out["names"]
 
 

@@ -7,6 +7,7 @@ the group's members on their first ``gemm_all_reduce``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -28,23 +29,46 @@ log = logging.getLogger("sagellm_comm")
 
 
 class _GroupState:
+    """What the group-level fused operations keep for one group: the fused operations over its kernels (dropped
+    when those kernels are closed: :meth:`forget_kernels`) and the last call's selection."""
+
     def __init__(self):
         self.rmsnorm: FusedAllReduceRMSNorm | None = None
         self.gemm: GemmAllReduce | None = None
         self.last: Selection | None = None
 
+    def forget_kernels(self) -> None:
+        """The group's kernels were closed (its release, the backend's destroy or reset): the fused operations over
+        them go too.  They reference the kernels, and through them the group's handle and the backend, which this
+        registry must not keep alive."""
+        self.rmsnorm = self.gemm = None
 
-_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> {id(group handle): _GroupState}
+
+# backend -> {id(group handle): (weak reference to the handle, None for the world; the group's state)}.  A group's
+# entry goes with its handle, and a backend's with the backend: neither is kept alive from here once the group's
+# kernels are closed.
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forget_group(per_backend: dict, key: int, ref: weakref.ref) -> None:
+    """The handle of ``per_backend[key]`` was freed: its entry goes (unless a newer handle took the key since)."""
+    entry = per_backend.get(key)
+    if entry is not None and entry[0] is ref:
+        del per_backend[key]
 
 
 def _state_of(g) -> _GroupState:
     per_backend = _STATE.get(g.backend)
     if per_backend is None:
         per_backend = _STATE[g.backend] = {}
-    key = id(g.handle)  # the world's CommGroup has handle None
-    state = per_backend.get(key)
-    if state is None:
-        state = per_backend[key] = _GroupState()
+    handle = g.handle  # the world's CommGroup has handle None
+    key = id(handle)
+    entry = per_backend.get(key)
+    if entry is not None and (handle is None or entry[0]() is handle):
+        return entry[1]
+    ref = None if handle is None else weakref.ref(handle, functools.partial(_forget_group, per_backend, key))
+    state = _GroupState()
+    per_backend[key] = (ref, state)
     return state
 
 
@@ -52,7 +76,10 @@ def _known_state(group) -> _GroupState | None:
     """The state of ``group`` (None: the default group) if a group-level fused call made one, else None."""
     g = resolve_group(group)
     per_backend = _STATE.get(g.backend)
-    return None if per_backend is None else per_backend.get(id(g.handle))
+    entry = None if per_backend is None else per_backend.get(id(g.handle))
+    if entry is None or (g.handle is not None and entry[0]() is not g.handle):
+        return None
+    return entry[1]
 
 
 def _group_state(group):
@@ -136,6 +163,7 @@ def all_reduce_residual_rmsnorm(
                 all_reduce=car,
                 policy=getattr(backend, "fusion_policy", None),  # the custom backend's fusion_policy=
             )
+            car.close_with(state.forget_kernels)  # dropped with the group's kernels (release, destroy, reset)
         out = state.rmsnorm(x, residual, weight, eps, quant=quant, scale=scale)
         state.last = state.rmsnorm.last_selection
         return out
@@ -198,6 +226,7 @@ def gemm_all_reduce(
                 raise
             # Released with the group's kernels (destroy, reset), a later call on it saying which.
             car.close_with(lambda: ws.close(car.closed_reason, car.host_timeout_s))
+            car.close_with(state.forget_kernels)
             state.gemm = gemm
         out = state.gemm(a, b, bias, path=path, zero_copy=zero_copy)
         state.last = state.gemm.last_selection
