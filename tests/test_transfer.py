@@ -1219,6 +1219,43 @@ def test_nixl_a_dropped_handles_transfer_completes_and_notifies():
     assert out["got"] == [("fa", b"dropped")] and out["landed"], out
 
 
+def _kept_handles_worker(rank, world_size, port, backend):
+    """Handles a caller keeps after their transfers completed, then the region they moved deregistered and dropped:
+    whether its memory is freed."""
+    import gc
+    import weakref
+
+    from sagellm_comm.transfer import TransferAgent
+
+    a, b = TransferAgent("ka", backend), TransferAgent("kb", backend)
+    pool = torch.full((1 << 16,), 7, dtype=torch.uint8) if backend == "nixl" else a.allocate("kv", 1 << 16, torch.uint8)
+    if backend == "nixl":
+        a.register("kv", pool)
+    dst = b.allocate("kv", 1 << 16, torch.uint8)
+    peer = a.add_peer(b.metadata())
+    kept = [a.write(peer, "kv", "kv", [(0, 0, 4096)]), a.write(peer, "kv", "kv", [(i, i, 64) for i in (0, 128, 256)])]
+    kept.append(a.prepare(peer, "kv", "kv", 1024).write([3], [5]))
+    for handle in kept:
+        handle.wait(30)
+    moved = bool((dst[:4096] == pool[:4096]).all())
+    a.deregister("kv")
+    freed = weakref.ref(pool)
+    del pool
+    gc.collect()
+    out = {"moved": moved, "states": [h.state for h in kept], "region freed": freed() is None}
+    a.close()
+    b.close()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["nixl", "ipc"])
+def test_a_completed_handle_the_caller_keeps_does_not_keep_its_region(backend):
+    """A completed transfer's handle holds nothing of the memory it moved: a NIXL request kept its local region (and
+    so the tensor) referenced for as long as the caller kept the handle, past the region's deregister."""
+    ((out),) = run_ranks(_kept_handles_worker, 1, backend, timeout=240.0, env=ENVS[backend])
+    assert out == {"moved": True, "states": ["done"] * 3, "region freed": True}, out
+
+
 def _nixl_close_in_flight_worker(rank, world_size, port):
     """Agents closed while a write of theirs is in flight (its handle kept): NIXL's threads stop with them."""
     import gc

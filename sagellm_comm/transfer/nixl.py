@@ -109,7 +109,7 @@ class NixlRequest(Request):
 
     def __init__(self, backend: NixlBackend, link: NixlLink, handle, status: str, local: Region):
         self.backend, self.link, self.handle = backend, link, handle
-        self.local = local  # the memory NIXL moves from or into: referenced while the request is in flight
+        self.local = local  # the memory NIXL moves from or into: referenced until the handle is released
         self.finished = status == "DONE"
         self.error: CommError | None = None  # what a poll raises: set where the backend decided the request
         self.posted_at = time.monotonic()
@@ -212,11 +212,12 @@ class NixlRequest(Request):
         if not self.finished:
             self.backend.note_unsettled(self.local)
         handle, self.handle = self.handle, None
+        local, self.local = self.local, None  # the backend keeps it where it must; a handle kept done holds nothing
         try:
             handle.release()  # cancels it if still active
         except Exception as exc:  # NIXL could not cancel it: retried later (keep_unreleased)
             logger.debug("NIXL could not release a transfer handle yet: %r", exc)
-            self.backend.keep_unreleased(handle, self.local)
+            self.backend.keep_unreleased(handle, local)
 
 
 def nixl_options(options: dict) -> tuple[list[str], int, bool]:
