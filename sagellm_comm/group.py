@@ -38,6 +38,7 @@ from sagellm_comm.errors import (
     InvalidArgumentError,
     NotInitializedError,
     RankMismatchError,
+    run_every,
     undo_after_failure,
 )
 
@@ -71,14 +72,25 @@ class CommGroup:
     Attributes:
         backend: the backend that runs this group's operations.
         handle: the backend's :class:`GroupHandle`, or None for the whole world.
+
+    ``released_with``: other sub-groups of ``backend`` that :meth:`destroy` releases with this one (:meth:`split`
+    passes the blocks it made on this rank besides the one it returns).
     """
 
-    def __init__(self, backend: CommBackend, handle: GroupHandle | None = None, *, owns_backend: bool = False):
+    def __init__(
+        self,
+        backend: CommBackend,
+        handle: GroupHandle | None = None,
+        *,
+        owns_backend: bool = False,
+        released_with: Sequence[GroupHandle] = (),
+    ):
         if not isinstance(backend, CommBackend):
             raise InvalidArgumentError(f"backend must be a CommBackend, got {type(backend).__name__}")
         self.backend = backend
         self.handle = handle
         self._owns_backend = owns_backend
+        self._released_with = tuple(released_with)
 
     @classmethod
     def create(
@@ -206,7 +218,9 @@ class CommGroup:
                 releases = [partial(self.backend.release_group, block.handle) for block in reversed(made)]
                 undo_after_failure(releases, log, f"sagellm-comm {what}: releasing the blocks made so far")
                 raise
-        return next((block for block in made if block.is_member), made[-1])
+        mine = next((block for block in made if block.is_member), made[-1])
+        # The other blocks' handles here hold nothing but their place in the backend's records: released with this one.
+        return CommGroup(self.backend, mine.handle, released_with=[block.handle for block in made if block is not mine])
 
     # ------------------------------------------------------------------ operations (see CommBackend)
     def all_reduce(self, tensor, op=ReduceOp.SUM, async_op=False):
@@ -238,13 +252,14 @@ class CommGroup:
         """Release what this group holds on this rank (idempotent): the backend if this group created it
         (``CommGroup.create``); a sub-group (``new_subgroup``, ``split``) through
         :meth:`CommBackend.release_group`, its process groups and whatever else the backend made for it (every rank
-        of the world destroys it, as every rank made it; later calls on it raise ``GroupNotFoundError``); nothing
-        for a world group over a backend its caller initialised.  A sub-group outlives neither its backend nor
-        ``sagellm_comm.destroy()``, which release it too."""
+        of the world destroys it, as every rank made it; later calls on it raise ``GroupNotFoundError``), and a block
+        of :meth:`split` the other blocks that split made on this rank; nothing for a world group over a backend its
+        caller initialised.  A sub-group outlives neither its backend nor ``sagellm_comm.destroy()``, which release
+        it too.  Every release runs when one raises; the first error is raised after them."""
         if self._owns_backend:
             self.backend.destroy()
         elif self.handle is not None and self.backend.is_initialized:
-            self.backend.release_group(self.handle)
+            run_every([partial(self.backend.release_group, handle) for handle in (self.handle, *self._released_with)])
 
     def __enter__(self) -> CommGroup:
         return self

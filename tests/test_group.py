@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import pg_alive, run_ranks
+from conftest import pg_alive, process_resources, resources_back_to, run_ranks
 
 import sagellm_comm
 from sagellm_comm import CollectiveOps, CommGroup, GroupInvalidError, InvalidArgumentError, RankMismatchError, ReduceOp
@@ -290,6 +290,41 @@ def test_a_released_sub_group_is_gone_from_torch_and_the_backend() -> None:
         assert seen["live"] == [False, True], seen  # the pair's, released; the split block's, still held
         assert seen["left"] == [] and seen["live after"] == [False, False], seen
         assert seen["again"] == [3.0] * 3, seen
+
+
+def _split_again_and_again(rank: int, world_size: int, port: int, cycles: int) -> dict:
+    """``split(1)`` (this rank's block, and the other rank's, whose handle here holds nothing but its place in the
+    backend's records), a call on it and its ``destroy()``, again and again: what the backend and the process hold
+    after a warm-up and after ``cycles`` more."""
+    world = sagellm_comm.init(backend="gloo", rank=rank, world_size=world_size, timeout=60)
+    backend = world.backend
+    held = []
+
+    def cycle() -> None:
+        block = world.split(1)
+        x = torch.full((2,), float(rank + 1))
+        block.all_reduce(x)
+        assert x.tolist() == [float(rank + 1)] * 2
+        block.destroy()
+        held.append(len(backend.groups))
+
+    try:
+        cycle()
+        warm = process_resources()
+        for _ in range(cycles):
+            cycle()
+        return {"held": held, "warm": warm, "after": resources_back_to(warm)}
+    finally:
+        sagellm_comm.destroy()
+
+
+def test_destroying_a_split_block_releases_every_block_the_split_made_on_this_rank() -> None:
+    """``split`` makes every block on every rank and returns this rank's: its ``destroy()`` releases the other blocks
+    this split made here too.  They stayed in the backend's records until its ``destroy()``, one more per split on
+    every rank, so a process splitting and releasing again and again held more and more."""
+    for out in run_ranks(_split_again_and_again, 2, 6, timeout=120):
+        assert out["held"] == [0] * 7, out
+        assert all(out["after"][key] <= out["warm"][key] for key in out["warm"]), out
 
 
 def _backend_failing_blocks():
