@@ -57,15 +57,25 @@ def _forget_group(per_backend: dict, key: int, ref: weakref.ref) -> None:
         del per_backend[key]
 
 
+def _kept_state(per_backend: dict | None, handle) -> _GroupState | None:
+    """The state ``per_backend`` keeps for ``handle`` (None: the world's), or None: none kept, or the entry under
+    its id is a freed handle's whose id was reused."""
+    entry = None if per_backend is None else per_backend.get(id(handle))
+    if entry is None:
+        return None
+    ref, state = entry
+    return state if handle is None or ref() is handle else None
+
+
 def _state_of(g) -> _GroupState:
     per_backend = _STATE.get(g.backend)
     if per_backend is None:
         per_backend = _STATE[g.backend] = {}
     handle = g.handle  # the world's CommGroup has handle None
+    state = _kept_state(per_backend, handle)
+    if state is not None:
+        return state
     key = id(handle)
-    entry = per_backend.get(key)
-    if entry is not None and (handle is None or entry[0]() is handle):
-        return entry[1]
     ref = None if handle is None else weakref.ref(handle, functools.partial(_forget_group, per_backend, key))
     state = _GroupState()
     per_backend[key] = (ref, state)
@@ -75,11 +85,7 @@ def _state_of(g) -> _GroupState:
 def _known_state(group) -> _GroupState | None:
     """The state of ``group`` (None: the default group) if a group-level fused call made one, else None."""
     g = resolve_group(group)
-    per_backend = _STATE.get(g.backend)
-    entry = None if per_backend is None else per_backend.get(id(g.handle))
-    if entry is None or (g.handle is not None and entry[0]() is not g.handle):
-        return None
-    return entry[1]
+    return _kept_state(_STATE.get(g.backend), g.handle)
 
 
 def _group_state(group):
