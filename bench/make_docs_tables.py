@@ -499,7 +499,6 @@ def groups_mps() -> str:
 
 FP8_FUSED = "h200/fp8_fused.json"
 FP8_FUSED_MPS_H100 = "h100/fp8_fused_mps.json"
-FP8_FUSED_W4_H100 = "h100/fp8_fused_virtual_w4_h8192.json"  # the shape the H200 record lacks
 FP8_PAYLOAD = "h200/fp8_payload.json"
 FP8_MODES = ("fp8", "fp8_per_token", "fp8_group128")
 
@@ -579,10 +578,6 @@ def fp8_fused() -> str:
 
 def fp8_fused_mps_h100() -> str:
     return _fp8_record(FP8_FUSED_MPS_H100)
-
-
-def fp8_fused_w4_h100() -> str:
-    return _fp8_record(FP8_FUSED_W4_H100)
 
 
 def fp8_payload() -> str:
@@ -817,7 +812,6 @@ SCRIPT_OF = {
     "h200/soak.json": "bench/soak.py",
     "h200/fp8_fused.json": "bench/fp8_fused_bench.py",
     FP8_FUSED_MPS_H100: "bench/fp8_fused_bench.py --mps --no-virtual",
-    FP8_FUSED_W4_H100: "bench/fp8_fused_bench.py",
     "h200/fp8_payload.json": "bench/fp8_payload_error.py",
     TRANSFER_CPU: "sagellm-comm transfer",
     TRANSFER_HOST_COST: "bench/transfer_host_cost.py",
@@ -869,7 +863,6 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "h200-groups-mps": groups_mps,
     "h200-fp8-fused": fp8_fused,
     "h100-fp8-fused-mps": fp8_fused_mps_h100,
-    "h100-fp8-fused-w4": fp8_fused_w4_h100,
     "h200-fp8-payload": fp8_payload,
     "transfer-cpu": transfer_cpu,
     "transfer-host-cost": transfer_host_cost,
