@@ -127,6 +127,12 @@ step "transfer" 150 "$PY" -m sagellm_comm.cli transfer --backend "$TRANSFER_BACK
 step "transfer notification" 60 "$PY" -m sagellm_comm.cli transfer --backend ipc,ipc-launch --ops write \
     --block-sizes 16K,64K --block-counts 1 --notify-iters 300 --rounds 3 --out "$SCRATCH/transfer_notify" --no-progress
 if ((OK)); then cp "$SCRATCH/transfer_notify.json" "$OUT/"; fi
+# The same with the initiator and the receiver pinned to two cores of different halves of the machine.
+PIN_CPUS="$(nproc --all)"; PIN_CPUS="2,$((PIN_CPUS / 2 + 2))"
+step "transfer notification, pinned" 60 "$PY" -m sagellm_comm.cli transfer --backend ipc,ipc-launch --ops write \
+    --block-sizes 16K,64K --block-counts 1 --notify-iters 300 --rounds 3 --cpus "$PIN_CPUS" \
+    --out "$SCRATCH/transfer_notify_pinned" --no-progress
+if ((OK)); then cp "$SCRATCH/transfer_notify_pinned.json" "$OUT/"; fi
 step "transfer latency paths" 60 "$PY" -m bench.transfer_latency --requests 100 --rounds 3 \
     --out "$OUT/transfer_latency.json"
 # Two processes moving random block lists, every byte checked, peers rejoining and restarting (the JSON is the record).
