@@ -754,6 +754,12 @@ def _placement(data: dict) -> str:
     return f"pinned: CPUs {pinned[0]} and {pinned[1]}" if pinned else "left to the OS"
 
 
+def _notify_records(rel: str) -> list[str]:
+    """The notification record ``rel`` and, where it exists, the pinned run beside it."""
+    pinned = f"{rel.split('/')[0]}/{TRANSFER_NOTIFY_PINNED_NAME}"
+    return [rel, pinned] if (RESULTS / pinned).exists() else [rel]
+
+
 def transfer_notify() -> str:
     """Two processes, one GPU: one 16 KB block with its notification, ``ipc`` (the resident copier) beside
     ``ipc-launch`` (one launch per request) in one run of ``sagellm-comm transfer``; left to the OS, then (where
@@ -761,10 +767,7 @@ def transfer_notify() -> str:
     rel = current(TRANSFER_NOTIFY_NAME)
     if not (RESULTS / rel).exists():
         return not_yet(rel)
-    records = [rel]
-    pinned_rel = f"{rel.split('/')[0]}/{TRANSFER_NOTIFY_PINNED_NAME}"
-    if (RESULTS / pinned_rel).exists():
-        records.append(pinned_rel)
+    records = _notify_records(rel)
     head = ["backend", "placement", "pacing", "seen (us, median)", "p10-p90 (us)", "`write()` host (us)",
             "vs ipc-launch"]  # fmt: skip
     body = []
@@ -791,15 +794,16 @@ def _met(ok: bool) -> str:
 def _notify_target() -> str:
     """The notification target checked on the H200's notification records (``transfer_notify.json`` and its
     pinned run), where they exist: every placement and pacing of ``ipc``, and where the median is <= 15 us."""
+    rel = f"{TRANSFER_H200.split('/')[0]}/{TRANSFER_NOTIFY_NAME}"
+    if not (RESULTS / rel).exists():
+        return ""
     cells = []
-    for name in (TRANSFER_NOTIFY_NAME, TRANSFER_NOTIFY_PINNED_NAME):
-        rel = f"{TRANSFER_H200.split('/')[0]}/{name}"
-        if (RESULTS / rel).exists():
-            data = load(rel)
-            for p, what in _PACINGS:
-                one = data.get("notify", {}).get("ipc", {}).get(p, {})
-                if one.get("samples"):
-                    cells.append((one["median_us"], f"{_placement(data)}, {what.split(' 0.2 ms')[0]}"))
+    for record in _notify_records(rel):
+        data = load(record)
+        for p, what in _PACINGS:
+            one = data.get("notify", {}).get("ipc", {}).get(p, {})
+            if one.get("samples"):
+                cells.append((one["median_us"], f"{_placement(data)}, {what.split(' 0.2 ms')[0]}"))
     if not cells:
         return ""
     met = [where for median, where in cells if median <= 15]
