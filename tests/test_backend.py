@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import HAS_CUDA, run_ranks
+from conftest import HAS_CUDA, join_gloo, run_ranks
 
 from sagellm_comm.backend import CommBackend, ReduceOp, Work, get_comm_backend
 from sagellm_comm.errors import BackendNotSupportedError, InvalidArgumentError, RankMismatchError
@@ -267,7 +267,7 @@ def _ownership(rank: int, world_size: int, port: int) -> None:
     assert dict(os.environ) == before
 
     # 2. a default group the caller made is adopted, and survives destroy()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    join_gloo(rank, world_size, port)
     backend = CommBackend.create("gloo").init()
     sub = backend.new_group([0, 1])
     backend.all_reduce(torch.ones(1), group=sub)

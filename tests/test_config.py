@@ -22,7 +22,7 @@ import torch
 
 from sagellm_comm.config import MAX_INITIAL_EPOCH, SETTINGS, CommConfig, env_text, settings_table
 from sagellm_comm.errors import ConfigMismatchError, InvalidArgumentError
-from tests.conftest import run_ranks
+from tests.conftest import join_gloo, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [s.name for s in SETTINGS]
@@ -210,7 +210,7 @@ def _agreement_worker(rank, world_size, port):
     from sagellm_comm import CommBackend
     from sagellm_comm.workspace import SymmetricWorkspace
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
     sub = dist.new_group([1, 2])  # every rank makes it, ranks 1 and 2 use it
 
     def exchange(obj):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import pg_alive, run_ranks
+from tests.conftest import join_gloo, pg_alive, run_ranks
 
 # two programs a launch (the CPU default is 32, interpreted one after another)
 INTERP = {"TRITON_INTERPRET": "1", "SAGELLM_COMM_MAX_PROGRAMS": "2"}
@@ -295,7 +295,7 @@ def _policy_agreement_worker(rank, world_size, port, same_rules_file):
     from sagellm_comm.fused import FusionPolicy, FusionRule, GemmPathSelector, GemmRule, gemm_all_reduce, last_selection
     from sagellm_comm.selector import AlgoSelector, Rule
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+    join_gloo(rank, world_size, port)
     off = FusionPolicy([FusionRule("off", "unfused")], source="in code")
     cases = {
         "fusion_policy": {"fusion_policy": off if rank == 1 else None},
