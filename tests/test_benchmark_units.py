@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,6 @@ def test_time_iterations_cpu_resets_outside_interval_and_barriers_once():
 
 
 def test_time_iterations_measures_the_call():
-    import time
-
     samples = timing.time_iterations(lambda: time.sleep(0.002), iters=3, warmup=0, device="cpu")
     assert min(samples) >= 2000.0
 
@@ -950,3 +949,81 @@ def test_an_output_dir_that_is_a_dangling_symbolic_link_is_refused_up_front(tmp_
         with pytest.raises(InvalidArgumentError, match="symbolic link"):
             check_writable_dir(target, "--output-dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+class _HeldDevice:
+    """A device for :func:`timing.time_iterations` on the CPU: ``hold(us)`` holds it for ``us`` of the host's
+    clock, an event recorded after the hold has completed once that time passed, and every interval is 1 us."""
+
+    def __init__(self, monkeypatch):
+        self.holds, self.until = [], 0.0
+        device = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False):
+                self.at = None
+
+            def record(self):
+                self.at = device.until
+
+            def query(self):
+                return time.perf_counter() >= self.at
+
+            def elapsed_time(self, other):
+                return 1e-3
+
+        def hold(us, _device):
+            self.holds.append(us)
+            self.until = time.perf_counter() + us / 1e6
+
+        monkeypatch.setattr(timing, "_is_cuda", lambda _device: True)
+        monkeypatch.setattr(timing, "hold", hold)
+        monkeypatch.setattr(timing.torch.cuda, "Event", Event)
+        monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda _device=None: None)
+
+
+def _slower_when_timed(calls: list, warm_s: float, timed_s: float, warmup: int):
+    """A call that takes ``warm_s`` in warm-up and ``timed_s`` after it (a path that changes behind a hold)."""
+
+    def fn():
+        calls.append(1)
+        time.sleep(warm_s if len(calls) <= warmup else timed_s)
+
+    return fn
+
+
+def test_a_batch_that_outruns_its_hold_is_queued_again_behind_a_longer_one(monkeypatch):
+    device = _HeldDevice(monkeypatch)
+    calls = []
+    samples = timing.time_iterations(_slower_when_timed(calls, 1e-4, 2e-3, 2), iters=4, warmup=2, device="cuda",
+                                     hold_device=True)  # fmt: skip
+    # Warm-up said ~100 us a call: the first hold (~900 us) ended while 4 x 2 ms were queued; the second is
+    # sized from that batch (more than 2 x 4 x 2 ms) and outlasts the queuing, so no third batch.
+    assert len(device.holds) == 2, device.holds
+    assert device.holds[0] < 2000.0 and device.holds[1] > 2 * 4 * 2000.0
+    assert len(calls) == 2 + 2 * 4 and samples == pytest.approx([1.0] * 4)
+
+
+def test_a_held_batch_is_queued_once_when_its_hold_outlasts_it_or_ranks_share_it(monkeypatch):
+    device = _HeldDevice(monkeypatch)
+    calls = []
+    timing.time_iterations(_slower_when_timed(calls, 1e-3, 1e-4, 2), iters=4, warmup=2, device="cuda",
+                           hold_device=True)  # fmt: skip
+    assert len(device.holds) == 1 and len(calls) == 6
+    # With a barrier the batch is every rank's: never queued again by one of them alone, however it went.
+    device.holds.clear()
+    calls.clear()
+    barriers = []
+    timing.time_iterations(_slower_when_timed(calls, 1e-4, 2e-3, 2), iters=4, warmup=2, device="cuda",
+                           hold_device=True, barrier=lambda: barriers.append(1))  # fmt: skip
+    assert len(device.holds) == 1 and len(calls) == 6 and barriers == [1]
+
+
+def test_a_batch_that_never_fits_its_hold_stops_after_hold_tries(monkeypatch):
+    device = _HeldDevice(monkeypatch)
+    monkeypatch.setattr(timing, "MAX_HOLD_US", 500.0)  # the cap keeps every hold shorter than the batch
+    calls = []
+    timing.time_iterations(_slower_when_timed(calls, 1e-4, 1e-3, 1), iters=3, warmup=1, device="cuda",
+                           hold_device=True)  # fmt: skip
+    assert device.holds == [500.0] * timing.HOLD_TRIES
+    assert len(calls) == 1 + 3 * timing.HOLD_TRIES

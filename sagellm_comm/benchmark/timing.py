@@ -13,8 +13,10 @@ How one (size, algo) point is timed (see :func:`time_iterations`):
    What a CUDA interval means depends on who is slower.  When the host submits slower than the GPU
    runs (small messages, eager calls), the GPU drains its queue and each interval includes the host's
    submission of the call: that is the eager latency a caller sees.  ``hold_device=True`` (used for
-   CUDA-graph replays) first enqueues a device-side spin (``torch.cuda._sleep``) long enough for the
-   host to queue the whole batch behind it, so the intervals are device time alone.
+   CUDA-graph replays and the transfer benchmark's device timing) first enqueues a device-side spin
+   (``torch.cuda._sleep``) long enough for the host to queue the whole batch behind it, so the intervals
+   are device time alone; a process timed alone checks that the spin outlasted the queuing, and queues
+   the batch again behind a longer one when it did not.
 4. The samples (microseconds) are summarised by :func:`summarize`: median, p10/p90, min/max, mean.
 
 Nothing is allocated inside the timed loop: events are created before it, inputs are pre-allocated by
@@ -39,6 +41,7 @@ import torch
 CAPTURE_WARMUP = 3  # eager calls on a side stream before a graph is captured
 DEFAULT_HOST_US_PER_CALL = 100.0  # host submission estimate when there was no warm-up to measure it
 MAX_HOLD_US = 2e6  # never hold the device longer than 2 s
+HOLD_TRIES = 3  # batches of one process queued behind a hold, at most, until one is queued before it ends
 STAT_FIELDS = ("median_us", "p10_us", "p90_us", "min_us", "max_us", "mean_us")
 
 
@@ -166,7 +169,11 @@ def time_iterations(
         reset: restores in-place inputs before every call (warm-up and timed), outside the interval.
         barrier: host barrier across ranks, called once after warm-up, before the timed batch.
         hold_device: CUDA only: keep the GPU busy while the host queues the batch, so the samples are
-            device time without host submission (see the module docstring).
+            device time without host submission (see the module docstring).  The hold is sized from the
+            warm-up's host time; when it ends before the host has queued the whole batch (the device may
+            then have waited for the host between calls) and there is no ``barrier`` (the batch is this
+            process's alone), the batch is queued again behind a hold sized from the time it took, up to
+            ``HOLD_TRIES`` batches in all.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -189,14 +196,25 @@ def time_iterations(
         torch.cuda.synchronize(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        if hold_device:
-            hold(min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0)), device)
-        for start, end in zip(starts, ends, strict=True):
-            if reset is not None:
-                reset()
-            start.record()
-            fn()
-            end.record()
+        held = torch.cuda.Event() if hold_device else None
+        # A batch of this process alone may be queued again; one with a barrier is the ranks' together.
+        for _ in range(HOLD_TRIES if hold_device and barrier is None else 1):
+            if held is not None:
+                hold(min(MAX_HOLD_US, 100.0 + 2.0 * iters * max(host_us_per_call, 10.0)), device)
+                held.record()  # completes when the hold has ended
+            begin = time.perf_counter_ns()
+            for start, end in zip(starts, ends, strict=True):
+                if reset is not None:
+                    reset()
+                start.record()
+                fn()
+                end.record()
+            if held is None or not held.query():
+                break  # the hold outlasted the queuing: every interval is device time
+            # The host queued slower than the warm-up said (fn took another path behind a busy stream, or
+            # the host slowed down), so the device may have drained between calls: again, held for that.
+            host_us_per_call = (time.perf_counter_ns() - begin) / 1e3 / iters
+            torch.cuda.synchronize(device)
         torch.cuda.synchronize(device)
         return [start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends, strict=True)]
     samples_ns = [0] * iters
