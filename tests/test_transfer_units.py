@@ -1500,6 +1500,30 @@ def test_a_resident_copier_request_waits_on_the_stream_until_the_deadline_it_is_
     assert waits == [(7, 123.5, "peer")]
 
 
+def test_a_resident_copier_post_reads_the_served_count_only_when_its_mailbox_looks_full():
+    """``post`` trusts the served count it last read while that leaves room, and reads the word again before it
+    refuses a request: a full mailbox is refused (None, nothing queued) only by the count as it is now."""
+    from sagellm_comm.kernels import block_copy as bc
+    from sagellm_comm.transfer import ipc_resident as ir
+
+    copier = object.__new__(ir.ResidentCopier)
+    box = torch.zeros(bc.SERVER_WORDS, dtype=torch.int64)
+    copier.ints = memoryview(box.numpy()).cast("B").cast("q")
+    copier.posted = copier.done_seen = 0
+    copier.ints[ir.STATE] = ir.SERVING  # a program serves the mailbox: post launches nothing
+    for seq in range(1, ir.ENTRIES + 1):
+        assert copier.post(64 * seq, 1 << 20, 16, 0, 0, 0) == seq
+    assert copier.done_seen == 0  # never read: the mailbox had room by the count it started with
+    assert copier.post(0, 1 << 20, 16, 0, 0, 0) is None and copier.posted == ir.ENTRIES  # full, nothing queued
+    copier.ints[ir.DONE] = 3  # the program served three
+    assert copier.post(0, 1 << 20, 16, 0, 0, 0) == ir.ENTRIES + 1 and copier.done_seen == 3
+    entry = ir.RING + (ir.ENTRIES % ir.ENTRIES) * ir.ENTRY_WORDS  # request ENTRIES + 1 reuses entry 0
+    assert copier.ints[entry] == ir.ENTRIES + 1
+    copier.post(0, 1 << 20, 16, 0, 0, 0)
+    copier.post(0, 1 << 20, 16, 0, 0, 0)
+    assert copier.post(0, 1 << 20, 16, 0, 0, 0) is None and copier.posted == ir.ENTRIES + 3
+
+
 @pytest.mark.parametrize("post", ["one block", "few rows", "one id"])
 def test_a_request_whose_wait_timed_out_under_another_threads_call_is_aborted_by_a_short_path_post(
     recording_agents, monkeypatch, post

@@ -59,6 +59,10 @@ class ResidentCopier:
         self.ints = memoryview(self.box.numpy()).cast("B").cast("q")  # one read gives a Python int
         self.timeout_s = timeout_s
         self.posted = 0  # number of the last request posted
+        # The served count as last read by post(): the program writes that word after every request, and a
+        # host read of a line the GPU just wrote costs about a microsecond, so post() reads it only when the
+        # mailbox looks full by this (lower) count.
+        self.done_seen = 0
         index = device.index or 0
         self.launcher = Launcher(_bc.block_copy_server_kernel, cuda, index, num_warps=1)
         self.values = self.launcher.bind(
@@ -95,7 +99,9 @@ class ResidentCopier:
         the mailbox is full or a field does not fit its tag (nothing was queued)."""
         ints = self.ints
         seq = self.posted + 1
-        if seq - ints[DONE] > ENTRIES or (src | dst | nbytes | ring_entry | note | count_addr) >= FIELD_LIMIT:
+        if seq - self.done_seen > ENTRIES:  # full by the count last read: read it again (it only grows)
+            self.done_seen = ints[DONE]
+        if seq - self.done_seen > ENTRIES or (src | dst | nbytes | ring_entry | note | count_addr) >= FIELD_LIMIT:
             return None
         at = RING + ((seq - 1) & (ENTRIES - 1)) * ENTRY_WORDS
         tag = (seq & TAG_MASK) << TAG_SHIFT

@@ -307,6 +307,9 @@ class Outbox:
             raise
         self.produced = 0
         self._consumed_word = _Mapped.slot_word(self.slot, CONSUMED)
+        # The receiver's count of records consumed, as last read: it only grows while this sender holds the
+        # slot, so a stale value can only make the ring look fuller than it is (then it is read again).
+        self._consumed_seen = self._mapped.ints[self._consumed_word]
         self._ring_at = _Mapped.record_offset(self.slot, 1)  # entry 0's offset in the mapping
         self.ring_address = self._mapped.address + self._ring_at
         self.slot_range = (self._mapped.address + PAGE + self.slot * SLOT_BYTES, SLOT_BYTES)
@@ -391,7 +394,9 @@ class Outbox:
         """:meth:`stage`, returning ``(number, address of its ring entry)`` (:meth:`entry_address`)."""
         seq = self.produced + 1
         mapped = self._mapped
-        consumed = mapped.ints[self._consumed_word]
+        consumed = self._consumed_seen
+        if seq - consumed > ENTRIES:  # full by the count last read: read it again (a line the receiver writes)
+            consumed = self._consumed_seen = mapped.ints[self._consumed_word]
         if seq - consumed > ENTRIES:
             peer = self.peer
             raise UnavailableError(
