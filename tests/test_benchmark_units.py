@@ -995,19 +995,19 @@ def _slower_when_timed(calls: list, warm_s: float, timed_s: float, warmup: int):
 def test_a_batch_that_outruns_its_hold_is_queued_again_behind_a_longer_one(monkeypatch):
     device = _HeldDevice(monkeypatch)
     calls = []
-    samples = timing.time_iterations(_slower_when_timed(calls, 1e-4, 2e-3, 2), iters=4, warmup=2, device="cuda",
+    samples = timing.time_iterations(_slower_when_timed(calls, 1e-4, 5e-3, 2), iters=4, warmup=2, device="cuda",
                                      hold_device=True)  # fmt: skip
-    # Warm-up said ~100 us a call: the first hold (~900 us) ended while 4 x 2 ms were queued; the second is
-    # sized from that batch (more than 2 x 4 x 2 ms) and outlasts the queuing, so no third batch.
+    # Warm-up said ~100 us a call: the first hold (~1 ms) ended while 4 x 5 ms were queued; the second is sized
+    # from that batch (more than 2 x 4 x 5 ms) and outlasts the queuing, so no third batch.
     assert len(device.holds) == 2, device.holds
-    assert device.holds[0] < 2000.0 and device.holds[1] > 2 * 4 * 2000.0
+    assert device.holds[0] < 4 * 5000.0 < 2 * 4 * 5000.0 < device.holds[1]
     assert len(calls) == 2 + 2 * 4 and samples == pytest.approx([1.0] * 4)
 
 
 def test_a_held_batch_is_queued_once_when_its_hold_outlasts_it_or_ranks_share_it(monkeypatch):
     device = _HeldDevice(monkeypatch)
     calls = []
-    timing.time_iterations(_slower_when_timed(calls, 1e-3, 1e-4, 2), iters=4, warmup=2, device="cuda",
+    timing.time_iterations(_slower_when_timed(calls, 2e-3, 1e-4, 2), iters=4, warmup=2, device="cuda",
                            hold_device=True)  # fmt: skip
     assert len(device.holds) == 1 and len(calls) == 6
     # With a barrier the batch is every rank's: never queued again by one of them alone, however it went.

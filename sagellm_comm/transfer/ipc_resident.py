@@ -59,9 +59,9 @@ class ResidentCopier:
         self.ints = memoryview(self.box.numpy()).cast("B").cast("q")  # one read gives a Python int
         self.timeout_s = timeout_s
         self.posted = 0  # number of the last request posted
-        # The served count as last read by post(): the program writes that word after every request, and a
-        # host read of a line the GPU just wrote costs about a microsecond, so post() reads it only when the
-        # mailbox looks full by this (lower) count.
+        # The served count as last read by post(): the program writes that word after every request, so the
+        # host's read of it misses its caches; post() reads it only when the mailbox looks full by this (lower)
+        # count.
         self.done_seen = 0
         index = device.index or 0
         self.launcher = Launcher(_bc.block_copy_server_kernel, cuda, index, num_warps=1)
