@@ -49,6 +49,9 @@ def test_a_short_cpu_run_prints_the_table_and_writes_json_csv_and_plot(tmp_path)
     assert notify["median_us"] == notify["idle"]["median_us"]  # the headline figure is the idle pacing's
     assert 0 < notify["idle"]["host_median_us"] < notify["idle"]["max_us"]  # write()'s host part of the latency
     assert "initiator asleep between requests" in table and "initiator busy between requests" in table
+    loops = record["setup"]["python_loop_us"]  # each process's Python speed, timed at every notification phase
+    assert set(loops) == {"initiator", "peer"} and all(0 < us < 1e5 for us in loops.values())
+    assert f"# host speed: a fixed Python loop of 1000 iterations took {loops['initiator']:.1f} us in the " in table
     assert all(r["samples"] == 3 * 2 for r in results)  # --iters x --rounds, pooled
     assert "1 warm-up + 3 timed requests x 2 rounds (pooled)" in table
     with stem.with_suffix(".csv").open() as handle:
@@ -88,6 +91,7 @@ def test_cpus_pins_the_initiator_and_the_peer_and_the_record_says_where_they_ran
     assert record["setup"]["cpus"] == {"initiator": [initiator], "peer": [peer]}
     assert record["setup"]["pinned"] == [initiator, peer]
     assert f"# pinned: the initiator on CPU {initiator}, the peer on CPU {peer}" in proc.stdout
+    assert record["setup"]["python_loop_us"] is None and "# host speed" not in proc.stdout  # no notification timed
     assert all(r["num_wrong"] == 0 for r in record["results"])
 
 

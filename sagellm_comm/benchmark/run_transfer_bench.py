@@ -141,6 +141,8 @@ def run_transfer_benchmark(config: TransferBenchConfig, *, print_table: bool = F
         "rounds": config.rounds,
         "pinned": None if config.cpus is None else list(config.cpus),  # --cpus: the initiator's, the peer's
         "cpus": measured["cpus"],  # the CPUs each process could run on
+        # median time of a fixed Python loop per process (timing.python_loop_us), when notifications were timed
+        "python_loop_us": measured.get("python_loop_us"),
         "pool_bytes": plan.pool_bytes,
         "skipped": list(plan.skipped),
         "interpreter": interpreting(),

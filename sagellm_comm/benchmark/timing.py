@@ -100,6 +100,35 @@ def summarize(samples_us: list[float]) -> TimingStats:
     )
 
 
+PYTHON_LOOP_ITERATIONS = 1000
+
+
+def python_loop_us(repeats: int = 51) -> float:
+    """How fast this thread runs Python here: the median time (microseconds) of a fixed loop of
+    ``PYTHON_LOOP_ITERATIONS`` iterations, each a dict lookup, an attribute read, a call and integer arithmetic
+    (the kind of work a request's host path is made of), over ``repeats`` runs.  Host-bound figures (the
+    notification latency) follow it from host to host, so records carry it beside them."""
+    table, box = {"key": 3}, _Box()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter_ns()
+        total = 0
+        for i in range(PYTHON_LOOP_ITERATIONS):
+            total += table["key"] + box.value + _same(i & 7)
+        times.append((time.perf_counter_ns() - begin) / 1e3)
+    if total <= 0:  # never: keeps the loop's result live
+        raise AssertionError(total)
+    return summarize(times).median_us
+
+
+class _Box:
+    value = 1
+
+
+def _same(value: int) -> int:
+    return value
+
+
 def _cycles_per_us(device: torch.device | str) -> float:
     """SM clock cycles per microsecond (for ``torch.cuda._sleep``); 2 GHz when the driver does not say."""
     khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0

@@ -21,7 +21,8 @@ records the clock when it sees each one (both processes share the host's ``CLOCK
 ``NOTIFY_PACINGS``: between requests the initiator either sleeps 0.2 ms (``idle``: each request starts on a host
 thread that was asleep) or spins 0.2 ms (``busy``: a host thread that never stopped, as an engine's scheduler
 loop); the host time of each ``write()`` call is kept too, so what the device and the receiver add is the
-difference.
+difference.  Before each pacing both processes time a fixed Python loop (``timing.python_loop_us``), each while
+the other waits: the figure follows how fast the host runs Python, and the record keeps its medians.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from sagellm_comm.benchmark.timing import summarize, time_iterations
+from sagellm_comm.benchmark.timing import python_loop_us, summarize, time_iterations
 from sagellm_comm.benchmark.transfer_config import NOTIFY_BLOCK, TransferBenchConfig, TransferPlan, pool_blocks
 from sagellm_comm.benchmark.transfer_movers import AgentMover, CopyEngineMover, Point, RawNixlMover, TorchMover
 from sagellm_comm.errors import CommError, CommTimeoutError
@@ -177,6 +178,7 @@ def _serve(side: _Side) -> None:
             # Polling a NIXL agent without pause starves its progress thread (notifications then take
             # milliseconds); the ipc inbox is host memory and is polled without pause.
             pause = 1e-4 if command["backend"] == "nixl" else 0.0
+            reply["python_loop_us"] = python_loop_us()  # this process's speed, the initiator waiting
             store.set(f"ready/{step}", b"1")
             seen: list[int] = []
             deadline = time.monotonic() + side.config.timeout
@@ -196,6 +198,7 @@ class _Initiator:
     def __init__(self, side: _Side):
         self.side, self.store, self.step = side, side.store, 0
         self.device = side.plan.device
+        self.python_loop_us: dict[str, list[float]] = {"initiator": [], "peer": []}  # at each notification phase
 
     def call(self, command: dict, wait_ready: bool = False) -> dict:
         step, self.step = self.step, self.step + 1
@@ -306,6 +309,7 @@ class _Initiator:
         warm = min(5, iters)
         out = {}
         for pacing in NOTIFY_PACINGS:
+            self.python_loop_us["initiator"].append(python_loop_us())  # the peer waiting for its command
             step = self.call({"do": "notify", "backend": backend, "iters": iters + warm}, wait_ready=True)["step"]
             host = []
             for _ in range(iters + warm):
@@ -314,7 +318,9 @@ class _Initiator:
                 host.append((time.perf_counter_ns() - begin) / 1e3)
                 handle.wait(self.side.config.timeout)
                 _pause(pacing)  # one at a time: the peer has seen this one before the next starts
-            out[pacing] = {"seen": [ns / 1e3 for ns in self.reply(step)["latencies_ns"][warm:]], "host": host[warm:]}
+            reply = self.reply(step)
+            self.python_loop_us["peer"].append(reply["python_loop_us"])
+            out[pacing] = {"seen": [ns / 1e3 for ns in reply["latencies_ns"][warm:]], "host": host[warm:]}
         return out
 
 
@@ -405,7 +411,9 @@ def _measure(init: _Initiator) -> dict:
     order = {backend: i for i, backend in enumerate(plan.backends)}
     measured.sort(key=lambda e: (e["block"], e["count"], config.ops.index(e["op"]), order[e["backend"]]))
     cpus = {"initiator": _cpus(), "peer": peer.get("cpus")}
-    return {"points": measured, "notify": notify, "failed": failed, "transports": transports, "cpus": cpus}
+    loops = {side: summarize(times).median_us for side, times in init.python_loop_us.items() if times}
+    return {"points": measured, "notify": notify, "failed": failed, "transports": transports, "cpus": cpus,
+            "python_loop_us": loops or None}  # fmt: skip
 
 
 def _cpus() -> list[int] | None:

@@ -126,6 +126,17 @@ def notify_summary(stats: dict) -> str:
     return "; ".join(parts) if parts else stats.get("error", "not measured")
 
 
+def python_loop_summary(loops: dict) -> str:
+    """A record's ``setup.python_loop_us`` (the median time of a fixed Python loop in each process) in words."""
+    from sagellm_comm.benchmark.timing import PYTHON_LOOP_ITERATIONS
+
+    where = ", ".join(f"{loops[side]:.1f} us in the {side}" for side in ("initiator", "peer") if side in loops)
+    return (
+        f"a fixed Python loop of {PYTHON_LOOP_ITERATIONS} iterations took {where} (medians; host-bound figures "
+        "such as the notification latency vary with it)"
+    )
+
+
 def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}" if value < 1e5 else f"{value:.0f}"
 
@@ -175,6 +186,9 @@ def format_table(result: TransferBenchResult) -> str:
             f"# notification latency, {backend} (one 16K block, write() call to the peer's notifications() returning "
             f"it): {notify_summary(stats)}"
         )
+    loops = result.run.get("python_loop_us")
+    if loops:
+        lines.append(f"# host speed: {python_loop_summary(loops)}")
     wrong = sum(r.num_wrong or 0 for r in result.records)
     failed = sum(r.error is not None for r in result.records)
     lines.append(f"# Wrong bytes: {wrong}, failed points: {failed}: {'OK' if result.ok else 'FAILED'}")
