@@ -116,8 +116,6 @@ def python_loop_us(repeats: int = 51) -> float:
         for i in range(PYTHON_LOOP_ITERATIONS):
             total += table["key"] + box.value + _same(i & 7)
         times.append((time.perf_counter_ns() - begin) / 1e3)
-    if total <= 0:  # never: keeps the loop's result live
-        raise AssertionError(total)
     return summarize(times).median_us
 
 
